@@ -1,0 +1,49 @@
+"""The common shape of an accelerator: its parameter space and validation.
+
+Each accelerator module (deepcache, tome, tgate) declares its `PARAMS` with this class and offers an
+`apply(pipe, ...)` whose returned patch has `restore()`. Accelerators know nothing of Optuna.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable parameter: its type, the widest range that makes sense, and its default range."""
+
+    name: str
+    kind: type  # int, float or bool
+    default: tuple  # (low, high) searched by default, or (value,) for a fixed value
+    minimum: float | None = None  # inclusive lower bound of any valid value
+    maximum: float | None = None  # inclusive upper bound
+    exclusive_maximum: bool = False
+    grid_step: float = 1
+    help: str = ""
+
+    def check(self, value) -> str | None:
+        """Return why `value` is not allowed, or None when it is."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "must be true or false"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a{'n integer' if self.kind is int else ' number'}"
+        if self.kind is int and not float(value).is_integer():
+            return "must be an integer"
+        if self.minimum is not None and value < self.minimum:
+            return f"must be >= {self.minimum}"
+        if self.maximum is not None:
+            if self.exclusive_maximum and value >= self.maximum:
+                return f"must be < {self.maximum}"
+            if not self.exclusive_maximum and value > self.maximum:
+                return f"must be <= {self.maximum}"
+        return None
+
+    def allowed(self) -> str:
+        """Describe the allowed values, for error messages."""
+        if self.kind is bool:
+            return "true or false"
+        low = "-inf" if self.minimum is None else self.minimum
+        high = "inf" if self.maximum is None else self.maximum
+        closing = ")" if self.exclusive_maximum or self.maximum is None else "]"
+        return f"{self.kind.__name__} in [{low}, {high}{closing}"

@@ -1,0 +1,40 @@
+"""DeepCache: reuse the UNet's high-level features between steps, recomputing every N steps.
+
+`DeepCacheSDHelper.disable()` unwraps every block it wrapped, so restore is exact.
+"""
+
+from __future__ import annotations
+
+from .base import Param
+
+NAME = "deepcache"
+PARAMS = (
+    Param("cache_interval", int, (2, 8), minimum=1,
+          help="full UNet pass every N steps; cached features in between"),
+    Param("cache_branch_id", int, (0, 3), minimum=0,
+          help="skip branch: block * 3 + layer where the shallow path re-enters"),
+)
+
+
+class DeepCachePatch:
+    """DeepCache enabled on a pipeline; `restore()` disables it."""
+
+    def __init__(self, pipe, cache_interval: int, cache_branch_id: int):
+        from DeepCache import DeepCacheSDHelper
+
+        branches = 3 * len(pipe.unet.down_blocks)
+        if cache_branch_id >= branches:
+            raise ValueError(
+                f"deepcache.cache_branch_id={cache_branch_id} is too large for this UNet "
+                f"(allowed: 0..{branches - 1})"
+            )
+        self.helper = DeepCacheSDHelper(pipe=pipe)
+        self.helper.set_params(cache_interval=cache_interval, cache_branch_id=cache_branch_id)
+        self.helper.enable()
+
+    def restore(self) -> None:
+        self.helper.disable()
+
+
+def apply(pipe, cache_interval: int = 3, cache_branch_id: int = 0) -> DeepCachePatch:
+    return DeepCachePatch(pipe, int(cache_interval), int(cache_branch_id))

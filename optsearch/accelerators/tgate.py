@@ -1,0 +1,62 @@
+"""T-GATE: stop computing cross-attention after `gate_step` steps and reuse its cached output.
+
+T-GATE never undoes itself: its loader adds `pipe.tgate(...)` and every call replaces
+`Attention.forward` on each attention module (and leaves a `cache` there). Our restore deletes those
+instance attributes, after which the class `forward` is used again. With DeepCache, T-GATE drives
+the DeepCache helper itself (`pipe.deepcache`), so DeepCache must be applied first.
+"""
+
+from __future__ import annotations
+
+from .base import Param
+
+NAME = "tgate"
+PARAMS = (
+    Param("gate_step", int, (5, 20), minimum=1,
+          help="steps with cross-attention before it is cached (<= model.steps)"),
+)
+
+_ADDED_TO_ATTENTION = ("forward", "cache")
+
+
+class TGatePatch:
+    """T-GATE loaded on a pipeline; `__call__` generates through `pipe.tgate`."""
+
+    def __init__(self, pipe, gate_step: int, deepcache_helper=None):
+        from types import MethodType
+
+        from ..models import is_sdxl
+
+        self.pipe = pipe
+        self.gate_step = gate_step
+        if deepcache_helper is not None:
+            if is_sdxl(pipe):
+                from tgate.SDXL_DeepCache import tgate as tgate_call
+            else:
+                from tgate.SD_DeepCache import tgate as tgate_call
+            pipe.deepcache = deepcache_helper
+        elif is_sdxl(pipe):
+            from tgate.SDXL import tgate as tgate_call
+        else:
+            from tgate.SD import tgate as tgate_call
+        pipe.tgate = MethodType(tgate_call, pipe)
+
+    def _clear_attention(self) -> None:
+        for module in self.pipe.unet.modules():
+            if type(module).__name__ == "Attention":
+                for name in _ADDED_TO_ATTENTION:
+                    module.__dict__.pop(name, None)
+
+    def __call__(self, *args, **kwargs):
+        # A cache left by the previous call (another batch size) must not leak into this one.
+        self._clear_attention()
+        return self.pipe.tgate(*args, gate_step=self.gate_step, **kwargs)
+
+    def restore(self) -> None:
+        self._clear_attention()
+        for name in ("tgate", "deepcache"):
+            self.pipe.__dict__.pop(name, None)
+
+
+def apply(pipe, gate_step: int = 10, deepcache_helper=None) -> TGatePatch:
+    return TGatePatch(pipe, int(gate_step), deepcache_helper)
