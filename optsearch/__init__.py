@@ -1,1 +1,31 @@
+"""optsearch: the fastest acceleration settings for a Stable Diffusion pipeline, within a budget.
+
+Public API:
+- `apply(pipe, params)`: apply a setting (dict, or an exported search_params.json) to a pipeline.
+- `load_spec(path)`: read and validate a study spec.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+
+from .accelerators import AppliedSetting
+from .spec import SpecError, StudySpec, load_spec
+
 __version__ = "0.1.0"
+__all__ = ["AppliedSetting", "SpecError", "StudySpec", "__version__", "apply", "load_spec"]
+
+
+def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
+    """Apply a setting to a user's own diffusers pipeline; returns a handle to call and restore.
+
+    `params` is a setting dict (nested or 'accel.param' keys) or the path of a search_params.json
+    written by `optsearch study export` (its overall best setting is applied).
+    """
+    if not isinstance(params, Mapping):
+        exported = json.loads(Path(params).read_text(encoding="utf-8"))
+        params = exported["best"]["setting"]
+    return AppliedSetting(pipe, params)

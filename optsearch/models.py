@@ -229,7 +229,7 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
 def _load_pretrained(model_id: str, torch_dtype: torch.dtype):
     from diffusers import AutoPipelineForText2Image
 
-    looks_local = model_id.startswith((".", "/", "~")) or os.path.sep in model_id.strip("/")[:0]
+    looks_local = model_id.startswith((".", "/", "~"))  # hub ids look like "org/name"
     path = os.path.expanduser(model_id)
     if looks_local and not os.path.isdir(path):
         raise ModelLoadError(f"model folder {model_id!r} does not exist")
@@ -237,7 +237,7 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype):
         return AutoPipelineForText2Image.from_pretrained(
             path if os.path.isdir(path) else model_id, torch_dtype=torch_dtype, safety_checker=None
         )
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load model {model_id!r}: {first_line}") from error
 

@@ -1,6 +1,7 @@
 """DeepCache: reuse the UNet's high-level features between steps, recomputing every N steps.
 
-`DeepCacheSDHelper.disable()` unwraps every block it wrapped, so restore is exact.
+`DeepCacheSDHelper.disable()` puts every wrapped block's original bound `forward` back as an
+instance attribute; restore also deletes those, so the modules look exactly as before.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ class DeepCachePatch:
                 f"deepcache.cache_branch_id={cache_branch_id} is too large for this UNet "
                 f"(allowed: 0..{branches - 1})"
             )
+        self.unet = pipe.unet
+        self.had_forward = {id(m) for m in self.unet.modules() if "forward" in m.__dict__}
         self.helper = DeepCacheSDHelper(pipe=pipe)
         self.helper.set_params(cache_interval=cache_interval, cache_branch_id=cache_branch_id)
         self.helper.enable()
 
     def restore(self) -> None:
         self.helper.disable()
+        for module in self.unet.modules():
+            if id(module) not in self.had_forward:
+                module.__dict__.pop("forward", None)
 
 
 def apply(pipe, cache_interval: int = 3, cache_branch_id: int = 0) -> DeepCachePatch:

@@ -1,0 +1,26 @@
+# The two set-up commands of README.md. Each creates .venv when missing and installs the project.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -f demo.db search_params.json
+	$(BIN)/optsearch run studies/tiny-demo.toml --storage sqlite:///demo.db
+	$(BIN)/optsearch study show tiny-demo --storage sqlite:///demo.db
+	$(BIN)/optsearch study export tiny-demo --storage sqlite:///demo.db -o search_params.json
+	@echo "wrote search_params.json"
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check optsearch tests benchmarks

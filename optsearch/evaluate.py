@@ -1,0 +1,317 @@
+"""Batched generation with per-prompt seeds, timing, and the comparison of a setting to a baseline.
+
+Each prompt has its own torch.Generator seeded from (seed, prompt index), so a prompt's image does
+not depend on the batch size or its position. One warm-up batch runs untimed; only pipeline calls
+are timed (synchronized on CUDA); CLIP scoring and image conversion are timed separately.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .accelerators import AppliedSetting, combo_name
+from .quality import ClipScorer, Interval, psnr, ssim
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What one pipeline call needs besides prompts: from the spec's [model] and [prompts]."""
+
+    steps: int = 50
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float = 7.5
+    batch_size: int = 4
+    seed: int = 42
+
+    @classmethod
+    def from_spec(cls, spec) -> GenerationConfig:
+        model, prompts = spec.model, spec.prompts
+        return cls(model.steps, model.height, model.width, model.guidance_scale,
+                   prompts.batch_size, prompts.seed)
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The generator seed of prompt `index`: independent of batch size and position."""
+    return seed * 1_000_003 + index
+
+
+def n_batches(num_samples: int, batch_size: int) -> int:
+    return math.ceil(num_samples / batch_size)
+
+
+@dataclass
+class Batch:
+    """One generated batch: which prompts, their 8-bit images, and the timed inference seconds."""
+
+    indices: range
+    images: np.ndarray
+    seconds: float
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(pipe, prompts: list[str], config: GenerationConfig,
+             setting: AppliedSetting | None = None, warmup: bool = True,
+             progress: bool = False, description: str = "batches",
+             fault: Callable[[int], None] | None = None) -> Iterator[Batch]:
+    """Yield batches of images for `prompts`, timing each pipeline call.
+
+    `setting` (an applied accelerator setting) generates in place of the plain pipeline.
+    `fault(batch_index)` is a test hook called before each timed batch (it may raise).
+    """
+    call = setting if setting is not None else pipe
+    device = pipe.unet.device
+
+    def run(indices: range) -> tuple[np.ndarray, float]:
+        if setting is not None:
+            setting.reseed(config.seed)
+        generators = [torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
+                      for i in indices]
+        _synchronize(device)
+        start = time.perf_counter()
+        output = call(
+            [prompts[i] for i in indices],
+            num_inference_steps=config.steps,
+            height=config.height,
+            width=config.width,
+            guidance_scale=config.guidance_scale,
+            generator=generators,
+            output_type="np",
+        )
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+        return output.images, seconds
+
+    batches = [range(start, min(start + config.batch_size, len(prompts)))
+               for start in range(0, len(prompts), config.batch_size)]
+    if warmup:
+        run(batches[0])
+    for index, indices in enumerate(tqdm(batches, desc=description, disable=not progress,
+                                         leave=False, unit="batch")):
+        if fault is not None:
+            fault(index)
+        images, seconds = run(indices)
+        yield Batch(indices, (images * 255).round().clip(0, 255).astype(np.uint8), seconds)
+
+
+@dataclass
+class Baseline:
+    """The plain pipeline's images, timing and CLIP scores: what every setting is compared with."""
+
+    images: np.ndarray
+    seconds_per_image: float
+    clip_scores: np.ndarray
+    image_features: torch.Tensor
+
+    @property
+    def clip_mean(self) -> float:
+        return float(self.clip_scores.mean())
+
+
+@dataclass
+class Comparison:
+    """A setting measured against the baseline, prompt by prompt."""
+
+    setting: dict
+    num_samples: int
+    batch_size: int
+    n_batches: int
+    confidence: float
+    baseline_seconds_per_image: float
+    batches_evaluated: int = 0
+    inference_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    early_stopped: bool = False
+    clip_scores: list[float] = field(default_factory=list)
+    baseline_clip_scores: list[float] = field(default_factory=list)
+    psnr: list[float] = field(default_factory=list)
+    ssim: list[float] = field(default_factory=list)
+    clip_image_cosine: list[float] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def combo(self) -> str:
+        return combo_name(self.setting)
+
+    @property
+    def images_evaluated(self) -> int:
+        return len(self.clip_scores)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.inference_seconds / max(1, self.images_evaluated)
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_seconds_per_image / self.seconds_per_image
+
+    @property
+    def clip_mean(self) -> float:
+        return float(np.mean(self.clip_scores))
+
+    @property
+    def clip_loss_per_prompt(self) -> np.ndarray:
+        return np.asarray(self.baseline_clip_scores) - np.asarray(self.clip_scores)
+
+    def interval(self, metric: str) -> Interval:
+        """The mean and confidence interval of `clip_loss`, `psnr` or `ssim` over prompts so far."""
+        values = self.clip_loss_per_prompt if metric == "clip_loss" else getattr(self, metric)
+        return Interval.of(values, self.confidence)
+
+    def summary(self) -> dict:
+        """The figures a user reads and a trial records; per-prompt values are in `to_dict`."""
+        return {
+            "combo": self.combo,
+            "setting": self.setting,
+            "speedup": self.speedup,
+            "seconds_per_image": self.seconds_per_image,
+            "baseline_seconds_per_image": self.baseline_seconds_per_image,
+            "clip_mean": self.clip_mean,
+            "baseline_clip_mean": float(np.mean(self.baseline_clip_scores)),
+            "clip_loss": self.interval("clip_loss").to_dict(),
+            "psnr": self.interval("psnr").to_dict(),
+            "ssim": self.interval("ssim").to_dict(),
+            "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
+            "batches_evaluated": self.batches_evaluated,
+            "n_batches": self.n_batches,
+            "batch_size": self.batch_size,
+            "early_stopped": self.early_stopped,
+            "inference_seconds": self.inference_seconds,
+            "scoring_seconds": self.scoring_seconds,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    def to_dict(self) -> dict:
+        per_prompt = {
+            "clip_scores": self.clip_scores,
+            "baseline_clip_scores": self.baseline_clip_scores,
+            "clip_loss": self.clip_loss_per_prompt.tolist(),
+            "psnr": self.psnr,
+            "ssim": self.ssim,
+            "clip_image_cosine": self.clip_image_cosine,
+        }
+        return {**self.summary(), "per_prompt": per_prompt}
+
+
+def violates(interval: Interval, metric: str, limit: float) -> bool:
+    """True when the whole confidence interval lies on the wrong side of the quality limit."""
+    if metric == "clip_loss":
+        return interval.low > limit
+    return interval.high < limit
+
+
+class Evaluator:
+    """Everything needed to measure settings in one process: pipeline, CLIP model and prompts.
+
+    The pipeline and CLIP model are loaded once and reused for every setting.
+    """
+
+    def __init__(self, pipe, scorer: ClipScorer, prompts: list[str], config: GenerationConfig,
+                 confidence: float = 0.95, progress: bool = False):
+        self.pipe = pipe
+        self.scorer = scorer
+        self.prompts = prompts
+        self.config = config
+        self.confidence = confidence
+        self.progress = progress
+        self.fault: Callable[[int], None] | None = None
+
+    @property
+    def n_batches(self) -> int:
+        return n_batches(len(self.prompts), self.config.batch_size)
+
+    def baseline(self) -> Baseline:
+        """Generate, time and score the plain pipeline."""
+        images, seconds, scores, features = [], 0.0, [], []
+        for batch in generate(self.pipe, self.prompts, self.config, progress=self.progress,
+                              description="baseline"):
+            images.append(batch.images)
+            seconds += batch.seconds
+            batch_scores, batch_features = self.scorer.score(
+                batch.images, [self.prompts[i] for i in batch.indices])
+            scores.append(batch_scores)
+            features.append(batch_features)
+        return Baseline(np.concatenate(images), seconds / len(self.prompts),
+                        np.concatenate(scores), torch.cat(features))
+
+    def compare(self, setting: Mapping, baseline: Baseline,
+                stop_when: Callable[[Comparison], bool] | None = None,
+                keep_images: bool = False) -> Comparison:
+        """Measure `setting` batch by batch; `stop_when(partial)` may end it early."""
+        wall_start = time.perf_counter()
+        result = Comparison(
+            setting={}, num_samples=len(self.prompts), batch_size=self.config.batch_size,
+            n_batches=self.n_batches, confidence=self.confidence,
+            baseline_seconds_per_image=baseline.seconds_per_image,
+        )
+        with AppliedSetting(self.pipe, setting) as applied:
+            result.setting = applied.setting
+            for batch in generate(self.pipe, self.prompts, self.config, setting=applied,
+                                  progress=self.progress, description=applied.combo,
+                                  fault=self.fault):
+                result.inference_seconds += batch.seconds
+                self._score(result, batch, baseline, keep_images)
+                result.batches_evaluated += 1
+                if stop_when is not None and result.batches_evaluated < self.n_batches \
+                        and stop_when(result):
+                    result.early_stopped = True
+                    break
+        result.wall_seconds = time.perf_counter() - wall_start
+        return result
+
+    def _score(self, result: Comparison, batch: Batch, baseline: Baseline,
+               keep_images: bool) -> None:
+        start = time.perf_counter()
+        scores, features = self.scorer.score(batch.images, [self.prompts[i] for i in batch.indices])
+        cosine = (features * baseline.image_features[batch.indices.start:batch.indices.stop]).sum(-1)
+        for offset, index in enumerate(batch.indices):
+            image, reference = batch.images[offset], baseline.images[index]
+            result.clip_scores.append(float(scores[offset]))
+            result.baseline_clip_scores.append(float(baseline.clip_scores[index]))
+            result.psnr.append(psnr(reference, image))
+            result.ssim.append(ssim(reference, image))
+            result.clip_image_cosine.append(float(cosine[offset]))
+            if keep_images:
+                result.images.append(image)
+        result.scoring_seconds += time.perf_counter() - start
+
+
+def early_stop_rule(metric: str, limit: float, min_batches: int) -> Callable[[Comparison], bool]:
+    """Stop once `min_batches` batches show the metric's interval entirely past the limit."""
+
+    def should_stop(partial: Comparison) -> bool:
+        if partial.batches_evaluated < min_batches or partial.images_evaluated < 2:
+            return False
+        return violates(partial.interval(metric), metric, limit)
+
+    return should_stop
+
+
+def evaluator_from_spec(spec, device: str | None = None, progress: bool = False) -> Evaluator:
+    """Load the spec's pipeline, CLIP model and prompts once, for any number of comparisons."""
+    from .models import load_pipeline, resolve_placement
+    from .prompts import load_prompts
+
+    prompts = load_prompts(spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed,
+                           spec.prompts.shuffle, spec.prompts.column)
+    model = spec.model
+    pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler)
+    placement = resolve_placement(device or model.device, model.dtype)
+    scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, placement.device)
+    return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
+                     spec.quality.confidence, progress)

@@ -1,0 +1,97 @@
+"""Prompt sources: COCO-2017 captions, PartiPrompts, the bundled list, or a local file.
+
+Hub datasets and local files both go through `datasets`, so users' hub caches, offline mode and
+file formats work as they expect. The first `num_samples` prompts are taken in the source's order,
+or after a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import random
+from importlib import resources
+from pathlib import Path
+
+# source -> (dataset id, split, column, take the first element of a list column)
+HUB_SOURCES = {
+    "coco2017": ("phiyodr/coco2017", "validation", "captions", True),
+    "parti": ("nateraw/parti-prompts", "train", "Prompt", False),
+}
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
+                 ".parquet": "parquet"}
+TEXT_COLUMNS = ("prompt", "Prompt", "caption", "text", "captions")
+
+
+class PromptError(Exception):
+    """The prompt source cannot deliver the prompts asked for."""
+
+
+def builtin_prompts() -> list[str]:
+    """Our own COCO-style captions, bundled with the package (no network)."""
+    text = resources.files("optsearch").joinpath("data/prompts.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_prompts(source: str, num_samples: int, seed: int = 42, shuffle: bool = False,
+                 column: str | None = None) -> list[str]:
+    """Return `num_samples` prompts from `source`, deterministically."""
+    prompts = _all_prompts(source, column)
+    if num_samples > len(prompts):
+        raise PromptError(
+            f"prompts.num_samples={num_samples} but source {source!r} has only {len(prompts)} "
+            "prompts: lower num_samples or use a larger source"
+        )
+    if shuffle:
+        prompts = list(prompts)
+        random.Random(seed).shuffle(prompts)
+    return prompts[:num_samples]
+
+
+def _all_prompts(source: str, column: str | None) -> list[str]:
+    if source == "builtin":
+        return builtin_prompts()
+    if source in HUB_SOURCES:
+        dataset_id, split, default_column, first_of_list = HUB_SOURCES[source]
+        dataset = _load_dataset(dataset_id, split=split)
+        return _column(dataset, column or default_column, source, first_of_list)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise PromptError(f"prompt file {source!r} does not exist")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise PromptError(f"prompt file {source!r}: unknown format (allowed: {', '.join(FILE_BUILDERS)})")
+    if path.stat().st_size == 0:
+        raise PromptError(f"prompt file {source!r} is empty")
+    dataset = _load_dataset(builder, data_files=str(path), split="train")
+    prompts = _column(dataset, column, source, first_of_list=True)
+    if not prompts:
+        raise PromptError(f"prompt file {source!r} holds no prompts")
+    return prompts
+
+
+def _load_dataset(*args, **kwargs):
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as error:  # datasets raises many types; the first line says what went wrong
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PromptError(f"cannot load prompts from {args[0]!r}: {reason}") from error
+
+
+def _column(dataset, column: str | None, source: str, first_of_list: bool) -> list[str]:
+    names = dataset.column_names
+    if column is None:
+        column = next((name for name in TEXT_COLUMNS if name in names), None)
+        if column is None and len(names) == 1:
+            column = names[0]
+    if column not in names:
+        raise PromptError(f"{source!r}: no prompt column (columns: {', '.join(names)}); "
+                          "set prompts.column")
+    prompts = []
+    for value in dataset[column]:
+        if isinstance(value, list) and first_of_list:
+            value = value[0] if value else ""
+        if isinstance(value, str) and value.strip():
+            prompts.append(value.strip())
+    return prompts

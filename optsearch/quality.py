@@ -1,0 +1,140 @@
+"""Image quality: CLIP score (as in the literature), fidelity to the baseline, paired intervals.
+
+CLIP score per image is max(100 * cosine(image, prompt), 0) with an open_clip model. The CLIP loss
+of a setting is the mean over prompts of (baseline score - setting score), paired per prompt, with
+a Student-t confidence interval from the paired differences. PSNR and SSIM compare each image with
+the baseline image of the same prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+
+TINY_CLIP = "builtin:tiny"
+_TINY_CLIP_CONFIG = "optsearch-tiny-clip"
+PSNR_CAP = 100.0  # dB reported for identical images, so values stay finite (JSON, Optuna)
+
+# Two-sided Student-t quantiles for 95 % by degrees of freedom; normal approximation beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+class ClipScorer:
+    """An open_clip model loaded once per process; scores images against prompts."""
+
+    def __init__(self, model_name: str, pretrained: str, device: str | torch.device = "cpu"):
+        import open_clip
+
+        if model_name == TINY_CLIP:
+            config = resources.files("optsearch").joinpath(f"data/{_TINY_CLIP_CONFIG}.json")
+            with resources.as_file(config) as path:
+                open_clip.add_model_config(path)
+            model_name = _TINY_CLIP_CONFIG
+        tag = None if pretrained in ("none", "", None) else pretrained
+        torch.manual_seed(0)  # random-weight models are the same in every process
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on purpose-random weights
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=tag, device=device
+            )
+        finally:
+            logging.getLogger().setLevel(quiet)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def image_features(self, images: np.ndarray) -> torch.Tensor:
+        """L2-normalized image embeddings of uint8 HxWx3 images."""
+        from PIL import Image
+
+        pixels = torch.stack([self.preprocess(Image.fromarray(image)) for image in images])
+        features = self.model.encode_image(pixels.to(self.device)).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        features = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, torch.Tensor]:
+        """CLIP score per (image, prompt) pair, and the image features for fidelity checks."""
+        image_features = self.image_features(images)
+        cosine = (image_features * self.text_features(prompts)).sum(dim=-1)
+        return (100 * cosine).clamp(min=0).cpu().numpy(), image_features
+
+
+def psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images in dB, capped at PSNR_CAP."""
+    mse = np.mean((reference.astype(np.float64) - image.astype(np.float64)) ** 2)
+    if mse == 0:
+        return PSNR_CAP
+    return min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - size // 2
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    return (kernel[:, None] * kernel[None, :])[None, None]
+
+
+def ssim(reference: np.ndarray, image: np.ndarray) -> float:
+    """Structural similarity (Wang et al. 2004, Gaussian window 11/1.5) averaged over channels."""
+    x = torch.from_numpy(reference).double().permute(2, 0, 1)[:, None]
+    y = torch.from_numpy(image).double().permute(2, 0, 1)[:, None]
+    size = min(11, x.shape[-1], x.shape[-2])
+    window = _gaussian_window(size)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(value.mean())
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """Two-sided Student-t quantile; exact table for 95 %, normal-based approximation otherwise."""
+    z = _normal_quantile(0.5 + confidence / 2)
+    if abs(confidence - 0.95) < 1e-9 and df <= len(_T975):
+        return _T975[df - 1]
+    # Cornish-Fisher expansion of t in terms of z (accurate to ~1e-3 for df >= 5).
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def _normal_quantile(p: float) -> float:
+    return math.sqrt(2) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its two-sided confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values, confidence: float = 0.95) -> Interval:
+        values = np.asarray(values, dtype=np.float64)
+        mean = float(values.mean())
+        if len(values) < 2:
+            return cls(mean, -math.inf, math.inf)
+        half = t_quantile(confidence, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+        return cls(mean, float(mean - half), float(mean + half))
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high}

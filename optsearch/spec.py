@@ -1,0 +1,379 @@
+"""The study spec: one TOML file that describes one search.
+
+`load_spec(path)` reads and validates a spec and returns a `StudySpec`. Every problem found is
+reported as one line naming the file, the key, what is wrong and what is allowed; all problems are
+collected before raising `SpecError`, so a user fixes a spec in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .accelerators import COMBOS, ORDER, combo_name, params_of
+
+DTYPES = ("float16", "bfloat16", "float32")
+METRICS = ("clip_loss", "psnr", "ssim")
+MODES = ("max-speedup", "target-speedup", "pareto")
+SAMPLERS = ("tpe", "gp", "random", "grid")
+PROMPT_SOURCES = ("coco2017", "parti", "builtin")
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+KNOWN_SCHEDULERS = (
+    "DDIM", "PNDM", "DDPM", "LMSDiscrete", "EulerDiscrete", "EulerAncestralDiscrete",
+    "DPMSolverMultistep", "DPMSolverSinglestep", "DEISMultistep", "UniPCMultistep", "HeunDiscrete",
+    "KDPM2Discrete", "KDPM2AncestralDiscrete", "LCM", "TCD",
+)
+
+
+class SpecError(Exception):
+    """A spec (or a command-line override of it) is invalid; `problems` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class ModelSpec:
+    id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    dtype: str = "float16"
+    device: str = "auto"
+    scheduler: str | None = None  # None keeps the model's own scheduler
+    steps: int = 50
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    guidance_scale: float = 7.5
+
+
+@dataclass
+class PromptSpec:
+    source: str = "coco2017"
+    num_samples: int = 32
+    batch_size: int = 4
+    seed: int = 42
+    shuffle: bool = False
+    column: str | None = None  # the text column of a file or dataset, when not guessed
+
+
+@dataclass
+class QualitySpec:
+    clip_model: str = "ViT-g-14"
+    clip_pretrained: str = "laion2b_s34b_b88k"
+    metric: str = "clip_loss"
+    limit: float = 0.3
+    confidence: float = 0.95
+
+
+@dataclass
+class ObjectiveSpec:
+    mode: str = "max-speedup"
+    target_speedup: float | None = None
+
+
+@dataclass
+class SearchSpec:
+    accelerators: list[str] | str = field(default_factory=lambda: ["deepcache"])
+    sampler: str = "tpe"
+    n_trials: int = 60
+    early_stop: bool = True
+    min_batches: int = 2  # batches evaluated before early stop may decide
+    seed: int | None = None  # sampler seed
+    n_startup_trials: int = 10
+
+    @property
+    def combos(self) -> list[tuple[str, ...]]:
+        """The combos searched: the one given, or all four for 'any'."""
+        if self.accelerators == "any":
+            return list(COMBOS)
+        return [tuple(name for name in ORDER if name in self.accelerators)]
+
+
+@dataclass
+class ArtifactSpec:
+    path: str = "artifacts"  # a local folder, or s3://bucket/prefix
+    grid_prompts: int = 4  # prompts shown in each trial's image grid; 0 disables grids
+
+
+@dataclass
+class StudySpec:
+    name: str = "optsearch"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    quality: QualitySpec = field(default_factory=QualitySpec)
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    artifacts: ArtifactSpec = field(default_factory=ArtifactSpec)
+    # accelerator -> param -> [low, high] or [low, high, step] or a fixed value
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def accelerators_used(self) -> list[str]:
+        return [name for name in ORDER if any(name in combo for combo in self.search.combos)]
+
+    def param_range(self, accelerator: str, param: str) -> tuple:
+        """(low, high, step) or (value,) for a parameter, defaults filled in."""
+        value = self.space.get(accelerator, {}).get(param)
+        spec_param = params_of(accelerator)[param]
+        if value is None:
+            value = spec_param.default
+        if not isinstance(value, (list, tuple)):
+            return (value,)
+        if len(value) == 1:
+            return tuple(value)
+        step = value[2] if len(value) == 3 else spec_param.grid_step
+        return (value[0], value[1], step)
+
+
+SECTIONS = {
+    "model": ModelSpec,
+    "prompts": PromptSpec,
+    "quality": QualitySpec,
+    "objective": ObjectiveSpec,
+    "search": SearchSpec,
+    "artifacts": ArtifactSpec,
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _expected_type(section: type, key: str) -> type | None:
+    """The Python type a key holds (from its default), for type checking TOML values."""
+    default = getattr(section(), key)
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float, str)):
+        return float if isinstance(default, float) else type(default)
+    hints = {"scheduler": str, "height": int, "width": int, "target_speedup": float,
+             "seed": int, "column": str}
+    return hints.get(key)
+
+
+def _type_ok(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Read, validate and return a spec file. Raises SpecError with one line per problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError([f"{path}: spec file not found"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError([f"{path}: not valid TOML: {error}"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError([f"{path}: cannot read spec: {error}"]) from None
+    return spec_from_dict(data, source=str(path), overrides=overrides)
+
+
+def spec_from_dict(data: dict, source: str = "<spec>",
+                   overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Build and validate a spec from a dict (a parsed TOML file, or one stored in a study)."""
+    problems: list[str] = []
+    spec = StudySpec(name=Path(source).stem if source != "<spec>" else "optsearch")
+
+    def problem(key: str, message: str) -> None:
+        problems.append(f"{source}: {key}: {message}")
+
+    for key, value in data.items():
+        if key == "name":
+            if isinstance(value, str) and value.strip():
+                spec.name = value
+            else:
+                problem("name", "must be a non-empty string")
+        elif key in SECTIONS:
+            if not isinstance(value, dict):
+                problem(key, f"must be a table [{key}]")
+                continue
+            _load_section(getattr(spec, key), key, value, problem)
+        elif key == "space":
+            if not isinstance(value, dict):
+                problem("space", "must be tables [space.<accelerator>]")
+                continue
+            spec.space = _load_space(value, problem)
+        else:
+            problem(key, f"unknown key (allowed: name, {', '.join(SECTIONS)}, space)")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not hasattr(getattr(spec, section), key):
+            problem(dotted, "unknown key")
+        else:
+            _load_section(getattr(spec, section), section, {key: value}, problem)
+    _validate(spec, problem)  # wrongly typed keys kept their defaults, so this is safe
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _load_section(target, section: str, values: dict, problem) -> None:
+    for key, value in values.items():
+        full = f"{section}.{key}"
+        if not hasattr(target, key):
+            allowed = ", ".join(vars(type(target)()).keys())
+            problem(full, f"unknown key (allowed: {allowed})")
+            continue
+        if key == "accelerators":
+            if value == "any" or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                setattr(target, key, value)
+            else:
+                problem(full, 'must be a list of accelerator names or "any"')
+            continue
+        expected = _expected_type(type(target), key)
+        if expected and not _type_ok(value, expected):
+            problem(full, f"must be {_TYPE_NAMES[expected]}, got {value!r}")
+            continue
+        setattr(target, key, float(value) if expected is float else value)
+
+
+def _load_space(tables: dict, problem) -> dict[str, dict[str, Any]]:
+    space: dict[str, dict[str, Any]] = {}
+    for accelerator, table in tables.items():
+        key = f"space.{accelerator}"
+        if accelerator not in ORDER:
+            problem(key, f"unknown accelerator (allowed: {', '.join(ORDER)})")
+            continue
+        if not isinstance(table, dict):
+            problem(key, "must be a table")
+            continue
+        params = params_of(accelerator)
+        for name, value in table.items():
+            if name not in params:
+                problem(f"{key}.{name}", f"unknown parameter (allowed: {', '.join(params)})")
+                continue
+            message = _check_range(params[name], value)
+            if message:
+                problem(f"{key}.{name}", message)
+            else:
+                space.setdefault(accelerator, {})[name] = value
+    return space
+
+
+def _check_range(param, value) -> str | None:
+    """Check a [low, high(, step)] range or a fixed value against the parameter's bounds."""
+    values = value if isinstance(value, list) else [value]
+    if param.kind is bool:
+        return param.check(values[0]) if len(values) == 1 else "must be true or false"
+    if not 1 <= len(values) <= 3:
+        return f"must be [low, high], [low, high, step] or one value ({param.allowed()})"
+    for item in values[:2]:
+        why = param.check(item)
+        if why:
+            return f"{item!r} {why} (allowed: {param.allowed()})"
+    if len(values) >= 2 and values[0] > values[1]:
+        return f"range [{values[0]}, {values[1]}] is inverted (low must be <= high)"
+    if len(values) == 3:
+        step = values[2]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+            return f"step {step!r} must be a positive number"
+        if param.kind is int and not float(step).is_integer():
+            return f"step {step!r} must be an integer"
+    return None
+
+
+def _validate(spec: StudySpec, problem) -> None:
+    """Cross-field checks, after every key has the right type."""
+    model, prompts, quality = spec.model, spec.prompts, spec.quality
+    objective, search = spec.objective, spec.search
+    if model.dtype not in DTYPES:
+        problem("model.dtype", f"unknown dtype {model.dtype!r} (allowed: {', '.join(DTYPES)})")
+    if not (model.device in ("auto", "cpu", "cuda") or _is_cuda_index(model.device)):
+        problem("model.device", f"unknown device {model.device!r} (allowed: auto, cpu, cuda, cuda:N)")
+    if model.scheduler is not None:
+        name = model.scheduler.removesuffix("Scheduler")
+        if name not in KNOWN_SCHEDULERS:
+            problem("model.scheduler",
+                    f"unknown scheduler {model.scheduler!r} (allowed: {', '.join(KNOWN_SCHEDULERS)})")
+    if model.steps < 1:
+        problem("model.steps", "must be >= 1")
+    for key in ("height", "width"):
+        size = getattr(model, key)
+        if size is not None and (size < 8 or size % 8):
+            problem(f"model.{key}", f"{size} must be a multiple of 8, at least 8")
+    if not model.guidance_scale >= 0:
+        problem("model.guidance_scale", "must be >= 0")
+    if not model.id:
+        problem("model.id", "must name a model: hub id, local folder or builtin:tiny")
+    if prompts.num_samples < 1:
+        problem("prompts.num_samples", f"{prompts.num_samples} must be >= 1")
+    if prompts.batch_size < 1:
+        problem("prompts.batch_size", f"{prompts.batch_size} must be >= 1")
+    source = prompts.source
+    if source not in PROMPT_SOURCES and not source.lower().endswith(PROMPT_FILE_SUFFIXES):
+        problem("prompts.source", f"unknown prompt source {source!r} (allowed: "
+                f"{', '.join(PROMPT_SOURCES)}, or a {'/'.join(PROMPT_FILE_SUFFIXES)} file)")
+    if quality.metric not in METRICS:
+        problem("quality.metric", f"unknown metric {quality.metric!r} (allowed: {', '.join(METRICS)})")
+    elif quality.metric == "ssim" and not -1 <= quality.limit <= 1:
+        problem("quality.limit", f"{quality.limit} is not an SSIM (allowed: -1..1)")
+    if not math.isfinite(quality.limit):
+        problem("quality.limit", "must be a finite number")
+    if not 0.5 <= quality.confidence < 1:
+        problem("quality.confidence", "must be in [0.5, 1)")
+    if objective.mode not in MODES:
+        problem("objective.mode", f"unknown mode {objective.mode!r} (allowed: {', '.join(MODES)})")
+    elif objective.mode == "target-speedup":
+        if objective.target_speedup is None:
+            problem("objective.target_speedup", "is required when mode is target-speedup")
+        elif objective.target_speedup <= 0:
+            problem("objective.target_speedup", "must be > 0")
+    if search.sampler not in SAMPLERS:
+        problem("search.sampler", f"unknown sampler {search.sampler!r} (allowed: {', '.join(SAMPLERS)})")
+    if search.n_trials < 1:
+        problem("search.n_trials", "must be >= 1")
+    if search.min_batches < 1:
+        problem("search.min_batches", "must be >= 1")
+    if search.n_startup_trials < 0:
+        problem("search.n_startup_trials", "must be >= 0")
+    if search.accelerators != "any":
+        unknown = [name for name in search.accelerators if name not in ORDER]
+        if unknown:
+            problem("search.accelerators", f"unknown accelerator {unknown[0]!r} "
+                    f"(allowed: {', '.join(ORDER)}, or \"any\")")
+            return
+        if not search.accelerators:
+            problem("search.accelerators", 'must name at least one accelerator, or "any"')
+            return
+    used = spec.accelerators_used
+    for accelerator in spec.space:
+        if accelerator not in used:
+            problem(f"space.{accelerator}",
+                    f"is not searched (search.accelerators is {combo_name(used) or 'empty'})")
+    if "tgate" in used:
+        if model.guidance_scale <= 1:
+            problem("search.accelerators", "tgate needs classifier-free guidance: "
+                    f"model.guidance_scale is {model.guidance_scale}, must be > 1")
+        gate = spec.param_range("tgate", "gate_step")
+        if any(value > model.steps for value in gate[:2]):
+            problem("space.tgate.gate_step",
+                    f"{list(gate[:2])} goes past model.steps={model.steps} (allowed: 1..steps)")
+    if spec.artifacts.grid_prompts < 0:
+        problem("artifacts.grid_prompts", "must be >= 0")
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
+    """Problems with running `setting` on the spec's model (T-GATE needs guidance and steps)."""
+    problems = []
+    if "tgate" in setting:
+        if spec.model.guidance_scale <= 1:
+            problems.append("tgate needs classifier-free guidance: model.guidance_scale is "
+                            f"{spec.model.guidance_scale}, must be > 1")
+        gate_step = setting["tgate"].get("gate_step", 10)
+        if not 1 <= gate_step <= spec.model.steps:
+            problems.append(f"tgate.gate_step={gate_step} must be in 1..{spec.model.steps} "
+                            "(model.steps)")
+    return problems

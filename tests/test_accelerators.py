@@ -1,0 +1,122 @@
+"""Each accelerator and each combo really changes the output, repeats exactly, and restores exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import optsearch
+from optsearch.accelerators import COMBOS, AppliedSetting, combo_name, normalize_setting
+from tests.conftest import generate_images
+
+PROMPTS = ["a red bus on a street", "two dogs in a field", "a bowl of fruit"]
+SETTINGS = {
+    "deepcache": {"cache_interval": 3, "cache_branch_id": 0},
+    "tome": {"ratio": 0.5, "max_downsample": 1},
+    "tgate": {"gate_step": 4},
+}
+SINGLE = [("deepcache",), ("tome",), ("tgate",)]
+
+
+def setting_for(combo):
+    return {name: SETTINGS[name] for name in combo}
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_pipe):
+    return generate_images(tiny_pipe, PROMPTS)
+
+
+@pytest.mark.parametrize("combo", SINGLE + list(COMBOS), ids=combo_name)
+def test_setting_changes_output_repeats_and_restores(tiny_pipe, baseline, combo):
+    applied = AppliedSetting(tiny_pipe, setting_for(combo))
+    first = generate_images(applied, PROMPTS, reseed=applied.reseed)
+    second = generate_images(applied, PROMPTS, reseed=applied.reseed)
+    applied.restore()
+    after = generate_images(tiny_pipe, PROMPTS)
+
+    assert np.abs(first - baseline).max() > 1e-3, "the accelerator silently did nothing"
+    assert np.array_equal(first, second), "two runs of the same setting differ"
+    assert np.array_equal(after, baseline), "restore did not give the baseline back"
+
+
+def test_ten_mixed_cycles_leave_baseline_bit_exact(tiny_pipe, baseline):
+    combos = SINGLE + list(COMBOS)
+    for cycle in range(10):
+        combo = combos[cycle % len(combos)]
+        setting = setting_for(combo)
+        if "deepcache" in setting:
+            setting["deepcache"] = {"cache_interval": 2 + cycle % 3, "cache_branch_id": cycle % 2}
+        with AppliedSetting(tiny_pipe, setting) as applied:
+            generate_images(applied, PROMPTS[:2], reseed=applied.reseed)
+    assert np.array_equal(generate_images(tiny_pipe, PROMPTS), baseline)
+
+
+def test_tgate_restore_removes_every_patch(tiny_pipe):
+    with AppliedSetting(tiny_pipe, setting_for(("deepcache", "tgate"))) as applied:
+        generate_images(applied, PROMPTS[:1])
+        patched = [m for m in tiny_pipe.unet.modules() if "forward" in m.__dict__]
+        assert patched, "T-GATE/DeepCache should have patched module forwards while applied"
+    leftovers = [type(m).__name__ for m in tiny_pipe.unet.modules()
+                 if "forward" in m.__dict__ or "cache" in m.__dict__]
+    assert leftovers == []
+    assert "forward" not in tiny_pipe.unet.__dict__, "DeepCache must be disabled after T-GATE"
+    assert not hasattr(tiny_pipe, "tgate") and not hasattr(tiny_pipe, "deepcache")
+
+
+def test_tome_random_merging_is_reseeded(tiny_pipe):
+    with AppliedSetting(tiny_pipe, {"tome": {"ratio": 0.5, "use_rand": True}}) as applied:
+        first = generate_images(applied, PROMPTS[:2], reseed=applied.reseed)
+        torch.manual_seed(1234)  # global RNG state must not matter
+        second = generate_images(applied, PROMPTS[:2], reseed=applied.reseed)
+    assert np.array_equal(first, second)
+
+
+def test_failed_apply_leaves_pipeline_untouched(tiny_pipe, baseline):
+    with pytest.raises(ValueError, match="cache_branch_id"):
+        AppliedSetting(tiny_pipe, {"deepcache": {"cache_interval": 3, "cache_branch_id": 9}})
+    assert np.array_equal(generate_images(tiny_pipe, PROMPTS), baseline)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"tome": {"ratio": 1.0}}, "must be < 1.0"),
+    ({"deepcache": {"cache_interval": 0}}, "must be >= 1"),
+    ({"foo": {"x": 1}}, "unknown accelerator"),
+    ({"tome": {"speed": 1}}, "unknown parameter"),
+    ({"tome": {"ratio": "high"}}, "must be a number"),
+])
+def test_normalize_setting_rejects_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        normalize_setting(bad)
+
+
+def test_normalize_setting_accepts_flat_and_nested_and_orders():
+    flat = normalize_setting({"tgate.gate_step": 10, "deepcache.cache_interval": 3})
+    assert list(flat) == ["deepcache", "tgate"]
+    assert flat == {"deepcache": {"cache_interval": 3}, "tgate": {"gate_step": 10}}
+
+
+def test_public_apply_accepts_dict_and_export_file(tiny_pipe, tmp_path, baseline):
+    setting = setting_for(("deepcache", "tome"))
+    with optsearch.apply(tiny_pipe, setting) as applied:
+        from_dict = generate_images(applied, PROMPTS, reseed=applied.reseed)
+    path = tmp_path / "search_params.json"
+    path.write_text(json.dumps({"best": {"setting": setting}}))
+    with optsearch.apply(tiny_pipe, path) as applied:
+        from_file = generate_images(applied, PROMPTS, reseed=applied.reseed)
+    assert np.array_equal(from_dict, from_file)
+    assert np.array_equal(generate_images(tiny_pipe, PROMPTS), baseline)
+
+
+def test_sdxl_all_three_change_repeat_and_restore(tiny_xl_pipe):
+    base = generate_images(tiny_xl_pipe, PROMPTS[:2])
+    applied = AppliedSetting(tiny_xl_pipe, setting_for(("deepcache", "tome", "tgate")))
+    first = generate_images(applied, PROMPTS[:2], reseed=applied.reseed)
+    second = generate_images(applied, PROMPTS[:2], reseed=applied.reseed)
+    applied.restore()
+    assert np.abs(first - base).max() > 1e-3
+    assert np.array_equal(first, second)
+    assert np.array_equal(generate_images(tiny_xl_pipe, PROMPTS[:2]), base)

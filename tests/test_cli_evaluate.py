@@ -1,0 +1,57 @@
+"""`optsearch evaluate` as a user runs it: a real process, a table or JSON, images, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import OPTSEARCH, TINY_SPEC, write_spec
+
+
+def run(*args, cwd=None):
+    return subprocess.run([OPTSEARCH, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_evaluate_json_and_images(tmp_path):
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    result = run("evaluate", str(spec), "--set", "deepcache.cache_interval=3",
+                 "--set", "tome.ratio=0.5", "--json", "--quiet",
+                 "--save-images", str(tmp_path / "images"))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["combo"] == "deepcache+tome" and data["speedup"] > 0
+    assert data["setting"]["tome"]["ratio"] == 0.5
+    assert len(data["per_prompt"]["psnr"]) == 4 and data["batches_evaluated"] == 2
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert names == [f"{kind}_{i:03d}.png" for kind in ("baseline", "setting") for i in range(4)]
+
+
+def test_evaluate_table(tmp_path):
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    result = run("evaluate", str(spec), "--set", "deepcache.cache_interval=4", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "speedup" in result.stdout and "deepcache" in result.stdout
+    assert "baseline" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "tome.ratio=1.5"], "tome.ratio=1.5 must be < 1.0"),
+    (["--set", "tome.ratio"], "must look like ACCELERATOR.PARAM=VALUE"),
+    (["--set", "warp.speed=9"], "unknown accelerator 'warp'"),
+    (["--set", "tgate.gate_step=30"], "tgate.gate_step=30 must be in 1..8"),
+])
+def test_evaluate_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    result = run("evaluate", str(spec), *args, "--quiet")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_missing_model_folder(tmp_path):
+    spec = write_spec(tmp_path / "s.toml", TINY_SPEC.replace("builtin:tiny", "./no-such-model"))
+    result = run("evaluate", str(spec), "--quiet")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr

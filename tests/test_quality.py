@@ -1,0 +1,54 @@
+"""CLIP scoring shapes and pairing, PSNR/SSIM arithmetic, paired confidence intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from optsearch.quality import PSNR_CAP, Interval, psnr, ssim, t_quantile
+
+
+def test_clip_scores_pair_each_image_with_its_prompt(tiny_clip):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    prompts = ["a cat", "a red bus", "a bowl of fruit"]
+    scores, features = tiny_clip.score(images, prompts)
+    assert scores.shape == (3,) and features.shape[0] == 3
+    full = 100 * (tiny_clip.image_features(images) @ tiny_clip.text_features(prompts).T)
+    expected = full.diagonal().clamp(min=0).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    assert (scores >= 0).all()
+    np.testing.assert_allclose(features.norm(dim=-1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_psnr_known_values():
+    a = np.zeros((8, 8, 3), np.uint8)
+    b = np.full((8, 8, 3), 10, np.uint8)
+    assert psnr(a, a) == PSNR_CAP
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 100))
+
+
+def test_ssim_identity_known_value_and_degradation():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0)
+    flat_a, flat_b = np.full((16, 16, 3), 100, np.uint8), np.full((16, 16, 3), 150, np.uint8)
+    c1 = (0.01 * 255) ** 2  # flat images: only the luminance term is left
+    assert ssim(flat_a, flat_b) == pytest.approx((2 * 100 * 150 + c1) / (100**2 + 150**2 + c1))
+    values = []
+    for amplitude in (10, 40, 120):
+        noise = rng.integers(-amplitude, amplitude, size=a.shape)
+        values.append(ssim(a, np.clip(a.astype(int) + noise, 0, 255).astype(np.uint8)))
+    assert values == sorted(values, reverse=True) and values[-1] < 0.8
+
+
+def test_interval_matches_student_t():
+    values = [1.0, 2.0, 3.0, 4.0]
+    interval = Interval.of(values)
+    half = 3.182 * np.std(values, ddof=1) / 2
+    assert interval.mean == 2.5
+    assert interval.low == pytest.approx(2.5 - half) and interval.high == pytest.approx(2.5 + half)
+    assert Interval.of([5.0]).low == -math.inf
+    assert t_quantile(0.95, 200) == pytest.approx(1.972, abs=2e-3)

@@ -1,0 +1,112 @@
+"""Spec loading: defaults, shipped specs, and one test per validation case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from optsearch.spec import SpecError, load_spec, spec_from_dict
+from tests.conftest import ROOT
+
+MINIMAL = {"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["deepcache", "tome"]}}
+
+
+def problems_of(data: dict) -> list[str]:
+    with pytest.raises(SpecError) as raised:
+        spec_from_dict(data, source="spec.toml")
+    return raised.value.problems
+
+
+def with_(section: str, **values) -> dict:
+    data = {key: dict(value) for key, value in MINIMAL.items()}
+    data.setdefault(section, {}).update(values)
+    return data
+
+
+def test_minimal_spec_gets_defaults():
+    spec = spec_from_dict(MINIMAL)
+    assert spec.model.steps == 50 and spec.prompts.num_samples == 32
+    assert spec.prompts.batch_size == 4 and spec.quality.clip_model == "ViT-g-14"
+    assert spec.search.combos == [("deepcache", "tome")]
+    assert spec.param_range("tome", "ratio") == (0.1, 0.7, 0.1)
+    assert spec.param_range("tome", "use_rand") == (True,)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_specs_are_valid(path: Path):
+    spec = load_spec(path)
+    assert spec.name
+
+
+def test_any_searches_the_four_combos():
+    spec = spec_from_dict({"search": {"accelerators": "any"}})
+    assert len(spec.search.combos) == 4 and spec.accelerators_used == ["deepcache", "tome", "tgate"]
+
+
+CASES = [
+    ("unknown top-level key", {**MINIMAL, "modle": {}}, "modle: unknown key"),
+    ("unknown section key", with_("model", stesp=3), "model.stesp: unknown key"),
+    ("wrong type", with_("model", steps="many"), "model.steps: must be an integer"),
+    ("wrong type bool", with_("search", early_stop="yes"), "search.early_stop: must be true or false"),
+    ("empty range", {**MINIMAL, "space": {"tome": {"ratio": []}}}, "space.tome.ratio: must be"),
+    ("inverted range", {**MINIMAL, "space": {"deepcache": {"cache_interval": [5, 2]}}},
+     "is inverted"),
+    ("ratio above 1", {**MINIMAL, "space": {"tome": {"ratio": [0.2, 1.0]}}}, "must be < 1.0"),
+    ("ratio negative", {**MINIMAL, "space": {"tome": {"ratio": [-0.1, 0.5]}}}, "must be >= 0.0"),
+    ("cache_interval < 1", {**MINIMAL, "space": {"deepcache": {"cache_interval": [0, 3]}}},
+     "space.deepcache.cache_interval: 0 must be >= 1"),
+    ("gate_step past steps", {"model": {"steps": 10}, "search": {"accelerators": ["tgate"]},
+                              "space": {"tgate": {"gate_step": [5, 20]}}}, "past model.steps=10"),
+    ("gate_step zero", {"search": {"accelerators": ["tgate"]},
+                        "space": {"tgate": {"gate_step": [0, 5]}}}, "must be >= 1"),
+    ("tgate without guidance", {"model": {"guidance_scale": 1.0},
+                                "search": {"accelerators": ["deepcache", "tgate"]}},
+     "tgate needs classifier-free guidance"),
+    ("num_samples < 1", with_("prompts", num_samples=0), "prompts.num_samples: 0 must be >= 1"),
+    ("batch_size < 1", with_("prompts", batch_size=0), "prompts.batch_size: 0 must be >= 1"),
+    ("unknown accelerator", with_("search", accelerators=["deepcache", "turbo"]),
+     "unknown accelerator 'turbo'"),
+    ("unknown space accelerator", {**MINIMAL, "space": {"turbo": {"x": 1}}},
+     "space.turbo: unknown accelerator"),
+    ("unknown parameter", {**MINIMAL, "space": {"tome": {"speed": [1, 2]}}},
+     "space.tome.speed: unknown parameter"),
+    ("unknown scheduler", with_("model", scheduler="Magic"), "unknown scheduler 'Magic'"),
+    ("target-speedup without target", with_("objective", mode="target-speedup"),
+     "objective.target_speedup: is required"),
+    ("unknown mode", with_("objective", mode="fastest"), "unknown mode 'fastest'"),
+    ("unknown sampler", with_("search", sampler="cmaes"), "unknown sampler 'cmaes'"),
+    ("unknown metric", with_("quality", metric="fid"), "unknown metric 'fid'"),
+    ("unknown dtype", with_("model", dtype="int8"), "unknown dtype 'int8'"),
+    ("unknown prompt source", with_("prompts", source="laion"), "unknown prompt source 'laion'"),
+    ("space for an accelerator not searched", {**MINIMAL, "space": {"tgate": {"gate_step": 5}}},
+     "space.tgate: is not searched"),
+]
+
+
+@pytest.mark.parametrize("data, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_validation_case(data, expected):
+    problems = problems_of(data)
+    assert any(expected in line for line in problems), problems
+    assert all(line.startswith("spec.toml: ") and "\n" not in line for line in problems)
+
+
+def test_all_problems_are_reported_at_once():
+    data = with_("prompts", num_samples=0, batch_size=0)
+    data["search"]["sampler"] = "cmaes"
+    assert len(problems_of(data)) == 3
+
+
+def test_file_errors_are_one_line(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\nid = 1")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(broken)
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    path = tmp_path / "my-study.toml"
+    path.write_text('[model]\nid = "builtin:tiny"\n')
+    assert load_spec(path).name == "my-study"
