@@ -70,6 +70,124 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _open(args):
+    from .storage import open_storage
+
+    return open_storage(args.storage, heartbeat_interval=None)
+
+
+def cmd_study_create(args) -> int:
+    from .spec import load_spec
+    from .storage import mask
+    from .study import create_study
+
+    spec = load_spec(args.spec)
+    storage = _open(args)
+    study = create_study(spec, storage, args.name, args.load_if_exists)
+    print(f"study {study.study_name!r} ready in {mask(storage.url)}")
+    return 0
+
+
+def cmd_study_list(args) -> int:
+    import optuna
+
+    from .report import table
+    from .study import SPEC_ATTR
+
+    rows = []
+    for summary in optuna.get_all_study_summaries(_open(args), include_best_trial=False):
+        spec = summary.user_attrs.get(SPEC_ATTR, {})
+        rows.append([summary.study_name, summary.n_trials, spec.get("search", {}).get("n_trials"),
+                     spec.get("model", {}).get("id"), summary.datetime_start])
+    print(table(["study", "trials", "n_trials", "model", "started"], rows) if rows else "no studies")
+    return 0
+
+
+def cmd_study_show(args) -> int:
+    from .show import format_summary, study_summary
+    from .study import load_study
+
+    study, spec = load_study(_open(args), args.name)
+    summary = study_summary(study, spec)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_study_export(args) -> int:
+    from .export import export_study
+    from .study import load_study
+
+    study, spec = load_study(_open(args), args.name)
+    exported = export_study(study, spec)
+    Path(args.output).write_text(json.dumps(exported, indent=2) + "\n", encoding="utf-8")
+    best = exported["best"]
+    print(f"wrote {args.output}: best trial {best['trial']} ({best['combo']}), "
+          f"speedup {best['metrics']['speedup']:.2f}")
+    return 0
+
+
+def cmd_study_delete(args) -> int:
+    import optuna
+
+    from .study import load_study
+
+    storage = _open(args)
+    load_study(storage, args.name)  # a clear error when it does not exist
+    optuna.delete_study(study_name=args.name, storage=storage)
+    print(f"deleted study {args.name!r}")
+    return 0
+
+
+def _worker_options(args):
+    from .worker import WorkerOptions
+
+    return WorkerOptions(device=args.device, n_trials=args.n_trials, timeout=args.timeout,
+                         progress=not args.quiet, heartbeat_interval=args.heartbeat_interval,
+                         grace_period=args.grace_period, artifact_dir=args.artifact_dir)
+
+
+def cmd_worker(args) -> int:
+    from .worker import Worker
+
+    worker = Worker(args.storage, args.study, _worker_options(args))
+    ran = worker.run()
+    print(f"worker done: {ran} trials run by this worker on {worker.facts['device']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .show import format_summary, study_summary
+    from .spec import load_spec
+    from .study import create_study
+    from .worker import Worker
+
+    spec = load_spec(args.spec)
+    study = create_study(spec, _open(args), args.name, load_if_exists=True)
+    worker = Worker(args.storage, study.study_name, _worker_options(args))
+    worker.run()
+    print(format_summary(study_summary(worker.study, worker.spec)))
+    return 0
+
+
+def _add_storage(parser) -> None:
+    parser.add_argument("--storage", metavar="URL",
+                        help="Optuna RDB URL (default: $OPTSEARCH_STORAGE or sqlite:///optsearch.db)")
+
+
+def _add_worker_options(parser) -> None:
+    from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL
+
+    parser.add_argument("--device", help="override model.device (cpu, cuda, cuda:N)")
+    parser.add_argument("--n-trials", type=int, metavar="N", help="this worker's own trial limit")
+    parser.add_argument("--timeout", type=float, metavar="S", help="start no trial after S seconds")
+    parser.add_argument("--heartbeat-interval", type=int, default=HEARTBEAT_INTERVAL, metavar="S",
+                        help=f"heartbeat every S seconds (default {HEARTBEAT_INTERVAL})")
+    parser.add_argument("--grace-period", type=int, default=GRACE_PERIOD, metavar="S",
+                        help=f"a trial silent for S seconds is failed and re-queued (default {GRACE_PERIOD})")
+    parser.add_argument("--artifact-dir", metavar="DIR", help="override the spec's [artifacts] path")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optsearch",
@@ -88,6 +206,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="override model.device")
     evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    run = commands.add_parser("run", help="create (or load the identical) study and run one worker")
+    run.add_argument("spec", help="study spec (TOML)")
+    run.add_argument("--name", help="study name (default: the spec's name)")
+    _add_storage(run)
+    _add_worker_options(run)
+    run.set_defaults(handler=cmd_run)
+
+    worker = commands.add_parser("worker", help="join a study and run trials")
+    worker.add_argument("--study", required=True, help="study name")
+    _add_storage(worker)
+    _add_worker_options(worker)
+    worker.set_defaults(handler=cmd_worker)
+
+    study = commands.add_parser("study", help="create, list, show, export or delete studies")
+    study_commands = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
+    create = study_commands.add_parser("create", help="create a study from a spec")
+    create.add_argument("spec", help="study spec (TOML)")
+    create.add_argument("--name", help="study name (default: the spec's name)")
+    create.add_argument("--load-if-exists", action="store_true",
+                        help="succeed when the study exists with the identical spec")
+    create.set_defaults(handler=cmd_study_create)
+    listing = study_commands.add_parser("list", help="list the studies in a storage")
+    listing.set_defaults(handler=cmd_study_list)
+    show = study_commands.add_parser("show", help="baselines, trial counts, best per combo")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(handler=cmd_study_show)
+    export = study_commands.add_parser("export", help="write search_params.json")
+    export.add_argument("name")
+    export.add_argument("-o", "--output", default="search_params.json", metavar="FILE")
+    export.set_defaults(handler=cmd_study_export)
+    delete = study_commands.add_parser("delete", help="delete a study and its trials")
+    delete.add_argument("name")
+    delete.set_defaults(handler=cmd_study_delete)
+    for sub in (create, listing, show, export, delete):
+        _add_storage(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ are timed (synchronized on CUDA); CLIP scoring and image conversion are timed se
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -142,6 +143,7 @@ class Comparison:
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
     clip_image_cosine: list[float] = field(default_factory=list)
+    image_digests: list[str] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
 
     @property
@@ -204,8 +206,14 @@ class Comparison:
             "psnr": self.psnr,
             "ssim": self.ssim,
             "clip_image_cosine": self.clip_image_cosine,
+            "image_digests": self.image_digests,
         }
         return {**self.summary(), "per_prompt": per_prompt}
+
+
+def image_digest(image: np.ndarray) -> str:
+    """A short hash of an 8-bit image: lets anyone check a reproduction is bit-exact."""
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
 
 
 def violates(interval: Interval, metric: str, limit: float) -> bool:
@@ -286,6 +294,7 @@ class Evaluator:
             result.psnr.append(psnr(reference, image))
             result.ssim.append(ssim(reference, image))
             result.clip_image_cosine.append(float(cosine[offset]))
+            result.image_digests.append(image_digest(image))
             if keep_images:
                 result.images.append(image)
         result.scoring_seconds += time.perf_counter() - start

@@ -118,17 +118,28 @@ class StudySpec:
         return [name for name in ORDER if any(name in combo for combo in self.search.combos)]
 
     def param_range(self, accelerator: str, param: str) -> tuple:
-        """(low, high, step) or (value,) for a parameter, defaults filled in."""
+        """(low, high, step or None) for a searched parameter, or (value,) for a fixed one."""
         value = self.space.get(accelerator, {}).get(param)
-        spec_param = params_of(accelerator)[param]
         if value is None:
-            value = spec_param.default
+            value = params_of(accelerator)[param].default
         if not isinstance(value, (list, tuple)):
             return (value,)
         if len(value) == 1:
             return tuple(value)
-        step = value[2] if len(value) == 3 else spec_param.grid_step
-        return (value[0], value[1], step)
+        return (value[0], value[1], value[2] if len(value) == 3 else None)
+
+    def grid_values(self, accelerator: str, param: str) -> list:
+        """Every value the exhaustive grid tries for a parameter (step: given, else its default)."""
+        bounds = self.param_range(accelerator, param)
+        if len(bounds) == 1:
+            return list(bounds)
+        low, high, step = bounds
+        step = step or params_of(accelerator)[param].grid_step
+        count = int(round((high - low) / step + 1e-9)) + 1
+        values = [low + i * step for i in range(count)]
+        if params_of(accelerator)[param].kind is int:
+            return [int(v) for v in values]
+        return [round(v, 10) for v in values]
 
 
 SECTIONS = {
@@ -328,6 +339,8 @@ def _validate(spec: StudySpec, problem) -> None:
             problem("objective.target_speedup", "must be > 0")
     if search.sampler not in SAMPLERS:
         problem("search.sampler", f"unknown sampler {search.sampler!r} (allowed: {', '.join(SAMPLERS)})")
+    if search.sampler == "grid" and search.accelerators == "any":
+        problem("search.sampler", 'grid needs one combo: name the accelerators instead of "any"')
     if search.n_trials < 1:
         problem("search.n_trials", "must be >= 1")
     if search.min_batches < 1:

@@ -1,7 +1,94 @@
-"""Storage URLs: the default, masking passwords, and Optuna RDB storages tuned per backend."""
+"""Storage URLs: the default, masking passwords, and Optuna RDB storages tuned per backend.
+
+SQLite gets a long busy timeout and WAL journaling, so one worker and the dashboard can share the
+file. PostgreSQL gets pre-ping (connections dropped by the server are replaced). Both get Optuna's
+heartbeat, whose stale-trial callback re-queues a dead worker's trial with the same parameters.
+"""
 
 from __future__ import annotations
+
+import os
+import sqlite3
+import warnings
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import make_url
+
+DEFAULT_URL = "sqlite:///optsearch.db"
+ENV_VAR = "OPTSEARCH_STORAGE"
+HEARTBEAT_INTERVAL = 60  # seconds; trials last minutes
+GRACE_PERIOD = 300  # a trial without heartbeat for this long is failed and re-queued
+MAX_RETRY = 3
+SQLITE_BUSY_TIMEOUT = 60
+
+# Heartbeat and the stale-trial callback are "experimental" in Optuna; we rely on them on purpose.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class StorageError(Exception):
     """The storage URL is malformed or the database cannot be reached."""
+
+
+def resolve_url(url: str | None) -> str:
+    """The URL given, else $OPTSEARCH_STORAGE, else sqlite:///optsearch.db in the working dir."""
+    return url or os.environ.get(ENV_VAR) or DEFAULT_URL
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***, for every line we print."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy understands: mask by pattern
+        from .errors import mask_urls
+
+        return mask_urls(url)
+
+
+def _engine_kwargs(url: sqlalchemy.URL) -> dict:
+    if url.get_backend_name() == "sqlite":
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+    return {"pool_pre_ping": True, "pool_recycle": 3600}
+
+
+def _enable_wal(url: sqlalchemy.URL) -> None:
+    """WAL journaling lets readers (the dashboard) and one writer work at once; it persists."""
+    if not url.database or url.database == ":memory:":
+        return
+    folder = os.path.dirname(os.path.abspath(url.database))
+    if not os.path.isdir(folder):
+        raise StorageError(f"cannot open storage {url}: folder {folder} does not exist")
+    with sqlite3.connect(url.database, timeout=SQLITE_BUSY_TIMEOUT) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+
+
+def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+                 grace_period: int | None = GRACE_PERIOD) -> optuna.storages.RDBStorage:
+    """Open (creating tables when needed) the Optuna RDB storage at `url`."""
+    url = resolve_url(url)
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise StorageError(f"malformed storage URL {mask(url)!r}: expected e.g. "
+                           "sqlite:///optsearch.db or postgresql+psycopg://user:pass@host/db") from None
+    if parsed.drivername == "postgresql":  # psycopg (3) is the driver we install
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        url = parsed.render_as_string(hide_password=False)
+    heartbeat = {}
+    if heartbeat_interval:
+        heartbeat = dict(
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period or heartbeat_interval * 5,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=MAX_RETRY),
+        )
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            _enable_wal(parsed)
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat)
+    except StorageError:
+        raise
+    except Exception as error:  # driver errors: unreachable host, bad password, no database
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
+        reason_text = reason[0] if reason else type(error).__name__
+        raise StorageError(f"cannot open storage {mask(url)}: {reason_text}") from None

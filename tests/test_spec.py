@@ -29,7 +29,9 @@ def test_minimal_spec_gets_defaults():
     assert spec.model.steps == 50 and spec.prompts.num_samples == 32
     assert spec.prompts.batch_size == 4 and spec.quality.clip_model == "ViT-g-14"
     assert spec.search.combos == [("deepcache", "tome")]
-    assert spec.param_range("tome", "ratio") == (0.1, 0.7, 0.1)
+    assert spec.param_range("tome", "ratio") == (0.1, 0.7, None)
+    assert spec.grid_values("tome", "ratio") == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert spec.grid_values("deepcache", "cache_interval") == [2, 3, 4, 5, 6, 7, 8]
     assert spec.param_range("tome", "use_rand") == (True,)
 
 
@@ -75,6 +77,7 @@ CASES = [
     ("target-speedup without target", with_("objective", mode="target-speedup"),
      "objective.target_speedup: is required"),
     ("unknown mode", with_("objective", mode="fastest"), "unknown mode 'fastest'"),
+    ("grid with any", {"search": {"accelerators": "any", "sampler": "grid"}}, "grid needs one combo"),
     ("unknown sampler", with_("search", sampler="cmaes"), "unknown sampler 'cmaes'"),
     ("unknown metric", with_("quality", metric="fid"), "unknown metric 'fid'"),
     ("unknown dtype", with_("model", dtype="int8"), "unknown dtype 'int8'"),

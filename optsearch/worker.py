@@ -1,0 +1,304 @@
+"""The worker: joins a study, times its own baseline once, and runs trials until the study is done.
+
+Any number of workers (processes or machines) may join one study. Each trial is one setting
+measured batch by batch against the worker's baseline for its device fingerprint. A worker that
+dies leaves its trial RUNNING; Optuna's heartbeat fails it after the grace period and the storage's
+stale-trial callback re-queues it with the same parameters. SIGINT/SIGTERM fail the running trial,
+re-queue it, and exit with 130.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import platform
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import diffusers
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from . import study as studies
+from .accelerators import combo_name, normalize_setting
+from .artifacts import download_arrays, open_artifact_store, upload_arrays
+from .evaluate import Baseline, Comparison, Evaluator, early_stop_rule, evaluator_from_spec
+from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
+
+logger = logging.getLogger(__name__)
+OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
+
+
+class SurplusTrial(Exception):
+    """Another worker already holds the last slot of the study's n_trials."""
+
+
+@dataclass
+class WorkerOptions:
+    device: str | None = None
+    n_trials: int | None = None  # this worker's own limit
+    timeout: float | None = None  # seconds; no new trial starts after it
+    progress: bool = True
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int = GRACE_PERIOD
+    poll_interval: float = 2.0
+    artifact_dir: str | None = None  # overrides the spec's [artifacts] path
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def fingerprint(evaluator: Evaluator) -> tuple[str, dict]:
+    """A short id of what makes timings comparable: device, dtype, versions, batch size, threads."""
+    unet = evaluator.pipe.unet
+    facts = {
+        "device": device_name(unet.device),
+        "dtype": str(unet.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "batch_size": evaluator.config.batch_size,
+        "threads": torch.get_num_threads() if unet.device.type == "cpu" else None,
+    }
+    digest = hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+    return digest, facts
+
+
+def _same_setting(a: dict, b: dict) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+class Worker:
+    """One process that evaluates trials of one study on one device."""
+
+    def __init__(self, storage_url: str | None, study_name: str, options: WorkerOptions | None = None):
+        self.options = options or WorkerOptions()
+        self.storage = open_storage(storage_url, self.options.heartbeat_interval,
+                                    self.options.grace_period)
+        self.study, self.spec = studies.load_study(self.storage, study_name)
+        # Load everything that can fail before writing anything to the study.
+        self.evaluator = evaluator_from_spec(self.spec, self.options.device, self.options.progress)
+        self.artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
+        self.fingerprint, self.facts = fingerprint(self.evaluator)
+        self.host = socket.gethostname()
+        self.baseline: Baseline | None = None
+        self.current: optuna.Trial | None = None
+        self.trials_run = 0
+
+    # -- baseline -------------------------------------------------------------------------------
+
+    def ensure_baseline(self) -> Baseline:
+        """Reuse the stored baseline of this fingerprint, or time and store one."""
+        record = studies.baselines(self.study).get(self.fingerprint)
+        if record is not None:
+            try:
+                arrays = download_arrays(self.artifacts, record["images_artifact"])
+                self.baseline = Baseline(arrays["images"], record["seconds_per_image"],
+                                         np.asarray(record["clip_scores"]),
+                                         torch.from_numpy(arrays["image_features"]))
+                logger.info("reusing baseline %s", self.fingerprint)
+                return self.baseline
+            except Exception as error:  # artifact store not shared with this machine
+                logger.warning("stored baseline images unavailable (%s): regenerating", error)
+        baseline = self.evaluator.baseline()
+        artifact = upload_arrays(self.artifacts, self.study, f"baseline-{self.fingerprint}.npz",
+                                 images=baseline.images,
+                                 image_features=baseline.image_features.cpu().numpy())
+        record = {
+            "fingerprint": self.fingerprint, **self.facts, "host": self.host,
+            "seconds_per_image": baseline.seconds_per_image,
+            "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
+            "num_samples": len(self.evaluator.prompts), "images_artifact": artifact,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if self.fingerprint not in studies.baselines(self.study):
+            studies.save_baseline(self.study, record)
+        self.baseline = baseline
+        return baseline
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run trials until the study has n_trials finished ones, or this worker's own limit."""
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.ensure_baseline()
+            self._loop()
+        except KeyboardInterrupt:
+            self._requeue_interrupted()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return self.trials_run
+
+    def _counts(self) -> tuple[int, int]:
+        trials = self.study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING))
+        finished = sum(t.state in studies.FINISHED for t in trials)
+        return finished, len(trials) - finished
+
+    def _loop(self) -> None:
+        target = self.spec.search.n_trials
+        started = time.monotonic()
+        finished, _ = self._counts()
+        bar = tqdm(total=target, initial=min(finished, target), desc=f"trials {self.study.study_name}",
+                   unit="trial", disable=not self.options.progress)
+        try:
+            while True:
+                if self.options.n_trials is not None and self.trials_run >= self.options.n_trials:
+                    break
+                if self.options.timeout is not None and time.monotonic() - started > self.options.timeout:
+                    break
+                optuna.storages.fail_stale_trials(self.study)
+                finished, running = self._counts()
+                bar.n = min(finished, target)
+                bar.refresh()
+                if finished >= target:
+                    break
+                if finished + running >= target:  # the last trials belong to other workers
+                    time.sleep(self.options.poll_interval)
+                    continue
+                self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
+                                    gc_after_trial=False, show_progress_bar=False)
+        finally:
+            bar.close()
+
+    # -- one trial ------------------------------------------------------------------------------
+
+    def _objective(self, trial: optuna.Trial):
+        self.current = trial
+        if self._is_surplus(trial):
+            raise SurplusTrial("the study's n_trials are taken by other workers")
+        setting = normalize_setting(studies.suggest_setting(trial, self.spec))
+        for key, value in {"setting": setting, "combo": combo_name(setting),
+                           "fingerprint": self.fingerprint, "device": self.facts["device"],
+                           "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():
+            trial.set_user_attr(key, value)
+        previous = self._previous_result(trial, setting)
+        if previous is not None:
+            return self._reuse(trial, previous)
+        try:
+            result = self.evaluator.compare(setting, self.baseline, stop_when=self._early_stop())
+        except OUT_OF_MEMORY as error:
+            trial.set_user_attr("fail_reason", f"out of memory: {type(error).__name__}: {error}")
+            _release_memory()
+            raise
+        self.trials_run += 1
+        return self._record(trial, result)
+
+    def _early_stop(self):
+        spec = self.spec
+        if not spec.search.early_stop or spec.objective.mode == "target-speedup":
+            return None
+        return early_stop_rule(spec.quality.metric, spec.quality.limit, spec.search.min_batches)
+
+    def _is_surplus(self, trial: optuna.Trial) -> bool:
+        """True when finished trials plus earlier running ones already fill n_trials."""
+        trials = self.study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING))
+        finished = sum(t.state in studies.FINISHED for t in trials)
+        ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
+        if finished + ahead < self.spec.search.n_trials:
+            return False
+        fixed = self.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+        if fixed:  # a re-queued trial must not be lost: queue it again
+            self.study.enqueue_trial(fixed, skip_if_exists=False)
+        return True
+
+    def _previous_result(self, trial: optuna.Trial, setting: dict):
+        """A finished trial of the same setting on this fingerprint (waiting for a running one)."""
+        while True:
+            running_twin = False
+            for other in self.study.get_trials(deepcopy=False,
+                                               states=(*studies.FINISHED, TrialState.RUNNING)):
+                if other.number == trial.number or other.user_attrs.get("fingerprint") != self.fingerprint:
+                    continue
+                if not _same_setting(other.user_attrs.get("setting", {}), setting):
+                    continue
+                if other.state in studies.FINISHED and "constraints" in other.user_attrs:
+                    return other
+                if other.state == TrialState.RUNNING and other.number < trial.number:
+                    running_twin = True
+            if not running_twin:
+                return None
+            time.sleep(self.options.poll_interval)
+            optuna.storages.fail_stale_trials(self.study)
+
+    def _reuse(self, trial: optuna.Trial, previous):
+        """Copy a finished trial's result (Optuna's FAQ pattern) instead of measuring again."""
+        for key, value in previous.user_attrs.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("reused_from", previous.number)
+        self._set_constraints(trial, previous.user_attrs["constraints"])
+        self.trials_run += 1
+        logger.info("trial %d reuses trial %d (same setting, same device)", trial.number,
+                    previous.number)
+        if previous.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(f"same setting as trial {previous.number}, which was pruned")
+        return previous.values if len(previous.values) > 1 else previous.values[0]
+
+    def _set_constraints(self, trial: optuna.Trial, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            trial.set_constraint(name, value)
+        trial.set_user_attr("constraints", values)
+        # optuna-dashboard 0.21 reads only the older list form.
+        self.study._storage.set_trial_system_attr(trial._trial_id, studies.DASHBOARD_CONSTRAINTS_KEY,
+                                                  list(values.values()))
+
+    def _record(self, trial: optuna.Trial, result: Comparison):
+        summary = result.summary()
+        attrs = {
+            "speedup": summary["speedup"],
+            "seconds_per_image": summary["seconds_per_image"],
+            "baseline_seconds_per_image": summary["baseline_seconds_per_image"],
+            "clip_mean": summary["clip_mean"],
+            "clip_loss": summary["clip_loss"]["mean"],
+            "clip_loss_low": studies.finite(summary["clip_loss"]["low"]),
+            "clip_loss_high": studies.finite(summary["clip_loss"]["high"]),
+            "psnr": summary["psnr"]["mean"],
+            "ssim": summary["ssim"]["mean"],
+            "clip_image_cosine": summary["clip_image_cosine"],
+            "batches_evaluated": result.batches_evaluated,
+            "n_batches": result.n_batches,
+            "early_stopped": result.early_stopped,
+            "inference_seconds": result.inference_seconds,
+            "scoring_seconds": result.scoring_seconds,
+            "wall_seconds": result.wall_seconds,
+            "image_digests": result.image_digests,
+        }
+        if result.early_stopped:
+            per_batch = result.wall_seconds / result.batches_evaluated
+            attrs["early_stop_saved_s"] = per_batch * (result.n_batches - result.batches_evaluated)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        self._set_constraints(trial, studies.constraints(self.spec, summary))
+        if result.early_stopped:
+            raise optuna.TrialPruned(f"early stop: {self.spec.quality.metric} interval past the limit "
+                                     f"after {result.batches_evaluated} of {result.n_batches} batches")
+        values = studies.objective_values(self.spec, summary)
+        return values if len(values) > 1 else values[0]
+
+    def _requeue_interrupted(self) -> None:
+        """Re-queue the trial an interrupt failed, with the same parameters."""
+        if self.current is None:
+            return
+        frozen = self.study._storage.get_trial(self.current._trial_id)
+        if frozen.state == TrialState.FAIL:
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(self.study, frozen)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
