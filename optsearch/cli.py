@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.INFO)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

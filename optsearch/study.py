@@ -26,7 +26,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # The older constraint form that optuna-dashboard reads (Optuna 5 stores "constraints:<name>").
 DASHBOARD_CONSTRAINTS_KEY = "constraints"
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Optuna logs failed trials with tracebacks; workers report failures in one line themselves.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def metric_direction(metric: str) -> str:

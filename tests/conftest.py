@@ -66,3 +66,60 @@ limit = 30.0
 accelerators = ["deepcache", "tome"]
 n_trials = 4
 """
+
+
+PG_ADMIN_URL = os.environ.get("OPTSEARCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin():
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for one test, dropped afterwards.
+
+    Locally the test is skipped when PostgreSQL is unreachable; under CI=true it fails instead.
+    """
+    import uuid
+
+    try:
+        admin = _pg_admin()
+    except Exception as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is unreachable under CI=true: {error}")
+        pytest.skip(f"PostgreSQL unreachable: {error}")
+    name = f"optsearch_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres:pw-not-checked@127.0.0.1:5432/{name}"
+    finally:
+        with _pg_admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def optsearch_cmd(*args: str, cwd=None, timeout: float = 600, env=None):
+    """Run the optsearch console script as a user would."""
+    import subprocess
+
+    return subprocess.run([OPTSEARCH, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+def storage_snapshot(url: str) -> dict:
+    """Everything a study storage holds that a failed command must not change."""
+    import optuna
+
+    snapshot = {}
+    storage = optuna.storages.RDBStorage(url)
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        trials = [(t.number, t.state.name, t.params, t.user_attrs, t.system_attrs, t.values)
+                  for t in study.get_trials(deepcopy=False)]
+        system_attrs = storage.get_study_system_attrs(study._study_id)
+        snapshot[summary.study_name] = (study.user_attrs, system_attrs, trials)
+    storage.engine.dispose()
+    return snapshot

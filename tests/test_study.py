@@ -1,0 +1,263 @@
+"""The study service with real processes and real storages (SQLite files, local PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import optsearch
+from optsearch import study as studies
+from optsearch.evaluate import GenerationConfig, generate, image_digest
+from optsearch.models import load_pipeline
+from optsearch.prompts import load_prompts
+from tests.conftest import OPTSEARCH, TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
+
+# Integer-only space: few distinct settings, so two workers do propose the same one.
+SMALL_SPACE = TINY_SPEC.replace("n_trials = 4", "n_trials = 6\nsampler = \"random\"") + """
+[space.deepcache]
+cache_interval = [2, 4]
+cache_branch_id = [0, 1]
+[space.tome]
+ratio = [0.5]
+max_downsample = [1]
+"""
+
+
+def load(url: str, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def worker(url: str, *extra: str, study: str = "tiny") -> subprocess.Popen:
+    return subprocess.Popen([OPTSEARCH, "worker", "--study", study, "--storage", url, "--quiet",
+                             "--heartbeat-interval", "1", "--grace-period", "3", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def evaluated_settings(study: optuna.Study) -> list[str]:
+    return [json.dumps(t.user_attrs["setting"], sort_keys=True)
+            for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.user_attrs.get("reused_from") is None]
+
+
+def test_two_workers_share_a_postgres_study(tmp_path, pg_url):
+    spec = write_spec(tmp_path / "tiny.toml", SMALL_SPACE)
+    created = optsearch_cmd("study", "create", str(spec), "--storage", pg_url, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert "pw-not-checked" not in created.stdout + created.stderr and "***" in created.stdout
+    workers = [worker(pg_url, "--artifact-dir", str(tmp_path / "artifacts")) for _ in range(2)]
+    outputs = [w.communicate(timeout=400) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+
+    study = load(pg_url)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 6
+    settings = evaluated_settings(study)
+    assert len(settings) == len(set(settings)), "a setting was evaluated twice"
+    assert all("constraints" in t.user_attrs for t in finished)
+    assert len(studies.baselines(study)) == 1  # same device fingerprint: one baseline
+    assert all(t.system_attrs.get("constraints") is not None for t in finished)
+
+
+def test_sigkill_then_restart_finishes_the_study(tmp_path, pg_url):
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("batch_size = 2", "batch_size = 1")
+                      .replace("steps = 8", "steps = 16"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", pg_url).returncode == 0
+    process = worker(pg_url, "--artifact-dir", str(tmp_path / "artifacts"))
+    study = load(pg_url)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        trials = study.get_trials(deepcopy=False)
+        states = Counter(t.state for t in trials)
+        measuring = [t for t in trials if t.state == TrialState.RUNNING and "setting" in t.user_attrs]
+        if states[TrialState.COMPLETE] + states[TrialState.PRUNED] >= 1 and measuring:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the worker never got to a second trial")
+    process.send_signal(signal.SIGKILL)  # mid-trial: its parameters are already sampled
+    process.wait()
+    killed = [t for t in study.get_trials() if t.state == TrialState.RUNNING][0]
+    assert killed.params
+    done_before = {t.number for t in study.get_trials() if t.state == TrialState.COMPLETE}
+
+    restarted = worker(pg_url, "--artifact-dir", str(tmp_path / "artifacts"))
+    out, err = restarted.communicate(timeout=400)
+    assert restarted.returncode == 0, err
+    trials = study.get_trials()
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    assert next(t for t in trials if t.number == killed.number).state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert done_before <= {t.number for t in trials if t.state == TrialState.COMPLETE}
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_sigint_fails_requeues_and_exits_130(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("batch_size = 2", "batch_size = 1")
+                      .replace("steps = 8", "steps = 16"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    process = worker(url, "--artifact-dir", str(tmp_path / "artifacts"))
+    study = load(url)
+    deadline = time.monotonic() + 300
+    while not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(failed) == 1 and len(waiting) == 1 and waiting[0].params == failed[0].params
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_create_conflicts_leave_the_storage_unchanged(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    before = storage_snapshot(url)
+
+    again = optsearch_cmd("study", "create", str(spec), "--storage", url)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    other = write_spec(tmp_path / "other.toml", TINY_SPEC.replace("steps = 8", "steps = 9"))
+    different = optsearch_cmd("study", "create", str(other), "--storage", url, "--name", "tiny",
+                              "--load-if-exists")
+    assert different.returncode == 2 and "different spec (differs in: model.steps)" in different.stderr
+    assert storage_snapshot(url) == before
+
+    same = optsearch_cmd("study", "create", str(spec), "--storage", url, "--load-if-exists")
+    assert same.returncode == 0
+    assert storage_snapshot(url) == before
+    for result in (again, different):
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_export_then_apply_reproduces_the_trial_images(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec_path = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("limit = 30.0", "limit = 5.0"))
+    result = optsearch_cmd("run", str(spec_path), "--storage", url, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "best feasible trial per combo" in result.stdout
+    export = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json", cwd=tmp_path)
+    assert export.returncode == 0, export.stderr
+    exported = json.loads((tmp_path / "sp.json").read_text())
+    assert exported["format"] == "optsearch.search_params/1"
+    assert exported["baseline"]["seconds_per_image"] > 0 and exported["spec"]["name"] == "tiny"
+    trial = load(url).trials[exported["best"]["trial"]]
+
+    spec = optsearch.load_spec(spec_path)
+    pipe = load_pipeline("builtin:tiny", device="cpu", dtype="float32")  # a fresh pipeline
+    prompts = load_prompts("builtin", spec.prompts.num_samples)
+    with optsearch.apply(pipe, tmp_path / "sp.json") as applied:
+        batches = generate(pipe, prompts, GenerationConfig.from_spec(spec), setting=applied,
+                           warmup=False)
+        digests = [image_digest(image) for batch in batches for image in batch.images]
+    assert digests == trial.user_attrs["image_digests"]
+
+
+def test_export_without_feasible_trial_exits_3(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    result = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "x.json"))
+    assert result.returncode == 3 and "no feasible trial yet" in result.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+KNOWN = [  # (combo, speedup, clip_loss): limit 0.3, target speedup 2.0
+    ("deepcache", 2.5, 0.20),
+    ("deepcache", 3.0, 0.50),   # fastest, but infeasible in max-speedup
+    ("deepcache+tome", 2.8, 0.25),  # best max-speedup
+    ("deepcache+tome", 1.8, 0.01),  # best loss, but too slow for target 2.0
+    ("deepcache+tome", 2.1, 0.05),  # best target-speedup
+]
+
+
+@pytest.mark.parametrize("mode, expected", [("max-speedup", 2), ("target-speedup", 4),
+                                            ("pareto", 2)])
+def test_best_trial_of_known_study(tmp_path, mode, expected):
+    from optsearch import study as studies
+    from optsearch.spec import spec_from_dict
+    from optsearch.storage import open_storage
+
+    spec = spec_from_dict({"name": "known", "quality": {"metric": "clip_loss", "limit": 0.3},
+                           "objective": {"mode": mode, "target_speedup": 2.0},
+                           "search": {"accelerators": "any"}})
+    storage = open_storage(f"sqlite:///{tmp_path / 'known.db'}", heartbeat_interval=None)
+    study = studies.create_study(spec, storage)
+    for combo, speedup, loss in KNOWN:
+        trial = study.ask()
+        summary = {"speedup": speedup, "clip_loss": {"mean": loss}}
+        values = studies.constraints(spec, summary)
+        for key, value in values.items():
+            trial.set_constraint(key, value)
+        trial.set_user_attr("constraints", values)
+        trial.set_user_attr("combo", combo)
+        trial.set_user_attr("setting", {})
+        study.tell(trial, studies.objective_values(spec, summary))
+    best = studies.best_overall(study, spec)
+    assert best.number == expected
+    if mode == "pareto":  # feasible front: (2.8, 0.25), (2.5, 0.20), (2.1, 0.05)... (1.8, 0.01)
+        assert [t.number for t in studies.pareto_front(study, spec)] == [2, 0, 4, 3]
+    if mode != "pareto":  # Optuna agrees (it reads the constraints from storage)
+        assert study.best_trial.number == expected
+    per_combo = studies.best_per_combo(study, spec)
+    assert set(per_combo) == {"deepcache", "deepcache+tome"}
+
+
+def test_study_show_list_delete(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 2"))
+    assert optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path).returncode == 0
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url, "--json")
+    data = json.loads(shown.stdout)
+    assert data["finished"] == 2 and len(data["baselines"]) == 1
+    assert data["baselines"][0]["seconds_per_image"] > 0
+    listed = optsearch_cmd("study", "list", "--storage", url)
+    assert "tiny" in listed.stdout
+    assert optsearch_cmd("study", "delete", "tiny", "--storage", url).returncode == 0
+    assert "no studies" in optsearch_cmd("study", "list", "--storage", url).stdout
+
+
+def test_env_var_storage_and_default(tmp_path):
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    env = {**os.environ, "OPTSEARCH_STORAGE": f"sqlite:///{tmp_path / 'env.db'}"}
+    assert optsearch_cmd("study", "create", str(spec), env=env).returncode == 0
+    assert (tmp_path / "env.db").exists()
+    env.pop("OPTSEARCH_STORAGE")
+    assert optsearch_cmd("study", "create", str(spec), cwd=tmp_path, env=env).returncode == 0
+    assert (tmp_path / "optsearch.db").exists()
+
+
+def test_reused_setting_copies_the_result(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", SMALL_SPACE.replace("n_trials = 6", "n_trials = 8"))
+    result = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = load(url)
+    reused = [t for t in study.trials if t.user_attrs.get("reused_from") is not None]
+    assert reused, "8 random trials over 6 settings must repeat one"  # pigeonhole
+    for trial in reused:
+        original = study.trials[trial.user_attrs["reused_from"]]
+        assert trial.user_attrs["setting"] == original.user_attrs["setting"]
+        assert trial.state == original.state and trial.values == original.values
+    assert len(evaluated_settings(study)) == len(set(evaluated_settings(study)))
+
+
+def test_images_of_a_trial_are_recorded(tmp_path):
+    """Digests are of uint8 images, so they do not depend on the float path (sanity check)."""
+    image = np.zeros((4, 4, 3), np.uint8)
+    assert image_digest(image) == image_digest(image.copy()) != image_digest(image + 1)
