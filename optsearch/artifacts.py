@@ -55,3 +55,37 @@ def download_arrays(store, artifact_id: str) -> dict[str, np.ndarray]:
         download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=path)
         with np.load(path) as archive:
             return {key: archive[key] for key in archive.files}
+
+
+def image_grid(rows: list[tuple[str, np.ndarray, np.ndarray | None]], title: str,
+               cell: int = 192) -> bytes:
+    """A PNG: one row per prompt with its baseline image and (if given) the trial's image.
+
+    Small images are scaled up (nearest neighbour) to `cell` pixels so they can be inspected.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    columns = 1 if rows and rows[0][2] is None else 2
+    label, header, gap = 16, 22, 4
+    width = columns * cell + (columns + 1) * gap
+    height = header + len(rows) * (cell + label + gap) + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, 4), title, fill="black", font=font)
+    column_names = ["baseline", "trial"][:columns]
+    for index, (prompt, baseline, trial) in enumerate(rows):
+        top = header + index * (cell + label + gap)
+        draw.text((gap, top + 2), _fit(prompt, width // 6), fill="black", font=font)
+        for column, image in enumerate([baseline, trial][:columns]):
+            left = gap + column * (cell + gap)
+            canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (left, top + label))
+            if index == 0:
+                draw.text((left + 3, top + label + 3), column_names[column], fill="yellow", font=font)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _fit(text: str, characters: int) -> str:
+    return text if len(text) <= characters else text[: characters - 1] + "…"

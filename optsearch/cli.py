@@ -58,7 +58,8 @@ def cmd_evaluate(args) -> int:
         raise SpecError([f"{args.spec}: {p}" for p in problems])
     evaluator = evaluator_from_spec(spec, device=args.device, progress=not args.quiet)
     baseline = evaluator.baseline()
-    comparison = evaluator.compare(setting, baseline, keep_images=bool(args.save_images))
+    keep = len(evaluator.prompts) if args.save_images else 0
+    comparison = evaluator.compare(setting, baseline, keep_images=keep)
     if args.save_images:
         save_images(Path(args.save_images), baseline.images, comparison.images)
     if args.json:
@@ -135,6 +136,23 @@ def cmd_study_delete(args) -> int:
     load_study(storage, args.name)  # a clear error when it does not exist
     optuna.delete_study(study_name=args.name, storage=storage)
     print(f"deleted study {args.name!r}")
+    return 0
+
+
+def cmd_study_plot(args) -> int:
+    from .plots import plot_study
+    from .study import load_study
+
+    study, spec = load_study(_open(args), args.name)
+    for path in plot_study(study, spec, Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from .dashboard import serve
+
+    serve(args.storage, args.host, args.port, args.artifact_dir)
     return 0
 
 
@@ -241,8 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     delete = study_commands.add_parser("delete", help="delete a study and its trials")
     delete.add_argument("name")
     delete.set_defaults(handler=cmd_study_delete)
-    for sub in (create, listing, show, export, delete):
+    plot = study_commands.add_parser("plot", help="write PNG plots of a study")
+    plot.add_argument("name")
+    plot.add_argument("-o", "--output", required=True, metavar="DIR")
+    plot.set_defaults(handler=cmd_study_plot)
+    for sub in (create, listing, show, export, delete, plot):
         _add_storage(sub)
+
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard with trial image grids")
+    _add_storage(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.add_argument("--artifact-dir", default="artifacts", metavar="DIR",
+                           help="the artifact folder the workers write to (default: artifacts)")
+    dashboard.set_defaults(handler=cmd_dashboard)
     return parser
 
 

@@ -259,8 +259,11 @@ class Evaluator:
 
     def compare(self, setting: Mapping, baseline: Baseline,
                 stop_when: Callable[[Comparison], bool] | None = None,
-                keep_images: bool = False) -> Comparison:
-        """Measure `setting` batch by batch; `stop_when(partial)` may end it early."""
+                keep_images: int = 0) -> Comparison:
+        """Measure `setting` batch by batch; `stop_when(partial)` may end it early.
+
+        The 8-bit images of the first `keep_images` prompts are kept in `result.images`.
+        """
         wall_start = time.perf_counter()
         result = Comparison(
             setting={}, num_samples=len(self.prompts), batch_size=self.config.batch_size,
@@ -283,7 +286,7 @@ class Evaluator:
         return result
 
     def _score(self, result: Comparison, batch: Batch, baseline: Baseline,
-               keep_images: bool) -> None:
+               keep_images: int) -> None:
         start = time.perf_counter()
         scores, features = self.scorer.score(batch.images, [self.prompts[i] for i in batch.indices])
         cosine = (features * baseline.image_features[batch.indices.start:batch.indices.stop]).sum(-1)
@@ -295,7 +298,7 @@ class Evaluator:
             result.ssim.append(ssim(reference, image))
             result.clip_image_cosine.append(float(cosine[offset]))
             result.image_digests.append(image_digest(image))
-            if keep_images:
+            if index < keep_images:
                 result.images.append(image)
         result.scoring_seconds += time.perf_counter() - start
 

@@ -68,7 +68,7 @@ def export_study(study, spec) -> dict:
             "optsearch": __version__, "optuna": optuna.__version__, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "device": best.user_attrs.get("device"),
             "host": best.user_attrs.get("host"), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
     }
     if exported["baseline"] is not None:

@@ -8,11 +8,10 @@ collected before raising `SpecError`, so a user fixes a spec in one pass.
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .accelerators import COMBOS, ORDER, combo_name, params_of
 

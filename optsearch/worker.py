@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import study as studies
 from .accelerators import combo_name, normalize_setting
-from .artifacts import download_arrays, open_artifact_store, upload_arrays
+from .artifacts import download_arrays, image_grid, open_artifact_store, upload_arrays, upload_bytes
 from .evaluate import Baseline, Comparison, Evaluator, early_stop_rule, evaluator_from_spec
 from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
 
@@ -122,6 +122,9 @@ class Worker:
         }
         if self.fingerprint not in studies.baselines(self.study):
             studies.save_baseline(self.study, record)
+            self._upload_grid(self.study, f"baseline-{self.fingerprint}.png",
+                              f"baseline {self.facts['device']}: "
+                              f"{baseline.seconds_per_image:.3f} s/image", baseline.images, None)
         self.baseline = baseline
         return baseline
 
@@ -186,7 +189,8 @@ class Worker:
         if previous is not None:
             return self._reuse(trial, previous)
         try:
-            result = self.evaluator.compare(setting, self.baseline, stop_when=self._early_stop())
+            result = self.evaluator.compare(setting, self.baseline, stop_when=self._early_stop(),
+                                            keep_images=self.spec.artifacts.grid_prompts)
         except OUT_OF_MEMORY as error:
             trial.set_user_attr("fail_reason", f"out of memory: {type(error).__name__}: {error}")
             _release_memory()
@@ -279,11 +283,27 @@ class Worker:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         self._set_constraints(trial, studies.constraints(self.spec, summary))
+        metric = self.spec.quality.metric
+        quality = summary[metric]["mean"]
+        self._upload_grid(trial, f"trial-{trial.number:04d}_{result.combo}_speedup-{result.speedup:.2f}"
+                                 f"_{metric}-{quality:.3f}.png",
+                          f"trial {trial.number} {result.combo}: speedup {result.speedup:.2f}, "
+                          f"{metric} {quality:.3f}", self.baseline.images, result.images)
         if result.early_stopped:
             raise optuna.TrialPruned(f"early stop: {self.spec.quality.metric} interval past the limit "
                                      f"after {result.batches_evaluated} of {result.n_batches} batches")
         values = studies.objective_values(self.spec, summary)
         return values if len(values) > 1 else values[0]
+
+    def _upload_grid(self, target, name: str, title: str, baseline_images, trial_images) -> None:
+        """An image grid artifact: baseline (and trial) images of the first prompts."""
+        count = self.spec.artifacts.grid_prompts
+        if count == 0:
+            return
+        shown = min(count, len(baseline_images) if trial_images is None else len(trial_images))
+        rows = [(self.evaluator.prompts[i], baseline_images[i],
+                 None if trial_images is None else trial_images[i]) for i in range(shown)]
+        upload_bytes(self.artifacts, target, name, image_grid(rows, title), "image/png")
 
     def _requeue_interrupted(self) -> None:
         """Re-queue the trial an interrupt failed, with the same parameters."""

@@ -1,0 +1,103 @@
+"""`optsearch study plot`: PNGs of a study, with Optuna's matplotlib visualization where it has one."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from . import study as studies  # noqa: E402
+
+logger = logging.getLogger(__name__)
+METRIC_LABELS = {"clip_loss": "CLIP loss (baseline - setting)", "psnr": "PSNR vs baseline (dB)",
+                 "ssim": "SSIM vs baseline"}
+
+
+def plot_study(study: optuna.Study, spec, folder: Path) -> list[Path]:
+    """Write speedup_vs_quality.png, history.png and importances.png (when computable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [_speedup_vs_quality(study, spec, folder / "speedup_vs_quality.png")]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    name = "speedup" if spec.objective.mode != "target-speedup" else spec.quality.metric
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")  # handled below
+    if complete:
+        ax = optuna.visualization.matplotlib.plot_optimization_history(
+            study, target=lambda t: t.values[0], target_name=name)
+        written.append(_save(ax, folder / "history.png"))
+    try:
+        # Optuna's default (PED-ANOVA) explains what makes the target LOW: flip maximized ones.
+        sign = -1 if studies.directions(spec)[0] == "maximize" else 1
+        ax = optuna.visualization.matplotlib.plot_param_importances(
+            study, target=lambda t: sign * t.values[0], target_name=name)
+        written.append(_save(ax, folder / "importances.png"))
+    except (RuntimeError, ValueError) as error:  # too few trials, or no parameter varies
+        logger.warning("parameter importances not plotted: %s", error)
+    return written
+
+
+def _save(ax, path: Path) -> Path:
+    figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    figure.set_size_inches(8, 5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
+    metric, limit = spec.quality.metric, spec.quality.limit
+    trials = [t for t in study.get_trials(deepcopy=False, states=studies.FINISHED)
+              if t.user_attrs.get("speedup") is not None and t.user_attrs.get("reused_from") is None]
+    figure, ax = plt.subplots(figsize=(8, 5))
+    combos = sorted({t.user_attrs["combo"] for t in trials})
+    colours = plt.get_cmap("tab10")
+    for index, combo in enumerate(combos):
+        for feasible, marker, label in ((True, "o", "feasible"), (False, "x", "infeasible")):
+            chosen = [t for t in trials
+                      if t.user_attrs["combo"] == combo and studies.is_feasible(t) == feasible]
+            if chosen:
+                ax.scatter([t.user_attrs[metric] for t in chosen],
+                           [t.user_attrs["speedup"] for t in chosen], marker=marker, s=40,
+                           color=colours(index), label=f"{combo} ({label})")
+    front = _front(trials, metric)
+    if front:
+        ax.plot([t.user_attrs[metric] for t in front], [t.user_attrs["speedup"] for t in front],
+                color="black", linestyle="--", linewidth=1, label="feasible front")
+    ax.axvline(limit, color="red", linewidth=1.2, label=f"{metric} limit {limit:g}")
+    if spec.objective.mode == "target-speedup":
+        ax.axhline(spec.objective.target_speedup, color="purple", linewidth=1.2,
+                   label=f"target speedup {spec.objective.target_speedup:g}")
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel(METRIC_LABELS[metric])
+    ax.set_ylabel("speedup over baseline (x)")
+    ax.set_title(f"{study.study_name}: speedup vs quality ({len(trials)} trials)")
+    ax.grid(alpha=0.3)
+    if trials:
+        ax.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _front(trials, metric: str):
+    """Feasible trials not beaten on both speedup and quality, ordered along the quality axis."""
+    better_low = metric == "clip_loss"
+    feasible = [t for t in trials if studies.is_feasible(t)]
+
+    def quality(t):
+        return t.user_attrs[metric] if better_low else -t.user_attrs[metric]
+
+    front = [t for t in feasible if not any(
+        quality(o) <= quality(t) and o.user_attrs["speedup"] >= t.user_attrs["speedup"]
+        and (quality(o) < quality(t) or o.user_attrs["speedup"] > t.user_attrs["speedup"])
+        for o in feasible)]
+    return sorted(front, key=lambda t: t.user_attrs[metric])

@@ -1,0 +1,133 @@
+"""Inspection: image-grid artifacts, the dashboard in a real browser, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import optuna
+import pytest
+from optuna.artifacts import get_all_artifact_meta
+from PIL import Image
+
+from optsearch import study as studies
+from tests.conftest import OPTSEARCH, TINY_SPEC, optsearch_cmd, write_spec
+
+INSPECT_SPEC = (TINY_SPEC.replace("n_trials = 4", "n_trials = 6\nseed = 1")
+                .replace("limit = 30.0", "limit = 38.0")
+                + "[artifacts]\ngrid_prompts = 2\n")
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """A real tiny study run to completion on SQLite, with artifacts in ./artifacts."""
+    folder = tmp_path_factory.mktemp("inspect")
+    spec = write_spec(folder / "tiny.toml", INSPECT_SPEC)
+    url = f"sqlite:///{folder / 'study.db'}"
+    result = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return folder, url
+
+
+def test_every_trial_uploads_one_image_grid(finished_study):
+    folder, url = finished_study
+    study = optuna.load_study(study_name="tiny", storage=url)
+    store = optuna.artifacts.FileSystemArtifactStore(str(folder / "artifacts"))
+    for trial in study.get_trials(states=studies.FINISHED):
+        metas = get_all_artifact_meta(trial, storage=study._storage)
+        assert len(metas) == 1 and metas[0].mimetype == "image/png"
+        assert f"trial-{trial.number:04d}_deepcache+tome_speedup-" in metas[0].filename
+        with store.open_reader(metas[0].artifact_id) as reader:
+            grid = Image.open(reader)
+            grid.load()
+        assert grid.width > 2 * 192 and grid.height > 2 * 192  # 2 prompts x (baseline, trial)
+    study_metas = [m.filename for m in get_all_artifact_meta(study, storage=study._storage)]
+    assert sorted(name.rsplit(".", 1)[1] for name in study_metas) == ["npz", "png"]
+
+
+def test_dashboard_constraint_form_matches(finished_study):
+    _, url = finished_study
+    study = optuna.load_study(study_name="tiny", storage=url)
+    finished = study.get_trials(states=studies.FINISHED)
+    feasibility = set()
+    for trial in finished:
+        listed = trial.system_attrs[studies.DASHBOARD_CONSTRAINTS_KEY]
+        assert listed == list(trial.user_attrs["constraints"].values())
+        feasibility.add(all(v <= 0 for v in listed))
+    assert feasibility == {True, False}, "the fixture study should hold feasible and infeasible trials"
+
+
+def test_study_plot_writes_pngs(finished_study, tmp_path):
+    _, url = finished_study
+    result = optsearch_cmd("study", "plot", "tiny", "--storage", url, "-o", str(tmp_path / "plots"))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["history.png", "importances.png", "speedup_vs_quality.png"]
+    for name in names:
+        with Image.open(tmp_path / "plots" / name) as image:
+            assert image.width >= 600 and image.height >= 400
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_dashboard_in_headless_chromium(finished_study, tmp_path):
+    browser_path = _chromium()
+    if browser_path is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("chromium is missing under CI=true (.ci/run installs it)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    folder, url = finished_study
+    port = _free_port()
+    server = subprocess.Popen([OPTSEARCH, "dashboard", "--storage", url, "--port", str(port)],
+                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=2) as response:
+                    summaries = json.load(response)["study_summaries"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "dashboard did not start"
+                time.sleep(0.3)
+        study_id = summaries[0]["study_id"]
+        with urllib.request.urlopen(f"{base}/api/studies/{study_id}", timeout=10) as response:
+            detail = json.load(response)
+        assert all(trial["constraints"] for trial in detail["trials"]), "dashboard sees no constraints"
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=browser_path,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/dashboard/studies/{study_id}/trials", wait_until="networkidle")
+            page.get_by_text("Trial 5", exact=True).first.wait_for(timeout=30_000)
+            page.wait_for_function(
+                "Array.from(document.images).some(i => i.src.includes('/artifacts/') && i.complete"
+                " && i.naturalWidth > 0)", timeout=30_000)
+            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+            body = page.inner_text("body")
+            browser.close()
+        assert "6 Trials" in body and "Trial 0" in body
+        assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in output  # bound to loopback by default
