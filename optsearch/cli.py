@@ -161,7 +161,8 @@ def _worker_options(args):
 
     return WorkerOptions(device=args.device, n_trials=args.n_trials, timeout=args.timeout,
                          progress=not args.quiet, heartbeat_interval=args.heartbeat_interval,
-                         grace_period=args.grace_period, artifact_dir=args.artifact_dir)
+                         grace_period=args.grace_period, artifact_dir=args.artifact_dir,
+                         halve_batch_on_oom=args.halve_batch_on_oom)
 
 
 def cmd_worker(args) -> int:
@@ -174,14 +175,18 @@ def cmd_worker(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .evaluate import evaluator_from_spec
     from .show import format_summary, study_summary
     from .spec import load_spec
     from .study import create_study
     from .worker import Worker
 
     spec = load_spec(args.spec)
-    study = create_study(spec, _open(args), args.name, load_if_exists=True)
-    worker = Worker(args.storage, study.study_name, _worker_options(args))
+    storage = _open(args)
+    # Load the pipeline, CLIP and prompts before writing anything: bad input leaves no study behind.
+    evaluator = evaluator_from_spec(spec, args.device, progress=not args.quiet)
+    study = create_study(spec, storage, args.name, load_if_exists=True)
+    worker = Worker(args.storage, study.study_name, _worker_options(args), evaluator)
     worker.run()
     print(format_summary(study_summary(worker.study, worker.spec)))
     return 0
@@ -203,11 +208,20 @@ def _add_worker_options(parser) -> None:
     parser.add_argument("--grace-period", type=int, default=GRACE_PERIOD, metavar="S",
                         help=f"a trial silent for S seconds is failed and re-queued (default {GRACE_PERIOD})")
     parser.add_argument("--artifact-dir", metavar="DIR", help="override the spec's [artifacts] path")
+    parser.add_argument("--halve-batch-on-oom", action="store_true",
+                        help="retry an out-of-memory trial at half the batch size (same images)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (no usage dump), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="optsearch",
         description="Find the fastest DeepCache/ToMe/T-GATE settings for a Stable Diffusion "
                     "pipeline within a quality budget.",

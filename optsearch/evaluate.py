@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .accelerators import AppliedSetting, combo_name
-from .quality import ClipScorer, Interval, psnr, ssim
+from .quality import ClipScorer, Interval, psnr, ssim_batch
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,13 @@ def _synchronize(device: torch.device) -> None:
 def generate(pipe, prompts: list[str], config: GenerationConfig,
              setting: AppliedSetting | None = None, warmup: bool = True,
              progress: bool = False, description: str = "batches",
-             fault: Callable[[int], None] | None = None) -> Iterator[Batch]:
+             fault: Callable[[int], None] | None = None,
+             on_warmup: Callable[[float], None] | None = None) -> Iterator[Batch]:
     """Yield batches of images for `prompts`, timing each pipeline call.
 
     `setting` (an applied accelerator setting) generates in place of the plain pipeline.
     `fault(batch_index)` is a test hook called before each timed batch (it may raise).
+    `on_warmup(seconds)` receives the duration of the untimed warm-up batch.
     """
     call = setting if setting is not None else pipe
     device = pipe.unet.device
@@ -100,7 +102,9 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
     batches = [range(start, min(start + config.batch_size, len(prompts)))
                for start in range(0, len(prompts), config.batch_size)]
     if warmup:
-        run(batches[0])
+        _, seconds = run(batches[0])
+        if on_warmup is not None:
+            on_warmup(seconds)
     for index, indices in enumerate(tqdm(batches, desc=description, disable=not progress,
                                          leave=False, unit="batch")):
         if fault is not None:
@@ -135,6 +139,7 @@ class Comparison:
     baseline_seconds_per_image: float
     batches_evaluated: int = 0
     inference_seconds: float = 0.0
+    warmup_seconds: float = 0.0
     scoring_seconds: float = 0.0
     wall_seconds: float = 0.0
     early_stopped: bool = False
@@ -194,6 +199,7 @@ class Comparison:
             "batch_size": self.batch_size,
             "early_stopped": self.early_stopped,
             "inference_seconds": self.inference_seconds,
+            "warmup_seconds": self.warmup_seconds,
             "scoring_seconds": self.scoring_seconds,
             "wall_seconds": self.wall_seconds,
         }
@@ -274,7 +280,8 @@ class Evaluator:
             result.setting = applied.setting
             for batch in generate(self.pipe, self.prompts, self.config, setting=applied,
                                   progress=self.progress, description=applied.combo,
-                                  fault=self.fault):
+                                  fault=self.fault,
+                                  on_warmup=lambda seconds: setattr(result, "warmup_seconds", seconds)):
                 result.inference_seconds += batch.seconds
                 self._score(result, batch, baseline, keep_images)
                 result.batches_evaluated += 1
@@ -289,13 +296,15 @@ class Evaluator:
                keep_images: int) -> None:
         start = time.perf_counter()
         scores, features = self.scorer.score(batch.images, [self.prompts[i] for i in batch.indices])
-        cosine = (features * baseline.image_features[batch.indices.start:batch.indices.stop]).sum(-1)
+        span = slice(batch.indices.start, batch.indices.stop)
+        cosine = (features * baseline.image_features[span].to(features.device)).sum(-1)
+        structural = ssim_batch(baseline.images[span], batch.images, self.scorer.device)
         for offset, index in enumerate(batch.indices):
             image, reference = batch.images[offset], baseline.images[index]
             result.clip_scores.append(float(scores[offset]))
             result.baseline_clip_scores.append(float(baseline.clip_scores[index]))
             result.psnr.append(psnr(reference, image))
-            result.ssim.append(ssim(reference, image))
+            result.ssim.append(structural[offset])
             result.clip_image_cosine.append(float(cosine[offset]))
             result.image_digests.append(image_digest(image))
             if index < keep_images:

@@ -80,30 +80,38 @@ def psnr(reference: np.ndarray, image: np.ndarray) -> float:
     return min(PSNR_CAP, 10 * math.log10(255.0**2 / mse))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - size // 2
+def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32) - size // 2
     kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel /= kernel.sum()
-    return (kernel[:, None] * kernel[None, :])[None, None]
+    return kernel / kernel.sum()
 
 
 def ssim(reference: np.ndarray, image: np.ndarray) -> float:
     """Structural similarity (Wang et al. 2004, Gaussian window 11/1.5) averaged over channels."""
-    x = torch.from_numpy(reference).double().permute(2, 0, 1)[:, None]
-    y = torch.from_numpy(image).double().permute(2, 0, 1)[:, None]
+    return ssim_batch(reference[None], image[None])[0]
+
+
+def ssim_batch(references: np.ndarray, images: np.ndarray,
+               device: str | torch.device = "cpu") -> list[float]:
+    """SSIM of each (reference, image) pair of uint8 NxHxWx3 arrays, computed on `device`.
+
+    The Gaussian blur is separable: two 1-D passes over the five moments of all pairs at once.
+    """
+    def channels(array: np.ndarray) -> torch.Tensor:  # N x H x W x 3 -> 3N x 1 x H x W in [0, 1]
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device).float() / 255
+        return tensor.permute(0, 3, 1, 2).reshape(-1, 1, *tensor.shape[1:3])
+
+    x, y = channels(references), channels(images)
     size = min(11, x.shape[-1], x.shape[-2])
-    window = _gaussian_window(size)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(t, window)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
+    kernel = _gaussian_kernel(size).to(x.device)
+    moments = torch.cat([x, y, x * x, y * y, x * y])
+    blurred = torch.nn.functional.conv2d(moments, kernel.view(1, 1, -1, 1))
+    blurred = torch.nn.functional.conv2d(blurred, kernel.view(1, 1, 1, -1))
+    mu_x, mu_y, xx, yy, xy = blurred.chunk(5)
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
     value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(value.mean())
+    return value.reshape(len(references), -1).mean(dim=1).tolist()
 
 
 def t_quantile(confidence: float, df: int) -> float:

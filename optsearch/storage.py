@@ -7,8 +7,10 @@ heartbeat, whose stale-trial callback re-queues a dead worker's trial with the s
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import time
 import warnings
 
 import optuna
@@ -26,8 +28,41 @@ SQLITE_BUSY_TIMEOUT = 60
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+logger = logging.getLogger(__name__)
+# What a dropped or restarted database connection raises through Optuna's RDB storage.
+DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
+
+
 class StorageError(Exception):
     """The storage URL is malformed or the database cannot be reached."""
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose heartbeat survives a dropped database connection.
+
+    Optuna records heartbeats from a thread that ends at the first exception; after that the
+    running trial looks dead and would be failed while it is still measuring. Here a failed beat is
+    retried on a fresh connection (pool pre-ping) and, at worst, skipped until the next interval.
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        for attempt in range(3):
+            try:
+                return super().record_heartbeat(trial_id)
+            except DATABASE_ERRORS as error:
+                logger.warning("heartbeat of trial %d failed (%s); retrying", trial_id,
+                               type(error).__name__)
+                self.reset_session()
+                time.sleep(0.5 * (attempt + 1))
+        return None
+
+    def reset_session(self) -> None:
+        """Drop this thread's session: after a dropped connection it refuses all further use
+        ("Can't reconnect until invalid transaction is rolled back")."""
+        try:
+            self.scoped_session.remove()
+        except DATABASE_ERRORS:
+            pass
 
 
 def resolve_url(url: str | None) -> str:
@@ -85,7 +120,7 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
     try:
         if parsed.get_backend_name() == "sqlite":
             _enable_wal(parsed)
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat)
+        return ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat)
     except StorageError:
         raise
     except Exception as error:  # driver errors: unreachable host, bad password, no database

@@ -9,10 +9,13 @@ re-queue it, and exit with 130.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import gc
 import hashlib
 import json
 import logging
+import os
 import platform
 import signal
 import socket
@@ -30,10 +33,12 @@ from . import study as studies
 from .accelerators import combo_name, normalize_setting
 from .artifacts import download_arrays, image_grid, open_artifact_store, upload_arrays, upload_bytes
 from .evaluate import Baseline, Comparison, Evaluator, early_stop_rule, evaluator_from_spec
-from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
+from .faults import oom_fault_from_env
+from .storage import DATABASE_ERRORS, GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
 
 logger = logging.getLogger(__name__)
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
+MAX_DATABASE_ERRORS = 20  # consecutive; a database down for longer ends the worker
 
 
 class SurplusTrial(Exception):
@@ -50,6 +55,7 @@ class WorkerOptions:
     grace_period: int = GRACE_PERIOD
     poll_interval: float = 2.0
     artifact_dir: str | None = None  # overrides the spec's [artifacts] path
+    halve_batch_on_oom: bool = False  # retry an out-of-memory trial at half the batch size
 
 
 def device_name(device: torch.device) -> str:
@@ -80,19 +86,25 @@ def _same_setting(a: dict, b: dict) -> bool:
 class Worker:
     """One process that evaluates trials of one study on one device."""
 
-    def __init__(self, storage_url: str | None, study_name: str, options: WorkerOptions | None = None):
+    def __init__(self, storage_url: str | None, study_name: str, options: WorkerOptions | None = None,
+                 evaluator: Evaluator | None = None):
+        """`evaluator`: one already loaded for this study's spec (`optsearch run` loads it first)."""
         self.options = options or WorkerOptions()
         self.storage = open_storage(storage_url, self.options.heartbeat_interval,
                                     self.options.grace_period)
         self.study, self.spec = studies.load_study(self.storage, study_name)
         # Load everything that can fail before writing anything to the study.
-        self.evaluator = evaluator_from_spec(self.spec, self.options.device, self.options.progress)
+        self.evaluator = evaluator or evaluator_from_spec(self.spec, self.options.device,
+                                                          self.options.progress)
+        self.evaluator.fault = oom_fault_from_env()
         self.artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
         self.fingerprint, self.facts = fingerprint(self.evaluator)
         self.host = socket.gethostname()
+        self.worker_id = f"{self.host}:{os.getpid()}"
         self.baseline: Baseline | None = None
         self.current: optuna.Trial | None = None
         self.trials_run = 0
+        self.database_errors = 0
 
     # -- baseline -------------------------------------------------------------------------------
 
@@ -160,24 +172,77 @@ class Worker:
                     break
                 if self.options.timeout is not None and time.monotonic() - started > self.options.timeout:
                     break
-                optuna.storages.fail_stale_trials(self.study)
-                finished, running = self._counts()
-                bar.n = min(finished, target)
-                bar.refresh()
-                if finished >= target:
-                    break
-                if finished + running >= target:  # the last trials belong to other workers
-                    time.sleep(self.options.poll_interval)
-                    continue
-                self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
-                                    gc_after_trial=False, show_progress_bar=False)
+                try:
+                    if not self._step(target, bar):
+                        break
+                    self.database_errors = 0
+                except DATABASE_ERRORS as error:
+                    self._recover_from_database_error(error)
         finally:
             bar.close()
+
+    def _step(self, target: int, bar) -> bool:
+        """Run one trial, or wait for others' last trials; False when the study is done."""
+        optuna.storages.fail_stale_trials(self.study)
+        self._fail_orphans()
+        finished, running = self._counts()
+        bar.n = min(finished, target)
+        bar.refresh()
+        if finished >= target:
+            return False
+        if finished + running >= target:  # the last trials belong to other workers
+            time.sleep(self.options.poll_interval)
+            return True
+        self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
+                            gc_after_trial=False, show_progress_bar=False)
+        return True
+
+    def _fail_orphans(self) -> None:
+        """Fail and re-queue RUNNING trials whose objective never started.
+
+        Optuna's heartbeat only judges trials that recorded a beat; a trial created just before its
+        worker lost the database (or died) may have none, and would stay RUNNING forever.
+        """
+        now = datetime.datetime.now()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "worker" in trial.user_attrs or trial.datetime_start is None:
+                continue
+            if (now - trial.datetime_start).total_seconds() > self.options.grace_period:
+                try:
+                    self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:  # another worker was first
+                    continue
+                logger.warning("trial %d never started measuring: failed and re-queued", trial.number)
+                failed = self.study._storage.get_trial(trial._trial_id)
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(self.study, failed)
+
+    def _recover_from_database_error(self, error: Exception) -> None:
+        """The database dropped us: wait, reconnect (pool pre-ping), and fail+re-queue our trial."""
+        self.database_errors += 1
+        cause = error.__cause__ or error
+        logger.warning("database error (%s: %s); reconnecting (%d/%d)", type(cause).__name__,
+                       str(cause).strip().splitlines()[0] if str(cause).strip() else "",
+                       self.database_errors, MAX_DATABASE_ERRORS)
+        if self.database_errors >= MAX_DATABASE_ERRORS:
+            raise error
+        self.storage.reset_session()
+        time.sleep(min(10.0, 0.25 * 2 ** self.database_errors))
+        if self.current is None:
+            return
+        try:
+            frozen = self.study._storage.get_trial(self.current._trial_id)
+            if frozen.state == TrialState.RUNNING:  # this process no longer runs it
+                self.study._storage.set_trial_state_values(self.current._trial_id, TrialState.FAIL)
+                frozen = self.study._storage.get_trial(self.current._trial_id)
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(self.study, frozen)
+        except (*DATABASE_ERRORS, optuna.exceptions.UpdateFinishedTrialError):
+            pass  # still down (the next step retries), or already finished by someone
 
     # -- one trial ------------------------------------------------------------------------------
 
     def _objective(self, trial: optuna.Trial):
         self.current = trial
+        trial.set_user_attr("worker", self.worker_id)  # first: marks the trial as started
         if self._is_surplus(trial):
             raise SurplusTrial("the study's n_trials are taken by other workers")
         setting = normalize_setting(studies.suggest_setting(trial, self.spec))
@@ -188,15 +253,35 @@ class Worker:
         previous = self._previous_result(trial, setting)
         if previous is not None:
             return self._reuse(trial, previous)
-        try:
-            result = self.evaluator.compare(setting, self.baseline, stop_when=self._early_stop(),
-                                            keep_images=self.spec.artifacts.grid_prompts)
-        except OUT_OF_MEMORY as error:
-            trial.set_user_attr("fail_reason", f"out of memory: {type(error).__name__}: {error}")
-            _release_memory()
-            raise
+        result = self._measure(trial, setting)
         self.trials_run += 1
         return self._record(trial, result)
+
+    def _measure(self, trial: optuna.Trial, setting: dict) -> Comparison:
+        """Compare the setting with the baseline; on out-of-memory, fail or halve the batch size."""
+        halvings = 0
+        while True:
+            try:
+                return self.evaluator.compare(setting, self.baseline, stop_when=self._early_stop(),
+                                              keep_images=self.spec.artifacts.grid_prompts)
+            except OUT_OF_MEMORY as error:
+                _release_memory()
+                reason = f"out of memory at batch size {self.evaluator.config.batch_size}: {error}"
+                logger.warning("trial %d: %s", trial.number, reason)
+                if not self.options.halve_batch_on_oom or self.evaluator.config.batch_size == 1:
+                    trial.set_user_attr("fail_reason", reason)
+                    raise
+                halvings += 1
+                self._set_batch_size(self.evaluator.config.batch_size // 2)
+                trial.set_user_attr("oom_halvings", halvings)
+                trial.set_user_attr("batch_size", self.evaluator.config.batch_size)
+                trial.set_user_attr("fingerprint", self.fingerprint)
+
+    def _set_batch_size(self, batch_size: int) -> None:
+        """Per-prompt seeds keep images the same; timings need the baseline at this batch size."""
+        self.evaluator.config = dataclasses.replace(self.evaluator.config, batch_size=batch_size)
+        self.fingerprint, self.facts = fingerprint(self.evaluator)
+        self.ensure_baseline()
 
     def _early_stop(self):
         spec = self.spec
@@ -273,6 +358,7 @@ class Worker:
             "n_batches": result.n_batches,
             "early_stopped": result.early_stopped,
             "inference_seconds": result.inference_seconds,
+            "warmup_seconds": result.warmup_seconds,
             "scoring_seconds": result.scoring_seconds,
             "wall_seconds": result.wall_seconds,
             "image_digests": result.image_digests,

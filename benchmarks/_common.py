@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmark scripts: a scratch folder, a study from a spec, machine facts."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+def scratch() -> Path:
+    """A temporary working folder (SQLite file and artifacts go there)."""
+    return Path(tempfile.mkdtemp(prefix="optsearch-bench-"))
+
+
+def run_study(spec, folder: Path, n_trials: int | None = None, enqueue=(), progress=False):
+    """Create a study from `spec` on SQLite in `folder` and run one worker to completion."""
+    from optsearch.study import create_study
+    from optsearch.storage import open_storage
+    from optsearch.worker import Worker, WorkerOptions
+
+    url = f"sqlite:///{folder / 'bench.db'}"
+    study = create_study(spec, open_storage(url, heartbeat_interval=None))
+    for params in enqueue:
+        study.enqueue_trial(params)
+    worker = Worker(url, spec.name, WorkerOptions(progress=progress, n_trials=n_trials,
+                                                  artifact_dir=str(folder / "artifacts")))
+    worker.run()
+    return worker
+
+
+def table(headers, rows) -> str:
+    from optsearch.report import table as render
+
+    return render(headers, rows)

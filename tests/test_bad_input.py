@@ -1,0 +1,107 @@
+"""Bad input: one line naming the problem and the fix, exit 2 (3 for nothing to export), no
+traceback, no password, and the storage exactly as before."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import TINY_SPEC, optsearch_cmd, storage_snapshot
+
+PASSWORD = "s3cret-pw"
+UNREACHABLE = f"postgresql+psycopg://optsearch:{PASSWORD}@127.0.0.1:1/optsearch"
+UNKNOWN_ROLE = f"postgresql+psycopg://nobody:{PASSWORD}@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory):
+    """A storage holding a finished 2-trial study, made once; each test works on a copy."""
+    folder = tmp_path_factory.mktemp("populated")
+    (folder / "tiny.toml").write_text(TINY_SPEC.replace("n_trials = 4", "n_trials = 2"))
+    result = optsearch_cmd("run", "tiny.toml", "--storage", "sqlite:///study.db", "--quiet", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def spec_with(text: str) -> str:
+    return TINY_SPEC + text
+
+
+def replaced(old: str, new: str) -> str:
+    assert old in TINY_SPEC
+    return TINY_SPEC.replace(old, new)
+
+
+# (case id, files to write, command arguments ({db} is the storage), exit code, expected text)
+CASES = [
+    ("malformed TOML", {"s.toml": "[model\nid = 'x'"}, ["study", "create", "s.toml"], 2,
+     "not valid TOML"),
+    ("unknown key", {"s.toml": spec_with("[model2]\nx = 1\n")}, ["study", "create", "s.toml"], 2,
+     "model2: unknown key"),
+    ("wrong type", {"s.toml": replaced("steps = 8", 'steps = "eight"')},
+     ["study", "create", "s.toml"], 2, "model.steps: must be an integer"),
+    ("out-of-range parameter", {"s.toml": spec_with("[space.tome]\nratio = [0.2, 1.5]\n")},
+     ["study", "create", "s.toml"], 2, "space.tome.ratio: 1.5 must be < 1.0"),
+    ("T-GATE without guidance", {"s.toml": replaced('["deepcache", "tome"]', '["tgate"]')
+                                 .replace("steps = 8", "steps = 8\nguidance_scale = 1.0")
+                                 + "[space.tgate]\ngate_step = [2, 6]\n"},
+     ["study", "create", "s.toml"], 2, "tgate needs classifier-free guidance"),
+    ("unknown scheduler", {"s.toml": replaced("steps = 8", 'steps = 8\nscheduler = "Warp"')},
+     ["study", "create", "s.toml"], 2, "unknown scheduler 'Warp'"),
+    ("unknown accelerator", {"s.toml": replaced('["deepcache", "tome"]', '["deepcache", "x"]')},
+     ["study", "create", "s.toml"], 2, "unknown accelerator 'x'"),
+    ("unknown prompt source", {"s.toml": replaced('source = "builtin"', 'source = "laion"')},
+     ["study", "create", "s.toml"], 2, "unknown prompt source 'laion'"),
+    ("empty prompt file", {"s.toml": replaced('source = "builtin"', 'source = "empty.txt"'),
+                           "empty.txt": ""},
+     ["run", "s.toml", "--name", "other"], 2, "prompt file 'empty.txt' is empty"),
+    ("missing model folder", {"s.toml": replaced('"builtin:tiny"', '"./missing-model"')},
+     ["run", "s.toml", "--name", "other"], 2, "model folder './missing-model' does not exist"),
+    ("target-speedup without target", {"s.toml": spec_with('[objective]\nmode = "target-speedup"\n')},
+     ["study", "create", "s.toml"], 2, "objective.target_speedup: is required"),
+    ("unreachable storage", {}, ["study", "list", "--storage", UNREACHABLE], 2,
+     "cannot open storage postgresql+psycopg://optsearch:***@127.0.0.1:1/optsearch"),
+    ("wrong credentials", {}, ["study", "list", "--storage", UNKNOWN_ROLE], 2,
+     'role "nobody" does not exist'),
+    ("malformed storage URL", {}, ["study", "list", "--storage", "not a url"], 2,
+     "malformed storage URL"),
+    ("unknown study", {}, ["study", "show", "nope"], 2, "no study named 'nope'"),
+    ("worker on unknown study", {}, ["worker", "--study", "nope"], 2, "no study named 'nope'"),
+    ("export with no feasible trial", {"s.toml": replaced("limit = 30.0", "limit = 99.0")},
+     ["run", "s.toml", "--name", "strict", "--n-trials", "1"], 0, ""),
+    ("conflicting create", {"s.toml": replaced("steps = 8", "steps = 9")},
+     ["study", "create", "s.toml", "--load-if-exists"], 2,
+     "study 'tiny' exists with a different spec (differs in: model.steps"),
+    ("existing name", {"s.toml": TINY_SPEC}, ["study", "create", "s.toml"], 2,
+     "already exists"),
+    ("bad option value", {}, ["worker", "--study", "tiny", "--n-trials", "many"], 2,
+     "invalid int value: 'many'"),
+    ("bad --set", {"s.toml": TINY_SPEC}, ["evaluate", "s.toml", "--set", "tome.ratio=fast"], 2,
+     "--set value 'fast' is not a number"),
+    ("delete unknown study", {}, ["study", "delete", "nope"], 2, "no study named 'nope'"),
+]
+
+
+@pytest.mark.parametrize("files, args, code, expected", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input(populated, tmp_path, files, args, code, expected):
+    shutil.copy(populated / "study.db", tmp_path / "study.db")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    url = "sqlite:///study.db"
+    before = storage_snapshot(f"sqlite:///{tmp_path / 'study.db'}")
+    command = args if "--storage" in args or args[0] == "evaluate" else [*args, "--storage", url]
+    if expected == "":  # the export case: a study whose only trial is infeasible
+        assert optsearch_cmd(*command, "--quiet", cwd=tmp_path).returncode == 0
+        before = storage_snapshot(f"sqlite:///{tmp_path / 'study.db'}")
+        command, code, expected = (["study", "export", "strict", "--storage", url, "-o", "out.json"],
+                                   3, "no feasible trial yet")
+    result = optsearch_cmd(*command, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    assert expected in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in output and PASSWORD not in output
+    assert storage_snapshot(f"sqlite:///{tmp_path / 'study.db'}") == before
+    assert not (tmp_path / "out.json").exists()

@@ -1,0 +1,168 @@
+"""Faults with real processes and real storages: dropped connections, out of memory, a shared
+SQLite file, pipelines that cannot load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.request
+
+import optuna
+import psycopg
+import pytest
+from optuna.trial import TrialState
+
+from optsearch import study as studies
+from tests.conftest import OPTSEARCH, TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
+from tests.test_inspection import _free_port
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SLOW_SPEC = TINY_SPEC.replace("batch_size = 2", "batch_size = 1").replace("steps = 8", "steps = 16")
+
+
+def start_worker(url, *extra, env=None, study="tiny"):
+    return subprocess.Popen([OPTSEARCH, "worker", "--study", study, "--storage", url, "--quiet",
+                             "--heartbeat-interval", "1", "--grace-period", "4", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def create(spec_text, tmp_path, url, name="tiny.toml"):
+    spec = write_spec(tmp_path / name, spec_text)
+    result = optsearch_cmd("study", "create", str(spec), "--storage", url)
+    assert result.returncode == 0, result.stderr
+    return optuna.load_study(study_name="tiny", storage=url)
+
+
+def test_worker_survives_dropped_database_connections(tmp_path, pg_url):
+    create(SLOW_SPEC.replace("n_trials = 4", "n_trials = 5"), tmp_path, pg_url)
+    observer = optuna.storages.RDBStorage(pg_url, engine_kwargs={
+        "pool_pre_ping": True, "connect_args": {"application_name": "optsearch-test-observer"}})
+    study = optuna.load_study(study_name="tiny", storage=observer)
+    database = pg_url.rsplit("/", 1)[1]
+    worker = start_worker(pg_url, "--artifact-dir", str(tmp_path / "artifacts"))
+    terminated, burst_end = 0, None
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        deadline = time.monotonic() + 300
+        while worker.poll() is None and time.monotonic() < deadline:
+            if burst_end is None and len(study.get_trials(deepcopy=False, states=FINISHED)) >= 1:
+                burst_end = time.monotonic() + 5
+            if burst_end is not None:
+                rows = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid() "
+                    "AND application_name <> 'optsearch-test-observer'",
+                    (database,)).fetchall()
+                terminated += len(rows)
+            # A 5 s burst drops connections while they are in use, then one drop a second.
+            time.sleep(0.02 if burst_end and time.monotonic() < burst_end else 1.0)
+    _, err = worker.communicate(timeout=400)
+    assert terminated >= 10, "the test never dropped the worker's connections"
+    assert worker.returncode == 0, err
+    assert "database error" in err or "heartbeat of trial" in err  # it noticed and went on
+    trials = study.get_trials()
+    assert sum(t.state in FINISHED for t in trials) == 5
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("kind", ["cuda", "memory"])
+def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tmp_path, kind):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create(TINY_SPEC.replace("n_trials = 4", "n_trials = 3"), tmp_path, url)
+    fault = "1" if kind == "cuda" else "1:memory"  # the first trial's second batch
+    worker = start_worker(url, env={"OPTSEARCH_FAULT_OOM": fault})
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].number == 0
+    assert "out of memory at batch size 2" in failed[0].user_attrs["fail_reason"]
+    assert sum(t.state in FINISHED for t in trials) == 3
+
+
+def test_halving_the_batch_keeps_results(tmp_path):
+    setting = {"deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome.ratio": 0.5,
+               "tome.max_downsample": 1}
+    spec = TINY_SPEC.replace("n_trials = 4", "n_trials = 1").replace("limit = 30.0", "limit = 5.0")
+    reference_url = f"sqlite:///{tmp_path / 'reference.db'}"
+    faulty_url = f"sqlite:///{tmp_path / 'faulty.db'}"
+    runs = {}
+    for url, env, extra, text in (
+        (reference_url, {}, [], spec.replace("batch_size = 2", "batch_size = 1")),
+        (faulty_url, {"OPTSEARCH_FAULT_OOM": "0"}, ["--halve-batch-on-oom"], spec),
+    ):
+        folder = tmp_path / ("ref" if url == reference_url else "faulty")
+        folder.mkdir()
+        study = create(text, folder, url)
+        study.enqueue_trial(setting)
+        worker = start_worker(url, "--artifact-dir", str(folder / "artifacts"), *extra, env=env)
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+        runs[url] = study.get_trials()
+    halved = runs[faulty_url]
+    assert [t.state for t in halved] == [TrialState.COMPLETE]
+    assert halved[0].user_attrs["oom_halvings"] == 1 and halved[0].user_attrs["batch_size"] == 1
+    assert halved[0].user_attrs["image_digests"] == runs[reference_url][0].user_attrs["image_digests"]
+    faulty = optuna.load_study(study_name="tiny", storage=faulty_url)
+    assert sorted(b["batch_size"] for b in studies.baselines(faulty).values()) == [1, 2]
+
+
+def test_two_workers_and_the_dashboard_share_one_sqlite_file(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    spec = TINY_SPEC.replace("n_trials = 4", "n_trials = 20").replace("steps = 8", "steps = 3") \
+        .replace("num_samples = 4", "num_samples = 2")
+    study = create(spec + "[artifacts]\ngrid_prompts = 1\n", tmp_path, url)
+    port = _free_port()
+    dashboard = subprocess.Popen([OPTSEARCH, "dashboard", "--storage", url, "--port", str(port)],
+                                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+    workers = [start_worker(url, "--artifact-dir", str(tmp_path / "artifacts")) for _ in range(2)]
+    reads, stop = [], threading.Event()
+
+    def poll_dashboard():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1", timeout=5) as r:
+                    reads.append(len(json.load(r)["trials"]))
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll_dashboard)
+    poller.start()
+    try:
+        outputs = [w.communicate(timeout=600) for w in workers]
+    finally:
+        stop.set()
+        poller.join()
+        dashboard.terminate()
+        _, dashboard_err = dashboard.communicate(timeout=30)
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err
+        assert "locked" not in err
+    assert "database is locked" not in dashboard_err
+    assert len(reads) > 5 and max(reads) >= 10, "the dashboard did not read while workers wrote"
+    assert sum(t.state in FINISHED for t in study.get_trials()) == 20
+
+
+@pytest.mark.parametrize("model, device, message", [
+    ("./no-such-model-folder", "cpu", "model folder './no-such-model-folder' does not exist"),
+    ("builtin:tiny", "cuda:7", "CUDA is not available" if not __import__("torch").cuda.is_available()
+     else "does not exist"),
+])
+def test_worker_that_cannot_load_fails_fast_without_touching_the_study(tmp_path, model, device,
+                                                                        message):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    text = TINY_SPEC.replace('id = "builtin:tiny"', f'id = "{model}"').replace(
+        'device = "cpu"', f'device = "{device}"')
+    create(text, tmp_path, url)
+    before = storage_snapshot(url)
+    started = time.monotonic()
+    result = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+    assert storage_snapshot(url) == before
