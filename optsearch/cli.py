@@ -183,6 +183,11 @@ def cmd_run(args) -> int:
 
     spec = load_spec(args.spec)
     storage = _open(args)
+    if spec.quality.clip_pretrained == "none":
+        print(f"note: {spec.name} scores with a random-weight CLIP (clip_pretrained = \"none\"): CLIP "
+              f"scores mean nothing here, so it constrains {spec.quality.metric} "
+              f"(fidelity to the baseline) instead" if spec.quality.metric != "clip_loss" else
+              "note: random-weight CLIP: the CLIP loss it constrains is meaningless")
     # Load the pipeline, CLIP and prompts before writing anything: bad input leaves no study behind.
     evaluator = evaluator_from_spec(spec, args.device, progress=not args.quiet)
     study = create_study(spec, storage, args.name, load_if_exists=True)

@@ -16,7 +16,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("builtin:tiny", "builtin:cpu-bench", "builtin:tiny-xl")
+BUILTIN_MODELS = ("builtin:tiny", "builtin:cpu-bench", "builtin:tiny-xl", "builtin:sd15-random")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -161,6 +161,24 @@ def build_builtin(name: str):
         return _build_sd(unet, (32, 32, 64, 64), 128)
     if name == "builtin:tiny-xl":
         return _build_tiny_xl()
+    if name == "builtin:sd15-random":
+        # SD 1.5's real UNet and VAE sizes (860M + 84M params), random weights: GPU timing only.
+        unet = dict(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        pipe = _build_sd(unet, (128, 256, 512, 512), 768)
+        from diffusers import PNDMScheduler
+
+        pipe.scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", skip_prk_steps=True,
+                                       steps_offset=1)
+        return pipe
     raise ModelLoadError(f"unknown builtin model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
 
 

@@ -1,0 +1,41 @@
+"""Model loading: builtin pipelines, schedulers from the model's config, placement rules."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from optsearch.models import ModelLoadError, load_pipeline, resolve_placement
+
+
+def test_scheduler_is_built_from_the_models_config():
+    pipe = load_pipeline("builtin:tiny", device="cpu", dtype="float32", scheduler="EulerDiscrete")
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"  # carried over from DDIM's config
+    with pytest.raises(ModelLoadError, match="unknown scheduler 'Warp'"):
+        load_pipeline("builtin:tiny", device="cpu", dtype="float32", scheduler="Warp")
+
+
+def test_half_precision_on_cpu_falls_back_to_float32_with_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        placement = resolve_placement("cpu", "float16")
+    assert placement.dtype == torch.float32
+    assert any("float16 is not used on CPU" in str(w.message) for w in caught)
+
+
+def test_builtin_models_are_deterministic_and_distinct():
+    a = load_pipeline("builtin:tiny", device="cpu", dtype="float32")
+    b = load_pipeline("builtin:tiny", device="cpu", dtype="float32")
+    assert torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)  # same weights every process
+    xl = load_pipeline("builtin:tiny-xl", device="cpu", dtype="float32")
+    assert hasattr(xl, "text_encoder_2") and not hasattr(a, "text_encoder_2")
+
+
+def test_missing_folder_and_unknown_builtin():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_pipeline("./definitely/not/here", device="cpu", dtype="float32")
+    with pytest.raises(ModelLoadError, match="unknown builtin model"):
+        load_pipeline("builtin:huge", device="cpu", dtype="float32")
