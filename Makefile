@@ -12,12 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# A fresh 12-trial study on a tiny offline pipeline; `run` ends by printing `study show`.
 demo: $(STAMP)
-	rm -f demo.db search_params.json
+	rm -rf demo.db demo.db-wal demo.db-shm search_params.json artifacts
 	$(BIN)/optsearch run studies/tiny-demo.toml --storage sqlite:///demo.db
-	$(BIN)/optsearch study show tiny-demo --storage sqlite:///demo.db
 	$(BIN)/optsearch study export tiny-demo --storage sqlite:///demo.db -o search_params.json
-	@echo "wrote search_params.json"
+	@echo "Watch it: $(BIN)/optsearch dashboard --storage sqlite:///demo.db"
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -102,7 +102,7 @@ class Worker:
         self.host = socket.gethostname()
         self.worker_id = f"{self.host}:{os.getpid()}"
         self.baseline: Baseline | None = None
-        self.current: optuna.Trial | None = None
+        self.current: optuna.Trial | None = None  # the trial being measured, until it is told
         self.trials_run = 0
         self.database_errors = 0
 
@@ -195,6 +195,7 @@ class Worker:
             return True
         self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
                             gc_after_trial=False, show_progress_bar=False)
+        self.current = None  # told to the storage: no longer ours to re-queue
         return True
 
     def _fail_orphans(self) -> None:
@@ -208,13 +209,24 @@ class Worker:
             if "worker" in trial.user_attrs or trial.datetime_start is None:
                 continue
             if (now - trial.datetime_start).total_seconds() > self.options.grace_period:
-                try:
-                    self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                except optuna.exceptions.UpdateFinishedTrialError:  # another worker was first
-                    continue
-                logger.warning("trial %d never started measuring: failed and re-queued", trial.number)
-                failed = self.study._storage.get_trial(trial._trial_id)
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(self.study, failed)
+                if self._fail_and_requeue(trial._trial_id):
+                    logger.warning("trial %d never started measuring: failed and re-queued",
+                                   trial.number)
+
+    def _fail_and_requeue(self, trial_id: int) -> bool:
+        """Fail a trial that nobody runs any more and queue its parameters again, as the
+        heartbeat's stale-trial callback does for dead workers. False if it had already ended."""
+        storage = self.study._storage
+        if storage.get_trial(trial_id).state == TrialState.RUNNING:
+            try:
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker was first
+                return False
+        failed = storage.get_trial(trial_id)
+        if failed.state != TrialState.FAIL:
+            return False
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(self.study, failed)
+        return True
 
     def _recover_from_database_error(self, error: Exception) -> None:
         """The database dropped us: wait, reconnect (pool pre-ping), and fail+re-queue our trial."""
@@ -230,13 +242,9 @@ class Worker:
         if self.current is None:
             return
         try:
-            frozen = self.study._storage.get_trial(self.current._trial_id)
-            if frozen.state == TrialState.RUNNING:  # this process no longer runs it
-                self.study._storage.set_trial_state_values(self.current._trial_id, TrialState.FAIL)
-                frozen = self.study._storage.get_trial(self.current._trial_id)
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(self.study, frozen)
-        except (*DATABASE_ERRORS, optuna.exceptions.UpdateFinishedTrialError):
-            pass  # still down (the next step retries), or already finished by someone
+            self._fail_and_requeue(self.current._trial_id)  # this process no longer runs it
+        except DATABASE_ERRORS:
+            pass  # still down: the next step retries; the grace period is the backstop
 
     # -- one trial ------------------------------------------------------------------------------
 
@@ -392,12 +400,9 @@ class Worker:
         upload_bytes(self.artifacts, target, name, image_grid(rows, title), "image/png")
 
     def _requeue_interrupted(self) -> None:
-        """Re-queue the trial an interrupt failed, with the same parameters."""
-        if self.current is None:
-            return
-        frozen = self.study._storage.get_trial(self.current._trial_id)
-        if frozen.state == TrialState.FAIL:
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(self.study, frozen)
+        """Re-queue the trial an interrupt failed (Optuna marks it FAIL), with the same parameters."""
+        if self.current is not None:
+            self._fail_and_requeue(self.current._trial_id)
 
 
 def _raise_interrupt(signum, frame):
