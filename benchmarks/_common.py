@@ -26,8 +26,8 @@ def scratch() -> Path:
 
 def run_study(spec, folder: Path, n_trials: int | None = None, enqueue=(), progress=False):
     """Create a study from `spec` on SQLite in `folder` and run one worker to completion."""
-    from optsearch.study import create_study
     from optsearch.storage import open_storage
+    from optsearch.study import create_study
     from optsearch.worker import Worker, WorkerOptions
 
     url = f"sqlite:///{folder / 'bench.db'}"
