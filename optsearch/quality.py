@@ -20,12 +20,6 @@ TINY_CLIP = "builtin:tiny"
 _TINY_CLIP_CONFIG = "optsearch-tiny-clip"
 PSNR_CAP = 100.0  # dB reported for identical images, so values stay finite (JSON, Optuna)
 
-# Two-sided Student-t quantiles for 95 % by degrees of freedom; normal approximation beyond.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
 class ClipScorer:
     """An open_clip model loaded once per process; scores images against prompts."""
 
@@ -119,16 +113,10 @@ def ssim_batch(references: np.ndarray, images: np.ndarray,
 
 
 def t_quantile(confidence: float, df: int) -> float:
-    """Two-sided Student-t quantile; exact table for 95 %, normal-based approximation otherwise."""
-    z = _normal_quantile(0.5 + confidence / 2)
-    if abs(confidence - 0.95) < 1e-9 and df <= len(_T975):
-        return _T975[df - 1]
-    # Cornish-Fisher expansion of t in terms of z (accurate to ~1e-3 for df >= 5).
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    """The two-sided Student-t quantile for `confidence` with `df` degrees of freedom."""
+    from scipy.stats import t
 
-
-def _normal_quantile(p: float) -> float:
-    return math.sqrt(2) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+    return float(t.ppf(0.5 + confidence / 2, df))
 
 
 @dataclass(frozen=True)
