@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import diffusers
 import numpy as np
 import optuna
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
@@ -176,7 +177,9 @@ class Worker:
                     if not self._step(target, bar):
                         break
                     self.database_errors = 0
-                except DATABASE_ERRORS as error:
+                except Exception as error:
+                    if not _caused_by_database(error):
+                        raise
                     self._recover_from_database_error(error)
         finally:
             bar.close()
@@ -231,7 +234,9 @@ class Worker:
     def _recover_from_database_error(self, error: Exception) -> None:
         """The database dropped us: wait, reconnect (pool pre-ping), and fail+re-queue our trial."""
         self.database_errors += 1
-        cause = error.__cause__ or error
+        cause = error
+        while cause.__context__ is not None and not isinstance(cause, sqlalchemy.exc.SQLAlchemyError):
+            cause = cause.__cause__ or cause.__context__
         logger.warning("database error (%s: %s); reconnecting (%d/%d)", type(cause).__name__,
                        str(cause).strip().splitlines()[0] if str(cause).strip() else "",
                        self.database_errors, MAX_DATABASE_ERRORS)
@@ -403,6 +408,18 @@ class Worker:
         """Re-queue the trial an interrupt failed (Optuna marks it FAIL), with the same parameters."""
         if self.current is not None:
             self._fail_and_requeue(self.current._trial_id)
+
+
+def _caused_by_database(error: BaseException | None) -> bool:
+    """A database error, or an error raised while one was being handled (Optuna's own clean-up
+    after a failed `tell` can end in an AssertionError whose context is the database error)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DATABASE_ERRORS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _raise_interrupt(signum, frame):

@@ -16,11 +16,17 @@ import pytest
 from optuna.trial import TrialState
 
 from optsearch import study as studies
-from tests.conftest import OPTSEARCH, TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
+from tests.conftest import (
+    OPTSEARCH,
+    SLOW_SPEC,
+    TINY_SPEC,
+    optsearch_cmd,
+    storage_snapshot,
+    write_spec,
+)
 from tests.test_inspection import _free_port
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SLOW_SPEC = TINY_SPEC.replace("batch_size = 2", "batch_size = 1").replace("steps = 8", "steps = 16")
 
 
 def start_worker(url, *extra, env=None, study="tiny"):
@@ -60,7 +66,7 @@ def test_worker_survives_dropped_database_connections(tmp_path, pg_url):
             # A 5 s burst drops connections while they are in use, then one drop a second.
             time.sleep(0.02 if burst_end and time.monotonic() < burst_end else 1.0)
     _, err = worker.communicate(timeout=400)
-    assert terminated >= 10, "the test never dropped the worker's connections"
+    assert terminated >= 3, "the test never dropped the worker's connections"
     assert worker.returncode == 0, err
     assert "database error" in err or "heartbeat of trial" in err  # it noticed and went on
     trials = study.get_trials()

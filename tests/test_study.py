@@ -19,7 +19,14 @@ from optsearch import study as studies
 from optsearch.evaluate import GenerationConfig, generate, image_digest
 from optsearch.models import load_pipeline
 from optsearch.prompts import load_prompts
-from tests.conftest import OPTSEARCH, TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
+from tests.conftest import (
+    OPTSEARCH,
+    SLOW_SPEC,
+    TINY_SPEC,
+    optsearch_cmd,
+    storage_snapshot,
+    write_spec,
+)
 
 # Integer-only space: few distinct settings, so two workers do propose the same one.
 SMALL_SPACE = TINY_SPEC.replace("n_trials = 4", "n_trials = 6\nsampler = \"random\"") + """
@@ -67,12 +74,15 @@ def test_two_workers_share_a_postgres_study(tmp_path, pg_url):
     assert all(t.system_attrs.get("constraints") is not None for t in finished)
 
 
+def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:
+    """A study of few-second trials, and a worker process already running it."""
+    spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC)
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    return worker(url, "--artifact-dir", str(tmp_path / "artifacts")), load(url)
+
+
 def test_sigkill_then_restart_finishes_the_study(tmp_path, pg_url):
-    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("batch_size = 2", "batch_size = 1")
-                      .replace("steps = 8", "steps = 16"))
-    assert optsearch_cmd("study", "create", str(spec), "--storage", pg_url).returncode == 0
-    process = worker(pg_url, "--artifact-dir", str(tmp_path / "artifacts"))
-    study = load(pg_url)
+    process, study = slow_study_with_worker(tmp_path, pg_url)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         trials = study.get_trials(deepcopy=False)
@@ -104,11 +114,7 @@ def test_sigkill_then_restart_finishes_the_study(tmp_path, pg_url):
 
 def test_sigint_fails_requeues_and_exits_130(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("batch_size = 2", "batch_size = 1")
-                      .replace("steps = 8", "steps = 16"))
-    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    process = worker(url, "--artifact-dir", str(tmp_path / "artifacts"))
-    study = load(url)
+    process, study = slow_study_with_worker(tmp_path, url)
     deadline = time.monotonic() + 300
     while not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]:
         assert time.monotonic() < deadline and process.poll() is None
