@@ -175,10 +175,13 @@ class Comparison:
     def clip_loss_per_prompt(self) -> np.ndarray:
         return np.asarray(self.baseline_clip_scores) - np.asarray(self.clip_scores)
 
-    def interval(self, metric: str) -> Interval:
-        """The mean and confidence interval of `clip_loss`, `psnr` or `ssim` over prompts so far."""
-        values = self.clip_loss_per_prompt if metric == "clip_loss" else getattr(self, metric)
-        return Interval.of(values, self.confidence)
+    def per_prompt(self, metric: str) -> list[float] | np.ndarray:
+        """The per-prompt values of `clip_loss`, `psnr` or `ssim` measured so far."""
+        return self.clip_loss_per_prompt if metric == "clip_loss" else getattr(self, metric)
+
+    def interval(self, metric: str, confidence: float | None = None) -> Interval:
+        """The mean and confidence interval of a metric over the prompts measured so far."""
+        return Interval.of(self.per_prompt(metric), confidence or self.confidence)
 
     def summary(self) -> dict:
         """The figures a user reads and a trial records; per-prompt values are in `to_dict`."""
@@ -324,8 +327,7 @@ def early_stop_rule(metric: str, limit: float, min_batches: int) -> Callable[[Co
         if partial.batches_evaluated < min_batches or partial.images_evaluated < 2:
             return False
         per_look = 1 - (1 - partial.confidence) / partial.n_batches
-        values = partial.clip_loss_per_prompt if metric == "clip_loss" else getattr(partial, metric)
-        return violates(Interval.of(values, per_look), metric, limit)
+        return violates(partial.interval(metric, per_look), metric, limit)
 
     return should_stop
 
