@@ -156,10 +156,13 @@ class Worker:
             signal.signal(signal.SIGTERM, previous)
         return self.trials_run
 
-    def _counts(self) -> tuple[int, int]:
+    def _counts(self, ahead_of: int | None = None) -> tuple[int, int]:
+        """(finished, running) trials; with `ahead_of`, only running trials numbered below it."""
         trials = self.study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING))
         finished = sum(t.state in studies.FINISHED for t in trials)
-        return finished, len(trials) - finished
+        running = sum(t.state == TrialState.RUNNING and (ahead_of is None or t.number < ahead_of)
+                      for t in trials)
+        return finished, running
 
     def _loop(self) -> None:
         target = self.spec.search.n_trials
@@ -304,9 +307,7 @@ class Worker:
 
     def _is_surplus(self, trial: optuna.Trial) -> bool:
         """True when finished trials plus earlier running ones already fill n_trials."""
-        trials = self.study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING))
-        finished = sum(t.state in studies.FINISHED for t in trials)
-        ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
+        finished, ahead = self._counts(ahead_of=trial.number)
         if finished + ahead < self.spec.search.n_trials:
             return False
         fixed = self.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
