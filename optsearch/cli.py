@@ -121,10 +121,36 @@ def cmd_study_export(args) -> int:
     study, spec = load_study(_open(args), args.name)
     exported = export_study(study, spec)
     Path(args.output).write_text(json.dumps(exported, indent=2) + "\n", encoding="utf-8")
+    from .report import format_speedup
+
     best = exported["best"]
-    print(f"wrote {args.output}: best trial {best['trial']} ({best['combo']}), "
-          f"speedup {best['metrics']['speedup']:.2f}")
+    confirmed = best["confirmed"]
+    print(f"wrote {args.output}: best trial {best['trial']} ({best['combo']}), search speedup "
+          f"{format_speedup(best['metrics'])}; " + (
+              f"confirmed on {confirmed['num_samples']} unseen prompts: {format_speedup(confirmed)}"
+              if confirmed else "not confirmed (`optsearch study confirm` checks it on unseen prompts)"))
     return 0
+
+
+def cmd_study_confirm(args) -> int:
+    from .confirm import Confirmation, ConfirmOptions
+
+    options = ConfirmOptions(top=args.top, repeats=args.repeats, device=args.device,
+                             progress=not args.quiet)
+    _print_confirmations(Confirmation(args.storage, args.name, options))
+    return 0
+
+
+def _print_confirmations(confirmation) -> None:
+    from .report import format_interval, format_speedup, table
+
+    records = confirmation.run()
+    metric = confirmation.spec.quality.metric
+    rows = [[r["trial"], r["combo"], format_speedup(r), format_interval(r[metric]),
+             "yes" if r["feasible"] else "NO"] for r in records]
+    print(f"confirmed on {len(confirmation.prompts)} unseen prompts, "
+          f"{confirmation.options.repeats} interleaved rounds:")
+    print(table(["trial", "combo", "speedup", metric, "feasible"], rows))
 
 
 def cmd_study_delete(args) -> int:
@@ -193,6 +219,12 @@ def cmd_run(args) -> int:
     study = create_study(spec, storage, args.name, load_if_exists=True)
     worker = Worker(args.storage, study.study_name, _worker_options(args), evaluator)
     worker.run()
+    if args.confirm:
+        from .confirm import Confirmation, ConfirmOptions
+
+        options = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
+                                 progress=not args.quiet)
+        _print_confirmations(Confirmation(args.storage, study.study_name, options, evaluator))
     print(format_summary(study_summary(worker.study, worker.spec)))
     return 0
 
@@ -216,6 +248,16 @@ def _add_worker_options(parser) -> None:
     parser.add_argument("--halve-batch-on-oom", action="store_true",
                         help="retry an out-of-memory trial at half the batch size (same images)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -247,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="create (or load the identical) study and run one worker")
     run.add_argument("spec", help="study spec (TOML)")
     run.add_argument("--name", help="study name (default: the spec's name)")
+    run.add_argument("--confirm", type=_positive_int, default=0, metavar="K",
+                     help="then confirm the K best settings on unseen prompts (study confirm)")
+    run.add_argument("--repeats", type=_positive_int, default=2, metavar="R",
+                     help="interleaved timing rounds of --confirm (default 2)")
     _add_storage(run)
     _add_worker_options(run)
     run.set_defaults(handler=cmd_run)
@@ -257,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_options(worker)
     worker.set_defaults(handler=cmd_worker)
 
-    study = commands.add_parser("study", help="create, list, show, export or delete studies")
+    study = commands.add_parser("study", help="create, list, show, confirm, export or delete studies")
     study_commands = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
     create = study_commands.add_parser("create", help="create a study from a spec")
     create.add_argument("spec", help="study spec (TOML)")
@@ -275,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("name")
     export.add_argument("-o", "--output", default="search_params.json", metavar="FILE")
     export.set_defaults(handler=cmd_study_export)
+    confirm = study_commands.add_parser(
+        "confirm", help="re-measure the best settings on unseen prompts (interleaved timing)")
+    confirm.add_argument("name")
+    confirm.add_argument("--top", type=_positive_int, default=3, metavar="K",
+                         help="the K best feasible settings, plus each combo's best (default 3)")
+    confirm.add_argument("--repeats", type=_positive_int, default=2, metavar="R",
+                         help="baseline/setting timing rounds, interleaved (default 2)")
+    confirm.add_argument("--device", help="override model.device")
+    confirm.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    confirm.set_defaults(handler=cmd_study_confirm)
     delete = study_commands.add_parser("delete", help="delete a study and its trials")
     delete.add_argument("name")
     delete.set_defaults(handler=cmd_study_delete)
@@ -282,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("name")
     plot.add_argument("-o", "--output", required=True, metavar="DIR")
     plot.set_defaults(handler=cmd_study_plot)
-    for sub in (create, listing, show, export, delete, plot):
+    for sub in (create, listing, show, export, confirm, delete, plot):
         _add_storage(sub)
 
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard with trial image grids")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .accelerators import AppliedSetting, combo_name
 from .quality import ClipScorer, Interval, psnr, ssim_batch
+from .speedup import SpeedupInterval, speedup_interval
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ class GenerationConfig:
     seed: int = 42
 
     @classmethod
-    def from_spec(cls, spec) -> GenerationConfig:
+    def from_spec(cls, spec, seed: int | None = None) -> GenerationConfig:
+        """`seed`: the per-prompt generator seed base, when not the spec's prompts.seed."""
         model, prompts = spec.model, spec.prompts
         return cls(model.steps, model.height, model.width, model.guidance_scale,
-                   prompts.batch_size, prompts.seed)
+                   prompts.batch_size, prompts.seed if seed is None else seed)
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -115,12 +117,16 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
 
 @dataclass
 class Baseline:
-    """The plain pipeline's images, timing and CLIP scores: what every setting is compared with."""
+    """The plain pipeline's images, timing and CLIP scores: what every setting is compared with.
+
+    `batch_seconds` holds each timed batch's seconds per image, for the speedup interval.
+    """
 
     images: np.ndarray
     seconds_per_image: float
     clip_scores: np.ndarray
     image_features: torch.Tensor
+    batch_seconds: list[float] = field(default_factory=list)
 
     @property
     def clip_mean(self) -> float:
@@ -137,6 +143,8 @@ class Comparison:
     n_batches: int
     confidence: float
     baseline_seconds_per_image: float
+    baseline_batch_seconds: list[float] = field(default_factory=list)
+    batch_seconds: list[float] = field(default_factory=list)  # seconds per image of each batch
     batches_evaluated: int = 0
     inference_seconds: float = 0.0
     warmup_seconds: float = 0.0
@@ -168,6 +176,11 @@ class Comparison:
         return self.baseline_seconds_per_image / self.seconds_per_image
 
     @property
+    def speedup_interval(self) -> SpeedupInterval:
+        return speedup_interval(self.baseline_batch_seconds, self.batch_seconds, self.confidence,
+                                self.speedup)
+
+    @property
     def clip_mean(self) -> float:
         return float(np.mean(self.clip_scores))
 
@@ -188,7 +201,7 @@ class Comparison:
         return {
             "combo": self.combo,
             "setting": self.setting,
-            "speedup": self.speedup,
+            **self.speedup_interval.to_dict(),
             "seconds_per_image": self.seconds_per_image,
             "baseline_seconds_per_image": self.baseline_seconds_per_image,
             "clip_mean": self.clip_mean,
@@ -201,6 +214,7 @@ class Comparison:
             "n_batches": self.n_batches,
             "batch_size": self.batch_size,
             "early_stopped": self.early_stopped,
+            "confidence": self.confidence,
             "inference_seconds": self.inference_seconds,
             "warmup_seconds": self.warmup_seconds,
             "scoring_seconds": self.scoring_seconds,
@@ -217,7 +231,9 @@ class Comparison:
             "clip_image_cosine": self.clip_image_cosine,
             "image_digests": self.image_digests,
         }
-        return {**self.summary(), "per_prompt": per_prompt}
+        timing = {"batch_seconds": self.batch_seconds,
+                  "baseline_batch_seconds": self.baseline_batch_seconds}
+        return {**self.summary(), "per_prompt": per_prompt, "per_batch": timing}
 
 
 def image_digest(image: np.ndarray) -> str:
@@ -252,19 +268,37 @@ class Evaluator:
     def n_batches(self) -> int:
         return n_batches(len(self.prompts), self.config.batch_size)
 
-    def baseline(self) -> Baseline:
-        """Generate, time and score the plain pipeline."""
-        images, seconds, scores, features = [], 0.0, [], []
+    def baseline(self, scored: Baseline | None = None) -> Baseline:
+        """Generate, time and score the plain pipeline.
+
+        With `scored` (a stored baseline of the same prompts and seeds: images do not depend on the
+        machine) only the timing is this call's own; its images, scores and features are kept.
+        """
+        images, seconds, batch_seconds, scores, features = [], 0.0, [], [], []
         for batch in generate(self.pipe, self.prompts, self.config, progress=self.progress,
                               description="baseline"):
             images.append(batch.images)
             seconds += batch.seconds
-            batch_scores, batch_features = self.scorer.score(
-                batch.images, [self.prompts[i] for i in batch.indices])
-            scores.append(batch_scores)
-            features.append(batch_features)
-        return Baseline(np.concatenate(images), seconds / len(self.prompts),
-                        np.concatenate(scores), torch.cat(features))
+            batch_seconds.append(batch.seconds / len(batch.indices))
+            if scored is None:
+                batch_scores, batch_features = self.scorer.score(
+                    batch.images, [self.prompts[i] for i in batch.indices])
+                scores.append(batch_scores)
+                features.append(batch_features)
+        seconds_per_image = seconds / len(self.prompts)
+        if scored is not None:
+            return Baseline(scored.images, seconds_per_image, scored.clip_scores,
+                            scored.image_features, batch_seconds)
+        return Baseline(np.concatenate(images), seconds_per_image, np.concatenate(scores),
+                        torch.cat(features), batch_seconds)
+
+    def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:
+        """Time a setting alone (no scoring): (seconds per image, per-batch seconds per image)."""
+        with AppliedSetting(self.pipe, setting) as applied:
+            batches = list(generate(self.pipe, self.prompts, self.config, setting=applied,
+                                    progress=self.progress, description=applied.combo))
+        total = sum(batch.seconds for batch in batches)
+        return total / len(self.prompts), [b.seconds / len(b.indices) for b in batches]
 
     def compare(self, setting: Mapping, baseline: Baseline,
                 stop_when: Callable[[Comparison], bool] | None = None,
@@ -278,6 +312,7 @@ class Evaluator:
             setting={}, num_samples=len(self.prompts), batch_size=self.config.batch_size,
             n_batches=self.n_batches, confidence=self.confidence,
             baseline_seconds_per_image=baseline.seconds_per_image,
+            baseline_batch_seconds=list(baseline.batch_seconds),
         )
         with AppliedSetting(self.pipe, setting) as applied:
             result.setting = applied.setting
@@ -286,6 +321,7 @@ class Evaluator:
                                   fault=self.fault,
                                   on_warmup=lambda seconds: setattr(result, "warmup_seconds", seconds)):
                 result.inference_seconds += batch.seconds
+                result.batch_seconds.append(batch.seconds / len(batch.indices))
                 self._score(result, batch, baseline, keep_images)
                 result.batches_evaluated += 1
                 if stop_when is not None and result.batches_evaluated < self.n_batches \
@@ -332,13 +368,16 @@ def early_stop_rule(metric: str, limit: float, min_batches: int) -> Callable[[Co
     return should_stop
 
 
-def evaluator_from_spec(spec, device: str | None = None, progress: bool = False) -> Evaluator:
-    """Load the spec's pipeline, CLIP model and prompts once, for any number of comparisons."""
+def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
+                        prompts: list[str] | None = None) -> Evaluator:
+    """Load the spec's pipeline, CLIP model and prompts (or `prompts`) once, for any number of
+    comparisons."""
     from .models import load_pipeline, resolve_placement
     from .prompts import load_prompts
 
-    prompts = load_prompts(spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed,
-                           spec.prompts.shuffle, spec.prompts.column)
+    if prompts is None:
+        prompts = load_prompts(spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed,
+                               spec.prompts.shuffle, spec.prompts.column)
     model = spec.model
     pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler)
     placement = resolve_placement(device or model.device, model.dtype)

@@ -28,12 +28,41 @@ def save_images(folder: Path, baseline: np.ndarray, setting: list[np.ndarray]) -
 FORMAT = "optsearch.search_params/1"
 
 
-def _entry(trial) -> dict:
+def _entry(trial, confirmed: dict | None = None, metric: str = "clip_loss") -> dict:
     from .study import trial_metrics
 
     metrics = trial_metrics(trial)
     return {"trial": trial.number, "combo": metrics.pop("combo"), "setting": metrics.pop("setting"),
-            "values": list(trial.values), "metrics": metrics}
+            "values": list(trial.values), "metrics": metrics,
+            "confirmed": confirmed_entry(confirmed, metric) if confirmed else None}
+
+
+CONFIRMED_KEYS = ("prompts", "num_samples", "seed", "repeats", "speedup", "speedup_low",
+                  "speedup_high", "seconds_per_image", "baseline_seconds_per_image", "feasible",
+                  "rule", "image_digests", "device", "fingerprint", "date")
+
+
+def confirmed_entry(record: dict, metric: str) -> dict:
+    """The `confirmed` object of an exported setting: unseen-prompt figures of its confirmation."""
+    return {**{key: record.get(key) for key in CONFIRMED_KEYS}, metric: record[metric]}
+
+
+def best_confirmed(records: list[dict], spec) -> dict | None:
+    """The best setting that is feasible on confirmation, by the study's objective."""
+    feasible = [r for r in records if r["feasible"]]
+    if not feasible:
+        return None
+    if spec.objective.mode == "target-speedup":
+        sign = 1 if spec.quality.metric == "clip_loss" else -1
+        return min(feasible, key=lambda r: sign * r[spec.quality.metric]["mean"])
+    return max(feasible, key=lambda r: r["speedup"])
+
+
+def _latest_by_trial(records: list[dict]) -> dict[int, dict]:
+    latest: dict[int, dict] = {}
+    for record in sorted(records, key=lambda r: r["date"]):
+        latest[record["trial"]] = record
+    return latest
 
 
 def export_study(study, spec) -> dict:
@@ -47,9 +76,22 @@ def export_study(study, spec) -> dict:
 
     from . import __version__
     from .errors import NothingToExport
-    from .study import baselines, best_overall, best_per_combo, pareto_front, spec_attr
+    from .study import baselines, best_overall, best_per_combo, confirmations, pareto_front, spec_attr
 
-    best = best_overall(study, spec)
+    records = list(confirmations(study).values())
+    confirmed_by_trial = _latest_by_trial(records)
+    metric = spec.quality.metric
+    if records:
+        winner = best_confirmed(records, spec)
+        if winner is None:
+            raise NothingToExport(f"none of the {len(records)} settings confirmed on unseen prompts "
+                                  f"of study {study.study_name!r} is feasible there: run more "
+                                  "trials and `study confirm` again, or relax the limit")
+        best = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+            study._study_id, winner["trial"]))
+        confirmed_by_trial[best.number] = winner
+    else:
+        best = best_overall(study, spec)
     if best is None:
         raise NothingToExport(f"study {study.study_name!r} has no feasible trial yet: run more "
                               "trials or relax quality.limit")
@@ -60,8 +102,9 @@ def export_study(study, spec) -> dict:
         "metric": spec.quality.metric,
         "limit": spec.quality.limit,
         "target_speedup": spec.objective.target_speedup,
-        "best": _entry(best),
-        "per_combo": {combo: _entry(trial) for combo, trial in best_per_combo(study, spec).items()},
+        "best": _entry(best, confirmed_by_trial.get(best.number), metric),
+        "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
+                      for combo, trial in best_per_combo(study, spec).items()},
         "baseline": baselines(study).get(best.user_attrs.get("fingerprint")),
         "spec": {"name": spec.name, **spec_attr(spec)},
         "provenance": {
@@ -74,5 +117,6 @@ def export_study(study, spec) -> dict:
     if exported["baseline"] is not None:
         exported["baseline"] = {k: v for k, v in exported["baseline"].items() if k != "clip_scores"}
     if spec.objective.mode == "pareto":
-        exported["front"] = [_entry(trial) for trial in pareto_front(study, spec)]
+        exported["front"] = [_entry(trial, confirmed_by_trial.get(trial.number), metric)
+                             for trial in pareto_front(study, spec)]
     return exported

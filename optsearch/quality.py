@@ -112,7 +112,7 @@ def ssim_batch(references: np.ndarray, images: np.ndarray,
     return value.reshape(len(references), -1).mean(dim=1).tolist()
 
 
-def t_quantile(confidence: float, df: int) -> float:
+def t_quantile(confidence: float, df: float) -> float:
     """The two-sided Student-t quantile for `confidence` with `df` degrees of freedom."""
     from scipy.stats import t
 
@@ -138,3 +138,18 @@ class Interval:
 
     def to_dict(self) -> dict:
         return {"mean": self.mean, "low": self.low, "high": self.high}
+
+
+def unsafe_side(interval: Interval, metric: str, rule: str = "mean") -> float:
+    """The figure the feasibility rule checks: the mean, or (rule "bound") the confidence bound on
+    the unsafe side (the high end of a loss, the low end of PSNR/SSIM)."""
+    if rule == "mean":
+        return interval.mean
+    return interval.high if metric == "clip_loss" else interval.low
+
+
+def quality_margin(interval: Interval, metric: str, limit: float, rule: str = "mean") -> float:
+    """How far the metric is past its limit under `rule`: <= 0 is feasible (Optuna's convention)."""
+    value = unsafe_side(interval, metric, rule)
+    margin = value - limit if metric == "clip_loss" else limit - value
+    return margin if math.isfinite(margin) else 1e9

@@ -32,15 +32,59 @@ def format_setting(setting: dict) -> str:
     return " + ".join(parts) or "baseline"
 
 
+def format_interval(interval: dict | None, digits: int = 3) -> str:
+    """'0.120 [0.050, 0.190]' from {'mean', 'low', 'high'}; '-' for a missing bound."""
+    if not interval or interval.get("mean") is None:
+        return "-"
+
+    def bound(value) -> str:
+        return "-" if value is None or abs(value) == float("inf") else f"{value:.{digits}f}"
+
+    return f"{interval['mean']:.{digits}f} [{bound(interval.get('low'))}, {bound(interval.get('high'))}]"
+
+
+def format_speedup(figures: dict) -> str:
+    """'2.10 [1.95, 2.27]' from a dict with speedup, speedup_low and speedup_high."""
+    if figures.get("speedup") is None:
+        return "-"
+    return format_interval({"mean": figures["speedup"], "low": figures.get("speedup_low"),
+                            "high": figures.get("speedup_high")}, digits=2)
+
+
 def comparison_table(summary: dict) -> str:
-    """Baseline vs one setting: seconds per image, speedup, CLIP, loss with CI, PSNR, SSIM."""
-    loss = summary["clip_loss"]
+    """Baseline vs one setting: seconds per image, speedup and CLIP loss with CIs, PSNR, SSIM."""
+    percent = f"{round(100 * summary.get('confidence', 0.95))}%"
     rows = [
-        ["baseline", summary["baseline_seconds_per_image"], 1.0, summary["baseline_clip_mean"],
+        ["baseline", summary["baseline_seconds_per_image"], "1", summary["baseline_clip_mean"],
          "-", "-", "-"],
-        [summary["combo"], summary["seconds_per_image"], summary["speedup"], summary["clip_mean"],
-         f"{loss['mean']:.3f} [{loss['low']:.3f}, {loss['high']:.3f}]",
-         summary["psnr"]["mean"], summary["ssim"]["mean"]],
+        [summary["combo"], summary["seconds_per_image"], format_speedup(summary), summary["clip_mean"],
+         format_interval(summary["clip_loss"]), format_interval(summary["psnr"], 2),
+         format_interval(summary["ssim"])],
     ]
-    headers = ["setting", "s/image", "speedup", "CLIP", "CLIP loss [95% CI]", "PSNR dB", "SSIM"]
+    headers = ["setting", "s/image", f"speedup [{percent} CI]", "CLIP", f"CLIP loss [{percent} CI]",
+               "PSNR dB", "SSIM"]
     return table(headers, rows)
+
+
+def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) -> str:
+    """The Markdown note optuna-dashboard shows on a trial: what was measured and how sure it is."""
+    metric, confidence = spec.quality.metric, round(100 * spec.quality.confidence)
+    constraints = figures.get("constraints") or {}
+    feasible = bool(constraints) and all(v <= 0 for v in constraints.values())
+    quality = {"mean": figures.get(metric), "low": figures.get(f"{metric}_low"),
+               "high": figures.get(f"{metric}_high")}
+    lines = [f"## Trial {number}: {figures.get('combo', '?')}", "",
+             f"- speedup **{format_speedup(figures)}** ({confidence} % CI, against this worker's "
+             "own baseline)",
+             f"- {metric} **{format_interval(quality)}** (limit {spec.quality.limit}, rule "
+             f"{spec.quality.rule})",
+             f"- {'feasible' if feasible else '**infeasible**'} in the search"]
+    if figures.get("early_stopped"):
+        lines.append(f"- early-stopped after {figures.get('batches_evaluated')} batches")
+    if confirmed:
+        lines += ["", f"### Confirmed on {confirmed['num_samples']} unseen prompts "
+                      f"({confirmed['repeats']} interleaved rounds)",
+                  f"- speedup **{format_speedup(confirmed)}**",
+                  f"- {metric} **{format_interval(confirmed[metric])}**",
+                  f"- {'feasible' if confirmed['feasible'] else '**infeasible**'} on confirmation"]
+    return "\n".join(lines) + "\n"

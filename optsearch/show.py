@@ -1,4 +1,5 @@
-"""What `optsearch study show` and `study list` print: baselines, counts, best per combo."""
+"""What `optsearch study show` prints: baselines and each worker's timings, counts, the best per
+combo with intervals, and confirmed figures beside the search's."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import optuna
 from optuna.trial import TrialState
 
 from . import study as studies
-from .report import format_setting, table
+from .report import format_interval, format_setting, format_speedup, table
 
 
 def study_summary(study: optuna.Study, spec) -> dict:
     trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
     states = Counter(t.state.name for t in trials)
     saved = sum(t.user_attrs.get("early_stop_saved_s", 0.0) for t in trials)
     return {
@@ -26,7 +28,13 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "early_stopped": sum(bool(t.user_attrs.get("early_stopped")) for t in trials),
         "early_stop_saved_s": saved,
         "reused": sum(t.user_attrs.get("reused_from") is not None for t in trials),
+        "confidence": spec.quality.confidence,
+        "rule": spec.quality.rule,
         "baselines": list(studies.baselines(study).values()),
+        "timings": studies.timings(study),
+        "confirmations": [{**record, "search": studies.trial_metrics(by_number[record["trial"]])}
+                          for record in sorted(studies.confirmations(study).values(),
+                                               key=lambda r: r["date"])],
         "best_per_combo": {combo: studies.trial_metrics(trial)
                            for combo, trial in studies.best_per_combo(study, spec).items()},
         "best": (lambda t: studies.trial_metrics(t) if t else None)(studies.best_overall(study, spec)),
@@ -46,13 +54,51 @@ def format_summary(summary: dict) -> str:
              b["clip_mean"], b["host"]] for b in summary["baselines"]]
     lines.append(table(["fingerprint", "device", "dtype", "batch", "s/image", "CLIP", "host"], rows)
                  if rows else "  (none yet)")
-    lines.append("")
-    lines.append("best feasible trial per combo:")
+    if summary["timings"]:
+        lines += ["", "baseline timings (each worker times its own; speedups use its own):"]
+        lines.append(_timings_table(summary["timings"]))
+    metric = summary["metric"]
+    percent = f"{round(100 * summary['confidence'])}%"
+    confirmed = {r["trial"]: r for r in summary["confirmations"]}
+    lines += ["", f"best feasible trial per combo (search figures [{percent} CI]; rule "
+                  f"{summary['rule']}):"]
     rows = []
     for combo, m in summary["best_per_combo"].items():
         best = " *" if summary["best"] and m["trial"] == summary["best"]["trial"] else ""
-        rows.append([combo + best, m["trial"], m["speedup"], m["clip_loss"], m["psnr"], m["ssim"],
+        check = confirmed.get(m["trial"])
+        rows.append([combo + best, m["trial"], format_speedup(m), _trial_interval(m, metric),
+                     format_speedup(check) if check else "-",
+                     format_interval(check[metric]) if check else "-",
                      format_setting(m["setting"] or {})])
-    lines.append(table(["combo", "trial", "speedup", "CLIP loss", "PSNR", "SSIM", "setting"], rows)
-                 if rows else "  (no feasible trial yet)")
+    headers = ["combo", "trial", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
+               "setting"]
+    lines.append(table(headers, rows) if rows else "  (no feasible trial yet)")
+    if summary["confirmations"]:
+        lines += ["", "confirmations on unseen prompts (search | confirmed, interleaved timing):"]
+        lines.append(_confirmations_table(summary["confirmations"], metric))
     return "\n".join(lines)
+
+
+def _trial_interval(metrics: dict, metric: str) -> str:
+    return format_interval({"mean": metrics.get(metric), "low": metrics.get(f"{metric}_low"),
+                            "high": metrics.get(f"{metric}_high")})
+
+
+def _timings_table(timings: list[dict]) -> str:
+    rows = []
+    for record in timings:
+        seconds = [t["seconds_per_image"] for t in record["timings"]]
+        rows.append([record["worker"], record["device_index"], record["fingerprint"], len(seconds),
+                     seconds[0] if seconds else None, seconds[-1] if seconds else None,
+                     record["timings"][0]["at"] if seconds else None])
+    return table(["worker", "device", "fingerprint", "timings", "first s/image", "last s/image",
+                  "timed at"], rows)
+
+
+def _confirmations_table(records: list[dict], metric: str) -> str:
+    rows = [[r["trial"], r["combo"], format_speedup(r["search"]), format_speedup(r),
+             _trial_interval(r["search"], metric), format_interval(r[metric]), r["num_samples"],
+             r["repeats"], "yes" if r["feasible"] else "NO", r["device"]]
+            for r in records]
+    return table(["trial", "combo", "search speedup", "confirmed speedup", f"search {metric}",
+                  f"confirmed {metric}", "prompts", "rounds", "feasible", "device"], rows)

@@ -17,6 +17,7 @@ from .accelerators import COMBOS, ORDER, combo_name, params_of
 
 DTYPES = ("float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim")
+RULES = ("mean", "bound")
 MODES = ("max-speedup", "target-speedup", "pareto")
 SAMPLERS = ("tpe", "gp", "random", "grid")
 PROMPT_SOURCES = ("coco2017", "parti", "builtin")
@@ -65,6 +66,7 @@ class QualitySpec:
     metric: str = "clip_loss"
     limit: float = 0.3
     confidence: float = 0.95
+    rule: str = "mean"  # feasible when the mean meets the limit, or ("bound") its unsafe-side bound
 
 
 @dataclass
@@ -82,6 +84,7 @@ class SearchSpec:
     min_batches: int = 2  # batches evaluated before early stop may decide
     seed: int | None = None  # sampler seed
     n_startup_trials: int = 20  # tuned on the recorded landscape (benchmarks/RESULTS.md)
+    retime_baseline_every: int = 0  # re-time the worker's baseline every N trials; 0: once per worker
 
     @property
     def combos(self) -> list[tuple[str, ...]]:
@@ -98,6 +101,15 @@ class ArtifactSpec:
 
 
 @dataclass
+class ConfirmSpec:
+    """Prompts for `study confirm`: by default the next num_samples prompts of the search's source."""
+
+    source: str | None = None
+    num_samples: int | None = None
+    seed: int | None = None
+
+
+@dataclass
 class StudySpec:
     name: str = "optsearch"
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -106,6 +118,7 @@ class StudySpec:
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
     artifacts: ArtifactSpec = field(default_factory=ArtifactSpec)
+    confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
     # accelerator -> param -> [low, high] or [low, high, step] or a fixed value
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -148,6 +161,7 @@ SECTIONS = {
     "objective": ObjectiveSpec,
     "search": SearchSpec,
     "artifacts": ArtifactSpec,
+    "confirm": ConfirmSpec,
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
@@ -160,7 +174,7 @@ def _expected_type(section: type, key: str) -> type | None:
     if isinstance(default, (int, float, str)):
         return float if isinstance(default, float) else type(default)
     hints = {"scheduler": str, "height": int, "width": int, "target_speedup": float,
-             "seed": int, "column": str}
+             "seed": int, "column": str, "source": str, "num_samples": int}
     return hints.get(key)
 
 
@@ -317,10 +331,7 @@ def _validate(spec: StudySpec, problem) -> None:
         problem("prompts.num_samples", f"{prompts.num_samples} must be >= 1")
     if prompts.batch_size < 1:
         problem("prompts.batch_size", f"{prompts.batch_size} must be >= 1")
-    source = prompts.source
-    if source not in PROMPT_SOURCES and not source.lower().endswith(PROMPT_FILE_SUFFIXES):
-        problem("prompts.source", f"unknown prompt source {source!r} (allowed: "
-                f"{', '.join(PROMPT_SOURCES)}, or a {'/'.join(PROMPT_FILE_SUFFIXES)} file)")
+    _check_source("prompts.source", prompts.source, problem)
     if quality.metric not in METRICS:
         problem("quality.metric", f"unknown metric {quality.metric!r} (allowed: {', '.join(METRICS)})")
     elif quality.metric == "ssim" and not -1 <= quality.limit <= 1:
@@ -329,6 +340,8 @@ def _validate(spec: StudySpec, problem) -> None:
         problem("quality.limit", "must be a finite number")
     if not 0.5 <= quality.confidence < 1:
         problem("quality.confidence", "must be in [0.5, 1)")
+    if quality.rule not in RULES:
+        problem("quality.rule", f"unknown rule {quality.rule!r} (allowed: {', '.join(RULES)})")
     if objective.mode not in MODES:
         problem("objective.mode", f"unknown mode {objective.mode!r} (allowed: {', '.join(MODES)})")
     elif objective.mode == "target-speedup":
@@ -346,6 +359,13 @@ def _validate(spec: StudySpec, problem) -> None:
         problem("search.min_batches", "must be >= 1")
     if search.n_startup_trials < 0:
         problem("search.n_startup_trials", "must be >= 0")
+    if search.retime_baseline_every < 0:
+        problem("search.retime_baseline_every", "must be >= 0 (0: time the baseline once per worker)")
+    confirm = spec.confirm
+    if confirm.num_samples is not None and confirm.num_samples < 1:
+        problem("confirm.num_samples", f"{confirm.num_samples} must be >= 1")
+    if confirm.source is not None:
+        _check_source("confirm.source", confirm.source, problem)
     if search.accelerators != "any":
         unknown = [name for name in search.accelerators if name not in ORDER]
         if unknown:
@@ -370,6 +390,12 @@ def _validate(spec: StudySpec, problem) -> None:
                     f"{list(gate[:2])} goes past model.steps={model.steps} (allowed: 1..steps)")
     if spec.artifacts.grid_prompts < 0:
         problem("artifacts.grid_prompts", "must be >= 0")
+
+
+def _check_source(key: str, source: str, problem) -> None:
+    if source not in PROMPT_SOURCES and not source.lower().endswith(PROMPT_FILE_SUFFIXES):
+        problem(key, f"unknown prompt source {source!r} (allowed: "
+                f"{', '.join(PROMPT_SOURCES)}, or a {'/'.join(PROMPT_FILE_SUFFIXES)} file)")
 
 
 def _is_cuda_index(device: str) -> bool:

@@ -16,12 +16,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .accelerators import combo_name
 from .errors import UsageError
+from .quality import Interval, quality_margin
 from .spec import StudySpec, spec_from_dict
 from .storage import mask
 
 SPEC_ATTR = "optsearch:spec"
 VERSION_ATTR = "optsearch:version"
 BASELINE_PREFIX = "optsearch:baseline:"
+TIMING_PREFIX = "optsearch:timing:"  # + fingerprint:worker -> the baseline timings of one worker
+CONFIRM_PREFIX = "optsearch:confirm:"  # + digest -> one setting re-measured on unseen prompts
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # The older constraint form that optuna-dashboard reads (Optuna 5 stores "constraints:<name>").
 DASHBOARD_CONSTRAINTS_KEY = "constraints"
@@ -48,13 +51,26 @@ def objective_values(spec: StudySpec, summary: dict) -> list[float]:
             "pareto": [speedup, quality]}[spec.objective.mode]
 
 
+def metric_names(spec: StudySpec) -> list[str]:
+    """Names of the objective values, in the order of `directions` (shown by the dashboard)."""
+    return {"max-speedup": ["speedup"], "target-speedup": [spec.quality.metric],
+            "pareto": ["speedup", spec.quality.metric]}[spec.objective.mode]
+
+
 def constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
-    """Optuna constraint values (feasible when <= 0) for a measured setting."""
+    """Optuna constraint values (feasible when <= 0) for a measured setting.
+
+    `quality.rule` decides which figure must meet the limit: the mean, or ("bound") the confidence
+    bound on the unsafe side (the speedup's low bound in target-speedup mode).
+    """
+    rule = spec.quality.rule
     if spec.objective.mode == "target-speedup":
-        return {"speedup": spec.objective.target_speedup - summary["speedup"]}
-    quality = summary[spec.quality.metric]["mean"]
-    limit = spec.quality.limit
-    return {"quality": quality - limit if spec.quality.metric == "clip_loss" else limit - quality}
+        speedup = summary["speedup"] if rule == "mean" else summary.get("speedup_low")
+        if speedup is None or not math.isfinite(speedup):
+            return {"speedup": 1e9}
+        return {"speedup": spec.objective.target_speedup - speedup}
+    interval = Interval(**summary[spec.quality.metric])
+    return {"quality": quality_margin(interval, spec.quality.metric, spec.quality.limit, rule)}
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
@@ -145,6 +161,7 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
             raise UsageError(f"study {name!r} exists with a different spec (differs in: "
                              f"{differing}): use another --name") from None
         return load_study(storage, name)[0]
+    study.set_metric_names(metric_names(spec))
     study.set_user_attr(SPEC_ATTR, wanted)
     study.set_user_attr(VERSION_ATTR, __version__)
     study.sampler = make_sampler(spec)
@@ -190,6 +207,27 @@ def baselines(study: optuna.Study) -> dict[str, dict]:
 
 def save_baseline(study: optuna.Study, record: dict) -> None:
     study.set_user_attr(BASELINE_PREFIX + record["fingerprint"], record)
+
+
+def save_timing(study: optuna.Study, record: dict) -> None:
+    """Store (replace) one worker's baseline timings for one fingerprint."""
+    study.set_user_attr(f"{TIMING_PREFIX}{record['fingerprint']}:{record['worker']}", record)
+
+
+def timings(study: optuna.Study) -> list[dict]:
+    """Every worker's baseline timing record, oldest first."""
+    records = [value for key, value in study.user_attrs.items() if key.startswith(TIMING_PREFIX)]
+    return sorted(records, key=lambda r: r["timings"][0]["at"] if r.get("timings") else "")
+
+
+def save_confirmation(study: optuna.Study, record: dict) -> None:
+    study.set_user_attr(CONFIRM_PREFIX + record["key"], record)
+
+
+def confirmations(study: optuna.Study) -> dict[str, dict]:
+    """Every stored confirmation, keyed by its digest (setting, device fingerprint, prompts)."""
+    return {key.removeprefix(CONFIRM_PREFIX): value for key, value in study.user_attrs.items()
+            if key.startswith(CONFIRM_PREFIX)}
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -242,8 +280,10 @@ def pareto_front(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
 
 def trial_metrics(trial: FrozenTrial) -> dict:
     """The figures recorded on a trial, for tables and exports."""
-    keys = ("combo", "setting", "speedup", "seconds_per_image", "baseline_seconds_per_image",
-            "clip_mean", "clip_loss", "clip_loss_low", "clip_loss_high", "psnr", "ssim",
+    keys = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "seconds_per_image",
+            "baseline_seconds_per_image",
+            "clip_mean", "clip_loss", "clip_loss_low", "clip_loss_high", "psnr", "psnr_low",
+            "psnr_high", "ssim", "ssim_low", "ssim_high",
             "clip_image_cosine", "batches_evaluated", "early_stopped", "device", "host",
             "batch_size", "fingerprint", "constraints", "reused_from")
     metrics = {key: trial.user_attrs.get(key) for key in keys}

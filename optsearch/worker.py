@@ -15,6 +15,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -33,8 +34,10 @@ from tqdm.auto import tqdm
 from . import study as studies
 from .accelerators import combo_name, normalize_setting
 from .artifacts import download_arrays, image_grid, open_artifact_store, upload_arrays, upload_bytes
+from .dashboard import write_trial_note
 from .evaluate import Baseline, Comparison, Evaluator, early_stop_rule, evaluator_from_spec
 from .faults import oom_fault_from_env
+from .report import format_interval, trial_note
 from .storage import DATABASE_ERRORS, GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
 
 logger = logging.getLogger(__name__)
@@ -103,6 +106,12 @@ class Worker:
         self.host = socket.gethostname()
         self.worker_id = f"{self.host}:{os.getpid()}"
         self.baseline: Baseline | None = None
+        device = self.evaluator.pipe.unet.device
+        self.timing_record = {"worker": self.worker_id, "host": self.host,
+                              "device": self.facts["device"], "device_index": str(device),
+                              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                              "timings": []}
+        self.trials_since_timing = 0
         self.current: optuna.Trial | None = None  # the trial being measured, until it is told
         self.trials_run = 0
         self.database_errors = 0
@@ -110,36 +119,65 @@ class Worker:
     # -- baseline -------------------------------------------------------------------------------
 
     def ensure_baseline(self) -> Baseline:
-        """Reuse the stored baseline of this fingerprint, or time and store one."""
-        record = studies.baselines(self.study).get(self.fingerprint)
-        if record is not None:
-            try:
-                arrays = download_arrays(self.artifacts, record["images_artifact"])
-                self.baseline = Baseline(arrays["images"], record["seconds_per_image"],
-                                         np.asarray(record["clip_scores"]),
-                                         torch.from_numpy(arrays["image_features"]))
-                logger.info("reusing baseline %s", self.fingerprint)
-                return self.baseline
-            except Exception as error:  # artifact store not shared with this machine
-                logger.warning("stored baseline images unavailable (%s): regenerating", error)
-        baseline = self.evaluator.baseline()
-        artifact = upload_arrays(self.artifacts, self.study, f"baseline-{self.fingerprint}.npz",
-                                 images=baseline.images,
-                                 image_features=baseline.image_features.cpu().numpy())
-        record = {
-            "fingerprint": self.fingerprint, **self.facts, "host": self.host,
-            "seconds_per_image": baseline.seconds_per_image,
-            "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
-            "num_samples": len(self.evaluator.prompts), "images_artifact": artifact,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        if self.fingerprint not in studies.baselines(self.study):
-            studies.save_baseline(self.study, record)
-            self._upload_grid(self.study, f"baseline-{self.fingerprint}.png",
-                              f"baseline {self.facts['device']}: "
-                              f"{baseline.seconds_per_image:.3f} s/image", baseline.images, None)
+        """Time this worker's own baseline; reuse the stored images and scores of its fingerprint.
+
+        Images, CLIP scores and features do not depend on the machine, but timings do: every
+        worker times the baseline itself (warm-up untimed) and records who timed what.
+        """
+        stored = self._stored_baseline()
+        baseline = self.evaluator.baseline(scored=stored)
+        if stored is None:
+            artifact = upload_arrays(self.artifacts, self.study, f"baseline-{self.fingerprint}.npz",
+                                     images=baseline.images,
+                                     image_features=baseline.image_features.cpu().numpy())
+            record = {
+                "fingerprint": self.fingerprint, **self.facts, "host": self.host,
+                "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
+                "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
+                "num_samples": len(self.evaluator.prompts), "images_artifact": artifact,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            if self.fingerprint not in studies.baselines(self.study):
+                studies.save_baseline(self.study, record)
+                self._upload_grid(self.study, f"baseline-{self.fingerprint}.png",
+                                  f"baseline {self.facts['device']}: "
+                                  f"{baseline.seconds_per_image:.3f} s/image", baseline.images, None)
+        self._record_timing(baseline)
         self.baseline = baseline
         return baseline
+
+    def _stored_baseline(self) -> Baseline | None:
+        """The stored images and scores of this fingerprint, if the artifact store has them."""
+        record = studies.baselines(self.study).get(self.fingerprint)
+        if record is None:
+            return None
+        try:
+            arrays = download_arrays(self.artifacts, record["images_artifact"])
+        except Exception as error:  # artifact store not shared with this machine
+            logger.warning("stored baseline images unavailable (%s): regenerating", error)
+            return None
+        logger.info("reusing baseline images %s; timing our own", self.fingerprint)
+        return Baseline(arrays["images"], math.nan, np.asarray(record["clip_scores"]),
+                        torch.from_numpy(arrays["image_features"]))
+
+    def _record_timing(self, baseline: Baseline) -> None:
+        """Append this timing to the worker's record in the study: who timed what, where, when."""
+        self.timing_record.setdefault("fingerprint", self.fingerprint)
+        self.timing_record["timings"].append({
+            "seconds_per_image": baseline.seconds_per_image,
+            "batch_seconds": baseline.batch_seconds,
+            "after_trials": self.trials_run,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        self.trials_since_timing = 0
+        studies.save_timing(self.study, self.timing_record)
+
+    def _retime_if_due(self) -> None:
+        every = self.spec.search.retime_baseline_every
+        if every and self.trials_since_timing >= every:
+            logger.info("re-timing the baseline after %d trials", self.trials_since_timing)
+            self.baseline = self.evaluator.baseline(scored=self.baseline)
+            self._record_timing(self.baseline)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -199,6 +237,7 @@ class Worker:
         if finished + running >= target:  # the last trials belong to other workers
             time.sleep(self.options.poll_interval)
             return True
+        self._retime_if_due()
         self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
                             gc_after_trial=False, show_progress_bar=False)
         self.current = None  # told to the storage: no longer ours to re-queue
@@ -271,6 +310,7 @@ class Worker:
             return self._reuse(trial, previous)
         result = self._measure(trial, setting)
         self.trials_run += 1
+        self.trials_since_timing += 1
         return self._record(trial, result)
 
     def _measure(self, trial: optuna.Trial, setting: dict) -> Comparison:
@@ -297,6 +337,7 @@ class Worker:
         """Per-prompt seeds keep images the same; timings need the baseline at this batch size."""
         self.evaluator.config = dataclasses.replace(self.evaluator.config, batch_size=batch_size)
         self.fingerprint, self.facts = fingerprint(self.evaluator)
+        self.timing_record = {**self.timing_record, "fingerprint": self.fingerprint, "timings": []}
         self.ensure_baseline()
 
     def _early_stop(self):
@@ -359,6 +400,8 @@ class Worker:
         summary = result.summary()
         attrs = {
             "speedup": summary["speedup"],
+            "speedup_low": summary["speedup_low"],
+            "speedup_high": summary["speedup_high"],
             "seconds_per_image": summary["seconds_per_image"],
             "baseline_seconds_per_image": summary["baseline_seconds_per_image"],
             "clip_mean": summary["clip_mean"],
@@ -366,7 +409,11 @@ class Worker:
             "clip_loss_low": studies.finite(summary["clip_loss"]["low"]),
             "clip_loss_high": studies.finite(summary["clip_loss"]["high"]),
             "psnr": summary["psnr"]["mean"],
+            "psnr_low": studies.finite(summary["psnr"]["low"]),
+            "psnr_high": studies.finite(summary["psnr"]["high"]),
             "ssim": summary["ssim"]["mean"],
+            "ssim_low": studies.finite(summary["ssim"]["low"]),
+            "ssim_high": studies.finite(summary["ssim"]["high"]),
             "clip_image_cosine": summary["clip_image_cosine"],
             "batches_evaluated": result.batches_evaluated,
             "n_batches": result.n_batches,
@@ -384,11 +431,16 @@ class Worker:
             trial.set_user_attr(key, value)
         self._set_constraints(trial, studies.constraints(self.spec, summary))
         metric = self.spec.quality.metric
-        quality = summary[metric]["mean"]
+        quality = result.interval(metric)
         self._upload_grid(trial, f"trial-{trial.number:04d}_{result.combo}_speedup-{result.speedup:.2f}"
-                                 f"_{metric}-{quality:.3f}.png",
-                          f"trial {trial.number} {result.combo}: speedup {result.speedup:.2f}, "
-                          f"{metric} {quality:.3f}", self.baseline.images, result.images)
+                                 f"_{metric}-{quality.mean:.3f}.png",
+                          f"trial {trial.number} {result.combo}: speedup {result.speedup_interval}, "
+                          f"{metric} {format_interval(quality.to_dict())}",
+                          self.baseline.images, result.images)
+        write_trial_note(self.study, trial._trial_id,
+                         trial_note(trial.number, {**attrs, "combo": result.combo,
+                                                   "constraints": trial.user_attrs.get("constraints")},
+                                    self.spec))
         if result.early_stopped:
             raise optuna.TrialPruned(f"early stop: {self.spec.quality.metric} interval past the limit "
                                      f"after {result.batches_evaluated} of {result.n_batches} batches")

@@ -1,0 +1,172 @@
+"""Confirmation: a study's best settings re-measured on prompts the search never used.
+
+The search winner is the best of many noisy trials, judged on the very prompts that selected it:
+its speedup is biased up and its quality loss down (the winner's curse). `confirm` re-measures the
+top settings on unseen prompts (by default the next `num_samples` of the search's source) against a
+fresh baseline, timing baseline and setting interleaved (A B A B ..., `repeats` rounds) so that
+drift hits both sides. Each setting's result is stored in the study as soon as it is measured, so
+a killed `confirm` loses nothing stored and a second one adds to what is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from . import study as studies
+from .dashboard import write_trial_note
+from .errors import NothingToExport, UsageError
+from .evaluate import Baseline, Evaluator, GenerationConfig, evaluator_from_spec
+from .prompts import PromptError, load_prompts
+from .report import trial_note
+from .spec import StudySpec
+from .speedup import speedup_interval
+from .storage import open_storage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ConfirmOptions:
+    top: int = 3  # the K best feasible settings (each combo's best comes too)
+    repeats: int = 2  # interleaved baseline/setting timing rounds
+    device: str | None = None
+    progress: bool = True
+
+
+def confirm_prompts(spec: StudySpec) -> list[str]:
+    """The prompts of confirmation: `[confirm] source` (default: the search's), skipping the
+    search's own prompts when the source is the same."""
+    prompts, confirm = spec.prompts, spec.confirm
+    source = confirm.source or prompts.source
+    wanted = confirm.num_samples or prompts.num_samples
+    skip = prompts.num_samples if source == prompts.source else 0
+    try:
+        texts = load_prompts(source, skip + wanted, prompts.seed, prompts.shuffle, prompts.column)
+    except PromptError as error:
+        if "has only" not in str(error):
+            raise
+        raise PromptError(f"confirmation needs {wanted} unseen prompts after the search's {skip} "
+                          f"from {source!r}, which has fewer: set [confirm] num_samples or "
+                          "[confirm] source") from None
+    return texts[skip:]
+
+
+def candidates(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTrial]:
+    """The `top` best feasible settings, then each combo's best, one trial per distinct setting."""
+    if spec.objective.mode == "pareto":
+        ranked = studies.pareto_front(study, spec)
+    else:
+        ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if studies.is_feasible(t) and t.user_attrs.get("reused_from") is None]
+        sign = -1 if spec.objective.mode == "max-speedup" or \
+            studies.metric_direction(spec.quality.metric) == "maximize" else 1
+        ranked.sort(key=lambda t: sign * t.values[0])
+    chosen: dict[str, FrozenTrial] = {}
+    for trial in [*ranked[:top], *studies.best_per_combo(study, spec).values()]:
+        chosen.setdefault(_setting_key(trial.user_attrs["setting"]), trial)
+    return list(chosen.values())
+
+
+def _setting_key(setting: dict) -> str:
+    return json.dumps(setting, sort_keys=True)
+
+
+def confirmation_key(setting: dict, fingerprint: str, prompts: list[str], seed: int) -> str:
+    """Identifies one confirmation: the same setting, device and prompts are never measured twice."""
+    text = json.dumps([setting, fingerprint, prompts, seed], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class Confirmation:
+    """Re-measures a study's best settings on unseen prompts, storing each result as it ends."""
+
+    def __init__(self, storage_url: str | None, study_name: str, options: ConfirmOptions | None = None,
+                 evaluator: Evaluator | None = None):
+        from .worker import fingerprint
+
+        self.options = options or ConfirmOptions()
+        if self.options.top < 1 or self.options.repeats < 1:
+            raise UsageError("--top and --repeats must be >= 1")
+        self.storage = open_storage(storage_url, heartbeat_interval=None)
+        self.study, self.spec = studies.load_study(self.storage, study_name)
+        self.candidates = candidates(self.study, self.spec, self.options.top)
+        if not self.candidates:
+            raise NothingToExport(f"study {study_name!r} has no feasible trial to confirm yet")
+        self.prompts = confirm_prompts(self.spec)
+        seed = self.spec.confirm.seed if self.spec.confirm.seed is not None else self.spec.prompts.seed
+        self.evaluator = evaluator or evaluator_from_spec(self.spec, self.options.device,
+                                                          self.options.progress, prompts=self.prompts)
+        self.evaluator.prompts = self.prompts
+        self.evaluator.config = GenerationConfig.from_spec(self.spec, seed=seed)
+        self.fingerprint, self.facts = fingerprint(self.evaluator)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.reference: Baseline | None = None
+
+    def key(self, trial: FrozenTrial) -> str:
+        return confirmation_key(trial.user_attrs["setting"], self.fingerprint, self.prompts,
+                                self.evaluator.config.seed)
+
+    def run(self) -> list[dict]:
+        """Confirm every candidate not confirmed yet; returns all this study's records of them."""
+        stored = studies.confirmations(self.study)
+        for trial in self.candidates:
+            if self.key(trial) in stored:
+                logger.info("trial %d already confirmed", trial.number)
+                continue
+            record = self.measure(trial)
+            studies.save_confirmation(self.study, record)
+            write_trial_note(self.study, trial._trial_id,
+                             trial_note(trial.number, studies.trial_metrics(trial), self.spec, record))
+        stored = studies.confirmations(self.study)
+        return [stored[self.key(trial)] for trial in self.candidates]
+
+    def measure(self, trial: FrozenTrial) -> dict:
+        """Time baseline and setting interleaved for `repeats` rounds; score the setting once."""
+        setting = trial.user_attrs["setting"]
+        if self.reference is None:  # images and CLIP scores of the unseen prompts, once
+            self.reference = self.evaluator.baseline()
+        base_rounds, fast_rounds, base_batches, fast_batches = [], [], [], []
+        comparison = None
+        for round_index in range(self.options.repeats):
+            timed = self.evaluator.baseline(scored=self.reference)
+            base_rounds.append(timed.seconds_per_image)
+            base_batches += timed.batch_seconds
+            if round_index == 0:
+                comparison = self.evaluator.compare(setting, timed)
+                fast_rounds.append(comparison.seconds_per_image)
+                fast_batches += comparison.batch_seconds
+            else:
+                seconds, batches = self.evaluator.time_setting(setting)
+                fast_rounds.append(seconds)
+                fast_batches += batches
+        speedup = (sum(base_rounds) / len(base_rounds)) / (sum(fast_rounds) / len(fast_rounds))
+        interval = speedup_interval(base_batches, fast_batches, self.spec.quality.confidence, speedup)
+        summary = comparison.summary()
+        figures = {**summary, **interval.to_dict(),
+                   "seconds_per_image": sum(fast_rounds) / len(fast_rounds),
+                   "baseline_seconds_per_image": sum(base_rounds) / len(base_rounds)}
+        constraints = studies.constraints(self.spec, figures)
+        return {
+            "key": self.key(trial), "trial": trial.number, "combo": comparison.combo,
+            "setting": setting, "prompts": self.prompts, "num_samples": len(self.prompts),
+            "seed": self.evaluator.config.seed, "repeats": self.options.repeats,
+            **interval.to_dict(),
+            "seconds_per_image": figures["seconds_per_image"],
+            "baseline_seconds_per_image": figures["baseline_seconds_per_image"],
+            "clip_mean": summary["clip_mean"], "baseline_clip_mean": summary["baseline_clip_mean"],
+            **{metric: {k: studies.finite(v) for k, v in summary[metric].items()}
+               for metric in ("clip_loss", "psnr", "ssim")},
+            "constraints": constraints, "feasible": all(v <= 0 for v in constraints.values()),
+            "rule": self.spec.quality.rule, "image_digests": comparison.image_digests,
+            "fingerprint": self.fingerprint, "device": self.facts["device"],
+            "worker": self.worker_id, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
