@@ -70,8 +70,21 @@ def test_two_workers_share_a_postgres_study(tmp_path, pg_url):
     settings = evaluated_settings(study)
     assert len(settings) == len(set(settings)), "a setting was evaluated twice"
     assert all("constraints" in t.user_attrs for t in finished)
-    assert len(studies.baselines(study)) == 1  # same device fingerprint: one baseline
+    assert len(studies.baselines(study)) == 1  # same device fingerprint: one baseline images
     assert all(t.system_attrs.get("constraints") is not None for t in finished)
+
+    # ... but each worker timed the baseline itself, and its trials use its own timing.
+    timings = {r["worker"]: r for r in studies.timings(study)}
+    assert len(timings) == 2 and all(r["host"] and r["device_index"] == "cpu" for r in timings.values())
+    measured = [t for t in finished if t.user_attrs.get("reused_from") is None]
+    for trial in measured:
+        own = timings[trial.user_attrs["worker"]]["timings"][0]["seconds_per_image"]
+        assert trial.user_attrs["baseline_seconds_per_image"] == own
+        assert 0 < trial.user_attrs["speedup_low"] <= trial.user_attrs["speedup"] \
+            <= trial.user_attrs["speedup_high"]
+    by_worker = {t.user_attrs["worker"]: t.user_attrs["baseline_seconds_per_image"] for t in measured}
+    assert len(by_worker) == 2, "both workers measured trials"
+    assert len(set(by_worker.values())) == 2, "two processes timed two different baselines"
 
 
 def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:

@@ -1,0 +1,164 @@
+"""`optsearch study confirm`: unseen prompts, interleaved timing, persistence, and what export takes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+
+from optsearch import study as studies
+from optsearch.confirm import confirm_prompts
+from optsearch.evaluate import evaluator_from_spec
+from optsearch.prompts import load_prompts
+from optsearch.quality import Interval
+from optsearch.spec import load_spec
+from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
+
+AGGRESSIVE = {"deepcache.cache_interval": 8, "deepcache.cache_branch_id": 0, "tome.ratio": 0.6,
+              "tome.max_downsample": 2}
+FAITHFUL = {"deepcache.cache_interval": 1, "deepcache.cache_branch_id": 0, "tome.ratio": 0.0,
+            "tome.max_downsample": 1}  # a full pass every step and nothing merged: the baseline
+
+
+def stored_confirmations(url: str, name: str = "tiny") -> dict[str, dict]:
+    return studies.confirmations(optuna.load_study(study_name=name, storage=url))
+
+
+def test_confirm_prompts_are_the_next_ones_of_the_source(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "tiny.toml", TINY_SPEC))
+    assert confirm_prompts(spec) == load_prompts("builtin", 8)[4:8]
+    other = load_spec(write_spec(tmp_path / "c.toml", TINY_SPEC + "[confirm]\nnum_samples = 3\n"))
+    assert confirm_prompts(other) == load_prompts("builtin", 7)[4:7]
+
+
+def test_confirm_without_enough_unseen_prompts_is_one_line_exit_2(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 1")
+                      + "[confirm]\nnum_samples = 500\n")
+    assert optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path).returncode == 0
+    result = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
+    assert result.returncode == 2 and "confirmation needs 500 unseen prompts" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC.replace("limit = 30.0", "limit = 5.0"))
+    ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    confirm = subprocess.Popen([OPTSEARCH, "study", "confirm", "tiny", "--storage", url, "--top", "3",
+                                "--repeats", "2", "--quiet"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not stored_confirmations(url):
+        assert confirm.poll() is None, confirm.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    confirm.send_signal(signal.SIGKILL)
+    confirm.wait()
+    first = stored_confirmations(url)
+    assert len(first) == 1
+
+    again = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "3", "--quiet",
+                          cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    after = stored_confirmations(url)
+    for key, record in first.items():
+        assert after[key] == record  # kept as stored, not measured again
+    settings = [json.dumps(r["setting"], sort_keys=True) for r in after.values()]
+    assert len(settings) == len(set(settings)) >= 2
+    for record in after.values():
+        assert record["num_samples"] == 4 and record["repeats"] == 2
+        assert record["prompts"] == load_prompts("builtin", 8)[4:8]
+        assert record["speedup_low"] <= record["speedup"] <= record["speedup_high"]
+    # The dashboard says what it shows: objective names, and a note per trial with the intervals.
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert study.metric_names == ["speedup"]
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    for record in after.values():
+        trial_id = study.trials[record["trial"]]._trial_id
+        note = get_note_from_system_attrs(system_attrs, trial_id)["body"]
+        assert "speedup **" in note and "psnr **" in note
+        assert "Confirmed on 4 unseen prompts (2 interleaved rounds)" in note
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
+    assert "confirmations on unseen prompts" in shown.stdout and "confirmed speedup" in shown.stdout
+    # a third run has nothing left to measure and says so quickly
+    third = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "3", "--quiet")
+    assert third.returncode == 0 and stored_confirmations(url) == after
+
+
+def psnr_on(spec, setting: dict, prompts: list[str]) -> Interval:
+    """PSNR interval of a setting on `prompts`, measured in this process (bit-exact on CPU)."""
+    evaluator = evaluator_from_spec(spec, prompts=prompts)
+    comparison = evaluator.compare(setting, evaluator.baseline())
+    return comparison.interval("psnr")
+
+
+def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(tmp_path):
+    """Under rule "bound", 8 search prompts give a tight interval and 2 unseen prompts a wide one:
+    a limit between the two lower bounds makes the aggressive setting feasible in the search and
+    infeasible on confirmation, while the faithful one passes both."""
+    text = (TINY_SPEC.replace("num_samples = 4", "num_samples = 8")
+            .replace("n_trials = 4", "n_trials = 2\nsampler = \"random\"")
+            + "[confirm]\nnum_samples = 2\n[space.deepcache]\ncache_interval = [1, 8]\n"
+            "[space.tome]\nratio = [0.0, 0.7]\n")
+    draft = load_spec(write_spec(tmp_path / "draft.toml", text))
+    search = psnr_on(draft, AGGRESSIVE, load_prompts("builtin", 8))
+    unseen = psnr_on(draft, AGGRESSIVE, confirm_prompts(draft))
+    assert unseen.low < search.low - 1, "the test needs a wide interval on 2 prompts"
+    limit = (search.low + unseen.low) / 2
+    text = text.replace("limit = 30.0", f"limit = {limit}\nrule = \"bound\"")
+    spec = write_spec(tmp_path / "tiny.toml", text)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name="tiny", storage=url)
+    study.enqueue_trial(AGGRESSIVE)
+    study.enqueue_trial(FAITHFUL)
+    ran = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    trials = {t.number: t for t in study.get_trials()}
+    assert all(studies.is_feasible(t) for t in trials.values())
+    assert trials[0].user_attrs["speedup"] > trials[1].user_attrs["speedup"]
+
+    before = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "unconfirmed.json",
+                           cwd=tmp_path)
+    assert before.returncode == 0 and "not confirmed" in before.stdout
+    unconfirmed = json.loads((tmp_path / "unconfirmed.json").read_text())
+    assert unconfirmed["best"]["trial"] == 0 and unconfirmed["best"]["confirmed"] is None
+
+    confirmed = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "2",
+                              "--repeats", "2", "--quiet", cwd=tmp_path)
+    assert confirmed.returncode == 0, confirmed.stderr
+    records = {r["trial"]: r for r in stored_confirmations(url).values()}
+    assert records[0]["feasible"] is False and records[1]["feasible"] is True
+    assert records[0]["psnr"]["low"] == pytest.approx(unseen.low)
+
+    after = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json", cwd=tmp_path)
+    assert after.returncode == 0, after.stderr
+    best = json.loads((tmp_path / "sp.json").read_text())["best"]
+    assert best["trial"] == 1
+    check = best["confirmed"]
+    assert check["feasible"] is True and check["num_samples"] == 2 and check["repeats"] == 2
+    assert check["prompts"] == confirm_prompts(load_spec(spec))
+    assert set(check["psnr"]) == {"mean", "low", "high"}
+    assert check["speedup_low"] <= check["speedup"] <= check["speedup_high"]
+
+    # With only the aggressive setting confirmed, nothing is exported: exit 3, one line.
+    optuna.delete_study(study_name="tiny", storage=url)
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name="tiny", storage=url)
+    study.enqueue_trial(AGGRESSIVE)
+    assert optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--n-trials", "1",
+                         "--quiet", cwd=tmp_path).returncode == 0
+    assert optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "1", "--repeats", "1",
+                         "--quiet", cwd=tmp_path).returncode == 0
+    refused = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "none.json",
+                            cwd=tmp_path)
+    assert refused.returncode == 3 and "is feasible there" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "none.json").exists()

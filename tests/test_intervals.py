@@ -1,0 +1,82 @@
+"""The speedup interval and the feasibility rule: arithmetic, edge cases, coverage by simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optsearch import study as studies
+from optsearch.spec import SpecError, spec_from_dict
+from optsearch.speedup import speedup_interval
+
+
+def test_point_estimate_and_bounds_with_two_batches():
+    interval = speedup_interval([1.0, 1.1], [0.5, 0.52])
+    assert interval.speedup == pytest.approx(1.05 / 0.51)
+    assert interval.low < interval.speedup < interval.high
+    assert interval.high < 10 and interval.low > 0.1  # wide but finite with ~2 degrees of freedom
+
+
+def test_one_batch_gives_no_interval_and_constant_timings_no_width():
+    assert speedup_interval([1.0], [0.5, 0.5]).low is None
+    assert speedup_interval([1.0, 1.0], [0.5]).high is None
+    steady = speedup_interval([1.0, 1.0, 1.0], [0.25, 0.25])
+    assert steady.low == steady.high == steady.speedup == 4.0
+
+
+def test_given_point_estimate_is_the_centre_on_the_log_scale():
+    interval = speedup_interval([1.0, 1.2, 0.9], [0.5, 0.55, 0.45], speedup=2.0)
+    assert interval.speedup == 2.0
+    assert np.log(interval.high / 2.0) == pytest.approx(np.log(2.0 / interval.low))
+
+
+@pytest.mark.parametrize("batches", [2, 100])
+def test_coverage_of_the_true_ratio_is_near_nominal(batches):
+    """Log-normal batch noise (CV 10 %), true speedup 2: the 95 % interval should cover it ~95 %."""
+    rng = np.random.default_rng(0)
+    covered, widths = 0, []
+    draws = 2000
+    for _ in range(draws):
+        base = np.exp(rng.normal(0.0, 0.1, batches))
+        fast = 0.5 * np.exp(rng.normal(0.0, 0.1, batches))
+        interval = speedup_interval(base, fast)
+        covered += interval.low <= 2.0 <= interval.high
+        widths.append(interval.high / interval.low)
+    assert 0.92 <= covered / draws <= 0.99
+    if batches == 100:
+        assert np.median(widths) < 1.1  # narrows as 1/sqrt(n)
+    else:
+        assert np.median(widths) > 1.3
+
+
+def spec(**quality) -> object:
+    return spec_from_dict({"model": {"id": "builtin:tiny"}, "quality": {"metric": "psnr",
+                                                                      "limit": 30.0, **quality}})
+
+
+def summary(mean: float, low: float, high: float) -> dict:
+    return {"speedup": 2.0, "speedup_low": 1.5, "psnr": {"mean": mean, "low": low, "high": high}}
+
+
+def test_rule_mean_checks_the_mean_and_rule_bound_the_unsafe_bound():
+    near = summary(31.0, 29.0, 33.0)  # the mean meets 30 dB, its lower bound does not
+    assert studies.constraints(spec(), near)["quality"] == pytest.approx(-1.0)
+    assert studies.constraints(spec(rule="bound"), near)["quality"] == pytest.approx(1.0)
+    one_prompt = summary(31.0, float("-inf"), float("inf"))
+    assert studies.constraints(spec(rule="bound"), one_prompt)["quality"] > 0
+
+
+def test_rule_bound_in_target_speedup_mode_uses_the_speedup_low_bound():
+    target = spec_from_dict({"model": {"id": "builtin:tiny"}, "quality": {"rule": "bound"},
+                             "objective": {"mode": "target-speedup", "target_speedup": 1.8}})
+    assert studies.constraints(target, summary(31, 30, 32))["speedup"] == pytest.approx(0.3)
+
+
+def test_unknown_rule_and_bad_confirm_table_are_spec_errors():
+    with pytest.raises(SpecError) as error:
+        spec_from_dict({"quality": {"rule": "median"}, "confirm": {"num_samples": 0, "source": "x.doc"},
+                        "search": {"retime_baseline_every": -1}})
+    text = "\n".join(error.value.problems)
+    assert "quality.rule: unknown rule 'median' (allowed: mean, bound)" in text
+    assert "confirm.num_samples" in text and "confirm.source" in text
+    assert "search.retime_baseline_every" in text
