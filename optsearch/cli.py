@@ -83,6 +83,9 @@ def cmd_study_create(args) -> int:
     from .study import create_study
 
     spec = load_spec(args.spec)
+    if args.warm_start:
+        spec.search.warm_start = [*spec.search.warm_start,
+                                  *(f"study:{name}" for name in args.warm_start)]
     storage = _open(args)
     study = create_study(spec, storage, args.name, args.load_if_exists)
     print(f"study {study.study_name!r} ready in {mask(storage.url)}")
@@ -310,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", help="study name (default: the spec's name)")
     create.add_argument("--load-if-exists", action="store_true",
                         help="succeed when the study exists with the identical spec")
+    create.add_argument("--warm-start", action="append", default=[], metavar="NAME",
+                        help="first measure the best settings of study NAME (same storage)")
     create.set_defaults(handler=cmd_study_create)
     listing = study_commands.add_parser("list", help="list the studies in a storage")
     listing.set_defaults(handler=cmd_study_list)

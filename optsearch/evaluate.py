@@ -44,6 +44,9 @@ class GenerationConfig:
                    prompts.batch_size, prompts.seed if seed is None else seed)
 
 
+MIN_WARMUP_STEPS = 3  # multistep schedulers (PNDM, DPM-Solver) use their own first-step paths
+
+
 def prompt_seed(seed: int, index: int) -> int:
     """The generator seed of prompt `index`: independent of batch size and position."""
     return seed * 1_000_003 + index
@@ -67,21 +70,29 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warmup_steps(config: GenerationConfig, setting: AppliedSetting | None) -> int:
+    """The short warm-up: the first batch's shape for just enough steps to pass through every code
+    path (the scheduler's first multistep updates, each accelerator's cached and uncached steps)."""
+    needed = max(MIN_WARMUP_STEPS, setting.warmup_steps if setting is not None else 0)
+    return min(config.steps, needed)
+
+
 def generate(pipe, prompts: list[str], config: GenerationConfig,
-             setting: AppliedSetting | None = None, warmup: bool = True,
+             setting: AppliedSetting | None = None, warmup: bool | int = True,
              progress: bool = False, description: str = "batches",
              fault: Callable[[int], None] | None = None,
              on_warmup: Callable[[float], None] | None = None) -> Iterator[Batch]:
     """Yield batches of images for `prompts`, timing each pipeline call.
 
     `setting` (an applied accelerator setting) generates in place of the plain pipeline.
-    `fault(batch_index)` is a test hook called before each timed batch (it may raise).
-    `on_warmup(seconds)` receives the duration of the untimed warm-up batch.
+    `warmup`: True runs the short untimed warm-up (`warmup_steps`), an int that many steps,
+    False none. `fault(batch_index)` is a test hook called before each timed batch (it may raise).
+    `on_warmup(seconds)` receives the duration of the untimed warm-up call.
     """
     call = setting if setting is not None else pipe
     device = pipe.unet.device
 
-    def run(indices: range) -> tuple[np.ndarray, float]:
+    def run(indices: range, steps: int = config.steps) -> tuple[np.ndarray, float]:
         if setting is not None:
             setting.reseed(config.seed)
         generators = [torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
@@ -90,7 +101,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
         start = time.perf_counter()
         output = call(
             [prompts[i] for i in indices],
-            num_inference_steps=config.steps,
+            num_inference_steps=steps,
             height=config.height,
             width=config.width,
             guidance_scale=config.guidance_scale,
@@ -103,8 +114,9 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
 
     batches = [range(start, min(start + config.batch_size, len(prompts)))
                for start in range(0, len(prompts), config.batch_size)]
-    if warmup:
-        _, seconds = run(batches[0])
+    if warmup is not False:
+        steps = warmup_steps(config, setting) if warmup is True else int(warmup)
+        _, seconds = run(batches[0], steps)
         if on_warmup is not None:
             on_warmup(seconds)
     for index, indices in enumerate(tqdm(batches, desc=description, disable=not progress,
@@ -151,6 +163,7 @@ class Comparison:
     scoring_seconds: float = 0.0
     wall_seconds: float = 0.0
     early_stopped: bool = False
+    early_stop_reason: str | None = None  # quality, speedup or dominated (see early_stop.py)
     clip_scores: list[float] = field(default_factory=list)
     baseline_clip_scores: list[float] = field(default_factory=list)
     psnr: list[float] = field(default_factory=list)
@@ -177,7 +190,10 @@ class Comparison:
 
     @property
     def speedup_interval(self) -> SpeedupInterval:
-        return speedup_interval(self.baseline_batch_seconds, self.batch_seconds, self.confidence,
+        return self.speedup_interval_at(self.confidence)
+
+    def speedup_interval_at(self, confidence: float) -> SpeedupInterval:
+        return speedup_interval(self.baseline_batch_seconds, self.batch_seconds, confidence,
                                 self.speedup)
 
     @property
@@ -214,6 +230,7 @@ class Comparison:
             "n_batches": self.n_batches,
             "batch_size": self.batch_size,
             "early_stopped": self.early_stopped,
+            "early_stop_reason": self.early_stop_reason,
             "confidence": self.confidence,
             "inference_seconds": self.inference_seconds,
             "warmup_seconds": self.warmup_seconds,
@@ -241,13 +258,6 @@ def image_digest(image: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
 
 
-def violates(interval: Interval, metric: str, limit: float) -> bool:
-    """True when the whole confidence interval lies on the wrong side of the quality limit."""
-    if metric == "clip_loss":
-        return interval.low > limit
-    return interval.high < limit
-
-
 class Evaluator:
     """Everything needed to measure settings in one process: pipeline, CLIP model and prompts.
 
@@ -263,6 +273,7 @@ class Evaluator:
         self.confidence = confidence
         self.progress = progress
         self.fault: Callable[[int], None] | None = None
+        self.warmup: bool | int = True  # the short warm-up; an int runs that many steps
 
     @property
     def n_batches(self) -> int:
@@ -276,7 +287,7 @@ class Evaluator:
         """
         images, seconds, batch_seconds, scores, features = [], 0.0, [], [], []
         for batch in generate(self.pipe, self.prompts, self.config, progress=self.progress,
-                              description="baseline"):
+                              description="baseline", warmup=self.warmup):
             images.append(batch.images)
             seconds += batch.seconds
             batch_seconds.append(batch.seconds / len(batch.indices))
@@ -296,14 +307,16 @@ class Evaluator:
         """Time a setting alone (no scoring): (seconds per image, per-batch seconds per image)."""
         with AppliedSetting(self.pipe, setting) as applied:
             batches = list(generate(self.pipe, self.prompts, self.config, setting=applied,
-                                    progress=self.progress, description=applied.combo))
+                                    progress=self.progress, description=applied.combo,
+                                    warmup=self.warmup))
         total = sum(batch.seconds for batch in batches)
         return total / len(self.prompts), [b.seconds / len(b.indices) for b in batches]
 
     def compare(self, setting: Mapping, baseline: Baseline,
-                stop_when: Callable[[Comparison], bool] | None = None,
+                stop_when: Callable[[Comparison], str | None] | None = None,
                 keep_images: int = 0) -> Comparison:
-        """Measure `setting` batch by batch; `stop_when(partial)` may end it early.
+        """Measure `setting` batch by batch; `stop_when(partial)` may end it early (it returns the
+        reason, or None to go on; see early_stop.py).
 
         The 8-bit images of the first `keep_images` prompts are kept in `result.images`.
         """
@@ -318,16 +331,17 @@ class Evaluator:
             result.setting = applied.setting
             for batch in generate(self.pipe, self.prompts, self.config, setting=applied,
                                   progress=self.progress, description=applied.combo,
-                                  fault=self.fault,
+                                  fault=self.fault, warmup=self.warmup,
                                   on_warmup=lambda seconds: setattr(result, "warmup_seconds", seconds)):
                 result.inference_seconds += batch.seconds
                 result.batch_seconds.append(batch.seconds / len(batch.indices))
                 self._score(result, batch, baseline, keep_images)
                 result.batches_evaluated += 1
-                if stop_when is not None and result.batches_evaluated < self.n_batches \
-                        and stop_when(result):
-                    result.early_stopped = True
-                    break
+                if stop_when is not None and result.batches_evaluated < self.n_batches:
+                    result.early_stop_reason = stop_when(result)
+                    if result.early_stop_reason is not None:
+                        result.early_stopped = True
+                        break
         result.wall_seconds = time.perf_counter() - wall_start
         return result
 
@@ -349,23 +363,6 @@ class Evaluator:
             if index < keep_images:
                 result.images.append(image)
         result.scoring_seconds += time.perf_counter() - start
-
-
-def early_stop_rule(metric: str, limit: float, min_batches: int) -> Callable[[Comparison], bool]:
-    """Stop once `min_batches` batches show the metric's interval entirely past the limit.
-
-    The rule looks after every batch, so each look uses a Bonferroni-corrected confidence
-    (1 - alpha / n_batches): at 95 % a trial that meets the limit is stopped by mistake at most
-    5 % of the time over all its looks, not 5 % at each look.
-    """
-
-    def should_stop(partial: Comparison) -> bool:
-        if partial.batches_evaluated < min_batches or partial.images_evaluated < 2:
-            return False
-        per_look = 1 - (1 - partial.confidence) / partial.n_batches
-        return violates(partial.interval(metric, per_look), metric, limit)
-
-    return should_stop
 
 
 def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,

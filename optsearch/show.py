@@ -27,6 +27,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "finished": states.get("COMPLETE", 0) + states.get("PRUNED", 0),
         "early_stopped": sum(bool(t.user_attrs.get("early_stopped")) for t in trials),
         "early_stop_saved_s": saved,
+        "early_stop_by_reason": _early_stop_by_reason(trials),
         "reused": sum(t.user_attrs.get("reused_from") is not None for t in trials),
         "confidence": spec.quality.confidence,
         "rule": spec.quality.rule,
@@ -41,6 +42,21 @@ def study_summary(study: optuna.Study, spec) -> dict:
     }
 
 
+def _early_stop_by_reason(trials) -> dict[str, dict]:
+    """Per reason: trials stopped, batches not run and seconds saved."""
+    reasons: dict[str, dict] = {}
+    for trial in trials:
+        attrs = trial.user_attrs
+        if not attrs.get("early_stopped") or attrs.get("reused_from") is not None:
+            continue
+        entry = reasons.setdefault(attrs.get("early_stop_reason") or "quality",
+                                   {"trials": 0, "batches_saved": 0, "seconds_saved": 0.0})
+        entry["trials"] += 1
+        entry["batches_saved"] += attrs.get("n_batches", 0) - attrs.get("batches_evaluated", 0)
+        entry["seconds_saved"] += attrs.get("early_stop_saved_s", 0.0)
+    return reasons
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"study {summary['study']}: mode {summary['mode']}, {summary['metric']} limit "
              f"{summary['limit']}, {summary['finished']}/{summary['n_trials']} trials finished"]
@@ -48,6 +64,9 @@ def format_summary(summary: dict) -> str:
     saved = summary["early_stop_saved_s"]
     lines.append(f"trials: {states}; early-stopped {summary['early_stopped']} (saved ~{saved:.1f} s); "
                  f"reused {summary['reused']}")
+    for reason, entry in summary["early_stop_by_reason"].items():
+        lines.append(f"  early stop ({reason}): {entry['trials']} trials, {entry['batches_saved']} "
+                     f"batches and ~{entry['seconds_saved']:.1f} s saved")
     lines.append("")
     lines.append("baselines (one per device fingerprint):")
     rows = [[b["fingerprint"], b["device"], b["dtype"], b["batch_size"], b["seconds_per_image"],

@@ -85,6 +85,7 @@ class SearchSpec:
     seed: int | None = None  # sampler seed
     n_startup_trials: int = 20  # tuned on the recorded landscape (benchmarks/RESULTS.md)
     retime_baseline_every: int = 0  # re-time the worker's baseline every N trials; 0: once per worker
+    warm_start: list[str] = field(default_factory=lambda: ["published"])  # enqueued first
 
     @property
     def combos(self) -> list[tuple[str, ...]]:
@@ -246,6 +247,12 @@ def _load_section(target, section: str, values: dict, problem) -> None:
             allowed = ", ".join(vars(type(target)()).keys())
             problem(full, f"unknown key (allowed: {allowed})")
             continue
+        if key == "warm_start":
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                setattr(target, key, value)
+            else:
+                problem(full, 'must be a list such as ["published", "study:NAME"]')
+            continue
         if key == "accelerators":
             if value == "any" or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 setattr(target, key, value)
@@ -361,6 +368,10 @@ def _validate(spec: StudySpec, problem) -> None:
         problem("search.n_startup_trials", "must be >= 0")
     if search.retime_baseline_every < 0:
         problem("search.retime_baseline_every", "must be >= 0 (0: time the baseline once per worker)")
+    for source in search.warm_start:
+        if source != "published" and not (source.startswith("study:") and source[6:].strip()):
+            problem("search.warm_start", f"unknown warm start {source!r} (allowed: \"published\", "
+                    "\"study:NAME\")")
     confirm = spec.confirm
     if confirm.num_samples is not None and confirm.num_samples < 1:
         problem("confirm.num_samples", f"{confirm.num_samples} must be >= 1")

@@ -140,11 +140,16 @@ def _without_none(value: Any) -> Any:
 
 def create_study(spec: StudySpec, storage, name: str | None = None,
                  load_if_exists: bool = False) -> optuna.Study:
-    """Create the study for `spec`; an existing name is an error unless loaded with the same spec."""
+    """Create the study for `spec`; an existing name is an error unless loaded with the same spec.
+
+    A new study gets its warm-start settings enqueued (warm_start.py).
+    """
     from . import __version__
+    from .warm_start import enqueue_warm_start, warm_start_params
 
     name = name or spec.name
     wanted = spec_attr(spec)
+    warm_start = warm_start_params(spec, storage)  # before creating: a bad source writes nothing
     try:
         study = optuna.create_study(storage=storage, study_name=name, directions=directions(spec))
     except optuna.exceptions.DuplicatedStudyError:
@@ -165,6 +170,7 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     study.set_user_attr(SPEC_ATTR, wanted)
     study.set_user_attr(VERSION_ATTR, __version__)
     study.sampler = make_sampler(spec)
+    enqueue_warm_start(study, warm_start)
     return study
 
 

@@ -35,7 +35,8 @@ from . import study as studies
 from .accelerators import combo_name, normalize_setting
 from .artifacts import download_arrays, image_grid, open_artifact_store, upload_arrays, upload_bytes
 from .dashboard import write_trial_note
-from .evaluate import Baseline, Comparison, Evaluator, early_stop_rule, evaluator_from_spec
+from .early_stop import EarlyStop, FrontPoint
+from .evaluate import Baseline, Comparison, Evaluator, evaluator_from_spec
 from .faults import oom_fault_from_env
 from .report import format_interval, trial_note
 from .storage import DATABASE_ERRORS, GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
@@ -340,11 +341,27 @@ class Worker:
         self.timing_record = {**self.timing_record, "fingerprint": self.fingerprint, "timings": []}
         self.ensure_baseline()
 
-    def _early_stop(self):
+    def _early_stop(self) -> EarlyStop | None:
+        """The early-stop rule for the next trial, against what the study has found so far."""
         spec = self.spec
-        if not spec.search.early_stop or spec.objective.mode == "target-speedup":
+        if not spec.search.early_stop:
             return None
-        return early_stop_rule(spec.quality.metric, spec.quality.limit, spec.search.min_batches)
+        rule = EarlyStop(spec.quality.metric, spec.search.min_batches)
+        mode = spec.objective.mode
+        if mode == "target-speedup":
+            rule.target_speedup = spec.objective.target_speedup
+            return rule
+        rule.quality_limit = spec.quality.limit
+        found = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if studies.is_feasible(t) and t.user_attrs.get("fingerprint") == self.fingerprint
+                 and t.user_attrs.get("speedup_low") is not None]
+        if mode == "max-speedup" and found:
+            rule.speedup_to_beat = max(t.user_attrs["speedup_low"] for t in found)
+        if mode == "pareto":
+            safe_key = f"{spec.quality.metric}_{'high' if spec.quality.metric == 'clip_loss' else 'low'}"
+            rule.front = [FrontPoint(t.user_attrs["speedup_low"], t.user_attrs[safe_key])
+                          for t in found if t.user_attrs.get(safe_key) is not None]
+        return rule
 
     def _is_surplus(self, trial: optuna.Trial) -> bool:
         """True when finished trials plus earlier running ones already fill n_trials."""
@@ -418,6 +435,7 @@ class Worker:
             "batches_evaluated": result.batches_evaluated,
             "n_batches": result.n_batches,
             "early_stopped": result.early_stopped,
+            "early_stop_reason": result.early_stop_reason,
             "inference_seconds": result.inference_seconds,
             "warmup_seconds": result.warmup_seconds,
             "scoring_seconds": result.scoring_seconds,
@@ -441,10 +459,12 @@ class Worker:
                          trial_note(trial.number, {**attrs, "combo": result.combo,
                                                    "constraints": trial.user_attrs.get("constraints")},
                                     self.spec))
-        if result.early_stopped:
-            raise optuna.TrialPruned(f"early stop: {self.spec.quality.metric} interval past the limit "
-                                     f"after {result.batches_evaluated} of {result.n_batches} batches")
         values = studies.objective_values(self.spec, summary)
+        if result.early_stopped:
+            if len(values) == 1:  # what was measured, for the sampler (TPE ranks pruned trials by it)
+                trial.report(values[0], result.batches_evaluated)
+            raise optuna.TrialPruned(f"early stop ({result.early_stop_reason}) after "
+                                     f"{result.batches_evaluated} of {result.n_batches} batches")
         return values if len(values) > 1 else values[0]
 
     def _upload_grid(self, target, name: str, title: str, baseline_images, trial_images) -> None:

@@ -24,6 +24,8 @@ def test_evaluate_json_and_images(tmp_path):
     assert data["combo"] == "deepcache+tome" and data["speedup"] > 0
     assert data["setting"]["tome"]["ratio"] == 0.5
     assert len(data["per_prompt"]["psnr"]) == 4 and data["batches_evaluated"] == 2
+    assert 0 < data["speedup_low"] <= data["speedup"] <= data["speedup_high"]
+    assert len(data["per_batch"]["batch_seconds"]) == len(data["per_batch"]["baseline_batch_seconds"]) == 2
     names = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert names == [f"{kind}_{i:03d}.png" for kind in ("baseline", "setting") for i in range(4)]
 
@@ -32,8 +34,10 @@ def test_evaluate_table(tmp_path):
     spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
     result = run("evaluate", str(spec), "--set", "deepcache.cache_interval=4", "--quiet")
     assert result.returncode == 0, result.stderr
-    assert "speedup" in result.stdout and "deepcache" in result.stdout
+    assert "speedup [95% CI]" in result.stdout and "deepcache" in result.stdout
     assert "baseline" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("deepcache"))
+    assert row.count("[") == 4  # speedup, CLIP loss, PSNR and SSIM each with an interval
 
 
 @pytest.mark.parametrize("args, message", [

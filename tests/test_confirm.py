@@ -105,7 +105,7 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     a limit between the two lower bounds makes the aggressive setting feasible in the search and
     infeasible on confirmation, while the faithful one passes both."""
     text = (TINY_SPEC.replace("num_samples = 4", "num_samples = 8")
-            .replace("n_trials = 4", "n_trials = 2\nsampler = \"random\"")
+            .replace("n_trials = 4", "n_trials = 2\nsampler = \"random\"\nwarm_start = []")
             + "[confirm]\nnum_samples = 2\n[space.deepcache]\ncache_interval = [1, 8]\n"
             "[space.tome]\nratio = [0.0, 0.7]\n")
     draft = load_spec(write_spec(tmp_path / "draft.toml", text))

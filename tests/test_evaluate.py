@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from optsearch.early_stop import EarlyStop, FrontPoint
 from optsearch.evaluate import (
     Comparison,
     Evaluator,
     GenerationConfig,
-    early_stop_rule,
     generate,
     n_batches,
 )
@@ -47,13 +47,14 @@ def test_batches_timing_and_warmup(tiny_pipe):
 
     class Counting:
         def __call__(self, *args, **kwargs):
-            calls.append(len(args[0]))
+            calls.append((len(args[0]), kwargs["num_inference_steps"]))
             return original(tiny_pipe, *args, **kwargs)
 
     config = GenerationConfig(steps=4, batch_size=2)
     batches = list(generate(tiny_pipe, PROMPTS, config, setting=_Call(Counting())))
     assert [len(b.indices) for b in batches] == [2, 2, 1]  # ceil(5 / 2), last one short
-    assert calls == [2, 2, 2, 1]  # one untimed warm-up batch first
+    # one short untimed warm-up first: the first batch's shape, 3 of the 4 steps
+    assert calls == [(2, 3), (2, 4), (2, 4), (1, 4)]
     assert all(b.seconds > 0 and b.images.dtype == np.uint8 for b in batches)
     assert n_batches(32, 4) == 8 and n_batches(5, 2) == 3
 
@@ -63,6 +64,8 @@ class _Call:
 
     def __init__(self, call):
         self.call = call
+
+    warmup_steps = 0
 
     def reseed(self, seed):
         pass
@@ -85,23 +88,54 @@ def test_compare_reports_speedup_and_paired_metrics(tiny_pipe, tiny_clip):
     assert same.summary()["psnr"]["mean"] == 100.0 and same.clip_loss_per_prompt.max() == 0
 
 
+def early_stop_rule(metric: str, limit: float, min_batches: int) -> EarlyStop:
+    return EarlyStop(metric, min_batches, quality_limit=limit)
+
+
 def test_early_stop_rule_uses_the_interval():
     partial = Comparison(setting={}, num_samples=8, batch_size=2, n_batches=4, confidence=0.95,
                          baseline_seconds_per_image=1.0, batches_evaluated=1,
                          psnr=[20.0, 21.0], clip_scores=[1.0, 1.0],
                          baseline_clip_scores=[1.0, 1.0])
     rule = early_stop_rule("psnr", 30.0, min_batches=2)
-    assert not rule(partial)  # too few batches yet
+    assert rule(partial) is None  # too few batches yet
     partial.batches_evaluated = 2
     partial.psnr += [20.5, 20.2]
     partial.clip_scores += [1.0, 1.0]
     partial.baseline_clip_scores += [1.0, 1.0]
-    assert rule(partial)
-    assert not early_stop_rule("psnr", 20.0, min_batches=2)(partial)
-    assert not early_stop_rule("clip_loss", 0.3, min_batches=2)(partial)
+    assert rule(partial) == "quality"
+    assert early_stop_rule("psnr", 20.0, min_batches=2)(partial) is None
+    assert early_stop_rule("clip_loss", 0.3, min_batches=2)(partial) is None
     # Bonferroni over 4 looks: 95 % per look would stop at 21.3 dB, 98.75 % per look does not.
     upper_95 = partial.interval("psnr").high
-    assert upper_95 < 21.3 and not early_stop_rule("psnr", 21.3, min_batches=2)(partial)
+    assert upper_95 < 21.3 and early_stop_rule("psnr", 21.3, min_batches=2)(partial) is None
+
+
+def timed_partial(baseline: list[float], setting: list[float], psnr: list[float]) -> Comparison:
+    """A partial comparison after len(setting) batches of 2 prompts (of 4 batches)."""
+    return Comparison(setting={}, num_samples=8, batch_size=2, n_batches=4, confidence=0.95,
+                      baseline_seconds_per_image=float(np.mean(baseline)),
+                      baseline_batch_seconds=baseline, batch_seconds=setting,
+                      batches_evaluated=len(setting), inference_seconds=2 * sum(setting),
+                      psnr=psnr, clip_scores=[1.0] * len(psnr), baseline_clip_scores=[1.0] * len(psnr))
+
+
+def test_speedup_rules_stop_with_their_reason_and_only_when_the_interval_is_clear():
+    partial = timed_partial([1.0, 1.02, 0.98, 1.01], [0.5, 0.52], [40.0, 41.0, 40.5, 40.2])
+    high = partial.speedup_interval_at(1 - 0.05 / 4).high
+    assert 2.0 < high < 3.0  # wide: two batches, 98.75 % per look
+    assert EarlyStop("psnr", target_speedup=3.0)(partial) == "speedup"
+    assert EarlyStop("psnr", target_speedup=2.1)(partial) is None  # 2.1 is inside the interval
+    assert EarlyStop("psnr", quality_limit=30, speedup_to_beat=high + 0.1)(partial) == "dominated"
+    assert EarlyStop("psnr", quality_limit=30, speedup_to_beat=high - 0.1)(partial) is None
+    better = FrontPoint(speedup_low=high + 0.1, quality_safe=42.0)
+    worse_quality = FrontPoint(speedup_low=high + 0.1, quality_safe=40.0)
+    assert EarlyStop("psnr", quality_limit=30, front=[better])(partial) == "dominated"
+    assert EarlyStop("psnr", quality_limit=30, front=[worse_quality])(partial) is None
+    # quality past the limit is checked first, and one batch is never enough
+    assert EarlyStop("psnr", quality_limit=45, target_speedup=3.0)(partial) == "quality"
+    one = timed_partial([1.0, 1.02, 0.98, 1.01], [0.5], [40.0, 41.0])
+    assert EarlyStop("psnr", min_batches=1, target_speedup=3.0)(one) is None
 
 
 def test_compare_stops_early_and_counts_batches(tiny_pipe, tiny_clip):

@@ -99,6 +99,12 @@ class AppliedSetting:
     def combo(self) -> str:
         return combo_name(self.setting)
 
+    @property
+    def warmup_steps(self) -> int:
+        """Steps that take a call through every code path of the applied accelerators."""
+        return max((REGISTRY[name].warmup_steps(**params) for name, params in self.setting.items()),
+                   default=0)
+
     def reseed(self, seed: int) -> None:
         """Fix ToMe's random merge pattern for the next call (no-op without ToMe)."""
         if self._tome is not None:

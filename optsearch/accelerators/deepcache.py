@@ -44,3 +44,8 @@ class DeepCachePatch:
 
 def apply(pipe, cache_interval: int = 3, cache_branch_id: int = 0) -> DeepCachePatch:
     return DeepCachePatch(pipe, int(cache_interval), int(cache_branch_id))
+
+
+def warmup_steps(cache_interval: int = 3, **_) -> int:
+    """A full pass, the cached steps, and the next full pass: every code path once."""
+    return int(cache_interval) + 1

@@ -60,3 +60,8 @@ class TGatePatch:
 
 def apply(pipe, gate_step: int = 10, deepcache_helper=None) -> TGatePatch:
     return TGatePatch(pipe, int(gate_step), deepcache_helper)
+
+
+def warmup_steps(gate_step: int = 10, **_) -> int:
+    """Steps before the gate (cross-attention computed) and one after it (cached)."""
+    return int(gate_step) + 1

@@ -47,3 +47,8 @@ class ToMePatch:
 
 def apply(pipe, ratio: float = 0.5, max_downsample: int = 1, use_rand: bool = True) -> ToMePatch:
     return ToMePatch(pipe, float(ratio), int(max_downsample), bool(use_rand))
+
+
+def warmup_steps(**_) -> int:
+    """Merging runs at every step: one step goes through it."""
+    return 1

@@ -1,0 +1,62 @@
+"""Benchmark 9a (recording): the DeepCache+ToMe+T-GATE grid of builtin:cpu-bench, batch by batch.
+
+Like landscape.py, but every grid point keeps what a replay of early stopping needs: the warm-up
+seconds, each timed batch's seconds, and each prompt's PSNR. 128 px, 20 steps, 6 prompts in 3
+batches of 2; the baseline is re-timed every 40 points (CPU speed drifts) and each point's speedup
+is against the latest one. Writes benchmarks/data/landscape-cpu-bench-batches.json (~25 min here).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+from _common import ROOT, machine
+from landscape import GRID
+
+from optsearch import load_spec
+from optsearch.evaluate import evaluator_from_spec
+
+OUT = ROOT / "benchmarks" / "data" / "landscape-cpu-bench-batches.json"
+REBASELINE_EVERY = 40
+
+
+def main(num_samples: int = 6, batch_size: int = 2) -> None:
+    spec = load_spec(ROOT / "studies" / "cpu-bench.toml")
+    spec.model.height = spec.model.width = 128
+    spec.prompts.num_samples, spec.prompts.batch_size = num_samples, batch_size
+    evaluator = evaluator_from_spec(spec)
+    baseline = evaluator.baseline()
+    baselines = [{"seconds_per_image": baseline.seconds_per_image,
+                  "batch_seconds": baseline.batch_seconds}]
+    points, started = [], time.perf_counter()
+    combos = list(itertools.product(*GRID.values()))
+    for index, values in enumerate(combos):
+        if index and index % REBASELINE_EVERY == 0:
+            timed = evaluator.baseline(scored=baseline)
+            baselines.append({"seconds_per_image": timed.seconds_per_image,
+                              "batch_seconds": timed.batch_seconds})
+        setting = dict(zip(GRID, values, strict=True))
+        result = evaluator.compare(setting, baseline)
+        current = baselines[-1]
+        points.append({
+            "params": setting, "seconds_per_image": result.seconds_per_image,
+            "speedup": current["seconds_per_image"] / result.seconds_per_image,
+            "baseline": len(baselines) - 1, "warmup_seconds": result.warmup_seconds,
+            "batch_seconds": result.batch_seconds, "psnr_per_prompt": result.psnr,
+            "psnr": result.interval("psnr").mean, "ssim": result.interval("ssim").mean,
+        })
+        print(f"{index + 1}/{len(combos)} {setting} {result.seconds_per_image:.3f} s/img "
+              f"psnr {points[-1]['psnr']:.1f}", flush=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({
+        "machine": machine(), "model": "builtin:cpu-bench", "height": 128, "steps": spec.model.steps,
+        "prompts": num_samples, "batch_size": batch_size, "grid": GRID, "baselines": baselines,
+        "seconds": time.perf_counter() - started, "points": points,
+    }, indent=1))
+    print(f"wrote {OUT} ({len(points)} points, {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

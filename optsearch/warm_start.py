@@ -1,0 +1,120 @@
+"""Warm starts: settings worth measuring first, enqueued when a study is created.
+
+- "published": the main operating points the accelerators' papers report (DeepCache N=3 and N=5 at
+  branch 0, ToMe ratio 0.5, T-GATE gate_step 10) and their combinations, for each combo of the
+  study whose space contains them; parameters a paper does not name take the library's default.
+- "study:NAME": the best feasible settings of another study in the same storage (its top three and
+  each combo's best), clipped to this study's space.
+
+Enqueued settings are ordinary trials: measured once, deduplicated, counted in n_trials.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+
+import optuna
+
+from .accelerators import REGISTRY, combo_name, params_of
+from .errors import UsageError
+from .spec import StudySpec
+
+logger = logging.getLogger(__name__)
+
+PUBLISHED: dict[str, list[dict]] = {
+    "deepcache": [{"cache_interval": 3, "cache_branch_id": 0},  # DeepCache paper, Table 1
+                  {"cache_interval": 5, "cache_branch_id": 0}],
+    "tome": [{"ratio": 0.5}],  # ToMe for SD, the paper's main setting
+    "tgate": [{"gate_step": 10}],  # T-GATE, SD 1.5 with 25 steps
+}
+
+
+def published_settings(spec: StudySpec) -> list[dict[str, dict]]:
+    """Every combination of published points over the study's combos (inside its space or not)."""
+    settings = []
+    for combo in spec.search.combos:
+        for points in itertools.product(*(PUBLISHED[name] for name in combo)):
+            settings.append({name: dict(point) for name, point in zip(combo, points, strict=True)})
+    return settings
+
+
+def _library_default(accelerator: str, param: str):
+    return inspect.signature(REGISTRY[accelerator].apply).parameters[param].default
+
+
+def trial_params(spec: StudySpec, setting: dict[str, dict], clip: bool) -> dict | None:
+    """The Optuna params that make a trial measure `setting`; None when it lies outside the space
+    (with `clip`, values are moved into the space instead)."""
+    combos = [combo_name(c) for c in spec.search.combos]
+    combo = combo_name(setting)
+    if combo not in combos:
+        return None
+    params: dict = {"combo": combo} if len(combos) > 1 else {}
+    for accelerator in setting:
+        for param in params_of(accelerator):
+            bounds = spec.param_range(accelerator, param)
+            if len(bounds) == 1:
+                continue  # fixed in this study: nothing to enqueue
+            kind = params_of(accelerator)[param].kind
+            if param in setting[accelerator]:
+                placed = _place(setting[accelerator][param], bounds, kind, clip)
+                if placed is None:
+                    return None
+            else:  # not named by the source: the library's default, moved into the space
+                placed = _place(_library_default(accelerator, param), bounds, kind, clip=True)
+            params[f"{accelerator}.{param}"] = placed
+    return params
+
+
+def _place(value, bounds: tuple, kind: type, clip: bool):
+    """`value` if it lies on the range (and its step); clipped and snapped with `clip`; else None."""
+    low, high, step = bounds
+    if clip:
+        value = min(max(value, low), high)
+    if not low <= value <= high:
+        return None
+    if step:
+        snapped = low + round((value - low) / step) * step
+        if abs(snapped - value) > 1e-9 and not clip:
+            return None
+        value = min(snapped, high)
+    return kind(value) if kind is int else round(float(value), 10)
+
+
+def warm_start_params(spec: StudySpec, storage) -> list[dict]:
+    """The params to enqueue for the spec's `search.warm_start` list, in order, without repeats
+    (none for grid search: the grid visits every point anyway)."""
+    found: list[dict] = []
+    if spec.search.sampler == "grid":
+        return found
+    for source in spec.search.warm_start:
+        if source == "published":
+            candidates = [(s, False) for s in published_settings(spec)]
+        else:
+            candidates = [(s, True) for s in _study_settings(storage, source.removeprefix("study:"))]
+        for setting, clip in candidates:
+            params = trial_params(spec, setting, clip)
+            if params is not None and params not in found:
+                found.append(params)
+    return found
+
+
+def _study_settings(storage, name: str) -> list[dict]:
+    from .confirm import candidates
+    from .study import load_study
+
+    try:
+        other, other_spec = load_study(storage, name)
+    except UsageError:
+        raise UsageError(f"warm start study:{name}: no optsearch study named {name!r} in this "
+                         "storage (`optsearch study list` shows them)") from None
+    return [trial.user_attrs["setting"] for trial in candidates(other, other_spec, top=3)]
+
+
+def enqueue_warm_start(study: optuna.Study, params: list[dict]) -> None:
+    """Enqueue the warm-start params (from `warm_start_params`) before any sampled trial."""
+    for values in params:
+        study.enqueue_trial(values, skip_if_exists=True)
+    logger.info("warm start: %d settings enqueued", len(params))
