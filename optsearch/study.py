@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -69,7 +70,8 @@ def constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
         if speedup is None or not math.isfinite(speedup):
             return {"speedup": 1e9}
         return {"speedup": spec.objective.target_speedup - speedup}
-    interval = Interval(**summary[spec.quality.metric])
+    figures = summary[spec.quality.metric]  # {"mean", "low", "high"}; bounds may be missing
+    interval = Interval(figures["mean"], figures.get("low", -math.inf), figures.get("high", math.inf))
     return {"quality": quality_margin(interval, spec.quality.metric, spec.quality.limit, rule)}
 
 
@@ -166,7 +168,9 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
             raise UsageError(f"study {name!r} exists with a different spec (differs in: "
                              f"{differing}): use another --name") from None
         return load_study(storage, name)[0]
-    study.set_metric_names(metric_names(spec))
+    with warnings.catch_warnings():  # experimental in Optuna, and what the dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metric_names(spec))
     study.set_user_attr(SPEC_ATTR, wanted)
     study.set_user_attr(VERSION_ATTR, __version__)
     study.sampler = make_sampler(spec)

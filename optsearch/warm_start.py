@@ -2,7 +2,8 @@
 
 - "published": the main operating points the accelerators' papers report (DeepCache N=3 and N=5 at
   branch 0, ToMe ratio 0.5, T-GATE gate_step 10) and their combinations, for each combo of the
-  study whose space contains them; parameters a paper does not name take the library's default.
+  study whose ranges contain them (snapped to a range's step); parameters a paper does not name
+  take the library's default, moved into the space.
 - "study:NAME": the best feasible settings of another study in the same storage (its top three and
   each combo's best), clipped to this study's space.
 
@@ -69,17 +70,14 @@ def trial_params(spec: StudySpec, setting: dict[str, dict], clip: bool) -> dict 
 
 
 def _place(value, bounds: tuple, kind: type, clip: bool):
-    """`value` if it lies on the range (and its step); clipped and snapped with `clip`; else None."""
+    """`value` on the range, snapped to its step; outside the range: clipped with `clip`, else None."""
     low, high, step = bounds
     if clip:
         value = min(max(value, low), high)
     if not low <= value <= high:
         return None
     if step:
-        snapped = low + round((value - low) / step) * step
-        if abs(snapped - value) > 1e-9 and not clip:
-            return None
-        value = min(snapped, high)
+        value = min(low + round((value - low) / step) * step, high)
     return kind(value) if kind is int else round(float(value), 10)
 
 

@@ -68,8 +68,10 @@ n_trials = 4
 """
 
 
-# One image per batch and more steps: trials last a few seconds, long enough to interrupt.
-SLOW_SPEC = TINY_SPEC.replace("batch_size = 2", "batch_size = 1").replace("steps = 8", "steps = 16")
+# One image per batch and more steps: trials last a few seconds, long enough to interrupt; no
+# warm start, so the trials a test counts are the ones it sees sampled.
+SLOW_SPEC = TINY_SPEC.replace("batch_size = 2", "batch_size = 1").replace("steps = 8", "steps = 16") \
+    .replace("n_trials = 4", "n_trials = 4\nwarm_start = []")
 
 PG_ADMIN_URL = os.environ.get("OPTSEARCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -47,7 +47,8 @@ def test_confirm_without_enough_unseen_prompts_is_one_line_exit_2(tmp_path):
 
 def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC.replace("limit = 30.0", "limit = 5.0"))
+    spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC.replace("limit = 30.0", "limit = 5.0")
+                      .replace("n_trials = 4", "n_trials = 4\nearly_stop = false"))
     ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     confirm = subprocess.Popen([OPTSEARCH, "study", "confirm", "tiny", "--storage", url, "--top", "3",
@@ -105,7 +106,8 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     a limit between the two lower bounds makes the aggressive setting feasible in the search and
     infeasible on confirmation, while the faithful one passes both."""
     text = (TINY_SPEC.replace("num_samples = 4", "num_samples = 8")
-            .replace("n_trials = 4", "n_trials = 2\nsampler = \"random\"\nwarm_start = []")
+            .replace("n_trials = 4",
+                     "n_trials = 2\nsampler = \"random\"\nwarm_start = []\nearly_stop = false")
             + "[confirm]\nnum_samples = 2\n[space.deepcache]\ncache_interval = [1, 8]\n"
             "[space.tome]\nratio = [0.0, 0.7]\n")
     draft = load_spec(write_spec(tmp_path / "draft.toml", text))

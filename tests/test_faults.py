@@ -92,7 +92,8 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tmp_path, kind):
 def test_halving_the_batch_keeps_results(tmp_path):
     setting = {"deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome.ratio": 0.5,
                "tome.max_downsample": 1}
-    spec = TINY_SPEC.replace("n_trials = 4", "n_trials = 1").replace("limit = 30.0", "limit = 5.0")
+    spec = TINY_SPEC.replace("n_trials = 4", "n_trials = 1\nwarm_start = []") \
+        .replace("limit = 30.0", "limit = 5.0")
     reference_url = f"sqlite:///{tmp_path / 'reference.db'}"
     faulty_url = f"sqlite:///{tmp_path / 'faulty.db'}"
     runs = {}

@@ -1,0 +1,218 @@
+"""Benchmark 9b: device-seconds to the answer, replayed on the batch-by-batch landscape.
+
+Replays studies over benchmarks/data/landscape-cpu-bench-batches.json (recorded by
+landscape_batches.py: warm-up, per-batch seconds and per-prompt PSNR of every grid point), with
+optsearch's own space, sampler, warm-start and early-stop code. A trial costs its warm-up plus the
+batches it runs; a setting measured before costs nothing (the study reuses it). For each
+configuration and 10 sampler seeds: device-seconds (and trials) until a completed feasible trial
+reaches 98 % of the grid's best feasible speedup; and, with 1/2/4/8 simulated asynchronous workers
+(TPE's constant liar, as real workers run), the wall time to the same goal.
+
+Configurations:
+- today:    quality early stop only, a full warm-up batch per trial, no warm start;
+- speedup:  + speedup-aware early stop ("dominated"), pruned with the partial speedup reported;
+- speedup (complete): the same, but stopped trials are told as COMPLETE with their partial figures;
+- warm:     today + published warm start;
+- new:      speedup-aware stop + warm start + the short warm-up (what a study does now).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+from _common import ROOT, table
+
+from optsearch.early_stop import EarlyStop
+from optsearch.evaluate import Comparison
+from optsearch.spec import spec_from_dict
+from optsearch.speedup import speedup_interval
+from optsearch.study import constraints, make_sampler, suggest_setting
+from optsearch.warm_start import warm_start_params
+
+LANDSCAPE = ROOT / "benchmarks" / "data" / "landscape-cpu-bench-batches.json"
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    speedup_stop: bool = False
+    warm_start: bool = False
+    short_warmup: bool = False
+    tell_complete: bool = False
+
+
+CONFIGS = (
+    Config("today"),
+    Config("speedup", speedup_stop=True),
+    Config("speedup (complete)", speedup_stop=True, tell_complete=True),
+    Config("warm", warm_start=True),
+    Config("new", speedup_stop=True, warm_start=True, short_warmup=True),
+)
+
+
+def key_of(params: dict) -> tuple:
+    return tuple(sorted((k, round(v, 6)) for k, v in params.items()
+                        if k.split(".")[1] in ("cache_interval", "cache_branch_id", "ratio", "gate_step")))
+
+
+class Landscape:
+    def __init__(self, data: dict, limit: float | None):
+        self.data = data
+        self.points = {key_of(p["params"]): p for p in data["points"]}
+        self.batch_size = data["batch_size"]
+        self.limit = limit if limit is not None else float(np.median([p["psnr"] for p in data["points"]]))
+        feasible = [p for p in data["points"] if p["psnr"] >= self.limit]
+        self.best = max(p["speedup"] for p in feasible)
+        self.grid_seconds = sum(self.cost(p, p["batch_seconds"], short=False) for p in data["points"])
+
+    def baseline(self, point: dict) -> list[float]:
+        return self.data["baselines"][point["baseline"]]["batch_seconds"]
+
+    def cost(self, point: dict, batches: list[float], short: bool) -> float:
+        """Device seconds: the warm-up (recorded short one, or one full batch) plus timed batches."""
+        full = float(np.mean(point["batch_seconds"])) * self.batch_size
+        warmup = point["warmup_seconds"] if short else full
+        return warmup + sum(batches) * self.batch_size
+
+
+def spec_for(seed: int, limit: float, config: Config):
+    return spec_from_dict({
+        "name": "replay", "model": {"id": "builtin:cpu-bench", "steps": 20},
+        "quality": {"metric": "psnr", "limit": limit},
+        "search": {"accelerators": ["deepcache", "tome", "tgate"], "seed": seed,
+                   "warm_start": ["published"] if config.warm_start else []},
+        "space": {"deepcache": {"cache_interval": [2, 6], "cache_branch_id": [0, 2]},
+                  "tome": {"ratio": [0.1, 0.7, 0.2], "max_downsample": 1},
+                  "tgate": {"gate_step": [4, 16, 4]}},
+    })
+
+
+def measure(land: Landscape, point: dict, rule: EarlyStop | None) -> tuple[list[float], str | None]:
+    """Replay one trial batch by batch: the batches it ran and why it stopped (None: it finished)."""
+    per_prompt = point["psnr_per_prompt"]
+    n = len(point["batch_seconds"])
+    partial = Comparison(setting={}, num_samples=len(per_prompt), batch_size=land.batch_size,
+                         n_batches=n, confidence=0.95,
+                         baseline_seconds_per_image=float(np.mean(land.baseline(point))),
+                         baseline_batch_seconds=land.baseline(point))
+    for index, seconds in enumerate(point["batch_seconds"]):
+        partial.batch_seconds.append(seconds)
+        partial.inference_seconds += seconds * land.batch_size
+        span = per_prompt[index * land.batch_size:(index + 1) * land.batch_size]
+        partial.psnr += span
+        partial.clip_scores += [0.0] * len(span)
+        partial.baseline_clip_scores += [0.0] * len(span)
+        partial.batches_evaluated += 1
+        if rule is not None and partial.batches_evaluated < n:
+            reason = rule(partial)
+            if reason:
+                return partial.batch_seconds, reason
+    return partial.batch_seconds, None
+
+
+def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int = 3000) -> tuple:
+    """(device seconds, wall seconds, trials) until the goal; None entries if never reached."""
+    spec = spec_for(seed, land.limit, config)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
+    for params in warm_start_params(spec, storage=None):
+        study.enqueue_trial(params)
+    goal = 0.98 * land.best
+    found: list[float] = []  # speedup_low of completed feasible trials
+    done: dict[tuple, tuple] = {}
+    clock, device, trials = 0.0, 0.0, 0
+    running: list[tuple] = []  # (finish time, index, trial, point, batches, reason)
+    free = workers
+    for index in range(cap):
+        while free == 0:
+            finish, _, trial, point, batches, reason = heapq.heappop(running)
+            clock, free = finish, free + 1
+            feasible_done = tell(study, spec, trial, point, batches, reason, config, land, found)
+            if feasible_done and point["speedup"] >= goal:
+                return device, clock, trials
+        trial = study.ask()
+        setting = suggest_setting(trial, spec)
+        params = {f"{a}.{p}": v for a, values in setting.items() for p, v in values.items()}
+        point = land.points[key_of(params)]
+        key = key_of(params)
+        if key in done and len(done) == len(land.points):
+            break  # every setting measured: the goal was stopped early by mistake
+        if key in done:  # reused: no device time
+            batches, reason = done[key]
+            heapq.heappush(running, (clock, index, trial, point, batches, reason))
+            free -= 1
+            continue
+        rule = EarlyStop("psnr", 2, quality_limit=land.limit,
+                         speedup_to_beat=max(found) if config.speedup_stop and found else None)
+        batches, reason = measure(land, point, rule)
+        done[key] = (batches, reason)
+        seconds = land.cost(point, batches, config.short_warmup)
+        device += seconds
+        trials += 1
+        heapq.heappush(running, (clock + seconds, index, trial, point, batches, reason))
+        free -= 1
+    return None, None, None
+
+
+def tell(study, spec, trial, point, batches, reason, config, land, found) -> bool:
+    """Tell the sampler; True when a feasible trial completed with all its batches."""
+    n = len(batches) * land.batch_size
+    psnr = point["psnr_per_prompt"][:n]
+    partial_speedup = float(np.mean(land.baseline(point))) / float(np.mean(batches))
+    summary = {"speedup": partial_speedup, "psnr": {"mean": float(np.mean(psnr))}}
+    for name, value in constraints(spec, summary).items():
+        trial.set_constraint(name, value)
+    if reason is None or config.tell_complete:
+        study.tell(trial, partial_speedup)
+    else:
+        trial.report(partial_speedup, len(batches))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    if reason is None and summary["psnr"]["mean"] >= land.limit:
+        low = speedup_interval(land.baseline(point), batches, 0.95, partial_speedup).low
+        found.append(low if low is not None else partial_speedup)
+        return True
+    return False
+
+
+def main(limit: float | None = None, seeds: int = 10) -> None:
+    land = Landscape(json.loads(LANDSCAPE.read_text()), limit)
+    points = land.data["points"]
+    print(f"# device-seconds to 98 % of the best feasible speedup ({len(points)}-point landscape, "
+          f"{land.data['prompts']} prompts in batches of {land.batch_size}, {land.data['machine']})")
+    print(f"PSNR limit {land.limit:.2f} dB; best feasible speedup {land.best:.2f}; the whole grid "
+          f"costs {land.grid_seconds:.0f} device-seconds")
+    rows, today = [], None
+    for config in CONFIGS:
+        results = [run(land, config, seed) for seed in range(seeds)]
+        reached = [r for r in results if r[0] is not None]
+        device = statistics.median(r[0] for r in reached) if reached else None
+        today = device if config.name == "today" else today
+        rows.append([config.name, f"{len(reached)}/{seeds}", device,
+                     f"{100 * device / land.grid_seconds:.1f} %" if device else "-",
+                     f"{device / today:.2f}" if device and today else "-",
+                     statistics.median(r[2] for r in reached) if reached else None])
+        print(f"{config.name}: {[round(r[0]) if r[0] else None for r in results]}", flush=True)
+    print(table(["rules", "reached", "median device-s", "of the grid", "vs today", "median trials"], rows))
+
+    print("\n# parallel efficiency (rules: new; wall seconds to the goal, median over seeds)")
+    rows, single = [], None
+    new = CONFIGS[-1]
+    for workers in (1, 2, 4, 8):
+        results = [run(land, new, seed, workers) for seed in range(seeds)]
+        walls = [r[1] for r in results if r[1] is not None]
+        wall = statistics.median(walls) if walls else None
+        single = wall if workers == 1 else single
+        rows.append([workers, f"{len(walls)}/{seeds}", wall,
+                     f"{single / wall:.2f}" if wall and single else "-",
+                     statistics.median(r[0] for r in results if r[0] is not None) if walls else None])
+    print(table(["workers", "reached", "median wall-s", "speedup over 1", "median device-s"], rows))
+
+
+if __name__ == "__main__":
+    main(*(float(a) for a in sys.argv[1:2]), *(int(a) for a in sys.argv[2:]))

@@ -1,0 +1,79 @@
+"""Benchmark 9d: one real study on builtin:cpu-bench, with today's rules and with the new ones.
+
+Same spec and sampler seed twice (128 px, 20 steps, 6 prompts in batches of 2, DeepCache+ToMe+T-GATE,
+PSNR limit, 16 trials, SQLite):
+
+- before: early stop on quality only, a full warm-up batch per trial, no warm start (the rules
+  before this change, reproduced by a worker whose early stop knows no best speedup);
+- now:    speedup-aware early stop, the short warm-up, the published warm start.
+
+Reports batches run, device seconds in pipeline calls (warm-up included), wall time and the winner.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from _common import ROOT, machine, scratch, table
+
+from optsearch import load_spec
+from optsearch.storage import open_storage
+from optsearch.study import best_overall, create_study
+from optsearch.worker import Worker, WorkerOptions
+
+
+class QualityOnlyWorker(Worker):
+    """The early stop as it was: quality only."""
+
+    def _early_stop(self):
+        rule = super()._early_stop()
+        if rule is not None:
+            rule.speedup_to_beat = None
+        return rule
+
+
+def run(new_rules: bool, limit: float, n_trials: int, seed: int) -> list:
+    spec = load_spec(ROOT / "studies" / "cpu-bench.toml")
+    spec.model.height = spec.model.width = 128
+    spec.prompts.num_samples, spec.prompts.batch_size = 6, 2
+    spec.quality.metric, spec.quality.limit = "psnr", limit
+    spec.search.accelerators = ["deepcache", "tome", "tgate"]
+    spec.search.n_trials, spec.search.seed = n_trials, seed
+    spec.search.warm_start = ["published"] if new_rules else []
+    spec.space = {"deepcache": {"cache_interval": [2, 6], "cache_branch_id": [0, 2]},
+                  "tome": {"ratio": [0.1, 0.7, 0.2], "max_downsample": 1},
+                  "tgate": {"gate_step": [4, 16, 4]}}
+    folder = scratch()
+    url = f"sqlite:///{folder / 'bench.db'}"
+    create_study(spec, open_storage(url, heartbeat_interval=None))
+    worker_class = Worker if new_rules else QualityOnlyWorker
+    worker = worker_class(url, spec.name, WorkerOptions(progress=False,
+                                                        artifact_dir=str(folder / "artifacts")))
+    if not new_rules:
+        worker.evaluator.warmup = spec.model.steps  # a full warm-up batch, as before
+    started = time.perf_counter()
+    worker.run()
+    wall = time.perf_counter() - started
+    trials = [t for t in worker.study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")
+              and t.user_attrs.get("reused_from") is None]
+    batches = sum(t.user_attrs["batches_evaluated"] for t in trials)
+    device = sum(t.user_attrs["inference_seconds"] + t.user_attrs["warmup_seconds"] for t in trials)
+    stopped = [t.user_attrs.get("early_stop_reason") for t in trials if t.user_attrs.get("early_stopped")]
+    best = best_overall(worker.study, worker.spec)
+    return ["now" if new_rules else "before", len(trials), batches,
+            ", ".join(f"{r} {stopped.count(r)}" for r in sorted(set(stopped))) or "-",
+            device, wall, f"trial {best.number}: {best.user_attrs['speedup']:.2f}x, "
+            f"{best.user_attrs['psnr']:.1f} dB" if best else "none"]
+
+
+def main(limit: float = 30.0, n_trials: int = 16, seed: int = 0) -> None:
+    rows = [run(new_rules, limit, int(n_trials), int(seed)) for new_rules in (False, True)]
+    print(f"# one real study each, builtin:cpu-bench 128 px, PSNR >= {limit} dB, {n_trials} trials, "
+          f"TPE seed {seed} ({machine()})")
+    print(table(["rules", "trials measured", "batches", "early stops", "device s (pipeline)",
+                 "wall s", "winner"], rows))
+
+
+if __name__ == "__main__":
+    main(*(float(a) for a in sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""Benchmark 9c: does the short warm-up time as correctly as a full warm-up batch?
+
+builtin:cpu-bench at 128 px, 20 steps, 6 prompts in batches of 2. For the baseline and each
+accelerator alone and combined, the full warm-up (a whole first batch, as before) and the short one
+(the first batch's shape for just enough steps: evaluate.warmup_steps) alternate, R rounds each,
+in one process; the timed seconds per image after each are compared, with the warm-up's own cost.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+from _common import machine, table
+
+from optsearch.accelerators import AppliedSetting
+from optsearch.evaluate import Evaluator, GenerationConfig, warmup_steps
+from optsearch.models import load_pipeline
+from optsearch.prompts import load_prompts
+from optsearch.quality import ClipScorer
+
+SETTINGS = {
+    "baseline": {},
+    "DeepCache 3/0": {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
+    "ToMe 0.5": {"tome": {"ratio": 0.5}},
+    "T-GATE 10": {"tgate": {"gate_step": 10}},
+    "all three": {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}, "tome": {"ratio": 0.5},
+                  "tgate": {"gate_step": 10}},
+}
+
+
+def timed(evaluator: Evaluator, setting: dict) -> tuple[float, float]:
+    """(seconds per image, warm-up seconds) of one pass."""
+    if not setting:
+        baseline = evaluator.baseline()
+        return baseline.seconds_per_image, float("nan")
+    result = evaluator.compare(setting, evaluator.reference)
+    return result.seconds_per_image, result.warmup_seconds
+
+
+def main(rounds: int = 3) -> None:
+    pipe = load_pipeline("builtin:cpu-bench", device="cpu", dtype="float32")
+    config = GenerationConfig(steps=20, height=128, width=128, guidance_scale=7.5, batch_size=2)
+    evaluator = Evaluator(pipe, ClipScorer("builtin:tiny", "none"), load_prompts("builtin", 6), config)
+    evaluator.reference = evaluator.baseline()
+    rows = []
+    for name, setting in SETTINGS.items():
+        runs = {"full": [], "short": []}
+        warm = {"full": [], "short": []}
+        for _ in range(rounds):
+            for mode, warmup in (("full", config.steps), ("short", True)):
+                evaluator.warmup = warmup
+                seconds, warmup_seconds = timed(evaluator, setting)
+                runs[mode].append(seconds)
+                warm[mode].append(warmup_seconds)
+        with AppliedSetting(pipe, setting) as applied:
+            steps = warmup_steps(config, applied)
+        full, short = statistics.mean(runs["full"]), statistics.mean(runs["short"])
+        rows.append([name, steps, full, short, f"{100 * (short / full - 1):+.1f} %",
+                     statistics.mean(warm["full"]) if setting else "-",
+                     statistics.mean(warm["short"]) if setting else "-"])
+        print(name, runs, flush=True)
+    print(f"# short vs full warm-up, builtin:cpu-bench 128 px, 20 steps, 6 prompts, batch 2, "
+          f"{rounds} alternating rounds ({machine()})")
+    print(table(["setting", "short warm-up steps", "s/img after full", "s/img after short",
+                 "difference", "full warm-up s", "short warm-up s"], rows))
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))

@@ -1,0 +1,127 @@
+"""Search cost: speedup-aware early stop, warm starts, and what they must never change."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+from optuna.trial import TrialState
+
+from optsearch.spec import load_spec
+from optsearch.warm_start import published_settings, trial_params
+from tests.conftest import TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
+
+FAST = {"deepcache.cache_interval": 8, "deepcache.cache_branch_id": 0, "tome.ratio": 0.6,
+        "tome.max_downsample": 2}
+SLOW = {"deepcache.cache_interval": 1, "deepcache.cache_branch_id": 0, "tome.ratio": 0.0,
+        "tome.max_downsample": 1}  # a full pass every step: no faster than the baseline
+# 8 prompts in 4 batches: early stop may decide after 2; every value of FAST and SLOW in the space.
+EIGHT = (TINY_SPEC.replace("num_samples = 4", "num_samples = 8").replace("limit = 30.0", "limit = 5.0")
+         + "[space.deepcache]\ncache_interval = [1, 8]\n[space.tome]\nratio = [0.0, 0.7]\n")
+
+
+def study_with(tmp_path, text: str, *enqueued: dict, name: str = "tiny") -> str:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / f"{name}.toml", text)
+    created = optsearch_cmd("study", "create", str(spec), "--storage", url, "--name", name)
+    assert created.returncode == 0, created.stderr
+    study = optuna.load_study(study_name=name, storage=url)
+    for params in enqueued:
+        study.enqueue_trial(params)
+    ran = optsearch_cmd("worker", "--study", name, "--storage", url, "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    return url
+
+
+def trials(url: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials()
+
+
+def test_unreachable_target_speedup_stops_trials_for_speedup(tmp_path):
+    text = EIGHT.replace("[search]", "[objective]\nmode = \"target-speedup\"\ntarget_speedup = 100.0\n"
+                                     "[search]").replace("n_trials = 4", "n_trials = 2")
+    url = study_with(tmp_path, text)
+    done = trials(url)
+    assert len(done) == 2
+    for trial in done:
+        assert trial.state == TrialState.PRUNED
+        assert trial.user_attrs["early_stop_reason"] == "speedup"
+        # after 2 of 4 batches, or 3 when 2 a side leave the per-look interval wider than 100x
+        assert 2 <= trial.user_attrs["batches_evaluated"] < trial.user_attrs["n_batches"] == 4
+        assert trial.user_attrs["speedup_high"] < 100
+    saved = sum(4 - t.user_attrs["batches_evaluated"] for t in done)
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
+    assert f"early stop (speedup): 2 trials, {saved} batches" in shown.stdout
+
+
+def test_max_speedup_stops_clearly_slower_trials_as_dominated_and_keeps_the_winner(tmp_path):
+    # 8 batches of 1: enough samples for a clear interval even on a busy 2-core machine
+    text = EIGHT.replace("n_trials = 4", "n_trials = 2\nwarm_start = []").replace(
+        "batch_size = 2", "batch_size = 1")
+    url = study_with(tmp_path, text, FAST, SLOW)
+    fast, slow = trials(url)
+    assert fast.state == TrialState.COMPLETE and fast.user_attrs["batches_evaluated"] == 8
+    assert slow.state == TrialState.PRUNED
+    assert slow.user_attrs["early_stop_reason"] == "dominated"
+    assert slow.user_attrs["batches_evaluated"] < 8
+    assert slow.user_attrs["speedup_high"] < fast.user_attrs["speedup_low"]
+    assert slow.intermediate_values  # the sampler is told what was measured
+    exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json",
+                             cwd=tmp_path)
+    assert exported.returncode == 0
+    assert json.loads((tmp_path / "sp.json").read_text())["best"]["trial"] == fast.number
+
+
+def test_early_stop_never_changes_a_finished_trials_figures(tmp_path):
+    off = study_with(tmp_path, EIGHT.replace("n_trials = 4", "n_trials = 1\nwarm_start = []\n"
+                                             "early_stop = false"), FAST, name="off")
+    on = study_with(tmp_path, EIGHT.replace("n_trials = 4", "n_trials = 1\nwarm_start = []"), FAST,
+                    name="on")
+    [without], [with_rules] = trials(off, "off"), trials(on, "on")
+    assert without.state == with_rules.state == TrialState.COMPLETE
+    for key in ("image_digests", "psnr", "psnr_low", "ssim", "clip_loss", "batches_evaluated"):
+        assert without.user_attrs[key] == with_rules.user_attrs[key], key
+
+
+def test_published_warm_start_comes_first_and_stays_inside_the_space(tmp_path):
+    text = EIGHT.replace("n_trials = 4", "n_trials = 3") + "[space.tgate]\ngate_step = [5, 12]\n"
+    text = text.replace('accelerators = ["deepcache", "tome"]', 'accelerators = "any"').replace(
+        "steps = 8", "steps = 12").replace("cache_interval = [1, 8]", "cache_interval = [2, 4]")
+    spec = load_spec(write_spec(tmp_path / "any.toml", text))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    created = optsearch_cmd("study", "create", str(tmp_path / "any.toml"), "--storage", url, "--name", "any")
+    assert created.returncode == 0, created.stderr
+    waiting = optuna.load_study(study_name="any", storage=url).get_trials(states=(TrialState.WAITING,))
+    enqueued = [t.system_attrs["fixed_params"] for t in waiting]
+    # DeepCache N=5 lies outside cache_interval [2, 4]: only N=3 points, one per combo.
+    assert [p["combo"] for p in enqueued] == ["deepcache", "deepcache+tome", "deepcache+tgate",
+                                             "deepcache+tome+tgate"]
+    for params in enqueued:
+        assert params["deepcache.cache_interval"] == 3 and params["deepcache.cache_branch_id"] == 0
+        assert params.get("tome.ratio", 0.5) == 0.5 and params.get("tgate.gate_step", 10) == 10
+    assert len(published_settings(spec)) == 8
+    assert trial_params(spec, {"deepcache": {"cache_interval": 5, "cache_branch_id": 0}},
+                        clip=False) is None
+    ran = optsearch_cmd("worker", "--study", "any", "--storage", url, "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    first = optuna.load_study(study_name="any", storage=url).get_trials()[:3]
+    assert [t.user_attrs["combo"] for t in first] == ["deepcache", "deepcache+tome", "deepcache+tgate"]
+
+
+def test_warm_start_from_another_study_is_clipped_and_a_missing_one_is_exit_2(tmp_path):
+    url = study_with(tmp_path, EIGHT.replace("n_trials = 4", "n_trials = 1\nwarm_start = []"), FAST,
+                     name="sd15")
+    narrow = write_spec(tmp_path / "narrow.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 1")
+                        + "[space.deepcache]\ncache_interval = [2, 5]\n[space.tome]\nratio = [0.1, 0.5]\n")
+    before = storage_snapshot(url)
+    missing = optsearch_cmd("study", "create", str(narrow), "--storage", url, "--warm-start", "nope")
+    assert missing.returncode == 2 and "warm start study:nope" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and storage_snapshot(url) == before
+    created = optsearch_cmd("study", "create", str(narrow), "--storage", url, "--warm-start", "sd15")
+    assert created.returncode == 0, created.stderr
+    waiting = optuna.load_study(study_name="tiny", storage=url).get_trials(states=(TrialState.WAITING,))
+    enqueued = [t.system_attrs["fixed_params"] for t in waiting]
+    clipped = {"deepcache.cache_interval": 5, "deepcache.cache_branch_id": 0, "tome.ratio": 0.5,
+               "tome.max_downsample": 2}
+    assert enqueued[-1] == clipped  # FAST (interval 8, ratio 0.6) moved into [2, 5] x [0.1, 0.5]
+    assert len(enqueued) == 3  # two published points first, then the other study's best
