@@ -49,8 +49,12 @@ def cmd_evaluate(args) -> int:
 
     spec = load_spec(args.spec)
     try:
-        setting = normalize_setting(parse_sets(args.set)) if args.set \
-            else default_setting(spec.search.combos[0])
+        given = normalize_setting(parse_sets(args.set))
+        combo = next((c for c in spec.search.combos if set(given) <= set(c)), spec.search.combos[0])
+        setting = default_setting(combo)
+        for accelerator, values in given.items():
+            setting.setdefault(accelerator, {}).update(values)
+        setting = normalize_setting(setting)
     except ValueError as error:
         raise UsageError(str(error)) from None
     problems = check_setting(setting, spec)
@@ -71,10 +75,11 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _open(args):
+def _open(args, create: bool = False):
+    """The storage of `--storage`; only commands that create studies may create a new database."""
     from .storage import open_storage
 
-    return open_storage(args.storage, heartbeat_interval=None)
+    return open_storage(args.storage, heartbeat_interval=None, must_exist=not create)
 
 
 def cmd_study_create(args) -> int:
@@ -86,7 +91,7 @@ def cmd_study_create(args) -> int:
     if args.warm_start:
         spec.search.warm_start = [*spec.search.warm_start,
                                   *(f"study:{name}" for name in args.warm_start)]
-    storage = _open(args)
+    storage = _open(args, create=True)
     study = create_study(spec, storage, args.name, args.load_if_exists)
     print(f"study {study.study_name!r} ready in {mask(storage.url)}")
     return 0
@@ -188,16 +193,42 @@ def cmd_dashboard(args) -> int:
 def _worker_options(args):
     from .worker import WorkerOptions
 
+    if args.grace_period < 2 * args.heartbeat_interval:
+        raise UsageError(f"--grace-period {args.grace_period} must be at least twice "
+                         f"--heartbeat-interval {args.heartbeat_interval} (a live worker's beat "
+                         f"may come late): e.g. --grace-period {5 * args.heartbeat_interval}")
     return WorkerOptions(device=args.device, n_trials=args.n_trials, timeout=args.timeout,
                          progress=not args.quiet, heartbeat_interval=args.heartbeat_interval,
                          grace_period=args.grace_period, artifact_dir=args.artifact_dir,
                          halve_batch_on_oom=args.halve_batch_on_oom)
 
 
+def _complete(storage, name: str) -> bool:
+    """True (and says so) when study `name` exists and already has all its trials."""
+    from . import study as studies
+
+    progress = studies.progress(storage, name)
+    if progress is None or progress[0] < progress[1]:
+        return False
+    print(f"study {name!r} is complete: {progress[0]} of {progress[1]} trials finished "
+          "(`optsearch study show` for the results)")
+    return True
+
+
 def cmd_worker(args) -> int:
     from .worker import Worker
 
-    worker = Worker(args.storage, args.study, _worker_options(args))
+    options = _worker_options(args)
+    if args.devices:
+        from .fleet import parse_devices, run_workers
+
+        devices = parse_devices(args.devices)
+        if _complete(_open(args), args.study):
+            return 0
+        return run_workers(args.argv, devices)
+    if _complete(_open(args), args.study):  # before loading any model
+        return 0
+    worker = Worker(args.storage, args.study, options)
     ran = worker.run()
     print(f"worker done: {ran} trials run by this worker on {worker.facts['device']}")
     return 0
@@ -207,20 +238,25 @@ def cmd_run(args) -> int:
     from .evaluate import evaluator_from_spec
     from .show import format_summary, study_summary
     from .spec import load_spec
-    from .study import create_study
+    from .study import create_study, load_study
     from .worker import Worker
 
     spec = load_spec(args.spec)
-    storage = _open(args)
+    options = _worker_options(args)
+    storage = _open(args, create=True)
+    name = args.name or spec.name
+    if _complete(storage, name):
+        print(format_summary(study_summary(*load_study(storage, name))))
+        return 0
     if spec.quality.clip_pretrained == "none":
-        print(f"note: {spec.name} scores with a random-weight CLIP (clip_pretrained = \"none\"): CLIP "
+        print(f"note: {name} scores with a random-weight CLIP (clip_pretrained = \"none\"): CLIP "
               f"scores mean nothing here, so it constrains {spec.quality.metric} "
               f"(fidelity to the baseline) instead" if spec.quality.metric != "clip_loss" else
               "note: random-weight CLIP: the CLIP loss it constrains is meaningless")
     # Load the pipeline, CLIP and prompts before writing anything: bad input leaves no study behind.
     evaluator = evaluator_from_spec(spec, args.device, progress=not args.quiet)
     study = create_study(spec, storage, args.name, load_if_exists=True)
-    worker = Worker(args.storage, study.study_name, _worker_options(args), evaluator)
+    worker = Worker(args.storage, study.study_name, options, evaluator)
     worker.run()
     if args.confirm:
         from .confirm import Confirmation, ConfirmOptions
@@ -240,12 +276,14 @@ def _add_storage(parser) -> None:
 def _add_worker_options(parser) -> None:
     from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
-    parser.add_argument("--device", help="override model.device (cpu, cuda, cuda:N)")
-    parser.add_argument("--n-trials", type=int, metavar="N", help="this worker's own trial limit")
-    parser.add_argument("--timeout", type=float, metavar="S", help="start no trial after S seconds")
-    parser.add_argument("--heartbeat-interval", type=int, default=HEARTBEAT_INTERVAL, metavar="S",
-                        help=f"heartbeat every S seconds (default {HEARTBEAT_INTERVAL})")
-    parser.add_argument("--grace-period", type=int, default=GRACE_PERIOD, metavar="S",
+    parser.add_argument("--device", type=_device, help="override model.device (cpu, cuda, cuda:N)")
+    parser.add_argument("--n-trials", type=_positive_int, metavar="N",
+                        help="this worker's own trial limit")
+    parser.add_argument("--timeout", type=_positive_float, metavar="S",
+                        help="start no trial after S seconds, counted from the start of the command")
+    parser.add_argument("--heartbeat-interval", type=_positive_int, default=HEARTBEAT_INTERVAL,
+                        metavar="S", help=f"heartbeat every S seconds (default {HEARTBEAT_INTERVAL})")
+    parser.add_argument("--grace-period", type=_positive_int, default=GRACE_PERIOD, metavar="S",
                         help=f"a trial silent for S seconds is failed and re-queued (default {GRACE_PERIOD})")
     parser.add_argument("--artifact-dir", metavar="DIR", help="override the spec's [artifacts] path")
     parser.add_argument("--halve-batch-on-oom", action="store_true",
@@ -263,11 +301,46 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1..65535)")
+    return value
+
+
+def _device(text: str) -> str:
+    """The same check as model.device in a spec."""
+    from .spec import check_device
+
+    problem = check_device(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (no usage dump), exit 2."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _mask_record(record: logging.LogRecord) -> bool:
+    """A logging filter: no password reaches a log line (drivers' messages included)."""
+    from .masking import mask_text
+
+    record.msg, record.args = mask_text(record.getMessage()), None
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a parameter of the setting (repeatable)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--save-images", metavar="DIR", help="write baseline/setting PNGs")
-    evaluate.add_argument("--device", help="override model.device")
+    evaluate.add_argument("--device", type=_device, help="override model.device")
     evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -302,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="join a study and run trials")
     worker.add_argument("--study", required=True, help="study name")
+    worker.add_argument("--devices", metavar="LIST",
+                        help="one worker process per device: all (every GPU), or 0,1,3")
     _add_storage(worker)
     _add_worker_options(worker)
     worker.set_defaults(handler=cmd_worker)
@@ -333,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the K best feasible settings, plus each combo's best (default 3)")
     confirm.add_argument("--repeats", type=_positive_int, default=2, metavar="R",
                          help="baseline/setting timing rounds, interleaved (default 2)")
-    confirm.add_argument("--device", help="override model.device")
+    confirm.add_argument("--device", type=_device, help="override model.device")
     confirm.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     confirm.set_defaults(handler=cmd_study_confirm)
     delete = study_commands.add_parser("delete", help="delete a study and its trials")
@@ -349,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard with trial image grids")
     _add_storage(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.add_argument("--port", type=_port, default=8080)
     dashboard.add_argument("--artifact-dir", default="artifacts", metavar="DIR",
                            help="the artifact folder the workers write to (default: artifacts)")
     dashboard.set_defaults(handler=cmd_dashboard)
@@ -359,8 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_mask_record)
     if args.verbose:
         import optuna
 

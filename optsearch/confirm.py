@@ -96,7 +96,7 @@ class Confirmation:
         self.options = options or ConfirmOptions()
         if self.options.top < 1 or self.options.repeats < 1:
             raise UsageError("--top and --repeats must be >= 1")
-        self.storage = open_storage(storage_url, heartbeat_interval=None)
+        self.storage = open_storage(storage_url, heartbeat_interval=None, must_exist=True)
         self.study, self.spec = studies.load_study(self.storage, study_name)
         self.candidates = candidates(self.study, self.spec, self.options.top)
         if not self.candidates:

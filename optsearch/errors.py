@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+from .masking import mask_text
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_NOTHING = 1, 2, 3
 
@@ -13,14 +13,6 @@ class UsageError(Exception):
 
 class NothingToExport(Exception):
     """The study has no feasible trial yet. Exit 3."""
-
-
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
-
-
-def mask_urls(text: str) -> str:
-    """Replace the password of every URL in `text` by ***."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def exit_code_for(error: BaseException) -> int:
@@ -41,8 +33,8 @@ def one_line(error: BaseException) -> list[str]:
     from .spec import SpecError
 
     if isinstance(error, SpecError):
-        return [mask_urls(line) for line in error.problems]
+        return [mask_text(line) for line in error.problems]
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if exit_code_for(error) == EXIT_RUNTIME:
         text = f"{type(error).__name__}: {text} (OPTSEARCH_DEBUG=1 shows the traceback)"
-    return [mask_urls(text)]
+    return [mask_text(text)]

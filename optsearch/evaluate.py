@@ -369,7 +369,7 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
                         prompts: list[str] | None = None) -> Evaluator:
     """Load the spec's pipeline, CLIP model and prompts (or `prompts`) once, for any number of
     comparisons."""
-    from .models import load_pipeline, resolve_placement
+    from .models import load_pipeline
     from .prompts import load_prompts
 
     if prompts is None:
@@ -377,7 +377,6 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
                                spec.prompts.shuffle, spec.prompts.column)
     model = spec.model
     pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler)
-    placement = resolve_placement(device or model.device, model.dtype)
-    scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, placement.device)
+    scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
                      spec.quality.confidence, progress)

@@ -34,6 +34,7 @@ def _entry(trial, confirmed: dict | None = None, metric: str = "clip_loss") -> d
     metrics = trial_metrics(trial)
     return {"trial": trial.number, "combo": metrics.pop("combo"), "setting": metrics.pop("setting"),
             "values": list(trial.values), "metrics": metrics,
+            "image_digests": trial.user_attrs.get("image_digests"),
             "confirmed": confirmed_entry(confirmed, metric) if confirmed else None}
 
 
@@ -65,6 +66,16 @@ def _latest_by_trial(records: list[dict]) -> dict[int, dict]:
     return latest
 
 
+def _prompts(baseline: dict | None, spec) -> dict:
+    """The search prompts and per-prompt generator seeds that `image_digests` belong to."""
+    from .evaluate import prompt_seed
+
+    texts = (baseline or {}).get("prompts")
+    count = len(texts) if texts else spec.prompts.num_samples
+    return {"texts": texts, "seeds": [prompt_seed(spec.prompts.seed, i) for i in range(count)],
+            "batch_size": (baseline or {}).get("batch_size", spec.prompts.batch_size)}
+
+
 def export_study(study, spec) -> dict:
     """search_params.json: best feasible setting overall and per combo, baseline, spec, provenance."""
     import datetime
@@ -76,7 +87,16 @@ def export_study(study, spec) -> dict:
 
     from . import __version__
     from .errors import NothingToExport
-    from .study import baselines, best_overall, best_per_combo, confirmations, pareto_front, spec_attr
+    from .study import (
+        baselines,
+        best_overall,
+        best_per_combo,
+        confirmations,
+        constraint_text,
+        pareto_front,
+        relax_hint,
+        spec_attr,
+    )
 
     records = list(confirmations(study).values())
     confirmed_by_trial = _latest_by_trial(records)
@@ -85,16 +105,16 @@ def export_study(study, spec) -> dict:
         winner = best_confirmed(records, spec)
         if winner is None:
             raise NothingToExport(f"none of the {len(records)} settings confirmed on unseen prompts "
-                                  f"of study {study.study_name!r} is feasible there: run more "
-                                  "trials and `study confirm` again, or relax the limit")
+                                  f"of study {study.study_name!r} meets {constraint_text(spec)} "
+                                  f"there: {relax_hint(spec)}, then `study confirm` again")
         best = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
             study._study_id, winner["trial"]))
         confirmed_by_trial[best.number] = winner
     else:
         best = best_overall(study, spec)
     if best is None:
-        raise NothingToExport(f"study {study.study_name!r} has no feasible trial yet: run more "
-                              "trials or relax quality.limit")
+        raise NothingToExport(f"study {study.study_name!r} has no feasible trial yet (none meets "
+                              f"{constraint_text(spec)}): {relax_hint(spec)}")
     exported = {
         "format": FORMAT,
         "study": study.study_name,
@@ -106,6 +126,7 @@ def export_study(study, spec) -> dict:
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec).items()},
         "baseline": baselines(study).get(best.user_attrs.get("fingerprint")),
+        "prompts": _prompts(baselines(study).get(best.user_attrs.get("fingerprint")), spec),
         "spec": {"name": spec.name, **spec_attr(spec)},
         "provenance": {
             "optsearch": __version__, "optuna": optuna.__version__, "torch": torch.__version__,
@@ -115,7 +136,8 @@ def export_study(study, spec) -> dict:
         },
     }
     if exported["baseline"] is not None:
-        exported["baseline"] = {k: v for k, v in exported["baseline"].items() if k != "clip_scores"}
+        exported["baseline"] = {k: v for k, v in exported["baseline"].items()
+                                if k not in ("clip_scores", "prompts")}
     if spec.objective.mode == "pareto":
         exported["front"] = [_entry(trial, confirmed_by_trial.get(trial.number), metric)
                              for trial in pareto_front(study, spec)]

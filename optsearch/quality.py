@@ -32,6 +32,8 @@ class ClipScorer:
                 open_clip.add_model_config(path)
             model_name = _TINY_CLIP_CONFIG
         tag = None if pretrained in ("none", "", None) else pretrained
+        if tag is not None:
+            check_clip_weights(model_name, tag)
         torch.manual_seed(0)  # random-weight models are the same in every process
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on purpose-random weights
@@ -64,6 +66,58 @@ class ClipScorer:
         image_features = self.image_features(images)
         cosine = (image_features * self.text_features(prompts)).sum(dim=-1)
         return (100 * cosine).clamp(min=0).cpu().numpy(), image_features
+
+
+def clip_weights_files(model_name: str, tag: str) -> tuple[str, list[str]] | None:
+    """(hub repo, file names in the order open_clip tries them) for a model name and pretrained
+    tag, or None when the tag is a local file. Raises ModelLoadError for an unknown tag."""
+    import os
+
+    import open_clip
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    from .models import ModelLoadError
+
+    if os.path.isfile(os.path.expanduser(tag)):
+        return None
+    config = open_clip.get_pretrained_cfg(model_name, tag)
+    if not config or not config.get("hf_hub"):
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+        raise ModelLoadError(f"open_clip has no pretrained weights {tag!r} for {model_name!r} "
+                             f"(known tags: {known}; or a local weights file)")
+    repo, filename = os.path.split(config["hf_hub"])  # 'org/model/' means the default file name
+    filename = filename or HF_WEIGHTS_NAME
+    return repo, [*_get_safe_alternatives(filename), filename]
+
+
+def check_clip_weights(model_name: str, tag: str) -> None:
+    """Fail fast, in one line, when the weights are neither cached nor downloadable (no hub):
+    otherwise the download retries for about a minute before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from .models import ModelLoadError
+
+    files = clip_weights_files(model_name, tag)
+    if files is None:
+        return
+    repo, names = files
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
+        return
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if reason is None:
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            return
+        except OSError:
+            reason = f"{host} is unreachable"
+    raise ModelLoadError(
+        f"CLIP weights {model_name}/{tag} ({repo}/{names[-1]}) are not in the Hugging Face cache "
+        f"{constants.HF_HUB_CACHE} and {reason}: download them once where the hub is reachable, "
+        "point HF_HOME at a cache that has them, or set quality.clip_pretrained to a local file")
 
 
 def psnr(reference: np.ndarray, image: np.ndarray) -> float:

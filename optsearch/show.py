@@ -22,6 +22,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "mode": spec.objective.mode,
         "metric": spec.quality.metric,
         "limit": spec.quality.limit,
+        "target_speedup": spec.objective.target_speedup,
+        "constraint": studies.constraint_text(spec),
         "n_trials": spec.search.n_trials,
         "states": {state.name: states.get(state.name, 0) for state in TrialState},
         "finished": states.get("COMPLETE", 0) + states.get("PRUNED", 0),
@@ -58,9 +60,9 @@ def _early_stop_by_reason(trials) -> dict[str, dict]:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"study {summary['study']}: mode {summary['mode']}, {summary['metric']} limit "
-             f"{summary['limit']}, {summary['finished']}/{summary['n_trials']} trials finished"]
-    states = ", ".join(f"{k.lower()} {v}" for k, v in summary["states"].items() if v)
+    lines = [f"study {summary['study']}: mode {summary['mode']}, feasible when "
+             f"{summary['constraint']}, {summary['finished']}/{summary['n_trials']} trials finished"]
+    states = ", ".join(f"{k.lower()} {v}" for k, v in summary["states"].items() if v) or "none yet"
     saved = summary["early_stop_saved_s"]
     lines.append(f"trials: {states}; early-stopped {summary['early_stopped']} (saved ~{saved:.1f} s); "
                  f"reused {summary['reused']}")

@@ -141,6 +141,10 @@ class StudySpec:
             return tuple(value)
         return (value[0], value[1], value[2] if len(value) == 3 else None)
 
+    def searched_params(self, accelerator: str) -> list[str]:
+        """The parameters of `accelerator` that this spec searches (ranges, not fixed values)."""
+        return [p for p in params_of(accelerator) if len(self.param_range(accelerator, p)) > 1]
+
     def grid_values(self, accelerator: str, param: str) -> list:
         """Every value the exhaustive grid tries for a parameter (step: given, else its default)."""
         bounds = self.param_range(accelerator, param)
@@ -198,7 +202,37 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
         raise SpecError([f"{path}: not valid TOML: {error}"]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError([f"{path}: cannot read spec: {error}"]) from None
-    return spec_from_dict(data, source=str(path), overrides=overrides)
+    _resolve_paths(data, path.parent)
+    spec = spec_from_dict(data, source=str(path), overrides=overrides)
+    missing = [f"{path}: {key}: file {value} does not exist (relative paths are read from the "
+               "spec's folder)" for key, value in _prompt_files(spec) if not Path(value).is_file()]
+    if missing:
+        raise SpecError(missing)
+    return spec
+
+
+def _is_prompt_file(source: str) -> bool:
+    return source not in PROMPT_SOURCES and source.lower().endswith(PROMPT_FILE_SUFFIXES)
+
+
+def _prompt_files(spec: StudySpec) -> list[tuple[str, str]]:
+    files = [("prompts.source", spec.prompts.source), ("confirm.source", spec.confirm.source)]
+    return [(key, value) for key, value in files if value and _is_prompt_file(value)]
+
+
+def _resolve_paths(data: dict, folder: Path) -> None:
+    """Make the relative paths a spec names (prompt files, the artifacts folder, a local model
+    folder) absolute from the spec's own folder, so every worker reads the same files."""
+    def resolve(section: str, key: str, applies) -> None:
+        table = data.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if isinstance(value, str) and applies(value) and not Path(value).expanduser().is_absolute():
+            table[key] = str((folder / Path(value).expanduser()).resolve())
+
+    resolve("prompts", "source", _is_prompt_file)
+    resolve("confirm", "source", _is_prompt_file)
+    resolve("artifacts", "path", lambda value: "://" not in value)
+    resolve("model", "id", lambda value: value.startswith(("./", "../")))
 
 
 def spec_from_dict(data: dict, source: str = "<spec>",
@@ -317,8 +351,8 @@ def _validate(spec: StudySpec, problem) -> None:
     objective, search = spec.objective, spec.search
     if model.dtype not in DTYPES:
         problem("model.dtype", f"unknown dtype {model.dtype!r} (allowed: {', '.join(DTYPES)})")
-    if not (model.device in ("auto", "cpu", "cuda") or _is_cuda_index(model.device)):
-        problem("model.device", f"unknown device {model.device!r} (allowed: auto, cpu, cuda, cuda:N)")
+    if check_device(model.device):
+        problem("model.device", check_device(model.device))
     if model.scheduler is not None:
         name = model.scheduler.removesuffix("Scheduler")
         if name not in KNOWN_SCHEDULERS:
@@ -409,14 +443,26 @@ def _check_source(key: str, source: str, problem) -> None:
                 f"{', '.join(PROMPT_SOURCES)}, or a {'/'.join(PROMPT_FILE_SUFFIXES)} file)")
 
 
-def _is_cuda_index(device: str) -> bool:
+def check_device(device: str) -> str | None:
+    """Why `device` is not a device name optsearch takes (spec and --device alike), or None."""
     prefix, _, index = device.partition(":")
-    return prefix == "cuda" and index.isdigit()
+    if device in ("auto", "cpu", "cuda") or (prefix == "cuda" and index.isdigit()):
+        return None
+    return f"unknown device {device!r} (allowed: auto, cpu, cuda, cuda:N)"
 
 
 def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
-    """Problems with running `setting` on the spec's model (T-GATE needs guidance and steps)."""
+    """Problems with running `setting` on the spec's model: its combo must be one the spec
+    searches, T-GATE needs guidance, and step-counted parameters must fit in model.steps."""
     problems = []
+    combos = [combo_name(c) for c in spec.search.combos]
+    if combo_name(setting) not in combos:
+        problems.append(f"the setting is {combo_name(setting)}, which this spec does not search "
+                        f"(search.accelerators gives: {', '.join(combos)})")
+    interval = setting.get("deepcache", {}).get("cache_interval", 1)
+    if not 1 <= interval <= spec.model.steps:
+        problems.append(f"deepcache.cache_interval={interval} must be in 1..{spec.model.steps} "
+                        "(model.steps)")
     if "tgate" in setting:
         if spec.model.guidance_scale <= 1:
             problems.append("tgate needs classifier-free guidance: model.guidance_scale is "

@@ -1,4 +1,5 @@
-"""Storage URLs: the default, masking passwords, and Optuna RDB storages tuned per backend.
+"""Storage URLs: the default, passwords (percent-encoded, or from a secret file), and Optuna RDB
+storages tuned per backend.
 
 SQLite gets a long busy timeout and WAL journaling, so one worker and the dashboard can share the
 file. PostgreSQL gets pre-ping (connections dropped by the server are replaced). Both get Optuna's
@@ -12,13 +13,17 @@ import os
 import sqlite3
 import time
 import warnings
+from urllib.parse import quote
 
 import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
+from .masking import encode_password, mask_url, remember, split_userinfo
+
 DEFAULT_URL = "sqlite:///optsearch.db"
 ENV_VAR = "OPTSEARCH_STORAGE"
+PASSWORD_FILE_VAR = "OPTSEARCH_STORAGE_PASSWORD_FILE"
 HEARTBEAT_INTERVAL = 60  # seconds; trials last minutes
 GRACE_PERIOD = 300  # a trial without heartbeat for this long is failed and re-queued
 MAX_RETRY = 3
@@ -72,12 +77,23 @@ def resolve_url(url: str | None) -> str:
 
 def mask(url: str) -> str:
     """The URL with its password replaced by ***, for every line we print."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL sqlalchemy understands: mask by pattern
-        from .errors import mask_urls
+    return mask_url(url)
 
-        return mask_urls(url)
+
+def _with_password_file(url: str) -> str:
+    """Put the password of $OPTSEARCH_STORAGE_PASSWORD_FILE into a URL that has none (a Docker or
+    Kubernetes secret: the password never sits in an environment variable)."""
+    path = os.environ.get(PASSWORD_FILE_VAR)
+    parts = split_userinfo(url)
+    if not path or parts is None or parts[2] is not None:
+        return url
+    try:
+        password = open(path, encoding="utf-8").read().strip()
+    except OSError as error:
+        raise StorageError(f"cannot read ${PASSWORD_FILE_VAR} {path}: {error.strerror}") from None
+    remember(password)
+    head, user, _, rest = parts
+    return f"{head}{user}:{quote(password, safe='')}@{rest}"
 
 
 def _engine_kwargs(url: sqlalchemy.URL) -> dict:
@@ -97,10 +113,21 @@ def _enable_wal(url: sqlalchemy.URL) -> None:
         connection.execute("PRAGMA journal_mode=WAL")
 
 
+def _sqlite_exists(url: sqlalchemy.URL) -> bool:
+    return not url.database or url.database == ":memory:" or os.path.isfile(url.database)
+
+
 def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
-                 grace_period: int | None = GRACE_PERIOD) -> optuna.storages.RDBStorage:
-    """Open (creating tables when needed) the Optuna RDB storage at `url`."""
+                 grace_period: int | None = GRACE_PERIOD,
+                 must_exist: bool = False) -> optuna.storages.RDBStorage:
+    """Open (creating tables when needed) the Optuna RDB storage at `url`.
+
+    `must_exist`: a SQLite file that is not there is an error, not a new empty database (for
+    commands that only read or join studies: a typo must not create a storage).
+    """
     url = resolve_url(url)
+    mask_url(url)  # remembers the password, so no error text can show it
+    url = _with_password_file(encode_password(url))
     try:
         parsed = make_url(url)
     except Exception:
@@ -119,6 +146,10 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
         )
     try:
         if parsed.get_backend_name() == "sqlite":
+            if must_exist and not _sqlite_exists(parsed):
+                path = os.path.abspath(parsed.database or "")
+                raise StorageError(f"no storage at {path}: the SQLite file does not exist (check "
+                                   f"--storage or ${ENV_VAR}; `optsearch study create` makes one)")
             _enable_wal(parsed)
         return ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat)
     except StorageError:

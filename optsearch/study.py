@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .accelerators import combo_name
 from .errors import UsageError
 from .quality import Interval, quality_margin
+from .samplers import make_sampler
 from .spec import StudySpec, spec_from_dict
 from .storage import mask
 
@@ -58,6 +59,21 @@ def metric_names(spec: StudySpec) -> list[str]:
             "pareto": ["speedup", spec.quality.metric]}[spec.objective.mode]
 
 
+def constraint_text(spec: StudySpec) -> str:
+    """The constraint that decides feasibility in the spec's mode, as a user reads it."""
+    rule = "" if spec.quality.rule == "mean" else " (its confidence bound)"
+    if spec.objective.mode == "target-speedup":
+        return f"speedup{rule} >= objective.target_speedup = {spec.objective.target_speedup}"
+    sign = "<=" if spec.quality.metric == "clip_loss" else ">="
+    return f"{spec.quality.metric}{rule} {sign} quality.limit = {spec.quality.limit}"
+
+
+def relax_hint(spec: StudySpec) -> str:
+    if spec.objective.mode == "target-speedup":
+        return "run more trials or lower objective.target_speedup"
+    return "run more trials or relax quality.limit"
+
+
 def constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
     """Optuna constraint values (feasible when <= 0) for a measured setting.
 
@@ -78,28 +94,6 @@ def constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
 def is_feasible(trial: FrozenTrial) -> bool:
     values = trial.user_attrs.get("constraints")
     return values is not None and all(v <= 0 for v in values.values())
-
-
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    search = spec.search
-    if search.sampler == "tpe":
-        # constant_liar (default in Optuna 5) keeps parallel workers from sampling the same point.
-        return optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.n_startup_trials,
-                                          constant_liar=True)
-    if search.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=search.seed, n_startup_trials=search.n_startup_trials)
-    if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=search.seed)
-    combo = spec.search.combos[0]
-    grid = {f"{name}.{param}": spec.grid_values(name, param)
-            for name in combo for param in _searched_params(spec, name)}
-    return optuna.samplers.GridSampler(grid, seed=search.seed)
-
-
-def _searched_params(spec: StudySpec, accelerator: str) -> list[str]:
-    from .accelerators import params_of
-
-    return [p for p in params_of(accelerator) if len(spec.param_range(accelerator, p)) > 1]
 
 
 def suggest_setting(trial: optuna.Trial, spec: StudySpec) -> dict[str, dict]:
@@ -207,6 +201,19 @@ def load_study(storage, name: str) -> tuple[optuna.Study, StudySpec]:
     spec = spec_from_dict({"name": name, **stored}, source=f"study {name}")
     study.sampler = make_sampler(spec)
     return study, spec
+
+
+def progress(storage, name: str) -> tuple[int, int] | None:
+    """(finished trials, n_trials) of an optsearch study, or None when there is no such study."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        return None
+    target = stored.get("search", {}).get("n_trials", 60)
+    return len(study.get_trials(deepcopy=False, states=FINISHED)), target
 
 
 def baselines(study: optuna.Study) -> dict[str, dict]:

@@ -54,13 +54,14 @@ class SurplusTrial(Exception):
 class WorkerOptions:
     device: str | None = None
     n_trials: int | None = None  # this worker's own limit
-    timeout: float | None = None  # seconds; no new trial starts after it
+    timeout: float | None = None  # seconds from `started`; no new trial starts after it
     progress: bool = True
     heartbeat_interval: int = HEARTBEAT_INTERVAL
     grace_period: int = GRACE_PERIOD
     poll_interval: float = 2.0
     artifact_dir: str | None = None  # overrides the spec's [artifacts] path
     halve_batch_on_oom: bool = False  # retry an out-of-memory trial at half the batch size
+    started: float = dataclasses.field(default_factory=time.monotonic)  # when the command began
 
 
 def device_name(device: torch.device) -> str:
@@ -135,7 +136,8 @@ class Worker:
                 "fingerprint": self.fingerprint, **self.facts, "host": self.host,
                 "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
                 "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
-                "num_samples": len(self.evaluator.prompts), "images_artifact": artifact,
+                "num_samples": len(self.evaluator.prompts), "prompts": self.evaluator.prompts,
+                "images_artifact": artifact,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             if self.fingerprint not in studies.baselines(self.study):
@@ -205,7 +207,7 @@ class Worker:
 
     def _loop(self) -> None:
         target = self.spec.search.n_trials
-        started = time.monotonic()
+        started = self.options.started
         finished, _ = self._counts()
         bar = tqdm(total=target, initial=min(finished, target), desc=f"trials {self.study.study_name}",
                    unit="trial", disable=not self.options.progress)
@@ -239,9 +241,27 @@ class Worker:
             time.sleep(self.options.poll_interval)
             return True
         self._retime_if_due()
-        self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
-                            gc_after_trial=False, show_progress_bar=False)
+        try:
+            self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
+                                gc_after_trial=False, show_progress_bar=False)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
+            # Optuna's "Cannot tell a FAIL trial.": another worker ended ours meanwhile
+            if not str(error).startswith(("Cannot tell a", "Trial#")) or not self._failed_by_others():
+                raise
         self.current = None  # told to the storage: no longer ours to re-queue
+        return True
+
+    def _failed_by_others(self) -> bool:
+        """Our trial was failed (and re-queued) by another worker that judged its heartbeat stale:
+        its result cannot be told any more; say so and go on with the next trial."""
+        if self.current is None:
+            return False
+        state = self.study._storage.get_trial(self.current._trial_id).state
+        if state == TrialState.RUNNING:
+            return False
+        logger.warning("trial %d was ended (%s) by another worker while this one measured it "
+                       "(heartbeat judged stale); going on with the next trial",
+                       self.current.number, state.name)
         return True
 
     def _fail_orphans(self) -> None:

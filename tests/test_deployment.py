@@ -28,37 +28,52 @@ def test_compose_services_and_dependencies():
     assert "--load-if-exists" in services["init"]["command"]
 
 
-def test_worker_reserves_one_gpu_and_can_scale():
+def test_worker_runs_one_process_per_gpu_and_restarts_boundedly():
     worker = COMPOSE["services"]["worker"]
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
-    assert device["count"] == 1 and device["capabilities"] == ["gpu"]
-    assert "container_name" not in worker and "ports" not in worker  # --scale worker=N works
+    assert device["count"] == "all" and device["capabilities"] == ["gpu"]
     assert worker["command"][0] == "worker"
+    assert worker["command"][worker["command"].index("--devices") + 1] == "all"
+    assert worker["restart"] == "on-failure:5"  # bounded
+    entrypoint = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert '"$code" -eq 2' in entrypoint and "exit 0" in entrypoint  # usage errors: no restart loop
 
 
-def test_postgres_is_private_and_passwords_are_not_literal():
+def test_password_is_a_secret_file_never_in_an_environment():
     services = COMPOSE["services"]
     assert "ports" not in services["postgres"]
     assert services["dashboard"]["ports"] == ["127.0.0.1:8080:8080"]
+    assert COMPOSE["secrets"]["postgres_password"]["file"] == "./postgres_password.txt"
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     text = (ROOT / "docker" / "compose.yaml").read_text()
-    assert "POSTGRES_PASSWORD:" not in text.replace("${POSTGRES_PASSWORD:?", "")
-    for service in services.values():
+    assert "POSTGRES_PASSWORD:" not in text and "${POSTGRES_PASSWORD" not in text
+    for name, service in services.items():
         environment = service.get("environment", {})
         assert "POSTGRES_PASSWORD" not in environment
         storage = environment.get("OPTSEARCH_STORAGE", "")
-        assert not storage or "${POSTGRES_PASSWORD" in storage
-    assert "POSTGRES_PASSWORD=" in (ROOT / "docker" / ".env.example").read_text()
-    assert "docker/.env" in (ROOT / ".gitignore").read_text()
+        assert ":" not in storage.split("://", 1)[-1].split("@")[0], name  # no password in the URL
+        if storage:
+            assert environment["OPTSEARCH_STORAGE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+            assert service["secrets"] == ["postgres_password"]
+    assert "PASSWORD" not in (ROOT / "docker" / ".env.example").read_text().split("\n", 3)[-1]
+    ignored = (ROOT / ".gitignore").read_text()
+    assert "docker/.env" in ignored and "docker/postgres_password.txt" in ignored
 
 
-def test_dockerfile_matches_the_package():
+def test_dockerfile_matches_the_package_and_builds_lean():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert 'ENTRYPOINT ["optsearch"]' in dockerfile
+    assert 'ENTRYPOINT ["optsearch-entrypoint"]' in dockerfile
     assert "optsearch" in project["scripts"]
-    assert re.search(r"^RUN pip install \.$", dockerfile, re.MULTILINE)
     assert re.search(r"^FROM pytorch/pytorch:[\d.]+-cuda", dockerfile, re.MULTILINE)
-    assert "COPY optsearch ./optsearch" in dockerfile
+    # torch pinned to the base image's; dependencies in a layer before the code
+    assert "torch=={torch.__version__}" in dockerfile and "-c /opt/constraints.txt" in dockerfile
+    assert dockerfile.index("-r /opt/requirements.txt") < dockerfile.index("COPY optsearch ./optsearch")
+    assert re.search(r"^RUN pip install -c /opt/constraints.txt --no-deps \.$", dockerfile, re.MULTILINE)
+    assert re.search(r"^USER optsearch$", dockerfile, re.MULTILINE)  # not root
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for heavy_or_secret in (".venv", "*.db", "docker/.env", "docker/*.txt", ".git", "artifacts"):
+        assert heavy_or_secret in ignored
 
 
 def _commands(parser, prefix=""):

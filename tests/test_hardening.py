@@ -1,0 +1,237 @@
+"""A new user's first hour: secrets, seeds across workers, one worker per device, typos that fail
+loudly and early. Each test failed before the fix it names."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from optsearch import study as studies
+from optsearch.masking import encode_password, mask_text, mask_url
+from optsearch.storage import open_storage
+from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
+
+SPECIAL = "Tr0ub@dor&3/x:y?z"
+
+
+@pytest.mark.parametrize("url", [
+    f"postgresql+psycopg://postgres:{SPECIAL}@127.0.0.1:1/x",
+    "postgresql+psycopg://postgres@127.0.0.1:1/x?password=Tr0ub@dor&3/x:y?z",
+])
+def test_no_part_of_a_special_password_is_printed(url, tmp_path):
+    result = optsearch_cmd("study", "list", "--storage", url, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    output = result.stdout + result.stderr
+    for piece in ("Tr0ub", "dor&3", "x:y"):
+        assert piece not in output, output
+    assert "***" in output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_masking_and_encoding_of_unencoded_passwords():
+    url = f"postgresql+psycopg://postgres:{SPECIAL}@db:5432/x"
+    assert mask_url(url) == "postgresql+psycopg://postgres:***@db:5432/x"
+    assert encode_password(url) == "postgresql+psycopg://postgres:Tr0ub%40dor%263%2Fx%3Ay%3Fz@db:5432/x"
+    # a driver echoing a fragment after the URL was seen
+    assert "dor&3" not in mask_text("could not resolve host 'dor&3@db'")
+
+
+def test_password_file_is_read_and_never_shown(tmp_path, pg_url):
+    password_file = tmp_path / "pw"
+    password_file.write_text("any@odd:pass/word\n")
+    url = pg_url.replace("postgres:pw-not-checked@", "postgres@")
+    env = {"OPTSEARCH_STORAGE_PASSWORD_FILE": str(password_file), "PATH": "/usr/bin:/bin"}
+    created = optsearch_cmd("study", "create", str(write_spec(tmp_path / "t.toml", TINY_SPEC)),
+                            "--storage", url, env=env)
+    assert created.returncode == 0, created.stderr  # trust auth: any password connects
+    assert "odd" not in created.stdout + created.stderr
+    missing = optsearch_cmd("study", "list", "--storage", url,
+                            env={**env, "OPTSEARCH_STORAGE_PASSWORD_FILE": str(tmp_path / "nope")})
+    assert missing.returncode == 2 and "OPTSEARCH_STORAGE_PASSWORD_FILE" in missing.stderr
+
+
+@pytest.mark.parametrize("command", [["study", "list"], ["study", "show", "x"],
+                                     ["study", "export", "x"], ["study", "plot", "x", "-o", "p"],
+                                     ["worker", "--study", "x"], ["study", "confirm", "x"]])
+def test_read_commands_never_create_a_storage(tmp_path, command):
+    result = optsearch_cmd(*command, "--storage", "sqlite:///typo_path.db", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"no storage at {tmp_path / 'typo_path.db'}" in result.stderr
+    assert not (tmp_path / "typo_path.db").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "gpu"], "unknown device 'gpu' (allowed: auto, cpu, cuda, cuda:N)"),
+    (["--timeout", "0"], "must be > 0"),
+    (["--heartbeat-interval", "0"], "must be >= 1"),
+    (["--heartbeat-interval", "30", "--grace-period", "2"],
+     "--grace-period 2 must be at least twice --heartbeat-interval 30"),
+    (["--devices", "all"], "--devices all: no CUDA device here"),
+    (["--devices", "cpu,gpu"], "unknown device 'gpu'"),
+])
+def test_worker_values_are_checked_like_spec_values(tmp_path, args, message):
+    result = optsearch_cmd("worker", "--study", "x", *args, "--storage", f"sqlite:///{tmp_path}/a.db")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["tgate.gate_step=4"], "the setting is deepcache+tome+tgate, which this spec does not search"),
+    (["deepcache.cache_interval=20"], "deepcache.cache_interval=20 must be in 1..8 (model.steps)"),
+])
+def test_evaluate_set_names_the_specs_combos_and_fits_the_steps(tmp_path, sets, message):
+    spec = write_spec(tmp_path / "t.toml", TINY_SPEC)
+    result = optsearch_cmd("evaluate", str(spec), *(f"--set={s}" for s in sets), "--quiet")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_relative_paths_are_read_from_the_specs_folder(tmp_path):
+    folder = tmp_path / "nc"
+    folder.mkdir()
+    (folder / "prompts.txt").write_text("a red bus\na small cat\nthe sea at night\na tree\n")
+    text = TINY_SPEC.replace('source = "builtin"', 'source = "prompts.txt"') \
+        .replace("n_trials = 4", "n_trials = 1") + '[artifacts]\npath = "art"\n'
+    write_spec(folder / "spec.toml", text)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    ran = optsearch_cmd("run", "nc/spec.toml", "--storage", url, "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    stored = optuna.load_study(study_name="tiny", storage=url).user_attrs[studies.SPEC_ATTR]
+    assert stored["prompts"]["source"] == str(folder / "prompts.txt")
+    assert stored["artifacts"]["path"] == str(folder / "art") and (folder / "art").is_dir()
+    write_spec(folder / "bad.toml", text.replace("prompts.txt", "missing.txt"))
+    refused = optsearch_cmd("study", "create", "nc/bad.toml", "--storage", url, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert f"prompts.source: file {folder / 'missing.txt'} does not exist" in refused.stderr
+
+
+def test_offline_clip_weights_fail_fast_in_one_line(tmp_path):
+    spec = write_spec(tmp_path / "t.toml", TINY_SPEC.replace('clip_model = "builtin:tiny"',
+                                                             'clip_model = "ViT-B-32"')
+                      .replace('clip_pretrained = "none"', 'clip_pretrained = "laion2b_s34b_b79k"'))
+    started = time.monotonic()
+    result = optsearch_cmd("evaluate", str(spec), "--quiet",
+                           env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                                "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr
+    assert "CLIP weights ViT-B-32/laion2b_s34b_b79k" in result.stderr
+    assert "HF_HUB_OFFLINE is set" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 40  # no minute of download retries
+
+
+def test_finished_study_worker_exits_at_once_and_messages_name_the_constraint(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    text = TINY_SPEC.replace("n_trials = 4", "n_trials = 1") + \
+        '[objective]\nmode = "target-speedup"\ntarget_speedup = 100.0\n'
+    spec = write_spec(tmp_path / "t.toml", text)
+    empty = optsearch_cmd("study", "create", str(spec), "--storage", url)
+    assert empty.returncode == 0
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
+    assert "trials: none yet" in shown.stdout
+    assert "feasible when speedup >= objective.target_speedup = 100.0" in shown.stdout
+    assert optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet").returncode == 0
+    again = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet")
+    assert again.returncode == 0 and "is complete: 1 of 1 trials finished" in again.stdout
+    exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "x"))
+    assert exported.returncode == 3
+    assert "objective.target_speedup" in exported.stderr and "quality.limit" not in exported.stderr
+
+
+def test_export_carries_the_prompts_seeds_and_digests(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "t.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 1")
+                      .replace("limit = 30.0", "limit = 5.0"))
+    assert optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path).returncode == 0
+    assert optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json",
+                         cwd=tmp_path).returncode == 0
+    exported = json.loads((tmp_path / "sp.json").read_text())
+    trial = optuna.load_study(study_name="tiny", storage=url).trials[exported["best"]["trial"]]
+    assert exported["best"]["image_digests"] == trial.user_attrs["image_digests"]
+    assert len(exported["prompts"]["texts"]) == len(exported["prompts"]["seeds"]) == 4
+    assert exported["prompts"]["seeds"][1] == exported["prompts"]["seeds"][0] + 1
+
+
+SEEDED = TINY_SPEC.replace("n_trials = 4", 'n_trials = 6\nsampler = "random"\nseed = 7\nwarm_start = []'
+                           "\nearly_stop = false")
+
+
+def test_seeded_workers_and_resumed_workers_draw_no_setting_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "t.toml", SEEDED)
+    for _ in range(3):  # a worker resumed twice
+        ran = optsearch_cmd("run", str(spec), "--storage", url, "--n-trials", "2", "--quiet",
+                            cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+    trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    assert len(trials) == 6 and not [t for t in trials if t.user_attrs.get("reused_from") is not None]
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 6
+    # ... and the seed still makes the study reproducible: the same first draws again
+    other = f"sqlite:///{tmp_path / 'again.db'}"
+    assert optsearch_cmd("study", "create", str(spec), "--storage", other).returncode == 0
+    again, seeded = studies.load_study(open_storage(other, heartbeat_interval=None), "tiny")
+    trial = again.ask()
+    studies.suggest_setting(trial, seeded)
+    assert trial.params == trials[0].params
+
+
+def test_two_seeded_workers_in_parallel_draw_no_setting_twice(tmp_path, pg_url):
+    spec = write_spec(tmp_path / "t.toml", SEEDED.replace("n_trials = 6", "n_trials = 4"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", pg_url).returncode == 0
+    workers = [subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", pg_url, "--quiet",
+                                 "--artifact-dir", str(tmp_path / "art")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    assert [w.wait(timeout=400) for w in workers] == [0, 0]
+    trials = optuna.load_study(study_name="tiny", storage=pg_url).get_trials(
+        states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(trials) == 4 and not [t for t in trials if t.user_attrs.get("reused_from") is not None]
+
+
+def test_a_worker_whose_trial_another_failed_goes_on(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", "n_trials = 3"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    worker = subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", url, "--quiet"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    study = optuna.load_study(study_name="tiny", storage=url)
+    deadline = time.monotonic() + 300
+    while True:
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if "setting" in t.user_attrs]
+        if running:
+            break
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.1)
+    # what another worker's stale-heartbeat check does: fail the trial and re-queue it
+    study._storage.set_trial_state_values(running[0]._trial_id, TrialState.FAIL)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    assert "was ended (FAIL) by another worker" in err
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 3
+
+
+def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", "n_trials = 20"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    parent = subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", url, "--quiet",
+                               "--devices", "cpu,cpu"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    study = optuna.load_study(study_name="tiny", storage=url)
+    deadline = time.monotonic() + 300
+    while len(studies.timings(study)) < 2 or not study.get_trials(states=(TrialState.RUNNING,)):
+        assert time.monotonic() < deadline and parent.poll() is None, parent.communicate()
+        time.sleep(0.2)
+        study = optuna.load_study(study_name="tiny", storage=url)
+    parent.send_signal(signal.SIGINT)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130, err
+    timings = studies.timings(study)
+    assert len({record["worker"] for record in timings}) == 2  # two processes, two baselines
+    assert not study.get_trials(states=(TrialState.RUNNING,))  # every running trial re-queued
+    assert "Traceback" not in err
