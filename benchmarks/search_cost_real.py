@@ -67,8 +67,9 @@ def run(new_rules: bool, limit: float, n_trials: int, seed: int) -> list:
             f"{best.user_attrs['psnr']:.1f} dB" if best else "none"]
 
 
-def main(limit: float = 30.0, n_trials: int = 16, seed: int = 0) -> None:
-    rows = [run(new_rules, limit, int(n_trials), int(seed)) for new_rules in (False, True)]
+def main(limit: float = 34.8, n_trials: float = 16, seed: float = 0) -> None:
+    n_trials, seed = int(n_trials), int(seed)
+    rows = [run(new_rules, limit, n_trials, seed) for new_rules in (False, True)]
     print(f"# one real study each, builtin:cpu-bench 128 px, PSNR >= {limit} dB, {n_trials} trials, "
           f"TPE seed {seed} ({machine()})")
     print(table(["rules", "trials measured", "batches", "early stops", "device s (pipeline)",

@@ -98,7 +98,9 @@ def one_study(seed: int) -> dict[str, dict | None]:
     return results
 
 
-def main(n_studies: int = 10) -> None:
+def main(n_studies: int = 10, limit: float = LIMIT) -> None:
+    global LIMIT
+    LIMIT = limit
     names = ("mean", "mean + confirm", "bound", "bound + confirm")
     outcomes = {name: [] for name in names}
     for seed in range(n_studies):
@@ -124,4 +126,4 @@ def main(n_studies: int = 10) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))
+    main(*(int(a) for a in sys.argv[1:2]), *(float(a) for a in sys.argv[2:3]))

@@ -122,12 +122,13 @@ class Confirmation:
             if self.key(trial) in stored:
                 logger.info("trial %d already confirmed", trial.number)
                 continue
-            record = self.measure(trial)
-            studies.save_confirmation(self.study, record)
-            write_trial_note(self.study, trial._trial_id,
-                             trial_note(trial.number, studies.trial_metrics(trial), self.spec, record))
+            studies.save_confirmation(self.study, self.measure(trial))
         stored = studies.confirmations(self.study)
-        return [stored[self.key(trial)] for trial in self.candidates]
+        records = [stored[self.key(trial)] for trial in self.candidates]
+        for trial, record in zip(self.candidates, records, strict=True):  # also those stored by a
+            write_trial_note(self.study, trial._trial_id,  # confirm killed before its note
+                             trial_note(trial.number, studies.trial_metrics(trial), self.spec, record))
+        return records
 
     def measure(self, trial: FrozenTrial) -> dict:
         """Time baseline and setting interleaved for `repeats` rounds; score the setting once."""

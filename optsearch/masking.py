@@ -14,47 +14,75 @@ from urllib.parse import quote
 
 MASK = "***"
 _SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
-_QUERY_SECRET = re.compile(r"(?i)\b((?:ssl)?pass(?:word|wd)?|pwd)=[^&\s'\"]*")
 _known: set[str] = set()  # passwords seen in URLs this process opened
+
+
+_QUERY_PASSWORD = re.compile(r"(?i)[?&](?:ssl)?pass(?:word|wd)?=|[?&]pwd=")
+_NEXT_PARAM = re.compile(r"&[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def _query_password(url: str) -> tuple[int, int] | None:
+    """(start, end) of a password given in the query string: up to the next `&name=`, or the end."""
+    match = _QUERY_PASSWORD.search(url)
+    if not match:
+        return None
+    following = _NEXT_PARAM.search(url, match.end())
+    return match.end(), following.start() if following else len(url)
 
 
 def split_userinfo(url: str) -> tuple[str, str | None, str | None, str] | None:
     """(scheme://, user, password, rest after '@') of a URL with user-info, else None.
 
-    The authority ends at the last '@' before the path: a password's own '@', ':' or '/' stay in it.
+    The user-info ends at the last '@' before any query-string password: a password's own '@',
+    ':', '/' or '?' stay in it.
     """
     match = _SCHEME.match(url)
     if not match:
         return None
-    head, body = match.group(0), url[match.end():]
+    query = _query_password(url)
+    head, body = match.group(0), url[match.end():query[0] if query else len(url)]
     at = body.rfind("@")
     if at < 0:
         return None
-    userinfo, rest = body[:at], body[at + 1:]
+    userinfo, rest = body[:at], url[match.end() + at + 1:]
     user, colon, password = userinfo.partition(":")
     return head, user, password if colon else None, rest
 
 
+def _mask_query(url: str, replace) -> str:
+    query = _query_password(url)
+    if query is None:
+        return url
+    start, end = query
+    return url[:start] + replace(url[start:end]) + url[end:]
+
+
 def mask_url(url: str) -> str:
     """The URL with its password (user-info and query string) replaced by ***."""
+    def hide(password: str) -> str:
+        remember(password)
+        return MASK
+
     parts = split_userinfo(url)
     if parts is not None:
         head, user, password, rest = parts
         if password is not None:
-            remember(password)
-            url = f"{head}{user}:{MASK}@{rest}"
-    return _QUERY_SECRET.sub(lambda m: f"{m.group(1)}={MASK}", url)
+            url = f"{head}{user}:{hide(password)}@{rest}"
+    return _mask_query(url, hide)
 
 
 def encode_password(url: str) -> str:
-    """The URL with its password percent-encoded, so any password reaches the driver intact."""
+    """The URL with its password percent-encoded (user-info and query string), so any password
+    reaches the driver intact."""
+    def encode(password: str) -> str:
+        return password if "%" in password else quote(password, safe="")  # "%": already encoded
+
+    url = _mask_query(url, encode)
     parts = split_userinfo(url)
     if parts is None or parts[2] is None:
         return url
     head, user, password, rest = parts
-    if "%" in password:  # already encoded by the user
-        return url
-    return f"{head}{user}:{quote(password, safe='')}@{rest}"
+    return f"{head}{user}:{encode(password)}@{rest}"
 
 
 def remember(password: str) -> None:

@@ -457,8 +457,8 @@ def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
     problems = []
     combos = [combo_name(c) for c in spec.search.combos]
     if combo_name(setting) not in combos:
-        problems.append(f"the setting is {combo_name(setting)}, which this spec does not search "
-                        f"(search.accelerators gives: {', '.join(combos)})")
+        return [f"the setting is {combo_name(setting)}, which this spec does not search "
+                f"(search.accelerators gives: {', '.join(combos)})"]
     interval = setting.get("deepcache", {}).get("cache_interval", 1)
     if not 1 <= interval <= spec.model.steps:
         problems.append(f"deepcache.cache_interval={interval} must be in 1..{spec.model.steps} "

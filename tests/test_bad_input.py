@@ -76,7 +76,7 @@ CASES = [
     ("existing name", {"s.toml": TINY_SPEC}, ["study", "create", "s.toml"], 2,
      "already exists"),
     ("bad option value", {}, ["worker", "--study", "tiny", "--n-trials", "many"], 2,
-     "invalid int value: 'many'"),
+     "'many' is not an integer"),
     ("bad --set", {"s.toml": TINY_SPEC}, ["evaluate", "s.toml", "--set", "tome.ratio=fast"], 2,
      "--set value 'fast' is not a number"),
     ("delete unknown study", {}, ["study", "delete", "nope"], 2, "no study named 'nope'"),

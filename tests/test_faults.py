@@ -156,7 +156,7 @@ def test_two_workers_and_the_dashboard_share_one_sqlite_file(tmp_path):
 
 
 @pytest.mark.parametrize("model, device, message", [
-    ("./no-such-model-folder", "cpu", "model folder './no-such-model-folder' does not exist"),
+    ("./no-such-model-folder", "cpu", "no-such-model-folder' does not exist"),
     ("builtin:tiny", "cuda:7", "CUDA is not available" if not __import__("torch").cuda.is_available()
      else "does not exist"),
 ])

@@ -125,7 +125,7 @@ def test_offline_clip_weights_fail_fast_in_one_line(tmp_path):
 
 def test_finished_study_worker_exits_at_once_and_messages_name_the_constraint(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
-    text = TINY_SPEC.replace("n_trials = 4", "n_trials = 1") + \
+    text = TINY_SPEC.replace("n_trials = 4", "n_trials = 1\nwarm_start = []") + \
         '[objective]\nmode = "target-speedup"\ntarget_speedup = 100.0\n'
     spec = write_spec(tmp_path / "t.toml", text)
     empty = optsearch_cmd("study", "create", str(spec), "--storage", url)
