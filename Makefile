@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 # A fresh 12-trial study on a tiny offline pipeline; `run` ends by printing `study show`.
 demo: $(STAMP)
 	rm -rf demo.db demo.db-wal demo.db-shm search_params.json artifacts
-	$(BIN)/optsearch run studies/tiny-demo.toml --storage sqlite:///demo.db
+	$(BIN)/optsearch run studies/tiny-demo.toml --storage sqlite:///demo.db --confirm 2
 	$(BIN)/optsearch study export tiny-demo --storage sqlite:///demo.db -o search_params.json
 	@echo "Watch it: $(BIN)/optsearch dashboard --storage sqlite:///demo.db"
 
