@@ -67,9 +67,7 @@ def candidates(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTri
     else:
         ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                   if studies.is_feasible(t) and t.user_attrs.get("reused_from") is None]
-        sign = -1 if spec.objective.mode == "max-speedup" or \
-            studies.metric_direction(spec.quality.metric) == "maximize" else 1
-        ranked.sort(key=lambda t: sign * t.values[0])
+        ranked.sort(key=lambda t: -studies.merit(spec, t.values[0]))
     chosen: dict[str, FrozenTrial] = {}
     for trial in [*ranked[:top], *studies.best_per_combo(study, spec).values()]:
         chosen.setdefault(_setting_key(trial.user_attrs["setting"]), trial)

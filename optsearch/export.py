@@ -50,13 +50,10 @@ def confirmed_entry(record: dict, metric: str) -> dict:
 
 def best_confirmed(records: list[dict], spec) -> dict | None:
     """The best setting that is feasible on confirmation, by the study's objective."""
+    from .study import merit, objective_values
+
     feasible = [r for r in records if r["feasible"]]
-    if not feasible:
-        return None
-    if spec.objective.mode == "target-speedup":
-        sign = 1 if spec.quality.metric == "clip_loss" else -1
-        return min(feasible, key=lambda r: sign * r[spec.quality.metric]["mean"])
-    return max(feasible, key=lambda r: r["speedup"])
+    return max(feasible, key=lambda r: merit(spec, objective_values(spec, r)[0]), default=None)
 
 
 def _latest_by_trial(records: list[dict]) -> dict[int, dict]:

@@ -251,14 +251,17 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
 
 
+def merit(spec: StudySpec, first_value: float) -> float:
+    """The first objective value oriented so that larger is better (speedup, or the metric in
+    target-speedup mode); pareto fronts pick their highest speedup."""
+    minimized = spec.objective.mode == "target-speedup" and \
+        metric_direction(spec.quality.metric) == "minimize"
+    return -first_value if minimized else first_value
+
+
 def _better(spec: StudySpec, a: FrozenTrial, b: FrozenTrial | None) -> bool:
-    """Is `a` a better single best than `b`? Pareto fronts pick their highest speedup."""
-    if b is None:
-        return True
-    if spec.objective.mode == "target-speedup":
-        sign = 1 if metric_direction(spec.quality.metric) == "minimize" else -1
-        return sign * a.values[0] < sign * b.values[0]
-    return a.values[0] > b.values[0]
+    """Is `a` a better single best than `b`?"""
+    return b is None or merit(spec, a.values[0]) > merit(spec, b.values[0])
 
 
 def best_per_combo(study: optuna.Study, spec: StudySpec) -> dict[str, FrozenTrial]:
