@@ -68,11 +68,12 @@ def comparison_table(summary: dict) -> str:
 
 def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) -> str:
     """The Markdown note optuna-dashboard shows on a trial: what was measured and how sure it is."""
+    from .study import metric_interval
+
     metric, confidence = spec.quality.metric, round(100 * spec.quality.confidence)
     constraints = figures.get("constraints") or {}
     feasible = bool(constraints) and all(v <= 0 for v in constraints.values())
-    quality = {"mean": figures.get(metric), "low": figures.get(f"{metric}_low"),
-               "high": figures.get(f"{metric}_high")}
+    quality = metric_interval(figures, metric)
     lines = [f"## Trial {number}: {figures.get('combo', '?')}", "",
              f"- speedup **{format_speedup(figures)}** ({confidence} % CI, against this worker's "
              "own baseline)",

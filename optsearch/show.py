@@ -101,8 +101,7 @@ def format_summary(summary: dict) -> str:
 
 
 def _trial_interval(metrics: dict, metric: str) -> str:
-    return format_interval({"mean": metrics.get(metric), "low": metrics.get(f"{metric}_low"),
-                            "high": metrics.get(f"{metric}_high")})
+    return format_interval(studies.metric_interval(metrics, metric))
 
 
 def _timings_table(timings: list[dict]) -> str:

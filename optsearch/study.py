@@ -313,5 +313,11 @@ def trial_metrics(trial: FrozenTrial) -> dict:
     return metrics
 
 
+def metric_interval(attrs: dict, metric: str) -> dict:
+    """{mean, low, high} of a metric from a trial's flat attrs (`psnr`, `psnr_low`, `psnr_high`)."""
+    return {"mean": attrs.get(metric), "low": attrs.get(f"{metric}_low"),
+            "high": attrs.get(f"{metric}_high")}
+
+
 def finite(value: float) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -38,6 +38,7 @@ from .dashboard import write_trial_note
 from .early_stop import EarlyStop, FrontPoint
 from .evaluate import Baseline, Comparison, Evaluator, evaluator_from_spec
 from .faults import oom_fault_from_env
+from .quality import Interval, unsafe_side
 from .report import format_interval, trial_note
 from .storage import DATABASE_ERRORS, GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
 
@@ -378,9 +379,12 @@ class Worker:
         if mode == "max-speedup" and found:
             rule.speedup_to_beat = max(t.user_attrs["speedup_low"] for t in found)
         if mode == "pareto":
-            safe_key = f"{spec.quality.metric}_{'high' if spec.quality.metric == 'clip_loss' else 'low'}"
-            rule.front = [FrontPoint(t.user_attrs["speedup_low"], t.user_attrs[safe_key])
-                          for t in found if t.user_attrs.get(safe_key) is not None]
+            metric = spec.quality.metric
+            for trial in found:
+                interval = Interval(**studies.metric_interval(trial.user_attrs, metric))
+                safe = unsafe_side(interval, metric, "bound")
+                if safe is not None:
+                    rule.front.append(FrontPoint(trial.user_attrs["speedup_low"], safe))
         return rule
 
     def _is_surplus(self, trial: optuna.Trial) -> bool:
