@@ -216,18 +216,15 @@ def _complete(storage, name: str) -> bool:
 
 
 def cmd_worker(args) -> int:
+    from .fleet import parse_devices, run_workers
     from .worker import Worker
 
     options = _worker_options(args)
-    if args.devices:
-        from .fleet import parse_devices, run_workers
-
-        devices = parse_devices(args.devices)
-        if _complete(_open(args), args.study):
-            return 0
-        return run_workers(args.argv, devices)
+    devices = parse_devices(args.devices) if args.devices else None
     if _complete(_open(args), args.study):  # before loading any model
         return 0
+    if devices:
+        return run_workers(args.argv, devices)
     worker = Worker(args.storage, args.study, options)
     ran = worker.run()
     print(f"worker done: {ran} trials run by this worker on {worker.facts['device']}")
@@ -261,9 +258,9 @@ def cmd_run(args) -> int:
     if args.confirm:
         from .confirm import Confirmation, ConfirmOptions
 
-        options = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
+        confirm = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
                                  progress=not args.quiet)
-        _print_confirmations(Confirmation(args.storage, study.study_name, options, evaluator))
+        _print_confirmations(Confirmation(args.storage, study.study_name, confirm, evaluator))
     print(format_summary(study_summary(worker.study, worker.spec)))
     return 0
 

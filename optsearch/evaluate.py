@@ -64,6 +64,10 @@ class Batch:
     images: np.ndarray
     seconds: float
 
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / len(self.indices)
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -290,7 +294,7 @@ class Evaluator:
                               description="baseline", warmup=self.warmup):
             images.append(batch.images)
             seconds += batch.seconds
-            batch_seconds.append(batch.seconds / len(batch.indices))
+            batch_seconds.append(batch.seconds_per_image)
             if scored is None:
                 batch_scores, batch_features = self.scorer.score(
                     batch.images, [self.prompts[i] for i in batch.indices])
@@ -310,7 +314,7 @@ class Evaluator:
                                     progress=self.progress, description=applied.combo,
                                     warmup=self.warmup))
         total = sum(batch.seconds for batch in batches)
-        return total / len(self.prompts), [b.seconds / len(b.indices) for b in batches]
+        return total / len(self.prompts), [batch.seconds_per_image for batch in batches]
 
     def compare(self, setting: Mapping, baseline: Baseline,
                 stop_when: Callable[[Comparison], str | None] | None = None,
@@ -334,7 +338,7 @@ class Evaluator:
                                   fault=self.fault, warmup=self.warmup,
                                   on_warmup=lambda seconds: setattr(result, "warmup_seconds", seconds)):
                 result.inference_seconds += batch.seconds
-                result.batch_seconds.append(batch.seconds / len(batch.indices))
+                result.batch_seconds.append(batch.seconds_per_image)
                 self._score(result, batch, baseline, keep_images)
                 result.batches_evaluated += 1
                 if stop_when is not None and result.batches_evaluated < self.n_batches:

@@ -206,14 +206,10 @@ def load_study(storage, name: str) -> tuple[optuna.Study, StudySpec]:
 def progress(storage, name: str) -> tuple[int, int] | None:
     """(finished trials, n_trials) of an optsearch study, or None when there is no such study."""
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
+        study, spec = load_study(storage, name)
+    except UsageError:  # no such study, or not optsearch's: the caller's own path says so
         return None
-    stored = study.user_attrs.get(SPEC_ATTR)
-    if stored is None:
-        return None
-    target = stored.get("search", {}).get("n_trials", 60)
-    return len(study.get_trials(deepcopy=False, states=FINISHED)), target
+    return len(finished_trials(study)), spec.search.n_trials
 
 
 def baselines(study: optuna.Study) -> dict[str, dict]:

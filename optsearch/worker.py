@@ -166,7 +166,7 @@ class Worker:
 
     def _record_timing(self, baseline: Baseline) -> None:
         """Append this timing to the worker's record in the study: who timed what, where, when."""
-        self.timing_record.setdefault("fingerprint", self.fingerprint)
+        self.timing_record["fingerprint"] = self.fingerprint
         self.timing_record["timings"].append({
             "seconds_per_image": baseline.seconds_per_image,
             "batch_seconds": baseline.batch_seconds,
@@ -359,7 +359,7 @@ class Worker:
         """Per-prompt seeds keep images the same; timings need the baseline at this batch size."""
         self.evaluator.config = dataclasses.replace(self.evaluator.config, batch_size=batch_size)
         self.fingerprint, self.facts = fingerprint(self.evaluator)
-        self.timing_record = {**self.timing_record, "fingerprint": self.fingerprint, "timings": []}
+        self.timing_record = {**self.timing_record, "timings": []}  # a new record: new fingerprint
         self.ensure_baseline()
 
     def _early_stop(self) -> EarlyStop | None:
