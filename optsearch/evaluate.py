@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .accelerators import AppliedSetting, combo_name
+from .accelerators import AppliedSetting, combo_name, magcache, normalize_setting
 from .quality import ClipScorer, Interval, psnr, ssim_batch
 from .speedup import SpeedupInterval, speedup_interval
 
@@ -94,7 +94,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
     `on_warmup(seconds)` receives the duration of the untimed warm-up call.
     """
     call = setting if setting is not None else pipe
-    device = pipe.unet.device
+    device = pipe.device
 
     def run(indices: range, steps: int = config.steps) -> tuple[np.ndarray, float]:
         if setting is not None:
@@ -278,6 +278,10 @@ class Evaluator:
         self.progress = progress
         self.fault: Callable[[int], None] | None = None
         self.warmup: bool | int = True  # the short warm-up; an int runs that many steps
+        # Per-model data a family needs (MagCache's ratios), measured once when first needed;
+        # `on_calibrated(name, data)` hears of each new measurement (the worker stores it).
+        self.calibration: dict[str, dict] = {}
+        self.on_calibrated: Callable[[str, dict], None] | None = None
 
     @property
     def n_batches(self) -> int:
@@ -307,9 +311,31 @@ class Evaluator:
         return Baseline(np.concatenate(images), seconds_per_image, np.concatenate(scores),
                         torch.cat(features), batch_seconds)
 
+    def apply(self, setting: Mapping) -> AppliedSetting:
+        """Apply `setting` to the pipeline, calibrating first what it needs and is not known."""
+        if "magcache" in normalize_setting(setting) and "magcache" not in self.calibration:
+            self.calibration["magcache"] = {"mag_ratios": self._calibrate_magcache()}
+            if self.on_calibrated is not None:
+                self.on_calibrated("magcache", self.calibration["magcache"])
+        return AppliedSetting(self.pipe, setting, self.calibration)
+
+    def _calibrate_magcache(self) -> list[float]:
+        """MagCache's magnitude ratios from one plain call on the first prompt at full steps."""
+        config = self.config
+
+        def run_once():
+            self.pipe(self.prompts[:1], num_inference_steps=config.steps, height=config.height,
+                      width=config.width, guidance_scale=config.guidance_scale,
+                      generator=torch.Generator("cpu").manual_seed(prompt_seed(config.seed, 0)),
+                      output_type="latent")
+
+        ratios = magcache.calibrate(self.pipe, config.steps, run_once)
+        logger.info("MagCache calibrated over %d steps", len(ratios))
+        return ratios
+
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:
         """Time a setting alone (no scoring): (seconds per image, per-batch seconds per image)."""
-        with AppliedSetting(self.pipe, setting) as applied:
+        with self.apply(setting) as applied:
             batches = list(generate(self.pipe, self.prompts, self.config, setting=applied,
                                     progress=self.progress, description=applied.combo,
                                     warmup=self.warmup))
@@ -331,7 +357,7 @@ class Evaluator:
             baseline_seconds_per_image=baseline.seconds_per_image,
             baseline_batch_seconds=list(baseline.batch_seconds),
         )
-        with AppliedSetting(self.pipe, setting) as applied:
+        with self.apply(setting) as applied:
             result.setting = applied.setting
             for batch in generate(self.pipe, self.prompts, self.config, setting=applied,
                                   progress=self.progress, description=applied.combo,
@@ -369,6 +395,24 @@ class Evaluator:
         result.scoring_seconds += time.perf_counter() - start
 
 
+def check_families(pipe, spec) -> None:
+    """Every combo the spec searches must apply to the pipeline as loaded (its kind was told from
+    the model id before loading; a wrong guess ends here, before anything is measured)."""
+    from .accelerators import combo_problem, denoiser, pipeline_kind
+    from .models import ModelLoadError
+
+    kind = pipeline_kind(pipe)
+    for combo in spec.search.combos:
+        problem = combo_problem(combo, kind)
+        if problem is None and kind == "transformer" and set(combo) - {"steps"} \
+                and not hasattr(denoiser(pipe), "enable_cache"):
+            problem = (f"{combo_name(combo)} needs diffusers' enable_cache, which "
+                       f"{type(denoiser(pipe)).__name__} lacks (only steps applies)")
+        if problem:
+            raise ModelLoadError(f"model {spec.model.id!r}: {problem}; set model.kind if it was "
+                                 "told wrongly from the id")
+
+
 def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
                         prompts: list[str] | None = None) -> Evaluator:
     """Load the spec's pipeline, CLIP model and prompts (or `prompts`) once, for any number of
@@ -381,6 +425,7 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
                                spec.prompts.shuffle, spec.prompts.column)
     model = spec.model
     pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler)
+    check_families(pipe, spec)
     scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
                      spec.quality.confidence, progress)

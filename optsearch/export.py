@@ -84,6 +84,7 @@ def export_study(study, spec) -> dict:
 
     from . import __version__
     from .errors import NothingToExport
+    from .reference import steps_frontier, verdict
     from .study import (
         baselines,
         best_overall,
@@ -135,6 +136,13 @@ def export_study(study, spec) -> dict:
     if exported["baseline"] is not None:
         exported["baseline"] = {k: v for k, v in exported["baseline"].items()
                                 if k not in ("clip_scores", "prompts")}
+    frontier = steps_frontier(study, spec)
+    if frontier:
+        exported["fewer_steps"] = {
+            "frontier": frontier,
+            # search figures against search figures: the same prompts measured both
+            "best": verdict(exported["best"]["metrics"], frontier, metric),
+        }
     if spec.objective.mode == "pareto":
         exported["front"] = [_entry(trial, confirmed_by_trial.get(trial.number), metric)
                              for trial in pareto_front(study, spec)]

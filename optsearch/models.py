@@ -16,8 +16,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("builtin:tiny", "builtin:cpu-bench", "builtin:tiny-xl", "builtin:sd15-random")
+BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
+                 "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer"}
+BUILTIN_MODELS = tuple(BUILTIN_KINDS)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+AUTO_DTYPE = {"unet": "float16", "transformer": "bfloat16"}  # what each kind is served in
+# Diffusion transformers by the name their hub ids carry, when no model_index.json is at hand.
+TRANSFORMER_NAMES = ("flux", "sd3", "stable-diffusion-3", "qwen-image", "wan", "hunyuan", "ltx",
+                     "cogview", "chroma", "sana", "pixart", "lumina", "hidream")
 
 
 class ModelLoadError(Exception):
@@ -32,8 +38,43 @@ class Placement:
     dtype: torch.dtype
 
 
-def resolve_placement(device: str, dtype: str) -> Placement:
-    """Resolve `auto` to cuda when available; force float32 on CPU (half is slow or unsupported)."""
+def model_kind(model_id: str) -> str | None:
+    """'unet' or 'transformer' for a model id without loading it, None when it cannot be told
+    (a factory): builtin names, a folder's or the hub cache's model_index.json, else the name."""
+    if model_id in BUILTIN_KINDS:
+        return BUILTIN_KINDS[model_id]
+    if ":" in model_id and not model_id.startswith("builtin:"):
+        return None  # module:function factory: known once built
+    index = _model_index(model_id)
+    if index is not None:
+        return "unet" if index.get("unet") else "transformer"
+    name = model_id.lower()
+    return "transformer" if any(marker in name for marker in TRANSFORMER_NAMES) else "unet"
+
+
+def _model_index(model_id: str) -> dict | None:
+    """The pipeline's model_index.json from its folder or the local hub cache (no download)."""
+    import json
+
+    path = os.path.join(os.path.expanduser(model_id), "model_index.json")
+    if not os.path.isfile(path) and model_id.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_id, "model_index.json")
+        path = cached if isinstance(cached, str) else path
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_placement(device: str, dtype: str, kind: str | None = None) -> Placement:
+    """Resolve `auto` to cuda when available; force float32 on CPU (half is slow or unsupported).
+    dtype `auto`: float16 for UNets, bfloat16 for diffusion transformers (as they are served)."""
+    asked_for_auto = dtype == "auto"
+    if asked_for_auto:
+        dtype = AUTO_DTYPE[kind or "unet"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_device = torch.device(device)
@@ -46,6 +87,8 @@ def resolve_placement(device: str, dtype: str) -> Placement:
             )
     torch_dtype = DTYPES[dtype]
     if torch_device.type == "cpu" and torch_dtype != torch.float32:
+        if asked_for_auto:
+            return Placement(torch_device, torch.float32)
         warnings.warn(f"dtype {dtype} is not used on CPU: running in float32", stacklevel=2)
         torch_dtype = torch.float32
     return Placement(torch_device, torch_dtype)
@@ -127,8 +170,17 @@ def _build_sd(unet_kwargs: dict, vae_channels: tuple[int, ...], text_hidden: int
 
 
 def build_builtin(name: str):
-    """Build a builtin pipeline with random weights, deterministically (seeded)."""
+    """Build a builtin pipeline with random weights, deterministically (seeded), in eval mode
+    (models built in code start in training mode: T5's dropout would make every call differ)."""
     torch.manual_seed(0)
+    pipe = _build_builtin(name)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def _build_builtin(name: str):
     if name == "builtin:tiny":
         # 32 px images, 16x16 latents; attention at the top level so ToMe acts.
         unet = dict(
@@ -161,6 +213,8 @@ def build_builtin(name: str):
         return _build_sd(unet, (32, 32, 64, 64), 128)
     if name == "builtin:tiny-xl":
         return _build_tiny_xl()
+    if name == "builtin:tiny-flux":
+        return _build_tiny_flux()
     if name == "builtin:sd15-random":
         # SD 1.5's real UNet and VAE sizes (860M + 84M params), random weights: GPU timing only.
         unet = dict(
@@ -216,6 +270,70 @@ def _build_tiny_xl():
     )
 
 
+def _t5_tokenizer():
+    """A T5-style tokenizer built with `tokenizers` (no files): a unigram over the printable ASCII
+    characters with a metaspace pre-tokenizer, and T5's <pad>, </s>, <unk>."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"] + ["\u2581"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in characters]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def _short_prompt_flux():
+    from diffusers import FluxPipeline
+
+    class ShortPromptFluxPipeline(FluxPipeline):
+        """FLUX whose T5 prompts default to 32 tokens: the tiny T5 needs no more, and FLUX's 512
+        text tokens would cost eight times the 64 image tokens at 128 px."""
+
+        def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
+            if kwargs.get("prompt_2") is None and prompt is not None:
+                # one token per character: cut T5's copy here rather than warn on every call
+                prompts = [prompt] if isinstance(prompt, str) else prompt
+                kwargs["prompt_2"] = [p[:max_sequence_length - 2] for p in prompts]
+            return super().__call__(prompt, *args, max_sequence_length=max_sequence_length,
+                                    **kwargs)
+
+    return ShortPromptFluxPipeline
+
+
+def _build_tiny_flux():
+    """FLUX's topology, tiny (2 double + 4 single blocks, 4 heads of 32), 128 px by default with
+    an 8x VAE like the real one (64 image tokens): well under a second per image on 2 cores."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
+        axes_dims_rope=[8, 12, 12],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16, layers_per_block=1, norm_num_groups=16, sample_size=128,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+        scaling_factor=0.3611,
+    )
+    tokenizer, tokenizer_2 = byte_level_tokenizer(), _t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=64, d_ff=128,
+                                             num_layers=2, num_heads=4, d_kv=16))
+    pipe = _short_prompt_flux()(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=_text_encoder(64, len(tokenizer)), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    pipe.default_sample_size = 16  # 16 latent pixels x 8 = 128 px when height/width are not given
+    return pipe
+
+
 def set_scheduler(pipe, name: str) -> None:
     """Replace the scheduler by diffusers' `<name>Scheduler`, built from the model's own config."""
     import diffusers
@@ -230,11 +348,12 @@ def set_scheduler(pipe, name: str) -> None:
 def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
                   scheduler: str | None = None):
     """Load a diffusers pipeline once per process: builtin name, local folder or hub id."""
-    placement = resolve_placement(device, dtype)
+    kind = model_kind(model_id)
+    placement = resolve_placement(device, dtype, kind)
     if model_id.startswith("builtin:"):
         pipe = build_builtin(model_id)
     else:
-        pipe = _load_pretrained(model_id, placement.dtype)
+        pipe = _load_pretrained(model_id, placement.dtype, kind)
     if scheduler:
         set_scheduler(pipe, scheduler)
     pipe = pipe.to(placement.device)
@@ -244,16 +363,18 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
     return pipe
 
 
-def _load_pretrained(model_id: str, torch_dtype: torch.dtype):
+def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None = "unet"):
     from diffusers import AutoPipelineForText2Image
 
     looks_local = model_id.startswith((".", "/", "~"))  # hub ids look like "org/name"
     path = os.path.expanduser(model_id)
     if looks_local and not os.path.isdir(path):
         raise ModelLoadError(f"model folder {model_id!r} does not exist")
+    # SD pipelines carry a safety checker that would black out images and cost time; others have none.
+    extra = {"safety_checker": None} if kind == "unet" else {}
     try:
         return AutoPipelineForText2Image.from_pretrained(
-            path if os.path.isdir(path) else model_id, torch_dtype=torch_dtype, safety_checker=None
+            path if os.path.isdir(path) else model_id, torch_dtype=torch_dtype, **extra
         )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

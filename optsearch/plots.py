@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from . import reference  # noqa: E402
 from . import study as studies  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,11 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
     if front:
         ax.plot([t.user_attrs[metric] for t in front], [t.user_attrs["speedup"] for t in front],
                 color="black", linestyle="--", linewidth=1, label="feasible front")
+    steps_line = reference.steps_frontier(study, spec)
+    if steps_line:
+        ax.plot([p[metric] for p in steps_line], [p["speedup"] for p in steps_line],
+                color="grey", linestyle="-", linewidth=1.5, marker="s", markersize=4,
+                label="fewer steps only (reference)")
     ax.axvline(limit, color="red", linewidth=1.2, label=f"{metric} limit {limit:g}")
     if spec.objective.mode == "target-speedup":
         ax.axhline(spec.objective.target_speedup, color="purple", linewidth=1.2,

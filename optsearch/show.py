@@ -8,6 +8,7 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
+from . import reference
 from . import study as studies
 from .report import format_interval, format_setting, format_speedup, table
 
@@ -17,7 +18,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
     by_number = {t.number: t for t in trials}
     states = Counter(t.state.name for t in trials)
     saved = sum(t.user_attrs.get("early_stop_saved_s", 0.0) for t in trials)
-    return {
+    summary = {
         "study": study.study_name,
         "mode": spec.objective.mode,
         "metric": spec.quality.metric,
@@ -41,7 +42,11 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "best_per_combo": {combo: studies.trial_metrics(trial)
                            for combo, trial in studies.best_per_combo(study, spec).items()},
         "best": (lambda t: studies.trial_metrics(t) if t else None)(studies.best_overall(study, spec)),
+        "steps_frontier": reference.steps_frontier(study, spec),
     }
+    summary["fewer_steps"] = reference.verdict(summary["best"] or {}, summary["steps_frontier"],
+                                               spec.quality.metric)
+    return summary
 
 
 def _early_stop_by_reason(trials) -> dict[str, dict]:
@@ -94,6 +99,14 @@ def format_summary(summary: dict) -> str:
     headers = ["combo", "trial", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
                "setting"]
     lines.append(table(headers, rows) if rows else "  (no feasible trial yet)")
+    if summary["steps_frontier"]:
+        lines += ["", "reference: fewer steps only (the line every setting must beat):"]
+        lines.append(table(["steps", "trial", "speedup", metric],
+                           [[p["num_inference_steps"], p["trial"], format_speedup(p), p[metric]]
+                            for p in summary["steps_frontier"]]))
+        if summary["fewer_steps"] is not None:
+            lines.append(f"best trial {summary['best']['trial']} "
+                         + reference.verdict_text(summary["fewer_steps"]))
     if summary["confirmations"]:
         lines += ["", "confirmations on unseen prompts (search | confirmed, interleaved timing):"]
         lines.append(_confirmations_table(summary["confirmations"], metric))

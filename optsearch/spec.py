@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .accelerators import COMBOS, ORDER, combo_name, params_of
+from .accelerators import ANY_COMBOS, KINDS, ORDER, combo_name, combo_problem, params_of
 
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim")
 RULES = ("mean", "bound")
 MODES = ("max-speedup", "target-speedup", "pareto")
@@ -40,7 +40,8 @@ class SpecError(Exception):
 @dataclass
 class ModelSpec:
     id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    dtype: str = "float16"
+    dtype: str = "auto"  # float16 for UNets, bfloat16 for diffusion transformers, float32 on CPU
+    kind: str = "auto"  # "unet" or "transformer": which families apply; auto tells from the id
     device: str = "auto"
     scheduler: str | None = None  # None keeps the model's own scheduler
     steps: int = 50
@@ -87,11 +88,16 @@ class SearchSpec:
     retime_baseline_every: int = 0  # re-time the worker's baseline every N trials; 0: once per worker
     warm_start: list[str] = field(default_factory=lambda: ["published"])  # enqueued first
 
+    model_kind = "unet"  # set from [model] when the spec is loaded (not a spec key)
+
     @property
     def combos(self) -> list[tuple[str, ...]]:
-        """The combos searched: the one given, or all four for 'any'."""
+        """The combos searched: the one given, several (a list of lists), or for 'any' those of
+        the model's kind (accelerators.ANY_COMBOS)."""
         if self.accelerators == "any":
-            return list(COMBOS)
+            return list(ANY_COMBOS[self.model_kind])
+        if self.accelerators and all(isinstance(c, list) for c in self.accelerators):
+            return [tuple(name for name in ORDER if name in combo) for combo in self.accelerators]
         return [tuple(name for name in ORDER if name in self.accelerators)]
 
 
@@ -134,7 +140,7 @@ class StudySpec:
         """(low, high, step or None) for a searched parameter, or (value,) for a fixed one."""
         value = self.space.get(accelerator, {}).get(param)
         if value is None:
-            value = params_of(accelerator)[param].default
+            value = params_of(accelerator)[param].default_range(self.model.steps)
         if not isinstance(value, (list, tuple)):
             return (value,)
         if len(value) == 1:
@@ -268,10 +274,20 @@ def spec_from_dict(data: dict, source: str = "<spec>",
             problem(dotted, "unknown key")
         else:
             _load_section(getattr(spec, section), section, {key: value}, problem)
+    spec.search.model_kind = _model_kind(spec.model)
     _validate(spec, problem)  # wrongly typed keys kept their defaults, so this is safe
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _model_kind(model: ModelSpec) -> str:
+    """The model's kind: as the spec says, else told from its id (unknown: a UNet)."""
+    if model.kind in KINDS:
+        return model.kind
+    from .models import model_kind
+
+    return model_kind(model.id) or "unet"
 
 
 def _load_section(target, section: str, values: dict, problem) -> None:
@@ -288,10 +304,14 @@ def _load_section(target, section: str, values: dict, problem) -> None:
                 problem(full, 'must be a list such as ["published", "study:NAME"]')
             continue
         if key == "accelerators":
-            if value == "any" or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            combos = isinstance(value, list) and value and all(
+                isinstance(c, list) and all(isinstance(v, str) for v in c) for c in value)
+            if value == "any" or names or combos:
                 setattr(target, key, value)
             else:
-                problem(full, 'must be a list of accelerator names or "any"')
+                problem(full, 'must be a list of accelerator names (one combo), a list of such '
+                        'lists (several combos), or "any"')
             continue
         expected = _expected_type(type(target), key)
         if expected and not _type_ok(value, expected):
@@ -349,6 +369,8 @@ def _validate(spec: StudySpec, problem) -> None:
     """Cross-field checks, after every key has the right type."""
     model, prompts, quality = spec.model, spec.prompts, spec.quality
     objective, search = spec.objective, spec.search
+    if model.kind not in ("auto", *KINDS):
+        problem("model.kind", f"unknown kind {model.kind!r} (allowed: auto, {', '.join(KINDS)})")
     if model.dtype not in DTYPES:
         problem("model.dtype", f"unknown dtype {model.dtype!r} (allowed: {', '.join(DTYPES)})")
     if check_device(model.device):
@@ -412,27 +434,38 @@ def _validate(spec: StudySpec, problem) -> None:
     if confirm.source is not None:
         _check_source("confirm.source", confirm.source, problem)
     if search.accelerators != "any":
-        unknown = [name for name in search.accelerators if name not in ORDER]
+        named = [n for c in search.accelerators for n in ([c] if isinstance(c, str) else c)]
+        unknown = [name for name in named if name not in ORDER]
         if unknown:
             problem("search.accelerators", f"unknown accelerator {unknown[0]!r} "
                     f"(allowed: {', '.join(ORDER)}, or \"any\")")
             return
-        if not search.accelerators:
+        if not search.accelerators or not all(search.combos):
             problem("search.accelerators", 'must name at least one accelerator, or "any"')
+            return
+    kind = search.model_kind
+    for combo in search.combos:
+        why = combo_problem(combo, kind)
+        if why:
+            problem("search.accelerators", why)
             return
     used = spec.accelerators_used
     for accelerator in spec.space:
         if accelerator not in used:
             problem(f"space.{accelerator}",
-                    f"is not searched (search.accelerators is {combo_name(used) or 'empty'})")
-    if "tgate" in used:
-        if model.guidance_scale <= 1:
-            problem("search.accelerators", "tgate needs classifier-free guidance: "
-                    f"model.guidance_scale is {model.guidance_scale}, must be > 1")
-        gate = spec.param_range("tgate", "gate_step")
-        if any(value > model.steps for value in gate[:2]):
-            problem("space.tgate.gate_step",
-                    f"{list(gate[:2])} goes past model.steps={model.steps} (allowed: 1..steps)")
+                    f"is not searched (search.accelerators is "
+                    f"{', '.join(combo_name(c) for c in search.combos) or 'empty'})")
+    if "tgate" in used and model.guidance_scale <= 1:
+        problem("search.accelerators", "tgate needs classifier-free guidance: "
+                f"model.guidance_scale is {model.guidance_scale}, must be > 1")
+    for accelerator in used:
+        for name, declared in params_of(accelerator).items():
+            counted = declared.counts_steps or declared.scales_with_steps
+            given = name in spec.space.get(accelerator, {}) or accelerator == "tgate"
+            bounds = spec.param_range(accelerator, name)
+            if counted and given and any(value > model.steps for value in bounds[:2]):
+                problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past "
+                        f"model.steps={model.steps} (allowed: 1..steps)")
     if spec.artifacts.grid_prompts < 0:
         problem("artifacts.grid_prompts", "must be >= 0")
 
@@ -453,22 +486,16 @@ def check_device(device: str) -> str | None:
 
 def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
     """Problems with running `setting` on the spec's model: its combo must be one the spec
-    searches, T-GATE needs guidance, and step-counted parameters must fit in model.steps."""
-    problems = []
+    searches, T-GATE needs guidance, and step-counted parameters must fit in the setting's steps
+    (its `steps.num_inference_steps`, else model.steps)."""
+    from .accelerators import step_problems
+
     combos = [combo_name(c) for c in spec.search.combos]
     if combo_name(setting) not in combos:
         return [f"the setting is {combo_name(setting)}, which this spec does not search "
                 f"(search.accelerators gives: {', '.join(combos)})"]
-    interval = setting.get("deepcache", {}).get("cache_interval", 1)
-    if not 1 <= interval <= spec.model.steps:
-        problems.append(f"deepcache.cache_interval={interval} must be in 1..{spec.model.steps} "
-                        "(model.steps)")
-    if "tgate" in setting:
-        if spec.model.guidance_scale <= 1:
-            problems.append("tgate needs classifier-free guidance: model.guidance_scale is "
-                            f"{spec.model.guidance_scale}, must be > 1")
-        gate_step = setting["tgate"].get("gate_step", 10)
-        if not 1 <= gate_step <= spec.model.steps:
-            problems.append(f"tgate.gate_step={gate_step} must be in 1..{spec.model.steps} "
-                            "(model.steps)")
+    problems = step_problems(setting, spec.model.steps)
+    if "tgate" in setting and spec.model.guidance_scale <= 1:
+        problems.append("tgate needs classifier-free guidance: model.guidance_scale is "
+                        f"{spec.model.guidance_scale}, must be > 1")
     return problems

@@ -25,6 +25,7 @@ from .storage import mask
 SPEC_ATTR = "optsearch:spec"
 VERSION_ATTR = "optsearch:version"
 BASELINE_PREFIX = "optsearch:baseline:"
+CALIBRATION_PREFIX = "optsearch:calibration:"
 TIMING_PREFIX = "optsearch:timing:"  # + fingerprint:worker -> the baseline timings of one worker
 CONFIRM_PREFIX = "optsearch:confirm:"  # + digest -> one setting re-measured on unseen prompts
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -98,7 +99,7 @@ def is_feasible(trial: FrozenTrial) -> bool:
 
 def suggest_setting(trial: optuna.Trial, spec: StudySpec) -> dict[str, dict]:
     """Sample one setting: the combo (a categorical when several), then its parameters."""
-    from .accelerators import params_of
+    from .accelerators import fit_to_steps, params_of
 
     combos = {combo_name(c): c for c in spec.search.combos}
     combo = combos[trial.suggest_categorical("combo", list(combos))] if len(combos) > 1 \
@@ -118,7 +119,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec) -> dict[str, dict]:
             else:
                 values[param] = trial.suggest_float(name, bounds[0], bounds[1], step=bounds[2])
         setting[accelerator] = values
-    return setting
+    return fit_to_steps(setting, spec.model.steps)
 
 
 def spec_attr(spec: StudySpec) -> dict:
@@ -231,6 +232,18 @@ def timings(study: optuna.Study) -> list[dict]:
     """Every worker's baseline timing record, oldest first."""
     records = [value for key, value in study.user_attrs.items() if key.startswith(TIMING_PREFIX)]
     return sorted(records, key=lambda r: r["timings"][0]["at"] if r.get("timings") else "")
+
+
+def calibration(study: optuna.Study, fingerprint: str) -> dict[str, dict]:
+    """Per-model data families measured on this fingerprint (MagCache's ratios), by family."""
+    prefix = f"{CALIBRATION_PREFIX}{fingerprint}:"
+    return {key.removeprefix(prefix): value for key, value in study.user_attrs.items()
+            if key.startswith(prefix)}
+
+
+def save_calibration(study: optuna.Study, fingerprint: str, family: str, data: dict) -> None:
+    """Store one family's calibration: every worker on this fingerprint reuses it."""
+    study.set_user_attr(f"{CALIBRATION_PREFIX}{fingerprint}:{family}", data)
 
 
 def save_confirmation(study: optuna.Study, record: dict) -> None:

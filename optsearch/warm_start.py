@@ -29,16 +29,34 @@ PUBLISHED: dict[str, list[dict]] = {
                   {"cache_interval": 5, "cache_branch_id": 0}],
     "tome": [{"ratio": 0.5}],  # ToMe for SD, the paper's main setting
     "tgate": [{"gate_step": 10}],  # T-GATE, SD 1.5 with 25 steps
+    # diffusers' caches: the operating points their docs and defaults give for FLUX
+    "fbcache": [{"threshold": 0.12}],  # nunchaku's FLUX default; "above 0.12 loses quality"
+    "taylorseer": [{"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1}],
+    "pab": [{"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100,
+             "timestep_skip_high": 800}],  # diffusers' PAB docs example
+    "magcache": [{"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}],
 }
+
+
+def _published_points(combo: tuple[str, ...], model_steps: int) -> list[dict[str, dict]]:
+    """The published points of a combo's families; `steps` runs them at the model's full step
+    count (no paper publishes "fewer steps", so a combo of steps alone has none)."""
+    families = [name for name in combo if name != "steps"]
+    if not families:
+        return []
+    points = []
+    for chosen in itertools.product(*(PUBLISHED[name] for name in families)):
+        setting = {name: dict(p) for name, p in zip(families, chosen, strict=True)}
+        if "steps" in combo:
+            setting = {"steps": {"num_inference_steps": model_steps}, **setting}
+        points.append(setting)
+    return points
 
 
 def published_settings(spec: StudySpec) -> list[dict[str, dict]]:
     """Every combination of published points over the study's combos (inside its space or not)."""
-    settings = []
-    for combo in spec.search.combos:
-        for points in itertools.product(*(PUBLISHED[name] for name in combo)):
-            settings.append({name: dict(point) for name, point in zip(combo, points, strict=True)})
-    return settings
+    return [setting for combo in spec.search.combos
+            for setting in _published_points(combo, spec.model.steps)]
 
 
 def _library_default(accelerator: str, param: str):

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from . import study as studies
-from .accelerators import combo_name, normalize_setting
+from .accelerators import combo_name, denoiser, normalize_setting
 from .artifacts import download_arrays, image_grid, open_artifact_store, upload_arrays, upload_bytes
 from .dashboard import write_trial_note
 from .early_stop import EarlyStop, FrontPoint
@@ -73,7 +73,7 @@ def device_name(device: torch.device) -> str:
 
 def fingerprint(evaluator: Evaluator) -> tuple[str, dict]:
     """A short id of what makes timings comparable: device, dtype, versions, batch size, threads."""
-    unet = evaluator.pipe.unet
+    unet = denoiser(evaluator.pipe)
     facts = {
         "device": device_name(unet.device),
         "dtype": str(unet.dtype).removeprefix("torch."),
@@ -106,10 +106,13 @@ class Worker:
         self.evaluator.fault = oom_fault_from_env()
         self.artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
         self.fingerprint, self.facts = fingerprint(self.evaluator)
+        self.evaluator.calibration = studies.calibration(self.study, self.fingerprint)
+        self.evaluator.on_calibrated = lambda name, data: studies.save_calibration(
+            self.study, self.fingerprint, name, data)
         self.host = socket.gethostname()
         self.worker_id = f"{self.host}:{os.getpid()}"
         self.baseline: Baseline | None = None
-        device = self.evaluator.pipe.unet.device
+        device = self.evaluator.pipe.device
         self.timing_record = {"worker": self.worker_id, "host": self.host,
                               "device": self.facts["device"], "device_index": str(device),
                               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

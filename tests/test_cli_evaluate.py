@@ -44,7 +44,7 @@ def test_evaluate_table(tmp_path):
     (["--set", "tome.ratio=1.5"], "tome.ratio=1.5 must be < 1.0"),
     (["--set", "tome.ratio"], "must look like ACCELERATOR.PARAM=VALUE"),
     (["--set", "warp.speed=9"], "unknown accelerator 'warp'"),
-    (["--set", "deepcache.cache_interval=30"], "deepcache.cache_interval=30 must be in 1..8"),
+    (["--set", "deepcache.cache_interval=30"], "deepcache.cache_interval=30 must be <= 8 (model.steps)"),
 ])
 def test_evaluate_bad_input_is_one_line_exit_2(tmp_path, args, message):
     spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)

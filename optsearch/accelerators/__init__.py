@@ -1,26 +1,44 @@
-"""The accelerator registry, the four combos of the original workflow, and applying a setting.
+"""The accelerator registry, which families apply to which pipelines, and applying a setting.
 
 A *setting* is a nested dict: ``{"deepcache": {"cache_interval": 3}, "tome": {"ratio": 0.5}}``.
-Accelerators always apply in the fixed order DeepCache -> ToMe -> T-GATE and restore in reverse,
-because T-GATE drives an already-enabled DeepCache helper itself.
+Families apply in the fixed `ORDER` and restore in reverse: T-GATE drives an already-enabled
+DeepCache helper itself, so DeepCache comes first; `steps` only lowers each call's step count.
+
+Which families apply depends on the pipeline's denoiser (`KINDS`):
+- "unet" (SD 1.x/2.x, SDXL): deepcache, tome, tgate, pab; `"any"` = the original four combos.
+- "transformer" (FLUX and other diffusion transformers with diffusers' `enable_cache`): the
+  diffusers caches fbcache, taylorseer, pab, magcache, one at a time; `"any"` = each alone, and
+  `steps` alone as the reference.
+`steps` applies everywhere and combines with every family; a diffusers cache (pab, fbcache,
+taylorseer, magcache) combines with nothing but `steps` (diffusers allows one cache per model, and
+on a UNet PAB's attention hooks would fight T-GATE's and DeepCache's patches).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 
-from . import deepcache, tgate, tome
+from . import deepcache, fbcache, magcache, pab, steps, taylorseer, tgate, tome
 from .base import Param
+from .hooks import denoiser
 
-REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (deepcache, tome, tgate)}
-ORDER = ("deepcache", "tome", "tgate")
-COMBOS: tuple[tuple[str, ...], ...] = (
+REGISTRY: dict[str, ModuleType] = {
+    m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fbcache, taylorseer, magcache)
+}
+ORDER = tuple(REGISTRY)
+KINDS = ("unet", "transformer")
+EXCLUSIVE = ("pab", "fbcache", "taylorseer", "magcache")  # combine only with steps
+COMBOS: tuple[tuple[str, ...], ...] = (  # the original workflow's four, "any" on a UNet
     ("deepcache",),
     ("deepcache", "tome"),
     ("deepcache", "tgate"),
     ("deepcache", "tome", "tgate"),
 )
+ANY_COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "unet": COMBOS,
+    "transformer": (("steps",), ("fbcache",), ("taylorseer",), ("pab",), ("magcache",)),
+}
 
 
 def params_of(name: str) -> dict[str, Param]:
@@ -31,6 +49,31 @@ def combo_name(accelerators) -> str:
     """The canonical name of a combo, e.g. 'deepcache+tome'; 'baseline' when empty."""
     ordered = [name for name in ORDER if name in accelerators]
     return "+".join(ordered) or "baseline"
+
+
+def applicable(kind: str) -> list[str]:
+    """The families that apply to a pipeline kind ("unet" or "transformer")."""
+    return [name for name, module in REGISTRY.items() if kind in module.APPLIES_TO]
+
+
+def pipeline_kind(pipe) -> str:
+    """'unet' or 'transformer': which families the pipeline's denoiser can take."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
+def combo_problem(combo: Sequence[str], kind: str | None = None) -> str | None:
+    """Why the families of `combo` cannot run together (on a `kind` pipeline), or None."""
+    if kind is not None:
+        foreign = [name for name in combo if kind not in REGISTRY[name].APPLIES_TO]
+        if foreign:
+            return (f"{foreign[0]} does not apply to this model ({kind} pipeline; families that "
+                    f"do: {', '.join(applicable(kind))})")
+    exclusive = [name for name in combo if name in EXCLUSIVE]
+    others = [name for name in combo if name not in ("steps", *exclusive)]
+    if exclusive and (others or len(exclusive) > 1):
+        return (f"{exclusive[0]} combines only with steps (got {combo_name(combo)}): diffusers "
+                "runs one cache per model")
+    return None
 
 
 def normalize_setting(setting: Mapping) -> dict[str, dict]:
@@ -62,18 +105,55 @@ def normalize_setting(setting: Mapping) -> dict[str, dict]:
         result[name] = values
     if nested:
         raise ValueError(f"unknown accelerator {next(iter(nested))!r} (allowed: {', '.join(ORDER)})")
+    problem = combo_problem(list(result))
+    if problem:
+        raise ValueError(problem)
     return result
+
+
+def step_problems(setting: Mapping[str, dict], model_steps: int) -> list[str]:
+    """Step-counted parameters that do not fit in the setting's own step count."""
+    budget = setting.get("steps", {}).get("num_inference_steps", model_steps)
+    where = "steps.num_inference_steps" if "steps" in setting else "model.steps"
+    problems = []
+    if budget > model_steps:
+        problems.append(f"steps.num_inference_steps={budget} must be <= model.steps={model_steps} "
+                        "(fewer steps than the baseline)")
+    for name, values in setting.items():
+        for param, declared in params_of(name).items():
+            value = values.get(param)
+            if declared.counts_steps and value is not None and value > budget:
+                problems.append(f"{name}.{param}={value} must be <= {budget} ({where})")
+    return problems
+
+
+def fit_to_steps(setting: dict[str, dict], model_steps: int) -> dict[str, dict]:
+    """Clip step-counted parameters to the setting's step count (a sampled gate_step of 15 with
+    10 steps means "gate at the last step")."""
+    budget = min(setting.get("steps", {}).get("num_inference_steps", model_steps), model_steps)
+    fitted = {name: dict(values) for name, values in setting.items()}
+    for name, values in fitted.items():
+        for param, declared in params_of(name).items():
+            if declared.counts_steps and param in values:
+                values[param] = min(values[param], budget)
+    return fitted
 
 
 class AppliedSetting:
     """A setting applied to a pipeline. Call it like the pipeline; `restore()` undoes everything.
 
     Also a context manager: ``with optsearch.apply(pipe, params) as run: images = run(prompts)``.
+    `calibration` holds per-model data a family needs (MagCache's `mag_ratios`).
     """
 
-    def __init__(self, pipe, setting: Mapping):
+    def __init__(self, pipe, setting: Mapping, calibration: Mapping[str, dict] | None = None):
         self.pipe = pipe
         self.setting = normalize_setting(setting)
+        self.kind = pipeline_kind(pipe)
+        problem = combo_problem(list(self.setting), self.kind)
+        if problem:
+            raise ValueError(problem)
+        self.calibration = dict(calibration or {})
         self._patches: list = []
         self._tome = self._tgate = None
         try:
@@ -84,16 +164,17 @@ class AppliedSetting:
 
     def _apply(self) -> None:
         helper = None
-        if "deepcache" in self.setting:
-            patch = deepcache.apply(self.pipe, **self.setting["deepcache"])
+        for name, params in self.setting.items():
+            if name == "deepcache":
+                patch = deepcache.apply(self.pipe, **params)
+                helper = patch.helper
+            elif name == "tgate":
+                patch = self._tgate = tgate.apply(self.pipe, deepcache_helper=helper, **params)
+            else:
+                patch = REGISTRY[name].apply(self.pipe, **params, **self.calibration.get(name, {}))
+                if name == "tome":
+                    self._tome = patch
             self._patches.append(patch)
-            helper = patch.helper
-        if "tome" in self.setting:
-            self._tome = tome.apply(self.pipe, **self.setting["tome"])
-            self._patches.append(self._tome)
-        if "tgate" in self.setting:
-            self._tgate = tgate.apply(self.pipe, deepcache_helper=helper, **self.setting["tgate"])
-            self._patches.append(self._tgate)
 
     @property
     def combo(self) -> str:
@@ -111,6 +192,9 @@ class AppliedSetting:
             self._tome.reseed(seed)
 
     def __call__(self, *args, **kwargs):
+        for patch in self._patches:
+            if hasattr(patch, "prepare"):
+                patch.prepare(kwargs)
         if self._tgate is not None:
             return self._tgate(*args, **kwargs)
         return self.pipe(*args, **kwargs)
@@ -127,5 +211,11 @@ class AppliedSetting:
         self.restore()
 
 
-def apply_setting(pipe, setting: Mapping) -> AppliedSetting:
-    return AppliedSetting(pipe, setting)
+def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None = None
+                  ) -> AppliedSetting:
+    return AppliedSetting(pipe, setting, calibration)
+
+
+__all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "Param",
+           "applicable", "apply_setting", "combo_name", "combo_problem", "denoiser",
+           "fit_to_steps", "normalize_setting", "params_of", "pipeline_kind", "step_problems"]

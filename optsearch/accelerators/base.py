@@ -1,7 +1,9 @@
 """The common shape of an accelerator: its parameter space and validation.
 
-Each accelerator module (deepcache, tome, tgate) declares its `PARAMS` with this class and offers an
-`apply(pipe, ...)` whose returned patch has `restore()`. Accelerators know nothing of Optuna.
+Each accelerator module declares its `PARAMS` with this class, the pipeline kinds it
+`APPLIES_TO` ("unet", "transformer"), and offers an `apply(pipe, ...)` whose returned patch has
+`restore()` (and optionally `prepare(call_kwargs)`, run before every pipeline call). Accelerators
+know nothing of Optuna.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ class Param:
     exclusive_maximum: bool = False
     grid_step: float = 1
     help: str = ""
+    counts_steps: bool = False  # measured in denoising steps: must fit in the setting's steps
+    scales_with_steps: bool = False  # `default` holds fractions of model.steps
+
+    def default_range(self, model_steps: int) -> tuple:
+        """The range searched when a spec names none (fractions resolved against model.steps)."""
+        if not self.scales_with_steps:
+            return self.default
+        return tuple(max(1, round(fraction * model_steps)) for fraction in self.default)
 
     def check(self, value) -> str | None:
         """Return why `value` is not allowed, or None when it is."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 from .base import Param
 
 NAME = "deepcache"
+APPLIES_TO = ("unet",)
 PARAMS = (
-    Param("cache_interval", int, (2, 8), minimum=1,
+    Param("cache_interval", int, (2, 8), minimum=1, counts_steps=True,
           help="full UNet pass every N steps; cached features in between"),
     Param("cache_branch_id", int, (0, 3), minimum=0,
           help="skip branch: block * 3 + layer where the shallow path re-enters"),

@@ -11,9 +11,10 @@ from __future__ import annotations
 from .base import Param
 
 NAME = "tgate"
+APPLIES_TO = ("unet",)
 PARAMS = (
-    Param("gate_step", int, (5, 20), minimum=1,
-          help="steps with cross-attention before it is cached (<= model.steps)"),
+    Param("gate_step", int, (5, 20), minimum=1, counts_steps=True,
+          help="steps with cross-attention before it is cached (<= the setting's steps)"),
 )
 
 _ADDED_TO_ATTENTION = ("forward", "cache")

@@ -12,6 +12,7 @@ import torch
 from .base import Param
 
 NAME = "tome"
+APPLIES_TO = ("unet",)
 PARAMS = (
     Param("ratio", float, (0.1, 0.7), minimum=0.0, maximum=1.0, exclusive_maximum=True,
           grid_step=0.1, help="share of tokens merged"),

@@ -1,0 +1,66 @@
+"""diffusers' cache hooks (FirstBlockCache, TaylorSeer, PAB, MagCache) applied and removed exactly.
+
+diffusers attaches a `HookRegistry` (`_diffusers_hook`) to every module it visits and, on
+`disable_cache()` / `remove_hook`, sets the original bound `forward` back as an instance attribute.
+`HookPatch.restore` removes the hooks the diffusers way and then deletes what it left, so the
+modules look exactly as before. Hook state (cached residuals, step counters) is reset before every
+call (`prepare`): a warm-up cut short must not leak into the timed call that follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+_LEFT_BY_HOOKS = ("forward", "_diffusers_hook")
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The network every step runs: the UNet or the diffusion transformer."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+class HookPatch:
+    """A diffusers cache applied to `pipe`'s denoiser by `enable`, removed by `disable`."""
+
+    def __init__(self, pipe, enable: Callable[[torch.nn.Module], None],
+                 disable: Callable[[torch.nn.Module], None]):
+        self.module = denoiser(pipe)
+        self._disable = disable
+        self._before = {(id(m), name) for m in self.module.modules() for name in _LEFT_BY_HOOKS
+                        if name in m.__dict__}
+        self._had_config = "_cache_config" in self.module.__dict__
+        self._enabled = False
+        enable(self.module)
+        self._enabled = True
+
+    def prepare(self, call_kwargs: dict) -> None:
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(self.module).reset_stateful_hooks(recurse=True)
+
+    def restore(self) -> None:
+        if self._enabled:
+            self._disable(self.module)
+            self._enabled = False
+        for module in self.module.modules():
+            for name in _LEFT_BY_HOOKS:
+                if name in module.__dict__ and (id(module), name) not in self._before:
+                    del module.__dict__[name]
+        if not self._had_config:
+            self.module.__dict__.pop("_cache_config", None)
+
+
+def cache_patch(pipe, config, family: str) -> HookPatch:
+    """Enable a diffusers cache config through the model's own `enable_cache` (its CacheMixin)."""
+    module = denoiser(pipe)
+    if not hasattr(module, "enable_cache"):
+        raise ValueError(f"{family} needs a denoiser with diffusers' enable_cache "
+                         f"({type(module).__name__} has none)")
+    return HookPatch(pipe, lambda m: m.enable_cache(config), lambda m: m.disable_cache())
+
+
+def cpu_safe_dtype(pipe) -> torch.dtype | None:
+    """float32 for cache factors on CPU (bfloat16 there is slow); diffusers' default elsewhere."""
+    return torch.float32 if denoiser(pipe).device.type == "cpu" else None

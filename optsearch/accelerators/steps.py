@@ -1,0 +1,40 @@
+"""Fewer steps: run the setting with `num_inference_steps` below the model's, the reference line
+every other setting must beat ("DeepCache at 50 steps" is worth nothing if plain 25 steps is as
+good and as fast).
+
+Nothing on the pipeline changes: the patch only lowers the step count of each call (`prepare`).
+A shorter call (the untimed warm-up) keeps its own, smaller count.
+"""
+
+from __future__ import annotations
+
+from .base import Param
+
+NAME = "steps"
+APPLIES_TO = ("unet", "transformer")
+PARAMS = (
+    Param("num_inference_steps", int, (0.25, 1.0), minimum=1, scales_with_steps=True,
+          help="denoising steps of the setting (default range: a quarter of model.steps to all)"),
+)
+
+
+class StepsPatch:
+    """Caps every call's `num_inference_steps` at the setting's."""
+
+    def __init__(self, num_inference_steps: int):
+        self.num_inference_steps = num_inference_steps
+
+    def prepare(self, call_kwargs: dict) -> None:
+        requested = call_kwargs.get("num_inference_steps", self.num_inference_steps)
+        call_kwargs["num_inference_steps"] = min(requested, self.num_inference_steps)
+
+    def restore(self) -> None:
+        """Nothing was changed on the pipeline."""
+
+
+def apply(pipe, num_inference_steps: int = 25) -> StepsPatch:
+    return StepsPatch(int(num_inference_steps))
+
+
+def warmup_steps(**_) -> int:
+    return 0
