@@ -490,6 +490,9 @@ def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
     (its `steps.num_inference_steps`, else model.steps)."""
     from .accelerators import step_problems
 
+    foreign = combo_problem(list(setting), spec.search.model_kind)
+    if foreign:
+        return [foreign]
     combos = [combo_name(c) for c in spec.search.combos]
     if combo_name(setting) not in combos:
         return [f"the setting is {combo_name(setting)}, which this spec does not search "

@@ -1,0 +1,232 @@
+"""Accelerator families beyond the SD UNet (issue 10): fewer steps, diffusers' caches on a tiny
+FLUX, PAB on the SD UNet, which families apply where, and the fewer-steps reference line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+
+from optsearch.accelerators import (
+    AppliedSetting,
+    applicable,
+    denoiser,
+    fit_to_steps,
+    magcache,
+    pipeline_kind,
+)
+from optsearch.models import load_pipeline, model_kind
+from optsearch.spec import SpecError, spec_from_dict
+
+from .conftest import TINY_SPEC, generate_images, optsearch_cmd, write_spec
+
+PROMPTS = ["a red bus in the rain", "a small cat on a sofa"]
+
+FLUX_SPEC = """
+name = "flux"
+[model]
+id = "builtin:tiny-flux"
+device = "cpu"
+steps = 12
+guidance_scale = 3.5
+[prompts]
+source = "builtin"
+num_samples = 4
+batch_size = 2
+[quality]
+clip_model = "builtin:tiny"
+clip_pretrained = "none"
+metric = "psnr"
+limit = 35.0
+[search]
+accelerators = [["steps"], ["magcache"], ["steps", "taylorseer"]]
+n_trials = 6
+n_startup_trials = 6
+seed = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    return load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
+
+
+def _hook_state(module) -> set:
+    """What diffusers' hooks leave on modules: instance forwards, registries, cache configs."""
+    return {(name, key) for name, m in module.named_modules() for key in m.__dict__
+            if key in ("forward", "_diffusers_hook", "_cache_config")}
+
+
+def _flux_images(call, steps=12):
+    return generate_images(call, PROMPTS, steps=steps)
+
+
+FLUX_SETTINGS = {
+    "fbcache": {"fbcache": {"threshold": 0.6}},
+    "taylorseer": {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}},
+    "pab": {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_high": 1000}},
+    "magcache": {"magcache": {"threshold": 0.5, "max_skip_steps": 3, "retention_ratio": 0.1}},
+    "steps": {"steps": {"num_inference_steps": 6}},
+}
+
+
+@pytest.mark.parametrize("family", list(FLUX_SETTINGS))
+def test_every_family_changes_flux_and_restores_exactly(flux_pipe, family):
+    baseline = _flux_images(flux_pipe)
+    hooks_before = _hook_state(denoiser(flux_pipe))
+    calibration = {}
+    if family == "magcache":
+        ratios = magcache.calibrate(flux_pipe, 12, lambda: _flux_images(flux_pipe))
+        assert len(ratios) == 12 and ratios[0] == 1.0 and len(set(ratios)) > 2
+        calibration = {"magcache": {"mag_ratios": ratios}}
+    with AppliedSetting(flux_pipe, FLUX_SETTINGS[family], calibration) as applied:
+        accelerated = _flux_images(applied)
+        again = _flux_images(applied)  # hook state is reset between calls
+    after = _flux_images(flux_pipe)
+    # random weights change images little; a no-op changes them not at all (restore is exact)
+    assert np.abs(accelerated - baseline).max() > 1e-4, f"{family} left the images unchanged"
+    np.testing.assert_array_equal(again, accelerated)
+    np.testing.assert_allclose(after, baseline, atol=1e-5)
+    assert _hook_state(denoiser(flux_pipe)) == hooks_before
+
+
+def test_pab_changes_the_sd_unet_and_restores_exactly(tiny_pipe):
+    before = {(n, k) for n, m in tiny_pipe.unet.named_modules() for k in m.__dict__}
+    baseline = generate_images(tiny_pipe, PROMPTS, steps=10)
+    setting = {"pab": {"spatial_attention_block_skip_range": 3, "timestep_skip_high": 1000}}
+    with AppliedSetting(tiny_pipe, setting) as applied:
+        accelerated = generate_images(applied, PROMPTS, steps=10)
+    after = generate_images(tiny_pipe, PROMPTS, steps=10)
+    assert np.abs(accelerated - baseline).max() > 1e-3, "PAB is a no-op on the SD UNet"
+    np.testing.assert_array_equal(after, baseline)
+    assert {(n, k) for n, m in tiny_pipe.unet.named_modules() for k in m.__dict__} == before
+    assert not tiny_pipe.unet._forward_pre_hooks  # the timestep probe is gone
+
+
+@pytest.mark.parametrize("family, params", [
+    ("deepcache", {"cache_interval": 3, "cache_branch_id": 0}),
+    ("tgate", {"gate_step": 4}),
+])
+def test_steps_combined_runs_the_family_at_the_settings_step_count(tiny_pipe, family, params):
+    """steps + X called at model.steps is exactly X run at the fewer steps."""
+    with AppliedSetting(tiny_pipe, {"steps": {"num_inference_steps": 7}, family: params}) as run:
+        combined = generate_images(run, PROMPTS, steps=14)
+    with AppliedSetting(tiny_pipe, {family: params}) as run:
+        direct = generate_images(run, PROMPTS, steps=7)
+    np.testing.assert_array_equal(combined, direct)
+
+
+def test_step_counted_parameters_are_clipped_to_the_settings_steps():
+    sampled = {"steps": {"num_inference_steps": 6}, "tgate": {"gate_step": 15},
+               "deepcache": {"cache_interval": 8, "cache_branch_id": 1}}
+    fitted = fit_to_steps(sampled, model_steps=20)
+    assert fitted["tgate"]["gate_step"] == 6 and fitted["deepcache"]["cache_interval"] == 6
+    assert fitted["deepcache"]["cache_branch_id"] == 1 and sampled["tgate"]["gate_step"] == 15
+
+
+def test_families_per_kind_and_kind_from_the_model():
+    assert applicable("unet") == ["steps", "deepcache", "tome", "tgate", "pab"]
+    assert applicable("transformer") == ["steps", "pab", "fbcache", "taylorseer", "magcache"]
+    assert model_kind("builtin:tiny-flux") == "transformer"
+    assert model_kind("black-forest-labs/FLUX.1-dev") == "transformer"
+    assert model_kind("stable-diffusion-v1-5/stable-diffusion-v1-5") == "unet"
+    assert model_kind("my_package.pipes:build") is None
+
+
+def test_model_kind_reads_a_local_folders_model_index(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    assert model_kind(str(tmp_path)) == "transformer"
+
+
+def _flux_dict(accelerators, **model) -> dict:
+    return {"model": {"id": "builtin:tiny-flux", "steps": 12, **model},
+            "search": {"accelerators": accelerators}}
+
+
+@pytest.mark.parametrize("data, message", [
+    (_flux_dict(["deepcache"]), "deepcache does not apply to this model (transformer pipeline; "
+                                "families that do: steps, pab, fbcache, taylorseer, magcache)"),
+    ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["fbcache"]}},
+     "fbcache does not apply to this model (unet pipeline; families that do: steps, deepcache"),
+    (_flux_dict(["fbcache", "taylorseer"]), "fbcache combines only with steps"),
+    ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["deepcache", "pab"]}},
+     "pab combines only with steps"),
+    ({**_flux_dict(["steps"]), "space": {"steps": {"num_inference_steps": [4, 20]}}},
+     "space.steps.num_inference_steps: [4, 20] goes past model.steps=12"),
+    (_flux_dict(["steps"], kind="dit"), "model.kind: unknown kind 'dit'"),
+])
+def test_families_that_do_not_apply_are_one_line_spec_errors(data, message):
+    with pytest.raises(SpecError) as raised:
+        spec_from_dict(data)
+    assert any(message in line for line in raised.value.problems), raised.value.problems
+
+
+def test_any_means_the_applicable_combos_of_the_models_kind():
+    flux = spec_from_dict(_flux_dict("any"))
+    assert flux.search.combos == [("steps",), ("fbcache",), ("taylorseer",), ("pab",),
+                                  ("magcache",)]
+    unet = spec_from_dict({"model": {"id": "builtin:tiny"}, "search": {"accelerators": "any"}})
+    assert [len(c) for c in unet.search.combos] == [1, 2, 2, 3] and "steps" not in unet.accelerators_used
+    assert flux.param_range("steps", "num_inference_steps") == (3, 12, None)  # a quarter to all
+
+
+def test_a_wrongly_told_kind_fails_at_load_before_anything_is_measured(tmp_path):
+    text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "builtin:tiny-flux"\nkind = "unet"')
+    spec = write_spec(tmp_path / "wrong.toml", text)
+    result = optsearch_cmd("run", str(spec), "--storage", f"sqlite:///{tmp_path}/w.db", "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert "deepcache does not apply to this model (transformer pipeline" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["fbcache.threshold=0.1"], "fbcache does not apply to this model (unet pipeline"),
+    (["steps.num_inference_steps=20"], "steps.num_inference_steps=20 must be <= model.steps=8"),
+])
+def test_evaluate_set_rejects_families_and_step_counts_that_do_not_fit(tmp_path, sets, message):
+    text = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
+                             'accelerators = [["steps"], ["deepcache", "tome"]]')
+    spec = write_spec(tmp_path / "t.toml", text)
+    result = optsearch_cmd("evaluate", str(spec), *(f"--set={s}" for s in sets), "--quiet")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_a_flux_study_runs_end_to_end_against_the_fewer_steps_line(tmp_path):
+    """`optsearch run` on builtin:tiny-flux: MagCache calibrated once and stored, step-counted
+    parameters fitted to each trial's steps, the fewer-steps line in show and export."""
+    spec = write_spec(tmp_path / "flux.toml", FLUX_SPEC)
+    url = f"sqlite:///{tmp_path}/flux.db"
+    result = optsearch_cmd("run", str(spec), "--storage", url, "--quiet",
+                           "--artifact-dir", str(tmp_path / "art"))
+    assert result.returncode == 0, result.stderr
+    assert "reference: fewer steps only" in result.stdout
+
+    study = optuna.load_study(study_name="flux", storage=url)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    combos = {t.user_attrs["combo"] for t in trials}
+    assert combos <= {"steps", "magcache", "steps+taylorseer"} and "steps" in combos
+    for trial in trials:
+        setting = trial.user_attrs["setting"]
+        steps = setting.get("steps", {}).get("num_inference_steps", 12)
+        assert setting.get("taylorseer", {}).get("disable_cache_before_step", 0) <= steps
+    calibrations = [v for k, v in study.user_attrs.items() if k.startswith("optsearch:calibration:")]
+    if "magcache" in combos:
+        assert len(calibrations) == 1 and len(calibrations[0]["mag_ratios"]) == 12
+
+    out = tmp_path / "sp.json"
+    assert optsearch_cmd("study", "export", "flux", "--storage", url, "-o", str(out)).returncode == 0
+    exported = json.loads(out.read_text())
+    frontier = exported["fewer_steps"]["frontier"]
+    assert frontier and all(p["trial"] in {t.number for t in trials} for p in frontier)
+    speedups = [p["speedup"] for p in frontier]
+    assert speedups == sorted(speedups, reverse=True)  # fastest first, quality rising
+    verdict = exported["fewer_steps"]["best"]
+    assert verdict["margin"] == pytest.approx(
+        exported["best"]["metrics"]["speedup"] / verdict["reference_speedup"])
+
+
+def test_pipeline_kind_of_the_builtins(flux_pipe, tiny_pipe):
+    assert pipeline_kind(flux_pipe) == "transformer" and pipeline_kind(tiny_pipe) == "unet"
