@@ -1,7 +1,9 @@
-"""optsearch: the fastest acceleration settings for a Stable Diffusion pipeline, within a budget.
+"""optsearch: the fastest acceleration settings for a diffusion pipeline, within a budget.
 
 Public API:
 - `apply(pipe, params)`: apply a setting (dict, or an exported search_params.json) to a pipeline.
+- `search(pipe, spec, storage=..., n_trials=...)`: search a pipeline built in this process and
+  return the export dict.
 - `load_spec(path)`: read and validate a study spec.
 """
 
@@ -13,10 +15,12 @@ from os import PathLike
 from pathlib import Path
 
 from .accelerators import AppliedSetting
+from .inprocess import search
 from .spec import SpecError, StudySpec, load_spec
 
 __version__ = "0.1.0"
-__all__ = ["AppliedSetting", "SpecError", "StudySpec", "__version__", "apply", "load_spec"]
+__all__ = ["AppliedSetting", "SpecError", "StudySpec", "__version__", "apply", "load_spec",
+           "search"]
 
 
 def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
@@ -25,7 +29,9 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
     `params` is a setting dict (nested or 'accel.param' keys) or the path of a search_params.json
     written by `optsearch study export` (its overall best setting is applied).
     """
+    calibration = None
     if not isinstance(params, Mapping):
         exported = json.loads(Path(params).read_text(encoding="utf-8"))
         params = exported["best"]["setting"]
-    return AppliedSetting(pipe, params)
+        calibration = exported.get("calibration")  # MagCache's ratios, measured by the study
+    return AppliedSetting(pipe, params, calibration)

@@ -265,6 +265,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .preflight import check, format_report
+    from .spec import SpecError, load_spec
+
+    spec = load_spec(args.spec)
+    report = check(spec, args.device, args.workers)
+    if report.problems:
+        raise SpecError(report.problems)  # one line each, exit 2
+    print(format_report(report, spec))
+    return 0
+
+
 def _add_storage(parser) -> None:
     parser.add_argument("--storage", metavar="URL",
                         help="Optuna RDB URL (default: $OPTSEARCH_STORAGE or sqlite:///optsearch.db)")
@@ -369,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(run)
     _add_worker_options(run)
     run.set_defaults(handler=cmd_run)
+
+    preflight = commands.add_parser(
+        "check", help="preflight: load model, CLIP and prompts, time one batch, estimate the study")
+    preflight.add_argument("spec", help="study spec (TOML)")
+    preflight.add_argument("--device", type=_device, help="override model.device")
+    preflight.add_argument("--workers", type=_positive_int, metavar="N",
+                           help="estimate for N workers too (default: the GPUs here)")
+    preflight.set_defaults(handler=cmd_check)
 
     worker = commands.add_parser("worker", help="join a study and run trials")
     worker.add_argument("--study", required=True, help="study name")

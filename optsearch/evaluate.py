@@ -424,7 +424,8 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
         prompts = load_prompts(spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed,
                                spec.prompts.shuffle, spec.prompts.column)
     model = spec.model
-    pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler)
+    pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
+                         kind=None if model.kind == "auto" else model.kind)
     check_families(pipe, spec)
     scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),

@@ -89,6 +89,7 @@ def export_study(study, spec) -> dict:
         baselines,
         best_overall,
         best_per_combo,
+        calibration,
         confirmations,
         constraint_text,
         pareto_front,
@@ -136,6 +137,9 @@ def export_study(study, spec) -> dict:
     if exported["baseline"] is not None:
         exported["baseline"] = {k: v for k, v in exported["baseline"].items()
                                 if k not in ("clip_scores", "prompts")}
+    measured = calibration(study, best.user_attrs.get("fingerprint", ""))
+    if measured:
+        exported["calibration"] = measured  # MagCache's ratios: `optsearch.apply` passes them on
     frontier = steps_frontier(study, spec)
     if frontier:
         exported["fewer_steps"] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ def model_kind(model_id: str) -> str | None:
     (a factory): builtin names, a folder's or the hub cache's model_index.json, else the name."""
     if model_id in BUILTIN_KINDS:
         return BUILTIN_KINDS[model_id]
-    if ":" in model_id and not model_id.startswith("builtin:"):
+    if is_factory(model_id):
         return None  # module:function factory: known once built
     index = _model_index(model_id)
     if index is not None:
@@ -345,13 +346,63 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
 
 
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_factory(model_id: str) -> bool:
+    """`module.path:function` names a factory that builds the pipeline (like `uvicorn app:app`)."""
+    return not model_id.startswith("builtin:") and bool(FACTORY.match(model_id))
+
+
+def build_from_factory(model_id: str, placement: Placement):
+    """Import `module.path`, call `function(device=..., dtype=...)` and check it gave a pipeline.
+
+    The module is imported from the working directory or PYTHONPATH, in every worker process, so a
+    LoRA-fused or otherwise custom pipeline can be searched by many workers.
+    """
+    import importlib
+    import sys
+
+    module_name, _, function_name = model_id.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # ImportError, or the module's own failure while importing
+        raise ModelLoadError(f"model.id {model_id!r}: cannot import {module_name!r} (from the "
+                             f"working directory or PYTHONPATH): {_first_line(error)}") from error
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise ModelLoadError(f"model.id {model_id!r}: {module_name!r} has no function "
+                             f"{function_name!r}")
+    try:
+        pipe = factory(device=placement.device, dtype=placement.dtype)
+    except Exception as error:
+        raise ModelLoadError(f"model.id {model_id!r}: the factory failed: "
+                             f"{type(error).__name__}: {_first_line(error)}") from error
+    if not callable(pipe) or not (getattr(pipe, "unet", None) is not None
+                                  or getattr(pipe, "transformer", None) is not None):
+        raise ModelLoadError(f"model.id {model_id!r}: the factory returned "
+                             f"{type(pipe).__name__}, not a diffusers pipeline with a unet or "
+                             "transformer")
+    return pipe
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
-                  scheduler: str | None = None):
-    """Load a diffusers pipeline once per process: builtin name, local folder or hub id."""
-    kind = model_kind(model_id)
+                  scheduler: str | None = None, kind: str | None = None):
+    """Load a diffusers pipeline once per process: builtin name, `module:function` factory,
+    local folder or hub id. `kind` ("unet"/"transformer") when known better than from the id."""
+    kind = kind or model_kind(model_id)
     placement = resolve_placement(device, dtype, kind)
     if model_id.startswith("builtin:"):
         pipe = build_builtin(model_id)
+    elif is_factory(model_id):
+        pipe = build_from_factory(model_id, placement)
     else:
         pipe = _load_pretrained(model_id, placement.dtype, kind)
     if scheduler:
@@ -372,10 +423,19 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
         raise ModelLoadError(f"model folder {model_id!r} does not exist")
     # SD pipelines carry a safety checker that would black out images and cost time; others have none.
     extra = {"safety_checker": None} if kind == "unet" else {}
+    source = path if os.path.isdir(path) else model_id
     try:
-        return AutoPipelineForText2Image.from_pretrained(
-            path if os.path.isdir(path) else model_id, torch_dtype=torch_dtype, **extra
-        )
+        if torch_dtype == torch.float16:
+            # Repos that publish half-precision files (SD 1.5, SDXL) as the "fp16" variant: half
+            # the download. Repos without them raise "no such modeling files": load the default.
+            try:
+                return AutoPipelineForText2Image.from_pretrained(
+                    source, torch_dtype=torch_dtype, variant="fp16", **extra)
+            except ValueError as error:
+                if "variant" not in str(error):
+                    raise
+                logger.info("%s has no fp16 variant: loading its default files", model_id)
+        return AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype, **extra)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load model {model_id!r}: {first_line}") from error

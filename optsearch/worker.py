@@ -192,7 +192,8 @@ class Worker:
         """Run trials until the study has n_trials finished ones, or this worker's own limit."""
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            self.ensure_baseline()
+            baseline = self.ensure_baseline()
+            self._print_estimate(baseline)
             self._loop()
         except KeyboardInterrupt:
             self._requeue_interrupted()
@@ -200,6 +201,17 @@ class Worker:
         finally:
             signal.signal(signal.SIGTERM, previous)
         return self.trials_run
+
+    def _print_estimate(self, baseline: Baseline) -> None:
+        """What the rest of the study costs at this worker's baseline speed (preflight.py)."""
+        from .preflight import Estimate, estimate_text
+
+        finished, _ = self._counts()
+        remaining = max(0, self.spec.search.n_trials - finished)
+        if remaining:
+            estimate = Estimate(baseline.seconds_per_image, remaining, len(self.evaluator.prompts))
+            print(f"{self.worker_id}: {remaining} trials to go; {estimate_text(estimate)}",
+                  flush=True)
 
     def _counts(self, ahead_of: int | None = None) -> tuple[int, int]:
         """(finished, running) trials; with `ahead_of`, only running trials numbered below it."""

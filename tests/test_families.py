@@ -173,13 +173,18 @@ def test_any_means_the_applicable_combos_of_the_models_kind():
     assert flux.param_range("steps", "num_inference_steps") == (3, 12, None)  # a quarter to all
 
 
-def test_a_wrongly_told_kind_fails_at_load_before_anything_is_measured(tmp_path):
-    text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "builtin:tiny-flux"\nkind = "unet"')
-    spec = write_spec(tmp_path / "wrong.toml", text)
-    result = optsearch_cmd("run", str(spec), "--storage", f"sqlite:///{tmp_path}/w.db", "--quiet")
-    assert result.returncode == 2, result.stderr
-    assert "deepcache does not apply to this model (transformer pipeline" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_a_wrongly_told_kind_fails_at_load_before_anything_is_measured(flux_pipe):
+    """A ModelLoadError (one line, exit 2) as soon as the pipeline is loaded."""
+    from optsearch.errors import exit_code_for
+    from optsearch.evaluate import check_families
+    from optsearch.models import ModelLoadError
+
+    spec = spec_from_dict({"model": {"id": "builtin:tiny-flux", "kind": "unet"},
+                           "search": {"accelerators": ["deepcache"]}})
+    with pytest.raises(ModelLoadError) as raised:
+        check_families(flux_pipe, spec)
+    assert "deepcache does not apply to this model (transformer pipeline" in str(raised.value)
+    assert exit_code_for(raised.value) == 2
 
 
 @pytest.mark.parametrize("sets, message", [

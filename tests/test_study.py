@@ -80,7 +80,7 @@ def test_two_workers_share_a_postgres_study(tmp_path, pg_url):
 def test_each_of_two_workers_times_its_own_baseline(tmp_path, pg_url):
     """A continuous space (no repeated settings): both workers measure trials, each against the
     baseline it timed itself."""
-    text = TINY_SPEC.replace("n_trials = 4", "n_trials = 8\nsampler = \"random\"\nwarm_start = []\n"
+    text = TINY_SPEC.replace("n_trials = 4", "n_trials = 6\nsampler = \"random\"\nwarm_start = []\n"
                              "early_stop = false")
     spec = write_spec(tmp_path / "tiny.toml", text)
     assert optsearch_cmd("study", "create", str(spec), "--storage", pg_url).returncode == 0

@@ -1,0 +1,97 @@
+"""Benchmark 12: speedup and fidelity of every accelerator family, on builtin:tiny-flux (FLUX's
+topology, 128 px, 20 steps) and builtin:cpu-bench (SD 1.5's topology, 256 px, 25 steps), CPU.
+
+Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
+interleaved with the baseline; speedup = baseline s/image / setting s/image (median of the
+passes); PSNR of the setting's images against the baseline's (random weights: fidelity, not
+quality). The published operating points are those of warm_start.PUBLISHED; their published
+speedups are for real weights on GPUs (sources in RESULTS.md).
+
+    python benchmarks/families.py [repeats]     # about 4 minutes on 2 cores with 3 repeats
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import numpy as np
+from _common import machine, table
+
+from optsearch.accelerators import AppliedSetting, magcache
+from optsearch.evaluate import GenerationConfig, generate
+from optsearch.models import load_pipeline
+from optsearch.prompts import builtin_prompts
+from optsearch.quality import psnr
+
+FLUX = [
+    ("steps 10 (of 20)", {"steps": {"num_inference_steps": 10}}),
+    ("steps 14", {"steps": {"num_inference_steps": 14}}),
+    ("fbcache 0.12 (published)", {"fbcache": {"threshold": 0.12}}),
+    ("fbcache 0.5", {"fbcache": {"threshold": 0.5}}),
+    ("taylorseer 5/3/1 (published)", {"taylorseer": {"cache_interval": 5,
+                                                     "disable_cache_before_step": 3}}),
+    ("taylorseer 3/2/2", {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2,
+                                         "max_order": 2}}),
+    ("pab 2, (100, 800) (published)", {"pab": {"spatial_attention_block_skip_range": 2}}),
+    ("pab 3, (100, 1000)", {"pab": {"spatial_attention_block_skip_range": 3,
+                                    "timestep_skip_high": 1000}}),
+    ("magcache 0.06/3/0.2 (published)", {"magcache": {}}),
+    ("magcache 0.3/4/0.1", {"magcache": {"threshold": 0.3, "max_skip_steps": 4,
+                                         "retention_ratio": 0.1}}),
+    ("steps 14 + taylorseer 3/2", {"steps": {"num_inference_steps": 14},
+                                   "taylorseer": {"cache_interval": 3,
+                                                  "disable_cache_before_step": 2}}),
+]
+UNET = [
+    ("steps 12 (of 25)", {"steps": {"num_inference_steps": 12}}),
+    ("steps 18", {"steps": {"num_inference_steps": 18}}),
+    ("deepcache 3/0 (published)", {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}),
+    ("pab 2, (100, 800)", {"pab": {"spatial_attention_block_skip_range": 2}}),
+    ("pab 4, (100, 1000)", {"pab": {"spatial_attention_block_skip_range": 4,
+                                    "timestep_skip_high": 1000}}),
+    ("steps 18 + deepcache 3/0", {"steps": {"num_inference_steps": 18},
+                                  "deepcache": {"cache_interval": 3, "cache_branch_id": 0}}),
+]
+
+
+def measure(pipe, config, prompts, settings, repeats: int) -> list[list]:
+    def run(setting=None):
+        batches = list(generate(pipe, prompts, config, setting=setting))
+        return np.concatenate([b.images for b in batches]), sum(b.seconds for b in batches)
+
+    reference, _ = run()
+    calibration = {"magcache": {"mag_ratios": magcache.calibrate(
+        pipe, config.steps, lambda: run())}} if any("magcache" in s for _, s in settings) else {}
+    rows = []
+    for name, setting in settings:
+        ratios, images = [], None
+        for _ in range(repeats):  # A B A B: the machine's drift hits both sides alike
+            _, base_seconds = run()
+            with AppliedSetting(pipe, setting, calibration) as applied:
+                images, seconds = run(applied)
+            ratios.append(base_seconds / seconds)
+        fidelity = float(np.mean([psnr(a, b) for a, b in zip(reference, images, strict=True)]))
+        rows.append([name, statistics.median(ratios), min(ratios), max(ratios), fidelity])
+        print(f"  {name}: {statistics.median(ratios):.2f}x, {fidelity:.1f} dB", flush=True)
+    return rows
+
+
+def main(repeats: int = 3) -> None:
+    started = time.perf_counter()
+    prompts = builtin_prompts()[:4]
+    headers = ["setting", "speedup (median)", "min", "max", "PSNR vs baseline (dB)"]
+    for model, steps, settings in (("builtin:tiny-flux", 20, FLUX), ("builtin:cpu-bench", 25, UNET)):
+        pipe = load_pipeline(model, device="cpu", dtype="float32")
+        guidance = 3.5 if "flux" in model else 7.5
+        config = GenerationConfig(steps=steps, guidance_scale=guidance, batch_size=2)
+        print(f"{model}:", flush=True)
+        rows = measure(pipe, config, prompts, settings, repeats)
+        print(f"\n# {model}, {steps} steps, 4 prompts, batch 2, {repeats} A/B rounds ({machine()})")
+        print(table(headers, rows), flush=True)
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))

@@ -1,0 +1,94 @@
+"""Benchmark 13 (GPU): a full-width FLUX transformer (random weights) with diffusers' caches.
+
+FLUX.1's width (24 heads of 128 = 3072, joint attention 4096, 64 latent channels) at reduced
+depth: `DEPTH_DOUBLE` double-stream and `DEPTH_SINGLE` single-stream blocks instead of 19 and 38
+(the full model in bf16 is 24 GB of weights, too long to build with random init in a short device
+call). A step's cost is nearly linear in the number of blocks, so the full model's seconds per
+image are about (19 + 38 * 0.5) / (DEPTH_DOUBLE + DEPTH_SINGLE * 0.5) times these (a single block
+costs about half a double one); the caches' speedups hold roughly as measured, since they skip or
+forecast whole blocks or attention layers in proportion to the depth. 1024 px, 28 steps, bf16,
+batch 1, T5 prompts of 128 tokens from random token ids (no text encoders: prompt embeddings are
+random, which changes nothing about the transformer's cost).
+
+    python benchmarks/gpu_flux.py      # needs CUDA; prints a Markdown table
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from _common import machine, table
+
+from optsearch.accelerators import AppliedSetting, magcache
+
+DEPTH_DOUBLE, DEPTH_SINGLE = 4, 8
+SETTINGS = [
+    ("baseline", {}),
+    ("steps 14 (of 28)", {"steps": {"num_inference_steps": 14}}),
+    ("fbcache 0.12", {"fbcache": {"threshold": 0.12}}),
+    ("taylorseer 5/3/1", {"taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3}}),
+    ("pab 2, (100, 800)", {"pab": {"spatial_attention_block_skip_range": 2}}),
+    ("magcache 0.06/3/0.2", {"magcache": {}}),
+]
+
+
+def build():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=DEPTH_DOUBLE, num_single_layers=DEPTH_SINGLE,
+        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
+    ).to("cuda", torch.bfloat16)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                        scaling_factor=0.3611).to("cuda", torch.bfloat16)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("gpu_flux.py needs a CUDA GPU")
+    started = time.perf_counter()
+    pipe = build()
+    embeds = torch.randn(1, 128, 4096, device="cuda", dtype=torch.bfloat16)
+    pooled = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16)
+
+    def call(target, steps=28):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        target(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=1024, width=1024,
+               num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
+               generator=torch.Generator("cuda").manual_seed(0))
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    call(pipe, 3)
+    ratios = magcache.calibrate(pipe, 28, lambda: call(pipe))
+    rows, baseline = [], None
+    for name, setting in SETTINGS:
+        with AppliedSetting(pipe, setting, {"magcache": {"mag_ratios": ratios}}) as applied:
+            call(applied, 4)
+            seconds = min(call(applied), call(applied))
+        baseline = baseline or seconds
+        rows.append([name, seconds, baseline / seconds])
+        print(f"{name}: {seconds:.3f} s/image", flush=True)
+    scale = (19 + 38 * 0.5) / (DEPTH_DOUBLE + DEPTH_SINGLE * 0.5)
+    print(f"\n# GPU, FLUX width, {DEPTH_DOUBLE}+{DEPTH_SINGLE} blocks (full: 19+38, ~{scale:.1f}x "
+          f"the cost), 1024 px, 28 steps, bf16, batch 1, transformer only ({machine()})")
+    print(table(["setting", "s/image", "speedup"], rows))
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Searching a pipeline the caller already built, in this process (a notebook, a LoRA-fused or
+otherwise custom pipeline): `optsearch.search(pipe, spec, storage=..., n_trials=...)`.
+
+It is `optsearch run` without the loading: the same study (created, or joined when it exists
+with the same spec), the same worker, the same export. Other workers can join the study from the
+command line when the spec's `model.id` lets them build the same pipeline (a `module:function`
+factory does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def _as_spec(spec):
+    from .spec import StudySpec, load_spec, spec_from_dict
+
+    if isinstance(spec, StudySpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return spec_from_dict(dict(spec))
+    return load_spec(Path(spec))
+
+
+def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
+           name: str | None = None, progress: bool = True) -> dict:
+    """Run a worker over `pipe` for `spec` (a StudySpec, a spec dict, or a TOML path) and return
+    the export dict (as `optsearch study export` writes it). `n_trials` overrides the spec's;
+    `storage` is an Optuna RDB URL (default: $OPTSEARCH_STORAGE or sqlite:///optsearch.db).
+    Raises optsearch.errors.NothingToExport when no setting meets the limit."""
+    import dataclasses
+
+    from .accelerators import pipeline_kind
+    from .evaluate import Evaluator, GenerationConfig, check_families
+    from .export import export_study
+    from .prompts import load_prompts
+    from .quality import ClipScorer
+    from .spec import spec_from_dict
+    from .storage import open_storage
+    from .study import create_study, spec_attr
+    from .worker import Worker, WorkerOptions
+
+    spec = _as_spec(spec)
+    overrides = {}
+    if n_trials is not None:
+        overrides["search.n_trials"] = n_trials
+    if spec.model.kind == "auto":  # told by the pipeline itself, and stored for other workers
+        overrides["model.kind"] = pipeline_kind(pipe)
+    if overrides:
+        spec = spec_from_dict({"name": spec.name, **spec_attr(spec)}, overrides=overrides)
+    check_families(pipe, spec)
+    prompts = load_prompts(spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed,
+                           spec.prompts.shuffle, spec.prompts.column)
+    scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
+    evaluator = Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
+                          spec.quality.confidence, progress)
+    study = create_study(spec, open_storage(storage), name, load_if_exists=True)
+    worker = Worker(storage, study.study_name, dataclasses.replace(WorkerOptions(),
+                                                                   progress=progress), evaluator)
+    worker.run()
+    return export_study(worker.study, worker.spec)
+

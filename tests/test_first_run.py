@@ -1,0 +1,209 @@
+"""The first real run (issue 11): hub paths proven offline through the libraries' own caches,
+your own pipeline as a `module:function` factory, `optsearch.search` in-process, and the
+`optsearch check` preflight.
+
+Where the real names come from (fixtures follow these schemas):
+- phiyodr/coco2017: splits train/validation, `captions` a list of strings per image, files
+  data/<split>-*.parquet (its dataset card, huggingface.co/datasets/phiyodr/coco2017, rev 036f3f8).
+- nateraw/parti-prompts: split `train`, columns Prompt, Category, Challenge, Note (its card;
+  PrunaAI InferBench benchmark/parti.py reads row["Prompt"] of split "train").
+- open_clip ViT-g-14 / laion2b_s34b_b88k: hf_hub "laion/CLIP-ViT-g-14-laion2B-s34B-b88K/"
+  (open_clip's own pretrained table, resolved below by open_clip itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import optuna
+import pytest
+
+import optsearch
+
+from .conftest import TINY_SPEC, optsearch_cmd, write_spec
+from .hub_cache import cached_dataset, cached_pipeline, snapshot
+
+
+def offline_python(home, code: str) -> dict:
+    """Run `code` in a fresh interpreter with the hub offline and HF_HOME at `home`; it prints
+    one JSON object, returned here."""
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_pipelines_load_by_hub_id_from_the_cache_offline(tmp_path):
+    """With and without an fp16 variant, with and without a safety checker: one snapshot each."""
+    cases = {f"test-org/tiny-{v}-{c}": (v == "fp16", c == "checker")
+             for v in ("fp16", "plain") for c in ("checker", "none")}
+    for repo_id, (fp16_variant, safety_checker) in cases.items():
+        cached_pipeline(tmp_path, repo_id, fp16_variant, safety_checker)
+    found = offline_python(tmp_path, f"""
+        import json, torch
+        from optsearch.models import _load_pretrained, load_pipeline
+        found = {{}}
+        for repo_id in {list(cases)!r}:
+            half = _load_pretrained(repo_id, torch.float16, "unet")
+            pipe = load_pipeline(repo_id, "cpu", "float32")
+            images = pipe(["a red bus"], num_inference_steps=2, output_type="np").images
+            marked = (half.unet.conv_in.bias.float() - pipe.unet.conv_in.bias).abs().max() > 0.5
+            found[repo_id] = {{"half": str(half.unet.dtype), "dtype": str(pipe.unet.dtype),
+                              "fp16_files_read": bool(marked),
+                              "safety_checker": half.safety_checker is None and pipe.safety_checker is None,
+                              "shape": list(images.shape)}}
+        print(json.dumps(found))
+    """)
+    for repo_id, (fp16_variant, _) in cases.items():
+        assert found[repo_id] == {"half": "torch.float16", "dtype": "torch.float32",
+                                  "fp16_files_read": fp16_variant, "safety_checker": True,
+                                  "shape": [1, 32, 32, 3]}, repo_id
+
+
+def test_coco2017_gives_the_first_caption_of_each_validation_image_offline(tmp_path):
+    row = dict(license=[1, 2, 3], coco_url=["u"] * 3, height=[480] * 3, width=[640] * 3,
+               date_captured=["2013-11-14"] * 3, flickr_url=["f"] * 3, image_id=[1, 2, 3],
+               ids=[[10, 11], [12], [13, 14]])
+    cached_dataset(tmp_path, "phiyodr/coco2017", {
+        "train": {**row, "file_name": ["t1.jpg", "t2.jpg", "t3.jpg"],
+                  "captions": [["train one"], ["train two"], ["train three"]]},
+        "validation": {**row, "file_name": ["v1.jpg", "v2.jpg", "v3.jpg"],
+                       "captions": [["A man on a horse.", "A rider."], ["A red bus."],
+                                    ["Two cats.", "Cats asleep."]]},
+    })
+    found = offline_python(tmp_path, """
+        import json
+        from optsearch.prompts import load_prompts
+        print(json.dumps(load_prompts("coco2017", 3)))
+    """)
+    assert found == ["A man on a horse.", "A red bus.", "Two cats."]
+
+
+def test_parti_prompts_read_their_prompt_column_offline(tmp_path):
+    cached_dataset(tmp_path, "nateraw/parti-prompts", {"train": {
+        "Prompt": ["bond", "a dog on the moon"], "Category": ["Abstract", "Animals"],
+        "Challenge": ["Basic", "Imagination"], "Note": ["", ""]}})
+    found = offline_python(tmp_path, """
+        import json
+        from optsearch.prompts import load_prompts
+        print(json.dumps(load_prompts("parti", 2)))
+    """)
+    assert found == ["bond", "a dog on the moon"]
+
+
+def test_open_clip_resolves_name_and_tag_to_the_cached_weights_file_offline(tmp_path):
+    from optsearch.quality import clip_weights_files
+
+    repo, names = clip_weights_files("ViT-g-14", "laion2b_s34b_b88k")
+    assert repo == "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
+    weights = snapshot(tmp_path, "model", repo, sha="b" * 40) / names[0]
+    weights.write_bytes(b"not gigabytes")
+    found = offline_python(tmp_path, """
+        import json
+        import open_clip
+        from open_clip.pretrained import download_pretrained
+        from optsearch.quality import check_clip_weights
+        check_clip_weights("ViT-g-14", "laion2b_s34b_b88k")  # no error: the file is cached
+        path = download_pretrained(open_clip.get_pretrained_cfg("ViT-g-14", "laion2b_s34b_b88k"))
+        print(json.dumps(path))
+    """)
+    assert os.path.samefile(found, weights)
+
+
+FACTORY = '''
+import torch
+from diffusers import EulerDiscreteScheduler
+
+from optsearch.models import build_builtin
+
+
+def build(device, dtype):
+    """builtin:tiny with another scheduler and a "fused LoRA" (a nudged bias)."""
+    pipe = build_builtin("builtin:tiny")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        pipe.unet.conv_in.bias += 0.01
+    return pipe.to(device, dtype)
+
+
+def not_a_pipeline(device, dtype):
+    return 42
+'''
+
+
+def test_a_factory_pipeline_is_searched_by_several_worker_processes(tmp_path):
+    (tmp_path / "my_pipes.py").write_text(FACTORY)
+    text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:build"') \
+        .replace("n_trials = 4", "n_trials = 3\nwarm_start = []")
+    spec = write_spec(tmp_path / "factory.toml", text)
+    url = f"sqlite:///{tmp_path}/f.db"
+    first = optsearch_cmd("run", str(spec), "--storage", url, "--n-trials", "1", "--quiet",
+                          cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "estimate: " in first.stdout  # run shows what the study will cost when it starts
+    second = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    assert len(trials) == 3 and len({t.user_attrs["worker"] for t in trials}) == 2
+    assert all(t.state.name == "COMPLETE" for t in trials)
+
+
+@pytest.mark.parametrize("model_id, message", [
+    ("nope_module:build", "cannot import 'nope_module' (from the working directory or PYTHONPATH)"),
+    ("my_pipes:missing", "'my_pipes' has no function 'missing'"),
+    ("my_pipes:not_a_pipeline", "the factory returned int, not a diffusers pipeline"),
+])
+def test_a_bad_factory_is_a_model_load_error(tmp_path, monkeypatch, model_id, message):
+    """A ModelLoadError: one line, exit 2, on the command line (test_check_lists_every_problem)."""
+    from optsearch.models import ModelLoadError, load_pipeline
+
+    (tmp_path / "my_pipes.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_pipes", raising=False)
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        load_pipeline(model_id, "cpu", "float32")
+
+
+def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, tiny_pipe):
+    spec = {"name": "notebook", "model": {"id": "builtin:tiny", "device": "cpu", "steps": 8},
+            "prompts": {"source": "builtin", "num_samples": 4, "batch_size": 2},
+            "quality": {"clip_model": "builtin:tiny", "clip_pretrained": "none",
+                        "metric": "psnr", "limit": 20.0},
+            "search": {"accelerators": ["deepcache"], "n_trials": 9, "warm_start": []},
+            "artifacts": {"path": str(tmp_path / "art")}}
+    url = f"sqlite:///{tmp_path}/nb.db"
+    exported = optsearch.search(tiny_pipe, spec, storage=url, n_trials=2, progress=False)
+    assert exported["study"] == "notebook" and exported["spec"]["search"]["n_trials"] == 2
+    assert exported["best"]["combo"] == "deepcache" and exported["best"]["metrics"]["speedup"] > 0
+    assert exported["spec"]["model"]["kind"] == "unet"  # told by the pipeline, stored for others
+    shown = optsearch_cmd("study", "show", "notebook", "--storage", url)
+    assert shown.returncode == 0 and "2/2 trials finished" in shown.stdout
+
+
+def test_check_reports_what_a_study_will_cost(tmp_path):
+    spec = write_spec(tmp_path / "t.toml", TINY_SPEC)
+    result = optsearch_cmd("check", str(spec), "--workers", "3")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "model builtin:tiny on cpu (float32); unet pipeline" in out
+    assert "prompts: 4 from builtin" in out and "s/image at batch size 2, 8 steps" in out
+    assert "memory: peak" in out and "estimate: 4 trials x 4 prompts x" in out
+    assert "on 1 worker" in out and "on 3 (" in out and "ready" in out
+
+
+def test_check_lists_every_problem_one_line_each(tmp_path):
+    text = TINY_SPEC.replace('"builtin:tiny"\n', '"nope_module:build"\n', 1) \
+        .replace("num_samples = 4", "num_samples = 100000")
+    spec = write_spec(tmp_path / "t.toml", text)
+    result = optsearch_cmd("check", str(spec), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("optsearch: error: prompts: prompts.num_samples=100000")
+    assert "model: model.id 'nope_module:build': cannot import" in lines[1]
