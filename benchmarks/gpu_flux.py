@@ -35,8 +35,7 @@ SETTINGS = [
 
 
 def build():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from diffusers import FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
