@@ -1,9 +1,11 @@
 """Warm starts: settings worth measuring first, enqueued when a study is created.
 
-- "published": the main operating points the accelerators' papers report (DeepCache N=3 and N=5 at
-  branch 0, ToMe ratio 0.5, T-GATE gate_step 10) and their combinations, for each combo of the
-  study whose ranges contain them (snapped to a range's step); parameters a paper does not name
-  take the library's default, moved into the space.
+- "published": the main operating points the accelerators' papers and docs report (DeepCache N=3
+  and N=5 at branch 0, ToMe ratio 0.5, T-GATE gate_step 10; for diffusers' caches the points their
+  docs, defaults and authors give for FLUX) and their combinations, for each combo of the study
+  whose ranges contain them (snapped to a range's step); parameters a paper does not name take the
+  library's default, moved into the space. With `steps` they run at the full step count; `steps`
+  alone has no published point.
 - "study:NAME": the best feasible settings of another study in the same storage (its top three and
   each combo's best), clipped to this study's space.
 
