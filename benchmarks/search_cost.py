@@ -13,7 +13,11 @@ Configurations:
 - speedup:  + speedup-aware early stop ("dominated"), pruned with the partial speedup reported;
 - speedup (complete): the same, but stopped trials are told as COMPLETE with their partial figures;
 - warm:     today + published warm start;
-- new:      speedup-aware stop + warm start + the short warm-up (what a study does now).
+- new:      speedup-aware stop + warm start + the short warm-up (what a study does now);
+- new with 10 or 5 start-up trials (random trials before TPE models the space), with and
+  without the warm start.
+
+    python benchmarks/search_cost.py [psnr_limit] [seeds] [parallel: 0 skips the workers table]
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Config:
     warm_start: bool = False
     short_warmup: bool = False
     tell_complete: bool = False
+    startup: int = 20  # n_startup_trials (random trials before TPE models the space)
 
 
 CONFIGS = (
@@ -54,6 +59,9 @@ CONFIGS = (
     Config("speedup (complete)", speedup_stop=True, tell_complete=True),
     Config("warm", warm_start=True),
     Config("new", speedup_stop=True, warm_start=True, short_warmup=True),
+    Config("new, 10 start-up", speedup_stop=True, warm_start=True, short_warmup=True, startup=10),
+    Config("new, 5 start-up", speedup_stop=True, warm_start=True, short_warmup=True, startup=5),
+    Config("new, no warm start, 10 start-up", speedup_stop=True, short_warmup=True, startup=10),
 )
 
 
@@ -87,6 +95,7 @@ def spec_for(seed: int, limit: float, config: Config):
         "name": "replay", "model": {"id": "builtin:cpu-bench", "steps": 20},
         "quality": {"metric": "psnr", "limit": limit},
         "search": {"accelerators": ["deepcache", "tome", "tgate"], "seed": seed,
+                   "n_startup_trials": config.startup,
                    "warm_start": ["published"] if config.warm_start else []},
         "space": {"deepcache": {"cache_interval": [2, 6], "cache_branch_id": [0, 2]},
                   "tome": {"ratio": [0.1, 0.7, 0.2], "max_downsample": 1},
@@ -180,7 +189,7 @@ def tell(study, spec, trial, point, batches, reason, config, land, found) -> boo
     return False
 
 
-def main(limit: float | None = None, seeds: int = 10) -> None:
+def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None:
     land = Landscape(json.loads(LANDSCAPE.read_text()), limit)
     points = land.data["points"]
     print(f"# device-seconds to 98 % of the best feasible speedup ({len(points)}-point landscape, "
@@ -200,9 +209,11 @@ def main(limit: float | None = None, seeds: int = 10) -> None:
         print(f"{config.name}: {[round(r[0]) if r[0] else None for r in results]}", flush=True)
     print(table(["rules", "reached", "median device-s", "of the grid", "vs today", "median trials"], rows))
 
+    if not parallel:
+        return
     print("\n# parallel efficiency (rules: new; wall seconds to the goal, median over seeds)")
     rows, single = [], None
-    new = CONFIGS[-1]
+    new = next(c for c in CONFIGS if c.name == "new")
     for workers in (1, 2, 4, 8):
         results = [run(land, new, seed, workers) for seed in range(seeds)]
         walls = [r[1] for r in results if r[1] is not None]

@@ -140,7 +140,7 @@ def not_a_pipeline(device, dtype):
 def test_a_factory_pipeline_is_searched_by_several_worker_processes(tmp_path):
     (tmp_path / "my_pipes.py").write_text(FACTORY)
     text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:build"') \
-        .replace("n_trials = 4", "n_trials = 3\nwarm_start = []")
+        .replace("n_trials = 4", "n_trials = 2\nwarm_start = []")
     spec = write_spec(tmp_path / "factory.toml", text)
     url = f"sqlite:///{tmp_path}/f.db"
     first = optsearch_cmd("run", str(spec), "--storage", url, "--n-trials", "1", "--quiet",
@@ -150,7 +150,7 @@ def test_a_factory_pipeline_is_searched_by_several_worker_processes(tmp_path):
     second = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
-    assert len(trials) == 3 and len({t.user_attrs["worker"] for t in trials}) == 2
+    assert len(trials) == 2 and len({t.user_attrs["worker"] for t in trials}) == 2
     assert all(t.state.name == "COMPLETE" for t in trials)
 
 
