@@ -51,7 +51,7 @@ def cmd_evaluate(args) -> int:
     try:
         given = normalize_setting(parse_sets(args.set))
         combo = next((c for c in spec.search.combos if set(given) <= set(c)), spec.search.combos[0])
-        setting = default_setting(combo)
+        setting = default_setting(combo, spec.model.steps)
         for accelerator, values in given.items():
             setting.setdefault(accelerator, {}).update(values)
         setting = normalize_setting(setting)

@@ -9,9 +9,13 @@ import numpy as np
 from .accelerators import ORDER, normalize_setting
 
 
-def default_setting(combo) -> dict[str, dict]:
-    """Each accelerator of `combo` at its library's default parameters."""
-    return normalize_setting({name: {} for name in ORDER if name in combo})
+def default_setting(combo, model_steps: int | None = None) -> dict[str, dict]:
+    """Each accelerator of `combo` at its library's default parameters; `steps` (which has no
+    library default) at half of `model_steps`."""
+    setting = {name: {} for name in ORDER if name in combo}
+    if "steps" in setting and model_steps:
+        setting["steps"] = {"num_inference_steps": max(1, model_steps // 2)}
+    return normalize_setting(setting)
 
 
 def save_images(folder: Path, baseline: np.ndarray, setting: list[np.ndarray]) -> None:

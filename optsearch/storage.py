@@ -138,6 +138,8 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
         url = parsed.render_as_string(hide_password=False)
     heartbeat = {}
     if heartbeat_interval:
+        warnings.filterwarnings("ignore", "RetryHeartbeatStaleTrialCallback is experimental",
+                                optuna.exceptions.ExperimentalWarning)
         heartbeat = dict(
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period or heartbeat_interval * 5,
