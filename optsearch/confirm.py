@@ -106,6 +106,9 @@ class Confirmation:
         self.evaluator.prompts = self.prompts
         self.evaluator.config = GenerationConfig.from_spec(self.spec, seed=seed)
         self.fingerprint, self.facts = fingerprint(self.evaluator)
+        # the calibration the search measured (MagCache's ratios): the same setting is confirmed
+        self.evaluator.calibration = {**self.evaluator.calibration,
+                                      **studies.calibration(self.study, self.fingerprint)}
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.reference: Baseline | None = None
 
