@@ -413,20 +413,30 @@ def check_families(pipe, spec) -> None:
                                  "told wrongly from the id")
 
 
-def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
-                        prompts: list[str] | None = None) -> Evaluator:
-    """Load the spec's pipeline, CLIP model and prompts (or `prompts`) once, for any number of
-    comparisons."""
+def pipeline_from_spec(spec, device: str | None = None):
+    """Load the spec's pipeline (on `device` when given) and check its combos apply to it."""
     from .models import load_pipeline
+
+    model = spec.model
+    pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
+                         kind=None if model.kind == "auto" else model.kind)
+    check_families(pipe, spec)
+    return pipe
+
+
+def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
+                        prompts: list[str] | None = None, pipe=None) -> Evaluator:
+    """Load the spec's pipeline (or take `pipe`, already built), CLIP model and prompts (or
+    `prompts`) once, for any number of comparisons."""
     from .prompts import load_prompts
 
     if prompts is None:
         prompts = load_prompts(spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed,
                                spec.prompts.shuffle, spec.prompts.column)
-    model = spec.model
-    pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
-                         kind=None if model.kind == "auto" else model.kind)
-    check_families(pipe, spec)
+    if pipe is None:
+        pipe = pipeline_from_spec(spec, device)
+    else:
+        check_families(pipe, spec)
     scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
                      spec.quality.confidence, progress)

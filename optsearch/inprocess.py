@@ -32,10 +32,8 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     import dataclasses
 
     from .accelerators import pipeline_kind
-    from .evaluate import Evaluator, GenerationConfig, check_families
+    from .evaluate import evaluator_from_spec
     from .export import export_study
-    from .prompts import load_prompts
-    from .quality import ClipScorer
     from .spec import spec_from_dict
     from .storage import open_storage
     from .study import create_study, spec_attr
@@ -49,12 +47,7 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
         overrides["model.kind"] = pipeline_kind(pipe)
     if overrides:
         spec = spec_from_dict({"name": spec.name, **spec_attr(spec)}, overrides=overrides)
-    check_families(pipe, spec)
-    prompts = load_prompts(spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed,
-                           spec.prompts.shuffle, spec.prompts.column)
-    scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
-    evaluator = Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
-                          spec.quality.confidence, progress)
+    evaluator = evaluator_from_spec(spec, progress=progress, pipe=pipe)
     study = create_study(spec, open_storage(storage), name, load_if_exists=True)
     worker = Worker(storage, study.study_name, dataclasses.replace(WorkerOptions(),
                                                                    progress=progress), evaluator)

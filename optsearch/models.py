@@ -437,8 +437,7 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
                 logger.info("%s has no fp16 variant: loading its default files", model_id)
         return AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype, **extra)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load model {model_id!r}: {first_line}") from error
+        raise ModelLoadError(f"cannot load model {model_id!r}: {_first_line(error)}") from error
 
 
 def is_sdxl(pipe) -> bool:

@@ -94,13 +94,11 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     """Load the spec's pipeline, CLIP and prompts, time one baseline batch; collect problems.
     `workers`: the N of the estimate (default: the GPUs here, at least 1)."""
     from .errors import exit_code_for
-    from .evaluate import GenerationConfig, check_families, generate
-    from .models import load_pipeline
+    from .evaluate import GenerationConfig, generate, pipeline_from_spec
     from .prompts import load_prompts
     from .quality import ClipScorer
 
     report = Report()
-    model = spec.model
     if workers is None:
         workers = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
@@ -117,11 +115,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     prompts = attempt("prompts", lambda: load_prompts(
         spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed, spec.prompts.shuffle,
         spec.prompts.column))
-    pipe = attempt("model", lambda: load_pipeline(
-        model.id, device or model.device, model.dtype, model.scheduler,
-        kind=None if model.kind == "auto" else model.kind))
+    pipe = attempt("model", lambda: pipeline_from_spec(spec, device))
     if pipe is not None:
-        attempt("model", lambda: check_families(pipe, spec))
         report.facts.update(device=str(pipe.device),
                             dtype=str(pipe.dtype).removeprefix("torch."))
     scorer = attempt("quality.clip_model", lambda: ClipScorer(

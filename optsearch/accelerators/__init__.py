@@ -111,31 +111,39 @@ def normalize_setting(setting: Mapping) -> dict[str, dict]:
     return result
 
 
+def _step_budget(setting: Mapping[str, dict], model_steps: int) -> int:
+    """The steps the setting runs: its own `steps.num_inference_steps`, else model.steps."""
+    return setting.get("steps", {}).get("num_inference_steps", model_steps)
+
+
+def _step_counted(setting: Mapping[str, dict]):
+    """(family, parameter, value) of every parameter the setting gives that counts steps."""
+    for name, values in setting.items():
+        for param, declared in params_of(name).items():
+            if declared.counts_steps and values.get(param) is not None:
+                yield name, param, values[param]
+
+
 def step_problems(setting: Mapping[str, dict], model_steps: int) -> list[str]:
     """Step-counted parameters that do not fit in the setting's own step count."""
-    budget = setting.get("steps", {}).get("num_inference_steps", model_steps)
+    budget = _step_budget(setting, model_steps)
     where = "steps.num_inference_steps" if "steps" in setting else "model.steps"
     problems = []
     if budget > model_steps:
         problems.append(f"steps.num_inference_steps={budget} must be <= model.steps={model_steps} "
                         "(fewer steps than the baseline)")
-    for name, values in setting.items():
-        for param, declared in params_of(name).items():
-            value = values.get(param)
-            if declared.counts_steps and value is not None and value > budget:
-                problems.append(f"{name}.{param}={value} must be <= {budget} ({where})")
+    problems += [f"{name}.{param}={value} must be <= {budget} ({where})"
+                 for name, param, value in _step_counted(setting) if value > budget]
     return problems
 
 
 def fit_to_steps(setting: dict[str, dict], model_steps: int) -> dict[str, dict]:
     """Clip step-counted parameters to the setting's step count (a sampled gate_step of 15 with
     10 steps means "gate at the last step")."""
-    budget = min(setting.get("steps", {}).get("num_inference_steps", model_steps), model_steps)
+    budget = min(_step_budget(setting, model_steps), model_steps)
     fitted = {name: dict(values) for name, values in setting.items()}
-    for name, values in fitted.items():
-        for param, declared in params_of(name).items():
-            if declared.counts_steps and param in values:
-                values[param] = min(values[param], budget)
+    for name, param, value in _step_counted(setting):
+        fitted[name][param] = min(value, budget)
     return fitted
 
 
