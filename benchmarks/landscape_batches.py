@@ -6,12 +6,18 @@ batches of 1 (the fewest batches with which early stop can act: it looks after m
 before the last); the baseline is re-timed every 40 points (CPU speed drifts) and each point's
 speedup is against the latest one. Writes benchmarks/data/landscape-cpu-bench-batches.json
 (about 15 minutes here; 6 prompts in batches of 2 would take over an hour).
+
+    python benchmarks/landscape_batches.py [prompts] [batch_size]
+
+Other sizes write landscape-cpu-bench-batches-<prompts>x<batch_size>.json: 8 prompts in batches of
+1 give a trial the 8 looks of a default study (32 prompts in batches of 4) in about 35 minutes.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 
 from _common import ROOT, machine
@@ -20,8 +26,15 @@ from landscape import GRID
 from optsearch import load_spec
 from optsearch.evaluate import evaluator_from_spec
 
-OUT = ROOT / "benchmarks" / "data" / "landscape-cpu-bench-batches.json"
+DATA = ROOT / "benchmarks" / "data"
 REBASELINE_EVERY = 40
+
+
+def landscape_path(num_samples: int = 3, batch_size: int = 1):
+    """Where a landscape of this size lives (the first one, 3x1, keeps its original name)."""
+    if (num_samples, batch_size) == (3, 1):
+        return DATA / "landscape-cpu-bench-batches.json"
+    return DATA / f"landscape-cpu-bench-batches-{num_samples}x{batch_size}.json"
 
 
 def main(num_samples: int = 3, batch_size: int = 1) -> None:
@@ -51,14 +64,15 @@ def main(num_samples: int = 3, batch_size: int = 1) -> None:
         })
         print(f"{index + 1}/{len(combos)} {setting} {result.seconds_per_image:.3f} s/img "
               f"psnr {points[-1]['psnr']:.1f}", flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
+    out = landscape_path(num_samples, batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "machine": machine(), "model": "builtin:cpu-bench", "height": 128, "steps": spec.model.steps,
         "prompts": num_samples, "batch_size": batch_size, "grid": GRID, "baselines": baselines,
         "seconds": time.perf_counter() - started, "points": points,
     }, indent=1))
-    print(f"wrote {OUT} ({len(points)} points, {time.perf_counter() - started:.0f} s)")
+    print(f"wrote {out} ({len(points)} points, {time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":
-    main()
+    main(*(int(a) for a in sys.argv[1:3]))

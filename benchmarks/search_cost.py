@@ -4,21 +4,26 @@ Replays studies over benchmarks/data/landscape-cpu-bench-batches.json (recorded 
 landscape_batches.py: warm-up, per-batch seconds and per-prompt PSNR of every grid point), with
 optsearch's own space, sampler, warm-start and early-stop code. A trial costs its warm-up plus the
 batches it runs; a setting measured before costs nothing (the study reuses it). For each
-configuration and 10 sampler seeds: device-seconds (and trials) until a completed feasible trial
+configuration and N sampler seeds: device-seconds (and trials) until a completed feasible trial
 reaches 98 % of the grid's best feasible speedup; and, with 1/2/4/8 simulated asynchronous workers
 (TPE's constant liar, as real workers run), the wall time to the same goal.
 
 Configurations:
-- today:    quality early stop only, a full warm-up batch per trial, no warm start;
-- speedup:  + speedup-aware early stop ("dominated"), pruned with the partial speedup reported;
+- today:    the rules when the issue was filed: quality early stop only (a two-sided interval of
+            the prompts' mean), a full warm-up batch per trial, no warm start;
+- speedup:  early stop as it is now: speedup-aware ("dominated", with the pooled timing noise)
+            and the sharper quality look (one-sided, over the study's prompts); pruned, with the
+            partial speedup reported;
 - speedup (complete): the same, but stopped trials are told as COMPLETE with their partial figures;
 - warm:     today + published warm start;
-- new:      speedup-aware stop + warm start + the short warm-up (what a study does now);
+- new, short warm-up every trial: early stop + warm start + the short warm-up before every trial;
+- new:      what a study does now: the same, but no warm-up once the worker ran the combo;
 - new with 10 or 5 start-up trials (random trials before TPE models the space), with and
   without the warm start.
 
     python benchmarks/search_cost.py [psnr_limit] [seeds] [parallel: 0 skips the workers table]
     REPLAY_ONLY="new;new, GP sampler" python benchmarks/search_cost.py ...   # only those (+ today)
+    LANDSCAPE=8x1 python benchmarks/search_cost.py ...   # the 8-prompt landscape (8 looks a trial)
 
 The GP configuration runs only on request: GP fits a model at every ask, and 10 seeds did not
 finish in 25 minutes on 2 cores.
@@ -35,16 +40,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import optuna
-from _common import ROOT, table
+from _common import table
+from landscape_batches import landscape_path
 
 from optsearch.early_stop import EarlyStop
 from optsearch.evaluate import Comparison
+from optsearch.quality import Interval
 from optsearch.spec import spec_from_dict
 from optsearch.speedup import speedup_interval
 from optsearch.study import constraints, make_sampler, suggest_setting
 from optsearch.warm_start import warm_start_params
 
-LANDSCAPE = ROOT / "benchmarks" / "data" / "landscape-cpu-bench-batches.json"
+LANDSCAPE = landscape_path(*(int(n) for n in os.environ.get("LANDSCAPE", "3x1").split("x")))
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
@@ -54,23 +61,26 @@ class Config:
     speedup_stop: bool = False
     warm_start: bool = False
     short_warmup: bool = False
+    warm_process: bool = False  # no warm-up once the worker ran the combo (each worker's 1st trial)
     tell_complete: bool = False
     startup: int = 20  # n_startup_trials (random trials before TPE models the space)
     sampler: str = "tpe"
     on_request: bool = False  # only when named in REPLAY_ONLY (GP: > 25 min for 10 seeds here)
 
 
+NEW = {"speedup_stop": True, "warm_start": True, "short_warmup": True, "warm_process": True}
 CONFIGS = (
     Config("today"),
     Config("speedup", speedup_stop=True),
     Config("speedup (complete)", speedup_stop=True, tell_complete=True),
     Config("warm", warm_start=True),
-    Config("new", speedup_stop=True, warm_start=True, short_warmup=True),
-    Config("new, 10 start-up", speedup_stop=True, warm_start=True, short_warmup=True, startup=10),
-    Config("new, 5 start-up", speedup_stop=True, warm_start=True, short_warmup=True, startup=5),
-    Config("new, no warm start, 10 start-up", speedup_stop=True, short_warmup=True, startup=10),
-    Config("new, GP sampler", speedup_stop=True, warm_start=True, short_warmup=True, sampler="gp",
-           on_request=True),
+    Config("new, short warm-up every trial", speedup_stop=True, warm_start=True, short_warmup=True),
+    Config("new", **NEW),
+    Config("new, told COMPLETE", **NEW, tell_complete=True),
+    Config("new, 10 start-up", **NEW, startup=10),
+    Config("new, 5 start-up", **NEW, startup=5),
+    Config("new, no warm start, 10 start-up", **{**NEW, "warm_start": False}, startup=10),
+    Config("new, GP sampler", **NEW, sampler="gp", on_request=True),
 )
 
 
@@ -92,10 +102,11 @@ class Landscape:
     def baseline(self, point: dict) -> list[float]:
         return self.data["baselines"][point["baseline"]]["batch_seconds"]
 
-    def cost(self, point: dict, batches: list[float], short: bool) -> float:
-        """Device seconds: the warm-up (recorded short one, or one full batch) plus timed batches."""
+    def cost(self, point: dict, batches: list[float], short: bool, warm: bool = False) -> float:
+        """Device seconds: the warm-up (none in a warm process, the recorded short one, or one full
+        batch) plus the timed batches."""
         full = float(np.mean(point["batch_seconds"])) * self.batch_size
-        warmup = point["warmup_seconds"] if short else full
+        warmup = 0.0 if warm else point["warmup_seconds"] if short else full
         return warmup + sum(batches) * self.batch_size
 
 
@@ -112,7 +123,22 @@ def spec_for(seed: int, limit: float, config: Config):
     })
 
 
-def measure(land: Landscape, point: dict, rule: EarlyStop | None) -> tuple[list[float], str | None]:
+@dataclass
+class IssueTimeQualityStop:
+    """The early stop as it was when the issue was filed ("today"): quality only, a two-sided
+    interval at 1 - alpha / n_batches, of the prompts' mean (no finite-population correction)."""
+
+    limit: float
+    min_batches: int = 2
+
+    def __call__(self, partial) -> str | None:
+        if partial.batches_evaluated < self.min_batches or partial.images_evaluated < 2:
+            return None
+        per_look = 1 - (1 - partial.confidence) / partial.n_batches
+        return "quality" if Interval.of(partial.psnr, per_look).high < self.limit else None
+
+
+def measure(land: Landscape, point: dict, rule) -> tuple[list[float], str | None]:
     """Replay one trial batch by batch: the batches it ran and why it stopped (None: it finished)."""
     per_prompt = point["psnr_per_prompt"]
     n = len(point["batch_seconds"])
@@ -166,11 +192,13 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
             heapq.heappush(running, (clock, index, trial, point, batches, reason))
             free -= 1
             continue
-        rule = EarlyStop("psnr", 2, quality_limit=land.limit,
-                         speedup_to_beat=max(found) if config.speedup_stop and found else None)
+        rule = (EarlyStop("psnr", 2, quality_limit=land.limit,
+                          speedup_to_beat=max(found) if config.speedup_stop and found else None)
+                if config.speedup_stop else IssueTimeQualityStop(land.limit))
         batches, reason = measure(land, point, rule)
         done[key] = (batches, reason)
-        seconds = land.cost(point, batches, config.short_warmup)
+        warm = config.warm_process and trials >= workers  # every worker has run the combo
+        seconds = land.cost(point, batches, config.short_warmup, warm)
         device += seconds
         trials += 1
         heapq.heappush(running, (clock + seconds, index, trial, point, batches, reason))
@@ -198,6 +226,16 @@ def tell(study, spec, trial, point, batches, reason, config, land, found) -> boo
     return False
 
 
+def ratio_with_interval(device: list[float], today: list[float], draws: int = 2000) -> str:
+    """median(device) / median(today) with a bootstrap 95 % interval over the seeds: per-seed
+    device-seconds spread 10-100x, so a median of 30 seeds is itself uncertain."""
+    rng = np.random.default_rng(0)
+    ratios = [np.median(rng.choice(device, len(device))) / np.median(rng.choice(today, len(today)))
+              for _ in range(draws)]
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return f"{statistics.median(device) / statistics.median(today):.2f} [{low:.2f}, {high:.2f}]"
+
+
 def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None:
     land = Landscape(json.loads(LANDSCAPE.read_text()), limit)
     points = land.data["points"]
@@ -212,15 +250,16 @@ def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None
         if (only and not named and config.name != "today") or (config.on_request and not named):
             continue
         results = [run(land, config, seed) for seed in range(seeds)]
-        reached = [r for r in results if r[0] is not None]
-        device = statistics.median(r[0] for r in reached) if reached else None
-        today = device if config.name == "today" else today
+        reached = [r[0] for r in results if r[0] is not None]
+        device = statistics.median(reached) if reached else None
+        today = reached if config.name == "today" else today
         rows.append([config.name, f"{len(reached)}/{seeds}", device,
                      f"{100 * device / land.grid_seconds:.1f} %" if device else "-",
-                     f"{device / today:.2f}" if device and today else "-",
-                     statistics.median(r[2] for r in reached) if reached else None])
+                     ratio_with_interval(reached, today) if reached and today else "-",
+                     statistics.median(r[2] for r in results if r[0] is not None) if reached else None])
         print(f"{config.name}: {[round(r[0]) if r[0] else None for r in results]}", flush=True)
-    print(table(["rules", "reached", "median device-s", "of the grid", "vs today", "median trials"], rows))
+    print(table(["rules", "reached", "median device-s", "of the grid", "vs today [95 % CI]",
+                 "median trials"], rows))
 
     if not parallel:
         return

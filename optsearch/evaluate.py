@@ -196,9 +196,9 @@ class Comparison:
     def speedup_interval(self) -> SpeedupInterval:
         return self.speedup_interval_at(self.confidence)
 
-    def speedup_interval_at(self, confidence: float) -> SpeedupInterval:
+    def speedup_interval_at(self, confidence: float, pooled: bool = False) -> SpeedupInterval:
         return speedup_interval(self.baseline_batch_seconds, self.batch_seconds, confidence,
-                                self.speedup)
+                                self.speedup, pooled)
 
     @property
     def clip_mean(self) -> float:
@@ -278,6 +278,9 @@ class Evaluator:
         self.progress = progress
         self.fault: Callable[[int], None] | None = None
         self.warmup: bool | int = True  # the short warm-up; an int runs that many steps
+        # (combo, batch size) pairs this process has already run: nothing of theirs is cold any
+        # more (kernels, allocations, patched code paths), so the short warm-up is skipped.
+        self.warm: set[tuple[str, int]] = set()
         # Per-model data a family needs (MagCache's ratios), measured once when first needed;
         # `on_calibrated(name, data)` hears of each new measurement (the worker stores it).
         self.calibration: dict[str, dict] = {}
@@ -287,6 +290,21 @@ class Evaluator:
     def n_batches(self) -> int:
         return n_batches(len(self.prompts), self.config.batch_size)
 
+    def _warmup_for(self, combo: str) -> bool | int:
+        """The warm-up a run of `combo` needs: none when this process already ran it at this batch
+        size (benchmarks/RESULTS.md section 8: timings match those after a warm-up)."""
+        if self.warmup is True and (combo, self.config.batch_size) in self.warm:
+            return False
+        return self.warmup
+
+    def _generate(self, combo: str, setting: AppliedSetting | None = None, **kwargs) -> Iterator[Batch]:
+        """`generate` with the warm-up this combo needs; marks the combo warm once a batch ran."""
+        for batch in generate(self.pipe, self.prompts, self.config, setting=setting,
+                              progress=self.progress, description=combo,
+                              warmup=self._warmup_for(combo), **kwargs):
+            self.warm.add((combo, self.config.batch_size))
+            yield batch
+
     def baseline(self, scored: Baseline | None = None) -> Baseline:
         """Generate, time and score the plain pipeline.
 
@@ -294,8 +312,7 @@ class Evaluator:
         machine) only the timing is this call's own; its images, scores and features are kept.
         """
         images, seconds, batch_seconds, scores, features = [], 0.0, [], [], []
-        for batch in generate(self.pipe, self.prompts, self.config, progress=self.progress,
-                              description="baseline", warmup=self.warmup):
+        for batch in self._generate("baseline"):
             images.append(batch.images)
             seconds += batch.seconds
             batch_seconds.append(batch.seconds_per_image)
@@ -336,9 +353,7 @@ class Evaluator:
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:
         """Time a setting alone (no scoring): (seconds per image, per-batch seconds per image)."""
         with self.apply(setting) as applied:
-            batches = list(generate(self.pipe, self.prompts, self.config, setting=applied,
-                                    progress=self.progress, description=applied.combo,
-                                    warmup=self.warmup))
+            batches = list(self._generate(applied.combo, applied))
         total = sum(batch.seconds for batch in batches)
         return total / len(self.prompts), [batch.seconds_per_image for batch in batches]
 
@@ -359,10 +374,8 @@ class Evaluator:
         )
         with self.apply(setting) as applied:
             result.setting = applied.setting
-            for batch in generate(self.pipe, self.prompts, self.config, setting=applied,
-                                  progress=self.progress, description=applied.combo,
-                                  fault=self.fault, warmup=self.warmup,
-                                  on_warmup=lambda seconds: setattr(result, "warmup_seconds", seconds)):
+            for batch in self._generate(applied.combo, applied, fault=self.fault,
+                                        on_warmup=lambda s: setattr(result, "warmup_seconds", s)):
                 result.inference_seconds += batch.seconds
                 result.batch_seconds.append(batch.seconds_per_image)
                 self._score(result, batch, baseline, keep_images)

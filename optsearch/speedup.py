@@ -7,6 +7,12 @@ variance cv_b^2 / n_b + cv_s^2 / n_s and a Student-t quantile at Welch-Satterthw
 freedom. With 2 batches a side the interval is honest and wide (t with ~2 df); with 100 it
 narrows as 1/sqrt(n). One batch on either side gives no interval (None bounds). Slow drift during a
 run is not independent noise: confirmation times baseline and setting interleaved for that reason.
+
+Early stop looks after 2 batches, where the Welch interval is too wide to decide anything (t with
+about 1 df at a Bonferroni-corrected confidence is ~100). It uses `pooled=True`: batch-to-batch
+timing noise is a property of the device, not of the setting, so one variance of log batch seconds
+is estimated from the baseline's batches and the setting's together (the classic pooled two-sample
+t interval, df = n_b + n_s - 2). A setting whose own batches scatter more widens it.
 """
 
 from __future__ import annotations
@@ -45,16 +51,20 @@ def _log_mean_variance(samples: np.ndarray) -> tuple[float, float]:
 
 
 def speedup_interval(baseline_seconds: Sequence[float], setting_seconds: Sequence[float],
-                     confidence: float = 0.95, speedup: float | None = None) -> SpeedupInterval:
+                     confidence: float = 0.95, speedup: float | None = None,
+                     pooled: bool = False) -> SpeedupInterval:
     """The speedup of `setting_seconds` over `baseline_seconds` (per-batch seconds per image).
 
     `speedup` is the point estimate to centre on (the ratio of totals, which weighs a short last
-    batch by its size); by default the ratio of the per-batch means.
+    batch by its size); by default the ratio of the per-batch means. `pooled` assumes one timing
+    noise for both sides (see the module docstring).
     """
     base = np.asarray(baseline_seconds, dtype=np.float64)
     fast = np.asarray(setting_seconds, dtype=np.float64)
     if speedup is None:
         speedup = float(base.mean() / fast.mean())
+    if pooled:
+        return _pooled_interval(base, fast, confidence, speedup)
     if len(base) < 2 or len(fast) < 2:
         return SpeedupInterval(speedup, None, None)
     var_b, den_b = _log_mean_variance(base)
@@ -64,4 +74,16 @@ def speedup_interval(baseline_seconds: Sequence[float], setting_seconds: Sequenc
         return SpeedupInterval(speedup, speedup, speedup)
     df = variance**2 / (den_b + den_s)
     half = t_quantile(confidence, max(1.0, df)) * math.sqrt(variance)
+    return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
+
+
+def _pooled_interval(base: np.ndarray, fast: np.ndarray, confidence: float,
+                     speedup: float) -> SpeedupInterval:
+    """One variance of log batch seconds from both sides; needs 3 batches in all."""
+    df = len(base) + len(fast) - 2
+    if df < 1 or not len(base) or not len(fast):
+        return SpeedupInterval(speedup, None, None)
+    logs_b, logs_s = np.log(base), np.log(fast)
+    squares = float(((logs_b - logs_b.mean()) ** 2).sum() + ((logs_s - logs_s.mean()) ** 2).sum())
+    half = t_quantile(confidence, df) * math.sqrt(squares / df * (1 / len(base) + 1 / len(fast)))
     return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))

@@ -49,6 +49,36 @@ def test_coverage_of_the_true_ratio_is_near_nominal(batches):
         assert np.median(widths) > 1.3
 
 
+def test_pooled_interval_decides_after_two_batches_where_welch_cannot():
+    """Early stop's look: 8 baseline batches, 2 of the setting, 99.4 % per look (8 looks)."""
+    base = [1.0, 1.03, 0.97, 1.01, 0.99, 1.02, 0.98, 1.0]
+    fast = [0.5 * 1.03, 0.5 * 0.97]  # as scattered as the baseline (CV 3 %)
+    welch = speedup_interval(base, fast, 1 - 0.05 / 8)
+    pooled = speedup_interval(base, fast, 1 - 0.05 / 8, pooled=True)
+    assert welch.high / welch.low > 2.0  # ~1 degree of freedom: decides nothing
+    assert pooled.low < 2.0 < pooled.high and pooled.high / pooled.low < 1.35
+    assert speedup_interval(base, fast[:1], pooled=True).high is not None  # the baseline's noise
+    assert speedup_interval([1.0], [0.5], pooled=True).high is None  # no noise estimate at all
+
+
+def test_pooled_interval_widens_when_the_settings_batches_scatter():
+    base = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0]
+    steady = speedup_interval(base, [0.5, 0.505], 0.99, pooled=True)
+    scattered = speedup_interval(base, [0.5, 0.8], 0.99, pooled=True)
+    assert scattered.high / scattered.low > 2 * steady.high / steady.low
+
+
+def test_pooled_coverage_is_near_nominal_with_equal_noise():
+    rng = np.random.default_rng(2)
+    covered, draws = 0, 2000
+    for _ in range(draws):
+        base = np.exp(rng.normal(0.0, 0.1, 8))
+        fast = 0.5 * np.exp(rng.normal(0.0, 0.1, 2))
+        interval = speedup_interval(base, fast, pooled=True)
+        covered += interval.low <= 2.0 <= interval.high
+    assert 0.92 <= covered / draws <= 0.98
+
+
 def spec(**quality) -> object:
     return spec_from_dict({"model": {"id": "builtin:tiny"}, "quality": {"metric": "psnr",
                                                                       "limit": 30.0, **quality}})
