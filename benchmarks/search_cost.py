@@ -203,6 +203,11 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
         trials += 1
         heapq.heappush(running, (clock + seconds, index, trial, point, batches, reason))
         free -= 1
+    while running:  # every setting asked for: the trials still running finish
+        clock, _, trial, point, batches, reason = heapq.heappop(running)
+        if tell(study, spec, trial, point, batches, reason, config, land, found) \
+                and point["speedup"] >= goal:
+            return device, clock, trials
     return None, None, None
 
 

@@ -3,9 +3,10 @@
 Same spec and sampler seed twice (128 px, 20 steps, 6 prompts in batches of 2, DeepCache+ToMe+T-GATE,
 PSNR limit, 16 trials, SQLite):
 
-- before: early stop on quality only, a full warm-up batch per trial, no warm start (the rules
-  before this change, reproduced by a worker whose early stop knows no best speedup);
-- now:    speedup-aware early stop, the short warm-up, the published warm start.
+- before: early stop on quality only (as it was), a full warm-up batch per trial, no warm start;
+- now:    what a study does now: speedup-aware early stop with pooled timing noise, the one-sided
+          quality look over the study's prompts, the published warm start, the short warm-up
+          before a worker's first trial of a combo and none after.
 
 Reports batches run, device seconds in pipeline calls (warm-up included), wall time and the winner.
 """
@@ -16,6 +17,7 @@ import sys
 import time
 
 from _common import ROOT, machine, scratch, table
+from search_cost import IssueTimeQualityStop
 
 from optsearch import load_spec
 from optsearch.storage import open_storage
@@ -23,14 +25,12 @@ from optsearch.study import best_overall, create_study
 from optsearch.worker import Worker, WorkerOptions
 
 
-class QualityOnlyWorker(Worker):
-    """The early stop as it was: quality only."""
+class IssueTimeWorker(Worker):
+    """The early stop as it was when the issue was filed: quality only, two-sided, no
+    finite-population correction (search_cost.IssueTimeQualityStop)."""
 
     def _early_stop(self):
-        rule = super()._early_stop()
-        if rule is not None:
-            rule.speedup_to_beat = None
-        return rule
+        return IssueTimeQualityStop(self.spec.quality.limit, self.spec.search.min_batches)
 
 
 def run(new_rules: bool, limit: float, n_trials: int, seed: int) -> list:
@@ -47,7 +47,7 @@ def run(new_rules: bool, limit: float, n_trials: int, seed: int) -> list:
     folder = scratch()
     url = f"sqlite:///{folder / 'bench.db'}"
     create_study(spec, open_storage(url, heartbeat_interval=None))
-    worker_class = Worker if new_rules else QualityOnlyWorker
+    worker_class = Worker if new_rules else IssueTimeWorker
     worker = worker_class(url, spec.name, WorkerOptions(progress=False,
                                                         artifact_dir=str(folder / "artifacts")))
     if not new_rules:
