@@ -4,6 +4,7 @@ loudly and early. Each test failed before the fix it names."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -220,16 +221,20 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
     spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", "n_trials = 20"))
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
     parent = subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", url, "--quiet",
-                               "--devices", "cpu,cpu"], cwd=tmp_path,
+                               "--devices", "cpu,cpu"], cwd=tmp_path, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    study = optuna.load_study(study_name="tiny", storage=url)
-    deadline = time.monotonic() + 300
-    while len(studies.timings(study)) < 2 or not study.get_trials(states=(TrialState.RUNNING,)):
-        assert time.monotonic() < deadline and parent.poll() is None, parent.communicate()
-        time.sleep(0.2)
+    try:
         study = optuna.load_study(study_name="tiny", storage=url)
-    parent.send_signal(signal.SIGINT)
-    _, err = parent.communicate(timeout=120)
+        deadline = time.monotonic() + 300
+        while len(studies.timings(study)) < 2 or not study.get_trials(states=(TrialState.RUNNING,)):
+            assert time.monotonic() < deadline and parent.poll() is None, parent.communicate()
+            time.sleep(0.2)
+            study = optuna.load_study(study_name="tiny", storage=url)
+        parent.send_signal(signal.SIGINT)
+        _, err = parent.communicate(timeout=120)
+    finally:  # a failure must not leave workers running under the tests that follow
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
     assert parent.returncode == 130, err
     timings = studies.timings(study)
     assert len({record["worker"] for record in timings}) == 2  # two processes, two baselines
