@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -104,6 +105,12 @@ def pg_url():
     finally:
         with _pg_admin() as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def sigint_default() -> None:
+    """`preexec_fn` for workers a test will Ctrl-C: a shell starts background jobs (`make test &`)
+    with SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def optsearch_cmd(*args: str, cwd=None, timeout: float = 600, env=None):

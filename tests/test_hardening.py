@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from optsearch import study as studies
 from optsearch.masking import encode_password, mask_text, mask_url
 from optsearch.storage import open_storage
-from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
+from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, sigint_default, write_spec
 
 SPECIAL = "Tr0ub@dor&3/x:y?z"
 
@@ -222,6 +222,7 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
     parent = subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", url, "--quiet",
                                "--devices", "cpu,cpu"], cwd=tmp_path, start_new_session=True,
+                              preexec_fn=sigint_default,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         study = optuna.load_study(study_name="tiny", storage=url)

@@ -24,6 +24,7 @@ from tests.conftest import (
     SLOW_SPEC,
     TINY_SPEC,
     optsearch_cmd,
+    sigint_default,
     storage_snapshot,
     write_spec,
 )
@@ -46,7 +47,8 @@ def load(url: str, name: str = "tiny") -> optuna.Study:
 def worker(url: str, *extra: str, study: str = "tiny") -> subprocess.Popen:
     return subprocess.Popen([OPTSEARCH, "worker", "--study", study, "--storage", url, "--quiet",
                              "--heartbeat-interval", "1", "--grace-period", "3", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
 
 
 def evaluated_settings(study: optuna.Study) -> list[str]:
