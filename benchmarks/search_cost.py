@@ -17,7 +17,9 @@ Configurations:
 - speedup (complete): the same, but stopped trials are told as COMPLETE with their partial figures;
 - warm:     today + published warm start;
 - new, short warm-up every trial: early stop + warm start + the short warm-up before every trial;
-- new:      what a study does now: the same, but no warm-up once the worker ran the combo;
+- new, no prompt effects: the same, but no warm-up once the worker ran the combo;
+- new:      what a study does now: the same, and the quality look removes the prompts' effects
+            measured on earlier trials (from the 5th trial that ran on all prompts);
 - new with 10 or 5 start-up trials (random trials before TPE models the space), with and
   without the warm start.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -43,7 +46,7 @@ import optuna
 from _common import table
 from landscape_batches import landscape_path
 
-from optsearch.early_stop import EarlyStop
+from optsearch.early_stop import EarlyStop, PromptEffects
 from optsearch.evaluate import Comparison
 from optsearch.quality import Interval
 from optsearch.spec import spec_from_dict
@@ -63,22 +66,29 @@ class Config:
     short_warmup: bool = False
     warm_process: bool = False  # no warm-up once the worker ran the combo (each worker's 1st trial)
     tell_complete: bool = False
+    prompt_effects: bool = False  # the quality look removes prompt effects of earlier trials
+    min_batches: int = 1  # search.min_batches
+    speedup_after: int = 2  # EarlyStop.speedup_after
     startup: int = 20  # n_startup_trials (random trials before TPE models the space)
     sampler: str = "tpe"
     on_request: bool = False  # only when named in REPLAY_ONLY (GP: > 25 min for 10 seeds here)
 
 
-NEW = {"speedup_stop": True, "warm_start": True, "short_warmup": True, "warm_process": True}
+NEW = {"speedup_stop": True, "warm_start": True, "short_warmup": True, "warm_process": True,
+       "prompt_effects": True}
 CONFIGS = (
     Config("today"),
     Config("speedup", speedup_stop=True),
     Config("speedup (complete)", speedup_stop=True, tell_complete=True),
     Config("warm", warm_start=True),
     Config("new, short warm-up every trial", speedup_stop=True, warm_start=True, short_warmup=True),
+    Config("new, no prompt effects", **{**NEW, "prompt_effects": False}),
     Config("new", **NEW),
+    Config("new, speedup look after 1 batch", **NEW, speedup_after=1),
     Config("new, told COMPLETE", **NEW, tell_complete=True),
     Config("new, 10 start-up", **NEW, startup=10),
     Config("new, 5 start-up", **NEW, startup=5),
+    Config("new, no warm start", **{**NEW, "warm_start": False}),
     Config("new, no warm start, 10 start-up", **{**NEW, "warm_start": False}, startup=10),
     Config("new, GP sampler", **NEW, sampler="gp", on_request=True),
 )
@@ -162,24 +172,32 @@ def measure(land: Landscape, point: dict, rule) -> tuple[list[float], str | None
 
 
 def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int = 3000) -> tuple:
-    """(device seconds, wall seconds, trials) until the goal; None entries if never reached."""
+    """(device seconds, wall seconds, trials, wrong stops) until the goal (None entries if never
+    reached); a wrong stop stopped an answer (feasible, >= 98 % of the best) or a feasible setting
+    for quality."""
     spec = spec_for(seed, land.limit, config)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
     for params in warm_start_params(spec, storage=None):
         study.enqueue_trial(params)
     goal = 0.98 * land.best
     found: list[float] = []  # speedup_low of completed feasible trials
+    rows: dict[tuple, list[float]] = {}  # per-prompt PSNR of settings that ran on all prompts
     done: dict[tuple, tuple] = {}
-    clock, device, trials = 0.0, 0.0, 0
+    clock, device, trials, wrong = 0.0, 0.0, 0, 0
     running: list[tuple] = []  # (finish time, index, trial, point, batches, reason)
     free = workers
+
+    def finish_next() -> tuple[float, bool]:
+        """The next running trial finishes: its time, and whether it reached the goal."""
+        finish, _, trial, point, batches, reason = heapq.heappop(running)
+        feasible_done = tell(study, spec, trial, point, batches, reason, config, land, found, rows)
+        return finish, feasible_done and point["speedup"] >= goal
+
     for index in range(cap):
         while free == 0:
-            finish, _, trial, point, batches, reason = heapq.heappop(running)
-            clock, free = finish, free + 1
-            feasible_done = tell(study, spec, trial, point, batches, reason, config, land, found)
-            if feasible_done and point["speedup"] >= goal:
-                return device, clock, trials
+            (clock, reached), free = finish_next(), free + 1
+            if reached:
+                return device, clock, trials, wrong
         trial = study.ask()
         setting = suggest_setting(trial, spec)
         params = {f"{a}.{p}": v for a, values in setting.items() for p, v in values.items()}
@@ -192,11 +210,15 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
             heapq.heappush(running, (clock, index, trial, point, batches, reason))
             free -= 1
             continue
-        rule = (EarlyStop("psnr", 2, quality_limit=land.limit,
-                          speedup_to_beat=max(found) if config.speedup_stop and found else None)
+        effects = PromptEffects.of(list(rows.values())) if config.prompt_effects else None
+        rule = (EarlyStop("psnr", config.min_batches, config.speedup_after, quality_limit=land.limit,
+                          speedup_to_beat=max(found) if config.speedup_stop and found else None,
+                          prompt_effects=effects)
                 if config.speedup_stop else IssueTimeQualityStop(land.limit))
         batches, reason = measure(land, point, rule)
         done[key] = (batches, reason)
+        feasible = point["psnr"] >= land.limit
+        wrong += bool(reason) and feasible and (reason == "quality" or point["speedup"] >= goal)
         warm = config.warm_process and trials >= workers  # every worker has run the combo
         seconds = land.cost(point, batches, config.short_warmup, warm)
         device += seconds
@@ -204,15 +226,16 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
         heapq.heappush(running, (clock + seconds, index, trial, point, batches, reason))
         free -= 1
     while running:  # every setting asked for: the trials still running finish
-        clock, _, trial, point, batches, reason = heapq.heappop(running)
-        if tell(study, spec, trial, point, batches, reason, config, land, found) \
-                and point["speedup"] >= goal:
-            return device, clock, trials
-    return None, None, None
+        clock, reached = finish_next()
+        if reached:
+            return device, clock, trials, wrong
+    return None, None, None, wrong
 
 
-def tell(study, spec, trial, point, batches, reason, config, land, found) -> bool:
+def tell(study, spec, trial, point, batches, reason, config, land, found, rows) -> bool:
     """Tell the sampler; True when a feasible trial completed with all its batches."""
+    if reason is None:  # a reused setting counts once
+        rows[key_of(point["params"])] = point["psnr_per_prompt"]
     n = len(batches) * land.batch_size
     psnr = point["psnr_per_prompt"][:n]
     partial_speedup = float(np.mean(land.baseline(point))) / float(np.mean(batches))
@@ -229,6 +252,16 @@ def tell(study, spec, trial, point, batches, reason, config, land, found) -> boo
         found.append(low if low is not None else partial_speedup)
         return True
     return False
+
+
+def replay(land: Landscape, config: Config, seeds: int, workers: int = 1) -> list[tuple]:
+    """run() for seeds 0..seeds-1, on JOBS processes (default: every core; a replay times
+    nothing, so the cores do not disturb it)."""
+    jobs = int(os.environ.get("JOBS", os.cpu_count() or 1))
+    if jobs == 1:
+        return [run(land, config, seed, workers) for seed in range(seeds)]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.starmap(run, [(land, config, seed, workers) for seed in range(seeds)])
 
 
 def ratio_with_interval(device: list[float], today: list[float], draws: int = 2000) -> str:
@@ -254,17 +287,20 @@ def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None
         named = bool(only) and config.name in only.split(";")
         if (only and not named and config.name != "today") or (config.on_request and not named):
             continue
-        results = [run(land, config, seed) for seed in range(seeds)]
+        results = replay(land, config, seeds)
         reached = [r[0] for r in results if r[0] is not None]
         device = statistics.median(reached) if reached else None
         today = reached if config.name == "today" else today
         rows.append([config.name, f"{len(reached)}/{seeds}", device,
-                     f"{100 * device / land.grid_seconds:.1f} %" if device else "-",
                      ratio_with_interval(reached, today) if reached and today else "-",
-                     statistics.median(r[2] for r in results if r[0] is not None) if reached else None])
+                     f"{np.mean(reached) / np.mean(today):.2f}" if reached and today else "-",
+                     f"{np.percentile(reached, 90) / np.percentile(today, 90):.2f}"
+                     if reached and today else "-",
+                     statistics.median(r[2] for r in results if r[0] is not None) if reached else None,
+                     sum(r[3] for r in results)])
         print(f"{config.name}: {[round(r[0]) if r[0] else None for r in results]}", flush=True)
-    print(table(["rules", "reached", "median device-s", "of the grid", "vs today [95 % CI]",
-                 "median trials"], rows))
+    print(table(["rules", "reached", "median device-s", "vs today, median [95 % CI]",
+                 "vs today, mean", "vs today, p90", "median trials", "wrong stops"], rows))
 
     if not parallel:
         return
@@ -272,7 +308,7 @@ def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None
     rows, single = [], None
     new = next(c for c in CONFIGS if c.name == "new")
     for workers in (1, 2, 4, 8):
-        results = [run(land, new, seed, workers) for seed in range(seeds)]
+        results = replay(land, new, seeds, workers)
         walls = [r[1] for r in results if r[1] is not None]
         wall = statistics.median(walls) if walls else None
         single = wall if workers == 1 else single

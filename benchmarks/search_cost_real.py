@@ -5,7 +5,8 @@ PSNR limit, 16 trials, SQLite):
 
 - before: early stop on quality only (as it was), a full warm-up batch per trial, no warm start;
 - now:    what a study does now: speedup-aware early stop with pooled timing noise, the one-sided
-          quality look over the study's prompts, the published warm start, the short warm-up
+          quality look over the study's prompts from the first batch (without the prompts' own
+          effects once 5 trials ran on all prompts), the published warm start, the short warm-up
           before a worker's first trial of a combo and none after.
 
 Reports batches run, device seconds in pipeline calls (warm-up included), wall time and the winner.
@@ -30,7 +31,7 @@ class IssueTimeWorker(Worker):
     finite-population correction (search_cost.IssueTimeQualityStop)."""
 
     def _early_stop(self):
-        return IssueTimeQualityStop(self.spec.quality.limit, self.spec.search.min_batches)
+        return IssueTimeQualityStop(self.spec.quality.limit)  # min_batches 2, as it was
 
 
 def run(new_rules: bool, limit: float, n_trials: int, seed: int) -> list:

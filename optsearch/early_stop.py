@@ -1,8 +1,10 @@
 """Early stop: end a trial as soon as its partial measurement shows it cannot be the answer.
 
-After `min_batches` timed batches, a trial is stopped when, at a per-look confidence corrected for
-looking after every batch (Bonferroni: alpha / n_batches per look, all of it on the one side each
-rule asks about, since each asks a one-sided question: is this end past that line?):
+After `min_batches` timed batches (1 by default; a speedup look also needs `speedup_after` = 2,
+since a trial's first batch can be slow and only a second one shows its own timing noise), a
+trial is stopped when, at a per-look confidence corrected for looking after every batch
+(Bonferroni: alpha / n_batches per look, all of it on the one side each rule asks about, since
+each asks a one-sided question: is this end past that line?):
 
 - "quality":   its quality interval lies entirely past the limit (max-speedup and pareto);
 - "speedup":   its speedup interval lies entirely below the target (target-speedup);
@@ -19,6 +21,18 @@ feasibility rule will check (a finite-population correction: after 6 of 8 prompt
 unknown). If that final mean lies past the limit, the trial fails under rule "mean" and, its bound
 being further out, under rule "bound" too.
 
+Once the study has 5 trials measured on all its prompts, the quality look removes the prompts'
+own effects first ("prompt effects"): how hard a prompt is (its PSNR, its CLIP loss)
+is mostly a property of the prompt, shared by every setting, and dominates the spread between a
+trial's prompts (on the recorded CPU landscape the residual spread is about a quarter of it). With
+x = a trial's per-prompt values and a = each prompt's mean deviation from its trial's mean over
+the earlier trials, the final mean is estimated as mean(x - a) over the prompts measured so far,
+and the residual variance is the 90th percentile of the K earlier trials' own (it differs about 2x
+between trials; the pooled one undercovered on the 3-prompt landscape), with df = (K - 1)(N - 1),
+so one or two prompts can already decide. Checked on both recorded landscapes
+(benchmarks/quality_look.py): the one-sided bound misses the final mean at most as often as its
+alpha for K >= 5 (the pooled variance missed 2.6-4.4 % of looks at an alpha of 1.7 %).
+
 The trial's speedup interval here pools the timing noise of its batches with the baseline's
 (`speedup_interval(pooled=True)`): after 2 batches the unpooled interval has about one degree of
 freedom and would never decide, so every dominated trial would run to its last batch.
@@ -26,9 +40,13 @@ freedom and would never decide, so every dominated trial would run to its last b
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .quality import Interval
+import numpy as np
+
+from .quality import Interval, t_quantile
 
 QUALITY, SPEEDUP, DOMINATED = "quality", "speedup", "dominated"
 REASONS = (QUALITY, SPEEDUP, DOMINATED)
@@ -42,26 +60,69 @@ class FrontPoint:
     quality_safe: float  # the high end of a loss, the low end of PSNR/SSIM
 
 
+@dataclass(frozen=True)
+class PromptEffects:
+    """What earlier trials measured on every prompt: each prompt's effect (its mean deviation from
+    its trial's mean) and each trial's residual variance after removing both."""
+
+    effects: np.ndarray
+    residual_variances: np.ndarray  # one per earlier trial
+
+    MIN_TRIALS = 5  # fewer: the spread of residual variances between trials is not known yet
+    SPREAD_QUANTILE = 90  # residual variance differs 2x between trials: assume a scattered one
+
+    @classmethod
+    def of(cls, rows: Sequence[Sequence[float]]) -> PromptEffects | None:
+        """From the per-prompt values of earlier trials (each row all the study's prompts); None
+        with fewer than MIN_TRIALS rows."""
+        table = np.asarray(rows, dtype=np.float64)
+        if (table.ndim != 2 or len(table) < cls.MIN_TRIALS or table.shape[1] < 2
+                or not np.isfinite(table).all()):
+            return None
+        deviations = table - table.mean(axis=1, keepdims=True)
+        effects = deviations.mean(axis=0)
+        trials, prompts = table.shape
+        per_trial_df = (prompts - 1) * (trials - 1) / trials
+        return cls(effects, ((deviations - effects) ** 2).sum(axis=1) / per_trial_df)
+
+    def interval(self, values: Sequence[float], confidence: float) -> Interval:
+        """The interval of the trial's mean over all the prompts, from its first len(values)."""
+        adjusted = np.asarray(values, dtype=np.float64) - self.effects[:len(values)]
+        n, total, trials = len(adjusted), len(self.effects), len(self.residual_variances)
+        mean = float(adjusted.mean())
+        variance = float(np.percentile(self.residual_variances, self.SPREAD_QUANTILE))
+        if n >= 3:  # a trial that scatters more than the earlier ones widens its own interval
+            variance = max(variance, float(adjusted.var(ddof=1)))
+        # the unknown prompts' residuals, and the effects' own error from `trials` rows
+        variance *= max(0.0, 1 / n - 1 / total) * (1 + 1 / trials)
+        half = t_quantile(confidence, (trials - 1) * (total - 1)) * math.sqrt(variance)
+        return Interval(mean, mean - half, mean + half)
+
+
 @dataclass
 class EarlyStop:
     """The rule a worker hands to `Evaluator.compare`: call it with the partial comparison; it
     returns the reason to stop, or None to go on."""
 
     metric: str
-    min_batches: int = 2
+    min_batches: int = 1
+    speedup_after: int = 2  # batches a speedup look needs: the trial's own timing noise
     quality_limit: float | None = None  # max-speedup and pareto
     target_speedup: float | None = None  # target-speedup
     speedup_to_beat: float | None = None  # max-speedup: best feasible speedup's lower bound
     front: list[FrontPoint] = field(default_factory=list)  # pareto: the feasible front
+    prompt_effects: PromptEffects | None = None  # from earlier trials measured on every prompt
 
     def __call__(self, partial) -> str | None:
-        if partial.batches_evaluated < self.min_batches or partial.images_evaluated < 2:
+        if partial.batches_evaluated < self.min_batches or not partial.images_evaluated:
             return None
         alpha = (1 - partial.confidence) / partial.n_batches  # per look, on the one side asked
         per_look = 1 - 2 * alpha  # a two-sided interval whose each end is a (1 - alpha) bound
-        quality = Interval.of(partial.per_prompt(self.metric), per_look, partial.num_samples)
+        quality = self._quality(partial.per_prompt(self.metric), per_look, partial.num_samples)
         if self.quality_limit is not None and _past_limit(quality, self.metric, self.quality_limit):
             return QUALITY
+        if partial.batches_evaluated < self.speedup_after:
+            return None  # a first batch can be slow (new shapes, caches): see its own noise first
         if self.target_speedup is None and self.speedup_to_beat is None and not self.front:
             return None
         speedup = partial.speedup_interval_at(per_look, pooled=True)
@@ -75,6 +136,12 @@ class EarlyStop:
                for point in self.front):
             return DOMINATED
         return None
+
+    def _quality(self, values, confidence: float, num_samples: int) -> Interval:
+        effects = self.prompt_effects
+        if effects is not None and len(effects.effects) == num_samples:
+            return effects.interval(values, confidence)
+        return Interval.of(values, confidence, num_samples)
 
     def _better(self, safe: float, trial: Interval) -> bool:
         """Is a front member's safe-side quality better than the trial's best case?"""

@@ -35,7 +35,7 @@ from . import study as studies
 from .accelerators import combo_name, denoiser, normalize_setting
 from .artifacts import download_arrays, image_grid, open_artifact_store, upload_arrays, upload_bytes
 from .dashboard import write_trial_note
-from .early_stop import EarlyStop, FrontPoint
+from .early_stop import EarlyStop, FrontPoint, PromptEffects
 from .evaluate import Baseline, Comparison, Evaluator, evaluator_from_spec
 from .faults import oom_fault_from_env
 from .quality import Interval, unsafe_side
@@ -388,6 +388,7 @@ class Worker:
             rule.target_speedup = spec.objective.target_speedup
             return rule
         rule.quality_limit = spec.quality.limit
+        rule.prompt_effects = self._prompt_effects()
         found = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if studies.is_feasible(t) and t.user_attrs.get("fingerprint") == self.fingerprint
                  and t.user_attrs.get("speedup_low") is not None]
@@ -401,6 +402,15 @@ class Worker:
                 if safe is not None:
                     rule.front.append(FrontPoint(trial.user_attrs["speedup_low"], safe))
         return rule
+
+    def _prompt_effects(self) -> PromptEffects | None:
+        """The prompts' effects on the study's metric, from trials measured on all its prompts."""
+        key = f"{self.spec.quality.metric}_per_prompt"
+        rows = [t.user_attrs[key] for t in self.study.get_trials(deepcopy=False,
+                                                                 states=(TrialState.COMPLETE,))
+                if len(t.user_attrs.get(key) or ()) == self.spec.prompts.num_samples
+                and "reused_from" not in t.user_attrs]
+        return PromptEffects.of(rows)
 
     def _is_surplus(self, trial: optuna.Trial) -> bool:
         """True when finished trials plus earlier running ones already fill n_trials."""
@@ -480,6 +490,9 @@ class Worker:
             "scoring_seconds": result.scoring_seconds,
             "wall_seconds": result.wall_seconds,
             "image_digests": result.image_digests,
+            # the study's metric per prompt: early stop learns the prompts' own effects from it
+            f"{self.spec.quality.metric}_per_prompt": [float(v) for v in
+                                                       result.per_prompt(self.spec.quality.metric)],
         }
         if result.early_stopped:
             per_batch = result.wall_seconds / result.batches_evaluated

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optsearch.early_stop import EarlyStop, FrontPoint
+from optsearch.early_stop import EarlyStop, FrontPoint, PromptEffects
 from optsearch.evaluate import (
     Comparison,
     Evaluator,
@@ -14,6 +14,7 @@ from optsearch.evaluate import (
     n_batches,
 )
 from optsearch.prompts import load_prompts
+from optsearch.quality import t_quantile
 
 PROMPTS = load_prompts("builtin", 5)
 ACCELERATED = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0},
@@ -115,6 +116,71 @@ def test_early_stop_rule_uses_the_interval():
     assert early_stop_rule("psnr", 21.35, min_batches=2)(partial) == "quality"
 
 
+EFFECTS = np.array([-3.0, 2.0, 1.0, -1.0, 0.5, -0.5, 3.0, -2.0])  # sum 0: each prompt's own PSNR
+
+
+def earlier_trials(count: int) -> list[np.ndarray]:
+    """Trials at 30-34 dB whose prompts differ by EFFECTS, with +-0.1 dB of residual noise."""
+    noise = 0.1 * np.array([1, -1, 1, -1, -1, 1, -1, 1])
+    return [30.0 + k + EFFECTS + noise * (-1) ** k for k in range(count)]
+
+
+def psnr_partial(values: list[float]) -> Comparison:
+    """8 prompts in 8 batches of 1, the first len(values) measured."""
+    return Comparison(setting={}, num_samples=8, batch_size=1, n_batches=8, confidence=0.95,
+                      baseline_seconds_per_image=1.0, batches_evaluated=len(values),
+                      psnr=list(values), clip_scores=[1.0] * len(values),
+                      baseline_clip_scores=[1.0] * len(values))
+
+
+def test_prompt_effects_of_earlier_trials_let_the_quality_look_decide_after_two_prompts():
+    assert PromptEffects.of(earlier_trials(4)) is None  # too few to know how residuals spread
+    effects = PromptEffects.of(earlier_trials(5))
+    assert np.allclose(effects.effects, EFFECTS, atol=0.1)
+    first_two = psnr_partial(list(28.0 + EFFECTS[:2]))  # a 28 dB trial: 25 and 30 dB so far
+    plain = EarlyStop("psnr", quality_limit=30.0)
+    assert plain(first_two) is None  # 2 prompts 5 dB apart: the plain look cannot decide
+    sharp = EarlyStop("psnr", quality_limit=30.0, prompt_effects=effects)
+    assert sharp(first_two) == "quality"
+    # the bound: t at (K-1)(N-1) df, the earlier trials' 90th-percentile residual variance, the
+    # unknown 6 of 8 prompts and the effects' own error from 5 trials
+    per_look = 1 - 2 * 0.05 / 8
+    variance = np.percentile(effects.residual_variances, 90) * (1 / 2 - 1 / 8) * (1 + 1 / 5)
+    high = 28.0 + t_quantile(per_look, 4 * 7) * np.sqrt(variance)
+    assert effects.interval(first_two.psnr, per_look).high == pytest.approx(high)
+    assert EarlyStop("psnr", quality_limit=high + 0.01, prompt_effects=effects)(first_two) == "quality"
+    assert EarlyStop("psnr", quality_limit=high - 0.01, prompt_effects=effects)(first_two) is None
+    # a trial whose prompts scatter more than the earlier trials' widens its own interval
+    scattered = psnr_partial(list(np.array([26.0, 27.0, 31.0]) + EFFECTS[:3]))
+    assert sharp(psnr_partial(scattered.psnr[:2])) == "quality"  # alone, its first two would stop
+    assert sharp(scattered) is None
+    # effects of another prompt set (other num_samples) are not used
+    other = PromptEffects.of([row[:6] for row in earlier_trials(5)])
+    assert EarlyStop("psnr", quality_limit=30.0, prompt_effects=other)(first_two) is None
+
+
+def test_a_study_that_learned_its_prompts_stops_an_infeasible_trial_at_the_first_look(tiny_pipe,
+                                                                                       tiny_clip):
+    """Real images: five settings measured on all 8 prompts teach each prompt's own PSNR; a lossier
+    setting whose mean is clearly under the limit then stops after its first batch (1 prompt),
+    where the plain look needs more."""
+    prompts = load_prompts("builtin", 8)
+    evaluator = Evaluator(tiny_pipe, tiny_clip, prompts, GenerationConfig(steps=8, batch_size=1))
+    baseline = evaluator.baseline()
+    earlier = [{"deepcache": {"cache_interval": n, "cache_branch_id": 1}} for n in (2, 3, 4, 5, 6)]
+    rows = [evaluator.compare(setting, baseline).psnr for setting in earlier]
+    lossy = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0},
+             "tome": {"ratio": 0.6, "use_rand": False}}
+    final = evaluator.compare(lossy, baseline)
+    limit = float(np.mean(final.psnr)) + 1.0  # infeasible by 1 dB
+    plain = evaluator.compare(lossy, baseline, stop_when=EarlyStop("psnr", quality_limit=limit))
+    sharp = evaluator.compare(lossy, baseline, stop_when=EarlyStop(
+        "psnr", quality_limit=limit, prompt_effects=PromptEffects.of(rows)))
+    assert sharp.early_stop_reason == "quality" and sharp.batches_evaluated == 1
+    assert plain.batches_evaluated > 2  # one prompt's PSNR alone says nothing of the others
+    assert sharp.psnr == final.psnr[:1]  # the same images, fewer of them
+
+
 def timed_partial(baseline: list[float], setting: list[float], psnr: list[float]) -> Comparison:
     """A partial comparison after len(setting) batches of 2 prompts (of 4 batches)."""
     return Comparison(setting={}, num_samples=8, batch_size=2, n_batches=4, confidence=0.95,
@@ -137,11 +203,13 @@ def test_speedup_rules_stop_with_their_reason_and_only_when_the_interval_is_clea
     worse_quality = FrontPoint(speedup_low=high + 0.1, quality_safe=40.0)
     assert EarlyStop("psnr", quality_limit=30, front=[better])(partial) == "dominated"
     assert EarlyStop("psnr", quality_limit=30, front=[worse_quality])(partial) is None
-    # quality past the limit is checked first; one batch decides only when min_batches allows it
+    # quality past the limit is checked first; a speedup look waits for the trial's 2nd batch
     assert EarlyStop("psnr", quality_limit=45, target_speedup=3.0)(partial) == "quality"
     one = timed_partial([1.0, 1.02, 0.98, 1.01], [0.5], [40.0, 41.0])
     assert EarlyStop("psnr", target_speedup=3.0)(one) is None
-    assert EarlyStop("psnr", min_batches=1, target_speedup=3.0)(one) == "speedup"
+    assert EarlyStop("psnr", speedup_after=1, target_speedup=3.0)(one) == "speedup"
+    assert EarlyStop("psnr", quality_limit=60, target_speedup=3.0)(one) == "quality"  # from batch 1
+    assert EarlyStop("psnr", 2, quality_limit=60, target_speedup=3.0)(one) is None  # min_batches
 
 
 def test_compare_stops_early_and_counts_batches(tiny_pipe, tiny_clip):

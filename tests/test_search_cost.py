@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from optsearch.spec import load_spec
 from optsearch.warm_start import published_settings, trial_params
+from optsearch.worker import Worker
 from tests.conftest import TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
 
 FAST = {"deepcache.cache_interval": 8, "deepcache.cache_branch_id": 0, "tome.ratio": 0.6,
@@ -81,6 +84,32 @@ def test_early_stop_never_changes_a_finished_trials_figures(tmp_path):
     assert without.state == with_rules.state == TrialState.COMPLETE
     for key in ("image_digests", "psnr", "psnr_low", "ssim", "clip_loss", "batches_evaluated"):
         assert without.user_attrs[key] == with_rules.user_attrs[key], key
+
+
+def test_trials_on_all_prompts_teach_early_stop_the_prompts_effects(tmp_path):
+    """Each trial records its metric per prompt; the next trial's rule removes the prompts' effects
+    learned from complete, not reused, trials measured on all the study's prompts (5 or more)."""
+    url = study_with(tmp_path, EIGHT.replace("n_trials = 4", "n_trials = 1\nwarm_start = []"), FAST)
+    [measured] = trials(url)
+    row = measured.user_attrs["psnr_per_prompt"]
+    assert len(row) == 8 and np.mean(row) == pytest.approx(measured.user_attrs["psnr"])
+    worker = Worker(url, "tiny")
+    assert worker._early_stop().prompt_effects is None  # one trial: too few
+    study = optuna.load_study(study_name="tiny", storage=url)
+    for shift, attrs in [(1.0, {}), (2.0, {}), (3.0, {}), (9.0, {"reused_from": 0}),
+                         (9.0, {"early_stopped": True})]:
+        values = [v + shift for v in row]
+        state = TrialState.PRUNED if attrs.get("early_stopped") else TrialState.COMPLETE
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=None if state == TrialState.PRUNED else 1.0,
+            user_attrs={"psnr_per_prompt": values, **attrs}))
+    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": row[:4]}))
+    assert worker._early_stop().prompt_effects is None  # 4 usable rows
+    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": row[::-1]}))
+    effects = worker._early_stop().prompt_effects
+    usable = np.array([row, *([v + s for v in row] for s in (1.0, 2.0, 3.0)), row[::-1]])
+    expected = (usable - usable.mean(axis=1, keepdims=True)).mean(axis=0)
+    assert effects is not None and np.allclose(effects.effects, expected)
 
 
 def test_published_warm_start_comes_first_and_stays_inside_the_space(tmp_path):
