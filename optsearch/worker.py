@@ -388,8 +388,9 @@ class Worker:
             rule.target_speedup = spec.objective.target_speedup
             return rule
         rule.quality_limit = spec.quality.limit
-        rule.prompt_effects = self._prompt_effects()
-        found = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        rule.prompt_effects = self._prompt_effects(complete)
+        found = [t for t in complete
                  if studies.is_feasible(t) and t.user_attrs.get("fingerprint") == self.fingerprint
                  and t.user_attrs.get("speedup_low") is not None]
         if mode == "max-speedup" and found:
@@ -403,11 +404,11 @@ class Worker:
                     rule.front.append(FrontPoint(trial.user_attrs["speedup_low"], safe))
         return rule
 
-    def _prompt_effects(self) -> PromptEffects | None:
-        """The prompts' effects on the study's metric, from trials measured on all its prompts."""
+    def _prompt_effects(self, complete: list) -> PromptEffects | None:
+        """The prompts' effects on the study's metric, from complete trials measured (not reused)
+        on all its prompts."""
         key = f"{self.spec.quality.metric}_per_prompt"
-        rows = [t.user_attrs[key] for t in self.study.get_trials(deepcopy=False,
-                                                                 states=(TrialState.COMPLETE,))
+        rows = [t.user_attrs[key] for t in complete
                 if len(t.user_attrs.get(key) or ()) == self.spec.prompts.num_samples
                 and "reused_from" not in t.user_attrs]
         return PromptEffects.of(rows)

@@ -84,28 +84,30 @@ def test_early_stop_never_changes_a_finished_trials_figures(tmp_path):
     assert without.state == with_rules.state == TrialState.COMPLETE
     for key in ("image_digests", "psnr", "psnr_low", "ssim", "clip_loss", "batches_evaluated"):
         assert without.user_attrs[key] == with_rules.user_attrs[key], key
+    row = with_rules.user_attrs["psnr_per_prompt"]  # what early stop learns prompt effects from
+    assert len(row) == 8 and np.mean(row) == pytest.approx(with_rules.user_attrs["psnr"])
 
 
 def test_trials_on_all_prompts_teach_early_stop_the_prompts_effects(tmp_path):
-    """Each trial records its metric per prompt; the next trial's rule removes the prompts' effects
-    learned from complete, not reused, trials measured on all the study's prompts (5 or more)."""
-    url = study_with(tmp_path, EIGHT.replace("n_trials = 4", "n_trials = 1\nwarm_start = []"), FAST)
-    [measured] = trials(url)
-    row = measured.user_attrs["psnr_per_prompt"]
-    assert len(row) == 8 and np.mean(row) == pytest.approx(measured.user_attrs["psnr"])
-    worker = Worker(url, "tiny")
-    assert worker._early_stop().prompt_effects is None  # one trial: too few
+    """The next trial's rule removes the prompts' effects learned from complete, not reused
+    trials measured on all the study's prompts (5 or more; `<metric>_per_prompt`)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    created = optsearch_cmd("study", "create", str(write_spec(tmp_path / "t.toml", EIGHT)),
+                            "--storage", url, "--name", "tiny")
+    assert created.returncode == 0, created.stderr
+    row = [30.0, 32.0, 31.0, 29.0, 30.5, 29.5, 33.0, 28.0]
     study = optuna.load_study(study_name="tiny", storage=url)
-    for shift, attrs in [(1.0, {}), (2.0, {}), (3.0, {}), (9.0, {"reused_from": 0}),
+    for shift, attrs in [(0.0, {}), (1.0, {}), (2.0, {}), (9.0, {"reused_from": 0}),
                          (9.0, {"early_stopped": True})]:
-        values = [v + shift for v in row]
         state = TrialState.PRUNED if attrs.get("early_stopped") else TrialState.COMPLETE
         study.add_trial(optuna.trial.create_trial(
             state=state, value=None if state == TrialState.PRUNED else 1.0,
-            user_attrs={"psnr_per_prompt": values, **attrs}))
+            user_attrs={"psnr_per_prompt": [v + shift for v in row], **attrs}))
     study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": row[:4]}))
-    assert worker._early_stop().prompt_effects is None  # 4 usable rows
-    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": row[::-1]}))
+    worker = Worker(url, "tiny")
+    assert worker._early_stop().prompt_effects is None  # 3 usable rows: too few
+    for extra in ([v + 3.0 for v in row], row[::-1]):
+        study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": extra}))
     effects = worker._early_stop().prompt_effects
     usable = np.array([row, *([v + s for v in row] for s in (1.0, 2.0, 3.0)), row[::-1]])
     expected = (usable - usable.mean(axis=1, keepdims=True)).mean(axis=0)
