@@ -20,6 +20,7 @@ import os
 import platform
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -197,6 +198,7 @@ class Worker:
             self._loop()
         except KeyboardInterrupt:
             self._requeue_interrupted()
+            stop_orphaned_heartbeats()
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -546,6 +548,18 @@ def _caused_by_database(error: BaseException | None) -> bool:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
+
+
+def stop_orphaned_heartbeats() -> None:
+    """Stop Optuna heartbeat threads an interrupt left running. A Ctrl-C while Optuna starts one
+    (Thread.start waits for the new thread) skips its `with` block's exit, and Python's shutdown
+    then waits for that non-daemon thread forever (seen: a --devices child hung after printing
+    'interrupted', on a slow machine)."""
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    for thread in threading.enumerate():
+        if getattr(thread, "_target", None) is HeartbeatThread._record_heartbeat:
+            thread._args[2].set()  # its stop event
 
 
 def _raise_interrupt(signum, frame):

@@ -241,3 +241,21 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
     assert len({record["worker"] for record in timings}) == 2  # two processes, two baselines
     assert not study.get_trials(states=(TrialState.RUNNING,))  # every running trial re-queued
     assert "Traceback" not in err
+
+
+def test_an_interrupt_leaves_no_heartbeat_thread_for_shutdown_to_wait_on(tmp_path):
+    """A Ctrl-C while Optuna starts a trial's heartbeat thread skips its stop: the worker stops
+    it, or Python's shutdown would wait for it forever."""
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    from optsearch.worker import stop_orphaned_heartbeats
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60)
+    study = optuna.create_study(storage=storage)
+    heartbeat = HeartbeatThread(study.ask()._trial_id, storage)
+    heartbeat.start()  # and never joined, as after the interrupt
+    orphan = heartbeat._thread
+    assert orphan.is_alive() and not orphan.daemon
+    stop_orphaned_heartbeats()
+    orphan.join(timeout=10)
+    assert not orphan.is_alive()  # unstopped, it would wait 60 s and beat again, forever
