@@ -67,7 +67,6 @@ class Config:
     warm_process: bool = False  # no warm-up once the worker ran the combo (each worker's 1st trial)
     tell_complete: bool = False
     prompt_effects: bool = False  # the quality look removes prompt effects of earlier trials
-    min_batches: int = 1  # search.min_batches
     speedup_after: int = 2  # EarlyStop.speedup_after
     startup: int = 20  # n_startup_trials (random trials before TPE models the space)
     sampler: str = "tpe"
@@ -211,7 +210,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
             free -= 1
             continue
         effects = PromptEffects.of(list(rows.values())) if config.prompt_effects else None
-        rule = (EarlyStop("psnr", config.min_batches, config.speedup_after, quality_limit=land.limit,
+        rule = (EarlyStop("psnr", speedup_after=config.speedup_after, quality_limit=land.limit,
                           speedup_to_beat=max(found) if config.speedup_stop and found else None,
                           prompt_effects=effects)
                 if config.speedup_stop else IssueTimeQualityStop(land.limit))

@@ -409,7 +409,7 @@ class Worker:
     def _prompt_effects(self, complete: list) -> PromptEffects | None:
         """The prompts' effects on the study's metric, from complete trials measured (not reused)
         on all its prompts."""
-        key = f"{self.spec.quality.metric}_per_prompt"
+        key = per_prompt_key(self.spec.quality.metric)
         rows = [t.user_attrs[key] for t in complete
                 if len(t.user_attrs.get(key) or ()) == self.spec.prompts.num_samples
                 and "reused_from" not in t.user_attrs]
@@ -494,8 +494,8 @@ class Worker:
             "wall_seconds": result.wall_seconds,
             "image_digests": result.image_digests,
             # the study's metric per prompt: early stop learns the prompts' own effects from it
-            f"{self.spec.quality.metric}_per_prompt": [float(v) for v in
-                                                       result.per_prompt(self.spec.quality.metric)],
+            per_prompt_key(self.spec.quality.metric): [
+                float(v) for v in result.per_prompt(self.spec.quality.metric)],
         }
         if result.early_stopped:
             per_batch = result.wall_seconds / result.batches_evaluated
@@ -548,6 +548,11 @@ def _caused_by_database(error: BaseException | None) -> bool:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
+
+
+def per_prompt_key(metric: str) -> str:
+    """The user attr holding a trial's `metric` per prompt (written by _record, read by early stop)."""
+    return f"{metric}_per_prompt"
 
 
 def stop_orphaned_heartbeats() -> None:
