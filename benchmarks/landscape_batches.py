@@ -53,6 +53,7 @@ def main(num_samples: int = 3, batch_size: int = 1) -> None:
             baselines.append({"seconds_per_image": timed.seconds_per_image,
                               "batch_seconds": timed.batch_seconds})
         setting = dict(zip(GRID, values, strict=True))
+        evaluator.warm.clear()  # record every point's short warm-up: a fresh worker's first trial
         result = evaluator.compare(setting, baseline)
         current = baselines[-1]
         points.append({

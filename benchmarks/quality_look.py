@@ -4,7 +4,9 @@ On both recorded landscapes (3 and 8 prompts, batches of 1), for every grid poin
 K other points as the study's earlier trials (random draws), at every look before the last: how
 often the look's one-sided bound misses the trial's final mean (it must not exceed the look's
 alpha), how often the look stops the trial (the PSNR limit is the grid's median), and how often it
-stops a trial whose final mean is feasible (a wrong stop).
+stops a trial whose final mean is feasible (a wrong stop). The looks start at the first prompt, as
+a study's do (`min_batches` 1). K = 3 and 4 are below the study's `PromptEffects.MIN_TRIALS` (5):
+they show how close to alpha fewer earlier trials come.
 
     python benchmarks/quality_look.py [draws per point]
 """
@@ -21,6 +23,14 @@ from landscape_batches import landscape_path
 from optsearch.early_stop import PromptEffects
 from optsearch.quality import Interval
 
+OTHERS = (3, 4, 5, 10, 20)  # earlier trials; the study waits for PromptEffects.MIN_TRIALS
+
+
+class AnyCount(PromptEffects):
+    """PromptEffects from any number of earlier trials: to see why the study waits for 5."""
+
+    MIN_TRIALS = 2
+
 
 def check(values: np.ndarray, others: int, draws: int, rng) -> list:
     """[misses, stops, wrong stops] as fractions of looks, plain look then prompt effects."""
@@ -32,8 +42,8 @@ def check(values: np.ndarray, others: int, draws: int, rng) -> list:
         final = row.mean()
         candidates = [i for i in range(len(values)) if i != trial]
         for _ in range(draws):
-            effects = PromptEffects.of(values[rng.choice(candidates, others, replace=False)])
-            for seen in range(2, total):
+            effects = AnyCount.of(values[rng.choice(candidates, others, replace=False)])
+            for seen in range(1, total):  # a look may decide from the first prompt
                 looks += 1
                 for index, interval in enumerate((Interval.of(row[:seen], 1 - 2 * alpha, total),
                                                   effects.interval(row[:seen], 1 - 2 * alpha))):
@@ -48,7 +58,7 @@ def main(draws: int = 3) -> None:
     for size in ((3, 1), (8, 1)):
         points = json.loads(landscape_path(*size).read_text())["points"]
         values = np.array([point["psnr_per_prompt"] for point in points])
-        for others in (5, 10, 20):
+        for others in OTHERS:
             rows.append([f"{size[0]} prompts", others,
                          *(f"{x:.4f}" for x in check(values, others, draws, rng))])
     print("# quality look: one-sided misses of the final mean, stops, wrong stops (per look)")

@@ -50,7 +50,7 @@ from optsearch.early_stop import EarlyStop, PromptEffects
 from optsearch.evaluate import Comparison
 from optsearch.quality import Interval
 from optsearch.spec import spec_from_dict
-from optsearch.speedup import speedup_interval
+from optsearch.speedup import SpeedupInterval, speedup_interval
 from optsearch.study import constraints, make_sampler, suggest_setting
 from optsearch.warm_start import warm_start_params
 
@@ -179,7 +179,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
     for params in warm_start_params(spec, storage=None):
         study.enqueue_trial(params)
     goal = 0.98 * land.best
-    found: list[float] = []  # speedup_low of completed feasible trials
+    found: list[SpeedupInterval] = []  # completed feasible trials
     rows: dict[tuple, list[float]] = {}  # per-prompt PSNR of settings that ran on all prompts
     done: dict[tuple, tuple] = {}
     clock, device, trials, wrong = 0.0, 0.0, 0, 0
@@ -211,7 +211,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
             continue
         effects = PromptEffects.of(list(rows.values())) if config.prompt_effects else None
         rule = (EarlyStop("psnr", speedup_after=config.speedup_after, quality_limit=land.limit,
-                          speedup_to_beat=max(found) if config.speedup_stop and found else None,
+                          speedup_to_beat=max(found, key=lambda s: s.speedup) if found else None,
                           prompt_effects=effects)
                 if config.speedup_stop else IssueTimeQualityStop(land.limit))
         batches, reason = measure(land, point, rule)
@@ -247,8 +247,7 @@ def tell(study, spec, trial, point, batches, reason, config, land, found, rows) 
         trial.report(partial_speedup, len(batches))
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     if reason is None and summary["psnr"]["mean"] >= land.limit:
-        low = speedup_interval(land.baseline(point), batches, 0.95, partial_speedup).low
-        found.append(low if low is not None else partial_speedup)
+        found.append(speedup_interval(land.baseline(point), batches, 0.95, partial_speedup))
         return True
     return False
 

@@ -8,13 +8,20 @@ each asks a one-sided question: is this end past that line?):
 
 - "quality":   its quality interval lies entirely past the limit (max-speedup and pareto);
 - "speedup":   its speedup interval lies entirely below the target (target-speedup);
-- "dominated": its speedup interval lies entirely below the lower bound of the best feasible
-               speedup measured so far on the same device fingerprint (max-speedup), or some
-               feasible front member beats both its intervals (pareto).
+- "dominated": its speedup lies below the best feasible speedup measured so far on the same
+               device fingerprint, with both measurements' noise (max-speedup), or some feasible
+               front member beats both its intervals (pareto).
 
-The comparison is always with the *conservative* end of what was already found (its lower speedup
-bound, its safe-side quality bound) and the *optimistic* end of the trial, so a trial that could
-still become the answer is not stopped.
+A trial that could still become the answer is not stopped. In max-speedup that question is about
+the difference of two noisy speedups, the trial's and the best's, so the rule adds their noise in
+quadrature (on the log scale, where a ratio is a difference): stop when log(trial) +
+sqrt(h_trial^2 + h_best^2) < log(best), h_trial being the trial's one-sided (1 - alpha) half-width
+and h_best the best's recorded half-width rescaled to the same alpha (its recorded bound used a t
+quantile >= the normal one, so the rescaled width never understates its noise). Comparing the
+trial's optimistic end with the best's *lower bound* instead adds the two widths and kept trials
+within a few percent of the best running to their last batch (benchmarks/RESULTS.md 10e). Pareto
+compares with each front member's conservative end (its lower speedup bound, its safe-side quality
+bound).
 
 The quality interval is that of the mean over the study's `num_samples` prompts, the figure the
 feasibility rule will check (a finite-population correction: after 6 of 8 prompts only 2 are
@@ -43,10 +50,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 
 from .quality import Interval, t_quantile
+from .speedup import SpeedupInterval
 
 QUALITY, SPEEDUP, DOMINATED = "quality", "speedup", "dominated"
 REASONS = (QUALITY, SPEEDUP, DOMINATED)
@@ -109,7 +118,7 @@ class EarlyStop:
     speedup_after: int = 2  # batches a speedup look needs: the trial's own timing noise
     quality_limit: float | None = None  # max-speedup and pareto
     target_speedup: float | None = None  # target-speedup
-    speedup_to_beat: float | None = None  # max-speedup: best feasible speedup's lower bound
+    speedup_to_beat: SpeedupInterval | None = None  # max-speedup: the best feasible so far
     front: list[FrontPoint] = field(default_factory=list)  # pareto: the feasible front
     prompt_effects: PromptEffects | None = None  # from earlier trials measured on every prompt
 
@@ -130,7 +139,7 @@ class EarlyStop:
             return None
         if self.target_speedup is not None and speedup.high < self.target_speedup:
             return SPEEDUP
-        if self.speedup_to_beat is not None and speedup.high < self.speedup_to_beat:
+        if self._below_best(speedup, alpha, partial.confidence):
             return DOMINATED
         if any(point.speedup_low > speedup.high and self._better(point.quality_safe, quality)
                for point in self.front):
@@ -142,6 +151,17 @@ class EarlyStop:
         if effects is not None and len(effects.effects) == num_samples:
             return effects.interval(values, confidence)
         return Interval.of(values, confidence, num_samples)
+
+    def _below_best(self, trial: SpeedupInterval, alpha: float, confidence: float) -> bool:
+        """Is the trial slower than the best, one-sided at alpha, counting both one's noise?"""
+        best = self.speedup_to_beat
+        if best is None or best.low is None or best.low <= 0:
+            return False
+        normal = NormalDist()
+        trial_half = math.log(trial.high / trial.speedup)
+        best_half = (math.log(best.speedup / best.low) * normal.inv_cdf(1 - alpha)
+                     / normal.inv_cdf(0.5 + confidence / 2))
+        return math.log(trial.speedup) + math.hypot(trial_half, best_half) < math.log(best.speedup)
 
     def _better(self, safe: float, trial: Interval) -> bool:
         """Is a front member's safe-side quality better than the trial's best case?"""

@@ -41,6 +41,7 @@ from .evaluate import Baseline, Comparison, Evaluator, evaluator_from_spec
 from .faults import oom_fault_from_env
 from .quality import Interval, unsafe_side
 from .report import format_interval, trial_note
+from .speedup import SpeedupInterval
 from .storage import DATABASE_ERRORS, GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
 
 logger = logging.getLogger(__name__)
@@ -396,7 +397,9 @@ class Worker:
                  if studies.is_feasible(t) and t.user_attrs.get("fingerprint") == self.fingerprint
                  and t.user_attrs.get("speedup_low") is not None]
         if mode == "max-speedup" and found:
-            rule.speedup_to_beat = max(t.user_attrs["speedup_low"] for t in found)
+            best = max(found, key=lambda t: t.user_attrs["speedup"]).user_attrs
+            rule.speedup_to_beat = SpeedupInterval(best["speedup"], best["speedup_low"],
+                                                   best.get("speedup_high"))
         if mode == "pareto":
             metric = spec.quality.metric
             for trial in found:

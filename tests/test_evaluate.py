@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import numpy as np
 import pytest
 
@@ -15,6 +18,7 @@ from optsearch.evaluate import (
 )
 from optsearch.prompts import load_prompts
 from optsearch.quality import t_quantile
+from optsearch.speedup import SpeedupInterval
 
 PROMPTS = load_prompts("builtin", 5)
 ACCELERATED = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0},
@@ -197,8 +201,22 @@ def test_speedup_rules_stop_with_their_reason_and_only_when_the_interval_is_clea
     assert 2.05 < high < 2.1
     assert EarlyStop("psnr", target_speedup=2.1)(partial) == "speedup"
     assert EarlyStop("psnr", target_speedup=2.05)(partial) is None  # inside the interval
-    assert EarlyStop("psnr", quality_limit=30, speedup_to_beat=high + 0.1)(partial) == "dominated"
-    assert EarlyStop("psnr", quality_limit=30, speedup_to_beat=high - 0.1)(partial) is None
+    # max-speedup: the trial's and the best's noise add in quadrature (log scale), the best's
+    # 95 % half-width rescaled to the look's one-sided alpha
+    speedup = partial.speedup
+    trial_half = math.log(high / speedup)
+    best_half = 0.02  # the best's recorded 95 % interval: exp(-+0.02)
+    gap = math.hypot(trial_half, best_half * NormalDist().inv_cdf(1 - 0.05 / 4) / 1.959964)
+
+    def best_at(log_distance: float) -> SpeedupInterval:
+        figure = speedup * math.exp(log_distance)
+        return SpeedupInterval(figure, figure * math.exp(-best_half), figure * math.exp(best_half))
+
+    assert best_at(gap + 0.005).low < high  # the old rule (best's low bound vs trial's high) waits
+    assert EarlyStop("psnr", quality_limit=30, speedup_to_beat=best_at(gap + 0.005))(partial) == "dominated"
+    assert EarlyStop("psnr", quality_limit=30, speedup_to_beat=best_at(gap - 0.005))(partial) is None
+    no_interval = SpeedupInterval(speedup * 2, None, None)  # a best from one batch: no noise known
+    assert EarlyStop("psnr", quality_limit=30, speedup_to_beat=no_interval)(partial) is None
     better = FrontPoint(speedup_low=high + 0.1, quality_safe=42.0)
     worse_quality = FrontPoint(speedup_low=high + 0.1, quality_safe=40.0)
     assert EarlyStop("psnr", quality_limit=30, front=[better])(partial) == "dominated"
