@@ -32,20 +32,21 @@ class AnyCount(PromptEffects):
     MIN_TRIALS = 2
 
 
-def check(values: np.ndarray, others: int, draws: int, rng) -> list:
+def check(values: np.ndarray, batch: int, others: int, draws: int, rng) -> list:
     """[misses, stops, wrong stops] as fractions of looks, plain look then prompt effects."""
     total = values.shape[1]
-    alpha = 0.05 / total  # the per-look alpha of a 95 % study with one batch per prompt
+    alpha = 0.05 / (total // batch)  # the per-look alpha of a 95 % study
     limit = float(np.median(values.mean(axis=1)))
-    counts, looks = np.zeros((2, 3)), 0
+    counts, looks = np.zeros((3, 3)), 0
     for trial, row in enumerate(values):
         final = row.mean()
         candidates = [i for i in range(len(values)) if i != trial]
         for _ in range(draws):
             effects = AnyCount.of(values[rng.choice(candidates, others, replace=False)])
-            for seen in range(1, total):  # a look may decide from the first prompt
+            for seen in range(batch, total, batch):  # a look may decide from the first batch
                 looks += 1
                 for index, interval in enumerate((Interval.of(row[:seen], 1 - 2 * alpha, total),
+                                                  Interval.of(row[:seen], 1 - 2 * alpha),
                                                   effects.interval(row[:seen], 1 - 2 * alpha))):
                     stop = interval.high < limit
                     counts[index] += (final > interval.high, stop, stop and final >= limit)
@@ -55,15 +56,16 @@ def check(values: np.ndarray, others: int, draws: int, rng) -> list:
 def main(draws: int = 3) -> None:
     rng = np.random.default_rng(0)
     rows = []
-    for size in ((3, 1), (8, 1)):
+    for size in ((3, 1), (8, 1), (16, 2)):
         points = json.loads(landscape_path(*size).read_text())["points"]
         values = np.array([point["psnr_per_prompt"] for point in points])
         for others in OTHERS:
-            rows.append([f"{size[0]} prompts", others,
-                         *(f"{x:.4f}" for x in check(values, others, draws, rng))])
+            rows.append([f"{size[0]} in batches of {size[1]}", others,
+                         *(f"{x:.4f}" for x in check(values, size[1], others, draws, rng))])
     print("# quality look: one-sided misses of the final mean, stops, wrong stops (per look)")
-    print(table(["landscape", "earlier trials", "alpha", "plain: misses", "stops", "wrong",
-                 "prompt effects: misses", "stops", "wrong"], rows))
+    print(table(["prompts", "earlier trials", "alpha", "plain: misses", "stops", "wrong",
+                 "plain, no FPC: misses", "stops", "wrong", "prompt effects: misses", "stops",
+                 "wrong"], rows))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Configurations:
 - today:    the rules when the issue was filed: quality early stop only (a two-sided interval of
             the prompts' mean), a full warm-up batch per trial, no warm start;
 - speedup:  early stop as it is now: speedup-aware ("dominated", with the pooled timing noise)
-            and the sharper quality look (one-sided, over the study's prompts); pruned, with the
+            and the sharper quality look (one-sided); pruned, with the
             partial speedup reported;
 - speedup (complete): the same, but stopped trials are told as COMPLETE with their partial figures;
 - warm:     today + published warm start;
@@ -172,8 +172,8 @@ def measure(land: Landscape, point: dict, rule) -> tuple[list[float], str | None
 
 def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int = 3000) -> tuple:
     """(device seconds, wall seconds, trials, wrong stops) until the goal (None entries if never
-    reached); a wrong stop stopped an answer (feasible, >= 98 % of the best) or a feasible setting
-    for quality."""
+    reached); wrong stops: (feasible settings stopped for quality, answers - feasible, >= 98 % of
+    the best - stopped for speedup)."""
     spec = spec_for(seed, land.limit, config)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
     for params in warm_start_params(spec, storage=None):
@@ -182,7 +182,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
     found: list[SpeedupInterval] = []  # completed feasible trials
     rows: dict[tuple, list[float]] = {}  # per-prompt PSNR of settings that ran on all prompts
     done: dict[tuple, tuple] = {}
-    clock, device, trials, wrong = 0.0, 0.0, 0, 0
+    clock, device, trials, wrong = 0.0, 0.0, 0, np.zeros(2, dtype=int)
     running: list[tuple] = []  # (finish time, index, trial, point, batches, reason)
     free = workers
 
@@ -217,7 +217,8 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
         batches, reason = measure(land, point, rule)
         done[key] = (batches, reason)
         feasible = point["psnr"] >= land.limit
-        wrong += bool(reason) and feasible and (reason == "quality" or point["speedup"] >= goal)
+        if reason and feasible:
+            wrong += (reason == "quality", reason != "quality" and point["speedup"] >= goal)
         warm = config.warm_process and trials >= workers  # every worker has run the combo
         seconds = land.cost(point, batches, config.short_warmup, warm)
         device += seconds
@@ -295,10 +296,11 @@ def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None
                      f"{np.percentile(reached, 90) / np.percentile(today, 90):.2f}"
                      if reached and today else "-",
                      statistics.median(r[2] for r in results if r[0] is not None) if reached else None,
-                     sum(r[3] for r in results)])
+                     "{} / {}".format(*sum(r[3] for r in results))])
         print(f"{config.name}: {[round(r[0]) if r[0] else None for r in results]}", flush=True)
     print(table(["rules", "reached", "median device-s", "vs today, median [95 % CI]",
-                 "vs today, mean", "vs today, p90", "median trials", "wrong stops"], rows))
+                 "vs today, mean", "vs today, p90", "median trials",
+                 "wrong stops: quality / speedup"], rows))
 
     if not parallel:
         return

@@ -4,10 +4,11 @@ Same spec and sampler seed twice (128 px, 20 steps, 6 prompts in batches of 2, D
 PSNR limit, 16 trials, SQLite):
 
 - before: early stop on quality only (as it was), a full warm-up batch per trial, no warm start;
-- now:    what a study does now: speedup-aware early stop with pooled timing noise, the one-sided
-          quality look over the study's prompts from the first batch (without the prompts' own
-          effects once 5 trials ran on all prompts), the published warm start, the short warm-up
-          before a worker's first trial of a combo and none after.
+- now:    what a study does now: speedup-aware early stop with pooled timing noise (dominated:
+          the trial's and the best's noise in quadrature), the one-sided quality look from the
+          first batch (the prompts' own effects removed once 5 trials ran on all prompts), the
+          published warm start, the short warm-up before a worker's first trial of a combo and
+          none after.
 
 Reports batches run, device seconds in pipeline calls (warm-up included), wall time and the winner.
 """

@@ -111,13 +111,11 @@ def test_early_stop_rule_uses_the_interval():
     assert rule(partial) == "quality"
     assert early_stop_rule("psnr", 20.0, min_batches=2)(partial) is None
     assert early_stop_rule("clip_loss", 0.3, min_batches=2)(partial) is None
-    # Bonferroni over 4 looks, one-sided: a 98.75 % upper bound of the mean over all 8 prompts,
-    # 4 of which are known (finite-population correction sqrt(1 - 4/8)): 21.07 dB.
-    assert early_stop_rule("psnr", 21.1, min_batches=2)(partial) == "quality"
-    assert early_stop_rule("psnr", 21.05, min_batches=2)(partial) is None
-    partial.num_samples = 1000  # the same 4 prompts of many: the bound is the plain t bound, 21.33
-    assert early_stop_rule("psnr", 21.3, min_batches=2)(partial) is None
+    # Bonferroni over 4 looks, one-sided: the 98.75 % t bound of the prompts' mean, 21.33 dB, not
+    # narrowed because 4 of the 8 prompts are known: prompts come in a fixed order, and a late one
+    # easier than the first would make a narrowed bound miss (benchmarks/RESULTS.md 10e).
     assert early_stop_rule("psnr", 21.35, min_batches=2)(partial) == "quality"
+    assert early_stop_rule("psnr", 21.3, min_batches=2)(partial) is None
 
 
 EFFECTS = np.array([-3.0, 2.0, 1.0, -1.0, 0.5, -0.5, 3.0, -2.0])  # sum 0: each prompt's own PSNR
