@@ -26,6 +26,7 @@ Configurations:
     python benchmarks/search_cost.py [psnr_limit] [seeds] [parallel: 0 skips the workers table]
     REPLAY_ONLY="new;new, GP sampler" python benchmarks/search_cost.py ...   # only those (+ today)
     LANDSCAPE=8x1 python benchmarks/search_cost.py ...   # the 8-prompt landscape (8 looks a trial)
+    LANDSCAPE=16x2 python benchmarks/search_cost.py 35.13 ...   # 16 prompts in batches of 2
 
 The GP configuration runs only on request: GP fits a model at every ask, and 10 seeds did not
 finish in 25 minutes on 2 cores.
