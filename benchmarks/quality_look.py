@@ -1,12 +1,12 @@
 """Benchmark 9d: the early-stop quality look with and without the prompts' own effects.
 
-On both recorded landscapes (3 and 8 prompts, batches of 1), for every grid point as the trial and
-K other points as the study's earlier trials (random draws), at every look before the last: how
-often the look's one-sided bound misses the trial's final mean (it must not exceed the look's
-alpha), how often the look stops the trial (the PSNR limit is the grid's median), and how often it
-stops a trial whose final mean is feasible (a wrong stop). The looks start at the first prompt, as
-a study's do (`min_batches` 1). K = 3 and 4 are below the study's `PromptEffects.MIN_TRIALS` (5):
-they show how close to alpha fewer earlier trials come.
+On the recorded landscapes (3 and 8 prompts in batches of 1, 16 in batches of 2), for every grid
+point as the trial and K other points as the study's earlier trials (random draws), at every look
+before the last: how often the look's one-sided bound misses the trial's final mean (it must not
+exceed the look's alpha), how often the look stops the trial (the PSNR limit is the grid's median),
+and how often it stops a trial whose final mean is feasible (a wrong stop). The looks start at the
+first batch, as a study's do (`min_batches` 1). K = 3 and 4 are below the study's
+`PromptEffects.MIN_TRIALS` (5): they show how close to alpha fewer earlier trials come.
 
     python benchmarks/quality_look.py [draws per point]
 """
@@ -33,7 +33,8 @@ class AnyCount(PromptEffects):
 
 
 def check(values: np.ndarray, batch: int, others: int, draws: int, rng) -> list:
-    """[misses, stops, wrong stops] as fractions of looks, plain look then prompt effects."""
+    """[misses, stops, wrong stops] as fractions of looks: the plain look narrowed by the share of
+    prompts known (as it was), the plain look (now), the prompt-effect look."""
     total = values.shape[1]
     alpha = 0.05 / (total // batch)  # the per-look alpha of a 95 % study
     limit = float(np.median(values.mean(axis=1)))
@@ -63,8 +64,8 @@ def main(draws: int = 3) -> None:
             rows.append([f"{size[0]} in batches of {size[1]}", others,
                          *(f"{x:.4f}" for x in check(values, size[1], others, draws, rng))])
     print("# quality look: one-sided misses of the final mean, stops, wrong stops (per look)")
-    print(table(["prompts", "earlier trials", "alpha", "plain: misses", "stops", "wrong",
-                 "plain, no FPC: misses", "stops", "wrong", "prompt effects: misses", "stops",
+    print(table(["prompts", "earlier trials", "alpha", "plain, narrowed: misses", "stops", "wrong",
+                 "plain (now): misses", "stops", "wrong", "prompt effects: misses", "stops",
                  "wrong"], rows))
 
 

@@ -12,8 +12,7 @@ Configurations:
 - today:    the rules when the issue was filed: quality early stop only (a two-sided interval of
             the prompts' mean), a full warm-up batch per trial, no warm start;
 - speedup:  early stop as it is now: speedup-aware ("dominated", with the pooled timing noise)
-            and the sharper quality look (one-sided); pruned, with the
-            partial speedup reported;
+            and the sharper quality look (one-sided); pruned, with the partial speedup reported;
 - speedup (complete): the same, but stopped trials are told as COMPLETE with their partial figures;
 - warm:     today + published warm start;
 - new, short warm-up every trial: early stop + warm start + the short warm-up before every trial;

@@ -39,7 +39,7 @@ x = a trial's per-prompt values and a = each prompt's mean deviation from its tr
 the earlier trials, the final mean is estimated as mean(x - a) over the prompts measured so far,
 and the residual variance is the 90th percentile of the K earlier trials' own (it differs about 2x
 between trials; the pooled one undercovered on the 3-prompt landscape), with df = (K - 1)(N - 1),
-so one or two prompts can already decide. Checked on both recorded landscapes
+so one or two prompts can already decide. Checked on the three recorded landscapes
 (benchmarks/quality_look.py): the one-sided bound misses the final mean at most as often as its
 alpha for K >= 5 (the pooled variance missed 2.6-4.4 % of looks at an alpha of 1.7 %).
 
@@ -156,7 +156,7 @@ class EarlyStop:
         return Interval.of(values, confidence)
 
     def _below_best(self, trial: SpeedupInterval, alpha: float, confidence: float) -> bool:
-        """Is the trial slower than the best, one-sided at alpha, counting both one's noise?"""
+        """Is the trial slower than the best, one-sided at alpha, counting both figures' noise?"""
         best = self.speedup_to_beat
         if best is None or best.low is None or best.low <= 0:
             return False
