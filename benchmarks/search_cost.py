@@ -70,6 +70,7 @@ class Config:
     speedup_after: int = 2  # EarlyStop.speedup_after
     startup: int = 20  # n_startup_trials (random trials before TPE models the space)
     sampler: str = "tpe"
+    boundary: str = "pocock"  # EarlyStop.boundary: the looks' per-look alpha
     on_request: bool = False  # only when named in REPLAY_ONLY (GP: > 25 min for 10 seeds here)
 
 
@@ -83,6 +84,7 @@ CONFIGS = (
     Config("new, short warm-up every trial", speedup_stop=True, warm_start=True, short_warmup=True),
     Config("new, no prompt effects", **{**NEW, "prompt_effects": False}),
     Config("new", **NEW),
+    Config("new, Bonferroni looks", **NEW, boundary="bonferroni"),
     Config("new, speedup look after 1 batch", **NEW, speedup_after=1),
     Config("new, told COMPLETE", **NEW, tell_complete=True),
     Config("new, 10 start-up", **NEW, startup=10),
@@ -212,7 +214,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
         effects = PromptEffects.of(list(rows.values())) if config.prompt_effects else None
         rule = (EarlyStop("psnr", speedup_after=config.speedup_after, quality_limit=land.limit,
                           speedup_to_beat=max(found, key=lambda s: s.speedup) if found else None,
-                          prompt_effects=effects)
+                          prompt_effects=effects, boundary=config.boundary)
                 if config.speedup_stop else IssueTimeQualityStop(land.limit))
         batches, reason = measure(land, point, rule)
         done[key] = (batches, reason)

@@ -17,7 +17,8 @@ from optsearch.evaluate import (
     n_batches,
 )
 from optsearch.prompts import load_prompts
-from optsearch.quality import t_quantile
+from optsearch.quality import Interval, t_quantile
+from optsearch.sequential import per_look_alpha
 from optsearch.speedup import SpeedupInterval
 
 PROMPTS = load_prompts("builtin", 5)
@@ -111,11 +112,35 @@ def test_early_stop_rule_uses_the_interval():
     assert rule(partial) == "quality"
     assert early_stop_rule("psnr", 20.0, min_batches=2)(partial) is None
     assert early_stop_rule("clip_loss", 0.3, min_batches=2)(partial) is None
-    # Bonferroni over 4 looks, one-sided: the 98.75 % t bound of the prompts' mean, 21.33 dB, not
-    # narrowed because 4 of the 8 prompts are known: prompts come in a fixed order, and a late one
-    # easier than the first would make a narrowed bound miss (benchmarks/RESULTS.md 10e).
-    assert early_stop_rule("psnr", 21.35, min_batches=2)(partial) == "quality"
-    assert early_stop_rule("psnr", 21.3, min_batches=2)(partial) is None
+    # two looks (after 4 and 6 prompts) share alpha 0.05 on their real correlation: 0.0331 each
+    # (Bonferroni: 0.025), one-sided: the t bound of the prompts' mean, 21.04 dB, not narrowed
+    # because 4 of the 8 prompts are known: prompts come in a fixed order, and a late one easier
+    # than the first would make a narrowed bound miss (benchmarks/RESULTS.md 10e).
+    assert per_look_alpha(0.05, [4, 6]) == pytest.approx(0.0331, abs=5e-4)
+    bound = Interval.of(partial.psnr, 1 - 2 * per_look_alpha(0.05, [4, 6])).high
+    assert bound == pytest.approx(21.04, abs=0.01)
+    assert early_stop_rule("psnr", 21.06, min_batches=2)(partial) == "quality"
+    assert early_stop_rule("psnr", 21.02, min_batches=2)(partial) is None
+    bonferroni = EarlyStop("psnr", 2, quality_limit=21.06, boundary="bonferroni")
+    assert bonferroni(partial) is None  # its bound, 21.33 dB, waits
+
+
+def test_the_sequential_per_look_alpha_spends_alpha_on_the_looks_real_correlation():
+    # one look: all of alpha; more looks: between Bonferroni's alpha / looks and alpha
+    assert per_look_alpha(0.05, [3]) == 0.05
+    assert per_look_alpha(0.05, []) == 0.05
+    seven = per_look_alpha(0.05, range(1, 8))
+    assert 0.05 / 7 < seven < 0.05
+    assert seven == pytest.approx(0.0137, abs=5e-4)  # Pocock, one-sided, 7 equal looks
+    # a fixed set of 8 items (the last look would know the mean): looks less correlated, less each
+    assert 0.05 / 7 < per_look_alpha(0.05, range(1, 8), total=8) < seven
+    # looks at or past the fixed set's size are not looks
+    assert per_look_alpha(0.05, [2, 4, 6, 8], total=8) == per_look_alpha(0.05, [2, 4, 6], total=8)
+    # simulated: with the per-look alpha, some look of a random walk crosses with chance alpha
+    rng = np.random.default_rng(1)
+    walks = rng.standard_normal((20_000, 7)).cumsum(axis=1) / np.sqrt(np.arange(1, 8))
+    crossed = (walks > NormalDist().inv_cdf(1 - seven)).any(axis=1).mean()
+    assert crossed == pytest.approx(0.05, abs=0.005)
 
 
 EFFECTS = np.array([-3.0, 2.0, 1.0, -1.0, 0.5, -0.5, 3.0, -2.0])  # sum 0: each prompt's own PSNR
@@ -146,7 +171,7 @@ def test_prompt_effects_of_earlier_trials_let_the_quality_look_decide_after_two_
     assert sharp(first_two) == "quality"
     # the bound: t at (K-1)(N-1) df, the earlier trials' 90th-percentile residual variance, the
     # unknown 6 of 8 prompts and the effects' own error from 5 trials
-    per_look = 1 - 2 * 0.05 / 8
+    per_look = 1 - 2 * per_look_alpha(0.05, range(1, 8), total=8)  # 7 looks at the 8 prompts' mean
     variance = np.percentile(effects.residual_variances, 90) * (1 / 2 - 1 / 8) * (1 + 1 / 5)
     high = 28.0 + t_quantile(per_look, 4 * 7) * np.sqrt(variance)
     assert effects.interval(first_two.psnr, per_look).high == pytest.approx(high)
@@ -194,17 +219,21 @@ def timed_partial(baseline: list[float], setting: list[float], psnr: list[float]
 
 def test_speedup_rules_stop_with_their_reason_and_only_when_the_interval_is_clear():
     partial = timed_partial([1.0, 1.02, 0.98, 1.01], [0.5, 0.52], [40.0, 41.0, 40.5, 40.2])
-    # two batches; a one-sided 98.75 % bound per look (4 looks); the baseline's noise pooled in
-    high = partial.speedup_interval_at(1 - 2 * 0.05 / 4, pooled=True).high
-    assert 2.05 < high < 2.1
-    assert EarlyStop("psnr", target_speedup=2.1)(partial) == "speedup"
+    # two batches; speedup looks after batches 2 and 3 share alpha: one-sided 96.7 % per look;
+    # the baseline's noise pooled in
+    alpha = per_look_alpha(0.05, [2, 3])
+    high = partial.speedup_interval_at(1 - 2 * alpha, pooled=True).high
+    assert 2.05 < high < 2.06
+    assert EarlyStop("psnr", target_speedup=2.06)(partial) == "speedup"
     assert EarlyStop("psnr", target_speedup=2.05)(partial) is None  # inside the interval
+    # Bonferroni's 0.025 per look gives a wider interval (high end 2.064): it would wait
+    assert EarlyStop("psnr", target_speedup=2.06, boundary="bonferroni")(partial) is None
     # max-speedup: the trial's and the best's noise add in quadrature (log scale), the best's
     # 95 % half-width rescaled to the look's one-sided alpha
     speedup = partial.speedup
     trial_half = math.log(high / speedup)
     best_half = 0.02  # the best's recorded 95 % interval: exp(-+0.02)
-    gap = math.hypot(trial_half, best_half * NormalDist().inv_cdf(1 - 0.05 / 4) / 1.959964)
+    gap = math.hypot(trial_half, best_half * NormalDist().inv_cdf(1 - alpha) / 1.959964)
 
     def best_at(log_distance: float) -> SpeedupInterval:
         figure = speedup * math.exp(log_distance)
