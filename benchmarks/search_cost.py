@@ -18,7 +18,10 @@ Configurations:
 - new, short warm-up every trial: early stop + warm start + the short warm-up before every trial;
 - new, no prompt effects: the same, but no warm-up once the worker ran the combo;
 - new:      what a study does now: the same, and the quality look removes the prompts' effects
-            measured on earlier trials (from the 5th trial that ran on all prompts);
+            measured on earlier trials (from the 5th trial that ran on all prompts); the looks
+            share alpha on their correlation (sequential); a trial timed against the same
+            recorded baseline as the best is compared with the best's own batch seconds;
+- new, Bonferroni looks / no same-baseline seconds: "new" without one of those two;
 - new with 10 or 5 start-up trials (random trials before TPE models the space), with and
   without the warm start.
 
@@ -71,6 +74,7 @@ class Config:
     startup: int = 20  # n_startup_trials (random trials before TPE models the space)
     sampler: str = "tpe"
     boundary: str = "pocock"  # EarlyStop.boundary: the looks' per-look alpha
+    same_baseline: bool = True  # compare with the best's seconds when both share a baseline timing
     on_request: bool = False  # only when named in REPLAY_ONLY (GP: > 25 min for 10 seeds here)
 
 
@@ -85,6 +89,7 @@ CONFIGS = (
     Config("new, no prompt effects", **{**NEW, "prompt_effects": False}),
     Config("new", **NEW),
     Config("new, Bonferroni looks", **NEW, boundary="bonferroni"),
+    Config("new, no same-baseline seconds", **NEW, same_baseline=False),
     Config("new, speedup look after 1 batch", **NEW, speedup_after=1),
     Config("new, told COMPLETE", **NEW, tell_complete=True),
     Config("new, 10 start-up", **NEW, startup=10),
@@ -93,6 +98,15 @@ CONFIGS = (
     Config("new, no warm start, 10 start-up", **{**NEW, "warm_start": False}, startup=10),
     Config("new, GP sampler", **NEW, sampler="gp", on_request=True),
 )
+
+
+@dataclass(frozen=True)
+class Found:
+    """A completed feasible trial: its speedup interval, batches and recorded baseline timing."""
+
+    interval: SpeedupInterval
+    batch_seconds: list[float]
+    baseline: int
 
 
 def key_of(params: dict) -> tuple:
@@ -181,7 +195,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
     for params in warm_start_params(spec, storage=None):
         study.enqueue_trial(params)
     goal = 0.98 * land.best
-    found: list[SpeedupInterval] = []  # completed feasible trials
+    found: list[Found] = []  # completed feasible trials
     rows: dict[tuple, list[float]] = {}  # per-prompt PSNR of settings that ran on all prompts
     done: dict[tuple, tuple] = {}
     clock, device, trials, wrong = 0.0, 0.0, 0, np.zeros(2, dtype=int)
@@ -212,8 +226,11 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
             free -= 1
             continue
         effects = PromptEffects.of(list(rows.values())) if config.prompt_effects else None
+        best = max(found, key=lambda f: f.interval.speedup) if found else None
+        shared = config.same_baseline and best is not None and best.baseline == point["baseline"]
         rule = (EarlyStop("psnr", speedup_after=config.speedup_after, quality_limit=land.limit,
-                          speedup_to_beat=max(found, key=lambda s: s.speedup) if found else None,
+                          speedup_to_beat=best.interval if best else None,
+                          best_batch_seconds=best.batch_seconds if shared else None,
                           prompt_effects=effects, boundary=config.boundary)
                 if config.speedup_stop else IssueTimeQualityStop(land.limit))
         batches, reason = measure(land, point, rule)
@@ -250,7 +267,8 @@ def tell(study, spec, trial, point, batches, reason, config, land, found, rows) 
         trial.report(partial_speedup, len(batches))
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     if reason is None and summary["psnr"]["mean"] >= land.limit:
-        found.append(speedup_interval(land.baseline(point), batches, 0.95, partial_speedup))
+        found.append(Found(speedup_interval(land.baseline(point), batches, 0.95, partial_speedup),
+                           batches, point["baseline"]))
         return True
     return False
 

@@ -25,7 +25,10 @@ sqrt(h_trial^2 + h_best^2) < log(best), h_trial being the trial's one-sided (1 -
 and h_best the best's recorded half-width rescaled to the same alpha (its recorded bound used a t
 quantile >= the normal one, so the rescaled width never understates its noise). Comparing the
 trial's optimistic end with the best's *lower bound* instead adds the two widths and kept trials
-within a few percent of the best running to their last batch (benchmarks/RESULTS.md 10e). Pareto
+within a few percent of the best running to their last batch (benchmarks/RESULTS.md 10e). When
+the best was timed against the same baseline timing as the trial (`best_batch_seconds`: one worker
+between two re-timings), both speedups divide by the same figure, so the look compares the two
+trials' own batch seconds and the baseline's noise cancels (10f). Pareto
 compares with each front member's conservative end (its lower speedup bound, its safe-side quality
 bound).
 
@@ -129,6 +132,7 @@ class EarlyStop:
     quality_limit: float | None = None  # max-speedup and pareto
     target_speedup: float | None = None  # target-speedup
     speedup_to_beat: SpeedupInterval | None = None  # max-speedup: the best feasible so far
+    best_batch_seconds: Sequence[float] | None = None  # the best's, when timed on this baseline
     front: list[FrontPoint] = field(default_factory=list)  # pareto: the feasible front
     prompt_effects: PromptEffects | None = None  # from earlier trials measured on every prompt
     boundary: str = "pocock"  # per-look alpha; "bonferroni" (alpha / looks) for the benchmarks
@@ -153,7 +157,7 @@ class EarlyStop:
             return None
         if self.target_speedup is not None and speedup.high < self.target_speedup:
             return SPEEDUP
-        if self._below_best(speedup, alpha, partial.confidence):
+        if self._below_best(speedup, partial, alpha):
             return DOMINATED
         if any(point.speedup_low > speedup.high and self._better(point.quality_safe, quality)
                for point in self.front):
@@ -182,11 +186,14 @@ class EarlyStop:
             return effects.interval(values, confidence)
         return Interval.of(values, confidence)
 
-    def _below_best(self, trial: SpeedupInterval, alpha: float, confidence: float) -> bool:
+    def _below_best(self, trial: SpeedupInterval, partial, alpha: float) -> bool:
         """Is the trial slower than the best, one-sided at alpha, counting both figures' noise?"""
         best = self.speedup_to_beat
         if best is None or best.low is None or best.low <= 0:
             return False
+        if self.best_batch_seconds is not None and len(self.best_batch_seconds) >= 2:
+            return _slower(partial.batch_seconds, self.best_batch_seconds, alpha)
+        confidence = partial.confidence
         normal = NormalDist()
         trial_half = math.log(trial.high / trial.speedup)
         best_half = (math.log(best.speedup / best.low) * normal.inv_cdf(1 - alpha)
@@ -196,6 +203,19 @@ class EarlyStop:
     def _better(self, safe: float, trial: Interval) -> bool:
         """Is a front member's safe-side quality better than the trial's best case?"""
         return safe < trial.low if self.metric == "clip_loss" else safe > trial.high
+
+
+def _slower(trial_seconds: Sequence[float], best_seconds: Sequence[float], alpha: float) -> bool:
+    """Are the trial's batches slower than the best's, one-sided at alpha (pooled t on log seconds)?
+
+    Both were timed against the same baseline timing, so the ratio of their speedups is the
+    inverse ratio of their seconds: the baseline's own noise cancels.
+    """
+    trial, best = np.log(np.asarray(trial_seconds)), np.log(np.asarray(best_seconds))
+    df = len(trial) + len(best) - 2
+    squares = float(((trial - trial.mean()) ** 2).sum() + ((best - best.mean()) ** 2).sum())
+    half = t_quantile(1 - 2 * alpha, df) * math.sqrt(squares / df * (1 / len(trial) + 1 / len(best)))
+    return float(trial.mean() - best.mean()) > half
 
 
 def _past_limit(interval: Interval, metric: str, limit: float) -> bool:

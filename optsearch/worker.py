@@ -114,6 +114,7 @@ class Worker:
         self.host = socket.gethostname()
         self.worker_id = f"{self.host}:{os.getpid()}"
         self.baseline: Baseline | None = None
+        self.baseline_id: str | None = None  # this worker's current baseline timing
         device = self.evaluator.pipe.device
         self.timing_record = {"worker": self.worker_id, "host": self.host,
                               "device": self.facts["device"], "device_index": str(device),
@@ -179,6 +180,8 @@ class Worker:
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         self.trials_since_timing = 0
+        # which timing a trial's speedup divides by: trials that share one compare their seconds
+        self.baseline_id = f"{self.worker_id}/{self.fingerprint}/{len(self.timing_record['timings'])}"
         studies.save_timing(self.study, self.timing_record)
 
     def _retime_if_due(self) -> None:
@@ -400,6 +403,9 @@ class Worker:
             best = max(found, key=lambda t: t.user_attrs["speedup"]).user_attrs
             rule.speedup_to_beat = SpeedupInterval(best["speedup"], best["speedup_low"],
                                                    best.get("speedup_high"))
+            # timed against the same baseline timing: compare seconds, the baseline's noise cancels
+            if self.baseline_id is not None and best.get("baseline_id") == self.baseline_id:
+                rule.best_batch_seconds = best.get("batch_seconds")
         if mode == "pareto":
             metric = spec.quality.metric
             for trial in found:
@@ -492,6 +498,8 @@ class Worker:
             "early_stopped": result.early_stopped,
             "early_stop_reason": result.early_stop_reason,
             "inference_seconds": result.inference_seconds,
+            "batch_seconds": [float(v) for v in result.batch_seconds],  # per image, per batch
+            "baseline_id": self.baseline_id,
             "warmup_seconds": result.warmup_seconds,
             "scoring_seconds": result.scoring_seconds,
             "wall_seconds": result.wall_seconds,

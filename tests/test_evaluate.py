@@ -217,6 +217,26 @@ def timed_partial(baseline: list[float], setting: list[float], psnr: list[float]
                       psnr=psnr, clip_scores=[1.0] * len(psnr), baseline_clip_scores=[1.0] * len(psnr))
 
 
+def test_a_best_timed_on_the_same_baseline_is_compared_by_its_seconds():
+    """Both speedups divide by one baseline timing: comparing the two trials' seconds removes the
+    baseline's noise, which the comparison through the speedups must count twice."""
+    baseline = [1.0, 1.02, 0.98, 1.01]
+    partial = timed_partial(baseline, [0.5, 0.52], [40.0, 41.0, 40.5, 40.2])
+    best_seconds = [0.485, 0.49, 0.485, 0.49]  # 4 % faster than the trial, and steady
+    figure = float(np.mean(baseline) / np.mean(best_seconds))
+    best = SpeedupInterval(figure, figure * math.exp(-0.02), figure * math.exp(0.02))
+    through_speedups = EarlyStop("psnr", quality_limit=30, speedup_to_beat=best)
+    assert through_speedups(partial) is None  # within both speedups' noise
+    by_seconds = EarlyStop("psnr", quality_limit=30, speedup_to_beat=best, best_batch_seconds=best_seconds)
+    assert by_seconds(partial) == "dominated"
+    as_fast = EarlyStop("psnr", quality_limit=30, speedup_to_beat=best,
+                        best_batch_seconds=[0.5, 0.52, 0.51, 0.5])
+    assert as_fast(partial) is None
+    noisy = EarlyStop("psnr", quality_limit=30, speedup_to_beat=best,
+                      best_batch_seconds=[0.40, 0.58, 0.42, 0.56])  # the same mean, 15 % noise
+    assert noisy(partial) is None
+
+
 def test_speedup_rules_stop_with_their_reason_and_only_when_the_interval_is_clear():
     partial = timed_partial([1.0, 1.02, 0.98, 1.01], [0.5, 0.52], [40.0, 41.0, 40.5, 40.2])
     # two batches; speedup looks after batches 2 and 3 share alpha: one-sided 96.7 % per look;

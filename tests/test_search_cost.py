@@ -69,6 +69,10 @@ def test_max_speedup_stops_clearly_slower_trials_as_dominated_and_keeps_the_winn
     assert slow.user_attrs["batches_evaluated"] < 8
     assert slow.user_attrs["speedup_high"] < fast.user_attrs["speedup_low"]
     assert slow.intermediate_values  # the sampler is told what was measured
+    # one worker, one baseline timing: the look compared the two trials' own batch seconds
+    assert slow.user_attrs["baseline_id"] == fast.user_attrs["baseline_id"] is not None
+    assert len(fast.user_attrs["batch_seconds"]) == 8
+    assert np.mean(slow.user_attrs["batch_seconds"]) > np.mean(fast.user_attrs["batch_seconds"])
     exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json",
                              cwd=tmp_path)
     assert exported.returncode == 0
