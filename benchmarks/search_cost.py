@@ -293,6 +293,19 @@ def ratio_with_interval(device: list[float], today: list[float], draws: int = 20
     return f"{statistics.median(device) / statistics.median(today):.2f} [{low:.2f}, {high:.2f}]"
 
 
+def per_seed_ratio(device: list, today: list, draws: int = 2000) -> str:
+    """The median over seeds of device / today for the same sampler seed, with a bootstrap 95 %
+    interval: steadier than the ratio of medians, which a few seeds changing places near the
+    median move by 10 % (benchmarks/RESULTS.md 10f)."""
+    ratios = np.array([d / t for d, t in zip(device, today, strict=True) if d is not None and t])
+    if not len(ratios):
+        return "-"
+    rng = np.random.default_rng(0)
+    low, high = np.percentile([np.median(rng.choice(ratios, len(ratios))) for _ in range(draws)],
+                              [2.5, 97.5])
+    return f"{np.median(ratios):.2f} [{low:.2f}, {high:.2f}]"
+
+
 def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None:
     land = Landscape(json.loads(LANDSCAPE.read_text()), limit)
     points = land.data["points"]
@@ -300,7 +313,7 @@ def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None
           f"{land.data['prompts']} prompts in batches of {land.batch_size}, {land.data['machine']})")
     print(f"PSNR limit {land.limit:.2f} dB; best feasible speedup {land.best:.2f}; the whole grid "
           f"costs {land.grid_seconds:.0f} device-seconds")
-    rows, today = [], None
+    rows, today, today_per_seed = [], None, None
     only = os.environ.get("REPLAY_ONLY")  # e.g. "new;new, GP sampler": only those (and today)
     for config in CONFIGS:
         named = bool(only) and config.name in only.split(";")
@@ -310,16 +323,20 @@ def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None
         reached = [r[0] for r in results if r[0] is not None]
         device = statistics.median(reached) if reached else None
         today = reached if config.name == "today" else today
+        per_seed = [r[0] for r in results]
+        today_per_seed = per_seed if config.name == "today" else today_per_seed
         rows.append([config.name, f"{len(reached)}/{seeds}", device,
                      ratio_with_interval(reached, today) if reached and today else "-",
                      f"{np.mean(reached) / np.mean(today):.2f}" if reached and today else "-",
                      f"{np.percentile(reached, 90) / np.percentile(today, 90):.2f}"
                      if reached and today else "-",
+                     per_seed_ratio(per_seed, today_per_seed) if today_per_seed else "-",
                      statistics.median(r[2] for r in results if r[0] is not None) if reached else None,
                      "{} / {}".format(*sum(r[3] for r in results))])
         print(f"{config.name}: {[round(r[0]) if r[0] else None for r in results]}", flush=True)
     print(table(["rules", "reached", "median device-s", "vs today, median [95 % CI]",
-                 "vs today, mean", "vs today, p90", "median trials",
+                 "vs today, mean", "vs today, p90", "per seed vs today, median [95 % CI]",
+                 "median trials",
                  "wrong stops: quality / speedup"], rows))
 
     if not parallel:
