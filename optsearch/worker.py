@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import diffusers
@@ -181,7 +182,8 @@ class Worker:
         })
         self.trials_since_timing = 0
         # which timing a trial's speedup divides by: trials that share one compare their seconds
-        self.baseline_id = f"{self.worker_id}/{self.fingerprint}/{len(self.timing_record['timings'])}"
+        # (random: a second Worker in the same process starts its own record)
+        self.baseline_id = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
         studies.save_timing(self.study, self.timing_record)
 
     def _retime_if_due(self) -> None:

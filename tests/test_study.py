@@ -102,6 +102,9 @@ def test_each_of_two_workers_times_its_own_baseline(tmp_path, pg_url):
     by_worker = {t.user_attrs["worker"]: t.user_attrs["baseline_seconds_per_image"] for t in measured}
     assert len(by_worker) == 2, "both workers measured trials"
     assert len(set(by_worker.values())) == 2, "two processes timed two different baselines"
+    # early stop compares two trials' own seconds only when they share one baseline timing
+    ids = {(t.user_attrs["worker"], t.user_attrs["baseline_id"]) for t in measured}
+    assert len(ids) == 2 and len({baseline_id for _, baseline_id in ids}) == 2
 
 
 def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:
