@@ -182,17 +182,14 @@ class Interval:
     high: float
 
     @classmethod
-    def of(cls, values, confidence: float = 0.95, population: int | None = None) -> Interval:
-        """The interval of the mean of `values`; with `population`, of the mean over that many
-        (the values are the first of them, drawn without replacement): the finite-population
-        correction sqrt(1 - n / population) narrows it to nothing once all are measured."""
+    def of(cls, values, confidence: float = 0.95) -> Interval:
+        """The t interval of the mean of `values` (not narrowed for a finite set of prompts: they
+        come in a fixed order, see early_stop.py)."""
         values = np.asarray(values, dtype=np.float64)
         mean = float(values.mean())
         if len(values) < 2:
             return cls(mean, -math.inf, math.inf)
         half = t_quantile(confidence, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-        if population is not None:
-            half *= math.sqrt(max(0.0, 1 - len(values) / population))
         return cls(mean, float(mean - half), float(mean + half))
 
     def to_dict(self) -> dict:
