@@ -68,7 +68,7 @@ import numpy as np
 
 from .quality import Interval, t_quantile
 from .sequential import per_look_alpha
-from .speedup import SpeedupInterval
+from .speedup import SpeedupInterval, speedup_interval
 
 QUALITY, SPEEDUP, DOMINATED = "quality", "speedup", "dominated"
 REASONS = (QUALITY, SPEEDUP, DOMINATED)
@@ -192,7 +192,12 @@ class EarlyStop:
         if best is None or best.low is None or best.low <= 0:
             return False
         if self.best_batch_seconds is not None and len(self.best_batch_seconds) >= 2:
-            return _slower(partial.batch_seconds, self.best_batch_seconds, alpha)
+            # one baseline timing under both: the trial's speedup over the best is theirs, the
+            # baseline cancels; the pooled interval of its seconds against the best's (log-centred)
+            best_seconds, trial_seconds = self.best_batch_seconds, partial.batch_seconds
+            centre = math.exp(np.log(best_seconds).mean() - np.log(trial_seconds).mean())
+            over_best = speedup_interval(best_seconds, trial_seconds, 1 - 2 * alpha, centre, pooled=True)
+            return over_best.high < 1
         confidence = partial.confidence
         normal = NormalDist()
         trial_half = math.log(trial.high / trial.speedup)
@@ -203,19 +208,6 @@ class EarlyStop:
     def _better(self, safe: float, trial: Interval) -> bool:
         """Is a front member's safe-side quality better than the trial's best case?"""
         return safe < trial.low if self.metric == "clip_loss" else safe > trial.high
-
-
-def _slower(trial_seconds: Sequence[float], best_seconds: Sequence[float], alpha: float) -> bool:
-    """Are the trial's batches slower than the best's, one-sided at alpha (pooled t on log seconds)?
-
-    Both were timed against the same baseline timing, so the ratio of their speedups is the
-    inverse ratio of their seconds: the baseline's own noise cancels.
-    """
-    trial, best = np.log(np.asarray(trial_seconds)), np.log(np.asarray(best_seconds))
-    df = len(trial) + len(best) - 2
-    squares = float(((trial - trial.mean()) ** 2).sum() + ((best - best.mean()) ** 2).sum())
-    half = t_quantile(1 - 2 * alpha, df) * math.sqrt(squares / df * (1 / len(trial) + 1 / len(best)))
-    return float(trial.mean() - best.mean()) > half
 
 
 def _past_limit(interval: Interval, metric: str, limit: float) -> bool:
