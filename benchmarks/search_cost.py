@@ -21,7 +21,10 @@ Configurations:
             measured on earlier trials (from the 5th trial that ran on all prompts); the looks
             share alpha on their correlation (sequential); a trial timed against the same
             recorded baseline as the best is compared with the best's own batch seconds;
-- new, Bonferroni looks / no same-baseline seconds: "new" without one of those two;
+            the first speedup look comes after the 1st batch once 5 earlier trials (of the same
+            kind: warmed up or not) record how far first batches read from the rest;
+- new, Bonferroni looks / no same-baseline seconds / no first-batch look: "new" without one of
+  those;
 - new with 10 or 5 start-up trials (random trials before TPE models the space), with and
   without the warm start.
 
@@ -49,7 +52,7 @@ import optuna
 from _common import table
 from landscape_batches import landscape_path
 
-from optsearch.early_stop import EarlyStop, PromptEffects
+from optsearch.early_stop import EarlyStop, FirstBatches, PromptEffects
 from optsearch.evaluate import Comparison
 from optsearch.quality import Interval
 from optsearch.spec import spec_from_dict
@@ -70,7 +73,7 @@ class Config:
     warm_process: bool = False  # no warm-up once the worker ran the combo (each worker's 1st trial)
     tell_complete: bool = False
     prompt_effects: bool = False  # the quality look removes prompt effects of earlier trials
-    speedup_after: int = 2  # EarlyStop.speedup_after
+    speedup_after: int = 1  # EarlyStop.speedup_after (2: no first-batch look)
     startup: int = 20  # n_startup_trials (random trials before TPE models the space)
     sampler: str = "tpe"
     boundary: str = "pocock"  # EarlyStop.boundary: the looks' per-look alpha
@@ -90,7 +93,7 @@ CONFIGS = (
     Config("new", **NEW),
     Config("new, Bonferroni looks", **NEW, boundary="bonferroni"),
     Config("new, no same-baseline seconds", **NEW, same_baseline=False),
-    Config("new, speedup look after 1 batch", **NEW, speedup_after=1),
+    Config("new, no first-batch look", **NEW, speedup_after=2),
     Config("new, told COMPLETE", **NEW, tell_complete=True),
     Config("new, 10 start-up", **NEW, startup=10),
     Config("new, 5 start-up", **NEW, startup=5),
@@ -163,14 +166,15 @@ class IssueTimeQualityStop:
         return "quality" if Interval.of(partial.psnr, per_look).high < self.limit else None
 
 
-def measure(land: Landscape, point: dict, rule) -> tuple[list[float], str | None]:
+def measure(land: Landscape, point: dict, rule, warmed_up: bool = True) -> tuple[list[float], str | None]:
     """Replay one trial batch by batch: the batches it ran and why it stopped (None: it finished)."""
     per_prompt = point["psnr_per_prompt"]
     n = len(point["batch_seconds"])
     partial = Comparison(setting={}, num_samples=len(per_prompt), batch_size=land.batch_size,
                          n_batches=n, confidence=0.95,
                          baseline_seconds_per_image=float(np.mean(land.baseline(point))),
-                         baseline_batch_seconds=land.baseline(point))
+                         baseline_batch_seconds=land.baseline(point),
+                         warmup_seconds=point["warmup_seconds"] if warmed_up else 0.0)
     for index, seconds in enumerate(point["batch_seconds"]):
         partial.batch_seconds.append(seconds)
         partial.inference_seconds += seconds * land.batch_size
@@ -198,6 +202,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
     found: list[Found] = []  # completed feasible trials
     rows: dict[tuple, list[float]] = {}  # per-prompt PSNR of settings that ran on all prompts
     done: dict[tuple, tuple] = {}
+    timed: list[tuple[list[float], bool]] = []  # (batches, warmed up) of every measured trial
     clock, device, trials, wrong = 0.0, 0.0, 0, np.zeros(2, dtype=int)
     running: list[tuple] = []  # (finish time, index, trial, point, batches, reason)
     free = workers
@@ -228,17 +233,19 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
         effects = PromptEffects.of(list(rows.values())) if config.prompt_effects else None
         best = max(found, key=lambda f: f.interval.speedup) if found else None
         shared = config.same_baseline and best is not None and best.baseline == point["baseline"]
+        warm = config.warm_process and trials >= workers  # every worker has run the combo
         rule = (EarlyStop("psnr", speedup_after=config.speedup_after, quality_limit=land.limit,
                           speedup_to_beat=best.interval if best else None,
                           best_batch_seconds=best.batch_seconds if shared else None,
-                          prompt_effects=effects, boundary=config.boundary)
+                          prompt_effects=effects, boundary=config.boundary,
+                          first_batches=FirstBatches.of(timed))
                 if config.speedup_stop else IssueTimeQualityStop(land.limit))
-        batches, reason = measure(land, point, rule)
+        batches, reason = measure(land, point, rule, warmed_up=not warm)
         done[key] = (batches, reason)
+        timed.append((batches, not warm))
         feasible = point["psnr"] >= land.limit
         if reason and feasible:
             wrong += (reason == "quality", reason != "quality" and point["speedup"] >= goal)
-        warm = config.warm_process and trials >= workers  # every worker has run the combo
         seconds = land.cost(point, batches, config.short_warmup, warm)
         device += seconds
         trials += 1

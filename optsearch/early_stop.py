@@ -1,9 +1,9 @@
 """Early stop: end a trial as soon as its partial measurement shows it cannot be the answer.
 
-After `min_batches` timed batches (1 by default; a speedup look also needs `speedup_after` = 2,
-since a trial's first batch can be slow and only a second one shows its own timing noise), a
-trial is stopped when, at a per-look confidence corrected for looking after every batch, all of it
-on the one side each rule asks about (each asks a one-sided question: is this end past that line?):
+After `min_batches` timed batches (1 by default; a speedup look after the first batch also needs
+the device's first-batch record, see below), a trial is stopped when, at a per-look confidence
+corrected for looking after every batch, all of it on the one side each rule asks about (each
+asks a one-sided question: is this end past that line?):
 
 - "quality":   its quality interval lies entirely past the limit (max-speedup and pareto);
 - "speedup":   its speedup interval lies entirely below the target (target-speedup);
@@ -55,12 +55,23 @@ alpha for K >= 5 (the pooled variance missed 2.6-4.4 % of looks at an alpha of 1
 The trial's speedup interval here pools the timing noise of its batches with the baseline's
 (`speedup_interval(pooled=True)`): after 2 batches the unpooled interval has about one degree of
 freedom and would never decide, so every dominated trial would run to its last batch.
+
+After the first batch a trial has no noise of its own to pool: one slow batch (5 % of this CPU's
+batches are > 15 % outliers) or a first batch slowed by what a warm-up did not cover (new shapes,
+allocations: on a GPU) would read as a slow setting. So the first-batch look uses what the study
+measured on this device ("first-batch record", `FirstBatches`): for each earlier trial that ran
+two batches or more, how far its first batch read from the mean of its others (log seconds),
+kept apart for trials after a warm-up and without one. The trial's log seconds are its first
+batch's less the record's mean, with the record's spread as a prediction interval
+(`speedup.first_batch_interval`); without 5 such trials of its kind the first speedup look waits
+for the 2nd batch. On the recorded landscapes this stops dominated trials one batch sooner with
+no answer lost (benchmarks/RESULTS.md 10g).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
@@ -68,7 +79,7 @@ import numpy as np
 
 from .quality import Interval, t_quantile
 from .sequential import per_look_alpha
-from .speedup import SpeedupInterval, speedup_interval
+from .speedup import SpeedupInterval, first_batch_interval, speedup_interval
 
 QUALITY, SPEEDUP, DOMINATED = "quality", "speedup", "dominated"
 REASONS = (QUALITY, SPEEDUP, DOMINATED)
@@ -121,6 +132,32 @@ class PromptEffects:
         return Interval(mean, mean - half, mean + half)
 
 
+@dataclass(frozen=True)
+class FirstBatches:
+    """How far earlier trials' first batch read from the mean of their later ones (log seconds, on
+    one device fingerprint), after a warm-up and without one: the first-batch look's noise."""
+
+    after_warmup: tuple[float, ...] = ()
+    without_warmup: tuple[float, ...] = ()
+
+    MIN_TRIALS = 5  # fewer: the spread of first batches on this device is not known yet
+
+    @classmethod
+    def of(cls, trials: Iterable[tuple[Sequence[float], bool]]) -> FirstBatches:
+        """From (batch seconds, warmed up) of earlier trials; those with one batch say nothing."""
+        record: dict[bool, list[float]] = {True: [], False: []}
+        for seconds, warmed in trials:
+            logs = np.log(np.asarray(seconds, dtype=np.float64))
+            if len(logs) >= 2 and np.isfinite(logs).all():
+                record[bool(warmed)].append(float(logs[0] - logs[1:].mean()))
+        return cls(tuple(record[True]), tuple(record[False]))
+
+    def excess(self, warmed: bool) -> tuple[float, ...] | None:
+        """The record for a trial that did (not) warm up; None while it is too short."""
+        record = self.after_warmup if warmed else self.without_warmup
+        return record if len(record) >= self.MIN_TRIALS else None
+
+
 @dataclass
 class EarlyStop:
     """The rule a worker hands to `Evaluator.compare`: call it with the partial comparison; it
@@ -128,7 +165,8 @@ class EarlyStop:
 
     metric: str
     min_batches: int = 1
-    speedup_after: int = 2  # batches a speedup look needs: the trial's own timing noise
+    speedup_after: int = 1  # the first batch a speedup look may come after (2: not the first)
+    first_batches: FirstBatches | None = None  # the device's first-batch record (the 1st look)
     quality_limit: float | None = None  # max-speedup and pareto
     target_speedup: float | None = None  # target-speedup
     speedup_to_beat: SpeedupInterval | None = None  # max-speedup: the best feasible so far
@@ -145,14 +183,19 @@ class EarlyStop:
         quality = self._quality(partial.per_prompt(self.metric), per_look, partial.num_samples)
         if self.quality_limit is not None and _past_limit(quality, self.metric, self.quality_limit):
             return QUALITY
-        if partial.batches_evaluated < self.speedup_after:
-            return None  # a first batch can be slow (new shapes, caches): see its own noise first
         if self.target_speedup is None and self.speedup_to_beat is None and not self.front:
             return None
-        alpha = self._look_alpha(1 - partial.confidence,
-                                 range(max(self.min_batches, self.speedup_after), partial.n_batches))
+        excess = self._first_batch_excess(partial)
+        first_look = max(self.min_batches, self.speedup_after, 1 if excess is not None else 2)
+        if partial.batches_evaluated < first_look:
+            return None  # a first batch can be slow (new shapes, caches): see its own noise first
+        alpha = self._look_alpha(1 - partial.confidence, range(first_look, partial.n_batches))
         per_look = 1 - 2 * alpha
-        speedup = partial.speedup_interval_at(per_look, pooled=True)
+        if partial.batches_evaluated == 1:
+            speedup = first_batch_interval(partial.baseline_batch_seconds, partial.batch_seconds[0],
+                                           excess, per_look)
+        else:
+            speedup = partial.speedup_interval_at(per_look, pooled=True)
         if speedup.high is None:
             return None
         if self.target_speedup is not None and speedup.high < self.target_speedup:
@@ -180,6 +223,12 @@ class EarlyStop:
             return alpha / max(1, len(looks))
         return per_look_alpha(alpha, looks, total)
 
+    def _first_batch_excess(self, partial) -> tuple[float, ...] | None:
+        """The device's first-batch record for this trial's kind (warmed up or not), if long enough."""
+        if self.first_batches is None:
+            return None
+        return self.first_batches.excess(partial.warmup_seconds > 0)
+
     def _quality(self, values, confidence: float, num_samples: int) -> Interval:
         effects = self.prompt_effects
         if effects is not None and len(effects.effects) == num_samples:
@@ -195,6 +244,10 @@ class EarlyStop:
             # one baseline timing under both: the trial's speedup over the best is theirs, the
             # baseline cancels; the pooled interval of its seconds against the best's (log-centred)
             best_seconds, trial_seconds = self.best_batch_seconds, partial.batch_seconds
+            if len(trial_seconds) == 1:
+                over_best = first_batch_interval(best_seconds, trial_seconds[0],
+                                                 self._first_batch_excess(partial), 1 - 2 * alpha)
+                return over_best.high < 1
             centre = math.exp(np.log(best_seconds).mean() - np.log(trial_seconds).mean())
             over_best = speedup_interval(best_seconds, trial_seconds, 1 - 2 * alpha, centre, pooled=True)
             return over_best.high < 1

@@ -13,6 +13,9 @@ about 1 df at a Bonferroni-corrected confidence is ~100). It uses `pooled=True`:
 timing noise is a property of the device, not of the setting, so one variance of log batch seconds
 is estimated from the baseline's batches and the setting's together (the classic pooled two-sample
 t interval, df = n_b + n_s - 2). A setting whose own batches scatter more widens it.
+
+After a single batch nothing of the setting's own noise is known: `first_batch_interval` takes
+it from the device's record of how far first batches read from the rest of their trial.
 """
 
 from __future__ import annotations
@@ -86,4 +89,27 @@ def _pooled_interval(base: np.ndarray, fast: np.ndarray, confidence: float,
     logs_b, logs_s = np.log(base), np.log(fast)
     squares = float(((logs_b - logs_b.mean()) ** 2).sum() + ((logs_s - logs_s.mean()) ** 2).sum())
     half = t_quantile(confidence, df) * math.sqrt(squares / df * (1 / len(base) + 1 / len(fast)))
+    return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
+
+
+def first_batch_interval(reference_seconds: Sequence[float], first_seconds: float,
+                         excess: Sequence[float], confidence: float) -> SpeedupInterval:
+    """The speedup over `reference_seconds` (per-batch seconds of the baseline, or of another
+    trial) of a setting measured by one batch, from `excess`: earlier trials' first batch minus
+    the mean of their later ones (log seconds, the same device). The first batch is corrected by
+    the record's mean and the interval is the record's prediction interval for one more trial
+    (spread * sqrt(1 + 1/m)), with the reference's own noise added (Welch-Satterthwaite df)."""
+    reference = np.asarray(reference_seconds, dtype=np.float64)
+    record = np.asarray(excess, dtype=np.float64)
+    m, n = len(record), len(reference)
+    speedup = float(reference.mean()) / (first_seconds * math.exp(-float(record.mean())))
+    if m < 2:
+        return SpeedupInterval(speedup, None, None)
+    var_first = float(record.var(ddof=1)) * (1 + 1 / m)
+    var_reference = float(np.log(reference).var(ddof=1)) / n if n >= 2 else 0.0
+    variance = var_first + var_reference
+    if variance == 0:
+        return SpeedupInterval(speedup, speedup, speedup)
+    df = variance**2 / (var_first**2 / (m - 1) + (var_reference**2 / (n - 1) if n >= 2 else 0.0))
+    half = t_quantile(confidence, df) * math.sqrt(variance)
     return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))

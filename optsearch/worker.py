@@ -37,7 +37,7 @@ from . import study as studies
 from .accelerators import combo_name, denoiser, normalize_setting
 from .artifacts import download_arrays, image_grid, open_artifact_store, upload_arrays, upload_bytes
 from .dashboard import write_trial_note
-from .early_stop import EarlyStop, FrontPoint, PromptEffects
+from .early_stop import EarlyStop, FirstBatches, FrontPoint, PromptEffects
 from .evaluate import Baseline, Comparison, Evaluator, evaluator_from_spec
 from .faults import oom_fault_from_env
 from .quality import Interval, unsafe_side
@@ -391,6 +391,7 @@ class Worker:
         if not spec.search.early_stop:
             return None
         rule = EarlyStop(spec.quality.metric, spec.search.min_batches)
+        rule.first_batches = self._first_batches()
         mode = spec.objective.mode
         if mode == "target-speedup":
             rule.target_speedup = spec.objective.target_speedup
@@ -416,6 +417,16 @@ class Worker:
                 if safe is not None:
                     rule.front.append(FrontPoint(trial.user_attrs["speedup_low"], safe))
         return rule
+
+    def _first_batches(self) -> FirstBatches:
+        """How first batches read on this device fingerprint: from the study's trials measured
+        here (finished or stopped early, not reused), after a warm-up and without one."""
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return FirstBatches.of(
+            (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
+            for t in trials
+            if t.user_attrs.get("fingerprint") == self.fingerprint and "reused_from" not in t.user_attrs
+            and t.user_attrs.get("batch_seconds"))
 
     def _prompt_effects(self, complete: list) -> PromptEffects | None:
         """The prompts' effects on the study's metric, from complete trials measured (not reused)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from statistics import NormalDist
 
 import numpy as np
 import pytest
 
-from optsearch.early_stop import EarlyStop, FrontPoint, PromptEffects
+from optsearch.early_stop import EarlyStop, FirstBatches, FrontPoint, PromptEffects
 from optsearch.evaluate import (
     Comparison,
     Evaluator,
@@ -19,7 +20,7 @@ from optsearch.evaluate import (
 from optsearch.prompts import load_prompts
 from optsearch.quality import Interval, t_quantile
 from optsearch.sequential import per_look_alpha
-from optsearch.speedup import SpeedupInterval
+from optsearch.speedup import SpeedupInterval, first_batch_interval
 
 PROMPTS = load_prompts("builtin", 5)
 ACCELERATED = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0},
@@ -268,13 +269,65 @@ def test_speedup_rules_stop_with_their_reason_and_only_when_the_interval_is_clea
     worse_quality = FrontPoint(speedup_low=high + 0.1, quality_safe=40.0)
     assert EarlyStop("psnr", quality_limit=30, front=[better])(partial) == "dominated"
     assert EarlyStop("psnr", quality_limit=30, front=[worse_quality])(partial) is None
-    # quality past the limit is checked first; a speedup look waits for the trial's 2nd batch
+    # quality past the limit is checked first; without a first-batch record a speedup look
+    # waits for the trial's 2nd batch
     assert EarlyStop("psnr", quality_limit=45, target_speedup=3.0)(partial) == "quality"
     one = timed_partial([1.0, 1.02, 0.98, 1.01], [0.5], [40.0, 41.0])
     assert EarlyStop("psnr", target_speedup=3.0)(one) is None
-    assert EarlyStop("psnr", speedup_after=1, target_speedup=3.0)(one) == "speedup"
     assert EarlyStop("psnr", quality_limit=60, target_speedup=3.0)(one) == "quality"  # from batch 1
     assert EarlyStop("psnr", 2, quality_limit=60, target_speedup=3.0)(one) is None  # min_batches
+
+
+STEADY = [0.01, -0.01, 0.0, 0.02, -0.02]  # first batches within 2 % of their trials' later ones
+
+
+def test_first_batches_record_how_far_first_batches_read_per_kind():
+    record = FirstBatches.of([([1.1, 1.0, 1.0], True), ([0.5], False), ([0.9, 1.0], False),
+                              ([2.0, 2.0, 2.0, 2.0], False)])
+    assert record.after_warmup == pytest.approx((math.log(1.1),))
+    assert record.without_warmup == pytest.approx((math.log(0.9), 0.0))  # one batch: says nothing
+    assert record.excess(True) is None  # fewer than 5 trials of its kind
+    five = FirstBatches(without_warmup=tuple(STEADY))
+    assert five.excess(False) == tuple(STEADY) and five.excess(True) is None
+
+
+def test_first_batch_interval_is_the_records_prediction_interval():
+    baseline = [1.0, 1.02, 0.98, 1.01]
+    steady = first_batch_interval(baseline, 0.5, STEADY, 0.95)
+    assert steady.speedup == pytest.approx(np.mean(baseline) / 0.5)
+    record = np.array(STEADY)
+    variance = record.var(ddof=1) * (1 + 1 / 5) + np.log(baseline).var(ddof=1) / 4
+    assert math.log(steady.high / steady.speedup) > t_quantile(0.95, 100) * math.sqrt(variance)
+    assert math.log(steady.high / steady.speedup) < t_quantile(0.95, 4) * math.sqrt(variance)
+    # first batches that read 60 % slow on this device: the first batch is corrected by that
+    slow = first_batch_interval(baseline, 0.5, [math.log(1.6) + e for e in STEADY], 0.95)
+    assert slow.speedup == pytest.approx(steady.speedup * 1.6)
+    noisy = first_batch_interval(baseline, 0.5, [0.3, -0.3, 0.2, -0.2, 0.0], 0.95)
+    assert noisy.high > 1.5 * steady.high
+
+
+def test_a_speedup_look_after_the_first_batch_needs_the_devices_first_batch_record():
+    one = timed_partial([1.0, 1.02, 0.98, 1.01], [0.5], [40.0, 41.0])  # 2.0x, warmed up: no
+    steady = FirstBatches(without_warmup=tuple(STEADY))
+    assert EarlyStop("psnr", target_speedup=3.0, first_batches=steady)(one) == "speedup"
+    assert EarlyStop("psnr", target_speedup=3.0, speedup_after=2, first_batches=steady)(one) is None
+    four = FirstBatches(without_warmup=tuple(STEADY[:4]))
+    assert EarlyStop("psnr", target_speedup=3.0, first_batches=four)(one) is None
+    other_kind = FirstBatches(after_warmup=tuple(STEADY))  # this trial ran no warm-up
+    assert EarlyStop("psnr", target_speedup=3.0, first_batches=other_kind)(one) is None
+    slow_first = FirstBatches(without_warmup=tuple(math.log(1.6) + e for e in STEADY))
+    assert EarlyStop("psnr", target_speedup=3.0, first_batches=slow_first)(one) is None  # 3.2x
+    noisy = FirstBatches(without_warmup=(0.3, -0.3, 0.2, -0.2, 0.0))
+    assert EarlyStop("psnr", target_speedup=3.0, first_batches=noisy)(one) is None
+    # max-speedup against a best on the same baseline timing: its seconds, the record's noise
+    best_seconds = [0.30, 0.31, 0.30, 0.31]
+    figure = float(np.mean([1.0, 1.02, 0.98, 1.01]) / np.mean(best_seconds))
+    best = SpeedupInterval(figure, figure * 0.98, figure * 1.02)
+    rule = EarlyStop("psnr", quality_limit=30, speedup_to_beat=best, first_batches=steady,
+                     best_batch_seconds=best_seconds)
+    assert rule(one) == "dominated"
+    assert dataclasses.replace(rule, first_batches=noisy)(one) is None
+    assert dataclasses.replace(rule, best_batch_seconds=None)(one) == "dominated"
 
 
 def test_compare_stops_early_and_counts_batches(tiny_pipe, tiny_clip):
