@@ -62,8 +62,9 @@ allocations: on a GPU) would read as a slow setting. So the first-batch look use
 measured on this device ("first-batch record", `FirstBatches`): for each earlier trial that ran
 two batches or more, how far its first batch read from the mean of its others (log seconds),
 kept apart for trials after a warm-up and without one. The trial's log seconds are its first
-batch's less the record's mean, with the record's spread as a prediction interval
-(`speedup.first_batch_interval`); without 5 such trials of its kind the first speedup look waits
+batch's less the record's mean where first batches run slow (never more: the record holds only
+trials that ran a 2nd batch, which leans it fast), with the record's spread as a prediction
+interval (`speedup.first_batch_interval`); without 5 such trials of its kind the first speedup look waits
 for the 2nd batch. On the recorded landscapes this stops dominated trials one batch sooner with
 no answer lost (benchmarks/RESULTS.md 10g).
 """

@@ -96,16 +96,20 @@ def first_batch_interval(reference_seconds: Sequence[float], first_seconds: floa
                          excess: Sequence[float], confidence: float) -> SpeedupInterval:
     """The speedup over `reference_seconds` (per-batch seconds of the baseline, or of another
     trial) of a setting measured by one batch, from `excess`: earlier trials' first batch minus
-    the mean of their later ones (log seconds, the same device). The first batch is corrected by
-    the record's mean and the interval is the record's prediction interval for one more trial
-    (spread * sqrt(1 + 1/m)), with the reference's own noise added (Welch-Satterthwaite df)."""
+    the mean of their later ones (log seconds, the same device). A first batch is corrected by
+    the record's mean when first batches run slow, never the other way: the record holds only
+    trials that ran a 2nd batch, and a first-batch look stops some whose first batch was slow,
+    so a record mean under 0 may be that selection, not the device. The interval is the record's
+    prediction interval for one more trial (its spread about the correction, * sqrt(1 + 1/m)),
+    with the reference's own noise added (Welch-Satterthwaite df)."""
     reference = np.asarray(reference_seconds, dtype=np.float64)
     record = np.asarray(excess, dtype=np.float64)
     m, n = len(record), len(reference)
-    speedup = float(reference.mean()) / (first_seconds * math.exp(-float(record.mean())))
+    shift = max(0.0, float(record.mean())) if m else 0.0
+    speedup = float(reference.mean()) / (first_seconds * math.exp(-shift))
     if m < 2:
         return SpeedupInterval(speedup, None, None)
-    var_first = float(record.var(ddof=1)) * (1 + 1 / m)
+    var_first = float(((record - shift) ** 2).sum()) / (m - 1) * (1 + 1 / m)
     var_reference = float(np.log(reference).var(ddof=1)) / n if n >= 2 else 0.0
     variance = var_first + var_reference
     if variance == 0:

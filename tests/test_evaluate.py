@@ -304,6 +304,10 @@ def test_first_batch_interval_is_the_records_prediction_interval():
     assert slow.speedup == pytest.approx(steady.speedup * 1.6)
     noisy = first_batch_interval(baseline, 0.5, [0.3, -0.3, 0.2, -0.2, 0.0], 0.95)
     assert noisy.high > 1.5 * steady.high
+    # first batches that read fast never make the trial slower than its batch (a record of trials
+    # that survived their first batch leans fast); their distance from 0 counts as spread
+    fast = first_batch_interval(baseline, 0.5, [e - 0.1 for e in STEADY], 0.95)
+    assert fast.speedup == pytest.approx(steady.speedup) and fast.high > steady.high
 
 
 def test_a_speedup_look_after_the_first_batch_needs_the_devices_first_batch_record():
