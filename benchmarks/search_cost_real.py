@@ -5,7 +5,8 @@ PSNR limit, 16 trials, SQLite):
 
 - before: early stop on quality only (as it was), a full warm-up batch per trial, no warm start;
 - now:    what a study does now: speedup-aware early stop with pooled timing noise (dominated:
-          the trial's and the best's noise in quadrature), the one-sided quality look from the
+          the trial's and the best's noise in quadrature; after the first batch once the
+          device's first-batch record holds 5 trials), the one-sided quality look from the
           first batch (the prompts' own effects removed once 5 trials ran on all prompts), the
           published warm start, the short warm-up before a worker's first trial of a combo and
           none after.
