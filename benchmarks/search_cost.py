@@ -202,14 +202,16 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
     found: list[Found] = []  # completed feasible trials
     rows: dict[tuple, list[float]] = {}  # per-prompt PSNR of settings that ran on all prompts
     done: dict[tuple, tuple] = {}
-    timed: list[tuple[list[float], bool]] = []  # (batches, warmed up) of every measured trial
+    timed: list[tuple[list[float], bool]] = []  # (batches, warmed up) of measured, finished trials
     clock, device, trials, wrong = 0.0, 0.0, 0, np.zeros(2, dtype=int)
-    running: list[tuple] = []  # (finish time, index, trial, point, batches, reason)
+    running: list[tuple] = []  # (finish time, index, trial, point, batches, reason, record)
     free = workers
 
     def finish_next() -> tuple[float, bool]:
         """The next running trial finishes: its time, and whether it reached the goal."""
-        finish, _, trial, point, batches, reason = heapq.heappop(running)
+        finish, _, trial, point, batches, reason, record = heapq.heappop(running)
+        if record is not None:  # the first-batch record learns of a trial once it finished
+            timed.append(record)
         feasible_done = tell(study, spec, trial, point, batches, reason, config, land, found, rows)
         return finish, feasible_done and point["speedup"] >= goal
 
@@ -227,7 +229,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
             break  # every setting measured: the goal was stopped early by mistake
         if key in done:  # reused: no device time
             batches, reason = done[key]
-            heapq.heappush(running, (clock, index, trial, point, batches, reason))
+            heapq.heappush(running, (clock, index, trial, point, batches, reason, None))
             free -= 1
             continue
         effects = PromptEffects.of(list(rows.values())) if config.prompt_effects else None
@@ -242,14 +244,14 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
                 if config.speedup_stop else IssueTimeQualityStop(land.limit))
         batches, reason = measure(land, point, rule, warmed_up=not warm)
         done[key] = (batches, reason)
-        timed.append((batches, not warm))
         feasible = point["psnr"] >= land.limit
         if reason and feasible:
             wrong += (reason == "quality", reason != "quality" and point["speedup"] >= goal)
         seconds = land.cost(point, batches, config.short_warmup, warm)
         device += seconds
         trials += 1
-        heapq.heappush(running, (clock + seconds, index, trial, point, batches, reason))
+        heapq.heappush(running, (clock + seconds, index, trial, point, batches, reason,
+                                 (batches, not warm)))
         free -= 1
     while running:  # every setting asked for: the trials still running finish
         clock, reached = finish_next()
