@@ -352,6 +352,17 @@ def _mask_record(record: logging.LogRecord) -> bool:
     return True
 
 
+def _one_line_record(record: logging.LogRecord) -> bool:
+    """A logging filter: a log line stays one line. A library's logged exception (SQLAlchemy
+    closing a cursor that Ctrl-C cut off) is named after the message, not traced back;
+    --verbose keeps tracebacks."""
+    if record.exc_info and record.exc_info[1] is not None:
+        error = record.exc_info[1]
+        record.msg, record.args = f"{record.getMessage()} ({type(error).__name__}: {error})", None
+    record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="optsearch",
@@ -455,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_mask_record)
+        if not args.verbose:
+            handler.addFilter(_one_line_record)
+        handler.addFilter(_mask_record)  # last: it also masks what the one-line filter added
     if args.verbose:
         import optuna
 

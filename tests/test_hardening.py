@@ -42,6 +42,33 @@ def test_masking_and_encoding_of_unencoded_passwords():
     assert "dor&3" not in mask_text("could not resolve host 'dor&3@db'")
 
 
+def test_a_librarys_logged_exception_is_one_masked_line():
+    """SQLAlchemy logs "Exception closing cursor" with its traceback when Ctrl-C cuts a query off
+    (seen in test_sigint_fails_requeues_and_exits_130): the CLI's log lines stay one line."""
+    import io
+    import logging
+
+    from optsearch.cli import _mask_record, _one_line_record
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_one_line_record)
+    handler.addFilter(_mask_record)
+    logger = logging.getLogger("sqlalchemy.pool.test")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ConnectionError(f"lost postgresql://postgres:{SPECIAL}@db/x")
+        except ConnectionError:
+            logger.error("Exception closing cursor", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    [line] = stream.getvalue().splitlines()
+    assert line.startswith("ERROR sqlalchemy.pool.test: Exception closing cursor (ConnectionError: lost")
+    assert "Traceback" not in line and "Tr0ub" not in line and "***" in line
+
+
 def test_password_file_is_read_and_never_shown(tmp_path, pg_url):
     password_file = tmp_path / "pw"
     password_file.write_text("any@odd:pass/word\n")
