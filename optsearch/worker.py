@@ -391,13 +391,14 @@ class Worker:
         if not spec.search.early_stop:
             return None
         rule = EarlyStop(spec.quality.metric, spec.search.min_batches)
-        rule.first_batches = self._first_batches()
+        measured = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        rule.first_batches = self._first_batches(measured)
         mode = spec.objective.mode
         if mode == "target-speedup":
             rule.target_speedup = spec.objective.target_speedup
             return rule
         rule.quality_limit = spec.quality.limit
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = [t for t in measured if t.state == TrialState.COMPLETE]
         rule.prompt_effects = self._prompt_effects(complete)
         found = [t for t in complete
                  if studies.is_feasible(t) and t.user_attrs.get("fingerprint") == self.fingerprint
@@ -418,10 +419,9 @@ class Worker:
                     rule.front.append(FrontPoint(trial.user_attrs["speedup_low"], safe))
         return rule
 
-    def _first_batches(self) -> FirstBatches:
+    def _first_batches(self, trials: list) -> FirstBatches:
         """How first batches read on this device fingerprint: from the study's trials measured
         here (finished or stopped early, not reused), after a warm-up and without one."""
-        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         return FirstBatches.of(
             (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
             for t in trials
