@@ -25,9 +25,9 @@ import sys
 import numpy as np
 from _common import table
 from landscape_batches import landscape_path
+from search_cost import Landscape, measure
 
 from optsearch.early_stop import EarlyStop, FirstBatches
-from optsearch.evaluate import Comparison
 from optsearch.sequential import per_look_alpha
 from optsearch.speedup import speedup_interval
 
@@ -39,13 +39,7 @@ class Pairs:
     """The trial/best pairs of one landscape and the looks of EarlyStop on them."""
 
     def __init__(self, data: dict, rng: np.random.Generator):
-        self.data, self.points, self.rng = data, data["points"], rng
-
-    def baseline(self, point: dict) -> list[float]:
-        return self.data["baselines"][point["baseline"]]["batch_seconds"]
-
-    def speedup(self, point: dict) -> float:
-        return float(np.mean(self.baseline(point)) / np.mean(point["batch_seconds"]))
+        self.land, self.points, self.rng = Landscape(data, None), data["points"], rng
 
     def record(self, exclude: set[int]) -> FirstBatches:
         others = [j for j in range(len(self.points)) if j not in exclude]
@@ -56,29 +50,17 @@ class Pairs:
     def stopped_at(self, trial: dict, best: dict, first_look: int, same_baseline: bool,
                    record: FirstBatches) -> int:
         """The batch after which the rule stops the trial as dominated; 0 if it never does."""
-        interval = speedup_interval(self.baseline(best), best["batch_seconds"], 0.95, self.speedup(best))
+        interval = speedup_interval(self.land.baseline(best), best["batch_seconds"], 0.95,
+                                    best["speedup"])
         rule = EarlyStop("psnr", speedup_after=first_look, speedup_to_beat=interval,
                          first_batches=record,
                          best_batch_seconds=best["batch_seconds"] if same_baseline else None)
-        size, seconds = self.data["batch_size"], trial["batch_seconds"]
-        partial = Comparison(setting={}, num_samples=len(seconds) * size, batch_size=size,
-                             n_batches=len(seconds), confidence=0.95,
-                             baseline_seconds_per_image=float(np.mean(self.baseline(trial))),
-                             baseline_batch_seconds=self.baseline(trial))
-        for batch, value in enumerate(seconds[:-1], start=1):
-            partial.batch_seconds.append(value)
-            partial.inference_seconds += value * size
-            partial.psnr += [0.0] * size
-            partial.clip_scores += [0.0] * size
-            partial.baseline_clip_scores += [0.0] * size
-            partial.batches_evaluated = batch
-            if rule(partial):
-                return batch
-        return 0
+        batches, reason = measure(self.land, trial, rule, warmed_up=False)  # as the record's trials
+        return len(batches) if reason else 0
 
     def at_par(self, low: float, high: float, same_baseline: bool, count: int) -> list[tuple]:
         pairs = [(i, j) for i, a in enumerate(self.points) for j, b in enumerate(self.points)
-                 if i != j and low <= self.speedup(a) / self.speedup(b) <= high
+                 if i != j and low <= a["speedup"] / b["speedup"] <= high
                  and (not same_baseline or a["baseline"] == b["baseline"])]
         return [pairs[k] for k in self.rng.choice(len(pairs), min(count, len(pairs)), replace=False)]
 
@@ -103,7 +85,7 @@ def pooled_misses(data: dict) -> list:
             first = point["batch_seconds"][:look]
             high = speedup_interval(baseline, first, 1 - 2 * alpha, float(np.mean(baseline) / np.mean(first)),
                                     pooled=True).high
-            count += high < np.mean(baseline) / np.mean(point["batch_seconds"])
+            count += high < point["speedup"]  # the recorded figure: mean(baseline) / mean(batches)
         misses.append(f"{count / len(points):.3f}")
     return [f"{alpha:.4f}", " ".join(misses)]
 
