@@ -26,9 +26,9 @@ def scratch() -> Path:
 
 def run_study(spec, folder: Path, n_trials: int | None = None, enqueue=(), progress=False):
     """Create a study from `spec` on SQLite in `folder` and run one worker to completion."""
-    from optsearch.storage import open_storage
-    from optsearch.study import create_study
-    from optsearch.worker import Worker, WorkerOptions
+    from optsearch.optimize.create import create_study
+    from optsearch.optimize.worker import Worker, WorkerOptions
+    from optsearch.storage.rdb import open_storage
 
     url = f"sqlite:///{folder / 'bench.db'}"
     study = create_study(spec, open_storage(url, heartbeat_interval=None))
@@ -41,6 +41,6 @@ def run_study(spec, folder: Path, n_trials: int | None = None, enqueue=(), progr
 
 
 def table(headers, rows) -> str:
-    from optsearch.report import table as render
+    from optsearch.formatting import table as render
 
     return render(headers, rows)

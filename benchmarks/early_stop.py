@@ -11,8 +11,9 @@ import time
 
 from _common import machine, run_study, scratch, table
 
+from optsearch.optimize.objectives import best_overall
+from optsearch.optimize.study import FINISHED
 from optsearch.spec import spec_from_dict
-from optsearch.study import FINISHED, best_overall
 
 
 def spec(early_stop: bool, limit: float):

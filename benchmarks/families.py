@@ -20,10 +20,10 @@ import numpy as np
 from _common import machine, table
 
 from optsearch.accelerators import AppliedSetting, magcache
-from optsearch.evaluate import GenerationConfig, generate
-from optsearch.models import load_pipeline
-from optsearch.prompts import builtin_prompts
-from optsearch.quality import psnr
+from optsearch.measure.evaluate import GenerationConfig, generate
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.prompts import builtin_prompts
+from optsearch.measure.quality import psnr
 
 FLUX = [
     ("steps 10 (of 20)", {"steps": {"num_inference_steps": 10}}),

@@ -17,9 +17,9 @@ import torch
 from _common import machine, table
 
 from optsearch.accelerators import AppliedSetting
-from optsearch.evaluate import GenerationConfig, generate
-from optsearch.models import load_pipeline
-from optsearch.prompts import builtin_prompts
+from optsearch.measure.evaluate import GenerationConfig, generate
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.prompts import builtin_prompts
 
 SETTINGS = [
     ("baseline", {}, "1.00"),

@@ -14,7 +14,7 @@ import time
 from _common import ROOT, machine
 
 from optsearch import load_spec
-from optsearch.evaluate import evaluator_from_spec
+from optsearch.measure.evaluate import evaluator_from_spec
 
 GRID = {
     "deepcache.cache_interval": [2, 3, 4, 5, 6],

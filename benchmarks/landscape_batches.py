@@ -25,7 +25,7 @@ from _common import ROOT, machine
 from landscape import GRID
 
 from optsearch import load_spec
-from optsearch.evaluate import evaluator_from_spec
+from optsearch.measure.evaluate import evaluator_from_spec
 
 DATA = ROOT / "benchmarks" / "data"
 REBASELINE_EVERY = 40

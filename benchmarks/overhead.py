@@ -13,7 +13,7 @@ import time
 from _common import ROOT, machine, run_study, scratch, table
 
 from optsearch import load_spec
-from optsearch.study import FINISHED
+from optsearch.optimize.study import FINISHED
 
 
 def main(n_trials: int = 4) -> None:

@@ -22,9 +22,9 @@ import numpy as np
 from _common import table
 from landscape_batches import landscape_path
 
-from optsearch.early_stop import PromptEffects
-from optsearch.quality import Interval
-from optsearch.sequential import per_look_alpha
+from optsearch.measure.metrics import Interval
+from optsearch.optimize.early_stop import PromptEffects
+from optsearch.optimize.sequential import per_look_alpha
 
 OTHERS = (3, 4, 5, 10, 20)  # earlier trials; the study waits for PromptEffects.MIN_TRIALS
 

@@ -52,13 +52,15 @@ import optuna
 from _common import table
 from landscape_batches import landscape_path
 
-from optsearch.early_stop import EarlyStop, FirstBatches, PromptEffects
-from optsearch.evaluate import Comparison
-from optsearch.quality import Interval
+from optsearch.measure.evaluate import Comparison
+from optsearch.measure.metrics import Interval
+from optsearch.measure.speedup import SpeedupInterval, speedup_interval
+from optsearch.optimize.early_stop import EarlyStop, FirstBatches, PromptEffects
+from optsearch.optimize.objectives import constraints
+from optsearch.optimize.space import suggest_setting
+from optsearch.optimize.study import make_sampler
+from optsearch.optimize.warm_start import warm_start_params
 from optsearch.spec import spec_from_dict
-from optsearch.speedup import SpeedupInterval, speedup_interval
-from optsearch.study import constraints, make_sampler, suggest_setting
-from optsearch.warm_start import warm_start_params
 
 LANDSCAPE = landscape_path(*(int(n) for n in os.environ.get("LANDSCAPE", "3x1").split("x")))
 optuna.logging.set_verbosity(optuna.logging.ERROR)

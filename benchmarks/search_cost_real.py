@@ -23,17 +23,17 @@ from _common import ROOT, machine, scratch, table
 from search_cost import IssueTimeQualityStop
 
 from optsearch import load_spec
-from optsearch.storage import open_storage
-from optsearch.study import best_overall, create_study
-from optsearch.worker import Worker, WorkerOptions
+from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.optimize.create import create_study
+from optsearch.optimize.objectives import best_overall
+from optsearch.optimize.worker import Worker, WorkerOptions
+from optsearch.storage.rdb import open_storage
 
 
-class IssueTimeWorker(Worker):
+def issue_time_rule(spec, finished, fingerprint, baseline_id):
     """The early stop as it was when the issue was filed: quality only, two-sided, no
     finite-population correction (search_cost.IssueTimeQualityStop)."""
-
-    def _early_stop(self):
-        return IssueTimeQualityStop(self.spec.quality.limit)  # min_batches 2, as it was
+    return IssueTimeQualityStop(spec.quality.limit)  # min_batches 2, as it was
 
 
 def run(new_rules: bool, limit: float, n_trials: int, seed: int) -> list:
@@ -50,11 +50,12 @@ def run(new_rules: bool, limit: float, n_trials: int, seed: int) -> list:
     folder = scratch()
     url = f"sqlite:///{folder / 'bench.db'}"
     create_study(spec, open_storage(url, heartbeat_interval=None))
-    worker_class = Worker if new_rules else IssueTimeWorker
-    worker = worker_class(url, spec.name, WorkerOptions(progress=False,
-                                                        artifact_dir=str(folder / "artifacts")))
+    options = WorkerOptions(progress=False, artifact_dir=str(folder / "artifacts"))
+    evaluator = evaluator_from_spec(spec)
     if not new_rules:
-        worker.evaluator.warmup = spec.model.steps  # a full warm-up batch, as before
+        options.stop_rule = issue_time_rule
+        evaluator = evaluator.derive(warmup=spec.model.steps)  # a full warm-up batch, as before
+    worker = Worker(url, spec.name, options, evaluator)
     started = time.perf_counter()
     worker.run()
     wall = time.perf_counter() - started

@@ -17,8 +17,10 @@ import sys
 import optuna
 from _common import ROOT, table
 
+from optsearch.optimize.objectives import constraints
+from optsearch.optimize.space import suggest_setting
+from optsearch.optimize.study import make_sampler
 from optsearch.spec import spec_from_dict
-from optsearch.study import constraints, make_sampler, suggest_setting
 
 LANDSCAPE = ROOT / "benchmarks" / "data" / "landscape-cpu-bench.json"
 optuna.logging.set_verbosity(optuna.logging.ERROR)

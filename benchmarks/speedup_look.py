@@ -27,9 +27,9 @@ from _common import table
 from landscape_batches import landscape_path
 from search_cost import Landscape, measure
 
-from optsearch.early_stop import EarlyStop, FirstBatches
-from optsearch.sequential import per_look_alpha
-from optsearch.speedup import speedup_interval
+from optsearch.measure.speedup import speedup_interval
+from optsearch.optimize.early_stop import EarlyStop, FirstBatches
+from optsearch.optimize.sequential import per_look_alpha
 
 RECORD = 20  # earlier trials in the first-batch record (a study a third of the way to the answer)
 LANDSCAPES = ((3, 1), (8, 1), (16, 2))

@@ -20,11 +20,11 @@ import sys
 
 from _common import machine, table
 
-from optsearch.evaluate import Evaluator, GenerationConfig
-from optsearch.models import load_pipeline
-from optsearch.prompts import load_prompts
-from optsearch.quality import ClipScorer
-from optsearch.speedup import speedup_interval
+from optsearch.measure.evaluate import Evaluator, GenerationConfig
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.prompts import load_prompts
+from optsearch.measure.quality import ClipScorer
+from optsearch.measure.speedup import speedup_interval
 
 SETTING = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}
 

@@ -20,7 +20,7 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def _worker(url: str, seconds: float, results) -> None:
-    from optsearch.storage import open_storage
+    from optsearch.storage.rdb import open_storage
 
     storage = open_storage(url, heartbeat_interval=None)
     study = optuna.load_study(study_name="bench", storage=storage,
@@ -40,7 +40,7 @@ def _worker(url: str, seconds: float, results) -> None:
 
 
 def measure(url: str, workers: int, seconds: float) -> tuple[float, float]:
-    from optsearch.storage import open_storage
+    from optsearch.storage.rdb import open_storage
 
     optuna.create_study(study_name="bench", storage=open_storage(url, heartbeat_interval=None))
     context = multiprocessing.get_context("spawn")

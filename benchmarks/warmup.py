@@ -17,10 +17,10 @@ import sys
 from _common import machine, table
 
 from optsearch.accelerators import AppliedSetting
-from optsearch.evaluate import Evaluator, GenerationConfig, warmup_steps
-from optsearch.models import load_pipeline
-from optsearch.prompts import load_prompts
-from optsearch.quality import ClipScorer
+from optsearch.measure.evaluate import Evaluator, GenerationConfig, warmup_steps
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.prompts import load_prompts
+from optsearch.measure.quality import ClipScorer
 
 SIBLINGS = {
     "baseline": {},
@@ -40,12 +40,12 @@ SETTINGS = {
 }
 
 
-def timed(evaluator: Evaluator, setting: dict) -> tuple[float, float]:
+def timed(evaluator: Evaluator, setting: dict, reference) -> tuple[float, float]:
     """(seconds per image, warm-up seconds) of one pass."""
     if not setting:
         baseline = evaluator.baseline()
         return baseline.seconds_per_image, float("nan")
-    result = evaluator.compare(setting, evaluator.reference)
+    result = evaluator.compare(setting, reference)
     return result.seconds_per_image, result.warmup_seconds
 
 
@@ -53,7 +53,7 @@ def main(rounds: int = 3) -> None:
     pipe = load_pipeline("builtin:cpu-bench", device="cpu", dtype="float32")
     config = GenerationConfig(steps=20, height=128, width=128, guidance_scale=7.5, batch_size=2)
     evaluator = Evaluator(pipe, ClipScorer("builtin:tiny", "none"), load_prompts("builtin", 6), config)
-    evaluator.reference = evaluator.baseline()
+    reference = evaluator.baseline()
     rows = []
     modes = (("full", config.steps), ("short", True), ("none (warm)", False))
     for name, setting in SETTINGS.items():
@@ -62,11 +62,11 @@ def main(rounds: int = 3) -> None:
         for _ in range(rounds):
             for mode, warmup in modes:
                 if warmup is False:  # the process has just run the combo with other parameters
-                    evaluator.warmup = True
-                    timed(evaluator, SIBLINGS[name])
-                evaluator.warmup = warmup
+                    evaluator = evaluator.derive(warmup=True)
+                    timed(evaluator, SIBLINGS[name], reference)
+                evaluator = evaluator.derive(warmup=warmup)
                 evaluator.warm.clear()  # "full" and "short" warm up even in a warm process
-                seconds, warmup_seconds = timed(evaluator, setting)
+                seconds, warmup_seconds = timed(evaluator, setting, reference)
                 runs[mode].append(seconds)
                 warm[mode].append(warmup_seconds)
         with AppliedSetting(pipe, setting) as applied:

@@ -21,8 +21,8 @@ import sys
 
 from _common import machine, run_study, scratch, table
 
-from optsearch.confirm import Confirmation, ConfirmOptions
-from optsearch.prompts import load_prompts
+from optsearch.measure.prompts import load_prompts
+from optsearch.optimize.confirm import Confirmation, ConfirmOptions
 from optsearch.spec import spec_from_dict
 
 LIMIT = 35.0
@@ -81,7 +81,8 @@ def one_study(seed: int) -> dict[str, dict | None]:
         answers[f"{rule} + confirm"] = (best[0], best[1]["speedup"]) if best else None
 
     holdout = load_prompts("builtin", 3 * NUM_SAMPLES)[2 * NUM_SAMPLES:]
-    confirm.prompts = confirm.evaluator.prompts = holdout
+    confirm.prompts = holdout
+    confirm.evaluator = confirm.evaluator.derive(prompts=holdout)
     confirm.reference = None
     results, checked = {}, {}
     for name, answer in answers.items():

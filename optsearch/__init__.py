@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 
-from .accelerators import AppliedSetting
-from .inprocess import search
-from .spec import SpecError, StudySpec, load_spec
+from optsearch.accelerators import AppliedSetting
+from optsearch.optimize.inprocess import search
+from optsearch.spec import SpecError, StudySpec, load_spec
+from optsearch.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["AppliedSetting", "SpecError", "StudySpec", "__version__", "apply", "load_spec",
            "search"]
 

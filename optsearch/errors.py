@@ -1,14 +1,41 @@
-"""Which failures are the user's to fix (exit 2) and how each becomes one readable line."""
+"""Every error optsearch raises on purpose, in one place.
+
+`UserError` is the base of what the user fixes (a spec, an option, a path, a study name): the CLI
+prints it in one line and exits 2. `NothingToExport` means the study has no answer yet (exit 3).
+Anything else is a fault of ours or of a library (exit 1).
+"""
 
 from __future__ import annotations
-
-from .masking import mask_text
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_NOTHING = 1, 2, 3
 
 
-class UsageError(Exception):
-    """Bad input that the user fixes: an option, a value, a study name. Exit 2."""
+class UserError(Exception):
+    """Bad input that the user fixes. Exit 2."""
+
+
+class UsageError(UserError):
+    """An option, a value or a study name is wrong."""
+
+
+class SpecError(UserError):
+    """A spec (or a command-line override of it) is invalid; `problems` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class PromptError(UserError):
+    """The prompt source cannot deliver the prompts asked for."""
+
+
+class ModelLoadError(UserError):
+    """The pipeline could not be loaded (missing folder, unknown hub id, bad dtype/device)."""
+
+
+class StorageError(UserError):
+    """The storage URL is malformed or the database cannot be reached."""
 
 
 class NothingToExport(Exception):
@@ -16,25 +43,25 @@ class NothingToExport(Exception):
 
 
 def exit_code_for(error: BaseException) -> int:
-    from .models import ModelLoadError
-    from .prompts import PromptError
-    from .spec import SpecError
-    from .storage import StorageError
-
     if isinstance(error, NothingToExport):
         return EXIT_NOTHING
-    if isinstance(error, (UsageError, SpecError, ModelLoadError, PromptError, StorageError)):
+    if isinstance(error, UserError):
         return EXIT_USAGE
     return EXIT_RUNTIME
 
 
-def one_line(error: BaseException) -> list[str]:
-    """The lines to print: one per spec problem, else the first line of the message."""
-    from .spec import SpecError
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
+
+def problem_lines(error: BaseException) -> list[str]:
+    """The lines that tell the user what went wrong: one per spec problem, else the message's
+    first line (a fault of ours names its type). Not masked: the caller masks what it prints."""
     if isinstance(error, SpecError):
-        return [mask_text(line) for line in error.problems]
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return list(error.problems)
+    text = first_line(error) if str(error).strip() else ""
     if exit_code_for(error) == EXIT_RUNTIME:
         text = f"{type(error).__name__}: {text} (OPTSEARCH_DEBUG=1 shows the traceback)"
-    return [mask_text(text)]
+    return [text]

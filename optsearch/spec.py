@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .accelerators import ANY_COMBOS, KINDS, ORDER, combo_name, combo_problem, params_of
+from optsearch.accelerators import ANY_COMBOS, KINDS, ORDER, combo_name, combo_problem, params_of
+from optsearch.errors import SpecError
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim")
@@ -29,12 +30,6 @@ KNOWN_SCHEDULERS = (
 )
 
 
-class SpecError(Exception):
-    """A spec (or a command-line override of it) is invalid; `problems` holds one line each."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 @dataclass
@@ -285,7 +280,7 @@ def _model_kind(model: ModelSpec) -> str:
     """The model's kind: as the spec says, else told from its id (unknown: a UNet)."""
     if model.kind in KINDS:
         return model.kind
-    from .models import model_kind
+    from optsearch.measure.models import model_kind
 
     return model_kind(model.id) or "unet"
 
@@ -488,7 +483,7 @@ def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
     """Problems with running `setting` on the spec's model: its combo must be one the spec
     searches, T-GATE needs guidance, and step-counted parameters must fit in the setting's steps
     (its `steps.num_inference_steps`, else model.steps)."""
-    from .accelerators import step_problems
+    from optsearch.accelerators import step_problems
 
     foreign = combo_problem(list(setting), spec.search.model_kind)
     if foreign:

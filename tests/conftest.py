@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from optsearch.models import load_pipeline
-from optsearch.quality import ClipScorer
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.quality import ClipScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTSEARCH = str(Path(sys.executable).with_name("optsearch"))

@@ -10,11 +10,12 @@ import time
 import optuna
 import pytest
 
-from optsearch import study as studies
-from optsearch.confirm import confirm_prompts
-from optsearch.evaluate import evaluator_from_spec
-from optsearch.prompts import load_prompts
-from optsearch.quality import Interval
+from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.measure.metrics import Interval
+from optsearch.measure.prompts import load_prompts
+from optsearch.optimize import objectives
+from optsearch.optimize import study as studies
+from optsearch.optimize.confirm import confirm_prompts
 from optsearch.spec import load_spec
 from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
 
@@ -125,7 +126,7 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     ran = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     trials = {t.number: t for t in study.get_trials()}
-    assert all(studies.is_feasible(t) for t in trials.values())
+    assert all(objectives.is_feasible(t) for t in trials.values())
     assert trials[0].user_attrs["speedup"] > trials[1].user_attrs["speedup"]
 
     before = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "unconfirmed.json",

@@ -9,7 +9,7 @@ import tomllib
 import yaml
 
 from optsearch.accelerators import REGISTRY
-from optsearch.cli import build_parser
+from optsearch.cli.main import build_parser
 from optsearch.spec import SECTIONS
 from tests.conftest import ROOT
 

@@ -9,18 +9,18 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from optsearch.early_stop import EarlyStop, FirstBatches, FrontPoint, PromptEffects
-from optsearch.evaluate import (
+from optsearch.measure.evaluate import (
     Comparison,
     Evaluator,
     GenerationConfig,
     generate,
     n_batches,
 )
-from optsearch.prompts import load_prompts
-from optsearch.quality import Interval, t_quantile
-from optsearch.sequential import per_look_alpha
-from optsearch.speedup import SpeedupInterval, first_batch_interval
+from optsearch.measure.metrics import Interval, t_quantile
+from optsearch.measure.prompts import load_prompts
+from optsearch.measure.speedup import SpeedupInterval, first_batch_interval
+from optsearch.optimize.early_stop import EarlyStop, FirstBatches, FrontPoint, PromptEffects
+from optsearch.optimize.sequential import per_look_alpha
 
 PROMPTS = load_prompts("builtin", 5)
 ACCELERATED = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0},
@@ -357,5 +357,5 @@ def test_warm_up_only_until_the_process_has_run_the_combo_at_the_batch_size(tiny
     evaluator.warm.clear()
     cold = evaluator.compare({"deepcache": {"cache_interval": 2}}, baseline)
     assert cold.warmup_seconds > 0 and cold.image_digests == again.image_digests
-    evaluator.config = GenerationConfig(steps=6, batch_size=2)  # a new shape is cold again
+    evaluator = evaluator.derive(config=GenerationConfig(steps=6, batch_size=2))  # a new shape: cold
     assert evaluator.compare({"deepcache": {"cache_interval": 2}}, baseline).warmup_seconds > 0

@@ -17,7 +17,7 @@ from optsearch.accelerators import (
     magcache,
     pipeline_kind,
 )
-from optsearch.models import load_pipeline, model_kind
+from optsearch.measure.models import load_pipeline, model_kind
 from optsearch.spec import SpecError, spec_from_dict
 
 from .conftest import TINY_SPEC, generate_images, optsearch_cmd, write_spec
@@ -176,8 +176,8 @@ def test_any_means_the_applicable_combos_of_the_models_kind():
 def test_a_wrongly_told_kind_fails_at_load_before_anything_is_measured(flux_pipe):
     """A ModelLoadError (one line, exit 2) as soon as the pipeline is loaded."""
     from optsearch.errors import exit_code_for
-    from optsearch.evaluate import check_families
-    from optsearch.models import ModelLoadError
+    from optsearch.measure.evaluate import check_families
+    from optsearch.measure.models import ModelLoadError
 
     spec = spec_from_dict({"model": {"id": "builtin:tiny-flux", "kind": "unet"},
                            "search": {"accelerators": ["deepcache"]}})

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from optuna.trial import TrialState
 
-from optsearch import study as studies
+from optsearch.optimize import study as studies
 from tests.conftest import (
     OPTSEARCH,
     SLOW_SPEC,

@@ -47,7 +47,7 @@ def test_pipelines_load_by_hub_id_from_the_cache_offline(tmp_path):
         cached_pipeline(tmp_path, repo_id, fp16_variant, safety_checker)
     found = offline_python(tmp_path, f"""
         import json, torch
-        from optsearch.models import _load_pretrained, load_pipeline
+        from optsearch.measure.models import _load_pretrained, load_pipeline
         found = {{}}
         for repo_id in {list(cases)!r}:
             half = _load_pretrained(repo_id, torch.float16, "unet")
@@ -79,7 +79,7 @@ def test_coco2017_gives_the_first_caption_of_each_validation_image_offline(tmp_p
     })
     found = offline_python(tmp_path, """
         import json
-        from optsearch.prompts import load_prompts
+        from optsearch.measure.prompts import load_prompts
         print(json.dumps(load_prompts("coco2017", 3)))
     """)
     assert found == ["A man on a horse.", "A red bus.", "Two cats."]
@@ -91,14 +91,14 @@ def test_parti_prompts_read_their_prompt_column_offline(tmp_path):
         "Challenge": ["Basic", "Imagination"], "Note": ["", ""]}})
     found = offline_python(tmp_path, """
         import json
-        from optsearch.prompts import load_prompts
+        from optsearch.measure.prompts import load_prompts
         print(json.dumps(load_prompts("parti", 2)))
     """)
     assert found == ["bond", "a dog on the moon"]
 
 
 def test_open_clip_resolves_name_and_tag_to_the_cached_weights_file_offline(tmp_path):
-    from optsearch.quality import clip_weights_files
+    from optsearch.measure.quality import clip_weights_files
 
     repo, names = clip_weights_files("ViT-g-14", "laion2b_s34b_b88k")
     assert repo == "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
@@ -108,7 +108,7 @@ def test_open_clip_resolves_name_and_tag_to_the_cached_weights_file_offline(tmp_
         import json
         import open_clip
         from open_clip.pretrained import download_pretrained
-        from optsearch.quality import check_clip_weights
+        from optsearch.measure.quality import check_clip_weights
         check_clip_weights("ViT-g-14", "laion2b_s34b_b88k")  # no error: the file is cached
         path = download_pretrained(open_clip.get_pretrained_cfg("ViT-g-14", "laion2b_s34b_b88k"))
         print(json.dumps(path))
@@ -120,7 +120,7 @@ FACTORY = '''
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from optsearch.models import build_builtin
+from optsearch.measure.models import build_builtin
 
 
 def build(device, dtype):
@@ -161,7 +161,7 @@ def test_a_factory_pipeline_is_searched_by_several_worker_processes(tmp_path):
 ])
 def test_a_bad_factory_is_a_model_load_error(tmp_path, monkeypatch, model_id, message):
     """A ModelLoadError: one line, exit 2, on the command line (test_check_lists_every_problem)."""
-    from optsearch.models import ModelLoadError, load_pipeline
+    from optsearch.measure.models import ModelLoadError, load_pipeline
 
     (tmp_path / "my_pipes.py").write_text(FACTORY)
     monkeypatch.chdir(tmp_path)

@@ -13,9 +13,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from optsearch import study as studies
-from optsearch.masking import encode_password, mask_text, mask_url
-from optsearch.storage import open_storage
+from optsearch.optimize import space
+from optsearch.optimize import study as studies
+from optsearch.storage.masking import encode_password, mask_text, mask_url
+from optsearch.storage.rdb import open_storage
 from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, sigint_default, write_spec
 
 SPECIAL = "Tr0ub@dor&3/x:y?z"
@@ -48,7 +49,7 @@ def test_a_librarys_logged_exception_is_one_masked_line():
     import io
     import logging
 
-    from optsearch.cli import _mask_record, _one_line_record
+    from optsearch.cli.main import _mask_record, _one_line_record
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -202,7 +203,7 @@ def test_seeded_workers_and_resumed_workers_draw_no_setting_twice(tmp_path):
     assert optsearch_cmd("study", "create", str(spec), "--storage", other).returncode == 0
     again, seeded = studies.load_study(open_storage(other, heartbeat_interval=None), "tiny")
     trial = again.ask()
-    studies.suggest_setting(trial, seeded)
+    space.suggest_setting(trial, seeded)
     assert trial.params == trials[0].params
 
 
@@ -275,7 +276,7 @@ def test_an_interrupt_leaves_no_heartbeat_thread_for_shutdown_to_wait_on(tmp_pat
     it, or Python's shutdown would wait for it forever."""
     from optuna.storages._heartbeat import HeartbeatThread
 
-    from optsearch.worker import stop_orphaned_heartbeats
+    from optsearch.optimize.recovery import stop_orphaned_heartbeats
 
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60)
     study = optuna.create_study(storage=storage)

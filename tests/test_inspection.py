@@ -15,7 +15,8 @@ import pytest
 from optuna.artifacts import get_all_artifact_meta
 from PIL import Image
 
-from optsearch import study as studies
+from optsearch.optimize import study as studies
+from optsearch.storage.record import DASHBOARD_CONSTRAINTS_KEY
 from tests.conftest import OPTSEARCH, TINY_SPEC, optsearch_cmd, write_spec
 
 INSPECT_SPEC = (TINY_SPEC.replace("n_trials = 4", "n_trials = 6\nseed = 1")
@@ -56,7 +57,7 @@ def test_dashboard_constraint_form_matches(finished_study):
     finished = study.get_trials(states=studies.FINISHED)
     feasibility = set()
     for trial in finished:
-        listed = trial.system_attrs[studies.DASHBOARD_CONSTRAINTS_KEY]
+        listed = trial.system_attrs[DASHBOARD_CONSTRAINTS_KEY]
         assert listed == list(trial.user_attrs["constraints"].values())
         feasibility.add(all(v <= 0 for v in listed))
     assert feasibility == {True, False}, "the fixture study should hold feasible and infeasible trials"

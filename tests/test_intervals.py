@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optsearch import study as studies
+from optsearch.measure.speedup import speedup_interval
+from optsearch.optimize import objectives
 from optsearch.spec import SpecError, spec_from_dict
-from optsearch.speedup import speedup_interval
 
 
 def test_point_estimate_and_bounds_with_two_batches():
@@ -90,16 +90,16 @@ def summary(mean: float, low: float, high: float) -> dict:
 
 def test_rule_mean_checks_the_mean_and_rule_bound_the_unsafe_bound():
     near = summary(31.0, 29.0, 33.0)  # the mean meets 30 dB, its lower bound does not
-    assert studies.constraints(spec(), near)["quality"] == pytest.approx(-1.0)
-    assert studies.constraints(spec(rule="bound"), near)["quality"] == pytest.approx(1.0)
+    assert objectives.constraints(spec(), near)["quality"] == pytest.approx(-1.0)
+    assert objectives.constraints(spec(rule="bound"), near)["quality"] == pytest.approx(1.0)
     one_prompt = summary(31.0, float("-inf"), float("inf"))
-    assert studies.constraints(spec(rule="bound"), one_prompt)["quality"] > 0
+    assert objectives.constraints(spec(rule="bound"), one_prompt)["quality"] > 0
 
 
 def test_rule_bound_in_target_speedup_mode_uses_the_speedup_low_bound():
     target = spec_from_dict({"model": {"id": "builtin:tiny"}, "quality": {"rule": "bound"},
                              "objective": {"mode": "target-speedup", "target_speedup": 1.8}})
-    assert studies.constraints(target, summary(31, 30, 32))["speedup"] == pytest.approx(0.3)
+    assert objectives.constraints(target, summary(31, 30, 32))["speedup"] == pytest.approx(0.3)
 
 
 def test_unknown_rule_and_bad_confirm_table_are_spec_errors():

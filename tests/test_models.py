@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from optsearch.models import ModelLoadError, load_pipeline, resolve_placement
+from optsearch.measure.models import ModelLoadError, load_pipeline, resolve_placement
 
 
 def test_scheduler_is_built_from_the_models_config():

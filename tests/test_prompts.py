@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from optsearch.prompts import PromptError, builtin_prompts, load_prompts
+from optsearch.measure.prompts import PromptError, builtin_prompts, load_prompts
 
 
 def test_builtin_list_is_large_and_unique():

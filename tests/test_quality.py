@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from optsearch.quality import PSNR_CAP, Interval, psnr, ssim, ssim_batch, t_quantile
+from optsearch.measure.metrics import Interval, t_quantile
+from optsearch.measure.quality import PSNR_CAP, psnr, ssim, ssim_batch
 
 
 def test_clip_scores_pair_each_image_with_its_prompt(tiny_clip):

@@ -9,9 +9,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from optsearch.optimize.early_stop import rule_for
+from optsearch.optimize.warm_start import published_settings, trial_params
 from optsearch.spec import load_spec
-from optsearch.warm_start import published_settings, trial_params
-from optsearch.worker import Worker
 from tests.conftest import TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
 
 FAST = {"deepcache.cache_interval": 8, "deepcache.cache_branch_id": 0, "tome.ratio": 0.6,
@@ -97,24 +97,20 @@ def test_early_stop_never_changes_a_finished_trials_figures(tmp_path):
 def test_trials_on_all_prompts_teach_early_stop_the_prompts_effects(tmp_path):
     """The next trial's rule removes the prompts' effects learned from complete, not reused
     trials measured on all the study's prompts (5 or more; `<metric>_per_prompt`)."""
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    created = optsearch_cmd("study", "create", str(write_spec(tmp_path / "t.toml", EIGHT)),
-                            "--storage", url, "--name", "tiny")
-    assert created.returncode == 0, created.stderr
+    spec = load_spec(write_spec(tmp_path / "t.toml", EIGHT))
     row = [30.0, 32.0, 31.0, 29.0, 30.5, 29.5, 33.0, 28.0]
-    study = optuna.load_study(study_name="tiny", storage=url)
+    finished = []
     for shift, attrs in [(0.0, {}), (1.0, {}), (2.0, {}), (9.0, {"reused_from": 0}),
                          (9.0, {"early_stopped": True})]:
         state = TrialState.PRUNED if attrs.get("early_stopped") else TrialState.COMPLETE
-        study.add_trial(optuna.trial.create_trial(
+        finished.append(optuna.trial.create_trial(
             state=state, value=None if state == TrialState.PRUNED else 1.0,
             user_attrs={"psnr_per_prompt": [v + shift for v in row], **attrs}))
-    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": row[:4]}))
-    worker = Worker(url, "tiny")
-    assert worker._early_stop().prompt_effects is None  # 3 usable rows: too few
+    finished.append(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": row[:4]}))
+    assert rule_for(spec, finished, "here").prompt_effects is None  # 3 usable rows: too few
     for extra in ([v + 3.0 for v in row], row[::-1]):
-        study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": extra}))
-    effects = worker._early_stop().prompt_effects
+        finished.append(optuna.trial.create_trial(value=1.0, user_attrs={"psnr_per_prompt": extra}))
+    effects = rule_for(spec, finished, "here").prompt_effects
     usable = np.array([row, *([v + s for v in row] for s in (1.0, 2.0, 3.0)), row[::-1]])
     expected = (usable - usable.mean(axis=1, keepdims=True)).mean(axis=0)
     assert effects is not None and np.allclose(effects.effects, expected)
@@ -164,16 +160,12 @@ def test_warm_start_from_another_study_is_clipped_and_a_missing_one_is_exit_2(tm
     assert len(enqueued) == 3  # two published points first, then the other study's best
 
 
-def test_the_worker_learns_its_devices_first_batches_from_trials_measured_on_it(tmp_path):
+def test_the_rule_learns_the_devices_first_batches_from_trials_measured_on_it(tmp_path):
     """The first-batch record holds the trials measured on this fingerprint, finished or stopped
     early, kept apart by warm-up; reused trials, other devices and one-batch trials say nothing."""
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    created = optsearch_cmd("study", "create", str(write_spec(tmp_path / "t.toml", EIGHT)),
-                            "--storage", url, "--name", "tiny")
-    assert created.returncode == 0, created.stderr
-    worker = Worker(url, "tiny")
-    study = optuna.load_study(study_name="tiny", storage=url)
-    here = {"fingerprint": worker.fingerprint, "warmup_seconds": 0.0}
+    spec = load_spec(write_spec(tmp_path / "t.toml", EIGHT))
+    here = {"fingerprint": "this-device", "warmup_seconds": 0.0}
+    finished = []
     for state, attrs in [
         (TrialState.COMPLETE, {**here, "batch_seconds": [1.2, 1.0, 1.0]}),
         (TrialState.PRUNED, {**here, "batch_seconds": [0.9, 1.0]}),
@@ -182,9 +174,9 @@ def test_the_worker_learns_its_devices_first_batches_from_trials_measured_on_it(
         (TrialState.COMPLETE, {**here, "batch_seconds": [3.0, 1.0], "reused_from": 0}),
         (TrialState.COMPLETE, {**here, "fingerprint": "another-device", "batch_seconds": [3.0, 1.0]}),
     ]:
-        study.add_trial(optuna.trial.create_trial(
+        finished.append(optuna.trial.create_trial(
             state=state, value=1.0 if state == TrialState.COMPLETE else None, user_attrs=attrs))
-    record = worker._early_stop().first_batches
+    record = rule_for(spec, finished, "this-device").first_batches
     assert record.without_warmup == pytest.approx((np.log(1.2), np.log(0.9)))
     assert record.after_warmup == pytest.approx((np.log(1.1),))
 

@@ -15,10 +15,11 @@ import pytest
 from optuna.trial import TrialState
 
 import optsearch
-from optsearch import study as studies
-from optsearch.evaluate import GenerationConfig, generate, image_digest
-from optsearch.models import load_pipeline
-from optsearch.prompts import load_prompts
+from optsearch.measure.evaluate import GenerationConfig, generate, image_digest
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.prompts import load_prompts
+from optsearch.optimize import create, objectives
+from optsearch.optimize import study as studies
 from tests.conftest import (
     OPTSEARCH,
     SLOW_SPEC,
@@ -228,32 +229,31 @@ KNOWN = [  # (combo, speedup, clip_loss): limit 0.3, target speedup 2.0
 @pytest.mark.parametrize("mode, expected", [("max-speedup", 2), ("target-speedup", 4),
                                             ("pareto", 2)])
 def test_best_trial_of_known_study(tmp_path, mode, expected):
-    from optsearch import study as studies
     from optsearch.spec import spec_from_dict
-    from optsearch.storage import open_storage
+    from optsearch.storage.rdb import open_storage
 
     spec = spec_from_dict({"name": "known", "quality": {"metric": "clip_loss", "limit": 0.3},
                            "objective": {"mode": mode, "target_speedup": 2.0},
                            "search": {"accelerators": "any"}})
     storage = open_storage(f"sqlite:///{tmp_path / 'known.db'}", heartbeat_interval=None)
-    study = studies.create_study(spec, storage)
+    study = create.create_study(spec, storage)
     for combo, speedup, loss in KNOWN:
         trial = study.ask()
         summary = {"speedup": speedup, "clip_loss": {"mean": loss}}
-        values = studies.constraints(spec, summary)
+        values = objectives.constraints(spec, summary)
         for key, value in values.items():
             trial.set_constraint(key, value)
         trial.set_user_attr("constraints", values)
         trial.set_user_attr("combo", combo)
         trial.set_user_attr("setting", {})
-        study.tell(trial, studies.objective_values(spec, summary))
-    best = studies.best_overall(study, spec)
+        study.tell(trial, objectives.objective_values(spec, summary))
+    best = objectives.best_overall(study, spec)
     assert best.number == expected
     if mode == "pareto":  # feasible front: (2.8, 0.25), (2.5, 0.20), (2.1, 0.05)... (1.8, 0.01)
-        assert [t.number for t in studies.pareto_front(study, spec)] == [2, 0, 4, 3]
+        assert [t.number for t in objectives.pareto_front(study, spec)] == [2, 0, 4, 3]
     if mode != "pareto":  # Optuna agrees (it reads the constraints from storage)
         assert study.best_trial.number == expected
-    per_combo = studies.best_per_combo(study, spec)
+    per_combo = objectives.best_per_combo(study, spec)
     assert set(per_combo) == {"deepcache", "deepcache+tome"}
 
 

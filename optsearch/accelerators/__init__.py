@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 
-from . import deepcache, fbcache, magcache, pab, steps, taylorseer, tgate, tome
-from .base import Param
-from .hooks import denoiser
+from optsearch.accelerators import deepcache, fbcache, magcache, pab, steps, taylorseer, tgate, tome
+from optsearch.accelerators.base import Param
+from optsearch.accelerators.hooks import denoiser
 
 REGISTRY: dict[str, ModuleType] = {
     m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fbcache, taylorseer, magcache)

@@ -6,7 +6,7 @@ instance attribute; restore also deletes those, so the modules look exactly as b
 
 from __future__ import annotations
 
-from .base import Param
+from optsearch.accelerators.base import Param
 
 NAME = "deepcache"
 APPLIES_TO = ("unet",)

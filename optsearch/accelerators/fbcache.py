@@ -4,8 +4,8 @@ the last full step, reuse the cached output of all the other blocks."""
 
 from __future__ import annotations
 
-from .base import Param
-from .hooks import cache_patch
+from optsearch.accelerators.base import Param
+from optsearch.accelerators.hooks import cache_patch
 
 NAME = "fbcache"
 APPLIES_TO = ("transformer",)

@@ -15,8 +15,8 @@ import contextlib
 import io
 from collections.abc import Callable, Sequence
 
-from .base import Param
-from .hooks import HookPatch, cache_patch
+from optsearch.accelerators.base import Param
+from optsearch.accelerators.hooks import HookPatch, cache_patch
 
 NAME = "magcache"
 APPLIES_TO = ("transformer",)

@@ -11,8 +11,8 @@ otherwise from a forward pre-hook on the UNet that reads the timestep of each ca
 
 from __future__ import annotations
 
-from .base import Param
-from .hooks import HookPatch, denoiser
+from optsearch.accelerators.base import Param
+from optsearch.accelerators.hooks import HookPatch, denoiser
 
 NAME = "pab"
 APPLIES_TO = ("unet", "transformer")

@@ -8,7 +8,7 @@ A shorter call (the untimed warm-up) keeps its own, smaller count.
 
 from __future__ import annotations
 
-from .base import Param
+from optsearch.accelerators.base import Param
 
 NAME = "steps"
 APPLIES_TO = ("unet", "transformer")

@@ -4,8 +4,8 @@ the first `disable_cache_before_step` steps are always computed."""
 
 from __future__ import annotations
 
-from .base import Param
-from .hooks import cache_patch, cpu_safe_dtype
+from optsearch.accelerators.base import Param
+from optsearch.accelerators.hooks import cache_patch, cpu_safe_dtype
 
 NAME = "taylorseer"
 APPLIES_TO = ("transformer",)

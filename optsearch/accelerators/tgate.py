@@ -8,7 +8,7 @@ the DeepCache helper itself (`pipe.deepcache`), so DeepCache must be applied fir
 
 from __future__ import annotations
 
-from .base import Param
+from optsearch.accelerators.base import Param
 
 NAME = "tgate"
 APPLIES_TO = ("unet",)
@@ -26,7 +26,7 @@ class TGatePatch:
     def __init__(self, pipe, gate_step: int, deepcache_helper=None):
         from types import MethodType
 
-        from ..models import is_sdxl
+        from optsearch.measure.models import is_sdxl
 
         self.pipe = pipe
         self.gate_step = gate_step

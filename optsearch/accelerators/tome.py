@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Param
+from optsearch.accelerators.base import Param
 
 NAME = "tome"
 APPLIES_TO = ("unet",)

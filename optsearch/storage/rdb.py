@@ -19,7 +19,8 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from .masking import encode_password, mask_url, remember, split_userinfo
+from optsearch.errors import StorageError
+from optsearch.storage.masking import encode_password, mask_url, remember, split_userinfo
 
 DEFAULT_URL = "sqlite:///optsearch.db"
 ENV_VAR = "OPTSEARCH_STORAGE"
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 
-class StorageError(Exception):
-    """The storage URL is malformed or the database cannot be reached."""
 
 
 class ResilientRDBStorage(optuna.storages.RDBStorage):

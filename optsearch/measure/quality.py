@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
@@ -76,7 +75,7 @@ def clip_weights_files(model_name: str, tag: str) -> tuple[str, list[str]] | Non
     import open_clip
     from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
 
-    from .models import ModelLoadError
+    from optsearch.measure.models import ModelLoadError
 
     if os.path.isfile(os.path.expanduser(tag)):
         return None
@@ -98,7 +97,7 @@ def check_clip_weights(model_name: str, tag: str) -> None:
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    from .models import ModelLoadError
+    from optsearch.measure.models import ModelLoadError
 
     files = clip_weights_files(model_name, tag)
     if files is None:
@@ -164,48 +163,3 @@ def ssim_batch(references: np.ndarray, images: np.ndarray,
     c1, c2 = 0.01**2, 0.03**2
     value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return value.reshape(len(references), -1).mean(dim=1).tolist()
-
-
-def t_quantile(confidence: float, df: float) -> float:
-    """The two-sided Student-t quantile for `confidence` with `df` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + confidence / 2, df))
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A mean with its two-sided confidence interval."""
-
-    mean: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values, confidence: float = 0.95) -> Interval:
-        """The t interval of the mean of `values` (not narrowed for a finite set of prompts: they
-        come in a fixed order, see early_stop.py)."""
-        values = np.asarray(values, dtype=np.float64)
-        mean = float(values.mean())
-        if len(values) < 2:
-            return cls(mean, -math.inf, math.inf)
-        half = t_quantile(confidence, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-        return cls(mean, float(mean - half), float(mean + half))
-
-    def to_dict(self) -> dict:
-        return {"mean": self.mean, "low": self.low, "high": self.high}
-
-
-def unsafe_side(interval: Interval, metric: str, rule: str = "mean") -> float:
-    """The figure the feasibility rule checks: the mean, or (rule "bound") the confidence bound on
-    the unsafe side (the high end of a loss, the low end of PSNR/SSIM)."""
-    if rule == "mean":
-        return interval.mean
-    return interval.high if metric == "clip_loss" else interval.low
-
-
-def quality_margin(interval: Interval, metric: str, limit: float, rule: str = "mean") -> float:
-    """How far the metric is past its limit under `rule`: <= 0 is feasible (Optuna's convention)."""
-    value = unsafe_side(interval, metric, rule)
-    margin = value - limit if metric == "clip_loss" else limit - value
-    return margin if math.isfinite(margin) else 1e9

@@ -13,8 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from . import reference  # noqa: E402
-from . import study as studies  # noqa: E402
+from optsearch.optimize import (
+    objectives,
+    reference,  # noqa: E402
+)
+from optsearch.optimize import study as studies  # noqa: E402
 
 logger = logging.getLogger(__name__)
 METRIC_LABELS = {"clip_loss": "CLIP loss (baseline - setting)", "psnr": "PSNR vs baseline (dB)",
@@ -35,7 +38,7 @@ def plot_study(study: optuna.Study, spec, folder: Path) -> list[Path]:
         written.append(_save(ax, folder / "history.png"))
     try:
         # Optuna's default (PED-ANOVA) explains what makes the target LOW: flip maximized ones.
-        sign = -1 if studies.directions(spec)[0] == "maximize" else 1
+        sign = -1 if objectives.directions(spec)[0] == "maximize" else 1
         ax = optuna.visualization.matplotlib.plot_param_importances(
             study, target=lambda t: sign * t.values[0], target_name=name)
         written.append(_save(ax, folder / "importances.png"))
@@ -63,7 +66,7 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
     for index, combo in enumerate(combos):
         for feasible, marker, label in ((True, "o", "feasible"), (False, "x", "infeasible")):
             chosen = [t for t in trials
-                      if t.user_attrs["combo"] == combo and studies.is_feasible(t) == feasible]
+                      if t.user_attrs["combo"] == combo and objectives.is_feasible(t) == feasible]
             if chosen:
                 ax.scatter([t.user_attrs[metric] for t in chosen],
                            [t.user_attrs["speedup"] for t in chosen], marker=marker, s=40,
@@ -97,7 +100,7 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
 def _front(trials, metric: str):
     """Feasible trials not beaten on both speedup and quality, ordered along the quality axis."""
     better_low = metric == "clip_loss"
-    feasible = [t for t in trials if studies.is_feasible(t)]
+    feasible = [t for t in trials if objectives.is_feasible(t)]
 
     def quality(t):
         return t.user_attrs[metric] if better_low else -t.user_attrs[metric]

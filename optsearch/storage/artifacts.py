@@ -15,7 +15,7 @@ import numpy as np
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 
-from .errors import UsageError
+from optsearch.errors import UsageError
 
 
 def open_artifact_store(location: str):
@@ -89,3 +89,14 @@ def image_grid(rows: list[tuple[str, np.ndarray, np.ndarray | None]], title: str
 
 def _fit(text: str, characters: int) -> str:
     return text if len(text) <= characters else text[: characters - 1] + "…"
+
+
+def upload_grid(store, target, name: str, title: str, prompts: list[str], count: int,
+                baseline_images, trial_images=None) -> None:
+    """An image grid of the first `count` prompts: baseline (and trial) images side by side."""
+    if count == 0:
+        return
+    shown = min(count, len(baseline_images) if trial_images is None else len(trial_images))
+    rows = [(prompts[i], baseline_images[i], None if trial_images is None else trial_images[i])
+            for i in range(shown)]
+    upload_bytes(store, target, name, image_grid(rows, title), "image/png")

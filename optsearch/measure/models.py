@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from optsearch.errors import ModelLoadError, first_line
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
@@ -27,8 +29,6 @@ TRANSFORMER_NAMES = ("flux", "sd3", "stable-diffusion-3", "qwen-image", "wan", "
                      "cogview", "chroma", "sana", "pixart", "lumina", "hidream")
 
 
-class ModelLoadError(Exception):
-    """The pipeline could not be loaded (missing folder, unknown hub id, bad dtype/device)."""
 
 
 @dataclass(frozen=True)
@@ -370,7 +370,7 @@ def build_from_factory(model_id: str, placement: Placement):
         module = importlib.import_module(module_name)
     except Exception as error:  # ImportError, or the module's own failure while importing
         raise ModelLoadError(f"model.id {model_id!r}: cannot import {module_name!r} (from the "
-                             f"working directory or PYTHONPATH): {_first_line(error)}") from error
+                             f"working directory or PYTHONPATH): {first_line(error)}") from error
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise ModelLoadError(f"model.id {model_id!r}: {module_name!r} has no function "
@@ -379,18 +379,13 @@ def build_from_factory(model_id: str, placement: Placement):
         pipe = factory(device=placement.device, dtype=placement.dtype)
     except Exception as error:
         raise ModelLoadError(f"model.id {model_id!r}: the factory failed: "
-                             f"{type(error).__name__}: {_first_line(error)}") from error
+                             f"{type(error).__name__}: {first_line(error)}") from error
     if not callable(pipe) or not (getattr(pipe, "unet", None) is not None
                                   or getattr(pipe, "transformer", None) is not None):
         raise ModelLoadError(f"model.id {model_id!r}: the factory returned "
                              f"{type(pipe).__name__}, not a diffusers pipeline with a unet or "
                              "transformer")
     return pipe
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
@@ -437,7 +432,7 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
                 logger.info("%s has no fp16 variant: loading its default files", model_id)
         return AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype, **extra)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot load model {model_id!r}: {_first_line(error)}") from error
+        raise ModelLoadError(f"cannot load model {model_id!r}: {first_line(error)}") from error
 
 
 def is_sdxl(pipe) -> bool:

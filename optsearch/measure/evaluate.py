@@ -18,9 +18,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .accelerators import AppliedSetting, combo_name, magcache, normalize_setting
-from .quality import ClipScorer, Interval, psnr, ssim_batch
-from .speedup import SpeedupInterval, speedup_interval
+from optsearch.accelerators import (
+    AppliedSetting,
+    combo_name,
+    combo_problem,
+    denoiser,
+    magcache,
+    normalize_setting,
+    pipeline_kind,
+)
+from optsearch.errors import ModelLoadError
+from optsearch.measure.metrics import Interval
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.prompts import prompts_of
+from optsearch.measure.quality import ClipScorer, psnr, ssim_batch
+from optsearch.measure.speedup import SpeedupInterval, speedup_interval
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +217,10 @@ class Comparison:
         return float(np.mean(self.clip_scores))
 
     @property
+    def clip_image_cosine_mean(self) -> float:
+        return float(np.mean(self.clip_image_cosine))
+
+    @property
     def clip_loss_per_prompt(self) -> np.ndarray:
         return np.asarray(self.baseline_clip_scores) - np.asarray(self.clip_scores)
 
@@ -269,22 +285,35 @@ class Evaluator:
     """
 
     def __init__(self, pipe, scorer: ClipScorer, prompts: list[str], config: GenerationConfig,
-                 confidence: float = 0.95, progress: bool = False):
+                 confidence: float = 0.95, progress: bool = False, warmup: bool | int = True,
+                 calibration: dict[str, dict] | None = None,
+                 on_calibrated: Callable[[str, dict], None] | None = None,
+                 fault: Callable[[int], None] | None = None, warm: set | None = None):
+        """`warmup`: the short untimed warm-up (True), none (False), or that many steps.
+        `calibration`: per-model data a family needs (MagCache's ratios), measured once when first
+        needed; `on_calibrated(name, data)` hears of each new measurement (the worker stores it).
+        `fault`: called with each batch's index (the fault-injection tests)."""
         self.pipe = pipe
         self.scorer = scorer
         self.prompts = prompts
         self.config = config
         self.confidence = confidence
         self.progress = progress
-        self.fault: Callable[[int], None] | None = None
-        self.warmup: bool | int = True  # the short warm-up; an int runs that many steps
+        self.warmup = warmup
+        self.calibration = dict(calibration or {})
+        self.on_calibrated = on_calibrated
+        self.fault = fault
         # (combo, batch size) pairs this process has already run: nothing of theirs is cold any
         # more (kernels, allocations, patched code paths), so the short warm-up is skipped.
-        self.warm: set[tuple[str, int]] = set()
-        # Per-model data a family needs (MagCache's ratios), measured once when first needed;
-        # `on_calibrated(name, data)` hears of each new measurement (the worker stores it).
-        self.calibration: dict[str, dict] = {}
-        self.on_calibrated: Callable[[str, dict], None] | None = None
+        self.warm: set[tuple[str, int]] = set() if warm is None else warm
+
+    def derive(self, **changes) -> Evaluator:
+        """A new evaluator on the same loaded pipeline and CLIP model (and the same record of what
+        is warm), with other prompts, config, calibration, callbacks or warm-up."""
+        current = {"prompts": self.prompts, "config": self.config, "confidence": self.confidence,
+                   "progress": self.progress, "warmup": self.warmup, "calibration": self.calibration,
+                   "on_calibrated": self.on_calibrated, "fault": self.fault}
+        return Evaluator(self.pipe, self.scorer, warm=self.warm, **{**current, **changes})
 
     @property
     def n_batches(self) -> int:
@@ -411,9 +440,6 @@ class Evaluator:
 def check_families(pipe, spec) -> None:
     """Every combo the spec searches must apply to the pipeline as loaded (its kind was told from
     the model id before loading; a wrong guess ends here, before anything is measured)."""
-    from .accelerators import combo_problem, denoiser, pipeline_kind
-    from .models import ModelLoadError
-
     kind = pipeline_kind(pipe)
     for combo in spec.search.combos:
         problem = combo_problem(combo, kind)
@@ -428,8 +454,6 @@ def check_families(pipe, spec) -> None:
 
 def pipeline_from_spec(spec, device: str | None = None):
     """Load the spec's pipeline (on `device` when given) and check its combos apply to it."""
-    from .models import load_pipeline
-
     model = spec.model
     pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
                          kind=None if model.kind == "auto" else model.kind)
@@ -441,11 +465,8 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
                         prompts: list[str] | None = None, pipe=None) -> Evaluator:
     """Load the spec's pipeline (or take `pipe`, already built), CLIP model and prompts (or
     `prompts`) once, for any number of comparisons."""
-    from .prompts import load_prompts
-
     if prompts is None:
-        prompts = load_prompts(spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed,
-                               spec.prompts.shuffle, spec.prompts.column)
+        prompts = prompts_of(spec.prompts)
     if pipe is None:
         pipe = pipeline_from_spec(spec, device)
     else:

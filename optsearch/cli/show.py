@@ -8,9 +8,10 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from . import reference
-from . import study as studies
-from .report import format_interval, format_setting, format_speedup, table
+from optsearch.formatting import format_interval, format_setting, format_speedup, table
+from optsearch.optimize import objectives, reference
+from optsearch.optimize import study as studies
+from optsearch.storage.record import quality_of, trial_metrics
 
 
 def study_summary(study: optuna.Study, spec) -> dict:
@@ -24,7 +25,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "metric": spec.quality.metric,
         "limit": spec.quality.limit,
         "target_speedup": spec.objective.target_speedup,
-        "constraint": studies.constraint_text(spec),
+        "constraint": objectives.constraint_text(spec),
         "n_trials": spec.search.n_trials,
         "states": {state.name: states.get(state.name, 0) for state in TrialState},
         "finished": states.get("COMPLETE", 0) + states.get("PRUNED", 0),
@@ -36,12 +37,12 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "rule": spec.quality.rule,
         "baselines": list(studies.baselines(study).values()),
         "timings": studies.timings(study),
-        "confirmations": [{**record, "search": studies.trial_metrics(by_number[record["trial"]])}
+        "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
                           for record in sorted(studies.confirmations(study).values(),
                                                key=lambda r: r["date"])],
-        "best_per_combo": {combo: studies.trial_metrics(trial)
-                           for combo, trial in studies.best_per_combo(study, spec).items()},
-        "best": (lambda t: studies.trial_metrics(t) if t else None)(studies.best_overall(study, spec)),
+        "best_per_combo": {combo: trial_metrics(trial)
+                           for combo, trial in objectives.best_per_combo(study, spec).items()},
+        "best": (lambda t: trial_metrics(t) if t else None)(objectives.best_overall(study, spec)),
         "steps_frontier": reference.steps_frontier(study, spec),
     }
     summary["fewer_steps"] = reference.verdict(summary["best"] or {}, summary["steps_frontier"],
@@ -114,7 +115,7 @@ def format_summary(summary: dict) -> str:
 
 
 def _trial_interval(metrics: dict, metric: str) -> str:
-    return format_interval(studies.metric_interval(metrics, metric))
+    return format_interval(quality_of(metrics, metric))
 
 
 def _timings_table(timings: list[dict]) -> str:

@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UsageError, exit_code_for, one_line
+from optsearch.errors import UsageError, exit_code_for, problem_lines
+from optsearch.storage.masking import mask_text
 
 EXIT_INTERRUPTED = 130
 
@@ -41,11 +42,11 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from .accelerators import normalize_setting
-    from .evaluate import evaluator_from_spec
-    from .export import default_setting, save_images
-    from .report import comparison_table, format_setting
-    from .spec import SpecError, check_setting, load_spec
+    from optsearch.accelerators import normalize_setting
+    from optsearch.formatting import comparison_table, format_setting
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize.export import default_setting, save_images
+    from optsearch.spec import SpecError, check_setting, load_spec
 
     spec = load_spec(args.spec)
     try:
@@ -77,15 +78,15 @@ def cmd_evaluate(args) -> int:
 
 def _open(args, create: bool = False):
     """The storage of `--storage`; only commands that create studies may create a new database."""
-    from .storage import open_storage
+    from optsearch.storage.rdb import open_storage
 
     return open_storage(args.storage, heartbeat_interval=None, must_exist=not create)
 
 
 def cmd_study_create(args) -> int:
-    from .spec import load_spec
-    from .storage import mask
-    from .study import create_study
+    from optsearch.optimize.create import create_study
+    from optsearch.spec import load_spec
+    from optsearch.storage.rdb import mask
 
     spec = load_spec(args.spec)
     if args.warm_start:
@@ -100,8 +101,8 @@ def cmd_study_create(args) -> int:
 def cmd_study_list(args) -> int:
     import optuna
 
-    from .report import table
-    from .study import SPEC_ATTR
+    from optsearch.formatting import table
+    from optsearch.optimize.study import SPEC_ATTR
 
     rows = []
     for summary in optuna.get_all_study_summaries(_open(args), include_best_trial=False):
@@ -113,8 +114,8 @@ def cmd_study_list(args) -> int:
 
 
 def cmd_study_show(args) -> int:
-    from .show import format_summary, study_summary
-    from .study import load_study
+    from optsearch.cli.show import format_summary, study_summary
+    from optsearch.optimize.study import load_study
 
     study, spec = load_study(_open(args), args.name)
     summary = study_summary(study, spec)
@@ -123,13 +124,13 @@ def cmd_study_show(args) -> int:
 
 
 def cmd_study_export(args) -> int:
-    from .export import export_study
-    from .study import load_study
+    from optsearch.optimize.export import export_study
+    from optsearch.optimize.study import load_study
 
     study, spec = load_study(_open(args), args.name)
     exported = export_study(study, spec)
     Path(args.output).write_text(json.dumps(exported, indent=2) + "\n", encoding="utf-8")
-    from .report import format_speedup
+    from optsearch.formatting import format_speedup
 
     best = exported["best"]
     confirmed = best["confirmed"]
@@ -141,7 +142,7 @@ def cmd_study_export(args) -> int:
 
 
 def cmd_study_confirm(args) -> int:
-    from .confirm import Confirmation, ConfirmOptions
+    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
 
     options = ConfirmOptions(top=args.top, repeats=args.repeats, device=args.device,
                              progress=not args.quiet)
@@ -150,7 +151,7 @@ def cmd_study_confirm(args) -> int:
 
 
 def _print_confirmations(confirmation) -> None:
-    from .report import format_interval, format_speedup, table
+    from optsearch.formatting import format_interval, format_speedup, table
 
     records = confirmation.run()
     metric = confirmation.spec.quality.metric
@@ -164,7 +165,7 @@ def _print_confirmations(confirmation) -> None:
 def cmd_study_delete(args) -> int:
     import optuna
 
-    from .study import load_study
+    from optsearch.optimize.study import load_study
 
     storage = _open(args)
     load_study(storage, args.name)  # a clear error when it does not exist
@@ -174,8 +175,8 @@ def cmd_study_delete(args) -> int:
 
 
 def cmd_study_plot(args) -> int:
-    from .plots import plot_study
-    from .study import load_study
+    from optsearch.cli.plots import plot_study
+    from optsearch.optimize.study import load_study
 
     study, spec = load_study(_open(args), args.name)
     for path in plot_study(study, spec, Path(args.output)):
@@ -184,14 +185,14 @@ def cmd_study_plot(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from .dashboard import serve
+    from optsearch.cli.dashboard import serve
 
     serve(args.storage, args.host, args.port, args.artifact_dir)
     return 0
 
 
 def _worker_options(args):
-    from .worker import WorkerOptions
+    from optsearch.optimize.worker import WorkerOptions
 
     if args.grace_period < 2 * args.heartbeat_interval:
         raise UsageError(f"--grace-period {args.grace_period} must be at least twice "
@@ -205,7 +206,7 @@ def _worker_options(args):
 
 def _complete(storage, name: str) -> bool:
     """True (and says so) when study `name` exists and already has all its trials."""
-    from . import study as studies
+    from optsearch.optimize import study as studies
 
     progress = studies.progress(storage, name)
     if progress is None or progress[0] < progress[1]:
@@ -216,8 +217,8 @@ def _complete(storage, name: str) -> bool:
 
 
 def cmd_worker(args) -> int:
-    from .fleet import parse_devices, run_workers
-    from .worker import Worker
+    from optsearch.optimize.fleet import parse_devices, run_workers
+    from optsearch.optimize.worker import Worker
 
     options = _worker_options(args)
     devices = parse_devices(args.devices) if args.devices else None
@@ -227,16 +228,17 @@ def cmd_worker(args) -> int:
         return run_workers(args.argv, devices)
     worker = Worker(args.storage, args.study, options)
     ran = worker.run()
-    print(f"worker done: {ran} trials run by this worker on {worker.facts['device']}")
+    print(f"worker done: {ran} trials run by this worker on {worker.device}")
     return 0
 
 
 def cmd_run(args) -> int:
-    from .evaluate import evaluator_from_spec
-    from .show import format_summary, study_summary
-    from .spec import load_spec
-    from .study import create_study, load_study
-    from .worker import Worker
+    from optsearch.cli.show import format_summary, study_summary
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize.create import create_study
+    from optsearch.optimize.study import load_study
+    from optsearch.optimize.worker import Worker
+    from optsearch.spec import load_spec
 
     spec = load_spec(args.spec)
     options = _worker_options(args)
@@ -256,7 +258,7 @@ def cmd_run(args) -> int:
     worker = Worker(args.storage, study.study_name, options, evaluator)
     worker.run()
     if args.confirm:
-        from .confirm import Confirmation, ConfirmOptions
+        from optsearch.optimize.confirm import Confirmation, ConfirmOptions
 
         confirm = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
                                  progress=not args.quiet)
@@ -266,8 +268,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .preflight import check, format_report
-    from .spec import SpecError, load_spec
+    from optsearch.cli.preflight import check, format_report
+    from optsearch.spec import SpecError, load_spec
 
     spec = load_spec(args.spec)
     report = check(spec, args.device, args.workers)
@@ -283,7 +285,7 @@ def _add_storage(parser) -> None:
 
 
 def _add_worker_options(parser) -> None:
-    from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL
+    from optsearch.storage.rdb import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
     parser.add_argument("--device", type=_device, help="override model.device (cpu, cuda, cuda:N)")
     parser.add_argument("--n-trials", type=_positive_int, metavar="N",
@@ -329,7 +331,7 @@ def _port(text: str) -> int:
 
 def _device(text: str) -> str:
     """The same check as model.device in a spec."""
-    from .spec import check_device
+    from optsearch.spec import check_device
 
     problem = check_device(text)
     if problem:
@@ -346,8 +348,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _mask_record(record: logging.LogRecord) -> bool:
     """A logging filter: no password reaches a log line (drivers' messages included)."""
-    from .masking import mask_text
-
     record.msg, record.args = mask_text(record.getMessage()), None
     return True
 
@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # every failure ends as one line, never a traceback
         if os.environ.get("OPTSEARCH_DEBUG"):
             raise
-        for line in one_line(error):
-            print(f"optsearch: error: {line}", file=sys.stderr)
+        for line in problem_lines(error):
+            print(f"optsearch: error: {mask_text(line)}", file=sys.stderr)
         return exit_code_for(error)
 
 

@@ -12,8 +12,8 @@ import signal
 import subprocess
 import sys
 
-from .errors import UsageError
-from .spec import check_device
+from optsearch.errors import UsageError
+from optsearch.spec import check_device
 
 EXIT_INTERRUPTED = 130
 

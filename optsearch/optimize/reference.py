@@ -11,7 +11,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from . import study as studies
+from optsearch.optimize import objectives
+from optsearch.storage import record
 
 STEPS_ONLY = "steps"
 
@@ -82,7 +83,7 @@ def verdict_text(result: dict | None) -> str:
 
 def best_verdict(study: optuna.Study, spec) -> dict | None:
     """The verdict for the study's best feasible trial (None without steps-only trials)."""
-    best = studies.best_overall(study, spec)
+    best = objectives.best_overall(study, spec)
     if best is None:
         return None
-    return verdict(studies.trial_metrics(best), steps_frontier(study, spec), spec.quality.metric)
+    return verdict(record.trial_metrics(best), steps_frontier(study, spec), spec.quality.metric)

@@ -1,6 +1,8 @@
-"""Plain-text tables for the terminal: what `evaluate` and `study show` print."""
+"""Plain text of figures: tables, settings, intervals. What the terminal and dashboard notes show."""
 
 from __future__ import annotations
+
+from optsearch.measure.metrics import Interval
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -32,8 +34,10 @@ def format_setting(setting: dict) -> str:
     return " + ".join(parts) or "baseline"
 
 
-def format_interval(interval: dict | None, digits: int = 3) -> str:
-    """'0.120 [0.050, 0.190]' from {'mean', 'low', 'high'}; '-' for a missing bound."""
+def format_interval(interval: Interval | dict | None, digits: int = 3) -> str:
+    """'0.120 [0.050, 0.190]' from an Interval or {'mean', 'low', 'high'}; '-' for a missing bound."""
+    if isinstance(interval, Interval):
+        interval = interval.to_dict()
     if not interval or interval.get("mean") is None:
         return "-"
 
@@ -64,28 +68,3 @@ def comparison_table(summary: dict) -> str:
     headers = ["setting", "s/image", f"speedup [{percent} CI]", "CLIP", f"CLIP loss [{percent} CI]",
                "PSNR dB", "SSIM"]
     return table(headers, rows)
-
-
-def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) -> str:
-    """The Markdown note optuna-dashboard shows on a trial: what was measured and how sure it is."""
-    from .study import metric_interval
-
-    metric, confidence = spec.quality.metric, round(100 * spec.quality.confidence)
-    constraints = figures.get("constraints") or {}
-    feasible = bool(constraints) and all(v <= 0 for v in constraints.values())
-    quality = metric_interval(figures, metric)
-    lines = [f"## Trial {number}: {figures.get('combo', '?')}", "",
-             f"- speedup **{format_speedup(figures)}** ({confidence} % CI, against this worker's "
-             "own baseline)",
-             f"- {metric} **{format_interval(quality)}** (limit {spec.quality.limit}, rule "
-             f"{spec.quality.rule})",
-             f"- {'feasible' if feasible else '**infeasible**'} in the search"]
-    if figures.get("early_stopped"):
-        lines.append(f"- early-stopped after {figures.get('batches_evaluated')} batches")
-    if confirmed:
-        lines += ["", f"### Confirmed on {confirmed['num_samples']} unseen prompts "
-                      f"({confirmed['repeats']} interleaved rounds)",
-                  f"- speedup **{format_speedup(confirmed)}**",
-                  f"- {metric} **{format_interval(confirmed[metric])}**",
-                  f"- {'feasible' if confirmed['feasible'] else '**infeasible**'} on confirmation"]
-    return "\n".join(lines) + "\n"

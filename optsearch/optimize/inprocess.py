@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def _as_spec(spec):
-    from .spec import StudySpec, load_spec, spec_from_dict
+    from optsearch.spec import StudySpec, load_spec, spec_from_dict
 
     if isinstance(spec, StudySpec):
         return spec
@@ -31,13 +31,14 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     Raises optsearch.errors.NothingToExport when no setting meets the limit."""
     import dataclasses
 
-    from .accelerators import pipeline_kind
-    from .evaluate import evaluator_from_spec
-    from .export import export_study
-    from .spec import spec_from_dict
-    from .storage import open_storage
-    from .study import create_study, spec_attr
-    from .worker import Worker, WorkerOptions
+    from optsearch.accelerators import pipeline_kind
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize.create import create_study
+    from optsearch.optimize.export import export_study
+    from optsearch.optimize.study import spec_attr
+    from optsearch.optimize.worker import Worker, WorkerOptions
+    from optsearch.spec import spec_from_dict
+    from optsearch.storage.rdb import open_storage
 
     spec = _as_spec(spec)
     overrides = {}

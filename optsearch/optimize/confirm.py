@@ -18,18 +18,19 @@ import socket
 import time
 from dataclasses import dataclass
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from . import study as studies
-from .dashboard import write_trial_note
-from .errors import NothingToExport, UsageError
-from .evaluate import Baseline, Evaluator, GenerationConfig, evaluator_from_spec
-from .prompts import PromptError, load_prompts
-from .report import trial_note
-from .spec import StudySpec
-from .speedup import speedup_interval
-from .storage import open_storage
+from optsearch.errors import NothingToExport, UsageError
+from optsearch.measure.evaluate import Baseline, Evaluator, GenerationConfig, evaluator_from_spec
+from optsearch.measure.fingerprint import fingerprint
+from optsearch.measure.prompts import PromptError, prompts_of
+from optsearch.measure.speedup import speedup_interval
+from optsearch.optimize import objectives
+from optsearch.optimize import study as studies
+from optsearch.spec import StudySpec
+from optsearch.storage.notes import trial_note, write_trial_note
+from optsearch.storage.rdb import open_storage
+from optsearch.storage.record import finite, trial_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def confirm_prompts(spec: StudySpec) -> list[str]:
     wanted = confirm.num_samples or prompts.num_samples
     skip = prompts.num_samples if source == prompts.source else 0
     try:
-        texts = load_prompts(source, skip + wanted, prompts.seed, prompts.shuffle, prompts.column)
+        texts = prompts_of(prompts, skip + wanted, source)
     except PromptError as error:
         if "has only" not in str(error):
             raise
@@ -58,24 +59,6 @@ def confirm_prompts(spec: StudySpec) -> list[str]:
                           f"from {source!r}, which has fewer: set [confirm] num_samples or "
                           "[confirm] source") from None
     return texts[skip:]
-
-
-def candidates(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTrial]:
-    """The `top` best feasible settings, then each combo's best, one trial per distinct setting."""
-    if spec.objective.mode == "pareto":
-        ranked = studies.pareto_front(study, spec)
-    else:
-        ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                  if studies.is_feasible(t) and t.user_attrs.get("reused_from") is None]
-        ranked.sort(key=lambda t: -studies.merit(spec, t.values[0]))
-    chosen: dict[str, FrozenTrial] = {}
-    for trial in [*ranked[:top], *studies.best_per_combo(study, spec).values()]:
-        chosen.setdefault(_setting_key(trial.user_attrs["setting"]), trial)
-    return list(chosen.values())
-
-
-def _setting_key(setting: dict) -> str:
-    return json.dumps(setting, sort_keys=True)
 
 
 def confirmation_key(setting: dict, fingerprint: str, prompts: list[str], seed: int) -> str:
@@ -89,26 +72,23 @@ class Confirmation:
 
     def __init__(self, storage_url: str | None, study_name: str, options: ConfirmOptions | None = None,
                  evaluator: Evaluator | None = None):
-        from .worker import fingerprint
-
         self.options = options or ConfirmOptions()
         if self.options.top < 1 or self.options.repeats < 1:
             raise UsageError("--top and --repeats must be >= 1")
         self.storage = open_storage(storage_url, heartbeat_interval=None, must_exist=True)
         self.study, self.spec = studies.load_study(self.storage, study_name)
-        self.candidates = candidates(self.study, self.spec, self.options.top)
+        self.candidates = objectives.ranked(self.study, self.spec, self.options.top)
         if not self.candidates:
             raise NothingToExport(f"study {study_name!r} has no feasible trial to confirm yet")
         self.prompts = confirm_prompts(self.spec)
         seed = self.spec.confirm.seed if self.spec.confirm.seed is not None else self.spec.prompts.seed
-        self.evaluator = evaluator or evaluator_from_spec(self.spec, self.options.device,
-                                                          self.options.progress, prompts=self.prompts)
-        self.evaluator.prompts = self.prompts
-        self.evaluator.config = GenerationConfig.from_spec(self.spec, seed=seed)
-        self.fingerprint, self.facts = fingerprint(self.evaluator)
+        loaded = evaluator or evaluator_from_spec(self.spec, self.options.device,
+                                                  self.options.progress, prompts=self.prompts)
+        config = GenerationConfig.from_spec(self.spec, seed=seed)
+        self.fingerprint, self.facts = fingerprint(loaded.pipe, config.batch_size)
         # the calibration the search measured (MagCache's ratios): the same setting is confirmed
-        self.evaluator.calibration = {**self.evaluator.calibration,
-                                      **studies.calibration(self.study, self.fingerprint)}
+        self.evaluator = loaded.derive(prompts=self.prompts, config=config, calibration={
+            **loaded.calibration, **studies.calibration(self.study, self.fingerprint)})
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.reference: Baseline | None = None
 
@@ -128,7 +108,7 @@ class Confirmation:
         records = [stored[self.key(trial)] for trial in self.candidates]
         for trial, record in zip(self.candidates, records, strict=True):  # also those stored by a
             write_trial_note(self.study, trial._trial_id,  # confirm killed before its note
-                             trial_note(trial.number, studies.trial_metrics(trial), self.spec, record))
+                             trial_note(trial.number, trial_metrics(trial), self.spec, record))
         return records
 
     def measure(self, trial: FrozenTrial) -> dict:
@@ -156,7 +136,7 @@ class Confirmation:
         figures = {**summary, **interval.to_dict(),
                    "seconds_per_image": sum(fast_rounds) / len(fast_rounds),
                    "baseline_seconds_per_image": sum(base_rounds) / len(base_rounds)}
-        constraints = studies.constraints(self.spec, figures)
+        constraints = objectives.constraints(self.spec, figures)
         return {
             "key": self.key(trial), "trial": trial.number, "combo": comparison.combo,
             "setting": setting, "prompts": self.prompts, "num_samples": len(self.prompts),
@@ -165,7 +145,7 @@ class Confirmation:
             "seconds_per_image": figures["seconds_per_image"],
             "baseline_seconds_per_image": figures["baseline_seconds_per_image"],
             "clip_mean": summary["clip_mean"], "baseline_clip_mean": summary["baseline_clip_mean"],
-            **{metric: {k: studies.finite(v) for k, v in summary[metric].items()}
+            **{metric: {k: finite(v) for k, v in summary[metric].items()}
                for metric in ("clip_loss", "psnr", "ssim")},
             "constraints": constraints, "feasible": all(v <= 0 for v in constraints.values()),
             "rule": self.spec.quality.rule, "image_digests": comparison.image_digests,

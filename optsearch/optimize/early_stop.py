@@ -1,72 +1,36 @@
 """Early stop: end a trial as soon as its partial measurement shows it cannot be the answer.
 
-After `min_batches` timed batches (1 by default; a speedup look after the first batch also needs
-the device's first-batch record, see below), a trial is stopped when, at a per-look confidence
-corrected for looking after every batch, all of it on the one side each rule asks about (each
-asks a one-sided question: is this end past that line?):
+`rule_for(spec, trials, fingerprint, baseline_id)` builds the rule for the next trial from what the
+study has measured so far; the worker hands it to `Evaluator.compare`, which calls it after every
+batch. After `min_batches` batches, a trial is stopped when one of these one-sided questions is
+answered with confidence:
 
 - "quality":   its quality interval lies entirely past the limit (max-speedup and pareto);
 - "speedup":   its speedup interval lies entirely below the target (target-speedup);
-- "dominated": its speedup lies below the best feasible speedup measured so far on the same
-               device fingerprint, with both measurements' noise (max-speedup), or some feasible
-               front member beats both its intervals (pareto).
+- "dominated": its speedup lies below the best feasible speedup measured so far on the same device
+               fingerprint (max-speedup), or a feasible front member beats both its intervals
+               (pareto).
 
-The per-look alpha is sequential (`sequential.per_look_alpha`, Pocock's boundary): each rule's
-looks share alpha = 1 - confidence on their real correlation (the estimate after 6 batches is
-mostly the one after 5), not Bonferroni's alpha / looks: 0.0137 instead of 0.0071 per look for the
-7 looks of a default study. On the recorded landscapes no trial's looks missed its final mean more
-often than alpha, and the replayed studies reached the answer with 7 % less device time
-(benchmarks/RESULTS.md 10f).
+Why each piece is there:
+- Looks after every batch share alpha = 1 - confidence on their real correlation (Pocock's
+  boundary, `sequential.per_look_alpha`), not alpha / looks: the estimate after 6 batches is mostly
+  the one after 5, so Bonferroni is needlessly strict.
+- "dominated" compares two noisy speedups, so their noises add in quadrature on the log scale.
+  When the best was timed against the same baseline timing (`best_batch_seconds`), the look
+  compares the two trials' own seconds and the baseline's noise cancels.
+- The speedup interval pools the trial's timing noise with the baseline's: after 2 batches a
+  trial alone has one degree of freedom and would never decide.
+- After the first batch a trial has no noise of its own. The first look then uses the device's
+  record of how first batches read against later ones (`FirstBatches`), and waits for a 2nd batch
+  until 5 trials of its kind (after a warm-up or not) are on record.
+- The quality interval is the t interval of the prompts measured so far, not narrowed for a finite
+  set: prompts come in one fixed order, so a prefix is not a random sample of them.
+- With 5 trials measured on all prompts, the quality look first removes each prompt's own effect
+  (`PromptEffects`): how hard a prompt is is shared by every setting and dominates the spread
+  between prompts, so one or two prompts can already decide.
 
-A trial that could still become the answer is not stopped. In max-speedup that question is about
-the difference of two noisy speedups, the trial's and the best's, so the rule adds their noise in
-quadrature (on the log scale, where a ratio is a difference): stop when log(trial) +
-sqrt(h_trial^2 + h_best^2) < log(best), h_trial being the trial's one-sided (1 - alpha) half-width
-and h_best the best's recorded half-width rescaled to the same alpha (its recorded bound used a t
-quantile >= the normal one, so the rescaled width never understates its noise). Comparing the
-trial's optimistic end with the best's *lower bound* instead adds the two widths and kept trials
-within a few percent of the best running to their last batch (benchmarks/RESULTS.md 10e). When
-the best was timed against the same baseline timing as the trial (`best_batch_seconds`: one worker
-between two re-timings), both speedups divide by the same figure, so the look compares the two
-trials' own batch seconds and the baseline's noise cancels (10f). Pareto
-compares with each front member's conservative end (its lower speedup bound, its safe-side quality
-bound).
-
-The quality interval is the t interval of the prompts' mean from those measured so far. It is not
-narrowed by the share of the study's prompts already known (a finite-population correction): the
-prompts come in the same fixed order for every trial, not in a random one, and where a late prompt
-is much easier or harder than the first ones every trial's final mean lands outside the narrowed
-interval (on the 16-prompt landscape it missed 1.8 % of looks at an alpha of 0.6 %; unnarrowed, none:
-benchmarks/RESULTS.md 10e). If the prompts' mean lies past the limit, the trial fails under rule
-"mean" and, its bound being further out, under rule "bound" too.
-
-Once the study has 5 trials measured on all its prompts, the quality look removes the prompts'
-own effects first ("prompt effects"): how hard a prompt is (its PSNR, its CLIP loss)
-is mostly a property of the prompt, shared by every setting, and dominates the spread between a
-trial's prompts (on the recorded CPU landscape the residual spread is about a quarter of it). With
-x = a trial's per-prompt values and a = each prompt's mean deviation from its trial's mean over
-the earlier trials, the final mean is estimated as mean(x - a) over the prompts measured so far,
-and the residual variance is the 90th percentile of the K earlier trials' own (it differs about 2x
-between trials; the pooled one undercovered on the 3-prompt landscape), with df = (K - 1)(N - 1),
-so one or two prompts can already decide. Checked on the three recorded landscapes
-(benchmarks/quality_look.py): the one-sided bound misses the final mean at most as often as its
-alpha for K >= 5 (the pooled variance missed 2.6-4.4 % of looks at an alpha of 1.7 %).
-
-The trial's speedup interval here pools the timing noise of its batches with the baseline's
-(`speedup_interval(pooled=True)`): after 2 batches the unpooled interval has about one degree of
-freedom and would never decide, so every dominated trial would run to its last batch.
-
-After the first batch a trial has no noise of its own to pool: one slow batch (5 % of this CPU's
-batches are > 15 % outliers) or a first batch slowed by what a warm-up did not cover (new shapes,
-allocations: on a GPU) would read as a slow setting. So the first-batch look uses what the study
-measured on this device ("first-batch record", `FirstBatches`): for each earlier trial that ran
-two batches or more, how far its first batch read from the mean of its others (log seconds),
-kept apart for trials after a warm-up and without one. The trial's log seconds are its first
-batch's less the record's mean where first batches run slow (never more: the record holds only
-trials that ran a 2nd batch, which leans it fast), with the record's spread as a prediction
-interval (`speedup.first_batch_interval`); without 5 such trials of its kind the first speedup look waits
-for the 2nd batch. On the recorded landscapes this stops dominated trials one batch sooner with
-no answer lost (benchmarks/RESULTS.md 10g).
+benchmarks/quality_look.py and benchmarks/search_cost.py measure how often the looks miss and how
+much device time they save (RESULTS.md, "Early stop").
 """
 
 from __future__ import annotations
@@ -77,10 +41,21 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
+from optuna.trial import FrozenTrial, TrialState
 
-from .quality import Interval, t_quantile
-from .sequential import per_look_alpha
-from .speedup import SpeedupInterval, first_batch_interval, speedup_interval
+from optsearch.measure.metrics import (
+    Interval,
+    at_least_as_good,
+    best_case,
+    past_limit,
+    t_quantile,
+    unsafe_side,
+)
+from optsearch.measure.speedup import SpeedupInterval, first_batch_interval, speedup_interval
+from optsearch.optimize.objectives import is_feasible
+from optsearch.optimize.sequential import per_look_alpha
+from optsearch.spec import StudySpec
+from optsearch.storage.record import per_prompt_key, quality_of, speedup_of
 
 QUALITY, SPEEDUP, DOMINATED = "quality", "speedup", "dominated"
 REASONS = (QUALITY, SPEEDUP, DOMINATED)
@@ -182,7 +157,7 @@ class EarlyStop:
         alpha = self._quality_alpha(partial)  # per look, on the one side asked
         per_look = 1 - 2 * alpha  # a two-sided interval whose each end is a (1 - alpha) bound
         quality = self._quality(partial.per_prompt(self.metric), per_look, partial.num_samples)
-        if self.quality_limit is not None and _past_limit(quality, self.metric, self.quality_limit):
+        if self.quality_limit is not None and past_limit(quality, self.metric, self.quality_limit):
             return QUALITY
         if self.target_speedup is None and self.speedup_to_beat is None and not self.front:
             return None
@@ -261,11 +236,42 @@ class EarlyStop:
 
     def _better(self, safe: float, trial: Interval) -> bool:
         """Is a front member's safe-side quality better than the trial's best case?"""
-        return safe < trial.low if self.metric == "clip_loss" else safe > trial.high
+        return not at_least_as_good(best_case(trial, self.metric), safe, self.metric)
 
 
-def _past_limit(interval: Interval, metric: str, limit: float) -> bool:
-    """The whole interval lies on the wrong side of the limit (fails under either rule)."""
-    if metric == "clip_loss":
-        return interval.low > limit
-    return interval.high < limit
+def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
+             baseline_id: str | None = None) -> EarlyStop | None:
+    """The early-stop rule for the next trial on `fingerprint`, from the study's finished trials
+    (COMPLETE and PRUNED); None when the spec turns early stop off. `baseline_id` is the worker's
+    current baseline timing: a best timed against it is compared by its own seconds."""
+    if not spec.search.early_stop:
+        return None
+    here = [t for t in trials if t.user_attrs.get("fingerprint") == fingerprint]
+    rule = EarlyStop(spec.quality.metric, spec.search.min_batches)
+    rule.first_batches = FirstBatches.of(
+        (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
+        for t in here if "reused_from" not in t.user_attrs and t.user_attrs.get("batch_seconds"))
+    mode = spec.objective.mode
+    if mode == "target-speedup":
+        rule.target_speedup = spec.objective.target_speedup
+        return rule
+    rule.quality_limit = spec.quality.limit
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    key = per_prompt_key(spec.quality.metric)
+    rule.prompt_effects = PromptEffects.of(
+        [t.user_attrs[key] for t in complete if "reused_from" not in t.user_attrs
+         and len(t.user_attrs.get(key) or ()) == spec.prompts.num_samples])
+    found = [t for t in complete if t.user_attrs.get("fingerprint") == fingerprint
+             and is_feasible(t) and t.user_attrs.get("speedup_low") is not None]
+    if mode == "max-speedup" and found:
+        best = max(found, key=lambda t: t.user_attrs["speedup"]).user_attrs
+        rule.speedup_to_beat = speedup_of(best)
+        if baseline_id is not None and best.get("baseline_id") == baseline_id:
+            rule.best_batch_seconds = best.get("batch_seconds")
+    if mode == "pareto":
+        for trial in found:
+            safe = unsafe_side(quality_of(trial.user_attrs, spec.quality.metric),
+                               spec.quality.metric, "bound")
+            if math.isfinite(safe):
+                rule.front.append(FrontPoint(trial.user_attrs["speedup_low"], safe))
+    return rule

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .accelerators import ORDER, normalize_setting
+from optsearch.accelerators import ORDER, normalize_setting
 
 
 def default_setting(combo, model_steps: int | None = None) -> dict[str, dict]:
@@ -33,7 +33,7 @@ FORMAT = "optsearch.search_params/1"
 
 
 def _entry(trial, confirmed: dict | None = None, metric: str = "clip_loss") -> dict:
-    from .study import trial_metrics
+    from optsearch.storage.record import trial_metrics
 
     metrics = trial_metrics(trial)
     return {"trial": trial.number, "combo": metrics.pop("combo"), "setting": metrics.pop("setting"),
@@ -54,7 +54,7 @@ def confirmed_entry(record: dict, metric: str) -> dict:
 
 def best_confirmed(records: list[dict], spec) -> dict | None:
     """The best setting that is feasible on confirmation, by the study's objective."""
-    from .study import merit, objective_values
+    from optsearch.optimize.objectives import merit, objective_values
 
     feasible = [r for r in records if r["feasible"]]
     return max(feasible, key=lambda r: merit(spec, objective_values(spec, r)[0]), default=None)
@@ -69,7 +69,7 @@ def _latest_by_trial(records: list[dict]) -> dict[int, dict]:
 
 def _prompts(baseline: dict | None, spec) -> dict:
     """The search prompts and per-prompt generator seeds that `image_digests` belong to."""
-    from .evaluate import prompt_seed
+    from optsearch.measure.evaluate import prompt_seed
 
     texts = (baseline or {}).get("prompts")
     count = len(texts) if texts else spec.prompts.num_samples
@@ -86,20 +86,17 @@ def export_study(study, spec) -> dict:
     import optuna
     import torch
 
-    from . import __version__
-    from .errors import NothingToExport
-    from .reference import steps_frontier, verdict
-    from .study import (
-        baselines,
+    from optsearch.errors import NothingToExport
+    from optsearch.optimize.objectives import (
         best_overall,
         best_per_combo,
-        calibration,
-        confirmations,
         constraint_text,
         pareto_front,
         relax_hint,
-        spec_attr,
     )
+    from optsearch.optimize.reference import steps_frontier, verdict
+    from optsearch.optimize.study import baselines, calibration, confirmations, spec_attr
+    from optsearch.version import __version__
 
     records = list(confirmations(study).values())
     confirmed_by_trial = _latest_by_trial(records)

@@ -11,6 +11,8 @@ import random
 from importlib import resources
 from pathlib import Path
 
+from optsearch.errors import PromptError, first_line
+
 # source -> (dataset id, split, column, take the first element of a list column)
 HUB_SOURCES = {
     "coco2017": ("phiyodr/coco2017", "validation", "captions", True),
@@ -21,8 +23,6 @@ FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv
 TEXT_COLUMNS = ("prompt", "Prompt", "caption", "text", "captions")
 
 
-class PromptError(Exception):
-    """The prompt source cannot deliver the prompts asked for."""
 
 
 def builtin_prompts() -> list[str]:
@@ -44,6 +44,13 @@ def load_prompts(source: str, num_samples: int, seed: int = 42, shuffle: bool = 
         prompts = list(prompts)
         random.Random(seed).shuffle(prompts)
     return prompts[:num_samples]
+
+
+def prompts_of(prompts, count: int | None = None, source: str | None = None) -> list[str]:
+    """The prompts a spec's [prompts] table names (a `PromptSpec`): its first `count` (default its
+    num_samples), from `source` instead of its own when given."""
+    return load_prompts(source or prompts.source, count or prompts.num_samples, prompts.seed,
+                        prompts.shuffle, prompts.column)
 
 
 def _all_prompts(source: str, column: str | None) -> list[str]:
@@ -75,8 +82,7 @@ def _load_dataset(*args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as error:  # datasets raises many types; the first line says what went wrong
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PromptError(f"cannot load prompts from {args[0]!r}: {reason}") from error
+        raise PromptError(f"cannot load prompts from {args[0]!r}: {first_line(error)}") from error
 
 
 def _column(dataset, column: str | None, source: str, first_of_list: bool) -> list[str]:

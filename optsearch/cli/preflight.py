@@ -9,7 +9,6 @@ timed (`estimate_text`).
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import time
@@ -17,55 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Trials run between the baseline's speed (1x: nothing gained) and about twice as fast (what
-# DeepCache, TaylorSeer or half the steps give at the limits studies set): an honest range.
-EXPECTED_SPEEDUPS = (1.0, 2.0)
-
-
-@dataclass
-class Estimate:
-    """The study's duration from one measured seconds-per-image, for 1 and `workers` workers."""
-
-    seconds_per_image: float
-    n_trials: int
-    num_samples: int
-    workers: int = 1
-
-    def per_trial(self, speedup: float) -> float:
-        """One trial: a short warm-up plus every prompt at `speedup`, scoring not counted."""
-        return self.num_samples * self.seconds_per_image / speedup * 1.1
-
-    @property
-    def baseline_seconds(self) -> float:
-        return self.num_samples * self.seconds_per_image
-
-    def total(self, workers: int) -> tuple[float, float]:
-        """(fastest, slowest) wall seconds: each worker times its own baseline, then shares the
-        trials; trials are whole units, so the slowest worker takes the rounded-up share."""
-        share = math.ceil(self.n_trials / workers)
-        fast, slow = (self.baseline_seconds + share * self.per_trial(s)
-                      for s in reversed(EXPECTED_SPEEDUPS))
-        return fast, slow
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def estimate_text(estimate: Estimate) -> str:
-    """One line: the study's duration on 1 worker and on N, trials x prompts x s/image."""
-    low, high = estimate.total(1)
-    text = (f"estimate: {estimate.n_trials} trials x {estimate.num_samples} prompts x "
-            f"{estimate.seconds_per_image:.3g} s/image at {EXPECTED_SPEEDUPS[1]:g}x-"
-            f"{EXPECTED_SPEEDUPS[0]:g}x: {_duration(low)}-{_duration(high)} on 1 worker")
-    if estimate.workers > 1:
-        low, high = estimate.total(estimate.workers)
-        text += f", {_duration(low)}-{_duration(high)} on {estimate.workers}"
-    return text + " (early stop and reuse make it shorter)"
+from optsearch.errors import exit_code_for, first_line
+from optsearch.measure.evaluate import GenerationConfig, generate, pipeline_from_spec
+from optsearch.measure.prompts import prompts_of
+from optsearch.measure.quality import ClipScorer
+from optsearch.optimize.estimate import Estimate, estimate_text
 
 
 @dataclass
@@ -93,11 +48,6 @@ def _memory(device: torch.device) -> tuple[float | None, float | None]:
 def check(spec, device: str | None = None, workers: int | None = None) -> Report:
     """Load the spec's pipeline, CLIP and prompts, time one baseline batch; collect problems.
     `workers`: the N of the estimate (default: the GPUs here, at least 1)."""
-    from .errors import exit_code_for
-    from .evaluate import GenerationConfig, generate, pipeline_from_spec
-    from .prompts import load_prompts
-    from .quality import ClipScorer
-
     report = Report()
     if workers is None:
         workers = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
@@ -106,15 +56,13 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         try:
             return load()
         except Exception as error:  # every loader failure becomes one line
-            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            text = first_line(error)
             if exit_code_for(error) != 2:
                 text = f"{type(error).__name__}: {text}"
             report.problems.append(f"{what}: {text}")
             return None
 
-    prompts = attempt("prompts", lambda: load_prompts(
-        spec.prompts.source, spec.prompts.num_samples, spec.prompts.seed, spec.prompts.shuffle,
-        spec.prompts.column))
+    prompts = attempt("prompts", lambda: prompts_of(spec.prompts))
     pipe = attempt("model", lambda: pipeline_from_spec(spec, device))
     if pipe is not None:
         report.facts.update(device=str(pipe.device),

@@ -20,9 +20,11 @@ import logging
 
 import optuna
 
-from .accelerators import REGISTRY, combo_name, params_of
-from .errors import UsageError
-from .spec import StudySpec
+from optsearch.accelerators import REGISTRY, combo_name, params_of
+from optsearch.errors import UsageError
+from optsearch.optimize.objectives import ranked
+from optsearch.optimize.study import load_study
+from optsearch.spec import StudySpec
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +123,12 @@ def warm_start_params(spec: StudySpec, storage) -> list[dict]:
 
 
 def _study_settings(storage, name: str) -> list[dict]:
-    from .confirm import candidates
-    from .study import load_study
-
     try:
         other, other_spec = load_study(storage, name)
     except UsageError:
         raise UsageError(f"warm start study:{name}: no optsearch study named {name!r} in this "
                          "storage (`optsearch study list` shows them)") from None
-    return [trial.user_attrs["setting"] for trial in candidates(other, other_spec, top=3)]
+    return [trial.user_attrs["setting"] for trial in ranked(other, other_spec, top=3)]
 
 
 def enqueue_warm_start(study: optuna.Study, params: list[dict]) -> None:

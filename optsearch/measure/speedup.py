@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .quality import t_quantile
+from optsearch.measure.metrics import t_quantile
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,100 @@
+"""The quality metrics a study can judge by, and the one place that knows which way each is better.
+
+A metric is measured per prompt (a trial's image against the baseline's) and summarized as an
+`Interval`: the mean with its two-sided confidence interval. Everything that compares two quality
+figures or judges a limit asks this module, never `metric == "clip_loss"`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import t as student_t
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    direction: str  # "minimize" or "maximize", as Optuna names it
+    label: str  # axis and table label
+    unit: str
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.direction == "minimize"
+
+
+METRICS = {
+    "clip_loss": Metric("clip_loss", "minimize", "CLIP loss (baseline - setting)", "CLIP points"),
+    "psnr": Metric("psnr", "maximize", "PSNR vs baseline (dB)", "dB"),
+    "ssim": Metric("ssim", "maximize", "SSIM vs baseline", ""),
+}
+
+
+def t_quantile(confidence: float, df: float) -> float:
+    """The two-sided Student-t quantile for `confidence` with `df` degrees of freedom."""
+    return float(student_t.ppf(0.5 + confidence / 2, df))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its two-sided confidence interval (bounds may be infinite: not measured)."""
+
+    mean: float
+    low: float = -math.inf
+    high: float = math.inf
+
+    @classmethod
+    def of(cls, values, confidence: float = 0.95) -> Interval:
+        """The t interval of the mean of `values`. Not narrowed for a finite set of prompts:
+        they come in a fixed order, so a prefix is not a random sample of them."""
+        values = np.asarray(values, dtype=np.float64)
+        mean = float(values.mean())
+        if len(values) < 2:
+            return cls(mean, -math.inf, math.inf)
+        half = t_quantile(confidence, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+        return cls(mean, float(mean - half), float(mean + half))
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high}
+
+
+def direction(metric: str) -> str:
+    return METRICS[metric].direction
+
+
+def at_least_as_good(a: float, b: float, metric: str) -> bool:
+    """Is quality `a` at least as good as `b`?"""
+    return a <= b if METRICS[metric].lower_is_better else a >= b
+
+
+def best_case(interval: Interval, metric: str) -> float:
+    """The interval's bound on the good side (the low end of a loss, the high end of PSNR/SSIM)."""
+    return interval.low if METRICS[metric].lower_is_better else interval.high
+
+
+def unsafe_side(interval: Interval, metric: str, rule: str = "mean") -> float:
+    """The figure the feasibility rule checks: the mean, or (rule "bound") the confidence bound on
+    the unsafe side (the high end of a loss, the low end of PSNR/SSIM)."""
+    if rule == "mean":
+        return interval.mean
+    return interval.high if METRICS[metric].lower_is_better else interval.low
+
+
+def quality_margin(interval: Interval, metric: str, limit: float, rule: str = "mean") -> float:
+    """How far the metric is past its limit under `rule`: <= 0 is feasible (Optuna's convention)."""
+    value = unsafe_side(interval, metric, rule)
+    margin = value - limit if METRICS[metric].lower_is_better else limit - value
+    return margin if math.isfinite(margin) else 1e9
+
+
+def past_limit(interval: Interval, metric: str, limit: float) -> bool:
+    """The whole interval lies on the wrong side of the limit: it fails under either rule."""
+    return not at_least_as_good(best_case(interval, metric), limit, metric)
+
+
+def limit_sign(metric: str) -> str:
+    """How a limit reads: 'clip_loss <= 0.5', 'psnr >= 30'."""
+    return "<=" if METRICS[metric].lower_is_better else ">="

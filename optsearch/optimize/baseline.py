@@ -1,0 +1,118 @@
+"""A worker's baseline: the plain pipeline's images, scores and its own timing.
+
+Images, CLIP scores and features do not depend on the machine, so the first worker of a device
+fingerprint stores them and later workers reuse them. Timings do depend on the machine: every
+worker times the baseline itself (after an untimed warm-up), re-times it every
+`search.retime_baseline_every` trials, and records who timed what in the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+
+import numpy as np
+import optuna
+import torch
+
+from optsearch.measure.evaluate import Baseline, Evaluator
+from optsearch.measure.fingerprint import fingerprint
+from optsearch.optimize import study as studies
+from optsearch.spec import StudySpec
+from optsearch.storage.artifacts import download_arrays, upload_arrays, upload_grid
+
+logger = logging.getLogger(__name__)
+
+
+class BaselineKeeper:
+    """The baseline one worker measures trials against, and its record in the study."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, evaluator: Evaluator, artifacts,
+                 worker_id: str, host: str, device_index: str, cuda_visible_devices: str | None):
+        self.study = study
+        self.spec = spec
+        self.evaluator = evaluator
+        self.artifacts = artifacts
+        self.worker_id = worker_id
+        self.host = host
+        self.fingerprint, self.facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
+        self.timing_record = {"worker": worker_id, "host": host, "device": self.facts["device"],
+                              "device_index": device_index,
+                              "cuda_visible_devices": cuda_visible_devices, "timings": []}
+        self.baseline: Baseline | None = None
+        self.baseline_id: str | None = None  # which timing trials divide by; trials sharing one
+        self.trials_since_timing = 0  # compare their own seconds (random: two Workers of one
+        # process must not share it)
+
+    def ensure(self, trials_run: int) -> Baseline:
+        """Time this worker's own baseline; reuse the stored images and scores of its fingerprint."""
+        stored = self._stored()
+        baseline = self.evaluator.baseline(scored=stored)
+        if stored is None:
+            self._store(baseline)
+        self._record_timing(baseline, trials_run)
+        self.baseline = baseline
+        return baseline
+
+    def retime_if_due(self, trials_run: int) -> None:
+        every = self.spec.search.retime_baseline_every
+        if every and self.trials_since_timing >= every:
+            logger.info("re-timing the baseline after %d trials", self.trials_since_timing)
+            self.baseline = self.evaluator.baseline(scored=self.baseline)
+            self._record_timing(self.baseline, trials_run)
+
+    def for_evaluator(self, evaluator: Evaluator, trials_run: int) -> None:
+        """Start over for another evaluator of the same pipeline (a smaller batch size after an
+        out-of-memory): a new fingerprint, a new timing record, a new baseline."""
+        self.evaluator = evaluator
+        self.fingerprint, self.facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
+        self.timing_record = {**self.timing_record, "timings": []}
+        self.ensure(trials_run)
+
+    def _stored(self) -> Baseline | None:
+        """The stored images and scores of this fingerprint, if the artifact store has them."""
+        record = studies.baselines(self.study).get(self.fingerprint)
+        if record is None:
+            return None
+        try:
+            arrays = download_arrays(self.artifacts, record["images_artifact"])
+        except Exception as error:  # artifact store not shared with this machine
+            logger.warning("stored baseline images unavailable (%s): regenerating", error)
+            return None
+        logger.info("reusing baseline images %s; timing our own", self.fingerprint)
+        return Baseline(arrays["images"], math.nan, np.asarray(record["clip_scores"]),
+                        torch.from_numpy(arrays["image_features"]))
+
+    def _store(self, baseline: Baseline) -> None:
+        """The first worker of a fingerprint stores its images, scores and a grid."""
+        artifact = upload_arrays(self.artifacts, self.study, f"baseline-{self.fingerprint}.npz",
+                                 images=baseline.images,
+                                 image_features=baseline.image_features.cpu().numpy())
+        record = {
+            "fingerprint": self.fingerprint, **self.facts, "host": self.host,
+            "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
+            "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
+            "num_samples": len(self.evaluator.prompts), "prompts": self.evaluator.prompts,
+            "images_artifact": artifact, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if self.fingerprint in studies.baselines(self.study):
+            return  # another worker stored it meanwhile
+        studies.save_baseline(self.study, record)
+        upload_grid(self.artifacts, self.study, f"baseline-{self.fingerprint}.png",
+                    f"baseline {self.facts['device']}: {baseline.seconds_per_image:.3f} s/image",
+                    self.evaluator.prompts, self.spec.artifacts.grid_prompts, baseline.images)
+
+    def _record_timing(self, baseline: Baseline, trials_run: int) -> None:
+        """Append this timing to the worker's record in the study: who timed what, where, when."""
+        self.timing_record["fingerprint"] = self.fingerprint
+        self.timing_record["timings"].append({
+            "seconds_per_image": baseline.seconds_per_image,
+            "batch_seconds": baseline.batch_seconds,
+            "after_trials": trials_run,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        self.trials_since_timing = 0
+        self.baseline_id = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
+        studies.save_timing(self.study, self.timing_record)

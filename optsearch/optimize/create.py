@@ -1,0 +1,71 @@
+"""Creating a study from a spec: the stored spec, Optuna's directions and names, the warm start.
+
+A study name that exists already is joined only when its stored spec is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import optuna
+
+from optsearch.errors import UsageError
+from optsearch.optimize.objectives import directions, metric_names
+from optsearch.optimize.samplers import make_sampler
+from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, load_study, spec_attr
+from optsearch.optimize.warm_start import enqueue_warm_start, warm_start_params
+from optsearch.spec import StudySpec
+from optsearch.storage.rdb import mask
+from optsearch.version import __version__
+
+
+def create_study(spec: StudySpec, storage, name: str | None = None,
+                 load_if_exists: bool = False) -> optuna.Study:
+    """Create the study for `spec`; an existing name is an error unless loaded with the same spec.
+
+    A new study gets its warm-start settings enqueued (warm_start.py).
+    """
+    name = name or spec.name
+    wanted = spec_attr(spec)
+    warm_start = warm_start_params(spec, storage)  # before creating: a bad source writes nothing
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions(spec))
+    except optuna.exceptions.DuplicatedStudyError:
+        existing = optuna.load_study(study_name=name, storage=storage)
+        stored = existing.user_attrs.get(SPEC_ATTR)
+        if stored is None:
+            raise UsageError(f"study {name!r} exists in {mask(storage.url)} but was not made by "
+                             "optsearch: choose another --name") from None
+        if not load_if_exists:
+            raise UsageError(f"study {name!r} already exists in {mask(storage.url)}: pass "
+                             "--load-if-exists to join it with the same spec, or --name") from None
+        if _canonical(stored) != _canonical(wanted):
+            differing = ", ".join(_differences(stored, wanted)[:5])
+            raise UsageError(f"study {name!r} exists with a different spec (differs in: "
+                             f"{differing}): use another --name") from None
+        return load_study(storage, name)[0]
+    with warnings.catch_warnings():  # experimental in Optuna, and what the dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metric_names(spec))
+    study.set_user_attr(SPEC_ATTR, wanted)
+    study.set_user_attr(VERSION_ATTR, __version__)
+    study.sampler = make_sampler(spec)
+    enqueue_warm_start(study, warm_start)
+    return study
+
+
+def _canonical(data: dict) -> str:
+    return json.dumps(data, sort_keys=True)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    found = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}")
+    return found

@@ -1,0 +1,57 @@
+"""What the rest of a study costs, from one measured seconds-per-image: the line `check`, `run`
+and `worker` print before trials start."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Trials run between the baseline's speed (1x: nothing gained) and about twice as fast (what
+# DeepCache, TaylorSeer or half the steps give at the limits studies set): an honest range.
+EXPECTED_SPEEDUPS = (1.0, 2.0)
+
+
+@dataclass
+class Estimate:
+    """The study's duration from one measured seconds-per-image, for 1 and `workers` workers."""
+
+    seconds_per_image: float
+    n_trials: int
+    num_samples: int
+    workers: int = 1
+
+    def per_trial(self, speedup: float) -> float:
+        """One trial: a short warm-up plus every prompt at `speedup`, scoring not counted."""
+        return self.num_samples * self.seconds_per_image / speedup * 1.1
+
+    @property
+    def baseline_seconds(self) -> float:
+        return self.num_samples * self.seconds_per_image
+
+    def total(self, workers: int) -> tuple[float, float]:
+        """(fastest, slowest) wall seconds: each worker times its own baseline, then shares the
+        trials; trials are whole units, so the slowest worker takes the rounded-up share."""
+        share = math.ceil(self.n_trials / workers)
+        fast, slow = (self.baseline_seconds + share * self.per_trial(s)
+                      for s in reversed(EXPECTED_SPEEDUPS))
+        return fast, slow
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_text(estimate: Estimate) -> str:
+    """One line: the study's duration on 1 worker and on N, trials x prompts x s/image."""
+    low, high = estimate.total(1)
+    text = (f"estimate: {estimate.n_trials} trials x {estimate.num_samples} prompts x "
+            f"{estimate.seconds_per_image:.3g} s/image at {EXPECTED_SPEEDUPS[1]:g}x-"
+            f"{EXPECTED_SPEEDUPS[0]:g}x: {_duration(low)}-{_duration(high)} on 1 worker")
+    if estimate.workers > 1:
+        low, high = estimate.total(estimate.workers)
+        text += f", {_duration(low)}-{_duration(high)} on {estimate.workers}"
+    return text + " (early stop and reuse make it shorter)"

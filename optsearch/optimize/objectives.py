@@ -1,0 +1,139 @@
+"""What a study optimizes and what it calls feasible: the values told to Optuna, the constraint
+each trial carries, and the ranking that picks the best trials from them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from optsearch.measure.metrics import Interval, direction, limit_sign, quality_margin
+from optsearch.spec import StudySpec
+
+
+def directions(spec: StudySpec) -> list[str]:
+    metric = direction(spec.quality.metric)
+    return {"max-speedup": ["maximize"], "target-speedup": [metric],
+            "pareto": ["maximize", metric]}[spec.objective.mode]
+
+
+def objective_values(spec: StudySpec, summary: dict) -> list[float]:
+    """The values told to Optuna for a finished evaluation, in the order of `directions`."""
+    speedup, quality = summary["speedup"], summary[spec.quality.metric]["mean"]
+    return {"max-speedup": [speedup], "target-speedup": [quality],
+            "pareto": [speedup, quality]}[spec.objective.mode]
+
+
+def metric_names(spec: StudySpec) -> list[str]:
+    """Names of the objective values, in the order of `directions` (shown by the dashboard)."""
+    return {"max-speedup": ["speedup"], "target-speedup": [spec.quality.metric],
+            "pareto": ["speedup", spec.quality.metric]}[spec.objective.mode]
+
+
+def constraint_text(spec: StudySpec) -> str:
+    """The constraint that decides feasibility in the spec's mode, as a user reads it."""
+    rule = "" if spec.quality.rule == "mean" else " (its confidence bound)"
+    if spec.objective.mode == "target-speedup":
+        return f"speedup{rule} >= objective.target_speedup = {spec.objective.target_speedup}"
+    metric = spec.quality.metric
+    return f"{metric}{rule} {limit_sign(metric)} quality.limit = {spec.quality.limit}"
+
+
+def relax_hint(spec: StudySpec) -> str:
+    if spec.objective.mode == "target-speedup":
+        return "run more trials or lower objective.target_speedup"
+    return "run more trials or relax quality.limit"
+
+
+def constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
+    """Optuna constraint values (feasible when <= 0) for a measured setting.
+
+    `quality.rule` decides which figure must meet the limit: the mean, or ("bound") the confidence
+    bound on the unsafe side (the speedup's low bound in target-speedup mode).
+    """
+    rule = spec.quality.rule
+    if spec.objective.mode == "target-speedup":
+        speedup = summary["speedup"] if rule == "mean" else summary.get("speedup_low")
+        if speedup is None or not math.isfinite(speedup):
+            return {"speedup": 1e9}
+        return {"speedup": spec.objective.target_speedup - speedup}
+    figures = summary[spec.quality.metric]  # {"mean", "low", "high"}; bounds may be missing
+    low, high = figures.get("low"), figures.get("high")
+    interval = Interval(figures["mean"], -math.inf if low is None else low,
+                        math.inf if high is None else high)
+    return {"quality": quality_margin(interval, spec.quality.metric, spec.quality.limit, rule)}
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    values = trial.user_attrs.get("constraints")
+    return values is not None and all(v <= 0 for v in values.values())
+
+
+def merit(spec: StudySpec, first_value: float) -> float:
+    """The first objective value oriented so that larger is better (speedup, or the metric in
+    target-speedup mode); pareto fronts pick their highest speedup."""
+    minimized = spec.objective.mode == "target-speedup" and \
+        direction(spec.quality.metric) == "minimize"
+    return -first_value if minimized else first_value
+
+
+def _better(spec: StudySpec, a: FrozenTrial, b: FrozenTrial | None) -> bool:
+    """Is `a` a better single best than `b`?"""
+    return b is None or merit(spec, a.values[0]) > merit(spec, b.values[0])
+
+
+def _measured_feasible(study: optuna.Study) -> list[FrozenTrial]:
+    """Feasible COMPLETE trials that measured their setting (not copies of an earlier trial)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if is_feasible(t) and t.user_attrs.get("reused_from") is None]
+
+
+def best_per_combo(study: optuna.Study, spec: StudySpec) -> dict[str, FrozenTrial]:
+    """The best feasible COMPLETE trial of each combo (original measurements preferred)."""
+    best: dict[str, FrozenTrial] = {}
+    for trial in _measured_feasible(study):
+        combo = trial.user_attrs.get("combo", "?")
+        if _better(spec, trial, best.get(combo)):
+            best[combo] = trial
+    return best
+
+
+def best_overall(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
+    best = None
+    for trial in best_per_combo(study, spec).values():
+        if _better(spec, trial, best):
+            best = trial
+    return best
+
+
+def pareto_front(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
+    """The feasible non-dominated trials (pareto mode)."""
+    signs = [1 if d == "maximize" else -1 for d in directions(spec)]
+    candidates = _measured_feasible(study)
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
+        return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+
+    front = [t for t in candidates if not any(dominates(o, t) for o in candidates)]
+    return sorted(front, key=lambda t: -t.values[0])
+
+
+def ranked(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTrial]:
+    """The `top` best feasible settings, then each combo's best, one trial per distinct setting
+    (what confirmation re-measures and a warm start copies)."""
+    if spec.objective.mode == "pareto":
+        order = pareto_front(study, spec)
+    else:
+        order = sorted(_measured_feasible(study), key=lambda t: -merit(spec, t.values[0]))
+    chosen: dict[str, FrozenTrial] = {}
+    for trial in [*order[:top], *best_per_combo(study, spec).values()]:
+        chosen.setdefault(setting_key(trial.user_attrs["setting"]), trial)
+    return list(chosen.values())
+
+
+def setting_key(setting: dict) -> str:
+    """One text per distinct setting, whatever its key order."""
+    return json.dumps(setting, sort_keys=True)

@@ -1,0 +1,135 @@
+"""Keeping a shared study consistent when workers die, lose the database or are interrupted.
+
+Optuna's heartbeat fails the trials of dead workers and its stale-trial callback re-queues them.
+What it does not cover is here: trials that never recorded a beat (orphans), a trial this worker
+must give back after losing the database or on Ctrl-C, and heartbeat threads an interrupt left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import logging
+import threading
+import time
+
+import optuna
+import sqlalchemy
+import torch
+from optuna.storages._heartbeat import HeartbeatThread
+from optuna.trial import TrialState
+
+from optsearch.errors import first_line
+from optsearch.storage.rdb import DATABASE_ERRORS
+
+logger = logging.getLogger(__name__)
+OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
+MAX_DATABASE_ERRORS = 20  # consecutive; a database down for longer ends the worker
+
+
+def fail_and_requeue(study: optuna.Study, trial_id: int) -> bool:
+    """Fail a trial that nobody runs any more and queue its parameters again, as the heartbeat's
+    stale-trial callback does for dead workers. False if it had already ended."""
+    storage = study._storage
+    if storage.get_trial(trial_id).state == TrialState.RUNNING:
+        try:
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker was first
+            return False
+    failed = storage.get_trial(trial_id)
+    if failed.state != TrialState.FAIL:
+        return False
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, failed)
+    return True
+
+
+def fail_orphans(study: optuna.Study, grace_period: float) -> None:
+    """Fail and re-queue RUNNING trials whose objective never started.
+
+    Optuna's heartbeat only judges trials that recorded a beat; a trial created just before its
+    worker lost the database (or died) may have none, and would stay RUNNING forever.
+    """
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" in trial.user_attrs or trial.datetime_start is None:
+            continue
+        if (now - trial.datetime_start).total_seconds() > grace_period:
+            if fail_and_requeue(study, trial._trial_id):
+                logger.warning("trial %d never started measuring: failed and re-queued", trial.number)
+
+
+def ended_by_others(study: optuna.Study, trial: optuna.Trial | None) -> bool:
+    """Our trial was failed (and re-queued) by another worker that judged its heartbeat stale:
+    its result cannot be told any more."""
+    if trial is None:
+        return False
+    state = study._storage.get_trial(trial._trial_id).state
+    if state == TrialState.RUNNING:
+        return False
+    logger.warning("trial %d was ended (%s) by another worker while this one measured it "
+                   "(heartbeat judged stale); going on with the next trial", trial.number, state.name)
+    return True
+
+
+def caused_by_database(error: BaseException | None) -> bool:
+    """A database error, or an error raised while one was being handled (Optuna's own clean-up
+    after a failed `tell` can end in an AssertionError whose context is the database error)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DATABASE_ERRORS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class DatabaseOutages:
+    """Counts consecutive database errors; waits and reconnects after each, up to a limit."""
+
+    def __init__(self, storage, limit: int = MAX_DATABASE_ERRORS):
+        self.storage = storage
+        self.limit = limit
+        self.count = 0
+
+    def recovered(self) -> None:
+        self.count = 0
+
+    def recover(self, error: Exception, study: optuna.Study, current: optuna.Trial | None) -> None:
+        """Wait, reconnect (pool pre-ping), and give back the trial this worker was measuring;
+        re-raise once the database has been down for `limit` attempts."""
+        self.count += 1
+        cause = error
+        while cause.__context__ is not None and not isinstance(cause, sqlalchemy.exc.SQLAlchemyError):
+            cause = cause.__cause__ or cause.__context__
+        logger.warning("database error (%s: %s); reconnecting (%d/%d)", type(cause).__name__,
+                       first_line(cause), self.count, self.limit)
+        if self.count >= self.limit:
+            raise error
+        self.storage.reset_session()
+        time.sleep(min(10.0, 0.25 * 2 ** self.count))
+        if current is None:
+            return
+        try:
+            fail_and_requeue(study, current._trial_id)  # this process no longer runs it
+        except DATABASE_ERRORS:
+            pass  # still down: the next step retries; the grace period is the backstop
+
+
+def stop_orphaned_heartbeats() -> None:
+    """Stop Optuna heartbeat threads an interrupt left running. A Ctrl-C while Optuna starts one
+    (Thread.start waits for the new thread) skips its `with` block's exit, and Python's shutdown
+    would then wait for that non-daemon thread forever."""
+    for thread in threading.enumerate():
+        if getattr(thread, "_target", None) is HeartbeatThread._record_heartbeat:
+            thread._args[2].set()  # its stop event
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM handler: end like Ctrl-C (the running trial is failed and re-queued)."""
+    raise KeyboardInterrupt
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

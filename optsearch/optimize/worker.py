@@ -1,0 +1,254 @@
+"""The worker: joins a study, times its own baseline, and runs trials until the study is done.
+
+Any number of workers (processes or machines) may join one study. Each trial samples a setting,
+measures it batch by batch against the worker's baseline (stopping early when the rule in
+early_stop.py says it cannot be the answer), and stores its record (storage/record.py). A worker
+that dies leaves its trial RUNNING; Optuna's heartbeat fails it after the grace period and the
+storage's stale-trial callback re-queues it with the same parameters (recovery.py). SIGINT and
+SIGTERM fail the running trial, re-queue it, and exit with 130.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from tqdm.auto import tqdm
+
+from optsearch.accelerators import combo_name, normalize_setting
+from optsearch.formatting import format_interval
+from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
+from optsearch.measure.faults import oom_fault_from_env
+from optsearch.optimize import objectives, recovery, sharing
+from optsearch.optimize import study as studies
+from optsearch.optimize.baseline import BaselineKeeper
+from optsearch.optimize.early_stop import rule_for
+from optsearch.optimize.estimate import Estimate, estimate_text
+from optsearch.optimize.recovery import OUT_OF_MEMORY
+from optsearch.optimize.space import suggest_setting
+from optsearch.storage.artifacts import open_artifact_store, upload_grid
+from optsearch.storage.notes import trial_note, write_trial_note
+from optsearch.storage.rdb import GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
+from optsearch.storage.record import measured_attrs, write_constraints
+
+logger = logging.getLogger(__name__)
+
+
+class SurplusTrial(Exception):
+    """Another worker already holds the last slot of the study's n_trials."""
+
+
+@dataclass
+class WorkerOptions:
+    device: str | None = None
+    n_trials: int | None = None  # this worker's own limit
+    timeout: float | None = None  # seconds from `started`; no new trial starts after it
+    progress: bool = True
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int = GRACE_PERIOD
+    poll_interval: float = 2.0
+    artifact_dir: str | None = None  # overrides the spec's [artifacts] path
+    halve_batch_on_oom: bool = False  # retry an out-of-memory trial at half the batch size
+    started: float = dataclasses.field(default_factory=time.monotonic)  # when the command began
+    stop_rule: Callable = rule_for  # (spec, finished trials, fingerprint, baseline id) -> rule
+
+
+class Worker:
+    """One process that evaluates trials of one study on one device."""
+
+    def __init__(self, storage_url: str | None, study_name: str, options: WorkerOptions | None = None,
+                 evaluator: Evaluator | None = None):
+        """`evaluator`: one already loaded for this study's spec (`optsearch run` loads it first)."""
+        self.options = options or WorkerOptions()
+        self.storage = open_storage(storage_url, self.options.heartbeat_interval,
+                                    self.options.grace_period)
+        self.study, self.spec = studies.load_study(self.storage, study_name)
+        # Load everything that can fail before writing anything to the study.
+        evaluator = evaluator or evaluator_from_spec(self.spec, self.options.device,
+                                                     self.options.progress)
+        self.host = socket.gethostname()
+        self.worker_id = f"{self.host}:{os.getpid()}"
+        self.baselines = BaselineKeeper(self.study, self.spec, evaluator,
+                                        open_artifact_store(self.options.artifact_dir
+                                                            or self.spec.artifacts.path),
+                                        self.worker_id, self.host, str(evaluator.pipe.device),
+                                        os.environ.get("CUDA_VISIBLE_DEVICES"))
+        fingerprint = self.baselines.fingerprint
+        self.baselines.evaluator = evaluator.derive(
+            fault=oom_fault_from_env(),
+            calibration=studies.calibration(self.study, fingerprint),
+            on_calibrated=lambda name, data: studies.save_calibration(self.study, fingerprint,
+                                                                      name, data))
+        self.outages = recovery.DatabaseOutages(self.storage)
+        self.current: optuna.Trial | None = None  # the trial being measured, until it is told
+        self.trials_run = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return self.baselines.fingerprint
+
+    @property
+    def device(self) -> str:
+        return self.baselines.facts["device"]
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """The evaluator trials run on: the baseline keeper's, which changes with the batch size."""
+        return self.baselines.evaluator
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run trials until the study has n_trials finished ones, or this worker's own limit."""
+        previous = signal.signal(signal.SIGTERM, recovery.raise_interrupt)
+        try:
+            baseline = self.baselines.ensure(self.trials_run)
+            self._print_estimate(baseline.seconds_per_image)
+            self._loop()
+        except KeyboardInterrupt:
+            if self.current is not None:  # Optuna failed it: queue its parameters again
+                recovery.fail_and_requeue(self.study, self.current._trial_id)
+            recovery.stop_orphaned_heartbeats()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return self.trials_run
+
+    def _loop(self) -> None:
+        target = self.spec.search.n_trials
+        bar = tqdm(total=target, initial=min(sharing.counts(self.study)[0], target),
+                   desc=f"trials {self.study.study_name}", unit="trial", disable=not self.options.progress)
+        try:
+            while not self._own_limit_reached():
+                try:
+                    if not self._step(target, bar):
+                        break
+                    self.outages.recovered()
+                except Exception as error:
+                    if not recovery.caused_by_database(error):
+                        raise
+                    self.outages.recover(error, self.study, self.current)
+        finally:
+            bar.close()
+
+    def _own_limit_reached(self) -> bool:
+        options = self.options
+        if options.n_trials is not None and self.trials_run >= options.n_trials:
+            return True
+        return options.timeout is not None and time.monotonic() - options.started > options.timeout
+
+    def _step(self, target: int, bar) -> bool:
+        """Run one trial, or wait for others' last trials; False when the study is done."""
+        optuna.storages.fail_stale_trials(self.study)
+        recovery.fail_orphans(self.study, self.options.grace_period)
+        finished, running = sharing.counts(self.study)
+        bar.n = min(finished, target)
+        bar.refresh()
+        if finished >= target:
+            return False
+        if finished + running >= target:  # the last trials belong to other workers
+            time.sleep(self.options.poll_interval)
+            return True
+        self.baselines.retime_if_due(self.trials_run)
+        try:
+            self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
+                                gc_after_trial=False, show_progress_bar=False)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
+            # Optuna's "Cannot tell a FAIL trial.": another worker ended ours meanwhile
+            if not str(error).startswith(("Cannot tell a", "Trial#")) \
+                    or not recovery.ended_by_others(self.study, self.current):
+                raise
+        self.current = None  # told to the storage: no longer ours to re-queue
+        return True
+
+    def _print_estimate(self, seconds_per_image: float) -> None:
+        remaining = max(0, self.spec.search.n_trials - sharing.counts(self.study)[0])
+        if remaining:
+            estimate = Estimate(seconds_per_image, remaining, len(self.evaluator.prompts))
+            print(f"{self.worker_id}: {remaining} trials to go; {estimate_text(estimate)}", flush=True)
+
+    # -- one trial ------------------------------------------------------------------------------
+
+    def _objective(self, trial: optuna.Trial):
+        self.current = trial
+        trial.set_user_attr("worker", self.worker_id)  # first: marks the trial as started
+        if sharing.is_surplus(self.study, trial, self.spec.search.n_trials):
+            raise SurplusTrial("the study's n_trials are taken by other workers")
+        setting = normalize_setting(suggest_setting(trial, self.spec))
+        for key, value in {"setting": setting, "combo": combo_name(setting),
+                           "fingerprint": self.fingerprint, "device": self.device,
+                           "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():
+            trial.set_user_attr(key, value)
+        previous = sharing.earlier_result(self.study, trial, setting, self.fingerprint,
+                                          self.options.poll_interval)
+        if previous is not None:
+            self.trials_run += 1
+            return sharing.copy_result(self.study, trial, previous)
+        result = self._measure(trial, setting)
+        self.trials_run += 1
+        self.baselines.trials_since_timing += 1
+        return self._record(trial, result)
+
+    def early_stop_rule(self):
+        """The early-stop rule for the next trial, from what the study has measured so far."""
+        finished = self.study.get_trials(deepcopy=False, states=studies.FINISHED)
+        return self.options.stop_rule(self.spec, finished, self.fingerprint,
+                                      self.baselines.baseline_id)
+
+    def _measure(self, trial: optuna.Trial, setting: dict) -> Comparison:
+        """Compare the setting with the baseline; on out-of-memory, fail or halve the batch size."""
+        halvings = 0
+        while True:
+            try:
+                return self.evaluator.compare(setting, self.baselines.baseline,
+                                              stop_when=self.early_stop_rule(),
+                                              keep_images=self.spec.artifacts.grid_prompts)
+            except OUT_OF_MEMORY as error:
+                recovery.release_memory()
+                batch_size = self.evaluator.config.batch_size
+                reason = f"out of memory at batch size {batch_size}: {error}"
+                logger.warning("trial %d: %s", trial.number, reason)
+                if not self.options.halve_batch_on_oom or batch_size == 1:
+                    trial.set_user_attr("fail_reason", reason)
+                    raise
+                halvings += 1
+                # per-prompt seeds keep the images; timings need a baseline at this batch size
+                smaller = dataclasses.replace(self.evaluator.config, batch_size=batch_size // 2)
+                self.baselines.for_evaluator(self.evaluator.derive(config=smaller), self.trials_run)
+                trial.set_user_attr("oom_halvings", halvings)
+                trial.set_user_attr("batch_size", self.evaluator.config.batch_size)
+                trial.set_user_attr("fingerprint", self.fingerprint)
+
+    def _record(self, trial: optuna.Trial, result: Comparison):
+        """Store the trial's record, its image grid and dashboard note; tell Optuna its values."""
+        metric = self.spec.quality.metric
+        attrs = measured_attrs(result, metric, self.baselines.baseline_id)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        summary = result.summary()
+        constraints = objectives.constraints(self.spec, summary)
+        write_constraints(self.study, trial, constraints)
+        quality = result.interval(metric)
+        upload_grid(self.baselines.artifacts, trial,
+                    f"trial-{trial.number:04d}_{result.combo}_speedup-{result.speedup:.2f}"
+                    f"_{metric}-{quality.mean:.3f}.png",
+                    f"trial {trial.number} {result.combo}: speedup {result.speedup_interval}, "
+                    f"{metric} {format_interval(quality)}",
+                    self.evaluator.prompts, self.spec.artifacts.grid_prompts,
+                    self.baselines.baseline.images, result.images)
+        write_trial_note(self.study, trial._trial_id, trial_note(
+            trial.number, {**attrs, "combo": result.combo, "constraints": constraints}, self.spec))
+        values = objectives.objective_values(self.spec, summary)
+        if result.early_stopped:
+            if len(values) == 1:  # what was measured, for the sampler (TPE ranks pruned trials by it)
+                trial.report(values[0], result.batches_evaluated)
+            raise optuna.TrialPruned(f"early stop ({result.early_stop_reason}) after "
+                                     f"{result.batches_evaluated} of {result.n_batches} batches")
+        return values if len(values) > 1 else values[0]

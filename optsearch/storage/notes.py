@@ -1,0 +1,39 @@
+"""The Markdown note optuna-dashboard shows on each trial: what was measured and how sure it is."""
+
+from __future__ import annotations
+
+from optuna_dashboard._note import note_ver_key, save_note_with_version
+
+from optsearch.formatting import format_interval, format_speedup
+from optsearch.storage.record import quality_of
+
+
+def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) -> str:
+    """The Markdown note optuna-dashboard shows on a trial: what was measured and how sure it is."""
+    metric, confidence = spec.quality.metric, round(100 * spec.quality.confidence)
+    constraints = figures.get("constraints") or {}
+    feasible = bool(constraints) and all(v <= 0 for v in constraints.values())
+    quality = quality_of(figures, metric)
+    lines = [f"## Trial {number}: {figures.get('combo', '?')}", "",
+             f"- speedup **{format_speedup(figures)}** ({confidence} % CI, against this worker's "
+             "own baseline)",
+             f"- {metric} **{format_interval(quality)}** (limit {spec.quality.limit}, rule "
+             f"{spec.quality.rule})",
+             f"- {'feasible' if feasible else '**infeasible**'} in the search"]
+    if figures.get("early_stopped"):
+        lines.append(f"- early-stopped after {figures.get('batches_evaluated')} batches")
+    if confirmed:
+        lines += ["", f"### Confirmed on {confirmed['num_samples']} unseen prompts "
+                      f"({confirmed['repeats']} interleaved rounds)",
+                  f"- speedup **{format_speedup(confirmed)}**",
+                  f"- {metric} **{format_interval(confirmed[metric])}**",
+                  f"- {'feasible' if confirmed['feasible'] else '**infeasible**'} on confirmation"]
+    return "\n".join(lines) + "\n"
+
+
+def write_trial_note(study, trial_id: int, body: str) -> None:
+    """Set a trial's Markdown note (optuna-dashboard's notes live in the study's system attrs, so a
+    finished trial's note can still be updated, as `study confirm` does)."""
+    storage = study._storage
+    version = storage.get_study_system_attrs(study._study_id).get(note_ver_key(trial_id), 0) + 1
+    save_note_with_version(storage, study._study_id, trial_id, version, body)

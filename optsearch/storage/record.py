@@ -1,0 +1,118 @@
+"""The trial record: what one trial stores in Optuna's user attrs, written and read in one place.
+
+A trial's figures live flat in its user attrs (JSON, so the dashboard and any SQL client read them):
+`speedup`, `speedup_low`, `speedup_high`, each metric as `<metric>`, `<metric>_low`, `<metric>_high`
+(None where a bound is infinite), the study's metric per prompt, per-batch seconds, and how the
+trial ran. In memory they are `SpeedupInterval` and `Interval` objects: `measured_attrs` writes
+them, `speedup_of` and `quality_of` read them back.
+
+Who wrote what:
+- the worker, when a trial starts: `worker`, `setting`, `combo`, `fingerprint`, `device`, `host`,
+  `batch_size` (and `oom_halvings`, `fail_reason` when memory ran out);
+- the worker, when it ends: `measured_attrs` below, then `constraints` (feasible when all <= 0);
+- a trial that copies an earlier one's result: all of its attrs, plus `reused_from`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from optuna.trial import FrozenTrial
+
+from optsearch.measure.evaluate import Comparison
+from optsearch.measure.metrics import METRICS, Interval
+from optsearch.measure.speedup import SpeedupInterval
+
+# The older constraint form optuna-dashboard reads (Optuna 5 stores "constraints:<name>").
+DASHBOARD_CONSTRAINTS_KEY = "constraints"
+# What tables and exports show of a trial, in this order.
+SHOWN_KEYS = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "seconds_per_image",
+              "baseline_seconds_per_image", "clip_mean",
+              *(f"{m}{suffix}" for m in METRICS for suffix in ("", "_low", "_high")),
+              "clip_image_cosine", "batches_evaluated", "early_stopped", "device", "host",
+              "batch_size", "fingerprint", "constraints", "reused_from")
+
+
+def finite(value: float | None) -> float | None:
+    """JSON has no infinity: an unbounded side is stored as None."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def per_prompt_key(metric: str) -> str:
+    """The user attr holding a trial's `metric` per prompt (early stop learns prompt effects from it)."""
+    return f"{metric}_per_prompt"
+
+
+def interval_attrs(metric: str, interval: Interval) -> dict:
+    return {metric: interval.mean, f"{metric}_low": finite(interval.low),
+            f"{metric}_high": finite(interval.high)}
+
+
+def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> dict:
+    """The figures of a finished measurement, as stored on its trial."""
+    attrs = {
+        **result.speedup_interval.to_dict(),
+        "seconds_per_image": result.seconds_per_image,
+        "baseline_seconds_per_image": result.baseline_seconds_per_image,
+        "clip_mean": result.clip_mean,
+    }
+    for name in METRICS:
+        attrs.update(interval_attrs(name, result.interval(name)))
+    attrs.update({
+        "clip_image_cosine": result.clip_image_cosine_mean,
+        "batches_evaluated": result.batches_evaluated,
+        "n_batches": result.n_batches,
+        "early_stopped": result.early_stopped,
+        "early_stop_reason": result.early_stop_reason,
+        "inference_seconds": result.inference_seconds,
+        "batch_seconds": [float(v) for v in result.batch_seconds],  # per image, per batch
+        "baseline_id": baseline_id,  # trials timed against one baseline timing share it
+        "warmup_seconds": result.warmup_seconds,
+        "scoring_seconds": result.scoring_seconds,
+        "wall_seconds": result.wall_seconds,
+        "image_digests": result.image_digests,
+        per_prompt_key(metric): [float(v) for v in result.per_prompt(metric)],
+    })
+    if result.early_stopped:
+        per_batch = result.wall_seconds / result.batches_evaluated
+        attrs["early_stop_saved_s"] = per_batch * (result.n_batches - result.batches_evaluated)
+    return attrs
+
+
+def quality_of(attrs: dict, metric: str) -> Interval | None:
+    """A metric's interval from a trial's (or a confirmation's) attrs; None if not measured."""
+    nested = attrs.get(metric)
+    if isinstance(nested, dict):  # a confirmation record keeps {"mean", "low", "high"}
+        mean, low, high = nested.get("mean"), nested.get("low"), nested.get("high")
+    else:
+        mean, low, high = nested, attrs.get(f"{metric}_low"), attrs.get(f"{metric}_high")
+    if mean is None:
+        return None
+    return Interval(mean, -math.inf if low is None else low, math.inf if high is None else high)
+
+
+def speedup_of(attrs: dict) -> SpeedupInterval | None:
+    """A trial's speedup with its interval; None if not measured."""
+    if attrs.get("speedup") is None:
+        return None
+    return SpeedupInterval(attrs["speedup"], attrs.get("speedup_low"), attrs.get("speedup_high"))
+
+
+def trial_metrics(trial: FrozenTrial) -> dict:
+    """The figures recorded on a trial, for tables and exports."""
+    metrics = {key: trial.user_attrs.get(key) for key in SHOWN_KEYS}
+    constraints = metrics["constraints"]
+    metrics["trial"] = trial.number
+    metrics["state"] = trial.state.name
+    metrics["feasible"] = constraints is not None and all(v <= 0 for v in constraints.values())
+    return metrics
+
+
+def write_constraints(study, trial, values: dict[str, float]) -> None:
+    """Optuna's constraints (feasible when every value <= 0), in the three places they are read:
+    Optuna's own keys (samplers), the `constraints` user attr (our readers), and the older list
+    form optuna-dashboard 0.21 reads."""
+    for name, value in values.items():
+        trial.set_constraint(name, value)
+    trial.set_user_attr("constraints", values)
+    study._storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS_KEY, list(values.values()))
