@@ -20,7 +20,7 @@ import numpy as np
 from _common import machine, table
 
 from optsearch.accelerators import AppliedSetting, magcache
-from optsearch.measure.evaluate import GenerationConfig, generate
+from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import builtin_prompts
 from optsearch.measure.quality import psnr

@@ -17,7 +17,7 @@ import torch
 from _common import machine, table
 
 from optsearch.accelerators import AppliedSetting
-from optsearch.measure.evaluate import GenerationConfig, generate
+from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import builtin_prompts
 

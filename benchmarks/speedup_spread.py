@@ -20,7 +20,8 @@ import sys
 
 from _common import machine, table
 
-from optsearch.measure.evaluate import Evaluator, GenerationConfig
+from optsearch.measure.evaluate import Evaluator
+from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.quality import ClipScorer

@@ -17,7 +17,8 @@ import sys
 from _common import machine, table
 
 from optsearch.accelerators import AppliedSetting
-from optsearch.measure.evaluate import Evaluator, GenerationConfig, warmup_steps
+from optsearch.measure.evaluate import Evaluator
+from optsearch.measure.generation import GenerationConfig, warmup_steps
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.quality import ClipScorer

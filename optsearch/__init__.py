@@ -15,7 +15,6 @@ from os import PathLike
 from pathlib import Path
 
 from optsearch.accelerators import AppliedSetting
-from optsearch.optimize.inprocess import search
 from optsearch.spec import SpecError, StudySpec, load_spec
 from optsearch.version import __version__
 
@@ -35,3 +34,14 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
         params = exported["best"]["setting"]
         calibration = exported.get("calibration")  # MagCache's ratios, measured by the study
     return AppliedSetting(pipe, params, calibration)
+
+
+def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
+           name: str | None = None, progress: bool = True) -> dict:
+    """Search a pipeline built in this process for `spec` (a StudySpec, a spec dict or a TOML
+    path) and return the export dict; see `optsearch.optimize.inprocess.search`."""
+    # Optuna, diffusers and the worker load in seconds: only a search needs them, not `apply`
+    # or the command line's --help.
+    from optsearch.optimize.inprocess import search as run_search
+
+    return run_search(pipe, spec, storage, n_trials, name, progress)

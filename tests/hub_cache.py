@@ -51,7 +51,7 @@ def cached_pipeline(home: Path, repo_id: str, fp16_variant: bool, safety_checker
     """builtin:tiny saved as a hub snapshot, optionally with fp16 files and a safety checker."""
     import torch
 
-    from optsearch.measure.models import build_builtin
+    from optsearch.measure.builtin import build_builtin
 
     pipe = build_builtin("builtin:tiny")
     if safety_checker:

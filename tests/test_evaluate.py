@@ -9,13 +9,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from optsearch.measure.evaluate import (
-    Comparison,
-    Evaluator,
-    GenerationConfig,
-    generate,
-    n_batches,
-)
+from optsearch.measure.evaluate import Comparison, Evaluator
+from optsearch.measure.generation import GenerationConfig, generate, n_batches
 from optsearch.measure.metrics import Interval, t_quantile
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.speedup import SpeedupInterval, first_batch_interval

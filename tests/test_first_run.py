@@ -120,7 +120,7 @@ FACTORY = '''
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from optsearch.measure.models import build_builtin
+from optsearch.measure.builtin import build_builtin
 
 
 def build(device, dtype):

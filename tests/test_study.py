@@ -15,7 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 import optsearch
-from optsearch.measure.evaluate import GenerationConfig, generate, image_digest
+from optsearch.measure.evaluate import image_digest
+from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import load_prompts
 from optsearch.optimize import create, objectives

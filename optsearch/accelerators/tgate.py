@@ -26,17 +26,16 @@ class TGatePatch:
     def __init__(self, pipe, gate_step: int, deepcache_helper=None):
         from types import MethodType
 
-        from optsearch.measure.models import is_sdxl
 
         self.pipe = pipe
         self.gate_step = gate_step
         if deepcache_helper is not None:
-            if is_sdxl(pipe):
+            if hasattr(pipe, "text_encoder_2"):
                 from tgate.SDXL_DeepCache import tgate as tgate_call
             else:
                 from tgate.SD_DeepCache import tgate as tgate_call
             pipe.deepcache = deepcache_helper
-        elif is_sdxl(pipe):
+        elif hasattr(pipe, "text_encoder_2"):
             from tgate.SDXL import tgate as tgate_call
         else:
             from tgate.SD import tgate as tgate_call

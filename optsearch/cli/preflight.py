@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from optsearch.errors import exit_code_for, first_line
-from optsearch.measure.evaluate import GenerationConfig, generate, pipeline_from_spec
+from optsearch.measure.evaluate import pipeline_from_spec
+from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.prompts import prompts_of
 from optsearch.measure.quality import ClipScorer
 from optsearch.optimize.estimate import Estimate, estimate_text

@@ -1,22 +1,20 @@
-"""Batched generation with per-prompt seeds, timing, and the comparison of a setting to a baseline.
+"""Measuring a setting against the baseline: images, timing and quality, prompt by prompt.
 
-Each prompt has its own torch.Generator seeded from (seed, prompt index), so a prompt's image does
-not depend on the batch size or its position. One warm-up batch runs untimed; only pipeline calls
-are timed (synchronized on CUDA); CLIP scoring and image conversion are timed separately.
+An `Evaluator` holds what one process loaded once (pipeline, CLIP model, prompts) and measures
+any number of settings with it; a `Comparison` is one setting's measurement, batch by batch.
+CLIP scoring is timed apart from generation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from optsearch.accelerators import (
     AppliedSetting,
@@ -28,6 +26,7 @@ from optsearch.accelerators import (
     pipeline_kind,
 )
 from optsearch.errors import ModelLoadError
+from optsearch.measure.generation import Batch, GenerationConfig, generate, n_batches, prompt_seed
 from optsearch.measure.metrics import Interval
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import prompts_of
@@ -35,112 +34,6 @@ from optsearch.measure.quality import ClipScorer, psnr, ssim_batch
 from optsearch.measure.speedup import SpeedupInterval, speedup_interval
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """What one pipeline call needs besides prompts: from the spec's [model] and [prompts]."""
-
-    steps: int = 50
-    height: int | None = None
-    width: int | None = None
-    guidance_scale: float = 7.5
-    batch_size: int = 4
-    seed: int = 42
-
-    @classmethod
-    def from_spec(cls, spec, seed: int | None = None) -> GenerationConfig:
-        """`seed`: the per-prompt generator seed base, when not the spec's prompts.seed."""
-        model, prompts = spec.model, spec.prompts
-        return cls(model.steps, model.height, model.width, model.guidance_scale,
-                   prompts.batch_size, prompts.seed if seed is None else seed)
-
-
-MIN_WARMUP_STEPS = 3  # multistep schedulers (PNDM, DPM-Solver) use their own first-step paths
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    """The generator seed of prompt `index`: independent of batch size and position."""
-    return seed * 1_000_003 + index
-
-
-def n_batches(num_samples: int, batch_size: int) -> int:
-    return math.ceil(num_samples / batch_size)
-
-
-@dataclass
-class Batch:
-    """One generated batch: which prompts, their 8-bit images, and the timed inference seconds."""
-
-    indices: range
-    images: np.ndarray
-    seconds: float
-
-    @property
-    def seconds_per_image(self) -> float:
-        return self.seconds / len(self.indices)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def warmup_steps(config: GenerationConfig, setting: AppliedSetting | None) -> int:
-    """The short warm-up: the first batch's shape for just enough steps to pass through every code
-    path (the scheduler's first multistep updates, each accelerator's cached and uncached steps)."""
-    needed = max(MIN_WARMUP_STEPS, setting.warmup_steps if setting is not None else 0)
-    return min(config.steps, needed)
-
-
-def generate(pipe, prompts: list[str], config: GenerationConfig,
-             setting: AppliedSetting | None = None, warmup: bool | int = True,
-             progress: bool = False, description: str = "batches",
-             fault: Callable[[int], None] | None = None,
-             on_warmup: Callable[[float], None] | None = None) -> Iterator[Batch]:
-    """Yield batches of images for `prompts`, timing each pipeline call.
-
-    `setting` (an applied accelerator setting) generates in place of the plain pipeline.
-    `warmup`: True runs the short untimed warm-up (`warmup_steps`), an int that many steps,
-    False none. `fault(batch_index)` is a test hook called before each timed batch (it may raise).
-    `on_warmup(seconds)` receives the duration of the untimed warm-up call.
-    """
-    call = setting if setting is not None else pipe
-    device = pipe.device
-
-    def run(indices: range, steps: int = config.steps) -> tuple[np.ndarray, float]:
-        if setting is not None:
-            setting.reseed(config.seed)
-        generators = [torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
-                      for i in indices]
-        _synchronize(device)
-        start = time.perf_counter()
-        output = call(
-            [prompts[i] for i in indices],
-            num_inference_steps=steps,
-            height=config.height,
-            width=config.width,
-            guidance_scale=config.guidance_scale,
-            generator=generators,
-            output_type="np",
-        )
-        _synchronize(device)
-        seconds = time.perf_counter() - start
-        return output.images, seconds
-
-    batches = [range(start, min(start + config.batch_size, len(prompts)))
-               for start in range(0, len(prompts), config.batch_size)]
-    if warmup is not False:
-        steps = warmup_steps(config, setting) if warmup is True else int(warmup)
-        _, seconds = run(batches[0], steps)
-        if on_warmup is not None:
-            on_warmup(seconds)
-    for index, indices in enumerate(tqdm(batches, desc=description, disable=not progress,
-                                         leave=False, unit="batch")):
-        if fault is not None:
-            fault(index)
-        images, seconds = run(indices)
-        yield Batch(indices, (images * 255).round().clip(0, 255).astype(np.uint8), seconds)
 
 
 @dataclass

@@ -11,6 +11,8 @@ import random
 from importlib import resources
 from pathlib import Path
 
+import datasets
+
 from optsearch.errors import PromptError, first_line
 
 # source -> (dataset id, split, column, take the first element of a list column)
@@ -76,8 +78,6 @@ def _all_prompts(source: str, column: str | None) -> list[str]:
 
 
 def _load_dataset(*args, **kwargs):
-    import datasets
-
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(*args, **kwargs)

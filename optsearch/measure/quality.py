@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 from importlib import resources
+from urllib.parse import urlparse
 
 import numpy as np
+import open_clip
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
+from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+from PIL import Image
+
+from optsearch.errors import ModelLoadError
 
 TINY_CLIP = "builtin:tiny"
 _TINY_CLIP_CONFIG = "optsearch-tiny-clip"
@@ -23,8 +32,6 @@ class ClipScorer:
     """An open_clip model loaded once per process; scores images against prompts."""
 
     def __init__(self, model_name: str, pretrained: str, device: str | torch.device = "cpu"):
-        import open_clip
-
         if model_name == TINY_CLIP:
             config = resources.files("optsearch").joinpath(f"data/{_TINY_CLIP_CONFIG}.json")
             with resources.as_file(config) as path:
@@ -49,8 +56,6 @@ class ClipScorer:
     @torch.no_grad()
     def image_features(self, images: np.ndarray) -> torch.Tensor:
         """L2-normalized image embeddings of uint8 HxWx3 images."""
-        from PIL import Image
-
         pixels = torch.stack([self.preprocess(Image.fromarray(image)) for image in images])
         features = self.model.encode_image(pixels.to(self.device)).float()
         return features / features.norm(dim=-1, keepdim=True)
@@ -70,12 +75,7 @@ class ClipScorer:
 def clip_weights_files(model_name: str, tag: str) -> tuple[str, list[str]] | None:
     """(hub repo, file names in the order open_clip tries them) for a model name and pretrained
     tag, or None when the tag is a local file. Raises ModelLoadError for an unknown tag."""
-    import os
 
-    import open_clip
-    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
-
-    from optsearch.measure.models import ModelLoadError
 
     if os.path.isfile(os.path.expanduser(tag)):
         return None
@@ -92,12 +92,7 @@ def clip_weights_files(model_name: str, tag: str) -> tuple[str, list[str]] | Non
 def check_clip_weights(model_name: str, tag: str) -> None:
     """Fail fast, in one line, when the weights are neither cached nor downloadable (no hub):
     otherwise the download retries for about a minute before failing."""
-    import socket
-    from urllib.parse import urlparse
 
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    from optsearch.measure.models import ModelLoadError
 
     files = clip_weights_files(model_name, tag)
     if files is None:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from optuna.trial import FrozenTrial
 
 from optsearch.errors import NothingToExport, UsageError
-from optsearch.measure.evaluate import Baseline, Evaluator, GenerationConfig, evaluator_from_spec
+from optsearch.measure.evaluate import Baseline, Evaluator, evaluator_from_spec
 from optsearch.measure.fingerprint import fingerprint
+from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.prompts import PromptError, prompts_of
 from optsearch.measure.speedup import speedup_interval
 from optsearch.optimize import objectives

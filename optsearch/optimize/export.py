@@ -1,40 +1,26 @@
-"""Writing results: images of an evaluation, and (later) search_params.json."""
+"""search_params.json: a study's answer as a file that deploys without optsearch (`optsearch.apply`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import datetime
+import platform
 
-import numpy as np
+import diffusers
+import optuna
+import torch
 
-from optsearch.accelerators import ORDER, normalize_setting
-
-
-def default_setting(combo, model_steps: int | None = None) -> dict[str, dict]:
-    """Each accelerator of `combo` at its library's default parameters; `steps` (which has no
-    library default) at half of `model_steps`."""
-    setting = {name: {} for name in ORDER if name in combo}
-    if "steps" in setting and model_steps:
-        setting["steps"] = {"num_inference_steps": max(1, model_steps // 2)}
-    return normalize_setting(setting)
-
-
-def save_images(folder: Path, baseline: np.ndarray, setting: list[np.ndarray]) -> None:
-    """Write baseline_NNN.png and setting_NNN.png per prompt index."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(baseline):
-        Image.fromarray(image).save(folder / f"baseline_{index:03d}.png")
-    for index, image in enumerate(setting):
-        Image.fromarray(image).save(folder / f"setting_{index:03d}.png")
-
+from optsearch.errors import NothingToExport
+from optsearch.measure.generation import prompt_seed
+from optsearch.optimize.objectives import merit, objective_values
+from optsearch.optimize.reference import steps_frontier, verdict
+from optsearch.optimize.study import baselines, calibration, confirmations, spec_attr
+from optsearch.storage.record import trial_metrics
+from optsearch.version import __version__
 
 FORMAT = "optsearch.search_params/1"
 
 
 def _entry(trial, confirmed: dict | None = None, metric: str = "clip_loss") -> dict:
-    from optsearch.storage.record import trial_metrics
-
     metrics = trial_metrics(trial)
     return {"trial": trial.number, "combo": metrics.pop("combo"), "setting": metrics.pop("setting"),
             "values": list(trial.values), "metrics": metrics,
@@ -54,8 +40,6 @@ def confirmed_entry(record: dict, metric: str) -> dict:
 
 def best_confirmed(records: list[dict], spec) -> dict | None:
     """The best setting that is feasible on confirmation, by the study's objective."""
-    from optsearch.optimize.objectives import merit, objective_values
-
     feasible = [r for r in records if r["feasible"]]
     return max(feasible, key=lambda r: merit(spec, objective_values(spec, r)[0]), default=None)
 
@@ -69,8 +53,6 @@ def _latest_by_trial(records: list[dict]) -> dict[int, dict]:
 
 def _prompts(baseline: dict | None, spec) -> dict:
     """The search prompts and per-prompt generator seeds that `image_digests` belong to."""
-    from optsearch.measure.evaluate import prompt_seed
-
     texts = (baseline or {}).get("prompts")
     count = len(texts) if texts else spec.prompts.num_samples
     return {"texts": texts, "seeds": [prompt_seed(spec.prompts.seed, i) for i in range(count)],
@@ -79,14 +61,8 @@ def _prompts(baseline: dict | None, spec) -> dict:
 
 def export_study(study, spec) -> dict:
     """search_params.json: best feasible setting overall and per combo, baseline, spec, provenance."""
-    import datetime
-    import platform
 
-    import diffusers
-    import optuna
-    import torch
 
-    from optsearch.errors import NothingToExport
     from optsearch.optimize.objectives import (
         best_overall,
         best_per_combo,
@@ -94,10 +70,6 @@ def export_study(study, spec) -> dict:
         pareto_front,
         relax_hint,
     )
-    from optsearch.optimize.reference import steps_frontier, verdict
-    from optsearch.optimize.study import baselines, calibration, confirmations, spec_attr
-    from optsearch.version import __version__
-
     records = list(confirmations(study).values())
     confirmed_by_trial = _latest_by_trial(records)
     metric = spec.quality.metric

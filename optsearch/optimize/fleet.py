@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 
+import torch
+
 from optsearch.errors import UsageError
 from optsearch.spec import check_device
 
@@ -20,8 +22,6 @@ EXIT_INTERRUPTED = 130
 
 def parse_devices(text: str) -> list[str]:
     """'all' -> every CUDA device; '0,1,3' -> cuda:0, cuda:1, cuda:3; 'cpu' and 'cuda:N' as is."""
-    import torch
-
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if text == "all":
         if count == 0:

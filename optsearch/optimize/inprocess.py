@@ -9,13 +9,21 @@ factory does).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
+from optsearch.accelerators import pipeline_kind
+from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.optimize.create import create_study
+from optsearch.optimize.export import export_study
+from optsearch.optimize.study import spec_attr
+from optsearch.optimize.worker import Worker, WorkerOptions
+from optsearch.spec import StudySpec, load_spec, spec_from_dict
+from optsearch.storage.rdb import open_storage
+
 
 def _as_spec(spec):
-    from optsearch.spec import StudySpec, load_spec, spec_from_dict
-
     if isinstance(spec, StudySpec):
         return spec
     if isinstance(spec, Mapping):
@@ -29,16 +37,6 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     the export dict (as `optsearch study export` writes it). `n_trials` overrides the spec's;
     `storage` is an Optuna RDB URL (default: $OPTSEARCH_STORAGE or sqlite:///optsearch.db).
     Raises optsearch.errors.NothingToExport when no setting meets the limit."""
-    import dataclasses
-
-    from optsearch.accelerators import pipeline_kind
-    from optsearch.measure.evaluate import evaluator_from_spec
-    from optsearch.optimize.create import create_study
-    from optsearch.optimize.export import export_study
-    from optsearch.optimize.study import spec_attr
-    from optsearch.optimize.worker import Worker, WorkerOptions
-    from optsearch.spec import spec_from_dict
-    from optsearch.storage.rdb import open_storage
 
     spec = _as_spec(spec)
     overrides = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from PIL import Image, ImageDraw, ImageFont
 
 from optsearch.errors import UsageError
 
@@ -63,8 +64,6 @@ def image_grid(rows: list[tuple[str, np.ndarray, np.ndarray | None]], title: str
 
     Small images are scaled up (nearest neighbour) to `cell` pixels so they can be inspected.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default()
     columns = 1 if rows and rows[0][2] is None else 2
     label, header, gap = 16, 22, 4

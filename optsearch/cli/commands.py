@@ -1,0 +1,267 @@
+"""What each `optsearch` command does: reads its arguments, calls the package that does the work,
+prints the result. Exit codes are main.py's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+from PIL import Image
+
+from optsearch.accelerators import ORDER, normalize_setting
+from optsearch.cli.dashboard import serve
+from optsearch.cli.plots import plot_study
+from optsearch.cli.preflight import check, format_report
+from optsearch.cli.show import format_summary, study_summary
+from optsearch.errors import UsageError
+from optsearch.formatting import comparison_table, format_interval, format_setting, format_speedup, table
+from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.optimize import study as studies
+from optsearch.optimize.confirm import Confirmation, ConfirmOptions
+from optsearch.optimize.create import create_study
+from optsearch.optimize.export import export_study
+from optsearch.optimize.fleet import parse_devices, run_workers
+from optsearch.optimize.study import SPEC_ATTR, load_study
+from optsearch.optimize.worker import Worker, WorkerOptions
+from optsearch.spec import SpecError, check_setting, load_spec
+from optsearch.storage.rdb import mask, open_storage
+
+
+def _parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    raise UsageError(f"--set value {text!r} is not a number or true/false")
+
+
+def parse_sets(items: list[str]) -> dict:
+    """['tome.ratio=0.5', ...] -> {'tome.ratio': 0.5, ...}."""
+    setting = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise UsageError(f"--set {item!r} must look like ACCELERATOR.PARAM=VALUE")
+        setting[key.strip()] = _parse_value(value.strip())
+    return setting
+
+
+def cmd_evaluate(args) -> int:
+
+    spec = load_spec(args.spec)
+    try:
+        given = normalize_setting(parse_sets(args.set))
+        combo = next((c for c in spec.search.combos if set(given) <= set(c)), spec.search.combos[0])
+        setting = default_setting(combo, spec.model.steps)
+        for accelerator, values in given.items():
+            setting.setdefault(accelerator, {}).update(values)
+        setting = normalize_setting(setting)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    problems = check_setting(setting, spec)
+    if problems:
+        raise SpecError([f"{args.spec}: {p}" for p in problems])
+    evaluator = evaluator_from_spec(spec, device=args.device, progress=not args.quiet)
+    baseline = evaluator.baseline()
+    keep = len(evaluator.prompts) if args.save_images else 0
+    comparison = evaluator.compare(setting, baseline, keep_images=keep)
+    if args.save_images:
+        save_images(Path(args.save_images), baseline.images, comparison.images)
+    if args.json:
+        print(json.dumps(comparison.to_dict(), indent=2))
+    else:
+        print(f"{spec.name}: {len(evaluator.prompts)} prompts, batch size "
+              f"{evaluator.config.batch_size}, {format_setting(comparison.setting)}")
+        print(comparison_table(comparison.summary()))
+    return 0
+
+
+def _open(args, create: bool = False):
+    """The storage of `--storage`; only commands that create studies may create a new database."""
+
+    return open_storage(args.storage, heartbeat_interval=None, must_exist=not create)
+
+
+def cmd_study_create(args) -> int:
+
+    spec = load_spec(args.spec)
+    if args.warm_start:
+        spec.search.warm_start = [*spec.search.warm_start,
+                                  *(f"study:{name}" for name in args.warm_start)]
+    storage = _open(args, create=True)
+    study = create_study(spec, storage, args.name, args.load_if_exists)
+    print(f"study {study.study_name!r} ready in {mask(storage.url)}")
+    return 0
+
+
+def cmd_study_list(args) -> int:
+
+
+    rows = []
+    for summary in optuna.get_all_study_summaries(_open(args), include_best_trial=False):
+        spec = summary.user_attrs.get(SPEC_ATTR, {})
+        rows.append([summary.study_name, summary.n_trials, spec.get("search", {}).get("n_trials"),
+                     spec.get("model", {}).get("id"), summary.datetime_start])
+    print(table(["study", "trials", "n_trials", "model", "started"], rows) if rows else "no studies")
+    return 0
+
+
+def cmd_study_show(args) -> int:
+
+    study, spec = load_study(_open(args), args.name)
+    summary = study_summary(study, spec)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_study_export(args) -> int:
+
+    study, spec = load_study(_open(args), args.name)
+    exported = export_study(study, spec)
+    Path(args.output).write_text(json.dumps(exported, indent=2) + "\n", encoding="utf-8")
+
+    best = exported["best"]
+    confirmed = best["confirmed"]
+    print(f"wrote {args.output}: best trial {best['trial']} ({best['combo']}), search speedup "
+          f"{format_speedup(best['metrics'])}; " + (
+              f"confirmed on {confirmed['num_samples']} unseen prompts: {format_speedup(confirmed)}"
+              if confirmed else "not confirmed (`optsearch study confirm` checks it on unseen prompts)"))
+    return 0
+
+
+def cmd_study_confirm(args) -> int:
+
+    options = ConfirmOptions(top=args.top, repeats=args.repeats, device=args.device,
+                             progress=not args.quiet)
+    _print_confirmations(Confirmation(args.storage, args.name, options))
+    return 0
+
+
+def _print_confirmations(confirmation) -> None:
+
+    records = confirmation.run()
+    metric = confirmation.spec.quality.metric
+    rows = [[r["trial"], r["combo"], format_speedup(r), format_interval(r[metric]),
+             "yes" if r["feasible"] else "NO"] for r in records]
+    print(f"confirmed on {len(confirmation.prompts)} unseen prompts, "
+          f"{confirmation.options.repeats} interleaved rounds:")
+    print(table(["trial", "combo", "speedup", metric, "feasible"], rows))
+
+
+def cmd_study_delete(args) -> int:
+
+
+    storage = _open(args)
+    load_study(storage, args.name)  # a clear error when it does not exist
+    optuna.delete_study(study_name=args.name, storage=storage)
+    print(f"deleted study {args.name!r}")
+    return 0
+
+
+def cmd_study_plot(args) -> int:
+
+    study, spec = load_study(_open(args), args.name)
+    for path in plot_study(study, spec, Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+
+    serve(args.storage, args.host, args.port, args.artifact_dir)
+    return 0
+
+
+def _worker_options(args):
+
+    if args.grace_period < 2 * args.heartbeat_interval:
+        raise UsageError(f"--grace-period {args.grace_period} must be at least twice "
+                         f"--heartbeat-interval {args.heartbeat_interval} (a live worker's beat "
+                         f"may come late): e.g. --grace-period {5 * args.heartbeat_interval}")
+    return WorkerOptions(device=args.device, n_trials=args.n_trials, timeout=args.timeout,
+                         progress=not args.quiet, heartbeat_interval=args.heartbeat_interval,
+                         grace_period=args.grace_period, artifact_dir=args.artifact_dir,
+                         halve_batch_on_oom=args.halve_batch_on_oom)
+
+
+def _complete(storage, name: str) -> bool:
+    """True (and says so) when study `name` exists and already has all its trials."""
+    progress = studies.progress(storage, name)
+    if progress is None or progress[0] < progress[1]:
+        return False
+    print(f"study {name!r} is complete: {progress[0]} of {progress[1]} trials finished "
+          "(`optsearch study show` for the results)")
+    return True
+
+
+def cmd_worker(args) -> int:
+    options = _worker_options(args)
+    devices = parse_devices(args.devices) if args.devices else None
+    if _complete(_open(args), args.study):  # before loading any model
+        return 0
+    if devices:
+        return run_workers(args.argv, devices)
+    worker = Worker(args.storage, args.study, options)
+    ran = worker.run()
+    print(f"worker done: {ran} trials run by this worker on {worker.device}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    spec = load_spec(args.spec)
+    options = _worker_options(args)
+    storage = _open(args, create=True)
+    name = args.name or spec.name
+    if _complete(storage, name):
+        print(format_summary(study_summary(*load_study(storage, name))))
+        return 0
+    if spec.quality.clip_pretrained == "none":
+        print(f"note: {name} scores with a random-weight CLIP (clip_pretrained = \"none\"): CLIP "
+              f"scores mean nothing here, so it constrains {spec.quality.metric} "
+              f"(fidelity to the baseline) instead" if spec.quality.metric != "clip_loss" else
+              "note: random-weight CLIP: the CLIP loss it constrains is meaningless")
+    # Load the pipeline, CLIP and prompts before writing anything: bad input leaves no study behind.
+    evaluator = evaluator_from_spec(spec, args.device, progress=not args.quiet)
+    study = create_study(spec, storage, args.name, load_if_exists=True)
+    worker = Worker(args.storage, study.study_name, options, evaluator)
+    worker.run()
+    if args.confirm:
+
+        confirm = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
+                                 progress=not args.quiet)
+        _print_confirmations(Confirmation(args.storage, study.study_name, confirm, evaluator))
+    print(format_summary(study_summary(worker.study, worker.spec)))
+    return 0
+
+
+def cmd_check(args) -> int:
+    spec = load_spec(args.spec)
+    report = check(spec, args.device, args.workers)
+    if report.problems:
+        raise SpecError(report.problems)  # one line each, exit 2
+    print(format_report(report, spec))
+    return 0
+
+
+def default_setting(combo, model_steps: int | None = None) -> dict[str, dict]:
+    """Each accelerator of `combo` at its library's default parameters; `steps` (which has no
+    library default) at half of `model_steps`."""
+    setting = {name: {} for name in ORDER if name in combo}
+    if "steps" in setting and model_steps:
+        setting["steps"] = {"num_inference_steps": max(1, model_steps // 2)}
+    return normalize_setting(setting)
+
+
+def save_images(folder: Path, baseline: np.ndarray, setting: list[np.ndarray]) -> None:
+    """Write baseline_NNN.png and setting_NNN.png per prompt index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(baseline):
+        Image.fromarray(image).save(folder / f"baseline_{index:03d}.png")
+    for index, image in enumerate(setting):
+        Image.fromarray(image).save(folder / f"setting_{index:03d}.png")

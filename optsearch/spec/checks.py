@@ -1,0 +1,161 @@
+"""Checking a spec across its fields, and a setting against a spec: one line per problem."""
+
+from __future__ import annotations
+
+import math
+
+from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, params_of, step_problems
+from optsearch.spec.schema import (
+    DTYPES,
+    KNOWN_SCHEDULERS,
+    METRICS,
+    MODES,
+    PROMPT_FILE_SUFFIXES,
+    PROMPT_SOURCES,
+    RULES,
+    SAMPLERS,
+    StudySpec,
+)
+
+
+def guidance_problem(accelerators, guidance_scale: float) -> str | None:
+    """T-GATE caches the attention of the guided half: without guidance it breaks or mixes prompts."""
+    if "tgate" in accelerators and guidance_scale <= 1:
+        return ("tgate needs classifier-free guidance: model.guidance_scale is "
+                f"{guidance_scale}, must be > 1")
+    return None
+
+
+def validate(spec: StudySpec, problem) -> None:
+    """Cross-field checks, after every key has the right type."""
+    model, prompts, quality = spec.model, spec.prompts, spec.quality
+    objective, search = spec.objective, spec.search
+    if model.kind not in ("auto", *KINDS):
+        problem("model.kind", f"unknown kind {model.kind!r} (allowed: auto, {', '.join(KINDS)})")
+    if model.dtype not in DTYPES:
+        problem("model.dtype", f"unknown dtype {model.dtype!r} (allowed: {', '.join(DTYPES)})")
+    if check_device(model.device):
+        problem("model.device", check_device(model.device))
+    if model.scheduler is not None:
+        name = model.scheduler.removesuffix("Scheduler")
+        if name not in KNOWN_SCHEDULERS:
+            problem("model.scheduler",
+                    f"unknown scheduler {model.scheduler!r} (allowed: {', '.join(KNOWN_SCHEDULERS)})")
+    if model.steps < 1:
+        problem("model.steps", "must be >= 1")
+    for key in ("height", "width"):
+        size = getattr(model, key)
+        if size is not None and (size < 8 or size % 8):
+            problem(f"model.{key}", f"{size} must be a multiple of 8, at least 8")
+    if not model.guidance_scale >= 0:
+        problem("model.guidance_scale", "must be >= 0")
+    if not model.id:
+        problem("model.id", "must name a model: hub id, local folder or builtin:tiny")
+    if prompts.num_samples < 1:
+        problem("prompts.num_samples", f"{prompts.num_samples} must be >= 1")
+    if prompts.batch_size < 1:
+        problem("prompts.batch_size", f"{prompts.batch_size} must be >= 1")
+    _check_source("prompts.source", prompts.source, problem)
+    if quality.metric not in METRICS:
+        problem("quality.metric", f"unknown metric {quality.metric!r} (allowed: {', '.join(METRICS)})")
+    elif quality.metric == "ssim" and not -1 <= quality.limit <= 1:
+        problem("quality.limit", f"{quality.limit} is not an SSIM (allowed: -1..1)")
+    if not math.isfinite(quality.limit):
+        problem("quality.limit", "must be a finite number")
+    if not 0.5 <= quality.confidence < 1:
+        problem("quality.confidence", "must be in [0.5, 1)")
+    if quality.rule not in RULES:
+        problem("quality.rule", f"unknown rule {quality.rule!r} (allowed: {', '.join(RULES)})")
+    if objective.mode not in MODES:
+        problem("objective.mode", f"unknown mode {objective.mode!r} (allowed: {', '.join(MODES)})")
+    elif objective.mode == "target-speedup":
+        if objective.target_speedup is None:
+            problem("objective.target_speedup", "is required when mode is target-speedup")
+        elif objective.target_speedup <= 0:
+            problem("objective.target_speedup", "must be > 0")
+    if search.sampler not in SAMPLERS:
+        problem("search.sampler", f"unknown sampler {search.sampler!r} (allowed: {', '.join(SAMPLERS)})")
+    if search.sampler == "grid" and search.accelerators == "any":
+        problem("search.sampler", 'grid needs one combo: name the accelerators instead of "any"')
+    if search.n_trials < 1:
+        problem("search.n_trials", "must be >= 1")
+    if search.min_batches < 1:
+        problem("search.min_batches", "must be >= 1")
+    if search.n_startup_trials < 0:
+        problem("search.n_startup_trials", "must be >= 0")
+    if search.retime_baseline_every < 0:
+        problem("search.retime_baseline_every", "must be >= 0 (0: time the baseline once per worker)")
+    for source in search.warm_start:
+        if source != "published" and not (source.startswith("study:") and source[6:].strip()):
+            problem("search.warm_start", f"unknown warm start {source!r} (allowed: \"published\", "
+                    "\"study:NAME\")")
+    confirm = spec.confirm
+    if confirm.num_samples is not None and confirm.num_samples < 1:
+        problem("confirm.num_samples", f"{confirm.num_samples} must be >= 1")
+    if confirm.source is not None:
+        _check_source("confirm.source", confirm.source, problem)
+    if search.accelerators != "any":
+        named = [n for c in search.accelerators for n in ([c] if isinstance(c, str) else c)]
+        unknown = [name for name in named if name not in ORDER]
+        if unknown:
+            problem("search.accelerators", f"unknown accelerator {unknown[0]!r} "
+                    f"(allowed: {', '.join(ORDER)}, or \"any\")")
+            return
+        if not search.accelerators or not all(search.combos):
+            problem("search.accelerators", 'must name at least one accelerator, or "any"')
+            return
+    kind = search.model_kind
+    for combo in search.combos:
+        why = combo_problem(combo, kind)
+        if why:
+            problem("search.accelerators", why)
+            return
+    used = spec.accelerators_used
+    for accelerator in spec.space:
+        if accelerator not in used:
+            problem(f"space.{accelerator}",
+                    f"is not searched (search.accelerators is "
+                    f"{', '.join(combo_name(c) for c in search.combos) or 'empty'})")
+    if guidance_problem(used, model.guidance_scale):
+        problem("search.accelerators", guidance_problem(used, model.guidance_scale))
+    for accelerator in used:
+        for name, declared in params_of(accelerator).items():
+            counted = declared.counts_steps or declared.scales_with_steps
+            given = name in spec.space.get(accelerator, {}) or accelerator == "tgate"
+            bounds = spec.param_range(accelerator, name)
+            if counted and given and any(value > model.steps for value in bounds[:2]):
+                problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past "
+                        f"model.steps={model.steps} (allowed: 1..steps)")
+    if spec.artifacts.grid_prompts < 0:
+        problem("artifacts.grid_prompts", "must be >= 0")
+
+
+def _check_source(key: str, source: str, problem) -> None:
+    if source not in PROMPT_SOURCES and not source.lower().endswith(PROMPT_FILE_SUFFIXES):
+        problem(key, f"unknown prompt source {source!r} (allowed: "
+                f"{', '.join(PROMPT_SOURCES)}, or a {'/'.join(PROMPT_FILE_SUFFIXES)} file)")
+
+
+def check_device(device: str) -> str | None:
+    """Why `device` is not a device name optsearch takes (spec and --device alike), or None."""
+    prefix, _, index = device.partition(":")
+    if device in ("auto", "cpu", "cuda") or (prefix == "cuda" and index.isdigit()):
+        return None
+    return f"unknown device {device!r} (allowed: auto, cpu, cuda, cuda:N)"
+
+
+def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
+    """Problems with running `setting` on the spec's model: its combo must be one the spec
+    searches, T-GATE needs guidance, and step-counted parameters must fit in the setting's steps
+    (its `steps.num_inference_steps`, else model.steps)."""
+    foreign = combo_problem(list(setting), spec.search.model_kind)
+    if foreign:
+        return [foreign]
+    combos = [combo_name(c) for c in spec.search.combos]
+    if combo_name(setting) not in combos:
+        return [f"the setting is {combo_name(setting)}, which this spec does not search "
+                f"(search.accelerators gives: {', '.join(combos)})"]
+    problems = step_problems(setting, spec.model.steps)
+    if guidance_problem(setting, spec.model.guidance_scale):
+        problems.append(guidance_problem(setting, spec.model.guidance_scale))
+    return problems

@@ -1,0 +1,216 @@
+"""Reading a spec: TOML (or a stored dict) into a `StudySpec`, with every problem one line.
+
+Every problem found names the file, the key, what is wrong and what is allowed; all are collected
+before raising `SpecError`, so a user fixes a spec in one pass.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from optsearch.accelerators import KINDS, ORDER, params_of
+from optsearch.errors import SpecError
+from optsearch.spec.checks import validate
+from optsearch.spec.schema import (
+    PROMPT_FILE_SUFFIXES,
+    PROMPT_SOURCES,
+    SECTIONS,
+    ModelSpec,
+    StudySpec,
+)
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _expected_type(section: type, key: str) -> type | None:
+    """The Python type a key holds (from its default), for type checking TOML values."""
+    default = getattr(section(), key)
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float, str)):
+        return float if isinstance(default, float) else type(default)
+    hint = typing.get_type_hints(section).get(key)  # `int | None`: an optional key
+    if isinstance(hint, types.UnionType):
+        kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+        return kinds[0] if len(kinds) == 1 and kinds[0] in _TYPE_NAMES else None
+    return None
+
+
+def _type_ok(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Read, validate and return a spec file. Raises SpecError with one line per problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError([f"{path}: spec file not found"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError([f"{path}: not valid TOML: {error}"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError([f"{path}: cannot read spec: {error}"]) from None
+    _resolve_paths(data, path.parent)
+    spec = spec_from_dict(data, source=str(path), overrides=overrides)
+    missing = [f"{path}: {key}: file {value} does not exist (relative paths are read from the "
+               "spec's folder)" for key, value in _prompt_files(spec) if not Path(value).is_file()]
+    if missing:
+        raise SpecError(missing)
+    return spec
+
+
+def _is_prompt_file(source: str) -> bool:
+    return source not in PROMPT_SOURCES and source.lower().endswith(PROMPT_FILE_SUFFIXES)
+
+
+def _prompt_files(spec: StudySpec) -> list[tuple[str, str]]:
+    files = [("prompts.source", spec.prompts.source), ("confirm.source", spec.confirm.source)]
+    return [(key, value) for key, value in files if value and _is_prompt_file(value)]
+
+
+def _resolve_paths(data: dict, folder: Path) -> None:
+    """Make the relative paths a spec names (prompt files, the artifacts folder, a local model
+    folder) absolute from the spec's own folder, so every worker reads the same files."""
+    def resolve(section: str, key: str, applies) -> None:
+        table = data.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if isinstance(value, str) and applies(value) and not Path(value).expanduser().is_absolute():
+            table[key] = str((folder / Path(value).expanduser()).resolve())
+
+    resolve("prompts", "source", _is_prompt_file)
+    resolve("confirm", "source", _is_prompt_file)
+    resolve("artifacts", "path", lambda value: "://" not in value)
+    resolve("model", "id", lambda value: value.startswith(("./", "../")))
+
+
+def spec_from_dict(data: dict, source: str = "<spec>",
+                   overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Build and validate a spec from a dict (a parsed TOML file, or one stored in a study)."""
+    problems: list[str] = []
+    spec = StudySpec(name=Path(source).stem if source != "<spec>" else "optsearch")
+
+    def problem(key: str, message: str) -> None:
+        problems.append(f"{source}: {key}: {message}")
+
+    for key, value in data.items():
+        if key == "name":
+            if isinstance(value, str) and value.strip():
+                spec.name = value
+            else:
+                problem("name", "must be a non-empty string")
+        elif key in SECTIONS:
+            if not isinstance(value, dict):
+                problem(key, f"must be a table [{key}]")
+                continue
+            _load_section(getattr(spec, key), key, value, problem)
+        elif key == "space":
+            if not isinstance(value, dict):
+                problem("space", "must be tables [space.<accelerator>]")
+                continue
+            spec.space = _load_space(value, problem)
+        else:
+            problem(key, f"unknown key (allowed: name, {', '.join(SECTIONS)}, space)")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not hasattr(getattr(spec, section), key):
+            problem(dotted, "unknown key")
+        else:
+            _load_section(getattr(spec, section), section, {key: value}, problem)
+    spec.search.model_kind = _model_kind(spec.model)
+    validate(spec, problem)  # wrongly typed keys kept their defaults, so this is safe
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _model_kind(model: ModelSpec) -> str:
+    """The model's kind: as the spec says, else told from its id (unknown: a UNet)."""
+    if model.kind in KINDS:
+        return model.kind
+    from optsearch.measure.models import model_kind  # diffusers: only when told from the id
+
+    return model_kind(model.id) or "unet"
+
+
+def _load_section(target, section: str, values: dict, problem) -> None:
+    for key, value in values.items():
+        full = f"{section}.{key}"
+        if not hasattr(target, key):
+            allowed = ", ".join(vars(type(target)()).keys())
+            problem(full, f"unknown key (allowed: {allowed})")
+            continue
+        if key == "warm_start":
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                setattr(target, key, value)
+            else:
+                problem(full, 'must be a list such as ["published", "study:NAME"]')
+            continue
+        if key == "accelerators":
+            names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            combos = isinstance(value, list) and value and all(
+                isinstance(c, list) and all(isinstance(v, str) for v in c) for c in value)
+            if value == "any" or names or combos:
+                setattr(target, key, value)
+            else:
+                problem(full, 'must be a list of accelerator names (one combo), a list of such '
+                        'lists (several combos), or "any"')
+            continue
+        expected = _expected_type(type(target), key)
+        if expected and not _type_ok(value, expected):
+            problem(full, f"must be {_TYPE_NAMES[expected]}, got {value!r}")
+            continue
+        setattr(target, key, float(value) if expected is float else value)
+
+
+def _load_space(tables: dict, problem) -> dict[str, dict[str, Any]]:
+    space: dict[str, dict[str, Any]] = {}
+    for accelerator, table in tables.items():
+        key = f"space.{accelerator}"
+        if accelerator not in ORDER:
+            problem(key, f"unknown accelerator (allowed: {', '.join(ORDER)})")
+            continue
+        if not isinstance(table, dict):
+            problem(key, "must be a table")
+            continue
+        params = params_of(accelerator)
+        for name, value in table.items():
+            if name not in params:
+                problem(f"{key}.{name}", f"unknown parameter (allowed: {', '.join(params)})")
+                continue
+            message = _check_range(params[name], value)
+            if message:
+                problem(f"{key}.{name}", message)
+            else:
+                space.setdefault(accelerator, {})[name] = value
+    return space
+
+
+def _check_range(param, value) -> str | None:
+    """Check a [low, high(, step)] range or a fixed value against the parameter's bounds."""
+    values = value if isinstance(value, list) else [value]
+    if param.kind is bool:
+        return param.check(values[0]) if len(values) == 1 else "must be true or false"
+    if not 1 <= len(values) <= 3:
+        return f"must be [low, high], [low, high, step] or one value ({param.allowed()})"
+    for item in values[:2]:
+        why = param.check(item)
+        if why:
+            return f"{item!r} {why} (allowed: {param.allowed()})"
+    if len(values) >= 2 and values[0] > values[1]:
+        return f"range [{values[0]}, {values[1]}] is inverted (low must be <= high)"
+    if len(values) == 3:
+        step = values[2]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+            return f"step {step!r} must be a positive number"
+        if param.kind is int and not float(step).is_integer():
+            return f"step {step!r} must be an integer"
+    return None

@@ -1,0 +1,165 @@
+"""The study spec's schema: one dataclass per TOML table, with its defaults.
+
+`reading.py` turns a TOML file (or a dict stored in a study) into these; `checks.py` validates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from optsearch.accelerators import ANY_COMBOS, ORDER, params_of
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+METRICS = ("clip_loss", "psnr", "ssim")
+RULES = ("mean", "bound")
+MODES = ("max-speedup", "target-speedup", "pareto")
+SAMPLERS = ("tpe", "gp", "random", "grid")
+PROMPT_SOURCES = ("coco2017", "parti", "builtin")
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+KNOWN_SCHEDULERS = (
+    "DDIM", "PNDM", "DDPM", "LMSDiscrete", "EulerDiscrete", "EulerAncestralDiscrete",
+    "DPMSolverMultistep", "DPMSolverSinglestep", "DEISMultistep", "UniPCMultistep", "HeunDiscrete",
+    "KDPM2Discrete", "KDPM2AncestralDiscrete", "LCM", "TCD",
+)
+
+
+
+
+@dataclass
+class ModelSpec:
+    id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    dtype: str = "auto"  # float16 for UNets, bfloat16 for diffusion transformers, float32 on CPU
+    kind: str = "auto"  # "unet" or "transformer": which families apply; auto tells from the id
+    device: str = "auto"
+    scheduler: str | None = None  # None keeps the model's own scheduler
+    steps: int = 50
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    guidance_scale: float = 7.5
+
+
+@dataclass
+class PromptSpec:
+    source: str = "coco2017"
+    num_samples: int = 32
+    batch_size: int = 4
+    seed: int = 42
+    shuffle: bool = False
+    column: str | None = None  # the text column of a file or dataset, when not guessed
+
+
+@dataclass
+class QualitySpec:
+    clip_model: str = "ViT-g-14"
+    clip_pretrained: str = "laion2b_s34b_b88k"
+    metric: str = "clip_loss"
+    limit: float = 0.3
+    confidence: float = 0.95
+    rule: str = "mean"  # feasible when the mean meets the limit, or ("bound") its unsafe-side bound
+
+
+@dataclass
+class ObjectiveSpec:
+    mode: str = "max-speedup"
+    target_speedup: float | None = None
+
+
+@dataclass
+class SearchSpec:
+    accelerators: list[str] | str = field(default_factory=lambda: ["deepcache"])
+    sampler: str = "tpe"
+    n_trials: int = 60
+    early_stop: bool = True
+    min_batches: int = 1  # batches evaluated before early stop may decide (speedup looks: >= 2)
+    seed: int | None = None  # sampler seed
+    n_startup_trials: int = 20  # tuned on the recorded landscape (benchmarks/RESULTS.md)
+    retime_baseline_every: int = 0  # re-time the worker's baseline every N trials; 0: once per worker
+    warm_start: list[str] = field(default_factory=lambda: ["published"])  # enqueued first
+
+    model_kind = "unet"  # set from [model] when the spec is loaded (not a spec key)
+
+    @property
+    def combos(self) -> list[tuple[str, ...]]:
+        """The combos searched: the one given, several (a list of lists), or for 'any' those of
+        the model's kind (accelerators.ANY_COMBOS)."""
+        if self.accelerators == "any":
+            return list(ANY_COMBOS[self.model_kind])
+        if self.accelerators and all(isinstance(c, list) for c in self.accelerators):
+            return [tuple(name for name in ORDER if name in combo) for combo in self.accelerators]
+        return [tuple(name for name in ORDER if name in self.accelerators)]
+
+
+@dataclass
+class ArtifactSpec:
+    path: str = "artifacts"  # a local folder, or s3://bucket/prefix
+    grid_prompts: int = 4  # prompts shown in each trial's image grid; 0 disables grids
+
+
+@dataclass
+class ConfirmSpec:
+    """Prompts for `study confirm`: by default the next num_samples prompts of the search's source."""
+
+    source: str | None = None
+    num_samples: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class StudySpec:
+    name: str = "optsearch"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    quality: QualitySpec = field(default_factory=QualitySpec)
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    artifacts: ArtifactSpec = field(default_factory=ArtifactSpec)
+    confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
+    # accelerator -> param -> [low, high] or [low, high, step] or a fixed value
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def accelerators_used(self) -> list[str]:
+        return [name for name in ORDER if any(name in combo for combo in self.search.combos)]
+
+    def param_range(self, accelerator: str, param: str) -> tuple:
+        """(low, high, step or None) for a searched parameter, or (value,) for a fixed one."""
+        value = self.space.get(accelerator, {}).get(param)
+        if value is None:
+            value = params_of(accelerator)[param].default_range(self.model.steps)
+        if not isinstance(value, (list, tuple)):
+            return (value,)
+        if len(value) == 1:
+            return tuple(value)
+        return (value[0], value[1], value[2] if len(value) == 3 else None)
+
+    def searched_params(self, accelerator: str) -> list[str]:
+        """The parameters of `accelerator` that this spec searches (ranges, not fixed values)."""
+        return [p for p in params_of(accelerator) if len(self.param_range(accelerator, p)) > 1]
+
+    def grid_values(self, accelerator: str, param: str) -> list:
+        """Every value the exhaustive grid tries for a parameter (step: given, else its default)."""
+        bounds = self.param_range(accelerator, param)
+        if len(bounds) == 1:
+            return list(bounds)
+        low, high, step = bounds
+        step = step or params_of(accelerator)[param].grid_step
+        count = int(round((high - low) / step + 1e-9)) + 1
+        values = [low + i * step for i in range(count)]
+        if params_of(accelerator)[param].kind is int:
+            return [int(v) for v in values]
+        return [round(v, 10) for v in values]
+
+
+SECTIONS = {
+    "model": ModelSpec,
+    "prompts": PromptSpec,
+    "quality": QualitySpec,
+    "objective": ObjectiveSpec,
+    "search": SearchSpec,
+    "artifacts": ArtifactSpec,
+    "confirm": ConfirmSpec,
+}
