@@ -1,4 +1,4 @@
-"""Benchmark 5: time saved by early stop on a study where about half the space is infeasible.
+"""Time saved by early stop on a study where about half the space is infeasible.
 
 The same 16 random trials (fixed sampler seed) on builtin:tiny with 8 batches per trial, once with
 early stop and once without; the PSNR limit is set near the median so about half the trials fail it.
@@ -6,14 +6,12 @@ early stop and once without; the PSNR limit is set near the median so about half
 
 from __future__ import annotations
 
-import sys
 import time
 
-from _common import machine, run_study, scratch, table
-
+from benchmarks.common import machine, run_study, scratch, table
 from optsearch.optimize.objectives import best_overall
 from optsearch.optimize.study import FINISHED
-from optsearch.spec import spec_from_dict
+from optsearch.study_spec import spec_from_dict
 
 
 def spec(early_stop: bool, limit: float):
@@ -53,6 +51,3 @@ def main(limit: float = 36.0) -> None:
     saved = results[False] - results[True]
     print(f"time saved on trials: {saved:.1f} s ({100 * saved / results[False]:.0f} %)")
 
-
-if __name__ == "__main__":
-    main(*(float(a) for a in sys.argv[1:]))

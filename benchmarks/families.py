@@ -1,4 +1,4 @@
-"""Benchmark 12: speedup and fidelity of every accelerator family, on builtin:tiny-flux (FLUX's
+"""Speedup and fidelity of every accelerator family, on builtin:tiny-flux (FLUX's
 topology, 128 px, 20 steps) and builtin:cpu-bench (SD 1.5's topology, 256 px, 25 steps), CPU.
 
 Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
@@ -7,18 +7,17 @@ passes); PSNR of the setting's images against the baseline's (random weights: fi
 quality). The published operating points are those of warm_start.PUBLISHED; their published
 speedups are for real weights on GPUs (sources in RESULTS.md).
 
-    python benchmarks/families.py [repeats]     # about 4 minutes on 2 cores with 3 repeats
+    python -m benchmarks families --repeats 3     # about 4 minutes on 2 cores with 3 repeats
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 import numpy as np
-from _common import machine, table
 
+from benchmarks.common import machine, table
 from optsearch.accelerators import AppliedSetting, magcache
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
@@ -92,6 +91,3 @@ def main(repeats: int = 3) -> None:
         print(table(headers, rows), flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Benchmark 2: measurement fidelity on builtin:cpu-bench.
+"""Measurement fidelity on builtin:cpu-bench.
 
 The speedup a study reports for a setting, against standalone timings of the same setting in fresh
 processes (`optsearch evaluate --json`), and the coefficient of variation of repeated timings.
@@ -13,8 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import ROOT, machine, run_study, scratch, table
-
+from benchmarks.common import ROOT, machine, run_study, scratch, table
 from optsearch import load_spec
 
 SETTING = {"deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome.ratio": 0.5,
@@ -54,6 +53,3 @@ def main(repeats: int = 3) -> None:
           f"baseline s/img {cv([r['baseline_seconds_per_image'] for r in runs]):.1f} %, "
           f"setting s/img {cv([r['seconds_per_image'] for r in runs]):.1f} %")
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))

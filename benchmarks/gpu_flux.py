@@ -1,4 +1,4 @@
-"""Benchmark 13 (GPU): a full-width FLUX transformer (random weights) with diffusers' caches.
+"""(gpu) A full-width FLUX transformer (random weights) with diffusers' caches.
 
 FLUX.1's width (24 heads of 128 = 3072, joint attention 4096, 64 latent channels) at reduced
 depth: `DEPTH_DOUBLE` double-stream and `DEPTH_SINGLE` single-stream blocks instead of 19 and 38
@@ -10,7 +10,7 @@ forecast whole blocks or attention layers in proportion to the depth. 1024 px, 2
 batch 1, T5 prompts of 128 tokens from random token ids (no text encoders: prompt embeddings are
 random, which changes nothing about the transformer's cost).
 
-    python benchmarks/gpu_flux.py      # needs CUDA; prints a Markdown table
+    python -m benchmarks gpu-flux      # needs CUDA; prints a Markdown table
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import time
 
 import torch
-from _common import machine, table
 
+from benchmarks.common import machine, table
 from optsearch.accelerators import AppliedSetting, magcache
 
 DEPTH_DOUBLE, DEPTH_SINGLE = 4, 8
@@ -88,6 +88,3 @@ def main() -> None:
     print(table(["setting", "s/image", "speedup"], rows))
     print(f"total {time.perf_counter() - started:.0f} s")
 
-
-if __name__ == "__main__":
-    main()

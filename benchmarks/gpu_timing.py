@@ -1,25 +1,30 @@
-"""Benchmark 6: real-size GPU timing of a random-weight SD 1.5 UNet (builtin:sd15-random).
+"""Real-size GPU timing of a random-weight SD 1.5 UNet (builtin:sd15-random).
 
 512 px, 50 PNDM steps, fp16, batch 4, guidance 7.5: baseline and DeepCache 3/0, 5/0, ToMe 0.5,
 T-GATE 10 and all three, in seconds per image and speedup, next to the published numbers
-(design.md). Random weights change nothing about the cost of a step. One warm-up batch and two
+(RESULTS.md, GPU timing). Random weights change nothing about the cost of a step. One warm-up batch and two
 timed batches per setting; the whole script runs in about 2-3 minutes on an H100.
 
-    python benchmarks/gpu_timing.py            # needs CUDA; prints a Markdown table
+    python -m benchmarks gpu-timing    # needs CUDA; prints a Markdown table
+    python3 benchmarks/gpu_timing.py   # the same, as the GPU check runs it
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
-from _common import machine, table
 
-from optsearch.accelerators import AppliedSetting
-from optsearch.measure.generation import GenerationConfig, generate
-from optsearch.measure.models import load_pipeline
-from optsearch.measure.prompts import builtin_prompts
+if __package__ in (None, ""):  # run as a file (`python3 benchmarks/gpu_timing.py`: the GPU check)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine, table  # noqa: E402
+from optsearch.accelerators import AppliedSetting  # noqa: E402
+from optsearch.measure.generation import GenerationConfig, generate  # noqa: E402
+from optsearch.measure.models import load_pipeline  # noqa: E402
+from optsearch.measure.prompts import builtin_prompts  # noqa: E402
 
 SETTINGS = [
     ("baseline", {}, "1.00"),

@@ -1,4 +1,4 @@
-"""Benchmark 3a: record, once, the full grid landscape of DeepCache+ToMe+T-GATE on builtin:cpu-bench.
+"""Record, once, the full grid landscape of DeepCache+ToMe+T-GATE on builtin:cpu-bench.
 
 Every grid point is measured like a trial (warm-up, timed batches, PSNR vs the baseline) and saved
 with its speedup to benchmarks/data/landscape-cpu-bench.json, which search_efficiency.py replays.
@@ -11,19 +11,12 @@ import itertools
 import json
 import time
 
-from _common import ROOT, machine
-
+from benchmarks.common import ROOT, machine
+from benchmarks.replay import GRID, REBASELINE_EVERY
 from optsearch import load_spec
 from optsearch.measure.evaluate import evaluator_from_spec
 
-GRID = {
-    "deepcache.cache_interval": [2, 3, 4, 5, 6],
-    "deepcache.cache_branch_id": [0, 1, 2],
-    "tome.ratio": [0.1, 0.3, 0.5, 0.7],
-    "tgate.gate_step": [4, 8, 12, 16],
-}
 OUT = ROOT / "benchmarks" / "data" / "landscape-cpu-bench.json"
-REBASELINE_EVERY = 40  # re-time the baseline now and then: CPU speed drifts
 
 
 def main() -> None:
@@ -55,6 +48,3 @@ def main() -> None:
     }, indent=1))
     print(f"wrote {OUT} ({len(points)} points, {time.perf_counter() - started:.0f} s)")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Benchmark 9a (recording): the DeepCache+ToMe+T-GATE grid of builtin:cpu-bench, batch by batch.
+"""(records) The DeepCache+ToMe+T-GATE grid of builtin:cpu-bench, batch by batch.
 
 Like landscape.py, but every grid point keeps what a replay of early stopping needs: the warm-up
 seconds, each timed batch's seconds, and each prompt's PSNR. 128 px, 20 steps, 3 prompts in 3
@@ -7,7 +7,7 @@ before the last); the baseline is re-timed every 40 points (CPU speed drifts) an
 speedup is against the latest one. Writes benchmarks/data/landscape-cpu-bench-batches.json
 (about 15 minutes here; 6 prompts in batches of 2 would take over an hour).
 
-    python benchmarks/landscape_batches.py [prompts] [batch_size]
+    python -m benchmarks landscape-batches --num-samples 3 --batch-size 1
 
 Other sizes write landscape-cpu-bench-batches-<prompts>x<batch_size>.json: 8 prompts in batches of
 1 give a trial the 8 looks of a default study (32 prompts in batches of 4) in about 20 minutes, 16
@@ -18,24 +18,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 import time
 
-from _common import ROOT, machine
-from landscape import GRID
-
+from benchmarks.common import ROOT, machine
+from benchmarks.replay import GRID, REBASELINE_EVERY, landscape_path
 from optsearch import load_spec
 from optsearch.measure.evaluate import evaluator_from_spec
-
-DATA = ROOT / "benchmarks" / "data"
-REBASELINE_EVERY = 40
-
-
-def landscape_path(num_samples: int = 3, batch_size: int = 1):
-    """Where a landscape of this size lives (the first one, 3x1, keeps its original name)."""
-    if (num_samples, batch_size) == (3, 1):
-        return DATA / "landscape-cpu-bench-batches.json"
-    return DATA / f"landscape-cpu-bench-batches-{num_samples}x{batch_size}.json"
 
 
 def main(num_samples: int = 3, batch_size: int = 1) -> None:
@@ -75,6 +63,3 @@ def main(num_samples: int = 3, batch_size: int = 1) -> None:
     }, indent=1))
     print(f"wrote {out} ({len(points)} points, {time.perf_counter() - started:.0f} s)")
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))

@@ -1,4 +1,4 @@
-"""Benchmark 1: trial overhead on builtin:cpu-bench.
+"""Trial overhead on builtin:cpu-bench.
 
 The share of a trial's wall time (Optuna's start to complete) not spent in pipeline inference
 (timed batches + the warm-up batch): CLIP scoring, PSNR/SSIM, accelerator set-up and restore,
@@ -7,11 +7,9 @@ sampling, storage writes and the image-grid artifact. Target: 3 % or less.
 
 from __future__ import annotations
 
-import sys
 import time
 
-from _common import ROOT, machine, run_study, scratch, table
-
+from benchmarks.common import ROOT, machine, run_study, scratch, table
 from optsearch import load_spec
 from optsearch.optimize.study import FINISHED
 
@@ -39,6 +37,3 @@ def main(n_trials: int = 4) -> None:
     print(f"trials/hour: {3600 * len(rows) / total:.1f} (whole run incl. model load and baseline: "
           f"{total:.0f} s); steady state: {3600 / (sum(r[2] for r in rows) / len(rows)):.1f}")
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Benchmark 9d: the early-stop quality look: plain and with the prompts' own effects, at
+"""The early-stop quality look: plain and with the prompts' own effects, at
 Bonferroni's and at the sequential (Pocock) per-look alpha.
 
 On the recorded landscapes (3 and 8 prompts in batches of 1, 16 in batches of 2), for every grid
@@ -10,18 +10,17 @@ median), and how often it stops a trial whose final mean is feasible (a wrong st
 are below the study's `PromptEffects.MIN_TRIALS` (5): they show how close fewer earlier trials
 come. The narrowed plain look of section 10c is gone from the product; RESULTS 10e has its misses.
 
-    python benchmarks/quality_look.py [draws per point]
+    python -m benchmarks quality-look --draws 3
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
-from _common import table
-from landscape_batches import landscape_path
 
+from benchmarks.common import table
+from benchmarks.replay import landscape_path
 from optsearch.measure.metrics import Interval
 from optsearch.optimize.early_stop import PromptEffects
 from optsearch.optimize.sequential import per_look_alpha
@@ -97,6 +96,3 @@ def main(draws: int = 3) -> None:
                  "trials with a miss (<= 0.05)", "looks with a miss", "stops per look",
                  "wrong stops per look"], rows))
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Benchmark 9b: device-seconds to the answer, replayed on the batch-by-batch landscape.
+"""Device-seconds to the answer, replayed on the batch-by-batch landscape.
 
 Replays studies over benchmarks/data/landscape-cpu-bench-batches.json (recorded by
 landscape_batches.py: warm-up, per-batch seconds and per-prompt PSNR of every grid point), with
@@ -28,10 +28,10 @@ Configurations:
 - new with 10 or 5 start-up trials (random trials before TPE models the space), with and
   without the warm start.
 
-    python benchmarks/search_cost.py [psnr_limit] [seeds] [parallel: 0 skips the workers table]
-    REPLAY_ONLY="new;new, GP sampler" python benchmarks/search_cost.py ...   # only those (+ today)
-    LANDSCAPE=8x1 python benchmarks/search_cost.py ...   # the 8-prompt landscape (8 looks a trial)
-    LANDSCAPE=16x2 python benchmarks/search_cost.py 35.13 ...   # 16 prompts in batches of 2
+    python -m benchmarks search-cost --limit L --seeds N --parallel 0   # 0 skips the workers table
+    REPLAY_ONLY="new;new, GP sampler" python -m benchmarks search-cost ...   # only those (+ today)
+    LANDSCAPE=8x1 python -m benchmarks search-cost ...   # the 8-prompt landscape (8 looks a trial)
+    LANDSCAPE=16x2 python -m benchmarks search-cost --limit 35.13 ...   # 16 prompts in batches of 2
 
 The GP configuration runs only on request: GP fits a model at every ask, and 10 seeds did not
 finish in 25 minutes on 2 cores.
@@ -39,29 +39,29 @@ finish in 25 minutes on 2 cores.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import multiprocessing
 import os
 import statistics
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import optuna
-from _common import table
-from landscape_batches import landscape_path
+from optuna.trial import FrozenTrial, TrialState
 
-from optsearch.measure.evaluate import Comparison
-from optsearch.measure.metrics import Interval
-from optsearch.measure.speedup import SpeedupInterval, speedup_interval
-from optsearch.optimize.early_stop import EarlyStop, FirstBatches, PromptEffects
+from benchmarks.common import table
+from benchmarks.replay import IssueTimeQualityStop, Landscape, key_of, landscape_path, measure
+from optsearch.measure.speedup import speedup_interval
+from optsearch.optimize.early_stop import EarlyStop, rule_for
 from optsearch.optimize.objectives import constraints
+from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.space import suggest_setting
-from optsearch.optimize.study import make_sampler
 from optsearch.optimize.warm_start import warm_start_params
-from optsearch.spec import spec_from_dict
+from optsearch.study_spec import spec_from_dict
 
+FINGERPRINT = "replay"  # every replayed trial ran on one device
 LANDSCAPE = landscape_path(*(int(n) for n in os.environ.get("LANDSCAPE", "3x1").split("x")))
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -105,45 +105,13 @@ CONFIGS = (
 )
 
 
-@dataclass(frozen=True)
-class Found:
-    """A completed feasible trial: its speedup interval, batches and recorded baseline timing."""
-
-    interval: SpeedupInterval
-    batch_seconds: list[float]
-    baseline: int
-
-
-def key_of(params: dict) -> tuple:
-    return tuple(sorted((k, round(v, 6)) for k, v in params.items()
-                        if k.split(".")[1] in ("cache_interval", "cache_branch_id", "ratio", "gate_step")))
-
-
-class Landscape:
-    def __init__(self, data: dict, limit: float | None):
-        self.data = data
-        self.points = {key_of(p["params"]): p for p in data["points"]}
-        self.batch_size = data["batch_size"]
-        self.limit = limit if limit is not None else float(np.median([p["psnr"] for p in data["points"]]))
-        feasible = [p for p in data["points"] if p["psnr"] >= self.limit]
-        self.best = max(p["speedup"] for p in feasible)
-        self.grid_seconds = sum(self.cost(p, p["batch_seconds"], short=False) for p in data["points"])
-
-    def baseline(self, point: dict) -> list[float]:
-        return self.data["baselines"][point["baseline"]]["batch_seconds"]
-
-    def cost(self, point: dict, batches: list[float], short: bool, warm: bool = False) -> float:
-        """Device seconds: the warm-up (none in a warm process, the recorded short one, or one full
-        batch) plus the timed batches."""
-        full = float(np.mean(point["batch_seconds"])) * self.batch_size
-        warmup = 0.0 if warm else point["warmup_seconds"] if short else full
-        return warmup + sum(batches) * self.batch_size
-
-
-def spec_for(seed: int, limit: float, config: Config):
+def spec_for(seed: int, land: Landscape, config: Config):
+    """The replayed study's spec: the landscape's model, prompts and grid, this seed and config."""
+    prompts = len(land.data["points"][0]["psnr_per_prompt"])
     return spec_from_dict({
         "name": "replay", "model": {"id": "builtin:cpu-bench", "steps": 20},
-        "quality": {"metric": "psnr", "limit": limit},
+        "prompts": {"num_samples": prompts, "batch_size": land.batch_size},
+        "quality": {"metric": "psnr", "limit": land.limit},
         "search": {"accelerators": ["deepcache", "tome", "tgate"], "seed": seed,
                    "n_startup_trials": config.startup, "sampler": config.sampler,
                    "warm_start": ["published"] if config.warm_start else []},
@@ -153,68 +121,25 @@ def spec_for(seed: int, limit: float, config: Config):
     })
 
 
-@dataclass
-class IssueTimeQualityStop:
-    """The early stop as it was when the issue was filed ("today"): quality only, a two-sided
-    interval at 1 - alpha / n_batches, of the prompts' mean (no finite-population correction)."""
-
-    limit: float
-    min_batches: int = 2
-
-    def __call__(self, partial) -> str | None:
-        if partial.batches_evaluated < self.min_batches or partial.images_evaluated < 2:
-            return None
-        per_look = 1 - (1 - partial.confidence) / partial.n_batches
-        return "quality" if Interval.of(partial.psnr, per_look).high < self.limit else None
-
-
-def measure(land: Landscape, point: dict, rule, warmed_up: bool = True) -> tuple[list[float], str | None]:
-    """Replay one trial batch by batch: the batches it ran and why it stopped (None: it finished)."""
-    per_prompt = point["psnr_per_prompt"]
-    n = len(point["batch_seconds"])
-    partial = Comparison(setting={}, num_samples=len(per_prompt), batch_size=land.batch_size,
-                         n_batches=n, confidence=0.95,
-                         baseline_seconds_per_image=float(np.mean(land.baseline(point))),
-                         baseline_batch_seconds=land.baseline(point),
-                         warmup_seconds=point["warmup_seconds"] if warmed_up else 0.0)
-    for index, seconds in enumerate(point["batch_seconds"]):
-        partial.batch_seconds.append(seconds)
-        partial.inference_seconds += seconds * land.batch_size
-        span = per_prompt[index * land.batch_size:(index + 1) * land.batch_size]
-        partial.psnr += span
-        partial.clip_scores += [0.0] * len(span)
-        partial.baseline_clip_scores += [0.0] * len(span)
-        partial.batches_evaluated += 1
-        if rule is not None and partial.batches_evaluated < n:
-            reason = rule(partial)
-            if reason:
-                return partial.batch_seconds, reason
-    return partial.batch_seconds, None
-
-
 def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int = 3000) -> tuple:
     """(device seconds, wall seconds, trials, wrong stops) until the goal (None entries if never
     reached); wrong stops: (feasible settings stopped for quality, answers - feasible, >= 98 % of
     the best - stopped for speedup)."""
-    spec = spec_for(seed, land.limit, config)
+    spec = spec_for(seed, land, config)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
     for params in warm_start_params(spec, storage=None):
         study.enqueue_trial(params)
     goal = 0.98 * land.best
-    found: list[Found] = []  # completed feasible trials
-    rows: dict[tuple, list[float]] = {}  # per-prompt PSNR of settings that ran on all prompts
+    finished: list[FrozenTrial] = []  # the study's records, as a worker reads them
     done: dict[tuple, tuple] = {}
-    timed: list[tuple[list[float], bool]] = []  # (batches, warmed up) of measured, finished trials
     clock, device, trials, wrong = 0.0, 0.0, 0, np.zeros(2, dtype=int)
     running: list[tuple] = []  # (finish time, index, trial, point, batches, reason, record)
     free = workers
 
     def finish_next() -> tuple[float, bool]:
         """The next running trial finishes: its time, and whether it reached the goal."""
-        finish, _, trial, point, batches, reason, record = heapq.heappop(running)
-        if record is not None:  # the first-batch record learns of a trial once it finished
-            timed.append(record)
-        feasible_done = tell(study, spec, trial, point, batches, reason, config, land, found, rows)
+        finish, _, trial, point, batches, reason, warmed = heapq.heappop(running)
+        feasible_done = tell(study, spec, trial, point, batches, reason, config, land, finished, warmed)
         return finish, feasible_done and point["speedup"] >= goal
 
     for index in range(cap):
@@ -234,16 +159,9 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
             heapq.heappush(running, (clock, index, trial, point, batches, reason, None))
             free -= 1
             continue
-        effects = PromptEffects.of(list(rows.values())) if config.prompt_effects else None
-        best = max(found, key=lambda f: f.interval.speedup) if found else None
-        shared = config.same_baseline and best is not None and best.baseline == point["baseline"]
         warm = config.warm_process and trials >= workers  # every worker has run the combo
-        rule = (EarlyStop("psnr", speedup_after=config.speedup_after, quality_limit=land.limit,
-                          speedup_to_beat=best.interval if best else None,
-                          best_batch_seconds=best.batch_seconds if shared else None,
-                          prompt_effects=effects, boundary=config.boundary,
-                          first_batches=FirstBatches.of(timed))
-                if config.speedup_stop else IssueTimeQualityStop(land.limit))
+        rule = (replay_rule(spec, finished, point, config) if config.speedup_stop
+                else IssueTimeQualityStop(land.limit))
         batches, reason = measure(land, point, rule, warmed_up=not warm)
         done[key] = (batches, reason)
         feasible = point["psnr"] >= land.limit
@@ -252,8 +170,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
         seconds = land.cost(point, batches, config.short_warmup, warm)
         device += seconds
         trials += 1
-        heapq.heappush(running, (clock + seconds, index, trial, point, batches, reason,
-                                 (batches, not warm)))
+        heapq.heappush(running, (clock + seconds, index, trial, point, batches, reason, not warm))
         free -= 1
     while running:  # every setting asked for: the trials still running finish
         clock, reached = finish_next()
@@ -262,26 +179,41 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
     return None, None, None, wrong
 
 
-def tell(study, spec, trial, point, batches, reason, config, land, found, rows) -> bool:
-    """Tell the sampler; True when a feasible trial completed with all its batches."""
-    if reason is None:  # a reused setting counts once
-        rows[key_of(point["params"])] = point["psnr_per_prompt"]
+def replay_rule(spec, finished: list[FrozenTrial], point: dict, config: Config) -> EarlyStop:
+    """The worker's own rule (`rule_for`) over the replayed study, less what `config` turns off."""
+    rule = rule_for(spec, finished, FINGERPRINT, baseline_id=point["baseline"])
+    return dataclasses.replace(
+        rule, speedup_after=config.speedup_after, boundary=config.boundary,
+        prompt_effects=rule.prompt_effects if config.prompt_effects else None,
+        best_batch_seconds=rule.best_batch_seconds if config.same_baseline else None)
+
+
+def tell(study, spec, trial, point, batches, reason, config, land, finished, warmed) -> bool:
+    """Tell the sampler and add the trial's record to `finished` (`warmed` None: a reused
+    setting); True when a feasible trial completed with all its batches."""
     n = len(batches) * land.batch_size
     psnr = point["psnr_per_prompt"][:n]
     partial_speedup = float(np.mean(land.baseline(point))) / float(np.mean(batches))
     summary = {"speedup": partial_speedup, "psnr": {"mean": float(np.mean(psnr))}}
-    for name, value in constraints(spec, summary).items():
+    values = constraints(spec, summary)
+    for name, value in values.items():
         trial.set_constraint(name, value)
     if reason is None or config.tell_complete:
         study.tell(trial, partial_speedup)
     else:
         trial.report(partial_speedup, len(batches))
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    if reason is None and summary["psnr"]["mean"] >= land.limit:
-        found.append(Found(speedup_interval(land.baseline(point), batches, 0.95, partial_speedup),
-                           batches, point["baseline"]))
-        return True
-    return False
+    attrs = {"fingerprint": FINGERPRINT, "batch_seconds": list(batches), "psnr_per_prompt": psnr,
+             "warmup_seconds": 1.0 if warmed else 0.0, "baseline_id": point["baseline"],
+             "constraints": values}
+    if warmed is None:
+        attrs["reused_from"] = -1
+    if reason is None:
+        attrs.update(speedup_interval(land.baseline(point), batches, 0.95, partial_speedup).to_dict())
+    finished.append(optuna.trial.create_trial(
+        state=TrialState.COMPLETE if reason is None else TrialState.PRUNED,
+        value=partial_speedup if reason is None else None, user_attrs=attrs))
+    return reason is None and summary["psnr"]["mean"] >= land.limit
 
 
 def replay(land: Landscape, config: Config, seeds: int, workers: int = 1) -> list[tuple]:
@@ -365,6 +297,3 @@ def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None
                      statistics.median(r[0] for r in results if r[0] is not None) if walls else None])
     print(table(["workers", "reached", "median wall-s", "speedup over 1", "median device-s"], rows))
 
-
-if __name__ == "__main__":
-    main(*(float(a) for a in sys.argv[1:2]), *(int(a) for a in sys.argv[2:]))

@@ -1,4 +1,4 @@
-"""Benchmark 9d: one real study on builtin:cpu-bench, with today's rules and with the new ones.
+"""One real study on builtin:cpu-bench, with today's rules and with the new ones.
 
 Same spec and sampler seed twice (128 px, 20 steps, 6 prompts in batches of 2, DeepCache+ToMe+T-GATE,
 PSNR limit, 16 trials, SQLite):
@@ -16,12 +16,10 @@ Reports batches run, device seconds in pipeline calls (warm-up included), wall t
 
 from __future__ import annotations
 
-import sys
 import time
 
-from _common import ROOT, machine, scratch, table
-from search_cost import IssueTimeQualityStop
-
+from benchmarks.common import ROOT, machine, scratch, table
+from benchmarks.replay import IssueTimeQualityStop
 from optsearch import load_spec
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.optimize.create import create_study
@@ -79,6 +77,3 @@ def main(limit: float = 34.8, n_trials: float = 16, seed: float = 0) -> None:
     print(table(["rules", "trials measured", "batches", "early stops", "device s (pipeline)",
                  "wall s", "winner"], rows))
 
-
-if __name__ == "__main__":
-    main(*(float(a) for a in sys.argv[1:]))

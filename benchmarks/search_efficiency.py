@@ -1,4 +1,4 @@
-"""Benchmark 3b: replay samplers on the recorded grid landscape (benchmarks/data/).
+"""Replay samplers on the recorded grid landscape (benchmarks/data/).
 
 Each sampler (TPE with constraints, GP, random, the exhaustive grid) searches the recorded
 DeepCache+ToMe+T-GATE landscape of builtin:cpu-bench through optsearch's own search space and
@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 
 import optuna
-from _common import ROOT, table
 
+from benchmarks.common import ROOT, table
 from optsearch.optimize.objectives import constraints
+from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.space import suggest_setting
-from optsearch.optimize.study import make_sampler
-from optsearch.spec import spec_from_dict
+from optsearch.study_spec import spec_from_dict
 
 LANDSCAPE = ROOT / "benchmarks" / "data" / "landscape-cpu-bench.json"
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -95,6 +94,3 @@ def main(limit: float | None = None) -> None:
             print(f"{fraction:.0%} {name}: {needed}", flush=True)
     print(table(["goal", "sampler", "median settings", "share of grid", "min..max", "reached"], rows))
 
-
-if __name__ == "__main__":
-    main(*(float(a) for a in sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Benchmark 10g: the speedup look after a trial's first batch, from the device's first-batch record.
+"""The speedup look after a trial's first batch, from the device's first-batch record.
 
 On the recorded landscapes (3 and 8 prompts in batches of 1, 16 in batches of 2), each grid point
 is the trial, other points are the study's earlier trials, and the question is the one the
@@ -14,19 +14,17 @@ their trial (log seconds), the record's raw material; and how often the trial's 
 interval (as the look computes it from the 2nd batch) has its one-sided bound under the trial's
 final figure, per look, against the look's alpha.
 
-    python benchmarks/speedup_look.py [pairs per row]
+    python -m benchmarks speedup-look --count 1500
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
-from _common import table
-from landscape_batches import landscape_path
-from search_cost import Landscape, measure
 
+from benchmarks.common import table
+from benchmarks.replay import Landscape, landscape_path, measure
 from optsearch.measure.speedup import speedup_interval
 from optsearch.optimize.early_stop import EarlyStop, FirstBatches
 from optsearch.optimize.sequential import per_look_alpha
@@ -120,6 +118,3 @@ def main(count: int = 1500) -> None:
                  "stopped, looks from batch 2", "stopped, looks from batch 1",
                  "of them after batch 1"], rows))
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))

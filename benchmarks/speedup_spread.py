@@ -1,4 +1,4 @@
-"""Benchmark 7: how steady is a reported speedup, and how honest is its interval?
+"""How steady is a reported speedup, and how honest is its interval?
 
 One fixed setting (DeepCache 3/0) on builtin:cpu-bench at 128 px, timed again and again in one
 process, as a long study would. Each "worker" (a round) times its own baseline at start, then runs
@@ -16,10 +16,8 @@ baseline), over all ordered pairs of trials; and how often each interval covers 
 from __future__ import annotations
 
 import statistics
-import sys
 
-from _common import machine, table
-
+from benchmarks.common import machine, table
 from optsearch.measure.evaluate import Evaluator
 from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.models import load_pipeline
@@ -85,6 +83,3 @@ def main(rounds: int = 4, trials_per_round: int = 3, num_samples: int = 8, batch
     print(table(["baseline", "trials", "repeat inside first's interval", "interval covers the mean",
                  "median high/low"], rows))
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))

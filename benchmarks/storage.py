@@ -1,4 +1,4 @@
-"""Benchmark 4: storage throughput with a near-zero-cost objective.
+"""Storage throughput with a near-zero-cost objective.
 
 1, 2 and 4 worker processes on SQLite and on PostgreSQL (local, a scratch database), each running
 ask -> suggest 4 params -> 20 user attrs + a constraint -> tell (what a real trial writes), for a
@@ -9,12 +9,12 @@ storage milliseconds per trial.
 from __future__ import annotations
 
 import multiprocessing
-import sys
 import time
 import uuid
 
 import optuna
-from _common import machine, scratch, table
+
+from benchmarks.common import machine, scratch, table
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -89,6 +89,3 @@ def main(seconds: float = 15.0) -> None:
     print(f"\n# storage throughput, near-zero objective, {seconds:.0f} s per run ({machine()})")
     print(table(["storage", "workers", "trials/min", "storage ms/trial"], rows))
 
-
-if __name__ == "__main__":
-    main(*(float(a) for a in sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Benchmark 9c: does the short warm-up time as correctly as a full warm-up batch?
+"""Does the short warm-up time as correctly as a full warm-up batch?
 
 builtin:cpu-bench at 128 px, 20 steps, 6 prompts in batches of 2. For the baseline and each
 accelerator alone and combined, the full warm-up (a whole first batch, as before) and the short one
@@ -12,10 +12,8 @@ all: what a worker does for every trial after its first of a combo at a batch sh
 from __future__ import annotations
 
 import statistics
-import sys
 
-from _common import machine, table
-
+from benchmarks.common import machine, table
 from optsearch.accelerators import AppliedSetting
 from optsearch.measure.evaluate import Evaluator
 from optsearch.measure.generation import GenerationConfig, warmup_steps
@@ -84,6 +82,3 @@ def main(rounds: int = 3) -> None:
                  "difference", "s/img, none (warm)", "difference", "full warm-up s",
                  "short warm-up s"], rows))
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Benchmark 8: the winner's curse, and what `study confirm` and `quality.rule = "bound"` do about it.
+"""The winner's curse, and what `study confirm` and `quality.rule = "bound"` do about it.
 
 N studies (different TPE seeds) on builtin:tiny, like the demo: 20 steps, PSNR >= LIMIT dB against
 the baseline, 8 search prompts. For each study, four ways to pick the answer:
@@ -17,13 +17,11 @@ picked from the same trials and confirmations, by their recorded intervals.
 from __future__ import annotations
 
 import statistics
-import sys
 
-from _common import machine, run_study, scratch, table
-
+from benchmarks.common import machine, run_study, scratch, table
 from optsearch.measure.prompts import load_prompts
 from optsearch.optimize.confirm import Confirmation, ConfirmOptions
-from optsearch.spec import spec_from_dict
+from optsearch.study_spec import spec_from_dict
 
 LIMIT = 35.0
 NUM_SAMPLES = 8
@@ -125,6 +123,3 @@ def main(n_studies: int = 10, limit: float = LIMIT) -> None:
     print(table(["answer", "studies with one", "meets limit on held-out", "median reported",
                  "median held-out", "median speedup change"], rows))
 
-
-if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:2]), *(float(a) for a in sys.argv[2:3]))

@@ -15,7 +15,7 @@ from os import PathLike
 from pathlib import Path
 
 from optsearch.accelerators import AppliedSetting
-from optsearch.spec import SpecError, StudySpec, load_spec
+from optsearch.study_spec import SpecError, StudySpec, load_spec
 from optsearch.version import __version__
 
 __all__ = ["AppliedSetting", "SpecError", "StudySpec", "__version__", "apply", "load_spec",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -135,3 +136,10 @@ def storage_snapshot(url: str) -> dict:
         snapshot[summary.study_name] = (study.user_attrs, system_attrs, trials)
     storage.engine.dispose()
     return snapshot
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for servers a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import numpy as np
 import pytest
 
 from tests.conftest import OPTSEARCH, TINY_SPEC, write_spec
@@ -21,7 +22,12 @@ def test_evaluate_json_and_images(tmp_path):
                  "--save-images", str(tmp_path / "images"))
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["combo"] == "deepcache+tome" and data["speedup"] > 0
+    assert data["combo"] == "deepcache+tome"
+    # the speedup is the baseline's timed batches against the setting's (equal batch sizes)
+    timing = data["per_batch"]
+    assert data["seconds_per_image"] == pytest.approx(np.mean(timing["batch_seconds"]))
+    assert data["speedup"] == pytest.approx(np.mean(timing["baseline_batch_seconds"])
+                                            / np.mean(timing["batch_seconds"]), rel=1e-6)
     assert data["setting"]["tome"]["ratio"] == 0.5
     assert len(data["per_prompt"]["psnr"]) == 4 and data["batches_evaluated"] == 2
     assert 0 < data["speedup_low"] <= data["speedup"] <= data["speedup_high"]

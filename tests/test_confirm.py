@@ -16,7 +16,7 @@ from optsearch.measure.prompts import load_prompts
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
 from optsearch.optimize.confirm import confirm_prompts
-from optsearch.spec import load_spec
+from optsearch.study_spec import load_spec
 from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
 
 AGGRESSIVE = {"deepcache.cache_interval": 8, "deepcache.cache_branch_id": 0, "tome.ratio": 0.6,

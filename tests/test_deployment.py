@@ -10,7 +10,7 @@ import yaml
 
 from optsearch.accelerators import REGISTRY
 from optsearch.cli.main import build_parser
-from optsearch.spec import SECTIONS
+from optsearch.study_spec import SECTIONS
 from tests.conftest import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())

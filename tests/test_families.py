@@ -18,7 +18,7 @@ from optsearch.accelerators import (
     pipeline_kind,
 )
 from optsearch.measure.models import load_pipeline, model_kind
-from optsearch.spec import SpecError, spec_from_dict
+from optsearch.study_spec import SpecError, spec_from_dict
 
 from .conftest import TINY_SPEC, generate_images, optsearch_cmd, write_spec
 

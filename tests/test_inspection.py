@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -17,7 +16,7 @@ from PIL import Image
 
 from optsearch.optimize import study as studies
 from optsearch.storage.record import DASHBOARD_CONSTRAINTS_KEY
-from tests.conftest import OPTSEARCH, TINY_SPEC, optsearch_cmd, write_spec
+from tests.conftest import OPTSEARCH, TINY_SPEC, free_port, optsearch_cmd, write_spec
 
 INSPECT_SPEC = (TINY_SPEC.replace("n_trials = 4", "n_trials = 6\nseed = 1")
                 .replace("limit = 30.0", "limit = 38.0")
@@ -74,12 +73,6 @@ def test_study_plot_writes_pngs(finished_study, tmp_path):
             assert image.width >= 600 and image.height >= 400
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -93,7 +86,7 @@ def test_dashboard_in_headless_chromium(finished_study, tmp_path):
     from playwright.sync_api import sync_playwright
 
     folder, url = finished_study
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([OPTSEARCH, "dashboard", "--storage", url, "--port", str(port)],
                               cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -7,7 +7,7 @@ import pytest
 
 from optsearch.measure.speedup import speedup_interval
 from optsearch.optimize import objectives
-from optsearch.spec import SpecError, spec_from_dict
+from optsearch.study_spec import SpecError, spec_from_dict
 
 
 def test_point_estimate_and_bounds_with_two_batches():

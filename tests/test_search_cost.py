@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from optsearch.optimize.early_stop import rule_for
 from optsearch.optimize.warm_start import published_settings, trial_params
-from optsearch.spec import load_spec
+from optsearch.study_spec import load_spec
 from tests.conftest import TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
 
 FAST = {"deepcache.cache_interval": 8, "deepcache.cache_branch_id": 0, "tome.ratio": 0.6,

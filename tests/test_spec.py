@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from optsearch.spec import SpecError, load_spec, spec_from_dict
+from optsearch.study_spec import SpecError, load_spec, spec_from_dict
 from tests.conftest import ROOT
 
 MINIMAL = {"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["deepcache", "tome"]}}

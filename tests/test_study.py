@@ -64,7 +64,9 @@ def test_two_workers_share_a_postgres_study(tmp_path, pg_url):
     created = optsearch_cmd("study", "create", str(spec), "--storage", pg_url, cwd=tmp_path)
     assert created.returncode == 0, created.stderr
     assert "pw-not-checked" not in created.stdout + created.stderr and "***" in created.stdout
-    workers = [worker(pg_url, "--artifact-dir", str(tmp_path / "artifacts")) for _ in range(2)]
+    # each worker's own limit is half the study: both measure trials, however busy the machine
+    workers = [worker(pg_url, "--artifact-dir", str(tmp_path / "artifacts"), "--n-trials", "3")
+               for _ in range(2)]
     outputs = [w.communicate(timeout=400) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
 
@@ -230,8 +232,8 @@ KNOWN = [  # (combo, speedup, clip_loss): limit 0.3, target speedup 2.0
 @pytest.mark.parametrize("mode, expected", [("max-speedup", 2), ("target-speedup", 4),
                                             ("pareto", 2)])
 def test_best_trial_of_known_study(tmp_path, mode, expected):
-    from optsearch.spec import spec_from_dict
     from optsearch.storage.rdb import open_storage
+    from optsearch.study_spec import spec_from_dict
 
     spec = spec_from_dict({"name": "known", "quality": {"metric": "clip_loss", "limit": 0.3},
                            "objective": {"mode": mode, "target_speedup": 2.0},
@@ -297,7 +299,16 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert len(evaluated_settings(study)) == len(set(evaluated_settings(study)))
 
 
-def test_images_of_a_trial_are_recorded(tmp_path):
-    """Digests are of uint8 images, so they do not depend on the float path (sanity check)."""
-    image = np.zeros((4, 4, 3), np.uint8)
-    assert image_digest(image) == image_digest(image.copy()) != image_digest(image + 1)
+def test_image_digests_name_each_prompts_image_whatever_the_batch(tiny_pipe):
+    """What a trial records as `image_digests` identifies each prompt's image: the same at any
+    batch size (per-prompt seeds), different between prompts, and changed by one pixel level."""
+    prompts = load_prompts("builtin", 3)
+    by_batch = {}
+    for batch_size in (1, 2):
+        config = GenerationConfig(steps=4, batch_size=batch_size)
+        images = np.concatenate([b.images for b in generate(tiny_pipe, prompts, config, warmup=False)])
+        by_batch[batch_size] = [image_digest(image) for image in images]
+    assert by_batch[1] == by_batch[2] and len(set(by_batch[1])) == 3
+    changed = images[0].copy()
+    changed[0, 0, 0] ^= 1
+    assert image_digest(changed) != by_batch[1][0]

@@ -2,7 +2,8 @@
 
 tomesd draws its random merge pattern from one generator forked from the global torch RNG when the
 first attention runs. We hand it a generator seeded by us before every batch, so every batch sees
-the same pattern whatever the batch size (design.md). `tomesd.remove_patch` restores exactly.
+the same pattern whatever the batch size (measured: per-prompt images identical at batch sizes
+2 and 3). `tomesd.remove_patch` restores exactly.
 """
 
 from __future__ import annotations

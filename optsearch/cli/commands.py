@@ -25,8 +25,8 @@ from optsearch.optimize.export import export_study
 from optsearch.optimize.fleet import parse_devices, run_workers
 from optsearch.optimize.study import SPEC_ATTR, load_study
 from optsearch.optimize.worker import Worker, WorkerOptions
-from optsearch.spec import SpecError, check_setting, load_spec
 from optsearch.storage.rdb import mask, open_storage
+from optsearch.study_spec import SpecError, check_setting, load_spec
 
 
 def _parse_value(text: str):

@@ -13,9 +13,9 @@ import os
 import sys
 
 from optsearch.errors import exit_code_for, problem_lines
-from optsearch.spec import check_device
 from optsearch.storage.masking import mask_text
 from optsearch.storage.rdb import GRACE_PERIOD, HEARTBEAT_INTERVAL
+from optsearch.study_spec import check_device
 
 EXIT_INTERRUPTED = 130
 

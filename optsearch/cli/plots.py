@@ -13,15 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from optsearch.optimize import (
-    objectives,
-    reference,  # noqa: E402
-)
+from optsearch.measure.metrics import METRICS  # noqa: E402
+from optsearch.optimize import objectives, reference  # noqa: E402
 from optsearch.optimize import study as studies  # noqa: E402
 
 logger = logging.getLogger(__name__)
-METRIC_LABELS = {"clip_loss": "CLIP loss (baseline - setting)", "psnr": "PSNR vs baseline (dB)",
-                 "ssim": "SSIM vs baseline"}
 
 
 def plot_study(study: optuna.Study, spec, folder: Path) -> list[Path]:
@@ -85,7 +81,7 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
         ax.axhline(spec.objective.target_speedup, color="purple", linewidth=1.2,
                    label=f"target speedup {spec.objective.target_speedup:g}")
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel(METRIC_LABELS[metric])
+    ax.set_xlabel(METRICS[metric].label)
     ax.set_ylabel("speedup over baseline (x)")
     ax.set_title(f"{study.study_name}: speedup vs quality ({len(trials)} trials)")
     ax.grid(alpha=0.3)
@@ -99,7 +95,7 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
 
 def _front(trials, metric: str):
     """Feasible trials not beaten on both speedup and quality, ordered along the quality axis."""
-    better_low = metric == "clip_loss"
+    better_low = METRICS[metric].lower_is_better
     feasible = [t for t in trials if objectives.is_feasible(t)]
 
     def quality(t):

@@ -214,7 +214,7 @@ class Evaluator:
 
     def _warmup_for(self, combo: str) -> bool | int:
         """The warm-up a run of `combo` needs: none when this process already ran it at this batch
-        size (benchmarks/RESULTS.md section 8: timings match those after a warm-up)."""
+        size (measured: timings then match those after a warm-up, benchmarks/RESULTS.md "Warm-up")."""
         if self.warmup is True and (combo, self.config.batch_size) in self.warm:
             return False
         return self.warmup

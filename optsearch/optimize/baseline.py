@@ -20,8 +20,8 @@ import torch
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.optimize import study as studies
-from optsearch.spec import StudySpec
 from optsearch.storage.artifacts import download_arrays, upload_arrays, upload_grid
+from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
 

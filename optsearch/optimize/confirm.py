@@ -28,10 +28,10 @@ from optsearch.measure.prompts import PromptError, prompts_of
 from optsearch.measure.speedup import speedup_interval
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
-from optsearch.spec import StudySpec
 from optsearch.storage.notes import trial_note, write_trial_note
 from optsearch.storage.rdb import open_storage
 from optsearch.storage.record import finite, trial_metrics
+from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
 

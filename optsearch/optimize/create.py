@@ -15,8 +15,8 @@ from optsearch.optimize.objectives import directions, metric_names
 from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, load_study, spec_attr
 from optsearch.optimize.warm_start import enqueue_warm_start, warm_start_params
-from optsearch.spec import StudySpec
 from optsearch.storage.rdb import mask
+from optsearch.study_spec import StudySpec
 from optsearch.version import __version__
 
 

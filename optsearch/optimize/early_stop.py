@@ -30,7 +30,7 @@ Why each piece is there:
   between prompts, so one or two prompts can already decide.
 
 benchmarks/quality_look.py and benchmarks/search_cost.py measure how often the looks miss and how
-much device time they save (RESULTS.md, "Early stop").
+much device time they save (benchmarks/RESULTS.md, "Search cost").
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from optsearch.measure.metrics import (
 from optsearch.measure.speedup import SpeedupInterval, first_batch_interval, speedup_interval
 from optsearch.optimize.objectives import is_feasible
 from optsearch.optimize.sequential import per_look_alpha
-from optsearch.spec import StudySpec
 from optsearch.storage.record import per_prompt_key, quality_of, speedup_of
+from optsearch.study_spec import StudySpec
 
 QUALITY, SPEEDUP, DOMINATED = "quality", "speedup", "dominated"
 REASONS = (QUALITY, SPEEDUP, DOMINATED)

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from optsearch.errors import UsageError
-from optsearch.spec import check_device
+from optsearch.study_spec import check_device
 
 EXIT_INTERRUPTED = 130
 

@@ -19,8 +19,8 @@ from optsearch.optimize.create import create_study
 from optsearch.optimize.export import export_study
 from optsearch.optimize.study import spec_attr
 from optsearch.optimize.worker import Worker, WorkerOptions
-from optsearch.spec import StudySpec, load_spec, spec_from_dict
 from optsearch.storage.rdb import open_storage
+from optsearch.study_spec import StudySpec, load_spec, spec_from_dict
 
 
 def _as_spec(spec):

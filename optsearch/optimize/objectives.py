@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optsearch.measure.metrics import Interval, direction, limit_sign, quality_margin
-from optsearch.spec import StudySpec
+from optsearch.study_spec import StudySpec
 
 
 def directions(spec: StudySpec) -> list[str]:

@@ -11,15 +11,11 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from optsearch.measure.metrics import at_least_as_good
 from optsearch.optimize import objectives
 from optsearch.storage import record
 
 STEPS_ONLY = "steps"
-
-
-def _better_quality(a: float, b: float, metric: str) -> bool:
-    """True when quality `a` is at least as good as `b` (a loss is better low, PSNR/SSIM high)."""
-    return a <= b if metric == "clip_loss" else a >= b
 
 
 def steps_frontier(study: optuna.Study, spec) -> list[dict]:
@@ -38,7 +34,7 @@ def steps_frontier(study: optuna.Study, spec) -> list[dict]:
     points.sort(key=lambda p: (-p["speedup"], p["trial"]))
     front: list[dict] = []
     for point in points:  # fastest first: keep a point only if it is better than all faster ones
-        if not front or not _better_quality(front[-1][metric], point[metric], metric):
+        if not front or not at_least_as_good(front[-1][metric], point[metric], metric):
             front.append(point)
     return front
 
@@ -53,7 +49,7 @@ def verdict(figures: dict, frontier: list[dict], metric: str) -> dict | None:
         return {"reference_trial": figures.get("trial"), "reference_steps": None,
                 "reference_speedup": figures["speedup"], "margin": 1.0, "beats": False,
                 "is_steps_only": True}
-    as_good = [p for p in frontier if _better_quality(p[metric], figures[metric], metric)]
+    as_good = [p for p in frontier if at_least_as_good(p[metric], figures[metric], metric)]
     reference = max(as_good, key=lambda p: p["speedup"]) if as_good else None
     reference_speedup = reference["speedup"] if reference else 1.0
     return {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 
 from optsearch.accelerators import combo_name, fit_to_steps, params_of
-from optsearch.spec import StudySpec
+from optsearch.study_spec import StudySpec
 
 
 def suggest_setting(trial: optuna.Trial, spec: StudySpec) -> dict[str, dict]:

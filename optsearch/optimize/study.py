@@ -14,8 +14,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optsearch.errors import UsageError
 from optsearch.optimize.samplers import make_sampler
-from optsearch.spec import StudySpec, spec_from_dict
 from optsearch.storage.rdb import mask
+from optsearch.study_spec import StudySpec, spec_from_dict
 
 SPEC_ATTR = "optsearch:spec"
 VERSION_ATTR = "optsearch:version"

@@ -24,7 +24,7 @@ from optsearch.accelerators import REGISTRY, combo_name, params_of
 from optsearch.errors import UsageError
 from optsearch.optimize.objectives import ranked
 from optsearch.optimize.study import load_study
-from optsearch.spec import StudySpec
+from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from optsearch.accelerators import combo_name, normalize_setting
 from optsearch.formatting import format_interval
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
 from optsearch.measure.faults import oom_fault_from_env
+from optsearch.measure.fingerprint import fingerprint
 from optsearch.optimize import objectives, recovery, sharing
 from optsearch.optimize import study as studies
 from optsearch.optimize.baseline import BaselineKeeper
@@ -75,17 +76,15 @@ class Worker:
                                                      self.options.progress)
         self.host = socket.gethostname()
         self.worker_id = f"{self.host}:{os.getpid()}"
-        self.baselines = BaselineKeeper(self.study, self.spec, evaluator,
-                                        open_artifact_store(self.options.artifact_dir
-                                                            or self.spec.artifacts.path),
-                                        self.worker_id, self.host, str(evaluator.pipe.device),
-                                        os.environ.get("CUDA_VISIBLE_DEVICES"))
-        fingerprint = self.baselines.fingerprint
-        self.baselines.evaluator = evaluator.derive(
-            fault=oom_fault_from_env(),
-            calibration=studies.calibration(self.study, fingerprint),
-            on_calibrated=lambda name, data: studies.save_calibration(self.study, fingerprint,
+        device_id, _ = fingerprint(evaluator.pipe, evaluator.config.batch_size)
+        evaluator = evaluator.derive(  # with what this study measured on this device (MagCache)
+            fault=oom_fault_from_env(), calibration=studies.calibration(self.study, device_id),
+            on_calibrated=lambda name, data: studies.save_calibration(self.study, self.fingerprint,
                                                                       name, data))
+        artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
+        self.baselines = BaselineKeeper(self.study, self.spec, evaluator, artifacts, self.worker_id,
+                                        self.host, str(evaluator.pipe.device),
+                                        os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.outages = recovery.DatabaseOutages(self.storage)
         self.current: optuna.Trial | None = None  # the trial being measured, until it is told
         self.trials_run = 0
@@ -102,8 +101,6 @@ class Worker:
     def evaluator(self) -> Evaluator:
         """The evaluator trials run on: the baseline keeper's, which changes with the batch size."""
         return self.baselines.evaluator
-
-    # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Run trials until the study has n_trials finished ones, or this worker's own limit."""
@@ -169,12 +166,9 @@ class Worker:
         return True
 
     def _print_estimate(self, seconds_per_image: float) -> None:
-        remaining = max(0, self.spec.search.n_trials - sharing.counts(self.study)[0])
-        if remaining:
+        if remaining := max(0, self.spec.search.n_trials - sharing.counts(self.study)[0]):
             estimate = Estimate(seconds_per_image, remaining, len(self.evaluator.prompts))
             print(f"{self.worker_id}: {remaining} trials to go; {estimate_text(estimate)}", flush=True)
-
-    # -- one trial ------------------------------------------------------------------------------
 
     def _objective(self, trial: optuna.Trial):
         self.current = trial

@@ -14,8 +14,8 @@ from typing import Any
 
 from optsearch.accelerators import KINDS, ORDER, params_of
 from optsearch.errors import SpecError
-from optsearch.spec.checks import validate
-from optsearch.spec.schema import (
+from optsearch.study_spec.checks import validate
+from optsearch.study_spec.schema import (
     PROMPT_FILE_SUFFIXES,
     PROMPT_SOURCES,
     SECTIONS,

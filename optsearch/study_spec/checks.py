@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, params_of, step_problems
-from optsearch.spec.schema import (
+from optsearch.study_spec.schema import (
     DTYPES,
     KNOWN_SCHEDULERS,
     METRICS,

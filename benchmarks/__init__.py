@@ -1,0 +1,57 @@
+"""Optsearch's benchmarks: scripts that print numbers (RESULTS.md holds what they printed).
+
+Run one with `python -m benchmarks NAME [--option VALUE ...]`; `python -m benchmarks --list` lists
+them with the question each answers and its RESULTS.md section. Shared code: common.py (machine
+facts, scratch folders, a study run to completion) and replay.py (recorded landscapes, one trial
+replayed batch by batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    module: str
+    question: str
+    section: str  # its section in benchmarks/RESULTS.md
+
+
+BENCHMARKS = {
+    "overhead": Benchmark("overhead", "What share of a trial's wall time is not inference?",
+                          "Trial overhead"),
+    "fidelity": Benchmark("fidelity", "Does a study's speedup match standalone timings of the setting?",
+                          "Measurement fidelity"),
+    "landscape": Benchmark("landscape", "(records) The whole DeepCache+ToMe+T-GATE grid of cpu-bench, "
+                           "for search-efficiency", "Search efficiency"),
+    "search-efficiency": Benchmark("search_efficiency", "How many trials does each sampler need to "
+                                   "find the grid's best?", "Search efficiency"),
+    "storage": Benchmark("storage", "How many trials a second can SQLite and PostgreSQL take?",
+                         "Storage throughput"),
+    "early-stop": Benchmark("early_stop", "How much time does early stop save on a real study?",
+                            "Early stop"),
+    "gpu-timing": Benchmark("gpu_timing", "Real-size SD 1.5 speedups on a GPU, next to the published "
+                            "ones (needs CUDA)", "GPU timing"),
+    "gpu-flux": Benchmark("gpu_flux", "diffusers' caches on a full-width FLUX transformer on a GPU "
+                          "(needs CUDA)", "GPU timing"),
+    "speedup-spread": Benchmark("speedup_spread", "How steady is a reported speedup, and does its "
+                                "interval cover a repeat?", "Speedup spread and interval coverage"),
+    "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "
+                        "as a full one?", "Warm-up"),
+    "landscape-batches": Benchmark("landscape_batches", "(records) The cpu-bench grid batch by batch, "
+                                   "for the replays", "Search cost"),
+    "search-cost": Benchmark("search_cost", "Device-seconds to the answer under each early-stop and "
+                             "warm-start rule (replayed)", "Search cost"),
+    "search-cost-real": Benchmark("search_cost_real", "One real study with the issue-time rules and "
+                                  "with today's", "Search cost"),
+    "quality-look": Benchmark("quality_look", "How often do the quality looks miss the final mean?",
+                              "Search cost"),
+    "speedup-look": Benchmark("speedup_look", "How do first batches read, and does the first-batch "
+                              "look stop trials at par?", "Search cost"),
+    "winners-curse": Benchmark("winners_curse", "How much does the search winner's figure overstate "
+                               "a repeat, and what does confirmation fix?",
+                               "Winner's curse and confirmation"),
+    "families": Benchmark("families", "Speedup and fidelity of every accelerator family, and fewer "
+                          "steps as the reference", "Accelerator families"),
+}
