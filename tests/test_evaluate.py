@@ -86,11 +86,11 @@ def test_compare_reports_speedup_and_paired_metrics(tiny_pipe, tiny_clip):
     assert len(result.batch_seconds) == len(baseline.batch_seconds) == 2
     assert summary["speedup"] == pytest.approx(np.mean(baseline.batch_seconds)
                                                / np.mean(result.batch_seconds), rel=1e-6)
-    assert summary["clip_loss"]["mean"] == pytest.approx(
+    assert summary["clip_loss"].mean == pytest.approx(
         float(np.mean(baseline.clip_scores - np.array(result.clip_scores))), abs=1e-6)
-    assert 0 < summary["psnr"]["mean"] < 100 and summary["ssim"]["mean"] < 1
+    assert 0 < summary["psnr"].mean < 100 and summary["ssim"].mean < 1
     same = evaluator.compare({}, baseline)
-    assert same.summary()["psnr"]["mean"] == 100.0 and same.clip_loss_per_prompt.max() == 0
+    assert same.summary()["psnr"].mean == 100.0 and same.clip_loss_per_prompt.max() == 0
 
 
 def early_stop_rule(metric: str, limit: float, min_batches: int) -> EarlyStop:

@@ -27,7 +27,7 @@ from optsearch.accelerators import (
 )
 from optsearch.errors import ModelLoadError
 from optsearch.measure.generation import Batch, GenerationConfig, generate, n_batches, prompt_seed
-from optsearch.measure.metrics import Interval
+from optsearch.measure.metrics import METRICS, Interval
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import prompts_of
 from optsearch.measure.quality import ClipScorer, psnr, ssim_batch
@@ -126,7 +126,8 @@ class Comparison:
         return Interval.of(self.per_prompt(metric), confidence or self.confidence)
 
     def summary(self) -> dict:
-        """The figures a user reads and a trial records; per-prompt values are in `to_dict`."""
+        """The figures a user reads and a trial records (each metric an `Interval`); per-prompt
+        values, and plain dicts for JSON, are in `to_dict`."""
         return {
             "combo": self.combo,
             "setting": self.setting,
@@ -135,9 +136,7 @@ class Comparison:
             "baseline_seconds_per_image": self.baseline_seconds_per_image,
             "clip_mean": self.clip_mean,
             "baseline_clip_mean": float(np.mean(self.baseline_clip_scores)),
-            "clip_loss": self.interval("clip_loss").to_dict(),
-            "psnr": self.interval("psnr").to_dict(),
-            "ssim": self.interval("ssim").to_dict(),
+            **{metric: self.interval(metric) for metric in METRICS},
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
             "batches_evaluated": self.batches_evaluated,
             "n_batches": self.n_batches,
@@ -163,7 +162,9 @@ class Comparison:
         }
         timing = {"batch_seconds": self.batch_seconds,
                   "baseline_batch_seconds": self.baseline_batch_seconds}
-        return {**self.summary(), "per_prompt": per_prompt, "per_batch": timing}
+        summary = {key: value.to_dict() if isinstance(value, Interval) else value
+                   for key, value in self.summary().items()}
+        return {**summary, "per_prompt": per_prompt, "per_batch": timing}
 
 
 def image_digest(image: np.ndarray) -> str:

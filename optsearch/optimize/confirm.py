@@ -24,6 +24,7 @@ from optsearch.errors import NothingToExport, UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator, evaluator_from_spec
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.measure.generation import GenerationConfig
+from optsearch.measure.metrics import METRICS
 from optsearch.measure.prompts import PromptError, prompts_of
 from optsearch.measure.speedup import speedup_interval
 from optsearch.optimize import objectives
@@ -146,8 +147,8 @@ class Confirmation:
             "seconds_per_image": figures["seconds_per_image"],
             "baseline_seconds_per_image": figures["baseline_seconds_per_image"],
             "clip_mean": summary["clip_mean"], "baseline_clip_mean": summary["baseline_clip_mean"],
-            **{metric: {k: finite(v) for k, v in summary[metric].items()}
-               for metric in ("clip_loss", "psnr", "ssim")},
+            **{metric: {k: finite(v) for k, v in summary[metric].to_dict().items()}
+               for metric in METRICS},
             "constraints": constraints, "feasible": all(v <= 0 for v in constraints.values()),
             "rule": self.spec.quality.rule, "image_digests": comparison.image_digests,
             "fingerprint": self.fingerprint, "device": self.facts["device"],

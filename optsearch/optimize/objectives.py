@@ -9,7 +9,8 @@ import math
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from optsearch.measure.metrics import Interval, direction, limit_sign, quality_margin
+from optsearch.measure.metrics import direction, limit_sign, quality_margin
+from optsearch.storage.record import quality_of
 from optsearch.study_spec import StudySpec
 
 
@@ -21,7 +22,7 @@ def directions(spec: StudySpec) -> list[str]:
 
 def objective_values(spec: StudySpec, summary: dict) -> list[float]:
     """The values told to Optuna for a finished evaluation, in the order of `directions`."""
-    speedup, quality = summary["speedup"], summary[spec.quality.metric]["mean"]
+    speedup, quality = summary["speedup"], quality_of(summary, spec.quality.metric).mean
     return {"max-speedup": [speedup], "target-speedup": [quality],
             "pareto": [speedup, quality]}[spec.objective.mode]
 
@@ -59,10 +60,7 @@ def constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
         if speedup is None or not math.isfinite(speedup):
             return {"speedup": 1e9}
         return {"speedup": spec.objective.target_speedup - speedup}
-    figures = summary[spec.quality.metric]  # {"mean", "low", "high"}; bounds may be missing
-    low, high = figures.get("low"), figures.get("high")
-    interval = Interval(figures["mean"], -math.inf if low is None else low,
-                        math.inf if high is None else high)
+    interval = quality_of(summary, spec.quality.metric)
     return {"quality": quality_margin(interval, spec.quality.metric, spec.quality.limit, rule)}
 
 

@@ -80,8 +80,11 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
 
 
 def quality_of(attrs: dict, metric: str) -> Interval | None:
-    """A metric's interval from a trial's (or a confirmation's) attrs; None if not measured."""
+    """A metric's interval from a trial's attrs, a confirmation record or a summary; None if not
+    measured."""
     nested = attrs.get(metric)
+    if isinstance(nested, Interval):  # a measurement's summary, in memory
+        return nested
     if isinstance(nested, dict):  # a confirmation record keeps {"mean", "low", "high"}
         mean, low, high = nested.get("mean"), nested.get("low"), nested.get("high")
     else:
