@@ -22,7 +22,7 @@ import numpy as np
 from benchmarks.common import table
 from benchmarks.replay import landscape_path
 from optsearch.measure.metrics import Interval
-from optsearch.optimize.early_stop import PromptEffects
+from optsearch.optimize.evidence import PromptEffects
 from optsearch.optimize.sequential import per_look_alpha
 
 OTHERS = (3, 4, 5, 10, 20)  # earlier trials; the study waits for PromptEffects.MIN_TRIALS

@@ -26,7 +26,8 @@ import numpy as np
 from benchmarks.common import table
 from benchmarks.replay import Landscape, landscape_path, measure
 from optsearch.measure.speedup import speedup_interval
-from optsearch.optimize.early_stop import EarlyStop, FirstBatches
+from optsearch.optimize.early_stop import EarlyStop
+from optsearch.optimize.evidence import FirstBatches
 from optsearch.optimize.sequential import per_look_alpha
 
 RECORD = 20  # earlier trials in the first-batch record (a study a third of the way to the answer)

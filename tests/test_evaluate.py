@@ -14,7 +14,8 @@ from optsearch.measure.generation import GenerationConfig, generate, n_batches
 from optsearch.measure.metrics import Interval, t_quantile
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.speedup import SpeedupInterval, first_batch_interval
-from optsearch.optimize.early_stop import EarlyStop, FirstBatches, FrontPoint, PromptEffects
+from optsearch.optimize.early_stop import EarlyStop, FrontPoint
+from optsearch.optimize.evidence import FirstBatches, PromptEffects
 from optsearch.optimize.sequential import per_look_alpha
 
 PROMPTS = load_prompts("builtin", 5)

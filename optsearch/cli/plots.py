@@ -16,6 +16,7 @@ from optuna.trial import TrialState  # noqa: E402
 from optsearch.measure.metrics import METRICS  # noqa: E402
 from optsearch.optimize import objectives, reference  # noqa: E402
 from optsearch.optimize import study as studies  # noqa: E402
+from optsearch.storage.record import quality_of, speedup_of  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,12 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
             chosen = [t for t in trials
                       if t.user_attrs["combo"] == combo and objectives.is_feasible(t) == feasible]
             if chosen:
-                ax.scatter([t.user_attrs[metric] for t in chosen],
-                           [t.user_attrs["speedup"] for t in chosen], marker=marker, s=40,
+                ax.scatter([_quality(t, metric) for t in chosen], [_speedup(t) for t in chosen],
+                           marker=marker, s=40,
                            color=colours(index), label=f"{combo} ({label})")
     front = _front(trials, metric)
     if front:
-        ax.plot([t.user_attrs[metric] for t in front], [t.user_attrs["speedup"] for t in front],
+        ax.plot([_quality(t, metric) for t in front], [_speedup(t) for t in front],
                 color="black", linestyle="--", linewidth=1, label="feasible front")
     steps_line = reference.steps_frontier(study, spec)
     if steps_line:
@@ -95,14 +96,21 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
 
 def _front(trials, metric: str):
     """Feasible trials not beaten on both speedup and quality, ordered along the quality axis."""
-    better_low = METRICS[metric].lower_is_better
+    sign = 1 if METRICS[metric].lower_is_better else -1
     feasible = [t for t in trials if objectives.is_feasible(t)]
 
-    def quality(t):
-        return t.user_attrs[metric] if better_low else -t.user_attrs[metric]
+    def loss(t):  # lower is better, whatever the metric
+        return sign * _quality(t, metric)
 
     front = [t for t in feasible if not any(
-        quality(o) <= quality(t) and o.user_attrs["speedup"] >= t.user_attrs["speedup"]
-        and (quality(o) < quality(t) or o.user_attrs["speedup"] > t.user_attrs["speedup"])
-        for o in feasible)]
-    return sorted(front, key=lambda t: t.user_attrs[metric])
+        loss(o) <= loss(t) and _speedup(o) >= _speedup(t)
+        and (loss(o) < loss(t) or _speedup(o) > _speedup(t)) for o in feasible)]
+    return sorted(front, key=lambda t: _quality(t, metric))
+
+
+def _quality(trial, metric: str) -> float:
+    return quality_of(trial.user_attrs, metric).mean
+
+
+def _speedup(trial) -> float:
+    return speedup_of(trial.user_attrs).speedup

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from optsearch.measure.metrics import at_least_as_good
 from optsearch.optimize import objectives
 from optsearch.storage import record
+from optsearch.storage.record import quality_of, speedup_of
 
 STEPS_ONLY = "steps"
 
@@ -25,12 +26,12 @@ def steps_frontier(study: optuna.Study, spec) -> list[dict]:
     points = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
-        if attrs.get("combo") != STEPS_ONLY or attrs.get(metric) is None or attrs.get("speedup") is None:
+        quality, speedup = quality_of(attrs, metric), speedup_of(attrs)
+        if attrs.get("combo") != STEPS_ONLY or quality is None or speedup is None:
             continue
         points.append({"trial": trial.number,
                        "num_inference_steps": attrs["setting"]["steps"]["num_inference_steps"],
-                       "speedup": attrs["speedup"], "speedup_low": attrs.get("speedup_low"),
-                       "speedup_high": attrs.get("speedup_high"), metric: attrs[metric]})
+                       **speedup.to_dict(), metric: quality.mean})
     points.sort(key=lambda p: (-p["speedup"], p["trial"]))
     front: list[dict] = []
     for point in points:  # fastest first: keep a point only if it is better than all faster ones
