@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import optuna
 import pytest
 
 from tests.conftest import TINY_SPEC, optsearch_cmd, storage_snapshot
@@ -80,6 +81,25 @@ CASES = [
     ("bad --set", {"s.toml": TINY_SPEC}, ["evaluate", "s.toml", "--set", "tome.ratio=fast"], 2,
      "--set value 'fast' is not a number"),
     ("delete unknown study", {}, ["study", "delete", "nope"], 2, "no study named 'nope'"),
+    ("changed spec, finished study", {"s.toml": replaced("limit = 30.0", "limit = 40.0")
+                                      .replace("n_trials = 4", "n_trials = 2")},
+     ["run", "s.toml"], 2, "study 'tiny' exists with a different spec (differs in: quality.limit)"),
+    ("more trials by run", {"s.toml": TINY_SPEC}, ["run", "s.toml"], 2,
+     "`optsearch study extend tiny --n-trials N` to add trials"),
+    ("extend to fewer trials", {}, ["study", "extend", "tiny", "--n-trials", "2"], 2,
+     "already has n_trials 2"),
+    ("NaN --set", {"s.toml": TINY_SPEC}, ["evaluate", "s.toml", "--set", "tome.ratio=nan"], 2,
+     "--set value 'nan' is not a finite number"),
+    ("blank study name", {"s.toml": TINY_SPEC}, ["study", "create", "s.toml", "--name", "   "], 2,
+     "must be printable text, not blank"),
+    ("study name with a newline", {"s.toml": TINY_SPEC}, ["run", "s.toml", "--name", "a\nb"], 2,
+     "must be printable text, not blank"),
+    ("export into a missing folder", {}, ["study", "export", "tiny", "-o", "missing/p.json"], 2,
+     "cannot write missing/p.json: folder missing does not exist"),
+    ("a combo listed twice", {"s.toml": replaced('["deepcache", "tome"]', '[["tome"], ["tome"]]')},
+     ["study", "create", "s.toml", "--name", "twice"], 2, "combo tome is listed more than once"),
+    ("PSNR limit on the wrong scale", {"s.toml": replaced("limit = 30.0", "limit = 0.3")},
+     ["study", "create", "s.toml", "--name", "scale"], 2, "0.3 dB is below any meaningful PSNR"),
 ]
 
 
@@ -105,3 +125,35 @@ def test_bad_input(populated, tmp_path, files, args, code, expected):
     assert "Traceback" not in output and PASSWORD not in output
     assert storage_snapshot(f"sqlite:///{tmp_path / 'study.db'}") == before
     assert not (tmp_path / "out.json").exists()
+
+
+def test_a_finished_study_grows_by_extend(populated, tmp_path):
+    """`study extend` raises n_trials; the next worker measures only the new trials."""
+    shutil.copy(populated / "study.db", tmp_path / "study.db")
+    url = "sqlite:///study.db"
+    before = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    done = optsearch_cmd("worker", "--study", "tiny", "--storage", url, cwd=tmp_path)
+    assert done.returncode == 0 and "study extend tiny --n-trials N" in done.stdout
+    extended = optsearch_cmd("study", "extend", "tiny", "--n-trials", "3", "--storage", url,
+                             cwd=tmp_path)
+    assert extended.returncode == 0 and "n_trials 2 -> 3" in extended.stdout, extended.stderr
+    ran = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    after = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    finished = [t for t in after.trials if t.state.is_finished()]
+    assert len(finished) == 3 and after.user_attrs["optsearch:spec"]["search"]["n_trials"] == 3
+    assert [(t.number, t.values, t.user_attrs) for t in after.trials[:2]] == \
+        [(t.number, t.values, t.user_attrs) for t in before]
+
+
+def test_delete_refuses_while_a_trial_runs(populated, tmp_path):
+    shutil.copy(populated / "study.db", tmp_path / "study.db")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.load_study(study_name="tiny", storage=url).ask()  # a worker's trial, RUNNING
+    before = storage_snapshot(url)
+    refused = optsearch_cmd("study", "delete", "tiny", "--storage", url)
+    assert refused.returncode == 2 and "1 running trial(s)" in refused.stderr, refused.stderr
+    assert storage_snapshot(url) == before
+    forced = optsearch_cmd("study", "delete", "tiny", "--force", "-v", "--storage", url)
+    assert forced.returncode == 0, forced.stderr
+    assert "tiny" not in [s.study_name for s in optuna.get_all_study_summaries(url)]

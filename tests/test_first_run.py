@@ -24,6 +24,7 @@ import optuna
 import pytest
 
 import optsearch
+from optsearch.errors import UsageError
 
 from .conftest import TINY_SPEC, optsearch_cmd, write_spec
 from .hub_cache import cached_dataset, cached_pipeline, snapshot
@@ -188,6 +189,13 @@ def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, ti
     assert exported["spec"]["model"]["kind"] == "unet"  # told by the pipeline, stored for others
     shown = optsearch_cmd("study", "show", "notebook", "--storage", url)
     assert shown.returncode == 0 and "2/2 trials finished" in shown.stdout
+    # more trials grow the study; another spec under the same name is the caller's error
+    optsearch.search(tiny_pipe, spec, storage=url, n_trials=3, progress=False)
+    grown = optuna.load_study(study_name="notebook", storage=url)
+    assert len([t for t in grown.trials if t.state.is_finished()]) == 3
+    with pytest.raises(UsageError, match=r"differs in: quality.limit.*name="):
+        optsearch.search(tiny_pipe, {**spec, "quality": {**spec["quality"], "limit": 25.0}},
+                         storage=url, progress=False)
 
 
 def test_check_reports_what_a_study_will_cost(tmp_path):

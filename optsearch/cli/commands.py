@@ -4,6 +4,7 @@ prints the result. Exit codes are main.py's."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,13 @@ from optsearch.formatting import comparison_table, format_interval, format_setti
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.optimize import study as studies
 from optsearch.optimize.confirm import Confirmation, ConfirmOptions
-from optsearch.optimize.create import create_study
+from optsearch.optimize.create import (
+    check_name,
+    create_study,
+    different_spec_text,
+    extend_study,
+    spec_differences,
+)
 from optsearch.optimize.export import export_study
 from optsearch.optimize.fleet import parse_devices, run_workers
 from optsearch.optimize.study import SPEC_ATTR, load_study
@@ -35,9 +42,12 @@ def _parse_value(text: str):
         return lowered == "true"
     for convert in (int, float):
         try:
-            return convert(text)
+            value = convert(text)
         except ValueError:
-            pass
+            continue
+        if not math.isfinite(value):
+            raise UsageError(f"--set value {text!r} is not a finite number")
+        return value
     raise UsageError(f"--set value {text!r} is not a number or true/false")
 
 
@@ -53,7 +63,6 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-
     spec = load_spec(args.spec)
     try:
         given = normalize_setting(parse_sets(args.set))
@@ -89,7 +98,6 @@ def _open(args, create: bool = False):
 
 
 def cmd_study_create(args) -> int:
-
     spec = load_spec(args.spec)
     if args.warm_start:
         spec.search.warm_start = [*spec.search.warm_start,
@@ -101,8 +109,6 @@ def cmd_study_create(args) -> int:
 
 
 def cmd_study_list(args) -> int:
-
-
     rows = []
     for summary in optuna.get_all_study_summaries(_open(args), include_best_trial=False):
         spec = summary.user_attrs.get(SPEC_ATTR, {})
@@ -113,7 +119,6 @@ def cmd_study_list(args) -> int:
 
 
 def cmd_study_show(args) -> int:
-
     study, spec = load_study(_open(args), args.name)
     summary = study_summary(study, spec)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
@@ -121,10 +126,15 @@ def cmd_study_show(args) -> int:
 
 
 def cmd_study_export(args) -> int:
-
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise UsageError(f"cannot write {args.output}: folder {output.parent} does not exist")
     study, spec = load_study(_open(args), args.name)
     exported = export_study(study, spec)
-    Path(args.output).write_text(json.dumps(exported, indent=2) + "\n", encoding="utf-8")
+    try:
+        output.write_text(json.dumps(exported, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
 
     best = exported["best"]
     confirmed = best["confirmed"]
@@ -136,7 +146,6 @@ def cmd_study_export(args) -> int:
 
 
 def cmd_study_confirm(args) -> int:
-
     options = ConfirmOptions(top=args.top, repeats=args.repeats, device=args.device,
                              progress=not args.quiet)
     _print_confirmations(Confirmation(args.storage, args.name, options))
@@ -144,7 +153,6 @@ def cmd_study_confirm(args) -> int:
 
 
 def _print_confirmations(confirmation) -> None:
-
     records = confirmation.run()
     metric = confirmation.spec.quality.metric
     rows = [[r["trial"], r["combo"], format_speedup(r), format_interval(r[metric]),
@@ -155,17 +163,25 @@ def _print_confirmations(confirmation) -> None:
 
 
 def cmd_study_delete(args) -> int:
-
-
     storage = _open(args)
-    load_study(storage, args.name)  # a clear error when it does not exist
+    study, _ = load_study(storage, args.name)  # a clear error when it does not exist
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if running and not args.force:
+        raise UsageError(f"study {args.name!r} has {len(running)} running trial(s): a worker is "
+                         "measuring it; stop the workers first, or pass --force")
     optuna.delete_study(study_name=args.name, storage=storage)
     print(f"deleted study {args.name!r}")
     return 0
 
 
-def cmd_study_plot(args) -> int:
+def cmd_study_extend(args) -> int:
+    old, finished = extend_study(_open(args), args.name, args.n_trials)
+    print(f"study {args.name!r}: n_trials {old} -> {args.n_trials} ({finished} finished); "
+          f"`optsearch worker --study {args.name}` measures the rest")
+    return 0
 
+
+def cmd_study_plot(args) -> int:
     study, spec = load_study(_open(args), args.name)
     for path in plot_study(study, spec, Path(args.output)):
         print(f"wrote {path}")
@@ -173,13 +189,11 @@ def cmd_study_plot(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-
     serve(args.storage, args.host, args.port, args.artifact_dir)
     return 0
 
 
 def _worker_options(args):
-
     if args.grace_period < 2 * args.heartbeat_interval:
         raise UsageError(f"--grace-period {args.grace_period} must be at least twice "
                          f"--heartbeat-interval {args.heartbeat_interval} (a live worker's beat "
@@ -196,7 +210,8 @@ def _complete(storage, name: str) -> bool:
     if progress is None or progress[0] < progress[1]:
         return False
     print(f"study {name!r} is complete: {progress[0]} of {progress[1]} trials finished "
-          "(`optsearch study show` for the results)")
+          f"(`optsearch study show` for the results; `optsearch study extend {name} --n-trials N` "
+          "adds trials)")
     return True
 
 
@@ -217,7 +232,10 @@ def cmd_run(args) -> int:
     spec = load_spec(args.spec)
     options = _worker_options(args)
     storage = _open(args, create=True)
-    name = args.name or spec.name
+    name = check_name(args.name or spec.name)
+    differing = spec_differences(storage, name, spec)
+    if differing:  # a changed spec never gets the stored study's answer
+        raise UsageError(different_spec_text(name, differing))
     if _complete(storage, name):
         print(format_summary(study_summary(*load_study(storage, name))))
         return 0

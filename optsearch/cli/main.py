@@ -99,14 +99,26 @@ def _one_line_record(record: logging.LogRecord) -> bool:
     return True
 
 
+def _with_verbose(add_parser):
+    """Every (sub)command takes --verbose too, after its name (`optsearch worker -v ...`)."""
+    def add(*args, **kwargs):
+        command = add_parser(*args, **kwargs)
+        command.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging")
+        return command
+    return add
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="optsearch",
-        description="Find the fastest DeepCache/ToMe/T-GATE settings for a Stable Diffusion "
-                    "pipeline within a quality budget.",
+        description="Find the fastest acceleration settings (DeepCache, ToMe, T-GATE, diffusers' "
+                    "caches, fewer steps) for a diffusion pipeline (Stable Diffusion UNets, "
+                    "FLUX and other transformers) within a quality budget.",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser = _with_verbose(commands.add_parser)
 
     evaluate = commands.add_parser("evaluate", help="measure one setting against the baseline")
     evaluate.add_argument("spec", help="study spec (TOML)")
@@ -147,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("study", help="create, list, show, confirm, export or delete studies")
     study_commands = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
+    study_commands.add_parser = _with_verbose(study_commands.add_parser)
     create = study_commands.add_parser("create", help="create a study from a spec")
     create.add_argument("spec", help="study spec (TOML)")
     create.add_argument("--name", help="study name (default: the spec's name)")
@@ -177,7 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     confirm.set_defaults(handler="cmd_study_confirm")
     delete = study_commands.add_parser("delete", help="delete a study and its trials")
     delete.add_argument("name")
+    delete.add_argument("--force", action="store_true", help="delete even while trials are running")
     delete.set_defaults(handler="cmd_study_delete")
+    extend = study_commands.add_parser("extend", help="raise a study's n_trials: more trials")
+    extend.add_argument("name")
+    extend.add_argument("--n-trials", type=_positive_int, required=True, metavar="N",
+                        help="the study's new n_trials (more than it has)")
+    _add_storage(extend)
+    extend.set_defaults(handler="cmd_study_extend")
     plot = study_commands.add_parser("plot", help="write PNG plots of a study")
     plot.add_argument("name")
     plot.add_argument("-o", "--output", required=True, metavar="DIR")
@@ -188,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard with trial image grids")
     _add_storage(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    dashboard.add_argument("--port", type=_port, default=8080)
+    dashboard.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     dashboard.add_argument("--artifact-dir", default="artifacts", metavar="DIR",
                            help="the artifact folder the workers write to (default: artifacts)")
     dashboard.set_defaults(handler="cmd_dashboard")

@@ -5,7 +5,6 @@ A study name that exists already is joined only when its stored spec is the same
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import optuna
@@ -13,7 +12,7 @@ import optuna
 from optsearch.errors import UsageError
 from optsearch.optimize.objectives import directions, metric_names
 from optsearch.optimize.samplers import make_sampler
-from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, load_study, spec_attr
+from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, finished_trials, load_study, spec_attr
 from optsearch.optimize.warm_start import enqueue_warm_start, warm_start_params
 from optsearch.storage.rdb import mask
 from optsearch.study_spec import StudySpec
@@ -26,7 +25,7 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
 
     A new study gets its warm-start settings enqueued (warm_start.py).
     """
-    name = name or spec.name
+    name = check_name(name or spec.name)
     wanted = spec_attr(spec)
     warm_start = warm_start_params(spec, storage)  # before creating: a bad source writes nothing
     try:
@@ -40,10 +39,9 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
         if not load_if_exists:
             raise UsageError(f"study {name!r} already exists in {mask(storage.url)}: pass "
                              "--load-if-exists to join it with the same spec, or --name") from None
-        if _canonical(stored) != _canonical(wanted):
-            differing = ", ".join(_differences(stored, wanted)[:5])
-            raise UsageError(f"study {name!r} exists with a different spec (differs in: "
-                             f"{differing}): use another --name") from None
+        differing = _differences(stored, wanted)
+        if differing:
+            raise UsageError(different_spec_text(name, differing)) from None
         return load_study(storage, name)[0]
     with warnings.catch_warnings():  # experimental in Optuna, and what the dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -55,8 +53,45 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     return study
 
 
-def _canonical(data: dict) -> str:
-    return json.dumps(data, sort_keys=True)
+def check_name(name: str) -> str:
+    """A study name a user can type and `study list` can show: printable, not blank."""
+    if not name.strip() or not name.isprintable():
+        raise UsageError(f"study name {name!r} must be printable text, not blank (--name)")
+    return name
+
+
+def spec_differences(storage, name: str, spec: StudySpec) -> list[str]:
+    """The spec keys in which study `name`'s stored spec differs from `spec` (none: no such study,
+    or the same spec)."""
+    try:
+        existing = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return []
+    stored = existing.user_attrs.get(SPEC_ATTR)
+    return [] if stored is None else _differences(stored, spec_attr(spec))
+
+
+def different_spec_text(name: str, differing: list[str], rename: str = "--name") -> str:
+    """Why a spec cannot join study `name`, and what to do instead."""
+    text = (f"study {name!r} exists with a different spec (differs in: "
+            f"{', '.join(differing[:5])}): use another {rename}")
+    if differing == ["search.n_trials"]:
+        text += f", or `optsearch study extend {name} --n-trials N` to add trials"
+    return text
+
+
+def extend_study(storage, name: str, n_trials: int) -> tuple[int, int]:
+    """Raise study `name`'s n_trials to `n_trials` (only up: finished trials stay as they are).
+    Returns (the old n_trials, finished trials)."""
+    study, spec = load_study(storage, name)
+    old = spec.search.n_trials
+    if n_trials <= old:
+        raise UsageError(f"study {name!r} already has n_trials {old}: --n-trials must be larger "
+                         "(trials are only ever added)")
+    stored = dict(study.user_attrs[SPEC_ATTR])
+    stored["search"] = {**stored.get("search", {}), "n_trials": n_trials}
+    study.set_user_attr(SPEC_ATTR, stored)
+    return old, len(finished_trials(study))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -14,10 +14,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from optsearch.accelerators import pipeline_kind
+from optsearch.errors import UsageError
 from optsearch.measure.evaluate import evaluator_from_spec
-from optsearch.optimize.create import create_study
+from optsearch.optimize.create import (
+    check_name,
+    create_study,
+    different_spec_text,
+    extend_study,
+    spec_differences,
+)
 from optsearch.optimize.export import export_study
-from optsearch.optimize.study import spec_attr
+from optsearch.optimize.study import load_study, spec_attr
 from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import StudySpec, load_spec, spec_from_dict
@@ -36,7 +43,9 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     """Run a worker over `pipe` for `spec` (a StudySpec, a spec dict, or a TOML path) and return
     the export dict (as `optsearch study export` writes it). `n_trials` overrides the spec's;
     `storage` is an Optuna RDB URL (default: $OPTSEARCH_STORAGE or sqlite:///optsearch.db).
-    Raises optsearch.errors.NothingToExport when no setting meets the limit."""
+    A study of that name with the same spec is joined; one that differs only in n_trials is
+    extended to a larger one. Raises optsearch.errors.UsageError for a study of that name with another
+    spec, and optsearch.errors.NothingToExport when no setting meets the limit."""
 
     spec = _as_spec(spec)
     overrides = {}
@@ -46,10 +55,27 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
         overrides["model.kind"] = pipeline_kind(pipe)
     if overrides:
         spec = spec_from_dict({"name": spec.name, **spec_attr(spec)}, overrides=overrides)
+    opened = open_storage(storage)
+    study_name = check_name(name or spec.name)
+    differing = spec_differences(opened, study_name, spec)
+    if differing == ["search.n_trials"]:  # more trials: the study grows; fewer: it has them
+        stored = load_study(opened, study_name)[1].search.n_trials
+        if spec.search.n_trials > stored:
+            extend_study(opened, study_name, spec.search.n_trials)
+        else:
+            spec = spec_from_dict({"name": spec.name, **spec_attr(spec)},
+                                  overrides={"search.n_trials": stored})
+    elif differing:
+        raise UsageError(different_spec_text(study_name, differing, rename="name= (a new study)"))
     evaluator = evaluator_from_spec(spec, progress=progress, pipe=pipe)
-    study = create_study(spec, open_storage(storage), name, load_if_exists=True)
-    worker = Worker(storage, study.study_name, dataclasses.replace(WorkerOptions(),
-                                                                   progress=progress), evaluator)
-    worker.run()
+    study = create_study(spec, opened, study_name, load_if_exists=True)
+    bars = dict(getattr(pipe, "_progress_bar_config", {}))  # diffusers' per-step bars
+    pipe.set_progress_bar_config(**{**bars, "disable": not progress})
+    try:
+        worker = Worker(storage, study.study_name, dataclasses.replace(WorkerOptions(),
+                                                                       progress=progress), evaluator)
+        worker.run()
+    finally:
+        pipe._progress_bar_config = bars  # the caller's pipeline as it was
     return export_study(worker.study, worker.spec)
 

@@ -60,6 +60,9 @@ def validate(spec: StudySpec, problem) -> None:
         problem("quality.metric", f"unknown metric {quality.metric!r} (allowed: {', '.join(METRICS)})")
     elif quality.metric == "ssim" and not -1 <= quality.limit <= 1:
         problem("quality.limit", f"{quality.limit} is not an SSIM (allowed: -1..1)")
+    elif quality.metric == "psnr" and quality.limit < 1:
+        problem("quality.limit", f"{quality.limit} dB is below any meaningful PSNR (limits are "
+                "typically 25-45 dB; a CLIP-loss limit needs metric = \"clip_loss\")")
     if not math.isfinite(quality.limit):
         problem("quality.limit", "must be a finite number")
     if not 0.5 <= quality.confidence < 1:
@@ -104,6 +107,9 @@ def validate(spec: StudySpec, problem) -> None:
         if not search.accelerators or not all(search.combos):
             problem("search.accelerators", 'must name at least one accelerator, or "any"')
             return
+    repeated = sorted({combo_name(c) for c in search.combos if search.combos.count(c) > 1})
+    if repeated:
+        problem("search.accelerators", f"combo {', '.join(repeated)} is listed more than once")
     kind = search.model_kind
     for combo in search.combos:
         why = combo_problem(combo, kind)
