@@ -98,6 +98,13 @@ CASES = [
      "cannot write missing/p.json: folder missing does not exist"),
     ("a combo listed twice", {"s.toml": replaced('["deepcache", "tome"]', '[["tome"], ["tome"]]')},
      ["study", "create", "s.toml", "--name", "twice"], 2, "combo tome is listed more than once"),
+    ("more prompts than the source has", {"s.toml": replaced("num_samples = 4", "num_samples = 500")},
+     ["study", "create", "s.toml", "--name", "many"], 2, "prompts.num_samples=500 but source 'builtin'"),
+    ("confirmation beyond the source", {"s.toml": spec_with("[confirm]\nnum_samples = 100\n")},
+     ["study", "create", "s.toml", "--name", "confirm"], 2, "confirmation needs 100 unseen prompts"),
+    ("check sees the confirmation beyond the source",
+     {"s.toml": spec_with("[confirm]\nnum_samples = 100\n")}, ["check", "s.toml"], 2,
+     "confirm: confirmation needs 100 unseen prompts"),
     ("PSNR limit on the wrong scale", {"s.toml": replaced("limit = 30.0", "limit = 0.3")},
      ["study", "create", "s.toml", "--name", "scale"], 2, "0.3 dB is below any meaningful PSNR"),
 ]
@@ -111,7 +118,8 @@ def test_bad_input(populated, tmp_path, files, args, code, expected):
         (tmp_path / name).write_text(text)
     url = "sqlite:///study.db"
     before = storage_snapshot(f"sqlite:///{tmp_path / 'study.db'}")
-    command = args if "--storage" in args or args[0] == "evaluate" else [*args, "--storage", url]
+    command = args if "--storage" in args or args[0] in ("evaluate", "check") \
+        else [*args, "--storage", url]
     if expected == "":  # the export case: a study whose only trial is infeasible
         assert optsearch_cmd(*command, "--quiet", cwd=tmp_path).returncode == 0
         before = storage_snapshot(f"sqlite:///{tmp_path / 'study.db'}")

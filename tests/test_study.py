@@ -268,8 +268,10 @@ def test_study_show_list_delete(tmp_path):
     data = json.loads(shown.stdout)
     assert data["finished"] == 2 and len(data["baselines"]) == 1
     assert data["baselines"][0]["seconds_per_image"] > 0
-    listed = optsearch_cmd("study", "list", "--storage", url)
-    assert "tiny" in listed.stdout
+    listed = optsearch_cmd("study", "list", "--storage", url).stdout.splitlines()
+    assert listed[0].split()[:4] == ["study", "finished", "queued", "n_trials"]
+    row = next(line.split() for line in listed if line.startswith("tiny"))
+    assert row[1] == "2" and row[3] == "2"  # finished and n_trials; queued warm starts apart
     assert optsearch_cmd("study", "delete", "tiny", "--storage", url).returncode == 0
     assert "no studies" in optsearch_cmd("study", "list", "--storage", url).stdout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +110,16 @@ def cmd_study_create(args) -> int:
 
 
 def cmd_study_list(args) -> int:
-    rows = []
-    for summary in optuna.get_all_study_summaries(_open(args), include_best_trial=False):
+    storage, rows = _open(args), []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         spec = summary.user_attrs.get(SPEC_ATTR, {})
-        rows.append([summary.study_name, summary.n_trials, spec.get("search", {}).get("n_trials"),
+        states = Counter(t.state for t in optuna.load_study(
+            study_name=summary.study_name, storage=storage).get_trials(deepcopy=False))
+        rows.append([summary.study_name, sum(states[s] for s in studies.FINISHED),
+                     states[optuna.trial.TrialState.WAITING], spec.get("search", {}).get("n_trials"),
                      spec.get("model", {}).get("id"), summary.datetime_start])
-    print(table(["study", "trials", "n_trials", "model", "started"], rows) if rows else "no studies")
+    headers = ["study", "finished", "queued", "n_trials", "model", "started"]
+    print(table(headers, rows) if rows else "no studies")
     return 0
 
 

@@ -48,6 +48,11 @@ def load_prompts(source: str, num_samples: int, seed: int = 42, shuffle: bool = 
     return prompts[:num_samples]
 
 
+def is_local(source: str) -> bool:
+    """Prompts read without a network: the bundled set or a file."""
+    return source not in HUB_SOURCES
+
+
 def prompts_of(prompts, count: int | None = None, source: str | None = None) -> list[str]:
     """The prompts a spec's [prompts] table names (a `PromptSpec`): its first `count` (default its
     num_samples), from `source` instead of its own when given."""

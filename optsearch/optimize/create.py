@@ -10,6 +10,8 @@ import warnings
 import optuna
 
 from optsearch.errors import UsageError
+from optsearch.measure.prompts import is_local, prompts_of
+from optsearch.optimize.confirm import confirm_prompts
 from optsearch.optimize.objectives import directions, metric_names
 from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, finished_trials, load_study, spec_attr
@@ -26,6 +28,7 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     A new study gets its warm-start settings enqueued (warm_start.py).
     """
     name = check_name(name or spec.name)
+    check_local_prompts(spec)
     wanted = spec_attr(spec)
     warm_start = warm_start_params(spec, storage)  # before creating: a bad source writes nothing
     try:
@@ -51,6 +54,16 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     study.sampler = make_sampler(spec)
     enqueue_warm_start(study, warm_start)
     return study
+
+
+def check_local_prompts(spec: StudySpec) -> None:
+    """Prompts read without a network (the bundled set, files) must hold what the search and
+    its confirmation take: a worker would otherwise fail minutes in. Hub sources are read by the
+    workers, which may be the only machines with the dataset."""
+    if is_local(spec.prompts.source):
+        prompts_of(spec.prompts)
+    if is_local(spec.confirm.source or spec.prompts.source):
+        confirm_prompts(spec)
 
 
 def check_name(name: str) -> str:

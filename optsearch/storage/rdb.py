@@ -105,9 +105,14 @@ def _enable_wal(url: sqlalchemy.URL) -> None:
     """WAL journaling lets readers (the dashboard) and one writer work at once; it persists."""
     if not url.database or url.database == ":memory:":
         return
-    folder = os.path.dirname(os.path.abspath(url.database))
+    path = os.path.abspath(url.database)
+    folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise StorageError(f"cannot open storage {url}: folder {folder} does not exist")
+    if (os.path.exists(path) and not os.access(path, os.W_OK)) or not os.access(folder, os.W_OK):
+        what = f"the SQLite file {path}" if os.path.exists(path) else f"its folder {folder}"
+        raise StorageError(f"cannot open storage {url}: {what} is read-only (SQLite writes beside "
+                           "its file; copy it somewhere writable)")
     with sqlite3.connect(url.database, timeout=SQLITE_BUSY_TIMEOUT) as connection:
         connection.execute("PRAGMA journal_mode=WAL")
 
