@@ -37,10 +37,19 @@ def test_confirm_prompts_are_the_next_ones_of_the_source(tmp_path):
 
 
 def test_confirm_without_enough_unseen_prompts_is_one_line_exit_2(tmp_path):
+    """Caught before the search when the source is local; a study whose stored spec asks for more
+    (a hub source read only by workers) fails `study confirm` in one line."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 1")
-                      + "[confirm]\nnum_samples = 500\n")
+    text = TINY_SPEC.replace("n_trials = 4", "n_trials = 1")
+    spec = write_spec(tmp_path / "tiny.toml", text + "[confirm]\nnum_samples = 500\n")
+    refused = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
+    assert refused.returncode == 2 and "confirmation needs 500 unseen prompts" in refused.stderr
+    assert optuna.get_all_study_summaries(url) == []  # nothing searched, nothing created
+    spec = write_spec(tmp_path / "tiny.toml", text)
     assert optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path).returncode == 0
+    study = optuna.load_study(study_name="tiny", storage=url)
+    stored = study.user_attrs["optsearch:spec"]
+    study.set_user_attr("optsearch:spec", {**stored, "confirm": {"num_samples": 500}})
     result = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
     assert result.returncode == 2 and "confirmation needs 500 unseen prompts" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
