@@ -102,6 +102,8 @@ CASES = [
      ["study", "create", "s.toml", "--name", "many"], 2, "prompts.num_samples=500 but source 'builtin'"),
     ("confirmation beyond the source", {"s.toml": spec_with("[confirm]\nnum_samples = 100\n")},
      ["study", "create", "s.toml", "--name", "confirm"], 2, "confirmation needs 100 unseen prompts"),
+    ("run --confirm beyond the source", {"s.toml": replaced("num_samples = 4", "num_samples = 40")},
+     ["run", "s.toml", "--name", "c", "--confirm", "1"], 2, "confirmation needs 40 unseen prompts"),
     ("check sees the confirmation beyond the source",
      {"s.toml": spec_with("[confirm]\nnum_samples = 100\n")}, ["check", "s.toml"], 2,
      "confirm: confirmation needs 100 unseen prompts"),

@@ -21,7 +21,7 @@ from optsearch.errors import UsageError
 from optsearch.formatting import comparison_table, format_interval, format_setting, format_speedup, table
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.optimize import study as studies
-from optsearch.optimize.confirm import Confirmation, ConfirmOptions
+from optsearch.optimize.confirm import Confirmation, ConfirmOptions, confirm_prompts
 from optsearch.optimize.create import (
     check_name,
     create_study,
@@ -249,6 +249,8 @@ def cmd_run(args) -> int:
               f"scores mean nothing here, so it constrains {spec.quality.metric} "
               f"(fidelity to the baseline) instead" if spec.quality.metric != "clip_loss" else
               "note: random-weight CLIP: the CLIP loss it constrains is meaningless")
+    if args.confirm:  # what --confirm will need, before minutes of search
+        confirm_prompts(spec)
     # Load the pipeline, CLIP and prompts before writing anything: bad input leaves no study behind.
     evaluator = evaluator_from_spec(spec, args.device, progress=not args.quiet)
     study = create_study(spec, storage, args.name, load_if_exists=True)

@@ -21,7 +21,7 @@ from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.prompts import prompts_of
 from optsearch.measure.quality import ClipScorer
-from optsearch.optimize.confirm import confirm_prompts
+from optsearch.optimize.confirm import confirm_asked, confirm_prompts
 from optsearch.optimize.estimate import Estimate, estimate_text
 
 
@@ -65,7 +65,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
             return None
 
     prompts = attempt("prompts", lambda: prompts_of(spec.prompts))
-    attempt("confirm", lambda: confirm_prompts(spec))
+    if prompts is not None and confirm_asked(spec):  # they come after the search's prompts
+        attempt("confirm", lambda: confirm_prompts(spec))
     pipe = attempt("model", lambda: pipeline_from_spec(spec, device))
     if pipe is not None:
         report.facts.update(device=str(pipe.device),

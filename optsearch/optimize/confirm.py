@@ -45,6 +45,11 @@ class ConfirmOptions:
     progress: bool = True
 
 
+def confirm_asked(spec: StudySpec) -> bool:
+    """The spec has a `[confirm]` table that names its prompts (count or source)."""
+    return spec.confirm.num_samples is not None or spec.confirm.source is not None
+
+
 def confirm_prompts(spec: StudySpec) -> list[str]:
     """The prompts of confirmation: `[confirm] source` (default: the search's), skipping the
     search's own prompts when the source is the same."""

@@ -11,7 +11,7 @@ import optuna
 
 from optsearch.errors import UsageError
 from optsearch.measure.prompts import is_local, prompts_of
-from optsearch.optimize.confirm import confirm_prompts
+from optsearch.optimize.confirm import confirm_asked, confirm_prompts
 from optsearch.optimize.objectives import directions, metric_names
 from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, finished_trials, load_study, spec_attr
@@ -57,12 +57,12 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
 
 
 def check_local_prompts(spec: StudySpec) -> None:
-    """Prompts read without a network (the bundled set, files) must hold what the search and
-    its confirmation take: a worker would otherwise fail minutes in. Hub sources are read by the
-    workers, which may be the only machines with the dataset."""
+    """Prompts read without a network (the bundled set, files) must hold what the search takes,
+    and what a `[confirm]` table asks for: a worker would otherwise fail minutes in. Hub sources
+    are read by the workers, which may be the only machines with the dataset."""
     if is_local(spec.prompts.source):
         prompts_of(spec.prompts)
-    if is_local(spec.confirm.source or spec.prompts.source):
+    if confirm_asked(spec) and is_local(spec.confirm.source or spec.prompts.source):
         confirm_prompts(spec)
 
 
