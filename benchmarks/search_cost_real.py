@@ -28,7 +28,7 @@ from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import open_storage
 
 
-def issue_time_rule(spec, finished, fingerprint, baseline_id):
+def issue_time_rule(spec, finished, fingerprint, baseline_id, combo=None):
     """The early stop as it was when the issue was filed: quality only, two-sided, no
     finite-population correction (search_cost.IssueTimeQualityStop)."""
     return IssueTimeQualityStop(spec.quality.limit)  # min_batches 2, as it was

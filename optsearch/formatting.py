@@ -47,10 +47,17 @@ def format_interval(interval: Interval | dict | None, digits: int = 3) -> str:
     return f"{interval['mean']:.{digits}f} [{bound(interval.get('low'))}, {bound(interval.get('high'))}]"
 
 
+TOO_WIDE = 4.0  # an interval whose ends lie further apart than this ratio tells nothing yet
+
+
 def format_speedup(figures: dict) -> str:
-    """'2.10 [1.95, 2.27]' from a dict with speedup, speedup_low and speedup_high."""
+    """'2.10 [1.95, 2.27]' from a dict with speedup, speedup_low and speedup_high; an interval
+    wider than TOO_WIDE (e.g. [0.00, 159.12] from two noisy batches) is said in words."""
     if figures.get("speedup") is None:
         return "-"
+    low, high = figures.get("speedup_low"), figures.get("speedup_high")
+    if low is not None and high is not None and (low <= 0 or high / low > TOO_WIDE):
+        return f"{figures['speedup']:.2f} (not measured enough to tell)"
     return format_interval({"mean": figures["speedup"], "low": figures.get("speedup_low"),
                             "high": figures.get("speedup_high")}, digits=2)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
 
 import optuna
 import pytest
+from optuna_dashboard import get_note
 
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.metrics import Interval
@@ -21,8 +23,8 @@ from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write
 
 AGGRESSIVE = {"deepcache.cache_interval": 8, "deepcache.cache_branch_id": 0, "tome.ratio": 0.6,
               "tome.max_downsample": 2}
-FAITHFUL = {"deepcache.cache_interval": 1, "deepcache.cache_branch_id": 0, "tome.ratio": 0.0,
-            "tome.max_downsample": 1}  # a full pass every step and nothing merged: the baseline
+FAITHFUL = {"deepcache.cache_interval": 2, "deepcache.cache_branch_id": 0, "tome.ratio": 0.0,
+            "tome.max_downsample": 1}  # a full pass every other step, nothing merged: near the baseline
 
 
 def stored_confirmations(url: str, name: str = "tiny") -> dict[str, dict]:
@@ -111,10 +113,19 @@ def psnr_on(spec, setting: dict, prompts: list[str]) -> Interval:
     return comparison.interval("psnr")
 
 
+def winner_marks(url: str, tmp_path) -> tuple[int, int, str]:
+    """The winner as show stars it, as the dashboard's study attr holds it, and the study note."""
+    study = optuna.load_study(study_name="tiny", storage=url)
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url, cwd=tmp_path)
+    starred = re.search(r"^\* winner: trial (\d+)", shown.stdout, re.MULTILINE)
+    return int(starred.group(1)), study.user_attrs["winner"]["trial"], get_note(study)
+
+
 def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(tmp_path):
     """Under rule "bound", 8 search prompts give a tight interval and 2 unseen prompts a wide one:
     a limit between the two lower bounds makes the aggressive setting feasible in the search and
-    infeasible on confirmation, while the faithful one passes both."""
+    infeasible on confirmation, while the faithful one passes both. Show, export and the
+    dashboard's note name the same winner before confirmation and after."""
     text = (TINY_SPEC.replace("num_samples = 4", "num_samples = 8")
             .replace("n_trials = 4",
                      "n_trials = 2\nsampler = \"random\"\nwarm_start = []\nearly_stop = false")
@@ -143,6 +154,9 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert before.returncode == 0 and "not confirmed" in before.stdout
     unconfirmed = json.loads((tmp_path / "unconfirmed.json").read_text())
     assert unconfirmed["best"]["trial"] == 0 and unconfirmed["best"]["confirmed"] is None
+    starred, marked, note = winner_marks(url, tmp_path)
+    assert starred == marked == 0 and note.startswith("## Winner: trial 0")
+    assert "not confirmed yet" in unconfirmed["winner_rule"]
 
     confirmed = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "2",
                               "--repeats", "2", "--quiet", cwd=tmp_path)
@@ -155,6 +169,10 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert after.returncode == 0, after.stderr
     best = json.loads((tmp_path / "sp.json").read_text())["best"]
     assert best["trial"] == 1
+    starred, marked, note = winner_marks(url, tmp_path)
+    assert starred == marked == 1 and note.startswith("## Winner: trial 1")
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url, cwd=tmp_path).stdout
+    assert "deepcache(cache_interval=2" in shown.split("confirmations on unseen prompts")[1]
     check = best["confirmed"]
     assert check["feasible"] is True and check["num_samples"] == 2 and check["repeats"] == 2
     assert check["prompts"] == confirm_prompts(load_spec(spec))

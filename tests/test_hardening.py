@@ -268,6 +268,7 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
     assert len({record["worker"] for record in timings}) == 2  # two processes, two baselines
     assert not study.get_trials(states=(TrialState.RUNNING,))  # every running trial re-queued
     assert "Traceback" not in err
+    assert err.startswith("warning: 2 CPU workers share this machine's")  # said before they start
 
 
 def test_an_interrupt_leaves_no_heartbeat_thread_for_shutdown_to_wait_on(tmp_path):

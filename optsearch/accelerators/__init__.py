@@ -76,6 +76,19 @@ def combo_problem(combo: Sequence[str], kind: str | None = None) -> str | None:
     return None
 
 
+def max_speedup(setting: Mapping, model_steps: int) -> float | None:
+    """The most a setting can speed the pipeline up by the computation it skips (the product of
+    each family's bound), or None when a family in it has no such bound (ToMe, the caches whose
+    skips depend on the images)."""
+    bound = 1.0
+    for name, params in normalize_setting(setting).items():
+        family_bound = getattr(REGISTRY[name], "max_speedup", None)
+        if family_bound is None:
+            return None
+        bound *= family_bound(model_steps, **params)
+    return bound
+
+
 def normalize_setting(setting: Mapping) -> dict[str, dict]:
     """Accept a nested dict or a flat {'tome.ratio': 0.5} dict; check names, types and ranges."""
     nested: dict[str, dict] = {}

@@ -47,6 +47,12 @@ def apply(pipe, cache_interval: int = 3, cache_branch_id: int = 0) -> DeepCacheP
     return DeepCachePatch(pipe, int(cache_interval), int(cache_branch_id))
 
 
+def max_speedup(model_steps: int, cache_interval: int = 3, **_) -> float:
+    """One full UNet pass every `cache_interval` steps, a shallow one in between: the UNet runs
+    at most `cache_interval` times faster."""
+    return float(cache_interval)
+
+
 def warmup_steps(cache_interval: int = 3, **_) -> int:
     """A full pass, the cached steps, and the next full pass: every code path once."""
     return int(cache_interval) + 1

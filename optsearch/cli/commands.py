@@ -143,7 +143,7 @@ def cmd_study_export(args) -> int:
 
     best = exported["best"]
     confirmed = best["confirmed"]
-    print(f"wrote {args.output}: best trial {best['trial']} ({best['combo']}), search speedup "
+    print(f"wrote {args.output}: winner trial {best['trial']} ({best['combo']}), search speedup "
           f"{format_speedup(best['metrics'])}; " + (
               f"confirmed on {confirmed['num_samples']} unseen prompts: {format_speedup(confirmed)}"
               if confirmed else "not confirmed (`optsearch study confirm` checks it on unseen prompts)"))

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from optsearch.formatting import format_interval, format_setting, format_speedup, table
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
+from optsearch.optimize.winner import winner
 from optsearch.storage.record import quality_of, trial_metrics
 
 
@@ -42,9 +43,12 @@ def study_summary(study: optuna.Study, spec) -> dict:
                                                key=lambda r: r["date"])],
         "best_per_combo": {combo: trial_metrics(trial)
                            for combo, trial in objectives.best_per_combo(study, spec).items()},
-        "best": (lambda t: trial_metrics(t) if t else None)(objectives.best_overall(study, spec)),
         "steps_frontier": reference.steps_frontier(study, spec),
+        "steps_missing": reference.missing_text(study, spec),
     }
+    found = winner(study, spec)
+    summary["best"] = trial_metrics(found.trial) if found else None
+    summary["winner_rule"] = found.rule if found else None
     summary["fewer_steps"] = reference.verdict(summary["best"] or {}, summary["steps_frontier"],
                                                spec.quality.metric)
     return summary
@@ -99,14 +103,21 @@ def format_summary(summary: dict) -> str:
                      format_setting(m["setting"] or {})])
     headers = ["combo", "trial", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
                "setting"]
-    lines.append(table(headers, rows) if rows else "  (no feasible trial yet)")
+    lines.append(table(headers, rows) if rows else
+                 "  (no feasible trial faster than the baseline yet)")
+    if summary["best"]:
+        lines.append(f"* winner: trial {summary['best']['trial']}, "
+                     f"{format_setting(summary['best']['setting'] or {})}: the "
+                     f"{summary['winner_rule']}; study export writes it")
+    if summary["steps_missing"]:
+        lines += ["", f"reference: fewer steps only: {summary['steps_missing']}"]
     if summary["steps_frontier"]:
         lines += ["", "reference: fewer steps only (the line every setting must beat):"]
         lines.append(table(["steps", "trial", "speedup", metric],
                            [[p["num_inference_steps"], p["trial"], format_speedup(p), p[metric]]
                             for p in summary["steps_frontier"]]))
         if summary["fewer_steps"] is not None:
-            lines.append(f"best trial {summary['best']['trial']} "
+            lines.append(f"winner trial {summary['best']['trial']} "
                          + reference.verdict_text(summary["fewer_steps"]))
     if summary["confirmations"]:
         lines += ["", "confirmations on unseen prompts (search | confirmed, interleaved timing):"]
@@ -132,7 +143,8 @@ def _timings_table(timings: list[dict]) -> str:
 def _confirmations_table(records: list[dict], metric: str) -> str:
     rows = [[r["trial"], r["combo"], format_speedup(r["search"]), format_speedup(r),
              _trial_interval(r["search"], metric), format_interval(r[metric]), r["num_samples"],
-             r["repeats"], "yes" if r["feasible"] else "NO", r["device"]]
+             r["repeats"], "yes" if r["feasible"] else "NO", r["device"],
+             format_setting(r.get("setting") or {})]
             for r in records]
     return table(["trial", "combo", "search speedup", "confirmed speedup", f"search {metric}",
-                  f"confirmed {metric}", "prompts", "rounds", "feasible", "device"], rows)
+                  f"confirmed {metric}", "prompts", "rounds", "feasible", "device", "setting"], rows)

@@ -182,11 +182,11 @@ class Evaluator:
                  confidence: float = 0.95, progress: bool = False, warmup: bool | int = True,
                  calibration: dict[str, dict] | None = None,
                  on_calibrated: Callable[[str, dict], None] | None = None,
-                 fault: Callable[[int], None] | None = None, warm: set | None = None):
+                 fault: Callable[[str, int], None] | None = None, warm: set | None = None):
         """`warmup`: the short untimed warm-up (True), none (False), or that many steps.
         `calibration`: per-model data a family needs (MagCache's ratios), measured once when first
         needed; `on_calibrated(name, data)` hears of each new measurement (the worker stores it).
-        `fault`: called with each batch's index (the fault-injection tests)."""
+        `fault(combo, batch index)`: called in each timed batch (the fault-injection tests)."""
         self.pipe = pipe
         self.scorer = scorer
         self.prompts = prompts
@@ -222,8 +222,9 @@ class Evaluator:
 
     def _generate(self, combo: str, setting: AppliedSetting | None = None, **kwargs) -> Iterator[Batch]:
         """`generate` with the warm-up this combo needs; marks the combo warm once a batch ran."""
+        fault = self.fault and (lambda index: self.fault(combo, index))
         for batch in generate(self.pipe, self.prompts, self.config, setting=setting,
-                              progress=self.progress, description=combo,
+                              progress=self.progress, description=combo, fault=fault,
                               warmup=self._warmup_for(combo), **kwargs):
             self.warm.add((combo, self.config.batch_size))
             yield batch
@@ -297,7 +298,7 @@ class Evaluator:
         )
         with self.apply(setting) as applied:
             result.setting = applied.setting
-            for batch in self._generate(applied.combo, applied, fault=self.fault,
+            for batch in self._generate(applied.combo, applied,
                                         on_warmup=lambda s: setattr(result, "warmup_seconds", s)):
                 result.inference_seconds += batch.seconds
                 result.batch_seconds.append(batch.seconds_per_image)

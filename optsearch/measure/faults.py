@@ -1,18 +1,54 @@
 """Fault injection for tests of the worker (the only code here that exists for tests).
 
-OPTSEARCH_FAULT_OOM="K" makes the K-th timed batch (0-based, counted over the worker's life) raise
-torch.cuda.OutOfMemoryError once; "K:memory" raises MemoryError instead. Unset, nothing happens.
+OPTSEARCH_FAULT_OOM="K" makes the K-th timed batch of a setting (0-based, counted over the
+worker's life) raise torch.cuda.OutOfMemoryError once; "K:memory" raises MemoryError instead.
+OPTSEARCH_FAULT_SLOW_BASELINE="S" adds S seconds to each batch of the worker's first baseline
+timing, as a baseline timed while another process shared the device would read; "S:always" to
+every baseline timing.
+Unset, nothing happens.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Callable
 
 import torch
 
 ENV_OOM = "OPTSEARCH_FAULT_OOM"
+ENV_SLOW_BASELINE = "OPTSEARCH_FAULT_SLOW_BASELINE"
+
+
+def fault_from_env() -> Callable[[str, int], None] | None:
+    """The faults the environment asks for, as one `fault(combo, batch index)` for the evaluator."""
+    faults = [f for f in (oom_fault_from_env(), slow_baseline_from_env()) if f is not None]
+    if not faults:
+        return None
+
+    def fault(combo: str, batch_index: int) -> None:
+        for each in faults:
+            each(combo, batch_index)
+
+    return fault
+
+
+def slow_baseline_from_env() -> Callable[[str, int], None] | None:
+    value = os.environ.get(ENV_SLOW_BASELINE)
+    if not value:
+        return None
+    seconds, _, always = value.partition(":")
+    timings = itertools.count()
+    timing = [-1]  # which baseline timing of this worker is running
+
+    def fault(combo: str, batch_index: int) -> None:
+        if combo == "baseline" and batch_index == 0:
+            timing[0] = next(timings)
+        if combo == "baseline" and (timing[0] == 0 or always == "always"):
+            time.sleep(float(seconds))
+
+    return fault
 
 
 def oom_fault_from_env() -> Callable[[int], None] | None:
@@ -23,8 +59,8 @@ def oom_fault_from_env() -> Callable[[int], None] | None:
     target = int(at)
     counter = itertools.count()
 
-    def fault(batch_index: int) -> None:
-        if next(counter) == target:
+    def fault(combo: str, batch_index: int) -> None:
+        if combo != "baseline" and next(counter) == target:
             message = f"injected out-of-memory at timed batch {target} ({ENV_OOM})"
             raise MemoryError(message) if kind == "memory" else torch.cuda.OutOfMemoryError(message)
 

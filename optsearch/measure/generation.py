@@ -84,19 +84,23 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
 
     `setting` (an applied accelerator setting) generates in place of the plain pipeline.
     `warmup`: True runs the short untimed warm-up (`warmup_steps`), an int that many steps,
-    False none. `fault(batch_index)` is a test hook called before each timed batch (it may raise).
+    False none. `fault(batch_index)` is a test hook called inside each timed batch (it may raise,
+    or take time).
     `on_warmup(seconds)` receives the duration of the untimed warm-up call.
     """
     call = setting if setting is not None else pipe
     device = pipe.device
 
-    def run(indices: range, steps: int = config.steps) -> tuple[np.ndarray, float]:
+    def run(indices: range, steps: int = config.steps,
+            index: int | None = None) -> tuple[np.ndarray, float]:
         if setting is not None:
             setting.reseed(config.seed)
         generators = [torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
                       for i in indices]
         _synchronize(device)
         start = time.perf_counter()
+        if fault is not None and index is not None:
+            fault(index)
         output = call(
             [prompts[i] for i in indices],
             num_inference_steps=steps,
@@ -119,7 +123,5 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
             on_warmup(seconds)
     for index, indices in enumerate(tqdm(batches, desc=description, disable=not progress,
                                          leave=False, unit="batch")):
-        if fault is not None:
-            fault(index)
-        images, seconds = run(indices)
+        images, seconds = run(indices, index=index)
         yield Batch(indices, (images * 255).round().clip(0, 255).astype(np.uint8), seconds)

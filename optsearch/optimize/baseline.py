@@ -8,6 +8,7 @@ worker times the baseline itself (after an untimed warm-up), re-times it every
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -60,8 +61,20 @@ class BaselineKeeper:
         every = self.spec.search.retime_baseline_every
         if every and self.trials_since_timing >= every:
             logger.info("re-timing the baseline after %d trials", self.trials_since_timing)
-            self.baseline = self.evaluator.baseline(scored=self.baseline)
-            self._record_timing(self.baseline, trials_run)
+            self.retime(trials_run)
+
+    def retime(self, trials_run: int) -> None:
+        """Time the baseline again (its images and scores stay) and record the timing."""
+        self.baseline = self.evaluator.baseline(scored=self.baseline)
+        self._record_timing(self.baseline, trials_run)
+
+    def halve_batch(self, trials_run: int) -> int:
+        """Go on at half the batch size (after running out of memory); returns the new size.
+        Per-prompt seeds keep the images; timings need a baseline at this batch size."""
+        config = self.evaluator.config
+        smaller = dataclasses.replace(config, batch_size=config.batch_size // 2)
+        self.for_evaluator(self.evaluator.derive(config=smaller), trials_run)
+        return smaller.batch_size
 
     def for_evaluator(self, evaluator: Evaluator, trials_run: int) -> None:
         """Start over for another evaluator of the same pipeline (a smaller batch size after an

@@ -29,6 +29,7 @@ from optsearch.measure.prompts import PromptError, prompts_of
 from optsearch.measure.speedup import speedup_interval
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
+from optsearch.optimize.winner import mark_winner
 from optsearch.storage.notes import trial_note, write_trial_note
 from optsearch.storage.rdb import open_storage
 from optsearch.storage.record import finite, trial_metrics
@@ -116,6 +117,7 @@ class Confirmation:
         for trial, record in zip(self.candidates, records, strict=True):  # also those stored by a
             write_trial_note(self.study, trial._trial_id,  # confirm killed before its note
                              trial_note(trial.number, trial_metrics(trial), self.spec, record))
+        mark_winner(self.study, self.spec)  # confirmation may change the winner
         return records
 
     def measure(self, trial: FrozenTrial) -> dict:

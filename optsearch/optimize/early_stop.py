@@ -9,7 +9,7 @@ answered with confidence:
 - "speedup":   its speedup interval lies entirely below the target (target-speedup);
 - "dominated": its speedup lies below the best feasible speedup measured so far on the same device
                fingerprint (max-speedup), or a feasible front member beats both its intervals
-               (pareto).
+               (pareto). Never for a steps-only trial: that is the fewer-steps reference line.
 
 Why each piece is there:
 - Looks after every batch share alpha = 1 - confidence on their real correlation (Pocock's
@@ -58,6 +58,7 @@ from optsearch.storage.record import per_prompt_key, quality_of, speedup_of
 from optsearch.study_spec import StudySpec
 
 QUALITY, SPEEDUP, DOMINATED = "quality", "speedup", "dominated"
+STEPS_ONLY = "steps"  # the combo of the fewer-steps reference line (optimize/reference.py)
 REASONS = (QUALITY, SPEEDUP, DOMINATED)
 
 
@@ -175,10 +176,12 @@ class EarlyStop:
 
 
 def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
-             baseline_id: str | None = None) -> EarlyStop | None:
+             baseline_id: str | None = None, combo: str | None = None) -> EarlyStop | None:
     """The early-stop rule for the next trial on `fingerprint`, from the study's finished trials
     (COMPLETE and PRUNED); None when the spec turns early stop off. `baseline_id` is the worker's
-    current baseline timing: a best timed against it is compared by its own seconds."""
+    current baseline timing: a best timed against it is compared by its own seconds. A steps-only
+    trial (`combo` "steps") is the fewer-steps reference line, which every claim is compared
+    with: it is never stopped as dominated, only when its quality is past the limit."""
     if not spec.search.early_stop:
         return None
     here = [t for t in trials if t.user_attrs.get("fingerprint") == fingerprint]
@@ -198,6 +201,8 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
          and len(t.user_attrs.get(key) or ()) == spec.prompts.num_samples])
     found = [t for t in complete if t.user_attrs.get("fingerprint") == fingerprint
              and is_feasible(t) and t.user_attrs.get("speedup_low") is not None]
+    if combo == STEPS_ONLY:
+        return rule  # the reference line is measured to the end unless its quality fails
     if mode == "max-speedup" and found:
         best = max(found, key=lambda t: t.user_attrs["speedup"]).user_attrs
         rule.speedup_to_beat = speedup_of(best)

@@ -55,3 +55,10 @@ def estimate_text(estimate: Estimate) -> str:
         low, high = estimate.total(estimate.workers)
         text += f", {_duration(low)}-{_duration(high)} on {estimate.workers}"
     return text + " (early stop and reuse make it shorter)"
+
+
+def print_estimate(worker_id: str, seconds_per_image: float, remaining: int, prompts: int) -> None:
+    """What a worker prints at start: the trials left and how long they should take here."""
+    if remaining:
+        estimate = Estimate(seconds_per_image, remaining, prompts)
+        print(f"{worker_id}: {remaining} trials to go; {estimate_text(estimate)}", flush=True)

@@ -11,9 +11,10 @@ import torch
 
 from optsearch.errors import NothingToExport
 from optsearch.measure.generation import prompt_seed
-from optsearch.optimize.objectives import merit, objective_values
-from optsearch.optimize.reference import steps_frontier, verdict
+from optsearch.optimize.objectives import best_per_combo, constraint_text, pareto_front, relax_hint
+from optsearch.optimize.reference import missing_text, steps_frontier, verdict
 from optsearch.optimize.study import baselines, calibration, confirmations, spec_attr
+from optsearch.optimize.winner import latest_by_trial, winner
 from optsearch.storage.record import trial_metrics
 from optsearch.version import __version__
 
@@ -38,19 +39,6 @@ def confirmed_entry(record: dict, metric: str) -> dict:
     return {**{key: record.get(key) for key in CONFIRMED_KEYS}, metric: record[metric]}
 
 
-def best_confirmed(records: list[dict], spec) -> dict | None:
-    """The best setting that is feasible on confirmation, by the study's objective."""
-    feasible = [r for r in records if r["feasible"]]
-    return max(feasible, key=lambda r: merit(spec, objective_values(spec, r)[0]), default=None)
-
-
-def _latest_by_trial(records: list[dict]) -> dict[int, dict]:
-    latest: dict[int, dict] = {}
-    for record in sorted(records, key=lambda r: r["date"]):
-        latest[record["trial"]] = record
-    return latest
-
-
 def _prompts(baseline: dict | None, spec) -> dict:
     """The search prompts and per-prompt generator seeds that `image_digests` belong to."""
     texts = (baseline or {}).get("prompts")
@@ -60,33 +48,24 @@ def _prompts(baseline: dict | None, spec) -> dict:
 
 
 def export_study(study, spec) -> dict:
-    """search_params.json: best feasible setting overall and per combo, baseline, spec, provenance."""
-
-
-    from optsearch.optimize.objectives import (
-        best_overall,
-        best_per_combo,
-        constraint_text,
-        pareto_front,
-        relax_hint,
-    )
-    records = list(confirmations(study).values())
-    confirmed_by_trial = _latest_by_trial(records)
+    """search_params.json: the winner (optimize/winner.py), the best per combo, baseline, spec,
+    provenance."""
+    found = winner(study, spec)
     metric = spec.quality.metric
-    if records:
-        winner = best_confirmed(records, spec)
-        if winner is None:
-            raise NothingToExport(f"none of the {len(records)} settings confirmed on unseen prompts "
-                                  f"of study {study.study_name!r} meets {constraint_text(spec)} "
-                                  f"there: {relax_hint(spec)}, then `study confirm` again")
-        best = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-            study._study_id, winner["trial"]))
-        confirmed_by_trial[best.number] = winner
-    else:
-        best = best_overall(study, spec)
-    if best is None:
+    records = list(confirmations(study).values())
+    if found is None and records:
+        raise NothingToExport(f"none of the {len(records)} settings confirmed on unseen prompts "
+                              f"of study {study.study_name!r} meets {constraint_text(spec)} "
+                              f"faster than the baseline there: {relax_hint(spec)}, then "
+                              "`study confirm` again")
+    if found is None:
         raise NothingToExport(f"study {study.study_name!r} has no feasible trial yet (none meets "
-                              f"{constraint_text(spec)}): {relax_hint(spec)}")
+                              f"{constraint_text(spec)} faster than the baseline): "
+                              f"{relax_hint(spec)}")
+    best = found.trial
+    confirmed_by_trial = latest_by_trial(records)
+    if found.confirmed is not None:
+        confirmed_by_trial[best.number] = found.confirmed
     exported = {
         "format": FORMAT,
         "study": study.study_name,
@@ -95,6 +74,7 @@ def export_study(study, spec) -> dict:
         "limit": spec.quality.limit,
         "target_speedup": spec.objective.target_speedup,
         "best": _entry(best, confirmed_by_trial.get(best.number), metric),
+        "winner_rule": found.rule,
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec).items()},
         "baseline": baselines(study).get(best.user_attrs.get("fingerprint")),
@@ -120,6 +100,8 @@ def export_study(study, spec) -> dict:
             # search figures against search figures: the same prompts measured both
             "best": verdict(exported["best"]["metrics"], frontier, metric),
         }
+    elif why := missing_text(study, spec):
+        exported["fewer_steps"] = {"frontier": [], "best": None, "missing": why}
     if spec.objective.mode == "pareto":
         exported["front"] = [_entry(trial, confirmed_by_trial.get(trial.number), metric)
                              for trial in pareto_front(study, spec)]

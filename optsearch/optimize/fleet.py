@@ -8,6 +8,7 @@ re-queued, and the command exits 130 once all children have.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -54,8 +55,20 @@ def without_devices(argv: list[str]) -> list[str]:
     return kept
 
 
+def shared_cpu_warning(devices: list[str]) -> str | None:
+    """Several CPU workers on one machine time each other's load, not their settings."""
+    cpus = devices.count("cpu")
+    if cpus < 2:
+        return None
+    return (f"warning: {cpus} CPU workers share this machine's {os.cpu_count()} cores: each "
+            "times the others' load too (baselines and speedups disturbed, impossible figures "
+            "re-timed); one CPU worker per machine measures honestly")
+
+
 def run_workers(argv: list[str], devices: list[str]) -> int:
     """Start one worker per device with `argv`; wait for all; forward Ctrl-C/SIGTERM once."""
+    if warning := shared_cpu_warning(devices):
+        print(warning, file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "optsearch.cli", *without_devices(argv)]
     children = [subprocess.Popen([*command, "--device", device], start_new_session=True)
                 for device in devices]

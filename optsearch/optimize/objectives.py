@@ -69,6 +69,11 @@ def is_feasible(trial: FrozenTrial) -> bool:
     return values is not None and all(v <= 0 for v in values.values())
 
 
+def is_faster(trial: FrozenTrial) -> bool:
+    """Did the trial run faster than the baseline? A slower setting is never a study's best."""
+    return (trial.user_attrs.get("speedup") or 0.0) > 1.0
+
+
 def merit(spec: StudySpec, first_value: float) -> float:
     """The first objective value oriented so that larger is better (speedup, or the metric in
     target-speedup mode); pareto fronts pick their highest speedup."""
@@ -83,13 +88,15 @@ def _better(spec: StudySpec, a: FrozenTrial, b: FrozenTrial | None) -> bool:
 
 
 def _measured_feasible(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible COMPLETE trials that measured their setting (not copies of an earlier trial)."""
+    """Feasible COMPLETE trials faster than the baseline that measured their setting (not copies
+    of an earlier trial)."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if is_feasible(t) and t.user_attrs.get("reused_from") is None]
+            if is_feasible(t) and is_faster(t) and t.user_attrs.get("reused_from") is None]
 
 
 def best_per_combo(study: optuna.Study, spec: StudySpec) -> dict[str, FrozenTrial]:
-    """The best feasible COMPLETE trial of each combo (original measurements preferred)."""
+    """The best feasible COMPLETE trial of each combo faster than the baseline (original
+    measurements preferred)."""
     best: dict[str, FrozenTrial] = {}
     for trial in _measured_feasible(study):
         combo = trial.user_attrs.get("combo", "?")

@@ -12,11 +12,8 @@ import optuna
 from optuna.trial import TrialState
 
 from optsearch.measure.metrics import at_least_as_good
-from optsearch.optimize import objectives
-from optsearch.storage import record
+from optsearch.optimize.early_stop import STEPS_ONLY
 from optsearch.storage.record import quality_of, speedup_of
-
-STEPS_ONLY = "steps"
 
 
 def steps_frontier(study: optuna.Study, spec) -> list[dict]:
@@ -27,7 +24,8 @@ def steps_frontier(study: optuna.Study, spec) -> list[dict]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
         quality, speedup = quality_of(attrs, metric), speedup_of(attrs)
-        if attrs.get("combo") != STEPS_ONLY or quality is None or speedup is None:
+        if attrs.get("combo") != STEPS_ONLY or quality is None or speedup is None \
+                or speedup.speedup <= 1.0:  # no faster than the baseline, which is on the line
             continue
         points.append({"trial": trial.number,
                        "num_inference_steps": attrs["setting"]["steps"]["num_inference_steps"],
@@ -78,9 +76,25 @@ def verdict_text(result: dict | None) -> str:
     return f"{word} the fewer-steps line by {result['margin']:.2f}x: {where}"
 
 
-def best_verdict(study: optuna.Study, spec) -> dict | None:
-    """The verdict for the study's best feasible trial (None without steps-only trials)."""
-    best = objectives.best_overall(study, spec)
-    if best is None:
+def missing_text(study: optuna.Study, spec) -> str | None:
+    """Why a study that searches steps alone has no reference line yet, in words (None when it
+    does not search steps alone, or the line is there)."""
+    if [STEPS_ONLY] not in [list(combo) for combo in spec.search.combos]:
         return None
-    return verdict(record.trial_metrics(best), steps_frontier(study, spec), spec.quality.metric)
+    if steps_frontier(study, spec):
+        return None
+    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("combo") == STEPS_ONLY]
+    if not trials:
+        return "no steps-only trial has run yet: the fewer-steps line comes with more trials"
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return ("no steps-only trial ran faster than the baseline: the reference is the "
+                "full-step baseline (1.0x)")
+    reasons = [t.user_attrs.get("early_stop_reason") for t in trials if t.state == TrialState.PRUNED]
+    if reasons and reasons.count("quality") == len(trials):
+        return (f"all {len(trials)} steps-only trials fell past the quality limit: fewer steps "
+                "alone do not reach it, so the reference is the full-step baseline (1.0x)")
+    if reasons:
+        counts = ", ".join(f"{reasons.count(r)} {r}" for r in sorted(set(map(str, reasons))))
+        return (f"no steps-only trial finished: {len(reasons)} of {len(trials)} stopped early "
+                f"({counts}); `study extend` runs more")
+    return "no steps-only trial has finished yet: the fewer-steps line comes when one does"

@@ -25,15 +25,17 @@ from tqdm.auto import tqdm
 from optsearch.accelerators import combo_name, normalize_setting
 from optsearch.formatting import format_interval
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
-from optsearch.measure.faults import oom_fault_from_env
+from optsearch.measure.faults import fault_from_env
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.optimize import objectives, recovery, sharing
 from optsearch.optimize import study as studies
 from optsearch.optimize.baseline import BaselineKeeper
 from optsearch.optimize.early_stop import rule_for
-from optsearch.optimize.estimate import Estimate, estimate_text
+from optsearch.optimize.estimate import print_estimate
+from optsearch.optimize.plausible import ImplausibleSpeedup, measure_plausibly
 from optsearch.optimize.recovery import OUT_OF_MEMORY
 from optsearch.optimize.space import suggest_setting
+from optsearch.optimize.winner import mark_winner
 from optsearch.storage.artifacts import open_artifact_store, upload_grid
 from optsearch.storage.notes import trial_note, write_trial_note
 from optsearch.storage.rdb import GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
@@ -58,7 +60,7 @@ class WorkerOptions:
     artifact_dir: str | None = None  # overrides the spec's [artifacts] path
     halve_batch_on_oom: bool = False  # retry an out-of-memory trial at half the batch size
     started: float = dataclasses.field(default_factory=time.monotonic)  # when the command began
-    stop_rule: Callable = rule_for  # (spec, finished trials, fingerprint, baseline id) -> rule
+    stop_rule: Callable = rule_for  # (spec, finished, fingerprint, baseline id, combo=) -> rule
 
 
 class Worker:
@@ -78,7 +80,7 @@ class Worker:
         self.worker_id = f"{self.host}:{os.getpid()}"
         device_id, _ = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         evaluator = evaluator.derive(  # with what this study measured on this device (MagCache)
-            fault=oom_fault_from_env(), calibration=studies.calibration(self.study, device_id),
+            fault=fault_from_env(), calibration=studies.calibration(self.study, device_id),
             on_calibrated=lambda name, data: studies.save_calibration(self.study, self.fingerprint,
                                                                       name, data))
         artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
@@ -107,7 +109,9 @@ class Worker:
         previous = signal.signal(signal.SIGTERM, recovery.raise_interrupt)
         try:
             baseline = self.baselines.ensure(self.trials_run)
-            self._print_estimate(baseline.seconds_per_image)
+            remaining = max(0, self.spec.search.n_trials - sharing.counts(self.study)[0])
+            print_estimate(self.worker_id, baseline.seconds_per_image, remaining,
+                           len(self.evaluator.prompts))
             self._loop()
         except KeyboardInterrupt:
             if self.current is not None:  # Optuna failed it: queue its parameters again
@@ -155,20 +159,17 @@ class Worker:
             return True
         self.baselines.retime_if_due(self.trials_run)
         try:
-            self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial, *OUT_OF_MEMORY),
-                                gc_after_trial=False, show_progress_bar=False)
+            self.study.optimize(self._objective, n_trials=1, gc_after_trial=False,
+                                catch=(SurplusTrial, ImplausibleSpeedup, *OUT_OF_MEMORY),
+                                show_progress_bar=False)
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
             # Optuna's "Cannot tell a FAIL trial.": another worker ended ours meanwhile
             if not str(error).startswith(("Cannot tell a", "Trial#")) \
                     or not recovery.ended_by_others(self.study, self.current):
                 raise
         self.current = None  # told to the storage: no longer ours to re-queue
+        mark_winner(self.study, self.spec)  # the dashboard's note and attr follow each trial
         return True
-
-    def _print_estimate(self, seconds_per_image: float) -> None:
-        if remaining := max(0, self.spec.search.n_trials - sharing.counts(self.study)[0]):
-            estimate = Estimate(seconds_per_image, remaining, len(self.evaluator.prompts))
-            print(f"{self.worker_id}: {remaining} trials to go; {estimate_text(estimate)}", flush=True)
 
     def _objective(self, trial: optuna.Trial):
         self.current = trial
@@ -185,16 +186,20 @@ class Worker:
         if previous is not None:
             self.trials_run += 1
             return sharing.copy_result(self.study, trial, previous)
-        result = self._measure(trial, setting)
-        self.trials_run += 1
+        try:
+            result = measure_plausibly(lambda: self._measure(trial, setting),
+                                       lambda: self.baselines.retime(self.trials_run), setting,
+                                       self.spec.model.steps, trial)
+        finally:
+            self.trials_run += 1  # a trial that failed ran too: this worker's --n-trials counts it
         self.baselines.trials_since_timing += 1
         return self._record(trial, result)
 
-    def early_stop_rule(self):
+    def early_stop_rule(self, combo: str):
         """The early-stop rule for the next trial, from what the study has measured so far."""
         finished = self.study.get_trials(deepcopy=False, states=studies.FINISHED)
         return self.options.stop_rule(self.spec, finished, self.fingerprint,
-                                      self.baselines.baseline_id)
+                                      self.baselines.baseline_id, combo=combo)
 
     def _measure(self, trial: optuna.Trial, setting: dict) -> Comparison:
         """Compare the setting with the baseline; on out-of-memory, fail or halve the batch size."""
@@ -202,7 +207,7 @@ class Worker:
         while True:
             try:
                 return self.evaluator.compare(setting, self.baselines.baseline,
-                                              stop_when=self.early_stop_rule(),
+                                              stop_when=self.early_stop_rule(combo_name(setting)),
                                               keep_images=self.spec.artifacts.grid_prompts)
             except OUT_OF_MEMORY as error:
                 recovery.release_memory()
@@ -213,11 +218,8 @@ class Worker:
                     trial.set_user_attr("fail_reason", reason)
                     raise
                 halvings += 1
-                # per-prompt seeds keep the images; timings need a baseline at this batch size
-                smaller = dataclasses.replace(self.evaluator.config, batch_size=batch_size // 2)
-                self.baselines.for_evaluator(self.evaluator.derive(config=smaller), self.trials_run)
+                trial.set_user_attr("batch_size", self.baselines.halve_batch(self.trials_run))
                 trial.set_user_attr("oom_halvings", halvings)
-                trial.set_user_attr("batch_size", self.evaluator.config.batch_size)
                 trial.set_user_attr("fingerprint", self.fingerprint)
 
     def _record(self, trial: optuna.Trial, result: Comparison):

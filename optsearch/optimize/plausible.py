@@ -1,0 +1,54 @@
+"""Speedups the setting's computation cannot give: re-timed, never recorded.
+
+Four times fewer steps cannot run more than four times faster. A figure beyond what the setting
+skips (`accelerators.max_speedup`, with `SLACK` for timing noise) means the timing was disturbed,
+almost always a baseline timed while something else ran on the device (two CPU workers sharing
+cores timed 3.0 and 9.1 s/image for one baseline). The worker then re-times its baseline and
+measures the trial once more; still beyond the bound, the trial fails with the reason, so no
+impossible figure reaches the study's answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from optsearch.accelerators import max_speedup
+from optsearch.measure.evaluate import Comparison
+
+logger = logging.getLogger(__name__)
+
+SLACK = 1.25  # timing noise on top of the bound before a figure is called impossible
+
+
+class ImplausibleSpeedup(Exception):
+    """A trial measured faster than its computation allows, twice."""
+
+
+def implausible(result: Comparison, setting: Mapping, model_steps: int) -> str | None:
+    """Why `result`'s speedup is impossible for `setting`, or None when it is not."""
+    bound = max_speedup(setting, model_steps)
+    if bound is None or result.speedup is None or result.speedup <= bound * SLACK:
+        return None
+    return (f"speedup {result.speedup:.2f}x is beyond the {bound:.2f}x the setting's computation "
+            "allows: the timing was disturbed (another process on the device?)")
+
+
+def measure_plausibly(measure: Callable[[], Comparison], retime_baseline: Callable[[], None],
+                      setting: Mapping, model_steps: int, trial) -> Comparison:
+    """`measure()` the trial; an impossible figure re-times the baseline and measures again once.
+    Twice impossible: the trial records why and fails (ImplausibleSpeedup)."""
+    result = measure()
+    reason = implausible(result, setting, model_steps)
+    if reason is None:
+        return result
+    logger.warning("trial %d: %s; re-timing the baseline and measuring again", trial.number, reason)
+    trial.set_user_attr("retimed_because", reason)
+    retime_baseline()
+    result = measure()
+    reason = implausible(result, setting, model_steps)
+    if reason is None:
+        return result
+    trial.set_user_attr("fail_reason", reason)
+    logger.warning("trial %d failed: %s, again after re-timing", trial.number, reason)
+    raise ImplausibleSpeedup(reason)

@@ -1,0 +1,123 @@
+"""One answer, the same everywhere (issue 22): the fewer-steps line is always measured or its
+absence explained, a setting slower than the baseline is never a best, and an interval too wide
+to tell says so in words."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import optuna
+from optuna.trial import TrialState, create_trial
+
+from optsearch.formatting import format_speedup
+from optsearch.optimize import objectives, reference
+from optsearch.optimize.early_stop import rule_for
+from optsearch.study_spec import load_spec
+from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
+
+STEPS_AND_CACHE = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
+                                    'accelerators = [["steps"], ["deepcache"]]')
+
+
+def measured(combo: str, setting: dict, speedup: float, psnr: float, feasible: bool = True,
+             state: TrialState = TrialState.COMPLETE, **extra) -> optuna.trial.FrozenTrial:
+    """A finished trial as the worker records it (storage/record.py)."""
+    attrs = {"combo": combo, "setting": setting, "fingerprint": "here", "speedup": speedup,
+             "speedup_low": speedup * 0.95, "speedup_high": speedup * 1.05, "psnr": psnr,
+             "psnr_low": psnr - 1, "psnr_high": psnr + 1, "batch_seconds": [0.5, 0.5],
+             "constraints": {"quality": -1.0 if feasible else 1.0}, **extra}
+    return create_trial(state=state, value=speedup if state == TrialState.COMPLETE else None,
+                        user_attrs=attrs)
+
+
+def test_a_steps_only_trial_is_never_stopped_as_dominated(tmp_path):
+    """The fewer-steps line is the headline comparison: its trials keep the quality look but are
+    never compared with the best so far; every other combo is."""
+    spec = load_spec(write_spec(tmp_path / "s.toml", STEPS_AND_CACHE))
+    finished = [measured("deepcache", {"deepcache": {"cache_interval": 4}}, 8.0, 35.0)]
+    cache_rule = rule_for(spec, finished, "here", combo="deepcache")
+    steps_rule = rule_for(spec, finished, "here", combo="steps")
+    assert cache_rule.speedup_to_beat is not None and cache_rule.speedup_to_beat.speedup == 8.0
+    assert steps_rule.speedup_to_beat is None and steps_rule.front == []
+    assert steps_rule.quality_limit == cache_rule.quality_limit == 30.0
+
+
+def test_a_missing_fewer_steps_line_is_explained(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "s.toml", STEPS_AND_CACHE))
+    study = optuna.create_study(direction="maximize")
+    assert "no steps-only trial has run yet" in reference.missing_text(study, spec)
+    six = {"steps": {"num_inference_steps": 6}}
+    study.add_trial(measured("steps", six, 1.3, 25.0, feasible=False, state=TrialState.PRUNED,
+                             early_stop_reason="quality"))
+    assert "fell past the quality limit" in reference.missing_text(study, spec)
+    study.add_trial(measured("steps", six, 1.3, 33.0, state=TrialState.PRUNED,
+                             early_stop_reason="dominated"))  # as earlier versions stopped it
+    assert "1 dominated, 1 quality" in reference.missing_text(study, spec)
+    study.add_trial(measured("steps", six, 1.3, 33.0))
+    assert reference.missing_text(study, spec) is None
+    assert reference.steps_frontier(study, spec)[0]["trial"] == 2
+    without_steps = load_spec(write_spec(tmp_path / "t.toml", TINY_SPEC))
+    assert reference.missing_text(study, without_steps) is None
+
+
+def test_a_setting_slower_than_the_baseline_is_no_best(tmp_path):
+    """A feasible trial at 0.73x (a cache that changed nothing, plus its hooks) is not a combo's
+    best, not the winner, and not exported; show says why in words."""
+    spec_path = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert optsearch_cmd("study", "create", str(spec_path), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name="tiny", storage=url)
+    setting = {"deepcache": {"cache_interval": 1, "cache_branch_id": 0}}
+    study.add_trial(measured("deepcache", setting, 0.73, 100.0))
+    assert objectives.best_per_combo(study, load_spec(spec_path)) == {}
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
+    assert "(no feasible trial faster than the baseline yet)" in shown.stdout
+    assert "winner" not in shown.stdout
+    refused = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json", cwd=tmp_path)
+    assert refused.returncode == 3 and "faster than the baseline" in refused.stderr
+    assert not (tmp_path / "sp.json").exists()
+    study.add_trial(measured("deepcache", {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
+                             2.1, 34.0))
+    exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    faster = next(t.number for t in study.get_trials() if t.user_attrs.get("speedup") == 2.1)
+    assert json.loads((tmp_path / "sp.json").read_text())["best"]["trial"] == faster
+
+
+def test_an_interval_too_wide_to_tell_is_said_in_words():
+    assert format_speedup({"speedup": 2.1, "speedup_low": 1.95, "speedup_high": 2.27}) \
+        == "2.10 [1.95, 2.27]"
+    for low, high in [(0.0, 159.12), (0.02, 850.15), (0.5, 2.5)]:
+        text = format_speedup({"speedup": 0.73, "speedup_low": low, "speedup_high": high})
+        assert text == "0.73 (not measured enough to tell)", text
+
+
+STEPS_ONLY = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]', 'accelerators = [["steps"]]') \
+    .replace("n_trials = 4", "n_trials = 1\nwarm_start = []")
+
+
+def run_steps_trial(tmp_path, name: str, slow_baseline: str) -> optuna.trial.FrozenTrial:
+    """One steps-only trial (4 of 8 steps: at most 2x) measured against a baseline timing made
+    slow by OPTSEARCH_FAULT_SLOW_BASELINE, as a baseline timed beside another process reads."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / f"{name}.toml", STEPS_ONLY.replace('"tiny"', f'"{name}"'))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name=name, storage=url)
+    study.enqueue_trial({"steps.num_inference_steps": 4})
+    env = {**os.environ, "OPTSEARCH_FAULT_SLOW_BASELINE": slow_baseline}
+    ran = optsearch_cmd("worker", "--study", name, "--storage", url, "--n-trials", "1", "--quiet",
+                        "--artifact-dir", str(tmp_path / "art"), cwd=tmp_path, env=env)
+    assert ran.returncode == 0, ran.stderr
+    [trial] = study.get_trials()
+    return trial
+
+
+def test_a_speedup_beyond_what_the_setting_computes_is_retimed_not_recorded(tmp_path):
+    once = run_steps_trial(tmp_path, "once", "1.0")  # the first baseline timing only
+    assert once.state == TrialState.COMPLETE
+    assert "beyond the 2.00x the setting's computation allows" in once.user_attrs["retimed_because"]
+    assert once.user_attrs["speedup"] <= 2.0 * 1.25  # measured again on a fresh baseline timing
+    always = run_steps_trial(tmp_path, "always", "1.0:always")  # the device stays disturbed
+    assert always.state == TrialState.FAIL and "beyond the 2.00x" in always.user_attrs["fail_reason"]
+    assert "speedup" not in always.user_attrs  # no impossible figure is recorded
