@@ -3,12 +3,14 @@ traceback, no password, and the storage exactly as before."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 
 import optuna
 import pytest
 
-from tests.conftest import TINY_SPEC, optsearch_cmd, storage_snapshot
+from tests.conftest import ROOT, TINY_SPEC, optsearch_cmd, storage_snapshot
 
 PASSWORD = "s3cret-pw"
 UNREACHABLE = f"postgresql+psycopg://optsearch:{PASSWORD}@127.0.0.1:1/optsearch"
@@ -90,6 +92,9 @@ CASES = [
      "already has n_trials 2"),
     ("NaN --set", {"s.toml": TINY_SPEC}, ["evaluate", "s.toml", "--set", "tome.ratio=nan"], 2,
      "--set value 'nan' is not a finite number"),
+    ("a transformer cache on a UNet", {"s.toml": TINY_SPEC},
+     ["evaluate", "s.toml", "--set", "fbcache.threshold=0.1"], 2,
+     "--set: fbcache does not apply to this model (unet pipeline"),
     ("blank study name", {"s.toml": TINY_SPEC}, ["study", "create", "s.toml", "--name", "   "], 2,
      "must be printable text, not blank"),
     ("study name with a newline", {"s.toml": TINY_SPEC}, ["run", "s.toml", "--name", "a\nb"], 2,
@@ -167,3 +172,22 @@ def test_delete_refuses_while_a_trial_runs(populated, tmp_path):
     forced = optsearch_cmd("study", "delete", "tiny", "--force", "-v", "--storage", url)
     assert forced.returncode == 0, forced.stderr
     assert "tiny" not in [s.study_name for s in optuna.get_all_study_summaries(url)]
+
+
+def test_check_of_a_hub_spec_offline_says_each_missing_piece_once(tmp_path):
+    """No network: the hub is tried once, then nothing retries; model, prompts and CLIP weights
+    each get one line with the fix (it took 58 s and 48 retry warnings before)."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.monotonic()
+    result = optsearch_cmd("check", str(ROOT / "studies" / "sd15-any.toml"), cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 40
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("optsearch: ") for line in lines), result.stderr
+    errors = [line for line in lines if line.startswith("optsearch: error: ")]
+    assert len(errors) == 3, result.stderr
+    for error, fix in zip(errors, ("prompts.source", "set model.id to a local folder",
+                                   "quality.clip_pretrained"), strict=True):
+        assert "is not in this machine's Hugging Face cache" in error
+        assert "127.0.0.1 is unreachable" in error and fix in error

@@ -142,17 +142,26 @@ def test_a_factory_pipeline_is_searched_by_several_worker_processes(tmp_path):
     (tmp_path / "my_pipes.py").write_text(FACTORY)
     text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:build"') \
         .replace("n_trials = 4", "n_trials = 2\nwarm_start = []")
-    spec = write_spec(tmp_path / "factory.toml", text)
+    write_spec(tmp_path / "factory.toml", text)
+    elsewhere = tmp_path / "elsewhere"  # the module is beside the spec, not in the cwd
+    elsewhere.mkdir()
     url = f"sqlite:///{tmp_path}/f.db"
-    first = optsearch_cmd("run", str(spec), "--storage", url, "--n-trials", "1", "--quiet",
-                          cwd=tmp_path)
+    first = optsearch_cmd("run", "../factory.toml", "--storage", url, "--n-trials", "1", "--quiet",
+                          cwd=elsewhere)
     assert first.returncode == 0, first.stderr
     assert "estimate: " in first.stdout  # run shows what the study will cost when it starts
-    second = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
+    second = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=elsewhere)
     assert second.returncode == 0, second.stderr
-    trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    study = optuna.load_study(study_name="tiny", storage=url)
+    trials = study.get_trials()
     assert len(trials) == 2 and len({t.user_attrs["worker"] for t in trials}) == 2
     assert all(t.state.name == "COMPLETE" for t in trials)
+    stored = study.user_attrs["optsearch:spec"]
+    assert stored["model"]["factory_path"] == str(tmp_path)
+    assert stored["artifacts"]["path"] == str(tmp_path / "artifacts")  # beside the spec
+    assert len(list((tmp_path / "artifacts").rglob("*"))) > 0 and not list(elsewhere.iterdir())
+    from optsearch.cli.dashboard import stored_artifact_dir
+    assert stored_artifact_dir(study._storage) == str(tmp_path / "artifacts")
 
 
 @pytest.mark.parametrize("model_id, message", [

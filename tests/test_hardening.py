@@ -243,6 +243,28 @@ def test_a_worker_whose_trial_another_failed_goes_on(tmp_path):
     assert len(finished) == 3
 
 
+def test_a_worker_whose_study_is_deleted_stops_with_one_line(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", "n_trials = 3"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    worker = subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", url, "--quiet"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    study = optuna.load_study(study_name="tiny", storage=url)
+    deadline = time.monotonic() + 300
+    while not [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if "setting" in t.user_attrs]:
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.1)
+    deleted = optsearch_cmd("study", "delete", "tiny", "--force", "--storage", url)
+    assert deleted.returncode == 0, deleted.stderr
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 2, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "optsearch: error: study 'tiny' was deleted while this worker ran; its running trial is lost, "
+        "the worker stops")
+
+
 def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", "n_trials = 20"))

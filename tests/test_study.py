@@ -249,6 +249,7 @@ def test_best_trial_of_known_study(tmp_path, mode, expected):
         trial.set_user_attr("constraints", values)
         trial.set_user_attr("combo", combo)
         trial.set_user_attr("setting", {})
+        trial.set_user_attr("speedup", speedup)
         study.tell(trial, objectives.objective_values(spec, summary))
     best = objectives.best_overall(study, spec)
     assert best.number == expected

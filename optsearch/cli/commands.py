@@ -12,7 +12,7 @@ import numpy as np
 import optuna
 from PIL import Image
 
-from optsearch.accelerators import ORDER, normalize_setting
+from optsearch.accelerators import ORDER, combo_problem, normalize_setting
 from optsearch.cli.dashboard import serve
 from optsearch.cli.plots import plot_study
 from optsearch.cli.preflight import check, format_report
@@ -67,7 +67,10 @@ def cmd_evaluate(args) -> int:
     spec = load_spec(args.spec)
     try:
         given = normalize_setting(parse_sets(args.set))
-        combo = next((c for c in spec.search.combos if set(given) <= set(c)), spec.search.combos[0])
+        combo = next((c for c in spec.search.combos if set(given) <= set(c)), None)
+        if combo is None:  # say why about the families given, not a combo they were mixed into
+            problem = combo_problem(list(given), spec.search.model_kind) or check_setting(given, spec)[0]
+            raise SpecError([f"--set: {problem}"])
         setting = default_setting(combo, spec.model.steps)
         for accelerator, values in given.items():
             setting.setdefault(accelerator, {}).update(values)

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+from optsearch.optimize.study import SPEC_ATTR
 from optsearch.storage.artifacts import open_artifact_store
 from optsearch.storage.rdb import mask, open_storage
 
 
+def stored_artifact_dir(storage) -> str:
+    """The artifacts folder the storage's studies were created with (their specs store it
+    absolute), so a dashboard started from any folder shows their images; `artifacts` if none."""
+    paths = []
+    for study in storage.get_all_studies():
+        path = (study.user_attrs.get(SPEC_ATTR) or {}).get("artifacts", {}).get("path")
+        if path and path not in paths:
+            paths.append(path)
+    if len(paths) > 1:
+        print(f"note: the studies keep artifacts in {len(paths)} places; showing {paths[0]} "
+              "(--artifact-dir picks another)", flush=True)
+    return paths[0] if paths else "artifacts"
+
+
 def serve(storage_url: str | None, host: str = "127.0.0.1", port: int = 8080,
-          artifact_dir: str = "artifacts") -> None:
+          artifact_dir: str | None = None) -> None:
     """Serve until interrupted. Binds 127.0.0.1 unless told otherwise."""
     from optuna_dashboard import run_server
 
     storage = open_storage(storage_url, heartbeat_interval=None, must_exist=True)
-    store = open_artifact_store(artifact_dir)
+    store = open_artifact_store(artifact_dir or stored_artifact_dir(storage))
     print(f"optuna-dashboard for {mask(storage.url)} on http://{host}:{port}/", flush=True)
     run_server(storage, host=host, port=port, artifact_store=store)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from optsearch.errors import exit_code_for, problem_lines
 from optsearch.storage.masking import mask_text
@@ -209,10 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     dashboard.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
-    dashboard.add_argument("--artifact-dir", default="artifacts", metavar="DIR",
-                           help="the artifact folder the workers write to (default: artifacts)")
+    dashboard.add_argument("--artifact-dir", default=None, metavar="DIR",
+                           help="the artifact folder the workers write to (default: the one the "
+                                "studies' specs store)")
     dashboard.set_defaults(handler="cmd_dashboard")
     return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, not the file and source line Python shows (-v shows those)."""
+    print(f"optsearch: warning: {mask_text(str(message).splitlines()[0])}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose:
             handler.addFilter(_one_line_record)
         handler.addFilter(_mask_record)  # last: it also masks what the one-line filter added
+    if not args.verbose:  # a library's deprecation note is not the user's problem
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        warnings.showwarning = _one_line_warning
     if args.verbose:
         import optuna
 

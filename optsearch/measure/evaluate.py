@@ -351,7 +351,8 @@ def pipeline_from_spec(spec, device: str | None = None):
     """Load the spec's pipeline (on `device` when given) and check its combos apply to it."""
     model = spec.model
     pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
-                         kind=None if model.kind == "auto" else model.kind)
+                         kind=None if model.kind == "auto" else model.kind,
+                         factory_path=model.factory_path)
     check_families(pipe, spec)
     return pipe
 

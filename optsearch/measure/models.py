@@ -19,6 +19,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from optsearch.errors import ModelLoadError, first_line
 from optsearch.measure.builtin import BUILTIN_KINDS, build_builtin
+from optsearch.measure.hub import missing, offline_reason
 
 logger = logging.getLogger(__name__)
 
@@ -108,20 +109,23 @@ def is_factory(model_id: str) -> bool:
     return not model_id.startswith("builtin:") and bool(FACTORY.match(model_id))
 
 
-def build_from_factory(model_id: str, placement: Placement):
+def build_from_factory(model_id: str, placement: Placement, factory_path: str | None = None):
     """Import `module.path`, call `function(device=..., dtype=...)` and check it gave a pipeline.
 
-    The module is imported from the working directory or PYTHONPATH, in every worker process, so a
-    LoRA-fused or otherwise custom pipeline can be searched by many workers.
+    The module is imported from `factory_path` (the spec's folder: `model.factory_path`), the
+    working directory or PYTHONPATH, in every worker process, so a LoRA-fused or otherwise custom
+    pipeline can be searched by many workers.
     """
     module_name, _, function_name = model_id.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    for folder in (os.getcwd(), factory_path):  # the spec's folder first
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # ImportError, or the module's own failure while importing
-        raise ModelLoadError(f"model.id {model_id!r}: cannot import {module_name!r} (from the "
-                             f"working directory or PYTHONPATH): {first_line(error)}") from error
+        where = f"{factory_path}, the working directory" if factory_path else "the working directory"
+        raise ModelLoadError(f"model.id {model_id!r}: cannot import {module_name!r} (from "
+                             f"{where} or PYTHONPATH): {first_line(error)}") from error
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise ModelLoadError(f"model.id {model_id!r}: {module_name!r} has no function "
@@ -140,15 +144,17 @@ def build_from_factory(model_id: str, placement: Placement):
 
 
 def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
-                  scheduler: str | None = None, kind: str | None = None):
+                  scheduler: str | None = None, kind: str | None = None,
+                  factory_path: str | None = None):
     """Load a diffusers pipeline once per process: builtin name, `module:function` factory,
-    local folder or hub id. `kind` ("unet"/"transformer") when known better than from the id."""
+    local folder or hub id. `kind` ("unet"/"transformer") when known better than from the id;
+    `factory_path` the folder a factory's module is imported from."""
     kind = kind or model_kind(model_id)
     placement = resolve_placement(device, dtype, kind)
     if model_id.startswith("builtin:"):
         pipe = build_builtin(model_id)
     elif is_factory(model_id):
-        pipe = build_from_factory(model_id, placement)
+        pipe = build_from_factory(model_id, placement, factory_path)
     else:
         pipe = _load_pretrained(model_id, placement.dtype, kind)
     if scheduler:
@@ -168,6 +174,7 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
     # SD pipelines carry a safety checker that would black out images and cost time; others have none.
     extra = {"safety_checker": None} if kind == "unet" else {}
     source = path if os.path.isdir(path) else model_id
+    offline = None if os.path.isdir(path) else offline_reason()  # once, before any download
     try:
         if torch_dtype == torch.float16:
             # Repos that publish half-precision files (SD 1.5, SDXL) as the "fp16" variant: half
@@ -181,6 +188,11 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
                 logger.info("%s has no fp16 variant: loading its default files", model_id)
         return AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype, **extra)
     except (OSError, ValueError) as error:
+        if offline:
+            raise ModelLoadError(missing(
+                f"model {model_id!r}", offline,
+                f"download it where the hub is reachable (`hf download {model_id}`) and copy the "
+                "cache, or set model.id to a local folder")) from error
         raise ModelLoadError(f"cannot load model {model_id!r}: {first_line(error)}") from error
 
 

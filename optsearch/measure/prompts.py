@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 
 from optsearch.errors import PromptError, first_line
+from optsearch.measure.hub import missing, offline_reason
 
 # source -> (dataset id, split, column, take the first element of a list column)
 HUB_SOURCES = {
@@ -65,7 +66,16 @@ def _all_prompts(source: str, column: str | None) -> list[str]:
         return builtin_prompts()
     if source in HUB_SOURCES:
         dataset_id, split, default_column, first_of_list = HUB_SOURCES[source]
-        dataset = _load_dataset(dataset_id, split=split)
+        offline = offline_reason()  # once, before any download
+        try:
+            dataset = _load_dataset(dataset_id, split=split)
+        except PromptError:
+            if not offline:
+                raise
+            raise PromptError(missing(
+                f"prompt set {source!r} ({dataset_id})", offline,
+                'use prompts.source = "builtin" or a prompt file, or load it once where the hub '
+                "is reachable and copy the cache")) from None
         return _column(dataset, column or default_column, source, first_of_list)
     path = Path(source).expanduser()
     if not path.is_file():

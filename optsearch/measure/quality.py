@@ -11,18 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 from importlib import resources
-from urllib.parse import urlparse
 
 import numpy as np
 import open_clip
 import torch
-from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
 from PIL import Image
 
 from optsearch.errors import ModelLoadError
+from optsearch.measure.hub import missing, offline_reason
 
 TINY_CLIP = "builtin:tiny"
 _TINY_CLIP_CONFIG = "optsearch-tiny-clip"
@@ -92,26 +91,19 @@ def clip_weights_files(model_name: str, tag: str) -> tuple[str, list[str]] | Non
 def check_clip_weights(model_name: str, tag: str) -> None:
     """Fail fast, in one line, when the weights are neither cached nor downloadable (no hub):
     otherwise the download retries for about a minute before failing."""
-
-
     files = clip_weights_files(model_name, tag)
     if files is None:
         return
     repo, names = files
     if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
         return
-    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    reason = offline_reason()
     if reason is None:
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-        try:
-            socket.create_connection((host, 443), timeout=3).close()
-            return
-        except OSError:
-            reason = f"{host} is unreachable"
-    raise ModelLoadError(
-        f"CLIP weights {model_name}/{tag} ({repo}/{names[-1]}) are not in the Hugging Face cache "
-        f"{constants.HF_HUB_CACHE} and {reason}: download them once where the hub is reachable, "
-        "point HF_HOME at a cache that has them, or set quality.clip_pretrained to a local file")
+        return
+    raise ModelLoadError(missing(
+        f"CLIP weights {model_name}/{tag} ({repo}/{names[-1]})", reason,
+        "download them once where the hub is reachable, point HF_HOME at a cache that has them, "
+        "or set quality.clip_pretrained to a local file"))
 
 
 def psnr(reference: np.ndarray, image: np.ndarray) -> float:

@@ -107,6 +107,10 @@ def extend_study(storage, name: str, n_trials: int) -> tuple[int, int]:
     return old, len(finished_trials(study))
 
 
+# What studies made before a path was stored absolute hold: the same spec, whatever is stored now.
+BEFORE_STORED = {("artifacts.path", "artifacts"), ("model.factory_path", None)}
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(old) | set(new))
     found = []
@@ -114,6 +118,6 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b and (f"{prefix}{key}", a) not in BEFORE_STORED:
             found.append(f"{prefix}{key}")
     return found

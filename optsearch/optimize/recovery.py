@@ -19,7 +19,7 @@ import torch
 from optuna.storages._heartbeat import HeartbeatThread
 from optuna.trial import TrialState
 
-from optsearch.errors import first_line
+from optsearch.errors import StorageError, first_line
 from optsearch.storage.rdb import DATABASE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,19 @@ def ended_by_others(study: optuna.Study, trial: optuna.Trial | None) -> bool:
     logger.warning("trial %d was ended (%s) by another worker while this one measured it "
                    "(heartbeat judged stale); going on with the next trial", trial.number, state.name)
     return True
+
+
+def raise_if_study_deleted(study: optuna.Study, error: BaseException) -> None:
+    """A worker whose study was deleted under it (`study delete --force`) stops with one line."""
+    if caused_by_database(error):
+        return  # the database is away: nothing can be known about the study until it is back
+    try:
+        names = [s.study_name for s in study._storage.get_all_studies()]
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        return
+    if study.study_name not in names:
+        raise StorageError(f"study {study.study_name!r} was deleted while this worker ran; "
+                           "its running trial is lost, the worker stops") from None
 
 
 def caused_by_database(error: BaseException | None) -> bool:

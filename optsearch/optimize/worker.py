@@ -133,6 +133,7 @@ class Worker:
                         break
                     self.outages.recovered()
                 except Exception as error:
+                    recovery.raise_if_study_deleted(self.study, error)
                     if not recovery.caused_by_database(error):
                         raise
                     self.outages.recover(error, self.study, self.current)
@@ -141,9 +142,8 @@ class Worker:
 
     def _own_limit_reached(self) -> bool:
         options = self.options
-        if options.n_trials is not None and self.trials_run >= options.n_trials:
-            return True
-        return options.timeout is not None and time.monotonic() - options.started > options.timeout
+        return (options.n_trials is not None and self.trials_run >= options.n_trials) or \
+            (options.timeout is not None and time.monotonic() - options.started > options.timeout)
 
     def _step(self, target: int, bar) -> bool:
         """Run one trial, or wait for others' last trials; False when the study is done."""

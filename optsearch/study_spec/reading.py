@@ -6,6 +6,7 @@ before raising `SpecError`, so a user fixes a spec in one pass.
 
 from __future__ import annotations
 
+import re
 import tomllib
 import types
 import typing
@@ -68,6 +69,9 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     return spec
 
 
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.path:function
+
+
 def _is_prompt_file(source: str) -> bool:
     return source not in PROMPT_SOURCES and source.lower().endswith(PROMPT_FILE_SUFFIXES)
 
@@ -79,7 +83,12 @@ def _prompt_files(spec: StudySpec) -> list[tuple[str, str]]:
 
 def _resolve_paths(data: dict, folder: Path) -> None:
     """Make the relative paths a spec names (prompt files, the artifacts folder, a local model
-    folder) absolute from the spec's own folder, so every worker reads the same files."""
+    folder) absolute from the spec's own folder, so every worker reads the same files. The
+    artifacts folder is `artifacts` beside the spec unless the spec names one: stored absolute,
+    a dashboard or worker started anywhere finds the same images."""
+    if isinstance(data.get("artifacts", {}), dict):
+        data.setdefault("artifacts", {}).setdefault("path", "artifacts")
+
     def resolve(section: str, key: str, applies) -> None:
         table = data.get(section)
         value = table.get(key) if isinstance(table, dict) else None
@@ -90,6 +99,11 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     resolve("confirm", "source", _is_prompt_file)
     resolve("artifacts", "path", lambda value: "://" not in value)
     resolve("model", "id", lambda value: value.startswith(("./", "../")))
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("id"), str) and FACTORY.match(model["id"]) \
+            and not model["id"].startswith("builtin:"):
+        model.setdefault("factory_path", ".")
+        resolve("model", "factory_path", lambda value: True)
 
 
 def spec_from_dict(data: dict, source: str = "<spec>",

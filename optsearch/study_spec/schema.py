@@ -37,6 +37,8 @@ class ModelSpec:
     height: int | None = None  # None: the model's native size
     width: int | None = None
     guidance_scale: float = 7.5
+    factory_path: str | None = None  # where a module:function factory is imported from: the
+    # spec's folder unless given (then the working directory and PYTHONPATH)
 
 
 @dataclass
