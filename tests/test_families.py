@@ -69,6 +69,8 @@ FLUX_SETTINGS = {
     "pab": {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_high": 1000}},
     "magcache": {"magcache": {"threshold": 0.5, "max_skip_steps": 3, "retention_ratio": 0.1}},
     "steps": {"steps": {"num_inference_steps": 6}},
+    "dbcache": {"dbcache": {"residual_diff_threshold": 0.6, "max_warmup_steps": 2,
+                            "taylorseer_order": 1}},
 }
 
 
@@ -128,7 +130,8 @@ def test_step_counted_parameters_are_clipped_to_the_settings_steps():
 
 def test_families_per_kind_and_kind_from_the_model():
     assert applicable("unet") == ["steps", "deepcache", "tome", "tgate", "pab"]
-    assert applicable("transformer") == ["steps", "pab", "fbcache", "taylorseer", "magcache"]
+    assert applicable("transformer") == ["steps", "pab", "fbcache", "taylorseer", "magcache",
+                                         "dbcache"]
     assert model_kind("builtin:tiny-flux") == "transformer"
     assert model_kind("black-forest-labs/FLUX.1-dev") == "transformer"
     assert model_kind("stable-diffusion-v1-5/stable-diffusion-v1-5") == "unet"
@@ -148,7 +151,10 @@ def _flux_dict(accelerators, **model) -> dict:
 
 @pytest.mark.parametrize("data, message", [
     (_flux_dict(["deepcache"]), "deepcache does not apply to this model (transformer pipeline; "
-                                "families that do: steps, pab, fbcache, taylorseer, magcache)"),
+                                "families that do: steps, pab, fbcache, taylorseer, magcache, "
+                                "dbcache)"),
+    ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["dbcache"]}},
+     "dbcache does not apply to this model (unet pipeline; families that do: steps, deepcache"),
     ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["fbcache"]}},
      "fbcache does not apply to this model (unet pipeline; families that do: steps, deepcache"),
     (_flux_dict(["fbcache", "taylorseer"]), "fbcache combines only with steps"),
@@ -167,7 +173,7 @@ def test_families_that_do_not_apply_are_one_line_spec_errors(data, message):
 def test_any_means_the_applicable_combos_of_the_models_kind():
     flux = spec_from_dict(_flux_dict("any"))
     assert flux.search.combos == [("steps",), ("fbcache",), ("taylorseer",), ("pab",),
-                                  ("magcache",)]
+                                  ("magcache",), ("dbcache",)]
     unet = spec_from_dict({"model": {"id": "builtin:tiny"}, "search": {"accelerators": "any"}})
     assert [len(c) for c in unet.search.combos] == [1, 2, 2, 3] and "steps" not in unet.accelerators_used
     assert flux.param_range("steps", "num_inference_steps") == (3, 12, None)  # a quarter to all
@@ -239,3 +245,36 @@ def test_a_flux_study_runs_end_to_end_against_the_fewer_steps_line(tmp_path):
 
 def test_pipeline_kind_of_the_builtins(flux_pipe, tiny_pipe):
     assert pipeline_kind(flux_pipe) == "transformer" and pipeline_kind(tiny_pipe) == "unet"
+
+
+DBCACHE_SPEC = FLUX_SPEC.replace('accelerators = [["steps"], ["magcache"], ["steps", "taylorseer"]]',
+                                 'accelerators = [["dbcache"]]') \
+    .replace("n_trials = 6\nn_startup_trials = 6", "n_trials = 2\nwarm_start = []") \
+    .replace("limit = 35.0", "limit = 5.0")
+
+
+def test_a_dbcache_trial_that_skips_nothing_is_stopped_as_inert(tmp_path):
+    """On the random-weight tiny FLUX the residual differences lie near 0.4-0.6: a threshold of
+    0.05 never skips (the baseline plus hook overhead) and stops after its first batch; 0.7
+    skips, and the trial records how much of the transformer it actually ran."""
+    spec = write_spec(tmp_path / "db.toml", DBCACHE_SPEC)
+    url = f"sqlite:///{tmp_path}/db.db"
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name="flux", storage=url)
+    for threshold in (0.05, 0.7):
+        study.enqueue_trial({"dbcache.Fn_compute_blocks": 1, "dbcache.Bn_compute_blocks": 0,
+                             "dbcache.residual_diff_threshold": threshold,
+                             "dbcache.max_warmup_steps": 2})
+    ran = optsearch_cmd("worker", "--study", "flux", "--storage", url, "--quiet",
+                        "--artifact-dir", str(tmp_path / "art"))
+    assert ran.returncode == 0, ran.stderr
+    inert, skipping = study.get_trials()
+    assert inert.state == optuna.trial.TrialState.PRUNED
+    assert inert.user_attrs["early_stop_reason"] == "inert" and inert.user_attrs["batches_evaluated"] == 1
+    assert inert.user_attrs["compute_fraction"] == 1.0
+    assert skipping.state == optuna.trial.TrialState.COMPLETE
+    assert 0.2 < skipping.user_attrs["compute_fraction"] < 1.0
+    shown = optsearch_cmd("study", "show", "flux", "--storage", url)
+    assert "early stop (inert): 1 trials" in shown.stdout
+    computed = f"{100 * skipping.user_attrs['compute_fraction']:.0f}%"
+    assert any(line.startswith("dbcache") and computed in line for line in shown.stdout.splitlines())

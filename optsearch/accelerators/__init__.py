@@ -6,11 +6,12 @@ DeepCache helper itself, so DeepCache comes first; `steps` only lowers each call
 
 Which families apply depends on the pipeline's denoiser (`KINDS`):
 - "unet" (SD 1.x/2.x, SDXL): deepcache, tome, tgate, pab; `"any"` = the original four combos.
-- "transformer" (FLUX and other diffusion transformers with diffusers' `enable_cache`): the
-  diffusers caches fbcache, taylorseer, pab, magcache, one at a time; `"any"` = each alone, and
-  `steps` alone as the reference.
-`steps` applies everywhere and combines with every family; a diffusers cache (pab, fbcache,
-taylorseer, magcache) combines with nothing but `steps` (diffusers allows one cache per model, and
+- "transformer" (FLUX and other diffusion transformers): the diffusers caches fbcache,
+  taylorseer, pab, magcache (on transformers with diffusers' `enable_cache`) and cache-dit's
+  dbcache (on pipelines cache-dit supports), one at a time; `"any"` = each alone, and `steps`
+  alone as the reference.
+`steps` applies everywhere and combines with every family; a cache (pab, fbcache, taylorseer,
+magcache, dbcache) combines with nothing but `steps` (diffusers allows one cache per model, and
 on a UNet PAB's attention hooks would fight T-GATE's and DeepCache's patches).
 """
 
@@ -19,16 +20,26 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 
-from optsearch.accelerators import deepcache, fbcache, magcache, pab, steps, taylorseer, tgate, tome
+from optsearch.accelerators import (
+    dbcache,
+    deepcache,
+    fbcache,
+    magcache,
+    pab,
+    steps,
+    taylorseer,
+    tgate,
+    tome,
+)
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import denoiser
 
 REGISTRY: dict[str, ModuleType] = {
-    m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fbcache, taylorseer, magcache)
+    m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fbcache, taylorseer, magcache, dbcache)
 }
 ORDER = tuple(REGISTRY)
 KINDS = ("unet", "transformer")
-EXCLUSIVE = ("pab", "fbcache", "taylorseer", "magcache")  # combine only with steps
+EXCLUSIVE = ("pab", "fbcache", "taylorseer", "magcache", "dbcache")  # combine only with steps
 COMBOS: tuple[tuple[str, ...], ...] = (  # the original workflow's four, "any" on a UNet
     ("deepcache",),
     ("deepcache", "tome"),
@@ -37,7 +48,8 @@ COMBOS: tuple[tuple[str, ...], ...] = (  # the original workflow's four, "any" o
 )
 ANY_COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "unet": COMBOS,
-    "transformer": (("steps",), ("fbcache",), ("taylorseer",), ("pab",), ("magcache",)),
+    "transformer": (("steps",), ("fbcache",), ("taylorseer",), ("pab",), ("magcache",),
+                    ("dbcache",)),
 }
 
 
@@ -87,6 +99,15 @@ def max_speedup(setting: Mapping, model_steps: int) -> float | None:
             return None
         bound *= family_bound(model_steps, **params)
     return bound
+
+
+def pipeline_problem(combo: Sequence[str], pipe) -> str | None:
+    """Why a family of `combo` cannot run on this loaded pipeline (beyond its kind), or None."""
+    for name in combo:
+        check = getattr(REGISTRY[name], "problem_with", None)
+        if check is not None and (problem := check(pipe)):
+            return problem
+    return None
 
 
 def normalize_setting(setting: Mapping) -> dict[str, dict]:
@@ -206,6 +227,19 @@ class AppliedSetting:
         """Steps that take a call through every code path of the applied accelerators."""
         return max((REGISTRY[name].warmup_steps(**params) for name, params in self.setting.items()),
                    default=0)
+
+    def computed_fraction(self) -> float | None:
+        """The share of a full run's denoiser computation the last call ran: the product of what
+        each family reports (steps: the steps kept; dbcache: the blocks computed); None when a
+        family in the setting reports nothing."""
+        fraction = 1.0
+        for patch in self._patches:
+            report = getattr(patch, "computed_fraction", None)
+            value = report() if report is not None else None
+            if value is None:
+                return None
+            fraction *= value
+        return fraction
 
     def reseed(self, seed: int) -> None:
         """Fix ToMe's random merge pattern for the next call (no-op without ToMe)."""

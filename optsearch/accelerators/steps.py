@@ -23,10 +23,15 @@ class StepsPatch:
 
     def __init__(self, num_inference_steps: int):
         self.num_inference_steps = num_inference_steps
+        self.fraction: float | None = None  # of the last call's requested steps, run
 
     def prepare(self, call_kwargs: dict) -> None:
         requested = call_kwargs.get("num_inference_steps", self.num_inference_steps)
         call_kwargs["num_inference_steps"] = min(requested, self.num_inference_steps)
+        self.fraction = call_kwargs["num_inference_steps"] / requested
+
+    def computed_fraction(self) -> float | None:
+        return self.fraction
 
     def restore(self) -> None:
         """Nothing was changed on the pipeline."""

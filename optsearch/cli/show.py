@@ -100,9 +100,9 @@ def format_summary(summary: dict) -> str:
         rows.append([combo + best, m["trial"], format_speedup(m), _trial_interval(m, metric),
                      format_speedup(check) if check else "-",
                      format_interval(check[metric]) if check else "-",
-                     format_setting(m["setting"] or {})])
+                     _computed(m.get("compute_fraction")), format_setting(m["setting"] or {})])
     headers = ["combo", "trial", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
-               "setting"]
+               "computed", "setting"]
     lines.append(table(headers, rows) if rows else
                  "  (no feasible trial faster than the baseline yet)")
     if summary["best"]:
@@ -123,6 +123,11 @@ def format_summary(summary: dict) -> str:
         lines += ["", "confirmations on unseen prompts (search | confirmed, interleaved timing):"]
         lines.append(_confirmations_table(summary["confirmations"], metric))
     return "\n".join(lines)
+
+
+def _computed(fraction: float | None) -> str:
+    """The share of the denoiser's work a setting ran, where its families report it."""
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def _trial_interval(metrics: dict, metric: str) -> str:

@@ -24,6 +24,7 @@ from optsearch.accelerators import (
     magcache,
     normalize_setting,
     pipeline_kind,
+    pipeline_problem,
 )
 from optsearch.errors import ModelLoadError
 from optsearch.measure.generation import Batch, GenerationConfig, generate, n_batches, prompt_seed
@@ -48,6 +49,12 @@ class Baseline:
     clip_scores: np.ndarray
     image_features: torch.Tensor
     batch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def compute_fraction(self) -> float | None:
+        """The share of a full run's denoiser computation the setting ran (steps x blocks), as
+        its families report it; None when one of them reports nothing."""
+        return float(np.mean(self.compute_fractions)) if self.compute_fractions else None
 
     @property
     def clip_mean(self) -> float:
@@ -80,6 +87,7 @@ class Comparison:
     clip_image_cosine: list[float] = field(default_factory=list)
     image_digests: list[str] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
+    compute_fractions: list[float] = field(default_factory=list)  # per batch, where reported
 
     @property
     def combo(self) -> str:
@@ -104,6 +112,12 @@ class Comparison:
     def speedup_interval_at(self, confidence: float, pooled: bool = False) -> SpeedupInterval:
         return speedup_interval(self.baseline_batch_seconds, self.batch_seconds, confidence,
                                 self.speedup, pooled)
+
+    @property
+    def compute_fraction(self) -> float | None:
+        """The share of a full run's denoiser computation the setting ran (steps x blocks), as
+        its families report it; None when one of them reports nothing."""
+        return float(np.mean(self.compute_fractions)) if self.compute_fractions else None
 
     @property
     def clip_mean(self) -> float:
@@ -138,6 +152,7 @@ class Comparison:
             "baseline_clip_mean": float(np.mean(self.baseline_clip_scores)),
             **{metric: self.interval(metric) for metric in METRICS},
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
+            "compute_fraction": self.compute_fraction,
             "batches_evaluated": self.batches_evaluated,
             "n_batches": self.n_batches,
             "batch_size": self.batch_size,
@@ -302,6 +317,8 @@ class Evaluator:
                                         on_warmup=lambda s: setattr(result, "warmup_seconds", s)):
                 result.inference_seconds += batch.seconds
                 result.batch_seconds.append(batch.seconds_per_image)
+                if (fraction := applied.computed_fraction()) is not None:
+                    result.compute_fractions.append(fraction)
                 self._score(result, batch, baseline, keep_images)
                 result.batches_evaluated += 1
                 if stop_when is not None and result.batches_evaluated < self.n_batches:
@@ -337,8 +354,8 @@ def check_families(pipe, spec) -> None:
     the model id before loading; a wrong guess ends here, before anything is measured)."""
     kind = pipeline_kind(pipe)
     for combo in spec.search.combos:
-        problem = combo_problem(combo, kind)
-        if problem is None and kind == "transformer" and set(combo) - {"steps"} \
+        problem = combo_problem(combo, kind) or pipeline_problem(combo, pipe)
+        if problem is None and kind == "transformer" and set(combo) - {"steps", "dbcache"} \
                 and not hasattr(denoiser(pipe), "enable_cache"):
             problem = (f"{combo_name(combo)} needs diffusers' enable_cache, which "
                        f"{type(denoiser(pipe)).__name__} lacks (only steps applies)")

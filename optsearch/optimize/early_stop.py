@@ -10,6 +10,8 @@ answered with confidence:
 - "dominated": its speedup lies below the best feasible speedup measured so far on the same device
                fingerprint (max-speedup), or a feasible front member beats both its intervals
                (pareto). Never for a steps-only trial: that is the fewer-steps reference line.
+- "inert":     its first batch computed everything (`compute_fraction` 1.0: a cache whose
+               threshold never triggered): the baseline with hook overhead, stopped at once.
 
 Why each piece is there:
 - Looks after every batch share alpha = 1 - confidence on their real correlation (Pocock's
@@ -57,9 +59,9 @@ from optsearch.optimize.sequential import per_look_alpha
 from optsearch.storage.record import per_prompt_key, quality_of, speedup_of
 from optsearch.study_spec import StudySpec
 
-QUALITY, SPEEDUP, DOMINATED = "quality", "speedup", "dominated"
+QUALITY, SPEEDUP, DOMINATED, INERT = "quality", "speedup", "dominated", "inert"
 STEPS_ONLY = "steps"  # the combo of the fewer-steps reference line (optimize/reference.py)
-REASONS = (QUALITY, SPEEDUP, DOMINATED)
+REASONS = (QUALITY, SPEEDUP, DOMINATED, INERT)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class EarlyStop:
     boundary: str = "pocock"  # per-look alpha; "bonferroni" (alpha / looks) for the benchmarks
 
     def __call__(self, partial) -> str | None:
+        if partial.compute_fractions and partial.compute_fractions[0] >= 1.0:
+            return INERT  # nothing skipped: the baseline plus the hooks' overhead
         if partial.batches_evaluated < self.min_batches or not partial.images_evaluated:
             return None
         alpha = self._quality_alpha(partial)  # per look, on the one side asked

@@ -20,6 +20,9 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
              f"- {metric} **{format_interval(quality)}** (limit {spec.quality.limit}, rule "
              f"{spec.quality.rule})",
              f"- {'feasible' if feasible else '**infeasible**'} in the search"]
+    if figures.get("compute_fraction") is not None:
+        lines.append(f"- computed **{100 * figures['compute_fraction']:.0f} %** of the denoiser's "
+                     "blocks x steps (the rest skipped)")
     if figures.get("early_stopped"):
         lines.append(f"- early-stopped after {figures.get('batches_evaluated')} batches")
     if confirmed:

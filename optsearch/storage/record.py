@@ -29,7 +29,7 @@ DASHBOARD_CONSTRAINTS_KEY = "constraints"
 SHOWN_KEYS = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "seconds_per_image",
               "baseline_seconds_per_image", "clip_mean",
               *(f"{m}{suffix}" for m in METRICS for suffix in ("", "_low", "_high")),
-              "clip_image_cosine", "batches_evaluated", "early_stopped", "device", "host",
+              "clip_image_cosine", "compute_fraction", "batches_evaluated", "early_stopped", "device", "host",
               "batch_size", "fingerprint", "constraints", "reused_from")
 
 
@@ -60,6 +60,7 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
         attrs.update(interval_attrs(name, result.interval(name)))
     attrs.update({
         "clip_image_cosine": result.clip_image_cosine_mean,
+        "compute_fraction": result.compute_fraction,  # denoiser work run, where families report it
         "batches_evaluated": result.batches_evaluated,
         "n_batches": result.n_batches,
         "early_stopped": result.early_stopped,

@@ -1,0 +1,146 @@
+"""cache-dit's DBCache (Dual Block Cache): the engine practitioners deploy diffusion transformers with.
+
+Every step computes the first `Fn_compute_blocks` blocks; when their residual changed less than
+`residual_diff_threshold` since the last full step, the middle blocks are skipped (their cached
+residual reused) and only the last `Bn_compute_blocks` run. `max_warmup_steps` steps always
+compute in full, then one in `warmup_interval`; `max_cached_steps` and
+`max_continuous_cached_steps` cap the skipping (-1: no cap). `taylorseer_order` > 0 adds cache-dit's
+TaylorSeer calibrator, which extrapolates the skipped residual instead of reusing it as is.
+Parameter names are cache-dit's own, so an exported setting reads as a cache-dit config.
+
+cache-dit knows pipelines by class name; a subclass or a factory's pipeline is matched through
+the class it derives from, or else its transformer's class (cache-dit's `BlockAdapter`).
+`cache_dit.disable_cache` puts the pipeline back exactly (checked bit-exact in the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from optsearch.accelerators.base import Param
+from optsearch.accelerators.hooks import denoiser
+
+NAME = "dbcache"
+APPLIES_TO = ("transformer",)
+PARAMS = (
+    Param("Fn_compute_blocks", int, (1, 4), minimum=1,
+          help="first blocks computed every step (their residual decides whether to skip)"),
+    Param("Bn_compute_blocks", int, (0, 2), minimum=0,
+          help="last blocks computed every step, after a skip too"),
+    Param("residual_diff_threshold", float, (0.05, 0.3), minimum=0.0, grid_step=0.02,
+          help="relative change of the first blocks' residual under which the middle is skipped"),
+    Param("max_warmup_steps", int, (0.1, 0.3), minimum=0, counts_steps=True,
+          scales_with_steps=True, help="first steps always computed in full"),
+    Param("warmup_interval", int, (1,), minimum=1, help="during warm-up, compute one step in N"),
+    Param("max_cached_steps", int, (-1,), minimum=-1, help="most steps skipped per call (-1: any)"),
+    Param("max_continuous_cached_steps", int, (-1,), minimum=-1,
+          help="most steps skipped in a row (-1: any)"),
+    Param("taylorseer_order", int, (0,), minimum=0, maximum=4,
+          help="cache-dit's TaylorSeer calibrator order (0: none)"),
+)
+
+
+def _cache_dit():
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # its tables and notes on every call
+    import cache_dit
+
+    return cache_dit
+
+
+def adapter_builder(pipe):
+    """How to get what `cache_dit.enable_cache` takes for `pipe` (building it patches the
+    transformer, so only on apply): the pipeline itself when cache-dit knows its class, else a
+    BlockAdapter from the class it derives from or from its transformer's class. None when
+    cache-dit knows neither."""
+    from cache_dit import BlockAdapterRegister
+
+    if BlockAdapterRegister.is_supported(pipe):
+        return lambda: pipe
+    transformer = denoiser(pipe)
+    for klass in type(pipe).__mro__[1:]:
+        for prefix, build in BlockAdapterRegister._adapters.items():  # class-name prefix -> builder
+            if klass.__name__.startswith(prefix):
+                return lambda build=build: build(pipe)
+    if BlockAdapterRegister.is_supported(transformer):
+        return lambda: BlockAdapterRegister.get_adapter(transformer)
+    return None
+
+
+def problem_with(pipe) -> str | None:
+    """Why cache-dit cannot cache this pipeline, or None."""
+    _cache_dit()
+    if getattr(pipe, "transformer", None) is None or adapter_builder(pipe) is None:
+        return (f"dbcache needs a pipeline cache-dit supports ({type(pipe).__name__} with "
+                f"{type(denoiser(pipe)).__name__} is not one: FLUX, Qwen-Image, SD3, Wan and more)")
+    return None
+
+
+class DBCachePatch:
+    """DBCache enabled on a pipeline; `restore()` disables it. `computed_fraction()` reads what the
+    last call actually computed, from cache-dit's own statistics."""
+
+    def __init__(self, pipe, config, calibrator):
+        cache_dit = _cache_dit()
+        self.pipe = pipe
+        self.Fn, self.Bn = config.Fn_compute_blocks, config.Bn_compute_blocks
+        build = adapter_builder(pipe)
+        if build is None:
+            raise ValueError(problem_with(pipe))
+        self._modules = [pipe, *denoiser(pipe).modules()]
+        self._before = [set(vars(module)) for module in self._modules]
+        self._enabled = False
+        cache_dit.enable_cache(build(), cache_config=config, calibrator_config=calibrator)
+        self._enabled = True
+
+    def computed_fraction(self) -> float | None:
+        """Blocks computed over blocks a full run computes, over the last call's steps: a skipped
+        step computes Fn + Bn of each cached block list. None when cache-dit says nothing."""
+        transformer = denoiser(self.pipe)
+        computed = total = 0.0
+        seen = set()
+        for stat in _cache_dit().summary(self.pipe, logging=False):
+            name = str((stat.cache_options or {}).get("name", ""))
+            blocks = getattr(transformer, name.rsplit("_", 1)[0], None)  # "<attr>_<id>"
+            if name in seen or not hasattr(blocks, "__len__"):
+                continue  # the transformer's own entry repeats its first block list
+            seen.add(name)
+            steps, skipped = stat.accumulated_executed_steps or 0, len(stat.cached_steps or [])
+            computed += (steps - skipped) * len(blocks) + skipped * min(len(blocks), self.Fn + self.Bn)
+            total += steps * len(blocks)
+        return computed / total if total else None
+
+    def restore(self) -> None:
+        """cache-dit's own disable, then what it leaves behind (an instance `forward` wrapping
+        the class's, its patched flags) removed, so the modules are as they were."""
+        if self._enabled:
+            _cache_dit().disable_cache(self.pipe)
+            self._enabled = False
+        for module, before in zip(self._modules, self._before, strict=True):
+            for name in set(vars(module)) - before:
+                if not isinstance(getattr(module, name), torch.nn.Module | torch.Tensor):
+                    delattr(module, name)
+
+
+def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa: N803 - cache-dit's
+          residual_diff_threshold: float = 0.08, max_warmup_steps: int = 8,
+          warmup_interval: int = 1, max_cached_steps: int = -1,
+          max_continuous_cached_steps: int = -1, taylorseer_order: int = 0) -> DBCachePatch:
+    _cache_dit()
+    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+    config = DBCacheConfig(
+        Fn_compute_blocks=int(Fn_compute_blocks), Bn_compute_blocks=int(Bn_compute_blocks),
+        residual_diff_threshold=float(residual_diff_threshold),
+        max_warmup_steps=int(max_warmup_steps), warmup_interval=int(warmup_interval),
+        max_cached_steps=int(max_cached_steps),
+        max_continuous_cached_steps=int(max_continuous_cached_steps))
+    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=int(taylorseer_order)) \
+        if taylorseer_order else None
+    return DBCachePatch(pipe, config, calibrator)
+
+
+def warmup_steps(max_warmup_steps: int = 8, **_) -> int:
+    """Past the warm-up steps, a call goes through the compare-and-skip path."""
+    return int(max_warmup_steps) + 2
