@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.common import ROOT
-from optsearch.measure.evaluate import Comparison
+from optsearch.measure.comparison import Comparison
 from optsearch.measure.metrics import Interval
 from optsearch.measure.speedup import SpeedupInterval
 

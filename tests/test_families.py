@@ -278,3 +278,28 @@ def test_a_dbcache_trial_that_skips_nothing_is_stopped_as_inert(tmp_path):
     assert "early stop (inert): 1 trials" in shown.stdout
     computed = f"{100 * skipping.user_attrs['compute_fraction']:.0f}%"
     assert any(line.startswith("dbcache") and computed in line for line in shown.stdout.splitlines())
+
+
+def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_trial(tmp_path):
+    """`residual_diff_threshold = "auto"`: one plain call measures the residual differences
+    DBCache compares, the range runs from their minimum (skips nothing) to their maximum, it is
+    stored per device fingerprint and shown, and every trial's threshold lies in it."""
+    text = DBCACHE_SPEC.replace("n_trials = 2", "n_trials = 3") \
+        + '[space.dbcache]\nresidual_diff_threshold = "auto"\nmax_warmup_steps = 2\n'
+    spec = write_spec(tmp_path / "auto.toml", text)
+    url = f"sqlite:///{tmp_path}/auto.db"
+    ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet",
+                        "--artifact-dir", str(tmp_path / "art"))
+    assert ran.returncode == 0, ran.stderr
+    study = optuna.load_study(study_name="flux", storage=url)
+    [calibration] = [v for k, v in study.user_attrs.items()
+                     if k.startswith("optsearch:calibration:") and k.endswith(":dbcache")]
+    low, high = calibration["auto"]["residual_diff_threshold"]
+    assert 0.2 < low < high < 1.0  # tiny FLUX's random weights: differences near 0.4-0.6
+    assert calibration["observed"]["min"] == pytest.approx(low, abs=1e-4)
+    thresholds = [t.params["dbcache.residual_diff_threshold"] for t in study.get_trials()]
+    assert len(thresholds) == 3 and all(low <= value <= high for value in thresholds)
+    assert "auto range dbcache.residual_diff_threshold on" in ran.stdout
+    bad = write_spec(tmp_path / "bad.toml", DBCACHE_SPEC + '[space.dbcache]\nFn_compute_blocks = "auto"\n')
+    refused = optsearch_cmd("check", str(bad))
+    assert refused.returncode == 2 and '"auto" is for thresholds measured before' in refused.stderr

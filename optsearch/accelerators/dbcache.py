@@ -30,6 +30,7 @@ PARAMS = (
     Param("Bn_compute_blocks", int, (0, 2), minimum=0,
           help="last blocks computed every step, after a skip too"),
     Param("residual_diff_threshold", float, (0.05, 0.3), minimum=0.0, grid_step=0.02,
+          calibrated=True,
           help="relative change of the first blocks' residual under which the middle is skipped"),
     Param("max_warmup_steps", int, (0.1, 0.3), minimum=0, counts_steps=True,
           scales_with_steps=True, help="first steps always computed in full"),
@@ -57,7 +58,7 @@ def adapter_builder(pipe):
     from cache_dit import BlockAdapterRegister
 
     if BlockAdapterRegister.is_supported(pipe):
-        return lambda: pipe
+        return lambda: BlockAdapterRegister.get_adapter(pipe)
     transformer = denoiser(pipe)
     for klass in type(pipe).__mro__[1:]:
         for prefix, build in BlockAdapterRegister._adapters.items():  # class-name prefix -> builder
@@ -91,24 +92,27 @@ class DBCachePatch:
         self._modules = [pipe, *denoiser(pipe).modules()]
         self._before = [set(vars(module)) for module in self._modules]
         self._enabled = False
-        cache_dit.enable_cache(build(), cache_config=config, calibrator_config=calibrator)
+        self.adapter = build()
+        names, lists = self.adapter.blocks_name, self.adapter.blocks
+        pairs = zip(names, lists, strict=True) if isinstance(names, list) else [(names, lists)]
+        self.block_counts = {name: len(blocks) for name, blocks in pairs}  # per cached block list
+        cache_dit.enable_cache(self.adapter, cache_config=config, calibrator_config=calibrator)
         self._enabled = True
 
     def computed_fraction(self) -> float | None:
         """Blocks computed over blocks a full run computes, over the last call's steps: a skipped
         step computes Fn + Bn of each cached block list. None when cache-dit says nothing."""
-        transformer = denoiser(self.pipe)
         computed = total = 0.0
         seen = set()
         for stat in _cache_dit().summary(self.pipe, logging=False):
             name = str((stat.cache_options or {}).get("name", ""))
-            blocks = getattr(transformer, name.rsplit("_", 1)[0], None)  # "<attr>_<id>"
-            if name in seen or not hasattr(blocks, "__len__"):
+            blocks = self.block_counts.get(name.rsplit("_", 1)[0])  # "<blocks name>_<id>"
+            if name in seen or blocks is None:
                 continue  # the transformer's own entry repeats its first block list
             seen.add(name)
             steps, skipped = stat.accumulated_executed_steps or 0, len(stat.cached_steps or [])
-            computed += (steps - skipped) * len(blocks) + skipped * min(len(blocks), self.Fn + self.Bn)
-            total += steps * len(blocks)
+            computed += (steps - skipped) * blocks + skipped * min(blocks, self.Fn + self.Bn)
+            total += steps * blocks
         return computed / total if total else None
 
     def restore(self) -> None:
@@ -126,7 +130,8 @@ class DBCachePatch:
 def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa: N803 - cache-dit's
           residual_diff_threshold: float = 0.08, max_warmup_steps: int = 8,
           warmup_interval: int = 1, max_cached_steps: int = -1,
-          max_continuous_cached_steps: int = -1, taylorseer_order: int = 0) -> DBCachePatch:
+          max_continuous_cached_steps: int = -1, taylorseer_order: int = 0,
+          **_calibrated) -> DBCachePatch:
     _cache_dit()
     from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
@@ -139,6 +144,25 @@ def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa:
     calibrator = TaylorSeerCalibratorConfig(taylorseer_order=int(taylorseer_order)) \
         if taylorseer_order else None
     return DBCachePatch(pipe, config, calibrator)
+
+
+def calibrate(pipe, run_once) -> dict:
+    """What "auto" threshold ranges come from: the residual differences DBCache compares with its
+    threshold at every step of one run that skips nothing (a threshold of 1e-9; 0 turns the
+    comparison off), as the range from "skips nothing" (their minimum) to "skips nearly
+    everything" (their maximum). Measured with Fn = 1, the common setting."""
+    patch = apply(pipe, residual_diff_threshold=1e-9, max_warmup_steps=0)
+    try:
+        run_once()
+        stats = _cache_dit().summary(pipe, logging=False)
+        diffs = sorted({float(v) for stat in stats for v in (stat.residual_diffs or {}).values()})
+    finally:
+        patch.restore()
+    if not diffs:
+        return {}
+    return {"auto": {"residual_diff_threshold": [round(diffs[0], 4), round(diffs[-1], 4)]},
+            "observed": {"min": diffs[0], "median": diffs[len(diffs) // 2], "max": diffs[-1],
+                         "steps": len(diffs)}}
 
 
 def warmup_steps(max_warmup_steps: int = 8, **_) -> int:

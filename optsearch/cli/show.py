@@ -38,6 +38,10 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "rule": spec.quality.rule,
         "baselines": list(studies.baselines(study).values()),
         "timings": studies.timings(study),
+        "auto_ranges": {fingerprint: {f"{family}.{param}": bounds
+                                      for family, data in studies.calibration(study, fingerprint).items()
+                                      for param, bounds in data.get("auto", {}).items()}
+                        for fingerprint in studies.baselines(study)},
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
                           for record in sorted(studies.confirmations(study).values(),
                                                key=lambda r: r["date"])],
@@ -85,6 +89,10 @@ def format_summary(summary: dict) -> str:
              b["clip_mean"], b["host"]] for b in summary["baselines"]]
     lines.append(table(["fingerprint", "device", "dtype", "batch", "s/image", "CLIP", "host"], rows)
                  if rows else "  (none yet)")
+    for fingerprint, ranges in summary["auto_ranges"].items():
+        for name, (low, high) in ranges.items():
+            lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] (calibrated: from "
+                         "skipping nothing to skipping nearly everything)")
     if summary["timings"]:
         lines += ["", "baseline timings (each worker times its own; speedups use its own):"]
         lines.append(_timings_table(summary["timings"]))

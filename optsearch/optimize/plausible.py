@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from optsearch.accelerators import max_speedup
-from optsearch.measure.evaluate import Comparison
+from optsearch.measure.comparison import Comparison
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from optsearch.accelerators import combo_name, fit_to_steps, params_of
 from optsearch.study_spec import StudySpec
 
 
-def suggest_setting(trial: optuna.Trial, spec: StudySpec) -> dict[str, dict]:
-    """Sample one setting: the combo (a categorical when several), then its parameters."""
+def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = None) -> dict[str, dict]:
+    """Sample one setting: the combo (a categorical when several), then its parameters (an
+    "auto" range from `auto`, what the worker calibrated on its device)."""
     combos = {combo_name(c): c for c in spec.search.combos}
     combo = combos[trial.suggest_categorical("combo", list(combos))] if len(combos) > 1 \
         else next(iter(combos.values()))
@@ -17,7 +18,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec) -> dict[str, dict]:
     for accelerator in combo:
         values = {}
         for param, declared in params_of(accelerator).items():
-            bounds = spec.param_range(accelerator, param)
+            bounds = spec.param_range(accelerator, param, auto)
             name = f"{accelerator}.{param}"
             if len(bounds) == 1:
                 values[param] = bounds[0]

@@ -176,7 +176,7 @@ class Worker:
         trial.set_user_attr("worker", self.worker_id)  # first: marks the trial as started
         if sharing.is_surplus(self.study, trial, self.spec.search.n_trials):
             raise SurplusTrial("the study's n_trials are taken by other workers")
-        setting = normalize_setting(suggest_setting(trial, self.spec))
+        setting = normalize_setting(suggest_setting(trial, self.spec, self.evaluator.auto_ranges(self.spec)))
         for key, value in {"setting": setting, "combo": combo_name(setting),
                            "fingerprint": self.fingerprint, "device": self.device,
                            "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():

@@ -19,7 +19,7 @@ import math
 
 from optuna.trial import FrozenTrial
 
-from optsearch.measure.evaluate import Comparison
+from optsearch.measure.comparison import Comparison
 from optsearch.measure.metrics import METRICS, Interval
 from optsearch.measure.speedup import SpeedupInterval
 

@@ -127,9 +127,13 @@ class StudySpec:
     def accelerators_used(self) -> list[str]:
         return [name for name in ORDER if any(name in combo for combo in self.search.combos)]
 
-    def param_range(self, accelerator: str, param: str) -> tuple:
-        """(low, high, step or None) for a searched parameter, or (value,) for a fixed one."""
+    def param_range(self, accelerator: str, param: str, auto: dict | None = None) -> tuple:
+        """(low, high, step or None) for a searched parameter, or (value,) for a fixed one. An
+        "auto" range is the one calibrated on this device (`auto`, {"family.param": [lo, hi]}),
+        else the parameter's default."""
         value = self.space.get(accelerator, {}).get(param)
+        if value == "auto":
+            value = (auto or {}).get(f"{accelerator}.{param}")
         if value is None:
             value = params_of(accelerator)[param].default_range(self.model.steps)
         if not isinstance(value, (list, tuple)):
@@ -137,6 +141,11 @@ class StudySpec:
         if len(value) == 1:
             return tuple(value)
         return (value[0], value[1], value[2] if len(value) == 3 else None)
+
+    def auto_params(self) -> list[tuple[str, str]]:
+        """(family, parameter) of every range the spec leaves to calibration ("auto")."""
+        return [(family, param) for family, table in self.space.items()
+                for param, value in table.items() if value == "auto"]
 
     def searched_params(self, accelerator: str) -> list[str]:
         """The parameters of `accelerator` that this spec searches (ranges, not fixed values)."""

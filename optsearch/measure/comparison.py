@@ -1,0 +1,164 @@
+"""A measurement's record in memory: the baseline, and one setting compared with it prompt by
+prompt (what a trial stores, through storage/record.py)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from optsearch.accelerators import combo_name
+from optsearch.measure.metrics import METRICS, Interval
+from optsearch.measure.speedup import SpeedupInterval, speedup_interval
+
+
+@dataclass
+class Baseline:
+    """The plain pipeline's images, timing and CLIP scores: what every setting is compared with.
+
+    `batch_seconds` holds each timed batch's seconds per image, for the speedup interval.
+    """
+
+    images: np.ndarray
+    seconds_per_image: float
+    clip_scores: np.ndarray
+    image_features: torch.Tensor
+    batch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def compute_fraction(self) -> float | None:
+        """The share of a full run's denoiser computation the setting ran (steps x blocks), as
+        its families report it; None when one of them reports nothing."""
+        return float(np.mean(self.compute_fractions)) if self.compute_fractions else None
+
+    @property
+    def clip_mean(self) -> float:
+        return float(self.clip_scores.mean())
+
+
+@dataclass
+class Comparison:
+    """A setting measured against the baseline, prompt by prompt."""
+
+    setting: dict
+    num_samples: int
+    batch_size: int
+    n_batches: int
+    confidence: float
+    baseline_seconds_per_image: float
+    baseline_batch_seconds: list[float] = field(default_factory=list)
+    batch_seconds: list[float] = field(default_factory=list)  # seconds per image of each batch
+    batches_evaluated: int = 0
+    inference_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    early_stopped: bool = False
+    early_stop_reason: str | None = None  # quality, speedup or dominated (see early_stop.py)
+    clip_scores: list[float] = field(default_factory=list)
+    baseline_clip_scores: list[float] = field(default_factory=list)
+    psnr: list[float] = field(default_factory=list)
+    ssim: list[float] = field(default_factory=list)
+    clip_image_cosine: list[float] = field(default_factory=list)
+    image_digests: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    compute_fractions: list[float] = field(default_factory=list)  # per batch, where reported
+
+    @property
+    def combo(self) -> str:
+        return combo_name(self.setting)
+
+    @property
+    def images_evaluated(self) -> int:
+        return len(self.clip_scores)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.inference_seconds / max(1, self.images_evaluated)
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_seconds_per_image / self.seconds_per_image
+
+    @property
+    def speedup_interval(self) -> SpeedupInterval:
+        return self.speedup_interval_at(self.confidence)
+
+    def speedup_interval_at(self, confidence: float, pooled: bool = False) -> SpeedupInterval:
+        return speedup_interval(self.baseline_batch_seconds, self.batch_seconds, confidence,
+                                self.speedup, pooled)
+
+    @property
+    def compute_fraction(self) -> float | None:
+        """The share of a full run's denoiser computation the setting ran (steps x blocks), as
+        its families report it; None when one of them reports nothing."""
+        return float(np.mean(self.compute_fractions)) if self.compute_fractions else None
+
+    @property
+    def clip_mean(self) -> float:
+        return float(np.mean(self.clip_scores))
+
+    @property
+    def clip_image_cosine_mean(self) -> float:
+        return float(np.mean(self.clip_image_cosine))
+
+    @property
+    def clip_loss_per_prompt(self) -> np.ndarray:
+        return np.asarray(self.baseline_clip_scores) - np.asarray(self.clip_scores)
+
+    def per_prompt(self, metric: str) -> list[float] | np.ndarray:
+        """The per-prompt values of `clip_loss`, `psnr` or `ssim` measured so far."""
+        return self.clip_loss_per_prompt if metric == "clip_loss" else getattr(self, metric)
+
+    def interval(self, metric: str, confidence: float | None = None) -> Interval:
+        """The mean and confidence interval of a metric over the prompts measured so far."""
+        return Interval.of(self.per_prompt(metric), confidence or self.confidence)
+
+    def summary(self) -> dict:
+        """The figures a user reads and a trial records (each metric an `Interval`); per-prompt
+        values, and plain dicts for JSON, are in `to_dict`."""
+        return {
+            "combo": self.combo,
+            "setting": self.setting,
+            **self.speedup_interval.to_dict(),
+            "seconds_per_image": self.seconds_per_image,
+            "baseline_seconds_per_image": self.baseline_seconds_per_image,
+            "clip_mean": self.clip_mean,
+            "baseline_clip_mean": float(np.mean(self.baseline_clip_scores)),
+            **{metric: self.interval(metric) for metric in METRICS},
+            "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
+            "compute_fraction": self.compute_fraction,
+            "batches_evaluated": self.batches_evaluated,
+            "n_batches": self.n_batches,
+            "batch_size": self.batch_size,
+            "early_stopped": self.early_stopped,
+            "early_stop_reason": self.early_stop_reason,
+            "confidence": self.confidence,
+            "inference_seconds": self.inference_seconds,
+            "warmup_seconds": self.warmup_seconds,
+            "scoring_seconds": self.scoring_seconds,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    def to_dict(self) -> dict:
+        per_prompt = {
+            "clip_scores": self.clip_scores,
+            "baseline_clip_scores": self.baseline_clip_scores,
+            "clip_loss": self.clip_loss_per_prompt.tolist(),
+            "psnr": self.psnr,
+            "ssim": self.ssim,
+            "clip_image_cosine": self.clip_image_cosine,
+            "image_digests": self.image_digests,
+        }
+        timing = {"batch_seconds": self.batch_seconds,
+                  "baseline_batch_seconds": self.baseline_batch_seconds}
+        summary = {key: value.to_dict() if isinstance(value, Interval) else value
+                   for key, value in self.summary().items()}
+        return {**summary, "per_prompt": per_prompt, "per_batch": timing}
+
+
+def image_digest(image: np.ndarray) -> str:
+    """A short hash of an 8-bit image: lets anyone check a reproduction is bit-exact."""
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
