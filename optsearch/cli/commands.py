@@ -29,6 +29,7 @@ from optsearch.optimize.create import (
     extend_study,
     spec_differences,
 )
+from optsearch.optimize.deploy import cache_dit_yaml, diffusers_python
 from optsearch.optimize.export import export_study
 from optsearch.optimize.fleet import parse_devices, run_workers
 from optsearch.optimize.study import SPEC_ATTR, load_study
@@ -133,14 +134,21 @@ def cmd_study_show(args) -> int:
     return 0
 
 
+DEFAULT_EXPORT = {"json": "search_params.json", "cache-dit": "cache.yaml",
+                  "diffusers": "accelerate_pipe.py"}
+
+
 def cmd_study_export(args) -> int:
+    args.output = args.output or DEFAULT_EXPORT[args.format]
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UsageError(f"cannot write {args.output}: folder {output.parent} does not exist")
     study, spec = load_study(_open(args), args.name)
     exported = export_study(study, spec)
+    text = {"json": lambda e: json.dumps(e, indent=2) + "\n", "cache-dit": cache_dit_yaml,
+            "diffusers": diffusers_python}[args.format](exported)
     try:
-        output.write_text(json.dumps(exported, indent=2) + "\n", encoding="utf-8")
+        output.write_text(text, encoding="utf-8")
     except OSError as error:
         raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
 

@@ -175,9 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(handler="cmd_study_show")
-    export = study_commands.add_parser("export", help="write search_params.json")
+    export = study_commands.add_parser(
+        "export", help="write the winner: search_params.json, a cache-dit YAML or a Python file")
     export.add_argument("name")
-    export.add_argument("-o", "--output", default="search_params.json", metavar="FILE")
+    export.add_argument("--format", choices=("json", "cache-dit", "diffusers"), default="json",
+                        help="json (optsearch.apply), cache-dit (cache_dit.load_configs) or "
+                             "diffusers (accelerate(pipe) with the libraries' own calls)")
+    export.add_argument("-o", "--output", default=None, metavar="FILE",
+                        help="default: search_params.json, cache.yaml or accelerate_pipe.py")
     export.set_defaults(handler="cmd_study_export")
     confirm = study_commands.add_parser(
         "confirm", help="re-measure the best settings on unseen prompts (interleaved timing)")

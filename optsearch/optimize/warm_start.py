@@ -2,10 +2,10 @@
 
 - "published": the main operating points the accelerators' papers and docs report (DeepCache N=3
   and N=5 at branch 0, ToMe ratio 0.5, T-GATE gate_step 10; for diffusers' caches the points their
-  docs, defaults and authors give for FLUX) and their combinations, for each combo of the study
-  whose ranges contain them (snapped to a range's step); parameters a paper does not name take the
-  library's default, moved into the space. With `steps` they run at the full step count; `steps`
-  alone has no published point.
+  docs, defaults and authors give for FLUX; cache-dit's DBCache presets) and their combinations,
+  for each combo of the study whose ranges contain them (snapped to a range's step); parameters
+  a paper does not name take the library's default, moved into the space. With `steps` they run
+  at the full step count; `steps` alone has no published point.
 - "study:NAME": the best feasible settings of another study in the same storage (its top three and
   each combo's best), clipped to this study's space.
 
@@ -40,6 +40,13 @@ PUBLISHED: dict[str, list[dict]] = {
              "timestep_skip_high": 800}],  # diffusers' PAB docs example
     "magcache": [{"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},  # paper default
                  {"threshold": 0.24, "max_skip_steps": 5, "retention_ratio": 0.1}],  # its FLUX 2.8x
+    # cache-dit's DBCache: its README's FLUX points (F8B0 its default, F1B0, F1B0 + TaylorSeer)
+    "dbcache": [{"Fn_compute_blocks": 8, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08,
+                 "max_warmup_steps": 8},
+                {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08,
+                 "max_warmup_steps": 8},
+                {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.12,
+                 "max_warmup_steps": 8, "taylorseer_order": 1}],
 }
 
 

@@ -1,0 +1,122 @@
+"""The winner as files that deploy without optsearch: a cache-dit YAML, or a short Python function.
+
+`study export --format cache-dit -o cache.yaml` writes what
+`cache_dit.enable_cache(pipe, **cache_dit.load_configs("cache.yaml"))` loads (a dbcache winner).
+`--format diffusers -o accelerate_pipe.py` writes `accelerate(pipe)`, which applies the winner with
+the accelerator libraries' own calls (DeepCache, tomesd, T-GATE's loader, `transformer.enable_cache`,
+cache-dit) and returns the keyword arguments each pipeline call takes (`num_inference_steps`, and
+T-GATE's `gate_step`). Both start from the export dict (`export_study`): the same winner as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+
+from optsearch.errors import UsageError
+from optsearch.formatting import format_interval, format_setting, format_speedup
+from optsearch.storage.record import quality_of
+
+FORMATS = ("json", "cache-dit", "diffusers")
+
+
+def _claim(exported: dict) -> str:
+    """One line: what was measured for the winner, with its intervals."""
+    best, metric = exported["best"], exported["metric"]
+    figures = best["confirmed"] or best["metrics"]
+    where = "confirmed on unseen prompts" if best["confirmed"] else "search figures"
+    return (f"study {exported['study']}, trial {best['trial']}: speedup {format_speedup(figures)}, "
+            f"{metric} {format_interval(quality_of(figures, metric))} ({where})")
+
+
+def _steps(exported: dict) -> int:
+    setting = exported["best"]["setting"]
+    return setting.get("steps", {}).get("num_inference_steps", exported["spec"]["model"]["steps"])
+
+
+def cache_dit_yaml(exported: dict) -> str:
+    """cache-dit's own config file for a dbcache winner (steps stay a call argument)."""
+    setting = exported["best"]["setting"]
+    if "dbcache" not in setting:
+        raise UsageError(f"--format cache-dit needs a dbcache winner; study {exported['study']!r} "
+                         f"won with {format_setting(setting)} (use --format diffusers or json)")
+    params = dict(setting["dbcache"])
+    order = params.pop("taylorseer_order", 0)
+    lines = [f"# {_claim(exported)}",
+             f"# call the pipeline with num_inference_steps={_steps(exported)}",
+             "# load: cache_dit.enable_cache(pipe, **cache_dit.load_configs(\"this.yaml\"))",
+             "cache_config:"]
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in params.items()]
+    if order:
+        lines += ["  enable_taylorseer: true", "  enable_encoder_taylorseer: true",  # as measured
+                  f"  taylorseer_order: {order}"]
+    return "\n".join(lines) + "\n"
+
+
+def _family_code(name: str, params: dict, exported: dict) -> list[str]:
+    """The lines of `accelerate(pipe)` that apply one family with its library's own calls."""
+    args = ", ".join(f"{key}={value!r}" for key, value in params.items())
+    if name == "steps":
+        return []
+    if name == "deepcache":
+        return ["from DeepCache import DeepCacheSDHelper", "",
+                "helper = DeepCacheSDHelper(pipe=pipe)",
+                f"helper.set_params({args})", "helper.enable()",
+                "pipe.deepcache = helper  # helper.disable() undoes it (T-GATE drives it too)"]
+    if name == "tome":
+        return ["import tomesd", "", f"tomesd.apply_patch(pipe, {args})"]
+    if name == "tgate":
+        return ["from types import MethodType", "",
+                "sdxl, cached = hasattr(pipe, 'text_encoder_2'), hasattr(pipe, 'deepcache')",
+                "if sdxl and cached:", "    from tgate.SDXL_DeepCache import tgate",
+                "elif cached:", "    from tgate.SD_DeepCache import tgate",
+                "elif sdxl:", "    from tgate.SDXL import tgate",
+                "else:", "    from tgate.SD import tgate",
+                "pipe.tgate = MethodType(tgate, pipe)  # generate with pipe.tgate(..., **kwargs)",
+                f"call_kwargs['gate_step'] = {params['gate_step']!r}"]
+    if name in ("fbcache", "taylorseer", "pab", "magcache"):
+        config = {"fbcache": "FirstBlockCacheConfig", "taylorseer": "TaylorSeerCacheConfig",
+                  "pab": "PyramidAttentionBroadcastConfig", "magcache": "MagCacheConfig"}[name]
+        options = dict(params)
+        if name == "pab":
+            low, high = options.pop("timestep_skip_low"), options.pop("timestep_skip_high")
+            options["spatial_attention_timestep_skip_range"] = (low, high)
+        if name == "magcache":
+            ratios = (exported.get("calibration") or {}).get("magcache", {}).get("mag_ratios")
+            options.update(num_inference_steps=_steps(exported), mag_ratios=ratios)
+        text = ", ".join(f"{key}={value!r}" for key, value in options.items())
+        lines = ["import torch", f"from diffusers import {config}", "",
+                 f"options = dict({text})"]
+        if name == "pab":
+            lines.append("options['current_timestep_callback'] = lambda: pipe.current_timestep")
+        if name == "taylorseer":
+            lines += ["if pipe.transformer.device.type == 'cpu':  # bfloat16 factors are slow there",
+                      "    options['taylor_factors_dtype'] = torch.float32"]
+        return lines + [f"pipe.transformer.enable_cache({config}(**options))"]
+    if name == "dbcache":
+        options = dict(params)
+        order = options.pop("taylorseer_order", 0)
+        text = ", ".join(f"{key}={value!r}" for key, value in options.items())
+        calibrator = f"TaylorSeerCalibratorConfig(taylorseer_order={order})" if order else "None"
+        return ["import cache_dit", "from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig",
+                "", f"cache_dit.enable_cache(pipe, cache_config=DBCacheConfig({text}),",
+                f"                       calibrator_config={calibrator})"]
+    raise UsageError(f"--format diffusers does not know family {name!r}")
+
+
+def diffusers_python(exported: dict) -> str:
+    """A Python module with `accelerate(pipe) -> call kwargs`: the winner, without optsearch."""
+    setting = exported["best"]["setting"]
+    body = ["call_kwargs = {'num_inference_steps': NUM_INFERENCE_STEPS}"]
+    for name, params in setting.items():
+        code = _family_code(name, params, exported)
+        if code:
+            body += ["", f"# {name}", *code]
+    body += ["return call_kwargs"]
+    indented = "\n".join(f"    {line}" if line else "" for line in body)
+    return (f'"""Apply {format_setting(setting)} to a diffusers pipeline.\n\n'
+            f"{_claim(exported)}.\nGenerated by optsearch; needs only the libraries it imports.\n"
+            f'"""\n\nNUM_INFERENCE_STEPS = {_steps(exported)}\n\n\n'
+            "def accelerate(pipe) -> dict:\n"
+            '    """Apply the setting to `pipe` in place; returns the keyword arguments every call\n'
+            '    takes: pipe(prompt, **accelerate(pipe))."""\n'
+            f"{indented}\n")

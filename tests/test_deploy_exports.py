@@ -1,0 +1,125 @@
+"""Exports that deploy without optsearch (issue 23): a cache-dit YAML and a Python `accelerate(pipe)`
+made from the winner give the same images as `optsearch.apply` with the same setting."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from diffusers import FluxPipeline
+from optuna.trial import create_trial
+
+import optsearch
+from optsearch.measure.builtin import build_builtin
+from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
+from tests.test_families import FLUX_SPEC
+
+PROMPTS = ["a red cube on a table", "a small boat"]
+
+
+def plain_flux() -> FluxPipeline:
+    """The builtin tiny FLUX as a plain FluxPipeline (the class cache-dit knows by name), built
+    afresh: each export is applied to its own copy."""
+    pipe = FluxPipeline(**build_builtin("builtin:tiny-flux").components)
+    pipe.default_sample_size = 16  # 128 px, as the builtin
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(call, num_inference_steps: int, kind: str, **kwargs) -> np.ndarray:
+    """8-bit images, as optsearch records them (image digests) and users save them."""
+    generators = [torch.Generator("cpu").manual_seed(i) for i in range(len(PROMPTS))]
+    options = {"max_sequence_length": 32, "guidance_scale": 3.5} if kind == "flux" else {}
+    output = call(PROMPTS, num_inference_steps=num_inference_steps, generator=generators,
+                  output_type="np", **options, **kwargs).images
+    return (output * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def study_with_winner(tmp_path, spec_text: str, setting: dict) -> str:
+    """A study whose only feasible trial, faster than the baseline, has `setting`."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "s.toml", spec_text.replace("warm_start", "# warm_start"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    name = optuna.get_all_study_names(url)[0]
+    study = optuna.load_study(study_name=name, storage=url)
+    combo = "+".join(setting)
+    study.add_trial(create_trial(value=2.0, user_attrs={
+        "combo": combo, "setting": setting, "speedup": 2.0, "speedup_low": 1.9,
+        "speedup_high": 2.1, "psnr": 40.0, "psnr_low": 39.0, "psnr_high": 41.0,
+        "constraints": {"quality": -1.0}}))
+    return url
+
+
+def export(tmp_path, url: str, name: str, form: str, filename: str) -> str:
+    result = optsearch_cmd("study", "export", name, "--storage", url, "--format", form,
+                           "-o", str(tmp_path / filename))
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / filename).read_text()
+    assert "import optsearch" not in text and "from optsearch" not in text
+    return text
+
+
+DBCACHE = {"steps": {"num_inference_steps": 10},
+           "dbcache": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 1, "residual_diff_threshold": 0.6,
+                       "max_warmup_steps": 2, "warmup_interval": 1, "max_cached_steps": -1,
+                       "max_continuous_cached_steps": 2, "taylorseer_order": 1}}
+DBCACHE_SPEC = FLUX_SPEC.replace('[["steps"], ["magcache"], ["steps", "taylorseer"]]',
+                                 '[["steps", "dbcache"], ["fbcache"], ["taylorseer"]]')
+
+
+def test_a_cache_dit_yaml_loads_in_cache_dit_and_matches_optsearch_apply(tmp_path):
+    import cache_dit
+
+    url = study_with_winner(tmp_path, DBCACHE_SPEC, DBCACHE)
+    text = export(tmp_path, url, "flux", "cache-dit", "cache.yaml")
+    assert "num_inference_steps=10" in text
+    expected_pipe = plain_flux()
+    with optsearch.apply(expected_pipe, DBCACHE) as run:
+        expected = images(run, 12, kind="flux")  # apply caps the call at the setting's 10 steps
+    pipe = plain_flux()
+    cache_dit.enable_cache(pipe, **cache_dit.load_configs(str(tmp_path / "cache.yaml")))
+    np.testing.assert_array_equal(images(pipe, 10, kind="flux"), expected)
+    baseline = images(plain_flux(), 10, kind="flux")
+    assert np.abs(expected.astype(int) - baseline).max() > 0  # the cache did skip something
+
+
+@pytest.mark.parametrize("setting", [
+    DBCACHE,
+    {"fbcache": {"threshold": 0.6}},
+    {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2, "max_order": 1}},
+], ids=["dbcache", "fbcache", "taylorseer"])
+def test_the_python_export_applies_the_winner_with_the_libraries_own_calls(tmp_path, setting):
+    url = study_with_winner(tmp_path, DBCACHE_SPEC, setting)
+    text = export(tmp_path, url, "flux", "diffusers", "accelerate_pipe.py")
+    namespace: dict = {}
+    exec(compile(text, "accelerate_pipe.py", "exec"), namespace)  # noqa: S102 - our own export
+    with optsearch.apply(plain_flux(), setting) as run:
+        expected = images(run, 12, kind="flux")
+    pipe = plain_flux()
+    np.testing.assert_array_equal(images(pipe, kind="flux", **namespace["accelerate"](pipe)),
+                                  expected)
+
+
+def test_the_python_export_on_an_sd_unet_with_deepcache(tmp_path):
+    setting = {"steps": {"num_inference_steps": 6},
+               "deepcache": {"cache_interval": 3, "cache_branch_id": 0}}
+    text_spec = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
+                                  'accelerators = [["steps", "deepcache"]]')
+    url = study_with_winner(tmp_path, text_spec, setting)
+    text = export(tmp_path, url, "tiny", "diffusers", "accelerate_pipe.py")
+    namespace: dict = {}
+    exec(compile(text, "accelerate_pipe.py", "exec"), namespace)  # noqa: S102 - our own export
+    with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
+        expected = images(run, 8, kind="sd")
+    pipe = build_builtin("builtin:tiny")
+    np.testing.assert_array_equal(images(pipe, kind="sd", **namespace["accelerate"](pipe)),
+                                  expected)
+
+
+def test_a_cache_dit_export_of_another_family_is_one_line_exit_2(tmp_path):
+    url = study_with_winner(tmp_path, DBCACHE_SPEC, {"fbcache": {"threshold": 0.6}})
+    refused = optsearch_cmd("study", "export", "flux", "--storage", url, "--format", "cache-dit",
+                            "-o", str(tmp_path / "c.yaml"))
+    assert refused.returncode == 2 and "--format cache-dit needs a dbcache winner" in refused.stderr
+    assert not (tmp_path / "c.yaml").exists()
