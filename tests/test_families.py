@@ -12,6 +12,7 @@ import pytest
 from optsearch.accelerators import (
     AppliedSetting,
     applicable,
+    dbcache,
     denoiser,
     fit_to_steps,
     magcache,
@@ -78,6 +79,8 @@ FLUX_SETTINGS = {
 def test_every_family_changes_flux_and_restores_exactly(flux_pipe, family):
     baseline = _flux_images(flux_pipe)
     hooks_before = _hook_state(denoiser(flux_pipe))
+    # the order diffusers' FirstBlockCache finds blocks in (cache-dit re-adds its block lists)
+    order_before = [name for name, _ in denoiser(flux_pipe).named_modules()]
     calibration = {}
     if family == "magcache":
         ratios = magcache.calibrate(flux_pipe, 12, lambda: _flux_images(flux_pipe))
@@ -92,6 +95,7 @@ def test_every_family_changes_flux_and_restores_exactly(flux_pipe, family):
     np.testing.assert_array_equal(again, accelerated)
     np.testing.assert_allclose(after, baseline, atol=1e-5)
     assert _hook_state(denoiser(flux_pipe)) == hooks_before
+    assert [name for name, _ in denoiser(flux_pipe).named_modules()] == order_before
 
 
 def test_pab_changes_the_sd_unet_and_restores_exactly(tiny_pipe):
@@ -303,3 +307,35 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
     bad = write_spec(tmp_path / "bad.toml", DBCACHE_SPEC + '[space.dbcache]\nFn_compute_blocks = "auto"\n')
     refused = optsearch_cmd("check", str(bad))
     assert refused.returncode == 2 and '"auto" is for thresholds measured before' in refused.stderr
+
+
+@pytest.mark.parametrize("model_id", ["builtin:tiny-sd3", "builtin:tiny-qwen-image"])
+def test_dbcache_runs_on_the_builtin_sd3_and_qwen_image_and_restores_exactly(model_id):
+    """The real diffusers pipeline classes, tiny and offline: calibration finds the residual
+    differences, a threshold above them skips blocks (cache-dit reports how many), changes the
+    images, and leaves the pipeline exactly as it was."""
+    pipe = load_pipeline(model_id, device="cpu", dtype="float32")
+    assert pipeline_kind(pipe) == "transformer" and model_kind(model_id) == "transformer"
+    baseline = generate_images(pipe, PROMPTS, steps=8)
+    measured = dbcache.calibrate(pipe, lambda: generate_images(pipe, PROMPTS, steps=8))
+    low, high = measured["auto"]["residual_diff_threshold"]  # skips nothing .. nearly everything
+    assert 0 < low < high
+    setting = {"dbcache": {"residual_diff_threshold": high * 1.01, "max_warmup_steps": 2}}
+    with AppliedSetting(pipe, setting) as applied:
+        cached = generate_images(applied, PROMPTS, steps=8)
+        assert 0.0 < applied.computed_fraction() < 1.0
+    assert np.abs(cached - baseline).max() > 1e-4
+    np.testing.assert_array_equal(generate_images(pipe, PROMPTS, steps=8), baseline)
+
+
+def test_a_diffusers_cache_on_sd3_says_its_transformer_has_no_hooks():
+    """SD3's transformer has no diffusers enable_cache: fbcache is refused at load, dbcache is not."""
+    from optsearch.measure.evaluate import check_families
+    from optsearch.measure.models import ModelLoadError
+
+    pipe = load_pipeline("builtin:tiny-sd3", device="cpu", dtype="float32")
+    check_families(pipe, spec_from_dict({"model": {"id": "builtin:tiny-sd3"},
+                                         "search": {"accelerators": [["steps"], ["dbcache"]]}}))
+    with pytest.raises(ModelLoadError, match="fbcache needs diffusers' enable_cache"):
+        check_families(pipe, spec_from_dict({"model": {"id": "builtin:tiny-sd3"},
+                                             "search": {"accelerators": ["fbcache"]}}))

@@ -91,6 +91,7 @@ class DBCachePatch:
             raise ValueError(problem_with(pipe))
         self._modules = [pipe, *denoiser(pipe).modules()]
         self._before = [set(vars(module)) for module in self._modules]
+        self._order = [list(getattr(module, "_modules", {})) for module in self._modules]
         self._enabled = False
         self.adapter = build()
         names, lists = self.adapter.blocks_name, self.adapter.blocks
@@ -116,11 +117,18 @@ class DBCachePatch:
         return computed / total if total else None
 
     def restore(self) -> None:
-        """cache-dit's own disable, then what it leaves behind (an instance `forward` wrapping
-        the class's, its patched flags) removed, so the modules are as they were."""
+        """cache-dit's own disable, then what it leaves behind removed: an instance `forward`
+        wrapping the class's, its patched flags, and its re-added block lists moved back into
+        their places (diffusers' FirstBlockCache takes the first block it meets as the head)."""
         if self._enabled:
             _cache_dit().disable_cache(self.pipe)
             self._enabled = False
+        for module, order in zip(self._modules, self._order, strict=True):
+            children = getattr(module, "_modules", None)
+            if children is not None and list(children) != order and set(order) <= set(children):
+                rest = [name for name in children if name not in order]
+                object.__setattr__(module, "_modules",
+                                   {name: children[name] for name in [*order, *rest]})
         for module, before in zip(self._modules, self._before, strict=True):
             for name in set(vars(module)) - before:
                 if not isinstance(getattr(module, name), torch.nn.Module | torch.Tensor):

@@ -7,8 +7,6 @@ attention there.
 
 from __future__ import annotations
 
-import string
-
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -21,48 +19,18 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from open_clip.tokenizer import bytes_to_unicode
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
 )
 
 from optsearch.errors import ModelLoadError
+from optsearch.measure.builtin_text import byte_level_tokenizer, t5_tokenizer, text_encoder
 
 BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
-                 "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer"}
+                 "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer",
+                 "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer"}
 BUILTIN_MODELS = tuple(BUILTIN_KINDS)
-
-
-def byte_level_tokenizer(max_length: int = 77):
-    """A CLIPTokenizer that needs no files: the 256 byte characters, their word-end forms, no merges."""
-    chars = list(bytes_to_unicode().values())
-    vocab_list = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(vocab_list)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
-
-def _text_encoder(hidden_size: int, vocab_size: int, with_projection: bool = False):
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=hidden_size,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return model_class(config)
 
 
 def _vae(block_out_channels: tuple[int, ...]):
@@ -95,7 +63,7 @@ def _build_sd(unet_kwargs: dict, vae_channels: tuple[int, ...], text_hidden: int
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel(**unet_kwargs),
         vae=_vae(vae_channels),
-        text_encoder=_text_encoder(text_hidden, len(tokenizer)),
+        text_encoder=text_encoder(text_hidden, len(tokenizer)),
         tokenizer=tokenizer,
         scheduler=_ddim(),
         safety_checker=None,
@@ -150,6 +118,10 @@ def _build_builtin(name: str):
         return _build_tiny_xl()
     if name == "builtin:tiny-flux":
         return _build_tiny_flux()
+    if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image"):
+        from optsearch.measure.builtin_dits import build_tiny_qwen_image, build_tiny_sd3
+
+        return build_tiny_sd3() if name == "builtin:tiny-sd3" else build_tiny_qwen_image()
     if name == "builtin:sd15-random":
         # SD 1.5's real UNet and VAE sizes (860M + 84M params), random weights: GPU timing only.
         unet = dict(
@@ -192,25 +164,13 @@ def _build_tiny_xl():
     return StableDiffusionXLPipeline(
         unet=unet,
         vae=_vae((32, 64)),
-        text_encoder=_text_encoder(32, len(tokenizer)),
-        text_encoder_2=_text_encoder(32, len(tokenizer), with_projection=True),
+        text_encoder=text_encoder(32, len(tokenizer)),
+        text_encoder_2=text_encoder(32, len(tokenizer), with_projection=True),
         tokenizer=tokenizer,
         tokenizer_2=byte_level_tokenizer(),
         scheduler=_ddim(),
         force_zeros_for_empty_prompt=True,
     )
-
-
-def _t5_tokenizer():
-    """A T5-style tokenizer built with `tokenizers` (no files): a unigram over the printable ASCII
-    characters with a metaspace pre-tokenizer, and T5's <pad>, </s>, <unk>."""
-
-    characters = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"] + ["\u2581"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in characters]
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>")
 
 
 def _short_prompt_flux():
@@ -244,12 +204,12 @@ def _build_tiny_flux():
         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
         scaling_factor=0.3611,
     )
-    tokenizer, tokenizer_2 = byte_level_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2 = byte_level_tokenizer(), t5_tokenizer()
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=64, d_ff=128,
                                              num_layers=2, num_heads=4, d_kv=16))
     pipe = _short_prompt_flux()(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-        text_encoder=_text_encoder(64, len(tokenizer)), tokenizer=tokenizer,
+        text_encoder=text_encoder(64, len(tokenizer)), tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
     pipe.default_sample_size = 16  # 16 latent pixels x 8 = 128 px when height/width are not given

@@ -29,13 +29,23 @@ class GenerationConfig:
     guidance_scale: float = 7.5
     batch_size: int = 4
     seed: int = 42
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
 
     @classmethod
     def from_spec(cls, spec, seed: int | None = None) -> GenerationConfig:
         """`seed`: the per-prompt generator seed base, when not the spec's prompts.seed."""
         model, prompts = spec.model, spec.prompts
         return cls(model.steps, model.height, model.width, model.guidance_scale,
-                   prompts.batch_size, prompts.seed if seed is None else seed)
+                   prompts.batch_size, prompts.seed if seed is None else seed,
+                   model.true_cfg_scale, model.negative_prompt)
+
+    def extra_kwargs(self, count: int) -> dict:
+        """The optional call arguments the spec sets (Qwen-Image's true CFG and its negative)."""
+        extra = {} if self.true_cfg_scale is None else {"true_cfg_scale": self.true_cfg_scale}
+        if self.negative_prompt is not None:
+            extra["negative_prompt"] = [self.negative_prompt] * count
+        return extra
 
 
 MIN_WARMUP_STEPS = 3  # multistep schedulers (PNDM, DPM-Solver) use their own first-step paths
@@ -109,6 +119,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
             guidance_scale=config.guidance_scale,
             generator=generators,
             output_type="np",
+            **config.extra_kwargs(len(indices)),
         )
         _synchronize(device)
         seconds = time.perf_counter() - start

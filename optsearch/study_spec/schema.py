@@ -37,6 +37,8 @@ class ModelSpec:
     height: int | None = None  # None: the model's native size
     width: int | None = None
     guidance_scale: float = 7.5
+    true_cfg_scale: float | None = None  # Qwen-Image's classifier-free guidance (needs a negative)
+    negative_prompt: str | None = None  # sent with every prompt when set
     factory_path: str | None = None  # where a module:function factory is imported from: the
     # spec's folder unless given (then the working directory and PYTHONPATH)
 

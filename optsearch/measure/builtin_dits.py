@@ -1,0 +1,103 @@
+"""Builtin Stable Diffusion 3 and Qwen-Image: the real diffusers pipeline classes with tiny random
+weights and tokenizers built in code (no model hub), 128 px by default, for tests and the demo.
+
+Both run cache-dit's DBCache (cache-dit knows them by class name); Qwen-Image's transformer also
+takes diffusers' cache hooks, SD3's does not. Their images mean nothing; what the caches skip,
+and how the search treats it, is real.
+"""
+
+from __future__ import annotations
+
+import string
+
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    T5Config,
+    T5EncoderModel,
+)
+
+from optsearch.measure.builtin_text import byte_level_tokenizer, t5_tokenizer, text_encoder
+
+
+class StableDiffusion3ShortPromptPipeline(StableDiffusion3Pipeline):
+    """SD3 whose T5 prompts default to 32 tokens (the tiny T5 needs no more; 256 would cost more
+    than the 256 image tokens at 128 px). Named so that cache-dit knows it as SD3."""
+
+    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
+        return super().__call__(prompt, *args, max_sequence_length=max_sequence_length, **kwargs)
+
+
+def build_tiny_sd3() -> StableDiffusion3Pipeline:
+    """SD3's MMDiT, tiny: 4 joint blocks of 4 heads of 32, two CLIP encoders and a T5."""
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=16, out_channels=16, num_layers=4,
+        attention_head_dim=32, num_attention_heads=4, caption_projection_dim=128,
+        joint_attention_dim=64, pooled_projection_dim=64)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16, layers_per_block=1, norm_num_groups=16, sample_size=128,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    tokenizer, tokenizer_3 = byte_level_tokenizer(), t5_tokenizer()
+    pipe = StableDiffusion3ShortPromptPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=text_encoder(32, len(tokenizer), with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=text_encoder(32, len(tokenizer), with_projection=True),
+        tokenizer_2=byte_level_tokenizer(),
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=128,
+                                               num_layers=2, num_heads=4, d_kv=16)),
+        tokenizer_3=tokenizer_3)
+    pipe.default_sample_size = 16  # x 8 = 128 px when height/width are not given
+    return pipe
+
+
+def _qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen's chat markers as special tokens over one token per printable character."""
+    characters = [c for c in string.printable if c not in "\t\r\x0b\x0c"] + ["\u2581"]
+    vocab = [("<|endoftext|>", 0.0), ("<|im_start|>", 0.0), ("<|im_end|>", 0.0), ("<unk>", 0.0)]
+    tokenizer = Tokenizer(models.Unigram(vocab + [(c, -1.0) for c in characters], unk_id=3))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def build_tiny_qwen_image() -> QwenImagePipeline:
+    """Qwen-Image's MMDiT, tiny: 4 blocks of 4 heads of 32, a 2-layer Qwen2.5-VL text encoder."""
+    tokenizer = _qwen_tokenizer()
+    size = len(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": size,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default",
+                                      "type": "default"}, "rope_theta": 1000000.0,
+                     "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": 32},
+        vocab_size=size, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        vision_start_token_id=size - 2, vision_end_token_id=size - 1,
+        vision_token_id=size - 3, image_token_id=size - 4, video_token_id=size - 5)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=32, guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12))
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True],
+                                 latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                             text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+                             tokenizer=tokenizer, transformer=transformer)
+    pipe.default_sample_size = 16  # x 8 = 128 px when height/width are not given
+    return pipe
