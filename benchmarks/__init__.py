@@ -52,6 +52,9 @@ BENCHMARKS = {
     "winners-curse": Benchmark("winners_curse", "How much does the search winner's figure overstate "
                                "a repeat, and what does confirmation fix?",
                                "Winner's curse and confirmation"),
+    "inert-ranges": Benchmark("inert_ranges", "How many DBCache trials skip nothing with the default "
+                              "threshold range, and with the calibrated (auto) one?",
+                              "Accelerator families"),
     "families": Benchmark("families", "Speedup and fidelity of every accelerator family, and fewer "
                           "steps as the reference", "Accelerator families"),
 }
