@@ -1,5 +1,7 @@
 """Speedup and fidelity of every accelerator family, on builtin:tiny-flux (FLUX's
-topology, 128 px, 20 steps) and builtin:cpu-bench (SD 1.5's topology, 256 px, 25 steps), CPU.
+topology, 128 px, 20 steps), builtin:tiny-sd3 and builtin:tiny-qwen-image (cache-dit's DBCache
+against fewer steps, 128 px, 20 steps) and builtin:cpu-bench (SD 1.5's topology, 256 px, 25
+steps), CPU.
 
 Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
 interleaved with the baseline; speedup = baseline s/image / setting s/image (median of the
@@ -7,7 +9,7 @@ passes); PSNR of the setting's images against the baseline's (random weights: fi
 quality). The published operating points are those of warm_start.PUBLISHED; their published
 speedups are for real weights on GPUs (sources in RESULTS.md).
 
-    python -m benchmarks families --repeats 3     # about 4 minutes on 2 cores with 3 repeats
+    python -m benchmarks families --repeats 3     # about 6 minutes on 2 cores with 3 repeats
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ FLUX = [
     ("steps 14 + taylorseer 3/2", {"steps": {"num_inference_steps": 14},
                                    "taylorseer": {"cache_interval": 3,
                                                   "disable_cache_before_step": 2}}),
+    ("dbcache F1B0 0.08 (published)", {"dbcache": {"residual_diff_threshold": 0.08,
+                                                   "max_warmup_steps": 8}}),
+    ("dbcache F1B0 0.5", {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 4}}),
+    ("dbcache F1B0 0.5 + TaylorSeer 1", {"dbcache": {"residual_diff_threshold": 0.5,
+                                                     "max_warmup_steps": 4, "taylorseer_order": 1}}),
+]
+DIT = [  # tiny-sd3 and tiny-qwen-image: what cache-dit applies to both, against fewer steps
+    ("steps 10 (of 20)", {"steps": {"num_inference_steps": 10}}),
+    ("steps 14", {"steps": {"num_inference_steps": 14}}),
+    ("dbcache F1B0 0.08 (published)", {"dbcache": {"residual_diff_threshold": 0.08,
+                                                   "max_warmup_steps": 8}}),
+    ("dbcache F1B0 0.6", {"dbcache": {"residual_diff_threshold": 0.6, "max_warmup_steps": 4}}),
+    ("dbcache F1B1 0.6 + TaylorSeer 1", {"dbcache": {"residual_diff_threshold": 0.6,
+                                                     "Bn_compute_blocks": 1, "max_warmup_steps": 4,
+                                                     "taylorseer_order": 1}}),
 ]
 UNET = [
     ("steps 12 (of 25)", {"steps": {"num_inference_steps": 12}}),
@@ -81,9 +98,11 @@ def main(repeats: int = 3) -> None:
     started = time.perf_counter()
     prompts = builtin_prompts()[:4]
     headers = ["setting", "speedup (median)", "min", "max", "PSNR vs baseline (dB)"]
-    for model, steps, settings in (("builtin:tiny-flux", 20, FLUX), ("builtin:cpu-bench", 25, UNET)):
+    for model, steps, settings in (("builtin:tiny-flux", 20, FLUX), ("builtin:tiny-sd3", 20, DIT),
+                                   ("builtin:tiny-qwen-image", 20, DIT),
+                                   ("builtin:cpu-bench", 25, UNET)):
         pipe = load_pipeline(model, device="cpu", dtype="float32")
-        guidance = 3.5 if "flux" in model else 7.5
+        guidance = 7.5 if model == "builtin:cpu-bench" else 3.5
         config = GenerationConfig(steps=steps, guidance_scale=guidance, batch_size=2)
         print(f"{model}:", flush=True)
         rows = measure(pipe, config, prompts, settings, repeats)

@@ -1,4 +1,4 @@
-"""(gpu) A full-width FLUX transformer (random weights) with diffusers' caches.
+"""(gpu) A full-width FLUX transformer (random weights) with diffusers' caches and cache-dit's DBCache.
 
 FLUX.1's width (24 heads of 128 = 3072, joint attention 4096, 64 latent channels) at reduced
 depth: `DEPTH_DOUBLE` double-stream and `DEPTH_SINGLE` single-stream blocks instead of 19 and 38
@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmarks.common import machine, table
-from optsearch.accelerators import AppliedSetting, magcache
+from optsearch.accelerators import AppliedSetting, dbcache, magcache
 
 DEPTH_DOUBLE, DEPTH_SINGLE = 4, 8
 SETTINGS = [
@@ -31,6 +31,13 @@ SETTINGS = [
     ("taylorseer 5/3/1", {"taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3}}),
     ("pab 2, (100, 800)", {"pab": {"spatial_attention_block_skip_range": 2}}),
     ("magcache 0.06/3/0.2", {"magcache": {}}),
+    ("dbcache F1B0 0.08 (cache-dit default)", {"dbcache": {"residual_diff_threshold": 0.08}}),
+    ("dbcache F8B0 0.12 + TaylorSeer 1", {"dbcache": {"Fn_compute_blocks": 8,
+                                                      "residual_diff_threshold": 0.12,
+                                                      "taylorseer_order": 1}}),
+    # random weights: residual differences sit far above real-model thresholds; the calibrated
+    # range's top (filled in by main) is what "skips nearly everything" costs
+    ("dbcache F1B0 at the calibrated max", {"dbcache": {}}),
 ]
 
 
@@ -74,17 +81,22 @@ def main() -> None:
 
     call(pipe, 3)
     ratios = magcache.calibrate(pipe, 28, lambda: call(pipe))
+    top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
     rows, baseline = [], None
     for name, setting in SETTINGS:
+        if setting.get("dbcache") == {}:
+            setting = {"dbcache": {"residual_diff_threshold": top}}
         with AppliedSetting(pipe, setting, {"magcache": {"mag_ratios": ratios}}) as applied:
             call(applied, 4)
             seconds = min(call(applied), call(applied))
+            computed = applied.computed_fraction()
         baseline = baseline or seconds
-        rows.append([name, seconds, baseline / seconds])
+        rows.append([name, seconds, baseline / seconds,
+                     "-" if computed is None else f"{100 * computed:.0f}%"])
         print(f"{name}: {seconds:.3f} s/image", flush=True)
     scale = (19 + 38 * 0.5) / (DEPTH_DOUBLE + DEPTH_SINGLE * 0.5)
     print(f"\n# GPU, FLUX width, {DEPTH_DOUBLE}+{DEPTH_SINGLE} blocks (full: 19+38, ~{scale:.1f}x "
           f"the cost), 1024 px, 28 steps, bf16, batch 1, transformer only ({machine()})")
-    print(table(["setting", "s/image", "speedup"], rows))
+    print(table(["setting", "s/image", "speedup", "computed"], rows))
     print(f"total {time.perf_counter() - started:.0f} s")
 
