@@ -304,6 +304,8 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
     thresholds = [t.params["dbcache.residual_diff_threshold"] for t in study.get_trials()]
     assert len(thresholds) == 3 and all(low <= value <= high for value in thresholds)
     assert "auto range dbcache.residual_diff_threshold on" in ran.stdout
+    checked = optsearch_cmd("check", str(spec))  # says the range before any trial runs
+    assert checked.returncode == 0 and "auto range dbcache.residual_diff_threshold: [" in checked.stdout
     bad = write_spec(tmp_path / "bad.toml", DBCACHE_SPEC + '[space.dbcache]\nFn_compute_blocks = "auto"\n')
     refused = optsearch_cmd("check", str(bad))
     assert refused.returncode == 2 and '"auto" is for thresholds measured before' in refused.stderr

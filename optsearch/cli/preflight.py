@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from optsearch.accelerators import REGISTRY
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.generation import GenerationConfig, generate
@@ -89,12 +90,25 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
                                 "workers with --halve-batch-on-oom)")
         return report
     attempt("quality.clip_model", lambda: scorer.score(batch.images, prompts[:len(batch.images)]))
+    report.facts["auto_ranges"] = attempt("auto ranges", lambda: _auto_ranges(spec, pipe, prompts,
+                                                                              config)) or {}
     peak, free = _memory(pipe.device)
     estimate = Estimate(batch.seconds_per_image, spec.search.n_trials, len(prompts), workers)
     report.facts.update(batch_size=config.batch_size, seconds_per_image=batch.seconds_per_image,
                         check_seconds=time.perf_counter() - start, peak_gib=peak, free_gib=free,
                         estimate=estimate)
     return report
+
+
+def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
+    """The "auto" ranges as a worker on this device would calibrate them (one plain call each)."""
+    ranges = {}
+    for family, param in spec.auto_params():
+        measured = REGISTRY[family].calibrate(pipe, lambda: list(generate(
+            pipe, prompts[:1], config, warmup=False)))
+        if param in measured.get("auto", {}):
+            ranges[f"{family}.{param}"] = measured["auto"][param]
+    return ranges
 
 
 def format_report(report: Report, spec) -> str:
@@ -107,6 +121,8 @@ def format_report(report: Report, spec) -> str:
     peak, free = facts["peak_gib"], facts["free_gib"]
     lines.append(f"memory: peak {peak:.2f} GiB"
                  + (f", {free:.1f} GiB free now" if free is not None else ""))
+    lines += [f"auto range {name}: [{low}, {high}] on this device (from skipping nothing to "
+              "skipping nearly everything)" for name, (low, high) in facts["auto_ranges"].items()]
     lines.append(estimate_text(facts["estimate"]))
     lines.append("ready: a study of this spec can run")
     return "\n".join(lines)
