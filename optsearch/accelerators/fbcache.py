@@ -15,10 +15,47 @@ PARAMS = (
 )
 
 
-def apply(pipe, threshold: float = 0.05):
-    from diffusers import FirstBlockCacheConfig
+class FirstBlockCachePatch:
+    """diffusers' FirstBlockCache, counting at every step whether the other blocks ran, so that a
+    trial knows the share of the transformer it computed (`computed_fraction`)."""
 
-    return cache_patch(pipe, FirstBlockCacheConfig(threshold=float(threshold)), NAME)
+    def __init__(self, pipe, threshold: float):
+        from diffusers import FirstBlockCacheConfig
+        from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+
+        self.patch = cache_patch(pipe, FirstBlockCacheConfig(threshold=threshold), NAME)
+        self.decisions: list[bool] = []  # per step of the last call: did the other blocks run?
+        self.blocks = 0
+        for module in self.patch.module.modules():
+            registry = module.__dict__.get("_diffusers_hook")
+            head = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
+            if head is not None:
+                decide = head._should_compute_remaining_blocks
+                head._should_compute_remaining_blocks = lambda r, decide=decide: self._record(decide(r))
+            if head is not None or (registry is not None and registry.get_hook(_FBC_BLOCK_HOOK)):
+                self.blocks += 1
+
+    def _record(self, computed: bool) -> bool:
+        self.decisions.append(computed)
+        return computed
+
+    def prepare(self, call_kwargs: dict) -> None:
+        self.decisions.clear()
+        self.patch.prepare(call_kwargs)
+
+    def computed_fraction(self) -> float | None:
+        """The first block every step, the others on the steps that computed them."""
+        if not self.decisions or not self.blocks:
+            return None
+        steps, computed = len(self.decisions), sum(self.decisions)
+        return (steps + computed * (self.blocks - 1)) / (steps * self.blocks)
+
+    def restore(self) -> None:
+        self.patch.restore()
+
+
+def apply(pipe, threshold: float = 0.05) -> FirstBlockCachePatch:
+    return FirstBlockCachePatch(pipe, float(threshold))
 
 
 def warmup_steps(**_) -> int:
