@@ -43,7 +43,9 @@ def test_evaluate_table(tmp_path):
     assert "speedup [95% CI]" in result.stdout and "deepcache" in result.stdout
     assert "baseline" in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("deepcache"))
-    assert row.count("[") == 4  # speedup, CLIP loss, PSNR and SSIM each with an interval
+    # CLIP loss, PSNR and SSIM each with an interval; the speedup's too, or, from 2 noisy batches,
+    # words saying it is too wide to tell
+    assert row.count("[") == 4 or (row.count("[") == 3 and "(not measured enough to tell)" in row)
 
 
 @pytest.mark.parametrize("args, message", [

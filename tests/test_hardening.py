@@ -110,7 +110,8 @@ def test_worker_values_are_checked_like_spec_values(tmp_path, args, message):
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["tgate.gate_step=4"], "the setting is deepcache+tome+tgate, which this spec does not search"),
+    (["tgate.gate_step=4"], "--set: the setting is tgate, which this spec does not search "
+                            "(search.accelerators gives: deepcache+tome)"),
     (["deepcache.cache_interval=20"], "deepcache.cache_interval=20 must be <= 8 (model.steps)"),
 ])
 def test_evaluate_set_names_the_specs_combos_and_fits_the_steps(tmp_path, sets, message):

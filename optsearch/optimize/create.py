@@ -108,7 +108,10 @@ def extend_study(storage, name: str, n_trials: int) -> tuple[int, int]:
 
 
 # What studies made before a path was stored absolute hold: the same spec, whatever is stored now.
-BEFORE_STORED = {("artifacts.path", "artifacts"), ("model.factory_path", None)}
+BEFORE_STORED = {("model.factory_path", None)}
+# Where a study's images go changes no measurement: the stored folder stays, whatever a later copy
+# of the spec (in another folder) names.
+NOT_COMPARED = ("artifacts.path",)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -118,6 +121,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
-        elif a != b and (f"{prefix}{key}", a) not in BEFORE_STORED:
+        elif a != b and (f"{prefix}{key}", a) not in BEFORE_STORED \
+                and f"{prefix}{key}" not in NOT_COMPARED:
             found.append(f"{prefix}{key}")
     return found
