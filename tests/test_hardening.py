@@ -220,7 +220,8 @@ def test_two_seeded_workers_in_parallel_draw_no_setting_twice(tmp_path, pg_url):
     assert len(trials) == 4 and not [t for t in trials if t.user_attrs.get("reused_from") is not None]
 
 
-def test_a_worker_whose_trial_another_failed_goes_on(tmp_path):
+def worker_in_a_trial(tmp_path) -> tuple[str, subprocess.Popen, list]:
+    """A 3-trial study and one worker process, returned once its first trial runs."""
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", "n_trials = 3"))
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
@@ -232,9 +233,14 @@ def test_a_worker_whose_trial_another_failed_goes_on(tmp_path):
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                    if "setting" in t.user_attrs]
         if running:
-            break
+            return url, worker, running
         assert time.monotonic() < deadline and worker.poll() is None
         time.sleep(0.1)
+
+
+def test_a_worker_whose_trial_another_failed_goes_on(tmp_path):
+    url, worker, running = worker_in_a_trial(tmp_path)
+    study = optuna.load_study(study_name="tiny", storage=url)
     # what another worker's stale-heartbeat check does: fail the trial and re-queue it
     study._storage.set_trial_state_values(running[0]._trial_id, TrialState.FAIL)
     _, err = worker.communicate(timeout=300)
@@ -245,17 +251,7 @@ def test_a_worker_whose_trial_another_failed_goes_on(tmp_path):
 
 
 def test_a_worker_whose_study_is_deleted_stops_with_one_line(tmp_path):
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", "n_trials = 3"))
-    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    worker = subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", url, "--quiet"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    study = optuna.load_study(study_name="tiny", storage=url)
-    deadline = time.monotonic() + 300
-    while not [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if "setting" in t.user_attrs]:
-        assert time.monotonic() < deadline and worker.poll() is None
-        time.sleep(0.1)
+    url, worker, _ = worker_in_a_trial(tmp_path)
     deleted = optsearch_cmd("study", "delete", "tiny", "--force", "--storage", url)
     assert deleted.returncode == 0, deleted.stderr
     _, err = worker.communicate(timeout=300)

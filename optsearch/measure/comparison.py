@@ -28,12 +28,6 @@ class Baseline:
     batch_seconds: list[float] = field(default_factory=list)
 
     @property
-    def compute_fraction(self) -> float | None:
-        """The share of a full run's denoiser computation the setting ran (steps x blocks), as
-        its families report it; None when one of them reports nothing."""
-        return float(np.mean(self.compute_fractions)) if self.compute_fractions else None
-
-    @property
     def clip_mean(self) -> float:
         return float(self.clip_scores.mean())
 
