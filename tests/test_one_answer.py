@@ -121,3 +121,24 @@ def test_a_speedup_beyond_what_the_setting_computes_is_retimed_not_recorded(tmp_
     always = run_steps_trial(tmp_path, "always", "1.0:always")  # the device stays disturbed
     assert always.state == TrialState.FAIL and "beyond the 2.00x" in always.user_attrs["fail_reason"]
     assert "speedup" not in always.user_attrs  # no impossible figure is recorded
+
+
+def test_a_cache_is_held_to_the_share_of_the_transformer_it_ran():
+    """A cache that computed half the blocks cannot be more than 2x faster (x 1.25 for timing
+    noise): beyond that the figure is a disturbed timing, whatever the family."""
+    from optsearch.measure.comparison import Comparison
+    from optsearch.optimize.plausible import implausible
+
+    def measured(speedup: float, fraction: float | None) -> Comparison:
+        result = Comparison(setting={}, num_samples=2, batch_size=1, n_batches=2, confidence=0.95,
+                            baseline_seconds_per_image=speedup, inference_seconds=2.0,
+                            clip_scores=[0.3, 0.3], compute_fractions=[fraction] if fraction else [])
+        assert result.speedup == speedup
+        return result
+
+    setting = {"dbcache": {"residual_diff_threshold": 0.5}}  # no bound of its own but its share
+    assert implausible(measured(2.4, 0.5), setting, 20) is None
+    assert "beyond the 2.00x" in implausible(measured(3.0, 0.5), setting, 20)
+    assert implausible(measured(9.0, None), setting, 20) is None  # nothing reported: no bound
+    steps = {"steps": {"num_inference_steps": 5}}  # 20 -> 5 steps: 4x at most
+    assert "beyond the 4.00x" in implausible(measured(9.92, 0.25), steps, 20)

@@ -1,7 +1,9 @@
 """Speedups the setting's computation cannot give: re-timed, never recorded.
 
-Four times fewer steps cannot run more than four times faster. A figure beyond what the setting
-skips (`accelerators.max_speedup`, with `SLACK` for timing noise) means the timing was disturbed,
+Four times fewer steps cannot run more than four times faster, nor a cache that ran 40 % of the
+transformer more than 2.5 times faster. A figure beyond what the setting skips
+(`accelerators.max_speedup`, or 1 / `compute_fraction` where the families report it, with `SLACK`
+for timing noise) means the timing was disturbed,
 almost always a baseline timed while something else ran on the device (two CPU workers sharing
 cores timed 3.0 and 9.1 s/image for one baseline). The worker then re-times its baseline and
 measures the trial once more; still beyond the bound, the trial fails with the reason, so no
@@ -26,8 +28,14 @@ class ImplausibleSpeedup(Exception):
 
 
 def implausible(result: Comparison, setting: Mapping, model_steps: int) -> str | None:
-    """Why `result`'s speedup is impossible for `setting`, or None when it is not."""
-    bound = max_speedup(setting, model_steps)
+    """Why `result`'s speedup is impossible for `setting`, or None when it is not. The bound is
+    what the setting's families allow, or, where they report it, 1 / the share of the denoiser
+    they actually ran (`compute_fraction`), whichever is tighter."""
+    bounds = [max_speedup(setting, model_steps)]
+    if result.compute_fraction:
+        bounds.append(1.0 / result.compute_fraction)
+    known = [b for b in bounds if b is not None]
+    bound = min(known) if known else None
     if bound is None or result.speedup is None or result.speedup <= bound * SLACK:
         return None
     return (f"speedup {result.speedup:.2f}x is beyond the {bound:.2f}x the setting's computation "
