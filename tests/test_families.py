@@ -344,3 +344,21 @@ def test_a_diffusers_cache_on_sd3_says_its_transformer_has_no_hooks():
     with pytest.raises(ModelLoadError, match="fbcache needs diffusers' enable_cache"):
         check_families(pipe, spec_from_dict({"model": {"id": "builtin:tiny-sd3"},
                                              "search": {"accelerators": ["fbcache"]}}))
+
+
+def test_first_block_cache_calibrates_the_change_it_compares(flux_pipe):
+    """fbcache's "auto" range: the relative changes of the first block's residual over one call;
+    on other prompts a threshold under the range skips nothing, one over it skips most steps."""
+    from optsearch.accelerators import fbcache
+
+    measured = fbcache.calibrate(flux_pipe, lambda: _flux_images(flux_pipe))
+    low, high = measured["auto"]["threshold"]
+    assert 0 < low < high and measured["observed"]["steps"] == 11  # every step after the first
+
+    def computed(threshold: float) -> float:
+        with AppliedSetting(flux_pipe, {"fbcache": {"threshold": threshold}}) as applied:
+            generate_images(applied, ["a lighthouse at dusk"], steps=12)
+            return applied.computed_fraction()
+
+    assert computed(low * 0.5) == 1.0
+    assert computed(high * 1.5) < 0.5

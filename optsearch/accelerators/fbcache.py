@@ -10,7 +10,7 @@ from optsearch.accelerators.hooks import cache_patch
 NAME = "fbcache"
 APPLIES_TO = ("transformer",)
 PARAMS = (
-    Param("threshold", float, (0.02, 0.5), minimum=0.0, grid_step=0.02,
+    Param("threshold", float, (0.02, 0.5), minimum=0.0, grid_step=0.02, calibrated=True,
           help="relative change of the first block's residual under which the rest is reused"),
 )
 
@@ -25,17 +25,22 @@ class FirstBlockCachePatch:
 
         self.patch = cache_patch(pipe, FirstBlockCacheConfig(threshold=threshold), NAME)
         self.decisions: list[bool] = []  # per step of the last call: did the other blocks run?
+        self.changes: list[float] = []  # the relative residual changes compared with the threshold
         self.blocks = 0
         for module in self.patch.module.modules():
             registry = module.__dict__.get("_diffusers_hook")
             head = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
             if head is not None:
                 decide = head._should_compute_remaining_blocks
-                head._should_compute_remaining_blocks = lambda r, decide=decide: self._record(decide(r))
+                head._should_compute_remaining_blocks = \
+                    lambda r, decide=decide, head=head: self._record(decide(r), head, r)
             if head is not None or (registry is not None and registry.get_hook(_FBC_BLOCK_HOOK)):
                 self.blocks += 1
 
-    def _record(self, computed: bool) -> bool:
+    def _record(self, computed: bool, head, residual) -> bool:
+        previous = head.state_manager.get_state().head_block_residual
+        if previous is not None:  # diffusers' own measure: mean |change| / mean |previous|
+            self.changes.append(float((residual - previous).abs().mean() / previous.abs().mean()))
         self.decisions.append(computed)
         return computed
 
@@ -54,8 +59,25 @@ class FirstBlockCachePatch:
         self.patch.restore()
 
 
-def apply(pipe, threshold: float = 0.05) -> FirstBlockCachePatch:
+def apply(pipe, threshold: float = 0.05, **_calibrated) -> FirstBlockCachePatch:
     return FirstBlockCachePatch(pipe, float(threshold))
+
+
+def calibrate(pipe, run_once) -> dict:
+    """What an "auto" threshold range comes from: the relative changes of the first block's
+    residual FirstBlockCache compares with its threshold, over one call that skips nothing, from
+    "skips nothing" (their minimum) to "skips nearly everything" (their maximum)."""
+    patch = FirstBlockCachePatch(pipe, 0.0)
+    try:
+        run_once()
+    finally:
+        patch.restore()
+    changes = sorted(patch.changes)
+    if not changes:
+        return {}
+    return {"auto": {"threshold": [round(changes[0], 4), round(changes[-1], 4)]},
+            "observed": {"min": changes[0], "median": changes[len(changes) // 2],
+                         "max": changes[-1], "steps": len(changes)}}
 
 
 def warmup_steps(**_) -> int:

@@ -211,8 +211,9 @@ def _load_space(tables: dict, problem) -> dict[str, dict[str, Any]]:
 def _check_range(param, value) -> str | None:
     """Check a [low, high(, step)] range or a fixed value against the parameter's bounds."""
     if value == "auto":
-        return None if param.calibrated else \
-            '"auto" is for thresholds measured before the search (dbcache.residual_diff_threshold)'
+        return None if param.calibrated else ('"auto" is for thresholds measured before the '
+                                              "search (dbcache.residual_diff_threshold, "
+                                              "fbcache.threshold)")
     values = value if isinstance(value, list) else [value]
     if param.kind is bool:
         return param.check(values[0]) if len(values) == 1 else "must be true or false"
