@@ -101,20 +101,28 @@ def test_the_python_export_applies_the_winner_with_the_libraries_own_calls(tmp_p
                                   expected)
 
 
-def test_the_python_export_on_an_sd_unet_with_deepcache(tmp_path):
-    setting = {"steps": {"num_inference_steps": 6},
-               "deepcache": {"cache_interval": 3, "cache_branch_id": 0}}
-    text_spec = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
-                                  'accelerators = [["steps", "deepcache"]]')
-    url = study_with_winner(tmp_path, text_spec, setting)
+SD_SPEC = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
+                           'accelerators = [["steps", "deepcache"], ["deepcache", "tome"], ["tgate"]]') \
+    + "[space.tgate]\ngate_step = [2, 6]\n"
+
+
+@pytest.mark.parametrize("setting", [
+    {"steps": {"num_inference_steps": 6}, "deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
+    {"deepcache": {"cache_interval": 3, "cache_branch_id": 0},
+     "tome": {"ratio": 0.5, "max_downsample": 1, "use_rand": False}},
+    {"tgate": {"gate_step": 4}},
+], ids=["steps+deepcache", "deepcache+tome", "tgate"])
+def test_the_python_export_on_an_sd_unet(tmp_path, setting):
+    url = study_with_winner(tmp_path, SD_SPEC, setting)
     text = export(tmp_path, url, "tiny", "diffusers", "accelerate_pipe.py")
     namespace: dict = {}
     exec(compile(text, "accelerate_pipe.py", "exec"), namespace)  # noqa: S102 - our own export
     with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
         expected = images(run, 8, kind="sd")
     pipe = build_builtin("builtin:tiny")
-    np.testing.assert_array_equal(images(pipe, kind="sd", **namespace["accelerate"](pipe)),
-                                  expected)
+    kwargs = namespace["accelerate"](pipe)
+    call = pipe.tgate if "tgate" in setting else pipe  # T-GATE generates through its own call
+    np.testing.assert_array_equal(images(call, kind="sd", **kwargs), expected)
 
 
 def test_a_cache_dit_export_of_another_family_is_one_line_exit_2(tmp_path):
