@@ -4,7 +4,6 @@ made from the winner give the same images as `optsearch.apply` with the same set
 from __future__ import annotations
 
 import numpy as np
-import optuna
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -12,6 +11,12 @@ from optuna.trial import create_trial
 
 import optsearch
 from optsearch.measure.builtin import build_builtin
+from optsearch.optimize.create import create_study
+from optsearch.optimize.deploy import diffusers_python
+from optsearch.optimize.export import export_study
+from optsearch.optimize.study import load_study
+from optsearch.storage.rdb import open_storage
+from optsearch.study_spec import load_spec
 from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
 from tests.test_families import FLUX_SPEC
 
@@ -37,25 +42,29 @@ def images(call, num_inference_steps: int, kind: str, **kwargs) -> np.ndarray:
 
 
 def study_with_winner(tmp_path, spec_text: str, setting: dict) -> str:
-    """A study whose only feasible trial, faster than the baseline, has `setting`."""
+    """A study whose only feasible trial, faster than the baseline, has `setting` (made in this
+    process: the command line is tested by the cache-dit tests)."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    spec = write_spec(tmp_path / "s.toml", spec_text.replace("warm_start", "# warm_start"))
-    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    name = optuna.get_all_study_names(url)[0]
-    study = optuna.load_study(study_name=name, storage=url)
-    combo = "+".join(setting)
+    spec = load_spec(write_spec(tmp_path / "s.toml", spec_text))
+    study = create_study(spec, open_storage(url, heartbeat_interval=None))
     study.add_trial(create_trial(value=2.0, user_attrs={
-        "combo": combo, "setting": setting, "speedup": 2.0, "speedup_low": 1.9,
+        "combo": "+".join(setting), "setting": setting, "speedup": 2.0, "speedup_low": 1.9,
         "speedup_high": 2.1, "psnr": 40.0, "psnr_low": 39.0, "psnr_high": 41.0,
         "constraints": {"quality": -1.0}}))
     return url
 
 
 def export(tmp_path, url: str, name: str, form: str, filename: str) -> str:
-    result = optsearch_cmd("study", "export", name, "--storage", url, "--format", form,
-                           "-o", str(tmp_path / filename))
-    assert result.returncode == 0, result.stderr
-    text = (tmp_path / filename).read_text()
+    """What `study export --format FORM` writes: by the command line for cache-dit, in this
+    process for the Python form (the same functions)."""
+    if form == "cache-dit":
+        result = optsearch_cmd("study", "export", name, "--storage", url, "--format", form,
+                               "-o", str(tmp_path / filename))
+        assert result.returncode == 0, result.stderr
+        text = (tmp_path / filename).read_text()
+    else:
+        study, spec = load_study(open_storage(url, heartbeat_interval=None), name)
+        text = diffusers_python(export_study(study, spec))
     assert "import optsearch" not in text and "from optsearch" not in text
     return text
 
