@@ -34,10 +34,30 @@ class HookPatch:
         self._enabled = False
         enable(self.module)
         self._enabled = True
+        self.calls = self.computed = 0  # hooked modules' calls in the last call, and those run
+        for module in self.module.modules():
+            registry = module.__dict__.get("_diffusers_hook")
+            for hook in (registry.hooks.values() if registry is not None else ()):
+                if getattr(hook, "fn_ref", None) is not None and hasattr(hook.fn_ref, "original_forward"):
+                    hook.fn_ref.pre_forward = self._count("calls", hook.fn_ref.pre_forward)
+                    hook.fn_ref.original_forward = self._count("computed",
+                                                               hook.fn_ref.original_forward)
+
+    def _count(self, counter: str, function):
+        def counted(*args, **kwargs):
+            setattr(self, counter, getattr(self, counter) + 1)
+            return function(*args, **kwargs)
+        return counted
+
+    def computed_fraction(self) -> float | None:
+        """The share of the hooked modules' calls (the attention layers or blocks the cache may
+        skip) that really ran in the last call; None when nothing hooked was called."""
+        return self.computed / self.calls if self.calls else None
 
     def prepare(self, call_kwargs: dict) -> None:
         from diffusers.hooks import HookRegistry
 
+        self.calls = self.computed = 0
         HookRegistry.check_if_exists_or_initialize(self.module).reset_stateful_hooks(recurse=True)
 
     def restore(self) -> None:
