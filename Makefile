@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 # A fresh 12-trial study on a tiny offline pipeline; `run` ends by printing `study show`. Then
 # a 12-trial study of diffusers' caches on a tiny FLUX, against the fewer-steps line.
 demo: $(STAMP)
-	rm -rf demo.db demo.db-wal demo.db-shm search_params.json artifacts
+	rm -rf demo.db demo.db-wal demo.db-shm search_params.json artifacts studies/artifacts
 	$(BIN)/optsearch run studies/tiny-demo.toml --storage sqlite:///demo.db --confirm 2
 	$(BIN)/optsearch study export tiny-demo --storage sqlite:///demo.db -o search_params.json
 	$(BIN)/optsearch run studies/tiny-flux.toml --storage sqlite:///demo.db --quiet

@@ -113,12 +113,13 @@ def psnr_on(spec, setting: dict, prompts: list[str]) -> Interval:
     return comparison.interval("psnr")
 
 
-def winner_marks(url: str, tmp_path) -> tuple[int, int, str]:
-    """The winner as show stars it, as the dashboard's study attr holds it, and the study note."""
+def winner_marks(url: str, tmp_path) -> tuple[int, int, str, str]:
+    """The winner as show stars it, as the dashboard's study attr holds it, the study note, and
+    what show printed."""
     study = optuna.load_study(study_name="tiny", storage=url)
     shown = optsearch_cmd("study", "show", "tiny", "--storage", url, cwd=tmp_path)
     starred = re.search(r"^\* winner: trial (\d+)", shown.stdout, re.MULTILINE)
-    return int(starred.group(1)), study.user_attrs["winner"]["trial"], get_note(study)
+    return int(starred.group(1)), study.user_attrs["winner"]["trial"], get_note(study), shown.stdout
 
 
 def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(tmp_path):
@@ -154,7 +155,7 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert before.returncode == 0 and "not confirmed" in before.stdout
     unconfirmed = json.loads((tmp_path / "unconfirmed.json").read_text())
     assert unconfirmed["best"]["trial"] == 0 and unconfirmed["best"]["confirmed"] is None
-    starred, marked, note = winner_marks(url, tmp_path)
+    starred, marked, note, _ = winner_marks(url, tmp_path)
     assert starred == marked == 0 and note.startswith("## Winner: trial 0")
     assert "not confirmed yet" in unconfirmed["winner_rule"]
 
@@ -169,9 +170,8 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert after.returncode == 0, after.stderr
     best = json.loads((tmp_path / "sp.json").read_text())["best"]
     assert best["trial"] == 1
-    starred, marked, note = winner_marks(url, tmp_path)
+    starred, marked, note, shown = winner_marks(url, tmp_path)
     assert starred == marked == 1 and note.startswith("## Winner: trial 1")
-    shown = optsearch_cmd("study", "show", "tiny", "--storage", url, cwd=tmp_path).stdout
     assert "deepcache(cache_interval=2" in shown.split("confirmations on unseen prompts")[1]
     check = best["confirmed"]
     assert check["feasible"] is True and check["num_samples"] == 2 and check["repeats"] == 2
