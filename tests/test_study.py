@@ -153,7 +153,8 @@ def test_sigint_fails_requeues_and_exits_130(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     process, study = slow_study_with_worker(tmp_path, url)
     deadline = time.monotonic() + 300
-    while not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]:
+    while not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING
+               and "setting" in t.user_attrs]:  # being measured, not just created
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.1)
     process.send_signal(signal.SIGINT)
