@@ -16,17 +16,15 @@ PARAMS = (
 
 
 class FirstBlockCachePatch:
-    """diffusers' FirstBlockCache, counting at every step whether the other blocks ran, so that a
-    trial knows the share of the transformer it computed (`computed_fraction`)."""
+    """diffusers' FirstBlockCache, recording the relative residual change it compares with its
+    threshold at every step (what `calibrate` reads); HookPatch counts the blocks that ran."""
 
     def __init__(self, pipe, threshold: float):
         from diffusers import FirstBlockCacheConfig
-        from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+        from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
         self.patch = cache_patch(pipe, FirstBlockCacheConfig(threshold=threshold), NAME)
-        self.decisions: list[bool] = []  # per step of the last call: did the other blocks run?
         self.changes: list[float] = []  # the relative residual changes compared with the threshold
-        self.blocks = 0
         for module in self.patch.module.modules():
             registry = module.__dict__.get("_diffusers_hook")
             head = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
@@ -34,26 +32,20 @@ class FirstBlockCachePatch:
                 decide = head._should_compute_remaining_blocks
                 head._should_compute_remaining_blocks = \
                     lambda r, decide=decide, head=head: self._record(decide(r), head, r)
-            if head is not None or (registry is not None and registry.get_hook(_FBC_BLOCK_HOOK)):
-                self.blocks += 1
 
     def _record(self, computed: bool, head, residual) -> bool:
         previous = head.state_manager.get_state().head_block_residual
         if previous is not None:  # diffusers' own measure: mean |change| / mean |previous|
             self.changes.append(float((residual - previous).abs().mean() / previous.abs().mean()))
-        self.decisions.append(computed)
         return computed
 
     def prepare(self, call_kwargs: dict) -> None:
-        self.decisions.clear()
         self.patch.prepare(call_kwargs)
 
     def computed_fraction(self) -> float | None:
-        """The first block every step, the others on the steps that computed them."""
-        if not self.decisions or not self.blocks:
-            return None
-        steps, computed = len(self.decisions), sum(self.decisions)
-        return (steps + computed * (self.blocks - 1)) / (steps * self.blocks)
+        """The first block every step, the others on the steps that computed them (HookPatch
+        counts the hooked blocks' calls that ran)."""
+        return self.patch.computed_fraction()
 
     def restore(self) -> None:
         self.patch.restore()

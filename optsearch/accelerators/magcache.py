@@ -42,34 +42,14 @@ class MagCachePatch:
 
     def _enable(self, steps: int) -> HookPatch:
         from diffusers import MagCacheConfig
-        from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK
 
-        patch = cache_patch(self.pipe, MagCacheConfig(num_inference_steps=steps, **self.options),
-                            NAME)
-        self.calls = self.computed = 0  # head block invocations, and those that really ran
-        for module in patch.module.modules():
-            registry = module.__dict__.get("_diffusers_hook")
-            head = registry.get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK) if registry is not None else None
-            if head is not None:  # a skipped step returns the cached residual without the blocks
-                head.fn_ref.pre_forward = self._counted(head.fn_ref.pre_forward)
-                head.fn_ref.original_forward = self._ran(head.fn_ref.original_forward)
-        return patch
-
-    def _counted(self, pre_forward):
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return pre_forward(*args, **kwargs)
-        return counted
-
-    def _ran(self, original_forward):
-        def ran(*args, **kwargs):
-            self.computed += 1
-            return original_forward(*args, **kwargs)
-        return ran
+        return cache_patch(self.pipe, MagCacheConfig(num_inference_steps=steps, **self.options),
+                           NAME)
 
     def computed_fraction(self) -> float | None:
-        """MagCache skips every block of a skipped step: the share of steps that computed."""
-        return self.computed / self.calls if self.calls else None
+        """MagCache skips every block of a skipped step: the share of its hooked blocks' calls
+        that ran is the share of steps that computed (counted by HookPatch)."""
+        return self.patch.computed_fraction()
 
     def prepare(self, call_kwargs: dict) -> None:
         steps = call_kwargs.get("num_inference_steps", self.steps)
@@ -77,7 +57,6 @@ class MagCachePatch:
             self.patch.restore()
             self.patch = self._enable(steps)
             self.steps = steps
-        self.calls = self.computed = 0
         self.patch.prepare(call_kwargs)
 
     def restore(self) -> None:
