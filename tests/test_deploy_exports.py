@@ -69,6 +69,13 @@ def export(tmp_path, url: str, name: str, form: str, filename: str) -> str:
     return text
 
 
+def exported_function(text: str):
+    """`accelerate(pipe)` from the Python export's text, loaded as a user would run the file."""
+    namespace: dict = {}
+    exec(compile(text, "accelerate_pipe.py", "exec"), namespace)  # noqa: S102 - our own export
+    return namespace["accelerate"]
+
+
 DBCACHE = {"steps": {"num_inference_steps": 10},
            "dbcache": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 1, "residual_diff_threshold": 0.6,
                        "max_warmup_steps": 2, "warmup_interval": 1, "max_cached_steps": -1,
@@ -100,14 +107,11 @@ def test_a_cache_dit_yaml_loads_in_cache_dit_and_matches_optsearch_apply(tmp_pat
 ], ids=["dbcache", "fbcache", "taylorseer"])
 def test_the_python_export_applies_the_winner_with_the_libraries_own_calls(tmp_path, setting):
     url = study_with_winner(tmp_path, DBCACHE_SPEC, setting)
-    text = export(tmp_path, url, "flux", "diffusers", "accelerate_pipe.py")
-    namespace: dict = {}
-    exec(compile(text, "accelerate_pipe.py", "exec"), namespace)  # noqa: S102 - our own export
+    accelerate = exported_function(export(tmp_path, url, "flux", "diffusers", "accelerate_pipe.py"))
     with optsearch.apply(plain_flux(), setting) as run:
         expected = images(run, 12, kind="flux")
     pipe = plain_flux()
-    np.testing.assert_array_equal(images(pipe, kind="flux", **namespace["accelerate"](pipe)),
-                                  expected)
+    np.testing.assert_array_equal(images(pipe, kind="flux", **accelerate(pipe)), expected)
 
 
 SD_SPEC = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
@@ -123,13 +127,11 @@ SD_SPEC = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
 ], ids=["steps+deepcache", "deepcache+tome", "tgate"])
 def test_the_python_export_on_an_sd_unet(tmp_path, setting):
     url = study_with_winner(tmp_path, SD_SPEC, setting)
-    text = export(tmp_path, url, "tiny", "diffusers", "accelerate_pipe.py")
-    namespace: dict = {}
-    exec(compile(text, "accelerate_pipe.py", "exec"), namespace)  # noqa: S102 - our own export
+    accelerate = exported_function(export(tmp_path, url, "tiny", "diffusers", "accelerate_pipe.py"))
     with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
         expected = images(run, 8, kind="sd")
     pipe = build_builtin("builtin:tiny")
-    kwargs = namespace["accelerate"](pipe)
+    kwargs = accelerate(pipe)
     call = pipe.tgate if "tgate" in setting else pipe  # T-GATE generates through its own call
     np.testing.assert_array_equal(images(call, kind="sd", **kwargs), expected)
 
