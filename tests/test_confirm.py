@@ -14,10 +14,9 @@ from optuna_dashboard import get_note
 
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.metrics import Interval
-from optsearch.measure.prompts import load_prompts
+from optsearch.measure.prompts import confirm_prompts, load_prompts
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
-from optsearch.optimize.confirm import confirm_prompts
 from optsearch.study_spec import load_spec
 from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import denoiser
 
@@ -129,6 +127,8 @@ class DBCachePatch:
                 rest = [name for name in children if name not in order]
                 object.__setattr__(module, "_modules",
                                    {name: children[name] for name in [*order, *rest]})
+        import torch
+
         for module, before in zip(self._modules, self._before, strict=True):
             for name in set(vars(module)) - before:
                 if not isinstance(getattr(module, name), torch.nn.Module | torch.Tensor):

@@ -10,8 +10,10 @@ call (`prepare`): a warm-up cut short must not leak into the timed call that fol
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads in seconds: spec checks and light commands do without it
+    import torch
 
 _LEFT_BY_HOOKS = ("forward", "_diffusers_hook")
 
@@ -83,4 +85,6 @@ def cache_patch(pipe, config, family: str) -> HookPatch:
 
 def cpu_safe_dtype(pipe) -> torch.dtype | None:
     """float32 for cache factors on CPU (bfloat16 there is slow); diffusers' default elsewhere."""
+    import torch
+
     return torch.float32 if denoiser(pipe).device.type == "cpu" else None

@@ -8,8 +8,6 @@ the same pattern whatever the batch size (measured: per-prompt images identical 
 
 from __future__ import annotations
 
-import torch
-
 from optsearch.accelerators.base import Param
 
 NAME = "tome"
@@ -34,6 +32,8 @@ class ToMePatch:
 
     def reseed(self, seed: int) -> None:
         """Give tomesd a fresh generator so the merge pattern is the same for every batch."""
+        import torch
+
         device = self.pipe.unet.device
         generator = torch.Generator(device=device).manual_seed(seed)
         self.pipe.unet._tome_info["args"]["generator"] = generator

@@ -8,20 +8,14 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import optuna
-from PIL import Image
 
 from optsearch.accelerators import ORDER, combo_problem, normalize_setting
-from optsearch.cli.dashboard import serve
-from optsearch.cli.plots import plot_study
-from optsearch.cli.preflight import check, format_report
 from optsearch.cli.show import format_summary, study_summary
 from optsearch.errors import UsageError
 from optsearch.formatting import comparison_table, format_interval, format_setting, format_speedup, table
-from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.measure.prompts import confirm_prompts
 from optsearch.optimize import study as studies
-from optsearch.optimize.confirm import Confirmation, ConfirmOptions, confirm_prompts
 from optsearch.optimize.create import (
     check_name,
     create_study,
@@ -29,14 +23,13 @@ from optsearch.optimize.create import (
     extend_study,
     spec_differences,
 )
-from optsearch.optimize.deploy import cache_dit_yaml, diffusers_python
-from optsearch.optimize.export import export_study
-from optsearch.optimize.fleet import parse_devices, run_workers
 from optsearch.optimize.study import SPEC_ATTR, load_study
-from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import mask, open_storage
 from optsearch.study_spec import SpecError, check_setting, load_spec
 
+# The commands that generate images import diffusers, transformers and open_clip (about ten
+# seconds on a small machine) inside their functions: `study list`, `show`, `export`, `create`
+# and `delete` answer without them.
 
 def _parse_value(text: str):
     lowered = text.lower()
@@ -65,6 +58,8 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    from optsearch.measure.evaluate import evaluator_from_spec
+
     spec = load_spec(args.spec)
     try:
         given = normalize_setting(parse_sets(args.set))
@@ -139,6 +134,9 @@ DEFAULT_EXPORT = {"json": "search_params.json", "cache-dit": "cache.yaml",
 
 
 def cmd_study_export(args) -> int:
+    from optsearch.optimize.deploy import cache_dit_yaml, diffusers_python
+    from optsearch.optimize.export import export_study
+
     args.output = args.output or DEFAULT_EXPORT[args.format]
     output = Path(args.output)
     if not output.parent.is_dir():
@@ -162,6 +160,8 @@ def cmd_study_export(args) -> int:
 
 
 def cmd_study_confirm(args) -> int:
+    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
+
     options = ConfirmOptions(top=args.top, repeats=args.repeats, device=args.device,
                              progress=not args.quiet)
     _print_confirmations(Confirmation(args.storage, args.name, options))
@@ -198,6 +198,8 @@ def cmd_study_extend(args) -> int:
 
 
 def cmd_study_plot(args) -> int:
+    from optsearch.cli.plots import plot_study
+
     study, spec = load_study(_open(args), args.name)
     for path in plot_study(study, spec, Path(args.output)):
         print(f"wrote {path}")
@@ -205,11 +207,15 @@ def cmd_study_plot(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
+    from optsearch.cli.dashboard import serve
+
     serve(args.storage, args.host, args.port, args.artifact_dir)
     return 0
 
 
 def _worker_options(args):
+    from optsearch.optimize.worker import WorkerOptions
+
     if args.grace_period < 2 * args.heartbeat_interval:
         raise UsageError(f"--grace-period {args.grace_period} must be at least twice "
                          f"--heartbeat-interval {args.heartbeat_interval} (a live worker's beat "
@@ -232,6 +238,9 @@ def _complete(storage, name: str) -> bool:
 
 
 def cmd_worker(args) -> int:
+    from optsearch.optimize.fleet import parse_devices, run_workers
+    from optsearch.optimize.worker import Worker
+
     options = _worker_options(args)
     devices = parse_devices(args.devices) if args.devices else None
     if _complete(_open(args), args.study):  # before loading any model
@@ -245,6 +254,10 @@ def cmd_worker(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
+    from optsearch.optimize.worker import Worker
+
     spec = load_spec(args.spec)
     options = _worker_options(args)
     storage = _open(args, create=True)
@@ -268,7 +281,6 @@ def cmd_run(args) -> int:
     worker = Worker(args.storage, study.study_name, options, evaluator)
     worker.run()
     if args.confirm:
-
         confirm = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
                                  progress=not args.quiet)
         _print_confirmations(Confirmation(args.storage, study.study_name, confirm, evaluator))
@@ -277,6 +289,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from optsearch.cli.preflight import check, format_report
+
     spec = load_spec(args.spec)
     report = check(spec, args.device, args.workers)
     if report.problems:
@@ -294,8 +308,10 @@ def default_setting(combo, model_steps: int | None = None) -> dict[str, dict]:
     return normalize_setting(setting)
 
 
-def save_images(folder: Path, baseline: np.ndarray, setting: list[np.ndarray]) -> None:
-    """Write baseline_NNN.png and setting_NNN.png per prompt index."""
+def save_images(folder: Path, baseline, setting: list) -> None:
+    """Write baseline_NNN.png and setting_NNN.png per prompt index (uint8 arrays)."""
+    from PIL import Image
+
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(baseline):
         Image.fromarray(image).save(folder / f"baseline_{index:03d}.png")

@@ -20,9 +20,8 @@ from optsearch.accelerators import REGISTRY
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.generation import GenerationConfig, generate
-from optsearch.measure.prompts import prompts_of
+from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
-from optsearch.optimize.confirm import confirm_asked, confirm_prompts
 from optsearch.optimize.estimate import Estimate, estimate_text
 
 

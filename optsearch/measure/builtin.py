@@ -26,11 +26,7 @@ from transformers import (
 
 from optsearch.errors import ModelLoadError
 from optsearch.measure.builtin_text import byte_level_tokenizer, t5_tokenizer, text_encoder
-
-BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
-                 "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer",
-                 "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer"}
-BUILTIN_MODELS = tuple(BUILTIN_KINDS)
+from optsearch.measure.model_ids import BUILTIN_MODELS
 
 
 def _vae(block_out_channels: tuple[int, ...]):

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from optsearch.accelerators import combo_name
 from optsearch.measure.metrics import METRICS, Interval
 from optsearch.measure.speedup import SpeedupInterval, speedup_interval
+
+if TYPE_CHECKING:  # a trial's record is read without torch (`study show`, `export`)
+    import torch
 
 
 @dataclass

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import t as student_t
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,8 @@ METRICS = {
 
 def t_quantile(confidence: float, df: float) -> float:
     """The two-sided Student-t quantile for `confidence` with `df` degrees of freedom."""
+    from scipy.stats import t as student_t  # a second to import: the CLI's light commands skip it
+
     return float(student_t.ppf(0.5 + confidence / 2, df))
 
 

@@ -4,10 +4,8 @@ builtin offline models (builtin.py), on the device and dtype the spec asks for."
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -15,19 +13,17 @@ from dataclasses import dataclass
 import diffusers
 import torch
 from diffusers import AutoPipelineForText2Image
-from huggingface_hub import try_to_load_from_cache
 
 from optsearch.errors import ModelLoadError, first_line
-from optsearch.measure.builtin import BUILTIN_KINDS, build_builtin
+from optsearch.measure.builtin import build_builtin
 from optsearch.measure.hub import missing, offline_reason
+from optsearch.measure.model_ids import is_factory, model_kind
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 AUTO_DTYPE = {"unet": "float16", "transformer": "bfloat16"}  # what each kind is served in
-# Diffusion transformers by the name their hub ids carry, when no model_index.json is at hand.
-TRANSFORMER_NAMES = ("flux", "sd3", "stable-diffusion-3", "qwen-image", "wan", "hunyuan", "ltx",
-                     "cogview", "chroma", "sana", "pixart", "lumina", "hidream")
+
 
 
 
@@ -38,33 +34,6 @@ class Placement:
 
     device: torch.device
     dtype: torch.dtype
-
-
-def model_kind(model_id: str) -> str | None:
-    """'unet' or 'transformer' for a model id without loading it, None when it cannot be told
-    (a factory): builtin names, a folder's or the hub cache's model_index.json, else the name."""
-    if model_id in BUILTIN_KINDS:
-        return BUILTIN_KINDS[model_id]
-    if is_factory(model_id):
-        return None  # module:function factory: known once built
-    index = _model_index(model_id)
-    if index is not None:
-        return "unet" if index.get("unet") else "transformer"
-    name = model_id.lower()
-    return "transformer" if any(marker in name for marker in TRANSFORMER_NAMES) else "unet"
-
-
-def _model_index(model_id: str) -> dict | None:
-    """The pipeline's model_index.json from its folder or the local hub cache (no download)."""
-    path = os.path.join(os.path.expanduser(model_id), "model_index.json")
-    if not os.path.isfile(path) and model_id.count("/") == 1:
-        cached = try_to_load_from_cache(model_id, "model_index.json")
-        path = cached if isinstance(cached, str) else path
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except (OSError, ValueError):
-        return None
 
 
 def resolve_placement(device: str, dtype: str, kind: str | None = None) -> Placement:
@@ -99,14 +68,6 @@ def set_scheduler(pipe, name: str) -> None:
     if scheduler_class is None:
         raise ModelLoadError(f"unknown scheduler {name!r}")
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-
-
-FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def is_factory(model_id: str) -> bool:
-    """`module.path:function` names a factory that builds the pipeline (like `uvicorn app:app`)."""
-    return not model_id.startswith("builtin:") and bool(FACTORY.match(model_id))
 
 
 def build_from_factory(model_id: str, placement: Placement, factory_path: str | None = None):

@@ -10,11 +10,13 @@ from __future__ import annotations
 import random
 from importlib import resources
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from optsearch.errors import PromptError, first_line
 from optsearch.measure.hub import missing, offline_reason
+
+if TYPE_CHECKING:
+    from optsearch.study_spec import StudySpec
 
 # source -> (dataset id, split, column, take the first element of a list column)
 HUB_SOURCES = {
@@ -93,6 +95,8 @@ def _all_prompts(source: str, column: str | None) -> list[str]:
 
 
 def _load_dataset(*args, **kwargs):
+    import datasets  # seconds to import: only when prompts are read through it
+
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(*args, **kwargs)
@@ -116,3 +120,26 @@ def _column(dataset, column: str | None, source: str, first_of_list: bool) -> li
         if isinstance(value, str) and value.strip():
             prompts.append(value.strip())
     return prompts
+
+
+def confirm_asked(spec: StudySpec) -> bool:
+    """The spec has a `[confirm]` table that names its prompts (count or source)."""
+    return spec.confirm.num_samples is not None or spec.confirm.source is not None
+
+
+def confirm_prompts(spec: StudySpec) -> list[str]:
+    """The prompts of confirmation: `[confirm] source` (default: the search's), skipping the
+    search's own prompts when the source is the same."""
+    prompts, confirm = spec.prompts, spec.confirm
+    source = confirm.source or prompts.source
+    wanted = confirm.num_samples or prompts.num_samples
+    skip = prompts.num_samples if source == prompts.source else 0
+    try:
+        texts = prompts_of(prompts, skip + wanted, source)
+    except PromptError as error:
+        if "has only" not in str(error):
+            raise
+        raise PromptError(f"confirmation needs {wanted} unseen prompts after the search's {skip} "
+                          f"from {source!r}, which has fewer: set [confirm] num_samples or "
+                          "[confirm] source") from None
+    return texts[skip:]

@@ -25,7 +25,7 @@ from optsearch.measure.evaluate import Baseline, Evaluator, evaluator_from_spec
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.metrics import METRICS
-from optsearch.measure.prompts import PromptError, prompts_of
+from optsearch.measure.prompts import confirm_prompts
 from optsearch.measure.speedup import speedup_interval
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
@@ -33,7 +33,6 @@ from optsearch.optimize.winner import mark_winner
 from optsearch.storage.notes import trial_note, write_trial_note
 from optsearch.storage.rdb import open_storage
 from optsearch.storage.record import finite, trial_metrics
-from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
 
@@ -44,29 +43,6 @@ class ConfirmOptions:
     repeats: int = 2  # interleaved baseline/setting timing rounds
     device: str | None = None
     progress: bool = True
-
-
-def confirm_asked(spec: StudySpec) -> bool:
-    """The spec has a `[confirm]` table that names its prompts (count or source)."""
-    return spec.confirm.num_samples is not None or spec.confirm.source is not None
-
-
-def confirm_prompts(spec: StudySpec) -> list[str]:
-    """The prompts of confirmation: `[confirm] source` (default: the search's), skipping the
-    search's own prompts when the source is the same."""
-    prompts, confirm = spec.prompts, spec.confirm
-    source = confirm.source or prompts.source
-    wanted = confirm.num_samples or prompts.num_samples
-    skip = prompts.num_samples if source == prompts.source else 0
-    try:
-        texts = prompts_of(prompts, skip + wanted, source)
-    except PromptError as error:
-        if "has only" not in str(error):
-            raise
-        raise PromptError(f"confirmation needs {wanted} unseen prompts after the search's {skip} "
-                          f"from {source!r}, which has fewer: set [confirm] num_samples or "
-                          "[confirm] source") from None
-    return texts[skip:]
 
 
 def confirmation_key(setting: dict, fingerprint: str, prompts: list[str], seed: int) -> str:

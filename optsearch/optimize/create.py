@@ -10,8 +10,7 @@ import warnings
 import optuna
 
 from optsearch.errors import UsageError
-from optsearch.measure.prompts import is_local, prompts_of
-from optsearch.optimize.confirm import confirm_asked, confirm_prompts
+from optsearch.measure.prompts import confirm_asked, confirm_prompts, is_local, prompts_of
 from optsearch.optimize.objectives import directions, metric_names
 from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, finished_trials, load_study, spec_attr

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import datetime
 import platform
+from importlib.metadata import version
 
-import diffusers
 import optuna
-import torch
 
 from optsearch.errors import NothingToExport
 from optsearch.measure.generation import prompt_seed
@@ -81,8 +80,8 @@ def export_study(study, spec) -> dict:
         "prompts": _prompts(baselines(study).get(best.user_attrs.get("fingerprint")), spec),
         "spec": {"name": spec.name, **spec_attr(spec)},
         "provenance": {
-            "optsearch": __version__, "optuna": optuna.__version__, "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "device": best.user_attrs.get("device"),
+            "optsearch": __version__, "optuna": optuna.__version__, "torch": version("torch"),
+            "diffusers": version("diffusers"), "device": best.user_attrs.get("device"),
             "host": best.user_attrs.get("host"), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },

@@ -6,7 +6,6 @@ before raising `SpecError`, so a user fixes a spec in one pass.
 
 from __future__ import annotations
 
-import re
 import tomllib
 import types
 import typing
@@ -15,6 +14,7 @@ from typing import Any
 
 from optsearch.accelerators import KINDS, ORDER, params_of
 from optsearch.errors import SpecError
+from optsearch.measure.model_ids import is_factory, model_kind
 from optsearch.study_spec.checks import validate
 from optsearch.study_spec.schema import (
     PROMPT_FILE_SUFFIXES,
@@ -69,9 +69,6 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     return spec
 
 
-FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.path:function
-
-
 def _is_prompt_file(source: str) -> bool:
     return source not in PROMPT_SOURCES and source.lower().endswith(PROMPT_FILE_SUFFIXES)
 
@@ -100,8 +97,7 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     resolve("artifacts", "path", lambda value: "://" not in value)
     resolve("model", "id", lambda value: value.startswith(("./", "../")))
     model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("id"), str) and FACTORY.match(model["id"]) \
-            and not model["id"].startswith("builtin:"):
+    if isinstance(model, dict) and isinstance(model.get("id"), str) and is_factory(model["id"]):
         model.setdefault("factory_path", ".")
         resolve("model", "factory_path", lambda value: True)
 
@@ -150,8 +146,6 @@ def _model_kind(model: ModelSpec) -> str:
     """The model's kind: as the spec says, else told from its id (unknown: a UNet)."""
     if model.kind in KINDS:
         return model.kind
-    from optsearch.measure.models import model_kind  # diffusers: only when told from the id
-
     return model_kind(model.id) or "unet"
 
 

@@ -1,0 +1,54 @@
+"""What a model id names, told without loading it (and without importing diffusers, so a spec is
+checked in a fraction of a second): a builtin model, a `module:function` factory, a local folder
+or a hub id, and whether its denoiser is a UNet or a transformer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from huggingface_hub import try_to_load_from_cache
+
+BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
+                 "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer",
+                 "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer"}
+BUILTIN_MODELS = tuple(BUILTIN_KINDS)
+
+# Diffusion transformers by the name their hub ids carry, when no model_index.json is at hand.
+TRANSFORMER_NAMES = ("flux", "sd3", "stable-diffusion-3", "qwen-image", "wan", "hunyuan", "ltx",
+                     "cogview", "chroma", "sana", "pixart", "lumina", "hidream")
+
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_factory(model_id: str) -> bool:
+    """`module.path:function` names a factory that builds the pipeline (like `uvicorn app:app`)."""
+    return not model_id.startswith("builtin:") and bool(FACTORY.match(model_id))
+
+
+def model_kind(model_id: str) -> str | None:
+    """'unet' or 'transformer' for a model id without loading it, None when it cannot be told
+    (a factory): builtin names, a folder's or the hub cache's model_index.json, else the name."""
+    if model_id in BUILTIN_KINDS:
+        return BUILTIN_KINDS[model_id]
+    if is_factory(model_id):
+        return None  # module:function factory: known once built
+    index = _model_index(model_id)
+    if index is not None:
+        return "unet" if index.get("unet") else "transformer"
+    name = model_id.lower()
+    return "transformer" if any(marker in name for marker in TRANSFORMER_NAMES) else "unet"
+
+
+def _model_index(model_id: str) -> dict | None:
+    """The pipeline's model_index.json from its folder or the local hub cache (no download)."""
+    path = os.path.join(os.path.expanduser(model_id), "model_index.json")
+    if not os.path.isfile(path) and model_id.count("/") == 1:
+        cached = try_to_load_from_cache(model_id, "model_index.json")
+        path = cached if isinstance(cached, str) else path
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
