@@ -74,4 +74,13 @@ def comparison_table(summary: dict) -> str:
     ]
     headers = ["setting", "s/image", f"speedup [{percent} CI]", "CLIP", f"CLIP loss [{percent} CI]",
                "PSNR dB", "SSIM"]
+    if summary.get("frames", 1) > 1:  # a video: per video and per frame, and its frame figures
+        headers[1:2] = ["s/video", "s/frame"]
+        frames = summary["frames"]
+        rows[0][2:2] = [summary["baseline_seconds_per_image"] / frames]
+        rows[1][2:2] = [summary["seconds_per_frame"]]
+        headers += ["worst-frame PSNR", "temporal change"]
+        rows[0] += ["-", "-"]
+        rows[1] += [format_interval(summary["psnr_worst_frame"], 2),
+                    format_interval(summary["temporal_change"])]
     return table(headers, rows)

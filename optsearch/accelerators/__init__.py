@@ -7,9 +7,12 @@ DeepCache helper itself, so DeepCache comes first; `steps` only lowers each call
 Which families apply depends on the pipeline's denoiser (`KINDS`):
 - "unet" (SD 1.x/2.x, SDXL): deepcache, tome, tgate, pab; `"any"` = the original four combos.
 - "transformer" (FLUX and other diffusion transformers): the diffusers caches fbcache,
-  taylorseer, pab, magcache (on transformers with diffusers' `enable_cache`) and cache-dit's
-  dbcache (on pipelines cache-dit supports), one at a time; `"any"` = each alone, and `steps`
-  alone as the reference.
+  taylorseer, pab, magcache, fastercache (on transformers with diffusers' `enable_cache`) and
+  cache-dit's dbcache (on pipelines cache-dit supports), one at a time; `"any"` = each alone
+  but fastercache, and `steps` alone as the reference.
+- "video" (a transformer pipeline that returns frames: Wan, CogVideoX, HunyuanVideo): the same
+  caches; `"any"` = steps, pab, fastercache, fbcache, magcache and dbcache (TaylorSeer's default
+  attention names do not match Wan's blocks: measured inert there).
 `steps` applies everywhere and combines with every family; a cache (pab, fbcache, taylorseer,
 magcache, dbcache) combines with nothing but `steps` (diffusers allows one cache per model, and
 on a UNet PAB's attention hooks would fight T-GATE's and DeepCache's patches).
@@ -17,12 +20,14 @@ on a UNet PAB's attention hooks would fight T-GATE's and DeepCache's patches).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 
 from optsearch.accelerators import (
     dbcache,
     deepcache,
+    fastercache,
     fbcache,
     magcache,
     pab,
@@ -35,11 +40,12 @@ from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import denoiser
 
 REGISTRY: dict[str, ModuleType] = {
-    m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fbcache, taylorseer, magcache, dbcache)
+    m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fastercache, fbcache, taylorseer, magcache,
+                        dbcache)
 }
 ORDER = tuple(REGISTRY)
-KINDS = ("unet", "transformer")
-EXCLUSIVE = ("pab", "fbcache", "taylorseer", "magcache", "dbcache")  # combine only with steps
+KINDS = ("unet", "transformer", "video")
+EXCLUSIVE = ("pab", "fastercache", "fbcache", "taylorseer", "magcache", "dbcache")  # combine only with steps
 COMBOS: tuple[tuple[str, ...], ...] = (  # the original workflow's four, "any" on a UNet
     ("deepcache",),
     ("deepcache", "tome"),
@@ -50,6 +56,7 @@ ANY_COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "unet": COMBOS,
     "transformer": (("steps",), ("fbcache",), ("taylorseer",), ("pab",), ("magcache",),
                     ("dbcache",)),
+    "video": (("steps",), ("pab",), ("fastercache",), ("fbcache",), ("magcache",), ("dbcache",)),
 }
 
 
@@ -64,13 +71,16 @@ def combo_name(accelerators) -> str:
 
 
 def applicable(kind: str) -> list[str]:
-    """The families that apply to a pipeline kind ("unet" or "transformer")."""
+    """The families that apply to a pipeline kind ("unet", "transformer" or "video")."""
     return [name for name, module in REGISTRY.items() if kind in module.APPLIES_TO]
 
 
 def pipeline_kind(pipe) -> str:
-    """'unet' or 'transformer': which families the pipeline's denoiser can take."""
-    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    """'unet', 'transformer' or 'video' (a transformer pipeline whose call takes `num_frames`):
+    which families the pipeline's denoiser can take, and whether it returns frames."""
+    if getattr(pipe, "unet", None) is not None:
+        return "unet"
+    return "video" if "num_frames" in inspect.signature(type(pipe).__call__).parameters else "transformer"
 
 
 def combo_problem(combo: Sequence[str], kind: str | None = None) -> str | None:

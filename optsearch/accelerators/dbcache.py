@@ -21,7 +21,7 @@ from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import denoiser
 
 NAME = "dbcache"
-APPLIES_TO = ("transformer",)
+APPLIES_TO = ("transformer", "video")
 PARAMS = (
     Param("Fn_compute_blocks", int, (1, 4), minimum=1,
           help="first blocks computed every step (their residual decides whether to skip)"),

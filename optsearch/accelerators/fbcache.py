@@ -8,7 +8,7 @@ from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import cache_patch
 
 NAME = "fbcache"
-APPLIES_TO = ("transformer",)
+APPLIES_TO = ("transformer", "video")
 PARAMS = (
     Param("threshold", float, (0.02, 0.5), minimum=0.0, grid_step=0.02, calibrated=True,
           help="relative change of the first block's residual under which the rest is reused"),

@@ -19,7 +19,7 @@ from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import HookPatch, cache_patch
 
 NAME = "magcache"
-APPLIES_TO = ("transformer",)
+APPLIES_TO = ("transformer", "video")
 PARAMS = (
     Param("threshold", float, (0.02, 0.5), minimum=0.0, grid_step=0.02,
           help="accumulated error under which blocks are skipped"),

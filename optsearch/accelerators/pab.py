@@ -15,7 +15,7 @@ from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import HookPatch, denoiser
 
 NAME = "pab"
-APPLIES_TO = ("unet", "transformer")
+APPLIES_TO = ("unet", "transformer", "video")
 PARAMS = (
     Param("spatial_attention_block_skip_range", int, (2, 6), minimum=2,
           help="self-attention computed every N steps inside the window"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from optsearch.accelerators.base import Param
 
 NAME = "steps"
-APPLIES_TO = ("unet", "transformer")
+APPLIES_TO = ("unet", "transformer", "video")
 PARAMS = (
     Param("num_inference_steps", int, (0.25, 1.0), minimum=1, scales_with_steps=True,
           help="denoising steps of the setting (default range: a quarter of model.steps to all)"),

@@ -8,7 +8,7 @@ from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import cache_patch, cpu_safe_dtype
 
 NAME = "taylorseer"
-APPLIES_TO = ("transformer",)
+APPLIES_TO = ("transformer", "video")
 PARAMS = (
     Param("cache_interval", int, (2, 8), minimum=1, help="full computation every N steps"),
     Param("disable_cache_before_step", int, (1, 8), minimum=0, counts_steps=True,

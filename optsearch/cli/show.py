@@ -111,6 +111,11 @@ def format_summary(summary: dict) -> str:
                      _computed(m.get("compute_fraction")), format_setting(m["setting"] or {})])
     headers = ["combo", "trial", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
                "computed", "setting"]
+    if any(m.get("frames") for m in summary["best_per_combo"].values()):  # videos: frame figures
+        headers[4:4] = ["worst-frame psnr", "temporal change"]
+        for row, m in zip(rows, summary["best_per_combo"].values(), strict=True):
+            row[4:4] = [format_interval(quality_of(m, "psnr_worst_frame"), 2),
+                        format_interval(quality_of(m, "temporal_change"))]
     lines.append(table(headers, rows) if rows else
                  "  (no feasible trial faster than the baseline yet)")
     if summary["best"]:

@@ -1,9 +1,9 @@
-"""Builtin Stable Diffusion 3 and Qwen-Image: the real diffusers pipeline classes with tiny random
-weights and tokenizers built in code (no model hub), 128 px by default, for tests and the demo.
+"""Builtin Stable Diffusion 3, Qwen-Image and Wan (video): the real diffusers pipeline classes with
+tiny random weights and tokenizers built in code (no model hub), for tests and the demo.
 
-Both run cache-dit's DBCache (cache-dit knows them by class name); Qwen-Image's transformer also
-takes diffusers' cache hooks, SD3's does not. Their images mean nothing; what the caches skip,
-and how the search treats it, is real.
+All run cache-dit's DBCache (cache-dit knows them by class name); Qwen-Image's and Wan's
+transformers also take diffusers' cache hooks, SD3's does not. Their images mean nothing; what the
+caches skip, and how the search treats it, is real.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import string
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -26,6 +29,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from optsearch.measure.builtin_text import byte_level_tokenizer, t5_tokenizer, text_encoder
@@ -101,3 +106,31 @@ def build_tiny_qwen_image() -> QwenImagePipeline:
                              tokenizer=tokenizer, transformer=transformer)
     pipe.default_sample_size = 16  # x 8 = 128 px when height/width are not given
     return pipe
+
+
+class WanShortPromptPipeline(WanPipeline):
+    """Wan whose UMT5 prompts default to 32 tokens (the tiny encoder needs no more; Wan's 512
+    would cost more than the video's tokens) and 9 frames at 64 px. Named so that cache-dit knows
+    it as Wan."""
+
+    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, **kwargs):
+        return super().__call__(prompt, *args, max_sequence_length=max_sequence_length,
+                                height=height or 64, width=width or 64,
+                                num_frames=num_frames or 9, **kwargs)
+
+
+def build_tiny_wan() -> WanPipeline:
+    """Wan 2.1's video transformer, tiny: 4 blocks of 4 heads of 16, a 2-layer UMT5, and Wan's
+    causal 3-D VAE (4x in time, 8x in space): 9 frames of 64 px, 3 latent frames of 4x4 tokens."""
+    tokenizer = t5_tokenizer()
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64,
+                                       num_layers=2, num_heads=4, d_kv=8))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
+        out_channels=16, text_dim=32, freq_dim=64, ffn_dim=128, num_layers=4,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    return WanShortPromptPipeline(tokenizer=tokenizer, text_encoder=text, transformer=transformer,
+                                  vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))

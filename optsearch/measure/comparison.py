@@ -16,12 +16,17 @@ from optsearch.measure.speedup import SpeedupInterval, speedup_interval
 if TYPE_CHECKING:  # a trial's record is read without torch (`study show`, `export`)
     import torch
 
+# What a video's record adds to an image's (measured in frames.py), each per prompt.
+VIDEO_FIGURES = ("psnr_worst_frame", "ssim_worst_frame", "temporal_change")
+
 
 @dataclass
 class Baseline:
-    """The plain pipeline's images, timing and CLIP scores: what every setting is compared with.
+    """The plain pipeline's images (or videos), timing and CLIP scores: what every setting is
+    compared with.
 
-    `batch_seconds` holds each timed batch's seconds per image, for the speedup interval.
+    `batch_seconds` holds each timed batch's seconds per image (per video: "image" stands for one
+    prompt's output throughout), for the speedup interval.
     """
 
     images: np.ndarray
@@ -62,6 +67,11 @@ class Comparison:
     image_digests: list[str] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
     compute_fractions: list[float] = field(default_factory=list)  # per batch, where reported
+    frames: int = 1  # frames per prompt: more than one for a video pipeline
+    # videos only (frames.py): per prompt, the worst frame's PSNR and SSIM and the temporal change
+    psnr_worst_frame: list[float] = field(default_factory=list)
+    ssim_worst_frame: list[float] = field(default_factory=list)
+    temporal_change: list[float] = field(default_factory=list)
 
     @property
     def combo(self) -> str:
@@ -74,6 +84,10 @@ class Comparison:
     @property
     def seconds_per_image(self) -> float:
         return self.inference_seconds / max(1, self.images_evaluated)
+
+    @property
+    def seconds_per_frame(self) -> float | None:
+        return self.seconds_per_image / self.frames if self.frames > 1 else None
 
     @property
     def speedup(self) -> float:
@@ -106,16 +120,23 @@ class Comparison:
         return np.asarray(self.baseline_clip_scores) - np.asarray(self.clip_scores)
 
     def per_prompt(self, metric: str) -> list[float] | np.ndarray:
-        """The per-prompt values of `clip_loss`, `psnr` or `ssim` measured so far."""
+        """The per-prompt values of `clip_loss`, `psnr`, `ssim` (or a video figure) so far."""
         return self.clip_loss_per_prompt if metric == "clip_loss" else getattr(self, metric)
 
     def interval(self, metric: str, confidence: float | None = None) -> Interval:
         """The mean and confidence interval of a metric over the prompts measured so far."""
         return Interval.of(self.per_prompt(metric), confidence or self.confidence)
 
+    def video_intervals(self) -> dict[str, Interval]:
+        """The video figures (worst frame, temporal change) with their intervals; {} for images."""
+        return {name: self.interval(name) for name in VIDEO_FIGURES if getattr(self, name)}
+
     def summary(self) -> dict:
         """The figures a user reads and a trial records (each metric an `Interval`); per-prompt
         values, and plain dicts for JSON, are in `to_dict`."""
+        video = {} if self.frames == 1 else {"frames": self.frames,
+                                             "seconds_per_frame": self.seconds_per_frame,
+                                             **self.video_intervals()}
         return {
             "combo": self.combo,
             "setting": self.setting,
@@ -125,6 +146,7 @@ class Comparison:
             "clip_mean": self.clip_mean,
             "baseline_clip_mean": float(np.mean(self.baseline_clip_scores)),
             **{metric: self.interval(metric) for metric in METRICS},
+            **video,
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
             "compute_fraction": self.compute_fraction,
             "batches_evaluated": self.batches_evaluated,
@@ -148,6 +170,7 @@ class Comparison:
             "ssim": self.ssim,
             "clip_image_cosine": self.clip_image_cosine,
             "image_digests": self.image_digests,
+            **{name: getattr(self, name) for name in VIDEO_FIGURES if getattr(self, name)},
         }
         timing = {"batch_seconds": self.batch_seconds,
                   "baseline_batch_seconds": self.baseline_batch_seconds}

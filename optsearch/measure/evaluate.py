@@ -27,6 +27,7 @@ from optsearch.accelerators import (
 )
 from optsearch.errors import ModelLoadError
 from optsearch.measure.comparison import Baseline, Comparison, image_digest
+from optsearch.measure.frames import clip_score_videos, frame_fidelity
 from optsearch.measure.generation import Batch, GenerationConfig, generate, n_batches, prompt_seed
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import prompts_of
@@ -104,7 +105,7 @@ class Evaluator:
             seconds += batch.seconds
             batch_seconds.append(batch.seconds_per_image)
             if scored is None:
-                batch_scores, batch_features = self.scorer.score(
+                batch_scores, batch_features = self._clip_score(
                     batch.images, [self.prompts[i] for i in batch.indices])
                 scores.append(batch_scores)
                 features.append(batch_features)
@@ -114,6 +115,12 @@ class Evaluator:
                             scored.image_features, batch_seconds)
         return Baseline(np.concatenate(images), seconds_per_image, np.concatenate(scores),
                         torch.cat(features), batch_seconds)
+
+    def _clip_score(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, torch.Tensor]:
+        """CLIP scores and image features of images, or of videos (their sampled frames)."""
+        if images.ndim == 5:
+            return clip_score_videos(self.scorer, images, prompts)
+        return self.scorer.score(images, prompts)
 
     def apply(self, setting: Mapping) -> AppliedSetting:
         """Apply `setting` to the pipeline, calibrating first what it needs and is not known."""
@@ -195,15 +202,24 @@ class Evaluator:
     def _score(self, result: Comparison, batch: Batch, baseline: Baseline,
                keep_images: int) -> None:
         start = time.perf_counter()
-        scores, features = self.scorer.score(batch.images, [self.prompts[i] for i in batch.indices])
+        scores, features = self._clip_score(batch.images, [self.prompts[i] for i in batch.indices])
         span = slice(batch.indices.start, batch.indices.stop)
         cosine = (features * baseline.image_features[span].to(features.device)).sum(-1)
-        structural = ssim_batch(baseline.images[span], batch.images, self.scorer.device)
+        if batch.images.ndim == 5:  # videos: frame by frame (frames.py)
+            result.frames = batch.images.shape[1]
+            videos = frame_fidelity(baseline.images[span], batch.images, self.scorer.device)
+            for figure in ("psnr_worst_frame", "ssim_worst_frame", "temporal_change"):
+                getattr(result, figure).extend(getattr(video, figure) for video in videos)
+            peak, structural = [v.psnr for v in videos], [v.ssim for v in videos]
+        else:
+            peak = [psnr(baseline.images[i], image) for i, image in zip(batch.indices, batch.images,
+                                                                          strict=True)]
+            structural = ssim_batch(baseline.images[span], batch.images, self.scorer.device)
         for offset, index in enumerate(batch.indices):
-            image, reference = batch.images[offset], baseline.images[index]
+            image = batch.images[offset]
             result.clip_scores.append(float(scores[offset]))
             result.baseline_clip_scores.append(float(baseline.clip_scores[index]))
-            result.psnr.append(psnr(reference, image))
+            result.psnr.append(peak[offset])
             result.ssim.append(structural[offset])
             result.clip_image_cosine.append(float(cosine[offset]))
             result.image_digests.append(image_digest(image))

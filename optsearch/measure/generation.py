@@ -31,6 +31,7 @@ class GenerationConfig:
     seed: int = 42
     true_cfg_scale: float | None = None
     negative_prompt: str | None = None
+    num_frames: int | None = None  # video pipelines
 
     @classmethod
     def from_spec(cls, spec, seed: int | None = None) -> GenerationConfig:
@@ -38,13 +39,16 @@ class GenerationConfig:
         model, prompts = spec.model, spec.prompts
         return cls(model.steps, model.height, model.width, model.guidance_scale,
                    prompts.batch_size, prompts.seed if seed is None else seed,
-                   model.true_cfg_scale, model.negative_prompt)
+                   model.true_cfg_scale, model.negative_prompt, model.num_frames)
 
     def extra_kwargs(self, count: int) -> dict:
-        """The optional call arguments the spec sets (Qwen-Image's true CFG and its negative)."""
+        """The optional call arguments the spec sets (Qwen-Image's true CFG and its negative, a
+        video's frame count)."""
         extra = {} if self.true_cfg_scale is None else {"true_cfg_scale": self.true_cfg_scale}
         if self.negative_prompt is not None:
             extra["negative_prompt"] = [self.negative_prompt] * count
+        if self.num_frames is not None:
+            extra["num_frames"] = self.num_frames
         return extra
 
 
@@ -62,7 +66,8 @@ def n_batches(num_samples: int, batch_size: int) -> int:
 
 @dataclass
 class Batch:
-    """One generated batch: which prompts, their 8-bit images, and the timed inference seconds."""
+    """One generated batch: which prompts, their 8-bit images (N x H x W x 3) or videos
+    (N x frames x H x W x 3), and the timed inference seconds."""
 
     indices: range
     images: np.ndarray
@@ -123,7 +128,8 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
         )
         _synchronize(device)
         seconds = time.perf_counter() - start
-        return output.images, seconds
+        # video pipelines return `frames` (N x F x H x W x 3 in [0, 1] with output_type="np")
+        return (output.frames if hasattr(output, "frames") else output.images), seconds
 
     batches = [range(start, min(start + config.batch_size, len(prompts)))
                for start in range(0, len(prompts), config.batch_size)]

@@ -12,12 +12,17 @@ from huggingface_hub import try_to_load_from_cache
 
 BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
                  "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer",
-                 "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer"}
+                 "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer",
+                 "builtin:tiny-wan": "video"}
 BUILTIN_MODELS = tuple(BUILTIN_KINDS)
 
-# Diffusion transformers by the name their hub ids carry, when no model_index.json is at hand.
+# Diffusion transformers by the name their hub ids carry, when no model_index.json is at hand;
+# the video ones first (their pipelines return frames).
+VIDEO_NAMES = ("wan2", "wan-", "hunyuanvideo", "hunyuan-video", "cogvideo", "ltx-video", "mochi",
+               "skyreels", "allegro", "latte")
 TRANSFORMER_NAMES = ("flux", "sd3", "stable-diffusion-3", "qwen-image", "wan", "hunyuan", "ltx",
                      "cogview", "chroma", "sana", "pixart", "lumina", "hidream")
+VIDEO_PIPELINES = ("Wan", "CogVideoX", "HunyuanVideo", "LTX", "Mochi", "SkyReels", "Allegro", "Latte")
 
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -28,16 +33,20 @@ def is_factory(model_id: str) -> bool:
 
 
 def model_kind(model_id: str) -> str | None:
-    """'unet' or 'transformer' for a model id without loading it, None when it cannot be told
-    (a factory): builtin names, a folder's or the hub cache's model_index.json, else the name."""
+    """'unet', 'transformer' or 'video' for a model id without loading it, None when it cannot be
+    told (a factory): builtin names, a folder's or the hub cache's model_index.json, else the name."""
     if model_id in BUILTIN_KINDS:
         return BUILTIN_KINDS[model_id]
     if is_factory(model_id):
         return None  # module:function factory: known once built
     index = _model_index(model_id)
     if index is not None:
-        return "unet" if index.get("unet") else "transformer"
+        if index.get("unet"):
+            return "unet"
+        return "video" if str(index.get("_class_name", "")).startswith(VIDEO_PIPELINES) else "transformer"
     name = model_id.lower()
+    if any(marker in name for marker in VIDEO_NAMES):
+        return "video"
     return "transformer" if any(marker in name for marker in TRANSFORMER_NAMES) else "unet"
 
 

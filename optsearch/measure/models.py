@@ -22,7 +22,8 @@ from optsearch.measure.model_ids import is_factory, model_kind
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-AUTO_DTYPE = {"unet": "float16", "transformer": "bfloat16"}  # what each kind is served in
+# what each kind is served in
+AUTO_DTYPE = {"unet": "float16", "transformer": "bfloat16", "video": "bfloat16"}
 
 
 
@@ -108,7 +109,7 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
                   scheduler: str | None = None, kind: str | None = None,
                   factory_path: str | None = None):
     """Load a diffusers pipeline once per process: builtin name, `module:function` factory,
-    local folder or hub id. `kind` ("unet"/"transformer") when known better than from the id;
+    local folder or hub id. `kind` ("unet"/"transformer"/"video") when known better than from the id;
     `factory_path` the folder a factory's module is imported from."""
     kind = kind or model_kind(model_id)
     placement = resolve_placement(device, dtype, kind)
@@ -147,7 +148,9 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
                 if "variant" not in str(error):
                     raise
                 logger.info("%s has no fp16 variant: loading its default files", model_id)
-        return AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype, **extra)
+        # text-to-video pipelines (Wan, CogVideoX, HunyuanVideo) have no text-to-image auto class
+        loader = diffusers.DiffusionPipeline if kind == "video" else AutoPipelineForText2Image
+        return loader.from_pretrained(source, torch_dtype=torch_dtype, **extra)
     except (OSError, ValueError) as error:
         if offline:
             raise ModelLoadError(missing(

@@ -115,7 +115,8 @@ class BaselineKeeper:
         studies.save_baseline(self.study, record)
         upload_grid(self.artifacts, self.study, f"baseline-{self.fingerprint}.png",
                     f"baseline {self.facts['device']}: {baseline.seconds_per_image:.3f} s/image",
-                    self.evaluator.prompts, self.spec.artifacts.grid_prompts, baseline.images)
+                    self.evaluator.prompts, self.spec.artifacts.grid_prompts, baseline.images,
+                    fps=self.spec.model.fps)
 
     def _record_timing(self, baseline: Baseline, trials_run: int) -> None:
         """Append this timing to the worker's record in the study: who timed what, where, when."""

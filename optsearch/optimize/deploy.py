@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from optsearch.accelerators.fastercache import BATCHED_GUIDANCE, FRAMES_FIRST
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
 from optsearch.storage.record import quality_of
@@ -92,6 +93,18 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
             lines += ["if pipe.transformer.device.type == 'cpu':  # bfloat16 factors are slow there",
                       "    options['taylor_factors_dtype'] = torch.float32"]
         return lines + [f"pipe.transformer.enable_cache({config}(**options))"]
+    if name == "fastercache":  # as accelerators/fastercache.py applies it
+        return ["from diffusers import FasterCacheConfig", "",
+                "name = type(pipe).__name__",
+                f"batched = name.startswith({BATCHED_GUIDANCE!r})  # one call holds both CFG halves",
+                "pipe.transformer.enable_cache(FasterCacheConfig(",
+                f"    spatial_attention_block_skip_range={params['spatial_attention_block_skip_range']!r},",
+                f"    spatial_attention_timestep_skip_range=(-1, {params['timestep_skip_high']!r}),",
+                f"    unconditional_batch_skip_range={params['unconditional_batch_skip_range']!r},",
+                "    current_timestep_callback=lambda: pipe.current_timestep,",
+                "    attention_weight_callback=lambda _module: 0.5,",
+                f"    tensor_format='BFCHW' if name.startswith({FRAMES_FIRST!r}) else 'BCFHW',",
+                "    is_guidance_distilled=not batched))"]
     if name == "dbcache":
         options = dict(params)
         order = options.pop("taylorseer_order", 0)

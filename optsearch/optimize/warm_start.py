@@ -38,6 +38,10 @@ PUBLISHED: dict[str, list[dict]] = {
     "taylorseer": [{"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1}],
     "pab": [{"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100,
              "timestep_skip_high": 800}],  # diffusers' PAB docs example
+    # diffusers' FasterCache docs example (CogVideoX); TeaCache's and EasyCache's thresholds
+    # measure other quantities and map onto no family here
+    "fastercache": [{"spatial_attention_block_skip_range": 2, "timestep_skip_high": 681,
+                     "unconditional_batch_skip_range": 5}],
     "magcache": [{"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},  # paper default
                  {"threshold": 0.24, "max_skip_steps": 5, "retention_ratio": 0.1}],  # its FLUX 2.8x
     # cache-dit's DBCache: its README's FLUX points (F8B0 its default, F1B0, F1B0 + TaylorSeer)

@@ -1,4 +1,6 @@
-"""The study's artifact store (Optuna's artifact API): baseline image archives and image grids.
+"""The study's artifact store (Optuna's artifact API): baseline image archives and image grids
+(for videos: a grid of first frames, and per prompt an animated WebP of baseline and trial side
+by side, which the dashboard shows like any image).
 
 A local folder by default (`[artifacts] path` in the spec, or --artifact-dir); an s3:// URL uses
 Optuna's Boto3 store (boto3 must be installed).
@@ -91,11 +93,38 @@ def _fit(text: str, characters: int) -> str:
 
 
 def upload_grid(store, target, name: str, title: str, prompts: list[str], count: int,
-                baseline_images, trial_images=None) -> None:
-    """An image grid of the first `count` prompts: baseline (and trial) images side by side."""
+                baseline_images, trial_images=None, fps: int = 16) -> None:
+    """An image grid of the first `count` prompts: baseline (and trial) images side by side.
+    Videos: the grid shows first frames, and each prompt gets `<name>-NN.webp`, animated."""
     if count == 0:
         return
     shown = min(count, len(baseline_images) if trial_images is None else len(trial_images))
-    rows = [(prompts[i], baseline_images[i], None if trial_images is None else trial_images[i])
-            for i in range(shown)]
+    video = np.asarray(baseline_images[0]).ndim == 4
+
+    def first(images, index):
+        return None if images is None else (images[index][0] if video else images[index])
+
+    rows = [(prompts[i], first(baseline_images, i), first(trial_images, i)) for i in range(shown)]
     upload_bytes(store, target, name, image_grid(rows, title), "image/png")
+    if video:
+        stem = name.removesuffix(".png")
+        for index in range(shown):
+            frames = [baseline_images[index]] + ([] if trial_images is None else [trial_images[index]])
+            upload_bytes(store, target, f"{stem}-{index:02d}.webp", animated_webp(frames, fps),
+                         "image/webp")
+
+
+def animated_webp(videos: list[np.ndarray], fps: int, cell: int = 192) -> bytes:
+    """An animated WebP of videos (F x H x W x 3 each) side by side, looping, small ones scaled
+    up (nearest neighbour) to `cell` pixels high."""
+    height, width = videos[0].shape[1:3]
+    scale = max(1, cell // height)
+    frames = []
+    for index in range(len(videos[0])):
+        row = np.concatenate([video[index] for video in videos], axis=1)
+        frames.append(Image.fromarray(row).resize((row.shape[1] * scale, height * scale),
+                                                  Image.NEAREST))
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], loop=0,
+                   duration=round(1000 / fps), lossless=True)
+    return buffer.getvalue()

@@ -20,6 +20,12 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
              f"- {metric} **{format_interval(quality)}** (limit {spec.quality.limit}, rule "
              f"{spec.quality.rule})",
              f"- {'feasible' if feasible else '**infeasible**'} in the search"]
+    if figures.get("frames"):
+        worst, steady = quality_of(figures, "psnr_worst_frame"), quality_of(figures, "temporal_change")
+        lines.append(f"- video of {figures['frames']} frames: "
+                     f"{figures['seconds_per_frame']:.3g} s/frame; worst frame PSNR "
+                     f"{format_interval(worst, 2)} dB; temporal change {format_interval(steady)} "
+                     "x the baseline's (above 1: more flicker)")
     if figures.get("compute_fraction") is not None:
         lines.append(f"- computed **{100 * figures['compute_fraction']:.0f} %** of the denoiser's "
                      "blocks x steps (the rest skipped)")

@@ -19,7 +19,7 @@ import math
 
 from optuna.trial import FrozenTrial
 
-from optsearch.measure.comparison import Comparison
+from optsearch.measure.comparison import VIDEO_FIGURES, Comparison
 from optsearch.measure.metrics import METRICS, Interval
 from optsearch.measure.speedup import SpeedupInterval
 
@@ -29,6 +29,8 @@ DASHBOARD_CONSTRAINTS_KEY = "constraints"
 SHOWN_KEYS = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "seconds_per_image",
               "baseline_seconds_per_image", "clip_mean",
               *(f"{m}{suffix}" for m in METRICS for suffix in ("", "_low", "_high")),
+              "frames", "seconds_per_frame",
+              *(f"{f}{suffix}" for f in VIDEO_FIGURES for suffix in ("", "_low", "_high")),
               "clip_image_cosine", "compute_fraction", "batches_evaluated", "early_stopped", "device", "host",
               "batch_size", "fingerprint", "constraints", "reused_from")
 
@@ -58,6 +60,10 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
     }
     for name in METRICS:
         attrs.update(interval_attrs(name, result.interval(name)))
+    if result.frames > 1:  # a video: per frame too, and its frame figures
+        attrs.update({"frames": result.frames, "seconds_per_frame": result.seconds_per_frame})
+        for name, interval in result.video_intervals().items():
+            attrs.update(interval_attrs(name, interval))
     attrs.update({
         "clip_image_cosine": result.clip_image_cosine_mean,
         "compute_fraction": result.compute_fraction,  # denoiser work run, where families report it

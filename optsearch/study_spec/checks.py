@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, params_of, step_problems
+from optsearch.measure.model_ids import is_factory
 from optsearch.study_spec.schema import (
     DTYPES,
     KNOWN_SCHEDULERS,
@@ -47,6 +48,13 @@ def validate(spec: StudySpec, problem) -> None:
         size = getattr(model, key)
         if size is not None and (size < 8 or size % 8):
             problem(f"model.{key}", f"{size} must be a multiple of 8, at least 8")
+    if model.num_frames is not None and model.num_frames < 1:
+        problem("model.num_frames", f"{model.num_frames} must be >= 1")
+    elif model.num_frames is not None and search.model_kind != "video" and not is_factory(model.id):
+        problem("model.num_frames", f"applies to video pipelines; {model.id!r} was told to be a "
+                f"{search.model_kind} pipeline (set model.kind = \"video\" if it makes videos)")
+    if not 1 <= model.fps <= 120:
+        problem("model.fps", f"{model.fps} must be in [1, 120]")
     if not model.guidance_scale >= 0:
         problem("model.guidance_scale", "must be >= 0")
     if not model.id:

@@ -30,12 +30,14 @@ KNOWN_SCHEDULERS = (
 class ModelSpec:
     id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     dtype: str = "auto"  # float16 for UNets, bfloat16 for diffusion transformers, float32 on CPU
-    kind: str = "auto"  # "unet" or "transformer": which families apply; auto tells from the id
+    kind: str = "auto"  # "unet", "transformer" or "video": which families apply; auto tells from the id
     device: str = "auto"
     scheduler: str | None = None  # None keeps the model's own scheduler
     steps: int = 50
     height: int | None = None  # None: the model's native size
     width: int | None = None
+    num_frames: int | None = None  # video pipelines: frames per video (None: the pipeline's default)
+    fps: int = 16  # video pipelines: the frame rate of the animated artifacts
     guidance_scale: float = 7.5
     true_cfg_scale: float | None = None  # Qwen-Image's classifier-free guidance (needs a negative)
     negative_prompt: str | None = None  # sent with every prompt when set

@@ -1,0 +1,72 @@
+"""FasterCache (in diffusers as `FasterCacheConfig`), made for video transformers: inside a
+timestep window, compute each spatial self-attention only every `spatial_attention_block_skip_range`
+steps and reuse it between (with a weighted blend of the last two outputs); on pipelines that
+batch the unconditional and conditional halves of classifier-free guidance in one call
+(CogVideoX, Mochi, Latte, Allegro), also compute the unconditional half only every
+`unconditional_batch_skip_range` steps and approximate it in between from the conditional one's
+frequencies.
+
+Wan and HunyuanVideo run the two halves as separate calls (or have no unconditional one), so the
+cache is told they are guidance-distilled: only the attention reuse acts there. Applied through the
+transformer's `enable_cache`; `disable_cache` and HookPatch restore it bit-exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from optsearch.accelerators.base import Param
+from optsearch.accelerators.hooks import HookPatch, denoiser
+
+NAME = "fastercache"
+APPLIES_TO = ("transformer", "video")
+PARAMS = (
+    Param("spatial_attention_block_skip_range", int, (2, 6), minimum=2,
+          help="spatial self-attention computed every N steps inside the window"),
+    Param("timestep_skip_high", int, (500, 1000), minimum=0, maximum=1000, grid_step=100,
+          help="the window's upper timestep (0-1000 scale; attention is reused below it)"),
+    Param("unconditional_batch_skip_range", int, (5,), minimum=1,
+          help="the unconditional half computed every N steps (batched-guidance pipelines only)"),
+)
+# Pipelines whose transformer sees [unconditional, conditional] in one batch.
+BATCHED_GUIDANCE = ("CogVideoX", "Mochi", "Latte", "Allegro")
+FRAMES_FIRST = ("CogVideoX",)  # latents as batch, frames, channels, height, width
+
+
+def batches_guidance(pipe) -> bool:
+    return type(pipe).__name__.startswith(BATCHED_GUIDANCE)
+
+
+def apply(pipe, spatial_attention_block_skip_range: int = 2, timestep_skip_high: int = 681,
+          unconditional_batch_skip_range: int = 5) -> HookPatch:
+    from diffusers import FasterCacheConfig
+
+    module = denoiser(pipe)
+    if not hasattr(module, "enable_cache"):
+        raise ValueError(f"fastercache needs a denoiser with diffusers' enable_cache "
+                         f"({type(module).__name__} has none)")
+    frames_first = type(pipe).__name__.startswith(FRAMES_FIRST)
+    config = FasterCacheConfig(
+        spatial_attention_block_skip_range=int(spatial_attention_block_skip_range),
+        spatial_attention_timestep_skip_range=(-1, int(timestep_skip_high)),
+        unconditional_batch_skip_range=int(unconditional_batch_skip_range),
+        current_timestep_callback=lambda: pipe.current_timestep,
+        attention_weight_callback=lambda _module: 0.5,  # diffusers' documented default weight
+        tensor_format="BFCHW" if frames_first else "BCFHW",
+        is_guidance_distilled=not batches_guidance(pipe),
+    )
+    # diffusers warns "purely experimental" at every enable: once per trial is noise, said in the docs
+    logging.getLogger("diffusers.hooks.faster_cache").setLevel(logging.ERROR)
+    return HookPatch(pipe, lambda m: m.enable_cache(config), lambda m: m.disable_cache())
+
+
+def problem_with(pipe) -> str | None:
+    """FasterCache reads the pipeline's current timestep (diffusers' video pipelines track it)."""
+    if not hasattr(type(pipe), "current_timestep"):
+        return (f"fastercache needs a pipeline that tracks its current timestep "
+                f"({type(pipe).__name__} does not)")
+    return None
+
+
+def warmup_steps(spatial_attention_block_skip_range: int = 2, **_) -> int:
+    return int(spatial_attention_block_skip_range) + 1
