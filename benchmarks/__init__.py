@@ -35,6 +35,8 @@ BENCHMARKS = {
                             "ones (needs CUDA)", "GPU timing"),
     "gpu-flux": Benchmark("gpu_flux", "diffusers' caches on a full-width FLUX transformer on a GPU "
                           "(needs CUDA)", "GPU timing"),
+    "gpu-wan": Benchmark("gpu_wan", "The video caches on a full-width Wan 2.1 transformer at 81 "
+                         "frames on a GPU (needs CUDA)", "GPU timing"),
     "speedup-spread": Benchmark("speedup_spread", "How steady is a reported speedup, and does its "
                                 "interval cover a repeat?", "Speedup spread and interval coverage"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "

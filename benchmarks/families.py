@@ -1,7 +1,8 @@
 """Speedup and fidelity of every accelerator family, on builtin:tiny-flux (FLUX's
 topology, 128 px, 20 steps), builtin:tiny-sd3 and builtin:tiny-qwen-image (cache-dit's DBCache
-against fewer steps, 128 px, 20 steps) and builtin:cpu-bench (SD 1.5's topology, 256 px, 25
-steps), CPU.
+against fewer steps, 128 px, 20 steps), builtin:tiny-wan (the video caches against fewer steps,
+9 frames of 64 px, 16 steps; PSNR per frame, averaged) and builtin:cpu-bench (SD 1.5's topology,
+256 px, 25 steps), CPU.
 
 Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
 interleaved with the baseline; speedup = baseline s/image / setting s/image (median of the
@@ -60,6 +61,20 @@ DIT = [  # tiny-sd3 and tiny-qwen-image: what cache-dit applies to both, against
                                                      "Bn_compute_blocks": 1, "max_warmup_steps": 4,
                                                      "taylorseer_order": 1}}),
 ]
+VIDEO = [  # tiny-wan: the caches made for video, against fewer steps
+    ("steps 8 (of 16)", {"steps": {"num_inference_steps": 8}}),
+    ("steps 12", {"steps": {"num_inference_steps": 12}}),
+    ("pab 2, (100, 800) (published)", {"pab": {"spatial_attention_block_skip_range": 2}}),
+    ("fastercache 2, below 681 (published)", {"fastercache": {"spatial_attention_block_skip_range": 2,
+                                                              "timestep_skip_high": 681}}),
+    ("fastercache 4, below 1000", {"fastercache": {"spatial_attention_block_skip_range": 4,
+                                                   "timestep_skip_high": 1000}}),
+    ("fbcache 0.12 (published)", {"fbcache": {"threshold": 0.12}}),
+    ("magcache 0.06/3/0.2 (published)", {"magcache": {}}),
+    ("dbcache F1B0 0.08 (published)", {"dbcache": {"residual_diff_threshold": 0.08,
+                                                   "max_warmup_steps": 8}}),
+    ("dbcache F1B0 0.12", {"dbcache": {"residual_diff_threshold": 0.12, "max_warmup_steps": 2}}),
+]
 UNET = [
     ("steps 12 (of 25)", {"steps": {"num_inference_steps": 12}}),
     ("steps 18", {"steps": {"num_inference_steps": 18}}),
@@ -88,21 +103,27 @@ def measure(pipe, config, prompts, settings, repeats: int) -> list[list]:
             with AppliedSetting(pipe, setting, calibration) as applied:
                 images, seconds = run(applied)
             ratios.append(base_seconds / seconds)
-        fidelity = float(np.mean([psnr(a, b) for a, b in zip(reference, images, strict=True)]))
+        fidelity = float(np.mean([psnr(a, b) for a, b in zip(  # videos: per frame
+            reference.reshape(-1, *reference.shape[-3:]), images.reshape(-1, *images.shape[-3:]),
+            strict=True)]))
         rows.append([name, statistics.median(ratios), min(ratios), max(ratios), fidelity])
         print(f"  {name}: {statistics.median(ratios):.2f}x, {fidelity:.1f} dB", flush=True)
     return rows
 
 
-def main(repeats: int = 3) -> None:
+def main(repeats: int = 3, only: str = "") -> None:
+    """`only`: a model name (e.g. builtin:tiny-wan) to measure that one alone."""
     started = time.perf_counter()
     prompts = builtin_prompts()[:4]
     headers = ["setting", "speedup (median)", "min", "max", "PSNR vs baseline (dB)"]
     for model, steps, settings in (("builtin:tiny-flux", 20, FLUX), ("builtin:tiny-sd3", 20, DIT),
                                    ("builtin:tiny-qwen-image", 20, DIT),
+                                   ("builtin:tiny-wan", 16, VIDEO),
                                    ("builtin:cpu-bench", 25, UNET)):
+        if only and model != only:
+            continue
         pipe = load_pipeline(model, device="cpu", dtype="float32")
-        guidance = 7.5 if model == "builtin:cpu-bench" else 3.5
+        guidance = {"builtin:cpu-bench": 7.5, "builtin:tiny-wan": 5.0}.get(model, 3.5)
         config = GenerationConfig(steps=steps, guidance_scale=guidance, batch_size=2)
         print(f"{model}:", flush=True)
         rows = measure(pipe, config, prompts, settings, repeats)

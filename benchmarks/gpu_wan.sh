@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run by the prepared GPU check (every executable benchmarks/gpu_*.sh): the video caches on a
+# full-width Wan 2.1 1.3B transformer at the real frame count (benchmarks/gpu_wan.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+timeout 240 python3 -m benchmarks gpu-wan
