@@ -13,12 +13,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # A fresh 12-trial study on a tiny offline pipeline; `run` ends by printing `study show`. Then
-# a 12-trial study of diffusers' caches on a tiny FLUX, against the fewer-steps line.
+# a 12-trial study of diffusers' caches on a tiny FLUX, against the fewer-steps line, and a
+# 10-trial video study of the video caches on a tiny Wan (about 3 minutes in all on 2 cores).
 demo: $(STAMP)
 	rm -rf demo.db demo.db-wal demo.db-shm search_params.json artifacts studies/artifacts
 	$(BIN)/optsearch run studies/tiny-demo.toml --storage sqlite:///demo.db --confirm 2
 	$(BIN)/optsearch study export tiny-demo --storage sqlite:///demo.db -o search_params.json
 	$(BIN)/optsearch run studies/tiny-flux.toml --storage sqlite:///demo.db --quiet
+	$(BIN)/optsearch run studies/tiny-wan.toml --storage sqlite:///demo.db --quiet
 	@echo "Watch it: $(BIN)/optsearch dashboard --storage sqlite:///demo.db"
 
 test: $(STAMP)
