@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -17,6 +18,7 @@ from optsearch.measure.metrics import Interval
 from optsearch.measure.prompts import confirm_prompts, load_prompts
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
+from optsearch.optimize.confirm import confirm_seed
 from optsearch.study_spec import load_spec
 from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
 
@@ -76,7 +78,7 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     assert len(first) == 1
 
     again = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "3", "--quiet",
-                          cwd=tmp_path)
+                          "--repeats", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     after = stored_confirmations(url)
     for key, record in first.items():
@@ -85,6 +87,8 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     assert len(settings) == len(set(settings)) >= 2
     for record in after.values():
         assert record["num_samples"] == 4 and record["repeats"] == 2
+        assert record["seed"] == 43 and record["timing"] == "ABBA rounds"  # its own noise
+        assert len(record["round_speedups"]) == 2
         assert record["prompts"] == load_prompts("builtin", 8)[4:8]
         assert record["speedup_low"] <= record["speedup"] <= record["speedup_high"]
     # The dashboard says what it shows: objective names, and a note per trial with the intervals.
@@ -97,7 +101,7 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
         trial_id = study.trials[record["trial"]]._trial_id
         note = get_note_from_system_attrs(system_attrs, trial_id)["body"]
         assert "speedup **" in note and "psnr **" in note
-        assert "Confirmed on 4 unseen prompts (2 interleaved rounds)" in note
+        assert "Confirmed on 4 unseen prompts (2 A B B A timing rounds, own noise)" in note
     shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
     assert "confirmations on unseen prompts" in shown.stdout and "confirmed speedup" in shown.stdout
     # a third run has nothing left to measure and says so quickly
@@ -105,9 +109,12 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     assert third.returncode == 0 and stored_confirmations(url) == after
 
 
-def psnr_on(spec, setting: dict, prompts: list[str]) -> Interval:
-    """PSNR interval of a setting on `prompts`, measured in this process (bit-exact on CPU)."""
+def psnr_on(spec, setting: dict, prompts: list[str], seed: int | None = None) -> Interval:
+    """PSNR interval of a setting on `prompts` (from latent seed `seed`, by default the search's),
+    measured in this process (bit-exact on CPU)."""
     evaluator = evaluator_from_spec(spec, prompts=prompts)
+    if seed is not None:
+        evaluator = evaluator.derive(config=dataclasses.replace(evaluator.config, seed=seed))
     comparison = evaluator.compare(setting, evaluator.baseline())
     return comparison.interval("psnr")
 
@@ -133,9 +140,11 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
             "[space.tome]\nratio = [0.0, 0.7]\n")
     draft = load_spec(write_spec(tmp_path / "draft.toml", text))
     search = psnr_on(draft, AGGRESSIVE, load_prompts("builtin", 8))
-    unseen = psnr_on(draft, AGGRESSIVE, confirm_prompts(draft))
-    assert unseen.low < search.low - 1, "the test needs a wide interval on 2 prompts"
-    limit = (search.low + unseen.low) / 2
+    unseen = psnr_on(draft, AGGRESSIVE, confirm_prompts(draft), confirm_seed(draft))
+    faithful = psnr_on(draft, FAITHFUL, confirm_prompts(draft), confirm_seed(draft))
+    assert unseen.low < faithful.low - 1 and faithful.low < search.low, \
+        "the test needs a wide interval on 2 prompts, wider for the aggressive setting"
+    limit = (unseen.low + faithful.low) / 2
     text = text.replace("limit = 30.0", f"limit = {limit}\nrule = \"bound\"")
     spec = write_spec(tmp_path / "tiny.toml", text)
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -185,7 +194,7 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     study.enqueue_trial(AGGRESSIVE)
     assert optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--n-trials", "1",
                          "--quiet", cwd=tmp_path).returncode == 0
-    assert optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "1", "--repeats", "1",
+    assert optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "1", "--repeats", "2",
                          "--quiet", cwd=tmp_path).returncode == 0
     refused = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "none.json",
                             cwd=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def cmd_study_export(args) -> int:
     if not output.parent.is_dir():
         raise UsageError(f"cannot write {args.output}: folder {output.parent} does not exist")
     study, spec = load_study(_open(args), args.name)
-    exported = export_study(study, spec)
+    exported = export_study(study, spec, args.fingerprint)
     text = {"json": lambda e: json.dumps(e, indent=2) + "\n", "cache-dit": cache_dit_yaml,
             "diffusers": diffusers_python}[args.format](exported)
     try:
@@ -155,7 +156,12 @@ def cmd_study_export(args) -> int:
     print(f"wrote {args.output}: winner trial {best['trial']} ({best['combo']}), search speedup "
           f"{format_speedup(best['metrics'])}; " + (
               f"confirmed on {confirmed['num_samples']} unseen prompts: {format_speedup(confirmed)}"
-              if confirmed else "not confirmed (`optsearch study confirm` checks it on unseen prompts)"))
+              if confirmed else "not confirmed (`optsearch study confirm` checks it on unseen prompts)")
+          + f"; device {exported['fingerprint']}")
+    if exported["unconfirmed_better"]:
+        print(f"warning: trial(s) {', '.join(map(str, exported['unconfirmed_better']))} beat the "
+              "confirmed winner on search figures but were never confirmed: `optsearch study "
+              f"confirm {args.name}` measures them on unseen prompts", file=sys.stderr)
     return 0
 
 
@@ -174,7 +180,7 @@ def _print_confirmations(confirmation) -> None:
     rows = [[r["trial"], r["combo"], format_speedup(r), format_interval(r[metric]),
              "yes" if r["feasible"] else "NO"] for r in records]
     print(f"confirmed on {len(confirmation.prompts)} unseen prompts, "
-          f"{confirmation.options.repeats} interleaved rounds:")
+          f"{confirmation.options.repeats} A B B A timing rounds:")
     print(table(["trial", "combo", "speedup", metric, "feasible"], rows))
 
 

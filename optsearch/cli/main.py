@@ -51,6 +51,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 2 (the interval is over the rounds)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -136,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="study name (default: the spec's name)")
     run.add_argument("--confirm", type=_positive_int, default=0, metavar="K",
                      help="then confirm the K best settings on unseen prompts (study confirm)")
-    run.add_argument("--repeats", type=_positive_int, default=2, metavar="R",
-                     help="interleaved timing rounds of --confirm (default 2)")
+    run.add_argument("--repeats", type=_at_least_two, default=3, metavar="R",
+                     help="A B B A timing rounds of --confirm (default 3, at least 2)")
     _add_storage(run)
     _add_worker_options(run)
     run.set_defaults(handler="cmd_run")
@@ -183,14 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "diffusers (accelerate(pipe) with the libraries' own calls)")
     export.add_argument("-o", "--output", default=None, metavar="FILE",
                         help="default: search_params.json, cache.yaml or accelerate_pipe.py")
+    export.add_argument("--fingerprint", metavar="ID", default=None,
+                        help="the device whose figures decide (default: the one the study's "
+                             "confirmations were made on; `study show` lists fingerprints)")
     export.set_defaults(handler="cmd_study_export")
     confirm = study_commands.add_parser(
-        "confirm", help="re-measure the best settings on unseen prompts (interleaved timing)")
+        "confirm",
+        help="re-measure the best settings on unseen prompts and fresh noise (A B B A timing rounds)")
     confirm.add_argument("name")
     confirm.add_argument("--top", type=_positive_int, default=3, metavar="K",
                          help="the K best feasible settings, plus each combo's best (default 3)")
-    confirm.add_argument("--repeats", type=_positive_int, default=2, metavar="R",
-                         help="baseline/setting timing rounds, interleaved (default 2)")
+    confirm.add_argument("--repeats", type=_at_least_two, default=3, metavar="R",
+                         help="A B B A timing rounds (baseline, setting, setting, baseline); the "
+                              "speedup interval is over them (default 3, at least 2)")
     confirm.add_argument("--device", type=_device, help="override model.device")
     confirm.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     confirm.set_defaults(handler="cmd_study_confirm")

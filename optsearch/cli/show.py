@@ -133,7 +133,7 @@ def format_summary(summary: dict) -> str:
             lines.append(f"winner trial {summary['best']['trial']} "
                          + reference.verdict_text(summary["fewer_steps"]))
     if summary["confirmations"]:
-        lines += ["", "confirmations on unseen prompts (search | confirmed, interleaved timing):"]
+        lines += ["", "confirmations on unseen prompts, own noise (search | confirmed, A B B A rounds):"]
         lines.append(_confirmations_table(summary["confirmations"], metric))
     return "\n".join(lines)
 
@@ -161,8 +161,9 @@ def _timings_table(timings: list[dict]) -> str:
 def _confirmations_table(records: list[dict], metric: str) -> str:
     rows = [[r["trial"], r["combo"], format_speedup(r["search"]), format_speedup(r),
              _trial_interval(r["search"], metric), format_interval(r[metric]), r["num_samples"],
-             r["repeats"], "yes" if r["feasible"] else "NO", r["device"],
+             r["repeats"], "yes" if r["feasible"] else "NO", f"{r['device']} {r['fingerprint']}",
              format_setting(r.get("setting") or {})]
             for r in records]
     return table(["trial", "combo", "search speedup", "confirmed speedup", f"search {metric}",
-                  f"confirmed {metric}", "prompts", "rounds", "feasible", "device", "setting"], rows)
+                  f"confirmed {metric}", "prompts", "rounds", "feasible", "device fingerprint",
+                  "setting"], rows)

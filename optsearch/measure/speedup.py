@@ -80,6 +80,23 @@ def speedup_interval(baseline_seconds: Sequence[float], setting_seconds: Sequenc
     return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
 
 
+def rounds_interval(ratios: Sequence[float], confidence: float = 0.95) -> SpeedupInterval:
+    """The speedup of paired rounds (each round's baseline over setting seconds, timed A B B A so a
+    linear drift within the round cancels): the geometric mean of the ratios, with a Student-t
+    interval over the rounds' log ratios (df = rounds - 1). Whatever a round shares — contention,
+    clocks, heat — varies between rounds and so is in the interval, which batch-to-batch noise
+    within one pass is not. One round gives no interval."""
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    speedup = float(math.exp(logs.mean()))
+    if len(logs) < 2:
+        return SpeedupInterval(speedup, None, None)
+    spread = float(logs.std(ddof=1))
+    if spread == 0:
+        return SpeedupInterval(speedup, speedup, speedup)
+    half = t_quantile(confidence, len(logs) - 1) * spread / math.sqrt(len(logs))
+    return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
+
+
 def _pooled_interval(base: np.ndarray, fast: np.ndarray, confidence: float,
                      speedup: float) -> SpeedupInterval:
     """One variance of log batch seconds from both sides; needs 3 batches in all."""

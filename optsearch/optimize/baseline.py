@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 import uuid
 
 import numpy as np
@@ -22,6 +21,7 @@ from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.optimize import study as studies
 from optsearch.storage.artifacts import download_arrays, upload_arrays, upload_grid
+from optsearch.storage.record import utc_now
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class BaselineKeeper:
             "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
             "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
             "num_samples": len(self.evaluator.prompts), "prompts": self.evaluator.prompts,
-            "images_artifact": artifact, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "images_artifact": artifact, "created": utc_now(),
         }
         if self.fingerprint in studies.baselines(self.study):
             return  # another worker stored it meanwhile
@@ -125,7 +125,7 @@ class BaselineKeeper:
             "seconds_per_image": baseline.seconds_per_image,
             "batch_seconds": baseline.batch_seconds,
             "after_trials": trials_run,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "at": utc_now(),
         })
         self.trials_since_timing = 0
         self.baseline_id = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"

@@ -2,10 +2,13 @@
 
 The search winner is the best of many noisy trials, judged on the very prompts that selected it:
 its speedup is biased up and its quality loss down (the winner's curse). `confirm` re-measures the
-top settings on unseen prompts (by default the next `num_samples` of the search's source) against a
-fresh baseline, timing baseline and setting interleaved (A B A B ..., `repeats` rounds) so that
-drift hits both sides. Each setting's result is stored in the study as soon as it is measured, so
-a killed `confirm` loses nothing stored and a second one adds to what is there.
+top settings on unseen prompts (by default the next `num_samples` of the search's source), from
+latent noise of their own (`[confirm] seed`, by default the search's seed + 1: new prompts and new
+noise) against a fresh baseline. Timing runs in `repeats` rounds (3 by default), each an A B B A
+block (baseline, setting, setting, baseline) so that a drift within the round cancels; the
+speedup's interval is over the rounds' paired log ratios (measure/speedup.py `rounds_interval`),
+so what a whole pass shares is in it. Each setting's result is stored in the study as soon as it
+is measured, so a killed `confirm` loses nothing stored and a second one adds to what is there.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import json
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
@@ -26,13 +28,13 @@ from optsearch.measure.fingerprint import fingerprint
 from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.metrics import METRICS
 from optsearch.measure.prompts import confirm_prompts
-from optsearch.measure.speedup import speedup_interval
+from optsearch.measure.speedup import rounds_interval
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
 from optsearch.optimize.winner import mark_winner
 from optsearch.storage.notes import trial_note, write_trial_note
 from optsearch.storage.rdb import open_storage
-from optsearch.storage.record import finite, trial_metrics
+from optsearch.storage.record import finite, trial_metrics, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +42,15 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ConfirmOptions:
     top: int = 3  # the K best feasible settings (each combo's best comes too)
-    repeats: int = 2  # interleaved baseline/setting timing rounds
+    repeats: int = 3  # A B B A timing rounds; the speedup interval is over them
     device: str | None = None
     progress: bool = True
+
+
+def confirm_seed(spec) -> int:
+    """The confirmation's latent-noise seed: `[confirm] seed`, else the search's + 1, so that
+    confirm prompt i does not start from search prompt i's noise."""
+    return spec.confirm.seed if spec.confirm.seed is not None else spec.prompts.seed + 1
 
 
 def confirmation_key(setting: dict, fingerprint: str, prompts: list[str], seed: int) -> str:
@@ -57,15 +65,17 @@ class Confirmation:
     def __init__(self, storage_url: str | None, study_name: str, options: ConfirmOptions | None = None,
                  evaluator: Evaluator | None = None):
         self.options = options or ConfirmOptions()
-        if self.options.top < 1 or self.options.repeats < 1:
-            raise UsageError("--top and --repeats must be >= 1")
+        if self.options.top < 1:
+            raise UsageError("--top must be >= 1")
+        if self.options.repeats < 2:
+            raise UsageError("--repeats must be >= 2: the speedup's interval is over the rounds")
         self.storage = open_storage(storage_url, heartbeat_interval=None, must_exist=True)
         self.study, self.spec = studies.load_study(self.storage, study_name)
         self.candidates = objectives.ranked(self.study, self.spec, self.options.top)
         if not self.candidates:
             raise NothingToExport(f"study {study_name!r} has no feasible trial to confirm yet")
         self.prompts = confirm_prompts(self.spec)
-        seed = self.spec.confirm.seed if self.spec.confirm.seed is not None else self.spec.prompts.seed
+        seed = confirm_seed(self.spec)
         loaded = evaluator or evaluator_from_spec(self.spec, self.options.device,
                                                   self.options.progress, prompts=self.prompts)
         config = GenerationConfig.from_spec(self.spec, seed=seed)
@@ -97,26 +107,26 @@ class Confirmation:
         return records
 
     def measure(self, trial: FrozenTrial) -> dict:
-        """Time baseline and setting interleaved for `repeats` rounds; score the setting once."""
+        """Time baseline and setting in `repeats` A B B A rounds; score the setting once."""
         setting = trial.user_attrs["setting"]
         if self.reference is None:  # images and CLIP scores of the unseen prompts, once
             self.reference = self.evaluator.baseline()
-        base_rounds, fast_rounds, base_batches, fast_batches = [], [], [], []
+        base_rounds, fast_rounds, ratios = [], [], []
         comparison = None
-        for round_index in range(self.options.repeats):
-            timed = self.evaluator.baseline(scored=self.reference)
-            base_rounds.append(timed.seconds_per_image)
-            base_batches += timed.batch_seconds
-            if round_index == 0:
-                comparison = self.evaluator.compare(setting, timed)
-                fast_rounds.append(comparison.seconds_per_image)
-                fast_batches += comparison.batch_seconds
+        for _ in range(self.options.repeats):
+            first = self.evaluator.baseline(scored=self.reference)
+            if comparison is None:  # the first setting pass is also the one scored
+                comparison = self.evaluator.compare(setting, first)
+                fast = [comparison.seconds_per_image]
             else:
-                seconds, batches = self.evaluator.time_setting(setting)
-                fast_rounds.append(seconds)
-                fast_batches += batches
-        speedup = (sum(base_rounds) / len(base_rounds)) / (sum(fast_rounds) / len(fast_rounds))
-        interval = speedup_interval(base_batches, fast_batches, self.spec.quality.confidence, speedup)
+                fast = [self.evaluator.time_setting(setting)[0]]
+            fast.append(self.evaluator.time_setting(setting)[0])
+            base = [first.seconds_per_image,
+                    self.evaluator.baseline(scored=self.reference).seconds_per_image]
+            base_rounds.append(sum(base) / 2)
+            fast_rounds.append(sum(fast) / 2)
+            ratios.append(base_rounds[-1] / fast_rounds[-1])
+        interval = rounds_interval(ratios, self.spec.quality.confidence)
         summary = comparison.summary()
         figures = {**summary, **interval.to_dict(),
                    "seconds_per_image": sum(fast_rounds) / len(fast_rounds),
@@ -126,6 +136,7 @@ class Confirmation:
             "key": self.key(trial), "trial": trial.number, "combo": comparison.combo,
             "setting": setting, "prompts": self.prompts, "num_samples": len(self.prompts),
             "seed": self.evaluator.config.seed, "repeats": self.options.repeats,
+            "round_speedups": ratios, "timing": "ABBA rounds",
             **interval.to_dict(),
             "seconds_per_image": figures["seconds_per_image"],
             "baseline_seconds_per_image": figures["baseline_seconds_per_image"],
@@ -135,5 +146,5 @@ class Confirmation:
             "constraints": constraints, "feasible": all(v <= 0 for v in constraints.values()),
             "rule": self.spec.quality.rule, "image_digests": comparison.image_digests,
             "fingerprint": self.fingerprint, "device": self.facts["device"],
-            "worker": self.worker_id, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "worker": self.worker_id, "date": utc_now(),
         }

@@ -10,7 +10,13 @@ import optuna
 
 from optsearch.errors import NothingToExport
 from optsearch.measure.generation import prompt_seed
-from optsearch.optimize.objectives import best_per_combo, constraint_text, pareto_front, relax_hint
+from optsearch.optimize.objectives import (
+    best_per_combo,
+    constraint_text,
+    merit,
+    pareto_front,
+    relax_hint,
+)
 from optsearch.optimize.reference import missing_text, steps_frontier, verdict
 from optsearch.optimize.study import baselines, calibration, confirmations, spec_attr
 from optsearch.optimize.winner import latest_by_trial, winner
@@ -38,6 +44,19 @@ def confirmed_entry(record: dict, metric: str) -> dict:
     return {**{key: record.get(key) for key in CONFIRMED_KEYS}, metric: record[metric]}
 
 
+def unconfirmed_better(study, spec, found, fingerprint: str | None) -> list[int]:
+    """Trials never confirmed whose search figures beat the confirmed winner's search figures
+    (finished after the last `study confirm`, or below its --top): `study confirm` would see them."""
+    if found.confirmed is None:
+        return []
+    confirmed = {r["trial"] for r in confirmations(study).values()}
+    winner_merit = merit(spec, found.trial.values[0]) if found.trial.values else None
+    if winner_merit is None or spec.objective.mode == "pareto":
+        return []
+    return sorted(trial.number for trial in best_per_combo(study, spec, fingerprint).values()
+                  if trial.number not in confirmed and merit(spec, trial.values[0]) > winner_merit)
+
+
 def _prompts(baseline: dict | None, spec) -> dict:
     """The search prompts and per-prompt generator seeds that `image_digests` belong to."""
     texts = (baseline or {}).get("prompts")
@@ -46,12 +65,15 @@ def _prompts(baseline: dict | None, spec) -> dict:
             "batch_size": (baseline or {}).get("batch_size", spec.prompts.batch_size)}
 
 
-def export_study(study, spec) -> dict:
+def export_study(study, spec, fingerprint: str | None = None) -> dict:
     """search_params.json: the winner (optimize/winner.py), the best per combo, baseline, spec,
-    provenance."""
-    found = winner(study, spec)
+    provenance — all of one device fingerprint (`fingerprint`, else the one the confirmations
+    were made on; several is a UsageError listing them)."""
+    found = winner(study, spec, fingerprint, strict=True)
+    fingerprint = found.fingerprint if found else fingerprint
     metric = spec.quality.metric
-    records = list(confirmations(study).values())
+    records = [r for r in confirmations(study).values()
+               if fingerprint is None or r["fingerprint"] == fingerprint]
     if found is None and records:
         raise NothingToExport(f"none of the {len(records)} settings confirmed on unseen prompts "
                               f"of study {study.study_name!r} meets {constraint_text(spec)} "
@@ -74,8 +96,10 @@ def export_study(study, spec) -> dict:
         "target_speedup": spec.objective.target_speedup,
         "best": _entry(best, confirmed_by_trial.get(best.number), metric),
         "winner_rule": found.rule,
+        "fingerprint": best.user_attrs.get("fingerprint") if fingerprint is None else fingerprint,
+        "unconfirmed_better": unconfirmed_better(study, spec, found, fingerprint),
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
-                      for combo, trial in best_per_combo(study, spec).items()},
+                      for combo, trial in best_per_combo(study, spec, fingerprint).items()},
         "baseline": baselines(study).get(best.user_attrs.get("fingerprint")),
         "prompts": _prompts(baselines(study).get(best.user_attrs.get("fingerprint")), spec),
         "spec": {"name": spec.name, **spec_attr(spec)},

@@ -94,20 +94,25 @@ def _measured_feasible(study: optuna.Study) -> list[FrozenTrial]:
             if is_feasible(t) and is_faster(t) and t.user_attrs.get("reused_from") is None]
 
 
-def best_per_combo(study: optuna.Study, spec: StudySpec) -> dict[str, FrozenTrial]:
+def best_per_combo(study: optuna.Study, spec: StudySpec,
+                   fingerprint: str | None = None) -> dict[str, FrozenTrial]:
     """The best feasible COMPLETE trial of each combo faster than the baseline (original
-    measurements preferred)."""
+    measurements preferred), of one device fingerprint when given."""
     best: dict[str, FrozenTrial] = {}
     for trial in _measured_feasible(study):
+        if fingerprint is not None and trial.user_attrs.get("fingerprint") != fingerprint:
+            continue
         combo = trial.user_attrs.get("combo", "?")
         if _better(spec, trial, best.get(combo)):
             best[combo] = trial
     return best
 
 
-def best_overall(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
+def best_overall(study: optuna.Study, spec: StudySpec,
+                 fingerprint: str | None = None) -> FrozenTrial | None:
+    """The best feasible trial of all (of one device fingerprint, when given)."""
     best = None
-    for trial in best_per_combo(study, spec).values():
+    for trial in best_per_combo(study, spec, fingerprint).values():
         if _better(spec, trial, best):
             best = trial
     return best

@@ -4,11 +4,16 @@
 in the study's note and the study's user attr "winner" (its own "Best Trial" badge is Optuna's best
 objective value, which knows nothing of confirmation). The rule:
 
-- once settings were confirmed on unseen prompts (`study confirm`), the winner is the best by the
-  objective among those feasible there: confirmation is the figure a user will see;
+- once settings were confirmed on unseen prompts (`study confirm`), the winner is, among those
+  feasible and faster than the baseline there, the one with the best confirmed lower speedup bound
+  (max-speedup mode: the speedup a user can count on, not the luckiest point estimate; other
+  modes: the best by the objective): confirmation is the figure a user will see;
 - before that, the best feasible search trial by the objective.
 
-Either way a setting no faster than the baseline is no winner (objectives.is_faster).
+Either way a setting no faster than the baseline is no winner (objectives.is_faster). Figures are
+of one device: confirmations and trials are taken from one device fingerprint — the one asked for,
+else the one the confirmations were made on (the latest confirmation's where several were, which
+`study export` refuses to guess: it lists them).
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
+from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
 from optsearch.optimize.objectives import best_overall, is_faster, merit, objective_values
 from optsearch.optimize.study import confirmations
 from optsearch.storage.notes import write_trial_note
 from optsearch.storage.record import quality_of
 
-CONFIRMED_RULE = "best feasible on unseen prompts (study confirm), by the objective"
+CONFIRMED_RULE = ("best confirmed lower speedup bound among the settings feasible on unseen prompts "
+                  "(study confirm)")
+CONFIRMED_OBJECTIVE_RULE = "best feasible on unseen prompts (study confirm), by the objective"
 SEARCH_RULE = "best feasible search trial, by the objective (not confirmed yet)"
 
 
@@ -33,7 +41,46 @@ class Winner:
     trial: FrozenTrial
     confirmed: dict | None  # the confirmation record it won on, when confirmed
     rule: str
+    fingerprint: str | None = None  # the device whose figures it won on
 
+
+def device_choices(study: optuna.Study) -> dict[str, str]:
+    """{fingerprint: device} of every device the study's trials or confirmations were measured on."""
+    choices = {r["fingerprint"]: r.get("device", "?") for r in confirmations(study).values()}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get("fingerprint"):
+            choices.setdefault(trial.user_attrs["fingerprint"], trial.user_attrs.get("device", "?"))
+    return choices
+
+
+def chosen_fingerprint(study: optuna.Study, fingerprint: str | None, strict: bool) -> str | None:
+    """The device whose figures decide: `fingerprint` when given (it must be known), else the one
+    confirmations were made on; several of those is an error when `strict` (export), else the
+    latest confirmation's."""
+    records = sorted(confirmations(study).values(), key=lambda r: r["date"])
+    choices = device_choices(study)
+    if fingerprint is not None:
+        if fingerprint not in choices:
+            raise UsageError(f"--fingerprint {fingerprint}: no trial or confirmation of study "
+                             f"{study.study_name!r} was measured there ({_listed(choices)})")
+        return fingerprint
+    confirmed_on = {r["fingerprint"] for r in records}
+    if len(confirmed_on) > 1 and strict:
+        raise UsageError(f"study {study.study_name!r} was confirmed on {len(confirmed_on)} devices "
+                         f"({_listed({f: choices[f] for f in sorted(confirmed_on)})}): choose one "
+                         "with --fingerprint ID")
+    if records:
+        return records[-1]["fingerprint"]
+    searched_on = {t.user_attrs.get("fingerprint") for t in study.get_trials(deepcopy=False)} - {None}
+    if len(searched_on) > 1 and strict:
+        raise UsageError(f"study {study.study_name!r} was measured on {len(searched_on)} devices "
+                         f"({_listed({f: choices[f] for f in sorted(searched_on)})}): choose one "
+                         "with --fingerprint ID")
+    return None
+
+
+def _listed(choices: dict[str, str]) -> str:
+    return ", ".join(f"{f} ({device})" for f, device in choices.items()) or "none"
 
 def latest_by_trial(records: list[dict]) -> dict[int, dict]:
     """Each trial's latest confirmation record (dates are ISO text of one clock: sortable)."""
@@ -44,23 +91,37 @@ def latest_by_trial(records: list[dict]) -> dict[int, dict]:
 
 
 def best_confirmed(records: list[dict], spec) -> dict | None:
-    """The best setting that is feasible and faster than the baseline on confirmation."""
+    """The best setting that is feasible and faster than the baseline on confirmation: by its
+    lower speedup bound in max-speedup mode (no bound: ranked below every bounded one), else by
+    the objective."""
     feasible = [r for r in records if r["feasible"] and (r.get("speedup") or 0) > 1.0]
+    if spec.objective.mode == "max-speedup":
+        return max(feasible, key=lambda r: (r.get("speedup_low") is not None,
+                                            r.get("speedup_low") or 0.0, r["speedup"]), default=None)
     return max(feasible, key=lambda r: merit(spec, objective_values(spec, r)[0]), default=None)
 
 
-def winner(study: optuna.Study, spec) -> Winner | None:
-    """The study's winner by the rule above; None when nothing qualifies (yet)."""
-    records = list(confirmations(study).values())
+def confirmed_rule(spec) -> str:
+    return CONFIRMED_RULE if spec.objective.mode == "max-speedup" else CONFIRMED_OBJECTIVE_RULE
+
+
+def winner(study: optuna.Study, spec, fingerprint: str | None = None,
+           strict: bool = False) -> Winner | None:
+    """The study's winner by the rule above, on one device (see `chosen_fingerprint`); None when
+    nothing qualifies (yet)."""
+    fingerprint = chosen_fingerprint(study, fingerprint, strict)
+    records = [r for r in confirmations(study).values()
+               if fingerprint is None or r["fingerprint"] == fingerprint]
     if records:
         record = best_confirmed(records, spec)
         if record is None:
             return None
         trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
             study._study_id, record["trial"]))
-        return Winner(trial, record, CONFIRMED_RULE)
-    trial = best_overall(study, spec)
-    return Winner(trial, None, SEARCH_RULE) if trial is not None and is_faster(trial) else None
+        return Winner(trial, record, confirmed_rule(spec), fingerprint)
+    trial = best_overall(study, spec, fingerprint)
+    return Winner(trial, None, SEARCH_RULE, fingerprint) \
+        if trial is not None and is_faster(trial) else None
 
 
 def mark_winner(study: optuna.Study, spec) -> Winner | None:

@@ -33,7 +33,7 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
         lines.append(f"- early-stopped after {figures.get('batches_evaluated')} batches")
     if confirmed:
         lines += ["", f"### Confirmed on {confirmed['num_samples']} unseen prompts "
-                      f"({confirmed['repeats']} interleaved rounds)",
+                      f"({confirmed['repeats']} A B B A timing rounds, own noise)",
                   f"- speedup **{format_speedup(confirmed)}**",
                   f"- {metric} **{format_interval(confirmed[metric])}**",
                   f"- {'feasible' if confirmed['feasible'] else '**infeasible**'} on confirmation"]

@@ -15,6 +15,7 @@ Who wrote what:
 
 from __future__ import annotations
 
+import datetime
 import math
 
 from optuna.trial import FrozenTrial
@@ -33,6 +34,11 @@ SHOWN_KEYS = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "sec
               *(f"{f}{suffix}" for f in VIDEO_FIGURES for suffix in ("", "_low", "_high")),
               "clip_image_cosine", "compute_fraction", "batches_evaluated", "early_stopped", "device", "host",
               "batch_size", "fingerprint", "constraints", "reused_from")
+
+
+def utc_now() -> str:
+    """ISO 8601 in UTC, for every record's date: records from machines in any zone sort as text."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def finite(value: float | None) -> float | None:
