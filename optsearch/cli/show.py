@@ -108,9 +108,10 @@ def format_summary(summary: dict) -> str:
         rows.append([combo + best, m["trial"], format_speedup(m), _trial_interval(m, metric),
                      format_speedup(check) if check else "-",
                      format_interval(check[metric]) if check else "-",
-                     _computed(m.get("compute_fraction")), format_setting(m["setting"] or {})])
+                     _worst(m, metric), _computed(m.get("compute_fraction")),
+                     format_setting(m["setting"] or {})])
     headers = ["combo", "trial", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
-               "computed", "setting"]
+               "worst prompt", "computed", "setting"]
     if any(m.get("frames") for m in summary["best_per_combo"].values()):  # videos: frame figures
         headers[4:4] = ["worst-frame psnr", "temporal change"]
         for row, m in zip(rows, summary["best_per_combo"].values(), strict=True):
@@ -136,6 +137,12 @@ def format_summary(summary: dict) -> str:
         lines += ["", "confirmations on unseen prompts, own noise (search | confirmed, A B B A rounds):"]
         lines.append(_confirmations_table(summary["confirmations"], metric))
     return "\n".join(lines)
+
+
+def _worst(metrics: dict, metric: str) -> str:
+    """The worst prompt's figure of a trial (recorded since issue 25)."""
+    value = metrics.get(f"{metric}_worst")
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _computed(fraction: float | None) -> str:

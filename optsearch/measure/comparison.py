@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from optsearch.accelerators import combo_name
-from optsearch.measure.metrics import METRICS, Interval
+from optsearch.measure.metrics import METRICS, Interval, prompt_statistic
 from optsearch.measure.speedup import SpeedupInterval, speedup_interval
 
 if TYPE_CHECKING:  # a trial's record is read without torch (`study show`, `export`)
@@ -146,6 +146,8 @@ class Comparison:
             "clip_mean": self.clip_mean,
             "baseline_clip_mean": float(np.mean(self.baseline_clip_scores)),
             **{metric: self.interval(metric) for metric in METRICS},
+            **{f"{metric}_{statistic}": prompt_statistic(self.per_prompt(metric), metric, statistic)
+               for metric in METRICS for statistic in ("worst", "p10")},
             **video,
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
             "compute_fraction": self.compute_fraction,

@@ -91,6 +91,18 @@ def quality_margin(interval: Interval, metric: str, limit: float, rule: str = "m
     return margin if math.isfinite(margin) else 1e9
 
 
+def prompt_statistic(values, metric: str, statistic: str) -> float:
+    """A figure over prompts: their mean, the worst prompt's, or ("p10") the value nine prompts in
+    ten are at least as good as (the 10th percentile on the bad side)."""
+    values = np.asarray(values, dtype=np.float64)
+    if statistic == "mean":
+        return float(values.mean())
+    bad_high = METRICS[metric].lower_is_better
+    if statistic == "worst":
+        return float(values.max() if bad_high else values.min())
+    return float(np.percentile(values, 90 if bad_high else 10))
+
+
 def past_limit(interval: Interval, metric: str, limit: float) -> bool:
     """The whole interval lies on the wrong side of the limit: it fails under either rule."""
     return not at_least_as_good(best_case(interval, metric), limit, metric)

@@ -143,6 +143,8 @@ class Confirmation:
             "clip_mean": summary["clip_mean"], "baseline_clip_mean": summary["baseline_clip_mean"],
             **{metric: {k: finite(v) for k, v in summary[metric].to_dict().items()}
                for metric in METRICS},
+            **{f"{metric}_{statistic}": summary[f"{metric}_{statistic}"]
+               for metric in METRICS for statistic in ("worst", "p10")},
             "constraints": constraints, "feasible": all(v <= 0 for v in constraints.values()),
             "rule": self.spec.quality.rule, "image_digests": comparison.image_digests,
             "fingerprint": self.fingerprint, "device": self.facts["device"],

@@ -9,7 +9,7 @@ import math
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from optsearch.measure.metrics import direction, limit_sign, quality_margin
+from optsearch.measure.metrics import Interval, direction, limit_sign, quality_margin
 from optsearch.storage.record import quality_of
 from optsearch.study_spec import StudySpec
 
@@ -39,6 +39,8 @@ def constraint_text(spec: StudySpec) -> str:
     if spec.objective.mode == "target-speedup":
         return f"speedup{rule} >= objective.target_speedup = {spec.objective.target_speedup}"
     metric = spec.quality.metric
+    if spec.quality.statistic != "mean":
+        rule = {"worst": " of every prompt", "p10": " of nine prompts in ten"}[spec.quality.statistic]
     return f"{metric}{rule} {limit_sign(metric)} quality.limit = {spec.quality.limit}"
 
 
@@ -60,8 +62,14 @@ def constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
         if speedup is None or not math.isfinite(speedup):
             return {"speedup": 1e9}
         return {"speedup": spec.objective.target_speedup - speedup}
-    interval = quality_of(summary, spec.quality.metric)
-    return {"quality": quality_margin(interval, spec.quality.metric, spec.quality.limit, rule)}
+    metric, statistic = spec.quality.metric, spec.quality.statistic
+    if statistic != "mean":  # the worst (or 10th-percentile) prompt's own figure meets the limit
+        value = summary.get(f"{metric}_{statistic}")
+        if value is None:
+            return {"quality": 1e9}
+        return {"quality": quality_margin(Interval(value, value, value), metric, spec.quality.limit)}
+    interval = quality_of(summary, metric)
+    return {"quality": quality_margin(interval, metric, spec.quality.limit, rule)}
 
 
 def is_feasible(trial: FrozenTrial) -> bool:

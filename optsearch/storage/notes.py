@@ -20,6 +20,11 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
              f"- {metric} **{format_interval(quality)}** (limit {spec.quality.limit}, rule "
              f"{spec.quality.rule})",
              f"- {'feasible' if feasible else '**infeasible**'} in the search"]
+    if figures.get(f"{metric}_worst") is not None:
+        lines.insert(-1, f"- worst prompt: {metric} {figures[f'{metric}_worst']:.3f}; nine prompts "
+                         f"in ten at least {figures[f'{metric}_p10']:.3f}"
+                         + (f" (quality.statistic = {spec.quality.statistic})"
+                            if spec.quality.statistic != "mean" else ""))
     if figures.get("frames"):
         worst, steady = quality_of(figures, "psnr_worst_frame"), quality_of(figures, "temporal_change")
         lines.append(f"- video of {figures['frames']} frames: "

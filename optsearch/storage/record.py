@@ -21,7 +21,7 @@ import math
 from optuna.trial import FrozenTrial
 
 from optsearch.measure.comparison import VIDEO_FIGURES, Comparison
-from optsearch.measure.metrics import METRICS, Interval
+from optsearch.measure.metrics import METRICS, Interval, prompt_statistic
 from optsearch.measure.speedup import SpeedupInterval
 
 # The older constraint form optuna-dashboard reads (Optuna 5 stores "constraints:<name>").
@@ -29,7 +29,7 @@ DASHBOARD_CONSTRAINTS_KEY = "constraints"
 # What tables and exports show of a trial, in this order.
 SHOWN_KEYS = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "seconds_per_image",
               "baseline_seconds_per_image", "clip_mean",
-              *(f"{m}{suffix}" for m in METRICS for suffix in ("", "_low", "_high")),
+              *(f"{m}{suffix}" for m in METRICS for suffix in ("", "_low", "_high", "_worst", "_p10")),
               "frames", "seconds_per_frame",
               *(f"{f}{suffix}" for f in VIDEO_FIGURES for suffix in ("", "_low", "_high")),
               "clip_image_cosine", "compute_fraction", "batches_evaluated", "early_stopped", "device", "host",
@@ -66,6 +66,8 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
     }
     for name in METRICS:
         attrs.update(interval_attrs(name, result.interval(name)))
+        for statistic in ("worst", "p10"):  # the worst prompt's figure, and nine in ten's
+            attrs[f"{name}_{statistic}"] = prompt_statistic(result.per_prompt(name), name, statistic)
     if result.frames > 1:  # a video: per frame too, and its frame figures
         attrs.update({"frames": result.frames, "seconds_per_frame": result.seconds_per_frame})
         for name, interval in result.video_intervals().items():

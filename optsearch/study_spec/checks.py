@@ -15,6 +15,7 @@ from optsearch.study_spec.schema import (
     PROMPT_SOURCES,
     RULES,
     SAMPLERS,
+    STATISTICS,
     StudySpec,
 )
 
@@ -75,6 +76,15 @@ def validate(spec: StudySpec, problem) -> None:
         problem("quality.limit", "must be a finite number")
     if not 0.5 <= quality.confidence < 1:
         problem("quality.confidence", "must be in [0.5, 1)")
+    if quality.statistic not in STATISTICS:
+        problem("quality.statistic", f"unknown statistic {quality.statistic!r} (allowed: "
+                f"{', '.join(STATISTICS)})")
+    elif quality.statistic != "mean" and objective.mode == "target-speedup":
+        problem("quality.statistic", "applies to the quality limit; in target-speedup mode quality "
+                "is the objective (set objective.mode = \"max-speedup\" or statistic = \"mean\")")
+    elif quality.statistic != "mean" and quality.rule == "bound":
+        problem("quality.rule", f"\"bound\" is the confidence bound of the mean; with statistic "
+                f"\"{quality.statistic}\" the prompts' own figures meet the limit (rule = \"mean\")")
     if quality.rule not in RULES:
         problem("quality.rule", f"unknown rule {quality.rule!r} (allowed: {', '.join(RULES)})")
     if objective.mode not in MODES:

@@ -13,6 +13,7 @@ from optsearch.accelerators import ANY_COMBOS, ORDER, params_of
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim")
 RULES = ("mean", "bound")
+STATISTICS = ("mean", "worst", "p10")  # over prompts: which figure the limit applies to
 MODES = ("max-speedup", "target-speedup", "pareto")
 SAMPLERS = ("tpe", "gp", "random", "grid")
 PROMPT_SOURCES = ("coco2017", "parti", "builtin")
@@ -63,6 +64,7 @@ class QualitySpec:
     limit: float = 0.3
     confidence: float = 0.95
     rule: str = "mean"  # feasible when the mean meets the limit, or ("bound") its unsafe-side bound
+    statistic: str = "mean"  # the mean over prompts; "worst": every prompt; "p10": nine in ten
 
 
 @dataclass
