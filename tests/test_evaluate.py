@@ -358,3 +358,25 @@ def test_warm_up_only_until_the_process_has_run_the_combo_at_the_batch_size(tiny
     assert cold.warmup_seconds > 0 and cold.image_digests == again.image_digests
     evaluator = evaluator.derive(config=GenerationConfig(steps=6, batch_size=2))  # a new shape: cold
     assert evaluator.compare({"deepcache": {"cache_interval": 2}}, baseline).warmup_seconds > 0
+
+
+def test_a_near_tie_is_not_stopped_as_dominated_but_a_clearly_slower_trial_is():
+    """`stop_margin`: a trial 3 % slower than the best runs on at a 5 % margin, however tight its
+    timing; 20 % slower stops. Both timed against the best's baseline timing (its own seconds)."""
+    best_seconds = [1.0, 1.01, 0.99, 1.0]
+
+    def partial(seconds: float) -> Comparison:
+        return Comparison(setting={}, num_samples=8, batch_size=2, n_batches=4, confidence=0.95,
+                          baseline_seconds_per_image=2.0, baseline_batch_seconds=[2.0] * 4,
+                          batches_evaluated=2, batch_seconds=[seconds, seconds * 1.001],
+                          inference_seconds=2 * (seconds + seconds * 1.001),
+                          psnr=[40.0] * 4, clip_scores=[1.0] * 4, baseline_clip_scores=[1.0] * 4)
+
+    def rule(margin: float) -> EarlyStop:
+        return EarlyStop("psnr", 1, speedup_after=2, quality_limit=30.0, stop_margin=margin,
+                         speedup_to_beat=SpeedupInterval(2.0, 1.98, 2.02),
+                         best_batch_seconds=best_seconds)
+
+    assert rule(0.0)(partial(1.03)) == "dominated"  # without a margin a near-tie is stopped
+    assert rule(0.05)(partial(1.03)) is None
+    assert rule(0.05)(partial(1.2)) == "dominated"

@@ -8,8 +8,11 @@ answered with confidence:
 - "quality":   its quality interval lies entirely past the limit (max-speedup and pareto);
 - "speedup":   its speedup interval lies entirely below the target (target-speedup);
 - "dominated": its speedup lies below the best feasible speedup measured so far on the same device
-               fingerprint (max-speedup), or a feasible front member beats both its intervals
-               (pareto). Never for a steps-only trial: that is the fewer-steps reference line.
+               fingerprint by more than `[search] stop_margin` (5 % by default: a near-tie runs
+               on, since the best is the maximum of many noisy trials and a pruned trial is never
+               confirmed), the best being feasible under the "bound" rule whatever the spec's
+               (max-speedup), or a feasible front member beats both its intervals (pareto).
+               Never for a steps-only trial: that is the fewer-steps reference line.
 - "inert":     its first batch computed everything (`compute_fraction` 1.0: a cache whose
                threshold never triggered): the baseline with hook overhead, stopped at once.
 
@@ -50,6 +53,7 @@ from optsearch.measure.metrics import (
     at_least_as_good,
     best_case,
     past_limit,
+    quality_margin,
     unsafe_side,
 )
 from optsearch.measure.speedup import SpeedupInterval, first_batch_interval, speedup_interval
@@ -85,6 +89,7 @@ class EarlyStop:
     target_speedup: float | None = None  # target-speedup
     speedup_to_beat: SpeedupInterval | None = None  # max-speedup: the best feasible so far
     best_batch_seconds: Sequence[float] | None = None  # the best's, when timed on this baseline
+    stop_margin: float = 0.0  # "dominated" only when slower than the best by more than this share
     front: list[FrontPoint] = field(default_factory=list)  # pareto: the feasible front
     prompt_effects: PromptEffects | None = None  # from earlier trials measured on every prompt
     boundary: str = "pocock"  # per-look alpha; "bonferroni" (alpha / looks) for the benchmarks
@@ -163,16 +168,17 @@ class EarlyStop:
             if len(trial_seconds) == 1:
                 over_best = first_batch_interval(best_seconds, trial_seconds[0],
                                                  self._first_batch_excess(partial), 1 - 2 * alpha)
-                return over_best.high < 1
+                return over_best.high < 1 / (1 + self.stop_margin)
             centre = math.exp(np.log(best_seconds).mean() - np.log(trial_seconds).mean())
             over_best = speedup_interval(best_seconds, trial_seconds, 1 - 2 * alpha, centre, pooled=True)
-            return over_best.high < 1
+            return over_best.high < 1 / (1 + self.stop_margin)
         confidence = partial.confidence
         normal = NormalDist()
         trial_half = math.log(trial.high / trial.speedup)
         best_half = (math.log(best.speedup / best.low) * normal.inv_cdf(1 - alpha)
                      / normal.inv_cdf(0.5 + confidence / 2))
-        return math.log(trial.speedup) + math.hypot(trial_half, best_half) < math.log(best.speedup)
+        return (math.log(trial.speedup) + math.hypot(trial_half, best_half)
+                < math.log(best.speedup) - math.log(1 + self.stop_margin))
 
     def _better(self, safe: float, trial: Interval) -> bool:
         """Is a front member's safe-side quality better than the trial's best case?"""
@@ -189,7 +195,8 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
     if not spec.search.early_stop:
         return None
     here = [t for t in trials if t.user_attrs.get("fingerprint") == fingerprint]
-    rule = EarlyStop(spec.quality.metric, spec.search.min_batches)
+    rule = EarlyStop(spec.quality.metric, spec.search.min_batches,
+                     stop_margin=spec.search.stop_margin)
     rule.first_batches = FirstBatches.of(
         (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
         for t in here if "reused_from" not in t.user_attrs and t.user_attrs.get("batch_seconds"))
@@ -207,8 +214,13 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
              and is_feasible(t) and t.user_attrs.get("speedup_low") is not None]
     if combo == STEPS_ONLY:
         return rule  # the reference line is measured to the end unless its quality fails
-    if mode == "max-speedup" and found:
-        best = max(found, key=lambda t: t.user_attrs["speedup"]).user_attrs
+    # the best to beat must be feasible under the "bound" rule, whatever the spec's: a best that
+    # only its lucky mean makes feasible would stop the trials that are
+    metric, limit = spec.quality.metric, spec.quality.limit
+    safe = [t for t in found if quality_margin(quality_of(t.user_attrs, metric) or Interval(
+        math.nan, math.nan, math.nan), metric, limit, "bound") <= 0]
+    if mode == "max-speedup" and safe:
+        best = max(safe, key=lambda t: t.user_attrs["speedup"]).user_attrs
         rule.speedup_to_beat = speedup_of(best)
         if baseline_id is not None and best.get("baseline_id") == baseline_id:
             rule.best_batch_seconds = best.get("batch_seconds")

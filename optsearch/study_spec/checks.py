@@ -102,6 +102,8 @@ def validate(spec: StudySpec, problem) -> None:
         problem("search.n_trials", "must be >= 1")
     if search.min_batches < 1:
         problem("search.min_batches", "must be >= 1")
+    if not 0 <= search.stop_margin < 1:
+        problem("search.stop_margin", f"{search.stop_margin} must be in [0, 1) (a share: 0.05 = 5 %)")
     if search.n_startup_trials < 0:
         problem("search.n_startup_trials", "must be >= 0")
     if search.retime_baseline_every < 0:

@@ -80,6 +80,7 @@ class SearchSpec:
     n_trials: int = 60
     early_stop: bool = True
     min_batches: int = 1  # batches evaluated before early stop may decide (speedup looks: >= 2)
+    stop_margin: float = 0.05  # "dominated" only when slower than the best by more than this share
     seed: int | None = None  # sampler seed
     n_startup_trials: int = 20  # tuned on the recorded landscape (benchmarks/RESULTS.md)
     retime_baseline_every: int = 0  # re-time the worker's baseline every N trials; 0: once per worker
