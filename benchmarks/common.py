@@ -44,3 +44,27 @@ def table(headers, rows) -> str:
     from optsearch.formatting import table as render
 
     return render(headers, rows)
+
+
+def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
+                        repeats: int = 1) -> list[tuple[str, float, str]]:
+    """The GPU scripts' loop: each (name, setting) applied, warmed up for `warmup` steps, timed
+    with `call(target)` (seconds; the least of `repeats` calls); MagCache's ratios and DBCache's
+    calibrated range measured first (a DBCache setting given as {} runs at the calibrated range's
+    top: "skips nearly everything").
+    Returns (name, seconds, computed share)."""
+    from optsearch.accelerators import AppliedSetting, dbcache, magcache
+
+    ratios = magcache.calibrate(pipe, steps, lambda: call(pipe))
+    top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
+    rows = []
+    for name, setting in settings:
+        if setting.get("dbcache") == {}:
+            setting = {"dbcache": {"residual_diff_threshold": top}}
+        with AppliedSetting(pipe, setting, {"magcache": {"mag_ratios": ratios}}) as applied:
+            call(applied, warmup)
+            seconds = min(call(applied) for _ in range(repeats))
+            computed = applied.computed_fraction()
+        rows.append((name, seconds, "-" if computed is None else f"{100 * computed:.0f}%"))
+        print(f"{name}: {seconds:.3f} s", flush=True)
+    return rows

@@ -20,8 +20,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, table
-from optsearch.accelerators import AppliedSetting, dbcache, magcache
+from benchmarks.common import machine, table, time_cache_settings
 
 DEPTH_DOUBLE, DEPTH_SINGLE = 4, 8
 SETTINGS = [
@@ -80,20 +79,8 @@ def main() -> None:
         return time.perf_counter() - start
 
     call(pipe, 3)
-    ratios = magcache.calibrate(pipe, 28, lambda: call(pipe))
-    top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
-    rows, baseline = [], None
-    for name, setting in SETTINGS:
-        if setting.get("dbcache") == {}:
-            setting = {"dbcache": {"residual_diff_threshold": top}}
-        with AppliedSetting(pipe, setting, {"magcache": {"mag_ratios": ratios}}) as applied:
-            call(applied, 4)
-            seconds = min(call(applied), call(applied))
-            computed = applied.computed_fraction()
-        baseline = baseline or seconds
-        rows.append([name, seconds, baseline / seconds,
-                     "-" if computed is None else f"{100 * computed:.0f}%"])
-        print(f"{name}: {seconds:.3f} s/image", flush=True)
+    timed = time_cache_settings(pipe, call, SETTINGS, 28, warmup=4, repeats=2)
+    rows = [[name, seconds, timed[0][1] / seconds, computed] for name, seconds, computed in timed]
     scale = (19 + 38 * 0.5) / (DEPTH_DOUBLE + DEPTH_SINGLE * 0.5)
     print(f"\n# GPU, FLUX width, {DEPTH_DOUBLE}+{DEPTH_SINGLE} blocks (full: 19+38, ~{scale:.1f}x "
           f"the cost), 1024 px, 28 steps, bf16, batch 1, transformer only ({machine()})")

@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, table
-from optsearch.accelerators import AppliedSetting, dbcache, magcache
+from benchmarks.common import machine, table, time_cache_settings
 
 DEPTH, STEPS, FRAMES, HEIGHT, WIDTH = 4, 50, 81, 480, 832
 SETTINGS = [
@@ -70,20 +69,10 @@ def main() -> None:
         return time.perf_counter() - start
 
     call(pipe, 2)
-    ratios = magcache.calibrate(pipe, STEPS, lambda: call(pipe))
-    top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
-    rows, baseline = [], None
-    for name, setting in SETTINGS:
-        if setting.get("dbcache") == {}:
-            setting = {"dbcache": {"residual_diff_threshold": top}}
-        with AppliedSetting(pipe, setting, {"magcache": {"mag_ratios": ratios}}) as applied:
-            call(applied, 3)
-            seconds = call(applied)
-            computed = applied.computed_fraction()
-        baseline = baseline or seconds
-        rows.append([name, seconds, seconds / FRAMES, baseline / seconds,
-                     "-" if computed is None else f"{100 * computed:.0f}%"])
-        print(f"{name}: {seconds:.2f} s/video", flush=True)
+    timed = time_cache_settings(pipe, call, SETTINGS, STEPS)
+    baseline = timed[0][1]
+    rows = [[name, seconds, seconds / FRAMES, baseline / seconds, computed]
+            for name, seconds, computed in timed]
     print(f"\n# GPU, Wan 2.1 1.3B width, {DEPTH} of 30 blocks (~{30 / DEPTH:.0f}x the cost in "
           f"full), {FRAMES} frames of {WIDTH}x{HEIGHT}, {STEPS} steps, CFG 5.0, bf16, batch 1, "
           f"transformer only ({machine()})")
