@@ -136,8 +136,9 @@ def test_step_counted_parameters_are_clipped_to_the_settings_steps():
 
 def test_families_per_kind_and_kind_from_the_model():
     assert applicable("unet") == ["steps", "deepcache", "tome", "tgate", "pab"]
-    assert applicable("transformer") == ["steps", "pab", "fbcache", "taylorseer", "magcache",
-                                         "dbcache"]
+    assert applicable("transformer") == ["steps", "pab", "fastercache", "fbcache", "taylorseer",
+                                         "magcache", "dbcache"]
+    assert applicable("video") == applicable("transformer")
     assert model_kind("builtin:tiny-flux") == "transformer"
     assert model_kind("black-forest-labs/FLUX.1-dev") == "transformer"
     assert model_kind("stable-diffusion-v1-5/stable-diffusion-v1-5") == "unet"
@@ -157,8 +158,8 @@ def _flux_dict(accelerators, **model) -> dict:
 
 @pytest.mark.parametrize("data, message", [
     (_flux_dict(["deepcache"]), "deepcache does not apply to this model (transformer pipeline; "
-                                "families that do: steps, pab, fbcache, taylorseer, magcache, "
-                                "dbcache)"),
+                                "families that do: steps, pab, fastercache, fbcache, taylorseer, "
+                                "magcache, dbcache)"),
     ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["dbcache"]}},
      "dbcache does not apply to this model (unet pipeline; families that do: steps, deepcache"),
     ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["fbcache"]}},
