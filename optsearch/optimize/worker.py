@@ -238,8 +238,7 @@ class Worker:
                     f"trial {trial.number} {result.combo}: speedup {result.speedup_interval}, "
                     f"{metric} {format_interval(quality)}",
                     self.evaluator.prompts, self.spec.artifacts.grid_prompts,
-                    self.baselines.baseline.images, result.images,
-                    fps=self.spec.model.fps)
+                    self.baselines.baseline.images, result.images, fps=self.spec.model.fps)
         write_trial_note(self.study, trial._trial_id, trial_note(
             trial.number, {**attrs, "combo": result.combo, "constraints": constraints}, self.spec))
         values = objectives.objective_values(self.spec, summary)
