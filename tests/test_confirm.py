@@ -11,6 +11,7 @@ import time
 
 import optuna
 import pytest
+from optuna.trial import create_trial
 from optuna_dashboard import get_note
 
 from optsearch.measure.evaluate import evaluator_from_spec
@@ -19,6 +20,8 @@ from optsearch.measure.prompts import confirm_prompts, load_prompts
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
 from optsearch.optimize.confirm import confirm_seed
+from optsearch.optimize.create import create_study
+from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
 from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
 
@@ -48,9 +51,13 @@ def test_confirm_without_enough_unseen_prompts_is_one_line_exit_2(tmp_path):
     refused = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
     assert refused.returncode == 2 and "confirmation needs 500 unseen prompts" in refused.stderr
     assert optuna.get_all_study_summaries(url) == []  # nothing searched, nothing created
-    spec = write_spec(tmp_path / "tiny.toml", text)
-    assert optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path).returncode == 0
-    study = optuna.load_study(study_name="tiny", storage=url)
+    # a study with one feasible trial, made in this process (the search is tested elsewhere)
+    study = create_study(load_spec(write_spec(tmp_path / "tiny.toml", text)),
+                         open_storage(url, heartbeat_interval=None))
+    study.add_trial(create_trial(value=2.0, user_attrs={
+        "combo": "deepcache", "setting": {"deepcache": {"cache_interval": 3}}, "speedup": 2.0,
+        "speedup_low": 1.9, "speedup_high": 2.1, "psnr": 40.0, "psnr_low": 39.0,
+        "psnr_high": 41.0, "constraints": {"quality": -1.0}}))
     stored = study.user_attrs["optsearch:spec"]
     study.set_user_attr("optsearch:spec", {**stored, "confirm": {"num_samples": 500}})
     result = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
@@ -61,7 +68,8 @@ def test_confirm_without_enough_unseen_prompts_is_one_line_exit_2(tmp_path):
 def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC.replace("limit = 30.0", "limit = 5.0")
-                      .replace("n_trials = 4", "n_trials = 4\nearly_stop = false"))
+                      .replace("n_trials = 4", "n_trials = 4\nearly_stop = false")
+                      .replace("steps = 16", "steps = 8"))  # A B B A rounds: 4 passes a round
     ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     confirm = subprocess.Popen([OPTSEARCH, "study", "confirm", "tiny", "--storage", url, "--top", "3",
