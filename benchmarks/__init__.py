@@ -39,6 +39,9 @@ BENCHMARKS = {
                          "frames on a GPU (needs CUDA)", "GPU timing"),
     "speedup-spread": Benchmark("speedup_spread", "How steady is a reported speedup, and does its "
                                 "interval cover a repeat?", "Speedup spread and interval coverage"),
+    "confirm-coverage": Benchmark("confirm_coverage", "Does a confirmation's speedup interval cover "
+                                  "a repeat (A B B A rounds vs pooled batches)?",
+                                  "Speedup spread and interval coverage"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "
                         "as a full one?", "Warm-up"),
     "landscape-batches": Benchmark("landscape_batches", "(records) The cpu-bench grid batch by batch, "
