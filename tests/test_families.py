@@ -361,3 +361,35 @@ def test_first_block_cache_calibrates_the_change_it_compares(flux_pipe):
 
     assert computed(low * 0.5) == 1.0
     assert computed(high * 1.5) < 0.5
+
+
+class StudioPipeline:
+    """A user's own wrapper around FLUX: no diffusers class, no name cache-dit knows; only its
+    transformer's class is one cache-dit knows."""
+
+    def __init__(self, inner):
+        self.inner, self.transformer = inner, inner.transformer
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_dbcache_applies_through_the_transformer_when_cache_dit_knows_only_that():
+    studio = StudioPipeline(load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32"))
+    assert dbcache.problem_with(studio) is None
+
+    def images(call):
+        return generate_images(call, ["a red cube", "a small boat"], steps=12)
+
+    plain = images(studio)
+    with AppliedSetting(studio, {"dbcache": {"residual_diff_threshold": 0.7,
+                                             "max_warmup_steps": 2}}) as cached:
+        skipped = images(cached)
+        fraction = cached.computed_fraction()
+    assert not np.array_equal(plain, skipped)  # it cached
+    assert fraction is not None and 0.2 < fraction < 1.0  # from the adapter's own statistics
+    assert np.array_equal(images(studio), plain)  # and restored bit for bit

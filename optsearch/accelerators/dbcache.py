@@ -103,7 +103,11 @@ class DBCachePatch:
         step computes Fn + Bn of each cached block list. None when cache-dit says nothing."""
         computed = total = 0.0
         seen = set()
-        for stat in _cache_dit().summary(self.pipe, logging=False):
+        cache_dit = _cache_dit()
+        # a pipeline cache-dit knows only by its transformer keeps the statistics on the adapter
+        stats = [s for s in cache_dit.summary(self.pipe, logging=False) if s.cache_options] \
+            or cache_dit.summary(self.adapter, logging=False)
+        for stat in stats:
             name = str((stat.cache_options or {}).get("name", ""))
             blocks = self.block_counts.get(name.rsplit("_", 1)[0])  # "<blocks name>_<id>"
             if name in seen or blocks is None:
