@@ -28,7 +28,14 @@ from optsearch.accelerators import (
 from optsearch.errors import ModelLoadError
 from optsearch.measure.comparison import Baseline, Comparison, image_digest
 from optsearch.measure.frames import clip_score_videos, frame_fidelity
-from optsearch.measure.generation import Batch, GenerationConfig, generate, n_batches, prompt_seed
+from optsearch.measure.generation import (
+    Batch,
+    GenerationConfig,
+    generate,
+    guidance_for,
+    n_batches,
+    prompt_seed,
+)
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import prompts_of
 from optsearch.measure.quality import ClipScorer, psnr, ssim_batch
@@ -134,7 +141,7 @@ class Evaluator:
         """One plain call on the first prompt at full steps: what calibrations watch."""
         config = self.config
         self.pipe(self.prompts[:1], num_inference_steps=config.steps, height=config.height,
-                  width=config.width, guidance_scale=config.guidance_scale,
+                  width=config.width, guidance_scale=guidance_for(self.pipe, config.guidance_scale),
                   generator=torch.Generator("cpu").manual_seed(prompt_seed(config.seed, 0)),
                   output_type="latent", **config.extra_kwargs(1))
 

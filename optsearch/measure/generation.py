@@ -83,6 +83,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def guidance_for(pipe, guidance_scale: float) -> float | None:
+    """The guidance_scale to pass: None where the pipeline's own default is None and its
+    transformer is not guidance-distilled (Qwen-Image: its guidance is true_cfg_scale, and any
+    guidance_scale draws a warning on every call), else the spec's."""
+    import inspect
+
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    transformer = getattr(pipe, "transformer", None)
+    distilled = getattr(getattr(transformer, "config", None), "guidance_embeds", True)
+    if parameter is not None and parameter.default is None and distilled is False:
+        return None
+    return guidance_scale
+
+
 def warmup_steps(config: GenerationConfig, setting: AppliedSetting | None) -> int:
     """The short warm-up: the first batch's shape for just enough steps to pass through every code
     path (the scheduler's first multistep updates, each accelerator's cached and uncached steps)."""
@@ -105,6 +119,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
     """
     call = setting if setting is not None else pipe
     device = pipe.device
+    guidance_scale = guidance_for(pipe, config.guidance_scale)
 
     def run(indices: range, steps: int = config.steps,
             index: int | None = None) -> tuple[np.ndarray, float]:
@@ -121,7 +136,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
             num_inference_steps=steps,
             height=config.height,
             width=config.width,
-            guidance_scale=config.guidance_scale,
+            guidance_scale=guidance_scale,
             generator=generators,
             output_type="np",
             **config.extra_kwargs(len(indices)),
