@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from optsearch.accelerators.base import Param
-from optsearch.accelerators.hooks import HookPatch, denoiser
+from optsearch.accelerators.hooks import HookPatch, cache_patch
 
 NAME = "fastercache"
 APPLIES_TO = ("transformer", "video")
@@ -41,10 +41,6 @@ def apply(pipe, spatial_attention_block_skip_range: int = 2, timestep_skip_high:
           unconditional_batch_skip_range: int = 5) -> HookPatch:
     from diffusers import FasterCacheConfig
 
-    module = denoiser(pipe)
-    if not hasattr(module, "enable_cache"):
-        raise ValueError(f"fastercache needs a denoiser with diffusers' enable_cache "
-                         f"({type(module).__name__} has none)")
     frames_first = type(pipe).__name__.startswith(FRAMES_FIRST)
     config = FasterCacheConfig(
         spatial_attention_block_skip_range=int(spatial_attention_block_skip_range),
@@ -57,7 +53,7 @@ def apply(pipe, spatial_attention_block_skip_range: int = 2, timestep_skip_high:
     )
     # diffusers warns "purely experimental" at every enable: once per trial is noise, said in the docs
     logging.getLogger("diffusers.hooks.faster_cache").setLevel(logging.ERROR)
-    return HookPatch(pipe, lambda m: m.enable_cache(config), lambda m: m.disable_cache())
+    return cache_patch(pipe, config, NAME)
 
 
 def problem_with(pipe) -> str | None:

@@ -127,6 +127,12 @@ class Comparison:
         """The mean and confidence interval of a metric over the prompts measured so far."""
         return Interval.of(self.per_prompt(metric), confidence or self.confidence)
 
+    def prompt_statistics(self) -> dict[str, float]:
+        """Each metric's worst prompt and 10th percentile on the bad side: `<metric>_worst`,
+        `<metric>_p10` (what `[quality] statistic` may hold to the limit)."""
+        return {f"{metric}_{statistic}": prompt_statistic(self.per_prompt(metric), metric, statistic)
+                for metric in METRICS for statistic in ("worst", "p10")}
+
     def video_intervals(self) -> dict[str, Interval]:
         """The video figures (worst frame, temporal change) with their intervals; {} for images."""
         return {name: self.interval(name) for name in VIDEO_FIGURES if getattr(self, name)}
@@ -146,8 +152,7 @@ class Comparison:
             "clip_mean": self.clip_mean,
             "baseline_clip_mean": float(np.mean(self.baseline_clip_scores)),
             **{metric: self.interval(metric) for metric in METRICS},
-            **{f"{metric}_{statistic}": prompt_statistic(self.per_prompt(metric), metric, statistic)
-               for metric in METRICS for statistic in ("worst", "p10")},
+            **self.prompt_statistics(),
             **video,
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
             "compute_fraction": self.compute_fraction,

@@ -26,7 +26,7 @@ from optsearch.accelerators import (
     pipeline_problem,
 )
 from optsearch.errors import ModelLoadError
-from optsearch.measure.comparison import Baseline, Comparison, image_digest
+from optsearch.measure.comparison import VIDEO_FIGURES, Baseline, Comparison, image_digest
 from optsearch.measure.frames import clip_score_videos, frame_fidelity
 from optsearch.measure.generation import (
     Batch,
@@ -215,7 +215,7 @@ class Evaluator:
         if batch.images.ndim == 5:  # videos: frame by frame (frames.py)
             result.frames = batch.images.shape[1]
             videos = frame_fidelity(baseline.images[span], batch.images, self.scorer.device)
-            for figure in ("psnr_worst_frame", "ssim_worst_frame", "temporal_change"):
+            for figure in VIDEO_FIGURES:
                 getattr(result, figure).extend(getattr(video, figure) for video in videos)
             peak, structural = [v.psnr for v in videos], [v.ssim for v in videos]
         else:

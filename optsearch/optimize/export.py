@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import platform
 from importlib.metadata import version
 
@@ -20,7 +19,7 @@ from optsearch.optimize.objectives import (
 from optsearch.optimize.reference import missing_text, steps_frontier, verdict
 from optsearch.optimize.study import baselines, calibration, confirmations, spec_attr
 from optsearch.optimize.winner import latest_by_trial, winner
-from optsearch.storage.record import trial_metrics
+from optsearch.storage.record import trial_metrics, utc_now
 from optsearch.version import __version__
 
 FORMAT = "optsearch.search_params/1"
@@ -107,7 +106,7 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
             "optsearch": __version__, "optuna": optuna.__version__, "torch": version("torch"),
             "diffusers": version("diffusers"), "device": best.user_attrs.get("device"),
             "host": best.user_attrs.get("host"), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "date": utc_now(),
         },
     }
     if exported["baseline"] is not None:

@@ -57,26 +57,30 @@ def chosen_fingerprint(study: optuna.Study, fingerprint: str | None, strict: boo
     """The device whose figures decide: `fingerprint` when given (it must be known), else the one
     confirmations were made on; several of those is an error when `strict` (export), else the
     latest confirmation's."""
-    records = sorted(confirmations(study).values(), key=lambda r: r["date"])
-    choices = device_choices(study)
     if fingerprint is not None:
+        choices = device_choices(study)
         if fingerprint not in choices:
             raise UsageError(f"--fingerprint {fingerprint}: no trial or confirmation of study "
                              f"{study.study_name!r} was measured there ({_listed(choices)})")
         return fingerprint
-    confirmed_on = {r["fingerprint"] for r in records}
-    if len(confirmed_on) > 1 and strict:
-        raise UsageError(f"study {study.study_name!r} was confirmed on {len(confirmed_on)} devices "
-                         f"({_listed({f: choices[f] for f in sorted(confirmed_on)})}): choose one "
-                         "with --fingerprint ID")
+    records = sorted(confirmations(study).values(), key=lambda r: r["date"])
     if records:
+        _refuse_several(study, {r["fingerprint"] for r in records}, "confirmed", strict)
         return records[-1]["fingerprint"]
-    searched_on = {t.user_attrs.get("fingerprint") for t in study.get_trials(deepcopy=False)} - {None}
-    if len(searched_on) > 1 and strict:
-        raise UsageError(f"study {study.study_name!r} was measured on {len(searched_on)} devices "
-                         f"({_listed({f: choices[f] for f in sorted(searched_on)})}): choose one "
-                         "with --fingerprint ID")
+    if strict:  # the workers' per-trial winner marks need no scan of every trial here
+        searched_on = {t.user_attrs.get("fingerprint")
+                       for t in study.get_trials(deepcopy=False)} - {None}
+        _refuse_several(study, searched_on, "measured", strict)
     return None
+
+
+def _refuse_several(study: optuna.Study, fingerprints: set[str], verb: str, strict: bool) -> None:
+    """A UsageError listing the devices when `strict` and there are several to choose from."""
+    if len(fingerprints) > 1 and strict:
+        choices = device_choices(study)
+        raise UsageError(f"study {study.study_name!r} was {verb} on {len(fingerprints)} devices "
+                         f"({_listed({f: choices[f] for f in sorted(fingerprints)})}): choose one "
+                         "with --fingerprint ID")
 
 
 def _listed(choices: dict[str, str]) -> str:

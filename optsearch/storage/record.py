@@ -21,7 +21,7 @@ import math
 from optuna.trial import FrozenTrial
 
 from optsearch.measure.comparison import VIDEO_FIGURES, Comparison
-from optsearch.measure.metrics import METRICS, Interval, prompt_statistic
+from optsearch.measure.metrics import METRICS, Interval
 from optsearch.measure.speedup import SpeedupInterval
 
 # The older constraint form optuna-dashboard reads (Optuna 5 stores "constraints:<name>").
@@ -66,8 +66,7 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
     }
     for name in METRICS:
         attrs.update(interval_attrs(name, result.interval(name)))
-        for statistic in ("worst", "p10"):  # the worst prompt's figure, and nine in ten's
-            attrs[f"{name}_{statistic}"] = prompt_statistic(result.per_prompt(name), name, statistic)
+    attrs.update(result.prompt_statistics())  # the worst prompt's figure, and nine in ten's
     if result.frames > 1:  # a video: per frame too, and its frame figures
         attrs.update({"frames": result.frames, "seconds_per_frame": result.seconds_per_frame})
         for name, interval in result.video_intervals().items():
