@@ -120,3 +120,26 @@ def test_sdxl_all_three_change_repeat_and_restore(tiny_xl_pipe):
     assert np.abs(first - base).max() > 1e-3
     assert np.array_equal(first, second)
     assert np.array_equal(generate_images(tiny_xl_pipe, PROMPTS[:2]), base)
+
+
+def test_unet_caches_report_the_share_of_the_unet_they_ran(tiny_pipe):
+    """DeepCache counts only the layers that computed (weighed by their work), T-GATE the UNet
+    rows after it drops guidance's unconditional half; one full pass every step reads 1.0."""
+    def fraction(setting):
+        with AppliedSetting(tiny_pipe, setting) as applied:
+            generate_images(applied, PROMPTS[:2], reseed=applied.reseed)
+            return applied.computed_fraction()
+
+    every_step = fraction({"deepcache": {"cache_interval": 1, "cache_branch_id": 0}})
+    shallow = fraction({"deepcache": {"cache_interval": 5, "cache_branch_id": 0}})
+    deeper = fraction({"deepcache": {"cache_interval": 5, "cache_branch_id": 3}})
+    assert every_step == pytest.approx(1.0)
+    assert 0.2 < shallow < deeper < 1.0, (shallow, deeper)  # 2 full passes of 10, then the rest
+    assert fraction({"tgate": {"gate_step": 4}}) == pytest.approx((4 * 2 + 6) / 20)
+    # T-GATE restarts DeepCache at steps 3 and 4: full passes at 0, 3, 4, 9 (2, 2, 1, 1 rows);
+    # cached passes at 1, 2 (2 rows), 5-8 (1 row) compute the shallow share s of the work.
+    shallow_share = (10 * shallow - 2) / 8
+    both = fraction({"deepcache": {"cache_interval": 5, "cache_branch_id": 0},
+                     "tgate": {"gate_step": 4}})
+    assert both == pytest.approx((6 + 8 * shallow_share) / 20, rel=1e-6)
+    assert fraction({"tome": {"ratio": 0.5, "max_downsample": 1}}) is None  # ToMe claims nothing

@@ -19,7 +19,10 @@ PARAMS = (
 
 
 class DeepCachePatch:
-    """DeepCache enabled on a pipeline; `restore()` disables it."""
+    """DeepCache enabled on a pipeline; `restore()` disables it. `computed_fraction()` says how
+    much of the UNet's blocks the last call really ran: every block DeepCache may skip is weighed
+    by its multiply-adds (parameters x output positions, read on the full first step) and counted
+    only when it computed, not when it returned its cached output."""
 
     def __init__(self, pipe, cache_interval: int, cache_branch_id: int):
         from DeepCache import DeepCacheSDHelper
@@ -35,12 +38,54 @@ class DeepCachePatch:
         self.helper = DeepCacheSDHelper(pipe=pipe)
         self.helper.set_params(cache_interval=cache_interval, cache_branch_id=cache_branch_id)
         self.helper.enable()
+        self.work: dict[tuple, float] = {}  # block -> multiply-adds of one computed call
+        self.rows_run = self.rows = 0  # UNet batch rows run in the last call, and in this step
+        self.computed = 0.0
+        self._originals = dict(self.helper.function_dict)
+        for key, forward in self._originals.items():
+            if key == "unet_forward":
+                self.helper.function_dict[key] = self._count_unet(forward)
+            elif key[1] != "block":  # a whole down/up block's work is its layers'
+                self.helper.function_dict[key] = self._count_layer(key, forward)
+
+    def _count_unet(self, forward):
+        def counted(*args, **kwargs):
+            self.rows = int(args[0].shape[0])
+            self.rows_run += self.rows
+            return forward(*args, **kwargs)
+        return counted
+
+    def _count_layer(self, key: tuple, forward):
+        def counted(*args, **kwargs):
+            result = forward(*args, **kwargs)
+            if key not in self.work:
+                self.work[key] = _multiply_adds(forward.__self__, result)
+            self.computed += self.work[key] * self.rows
+            return result
+        return counted
+
+    def prepare(self, call_kwargs: dict) -> None:
+        self.rows_run, self.computed = 0, 0.0
+
+    def computed_fraction(self) -> float | None:
+        full = self.rows_run * sum(self.work.values())
+        return min(1.0, self.computed / full) if full else None
 
     def restore(self) -> None:
+        self.helper.function_dict.update(self._originals)
         self.helper.disable()
         for module in self.unet.modules():
             if id(module) not in self.had_forward:
                 module.__dict__.pop("forward", None)
+
+
+def _multiply_adds(module, output) -> float:
+    """A layer's convolution and linear work, about: its parameters x its output positions."""
+    if isinstance(output, tuple):
+        output = output[0]
+    output = getattr(output, "sample", output)
+    positions = output[0, 0].numel() if output.ndim > 2 else output.shape[-2]
+    return float(sum(p.numel() for p in module.parameters()) * positions)
 
 
 def apply(pipe, cache_interval: int = 3, cache_branch_id: int = 0) -> DeepCachePatch:

@@ -21,7 +21,12 @@ _ADDED_TO_ATTENTION = ("forward", "cache")
 
 
 class TGatePatch:
-    """T-GATE loaded on a pipeline; `__call__` generates through `pipe.tgate`."""
+    """T-GATE loaded on a pipeline; `__call__` generates through `pipe.tgate`.
+
+    `computed_fraction()` counts the UNet rows the last call ran: after the gate T-GATE drops the
+    guidance's unconditional half. The cross-attention it reuses is not counted, so the figure is
+    an upper one, and without guidance (no half to drop) it reports nothing.
+    """
 
     def __init__(self, pipe, gate_step: int, deepcache_helper=None):
         from types import MethodType
@@ -40,6 +45,14 @@ class TGatePatch:
         else:
             from tgate.SD import tgate as tgate_call
         pipe.tgate = MethodType(tgate_call, pipe)
+        self.rows: list[int] = []  # the UNet's batch rows at each step of the last call
+        self._hook = pipe.unet.register_forward_pre_hook(
+            lambda _module, args: self.rows.append(int(args[0].shape[0])))
+
+    def computed_fraction(self) -> float | None:
+        if not self.rows or min(self.rows) == max(self.rows):
+            return None
+        return sum(self.rows) / (len(self.rows) * self.rows[0])
 
     def _clear_attention(self) -> None:
         for module in self.pipe.unet.modules():
@@ -50,9 +63,11 @@ class TGatePatch:
     def __call__(self, *args, **kwargs):
         # A cache left by the previous call (another batch size) must not leak into this one.
         self._clear_attention()
+        self.rows = []
         return self.pipe.tgate(*args, gate_step=self.gate_step, **kwargs)
 
     def restore(self) -> None:
+        self._hook.remove()
         self._clear_attention()
         for name in ("tgate", "deepcache"):
             self.pipe.__dict__.pop(name, None)
