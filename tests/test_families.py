@@ -8,6 +8,7 @@ import json
 import numpy as np
 import optuna
 import pytest
+import torch
 
 from optsearch.accelerators import (
     AppliedSetting,
@@ -18,6 +19,7 @@ from optsearch.accelerators import (
     magcache,
     pipeline_kind,
 )
+from optsearch.measure.generation import prompt_seed
 from optsearch.measure.models import load_pipeline, model_kind
 from optsearch.study_spec import SpecError, spec_from_dict
 
@@ -393,3 +395,22 @@ def test_dbcache_applies_through_the_transformer_when_cache_dit_knows_only_that(
     assert not np.array_equal(plain, skipped)  # it cached
     assert fraction is not None and 0.2 < fraction < 1.0  # from the adapter's own statistics
     assert np.array_equal(images(studio), plain)  # and restored bit for bit
+
+
+def test_qwen_image_generates_without_warnings_and_with_the_pipelines_own_images(caplog):
+    """Qwen-Image takes true_cfg_scale (default 4.0) and no guidance_scale: with neither a true
+    CFG nor a negative prompt in the spec, optsearch's calls draw no per-call warning and make
+    the images diffusers' defaults make (no guidance either way)."""
+    import logging
+
+    from optsearch.measure.generation import GenerationConfig, generate
+
+    pipe = load_pipeline("builtin:tiny-qwen-image", device="cpu", dtype="float32")
+    config = GenerationConfig(steps=4, batch_size=2, seed=0)
+    with caplog.at_level(logging.WARNING):
+        [batch] = list(generate(pipe, PROMPTS[:2], config, warmup=False))
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("true_cfg_scale" in m or "guidance_scale" in m for m in said), said
+    generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(2)]
+    plain = pipe(PROMPTS[:2], num_inference_steps=4, generator=generators, output_type="np").images
+    np.testing.assert_array_equal(batch.images, (plain * 255).round().clip(0, 255).astype(np.uint8))

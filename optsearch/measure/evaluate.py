@@ -143,7 +143,7 @@ class Evaluator:
         self.pipe(self.prompts[:1], num_inference_steps=config.steps, height=config.height,
                   width=config.width, guidance_scale=guidance_for(self.pipe, config.guidance_scale),
                   generator=torch.Generator("cpu").manual_seed(prompt_seed(config.seed, 0)),
-                  output_type="latent", **config.extra_kwargs(1))
+                  output_type="latent", **config.extra_kwargs(1, self.pipe))
 
     def _calibrate_magcache(self) -> list[float]:
         """MagCache's magnitude ratios from one plain call on the first prompt at full steps."""

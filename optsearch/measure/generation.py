@@ -41,10 +41,14 @@ class GenerationConfig:
                    prompts.batch_size, prompts.seed if seed is None else seed,
                    model.true_cfg_scale, model.negative_prompt, model.num_frames)
 
-    def extra_kwargs(self, count: int) -> dict:
+    def extra_kwargs(self, count: int, pipe) -> dict:
         """The optional call arguments the spec sets (Qwen-Image's true CFG and its negative, a
-        video's frame count)."""
+        video's frame count). With neither true CFG nor a negative prompt set, true_cfg_scale is
+        passed as 1.0: Qwen-Image's default 4.0 without a negative runs no guidance anyway and
+        warns on every call that it does not."""
         extra = {} if self.true_cfg_scale is None else {"true_cfg_scale": self.true_cfg_scale}
+        if self.true_cfg_scale is None and self.negative_prompt is None and _takes(pipe, "true_cfg_scale"):
+            extra["true_cfg_scale"] = 1.0
         if self.negative_prompt is not None:
             extra["negative_prompt"] = [self.negative_prompt] * count
         if self.num_frames is not None:
@@ -81,6 +85,12 @@ class Batch:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _takes(pipe, argument: str) -> bool:
+    import inspect
+
+    return argument in inspect.signature(type(pipe).__call__).parameters
 
 
 def guidance_for(pipe, guidance_scale: float) -> float | None:
@@ -139,7 +149,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
             guidance_scale=guidance_scale,
             generator=generators,
             output_type="np",
-            **config.extra_kwargs(len(indices)),
+            **config.extra_kwargs(len(indices), pipe),
         )
         _synchronize(device)
         seconds = time.perf_counter() - start
