@@ -60,6 +60,7 @@ def parse_sets(items: list[str]) -> dict:
 
 def cmd_evaluate(args) -> int:
     from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize import pass_noise
 
     spec = load_spec(args.spec)
     try:
@@ -80,7 +81,8 @@ def cmd_evaluate(args) -> int:
     evaluator = evaluator_from_spec(spec, device=args.device, progress=not args.quiet)
     baseline = evaluator.baseline()
     keep = len(evaluator.prompts) if args.save_images else 0
-    comparison = evaluator.compare(setting, baseline, keep_images=keep)
+    comparison = evaluator.compare(setting, baseline, keep_images=keep,
+                                   pass_noise=pass_noise.assumed(spec.search.pass_noise))
     if args.save_images:
         save_images(Path(args.save_images), baseline.images, comparison.images)
     if args.json:

@@ -11,7 +11,7 @@ import numpy as np
 
 from optsearch.accelerators import combo_name
 from optsearch.measure.metrics import METRICS, Interval, prompt_statistic
-from optsearch.measure.speedup import SpeedupInterval, speedup_interval
+from optsearch.measure.speedup import PassNoise, SpeedupInterval, speedup_interval
 
 if TYPE_CHECKING:  # a trial's record is read without torch (`study show`, `export`)
     import torch
@@ -72,6 +72,7 @@ class Comparison:
     psnr_worst_frame: list[float] = field(default_factory=list)
     ssim_worst_frame: list[float] = field(default_factory=list)
     temporal_change: list[float] = field(default_factory=list)
+    pass_noise: PassNoise | None = None  # the device's pass-level timing noise, in every interval
 
     @property
     def combo(self) -> str:
@@ -99,7 +100,7 @@ class Comparison:
 
     def speedup_interval_at(self, confidence: float, pooled: bool = False) -> SpeedupInterval:
         return speedup_interval(self.baseline_batch_seconds, self.batch_seconds, confidence,
-                                self.speedup, pooled)
+                                self.speedup, pooled, self.pass_noise)
 
     @property
     def compute_fraction(self) -> float | None:
@@ -147,6 +148,7 @@ class Comparison:
             "combo": self.combo,
             "setting": self.setting,
             **self.speedup_interval.to_dict(),
+            **(self.pass_noise.to_dict() if self.pass_noise is not None else {}),
             "seconds_per_image": self.seconds_per_image,
             "baseline_seconds_per_image": self.baseline_seconds_per_image,
             "clip_mean": self.clip_mean,

@@ -39,6 +39,7 @@ from optsearch.measure.generation import (
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import prompts_of
 from optsearch.measure.quality import ClipScorer, psnr, ssim_batch
+from optsearch.measure.speedup import PassNoise
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +174,16 @@ class Evaluator:
         total = sum(batch.seconds for batch in batches)
         return total / len(self.prompts), [batch.seconds_per_image for batch in batches]
 
+    def probe(self) -> float:
+        """Seconds per image of one batch of the plain pipeline (no warm-up, no scoring): how fast
+        the device runs now, between trials (optimize/pass_noise.py)."""
+        prompts = self.prompts[:self.config.batch_size]
+        [batch] = list(generate(self.pipe, prompts, self.config, warmup=False))
+        return batch.seconds_per_image
+
     def compare(self, setting: Mapping, baseline: Baseline,
                 stop_when: Callable[[Comparison], str | None] | None = None,
-                keep_images: int = 0) -> Comparison:
+                keep_images: int = 0, pass_noise: PassNoise | None = None) -> Comparison:
         """Measure `setting` batch by batch; `stop_when(partial)` may end it early (it returns the
         reason, or None to go on; see early_stop.py).
 
@@ -186,7 +194,7 @@ class Evaluator:
             setting={}, num_samples=len(self.prompts), batch_size=self.config.batch_size,
             n_batches=self.n_batches, confidence=self.confidence,
             baseline_seconds_per_image=baseline.seconds_per_image,
-            baseline_batch_seconds=list(baseline.batch_seconds),
+            baseline_batch_seconds=list(baseline.batch_seconds), pass_noise=pass_noise,
         )
         with self.apply(setting) as applied:
             result.setting = applied.setting

@@ -46,38 +46,64 @@ class SpeedupInterval:
         return f"{self.speedup:.2f}x [{self.low:.2f}, {self.high:.2f}]"
 
 
-def _log_mean_variance(samples: np.ndarray) -> tuple[float, float]:
-    """(variance of log(mean), its df contribution denominator) via the delta method."""
-    n = len(samples)
-    variance = float(samples.var(ddof=1)) / (n * float(samples.mean()) ** 2)
-    return variance, variance**2 / (n - 1)
+@dataclass(frozen=True)
+class PassNoise:
+    """The variance of one whole pass's log seconds beyond its batches' noise, and the degrees of
+    freedom it was estimated with (inf: assumed, not measured)."""
+
+    variance: float
+    df: float
+    probes: int = 0  # the one-batch baseline probes it was estimated from (0: the spec's prior)
+
+    @property
+    def percent(self) -> float:
+        """One pass's spread as a percentage of its speed, for people."""
+        return 100 * math.expm1(math.sqrt(self.variance))
+
+    def to_dict(self) -> dict:
+        return {"pass_noise": self.percent, "pass_noise_df": None if math.isinf(self.df) else self.df,
+                "pass_noise_probes": self.probes}
+
+
+def _with_passes(speedup: float, terms: list[tuple[float, float]], confidence: float,
+                 pass_noise: PassNoise | None) -> SpeedupInterval:
+    """The interval of log speedup from variance terms (variance, df), plus one pass effect for
+    each side; t at Welch-Satterthwaite df."""
+    if pass_noise is not None and pass_noise.variance > 0:
+        terms = [*terms, (2 * pass_noise.variance, pass_noise.df)]
+    variance = sum(v for v, _ in terms)
+    if variance == 0:
+        return SpeedupInterval(speedup, speedup, speedup)
+    denominator = sum(v * v / df for v, df in terms if not math.isinf(df))
+    df = variance**2 / denominator if denominator else math.inf
+    half = t_quantile(confidence, max(1.0, df)) * math.sqrt(variance)
+    return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
+
+
+def _log_mean_variance(samples: np.ndarray) -> float:
+    """The variance of log(mean) via the delta method."""
+    return float(samples.var(ddof=1)) / (len(samples) * float(samples.mean()) ** 2)
 
 
 def speedup_interval(baseline_seconds: Sequence[float], setting_seconds: Sequence[float],
                      confidence: float = 0.95, speedup: float | None = None,
-                     pooled: bool = False) -> SpeedupInterval:
+                     pooled: bool = False, pass_noise: PassNoise | None = None) -> SpeedupInterval:
     """The speedup of `setting_seconds` over `baseline_seconds` (per-batch seconds per image).
 
     `speedup` is the point estimate to centre on (the ratio of totals, which weighs a short last
     batch by its size); by default the ratio of the per-batch means. `pooled` assumes one timing
-    noise for both sides (see the module docstring).
+    noise for both sides (see the module docstring). `pass_noise` adds a pass effect per side.
     """
     base = np.asarray(baseline_seconds, dtype=np.float64)
     fast = np.asarray(setting_seconds, dtype=np.float64)
     if speedup is None:
         speedup = float(base.mean() / fast.mean())
     if pooled:
-        return _pooled_interval(base, fast, confidence, speedup)
+        return _pooled_interval(base, fast, confidence, speedup, pass_noise)
     if len(base) < 2 or len(fast) < 2:
         return SpeedupInterval(speedup, None, None)
-    var_b, den_b = _log_mean_variance(base)
-    var_s, den_s = _log_mean_variance(fast)
-    variance = var_b + var_s
-    if variance == 0:
-        return SpeedupInterval(speedup, speedup, speedup)
-    df = variance**2 / (den_b + den_s)
-    half = t_quantile(confidence, max(1.0, df)) * math.sqrt(variance)
-    return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
+    terms = [(_log_mean_variance(side), len(side) - 1) for side in (base, fast)]
+    return _with_passes(speedup, terms, confidence, pass_noise)
 
 
 def rounds_interval(ratios: Sequence[float], confidence: float = 0.95) -> SpeedupInterval:
@@ -98,19 +124,20 @@ def rounds_interval(ratios: Sequence[float], confidence: float = 0.95) -> Speedu
 
 
 def _pooled_interval(base: np.ndarray, fast: np.ndarray, confidence: float,
-                     speedup: float) -> SpeedupInterval:
+                     speedup: float, pass_noise: PassNoise | None) -> SpeedupInterval:
     """One variance of log batch seconds from both sides; needs 3 batches in all."""
     df = len(base) + len(fast) - 2
     if df < 1 or not len(base) or not len(fast):
         return SpeedupInterval(speedup, None, None)
     logs_b, logs_s = np.log(base), np.log(fast)
     squares = float(((logs_b - logs_b.mean()) ** 2).sum() + ((logs_s - logs_s.mean()) ** 2).sum())
-    half = t_quantile(confidence, df) * math.sqrt(squares / df * (1 / len(base) + 1 / len(fast)))
-    return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
+    variance = squares / df * (1 / len(base) + 1 / len(fast))
+    return _with_passes(speedup, [(variance, df)], confidence, pass_noise)
 
 
 def first_batch_interval(reference_seconds: Sequence[float], first_seconds: float,
-                         excess: Sequence[float], confidence: float) -> SpeedupInterval:
+                         excess: Sequence[float], confidence: float,
+                         pass_noise: PassNoise | None = None) -> SpeedupInterval:
     """The speedup over `reference_seconds` (per-batch seconds of the baseline, or of another
     trial) of a setting measured by one batch, from `excess`: earlier trials' first batch minus
     the mean of their later ones (log seconds, the same device). A first batch is corrected by
@@ -127,10 +154,7 @@ def first_batch_interval(reference_seconds: Sequence[float], first_seconds: floa
     if m < 2:
         return SpeedupInterval(speedup, None, None)
     var_first = float(((record - shift) ** 2).sum()) / (m - 1) * (1 + 1 / m)
-    var_reference = float(np.log(reference).var(ddof=1)) / n if n >= 2 else 0.0
-    variance = var_first + var_reference
-    if variance == 0:
-        return SpeedupInterval(speedup, speedup, speedup)
-    df = variance**2 / (var_first**2 / (m - 1) + (var_reference**2 / (n - 1) if n >= 2 else 0.0))
-    half = t_quantile(confidence, df) * math.sqrt(variance)
-    return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
+    terms = [(var_first, m - 1)]
+    if n >= 2:
+        terms.append((float(np.log(reference).var(ddof=1)) / n, n - 1))
+    return _with_passes(speedup, terms, confidence, pass_noise)

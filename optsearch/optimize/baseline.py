@@ -3,7 +3,9 @@
 Images, CLIP scores and features do not depend on the machine, so the first worker of a device
 fingerprint stores them and later workers reuse them. Timings do depend on the machine: every
 worker times the baseline itself (after an untimed warm-up), re-times it every
-`search.retime_baseline_every` trials, and records who timed what in the study.
+`search.retime_baseline_every` trials, and records who timed what in the study. Between trials it
+times one batch of the plain pipeline now and then (a probe, `search.probe_every`): how much a
+whole pass's speed varies on the device (optimize/pass_noise.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint
+from optsearch.measure.speedup import PassNoise
+from optsearch.optimize import pass_noise
 from optsearch.optimize import study as studies
 from optsearch.storage.artifacts import download_arrays, upload_arrays, upload_grid
 from optsearch.storage.record import utc_now
@@ -41,11 +45,33 @@ class BaselineKeeper:
         self.fingerprint, self.facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         self.timing_record = {"worker": worker_id, "host": host, "device": self.facts["device"],
                               "device_index": device_index,
-                              "cuda_visible_devices": cuda_visible_devices, "timings": []}
+                              "cuda_visible_devices": cuda_visible_devices, "timings": [],
+                              "probes": []}
         self.baseline: Baseline | None = None
         self.baseline_id: str | None = None  # which timing trials divide by; trials sharing one
         self.trials_since_timing = 0  # compare their own seconds (random: two Workers of one
         # process must not share it)
+        self.trials_since_probe = 0
+
+    def trial_measured(self) -> None:
+        """Count a trial this worker measured (not one it reused) toward re-timing and probing."""
+        self.trials_since_timing += 1
+        self.trials_since_probe += 1
+
+    def pass_noise(self) -> PassNoise:
+        """The device's pass-level timing noise, from every worker's probes of this fingerprint."""
+        return pass_noise.estimate(studies.timings(self.study), self.fingerprint,
+                                   self.spec.search.pass_noise)
+
+    def probe_if_due(self, trials_run: int) -> None:
+        """Time one baseline batch when the pass noise needs another probe, and record it."""
+        if not pass_noise.probe_due(self.pass_noise(), self.trials_since_probe,
+                                    self.spec.search.probe_every):
+            return
+        self.timing_record["probes"].append({"seconds_per_image": self.evaluator.probe(),
+                                             "after_trials": trials_run, "at": utc_now()})
+        self.trials_since_probe = 0
+        studies.save_timing(self.study, self.timing_record)
 
     def ensure(self, trials_run: int) -> Baseline:
         """Time this worker's own baseline; reuse the stored images and scores of its fingerprint."""
@@ -81,7 +107,7 @@ class BaselineKeeper:
         out-of-memory): a new fingerprint, a new timing record, a new baseline."""
         self.evaluator = evaluator
         self.fingerprint, self.facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
-        self.timing_record = {**self.timing_record, "timings": []}
+        self.timing_record = {**self.timing_record, "timings": [], "probes": []}
         self.ensure(trials_run)
 
     def _stored(self) -> Baseline | None:

@@ -114,7 +114,7 @@ class EarlyStop:
         per_look = 1 - 2 * alpha
         if partial.batches_evaluated == 1:
             speedup = first_batch_interval(partial.baseline_batch_seconds, partial.batch_seconds[0],
-                                           excess, per_look)
+                                           excess, per_look, partial.pass_noise)
         else:
             speedup = partial.speedup_interval_at(per_look, pooled=True)
         if speedup.high is None:
@@ -167,10 +167,12 @@ class EarlyStop:
             best_seconds, trial_seconds = self.best_batch_seconds, partial.batch_seconds
             if len(trial_seconds) == 1:
                 over_best = first_batch_interval(best_seconds, trial_seconds[0],
-                                                 self._first_batch_excess(partial), 1 - 2 * alpha)
+                                                 self._first_batch_excess(partial), 1 - 2 * alpha,
+                                                 partial.pass_noise)
                 return over_best.high < 1 / (1 + self.stop_margin)
             centre = math.exp(np.log(best_seconds).mean() - np.log(trial_seconds).mean())
-            over_best = speedup_interval(best_seconds, trial_seconds, 1 - 2 * alpha, centre, pooled=True)
+            over_best = speedup_interval(best_seconds, trial_seconds, 1 - 2 * alpha, centre,
+                                         pooled=True, pass_noise=partial.pass_noise)
             return over_best.high < 1 / (1 + self.stop_margin)
         confidence = partial.confidence
         normal = NormalDist()

@@ -158,6 +158,7 @@ class Worker:
             time.sleep(self.options.poll_interval)
             return True
         self.baselines.retime_if_due(self.trials_run)
+        self.baselines.probe_if_due(self.trials_run)
         try:
             self.study.optimize(self._objective, n_trials=1, gc_after_trial=False,
                                 catch=(SurplusTrial, ImplausibleSpeedup, *OUT_OF_MEMORY),
@@ -192,7 +193,7 @@ class Worker:
                                        self.spec.model.steps, trial)
         finally:
             self.trials_run += 1  # a trial that failed ran too: this worker's --n-trials counts it
-        self.baselines.trials_since_timing += 1
+        self.baselines.trial_measured()
         return self._record(trial, result)
 
     def early_stop_rule(self, combo: str):
@@ -208,7 +209,8 @@ class Worker:
             try:
                 return self.evaluator.compare(setting, self.baselines.baseline,
                                               stop_when=self.early_stop_rule(combo_name(setting)),
-                                              keep_images=self.spec.artifacts.grid_prompts)
+                                              keep_images=self.spec.artifacts.grid_prompts,
+                                              pass_noise=self.baselines.pass_noise())
             except OUT_OF_MEMORY as error:
                 recovery.release_memory()
                 batch_size = self.evaluator.config.batch_size

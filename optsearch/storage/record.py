@@ -60,6 +60,7 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
     """The figures of a finished measurement, as stored on its trial."""
     attrs = {
         **result.speedup_interval.to_dict(),
+        **(result.pass_noise.to_dict() if result.pass_noise is not None else {}),
         "seconds_per_image": result.seconds_per_image,
         "baseline_seconds_per_image": result.baseline_seconds_per_image,
         "clip_mean": result.clip_mean,

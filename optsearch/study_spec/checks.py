@@ -106,6 +106,10 @@ def validate(spec: StudySpec, problem) -> None:
         problem("search.stop_margin", f"{search.stop_margin} must be in [0, 1) (a share: 0.05 = 5 %)")
     if search.n_startup_trials < 0:
         problem("search.n_startup_trials", "must be >= 0")
+    if search.probe_every < 0:
+        problem("search.probe_every", "must be >= 0 (0: no probes; the pass_noise prior stays)")
+    if not 0 <= search.pass_noise < 1:
+        problem("search.pass_noise", f"{search.pass_noise} must be in [0, 1) (a share: 0.05 = 5 %)")
     if search.retime_baseline_every < 0:
         problem("search.retime_baseline_every", "must be >= 0 (0: time the baseline once per worker)")
     for source in search.warm_start:

@@ -84,6 +84,8 @@ class SearchSpec:
     seed: int | None = None  # sampler seed
     n_startup_trials: int = 20  # tuned on the recorded landscape (benchmarks/RESULTS.md)
     retime_baseline_every: int = 0  # re-time the worker's baseline every N trials; 0: once per worker
+    probe_every: int = 3  # time one baseline batch every N trials (pass noise); 0: never
+    pass_noise: float = 0.05  # one pass's speed spread assumed until probes measure it (5 %)
     warm_start: list[str] = field(default_factory=lambda: ["published"])  # enqueued first
 
     model_kind = "unet"  # set from [model] when the spec is loaded (not a spec key)
