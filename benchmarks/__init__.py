@@ -42,6 +42,9 @@ BENCHMARKS = {
     "confirm-coverage": Benchmark("confirm_coverage", "Does a confirmation's speedup interval cover "
                                   "a repeat (A B B A rounds vs pooled batches)?",
                                   "Speedup spread and interval coverage"),
+    "search-coverage": Benchmark("search_coverage", "Does a search trial's speedup interval, with "
+                                 "the pass term, cover a repeat in a fresh pass?",
+                                 "Speedup spread and interval coverage"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "
                         "as a full one?", "Warm-up"),
     "landscape-batches": Benchmark("landscape_batches", "(records) The cpu-bench grid batch by batch, "

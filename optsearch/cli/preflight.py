@@ -74,6 +74,10 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     scorer = attempt("quality.clip_model", lambda: ClipScorer(
         spec.quality.clip_model, spec.quality.clip_pretrained,
         pipe.device if pipe is not None else "cpu"))
+    if spec.quality.measures_lpips:
+        from optsearch.measure.perceptual import check_alexnet_weights
+
+        attempt("quality.lpips", check_alexnet_weights)
     if prompts is not None:
         report.facts.update(prompts=len(prompts), sample=prompts[0])
     if pipe is None or prompts is None or scorer is None or report.problems:

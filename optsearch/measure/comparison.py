@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from optsearch.accelerators import combo_name
-from optsearch.measure.metrics import METRICS, Interval, prompt_statistic
+from optsearch.measure.metrics import METRICS, OPTIONAL, Interval, prompt_statistic
 from optsearch.measure.speedup import PassNoise, SpeedupInterval, speedup_interval
 
 if TYPE_CHECKING:  # a trial's record is read without torch (`study show`, `export`)
@@ -64,6 +64,7 @@ class Comparison:
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
     clip_image_cosine: list[float] = field(default_factory=list)
+    lpips: list[float] = field(default_factory=list)  # where the spec asks (perceptual.py)
     image_digests: list[str] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
     compute_fractions: list[float] = field(default_factory=list)  # per batch, where reported
@@ -124,6 +125,10 @@ class Comparison:
         """The per-prompt values of `clip_loss`, `psnr`, `ssim` (or a video figure) so far."""
         return self.clip_loss_per_prompt if metric == "clip_loss" else getattr(self, metric)
 
+    def metrics(self) -> list[str]:
+        """The metrics this measurement holds: every one but those measured only when asked."""
+        return [m for m in METRICS if m not in OPTIONAL or len(self.per_prompt(m))]
+
     def interval(self, metric: str, confidence: float | None = None) -> Interval:
         """The mean and confidence interval of a metric over the prompts measured so far."""
         return Interval.of(self.per_prompt(metric), confidence or self.confidence)
@@ -132,7 +137,7 @@ class Comparison:
         """Each metric's worst prompt and 10th percentile on the bad side: `<metric>_worst`,
         `<metric>_p10` (what `[quality] statistic` may hold to the limit)."""
         return {f"{metric}_{statistic}": prompt_statistic(self.per_prompt(metric), metric, statistic)
-                for metric in METRICS for statistic in ("worst", "p10")}
+                for metric in self.metrics() for statistic in ("worst", "p10")}
 
     def video_intervals(self) -> dict[str, Interval]:
         """The video figures (worst frame, temporal change) with their intervals; {} for images."""
@@ -153,7 +158,7 @@ class Comparison:
             "baseline_seconds_per_image": self.baseline_seconds_per_image,
             "clip_mean": self.clip_mean,
             "baseline_clip_mean": float(np.mean(self.baseline_clip_scores)),
-            **{metric: self.interval(metric) for metric in METRICS},
+            **{metric: self.interval(metric) for metric in self.metrics()},
             **self.prompt_statistics(),
             **video,
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
@@ -178,6 +183,7 @@ class Comparison:
             "psnr": self.psnr,
             "ssim": self.ssim,
             "clip_image_cosine": self.clip_image_cosine,
+            **({"lpips": self.lpips} if self.lpips else {}),
             "image_digests": self.image_digests,
             **{name: getattr(self, name) for name in VIDEO_FIGURES if getattr(self, name)},
         }

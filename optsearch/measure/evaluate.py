@@ -37,6 +37,7 @@ from optsearch.measure.generation import (
     prompt_seed,
 )
 from optsearch.measure.models import load_pipeline
+from optsearch.measure.perceptual import Lpips
 from optsearch.measure.prompts import prompts_of
 from optsearch.measure.quality import ClipScorer, psnr, ssim_batch
 from optsearch.measure.speedup import PassNoise
@@ -54,11 +55,13 @@ class Evaluator:
                  confidence: float = 0.95, progress: bool = False, warmup: bool | int = True,
                  calibration: dict[str, dict] | None = None,
                  on_calibrated: Callable[[str, dict], None] | None = None,
-                 fault: Callable[[str, int], None] | None = None, warm: set | None = None):
+                 fault: Callable[[str, int], None] | None = None, warm: set | None = None,
+                 lpips: Lpips | None = None):
         """`warmup`: the short untimed warm-up (True), none (False), or that many steps.
         `calibration`: per-model data a family needs (MagCache's ratios), measured once when first
         needed; `on_calibrated(name, data)` hears of each new measurement (the worker stores it).
-        `fault(combo, batch index)`: called in each timed batch (the fault-injection tests)."""
+        `fault(combo, batch index)`: called in each timed batch (the fault-injection tests).
+        `lpips`: an LPIPS model when the spec measures it (perceptual.py)."""
         self.pipe = pipe
         self.scorer = scorer
         self.prompts = prompts
@@ -69,6 +72,7 @@ class Evaluator:
         self.calibration = dict(calibration or {})
         self.on_calibrated = on_calibrated
         self.fault = fault
+        self.lpips = lpips
         # (combo, batch size) pairs this process has already run: nothing of theirs is cold any
         # more (kernels, allocations, patched code paths), so the short warm-up is skipped.
         self.warm: set[tuple[str, int]] = set() if warm is None else warm
@@ -78,7 +82,7 @@ class Evaluator:
         is warm), with other prompts, config, calibration, callbacks or warm-up."""
         current = {"prompts": self.prompts, "config": self.config, "confidence": self.confidence,
                    "progress": self.progress, "warmup": self.warmup, "calibration": self.calibration,
-                   "on_calibrated": self.on_calibrated, "fault": self.fault}
+                   "on_calibrated": self.on_calibrated, "fault": self.fault, "lpips": self.lpips}
         return Evaluator(self.pipe, self.scorer, warm=self.warm, **{**current, **changes})
 
     @property
@@ -230,6 +234,8 @@ class Evaluator:
             peak = [psnr(baseline.images[i], image) for i, image in zip(batch.indices, batch.images,
                                                                           strict=True)]
             structural = ssim_batch(baseline.images[span], batch.images, self.scorer.device)
+        if self.lpips is not None:
+            result.lpips.extend(self.lpips.distances(baseline.images[span], batch.images))
         for offset, index in enumerate(batch.indices):
             image = batch.images[offset]
             result.clip_scores.append(float(scores[offset]))
@@ -279,5 +285,6 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
     else:
         check_families(pipe, spec)
     scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
+    lpips = Lpips(pipe.device) if spec.quality.measures_lpips else None
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
-                     spec.quality.confidence, progress)
+                     spec.quality.confidence, progress, lpips=lpips)

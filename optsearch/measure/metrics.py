@@ -29,7 +29,10 @@ METRICS = {
     "clip_loss": Metric("clip_loss", "minimize", "CLIP loss (baseline - setting)", "CLIP points"),
     "psnr": Metric("psnr", "maximize", "PSNR vs baseline (dB)", "dB"),
     "ssim": Metric("ssim", "maximize", "SSIM vs baseline", ""),
+    # measured where a spec asks (measure/perceptual.py): it needs AlexNet's weights
+    "lpips": Metric("lpips", "minimize", "LPIPS vs baseline (AlexNet)", ""),
 }
+OPTIONAL = ("lpips",)  # absent from a record that did not measure it
 
 
 def t_quantile(confidence: float, df: float) -> float:
@@ -72,7 +75,8 @@ def at_least_as_good(a: float, b: float, metric: str) -> bool:
 
 
 def best_case(interval: Interval, metric: str) -> float:
-    """The interval's bound on the good side (the low end of a loss, the high end of PSNR/SSIM)."""
+    """The interval's bound on the good side (the low end of a loss or distance, the high end of
+    PSNR/SSIM)."""
     return interval.low if METRICS[metric].lower_is_better else interval.high
 
 

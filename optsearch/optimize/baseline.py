@@ -65,8 +65,7 @@ class BaselineKeeper:
 
     def probe_if_due(self, trials_run: int) -> None:
         """Time one baseline batch when the pass noise needs another probe, and record it."""
-        if not pass_noise.probe_due(self.pass_noise(), self.trials_since_probe,
-                                    self.spec.search.probe_every):
+        if not pass_noise.probe_due(self.trials_since_probe, self.spec.search.probe_every):
             return
         self.timing_record["probes"].append({"seconds_per_image": self.evaluator.probe(),
                                              "after_trials": trials_run, "at": utc_now()})

@@ -26,7 +26,6 @@ from optsearch.errors import NothingToExport, UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator, evaluator_from_spec
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.measure.generation import GenerationConfig
-from optsearch.measure.metrics import METRICS
 from optsearch.measure.prompts import confirm_prompts
 from optsearch.measure.speedup import rounds_interval
 from optsearch.optimize import objectives
@@ -142,9 +141,9 @@ class Confirmation:
             "baseline_seconds_per_image": figures["baseline_seconds_per_image"],
             "clip_mean": summary["clip_mean"], "baseline_clip_mean": summary["baseline_clip_mean"],
             **{metric: {k: finite(v) for k, v in summary[metric].to_dict().items()}
-               for metric in METRICS},
+               for metric in comparison.metrics()},
             **{f"{metric}_{statistic}": summary[f"{metric}_{statistic}"]
-               for metric in METRICS for statistic in ("worst", "p10")},
+               for metric in comparison.metrics() for statistic in ("worst", "p10")},
             "constraints": constraints, "feasible": all(v <= 0 for v in constraints.values()),
             "rule": self.spec.quality.rule, "image_digests": comparison.image_digests,
             "fingerprint": self.fingerprint, "device": self.facts["device"],

@@ -35,8 +35,9 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
         lines.append(f"- computed **{100 * figures['compute_fraction']:.0f} %** of the denoiser's "
                      "blocks x steps (the rest skipped)")
     if figures.get("pass_noise") is not None:
-        measured = (f"measured by {figures['pass_noise_probes']} baseline probes"
-                    if figures.get("pass_noise_df") else "assumed (search.pass_noise)")
+        measured = (f"from {figures['pass_noise_probes']} baseline probes, the baseline passes and "
+                    "search.pass_noise" if figures.get("pass_noise_probes")
+                    else "assumed (search.pass_noise) until probes measure it")
         lines.append(f"- the speedup interval counts a {figures['pass_noise']:.1f} % pass-to-pass "
                      f"speed spread, {measured}")
     if figures.get("early_stopped"):

@@ -65,7 +65,7 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
         "baseline_seconds_per_image": result.baseline_seconds_per_image,
         "clip_mean": result.clip_mean,
     }
-    for name in METRICS:
+    for name in result.metrics():
         attrs.update(interval_attrs(name, result.interval(name)))
     attrs.update(result.prompt_statistics())  # the worst prompt's figure, and nine in ten's
     if result.frames > 1:  # a video: per frame too, and its frame figures

@@ -69,6 +69,9 @@ def validate(spec: StudySpec, problem) -> None:
         problem("quality.metric", f"unknown metric {quality.metric!r} (allowed: {', '.join(METRICS)})")
     elif quality.metric == "ssim" and not -1 <= quality.limit <= 1:
         problem("quality.limit", f"{quality.limit} is not an SSIM (allowed: -1..1)")
+    elif quality.metric == "lpips" and not 0 < quality.limit <= 1:
+        problem("quality.limit", f"{quality.limit} is not an LPIPS distance limit (allowed: (0, 1]; "
+                "0 is identical, typical limits 0.05-0.3)")
     elif quality.metric == "psnr" and quality.limit < 1:
         problem("quality.limit", f"{quality.limit} dB is below any meaningful PSNR (limits are "
                 "typically 25-45 dB; a CLIP-loss limit needs metric = \"clip_loss\")")

@@ -11,7 +11,7 @@ from typing import Any
 from optsearch.accelerators import ANY_COMBOS, ORDER, params_of
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-METRICS = ("clip_loss", "psnr", "ssim")
+METRICS = ("clip_loss", "psnr", "ssim", "lpips")
 RULES = ("mean", "bound")
 STATISTICS = ("mean", "worst", "p10")  # over prompts: which figure the limit applies to
 MODES = ("max-speedup", "target-speedup", "pareto")
@@ -65,6 +65,11 @@ class QualitySpec:
     confidence: float = 0.95
     rule: str = "mean"  # feasible when the mean meets the limit, or ("bound") its unsafe-side bound
     statistic: str = "mean"  # the mean over prompts; "worst": every prompt; "p10": nine in ten
+    lpips: bool = False  # also measure LPIPS (always when metric = "lpips"; needs AlexNet's weights)
+
+    @property
+    def measures_lpips(self) -> bool:
+        return self.lpips or self.metric == "lpips"
 
 
 @dataclass
