@@ -110,3 +110,14 @@ def test_unknown_rule_and_bad_confirm_table_are_spec_errors():
     assert "quality.rule: unknown rule 'median' (allowed: mean, bound)" in text
     assert "confirm.num_samples" in text and "confirm.source" in text
     assert "search.retime_baseline_every" in text
+
+
+def test_a_pass_term_never_narrows_an_interval():
+    """Two batches a side give t at about 2 df; a well-measured pass term raises the df, which
+    alone would shrink t by more than the variance grows."""
+    from optsearch.measure.speedup import PassNoise
+
+    base, fast = [1.0, 1.3], [0.5, 0.62]
+    alone = speedup_interval(base, fast, 0.95)
+    with_passes = speedup_interval(base, fast, 0.95, pass_noise=PassNoise(1e-4, 200))
+    assert with_passes.low <= alone.low and with_passes.high >= alone.high

@@ -65,18 +65,24 @@ class PassNoise:
                 "pass_noise_probes": self.probes}
 
 
+def _half_width(terms: list[tuple[float, float]], confidence: float) -> float:
+    """t (Welch-Satterthwaite df) x the standard error of a sum of variance terms (variance, df)."""
+    variance = sum(v for v, _ in terms)
+    if variance == 0:
+        return 0.0
+    denominator = sum(v * v / df for v, df in terms if not math.isinf(df))
+    df = variance**2 / denominator if denominator else math.inf
+    return t_quantile(confidence, max(1.0, df)) * math.sqrt(variance)
+
+
 def _with_passes(speedup: float, terms: list[tuple[float, float]], confidence: float,
                  pass_noise: PassNoise | None) -> SpeedupInterval:
     """The interval of log speedup from variance terms (variance, df), plus one pass effect for
-    each side; t at Welch-Satterthwaite df."""
+    each side. Never narrower than without it: a well-measured pass term raises the
+    Welch-Satterthwaite df, which could otherwise shrink t by more than the variance grows."""
+    half = _half_width(terms, confidence)
     if pass_noise is not None and pass_noise.variance > 0:
-        terms = [*terms, (2 * pass_noise.variance, pass_noise.df)]
-    variance = sum(v for v, _ in terms)
-    if variance == 0:
-        return SpeedupInterval(speedup, speedup, speedup)
-    denominator = sum(v * v / df for v, df in terms if not math.isinf(df))
-    df = variance**2 / denominator if denominator else math.inf
-    half = t_quantile(confidence, max(1.0, df)) * math.sqrt(variance)
+        half = max(half, _half_width([*terms, (2 * pass_noise.variance, pass_noise.df)], confidence))
     return SpeedupInterval(speedup, speedup * math.exp(-half), speedup * math.exp(half))
 
 
