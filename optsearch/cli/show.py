@@ -109,9 +109,9 @@ def format_summary(summary: dict) -> str:
                      format_speedup(check) if check else "-",
                      format_interval(check[metric]) if check else "-",
                      _worst(m, metric), _computed(m.get("compute_fraction")),
-                     format_setting(m["setting"] or {})])
+                     _memory(m), format_setting(m["setting"] or {})])
     headers = ["combo", "trial", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
-               "worst prompt", "computed", "setting"]
+               "worst prompt", "computed", "peak GiB (baseline)", "setting"]
     if any(m.get("frames") for m in summary["best_per_combo"].values()):  # videos: frame figures
         headers[4:4] = ["worst-frame psnr", "temporal change"]
         for row, m in zip(rows, summary["best_per_combo"].values(), strict=True):
@@ -143,6 +143,14 @@ def _worst(metrics: dict, metric: str) -> str:
     """The worst prompt's figure of a trial (recorded since issue 25)."""
     value = metrics.get(f"{metric}_worst")
     return "-" if value is None else f"{value:.3f}"
+
+
+def _memory(figures: dict) -> str:
+    """'3.21 (2.90)': the setting's peak memory in its timed batches, and the baseline's."""
+    peak, baseline = figures.get("peak_memory_gib"), figures.get("baseline_peak_memory_gib")
+    if peak is None:
+        return "-"
+    return f"{peak:.2f}" + (f" ({baseline:.2f})" if baseline is not None else "")
 
 
 def _computed(fraction: float | None) -> str:

@@ -34,6 +34,7 @@ class Baseline:
     clip_scores: np.ndarray
     image_features: torch.Tensor
     batch_seconds: list[float] = field(default_factory=list)
+    peak_memory_gib: float | None = None  # during its timed batches (memory.py)
 
     @property
     def clip_mean(self) -> float:
@@ -74,6 +75,8 @@ class Comparison:
     ssim_worst_frame: list[float] = field(default_factory=list)
     temporal_change: list[float] = field(default_factory=list)
     pass_noise: PassNoise | None = None  # the device's pass-level timing noise, in every interval
+    peak_memory_gib: float | None = None  # during the timed batches (memory.py)
+    baseline_peak_memory_gib: float | None = None
 
     @property
     def combo(self) -> str:
@@ -163,6 +166,8 @@ class Comparison:
             **video,
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
             "compute_fraction": self.compute_fraction,
+            "peak_memory_gib": self.peak_memory_gib,
+            "baseline_peak_memory_gib": self.baseline_peak_memory_gib,
             "batches_evaluated": self.batches_evaluated,
             "n_batches": self.n_batches,
             "batch_size": self.batch_size,

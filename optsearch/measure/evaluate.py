@@ -36,6 +36,7 @@ from optsearch.measure.generation import (
     n_batches,
     prompt_seed,
 )
+from optsearch.measure.memory import PeakMemory
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.perceptual import Lpips
 from optsearch.measure.prompts import prompts_of
@@ -112,7 +113,8 @@ class Evaluator:
         machine) only the timing is this call's own; its images, scores and features are kept.
         """
         images, seconds, batch_seconds, scores, features = [], 0.0, [], [], []
-        for batch in self._generate("baseline"):
+        peak = PeakMemory(self.pipe.device)
+        for batch in peak.measure(self._generate("baseline")):
             images.append(batch.images)
             seconds += batch.seconds
             batch_seconds.append(batch.seconds_per_image)
@@ -124,9 +126,9 @@ class Evaluator:
         seconds_per_image = seconds / len(self.prompts)
         if scored is not None:
             return Baseline(scored.images, seconds_per_image, scored.clip_scores,
-                            scored.image_features, batch_seconds)
+                            scored.image_features, batch_seconds, peak.gib)
         return Baseline(np.concatenate(images), seconds_per_image, np.concatenate(scores),
-                        torch.cat(features), batch_seconds)
+                        torch.cat(features), batch_seconds, peak.gib)
 
     def _clip_score(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, torch.Tensor]:
         """CLIP scores and image features of images, or of videos (their sampled frames)."""
@@ -199,11 +201,14 @@ class Evaluator:
             n_batches=self.n_batches, confidence=self.confidence,
             baseline_seconds_per_image=baseline.seconds_per_image,
             baseline_batch_seconds=list(baseline.batch_seconds), pass_noise=pass_noise,
+            baseline_peak_memory_gib=baseline.peak_memory_gib,
         )
+        peak = PeakMemory(self.pipe.device)
         with self.apply(setting) as applied:
             result.setting = applied.setting
-            for batch in self._generate(applied.combo, applied,
-                                        on_warmup=lambda s: setattr(result, "warmup_seconds", s)):
+            batches = self._generate(applied.combo, applied,
+                                     on_warmup=lambda s: setattr(result, "warmup_seconds", s))
+            for batch in peak.measure(batches):
                 result.inference_seconds += batch.seconds
                 result.batch_seconds.append(batch.seconds_per_image)
                 if (fraction := applied.computed_fraction()) is not None:
@@ -215,6 +220,7 @@ class Evaluator:
                     if result.early_stop_reason is not None:
                         result.early_stopped = True
                         break
+            result.peak_memory_gib = peak.gib
         result.wall_seconds = time.perf_counter() - wall_start
         return result
 

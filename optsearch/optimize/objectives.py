@@ -54,8 +54,19 @@ def constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
     """Optuna constraint values (feasible when <= 0) for a measured setting.
 
     `quality.rule` decides which figure must meet the limit: the mean, or ("bound") the confidence
-    bound on the unsafe side (the speedup's low bound in target-speedup mode).
+    bound on the unsafe side (the speedup's low bound in target-speedup mode). With
+    `objective.max_memory_gib`, a setting whose timed batches peaked above it is infeasible (as is
+    one whose memory could not be read: it cannot be said to fit).
     """
+    found = _limit_constraints(spec, summary)
+    limit = spec.objective.max_memory_gib
+    if limit is not None:
+        peak = summary.get("peak_memory_gib")
+        found["memory"] = 1e9 if peak is None else peak - limit
+    return found
+
+
+def _limit_constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
     rule = spec.quality.rule
     if spec.objective.mode == "target-speedup":
         speedup = summary["speedup"] if rule == "mean" else summary.get("speedup_low")

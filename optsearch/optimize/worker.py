@@ -23,7 +23,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from optsearch.accelerators import combo_name, normalize_setting
-from optsearch.formatting import format_interval
+from optsearch.formatting import format_interval, format_setting
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
 from optsearch.measure.faults import fault_from_env
 from optsearch.measure.fingerprint import fingerprint
@@ -214,7 +214,8 @@ class Worker:
             except OUT_OF_MEMORY as error:
                 recovery.release_memory()
                 batch_size = self.evaluator.config.batch_size
-                reason = f"out of memory at batch size {batch_size}: {error}"
+                reason = (f"out of memory at batch size {batch_size} with "
+                          f"{format_setting(normalize_setting(setting))}: {error}")
                 logger.warning("trial %d: %s", trial.number, reason)
                 if not self.options.halve_batch_on_oom or batch_size == 1:
                     trial.set_user_attr("fail_reason", reason)

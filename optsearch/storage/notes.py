@@ -34,6 +34,12 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
     if figures.get("compute_fraction") is not None:
         lines.append(f"- computed **{100 * figures['compute_fraction']:.0f} %** of the denoiser's "
                      "blocks x steps (the rest skipped)")
+    if figures.get("peak_memory_gib") is not None:
+        baseline = figures.get("baseline_peak_memory_gib")
+        limit = spec.objective.max_memory_gib
+        lines.append(f"- peak memory **{figures['peak_memory_gib']:.2f} GiB** in its timed batches"
+                     + (f" (baseline {baseline:.2f} GiB)" if baseline is not None else "")
+                     + (f"; limit {limit} GiB (objective.max_memory_gib)" if limit else ""))
     if figures.get("pass_noise") is not None:
         measured = (f"from {figures['pass_noise_probes']} baseline probes, the baseline passes and "
                     "search.pass_noise" if figures.get("pass_noise_probes")

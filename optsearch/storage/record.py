@@ -32,7 +32,8 @@ SHOWN_KEYS = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "sec
               *(f"{m}{suffix}" for m in METRICS for suffix in ("", "_low", "_high", "_worst", "_p10")),
               "frames", "seconds_per_frame",
               *(f"{f}{suffix}" for f in VIDEO_FIGURES for suffix in ("", "_low", "_high")),
-              "clip_image_cosine", "compute_fraction", "batches_evaluated", "early_stopped", "device", "host",
+              "clip_image_cosine", "compute_fraction", "peak_memory_gib", "baseline_peak_memory_gib",
+              "batches_evaluated", "early_stopped", "device", "host",
               "batch_size", "fingerprint", "constraints", "reused_from")
 
 
@@ -75,6 +76,8 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
     attrs.update({
         "clip_image_cosine": result.clip_image_cosine_mean,
         "compute_fraction": result.compute_fraction,  # denoiser work run, where families report it
+        "peak_memory_gib": result.peak_memory_gib,  # during the timed batches (measure/memory.py)
+        "baseline_peak_memory_gib": result.baseline_peak_memory_gib,
         "batches_evaluated": result.batches_evaluated,
         "n_batches": result.n_batches,
         "early_stopped": result.early_stopped,

@@ -90,6 +90,9 @@ def validate(spec: StudySpec, problem) -> None:
                 f"\"{quality.statistic}\" the prompts' own figures meet the limit (rule = \"mean\")")
     if quality.rule not in RULES:
         problem("quality.rule", f"unknown rule {quality.rule!r} (allowed: {', '.join(RULES)})")
+    if objective.max_memory_gib is not None and not objective.max_memory_gib > 0:
+        problem("objective.max_memory_gib", f"{objective.max_memory_gib} must be > 0 (GiB of peak "
+                "device memory: GPU memory allocated on CUDA, the process's resident set on a CPU)")
     if objective.mode not in MODES:
         problem("objective.mode", f"unknown mode {objective.mode!r} (allowed: {', '.join(MODES)})")
     elif objective.mode == "target-speedup":

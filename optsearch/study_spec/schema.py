@@ -76,6 +76,7 @@ class QualitySpec:
 class ObjectiveSpec:
     mode: str = "max-speedup"
     target_speedup: float | None = None
+    max_memory_gib: float | None = None  # a setting whose peak memory is above it is infeasible
 
 
 @dataclass
