@@ -15,6 +15,7 @@ from os import PathLike
 from pathlib import Path
 
 from optsearch.accelerators import AppliedSetting
+from optsearch.deployment import ContextCheck
 from optsearch.study_spec import SpecError, StudySpec, load_spec
 from optsearch.version import __version__
 
@@ -28,12 +29,14 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
     `params` is a setting dict (nested or 'accel.param' keys) or the path of a search_params.json
     written by `optsearch study export` (its overall best setting is applied).
     """
-    calibration = None
+    calibration = check = None
     if not isinstance(params, Mapping):
         exported = json.loads(Path(params).read_text(encoding="utf-8"))
         params = exported["best"]["setting"]
         calibration = exported.get("calibration")  # MagCache's ratios, measured by the study
-    return AppliedSetting(pipe, params, calibration)
+        if exported.get("deployment"):  # warn when served at another batch, size or step count
+            check = ContextCheck(exported["deployment"])
+    return AppliedSetting(pipe, params, calibration, on_call=check)
 
 
 def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,

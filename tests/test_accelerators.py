@@ -143,3 +143,25 @@ def test_unet_caches_report_the_share_of_the_unet_they_ran(tiny_pipe):
                      "tgate": {"gate_step": 4}})
     assert both == pytest.approx((6 + 8 * shallow_share) / 20, rel=1e-6)
     assert fraction({"tome": {"ratio": 0.5, "max_downsample": 1}}) is None  # ToMe claims nothing
+
+
+def test_apply_of_an_export_warns_once_when_served_at_another_context(tiny_pipe, tmp_path):
+    """The export records the batch size, size, steps and guidance its figures hold for; served
+    otherwise, `optsearch.apply` says so (once per item), and says nothing when served as measured."""
+    import warnings
+
+    exported = {"best": {"setting": {"deepcache": SETTINGS["deepcache"]}},
+                "deployment": {"batch_size": 2, "height": None, "width": None,
+                               "num_inference_steps": 10, "guidance_scale": 7.5, "num_frames": None}}
+    path = tmp_path / "search_params.json"
+    path.write_text(json.dumps(exported))
+    with optsearch.apply(tiny_pipe, path) as run, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        generate_images(run, PROMPTS[:2], steps=10)
+        assert not said, [str(w.message) for w in said]
+        generate_images(run, PROMPTS, steps=6)
+        generate_images(run, PROMPTS, steps=6)
+    messages = sorted(str(w.message) for w in said)
+    assert len(messages) == 2, messages
+    assert "measured at batch_size = 2; called with 3" in messages[0]
+    assert "measured at num_inference_steps = 10; called with 6" in messages[1]

@@ -171,6 +171,9 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert before.returncode == 0 and "not confirmed" in before.stdout
     unconfirmed = json.loads((tmp_path / "unconfirmed.json").read_text())
     assert unconfirmed["best"]["trial"] == 0 and unconfirmed["best"]["confirmed"] is None
+    assert unconfirmed["deployment"] == {"batch_size": 2, "height": None, "width": None,
+                                         "num_inference_steps": 8, "guidance_scale": 7.5,
+                                         "num_frames": None}
     starred, marked, note, _ = winner_marks(url, tmp_path)
     assert starred == marked == 0 and note.startswith("## Winner: trial 0")
     assert "not confirmed yet" in unconfirmed["winner_rule"]

@@ -21,7 +21,7 @@ on a UNet PAB's attention hooks would fight T-GATE's and DeepCache's patches).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 
 from optsearch.accelerators import (
@@ -198,8 +198,12 @@ class AppliedSetting:
     `calibration` holds per-model data a family needs (MagCache's `mag_ratios`).
     """
 
-    def __init__(self, pipe, setting: Mapping, calibration: Mapping[str, dict] | None = None):
+    def __init__(self, pipe, setting: Mapping, calibration: Mapping[str, dict] | None = None,
+                 on_call: Callable[[object, tuple, dict], None] | None = None):
+        """`on_call(pipe, args, kwargs)` hears of each call first (`optsearch.apply` of an export:
+        the deployment-context check)."""
         self.pipe = pipe
+        self.on_call = on_call
         self.setting = normalize_setting(setting)
         self.kind = pipeline_kind(pipe)
         problem = combo_problem(list(self.setting), self.kind)
@@ -257,6 +261,8 @@ class AppliedSetting:
             self._tome.reseed(seed)
 
     def __call__(self, *args, **kwargs):
+        if self.on_call is not None:
+            self.on_call(self.pipe, args, kwargs)
         for patch in self._patches:
             if hasattr(patch, "prepare"):
                 patch.prepare(kwargs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from optsearch.accelerators import REGISTRY
+from optsearch.deployment import context_text, measured_context
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.generation import GenerationConfig, generate
@@ -120,7 +121,9 @@ def format_report(report: Report, spec) -> str:
              f"{spec.search.model_kind} pipeline",
              f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {facts['sample']!r}",
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "
-             f"{facts['batch_size']}, {spec.model.steps} steps"]
+             f"{facts['batch_size']}, {spec.model.steps} steps",
+             "deployment context (what the figures will hold for; serve at it): "
+             + context_text(measured_context(spec, facts["batch_size"]))]
     peak, free = facts["peak_gib"], facts["free_gib"]
     lines.append(f"memory: peak {peak:.2f} GiB"
                  + (f", {free:.1f} GiB free now" if free is not None else ""))

@@ -7,6 +7,7 @@ from importlib.metadata import version
 
 import optuna
 
+from optsearch.deployment import measured_context
 from optsearch.errors import NothingToExport
 from optsearch.measure.generation import prompt_seed
 from optsearch.optimize.objectives import (
@@ -96,6 +97,9 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         "best": _entry(best, confirmed_by_trial.get(best.number), metric),
         "winner_rule": found.rule,
         "fingerprint": best.user_attrs.get("fingerprint") if fingerprint is None else fingerprint,
+        # what the server should run for these figures to hold; `optsearch.apply` warns otherwise
+        "deployment": measured_context(spec, best.user_attrs.get("batch_size",
+                                                                 spec.prompts.batch_size)),
         "unconfirmed_better": unconfirmed_better(study, spec, found, fingerprint),
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec, fingerprint).items()},

@@ -1,0 +1,68 @@
+"""The deployment context a setting was measured at, and a warning when it is served otherwise.
+
+A cache's speedup and fidelity depend on what the server runs: batch size (a GPU's utilisation),
+resolution (token count, attention's share), step count (what a skipped step is worth) and
+guidance. The study holds them fixed (the spec), `check` prints them, the export records them
+(`deployment`), and `optsearch.apply` of an export warns, once each, when a call differs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Mapping
+
+CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
+                "num_frames")
+
+
+def measured_context(spec, batch_size: int) -> dict:
+    """What the study's trials ran: None for a size the pipeline chose itself (its native one)."""
+    model = spec.model
+    return {"batch_size": batch_size, "height": model.height, "width": model.width,
+            "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
+            "num_frames": model.num_frames}
+
+
+def context_text(context: Mapping) -> str:
+    """'batch 4, 512x512, 50 steps, guidance 7.5' ('native size' where the pipeline chose it)."""
+    size = (f"{context['height']}x{context['width']}" if context.get("height") and context.get("width")
+            else "native size")
+    frames = f", {context['num_frames']} frames" if context.get("num_frames") else ""
+    return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} steps, "
+            f"guidance {context['guidance_scale']}")
+
+
+def _default(pipe, name: str):
+    parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if parameter is None else parameter.default
+
+
+def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
+    """The context of one pipeline call, as far as its arguments tell."""
+    prompt = kwargs.get("prompt", args[0] if args else None)
+    prompts = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
+    per_prompt = kwargs.get("num_images_per_prompt") or kwargs.get("num_videos_per_prompt") or 1
+    served = {"batch_size": prompts * per_prompt}
+    for key in ("height", "width", "num_inference_steps", "guidance_scale", "num_frames"):
+        served[key] = kwargs[key] if key in kwargs else _default(pipe, key)
+    return served
+
+
+class ContextCheck:
+    """Warns (once per differing item) when a call serves another context than was measured."""
+
+    def __init__(self, measured: Mapping):
+        self.measured = dict(measured)
+        self.warned: set[str] = set()
+
+    def __call__(self, pipe, args: tuple, kwargs: Mapping) -> None:
+        served = _served(pipe, args, kwargs)
+        for key in CONTEXT_KEYS:
+            then, now = self.measured.get(key), served.get(key)
+            if then is None or now is None or key in self.warned or now == then:
+                continue
+            self.warned.add(key)
+            warnings.warn(f"optsearch: this setting was measured at {key} = {then}; called with "
+                          f"{now}, its speedup and quality may differ (search again at {key} = "
+                          f"{now} to know)", UserWarning, stacklevel=3)
