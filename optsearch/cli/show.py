@@ -117,6 +117,11 @@ def format_summary(summary: dict) -> str:
         for row, m in zip(rows, summary["best_per_combo"].values(), strict=True):
             row[4:4] = [format_interval(quality_of(m, "psnr_worst_frame"), 2),
                         format_interval(quality_of(m, "temporal_change"))]
+    if any(m.get("compiled") for m in summary["best_per_combo"].values()):  # torch.compile
+        headers.insert(-1, "compile s (graph breaks)")
+        for row, m in zip(rows, summary["best_per_combo"].values(), strict=True):
+            row.insert(-1, f"{m.get('compile_seconds') or 0:.1f} ({m.get('graph_breaks')})"
+                       + (" recompiled while timed" if m.get("compiled_while_timed") else ""))
     lines.append(table(headers, rows) if rows else
                  "  (no feasible trial faster than the baseline yet)")
     if summary["best"]:

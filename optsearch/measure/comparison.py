@@ -77,6 +77,10 @@ class Comparison:
     pass_noise: PassNoise | None = None  # the device's pass-level timing noise, in every interval
     peak_memory_gib: float | None = None  # during the timed batches (memory.py)
     baseline_peak_memory_gib: float | None = None
+    compiled: str | None = None  # how the denoiser was compiled (compiling.py), None: eager
+    graphs_compiled: int | None = None  # in the untimed warm-up
+    compiled_while_timed: int | None = None  # graphs compiled inside timed batches
+    graph_breaks: int | None = None
 
     @property
     def combo(self) -> str:
@@ -166,6 +170,10 @@ class Comparison:
             **video,
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
             "compute_fraction": self.compute_fraction,
+            **({"compiled": self.compiled, "compile_seconds": self.warmup_seconds,
+                "graphs_compiled": self.graphs_compiled,
+                "compiled_while_timed": self.compiled_while_timed,
+                "graph_breaks": self.graph_breaks} if self.compiled else {}),
             "peak_memory_gib": self.peak_memory_gib,
             "baseline_peak_memory_gib": self.baseline_peak_memory_gib,
             "batches_evaluated": self.batches_evaluated,

@@ -27,6 +27,7 @@ from optsearch.accelerators import (
 )
 from optsearch.errors import ModelLoadError
 from optsearch.measure.comparison import VIDEO_FIGURES, Baseline, Comparison, image_digest
+from optsearch.measure.compiling import compile_denoiser, compiled_as, counted_since, dynamo_counts
 from optsearch.measure.frames import clip_score_videos, frame_fidelity
 from optsearch.measure.generation import (
     Batch,
@@ -93,6 +94,8 @@ class Evaluator:
     def _warmup_for(self, combo: str) -> bool | int:
         """The warm-up a run of `combo` needs: none when this process already ran it at this batch
         size (measured: timings then match those after a warm-up, benchmarks/RESULTS.md "Warm-up")."""
+        if compiled_as(self.pipe):  # a new setting may compile anew: always before timing
+            return self.config.steps
         if self.warmup is True and (combo, self.config.batch_size) in self.warm:
             return False
         return self.warmup
@@ -204,10 +207,16 @@ class Evaluator:
             baseline_peak_memory_gib=baseline.peak_memory_gib,
         )
         peak = PeakMemory(self.pipe.device)
+        result.compiled = compiled_as(self.pipe)
+        counted = {"start": dynamo_counts()}
+
+        def warmed_up(seconds: float) -> None:
+            result.warmup_seconds = seconds
+            counted["warm"] = dynamo_counts()
+
         with self.apply(setting) as applied:
             result.setting = applied.setting
-            batches = self._generate(applied.combo, applied,
-                                     on_warmup=lambda s: setattr(result, "warmup_seconds", s))
+            batches = self._generate(applied.combo, applied, on_warmup=warmed_up)
             for batch in peak.measure(batches):
                 result.inference_seconds += batch.seconds
                 result.batch_seconds.append(batch.seconds_per_image)
@@ -221,6 +230,11 @@ class Evaluator:
                         result.early_stopped = True
                         break
             result.peak_memory_gib = peak.gib
+        if result.compiled:
+            warm = counted.get("warm", counted["start"])
+            result.graphs_compiled = counted_since(counted["start"], warm)["graphs"]
+            result.compiled_while_timed = counted_since(warm)["graphs"]
+            result.graph_breaks = counted_since(counted["start"])["graph_breaks"]
         result.wall_seconds = time.perf_counter() - wall_start
         return result
 
@@ -290,6 +304,8 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
         pipe = pipeline_from_spec(spec, device)
     else:
         check_families(pipe, spec)
+    if spec.model.compile != "none" and compiled_as(pipe) is None:
+        compile_denoiser(pipe, spec.model.compile, spec.model.compile_mode, spec.model.compile_backend)
     scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
     lpips = Lpips(pipe.device) if spec.quality.measures_lpips else None
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),

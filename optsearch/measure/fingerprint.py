@@ -33,5 +33,8 @@ def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:
         "batch_size": batch_size,
         "threads": torch.get_num_threads() if model.device.type == "cpu" else None,
     }
+    compiled = getattr(pipe, "_optsearch_compile", None)
+    if compiled is not None:  # only then: eager studies keep their fingerprints
+        facts["compile"] = compiled
     digest = hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
     return digest, facts

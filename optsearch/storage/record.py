@@ -33,6 +33,7 @@ SHOWN_KEYS = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "sec
               "frames", "seconds_per_frame",
               *(f"{f}{suffix}" for f in VIDEO_FIGURES for suffix in ("", "_low", "_high")),
               "clip_image_cosine", "compute_fraction", "peak_memory_gib", "baseline_peak_memory_gib",
+              "compiled", "compile_seconds", "graph_breaks", "compiled_while_timed",
               "batches_evaluated", "early_stopped", "device", "host",
               "batch_size", "fingerprint", "constraints", "reused_from")
 
@@ -76,6 +77,9 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
     attrs.update({
         "clip_image_cosine": result.clip_image_cosine_mean,
         "compute_fraction": result.compute_fraction,  # denoiser work run, where families report it
+        **({"compiled": result.compiled, "compile_seconds": result.warmup_seconds,
+            "graphs_compiled": result.graphs_compiled, "graph_breaks": result.graph_breaks,
+            "compiled_while_timed": result.compiled_while_timed} if result.compiled else {}),
         "peak_memory_gib": result.peak_memory_gib,  # during the timed batches (measure/memory.py)
         "baseline_peak_memory_gib": result.baseline_peak_memory_gib,
         "batches_evaluated": result.batches_evaluated,

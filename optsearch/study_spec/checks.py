@@ -58,6 +58,8 @@ def validate(spec: StudySpec, problem) -> None:
         problem("model.fps", f"{model.fps} must be in [1, 120]")
     if not model.guidance_scale >= 0:
         problem("model.guidance_scale", "must be >= 0")
+    if model.compile not in ("none", "regional", "full"):
+        problem("model.compile", f"unknown compile {model.compile!r} (allowed: none, regional, full)")
     if not model.id:
         problem("model.id", "must name a model: hub id, local folder or builtin:tiny")
     if prompts.num_samples < 1:

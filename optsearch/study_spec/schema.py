@@ -42,6 +42,9 @@ class ModelSpec:
     guidance_scale: float = 7.5
     true_cfg_scale: float | None = None  # Qwen-Image's classifier-free guidance (needs a negative)
     negative_prompt: str | None = None  # sent with every prompt when set
+    compile: str = "none"  # torch.compile the denoiser as served: "none", "regional" or "full"
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
+    compile_backend: str = "inductor"  # "eager" traces only (graph breaks counted, no codegen)
     factory_path: str | None = None  # where a module:function factory is imported from: the
     # spec's folder unless given (then the working directory and PYTHONPATH)
 

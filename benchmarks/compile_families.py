@@ -1,0 +1,69 @@
+"""Which families survive torch.compile, and what is their speedup compiled vs eager?
+
+builtin:tiny-flux on this CPU (inductor, gcc), 4 prompts in batches of 2, 12 steps: each family
+at one setting measured against an eager baseline on an eager pipeline, then against a compiled
+baseline on a compiled pipeline (`model.compile = "regional"`: diffusers' compile_repeated_blocks,
+fullgraph=False). For the compiled runs: the untimed warm-up's seconds (compile included), graphs
+compiled there, graph breaks, and graphs compiled inside timed batches. A setting that fails
+compiled says why.
+
+    python -m benchmarks compile-families          # about 10 minutes on 2 idle cores
+"""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks.common import machine, table
+from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.measure.models import load_pipeline
+from optsearch.study_spec import spec_from_dict
+
+SETTINGS = {
+    "steps 6/12": {"steps": {"num_inference_steps": 6}},
+    "fbcache 0.5": {"fbcache": {"threshold": 0.5}},
+    "taylorseer": {"taylorseer": {}},
+    "magcache": {"magcache": {}},
+    "pab": {"pab": {}},
+    "fastercache": {"fastercache": {}},
+    "dbcache 0.6": {"dbcache": {"residual_diff_threshold": 0.6}},
+}
+
+
+def main(backend: str = "inductor", steps: int = 12) -> None:
+    started = time.perf_counter()
+    rows = {name: [name] for name in SETTINGS}
+    for how in ("none", "regional"):
+        spec = spec_from_dict({
+            "name": "compile", "model": {"id": "builtin:tiny-flux", "device": "cpu", "steps": steps,
+                                         "guidance_scale": 3.5, "compile": how,
+                                         "compile_backend": backend},
+            "prompts": {"source": "builtin", "num_samples": 4, "batch_size": 2},
+            "quality": {"clip_model": "builtin:tiny", "clip_pretrained": "none", "metric": "psnr",
+                        "limit": 30.0},
+            "search": {"accelerators": [[family] for family in ("steps", "fbcache", "taylorseer",
+                                                                 "magcache", "pab", "fastercache",
+                                                                 "dbcache")]}})
+        pipe = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
+        evaluator = evaluator_from_spec(spec, pipe=pipe)
+        clock = time.perf_counter()
+        baseline = evaluator.baseline()
+        print(f"{how}: baseline {baseline.seconds_per_image:.3f} s/image "
+              f"({time.perf_counter() - clock:.1f} s with its warm-up)", flush=True)
+        for name, setting in SETTINGS.items():
+            try:
+                result = evaluator.compare(setting, baseline)
+            except Exception as error:  # a family that cannot run compiled: say why
+                rows[name] += ["failed: " + str(error).splitlines()[0][:60]] + (
+                    ["-"] * 3 if how == "regional" else [])
+                continue
+            rows[name].append(f"{result.speedup_interval} {result.interval('psnr').mean:.1f} dB")
+            if how == "regional":
+                rows[name] += [f"{result.warmup_seconds:.1f}", str(result.graph_breaks),
+                               str(result.compiled_while_timed)]
+            print(f"  {name}: {result.speedup_interval}", flush=True)
+    print(f"\n# families under torch.compile (regional, {backend}) on builtin:tiny-flux, {steps} steps, "
+          f"4 prompts in batches of 2 ({machine()})")
+    print(table(["setting", "eager: speedup, psnr", "compiled: speedup, psnr", "warm-up s (compile)",
+                 "graph breaks", "graphs compiled while timed"], list(rows.values())))
+    print(f"{time.perf_counter() - started:.0f} s in all")
