@@ -47,13 +47,16 @@ def table(headers, rows) -> str:
 
 
 def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
-                        repeats: int = 1) -> list[tuple[str, float, str]]:
+                        repeats: int = 1, compiles: dict | None = None) -> list[tuple[str, float, str]]:
     """The GPU scripts' loop: each (name, setting) applied, warmed up for `warmup` steps, timed
     with `call(target)` (seconds; the least of `repeats` calls); MagCache's ratios and DBCache's
     calibrated range measured first (a DBCache setting given as {} runs at the calibrated range's
     top: "skips nearly everything").
-    Returns (name, seconds, computed share)."""
+    Returns (name, seconds, computed share). `compiles`, when given, receives each setting's
+    torch.compile counts over its warm-up and timed calls (graphs compiled, graph breaks) and
+    its warm-up's seconds."""
     from optsearch.accelerators import AppliedSetting, dbcache, magcache
+    from optsearch.measure.compiling import counted_since, dynamo_counts
 
     ratios = magcache.calibrate(pipe, steps, lambda: call(pipe))
     top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
@@ -61,10 +64,13 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
     for name, setting in settings:
         if setting.get("dbcache") == {}:
             setting = {"dbcache": {"residual_diff_threshold": top}}
+        before = dynamo_counts()
         with AppliedSetting(pipe, setting, {"magcache": {"mag_ratios": ratios}}) as applied:
-            call(applied, warmup)
+            warm = call(applied, warmup)
             seconds = min(call(applied) for _ in range(repeats))
             computed = applied.computed_fraction()
+        if compiles is not None:
+            compiles[name] = {**counted_since(before), "warmup_seconds": warm}
         rows.append((name, seconds, "-" if computed is None else f"{100 * computed:.0f}%"))
         print(f"{name}: {seconds:.3f} s", flush=True)
     return rows

@@ -10,7 +10,12 @@ forecast whole blocks or attention layers in proportion to the depth. 1024 px, 2
 batch 1, T5 prompts of 128 tokens from random token ids (no text encoders: prompt embeddings are
 random, which changes nothing about the transformer's cost).
 
-    python -m benchmarks gpu-flux      # needs CUDA; prints a Markdown table
+    python -m benchmarks gpu-flux                      # needs CUDA; prints a Markdown table
+    python -m benchmarks gpu-flux --compile regional   # the same, transformer blocks compiled
+
+Compiled (`--compile regional`: compile_repeated_blocks, fullgraph=False, inductor) every setting
+warms up for a full call first, so its compile is not in its seconds; the table adds each
+setting's warm-up seconds (compile included), graphs compiled and graph breaks.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def build():
     return pipe
 
 
-def main() -> None:
+def main(compile: str = "none") -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_flux.py needs a CUDA GPU")
     started = time.perf_counter()
@@ -78,12 +83,24 @@ def main() -> None:
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    call(pipe, 3)
-    timed = time_cache_settings(pipe, call, SETTINGS, 28, warmup=4, repeats=2)
+    compiles = None
+    if compile == "regional":
+        pipe.transformer.compile_repeated_blocks(fullgraph=False)
+        compiles = {}
+    call(pipe, 28 if compiles is not None else 3)
+    timed = time_cache_settings(pipe, call, SETTINGS, 28, warmup=28 if compiles is not None else 4,
+                                repeats=2, compiles=compiles)
     rows = [[name, seconds, timed[0][1] / seconds, computed] for name, seconds, computed in timed]
+    headers = ["setting", "s/image", "speedup", "computed"]
+    if compiles is not None:
+        headers += ["warm-up s (compile)", "graphs compiled", "graph breaks"]
+        for row in rows:
+            counts = compiles[row[0]]
+            row += [counts["warmup_seconds"], counts["graphs"], counts["graph_breaks"]]
     scale = (19 + 38 * 0.5) / (DEPTH_DOUBLE + DEPTH_SINGLE * 0.5)
     print(f"\n# GPU, FLUX width, {DEPTH_DOUBLE}+{DEPTH_SINGLE} blocks (full: 19+38, ~{scale:.1f}x "
-          f"the cost), 1024 px, 28 steps, bf16, batch 1, transformer only ({machine()})")
-    print(table(["setting", "s/image", "speedup", "computed"], rows))
+          f"the cost), 1024 px, 28 steps, bf16, batch 1, transformer only, compile {compile} "
+          f"({machine()})")
+    print(table(headers, rows))
     print(f"total {time.perf_counter() - started:.0f} s")
 

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run by the prepared GPU check (every executable benchmarks/gpu_*.sh): the FLUX-width caches of
+# gpu_flux.sh again with the transformer's blocks compiled (torch.compile, regional, inductor):
+# which caches keep their speedup as served compiled (benchmarks/gpu_flux.py --compile regional).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+timeout 240 python3 -m benchmarks gpu-flux --compile regional
