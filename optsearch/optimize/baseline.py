@@ -82,6 +82,11 @@ class BaselineKeeper:
         self.baseline = baseline
         return baseline
 
+    def between_trials(self, trials_run: int) -> None:
+        """Re-time the baseline, or probe it, when either is due."""
+        self.retime_if_due(trials_run)
+        self.probe_if_due(trials_run)
+
     def retime_if_due(self, trials_run: int) -> None:
         every = self.spec.search.retime_baseline_every
         if every and self.trials_since_timing >= every:

@@ -157,8 +157,7 @@ class Worker:
         if finished + running >= target:  # the last trials belong to other workers
             time.sleep(self.options.poll_interval)
             return True
-        self.baselines.retime_if_due(self.trials_run)
-        self.baselines.probe_if_due(self.trials_run)
+        self.baselines.between_trials(self.trials_run)
         try:
             self.study.optimize(self._objective, n_trials=1, gc_after_trial=False,
                                 catch=(SurplusTrial, ImplausibleSpeedup, *OUT_OF_MEMORY),
@@ -214,15 +213,13 @@ class Worker:
             except OUT_OF_MEMORY as error:
                 recovery.release_memory()
                 batch_size = self.evaluator.config.batch_size
-                reason = (f"out of memory at batch size {batch_size} with "
-                          f"{format_setting(normalize_setting(setting))}: {error}")
+                reason = f"out of memory at batch size {batch_size} with {format_setting(setting)}: {error}"
                 logger.warning("trial %d: %s", trial.number, reason)
                 if not self.options.halve_batch_on_oom or batch_size == 1:
                     trial.set_user_attr("fail_reason", reason)
                     raise
-                halvings += 1
                 trial.set_user_attr("batch_size", self.baselines.halve_batch(self.trials_run))
-                trial.set_user_attr("oom_halvings", halvings)
+                trial.set_user_attr("oom_halvings", halvings := halvings + 1)
                 trial.set_user_attr("fingerprint", self.fingerprint)
 
     def _record(self, trial: optuna.Trial, result: Comparison):
