@@ -13,6 +13,7 @@ import torchvision
 
 from optsearch.errors import ModelLoadError
 from optsearch.measure.perceptual import Lpips, alexnet_weights
+from optsearch.optimize import objectives
 from optsearch.study_spec import SpecError, spec_from_dict
 
 from .conftest import TINY_SPEC, optsearch_cmd, write_spec
@@ -58,10 +59,15 @@ def test_a_lpips_limit_is_a_distance_in_0_1():
     spec = {"model": {"id": "builtin:tiny"}, "quality": {"metric": "lpips", "limit": 5.0}}
     with pytest.raises(SpecError, match="not an LPIPS distance limit"):
         spec_from_dict(spec)
-    assert spec_from_dict({**spec, "quality": {"metric": "lpips", "limit": 0.2}}).quality.measures_lpips
+    lpips_spec = spec_from_dict({**spec, "quality": {"metric": "lpips", "limit": 0.2}})
+    assert lpips_spec.quality.measures_lpips
+    close = {"lpips": {"mean": 0.1, "low": 0.05, "high": 0.15}}  # a distance: lower is better
+    far = {"lpips": {"mean": 0.3, "low": 0.25, "high": 0.35}}
+    assert objectives.constraints(lpips_spec, close)["quality"] == pytest.approx(-0.1)
+    assert objectives.constraints(lpips_spec, far)["quality"] == pytest.approx(0.1)
 
 
-def test_evaluate_reports_lpips_with_its_interval_and_judges_the_limit_by_it(tmp_path, torch_home):
+def test_evaluate_reports_lpips_with_its_interval_beside_psnr(tmp_path, torch_home):
     text = (TINY_SPEC.replace('metric = "psnr"', 'metric = "lpips"').replace("limit = 30.0", "limit = 0.2"))
     spec = write_spec(tmp_path / "tiny.toml", text)
     ran = optsearch_cmd("evaluate", str(spec), "--set", "deepcache.cache_interval=4", "--json",
