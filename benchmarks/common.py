@@ -56,7 +56,7 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
     torch.compile counts over its warm-up and timed calls (graphs compiled, graph breaks) and
     its warm-up's seconds."""
     from optsearch.accelerators import AppliedSetting, dbcache, magcache
-    from optsearch.measure.compiling import counted_since, dynamo_counts
+    from optsearch.measure.compiling import CompileCounter
 
     ratios = magcache.calibrate(pipe, steps, lambda: call(pipe))
     top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
@@ -64,13 +64,15 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
     for name, setting in settings:
         if setting.get("dbcache") == {}:
             setting = {"dbcache": {"residual_diff_threshold": top}}
-        before = dynamo_counts()
+        counter = CompileCounter() if compiles is not None else None
         with AppliedSetting(pipe, setting, {"magcache": {"mag_ratios": ratios}}) as applied:
             warm = call(applied, warmup)
+            if counter is not None:
+                counter.warmed_up()
             seconds = min(call(applied) for _ in range(repeats))
             computed = applied.computed_fraction()
-        if compiles is not None:
-            compiles[name] = {**counted_since(before), "warmup_seconds": warm}
+        if counter is not None:
+            compiles[name] = {**counter.counts(), "warmup_seconds": warm}
         rows.append((name, seconds, "-" if computed is None else f"{100 * computed:.0f}%"))
         print(f"{name}: {seconds:.3f} s", flush=True)
     return rows

@@ -8,9 +8,10 @@ guidance. The study holds them fixed (the spec), `check` prints them, the export
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping
+
+from optsearch.accelerators import call_parameters
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
                 "num_frames")
@@ -33,19 +34,15 @@ def context_text(context: Mapping) -> str:
             f"guidance {context['guidance_scale']}")
 
 
-def _default(pipe, name: str):
-    parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
-    return None if parameter is None else parameter.default
-
-
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     """The context of one pipeline call, as far as its arguments tell."""
     prompt = kwargs.get("prompt", args[0] if args else None)
     prompts = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
     per_prompt = kwargs.get("num_images_per_prompt") or kwargs.get("num_videos_per_prompt") or 1
     served = {"batch_size": prompts * per_prompt}
+    defaults = call_parameters(pipe)
     for key in ("height", "width", "num_inference_steps", "guidance_scale", "num_frames"):
-        served[key] = kwargs[key] if key in kwargs else _default(pipe, key)
+        served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
     return served
 
 

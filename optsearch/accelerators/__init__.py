@@ -75,12 +75,17 @@ def applicable(kind: str) -> list[str]:
     return [name for name, module in REGISTRY.items() if kind in module.APPLIES_TO]
 
 
+def call_parameters(pipe) -> Mapping[str, inspect.Parameter]:
+    """The arguments the pipeline class's `__call__` takes, with their defaults."""
+    return inspect.signature(type(pipe).__call__).parameters
+
+
 def pipeline_kind(pipe) -> str:
     """'unet', 'transformer' or 'video' (a transformer pipeline whose call takes `num_frames`):
     which families the pipeline's denoiser can take, and whether it returns frames."""
     if getattr(pipe, "unet", None) is not None:
         return "unet"
-    return "video" if "num_frames" in inspect.signature(type(pipe).__call__).parameters else "transformer"
+    return "video" if "num_frames" in call_parameters(pipe) else "transformer"
 
 
 def combo_problem(combo: Sequence[str], kind: str | None = None) -> str | None:

@@ -146,6 +146,14 @@ class Comparison:
         return {f"{metric}_{statistic}": prompt_statistic(self.per_prompt(metric), metric, statistic)
                 for metric in self.metrics() for statistic in ("worst", "p10")}
 
+    def compile_figures(self) -> dict:
+        """What compiling cost this measurement (compiling.py); {} for an eager pipeline."""
+        if not self.compiled:
+            return {}
+        return {"compiled": self.compiled, "compile_seconds": self.warmup_seconds,
+                "graphs_compiled": self.graphs_compiled, "graph_breaks": self.graph_breaks,
+                "compiled_while_timed": self.compiled_while_timed}
+
     def video_intervals(self) -> dict[str, Interval]:
         """The video figures (worst frame, temporal change) with their intervals; {} for images."""
         return {name: self.interval(name) for name in VIDEO_FIGURES if getattr(self, name)}
@@ -170,10 +178,7 @@ class Comparison:
             **video,
             "clip_image_cosine": float(np.mean(self.clip_image_cosine)),
             "compute_fraction": self.compute_fraction,
-            **({"compiled": self.compiled, "compile_seconds": self.warmup_seconds,
-                "graphs_compiled": self.graphs_compiled,
-                "compiled_while_timed": self.compiled_while_timed,
-                "graph_breaks": self.graph_breaks} if self.compiled else {}),
+            **self.compile_figures(),
             "peak_memory_gib": self.peak_memory_gib,
             "baseline_peak_memory_gib": self.baseline_peak_memory_gib,
             "batches_evaluated": self.batches_evaluated,

@@ -14,8 +14,6 @@ from __future__ import annotations
 from optsearch.accelerators import denoiser
 from optsearch.errors import ModelLoadError
 
-CHOICES = ("none", "regional", "full")
-
 
 def compile_denoiser(pipe, how: str, mode: str | None = None, backend: str = "inductor") -> None:
     """Compile `pipe`'s denoiser in place (lazily: the first call compiles) and mark the pipeline
@@ -39,14 +37,28 @@ def compiled_as(pipe) -> str | None:
     return getattr(pipe, "_optsearch_compile", None)
 
 
-def dynamo_counts() -> dict[str, int]:
-    """torch's own running counts: graphs compiled and graph breaks met so far in this process."""
+def _dynamo_counts() -> tuple[int, int]:
+    """torch's own running counts: (graphs compiled, graph breaks met) so far in this process.
+    Imports torch._dynamo (about a second): only for compiled pipelines."""
     from torch._dynamo.utils import counters
 
-    return {"graphs": int(counters["stats"].get("unique_graphs", 0)),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return int(counters["stats"].get("unique_graphs", 0)), int(sum(counters["graph_break"].values()))
 
 
-def counted_since(before: dict[str, int], after: dict[str, int] | None = None) -> dict[str, int]:
-    after = dynamo_counts() if after is None else after
-    return {key: after[key] - before[key] for key in before}
+class CompileCounter:
+    """What torch compiled over one measurement: made at its start, told when its untimed warm-up
+    ended (`warmed_up`), read at its end (`counts`)."""
+
+    def __init__(self):
+        self.start = self.warm = _dynamo_counts()
+
+    def warmed_up(self) -> None:
+        self.warm = _dynamo_counts()
+
+    def counts(self) -> dict[str, int]:
+        """graphs compiled in the warm-up, graphs compiled after it (inside timed calls), and
+        graph breaks met over the whole measurement."""
+        end = _dynamo_counts()
+        return {"graphs_compiled": self.warm[0] - self.start[0],
+                "compiled_while_timed": end[0] - self.warm[0],
+                "graph_breaks": end[1] - self.start[1]}

@@ -27,7 +27,7 @@ from optsearch.accelerators import (
 )
 from optsearch.errors import ModelLoadError
 from optsearch.measure.comparison import VIDEO_FIGURES, Baseline, Comparison, image_digest
-from optsearch.measure.compiling import compile_denoiser, compiled_as, counted_since, dynamo_counts
+from optsearch.measure.compiling import CompileCounter, compile_denoiser, compiled_as
 from optsearch.measure.frames import clip_score_videos, frame_fidelity
 from optsearch.measure.generation import (
     Batch,
@@ -208,11 +208,12 @@ class Evaluator:
         )
         peak = PeakMemory(self.pipe.device)
         result.compiled = compiled_as(self.pipe)
-        counted = {"start": dynamo_counts()}
+        compiles = CompileCounter() if result.compiled else None
 
         def warmed_up(seconds: float) -> None:
             result.warmup_seconds = seconds
-            counted["warm"] = dynamo_counts()
+            if compiles is not None:
+                compiles.warmed_up()
 
         with self.apply(setting) as applied:
             result.setting = applied.setting
@@ -230,11 +231,9 @@ class Evaluator:
                         result.early_stopped = True
                         break
             result.peak_memory_gib = peak.gib
-        if result.compiled:
-            warm = counted.get("warm", counted["start"])
-            result.graphs_compiled = counted_since(counted["start"], warm)["graphs"]
-            result.compiled_while_timed = counted_since(warm)["graphs"]
-            result.graph_breaks = counted_since(counted["start"])["graph_breaks"]
+        if compiles is not None:
+            for name, count in compiles.counts().items():
+                setattr(result, name, count)
         result.wall_seconds = time.perf_counter() - wall_start
         return result
 

@@ -14,6 +14,7 @@ import diffusers
 import torch
 
 from optsearch.accelerators import denoiser
+from optsearch.measure.compiling import compiled_as
 
 
 def device_name(device: torch.device) -> str:
@@ -33,7 +34,7 @@ def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:
         "batch_size": batch_size,
         "threads": torch.get_num_threads() if model.device.type == "cpu" else None,
     }
-    compiled = getattr(pipe, "_optsearch_compile", None)
+    compiled = compiled_as(pipe)
     if compiled is not None:  # only then: eager studies keep their fingerprints
         facts["compile"] = compiled
     digest = hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]

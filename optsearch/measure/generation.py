@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from optsearch.accelerators import AppliedSetting
+from optsearch.accelerators import AppliedSetting, call_parameters
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class GenerationConfig:
         passed as 1.0: Qwen-Image's default 4.0 without a negative runs no guidance anyway and
         warns on every call that it does not."""
         extra = {} if self.true_cfg_scale is None else {"true_cfg_scale": self.true_cfg_scale}
-        if self.true_cfg_scale is None and self.negative_prompt is None and _takes(pipe, "true_cfg_scale"):
+        if self.true_cfg_scale is None and self.negative_prompt is None \
+                and "true_cfg_scale" in call_parameters(pipe):
             extra["true_cfg_scale"] = 1.0
         if self.negative_prompt is not None:
             extra["negative_prompt"] = [self.negative_prompt] * count
@@ -87,19 +88,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _takes(pipe, argument: str) -> bool:
-    import inspect
-
-    return argument in inspect.signature(type(pipe).__call__).parameters
-
-
 def guidance_for(pipe, guidance_scale: float) -> float | None:
     """The guidance_scale to pass: None where the pipeline's own default is None and its
     transformer is not guidance-distilled (Qwen-Image: its guidance is true_cfg_scale, and any
     guidance_scale draws a warning on every call), else the spec's."""
-    import inspect
-
-    parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    parameter = call_parameters(pipe).get("guidance_scale")
     transformer = getattr(pipe, "transformer", None)
     distilled = getattr(getattr(transformer, "config", None), "guidance_embeds", True)
     if parameter is not None and parameter.default is None and distilled is False:

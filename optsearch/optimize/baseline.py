@@ -59,7 +59,8 @@ class BaselineKeeper:
         self.trials_since_probe += 1
 
     def pass_noise(self) -> PassNoise:
-        """The device's pass-level timing noise, from every worker's probes of this fingerprint."""
+        """The device's pass-level timing noise, from every worker's probes and baseline passes of
+        this fingerprint."""
         return pass_noise.estimate(studies.timings(self.study), self.fingerprint,
                                    self.spec.search.pass_noise)
 

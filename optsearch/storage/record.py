@@ -77,9 +77,7 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
     attrs.update({
         "clip_image_cosine": result.clip_image_cosine_mean,
         "compute_fraction": result.compute_fraction,  # denoiser work run, where families report it
-        **({"compiled": result.compiled, "compile_seconds": result.warmup_seconds,
-            "graphs_compiled": result.graphs_compiled, "graph_breaks": result.graph_breaks,
-            "compiled_while_timed": result.compiled_while_timed} if result.compiled else {}),
+        **result.compile_figures(),
         "peak_memory_gib": result.peak_memory_gib,  # during the timed batches (measure/memory.py)
         "baseline_peak_memory_gib": result.baseline_peak_memory_gib,
         "batches_evaluated": result.batches_evaluated,

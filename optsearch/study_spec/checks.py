@@ -7,6 +7,7 @@ import math
 from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, params_of, step_problems
 from optsearch.measure.model_ids import is_factory
 from optsearch.study_spec.schema import (
+    COMPILES,
     DTYPES,
     KNOWN_SCHEDULERS,
     METRICS,
@@ -58,8 +59,8 @@ def validate(spec: StudySpec, problem) -> None:
         problem("model.fps", f"{model.fps} must be in [1, 120]")
     if not model.guidance_scale >= 0:
         problem("model.guidance_scale", "must be >= 0")
-    if model.compile not in ("none", "regional", "full"):
-        problem("model.compile", f"unknown compile {model.compile!r} (allowed: none, regional, full)")
+    if model.compile not in COMPILES:
+        problem("model.compile", f"unknown compile {model.compile!r} (allowed: {', '.join(COMPILES)})")
     if not model.id:
         problem("model.id", "must name a model: hub id, local folder or builtin:tiny")
     if prompts.num_samples < 1:

@@ -12,6 +12,7 @@ from optsearch.accelerators import ANY_COMBOS, ORDER, params_of
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim", "lpips")
+COMPILES = ("none", "regional", "full")
 RULES = ("mean", "bound")
 STATISTICS = ("mean", "worst", "p10")  # over prompts: which figure the limit applies to
 MODES = ("max-speedup", "target-speedup", "pareto")
@@ -94,7 +95,7 @@ class SearchSpec:
     n_startup_trials: int = 20  # tuned on the recorded landscape (benchmarks/RESULTS.md)
     retime_baseline_every: int = 0  # re-time the worker's baseline every N trials; 0: once per worker
     probe_every: int = 3  # time one baseline batch every N trials (pass noise); 0: never
-    pass_noise: float = 0.05  # one pass's speed spread assumed until probes measure it (5 %)
+    pass_noise: float = 0.05  # one pass's speed spread assumed (5 %): a prior worth 4 probes' df
     warm_start: list[str] = field(default_factory=lambda: ["published"])  # enqueued first
 
     model_kind = "unet"  # set from [model] when the spec is loaded (not a spec key)
