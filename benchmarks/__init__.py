@@ -29,6 +29,8 @@ BENCHMARKS = {
                                    "find the grid's best?", "Search efficiency"),
     "storage": Benchmark("storage", "How many trials a second can SQLite and PostgreSQL take?",
                          "Storage throughput"),
+    "storage-load": Benchmark("storage_load", "How many workers does PostgreSQL serve, directly and "
+                              "through the storage proxy, and what grows with the study?", "Scaling out"),
     "early-stop": Benchmark("early_stop", "How much time does early stop save on a real study?",
                             "Early stop"),
     "gpu-timing": Benchmark("gpu_timing", "Real-size SD 1.5 speedups on a GPU, next to the published "

@@ -8,6 +8,8 @@ compiled there, graph breaks, and graphs compiled inside timed batches. A settin
 compiled says why.
 
     python -m benchmarks compile-families          # about 10 minutes on 2 idle cores
+    python -m benchmarks compile-families --model builtin:tiny   # the UNet families (DeepCache,
+                                                                 # ToMe, T-GATE) on SD's topology
 """
 
 from __future__ import annotations
@@ -28,29 +30,36 @@ SETTINGS = {
     "fastercache": {"fastercache": {}},
     "dbcache 0.6": {"dbcache": {"residual_diff_threshold": 0.6}},
 }
+UNET_SETTINGS = {
+    "steps 6/12": {"steps": {"num_inference_steps": 6}},
+    "deepcache 3": {"deepcache": {"cache_interval": 3}},
+    "tome 0.5": {"tome": {"ratio": 0.5}},
+    "tgate 6": {"tgate": {"gate_step": 6}},
+    "deepcache 3 + tome 0.5": {"deepcache": {"cache_interval": 3}, "tome": {"ratio": 0.5}},
+}
 
 
-def main(backend: str = "inductor", steps: int = 12) -> None:
+def main(backend: str = "inductor", steps: int = 12, model: str = "builtin:tiny-flux") -> None:
     started = time.perf_counter()
-    rows = {name: [name] for name in SETTINGS}
+    settings = SETTINGS if model == "builtin:tiny-flux" else UNET_SETTINGS
+    rows = {name: [name] for name in settings}
     for how in ("none", "regional"):
         spec = spec_from_dict({
-            "name": "compile", "model": {"id": "builtin:tiny-flux", "device": "cpu", "steps": steps,
-                                         "guidance_scale": 3.5, "compile": how,
-                                         "compile_backend": backend},
+            "name": "compile", "model": {"id": model, "device": "cpu", "steps": steps,
+                                         "guidance_scale": 3.5 if model == "builtin:tiny-flux" else 7.5,
+                                         "compile": how, "compile_backend": backend},
             "prompts": {"source": "builtin", "num_samples": 4, "batch_size": 2},
             "quality": {"clip_model": "builtin:tiny", "clip_pretrained": "none", "metric": "psnr",
                         "limit": 30.0},
-            "search": {"accelerators": [[family] for family in ("steps", "fbcache", "taylorseer",
-                                                                 "magcache", "pab", "fastercache",
-                                                                 "dbcache")]}})
-        pipe = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
+            "search": {"accelerators": [[family] for family in
+                                        sorted({f for setting in settings.values() for f in setting})]}})
+        pipe = load_pipeline(model, device="cpu", dtype="float32")
         evaluator = evaluator_from_spec(spec, pipe=pipe)
         clock = time.perf_counter()
         baseline = evaluator.baseline()
         print(f"{how}: baseline {baseline.seconds_per_image:.3f} s/image "
               f"({time.perf_counter() - clock:.1f} s with its warm-up)", flush=True)
-        for name, setting in SETTINGS.items():
+        for name, setting in settings.items():
             try:
                 result = evaluator.compare(setting, baseline)
             except Exception as error:  # a family that cannot run compiled: say why
@@ -62,7 +71,7 @@ def main(backend: str = "inductor", steps: int = 12) -> None:
                 rows[name] += [f"{result.warmup_seconds:.1f}", str(result.graph_breaks),
                                str(result.compiled_while_timed)]
             print(f"  {name}: {result.speedup_interval}", flush=True)
-    print(f"\n# families under torch.compile (regional, {backend}) on builtin:tiny-flux, {steps} steps, "
+    print(f"\n# families under torch.compile (regional, {backend}) on {model}, {steps} steps, "
           f"4 prompts in batches of 2 ({machine()})")
     print(table(["setting", "eager: speedup, psnr", "compiled: speedup, psnr", "warm-up s (compile)",
                  "graph breaks", "graphs compiled while timed"], list(rows.values())))

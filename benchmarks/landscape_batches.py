@@ -12,6 +12,10 @@ speedup is against the latest one. Writes benchmarks/data/landscape-cpu-bench-ba
 Other sizes write landscape-cpu-bench-batches-<prompts>x<batch_size>.json: 8 prompts in batches of
 1 give a trial the 8 looks of a default study (32 prompts in batches of 4) in about 20 minutes, 16
 in batches of 2 (two prompts a look) in about 27.
+
+`--recording 2` records the same grid again, independently (its own process, baselines and noise),
+to landscape-...-2.json: a replay that does not grade itself defines the answer on one recording
+and searches the other (search_cost.py, RESULTS "Search cost").
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from optsearch import load_spec
 from optsearch.measure.evaluate import evaluator_from_spec
 
 
-def main(num_samples: int = 3, batch_size: int = 1) -> None:
+def main(num_samples: int = 3, batch_size: int = 1, recording: int = 1) -> None:
     spec = load_spec(ROOT / "studies" / "cpu-bench.toml")
     spec.model.height = spec.model.width = 128
     spec.prompts.num_samples, spec.prompts.batch_size = num_samples, batch_size
@@ -54,7 +58,7 @@ def main(num_samples: int = 3, batch_size: int = 1) -> None:
         })
         print(f"{index + 1}/{len(combos)} {setting} {result.seconds_per_image:.3f} s/img "
               f"psnr {points[-1]['psnr']:.1f}", flush=True)
-    out = landscape_path(num_samples, batch_size)
+    out = landscape_path(num_samples, batch_size, recording)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "machine": machine(), "model": "builtin:cpu-bench", "height": 128, "steps": spec.model.steps,

@@ -32,6 +32,13 @@ Configurations:
     REPLAY_ONLY="new;new, GP sampler" python -m benchmarks search-cost ...   # only those (+ today)
     LANDSCAPE=8x1 python -m benchmarks search-cost ...   # the 8-prompt landscape (8 looks a trial)
     LANDSCAPE=16x2 python -m benchmarks search-cost --limit 35.13 ...   # 16 prompts in batches of 2
+    LANDSCAPE=8x1 python -m benchmarks search-cost --search 2 --answer 1   # does not grade itself
+
+A replay that grades itself (`--answer 0`, the earlier figures) finds the best and each point's
+speedup in the very noise it replays. With `--answer 1 --search 2` the best, the answers (>= 98 %
+of it) and the limit come from one recording and the search replays the other, independent one
+(landscape_batches.py --recording 2); the limit sits in the middle of a gap between points'
+PSNR (`limit_in_a_gap`), not on the answer's figure.
 
 The GP configuration runs only on request: GP fits a model at every ask, and 10 seeds did not
 finish in 25 minutes on 2 cores.
@@ -62,7 +69,7 @@ from optsearch.optimize.warm_start import warm_start_params
 from optsearch.study_spec import spec_from_dict
 
 FINGERPRINT = "replay"  # every replayed trial ran on one device
-LANDSCAPE = landscape_path(*(int(n) for n in os.environ.get("LANDSCAPE", "3x1").split("x")))
+SIZE = tuple(int(n) for n in os.environ.get("LANDSCAPE", "3x1").split("x"))
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
@@ -81,6 +88,8 @@ class Config:
     boundary: str = "pocock"  # EarlyStop.boundary: the looks' per-look alpha
     same_baseline: bool = True  # compare with the best's seconds when both share a baseline timing
     on_request: bool = False  # only when named in REPLAY_ONLY (GP: > 25 min for 10 seeds here)
+    stop_margin: float | None = None  # the dominated look's margin (None: the spec's default)
+    selected_maximum: bool = True  # the best lowered for being the largest of k trials
 
 
 NEW = {"speedup_stop": True, "warm_start": True, "short_warmup": True, "warm_process": True,
@@ -102,6 +111,11 @@ CONFIGS = (
     Config("new, no warm start", **{**NEW, "warm_start": False}),
     Config("new, no warm start, 10 start-up", **{**NEW, "warm_start": False}, startup=10),
     Config("new, GP sampler", **NEW, sampler="gp", on_request=True),
+    Config("new, no margin, best as read", **NEW, stop_margin=0.0, selected_maximum=False,
+           on_request=True),
+    Config("new, best as read", **NEW, selected_maximum=False, on_request=True),
+    Config("new, margin 2 %", **NEW, stop_margin=0.02, on_request=True),
+    Config("new, margin 10 %", **NEW, stop_margin=0.10, on_request=True),
 )
 
 
@@ -121,6 +135,9 @@ def spec_for(seed: int, land: Landscape, config: Config):
     })
 
 
+GOAL = float(os.environ.get("GOAL", "0.98"))  # an answer: a feasible point this close to the best
+
+
 def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int = 3000) -> tuple:
     """(device seconds, wall seconds, trials, wrong stops) until the goal (None entries if never
     reached); wrong stops: (feasible settings stopped for quality, answers - feasible, >= 98 % of
@@ -129,7 +146,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
     study = optuna.create_study(direction="maximize", sampler=make_sampler(spec))
     for params in warm_start_params(spec, storage=None):
         study.enqueue_trial(params)
-    goal = 0.98 * land.best
+    goal = GOAL * land.best
     finished: list[FrozenTrial] = []  # the study's records, as a worker reads them
     done: dict[tuple, tuple] = {}
     clock, device, trials, wrong = 0.0, 0.0, 0, np.zeros(2, dtype=int)
@@ -140,7 +157,7 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
         """The next running trial finishes: its time, and whether it reached the goal."""
         finish, _, trial, point, batches, reason, warmed = heapq.heappop(running)
         feasible_done = tell(study, spec, trial, point, batches, reason, config, land, finished, warmed)
-        return finish, feasible_done and point["speedup"] >= goal
+        return finish, feasible_done and land.true_speedup(point) >= goal
 
     for index in range(cap):
         while free == 0:
@@ -164,9 +181,8 @@ def run(land: Landscape, config: Config, seed: int, workers: int = 1, cap: int =
                 else IssueTimeQualityStop(land.limit))
         batches, reason = measure(land, point, rule, warmed_up=not warm)
         done[key] = (batches, reason)
-        feasible = point["psnr"] >= land.limit
-        if reason and feasible:
-            wrong += (reason == "quality", reason != "quality" and point["speedup"] >= goal)
+        if reason and land.feasible(point):
+            wrong += (reason == "quality", reason != "quality" and land.true_speedup(point) >= goal)
         seconds = land.cost(point, batches, config.short_warmup, warm)
         device += seconds
         trials += 1
@@ -184,6 +200,8 @@ def replay_rule(spec, finished: list[FrozenTrial], point: dict, config: Config) 
     rule = rule_for(spec, finished, FINGERPRINT, baseline_id=point["baseline"])
     return dataclasses.replace(
         rule, speedup_after=config.speedup_after, boundary=config.boundary,
+        stop_margin=rule.stop_margin if config.stop_margin is None else config.stop_margin,
+        best_selected_from=rule.best_selected_from if config.selected_maximum else 1,
         prompt_effects=rule.prompt_effects if config.prompt_effects else None,
         best_batch_seconds=rule.best_batch_seconds if config.same_baseline else None)
 
@@ -249,12 +267,18 @@ def per_seed_ratio(device: list, today: list, draws: int = 2000) -> str:
     return f"{np.median(ratios):.2f} [{low:.2f}, {high:.2f}]"
 
 
-def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None:
-    land = Landscape(json.loads(LANDSCAPE.read_text()), limit)
+def main(limit: float | None = None, seeds: int = 10, parallel: int = 1, search: int = 1,
+         answer: int = 0) -> None:
+    """`search`: the recording replayed; `answer`: the recording that defines the best, the answers
+    and the limit (0: the replayed one itself, which grades its own noise)."""
+    searched = json.loads(landscape_path(*SIZE, search).read_text())
+    truth = json.loads(landscape_path(*SIZE, answer).read_text()) if answer else None
+    land = Landscape(searched, limit, truth)
     points = land.data["points"]
     print(f"# device-seconds to 98 % of the best feasible speedup ({len(points)}-point landscape, "
-          f"{land.data['prompts']} prompts in batches of {land.batch_size}, {land.data['machine']})")
-    print(f"PSNR limit {land.limit:.2f} dB; best feasible speedup {land.best:.2f}; the whole grid "
+          f"{land.data['prompts']} prompts in batches of {land.batch_size}, {land.data['machine']}; "
+          f"replaying recording {search}, answer from recording {answer or search})")
+    print(f"PSNR limit {land.limit:.3f} dB; best feasible speedup {land.best:.2f}; the whole grid "
           f"costs {land.grid_seconds:.0f} device-seconds")
     rows, today, today_per_seed = [], None, None
     only = os.environ.get("REPLAY_ONLY")  # e.g. "new;new, GP sampler": only those (and today)
@@ -275,12 +299,13 @@ def main(limit: float | None = None, seeds: int = 10, parallel: int = 1) -> None
                      if reached and today else "-",
                      per_seed_ratio(per_seed, today_per_seed) if today_per_seed else "-",
                      statistics.median(r[2] for r in results if r[0] is not None) if reached else None,
-                     "{} / {}".format(*sum(r[3] for r in results))])
+                     "{} / {}".format(*sum(r[3] for r in results)),
+                     sum(1 for r in results if r[3][1])])
         print(f"{config.name}: {[round(r[0]) if r[0] else None for r in results]}", flush=True)
     print(table(["rules", "reached", "median device-s", "vs today, median [95 % CI]",
                  "vs today, mean", "vs today, p90", "per seed vs today, median [95 % CI]",
                  "median trials",
-                 "wrong stops: quality / speedup"], rows))
+                 "wrong stops: quality / speedup", "seeds that stopped an answer"], rows))
 
     if not parallel:
         return

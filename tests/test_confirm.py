@@ -21,6 +21,7 @@ from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
 from optsearch.optimize.confirm import confirm_seed
 from optsearch.optimize.create import create_study
+from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
 from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
@@ -65,13 +66,20 @@ def test_confirm_without_enough_unseen_prompts_is_one_line_exit_2(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
+def run_worker(url: str, spec_path, pipe, n_trials: int | None = None) -> None:
+    """A worker in this process on the session's pipeline (the CLI's is tested elsewhere)."""
+    spec = load_spec(spec_path)
+    Worker(url, spec.name, WorkerOptions(progress=False, n_trials=n_trials),
+           evaluator=evaluator_from_spec(spec, pipe=pipe)).run()
+
+
+def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path, tiny_pipe):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC.replace("limit = 30.0", "limit = 5.0")
                       .replace("n_trials = 4", "n_trials = 4\nearly_stop = false")
                       .replace("steps = 16", "steps = 8"))  # A B B A rounds: 4 passes a round
-    ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
+    create_study(load_spec(spec), open_storage(url, heartbeat_interval=None))
+    run_worker(url, spec, tiny_pipe)
     confirm = subprocess.Popen([OPTSEARCH, "study", "confirm", "tiny", "--storage", url, "--top", "3",
                                 "--repeats", "2", "--quiet"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -136,7 +144,7 @@ def winner_marks(url: str, tmp_path) -> tuple[int, int, str, str]:
     return int(starred.group(1)), study.user_attrs["winner"]["trial"], get_note(study), shown.stdout
 
 
-def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(tmp_path):
+def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(tmp_path, tiny_pipe):
     """Under rule "bound", 8 search prompts give a tight interval and 2 unseen prompts a wide one:
     a limit between the two lower bounds makes the aggressive setting feasible in the search and
     infeasible on confirmation, while the faithful one passes both. Show, export and the
@@ -160,8 +168,7 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     study = optuna.load_study(study_name="tiny", storage=url)
     study.enqueue_trial(AGGRESSIVE)
     study.enqueue_trial(FAITHFUL)
-    ran = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
+    run_worker(url, spec, tiny_pipe)
     trials = {t.number: t for t in study.get_trials()}
     assert all(objectives.is_feasible(t) for t in trials.values())
     assert trials[0].user_attrs["speedup"] > trials[1].user_attrs["speedup"]
@@ -203,8 +210,7 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
     study = optuna.load_study(study_name="tiny", storage=url)
     study.enqueue_trial(AGGRESSIVE)
-    assert optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--n-trials", "1",
-                         "--quiet", cwd=tmp_path).returncode == 0
+    run_worker(url, spec, tiny_pipe, n_trials=1)
     assert optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "1", "--repeats", "2",
                          "--quiet", cwd=tmp_path).returncode == 0
     refused = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "none.json",

@@ -14,7 +14,7 @@ from optsearch.measure.generation import GenerationConfig, generate, n_batches
 from optsearch.measure.metrics import Interval, t_quantile
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.speedup import SpeedupInterval, first_batch_interval
-from optsearch.optimize.early_stop import EarlyStop, FrontPoint
+from optsearch.optimize.early_stop import EarlyStop, FrontPoint, selected_maximum_shift
 from optsearch.optimize.evidence import FirstBatches, PromptEffects
 from optsearch.optimize.sequential import per_look_alpha
 
@@ -380,3 +380,25 @@ def test_a_near_tie_is_not_stopped_as_dominated_but_a_clearly_slower_trial_is():
     assert rule(0.0)(partial(1.03)) == "dominated"  # without a margin a near-tie is stopped
     assert rule(0.05)(partial(1.03)) is None
     assert rule(0.05)(partial(1.2)) == "dominated"
+
+
+def test_the_best_is_lowered_for_being_the_largest_of_many_trials():
+    """The best is the maximum of the k feasible trials it was picked from: the dominated look
+    lowers its figure by its standard error x the expected maximum of k normals, so a trial a
+    little slower than a lucky best among many runs on, while one clearly slower still stops."""
+    def partial(speedup: float) -> Comparison:
+        seconds = 2.0 / speedup
+        return Comparison(setting={}, num_samples=8, batch_size=2, n_batches=4, confidence=0.95,
+                          baseline_seconds_per_image=2.0, baseline_batch_seconds=[2.0, 2.004, 1.996, 2.0],
+                          batches_evaluated=2, batch_seconds=[seconds, seconds * 1.002],
+                          inference_seconds=2 * (seconds + seconds * 1.002),
+                          psnr=[40.0] * 4, clip_scores=[1.0] * 4, baseline_clip_scores=[1.0] * 4)
+
+    def rule(k: int) -> EarlyStop:
+        return EarlyStop("psnr", 1, speedup_after=2, quality_limit=30.0, stop_margin=0.05,
+                         speedup_to_beat=SpeedupInterval(2.0, 1.8, 2.2), best_selected_from=k)
+
+    assert selected_maximum_shift(1) == 0.0 and 1.5 < selected_maximum_shift(10) < 1.6
+    assert rule(1)(partial(1.6)) == "dominated"  # one trial: its figure is taken as it is
+    assert rule(20)(partial(1.6)) is None  # the best of 20 at par reads ~10 % high
+    assert rule(20)(partial(1.2)) == "dominated"

@@ -221,6 +221,18 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+def cmd_storage_proxy(args) -> int:
+    from optsearch.storage.proxy import is_grpc_url, serve
+    from optsearch.storage.rdb import mask, open_storage, resolve_url
+
+    if is_grpc_url(resolve_url(args.storage)):
+        raise UsageError("storage-proxy needs the database's URL (postgresql://... or sqlite:///...), "
+                         "not another proxy's grpc:// URL")
+    storage = open_storage(args.storage, heartbeat_interval=None)
+    serve(storage, mask(storage.url), args.host, args.port, args.threads)
+    return 0
+
+
 def _worker_options(args):
     from optsearch.optimize.worker import WorkerOptions
 

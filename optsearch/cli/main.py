@@ -22,7 +22,8 @@ EXIT_INTERRUPTED = 130
 
 def _add_storage(parser) -> None:
     parser.add_argument("--storage", metavar="URL",
-                        help="Optuna RDB URL (default: $OPTSEARCH_STORAGE or sqlite:///optsearch.db)")
+                        help="Optuna RDB URL or a storage proxy's grpc://host:port (default: "
+                             "$OPTSEARCH_STORAGE or sqlite:///optsearch.db)")
 
 
 def _add_worker_options(parser) -> None:
@@ -231,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the artifact folder the workers write to (default: the one the "
                                 "studies' specs store)")
     dashboard.set_defaults(handler="cmd_dashboard")
+
+    proxy = commands.add_parser("storage-proxy",
+                                help="serve a storage to many workers over gRPC (Optuna's proxy)")
+    _add_storage(proxy)
+    proxy.add_argument("--host", default="127.0.0.1",
+                       help="bind address (default 127.0.0.1; 0.0.0.0 for other machines)")
+    proxy.add_argument("--port", type=_port, default=13000, help="port (default 13000)")
+    proxy.add_argument("--threads", type=_positive_int, default=32,
+                       help="requests served at once (default 32; one database connection each)")
+    proxy.set_defaults(handler="cmd_storage_proxy")
     return parser
 
 

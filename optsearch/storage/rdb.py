@@ -15,12 +15,14 @@ import time
 import warnings
 from urllib.parse import quote
 
+import grpc
 import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
 from optsearch.errors import StorageError
 from optsearch.storage.masking import encode_password, mask_url, remember, split_userinfo
+from optsearch.storage.proxy import is_grpc_url, open_grpc_storage
 
 DEFAULT_URL = "sqlite:///optsearch.db"
 ENV_VAR = "OPTSEARCH_STORAGE"
@@ -35,8 +37,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 
 logger = logging.getLogger(__name__)
-# What a dropped or restarted database connection raises through Optuna's RDB storage.
-DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
+# What a dropped or restarted database connection raises through Optuna's RDB storage (and
+# through the storage proxy: a gRPC error, the proxy or its database being away).
+DATABASE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, grpc.RpcError)
 
 
 
@@ -124,12 +127,18 @@ def _sqlite_exists(url: sqlalchemy.URL) -> bool:
 def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
                  grace_period: int | None = GRACE_PERIOD,
                  must_exist: bool = False) -> optuna.storages.RDBStorage:
-    """Open (creating tables when needed) the Optuna RDB storage at `url`.
+    """Open (creating tables when needed) the Optuna RDB storage at `url`, or the storage proxy
+    at a grpc://host:port URL (storage/proxy.py).
 
     `must_exist`: a SQLite file that is not there is an error, not a new empty database (for
     commands that only read or join studies: a typo must not create a storage).
     """
     url = resolve_url(url)
+    if is_grpc_url(url):
+        callback = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+                    if heartbeat_interval else None)
+        return open_grpc_storage(url, heartbeat_interval,
+                                 grace_period or (heartbeat_interval or 0) * 5, callback)
     mask_url(url)  # remembers the password, so no error text can show it
     url = _with_password_file(encode_password(url))
     try:
