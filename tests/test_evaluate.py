@@ -402,3 +402,30 @@ def test_the_best_is_lowered_for_being_the_largest_of_many_trials():
     assert rule(1)(partial(1.6)) == "dominated"  # one trial: its figure is taken as it is
     assert rule(20)(partial(1.6)) is None  # the best of 20 at par reads ~10 % high
     assert rule(20)(partial(1.2)) == "dominated"
+
+
+def test_the_early_stop_evidence_comes_from_the_latest_trials_only():
+    """Prompt effects and the first-batch record are learned from the latest RECENT_TRIALS trials:
+    the rule's cost no longer grows with the study. Older trials that read otherwise are left out."""
+    from optuna.trial import TrialState, create_trial
+
+    from optsearch.optimize.early_stop import rule_for
+    from optsearch.optimize.evidence import RECENT_TRIALS
+    from optsearch.study_spec import spec_from_dict
+
+    spec = spec_from_dict({"name": "s", "model": {"id": "builtin:tiny"},
+                           "prompts": {"source": "builtin", "num_samples": 3, "batch_size": 1},
+                           "quality": {"metric": "psnr", "limit": 30.0},
+                           "search": {"accelerators": ["deepcache"]}})
+
+    def trial(per_prompt, first_batch):
+        return create_trial(state=TrialState.COMPLETE, value=1.0, user_attrs={
+            "psnr_per_prompt": per_prompt, "fingerprint": "f", "batch_seconds": [first_batch, 1.0, 1.0],
+            "warmup_seconds": 1.0})
+
+    old = [trial([50.0, 30.0, 40.0], 2.0) for _ in range(50)]
+    recent = [trial([40.0, 40.0, 40.0], 1.0) for _ in range(RECENT_TRIALS)]
+    rule = rule_for(spec, old + recent, "f")
+    assert np.allclose(rule.prompt_effects.effects, 0.0)
+    assert len(rule.first_batches.after_warmup) == RECENT_TRIALS
+    assert np.allclose(rule.first_batches.after_warmup, 0.0)

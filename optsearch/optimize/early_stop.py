@@ -63,7 +63,7 @@ from optsearch.measure.metrics import (
     unsafe_side,
 )
 from optsearch.measure.speedup import SpeedupInterval, first_batch_interval, speedup_interval
-from optsearch.optimize.evidence import FirstBatches, PromptEffects
+from optsearch.optimize.evidence import RECENT_TRIALS, FirstBatches, PromptEffects
 from optsearch.optimize.objectives import is_feasible
 from optsearch.optimize.sequential import per_look_alpha
 from optsearch.storage.record import per_prompt_key, quality_of, speedup_of
@@ -220,7 +220,8 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
                      stop_margin=spec.search.stop_margin)
     rule.first_batches = FirstBatches.of(
         (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
-        for t in here if "reused_from" not in t.user_attrs and t.user_attrs.get("batch_seconds"))
+        for t in [t for t in here if "reused_from" not in t.user_attrs
+                  and t.user_attrs.get("batch_seconds")][-RECENT_TRIALS:])
     mode = spec.objective.mode
     if mode == "target-speedup":
         rule.target_speedup = spec.objective.target_speedup
@@ -230,7 +231,7 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
     key = per_prompt_key(spec.quality.metric)
     rule.prompt_effects = PromptEffects.of(
         [t.user_attrs[key] for t in complete if "reused_from" not in t.user_attrs
-         and len(t.user_attrs.get(key) or ()) == spec.prompts.num_samples])
+         and len(t.user_attrs.get(key) or ()) == spec.prompts.num_samples][-RECENT_TRIALS:])
     found = [t for t in complete if t.user_attrs.get("fingerprint") == fingerprint
              and is_feasible(t) and t.user_attrs.get("speedup_low") is not None]
     if combo == STEPS_ONLY:

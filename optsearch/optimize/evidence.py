@@ -5,6 +5,10 @@
   decide. Learned from 5 or more trials measured on all the study's prompts.
 - `FirstBatches`: how far a first batch reads from its trial's later ones on this device, after a
   warm-up and without one; the noise of the speedup look after one batch.
+
+Both are learned from the latest `RECENT_TRIALS` trials only: a few hundred pin them down, and
+the whole history made every trial's early-stop rule grow with the study (88 ms at 5,000 trials,
+benchmarks/RESULTS.md "Scaling out").
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from optsearch.measure.metrics import Interval, t_quantile
+
+RECENT_TRIALS = 200
 
 
 @dataclass(frozen=True)
