@@ -76,3 +76,25 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
         rows.append((name, seconds, "-" if computed is None else f"{100 * computed:.0f}%"))
         print(f"{name}: {seconds:.3f} s", flush=True)
     return rows
+
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def pg_database(prefix: str = "optsearch_bench") -> tuple[str, str]:
+    """A scratch database on the local PostgreSQL: (its name, its storage URL)."""
+    import uuid
+
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_pg_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-import uuid
 
 import optuna
 
-from benchmarks.common import machine, scratch, table
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+from benchmarks.common import drop_pg_database, machine, pg_database, scratch, table
 
 
 def _worker(url: str, seconds: float, results) -> None:
@@ -55,22 +52,6 @@ def measure(url: str, workers: int, seconds: float) -> tuple[float, float]:
     return trials * 60 / seconds, 1000 * sum(b for _, b in counts) / trials
 
 
-def _pg_database() -> tuple[str, str]:
-    import psycopg
-
-    name = f"optsearch_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-def _drop(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def main(seconds: float = 15.0) -> None:
     rows = []
     for backend in ("sqlite", "postgresql"):
@@ -78,12 +59,12 @@ def main(seconds: float = 15.0) -> None:
             if backend == "sqlite":
                 url, name = f"sqlite:///{scratch() / 'bench.db'}", None
             else:
-                name, url = _pg_database()
+                name, url = pg_database()
             try:
                 per_minute, storage_ms = measure(url, workers, seconds)
             finally:
                 if name:
-                    _drop(name)
+                    drop_pg_database(name)
             rows.append([backend, workers, per_minute, storage_ms])
             print(f"{backend} x{workers}: {per_minute:.0f} trials/min", flush=True)
     print(f"\n# storage throughput, near-zero objective, {seconds:.0f} s per run ({machine()})")

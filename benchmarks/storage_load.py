@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ import optuna
 import psycopg
 import torch
 
-from benchmarks.common import machine, table
+from benchmarks.common import PG_ADMIN, drop_pg_database, machine, pg_database, table
 from optsearch.measure.comparison import Comparison
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.generation import GenerationConfig
@@ -48,7 +47,6 @@ from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import spec_from_dict
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_RESTART = ["pg_ctlcluster", "15", "main", "restart"]
 PROMPTS, BATCH = 4, 2
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -175,18 +173,6 @@ def _child(url: str, seconds: float, sleep: float, evaluator: Evaluator, out: st
         sys.stdout.flush()
 
 
-def _database() -> tuple[str, str]:
-    name = f"optsearch_load_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-def _drop(name: str) -> None:
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def _connections(name: str) -> int | None:
     try:
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=2) as admin:
@@ -226,7 +212,7 @@ def _proxy(url: str, port: int) -> subprocess.Popen:
 
 def run(evaluator: Evaluator, workers: int, via_proxy: bool, seconds: float, sleep: float,
         prefill: int = 0, restart_at: float | None = None, profile: bool = False) -> dict:
-    name, url = _database()
+    name, url = pg_database("optsearch_load")
     proxy = None
     try:
         n_trials = prefill + 100_000
@@ -265,7 +251,7 @@ def run(evaluator: Evaluator, workers: int, via_proxy: bool, seconds: float, sle
         if proxy is not None:
             proxy.terminate()
             proxy.wait()
-        _drop(name)
+        drop_pg_database(name)
 
 
 def _child_once(url: str, evaluator: Evaluator, sleep: float, artifacts: str) -> None:
