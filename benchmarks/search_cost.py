@@ -60,12 +60,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from benchmarks.common import table
 from benchmarks.replay import IssueTimeQualityStop, Landscape, key_of, landscape_path, measure
+from optsearch.measure.metrics import Interval
 from optsearch.measure.speedup import speedup_interval
 from optsearch.optimize.early_stop import EarlyStop, rule_for
 from optsearch.optimize.objectives import constraints
 from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.space import suggest_setting
 from optsearch.optimize.warm_start import warm_start_params
+from optsearch.storage.record import interval_attrs
 from optsearch.study_spec import spec_from_dict
 
 FINGERPRINT = "replay"  # every replayed trial ran on one device
@@ -228,6 +230,9 @@ def tell(study, spec, trial, point, batches, reason, config, land, finished, war
         attrs["reused_from"] = -1
     if reason is None:
         attrs.update(speedup_interval(land.baseline(point), batches, 0.95, partial_speedup).to_dict())
+        # its quality interval, as a worker records it: the dominated look compares only with a
+        # best feasible under the "bound" rule, read from these (without them it never fired)
+        attrs.update(interval_attrs("psnr", Interval.of(psnr, 0.95)))
     finished.append(optuna.trial.create_trial(
         state=TrialState.COMPLETE if reason is None else TrialState.PRUNED,
         value=partial_speedup if reason is None else None, user_attrs=attrs))
