@@ -114,12 +114,8 @@ class SleepingEvaluator(Evaluator):
             result.clip_image_cosine += [0.99] * BATCH
             result.clip_scores += [0.3] * BATCH
             result.baseline_clip_scores += [0.3] * BATCH
-            result.batches_evaluated += 1
-            if stop_when is not None and result.batches_evaluated < self.n_batches:
-                result.early_stop_reason = stop_when(result)
-                if result.early_stop_reason is not None:
-                    result.early_stopped = True
-                    break
+            if result.batch_done(stop_when):
+                break
         return result
 
 

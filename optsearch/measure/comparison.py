@@ -4,6 +4,7 @@ prompt (what a trial stores, through storage/record.py)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,16 @@ class Comparison:
     @property
     def speedup_interval(self) -> SpeedupInterval:
         return self.speedup_interval_at(self.confidence)
+
+    def batch_done(self, stop_when: Callable[[Comparison], str | None] | None) -> bool:
+        """Count a measured batch and ask `stop_when` (before the last batch) whether to stop;
+        True when the measurement ends here, its reason recorded."""
+        self.batches_evaluated += 1
+        if stop_when is None or self.batches_evaluated >= self.n_batches:
+            return False
+        self.early_stop_reason = stop_when(self)
+        self.early_stopped = self.early_stop_reason is not None
+        return self.early_stopped
 
     def speedup_interval_at(self, confidence: float, pooled: bool = False) -> SpeedupInterval:
         return speedup_interval(self.baseline_batch_seconds, self.batch_seconds, confidence,

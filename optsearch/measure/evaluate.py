@@ -224,12 +224,8 @@ class Evaluator:
                 if (fraction := applied.computed_fraction()) is not None:
                     result.compute_fractions.append(fraction)
                 self._score(result, batch, baseline, keep_images)
-                result.batches_evaluated += 1
-                if stop_when is not None and result.batches_evaluated < self.n_batches:
-                    result.early_stop_reason = stop_when(result)
-                    if result.early_stop_reason is not None:
-                        result.early_stopped = True
-                        break
+                if result.batch_done(stop_when):
+                    break
             result.peak_memory_gib = peak.gib
         if compiles is not None:
             for name, count in compiles.counts().items():
