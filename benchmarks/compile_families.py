@@ -52,7 +52,8 @@ def main(backend: str = "inductor", steps: int = 12, model: str = "builtin:tiny-
             "quality": {"clip_model": "builtin:tiny", "clip_pretrained": "none", "metric": "psnr",
                         "limit": 30.0},
             "search": {"accelerators": [[family] for family in
-                                        sorted({f for setting in settings.values() for f in setting})]}})
+                                        sorted({f for setting in settings.values() for f in setting})]},
+            "space": {} if model == "builtin:tiny-flux" else {"tgate": {"gate_step": [2, steps - 2]}}})
         pipe = load_pipeline(model, device="cpu", dtype="float32")
         evaluator = evaluator_from_spec(spec, pipe=pipe)
         clock = time.perf_counter()
