@@ -188,8 +188,7 @@ class EarlyStop:
                                          pooled=True, pass_noise=partial.pass_noise)
             return math.log(over_best.high) < -margin
         trial_half = math.log(trial.high / trial.speedup)
-        best_half = (math.log(best.speedup / best.low) * normal.inv_cdf(1 - alpha)
-                     / normal.inv_cdf(0.5 + confidence / 2))
+        best_half = best_se * normal.inv_cdf(1 - alpha)
         return (math.log(trial.speedup) + math.hypot(trial_half, best_half)
                 < math.log(best.speedup) - margin)
 
@@ -218,10 +217,10 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
     here = [t for t in trials if t.user_attrs.get("fingerprint") == fingerprint]
     rule = EarlyStop(spec.quality.metric, spec.search.min_batches,
                      stop_margin=spec.search.stop_margin)
+    measured = [t for t in here if "reused_from" not in t.user_attrs and t.user_attrs.get("batch_seconds")]
     rule.first_batches = FirstBatches.of(
         (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
-        for t in [t for t in here if "reused_from" not in t.user_attrs
-                  and t.user_attrs.get("batch_seconds")][-RECENT_TRIALS:])
+        for t in measured[-RECENT_TRIALS:])
     mode = spec.objective.mode
     if mode == "target-speedup":
         rule.target_speedup = spec.objective.target_speedup

@@ -59,12 +59,13 @@ class HeartbeatGrpcStorage(GrpcStorageProxy, BaseHeartbeat):
 
     def __init__(self, *, host: str, port: int, heartbeat_interval: int | None = None,
                  grace_period: int | None = None,
-                 stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None):
+                 heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None):
+        """The heartbeat keywords are RDBStorage's (storage/rdb.py builds them for both)."""
         super().__init__(host=host, port=port)
         self.url = f"{SCHEME}://{host}:{port}"
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
-        self.stale_trial_callback = stale_trial_callback
+        self.stale_trial_callback = heartbeat_stale_trial_callback
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -91,12 +92,11 @@ class HeartbeatGrpcStorage(GrpcStorageProxy, BaseHeartbeat):
         """Nothing to drop: gRPC reconnects its channel by itself (RDB storages drop a session)."""
 
 
-def open_grpc_storage(url: str, heartbeat_interval: int | None, grace_period: int | None,
-                      stale_trial_callback) -> HeartbeatGrpcStorage:
-    """The proxy at `url`, once it answers (a proxy that is not there is one line, not a hang)."""
+def open_grpc_storage(url: str, **heartbeat) -> HeartbeatGrpcStorage:
+    """The proxy at `url`, once it answers (a proxy that is not there is one line, not a hang);
+    `heartbeat`: RDBStorage's heartbeat keywords, or none."""
     host, port = host_and_port(url)
-    storage = HeartbeatGrpcStorage(host=host, port=port, heartbeat_interval=heartbeat_interval,
-                                   grace_period=grace_period, stale_trial_callback=stale_trial_callback)
+    storage = HeartbeatGrpcStorage(host=host, port=port, **heartbeat)
     try:
         storage.wait_server_ready(timeout=CONNECT_TIMEOUT)
     except ConnectionError:

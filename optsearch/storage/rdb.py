@@ -124,6 +124,18 @@ def _sqlite_exists(url: sqlalchemy.URL) -> bool:
     return not url.database or url.database == ":memory:" or os.path.isfile(url.database)
 
 
+def _heartbeat_settings(interval: int | None, grace_period: int | None) -> dict:
+    """Optuna's heartbeat keywords (RDBStorage's names; the proxy's client takes the same): a beat
+    every `interval` seconds, a trial silent for the grace period failed and re-queued."""
+    if not interval:
+        return {}
+    warnings.filterwarnings("ignore", "RetryHeartbeatStaleTrialCallback is experimental",
+                            optuna.exceptions.ExperimentalWarning)
+    return dict(heartbeat_interval=interval, grace_period=grace_period or interval * 5,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY))
+
+
 def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
                  grace_period: int | None = GRACE_PERIOD,
                  must_exist: bool = False) -> optuna.storages.RDBStorage:
@@ -134,11 +146,9 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
     commands that only read or join studies: a typo must not create a storage).
     """
     url = resolve_url(url)
+    heartbeat = _heartbeat_settings(heartbeat_interval, grace_period)
     if is_grpc_url(url):
-        callback = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-                    if heartbeat_interval else None)
-        return open_grpc_storage(url, heartbeat_interval,
-                                 grace_period or (heartbeat_interval or 0) * 5, callback)
+        return open_grpc_storage(url, **heartbeat)
     mask_url(url)  # remembers the password, so no error text can show it
     url = _with_password_file(encode_password(url))
     try:
@@ -149,16 +159,6 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
     if parsed.drivername == "postgresql":  # psycopg (3) is the driver we install
         parsed = parsed.set(drivername="postgresql+psycopg")
         url = parsed.render_as_string(hide_password=False)
-    heartbeat = {}
-    if heartbeat_interval:
-        warnings.filterwarnings("ignore", "RetryHeartbeatStaleTrialCallback is experimental",
-                                optuna.exceptions.ExperimentalWarning)
-        heartbeat = dict(
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period or heartbeat_interval * 5,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRY),
-        )
     try:
         if parsed.get_backend_name() == "sqlite":
             if must_exist and not _sqlite_exists(parsed):
