@@ -8,9 +8,10 @@ the baseline, 8 search prompts. For each study, four ways to pick the answer:
 - bound:            the search's best whose lower PSNR bound meets the limit;
 - bound + confirm:  the same with confirmation, judged by the bound.
 
-Each answer is then measured on a third set of 8 held-out prompts (interleaved timing, 2 rounds):
-does it still meet the limit there (by its mean), and how far does its speedup move from the
-figure that was reported for it? Every study ran once with rule "mean"; the "bound" answers are
+Each answer is then measured on a third set of 8 held-out prompts (A B B A rounds, as `confirm`
+times): does it still meet the limit there (by its mean), how far does its speedup move from the
+figure that was reported for it, and does the held-out figure fall inside the 95 % interval that
+was reported with it (the search's, with its pass term, or confirmation's, t over rounds)? Every study ran once with rule "mean"; the "bound" answers are
 picked from the same trials and confirmations, by their recorded intervals.
 """
 
@@ -61,7 +62,7 @@ def one_study(seed: int) -> dict[str, dict | None]:
               if t.state.name == "COMPLETE" and t.user_attrs.get("reused_from") is None]
     if not top(trials, "mean"):
         return {name: None for name in ("mean", "mean + confirm", "bound", "bound + confirm")}
-    confirm = Confirmation(url, spec.name, ConfirmOptions(top=3, repeats=2, progress=False))
+    confirm = Confirmation(url, spec.name, ConfirmOptions(top=3, progress=False))  # default rounds
     measured: dict[int, dict] = {}
 
     def confirmed(trial) -> dict:
@@ -72,11 +73,11 @@ def one_study(seed: int) -> dict[str, dict | None]:
     answers: dict[str, tuple] = {}
     for rule in ("mean", "bound"):
         ranked = top(trials, rule)
-        answers[rule] = (ranked[0], ranked[0].user_attrs["speedup"]) if ranked else None
+        answers[rule] = (ranked[0], _interval(ranked[0].user_attrs)) if ranked else None
         passing = [(t, confirmed(t)) for t in ranked]
         passing = [(t, r) for t, r in passing if feasible(r["psnr"], rule)]
         best = max(passing, key=lambda pair: pair[1]["speedup"], default=None)
-        answers[f"{rule} + confirm"] = (best[0], best[1]["speedup"]) if best else None
+        answers[f"{rule} + confirm"] = (best[0], _interval(best[1])) if best else None
 
     holdout = load_prompts("builtin", 3 * NUM_SAMPLES)[2 * NUM_SAMPLES:]
     confirm.prompts = holdout
@@ -87,14 +88,20 @@ def one_study(seed: int) -> dict[str, dict | None]:
         if answer is None:
             results[name] = None
             continue
-        trial, reported = answer
+        trial, (reported, low, high) = answer
         if trial.number not in checked:
             checked[trial.number] = confirm.measure(trial)
         check = checked[trial.number]
         results[name] = {"trial": trial.number, "reported": reported, "holdout": check["speedup"],
                          "holdout_psnr": check["psnr"]["mean"],
-                         "meets": check["psnr"]["mean"] >= LIMIT}
+                         "meets": check["psnr"]["mean"] >= LIMIT,
+                         "covered": low is not None and low <= check["speedup"] <= high}
     return results
+
+
+def _interval(figures: dict) -> tuple[float, float | None, float | None]:
+    """A reported speedup and its 95 % interval, from a trial's attrs or a confirmation record."""
+    return figures["speedup"], figures.get("speedup_low"), figures.get("speedup_high")
 
 
 def main(n_studies: int = 10, limit: float = LIMIT) -> None:
@@ -119,7 +126,9 @@ def main(n_studies: int = 10, limit: float = LIMIT) -> None:
                      f"{sum(r['meets'] for r in answered)}/{len(answered)}",
                      statistics.median(r["reported"] for r in answered) if answered else None,
                      statistics.median(r["holdout"] for r in answered) if answered else None,
-                     f"{statistics.median(changes):+.1f} %" if changes else "-"])
+                     f"{statistics.median(changes):+.1f} %" if changes else "-",
+                     f"{sum(r['covered'] for r in answered)}/{len(answered)}"])
     print(table(["answer", "studies with one", "meets limit on held-out", "median reported",
-                 "median held-out", "median speedup change"], rows))
+                 "median held-out", "median speedup change", "held-out inside reported 95 %"],
+                rows))
 

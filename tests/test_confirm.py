@@ -76,7 +76,7 @@ def run_worker(url: str, spec_path, pipe, n_trials: int | None = None) -> None:
 def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC.replace("limit = 30.0", "limit = 5.0")
-                      .replace("n_trials = 4", "n_trials = 4\nearly_stop = false")
+                      .replace("n_trials = 4", "n_trials = 2\nearly_stop = false")
                       .replace("steps = 16", "steps = 8"))  # A B B A rounds: 4 passes a round
     ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
