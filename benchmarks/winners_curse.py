@@ -11,7 +11,8 @@ the baseline, 8 search prompts. For each study, four ways to pick the answer:
 Each answer is then measured on a third set of 8 held-out prompts (A B B A rounds, as `confirm`
 times): does it still meet the limit there (by its mean), how far does its speedup move from the
 figure that was reported for it, and does the held-out figure fall inside the 95 % interval that
-was reported with it (the search's, with its pass term, or confirmation's, t over rounds)? Every study ran once with rule "mean"; the "bound" answers are
+was reported with it (the search's, with its pass term, or confirmation's, t over rounds)?
+Every study ran once with rule "mean"; the "bound" answers are
 picked from the same trials and confirmations, by their recorded intervals.
 """
 

@@ -233,13 +233,17 @@ def cmd_storage_proxy(args) -> int:
     return 0
 
 
-def _worker_options(args):
-    from optsearch.optimize.worker import WorkerOptions
-
+def _check_heartbeat(args) -> None:
     if args.grace_period < 2 * args.heartbeat_interval:
         raise UsageError(f"--grace-period {args.grace_period} must be at least twice "
                          f"--heartbeat-interval {args.heartbeat_interval} (a live worker's beat "
                          f"may come late): e.g. --grace-period {5 * args.heartbeat_interval}")
+
+
+def _worker_options(args):
+    from optsearch.optimize.worker import WorkerOptions
+
+    _check_heartbeat(args)
     return WorkerOptions(device=args.device, n_trials=args.n_trials, timeout=args.timeout,
                          progress=not args.quiet, heartbeat_interval=args.heartbeat_interval,
                          grace_period=args.grace_period, artifact_dir=args.artifact_dir,
@@ -258,36 +262,42 @@ def _complete(storage, name: str) -> bool:
 
 
 def cmd_worker(args) -> int:
-    from optsearch.optimize.fleet import parse_devices, run_workers
-    from optsearch.optimize.worker import Worker
+    _check_heartbeat(args)  # usage errors first, even on a finished study
+    devices = None
+    if args.devices:
+        from optsearch.optimize.fleet import parse_devices
 
-    options = _worker_options(args)
-    devices = parse_devices(args.devices) if args.devices else None
-    if _complete(_open(args), args.study):  # before loading any model
+        devices = parse_devices(args.devices)
+    if _complete(_open(args), args.study):  # before importing or loading any model
         return 0
     if devices:
+        from optsearch.optimize.fleet import run_workers
+
         return run_workers(args.argv, devices)
-    worker = Worker(args.storage, args.study, options)
+    from optsearch.optimize.worker import Worker
+
+    worker = Worker(args.storage, args.study, _worker_options(args))
     ran = worker.run()
     print(f"worker done: {ran} trials run by this worker on {worker.device}")
     return 0
 
 
 def cmd_run(args) -> int:
-    from optsearch.measure.evaluate import evaluator_from_spec
-    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
-    from optsearch.optimize.worker import Worker
-
     spec = load_spec(args.spec)
-    options = _worker_options(args)
+    _check_heartbeat(args)
     storage = _open(args, create=True)
     name = check_name(args.name or spec.name)
     differing = spec_differences(storage, name, spec)
     if differing:  # a changed spec never gets the stored study's answer
         raise UsageError(different_spec_text(name, differing))
-    if _complete(storage, name):
+    if _complete(storage, name):  # before importing or loading any model
         print(format_summary(study_summary(*load_study(storage, name))))
         return 0
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
+    from optsearch.optimize.worker import Worker
+
+    options = _worker_options(args)
     if spec.quality.clip_pretrained == "none":
         print(f"note: {name} scores with a random-weight CLIP (clip_pretrained = \"none\"): CLIP "
               f"scores mean nothing here, so it constrains {spec.quality.metric} "

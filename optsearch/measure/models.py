@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
-from diffusers import AutoPipelineForText2Image
 
 from optsearch.errors import ModelLoadError, first_line
 from optsearch.measure.builtin import build_builtin
@@ -137,6 +136,9 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
     extra = {"safety_checker": None} if kind == "unet" else {}
     source = path if os.path.isdir(path) else model_id
     offline = None if os.path.isdir(path) else offline_reason()  # once, before any download
+    # imported here: the auto classes import every pipeline (~5 s), which built-in models never need
+    from diffusers import AutoPipelineForText2Image
+
     try:
         if torch_dtype == torch.float16:
             # Repos that publish half-precision files (SD 1.5, SDXL) as the "fp16" variant: half
