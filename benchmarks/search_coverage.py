@@ -6,7 +6,8 @@ and timing one baseline batch between trials (a probe, every trial until the pas
 measured, then every `probe_every`). Each trial's 95 % interval is computed twice from the same
 timings: from its batches alone (before), and with the pass term estimated from the probes
 recorded so far, pooled over the workers before it (now, optimize/pass_noise.py; the prior until
-measured).
+measured); and the repeat range `study show` prints beside the winner (speedup.repeat_range: the
+now-interval sqrt(2) wider on the log scale, where one fresh measurement should read).
 
 The answer is not graded on the measurement it came from: a setting's interval from one worker is
 checked against the same setting's speedup measured by another worker (a fresh baseline, a fresh
@@ -28,7 +29,7 @@ from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.quality import ClipScorer
-from optsearch.measure.speedup import speedup_interval
+from optsearch.measure.speedup import repeat_range, speedup_interval
 from optsearch.optimize.pass_noise import assumed, estimate, probe_due
 
 SETTINGS = {
@@ -84,8 +85,10 @@ def main(workers: int = 6, probe_every: int = 3, prior: float = 0.05, num_sample
         for m in measured:
             m[f"fixed {assumed_noise}"] = speedup_interval(m["baseline"], m["batches"], 0.95,
                                                           m["speedup"], pass_noise=assumed(assumed_noise))
+    for m in measured:  # what `study show` prints beside the winner: where a repeat should read
+        m["repeat"] = repeat_range(m["now"])
     rows = []
-    for scheme in ("before", "now", "fixed 0.03", "fixed 0.05", "fixed 0.08", "fixed 0.1"):
+    for scheme in ("before", "now", "repeat", "fixed 0.03", "fixed 0.05", "fixed 0.08", "fixed 0.1"):
         inside = pairs = of_mean = 0
         widths = []
         for first in measured:
@@ -100,6 +103,8 @@ def main(workers: int = 6, probe_every: int = 3, prior: float = 0.05, num_sample
                     inside += interval.low <= repeat["speedup"] <= interval.high
         label = ("batches alone (before)" if scheme == "before"
                  else "with the estimated pass term (now)" if scheme == "now"
+                 else "repeat range: the pass-term interval x sqrt(2) on the log scale"
+                 if scheme == "repeat"
                  else f"a fixed {100 * float(scheme.split()[1]):.0f} % pass term")
         rows.append([label, f"{inside}/{pairs}", f"{100 * inside / pairs:.0f} %",
                      f"{100 * of_mean / len(measured):.0f} %", f"x{statistics.median(widths):.2f}"])

@@ -181,9 +181,15 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert unconfirmed["deployment"] == {"batch_size": 2, "height": None, "width": None,
                                          "num_inference_steps": 8, "guidance_scale": 7.5,
                                          "num_frames": None}
-    starred, marked, note, _ = winner_marks(url, tmp_path)
+    starred, marked, note, shown = winner_marks(url, tmp_path)
     assert starred == marked == 0 and note.startswith("## Winner: trial 0")
     assert "not confirmed yet" in unconfirmed["winner_rule"]
+    # where the user's own repeat should read: the search interval sqrt(2) wider on the log scale
+    repeat, searched = unconfirmed["repeat_speedup"], unconfirmed["best"]["metrics"]
+    assert repeat["from"] == "search" and repeat["low"] < searched["speedup_low"]
+    assert repeat["low"] == pytest.approx(
+        searched["speedup"] * (searched["speedup_low"] / searched["speedup"]) ** 2 ** 0.5)
+    assert f"should read {repeat['low']:.2f}x-{repeat['high']:.2f}x (95%, from its search" in shown
 
     confirmed = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "2",
                               "--repeats", "2", "--quiet", cwd=tmp_path)
@@ -201,6 +207,8 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert "deepcache(cache_interval=2" in shown.split("confirmations on unseen prompts")[1]
     check = best["confirmed"]
     assert check["feasible"] is True and check["num_samples"] == 2 and check["repeats"] == 2
+    repeat = json.loads((tmp_path / "sp.json").read_text())["repeat_speedup"]
+    assert repeat["from"] == "confirmation" and repeat["high"] > check["speedup_high"]
     assert check["prompts"] == confirm_prompts(load_spec(spec))
     assert set(check["psnr"]) == {"mean", "low", "high"}
     assert check["speedup_low"] <= check["speedup"] <= check["speedup_high"]

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from optsearch.formatting import format_interval, format_setting, format_speedup, table
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
-from optsearch.optimize.winner import winner
+from optsearch.optimize.winner import repeat_of, winner
 from optsearch.storage.record import quality_of, trial_metrics
 
 
@@ -53,6 +53,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
     found = winner(study, spec)
     summary["best"] = trial_metrics(found.trial) if found else None
     summary["winner_rule"] = found.rule if found else None
+    summary["winner_repeat"] = repeat_of(found) if found else None
     summary["fewer_steps"] = reference.verdict(summary["best"] or {}, summary["steps_frontier"],
                                                spec.quality.metric)
     return summary
@@ -128,6 +129,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"* winner: trial {summary['best']['trial']}, "
                      f"{format_setting(summary['best']['setting'] or {})}: the "
                      f"{summary['winner_rule']}; study export writes it")
+        if repeat := summary["winner_repeat"]:
+            lines.append(f"  measured again (a fresh pass, its own baseline), its speedup should "
+                         f"read {repeat['low']:.2f}x-{repeat['high']:.2f}x ({percent}, from its "
+                         f"{repeat['from']} figures; the interval above is the true speedup's)")
     if summary["steps_missing"]:
         lines += ["", f"reference: fewer steps only: {summary['steps_missing']}"]
     if summary["steps_frontier"]:

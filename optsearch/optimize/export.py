@@ -19,7 +19,7 @@ from optsearch.optimize.objectives import (
 )
 from optsearch.optimize.reference import missing_text, steps_frontier, verdict
 from optsearch.optimize.study import baselines, calibration, confirmations, spec_attr
-from optsearch.optimize.winner import latest_by_trial, winner
+from optsearch.optimize.winner import latest_by_trial, repeat_of, winner
 from optsearch.storage.record import trial_metrics, utc_now
 from optsearch.version import __version__
 
@@ -96,6 +96,9 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         "target_speedup": spec.objective.target_speedup,
         "best": _entry(best, confirmed_by_trial.get(best.number), metric),
         "winner_rule": found.rule,
+        # where a user's own fresh measurement of the winner should read (the interval is the
+        # true speedup's; a repeat carries its own noise too)
+        "repeat_speedup": repeat_of(found),
         "fingerprint": best.user_attrs.get("fingerprint") if fingerprint is None else fingerprint,
         # what the server should run for these figures to hold; `optsearch.apply` warns otherwise
         "deployment": measured_context(spec, best.user_attrs.get("batch_size",

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial
 
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
+from optsearch.measure.speedup import SpeedupInterval, repeat_range
 from optsearch.optimize.objectives import best_overall, is_faster, merit, objective_values
 from optsearch.optimize.study import confirmations
 from optsearch.storage.notes import write_trial_note
@@ -42,6 +43,19 @@ class Winner:
     confirmed: dict | None  # the confirmation record it won on, when confirmed
     rule: str
     fingerprint: str | None = None  # the device whose figures it won on
+
+
+def repeat_of(found: Winner) -> dict | None:
+    """Where a user's own fresh measurement of the winner should read (speedup.repeat_range), from
+    the figures it won on: its confirmation's rounds when confirmed, else its search trial's."""
+    figures = found.confirmed or found.trial.user_attrs
+    interval = SpeedupInterval(figures["speedup"], figures.get("speedup_low"),
+                               figures.get("speedup_high"))
+    repeat = repeat_range(interval)
+    if repeat is None:
+        return None
+    return {"low": repeat.low, "high": repeat.high,
+            "from": "confirmation" if found.confirmed else "search"}
 
 
 def device_choices(study: optuna.Study) -> dict[str, str]:
