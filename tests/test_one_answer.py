@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import optuna
+import pytest
 from optuna.trial import TrialState, create_trial
 
 from optsearch.cli.show import format_summary, study_summary
@@ -91,6 +92,27 @@ def test_an_interval_too_wide_to_tell_is_said_in_words():
     for low, high in [(0.0, 159.12), (0.02, 850.15), (0.5, 2.5)]:
         text = format_speedup({"speedup": 0.73, "speedup_low": low, "speedup_high": high})
         assert text == "0.73 (not measured enough to tell)", text
+
+
+def test_show_says_where_a_fresh_measurement_of_the_winner_should_read(tmp_path):
+    """Under the winner: its interval sqrt(2) wider on the log scale; in words, with `study
+    confirm` named, when that range tells nothing yet (ends more than 4x apart)."""
+    spec_path = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    study = create_study(load_spec(spec_path),
+                         open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=None))
+    spec = load_spec(spec_path)
+    setting = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}
+    study.add_trial(measured("deepcache", setting, 2.0, 40.0))  # interval [1.90, 2.10]
+    shown = format_summary(study_summary(study, spec))
+    low, high = 2.0 * 0.95 ** 2 ** 0.5, 2.0 * 1.05 ** 2 ** 0.5
+    assert f"should read {low:.2f}x-{high:.2f}x (95%, from its search figures" in shown
+    assert export_study(study, spec)["repeat_speedup"] == {
+        "low": pytest.approx(low), "high": pytest.approx(high), "from": "search"}
+    study.add_trial(measured("deepcache", {"deepcache": {"cache_interval": 5, "cache_branch_id": 0}},
+                             2.5, 40.0, speedup_low=1.0, speedup_high=3.0))  # the new best
+    shown = format_summary(study_summary(study, spec))
+    assert "is not measured enough to tell where it would read" in shown
+    assert "`study confirm` measures it" in shown and "should read" not in shown
 
 
 STEPS_ONLY = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]', 'accelerators = [["steps"]]') \

@@ -8,7 +8,7 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from optsearch.formatting import format_interval, format_setting, format_speedup, table
+from optsearch.formatting import TOO_WIDE, format_interval, format_setting, format_speedup, table
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
 from optsearch.optimize.winner import repeat_of, winner
@@ -129,7 +129,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"* winner: trial {summary['best']['trial']}, "
                      f"{format_setting(summary['best']['setting'] or {})}: the "
                      f"{summary['winner_rule']}; study export writes it")
-        if repeat := summary["winner_repeat"]:
+        if (repeat := summary["winner_repeat"]) and repeat["high"] / repeat["low"] > TOO_WIDE:
+            lines.append(f"  measured again (a fresh pass, its own baseline), its speedup is not "
+                         f"measured enough to tell where it would read ({percent} range "
+                         f"{repeat['low']:.2f}x-{repeat['high']:.2f}x): `study confirm` measures it")
+        elif repeat:
             lines.append(f"  measured again (a fresh pass, its own baseline), its speedup should "
                          f"read {repeat['low']:.2f}x-{repeat['high']:.2f}x ({percent}, from its "
                          f"{repeat['from']} figures; the interval above is the true speedup's)")
