@@ -23,6 +23,7 @@ import statistics
 from benchmarks.common import machine, run_study, scratch, table
 from optsearch.measure.prompts import load_prompts
 from optsearch.optimize.confirm import Confirmation, ConfirmOptions
+from optsearch.storage.record import speedup_of
 from optsearch.study_spec import spec_from_dict
 
 LIMIT = 35.0
@@ -74,11 +75,11 @@ def one_study(seed: int) -> dict[str, dict | None]:
     answers: dict[str, tuple] = {}
     for rule in ("mean", "bound"):
         ranked = top(trials, rule)
-        answers[rule] = (ranked[0], _interval(ranked[0].user_attrs)) if ranked else None
+        answers[rule] = (ranked[0], speedup_of(ranked[0].user_attrs)) if ranked else None
         passing = [(t, confirmed(t)) for t in ranked]
         passing = [(t, r) for t, r in passing if feasible(r["psnr"], rule)]
         best = max(passing, key=lambda pair: pair[1]["speedup"], default=None)
-        answers[f"{rule} + confirm"] = (best[0], _interval(best[1])) if best else None
+        answers[f"{rule} + confirm"] = (best[0], speedup_of(best[1])) if best else None
 
     holdout = load_prompts("builtin", 3 * NUM_SAMPLES)[2 * NUM_SAMPLES:]
     confirm.prompts = holdout
@@ -89,20 +90,17 @@ def one_study(seed: int) -> dict[str, dict | None]:
         if answer is None:
             results[name] = None
             continue
-        trial, (reported, low, high) = answer
+        trial, reported = answer
         if trial.number not in checked:
             checked[trial.number] = confirm.measure(trial)
         check = checked[trial.number]
-        results[name] = {"trial": trial.number, "reported": reported, "holdout": check["speedup"],
+        results[name] = {"trial": trial.number, "reported": reported.speedup,
+                         "holdout": check["speedup"],
                          "holdout_psnr": check["psnr"]["mean"],
                          "meets": check["psnr"]["mean"] >= LIMIT,
-                         "covered": low is not None and low <= check["speedup"] <= high}
+                         "covered": reported.low is not None
+                         and reported.low <= check["speedup"] <= reported.high}
     return results
-
-
-def _interval(figures: dict) -> tuple[float, float | None, float | None]:
-    """A reported speedup and its 95 % interval, from a trial's attrs or a confirmation record."""
-    return figures["speedup"], figures.get("speedup_low"), figures.get("speedup_high")
 
 
 def main(n_studies: int = 10, limit: float = LIMIT) -> None:

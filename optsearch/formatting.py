@@ -50,13 +50,18 @@ def format_interval(interval: Interval | dict | None, digits: int = 3) -> str:
 TOO_WIDE = 4.0  # an interval whose ends lie further apart than this ratio tells nothing yet
 
 
+def too_wide(low: float, high: float) -> bool:
+    """Do an interval's ends lie too far apart (or at zero) to tell anything yet?"""
+    return low <= 0 or high / low > TOO_WIDE
+
+
 def format_speedup(figures: dict) -> str:
     """'2.10 [1.95, 2.27]' from a dict with speedup, speedup_low and speedup_high; an interval
     wider than TOO_WIDE (e.g. [0.00, 159.12] from two noisy batches) is said in words."""
     if figures.get("speedup") is None:
         return "-"
     low, high = figures.get("speedup_low"), figures.get("speedup_high")
-    if low is not None and high is not None and (low <= 0 or high / low > TOO_WIDE):
+    if low is not None and high is not None and too_wide(low, high):
         return f"{figures['speedup']:.2f} (not measured enough to tell)"
     return format_interval({"mean": figures["speedup"], "low": figures.get("speedup_low"),
                             "high": figures.get("speedup_high")}, digits=2)

@@ -241,9 +241,9 @@ def _check_heartbeat(args) -> None:
 
 
 def _worker_options(args):
+    """The worker's options from its arguments (checked first, by `_check_heartbeat`)."""
     from optsearch.optimize.worker import WorkerOptions
 
-    _check_heartbeat(args)
     return WorkerOptions(device=args.device, n_trials=args.n_trials, timeout=args.timeout,
                          progress=not args.quiet, heartbeat_interval=args.heartbeat_interval,
                          grace_period=args.grace_period, artifact_dir=args.artifact_dir,

@@ -8,7 +8,7 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from optsearch.formatting import TOO_WIDE, format_interval, format_setting, format_speedup, table
+from optsearch.formatting import format_interval, format_setting, format_speedup, table, too_wide
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
 from optsearch.optimize.winner import repeat_of, winner
@@ -129,14 +129,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"* winner: trial {summary['best']['trial']}, "
                      f"{format_setting(summary['best']['setting'] or {})}: the "
                      f"{summary['winner_rule']}; study export writes it")
-        if (repeat := summary["winner_repeat"]) and repeat["high"] / repeat["low"] > TOO_WIDE:
-            lines.append(f"  measured again (a fresh pass, its own baseline), its speedup is not "
-                         f"measured enough to tell where it would read ({percent} range "
-                         f"{repeat['low']:.2f}x-{repeat['high']:.2f}x): `study confirm` measures it")
-        elif repeat:
-            lines.append(f"  measured again (a fresh pass, its own baseline), its speedup should "
-                         f"read {repeat['low']:.2f}x-{repeat['high']:.2f}x ({percent}, from its "
-                         f"{repeat['from']} figures; the interval above is the true speedup's)")
+        if repeat := summary["winner_repeat"]:
+            span = f"{repeat['low']:.2f}x-{repeat['high']:.2f}x"
+            where = (f"is not measured enough to tell where it would read ({percent} range {span}): "
+                     "`study confirm` measures it" if too_wide(repeat["low"], repeat["high"]) else
+                     f"should read {span} ({percent}, from its {repeat['from']} figures; the "
+                     "interval above is the true speedup's)")
+            lines.append(f"  measured again (a fresh pass, its own baseline), its speedup {where}")
     if summary["steps_missing"]:
         lines += ["", f"reference: fewer steps only: {summary['steps_missing']}"]
     if summary["steps_frontier"]:

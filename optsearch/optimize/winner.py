@@ -25,11 +25,11 @@ from optuna.trial import FrozenTrial
 
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
-from optsearch.measure.speedup import SpeedupInterval, repeat_range
+from optsearch.measure.speedup import repeat_range
 from optsearch.optimize.objectives import best_overall, is_faster, merit, objective_values
 from optsearch.optimize.study import confirmations
 from optsearch.storage.notes import write_trial_note
-from optsearch.storage.record import quality_of
+from optsearch.storage.record import quality_of, speedup_of
 
 CONFIRMED_RULE = ("best confirmed lower speedup bound among the settings feasible on unseen prompts "
                   "(study confirm)")
@@ -48,10 +48,8 @@ class Winner:
 def repeat_of(found: Winner) -> dict | None:
     """Where a user's own fresh measurement of the winner should read (speedup.repeat_range), from
     the figures it won on: its confirmation's rounds when confirmed, else its search trial's."""
-    figures = found.confirmed or found.trial.user_attrs
-    interval = SpeedupInterval(figures["speedup"], figures.get("speedup_low"),
-                               figures.get("speedup_high"))
-    repeat = repeat_range(interval)
+    interval = speedup_of(found.confirmed or found.trial.user_attrs)
+    repeat = repeat_range(interval) if interval else None
     if repeat is None:
         return None
     return {"low": repeat.low, "high": repeat.high,
