@@ -285,6 +285,32 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
     assert err.startswith("warning: 2 CPU workers share this machine's")  # said before they start
 
 
+def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_path):
+    """CI once found a trial left RUNNING after one Ctrl-C: the signal came after Optuna created
+    the trial and before the objective had it. A real SIGINT sent at that point (the sampler's
+    before_trial hook, inside study.ask) is held until the objective runs, which fails the trial
+    and queues it again."""
+    from optsearch.optimize.worker import Worker, WorkerOptions
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "t.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 2\nwarm_start = []"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    worker = Worker(url, "tiny", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")))
+    sampler = worker.study.sampler
+    before_trial = sampler.before_trial
+
+    def interrupted_before_trial(study, trial):
+        before_trial(study, trial)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sampler.before_trial = interrupted_before_trial
+    with pytest.raises(KeyboardInterrupt):
+        worker.run()
+    trials = worker.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING], trials
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the worker's handler gone
+
+
 def test_an_interrupt_leaves_no_heartbeat_thread_for_shutdown_to_wait_on(tmp_path):
     """A Ctrl-C while Optuna starts a trial's heartbeat thread skips its stop: the worker stops
     it, or Python's shutdown would wait for it forever."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
+import signal
 import threading
 import time
 
@@ -137,9 +138,42 @@ def stop_orphaned_heartbeats() -> None:
             thread._args[2].set()  # its stop event
 
 
-def raise_interrupt(signum, frame):
-    """SIGTERM handler: end like Ctrl-C (the running trial is failed and re-queued)."""
-    raise KeyboardInterrupt
+class Interrupts:
+    """SIGINT and SIGTERM end a worker like Ctrl-C (the running trial is failed and re-queued),
+    except while Optuna creates a trial and starts its heartbeat: an interrupt there would leave a
+    RUNNING trial that nobody fails, so it is held until the objective has the trial. A second
+    signal while one is held is not held (a stuck database must not make Ctrl-C useless)."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending = False
+        self.previous: dict = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():  # only there can Python catch them
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.holding and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def hold(self) -> None:
+        """From here until `release`, an interrupt waits."""
+        self.holding = True
+
+    def release(self) -> None:
+        """Raise the interrupt that waited, if any (inside the objective: Optuna fails the trial)."""
+        self.holding = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def release_memory() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -89,6 +88,7 @@ class Worker:
                                         os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.outages = recovery.DatabaseOutages(self.storage)
         self.current: optuna.Trial | None = None  # the trial being measured, until it is told
+        self.interrupts = recovery.Interrupts()
         self.trials_run = 0
 
     @property
@@ -106,7 +106,10 @@ class Worker:
 
     def run(self) -> int:
         """Run trials until the study has n_trials finished ones, or this worker's own limit."""
-        previous = signal.signal(signal.SIGTERM, recovery.raise_interrupt)
+        with self.interrupts:
+            return self._run()
+
+    def _run(self) -> int:
         try:
             baseline = self.baselines.ensure(self.trials_run)
             remaining = max(0, self.spec.search.n_trials - sharing.counts(self.study)[0])
@@ -118,8 +121,6 @@ class Worker:
                 recovery.fail_and_requeue(self.study, self.current._trial_id)
             recovery.stop_orphaned_heartbeats()
             raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         return self.trials_run
 
     def _loop(self) -> None:
@@ -158,6 +159,7 @@ class Worker:
             time.sleep(self.options.poll_interval)
             return True
         self.baselines.between_trials(self.trials_run)
+        self.interrupts.hold()  # until the objective holds the trial Optuna creates
         try:
             self.study.optimize(self._objective, n_trials=1, gc_after_trial=False,
                                 catch=(SurplusTrial, ImplausibleSpeedup, *OUT_OF_MEMORY),
@@ -167,12 +169,15 @@ class Worker:
             if not str(error).startswith(("Cannot tell a", "Trial#")) \
                     or not recovery.ended_by_others(self.study, self.current):
                 raise
+        finally:
+            self.interrupts.release()
         self.current = None  # told to the storage: no longer ours to re-queue
         mark_winner(self.study, self.spec)  # the dashboard's note and attr follow each trial
         return True
 
     def _objective(self, trial: optuna.Trial):
         self.current = trial
+        self.interrupts.release()  # an interrupt from here on fails and re-queues this trial
         trial.set_user_attr("worker", self.worker_id)  # first: marks the trial as started
         if sharing.is_surplus(self.study, trial, self.spec.search.n_trials):
             raise SurplusTrial("the study's n_trials are taken by other workers")
