@@ -23,8 +23,9 @@ demo: $(STAMP)
 	$(BIN)/optsearch run studies/tiny-wan.toml --storage sqlite:///demo.db --quiet
 	@echo "Watch it: $(BIN)/optsearch dashboard --storage sqlite:///demo.db"
 
+# Two tests at a time, one core each (tests/conftest.py); `pytest -q` alone runs them one by one.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check optsearch tests benchmarks

@@ -287,7 +287,7 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
 
 def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_path):
     """CI once found a trial left RUNNING after one Ctrl-C: the signal came after Optuna created
-    the trial and before the objective had it. A real SIGINT sent at that point (the sampler's
+    the trial and before the objective had it. A real SIGTERM sent at that point (the sampler's
     before_trial hook, inside study.ask) is held until the objective runs, which fails the trial
     and queues it again."""
     from optsearch.optimize.worker import Worker, WorkerOptions
@@ -301,14 +301,15 @@ def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_p
 
     def interrupted_before_trial(study, trial):
         before_trial(study, trial)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # as SIGINT (which pytest-xdist's workers ignore)
 
     sampler.before_trial = interrupted_before_trial
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         worker.run()
     trials = worker.study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING], trials
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the worker's handler gone
+    assert signal.getsignal(signal.SIGTERM) is handler  # the worker's own handler is gone
 
 
 def test_an_interrupt_leaves_no_heartbeat_thread_for_shutdown_to_wait_on(tmp_path):

@@ -5,8 +5,7 @@ measures it batch by batch against the worker's baseline (stopping early when th
 early_stop.py says it cannot be the answer), and stores its record (storage/record.py). A worker
 that dies leaves its trial RUNNING; Optuna's heartbeat fails it after the grace period and the
 storage's stale-trial callback re-queues it with the same parameters (recovery.py). SIGINT and
-SIGTERM fail the running trial, re-queue it, and exit with 130.
-"""
+SIGTERM fail the running trial, re-queue it, and exit with 130."""
 
 from __future__ import annotations
 
@@ -107,27 +106,23 @@ class Worker:
     def run(self) -> int:
         """Run trials until the study has n_trials finished ones, or this worker's own limit."""
         with self.interrupts:
-            return self._run()
-
-    def _run(self) -> int:
-        try:
-            baseline = self.baselines.ensure(self.trials_run)
-            remaining = max(0, self.spec.search.n_trials - sharing.counts(self.study)[0])
-            print_estimate(self.worker_id, baseline.seconds_per_image, remaining,
-                           len(self.evaluator.prompts))
-            self._loop()
-        except KeyboardInterrupt:
-            if self.current is not None:  # Optuna failed it: queue its parameters again
-                recovery.fail_and_requeue(self.study, self.current._trial_id)
-            recovery.stop_orphaned_heartbeats()
-            raise
+            try:
+                baseline = self.baselines.ensure(self.trials_run)
+                remaining = max(0, self.spec.search.n_trials - sharing.counts(self.study)[0])
+                print_estimate(self.worker_id, baseline.seconds_per_image, remaining,
+                               len(self.evaluator.prompts))
+                self._loop()
+            except KeyboardInterrupt:
+                if self.current is not None:  # Optuna failed it: queue its parameters again
+                    recovery.fail_and_requeue(self.study, self.current._trial_id)
+                recovery.stop_orphaned_heartbeats()
+                raise
         return self.trials_run
 
     def _loop(self) -> None:
         target = self.spec.search.n_trials
-        bar = tqdm(total=target, initial=min(sharing.counts(self.study)[0], target),
-                   desc=f"trials {self.study.study_name}", unit="trial", disable=not self.options.progress)
-        try:
+        with tqdm(total=target, initial=min(sharing.counts(self.study)[0], target), unit="trial",
+                  desc=f"trials {self.study.study_name}", disable=not self.options.progress) as bar:
             while not self._own_limit_reached():
                 try:
                     if not self._step(target, bar):
@@ -138,8 +133,6 @@ class Worker:
                     if not recovery.caused_by_database(error):
                         raise
                     self.outages.recover(error, self.study, self.current)
-        finally:
-            bar.close()
 
     def _own_limit_reached(self) -> bool:
         options = self.options
