@@ -103,19 +103,21 @@ def one_study(seed: int) -> dict[str, dict | None]:
     return results
 
 
-def main(n_studies: int = 10, limit: float = LIMIT) -> None:
+def main(n_studies: int = 10, limit: float = LIMIT, first_seed: int = 0) -> None:
+    """`first_seed`: the TPE seed of the first study (a later run adds studies to an earlier one's)."""
     global LIMIT
     LIMIT = limit
     names = ("mean", "mean + confirm", "bound", "bound + confirm")
     outcomes = {name: [] for name in names}
-    for seed in range(n_studies):
+    for seed in range(first_seed, first_seed + n_studies):
         for name, result in one_study(seed).items():
             outcomes[name].append(result)
         print(f"study {seed}: " + "; ".join(
             f"{n}: " + (f"trial {r['trial']} {r['reported']:.2f}x -> {r['holdout']:.2f}x, "
                         f"{r['holdout_psnr']:.1f} dB" if r else "none")
             for n, r in zip(names, (outcomes[n][-1] for n in names), strict=True)), flush=True)
-    print(f"\n# winner's curse over {n_studies} studies, builtin:tiny, PSNR >= {LIMIT} dB, "
+    print(f"\n# winner's curse over {n_studies} studies (seeds {first_seed}-{first_seed + n_studies - 1}), "
+          f"builtin:tiny, PSNR >= {LIMIT} dB, "
           f"{NUM_SAMPLES} search / {NUM_SAMPLES} confirm / {NUM_SAMPLES} held-out prompts ({machine()})")
     rows = []
     for name in names:
