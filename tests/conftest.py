@@ -8,21 +8,23 @@ import socket
 import sys
 from pathlib import Path
 
-# `make test` runs two tests at a time (pytest-xdist, one per core): each test, and every worker
-# process it starts, computes on one thread, so the two do not time each other's load.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
+import numpy as np
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from optsearch.measure.models import load_pipeline  # noqa: E402
-from optsearch.measure.quality import ClipScorer  # noqa: E402
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.quality import ClipScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTSEARCH = str(Path(sys.executable).with_name("optsearch"))
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+# `make test` runs two tests at a time (pytest-xdist, one per core): each test, and every worker
+# process it starts (they inherit the environment), computes on one thread, so the two do not
+# time each other's load.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
