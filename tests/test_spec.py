@@ -49,6 +49,9 @@ def test_any_searches_the_four_combos():
 CASES = [
     ("unknown top-level key", {**MINIMAL, "modle": {}}, "modle: unknown key"),
     ("unknown section key", with_("model", stesp=3), "model.stesp: unknown key"),
+    ("a property is not a key", with_("search", combos=["deepcache"]), "search.combos: unknown key"),
+    ("a class attribute is not a key", with_("search", model_kind="video"),
+     "search.model_kind: unknown key"),
     ("wrong type", with_("model", steps="many"), "model.steps: must be an integer"),
     ("wrong type bool", with_("search", early_stop="yes"), "search.early_stop: must be true or false"),
     ("empty range", {**MINIMAL, "space": {"tome": {"ratio": []}}}, "space.tome.ratio: must be"),

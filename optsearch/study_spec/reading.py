@@ -6,6 +6,7 @@ before raising `SpecError`, so a user fixes a spec in one pass.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 import types
 import typing
@@ -131,7 +132,7 @@ def spec_from_dict(data: dict, source: str = "<spec>",
             problem(key, f"unknown key (allowed: name, {', '.join(SECTIONS)}, space)")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        if section not in SECTIONS or not hasattr(getattr(spec, section), key):
+        if section not in SECTIONS or key not in _keys(getattr(spec, section)):
             problem(dotted, "unknown key")
         else:
             _load_section(getattr(spec, section), section, {key: value}, problem)
@@ -149,12 +150,16 @@ def _model_kind(model: ModelSpec) -> str:
     return model_kind(model.id) or "unet"
 
 
+def _keys(section) -> list[str]:
+    """A table's keys: its dataclass fields (not its properties such as search.combos)."""
+    return [f.name for f in dataclasses.fields(section)]
+
+
 def _load_section(target, section: str, values: dict, problem) -> None:
     for key, value in values.items():
         full = f"{section}.{key}"
-        if not hasattr(target, key):
-            allowed = ", ".join(vars(type(target)()).keys())
-            problem(full, f"unknown key (allowed: {allowed})")
+        if key not in _keys(target):
+            problem(full, f"unknown key (allowed: {', '.join(_keys(target))})")
             continue
         if key == "warm_start":
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
