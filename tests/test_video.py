@@ -171,3 +171,14 @@ def test_apply_and_the_python_export_give_the_same_video_with_fastercache(wan):
     finally:
         wan.transformer.disable_cache()
     assert np.array_equal(ours, theirs) and not np.array_equal(ours, plain)
+
+
+def test_check_scores_a_video_batch_with_clip_and_says_ready(tmp_path):
+    """The preflight scores its baseline batch the way trials do: CLIP on sampled frames (it once
+    handed CLIP a 5-D video batch and failed every video spec)."""
+    from optsearch.cli.preflight import check
+    from optsearch.study_spec import load_spec
+
+    report = check(load_spec(write_spec(tmp_path / "wan.toml", WAN_SPEC)))
+    assert report.problems == []
+    assert report.facts["seconds_per_image"] > 0 and report.facts["prompts"] == 2

@@ -20,6 +20,7 @@ from optsearch.accelerators import REGISTRY
 from optsearch.deployment import context_text, measured_context
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.evaluate import pipeline_from_spec
+from optsearch.measure.frames import clip_score
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
@@ -93,7 +94,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         report.problems[-1] += (f" (prompts.batch_size={config.batch_size}: lower it, or run "
                                 "workers with --halve-batch-on-oom)")
         return report
-    attempt("quality.clip_model", lambda: scorer.score(batch.images, prompts[:len(batch.images)]))
+    attempt("quality.clip_model", lambda: clip_score(scorer, batch.images,
+                                                     prompts[:len(batch.images)]))
     report.facts["auto_ranges"] = attempt("auto ranges", lambda: _auto_ranges(spec, pipe, prompts,
                                                                               config)) or {}
     peak, free = _memory(pipe.device)

@@ -28,7 +28,7 @@ from optsearch.accelerators import (
 from optsearch.errors import ModelLoadError
 from optsearch.measure.comparison import VIDEO_FIGURES, Baseline, Comparison, image_digest
 from optsearch.measure.compiling import CompileCounter, compile_denoiser, compiled_as
-from optsearch.measure.frames import clip_score_videos, frame_fidelity
+from optsearch.measure.frames import clip_score, frame_fidelity
 from optsearch.measure.generation import (
     Batch,
     GenerationConfig,
@@ -122,8 +122,8 @@ class Evaluator:
             seconds += batch.seconds
             batch_seconds.append(batch.seconds_per_image)
             if scored is None:
-                batch_scores, batch_features = self._clip_score(
-                    batch.images, [self.prompts[i] for i in batch.indices])
+                batch_scores, batch_features = clip_score(
+                    self.scorer, batch.images, [self.prompts[i] for i in batch.indices])
                 scores.append(batch_scores)
                 features.append(batch_features)
         seconds_per_image = seconds / len(self.prompts)
@@ -132,12 +132,6 @@ class Evaluator:
                             scored.image_features, batch_seconds, peak.gib)
         return Baseline(np.concatenate(images), seconds_per_image, np.concatenate(scores),
                         torch.cat(features), batch_seconds, peak.gib)
-
-    def _clip_score(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, torch.Tensor]:
-        """CLIP scores and image features of images, or of videos (their sampled frames)."""
-        if images.ndim == 5:
-            return clip_score_videos(self.scorer, images, prompts)
-        return self.scorer.score(images, prompts)
 
     def apply(self, setting: Mapping) -> AppliedSetting:
         """Apply `setting` to the pipeline, calibrating first what it needs and is not known."""
@@ -236,7 +230,8 @@ class Evaluator:
     def _score(self, result: Comparison, batch: Batch, baseline: Baseline,
                keep_images: int) -> None:
         start = time.perf_counter()
-        scores, features = self._clip_score(batch.images, [self.prompts[i] for i in batch.indices])
+        scores, features = clip_score(
+            self.scorer, batch.images, [self.prompts[i] for i in batch.indices])
         span = slice(batch.indices.start, batch.indices.stop)
         cosine = (features * baseline.image_features[span].to(features.device)).sum(-1)
         if batch.images.ndim == 5:  # videos: frame by frame (frames.py)

@@ -25,6 +25,15 @@ def sampled_frames(num_frames: int, count: int = CLIP_FRAMES) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, num_frames - 1, min(count, num_frames)).round()})
 
 
+def clip_score(scorer: ClipScorer, images: np.ndarray,
+               prompts: list[str]) -> tuple[np.ndarray, torch.Tensor]:
+    """CLIP scores and image features of a batch of images, or of videos (their sampled frames):
+    what every caller that scores a pipeline's output goes through."""
+    if images.ndim == 5:
+        return clip_score_videos(scorer, images, prompts)
+    return scorer.score(images, prompts)
+
+
 def clip_score_videos(scorer: ClipScorer, videos: np.ndarray,
                       prompts: list[str]) -> tuple[np.ndarray, torch.Tensor]:
     """Per video: the mean CLIP score of its sampled frames, and the normalized mean of their
