@@ -36,6 +36,7 @@ class ClipScorer:
             with resources.as_file(config) as path:
                 open_clip.add_model_config(path)
             model_name = _TINY_CLIP_CONFIG
+        check_clip_model(model_name)
         tag = None if pretrained in ("none", "", None) else pretrained
         if tag is not None:
             check_clip_weights(model_name, tag)
@@ -74,8 +75,6 @@ class ClipScorer:
 def clip_weights_files(model_name: str, tag: str) -> tuple[str, list[str]] | None:
     """(hub repo, file names in the order open_clip tries them) for a model name and pretrained
     tag, or None when the tag is a local file. Raises ModelLoadError for an unknown tag."""
-
-
     if os.path.isfile(os.path.expanduser(tag)):
         return None
     config = open_clip.get_pretrained_cfg(model_name, tag)
@@ -86,6 +85,17 @@ def clip_weights_files(model_name: str, tag: str) -> tuple[str, list[str]] | Non
     repo, filename = os.path.split(config["hf_hub"])  # 'org/model/' means the default file name
     filename = filename or HF_WEIGHTS_NAME
     return repo, [*_get_safe_alternatives(filename), filename]
+
+
+def check_clip_model(model_name: str) -> None:
+    """An architecture open_clip knows (or one it fetches: hf-hub:, local-dir:), else one line:
+    open_clip's own error lists all of its ~150 configs in one line."""
+    if model_name.startswith(("hf-hub:", "local-dir:")) or model_name in open_clip.list_models():
+        return
+    raise ModelLoadError(
+        f"unknown CLIP model {model_name!r}: not one of open_clip's {len(open_clip.list_models())} "
+        "architectures (e.g. ViT-g-14, ViT-L-14, ViT-B-32; open_clip.list_models() lists them), "
+        f"hf-hub:ORG/NAME or local-dir:PATH ({TINY_CLIP} is the random-weight test model)")
 
 
 def check_clip_weights(model_name: str, tag: str) -> None:
