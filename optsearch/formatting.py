@@ -57,10 +57,13 @@ def too_wide(low: float, high: float) -> bool:
 
 def format_speedup(figures: dict) -> str:
     """'2.10 [1.95, 2.27]' from a dict with speedup, speedup_low and speedup_high; an interval
-    wider than TOO_WIDE (e.g. [0.00, 159.12] from two noisy batches) is said in words."""
+    wider than TOO_WIDE (e.g. [0.00, 159.12] from two noisy batches) is said in words, and so is
+    none at all (one timed batch a side)."""
     if figures.get("speedup") is None:
         return "-"
     low, high = figures.get("speedup_low"), figures.get("speedup_high")
+    if low is None or high is None:
+        return f"{figures['speedup']:.2f} (one batch: no interval)"
     if low is not None and high is not None and too_wide(low, high):
         return f"{figures['speedup']:.2f} (not measured enough to tell)"
     return format_interval({"mean": figures["speedup"], "low": figures.get("speedup_low"),

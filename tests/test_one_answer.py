@@ -92,6 +92,8 @@ def test_an_interval_too_wide_to_tell_is_said_in_words():
     for low, high in [(0.0, 159.12), (0.02, 850.15), (0.5, 2.5)]:
         text = format_speedup({"speedup": 0.73, "speedup_low": low, "speedup_high": high})
         assert text == "0.73 (not measured enough to tell)", text
+    assert format_speedup({"speedup": 2.41, "speedup_low": None, "speedup_high": None}) \
+        == "2.41 (one batch: no interval)"
 
 
 def test_show_says_where_a_fresh_measurement_of_the_winner_should_read(tmp_path):
