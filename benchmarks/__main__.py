@@ -28,6 +28,10 @@ def options_parser(name: str, module) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(module.main)
     for parameter in inspect.signature(module.main).parameters.values():
+        if isinstance(parameter.default, bool):  # a switch: --smoke
+            parser.add_argument(f"--{parameter.name.replace('_', '-')}", dest=parameter.name,
+                                action=argparse.BooleanOptionalAction, default=parameter.default)
+            continue
         parser.add_argument(f"--{parameter.name.replace('_', '-')}", dest=parameter.name,
                             type=_kind(hints.get(parameter.name, str)), default=parameter.default,
                             help=f"default: {parameter.default}")

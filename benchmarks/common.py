@@ -46,6 +46,18 @@ def table(headers, rows) -> str:
     return render(headers, rows)
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work before reading the clock (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def smoke_settings(settings, steps: int) -> list:
+    """The GPU scripts' settings for a --smoke run of `steps` steps: fewer steps means half."""
+    return [(name, {**setting, "steps": {"num_inference_steps": max(1, steps // 2)}}
+             if "steps" in setting else setting) for name, setting in settings]
+
+
 def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
                         repeats: int = 1, compiles: dict | None = None) -> list[tuple[str, float, str]]:
     """The GPU scripts' loop: each (name, setting) applied, warmed up for `warmup` steps, timed

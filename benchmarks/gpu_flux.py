@@ -12,6 +12,10 @@ random, which changes nothing about the transformer's cost).
 
     python -m benchmarks gpu-flux                      # needs CUDA; prints a Markdown table
     python -m benchmarks gpu-flux --compile regional   # the same, transformer blocks compiled
+    python -m benchmarks gpu-flux --smoke              # the same code on the CPU at a tiny size
+
+`--smoke` proves the script before a GPU session spends its minutes on it (the suite runs it):
+a narrow transformer, 128 px, 4 steps, float32 on the CPU, compiled with the eager backend.
 
 Compiled (`--compile regional`: compile_repeated_blocks, fullgraph=False, inductor) every setting
 warms up for a full call first, so its compile is not in its seconds; the table adds each
@@ -25,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, table, time_cache_settings
+from benchmarks.common import machine, smoke_settings, synchronize, table, time_cache_settings
 
 DEPTH_DOUBLE, DEPTH_SINGLE = 4, 8
 SETTINGS = [
@@ -45,20 +49,28 @@ SETTINGS = [
 ]
 
 
-def build():
+# FLUX.1's width; --smoke: the same code at a size the CPU runs in seconds
+FULL = dict(device="cuda", dtype=torch.bfloat16, size=1024, steps=28, heads=24, head_dim=128,
+            text_dim=4096, pooled_dim=768, rope=[16, 56, 56], vae=(128, 256, 512, 512))
+SMOKE = dict(device="cpu", dtype=torch.float32, size=128, steps=4, heads=2, head_dim=16,
+             text_dim=32, pooled_dim=16, rope=[4, 6, 6], vae=(32, 32, 32, 32))
+
+
+def build(size: dict = FULL):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=DEPTH_DOUBLE, num_single_layers=DEPTH_SINGLE,
-        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
-    ).to("cuda", torch.bfloat16)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=16,
+        attention_head_dim=size["head_dim"], num_attention_heads=size["heads"],
+        joint_attention_dim=size["text_dim"], pooled_projection_dim=size["pooled_dim"],
+        guidance_embeds=True, axes_dims_rope=size["rope"],
+    ).to(size["device"], size["dtype"])
+    vae = AutoencoderKL(block_out_channels=size["vae"], latent_channels=16,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
-                        scaling_factor=0.3611).to("cuda", torch.bfloat16)
+                        scaling_factor=0.3611).to(size["device"], size["dtype"])
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         transformer=transformer)
@@ -66,30 +78,34 @@ def build():
     return pipe
 
 
-def main(compile: str = "none") -> None:
-    if not torch.cuda.is_available():
-        sys.exit("gpu_flux.py needs a CUDA GPU")
+def main(compile: str = "none", smoke: bool = False) -> None:
+    size = SMOKE if smoke else FULL
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("gpu_flux.py needs a CUDA GPU (--smoke runs its code on the CPU at a tiny size)")
     started = time.perf_counter()
-    pipe = build()
-    embeds = torch.randn(1, 128, 4096, device="cuda", dtype=torch.bfloat16)
-    pooled = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16)
+    pipe = build(size)
+    device, dtype, steps = size["device"], size["dtype"], size["steps"]
+    embeds = torch.randn(1, 128, size["text_dim"], device=device, dtype=dtype)
+    pooled = torch.randn(1, size["pooled_dim"], device=device, dtype=dtype)
 
-    def call(target, steps=28):
-        torch.cuda.synchronize()
+    def call(target, steps=steps):
+        synchronize()
         start = time.perf_counter()
-        target(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=1024, width=1024,
-               num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
-               generator=torch.Generator("cuda").manual_seed(0))
-        torch.cuda.synchronize()
+        target(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=size["size"],
+               width=size["size"], num_inference_steps=steps, guidance_scale=3.5,
+               output_type="latent", generator=torch.Generator(device).manual_seed(0))
+        synchronize()
         return time.perf_counter() - start
 
     compiles = None
     if compile == "regional":
-        pipe.transformer.compile_repeated_blocks(fullgraph=False)
+        pipe.transformer.compile_repeated_blocks(fullgraph=False,
+                                                 backend="eager" if smoke else "inductor")
         compiles = {}
-    call(pipe, 28 if compiles is not None else 3)
-    timed = time_cache_settings(pipe, call, SETTINGS, 28, warmup=28 if compiles is not None else 4,
-                                repeats=2, compiles=compiles)
+    call(pipe, steps if compiles is not None else 3)
+    timed = time_cache_settings(pipe, call, smoke_settings(SETTINGS, steps) if smoke else SETTINGS,
+                                steps, warmup=steps if compiles is not None else 4, repeats=2,
+                                compiles=compiles)
     rows = [[name, seconds, timed[0][1] / seconds, computed] for name, seconds, computed in timed]
     headers = ["setting", "s/image", "speedup", "computed"]
     if compiles is not None:
@@ -99,9 +115,10 @@ def main(compile: str = "none") -> None:
             row += [counts["warmup_seconds"], counts["graphs_compiled"] + counts["compiled_while_timed"],
                     counts["graph_breaks"]]
     scale = (19 + 38 * 0.5) / (DEPTH_DOUBLE + DEPTH_SINGLE * 0.5)
-    print(f"\n# GPU, FLUX width, {DEPTH_DOUBLE}+{DEPTH_SINGLE} blocks (full: 19+38, ~{scale:.1f}x "
-          f"the cost), 1024 px, 28 steps, bf16, batch 1, transformer only, compile {compile} "
-          f"({machine()})")
+    print(f"\n# {'SMOKE (CPU, tiny: not a measurement)' if smoke else 'GPU'}, FLUX width, "
+          f"{DEPTH_DOUBLE}+{DEPTH_SINGLE} blocks (full: 19+38, ~{scale:.1f}x the cost), "
+          f"{size['size']} px, {steps} steps, {str(dtype).removeprefix('torch.')}, batch 1, "
+          f"transformer only, compile {compile} ({machine()})")
     print(table(headers, rows))
     print(f"total {time.perf_counter() - started:.0f} s")
 

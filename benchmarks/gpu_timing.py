@@ -5,8 +5,9 @@ T-GATE 10 and all three, in seconds per image and speedup, next to the published
 (RESULTS.md, GPU timing). Random weights change nothing about the cost of a step. One warm-up batch and two
 timed batches per setting; the whole script runs in about 2-3 minutes on an H100.
 
-    python -m benchmarks gpu-timing    # needs CUDA; prints a Markdown table
-    python3 benchmarks/gpu_timing.py   # the same, as the GPU check runs it
+    python -m benchmarks gpu-timing            # needs CUDA; prints a Markdown table
+    python3 benchmarks/gpu_timing.py           # the same, as the GPU check runs it
+    python -m benchmarks gpu-timing --smoke    # the same code on the CPU: builtin:tiny, 32 px
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ SETTINGS = [
 ]
 
 
-def main(batches: int = 2) -> None:
-    if not torch.cuda.is_available():
-        sys.exit("gpu_timing.py needs a CUDA GPU (the device tool lends one to some sessions)")
+def main(batches: int = 2, smoke: bool = False) -> None:
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("gpu_timing.py needs a CUDA GPU (the device tool lends one to some sessions; "
+                 "--smoke runs its code on the CPU)")
     started = time.perf_counter()
-    pipe = load_pipeline("builtin:sd15-random", device="cuda", dtype="float16")
-    config = GenerationConfig(steps=50, height=512, width=512, guidance_scale=7.5, batch_size=4)
+    if smoke:  # the same code at a size the CPU runs in seconds (the suite runs it)
+        pipe = load_pipeline("builtin:tiny", device="cpu", dtype="float32")
+        config = GenerationConfig(steps=12, guidance_scale=7.5, batch_size=4)  # native 32 px
+    else:
+        pipe = load_pipeline("builtin:sd15-random", device="cuda", dtype="float16")
+        config = GenerationConfig(steps=50, height=512, width=512, guidance_scale=7.5, batch_size=4)
     prompts = builtin_prompts()[: 4 * batches]
     rows, baseline = [], None
     for name, setting, published in SETTINGS:
@@ -52,10 +58,12 @@ def main(batches: int = 2) -> None:
         baseline = baseline or per_image
         rows.append([name, per_image, baseline / per_image, published])
         print(f"{name}: {per_image:.3f} s/image", flush=True)
-    print(f"\n# GPU timing, random-weight SD 1.5 UNet, 512 px, 50 PNDM steps, fp16, batch 4 ({machine()})")
+    what = "SMOKE (CPU, builtin:tiny: not a measurement)" if smoke else \
+        "GPU timing, random-weight SD 1.5 UNet, 512 px, 50 PNDM steps, fp16, batch 4"
+    print(f"\n# {what} ({machine()})")
     print(table(["setting", "s/image", "speedup", "published speedup (real weights)"], rows))
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))
+    main(*(int(a) for a in sys.argv[1:] if a != "--smoke"), smoke="--smoke" in sys.argv)

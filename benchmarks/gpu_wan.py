@@ -8,7 +8,8 @@ proportion). 81 frames of 832x480 (21 latent frames of 60x104, 32,760 tokens), 5
 guidance 5.0 (two transformer calls a step), bf16, batch 1; prompt embeddings are random (no
 text encoder or VAE: latents out), which changes nothing about the transformer's cost.
 
-    python -m benchmarks gpu-wan      # needs CUDA; prints a Markdown table
+    python -m benchmarks gpu-wan           # needs CUDA; prints a Markdown table
+    python -m benchmarks gpu-wan --smoke   # the same code on the CPU at a tiny size (the suite runs it)
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import time
 
 import torch
 
-from benchmarks.common import machine, table, time_cache_settings
+from benchmarks.common import machine, smoke_settings, synchronize, table, time_cache_settings
 
-DEPTH, STEPS, FRAMES, HEIGHT, WIDTH = 4, 50, 81, 480, 832
+DEPTH = 4
+# Wan 2.1 1.3B's width at the real frame count; --smoke: the same code at a size the CPU runs
+FULL = dict(device="cuda", dtype=torch.bfloat16, steps=50, frames=81, height=480, width=832,
+            heads=12, head_dim=128, text_dim=4096, ffn_dim=8960, freq_dim=256)
+SMOKE = dict(device="cpu", dtype=torch.float32, steps=4, frames=9, height=64, width=64,
+             heads=2, head_dim=16, text_dim=32, ffn_dim=64, freq_dim=64)
 SETTINGS = [
     ("baseline", {}),
     ("steps 25 (of 50)", {"steps": {"num_inference_steps": 25}}),
@@ -36,45 +42,51 @@ SETTINGS = [
 ]
 
 
-def build():
+def build(size: dict = FULL):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=DEPTH,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-    ).to("cuda", torch.bfloat16)
+        patch_size=(1, 2, 2), num_attention_heads=size["heads"], attention_head_dim=size["head_dim"],
+        in_channels=16, out_channels=16, text_dim=size["text_dim"], freq_dim=size["freq_dim"],
+        ffn_dim=size["ffn_dim"], num_layers=DEPTH, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6,
+    ).to(size["device"], size["dtype"])
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def main() -> None:
-    if not torch.cuda.is_available():
-        sys.exit("gpu_wan.py needs a CUDA GPU")
+def main(smoke: bool = False) -> None:
+    size = SMOKE if smoke else FULL
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("gpu_wan.py needs a CUDA GPU (--smoke runs its code on the CPU at a tiny size)")
     started = time.perf_counter()
-    pipe = build()
-    embeds = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
-    negative = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    pipe = build(size)
+    device, dtype, steps, frames = size["device"], size["dtype"], size["steps"], size["frames"]
+    embeds = torch.randn(1, 512, size["text_dim"], device=device, dtype=dtype)
+    negative = torch.randn(1, 512, size["text_dim"], device=device, dtype=dtype)
 
-    def call(target, steps=STEPS):
-        torch.cuda.synchronize()
+    def call(target, steps=steps):
+        synchronize()
         start = time.perf_counter()
-        target(prompt_embeds=embeds, negative_prompt_embeds=negative, height=HEIGHT, width=WIDTH,
-               num_frames=FRAMES, num_inference_steps=steps, guidance_scale=5.0,
-               output_type="latent", generator=torch.Generator("cuda").manual_seed(0))
-        torch.cuda.synchronize()
+        target(prompt_embeds=embeds, negative_prompt_embeds=negative, height=size["height"],
+               width=size["width"], num_frames=frames, num_inference_steps=steps,
+               guidance_scale=5.0, output_type="latent",
+               generator=torch.Generator(device).manual_seed(0))
+        synchronize()
         return time.perf_counter() - start
 
     call(pipe, 2)
-    timed = time_cache_settings(pipe, call, SETTINGS, STEPS)
+    timed = time_cache_settings(pipe, call, smoke_settings(SETTINGS, steps) if smoke else SETTINGS,
+                                steps)
     baseline = timed[0][1]
-    rows = [[name, seconds, seconds / FRAMES, baseline / seconds, computed]
+    rows = [[name, seconds, seconds / frames, baseline / seconds, computed]
             for name, seconds, computed in timed]
-    print(f"\n# GPU, Wan 2.1 1.3B width, {DEPTH} of 30 blocks (~{30 / DEPTH:.0f}x the cost in "
-          f"full), {FRAMES} frames of {WIDTH}x{HEIGHT}, {STEPS} steps, CFG 5.0, bf16, batch 1, "
-          f"transformer only ({machine()})")
+    print(f"\n# {'SMOKE (CPU, tiny: not a measurement)' if smoke else 'GPU'}, Wan 2.1 1.3B "
+          f"width, {DEPTH} of 30 blocks (~{30 / DEPTH:.0f}x the cost in full), {frames} frames of "
+          f"{size['width']}x{size['height']}, {steps} steps, CFG 5.0, "
+          f"{str(dtype).removeprefix('torch.')}, batch 1, transformer only ({machine()})")
     print(table(["setting", "s/video", "s/frame", "speedup", "computed"], rows))
     print(f"total {time.perf_counter() - started:.0f} s")

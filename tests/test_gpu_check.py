@@ -1,0 +1,61 @@
+"""The prepared GPU check runs code no CPU session ever measures: every `benchmarks/gpu_*.sh` and
+`benchmarks/gpu_timing.py`. Each runs here with `--smoke` (the same code, CPU, tiny sizes), exactly
+as the check calls it, so a broken script is found before a GPU session spends its minutes on it."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS = sorted((ROOT / "benchmarks").glob("gpu_*.sh"))
+
+
+def check_command(script) -> list[str]:
+    """The `python3 -m benchmarks NAME ...` line of a gpu_*.sh, with this interpreter."""
+    line = next(line for line in script.read_text().splitlines() if "python3 -m benchmarks" in line)
+    return [sys.executable, *shlex.split(line.split("python3", 1)[1])]
+
+
+def settings_of(command: list[str]) -> list[str]:
+    from benchmarks import BENCHMARKS
+
+    module = importlib.import_module(f"benchmarks.{BENCHMARKS[command[3]].module}")
+    return [name for name, *_ in module.SETTINGS]
+
+
+def run_smoke(command: list[str]) -> str:
+    result = subprocess.run([*command, "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def test_the_check_finds_the_prepared_scripts():
+    assert [s.name for s in SCRIPTS] == ["gpu_flux.sh", "gpu_flux_compiled.sh", "gpu_wan.sh"]
+    assert all(s.stat().st_mode & 0o111 for s in SCRIPTS)  # the check runs only executable ones
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.name)
+def test_each_gpu_script_runs_its_settings_on_the_cpu(script):
+    command = check_command(script)
+    out = run_smoke(command)
+    assert "# SMOKE (CPU" in out
+    rows = {line.split("  ")[0] for line in out.splitlines()}
+    assert set(settings_of(command)) <= rows, out
+    if "--compile" in command:  # compiled: each setting's compile counts beside its speedup
+        assert re.search(r"warm-up s \(compile\)\s+graphs compiled\s+graph breaks", out), out
+
+
+def test_gpu_timing_runs_as_the_check_calls_it():
+    out = run_smoke([sys.executable, "benchmarks/gpu_timing.py"])
+    from benchmarks.gpu_timing import SETTINGS
+
+    assert "# SMOKE (CPU" in out
+    assert {name for name, *_ in SETTINGS} <= {line.split("  ")[0] for line in out.splitlines()}
