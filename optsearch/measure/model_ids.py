@@ -4,11 +4,15 @@ or a hub id, and whether its denoiser is a UNet or a transformer."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+from pathlib import Path
 
 from huggingface_hub import try_to_load_from_cache
+
+from optsearch.errors import ModelLoadError
 
 BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
                  "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer",
@@ -23,6 +27,8 @@ VIDEO_NAMES = ("wan2", "wan-", "hunyuanvideo", "hunyuan-video", "cogvideo", "ltx
 TRANSFORMER_NAMES = ("flux", "sd3", "stable-diffusion-3", "qwen-image", "wan", "hunyuan", "ltx",
                      "cogview", "chroma", "sana", "pixart", "lumina", "hidream")
 VIDEO_PIPELINES = ("Wan", "CogVideoX", "HunyuanVideo", "LTX", "Mochi", "SkyReels", "Allegro", "Latte")
+
+TINY_CLIP = "builtin:tiny"  # quality.clip_model: the random-weight CLIP the tests and demo use
 
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -61,3 +67,24 @@ def _model_index(model_id: str) -> dict | None:
             return json.load(file)
     except (OSError, ValueError):
         return None
+
+
+def clip_architectures() -> list[str]:
+    """open_clip's architecture names (what `open_clip.list_models()` gives), read from its
+    model_configs folder: importing open_clip takes seconds."""
+    package = importlib.util.find_spec("open_clip")
+    folder = Path(package.submodule_search_locations[0]) / "model_configs"
+    return sorted(path.stem for path in folder.glob("*.json"))
+
+
+def check_clip_model(model_name: str, known: list[str] | None = None) -> None:
+    """An architecture open_clip knows (`known`: by default its shipped configs; or one it fetches:
+    hf-hub:, local-dir:), else one line: open_clip's own error lists all ~150 configs in one line."""
+    known = clip_architectures() if known is None else known
+    if model_name == TINY_CLIP or model_name.startswith(("hf-hub:", "local-dir:")) \
+            or model_name in known:
+        return
+    raise ModelLoadError(
+        f"unknown CLIP model {model_name!r}: not one of open_clip's {len(known)} architectures "
+        "(e.g. ViT-g-14, ViT-L-14, ViT-B-32; open_clip.list_models() lists them), hf-hub:ORG/NAME "
+        f"or local-dir:PATH ({TINY_CLIP} is the random-weight test model)")

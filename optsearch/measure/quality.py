@@ -22,8 +22,8 @@ from PIL import Image
 
 from optsearch.errors import ModelLoadError
 from optsearch.measure.hub import missing, offline_reason
+from optsearch.measure.model_ids import TINY_CLIP, check_clip_model
 
-TINY_CLIP = "builtin:tiny"
 _TINY_CLIP_CONFIG = "optsearch-tiny-clip"
 PSNR_CAP = 100.0  # dB reported for identical images, so values stay finite (JSON, Optuna)
 
@@ -31,12 +31,12 @@ class ClipScorer:
     """An open_clip model loaded once per process; scores images against prompts."""
 
     def __init__(self, model_name: str, pretrained: str, device: str | torch.device = "cpu"):
+        check_clip_model(model_name, open_clip.list_models())  # and any config added in code
         if model_name == TINY_CLIP:
             config = resources.files("optsearch").joinpath(f"data/{_TINY_CLIP_CONFIG}.json")
             with resources.as_file(config) as path:
                 open_clip.add_model_config(path)
             model_name = _TINY_CLIP_CONFIG
-        check_clip_model(model_name)
         tag = None if pretrained in ("none", "", None) else pretrained
         if tag is not None:
             check_clip_weights(model_name, tag)
@@ -85,17 +85,6 @@ def clip_weights_files(model_name: str, tag: str) -> tuple[str, list[str]] | Non
     repo, filename = os.path.split(config["hf_hub"])  # 'org/model/' means the default file name
     filename = filename or HF_WEIGHTS_NAME
     return repo, [*_get_safe_alternatives(filename), filename]
-
-
-def check_clip_model(model_name: str) -> None:
-    """An architecture open_clip knows (or one it fetches: hf-hub:, local-dir:), else one line:
-    open_clip's own error lists all of its ~150 configs in one line."""
-    if model_name.startswith(("hf-hub:", "local-dir:")) or model_name in open_clip.list_models():
-        return
-    raise ModelLoadError(
-        f"unknown CLIP model {model_name!r}: not one of open_clip's {len(open_clip.list_models())} "
-        "architectures (e.g. ViT-g-14, ViT-L-14, ViT-B-32; open_clip.list_models() lists them), "
-        f"hf-hub:ORG/NAME or local-dir:PATH ({TINY_CLIP} is the random-weight test model)")
 
 
 def check_clip_weights(model_name: str, tag: str) -> None:

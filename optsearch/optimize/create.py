@@ -9,7 +9,8 @@ import warnings
 
 import optuna
 
-from optsearch.errors import UsageError
+from optsearch.errors import ModelLoadError, SpecError, UsageError
+from optsearch.measure.model_ids import check_clip_model
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, is_local, prompts_of
 from optsearch.optimize.objectives import directions, metric_names
 from optsearch.optimize.samplers import make_sampler
@@ -28,6 +29,10 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     """
     name = check_name(name or spec.name)
     check_local_prompts(spec)
+    try:  # a study no worker could score is never made
+        check_clip_model(spec.quality.clip_model)
+    except ModelLoadError as error:
+        raise SpecError([f"quality.clip_model: {error}"]) from None
     wanted = spec_attr(spec)
     warm_start = warm_start_params(spec, storage)  # before creating: a bad source writes nothing
     try:
