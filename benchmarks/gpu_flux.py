@@ -60,12 +60,13 @@ def build(size: dict = FULL):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=DEPTH_DOUBLE, num_single_layers=DEPTH_SINGLE,
-        attention_head_dim=size["head_dim"], num_attention_heads=size["heads"],
-        joint_attention_dim=size["text_dim"], pooled_projection_dim=size["pooled_dim"],
-        guidance_embeds=True, axes_dims_rope=size["rope"],
-    ).to(size["device"], size["dtype"])
+    with torch.device(size["device"]):  # random init where it runs: seconds, not a minute
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=DEPTH_DOUBLE, num_single_layers=DEPTH_SINGLE,
+            attention_head_dim=size["head_dim"], num_attention_heads=size["heads"],
+            joint_attention_dim=size["text_dim"], pooled_projection_dim=size["pooled_dim"],
+            guidance_embeds=True, axes_dims_rope=size["rope"],
+        ).to(size["device"], size["dtype"])
     vae = AutoencoderKL(block_out_channels=size["vae"], latent_channels=16,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,

@@ -46,12 +46,13 @@ def build(size: dict = FULL):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=size["heads"], attention_head_dim=size["head_dim"],
-        in_channels=16, out_channels=16, text_dim=size["text_dim"], freq_dim=size["freq_dim"],
-        ffn_dim=size["ffn_dim"], num_layers=DEPTH, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6,
-    ).to(size["device"], size["dtype"])
+    with torch.device(size["device"]):  # random init where it runs: seconds, not a minute
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=size["heads"], attention_head_dim=size["head_dim"],
+            in_channels=16, out_channels=16, text_dim=size["text_dim"], freq_dim=size["freq_dim"],
+            ffn_dim=size["ffn_dim"], num_layers=DEPTH, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6,
+        ).to(size["device"], size["dtype"])
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
