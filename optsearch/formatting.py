@@ -70,6 +70,23 @@ def format_speedup(figures: dict) -> str:
                             "high": figures.get("speedup_high")}, digits=2)
 
 
+def compile_text(figures: dict, strong: str = "") -> str | None:
+    """What compiling cost a measurement, in words (None when eager); `strong` marks what a
+    server would suffer from (the dashboard note: "**")."""
+    if not figures.get("compiled"):
+        return None
+    flags = []
+    if figures.get("graph_breaks"):
+        flags.append(f"{strong}{figures['graph_breaks']} graph breaks{strong} (a hook torch cannot "
+                     "trace)")
+    if figures.get("compiled_while_timed"):
+        flags.append(f"{strong}{figures['compiled_while_timed']} graphs compiled inside timed "
+                     f"batches{strong} (their seconds are in the speedup: it recompiles as it runs)")
+    return (f"compiled ({figures['compiled']}): {figures.get('graphs_compiled')} graphs in the "
+            f"untimed warm-up ({figures.get('compile_seconds') or 0:.1f} s, not in the speedup)"
+            + ("; " + "; ".join(flags) if flags else "; no graph breaks"))
+
+
 def comparison_table(summary: dict) -> str:
     """Baseline vs one setting: seconds per image, speedup and CLIP loss with CIs, PSNR, SSIM."""
     percent = f"{round(100 * summary.get('confidence', 0.95))}%"

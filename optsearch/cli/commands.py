@@ -14,7 +14,14 @@ import optuna
 from optsearch.accelerators import ORDER, combo_problem, normalize_setting
 from optsearch.cli.show import format_summary, study_summary
 from optsearch.errors import UsageError
-from optsearch.formatting import comparison_table, format_interval, format_setting, format_speedup, table
+from optsearch.formatting import (
+    comparison_table,
+    compile_text,
+    format_interval,
+    format_setting,
+    format_speedup,
+    table,
+)
 from optsearch.measure.prompts import confirm_prompts
 from optsearch.optimize import study as studies
 from optsearch.optimize.create import (
@@ -90,7 +97,10 @@ def cmd_evaluate(args) -> int:
     else:
         print(f"{spec.name}: {len(evaluator.prompts)} prompts, batch size "
               f"{evaluator.config.batch_size}, {format_setting(comparison.setting)}")
-        print(comparison_table(comparison.summary()))
+        summary = comparison.summary()
+        print(comparison_table(summary))
+        if summary.get("compiled"):
+            print(compile_text(summary))
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from optuna_dashboard._note import note_ver_key, save_note_with_version
 
-from optsearch.formatting import format_interval, format_speedup
+from optsearch.formatting import compile_text, format_interval, format_speedup
 from optsearch.storage.record import quality_of
 
 
@@ -35,15 +35,7 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
         lines.append(f"- computed **{100 * figures['compute_fraction']:.0f} %** of the denoiser's "
                      "blocks x steps (the rest skipped)")
     if figures.get("compiled"):
-        flags = []
-        if figures.get("graph_breaks"):
-            flags.append(f"**{figures['graph_breaks']} graph breaks** (a hook torch cannot trace)")
-        if figures.get("compiled_while_timed"):
-            flags.append(f"**{figures['compiled_while_timed']} graphs compiled inside timed "
-                         "batches** (their seconds are in the speedup: it recompiles as it runs)")
-        lines.append(f"- compiled ({figures['compiled']}): {figures.get('graphs_compiled')} graphs "
-                     f"in the untimed warm-up ({figures.get('compile_seconds') or 0:.1f} s, not in "
-                     "the speedup)" + ("; " + "; ".join(flags) if flags else "; no graph breaks"))
+        lines.append(f"- {compile_text(figures, strong='**')}")
     if figures.get("peak_memory_gib") is not None:
         baseline = figures.get("baseline_peak_memory_gib")
         limit = spec.objective.max_memory_gib
