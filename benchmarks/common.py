@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -58,15 +59,17 @@ def smoke_settings(settings, steps: int) -> list:
              if "steps" in setting else setting) for name, setting in settings]
 
 
-def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
-                        repeats: int = 1, compiles: dict | None = None) -> list[tuple[str, float, str]]:
+def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3, repeats: int = 1,
+                        compiles: dict | None = None,
+                        deadline: float | None = None) -> list[tuple[str, float, str]]:
     """The GPU scripts' loop: each (name, setting) applied, warmed up for `warmup` steps, timed
     with `call(target)` (seconds; the least of `repeats` calls); MagCache's ratios and DBCache's
     calibrated range measured first (a DBCache setting given as {} runs at the calibrated range's
     top: "skips nearly everything").
     Returns (name, seconds, computed share). `compiles`, when given, receives each setting's
     torch.compile counts over its warm-up and timed calls (graphs compiled, graph breaks) and
-    its warm-up's seconds."""
+    its warm-up's seconds. Past `deadline` (time.perf_counter()) no further setting starts, so a
+    script inside a device call's time limit still prints its table of what it measured."""
     from optsearch.accelerators import AppliedSetting, dbcache, magcache
     from optsearch.measure.compiling import CompileCounter
 
@@ -74,6 +77,9 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
     top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
     rows = []
     for name, setting in settings:
+        if rows and deadline is not None and time.perf_counter() > deadline:
+            print(f"{name}: skipped, past the time budget", flush=True)
+            continue
         if setting.get("dbcache") == {}:
             setting = {"dbcache": {"residual_diff_threshold": top}}
         counter = CompileCounter() if compiles is not None else None
@@ -83,10 +89,12 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3,
                 counter.warmed_up()
             seconds = min(call(applied) for _ in range(repeats))
             computed = applied.computed_fraction()
+        counts = ""
         if counter is not None:
             compiles[name] = {**counter.counts(), "warmup_seconds": warm}
+            counts = f" (warm-up {warm:.1f} s; {compiles[name]})"
         rows.append((name, seconds, "-" if computed is None else f"{100 * computed:.0f}%"))
-        print(f"{name}: {seconds:.3f} s", flush=True)
+        print(f"{name}: {seconds:.3f} s{counts}", flush=True)
     return rows
 
 

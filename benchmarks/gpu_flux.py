@@ -13,6 +13,7 @@ random, which changes nothing about the transformer's cost).
     python -m benchmarks gpu-flux                      # needs CUDA; prints a Markdown table
     python -m benchmarks gpu-flux --compile regional   # the same, transformer blocks compiled
     python -m benchmarks gpu-flux --smoke              # the same code on the CPU at a tiny size
+    python -m benchmarks gpu-flux --budget-s 80        # no setting starts after 80 s (the check)
 
 `--smoke` proves the script before a GPU session spends its minutes on it (the suite runs it):
 a narrow transformer, 128 px, 4 steps, float32 on the CPU, compiled with the eager backend.
@@ -79,11 +80,12 @@ def build(size: dict = FULL):
     return pipe
 
 
-def main(compile: str = "none", smoke: bool = False) -> None:
+def main(compile: str = "none", smoke: bool = False, budget_s: float = 0.0) -> None:
     size = SMOKE if smoke else FULL
     if not smoke and not torch.cuda.is_available():
         sys.exit("gpu_flux.py needs a CUDA GPU (--smoke runs its code on the CPU at a tiny size)")
     started = time.perf_counter()
+    deadline = started + budget_s if budget_s else None  # no setting starts after it
     pipe = build(size)
     device, dtype, steps = size["device"], size["dtype"], size["steps"]
     embeds = torch.randn(1, 128, size["text_dim"], device=device, dtype=dtype)
@@ -106,7 +108,7 @@ def main(compile: str = "none", smoke: bool = False) -> None:
     call(pipe, steps if compiles is not None else 3)
     timed = time_cache_settings(pipe, call, smoke_settings(SETTINGS, steps) if smoke else SETTINGS,
                                 steps, warmup=steps if compiles is not None else 4, repeats=2,
-                                compiles=compiles)
+                                compiles=compiles, deadline=deadline)
     rows = [[name, seconds, timed[0][1] / seconds, computed] for name, seconds, computed in timed]
     headers = ["setting", "s/image", "speedup", "computed"]
     if compiles is not None:

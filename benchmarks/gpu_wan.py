@@ -10,6 +10,7 @@ text encoder or VAE: latents out), which changes nothing about the transformer's
 
     python -m benchmarks gpu-wan           # needs CUDA; prints a Markdown table
     python -m benchmarks gpu-wan --smoke   # the same code on the CPU at a tiny size (the suite runs it)
+    python -m benchmarks gpu-wan --budget-s 100   # no setting starts after 100 s (the check)
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def build(size: dict = FULL):
     return pipe
 
 
-def main(smoke: bool = False) -> None:
+def main(smoke: bool = False, budget_s: float = 0.0) -> None:
     size = SMOKE if smoke else FULL
     if not smoke and not torch.cuda.is_available():
         sys.exit("gpu_wan.py needs a CUDA GPU (--smoke runs its code on the CPU at a tiny size)")
     started = time.perf_counter()
+    deadline = started + budget_s if budget_s else None  # no setting starts after it
     pipe = build(size)
     device, dtype, steps, frames = size["device"], size["dtype"], size["steps"], size["frames"]
     embeds = torch.randn(1, 512, size["text_dim"], device=device, dtype=dtype)
@@ -81,7 +83,7 @@ def main(smoke: bool = False) -> None:
 
     call(pipe, 2)
     timed = time_cache_settings(pipe, call, smoke_settings(SETTINGS, steps) if smoke else SETTINGS,
-                                steps)
+                                steps, deadline=deadline)
     baseline = timed[0][1]
     rows = [[name, seconds, seconds / frames, baseline / seconds, computed]
             for name, seconds, computed in timed]

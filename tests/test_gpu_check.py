@@ -59,3 +59,15 @@ def test_gpu_timing_runs_as_the_check_calls_it():
 
     assert "# SMOKE (CPU" in out
     assert {name for name, *_ in SETTINGS} <= {line.split("  ")[0] for line in out.splitlines()}
+
+
+def test_past_its_budget_a_script_starts_no_setting_and_still_prints_its_table(capsys):
+    from benchmarks import gpu_wan
+
+    gpu_wan.main(smoke=True, budget_s=1e-3)  # the baseline always runs; nothing after it
+    out = capsys.readouterr().out
+    skipped = [name for name, _ in gpu_wan.SETTINGS[1:]]
+    assert all(f"{name}: skipped, past the time budget" in out for name in skipped)
+    table = out.split("# SMOKE", 1)[1].splitlines()
+    assert any(line.startswith("baseline ") for line in table)
+    assert not any(line.startswith(name) for line in table for name in skipped)
