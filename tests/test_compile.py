@@ -102,3 +102,19 @@ def test_evaluate_says_what_compiling_cost_under_its_table(tmp_path):
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("compiled (regional:default:eager): ") and "not in the speedup" in line
     assert "graph breaks (a hook torch cannot trace)" in line, line
+
+
+def test_check_compiles_as_served_and_counts_the_compile_in_its_estimate():
+    """The preflight times its baseline batch on the compiled pipeline, after a full untimed
+    call (it used to time an eager one), and adds each trial's compiling warm-up to the estimate."""
+    from optsearch.cli.preflight import check, format_report
+
+    spec = spec_from_dict({**flux_spec(compile="regional", compile_backend="eager"),
+                           "search": {"accelerators": [["fbcache"]], "n_trials": 3}})
+    report = check(spec)
+    assert report.problems == []
+    assert report.facts["compiled"] == "regional:default:eager"
+    assert report.facts["warmup_seconds"] > 0 and report.facts["estimate"].compile_seconds > 0
+    text = format_report(report, spec)
+    assert "compiled (regional:default:eager): the first call compiled it in" in text
+    assert "s compiling: " in text

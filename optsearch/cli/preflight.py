@@ -19,6 +19,7 @@ import torch
 from optsearch.accelerators import REGISTRY
 from optsearch.deployment import context_text, measured_context
 from optsearch.errors import exit_code_for, first_line
+from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
 from optsearch.measure.generation import GenerationConfig, generate
@@ -88,8 +89,10 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     start = time.perf_counter()
-    batch = attempt("baseline batch", lambda: next(iter(generate(
-        pipe, prompts[:config.batch_size], config, warmup=True))))
+    compiled, warm = compiled_as(pipe), {}
+    batch = attempt("baseline batch", lambda: next(iter(generate(  # compiled: every path first
+        pipe, prompts[:config.batch_size], config, warmup=config.steps if compiled else True,
+        on_warmup=lambda seconds: warm.update(seconds=seconds)))))
     if batch is None:
         report.problems[-1] += (f" (prompts.batch_size={config.batch_size}: lower it, or run "
                                 "workers with --halve-batch-on-oom)")
@@ -99,7 +102,9 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     report.facts["auto_ranges"] = attempt("auto ranges", lambda: _auto_ranges(spec, pipe, prompts,
                                                                               config)) or {}
     peak, free = _memory(pipe.device)
-    estimate = Estimate(batch.seconds_per_image, spec.search.n_trials, len(prompts), workers)
+    estimate = Estimate(batch.seconds_per_image, spec.search.n_trials, len(prompts), workers,
+                        compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0)
+    report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"))
     report.facts.update(batch_size=config.batch_size, seconds_per_image=batch.seconds_per_image,
                         check_seconds=time.perf_counter() - start, peak_gib=peak, free_gib=free,
                         estimate=estimate)
@@ -126,6 +131,10 @@ def format_report(report: Report, spec) -> str:
              f"{facts['batch_size']}, {spec.model.steps} steps",
              "deployment context (what the figures will hold for; serve at it): "
              + context_text(measured_context(spec, facts["batch_size"]))]
+    if facts.get("compiled"):
+        lines.insert(2, f"compiled ({facts['compiled']}): the first call compiled it in "
+                        f"{facts['warmup_seconds']:.1f} s, not in the baseline's seconds (each "
+                        "setting compiles again in its own untimed warm-up)")
     peak, free = facts["peak_gib"], facts["free_gib"]
     lines.append(f"memory: peak {peak:.2f} GiB"
                  + (f", {free:.1f} GiB free now" if free is not None else ""))

@@ -275,12 +275,20 @@ def check_families(pipe, spec) -> None:
 
 
 def pipeline_from_spec(spec, device: str | None = None):
-    """Load the spec's pipeline (on `device` when given) and check its combos apply to it."""
+    """Load the spec's pipeline (on `device` when given), check its combos apply to it, and
+    compile it as the spec serves it."""
     model = spec.model
     pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
                          kind=None if model.kind == "auto" else model.kind,
                          factory_path=model.factory_path)
     check_families(pipe, spec)
+    return compiled_for(spec, pipe)
+
+
+def compiled_for(spec, pipe):
+    """The pipeline compiled as `[model] compile` says, once (a compiled one is kept as it is)."""
+    if spec.model.compile != "none" and compiled_as(pipe) is None:
+        compile_denoiser(pipe, spec.model.compile, spec.model.compile_mode, spec.model.compile_backend)
     return pipe
 
 
@@ -294,8 +302,7 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
         pipe = pipeline_from_spec(spec, device)
     else:
         check_families(pipe, spec)
-    if spec.model.compile != "none" and compiled_as(pipe) is None:
-        compile_denoiser(pipe, spec.model.compile, spec.model.compile_mode, spec.model.compile_backend)
+        compiled_for(spec, pipe)
     scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
     lpips = Lpips(pipe.device) if spec.quality.measures_lpips else None
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
