@@ -198,3 +198,22 @@ def test_check_of_a_hub_spec_offline_says_each_missing_piece_once(tmp_path):
                                    "quality.clip_pretrained"), strict=True):
         assert "is not in this machine's Hugging Face cache" in error
         assert "127.0.0.1 is unreachable" in error and fix in error
+
+
+def test_a_create_refused_for_its_spec_leaves_no_new_storage_behind(tmp_path):
+    (tmp_path / "s.toml").write_text(replaced('clip_model = "builtin:tiny"', 'clip_model = "ViT-Q"'))
+    result = optsearch_cmd("study", "create", "s.toml", "--storage", "sqlite:///new.db", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown CLIP model 'ViT-Q'" in result.stderr
+    assert not (tmp_path / "new.db").exists()
+
+
+def test_export_to_stdout_with_a_dash(populated, tmp_path):
+    import json
+
+    shutil.copy(populated / "study.db", tmp_path / "study.db")
+    result = optsearch_cmd("study", "export", "tiny", "--storage", "sqlite:///study.db", "-o", "-",
+                           cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["study"] == "tiny"  # stdout holds the export alone
+    assert result.stderr.startswith("wrote stdout: winner trial")
+    assert not (tmp_path / "-").exists()

@@ -25,6 +25,7 @@ from optsearch.formatting import (
 from optsearch.measure.prompts import confirm_prompts
 from optsearch.optimize import study as studies
 from optsearch.optimize.create import (
+    check_creatable,
     check_name,
     create_study,
     different_spec_text,
@@ -115,6 +116,7 @@ def cmd_study_create(args) -> int:
     if args.warm_start:
         spec.search.warm_start = [*spec.search.warm_start,
                                   *(f"study:{name}" for name in args.warm_start)]
+    check_creatable(spec, args.name)  # before a new SQLite file is made for it
     storage = _open(args, create=True)
     study = create_study(spec, storage, args.name, args.load_if_exists)
     print(f"study {study.study_name!r} ready in {mask(storage.url)}")
@@ -151,25 +153,30 @@ def cmd_study_export(args) -> int:
     from optsearch.optimize.export import export_study
 
     args.output = args.output or DEFAULT_EXPORT[args.format]
+    to_stdout = args.output == "-"  # `-o -`: the export on stdout, to pipe on
     output = Path(args.output)
-    if not output.parent.is_dir():
+    if not to_stdout and not output.parent.is_dir():
         raise UsageError(f"cannot write {args.output}: folder {output.parent} does not exist")
     study, spec = load_study(_open(args), args.name)
     exported = export_study(study, spec, args.fingerprint)
     text = {"json": lambda e: json.dumps(e, indent=2) + "\n", "cache-dit": cache_dit_yaml,
             "diffusers": diffusers_python}[args.format](exported)
-    try:
-        output.write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
+    if to_stdout:
+        sys.stdout.write(text)
+    else:
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write {args.output}: {error.strerror}") from None
 
     best = exported["best"]
     confirmed = best["confirmed"]
-    print(f"wrote {args.output}: winner trial {best['trial']} ({best['combo']}), search speedup "
+    where = "stdout" if to_stdout else args.output
+    print(f"wrote {where}: winner trial {best['trial']} ({best['combo']}), search speedup "
           f"{format_speedup(best['metrics'])}; " + (
               f"confirmed on {confirmed['num_samples']} unseen prompts: {format_speedup(confirmed)}"
               if confirmed else "not confirmed (`optsearch study confirm` checks it on unseen prompts)")
-          + f"; device {exported['fingerprint']}")
+          + f"; device {exported['fingerprint']}", file=sys.stderr if to_stdout else sys.stdout)
     if exported["unconfirmed_better"]:
         print(f"warning: trial(s) {', '.join(map(str, exported['unconfirmed_better']))} beat the "
               "confirmed winner on search figures but were never confirmed: `optsearch study "

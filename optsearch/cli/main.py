@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="json (optsearch.apply), cache-dit (cache_dit.load_configs) or "
                              "diffusers (accelerate(pipe) with the libraries' own calls)")
     export.add_argument("-o", "--output", default=None, metavar="FILE",
-                        help="default: search_params.json, cache.yaml or accelerate_pipe.py")
+                        help="default: search_params.json, cache.yaml or accelerate_pipe.py; "
+                             "- writes to stdout (the summary line then goes to stderr)")
     export.add_argument("--fingerprint", metavar="ID", default=None,
                         help="the device whose figures decide (default: the one the study's "
                              "confirmations were made on; `study show` lists fingerprints)")

@@ -27,12 +27,7 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
 
     A new study gets its warm-start settings enqueued (warm_start.py).
     """
-    name = check_name(name or spec.name)
-    check_local_prompts(spec)
-    try:  # a study no worker could score is never made
-        check_clip_model(spec.quality.clip_model)
-    except ModelLoadError as error:
-        raise SpecError([f"quality.clip_model: {error}"]) from None
+    name = check_creatable(spec, name)
     wanted = spec_attr(spec)
     warm_start = warm_start_params(spec, storage)  # before creating: a bad source writes nothing
     try:
@@ -58,6 +53,18 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     study.sampler = make_sampler(spec)
     enqueue_warm_start(study, warm_start)
     return study
+
+
+def check_creatable(spec: StudySpec, name: str | None = None) -> str:
+    """What a study of `spec` needs before anything is written (its name, returned; prompts read
+    without a network; a CLIP model open_clip knows): a study no worker could run is never made."""
+    name = check_name(name or spec.name)
+    check_local_prompts(spec)
+    try:
+        check_clip_model(spec.quality.clip_model)
+    except ModelLoadError as error:
+        raise SpecError([f"quality.clip_model: {error}"]) from None
+    return name
 
 
 def check_local_prompts(spec: StudySpec) -> None:
