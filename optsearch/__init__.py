@@ -26,12 +26,16 @@ __all__ = ["AppliedSetting", "SpecError", "StudySpec", "__version__", "apply", "
 def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
     """Apply a setting to a user's own diffusers pipeline; returns a handle to call and restore.
 
-    `params` is a setting dict (nested or 'accel.param' keys) or the path of a search_params.json
-    written by `optsearch study export` (its overall best setting is applied).
+    `params` is a setting dict (nested or 'accel.param' keys), the path of a search_params.json
+    written by `optsearch study export`, or the export dict itself (what `search` returns): of an
+    export, its best setting is applied, and calls that serve another context than it was
+    measured at warn.
     """
     calibration = check = None
+    exported = params if isinstance(params, Mapping) and "best" in params else None
     if not isinstance(params, Mapping):
         exported = json.loads(Path(params).read_text(encoding="utf-8"))
+    if exported is not None:
         params = exported["best"]["setting"]
         calibration = exported.get("calibration")  # MagCache's ratios, measured by the study
         if exported.get("deployment"):  # warn when served at another batch, size or step count

@@ -1,9 +1,10 @@
 """The deployment context a setting was measured at, and a warning when it is served otherwise.
 
 A cache's speedup and fidelity depend on what the server runs: batch size (a GPU's utilisation),
-resolution (token count, attention's share), step count (what a skipped step is worth) and
-guidance. The study holds them fixed (the spec), `check` prints them, the export records them
-(`deployment`), and `optsearch.apply` of an export warns, once each, when a call differs.
+resolution (token count, attention's share), step count (what a skipped step is worth),
+guidance, and whether the denoiser is compiled (a hook weighs more beside compiled blocks). The
+study holds them fixed (the spec), `check` prints them, the export records them (`deployment`),
+and `optsearch.apply` of an export warns, once each, when a call differs.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 
-from optsearch.accelerators import call_parameters
+from optsearch.accelerators import call_parameters, denoiser
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
-                "num_frames")
+                "num_frames", "compile")
 
 
 def measured_context(spec, batch_size: int) -> dict:
@@ -22,7 +23,7 @@ def measured_context(spec, batch_size: int) -> dict:
     model = spec.model
     return {"batch_size": batch_size, "height": model.height, "width": model.width,
             "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
-            "num_frames": model.num_frames}
+            "num_frames": model.num_frames, "compile": model.compile}
 
 
 def context_text(context: Mapping) -> str:
@@ -30,8 +31,10 @@ def context_text(context: Mapping) -> str:
     size = (f"{context['height']}x{context['width']}" if context.get("height") and context.get("width")
             else "native size")
     frames = f", {context['num_frames']} frames" if context.get("num_frames") else ""
+    compiled = (f", denoiser compiled ({context['compile']})"
+                if context.get("compile") not in (None, "none") else "")
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} steps, "
-            f"guidance {context['guidance_scale']}")
+            f"guidance {context['guidance_scale']}{compiled}")
 
 
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
@@ -43,7 +46,18 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     defaults = call_parameters(pipe)
     for key in ("height", "width", "num_inference_steps", "guidance_scale", "num_frames"):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
+    served["compile"] = compiled_how(denoiser(pipe))
     return served
+
+
+def compiled_how(model) -> str:
+    """How a denoiser is compiled, as `[model] compile` says it: "full" (torch.compile of the
+    whole module), "regional" (some of its blocks, e.g. compile_repeated_blocks) or "none"."""
+    if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
+        return "full"
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+        return "regional"
+    return "none"
 
 
 class ContextCheck:

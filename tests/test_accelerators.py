@@ -152,7 +152,8 @@ def test_apply_of_an_export_warns_once_when_served_at_another_context(tiny_pipe,
 
     exported = {"best": {"setting": {"deepcache": SETTINGS["deepcache"]}},
                 "deployment": {"batch_size": 2, "height": None, "width": None,
-                               "num_inference_steps": 10, "guidance_scale": 7.5, "num_frames": None}}
+                               "num_inference_steps": 10, "guidance_scale": 7.5, "num_frames": None,
+                               "compile": "none"}}
     path = tmp_path / "search_params.json"
     path.write_text(json.dumps(exported))
     with optsearch.apply(tiny_pipe, path) as run, warnings.catch_warnings(record=True) as said:

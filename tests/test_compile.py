@@ -5,14 +5,19 @@ same breaks) without generating code, so these run in seconds on a CPU."""
 
 from __future__ import annotations
 
+import optuna
 import pytest
 
+import optsearch
+from optsearch.deployment import compiled_how
 from optsearch.errors import ModelLoadError
 from optsearch.measure.compiling import compile_denoiser
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.measure.models import load_pipeline
 from optsearch.optimize.create import create_study
+from optsearch.optimize.deploy import diffusers_python
+from optsearch.optimize.export import export_study
 from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.notes import trial_note
 from optsearch.storage.rdb import open_storage
@@ -61,6 +66,21 @@ def test_a_compiled_study_counts_compiles_and_graph_breaks_apart_from_the_speedu
         assert attrs["compile_seconds"] == attrs["warmup_seconds"]  # apart from the timed batches
     note = trial_note(0, {**hooked, "constraints": {"quality": 0.0}}, spec)
     assert "graph breaks** (a hook torch cannot trace)" in note and "not in the speedup" in note
+    # the export says it was measured compiled; its Python compiles as measured, before applying
+    exported = export_study(optuna.load_study(study_name="flux", storage=url), spec)
+    assert exported["deployment"]["compile"] == "regional"
+    module = {}
+    exec(diffusers_python(exported), module)
+    fresh = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
+    assert compiled_how(fresh.transformer) == "none"
+    kwargs = module["accelerate"](fresh)
+    assert compiled_how(fresh.transformer) == "regional"  # compile_repeated_blocks, as measured
+    assert fresh(["a red cube"], height=32, width=32, output_type="np", **kwargs).images.shape[0] == 1
+    # served eager, a setting measured compiled says so
+    eager = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
+    with pytest.warns(UserWarning, match="measured at compile = regional; called with none"):
+        with optsearch.apply(eager, exported) as fast:
+            fast(["a red cube"], height=32, width=32, num_inference_steps=8)
 
 
 def test_compile_choices_are_checked():

@@ -181,7 +181,7 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert unconfirmed["best"]["trial"] == 0 and unconfirmed["best"]["confirmed"] is None
     assert unconfirmed["deployment"] == {"batch_size": 2, "height": None, "width": None,
                                          "num_inference_steps": 8, "guidance_scale": 7.5,
-                                         "num_frames": None}
+                                         "num_frames": None, "compile": "none"}
     starred, marked, note, shown = winner_marks(url, tmp_path)
     assert starred == marked == 0 and note.startswith("## Winner: trial 0")
     assert "not confirmed yet" in unconfirmed["winner_rule"]

@@ -34,6 +34,21 @@ def _steps(exported: dict) -> int:
     return setting.get("steps", {}).get("num_inference_steps", exported["spec"]["model"]["steps"])
 
 
+def _compile_code(exported: dict) -> list[str]:
+    """The denoiser compiled as the setting was measured (before it was applied), if it was."""
+    model = exported["spec"]["model"]
+    how = model.get("compile", "none")
+    if how == "none":
+        return []
+    options = f"backend={model.get('compile_backend', 'inductor')!r}" + (
+        f", mode={model['compile_mode']!r}" if model.get("compile_mode") else "")
+    call = ("compile_repeated_blocks(fullgraph=False, " if how == "regional" else "compile(") \
+        + options + ")"
+    return ["", f"# measured with the denoiser compiled ({how}) before the setting was applied",
+            "denoiser = pipe.unet if getattr(pipe, 'unet', None) is not None else pipe.transformer",
+            f"denoiser.{call}"]
+
+
 def cache_dit_yaml(exported: dict) -> str:
     """cache-dit's own config file for a dbcache winner (steps stay a call argument)."""
     setting = exported["best"]["setting"]
@@ -119,7 +134,7 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
 def diffusers_python(exported: dict) -> str:
     """A Python module with `accelerate(pipe) -> call kwargs`: the winner, without optsearch."""
     setting = exported["best"]["setting"]
-    body = ["call_kwargs = {'num_inference_steps': NUM_INFERENCE_STEPS}"]
+    body = ["call_kwargs = {'num_inference_steps': NUM_INFERENCE_STEPS}", *_compile_code(exported)]
     for name, params in setting.items():
         code = _family_code(name, params, exported)
         if code:
