@@ -64,7 +64,7 @@ def format_speedup(figures: dict) -> str:
     low, high = figures.get("speedup_low"), figures.get("speedup_high")
     if low is None or high is None:
         return f"{figures['speedup']:.2f} (one batch: no interval)"
-    if low is not None and high is not None and too_wide(low, high):
+    if too_wide(low, high):
         return f"{figures['speedup']:.2f} (not measured enough to tell)"
     return format_interval({"mean": figures["speedup"], "low": figures.get("speedup_low"),
                             "high": figures.get("speedup_high")}, digits=2)

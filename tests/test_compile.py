@@ -69,6 +69,8 @@ def test_a_compiled_study_counts_compiles_and_graph_breaks_apart_from_the_speedu
     # the export says it was measured compiled; its Python compiles as measured, before applying
     exported = export_study(optuna.load_study(study_name="flux", storage=url), spec)
     assert exported["deployment"]["compile"] == "regional"
+    # the fbcache setting, whichever won: cache-dit needs a BlockAdapter for the builtin subclass
+    exported["best"]["setting"] = hooked["setting"]
     module = {}
     exec(diffusers_python(exported), module)
     fresh = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")

@@ -104,8 +104,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     peak, free = _memory(pipe.device)
     estimate = Estimate(batch.seconds_per_image, spec.search.n_trials, len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0)
-    report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"))
-    report.facts.update(batch_size=config.batch_size, seconds_per_image=batch.seconds_per_image,
+    report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),
+                        batch_size=config.batch_size, seconds_per_image=batch.seconds_per_image,
                         check_seconds=time.perf_counter() - start, peak_gib=peak, free_gib=free,
                         estimate=estimate)
     return report
