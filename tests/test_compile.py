@@ -22,7 +22,7 @@ from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.notes import trial_note
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import SpecError, spec_from_dict
-from tests.conftest import optsearch_cmd, write_spec
+from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
 
 
 def flux_spec(**model) -> dict:
@@ -99,26 +99,11 @@ def test_compile_choices_are_checked():
 
 
 def test_evaluate_says_what_compiling_cost_under_its_table(tmp_path):
-    spec = write_spec(tmp_path / "flux.toml", """
-        [model]
-        id = "builtin:tiny-flux"
-        device = "cpu"
-        steps = 8
-        guidance_scale = 3.5
-        compile = "regional"
-        compile_backend = "eager"
-        [prompts]
-        source = "builtin"
-        num_samples = 2
-        batch_size = 2
-        [quality]
-        clip_model = "builtin:tiny"
-        clip_pretrained = "none"
-        metric = "psnr"
-        limit = 30.0
-        [search]
-        accelerators = ["fbcache"]
-        """)
+    spec = write_spec(tmp_path / "flux.toml", TINY_SPEC
+                      .replace('id = "builtin:tiny"', 'id = "builtin:tiny-flux"', 1)
+                      .replace("steps = 8", 'steps = 8\nguidance_scale = 3.5\ncompile = "regional"\n'
+                               'compile_backend = "eager"')
+                      .replace('["deepcache", "tome"]', '["fbcache"]'))
     result = optsearch_cmd("evaluate", str(spec), "--set", "fbcache.threshold=0.5", "--quiet")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
