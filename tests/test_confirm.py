@@ -75,10 +75,13 @@ def run_worker(url: str, spec_path, pipe, n_trials: int | None = None) -> None:
 
 def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
+    # two distinct settings (a seeded sampler), both clearly faster than the baseline however
+    # loaded the machine (DeepCache every 4th step or rarer): confirmation takes only such trials
     spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC.replace("limit = 30.0", "limit = 5.0")
-                      .replace("n_trials = 4", "n_trials = 2\nearly_stop = false")
+                      .replace("n_trials = 4", "n_trials = 2\nearly_stop = false\nseed = 0")
                       .replace("steps = 16", "steps = 8")  # A B B A rounds: 4 passes a round
-                      + "[confirm]\nnum_samples = 2\n")
+                      + "[confirm]\nnum_samples = 2\n"
+                      + "[space.deepcache]\ncache_interval = [4, 8]\ncache_branch_id = 0\n")
     ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     confirm = subprocess.Popen([OPTSEARCH, "study", "confirm", "tiny", "--storage", url, "--top", "3",
