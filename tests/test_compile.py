@@ -16,7 +16,7 @@ from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.measure.models import load_pipeline
 from optsearch.optimize.create import create_study
-from optsearch.optimize.deploy import diffusers_python
+from optsearch.optimize.deploy import cache_dit_yaml, diffusers_python
 from optsearch.optimize.export import export_study
 from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.notes import trial_note
@@ -78,6 +78,14 @@ def test_a_compiled_study_counts_compiles_and_graph_breaks_apart_from_the_speedu
     kwargs = module["accelerate"](fresh)
     assert compiled_how(fresh.transformer) == "regional"  # compile_repeated_blocks, as measured
     assert fresh(["a red cube"], height=32, width=32, output_type="np", **kwargs).images.shape[0] == 1
+    # cache-dit's YAML says so in comments, and still loads in cache-dit
+    from cache_dit import load_configs
+
+    yaml_path = tmp_path / "cache.yaml"
+    yaml_path.write_text(cache_dit_yaml({**exported, "best": {**exported["best"],
+                                                              "setting": cache_dit["setting"]}}))
+    assert "# measured with the denoiser compiled (regional)" in yaml_path.read_text()
+    assert "cache_config" in load_configs(str(yaml_path))
     # served eager, a setting measured compiled says so
     eager = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
     with pytest.warns(UserWarning, match="measured at compile = regional; called with none"):

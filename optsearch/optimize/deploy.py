@@ -60,6 +60,7 @@ def cache_dit_yaml(exported: dict) -> str:
     lines = [f"# {_claim(exported)}",
              f"# call the pipeline with num_inference_steps={_steps(exported)}",
              "# load: cache_dit.enable_cache(pipe, **cache_dit.load_configs(\"this.yaml\"))",
+             *[f"# {line.removeprefix('# ')}" for line in _compile_code(exported)[1:]],
              "cache_config:"]
     lines += [f"  {key}: {json.dumps(value)}" for key, value in params.items()]
     if order:
