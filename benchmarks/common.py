@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,8 +54,16 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def smoke_settings(settings, steps: int) -> list:
-    """The GPU scripts' settings for a --smoke run of `steps` steps: fewer steps means half."""
+def size_for(script: str, smoke: bool, full: dict, small: dict) -> dict:
+    """A GPU script's sizes: `small` on the CPU for --smoke, else `full`, which needs CUDA."""
+    if not smoke and not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU (--smoke runs its code on the CPU at a tiny size)")
+    return small if smoke else full
+
+
+def at_steps(settings, steps: int) -> list:
+    """The GPU scripts' settings for a run of `steps` steps: "fewer steps" is always half of them
+    (28 -> 14, 50 -> 25 as the names say; a --smoke run's few steps halved too)."""
     return [(name, {**setting, "steps": {"num_inference_steps": max(1, steps // 2)}}
              if "steps" in setting else setting) for name, setting in settings]
 

@@ -25,12 +25,11 @@ setting's warm-up seconds (compile included), graphs compiled and graph breaks.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
 
-from benchmarks.common import machine, smoke_settings, synchronize, table, time_cache_settings
+from benchmarks.common import at_steps, machine, size_for, synchronize, table, time_cache_settings
 
 DEPTH_DOUBLE, DEPTH_SINGLE = 4, 8
 SETTINGS = [
@@ -81,9 +80,7 @@ def build(size: dict = FULL):
 
 
 def main(compile: str = "none", smoke: bool = False, budget_s: float = 0.0) -> None:
-    size = SMOKE if smoke else FULL
-    if not smoke and not torch.cuda.is_available():
-        sys.exit("gpu_flux.py needs a CUDA GPU (--smoke runs its code on the CPU at a tiny size)")
+    size = size_for("gpu_flux.py", smoke, FULL, SMOKE)
     started = time.perf_counter()
     deadline = started + budget_s if budget_s else None  # no setting starts after it
     pipe = build(size)
@@ -106,7 +103,7 @@ def main(compile: str = "none", smoke: bool = False, budget_s: float = 0.0) -> N
                                                  backend="eager" if smoke else "inductor")
         compiles = {}
     call(pipe, steps if compiles is not None else 3)
-    timed = time_cache_settings(pipe, call, smoke_settings(SETTINGS, steps) if smoke else SETTINGS,
+    timed = time_cache_settings(pipe, call, at_steps(SETTINGS, steps),
                                 steps, warmup=steps if compiles is not None else 4, repeats=2,
                                 compiles=compiles, deadline=deadline)
     rows = [[name, seconds, timed[0][1] / seconds, computed] for name, seconds, computed in timed]

@@ -15,12 +15,11 @@ text encoder or VAE: latents out), which changes nothing about the transformer's
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
 
-from benchmarks.common import machine, smoke_settings, synchronize, table, time_cache_settings
+from benchmarks.common import at_steps, machine, size_for, synchronize, table, time_cache_settings
 
 DEPTH = 4
 # Wan 2.1 1.3B's width at the real frame count; --smoke: the same code at a size the CPU runs
@@ -61,9 +60,7 @@ def build(size: dict = FULL):
 
 
 def main(smoke: bool = False, budget_s: float = 0.0) -> None:
-    size = SMOKE if smoke else FULL
-    if not smoke and not torch.cuda.is_available():
-        sys.exit("gpu_wan.py needs a CUDA GPU (--smoke runs its code on the CPU at a tiny size)")
+    size = size_for("gpu_wan.py", smoke, FULL, SMOKE)
     started = time.perf_counter()
     deadline = started + budget_s if budget_s else None  # no setting starts after it
     pipe = build(size)
@@ -82,7 +79,7 @@ def main(smoke: bool = False, budget_s: float = 0.0) -> None:
         return time.perf_counter() - start
 
     call(pipe, 2)
-    timed = time_cache_settings(pipe, call, smoke_settings(SETTINGS, steps) if smoke else SETTINGS,
+    timed = time_cache_settings(pipe, call, at_steps(SETTINGS, steps),
                                 steps, deadline=deadline)
     baseline = timed[0][1]
     rows = [[name, seconds, seconds / frames, baseline / seconds, computed]

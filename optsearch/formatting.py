@@ -66,8 +66,7 @@ def format_speedup(figures: dict) -> str:
         return f"{figures['speedup']:.2f} (one batch: no interval)"
     if too_wide(low, high):
         return f"{figures['speedup']:.2f} (not measured enough to tell)"
-    return format_interval({"mean": figures["speedup"], "low": figures.get("speedup_low"),
-                            "high": figures.get("speedup_high")}, digits=2)
+    return format_interval({"mean": figures["speedup"], "low": low, "high": high}, digits=2)
 
 
 def compile_text(figures: dict, strong: str = "") -> str | None:
