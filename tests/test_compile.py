@@ -34,7 +34,7 @@ def flux_spec(**model) -> dict:
             "search": {"accelerators": [["fbcache"], ["dbcache"]]}}
 
 
-def test_a_compiled_study_counts_compiles_and_graph_breaks_apart_from_the_speedup(tmp_path):
+def test_a_compiled_study_counts_compiles_and_graph_breaks_apart_from_the_speedup(tmp_path, capsys):
     """A small compiled study, run by a worker: the denoiser compiled once before the baseline,
     each setting measured on top; compile seconds, graphs and graph breaks recorded per trial,
     never in the speedup; the compile mode in the device fingerprint; the note says it."""
@@ -52,6 +52,9 @@ def test_a_compiled_study_counts_compiles_and_graph_breaks_apart_from_the_speedu
     worker = Worker(url, "flux", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")),
                     evaluator=evaluator_from_spec(spec, pipe=pipe))
     assert worker.run() == 2
+    start_line = next(line for line in capsys.readouterr().out.splitlines()
+                      if "trials to go" in line)  # each trial's compiling warm-up is in it
+    assert f"{worker.baselines.baseline.warmup_seconds:.3g} s compiling: " in start_line
     compiled_id, facts = fingerprint(pipe, 2)
     assert facts["compile"] == "regional:default:eager" and compiled_id != eager_id
     assert worker.fingerprint == compiled_id

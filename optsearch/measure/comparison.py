@@ -36,6 +36,7 @@ class Baseline:
     image_features: torch.Tensor
     batch_seconds: list[float] = field(default_factory=list)
     peak_memory_gib: float | None = None  # during its timed batches (memory.py)
+    warmup_seconds: float = 0.0  # its untimed warm-up call (a compiled pipeline's: the compile)
 
     @property
     def clip_mean(self) -> float:

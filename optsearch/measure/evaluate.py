@@ -116,8 +116,9 @@ class Evaluator:
         machine) only the timing is this call's own; its images, scores and features are kept.
         """
         images, seconds, batch_seconds, scores, features = [], 0.0, [], [], []
-        peak = PeakMemory(self.pipe.device)
-        for batch in peak.measure(self._generate("baseline")):
+        peak, warm = PeakMemory(self.pipe.device), {"seconds": 0.0}
+        for batch in peak.measure(self._generate(
+                "baseline", on_warmup=lambda seconds: warm.update(seconds=seconds))):
             images.append(batch.images)
             seconds += batch.seconds
             batch_seconds.append(batch.seconds_per_image)
@@ -129,9 +130,9 @@ class Evaluator:
         seconds_per_image = seconds / len(self.prompts)
         if scored is not None:
             return Baseline(scored.images, seconds_per_image, scored.clip_scores,
-                            scored.image_features, batch_seconds, peak.gib)
+                            scored.image_features, batch_seconds, peak.gib, warm["seconds"])
         return Baseline(np.concatenate(images), seconds_per_image, np.concatenate(scores),
-                        torch.cat(features), batch_seconds, peak.gib)
+                        torch.cat(features), batch_seconds, peak.gib, warm["seconds"])
 
     def apply(self, setting: Mapping) -> AppliedSetting:
         """Apply `setting` to the pipeline, calibrating first what it needs and is not known."""

@@ -61,8 +61,11 @@ def estimate_text(estimate: Estimate) -> str:
     return text + " (early stop and reuse make it shorter)"
 
 
-def print_estimate(worker_id: str, seconds_per_image: float, remaining: int, prompts: int) -> None:
-    """What a worker prints at start: the trials left and how long they should take here."""
+def print_estimate(worker_id: str, seconds_per_image: float, remaining: int, prompts: int,
+                   compile_seconds: float = 0.0) -> None:
+    """What a worker prints at start: the trials left and how long they should take here
+    (`compile_seconds`: a compiled pipeline's warm-up, which every trial runs untimed)."""
     if remaining:
-        estimate = Estimate(seconds_per_image, remaining, prompts)
+        estimate = Estimate(seconds_per_image, remaining, prompts,
+                            compile_seconds=compile_seconds)
         print(f"{worker_id}: {remaining} trials to go; {estimate_text(estimate)}", flush=True)
