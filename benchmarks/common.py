@@ -61,6 +61,19 @@ def size_for(script: str, smoke: bool, full: dict, small: dict) -> dict:
     return small if smoke else full
 
 
+def cast_as_loaded(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` on `device` in `dtype`, but for the parts its class keeps in float32
+    (`_keep_in_fp32_modules`: Wan's rope, time embedder and norms), as `from_pretrained(...,
+    torch_dtype=dtype)` loads it: a random model then runs in the dtypes a served one does."""
+    torch.nn.Module.to(model, device, dtype)  # not ModelMixin.to: it warns of what we do next
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype != torch.float32 and keep:
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if keep & set(name.split(".")) and tensor.is_floating_point():
+                tensor.data = tensor.data.float()
+    return model
+
+
 def at_steps(settings, steps: int) -> list:
     """The GPU scripts' settings for a run of `steps` steps: "fewer steps" is always half of them
     (28 -> 14, 50 -> 25 as the names say; a --smoke run's few steps halved too)."""

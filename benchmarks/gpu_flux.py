@@ -29,7 +29,15 @@ import time
 
 import torch
 
-from benchmarks.common import at_steps, machine, size_for, synchronize, table, time_cache_settings
+from benchmarks.common import (
+    at_steps,
+    cast_as_loaded,
+    machine,
+    size_for,
+    synchronize,
+    table,
+    time_cache_settings,
+)
 
 DEPTH_DOUBLE, DEPTH_SINGLE = 4, 8
 SETTINGS = [
@@ -66,7 +74,8 @@ def build(size: dict = FULL):
             attention_head_dim=size["head_dim"], num_attention_heads=size["heads"],
             joint_attention_dim=size["text_dim"], pooled_projection_dim=size["pooled_dim"],
             guidance_embeds=True, axes_dims_rope=size["rope"],
-        ).to(size["device"], size["dtype"])
+        )
+    cast_as_loaded(transformer, size["device"], size["dtype"])
     vae = AutoencoderKL(block_out_channels=size["vae"], latent_channels=16,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,

@@ -19,7 +19,15 @@ import time
 
 import torch
 
-from benchmarks.common import at_steps, machine, size_for, synchronize, table, time_cache_settings
+from benchmarks.common import (
+    at_steps,
+    cast_as_loaded,
+    machine,
+    size_for,
+    synchronize,
+    table,
+    time_cache_settings,
+)
 
 DEPTH = 4
 # Wan 2.1 1.3B's width at the real frame count; --smoke: the same code at a size the CPU runs
@@ -52,7 +60,8 @@ def build(size: dict = FULL):
             in_channels=16, out_channels=16, text_dim=size["text_dim"], freq_dim=size["freq_dim"],
             ffn_dim=size["ffn_dim"], num_layers=DEPTH, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6,
-        ).to(size["device"], size["dtype"])
+        )
+    cast_as_loaded(transformer, size["device"], size["dtype"])
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)

@@ -71,3 +71,26 @@ def test_past_its_budget_a_script_starts_no_setting_and_still_prints_its_table(c
     table = out.split("# SMOKE", 1)[1].splitlines()
     assert any(line.startswith("baseline ") for line in table)
     assert not any(line.startswith(name) for line in table for name in skipped)
+
+
+def test_random_gpu_models_keep_in_float32_what_a_loaded_one_keeps():
+    """The GPU scripts cast their random transformers to bf16 as `from_pretrained(torch_dtype=)`
+    loads a real one: Wan's rope, time embedder and norms stay float32 (a plain `.to()` casts
+    them all), and the mixed model still runs."""
+    import torch
+
+    from benchmarks import gpu_wan
+
+    size = {**gpu_wan.SMOKE, "dtype": torch.bfloat16}
+    pipe = gpu_wan.build(size)
+    dtypes = {name: tensor.dtype for name, tensor in [*pipe.transformer.named_parameters(),
+                                                       *pipe.transformer.named_buffers()]}
+    kept = {name for name, dtype in dtypes.items() if dtype == torch.float32}
+    assert {"rope.freqs_cos", "scale_shift_table", "blocks.0.norm2.weight"} <= kept
+    assert all(".time_embedder." in name or name.split(".")[-1] == "scale_shift_table"
+               or ".norm" in name or name.startswith("rope.") for name in kept)
+    assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    embeds = torch.randn(1, 16, size["text_dim"], dtype=torch.bfloat16)
+    video = pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=32, width=32,
+                 num_frames=5, num_inference_steps=1, output_type="latent").frames
+    assert video.dtype == torch.bfloat16 and torch.isfinite(video.float()).all()
