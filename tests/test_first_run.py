@@ -230,3 +230,17 @@ def test_check_lists_every_problem_one_line_each(tmp_path):
     assert len(lines) == 2, lines
     assert lines[0].startswith("optsearch: error: prompts: prompts.num_samples=100000")
     assert "model: model.id 'nope_module:build': cannot import" in lines[1]
+
+
+def test_version_names_the_libraries_a_bug_report_needs():
+    """`optsearch --version`: one line, exit 0, optsearch's version and the installed versions of
+    the libraries that change what a trial measures."""
+    import diffusers
+    import torch
+
+    result = optsearch_cmd("--version")
+    assert result.returncode == 0 and result.stderr == ""
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stdout.startswith(f"optsearch {optsearch.__version__} (torch {torch.__version__}")
+    assert f"diffusers {diffusers.__version__}" in result.stdout
+    assert f"optuna {optuna.__version__}" in result.stdout

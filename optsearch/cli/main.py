@@ -17,8 +17,17 @@ from optsearch.errors import exit_code_for, problem_lines
 from optsearch.storage.masking import mask_text
 from optsearch.storage.rdb import GRACE_PERIOD, HEARTBEAT_INTERVAL
 from optsearch.study_spec import check_device
+from optsearch.version import versions_line
 
 EXIT_INTERRUPTED = 130
+
+class _PrintVersions(argparse.Action):
+    """`--version`: one unwrapped line (argparse's own version action wraps it), then exit 0."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions_line())
+        parser.exit()
+
 
 def _add_storage(parser) -> None:
     parser.add_argument("--storage", metavar="URL",
@@ -126,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "FLUX and other transformers) within a quality budget.",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--version", action=_PrintVersions, nargs=0,
+                        help="optsearch's version and the libraries' that measure (for bug reports)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser = _with_verbose(commands.add_parser)
 
