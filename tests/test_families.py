@@ -321,6 +321,34 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
         spec_from_dict({**_flux_dict([["dbcache"]]), "space": {"dbcache": {"Fn_compute_blocks": "auto"}}})
 
 
+def test_a_published_threshold_outside_the_calibrated_range_is_sampled_within_it(tmp_path):
+    """The published warm start enqueues FirstBlockCache's FLUX threshold, 0.12; on tiny FLUX's
+    random weights every change lies near 0.3-0.6, so 0.12 would skip nothing. The worker samples
+    the threshold within the calibrated range instead (no Optuna out-of-range warning), records
+    the released value, and keeps the sampled one as the trial's enqueued value (a re-queued
+    trial measures the same point)."""
+    text = DBCACHE_SPEC.replace('accelerators = [["dbcache"]]', 'accelerators = [["fbcache"]]') \
+        .replace("n_trials = 2\nwarm_start = []", "n_trials = 1\nwarm_start = [\"published\"]") \
+        + '[space.fbcache]\nthreshold = "auto"\n'
+    spec = write_spec(tmp_path / "published.toml", text)
+    url = f"sqlite:///{tmp_path}/published.db"
+    ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", "-v",
+                        "--artifact-dir", str(tmp_path / "art"))
+    assert ran.returncode == 0, ran.stderr
+    assert "out of range" not in ran.stderr
+    study = optuna.load_study(study_name="flux", storage=url)
+    [calibration] = [v for k, v in study.user_attrs.items()
+                     if k.startswith("optsearch:calibration:") and k.endswith(":fbcache")]
+    low, high = calibration["auto"]["threshold"]
+    assert 0.12 < low
+    [trial] = study.get_trials()
+    assert trial.user_attrs["outside_calibrated_range"] == {"fbcache.threshold": 0.12}
+    threshold = trial.params["fbcache.threshold"]
+    assert low <= threshold <= high and trial.user_attrs["setting"]["fbcache"]["threshold"] == threshold
+    assert trial.system_attrs["fixed_params"] == {"fbcache.threshold": threshold}
+    assert "(enqueued) lies outside the range calibrated on this device" in ran.stderr
+
+
 @pytest.mark.parametrize("model_id", ["builtin:tiny-sd3", "builtin:tiny-qwen-image"])
 def test_dbcache_runs_on_the_builtin_sd3_and_qwen_image_and_restores_exactly(model_id):
     """The real diffusers pipeline classes, tiny and offline: calibration finds the residual

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 
 from optsearch.accelerators import combo_name, fit_to_steps, params_of
 from optsearch.study_spec import StudySpec
+
+logger = logging.getLogger(__name__)
 
 
 def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = None) -> dict[str, dict]:
@@ -20,6 +24,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
         for param, declared in params_of(accelerator).items():
             bounds = spec.param_range(accelerator, param, auto)
             name = f"{accelerator}.{param}"
+            released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:
                 values[param] = bounds[0]
             elif spec.search.sampler == "grid":
@@ -28,5 +33,34 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
                 values[param] = trial.suggest_int(name, bounds[0], bounds[1], step=bounds[2] or 1)
             else:
                 values[param] = trial.suggest_float(name, bounds[0], bounds[1], step=bounds[2])
+            if released is not None:
+                _fix_sampled(trial, name, released, values[param], bounds)
         setting[accelerator] = values
     return fit_to_steps(setting, spec.model.steps)
+
+
+def _release_outside(trial: optuna.Trial, name: str, bounds: tuple):
+    """An enqueued value of an "auto" parameter outside the range calibrated on this device: let
+    the sampler choose it within the range instead, and return it. A warm start's published
+    threshold is a real model's (FLUX's 0.12); on another model or device it may skip nothing,
+    or everything, and the trial would measure nothing. (Optuna keeps enqueued values in the
+    trial's private `_fixed_params`, and would otherwise use one outside its range with a
+    warning.)"""
+    fixed = getattr(trial, "_fixed_params", {})
+    value = fixed.get(name)
+    if value is None or len(bounds) == 1 or bounds[0] <= value <= bounds[1]:
+        return None
+    del fixed[name]
+    return value
+
+
+def _fix_sampled(trial: optuna.Trial, name: str, released, chosen, bounds: tuple) -> None:
+    """Keep the value sampled in place of a released one as the trial's enqueued value (a failed
+    trial is re-queued with it, not with the value outside the range), and say so."""
+    fixed = trial._fixed_params
+    fixed[name] = chosen
+    trial.storage.set_trial_system_attr(trial._trial_id, "fixed_params", fixed)
+    trial.set_user_attr("outside_calibrated_range", {name: released})
+    logger.info("trial %d: %s = %s (enqueued) lies outside the range calibrated on this device "
+                "[%s, %s]; sampled %s within it", trial.number, name, released, bounds[0],
+                bounds[1], chosen)
