@@ -13,17 +13,21 @@ import warnings
 from collections.abc import Mapping
 
 from optsearch.accelerators import call_parameters, denoiser
+from optsearch.measure.compiling import compiled_how
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
                 "num_frames", "compile")
 
 
-def measured_context(spec, batch_size: int) -> dict:
-    """What the study's trials ran: None for a size the pipeline chose itself (its native one)."""
+def measured_context(spec, batch_size: int, compiled: str | None = None) -> dict:
+    """What the study's trials ran: None for a size the pipeline chose itself (its native one).
+    `compiled`: a trial's record of how its denoiser was compiled, which says it even where the
+    pipeline came compiled and the spec says "none"."""
     model = spec.model
     return {"batch_size": batch_size, "height": model.height, "width": model.width,
             "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
-            "num_frames": model.num_frames, "compile": model.compile}
+            "num_frames": model.num_frames,
+            "compile": compiled.split(":")[0] if compiled else model.compile}
 
 
 def context_text(context: Mapping) -> str:
@@ -48,16 +52,6 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
     served["compile"] = compiled_how(denoiser(pipe))
     return served
-
-
-def compiled_how(model) -> str:
-    """How a denoiser is compiled, as `[model] compile` says it: "full" (torch.compile of the
-    whole module), "regional" (some of its blocks, e.g. compile_repeated_blocks) or "none"."""
-    if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
-        return "full"
-    if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
-        return "regional"
-    return "none"
 
 
 class ContextCheck:

@@ -136,3 +136,31 @@ def test_check_compiles_as_served_and_counts_the_compile_in_its_estimate():
     text = format_report(report, spec)
     assert "compiled (regional:default:eager): the first call compiled it in" in text
     assert "s compiling: " in text
+
+
+def test_a_pipeline_that_comes_compiled_is_measured_as_it_came(tmp_path, caplog):
+    """A notebook's (or a factory's) pipeline whose transformer its builder compiled, searched
+    with a spec that says compile = "none": timed as a compiled pipeline (a full untimed call
+    first: nothing compiles inside timed batches), on its own fingerprint, not compiled again,
+    and the export says it was measured compiled; its Python does not compile it a second time."""
+    pipe = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
+    eager_id, _ = fingerprint(pipe, 2)
+    pipe.transformer.compile_repeated_blocks(fullgraph=False, backend="eager")  # the builder's
+    spec = flux_spec()  # fewer steps: faster than the baseline and feasible, even under load
+    spec = {**spec, "quality": {**spec["quality"], "limit": 10.0},
+            "search": {"accelerators": [["steps"]], "n_trials": 1, "warm_start": [],
+                       "early_stop": False},
+            "space": {"steps": {"num_inference_steps": [3, 5]}},
+            "artifacts": {"path": str(tmp_path / "art")}}
+    url = f"sqlite:///{tmp_path / 'came.db'}"
+    with caplog.at_level("WARNING", logger="optsearch.measure.evaluate"):
+        exported = optsearch.search(pipe, spec, storage=url, progress=False)
+    assert "came compiled (regional) where model.compile = 'none'" in caplog.text
+    [trial] = optuna.load_study(study_name="flux", storage=url).get_trials()
+    attrs = trial.user_attrs
+    assert attrs["compiled"] == "regional:as-built" and attrs["compiled_while_timed"] == 0
+    assert attrs["warmup_seconds"] > 0 and attrs["fingerprint"] != eager_id
+    assert exported["deployment"]["compile"] == "regional"
+    code = diffusers_python(exported)
+    assert "compiled (regional) as the pipeline was built" in code
+    assert "compile_repeated_blocks" not in code

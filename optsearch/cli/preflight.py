@@ -130,7 +130,7 @@ def format_report(report: Report, spec) -> str:
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "
              f"{facts['batch_size']}, {spec.model.steps} steps",
              "deployment context (what the figures will hold for; serve at it): "
-             + context_text(measured_context(spec, facts["batch_size"]))]
+             + context_text(measured_context(spec, facts["batch_size"], facts.get("compiled")))]
     if facts.get("compiled"):
         lines.insert(2, f"compiled ({facts['compiled']}): the first call compiled it in "
                         f"{facts['warmup_seconds']:.1f} s, not in the baseline's seconds (each "

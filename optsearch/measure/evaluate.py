@@ -27,7 +27,12 @@ from optsearch.accelerators import (
 )
 from optsearch.errors import ModelLoadError
 from optsearch.measure.comparison import VIDEO_FIGURES, Baseline, Comparison, image_digest
-from optsearch.measure.compiling import CompileCounter, compile_denoiser, compiled_as
+from optsearch.measure.compiling import (
+    CompileCounter,
+    adopt_compiled,
+    compile_denoiser,
+    compiled_as,
+)
 from optsearch.measure.frames import clip_score, frame_fidelity
 from optsearch.measure.generation import (
     Batch,
@@ -287,8 +292,17 @@ def pipeline_from_spec(spec, device: str | None = None):
 
 
 def compiled_for(spec, pipe):
-    """The pipeline compiled as `[model] compile` says, once (a compiled one is kept as it is)."""
-    if spec.model.compile != "none" and compiled_as(pipe) is None:
+    """The pipeline compiled as `[model] compile` says, once. One whose denoiser came compiled is
+    measured as it came (said when the spec says otherwise): compiling it again would time
+    another pipeline than the one served."""
+    if compiled_as(pipe) is not None:
+        return pipe
+    came = adopt_compiled(pipe)
+    if came is not None and came != spec.model.compile:
+        logger.warning("the pipeline's denoiser came compiled (%s) where model.compile = %r: "
+                       "measured compiled, as it came (a full untimed call before each timing)",
+                       came, spec.model.compile)
+    elif came is None and spec.model.compile != "none":
         compile_denoiser(pipe, spec.model.compile, spec.model.compile_mode, spec.model.compile_backend)
     return pipe
 

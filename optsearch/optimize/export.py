@@ -102,7 +102,8 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         "fingerprint": best.user_attrs.get("fingerprint") if fingerprint is None else fingerprint,
         # what the server should run for these figures to hold; `optsearch.apply` warns otherwise
         "deployment": measured_context(spec, best.user_attrs.get("batch_size",
-                                                                 spec.prompts.batch_size)),
+                                                                 spec.prompts.batch_size),
+                                       best.user_attrs.get("compiled")),
         "unconfirmed_better": unconfirmed_better(study, spec, found, fingerprint),
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec, fingerprint).items()},
