@@ -81,6 +81,29 @@ def test_failed_apply_leaves_pipeline_untouched(tiny_pipe, baseline):
     assert np.array_equal(generate_images(tiny_pipe, PROMPTS), baseline)
 
 
+def test_a_pipeline_that_comes_accelerated_is_refused_not_stacked(tiny_pipe, baseline):
+    """A pipeline with ToMe already on: `apply` refuses to stack a setting on it, and a search
+    refuses it as its baseline (one line, before anything is measured); once the user removes
+    it, the pipeline is the plain one again."""
+    import tomesd
+
+    from optsearch.errors import ModelLoadError
+    from optsearch.measure.evaluate import check_families
+    from optsearch.study_spec import spec_from_dict
+
+    tomesd.apply_patch(tiny_pipe, ratio=0.5)
+    try:
+        with pytest.raises(ValueError, match=r"already has ToMe \(tomesd.apply_patch\)"):
+            optsearch.apply(tiny_pipe, setting_for(("deepcache",)))
+        with pytest.raises(ModelLoadError, match="comes with ToMe .* the baseline must be the plain"):
+            check_families(tiny_pipe, spec_from_dict({"model": {"id": "builtin:tiny"}}))
+    finally:
+        tomesd.remove_patch(tiny_pipe)
+    with optsearch.apply(tiny_pipe, setting_for(("tome",))):
+        pass  # our own ToMe, restored: leaves nothing that reads as "already on"
+    assert np.array_equal(generate_images(tiny_pipe, PROMPTS), baseline)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"tome": {"ratio": 1.0}}, "must be < 1.0"),
     ({"deepcache": {"cache_interval": 0}}, "must be >= 1"),

@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 
+import optsearch
 from optsearch.accelerators import (
     AppliedSetting,
     applicable,
@@ -379,6 +380,25 @@ def test_a_diffusers_cache_on_sd3_says_its_transformer_has_no_hooks():
     with pytest.raises(ModelLoadError, match="fbcache needs diffusers' enable_cache"):
         check_families(pipe, spec_from_dict({"model": {"id": "builtin:tiny-sd3"},
                                              "search": {"accelerators": ["fbcache"]}}))
+
+
+def test_a_cache_is_not_stacked_on_a_transformer_that_has_one(flux_pipe):
+    """A diffusers cache the user enabled, or cache-dit applied by optsearch: a second cache is
+    refused with one line naming the first, not stacked on it (cache-dit would have run on top
+    of FirstBlockCache); once disabled, the setting applies."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    flux_pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    try:
+        with pytest.raises(ValueError, match=r"already has a diffusers cache \(enable_cache\)"):
+            optsearch.apply(flux_pipe, {"dbcache": {"residual_diff_threshold": 0.4}})
+    finally:
+        flux_pipe.transformer.disable_cache()
+    with optsearch.apply(flux_pipe, {"dbcache": {"residual_diff_threshold": 0.4}}):
+        with pytest.raises(ValueError, match=r"already has cache-dit \(enable_cache\)"):
+            optsearch.apply(flux_pipe, {"fbcache": {"threshold": 0.4}})
+    with optsearch.apply(flux_pipe, {"fbcache": {"threshold": 0.4}}):
+        pass
 
 
 def test_first_block_cache_calibrates_the_change_it_compares(flux_pipe):

@@ -125,6 +125,20 @@ def pipeline_problem(combo: Sequence[str], pipe) -> str | None:
     return None
 
 
+def enabled_already(pipe) -> str | None:
+    """An accelerator the pipeline came with (a diffusers cache, cache-dit, ToMe), named; None for
+    a plain one. A baseline must be the plain pipeline, and a setting applied on top of another
+    cache would stack two."""
+    model = denoiser(pipe)
+    if getattr(model, "is_cache_enabled", False):
+        return "a diffusers cache (enable_cache)"
+    if getattr(model, "_is_cached", False):
+        return "cache-dit (enable_cache)"
+    if any(type(module).__name__ == "ToMeBlock" for module in model.modules()):  # tomesd's
+        return "ToMe (tomesd.apply_patch)"  # patched blocks (remove_patch leaves _tome_info)
+    return None
+
+
 def normalize_setting(setting: Mapping) -> dict[str, dict]:
     """Accept a nested dict or a flat {'tome.ratio': 0.5} dict; check names, types and ranges."""
     nested: dict[str, dict] = {}
@@ -212,6 +226,10 @@ class AppliedSetting:
         self.setting = normalize_setting(setting)
         self.kind = pipeline_kind(pipe)
         problem = combo_problem(list(self.setting), self.kind)
+        enabled = enabled_already(pipe) if self.setting else None
+        if enabled:
+            problem = (f"the pipeline already has {enabled}: a setting applies to the plain "
+                       "pipeline (disable that first)")
         if problem:
             raise ValueError(problem)
         self.calibration = dict(calibration or {})

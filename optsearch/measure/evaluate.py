@@ -20,6 +20,7 @@ from optsearch.accelerators import (
     combo_name,
     combo_problem,
     denoiser,
+    enabled_already,
     magcache,
     normalize_setting,
     pipeline_kind,
@@ -269,6 +270,11 @@ def check_families(pipe, spec) -> None:
     """Every combo the spec searches must apply to the pipeline as loaded (its kind was told from
     the model id before loading; a wrong guess ends here, before anything is measured)."""
     kind = pipeline_kind(pipe)
+    enabled = enabled_already(pipe)
+    if enabled:
+        raise ModelLoadError(f"model {spec.model.id!r}: the pipeline comes with {enabled}; the "
+                             "baseline must be the plain pipeline: disable it where the pipeline "
+                             "is built")
     for combo in spec.search.combos:
         problem = combo_problem(combo, kind) or pipeline_problem(combo, pipe)
         if problem is None and kind == "transformer" and set(combo) - {"steps", "dbcache"} \
