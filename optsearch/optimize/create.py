@@ -5,6 +5,7 @@ A study name that exists already is joined only when its stored spec is the same
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import optuna
@@ -33,8 +34,7 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     try:
         study = optuna.create_study(storage=storage, study_name=name, directions=directions(spec))
     except optuna.exceptions.DuplicatedStudyError:
-        existing = optuna.load_study(study_name=name, storage=storage)
-        stored = existing.user_attrs.get(SPEC_ATTR)
+        stored = _stored_spec(storage, name)
         if stored is None:
             raise UsageError(f"study {name!r} exists in {mask(storage.url)} but was not made by "
                              "optsearch: choose another --name") from None
@@ -53,6 +53,23 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     study.sampler = make_sampler(spec)
     enqueue_warm_start(study, warm_start)
     return study
+
+
+CREATING_GRACE_S = 10.0  # how long a study another process is creating may lack its spec
+
+
+def _stored_spec(storage, name: str) -> dict | None:
+    """The spec stored with study `name`. A study without one and without trials may be one that
+    another process (a worker started at the same moment) created an instant ago and is about to
+    store its spec in: wait for it a little before calling it not optsearch's."""
+    deadline = time.monotonic() + CREATING_GRACE_S
+    while True:
+        existing = optuna.load_study(study_name=name, storage=storage)
+        stored = existing.user_attrs.get(SPEC_ATTR)
+        if stored is not None or existing.get_trials(deepcopy=False) \
+                or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.2)
 
 
 def check_creatable(spec: StudySpec, name: str | None = None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sqlite3
 import time
 import warnings
@@ -136,6 +137,30 @@ def _heartbeat_settings(interval: int | None, grace_period: int | None) -> dict:
                     max_retry=MAX_RETRY))
 
 
+SCHEMA_RACE_ATTEMPTS = 8
+
+
+def _open_rdb(url: str, parsed, heartbeat: dict) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage, opened again when another process was creating the same tables at
+    that moment: on a fresh database, workers started together all create them, and PostgreSQL's
+    CREATE TABLE IF NOT EXISTS fails against a concurrent one ('duplicate key value violates
+    unique constraint "pg_type_typname_nsp_index"'; SQLite: both stamp Alembic's version row).
+    Measured: 5 of 6 `study create`s started at once on a new PostgreSQL database failed with
+    exit 2 before this, and 1-2 of 8 on a new SQLite file."""
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            return ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat)
+        except sqlalchemy.exc.DBAPIError as error:
+            text = str(error.orig or error)
+            racing = any(sign in text for sign in ("duplicate key value", "already exists",
+                                                    "UNIQUE constraint failed"))  # SQLite's
+            if not racing or attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                raise
+            logger.debug("storage tables created by another process meanwhile: opening again")
+            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
                  grace_period: int | None = GRACE_PERIOD,
                  must_exist: bool = False) -> optuna.storages.RDBStorage:
@@ -166,7 +191,7 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
                 raise StorageError(f"no storage at {path}: the SQLite file does not exist (check "
                                    f"--storage or ${ENV_VAR}; `optsearch study create` makes one)")
             _enable_wal(parsed)
-        return ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat)
+        return _open_rdb(url, parsed, heartbeat)
     except StorageError:
         raise
     except Exception as error:  # driver errors: unreachable host, bad password, no database
