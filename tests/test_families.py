@@ -348,6 +348,9 @@ def test_a_published_threshold_outside_the_calibrated_range_is_sampled_within_it
     assert low <= threshold <= high and trial.user_attrs["setting"]["fbcache"]["threshold"] == threshold
     assert trial.system_attrs["fixed_params"] == {"fbcache.threshold": threshold}
     assert "(enqueued) lies outside the range calibrated on this device" in ran.stderr
+    checked = optsearch_cmd("check", str(spec))  # says so before a study runs
+    assert checked.returncode == 0
+    assert "warm start: the published fbcache.threshold = 0.12 lies outside that range" in checked.stdout
 
 
 @pytest.mark.parametrize("model_id", ["builtin:tiny-sd3", "builtin:tiny-qwen-image"])

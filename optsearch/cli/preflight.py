@@ -26,6 +26,7 @@ from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
 from optsearch.optimize.estimate import Estimate, estimate_text
+from optsearch.optimize.warm_start import published_settings, trial_params
 
 
 @dataclass
@@ -122,6 +123,23 @@ def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
     return ranges
 
 
+def _published_outside(spec, ranges: dict[str, list]) -> list[str]:
+    """A line for each published warm-start value of an "auto" parameter outside the range
+    measured here: those trials sample it within the range (optimize/space.py) instead."""
+    if "published" not in spec.search.warm_start or spec.search.sampler == "grid":
+        return []
+    outside: dict[str, set] = {}
+    for setting in published_settings(spec):
+        enqueued = trial_params(spec, setting, clip=False) or {}  # what `study create` enqueues
+        for name, (low, high) in ranges.items():
+            value = enqueued.get(name)
+            if value is not None and not low <= value <= high:
+                outside.setdefault(name, set()).add(value)
+    return [f"warm start: the published {name} = {', '.join(map(str, sorted(values)))} lies "
+            "outside that range here (it would skip nothing or everything): those trials sample "
+            "it within the range" for name, values in outside.items()]
+
+
 def format_report(report: Report, spec) -> str:
     facts = report.facts
     lines = [f"model {spec.model.id} on {facts['device']} ({facts['dtype']}); "
@@ -140,6 +158,7 @@ def format_report(report: Report, spec) -> str:
                  + (f", {free:.1f} GiB free now" if free is not None else ""))
     lines += [f"auto range {name}: [{low}, {high}] on this device (from skipping nothing to "
               "skipping nearly everything)" for name, (low, high) in facts["auto_ranges"].items()]
+    lines += _published_outside(spec, facts["auto_ranges"])
     lines.append(estimate_text(facts["estimate"]))
     lines.append("ready: a study of this spec can run")
     return "\n".join(lines)
