@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -150,3 +152,55 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dashboard(url: str, folder: Path):
+    """`optsearch dashboard` on `url`, served from `folder` (its ./artifacts), until the block
+    ends: yields (base URL, the first study's summary from its API, the server's output list,
+    filled once the server stopped)."""
+    import json
+    import time
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen([OPTSEARCH, "dashboard", "--storage", url, "--port", str(port)],
+                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base, output = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=2) as response:
+                    summaries = json.load(response)["study_summaries"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "dashboard did not start"
+                time.sleep(0.3)
+        yield base, summaries[0], output
+    finally:
+        server.terminate()
+        output.append(server.communicate(timeout=30)[0])
+
+
+@contextlib.contextmanager
+def browser_page():
+    """A page of headless Chromium (Playwright); under CI=true a missing Chromium fails."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("chromium is missing under CI=true (.ci/run installs it)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=path,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        finally:
+            browser.close()

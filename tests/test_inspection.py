@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import time
 import urllib.request
 
 import optuna
@@ -16,7 +12,7 @@ from PIL import Image
 
 from optsearch.optimize import study as studies
 from optsearch.storage.record import DASHBOARD_CONSTRAINTS_KEY
-from tests.conftest import OPTSEARCH, TINY_SPEC, free_port, optsearch_cmd, write_spec
+from tests.conftest import TINY_SPEC, browser_page, dashboard, optsearch_cmd, write_spec
 
 INSPECT_SPEC = (TINY_SPEC.replace("n_trials = 4", "n_trials = 6\nseed = 1")
                 .replace("limit = 30.0", "limit = 38.0")
@@ -73,44 +69,14 @@ def test_study_plot_writes_pngs(finished_study, tmp_path):
             assert image.width >= 600 and image.height >= 400
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_dashboard_in_headless_chromium(finished_study, tmp_path):
-    browser_path = _chromium()
-    if browser_path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("chromium is missing under CI=true (.ci/run installs it)")
-        pytest.skip("chromium not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     folder, url = finished_study
-    port = free_port()
-    server = subprocess.Popen([OPTSEARCH, "dashboard", "--storage", url, "--port", str(port)],
-                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/studies", timeout=2) as response:
-                    summaries = json.load(response)["study_summaries"]
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "dashboard did not start"
-                time.sleep(0.3)
-        study_id = summaries[0]["study_id"]
+    with dashboard(url, folder) as (base, summary, output):
+        study_id = summary["study_id"]
         with urllib.request.urlopen(f"{base}/api/studies/{study_id}", timeout=10) as response:
             detail = json.load(response)
         assert all(trial["constraints"] for trial in detail["trials"]), "dashboard sees no constraints"
-
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=browser_path,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        with browser_page() as page:
             page.goto(f"{base}/dashboard/studies/{study_id}/trials", wait_until="networkidle")
             page.get_by_text("Trial 5", exact=True).first.wait_for(timeout=30_000)
             page.wait_for_function(
@@ -118,10 +84,6 @@ def test_dashboard_in_headless_chromium(finished_study, tmp_path):
                 " && i.naturalWidth > 0)", timeout=30_000)
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             body = page.inner_text("body")
-            browser.close()
         assert "6 Trials" in body and "Trial 0" in body
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-    finally:
-        server.terminate()
-        output, _ = server.communicate(timeout=30)
-    assert f"http://127.0.0.1:{port}/" in output  # bound to loopback by default
+    assert f"{base}/" in output[0]  # bound to loopback by default

@@ -20,7 +20,7 @@ from optsearch.measure.model_ids import model_kind
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.quality import PSNR_CAP
 from optsearch.optimize.deploy import diffusers_python
-from tests.conftest import ROOT, TINY_SPEC, optsearch_cmd, write_spec
+from tests.conftest import ROOT, TINY_SPEC, browser_page, dashboard, optsearch_cmd, write_spec
 
 PROMPTS = ["a red cube on a table", "a small boat at sea"]
 CONFIG = GenerationConfig(steps=8, guidance_scale=5.0, batch_size=2, seed=3, num_frames=9)
@@ -140,6 +140,13 @@ def test_a_tiny_wan_study_records_frame_figures_and_animated_artifacts_and_expor
     assert len(animations) == 2  # one per prompt shown
     with Image.open(tmp_path / "artifacts" / animations[0].artifact_id) as animation:
         assert animation.n_frames == 9 and animation.size == (2 * 192, 192)  # baseline | trial
+    with dashboard(url, tmp_path) as (base, summary, _), browser_page() as page:  # as users see it
+        page.goto(f"{base}/dashboard/studies/{summary['study_id']}/trials?numbers="
+                  f"{trials[0].number}", wait_until="networkidle")
+        shown = {animation.artifact_id for animation in animations}
+        page.wait_for_function(  # Chromium decodes the animated WebP artifacts the page shows
+            "ids => ids.every(id => Array.from(document.images).some(i => i.src.endsWith(id)"
+            " && i.complete && i.naturalWidth === 384))", arg=sorted(shown), timeout=30_000)
     exported = optsearch_cmd("study", "export", "tiny-wan", "--storage", url, "-o",
                              str(tmp_path / "best.json"), cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
