@@ -373,7 +373,7 @@ def test_a_study_being_created_is_waited_for_and_a_foreign_one_refused_at_once(t
     import threading
 
     from optsearch.errors import UsageError
-    from optsearch.optimize.create import create_study
+    from optsearch.optimize.create import CREATING_GRACE_S, create_study
     from optsearch.optimize.objectives import directions
 
     spec = load_spec(write_spec(tmp_path / "tiny.toml", TINY_SPEC))
@@ -390,4 +390,4 @@ def test_a_study_being_created_is_waited_for_and_a_foreign_one_refused_at_once(t
     started = time.monotonic()
     with pytest.raises(UsageError, match="was not made by optsearch"):
         create_study(spec, open_storage(url), name="foreign", load_if_exists=True)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < CREATING_GRACE_S / 2  # refused without the wait
