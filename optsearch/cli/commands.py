@@ -86,13 +86,14 @@ def cmd_evaluate(args) -> int:
     problems = check_setting(setting, spec)
     if problems:
         raise SpecError([f"{args.spec}: {p}" for p in problems])
+    images_folder = output_folder(args.save_images, "--save-images") if args.save_images else None
     evaluator = evaluator_from_spec(spec, device=args.device, progress=not args.quiet)
     baseline = evaluator.baseline()
     keep = len(evaluator.prompts) if args.save_images else 0
     comparison = evaluator.compare(setting, baseline, keep_images=keep,
                                    pass_noise=pass_noise.assumed(spec.search.pass_noise))
-    if args.save_images:
-        save_images(Path(args.save_images), baseline.images, comparison.images)
+    if images_folder is not None:
+        save_images(images_folder, baseline.images, comparison.images)
     if args.json:
         print(json.dumps(comparison.to_dict(), indent=2))
     else:
@@ -226,7 +227,7 @@ def cmd_study_plot(args) -> int:
     from optsearch.cli.plots import plot_study
 
     study, spec = load_study(_open(args), args.name)
-    for path in plot_study(study, spec, Path(args.output)):
+    for path in plot_study(study, spec, output_folder(args.output, "-o")):
         print(f"wrote {path}")
     return 0
 
@@ -355,11 +356,21 @@ def default_setting(combo, model_steps: int | None = None) -> dict[str, dict]:
     return normalize_setting(setting)
 
 
+def output_folder(path: str, option: str) -> Path:
+    """The folder `option` names, made now (with its parents): one that cannot be is bad input,
+    said before anything is measured or drawn."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot make that folder ({error.strerror})") from None
+    return folder
+
+
 def save_images(folder: Path, baseline, setting: list) -> None:
     """Write baseline_NNN.png and setting_NNN.png per prompt index (uint8 arrays)."""
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(baseline):
         Image.fromarray(image).save(folder / f"baseline_{index:03d}.png")
     for index, image in enumerate(setting):
