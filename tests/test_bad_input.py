@@ -222,3 +222,17 @@ def test_export_to_stdout_with_a_dash(populated, tmp_path):
     assert json.loads(result.stdout)["study"] == "tiny"  # stdout holds the export alone
     assert result.stderr.startswith("wrote stdout: winner trial")
     assert not (tmp_path / "-").exists()
+
+
+def test_a_dashboard_port_in_use_is_one_line_before_the_server_starts(populated):
+    """The web server used to print its banner, then fail with OSError and exit 1."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        result = optsearch_cmd("dashboard", "--storage", "sqlite:///study.db", "--port", str(port),
+                               cwd=populated)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"optsearch: error: cannot listen on 127.0.0.1:{port}: "
+                                     "Address already in use (--host, --port)")
+    assert "optuna-dashboard for" not in result.stdout

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
+from optsearch.errors import UsageError
 from optsearch.optimize.study import SPEC_ATTR
 from optsearch.storage.artifacts import open_artifact_store
 from optsearch.storage.rdb import mask, open_storage
@@ -21,6 +25,17 @@ def stored_artifact_dir(storage) -> str:
     return paths[0] if paths else "artifacts"
 
 
+def check_port(host: str, port: int) -> None:
+    """A port another process holds, or an address not this machine's, is one line (exit 2)
+    before the server starts: the web server would fail after its banner, with exit 1."""
+    try:
+        with socket.create_server((host, port)):  # SO_REUSEADDR, as the web server binds
+            pass
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise UsageError(f"cannot listen on {host}:{port}: {reason} (--host, --port)") from None
+
+
 def serve(storage_url: str | None, host: str = "127.0.0.1", port: int = 8080,
           artifact_dir: str | None = None) -> None:
     """Serve until interrupted. Binds 127.0.0.1 unless told otherwise."""
@@ -28,5 +43,6 @@ def serve(storage_url: str | None, host: str = "127.0.0.1", port: int = 8080,
 
     storage = open_storage(storage_url, heartbeat_interval=None, must_exist=True)
     store = open_artifact_store(artifact_dir or stored_artifact_dir(storage))
+    check_port(host, port)
     print(f"optuna-dashboard for {mask(storage.url)} on http://{host}:{port}/", flush=True)
     run_server(storage, host=host, port=port, artifact_store=store)
