@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 
 from optsearch.accelerators import call_parameters, denoiser
-from optsearch.measure.compiling import compiled_how
+from optsearch.measure.compiling import AS_BUILT, compiled_how
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
                 "num_frames", "compile")
@@ -24,10 +24,13 @@ def measured_context(spec, batch_size: int, compiled: str | None = None) -> dict
     `compiled`: a trial's record of how its denoiser was compiled, which says it even where the
     pipeline came compiled and the spec says "none"."""
     model = spec.model
-    return {"batch_size": batch_size, "height": model.height, "width": model.width,
-            "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
-            "num_frames": model.num_frames,
-            "compile": compiled.split(":")[0] if compiled else model.compile}
+    context = {"batch_size": batch_size, "height": model.height, "width": model.width,
+               "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
+               "num_frames": model.num_frames,
+               "compile": compiled.split(":")[0] if compiled else model.compile}
+    if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
+        context["compiled_by"] = "builder"
+    return context
 
 
 def context_text(context: Mapping) -> str:

@@ -161,6 +161,7 @@ def test_a_pipeline_that_comes_compiled_is_measured_as_it_came(tmp_path, caplog)
     assert attrs["compiled"] == "regional:as-built" and attrs["compiled_while_timed"] == 0
     assert attrs["warmup_seconds"] > 0 and attrs["fingerprint"] != eager_id
     assert exported["deployment"]["compile"] == "regional"
+    assert exported["deployment"]["compiled_by"] == "builder"
     code = diffusers_python(exported)
     assert "compiled (regional) as the pipeline was built" in code
     assert "compile_repeated_blocks" not in code

@@ -21,6 +21,7 @@ from optsearch.version import versions_line
 
 EXIT_INTERRUPTED = 130
 
+
 class _PrintVersions(argparse.Action):
     """`--version`: one unwrapped line (argparse's own version action wraps it), then exit 0."""
 

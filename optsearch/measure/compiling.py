@@ -32,6 +32,9 @@ def compile_denoiser(pipe, how: str, mode: str | None = None, backend: str = "in
     pipe._optsearch_compile = f"{how}:{mode or 'default'}:{backend}"
 
 
+AS_BUILT = "as-built"  # the mode of a denoiser compiled before optsearch got it: not ours to know
+
+
 def compiled_as(pipe) -> str | None:
     """'regional:default:inductor' ('regional:as-built' for one that came compiled), or None for
     an eager pipeline."""
@@ -57,9 +60,6 @@ def adopt_compiled(pipe) -> str | None:
         return None
     pipe._optsearch_compile = f"{how}:{AS_BUILT}"
     return how
-
-
-AS_BUILT = "as-built"  # the mode of a denoiser compiled before optsearch got it: not ours to know
 
 
 def _dynamo_counts() -> tuple[int, int]:

@@ -37,10 +37,11 @@ def _steps(exported: dict) -> int:
 def _compile_code(exported: dict) -> list[str]:
     """The denoiser compiled as the setting was measured (before it was applied), if it was."""
     model = exported["spec"]["model"]
-    how = exported.get("deployment", {}).get("compile") or model.get("compile", "none")
+    deployment = exported.get("deployment") or {}
+    how = deployment.get("compile") or model.get("compile", "none")
     if how == "none":
         return []
-    if how != model.get("compile", "none"):  # the pipeline came compiled: its builder's way
+    if deployment.get("compiled_by") == "builder":  # the pipeline came compiled: its builder's way
         return ["", f"# measured with the denoiser compiled ({how}) as the pipeline was built, "
                     "before the setting was applied: serve it compiled the same way"]
     options = f"backend={model.get('compile_backend', 'inductor')!r}" + (
