@@ -44,11 +44,13 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
 
 
 def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
-           name: str | None = None, progress: bool = True) -> dict:
+           name: str | None = None, progress: bool = True, confirm: int = 0,
+           repeats: int = 3) -> dict:
     """Search a pipeline built in this process for `spec` (a StudySpec, a spec dict or a TOML
-    path) and return the export dict; see `optsearch.optimize.inprocess.search`."""
+    path) and return the export dict; `confirm=K` re-measures the K best on unseen prompts with
+    this pipeline. See `optsearch.optimize.inprocess.search`."""
     # Optuna, diffusers and the worker load in seconds: only a search needs them, not `apply`
     # or the command line's --help.
     from optsearch.optimize.inprocess import search as run_search
 
-    return run_search(pipe, spec, storage, n_trials, name, progress)
+    return run_search(pipe, spec, storage, n_trials, name, progress, confirm, repeats)

@@ -207,6 +207,29 @@ def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, ti
                          storage=url, progress=False)
 
 
+def test_search_confirms_on_the_pipeline_it_was_given(tmp_path, tiny_pipe):
+    """`confirm=K` re-measures the best on unseen prompts with the caller's own pipeline (the CLI's
+    `study confirm` would load model.id, which need not be it): the export comes back confirmed,
+    its winner chosen by the confirmed rule. A bad `repeats` is refused before any search."""
+    spec = {"name": "confirmed", "model": {"id": "builtin:tiny", "device": "cpu", "steps": 8},
+            "prompts": {"source": "builtin", "num_samples": 4, "batch_size": 2},
+            "quality": {"clip_model": "builtin:tiny", "clip_pretrained": "none",
+                        "metric": "psnr", "limit": 20.0},
+            "search": {"accelerators": ["steps"], "n_trials": 2, "warm_start": []},
+            "space": {"steps": {"num_inference_steps": [3, 5]}},  # faster, feasible, any load
+            "artifacts": {"path": str(tmp_path / "art")}}
+    url = f"sqlite:///{tmp_path}/confirmed.db"
+    with pytest.raises(UsageError, match="repeats >= 2"):
+        optsearch.search(tiny_pipe, spec, storage=url, confirm=1, repeats=1, progress=False)
+    assert optuna.get_all_study_summaries(url) == []  # refused before anything was made
+    exported = optsearch.search(tiny_pipe, spec, storage=url, confirm=1, repeats=2, progress=False)
+    confirmed = exported["best"]["confirmed"]
+    assert confirmed is not None and confirmed["num_samples"] == 4
+    assert confirmed["repeats"] == 2 and confirmed["speedup_low"] is not None
+    assert not set(confirmed["prompts"]) & set(exported["prompts"]["texts"])  # unseen ones
+    assert "confirmed lower speedup bound" in exported["winner_rule"]
+
+
 def test_check_reports_what_a_study_will_cost(tmp_path):
     spec = write_spec(tmp_path / "t.toml", TINY_SPEC)
     result = optsearch_cmd("check", str(spec), "--workers", "3")

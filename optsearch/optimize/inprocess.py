@@ -16,6 +16,8 @@ from pathlib import Path
 from optsearch.accelerators import pipeline_kind
 from optsearch.errors import UsageError
 from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.measure.prompts import confirm_prompts
+from optsearch.optimize.confirm import Confirmation, ConfirmOptions
 from optsearch.optimize.create import (
     check_name,
     create_study,
@@ -39,15 +41,24 @@ def _as_spec(spec):
 
 
 def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
-           name: str | None = None, progress: bool = True) -> dict:
+           name: str | None = None, progress: bool = True, confirm: int = 0,
+           repeats: int = 3) -> dict:
     """Run a worker over `pipe` for `spec` (a StudySpec, a spec dict, or a TOML path) and return
     the export dict (as `optsearch study export` writes it). `n_trials` overrides the spec's;
     `storage` is an Optuna RDB URL (default: $OPTSEARCH_STORAGE or sqlite:///optsearch.db).
+    `confirm=K` then re-measures the K best settings on this same pipeline, on unseen prompts in
+    `repeats` A B B A rounds (as `optsearch run --confirm K`): `study confirm` would load
+    `model.id`, which may not be the pipeline built here.
     A study of that name with the same spec is joined; one that differs only in n_trials is
     extended to a larger one. Raises optsearch.errors.UsageError for a study of that name with another
     spec, and optsearch.errors.NothingToExport when no setting meets the limit."""
 
     spec = _as_spec(spec)
+    if confirm < 0 or (confirm and repeats < 2):
+        raise UsageError(f"confirm={confirm}, repeats={repeats}: confirm must be >= 0 and repeats "
+                         ">= 2 (the speedup's interval is over the rounds)")
+    if confirm:  # what confirming will need, before minutes of search
+        confirm_prompts(spec)
     overrides = {}
     if n_trials is not None:
         overrides["search.n_trials"] = n_trials
@@ -75,6 +86,9 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
         worker = Worker(storage, study.study_name, dataclasses.replace(WorkerOptions(),
                                                                        progress=progress), evaluator)
         worker.run()
+        if confirm:
+            options = ConfirmOptions(top=confirm, repeats=repeats, progress=progress)
+            Confirmation(storage, study.study_name, options, evaluator).run()
     finally:
         pipe._progress_bar_config = bars  # the caller's pipeline as it was
     return export_study(worker.study, worker.spec)
