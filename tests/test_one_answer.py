@@ -47,6 +47,27 @@ def test_a_steps_only_trial_is_never_stopped_as_dominated(tmp_path):
     assert steps_rule.quality_limit == cache_rule.quality_limit == 30.0
 
 
+@pytest.mark.parametrize("speedup, low, high, beats, words", [
+    (2.6, 2.3, 2.9, True, "beats the fewer-steps line by a factor of 1.44 [1.23, 1.70]"),
+    (1.9, 1.6, 2.2, False, "cannot be told apart from the fewer-steps line (a factor of 1.06 [0.86,"),
+    (1.2, 1.1, 1.3, False, "does NOT beat the fewer-steps line (a factor of 0.67 [0.58, 0.77])"),
+    (2.6, None, None, False, "cannot be told apart from the fewer-steps line (a factor of 1.44 (one "),
+])
+def test_the_fewer_steps_verdict_carries_both_intervals_and_calls_a_near_tie_one(
+        speedup, low, high, beats, words):
+    """A setting 1.06x the fewer-steps line, with intervals that overlap, does not "beat" it (it
+    used to, on the point estimates): the margin's interval carries both speedups' intervals."""
+    line = [{"trial": 3, "num_inference_steps": 10, "speedup": 1.8, "speedup_low": 1.6,
+             "speedup_high": 2.0, "psnr": 40.0}]
+    figures = {"combo": "deepcache", "speedup": speedup, "speedup_low": low, "speedup_high": high,
+               "psnr": 39.0}
+    result = reference.verdict(figures, line, "psnr")
+    assert result["beats"] is beats and result["margin"] == pytest.approx(speedup / 1.8)
+    text = reference.verdict_text(result)
+    assert text.startswith(words), text
+    assert text.endswith("fewer steps alone reach its quality at 1.80 [1.60, 2.00] (10 steps, trial 3)")
+
+
 def test_a_missing_fewer_steps_line_is_explained(tmp_path):
     spec = load_spec(write_spec(tmp_path / "s.toml", STEPS_AND_CACHE))
     study = optuna.create_study(direction="maximize")

@@ -3,14 +3,18 @@
 A speedup claim is worth something only when the setting beats simply running fewer steps at the
 same quality. Wherever a study searches `steps` alone, its measured steps-only trials form this
 reference; `verdict` says for a setting whether it beats the line at equal (or better) quality,
-and by how much speedup. Running all of `model.steps` (the baseline, 1.0x) is always on the line.
+and by how much speedup, with an interval: only a margin whose interval lies above 1x beats it
+(a near-tie is said as one). Running all of `model.steps` (the baseline, 1.0x) is always on the line.
 """
 
 from __future__ import annotations
 
+import math
+
 import optuna
 from optuna.trial import TrialState
 
+from optsearch.formatting import format_speedup, too_wide
 from optsearch.measure.metrics import at_least_as_good
 from optsearch.optimize.early_stop import STEPS_ONLY
 from optsearch.storage.record import quality_of, speedup_of
@@ -51,13 +55,41 @@ def verdict(figures: dict, frontier: list[dict], metric: str) -> dict | None:
     as_good = [p for p in frontier if at_least_as_good(p[metric], figures[metric], metric)]
     reference = max(as_good, key=lambda p: p["speedup"]) if as_good else None
     reference_speedup = reference["speedup"] if reference else 1.0
+    low, high = margin_interval(figures, reference)
     return {
         "reference_trial": reference["trial"] if reference else None,
         "reference_steps": reference["num_inference_steps"] if reference else None,
         "reference_speedup": reference_speedup,
+        "reference_speedup_low": reference["speedup_low"] if reference else None,
+        "reference_speedup_high": reference["speedup_high"] if reference else None,
         "margin": figures["speedup"] / reference_speedup,
-        "beats": figures["speedup"] > reference_speedup,
+        "margin_low": low,
+        "margin_high": high,
+        # told apart only when the interval says so: a near-tie is not a win
+        "beats": low is not None and not too_wide(low, high) and low > 1.0,
     }
+
+
+def margin_interval(figures: dict, reference: dict | None) -> tuple[float | None, float | None]:
+    """The interval of a setting's speedup over the reference's (over the baseline's 1.0x when
+    None: then the setting's own interval): the two speedups' log-scale widths added in
+    quadrature. The baseline's noise is in both and cancels in the ratio, so counting it twice
+    errs wide, never narrow. (None, None) when either speedup has no interval."""
+    widths = _log_widths(figures)
+    reference_widths = (0.0, 0.0) if reference is None else _log_widths(reference)
+    if widths is None or reference_widths is None:
+        return None, None
+    margin = math.log(figures["speedup"]) - math.log(reference["speedup"] if reference else 1.0)
+    return (math.exp(margin - math.hypot(widths[0], reference_widths[1])),
+            math.exp(margin + math.hypot(widths[1], reference_widths[0])))
+
+
+def _log_widths(figures: dict) -> tuple[float, float] | None:
+    """(below, above) the speedup on a log scale, or None without an interval."""
+    speedup, low, high = (figures.get(key) for key in ("speedup", "speedup_low", "speedup_high"))
+    if not speedup or low is None or high is None or low <= 0:
+        return None
+    return math.log(speedup / low), math.log(high / speedup)
 
 
 def verdict_text(result: dict | None) -> str:
@@ -70,10 +102,18 @@ def verdict_text(result: dict | None) -> str:
     if result["reference_trial"] is None:
         where = "no steps-only trial reaches its quality: the reference is the full-step baseline"
     else:
-        where = (f"fewer steps alone reach its quality at {result['reference_speedup']:.2f}x "
-                 f"({result['reference_steps']} steps, trial {result['reference_trial']})")
-    word = "beats" if result["beats"] else "does NOT beat"
-    return f"{word} the fewer-steps line by {result['margin']:.2f}x: {where}"
+        at = format_speedup({"speedup": result["reference_speedup"],
+                             "speedup_low": result.get("reference_speedup_low"),
+                             "speedup_high": result.get("reference_speedup_high")})
+        where = (f"fewer steps alone reach its quality at {at} ({result['reference_steps']} "
+                 f"steps, trial {result['reference_trial']})")
+    low, high = result.get("margin_low"), result.get("margin_high")
+    margin = format_speedup({"speedup": result["margin"], "speedup_low": low, "speedup_high": high})
+    if result["beats"]:
+        return f"beats the fewer-steps line by a factor of {margin}: {where}"
+    if low is not None and not too_wide(low, high) and high < 1.0:
+        return f"does NOT beat the fewer-steps line (a factor of {margin}): {where}"
+    return f"cannot be told apart from the fewer-steps line (a factor of {margin}): {where}"
 
 
 def missing_text(study: optuna.Study, spec) -> str | None:
