@@ -2,12 +2,14 @@
 
 `UserError` is the base of what the user fixes (a spec, an option, a path, a study name): the CLI
 prints it in one line and exits 2. `NothingToExport` means the study has no answer yet (exit 3).
+`StorageUnreachable` is a storage that did not answer (exit 75, sysexits' EX_TEMPFAIL): the same
+command may work in a minute, so an orchestrator retries it where it gives up on exit 2.
 Anything else is a fault of ours or of a library (exit 1).
 """
 
 from __future__ import annotations
 
-EXIT_RUNTIME, EXIT_USAGE, EXIT_NOTHING = 1, 2, 3
+EXIT_RUNTIME, EXIT_USAGE, EXIT_NOTHING, EXIT_TEMPFAIL = 1, 2, 3, 75
 
 
 class UserError(Exception):
@@ -38,6 +40,11 @@ class StorageError(UserError):
     """The storage URL is malformed or the database cannot be reached."""
 
 
+class StorageUnreachable(StorageError):
+    """The database or storage proxy did not answer (refused, timed out, starting up): not a
+    mistake in the command, which may work once the storage is up. Exit 75."""
+
+
 class NothingToExport(Exception):
     """The study has no feasible trial yet. Exit 3."""
 
@@ -45,6 +52,8 @@ class NothingToExport(Exception):
 def exit_code_for(error: BaseException) -> int:
     if isinstance(error, NothingToExport):
         return EXIT_NOTHING
+    if isinstance(error, StorageUnreachable):
+        return EXIT_TEMPFAIL
     if isinstance(error, UserError):
         return EXIT_USAGE
     return EXIT_RUNTIME

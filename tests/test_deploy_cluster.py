@@ -113,6 +113,11 @@ def test_workers_take_a_gpu_each_and_a_usage_error_is_not_retried():
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "FailJob", "values": [2]} in [
         {"action": r["action"], "values": r["onExitCodes"]["values"]} for r in rules if "onExitCodes" in r]
+    # a storage still starting (exit 75) is retried for the index, never fails the Job at once
+    assert not any(75 in r["onExitCodes"]["values"] for r in rules
+                   if "onExitCodes" in r and r["action"] == "FailJob")
+    create_rules = by_kind("Job")["optsearch-study-create"]["spec"]["podFailurePolicy"]["rules"]
+    assert [r["onExitCodes"]["values"] for r in create_rules if r["action"] == "FailJob"] == [[2]]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy needs it
 
 

@@ -64,8 +64,8 @@ def test_commands_work_through_the_proxy_and_the_password_stays_behind_it(tmp_pa
     finally:
         proxy.terminate()
         proxy.wait(timeout=10)
-    gone = optsearch_cmd("study", "list", "--storage", url)
-    assert gone.returncode == 2 and gone.stderr.count("\n") == 1
+    gone = optsearch_cmd("study", "list", "--storage", url)  # down: may work later (exit 75)
+    assert gone.returncode == 75 and gone.stderr.count("\n") == 1
     assert "cannot reach the storage proxy" in gone.stderr
 
 

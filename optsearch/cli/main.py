@@ -2,7 +2,8 @@
 The commands themselves are in commands.py.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (usage, spec, storage URL, missing study),
-3 nothing to export (no feasible trial), 130 interrupted (SIGINT).
+3 nothing to export (no feasible trial), 75 the storage did not answer (try again), 130
+interrupted (SIGINT).
 """
 
 from __future__ import annotations

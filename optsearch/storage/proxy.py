@@ -25,7 +25,7 @@ from optuna.storages import GrpcStorageProxy
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
-from optsearch.errors import StorageError
+from optsearch.errors import StorageError, StorageUnreachable
 
 SCHEME = "grpc"
 DEFAULT_PORT = 13000
@@ -101,8 +101,9 @@ def open_grpc_storage(url: str, **heartbeat) -> HeartbeatGrpcStorage:
         storage.wait_server_ready(timeout=CONNECT_TIMEOUT)
     except ConnectionError:
         storage.close()
-        raise StorageError(f"cannot reach the storage proxy at {storage.url} within "
-                           f"{CONNECT_TIMEOUT:.0f} s (is `optsearch storage-proxy` running there?)") from None
+        raise StorageUnreachable(f"cannot reach the storage proxy at {storage.url} within "
+                                 f"{CONNECT_TIMEOUT:.0f} s (is `optsearch storage-proxy` running "
+                                 "there? exit 75: try again once it is up)") from None
     return storage
 
 

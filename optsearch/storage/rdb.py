@@ -21,7 +21,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from optsearch.errors import StorageError
+from optsearch.errors import StorageError, StorageUnreachable
 from optsearch.storage.masking import encode_password, mask_url, remember, split_userinfo
 from optsearch.storage.proxy import is_grpc_url, open_grpc_storage
 
@@ -137,6 +137,11 @@ def _heartbeat_settings(interval: int | None, grace_period: int | None) -> dict:
                     max_retry=MAX_RETRY))
 
 
+# What a database that is down, starting or out of reach answers (psycopg, sqlite): a command
+# that may work in a minute, unlike a wrong URL, password or database name.
+NOT_ANSWERING = ("Connection refused", "timeout expired", "Connection timed out", "No route to host",
+                 "the database system is starting up", "the database system is shutting down",
+                 "server closed the connection unexpectedly")
 SCHEMA_RACE_ATTEMPTS = 8
 
 
@@ -197,4 +202,7 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
     except Exception as error:  # driver errors: unreachable host, bad password, no database
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()
         reason_text = reason[0] if reason else type(error).__name__
+        if any(sign in reason_text for sign in NOT_ANSWERING):
+            raise StorageUnreachable(f"cannot reach storage {mask(url)}: {reason_text} (exit 75: "
+                                     "try again once it is up)") from None
         raise StorageError(f"cannot open storage {mask(url)}: {reason_text}") from None
