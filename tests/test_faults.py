@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from optsearch.optimize import study as studies
 from tests.conftest import (
     OPTSEARCH,
+    PG_ADMIN_URL,
     SLOW_SPEC,
     TINY_SPEC,
     free_port,
@@ -172,3 +173,39 @@ def test_worker_that_cannot_load_fails_fast_without_touching_the_study(tmp_path,
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert storage_snapshot(url) == before
+
+
+def test_a_database_down_for_good_ends_the_worker_with_one_line_and_exit_75(tmp_path, pg_url):
+    """The outage path, on a real PostgreSQL that stops taking connections: each failure waits
+    and reconnects; past the limit the worker stops with one line that says to start it again
+    (exit 75, which an orchestrator retries), not with the driver's exception (exit 1)."""
+    from optsearch.errors import StorageUnreachable, exit_code_for
+    from optsearch.optimize.recovery import DatabaseOutages
+    from optsearch.storage.rdb import open_storage
+
+    study = create(TINY_SPEC, tmp_path, pg_url)
+    storage = open_storage(pg_url, heartbeat_interval=None)
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                      (name,))
+    try:
+        outages = DatabaseOutages(storage, limit=2)
+        errors = []
+        for _ in range(2):
+            try:
+                storage.get_all_studies()
+            except Exception as error:  # noqa: BLE001 - the driver's own, as a worker meets it
+                errors.append(error)
+                try:
+                    outages.recover(error, study, None)
+                except StorageUnreachable as stopped:
+                    errors.append(stopped)
+        assert len(errors) == 3 and isinstance(errors[-1], StorageUnreachable)
+        assert exit_code_for(errors[-1]) == 75 and "\n" not in str(errors[-1])
+        assert "stopped answering (OperationalError" in str(errors[-1])
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        storage.engine.dispose()

@@ -20,7 +20,7 @@ import torch
 from optuna.storages._heartbeat import HeartbeatThread
 from optuna.trial import TrialState
 
-from optsearch.errors import StorageError, first_line
+from optsearch.errors import StorageError, StorageUnreachable, first_line
 from optsearch.storage.rdb import DATABASE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,11 @@ class DatabaseOutages:
             cause = cause.__cause__ or cause.__context__
         logger.warning("database error (%s: %s); reconnecting (%d/%d)", type(cause).__name__,
                        first_line(cause), self.count, self.limit)
-        if self.count >= self.limit:
-            raise error
+        if self.count >= self.limit:  # one line, and exit 75: the same worker may run later
+            raise StorageUnreachable(
+                f"the storage stopped answering ({type(cause).__name__}: {first_line(cause)}) "
+                f"{self.limit} times in a row: this worker stops (exit 75: start it again once "
+                "the storage is up; its trial is re-queued)") from error
         self.storage.reset_session()
         time.sleep(min(10.0, 0.25 * 2 ** self.count))
         if current is None:
