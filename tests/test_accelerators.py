@@ -82,9 +82,9 @@ def test_failed_apply_leaves_pipeline_untouched(tiny_pipe, baseline):
 
 
 def test_a_pipeline_that_comes_accelerated_is_refused_not_stacked(tiny_pipe, baseline):
-    """A pipeline with ToMe already on: `apply` refuses to stack a setting on it, and a search
-    refuses it as its baseline (one line, before anything is measured); once the user removes
-    it, the pipeline is the plain one again."""
+    """A pipeline with ToMe (or DeepCache, a setting a notebook never restored) already on: `apply`
+    refuses to stack a setting on it, and a search refuses it as its baseline (one line, before
+    anything is measured); once removed, the pipeline is the plain one again."""
     import tomesd
 
     from optsearch.errors import ModelLoadError
@@ -101,6 +101,13 @@ def test_a_pipeline_that_comes_accelerated_is_refused_not_stacked(tiny_pipe, bas
         tomesd.remove_patch(tiny_pipe)
     with optsearch.apply(tiny_pipe, setting_for(("tome",))):
         pass  # our own ToMe, restored: leaves nothing that reads as "already on"
+    unrestored = optsearch.apply(tiny_pipe, setting_for(("deepcache",)))  # a notebook's leftover
+    try:
+        with pytest.raises(ModelLoadError, match=r"comes with DeepCache \(DeepCacheSDHelper"):
+            check_families(tiny_pipe, spec_from_dict({"model": {"id": "builtin:tiny"}}))
+    finally:
+        unrestored.restore()
+    check_families(tiny_pipe, spec_from_dict({"model": {"id": "builtin:tiny"}}))  # plain again
     assert np.array_equal(generate_images(tiny_pipe, PROMPTS), baseline)
 
 

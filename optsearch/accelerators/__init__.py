@@ -126,9 +126,9 @@ def pipeline_problem(combo: Sequence[str], pipe) -> str | None:
 
 
 def enabled_already(pipe) -> str | None:
-    """An accelerator the pipeline came with (a diffusers cache, cache-dit, ToMe), named; None for
-    a plain one. A baseline must be the plain pipeline, and a setting applied on top of another
-    cache would stack two."""
+    """An accelerator the pipeline came with (a diffusers cache, cache-dit, ToMe, DeepCache),
+    named; None for a plain one (or one whose accelerator was disabled again). A baseline must be
+    the plain pipeline, and a setting applied on top of another cache would stack two."""
     model = denoiser(pipe)
     if getattr(model, "is_cache_enabled", False):
         return "a diffusers cache (enable_cache)"
@@ -136,6 +136,9 @@ def enabled_already(pipe) -> str | None:
         return "cache-dit (enable_cache)"
     if any(type(module).__name__ == "ToMeBlock" for module in model.modules()):  # tomesd's
         return "ToMe (tomesd.apply_patch)"  # patched blocks (remove_patch leaves _tome_info)
+    forward = vars(model).get("forward")  # DeepCache wraps the UNet's forward while enabled
+    if getattr(forward, "__module__", "").startswith("DeepCache"):
+        return "DeepCache (DeepCacheSDHelper.enable)"
     return None
 
 
