@@ -16,18 +16,21 @@ from optsearch.accelerators import call_parameters, denoiser
 from optsearch.measure.compiling import AS_BUILT, compiled_how
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
-                "num_frames", "compile")
+                "num_frames", "compile", "device", "dtype")
 
 
-def measured_context(spec, batch_size: int, compiled: str | None = None) -> dict:
+def measured_context(spec, batch_size: int, compiled: str | None = None,
+                     device: str | None = None, dtype: str | None = None) -> dict:
     """What the study's trials ran: None for a size the pipeline chose itself (its native one).
     `compiled`: a trial's record of how its denoiser was compiled, which says it even where the
-    pipeline came compiled and the spec says "none"."""
+    pipeline came compiled and the spec says "none". `device` and `dtype`: the baseline's (a
+    speedup measured on one GPU is not another's)."""
     model = spec.model
     context = {"batch_size": batch_size, "height": model.height, "width": model.width,
                "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
                "num_frames": model.num_frames,
-               "compile": compiled.split(":")[0] if compiled else model.compile}
+               "compile": compiled.split(":")[0] if compiled else model.compile,
+               "device": device, "dtype": dtype}
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
         context["compiled_by"] = "builder"
     return context
@@ -53,7 +56,12 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     defaults = call_parameters(pipe)
     for key in ("height", "width", "num_inference_steps", "guidance_scale", "num_frames"):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
-    served["compile"] = compiled_how(denoiser(pipe))
+    from optsearch.measure.fingerprint import device_name  # torch and diffusers: loaded by now
+
+    model = denoiser(pipe)
+    served["compile"] = compiled_how(model)
+    served["device"] = device_name(model.device)
+    served["dtype"] = str(model.dtype).removeprefix("torch.")
     return served
 
 

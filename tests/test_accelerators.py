@@ -196,3 +196,12 @@ def test_apply_of_an_export_warns_once_when_served_at_another_context(tiny_pipe,
     assert len(messages) == 2, messages
     assert "measured at batch_size = 2; called with 3" in messages[0]
     assert "measured at num_inference_steps = 10; called with 6" in messages[1]
+    # measured on another GPU in another dtype: a speedup is the device's, so it says so
+    exported["deployment"].update(device="NVIDIA H100 80GB HBM3", dtype="float16")
+    with optsearch.apply(tiny_pipe, exported) as run, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        generate_images(run, PROMPTS[:2], steps=10)
+    messages = sorted(str(w.message) for w in said)
+    assert len(messages) == 2, messages
+    assert "measured at device = NVIDIA H100 80GB HBM3; called with cpu:" in messages[0]
+    assert "measured at dtype = float16; called with float32" in messages[1]

@@ -11,10 +11,12 @@ import time
 
 import optuna
 import pytest
+import torch
 from optuna.trial import create_trial
 from optuna_dashboard import get_note
 
 from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.measure.fingerprint import device_name
 from optsearch.measure.metrics import Interval
 from optsearch.measure.prompts import confirm_prompts, load_prompts
 from optsearch.optimize import objectives
@@ -184,7 +186,9 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert unconfirmed["best"]["trial"] == 0 and unconfirmed["best"]["confirmed"] is None
     assert unconfirmed["deployment"] == {"batch_size": 2, "height": None, "width": None,
                                          "num_inference_steps": 8, "guidance_scale": 7.5,
-                                         "num_frames": None, "compile": "none"}
+                                         "num_frames": None, "compile": "none",
+                                         "device": device_name(torch.device("cpu")),
+                                         "dtype": "float32"}
     starred, marked, note, shown = winner_marks(url, tmp_path)
     assert starred == marked == 0 and note.startswith("## Winner: trial 0")
     assert "not confirmed yet" in unconfirmed["winner_rule"]

@@ -6,6 +6,7 @@ import platform
 from importlib.metadata import version
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from optsearch.deployment import measured_context
 from optsearch.errors import NothingToExport
@@ -101,9 +102,9 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         "repeat_speedup": repeat_of(found),
         "fingerprint": best.user_attrs.get("fingerprint") if fingerprint is None else fingerprint,
         # what the server should run for these figures to hold; `optsearch.apply` warns otherwise
-        "deployment": measured_context(spec, best.user_attrs.get("batch_size",
-                                                                 spec.prompts.batch_size),
-                                       best.user_attrs.get("compiled")),
+        "deployment": measured_context(
+            spec, best.user_attrs.get("batch_size", spec.prompts.batch_size),
+            best.user_attrs.get("compiled"), *_device_and_dtype(study, best)),
         "unconfirmed_better": unconfirmed_better(study, spec, found, fingerprint),
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec, fingerprint).items()},
@@ -136,3 +137,9 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         exported["front"] = [_entry(trial, confirmed_by_trial.get(trial.number), metric)
                              for trial in pareto_front(study, spec)]
     return exported
+
+
+def _device_and_dtype(study: optuna.Study, trial: FrozenTrial) -> tuple[str | None, str | None]:
+    """The device and dtype the trial's baseline ran on (its fingerprint's facts)."""
+    baseline = baselines(study).get(trial.user_attrs.get("fingerprint")) or {}
+    return baseline.get("device", trial.user_attrs.get("device")), baseline.get("dtype")
