@@ -257,6 +257,12 @@ def test_a_flux_study_runs_end_to_end_against_the_fewer_steps_line(tmp_path):
     verdict = exported["fewer_steps"]["best"]
     assert verdict["margin"] == pytest.approx(
         exported["best"]["metrics"]["speedup"] / verdict["reference_speedup"])
+    # the dashboard's winner note says the verdict as `study show` does
+    from optuna_dashboard import get_note
+
+    shown = [line.split(" ", 3)[3] for line in result.stdout.splitlines()
+             if line.startswith("winner trial ")]  # "winner trial N <verdict>"
+    assert shown and f"- {shown[-1]} (search figures)" in get_note(study)
 
 
 def test_pipeline_kind_of_the_builtins(flux_pipe, tiny_pipe):

@@ -26,10 +26,11 @@ from optuna.trial import FrozenTrial
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
 from optsearch.measure.speedup import repeat_range
+from optsearch.optimize import reference
 from optsearch.optimize.objectives import best_overall, is_faster, merit, objective_values
 from optsearch.optimize.study import confirmations
 from optsearch.storage.notes import write_trial_note
-from optsearch.storage.record import quality_of, speedup_of
+from optsearch.storage.record import quality_of, speedup_of, trial_metrics
 
 CONFIRMED_RULE = ("best confirmed lower speedup bound among the settings feasible on unseen prompts "
                   "(study confirm)")
@@ -148,15 +149,20 @@ def mark_winner(study: optuna.Study, spec) -> Winner | None:
     else:
         figures = found.confirmed or found.trial.user_attrs
         metric = spec.quality.metric
+        # the headline comparison: search figures against the line's, measured on the same prompts
+        line = reference.verdict(trial_metrics(found.trial), reference.steps_frontier(study, spec),
+                                 metric)
         mark = {"trial": found.trial.number, "rule": found.rule,
                 "setting": found.trial.user_attrs.get("setting"),
-                "speedup": figures.get("speedup"), "confirmed": found.confirmed is not None}
+                "speedup": figures.get("speedup"), "confirmed": found.confirmed is not None,
+                "fewer_steps": reference.verdict_text(line) or reference.missing_text(study, spec)}
         note = (f"## Winner: trial {found.trial.number}\n\n"
                 f"- {format_setting(mark['setting'] or {})}\n"
                 f"- speedup **{format_speedup(figures)}**, {metric} "
                 f"**{format_interval(quality_of(figures, metric))}**\n"
                 f"- chosen as the {found.rule}\n"
-                "- the dashboard's \"Best Trial\" is Optuna's best search value, not this rule\n")
+                + (f"- {mark['fewer_steps']} (search figures)\n" if mark["fewer_steps"] else "")
+                + "- the dashboard's \"Best Trial\" is Optuna's best search value, not this rule\n")
     if study.user_attrs.get("winner") != mark:
         study.set_user_attr("winner", mark)
         write_trial_note(study, None, note)
