@@ -137,7 +137,7 @@ def _heartbeat_settings(interval: int | None, grace_period: int | None) -> dict:
                     max_retry=MAX_RETRY))
 
 
-# What a database that is down, starting or out of reach answers (psycopg, sqlite): a command
+# What a database that is down, starting or out of reach answers (psycopg): a command
 # that may work in a minute, unlike a wrong URL, password or database name.
 NOT_ANSWERING = ("Connection refused", "timeout expired", "Connection timed out", "No route to host",
                  "the database system is starting up", "the database system is shutting down",
