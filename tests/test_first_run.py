@@ -196,6 +196,13 @@ def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, ti
     assert best["metrics"]["speedup"] == recorded["speedup"] == pytest.approx(
         recorded["baseline_seconds_per_image"] / recorded["seconds_per_image"], rel=1e-6)
     assert exported["spec"]["model"]["kind"] == "unet"  # told by the pipeline, stored for others
+    import diffusers
+    import torch
+
+    # the versions that measured (the baseline's), torch with its build ("+cu130", "+cpu")
+    assert exported["provenance"]["torch"] == torch.__version__
+    assert exported["provenance"]["diffusers"] == diffusers.__version__
+    assert exported["deployment"]["dtype"] == "float32"
     shown = optsearch_cmd("study", "show", "notebook", "--storage", url)
     assert shown.returncode == 0 and "2/2 trials finished" in shown.stdout
     # more trials grow the study; another spec under the same name is the caller's error

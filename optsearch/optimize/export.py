@@ -6,7 +6,6 @@ import platform
 from importlib.metadata import version
 
 import optuna
-from optuna.trial import FrozenTrial
 
 from optsearch.deployment import measured_context
 from optsearch.errors import NothingToExport
@@ -85,6 +84,7 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
                               f"{constraint_text(spec)} faster than the baseline): "
                               f"{relax_hint(spec)}")
     best = found.trial
+    measured_with = baselines(study).get(best.user_attrs.get("fingerprint")) or {}
     confirmed_by_trial = latest_by_trial(records)
     if found.confirmed is not None:
         confirmed_by_trial[best.number] = found.confirmed
@@ -104,16 +104,19 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         # what the server should run for these figures to hold; `optsearch.apply` warns otherwise
         "deployment": measured_context(
             spec, best.user_attrs.get("batch_size", spec.prompts.batch_size),
-            best.user_attrs.get("compiled"), *_device_and_dtype(study, best)),
+            best.user_attrs.get("compiled"), measured_with.get("device", best.user_attrs.get("device")),
+            measured_with.get("dtype")),
         "unconfirmed_better": unconfirmed_better(study, spec, found, fingerprint),
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec, fingerprint).items()},
         "baseline": baselines(study).get(best.user_attrs.get("fingerprint")),
         "prompts": _prompts(baselines(study).get(best.user_attrs.get("fingerprint")), spec),
         "spec": {"name": spec.name, **spec_attr(spec)},
-        "provenance": {
-            "optsearch": __version__, "optuna": optuna.__version__, "torch": version("torch"),
-            "diffusers": version("diffusers"), "device": best.user_attrs.get("device"),
+        "provenance": {  # torch and diffusers: the versions that measured (the baseline's)
+            "optsearch": __version__, "optuna": optuna.__version__,
+            "torch": measured_with.get("torch") or version("torch"),
+            "diffusers": measured_with.get("diffusers") or version("diffusers"),
+            "device": best.user_attrs.get("device"),
             "host": best.user_attrs.get("host"), "python": platform.python_version(),
             "date": utc_now(),
         },
@@ -137,9 +140,3 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         exported["front"] = [_entry(trial, confirmed_by_trial.get(trial.number), metric)
                              for trial in pareto_front(study, spec)]
     return exported
-
-
-def _device_and_dtype(study: optuna.Study, trial: FrozenTrial) -> tuple[str | None, str | None]:
-    """The device and dtype the trial's baseline ran on (its fingerprint's facts)."""
-    baseline = baselines(study).get(trial.user_attrs.get("fingerprint")) or {}
-    return baseline.get("device", trial.user_attrs.get("device")), baseline.get("dtype")
