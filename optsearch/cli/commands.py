@@ -101,8 +101,8 @@ def cmd_evaluate(args) -> int:
               f"{evaluator.config.batch_size}, {format_setting(comparison.setting)}")
         summary = comparison.summary()
         print(comparison_table(summary))
-        if summary.get("compiled"):
-            print(compile_text(summary))
+        if compiled := compile_text(summary):  # None when eager
+            print(compiled)
     return 0
 
 

@@ -84,7 +84,8 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
                               f"{constraint_text(spec)} faster than the baseline): "
                               f"{relax_hint(spec)}")
     best = found.trial
-    measured_with = baselines(study).get(best.user_attrs.get("fingerprint")) or {}
+    baseline = baselines(study).get(best.user_attrs.get("fingerprint"))  # one read of the attrs
+    measured_with = baseline or {}
     confirmed_by_trial = latest_by_trial(records)
     if found.confirmed is not None:
         confirmed_by_trial[best.number] = found.confirmed
@@ -109,8 +110,8 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         "unconfirmed_better": unconfirmed_better(study, spec, found, fingerprint),
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec, fingerprint).items()},
-        "baseline": baselines(study).get(best.user_attrs.get("fingerprint")),
-        "prompts": _prompts(baselines(study).get(best.user_attrs.get("fingerprint")), spec),
+        "baseline": baseline,
+        "prompts": _prompts(baseline, spec),
         "spec": {"name": spec.name, **spec_attr(spec)},
         "provenance": {  # torch and diffusers: the versions that measured (the baseline's)
             "optsearch": __version__, "optuna": optuna.__version__,
