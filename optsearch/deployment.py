@@ -12,25 +12,27 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 
-from optsearch.accelerators import call_parameters, denoiser
+from optsearch.accelerators import call_parameters, denoiser, execution_device, offload_of
 from optsearch.measure.compiling import AS_BUILT, compiled_how
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
-                "num_frames", "compile", "device", "dtype")
+                "num_frames", "compile", "device", "dtype", "offload")
 
 
 def measured_context(spec, batch_size: int, compiled: str | None = None,
-                     device: str | None = None, dtype: str | None = None) -> dict:
+                     device: str | None = None, dtype: str | None = None,
+                     offload: str | None = None) -> dict:
     """What the study's trials ran: None for a size the pipeline chose itself (its native one).
     `compiled`: a trial's record of how its denoiser was compiled, which says it even where the
     pipeline came compiled and the spec says "none". `device` and `dtype`: the baseline's (a
-    speedup measured on one GPU is not another's)."""
+    speedup measured on one GPU is not another's). `offload`: the baseline's "model",
+    "sequential", "group" or "none" (an offloaded pipeline's calls carry its transfers)."""
     model = spec.model
     context = {"batch_size": batch_size, "height": model.height, "width": model.width,
                "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
                "num_frames": model.num_frames,
                "compile": compiled.split(":")[0] if compiled else model.compile,
-               "device": device, "dtype": dtype}
+               "device": device, "dtype": dtype, "offload": offload}
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
         context["compiled_by"] = "builder"
     return context
@@ -43,8 +45,10 @@ def context_text(context: Mapping) -> str:
     frames = f", {context['num_frames']} frames" if context.get("num_frames") else ""
     compiled = (f", denoiser compiled ({context['compile']})"
                 if context.get("compile") not in (None, "none") else "")
+    offload = (f", {context['offload']} CPU offload"
+               if context.get("offload") not in (None, "none") else "")
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} steps, "
-            f"guidance {context['guidance_scale']}{compiled}")
+            f"guidance {context['guidance_scale']}{compiled}{offload}")
 
 
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
@@ -60,7 +64,8 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
 
     model = denoiser(pipe)
     served["compile"] = compiled_how(model)
-    served["device"] = device_name(model.device)
+    served["device"] = device_name(execution_device(pipe))
+    served["offload"] = offload_of(pipe) or "none"
     served["dtype"] = str(model.dtype).removeprefix("torch.")
     return served
 

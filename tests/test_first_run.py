@@ -135,6 +135,20 @@ def build(device, dtype):
 
 def not_a_pipeline(device, dtype):
     return 42
+
+
+def offloaded(device, dtype):
+    """A pipeline too big for the GPU, as its builder serves it: weights on the host."""
+    pipe = build_builtin("builtin:tiny")
+    pipe.enable_model_cpu_offload(device=device)
+    return pipe
+
+
+def group_offloaded(device, dtype):
+    pipe = build_builtin("builtin:tiny")
+    pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                              offload_type="block_level", num_blocks_per_group=1)
+    return pipe
 '''
 
 
@@ -162,6 +176,48 @@ def test_a_factory_pipeline_is_searched_by_several_worker_processes(tmp_path):
     assert len(list((tmp_path / "artifacts").rglob("*"))) > 0 and not list(elsewhere.iterdir())
     from optsearch.cli.dashboard import stored_artifact_dir
     assert stored_artifact_dir(study._storage) == str(tmp_path / "artifacts")
+
+
+def test_an_offloaded_factory_pipeline_is_measured_as_built(tmp_path):
+    """A factory that offloads (a GPU that cannot hold the pipeline) is measured as it was built:
+    never moved with `.to(device)` (which undoes diffusers' model offload and refuses the
+    sequential one), timed where it computes, its offload part of the device fingerprint and of
+    the deployment context the export records, so serving it without offload warns."""
+    (tmp_path / "my_pipes.py").write_text(FACTORY)
+    group = write_spec(tmp_path / "group.toml", TINY_SPEC.replace(
+        'id = "builtin:tiny"', 'id = "my_pipes:group_offloaded"'))
+    checked = optsearch_cmd("check", str(group), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "is group offloaded and moving it" not in checked.stderr  # it was moved before
+    assert "8 steps, guidance 7.5, group CPU offload" in checked.stdout
+
+    text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:offloaded"') \
+        .replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["steps"]') \
+        .replace("limit = 30.0", "limit = 20.0") \
+        .replace("n_trials = 4", "n_trials = 1\nwarm_start = []\n[space.steps]\n"
+                 "num_inference_steps = [4, 5]")  # faster and feasible on any load
+    url = f"sqlite:///{tmp_path}/o.db"
+    ran = optsearch_cmd("run", str(write_spec(tmp_path / "model.toml", text)), "--storage", url,
+                        "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    study = optuna.load_study(study_name="tiny", storage=url)
+
+    from optsearch.optimize.study import baselines
+
+    baseline, = baselines(study).values()
+    assert baseline["offload"] == "model" and baseline["device"].startswith("cpu:")
+    exported = tmp_path / "params.json"
+    done = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(exported))
+    assert done.returncode == 0, done.stderr
+    deployment = json.loads(exported.read_text())["deployment"]
+    assert deployment["offload"] == "model"
+
+    from optsearch.measure.models import load_pipeline
+
+    plain = load_pipeline("builtin:tiny", "cpu", "float32")
+    with pytest.warns(UserWarning, match="measured at offload = model; called with none"):
+        with optsearch.apply(plain, str(exported)) as fast:
+            fast(["a red bus", "a cat"], num_inference_steps=8, output_type="np")
 
 
 @pytest.mark.parametrize("model_id, message", [

@@ -39,3 +39,21 @@ def test_missing_folder_and_unknown_builtin():
         load_pipeline("./definitely/not/here", device="cpu", dtype="float32")
     with pytest.raises(ModelLoadError, match="unknown builtin model"):
         load_pipeline("builtin:huge", device="cpu", dtype="float32")
+
+
+def test_an_offloaded_pipeline_is_placed_where_it_computes():
+    """`pipe.device` of a sequentially offloaded pipeline is "meta" (its weights wait on the
+    host); the device a trial is timed, scored and fingerprinted on is where it computes, and the
+    offload is part of the fingerprint (an offloaded pipeline's timings carry its transfers)."""
+    from optsearch.accelerators import execution_device, offload_of
+    from optsearch.measure.builtin import build_builtin
+    from optsearch.measure.fingerprint import fingerprint
+
+    plain = build_builtin("builtin:tiny")
+    offloaded = build_builtin("builtin:tiny")
+    offloaded.enable_sequential_cpu_offload(device="cpu")
+    assert offloaded.device.type == "meta" and execution_device(offloaded) == torch.device("cpu")
+    assert offload_of(plain) is None and offload_of(offloaded) == "sequential"
+    (plain_id, plain_facts), (offloaded_id, facts) = fingerprint(plain, 2), fingerprint(offloaded, 2)
+    assert "offload" not in plain_facts  # plain studies keep their fingerprints
+    assert facts == {**plain_facts, "offload": "sequential"} and offloaded_id != plain_id

@@ -23,6 +23,38 @@ def denoiser(pipe) -> torch.nn.Module:
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
+def offload_of(pipe) -> str | None:
+    """How the pipeline moves its weights between host and accelerator, as its builder set it:
+    "model" (`enable_model_cpu_offload`), "sequential" (`enable_sequential_cpu_offload`, or any
+    other accelerate hook such as a device map), "group" (`enable_group_offload`); None when it
+    stays where it is. An offloaded pipeline is measured as built: on a GPU that cannot hold it
+    whole, the transfers are part of every call the server makes too."""
+    import torch
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    for module in getattr(pipe, "components", {}).values():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None:
+            return "model" if type(hook).__name__ == "CpuOffload" else "sequential"
+        if _is_group_offload_enabled(module):
+            return "group"
+    return None
+
+
+def execution_device(pipe) -> torch.device:
+    """Where the pipeline computes: `pipe.device` says "cpu" (or "meta") for an offloaded
+    pipeline whose weights wait on the host; diffusers' `_execution_device` reads the hooks."""
+    import torch
+
+    try:
+        device = torch.device(pipe._execution_device)
+    except Exception:  # not a DiffusionPipeline, or no module to read it from
+        device = torch.device(pipe.device)
+    return torch.device("cpu") if device.type == "cpu" else device  # offload says "cpu:0"
+
+
 class HookPatch:
     """A diffusers cache applied to `pipe`'s denoiser by `enable`, removed by `disable`."""
 
@@ -87,4 +119,4 @@ def cpu_safe_dtype(pipe) -> torch.dtype | None:
     """float32 for cache factors on CPU (bfloat16 there is slow); diffusers' default elsewhere."""
     import torch
 
-    return torch.float32 if denoiser(pipe).device.type == "cpu" else None
+    return torch.float32 if execution_device(pipe).type == "cpu" else None

@@ -34,7 +34,9 @@ class ToMePatch:
         """Give tomesd a fresh generator so the merge pattern is the same for every batch."""
         import torch
 
-        device = self.pipe.unet.device
+        from optsearch.accelerators.hooks import execution_device
+
+        device = execution_device(self.pipe)  # offloaded: the UNet waits on the host
         generator = torch.Generator(device=device).manual_seed(seed)
         self.pipe.unet._tome_info["args"]["generator"] = generator
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optsearch.accelerators import REGISTRY
+from optsearch.accelerators import REGISTRY, execution_device, offload_of
 from optsearch.deployment import context_text, measured_context
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.compiling import compiled_as
@@ -73,11 +73,11 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         attempt("confirm", lambda: confirm_prompts(spec))
     pipe = attempt("model", lambda: pipeline_from_spec(spec, device))
     if pipe is not None:
-        report.facts.update(device=str(pipe.device),
+        report.facts.update(device=str(execution_device(pipe)), offload=offload_of(pipe),
                             dtype=str(pipe.dtype).removeprefix("torch."))
     scorer = attempt("quality.clip_model", lambda: ClipScorer(
         spec.quality.clip_model, spec.quality.clip_pretrained,
-        pipe.device if pipe is not None else "cpu"))
+        execution_device(pipe) if pipe is not None else "cpu"))
     if spec.quality.measures_lpips:
         from optsearch.measure.perceptual import check_alexnet_weights
 
@@ -87,8 +87,9 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     if pipe is None or prompts is None or scorer is None or report.problems:
         return report
     config = GenerationConfig.from_spec(spec)
-    if pipe.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(pipe.device)
+    device = execution_device(pipe)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     compiled, warm = compiled_as(pipe), {}
     batch = attempt("baseline batch", lambda: next(iter(generate(  # compiled: every path first
@@ -102,7 +103,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
                                                      prompts[:len(batch.images)]))
     report.facts["auto_ranges"] = attempt("auto ranges", lambda: _auto_ranges(spec, pipe, prompts,
                                                                               config)) or {}
-    peak, free = _memory(pipe.device)
+    peak, free = _memory(device)
     estimate = Estimate(batch.seconds_per_image, spec.search.n_trials, len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0)
     report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),
@@ -148,7 +149,8 @@ def format_report(report: Report, spec) -> str:
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "
              f"{facts['batch_size']}, {spec.model.steps} steps",
              "deployment context (what the figures will hold for; serve at it): "
-             + context_text(measured_context(spec, facts["batch_size"], facts.get("compiled")))]
+             + context_text(measured_context(spec, facts["batch_size"], facts.get("compiled"),
+                                          offload=facts.get("offload") or "none"))]
     if facts.get("compiled"):
         lines.insert(2, f"compiled ({facts['compiled']}): the first call compiled it in "
                         f"{facts['warmup_seconds']:.1f} s, not in the baseline's seconds (each "

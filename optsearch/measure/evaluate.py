@@ -21,6 +21,7 @@ from optsearch.accelerators import (
     combo_problem,
     denoiser,
     enabled_already,
+    execution_device,
     magcache,
     normalize_setting,
     pipeline_kind,
@@ -122,7 +123,7 @@ class Evaluator:
         machine) only the timing is this call's own; its images, scores and features are kept.
         """
         images, seconds, batch_seconds, scores, features = [], 0.0, [], [], []
-        peak, warm = PeakMemory(self.pipe.device), {"seconds": 0.0}
+        peak, warm = PeakMemory(execution_device(self.pipe)), {"seconds": 0.0}
         for batch in peak.measure(self._generate(
                 "baseline", on_warmup=lambda seconds: warm.update(seconds=seconds))):
             images.append(batch.images)
@@ -207,7 +208,7 @@ class Evaluator:
             baseline_batch_seconds=list(baseline.batch_seconds), pass_noise=pass_noise,
             baseline_peak_memory_gib=baseline.peak_memory_gib,
         )
-        peak = PeakMemory(self.pipe.device)
+        peak = PeakMemory(execution_device(self.pipe))
         result.compiled = compiled_as(self.pipe)
         compiles = CompileCounter() if result.compiled else None
 
@@ -324,7 +325,8 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
     else:
         check_families(pipe, spec)
         compiled_for(spec, pipe)
-    scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained, pipe.device)
-    lpips = Lpips(pipe.device) if spec.quality.measures_lpips else None
+    scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained,
+                        execution_device(pipe))
+    lpips = Lpips(execution_device(pipe)) if spec.quality.measures_lpips else None
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
                      spec.quality.confidence, progress, lpips=lpips)

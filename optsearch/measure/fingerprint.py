@@ -13,7 +13,7 @@ import platform
 import diffusers
 import torch
 
-from optsearch.accelerators import denoiser
+from optsearch.accelerators import denoiser, execution_device, offload_of
 from optsearch.measure.compiling import compiled_as
 
 
@@ -25,15 +25,18 @@ def device_name(device: torch.device) -> str:
 
 def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:
     """A short id of the timing conditions of `pipe` at `batch_size`, and the facts behind it."""
-    model = denoiser(pipe)
+    model, device = denoiser(pipe), execution_device(pipe)
     facts = {
-        "device": device_name(model.device),
+        "device": device_name(device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "batch_size": batch_size,
-        "threads": torch.get_num_threads() if model.device.type == "cpu" else None,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
+    offload = offload_of(pipe)
+    if offload is not None:  # only then, like compile: plain studies keep their fingerprints
+        facts["offload"] = offload
     compiled = compiled_as(pipe)
     if compiled is not None:  # only then: eager studies keep their fingerprints
         facts["compile"] = compiled

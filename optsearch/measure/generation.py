@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from optsearch.accelerators import AppliedSetting, call_parameters
+from optsearch.accelerators import AppliedSetting, call_parameters, execution_device
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
     `on_warmup(seconds)` receives the duration of the untimed warm-up call.
     """
     call = setting if setting is not None else pipe
-    device = pipe.device
+    device = execution_device(pipe)
     guidance_scale = guidance_for(pipe, config.guidance_scale)
 
     def run(indices: range, steps: int = config.steps,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import diffusers
 import torch
 
+from optsearch.accelerators import execution_device, offload_of
 from optsearch.errors import ModelLoadError, first_line
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.hub import missing, offline_reason
@@ -23,9 +24,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # what each kind is served in
 AUTO_DTYPE = {"unet": "float16", "transformer": "bfloat16", "video": "bfloat16"}
-
-
-
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,12 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
         pipe = _load_pretrained(model_id, placement.dtype, kind)
     if scheduler:
         set_scheduler(pipe, scheduler)
-    pipe = pipe.to(placement.device)
+    offload = offload_of(pipe)
+    if offload is None:
+        pipe = pipe.to(placement.device)
+    else:  # `.to` would undo diffusers' model offload (and refuses the sequential one)
+        logger.info("the pipeline comes with %s offload: measured as built, on %s", offload,
+                    execution_device(pipe))
     if model_id.startswith("builtin:") and placement.dtype != torch.float32:
         pipe = pipe.to(dtype=placement.dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -110,7 +110,7 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
         if name == "pab":
             lines.append("options['current_timestep_callback'] = lambda: pipe.current_timestep")
         if name == "taylorseer":
-            lines += ["if pipe.transformer.device.type == 'cpu':  # bfloat16 factors are slow there",
+            lines += ["if pipe._execution_device.type == 'cpu':  # bfloat16 factors are slow there",
                       "    options['taylor_factors_dtype'] = torch.float32"]
         return lines + [f"pipe.transformer.enable_cache({config}(**options))"]
     if name == "fastercache":  # as accelerators/fastercache.py applies it

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import optuna
 from tqdm.auto import tqdm
 
-from optsearch.accelerators import combo_name, normalize_setting
+from optsearch.accelerators import combo_name, execution_device, normalize_setting
 from optsearch.formatting import format_interval, format_setting
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
@@ -84,7 +84,7 @@ class Worker:
                                                                       name, data))
         artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
         self.baselines = BaselineKeeper(self.study, self.spec, evaluator, artifacts, self.worker_id,
-                                        self.host, str(evaluator.pipe.device),
+                                        self.host, str(execution_device(evaluator.pipe)),
                                         os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.outages = recovery.DatabaseOutages(self.storage)
         self.current: optuna.Trial | None = None  # the trial being measured, until it is told
