@@ -18,6 +18,9 @@ from optsearch.measure.compiling import AS_BUILT, compiled_how
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
                 "num_frames", "compile", "device", "dtype", "offload")
 
+OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU offload",
+                "group": ", group offload", "device map": ", split by a device map"}
+
 
 def measured_context(spec, batch_size: int, compiled: str | None = None,
                      device: str | None = None, dtype: str | None = None,
@@ -45,8 +48,7 @@ def context_text(context: Mapping) -> str:
     frames = f", {context['num_frames']} frames" if context.get("num_frames") else ""
     compiled = (f", denoiser compiled ({context['compile']})"
                 if context.get("compile") not in (None, "none") else "")
-    offload = (f", {context['offload']} CPU offload"
-               if context.get("offload") not in (None, "none") else "")
+    offload = OFFLOAD_TEXT.get(context.get("offload"), "")
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} steps, "
             f"guidance {context['guidance_scale']}{compiled}{offload}")
 

@@ -189,7 +189,7 @@ def test_an_offloaded_factory_pipeline_is_measured_as_built(tmp_path):
     checked = optsearch_cmd("check", str(group), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert "is group offloaded and moving it" not in checked.stderr  # it was moved before
-    assert "8 steps, guidance 7.5, group CPU offload" in checked.stdout
+    assert "8 steps, guidance 7.5, group offload" in checked.stdout
 
     text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:offloaded"') \
         .replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["steps"]') \

@@ -25,16 +25,20 @@ def denoiser(pipe) -> torch.nn.Module:
 
 def offload_of(pipe) -> str | None:
     """How the pipeline moves its weights between host and accelerator, as its builder set it:
-    "model" (`enable_model_cpu_offload`), "sequential" (`enable_sequential_cpu_offload`, or any
-    other accelerate hook such as a device map), "group" (`enable_group_offload`); None when it
-    stays where it is. An offloaded pipeline is measured as built: on a GPU that cannot hold it
+    "model" (`enable_model_cpu_offload`), "sequential" (`enable_sequential_cpu_offload`),
+    "group" (`enable_group_offload`), "device map" (loaded with `device_map=`: split over devices);
+    None when it stays where it is. An offloaded pipeline is measured as built: on a GPU that cannot hold it
     whole, the transfers are part of every call the server makes too."""
     import torch
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
+    if getattr(pipe, "hf_device_map", None):
+        return "device map"
     for module in getattr(pipe, "components", {}).values():
         if not isinstance(module, torch.nn.Module):
             continue
+        if getattr(module, "hf_device_map", None):
+            return "device map"
         hook = getattr(module, "_hf_hook", None)
         if hook is not None:
             return "model" if type(hook).__name__ == "CpuOffload" else "sequential"
