@@ -116,3 +116,23 @@ def test_name_defaults_to_file_stem(tmp_path):
     path = tmp_path / "my-study.toml"
     path.write_text('[model]\nid = "builtin:tiny"\n')
     assert load_spec(path).name == "my-study"
+
+
+def test_notes_say_what_a_valid_spec_will_do_unexpectedly():
+    """A random-weight CLIP, and passes of too few batches for a speedup interval to tell
+    anything (2 batches: one slow batch leaves every trial "not measured enough to tell")."""
+    from optsearch.study_spec import notes
+
+    def spec(**prompts):
+        return spec_from_dict({"name": "n", "model": {"id": "builtin:tiny"},
+                               "prompts": {"source": "builtin", **prompts},
+                               "quality": {"clip_model": "builtin:tiny", "clip_pretrained": "none",
+                                           "metric": "psnr", "limit": 30.0},
+                               "search": {"accelerators": ["deepcache"]}})
+
+    thin, = [line for line in notes(spec(num_samples=8, batch_size=4)) if "batches" in line]
+    assert thin.startswith("prompts.num_samples = 8 in batches of 4 is 2 batches a pass")
+    assert "not measured enough to tell" in thin
+    enough = notes(spec(num_samples=8, batch_size=2))
+    assert enough == ["n scores with a random-weight CLIP (clip_pretrained = \"none\"): CLIP scores "
+                      "mean nothing here, so it constrains psnr (fidelity to the baseline) instead"]

@@ -163,7 +163,9 @@ def test_sigint_fails_requeues_and_exits_130(tmp_path):
 def test_create_conflicts_leave_the_storage_unchanged(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
-    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    created = optsearch_cmd("study", "create", str(spec), "--storage", url)
+    assert created.returncode == 0
+    assert "note: prompts.num_samples = 4 in batches of 2 is 2 batches a pass" in created.stdout
     before = storage_snapshot(url)
 
     again = optsearch_cmd("study", "create", str(spec), "--storage", url)

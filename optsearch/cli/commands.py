@@ -34,7 +34,7 @@ from optsearch.optimize.create import (
 )
 from optsearch.optimize.study import SPEC_ATTR, load_study
 from optsearch.storage.rdb import mask, open_storage
-from optsearch.study_spec import SpecError, check_setting, load_spec
+from optsearch.study_spec import SpecError, check_setting, load_spec, notes
 
 # The commands that generate images import diffusers, transformers and open_clip (about ten
 # seconds on a small machine) inside their functions: `study list`, `show`, `export`, `create`
@@ -120,8 +120,14 @@ def cmd_study_create(args) -> int:
     check_creatable(spec, args.name)  # before a new SQLite file is made for it
     storage = _open(args, create=True)
     study = create_study(spec, storage, args.name, args.load_if_exists)
+    _print_notes(spec)
     print(f"study {study.study_name!r} ready in {mask(storage.url)}")
     return 0
+
+
+def _print_notes(spec) -> None:
+    for line in notes(spec):
+        print(f"note: {line}")
 
 
 def cmd_study_list(args) -> int:
@@ -316,11 +322,7 @@ def cmd_run(args) -> int:
     from optsearch.optimize.worker import Worker
 
     options = _worker_options(args)
-    if spec.quality.clip_pretrained == "none":
-        print(f"note: {name} scores with a random-weight CLIP (clip_pretrained = \"none\"): CLIP "
-              f"scores mean nothing here, so it constrains {spec.quality.metric} "
-              f"(fidelity to the baseline) instead" if spec.quality.metric != "clip_loss" else
-              "note: random-weight CLIP: the CLIP loss it constrains is meaningless")
+    _print_notes(spec)
     if args.confirm:  # what --confirm will need, before minutes of search
         confirm_prompts(spec)
     # Load the pipeline, CLIP and prompts before writing anything: bad input leaves no study behind.
@@ -344,6 +346,7 @@ def cmd_check(args) -> int:
     if report.problems:
         raise SpecError(report.problems)  # one line each, exit 2
     print(format_report(report, spec))
+    _print_notes(spec)
     return 0
 
 

@@ -29,6 +29,28 @@ def guidance_problem(accelerators, guidance_scale: float) -> str | None:
     return None
 
 
+FEW_BATCHES = 4  # a pass of fewer batches leaves a speedup interval few degrees of freedom
+
+
+def notes(spec: StudySpec) -> list[str]:
+    """What a valid spec will do that its user may not expect: one line each, printed by `run`,
+    `check` and `study create` (not problems: the study runs)."""
+    lines = []
+    if spec.quality.clip_pretrained == "none":
+        lines.append(f"{spec.name} scores with a random-weight CLIP (clip_pretrained = \"none\"): "
+                     f"CLIP scores mean nothing here, so it constrains {spec.quality.metric} "
+                     "(fidelity to the baseline) instead" if spec.quality.metric != "clip_loss"
+                     else "random-weight CLIP: the CLIP loss it constrains is meaningless")
+    batches = math.ceil(spec.prompts.num_samples / spec.prompts.batch_size)
+    if batches < FEW_BATCHES:
+        lines.append(f"prompts.num_samples = {spec.prompts.num_samples} in batches of "
+                     f"{spec.prompts.batch_size} is {batches} batch{'es' if batches > 1 else ''} "
+                     f"a pass: one slow batch can leave every speedup \"not measured enough to "
+                     f"tell\"; {FEW_BATCHES} or more batches (more prompts or a smaller "
+                     "prompts.batch_size) give usable intervals")
+    return lines
+
+
 def validate(spec: StudySpec, problem) -> None:
     """Cross-field checks, after every key has the right type."""
     model, prompts, quality = spec.model, spec.prompts, spec.quality
