@@ -49,6 +49,13 @@ CASES = [
     ("a study with an unknown CLIP model is never made",
      {"s.toml": replaced('clip_model = "builtin:tiny"', 'clip_model = "ViT-Q"')},
      ["study", "create", "s.toml", "--name", "clip"], 2, "quality.clip_model: unknown CLIP model"),
+    ("a compiled study with a backend torch does not know is never made",
+     {"s.toml": replaced("steps = 8", 'steps = 8\ncompile = "full"\ncompile_backend = "inductr"')},
+     ["study", "create", "s.toml"], 2, "model.compile_backend: Invalid backend: 'inductr', did you "
+     "mean: 'inductor'?"),
+    ("a compile mode torch does not know",
+     {"s.toml": replaced("steps = 8", 'steps = 8\ncompile = "full"\ncompile_mode = "max-autotun"')},
+     ["run", "s.toml", "--name", "other"], 2, "model.compile_mode: Unrecognized mode=max-autotun"),
     ("wrong type", {"s.toml": replaced("steps = 8", 'steps = "eight"')},
      ["study", "create", "s.toml"], 2, "model.steps: must be an integer"),
     ("out-of-range parameter", {"s.toml": spec_with("[space.tome]\nratio = [0.2, 1.5]\n")},

@@ -12,7 +12,22 @@ after it, inside timed batches, are counted and flagged, since their seconds are
 from __future__ import annotations
 
 from optsearch.accelerators import denoiser
-from optsearch.errors import ModelLoadError
+from optsearch.errors import ModelLoadError, first_line
+
+
+def compile_options_problem(backend: str, mode: str | None) -> str | None:
+    """torch.compile's own word on a backend and mode, before any model is loaded: a wrapper is
+    made (nothing compiles) and refused as torch refuses it. Imports torch._dynamo (seconds):
+    `study create` asks only for a study that compiles, so no worker of it fails on a typo."""
+    import torch
+
+    try:
+        torch.compile(lambda x: x, backend=backend, **({"mode": mode} if mode else {}))
+    except Exception as error:  # InvalidBackend; RuntimeError "Unrecognized mode=..."
+        key = "model.compile_backend" if type(error).__name__ == "InvalidBackend" \
+            else "model.compile_mode"
+        return f"{key}: {first_line(error)}"
+    return None
 
 
 def compile_denoiser(pipe, how: str, mode: str | None = None, backend: str = "inductor") -> None:
@@ -20,6 +35,9 @@ def compile_denoiser(pipe, how: str, mode: str | None = None, backend: str = "in
     with how, which the device fingerprint takes in."""
     if how == "none":
         return
+    problem = compile_options_problem(backend, mode)
+    if problem:
+        raise ModelLoadError(problem)
     model = denoiser(pipe)
     options = {"backend": backend, **({"mode": mode} if mode else {})}
     if how == "regional":

@@ -81,6 +81,12 @@ def check_creatable(spec: StudySpec, name: str | None = None) -> str:
         check_clip_model(spec.quality.clip_model)
     except ModelLoadError as error:
         raise SpecError([f"quality.clip_model: {error}"]) from None
+    if spec.model.compile != "none":
+        from optsearch.measure.compiling import compile_options_problem
+
+        problem = compile_options_problem(spec.model.compile_backend, spec.model.compile_mode)
+        if problem:
+            raise SpecError([problem])
     return name
 
 
