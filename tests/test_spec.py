@@ -136,3 +136,13 @@ def test_notes_say_what_a_valid_spec_will_do_unexpectedly():
     enough = notes(spec(num_samples=8, batch_size=2))
     assert enough == ["n scores with a random-weight CLIP (clip_pretrained = \"none\"): CLIP scores "
                       "mean nothing here, so it constrains psnr (fidelity to the baseline) instead"]
+
+
+def test_tgate_default_range_fits_any_step_count():
+    """T-GATE's 5-20 of 50 steps, as a share of model.steps: a 16-step spec that names no range
+    searches 2-6 (it was refused: "[5, 20] goes past model.steps=16", a range the user never
+    wrote); 50 steps keep the paper's 5-20."""
+    for steps, expected in ((16, (2, 6, None)), (50, (5, 20, None))):
+        spec = spec_from_dict({"model": {"id": "builtin:tiny", "steps": steps},
+                               "search": {"accelerators": ["tgate"]}})
+        assert spec.param_range("tgate", "gate_step") == expected

@@ -13,7 +13,8 @@ from optsearch.accelerators.base import Param
 NAME = "tgate"
 APPLIES_TO = ("unet",)
 PARAMS = (
-    Param("gate_step", int, (5, 20), minimum=1, counts_steps=True,
+    # default: a tenth to two fifths of model.steps, T-GATE's 5-20 of 50 at any step count
+    Param("gate_step", int, (0.1, 0.4), minimum=1, counts_steps=True, scales_with_steps=True,
           help="steps with cross-attention before it is cached (<= the setting's steps)"),
 )
 

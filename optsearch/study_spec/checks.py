@@ -182,7 +182,7 @@ def validate(spec: StudySpec, problem) -> None:
     for accelerator in used:
         for name, declared in params_of(accelerator).items():
             counted = declared.counts_steps or declared.scales_with_steps
-            given = name in spec.space.get(accelerator, {}) or accelerator == "tgate"
+            given = name in spec.space.get(accelerator, {})  # defaults fit model.steps
             bounds = spec.param_range(accelerator, name)
             if counted and given and any(value > model.steps for value in bounds[:2]):
                 problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past "
