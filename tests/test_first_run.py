@@ -245,7 +245,8 @@ def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, ti
             "search": {"accelerators": ["deepcache"], "n_trials": 9, "warm_start": []},
             "artifacts": {"path": str(tmp_path / "art")}}
     url = f"sqlite:///{tmp_path}/nb.db"
-    exported = optsearch.search(tiny_pipe, spec, storage=url, n_trials=2, progress=False)
+    with pytest.warns(UserWarning, match="4 in batches of 2 is 2 batches a pass"):  # run's note
+        exported = optsearch.search(tiny_pipe, spec, storage=url, n_trials=2, progress=False)
     assert exported["study"] == "notebook" and exported["spec"]["search"]["n_trials"] == 2
     best = exported["best"]
     assert best["combo"] == "deepcache"

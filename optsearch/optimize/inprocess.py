@@ -10,6 +10,7 @@ factory does).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from optsearch.optimize.export import export_study
 from optsearch.optimize.study import load_study, spec_attr
 from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import open_storage
-from optsearch.study_spec import StudySpec, load_spec, spec_from_dict
+from optsearch.study_spec import StudySpec, load_spec, notes, spec_from_dict
 
 
 def _as_spec(spec):
@@ -78,6 +79,8 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
                                   overrides={"search.n_trials": stored})
     elif differing:
         raise UsageError(different_spec_text(study_name, differing, rename="name= (a new study)"))
+    for line in notes(spec):  # what `optsearch run` prints as "note:"
+        warnings.warn(f"optsearch: {line}", UserWarning, stacklevel=2)
     evaluator = evaluator_from_spec(spec, progress=progress, pipe=pipe)
     study = create_study(spec, opened, study_name, load_if_exists=True)
     bars = dict(getattr(pipe, "_progress_bar_config", {}))  # diffusers' per-step bars
