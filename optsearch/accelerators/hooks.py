@@ -26,9 +26,9 @@ def denoiser(pipe) -> torch.nn.Module:
 def offload_of(pipe) -> str | None:
     """How the pipeline moves its weights between host and accelerator, as its builder set it:
     "model" (`enable_model_cpu_offload`), "sequential" (`enable_sequential_cpu_offload`),
-    "group" (`enable_group_offload`), "device map" (loaded with `device_map=`: split over devices);
-    None when it stays where it is. An offloaded pipeline is measured as built: on a GPU that cannot hold it
-    whole, the transfers are part of every call the server makes too."""
+    "group" (`enable_group_offload`), "device map" (loaded with `device_map=`: split over
+    devices); None when it stays where it is. An offloaded pipeline is measured as built: on a GPU
+    that cannot hold it whole, the transfers are part of every call the server makes too."""
     import torch
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 

@@ -9,6 +9,7 @@ the same pattern whatever the batch size (measured: per-prompt images identical 
 from __future__ import annotations
 
 from optsearch.accelerators.base import Param
+from optsearch.accelerators.hooks import execution_device
 
 NAME = "tome"
 APPLIES_TO = ("unet",)
@@ -33,8 +34,6 @@ class ToMePatch:
     def reseed(self, seed: int) -> None:
         """Give tomesd a fresh generator so the merge pattern is the same for every batch."""
         import torch
-
-        from optsearch.accelerators.hooks import execution_device
 
         device = execution_device(self.pipe)  # offloaded: the UNet waits on the host
         generator = torch.Generator(device=device).manual_seed(seed)
