@@ -40,7 +40,10 @@ def test_a_compiled_study_counts_compiles_and_graph_breaks_apart_from_the_speedu
     never in the speedup; the compile mode in the device fingerprint; the note says it."""
     spec = spec_from_dict({**flux_spec(compile="regional", compile_backend="eager"),
                            "search": {"accelerators": [["fbcache"], ["dbcache"]], "n_trials": 2,
-                                      "warm_start": [], "early_stop": False}})
+                                      "warm_start": [], "early_stop": False},
+                           # two batches a pass: the export below needs a trial timed faster
+                           # than the baseline, which one batch each could miss under load
+                           "prompts": {"source": "builtin", "num_samples": 4, "batch_size": 2}})
     pipe = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
     eager_id, _ = fingerprint(pipe, 2)
     url = f"sqlite:///{tmp_path / 'compiled.db'}"
