@@ -12,11 +12,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 
-from optsearch.accelerators import call_parameters, denoiser, execution_device, offload_of
+from optsearch.accelerators import (
+    attention_of,
+    call_parameters,
+    denoiser,
+    execution_device,
+    offload_of,
+)
 from optsearch.measure.compiling import AS_BUILT, compiled_how
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
-                "num_frames", "compile", "device", "dtype", "offload")
+                "num_frames", "compile", "device", "dtype", "offload", "attention")
 
 OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU offload",
                 "group": ", group offload", "device map": ", split by a device map"}
@@ -24,18 +30,19 @@ OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU 
 
 def measured_context(spec, batch_size: int, compiled: str | None = None,
                      device: str | None = None, dtype: str | None = None,
-                     offload: str | None = None) -> dict:
+                     offload: str | None = None, attention: str | None = None) -> dict:
     """What the study's trials ran: None for a size the pipeline chose itself (its native one).
     `compiled`: a trial's record of how its denoiser was compiled, which says it even where the
     pipeline came compiled and the spec says "none". `device` and `dtype`: the baseline's (a
     speedup measured on one GPU is not another's). `offload`: the baseline's "model",
-    "sequential", "group" or "none" (an offloaded pipeline's calls carry its transfers)."""
+    "sequential", "group" or "none" (an offloaded pipeline's calls carry its transfers);
+    `attention`: the denoiser's attention backend ("native": torch's SDPA, "flash", "sage")."""
     model = spec.model
     context = {"batch_size": batch_size, "height": model.height, "width": model.width,
                "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
                "num_frames": model.num_frames,
                "compile": compiled.split(":")[0] if compiled else model.compile,
-               "device": device, "dtype": dtype, "offload": offload}
+               "device": device, "dtype": dtype, "offload": offload, "attention": attention}
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
         context["compiled_by"] = "builder"
     return context
@@ -49,8 +56,10 @@ def context_text(context: Mapping) -> str:
     compiled = (f", denoiser compiled ({context['compile']})"
                 if context.get("compile") not in (None, "none") else "")
     offload = OFFLOAD_TEXT.get(context.get("offload"), "")
+    attention = (f", attention {context['attention']}"
+                 if context.get("attention") not in (None, "native") else "")
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} steps, "
-            f"guidance {context['guidance_scale']}{compiled}{offload}")
+            f"guidance {context['guidance_scale']}{compiled}{offload}{attention}")
 
 
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
@@ -68,6 +77,7 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     served["compile"] = compiled_how(model)
     served["device"] = device_name(execution_device(pipe))
     served["offload"] = offload_of(pipe) or "none"
+    served["attention"] = attention_of(pipe)
     served["dtype"] = str(model.dtype).removeprefix("torch.")
     return served
 

@@ -144,6 +144,13 @@ def offloaded(device, dtype):
     return pipe
 
 
+def flux_math_attention(device, dtype):
+    """A transformer served with another attention backend than torch's default SDPA kernel."""
+    pipe = build_builtin("builtin:tiny-flux").to(device)
+    pipe.transformer.set_attention_backend("_native_math")
+    return pipe
+
+
 def group_offloaded(device, dtype):
     pipe = build_builtin("builtin:tiny")
     pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
@@ -219,6 +226,41 @@ def test_an_offloaded_factory_pipeline_is_measured_as_built(tmp_path):
     with pytest.warns(UserWarning, match="measured at offload = model; called with none"):
         with optsearch.apply(plain, str(exported)) as fast:
             fast(["a red bus", "a cat"], num_inference_steps=8, output_type="np")
+
+
+def test_the_attention_backend_a_pipeline_is_served_with_is_measured_and_exported(tmp_path):
+    """A factory that sets diffusers' attention backend (flash, sage: what a server picks) is
+    measured with it; the backend is part of the fingerprint, of `check`'s context line and of
+    the export's deployment, so serving the setting with torch's default backend warns."""
+    (tmp_path / "my_pipes.py").write_text(FACTORY)
+    text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:flux_math_attention"') \
+        .replace("steps = 8", "steps = 8\nkind = \"transformer\"\nguidance_scale = 3.5") \
+        .replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["steps"]') \
+        .replace("limit = 30.0", "limit = 20.0") \
+        .replace("n_trials = 4", "n_trials = 1\nwarm_start = []\n[space.steps]\n"
+                 "num_inference_steps = [4, 5]")
+    spec = write_spec(tmp_path / "attention.toml", text)
+    checked = optsearch_cmd("check", str(spec), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "8 steps, guidance 3.5, attention _native_math" in checked.stdout
+    url = f"sqlite:///{tmp_path}/a.db"
+    ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    from optsearch.optimize.study import baselines
+
+    baseline, = baselines(optuna.load_study(study_name="tiny", storage=url)).values()
+    assert baseline["attention"] == "_native_math"  # in the fingerprint's facts
+    exported = tmp_path / "params.json"
+    assert optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(exported)).returncode == 0
+    assert json.loads(exported.read_text())["deployment"]["attention"] == "_native_math"
+
+    from optsearch.measure.models import load_pipeline
+
+    plain = load_pipeline("builtin:tiny-flux", "cpu", "float32")
+    with pytest.warns(UserWarning, match="measured at attention = _native_math; called with native"):
+        with optsearch.apply(plain, str(exported)) as fast:
+            fast(["a red bus", "a cat"], num_inference_steps=8, guidance_scale=3.5,
+                 output_type="np")
 
 
 @pytest.mark.parametrize("model_id, message", [

@@ -37,7 +37,7 @@ from optsearch.accelerators import (
     tome,
 )
 from optsearch.accelerators.base import Param
-from optsearch.accelerators.hooks import denoiser, execution_device, offload_of
+from optsearch.accelerators.hooks import attention_of, denoiser, execution_device, offload_of
 
 REGISTRY: dict[str, ModuleType] = {
     m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fastercache, fbcache, taylorseer, magcache,
@@ -314,5 +314,6 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
 
 
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "Param",
-           "applicable", "apply_setting", "combo_name", "combo_problem", "denoiser", "execution_device",
-           "fit_to_steps", "normalize_setting", "offload_of", "params_of", "pipeline_kind", "step_problems"]
+           "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem", "denoiser",
+           "execution_device", "fit_to_steps", "normalize_setting", "offload_of", "params_of",
+           "pipeline_kind", "step_problems"]

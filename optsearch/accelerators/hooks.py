@@ -47,6 +47,24 @@ def offload_of(pipe) -> str | None:
     return None
 
 
+def attention_of(pipe) -> str | None:
+    """The attention backend the denoiser dispatches to: "native" (torch's SDPA, the default),
+    or what the builder set with diffusers' `set_attention_backend` ("flash", "sage",
+    "_flash_3", ...), which changes attention's share of a step and so what a cache saves. None
+    for a denoiser whose processors do not dispatch (UNets, SD3's): not named here."""
+    for module in denoiser(pipe).modules():
+        processor = getattr(module, "processor", None)
+        if processor is None or not hasattr(processor, "_attention_backend"):
+            continue
+        backend = processor._attention_backend
+        if backend is None:  # unset: the process's active one ($DIFFUSERS_ATTN_BACKEND, "native")
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            backend = _AttentionBackendRegistry.get_active_backend()[0]
+        return str(getattr(backend, "value", backend))
+    return None
+
+
 def execution_device(pipe) -> torch.device:
     """Where the pipeline computes: `pipe.device` says "cpu" (or "meta") for an offloaded
     pipeline whose weights wait on the host; diffusers' `_execution_device` reads the hooks."""

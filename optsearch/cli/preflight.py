@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optsearch.accelerators import REGISTRY, execution_device, offload_of
+from optsearch.accelerators import REGISTRY, attention_of, execution_device, offload_of
 from optsearch.deployment import context_text, measured_context
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.compiling import compiled_as
@@ -74,6 +74,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     pipe = attempt("model", lambda: pipeline_from_spec(spec, device))
     if pipe is not None:
         report.facts.update(device=str(execution_device(pipe)), offload=offload_of(pipe),
+                            attention=attention_of(pipe),
                             dtype=str(pipe.dtype).removeprefix("torch."))
     scorer = attempt("quality.clip_model", lambda: ClipScorer(
         spec.quality.clip_model, spec.quality.clip_pretrained,
@@ -150,7 +151,8 @@ def format_report(report: Report, spec) -> str:
              f"{facts['batch_size']}, {spec.model.steps} steps",
              "deployment context (what the figures will hold for; serve at it): "
              + context_text(measured_context(spec, facts["batch_size"], facts.get("compiled"),
-                                          offload=facts.get("offload") or "none"))]
+                                          offload=facts.get("offload") or "none",
+                                          attention=facts.get("attention")))]
     if facts.get("compiled"):
         lines.insert(2, f"compiled ({facts['compiled']}): the first call compiled it in "
                         f"{facts['warmup_seconds']:.1f} s, not in the baseline's seconds (each "

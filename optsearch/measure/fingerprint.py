@@ -13,7 +13,7 @@ import platform
 import diffusers
 import torch
 
-from optsearch.accelerators import denoiser, execution_device, offload_of
+from optsearch.accelerators import attention_of, denoiser, execution_device, offload_of
 from optsearch.measure.compiling import compiled_as
 
 
@@ -37,6 +37,9 @@ def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:
     offload = offload_of(pipe)
     if offload is not None:  # only then, like compile: plain studies keep their fingerprints
         facts["offload"] = offload
+    attention = attention_of(pipe)
+    if attention not in (None, "native"):  # the same: a backend other than torch's SDPA
+        facts["attention"] = attention
     compiled = compiled_as(pipe)
     if compiled is not None:  # only then: eager studies keep their fingerprints
         facts["compile"] = compiled
