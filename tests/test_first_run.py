@@ -250,6 +250,7 @@ def test_the_attention_backend_a_pipeline_is_served_with_is_measured_and_exporte
 
     baseline, = baselines(optuna.load_study(study_name="tiny", storage=url)).values()
     assert baseline["attention"] == "_native_math"  # in the fingerprint's facts
+    assert f"{baseline['device']} (attention _native_math)" in ran.stdout  # study show's baseline
     exported = tmp_path / "params.json"
     assert optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(exported)).returncode == 0
     assert json.loads(exported.read_text())["deployment"]["attention"] == "_native_math"
