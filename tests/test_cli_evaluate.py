@@ -29,6 +29,14 @@ def test_evaluate_json_and_images(tmp_path):
     assert data["speedup"] == pytest.approx(np.mean(timing["baseline_batch_seconds"])
                                             / np.mean(timing["batch_seconds"]), rel=1e-6)
     assert data["setting"]["tome"]["ratio"] == 0.5
+    # what these timings are comparable with (a study's fingerprint of the same conditions)
+    from optsearch.measure.fingerprint import fingerprint
+    from optsearch.measure.models import load_pipeline
+
+    _, facts = fingerprint(load_pipeline("builtin:tiny", "cpu", "float32"), 2)
+    threads = data["measured_with"]["threads"]  # the command's own (this process may set others)
+    assert data["measured_with"] == {**facts, "threads": threads} and threads >= 1
+    assert len(data["fingerprint"]) == 12
     assert len(data["per_prompt"]["psnr"]) == 4 and data["batches_evaluated"] == 2
     assert 0 < data["speedup_low"] <= data["speedup"] <= data["speedup_high"]
     assert len(data["per_batch"]["batch_seconds"]) == len(data["per_batch"]["baseline_batch_seconds"]) == 2

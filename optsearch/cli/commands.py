@@ -94,8 +94,12 @@ def cmd_evaluate(args) -> int:
                                    pass_noise=pass_noise.assumed(spec.search.pass_noise))
     if images_folder is not None:
         save_images(images_folder, baseline.images, comparison.images)
-    if args.json:
-        print(json.dumps(comparison.to_dict(), indent=2))
+    if args.json:  # with what the timings are comparable to: device, dtype, versions, offload
+        from optsearch.measure.fingerprint import fingerprint
+
+        digest, facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
+        print(json.dumps({**comparison.to_dict(), "fingerprint": digest, "measured_with": facts},
+                         indent=2))
     else:
         print(f"{spec.name}: {len(evaluator.prompts)} prompts, batch size "
               f"{evaluator.config.batch_size}, {format_setting(comparison.setting)}")
