@@ -19,6 +19,7 @@ import numpy as np
 import optuna
 import torch
 
+from optsearch.accelerators import attention_of
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint
 from optsearch.measure.speedup import PassNoise
@@ -136,6 +137,9 @@ class BaselineKeeper:
                                  image_features=baseline.image_features.cpu().numpy())
         record = {
             "fingerprint": self.fingerprint, **self.facts, "host": self.host,
+            # "native" too (the fingerprint names only another); None: the denoiser does not
+            # dispatch through diffusers' attention backends (UNets, SD3)
+            "attention": attention_of(self.evaluator.pipe),
             "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
             "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
             "num_samples": len(self.evaluator.prompts), "prompts": self.evaluator.prompts,
