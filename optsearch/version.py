@@ -10,9 +10,10 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The libraries whose versions change what a trial measures (what a bug report needs).
-MEASURING_LIBRARIES = ("torch", "diffusers", "transformers", "optuna", "cache-dit", "DeepCache",
-                       "tomesd", "tgate", "open_clip_torch")
+# The libraries whose versions change what a trial measures (what a bug report needs); accelerate
+# moves an offloaded pipeline's weights inside every timed call.
+MEASURING_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "optuna", "cache-dit",
+                       "DeepCache", "tomesd", "tgate", "open_clip_torch")
 
 
 def versions_line() -> str:

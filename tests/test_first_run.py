@@ -375,3 +375,6 @@ def test_version_names_the_libraries_a_bug_report_needs():
     assert result.stdout.startswith(f"optsearch {optsearch.__version__} (torch {torch.__version__}")
     assert f"diffusers {diffusers.__version__}" in result.stdout
     assert f"optuna {optuna.__version__}" in result.stdout
+    import accelerate
+
+    assert f"accelerate {accelerate.__version__}" in result.stdout  # offloaded pipelines' mover
