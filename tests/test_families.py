@@ -230,6 +230,7 @@ def test_a_flux_study_runs_end_to_end_against_the_fewer_steps_line(tmp_path):
                            "--artifact-dir", str(tmp_path / "art"))
     assert result.returncode == 0, result.stderr
     assert "reference: fewer steps only" in result.stdout
+    assert "(attention" not in result.stdout  # torch's default SDPA is not worth a mention
 
     study = optuna.load_study(study_name="flux", storage=url)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))

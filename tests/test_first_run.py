@@ -213,7 +213,7 @@ def test_an_offloaded_factory_pipeline_is_measured_as_built(tmp_path):
 
     baseline, = baselines(study).values()
     assert baseline["offload"] == "model" and baseline["device"].startswith("cpu:")
-    assert f"{baseline['device']} (model offload)" in ran.stdout  # run ends with study show
+    assert f"{baseline['device']} (model offload) " in ran.stdout  # run ends with study show
     exported = tmp_path / "params.json"
     done = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(exported))
     assert done.returncode == 0, done.stderr
