@@ -9,12 +9,13 @@ looks from the 2nd batch (no record) and from the 1st (a record of RECORD earlie
 at a random batch >= 2, as trials stopped early leave them). Both through the speedups (the best
 timed on another baseline) and by the best's own seconds (the same baseline timing). A rule at
 alpha 0.05 should stop a trial at par at most about 5 % of the time; the final figures are noisy
-too, so this is a check, not an exact level. Then the same with the guards as shipped (looks from the
-1st batch): a 5 % margin alone, and with the best lowered as the largest of SELECTED_FROM feasible
-trials; here the best is not a selected maximum, so the margin-only column is the upper estimate. Also: how far first batches read from the rest of
-their trial (log seconds), the record's raw material; and how often the trial's own pooled
-interval (as the look computes it from the 2nd batch) has its one-sided bound under the trial's
-final figure, per look, against the look's alpha.
+too, so this is a check, not an exact level. Then the same with the guards as shipped (looks
+from the 1st batch): a 5 % margin alone, and with the best lowered as the largest of
+SELECTED_FROM feasible trials; here the best is not a selected maximum, so the margin-only column
+is the upper estimate. Also: how far first batches read from the rest of their trial (log
+seconds), the record's raw material; and how often the trial's own pooled interval (as the look
+computes it from the 2nd batch) has its one-sided bound under the trial's final figure, per look,
+against the look's alpha.
 
     python -m benchmarks speedup-look --count 1500
 """
@@ -113,13 +114,13 @@ def main(count: int = 1500) -> None:
                 records = [pairs.record({i, j}) for i, j in chosen]
                 for first_look in (2, 1):
                     stops = [pairs.stopped_at(pairs.points[i], pairs.points[j], first_look, same,
-                                              record) for (i, j), record in zip(chosen, records)]
+                                              record) for (i, j), record in zip(chosen, records, strict=True)]
                     row.append(f"{np.mean([s > 0 for s in stops]):.3f}")
                 row.append(f"{np.mean([s == 1 for s in stops]):.3f}")
                 for margin, selected_from in GUARDS:
                     stops = [pairs.stopped_at(pairs.points[i], pairs.points[j], 1, same, record,
                                               margin, selected_from)
-                             for (i, j), record in zip(chosen, records)]
+                             for (i, j), record in zip(chosen, records, strict=True)]
                     row.append(f"{np.mean([s > 0 for s in stops]):.3f}")
                 rows.append(row)
                 print(" | ".join(str(v) for v in row), flush=True)
