@@ -25,8 +25,9 @@ import pytest
 
 import optsearch
 from optsearch.errors import UsageError
+from optsearch.study_spec import load_spec
 
-from .conftest import TINY_SPEC, optsearch_cmd, write_spec
+from .conftest import ROOT, TINY_SPEC, optsearch_cmd, write_spec
 from .hub_cache import cached_dataset, cached_pipeline, snapshot
 
 
@@ -65,6 +66,30 @@ def test_pipelines_load_by_hub_id_from_the_cache_offline(tmp_path):
         assert found[repo_id] == {"half": "torch.float16", "dtype": "torch.float32",
                                   "fp16_files_read": fp16_variant, "safety_checker": True,
                                   "shape": [1, 32, 32, 3]}, repo_id
+
+
+def test_the_shipped_offload_factory_loads_flux_dev_group_offloaded_offline(tmp_path):
+    """studies/flux-dev-offload.toml's factory, on FLUX.1-dev's hub id (a tiny FLUX in the hub
+    cache): built through the spec's own factory path, group-offloaded as built (not moved to the
+    device), and it generates."""
+    from optsearch.measure.builtin import build_builtin
+
+    build_builtin("builtin:tiny-flux").save_pretrained(
+        snapshot(tmp_path, "model", "black-forest-labs/FLUX.1-dev", sha="b" * 40))
+    spec = load_spec(ROOT / "studies" / "flux-dev-offload.toml")
+    found = offline_python(tmp_path, f"""
+        import json
+        from optsearch.accelerators import execution_device, offload_of
+        from optsearch.measure.models import load_pipeline
+        pipe = load_pipeline({spec.model.id!r}, "cpu", "float32", kind={spec.model.kind!r},
+                             factory_path={spec.model.factory_path!r})
+        images = pipe(["a red bus"], num_inference_steps=2, height=64, width=64,
+                      max_sequence_length=32, output_type="np").images
+        print(json.dumps({{"pipeline": type(pipe).__name__, "offload": offload_of(pipe),
+                          "device": str(execution_device(pipe)), "shape": list(images.shape)}}))
+    """)
+    assert found == {"pipeline": "FluxPipeline", "offload": "group", "device": "cpu",
+                     "shape": [1, 64, 64, 3]}
 
 
 def test_coco2017_gives_the_first_caption_of_each_validation_image_offline(tmp_path):

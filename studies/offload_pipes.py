@@ -1,0 +1,26 @@
+"""Factories for a GPU that cannot hold the pipeline whole, built as such a server builds it.
+
+FLUX.1-dev is about 33 GB in bfloat16 (its transformer alone 24 GB): on a 24 GB card it runs
+with diffusers' group offload, which keeps the weights on the host and moves one transformer
+block at a time to the GPU, on a side CUDA stream that overlaps the next block's transfer with
+this block's compute. optsearch measures the pipeline as built: the transfers are in every
+timing, as they are on that server. A spec beside this file names it as
+`model.id = "offload_pipes:flux_dev_group_offload"` (studies/flux-dev-offload.toml).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxPipeline
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+
+
+def flux_dev_group_offload(device: torch.device, dtype: torch.dtype) -> FluxPipeline:
+    """FLUX.1-dev with every model group-offloaded, one block at a time (a few GB of the GPU)."""
+    pipe = FluxPipeline.from_pretrained(FLUX_DEV, torch_dtype=dtype)
+    on_gpu = device.type == "cuda"  # the streams and pinned memory are CUDA's
+    pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                              offload_type="block_level", num_blocks_per_group=1,
+                              use_stream=on_gpu, record_stream=on_gpu)
+    return pipe
