@@ -13,12 +13,14 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline
 
+from optsearch.measure.models import dtype_option  # dtype= or torch_dtype=, as diffusers takes it
+
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 
 def flux_dev_group_offload(device: torch.device, dtype: torch.dtype) -> FluxPipeline:
     """FLUX.1-dev with every model group-offloaded, one block at a time (a few GB of the GPU)."""
-    pipe = FluxPipeline.from_pretrained(FLUX_DEV, torch_dtype=dtype)
+    pipe = FluxPipeline.from_pretrained(FLUX_DEV, **dtype_option(dtype))
     on_gpu = device.type == "cuda"  # the streams and pinned memory are CUDA's
     pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
                               offload_type="block_level", num_blocks_per_group=1,

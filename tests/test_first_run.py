@@ -48,12 +48,16 @@ def test_pipelines_load_by_hub_id_from_the_cache_offline(tmp_path):
     for repo_id, (fp16_variant, safety_checker) in cases.items():
         cached_pipeline(tmp_path, repo_id, fp16_variant, safety_checker)
     found = offline_python(tmp_path, f"""
-        import json, torch
+        import json, torch, warnings
         from optsearch.measure.models import _load_pretrained, load_pipeline
         found = {{}}
         for repo_id in {list(cases)!r}:
-            half = _load_pretrained(repo_id, torch.float16, "unet")
-            pipe = load_pipeline(repo_id, "cpu", "float32")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                half = _load_pretrained(repo_id, torch.float16, "unet")
+                pipe = load_pipeline(repo_id, "cpu", "float32")
+            found.setdefault("dtype_warnings", []).extend(
+                str(w.message) for w in caught if "dtype" in str(w.message))
             images = pipe(["a red bus"], num_inference_steps=2, output_type="np").images
             marked = (half.unet.conv_in.bias.float() - pipe.unet.conv_in.bias).abs().max() > 0.5
             found[repo_id] = {{"half": str(half.unet.dtype), "dtype": str(pipe.unet.dtype),
@@ -62,6 +66,7 @@ def test_pipelines_load_by_hub_id_from_the_cache_offline(tmp_path):
                               "shape": list(images.shape)}}
         print(json.dumps(found))
     """)
+    assert found["dtype_warnings"] == []  # "`torch_dtype` is deprecated" on every load, once
     for repo_id, (fp16_variant, _) in cases.items():
         assert found[repo_id] == {"half": "torch.float16", "dtype": "torch.float32",
                                   "fp16_files_read": fp16_variant, "safety_checker": True,

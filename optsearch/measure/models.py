@@ -130,6 +130,17 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
     return pipe
 
 
+def dtype_option(dtype: torch.dtype) -> dict:
+    """`from_pretrained`'s keyword for the dtype: `dtype=` where diffusers takes it (newer ones
+    warn "`torch_dtype` is deprecated" on every load), `torch_dtype=` where it is the only one
+    (an older diffusers would not read `dtype=` and load float32)."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
 def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None = "unet"):
     looks_local = model_id.startswith((".", "/", "~"))  # hub ids look like "org/name"
     path = os.path.expanduser(model_id)
@@ -148,14 +159,14 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
             # the download. Repos without them raise "no such modeling files": load the default.
             try:
                 return AutoPipelineForText2Image.from_pretrained(
-                    source, torch_dtype=torch_dtype, variant="fp16", **extra)
+                    source, **dtype_option(torch_dtype), variant="fp16", **extra)
             except ValueError as error:
                 if "variant" not in str(error):
                     raise
                 logger.info("%s has no fp16 variant: loading its default files", model_id)
         # text-to-video pipelines (Wan, CogVideoX, HunyuanVideo) have no text-to-image auto class
         loader = diffusers.DiffusionPipeline if kind == "video" else AutoPipelineForText2Image
-        return loader.from_pretrained(source, torch_dtype=torch_dtype, **extra)
+        return loader.from_pretrained(source, **dtype_option(torch_dtype), **extra)
     except (OSError, ValueError) as error:
         if offline:
             raise ModelLoadError(missing(
