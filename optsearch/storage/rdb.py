@@ -32,6 +32,7 @@ HEARTBEAT_INTERVAL = 60  # seconds; trials last minutes
 GRACE_PERIOD = 300  # a trial without heartbeat for this long is failed and re-queued
 MAX_RETRY = 3
 SQLITE_BUSY_TIMEOUT = 60
+SCHEMA_RACE_ATTEMPTS = 8  # opens retried while workers started together create the tables
 
 # Heartbeat and the stale-trial callback are "experimental" in Optuna; we rely on them on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -117,8 +118,15 @@ def _enable_wal(url: sqlalchemy.URL) -> None:
         what = f"the SQLite file {path}" if os.path.exists(path) else f"its folder {folder}"
         raise StorageError(f"cannot open storage {url}: {what} is read-only (SQLite writes beside "
                            "its file; copy it somewhere writable)")
-    with sqlite3.connect(url.database, timeout=SQLITE_BUSY_TIMEOUT) as connection:
-        connection.execute("PRAGMA journal_mode=WAL")
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):  # workers started together all switch it
+        try:
+            with sqlite3.connect(url.database, timeout=SQLITE_BUSY_TIMEOUT) as connection:
+                connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
 
 
 def _sqlite_exists(url: sqlalchemy.URL) -> bool:
@@ -142,8 +150,6 @@ def _heartbeat_settings(interval: int | None, grace_period: int | None) -> dict:
 NOT_ANSWERING = ("Connection refused", "timeout expired", "Connection timed out", "No route to host",
                  "the database system is starting up", "the database system is shutting down",
                  "server closed the connection unexpectedly")
-SCHEMA_RACE_ATTEMPTS = 8
-
 
 def _open_rdb(url: str, parsed, heartbeat: dict) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage, opened again when another process was creating the same tables at
@@ -151,14 +157,17 @@ def _open_rdb(url: str, parsed, heartbeat: dict) -> optuna.storages.RDBStorage:
     CREATE TABLE IF NOT EXISTS fails against a concurrent one ('duplicate key value violates
     unique constraint "pg_type_typname_nsp_index"'; SQLite: both stamp Alembic's version row).
     Measured: 5 of 6 `study create`s started at once on a new PostgreSQL database failed with
-    exit 2 before this, and 1-2 of 8 on a new SQLite file."""
+    exit 2 before this, and 1-2 of 8 on a new SQLite file; later, once in a loaded suite, one of 8
+    on a new SQLite file with "database is locked"."""
     for attempt in range(SCHEMA_RACE_ATTEMPTS):
         try:
             return ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat)
         except sqlalchemy.exc.DBAPIError as error:
             text = str(error.orig or error)
             racing = any(sign in text for sign in ("duplicate key value", "already exists",
-                                                    "UNIQUE constraint failed"))  # SQLite's
+                                                    "UNIQUE constraint failed",  # SQLite's
+                                                    "database is locked"))  # (its busy handler
+            # gives up at once where waiting could deadlock: seen once in 8 new-file opens)
             if not racing or attempt == SCHEMA_RACE_ATTEMPTS - 1:
                 raise
             logger.debug("storage tables created by another process meanwhile: opening again")
