@@ -118,15 +118,11 @@ def _enable_wal(url: sqlalchemy.URL) -> None:
         what = f"the SQLite file {path}" if os.path.exists(path) else f"its folder {folder}"
         raise StorageError(f"cannot open storage {url}: {what} is read-only (SQLite writes beside "
                            "its file; copy it somewhere writable)")
-    for attempt in range(SCHEMA_RACE_ATTEMPTS):  # workers started together all switch it
-        try:
-            with sqlite3.connect(url.database, timeout=SQLITE_BUSY_TIMEOUT) as connection:
-                connection.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or attempt == SCHEMA_RACE_ATTEMPTS - 1:
-                raise
-            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
+    def switch() -> None:
+        with sqlite3.connect(url.database, timeout=SQLITE_BUSY_TIMEOUT) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+
+    _retry_races(switch, sqlite3.OperationalError)  # workers started together all switch it
 
 
 def _sqlite_exists(url: sqlalchemy.URL) -> bool:
@@ -159,18 +155,28 @@ def _open_rdb(url: str, parsed, heartbeat: dict) -> optuna.storages.RDBStorage:
     Measured: 5 of 6 `study create`s started at once on a new PostgreSQL database failed with
     exit 2 before this, and 1-2 of 8 on a new SQLite file; later, once in a loaded suite, one of 8
     on a new SQLite file with "database is locked"."""
+    return _retry_races(
+        lambda: ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat),
+        sqlalchemy.exc.DBAPIError)
+
+
+# What another process creating the same tables (or switching the file to WAL) makes an open
+# answer: PostgreSQL's concurrent CREATE TABLE, SQLite's Alembic version row, and SQLite's busy
+# handler giving up at once where waiting could deadlock (seen once in 8 new-file opens).
+SCHEMA_RACES = ("duplicate key value", "already exists", "UNIQUE constraint failed",
+                "database is locked")
+
+
+def _retry_races(action, errors: type[Exception]):
+    """`action()`, again after a short random pause while it fails with a schema race."""
     for attempt in range(SCHEMA_RACE_ATTEMPTS):
         try:
-            return ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat)
-        except sqlalchemy.exc.DBAPIError as error:
-            text = str(error.orig or error)
-            racing = any(sign in text for sign in ("duplicate key value", "already exists",
-                                                    "UNIQUE constraint failed",  # SQLite's
-                                                    "database is locked"))  # (its busy handler
-            # gives up at once where waiting could deadlock: seen once in 8 new-file opens)
-            if not racing or attempt == SCHEMA_RACE_ATTEMPTS - 1:
+            return action()
+        except errors as error:
+            text = str(getattr(error, "orig", None) or error)
+            if not any(sign in text for sign in SCHEMA_RACES) or attempt == SCHEMA_RACE_ATTEMPTS - 1:
                 raise
-            logger.debug("storage tables created by another process meanwhile: opening again")
+            logger.debug("storage being created by another process meanwhile: again")
             time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
     raise AssertionError("unreachable")
 
