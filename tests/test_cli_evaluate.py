@@ -75,3 +75,48 @@ def test_evaluate_missing_model_folder(tmp_path):
     result = run("evaluate", str(spec), "--quiet")
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+LONG_PROMPT = "a photograph of " + " and ".join(
+    f"a {color} cat on a {color} chair beside a window" for color in
+    ["red", "blue", "green", "yellow", "purple", "orange", "pink", "white"])
+
+
+def test_long_prompts_are_said_once_not_on_every_call(tmp_path):
+    """Prompts past CLIP's 77 tokens: one line counting them, not diffusers' cut text (hundreds
+    of characters) on every batch of the baseline and the setting."""
+    (tmp_path / "long.txt").write_text(f"{LONG_PROMPT}\na dog\n{LONG_PROMPT} again\na cat\n")
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace('source = "builtin"',
+                                                                 'source = "long.txt"'))
+    result = run("evaluate", str(spec), "--set", "deepcache.cache_interval=3", "--quiet",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "optsearch: warning: 2 of 4 prompts are longer than the CLIP text encoder's 77 tokens: the "
+        "pipeline (and the CLIP score) reads their first 77, as when served; diffusers' warning of "
+        "the cut is not repeated on every call"]
+
+
+def test_a_served_pipeline_still_warns_of_the_cut(caplog):
+    """The cut is quiet only while optsearch generates: the same pipeline called outside (as
+    served, or through optsearch.apply) warns as diffusers does."""
+    import logging
+
+    from optsearch.measure.generation import GenerationConfig, generate
+    from optsearch.measure.long_prompts import long_prompts
+    from optsearch.measure.models import load_pipeline
+
+    pipe = load_pipeline("builtin:tiny", "cpu", "float32")
+    prompts = [LONG_PROMPT, "a dog"]
+    assert long_prompts(pipe, prompts) == (1, 77)
+    assert long_prompts(load_pipeline("builtin:tiny-wan", "cpu", "float32"), prompts) == (0, 0)
+    logging.getLogger("diffusers").propagate = True  # diffusers' own handler does not propagate
+    try:
+        with caplog.at_level(logging.WARNING):
+            list(generate(pipe, prompts, GenerationConfig(steps=2, batch_size=2), warmup=False))
+            assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+            pipe(prompts, num_inference_steps=1, output_type="np")
+        assert [r for r in caplog.records if "truncated" in r.getMessage()]
+    finally:
+        logging.getLogger("diffusers").propagate = False
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -44,6 +45,7 @@ from optsearch.measure.generation import (
     n_batches,
     prompt_seed,
 )
+from optsearch.measure.long_prompts import long_prompts_note
 from optsearch.measure.memory import PeakMemory
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.perceptual import Lpips
@@ -325,6 +327,9 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
     else:
         check_families(pipe, spec)
         compiled_for(spec, pipe)
+    note = long_prompts_note(pipe, prompts)
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
     scorer = ClipScorer(spec.quality.clip_model, spec.quality.clip_pretrained,
                         execution_device(pipe))
     lpips = Lpips(execution_device(pipe)) if spec.quality.measures_lpips else None

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from optsearch.accelerators import AppliedSetting, call_parameters, execution_device
+from optsearch.measure.long_prompts import quiet_truncation
 
 
 @dataclass(frozen=True)
@@ -134,16 +135,17 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
         start = time.perf_counter()
         if fault is not None and index is not None:
             fault(index)
-        output = call(
-            [prompts[i] for i in indices],
-            num_inference_steps=steps,
-            height=config.height,
-            width=config.width,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            output_type="np",
-            **config.extra_kwargs(len(indices), pipe),
-        )
+        with quiet_truncation(pipe):  # a long prompt's cut is said once (evaluator_from_spec)
+            output = call(
+                [prompts[i] for i in indices],
+                num_inference_steps=steps,
+                height=config.height,
+                width=config.width,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                output_type="np",
+                **config.extra_kwargs(len(indices), pipe),
+            )
         _synchronize(device)
         seconds = time.perf_counter() - start
         # video pipelines return `frames` (N x F x H x W x 3 in [0, 1] with output_type="np")
