@@ -58,3 +58,22 @@ def test_interval_matches_student_t():
     assert Interval.of([5.0]).low == -math.inf
     assert t_quantile(0.95, 200) == pytest.approx(1.972, abs=2e-3)
     assert t_quantile(0.99, 10) == pytest.approx(3.169, abs=2e-3)
+
+
+def test_a_figures_interval_stops_where_the_figure_does():
+    """SSIM cannot pass 1 nor PSNR its cap: two prompts at 0.994 and 1.0 read [0.956, 1.000],
+    not [0.956, 1.038]; the mean and the other bound are the t interval's."""
+    from optsearch.measure.comparison import Comparison
+
+    plain = Interval.of([0.994, 1.0])
+    comparison = Comparison(setting={}, num_samples=2, batch_size=2, n_batches=1, confidence=0.95,
+                            baseline_seconds_per_image=1.0)
+    comparison.ssim, comparison.psnr = [0.994, 1.0], [60.0, PSNR_CAP]
+    ssim_interval = comparison.interval("ssim")
+    assert plain.high > 1.0 and ssim_interval.high == 1.0
+    assert (ssim_interval.mean, ssim_interval.low) == (plain.mean, plain.low)
+    assert comparison.interval("psnr").high == PSNR_CAP
+    comparison.ssim_worst_frame = [0.994, 1.0]
+    assert comparison.interval("ssim_worst_frame").high == 1.0
+    comparison.clip_scores, comparison.baseline_clip_scores = [30.0, 31.0], [30.5, 30.0]
+    assert comparison.interval("clip_loss").low == Interval.of([0.5, -1.0]).low  # unbounded

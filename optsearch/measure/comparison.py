@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from optsearch.accelerators import combo_name
-from optsearch.measure.metrics import METRICS, OPTIONAL, Interval, prompt_statistic
+from optsearch.measure.metrics import METRICS, OPTIONAL, Interval, prompt_statistic, value_range
 from optsearch.measure.speedup import PassNoise, SpeedupInterval, speedup_interval
 
 if TYPE_CHECKING:  # a trial's record is read without torch (`study show`, `export`)
@@ -150,7 +150,8 @@ class Comparison:
 
     def interval(self, metric: str, confidence: float | None = None) -> Interval:
         """The mean and confidence interval of a metric over the prompts measured so far."""
-        return Interval.of(self.per_prompt(metric), confidence or self.confidence)
+        return Interval.of(self.per_prompt(metric), confidence or self.confidence,
+                           within=value_range(metric))
 
     def prompt_statistics(self) -> dict[str, float]:
         """Each metric's worst prompt and 10th percentile on the bad side: `<metric>_worst`,

@@ -33,6 +33,10 @@ METRICS = {
     "lpips": Metric("lpips", "minimize", "LPIPS vs baseline (AlexNet)", ""),
 }
 OPTIONAL = ("lpips",)  # absent from a record that did not measure it
+PSNR_CAP = 100.0  # dB reported for identical images, so values stay finite (JSON, Optuna)
+# What a figure can be: an interval's bound past it says nothing, so reports stop there
+# ("SSIM 0.998 [0.994, 1.000]", not 1.002).
+VALUE_RANGES = {"psnr": (0.0, PSNR_CAP), "ssim": (-1.0, 1.0), "lpips": (0.0, math.inf)}
 
 
 def t_quantile(confidence: float, df: float) -> float:
@@ -51,18 +55,25 @@ class Interval:
     high: float = math.inf
 
     @classmethod
-    def of(cls, values, confidence: float = 0.95) -> Interval:
-        """The t interval of the mean of `values`. Not narrowed for a finite set of prompts:
-        they come in a fixed order, so a prefix is not a random sample of them."""
+    def of(cls, values, confidence: float = 0.95,
+           within: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
+        """The t interval of the mean of `values`, its bounds kept `within` what the figure can
+        be. Not narrowed for a finite set of prompts: they come in a fixed order, so a prefix is
+        not a random sample of them."""
         values = np.asarray(values, dtype=np.float64)
         mean = float(values.mean())
         if len(values) < 2:
             return cls(mean, -math.inf, math.inf)
         half = t_quantile(confidence, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-        return cls(mean, float(mean - half), float(mean + half))
+        return cls(mean, float(max(within[0], mean - half)), float(min(within[1], mean + half)))
 
     def to_dict(self) -> dict:
         return {"mean": self.mean, "low": self.low, "high": self.high}
+
+
+def value_range(figure: str) -> tuple[float, float]:
+    """What `figure` (a metric, or a video figure such as "ssim_worst_frame") can be."""
+    return VALUE_RANGES.get(figure.removesuffix("_worst_frame"), (-math.inf, math.inf))
 
 
 def direction(metric: str) -> str:

@@ -22,10 +22,10 @@ from PIL import Image
 
 from optsearch.errors import ModelLoadError
 from optsearch.measure.hub import missing, offline_reason
+from optsearch.measure.metrics import PSNR_CAP
 from optsearch.measure.model_ids import TINY_CLIP, check_clip_model
 
 _TINY_CLIP_CONFIG = "optsearch-tiny-clip"
-PSNR_CAP = 100.0  # dB reported for identical images, so values stay finite (JSON, Optuna)
 
 class ClipScorer:
     """An open_clip model loaded once per process; scores images against prompts."""
