@@ -393,6 +393,33 @@ def test_check_lists_every_problem_one_line_each(tmp_path):
     assert "model: model.id 'nope_module:build': cannot import" in lines[1]
 
 
+def test_check_names_a_scheduler_the_model_does_not_list(tmp_path):
+    """A flow-matching FLUX given SD's Euler scheduler: a warning naming what the model lists,
+    then the pipeline's own failure as one line, without the out-of-memory advice (lowering the
+    batch size would not help)."""
+    text = TINY_SPEC.replace('"builtin:tiny"\n', '"builtin:tiny-flux"\nscheduler = "EulerDiscrete"\n', 1) \
+        .replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["fbcache"]')
+    result = optsearch_cmd("check", str(write_spec(tmp_path / "t.toml", text)))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "optsearch: warning: model.scheduler = 'EulerDiscrete': the model's "
+        "FlowMatchEulerDiscreteScheduler does not list EulerDiscreteScheduler among the schedulers "
+        "compatible with it (FlowMatchEulerDiscreteScheduler): the pipeline may refuse it",
+        "optsearch: error: baseline batch: TypeError: EulerDiscreteScheduler.set_timesteps() got "
+        "an unexpected keyword argument 'mu'"]
+
+
+def test_check_counts_long_prompts_and_shortens_its_sample(tmp_path):
+    long_prompt = "a photograph of " + " and ".join(f"a cat number {i} on a chair" for i in range(30))
+    (tmp_path / "long.txt").write_text(f"{long_prompt}\na dog\na cat\na bird\n")
+    text = TINY_SPEC.replace('source = "builtin"', 'source = "long.txt"')
+    result = optsearch_cmd("check", str(write_spec(tmp_path / "t.toml", text)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"e.g. '{long_prompt[:97]}...'" in result.stdout
+    assert "1 of 4 prompts are longer than the CLIP text encoder's 77 tokens" in result.stdout
+    assert "truncated" not in result.stderr + result.stdout
+
+
 def test_version_names_the_libraries_a_bug_report_needs():
     """`optsearch --version`: one line, exit 0, optsearch's version and the installed versions of
     the libraries that change what a trial measures."""

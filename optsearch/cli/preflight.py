@@ -23,9 +23,11 @@ from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
 from optsearch.measure.generation import GenerationConfig, generate
+from optsearch.measure.long_prompts import long_prompts_note
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
 from optsearch.optimize.estimate import Estimate, estimate_text
+from optsearch.optimize.recovery import OUT_OF_MEMORY
 from optsearch.optimize.warm_start import published_settings, trial_params
 
 
@@ -55,6 +57,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     """Load the spec's pipeline, CLIP and prompts, time one baseline batch; collect problems.
     `workers`: the N of the estimate (default: the GPUs here, at least 1)."""
     report = Report()
+    failures: list[Exception] = []
     if workers is None:
         workers = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
@@ -62,6 +65,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         try:
             return load()
         except Exception as error:  # every loader failure becomes one line
+            failures.append(error)
             text = first_line(error)
             if exit_code_for(error) != 2:
                 text = f"{type(error).__name__}: {text}"
@@ -85,6 +89,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         attempt("quality.lpips", check_alexnet_weights)
     if prompts is not None:
         report.facts.update(prompts=len(prompts), sample=prompts[0])
+        if pipe is not None:
+            report.facts["long_prompts"] = long_prompts_note(pipe, prompts)
     if pipe is None or prompts is None or scorer is None or report.problems:
         return report
     config = GenerationConfig.from_spec(spec)
@@ -97,8 +103,9 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         pipe, prompts[:config.batch_size], config, warmup=config.steps if compiled else True,
         on_warmup=lambda seconds: warm.update(seconds=seconds)))))
     if batch is None:
-        report.problems[-1] += (f" (prompts.batch_size={config.batch_size}: lower it, or run "
-                                "workers with --halve-batch-on-oom)")
+        if isinstance(failures[-1], OUT_OF_MEMORY):
+            report.problems[-1] += (f" (prompts.batch_size={config.batch_size}: lower it, or run "
+                                    "workers with --halve-batch-on-oom)")
         return report
     attempt("quality.clip_model", lambda: clip_score(scorer, batch.images,
                                                      prompts[:len(batch.images)]))
@@ -142,17 +149,23 @@ def _published_outside(spec, ranges: dict[str, list]) -> list[str]:
             "it within the range" for name, values in outside.items()]
 
 
+def _shortened(text: str, width: int = 100) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def format_report(report: Report, spec) -> str:
     facts = report.facts
     lines = [f"model {spec.model.id} on {facts['device']} ({facts['dtype']}); "
              f"{spec.search.model_kind} pipeline",
-             f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {facts['sample']!r}",
+             f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {_shortened(facts['sample'])!r}",
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "
              f"{facts['batch_size']}, {spec.model.steps} steps",
              "deployment context (what the figures will hold for; serve at it): "
              + context_text(measured_context(spec, facts["batch_size"], facts.get("compiled"),
                                           offload=facts.get("offload") or "none",
                                           attention=facts.get("attention")))]
+    if facts.get("long_prompts"):
+        lines.insert(2, facts["long_prompts"])
     if facts.get("compiled"):
         lines.insert(2, f"compiled ({facts['compiled']}): the first call compiled it in "
                         f"{facts['warmup_seconds']:.1f} s, not in the baseline's seconds (each "

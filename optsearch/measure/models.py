@@ -65,6 +65,13 @@ def set_scheduler(pipe, name: str) -> None:
     scheduler_class = getattr(diffusers, class_name, None)
     if scheduler_class is None:
         raise ModelLoadError(f"unknown scheduler {name!r}")
+    own = type(pipe.scheduler)
+    compatible = sorted(cls.__name__ for cls in getattr(pipe.scheduler, "compatibles", [own]))
+    if class_name not in compatible:  # a warning: some work though not listed (LCM on SD 1.5)
+        listed = ", ".join(compatible) if len(compatible) <= 3 else f"{len(compatible)} of them"
+        warnings.warn(f"model.scheduler = {name!r}: the model's {own.__name__} does not list "
+                      f"{class_name} among the schedulers compatible with it ({listed}): the "
+                      "pipeline may refuse it", stacklevel=2)
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
 
 
