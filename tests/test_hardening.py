@@ -85,6 +85,21 @@ def test_password_file_is_read_and_never_shown(tmp_path, pg_url):
     assert missing.returncode == 2 and "OPTSEARCH_STORAGE_PASSWORD_FILE" in missing.stderr
 
 
+def test_a_cloud_databases_postgres_url_works_and_a_missing_driver_is_named(tmp_path, pg_url):
+    """postgres:// (what Heroku, Supabase or Render hand out; SQLAlchemy dropped the name) opens
+    PostgreSQL through psycopg; a driver that is not installed is named, with what is."""
+    cloud = pg_url.replace("postgresql+psycopg://", "postgres://")
+    created = optsearch_cmd("study", "create", str(write_spec(tmp_path / "t.toml", TINY_SPEC)),
+                            "--storage", cloud)
+    assert created.returncode == 0, created.stderr
+    assert "tiny" in optsearch_cmd("study", "list", "--storage", pg_url).stdout
+    other = optsearch_cmd("study", "list", "--storage", "mysql://u:secret@127.0.0.1/db")
+    assert other.returncode == 2 and "secret" not in other.stderr
+    assert other.stderr.strip() == (
+        "optsearch: error: cannot open storage mysql://u:***@127.0.0.1/db: no driver for mysql "
+        "here: optsearch installs SQLite's and psycopg (postgresql+psycopg://, or postgresql://)")
+
+
 @pytest.mark.parametrize("command", [["study", "list"], ["study", "show", "x"],
                                      ["study", "export", "x"], ["study", "plot", "x", "-o", "p"],
                                      ["worker", "--study", "x"], ["study", "confirm", "x"]])

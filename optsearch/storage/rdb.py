@@ -201,7 +201,8 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
     except Exception:
         raise StorageError(f"malformed storage URL {mask(url)!r}: expected e.g. "
                            "sqlite:///optsearch.db or postgresql+psycopg://user:pass@host/db") from None
-    if parsed.drivername == "postgresql":  # psycopg (3) is the driver we install
+    if parsed.drivername in ("postgresql", "postgres"):  # psycopg (3) is the driver we install;
+        # postgres:// is what cloud databases hand out (SQLAlchemy dropped that name)
         parsed = parsed.set(drivername="postgresql+psycopg")
         url = parsed.render_as_string(hide_password=False)
     try:
@@ -220,4 +221,7 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
         if any(sign in reason_text for sign in NOT_ANSWERING):
             raise StorageUnreachable(f"cannot reach storage {mask(url)}: {reason_text} (exit 75: "
                                      "try again once it is up)") from None
+        if "Failed to import DB access module" in reason_text:  # Optuna's words for a driver
+            reason_text = (f"no driver for {parsed.drivername} here: optsearch installs "  # not here
+                           "SQLite's and psycopg (postgresql+psycopg://, or postgresql://)")
         raise StorageError(f"cannot open storage {mask(url)}: {reason_text}") from None
