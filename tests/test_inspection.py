@@ -69,6 +69,18 @@ def test_study_plot_writes_pngs(finished_study, tmp_path):
             assert image.width >= 600 and image.height >= 400
 
 
+def test_study_plot_of_a_study_not_measured_yet_says_so(tmp_path):
+    """No trial measured: one line and exit 3 (as export with no answer), no empty PNGs."""
+    url = f"sqlite:///{tmp_path}/p.db"
+    spec = write_spec(tmp_path / "t.toml", TINY_SPEC)
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    result = optsearch_cmd("study", "plot", "tiny", "--storage", url, "-o", str(tmp_path / "plots"))
+    assert result.returncode == 3
+    assert result.stderr == ("optsearch: error: study 'tiny' has no measured trial to plot yet "
+                             "(`optsearch worker --study tiny` measures them)\n")
+    assert not (tmp_path / "plots").exists()
+
+
 def test_dashboard_in_headless_chromium(finished_study, tmp_path):
     folder, url = finished_study
     with dashboard(url, folder) as (base, summary, output):

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from optsearch.errors import NothingToExport  # noqa: E402
 from optsearch.measure.metrics import METRICS  # noqa: E402
 from optsearch.optimize import objectives, reference  # noqa: E402
 from optsearch.optimize import study as studies  # noqa: E402
@@ -22,7 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 def plot_study(study: optuna.Study, spec, folder: Path) -> list[Path]:
-    """Write speedup_vs_quality.png, history.png and importances.png (when computable)."""
+    """Write speedup_vs_quality.png, history.png and importances.png (when computable).
+    A study with no measured trial has nothing to plot: exit 3, as `export` with no answer."""
+    if not study.get_trials(deepcopy=False, states=studies.FINISHED):
+        raise NothingToExport(f"study {study.study_name!r} has no measured trial to plot yet "
+                              f"(`optsearch worker --study {study.study_name}` measures them)")
     folder.mkdir(parents=True, exist_ok=True)
     written = [_speedup_vs_quality(study, spec, folder / "speedup_vs_quality.png")]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
