@@ -310,3 +310,15 @@ def test_image_digests_name_each_prompts_image_whatever_the_batch(tiny_pipe):
     changed = images[0].copy()
     changed[0, 0, 0] ^= 1
     assert image_digest(changed) != by_batch[1][0]
+
+
+def test_the_trial_bar_ends_at_what_this_worker_finished(tmp_path):
+    """A worker stopped by its own --n-trials: its progress bar's last state counts the trial it
+    just finished (it showed the count from before it)."""
+    spec = write_spec(tmp_path / "t.toml", TINY_SPEC)
+    result = optsearch_cmd("run", str(spec), "--storage", f"sqlite:///{tmp_path}/b.db",
+                           "--n-trials", "1")
+    assert result.returncode == 0, result.stderr
+    states = [part for part in result.stderr.replace("\r", "\n").splitlines()
+              if part.startswith("trials tiny:")]
+    assert " 1/4 " in states[-1], states[-3:]

@@ -135,6 +135,9 @@ class Worker:
                     if not recovery.caused_by_database(error):
                         raise
                     self.outages.recover(error, self.study, self.current)
+            if self._own_limit_reached():  # the bar last showed the count before our last trial
+                bar.n = min(sharing.counts(self.study)[0], target)
+                bar.refresh()
 
     def _own_limit_reached(self) -> bool:
         options = self.options
