@@ -20,9 +20,10 @@ from optsearch.accelerators import (
     offload_of,
 )
 from optsearch.measure.compiling import AS_BUILT, compiled_how
+from optsearch.measure.models import scheduler_class_name, scheduler_of
 
-CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "guidance_scale",
-                "num_frames", "compile", "device", "dtype", "offload", "attention")
+CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "scheduler",
+                "guidance_scale", "num_frames", "compile", "device", "dtype", "offload", "attention")
 
 OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU offload",
                 "group": ", group offload", "device map": ", split by a device map"}
@@ -30,16 +31,21 @@ OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU 
 
 def measured_context(spec, batch_size: int, compiled: str | None = None,
                      device: str | None = None, dtype: str | None = None,
-                     offload: str | None = None, attention: str | None = None) -> dict:
+                     offload: str | None = None, attention: str | None = None,
+                     scheduler: str | None = None) -> dict:
     """What the study's trials ran: None for a size the pipeline chose itself (its native one).
     `compiled`: a trial's record of how its denoiser was compiled, which says it even where the
     pipeline came compiled and the spec says "none". `device` and `dtype`: the baseline's (a
     speedup measured on one GPU is not another's). `offload`: the baseline's "model",
     "sequential", "group" or "none" (an offloaded pipeline's calls carry its transfers);
-    `attention`: the denoiser's attention backend ("native": torch's SDPA, "flash", "sage")."""
+    `attention`: the denoiser's attention backend ("native": torch's SDPA, "flash", "sage");
+    `scheduler`: the baseline's scheduler class (else the spec's `model.scheduler`, if set): what
+    a skipped or dropped step is worth depends on the solver."""
     model = spec.model
     context = {"batch_size": batch_size, "height": model.height, "width": model.width,
-               "num_inference_steps": model.steps, "guidance_scale": model.guidance_scale,
+               "num_inference_steps": model.steps,
+               "scheduler": scheduler or scheduler_class_name(model.scheduler),
+               "guidance_scale": model.guidance_scale,
                "num_frames": model.num_frames,
                "compile": compiled.split(":")[0] if compiled else model.compile,
                "device": device, "dtype": dtype, "offload": offload, "attention": attention}
@@ -58,8 +64,10 @@ def context_text(context: Mapping) -> str:
     offload = OFFLOAD_TEXT.get(context.get("offload"), "")
     attention = (f", attention {context['attention']}"
                  if context.get("attention") not in (None, "native") else "")
-    return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} steps, "
-            f"guidance {context['guidance_scale']}{compiled}{offload}{attention}")
+    scheduler = f" ({context['scheduler']})" if context.get("scheduler") else ""
+    return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
+            f"steps{scheduler}, guidance {context['guidance_scale']}{compiled}{offload}{attention}")
+
 
 
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
@@ -78,6 +86,7 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     served["device"] = device_name(execution_device(pipe))
     served["offload"] = offload_of(pipe) or "none"
     served["attention"] = attention_of(pipe)
+    served["scheduler"] = scheduler_of(pipe)
     served["dtype"] = str(model.dtype).removeprefix("torch.")
     return served
 

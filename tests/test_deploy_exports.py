@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import EulerDiscreteScheduler, FluxPipeline
 from optuna.trial import create_trial
 
 import optsearch
@@ -142,3 +142,27 @@ def test_a_cache_dit_export_of_another_family_is_one_line_exit_2(tmp_path):
                             "-o", str(tmp_path / "c.yaml"))
     assert refused.returncode == 2 and "--format cache-dit needs a dbcache winner" in refused.stderr
     assert not (tmp_path / "c.yaml").exists()
+
+
+def test_a_studys_scheduler_is_part_of_what_deploys(tmp_path):
+    """A study that set `model.scheduler`: the export's deployment names it, the Python export
+    sets it before the setting (same images as apply on a pipeline with it), and apply on the
+    model's own scheduler warns."""
+    spec = SD_SPEC.replace('id = "builtin:tiny"', 'id = "builtin:tiny"\nscheduler = "EulerDiscrete"')
+    setting = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}
+    url = study_with_winner(tmp_path, spec, setting)
+    study, loaded = load_study(open_storage(url, heartbeat_interval=None), "tiny")
+    exported = export_study(study, loaded)
+    assert exported["deployment"]["scheduler"] == "EulerDiscreteScheduler"
+    accelerate = exported_function(diffusers_python(exported))
+    served = build_builtin("builtin:tiny")
+    served.scheduler = EulerDiscreteScheduler.from_config(served.scheduler.config)
+    with optsearch.apply(served, setting) as run:
+        expected = images(run, 8, kind="sd")
+    pipe = build_builtin("builtin:tiny")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # the model's own
+    np.testing.assert_array_equal(images(pipe, kind="sd", **accelerate(pipe)), expected)
+    with pytest.warns(UserWarning, match="measured at scheduler = EulerDiscreteScheduler; called "
+                                         "with DDIMScheduler"):
+        with optsearch.apply(build_builtin("builtin:tiny"), exported) as run:
+            images(run, 8, kind="sd")

@@ -226,7 +226,7 @@ def test_an_offloaded_factory_pipeline_is_measured_as_built(tmp_path):
     checked = optsearch_cmd("check", str(group), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert "is group offloaded and moving it" not in checked.stderr  # it was moved before
-    assert "8 steps, guidance 7.5, group offload" in checked.stdout
+    assert "8 steps (DDIMScheduler), guidance 7.5, group offload" in checked.stdout
 
     text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:offloaded"') \
         .replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["steps"]') \
@@ -272,7 +272,7 @@ def test_the_attention_backend_a_pipeline_is_served_with_is_measured_and_exporte
     spec = write_spec(tmp_path / "attention.toml", text)
     checked = optsearch_cmd("check", str(spec), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
-    assert "8 steps, guidance 3.5, attention _native_math" in checked.stdout
+    assert "8 steps (FlowMatchEulerDiscreteScheduler), guidance 3.5, attention _native_math" in checked.stdout
     url = f"sqlite:///{tmp_path}/a.db"
     ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
@@ -280,10 +280,13 @@ def test_the_attention_backend_a_pipeline_is_served_with_is_measured_and_exporte
 
     baseline, = baselines(optuna.load_study(study_name="tiny", storage=url)).values()
     assert baseline["attention"] == "_native_math"  # in the fingerprint's facts
+    assert baseline["scheduler"] == "FlowMatchEulerDiscreteScheduler"  # the deployment's
     assert f"{baseline['device']} (attention _native_math)" in ran.stdout  # study show's baseline
     exported = tmp_path / "params.json"
     assert optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(exported)).returncode == 0
-    assert json.loads(exported.read_text())["deployment"]["attention"] == "_native_math"
+    deployment = json.loads(exported.read_text())["deployment"]
+    assert deployment["attention"] == "_native_math"
+    assert deployment["scheduler"] == "FlowMatchEulerDiscreteScheduler"  # from the baseline
 
     from optsearch.measure.models import load_pipeline
 
@@ -378,7 +381,7 @@ def test_check_reports_what_a_study_will_cost(tmp_path):
     assert "memory: peak" in out and "estimate: 4 trials x 4 prompts x" in out
     assert "on 1 worker" in out and "on 3 (" in out and "ready" in out
     assert "deployment context (what the figures will hold for; serve at it): batch 2, native " \
-           "size, 8 steps, guidance 7.5" in out
+           "size, 8 steps (DDIMScheduler), guidance 7.5" in out
 
 
 def test_check_lists_every_problem_one_line_each(tmp_path):

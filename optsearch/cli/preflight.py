@@ -24,6 +24,7 @@ from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.long_prompts import long_prompts_note
+from optsearch.measure.models import scheduler_of
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
 from optsearch.optimize.estimate import Estimate, estimate_text
@@ -78,7 +79,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     pipe = attempt("model", lambda: pipeline_from_spec(spec, device))
     if pipe is not None:
         report.facts.update(device=str(execution_device(pipe)), offload=offload_of(pipe),
-                            attention=attention_of(pipe),
+                            attention=attention_of(pipe), scheduler=scheduler_of(pipe),
                             dtype=str(pipe.dtype).removeprefix("torch."))
     scorer = attempt("quality.clip_model", lambda: ClipScorer(
         spec.quality.clip_model, spec.quality.clip_pretrained,
@@ -163,7 +164,8 @@ def format_report(report: Report, spec) -> str:
              "deployment context (what the figures will hold for; serve at it): "
              + context_text(measured_context(spec, facts["batch_size"], facts.get("compiled"),
                                           offload=facts.get("offload") or "none",
-                                          attention=facts.get("attention")))]
+                                          attention=facts.get("attention"),
+                                          scheduler=facts.get("scheduler")))]
     if facts.get("long_prompts"):
         lines.insert(2, facts["long_prompts"])
     if facts.get("compiled"):

@@ -59,9 +59,22 @@ def resolve_placement(device: str, dtype: str, kind: str | None = None) -> Place
     return Placement(torch_device, torch_dtype)
 
 
+def scheduler_class_name(name: str | None) -> str | None:
+    """diffusers' class name of a spec's `model.scheduler` ("DDIM" -> "DDIMScheduler")."""
+    if not name:
+        return None
+    return name if name.endswith("Scheduler") else f"{name}Scheduler"
+
+
+def scheduler_of(pipe) -> str | None:
+    """The class name of the scheduler `pipe` runs (part of the deployment context)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    return type(scheduler).__name__ if scheduler is not None else None
+
+
 def set_scheduler(pipe, name: str) -> None:
     """Replace the scheduler by diffusers' `<name>Scheduler`, built from the model's own config."""
-    class_name = name if name.endswith("Scheduler") else f"{name}Scheduler"
+    class_name = scheduler_class_name(name)
     scheduler_class = getattr(diffusers, class_name, None)
     if scheduler_class is None:
         raise ModelLoadError(f"unknown scheduler {name!r}")

@@ -22,6 +22,7 @@ import torch
 from optsearch.accelerators import attention_of
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint
+from optsearch.measure.models import scheduler_of
 from optsearch.measure.speedup import PassNoise
 from optsearch.optimize import pass_noise
 from optsearch.optimize import study as studies
@@ -140,6 +141,7 @@ class BaselineKeeper:
             # "native" too (the fingerprint names only another); None: the denoiser does not
             # dispatch through diffusers' attention backends (UNets, SD3)
             "attention": attention_of(self.evaluator.pipe),
+            "scheduler": scheduler_of(self.evaluator.pipe),  # the deployment context's
             "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
             "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
             "num_samples": len(self.evaluator.prompts), "prompts": self.evaluator.prompts,

@@ -15,6 +15,7 @@ import json
 from optsearch.accelerators.fastercache import BATCHED_GUIDANCE, FRAMES_FIRST
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
+from optsearch.measure.models import scheduler_class_name
 from optsearch.storage.record import quality_of
 
 FORMATS = ("json", "cache-dit", "diffusers")
@@ -32,6 +33,16 @@ def _claim(exported: dict) -> str:
 def _steps(exported: dict) -> int:
     setting = exported["best"]["setting"]
     return setting.get("steps", {}).get("num_inference_steps", exported["spec"]["model"]["steps"])
+
+
+def _scheduler_code(exported: dict) -> list[str]:
+    """The scheduler the study set (`model.scheduler`): the figures hold with that solver."""
+    name = scheduler_class_name(exported["spec"]["model"].get("scheduler"))
+    if name is None:
+        return []
+    return ["", f"# measured with the {name} (model.scheduler), from the model's scheduler config",
+            "import diffusers", "",
+            f"pipe.scheduler = diffusers.{name}.from_config(pipe.scheduler.config)"]
 
 
 def _compile_code(exported: dict) -> list[str]:
@@ -63,6 +74,7 @@ def cache_dit_yaml(exported: dict) -> str:
     order = params.pop("taylorseer_order", 0)
     lines = [f"# {_claim(exported)}",
              f"# call the pipeline with num_inference_steps={_steps(exported)}",
+             *[f"# {line.removeprefix('# ')}" for line in _scheduler_code(exported)[1:2]],
              "# load: cache_dit.enable_cache(pipe, **cache_dit.load_configs(\"this.yaml\"))",
              *[f"# {line.removeprefix('# ')}" for line in _compile_code(exported)[1:]],
              "cache_config:"]
@@ -139,7 +151,8 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
 def diffusers_python(exported: dict) -> str:
     """A Python module with `accelerate(pipe) -> call kwargs`: the winner, without optsearch."""
     setting = exported["best"]["setting"]
-    body = ["call_kwargs = {'num_inference_steps': NUM_INFERENCE_STEPS}", *_compile_code(exported)]
+    body = ["call_kwargs = {'num_inference_steps': NUM_INFERENCE_STEPS}", *_scheduler_code(exported),
+            *_compile_code(exported)]
     for name, params in setting.items():
         code = _family_code(name, params, exported)
         if code:

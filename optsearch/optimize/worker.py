@@ -9,13 +9,12 @@ SIGTERM fail the running trial, re-queue it, and exit with 130."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 from tqdm.auto import tqdm
@@ -58,7 +57,7 @@ class WorkerOptions:
     poll_interval: float = 2.0
     artifact_dir: str | None = None  # overrides the spec's [artifacts] path
     halve_batch_on_oom: bool = False  # retry an out-of-memory trial at half the batch size
-    started: float = dataclasses.field(default_factory=time.monotonic)  # when the command began
+    started: float = field(default_factory=time.monotonic)  # when the command began
     stop_rule: Callable = rule_for  # (spec, finished, fingerprint, baseline id, combo=) -> rule
 
 
@@ -75,8 +74,7 @@ class Worker:
         # Load everything that can fail before writing anything to the study.
         evaluator = evaluator or evaluator_from_spec(self.spec, self.options.device,
                                                      self.options.progress)
-        self.host = socket.gethostname()
-        self.worker_id = f"{self.host}:{os.getpid()}"
+        self.host, self.worker_id = socket.gethostname(), f"{socket.gethostname()}:{os.getpid()}"
         device_id, _ = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         evaluator = evaluator.derive(  # with what this study measured on this device (MagCache)
             fault=fault_from_env(), calibration=studies.calibration(self.study, device_id),
@@ -135,9 +133,8 @@ class Worker:
                     if not recovery.caused_by_database(error):
                         raise
                     self.outages.recover(error, self.study, self.current)
-            if self._own_limit_reached():  # the bar last showed the count before our last trial
-                bar.n = min(sharing.counts(self.study)[0], target)
-                bar.refresh()
+            bar.n = min(sharing.counts(self.study)[0], target)  # with the trial just finished
+            bar.refresh()
 
     def _own_limit_reached(self) -> bool:
         options = self.options
