@@ -438,3 +438,63 @@ def test_version_names_the_libraries_a_bug_report_needs():
     import accelerate
 
     assert f"accelerate {accelerate.__version__}" in result.stdout  # offloaded pipelines' mover
+
+
+STEPS_SPEC = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["steps"]') \
+    .replace("limit = 30.0", "limit = 10.0") \
+    .replace("n_trials = 4", "n_trials = 1\nwarm_start = []\n[space.steps]\nnum_inference_steps = [3, 5]")
+
+
+def test_an_edited_factory_cannot_join_the_study_of_the_old_pipeline(tmp_path):
+    """The factory's LoRA retrained (its weights changed) under the same spec: a worker or confirm
+    would score against the stored baseline images of the old pipeline. One line, exit 2, the
+    storage untouched."""
+    from .conftest import storage_snapshot
+
+    (tmp_path / "my_pipes.py").write_text(FACTORY)
+    spec = write_spec(tmp_path / "s.toml", STEPS_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:build"'))
+    url = f"sqlite:///{tmp_path}/f.db"
+    assert optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path).returncode == 0
+    assert optsearch_cmd("study", "extend", "tiny", "--n-trials", "2", "--storage", url).returncode == 0
+    (tmp_path / "my_pipes.py").write_text(FACTORY.replace("bias += 0.01", "bias += 0.02"))
+    before = storage_snapshot(url)
+    for command in (["worker", "--study", "tiny"], ["study", "confirm", "tiny", "--top", "1"]):
+        result = optsearch_cmd(*command, "--storage", url, "--quiet", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("optsearch: error")]
+        assert len(errors) == 1 and errors[0].startswith(  # (the factory's .to() warns first)
+            "optsearch: error: this pipeline is not the one study 'tiny' measured: its weights or "
+            "scheduler differ"), result.stderr
+    assert storage_snapshot(url) == before
+    (tmp_path / "my_pipes.py").write_text(FACTORY)  # the pipeline it measured joins again
+    assert optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet",
+                         cwd=tmp_path).returncode == 0
+
+
+def test_search_refuses_a_pipeline_changed_since_its_study(tmp_path):
+    """In a notebook: a LoRA fused into the pipeline after a search (W += scale * B @ A, what
+    diffusers' fuse_lora does), then the same call again. The finished study would have handed
+    back the old pipeline's answer; a grown one, scored new trials against its images."""
+    import torch
+
+    from optsearch.measure.models import load_pipeline
+
+    from .conftest import storage_snapshot
+
+    pipe = load_pipeline("builtin:tiny", "cpu", "float32")
+    spec = load_spec(write_spec(tmp_path / "s.toml", STEPS_SPEC))
+    url = f"sqlite:///{tmp_path}/nb.db"
+    optsearch.search(pipe, spec, storage=url, progress=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith(("to_q", "to_k")):
+                out_features, in_features = module.weight.shape
+                down = torch.randn(4, in_features, generator=generator) / 4
+                up = torch.randn(out_features, 4, generator=generator) / 4
+                module.weight += 0.8 * up @ down
+    before = storage_snapshot(url)
+    for n_trials in (None, 2):
+        with pytest.raises(UsageError, match="this pipeline is not the one study 'tiny' measured"):
+            optsearch.search(pipe, spec, storage=url, n_trials=n_trials, progress=False)
+    assert storage_snapshot(url) == before

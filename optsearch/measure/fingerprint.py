@@ -15,6 +15,7 @@ import torch
 
 from optsearch.accelerators import attention_of, denoiser, execution_device, offload_of
 from optsearch.measure.compiling import compiled_as
+from optsearch.measure.models import scheduler_of
 
 
 def device_name(device: torch.device) -> str:
@@ -45,3 +46,34 @@ def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:
         facts["compile"] = compiled
     digest = hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
     return digest, facts
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 24  # elements per exact int64 sum: no wrap-around, whatever the values
+
+
+def _checksum(tensor: torch.Tensor) -> int | None:
+    """An exact sum of the tensor's bit patterns: the same on any device, in any order. None
+    where the values are not here to read (sequential offload's meta tensors) or not plain."""
+    if tensor.device.type == "meta":
+        return None
+    try:
+        bits = tensor.detach().contiguous().view(_BITS[tensor.element_size()]).flatten()
+    except (KeyError, RuntimeError, TypeError):  # a quantized or other tensor subclass
+        return None
+    return sum(int(chunk.sum(dtype=torch.int64)) for chunk in bits.split(_CHUNK)) % (1 << 64)
+
+
+def pipeline_signature(pipe) -> str:
+    """Which pipeline this is: every component's weights (an exact checksum of each tensor's
+    bits) and the scheduler class. A fused LoRA, a fine-tune, another revision or scheduler makes
+    another signature; the same files loaded at the same dtype make the same one on any machine.
+    Compared within one dtype (float16 and float32 copies of one model differ in their bits)."""
+    parts: list = [scheduler_of(pipe)]
+    for name, component in sorted(getattr(pipe, "components", {}).items()):
+        if not isinstance(component, torch.nn.Module):
+            continue
+        tensors = [*component.named_parameters(), *component.named_buffers()]
+        parts += [(name, key.replace("_orig_mod.", ""), list(tensor.shape), str(tensor.dtype),
+                   _checksum(tensor)) for key, tensor in tensors]
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]

@@ -20,8 +20,9 @@ import optuna
 import torch
 
 from optsearch.accelerators import attention_of
+from optsearch.errors import UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator
-from optsearch.measure.fingerprint import fingerprint
+from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.models import scheduler_of
 from optsearch.measure.speedup import PassNoise
 from optsearch.optimize import pass_noise
@@ -31,6 +32,21 @@ from optsearch.storage.record import utc_now
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
+
+
+def check_same_pipeline(study: optuna.Study, signature: str, dtype: str) -> None:
+    """Refuse a pipeline other than the one the study measured (a notebook's pipeline with
+    another LoRA fused, an edited factory, a new model revision under the same id): its trials
+    would be scored against the stored baseline images of another pipeline, or a finished study
+    would hand back another pipeline's answer. Baselines stored before signatures are not
+    compared, nor those of another dtype (their bits differ)."""
+    for record in studies.baselines(study).values():
+        if record.get("pipeline") in (None, signature) or record.get("dtype") != dtype:
+            continue
+        raise UsageError(f"this pipeline is not the one study {study.study_name!r} measured: its "
+                         f"weights or scheduler differ from those of the baseline {record['worker']} "
+                         f"stored on {record['device']} (another LoRA, fine-tune, model revision or "
+                         "scheduler?); search it as a new study (--name, or name= in optsearch.search)")
 
 
 class BaselineKeeper:
@@ -45,6 +61,8 @@ class BaselineKeeper:
         self.worker_id = worker_id
         self.host = host
         self.fingerprint, self.facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
+        self.signature = pipeline_signature(evaluator.pipe)
+        check_same_pipeline(study, self.signature, self.facts["dtype"])
         self.timing_record = {"worker": worker_id, "host": host, "device": self.facts["device"],
                               "device_index": device_index,
                               "cuda_visible_devices": cuda_visible_devices, "timings": [],
@@ -142,6 +160,7 @@ class BaselineKeeper:
             # dispatch through diffusers' attention backends (UNets, SD3)
             "attention": attention_of(self.evaluator.pipe),
             "scheduler": scheduler_of(self.evaluator.pipe),  # the deployment context's
+            "pipeline": self.signature,  # which weights: a changed pipeline cannot join
             "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
             "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
             "num_samples": len(self.evaluator.prompts), "prompts": self.evaluator.prompts,

@@ -24,12 +24,13 @@ from optuna.trial import FrozenTrial
 
 from optsearch.errors import NothingToExport, UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator, evaluator_from_spec
-from optsearch.measure.fingerprint import fingerprint
+from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.prompts import confirm_prompts
 from optsearch.measure.speedup import rounds_interval
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
+from optsearch.optimize.baseline import check_same_pipeline
 from optsearch.optimize.winner import mark_winner
 from optsearch.storage.notes import trial_note, write_trial_note
 from optsearch.storage.rdb import open_storage
@@ -79,6 +80,7 @@ class Confirmation:
                                                   self.options.progress, prompts=self.prompts)
         config = GenerationConfig.from_spec(self.spec, seed=seed)
         self.fingerprint, self.facts = fingerprint(loaded.pipe, config.batch_size)
+        check_same_pipeline(self.study, pipeline_signature(loaded.pipe), self.facts["dtype"])
         # the calibration the search measured (MagCache's ratios): the same setting is confirmed
         self.evaluator = loaded.derive(prompts=self.prompts, config=config, calibration={
             **loaded.calibration, **studies.calibration(self.study, self.fingerprint)})

@@ -14,10 +14,14 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import optuna
+
 from optsearch.accelerators import pipeline_kind
 from optsearch.errors import UsageError
 from optsearch.measure.evaluate import evaluator_from_spec
+from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.prompts import confirm_prompts
+from optsearch.optimize.baseline import check_same_pipeline
 from optsearch.optimize.confirm import Confirmation, ConfirmOptions
 from optsearch.optimize.create import (
     check_name,
@@ -41,6 +45,15 @@ def _as_spec(spec):
     return load_spec(Path(spec))
 
 
+def _check_same_pipeline(storage, study_name: str, pipe) -> None:
+    """A study of that name measured another pipeline (a LoRA fused since): refused, unchanged."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return
+    check_same_pipeline(study, pipeline_signature(pipe), fingerprint(pipe, 1)[1]["dtype"])
+
+
 def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
            name: str | None = None, progress: bool = True, confirm: int = 0,
            repeats: int = 3) -> dict:
@@ -52,7 +65,8 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     `model.id`, which may not be the pipeline built here.
     A study of that name with the same spec is joined; one that differs only in n_trials is
     extended to a larger one. Raises optsearch.errors.UsageError for a study of that name with another
-    spec, and optsearch.errors.NothingToExport when no setting meets the limit."""
+    spec or measured on another pipeline (other weights: another LoRA fused), and
+    optsearch.errors.NothingToExport when no setting meets the limit."""
 
     spec = _as_spec(spec)
     if confirm < 0 or (confirm and repeats < 2):
@@ -70,6 +84,7 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     opened = open_storage(storage)
     study_name = check_name(name or spec.name)
     differing = spec_differences(opened, study_name, spec)
+    _check_same_pipeline(opened, study_name, pipe)  # before the study grows: n_trials below
     if differing == ["search.n_trials"]:  # more trials: the study grows; fewer: it has them
         stored = load_study(opened, study_name)[1].search.n_trials
         if spec.search.n_trials > stored:
