@@ -185,7 +185,8 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     unconfirmed = json.loads((tmp_path / "unconfirmed.json").read_text())
     assert unconfirmed["best"]["trial"] == 0 and unconfirmed["best"]["confirmed"] is None
     assert unconfirmed["deployment"] == {"batch_size": 2, "height": None, "width": None,
-                                         "num_inference_steps": 8, "guidance_scale": 7.5,
+                                         "num_inference_steps": 8, "scheduler": "DDIMScheduler",
+                                         "guidance_scale": 7.5,
                                          "num_frames": None, "compile": "none",
                                          "device": device_name(torch.device("cpu")),
                                          "dtype": "float32", "offload": "none",
