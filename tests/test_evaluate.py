@@ -94,6 +94,21 @@ def test_compare_reports_speedup_and_paired_metrics(tiny_pipe, tiny_clip):
     assert same.summary()["psnr"].mean == 100.0 and same.clip_loss_per_prompt.max() == 0
 
 
+def test_a_baseline_timed_against_kept_images_says_whether_it_made_the_same(tiny_pipe, tiny_clip):
+    """A worker times its own baseline but keeps the images stored for its device: the pass says
+    how far its own images are from them (the worst prompt's PSNR; 100: identical)."""
+    evaluator = Evaluator(tiny_pipe, tiny_clip, PROMPTS[:4], GenerationConfig(steps=4, batch_size=2))
+    first = evaluator.baseline()
+    assert first.agreement_psnr is None  # nothing kept to agree with
+    again = evaluator.baseline(scored=first)
+    assert again.agreement_psnr == 100.0 and again.images is first.images
+    drifted = first.images.copy()
+    drifted[3, :8] = 255 - drifted[3, :8]  # one prompt's top rows differ
+    kept = dataclasses.replace(first, images=drifted)
+    worst = evaluator.baseline(scored=kept).agreement_psnr
+    assert 0 < worst < 40
+
+
 def early_stop_rule(metric: str, limit: float, min_batches: int) -> EarlyStop:
     return EarlyStop(metric, min_batches, quality_limit=limit)
 

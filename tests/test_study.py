@@ -88,6 +88,8 @@ def test_two_workers_share_a_postgres_study_each_against_its_own_baseline(tmp_pa
     # ... but each worker timed the baseline itself, and measured against it
     timings = {r["worker"]: r for r in studies.timings(study)}
     assert len(timings) == 2 and all(r["host"] and r["device_index"] == "cpu" for r in timings.values())
+    # a worker that found the device's images stored made the very same ones (CPU: bit-exact)
+    assert {r["timings"][0]["images_agree_psnr"] for r in timings.values()} <= {None, 100.0}
     measured = [t for t in finished if t.user_attrs.get("reused_from") is None]
     for trial in measured:
         own = timings[trial.user_attrs["worker"]]["timings"][0]["seconds_per_image"]

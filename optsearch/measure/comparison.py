@@ -37,6 +37,9 @@ class Baseline:
     batch_seconds: list[float] = field(default_factory=list)
     peak_memory_gib: float | None = None  # during its timed batches (memory.py)
     warmup_seconds: float = 0.0  # its untimed warm-up call (a compiled pipeline's: the compile)
+    # timed against kept images (`scored`): this pass's own images against them, the worst
+    # prompt's PSNR (quality.PSNR_CAP: identical, as on any CPU)
+    agreement_psnr: float | None = None
 
     @property
     def clip_mean(self) -> float:

@@ -125,13 +125,16 @@ class Evaluator:
         machine) only the timing is this call's own; its images, scores and features are kept.
         """
         images, seconds, batch_seconds, scores, features = [], 0.0, [], [], []
-        peak, warm = PeakMemory(execution_device(self.pipe)), {"seconds": 0.0}
+        peak, warm, agreement = PeakMemory(execution_device(self.pipe)), {"seconds": 0.0}, []
         for batch in peak.measure(self._generate(
                 "baseline", on_warmup=lambda seconds: warm.update(seconds=seconds))):
             images.append(batch.images)
             seconds += batch.seconds
             batch_seconds.append(batch.seconds_per_image)
-            if scored is None:
+            if scored is not None:  # are the kept images still this pipeline's here?
+                agreement += [psnr(scored.images[i], image)
+                              for i, image in zip(batch.indices, batch.images, strict=True)]
+            else:
                 batch_scores, batch_features = clip_score(
                     self.scorer, batch.images, [self.prompts[i] for i in batch.indices])
                 scores.append(batch_scores)
@@ -139,7 +142,8 @@ class Evaluator:
         seconds_per_image = seconds / len(self.prompts)
         if scored is not None:
             return Baseline(scored.images, seconds_per_image, scored.clip_scores,
-                            scored.image_features, batch_seconds, peak.gib, warm["seconds"])
+                            scored.image_features, batch_seconds, peak.gib, warm["seconds"],
+                            agreement_psnr=min(agreement))
         return Baseline(np.concatenate(images), seconds_per_image, np.concatenate(scores),
                         torch.cat(features), batch_seconds, peak.gib, warm["seconds"])
 

@@ -23,6 +23,7 @@ from optsearch.accelerators import attention_of
 from optsearch.errors import UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint, pipeline_signature
+from optsearch.measure.metrics import PSNR_CAP
 from optsearch.measure.models import scheduler_of
 from optsearch.measure.speedup import PassNoise
 from optsearch.optimize import pass_noise
@@ -182,7 +183,14 @@ class BaselineKeeper:
             "batch_seconds": baseline.batch_seconds,
             "after_trials": trials_run,
             "at": utc_now(),
+            "images_agree_psnr": baseline.agreement_psnr,  # its images against the stored ones
         })
+        if baseline.agreement_psnr is not None and baseline.agreement_psnr < PSNR_CAP:
+            logger.warning("this worker's baseline pass made other images than the ones its trials "
+                           "are scored against (stored for its device; worst prompt %.1f dB, %g: "
+                           "identical): their quality figures carry that difference (a GPU's "
+                           "nondeterminism, or other library builds)", baseline.agreement_psnr,
+                           PSNR_CAP)
         self.trials_since_timing = 0
         self.baseline_id = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
         studies.save_timing(self.study, self.timing_record)
