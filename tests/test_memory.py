@@ -14,7 +14,7 @@ from optsearch.measure.memory import PeakMemory
 from optsearch.optimize import objectives
 from optsearch.study_spec import SpecError, spec_from_dict
 
-from .conftest import TINY_SPEC
+from .conftest import TINY_SPEC, optsearch_cmd
 
 
 def test_the_peak_is_each_steps_own_and_the_loop_bodys_work_is_not_counted():
@@ -42,8 +42,15 @@ def test_max_memory_gib_is_a_constraint_and_a_spec_error_when_not_positive(tmp_p
     url = f"sqlite:///{tmp_path / 'study.db'}"
     text = TINY_SPEC.replace("n_trials = 4", "n_trials = 2\nwarm_start = []\nearly_stop = false")
     (tmp_path / "small.toml").write_text(text + "[objective]\nmax_memory_gib = 0.01\n")
-    with pytest.raises(NothingToExport):
+    with pytest.raises(NothingToExport, match=r"none meets psnr >= quality.limit = 30.0 and peak "
+                       r"memory <= objective.max_memory_gib = 0.01 faster than the baseline\): 2 of "
+                       r"2 measured peaked above objective.max_memory_gib = 0.01 \(the lowest peak "
+                       r"[0-9.]+ GiB\): raise it"):  # not "relax quality.limit": memory missed
         optsearch.search(tiny_pipe, tmp_path / "small.toml", storage=url, progress=False)
+    checked = optsearch_cmd("check", str(tmp_path / "small.toml"))
+    assert checked.returncode == 0, checked.stderr  # it can run: ToMe may use less than the plain
+    assert "memory: the plain pipeline already peaks above objective.max_memory_gib = 0.01: only " \
+           "a setting that uses less memory than the plain pipeline can be feasible" in checked.stdout
     study = optuna.load_study(study_name="tiny", storage=url)
     for trial in study.get_trials():
         attrs = trial.user_attrs

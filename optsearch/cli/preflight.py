@@ -27,6 +27,7 @@ from optsearch.measure.long_prompts import long_prompts_note
 from optsearch.measure.models import scheduler_of
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
+from optsearch.optimize.baseline import ABOVE_LIMIT
 from optsearch.optimize.estimate import Estimate, estimate_text
 from optsearch.optimize.recovery import OUT_OF_MEMORY
 from optsearch.optimize.warm_start import published_settings, trial_params
@@ -175,6 +176,10 @@ def format_report(report: Report, spec) -> str:
     peak, free = facts["peak_gib"], facts["free_gib"]
     lines.append(f"memory: peak {peak:.2f} GiB"
                  + (f", {free:.1f} GiB free now" if free is not None else ""))
+    limit = spec.objective.max_memory_gib
+    if limit is not None and peak is not None and peak > limit:
+        lines.append(f"memory: the plain pipeline already peaks above objective.max_memory_gib = "
+                     f"{limit}: {ABOVE_LIMIT}")
     lines += [f"auto range {name}: [{low}, {high}] on this device (from skipping nothing to "
               "skipping nearly everything)" for name, (low, high) in facts["auto_ranges"].items()]
     lines += _published_outside(spec, facts["auto_ranges"])

@@ -33,6 +33,8 @@ from optsearch.storage.record import utc_now
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
+ABOVE_LIMIT = ("only a setting that uses less memory than the plain pipeline can be feasible (most "
+               "caches keep more; ToMe can use less)")
 
 
 def check_same_pipeline(study: optuna.Study, signature: str, dtype: str) -> None:
@@ -100,6 +102,11 @@ class BaselineKeeper:
         baseline = self.evaluator.baseline(scored=stored)
         if stored is None:
             self._store(baseline)
+        limit = self.spec.objective.max_memory_gib
+        if limit is not None and (baseline.peak_memory_gib or 0.0) > limit:
+            logger.warning("the plain pipeline peaks at %.2f GiB here, above "
+                           "objective.max_memory_gib = %g: %s", baseline.peak_memory_gib, limit,
+                           ABOVE_LIMIT)
         self._record_timing(baseline, trials_run)
         self.baseline = baseline
         return baseline

@@ -18,7 +18,7 @@ from optsearch.optimize.objectives import (
     relax_hint,
 )
 from optsearch.optimize.reference import missing_text, steps_frontier, verdict
-from optsearch.optimize.study import baselines, calibration, confirmations, spec_attr
+from optsearch.optimize.study import FINISHED, baselines, calibration, confirmations, spec_attr
 from optsearch.optimize.winner import latest_by_trial, repeat_of, winner
 from optsearch.storage.record import trial_metrics, utc_now
 from optsearch.version import __version__
@@ -77,12 +77,12 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
     if found is None and records:
         raise NothingToExport(f"none of the {len(records)} settings confirmed on unseen prompts "
                               f"of study {study.study_name!r} meets {constraint_text(spec)} "
-                              f"faster than the baseline there: {relax_hint(spec)}, then "
+                              f"faster than the baseline there: {relax_hint(spec, records)}, then "
                               "`study confirm` again")
     if found is None:
         raise NothingToExport(f"study {study.study_name!r} has no feasible trial yet (none meets "
                               f"{constraint_text(spec)} faster than the baseline): "
-                              f"{relax_hint(spec)}")
+                              f"{relax_hint(spec, study.get_trials(deepcopy=False, states=FINISHED))}")
     best = found.trial
     baseline = baselines(study).get(best.user_attrs.get("fingerprint"))  # one read of the attrs
     measured_with = baseline or {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -36,15 +37,28 @@ def metric_names(spec: StudySpec) -> list[str]:
 def constraint_text(spec: StudySpec) -> str:
     """The constraint that decides feasibility in the spec's mode, as a user reads it."""
     rule = "" if spec.quality.rule == "mean" else " (its confidence bound)"
+    memory = ("" if spec.objective.max_memory_gib is None else
+              f" and peak memory <= objective.max_memory_gib = {spec.objective.max_memory_gib}")
     if spec.objective.mode == "target-speedup":
-        return f"speedup{rule} >= objective.target_speedup = {spec.objective.target_speedup}"
+        return f"speedup{rule} >= objective.target_speedup = {spec.objective.target_speedup}{memory}"
     metric = spec.quality.metric
     if spec.quality.statistic != "mean":
         rule = {"worst": " of every prompt", "p10": " of nine prompts in ten"}[spec.quality.statistic]
-    return f"{metric}{rule} {limit_sign(metric)} quality.limit = {spec.quality.limit}"
+    return f"{metric}{rule} {limit_sign(metric)} quality.limit = {spec.quality.limit}{memory}"
 
 
-def relax_hint(spec: StudySpec) -> str:
+def relax_hint(spec: StudySpec, measured: list = ()) -> str:
+    """What to change when nothing is feasible: the memory limit when the `measured` trials (or
+    confirmation records) missed it at least as often as the quality or speedup constraint."""
+    records = [getattr(one, "user_attrs", one) for one in measured]
+    missed = Counter(name for record in records
+                     for name, value in (record.get("constraints") or {}).items() if value > 0)
+    if missed["memory"] and missed["memory"] >= max(missed.values()):
+        peaks = [r["peak_memory_gib"] for r in records if r.get("peak_memory_gib") is not None]
+        lowest = f" (the lowest peak {min(peaks):.2f} GiB)" if peaks else ""
+        return (f"{missed['memory']} of {len(records)} measured peaked above "
+                f"objective.max_memory_gib = {spec.objective.max_memory_gib}{lowest}: raise it, "
+                "or run more trials")
     if spec.objective.mode == "target-speedup":
         return "run more trials or lower objective.target_speedup"
     return "run more trials or relax quality.limit"
