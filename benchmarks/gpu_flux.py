@@ -129,5 +129,34 @@ def main(compile: str = "none", smoke: bool = False, budget_s: float = 0.0) -> N
           f"{size['size']} px, {steps} steps, {str(dtype).removeprefix('torch.')}, batch 1, "
           f"transformer only, compile {compile} ({machine()})")
     print(table(headers, rows))
+    if compile == "none" and (deadline is None or time.perf_counter() < deadline + 60):
+        print(determinism(pipe, call))
     print(f"total {time.perf_counter() - started:.0f} s")
+
+
+def determinism(pipe, call) -> str:
+    """Do two plain calls give the same latents here (what lets workers of one device share
+    baseline images: optimize/baseline.py), and what the pipeline signature costs at this size."""
+    outputs = []
+    original = pipe.__call__
+
+    def keep(*args, **kwargs):
+        output = original(*args, **kwargs)
+        outputs.append(output.images.float().cpu())
+        return output
+
+    call(keep)
+    call(keep)
+    same = torch.equal(outputs[0], outputs[1])
+    difference = "bit-identical" if same else \
+        f"differ (max |diff| {(outputs[0] - outputs[1]).abs().max().item():.3g})"
+    from optsearch.measure.fingerprint import pipeline_signature
+
+    start = time.perf_counter()
+    pipeline_signature(pipe)
+    seconds = time.perf_counter() - start
+    count = sum(p.numel() for p in pipe.transformer.parameters()) + sum(
+        p.numel() for p in pipe.vae.parameters())
+    return (f"determinism: two plain calls' latents {difference}; pipeline signature of "
+            f"{count / 1e9:.2f} G parameters in {seconds:.2f} s")
 
