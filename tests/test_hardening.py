@@ -100,6 +100,38 @@ def test_a_cloud_databases_postgres_url_works_and_a_missing_driver_is_named(tmp_
         "here: optsearch installs SQLite's and psycopg (postgresql+psycopg://, or postgresql://)")
 
 
+def test_another_apps_database_is_never_written(tmp_path, pg_url):
+    """--storage naming an app's database by mistake: no command adds Optuna's tables to it (nor
+    switches its SQLite file to WAL); one line, exit 2. On PostgreSQL only the read commands
+    refuse: creating a study in a shared database with other tables is Optuna's normal use."""
+    import sqlite3
+
+    import psycopg
+    import sqlalchemy
+
+    app = tmp_path / "app.db"
+    with sqlite3.connect(app) as connection:
+        connection.execute("CREATE TABLE users (id INTEGER, name TEXT)")
+    before = app.read_bytes()
+    spec = str(write_spec(tmp_path / "t.toml", TINY_SPEC))
+    for command in (["study", "list"], ["study", "show", "tiny"], ["worker", "--study", "tiny"],
+                    ["study", "create", spec], ["run", spec]):
+        result = optsearch_cmd(*command, "--storage", f"sqlite:///{app}")
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr == (f"optsearch: error: sqlite:///{app} is not an optsearch storage: its "
+                                 "database holds other tables (users) and none of Optuna's; nothing "
+                                 "was written (check --storage or $OPTSEARCH_STORAGE)\n")
+    assert app.read_bytes() == before and not (tmp_path / "app.db-wal").exists()
+
+    with psycopg.connect(pg_url.replace("+psycopg", "").replace(":pw-not-checked", ""),
+                         autocommit=True) as connection:
+        connection.execute("CREATE TABLE orders (id INTEGER)")
+    listed = optsearch_cmd("study", "list", "--storage", pg_url)
+    assert listed.returncode == 2 and "holds other tables (orders)" in listed.stderr
+    assert sqlalchemy.inspect(sqlalchemy.create_engine(pg_url)).get_table_names() == ["orders"]
+    assert optsearch_cmd("study", "create", spec, "--storage", pg_url).returncode == 0
+
+
 @pytest.mark.parametrize("command", [["study", "list"], ["study", "show", "x"],
                                      ["study", "export", "x"], ["study", "plot", "x", "-o", "p"],
                                      ["worker", "--study", "x"], ["study", "confirm", "x"]])

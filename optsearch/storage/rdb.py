@@ -125,6 +125,30 @@ def _enable_wal(url: sqlalchemy.URL) -> None:
     _retry_races(switch, sqlite3.OperationalError)  # workers started together all switch it
 
 
+OPTUNA_TABLES = {"studies", "trials", "version_info", "alembic_version"}  # some of Optuna's schema
+
+
+def _refuse_foreign(url: str, parsed: sqlalchemy.URL) -> None:
+    """A database that holds tables but none of Optuna's belongs to something else (a typo in
+    --storage naming an app's database): opening it would add Optuna's tables to it (and switch a
+    SQLite file to WAL), so nothing is written. An empty database, or a PostgreSQL one a study is
+    created in, is Optuna's to set up."""
+    if parsed.get_backend_name() == "sqlite" and not (
+            parsed.database and os.path.isfile(parsed.database) and os.path.getsize(parsed.database)):
+        return
+    engine = sqlalchemy.create_engine(url, **_engine_kwargs(parsed))
+    try:  # (another process may be creating Optuna's tables in it right now: any one will do)
+        tables = _retry_races(lambda: sqlalchemy.inspect(engine).get_table_names(),
+                              sqlalchemy.exc.DBAPIError)
+    finally:
+        engine.dispose()
+    if tables and not OPTUNA_TABLES & set(tables):
+        shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        raise StorageError(f"{mask(url)} is not an optsearch storage: its database holds other "
+                           f"tables ({shown}) and none of Optuna's; nothing was written (check "
+                           f"--storage or ${ENV_VAR})")
+
+
 def _sqlite_exists(url: sqlalchemy.URL) -> bool:
     return not url.database or url.database == ":memory:" or os.path.isfile(url.database)
 
@@ -206,11 +230,14 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
         parsed = parsed.set(drivername="postgresql+psycopg")
         url = parsed.render_as_string(hide_password=False)
     try:
-        if parsed.get_backend_name() == "sqlite":
-            if must_exist and not _sqlite_exists(parsed):
-                path = os.path.abspath(parsed.database or "")
-                raise StorageError(f"no storage at {path}: the SQLite file does not exist (check "
-                                   f"--storage or ${ENV_VAR}; `optsearch study create` makes one)")
+        sqlite = parsed.get_backend_name() == "sqlite"
+        if sqlite and must_exist and not _sqlite_exists(parsed):
+            path = os.path.abspath(parsed.database or "")
+            raise StorageError(f"no storage at {path}: the SQLite file does not exist (check "
+                               f"--storage or ${ENV_VAR}; `optsearch study create` makes one)")
+        if must_exist or sqlite:  # a read command, or one SQLite file: never another app's
+            _refuse_foreign(url, parsed)
+        if sqlite:
             _enable_wal(parsed)
         return _open_rdb(url, parsed, heartbeat)
     except StorageError:
@@ -221,7 +248,7 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
         if any(sign in reason_text for sign in NOT_ANSWERING):
             raise StorageUnreachable(f"cannot reach storage {mask(url)}: {reason_text} (exit 75: "
                                      "try again once it is up)") from None
-        if "Failed to import DB access module" in reason_text:  # Optuna's words for a driver
-            reason_text = (f"no driver for {parsed.drivername} here: optsearch installs "  # not here
+        if isinstance(error, ImportError) or "Failed to import DB access module" in reason_text:
+            reason_text = (f"no driver for {parsed.drivername} here: optsearch installs "
                            "SQLite's and psycopg (postgresql+psycopg://, or postgresql://)")
         raise StorageError(f"cannot open storage {mask(url)}: {reason_text}") from None
