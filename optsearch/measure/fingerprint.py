@@ -49,7 +49,7 @@ def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_CHUNK = 1 << 24  # elements per exact int64 sum: no wrap-around, whatever the values
+_CHUNK = 1 << 24  # elements per int64 sum (integer sums are exact modulo 2**64, in any order)
 
 
 def _checksum(tensor: torch.Tensor) -> int | None:
