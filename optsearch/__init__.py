@@ -15,7 +15,7 @@ from os import PathLike
 from pathlib import Path
 
 from optsearch.accelerators import AppliedSetting
-from optsearch.deployment import ContextCheck
+from optsearch.deployment import ContextCheck, check_pipeline
 from optsearch.study_spec import SpecError, StudySpec, load_spec
 from optsearch.version import __version__
 
@@ -40,6 +40,7 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
         calibration = exported.get("calibration")  # MagCache's ratios, measured by the study
         if exported.get("deployment"):  # warn when served at another batch, size or step count
             check = ContextCheck(exported["deployment"])
+        check_pipeline(pipe, exported.get("baseline") or {})  # or on other weights
     return AppliedSetting(pipe, params, calibration, on_call=check)
 
 

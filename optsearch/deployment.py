@@ -108,3 +108,19 @@ class ContextCheck:
             warnings.warn(f"optsearch: this setting was measured at {key} = {then}; called with "
                           f"{now}, its speedup and quality may differ (search again at {key} = "
                           f"{now} to know)", UserWarning, stacklevel=3)
+
+
+def check_pipeline(pipe, baseline: Mapping) -> None:
+    """Warn when `pipe` is not the pipeline the export's baseline measured: its weights or
+    scheduler differ (another LoRA fused, a fine-tune, a revision), so its figures may not hold.
+    Compared only at the baseline's dtype (the context check names a dtype change)."""
+    if not baseline.get("pipeline"):  # an export of a study stored before signatures
+        return
+    from optsearch.measure.fingerprint import pipeline_signature
+
+    if str(denoiser(pipe).dtype).removeprefix("torch.") != baseline.get("dtype"):
+        return
+    if pipeline_signature(pipe) != baseline["pipeline"]:
+        warnings.warn("optsearch: this pipeline is not the one the setting was measured on (its "
+                      "weights or scheduler differ: another LoRA, fine-tune or revision?): its "
+                      "speedup and quality may differ (search it to know)", UserWarning, stacklevel=3)

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import optuna
 import pytest
@@ -484,7 +485,10 @@ def test_search_refuses_a_pipeline_changed_since_its_study(tmp_path):
     pipe = load_pipeline("builtin:tiny", "cpu", "float32")
     spec = load_spec(write_spec(tmp_path / "s.toml", STEPS_SPEC))
     url = f"sqlite:///{tmp_path}/nb.db"
-    optsearch.search(pipe, spec, storage=url, progress=False)
+    exported = optsearch.search(pipe, spec, storage=url, progress=False)
+    with warnings.catch_warnings():  # served on the pipeline it measured: no word of weights
+        warnings.simplefilter("error")
+        optsearch.apply(pipe, exported).restore()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, module in pipe.unet.named_modules():
@@ -498,3 +502,5 @@ def test_search_refuses_a_pipeline_changed_since_its_study(tmp_path):
         with pytest.raises(UsageError, match="this pipeline is not the one study 'tiny' measured"):
             optsearch.search(pipe, spec, storage=url, n_trials=n_trials, progress=False)
     assert storage_snapshot(url) == before
+    with pytest.warns(UserWarning, match="this pipeline is not the one the setting was measured on"):
+        optsearch.apply(pipe, exported).restore()  # served on the changed one: said at apply
