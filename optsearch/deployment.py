@@ -69,7 +69,6 @@ def context_text(context: Mapping) -> str:
             f"steps{scheduler}, guidance {context['guidance_scale']}{compiled}{offload}{attention}")
 
 
-
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     """The context of one pipeline call, as far as its arguments tell."""
     prompt = kwargs.get("prompt", args[0] if args else None)
