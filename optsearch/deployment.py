@@ -18,9 +18,10 @@ from optsearch.accelerators import (
     denoiser,
     execution_device,
     offload_of,
+    scheduler_class_name,
+    scheduler_of,
 )
 from optsearch.measure.compiling import AS_BUILT, compiled_how
-from optsearch.measure.models import scheduler_class_name, scheduler_of
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "scheduler",
                 "guidance_scale", "num_frames", "compile", "device", "dtype", "offload", "attention")

@@ -61,6 +61,20 @@ def test_the_package_has_no_import_circle():
             visit(module, [])
 
 
+def test_the_light_commands_never_import_torch_or_diffusers():
+    """`import optsearch` (what `optsearch.apply` and every command start with) and the commands
+    that only read a study answer in under a second: torch and diffusers (4 s here) load only
+    when a command needs a model. Once, a helper moved beside the model loader put them on the
+    path of `study show` (0.7 s -> 5.6 s)."""
+    code = ("import sys, optsearch, optsearch.cli.show, optsearch.deployment, "
+            "optsearch.optimize.deploy, optsearch.storage.rdb; "
+            "print(sorted({'torch', 'diffusers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_no_module_is_longer_than_a_reader_can_hold():
     lengths = {path.relative_to(ROOT): len(path.read_text(encoding="utf-8").splitlines())
                for path in PACKAGE.rglob("*.py")}

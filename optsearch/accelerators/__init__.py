@@ -37,7 +37,14 @@ from optsearch.accelerators import (
     tome,
 )
 from optsearch.accelerators.base import Param
-from optsearch.accelerators.hooks import attention_of, denoiser, execution_device, offload_of
+from optsearch.accelerators.hooks import (
+    attention_of,
+    denoiser,
+    execution_device,
+    offload_of,
+    scheduler_class_name,
+    scheduler_of,
+)
 
 REGISTRY: dict[str, ModuleType] = {
     m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fastercache, fbcache, taylorseer, magcache,
@@ -316,4 +323,4 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "Param",
            "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem", "denoiser",
            "execution_device", "fit_to_steps", "normalize_setting", "offload_of", "params_of",
-           "pipeline_kind", "step_problems"]
+           "pipeline_kind", "scheduler_class_name", "scheduler_of", "step_problems"]

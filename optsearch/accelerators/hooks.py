@@ -65,6 +65,20 @@ def attention_of(pipe) -> str | None:
     return None
 
 
+def scheduler_of(pipe) -> str | None:
+    """The class name of the scheduler `pipe` runs (part of the deployment context: what a
+    skipped or dropped step is worth depends on the solver)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    return type(scheduler).__name__ if scheduler is not None else None
+
+
+def scheduler_class_name(name: str | None) -> str | None:
+    """diffusers' class name of a spec's `model.scheduler` ("DDIM" -> "DDIMScheduler")."""
+    if not name:
+        return None
+    return name if name.endswith("Scheduler") else f"{name}Scheduler"
+
+
 def execution_device(pipe) -> torch.device:
     """Where the pipeline computes: `pipe.device` says "cpu" (or "meta") for an offloaded
     pipeline whose weights wait on the host; diffusers' `_execution_device` reads the hooks."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optsearch.accelerators import REGISTRY, attention_of, execution_device, offload_of
+from optsearch.accelerators import REGISTRY, attention_of, execution_device, offload_of, scheduler_of
 from optsearch.deployment import context_text, measured_context
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.compiling import compiled_as
@@ -24,7 +24,6 @@ from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.long_prompts import long_prompts_note
-from optsearch.measure.models import scheduler_of
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
 from optsearch.optimize.baseline import ABOVE_LIMIT

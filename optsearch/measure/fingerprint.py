@@ -13,9 +13,8 @@ import platform
 import diffusers
 import torch
 
-from optsearch.accelerators import attention_of, denoiser, execution_device, offload_of
+from optsearch.accelerators import attention_of, denoiser, execution_device, offload_of, scheduler_of
 from optsearch.measure.compiling import compiled_as
-from optsearch.measure.models import scheduler_of
 
 
 def device_name(device: torch.device) -> str:

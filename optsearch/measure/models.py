@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import diffusers
 import torch
 
-from optsearch.accelerators import execution_device, offload_of
+from optsearch.accelerators import execution_device, offload_of, scheduler_class_name
 from optsearch.errors import ModelLoadError, first_line
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.hub import missing, offline_reason
@@ -57,19 +57,6 @@ def resolve_placement(device: str, dtype: str, kind: str | None = None) -> Place
         warnings.warn(f"dtype {dtype} is not used on CPU: running in float32", stacklevel=2)
         torch_dtype = torch.float32
     return Placement(torch_device, torch_dtype)
-
-
-def scheduler_class_name(name: str | None) -> str | None:
-    """diffusers' class name of a spec's `model.scheduler` ("DDIM" -> "DDIMScheduler")."""
-    if not name:
-        return None
-    return name if name.endswith("Scheduler") else f"{name}Scheduler"
-
-
-def scheduler_of(pipe) -> str | None:
-    """The class name of the scheduler `pipe` runs (part of the deployment context)."""
-    scheduler = getattr(pipe, "scheduler", None)
-    return type(scheduler).__name__ if scheduler is not None else None
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -19,12 +19,11 @@ import numpy as np
 import optuna
 import torch
 
-from optsearch.accelerators import attention_of
+from optsearch.accelerators import attention_of, scheduler_of
 from optsearch.errors import UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.metrics import PSNR_CAP
-from optsearch.measure.models import scheduler_of
 from optsearch.measure.speedup import PassNoise
 from optsearch.optimize import pass_noise
 from optsearch.optimize import study as studies

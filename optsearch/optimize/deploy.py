@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 
+from optsearch.accelerators import scheduler_class_name
 from optsearch.accelerators.fastercache import BATCHED_GUIDANCE, FRAMES_FIRST
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
-from optsearch.measure.models import scheduler_class_name
 from optsearch.storage.record import quality_of
 
 FORMATS = ("json", "cache-dit", "diffusers")
