@@ -16,6 +16,7 @@ from optsearch.accelerators import (
     attention_of,
     call_parameters,
     denoiser,
+    dtype_of,
     execution_device,
     offload_of,
     scheduler_class_name,
@@ -87,7 +88,7 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     served["offload"] = offload_of(pipe) or "none"
     served["attention"] = attention_of(pipe)
     served["scheduler"] = scheduler_of(pipe)
-    served["dtype"] = str(model.dtype).removeprefix("torch.")
+    served["dtype"] = dtype_of(pipe)
     return served
 
 
@@ -118,7 +119,7 @@ def check_pipeline(pipe, baseline: Mapping) -> None:
         return
     from optsearch.measure.fingerprint import pipeline_signature
 
-    if str(denoiser(pipe).dtype).removeprefix("torch.") != baseline.get("dtype"):
+    if dtype_of(pipe) != baseline.get("dtype"):
         return
     if pipeline_signature(pipe) != baseline["pipeline"]:
         warnings.warn("optsearch: this pipeline is not the one the setting was measured on (its "

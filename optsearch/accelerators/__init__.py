@@ -40,6 +40,7 @@ from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import (
     attention_of,
     denoiser,
+    dtype_of,
     execution_device,
     offload_of,
     scheduler_class_name,
@@ -321,6 +322,7 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
 
 
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "Param",
-           "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem", "denoiser",
-           "execution_device", "fit_to_steps", "normalize_setting", "offload_of", "params_of",
-           "pipeline_kind", "scheduler_class_name", "scheduler_of", "step_problems"]
+           "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem",
+           "denoiser", "dtype_of", "execution_device", "fit_to_steps", "normalize_setting",
+           "offload_of", "params_of", "pipeline_kind", "scheduler_class_name", "scheduler_of",
+           "step_problems"]

@@ -65,6 +65,11 @@ def attention_of(pipe) -> str | None:
     return None
 
 
+def dtype_of(pipe) -> str:
+    """The denoiser's dtype as records write it ("float16"): what a trial computes in."""
+    return str(denoiser(pipe).dtype).removeprefix("torch.")
+
+
 def scheduler_of(pipe) -> str | None:
     """The class name of the scheduler `pipe` runs (part of the deployment context: what a
     skipped or dropped step is worth depends on the solver)."""

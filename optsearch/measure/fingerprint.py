@@ -13,7 +13,7 @@ import platform
 import diffusers
 import torch
 
-from optsearch.accelerators import attention_of, denoiser, execution_device, offload_of, scheduler_of
+from optsearch.accelerators import attention_of, dtype_of, execution_device, offload_of, scheduler_of
 from optsearch.measure.compiling import compiled_as
 
 
@@ -25,10 +25,10 @@ def device_name(device: torch.device) -> str:
 
 def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:
     """A short id of the timing conditions of `pipe` at `batch_size`, and the facts behind it."""
-    model, device = denoiser(pipe), execution_device(pipe)
+    device = execution_device(pipe)
     facts = {
         "device": device_name(device),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": dtype_of(pipe),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "batch_size": batch_size,

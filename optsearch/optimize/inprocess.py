@@ -16,10 +16,10 @@ from pathlib import Path
 
 import optuna
 
-from optsearch.accelerators import pipeline_kind
+from optsearch.accelerators import dtype_of, pipeline_kind
 from optsearch.errors import UsageError
 from optsearch.measure.evaluate import evaluator_from_spec
-from optsearch.measure.fingerprint import fingerprint, pipeline_signature
+from optsearch.measure.fingerprint import pipeline_signature
 from optsearch.measure.prompts import confirm_prompts
 from optsearch.optimize.baseline import check_same_pipeline
 from optsearch.optimize.confirm import Confirmation, ConfirmOptions
@@ -51,7 +51,7 @@ def _check_same_pipeline(storage, study_name: str, pipe) -> None:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return
-    check_same_pipeline(study, pipeline_signature(pipe), fingerprint(pipe, 1)[1]["dtype"])
+    check_same_pipeline(study, pipeline_signature(pipe), dtype_of(pipe))
 
 
 def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
