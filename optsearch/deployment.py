@@ -18,6 +18,7 @@ from optsearch.accelerators import (
     denoiser,
     dtype_of,
     execution_device,
+    native_size,
     offload_of,
     scheduler_class_name,
     scheduler_of,
@@ -31,11 +32,21 @@ OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU 
                 "group": ", group offload", "device map": ", split by a device map"}
 
 
+def output_size(images) -> dict:
+    """The size a batch of outputs (N, H, W, C) or videos (N, F, H, W, C) came out at, as the
+    baseline record keeps it: what "native size" was, for a spec that left it to the pipeline."""
+    shape = images.shape
+    return {"image_size": [int(shape[-3]), int(shape[-2])],
+            "frames": int(shape[1]) if len(shape) == 5 else None}
+
+
 def measured_context(spec, batch_size: int, compiled: str | None = None,
                      device: str | None = None, dtype: str | None = None,
                      offload: str | None = None, attention: str | None = None,
-                     scheduler: str | None = None) -> dict:
-    """What the study's trials ran: None for a size the pipeline chose itself (its native one).
+                     scheduler: str | None = None, size: Mapping | None = None) -> dict:
+    """What the study's trials ran. `size`: the baseline's `output_size`, for what the spec left
+    to the pipeline (its native size, a video pipeline's frame count); None where not known
+    (a study stored before it was recorded).
     `compiled`: a trial's record of how its denoiser was compiled, which says it even where the
     pipeline came compiled and the spec says "none". `device` and `dtype`: the baseline's (a
     speedup measured on one GPU is not another's). `offload`: the baseline's "model",
@@ -44,11 +55,12 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
     `scheduler`: the baseline's scheduler class (else the spec's `model.scheduler`, if set): what
     a skipped or dropped step is worth depends on the solver."""
     model = spec.model
-    context = {"batch_size": batch_size, "height": model.height, "width": model.width,
-               "num_inference_steps": model.steps,
+    height, width = (size or {}).get("image_size") or (None, None)
+    context = {"batch_size": batch_size, "height": model.height or height,
+               "width": model.width or width, "num_inference_steps": model.steps,
                "scheduler": scheduler or scheduler_class_name(model.scheduler),
                "guidance_scale": model.guidance_scale,
-               "num_frames": model.num_frames,
+               "num_frames": model.num_frames or (size or {}).get("frames"),
                "compile": compiled.split(":")[0] if compiled else model.compile,
                "device": device, "dtype": dtype, "offload": offload, "attention": attention}
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
@@ -80,6 +92,10 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     defaults = call_parameters(pipe)
     for key in ("height", "width", "num_inference_steps", "guidance_scale", "num_frames"):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
+    native = native_size(pipe)
+    if native is not None:  # what the pipeline makes of a size left out
+        served["height"] = served["height"] or native[0]
+        served["width"] = served["width"] or native[1]
     from optsearch.measure.fingerprint import device_name  # torch and diffusers: loaded by now
 
     model = denoiser(pipe)

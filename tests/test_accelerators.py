@@ -205,3 +205,34 @@ def test_apply_of_an_export_warns_once_when_served_at_another_context(tiny_pipe,
     assert len(messages) == 2, messages
     assert "measured at device = NVIDIA H100 80GB HBM3; called with cpu:" in messages[0]
     assert "measured at dtype = float16; called with float32" in messages[1]
+
+
+def test_apply_warns_when_served_at_another_size_than_the_native_one_measured(tiny_pipe):
+    """A spec that leaves the size to the pipeline is measured at its native size (32x32 here),
+    which the export records: a call at that size, given or left out, is as measured; a call
+    at another size, the figure that moves a cache's speedup most, warns."""
+    import warnings
+
+    exported = {"best": {"setting": {"deepcache": SETTINGS["deepcache"]}},
+                "deployment": {"batch_size": 2, "height": 32, "width": 32,
+                               "num_inference_steps": 10}}
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    with optsearch.apply(tiny_pipe, exported) as run, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        generate_images(run, PROMPTS[:2], steps=10)  # size left out: native
+        run(PROMPTS[:2], num_inference_steps=10, height=32, width=32, output_type="np",
+            generator=generators)
+        assert not said, [str(w.message) for w in said]
+        run(PROMPTS[:2], num_inference_steps=10, height=64, width=48, output_type="np",
+            generator=generators)
+    messages = sorted(str(w.message) for w in said)
+    assert len(messages) == 2, messages
+    assert "measured at height = 32; called with 64" in messages[0]
+    assert "measured at width = 32; called with 48" in messages[1]
+    # measured at a size the spec set, served at the native one (the size left out): warns
+    exported["deployment"].update(height=64, width=64)
+    with optsearch.apply(tiny_pipe, exported) as run, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        generate_images(run, PROMPTS[:2], steps=10)
+    assert sorted(str(w.message) for w in said)[0].startswith(
+        "optsearch: this setting was measured at height = 64; called with 32")

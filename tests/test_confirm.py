@@ -184,7 +184,8 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
     assert before.returncode == 0 and "not confirmed" in before.stdout
     unconfirmed = json.loads((tmp_path / "unconfirmed.json").read_text())
     assert unconfirmed["best"]["trial"] == 0 and unconfirmed["best"]["confirmed"] is None
-    assert unconfirmed["deployment"] == {"batch_size": 2, "height": None, "width": None,
+    # the spec left the size to the pipeline: the export records what it made (its native 32x32)
+    assert unconfirmed["deployment"] == {"batch_size": 2, "height": 32, "width": 32,
                                          "num_inference_steps": 8, "scheduler": "DDIMScheduler",
                                          "guidance_scale": 7.5,
                                          "num_frames": None, "compile": "none",

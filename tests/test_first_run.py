@@ -381,8 +381,8 @@ def test_check_reports_what_a_study_will_cost(tmp_path):
     assert "prompts: 4 from builtin" in out and "s/image at batch size 2, 8 steps" in out
     assert "memory: peak" in out and "estimate: 4 trials x 4 prompts x" in out
     assert "on 1 worker" in out and "on 3 (" in out and "ready" in out
-    assert "deployment context (what the figures will hold for; serve at it): batch 2, native " \
-           "size, 8 steps (DDIMScheduler), guidance 7.5" in out
+    assert "deployment context (what the figures will hold for; serve at it): batch 2, 32x32, " \
+           "8 steps (DDIMScheduler), guidance 7.5" in out  # the size the pipeline chose
 
 
 def test_check_lists_every_problem_one_line_each(tmp_path):

@@ -150,8 +150,10 @@ def test_a_tiny_wan_study_records_frame_figures_and_animated_artifacts_and_expor
     exported = optsearch_cmd("study", "export", "tiny-wan", "--storage", url, "-o",
                              str(tmp_path / "best.json"), cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
-    best = json.loads((tmp_path / "best.json").read_text())["best"]
-    assert best["metrics"]["frames"] == 9
+    exported = json.loads((tmp_path / "best.json").read_text())
+    assert exported["best"]["metrics"]["frames"] == 9
+    deployment = exported["deployment"]  # the size the spec left to the pipeline: what it made
+    assert (deployment["height"], deployment["width"], deployment["num_frames"]) == (64, 64, 9)
 
 
 def test_apply_and_the_python_export_give_the_same_video_with_fastercache(wan):

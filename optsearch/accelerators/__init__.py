@@ -42,6 +42,7 @@ from optsearch.accelerators.hooks import (
     denoiser,
     dtype_of,
     execution_device,
+    native_size,
     offload_of,
     scheduler_class_name,
     scheduler_of,
@@ -323,6 +324,6 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
 
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "Param",
            "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem",
-           "denoiser", "dtype_of", "execution_device", "fit_to_steps", "normalize_setting",
-           "offload_of", "params_of", "pipeline_kind", "scheduler_class_name", "scheduler_of",
-           "step_problems"]
+           "denoiser", "dtype_of", "execution_device", "fit_to_steps", "native_size",
+           "normalize_setting", "offload_of", "params_of", "pipeline_kind",
+           "scheduler_class_name", "scheduler_of", "step_problems"]

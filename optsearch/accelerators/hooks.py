@@ -84,6 +84,20 @@ def scheduler_class_name(name: str | None) -> str | None:
     return name if name.endswith("Scheduler") else f"{name}Scheduler"
 
 
+def native_size(pipe) -> tuple[int, int] | None:
+    """(height, width) a call without them generates, as diffusers' image pipelines derive it
+    (`default_sample_size`, else the UNet's `sample_size`, times `vae_scale_factor`); None where
+    the pipeline says otherwise (a video pipeline's call names its own defaults)."""
+    scale = getattr(pipe, "vae_scale_factor", None)
+    sample = getattr(pipe, "default_sample_size", None)
+    if sample is None and getattr(pipe, "unet", None) is not None:
+        sample = getattr(pipe.unet.config, "sample_size", None)
+    if not isinstance(scale, int) or sample is None:
+        return None
+    height, width = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    return height * scale, width * scale
+
+
 def execution_device(pipe) -> torch.device:
     """Where the pipeline computes: `pipe.device` says "cpu" (or "meta") for an offloaded
     pipeline whose weights wait on the host; diffusers' `_execution_device` reads the hooks."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from optsearch.accelerators import REGISTRY, attention_of, execution_device, offload_of, scheduler_of
-from optsearch.deployment import context_text, measured_context
+from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import pipeline_from_spec
@@ -117,6 +117,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0)
     report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),
                         batch_size=config.batch_size, seconds_per_image=batch.seconds_per_image,
+                        size=output_size(batch.images),
                         check_seconds=time.perf_counter() - start, peak_gib=peak, free_gib=free,
                         estimate=estimate)
     return report
@@ -165,7 +166,8 @@ def format_report(report: Report, spec) -> str:
              + context_text(measured_context(spec, facts["batch_size"], facts.get("compiled"),
                                           offload=facts.get("offload") or "none",
                                           attention=facts.get("attention"),
-                                          scheduler=facts.get("scheduler")))]
+                                          scheduler=facts.get("scheduler"),
+                                          size=facts.get("size")))]
     if facts.get("long_prompts"):
         lines.insert(2, facts["long_prompts"])
     if facts.get("compiled"):

@@ -113,8 +113,8 @@ class WanShortPromptPipeline(WanPipeline):
     would cost more than the video's tokens) and 9 frames at 64 px. Named so that cache-dit knows
     it as Wan."""
 
-    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, height: int | None = None,
-                 width: int | None = None, num_frames: int | None = None, **kwargs):
+    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, height: int | None = 64,
+                 width: int | None = 64, num_frames: int | None = 9, **kwargs):
         return super().__call__(prompt, *args, max_sequence_length=max_sequence_length,
                                 height=height or 64, width=width or 64,
                                 num_frames=num_frames or 9, **kwargs)

@@ -20,6 +20,7 @@ import optuna
 import torch
 
 from optsearch.accelerators import attention_of, scheduler_of
+from optsearch.deployment import output_size
 from optsearch.errors import UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint, pipeline_signature
@@ -168,6 +169,7 @@ class BaselineKeeper:
             "attention": attention_of(self.evaluator.pipe),
             "scheduler": scheduler_of(self.evaluator.pipe),  # the deployment context's
             "pipeline": self.signature,  # which weights: a changed pipeline cannot join
+            **output_size(baseline.images),  # the size (and frames) it made: the context's
             "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
             "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
             "num_samples": len(self.evaluator.prompts), "prompts": self.evaluator.prompts,
