@@ -26,22 +26,44 @@ __all__ = ["AppliedSetting", "SpecError", "StudySpec", "__version__", "apply", "
 def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
     """Apply a setting to a user's own diffusers pipeline; returns a handle to call and restore.
 
-    `params` is a setting dict (nested or 'accel.param' keys), the path of a search_params.json
-    written by `optsearch study export`, or the export dict itself (what `search` returns): of an
+    `params` is a setting dict (nested or 'accel.param' keys) or a JSON file of one, the path
+    of a search_params.json written by `optsearch study export`, or the export dict itself (what `search` returns): of an
     export, its best setting is applied, and calls that serve another context than it was
     measured at warn.
     """
     calibration = check = None
     exported = params if isinstance(params, Mapping) and "best" in params else None
     if not isinstance(params, Mapping):
-        exported = json.loads(Path(params).read_text(encoding="utf-8"))
+        exported = _read_export(Path(params))
     if exported is not None:
-        params = exported["best"]["setting"]
+        best = exported.get("best")
+        if not isinstance(best, Mapping) or not isinstance(best.get("setting"), Mapping):
+            raise ValueError("the export has no best setting (`best.setting`): pass the dict or "
+                             "file `optsearch study export` wrote, or a setting dict")
+        params = best["setting"]
         calibration = exported.get("calibration")  # MagCache's ratios, measured by the study
         if exported.get("deployment"):  # warn when served at another batch, size or step count
             check = ContextCheck(exported["deployment"])
         check_pipeline(pipe, exported.get("baseline") or {})  # or on other weights
     return AppliedSetting(pipe, params, calibration, on_call=check)
+
+
+def _read_export(path: Path) -> dict:
+    """A search_params.json, or a one-line error naming what the file is instead (the cache-dit
+    YAML and the Python exports deploy without optsearch, not through `apply`)."""
+    try:
+        exported = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        other = {".yaml": "cache-dit's YAML: cache_dit.enable_cache(pipe, **cache_dit.load_configs(path))",
+                 ".yml": "cache-dit's YAML: cache_dit.enable_cache(pipe, **cache_dit.load_configs(path))",
+                 ".py": "a Python export: import it and call its accelerate(pipe)"}
+        why = other.get(path.suffix.lower(), f"not JSON ({error})")
+        raise ValueError(f"{path} is not a search_params.json ({why}); `optsearch study export "
+                         "NAME -o search_params.json` writes one") from None
+    if not isinstance(exported, Mapping):
+        raise ValueError(f"{path} is not a search_params.json (it holds a JSON "
+                         f"{type(exported).__name__}, not an object)")
+    return exported if "best" in exported else {"best": {"setting": exported}}
 
 
 def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,

@@ -236,3 +236,29 @@ def test_apply_warns_when_served_at_another_size_than_the_native_one_measured(ti
         generate_images(run, PROMPTS[:2], steps=10)
     assert sorted(str(w.message) for w in said)[0].startswith(
         "optsearch: this setting was measured at height = 64; called with 32")
+
+
+def test_apply_names_a_file_that_is_not_an_export_and_takes_a_setting_file(tiny_pipe, tmp_path):
+    """The other export formats deploy without optsearch: handed to `apply` by mistake, each is
+    named with how it loads, not a JSON decoder's 'Expecting value: line 1 column 1'. A JSON file
+    of a bare setting applies as the dict would."""
+    (tmp_path / "accelerate_pipe.py").write_text("def accelerate(pipe):\n    return {}\n")
+    (tmp_path / "cache.yaml").write_text("cache_config:\n  max_warmup_steps: 4\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    expected = {"accelerate_pipe.py": "(a Python export: import it and call its accelerate(pipe))",
+                "cache.yaml": "(cache-dit's YAML: cache_dit.enable_cache(pipe, "
+                              "**cache_dit.load_configs(path)))",
+                "list.json": "(it holds a JSON list, not an object)"}
+    for name, why in expected.items():
+        with pytest.raises(ValueError, match="is not a search_params.json") as raised:
+            optsearch.apply(tiny_pipe, tmp_path / name)
+        assert why in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(ValueError, match=r"the export has no best setting \(`best.setting`\)"):
+        optsearch.apply(tiny_pipe, {"best": {}})
+    (tmp_path / "setting.json").write_text(json.dumps({"deepcache": SETTINGS["deepcache"]}))
+    plain = generate_images(tiny_pipe, PROMPTS[:2])
+    with optsearch.apply(tiny_pipe, tmp_path / "setting.json") as run:
+        from_file = generate_images(run, PROMPTS[:2])
+    with optsearch.apply(tiny_pipe, {"deepcache": SETTINGS["deepcache"]}) as run:
+        from_dict = generate_images(run, PROMPTS[:2])
+    assert np.array_equal(from_file, from_dict) and not np.allclose(from_file, plain)
