@@ -27,9 +27,9 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
     """Apply a setting to a user's own diffusers pipeline; returns a handle to call and restore.
 
     `params` is a setting dict (nested or 'accel.param' keys) or a JSON file of one, the path
-    of a search_params.json written by `optsearch study export`, or the export dict itself (what `search` returns): of an
-    export, its best setting is applied, and calls that serve another context than it was
-    measured at warn.
+    of a search_params.json written by `optsearch study export`, or the export dict itself (what
+    `search` returns): of an export, its best setting is applied, and calls that serve another
+    context than it was measured at warn.
     """
     calibration = check = None
     exported = params if isinstance(params, Mapping) and "best" in params else None

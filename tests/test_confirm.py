@@ -99,9 +99,11 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     first = stored_confirmations(url)
     assert len(first) == 1
 
-    again = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "3", "--quiet",
+    # `run --confirm` again (the search is complete, its confirmation is not) resumes it too
+    again = optsearch_cmd("run", str(spec), "--storage", url, "--confirm", "3", "--quiet",
                           "--repeats", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+    assert "is complete" in again.stdout and "confirmed on 2 unseen prompts" in again.stdout
     after = stored_confirmations(url)
     for key, record in first.items():
         assert after[key] == record  # kept as stored, not measured again

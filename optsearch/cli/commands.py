@@ -319,10 +319,11 @@ def cmd_run(args) -> int:
     if differing:  # a changed spec never gets the stored study's answer
         raise UsageError(different_spec_text(name, differing))
     if _complete(storage, name):  # before importing or loading any model
+        if args.confirm:  # what a run stopped during its confirmation left to do
+            _confirm(args, name)
         print(format_summary(study_summary(*load_study(storage, name))))
         return 0
     from optsearch.measure.evaluate import evaluator_from_spec
-    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
     from optsearch.optimize.worker import Worker
 
     options = _worker_options(args)
@@ -335,11 +336,19 @@ def cmd_run(args) -> int:
     worker = Worker(args.storage, study.study_name, options, evaluator)
     worker.run()
     if args.confirm:
-        confirm = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
-                                 progress=not args.quiet)
-        _print_confirmations(Confirmation(args.storage, study.study_name, confirm, evaluator))
+        _confirm(args, study.study_name, evaluator)
     print(format_summary(study_summary(worker.study, worker.spec)))
     return 0
+
+
+def _confirm(args, name: str, evaluator=None) -> None:
+    """`run --confirm K`: the K best on unseen prompts (those stored already are not measured
+    again), with the run's pipeline when it loaded one."""
+    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
+
+    options = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
+                             progress=not args.quiet)
+    _print_confirmations(Confirmation(args.storage, name, options, evaluator))
 
 
 def cmd_check(args) -> int:
