@@ -69,6 +69,36 @@ def test_study_plot_writes_pngs(finished_study, tmp_path):
             assert image.width >= 600 and image.height >= 400
 
 
+def test_the_speedup_vs_quality_plot_shows_each_trials_intervals(finished_study):
+    """Every figure says how sure it is: each point carries its speedup and quality intervals
+    (as the trial recorded them), so two settings the plot shows apart can be told apart."""
+    from matplotlib.collections import LineCollection
+
+    from optsearch.cli.plots import speedup_vs_quality
+    from optsearch.study_spec import spec_from_dict
+
+    _, url = finished_study
+    study = optuna.load_study(study_name="tiny", storage=url)
+    spec = spec_from_dict({"name": "tiny", **study.user_attrs["optsearch:spec"]})
+    ax = speedup_vs_quality(study, spec).axes[0]
+    assert ax.get_title().endswith("bars: 95% intervals)")
+    vertical, horizontal = set(), set()
+    for bars in (c for c in ax.collections if isinstance(c, LineCollection)):
+        for (x0, y0), (x1, y1) in bars.get_segments():
+            (vertical if x0 == x1 else horizontal).add(
+                (round(x0, 6), round(y0, 6), round(y1, 6)) if x0 == x1 else
+                (round(y0, 6), round(x0, 6), round(x1, 6)))
+    shown = [t for t in study.get_trials(states=studies.FINISHED) if t.user_attrs.get("speedup")]
+    assert shown
+    for trial in shown:
+        a = trial.user_attrs
+        if a.get("speedup_low") is not None:
+            assert (round(a["psnr"], 6), round(a["speedup_low"], 6),
+                    round(a["speedup_high"], 6)) in vertical
+        assert (round(a["speedup"], 6), round(a["psnr_low"], 6), round(a["psnr_high"], 6)) \
+            in horizontal
+
+
 def test_study_plot_of_a_study_not_measured_yet_says_so(tmp_path):
     """No trial measured: one line and exit 3 (as export with no answer), no empty PNGs."""
     url = f"sqlite:///{tmp_path}/p.db"

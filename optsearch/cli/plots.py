@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from optsearch.optimize import study as studies  # noqa: E402
 from optsearch.storage.record import quality_of, speedup_of  # noqa: E402
 
 logger = logging.getLogger(__name__)
+FEW_FOR_IMPORTANCES = 20  # below this, an importance ranking moves with the next few trials
 
 
 def plot_study(study: optuna.Study, spec, folder: Path) -> list[Path]:
@@ -29,7 +31,7 @@ def plot_study(study: optuna.Study, spec, folder: Path) -> list[Path]:
         raise NothingToExport(f"study {study.study_name!r} has no measured trial to plot yet "
                               f"(`optsearch worker --study {study.study_name}` measures them)")
     folder.mkdir(parents=True, exist_ok=True)
-    written = [_speedup_vs_quality(study, spec, folder / "speedup_vs_quality.png")]
+    written = [_save(speedup_vs_quality(study, spec).axes[0], folder / "speedup_vs_quality.png")]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     name = "speedup" if spec.objective.mode != "target-speedup" else spec.quality.metric
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -43,6 +45,9 @@ def plot_study(study: optuna.Study, spec, folder: Path) -> list[Path]:
         sign = -1 if objectives.directions(spec)[0] == "maximize" else 1
         ax = optuna.visualization.matplotlib.plot_param_importances(
             study, target=lambda t: sign * t.values[0], target_name=name)
+        few = " (few: indicative only)" if len(complete) < FEW_FOR_IMPORTANCES else ""
+        ax.set_title("", loc="left")  # Optuna's own title, said again below with the count
+        ax.figure.suptitle(f"Importances for {name}, from {len(complete)} trials{few}")
         written.append(_save(ax, folder / "importances.png"))
     except (RuntimeError, ValueError) as error:  # too few trials, or no parameter varies
         logger.warning("parameter importances not plotted: %s", error)
@@ -58,7 +63,9 @@ def _save(ax, path: Path) -> Path:
     return path
 
 
-def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
+def speedup_vs_quality(study: optuna.Study, spec) -> plt.Figure:
+    """Every measured trial's speedup against its quality, each with its intervals, the feasible
+    front, the fewer-steps line and the limit."""
     metric, limit = spec.quality.metric, spec.quality.limit
     trials = [t for t in study.get_trials(deepcopy=False, states=studies.FINISHED)
               if t.user_attrs.get("speedup") is not None and t.user_attrs.get("reused_from") is None]
@@ -73,6 +80,7 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
                 ax.scatter([_quality(t, metric) for t in chosen], [_speedup(t) for t in chosen],
                            marker=marker, s=40,
                            color=colours(index), label=f"{combo} ({label})")
+                _interval_bars(ax, chosen, metric, colours(index))
     front = _front(trials, metric)
     if front:
         ax.plot([_quality(t, metric) for t in front], [_speedup(t) for t in front],
@@ -89,14 +97,26 @@ def _speedup_vs_quality(study: optuna.Study, spec, path: Path) -> Path:
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel(METRICS[metric].label)
     ax.set_ylabel("speedup over baseline (x)")
-    ax.set_title(f"{study.study_name}: speedup vs quality ({len(trials)} trials)")
+    ax.set_title(f"{study.study_name}: speedup vs quality ({len(trials)} trials; bars: "
+                 f"{spec.quality.confidence:.0%} intervals)")
     ax.grid(alpha=0.3)
     if trials:
         ax.legend(fontsize=8, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
+
+
+def _interval_bars(ax, trials, metric: str, colour) -> None:
+    """Each point's intervals, so that two settings a plot shows apart can be seen to be apart
+    (or not); a side not measured enough to bound (a one-batch speedup) gets no bar."""
+    for trial in trials:
+        quality, speedup = quality_of(trial.user_attrs, metric), speedup_of(trial.user_attrs)
+        x_err = [[quality.mean - quality.low], [quality.high - quality.mean]] \
+            if math.isfinite(quality.low) and math.isfinite(quality.high) else None
+        y_err = [[speedup.speedup - speedup.low], [speedup.high - speedup.speedup]] \
+            if speedup.low is not None and speedup.high is not None else None
+        if x_err or y_err:
+            ax.errorbar([quality.mean], [speedup.speedup], xerr=x_err, yerr=y_err, fmt="none",
+                        ecolor=colour, alpha=0.35, linewidth=1, capsize=2)
 
 
 def _front(trials, metric: str):
