@@ -92,7 +92,8 @@ def test_a_cloud_databases_postgres_url_works_and_a_missing_driver_is_named(tmp_
     created = optsearch_cmd("study", "create", str(write_spec(tmp_path / "t.toml", TINY_SPEC)),
                             "--storage", cloud)
     assert created.returncode == 0, created.stderr
-    assert "tiny" in optsearch_cmd("study", "list", "--storage", pg_url).stdout
+    row = optsearch_cmd("study", "list", "--storage", pg_url).stdout.splitlines()[-1].split()
+    assert row[0] == "tiny" and row[-2:] == ["builtin:tiny", "-"]  # created, not started yet
     other = optsearch_cmd("study", "list", "--storage", "mysql://u:secret@127.0.0.1/db")
     assert other.returncode == 2 and "secret" not in other.stderr
     assert other.stderr.strip() == (

@@ -142,7 +142,8 @@ def cmd_study_list(args) -> int:
             study_name=summary.study_name, storage=storage).get_trials(deepcopy=False))
         rows.append([summary.study_name, sum(states[s] for s in studies.FINISHED),
                      states[optuna.trial.TrialState.WAITING], spec.get("search", {}).get("n_trials"),
-                     spec.get("model", {}).get("id"), summary.datetime_start])
+                     spec.get("model", {}).get("id"),
+                     f"{summary.datetime_start:%Y-%m-%d %H:%M:%S}" if summary.datetime_start else "-"])
     headers = ["study", "finished", "queued", "n_trials", "model", "started"]
     print(table(headers, rows) if rows else "no studies")
     return 0
