@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from optsearch.cli.show import format_summary, study_summary
+from optsearch.errors import NothingToExport
 from optsearch.formatting import format_speedup
 from optsearch.optimize import objectives, reference
 from optsearch.optimize.create import create_study
@@ -86,6 +87,21 @@ def test_a_missing_fewer_steps_line_is_explained(tmp_path):
     assert reference.missing_text(study, without_steps) is None
 
 
+def test_nothing_to_export_says_how_close_the_measured_came(tmp_path):
+    """No setting meets the limit: the refusal says by how little the closest missed it (the
+    figure the constraint used: mean, bound or worst prompt), so the user knows what to relax."""
+    spec_path = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    study = create_study(load_spec(spec_path), open_storage(f"sqlite:///{tmp_path / 's.db'}",
+                                                            heartbeat_interval=None))
+    for speedup, miss in ((2.5, 4.2), (1.8, 0.35)):
+        study.add_trial(measured("deepcache", {"deepcache": {"cache_interval": 3}}, speedup,
+                                 30.0 - miss, feasible=False, constraints={"quality": miss}))
+    with pytest.raises(NothingToExport, match=r"\(none both meets psnr >= quality.limit = 30.0 and "
+                       r"runs faster than the baseline\): the closest of 2 measured missed it by "
+                       r"0.35: run more trials or relax quality.limit$"):
+        export_study(study, load_spec(spec_path))
+
+
 def test_a_setting_slower_than_the_baseline_is_no_best(tmp_path):
     """A feasible trial at 0.73x (a cache that changed nothing, plus its hooks) is not a combo's
     best, not the winner, and not exported; show says why in words."""
@@ -99,7 +115,11 @@ def test_a_setting_slower_than_the_baseline_is_no_best(tmp_path):
     shown = format_summary(study_summary(study, spec))
     assert "(no feasible trial faster than the baseline yet)" in shown and "winner" not in shown
     refused = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json", cwd=tmp_path)
-    assert refused.returncode == 3 and "faster than the baseline" in refused.stderr
+    assert refused.returncode == 3 and refused.stderr.strip() == (
+        "optsearch: error: study 'tiny' has no feasible trial yet (none both meets psnr >= "
+        "quality.limit = 30.0 and runs faster than the baseline): 1 of 1 measured meet it, none "
+        "faster than the baseline (the fastest of them 0.73x): run more trials, or relax "
+        "quality.limit for settings that skip more")  # not "relax the limit" alone: it is met
     assert not (tmp_path / "sp.json").exists()
     # one batch of the same no-op setting read 1.04x (timing noise): computed all of it, no best
     study.add_trial(measured("deepcache", setting, 1.04, 100.0, compute_fraction=1.0))

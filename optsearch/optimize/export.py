@@ -65,6 +65,14 @@ def _prompts(baseline: dict | None, spec) -> dict:
             "batch_size": (baseline or {}).get("batch_size", spec.prompts.batch_size)}
 
 
+def _meets(spec) -> str:
+    """What a winner must do: meet the constraint, and (unless a target speedup says it) beat
+    the baseline."""
+    if spec.objective.mode == "target-speedup":
+        return f"meets {constraint_text(spec)}"
+    return f"both meets {constraint_text(spec)} and runs faster than the baseline"
+
+
 def export_study(study, spec, fingerprint: str | None = None) -> dict:
     """search_params.json: the winner (optimize/winner.py), the best per combo, baseline, spec,
     provenance — all of one device fingerprint (`fingerprint`, else the one the confirmations
@@ -76,12 +84,11 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
                if fingerprint is None or r["fingerprint"] == fingerprint]
     if found is None and records:
         raise NothingToExport(f"none of the {len(records)} settings confirmed on unseen prompts "
-                              f"of study {study.study_name!r} meets {constraint_text(spec)} "
-                              f"faster than the baseline there: {relax_hint(spec, records)}, then "
-                              "`study confirm` again")
+                              f"of study {study.study_name!r} {_meets(spec)} there: "
+                              f"{relax_hint(spec, records)}, then `study confirm` again")
     if found is None:
-        raise NothingToExport(f"study {study.study_name!r} has no feasible trial yet (none meets "
-                              f"{constraint_text(spec)} faster than the baseline): "
+        raise NothingToExport(f"study {study.study_name!r} has no feasible trial yet (none "
+                              f"{_meets(spec)}): "
                               f"{relax_hint(spec, study.get_trials(deepcopy=False, states=FINISHED))}")
     best = found.trial
     baseline = baselines(study).get(best.user_attrs.get("fingerprint"))  # one read of the attrs
