@@ -96,10 +96,13 @@ def test_nothing_to_export_says_how_close_the_measured_came(tmp_path):
     for speedup, miss in ((2.5, 4.2), (1.8, 0.35)):
         study.add_trial(measured("deepcache", {"deepcache": {"cache_interval": 3}}, speedup,
                                  30.0 - miss, feasible=False, constraints={"quality": miss}))
+    hint = "the closest of 2 measured missed quality.limit by 0.35: run more trials or relax " \
+           "quality.limit"
     with pytest.raises(NothingToExport, match=r"\(none both meets psnr >= quality.limit = 30.0 and "
-                       r"runs faster than the baseline\): the closest of 2 measured missed it by "
-                       r"0.35: run more trials or relax quality.limit$"):
+                       r"runs faster than the baseline\): " + hint + "$"):
         export_study(study, load_spec(spec_path))
+    shown = format_summary(study_summary(study, load_spec(spec_path)))  # what `run` ends with
+    assert f"  (no feasible trial faster than the baseline yet: {hint})" in shown.splitlines()
 
 
 def test_a_setting_slower_than_the_baseline_is_no_best(tmp_path):
@@ -113,7 +116,8 @@ def test_a_setting_slower_than_the_baseline_is_no_best(tmp_path):
     spec = load_spec(spec_path)
     assert objectives.best_per_combo(study, spec) == {}
     shown = format_summary(study_summary(study, spec))
-    assert "(no feasible trial faster than the baseline yet)" in shown and "winner" not in shown
+    assert "(no feasible trial faster than the baseline yet: 1 of 1 measured meet it, none faster " \
+           "than the baseline (the fastest of them 0.73x)" in shown and "winner" not in shown
     refused = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", "sp.json", cwd=tmp_path)
     assert refused.returncode == 3 and refused.stderr.strip() == (
         "optsearch: error: study 'tiny' has no feasible trial yet (none both meets psnr >= "

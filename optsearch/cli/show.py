@@ -54,6 +54,9 @@ def study_summary(study: optuna.Study, spec) -> dict:
     summary["best"] = trial_metrics(found.trial) if found else None
     summary["winner_rule"] = found.rule if found else None
     summary["winner_repeat"] = repeat_of(found) if found else None
+    finished = [t for t in trials if t.state in studies.FINISHED]
+    summary["nothing_feasible_hint"] = (objectives.relax_hint(spec, finished)
+                                        if finished and not summary["best_per_combo"] else None)
     summary["fewer_steps"] = reference.verdict(summary["best"] or {}, summary["steps_frontier"],
                                                spec.quality.metric)
     return summary
@@ -125,8 +128,9 @@ def format_summary(summary: dict) -> str:
         for row, m in zip(rows, summary["best_per_combo"].values(), strict=True):
             row.insert(-1, f"{m.get('compile_seconds') or 0:.1f} ({m.get('graph_breaks')})"
                        + (" recompiled while timed" if m.get("compiled_while_timed") else ""))
+    hint = summary.get("nothing_feasible_hint")
     lines.append(table(headers, rows) if rows else
-                 "  (no feasible trial faster than the baseline yet)")
+                 "  (no feasible trial faster than the baseline yet" + (f": {hint})" if hint else ")"))
     if summary["best"]:
         lines.append(f"* winner: trial {summary['best']['trial']}, "
                      f"{format_setting(summary['best']['setting'] or {})}: the "

@@ -59,8 +59,9 @@ def relax_hint(spec: StudySpec, measured: list = ()) -> str:
         return (f"{missed['memory']} of {len(records)} measured peaked above "
                 f"objective.max_memory_gib = {spec.objective.max_memory_gib}{lowest}: raise it, "
                 "or run more trials")
-    name, knob = (("speedup", "lower objective.target_speedup")
-                  if spec.objective.mode == "target-speedup" else ("quality", "relax quality.limit"))
+    name, key, knob = (("speedup", "objective.target_speedup", "lower objective.target_speedup")
+                       if spec.objective.mode == "target-speedup"
+                       else ("quality", "quality.limit", "relax quality.limit"))
     meeting = [r for r in records if all(v <= 0 for v in (r.get("constraints") or {"": 1}).values())]
     if meeting:  # they meet the limit, but none beat the baseline
         fastest = max(r.get("speedup") or 0.0 for r in meeting)
@@ -68,7 +69,7 @@ def relax_hint(spec: StudySpec, measured: list = ()) -> str:
                 f"baseline (the fastest of them {fastest:.2f}x): run more trials, or {knob} for "
                 "settings that skip more")
     misses = [r["constraints"][name] for r in records if name in (r.get("constraints") or {})]
-    closest = (f"the closest of {len(records)} measured missed it by {min(misses):.3g}: "
+    closest = (f"the closest of {len(records)} measured missed {key} by {min(misses):.3g}: "
                if misses else "")
     return f"{closest}run more trials or {knob}"
 
