@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 
-from optsearch.accelerators import AppliedSetting
+from optsearch.accelerators import AppliedSetting, not_a_pipeline
 from optsearch.deployment import ContextCheck, check_pipeline
 from optsearch.study_spec import SpecError, StudySpec, load_spec
 from optsearch.version import __version__
@@ -31,6 +31,7 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
     `search` returns): of an export, its best setting is applied, and calls that serve another
     context than it was measured at warn.
     """
+    _require_pipeline(pipe)
     calibration = check = None
     exported = params if isinstance(params, Mapping) and "best" in params else None
     if not isinstance(params, Mapping):
@@ -46,6 +47,12 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
             check = ContextCheck(exported["deployment"])
         check_pipeline(pipe, exported.get("baseline") or {})  # or on other weights
     return AppliedSetting(pipe, params, calibration, on_call=check)
+
+
+def _require_pipeline(pipe) -> None:
+    problem = not_a_pipeline(pipe)
+    if problem:
+        raise TypeError(f"optsearch: got {problem}")
 
 
 def _read_export(path: Path) -> dict:
@@ -74,6 +81,7 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     this pipeline. See `optsearch.optimize.inprocess.search`."""
     # Optuna, diffusers and the worker load in seconds: only a search needs them, not `apply`
     # or the command line's --help.
+    _require_pipeline(pipe)  # before the spec's prompts or storage are opened
     from optsearch.optimize.inprocess import search as run_search
 
     return run_search(pipe, spec, storage, n_trials, name, progress, confirm, repeats)

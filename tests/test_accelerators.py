@@ -262,3 +262,26 @@ def test_apply_names_a_file_that_is_not_an_export_and_takes_a_setting_file(tiny_
     with optsearch.apply(tiny_pipe, {"deepcache": SETTINGS["deepcache"]}) as run:
         from_dict = generate_images(run, PROMPTS[:2])
     assert np.array_equal(from_file, from_dict) and not np.allclose(from_file, plain)
+
+
+@pytest.mark.parametrize("wrong, why", [
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "str, not a diffusers pipeline with a unet or "
+     "transformer: a model id or path; load the pipeline first"),
+    (None, "NoneType, not a diffusers pipeline with a unet or transformer"),
+])
+def test_apply_and_search_name_what_was_handed_in_instead_of_a_pipeline(wrong, why, tiny_pipe,
+                                                                        tmp_path):
+    """A model id, None, or the denoiser itself (pipe.unet) is a TypeError saying what it is,
+    before the spec's prompts or the storage are opened, not "'str' object has no attribute
+    'transformer'"."""
+    for call in (lambda: optsearch.apply(wrong, {"deepcache": SETTINGS["deepcache"]}),
+                 lambda: optsearch.search(wrong, tmp_path / "absent.toml",
+                                          storage=f"sqlite:///{tmp_path / 's.db'}")):
+        with pytest.raises(TypeError, match="^optsearch: got ") as raised:
+            call()
+        assert why in str(raised.value)
+    with pytest.raises(TypeError, match=r"UNet2DConditionModel, not a diffusers pipeline .*: a "
+                       r"network, not the pipeline that runs it; pass the pipeline \(pipe, not "
+                       r"pipe.unet\)"):
+        optsearch.apply(tiny_pipe.unet, {"deepcache": SETTINGS["deepcache"]})
+    assert not (tmp_path / "s.db").exists()

@@ -43,6 +43,7 @@ from optsearch.accelerators.hooks import (
     dtype_of,
     execution_device,
     native_size,
+    not_a_pipeline,
     offload_of,
     scheduler_class_name,
     scheduler_of,
@@ -325,5 +326,5 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "Param",
            "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem",
            "denoiser", "dtype_of", "execution_device", "fit_to_steps", "native_size",
-           "normalize_setting", "offload_of", "params_of", "pipeline_kind",
+           "normalize_setting", "not_a_pipeline", "offload_of", "params_of", "pipeline_kind",
            "scheduler_class_name", "scheduler_of", "step_problems"]

@@ -18,6 +18,22 @@ if TYPE_CHECKING:  # torch loads in seconds: spec checks and light commands do w
 _LEFT_BY_HOOKS = ("forward", "_diffusers_hook")
 
 
+def not_a_pipeline(pipe) -> str | None:
+    """Why `pipe` is not a diffusers pipeline optsearch can accelerate, or None: what users hand
+    in by mistake is named (a model id, the denoiser itself)."""
+    if callable(pipe) and (getattr(pipe, "unet", None) is not None
+                           or getattr(pipe, "transformer", None) is not None):
+        return None
+    if isinstance(pipe, str):
+        hint = (": a model id or path; load the pipeline first (DiffusionPipeline.from_pretrained), "
+                "or give it to a spec as model.id")
+    elif hasattr(pipe, "forward"):
+        hint = ": a network, not the pipeline that runs it; pass the pipeline (pipe, not pipe.unet)"
+    else:
+        hint = ""
+    return f"{type(pipe).__name__}, not a diffusers pipeline with a unet or transformer{hint}"
+
+
 def denoiser(pipe) -> torch.nn.Module:
     """The network every step runs: the UNet or the diffusion transformer."""
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer

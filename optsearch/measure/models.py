@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import diffusers
 import torch
 
-from optsearch.accelerators import execution_device, offload_of, scheduler_class_name
+from optsearch.accelerators import execution_device, not_a_pipeline, offload_of, scheduler_class_name
 from optsearch.errors import ModelLoadError, first_line
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.hub import missing, offline_reason
@@ -101,11 +101,9 @@ def build_from_factory(model_id: str, placement: Placement, factory_path: str | 
     except Exception as error:
         raise ModelLoadError(f"model.id {model_id!r}: the factory failed: "
                              f"{type(error).__name__}: {first_line(error)}") from error
-    if not callable(pipe) or not (getattr(pipe, "unet", None) is not None
-                                  or getattr(pipe, "transformer", None) is not None):
-        raise ModelLoadError(f"model.id {model_id!r}: the factory returned "
-                             f"{type(pipe).__name__}, not a diffusers pipeline with a unet or "
-                             "transformer")
+    problem = not_a_pipeline(pipe)
+    if problem:
+        raise ModelLoadError(f"model.id {model_id!r}: the factory returned {problem}")
     return pipe
 
 
