@@ -314,7 +314,7 @@ def test_a_bad_factory_is_a_model_load_error(tmp_path, monkeypatch, model_id, me
         load_pipeline(model_id, "cpu", "float32")
 
 
-def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, tiny_pipe):
+def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, tiny_pipe, capsys):
     spec = {"name": "notebook", "model": {"id": "builtin:tiny", "device": "cpu", "steps": 8},
             "prompts": {"source": "builtin", "num_samples": 4, "batch_size": 2},
             "quality": {"clip_model": "builtin:tiny", "clip_pretrained": "none",
@@ -325,6 +325,7 @@ def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, ti
     with pytest.warns(UserWarning, match="4 in batches of 2 is 2 batches a pass"):  # run's note
         exported = optsearch.search(tiny_pipe, spec, storage=url, n_trials=2, progress=False)
     assert exported["study"] == "notebook" and exported["spec"]["search"]["n_trials"] == 2
+    assert " trial 0 " not in capsys.readouterr().out  # progress=False: no line per trial either
     best = exported["best"]
     assert best["combo"] == "deepcache"
     recorded = optuna.load_study(study_name="notebook", storage=url).trials[best["trial"]].user_attrs

@@ -27,7 +27,40 @@ def finished_study(tmp_path_factory):
     url = f"sqlite:///{folder / 'study.db'}"
     result = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=folder)
     assert result.returncode == 0, result.stderr
+    (folder / "run.out").write_text(result.stdout)
     return folder, url
+
+
+def test_the_worker_says_one_line_per_trial_even_when_quiet(finished_study):
+    """A long study's log (a pod's, a SLURM task's, run under --quiet) records each trial as it
+    ends: its setting, its figures with their intervals, what became of it, and the winner."""
+    from optsearch.formatting import format_interval, format_setting, format_speedup
+    from optsearch.storage.record import quality_of
+
+    folder, url = finished_study
+    study = optuna.load_study(study_name="tiny", storage=url)
+    finished = study.get_trials(states=studies.FINISHED)
+    worker = finished[0].user_attrs["worker"]
+    lines = [line for line in (folder / "run.out").read_text().splitlines()
+             if line.startswith(f"{worker}: trial ")]
+    assert len(lines) == len(finished) == 6
+    verdicts = set()
+    for line, trial in zip(lines, finished, strict=True):
+        a = trial.user_attrs
+        figures = (f"{worker}: trial {trial.number} {format_setting(a['setting'])}: speedup "
+                   f"{format_speedup(a)}, psnr {format_interval(quality_of(a, 'psnr'))}: ")
+        assert line.startswith(figures)
+        verdict = line.removeprefix(figures).split("; the winner so far")[0]
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            assert verdict.startswith(f"stopped early ({a['early_stop_reason']}) after "
+                                      f"{a['batches_evaluated']} of {a['n_batches']} batches")
+        elif a["constraints"]["quality"] > 0:
+            assert verdict == "infeasible (quality)"
+        else:
+            assert verdict.startswith("feasible")
+        verdicts.add(verdict.split(" ")[0])
+    assert {"feasible", "infeasible"} <= verdicts  # the fixture study holds both
+    assert lines[-1].endswith(f"; the winner so far: trial {study.user_attrs['winner']['trial']}")
 
 
 def test_every_trial_uploads_one_image_grid(finished_study):

@@ -9,7 +9,6 @@ factory does).
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,8 +100,8 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     bars = dict(getattr(pipe, "_progress_bar_config", {}))  # diffusers' per-step bars
     pipe.set_progress_bar_config(**{**bars, "disable": not progress})
     try:
-        worker = Worker(storage, study.study_name, dataclasses.replace(WorkerOptions(),
-                                                                       progress=progress), evaluator)
+        worker = Worker(storage, study.study_name, WorkerOptions(progress=progress,
+                                                                 trial_lines=progress), evaluator)
         worker.run()
         if confirm:
             options = ConfirmOptions(top=confirm, repeats=repeats, progress=progress)

@@ -16,6 +16,10 @@ from optsearch.storage.record import write_constraints
 logger = logging.getLogger(__name__)
 
 
+class SurplusTrial(Exception):
+    """Another worker already holds the last slot of the study's n_trials."""
+
+
 def counts(study: optuna.Study, ahead_of: int | None = None) -> tuple[int, int]:
     """(finished, running) trials; with `ahead_of`, only running trials numbered below it."""
     trials = study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING))

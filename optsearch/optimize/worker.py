@@ -35,15 +35,11 @@ from optsearch.optimize.recovery import OUT_OF_MEMORY
 from optsearch.optimize.space import suggest_setting
 from optsearch.optimize.winner import mark_winner
 from optsearch.storage.artifacts import open_artifact_store, upload_grid
-from optsearch.storage.notes import trial_note, write_trial_note
+from optsearch.storage.notes import trial_line, trial_note, write_trial_note
 from optsearch.storage.rdb import GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
 from optsearch.storage.record import measured_attrs, write_constraints
 
 logger = logging.getLogger(__name__)
-
-
-class SurplusTrial(Exception):
-    """Another worker already holds the last slot of the study's n_trials."""
 
 
 @dataclass
@@ -51,7 +47,8 @@ class WorkerOptions:
     device: str | None = None
     n_trials: int | None = None  # this worker's own limit
     timeout: float | None = None  # seconds from `started`; no new trial starts after it
-    progress: bool = True
+    progress: bool = True  # progress bars
+    trial_lines: bool = True  # one line per finished trial (also under --quiet: a log's record)
     heartbeat_interval: int = HEARTBEAT_INTERVAL
     grace_period: int = GRACE_PERIOD
     poll_interval: float = 2.0
@@ -157,7 +154,7 @@ class Worker:
         self.interrupts.hold()  # until the objective holds the trial Optuna creates
         try:
             self.study.optimize(self._objective, n_trials=1, gc_after_trial=False,
-                                catch=(SurplusTrial, ImplausibleSpeedup, *OUT_OF_MEMORY),
+                                catch=(sharing.SurplusTrial, ImplausibleSpeedup, *OUT_OF_MEMORY),
                                 show_progress_bar=False)
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
             # Optuna's "Cannot tell a FAIL trial.": another worker ended ours meanwhile
@@ -166,8 +163,11 @@ class Worker:
                 raise
         finally:
             self.interrupts.release()
-        self.current = None  # told to the storage: no longer ours to re-queue
-        mark_winner(self.study, self.spec)  # the dashboard's note and attr follow each trial
+        told, self.current = self.current, None  # told to the storage: no longer ours to re-queue
+        found = mark_winner(self.study, self.spec)  # the dashboard's note and attr follow each trial
+        if told is not None and self.options.trial_lines:
+            bar.write(f"{self.worker_id}: " + trial_line(self.study._storage.get_trial(
+                told._trial_id), self.spec, found.trial.number if found else None))
         return True
 
     def _objective(self, trial: optuna.Trial):
@@ -175,7 +175,7 @@ class Worker:
         self.interrupts.release()  # an interrupt from here on fails and re-queues this trial
         trial.set_user_attr("worker", self.worker_id)  # first: marks the trial as started
         if sharing.is_surplus(self.study, trial, self.spec.search.n_trials):
-            raise SurplusTrial("the study's n_trials are taken by other workers")
+            raise sharing.SurplusTrial("the study's n_trials are taken by other workers")
         setting = normalize_setting(suggest_setting(trial, self.spec, self.evaluator.auto_ranges(self.spec)))
         for key, value in {"setting": setting, "combo": combo_name(setting),
                            "fingerprint": self.fingerprint, "device": self.device,

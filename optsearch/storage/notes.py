@@ -4,8 +4,35 @@ from __future__ import annotations
 
 from optuna_dashboard._note import note_ver_key, save_note_with_version
 
-from optsearch.formatting import compile_text, format_interval, format_speedup
+from optsearch.formatting import compile_text, format_interval, format_setting, format_speedup
 from optsearch.storage.record import quality_of
+
+
+def trial_line(trial, spec, winner: int | None = None) -> str:
+    """One line per finished trial, for a worker's terminal or log (a Kubernetes pod's, a SLURM
+    task's): its setting, its figures with their intervals, and what became of it."""
+    from optuna.trial import TrialState
+
+    attrs = trial.user_attrs
+    head = f"trial {trial.number} {format_setting(attrs.get('setting') or {})}"
+    if attrs.get("speedup") is None:  # failed (out of memory, a bug) or cut off
+        return f"{head}: {trial.state.name.lower()}" + (
+            f" ({attrs['fail_reason']})" if attrs.get("fail_reason") else "")
+    metric = spec.quality.metric
+    constraints = attrs.get("constraints") or {}
+    if attrs.get("reused_from") is not None:
+        verdict = f"the result of trial {attrs['reused_from']} (same setting, same device)"
+    elif trial.state == TrialState.PRUNED:
+        verdict = (f"stopped early ({attrs.get('early_stop_reason')}) after "
+                   f"{attrs.get('batches_evaluated')} of {attrs.get('n_batches')} batches")
+    else:
+        verdict = ("feasible" if constraints and all(v <= 0 for v in constraints.values())
+                   else "infeasible (" + ", ".join(k for k, v in constraints.items() if v > 0) + ")")
+        if verdict == "feasible" and (attrs["speedup"] <= 1.0 or (attrs.get("compute_fraction") or 0) >= 1):
+            verdict += ", not faster than the baseline"
+    lead = f"; the winner so far: trial {winner}" if winner is not None else ""
+    return (f"{head}: speedup {format_speedup(attrs)}, {metric} "
+            f"{format_interval(quality_of(attrs, metric))}: {verdict}{lead}")
 
 
 def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) -> str:
