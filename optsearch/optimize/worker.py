@@ -130,8 +130,7 @@ class Worker:
                     if not recovery.caused_by_database(error):
                         raise
                     self.outages.recover(error, self.study, self.current)
-            bar.n = min(sharing.counts(self.study)[0], target)  # with the trial just finished
-            bar.refresh()
+            bar.update(min(sharing.counts(self.study)[0], target) - bar.n)  # the last trial too
 
     def _own_limit_reached(self) -> bool:
         options = self.options
@@ -165,9 +164,10 @@ class Worker:
             self.interrupts.release()
         told, self.current = self.current, None  # told to the storage: no longer ours to re-queue
         found = mark_winner(self.study, self.spec)  # the dashboard's note and attr follow each trial
-        if told is not None and self.options.trial_lines:
-            bar.write(f"{self.worker_id}: " + trial_line(self.study._storage.get_trial(
-                told._trial_id), self.spec, found.trial.number if found else None))
+        line = told and self.options.trial_lines and trial_line(self.study._storage.get_trial(
+            told._trial_id), self.spec, found.trial.number if found else None)
+        if line:  # not for a slot other workers had taken (nothing measured)
+            bar.write(f"{self.worker_id}: {line}")
         return True
 
     def _objective(self, trial: optuna.Trial):

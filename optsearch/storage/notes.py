@@ -8,12 +8,15 @@ from optsearch.formatting import compile_text, format_interval, format_setting, 
 from optsearch.storage.record import quality_of
 
 
-def trial_line(trial, spec, winner: int | None = None) -> str:
+def trial_line(trial, spec, winner: int | None = None) -> str | None:
     """One line per finished trial, for a worker's terminal or log (a Kubernetes pod's, a SLURM
-    task's): its setting, its figures with their intervals, and what became of it."""
+    task's): its setting, its figures with their intervals, and what became of it. None for a
+    trial that never got a setting (a slot other workers had filled)."""
     from optuna.trial import TrialState
 
     attrs = trial.user_attrs
+    if not attrs.get("setting"):
+        return None
     head = f"trial {trial.number} {format_setting(attrs.get('setting') or {})}"
     if attrs.get("speedup") is None:  # failed (out of memory, a bug) or cut off
         return f"{head}: {trial.state.name.lower()}" + (
