@@ -51,8 +51,8 @@ def estimate_text(estimate: Estimate) -> str:
     """One line: the study's duration on 1 worker and on N, trials x prompts x s/image."""
     low, high = estimate.total(1)
     text = (f"estimate: {estimate.n_trials} trials x {estimate.num_samples} prompts x "
-            f"{estimate.seconds_per_image:.3g} s/image at {EXPECTED_SPEEDUPS[1]:g}x-"
-            f"{EXPECTED_SPEEDUPS[0]:g}x"
+            f"{estimate.seconds_per_image:.3g} s/image (the baseline's) / a {EXPECTED_SPEEDUPS[0]:g}x-"
+            f"{EXPECTED_SPEEDUPS[1]:g}x speedup"
             + (f" + {estimate.compile_seconds:.3g} s compiling" if estimate.compile_seconds else "")
             + f": {_duration(low)}-{_duration(high)} on 1 worker")
     if estimate.workers > 1:
