@@ -213,3 +213,35 @@ def test_a_cache_is_held_to_the_share_of_the_transformer_it_ran():
     assert implausible(measured(9.0, None), setting, 20) is None  # nothing reported: no bound
     steps = {"steps": {"num_inference_steps": 5}}  # 20 -> 5 steps: 4x at most
     assert "beyond the 4.00x" in implausible(measured(9.92, 0.25), steps, 20)
+
+
+def test_trials_that_made_the_winners_images_are_named_as_one_computation(tmp_path):
+    """Adjacent thresholds often make the same skips: two trials with bit-identical images are one
+    computation timed twice, and the winner is the luckier timing. show and export name them, so
+    the spread reads as what it is; a copied result, a partial (pruned) pass, another device or
+    other images are not counted."""
+    spec_path = write_spec(tmp_path / "tiny.toml",
+                           TINY_SPEC.replace("n_trials = 4", "n_trials = 9\nwarm_start = []"))
+    study = create_study(load_spec(spec_path), open_storage(f"sqlite:///{tmp_path / 's.db'}",
+                                                            heartbeat_interval=None))
+    same, other = ["aa", "bb", "cc", "dd"], ["aa", "bb", "cc", "ee"]
+
+    def add(speedup, digests, state=TrialState.COMPLETE, **extra):
+        study.add_trial(measured("deepcache", {"deepcache": {"cache_interval": 3 + len(extra)}},
+                                 speedup, 35.0, state=state, image_digests=digests,
+                                 batch_size=2, **extra))
+
+    add(3.47, same)  # 0: the twin
+    add(3.73, same)  # 1: the winner, the luckier timing
+    add(3.10, other)  # 2: other images
+    add(3.73, same, reused_from=1)  # 3: a copy of trial 1's result, not a timing
+    add(3.20, same, state=TrialState.PRUNED)  # 4: a partial pass
+    add(3.30, same, fingerprint="elsewhere")  # 5: another device
+    spec = load_spec(spec_path)
+    exported = export_study(study, spec, fingerprint="here")
+    assert exported["best"]["trial"] in (1, 3)  # trial 1, or its copy: one timing either way
+    assert [t["trial"] for t in exported["same_images"]] == [0]
+    assert exported["same_images"][0]["speedup"] == 3.47
+    shown = format_summary(study_summary(study, spec))
+    assert "  trial 0 made the same images (the same computation) at 3.47 [3.30, 3.64]: the " \
+           "spread between their speedups and the winner's is timing noise" in shown.splitlines()

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from optsearch.formatting import format_interval, format_setting, format_speedup, table, too_wide
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
-from optsearch.optimize.winner import repeat_of, winner
+from optsearch.optimize.winner import repeat_of, same_images, winner
 from optsearch.storage.record import quality_of, trial_metrics
 
 
@@ -54,6 +54,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
     summary["best"] = trial_metrics(found.trial) if found else None
     summary["winner_rule"] = found.rule if found else None
     summary["winner_repeat"] = repeat_of(found) if found else None
+    summary["winner_same_images"] = ([trial_metrics(t) for t in same_images(study, found.trial)]
+                                     if found else [])
     finished = [t for t in trials if t.state in studies.FINISHED]
     summary["nothing_feasible_hint"] = (objectives.relax_hint(spec, finished)
                                         if finished and not summary["best_per_combo"] else None)
@@ -142,6 +144,10 @@ def format_summary(summary: dict) -> str:
                      f"should read {span} ({percent}, from its {repeat['from']} figures; the "
                      "interval above is the true speedup's)")
             lines.append(f"  measured again (a fresh pass, its own baseline), its speedup {where}")
+        if twins := summary.get("winner_same_images"):
+            lines.append(f"  {_trials_text(twins)} made the same images (the same computation) at "
+                         f"{', '.join(format_speedup(t) for t in twins)}: the spread between their "
+                         "speedups and the winner's is timing noise")
     if summary["steps_missing"]:
         lines += ["", f"reference: fewer steps only: {summary['steps_missing']}"]
     if summary["steps_frontier"]:
@@ -156,6 +162,11 @@ def format_summary(summary: dict) -> str:
         lines += ["", "confirmations on unseen prompts, own noise (search | confirmed, A B B A rounds):"]
         lines.append(_confirmations_table(summary["confirmations"], metric))
     return "\n".join(lines)
+
+
+def _trials_text(figures: list[dict]) -> str:
+    numbers = [str(f["trial"]) for f in figures]
+    return f"trial {numbers[0]}" if len(numbers) == 1 else f"trials {', '.join(numbers)}"
 
 
 def _worst(metrics: dict, metric: str) -> str:

@@ -19,8 +19,8 @@ from optsearch.optimize.objectives import (
 )
 from optsearch.optimize.reference import missing_text, steps_frontier, verdict
 from optsearch.optimize.study import FINISHED, baselines, calibration, confirmations, spec_attr
-from optsearch.optimize.winner import latest_by_trial, repeat_of, winner
-from optsearch.storage.record import trial_metrics, utc_now
+from optsearch.optimize.winner import latest_by_trial, repeat_of, same_images, winner
+from optsearch.storage.record import speedup_of, trial_metrics, utc_now
 from optsearch.version import __version__
 
 FORMAT = "optsearch.search_params/1"
@@ -108,6 +108,9 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
         # where a user's own fresh measurement of the winner should read (the interval is the
         # true speedup's; a repeat carries its own noise too)
         "repeat_speedup": repeat_of(found),
+        # trials that made the winner's very images: the same computation timed again
+        "same_images": [{"trial": t.number, **speedup_of(t.user_attrs).to_dict()}
+                        for t in same_images(study, best)],
         "fingerprint": best.user_attrs.get("fingerprint") if fingerprint is None else fingerprint,
         # what the server should run for these figures to hold; `optsearch.apply` warns otherwise
         "deployment": measured_context(
