@@ -226,17 +226,17 @@ def test_trials_that_made_the_winners_images_are_named_as_one_computation(tmp_pa
                                                             heartbeat_interval=None))
     same, other = ["aa", "bb", "cc", "dd"], ["aa", "bb", "cc", "ee"]
 
-    def add(speedup, digests, state=TrialState.COMPLETE, **extra):
-        study.add_trial(measured("deepcache", {"deepcache": {"cache_interval": 3 + len(extra)}},
+    def add(speedup, digests, interval, state=TrialState.COMPLETE, **extra):
+        study.add_trial(measured("deepcache", {"deepcache": {"cache_interval": interval}},
                                  speedup, 35.0, state=state, image_digests=digests,
                                  batch_size=2, **extra))
 
-    add(3.47, same)  # 0: the twin
-    add(3.73, same)  # 1: the winner, the luckier timing
-    add(3.10, other)  # 2: other images
-    add(3.73, same, reused_from=1)  # 3: a copy of trial 1's result, not a timing
-    add(3.20, same, state=TrialState.PRUNED)  # 4: a partial pass
-    add(3.30, same, fingerprint="elsewhere")  # 5: another device
+    add(3.47, same, 5)  # 0: the twin (a neighbouring setting, the same skips)
+    add(3.73, same, 4)  # 1: the winner, the luckier timing
+    add(3.10, other, 3)  # 2: other images
+    add(3.73, same, 4, reused_from=1)  # 3: a copy of trial 1's result, not a timing
+    add(3.20, same, 6, state=TrialState.PRUNED)  # 4: a partial pass
+    add(3.30, same, 7, fingerprint="elsewhere")  # 5: another device
     spec = load_spec(spec_path)
     exported = export_study(study, spec, fingerprint="here")
     assert exported["best"]["trial"] in (1, 3)  # trial 1, or its copy: one timing either way
@@ -245,3 +245,6 @@ def test_trials_that_made_the_winners_images_are_named_as_one_computation(tmp_pa
     shown = format_summary(study_summary(study, spec))
     assert "  trial 0 made the same images (the same computation) at 3.47 [3.30, 3.64]: the " \
            "spread between their speedups and the winner's is timing noise" in shown.splitlines()
+    # confirmation's top 2 are two computations: the twin would measure the winner's again
+    assert [t.number for t in objectives.ranked(study, spec, top=2)] == [1, 5]
+    assert [t.number for t in objectives.ranked(study, spec, top=3)] == [1, 5, 2]

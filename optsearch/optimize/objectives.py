@@ -180,15 +180,37 @@ def pareto_front(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
 
 def ranked(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTrial]:
     """The `top` best feasible settings, then each combo's best, one trial per distinct setting
-    (what confirmation re-measures and a warm start copies)."""
+    and per distinct computation (what confirmation re-measures and a warm start copies): a trial
+    that made the very images of a better one (a neighbouring threshold, the same skips) would
+    be the same computation measured again, so the next distinct one takes its place."""
     if spec.objective.mode == "pareto":
         order = pareto_front(study, spec)
     else:
         order = sorted(_measured_feasible(study), key=lambda t: -merit(spec, t.values[0]))
-    chosen: dict[str, FrozenTrial] = {}
-    for trial in [*order[:top], *best_per_combo(study, spec).values()]:
-        chosen.setdefault(setting_key(trial.user_attrs["setting"]), trial)
-    return list(chosen.values())
+    chosen: list[FrozenTrial] = []
+    seen: set[str] = set()
+
+    def take(trial: FrozenTrial) -> None:
+        keys = {setting_key(trial.user_attrs["setting"]), _computation_key(trial)}
+        if not keys & seen:
+            chosen.append(trial)
+        seen.update(keys)
+
+    for trial in order:
+        if len(chosen) == top:
+            break
+        take(trial)
+    for trial in best_per_combo(study, spec).values():
+        take(trial)
+    return chosen
+
+
+def _computation_key(trial: FrozenTrial) -> str:
+    """The images a trial made, where it recorded them: equal keys, one computation."""
+    attrs = trial.user_attrs
+    if not attrs.get("image_digests"):
+        return f"trial {trial.number}"
+    return json.dumps([attrs.get("fingerprint"), attrs.get("batch_size"), attrs["image_digests"]])
 
 
 def setting_key(setting: dict) -> str:
