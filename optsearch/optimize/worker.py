@@ -71,7 +71,7 @@ class Worker:
         # Load everything that can fail before writing anything to the study.
         evaluator = evaluator or evaluator_from_spec(self.spec, self.options.device,
                                                      self.options.progress)
-        self.host, self.worker_id = socket.gethostname(), f"{socket.gethostname()}:{os.getpid()}"
+        self.host, self.worker_id = (host := socket.gethostname()), f"{host}:{os.getpid()}"
         device_id, _ = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         evaluator = evaluator.derive(  # with what this study measured on this device (MagCache)
             fault=fault_from_env(), calibration=studies.calibration(self.study, device_id),
