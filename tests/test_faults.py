@@ -81,13 +81,16 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tmp_path, kind):
     study = create(TINY_SPEC.replace("n_trials = 4", "n_trials = 3"), tmp_path, url)
     fault = "1" if kind == "cuda" else "1:memory"  # the first trial's second batch
     worker = start_worker(url, env={"OPTSEARCH_FAULT_OOM": fault})
-    _, err = worker.communicate(timeout=300)
+    out, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err
     trials = study.get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and failed[0].number == 0
     reason = failed[0].user_attrs["fail_reason"]
     assert "out of memory at batch size 2 with deepcache" in reason  # names the setting that hit it
+    # the worker's line for it names the setting once, then why it failed
+    line = next(line for line in out.splitlines() if ": trial 0 " in line)
+    assert line.count("deepcache(") == 1 and ": fail (out of memory at batch size 2: " in line
     assert sum(t.state in FINISHED for t in trials) == 3
 
 

@@ -17,10 +17,11 @@ def trial_line(trial, spec, winner: int | None = None) -> str | None:
     attrs = trial.user_attrs
     if not attrs.get("setting"):
         return None
-    head = f"trial {trial.number} {format_setting(attrs.get('setting') or {})}"
+    setting = format_setting(attrs["setting"])
+    head = f"trial {trial.number} {setting}"
     if attrs.get("speedup") is None:  # failed (out of memory, a bug) or cut off
-        return f"{head}: {trial.state.name.lower()}" + (
-            f" ({attrs['fail_reason']})" if attrs.get("fail_reason") else "")
+        reason = (attrs.get("fail_reason") or "").replace(f" with {setting}", "")
+        return f"{head}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")
     metric = spec.quality.metric
     constraints = attrs.get("constraints") or {}
     if attrs.get("reused_from") is not None:
