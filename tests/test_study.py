@@ -15,6 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 import optsearch
+from optsearch.formatting import format_speedup
 from optsearch.measure.evaluate import image_digest
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
@@ -270,6 +271,8 @@ def test_study_show_list_delete(tmp_path):
     assert listed[0].split()[:4] == ["study", "finished", "queued", "n_trials"]
     row = next(line.split() for line in listed if line.startswith("tiny"))
     assert row[1] == "2" and row[3] == "2"  # finished and n_trials; queued warm starts apart
+    best = data["best"]  # the published warm starts meet psnr 30 at 2x and more
+    assert f"trial {best['trial']}: {format_speedup(best)} search" in listed[-1]  # with its interval
     assert optsearch_cmd("study", "delete", "tiny", "--storage", url).returncode == 0
     assert "no studies" in optsearch_cmd("study", "list", "--storage", url).stdout
 

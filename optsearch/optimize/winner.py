@@ -172,7 +172,8 @@ def mark_winner(study: optuna.Study, spec) -> Winner | None:
                                  metric)
         mark = {"trial": found.trial.number, "rule": found.rule,
                 "setting": found.trial.user_attrs.get("setting"),
-                "speedup": figures.get("speedup"), "confirmed": found.confirmed is not None,
+                "speedup": figures.get("speedup"), "speedup_low": figures.get("speedup_low"),
+                "speedup_high": figures.get("speedup_high"), "confirmed": found.confirmed is not None,
                 "fewer_steps": reference.verdict_text(line) or reference.missing_text(study, spec)}
         note = (f"## Winner: trial {found.trial.number}\n\n"
                 f"- {format_setting(mark['setting'] or {})}\n"
