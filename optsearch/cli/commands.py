@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 
 from optsearch.accelerators import ORDER, combo_problem, normalize_setting
-from optsearch.cli.show import format_summary, study_summary
+from optsearch.cli.show import format_summary, study_summary, winner_cell
 from optsearch.errors import UsageError
 from optsearch.formatting import (
     comparison_table,
@@ -142,20 +142,11 @@ def cmd_study_list(args) -> int:
             study_name=summary.study_name, storage=storage).get_trials(deepcopy=False))
         rows.append([summary.study_name, sum(states[s] for s in studies.FINISHED),
                      states[optuna.trial.TrialState.WAITING], spec.get("search", {}).get("n_trials"),
-                     spec.get("model", {}).get("id"), _winner_cell(summary.user_attrs.get("winner")),
+                     spec.get("model", {}).get("id"), winner_cell(summary.user_attrs.get("winner")),
                      f"{summary.datetime_start:%Y-%m-%d %H:%M:%S}" if summary.datetime_start else "-"])
     headers = ["study", "finished", "queued", "n_trials", "model", "winner", "started"]
     print(table(headers, rows) if rows else "no studies")
     return 0
-
-
-def _winner_cell(mark: dict | None) -> str:
-    """'trial 7: 2.31 [2.10, 2.54] confirmed': the winner the workers marked (mark_winner), its
-    speedup with its interval, and whether that is the search's figure or a confirmation's."""
-    if not mark or mark.get("speedup") is None:
-        return "-"
-    figure = format_speedup(mark) if "speedup_low" in mark else f"{mark['speedup']:.2f}x"  # older
-    return f"trial {mark['trial']}: {figure} " + ("confirmed" if mark.get("confirmed") else "search")
 
 
 def cmd_study_show(args) -> int:

@@ -164,6 +164,15 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def winner_cell(mark: dict | None) -> str:
+    """'trial 7: 2.31 [2.10, 2.54] confirmed': the winner the workers marked (mark_winner), its
+    speedup with its interval, and whether that is the search's figure or a confirmation's."""
+    if not mark or mark.get("speedup") is None:
+        return "-"
+    figure = format_speedup(mark) if "speedup_low" in mark else f"{mark['speedup']:.2f}x"  # older
+    return f"trial {mark['trial']}: {figure} " + ("confirmed" if mark.get("confirmed") else "search")
+
+
 def _trials_text(figures: list[dict]) -> str:
     numbers = [str(f["trial"]) for f in figures]
     return f"trial {numbers[0]}" if len(numbers) == 1 else f"trials {', '.join(numbers)}"
