@@ -15,6 +15,7 @@ import torch
 from optuna.trial import create_trial
 from optuna_dashboard import get_note
 
+from optsearch.formatting import format_speedup
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.fingerprint import device_name
 from optsearch.measure.metrics import Interval
@@ -107,6 +108,13 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     after = stored_confirmations(url)
     for key, record in first.items():
         assert after[key] == record  # kept as stored, not measured again
+    # one line for each setting it confirmed, as stored (not for those stored before)
+    said = [line for line in again.stdout.splitlines() if ": confirmed trial " in line]
+    assert len(said) == len(after) - len(first) >= 1
+    for line in said:
+        number = int(line.split(": confirmed trial ")[1].split()[0])
+        record = next(r for r in after.values() if r["trial"] == number)
+        assert f"on 2 unseen prompts: speedup {format_speedup(record)} (2 A B B A rounds)" in line
     settings = [json.dumps(r["setting"], sort_keys=True) for r in after.values()]
     assert len(settings) == len(set(settings)) >= 2
     for record in after.values():

@@ -21,6 +21,7 @@ import socket
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
+from tqdm.auto import tqdm
 
 from optsearch.errors import NothingToExport, UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator, evaluator_from_spec
@@ -32,7 +33,7 @@ from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
 from optsearch.optimize.baseline import check_same_pipeline
 from optsearch.optimize.winner import mark_winner
-from optsearch.storage.notes import trial_note, write_trial_note
+from optsearch.storage.notes import confirmed_line, trial_note, write_trial_note
 from optsearch.storage.rdb import open_storage
 from optsearch.storage.record import finite, trial_metrics, utc_now
 
@@ -44,7 +45,8 @@ class ConfirmOptions:
     top: int = 3  # the K best feasible settings (each combo's best comes too)
     repeats: int = 3  # A B B A timing rounds; the speedup interval is over them
     device: str | None = None
-    progress: bool = True
+    progress: bool = True  # progress bars
+    lines: bool = True  # one line per setting confirmed (also under --quiet: a log's record)
 
 
 def confirm_seed(spec) -> int:
@@ -98,7 +100,10 @@ class Confirmation:
             if self.key(trial) in stored:
                 logger.info("trial %d already confirmed", trial.number)
                 continue
-            studies.save_confirmation(self.study, self.measure(trial))
+            record = self.measure(trial)
+            studies.save_confirmation(self.study, record)
+            if self.options.lines:
+                tqdm.write(f"{self.worker_id}: {confirmed_line(record, self.spec)}")
         stored = studies.confirmations(self.study)
         records = [stored[self.key(trial)] for trial in self.candidates]
         for trial, record in zip(self.candidates, records, strict=True):  # also those stored by a

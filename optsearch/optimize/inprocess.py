@@ -104,7 +104,7 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
                                                                  trial_lines=progress), evaluator)
         worker.run()
         if confirm:
-            options = ConfirmOptions(top=confirm, repeats=repeats, progress=progress)
+            options = ConfirmOptions(top=confirm, repeats=repeats, progress=progress, lines=progress)
             Confirmation(storage, study.study_name, options, evaluator).run()
     finally:
         pipe._progress_bar_config = bars  # the caller's pipeline as it was

@@ -39,6 +39,17 @@ def trial_line(trial, spec, winner: int | None = None) -> str | None:
             f"{format_interval(quality_of(attrs, metric))}: {verdict}{lead}")
 
 
+def confirmed_line(record: dict, spec) -> str:
+    """One line per setting confirmed, as it is stored: the unseen-prompt figures a user acts on."""
+    metric = spec.quality.metric
+    verdict = "feasible" if record["feasible"] else "infeasible (" + ", ".join(
+        name for name, value in record["constraints"].items() if value > 0) + ")"
+    return (f"confirmed trial {record['trial']} {format_setting(record['setting'])} on "
+            f"{record['num_samples']} unseen prompts: speedup {format_speedup(record)} "
+            f"({record['repeats']} A B B A rounds), {metric} "
+            f"{format_interval(quality_of(record, metric))}: {verdict}")
+
+
 def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) -> str:
     """The Markdown note optuna-dashboard shows on a trial: what was measured and how sure it is."""
     metric, confidence = spec.quality.metric, round(100 * spec.quality.confidence)
