@@ -40,7 +40,7 @@ from optsearch.study_spec import SpecError, check_setting, load_spec, notes
 # seconds on a small machine) inside their functions: `study list`, `show`, `export`, `create`
 # and `delete` answer without them.
 
-def _parse_value(text: str):
+def _parse_value(key: str, text: str):
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -50,9 +50,9 @@ def _parse_value(text: str):
         except ValueError:
             continue
         if not math.isfinite(value):
-            raise UsageError(f"--set value {text!r} is not a finite number")
+            raise UsageError(f"--set {key}={text}: {text!r} is not a finite number")
         return value
-    raise UsageError(f"--set value {text!r} is not a number or true/false")
+    raise UsageError(f"--set {key}={text}: {text!r} is not a number or true/false")
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -62,7 +62,7 @@ def parse_sets(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
             raise UsageError(f"--set {item!r} must look like ACCELERATOR.PARAM=VALUE")
-        setting[key.strip()] = _parse_value(value.strip())
+        setting[key.strip()] = _parse_value(key.strip(), value.strip())
     return setting
 
 
