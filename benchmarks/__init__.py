@@ -69,4 +69,6 @@ BENCHMARKS = {
                               "Accelerator families"),
     "families": Benchmark("families", "Speedup and fidelity of every accelerator family, and fewer "
                           "steps as the reference", "Accelerator families"),
+    "twins": Benchmark("twins", "How often does a threshold-cache search time one computation twice, "
+                       "and how far apart do its timings read?", "Winner's curse and confirmation"),
 }

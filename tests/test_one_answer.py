@@ -244,7 +244,8 @@ def test_trials_that_made_the_winners_images_are_named_as_one_computation(tmp_pa
     assert exported["same_images"][0]["speedup"] == 3.47
     shown = format_summary(study_summary(study, spec))
     assert "  trial 0 made the same images (the same computation) at 3.47 [3.30, 3.64]: the " \
-           "spread between their speedups and the winner's is timing noise" in shown.splitlines()
+           "spread between their speedups and the winner's is timing noise (the 2 readings' " \
+           "geometric mean: 3.60x)" in shown.splitlines()  # sqrt(3.47 x 3.73)
     # confirmation's top 2 are two computations: the twin would measure the winner's again
     assert [t.number for t in objectives.ranked(study, spec, top=2)] == [1, 5]
     assert [t.number for t in objectives.ranked(study, spec, top=3)] == [1, 5, 2]

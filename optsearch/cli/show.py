@@ -3,6 +3,7 @@ combo with intervals, and confirmed figures beside the search's."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import optuna
@@ -145,9 +146,12 @@ def format_summary(summary: dict) -> str:
                      "interval above is the true speedup's)")
             lines.append(f"  measured again (a fresh pass, its own baseline), its speedup {where}")
         if twins := summary.get("winner_same_images"):
+            readings = [summary["best"]["speedup"], *(t["speedup"] for t in twins)]
+            mean = math.exp(sum(map(math.log, readings)) / len(readings))
             lines.append(f"  {_trials_text(twins)} made the same images (the same computation) at "
                          f"{', '.join(format_speedup(t) for t in twins)}: the spread between their "
-                         "speedups and the winner's is timing noise")
+                         f"speedups and the winner's is timing noise (the {len(readings)} readings' "
+                         f"geometric mean: {mean:.2f}x)")
     if summary["steps_missing"]:
         lines += ["", f"reference: fewer steps only: {summary['steps_missing']}"]
     if summary["steps_frontier"]:
