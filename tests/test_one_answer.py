@@ -17,6 +17,7 @@ from optsearch.optimize import objectives, reference
 from optsearch.optimize.create import create_study
 from optsearch.optimize.early_stop import rule_for
 from optsearch.optimize.export import export_study
+from optsearch.storage.notes import trial_line
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
 from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
@@ -246,6 +247,13 @@ def test_trials_that_made_the_winners_images_are_named_as_one_computation(tmp_pa
     assert "  trial 0 made the same images (the same computation) at 3.47 [3.30, 3.64]: the " \
            "spread between their speedups and the winner's is timing noise (the 2 readings' " \
            "geometric mean: 3.60x)" in shown.splitlines()  # sqrt(3.47 x 3.73)
+    # the worker's line for the winner names its twin (not the copy, the partial pass, the other
+    # device); the copy's says whose result it is
+    lines = {t.number: trial_line(study, t._trial_id, spec) for t in study.trials}
+    assert lines[1].endswith(": feasible, the same images as trial 0 (the same computation, "
+                             "timed again)")
+    assert lines[3].endswith(": the result of trial 1 (same setting, same device)")
+    assert lines[2].endswith(": feasible")
     # confirmation's top 2 are two computations: the twin would measure the winner's again
     assert [t.number for t in objectives.ranked(study, spec, top=2)] == [1, 5]
     assert [t.number for t in objectives.ranked(study, spec, top=3)] == [1, 5, 2]

@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 from optsearch.formatting import format_interval, format_setting, format_speedup, table, too_wide
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
-from optsearch.optimize.winner import repeat_of, same_images, winner
-from optsearch.storage.record import quality_of, trial_metrics
+from optsearch.optimize.winner import repeat_of, winner
+from optsearch.storage.record import quality_of, same_images, trial_metrics
 
 
 def study_summary(study: optuna.Study, spec) -> dict:

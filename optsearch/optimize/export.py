@@ -19,8 +19,8 @@ from optsearch.optimize.objectives import (
 )
 from optsearch.optimize.reference import missing_text, steps_frontier, verdict
 from optsearch.optimize.study import FINISHED, baselines, calibration, confirmations, spec_attr
-from optsearch.optimize.winner import latest_by_trial, repeat_of, same_images, winner
-from optsearch.storage.record import speedup_of, trial_metrics, utc_now
+from optsearch.optimize.winner import latest_by_trial, repeat_of, winner
+from optsearch.storage.record import same_images, speedup_of, trial_metrics, utc_now
 from optsearch.version import __version__
 
 FORMAT = "optsearch.search_params/1"

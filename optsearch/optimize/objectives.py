@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optsearch.measure.metrics import Interval, direction, limit_sign, quality_margin
-from optsearch.storage.record import quality_of
+from optsearch.storage.record import computation_key, quality_of
 from optsearch.study_spec import StudySpec
 
 
@@ -191,7 +191,8 @@ def ranked(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTrial]:
     seen: set[str] = set()
 
     def take(trial: FrozenTrial) -> None:
-        keys = {setting_key(trial.user_attrs["setting"]), _computation_key(trial)}
+        keys = {setting_key(trial.user_attrs["setting"]),
+                computation_key(trial.user_attrs) or f"trial {trial.number}"}
         if not keys & seen:
             chosen.append(trial)
         seen.update(keys)
@@ -205,12 +206,6 @@ def ranked(study: optuna.Study, spec: StudySpec, top: int) -> list[FrozenTrial]:
     return chosen
 
 
-def _computation_key(trial: FrozenTrial) -> str:
-    """The images a trial made, where it recorded them: equal keys, one computation."""
-    attrs = trial.user_attrs
-    if not attrs.get("image_digests"):
-        return f"trial {trial.number}"
-    return json.dumps([attrs.get("fingerprint"), attrs.get("batch_size"), attrs["image_digests"]])
 
 
 def setting_key(setting: dict) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
@@ -55,24 +55,6 @@ def repeat_of(found: Winner) -> dict | None:
         return None
     return {"low": repeat.low, "high": repeat.high,
             "from": "confirmation" if found.confirmed else "search"}
-
-
-def same_images(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
-    """Other complete trials that made bit-identical images on the same device and batch size
-    (adjacent thresholds often make the same skips): one computation timed again, so the spread
-    of their speedups is timing noise, and the best of them is the luckiest timing of it.
-    Copies of a result (`reused_from`) are not timings of their own."""
-    attrs = trial.user_attrs
-    digests = attrs.get("image_digests")
-    if not digests:
-        return []
-    timed = attrs.get("reused_from", trial.number)  # the trial whose timing this is
-    return [other for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if other.number not in (trial.number, timed)
-            and other.user_attrs.get("reused_from") is None
-            and other.user_attrs.get("image_digests") == digests
-            and all(other.user_attrs.get(key) == attrs.get(key)
-                    for key in ("fingerprint", "batch_size"))]
 
 
 def device_choices(study: optuna.Study) -> dict[str, str]:

@@ -164,8 +164,8 @@ class Worker:
             self.interrupts.release()
         told, self.current = self.current, None  # told to the storage: no longer ours to re-queue
         found = mark_winner(self.study, self.spec)  # the dashboard's note and attr follow each trial
-        line = told and self.options.trial_lines and trial_line(self.study._storage.get_trial(
-            told._trial_id), self.spec, found.trial.number if found else None)
+        line = told and self.options.trial_lines and trial_line(
+            self.study, told._trial_id, self.spec, found.trial.number if found else None)
         if line:  # not for a slot other workers had taken (nothing measured)
             bar.write(f"{self.worker_id}: {line}")
         return True

@@ -5,15 +5,17 @@ from __future__ import annotations
 from optuna_dashboard._note import note_ver_key, save_note_with_version
 
 from optsearch.formatting import compile_text, format_interval, format_setting, format_speedup
-from optsearch.storage.record import quality_of
+from optsearch.storage.record import quality_of, same_images
 
 
-def trial_line(trial, spec, winner: int | None = None) -> str | None:
+def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | None:
     """One line per finished trial, for a worker's terminal or log (a Kubernetes pod's, a SLURM
-    task's): its setting, its figures with their intervals, and what became of it. None for a
-    trial that never got a setting (a slot other workers had filled)."""
+    task's): its setting, its figures with their intervals, what became of it, and the trials
+    that made its very images. None for a trial that never got a setting (a slot other workers
+    had filled)."""
     from optuna.trial import TrialState
 
+    trial = study._storage.get_trial(trial_id)
     attrs = trial.user_attrs
     if not attrs.get("setting"):
         return None
@@ -34,6 +36,11 @@ def trial_line(trial, spec, winner: int | None = None) -> str | None:
                    else "infeasible (" + ", ".join(k for k, v in constraints.items() if v > 0) + ")")
         if verdict == "feasible" and (attrs["speedup"] <= 1.0 or (attrs.get("compute_fraction") or 0) >= 1):
             verdict += ", not faster than the baseline"
+    twins = (same_images(study, trial) if trial.state == TrialState.COMPLETE
+             and attrs.get("reused_from") is None else [])
+    if twins:
+        verdict += (f", the same images as trial {', '.join(str(t.number) for t in twins)} (the "
+                    "same computation, timed again)")
     lead = f"; the winner so far: trial {winner}" if winner is not None else ""
     return (f"{head}: speedup {format_speedup(attrs)}, {metric} "
             f"{format_interval(quality_of(attrs, metric))}: {verdict}{lead}")

@@ -16,9 +16,11 @@ Who wrote what:
 from __future__ import annotations
 
 import datetime
+import json
 import math
 
-from optuna.trial import FrozenTrial
+import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from optsearch.measure.comparison import VIDEO_FIGURES, Comparison
 from optsearch.measure.metrics import METRICS, Interval
@@ -139,3 +141,26 @@ def write_constraints(study, trial, values: dict[str, float]) -> None:
         trial.set_constraint(name, value)
     trial.set_user_attr("constraints", values)
     study._storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS_KEY, list(values.values()))
+
+
+def computation_key(attrs: dict) -> str | None:
+    """What a trial computed, told by its images: the same key, bit-identical images on every
+    prompt on the same device at the same batch size (None where no images were recorded)."""
+    if not attrs.get("image_digests"):
+        return None
+    return json.dumps([attrs.get("fingerprint"), attrs.get("batch_size"), attrs["image_digests"]])
+
+
+def same_images(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
+    """Other complete trials that made bit-identical images on the same device and batch size
+    (adjacent thresholds often make the same skips): one computation timed again, so the spread
+    of their speedups is timing noise, and the best of them is the luckiest timing of it.
+    Copies of a result (`reused_from`) are not timings of their own."""
+    key = computation_key(trial.user_attrs)
+    if key is None:
+        return []
+    timed = trial.user_attrs.get("reused_from", trial.number)  # the trial whose timing this is
+    return [other for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if other.number not in (trial.number, timed)
+            and other.user_attrs.get("reused_from") is None
+            and computation_key(other.user_attrs) == key]
