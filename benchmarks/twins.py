@@ -6,7 +6,9 @@ complete trials whose images are bit-identical on every prompt (same device, sam
 one computation: a neighbouring threshold made the same skips. Per study: how many complete trials
 are such twins of another, how far apart a group's speedups read (max / min: timing noise alone),
 and whether the winner is the fastest reading of a group (its figure then the luckiest timing of a
-computation measured more than once), with the group's geometric-mean speedup beside it.
+computation measured more than once), with the group's geometric-mean speedup beside it; and
+since the "same images" early stop, how many trials it stopped after their first batch and the
+seconds it saved.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main(n_studies: int = 3, n_trials: int = 30) -> None:
         complete = sum(len(group) for group in groups)
         spreads = [max(t.user_attrs["speedup"] for t in g) / min(t.user_attrs["speedup"] for t in g)
                    for g in twins]
+        stopped = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+                   if t.user_attrs.get("early_stop_reason") == "same images"]
+        saved = sum(t.user_attrs.get("early_stop_saved_s", 0.0) for t in stopped)
         found = winner(study, spec)
         group = next((g for g in twins if found and found.trial in g), None)
         pooled = (math.exp(sum(math.log(t.user_attrs["speedup"]) for t in group) / len(group))
@@ -62,6 +67,8 @@ def main(n_studies: int = 3, n_trials: int = 30) -> None:
         rows.append([seed, complete, sum(len(g) for g in twins), len(twins),
                      f"{max(spreads):.3f}" if spreads else "-",
                      f"{found.trial.user_attrs['speedup']:.2f}" if found else "-",
-                     f"{len(group)} trials, {pooled:.2f}" if group else "no twin"])
+                     f"{len(group)} trials, {pooled:.2f}" if group else "no twin",
+                     f"{len(stopped)}, {saved:.1f} s"])
     print(table(["seed", "complete", "in twin groups", "groups", "widest spread (max/min)",
-                 "winner speedup", "winner's group: size, geometric mean"], rows))
+                 "winner speedup", "winner's group: size, geometric mean",
+                 "stopped as same images, saved"], rows))

@@ -4,6 +4,7 @@ to tell says so in words."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import optuna
@@ -234,9 +235,10 @@ def test_trials_that_made_the_winners_images_are_named_as_one_computation(tmp_pa
 
     add(3.47, same, 5)  # 0: the twin (a neighbouring setting, the same skips)
     add(3.73, same, 4)  # 1: the winner, the luckier timing
-    add(3.10, other, 3)  # 2: other images
+    add(3.10, other, 3)  # 2: other images (its first two as those of 0 and 1)
     add(3.73, same, 4, reused_from=1)  # 3: a copy of trial 1's result, not a timing
-    add(3.20, same, 6, state=TrialState.PRUNED)  # 4: a partial pass
+    add(3.20, same[:2], 6, state=TrialState.PRUNED, early_stop_reason="same images",
+        batches_evaluated=1, n_batches=2)  # 4: stopped after its first batch
     add(3.30, same, 7, fingerprint="elsewhere")  # 5: another device
     spec = load_spec(spec_path)
     exported = export_study(study, spec, fingerprint="here")
@@ -254,6 +256,43 @@ def test_trials_that_made_the_winners_images_are_named_as_one_computation(tmp_pa
                              "timed again)")
     assert lines[3].endswith(": the result of trial 1 (same setting, same device)")
     assert lines[2].endswith(": feasible")
+    assert lines[4].endswith(": stopped early (same images) after 1 of 2 batches: those of trial 0, 1, 2")
     # confirmation's top 2 are two computations: the twin would measure the winner's again
     assert [t.number for t in objectives.ranked(study, spec, top=2)] == [1, 5]
     assert [t.number for t in objectives.ranked(study, spec, top=3)] == [1, 5, 2]
+
+
+def test_a_trial_making_a_complete_trials_images_is_stopped_after_its_first_batch(tmp_path,
+                                                                                   tiny_pipe):
+    """A setting whose first batch makes, bit for bit, the images a complete trial of its combo
+    made on this device and batch size is that computation again: stopped ("same images"), so a
+    second, luckier reading of one computation cannot win. Another setting runs to the end; a
+    trial of another combo, device or batch size is not compared."""
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize.early_stop import SAME_IMAGES, rule_for
+
+    text = TINY_SPEC.replace("n_trials = 4", "n_trials = 9\nwarm_start = []")
+    spec = load_spec(write_spec(tmp_path / "tiny.toml", text))
+    evaluator = evaluator_from_spec(spec, pipe=tiny_pipe)
+    baseline = evaluator.baseline()
+    setting = {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}
+    first = evaluator.compare(setting, baseline)
+    assert first.n_batches == 2 and not first.early_stopped
+    study = create_study(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=None))
+    study.add_trial(measured("deepcache", setting, first.speedup, 40.0, fingerprint="here",
+                             batch_size=2, image_digests=first.image_digests,
+                             batch_seconds=first.batch_seconds))
+    rule = rule_for(spec, study.trials, "here", combo="deepcache")
+    again = evaluator.compare(setting, baseline, stop_when=rule)
+    assert again.early_stop_reason == SAME_IMAGES and again.batches_evaluated == 1
+    other = evaluator.compare({"deepcache": {"cache_interval": 2, "cache_branch_id": 0}}, baseline,
+                              stop_when=rule)
+    assert other.early_stop_reason != SAME_IMAGES and other.image_digests[:2] != first.image_digests[:2]
+    for elsewhere in (rule_for(spec, study.trials, "here", combo="deepcache+tome"),
+                      rule_for(spec, study.trials, "another-device", combo="deepcache")):
+        assert elsewhere.computed == []
+    # one prompt a batch: the same images (seeds are per prompt), another timing's computation
+    single = evaluator.derive(config=dataclasses.replace(evaluator.config, batch_size=1))
+    by_one = single.compare(setting, single.baseline(), stop_when=rule)
+    assert by_one.image_digests[:1] == first.image_digests[:1]
+    assert by_one.early_stop_reason != SAME_IMAGES

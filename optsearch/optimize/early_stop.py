@@ -16,6 +16,11 @@ answered with confidence:
                Never for a steps-only trial: that is the fewer-steps reference line.
 - "inert":     its first batch computed everything (`compute_fraction` 1.0: a cache whose
                threshold never triggered): the baseline with hook overhead, stopped at once.
+- "same images": its images so far are bit-identical, prompt by prompt, to those of a complete
+               trial of its combo on the same device and batch size (a neighbouring threshold
+               that makes the same skips): that computation again, whose figures are known; a
+               second reading of it could only win by timing luck (benchmarks/twins.py: a third
+               of a tiny-flux study's complete trials were such repeats).
 
 Why each piece is there:
 - Looks after every batch share alpha = 1 - confidence on their real correlation (Pocock's
@@ -70,8 +75,9 @@ from optsearch.storage.record import per_prompt_key, quality_of, speedup_of
 from optsearch.study_spec import StudySpec
 
 QUALITY, SPEEDUP, DOMINATED, INERT = "quality", "speedup", "dominated", "inert"
+SAME_IMAGES = "same images"
 STEPS_ONLY = "steps"  # the combo of the fewer-steps reference line (optimize/reference.py)
-REASONS = (QUALITY, SPEEDUP, DOMINATED, INERT)
+REASONS = (QUALITY, SPEEDUP, DOMINATED, INERT, SAME_IMAGES)
 
 
 @dataclass(frozen=True)
@@ -100,12 +106,18 @@ class EarlyStop:
     front: list[FrontPoint] = field(default_factory=list)  # pareto: the feasible front
     prompt_effects: PromptEffects | None = None  # from earlier trials measured on every prompt
     boundary: str = "pocock"  # per-look alpha; "bonferroni" (alpha / looks) for the benchmarks
+    computed: list[tuple[int, list[str]]] = field(default_factory=list)  # complete trials of this
+    # combo and device: (batch size, image digests), what "same images" compares with
 
     def __call__(self, partial) -> str | None:
         if partial.compute_fractions and partial.compute_fractions[0] >= 1.0:
             return INERT  # nothing skipped: the baseline plus the hooks' overhead
         if partial.batches_evaluated < self.min_batches or not partial.images_evaluated:
             return None
+        seen = partial.image_digests
+        if any(batch_size == partial.batch_size and digests[:len(seen)] == seen
+               for batch_size, digests in self.computed):
+            return SAME_IMAGES
         alpha = self._quality_alpha(partial)  # per look, on the one side asked
         per_look = 1 - 2 * alpha  # a two-sided interval whose each end is a (1 - alpha) bound
         quality = self._quality(partial.per_prompt(self.metric), per_look, partial.num_samples)
@@ -221,6 +233,9 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
     rule.first_batches = FirstBatches.of(
         (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
         for t in measured[-RECENT_TRIALS:])
+    rule.computed = [(t.user_attrs.get("batch_size"), t.user_attrs["image_digests"]) for t in measured
+                     if t.state == TrialState.COMPLETE and t.user_attrs.get("combo") == combo
+                     and len(t.user_attrs.get("image_digests") or ()) == spec.prompts.num_samples]
     mode = spec.objective.mode
     if mode == "target-speedup":
         rule.target_speedup = spec.objective.target_speedup

@@ -31,6 +31,8 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
     elif trial.state == TrialState.PRUNED:
         verdict = (f"stopped early ({attrs.get('early_stop_reason')}) after "
                    f"{attrs.get('batches_evaluated')} of {attrs.get('n_batches')} batches")
+        if attrs.get("early_stop_reason") == "same images":
+            verdict += f": those of trial {', '.join(str(t.number) for t in same_images(study, trial))}"
     else:
         verdict = ("feasible" if constraints and all(v <= 0 for v in constraints.values())
                    else "infeasible (" + ", ".join(k for k, v in constraints.items() if v > 0) + ")")

@@ -145,22 +145,28 @@ def write_constraints(study, trial, values: dict[str, float]) -> None:
 
 def computation_key(attrs: dict) -> str | None:
     """What a trial computed, told by its images: the same key, bit-identical images on every
-    prompt on the same device at the same batch size (None where no images were recorded)."""
+    prompt from the same combo on the same device at the same batch size (None where no images
+    were recorded)."""
     if not attrs.get("image_digests"):
         return None
-    return json.dumps([attrs.get("fingerprint"), attrs.get("batch_size"), attrs["image_digests"]])
+    return json.dumps([attrs.get("fingerprint"), attrs.get("batch_size"), attrs.get("combo"),
+                       attrs["image_digests"]])
 
 
 def same_images(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
-    """Other complete trials that made bit-identical images on the same device and batch size
-    (adjacent thresholds often make the same skips): one computation timed again, so the spread
-    of their speedups is timing noise, and the best of them is the luckiest timing of it.
-    Copies of a result (`reused_from`) are not timings of their own."""
-    key = computation_key(trial.user_attrs)
-    if key is None:
+    """Other complete trials that made the trial's bit-identical images (all it made, for one
+    stopped early) from its combo on the same device and batch size: adjacent thresholds often
+    make the same skips. One computation timed again, so the spread of their speedups is timing
+    noise, and the best of them is the luckiest timing of it. Copies of a result
+    (`reused_from`) are not timings of their own."""
+    attrs = trial.user_attrs
+    digests = attrs.get("image_digests")
+    if not digests:
         return []
-    timed = trial.user_attrs.get("reused_from", trial.number)  # the trial whose timing this is
+    timed = attrs.get("reused_from", trial.number)  # the trial whose timing this is
     return [other for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if other.number not in (trial.number, timed)
             and other.user_attrs.get("reused_from") is None
-            and computation_key(other.user_attrs) == key]
+            and (other.user_attrs.get("image_digests") or [])[:len(digests)] == digests
+            and all(other.user_attrs.get(key) == attrs.get(key)
+                    for key in ("fingerprint", "batch_size", "combo"))]
