@@ -103,3 +103,15 @@ def test_export_warns_when_a_trial_never_confirmed_beats_the_confirmed_winner(tm
     assert json.loads((tmp_path / "sp.json").read_text())["unconfirmed_better"] == [3]
     assert "warning: trial(s) 3 beat the confirmed winner on search figures but were never " \
            "confirmed" in result.stderr
+    # a luckier reading of a confirmed computation (the same images) is not one to confirm
+    for number, speedup in ((4, 2.55), (5, 2.6)):
+        study.add_trial(create_trial(value=speedup, user_attrs={
+            "combo": "deepcache", "setting": {"deepcache": {"cache_interval": number + 2}},
+            "speedup": speedup, "speedup_low": speedup - 0.1, "speedup_high": speedup + 0.1,
+            "psnr": 40.0, "psnr_low": 39.0, "psnr_high": 41.0, "fingerprint": CPU, "device": "cpu",
+            "batch_size": 2, "image_digests": ["a1", "b2", "c3", "d4"],
+            "constraints": {"quality": -1.0}}))
+    studies.save_confirmation(study, record(4, CPU, 1.0, 0.9, "2026-12-02T10:00:00+00:00"))
+    again = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "2.json"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "2.json").read_text())["unconfirmed_better"] == [3]  # not 5

@@ -46,7 +46,9 @@ def confirmed_entry(record: dict, metric: str) -> dict:
 
 def unconfirmed_better(study, spec, found, fingerprint: str | None) -> list[int]:
     """Trials never confirmed whose search figures beat the confirmed winner's search figures
-    (finished after the last `study confirm`, or below its --top): `study confirm` would see them."""
+    (finished after the last `study confirm`, or below its --top): `study confirm` would see them.
+    A trial that made a confirmed trial's very images is that computation, confirmed already:
+    its better search figure is a luckier timing, not another setting to measure."""
     if found.confirmed is None:
         return []
     confirmed = {r["trial"] for r in confirmations(study).values()}
@@ -54,7 +56,8 @@ def unconfirmed_better(study, spec, found, fingerprint: str | None) -> list[int]
     if winner_merit is None or spec.objective.mode == "pareto":
         return []
     return sorted(trial.number for trial in best_per_combo(study, spec, fingerprint).values()
-                  if trial.number not in confirmed and merit(spec, trial.values[0]) > winner_merit)
+                  if trial.number not in confirmed and merit(spec, trial.values[0]) > winner_merit
+                  and not {t.number for t in same_images(study, trial)} & confirmed)
 
 
 def _prompts(baseline: dict | None, spec) -> dict:
