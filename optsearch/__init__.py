@@ -61,8 +61,8 @@ def _read_export(path: Path) -> dict:
     try:
         exported = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        other = {".yaml": "cache-dit's YAML: cache_dit.enable_cache(pipe, **cache_dit.load_configs(path))",
-                 ".yml": "cache-dit's YAML: cache_dit.enable_cache(pipe, **cache_dit.load_configs(path))",
+        yaml = "cache-dit's YAML: cache_dit.enable_cache(pipe, **cache_dit.load_configs(path))"
+        other = {".yaml": yaml, ".yml": yaml,
                  ".py": "a Python export: import it and call its accelerate(pipe)"}
         why = other.get(path.suffix.lower(), f"not JSON ({error})")
         raise ValueError(f"{path} is not a search_params.json ({why}); `optsearch study export "

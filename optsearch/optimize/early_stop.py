@@ -71,7 +71,7 @@ from optsearch.measure.speedup import SpeedupInterval, first_batch_interval, spe
 from optsearch.optimize.evidence import RECENT_TRIALS, FirstBatches, PromptEffects
 from optsearch.optimize.objectives import is_feasible
 from optsearch.optimize.sequential import per_look_alpha
-from optsearch.storage.record import per_prompt_key, quality_of, speedup_of
+from optsearch.storage.record import made_images, per_prompt_key, quality_of, speedup_of
 from optsearch.study_spec import StudySpec
 
 QUALITY, SPEEDUP, DOMINATED, INERT = "quality", "speedup", "dominated", "inert"
@@ -106,17 +106,19 @@ class EarlyStop:
     front: list[FrontPoint] = field(default_factory=list)  # pareto: the feasible front
     prompt_effects: PromptEffects | None = None  # from earlier trials measured on every prompt
     boundary: str = "pocock"  # per-look alpha; "bonferroni" (alpha / looks) for the benchmarks
-    computed: list[tuple[int, list[str]]] = field(default_factory=list)  # complete trials of this
-    # combo and device: (batch size, image digests), what "same images" compares with
+    # "same images": the complete trials of this combo and device (their attrs), and what this
+    # trial is ({"fingerprint", "combo"}; its batch size and images come with each look)
+    computed: list[dict] = field(default_factory=list)
+    identity: dict = field(default_factory=dict)
 
     def __call__(self, partial) -> str | None:
         if partial.compute_fractions and partial.compute_fractions[0] >= 1.0:
             return INERT  # nothing skipped: the baseline plus the hooks' overhead
         if partial.batches_evaluated < self.min_batches or not partial.images_evaluated:
             return None
-        seen = partial.image_digests
-        if any(batch_size == partial.batch_size and digests[:len(seen)] == seen
-               for batch_size, digests in self.computed):
+        so_far = {**self.identity, "batch_size": partial.batch_size,
+                  "image_digests": partial.image_digests}
+        if any(made_images(other, so_far) for other in self.computed):
             return SAME_IMAGES
         alpha = self._quality_alpha(partial)  # per look, on the one side asked
         per_look = 1 - 2 * alpha  # a two-sided interval whose each end is a (1 - alpha) bound
@@ -233,9 +235,9 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
     rule.first_batches = FirstBatches.of(
         (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
         for t in measured[-RECENT_TRIALS:])
-    rule.computed = [(t.user_attrs.get("batch_size"), t.user_attrs["image_digests"]) for t in measured
-                     if t.state == TrialState.COMPLETE and t.user_attrs.get("combo") == combo
-                     and len(t.user_attrs.get("image_digests") or ()) == spec.prompts.num_samples]
+    rule.identity = {"fingerprint": fingerprint, "combo": combo}
+    rule.computed = [t.user_attrs for t in measured
+                     if t.state == TrialState.COMPLETE and t.user_attrs.get("combo") == combo]
     mode = spec.objective.mode
     if mode == "target-speedup":
         rule.target_speedup = spec.objective.target_speedup

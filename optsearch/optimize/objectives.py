@@ -11,7 +11,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optsearch.measure.metrics import Interval, direction, limit_sign, quality_margin
-from optsearch.storage.record import computation_key, quality_of
+from optsearch.storage.record import (
+    computation_key,
+    faster_than_baseline,
+    feasible,
+    missed,
+    quality_of,
+)
 from optsearch.study_spec import StudySpec
 
 
@@ -51,26 +57,25 @@ def relax_hint(spec: StudySpec, measured: list = ()) -> str:
     """What to change when nothing is feasible: the memory limit when the `measured` trials (or
     confirmation records) missed it at least as often as the quality or speedup constraint."""
     records = [getattr(one, "user_attrs", one) for one in measured]
-    missed = Counter(name for record in records
-                     for name, value in (record.get("constraints") or {}).items() if value > 0)
-    if missed["memory"] and missed["memory"] >= max(missed.values()):
+    misses = Counter(name for record in records for name in missed(record))
+    if misses["memory"] and misses["memory"] >= max(misses.values()):
         peaks = [r["peak_memory_gib"] for r in records if r.get("peak_memory_gib") is not None]
         lowest = f" (the lowest peak {min(peaks):.2f} GiB)" if peaks else ""
-        return (f"{missed['memory']} of {len(records)} measured peaked above "
+        return (f"{misses['memory']} of {len(records)} measured peaked above "
                 f"objective.max_memory_gib = {spec.objective.max_memory_gib}{lowest}: raise it, "
                 "or run more trials")
     name, key, knob = (("speedup", "objective.target_speedup", "lower objective.target_speedup")
                        if spec.objective.mode == "target-speedup"
                        else ("quality", "quality.limit", "relax quality.limit"))
-    meeting = [r for r in records if all(v <= 0 for v in (r.get("constraints") or {"": 1}).values())]
+    meeting = [r for r in records if feasible(r)]
     if meeting:  # they meet the limit, but none beat the baseline
         fastest = max(r.get("speedup") or 0.0 for r in meeting)
         return (f"{len(meeting)} of {len(records)} measured meet it, none faster than the "
                 f"baseline (the fastest of them {fastest:.2f}x): run more trials, or {knob} for "
                 "settings that skip more")
-    misses = [r["constraints"][name] for r in records if name in (r.get("constraints") or {})]
-    closest = (f"the closest of {len(records)} measured missed {key} by {min(misses):.3g}: "
-               if misses else "")
+    gaps = [r["constraints"][name] for r in records if name in (r.get("constraints") or {})]
+    closest = (f"the closest of {len(records)} measured missed {key} by {min(gaps):.3g}: "
+               if gaps else "")
     return f"{closest}run more trials or {knob}"
 
 
@@ -108,17 +113,13 @@ def _limit_constraints(spec: StudySpec, summary: dict) -> dict[str, float]:
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    values = trial.user_attrs.get("constraints")
-    return values is not None and all(v <= 0 for v in values.values())
+    return feasible(trial.user_attrs)
 
 
 def is_faster(trial: FrozenTrial) -> bool:
-    """Did the trial run faster than the baseline? A slower setting is never a study's best, nor
-    one that skipped nothing (every family reported computing all of it: DeepCache at interval 1,
-    a threshold never reached): the baseline plus hooks, whose "1.04x" from a batch is noise."""
-    attrs = trial.user_attrs
-    inert = attrs.get("compute_fraction") is not None and attrs["compute_fraction"] >= 1.0
-    return (attrs.get("speedup") or 0.0) > 1.0 and not inert
+    """Did the trial run faster than the baseline? A slower or inert setting is never a study's
+    best (record.faster_than_baseline)."""
+    return faster_than_baseline(trial.user_attrs)
 
 
 def merit(spec: StudySpec, first_value: float) -> float:

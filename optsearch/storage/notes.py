@@ -5,7 +5,7 @@ from __future__ import annotations
 from optuna_dashboard._note import note_ver_key, save_note_with_version
 
 from optsearch.formatting import compile_text, format_interval, format_setting, format_speedup
-from optsearch.storage.record import quality_of, same_images
+from optsearch.storage.record import faster_than_baseline, feasible, missed, quality_of, same_images
 
 
 def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | None:
@@ -25,7 +25,6 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
         reason = (attrs.get("fail_reason") or "").replace(f" with {setting}", "")
         return f"{head}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")
     metric = spec.quality.metric
-    constraints = attrs.get("constraints") or {}
     if attrs.get("reused_from") is not None:
         verdict = f"the result of trial {attrs['reused_from']} (same setting, same device)"
     elif trial.state == TrialState.PRUNED:
@@ -34,9 +33,8 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
         if attrs.get("early_stop_reason") == "same images":
             verdict += f": those of trial {', '.join(str(t.number) for t in same_images(study, trial))}"
     else:
-        verdict = ("feasible" if constraints and all(v <= 0 for v in constraints.values())
-                   else "infeasible (" + ", ".join(k for k, v in constraints.items() if v > 0) + ")")
-        if verdict == "feasible" and (attrs["speedup"] <= 1.0 or (attrs.get("compute_fraction") or 0) >= 1):
+        verdict = _feasibility(attrs)
+        if feasible(attrs) and not faster_than_baseline(attrs):
             verdict += ", not faster than the baseline"
     twins = (same_images(study, trial) if trial.state == TrialState.COMPLETE
              and attrs.get("reused_from") is None else [])
@@ -51,26 +49,28 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
 def confirmed_line(record: dict, spec) -> str:
     """One line per setting confirmed, as it is stored: the unseen-prompt figures a user acts on."""
     metric = spec.quality.metric
-    verdict = "feasible" if record["feasible"] else "infeasible (" + ", ".join(
-        name for name, value in record["constraints"].items() if value > 0) + ")"
+    verdict = _feasibility(record)
     return (f"confirmed trial {record['trial']} {format_setting(record['setting'])} on "
             f"{record['num_samples']} unseen prompts: speedup {format_speedup(record)} "
             f"({record['repeats']} A B B A rounds), {metric} "
             f"{format_interval(quality_of(record, metric))}: {verdict}")
 
 
+def _feasibility(attrs: dict) -> str:
+    """'feasible', or 'infeasible (quality, memory)': which constraints it missed."""
+    return "feasible" if feasible(attrs) else f"infeasible ({', '.join(missed(attrs))})"
+
+
 def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) -> str:
     """The Markdown note optuna-dashboard shows on a trial: what was measured and how sure it is."""
     metric, confidence = spec.quality.metric, round(100 * spec.quality.confidence)
-    constraints = figures.get("constraints") or {}
-    feasible = bool(constraints) and all(v <= 0 for v in constraints.values())
     quality = quality_of(figures, metric)
     lines = [f"## Trial {number}: {figures.get('combo', '?')}", "",
              f"- speedup **{format_speedup(figures)}** ({confidence} % CI, against this worker's "
              "own baseline)",
              f"- {metric} **{format_interval(quality)}** (limit {spec.quality.limit}, rule "
              f"{spec.quality.rule})",
-             f"- {'feasible' if feasible else '**infeasible**'} in the search"]
+             f"- {'feasible' if feasible(figures) else '**infeasible**'} in the search"]
     if figures.get(f"{metric}_worst") is not None:
         lines.insert(-1, f"- worst prompt: {metric} {figures[f'{metric}_worst']:.3f}; nine prompts "
                          f"in ten at least {figures[f'{metric}_p10']:.3f}"

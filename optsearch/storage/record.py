@@ -126,10 +126,9 @@ def speedup_of(attrs: dict) -> SpeedupInterval | None:
 def trial_metrics(trial: FrozenTrial) -> dict:
     """The figures recorded on a trial, for tables and exports."""
     metrics = {key: trial.user_attrs.get(key) for key in SHOWN_KEYS}
-    constraints = metrics["constraints"]
     metrics["trial"] = trial.number
     metrics["state"] = trial.state.name
-    metrics["feasible"] = constraints is not None and all(v <= 0 for v in constraints.values())
+    metrics["feasible"] = feasible(trial.user_attrs)
     return metrics
 
 
@@ -141,6 +140,25 @@ def write_constraints(study, trial, values: dict[str, float]) -> None:
         trial.set_constraint(name, value)
     trial.set_user_attr("constraints", values)
     study._storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS_KEY, list(values.values()))
+
+
+def feasible(attrs: dict) -> bool:
+    """Did the trial (or confirmation record) meet every constraint it carries?"""
+    values = attrs.get("constraints")
+    return values is not None and all(v <= 0 for v in values.values())
+
+
+def missed(attrs: dict) -> list[str]:
+    """The constraints it missed ("quality", "memory", ...)."""
+    return [name for name, value in (attrs.get("constraints") or {}).items() if value > 0]
+
+
+def faster_than_baseline(attrs: dict) -> bool:
+    """Did it run faster than the baseline? Not a slower setting, nor one that skipped nothing
+    (every family reported computing all of it: DeepCache at interval 1, a threshold never
+    reached): the baseline plus hooks, whose "1.04x" from a batch is noise."""
+    inert = attrs.get("compute_fraction") is not None and attrs["compute_fraction"] >= 1.0
+    return (attrs.get("speedup") or 0.0) > 1.0 and not inert
 
 
 def computation_key(attrs: dict) -> str | None:
@@ -160,13 +178,18 @@ def same_images(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
     noise, and the best of them is the luckiest timing of it. Copies of a result
     (`reused_from`) are not timings of their own."""
     attrs = trial.user_attrs
-    digests = attrs.get("image_digests")
-    if not digests:
+    if not attrs.get("image_digests"):
         return []
     timed = attrs.get("reused_from", trial.number)  # the trial whose timing this is
     return [other for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if other.number not in (trial.number, timed)
-            and other.user_attrs.get("reused_from") is None
-            and (other.user_attrs.get("image_digests") or [])[:len(digests)] == digests
-            and all(other.user_attrs.get(key) == attrs.get(key)
-                    for key in ("fingerprint", "batch_size", "combo"))]
+            if other.number not in (trial.number, timed) and made_images(other.user_attrs, attrs)]
+
+
+def made_images(other: dict, attrs: dict) -> bool:
+    """Did the trial of `other` (a complete one's attrs) make every image `attrs` records (all
+    made so far, for one being measured), from the same combo on the same device at the same
+    batch size, timed itself (not a copied result)? Then they are one computation."""
+    digests = attrs.get("image_digests")
+    return (bool(digests) and other.get("reused_from") is None
+            and (other.get("image_digests") or [])[:len(digests)] == digests
+            and all(other.get(key) == attrs.get(key) for key in ("fingerprint", "batch_size", "combo")))
