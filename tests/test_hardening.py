@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import optuna
@@ -359,6 +360,46 @@ def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_p
     trials = worker.study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING], trials
     assert signal.getsignal(signal.SIGTERM) is handler  # the worker's own handler is gone
+
+
+@pytest.mark.parametrize("n_trials", [3, 1])
+def test_an_interrupt_python_ignored_in_a_gc_callback_still_ends_the_worker(tmp_path, n_trials):
+    """CI once saw a SIGINT land inside SQLAlchemy's weakref callback during garbage collection:
+    Python printed "Exception ignored" and the worker ran on and exited 0. A real SIGTERM raised
+    inside a `__del__` mid-trial (ignored there, as in that callback) now ends the worker after
+    the trial it lands in, before another trial starts; in the study's last trial, as interrupted
+    (130 from the CLI), not as done."""
+    from optsearch.optimize.worker import Worker, WorkerOptions
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "t.toml",
+                      TINY_SPEC.replace("n_trials = 4", f"n_trials = {n_trials}\nwarm_start = []"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    worker = Worker(url, "tiny", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")))
+    early_stop_rule = worker.early_stop_rule
+    ignored = []
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # as SIGINT (which pytest-xdist's workers ignore)
+            time.sleep(0.1)  # the handler runs here and raises where Python ignores exceptions
+
+    def interrupted_in_a_gc_callback(combo):
+        if not ignored:
+            hook = sys.unraisablehook
+            sys.unraisablehook = lambda unraisable: ignored.append(unraisable.exc_type)
+            try:
+                SignalsWhenCollected()  # collected at once: __del__ runs, its exception is ignored
+            finally:
+                sys.unraisablehook = hook
+        return early_stop_rule(combo)
+
+    worker.early_stop_rule = interrupted_in_a_gc_callback
+    with pytest.raises(KeyboardInterrupt):
+        worker.run()
+    assert ignored == [KeyboardInterrupt]  # the interrupt was raised, and Python dropped it
+    trials = worker.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE], trials  # no further trial started
 
 
 def test_an_interrupt_leaves_no_heartbeat_thread_for_shutdown_to_wait_on(tmp_path):

@@ -150,29 +150,44 @@ class Interrupts:
     def __init__(self) -> None:
         self.holding = False
         self.pending = False
+        self.received = False  # kept: an interrupt raised inside a GC callback is lost ("ignored")
         self.previous: dict = {}
 
     def __enter__(self) -> Interrupts:
+        self.received = False
         if threading.current_thread() is threading.main_thread():  # only there can Python catch them
             for sig in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's stays ignored
                     self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+        if self.received and exc_type is None:  # one Python ignored: the run must not end as done
+            raise KeyboardInterrupt
 
     def _handle(self, signum, frame) -> None:
+        self.received = True
         if self.holding and not self.pending:
             self.pending = True
             return
         raise KeyboardInterrupt
 
     def hold(self) -> None:
-        """From here until `release`, an interrupt waits."""
+        """From here until `release`, an interrupt waits. One received before and lost (raised
+        where Python ignores exceptions: a weakref or `__del__` run by the garbage collector,
+        e.g. SQLAlchemy's) is raised now, between trials."""
+        if self.received:
+            raise KeyboardInterrupt
         self.holding = True
+
+    def sleep(self, seconds: float) -> None:
+        """Wait for other workers, unless an interrupt was received and lost."""
+        if self.received:
+            raise KeyboardInterrupt
+        time.sleep(seconds)
 
     def release(self) -> None:
         """Raise the interrupt that waited, if any (inside the objective: Optuna fails the trial)."""

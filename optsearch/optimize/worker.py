@@ -147,7 +147,7 @@ class Worker:
         if finished >= target:
             return False
         if finished + running >= target:  # the last trials belong to other workers
-            time.sleep(self.options.poll_interval)
+            self.interrupts.sleep(self.options.poll_interval)
             return True
         self.baselines.between_trials(self.trials_run)
         self.interrupts.hold()  # until the objective holds the trial Optuna creates
