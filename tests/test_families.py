@@ -4,6 +4,7 @@ FLUX, PAB on the SD UNet, which families apply where, and the fewer-steps refere
 from __future__ import annotations
 
 import json
+import tomllib
 
 import numpy as np
 import optuna
@@ -20,7 +21,7 @@ from optsearch.accelerators import (
     magcache,
     pipeline_kind,
 )
-from optsearch.measure.generation import prompt_seed
+from optsearch.measure.generation import generate, prompt_seed
 from optsearch.measure.models import load_pipeline, model_kind
 from optsearch.study_spec import SpecError, spec_from_dict
 
@@ -319,7 +320,8 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
                      if k.startswith("optsearch:calibration:") and k.endswith(":dbcache")]
     low, high = calibration["auto"]["residual_diff_threshold"]
     assert 0.2 < low < high < 1.0  # tiny FLUX's random weights: differences near 0.4-0.6
-    assert calibration["observed"]["min"] == pytest.approx(low, abs=1e-4)
+    assert calibration["observed"]["min_past_warmup"] == pytest.approx(low, abs=1e-4)
+    assert calibration["observed"]["min"] <= low and calibration["observed"]["past_warmup"] == 2
     thresholds = [t.params["dbcache.residual_diff_threshold"] for t in study.get_trials()]
     assert len(thresholds) == 3 and all(low <= value <= high for value in thresholds)
     assert "auto range dbcache.residual_diff_threshold on" in ran.stdout
@@ -327,6 +329,34 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
     assert checked.returncode == 0 and "auto range dbcache.residual_diff_threshold: [" in checked.stdout
     with pytest.raises(SpecError, match='"auto" is for thresholds measured before'):
         spec_from_dict({**_flux_dict([["dbcache"]]), "space": {"dbcache": {"Fn_compute_blocks": "auto"}}})
+
+
+@pytest.mark.parametrize("family, param", [("dbcache", "residual_diff_threshold"),
+                                           ("fbcache", "threshold")])
+def test_no_threshold_in_an_auto_range_skips_nothing_on_the_first_batch(flux_pipe, family, param):
+    """The brief's "no trial is inert": the range is calibrated on the search's first batch (its
+    batch size, prompts and noise) and, for DBCache, past the longest warm-up the spec searches.
+    Just above its low end a trial skips a step of that batch at the longest and the shortest
+    warm-up. Calibrated on the first prompt alone, over every step, the low end of tiny FLUX
+    sat under the first batch's differences past a 4-step warm-up: such trials computed it all."""
+    from optsearch.measure.evaluate import evaluator_from_spec
+
+    space = {"dbcache": {param: "auto", "Fn_compute_blocks": 1, "Bn_compute_blocks": 0,
+                         "max_warmup_steps": [1, 4]},
+             "fbcache": {param: "auto"}}[family]
+    data = tomllib.loads(FLUX_SPEC)
+    spec = spec_from_dict({**data, "search": {"accelerators": [[family]]}, "space": {family: space}})
+    evaluator = evaluator_from_spec(spec, pipe=flux_pipe)
+    low, high = evaluator.auto_ranges(spec)[f"{family}.{param}"]
+    assert low < high
+    warmups = [{"max_warmup_steps": 4}, {"max_warmup_steps": 1}] if family == "dbcache" else [{}]
+    first_batch = evaluator.prompts[:evaluator.config.batch_size]
+    assert len(first_batch) == 2
+    for warmup in warmups:
+        setting = {family: {**space, param: low * (1 + 1e-4), **warmup}}
+        with AppliedSetting(flux_pipe, setting) as applied:
+            list(generate(flux_pipe, first_batch, evaluator.config, setting=applied, warmup=False))
+            assert applied.computed_fraction() < 1.0, (warmup, low)
 
 
 def test_a_published_threshold_outside_the_calibrated_range_is_sampled_within_it(tmp_path):

@@ -16,6 +16,7 @@ the class it derives from, or else its transformer's class (cache-dit's `BlockAd
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import denoiser
@@ -158,23 +159,34 @@ def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa:
     return DBCachePatch(pipe, config, calibrator)
 
 
-def calibrate(pipe, run_once) -> dict:
+def calibrate(pipe, run_once, largest: Mapping | None = None) -> dict:
     """What "auto" threshold ranges come from: the residual differences DBCache compares with its
     threshold at every step of one run that skips nothing (a threshold of 1e-9; 0 turns the
     comparison off), as the range from "skips nothing" (their minimum) to "skips nearly
-    everything" (their maximum). Measured with Fn = 1, the common setting."""
+    everything" (their maximum). Measured with Fn = 1, the common setting.
+
+    The minimum is taken past the longest warm-up the study searches (`largest`, the spec's
+    largest value of each parameter): warm-up steps always compute, so a threshold under their
+    differences alone would skip nothing. Run on the search's first batch (the worker does), a
+    threshold above the low end skips at least one step of that batch at every warm-up: no trial
+    is inert there (differences depend on the prompts; other batches may skip less)."""
     patch = apply(pipe, residual_diff_threshold=1e-9, max_warmup_steps=0)
     try:
         run_once()
         stats = _cache_dit().summary(pipe, logging=False)
-        diffs = sorted({float(v) for stat in stats for v in (stat.residual_diffs or {}).values()})
+        by_step = [(int(step), float(diff)) for stat in stats
+                   for step, diff in (stat.residual_diffs or {}).items()]
     finally:
         patch.restore()
-    if not diffs:
+    if not by_step:
         return {}
-    return {"auto": {"residual_diff_threshold": [round(diffs[0], 4), round(diffs[-1], 4)]},
+    warmup = int((largest or {}).get("max_warmup_steps", 0))
+    diffs = sorted(diff for _, diff in by_step)
+    compared = [diff for step, diff in by_step if step >= warmup] or diffs  # all warm-up: any
+    low = min(compared)
+    return {"auto": {"residual_diff_threshold": [round(low, 4), round(max(diffs[-1], low), 4)]},
             "observed": {"min": diffs[0], "median": diffs[len(diffs) // 2], "max": diffs[-1],
-                         "steps": len(diffs)}}
+                         "steps": len(diffs), "past_warmup": warmup, "min_past_warmup": low}}
 
 
 def warmup_steps(max_warmup_steps: int = 8, **_) -> int:

@@ -55,10 +55,11 @@ def apply(pipe, threshold: float = 0.05, **_calibrated) -> FirstBlockCachePatch:
     return FirstBlockCachePatch(pipe, float(threshold))
 
 
-def calibrate(pipe, run_once) -> dict:
+def calibrate(pipe, run_once, largest=None) -> dict:
     """What an "auto" threshold range comes from: the relative changes of the first block's
     residual FirstBlockCache compares with its threshold, over one call that skips nothing, from
-    "skips nothing" (their minimum) to "skips nearly everything" (their maximum)."""
+    "skips nothing" (their minimum) to "skips nearly everything" (their maximum). It has no
+    warm-up to allow for (`largest` is unused): every step after the first compares."""
     patch = FirstBlockCachePatch(pipe, 0.0)
     try:
         run_once()

@@ -124,11 +124,12 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
 
 
 def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
-    """The "auto" ranges as a worker on this device would calibrate them (one plain call each)."""
+    """The "auto" ranges as a worker on this device would calibrate them (one plain call each,
+    on the search's first batch)."""
     ranges = {}
     for family, param in spec.auto_params():
         measured = REGISTRY[family].calibrate(pipe, lambda: list(generate(
-            pipe, prompts[:1], config, warmup=False)))
+            pipe, prompts[:config.batch_size], config, warmup=False)), spec.largest_values(family))
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = measured["auto"][param]
     return ranges

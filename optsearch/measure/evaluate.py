@@ -155,13 +155,15 @@ class Evaluator:
                 self.on_calibrated("magcache", self.calibration["magcache"])
         return AppliedSetting(self.pipe, setting, self.calibration)
 
-    def _run_once(self) -> None:
-        """One plain call on the first prompt at full steps: what calibrations watch."""
-        config = self.config
-        self.pipe(self.prompts[:1], num_inference_steps=config.steps, height=config.height,
+    def _run_once(self, prompts: int = 1) -> None:
+        """One plain call at full steps on the first `prompts` prompts, with the noise the search
+        gives them: what calibrations watch (the first batch computes as every trial's does)."""
+        config, count = self.config, min(prompts, len(self.prompts))
+        self.pipe(self.prompts[:count], num_inference_steps=config.steps, height=config.height,
                   width=config.width, guidance_scale=guidance_for(self.pipe, config.guidance_scale),
-                  generator=torch.Generator("cpu").manual_seed(prompt_seed(config.seed, 0)),
-                  output_type="latent", **config.extra_kwargs(1, self.pipe))
+                  generator=[torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
+                             for i in range(count)],
+                  output_type="latent", **config.extra_kwargs(count, self.pipe))
 
     def _calibrate_magcache(self) -> list[float]:
         """MagCache's magnitude ratios from one plain call on the first prompt at full steps."""
@@ -171,12 +173,15 @@ class Evaluator:
 
     def auto_ranges(self, spec) -> dict[str, list]:
         """The calibrated ranges of the spec's "auto" parameters, {"family.param": [lo, hi]}:
-        each family measured once on this device (one plain call), then kept with the rest of
-        the calibration (the worker stores it in the study per device fingerprint)."""
+        each family measured once on this device (one plain call on the search's first batch),
+        then kept with the rest of the calibration (the worker stores it in the study per
+        device fingerprint)."""
         ranges = {}
         for family, param in spec.auto_params():
             if "auto" not in self.calibration.get(family, {}):
-                measured = REGISTRY[family].calibrate(self.pipe, self._run_once)
+                measured = REGISTRY[family].calibrate(
+                    self.pipe, lambda: self._run_once(self.config.batch_size),
+                    spec.largest_values(family))
                 self.calibration[family] = {**self.calibration.get(family, {}), **measured}
                 if self.on_calibrated is not None:
                     self.on_calibrated(family, self.calibration[family])

@@ -161,6 +161,19 @@ class StudySpec:
             return tuple(value)
         return (value[0], value[1], value[2] if len(value) == 3 else None)
 
+    def largest_values(self, accelerator: str) -> dict:
+        """The largest value this spec lets each numeric parameter of `accelerator` take (its
+        range's high end, or its fixed value): what a calibration must hold for every trial."""
+        largest = {}
+        for param in params_of(accelerator):
+            if self.space.get(accelerator, {}).get(param) == "auto":
+                continue
+            values = [v for v in self.param_range(accelerator, param)[:2]
+                      if isinstance(v, int | float) and not isinstance(v, bool)]
+            if values:
+                largest[param] = max(values)
+        return largest
+
     def auto_params(self) -> list[tuple[str, str]]:
         """(family, parameter) of every range the spec leaves to calibration ("auto")."""
         return [(family, param) for family, table in self.space.items()
