@@ -20,13 +20,15 @@ from optsearch.accelerators import (
     execution_device,
     native_size,
     offload_of,
+    quantization_of,
     scheduler_class_name,
     scheduler_of,
 )
 from optsearch.measure.compiling import AS_BUILT, compiled_how
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "scheduler",
-                "guidance_scale", "num_frames", "compile", "device", "dtype", "offload", "attention")
+                "guidance_scale", "num_frames", "compile", "device", "dtype", "offload", "attention",
+                "quantization")
 
 OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU offload",
                 "group": ", group offload", "device map": ", split by a device map"}
@@ -43,7 +45,8 @@ def output_size(images) -> dict:
 def measured_context(spec, batch_size: int, compiled: str | None = None,
                      device: str | None = None, dtype: str | None = None,
                      offload: str | None = None, attention: str | None = None,
-                     scheduler: str | None = None, size: Mapping | None = None) -> dict:
+                     scheduler: str | None = None, size: Mapping | None = None,
+                     quantization: str | None = None) -> dict:
     """What the study's trials ran. `size`: the baseline's `output_size`, for what the spec left
     to the pipeline (its native size, a video pipeline's frame count); None where not known
     (a study stored before it was recorded).
@@ -53,7 +56,8 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
     "sequential", "group" or "none" (an offloaded pipeline's calls carry its transfers);
     `attention`: the denoiser's attention backend ("native": torch's SDPA, "flash", "sage");
     `scheduler`: the baseline's scheduler class (else the spec's `model.scheduler`, if set): what
-    a skipped or dropped step is worth depends on the solver."""
+    a skipped or dropped step is worth depends on the solver. `quantization`: the denoiser's
+    ("none" where plain; see `quantization_of`)."""
     model = spec.model
     height, width = (size or {}).get("image_size") or (None, None)
     context = {"batch_size": batch_size, "height": model.height or height,
@@ -62,7 +66,8 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
                "guidance_scale": model.guidance_scale,
                "num_frames": model.num_frames or (size or {}).get("frames"),
                "compile": compiled.split(":")[0] if compiled else model.compile,
-               "device": device, "dtype": dtype, "offload": offload, "attention": attention}
+               "device": device, "dtype": dtype, "offload": offload, "attention": attention,
+               "quantization": quantization}
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
         context["compiled_by"] = "builder"
     return context
@@ -79,8 +84,11 @@ def context_text(context: Mapping) -> str:
     attention = (f", attention {context['attention']}"
                  if context.get("attention") not in (None, "native") else "")
     scheduler = f" ({context['scheduler']})" if context.get("scheduler") else ""
+    quantized = (f", quantized ({context['quantization']})"
+                 if context.get("quantization") not in (None, "none") else "")
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
-            f"steps{scheduler}, guidance {context['guidance_scale']}{compiled}{offload}{attention}")
+            f"steps{scheduler}, guidance {context['guidance_scale']}{compiled}{offload}{attention}"
+            f"{quantized}")
 
 
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
@@ -103,6 +111,7 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     served["device"] = device_name(execution_device(pipe))
     served["offload"] = offload_of(pipe) or "none"
     served["attention"] = attention_of(pipe)
+    served["quantization"] = quantization_of(pipe) or "none"
     served["scheduler"] = scheduler_of(pipe)
     served["dtype"] = dtype_of(pipe)
     return served

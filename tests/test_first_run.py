@@ -182,6 +182,14 @@ def flux_math_attention(device, dtype):
     return pipe
 
 
+def int8_unet(device, dtype):
+    """A UNet served quantized: torch's dynamic int8 quantization of its linear layers."""
+    pipe = build_builtin("builtin:tiny").to(device)
+    torch.ao.quantization.quantize_dynamic(pipe.unet, {torch.nn.Linear}, dtype=torch.qint8,
+                                           inplace=True)
+    return pipe
+
+
 def group_offloaded(device, dtype):
     pipe = build_builtin("builtin:tiny")
     pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
@@ -296,6 +304,41 @@ def test_the_attention_backend_a_pipeline_is_served_with_is_measured_and_exporte
         with optsearch.apply(plain, str(exported)) as fast:
             fast(["a red bus", "a cat"], num_inference_steps=8, guidance_scale=3.5,
                  output_type="np")
+
+
+def test_a_quantized_denoiser_is_measured_and_exported_as_served(tmp_path):
+    """A factory that quantizes the denoiser (int8, as a server short of memory runs it) is
+    measured quantized: the quantization is part of the fingerprint, of `check`'s context line,
+    of `study show`'s baseline and of the export's deployment, so serving the setting on the
+    unquantized pipeline warns (a quantized matmul changes what a skipped block saves)."""
+    (tmp_path / "my_pipes.py").write_text(FACTORY)
+    text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:int8_unet"') \
+        .replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["steps"]') \
+        .replace("limit = 30.0", "limit = 5.0") \
+        .replace("n_trials = 4", "n_trials = 1\nwarm_start = []\n[space.steps]\n"
+                 "num_inference_steps = [2, 3]")
+    spec = write_spec(tmp_path / "int8.toml", text)
+    checked = optsearch_cmd("check", str(spec), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "guidance 7.5, quantized (torch.ao dynamic)" in checked.stdout
+    url = f"sqlite:///{tmp_path}/q.db"
+    ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    from optsearch.optimize.study import baselines
+
+    baseline, = baselines(optuna.load_study(study_name="tiny", storage=url)).values()
+    assert baseline["quantization"] == "torch.ao dynamic"  # in the fingerprint's facts
+    assert f"{baseline['device']} (quantized: torch.ao dynamic)" in ran.stdout  # study show's
+    exported = tmp_path / "params.json"
+    assert optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(exported)).returncode == 0
+    assert json.loads(exported.read_text())["deployment"]["quantization"] == "torch.ao dynamic"
+
+    from optsearch.measure.models import load_pipeline
+
+    plain = load_pipeline("builtin:tiny", "cpu", "float32")
+    with pytest.warns(UserWarning, match="measured at quantization = torch.ao dynamic; called with none"):
+        with optsearch.apply(plain, str(exported)) as fast:
+            fast(["a red bus", "a cat"], num_inference_steps=8, output_type="np")
 
 
 @pytest.mark.parametrize("model_id, message", [

@@ -45,6 +45,7 @@ from optsearch.accelerators.hooks import (
     native_size,
     not_a_pipeline,
     offload_of,
+    quantization_of,
     scheduler_class_name,
     scheduler_of,
 )
@@ -327,4 +328,4 @@ __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting
            "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem",
            "denoiser", "dtype_of", "execution_device", "fit_to_steps", "native_size",
            "normalize_setting", "not_a_pipeline", "offload_of", "params_of", "pipeline_kind",
-           "scheduler_class_name", "scheduler_of", "step_problems"]
+           "quantization_of", "scheduler_class_name", "scheduler_of", "step_problems"]

@@ -81,6 +81,33 @@ def attention_of(pipe) -> str | None:
     return None
 
 
+def quantization_of(pipe) -> str | None:
+    """How the denoiser's weights are quantized, as its builder did it: diffusers'
+    `quantization_config` at load ("bitsandbytes 4bit", "torchao int8wo", "gguf"), a weight
+    tensor subclass after it (torchao's `quantize_`: "AffineQuantizedTensor"), or torch's own
+    quantized modules ("torch.ao dynamic": `quantize_dynamic`). None for plain weights. A
+    quantized matmul changes a step's cost and so what a skipped block saves."""
+    import torch
+
+    model = denoiser(pipe)
+    config = getattr(getattr(model, "config", None), "quantization_config", None) \
+        or getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if config is not None:
+        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+        method = str(getattr(get("quant_method"), "value", get("quant_method")) or "quantized")
+        detail = get("quant_type") or get("weights_dtype") or \
+            ("4bit" if get("load_in_4bit") else "8bit" if get("load_in_8bit") else None)
+        return f"{method} {getattr(detail, '__name__', detail)}" if detail else method
+    kinds = set()
+    for module in model.modules():
+        path = type(module).__module__
+        if path.startswith("torch.ao.nn.quantized") and "PackedParams" not in type(module).__name__:
+            kinds.add("torch.ao dynamic" if ".dynamic." in path else "torch.ao static")
+        kinds |= {type(p).__name__ for p in module.parameters(recurse=False)
+                  if type(p) not in (torch.nn.Parameter, torch.Tensor)}
+    return ", ".join(sorted(kinds)) or None
+
+
 def dtype_of(pipe) -> str:
     """The denoiser's dtype as records write it ("float16"): what a trial computes in."""
     return str(denoiser(pipe).dtype).removeprefix("torch.")

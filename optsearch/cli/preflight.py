@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optsearch.accelerators import REGISTRY, attention_of, execution_device, offload_of, scheduler_of
+from optsearch.accelerators import (
+    REGISTRY,
+    attention_of,
+    execution_device,
+    offload_of,
+    quantization_of,
+    scheduler_of,
+)
 from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
 from optsearch.measure.compiling import compiled_as
@@ -80,6 +87,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     if pipe is not None:
         report.facts.update(device=str(execution_device(pipe)), offload=offload_of(pipe),
                             attention=attention_of(pipe), scheduler=scheduler_of(pipe),
+                            quantization=quantization_of(pipe),
                             dtype=str(pipe.dtype).removeprefix("torch."))
     scorer = attempt("quality.clip_model", lambda: ClipScorer(
         spec.quality.clip_model, spec.quality.clip_pretrained,
@@ -168,7 +176,8 @@ def format_report(report: Report, spec) -> str:
                                           offload=facts.get("offload") or "none",
                                           attention=facts.get("attention"),
                                           scheduler=facts.get("scheduler"),
-                                          size=facts.get("size")))]
+                                          size=facts.get("size"),
+                                          quantization=facts.get("quantization") or "none"))]
     if facts.get("long_prompts"):
         lines.insert(2, facts["long_prompts"])
     if facts.get("compiled"):

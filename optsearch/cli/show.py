@@ -93,7 +93,8 @@ def format_summary(summary: dict) -> str:
     lines.append("")
     lines.append("baselines (one per device fingerprint):")
     rows = [[b["fingerprint"], b["device"] + (f" ({b['offload']} offload)" if b.get("offload") else "")
-             + (f" (attention {b['attention']})" if b.get("attention") not in (None, "native") else ""),
+             + (f" (attention {b['attention']})" if b.get("attention") not in (None, "native") else "")
+             + (f" (quantized: {b['quantization']})" if b.get("quantization") else ""),
              b["dtype"], b["batch_size"], b["seconds_per_image"],
              b["clip_mean"], b["host"]] for b in summary["baselines"]]
     lines.append(table(["fingerprint", "device", "dtype", "batch", "s/image", "CLIP", "host"], rows)

@@ -1,4 +1,5 @@
-"""What makes two timings comparable: device, dtype, library versions, batch size, threads.
+"""What makes two timings comparable: device, dtype, library versions, batch size, threads (and
+how the pipeline offloads, quantizes, compiles and attends, where it does).
 
 Trials are compared only with a baseline of the same fingerprint, and a stored result is reused
 only on the same fingerprint.
@@ -13,7 +14,14 @@ import platform
 import diffusers
 import torch
 
-from optsearch.accelerators import attention_of, dtype_of, execution_device, offload_of, scheduler_of
+from optsearch.accelerators import (
+    attention_of,
+    dtype_of,
+    execution_device,
+    offload_of,
+    quantization_of,
+    scheduler_of,
+)
 from optsearch.measure.compiling import compiled_as
 
 
@@ -37,6 +45,9 @@ def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:
     offload = offload_of(pipe)
     if offload is not None:  # only then, like compile: plain studies keep their fingerprints
         facts["offload"] = offload
+    quantization = quantization_of(pipe)
+    if quantization is not None:  # the same: only a quantized denoiser's fingerprint changes
+        facts["quantization"] = quantization
     attention = attention_of(pipe)
     if attention not in (None, "native"):  # the same: a backend other than torch's SDPA
         facts["attention"] = attention

@@ -120,7 +120,8 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
             spec, best.user_attrs.get("batch_size", spec.prompts.batch_size),
             best.user_attrs.get("compiled"), measured_with.get("device", best.user_attrs.get("device")),
             measured_with.get("dtype"), measured_with.get("offload", "none") if baseline else None,
-            measured_with.get("attention"), measured_with.get("scheduler"), measured_with),
+            measured_with.get("attention"), measured_with.get("scheduler"), measured_with,
+            measured_with.get("quantization", "none") if baseline else None),
         "unconfirmed_better": unconfirmed_better(study, spec, found, fingerprint),
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec, fingerprint).items()},
