@@ -201,7 +201,8 @@ def test_export_takes_the_confirmed_winner_never_one_infeasible_on_confirmation(
                                          "num_frames": None, "compile": "none",
                                          "device": device_name(torch.device("cpu")),
                                          "dtype": "float32", "offload": "none",
-                                         "attention": None}  # a UNet: not dispatched
+                                         "attention": None,  # a UNet: not dispatched
+                                         "quantization": "none"}
     starred, marked, note, shown = winner_marks(url, tmp_path)
     assert starred == marked == 0 and note.startswith("## Winner: trial 0")
     assert "not confirmed yet" in unconfirmed["winner_rule"]

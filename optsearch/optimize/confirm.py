@@ -35,7 +35,7 @@ from optsearch.optimize.baseline import check_same_pipeline
 from optsearch.optimize.winner import mark_winner
 from optsearch.storage.notes import confirmed_line, trial_note, write_trial_note
 from optsearch.storage.rdb import open_storage
-from optsearch.storage.record import finite, trial_metrics, utc_now
+from optsearch.storage.record import feasible, finite, trial_metrics, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Confirmation:
                for metric in comparison.metrics()},
             **{f"{metric}_{statistic}": summary[f"{metric}_{statistic}"]
                for metric in comparison.metrics() for statistic in ("worst", "p10")},
-            "constraints": constraints, "feasible": all(v <= 0 for v in constraints.values()),
+            "constraints": constraints, "feasible": feasible({"constraints": constraints}),
             "rule": self.spec.quality.rule, "image_digests": comparison.image_digests,
             "fingerprint": self.fingerprint, "device": self.facts["device"],
             "worker": self.worker_id, "date": utc_now(),

@@ -30,7 +30,7 @@ from optsearch.optimize import reference
 from optsearch.optimize.objectives import best_overall, is_faster, merit, objective_values
 from optsearch.optimize.study import confirmations
 from optsearch.storage.notes import write_trial_note
-from optsearch.storage.record import quality_of, speedup_of, trial_metrics
+from optsearch.storage.record import faster_than_baseline, quality_of, speedup_of, trial_metrics
 
 CONFIRMED_RULE = ("best confirmed lower speedup bound among the settings feasible on unseen prompts "
                   "(study confirm)")
@@ -111,11 +111,11 @@ def best_confirmed(records: list[dict], spec) -> dict | None:
     """The best setting that is feasible and faster than the baseline on confirmation: by its
     lower speedup bound in max-speedup mode (no bound: ranked below every bounded one), else by
     the objective."""
-    feasible = [r for r in records if r["feasible"] and (r.get("speedup") or 0) > 1.0]
+    kept = [r for r in records if r["feasible"] and faster_than_baseline(r)]  # its stored verdict
     if spec.objective.mode == "max-speedup":
-        return max(feasible, key=lambda r: (r.get("speedup_low") is not None,
-                                            r.get("speedup_low") or 0.0, r["speedup"]), default=None)
-    return max(feasible, key=lambda r: merit(spec, objective_values(spec, r)[0]), default=None)
+        return max(kept, key=lambda r: (r.get("speedup_low") is not None,
+                                        r.get("speedup_low") or 0.0, r["speedup"]), default=None)
+    return max(kept, key=lambda r: merit(spec, objective_values(spec, r)[0]), default=None)
 
 
 def confirmed_rule(spec) -> str:
