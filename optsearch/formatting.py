@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from optsearch.measure.metrics import Interval
 
+AUTO_RANGE = ("calibrated on the search's first batch: from skipping nothing of it to skipping "
+              "nearly every step")
+
 
 def table(headers: list[str], rows: list[list]) -> str:
     """Left-aligned columns, separated by two spaces, with a rule under the header."""

@@ -26,6 +26,7 @@ from optsearch.accelerators import (
 )
 from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
+from optsearch.formatting import AUTO_RANGE
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
@@ -191,8 +192,8 @@ def format_report(report: Report, spec) -> str:
     if limit is not None and peak is not None and peak > limit:
         lines.append(f"memory: the plain pipeline already peaks above objective.max_memory_gib = "
                      f"{limit}: {ABOVE_LIMIT}")
-    lines += [f"auto range {name}: [{low}, {high}] on this device (from skipping nothing to "
-              "skipping nearly everything)" for name, (low, high) in facts["auto_ranges"].items()]
+    lines += [f"auto range {name}: [{low}, {high}] on this device ({AUTO_RANGE})"
+              for name, (low, high) in facts["auto_ranges"].items()]
     lines += _published_outside(spec, facts["auto_ranges"])
     lines.append(estimate_text(facts["estimate"]))
     lines.append("ready: a study of this spec can run")

@@ -9,7 +9,14 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from optsearch.formatting import format_interval, format_setting, format_speedup, table, too_wide
+from optsearch.formatting import (
+    AUTO_RANGE,
+    format_interval,
+    format_setting,
+    format_speedup,
+    table,
+    too_wide,
+)
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
 from optsearch.optimize.winner import repeat_of, winner
@@ -101,8 +108,7 @@ def format_summary(summary: dict) -> str:
                  if rows else "  (none yet)")
     for fingerprint, ranges in summary["auto_ranges"].items():
         for name, (low, high) in ranges.items():
-            lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] (calibrated: from "
-                         "skipping nothing to skipping nearly everything)")
+            lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] ({AUTO_RANGE})")
     if summary["timings"]:
         lines += ["", "baseline timings (each worker times its own; speedups use its own):"]
         lines.append(_timings_table(summary["timings"]))
