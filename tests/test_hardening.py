@@ -362,13 +362,19 @@ def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_p
     assert signal.getsignal(signal.SIGTERM) is handler  # the worker's own handler is gone
 
 
-@pytest.mark.parametrize("n_trials", [3, 1])
-def test_an_interrupt_python_ignored_in_a_gc_callback_still_ends_the_worker(tmp_path, n_trials):
+@pytest.mark.parametrize("lands_in, n_trials, states", [
+    ("before its first batch", 3, [TrialState.FAIL, TrialState.WAITING]),
+    ("after its last batch", 3, [TrialState.COMPLETE]),
+    ("after its last batch", 1, [TrialState.COMPLETE]),
+])
+def test_an_interrupt_python_ignored_in_a_gc_callback_still_ends_the_worker(tmp_path, lands_in,
+                                                                            n_trials, states):
     """CI once saw a SIGINT land inside SQLAlchemy's weakref callback during garbage collection:
     Python printed "Exception ignored" and the worker ran on and exited 0. A real SIGTERM raised
-    inside a `__del__` mid-trial (ignored there, as in that callback) now ends the worker after
-    the trial it lands in, before another trial starts; in the study's last trial, as interrupted
-    (130 from the CLI), not as done."""
+    inside a `__del__` (ignored there, as in that callback) now ends the worker: within a batch
+    when it lands in a trial's batches (the trial failed and re-queued, as on Ctrl-C), before the
+    next trial when it lands after them, and as interrupted (130 from the CLI), not as done, in
+    the study's last trial."""
     from optsearch.optimize.worker import Worker, WorkerOptions
 
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -376,7 +382,9 @@ def test_an_interrupt_python_ignored_in_a_gc_callback_still_ends_the_worker(tmp_
                       TINY_SPEC.replace("n_trials = 4", f"n_trials = {n_trials}\nwarm_start = []"))
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
     worker = Worker(url, "tiny", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")))
-    early_stop_rule = worker.early_stop_rule
+    owner, name = {"before its first batch": (worker, "early_stop_rule"),  # asked before batch 1
+                   "after its last batch": (worker.baselines, "trial_measured")}[lands_in]
+    hooked = getattr(owner, name)
     ignored = []
 
     class SignalsWhenCollected:
@@ -384,7 +392,7 @@ def test_an_interrupt_python_ignored_in_a_gc_callback_still_ends_the_worker(tmp_
             os.kill(os.getpid(), signal.SIGTERM)  # as SIGINT (which pytest-xdist's workers ignore)
             time.sleep(0.1)  # the handler runs here and raises where Python ignores exceptions
 
-    def interrupted_in_a_gc_callback(combo):
+    def interrupted_in_a_gc_callback(*args):
         if not ignored:
             hook = sys.unraisablehook
             sys.unraisablehook = lambda unraisable: ignored.append(unraisable.exc_type)
@@ -392,14 +400,16 @@ def test_an_interrupt_python_ignored_in_a_gc_callback_still_ends_the_worker(tmp_
                 SignalsWhenCollected()  # collected at once: __del__ runs, its exception is ignored
             finally:
                 sys.unraisablehook = hook
-        return early_stop_rule(combo)
+        return hooked(*args)
 
-    worker.early_stop_rule = interrupted_in_a_gc_callback
+    setattr(owner, name, interrupted_in_a_gc_callback)
     with pytest.raises(KeyboardInterrupt):
         worker.run()
     assert ignored == [KeyboardInterrupt]  # the interrupt was raised, and Python dropped it
     trials = worker.study.get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE], trials  # no further trial started
+    assert [t.state for t in trials] == states, trials  # no further trial started
+    if states[0] == TrialState.FAIL:
+        assert trials[0].user_attrs.get("batches_evaluated") is None  # stopped inside the trial
 
 
 def test_an_interrupt_leaves_no_heartbeat_thread_for_shutdown_to_wait_on(tmp_path):

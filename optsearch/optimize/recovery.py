@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import optuna
 import sqlalchemy
@@ -182,6 +183,15 @@ class Interrupts:
         if self.received:
             raise KeyboardInterrupt
         self.holding = True
+
+    def checked(self, rule: Callable | None) -> Callable:
+        """An early-stop rule (asked after each batch) that first raises an interrupt received
+        and lost: the trial it landed in is failed and re-queued within a batch, not finished."""
+        def check(partial):
+            if self.received:
+                raise KeyboardInterrupt
+            return rule(partial) if rule is not None else None
+        return check
 
     def sleep(self, seconds: float) -> None:
         """Wait for other workers, unless an interrupt was received and lost."""

@@ -198,8 +198,8 @@ class Worker:
     def early_stop_rule(self, combo: str):
         """The early-stop rule for the next trial, from what the study has measured so far."""
         finished = self.study.get_trials(deepcopy=False, states=studies.FINISHED)
-        return self.options.stop_rule(self.spec, finished, self.fingerprint,
-                                      self.baselines.baseline_id, combo=combo)
+        return self.interrupts.checked(self.options.stop_rule(
+            self.spec, finished, self.fingerprint, self.baselines.baseline_id, combo=combo))
 
     def _measure(self, trial: optuna.Trial, setting: dict) -> Comparison:
         """Compare the setting with the baseline; on out-of-memory, fail or halve the batch size."""
