@@ -204,6 +204,30 @@ def test_a_wrongly_told_kind_fails_at_load_before_anything_is_measured(flux_pipe
     assert exit_code_for(raised.value) == 2
 
 
+def test_more_dbcache_blocks_than_the_transformer_holds_fail_at_load(flux_pipe, tmp_path):
+    """cache-dit caches tiny FLUX's 6 blocks as one list and asserts Fn and Bn fit in it; a study
+    searching Fn up to 8 (the shipped real-model specs' range) ended the worker with that
+    AssertionError after the baseline was timed. Now one line, exit 2, at load."""
+    from optsearch.errors import exit_code_for
+    from optsearch.measure.evaluate import check_families
+    from optsearch.measure.models import ModelLoadError
+
+    spec = spec_from_dict({**_flux_dict([["dbcache"]]),
+                           "space": {"dbcache": {"Fn_compute_blocks": [1, 8]}}})
+    with pytest.raises(ModelLoadError) as raised:
+        check_families(flux_pipe, spec)
+    assert "space.dbcache: Fn_compute_blocks = 8 exceeds the 6 blocks cache-dit caches in " \
+           "FluxTransformer2DModel (at most 6)" in str(raised.value)
+    assert exit_code_for(raised.value) == 2
+    check_families(flux_pipe, spec_from_dict({**_flux_dict([["dbcache"]]), "space": {
+        "dbcache": {"Fn_compute_blocks": [1, 6], "Bn_compute_blocks": [0, 6]}}}))  # fits
+    text = DBCACHE_SPEC + '[space.dbcache]\nFn_compute_blocks = [1, 8]\n'
+    url = f"sqlite:///{tmp_path}/db.db"
+    ran = optsearch_cmd("run", str(write_spec(tmp_path / "db.toml", text)), "--storage", url, "--quiet")
+    assert ran.returncode == 2 and "Fn_compute_blocks = 8 exceeds the 6 blocks" in ran.stderr, ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
 @pytest.mark.parametrize("sets, message", [
     (["fbcache.threshold=0.1"], "fbcache does not apply to this model (unet pipeline"),
     (["steps.num_inference_steps=20"], "steps.num_inference_steps=20 must be <= model.steps=8"),
@@ -305,9 +329,10 @@ def test_a_dbcache_trial_that_skips_nothing_is_stopped_as_inert(tmp_path):
 
 
 def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_trial(tmp_path):
-    """`residual_diff_threshold = "auto"`: one plain call measures the residual differences
-    DBCache compares, the range runs from their minimum (skips nothing) to their maximum, it is
-    stored per device fingerprint and shown, and every trial's threshold lies in it."""
+    """`residual_diff_threshold = "auto"`: a plain call per Fn value searched measures the
+    residual differences DBCache compares, each Fn's range runs from their minimum past the
+    warm-up (skips nothing) to their maximum, they are stored per device fingerprint and shown,
+    and every trial's threshold lies in the range of the Fn it drew."""
     text = DBCACHE_SPEC.replace("n_trials = 2", "n_trials = 3") \
         + '[space.dbcache]\nresidual_diff_threshold = "auto"\nmax_warmup_steps = 2\n'
     spec = write_spec(tmp_path / "auto.toml", text)
@@ -320,43 +345,61 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
                      if k.startswith("optsearch:calibration:") and k.endswith(":dbcache")]
     low, high = calibration["auto"]["residual_diff_threshold"]
     assert 0.2 < low < high < 1.0  # tiny FLUX's random weights: differences near 0.4-0.6
-    assert calibration["observed"]["min_past_warmup"] == pytest.approx(low, abs=1e-4)
-    assert calibration["observed"]["min"] <= low and calibration["observed"]["past_warmup"] == 2
-    thresholds = [t.params["dbcache.residual_diff_threshold"] for t in study.get_trials()]
-    assert len(thresholds) == 3 and all(low <= value <= high for value in thresholds)
+    by, per_fn = calibration["by"]["residual_diff_threshold"]
+    assert by == "Fn_compute_blocks" and sorted(per_fn) == ["1", "2", "3", "4"]  # its default range
+    assert low == min(lo for lo, _ in per_fn.values()) and high == max(hi for _, hi in per_fn.values())
+    assert len({tuple(bounds) for bounds in per_fn.values()}) == 4  # each Fn its own scale
+    assert calibration["observed"]["min_past_warmup"] == pytest.approx(per_fn["1"][0], abs=1e-4)
+    assert calibration["observed"]["min"] <= per_fn["1"][0] and calibration["observed"]["past_warmup"] == 2
+    trials = study.get_trials()
+    assert len(trials) == 3
+    for trial in trials:
+        fn_low, fn_high = per_fn[str(trial.params["dbcache.Fn_compute_blocks"])]
+        assert fn_low <= trial.params["dbcache.residual_diff_threshold"] <= fn_high
     assert "auto range dbcache.residual_diff_threshold on" in ran.stdout
+    assert f"  per Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [" in ran.stdout
     checked = optsearch_cmd("check", str(spec))  # says the range before any trial runs
     assert checked.returncode == 0 and "auto range dbcache.residual_diff_threshold: [" in checked.stdout
     with pytest.raises(SpecError, match='"auto" is for thresholds measured before'):
         spec_from_dict({**_flux_dict([["dbcache"]]), "space": {"dbcache": {"Fn_compute_blocks": "auto"}}})
 
 
-@pytest.mark.parametrize("family, param", [("dbcache", "residual_diff_threshold"),
-                                           ("fbcache", "threshold")])
-def test_no_threshold_in_an_auto_range_skips_nothing_on_the_first_batch(flux_pipe, family, param):
+@pytest.mark.parametrize("model_id, family, param", [
+    ("builtin:tiny-flux", "dbcache", "residual_diff_threshold"),
+    ("builtin:tiny-sd3", "dbcache", "residual_diff_threshold"),
+    ("builtin:tiny-flux", "fbcache", "threshold"),
+])
+def test_no_threshold_in_an_auto_range_skips_nothing_on_the_first_batch(flux_pipe, model_id, family,
+                                                                         param):
     """The brief's "no trial is inert": the range is calibrated on the search's first batch (its
-    batch size, prompts and noise) and, for DBCache, past the longest warm-up the spec searches.
-    Just above its low end a trial skips a step of that batch at the longest and the shortest
-    warm-up. Calibrated on the first prompt alone, over every step, the low end of tiny FLUX
-    sat under the first batch's differences past a 4-step warm-up: such trials computed it all."""
+    batch size, prompts and noise) and, for DBCache, past the longest warm-up the spec searches
+    and for each Fn searched. Just above its low end a trial skips a step of that batch at the
+    longest and the shortest warm-up, at every Fn. Calibrated on the first prompt alone, over
+    every step, at Fn = 1, the low end of tiny FLUX sat under the first batch's differences past
+    a 4-step warm-up: such trials computed it all; on tiny SD3 the Fn = 3 differences all lie
+    above 0.390 (Fn = 1's from 0.335: a Fn = 3 trial under 0.390 computed it all)."""
     from optsearch.measure.evaluate import evaluator_from_spec
 
-    space = {"dbcache": {param: "auto", "Fn_compute_blocks": 1, "Bn_compute_blocks": 0,
+    space = {"dbcache": {param: "auto", "Fn_compute_blocks": [1, 3], "Bn_compute_blocks": 0,
                          "max_warmup_steps": [1, 4]},
              "fbcache": {param: "auto"}}[family]
     data = tomllib.loads(FLUX_SPEC)
+    data["model"]["id"] = model_id
     spec = spec_from_dict({**data, "search": {"accelerators": [[family]]}, "space": {family: space}})
-    evaluator = evaluator_from_spec(spec, pipe=flux_pipe)
-    low, high = evaluator.auto_ranges(spec)[f"{family}.{param}"]
-    assert low < high
-    warmups = [{"max_warmup_steps": 4}, {"max_warmup_steps": 1}] if family == "dbcache" else [{}]
+    pipe = flux_pipe if model_id == "builtin:tiny-flux" else load_pipeline(model_id, "cpu", "float32")
+    evaluator = evaluator_from_spec(spec, pipe=pipe)
+    calibrated = evaluator.auto_ranges(spec)[f"{family}.{param}"]
+    drawn = [{"max_warmup_steps": w, "Fn_compute_blocks": fn} for w in (4, 1) for fn in (1, 2, 3)] \
+        if family == "dbcache" else [{}]
     first_batch = evaluator.prompts[:evaluator.config.batch_size]
     assert len(first_batch) == 2
-    for warmup in warmups:
-        setting = {family: {**space, param: low * (1 + 1e-4), **warmup}}
-        with AppliedSetting(flux_pipe, setting) as applied:
-            list(generate(flux_pipe, first_batch, evaluator.config, setting=applied, warmup=False))
-            assert applied.computed_fraction() < 1.0, (warmup, low)
+    for values in drawn:
+        low, high = calibrated.for_setting(values)
+        assert low < high
+        setting = {family: {**space, param: low * (1 + 1e-4), **values}}
+        with AppliedSetting(pipe, setting) as applied:
+            list(generate(pipe, first_batch, evaluator.config, setting=applied, warmup=False))
+            assert applied.computed_fraction() < 1.0, (values, low)
 
 
 def test_a_published_threshold_outside_the_calibrated_range_is_sampled_within_it(tmp_path):

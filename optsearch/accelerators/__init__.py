@@ -36,7 +36,7 @@ from optsearch.accelerators import (
     tgate,
     tome,
 )
-from optsearch.accelerators.base import Param
+from optsearch.accelerators.base import CalibratedRange, Param
 from optsearch.accelerators.hooks import (
     attention_of,
     denoiser,
@@ -324,7 +324,7 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
     return AppliedSetting(pipe, setting, calibration)
 
 
-__all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "Param",
+__all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange", "Param",
            "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem",
            "denoiser", "dtype_of", "execution_device", "fit_to_steps", "native_size",
            "normalize_setting", "not_a_pipeline", "offload_of", "params_of", "pipeline_kind",

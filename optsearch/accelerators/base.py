@@ -8,6 +8,7 @@ know nothing of Optuna.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -58,3 +59,20 @@ class Param:
         high = "inf" if self.maximum is None else self.maximum
         closing = ")" if self.exclusive_maximum or self.maximum is None else "]"
         return f"{self.kind.__name__} in [{low}, {high}{closing}"
+
+
+class CalibratedRange(list):
+    """[low, high] of an "auto" parameter, measured on the device. Where what it bounds moves
+    with another parameter (DBCache's residual differences with Fn), `by` = (that parameter,
+    {its value: [low, high]}) and a trial samples within the range of the value it drew."""
+
+    def __init__(self, bounds, by: tuple[str, Mapping] | None = None):
+        super().__init__(bounds)
+        self.by = by
+
+    def for_setting(self, values: Mapping) -> list:
+        """The range for a setting whose other parameters are drawn already."""
+        if self.by is None:
+            return list(self)
+        param, ranges = self.by
+        return list(ranges.get(str(values.get(param)), self))

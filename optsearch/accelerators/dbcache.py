@@ -15,6 +15,7 @@ the class it derives from, or else its transformer's class (cache-dit's `BlockAd
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -74,6 +75,22 @@ def problem_with(pipe) -> str | None:
     if getattr(pipe, "transformer", None) is None or adapter_builder(pipe) is None:
         return (f"dbcache needs a pipeline cache-dit supports ({type(pipe).__name__} with "
                 f"{type(denoiser(pipe)).__name__} is not one: FLUX, Qwen-Image, SD3, Wan and more)")
+    return None
+
+
+def space_problem(pipe, searched: Mapping) -> str | None:
+    """Why the Fn or Bn values a study searches cannot run on this pipeline, or None: cache-dit
+    refuses more first or last blocks than the block list it caches holds (its assertion, met
+    mid-search, would end the worker). `searched`: `StudySpec.searched_values("dbcache")`."""
+    _cache_dit()
+    adapter = adapter_builder(pipe)()
+    names, lists = adapter.blocks_name, adapter.blocks
+    blocks = min(len(b) for b in (lists if isinstance(names, list) else [lists]))
+    too_many = [f"{param} = {max(searched[param])}" for param in ("Fn_compute_blocks", "Bn_compute_blocks")
+                if searched.get(param) and max(searched[param]) > blocks]
+    if too_many:
+        return (f"space.dbcache: {' and '.join(too_many)} exceeds the {blocks} blocks cache-dit caches "
+                f"in {type(denoiser(pipe)).__name__} (at most {blocks})")
     return None
 
 
@@ -159,34 +176,52 @@ def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa:
     return DBCachePatch(pipe, config, calibrator)
 
 
-def calibrate(pipe, run_once, largest: Mapping | None = None) -> dict:
+def calibrate(pipe, run_once, searched: Mapping | None = None) -> dict:
     """What "auto" threshold ranges come from: the residual differences DBCache compares with its
     threshold at every step of one run that skips nothing (a threshold of 1e-9; 0 turns the
     comparison off), as the range from "skips nothing" (their minimum) to "skips nearly
-    everything" (their maximum). Measured with Fn = 1, the common setting.
+    everything" (their maximum).
 
-    The minimum is taken past the longest warm-up the study searches (`largest`, the spec's
-    largest value of each parameter): warm-up steps always compute, so a threshold under their
-    differences alone would skip nothing. Run on the search's first batch (the worker does), a
-    threshold above the low end skips at least one step of that batch at every warm-up: no trial
-    is inert there (differences depend on the prompts; other batches may skip less)."""
-    patch = apply(pipe, residual_diff_threshold=1e-9, max_warmup_steps=0)
+    `searched`: the values the study lets each parameter take (`StudySpec.searched_values`).
+    The minimum is taken past the longest warm-up searched (warm-up steps always compute, so a
+    threshold under their differences alone would skip nothing). The differences are those of
+    the first Fn blocks' residual, and their scale moves with Fn (benchmarks/RESULTS.md): one
+    run per Fn value searched gives each its own range (`by`, what a trial's threshold is
+    sampled in once its Fn is drawn); "auto" is their union. Run on the search's first batch
+    (the worker does), a threshold above its Fn's low end skips at least one step of that batch
+    at every warm-up: no trial is inert there (other batches may skip less)."""
+    searched = searched or {}
+    warmup = int(max(searched.get("max_warmup_steps", [0])))
+    by_fn, observed = {}, None
+    for fn in searched.get("Fn_compute_blocks", [1]):
+        diffs = _residual_diffs(pipe, run_once, int(fn))
+        if not diffs:
+            continue
+        compared = [diff for step, diff in diffs if step >= warmup] or [d for _, d in diffs]
+        low, high = min(compared), max(max(d for _, d in diffs), min(compared))
+        by_fn[str(int(fn))] = [math.ceil(low * 1e4) / 1e4, round(high, 4)]  # low: not under it
+        if observed is None:  # the smallest Fn's, as before ranges came per Fn
+            ordered = sorted(d for _, d in diffs)
+            observed = {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1],
+                        "steps": len(ordered), "past_warmup": warmup, "min_past_warmup": low,
+                        "Fn_compute_blocks": int(fn)}
+    if not by_fn:
+        return {}
+    lows, highs = zip(*by_fn.values(), strict=True)
+    return {"auto": {"residual_diff_threshold": [min(lows), max(highs)]},
+            "by": {"residual_diff_threshold": ["Fn_compute_blocks", by_fn]}, "observed": observed}
+
+
+def _residual_diffs(pipe, run_once, fn: int) -> list[tuple[int, float]]:
+    """(step, residual difference) of one run with Fn = `fn` that skips nothing."""
+    patch = apply(pipe, Fn_compute_blocks=fn, residual_diff_threshold=1e-9, max_warmup_steps=0)
     try:
         run_once()
         stats = _cache_dit().summary(pipe, logging=False)
-        by_step = [(int(step), float(diff)) for stat in stats
-                   for step, diff in (stat.residual_diffs or {}).items()]
+        return [(int(step), float(diff)) for stat in stats
+                for step, diff in (stat.residual_diffs or {}).items()]
     finally:
         patch.restore()
-    if not by_step:
-        return {}
-    warmup = int((largest or {}).get("max_warmup_steps", 0))
-    diffs = sorted(diff for _, diff in by_step)
-    compared = [diff for step, diff in by_step if step >= warmup] or diffs  # all warm-up: any
-    low = min(compared)
-    return {"auto": {"residual_diff_threshold": [round(low, 4), round(max(diffs[-1], low), 4)]},
-            "observed": {"min": diffs[0], "median": diffs[len(diffs) // 2], "max": diffs[-1],
-                         "steps": len(diffs), "past_warmup": warmup, "min_past_warmup": low}}
 
 
 def warmup_steps(max_warmup_steps: int = 8, **_) -> int:

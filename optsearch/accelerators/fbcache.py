@@ -4,6 +4,8 @@ the last full step, reuse the cached output of all the other blocks."""
 
 from __future__ import annotations
 
+import math
+
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import cache_patch
 
@@ -55,11 +57,11 @@ def apply(pipe, threshold: float = 0.05, **_calibrated) -> FirstBlockCachePatch:
     return FirstBlockCachePatch(pipe, float(threshold))
 
 
-def calibrate(pipe, run_once, largest=None) -> dict:
+def calibrate(pipe, run_once, searched=None) -> dict:
     """What an "auto" threshold range comes from: the relative changes of the first block's
     residual FirstBlockCache compares with its threshold, over one call that skips nothing, from
     "skips nothing" (their minimum) to "skips nearly everything" (their maximum). It has no
-    warm-up to allow for (`largest` is unused): every step after the first compares."""
+    warm-up to allow for (`searched` is unused): every step after the first compares."""
     patch = FirstBlockCachePatch(pipe, 0.0)
     try:
         run_once()
@@ -68,7 +70,8 @@ def calibrate(pipe, run_once, largest=None) -> dict:
     changes = sorted(patch.changes)
     if not changes:
         return {}
-    return {"auto": {"threshold": [round(changes[0], 4), round(changes[-1], 4)]},
+    low = math.ceil(changes[0] * 1e4) / 1e4  # rounded up: a threshold above it is above them
+    return {"auto": {"threshold": [low, max(low, round(changes[-1], 4))]},
             "observed": {"min": changes[0], "median": changes[len(changes) // 2],
                          "max": changes[-1], "steps": len(changes)}}
 

@@ -138,7 +138,7 @@ def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
     ranges = {}
     for family, param in spec.auto_params():
         measured = REGISTRY[family].calibrate(pipe, lambda: list(generate(
-            pipe, prompts[:config.batch_size], config, warmup=False)), spec.largest_values(family))
+            pipe, prompts[:config.batch_size], config, warmup=False)), spec.searched_values(family))
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = measured["auto"][param]
     return ranges

@@ -50,6 +50,10 @@ def study_summary(study: optuna.Study, spec) -> dict:
                                       for family, data in studies.calibration(study, fingerprint).items()
                                       for param, bounds in data.get("auto", {}).items()}
                         for fingerprint in studies.baselines(study)},
+        "auto_ranges_by": {fingerprint: {f"{family}.{param}": by  # [param, {value: [lo, hi]}]
+                                         for family, data in studies.calibration(study, fingerprint).items()
+                                         for param, by in data.get("by", {}).items()}
+                           for fingerprint in studies.baselines(study)},
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
                           for record in sorted(studies.confirmations(study).values(),
                                                key=lambda r: r["date"])],
@@ -109,6 +113,10 @@ def format_summary(summary: dict) -> str:
     for fingerprint, ranges in summary["auto_ranges"].items():
         for name, (low, high) in ranges.items():
             lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] ({AUTO_RANGE})")
+            by = summary["auto_ranges_by"].get(fingerprint, {}).get(name)
+            if by:  # a trial samples in the range of the value it drew
+                lines.append(f"  per {by[0]}: " + ", ".join(f"{value} [{lo}, {hi}]"
+                                                           for value, (lo, hi) in by[1].items()))
     if summary["timings"]:
         lines += ["", "baseline timings (each worker times its own; speedups use its own):"]
         lines.append(_timings_table(summary["timings"]))

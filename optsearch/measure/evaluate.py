@@ -18,8 +18,10 @@ import torch
 from optsearch.accelerators import (
     REGISTRY,
     AppliedSetting,
+    CalibratedRange,
     combo_name,
     combo_problem,
+    dbcache,
     denoiser,
     enabled_already,
     execution_device,
@@ -181,12 +183,14 @@ class Evaluator:
             if "auto" not in self.calibration.get(family, {}):
                 measured = REGISTRY[family].calibrate(
                     self.pipe, lambda: self._run_once(self.config.batch_size),
-                    spec.largest_values(family))
+                    spec.searched_values(family))
                 self.calibration[family] = {**self.calibration.get(family, {}), **measured}
                 if self.on_calibrated is not None:
                     self.on_calibrated(family, self.calibration[family])
             if param in self.calibration[family].get("auto", {}):
-                ranges[f"{family}.{param}"] = self.calibration[family]["auto"][param]
+                by = self.calibration[family].get("by", {}).get(param)  # e.g. per Fn
+                ranges[f"{family}.{param}"] = CalibratedRange(
+                    self.calibration[family]["auto"][param], tuple(by) if by else None)
         return ranges
 
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:
@@ -296,6 +300,9 @@ def check_families(pipe, spec) -> None:
         if problem:
             raise ModelLoadError(f"model {spec.model.id!r}: {problem}; set model.kind if it was "
                                  "told wrongly from the id")
+    if any("dbcache" in combo for combo in spec.search.combos) and \
+            (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
+        raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
 
 
 def pipeline_from_spec(spec, device: str | None = None):

@@ -14,7 +14,9 @@ logger = logging.getLogger(__name__)
 
 def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = None) -> dict[str, dict]:
     """Sample one setting: the combo (a categorical when several), then its parameters (an
-    "auto" range from `auto`, what the worker calibrated on its device)."""
+    "auto" range from `auto`, what the worker calibrated on its device; a `CalibratedRange` that
+    moves with a parameter drawn before it, e.g. DBCache's threshold with Fn, the range of the
+    value drawn)."""
     combos = {combo_name(c): c for c in spec.search.combos}
     combo = combos[trial.suggest_categorical("combo", list(combos))] if len(combos) > 1 \
         else next(iter(combos.values()))
@@ -24,6 +26,9 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
         for param, declared in params_of(accelerator).items():
             bounds = spec.param_range(accelerator, param, auto)
             name = f"{accelerator}.{param}"
+            calibrated = (auto or {}).get(name)
+            if len(bounds) > 1 and getattr(calibrated, "by", None) and spec.search.sampler != "grid":
+                bounds = (*calibrated.for_setting(values), None)  # e.g. the range of the drawn Fn
             released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:
                 values[param] = bounds[0]

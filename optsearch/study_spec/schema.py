@@ -161,18 +161,21 @@ class StudySpec:
             return tuple(value)
         return (value[0], value[1], value[2] if len(value) == 3 else None)
 
-    def largest_values(self, accelerator: str) -> dict:
-        """The largest value this spec lets each numeric parameter of `accelerator` take (its
-        range's high end, or its fixed value): what a calibration must hold for every trial."""
-        largest = {}
-        for param in params_of(accelerator):
+    def searched_values(self, accelerator: str) -> dict[str, list]:
+        """The values this spec lets each integer parameter of `accelerator` take, and the
+        extremes of each float range: what a calibration must hold for every trial."""
+        values = {}
+        for param, declared in params_of(accelerator).items():
             if self.space.get(accelerator, {}).get(param) == "auto":
                 continue
-            values = [v for v in self.param_range(accelerator, param)[:2]
-                      if isinstance(v, int | float) and not isinstance(v, bool)]
-            if values:
-                largest[param] = max(values)
-        return largest
+            bounds = self.param_range(accelerator, param)
+            if len(bounds) == 1:
+                values[param] = [bounds[0]]
+            elif declared.kind is int:
+                values[param] = list(range(int(bounds[0]), int(bounds[1]) + 1, int(bounds[2] or 1)))
+            else:
+                values[param] = [bounds[0], bounds[1]]
+        return values
 
     def auto_params(self) -> list[tuple[str, str]]:
         """(family, parameter) of every range the spec leaves to calibration ("auto")."""
