@@ -267,78 +267,55 @@ def test_an_offloaded_factory_pipeline_is_measured_as_built(tmp_path):
             fast(["a red bus", "a cat"], num_inference_steps=8, output_type="np")
 
 
-def test_the_attention_backend_a_pipeline_is_served_with_is_measured_and_exported(tmp_path):
-    """A factory that sets diffusers' attention backend (flash, sage: what a server picks) is
-    measured with it; the backend is part of the fingerprint, of `check`'s context line and of
-    the export's deployment, so serving the setting with torch's default backend warns."""
+@pytest.mark.parametrize("factory, model, limit, key, value, context, shown, plain_id, scheduler", [
+    ("flux_math_attention", 'kind = "transformer"\nguidance_scale = 3.5', "10.0", "attention",
+     "_native_math", "8 steps (FlowMatchEulerDiscreteScheduler), guidance 3.5, attention _native_math",
+     "(attention _native_math)", "builtin:tiny-flux", "FlowMatchEulerDiscreteScheduler"),
+    ("int8_unet", "", "5.0", "quantization", "torch.ao dynamic",
+     "8 steps (DDIMScheduler), guidance 7.5, quantized (torch.ao dynamic)",
+     "(quantized: torch.ao dynamic)", "builtin:tiny", "DDIMScheduler"),
+])
+def test_how_a_factory_serves_its_denoiser_is_measured_and_exported(tmp_path, factory, model, limit,
+                                                                   key, value, context, shown,
+                                                                   plain_id, scheduler):
+    """A factory that sets diffusers' attention backend (flash, sage: what a server picks) or
+    quantizes the denoiser (int8, for a server short of memory) is measured so: the backend or
+    quantization is part of the fingerprint, of `check`'s context line, of `study show`'s
+    baseline and of the export's deployment, so serving the setting on the plain pipeline warns
+    (either changes what a skipped block saves)."""
     (tmp_path / "my_pipes.py").write_text(FACTORY)
-    text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:flux_math_attention"') \
-        .replace("steps = 8", "steps = 8\nkind = \"transformer\"\nguidance_scale = 3.5") \
+    text = TINY_SPEC.replace('id = "builtin:tiny"', f'id = "my_pipes:{factory}"') \
+        .replace("steps = 8", f"steps = 8\n{model}") \
         .replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["steps"]') \
-        .replace("limit = 30.0", "limit = 10.0") \
+        .replace("limit = 30.0", f"limit = {limit}") \
         .replace("n_trials = 4", "n_trials = 1\nwarm_start = []\n[space.steps]\n"
                  "num_inference_steps = [2, 3]")  # 3x-4x faster: feasible on any load
-    spec = write_spec(tmp_path / "attention.toml", text)
+    spec = write_spec(tmp_path / "served.toml", text)
     checked = optsearch_cmd("check", str(spec), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
-    assert "8 steps (FlowMatchEulerDiscreteScheduler), guidance 3.5, attention _native_math" in checked.stdout
+    assert context in checked.stdout
     url = f"sqlite:///{tmp_path}/a.db"
     ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     from optsearch.optimize.study import baselines
 
     baseline, = baselines(optuna.load_study(study_name="tiny", storage=url)).values()
-    assert baseline["attention"] == "_native_math"  # in the fingerprint's facts
-    assert baseline["scheduler"] == "FlowMatchEulerDiscreteScheduler"  # the deployment's
-    assert f"{baseline['device']} (attention _native_math)" in ran.stdout  # study show's baseline
+    assert baseline[key] == value  # in the fingerprint's facts
+    assert baseline["scheduler"] == scheduler  # the deployment's
+    assert f"{baseline['device']} {shown}" in ran.stdout  # study show's baseline
     exported = tmp_path / "params.json"
     assert optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(exported)).returncode == 0
     deployment = json.loads(exported.read_text())["deployment"]
-    assert deployment["attention"] == "_native_math"
-    assert deployment["scheduler"] == "FlowMatchEulerDiscreteScheduler"  # from the baseline
+    assert deployment[key] == value and deployment["scheduler"] == scheduler  # from the baseline
 
     from optsearch.measure.models import load_pipeline
 
-    plain = load_pipeline("builtin:tiny-flux", "cpu", "float32")
-    with pytest.warns(UserWarning, match="measured at attention = _native_math; called with native"):
+    plain = load_pipeline(plain_id, "cpu", "float32")
+    served = "native" if key == "attention" else "none"
+    with pytest.warns(UserWarning, match=f"measured at {key} = {value}; called with {served}"):
         with optsearch.apply(plain, str(exported)) as fast:
-            fast(["a red bus", "a cat"], num_inference_steps=8, guidance_scale=3.5,
-                 output_type="np")
-
-
-def test_a_quantized_denoiser_is_measured_and_exported_as_served(tmp_path):
-    """A factory that quantizes the denoiser (int8, as a server short of memory runs it) is
-    measured quantized: the quantization is part of the fingerprint, of `check`'s context line,
-    of `study show`'s baseline and of the export's deployment, so serving the setting on the
-    unquantized pipeline warns (a quantized matmul changes what a skipped block saves)."""
-    (tmp_path / "my_pipes.py").write_text(FACTORY)
-    text = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "my_pipes:int8_unet"') \
-        .replace('accelerators = ["deepcache", "tome"]', 'accelerators = ["steps"]') \
-        .replace("limit = 30.0", "limit = 5.0") \
-        .replace("n_trials = 4", "n_trials = 1\nwarm_start = []\n[space.steps]\n"
-                 "num_inference_steps = [2, 3]")
-    spec = write_spec(tmp_path / "int8.toml", text)
-    checked = optsearch_cmd("check", str(spec), cwd=tmp_path)
-    assert checked.returncode == 0, checked.stderr
-    assert "guidance 7.5, quantized (torch.ao dynamic)" in checked.stdout
-    url = f"sqlite:///{tmp_path}/q.db"
-    ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
-    from optsearch.optimize.study import baselines
-
-    baseline, = baselines(optuna.load_study(study_name="tiny", storage=url)).values()
-    assert baseline["quantization"] == "torch.ao dynamic"  # in the fingerprint's facts
-    assert f"{baseline['device']} (quantized: torch.ao dynamic)" in ran.stdout  # study show's
-    exported = tmp_path / "params.json"
-    assert optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(exported)).returncode == 0
-    assert json.loads(exported.read_text())["deployment"]["quantization"] == "torch.ao dynamic"
-
-    from optsearch.measure.models import load_pipeline
-
-    plain = load_pipeline("builtin:tiny", "cpu", "float32")
-    with pytest.warns(UserWarning, match="measured at quantization = torch.ao dynamic; called with none"):
-        with optsearch.apply(plain, str(exported)) as fast:
-            fast(["a red bus", "a cat"], num_inference_steps=8, output_type="np")
+            fast(["a red bus", "a cat"], num_inference_steps=8, output_type="np",
+                 **({"guidance_scale": 3.5} if key == "attention" else {}))
 
 
 @pytest.mark.parametrize("model_id, message", [
