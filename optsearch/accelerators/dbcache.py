@@ -198,8 +198,9 @@ def calibrate(pipe, run_once, searched: Mapping | None = None) -> dict:
         if not diffs:
             continue
         compared = [diff for step, diff in diffs if step >= warmup] or [d for _, d in diffs]
-        low, high = min(compared), max(max(d for _, d in diffs), min(compared))
-        by_fn[str(int(fn))] = [math.ceil(low * 1e4) / 1e4, round(high, 4)]  # low: not under it
+        low = min(compared)
+        rounded = math.ceil(low * 1e4) / 1e4  # rounded up: a threshold above it is above them
+        by_fn[str(int(fn))] = [rounded, max(rounded, round(max(d for _, d in diffs), 4))]
         if observed is None:  # the smallest Fn's, as before ranges came per Fn
             ordered = sorted(d for _, d in diffs)
             observed = {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1],
