@@ -28,11 +28,14 @@ def _cell(value) -> str:
     return str(value)
 
 
-def format_setting(setting: dict) -> str:
-    """'deepcache(cache_interval=3, cache_branch_id=0) + tome(ratio=0.5)'."""
+def format_setting(setting: dict, shown: dict | None = None) -> str:
+    """'deepcache(cache_interval=3, cache_branch_id=0) + tome(ratio=0.5)'. `shown`: the
+    parameters to name per family (a log line's: those the study searches); a family with none
+    named there is shown whole."""
     parts = []
     for name, params in setting.items():
-        values = ", ".join(f"{k}={_cell(v)}" for k, v in params.items())
+        keep = [k for k in (shown or {}).get(name, []) if k in params] or list(params)
+        values = ", ".join(f"{k}={_cell(params[k])}" for k in keep)
         parts.append(f"{name}({values})")
     return " + ".join(parts) or "baseline"
 

@@ -320,6 +320,10 @@ def test_a_dbcache_trial_that_skips_nothing_is_stopped_as_inert(tmp_path):
     assert inert.state == optuna.trial.TrialState.PRUNED, inert.user_attrs
     assert inert.user_attrs["early_stop_reason"] == "inert" and inert.user_attrs["batches_evaluated"] == 1
     assert inert.user_attrs["compute_fraction"] == 1.0
+    # the worker's line names what the study searches, not the fixed rest (in the export)
+    assert ": trial 0 dbcache(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.050, " \
+           "max_warmup_steps=2): " in ran.stdout, ran.stdout
+    assert "warmup_interval" not in ran.stdout and "warmup_interval" in json.dumps(inert.user_attrs)
     assert skipping.state == optuna.trial.TrialState.COMPLETE, skipping.user_attrs
     assert 0.2 < skipping.user_attrs["compute_fraction"] < 1.0
     shown = optsearch_cmd("study", "show", "flux", "--storage", url)

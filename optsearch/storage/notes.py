@@ -19,10 +19,10 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
     attrs = trial.user_attrs
     if not attrs.get("setting"):
         return None
-    setting = format_setting(attrs["setting"])
-    head = f"trial {trial.number} {setting}"
+    searched = {family: spec.searched_params(family) for family in attrs["setting"]}
+    head = f"trial {trial.number} {format_setting(attrs['setting'], searched)}"  # the rest: the spec's
     if attrs.get("speedup") is None:  # failed (out of memory, a bug) or cut off
-        reason = (attrs.get("fail_reason") or "").replace(f" with {setting}", "")
+        reason = (attrs.get("fail_reason") or "").replace(f" with {format_setting(attrs['setting'])}", "")
         return f"{head}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")
     metric = spec.quality.metric
     if attrs.get("reused_from") is not None:
@@ -50,7 +50,8 @@ def confirmed_line(record: dict, spec) -> str:
     """One line per setting confirmed, as it is stored: the unseen-prompt figures a user acts on."""
     metric = spec.quality.metric
     verdict = _feasibility(record)
-    return (f"confirmed trial {record['trial']} {format_setting(record['setting'])} on "
+    searched = {family: spec.searched_params(family) for family in record["setting"]}
+    return (f"confirmed trial {record['trial']} {format_setting(record['setting'], searched)} on "
             f"{record['num_samples']} unseen prompts: speedup {format_speedup(record)} "
             f"({record['repeats']} A B B A rounds), {metric} "
             f"{format_interval(quality_of(record, metric))}: {verdict}")
