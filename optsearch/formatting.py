@@ -8,6 +8,13 @@ AUTO_RANGE = ("calibrated on the search's first batch: from skipping nothing of 
               "nearly every step")
 
 
+def per_value_text(by) -> str:
+    """'  per Fn_compute_blocks: 1 [0.39, 0.56], 2 [...]': the ranges of an "auto" parameter
+    that moves with another (`CalibratedRange.by`, as stored: [param, {value: [lo, hi]}])."""
+    param, ranges = by
+    return f"  per {param}: " + ", ".join(f"{value} [{lo}, {hi}]" for value, (lo, hi) in ranges.items())
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     """Left-aligned columns, separated by two spaces, with a rule under the header."""
     cells = [[_cell(value) for value in row] for row in rows]

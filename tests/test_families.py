@@ -364,6 +364,7 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
     assert f"  per Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [" in ran.stdout
     checked = optsearch_cmd("check", str(spec))  # says the range before any trial runs
     assert checked.returncode == 0 and "auto range dbcache.residual_diff_threshold: [" in checked.stdout
+    assert f"  per Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [" in checked.stdout
     with pytest.raises(SpecError, match='"auto" is for thresholds measured before'):
         spec_from_dict({**_flux_dict([["dbcache"]]), "space": {"dbcache": {"Fn_compute_blocks": "auto"}}})
 

@@ -18,6 +18,7 @@ import torch
 
 from optsearch.accelerators import (
     REGISTRY,
+    CalibratedRange,
     attention_of,
     execution_device,
     offload_of,
@@ -26,7 +27,7 @@ from optsearch.accelerators import (
 )
 from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
-from optsearch.formatting import AUTO_RANGE
+from optsearch.formatting import AUTO_RANGE, per_value_text
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
@@ -140,7 +141,8 @@ def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
         measured = REGISTRY[family].calibrate(pipe, lambda: list(generate(
             pipe, prompts[:config.batch_size], config, warmup=False)), spec.searched_values(family))
         if param in measured.get("auto", {}):
-            ranges[f"{family}.{param}"] = measured["auto"][param]
+            by = measured.get("by", {}).get(param)  # e.g. per Fn, as the worker samples it
+            ranges[f"{family}.{param}"] = CalibratedRange(measured["auto"][param], by and tuple(by))
     return ranges
 
 
@@ -192,8 +194,10 @@ def format_report(report: Report, spec) -> str:
     if limit is not None and peak is not None and peak > limit:
         lines.append(f"memory: the plain pipeline already peaks above objective.max_memory_gib = "
                      f"{limit}: {ABOVE_LIMIT}")
-    lines += [f"auto range {name}: [{low}, {high}] on this device ({AUTO_RANGE})"
-              for name, (low, high) in facts["auto_ranges"].items()]
+    for name, calibrated in facts["auto_ranges"].items():
+        lines.append(f"auto range {name}: [{calibrated[0]}, {calibrated[1]}] on this device ({AUTO_RANGE})")
+        if getattr(calibrated, "by", None):
+            lines.append(per_value_text(calibrated.by))
     lines += _published_outside(spec, facts["auto_ranges"])
     lines.append(estimate_text(facts["estimate"]))
     lines.append("ready: a study of this spec can run")

@@ -14,6 +14,7 @@ from optsearch.formatting import (
     format_interval,
     format_setting,
     format_speedup,
+    per_value_text,
     table,
     too_wide,
 )
@@ -115,8 +116,7 @@ def format_summary(summary: dict) -> str:
             lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] ({AUTO_RANGE})")
             by = summary["auto_ranges_by"].get(fingerprint, {}).get(name)
             if by:  # a trial samples in the range of the value it drew
-                lines.append(f"  per {by[0]}: " + ", ".join(f"{value} [{lo}, {hi}]"
-                                                           for value, (lo, hi) in by[1].items()))
+                lines.append(per_value_text(by))
     if summary["timings"]:
         lines += ["", "baseline timings (each worker times its own; speedups use its own):"]
         lines.append(_timings_table(summary["timings"]))
