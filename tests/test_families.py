@@ -174,6 +174,11 @@ def _flux_dict(accelerators, **model) -> dict:
     ({**_flux_dict(["steps"]), "space": {"steps": {"num_inference_steps": [4, 20]}}},
      "space.steps.num_inference_steps: [4, 20] goes past model.steps=12"),
     (_flux_dict(["steps"], kind="dit"), "model.kind: unknown kind 'dit'"),
+    ({"model": {"id": "builtin:tiny-flux", "steps": 12},
+      "search": {"accelerators": ["dbcache"], "sampler": "grid"},
+      "space": {"dbcache": {"residual_diff_threshold": "auto"}}},  # ran the default grid: inert
+     'space.dbcache.residual_diff_threshold: "auto" is measured by each worker on its device, a '
+     "grid is fixed when the study is created: give it a range [low, high, step]"),
 ])
 def test_families_that_do_not_apply_are_one_line_spec_errors(data, message):
     with pytest.raises(SpecError) as raised:

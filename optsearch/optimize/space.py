@@ -27,7 +27,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             bounds = spec.param_range(accelerator, param, auto)
             name = f"{accelerator}.{param}"
             calibrated = (auto or {}).get(name)
-            if len(bounds) > 1 and getattr(calibrated, "by", None) and spec.search.sampler != "grid":
+            if len(bounds) > 1 and getattr(calibrated, "by", None):
                 bounds = (*calibrated.for_setting(values), None)  # e.g. the range of the drawn Fn
             released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:

@@ -187,6 +187,10 @@ def validate(spec: StudySpec, problem) -> None:
             if counted and given and any(value > model.steps for value in bounds[:2]):
                 problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past "
                         f"model.steps={model.steps} (allowed: 1..steps)")
+    if search.sampler == "grid":
+        for family, param in spec.auto_params():
+            problem(f"space.{family}.{param}", '"auto" is measured by each worker on its device, a '
+                    "grid is fixed when the study is created: give it a range [low, high, step]")
     if spec.artifacts.grid_prompts < 0:
         problem("artifacts.grid_prompts", "must be >= 0")
 
