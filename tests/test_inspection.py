@@ -12,6 +12,7 @@ from PIL import Image
 
 from optsearch.optimize import study as studies
 from optsearch.storage.record import DASHBOARD_CONSTRAINTS_KEY
+from optsearch.study_spec import load_spec
 from tests.conftest import TINY_SPEC, browser_page, dashboard, optsearch_cmd, write_spec
 
 INSPECT_SPEC = (TINY_SPEC.replace("n_trials = 4", "n_trials = 6\nseed = 1")
@@ -44,10 +45,13 @@ def test_the_worker_says_one_line_per_trial_even_when_quiet(finished_study):
     lines = [line for line in (folder / "run.out").read_text().splitlines()
              if line.startswith(f"{worker}: trial ")]
     assert len(lines) == len(finished) == 6
+    spec = load_spec(folder / "tiny.toml")
     verdicts = set()
     for line, trial in zip(lines, finished, strict=True):
         a = trial.user_attrs
-        figures = (f"{worker}: trial {trial.number} {format_setting(a['setting'])}: speedup "
+        searched = {family: spec.searched_params(family) for family in a["setting"]}
+        assert "use_rand" not in line  # fixed by the spec: in the setting, not in the log line
+        figures = (f"{worker}: trial {trial.number} {format_setting(a['setting'], searched)}: speedup "
                    f"{format_speedup(a)}, psnr {format_interval(quality_of(a, 'psnr'))}: ")
         assert line.startswith(figures)
         verdict = line.removeprefix(figures).split("; the winner so far")[0]
