@@ -8,6 +8,7 @@ know nothing of Optuna.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -70,9 +71,23 @@ class CalibratedRange(list):
         super().__init__(bounds)
         self.by = by
 
+    @classmethod
+    def stored(cls, calibration: Mapping, param: str) -> CalibratedRange:
+        """The range of `param` in a family's calibration as `calibrate` returns and the study
+        stores it ({"auto": {param: [lo, hi]}, "by": {param: [other, {value: [lo, hi]}]}})."""
+        by = calibration.get("by", {}).get(param)
+        return cls(calibration["auto"][param], tuple(by) if by else None)
+
     def for_setting(self, values: Mapping) -> list:
         """The range for a setting whose other parameters are drawn already."""
         if self.by is None:
             return list(self)
         param, ranges = self.by
         return list(ranges.get(str(values.get(param)), self))
+
+
+def bounds_of(low: float, high: float) -> list[float]:
+    """[low, high] of a calibrated threshold, to 4 decimals: the low end rounded up (a threshold
+    above it is above every measured value), the high end never under it."""
+    rounded = math.ceil(low * 1e4) / 1e4
+    return [rounded, max(rounded, round(high, 4))]

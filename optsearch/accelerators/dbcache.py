@@ -15,11 +15,10 @@ the class it derives from, or else its transformer's class (cache-dit's `BlockAd
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 
-from optsearch.accelerators.base import Param
+from optsearch.accelerators.base import Param, bounds_of
 from optsearch.accelerators.hooks import denoiser
 
 NAME = "dbcache"
@@ -199,8 +198,7 @@ def calibrate(pipe, run_once, searched: Mapping | None = None) -> dict:
             continue
         compared = [diff for step, diff in diffs if step >= warmup] or [d for _, d in diffs]
         low = min(compared)
-        rounded = math.ceil(low * 1e4) / 1e4  # rounded up: a threshold above it is above them
-        by_fn[str(int(fn))] = [rounded, max(rounded, round(max(d for _, d in diffs), 4))]
+        by_fn[str(int(fn))] = bounds_of(low, max(d for _, d in diffs))
         if observed is None:  # the smallest Fn's, as before ranges came per Fn
             ordered = sorted(d for _, d in diffs)
             observed = {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1],

@@ -4,9 +4,7 @@ the last full step, reuse the cached output of all the other blocks."""
 
 from __future__ import annotations
 
-import math
-
-from optsearch.accelerators.base import Param
+from optsearch.accelerators.base import Param, bounds_of
 from optsearch.accelerators.hooks import cache_patch
 
 NAME = "fbcache"
@@ -70,8 +68,7 @@ def calibrate(pipe, run_once, searched=None) -> dict:
     changes = sorted(patch.changes)
     if not changes:
         return {}
-    low = math.ceil(changes[0] * 1e4) / 1e4  # rounded up: a threshold above it is above them
-    return {"auto": {"threshold": [low, max(low, round(changes[-1], 4))]},
+    return {"auto": {"threshold": bounds_of(changes[0], changes[-1])},
             "observed": {"min": changes[0], "median": changes[len(changes) // 2],
                          "max": changes[-1], "steps": len(changes)}}
 

@@ -141,8 +141,7 @@ def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
         measured = REGISTRY[family].calibrate(pipe, lambda: list(generate(
             pipe, prompts[:config.batch_size], config, warmup=False)), spec.searched_values(family))
         if param in measured.get("auto", {}):
-            by = measured.get("by", {}).get(param)  # e.g. per Fn, as the worker samples it
-            ranges[f"{family}.{param}"] = CalibratedRange(measured["auto"][param], by and tuple(by))
+            ranges[f"{family}.{param}"] = CalibratedRange.stored(measured, param)  # per Fn too
     return ranges
 
 

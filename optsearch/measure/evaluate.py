@@ -188,9 +188,7 @@ class Evaluator:
                 if self.on_calibrated is not None:
                     self.on_calibrated(family, self.calibration[family])
             if param in self.calibration[family].get("auto", {}):
-                by = self.calibration[family].get("by", {}).get(param)  # e.g. per Fn
-                ranges[f"{family}.{param}"] = CalibratedRange(
-                    self.calibration[family]["auto"][param], tuple(by) if by else None)
+                ranges[f"{family}.{param}"] = CalibratedRange.stored(self.calibration[family], param)
         return ranges
 
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:

@@ -180,23 +180,25 @@ class Interrupts:
         """From here until `release`, an interrupt waits. One received before and lost (raised
         where Python ignores exceptions: a weakref or `__del__` run by the garbage collector,
         e.g. SQLAlchemy's) is raised now, between trials."""
+        self.raise_lost()
+        self.holding = True
+
+    def raise_lost(self) -> None:
+        """Raise an interrupt that came, if any: one raised where Python ignored it is lost."""
         if self.received:
             raise KeyboardInterrupt
-        self.holding = True
 
     def checked(self, rule: Callable | None) -> Callable:
         """An early-stop rule (asked after each batch) that first raises an interrupt received
         and lost: the trial it landed in is failed and re-queued within a batch, not finished."""
         def check(partial):
-            if self.received:
-                raise KeyboardInterrupt
+            self.raise_lost()
             return rule(partial) if rule is not None else None
         return check
 
     def sleep(self, seconds: float) -> None:
         """Wait for other workers, unless an interrupt was received and lost."""
-        if self.received:
-            raise KeyboardInterrupt
+        self.raise_lost()
         time.sleep(seconds)
 
     def release(self) -> None:
