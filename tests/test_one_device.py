@@ -115,3 +115,17 @@ def test_export_warns_when_a_trial_never_confirmed_beats_the_confirmed_winner(tm
     again = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "2.json"))
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "2.json").read_text())["unconfirmed_better"] == [3]  # not 5
+
+
+def test_show_lists_the_confirmed_winner_under_its_combo_beside_the_search_best(tmp_path):
+    """A confirmed winner need not be its combo's best search trial: the per-combo table shows it
+    too, starred, so the answer `study show` names is one of its rows."""
+    from optsearch.cli.show import format_summary, study_summary
+
+    _, study, spec = study_on_two_devices(tmp_path)
+    lines = format_summary(study_summary(study, spec)).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("best feasible trial per combo"))
+    rows = [line.split()[:4] for line in lines[header + 3:header + 5]]
+    # from two devices: each row says its own (a speedup is against that device's baseline)
+    assert rows == [["deepcache", "2", GPU, "3.00"], ["deepcache", "*", "1", CPU]]
+    assert any(line.startswith("* winner: trial 1,") for line in lines)

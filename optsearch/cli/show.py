@@ -125,8 +125,9 @@ def format_summary(summary: dict) -> str:
     confirmed = {r["trial"]: r for r in summary["confirmations"]}
     lines += ["", f"best feasible trial per combo (search figures [{percent} CI]; rule "
                   f"{summary['rule']}):"]
+    shown = _per_combo_rows(summary["best_per_combo"], summary["best"])
     rows = []
-    for combo, m in summary["best_per_combo"].items():
+    for combo, m in shown:
         best = " *" if summary["best"] and m["trial"] == summary["best"]["trial"] else ""
         check = confirmed.get(m["trial"])
         rows.append([combo + best, m["trial"], format_speedup(m), _trial_interval(m, metric),
@@ -136,16 +137,20 @@ def format_summary(summary: dict) -> str:
                      _memory(m), format_setting(m["setting"] or {})])
     headers = ["combo", "trial", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
                "worst prompt", "computed", "peak GiB (baseline)", "setting"]
-    if any(m.get("frames") for m in summary["best_per_combo"].values()):  # videos: frame figures
+    if any(m.get("frames") for _, m in shown):  # videos: frame figures
         headers[4:4] = ["worst-frame psnr", "temporal change"]
-        for row, m in zip(rows, summary["best_per_combo"].values(), strict=True):
+        for row, (_, m) in zip(rows, shown, strict=True):
             row[4:4] = [format_interval(quality_of(m, "psnr_worst_frame"), 2),
                         format_interval(quality_of(m, "temporal_change"))]
-    if any(m.get("compiled") for m in summary["best_per_combo"].values()):  # torch.compile
+    if any(m.get("compiled") for _, m in shown):  # torch.compile
         headers.insert(-1, "compile s (graph breaks)")
-        for row, m in zip(rows, summary["best_per_combo"].values(), strict=True):
+        for row, (_, m) in zip(rows, shown, strict=True):
             row.insert(-1, f"{m.get('compile_seconds') or 0:.1f} ({m.get('graph_breaks')})"
                        + (" recompiled while timed" if m.get("compiled_while_timed") else ""))
+    if len({m.get("fingerprint") for _, m in shown}) > 1:  # speedups are each against its device's
+        headers.insert(2, "device")
+        for row, (_, m) in zip(rows, shown, strict=True):
+            row.insert(2, m.get("fingerprint") or "-")
     hint = summary.get("nothing_feasible_hint")
     lines.append(table(headers, rows) if rows else
                  "  (no feasible trial faster than the baseline yet" + (f": {hint})" if hint else ")"))
@@ -181,6 +186,18 @@ def format_summary(summary: dict) -> str:
         lines += ["", "confirmations on unseen prompts, own noise (search | confirmed, A B B A rounds):"]
         lines.append(_confirmations_table(summary["confirmations"], metric))
     return "\n".join(lines)
+
+
+def _per_combo_rows(best_per_combo: dict, winner: dict | None) -> list[tuple[str, dict]]:
+    """(combo, figures) rows of the per-combo table: each combo's best search trial, and the
+    winner under its combo's row when it is another trial (a confirmed winner need not be the
+    search's best), so the starred answer is always in the table."""
+    rows = list(best_per_combo.items())
+    if winner is None or any(m["trial"] == winner["trial"] for _, m in rows):
+        return rows
+    combos = [combo for combo, _ in rows]
+    at = combos.index(winner["combo"]) + 1 if winner.get("combo") in combos else len(rows)
+    return rows[:at] + [(winner.get("combo") or "?", winner)] + rows[at:]
 
 
 def winner_cell(mark: dict | None) -> str:
