@@ -15,6 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 import optsearch
+from optsearch.cli.show import format_summary, study_summary
 from optsearch.formatting import format_speedup
 from optsearch.measure.evaluate import image_digest
 from optsearch.measure.generation import GenerationConfig, generate
@@ -248,11 +249,22 @@ def test_best_trial_of_known_study(tmp_path, mode, expected):
         trial.set_user_attr("combo", combo)
         trial.set_user_attr("setting", {})
         trial.set_user_attr("speedup", speedup)
+        trial.set_user_attr("clip_loss", loss)
         study.tell(trial, objectives.objective_values(spec, summary))
     best = objectives.best_overall(study, spec)
     assert best.number == expected
     if mode == "pareto":  # feasible front: (2.8, 0.25), (2.5, 0.20), (2.1, 0.05)... (1.8, 0.01)
         assert [t.number for t in objectives.pareto_front(study, spec)] == [2, 0, 4, 3]
+    shown = format_summary(study_summary(study, spec)).splitlines()
+    fronts = [i for i, line in enumerate(shown) if line.startswith("pareto front")]
+    if mode == "pareto":  # study show prints the trade-off the user asked for, fastest first
+        rows = [line.split()[:4] for line in shown[fronts[0] + 3:]]
+        assert rows == [["2", "deepcache+tome", "2.80", "(one"], ["0", "deepcache", "2.50", "(one"],
+                        ["4", "deepcache+tome", "2.10", "(one"], ["3", "deepcache+tome", "1.80", "(one"]]
+        assert [line.split("batch: no interval)")[1].split()[0] for line in shown[fronts[0] + 3:]] \
+            == ["0.250", "0.200", "0.050", "0.010"]
+    else:
+        assert fronts == []
     if mode != "pareto":  # Optuna agrees (it reads the constraints from storage)
         assert study.best_trial.number == expected
     per_combo = objectives.best_per_combo(study, spec)

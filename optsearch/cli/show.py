@@ -60,6 +60,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
                                                key=lambda r: r["date"])],
         "best_per_combo": {combo: trial_metrics(trial)
                            for combo, trial in objectives.best_per_combo(study, spec).items()},
+        "front": ([trial_metrics(t) for t in objectives.pareto_front(study, spec)]
+                  if spec.objective.mode == "pareto" else None),
         "steps_frontier": reference.steps_frontier(study, spec),
         "steps_missing": reference.missing_text(study, spec),
     }
@@ -172,6 +174,16 @@ def format_summary(summary: dict) -> str:
                          f"{', '.join(format_speedup(t) for t in twins)}: the spread between their "
                          f"speedups and the winner's is timing noise (the {len(readings)} readings' "
                          f"geometric mean: {mean:.2f}x)")
+    if summary.get("front"):  # pareto mode: the trade-off the user asked to see
+        lines += ["", f"pareto front (feasible, non-dominated, fastest first; search figures "
+                      f"[{percent} CI]):"]
+        lines.append(table(
+            ["trial", "combo", "speedup", metric, "confirmed speedup", f"confirmed {metric}",
+             "setting"],
+            [[m["trial"], m["combo"], format_speedup(m), _trial_interval(m, metric),
+              format_speedup(confirmed[m["trial"]]) if m["trial"] in confirmed else "-",
+              format_interval(confirmed[m["trial"]][metric]) if m["trial"] in confirmed else "-",
+              format_setting(m["setting"] or {})] for m in summary["front"]]))
     if summary["steps_missing"]:
         lines += ["", f"reference: fewer steps only: {summary['steps_missing']}"]
     if summary["steps_frontier"]:
