@@ -263,6 +263,8 @@ def test_best_trial_of_known_study(tmp_path, mode, expected):
                         ["4", "deepcache+tome", "2.10", "(one"], ["3", "deepcache+tome", "1.80", "(one"]]
         assert [line.split("batch: no interval)")[1].split()[0] for line in shown[fronts[0] + 3:]] \
             == ["0.250", "0.200", "0.050", "0.010"]
+        assert any(line.startswith("* winner: trial 2,") and "the fastest of the front" in line
+                   for line in shown)
     else:
         assert fronts == []
     if mode != "pareto":  # Optuna agrees (it reads the constraints from storage)

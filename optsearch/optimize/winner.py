@@ -34,8 +34,14 @@ from optsearch.storage.record import faster_than_baseline, quality_of, speedup_o
 
 CONFIRMED_RULE = ("best confirmed lower speedup bound among the settings feasible on unseen prompts "
                   "(study confirm)")
-CONFIRMED_OBJECTIVE_RULE = "best feasible on unseen prompts (study confirm), by the objective"
-SEARCH_RULE = "best feasible search trial, by the objective (not confirmed yet)"
+CONFIRMED_OBJECTIVE_RULE = "best feasible on unseen prompts (study confirm), {by}"
+SEARCH_RULE = "best feasible search trial, {by} (not confirmed yet)"
+
+
+def _by(spec) -> str:
+    """How the objective ranks, in words: a Pareto front has two objectives; its one answer is
+    the fastest of it (objectives.merit)."""
+    return "the fastest of the front" if spec.objective.mode == "pareto" else "by the objective"
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,8 @@ def best_confirmed(records: list[dict], spec) -> dict | None:
 
 
 def confirmed_rule(spec) -> str:
-    return CONFIRMED_RULE if spec.objective.mode == "max-speedup" else CONFIRMED_OBJECTIVE_RULE
+    return CONFIRMED_RULE if spec.objective.mode == "max-speedup" else \
+        CONFIRMED_OBJECTIVE_RULE.format(by=_by(spec))
 
 
 def winner(study: optuna.Study, spec, fingerprint: str | None = None,
@@ -137,7 +144,7 @@ def winner(study: optuna.Study, spec, fingerprint: str | None = None,
             study._study_id, record["trial"]))
         return Winner(trial, record, confirmed_rule(spec), fingerprint)
     trial = best_overall(study, spec, fingerprint)
-    return Winner(trial, None, SEARCH_RULE, fingerprint) \
+    return Winner(trial, None, SEARCH_RULE.format(by=_by(spec)), fingerprint) \
         if trial is not None and is_faster(trial) else None
 
 
