@@ -3,6 +3,9 @@ made from the winner give the same images as `optsearch.apply` with the same set
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -70,7 +73,12 @@ def export(tmp_path, url: str, name: str, form: str, filename: str) -> str:
 
 
 def exported_function(text: str):
-    """`accelerate(pipe)` from the Python export's text, loaded as a user would run the file."""
+    """`accelerate(pipe)` from the Python export's text, loaded as a user would run the file
+    (and as their linter reads it: no unused or undefined name)."""
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "F",
+                           "--stdin-filename", "accelerate_pipe.py", "-"],
+                          input=text, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
     namespace: dict = {}
     exec(compile(text, "accelerate_pipe.py", "exec"), namespace)  # noqa: S102 - our own export
     return namespace["accelerate"]

@@ -21,6 +21,7 @@ from optsearch.measure.models import load_pipeline
 from optsearch.measure.quality import PSNR_CAP
 from optsearch.optimize.deploy import diffusers_python
 from tests.conftest import ROOT, TINY_SPEC, browser_page, dashboard, optsearch_cmd, write_spec
+from tests.test_deploy_exports import exported_function
 
 PROMPTS = ["a red cube on a table", "a small boat at sea"]
 CONFIG = GenerationConfig(steps=8, guidance_scale=5.0, batch_size=2, seed=3, num_frames=9)
@@ -172,9 +173,7 @@ def test_apply_and_the_python_export_give_the_same_video_with_fastercache(wan):
     plain = video(wan)
     exported = {"study": "tiny-wan", "metric": "psnr", "spec": {"model": {"steps": 8}},
                 "best": {"trial": 0, "setting": setting, "metrics": {}, "confirmed": None}}
-    namespace: dict = {}
-    exec(compile(diffusers_python(exported), "accelerate_pipe.py", "exec"), namespace)  # noqa: S102
-    kwargs = namespace["accelerate"](wan)
+    kwargs = exported_function(diffusers_python(exported))(wan)
     try:
         theirs = video(wan, **{k: v for k, v in kwargs.items() if k != "num_inference_steps"})
     finally:

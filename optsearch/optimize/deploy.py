@@ -117,8 +117,8 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
             ratios = (exported.get("calibration") or {}).get("magcache", {}).get("mag_ratios")
             options.update(num_inference_steps=_steps(exported), mag_ratios=ratios)
         text = ", ".join(f"{key}={value!r}" for key, value in options.items())
-        lines = ["import torch", f"from diffusers import {config}", "",
-                 f"options = dict({text})"]
+        lines = ["import torch"] * (name == "taylorseer") + [f"from diffusers import {config}", "",
+                                                             f"options = dict({text})"]
         if name == "pab":
             lines.append("options['current_timestep_callback'] = lambda: pipe.current_timestep")
         if name == "taylorseer":
