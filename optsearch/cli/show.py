@@ -28,6 +28,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
     trials = study.get_trials(deepcopy=False)
     by_number = {t.number: t for t in trials}
     states = Counter(t.state.name for t in trials)
+    calibrations = {fingerprint: studies.calibration(study, fingerprint)
+                    for fingerprint in studies.baselines(study)}
     saved = sum(t.user_attrs.get("early_stop_saved_s", 0.0) for t in trials)
     summary = {
         "study": study.study_name,
@@ -47,14 +49,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "rule": spec.quality.rule,
         "baselines": list(studies.baselines(study).values()),
         "timings": studies.timings(study),
-        "auto_ranges": {fingerprint: {f"{family}.{param}": bounds
-                                      for family, data in studies.calibration(study, fingerprint).items()
-                                      for param, bounds in data.get("auto", {}).items()}
-                        for fingerprint in studies.baselines(study)},
-        "auto_ranges_by": {fingerprint: {f"{family}.{param}": by  # [param, {value: [lo, hi]}]
-                                         for family, data in studies.calibration(study, fingerprint).items()
-                                         for param, by in data.get("by", {}).items()}
-                           for fingerprint in studies.baselines(study)},
+        "auto_ranges": _calibrated(calibrations, "auto"),
+        "auto_ranges_by": _calibrated(calibrations, "by"),  # [param, {value: [lo, hi]}]
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
                           for record in sorted(studies.confirmations(study).values(),
                                                key=lambda r: r["date"])],
@@ -77,6 +73,14 @@ def study_summary(study: optuna.Study, spec) -> dict:
     summary["fewer_steps"] = reference.verdict(summary["best"] or {}, summary["steps_frontier"],
                                                spec.quality.metric)
     return summary
+
+
+def _calibrated(calibrations: dict[str, dict], key: str) -> dict[str, dict]:
+    """{fingerprint: {"family.param": what the calibration stored under `key`}}: "auto" (the
+    union range) or "by" (one range per value of another parameter)."""
+    return {fingerprint: {f"{family}.{param}": value for family, data in calibration.items()
+                          for param, value in data.get(key, {}).items()}
+            for fingerprint, calibration in calibrations.items()}
 
 
 def _early_stop_by_reason(trials) -> dict[str, dict]:
