@@ -47,6 +47,8 @@ BENCHMARKS = {
     "search-coverage": Benchmark("search_coverage", "Does a search trial's speedup interval, with "
                                  "the pass term, cover a repeat in a fresh pass?",
                                  "Speedup spread and interval coverage"),
+    "inert-steps": Benchmark("inert_steps", "Do steps + DBCache trials between the calibrated step "
+                             "counts skip anything?", "Accelerator families"),
     "compile-families": Benchmark("compile_families", "Which families survive torch.compile, and "
                                   "their speedup compiled vs eager?", "Accelerator families"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "

@@ -15,6 +15,14 @@ def per_value_text(by) -> str:
     return f"  per {param}: " + ", ".join(f"{value} [{lo}, {hi}]" for value, (lo, hi) in ranges.items())
 
 
+def at_steps_text(count, bounds, by, model_steps: int) -> str:
+    """'  at 10 steps (...): [0.43, 0.61]; per Fn_compute_blocks: ...': an "auto" range
+    calibrated at fewer steps than the model's (a trial in between samples in the blend)."""
+    per_value = f"; {per_value_text(by).strip()}" if by else ""
+    return (f"  at {count} steps (above: at the model's {model_steps}; a step count in between "
+            f"samples in their blend): [{bounds[0]}, {bounds[1]}]{per_value}")
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     """Left-aligned columns, separated by two spaces, with a rule under the header."""
     cells = [[_cell(value) for value in row] for row in rows]

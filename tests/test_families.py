@@ -3,6 +3,7 @@ FLUX, PAB on the SD UNet, which families apply where, and the fewer-steps refere
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 
@@ -14,6 +15,7 @@ import torch
 import optsearch
 from optsearch.accelerators import (
     AppliedSetting,
+    CalibratedRange,
     applicable,
     dbcache,
     denoiser,
@@ -341,9 +343,12 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
     """`residual_diff_threshold = "auto"`: a plain call per Fn value searched measures the
     residual differences DBCache compares, each Fn's range runs from their minimum past the
     warm-up (skips nothing) to their maximum, they are stored per device fingerprint and shown,
-    and every trial's threshold lies in the range of the Fn it drew."""
+    and every trial's threshold lies in the range of the Fn it drew at the step count it drew
+    (calibrated again at the fewest steps searched, blended in between)."""
     text = DBCACHE_SPEC.replace("n_trials = 2", "n_trials = 3") \
-        + '[space.dbcache]\nresidual_diff_threshold = "auto"\nmax_warmup_steps = 2\n'
+        .replace('accelerators = [["dbcache"]]', 'accelerators = [["steps", "dbcache"]]') \
+        + '[space.dbcache]\nresidual_diff_threshold = "auto"\nmax_warmup_steps = 2\n' \
+        + "[space.steps]\nnum_inference_steps = [6, 12]\n"
     spec = write_spec(tmp_path / "auto.toml", text)
     url = f"sqlite:///{tmp_path}/auto.db"
     ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet",
@@ -360,16 +365,25 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
     assert len({tuple(bounds) for bounds in per_fn.values()}) == 4  # each Fn its own scale
     assert calibration["observed"]["min_past_warmup"] == pytest.approx(per_fn["1"][0], abs=1e-4)
     assert calibration["observed"]["min"] <= per_fn["1"][0] and calibration["observed"]["past_warmup"] == 2
+    assert sorted(calibration["at_steps"]) == ["12", "6"]
+    assert calibration["at_steps"]["12"]["by"] == calibration["by"]
+    calibrated = CalibratedRange.stored(calibration, "residual_diff_threshold")
     trials = study.get_trials()
     assert len(trials) == 3
     for trial in trials:
-        fn_low, fn_high = per_fn[str(trial.params["dbcache.Fn_compute_blocks"])]
+        fn, steps = trial.params["dbcache.Fn_compute_blocks"], trial.params["steps.num_inference_steps"]
+        fn_low, fn_high = calibrated.for_setting({"Fn_compute_blocks": fn}, steps=steps)
         assert fn_low <= trial.params["dbcache.residual_diff_threshold"] <= fn_high
     assert "auto range dbcache.residual_diff_threshold on" in ran.stdout
     assert f"  per Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [" in ran.stdout
+    at_six = calibration["at_steps"]["6"]["auto"]["residual_diff_threshold"]
+    assert f"  at 6 steps (above: at the model's 12; a step count in between samples in their " \
+           f"blend): [{at_six[0]}, {at_six[1]}]; per Fn_compute_blocks: 1 [" in ran.stdout
     checked = optsearch_cmd("check", str(spec))  # says the range before any trial runs
     assert checked.returncode == 0 and "auto range dbcache.residual_diff_threshold: [" in checked.stdout
     assert f"  per Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [" in checked.stdout
+    assert f"  at 6 steps (above: at the model's 12; a step count in between samples in their " \
+           f"blend): [{at_six[0]}, {at_six[1]}]" in checked.stdout
     with pytest.raises(SpecError, match='"auto" is for thresholds measured before'):
         spec_from_dict({**_flux_dict([["dbcache"]]), "space": {"dbcache": {"Fn_compute_blocks": "auto"}}})
 
@@ -410,6 +424,58 @@ def test_no_threshold_in_an_auto_range_skips_nothing_on_the_first_batch(flux_pip
         with AppliedSetting(pipe, setting) as applied:
             list(generate(pipe, first_batch, evaluator.config, setting=applied, warmup=False))
             assert applied.computed_fraction() < 1.0, (values, low)
+
+
+@pytest.mark.parametrize("model_id", ["builtin:tiny-flux", "builtin:tiny-sd3"])
+def test_a_trial_with_fewer_steps_draws_its_threshold_in_a_range_measured_at_fewer_steps(
+        flux_pipe, model_id):
+    """steps + dbcache: fewer steps move the latents further per step, so DBCache compares larger
+    differences. Calibrated at the model's 12 steps only, a threshold just above that range's
+    low end skipped nothing at 6 steps for some Fn (the trial measured nothing). The range is now
+    also calibrated at the fewest steps searched, and a trial samples at its own step count:
+    just above that low end, every Fn at either warm-up skips a step of the first batch."""
+    from optsearch.measure.evaluate import evaluator_from_spec
+
+    space = {"residual_diff_threshold": "auto", "Fn_compute_blocks": [1, 3], "Bn_compute_blocks": 0,
+             "max_warmup_steps": [1, 2]}
+    data = tomllib.loads(FLUX_SPEC)
+    data["model"]["id"] = model_id
+    spec = spec_from_dict({**data, "search": {"accelerators": [["steps", "dbcache"]]},
+                           "space": {"dbcache": space, "steps": {"num_inference_steps": [6, 12]}}})
+    assert spec.calibration_steps("dbcache") == [12, 6]
+    pipe = flux_pipe if model_id == "builtin:tiny-flux" else load_pipeline(model_id, "cpu", "float32")
+    evaluator = evaluator_from_spec(spec, pipe=pipe)
+    calibrated = evaluator.auto_ranges(spec)["dbcache.residual_diff_threshold"]
+    assert sorted(calibrated.at_steps) == [6, 12]
+    first_batch = evaluator.prompts[:evaluator.config.batch_size]
+    six_steps = dataclasses.replace(evaluator.config, steps=6)
+
+    def computed(values: dict, threshold: float) -> float:
+        setting = {"dbcache": {**space, **values, "residual_diff_threshold": threshold * (1 + 1e-4)}}
+        with AppliedSetting(pipe, setting) as applied:
+            list(generate(pipe, first_batch, six_steps, setting=applied, warmup=False))
+            return applied.computed_fraction()
+
+    drawn = [{"max_warmup_steps": w, "Fn_compute_blocks": fn} for w in (2, 1) for fn in (1, 2, 3)]
+    for values in drawn:
+        assert computed(values, calibrated.for_setting(values, steps=6)[0]) < 1.0, values
+    assert any(computed(values, calibrated.for_setting(values)[0]) == 1.0 for values in drawn)
+
+
+def test_a_calibrated_range_between_two_step_counts_is_their_blend():
+    by = ("Fn_compute_blocks", {"1": [0.3, 0.5], "2": [0.2, 0.4]})
+    at_twelve = CalibratedRange([0.2, 0.5], by)
+    at_six = CalibratedRange([0.4, 0.8], ("Fn_compute_blocks", {"1": [0.4, 0.8], "2": [0.5, 0.6]}))
+    calibrated = CalibratedRange([0.2, 0.5], by, {12: at_twelve, 6: at_six})
+    assert calibrated.for_setting({"Fn_compute_blocks": 1}) == [0.3, 0.5]  # the model's steps
+    assert calibrated.for_setting({"Fn_compute_blocks": 1}, steps=12) == [0.3, 0.5]
+    assert calibrated.for_setting({"Fn_compute_blocks": 2}, steps=6) == [0.5, 0.6]
+    assert calibrated.for_setting({"Fn_compute_blocks": 1}, steps=9) == pytest.approx([0.35, 0.65])
+    assert calibrated.for_setting({"Fn_compute_blocks": 2}, steps=4) == [0.5, 0.6]  # the nearest
+    stored = {"auto": {"t": [0.2, 0.5]}, "at_steps": {"12": {"auto": {"t": [0.2, 0.5]}},
+                                                      "6": {"auto": {"t": [0.4, 0.8]}}}}
+    blended = CalibratedRange.stored(stored, "t").for_setting({}, steps=8)
+    assert blended == pytest.approx([1 / 3, 0.7], abs=1e-4)
 
 
 def test_a_published_threshold_outside_the_calibrated_range_is_sampled_within_it(tmp_path):

@@ -324,8 +324,25 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
     return AppliedSetting(pipe, setting, calibration)
 
 
+def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searched: Mapping,
+                     step_counts: Sequence[int]) -> dict:
+    """A family's "auto" calibration (its module's `calibrate`) with one plain call
+    `run_once(steps)` at each of `step_counts`, the model's first: stored as measured there,
+    plus "at_steps" {count: its ranges} when trials also run fewer steps (CalibratedRange)."""
+    module = REGISTRY[family]
+    measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched)
+    if not measured or len(step_counts) < 2:
+        return measured
+    at_steps = {str(step_counts[0]): {key: measured[key] for key in ("auto", "by") if key in measured}}
+    for count in step_counts[1:]:
+        fewer = module.calibrate(pipe, lambda count=count: run_once(count), searched)
+        if fewer:
+            at_steps[str(count)] = {key: fewer[key] for key in ("auto", "by") if key in fewer}
+    return {**measured, "at_steps": at_steps}
+
+
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange", "Param",
-           "applicable", "apply_setting", "attention_of", "combo_name", "combo_problem",
+           "applicable", "apply_setting", "calibrate_family", "attention_of", "combo_name", "combo_problem",
            "denoiser", "dtype_of", "execution_device", "fit_to_steps", "native_size",
            "normalize_setting", "not_a_pipeline", "offload_of", "params_of", "pipeline_kind",
            "quantization_of", "scheduler_class_name", "scheduler_of", "step_problems"]

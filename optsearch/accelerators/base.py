@@ -65,21 +65,44 @@ class Param:
 class CalibratedRange(list):
     """[low, high] of an "auto" parameter, measured on the device. Where what it bounds moves
     with another parameter (DBCache's residual differences with Fn), `by` = (that parameter,
-    {its value: [low, high]}) and a trial samples within the range of the value it drew."""
+    {its value: [low, high]}) and a trial samples within the range of the value it drew. Where
+    trials also run fewer steps (a combo with `steps`), the differences grow with the step size:
+    `at_steps` = {step count: CalibratedRange} measured at each count calibrated (the model's
+    and the fewest searched), and a trial's range is interpolated at the count it drew."""
 
-    def __init__(self, bounds, by: tuple[str, Mapping] | None = None):
+    def __init__(self, bounds, by: tuple[str, Mapping] | None = None,
+                 at_steps: Mapping[int, CalibratedRange] | None = None):
         super().__init__(bounds)
         self.by = by
+        self.at_steps = dict(at_steps or {})
 
     @classmethod
     def stored(cls, calibration: Mapping, param: str) -> CalibratedRange:
         """The range of `param` in a family's calibration as `calibrate` returns and the study
-        stores it ({"auto": {param: [lo, hi]}, "by": {param: [other, {value: [lo, hi]}]}})."""
+        stores it ({"auto": {param: [lo, hi]}, "by": {param: [other, {value: [lo, hi]}]},
+        "at_steps": {count: {"auto": ..., "by": ...}}})."""
         by = calibration.get("by", {}).get(param)
-        return cls(calibration["auto"][param], tuple(by) if by else None)
+        at_steps = {int(count): cls.stored(measured, param)
+                    for count, measured in calibration.get("at_steps", {}).items()
+                    if param in measured.get("auto", {})}
+        return cls(calibration["auto"][param], tuple(by) if by else None, at_steps)
 
-    def for_setting(self, values: Mapping) -> list:
-        """The range for a setting whose other parameters are drawn already."""
+    def for_setting(self, values: Mapping, steps: int | None = None) -> list:
+        """The range for a setting whose other parameters are drawn already; `steps`: the step
+        count it runs (None: the model's), between two calibrated counts a linear blend of
+        their ranges."""
+        if steps is None or len(self.at_steps) < 2:
+            return self._of(values)
+        counts = sorted(self.at_steps)
+        below = max((c for c in counts if c <= steps), default=counts[0])
+        above = min((c for c in counts if c >= steps), default=counts[-1])
+        low_range, high_range = self.at_steps[below]._of(values), self.at_steps[above]._of(values)
+        if above == below:  # a count calibrated (or beyond the calibrated ones): as measured
+            return low_range
+        share = (steps - below) / (above - below)
+        return bounds_of(*(a + share * (b - a) for a, b in zip(low_range, high_range, strict=True)))
+
+    def _of(self, values: Mapping) -> list:
         if self.by is None:
             return list(self)
         param, ranges = self.by

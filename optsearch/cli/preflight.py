@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from optsearch.accelerators import (
-    REGISTRY,
     CalibratedRange,
     attention_of,
+    calibrate_family,
     execution_device,
     offload_of,
     quantization_of,
@@ -27,7 +27,7 @@ from optsearch.accelerators import (
 )
 from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
-from optsearch.formatting import AUTO_RANGE, per_value_text
+from optsearch.formatting import AUTO_RANGE, at_steps_text, per_value_text
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
@@ -134,12 +134,13 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
 
 
 def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
-    """The "auto" ranges as a worker on this device would calibrate them (one plain call each,
-    on the search's first batch)."""
+    """The "auto" ranges as a worker on this device would calibrate them (plain calls on the
+    search's first batch)."""
     ranges = {}
     for family, param in spec.auto_params():
-        measured = REGISTRY[family].calibrate(pipe, lambda: list(generate(
-            pipe, prompts[:config.batch_size], config, warmup=False)), spec.searched_values(family))
+        measured = calibrate_family(family, pipe, lambda steps: list(generate(
+            pipe, prompts[:config.batch_size], replace(config, steps=steps), warmup=False)),
+            spec.searched_values(family), spec.calibration_steps(family))
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = CalibratedRange.stored(measured, param)  # per Fn too
     return ranges
@@ -197,6 +198,9 @@ def format_report(report: Report, spec) -> str:
         lines.append(f"auto range {name}: [{calibrated[0]}, {calibrated[1]}] on this device ({AUTO_RANGE})")
         if getattr(calibrated, "by", None):
             lines.append(per_value_text(calibrated.by))
+        lines += [at_steps_text(count, fewer, fewer.by, spec.model.steps)
+                  for count, fewer in sorted(getattr(calibrated, "at_steps", {}).items())
+                  if count != spec.model.steps]
     lines += _published_outside(spec, facts["auto_ranges"])
     lines.append(estimate_text(facts["estimate"]))
     lines.append("ready: a study of this spec can run")

@@ -9,8 +9,10 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
+from optsearch.accelerators import CalibratedRange
 from optsearch.formatting import (
     AUTO_RANGE,
+    at_steps_text,
     format_interval,
     format_setting,
     format_speedup,
@@ -39,6 +41,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "target_speedup": spec.objective.target_speedup,
         "constraint": objectives.constraint_text(spec),
         "n_trials": spec.search.n_trials,
+        "model_steps": spec.model.steps,
         "states": {state.name: states.get(state.name, 0) for state in TrialState},
         "finished": states.get("COMPLETE", 0) + states.get("PRUNED", 0),
         "early_stopped": sum(bool(t.user_attrs.get("early_stopped")) for t in trials),
@@ -51,6 +54,12 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "timings": studies.timings(study),
         "auto_ranges": _calibrated(calibrations, "auto"),
         "auto_ranges_by": _calibrated(calibrations, "by"),  # [param, {value: [lo, hi]}]
+        "auto_ranges_at_steps": {  # {count: [[lo, hi], by or None]} at fewer steps than the model's
+            fingerprint: {name: {count: [list(fewer), fewer.by]
+                                 for count, fewer in sorted(calibrated.at_steps.items())
+                                 if count != spec.model.steps}
+                          for name, calibrated in _ranges(calibration).items()}
+            for fingerprint, calibration in calibrations.items()},
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
                           for record in sorted(studies.confirmations(study).values(),
                                                key=lambda r: r["date"])],
@@ -81,6 +90,12 @@ def _calibrated(calibrations: dict[str, dict], key: str) -> dict[str, dict]:
     return {fingerprint: {f"{family}.{param}": value for family, data in calibration.items()
                           for param, value in data.get(key, {}).items()}
             for fingerprint, calibration in calibrations.items()}
+
+
+def _ranges(calibration: dict) -> dict[str, CalibratedRange]:
+    """{"family.param": its CalibratedRange} of one device's stored calibration."""
+    return {f"{family}.{param}": CalibratedRange.stored(data, param) for family, data in calibration.items()
+            for param in data.get("auto", {})}
 
 
 def _early_stop_by_reason(trials) -> dict[str, dict]:
@@ -123,6 +138,9 @@ def format_summary(summary: dict) -> str:
             by = summary["auto_ranges_by"].get(fingerprint, {}).get(name)
             if by:  # a trial samples in the range of the value it drew
                 lines.append(per_value_text(by))
+            at_steps = summary["auto_ranges_at_steps"].get(fingerprint, {}).get(name, {})
+            lines += [at_steps_text(count, *fewer, summary["model_steps"])
+                      for count, fewer in at_steps.items()]
     if summary["timings"]:
         lines += ["", "baseline timings (each worker times its own; speedups use its own):"]
         lines.append(_timings_table(summary["timings"]))

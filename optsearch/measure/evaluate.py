@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from optsearch.accelerators import (
-    REGISTRY,
     AppliedSetting,
     CalibratedRange,
+    calibrate_family,
     combo_name,
     combo_problem,
     dbcache,
@@ -157,11 +157,12 @@ class Evaluator:
                 self.on_calibrated("magcache", self.calibration["magcache"])
         return AppliedSetting(self.pipe, setting, self.calibration)
 
-    def _run_once(self, prompts: int = 1) -> None:
-        """One plain call at full steps on the first `prompts` prompts, with the noise the search
-        gives them: what calibrations watch (the first batch computes as every trial's does)."""
+    def _run_once(self, prompts: int = 1, steps: int | None = None) -> None:
+        """One plain call at full steps (or `steps`) on the first `prompts` prompts, with the
+        noise the search gives them: what calibrations watch (the first batch computes as every
+        trial's does)."""
         config, count = self.config, min(prompts, len(self.prompts))
-        self.pipe(self.prompts[:count], num_inference_steps=config.steps, height=config.height,
+        self.pipe(self.prompts[:count], num_inference_steps=steps or config.steps, height=config.height,
                   width=config.width, guidance_scale=guidance_for(self.pipe, config.guidance_scale),
                   generator=[torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
                              for i in range(count)],
@@ -175,15 +176,15 @@ class Evaluator:
 
     def auto_ranges(self, spec) -> dict[str, list]:
         """The calibrated ranges of the spec's "auto" parameters, {"family.param": [lo, hi]}:
-        each family measured once on this device (one plain call on the search's first batch),
-        then kept with the rest of the calibration (the worker stores it in the study per
-        device fingerprint)."""
+        each family measured once on this device (plain calls on the search's first batch, at
+        each step count `spec.calibration_steps` names), then kept with the rest of the
+        calibration (the worker stores it in the study per device fingerprint)."""
         ranges = {}
         for family, param in spec.auto_params():
             if "auto" not in self.calibration.get(family, {}):
-                measured = REGISTRY[family].calibrate(
-                    self.pipe, lambda: self._run_once(self.config.batch_size),
-                    spec.searched_values(family))
+                measured = calibrate_family(
+                    family, self.pipe, lambda steps: self._run_once(self.config.batch_size, steps),
+                    spec.searched_values(family), spec.calibration_steps(family))
                 self.calibration[family] = {**self.calibration.get(family, {}), **measured}
                 if self.on_calibrated is not None:
                     self.on_calibrated(family, self.calibration[family])

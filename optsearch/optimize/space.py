@@ -6,7 +6,7 @@ import logging
 
 import optuna
 
-from optsearch.accelerators import combo_name, fit_to_steps, params_of
+from optsearch.accelerators import CalibratedRange, combo_name, fit_to_steps, params_of
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -15,8 +15,8 @@ logger = logging.getLogger(__name__)
 def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = None) -> dict[str, dict]:
     """Sample one setting: the combo (a categorical when several), then its parameters (an
     "auto" range from `auto`, what the worker calibrated on its device; a `CalibratedRange` that
-    moves with a parameter drawn before it, e.g. DBCache's threshold with Fn, the range of the
-    value drawn)."""
+    moves with a parameter drawn before it, e.g. DBCache's threshold with Fn and with the step
+    count `steps` drew, the range of the values drawn)."""
     combos = {combo_name(c): c for c in spec.search.combos}
     combo = combos[trial.suggest_categorical("combo", list(combos))] if len(combos) > 1 \
         else next(iter(combos.values()))
@@ -27,8 +27,9 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             bounds = spec.param_range(accelerator, param, auto)
             name = f"{accelerator}.{param}"
             calibrated = (auto or {}).get(name)
-            if len(bounds) > 1 and getattr(calibrated, "by", None):
-                bounds = (*calibrated.for_setting(values), None)  # e.g. the range of the drawn Fn
+            if len(bounds) > 1 and isinstance(calibrated, CalibratedRange):  # the range of the
+                bounds = (*calibrated.for_setting(  # drawn Fn, at the drawn step count
+                    values, setting.get("steps", {}).get("num_inference_steps")), None)
             released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:
                 values[param] = bounds[0]

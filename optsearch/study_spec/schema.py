@@ -177,6 +177,17 @@ class StudySpec:
                 values[param] = [bounds[0], bounds[1]]
         return values
 
+    def calibration_steps(self, family: str) -> list[int]:
+        """The step counts a family's "auto" range is calibrated at: the model's, and the fewest
+        steps searched when a combo runs the family with `steps` (its differences grow with the
+        step size: a range measured at 28 steps skips nothing at 10)."""
+        counts = [self.model.steps]
+        if any(family in combo and "steps" in combo for combo in self.search.combos):
+            fewest = int(self.param_range("steps", "num_inference_steps")[0])
+            if fewest < self.model.steps:
+                counts.append(fewest)
+        return counts
+
     def auto_params(self) -> list[tuple[str, str]]:
         """(family, parameter) of every range the spec leaves to calibration ("auto")."""
         return [(family, param) for family, table in self.space.items()
