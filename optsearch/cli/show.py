@@ -30,8 +30,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
     trials = study.get_trials(deepcopy=False)
     by_number = {t.number: t for t in trials}
     states = Counter(t.state.name for t in trials)
-    calibrations = {fingerprint: studies.calibration(study, fingerprint)
-                    for fingerprint in studies.baselines(study)}
+    calibrated_ranges = {fingerprint: _ranges(studies.calibration(study, fingerprint))
+                         for fingerprint in studies.baselines(study)}
     saved = sum(t.user_attrs.get("early_stop_saved_s", 0.0) for t in trials)
     summary = {
         "study": study.study_name,
@@ -52,14 +52,17 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "rule": spec.quality.rule,
         "baselines": list(studies.baselines(study).values()),
         "timings": studies.timings(study),
-        "auto_ranges": _calibrated(calibrations, "auto"),
-        "auto_ranges_by": _calibrated(calibrations, "by"),  # [param, {value: [lo, hi]}]
+        "auto_ranges": {fingerprint: {name: list(calibrated) for name, calibrated in ranges.items()}
+                        for fingerprint, ranges in calibrated_ranges.items()},
+        "auto_ranges_by": {fingerprint: {name: list(calibrated.by)  # [param, {value: [lo, hi]}]
+                                         for name, calibrated in ranges.items() if calibrated.by}
+                           for fingerprint, ranges in calibrated_ranges.items()},
         "auto_ranges_at_steps": {  # {count: [[lo, hi], by or None]} at fewer steps than the model's
             fingerprint: {name: {count: [list(fewer), fewer.by]
                                  for count, fewer in sorted(calibrated.at_steps.items())
                                  if count != spec.model.steps}
-                          for name, calibrated in _ranges(calibration).items()}
-            for fingerprint, calibration in calibrations.items()},
+                          for name, calibrated in ranges.items()}
+            for fingerprint, ranges in calibrated_ranges.items()},
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
                           for record in sorted(studies.confirmations(study).values(),
                                                key=lambda r: r["date"])],
@@ -82,14 +85,6 @@ def study_summary(study: optuna.Study, spec) -> dict:
     summary["fewer_steps"] = reference.verdict(summary["best"] or {}, summary["steps_frontier"],
                                                spec.quality.metric)
     return summary
-
-
-def _calibrated(calibrations: dict[str, dict], key: str) -> dict[str, dict]:
-    """{fingerprint: {"family.param": what the calibration stored under `key`}}: "auto" (the
-    union range) or "by" (one range per value of another parameter)."""
-    return {fingerprint: {f"{family}.{param}": value for family, data in calibration.items()
-                          for param, value in data.get(key, {}).items()}
-            for fingerprint, calibration in calibrations.items()}
 
 
 def _ranges(calibration: dict) -> dict[str, CalibratedRange]:
