@@ -375,12 +375,15 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
         fn_low, fn_high = calibrated.for_setting({"Fn_compute_blocks": fn}, steps=steps)
         assert fn_low <= trial.params["dbcache.residual_diff_threshold"] <= fn_high
     assert "auto range dbcache.residual_diff_threshold on" in ran.stdout
+    [start] = [line for line in ran.stdout.splitlines() if "trials to go" in line]
+    assert ', after ~' in start and ' calibrating "auto" ranges: ' in start  # said before the wait
     assert f"  per Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [" in ran.stdout
     at_six = calibration["at_steps"]["6"]["auto"]["residual_diff_threshold"]
     assert f"  at 6 steps (above: at the model's 12; a step count in between samples in their " \
            f"blend): [{at_six[0]}, {at_six[1]}]; per Fn_compute_blocks: 1 [" in ran.stdout
     checked = optsearch_cmd("check", str(spec))  # says the range before any trial runs
     assert checked.returncode == 0 and "auto range dbcache.residual_diff_threshold: [" in checked.stdout
+    assert ' calibrating "auto" ranges: ' in checked.stdout  # in the study's estimate too
     assert f"  per Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [" in checked.stdout
     assert f"  at 6 steps (above: at the model's 12; a step count in between samples in their " \
            f"blend): [{at_six[0]}, {at_six[1]}]" in checked.stdout
@@ -445,7 +448,10 @@ def test_a_trial_with_fewer_steps_draws_its_threshold_in_a_range_measured_at_few
     assert spec.calibration_steps("dbcache") == [12, 6]
     pipe = flux_pipe if model_id == "builtin:tiny-flux" else load_pipeline(model_id, "cpu", "float32")
     evaluator = evaluator_from_spec(spec, pipe=pipe)
+    # what the worker's estimate adds first: 3 Fn x (a call of 12 steps + one of 6) x 2 images
+    assert evaluator.calibration_images(spec) == pytest.approx(2 * 3 * 1.5)
     calibrated = evaluator.auto_ranges(spec)["dbcache.residual_diff_threshold"]
+    assert evaluator.calibration_images(spec) == 0  # measured: a worker here would not again
     assert sorted(calibrated.at_steps) == [6, 12]
     first_batch = evaluator.prompts[:evaluator.config.batch_size]
     six_steps = dataclasses.replace(evaluator.config, steps=6)
@@ -627,3 +633,16 @@ def test_qwen_image_generates_without_warnings_and_with_the_pipelines_own_images
     generators = [torch.Generator().manual_seed(prompt_seed(0, i)) for i in range(2)]
     plain = pipe(PROMPTS[:2], num_inference_steps=4, generator=generators, output_type="np").images
     np.testing.assert_array_equal(batch.images, (plain * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def test_the_estimate_counts_the_calibration_calls_before_the_first_trial():
+    from optsearch.accelerators import calibration_cost
+    from optsearch.optimize.estimate import Estimate, estimate_text
+
+    assert calibration_cost("dbcache", {"Fn_compute_blocks": [1, 2, 3, 4]}, [12, 6]) == 6.0
+    assert calibration_cost("fbcache", {}, [28]) == 1.0
+    calibrating = Estimate(0.5, n_trials=4, num_samples=4, calibration_images=12)
+    plain = Estimate(0.5, n_trials=4, num_samples=4)
+    assert calibrating.total(1) == tuple(seconds + 6.0 for seconds in plain.total(1))
+    assert ', after ~6 s calibrating "auto" ranges: ' in estimate_text(calibrating)
+    assert "calibrating" not in estimate_text(plain)

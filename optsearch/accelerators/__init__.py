@@ -341,8 +341,16 @@ def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searc
     return {**measured, "at_steps": at_steps}
 
 
+def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int]) -> float:
+    """What `calibrate_family` runs, in plain calls at the model's steps (a call of fewer steps
+    costs its share): a family's module may say how many runs it makes (`calibration_runs`)."""
+    runs = getattr(REGISTRY[family], "calibration_runs", lambda _searched: 1)(searched)
+    return runs * sum(count / step_counts[0] for count in step_counts)
+
+
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange", "Param",
-           "applicable", "apply_setting", "calibrate_family", "attention_of", "combo_name", "combo_problem",
+           "applicable", "apply_setting", "attention_of", "calibrate_family", "calibration_cost",
+           "combo_name", "combo_problem",
            "denoiser", "dtype_of", "execution_device", "fit_to_steps", "native_size",
            "normalize_setting", "not_a_pipeline", "offload_of", "params_of", "pipeline_kind",
            "quantization_of", "scheduler_class_name", "scheduler_of", "step_problems"]

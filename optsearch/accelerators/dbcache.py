@@ -211,6 +211,11 @@ def calibrate(pipe, run_once, searched: Mapping | None = None) -> dict:
             "by": {"residual_diff_threshold": ["Fn_compute_blocks", by_fn]}, "observed": observed}
 
 
+def calibration_runs(searched: Mapping) -> int:
+    """Plain calls `calibrate` makes: one per Fn value searched."""
+    return len(searched.get("Fn_compute_blocks", [1]))
+
+
 def _residual_diffs(pipe, run_once, fn: int) -> list[tuple[int, float]]:
     """(step, residual difference) of one run with Fn = `fn` that skips nothing."""
     patch = apply(pipe, Fn_compute_blocks=fn, residual_diff_threshold=1e-9, max_warmup_steps=0)

@@ -19,6 +19,7 @@ from optsearch.accelerators import (
     AppliedSetting,
     CalibratedRange,
     calibrate_family,
+    calibration_cost,
     combo_name,
     combo_problem,
     dbcache,
@@ -191,6 +192,15 @@ class Evaluator:
             if param in self.calibration[family].get("auto", {}):
                 ranges[f"{family}.{param}"] = CalibratedRange.stored(self.calibration[family], param)
         return ranges
+
+    def calibration_images(self, spec) -> float:
+        """Images' worth of plain calls the spec's "auto" ranges still need on this device (none
+        once stored): what the estimate adds before the first trial."""
+        pending = {family for family, _ in spec.auto_params()
+                   if "auto" not in self.calibration.get(family, {})}
+        return self.config.batch_size * sum(
+            calibration_cost(family, spec.searched_values(family), spec.calibration_steps(family))
+            for family in pending)
 
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:
         """Time a setting alone (no scoring): (seconds per image, per-batch seconds per image)."""

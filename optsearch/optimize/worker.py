@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from optsearch.accelerators import combo_name, execution_device, normalize_setting
 from optsearch.formatting import format_interval, format_setting
-from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
 from optsearch.measure.faults import fault_from_env
 from optsearch.measure.fingerprint import fingerprint
@@ -105,9 +104,7 @@ class Worker:
             try:
                 baseline = self.baselines.ensure(self.trials_run)
                 remaining = max(0, self.spec.search.n_trials - sharing.counts(self.study)[0])
-                print_estimate(self.worker_id, baseline.seconds_per_image, remaining,
-                               len(self.evaluator.prompts),
-                               baseline.warmup_seconds if compiled_as(self.evaluator.pipe) else 0.0)
+                print_estimate(self.worker_id, baseline, remaining, self.evaluator, self.spec)
                 self._loop()
             except KeyboardInterrupt:
                 if self.current is not None:  # Optuna failed it: queue its parameters again
