@@ -20,7 +20,6 @@ from optsearch.accelerators import (
     CalibratedRange,
     attention_of,
     calibrate_family,
-    calibration_cost,
     execution_device,
     offload_of,
     quantization_of,
@@ -126,10 +125,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     peak, free = _memory(device)
     estimate = Estimate(batch.seconds_per_image, spec.search.n_trials, len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0,
-                        calibration_images=config.batch_size * sum(  # a worker's, as done here
-                            calibration_cost(family, spec.searched_values(family),
-                                             spec.calibration_steps(family))
-                            for family in {family for family, _ in spec.auto_params()}))
+                        calibration_images=config.batch_size * spec.calibration_calls())
     report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),
                         batch_size=config.batch_size, seconds_per_image=batch.seconds_per_image,
                         size=output_size(batch.images),

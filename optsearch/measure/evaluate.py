@@ -19,7 +19,6 @@ from optsearch.accelerators import (
     AppliedSetting,
     CalibratedRange,
     calibrate_family,
-    calibration_cost,
     combo_name,
     combo_problem,
     dbcache,
@@ -198,9 +197,7 @@ class Evaluator:
         once stored): what the estimate adds before the first trial."""
         pending = {family for family, _ in spec.auto_params()
                    if "auto" not in self.calibration.get(family, {})}
-        return self.config.batch_size * sum(
-            calibration_cost(family, spec.searched_values(family), spec.calibration_steps(family))
-            for family in pending)
+        return self.config.batch_size * spec.calibration_calls(pending)
 
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:
         """Time a setting alone (no scoring): (seconds per image, per-batch seconds per image)."""

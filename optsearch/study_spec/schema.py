@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from optsearch.accelerators import ANY_COMBOS, ORDER, params_of
+from optsearch.accelerators import ANY_COMBOS, ORDER, calibration_cost, params_of
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim", "lpips")
@@ -187,6 +187,14 @@ class StudySpec:
             if fewest < self.model.steps:
                 counts.append(fewest)
         return counts
+
+    def calibration_calls(self, families=None) -> float:
+        """The plain calls (in calls at the model's steps) that calibrate the "auto" ranges of
+        `families` (default: every family with one): what the estimate adds before the first
+        trial."""
+        families = {family for family, _ in self.auto_params()} if families is None else families
+        return sum(calibration_cost(family, self.searched_values(family),
+                                    self.calibration_steps(family)) for family in families)
 
     def auto_params(self) -> list[tuple[str, str]]:
         """(family, parameter) of every range the spec leaves to calibration ("auto")."""
