@@ -15,12 +15,17 @@ def per_value_text(by) -> str:
     return f"  per {param}: " + ", ".join(f"{value} [{lo}, {hi}]" for value, (lo, hi) in ranges.items())
 
 
-def at_steps_text(count, bounds, by, model_steps: int) -> str:
-    """'  at 10 steps (...): [0.43, 0.61]; per Fn_compute_blocks: ...': an "auto" range
-    calibrated at fewer steps than the model's (a trial in between samples in the blend)."""
-    per_value = f"; {per_value_text(by).strip()}" if by else ""
-    return (f"  at {count} steps (above: at the model's {model_steps}; a step count in between "
-            f"samples in their blend): [{bounds[0]}, {bounds[1]}]{per_value}")
+def auto_range_details(by, at_steps: dict, model_steps: int) -> list[str]:
+    """The lines `check` and `study show` print under an "auto" range: its ranges per value of
+    the parameter it moves with (`by`), and those at fewer steps than the model's (`at_steps`,
+    {count: (bounds, by)}; a trial in between samples in the blend)."""
+    lines = [per_value_text(by)] if by else []  # a trial samples in the range of the value it drew
+    for count, (fewer, fewer_by) in sorted(at_steps.items(), key=lambda item: int(item[0])):
+        if int(count) != model_steps:
+            per_value = f"; {per_value_text(fewer_by).strip()}" if fewer_by else ""
+            lines.append(f"  at {count} steps (above: at the model's {model_steps}; a step count in "
+                         f"between samples in their blend): [{fewer[0]}, {fewer[1]}]{per_value}")
+    return lines
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -333,11 +333,12 @@ def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searc
     measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched)
     if not measured or len(step_counts) < 2:
         return measured
-    at_steps = {str(step_counts[0]): {key: measured[key] for key in ("auto", "by") if key in measured}}
-    for count in step_counts[1:]:
-        fewer = module.calibrate(pipe, lambda count=count: run_once(count), searched)
-        if fewer:
-            at_steps[str(count)] = {key: fewer[key] for key in ("auto", "by") if key in fewer}
+    at_steps = {}
+    for count in step_counts:
+        at_count = measured if count == step_counts[0] else \
+            module.calibrate(pipe, lambda count=count: run_once(count), searched)
+        if at_count:
+            at_steps[str(count)] = {key: at_count[key] for key in ("auto", "by") if key in at_count}
     return {**measured, "at_steps": at_steps}
 
 

@@ -27,7 +27,7 @@ from optsearch.accelerators import (
 )
 from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
-from optsearch.formatting import AUTO_RANGE, at_steps_text, per_value_text
+from optsearch.formatting import AUTO_RANGE, auto_range_details
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
@@ -197,11 +197,9 @@ def format_report(report: Report, spec) -> str:
                      f"{limit}: {ABOVE_LIMIT}")
     for name, calibrated in facts["auto_ranges"].items():
         lines.append(f"auto range {name}: [{calibrated[0]}, {calibrated[1]}] on this device ({AUTO_RANGE})")
-        if getattr(calibrated, "by", None):
-            lines.append(per_value_text(calibrated.by))
-        lines += [at_steps_text(count, fewer, fewer.by, spec.model.steps)
-                  for count, fewer in sorted(getattr(calibrated, "at_steps", {}).items())
-                  if count != spec.model.steps]
+        lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
+                                                    for count, fewer in calibrated.at_steps.items()},
+                                    spec.model.steps)
     lines += _published_outside(spec, facts["auto_ranges"])
     lines.append(estimate_text(facts["estimate"]))
     lines.append("ready: a study of this spec can run")

@@ -12,11 +12,10 @@ from optuna.trial import TrialState
 from optsearch.accelerators import CalibratedRange
 from optsearch.formatting import (
     AUTO_RANGE,
-    at_steps_text,
+    auto_range_details,
     format_interval,
     format_setting,
     format_speedup,
-    per_value_text,
     table,
     too_wide,
 )
@@ -57,10 +56,9 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "auto_ranges_by": {fingerprint: {name: list(calibrated.by)  # [param, {value: [lo, hi]}]
                                          for name, calibrated in ranges.items() if calibrated.by}
                            for fingerprint, ranges in calibrated_ranges.items()},
-        "auto_ranges_at_steps": {  # {count: [[lo, hi], by or None]} at fewer steps than the model's
+        "auto_ranges_at_steps": {  # {count: [[lo, hi], by or None]} at each step count calibrated
             fingerprint: {name: {count: [list(fewer), fewer.by]
-                                 for count, fewer in sorted(calibrated.at_steps.items())
-                                 if count != spec.model.steps}
+                                 for count, fewer in sorted(calibrated.at_steps.items())}
                           for name, calibrated in ranges.items()}
             for fingerprint, ranges in calibrated_ranges.items()},
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
@@ -130,12 +128,9 @@ def format_summary(summary: dict) -> str:
     for fingerprint, ranges in summary["auto_ranges"].items():
         for name, (low, high) in ranges.items():
             lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] ({AUTO_RANGE})")
-            by = summary["auto_ranges_by"].get(fingerprint, {}).get(name)
-            if by:  # a trial samples in the range of the value it drew
-                lines.append(per_value_text(by))
-            at_steps = summary["auto_ranges_at_steps"].get(fingerprint, {}).get(name, {})
-            lines += [at_steps_text(count, *fewer, summary["model_steps"])
-                      for count, fewer in at_steps.items()]
+            lines += auto_range_details(summary["auto_ranges_by"].get(fingerprint, {}).get(name),
+                                        summary["auto_ranges_at_steps"].get(fingerprint, {}).get(name, {}),
+                                        summary["model_steps"])
     if summary["timings"]:
         lines += ["", "baseline timings (each worker times its own; speedups use its own):"]
         lines.append(_timings_table(summary["timings"]))

@@ -19,8 +19,7 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
     attrs = trial.user_attrs
     if not attrs.get("setting"):
         return None
-    searched = {family: spec.searched_params(family) for family in attrs["setting"]}
-    head = f"trial {trial.number} {format_setting(attrs['setting'], searched)}"  # the rest: the spec's
+    head = f"trial {trial.number} {_searched_setting(attrs['setting'], spec)}"
     if attrs.get("speedup") is None:  # failed (out of memory, a bug) or cut off
         reason = (attrs.get("fail_reason") or "").replace(f" with {format_setting(attrs['setting'])}", "")
         return f"{head}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")
@@ -46,12 +45,17 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
             f"{format_interval(quality_of(attrs, metric))}: {verdict}{lead}")
 
 
+def _searched_setting(setting: dict, spec) -> str:
+    """A setting as a log line names it: the parameters the study searches (the rest are the
+    spec's, and the record keeps them)."""
+    return format_setting(setting, {family: spec.searched_params(family) for family in setting})
+
+
 def confirmed_line(record: dict, spec) -> str:
     """One line per setting confirmed, as it is stored: the unseen-prompt figures a user acts on."""
     metric = spec.quality.metric
     verdict = _feasibility(record)
-    searched = {family: spec.searched_params(family) for family in record["setting"]}
-    return (f"confirmed trial {record['trial']} {format_setting(record['setting'], searched)} on "
+    return (f"confirmed trial {record['trial']} {_searched_setting(record['setting'], spec)} on "
             f"{record['num_samples']} unseen prompts: speedup {format_speedup(record)} "
             f"({record['repeats']} A B B A rounds), {metric} "
             f"{format_interval(quality_of(record, metric))}: {verdict}")
