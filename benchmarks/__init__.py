@@ -49,6 +49,8 @@ BENCHMARKS = {
                                  "Speedup spread and interval coverage"),
     "inert-steps": Benchmark("inert_steps", "Do steps + DBCache trials between the calibrated step "
                              "counts skip anything?", "Accelerator families"),
+    "magcache-range": Benchmark("magcache_range", "How many MagCache trials skip nothing or repeat "
+                                "the saturated computation, per threshold range?", "Accelerator families"),
     "compile-families": Benchmark("compile_families", "Which families survive torch.compile, and "
                                   "their speedup compiled vs eager?", "Accelerator families"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "

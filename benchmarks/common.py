@@ -95,7 +95,7 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3, repea
     from optsearch.accelerators import AppliedSetting, dbcache, magcache
     from optsearch.measure.compiling import CompileCounter
 
-    ratios = magcache.calibrate(pipe, steps, lambda: call(pipe))
+    ratios = magcache.measure_ratios(pipe, steps, lambda: call(pipe))
     top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
     rows = []
     for name, setting in settings:

@@ -6,6 +6,15 @@ from optsearch.measure.metrics import Interval
 
 AUTO_RANGE = ("calibrated on the search's first batch: from skipping nothing of it to skipping "
               "nearly every step")
+AUTO_RANGE_FROM_RATIOS = ("from the model's magnitude ratios: a trial samples from the threshold "
+                          "that skips its first step to the one past which its max_skip_steps, "
+                          "retention_ratio and step count allow no more skips; below, the ranges "
+                          "at the model's steps")
+
+
+def auto_range_text(name: str) -> str:
+    """How the "auto" range of `name` ("family.param") was found, for the line that shows it."""
+    return AUTO_RANGE_FROM_RATIOS if name.startswith("magcache.") else AUTO_RANGE
 
 
 def per_value_text(by) -> str:

@@ -330,16 +330,31 @@ def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searc
     `run_once(steps)` at each of `step_counts`, the model's first: stored as measured there,
     plus "at_steps" {count: its ranges} when trials also run fewer steps (CalibratedRange)."""
     module = REGISTRY[family]
-    measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched)
+    measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched, step_counts[0])
     if not measured or len(step_counts) < 2:
         return measured
     at_steps = {}
     for count in step_counts:
         at_count = measured if count == step_counts[0] else \
-            module.calibrate(pipe, lambda count=count: run_once(count), searched)
+            module.calibrate(pipe, lambda count=count: run_once(count), searched, count)
         if at_count:
             at_steps[str(count)] = {key: at_count[key] for key in ("auto", "by") if key in at_count}
     return {**measured, "at_steps": at_steps}
+
+
+def calibrated_range(family: str, calibration: Mapping, param: str) -> CalibratedRange:
+    """The "auto" range of `family.param` in a calibration as stored, with the family's rule for
+    each trial's own range where it has one (`range_for`: MagCache's, from its ratios)."""
+    return CalibratedRange.stored(calibration, param, getattr(REGISTRY[family], "range_for", None))
+
+
+def calibration_steps(family: str, model_steps: int, fewest_steps: int | None) -> list[int]:
+    """The step counts `calibrate_family` runs: the model's, and the fewest a trial of the family
+    runs (`fewest_steps`, when a combo searches it beside `steps`) unless the family's rule gives
+    each step count's range from the first calibration alone."""
+    if fewest_steps is None or fewest_steps >= model_steps or hasattr(REGISTRY[family], "range_for"):
+        return [model_steps]
+    return [model_steps, fewest_steps]
 
 
 def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int]) -> float:
@@ -350,8 +365,8 @@ def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int])
 
 
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange", "Param",
-           "applicable", "apply_setting", "attention_of", "calibrate_family", "calibration_cost",
-           "combo_name", "combo_problem",
+           "applicable", "apply_setting", "attention_of", "calibrate_family", "calibrated_range",
+           "calibration_cost", "calibration_steps", "combo_name", "combo_problem",
            "denoiser", "dtype_of", "execution_device", "fit_to_steps", "native_size",
            "normalize_setting", "not_a_pipeline", "offload_of", "params_of", "pipeline_kind",
            "quantization_of", "scheduler_class_name", "scheduler_of", "step_problems"]

@@ -9,7 +9,7 @@ know nothing of Optuna.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -68,29 +68,39 @@ class CalibratedRange(list):
     {its value: [low, high]}) and a trial samples within the range of the value it drew. Where
     trials also run fewer steps (a combo with `steps`), the differences grow with the step size:
     `at_steps` = {step count: CalibratedRange} measured at each count calibrated (the model's
-    and the fewest searched), and a trial's range is interpolated at the count it drew."""
+    and the fewest searched), and a trial's range is interpolated at the count it drew.
+    Where a family can compute each trial's range from what it calibrated (MagCache, from its
+    ratios), `rule(values, steps)` gives it exactly, and `by` only summarises."""
 
     def __init__(self, bounds, by: tuple[str, Mapping] | None = None,
-                 at_steps: Mapping[int, CalibratedRange] | None = None):
+                 at_steps: Mapping[int, CalibratedRange] | None = None,
+                 rule: Callable[[Mapping, int | None], list | None] | None = None):
         super().__init__(bounds)
         self.by = by
         self.at_steps = dict(at_steps or {})
+        self.rule = rule
 
     @classmethod
-    def stored(cls, calibration: Mapping, param: str) -> CalibratedRange:
+    def stored(cls, calibration: Mapping, param: str,
+               range_for: Callable[[Mapping, Mapping, int | None], list | None] | None = None
+               ) -> CalibratedRange:
         """The range of `param` in a family's calibration as `calibrate` returns and the study
         stores it ({"auto": {param: [lo, hi]}, "by": {param: [other, {value: [lo, hi]}]},
-        "at_steps": {count: {"auto": ..., "by": ...}}})."""
+        "at_steps": {count: {"auto": ..., "by": ...}}}); `range_for(calibration, values, steps)`:
+        the family's exact rule, where it has one."""
         by = calibration.get("by", {}).get(param)
         at_steps = {int(count): cls.stored(measured, param)
                     for count, measured in calibration.get("at_steps", {}).items()
                     if param in measured.get("auto", {})}
-        return cls(calibration["auto"][param], tuple(by) if by else None, at_steps)
+        rule = (lambda values, steps: range_for(calibration, values, steps)) if range_for else None
+        return cls(calibration["auto"][param], tuple(by) if by else None, at_steps, rule)
 
     def for_setting(self, values: Mapping, steps: int | None = None) -> list:
         """The range for a setting whose other parameters are drawn already; `steps`: the step
         count it runs (None: the model's), between two calibrated counts a linear blend of
         their ranges."""
+        if self.rule is not None:
+            return self.rule(values, steps) or list(self)
         if steps is None or len(self.at_steps) < 2:
             return self._of(values)
         counts = sorted(self.at_steps)

@@ -175,7 +175,7 @@ def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa:
     return DBCachePatch(pipe, config, calibrator)
 
 
-def calibrate(pipe, run_once, searched: Mapping | None = None) -> dict:
+def calibrate(pipe, run_once, searched: Mapping | None = None, steps: int | None = None) -> dict:
     """What "auto" threshold ranges come from: the residual differences DBCache compares with its
     threshold at every step of one run that skips nothing (a threshold of 1e-9; 0 turns the
     comparison off), as the range from "skips nothing" (their minimum) to "skips nearly
@@ -188,7 +188,8 @@ def calibrate(pipe, run_once, searched: Mapping | None = None) -> dict:
     run per Fn value searched gives each its own range (`by`, what a trial's threshold is
     sampled in once its Fn is drawn); "auto" is their union. Run on the search's first batch
     (the worker does), a threshold above its Fn's low end skips at least one step of that batch
-    at every warm-up: no trial is inert there (other batches may skip less)."""
+    at every warm-up: no trial is inert there (other batches may skip less). `steps`, the count
+    `run_once` runs, needs no setting here (cache-dit follows each call)."""
     searched = searched or {}
     warmup = int(max(searched.get("max_warmup_steps", [0])))
     by_fn, observed = {}, None

@@ -55,11 +55,12 @@ def apply(pipe, threshold: float = 0.05, **_calibrated) -> FirstBlockCachePatch:
     return FirstBlockCachePatch(pipe, float(threshold))
 
 
-def calibrate(pipe, run_once, searched=None) -> dict:
+def calibrate(pipe, run_once, searched=None, steps: int | None = None) -> dict:
     """What an "auto" threshold range comes from: the relative changes of the first block's
     residual FirstBlockCache compares with its threshold, over one call that skips nothing, from
     "skips nothing" (their minimum) to "skips nearly everything" (their maximum). It has no
-    warm-up to allow for (`searched` is unused): every step after the first compares."""
+    warm-up to allow for (`searched` is unused): every step after the first compares. `steps`,
+    the count `run_once` runs, needs no setting here (the hooks follow each call)."""
     patch = FirstBlockCachePatch(pipe, 0.0)
     try:
         run_once()

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from optsearch.accelerators import (
-    CalibratedRange,
     attention_of,
     calibrate_family,
+    calibrated_range,
     execution_device,
     offload_of,
     quantization_of,
@@ -27,7 +27,7 @@ from optsearch.accelerators import (
 )
 from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
-from optsearch.formatting import AUTO_RANGE, auto_range_details
+from optsearch.formatting import auto_range_details, auto_range_text
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
@@ -143,7 +143,7 @@ def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
             pipe, prompts[:config.batch_size], replace(config, steps=steps), warmup=False)),
             spec.searched_values(family), spec.calibration_steps(family))
         if param in measured.get("auto", {}):
-            ranges[f"{family}.{param}"] = CalibratedRange.stored(measured, param)  # per Fn too
+            ranges[f"{family}.{param}"] = calibrated_range(family, measured, param)  # per Fn too
     return ranges
 
 
@@ -160,7 +160,7 @@ def _published_outside(spec, ranges: dict[str, list]) -> list[str]:
             if value is not None and not low <= value <= high:
                 outside.setdefault(name, set()).add(value)
     return [f"warm start: the published {name} = {', '.join(map(str, sorted(values)))} lies "
-            "outside that range here (it would skip nothing or everything): those trials sample "
+            "outside that range here (it would skip nothing, or all it can): those trials sample "
             "it within the range" for name, values in outside.items()]
 
 
@@ -196,7 +196,8 @@ def format_report(report: Report, spec) -> str:
         lines.append(f"memory: the plain pipeline already peaks above objective.max_memory_gib = "
                      f"{limit}: {ABOVE_LIMIT}")
     for name, calibrated in facts["auto_ranges"].items():
-        lines.append(f"auto range {name}: [{calibrated[0]}, {calibrated[1]}] on this device ({AUTO_RANGE})")
+        lines.append(f"auto range {name}: [{calibrated[0]}, {calibrated[1]}] on this device "
+                     f"({auto_range_text(name)})")
         lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
                                                     for count, fewer in calibrated.at_steps.items()},
                                     spec.model.steps)

@@ -9,10 +9,10 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from optsearch.accelerators import CalibratedRange
+from optsearch.accelerators import CalibratedRange, calibrated_range
 from optsearch.formatting import (
-    AUTO_RANGE,
     auto_range_details,
+    auto_range_text,
     format_interval,
     format_setting,
     format_speedup,
@@ -87,7 +87,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
 
 def _ranges(calibration: dict) -> dict[str, CalibratedRange]:
     """{"family.param": its CalibratedRange} of one device's stored calibration."""
-    return {f"{family}.{param}": CalibratedRange.stored(data, param) for family, data in calibration.items()
+    return {f"{family}.{param}": calibrated_range(family, data, param) for family, data in calibration.items()
             for param in data.get("auto", {})}
 
 
@@ -127,7 +127,7 @@ def format_summary(summary: dict) -> str:
                  if rows else "  (none yet)")
     for fingerprint, ranges in summary["auto_ranges"].items():
         for name, (low, high) in ranges.items():
-            lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] ({AUTO_RANGE})")
+            lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] ({auto_range_text(name)})")
             lines += auto_range_details(summary["auto_ranges_by"].get(fingerprint, {}).get(name),
                                         summary["auto_ranges_at_steps"].get(fingerprint, {}).get(name, {}),
                                         summary["model_steps"])

@@ -17,8 +17,8 @@ import torch
 
 from optsearch.accelerators import (
     AppliedSetting,
-    CalibratedRange,
     calibrate_family,
+    calibrated_range,
     combo_name,
     combo_problem,
     dbcache,
@@ -170,7 +170,7 @@ class Evaluator:
 
     def _calibrate_magcache(self) -> list[float]:
         """MagCache's magnitude ratios from one plain call on the first prompt at full steps."""
-        ratios = magcache.calibrate(self.pipe, self.config.steps, self._run_once)
+        ratios = magcache.measure_ratios(self.pipe, self.config.steps, self._run_once)
         logger.info("MagCache calibrated over %d steps", len(ratios))
         return ratios
 
@@ -189,7 +189,7 @@ class Evaluator:
                 if self.on_calibrated is not None:
                     self.on_calibrated(family, self.calibration[family])
             if param in self.calibration[family].get("auto", {}):
-                ranges[f"{family}.{param}"] = CalibratedRange.stored(self.calibration[family], param)
+                ranges[f"{family}.{param}"] = calibrated_range(family, self.calibration[family], param)
         return ranges
 
     def calibration_images(self, spec) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from optsearch.accelerators import ANY_COMBOS, ORDER, calibration_cost, params_of
+from optsearch.accelerators import ANY_COMBOS, ORDER, calibration_cost, calibration_steps, params_of
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim", "lpips")
@@ -181,12 +181,10 @@ class StudySpec:
         """The step counts a family's "auto" range is calibrated at: the model's, and the fewest
         steps searched when a combo runs the family with `steps` (its differences grow with the
         step size: a range measured at 28 steps skips nothing at 10)."""
-        counts = [self.model.steps]
+        fewest = None
         if any(family in combo and "steps" in combo for combo in self.search.combos):
             fewest = int(self.param_range("steps", "num_inference_steps")[0])
-            if fewest < self.model.steps:
-                counts.append(fewest)
-        return counts
+        return calibration_steps(family, self.model.steps, fewest)
 
     def calibration_calls(self, families=None) -> float:
         """The plain calls (in calls at the model's steps) that calibrate the "auto" ranges of
