@@ -171,3 +171,41 @@ def test_fewer_steps_in_a_first_batch_call_match_the_replay(flux_pipe, ratios):
         computed = applied.computed_fraction()
     skipped, _ = magcache.skipped_steps(ratios, 8, **params)
     assert computed == pytest.approx((1 - len(skipped) / 8) * 8 / STEPS)
+
+
+def test_a_magcache_setting_that_skips_the_same_steps_is_not_measured_again(tmp_path):
+    """Two thresholds between the same two decision points skip the same steps: one computation,
+    bit for bit. The second trial copies the first's result without running (its per-batch
+    timings are the first's, to the last digit) and keeps its own setting; a threshold that skips
+    other steps is measured."""
+    text = DBCACHE_SPEC.replace('accelerators = [["dbcache"]]', 'accelerators = [["magcache"]]') \
+        .replace("n_trials = 2", "n_trials = 3") \
+        + "[space.magcache]\nthreshold = [0.0, 1.0]\nmax_skip_steps = 3\nretention_ratio = 0.2\n"
+    spec = write_spec(tmp_path / "mag.toml", text)
+    url = f"sqlite:///{tmp_path}/mag.db"
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name="flux", storage=url)
+    study.enqueue_trial({"magcache.threshold": 0.05})
+    worker = ("worker", "--study", "flux", "--storage", url, "--quiet")
+    assert optsearch_cmd(*worker, "--n-trials", "1").returncode == 0
+    [calibration] = [v for k, v in study.user_attrs.items()
+                     if k.startswith("optsearch:calibration:") and k.endswith(":magcache")]
+
+    def skips(threshold: float) -> list[int]:
+        return magcache.skipped_steps(calibration["mag_ratios"], STEPS, threshold, 3, 0.2)[0]
+
+    candidates = [t / 1000 for t in range(1, 1000)]
+    same = next(t for t in candidates if t != 0.05 and skips(t) == skips(0.05))
+    other = next(t for t in candidates if skips(t) != skips(0.05))
+    study.enqueue_trial({"magcache.threshold": same})
+    study.enqueue_trial({"magcache.threshold": other})
+    ran = optsearch_cmd(*worker)
+    assert ran.returncode == 0, ran.stderr
+    first, copy, measured = study.get_trials()
+    assert copy.user_attrs["reused_from"] == 0 and copy.values == first.values
+    assert copy.user_attrs["setting"]["magcache"]["threshold"] == same
+    assert copy.user_attrs["batch_seconds"] == first.user_attrs["batch_seconds"]
+    assert "same steps skipped" in copy.user_attrs["reused_why"]
+    assert "the result of trial 0 (same steps skipped, same device: the same computation)" in ran.stdout
+    assert "reused_from" not in measured.user_attrs
+    assert measured.user_attrs["batch_seconds"] != first.user_attrs["batch_seconds"]

@@ -224,6 +224,21 @@ def fit_to_steps(setting: dict[str, dict], model_steps: int) -> dict[str, dict]:
     return fitted
 
 
+def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[str, dict]) -> dict:
+    """The setting as the computation it makes: as given, except where a family tells from its
+    calibration alone which steps it skips (MagCache, from its ratios: `skipped`); there those
+    steps stand for its parameters, so two thresholds that skip the same steps are one
+    computation (the same images, bit for bit) and need one measurement."""
+    nested = normalize_setting(setting)
+    canonical: dict[str, dict] = {}
+    for name, params in nested.items():
+        tell = getattr(REGISTRY[name], "skipped", None)
+        skips = tell(params, _step_budget(nested, model_steps), calibration.get(name) or {}) \
+            if tell is not None else None
+        canonical[name] = params if skips is None else {"skipped_steps": skips}
+    return canonical
+
+
 class AppliedSetting:
     """A setting applied to a pipeline. Call it like the pipeline; `restore()` undoes everything.
 
@@ -366,7 +381,8 @@ def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int])
 
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange", "Param",
            "applicable", "apply_setting", "attention_of", "calibrate_family", "calibrated_range",
-           "calibration_cost", "calibration_steps", "combo_name", "combo_problem",
+           "calibration_cost", "calibration_steps", "canonical_setting", "combo_name",
+           "combo_problem",
            "denoiser", "dtype_of", "execution_device", "fit_to_steps", "native_size",
            "normalize_setting", "not_a_pipeline", "offload_of", "params_of", "pipeline_kind",
            "quantization_of", "scheduler_class_name", "scheduler_of", "step_problems"]

@@ -168,6 +168,17 @@ def calibrate(pipe, run_once: Callable[[], object], searched: Mapping | None = N
             "by": {"threshold": ["max_skip_steps", by_skips]}}
 
 
+def skipped(params: Mapping, steps: int, calibration: Mapping) -> list[int] | None:
+    """The steps a setting of this family skips in a call of `steps` steps, told by the stored
+    ratios alone (None without them): two settings that skip the same steps compute the same."""
+    ratios = calibration.get("mag_ratios")
+    if not ratios:
+        return None
+    return skipped_steps(ratios, steps, float(params.get("threshold", 0.06)),
+                         int(params.get("max_skip_steps", 3)),
+                         float(params.get("retention_ratio", 0.2)))[0]
+
+
 def range_for(calibration: Mapping, values: Mapping, steps: int | None) -> list[float] | None:
     """The threshold range of one trial, whose `max_skip_steps` and `retention_ratio` are drawn
     (`values`) and which runs `steps` steps (None: the model's, those the ratios were measured

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -42,14 +43,17 @@ def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
 
 
 def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fingerprint: str,
-                   poll_interval: float) -> FrozenTrial | None:
-    """A finished trial of the same setting on this fingerprint (waiting for a running one)."""
-    key = setting_key(setting)
+                   poll_interval: float, canonical: Callable[[dict], dict] = lambda s: s
+                   ) -> FrozenTrial | None:
+    """A finished trial of the same setting on this fingerprint (waiting for a running one);
+    `canonical(setting)`: the computation a setting makes (`accelerators.canonical_setting`),
+    so that a different setting of the same computation counts as the same."""
+    key = setting_key(canonical(setting))
     while True:
         running_twin = False
         for other in study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING)):
             if other.number == trial.number or other.user_attrs.get("fingerprint") != fingerprint \
-                    or setting_key(other.user_attrs.get("setting", {})) != key:
+                    or setting_key(canonical(other.user_attrs.get("setting", {}))) != key:
                 continue
             if other.state in studies.FINISHED and "constraints" in other.user_attrs:
                 return other
@@ -61,14 +65,20 @@ def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fing
         optuna.storages.fail_stale_trials(study)
 
 
-def copy_result(study: optuna.Study, trial: optuna.Trial, previous: FrozenTrial):
+def copy_result(study: optuna.Study, trial: optuna.Trial, previous: FrozenTrial, setting: dict):
     """Copy a finished trial's result (Optuna's FAQ pattern) instead of measuring again; returns
-    its values, or raises TrialPruned like the trial it copies."""
+    its values, or raises TrialPruned like the trial it copies. `setting`: this trial's own,
+    which stays its record where it differs from the copied one's (the same computation)."""
     for key, value in previous.user_attrs.items():
         trial.set_user_attr(key, value)
     trial.set_user_attr("reused_from", previous.number)
+    why = "same setting, same device"
+    if setting_key(setting) != setting_key(previous.user_attrs.get("setting", {})):
+        why = "same steps skipped, same device: the same computation"
+        trial.set_user_attr("setting", setting)
+    trial.set_user_attr("reused_why", why)
     write_constraints(study, trial, previous.user_attrs["constraints"])
-    logger.info("trial %d reuses trial %d (same setting, same device)", trial.number, previous.number)
+    logger.info("trial %d reuses trial %d (%s)", trial.number, previous.number, why)
     if previous.state == TrialState.PRUNED:
         raise optuna.TrialPruned(f"same setting as trial {previous.number}, which was pruned")
     return previous.values if len(previous.values) > 1 else previous.values[0]

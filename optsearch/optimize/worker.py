@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import optuna
 from tqdm.auto import tqdm
 
-from optsearch.accelerators import combo_name, execution_device, normalize_setting
+from optsearch.accelerators import canonical_setting, combo_name, execution_device, normalize_setting
 from optsearch.formatting import format_interval, format_setting
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
 from optsearch.measure.faults import fault_from_env
@@ -178,11 +178,12 @@ class Worker:
                            "fingerprint": self.fingerprint, "device": self.device,
                            "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():
             trial.set_user_attr(key, value)
-        previous = sharing.earlier_result(self.study, trial, setting, self.fingerprint,
-                                          self.options.poll_interval)
+        previous = sharing.earlier_result(  # or one of the same computation (MagCache's skips)
+            self.study, trial, setting, self.fingerprint, self.options.poll_interval,
+            lambda other: canonical_setting(other, self.spec.model.steps, self.evaluator.calibration))
         if previous is not None:
             self.trials_run += 1
-            return sharing.copy_result(self.study, trial, previous)
+            return sharing.copy_result(self.study, trial, previous, setting)
         try:
             result = measure_plausibly(lambda: self._measure(trial, setting),
                                        lambda: self.baselines.retime(self.trials_run), setting,

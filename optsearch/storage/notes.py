@@ -25,7 +25,8 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
         return f"{head}: {trial.state.name.lower()}" + (f" ({reason})" if reason else "")
     metric = spec.quality.metric
     if attrs.get("reused_from") is not None:
-        verdict = f"the result of trial {attrs['reused_from']} (same setting, same device)"
+        verdict = (f"the result of trial {attrs['reused_from']} "
+                   f"({attrs.get('reused_why', 'same setting, same device')})")
     elif trial.state == TrialState.PRUNED:
         verdict = (f"stopped early ({attrs.get('early_stop_reason')}) after "
                    f"{attrs.get('batches_evaluated')} of {attrs.get('n_batches')} batches")

@@ -10,7 +10,8 @@ Who wrote what:
 - the worker, when a trial starts: `worker`, `setting`, `combo`, `fingerprint`, `device`, `host`,
   `batch_size` (and `oom_halvings`, `fail_reason` when memory ran out);
 - the worker, when it ends: `measured_attrs` below, then `constraints` (feasible when all <= 0);
-- a trial that copies an earlier one's result: all of its attrs, plus `reused_from`.
+- a trial that copies an earlier one's result: all of its attrs, plus `reused_from` and
+  `reused_why`; its own `setting` where it differs (a MagCache setting that skips the same steps).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ SHOWN_KEYS = ("combo", "setting", "speedup", "speedup_low", "speedup_high", "sec
               "clip_image_cosine", "compute_fraction", "peak_memory_gib", "baseline_peak_memory_gib",
               "compiled", "compile_seconds", "graph_breaks", "compiled_while_timed",
               "batches_evaluated", "early_stopped", "device", "host",
-              "batch_size", "fingerprint", "constraints", "reused_from")
+              "batch_size", "fingerprint", "constraints", "reused_from", "reused_why")
 
 
 def utc_now() -> str:
