@@ -380,7 +380,7 @@ def test_an_auto_threshold_range_is_calibrated_on_the_device_before_the_first_tr
         assert fn_low <= trial.params["dbcache.residual_diff_threshold"] <= fn_high
     assert "auto range dbcache.residual_diff_threshold on" in ran.stdout
     [start] = [line for line in ran.stdout.splitlines() if "trials to go" in line]
-    assert ', after ~' in start and ' calibrating "auto" ranges: ' in start  # said before the wait
+    assert ', after ' in start and ' calibrating "auto" ranges: ' in start  # said before the wait
     assert f"  per Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [" in ran.stdout
     at_six = calibration["at_steps"]["6"]["auto"]["residual_diff_threshold"]
     assert f"  at 6 steps (above: at the model's 12; a step count in between samples in their " \
@@ -650,3 +650,5 @@ def test_the_estimate_counts_the_calibration_calls_before_the_first_trial():
     assert calibrating.total(1) == tuple(seconds + 6.0 for seconds in plain.total(1))
     assert ', after ~6 s calibrating "auto" ranges: ' in estimate_text(calibrating)
     assert "calibrating" not in estimate_text(plain)
+    brief = Estimate(0.5, n_trials=4, num_samples=4, calibration_images=0.5)  # one small call
+    assert ', after <1 s calibrating "auto" ranges: ' in estimate_text(brief)

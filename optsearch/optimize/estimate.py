@@ -47,11 +47,19 @@ class Estimate:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 0.5:
+        return "<1 s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _about(seconds: float) -> str:
+    """'~12 s', or '<1 s'."""
+    text = _duration(seconds)
+    return text if text.startswith("<") else f"~{text}"
 
 
 def estimate_text(estimate: Estimate) -> str:
@@ -61,7 +69,7 @@ def estimate_text(estimate: Estimate) -> str:
             f"{estimate.seconds_per_image:.3g} s/image (the baseline's) / a {EXPECTED_SPEEDUPS[0]:g}x-"
             f"{EXPECTED_SPEEDUPS[1]:g}x speedup"
             + (f" + {estimate.compile_seconds:.3g} s compiling" if estimate.compile_seconds else "")
-            + (f", after ~{_duration(estimate.calibration_seconds)} calibrating \"auto\" ranges"
+            + (f", after {_about(estimate.calibration_seconds)} calibrating \"auto\" ranges"
                if estimate.calibration_images else "")
             + f": {_duration(low)}-{_duration(high)} on 1 worker")
     if estimate.workers > 1:
