@@ -1,0 +1,66 @@
+"""What families measure on the device before or beside the search: the "auto" threshold ranges
+(`calibrate_family`, stored per device fingerprint, read back as a `CalibratedRange`) and what a
+setting computes, where a family can tell it from its calibration alone (`canonical_setting`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from optsearch.accelerators.base import CalibratedRange
+from optsearch.accelerators.registry import REGISTRY, normalize_setting, step_budget
+
+
+def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searched: Mapping,
+                     step_counts: Sequence[int]) -> dict:
+    """A family's "auto" calibration (its module's `calibrate`) with one plain call
+    `run_once(steps)` at each of `step_counts`, the model's first: stored as measured there,
+    plus "at_steps" {count: its ranges} when trials also run fewer steps (CalibratedRange)."""
+    module = REGISTRY[family]
+    measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched, step_counts[0])
+    if not measured or len(step_counts) < 2:
+        return measured
+    at_steps = {}
+    for count in step_counts:
+        at_count = measured if count == step_counts[0] else \
+            module.calibrate(pipe, lambda count=count: run_once(count), searched, count)
+        if at_count:
+            at_steps[str(count)] = {key: at_count[key] for key in ("auto", "by") if key in at_count}
+    return {**measured, "at_steps": at_steps}
+
+
+def calibrated_range(family: str, calibration: Mapping, param: str) -> CalibratedRange:
+    """The "auto" range of `family.param` in a calibration as stored, with the family's rule for
+    each trial's own range where it has one (`range_for`: MagCache's, from its ratios)."""
+    return CalibratedRange.stored(calibration, param, getattr(REGISTRY[family], "range_for", None))
+
+
+def calibration_steps(family: str, model_steps: int, fewest_steps: int | None) -> list[int]:
+    """The step counts `calibrate_family` runs: the model's, and the fewest a trial of the family
+    runs (`fewest_steps`, when a combo searches it beside `steps`) unless the family's rule gives
+    each step count's range from the first calibration alone."""
+    if fewest_steps is None or fewest_steps >= model_steps or hasattr(REGISTRY[family], "range_for"):
+        return [model_steps]
+    return [model_steps, fewest_steps]
+
+
+def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int]) -> float:
+    """What `calibrate_family` runs, in plain calls at the model's steps (a call of fewer steps
+    costs its share): a family's module may say how many runs it makes (`calibration_runs`)."""
+    runs = getattr(REGISTRY[family], "calibration_runs", lambda _searched: 1)(searched)
+    return runs * sum(count / step_counts[0] for count in step_counts)
+
+
+def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[str, dict]) -> dict:
+    """The setting as the computation it makes: as given, except where a family tells from its
+    calibration alone which steps it skips (MagCache, from its ratios: `skipped`); there those
+    steps stand for its parameters, so two thresholds that skip the same steps are one
+    computation (the same images, bit for bit) and need one measurement."""
+    nested = normalize_setting(setting)
+    canonical: dict[str, dict] = {}
+    for name, params in nested.items():
+        tell = getattr(REGISTRY[name], "skipped", None)
+        skips = tell(params, step_budget(nested, model_steps), calibration.get(name) or {}) \
+            if tell is not None else None
+        canonical[name] = params if skips is None else {"skipped_steps": skips}
+    return canonical
