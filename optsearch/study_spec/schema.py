@@ -150,7 +150,7 @@ class StudySpec:
         """(low, high, step or None) for a searched parameter, or (value,) for a fixed one. An
         "auto" range is the one calibrated on this device (`auto`, {"family.param": [lo, hi]}),
         else the parameter's default."""
-        value = self.space.get(accelerator, {}).get(param)
+        value = self.space_value(accelerator, param)
         if value == "auto":
             value = (auto or {}).get(f"{accelerator}.{param}")
         if value is None:
@@ -166,7 +166,7 @@ class StudySpec:
         extremes of each float range: what a calibration must hold for every trial."""
         values = {}
         for param, declared in params_of(accelerator).items():
-            if self.space.get(accelerator, {}).get(param) == "auto":
+            if self.space_value(accelerator, param) == "auto":
                 continue
             bounds = self.param_range(accelerator, param)
             if len(bounds) == 1:
@@ -196,8 +196,19 @@ class StudySpec:
 
     def auto_params(self) -> list[tuple[str, str]]:
         """(family, parameter) of every range the spec leaves to calibration ("auto")."""
-        return [(family, param) for family, table in self.space.items()
-                for param, value in table.items() if value == "auto"]
+        return [(family, param) for family in self.accelerators_used for param in params_of(family)
+                if self.space_value(family, param) == "auto"]
+
+    def space_value(self, accelerator: str, param: str):
+        """What the spec gives a parameter: its `[space]` entry; where it gives none, "auto" for
+        a threshold whose calibration costs nothing of its own (MagCache's, from the ratios its
+        trials need anyway; not with the grid sampler, whose grid is fixed at creation), else
+        None (the parameter's default range)."""
+        value = self.space.get(accelerator, {}).get(param)
+        if value is None and params_of(accelerator)[param].auto_by_default \
+                and self.search.sampler != "grid":
+            return "auto"
+        return value
 
     def searched_params(self, accelerator: str) -> list[str]:
         """The parameters of `accelerator` that this spec searches (ranges, not fixed values)."""
