@@ -61,6 +61,26 @@ def test_the_bounds_of_a_hand_made_ratio_list():
     assert magcache.threshold_bounds(ratios, 6, 2, 0.95) is None
 
 
+def test_settings_that_skip_the_same_steps_are_one_computation():
+    """`canonical_setting`: MagCache's parameters give way to the steps they skip (at the
+    setting's own step count); other families, and records another version wrote, as given."""
+    from optsearch.accelerators import canonical_setting
+
+    calibration = {"magcache": {"mag_ratios": [1.0, 0.9, 0.95, 1.02, 0.99, 1.1]}}
+
+    def canonical(threshold: float, **more) -> dict:
+        return canonical_setting({"magcache": {"threshold": threshold, "max_skip_steps": 2,
+                                               "retention_ratio": 0.0}, **more}, 6, calibration)
+
+    assert canonical(0.011) == canonical(0.019) == {"magcache": {"skipped_steps": [4]}}
+    assert canonical(0.021) != canonical(0.019)  # 0.02 is step 3's own error: it skips too
+    assert canonical(0.011, steps={"num_inference_steps": 4}) == \
+        {"steps": {"num_inference_steps": 4}, "magcache": {"skipped_steps": []}}
+    assert canonical_setting({"magcache": {"threshold": 0.1}}, 6, {}) == {"magcache": {"threshold": 0.1}}
+    older = {"magcache": {"threshold": 0.1, "retired": 1}}
+    assert canonical_setting(older, 6, calibration) == older
+
+
 @pytest.mark.parametrize("steps", [STEPS, 7])
 def test_the_replayed_decision_skips_the_steps_a_real_call_skips(flux_pipe, ratios, steps):
     """The simulation is diffusers' own decision: over thresholds across the whole default range,

@@ -56,7 +56,10 @@ def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[s
     calibration alone which steps it skips (MagCache, from its ratios: `skipped`); there those
     steps stand for its parameters, so two thresholds that skip the same steps are one
     computation (the same images, bit for bit) and need one measurement."""
-    nested = normalize_setting(setting)
+    try:
+        nested = normalize_setting(setting)
+    except ValueError:  # a record another version wrote: compared as written
+        return dict(setting)
     canonical: dict[str, dict] = {}
     for name, params in nested.items():
         tell = getattr(REGISTRY[name], "skipped", None)

@@ -162,8 +162,8 @@ def calibrate(pipe, run_once: Callable[[], object], searched: Mapping | None = N
                   if b is not None]
         if bounds:
             by_skips[str(int(skips))] = [min(b[0] for b in bounds), max(b[1] for b in bounds)]
-    if not by_skips:
-        return {"mag_ratios": ratios}
+    if not by_skips:  # the retention searched leaves no step to skip: every threshold is inert
+        return {"mag_ratios": ratios, "auto": {"threshold": [0.0, 0.0]}}
     lows, highs = zip(*by_skips.values(), strict=True)
     return {"mag_ratios": ratios, "auto": {"threshold": [min(lows), max(highs)]},
             "by": {"threshold": ["max_skip_steps", by_skips]}}
