@@ -59,6 +59,9 @@ def test_the_bounds_of_a_hand_made_ratio_list():
     # a retention of half the steps leaves steps 3-5 (0.02 first); one that keeps all, nothing
     assert magcache.threshold_bounds(ratios, 6, 2, 0.5)[0] == pytest.approx(0.01, abs=1e-4)
     assert magcache.threshold_bounds(ratios, 6, 2, 0.95) is None
+    # a model whose norms overflowed (a NaN ratio) never skips that step: the others bound it
+    assert magcache.threshold_bounds([1.0, float("nan"), 0.95, 1.02], 4, 2, 0.0) == \
+        pytest.approx([0.02, 0.081], abs=1e-4)
 
 
 def test_settings_that_skip_the_same_steps_are_one_computation():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators.base import Param, bounds_of
@@ -127,6 +128,8 @@ def threshold_bounds(mag_ratios: Sequence[float], steps: int, max_skip_steps: in
     own_errors = [float(abs(1.0 - 1.0 * ratios[step]))
                   for step in range(max(1, _retention_step(retention_ratio, steps)), steps)]
     _, saturated = skipped_steps(mag_ratios, steps, float("inf"), max_skip_steps, retention_ratio)
+    own_errors, saturated = ([e for e in errors if math.isfinite(e)]  # a NaN ratio never skips
+                             for errors in (own_errors, saturated))
     if not own_errors or not saturated:
         return None
     return bounds_of(min(own_errors), max(saturated))
