@@ -311,8 +311,10 @@ DBCACHE_SPEC = FLUX_SPEC.replace('accelerators = [["steps"], ["magcache"], ["ste
 def test_a_dbcache_trial_that_skips_nothing_is_stopped_as_inert(tmp_path):
     """On the random-weight tiny FLUX the residual differences lie near 0.4-0.6: a threshold of
     0.05 never skips (the baseline plus hook overhead) and stops after its first batch; 0.7
-    skips, and the trial records how much of the transformer it actually ran."""
-    spec = write_spec(tmp_path / "db.toml", DBCACHE_SPEC)
+    skips, and the trial records how much of the transformer it actually ran. (A range given:
+    under "auto", the default, 0.05 would lie outside it and be sampled anew.)"""
+    spec = write_spec(tmp_path / "db.toml",
+                      DBCACHE_SPEC + "[space.dbcache]\nresidual_diff_threshold = [0.05, 0.3]\n")
     url = f"sqlite:///{tmp_path}/db.db"
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
     study = optuna.load_study(study_name="flux", storage=url)

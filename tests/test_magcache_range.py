@@ -183,20 +183,24 @@ def test_auto_is_for_the_threshold_only():
     assert spec.auto_params() == [("magcache", "threshold")]
 
 
-@pytest.mark.parametrize("space, sampler, auto", [
-    ({}, "tpe", True),  # no range given: "auto", which costs nothing beyond the ratios
-    ({"threshold": [0.02, 0.3]}, "tpe", False),  # a range given: that range
-    ({}, "grid", False),  # a grid is fixed at creation: the default range
+@pytest.mark.parametrize("family, param, default", [
+    ("magcache", "threshold", [0.02, 0.5]),
+    ("fbcache", "threshold", [0.02, 0.5]),
+    ("dbcache", "residual_diff_threshold", [0.05, 0.3]),
 ])
-def test_magcaches_threshold_is_auto_unless_the_spec_gives_a_range(space, sampler, auto):
+@pytest.mark.parametrize("given, sampler, auto", [
+    (None, "tpe", True),  # no range given: "auto" (its calibration is in the estimate)
+    ([0.02, 0.3], "tpe", False),  # a range given: that range
+    (None, "grid", False),  # a grid is fixed at creation: the family's default range
+])
+def test_a_threshold_is_auto_unless_the_spec_gives_a_range(family, param, default, given, sampler, auto):
     spec = spec_from_dict({"model": {"id": "builtin:tiny-flux", "steps": 12},
-                           "search": {"accelerators": [["magcache"]], "sampler": sampler},
-                           "space": {"magcache": space} if space else {}})
-    assert (spec.auto_params() == [("magcache", "threshold")]) is auto
-    assert spec.param_range("magcache", "threshold", {"magcache.threshold": [0.1, 0.2]})[:2] == \
-        ((0.1, 0.2) if auto else tuple(space.get("threshold", [0.02, 0.5])))
-    assert "threshold" not in spec.searched_values("magcache") or not auto
-
+                           "search": {"accelerators": [[family]], "sampler": sampler},
+                           "space": {family: {param: given}} if given else {}})
+    assert (spec.auto_params() == [(family, param)]) is auto
+    assert spec.param_range(family, param, {f"{family}.{param}": [0.1, 0.2]})[:2] == \
+        ((0.1, 0.2) if auto else tuple(given or default))
+    assert (param not in spec.searched_values(family)) is auto
 
 def test_fewer_steps_in_a_first_batch_call_match_the_replay(flux_pipe, ratios):
     """The evaluator's generate path (batches, seeds, `steps` lowering the call) runs what the

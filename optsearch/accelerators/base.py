@@ -27,8 +27,8 @@ class Param:
     help: str = ""
     counts_steps: bool = False  # measured in denoising steps: must fit in the setting's steps
     scales_with_steps: bool = False  # `default` holds fractions of model.steps
-    calibrated: bool = False  # a threshold whose range may be "auto": measured before the search
-    auto_by_default: bool = False  # "auto" where a spec gives no range (costs no call of its own)
+    calibrated: bool = False  # a threshold searched in its "auto" range (measured on the device
+    # before the search) unless the spec gives a range
 
     def default_range(self, model_steps: int) -> tuple:
         """The range searched when a spec names none (fractions resolved against model.steps)."""

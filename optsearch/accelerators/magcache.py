@@ -32,7 +32,6 @@ PARAMS = (  # the threshold last: its "auto" range follows the other two as draw
     Param("retention_ratio", float, (0.1, 0.5), minimum=0.0, maximum=1.0, exclusive_maximum=True,
           grid_step=0.1, help="share of the first steps never skipped"),
     Param("threshold", float, (0.02, 0.5), minimum=0.0, grid_step=0.02, calibrated=True,
-          auto_by_default=True,  # its ranges follow from the ratios every magcache trial needs
           help="accumulated error under which blocks are skipped"),
 )
 

@@ -201,11 +201,11 @@ class StudySpec:
 
     def space_value(self, accelerator: str, param: str):
         """What the spec gives a parameter: its `[space]` entry; where it gives none, "auto" for
-        a threshold whose calibration costs nothing of its own (MagCache's, from the ratios its
-        trials need anyway; not with the grid sampler, whose grid is fixed at creation), else
-        None (the parameter's default range)."""
+        a threshold (a range measured on the model and device: a fixed default range skipped
+        nothing on some models and everything on others), but with the grid sampler, whose grid
+        is fixed at creation; else None (the parameter's default range)."""
         value = self.space.get(accelerator, {}).get(param)
-        if value is None and params_of(accelerator)[param].auto_by_default \
+        if value is None and params_of(accelerator)[param].calibrated \
                 and self.search.sampler != "grid":
             return "auto"
         return value
