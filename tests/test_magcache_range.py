@@ -6,6 +6,7 @@ trials all ran the same saturated computation."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 import numpy as np
@@ -251,3 +252,40 @@ def test_a_magcache_setting_that_skips_the_same_steps_is_not_measured_again(tmp_
     assert "the result of trial 0 (same steps skipped, same device: the same computation)" in ran.stdout
     assert "reused_from" not in measured.user_attrs
     assert measured.user_attrs["batch_seconds"] != first.user_attrs["batch_seconds"]
+
+
+def test_a_trial_keeps_the_ratios_it_ran_with_for_its_export_and_its_twins(tmp_path):
+    """Two workers on one device fingerprint that start together each measure MagCache's ratios,
+    and the one stored last is what a later worker loads. A trial records the ratios it ran with:
+    its export deploys those, and whether a later setting is the same computation is told by each
+    trial's own ratios. Here a second worker loads other ratios (all 1.0: every threshold skips
+    as many steps as it may) and its trial is measured, not taken for trial 0's twin."""
+    text = DBCACHE_SPEC.replace('accelerators = [["dbcache"]]', 'accelerators = [["magcache"]]') \
+        + "[space.magcache]\nthreshold = [0.0, 1.0]\nmax_skip_steps = 3\nretention_ratio = 0.2\n"
+    spec = write_spec(tmp_path / "mag.toml", text)
+    url = f"sqlite:///{tmp_path}/mag.db"
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name="flux", storage=url)
+    study.enqueue_trial({"magcache.threshold": 0.05})
+    worker = ("worker", "--study", "flux", "--storage", url, "--quiet")
+    assert optsearch_cmd(*worker, "--n-trials", "1").returncode == 0
+    [key] = [k for k in study.user_attrs
+             if k.startswith("optsearch:calibration:") and k.endswith(":magcache")]
+    ran_with = study.trials[0].user_attrs["calibration_used"]["magcache"]["mag_ratios"]
+    assert ran_with == study.user_attrs[key]["mag_ratios"]
+    study.set_user_attr(key, {"mag_ratios": [1.0] * STEPS})  # another worker's, stored last
+    study.enqueue_trial({"magcache.threshold": 0.9})  # saturated with all-1.0 ratios, as 0.05 is
+    assert magcache.skipped_steps([1.0] * STEPS, STEPS, 0.05, 3, 0.2)[0] == \
+        magcache.skipped_steps([1.0] * STEPS, STEPS, 0.9, 3, 0.2)[0]
+    assert magcache.skipped_steps(ran_with, STEPS, 0.05, 3, 0.2)[0] != \
+        magcache.skipped_steps([1.0] * STEPS, STEPS, 0.9, 3, 0.2)[0]
+    assert optsearch_cmd(*worker).returncode == 0
+    first, second = study.get_trials()
+    assert "reused_from" not in second.user_attrs
+    assert second.user_attrs["calibration_used"]["magcache"]["mag_ratios"] == [1.0] * STEPS
+    study.set_user_attr(key, {"mag_ratios": [0.9] * STEPS})  # and a third, stored later still
+    exported = tmp_path / "winner.json"
+    assert optsearch_cmd("study", "export", "flux", "--storage", url, "-o", str(exported)).returncode == 0
+    winner = json.loads(exported.read_text())
+    own = {0: ran_with, 1: [1.0] * STEPS}[winner["best"]["trial"]]
+    assert winner["calibration"]["magcache"]["mag_ratios"] == own

@@ -32,6 +32,7 @@ from optsearch.accelerators.calibration import (
     calibrated_range,
     calibration_cost,
     calibration_steps,
+    calibration_used,
     canonical_setting,
 )
 from optsearch.accelerators.hooks import (
@@ -202,10 +203,11 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
     return AppliedSetting(pipe, setting, calibration)
 
 
-__all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange", "Param",
-           "applicable", "apply_setting", "attention_of", "calibrate_family", "calibrated_range",
-           "calibration_cost", "calibration_steps", "call_parameters", "canonical_setting", "combo_name",
-           "combo_problem", "denoiser", "dtype_of", "enabled_already", "execution_device", "fit_to_steps",
-           "max_speedup", "native_size", "normalize_setting", "not_a_pipeline", "offload_of", "params_of",
-           "pipeline_kind", "pipeline_problem", "quantization_of", "scheduler_class_name", "scheduler_of",
-           "step_problems"]
+__all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange",
+           "Param", "applicable", "apply_setting", "attention_of", "calibrate_family",
+           "calibrated_range", "calibration_cost", "calibration_steps", "calibration_used",
+           "call_parameters", "canonical_setting", "combo_name", "combo_problem", "denoiser",
+           "dtype_of", "enabled_already", "execution_device", "fit_to_steps", "max_speedup",
+           "native_size", "normalize_setting", "not_a_pipeline", "offload_of", "params_of",
+           "pipeline_kind", "pipeline_problem", "quantization_of", "scheduler_class_name",
+           "scheduler_of", "step_problems"]

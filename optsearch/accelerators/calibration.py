@@ -67,3 +67,15 @@ def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[s
             if tell is not None else None
         canonical[name] = params if skips is None else {"skipped_steps": skips}
     return canonical
+
+
+RANGE_KEYS = ("auto", "by", "at_steps", "observed")  # what only bounds a family's search ranges
+
+
+def calibration_used(setting: Mapping, calibration: Mapping[str, dict]) -> dict:
+    """What of the calibration a setting's computation ran with: its families' data beyond their
+    ranges (MagCache's ratios). A trial records it, so that its export and its comparison with
+    other trials use its own, even where another worker on the device measured and stored others."""
+    used = {name: {key: value for key, value in calibration.get(name, {}).items()
+                   if key not in RANGE_KEYS} for name in setting}
+    return {name: data for name, data in used.items() if data}

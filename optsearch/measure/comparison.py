@@ -73,6 +73,7 @@ class Comparison:
     lpips: list[float] = field(default_factory=list)  # where the spec asks (perceptual.py)
     image_digests: list[str] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
+    calibration_used: dict = field(default_factory=dict)  # what the setting ran with (MagCache's ratios)
     compute_fractions: list[float] = field(default_factory=list)  # per batch, where reported
     frames: int = 1  # frames per prompt: more than one for a video pipeline
     # videos only (frames.py): per prompt, the worst frame's PSNR and SSIM and the temporal change

@@ -19,6 +19,7 @@ from optsearch.accelerators import (
     AppliedSetting,
     calibrate_family,
     calibrated_range,
+    calibration_used,
     combo_name,
     combo_problem,
     dbcache,
@@ -240,6 +241,7 @@ class Evaluator:
 
         with self.apply(setting) as applied:
             result.setting = applied.setting
+            result.calibration_used = calibration_used(applied.setting, self.calibration)
             batches = self._generate(applied.combo, applied, on_warmup=warmed_up)
             for batch in peak.measure(batches):
                 result.inference_seconds += batch.seconds

@@ -140,7 +140,8 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
     if exported["baseline"] is not None:
         exported["baseline"] = {k: v for k, v in exported["baseline"].items()
                                 if k not in ("clip_scores", "prompts")}
-    measured = calibration(study, best.user_attrs.get("fingerprint", ""))
+    measured = {**calibration(study, best.user_attrs.get("fingerprint", "")),
+                **best.user_attrs.get("calibration_used", {})}  # what the winner itself ran with
     if measured:
         exported["calibration"] = measured  # MagCache's ratios: `optsearch.apply` passes them on
     frontier = steps_frontier(study, spec)

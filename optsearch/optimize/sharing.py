@@ -43,17 +43,20 @@ def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
 
 
 def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fingerprint: str,
-                   poll_interval: float, canonical: Callable[[dict], dict] = lambda s: s
+                   poll_interval: float,
+                   canonical: Callable[[dict, dict], dict] = lambda setting, _used: setting
                    ) -> FrozenTrial | None:
     """A finished trial of the same setting on this fingerprint (waiting for a running one);
-    `canonical(setting)`: the computation a setting makes (`accelerators.canonical_setting`),
-    so that a different setting of the same computation counts as the same."""
-    key = setting_key(canonical(setting))
+    `canonical(setting, calibration_used)`: the computation a setting makes with what a trial
+    recorded it ran with ({}: this worker's), `accelerators.canonical_setting`, so that a
+    different setting of the same computation counts as the same."""
+    key = setting_key(canonical(setting, {}))
     while True:
         running_twin = False
         for other in study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING)):
-            if other.number == trial.number or other.user_attrs.get("fingerprint") != fingerprint \
-                    or setting_key(canonical(other.user_attrs.get("setting", {}))) != key:
+            attrs = other.user_attrs
+            if other.number == trial.number or attrs.get("fingerprint") != fingerprint or setting_key(
+                    canonical(attrs.get("setting", {}), attrs.get("calibration_used", {}))) != key:
                 continue
             if other.state in studies.FINISHED and "constraints" in other.user_attrs:
                 return other

@@ -179,8 +179,8 @@ class Worker:
                            "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():
             trial.set_user_attr(key, value)
         previous = sharing.earlier_result(  # or one of the same computation (MagCache's skips)
-            self.study, trial, setting, self.fingerprint, self.options.poll_interval,
-            lambda other: canonical_setting(other, self.spec.model.steps, self.evaluator.calibration))
+            self.study, trial, setting, self.fingerprint, self.options.poll_interval, lambda other, used:
+            canonical_setting(other, self.spec.model.steps, {**self.evaluator.calibration, **used}))
         if previous is not None:
             self.trials_run += 1
             return sharing.copy_result(self.study, trial, previous, setting)

@@ -96,6 +96,8 @@ def measured_attrs(result: Comparison, metric: str, baseline_id: str | None) -> 
         "image_digests": result.image_digests,
         per_prompt_key(metric): [float(v) for v in result.per_prompt(metric)],
     })
+    if result.calibration_used:  # MagCache's ratios: its export and twins use its own
+        attrs["calibration_used"] = result.calibration_used
     if result.early_stopped:
         per_batch = result.wall_seconds / result.batches_evaluated
         attrs["early_stop_saved_s"] = per_batch * (result.n_batches - result.batches_evaluated)
