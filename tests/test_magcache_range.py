@@ -289,3 +289,23 @@ def test_a_trial_keeps_the_ratios_it_ran_with_for_its_export_and_its_twins(tmp_p
     winner = json.loads(exported.read_text())
     own = {0: ran_with, 1: [1.0] * STEPS}[winner["best"]["trial"]]
     assert winner["calibration"]["magcache"]["mag_ratios"] == own
+
+
+def test_a_worker_adopts_what_another_stored_since_instead_of_measuring_again(flux_pipe):
+    """Workers that start together, or before the first one stored a calibration, would each
+    measure their own: the evaluator reads what is stored on its device before measuring anew.
+    The ranges and ratios here are made up (a real calibration of tiny FLUX never gives them):
+    finding them proves nothing was measured."""
+    from optsearch.measure.evaluate import evaluator_from_spec
+
+    data = tomllib.loads(FLUX_SPEC)
+    spec = spec_from_dict({**data, "search": {"accelerators": [["fbcache"], ["magcache"]]}})
+    stored: dict = {}
+    evaluator = evaluator_from_spec(spec, pipe=flux_pipe).derive(stored=lambda: stored)
+    assert evaluator.calibration_images(spec) > 0  # nothing stored yet
+    stored.update(fbcache={"auto": {"threshold": [0.123, 0.456]}},
+                  magcache={"mag_ratios": [1.0] * STEPS, "auto": {"threshold": [0.0, 0.5]}})
+    assert evaluator.calibration_images(spec) == 0
+    assert evaluator.auto_ranges(spec)["fbcache.threshold"] == [0.123, 0.456]
+    with evaluator.apply({"magcache": {"threshold": 0.1}}) as applied:
+        assert applied.calibration["magcache"]["mag_ratios"] == [1.0] * STEPS

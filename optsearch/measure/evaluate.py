@@ -70,10 +70,11 @@ class Evaluator:
                  calibration: dict[str, dict] | None = None,
                  on_calibrated: Callable[[str, dict], None] | None = None,
                  fault: Callable[[str, int], None] | None = None, warm: set | None = None,
-                 lpips: Lpips | None = None):
+                 lpips: Lpips | None = None, stored: Callable[[], dict] | None = None):
         """`warmup`: the short untimed warm-up (True), none (False), or that many steps.
         `calibration`: per-model data a family needs (MagCache's ratios), measured once when first
-        needed; `on_calibrated(name, data)` hears of each new measurement (the worker stores it).
+        needed; `on_calibrated(name, data)` hears of each new measurement (the worker stores it);
+        `stored()`: what other workers on this device stored since, read before measuring anew.
         `fault(combo, batch index)`: called in each timed batch (the fault-injection tests).
         `lpips`: an LPIPS model when the spec measures it (perceptual.py)."""
         self.pipe = pipe
@@ -85,6 +86,7 @@ class Evaluator:
         self.warmup = warmup
         self.calibration = dict(calibration or {})
         self.on_calibrated = on_calibrated
+        self.stored = stored
         self.fault = fault
         self.lpips = lpips
         # (combo, batch size) pairs this process has already run: nothing of theirs is cold any
@@ -96,7 +98,8 @@ class Evaluator:
         is warm), with other prompts, config, calibration, callbacks or warm-up."""
         current = {"prompts": self.prompts, "config": self.config, "confidence": self.confidence,
                    "progress": self.progress, "warmup": self.warmup, "calibration": self.calibration,
-                   "on_calibrated": self.on_calibrated, "fault": self.fault, "lpips": self.lpips}
+                   "on_calibrated": self.on_calibrated, "fault": self.fault, "lpips": self.lpips,
+                   "stored": self.stored}
         return Evaluator(self.pipe, self.scorer, warm=self.warm, **{**current, **changes})
 
     @property
@@ -152,11 +155,20 @@ class Evaluator:
 
     def apply(self, setting: Mapping) -> AppliedSetting:
         """Apply `setting` to the pipeline, calibrating first what it needs and is not known."""
-        if "magcache" in normalize_setting(setting) and "magcache" not in self.calibration:
+        if "magcache" in normalize_setting(setting) and not self._known("magcache", "mag_ratios"):
             self.calibration["magcache"] = {"mag_ratios": self._calibrate_magcache()}
             if self.on_calibrated is not None:
                 self.on_calibrated("magcache", self.calibration["magcache"])
         return AppliedSetting(self.pipe, setting, self.calibration)
+
+    def _known(self, family: str, key: str) -> bool:
+        """Is `key` of the family's calibration known here, or stored since by another worker on
+        this device (adopted then: workers started together, or before the first one stored it,
+        would otherwise each measure their own)?"""
+        if key not in self.calibration.get(family, {}) and self.stored is not None:
+            if key in (stored := self.stored().get(family) or {}):
+                self.calibration[family] = {**self.calibration.get(family, {}), **stored}
+        return key in self.calibration.get(family, {})
 
     def _run_once(self, prompts: int = 1, steps: int | None = None) -> None:
         """One plain call at full steps (or `steps`) on the first `prompts` prompts, with the
@@ -182,7 +194,7 @@ class Evaluator:
         calibration (the worker stores it in the study per device fingerprint)."""
         ranges = {}
         for family, param in spec.auto_params():
-            if "auto" not in self.calibration.get(family, {}):
+            if not self._known(family, "auto"):
                 measured = calibrate_family(
                     family, self.pipe, lambda steps: self._run_once(self.config.batch_size, steps),
                     spec.searched_values(family), spec.calibration_steps(family))
@@ -196,8 +208,7 @@ class Evaluator:
     def calibration_images(self, spec) -> float:
         """Images' worth of plain calls the spec's "auto" ranges still need on this device (none
         once stored): what the estimate adds before the first trial."""
-        pending = {family for family, _ in spec.auto_params()
-                   if "auto" not in self.calibration.get(family, {})}
+        pending = {family for family, _ in spec.auto_params() if not self._known(family, "auto")}
         return self.config.batch_size * spec.calibration_calls(pending)
 
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:

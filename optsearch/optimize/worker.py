@@ -75,7 +75,8 @@ class Worker:
         evaluator = evaluator.derive(  # with what this study measured on this device (MagCache)
             fault=fault_from_env(), calibration=studies.calibration(self.study, device_id),
             on_calibrated=lambda name, data: studies.save_calibration(self.study, self.fingerprint,
-                                                                      name, data))
+                                                                      name, data),
+            stored=lambda: studies.calibration(self.study, self.fingerprint))
         artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
         self.baselines = BaselineKeeper(self.study, self.spec, evaluator, artifacts, self.worker_id,
                                         self.host, str(execution_device(evaluator.pipe)),
