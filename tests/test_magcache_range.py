@@ -309,3 +309,24 @@ def test_a_worker_adopts_what_another_stored_since_instead_of_measuring_again(fl
     assert evaluator.auto_ranges(spec)["fbcache.threshold"] == [0.123, 0.456]
     with evaluator.apply({"magcache": {"threshold": 0.1}}) as applied:
         assert applied.calibration["magcache"]["mag_ratios"] == [1.0] * STEPS
+
+
+def test_check_says_when_a_given_threshold_range_lies_outside_the_one_measured(tmp_path):
+    """A range the spec gives is searched as given; `check` measures the "auto" one beside it and
+    says how much of the given range skips nothing or all it can. On tiny FLUX, DBCache's
+    residual differences sit near 0.4-0.6: cache-dit users' [0.05, 0.3] lies wholly below them;
+    MagCache saturates on tiny FLUX far under 0.5; FBCache's [0.45, 0.6] lies inside [0.43, 0.62]."""
+    text = DBCACHE_SPEC.replace('accelerators = [["dbcache"]]',
+                                'accelerators = [["dbcache"], ["magcache"], ["fbcache"]]') \
+        + "[space.dbcache]\nresidual_diff_threshold = [0.05, 0.3]\nmax_warmup_steps = 2\n" \
+        + "[space.magcache]\nthreshold = [0.02, 0.5]\n[space.fbcache]\nthreshold = [0.45, 0.6]\n"
+    checked = optsearch_cmd("check", str(write_spec(tmp_path / "given.toml", text)))
+    assert checked.returncode == 0, checked.stderr
+    lines = {line.split(" = ")[0]: line for line in checked.stdout.splitlines()
+             if line.startswith("space.")}
+    assert "100% of the given range lies below it (skips nothing) and 0% above" \
+        in lines["space.dbcache.residual_diff_threshold"]
+    assert "0% of the given range lies below it" in lines["space.magcache.threshold"]
+    above = int(lines["space.magcache.threshold"].split("% above")[0].rsplit(" ", 1)[1])
+    assert above > 50 and "leave the range out" in lines["space.magcache.threshold"]
+    assert "space.fbcache.threshold" not in lines

@@ -22,6 +22,7 @@ from optsearch.accelerators import (
     calibrated_range,
     execution_device,
     offload_of,
+    params_of,
     quantization_of,
     scheduler_of,
 )
@@ -122,6 +123,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
                                                      prompts[:len(batch.images)]))
     report.facts["auto_ranges"] = attempt("auto ranges", lambda: _auto_ranges(spec, pipe, prompts,
                                                                               config)) or {}
+    report.facts["given_ranges"] = attempt("given threshold ranges", lambda: _auto_ranges(
+        spec, pipe, prompts, config, _given_thresholds(spec))) or {}
     peak, free = _memory(device)
     estimate = Estimate(batch.seconds_per_image, spec.search.n_trials, len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0,
@@ -134,11 +137,19 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     return report
 
 
-def _auto_ranges(spec, pipe, prompts, config) -> dict[str, list]:
-    """The "auto" ranges as a worker on this device would calibrate them (plain calls on the
-    search's first batch)."""
+def _given_thresholds(spec) -> list[tuple[str, str]]:
+    """(family, parameter) of each threshold the spec gives a range of its own (not "auto")."""
+    return [(family, param) for family in spec.accelerators_used
+            for param, declared in params_of(family).items()
+            if declared.calibrated and len(spec.param_range(family, param)) > 1
+            and spec.space_value(family, param) not in (None, "auto")]
+
+
+def _auto_ranges(spec, pipe, prompts, config, params=None) -> dict[str, list]:
+    """The "auto" ranges of `params` (default: the spec's "auto" ones) as a worker on this device
+    would calibrate them (plain calls on the search's first batch)."""
     ranges = {}
-    for family, param in spec.auto_params():
+    for family, param in spec.auto_params() if params is None else params:
         measured = calibrate_family(family, pipe, lambda steps: list(generate(
             pipe, prompts[:config.batch_size], replace(config, steps=steps), warmup=False)),
             spec.searched_values(family), spec.calibration_steps(family))
@@ -162,6 +173,23 @@ def _published_outside(spec, ranges: dict[str, list]) -> list[str]:
     return [f"warm start: the published {name} = {', '.join(map(str, sorted(values)))} lies "
             "outside that range here (it would skip nothing, or all it can): those trials sample "
             "it within the range" for name, values in outside.items()]
+
+
+def _given_outside(spec, calibrated: dict[str, list]) -> list[str]:
+    """A line for each threshold range the spec gives that lies partly outside the one measured
+    here: its trials there skip nothing (below) or all they can (above)."""
+    lines = []
+    for name, (low, high) in calibrated.items():
+        given_low, given_high = spec.param_range(*name.split("."))[:2]
+        width = given_high - given_low
+        below = max(0.0, min(given_high, low) - given_low) / width if width else float(given_low < low)
+        above = max(0.0, given_high - max(given_low, high)) / width if width else float(given_high > high)
+        if below or above:
+            lines.append(f"space.{name} = [{given_low}, {given_high}]: on this device thresholds skip "
+                         f"some steps and not all they can in [{low}, {high}]; {below:.0%} of the "
+                         f"given range lies below it (skips nothing) and {above:.0%} above it "
+                         "(skips all it can): leave the range out to search \"auto\"")
+    return lines
 
 
 def _shortened(text: str, width: int = 100) -> str:
@@ -202,6 +230,7 @@ def format_report(report: Report, spec) -> str:
                                                     for count, fewer in calibrated.at_steps.items()},
                                     spec.model.steps)
     lines += _published_outside(spec, facts["auto_ranges"])
+    lines += _given_outside(spec, facts.get("given_ranges", {}))
     lines.append(estimate_text(facts["estimate"]))
     lines.append("ready: a study of this spec can run")
     return "\n".join(lines)
