@@ -216,13 +216,11 @@ def test_fewer_steps_in_a_first_batch_call_match_the_replay(flux_pipe, ratios):
     assert computed == pytest.approx((1 - len(skipped) / 8) * 8 / STEPS)
 
 
-def test_a_magcache_setting_that_skips_the_same_steps_is_not_measured_again(tmp_path):
-    """Two thresholds between the same two decision points skip the same steps: one computation,
-    bit for bit. The second trial copies the first's result without running (its per-batch
-    timings are the first's, to the last digit) and keeps its own setting; a threshold that skips
-    other steps is measured."""
+def _study_after_one_trial(tmp_path, n_trials: int) -> tuple[optuna.Study, str, tuple, str]:
+    """A magcache study (max_skip_steps 3, retention 0.2) whose first trial, threshold 0.05, one
+    worker ran: (the study, its storage URL, the worker command, the stored calibration's key)."""
     text = DBCACHE_SPEC.replace('accelerators = [["dbcache"]]', 'accelerators = [["magcache"]]') \
-        .replace("n_trials = 2", "n_trials = 3") \
+        .replace("n_trials = 2", f"n_trials = {n_trials}") \
         + "[space.magcache]\nthreshold = [0.0, 1.0]\nmax_skip_steps = 3\nretention_ratio = 0.2\n"
     spec = write_spec(tmp_path / "mag.toml", text)
     url = f"sqlite:///{tmp_path}/mag.db"
@@ -231,8 +229,18 @@ def test_a_magcache_setting_that_skips_the_same_steps_is_not_measured_again(tmp_
     study.enqueue_trial({"magcache.threshold": 0.05})
     worker = ("worker", "--study", "flux", "--storage", url, "--quiet")
     assert optsearch_cmd(*worker, "--n-trials", "1").returncode == 0
-    [calibration] = [v for k, v in study.user_attrs.items()
-                     if k.startswith("optsearch:calibration:") and k.endswith(":magcache")]
+    [key] = [k for k in study.user_attrs
+             if k.startswith("optsearch:calibration:") and k.endswith(":magcache")]
+    return study, url, worker, key
+
+
+def test_a_magcache_setting_that_skips_the_same_steps_is_not_measured_again(tmp_path):
+    """Two thresholds between the same two decision points skip the same steps: one computation,
+    bit for bit. The second trial copies the first's result without running (its per-batch
+    timings are the first's, to the last digit) and keeps its own setting; a threshold that skips
+    other steps is measured."""
+    study, _, worker, key = _study_after_one_trial(tmp_path, n_trials=3)
+    calibration = study.user_attrs[key]
 
     def skips(threshold: float) -> list[int]:
         return magcache.skipped_steps(calibration["mag_ratios"], STEPS, threshold, 3, 0.2)[0]
@@ -260,17 +268,7 @@ def test_a_trial_keeps_the_ratios_it_ran_with_for_its_export_and_its_twins(tmp_p
     its export deploys those, and whether a later setting is the same computation is told by each
     trial's own ratios. Here a second worker loads other ratios (all 1.0: every threshold skips
     as many steps as it may) and its trial is measured, not taken for trial 0's twin."""
-    text = DBCACHE_SPEC.replace('accelerators = [["dbcache"]]', 'accelerators = [["magcache"]]') \
-        + "[space.magcache]\nthreshold = [0.0, 1.0]\nmax_skip_steps = 3\nretention_ratio = 0.2\n"
-    spec = write_spec(tmp_path / "mag.toml", text)
-    url = f"sqlite:///{tmp_path}/mag.db"
-    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    study = optuna.load_study(study_name="flux", storage=url)
-    study.enqueue_trial({"magcache.threshold": 0.05})
-    worker = ("worker", "--study", "flux", "--storage", url, "--quiet")
-    assert optsearch_cmd(*worker, "--n-trials", "1").returncode == 0
-    [key] = [k for k in study.user_attrs
-             if k.startswith("optsearch:calibration:") and k.endswith(":magcache")]
+    study, url, worker, key = _study_after_one_trial(tmp_path, n_trials=2)
     ran_with = study.trials[0].user_attrs["calibration_used"]["magcache"]["mag_ratios"]
     assert ran_with == study.user_attrs[key]["mag_ratios"]
     study.set_user_attr(key, {"mag_ratios": [1.0] * STEPS})  # another worker's, stored last

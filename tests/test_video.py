@@ -116,11 +116,13 @@ WAN_SPEC = (ROOT / "studies" / "tiny-wan.toml").read_text() \
     .replace('accelerators = "any"', 'accelerators = [["steps"], ["pab"], ["fastercache"]]') \
     .replace("n_startup_trials = 6", "n_startup_trials = 3\nwarm_start = []") \
     .split("[space.dbcache]")[0]
-# a study whose show always has a feasible trial faster than the baseline to list: 4-8 of 16
-# steps runs 1.5-3x on any load, where pab and fastercache (1.03-1.2x here) may read under 1x
+# a study whose show always has a feasible trial faster than the baseline to list: 4-5 of 16
+# steps, 1.7-1.9x (6 steps ran 1.53x: the text encoder and VAE weigh on tiny Wan; a trial at 6 to
+# 8 steps once read under 1x in the full suite), where pab and fastercache (1.03-1.2x) may read
+# under 1x
 WAN_STEPS_SPEC = WAN_SPEC.replace('accelerators = [["steps"], ["pab"], ["fastercache"]]',
                                   'accelerators = [["steps"]]') \
-    + "[space.steps]\nnum_inference_steps = [4, 8]\n"
+    + "[space.steps]\nnum_inference_steps = [4, 5]\n"
 
 
 def test_a_tiny_wan_study_records_frame_figures_and_animated_artifacts_and_exports(tmp_path):
