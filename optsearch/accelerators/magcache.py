@@ -27,6 +27,7 @@ from optsearch.accelerators.hooks import HookPatch, cache_patch
 
 NAME = "magcache"
 APPLIES_TO = ("transformer", "video")
+DEFAULTS = {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}  # diffusers' (the paper's)
 PARAMS = (  # the threshold last: its "auto" range follows the other two as drawn
     Param("max_skip_steps", int, (1, 6), minimum=1, help="most steps skipped in a row"),
     Param("retention_ratio", float, (0.1, 0.5), minimum=0.0, maximum=1.0, exclusive_maximum=True,
@@ -70,7 +71,9 @@ class MagCachePatch:
         self.patch.restore()
 
 
-def apply(pipe, threshold: float = 0.06, max_skip_steps: int = 3, retention_ratio: float = 0.2,
+def apply(pipe, threshold: float = DEFAULTS["threshold"],
+          max_skip_steps: int = DEFAULTS["max_skip_steps"],
+          retention_ratio: float = DEFAULTS["retention_ratio"],
           mag_ratios: Sequence[float] | None = None, **_calibrated) -> MagCachePatch:
     if not mag_ratios:
         raise ValueError("magcache needs the model's magnitude ratios: calibrate them first "
@@ -101,11 +104,18 @@ def skipped_steps(mag_ratios: Sequence[float], steps: int, threshold: float, max
                   retention_ratio: float) -> tuple[list[int], list[float]]:
     """(the steps a call of `steps` steps skips, the accumulated error at each): diffusers'
     MagCacheHeadHook decision replayed on the ratios, with no model call."""
-    ratios = _ratios_at(mag_ratios, steps)
+    return _replay(_ratios_at(mag_ratios, steps), threshold, max_skip_steps, retention_ratio)
+
+
+def _replay(ratios, threshold: float, max_skip_steps: int, retention_ratio: float
+            ) -> tuple[list[int], list[float]]:
+    """`skipped_steps` on ratios already as MagCacheConfig holds them (`_ratios_at`)."""
+    steps = len(ratios)
+    first = _retention_step(retention_ratio, steps)
     ratio, error, run, computed_before = 1.0, 0.0, 0, False
     skipped, errors = [], []
     for step in range(steps):
-        if step >= _retention_step(retention_ratio, steps):
+        if step >= first:
             ratio, run = ratio * ratios[step], run + 1
             error = error + abs(1.0 - ratio)
             if computed_before and error <= threshold and run <= max_skip_steps:
@@ -126,7 +136,7 @@ def threshold_bounds(mag_ratios: Sequence[float], steps: int, max_skip_steps: in
     ratios = _ratios_at(mag_ratios, steps)
     own_errors = [float(abs(1.0 - 1.0 * ratios[step]))
                   for step in range(max(1, _retention_step(retention_ratio, steps)), steps)]
-    _, saturated = skipped_steps(mag_ratios, steps, float("inf"), max_skip_steps, retention_ratio)
+    _, saturated = _replay(ratios, float("inf"), max_skip_steps, retention_ratio)
     own_errors, saturated = ([e for e in errors if math.isfinite(e)]  # a NaN ratio never skips
                              for errors in (own_errors, saturated))
     if not own_errors or not saturated:
@@ -157,9 +167,9 @@ def calibrate(pipe, run_once: Callable[[], object], searched: Mapping | None = N
     A trial samples in its own range (`range_for`), which these only summarise."""
     searched = searched or {}
     ratios = measure_ratios(pipe, steps, run_once)
-    retentions = searched.get("retention_ratio", [0.2])
+    retentions = searched.get("retention_ratio", [DEFAULTS["retention_ratio"]])
     by_skips = {}
-    for skips in searched.get("max_skip_steps", [3]):
+    for skips in searched.get("max_skip_steps", [DEFAULTS["max_skip_steps"]]):
         bounds = [b for b in (threshold_bounds(ratios, steps, int(skips), float(r)) for r in retentions)
                   if b is not None]
         if bounds:
@@ -177,19 +187,19 @@ def skipped(params: Mapping, steps: int, calibration: Mapping) -> list[int] | No
     ratios = calibration.get("mag_ratios")
     if not ratios:
         return None
-    return skipped_steps(ratios, steps, float(params.get("threshold", 0.06)),
-                         int(params.get("max_skip_steps", 3)),
-                         float(params.get("retention_ratio", 0.2)))[0]
+    drawn = {**DEFAULTS, **params}
+    return skipped_steps(ratios, steps, float(drawn["threshold"]), int(drawn["max_skip_steps"]),
+                         float(drawn["retention_ratio"]))[0]
 
 
 def range_for(calibration: Mapping, values: Mapping, steps: int | None) -> list[float] | None:
     """The threshold range of one trial, whose `max_skip_steps` and `retention_ratio` are drawn
     (`values`) and which runs `steps` steps (None: the model's, those the ratios were measured
     at): exact, since the skips follow from the stored ratios alone."""
-    ratios = calibration["mag_ratios"]
-    return threshold_bounds(ratios, steps or len(ratios), int(values.get("max_skip_steps", 3)),
-                            float(values.get("retention_ratio", 0.2)))
+    ratios, drawn = calibration["mag_ratios"], {**DEFAULTS, **values}
+    return threshold_bounds(ratios, steps or len(ratios), int(drawn["max_skip_steps"]),
+                            float(drawn["retention_ratio"]))
 
 
-def warmup_steps(max_skip_steps: int = 3, retention_ratio: float = 0.2, **_) -> int:
+def warmup_steps(max_skip_steps: int = DEFAULTS["max_skip_steps"], **_) -> int:
     return 3 + int(max_skip_steps)
