@@ -51,6 +51,8 @@ BENCHMARKS = {
                              "counts skip anything?", "Accelerator families"),
     "magcache-range": Benchmark("magcache_range", "How many MagCache trials skip nothing or repeat "
                                 "the saturated computation, per threshold range?", "Accelerator families"),
+    "steps-mask": Benchmark("steps_mask", "Do cache-dit's static steps masks beat fewer steps with "
+                            "as many full computations?", "Accelerator families"),
     "compile-families": Benchmark("compile_families", "Which families survive torch.compile, and "
                                   "their speedup compiled vs eager?", "Accelerator families"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "

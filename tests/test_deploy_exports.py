@@ -88,18 +88,24 @@ DBCACHE = {"steps": {"num_inference_steps": 10},
            "dbcache": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 1, "residual_diff_threshold": 0.6,
                        "max_warmup_steps": 2, "warmup_interval": 1, "max_cached_steps": -1,
                        "max_continuous_cached_steps": 2, "taylorseer_order": 1}}
+DBCACHE_MASKED = {"steps": {"num_inference_steps": 10},  # cache-dit's "fast" steps mask at 10 steps
+                  "dbcache": {**DBCACHE["dbcache"], "taylorseer_order": 0,
+                              "steps_computation_mask": "fast", "steps_computation_policy": "static"}}
 DBCACHE_SPEC = FLUX_SPEC.replace('[["steps"], ["magcache"], ["steps", "taylorseer"]]',
                                  '[["steps", "dbcache"], ["fbcache"], ["taylorseer"]]')
 
 
-def test_a_cache_dit_yaml_loads_in_cache_dit_and_matches_optsearch_apply(tmp_path):
+@pytest.mark.parametrize("setting", [DBCACHE, DBCACHE_MASKED], ids=["threshold", "steps-mask"])
+def test_a_cache_dit_yaml_loads_in_cache_dit_and_matches_optsearch_apply(tmp_path, setting):
     import cache_dit
 
-    url = study_with_winner(tmp_path, DBCACHE_SPEC, DBCACHE)
+    url = study_with_winner(tmp_path, DBCACHE_SPEC, setting)
     text = export(tmp_path, url, "flux", "cache-dit", "cache.yaml")
     assert "num_inference_steps=10" in text
+    masked = setting is DBCACHE_MASKED  # cache-dit's loader builds the mask from its name and steps
+    assert ('steps_computation_mask: "fast"' in text) == masked == ("num_inference_steps: 10" in text)
     expected_pipe = plain_flux()
-    with optsearch.apply(expected_pipe, DBCACHE) as run:
+    with optsearch.apply(expected_pipe, setting) as run:
         expected = images(run, 12, kind="flux")  # apply caps the call at the setting's 10 steps
     pipe = plain_flux()
     cache_dit.enable_cache(pipe, **cache_dit.load_configs(str(tmp_path / "cache.yaml")))
@@ -110,9 +116,10 @@ def test_a_cache_dit_yaml_loads_in_cache_dit_and_matches_optsearch_apply(tmp_pat
 
 @pytest.mark.parametrize("setting", [
     DBCACHE,
+    DBCACHE_MASKED,
     {"fbcache": {"threshold": 0.6}},
     {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2, "max_order": 1}},
-], ids=["dbcache", "fbcache", "taylorseer"])
+], ids=["dbcache", "dbcache-steps-mask", "fbcache", "taylorseer"])
 def test_the_python_export_applies_the_winner_with_the_libraries_own_calls(tmp_path, setting):
     url = study_with_winner(tmp_path, DBCACHE_SPEC, setting)
     accelerate = exported_function(export(tmp_path, url, "flux", "diffusers", "accelerate_pipe.py"))

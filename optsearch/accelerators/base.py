@@ -18,8 +18,9 @@ class Param:
     """One tunable parameter: its type, the widest range that makes sense, and its default range."""
 
     name: str
-    kind: type  # int, float or bool
-    default: tuple  # (low, high) searched by default, or (value,) for a fixed value
+    kind: type  # int, float, bool, or str (one of `choices`)
+    default: tuple  # (low, high) searched by default, or (value,) for a fixed value; for a
+    # parameter with `choices`, the choices searched by default (one: fixed)
     minimum: float | None = None  # inclusive lower bound of any valid value
     maximum: float | None = None  # inclusive upper bound
     exclusive_maximum: bool = False
@@ -29,6 +30,7 @@ class Param:
     scales_with_steps: bool = False  # `default` holds fractions of model.steps
     calibrated: bool = False  # a threshold searched in its "auto" range (measured on the device
     # before the search) unless the spec gives a range
+    choices: tuple[str, ...] = ()  # the named values a str parameter takes (searched unordered)
 
     def default_range(self, model_steps: int) -> tuple:
         """The range searched when a spec names none (fractions resolved against model.steps)."""
@@ -38,6 +40,8 @@ class Param:
 
     def check(self, value) -> str | None:
         """Return why `value` is not allowed, or None when it is."""
+        if self.choices:
+            return None if value in self.choices else f"must be one of {self.allowed()}"
         if self.kind is bool:
             return None if isinstance(value, bool) else "must be true or false"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -55,6 +59,8 @@ class Param:
 
     def allowed(self) -> str:
         """Describe the allowed values, for error messages."""
+        if self.choices:
+            return ", ".join(repr(choice) for choice in self.choices)
         if self.kind is bool:
             return "true or false"
         low = "-inf" if self.minimum is None else self.minimum

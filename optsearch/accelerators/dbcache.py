@@ -6,7 +6,11 @@ residual reused) and only the last `Bn_compute_blocks` run. `max_warmup_steps` s
 compute in full, then one in `warmup_interval`; `max_cached_steps` and
 `max_continuous_cached_steps` cap the skipping (-1: no cap). `taylorseer_order` > 0 adds cache-dit's
 TaylorSeer calibrator, which extrapolates the skipped residual instead of reusing it as is.
-Parameter names are cache-dit's own, so an exported setting reads as a cache-dit config.
+`steps_computation_mask` names one of cache-dit's predefined Steps Computation Masks (SCM: which
+steps must compute, one entry per step, built for each call's step count); on the others the
+threshold decides (`steps_computation_policy = "dynamic"`) or the cache is used as is ("static",
+where the threshold and the caps no longer matter). Parameter names are cache-dit's own, so an
+exported setting reads as a cache-dit config.
 
 cache-dit knows pipelines by class name; a subclass or a factory's pipeline is matched through
 the class it derives from, or else its transformer's class (cache-dit's `BlockAdapter`).
@@ -15,6 +19,7 @@ the class it derives from, or else its transformer's class (cache-dit's `BlockAd
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 
@@ -22,6 +27,7 @@ from optsearch.accelerators.base import Param, bounds_of
 from optsearch.accelerators.hooks import denoiser
 
 NAME = "dbcache"
+MASK_POLICIES = ("none", "slow", "medium", "fast", "ultra")  # cache-dit's, least skipping first
 APPLIES_TO = ("transformer", "video")
 PARAMS = (
     Param("Fn_compute_blocks", int, (1, 4), minimum=1,
@@ -39,7 +45,12 @@ PARAMS = (
           help="most steps skipped in a row (-1: any)"),
     Param("taylorseer_order", int, (0,), minimum=0, maximum=4,
           help="cache-dit's TaylorSeer calibrator order (0: none)"),
+    Param("steps_computation_mask", str, ("none",), choices=MASK_POLICIES,
+          help="cache-dit's predefined steps mask (SCM): the steps that always compute"),
+    Param("steps_computation_policy", str, ("dynamic",), choices=("dynamic", "static"),
+          help="on the mask's other steps: the threshold decides, or the cache is used"),
 )
+MASK_STEP_COUNTS = "4, 6 or 8 and more"  # what cache-dit's predefined masks are defined for
 
 
 def _cache_dit():
@@ -156,15 +167,65 @@ class DBCachePatch:
                     delattr(module, name)
 
 
+class MaskedDBCachePatch:
+    """DBCache with a Steps Computation Mask, whose config follows each call's step count (the
+    mask has one entry per step): rebuilt when a call runs another count than the last."""
+
+    def __init__(self, pipe, options: dict, calibrator, policy: str, computation: str, steps: int):
+        self.pipe, self.options, self.calibrator = pipe, options, calibrator
+        self.policy, self.computation = policy, computation
+        self.steps = steps
+        self.patch = self._enable(steps)
+
+    def _enable(self, steps: int) -> DBCachePatch:
+        from cache_dit import DBCacheConfig
+
+        config = DBCacheConfig(**self.options, num_inference_steps=steps,
+                               steps_computation_mask=steps_mask(self.policy, steps),
+                               steps_computation_policy=self.computation)
+        return DBCachePatch(self.pipe, config, self.calibrator)
+
+    def prepare(self, call_kwargs: dict) -> None:
+        steps = int(call_kwargs.get("num_inference_steps") or self.steps)
+        if steps != self.steps:
+            self.patch.restore()
+            self.patch = self._enable(steps)
+            self.steps = steps
+
+    def computed_fraction(self) -> float | None:
+        return self.patch.computed_fraction()
+
+    def restore(self) -> None:
+        self.patch.restore()
+
+
+def steps_mask(policy: str, steps: int) -> list[int] | None:
+    """cache-dit's predefined mask `policy` for a call of `steps` steps (1: the step computes),
+    None for "none". A ValueError names the step counts cache-dit defines masks for."""
+    if policy == "none":
+        return None
+    if policy not in MASK_POLICIES:
+        raise ValueError(f"dbcache.steps_computation_mask={policy!r} is not one of "
+                         f"{', '.join(map(repr, MASK_POLICIES))}")
+    if steps < 8 and steps not in (4, 6):
+        raise ValueError(f"dbcache.steps_computation_mask={policy!r} needs {MASK_STEP_COUNTS} "
+                         f"steps (cache-dit defines its masks for those), not {steps}")
+    return list(_cache_dit().steps_mask(total_steps=int(steps), mask_policy=policy))
+
+
 def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa: N803 - cache-dit's
           residual_diff_threshold: float = 0.08, max_warmup_steps: int = 8,
           warmup_interval: int = 1, max_cached_steps: int = -1,
           max_continuous_cached_steps: int = -1, taylorseer_order: int = 0,
-          **_calibrated) -> DBCachePatch:
+          steps_computation_mask: str = "none", steps_computation_policy: str = "dynamic",
+          **_calibrated) -> DBCachePatch | MaskedDBCachePatch:
     _cache_dit()
     from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
-    config = DBCacheConfig(
+    if steps_computation_policy not in ("dynamic", "static"):
+        raise ValueError(f"dbcache.steps_computation_policy={steps_computation_policy!r} is not "
+                         "'dynamic' or 'static'")
+    options = dict(
         Fn_compute_blocks=int(Fn_compute_blocks), Bn_compute_blocks=int(Bn_compute_blocks),
         residual_diff_threshold=float(residual_diff_threshold),
         max_warmup_steps=int(max_warmup_steps), warmup_interval=int(warmup_interval),
@@ -172,7 +233,52 @@ def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa:
         max_continuous_cached_steps=int(max_continuous_cached_steps))
     calibrator = TaylorSeerCalibratorConfig(taylorseer_order=int(taylorseer_order)) \
         if taylorseer_order else None
-    return DBCachePatch(pipe, config, calibrator)
+    if steps_computation_mask != "none":
+        steps_mask(steps_computation_mask, 8)  # an unknown policy fails here, not at the call
+        default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+        steps = default.default if default is not None and isinstance(default.default, int) else 28
+        return MaskedDBCachePatch(pipe, options, calibrator, steps_computation_mask,
+                                  steps_computation_policy, steps)
+    return DBCachePatch(pipe, DBCacheConfig(**options), calibrator)
+
+
+def step_problem(params: Mapping, steps: int) -> str | None:
+    """Why a setting's steps mask cannot run `steps` steps, or None."""
+    try:
+        steps_mask(params.get("steps_computation_mask", "none"), steps)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def mask_step_problem(policies, step_counts) -> str | None:
+    """Why a study that searches the masks `policies` at `step_counts` cannot run them all."""
+    masks = [policy for policy in policies if policy != "none"]
+    unfit = sorted(count for count in step_counts if step_problem(
+        {"steps_computation_mask": masks[0]}, count)) if masks else []
+    if not unfit:
+        return None
+    return (f"{masks[0]!r} needs {MASK_STEP_COUNTS} steps (cache-dit defines its masks for "
+            f"those); trials would run {unfit[0]}")
+
+
+def skipped(params: Mapping, steps: int, calibration: Mapping | None = None) -> dict | None:
+    """The parameters that decide a setting's computation in a call of `steps` steps, where some
+    do not: without a mask the policy does nothing; with a mask and the "static" policy, the
+    mask alone says which steps skip (the threshold and the caps do nothing; what a skipped
+    step computes still follows Fn, Bn and the calibrator). None: every parameter counts."""
+    mask = params.get("steps_computation_mask", "none")
+    if mask == "none":
+        return {**params, "steps_computation_policy": "dynamic"}
+    if params.get("steps_computation_policy", "dynamic") != "static":
+        return None
+    try:
+        computed = steps_mask(mask, steps)
+    except ValueError:
+        return None
+    return {"computed_steps": computed,
+            **{key: params.get(key) for key in ("Fn_compute_blocks", "Bn_compute_blocks",
+                                                "taylorseer_order")}}
 
 
 def calibrate(pipe, run_once, searched: Mapping | None = None, steps: int | None = None) -> dict:

@@ -146,6 +146,11 @@ def step_problems(setting: Mapping[str, dict], model_steps: int) -> list[str]:
                         "(fewer steps than the baseline)")
     problems += [f"{name}.{param}={value} must be <= {budget} ({where})"
                  for name, param, value in _step_counted(setting) if value > budget]
+    for name, values in setting.items():  # a family that runs only at some step counts
+        tell = getattr(REGISTRY[name], "step_problem", None) if name in REGISTRY else None
+        why = tell(values, budget) if tell is not None else None
+        if why:
+            problems.append(f"{why} ({where})")
     return problems
 
 

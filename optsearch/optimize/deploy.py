@@ -70,7 +70,7 @@ def cache_dit_yaml(exported: dict) -> str:
     if "dbcache" not in setting:
         raise UsageError(f"--format cache-dit needs a dbcache winner; study {exported['study']!r} "
                          f"won with {format_setting(setting)} (use --format diffusers or json)")
-    params = dict(setting["dbcache"])
+    params = _dbcache_options(setting["dbcache"], _steps(exported))
     order = params.pop("taylorseer_order", 0)
     lines = [f"# {_claim(exported)}",
              f"# call the pipeline with num_inference_steps={_steps(exported)}",
@@ -83,6 +83,18 @@ def cache_dit_yaml(exported: dict) -> str:
         lines += ["  enable_taylorseer: true", "  enable_encoder_taylorseer: true",  # as measured
                   f"  taylorseer_order: {order}"]
     return "\n".join(lines) + "\n"
+
+
+def _dbcache_options(params: dict, steps: int) -> dict:
+    """A dbcache setting as cache-dit's config takes it: a steps mask by its policy's name, with
+    the step count it is built for (cache-dit's loader builds it from both); none without one."""
+    options = dict(params)
+    mask = options.pop("steps_computation_mask", "none")
+    policy = options.pop("steps_computation_policy", "dynamic")
+    if mask != "none":
+        options.update(num_inference_steps=steps, steps_computation_mask=mask,
+                       steps_computation_policy=policy)
+    return options
 
 
 def _family_code(name: str, params: dict, exported: dict) -> list[str]:
@@ -138,11 +150,14 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
                 f"    tensor_format='BFCHW' if name.startswith({FRAMES_FIRST!r}) else 'BCFHW',",
                 "    is_guidance_distilled=not batched))"]
     if name == "dbcache":
-        options = dict(params)
+        options = _dbcache_options(params, _steps(exported))
         order = options.pop("taylorseer_order", 0)
-        text = ", ".join(f"{key}={value!r}" for key, value in options.items())
+        text = ", ".join(f"{key}={value!r}" if key != "steps_computation_mask" else
+                         f"{key}=cache_dit.steps_mask(total_steps={options['num_inference_steps']}, "
+                         f"mask_policy={value!r})" for key, value in options.items())
         calibrator = f"TaylorSeerCalibratorConfig(taylorseer_order={order})" if order else "None"
-        return ["import cache_dit", "from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig",
+        names = "DBCacheConfig, TaylorSeerCalibratorConfig" if order else "DBCacheConfig"
+        return ["import cache_dit", f"from cache_dit import {names}",
                 "", f"cache_dit.enable_cache(pipe, cache_config=DBCacheConfig({text}),",
                 f"                       calibrator_config={calibrator})"]
     raise UsageError(f"--format diffusers does not know family {name!r}")

@@ -33,7 +33,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:
                 values[param] = bounds[0]
-            elif spec.search.sampler == "grid":
+            elif spec.search.sampler == "grid" or declared.choices:
                 values[param] = trial.suggest_categorical(name, spec.grid_values(accelerator, param))
             elif declared.kind is int:
                 values[param] = trial.suggest_int(name, bounds[0], bounds[1], step=bounds[2] or 1)

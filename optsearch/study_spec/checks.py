@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, params_of, step_problems
+from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, dbcache, params_of, step_problems
 from optsearch.measure.model_ids import is_factory
 from optsearch.study_spec.schema import (
     COMPILES,
@@ -187,6 +187,17 @@ def validate(spec: StudySpec, problem) -> None:
             if counted and given and any(value > model.steps for value in bounds[:2]):
                 problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past "
                         f"model.steps={model.steps} (allowed: 1..steps)")
+    for combo in search.combos:  # cache-dit's steps masks exist for some step counts only
+        if "dbcache" not in combo:
+            continue
+        counts = {model.steps}
+        if "steps" in combo:
+            searched = spec.param_range("steps", "num_inference_steps")
+            counts |= set(range(int(searched[0]), int(searched[1 if len(searched) > 1 else 0]) + 1))
+        why = dbcache.mask_step_problem(spec.param_range("dbcache", "steps_computation_mask"), counts)
+        if why:
+            problem("space.dbcache.steps_computation_mask", why)
+            break
     if search.sampler == "grid":
         for family, param in spec.auto_params():
             problem(f"space.{family}.{param}", '"auto" is measured by each worker on its device, a '

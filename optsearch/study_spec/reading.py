@@ -214,6 +214,13 @@ def _check_range(param, value) -> str | None:
                                               "search (dbcache.residual_diff_threshold, "
                                               "fbcache.threshold)")
     values = value if isinstance(value, list) else [value]
+    if param.choices:
+        unknown = [item for item in values if isinstance(item, bool) or item not in param.choices]
+        if unknown or not values:
+            return f"{unknown[0] if unknown else values!r} is not one of {param.allowed()}"
+        if len(set(values)) < len(values):
+            return f"{values!r} names a choice twice"
+        return None
     if param.kind is bool:
         return param.check(values[0]) if len(values) == 1 else "must be true or false"
     if not 1 <= len(values) <= 3:

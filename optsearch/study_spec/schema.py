@@ -147,7 +147,8 @@ class StudySpec:
         return [name for name in ORDER if any(name in combo for combo in self.search.combos)]
 
     def param_range(self, accelerator: str, param: str, auto: dict | None = None) -> tuple:
-        """(low, high, step or None) for a searched parameter, or (value,) for a fixed one. An
+        """(low, high, step or None) for a searched parameter, or (value,) for a fixed one (for a
+        parameter with choices, the choices searched). An
         "auto" range is the one calibrated on this device (`auto`, {"family.param": [lo, hi]}),
         else the parameter's default."""
         value = self.space_value(accelerator, param)
@@ -157,7 +158,7 @@ class StudySpec:
             value = params_of(accelerator)[param].default_range(self.model.steps)
         if not isinstance(value, (list, tuple)):
             return (value,)
-        if len(value) == 1:
+        if len(value) == 1 or params_of(accelerator)[param].choices:  # the choices searched
             return tuple(value)
         return (value[0], value[1], value[2] if len(value) == 3 else None)
 
@@ -169,8 +170,8 @@ class StudySpec:
             if self.space_value(accelerator, param) == "auto":
                 continue
             bounds = self.param_range(accelerator, param)
-            if len(bounds) == 1:
-                values[param] = [bounds[0]]
+            if len(bounds) == 1 or declared.choices:
+                values[param] = list(bounds)
             elif declared.kind is int:
                 values[param] = list(range(int(bounds[0]), int(bounds[1]) + 1, int(bounds[2] or 1)))
             else:
@@ -217,7 +218,7 @@ class StudySpec:
     def grid_values(self, accelerator: str, param: str) -> list:
         """Every value the exhaustive grid tries for a parameter (step: given, else its default)."""
         bounds = self.param_range(accelerator, param)
-        if len(bounds) == 1:
+        if len(bounds) == 1 or params_of(accelerator)[param].choices:
             return list(bounds)
         low, high, step = bounds
         step = step or params_of(accelerator)[param].grid_step

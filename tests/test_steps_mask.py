@@ -1,0 +1,145 @@
+"""cache-dit's Steps Computation Mask (SCM) searched with DBCache: the mask's steps skip as cache-dit
+says, the mask follows each call's step count, "static" settings that differ only in what the
+mask overrides are one computation (measured once), and the spec refuses what cache-dit cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+
+from optsearch.accelerators import apply_setting, canonical_setting, dbcache, normalize_setting
+from optsearch.study_spec import SpecError, spec_from_dict
+
+from .conftest import generate_images, optsearch_cmd, write_spec
+from .test_families import DBCACHE_SPEC, PROMPTS, _flux_dict, flux_pipe  # noqa: F401 - a fixture
+
+
+def _masked(mask: str, policy: str, threshold: float, **more) -> dict:
+    return normalize_setting({"dbcache": {"Fn_compute_blocks": 1, "residual_diff_threshold": threshold,
+                                          "max_warmup_steps": 2, "steps_computation_mask": mask,
+                                          "steps_computation_policy": policy, **more}})
+
+
+def _cached_steps(pipe) -> list[int]:
+    """The steps cache-dit itself says its last call served from the cache."""
+    import cache_dit
+
+    stats = [s for s in cache_dit.summary(pipe, logging=False) if s.cache_options]
+    return sorted({int(step) for stat in stats for step in (stat.cached_steps or [])})
+
+
+def test_a_static_mask_skips_exactly_the_masks_steps_at_each_calls_step_count(flux_pipe):  # noqa: F811
+    plain = generate_images(flux_pipe, PROMPTS, steps=12)
+    for steps in (12, 9):  # one patch, two step counts: the mask is rebuilt for the second
+        mask = dbcache.steps_mask("fast", steps)
+        assert 0 < mask.count(0) < steps
+        with apply_setting(flux_pipe, _masked("fast", "static", 0.001)) as fast:
+            if steps == 9:
+                generate_images(fast, PROMPTS[:1], steps=12)  # built at 12 first
+            images = generate_images(fast, PROMPTS, steps=steps)
+            assert _cached_steps(flux_pipe) == [i for i, computes in enumerate(mask) if not computes]
+            fraction = fast.computed_fraction()
+        assert 0.2 < fraction < 1.0
+    # the threshold does nothing under "static": a huge one gives the very same images
+    with apply_setting(flux_pipe, _masked("fast", "static", 10.0)) as fast:
+        assert np.array_equal(generate_images(fast, PROMPTS, steps=9), images)
+    # under "dynamic" the threshold decides on the mask's other steps: a tiny one skips nothing
+    with apply_setting(flux_pipe, _masked("fast", "dynamic", 1e-6)) as fast:
+        generate_images(fast, PROMPTS, steps=12)
+        assert _cached_steps(flux_pipe) == [] and fast.computed_fraction() == 1.0
+    with apply_setting(flux_pipe, _masked("fast", "dynamic", 10.0)) as fast:  # and a huge one all
+        assert np.array_equal(generate_images(fast, PROMPTS, steps=9), images)
+    assert np.array_equal(generate_images(flux_pipe, PROMPTS, steps=12), plain)  # restored exactly
+
+
+def test_what_a_mask_overrides_is_not_part_of_the_computation():
+    static = canonical_setting(_masked("fast", "static", 0.3, max_cached_steps=2), 12, {})
+    assert static == canonical_setting(_masked("fast", "static", 0.5), 12, {})
+    assert static != canonical_setting(_masked("ultra", "static", 0.3), 12, {})
+    assert static != canonical_setting(_masked("fast", "static", 0.3, Bn_compute_blocks=1), 12, {})
+    assert canonical_setting(_masked("fast", "dynamic", 0.3), 12, {}) \
+        != canonical_setting(_masked("fast", "dynamic", 0.5), 12, {})
+    # without a mask the policy does nothing
+    assert canonical_setting(_masked("none", "static", 0.3), 12, {}) \
+        == canonical_setting(_masked("none", "dynamic", 0.3), 12, {})
+    # fast at 12 steps and at 16 are other masks; "slow" and "medium" at 4 steps are the same one
+    at = {"steps": {"num_inference_steps": 4}}
+    assert canonical_setting({**at, **_masked("slow", "static", 0.3)}, 12, {}) \
+        == canonical_setting({**at, **_masked("medium", "static", 0.3)}, 12, {})
+
+
+SCM_SPEC = DBCACHE_SPEC.replace("n_trials = 2", "n_trials = 3") + """
+[space.dbcache]
+Fn_compute_blocks = 1
+max_warmup_steps = 2
+steps_computation_mask = ["none", "fast", "ultra"]
+steps_computation_policy = ["dynamic", "static"]
+"""
+
+
+def test_a_study_searches_the_masks_and_measures_a_static_twin_once(tmp_path):
+    """The mask and policy are Optuna categoricals; an enqueued static setting that differs from
+    an earlier one only in its threshold copies that trial's result (same steps skipped)."""
+    url = f"sqlite:///{tmp_path}/scm.db"
+    spec = write_spec(tmp_path / "scm.toml", SCM_SPEC)
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name="flux", storage=url)
+    distributions = {}
+    for threshold in (0.42, 0.48):  # both inside tiny FLUX's calibrated Fn=1 range
+        study.enqueue_trial({"dbcache.steps_computation_mask": "fast",
+                             "dbcache.steps_computation_policy": "static",
+                             "dbcache.residual_diff_threshold": threshold})
+    ran = optsearch_cmd("worker", "--study", "flux", "--storage", url, "--quiet",
+                        "--artifact-dir", str(tmp_path / "art"))
+    assert ran.returncode == 0, ran.stderr
+    first, twin, drawn = study.get_trials()
+    for trial in (first, twin, drawn):
+        distributions.update(trial.distributions)
+    assert isinstance(distributions["dbcache.steps_computation_mask"],
+                      optuna.distributions.CategoricalDistribution)
+    assert set(distributions["dbcache.steps_computation_mask"].choices) == {"none", "fast", "ultra"}
+    assert "reused_from" not in first.user_attrs and first.user_attrs["compute_fraction"] < 1.0
+    assert twin.user_attrs["reused_from"] == first.number
+    assert twin.user_attrs["reused_why"] == "same steps skipped, same device: the same computation"
+    assert twin.user_attrs["setting"]["dbcache"]["residual_diff_threshold"] == 0.48
+    assert twin.user_attrs["batch_seconds"] == first.user_attrs["batch_seconds"]
+    assert "steps_computation_mask=fast, steps_computation_policy=static" in ran.stdout
+    assert json.loads(json.dumps(drawn.user_attrs["setting"]))["dbcache"]["steps_computation_mask"] \
+        in ("none", "fast", "ultra")
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"steps_computation_mask": ["none", "turbo"]},
+     "space.dbcache.steps_computation_mask: 'turbo' is not one of 'none', 'slow', 'medium', "
+     "'fast', 'ultra'"),
+    ({"steps_computation_mask": ["fast", "fast"]}, "names a choice twice"),
+    ({"steps_computation_policy": 1}, "1 is not one of 'dynamic', 'static'"),
+    ({"steps_computation_mask": "fast"}, None),  # one name: fixed
+])
+def test_mask_choices_in_a_spec(space, message):
+    raw = {**_flux_dict([["dbcache"]]), "space": {"dbcache": space}}
+    if message is None:
+        assert spec_from_dict(raw).param_range("dbcache", "steps_computation_mask") == ("fast",)
+        return
+    with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+        spec_from_dict(raw)
+
+
+def test_a_mask_at_a_step_count_cache_dit_has_none_for_is_a_spec_error(tmp_path):
+    raw = {**_flux_dict([["steps", "dbcache"]]),
+           "space": {"dbcache": {"steps_computation_mask": ["none", "fast"]},
+                     "steps": {"num_inference_steps": [6, 10]}}}
+    with pytest.raises(SpecError, match="space.dbcache.steps_computation_mask: 'fast' needs 4, 6 "
+                                        "or 8 and more steps .*; trials would run 7"):
+        spec_from_dict(raw)
+    spec_from_dict({**raw, "space": {**raw["space"], "steps": {"num_inference_steps": [8, 10]}}})
+    text = SCM_SPEC.replace("steps = 12", "steps = 7")
+    checked = optsearch_cmd("study", "create", str(write_spec(tmp_path / "seven.toml", text)),
+                            "--storage", f"sqlite:///{tmp_path}/seven.db")
+    assert checked.returncode == 2 and len(checked.stderr.strip().splitlines()) == 1, checked.stderr
+    assert "trials would run 7" in checked.stderr
+    with pytest.raises(ValueError, match="needs 4, 6 or 8 and more steps"):
+        dbcache.steps_mask("fast", 7)
