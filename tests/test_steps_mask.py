@@ -143,3 +143,12 @@ def test_a_mask_at_a_step_count_cache_dit_has_none_for_is_a_spec_error(tmp_path)
     assert "trials would run 7" in checked.stderr
     with pytest.raises(ValueError, match="needs 4, 6 or 8 and more steps"):
         dbcache.steps_mask("fast", 7)
+
+
+def test_evaluate_takes_a_mask_by_name_and_refuses_an_unknown_one_in_one_line(tmp_path):
+    spec = write_spec(tmp_path / "scm.toml", SCM_SPEC)
+    bad = optsearch_cmd("evaluate", str(spec), "--set", "dbcache.steps_computation_mask=turbo", "--quiet")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "dbcache.steps_computation_mask='turbo' must be one of 'none', 'slow'" in bad.stderr
+    numeric = optsearch_cmd("evaluate", str(spec), "--set", "dbcache.Fn_compute_blocks=one", "--quiet")
+    assert numeric.returncode == 2 and "'one' is not a number or true/false" in numeric.stderr
