@@ -4,8 +4,6 @@ mask overrides are one computation (measured once), and the spec refuses what ca
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import optuna
 import pytest
@@ -55,60 +53,73 @@ def test_a_static_mask_skips_exactly_the_masks_steps_at_each_calls_step_count(fl
     assert np.array_equal(generate_images(flux_pipe, PROMPTS, steps=12), plain)  # restored exactly
 
 
-def test_what_a_mask_overrides_is_not_part_of_the_computation():
+def test_what_a_mask_makes_irrelevant_is_not_drawn_and_not_part_of_the_computation():
+    assert dbcache.inactive({"steps_computation_mask": "none"}) == {"steps_computation_policy"}
+    assert dbcache.inactive({"steps_computation_mask": "fast"}) == {"max_warmup_steps", "warmup_interval"}
+    assert dbcache.inactive({"steps_computation_mask": "fast", "steps_computation_policy": "static"}) \
+        == {"max_warmup_steps", "warmup_interval", "residual_diff_threshold", "max_cached_steps",
+            "max_continuous_cached_steps"}
     static = canonical_setting(_masked("fast", "static", 0.3, max_cached_steps=2), 12, {})
     assert static == canonical_setting(_masked("fast", "static", 0.5), 12, {})
     assert static != canonical_setting(_masked("ultra", "static", 0.3), 12, {})
     assert static != canonical_setting(_masked("fast", "static", 0.3, Bn_compute_blocks=1), 12, {})
     assert canonical_setting(_masked("fast", "dynamic", 0.3), 12, {}) \
         != canonical_setting(_masked("fast", "dynamic", 0.5), 12, {})
-    # without a mask the policy does nothing
+    assert canonical_setting(_masked("fast", "dynamic", 0.3, max_warmup_steps=2), 12, {}) \
+        == canonical_setting(_masked("fast", "dynamic", 0.3, max_warmup_steps=3), 12, {})
+    # without a mask the policy does nothing, and the warm-up counts
     assert canonical_setting(_masked("none", "static", 0.3), 12, {}) \
         == canonical_setting(_masked("none", "dynamic", 0.3), 12, {})
+    assert canonical_setting(_masked("none", "dynamic", 0.3, max_warmup_steps=3), 12, {}) \
+        != canonical_setting(_masked("none", "dynamic", 0.3), 12, {})
     # fast at 12 steps and at 16 are other masks; "slow" and "medium" at 4 steps are the same one
     at = {"steps": {"num_inference_steps": 4}}
     assert canonical_setting({**at, **_masked("slow", "static", 0.3)}, 12, {}) \
         == canonical_setting({**at, **_masked("medium", "static", 0.3)}, 12, {})
+    assert canonical_setting({"steps": {"num_inference_steps": 16}, **_masked("fast", "static", 0.3)},
+                             20, {}) != canonical_setting(_masked("fast", "static", 0.3), 20, {})
 
 
 SCM_SPEC = DBCACHE_SPEC.replace("n_trials = 2", "n_trials = 3") + """
 [space.dbcache]
 Fn_compute_blocks = 1
 max_warmup_steps = 2
-steps_computation_mask = ["none", "fast", "ultra"]
+steps_computation_mask = ["none", "slow", "medium", "fast", "ultra"]
 steps_computation_policy = ["dynamic", "static"]
 """
 
 
-def test_a_study_searches_the_masks_and_measures_a_static_twin_once(tmp_path):
-    """The mask and policy are Optuna categoricals; an enqueued static setting that differs from
-    an earlier one only in its threshold copies that trial's result (same steps skipped)."""
+def test_a_study_searches_the_masks_as_a_conditional_space_and_measures_a_twin_once(tmp_path):
+    """The mask and policy are Optuna categoricals; a static trial draws no threshold, a trial
+    without a mask no policy; at 6 steps "slow" and "medium" are one mask (cache-dit's), so the
+    second trial copies the first's result (same steps skipped)."""
     url = f"sqlite:///{tmp_path}/scm.db"
-    spec = write_spec(tmp_path / "scm.toml", SCM_SPEC)
+    spec = write_spec(tmp_path / "scm.toml", SCM_SPEC.replace("steps = 12", "steps = 6"))
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
     study = optuna.load_study(study_name="flux", storage=url)
-    distributions = {}
-    for threshold in (0.42, 0.48):  # both inside tiny FLUX's calibrated Fn=1 range
-        study.enqueue_trial({"dbcache.steps_computation_mask": "fast",
+    for mask in ("slow", "medium", "none"):
+        study.enqueue_trial({"dbcache.steps_computation_mask": mask,
                              "dbcache.steps_computation_policy": "static",
-                             "dbcache.residual_diff_threshold": threshold})
+                             "dbcache.residual_diff_threshold": 0.45})
     ran = optsearch_cmd("worker", "--study", "flux", "--storage", url, "--quiet",
                         "--artifact-dir", str(tmp_path / "art"))
     assert ran.returncode == 0, ran.stderr
-    first, twin, drawn = study.get_trials()
-    for trial in (first, twin, drawn):
-        distributions.update(trial.distributions)
-    assert isinstance(distributions["dbcache.steps_computation_mask"],
+    slow, medium, unmasked = study.get_trials()
+    assert dbcache.steps_mask("slow", 6) == dbcache.steps_mask("medium", 6)
+    assert isinstance(slow.distributions["dbcache.steps_computation_mask"],
                       optuna.distributions.CategoricalDistribution)
-    assert set(distributions["dbcache.steps_computation_mask"].choices) == {"none", "fast", "ultra"}
-    assert "reused_from" not in first.user_attrs and first.user_attrs["compute_fraction"] < 1.0
-    assert twin.user_attrs["reused_from"] == first.number
-    assert twin.user_attrs["reused_why"] == "same steps skipped, same device: the same computation"
-    assert twin.user_attrs["setting"]["dbcache"]["residual_diff_threshold"] == 0.48
-    assert twin.user_attrs["batch_seconds"] == first.user_attrs["batch_seconds"]
-    assert "steps_computation_mask=fast, steps_computation_policy=static" in ran.stdout
-    assert json.loads(json.dumps(drawn.user_attrs["setting"]))["dbcache"]["steps_computation_mask"] \
-        in ("none", "fast", "ultra")
+    assert set(slow.distributions["dbcache.steps_computation_mask"].choices) == set(dbcache.MASK_POLICIES)
+    assert "dbcache.residual_diff_threshold" not in slow.params  # static: the mask decides
+    assert "residual_diff_threshold" not in slow.user_attrs["setting"]["dbcache"]
+    assert "reused_from" not in slow.user_attrs and slow.user_attrs["compute_fraction"] < 1.0
+    assert medium.user_attrs["reused_from"] == slow.number
+    assert medium.user_attrs["reused_why"] == "same steps skipped, same device: the same computation"
+    assert medium.user_attrs["setting"]["dbcache"]["steps_computation_mask"] == "medium"
+    assert medium.user_attrs["batch_seconds"] == slow.user_attrs["batch_seconds"]
+    assert "steps_computation_mask=slow, steps_computation_policy=static" in ran.stdout
+    assert "dbcache.steps_computation_policy" not in unmasked.params  # no mask: no policy
+    assert unmasked.params["dbcache.residual_diff_threshold"] > 0 and "reused_from" not in unmasked.user_attrs
+    assert "steps_computation_policy" not in unmasked.user_attrs["setting"]["dbcache"]
 
 
 @pytest.mark.parametrize("space, message", [

@@ -29,11 +29,15 @@ from optsearch.accelerators.hooks import denoiser
 NAME = "dbcache"
 MASK_POLICIES = ("none", "slow", "medium", "fast", "ultra")  # cache-dit's, least skipping first
 APPLIES_TO = ("transformer", "video")
-PARAMS = (
+PARAMS = (  # the mask and its policy before what they make irrelevant (`inactive`)
     Param("Fn_compute_blocks", int, (1, 4), minimum=1,
           help="first blocks computed every step (their residual decides whether to skip)"),
     Param("Bn_compute_blocks", int, (0, 2), minimum=0,
           help="last blocks computed every step, after a skip too"),
+    Param("steps_computation_mask", str, ("none",), choices=MASK_POLICIES,
+          help="cache-dit's predefined steps mask (SCM): the steps that always compute"),
+    Param("steps_computation_policy", str, ("dynamic",), choices=("dynamic", "static"),
+          help="on the mask's other steps: the threshold decides, or the cache is used"),
     Param("residual_diff_threshold", float, (0.05, 0.3), minimum=0.0, grid_step=0.02,
           calibrated=True,
           help="relative change of the first blocks' residual under which the middle is skipped"),
@@ -45,10 +49,6 @@ PARAMS = (
           help="most steps skipped in a row (-1: any)"),
     Param("taylorseer_order", int, (0,), minimum=0, maximum=4,
           help="cache-dit's TaylorSeer calibrator order (0: none)"),
-    Param("steps_computation_mask", str, ("none",), choices=MASK_POLICIES,
-          help="cache-dit's predefined steps mask (SCM): the steps that always compute"),
-    Param("steps_computation_policy", str, ("dynamic",), choices=("dynamic", "static"),
-          help="on the mask's other steps: the threshold decides, or the cache is used"),
 )
 MASK_STEP_COUNTS = "4, 6 or 8 and more"  # what cache-dit's predefined masks are defined for
 
@@ -262,23 +262,33 @@ def mask_step_problem(policies, step_counts) -> str | None:
             f"those); trials would run {unfit[0]}")
 
 
-def skipped(params: Mapping, steps: int, calibration: Mapping | None = None) -> dict | None:
-    """The parameters that decide a setting's computation in a call of `steps` steps, where some
-    do not: without a mask the policy does nothing; with a mask and the "static" policy, the
-    mask alone says which steps skip (the threshold and the caps do nothing; what a skipped
-    step computes still follows Fn, Bn and the calibrator). None: every parameter counts."""
-    mask = params.get("steps_computation_mask", "none")
-    if mask == "none":
-        return {**params, "steps_computation_policy": "dynamic"}
-    if params.get("steps_computation_policy", "dynamic") != "static":
-        return None
-    try:
-        computed = steps_mask(mask, steps)
-    except ValueError:
-        return None
-    return {"computed_steps": computed,
-            **{key: params.get(key) for key in ("Fn_compute_blocks", "Bn_compute_blocks",
-                                                "taylorseer_order")}}
+def inactive(values: Mapping) -> set[str]:
+    """The parameters that do nothing given those drawn so far (`values`): a trial does not draw
+    them and its setting leaves them out. Without a mask, the policy. With one, the warm-up (it
+    lies inside the mask's first computed steps, which compute anyway); under "static" also the
+    threshold and the caps (the mask alone says which steps skip; what a skipped step computes
+    still follows Fn, Bn and the calibrator)."""
+    if values.get("steps_computation_mask", "none") == "none":
+        return {"steps_computation_policy"}
+    unused = {"max_warmup_steps", "warmup_interval"}
+    if values.get("steps_computation_policy") == "static":
+        unused |= {"residual_diff_threshold", "max_cached_steps", "max_continuous_cached_steps"}
+    return unused
+
+
+def skipped(params: Mapping, steps: int, calibration: Mapping | None = None) -> dict:
+    """What decides a setting's computation in a call of `steps` steps: its parameters less the
+    `inactive` ones, and a mask as the steps it computes (two names can be one mask at a step
+    count: at 4 steps all four are 1101). Settings written with every parameter (an enqueued
+    one, an older record) compare equal to those that leave the inactive ones out."""
+    decisive = {key: value for key, value in params.items() if key not in inactive(params)}
+    mask = decisive.pop("steps_computation_mask", "none")
+    if mask != "none":
+        try:
+            decisive["computed_steps"] = steps_mask(mask, steps)
+        except ValueError:
+            decisive["steps_computation_mask"] = mask
+    return decisive
 
 
 def calibrate(pipe, run_once, searched: Mapping | None = None, steps: int | None = None) -> dict:

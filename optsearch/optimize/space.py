@@ -6,14 +6,16 @@ import logging
 
 import optuna
 
-from optsearch.accelerators import CalibratedRange, combo_name, fit_to_steps, params_of
+from optsearch.accelerators import REGISTRY, CalibratedRange, combo_name, fit_to_steps, params_of
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
 
 
 def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = None) -> dict[str, dict]:
-    """Sample one setting: the combo (a categorical when several), then its parameters (an
+    """Sample one setting: the combo (a categorical when several), then its parameters, but
+    those a family says do nothing given the values drawn before them (`inactive`: Optuna's
+    conditional space) (an
     "auto" range from `auto`, what the worker calibrated on its device; a `CalibratedRange` that
     moves with a parameter drawn before it, e.g. DBCache's threshold with Fn and with the step
     count `steps` drew, the range of the values drawn)."""
@@ -23,7 +25,10 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
     setting: dict[str, dict] = {}
     for accelerator in combo:
         values = {}
+        inactive = getattr(REGISTRY[accelerator], "inactive", lambda _values: set())
         for param, declared in params_of(accelerator).items():
+            if param in inactive(values):  # does nothing given the values drawn: not drawn
+                continue
             bounds = spec.param_range(accelerator, param, auto)
             name = f"{accelerator}.{param}"
             calibrated = (auto or {}).get(name)
