@@ -50,6 +50,14 @@ def test_a_static_mask_skips_exactly_the_masks_steps_at_each_calls_step_count(fl
         assert _cached_steps(flux_pipe) == [] and fast.computed_fraction() == 1.0
     with apply_setting(flux_pipe, _masked("fast", "dynamic", 10.0)) as fast:  # and a huge one all
         assert np.array_equal(generate_images(fast, PROMPTS, steps=9), images)
+    # with a mask the warm-up does nothing (it lies inside the mask's first computed steps)
+    outputs = []
+    for warmup, interval in ((0, 1), (6, 2)):
+        with apply_setting(flux_pipe, _masked("fast", "dynamic", 0.5, max_warmup_steps=warmup,
+                                              warmup_interval=interval)) as fast:
+            outputs.append(generate_images(fast, PROMPTS, steps=12))
+            assert 0 < len(_cached_steps(flux_pipe)) <= dbcache.steps_mask("fast", 12).count(0)
+    assert np.array_equal(*outputs)
     assert np.array_equal(generate_images(flux_pipe, PROMPTS, steps=12), plain)  # restored exactly
 
 
