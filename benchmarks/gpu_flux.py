@@ -48,6 +48,8 @@ SETTINGS = [
     ("pab 2, (100, 800)", {"pab": {"spatial_attention_block_skip_range": 2}}),
     ("magcache 0.06/3/0.2", {"magcache": {}}),
     ("dbcache F1B0 0.08 (cache-dit default)", {"dbcache": {"residual_diff_threshold": 0.08}}),
+    ("dbcache F1B0 steps mask fast, static (11 of 28 full)",  # a masked step's real cost
+     {"dbcache": {"steps_computation_mask": "fast", "steps_computation_policy": "static"}}),
     ("dbcache F8B0 0.12 + TaylorSeer 1", {"dbcache": {"Fn_compute_blocks": 8,
                                                       "residual_diff_threshold": 0.12,
                                                       "taylorseer_order": 1}}),

@@ -98,7 +98,7 @@ CASES = [
     ("bad option value", {}, ["worker", "--study", "tiny", "--n-trials", "many"], 2,
      "'many' is not an integer"),
     ("bad --set", {"s.toml": TINY_SPEC}, ["evaluate", "s.toml", "--set", "tome.ratio=fast"], 2,
-     "--set tome.ratio=fast: 'fast' is not a number"),
+     "tome.ratio='fast' must be a number"),  # a name only where a parameter takes names
     ("delete unknown study", {}, ["study", "delete", "nope"], 2, "no study named 'nope'"),
     ("changed spec, finished study", {"s.toml": replaced("limit = 30.0", "limit = 40.0")
                                       .replace("n_trials = 4", "n_trials = 2")},

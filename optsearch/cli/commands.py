@@ -52,17 +52,7 @@ def _parse_value(key: str, text: str):
         if not math.isfinite(value):
             raise UsageError(f"--set {key}={text}: {text!r} is not a finite number")
         return value
-    if _named_choice(key):
-        return text  # checked against the parameter's choices with the rest of the setting
-    raise UsageError(f"--set {key}={text}: {text!r} is not a number or true/false")
-
-
-def _named_choice(key: str) -> bool:
-    """Does `key` ('family.param') name a parameter whose values are names (cache-dit's masks)?"""
-    from optsearch.accelerators import ORDER, params_of
-
-    family, _, param = key.partition(".")
-    return family in ORDER and bool(getattr(params_of(family).get(param), "choices", ()))
+    return text  # a name (cache-dit's masks), or a mistake the setting's check names
 
 
 def parse_sets(items: list[str]) -> dict:
