@@ -44,16 +44,16 @@ def images(call, num_inference_steps: int, kind: str, **kwargs) -> np.ndarray:
     return (output * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def study_with_winner(tmp_path, spec_text: str, setting: dict) -> str:
+def study_with_winner(tmp_path, spec_text: str, setting: dict, **attrs) -> str:
     """A study whose only feasible trial, faster than the baseline, has `setting` (made in this
-    process: the command line is tested by the cache-dit tests)."""
+    process: the command line is tested by the cache-dit tests) and `attrs`."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = load_spec(write_spec(tmp_path / "s.toml", spec_text))
     study = create_study(spec, open_storage(url, heartbeat_interval=None))
     study.add_trial(create_trial(value=2.0, user_attrs={
         "combo": "+".join(setting), "setting": setting, "speedup": 2.0, "speedup_low": 1.9,
         "speedup_high": 2.1, "psnr": 40.0, "psnr_low": 39.0, "psnr_high": 41.0,
-        "constraints": {"quality": -1.0}}))
+        "constraints": {"quality": -1.0}, **attrs}))
     return url
 
 

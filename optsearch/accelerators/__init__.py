@@ -171,6 +171,12 @@ class AppliedSetting:
             fraction *= value
         return fraction
 
+    def ran_with(self) -> dict[str, dict]:
+        """What each family's last call ran with beyond the setting, that a deployment must set
+        too (DBCache: cache-dit told the calls ran no separate guidance)."""
+        return {name: told for name, patch in zip(self.setting, self._patches, strict=False)
+                if (told := getattr(patch, "ran_with", dict)())}
+
     def reseed(self, seed: int) -> None:
         """Fix ToMe's random merge pattern for the next call (no-op without ToMe)."""
         if self._tome is not None:

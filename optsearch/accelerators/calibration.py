@@ -12,18 +12,21 @@ from optsearch.accelerators.registry import REGISTRY, normalize_setting, step_bu
 
 
 def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searched: Mapping,
-                     step_counts: Sequence[int]) -> dict:
+                     step_counts: Sequence[int], call_kwargs: Mapping | None = None) -> dict:
     """A family's "auto" calibration (its module's `calibrate`) with one plain call
     `run_once(steps)` at each of `step_counts`, the model's first: stored as measured there,
-    plus "at_steps" {count: its ranges} when trials also run fewer steps (CalibratedRange)."""
+    plus "at_steps" {count: its ranges} when trials also run fewer steps (CalibratedRange).
+    `call_kwargs`: what `run_once` passes the pipeline beside its prompts and noise, for a cache
+    whose config follows the call (DBCache: whether guidance runs as separate calls)."""
     module = REGISTRY[family]
-    measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched, step_counts[0])
+    measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched, step_counts[0],
+                                call_kwargs)
     if not measured or len(step_counts) < 2:
         return measured
     at_steps = {}
     for count in step_counts:
         at_count = measured if count == step_counts[0] else \
-            module.calibrate(pipe, lambda count=count: run_once(count), searched, count)
+            module.calibrate(pipe, lambda count=count: run_once(count), searched, count, call_kwargs)
         if at_count:
             at_steps[str(count)] = {key: at_count[key] for key in ("auto", "by") if key in at_count}
     return {**measured, "at_steps": at_steps}

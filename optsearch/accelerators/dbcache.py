@@ -104,9 +104,11 @@ def space_problem(pipe, searched: Mapping) -> str | None:
     return None
 
 
-class DBCachePatch:
-    """DBCache enabled on a pipeline; `restore()` disables it. `computed_fraction()` reads what the
-    last call actually computed, from cache-dit's own statistics."""
+class EnabledDBCache:
+    """DBCache enabled on a pipeline with one config; `restore()` disables it.
+    `computed_fraction()` reads what the last call actually computed, from cache-dit's own
+    statistics. `assumes_separate_cfg`: what cache-dit takes for the pipeline's guidance when the
+    config does not say (conditional and unconditional as separate transformer calls)."""
 
     def __init__(self, pipe, config, calibrator):
         cache_dit = _cache_dit()
@@ -123,6 +125,9 @@ class DBCachePatch:
         names, lists = self.adapter.blocks_name, self.adapter.blocks
         pairs = zip(names, lists, strict=True) if isinstance(names, list) else [(names, lists)]
         self.block_counts = {name: len(blocks) for name, blocks in pairs}  # per cached block list
+        register = cache_dit.BlockAdapterRegister  # cache-dit's own rule (check_context_kwargs)
+        self.assumes_separate_cfg = bool(register.has_separate_cfg(self.adapter)
+                                         or register.has_separate_cfg(pipe))
         cache_dit.enable_cache(self.adapter, cache_config=config, calibrator_config=calibrator)
         self._enabled = True
 
@@ -167,36 +172,74 @@ class DBCachePatch:
                     delattr(module, name)
 
 
-class MaskedDBCachePatch:
-    """DBCache with a Steps Computation Mask, whose config follows each call's step count (the
-    mask has one entry per step): rebuilt when a call runs another count than the last."""
+class DBCachePatch:
+    """DBCache whose cache-dit config follows each call (`prepare`): a steps mask has one entry
+    per step, so it is built for the call's step count; and a pipeline cache-dit takes to run
+    guidance as separate transformer calls (Qwen-Image, Wan) is told when a call runs none
+    (Qwen-Image with true_cfg_scale 1 or no negative prompt, as its distilled variants serve;
+    Wan at guidance 1): else cache-dit counts each call as half a step, and masks, warm-ups and
+    caps land on the wrong steps (cache-dit's own examples set enable_separate_cfg=False there).
+    Enabled again when either changes."""
 
-    def __init__(self, pipe, options: dict, calibrator, policy: str, computation: str, steps: int):
+    def __init__(self, pipe, options: dict, calibrator, mask: str = "none",
+                 computation: str = "dynamic"):
         self.pipe, self.options, self.calibrator = pipe, options, calibrator
-        self.policy, self.computation = policy, computation
-        self.steps = steps
-        self.patch = self._enable(steps)
+        self.mask, self.computation = mask, computation
+        default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+        steps = default.default if default is not None and isinstance(default.default, int) else 28
+        self.patch = self._enable(steps if mask != "none" else None, None)
+        self.separate_cfg = self.patch.assumes_separate_cfg
+        self.key = (steps if mask != "none" else None, self.separate_cfg)
 
-    def _enable(self, steps: int) -> DBCachePatch:
+    def _enable(self, steps: int | None, separate_cfg: bool | None) -> EnabledDBCache:
         from cache_dit import DBCacheConfig
 
-        config = DBCacheConfig(**self.options, num_inference_steps=steps,
-                               steps_computation_mask=steps_mask(self.policy, steps),
-                               steps_computation_policy=self.computation)
-        return DBCachePatch(self.pipe, config, self.calibrator)
+        options = dict(self.options)
+        if steps is not None:
+            options.update(num_inference_steps=steps, steps_computation_mask=steps_mask(self.mask, steps),
+                           steps_computation_policy=self.computation)
+        if separate_cfg is not None:
+            options["enable_separate_cfg"] = separate_cfg
+        return EnabledDBCache(self.pipe, DBCacheConfig(**options), self.calibrator)
 
     def prepare(self, call_kwargs: dict) -> None:
-        steps = int(call_kwargs.get("num_inference_steps") or self.steps)
-        if steps != self.steps:
+        steps = int(call_kwargs.get("num_inference_steps") or self.key[0]) if self.mask != "none" \
+            else None
+        separate = self.patch.assumes_separate_cfg and runs_separate_cfg(self.pipe, call_kwargs)
+        if (steps, separate) != self.key:
             self.patch.restore()
-            self.patch = self._enable(steps)
-            self.steps = steps
+            self.patch = self._enable(steps, separate)
+            self.key, self.separate_cfg = (steps, separate), separate
+
+    def ran_with(self) -> dict:
+        """What a deployment must set beyond the setting to run as measured: cache-dit told that
+        the calls ran no separate guidance, where it would assume they do."""
+        told = self.patch.assumes_separate_cfg and not self.separate_cfg
+        return {"enable_separate_cfg": False} if told else {}
 
     def computed_fraction(self) -> float | None:
         return self.patch.computed_fraction()
 
     def restore(self) -> None:
         self.patch.restore()
+
+
+def runs_separate_cfg(pipe, call_kwargs) -> bool:
+    """Does this call run guidance as separate transformer calls (on a pipeline that can)?
+    Qwen-Image's true CFG needs true_cfg_scale > 1 and a negative prompt; elsewhere guidance_scale
+    > 1 (the call's, else the pipeline's default)."""
+    params = inspect.signature(type(pipe).__call__).parameters
+
+    def given(name):
+        value = call_kwargs.get(name)
+        return value if value is not None or name not in params else params[name].default
+
+    if "true_cfg_scale" in params:
+        negative = any(call_kwargs.get(name) is not None
+                       for name in ("negative_prompt", "negative_prompt_embeds"))
+        return negative and float(given("true_cfg_scale") or 1.0) > 1.0
+    scale = given("guidance_scale")
+    return scale is None or float(scale) > 1.0
 
 
 def steps_mask(policy: str, steps: int) -> list[int] | None:
@@ -218,9 +261,9 @@ def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa:
           warmup_interval: int = 1, max_cached_steps: int = -1,
           max_continuous_cached_steps: int = -1, taylorseer_order: int = 0,
           steps_computation_mask: str = "none", steps_computation_policy: str = "dynamic",
-          **_calibrated) -> DBCachePatch | MaskedDBCachePatch:
+          **_calibrated) -> DBCachePatch:
     _cache_dit()
-    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+    from cache_dit import TaylorSeerCalibratorConfig
 
     if steps_computation_policy not in ("dynamic", "static"):
         raise ValueError(f"dbcache.steps_computation_policy={steps_computation_policy!r} is not "
@@ -233,13 +276,8 @@ def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa:
         max_continuous_cached_steps=int(max_continuous_cached_steps))
     calibrator = TaylorSeerCalibratorConfig(taylorseer_order=int(taylorseer_order)) \
         if taylorseer_order else None
-    if steps_computation_mask != "none":
-        steps_mask(steps_computation_mask, 8)  # an unknown policy fails here, not at the call
-        default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
-        steps = default.default if default is not None and isinstance(default.default, int) else 28
-        return MaskedDBCachePatch(pipe, options, calibrator, steps_computation_mask,
-                                  steps_computation_policy, steps)
-    return DBCachePatch(pipe, DBCacheConfig(**options), calibrator)
+    steps_mask(steps_computation_mask, 8)  # an unknown policy fails here, not at the call
+    return DBCachePatch(pipe, options, calibrator, steps_computation_mask, steps_computation_policy)
 
 
 def step_problem(params: Mapping, steps: int) -> str | None:
@@ -291,7 +329,8 @@ def skipped(params: Mapping, steps: int, calibration: Mapping | None = None) -> 
     return decisive
 
 
-def calibrate(pipe, run_once, searched: Mapping | None = None, steps: int | None = None) -> dict:
+def calibrate(pipe, run_once, searched: Mapping | None = None, steps: int | None = None,
+              call_kwargs: Mapping | None = None) -> dict:
     """What "auto" threshold ranges come from: the residual differences DBCache compares with its
     threshold at every step of one run that skips nothing (a threshold of 1e-9; 0 turns the
     comparison off), as the range from "skips nothing" (their minimum) to "skips nearly
@@ -305,12 +344,14 @@ def calibrate(pipe, run_once, searched: Mapping | None = None, steps: int | None
     sampled in once its Fn is drawn); "auto" is their union. Run on the search's first batch
     (the worker does), a threshold above its Fn's low end skips at least one step of that batch
     at every warm-up: no trial is inert there (other batches may skip less). `steps`, the count
-    `run_once` runs, needs no setting here (cache-dit follows each call)."""
+    `run_once` runs, needs no setting here (cache-dit follows each call); `call_kwargs`, what
+    `run_once` passes beside its prompts, tells cache-dit whether guidance runs as separate calls,
+    as a trial's calls do (`DBCachePatch.prepare`)."""
     searched = searched or {}
     warmup = int(max(searched.get("max_warmup_steps", [0])))
     by_fn, observed = {}, None
     for fn in searched.get("Fn_compute_blocks", [1]):
-        diffs = _residual_diffs(pipe, run_once, int(fn))
+        diffs = _residual_diffs(pipe, run_once, int(fn), call_kwargs or {})
         if not diffs:
             continue
         compared = [diff for step, diff in diffs if step >= warmup] or [d for _, d in diffs]
@@ -333,10 +374,11 @@ def calibration_runs(searched: Mapping) -> int:
     return len(searched.get("Fn_compute_blocks", [1]))
 
 
-def _residual_diffs(pipe, run_once, fn: int) -> list[tuple[int, float]]:
+def _residual_diffs(pipe, run_once, fn: int, call_kwargs: Mapping) -> list[tuple[int, float]]:
     """(step, residual difference) of one run with Fn = `fn` that skips nothing."""
     patch = apply(pipe, Fn_compute_blocks=fn, residual_diff_threshold=1e-9, max_warmup_steps=0)
     try:
+        patch.prepare(dict(call_kwargs))
         run_once()
         stats = _cache_dit().summary(pipe, logging=False)
         return [(int(step), float(diff)) for stat in stats

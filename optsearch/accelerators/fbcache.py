@@ -55,7 +55,7 @@ def apply(pipe, threshold: float = 0.05, **_calibrated) -> FirstBlockCachePatch:
     return FirstBlockCachePatch(pipe, float(threshold))
 
 
-def calibrate(pipe, run_once, searched=None, steps: int | None = None) -> dict:
+def calibrate(pipe, run_once, searched=None, steps: int | None = None, call_kwargs=None) -> dict:
     """What an "auto" threshold range comes from: the relative changes of the first block's
     residual FirstBlockCache compares with its threshold, over one call that skips nothing, from
     "skips nothing" (their minimum) to "skips nearly everything" (their maximum). It has no

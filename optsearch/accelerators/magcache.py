@@ -160,7 +160,7 @@ def _retention_step(retention_ratio: float, steps: int) -> int:
 
 
 def calibrate(pipe, run_once: Callable[[], object], searched: Mapping | None = None,
-              steps: int | None = None) -> dict:
+              steps: int | None = None, call_kwargs: Mapping | None = None) -> dict:
     """The ratios from one plain call `run_once()` of `steps` steps, and the "auto" threshold
     ranges they give: per `max_skip_steps` searched (`by`), from the least first-skip threshold
     over the `retention_ratio` values searched to the greatest saturation; "auto" is their union.

@@ -152,7 +152,8 @@ def _auto_ranges(spec, pipe, prompts, config, params=None) -> dict[str, list]:
     for family, param in spec.auto_params() if params is None else params:
         measured = calibrate_family(family, pipe, lambda steps: list(generate(
             pipe, prompts[:config.batch_size], replace(config, steps=steps), warmup=False)),
-            spec.searched_values(family), spec.calibration_steps(family))
+            spec.searched_values(family), spec.calibration_steps(family),
+            config.guidance_kwargs(min(config.batch_size, len(prompts)), pipe))
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = calibrated_range(family, measured, param)  # per Fn too
     return ranges

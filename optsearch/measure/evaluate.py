@@ -44,7 +44,6 @@ from optsearch.measure.generation import (
     Batch,
     GenerationConfig,
     generate,
-    guidance_for,
     n_batches,
     prompt_seed,
 )
@@ -176,10 +175,9 @@ class Evaluator:
         trial's does)."""
         config, count = self.config, min(prompts, len(self.prompts))
         self.pipe(self.prompts[:count], num_inference_steps=steps or config.steps, height=config.height,
-                  width=config.width, guidance_scale=guidance_for(self.pipe, config.guidance_scale),
-                  generator=[torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
-                             for i in range(count)],
-                  output_type="latent", **config.extra_kwargs(count, self.pipe))
+                  width=config.width, generator=[torch.Generator("cpu").manual_seed(
+                      prompt_seed(config.seed, i)) for i in range(count)],
+                  output_type="latent", **config.guidance_kwargs(count, self.pipe))
 
     def _calibrate_magcache(self) -> list[float]:
         """MagCache's magnitude ratios from one plain call on the first prompt at full steps."""
@@ -195,9 +193,11 @@ class Evaluator:
         ranges = {}
         for family, param in spec.auto_params():
             if not self._known(family, "auto"):
+                count = min(self.config.batch_size, len(self.prompts))
                 measured = calibrate_family(
                     family, self.pipe, lambda steps: self._run_once(self.config.batch_size, steps),
-                    spec.searched_values(family), spec.calibration_steps(family))
+                    spec.searched_values(family), spec.calibration_steps(family),
+                    self.config.guidance_kwargs(count, self.pipe))
                 self.calibration[family] = {**self.calibration.get(family, {}), **measured}
                 if self.on_calibrated is not None:
                     self.on_calibrated(family, self.calibration[family])
@@ -263,6 +263,8 @@ class Evaluator:
                 if result.batch_done(stop_when):
                     break
             result.peak_memory_gib = peak.gib
+            for name, told in applied.ran_with().items():  # a deployment sets it too (export)
+                result.calibration_used[name] = {**result.calibration_used.get(name, {}), **told}
         if compiles is not None:
             for name, count in compiles.counts().items():
                 setattr(result, name, count)

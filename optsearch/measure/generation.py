@@ -42,6 +42,12 @@ class GenerationConfig:
                    prompts.batch_size, prompts.seed if seed is None else seed,
                    model.true_cfg_scale, model.negative_prompt, model.num_frames)
 
+    def guidance_kwargs(self, count: int, pipe) -> dict:
+        """The call arguments that decide guidance (a calibration tells a cache that follows the
+        call, DBCache, whether guidance runs as separate calls), for `count` prompts."""
+        return {"guidance_scale": guidance_for(pipe, self.guidance_scale),
+                **self.extra_kwargs(count, pipe)}
+
     def extra_kwargs(self, count: int, pipe) -> dict:
         """The optional call arguments the spec sets (Qwen-Image's true CFG and its negative, a
         video's frame count). With neither true CFG nor a negative prompt set, true_cfg_scale is

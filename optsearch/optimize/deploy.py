@@ -10,15 +10,19 @@ T-GATE's `gate_step`). Both start from the export dict (`export_study`): the sam
 
 from __future__ import annotations
 
+import inspect
 import json
 
-from optsearch.accelerators import scheduler_class_name
+from optsearch.accelerators import dbcache, scheduler_class_name
 from optsearch.accelerators.fastercache import BATCHED_GUIDANCE, FRAMES_FIRST
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
 from optsearch.storage.record import quality_of
 
 FORMATS = ("json", "cache-dit", "diffusers")
+DBCACHE_DEFAULTS = {name: parameter.default for name, parameter in  # optsearch's, not cache-dit's
+                    inspect.signature(dbcache.apply).parameters.items()
+                    if parameter.default is not inspect.Parameter.empty}
 
 
 def _claim(exported: dict) -> str:
@@ -70,7 +74,7 @@ def cache_dit_yaml(exported: dict) -> str:
     if "dbcache" not in setting:
         raise UsageError(f"--format cache-dit needs a dbcache winner; study {exported['study']!r} "
                          f"won with {format_setting(setting)} (use --format diffusers or json)")
-    params = _dbcache_options(setting["dbcache"], _steps(exported))
+    params = _dbcache_options(setting["dbcache"], _steps(exported), exported)
     order = params.pop("taylorseer_order", 0)
     lines = [f"# {_claim(exported)}",
              f"# call the pipeline with num_inference_steps={_steps(exported)}",
@@ -85,10 +89,15 @@ def cache_dit_yaml(exported: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _dbcache_options(params: dict, steps: int) -> dict:
+def _dbcache_options(params: dict, steps: int, exported: dict) -> dict:
     """A dbcache setting as cache-dit's config takes it: a steps mask by its policy's name, with
-    the step count it is built for (cache-dit's loader builds it from both); none without one."""
-    options = dict(params)
+    the step count it is built for (cache-dit's loader builds it from both); none without one.
+    Where the measured calls ran no separate guidance on a pipeline cache-dit takes to (Qwen-Image
+    without true CFG), `enable_separate_cfg: false`, as measured (the trial recorded it)."""
+    options = {**DBCACHE_DEFAULTS, **params}  # what optsearch ran where the setting is silent
+    ran_with = (exported.get("calibration") or {}).get("dbcache", {})
+    if "enable_separate_cfg" in ran_with:
+        options["enable_separate_cfg"] = ran_with["enable_separate_cfg"]
     mask = options.pop("steps_computation_mask", "none")
     policy = options.pop("steps_computation_policy", "dynamic")
     if mask != "none":
@@ -150,7 +159,7 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
                 f"    tensor_format='BFCHW' if name.startswith({FRAMES_FIRST!r}) else 'BCFHW',",
                 "    is_guidance_distilled=not batched))"]
     if name == "dbcache":
-        options = _dbcache_options(params, _steps(exported))
+        options = _dbcache_options(params, _steps(exported), exported)
         order = options.pop("taylorseer_order", 0)
         text = ", ".join(f"{key}={value!r}" if key != "steps_computation_mask" else
                          f"{key}=cache_dit.steps_mask(total_steps={options['num_inference_steps']}, "
