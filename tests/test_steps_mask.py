@@ -171,3 +171,27 @@ def test_evaluate_takes_a_mask_by_name_and_refuses_an_unknown_one_in_one_line(tm
     assert "dbcache.steps_computation_mask='turbo' must be one of 'none', 'slow'" in bad.stderr
     numeric = optsearch_cmd("evaluate", str(spec), "--set", "dbcache.Fn_compute_blocks=one", "--quiet")
     assert numeric.returncode == 2 and "dbcache.Fn_compute_blocks='one' must be an integer" in numeric.stderr
+
+
+def test_a_dynamic_masks_threshold_range_starts_where_its_own_steps_can_skip(flux_pipe):  # noqa: F811
+    """Under a dynamic mask only the mask's other steps can skip: a threshold between the Fn's
+    range's low end and the least difference on those steps skipped nothing (tiny FLUX, "fast"
+    at 12 steps). The trial's own range starts there, and every threshold in it skips."""
+    def run_once():
+        generate_images(flux_pipe, PROMPTS, steps=12)
+
+    calibration = dbcache.calibrate(flux_pipe, run_once, {"Fn_compute_blocks": [1]}, 12)
+    values = {"Fn_compute_blocks": 1, "steps_computation_mask": "fast",
+              "steps_computation_policy": "dynamic"}
+    per_fn = calibration["by"]["residual_diff_threshold"][1]["1"]
+    own = dbcache.range_for(calibration, values, None)
+    assert own[0] > per_fn[0] and own[1] == per_fn[1]
+    assert dbcache.range_for(calibration, {**values, "steps_computation_mask": "none"}, None) == per_fn
+
+    def skipped_steps(threshold: float) -> int:
+        with apply_setting(flux_pipe, _masked("fast", "dynamic", threshold, max_warmup_steps=0)) as fast:
+            generate_images(fast, PROMPTS, steps=12)
+            return len(_cached_steps(flux_pipe))
+
+    assert skipped_steps((per_fn[0] + own[0]) / 2) == 0  # inside the Fn's range, below its own
+    assert all(skipped_steps(own[0] + share * (own[1] - own[0])) > 0 for share in (0.05, 0.5, 0.95))

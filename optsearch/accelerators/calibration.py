@@ -28,7 +28,8 @@ def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searc
         at_count = measured if count == step_counts[0] else \
             module.calibrate(pipe, lambda count=count: run_once(count), searched, count, call_kwargs)
         if at_count:
-            at_steps[str(count)] = {key: at_count[key] for key in ("auto", "by") if key in at_count}
+            at_steps[str(count)] = {key: at_count[key] for key in ("auto", "by", "diffs", "steps")
+                                    if key in at_count}
     return {**measured, "at_steps": at_steps}
 
 
@@ -41,8 +42,10 @@ def calibrated_range(family: str, calibration: Mapping, param: str) -> Calibrate
 def calibration_steps(family: str, model_steps: int, fewest_steps: int | None) -> list[int]:
     """The step counts `calibrate_family` runs: the model's, and the fewest a trial of the family
     runs (`fewest_steps`, when a combo searches it beside `steps`) unless the family's rule gives
-    each step count's range from the first calibration alone."""
-    if fewest_steps is None or fewest_steps >= model_steps or hasattr(REGISTRY[family], "range_for"):
+    each step count's range from the first calibration alone (`RANGE_AT_ANY_STEPS`: MagCache's
+    ratios are interpolated to any count)."""
+    if fewest_steps is None or fewest_steps >= model_steps \
+            or getattr(REGISTRY[family], "RANGE_AT_ANY_STEPS", False):
         return [model_steps]
     return [model_steps, fewest_steps]
 
@@ -72,7 +75,8 @@ def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[s
     return canonical
 
 
-RANGE_KEYS = ("auto", "by", "at_steps", "observed")  # what only bounds a family's search ranges
+RANGE_KEYS = ("auto", "by", "at_steps", "observed", "diffs", "steps")  # what only bounds a
+# family's search ranges
 
 
 def calibration_used(setting: Mapping, calibration: Mapping[str, dict]) -> dict:

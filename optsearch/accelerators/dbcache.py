@@ -23,7 +23,7 @@ import inspect
 import os
 from collections.abc import Mapping
 
-from optsearch.accelerators.base import Param, bounds_of
+from optsearch.accelerators.base import CalibratedRange, Param, bounds_of
 from optsearch.accelerators.hooks import denoiser
 
 NAME = "dbcache"
@@ -349,11 +349,12 @@ def calibrate(pipe, run_once, searched: Mapping | None = None, steps: int | None
     as a trial's calls do (`DBCachePatch.prepare`)."""
     searched = searched or {}
     warmup = int(max(searched.get("max_warmup_steps", [0])))
-    by_fn, observed = {}, None
+    by_fn, observed, per_step = {}, None, {}
     for fn in searched.get("Fn_compute_blocks", [1]):
         diffs = _residual_diffs(pipe, run_once, int(fn), call_kwargs or {})
         if not diffs:
             continue
+        per_step[str(int(fn))] = [[step, round(diff, 6)] for step, diff in diffs]  # range_for's
         compared = [diff for step, diff in diffs if step >= warmup] or [d for _, d in diffs]
         low = min(compared)
         by_fn[str(int(fn))] = bounds_of(low, max(d for _, d in diffs))
@@ -366,7 +367,32 @@ def calibrate(pipe, run_once, searched: Mapping | None = None, steps: int | None
         return {}
     lows, highs = zip(*by_fn.values(), strict=True)
     return {"auto": {"residual_diff_threshold": [min(lows), max(highs)]},
-            "by": {"residual_diff_threshold": ["Fn_compute_blocks", by_fn]}, "observed": observed}
+            "by": {"residual_diff_threshold": ["Fn_compute_blocks", by_fn]}, "observed": observed,
+            "diffs": per_step, "steps": steps}
+
+
+def range_for(calibration: Mapping, values: Mapping, steps: int | None) -> list[float] | None:
+    """The threshold range of one trial whose Fn and mask are drawn (`values`), at `steps` (None:
+    the model's). Under a dynamic mask only the mask's other steps can skip: the range starts at
+    the least difference the calibration saw on those (the run is the plain one until its first
+    skip, so any threshold above it skips at least one step), where it ran at that step count.
+    Otherwise the range per Fn, blended between the calibrated step counts (CalibratedRange)."""
+
+    mask = values.get("steps_computation_mask", "none")
+    measured = calibration if steps in (None, calibration.get("steps")) \
+        else calibration.get("at_steps", {}).get(str(steps), {})
+    diffs = measured.get("diffs", {}).get(str(values.get("Fn_compute_blocks", 1)))
+    count = steps or measured.get("steps")
+    if mask != "none" and diffs and count:
+        try:
+            skippable = {step for step, computes in enumerate(steps_mask(mask, int(count)))
+                         if not computes}
+        except ValueError:
+            skippable = set()
+        eligible = [diff for step, diff in diffs if step in skippable]
+        if eligible:
+            return bounds_of(min(eligible), max(diff for _, diff in diffs))
+    return CalibratedRange.stored(calibration, "residual_diff_threshold").for_setting(values, steps)
 
 
 def calibration_runs(searched: Mapping) -> int:

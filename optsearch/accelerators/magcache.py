@@ -27,6 +27,7 @@ from optsearch.accelerators.hooks import HookPatch, cache_patch
 
 NAME = "magcache"
 APPLIES_TO = ("transformer", "video")
+RANGE_AT_ANY_STEPS = True  # range_for interpolates the ratios: no calibration at fewer steps
 DEFAULTS = {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}  # diffusers' (the paper's)
 PARAMS = (  # the threshold last: its "auto" range follows the other two as drawn
     Param("max_skip_steps", int, (1, 6), minimum=1, help="most steps skipped in a row"),
