@@ -20,14 +20,18 @@ the class it derives from, or else its transformer's class (cache-dit's `BlockAd
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Mapping
 
 from optsearch.accelerators.base import CalibratedRange, Param, bounds_of
+from optsearch.accelerators.cache_dit_masks import (  # noqa: F401 - the family's API
+    MASK_POLICIES,
+    mask_step_problem,
+    steps_mask,
+)
+from optsearch.accelerators.cache_dit_masks import quiet_cache_dit as _cache_dit
 from optsearch.accelerators.hooks import denoiser
 
 NAME = "dbcache"
-MASK_POLICIES = ("none", "slow", "medium", "fast", "ultra")  # cache-dit's, least skipping first
 APPLIES_TO = ("transformer", "video")
 PARAMS = (  # the mask and its policy before what they make irrelevant (`inactive`)
     Param("Fn_compute_blocks", int, (1, 4), minimum=1,
@@ -50,14 +54,6 @@ PARAMS = (  # the mask and its policy before what they make irrelevant (`inactiv
     Param("taylorseer_order", int, (0,), minimum=0, maximum=4,
           help="cache-dit's TaylorSeer calibrator order (0: none)"),
 )
-MASK_STEP_COUNTS = "4, 6 or 8 and more"  # what cache-dit's predefined masks are defined for
-
-
-def _cache_dit():
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # its tables and notes on every call
-    import cache_dit
-
-    return cache_dit
 
 
 def adapter_builder(pipe):
@@ -242,20 +238,6 @@ def runs_separate_cfg(pipe, call_kwargs) -> bool:
     return scale is None or float(scale) > 1.0
 
 
-def steps_mask(policy: str, steps: int) -> list[int] | None:
-    """cache-dit's predefined mask `policy` for a call of `steps` steps (1: the step computes),
-    None for "none". A ValueError names the step counts cache-dit defines masks for."""
-    if policy == "none":
-        return None
-    if policy not in MASK_POLICIES:
-        raise ValueError(f"dbcache.steps_computation_mask={policy!r} is not one of "
-                         f"{', '.join(map(repr, MASK_POLICIES))}")
-    if steps < 8 and steps not in (4, 6):
-        raise ValueError(f"dbcache.steps_computation_mask={policy!r} needs {MASK_STEP_COUNTS} "
-                         f"steps (cache-dit defines its masks for those), not {steps}")
-    return list(_cache_dit().steps_mask(total_steps=int(steps), mask_policy=policy))
-
-
 def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa: N803 - cache-dit's
           residual_diff_threshold: float = 0.08, max_warmup_steps: int = 8,
           warmup_interval: int = 1, max_cached_steps: int = -1,
@@ -287,17 +269,6 @@ def step_problem(params: Mapping, steps: int) -> str | None:
     except ValueError as error:
         return str(error)
     return None
-
-
-def mask_step_problem(policies, step_counts) -> str | None:
-    """Why a study that searches the masks `policies` at `step_counts` cannot run them all."""
-    masks = [policy for policy in policies if policy != "none"]
-    unfit = sorted(count for count in step_counts if step_problem(
-        {"steps_computation_mask": masks[0]}, count)) if masks else []
-    if not unfit:
-        return None
-    return (f"{masks[0]!r} needs {MASK_STEP_COUNTS} steps (cache-dit defines its masks for "
-            f"those); trials would run {unfit[0]}")
 
 
 def inactive(values: Mapping) -> set[str]:
