@@ -13,6 +13,7 @@ from diffusers import QwenImagePipeline
 import optsearch
 from optsearch.accelerators import apply_setting, dbcache, normalize_setting
 from optsearch.measure.builtin import build_builtin
+from optsearch.measure.models import load_pipeline
 
 from .conftest import optsearch_cmd
 from .test_deploy_exports import study_with_winner
@@ -86,3 +87,19 @@ def test_the_cache_dit_yaml_of_a_winner_measured_without_guidance_says_so(tmp_pa
     cache_dit.enable_cache(pipe, **cache_dit.load_configs(str(tmp_path / "cache.yaml")))
     np.testing.assert_array_equal(_images(pipe, NO_CFG), expected)
     assert _cached_steps(pipe)  # it skipped on the mask's steps
+
+
+@pytest.mark.parametrize("guidance, told", [(1.0, {"dbcache": {"enable_separate_cfg": False}}),
+                                            (5.0, {})], ids=["no-cfg", "cfg"])
+def test_wan_at_guidance_1_is_told_too(guidance, told):
+    """Wan runs its conditional and unconditional as two transformer calls when guidance_scale > 1
+    and one call at 1 (how distilled Wan variants serve): a mask lands on the real steps both ways."""
+    wan = load_pipeline("builtin:tiny-wan", device="cpu", dtype="float32")
+    setting = normalize_setting({"dbcache": {"steps_computation_mask": "fast",
+                                             "steps_computation_policy": "static"}})
+    mask = dbcache.steps_mask("fast", 8)
+    with apply_setting(wan, setting) as fast:
+        fast(PROMPTS[:1], num_inference_steps=8, guidance_scale=guidance, output_type="np",
+             generator=torch.Generator().manual_seed(0))
+        assert _cached_steps(wan) == [step for step, computes in enumerate(mask) if not computes]
+        assert fast.ran_with() == told
