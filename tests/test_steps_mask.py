@@ -195,3 +195,14 @@ def test_a_dynamic_masks_threshold_range_starts_where_its_own_steps_can_skip(flu
 
     assert skipped_steps((per_fn[0] + own[0]) / 2) == 0  # inside the Fn's range, below its own
     assert all(skipped_steps(own[0] + share * (own[1] - own[0])) > 0 for share in (0.05, 0.5, 0.95))
+
+
+def test_check_says_what_each_searched_mask_computes_at_the_step_counts_trials_run(tmp_path):
+    text = SCM_SPEC.replace('accelerators = [["dbcache"]]', 'accelerators = [["steps", "dbcache"]]') \
+        + "[space.steps]\nnum_inference_steps = [8, 12]\n"
+    checked = optsearch_cmd("check", str(write_spec(tmp_path / "scm.toml", text)))
+    assert checked.returncode == 0, checked.stderr
+    assert "cache-dit steps masks at 12 steps, steps computed in full: slow 10, medium 8, fast 7, " \
+           "ultra 6 (of 12;" in checked.stdout
+    assert "cache-dit steps masks at 8 steps, steps computed in full: slow 7, medium 6, fast 5, " \
+           "ultra 4 (of 8;" in checked.stdout

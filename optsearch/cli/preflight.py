@@ -20,6 +20,7 @@ from optsearch.accelerators import (
     attention_of,
     calibrate_family,
     calibrated_range,
+    dbcache,
     execution_device,
     offload_of,
     params_of,
@@ -193,6 +194,23 @@ def _given_outside(spec, calibrated: dict[str, list]) -> list[str]:
     return lines
 
 
+def _masks_text(spec) -> list[str]:
+    """What each cache-dit steps mask the spec searches computes, at the model's steps and the
+    fewest a `steps` + dbcache combo runs: the names alone do not say (cache-dit scales its
+    28-step tables, unevenly: "fast" computes 6 of 16 steps and 11 of 28)."""
+    if "dbcache" not in spec.accelerators_used:
+        return []
+    masks = [mask for mask in spec.param_range("dbcache", "steps_computation_mask") if mask != "none"]
+    counts = [spec.model.steps]
+    if masks and any({"steps", "dbcache"} <= set(combo) for combo in spec.search.combos):
+        counts.append(int(spec.param_range("steps", "num_inference_steps")[0]))
+    return [f"cache-dit steps masks at {count} steps, steps computed in full: "
+            + ", ".join(f"{mask} {sum(dbcache.steps_mask(mask, count))}" for mask in masks)
+            + f" (of {count}; on the others \"static\" uses the cache, \"dynamic\" lets the "
+              "threshold decide)" for count in dict.fromkeys(counts)
+            if masks]
+
+
 def _shortened(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -230,6 +248,7 @@ def format_report(report: Report, spec) -> str:
         lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
                                                     for count, fewer in calibrated.at_steps.items()},
                                     spec.model.steps)
+    lines += _masks_text(spec)
     lines += _published_outside(spec, facts["auto_ranges"])
     lines += _given_outside(spec, facts.get("given_ranges", {}))
     lines.append(estimate_text(facts["estimate"]))
