@@ -22,7 +22,6 @@ on a UNet PAB's attention hooks would fight T-GATE's and DeepCache's patches).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators import deepcache, tgate
@@ -37,6 +36,7 @@ from optsearch.accelerators.calibration import (
 )
 from optsearch.accelerators.hooks import (
     attention_of,
+    call_parameters,
     denoiser,
     dtype_of,
     execution_device,
@@ -62,11 +62,6 @@ from optsearch.accelerators.registry import (
     params_of,
     step_problems,
 )
-
-
-def call_parameters(pipe) -> Mapping[str, inspect.Parameter]:
-    """The arguments the pipeline class's `__call__` takes, with their defaults."""
-    return inspect.signature(type(pipe).__call__).parameters
 
 
 def pipeline_kind(pipe) -> str:

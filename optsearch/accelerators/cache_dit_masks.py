@@ -33,19 +33,20 @@ def steps_mask(policy: str, steps: int) -> list[int] | None:
     return list(quiet_cache_dit().steps_mask(total_steps=int(steps), mask_policy=policy))
 
 
+def mask_problem(policy: str, steps: int) -> str | None:
+    """Why mask `policy` cannot run a call of `steps` steps (`steps_mask`'s error), or None."""
+    try:
+        steps_mask(policy, steps)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def mask_step_problem(policies, step_counts) -> str | None:
     """Why a study that searches the masks `policies` at `step_counts` cannot run them all."""
     masks = [policy for policy in policies if policy != "none"]
-    unfit = sorted(count for count in step_counts if _unfit(masks[0], count)) if masks else []
+    unfit = sorted(count for count in step_counts if mask_problem(masks[0], count)) if masks else []
     if not unfit:
         return None
     return (f"{masks[0]!r} needs {MASK_STEP_COUNTS} steps (cache-dit defines its masks for "
             f"those); trials would run {unfit[0]}")
-
-
-def _unfit(policy: str, steps: int) -> bool:
-    try:
-        steps_mask(policy, steps)
-    except ValueError:
-        return True
-    return False

@@ -19,17 +19,17 @@ the class it derives from, or else its transformer's class (cache-dit's `BlockAd
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 
 from optsearch.accelerators.base import CalibratedRange, Param, bounds_of
 from optsearch.accelerators.cache_dit_masks import (  # noqa: F401 - the family's API
     MASK_POLICIES,
+    mask_problem,
     mask_step_problem,
     steps_mask,
 )
 from optsearch.accelerators.cache_dit_masks import quiet_cache_dit as _cache_dit
-from optsearch.accelerators.hooks import denoiser
+from optsearch.accelerators.hooks import call_parameters, denoiser
 
 NAME = "dbcache"
 APPLIES_TO = ("transformer", "video")
@@ -181,11 +181,11 @@ class DBCachePatch:
                  computation: str = "dynamic"):
         self.pipe, self.options, self.calibrator = pipe, options, calibrator
         self.mask, self.computation = mask, computation
-        default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+        default = call_parameters(pipe).get("num_inference_steps")
         steps = default.default if default is not None and isinstance(default.default, int) else 28
-        self.patch = self._enable(steps if mask != "none" else None, None)
-        self.separate_cfg = self.patch.assumes_separate_cfg
-        self.key = (steps if mask != "none" else None, self.separate_cfg)
+        steps = steps if mask != "none" else None
+        self.patch = self._enable(steps, None)
+        self.key = (steps, self.patch.assumes_separate_cfg)  # (mask's step count, separate CFG)
 
     def _enable(self, steps: int | None, separate_cfg: bool | None) -> EnabledDBCache:
         from cache_dit import DBCacheConfig
@@ -205,12 +205,12 @@ class DBCachePatch:
         if (steps, separate) != self.key:
             self.patch.restore()
             self.patch = self._enable(steps, separate)
-            self.key, self.separate_cfg = (steps, separate), separate
+            self.key = (steps, separate)
 
     def ran_with(self) -> dict:
         """What a deployment must set beyond the setting to run as measured: cache-dit told that
         the calls ran no separate guidance, where it would assume they do."""
-        told = self.patch.assumes_separate_cfg and not self.separate_cfg
+        told = self.patch.assumes_separate_cfg and not self.key[1]
         return {"enable_separate_cfg": False} if told else {}
 
     def computed_fraction(self) -> float | None:
@@ -224,7 +224,7 @@ def runs_separate_cfg(pipe, call_kwargs) -> bool:
     """Does this call run guidance as separate transformer calls (on a pipeline that can)?
     Qwen-Image's true CFG needs true_cfg_scale > 1 and a negative prompt; elsewhere guidance_scale
     > 1 (the call's, else the pipeline's default)."""
-    params = inspect.signature(type(pipe).__call__).parameters
+    params = call_parameters(pipe)
 
     def given(name):
         value = call_kwargs.get(name)
@@ -264,11 +264,7 @@ def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa:
 
 def step_problem(params: Mapping, steps: int) -> str | None:
     """Why a setting's steps mask cannot run `steps` steps, or None."""
-    try:
-        steps_mask(params.get("steps_computation_mask", "none"), steps)
-    except ValueError as error:
-        return str(error)
-    return None
+    return mask_problem(params.get("steps_computation_mask", "none"), steps)
 
 
 def inactive(values: Mapping) -> set[str]:

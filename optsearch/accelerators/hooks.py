@@ -9,13 +9,19 @@ call (`prepare`): a warm-up cut short must not leak into the timed call that fol
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch loads in seconds: spec checks and light commands do without it
     import torch
 
 _LEFT_BY_HOOKS = ("forward", "_diffusers_hook")
+
+
+def call_parameters(pipe) -> Mapping[str, inspect.Parameter]:
+    """The arguments the pipeline class's `__call__` takes, with their defaults."""
+    return inspect.signature(type(pipe).__call__).parameters
 
 
 def not_a_pipeline(pipe) -> str | None:
