@@ -360,7 +360,7 @@ def test_search_runs_a_worker_over_a_pipeline_built_in_this_process(tmp_path, ti
     assert exported["provenance"]["diffusers"] == diffusers.__version__
     assert exported["deployment"]["dtype"] == "float32"
     shown = optsearch_cmd("study", "show", "notebook", "--storage", url)
-    assert shown.returncode == 0 and "2/2 trials finished" in shown.stdout
+    assert shown.returncode == 0 and "2/2 trials measured" in shown.stdout
     # more trials grow the study; another spec under the same name is the caller's error
     optsearch.search(tiny_pipe, spec, storage=url, n_trials=3, progress=False)
     grown = optuna.load_study(study_name="notebook", storage=url)

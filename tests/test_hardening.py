@@ -214,7 +214,7 @@ def test_finished_study_worker_exits_at_once_and_messages_name_the_constraint(tm
     assert "feasible when speedup >= objective.target_speedup = 100.0" in shown.stdout
     assert optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet").returncode == 0
     again = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet")
-    assert again.returncode == 0 and "is complete: 1 of 1 trials finished" in again.stdout
+    assert again.returncode == 0 and "is complete: 1 of 1 trials measured" in again.stdout
     exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "x"))
     assert exported.returncode == 3
     assert "objective.target_speedup" in exported.stderr and "quality.limit" not in exported.stderr

@@ -252,7 +252,9 @@ def test_a_magcache_setting_that_skips_the_same_steps_is_not_measured_again(tmp_
     study.enqueue_trial({"magcache.threshold": other})
     ran = optsearch_cmd(*worker)
     assert ran.returncode == 0, ran.stderr
-    first, copy, measured = study.get_trials()
+    first, copy, measured, drawn = study.get_trials()  # the copy takes no trial of n_trials
+    assert "reused_from" not in drawn.user_attrs and skips(drawn.params["magcache.threshold"]) \
+        not in (skips(0.05), skips(other))  # an unmeasured computation is measured in its place
     assert copy.user_attrs["reused_from"] == 0 and copy.values == first.values
     assert copy.user_attrs["setting"]["magcache"]["threshold"] == same
     assert copy.user_attrs["batch_seconds"] == first.user_attrs["batch_seconds"]

@@ -118,6 +118,36 @@ def test_name_defaults_to_file_stem(tmp_path):
     assert load_spec(path).name == "my-study"
 
 
+def test_a_space_smaller_than_n_trials_is_noted_with_its_size():
+    """sd15-deepcache searches 7 intervals x 4 branches for 60 trials: the search will end at
+    28. Choices and the grid count their values; a continuous or "auto" range has no size."""
+    from optsearch.study_spec import notes
+
+    shipped = load_spec(ROOT / "studies" / "sd15-deepcache.toml")
+    assert shipped.space_size() == 28
+    assert "the space holds at most 28 distinct settings, fewer than search.n_trials = 60: the " \
+        "search ends when every one is tried (a repeat copies its result for free)" in notes(shipped)
+    two_combos = spec_from_dict({**MINIMAL, "search": {"accelerators": [["deepcache"], ["steps"]]},
+                                 "model": {"id": "builtin:tiny", "steps": 8},
+                                 "space": {"steps": {"num_inference_steps": [2, 7]}}})
+    assert two_combos.space_size() == 28 + 6
+    assert spec_from_dict(MINIMAL).space_size() is None  # ToMe's ratio is continuous ...
+    grid = {**MINIMAL, "search": {"accelerators": ["deepcache", "tome"], "sampler": "grid"}}
+    assert spec_from_dict(grid).space_size() == 28 * 7 * 2  # ... but not on the grid
+    masks = spec_from_dict({"model": {"id": "builtin:tiny-flux", "steps": 12},
+                            "search": {"accelerators": ["dbcache"], "n_trials": 4},
+                            "space": {"dbcache": {
+                                "residual_diff_threshold": [0.1], "Fn_compute_blocks": [1, 2],
+                                "Bn_compute_blocks": [0], "max_warmup_steps": [1],
+                                "warmup_interval": [1], "max_cached_steps": [-1],
+                                "max_continuous_cached_steps": [-1], "taylorseer_order": [0],
+                                "steps_computation_mask": ["none", "fast", "ultra"],
+                                "steps_computation_policy": ["dynamic", "static"]}}})
+    assert masks.space_size() == 2 * 3 * 2 and not [n for n in notes(masks) if "space" in n]
+    assert spec_from_dict({"model": {"id": "builtin:tiny-flux"},  # an "auto" threshold
+                           "search": {"accelerators": ["dbcache"]}}).space_size() is None
+
+
 def test_notes_say_what_a_valid_spec_will_do_unexpectedly():
     """A random-weight CLIP, and passes of too few batches for a speedup interval to tell
     anything (2 batches: one slow batch leaves every trial "not measured enough to tell")."""
@@ -128,7 +158,7 @@ def test_notes_say_what_a_valid_spec_will_do_unexpectedly():
                                "prompts": {"source": "builtin", **prompts},
                                "quality": {"clip_model": "builtin:tiny", "clip_pretrained": "none",
                                            "metric": "psnr", "limit": 30.0},
-                               "search": {"accelerators": ["deepcache"]}})
+                               "search": {"accelerators": ["deepcache"], "n_trials": 28}})
 
     thin, = [line for line in notes(spec(num_samples=8, batch_size=4)) if "batches" in line]
     assert thin.startswith("prompts.num_samples = 8 in batches of 4 is 2 batches a pass")

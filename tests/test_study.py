@@ -80,8 +80,8 @@ def test_two_workers_share_a_postgres_study_each_against_its_own_baseline(tmp_pa
 
     study = load(pg_url)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert len(finished) == 6
     settings = evaluated_settings(study)
+    assert len(settings) == 6  # copies of a result are free: each worker measured its 3
     assert len(settings) == len(set(settings)), "a setting was evaluated twice"
     assert all("constraints" in t.user_attrs for t in finished)
     assert len(studies.baselines(study)) == 1  # same device fingerprint: one baseline images
@@ -282,7 +282,7 @@ def test_study_show_list_delete(tmp_path):
     assert data["finished"] == 2 and len(data["baselines"]) == 1
     assert data["baselines"][0]["seconds_per_image"] > 0
     listed = optsearch_cmd("study", "list", "--storage", url).stdout.splitlines()
-    assert listed[0].split()[:4] == ["study", "finished", "queued", "n_trials"]
+    assert listed[0].split()[:4] == ["study", "measured", "queued", "n_trials"]
     row = next(line.split() for line in listed if line.startswith("tiny"))
     assert row[1] == "2" and row[3] == "2"  # finished and n_trials; queued warm starts apart
     best = data["best"]  # the published warm starts meet psnr 30 at 2x and more
@@ -308,12 +308,39 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert result.returncode == 0, result.stderr
     study = load(url)
     reused = [t for t in study.trials if t.user_attrs.get("reused_from") is not None]
-    assert reused, "8 random trials over 6 settings must repeat one"  # pigeonhole
+    assert reused, "a sampler drawing from 6 settings for 8 trials must repeat one"  # pigeonhole
     for trial in reused:
         original = study.trials[trial.user_attrs["reused_from"]]
         assert trial.user_attrs["setting"] == original.user_attrs["setting"]
         assert trial.state == original.state and trial.values == original.values
-    assert len(evaluated_settings(study)) == len(set(evaluated_settings(study)))
+    # copies take no trial of n_trials: every setting of the space is measured, once, and then
+    # the study ends, saying so, rather than copying results until 8 trials have finished
+    assert sorted(evaluated_settings(study)) == sorted(set(evaluated_settings(study)))
+    assert len(evaluated_settings(study)) == 6
+    assert [r["settings"] for r in studies.exhausted(study).values()] == [6]
+    assert "the space is exhausted: all 6 distinct settings are tried on cpu" in result.stdout
+    assert "fewer than n_trials 8" in result.stdout
+    assert "6/8 trials measured" in result.stdout
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
+    # a worker joining later finds nothing to do on this device
+    again = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
+    assert again.returncode == 0 and "worker done: 0 trials measured" in again.stdout, again.stderr
+    assert "the space is exhausted" in again.stdout and len(load(url).trials) == len(study.trials)
+
+
+def test_a_repeat_takes_no_trial_of_n_trials(tmp_path):
+    """A sampler that repeats a measured setting copies its result for free; the study still
+    measures n_trials distinct settings (it measured fewer, the repeats counted, before)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(tmp_path / "tiny.toml",
+                      SMALL_SPACE.replace("n_trials = 6", "n_trials = 5\nseed = 3\nwarm_start = []"))
+    result = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = load(url)
+    assert any(t.user_attrs.get("reused_from") is not None for t in study.trials), \
+        "seed 3 repeats a setting (the premise of this test)"
+    assert len(evaluated_settings(study)) == len(set(evaluated_settings(study))) == 5
+    assert not studies.exhausted(study) and "5/5 trials measured" in result.stdout
 
 
 def test_image_digests_name_each_prompts_image_whatever_the_batch(tiny_pipe):

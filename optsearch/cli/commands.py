@@ -138,13 +138,13 @@ def cmd_study_list(args) -> int:
     storage, rows = _open(args), []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         spec = summary.user_attrs.get(SPEC_ATTR, {})
-        states = Counter(t.state for t in optuna.load_study(
-            study_name=summary.study_name, storage=storage).get_trials(deepcopy=False))
-        rows.append([summary.study_name, sum(states[s] for s in studies.FINISHED),
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        states = Counter(t.state for t in study.get_trials(deepcopy=False))
+        rows.append([summary.study_name, len(studies.measured_trials(study)),
                      states[optuna.trial.TrialState.WAITING], spec.get("search", {}).get("n_trials"),
                      spec.get("model", {}).get("id"), winner_cell(summary.user_attrs.get("winner")),
                      f"{summary.datetime_start:%Y-%m-%d %H:%M:%S}" if summary.datetime_start else "-"])
-    headers = ["study", "finished", "queued", "n_trials", "model", "winner", "started"]
+    headers = ["study", "measured", "queued", "n_trials", "model", "winner", "started"]
     print(table(headers, rows) if rows else "no studies")
     return 0
 
@@ -284,7 +284,7 @@ def _complete(storage, name: str) -> bool:
     progress = studies.progress(storage, name)
     if progress is None or progress[0] < progress[1]:
         return False
-    print(f"study {name!r} is complete: {progress[0]} of {progress[1]} trials finished "
+    print(f"study {name!r} is complete: {progress[0]} of {progress[1]} trials measured "
           f"(`optsearch study show` for the results; `optsearch study extend {name} --n-trials N` "
           "adds trials)")
     return True
@@ -307,7 +307,9 @@ def cmd_worker(args) -> int:
 
     worker = Worker(args.storage, args.study, _worker_options(args))
     ran = worker.run()
-    print(f"worker done: {ran} trials run by this worker on {worker.device}")
+    print(f"worker done: {ran} trials measured by this worker on {worker.device}")
+    if exhausted := studies.exhausted(worker.study).get(worker.fingerprint):
+        print(studies.exhausted_text(exhausted))
     return 0
 
 

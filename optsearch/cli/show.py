@@ -43,6 +43,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "model_steps": spec.model.steps,
         "states": {state.name: states.get(state.name, 0) for state in TrialState},
         "finished": states.get("COMPLETE", 0) + states.get("PRUNED", 0),
+        "measured": len(studies.measured_trials(study)),  # what n_trials counts: copies are free
+        "exhausted": list(studies.exhausted(study).values()),
         "early_stopped": sum(bool(t.user_attrs.get("early_stopped")) for t in trials),
         "early_stop_saved_s": saved,
         "early_stop_by_reason": _early_stop_by_reason(trials),
@@ -108,11 +110,12 @@ def _early_stop_by_reason(trials) -> dict[str, dict]:
 
 def format_summary(summary: dict) -> str:
     lines = [f"study {summary['study']}: mode {summary['mode']}, feasible when "
-             f"{summary['constraint']}, {summary['finished']}/{summary['n_trials']} trials finished"]
+             f"{summary['constraint']}, {summary['measured']}/{summary['n_trials']} trials measured"]
+    lines += [studies.exhausted_text(record) for record in summary["exhausted"]]
     states = ", ".join(f"{k.lower()} {v}" for k, v in summary["states"].items() if v) or "none yet"
     saved = summary["early_stop_saved_s"]
     lines.append(f"trials: {states}; early-stopped {summary['early_stopped']} (saved ~{saved:.1f} s); "
-                 f"reused {summary['reused']}")
+                 f"reused {summary['reused']} (free copies of a measured setting)")
     for reason, entry in summary["early_stop_by_reason"].items():
         lines.append(f"  early stop ({reason}): {entry['trials']} trials, {entry['batches_saved']} "
                      f"batches and ~{entry['seconds_saved']:.1f} s saved")

@@ -15,7 +15,7 @@ from optsearch.measure.model_ids import check_clip_model
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, is_local, prompts_of
 from optsearch.optimize.objectives import directions, metric_names
 from optsearch.optimize.samplers import make_sampler
-from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, finished_trials, load_study, spec_attr
+from optsearch.optimize.study import SPEC_ATTR, VERSION_ATTR, load_study, measured_trials, spec_attr
 from optsearch.optimize.warm_start import enqueue_warm_start, warm_start_params
 from optsearch.storage.rdb import mask
 from optsearch.study_spec import StudySpec
@@ -129,7 +129,7 @@ def different_spec_text(name: str, differing: list[str], rename: str = "--name")
 
 def extend_study(storage, name: str, n_trials: int) -> tuple[int, int]:
     """Raise study `name`'s n_trials to `n_trials` (only up: finished trials stay as they are).
-    Returns (the old n_trials, finished trials)."""
+    Returns (the old n_trials, measured trials)."""
     study, spec = load_study(storage, name)
     old = spec.search.n_trials
     if n_trials <= old:
@@ -138,7 +138,7 @@ def extend_study(storage, name: str, n_trials: int) -> tuple[int, int]:
     stored = dict(study.user_attrs[SPEC_ATTR])
     stored["search"] = {**stored.get("search", {}), "n_trials": n_trials}
     study.set_user_attr(SPEC_ATTR, stored)
-    return old, len(finished_trials(study))
+    return old, len(measured_trials(study))
 
 
 # What studies made before a path was stored absolute hold: the same spec, whatever is stored now.

@@ -23,6 +23,7 @@ BASELINE_PREFIX = "optsearch:baseline:"
 CALIBRATION_PREFIX = "optsearch:calibration:"
 TIMING_PREFIX = "optsearch:timing:"  # + fingerprint:worker -> the baseline timings of one worker
 CONFIRM_PREFIX = "optsearch:confirm:"  # + digest -> one setting re-measured on unseen prompts
+EXHAUSTED_PREFIX = "optsearch:exhausted:"  # + fingerprint -> every setting is measured there
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # Optuna logs failed trials with tracebacks; workers report failures in one line themselves.
@@ -63,7 +64,7 @@ def progress(storage, name: str) -> tuple[int, int] | None:
         study, spec = load_study(storage, name)
     except UsageError:  # no such study, or not optsearch's: the caller's own path says so
         return None
-    return len(finished_trials(study)), spec.search.n_trials
+    return len(measured_trials(study)), spec.search.n_trials
 
 
 def baselines(study: optuna.Study) -> dict[str, dict]:
@@ -111,5 +112,33 @@ def confirmations(study: optuna.Study) -> dict[str, dict]:
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def is_copy(trial: FrozenTrial) -> bool:
+    """A trial that copied an earlier trial's result (the sampler drew a setting measured
+    already): it measured nothing, and takes none of the study's n_trials."""
+    return trial.user_attrs.get("reused_from") is not None
+
+
+def measured_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The finished trials that measured their setting: what `n_trials` counts."""
+    return [t for t in finished_trials(study) if not is_copy(t)]
+
+
+def save_exhausted(study: optuna.Study, fingerprint: str, record: dict) -> None:
+    """Record that every setting of the space is measured on this fingerprint."""
+    study.set_user_attr(EXHAUSTED_PREFIX + fingerprint, record)
+
+
+def exhausted(study: optuna.Study) -> dict[str, dict]:
+    """The fingerprints whose space is measured through, with their records."""
+    return {key.removeprefix(EXHAUSTED_PREFIX): value for key, value in study.user_attrs.items()
+            if key.startswith(EXHAUSTED_PREFIX)}
+
+
+def exhausted_text(record: dict) -> str:
+    """What an exhausted space means for the study, in one line."""
+    return (f"the space is exhausted: all {record['settings']} distinct settings are tried on "
+            f"{record['device']}, fewer than n_trials {record['n_trials']}")
 
 

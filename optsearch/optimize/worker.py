@@ -20,11 +20,11 @@ import optuna
 from tqdm.auto import tqdm
 
 from optsearch.accelerators import canonical_setting, combo_name, execution_device, normalize_setting
-from optsearch.formatting import format_interval, format_setting
+from optsearch.formatting import format_setting
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
 from optsearch.measure.faults import fault_from_env
 from optsearch.measure.fingerprint import fingerprint
-from optsearch.optimize import objectives, recovery, sharing
+from optsearch.optimize import recovery, sharing
 from optsearch.optimize import study as studies
 from optsearch.optimize.baseline import BaselineKeeper
 from optsearch.optimize.early_stop import rule_for
@@ -32,11 +32,11 @@ from optsearch.optimize.estimate import print_estimate
 from optsearch.optimize.plausible import ImplausibleSpeedup, measure_plausibly
 from optsearch.optimize.recovery import OUT_OF_MEMORY
 from optsearch.optimize.space import suggest_setting
+from optsearch.optimize.tell import record_trial
 from optsearch.optimize.winner import mark_winner
-from optsearch.storage.artifacts import open_artifact_store, upload_grid
-from optsearch.storage.notes import trial_line, trial_note, write_trial_note
+from optsearch.storage.artifacts import open_artifact_store
+from optsearch.storage.notes import trial_line
 from optsearch.storage.rdb import GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
-from optsearch.storage.record import measured_attrs, write_constraints
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class Worker:
         self.outages = recovery.DatabaseOutages(self.storage)
         self.current: optuna.Trial | None = None  # the trial being measured, until it is told
         self.interrupts = recovery.Interrupts()
-        self.trials_run = 0
+        self.trials_run = 0  # trials this worker measured (copies of earlier results are free)
+        self.repeated = False  # the last trial copied a measured setting: queue an unmeasured one
 
     @property
     def fingerprint(self) -> str:
@@ -142,11 +143,17 @@ class Worker:
         finished, running = sharing.counts(self.study)
         bar.n = min(finished, target)
         bar.refresh()
-        if finished >= target:
+        if finished >= target or self.fingerprint in studies.exhausted(self.study):
             return False
         if finished + running >= target:  # the last trials belong to other workers
             self.interrupts.sleep(self.options.poll_interval)
             return True
+        if self.repeated:  # the sampler repeats itself: an unmeasured setting next, if any is left
+            self.repeated = False
+            auto = self.evaluator.auto_ranges(self.spec)
+            if not sharing.queue_unmeasured(self.study, self.spec, self.fingerprint, auto, self._canonical,
+                                            {"worker": self.worker_id, "device": self.device}):
+                return False
         self.baselines.between_trials(self.trials_run)
         self.interrupts.hold()  # until the objective holds the trial Optuna creates
         try:
@@ -180,10 +187,9 @@ class Worker:
                            "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():
             trial.set_user_attr(key, value)
         previous = sharing.earlier_result(  # or one of the same computation (MagCache's skips)
-            self.study, trial, setting, self.fingerprint, self.options.poll_interval, lambda other, used:
-            canonical_setting(other, self.spec.model.steps, {**self.evaluator.calibration, **used}))
-        if previous is not None:
-            self.trials_run += 1
+            self.study, trial, setting, self.fingerprint, self.options.poll_interval, self._canonical)
+        if previous is not None:  # free, and no trial of n_trials: an unmeasured one comes next
+            self.repeated = True
             return sharing.copy_result(self.study, trial, previous, setting)
         try:
             result = measure_plausibly(lambda: self._measure(trial, setting),
@@ -192,7 +198,11 @@ class Worker:
         finally:
             self.trials_run += 1  # a trial that failed ran too: this worker's --n-trials counts it
         self.baselines.trial_measured()
-        return self._record(trial, result)
+        return record_trial(trial, result, self.spec, self.baselines)
+
+    def _canonical(self, setting: dict, used: dict) -> dict:
+        """The computation `setting` makes with what a trial ran with (`used`; {}: this worker's)."""
+        return canonical_setting(setting, self.spec.model.steps, {**self.evaluator.calibration, **used})
 
     def early_stop_rule(self, combo: str):
         """The early-stop rule for the next trial, from what the study has measured so far."""
@@ -220,30 +230,3 @@ class Worker:
                 trial.set_user_attr("batch_size", self.baselines.halve_batch(self.trials_run))
                 trial.set_user_attr("oom_halvings", halvings := halvings + 1)
                 trial.set_user_attr("fingerprint", self.fingerprint)
-
-    def _record(self, trial: optuna.Trial, result: Comparison):
-        """Store the trial's record, its image grid and dashboard note; tell Optuna its values."""
-        metric = self.spec.quality.metric
-        attrs = measured_attrs(result, metric, self.baselines.baseline_id)
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        summary = result.summary()
-        constraints = objectives.constraints(self.spec, summary)
-        write_constraints(self.study, trial, constraints)
-        quality = result.interval(metric)
-        upload_grid(self.baselines.artifacts, trial,
-                    f"trial-{trial.number:04d}_{result.combo}_speedup-{result.speedup:.2f}"
-                    f"_{metric}-{quality.mean:.3f}.png",
-                    f"trial {trial.number} {result.combo}: speedup {result.speedup_interval}, "
-                    f"{metric} {format_interval(quality)}",
-                    self.evaluator.prompts, self.spec.artifacts.grid_prompts,
-                    self.baselines.baseline.images, result.images, fps=self.spec.model.fps)
-        write_trial_note(self.study, trial._trial_id, trial_note(
-            trial.number, {**attrs, "combo": result.combo, "constraints": constraints}, self.spec))
-        values = objectives.objective_values(self.spec, summary)
-        if result.early_stopped:
-            if len(values) == 1:  # what was measured, for the sampler (TPE ranks pruned trials by it)
-                trial.report(values[0], result.batches_evaluated)
-            raise optuna.TrialPruned(f"early stop ({result.early_stop_reason}) after "
-                                     f"{result.batches_evaluated} of {result.n_batches} batches")
-        return values if len(values) > 1 else values[0]

@@ -48,6 +48,11 @@ def notes(spec: StudySpec) -> list[str]:
                      f"a pass: one slow batch can leave every speedup \"not measured enough to "
                      f"tell\"; {FEW_BATCHES} or more batches (more prompts or a smaller "
                      "prompts.batch_size) give usable intervals")
+    size = spec.space_size()
+    if size is not None and size < spec.search.n_trials:
+        lines.append(f"the space holds at most {size} distinct settings, fewer than search.n_trials = "
+                     f"{spec.search.n_trials}: the search ends when every one is tried (a repeat "
+                     "copies its result for free)")
     return lines
 
 

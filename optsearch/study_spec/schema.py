@@ -215,6 +215,27 @@ class StudySpec:
         """The parameters of `accelerator` that this spec searches (ranges, not fixed values)."""
         return [p for p in params_of(accelerator) if len(self.param_range(accelerator, p)) > 1]
 
+    def space_size(self) -> int | None:
+        """How many settings the sampler can draw, at most (parameters a drawn value makes
+        inactive, and twins, make fewer); None when a searched parameter is continuous or "auto"."""
+        total = 0
+        for combo in self.search.combos:
+            size = 1
+            for accelerator in combo:
+                for param, declared in params_of(accelerator).items():
+                    bounds = () if self.space_value(accelerator, param) == "auto" \
+                        else self.param_range(accelerator, param)
+                    if len(bounds) == 1:
+                        continue
+                    if not bounds or (declared.kind is float and bounds[2] is None
+                                      and self.search.sampler != "grid"):
+                        return None
+                    size *= len(self.grid_values(accelerator, param)) if declared.choices \
+                        or self.search.sampler == "grid" \
+                        else int(round((bounds[1] - bounds[0]) / (bounds[2] or 1) + 1e-9)) + 1
+            total += size
+        return total
+
     def grid_values(self, accelerator: str, param: str) -> list:
         """Every value the exhaustive grid tries for a parameter (step: given, else its default)."""
         bounds = self.param_range(accelerator, param)
