@@ -321,6 +321,7 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert "the space is exhausted: all 6 distinct settings are tried on cpu" in result.stdout
     assert "fewer than n_trials 8" in result.stdout
     assert "6/8 trials measured" in result.stdout
+    assert ": 6 trials to go; estimate: 6 trials x 4 prompts" in result.stdout  # not n_trials 8
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
     # a worker joining later finds nothing to do on this device
     again = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)

@@ -105,7 +105,7 @@ class Worker:
         with self.interrupts:
             try:
                 baseline = self.baselines.ensure(self.trials_run)
-                remaining = max(0, self.spec.search.n_trials - sharing.counts(self.study)[0])
+                remaining = max(0, self.spec.trials_possible() - sharing.counts(self.study)[0])
                 print_estimate(self.worker_id, baseline, remaining, self.evaluator, self.spec)
                 self._loop()
             except KeyboardInterrupt:

@@ -236,6 +236,11 @@ class StudySpec:
             total += size
         return total
 
+    def trials_possible(self) -> int:
+        """The trials a search can measure: n_trials, or the space's size where that is smaller
+        (what an estimate counts)."""
+        return min(self.search.n_trials, self.space_size() or self.search.n_trials)
+
     def grid_values(self, accelerator: str, param: str) -> list:
         """Every value the exhaustive grid tries for a parameter (step: given, else its default)."""
         bounds = self.param_range(accelerator, param)
