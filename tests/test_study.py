@@ -327,6 +327,9 @@ def test_reused_setting_copies_the_result(tmp_path):
     again = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
     assert again.returncode == 0 and "worker done: 0 trials measured" in again.stdout, again.stderr
     assert "the space is exhausted" in again.stdout and len(load(url).trials) == len(study.trials)
+    extended = optsearch_cmd("study", "extend", "tiny", "--n-trials", "10", "--storage", url)
+    assert extended.returncode == 0 and "n_trials 8 -> 10 (6 measured)" in extended.stdout
+    assert "note: the space is exhausted: all 6 distinct settings are tried on cpu" in extended.stdout
 
 
 def test_a_repeat_takes_no_trial_of_n_trials(tmp_path):

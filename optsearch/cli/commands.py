@@ -228,9 +228,12 @@ def cmd_study_delete(args) -> int:
 
 
 def cmd_study_extend(args) -> int:
-    old, finished = extend_study(_open(args), args.name, args.n_trials)
-    print(f"study {args.name!r}: n_trials {old} -> {args.n_trials} ({finished} finished); "
+    old, measured = extend_study(storage := _open(args), args.name, args.n_trials)
+    print(f"study {args.name!r}: n_trials {old} -> {args.n_trials} ({measured} measured); "
           f"`optsearch worker --study {args.name}` measures the rest")
+    for record in studies.exhausted(load_study(storage, args.name)[0]).values():
+        print(f"note: {studies.exhausted_text(record)}: no worker there measures more (a wider "
+              "space is a new study)")
     return 0
 
 
