@@ -47,8 +47,8 @@ def spec_for(seed: int, limit: float, fixed: dict) -> StudySpec:
     return spec_from_dict({
         "name": "repeats", "model": {"id": "builtin:cpu-bench", "steps": 20},
         "quality": {"metric": "psnr", "limit": limit},
-        "search": {"accelerators": ["deepcache", "tome", "tgate"], "sampler": "tpe", "seed": seed,
-                   "n_startup_trials": 10}, "space": space})
+        "search": {"accelerators": ["deepcache", "tome", "tgate"], "sampler": "tpe", "seed": seed},
+        "space": space})  # TPE with the spec's default start-up (20 trials)
 
 
 def search(spec, landscape: Landscape, n_trials: int, free: bool) -> dict[tuple, dict]:
