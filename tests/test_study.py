@@ -107,6 +107,22 @@ def test_two_workers_share_a_postgres_study_each_against_its_own_baseline(tmp_pa
     assert len(ids) == 2 and len({baseline_id for _, baseline_id in ids}) == 2
 
 
+def test_two_workers_exhaust_a_small_postgres_space_together(tmp_path, pg_url):
+    """Two workers on a 6-setting space with n_trials 8: between them every setting is measured
+    once, both stop when none is left (each says so), and nothing stays queued or running."""
+    spec = write_spec(tmp_path / "tiny.toml", SMALL_SPACE.replace("n_trials = 6", "n_trials = 8"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", pg_url, cwd=tmp_path).returncode == 0
+    workers = [worker(pg_url, "--artifact-dir", str(tmp_path / "artifacts")) for _ in range(2)]
+    outputs = [w.communicate(timeout=400) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = load(pg_url)
+    settings = evaluated_settings(study)
+    assert len(settings) == len(set(settings)) == 6, "every setting measured once"
+    assert [r["settings"] for r in studies.exhausted(study).values()] == [6]
+    assert all("the space is exhausted: all 6 distinct settings" in out for out, _ in outputs)
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
+
+
 def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:
     """A study of few-second trials, and a worker process already running it."""
     spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC)
