@@ -11,16 +11,22 @@ Fn = 1 and `largest_fn`, Bn = 0, warm-up `warmup`, on the search's first batch (
 "inert" early stop looks).
 
     python -m benchmarks inert-steps      # about two minutes on 2 cores
+
+With `--masks fast,ultra`, the trials run cache-dit's dynamic steps masks (SCM): only the steps
+a mask leaves out can skip, so a trial's range should start at the least difference on those. The
+rows compare the per-Fn blend of the two calibrated ranges (before) with the mask-aware range read
+step by step from the two calibrated runs (`dbcache.range_for`, now).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 
 from benchmarks.common import machine, table
-from optsearch.accelerators import AppliedSetting, CalibratedRange, calibrate_family
+from optsearch.accelerators import AppliedSetting, CalibratedRange, calibrate_family, dbcache
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import builtin_prompts
@@ -29,7 +35,7 @@ MODELS = ("builtin:tiny-flux", "builtin:tiny-sd3", "builtin:tiny-qwen-image")
 
 
 def main(thresholds: int = 6, batch_size: int = 2, steps: int = 20, fewest: int = 6,
-         between: str = "8,10,13,16", warmup: int = 1, largest_fn: int = 3) -> None:
+         between: str = "8,10,13,16", warmup: int = 1, largest_fn: int = 3, masks: str = "") -> None:
     counts = [int(count) for count in between.split(",")]
     fns = (1, largest_fn)
     first = builtin_prompts()[:batch_size]
@@ -44,17 +50,26 @@ def main(thresholds: int = 6, batch_size: int = 2, steps: int = 20, fewest: int 
 
         measured = calibrate_family("dbcache", pipe, run_once, searched, [steps, fewest])
         calibrated = CalibratedRange.stored(measured, "residual_diff_threshold")
-        for name, at in (("model's steps only", None), (f"{fewest} and {steps} steps, blended", True)):
+        if masks:
+            ways = [(f"{mask}, {way}", mask, rule) for way, rule in (
+                ("per-Fn blend", calibrated.for_setting),
+                ("mask-aware", partial(dbcache.range_for, measured))) for mask in masks.split(",")]
+        else:
+            ways = [("model's steps only", "none",
+                     lambda values, _count, at=calibrated: at.for_setting(values)),
+                    (f"{fewest} and {steps} steps, blended", "none", calibrated.for_setting)]
+        for name, mask, range_of in ways:
             inert, trials, per_count = 0, 0, {}
             for count in counts:
                 at_count = dataclasses.replace(config, steps=count)
                 for fn in fns:
-                    low, high = calibrated.for_setting({"Fn_compute_blocks": fn},
-                                                       steps=count if at else None)
+                    values = {"Fn_compute_blocks": fn, "max_warmup_steps": warmup}
+                    if mask != "none":
+                        values |= {"steps_computation_mask": mask, "steps_computation_policy": "dynamic"}
+                    low, high = range_of(values, count)
                     edges = np.linspace(low, high, thresholds + 1)
                     for threshold in (edges[:-1] + edges[1:]) / 2:
-                        setting = {"dbcache": {"residual_diff_threshold": float(threshold),
-                                               "Fn_compute_blocks": fn, "max_warmup_steps": warmup}}
+                        setting = {"dbcache": {**values, "residual_diff_threshold": float(threshold)}}
                         with AppliedSetting(pipe, setting) as applied:
                             list(generate(pipe, first, at_count, setting=applied, warmup=False))
                             skipped_nothing = applied.computed_fraction() >= 1.0
@@ -63,6 +78,7 @@ def main(thresholds: int = 6, batch_size: int = 2, steps: int = 20, fewest: int 
                         per_count[count] = per_count.get(count, 0) + skipped_nothing
             rows.append([model, name, f"{inert}/{trials}",
                          ", ".join(f"{count}: {n}" for count, n in per_count.items())])
+            print(rows[-1], flush=True)
     print(machine())
     print(f"model steps {steps}, fewest searched {fewest}; trials at {counts} steps; {thresholds} "
           f"thresholds x Fn {list(fns)}, warm-up {warmup}, first batch of {batch_size}")

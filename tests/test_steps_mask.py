@@ -200,6 +200,30 @@ def test_a_dynamic_masks_threshold_range_starts_where_its_own_steps_can_skip(flu
     assert all(skipped_steps(own[0] + share * (own[1] - own[0])) > 0 for share in (0.05, 0.5, 0.95))
 
 
+def test_a_dynamic_masks_range_between_the_calibrated_step_counts_reads_their_steps(flux_pipe):  # noqa: F811
+    """A steps + dbcache trial at a count no calibration ran (10, between 6 and 20): the per-Fn
+    blend of the two ranges knows nothing of the mask and started below every step the mask
+    lets skip (benchmarks: 24 of 288 such trials inert); read step by step from the two runs, the
+    trial's range starts above, and every threshold in it skips."""
+    from optsearch.accelerators import CalibratedRange, calibrate_family
+
+    calibration = calibrate_family("dbcache", flux_pipe, lambda count: generate_images(
+        flux_pipe, PROMPTS, steps=count), {"Fn_compute_blocks": [1]}, [20, 6])
+    values = {"Fn_compute_blocks": 1, "steps_computation_mask": "fast",
+              "steps_computation_policy": "dynamic"}
+    blend = CalibratedRange.stored(calibration, "residual_diff_threshold").for_setting(values, 10)
+    own = dbcache.range_for(calibration, values, 10)
+    assert own[0] > blend[0], (own, blend)
+
+    def skipped_steps(threshold: float) -> int:
+        with apply_setting(flux_pipe, _masked("fast", "dynamic", threshold, max_warmup_steps=0)) as fast:
+            generate_images(fast, PROMPTS, steps=10)
+            return len(_cached_steps(flux_pipe))
+
+    assert skipped_steps(blend[0] + 0.05 * (blend[1] - blend[0])) == 0  # the blend's low end: inert
+    assert all(skipped_steps(own[0] + share * (own[1] - own[0])) > 0 for share in (0.05, 0.5, 0.95))
+
+
 def test_check_says_what_each_searched_mask_computes_at_the_step_counts_trials_run(tmp_path):
     text = SCM_SPEC.replace('accelerators = [["dbcache"]]', 'accelerators = [["steps", "dbcache"]]') \
         + "[space.steps]\nnum_inference_steps = [8, 12]\n"

@@ -24,8 +24,10 @@ from collections.abc import Mapping
 from optsearch.accelerators.base import CalibratedRange, Param, bounds_of
 from optsearch.accelerators.cache_dit_masks import (  # noqa: F401 - the family's API
     MASK_POLICIES,
+    diffs_at,
     mask_problem,
     mask_step_problem,
+    measured_diffs,
     steps_mask,
 )
 from optsearch.accelerators.cache_dit_masks import quiet_cache_dit as _cache_dit
@@ -342,15 +344,14 @@ def range_for(calibration: Mapping, values: Mapping, steps: int | None) -> list[
     """The threshold range of one trial whose Fn and mask are drawn (`values`), at `steps` (None:
     the model's). Under a dynamic mask only the mask's other steps can skip: the range starts at
     the least difference the calibration saw on those (the run is the plain one until its first
-    skip, so any threshold above it skips at least one step), where it ran at that step count.
+    skip, so any threshold above it skips at least one step): as measured where it ran that step
+    count, read step by step from the two runs around it elsewhere (`diffs_at`).
     Otherwise the range per Fn, blended between the calibrated step counts (CalibratedRange)."""
 
     mask = values.get("steps_computation_mask", "none")
-    measured = calibration if steps in (None, calibration.get("steps")) \
-        else calibration.get("at_steps", {}).get(str(steps), {})
-    diffs = measured.get("diffs", {}).get(str(values.get("Fn_compute_blocks", 1)))
-    count = steps or measured.get("steps")
-    if mask != "none" and diffs and count:
+    count = steps or calibration.get("steps")
+    diffs = count and diffs_at(measured_diffs(calibration, values.get("Fn_compute_blocks", 1)), int(count))
+    if mask != "none" and diffs:
         try:
             skippable = {step for step, computes in enumerate(steps_mask(mask, int(count)))
                          if not computes}
