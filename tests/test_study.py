@@ -343,6 +343,10 @@ def test_reused_setting_copies_the_result(tmp_path):
     again = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
     assert again.returncode == 0 and "worker done: 0 trials measured" in again.stdout, again.stderr
     assert "the space is exhausted" in again.stdout and len(load(url).trials) == len(study.trials)
+    exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "p.json"))
+    assert exported.returncode == 0, exported.stderr  # the answer rests on every setting
+    assert json.loads((tmp_path / "p.json").read_text())["search"] == {
+        "n_trials": 8, "space_size": 6, "measured": 6, "exhausted": True}
     extended = optsearch_cmd("study", "extend", "tiny", "--n-trials", "10", "--storage", url)
     assert extended.returncode == 0 and "n_trials 8 -> 10 (6 measured)" in extended.stdout
     assert "note: the space is exhausted: all 6 distinct settings are tried on cpu" in extended.stdout

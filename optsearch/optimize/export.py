@@ -18,7 +18,15 @@ from optsearch.optimize.objectives import (
     relax_hint,
 )
 from optsearch.optimize.reference import missing_text, steps_frontier, verdict
-from optsearch.optimize.study import FINISHED, baselines, calibration, confirmations, spec_attr
+from optsearch.optimize.study import (
+    FINISHED,
+    baselines,
+    calibration,
+    confirmations,
+    exhausted,
+    measured_trials,
+    spec_attr,
+)
 from optsearch.optimize.winner import latest_by_trial, repeat_of, winner
 from optsearch.storage.record import same_images, speedup_of, trial_metrics, utc_now
 from optsearch.version import __version__
@@ -137,6 +145,11 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
             "date": utc_now(),
         },
     }
+    exported["search"] = {  # what the answer rests on: a sample of the space, or all of it
+        "n_trials": spec.search.n_trials, "space_size": spec.space_size(),
+        "measured": sum(t.user_attrs.get("fingerprint") == exported["fingerprint"]
+                        for t in measured_trials(study)),
+        "exhausted": exported["fingerprint"] in exhausted(study)}
     if exported["baseline"] is not None:
         exported["baseline"] = {k: v for k, v in exported["baseline"].items()
                                 if k not in ("clip_scores", "prompts")}
