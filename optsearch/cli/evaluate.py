@@ -1,0 +1,113 @@
+"""`optsearch evaluate`: one setting (the spec's combo at its defaults, `--set` overrides)
+measured against the spec's baseline, with no study: the quick answer to "what does this do here?"."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from optsearch.accelerators import ORDER, combo_problem, normalize_setting
+from optsearch.errors import UsageError
+from optsearch.formatting import comparison_table, compile_text, format_setting
+from optsearch.study_spec import SpecError, check_setting, load_spec
+
+
+def _parse_value(key: str, text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            value = convert(text)
+        except ValueError:
+            continue
+        if not math.isfinite(value):
+            raise UsageError(f"--set {key}={text}: {text!r} is not a finite number")
+        return value
+    return text  # a name (cache-dit's masks), or a mistake the setting's check names
+
+
+def parse_sets(items: list[str]) -> dict:
+    """['tome.ratio=0.5', ...] -> {'tome.ratio': 0.5, ...}."""
+    setting = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise UsageError(f"--set {item!r} must look like ACCELERATOR.PARAM=VALUE")
+        setting[key.strip()] = _parse_value(key.strip(), value.strip())
+    return setting
+
+
+def cmd_evaluate(args) -> int:
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize import pass_noise
+
+    spec = load_spec(args.spec)
+    try:
+        given = normalize_setting(parse_sets(args.set))
+        combo = next((c for c in spec.search.combos if set(given) <= set(c)), None)
+        if combo is None:  # say why about the families given, not a combo they were mixed into
+            problem = combo_problem(list(given), spec.search.model_kind) or check_setting(given, spec)[0]
+            raise SpecError([f"--set: {problem}"])
+        setting = default_setting(combo, spec.model.steps)
+        for accelerator, values in given.items():
+            setting.setdefault(accelerator, {}).update(values)
+        setting = normalize_setting(setting)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    problems = check_setting(setting, spec)
+    if problems:
+        raise SpecError([f"{args.spec}: {p}" for p in problems])
+    images_folder = output_folder(args.save_images, "--save-images") if args.save_images else None
+    evaluator = evaluator_from_spec(spec, device=args.device, progress=not args.quiet)
+    baseline = evaluator.baseline()
+    keep = len(evaluator.prompts) if args.save_images else 0
+    comparison = evaluator.compare(setting, baseline, keep_images=keep,
+                                   pass_noise=pass_noise.assumed(spec.search.pass_noise))
+    if images_folder is not None:
+        save_images(images_folder, baseline.images, comparison.images)
+    if args.json:  # with what the timings are comparable to: device, dtype, versions, offload
+        from optsearch.measure.fingerprint import fingerprint
+
+        digest, facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
+        print(json.dumps({**comparison.to_dict(), "fingerprint": digest, "measured_with": facts},
+                         indent=2))
+    else:
+        print(f"{spec.name}: {len(evaluator.prompts)} prompts, batch size "
+              f"{evaluator.config.batch_size}, {format_setting(comparison.setting)}")
+        summary = comparison.summary()
+        print(comparison_table(summary))
+        if compiled := compile_text(summary):  # None when eager
+            print(compiled)
+    return 0
+
+
+def default_setting(combo, model_steps: int | None = None) -> dict[str, dict]:
+    """Each accelerator of `combo` at its library's default parameters; `steps` (which has no
+    library default) at half of `model_steps`."""
+    setting = {name: {} for name in ORDER if name in combo}
+    if "steps" in setting and model_steps:
+        setting["steps"] = {"num_inference_steps": max(1, model_steps // 2)}
+    return normalize_setting(setting)
+
+
+def output_folder(path: str, option: str) -> Path:
+    """The folder `option` names, made now (with its parents): one that cannot be is bad input,
+    said before anything is measured or drawn."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot make that folder ({error.strerror})") from None
+    return folder
+
+
+def save_images(folder: Path, baseline, setting: list) -> None:
+    """Write baseline_NNN.png and setting_NNN.png per prompt index (uint8 arrays)."""
+    from PIL import Image
+
+    for index, image in enumerate(baseline):
+        Image.fromarray(image).save(folder / f"baseline_{index:03d}.png")
+    for index, image in enumerate(setting):
+        Image.fromarray(image).save(folder / f"setting_{index:03d}.png")
