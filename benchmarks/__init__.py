@@ -27,6 +27,8 @@ BENCHMARKS = {
                            "for search-efficiency", "Search efficiency"),
     "search-efficiency": Benchmark("search_efficiency", "How many trials does each sampler need to "
                                    "find the grid's best?", "Search efficiency"),
+    "search-conditional": Benchmark("search_conditional", "Does TPE's group=True find the best of "
+                                    "sd15-any's four combos sooner?", "Search efficiency"),
     "repeats": Benchmark("repeats", "What do a sampler's repeats cost a trial budget, and what does "
                          "measuring an unmeasured setting after each give back?", "Search efficiency"),
     "storage": Benchmark("storage", "How many trials a second can SQLite and PostgreSQL take?",

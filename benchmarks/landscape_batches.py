@@ -13,6 +13,10 @@ Other sizes write landscape-cpu-bench-batches-<prompts>x<batch_size>.json: 8 pro
 1 give a trial the 8 looks of a default study (32 prompts in batches of 4) in about 20 minutes, 16
 in batches of 2 (two prompts a look) in about 27.
 
+`--combo deepcache+tome` records the grid of a combo within it (its families' parameters, the
+others off) to landscape-...-deepcache+tome.json: with the sub-combos the replays have the
+conditional space of a study of `sd15-any`'s four combos (search_efficiency.py `--conditional`).
+
 `--recording 2` records the same grid again, independently (its own process, baselines and noise),
 to landscape-...-2.json: a replay that does not grade itself defines the answer on one recording
 and searches the other (search_cost.py, RESULTS "Search cost").
@@ -30,7 +34,7 @@ from optsearch import load_spec
 from optsearch.measure.evaluate import evaluator_from_spec
 
 
-def main(num_samples: int = 3, batch_size: int = 1, recording: int = 1) -> None:
+def main(num_samples: int = 3, batch_size: int = 1, recording: int = 1, combo: str = "") -> None:
     spec = load_spec(ROOT / "studies" / "cpu-bench.toml")
     spec.model.height = spec.model.width = 128
     spec.prompts.num_samples, spec.prompts.batch_size = num_samples, batch_size
@@ -39,13 +43,15 @@ def main(num_samples: int = 3, batch_size: int = 1, recording: int = 1) -> None:
     baselines = [{"seconds_per_image": baseline.seconds_per_image,
                   "batch_seconds": baseline.batch_seconds}]
     points, started = [], time.perf_counter()
-    combos = list(itertools.product(*GRID.values()))
+    grid = {name: values for name, values in GRID.items()
+            if not combo or name.split(".")[0] in combo.split("+")}
+    combos = list(itertools.product(*grid.values()))
     for index, values in enumerate(combos):
         if index and index % REBASELINE_EVERY == 0:
             timed = evaluator.baseline(scored=baseline)
             baselines.append({"seconds_per_image": timed.seconds_per_image,
                               "batch_seconds": timed.batch_seconds})
-        setting = dict(zip(GRID, values, strict=True))
+        setting = dict(zip(grid, values, strict=True))
         evaluator.warm.clear()  # record every point's short warm-up: a fresh worker's first trial
         result = evaluator.compare(setting, baseline)
         current = baselines[-1]
@@ -58,11 +64,11 @@ def main(num_samples: int = 3, batch_size: int = 1, recording: int = 1) -> None:
         })
         print(f"{index + 1}/{len(combos)} {setting} {result.seconds_per_image:.3f} s/img "
               f"psnr {points[-1]['psnr']:.1f}", flush=True)
-    out = landscape_path(num_samples, batch_size, recording)
+    out = landscape_path(num_samples, batch_size, recording, combo)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "machine": machine(), "model": "builtin:cpu-bench", "height": 128, "steps": spec.model.steps,
-        "prompts": num_samples, "batch_size": batch_size, "grid": GRID, "baselines": baselines,
+        "prompts": num_samples, "batch_size": batch_size, "grid": grid, "baselines": baselines,
         "seconds": time.perf_counter() - started, "points": points,
     }, indent=1))
     print(f"wrote {out} ({len(points)} points, {time.perf_counter() - started:.0f} s)")

@@ -24,13 +24,15 @@ REBASELINE_EVERY = 40  # landscapes re-time the baseline now and then: CPU speed
 DATA = ROOT / "benchmarks" / "data"
 
 
-def landscape_path(num_samples: int = 3, batch_size: int = 1, recording: int = 1):
+def landscape_path(num_samples: int = 3, batch_size: int = 1, recording: int = 1, combo: str = ""):
     """Where a landscape of this size lives (the first one, 3x1, keeps its original name); a
-    second, independent recording of the same grid (`recording` 2) ends in "-2"."""
-    again = "" if recording == 1 else f"-{recording}"
+    second, independent recording of the same grid (`recording` 2) ends in "-2"; the grid of a
+    combo within it (`combo`, e.g. "deepcache+tome") is named after it."""
+    again = ("" if recording == 1 else f"-{recording}")
+    within = f"-{combo}" if combo and combo != "deepcache+tome+tgate" else ""
     if (num_samples, batch_size) == (3, 1):
-        return DATA / f"landscape-cpu-bench-batches{again}.json"
-    return DATA / f"landscape-cpu-bench-batches-{num_samples}x{batch_size}{again}.json"
+        return DATA / f"landscape-cpu-bench-batches{within}{again}.json"
+    return DATA / f"landscape-cpu-bench-batches-{num_samples}x{batch_size}{within}{again}.json"
 
 
 @dataclass(frozen=True)
