@@ -21,9 +21,8 @@ import statistics
 import optuna
 
 from benchmarks.common import table
-from benchmarks.replay import Landscape, landscape_path
+from benchmarks.replay import Landscape, landscape_path, tell_point
 from benchmarks.search_efficiency import flat
-from optsearch.optimize.objectives import constraints
 from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.sharing import unmeasured_params
 from optsearch.optimize.space import suggest_setting
@@ -70,10 +69,7 @@ def search(spec, landscape: Landscape, n_trials: int, free: bool) -> dict[tuple,
         repeated = free and key in measured
         measured[key] = point
         trials += 1
-        summary = {"speedup": point["speedup"], "psnr": {"mean": point["psnr"]}}
-        for name, value in constraints(spec, summary).items():
-            trial.set_constraint(name, value)
-        study.tell(trial, point["speedup"])
+        tell_point(study, trial, spec, point)
     return measured
 
 

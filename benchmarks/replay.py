@@ -35,6 +35,17 @@ def landscape_path(num_samples: int = 3, batch_size: int = 1, recording: int = 1
     return DATA / f"landscape-cpu-bench-batches-{num_samples}x{batch_size}{within}{again}.json"
 
 
+def tell_point(study, trial, spec, point: dict) -> None:
+    """Tell Optuna a recorded point as a trial of `spec` would be told: its speedup, with the
+    spec's constraints on its figures."""
+    from optsearch.optimize.objectives import constraints
+
+    summary = {"speedup": point["speedup"], "psnr": {"mean": point["psnr"]}}
+    for name, value in constraints(spec, summary).items():
+        trial.set_constraint(name, value)
+    study.tell(trial, point["speedup"])
+
+
 @dataclass(frozen=True)
 class Found:
     """A completed feasible trial: its speedup interval, batches and recorded baseline timing."""

@@ -22,9 +22,8 @@ import statistics
 import optuna
 
 from benchmarks.common import table
-from benchmarks.replay import landscape_path, limit_in_a_gap
+from benchmarks.replay import landscape_path, limit_in_a_gap, tell_point
 from optsearch.accelerators import combo_name
-from optsearch.optimize.objectives import constraints
 from optsearch.optimize.samplers import TrialSeeded
 from optsearch.optimize.space import suggest_setting
 from optsearch.study_spec import spec_from_dict
@@ -81,10 +80,7 @@ def settings_to_reach(spec, sampler, searched: dict, truth: dict, limit: float, 
                 return len(measured)
             if len(measured) >= cap:
                 return None
-        summary = {"speedup": point["speedup"], "psnr": {"mean": point["psnr"]}}
-        for name, value in constraints(spec, summary).items():
-            trial.set_constraint(name, value)
-        study.tell(trial, point["speedup"])
+        tell_point(study, trial, spec, point)
     return None
 
 

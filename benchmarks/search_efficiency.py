@@ -16,7 +16,7 @@ import statistics
 import optuna
 
 from benchmarks.common import ROOT, table
-from optsearch.optimize.objectives import constraints
+from benchmarks.replay import tell_point
 from optsearch.optimize.samplers import make_sampler
 from optsearch.optimize.space import suggest_setting
 from optsearch.study_spec import spec_from_dict
@@ -58,10 +58,7 @@ def trials_to_reach(spec, table_: dict, goal: float, cap: int, asks: int = 3000)
                 return len(measured)
             if len(measured) >= cap:
                 return None
-        summary = {"speedup": point["speedup"], "psnr": {"mean": point["psnr"]}}
-        for name, value in constraints(spec, summary).items():
-            trial.set_constraint(name, value)
-        study.tell(trial, point["speedup"])
+        tell_point(study, trial, spec, point)
     return None
 
 
