@@ -18,7 +18,7 @@ from optsearch.errors import NothingToExport  # noqa: E402
 from optsearch.measure.metrics import METRICS  # noqa: E402
 from optsearch.optimize import objectives, reference  # noqa: E402
 from optsearch.optimize import study as studies  # noqa: E402
-from optsearch.storage.record import quality_of, speedup_of  # noqa: E402
+from optsearch.storage.record import is_copy, quality_of, speedup_of  # noqa: E402
 
 logger = logging.getLogger(__name__)
 FEW_FOR_IMPORTANCES = 20  # below this, an importance ranking moves with the next few trials
@@ -68,7 +68,7 @@ def speedup_vs_quality(study: optuna.Study, spec) -> plt.Figure:
     front, the fewer-steps line and the limit."""
     metric, limit = spec.quality.metric, spec.quality.limit
     trials = [t for t in study.get_trials(deepcopy=False, states=studies.FINISHED)
-              if t.user_attrs.get("speedup") is not None and t.user_attrs.get("reused_from") is None]
+              if t.user_attrs.get("speedup") is not None and not is_copy(t)]
     figure, ax = plt.subplots(figsize=(8, 5))
     combos = sorted({t.user_attrs["combo"] for t in trials})
     colours = plt.get_cmap("tab10")

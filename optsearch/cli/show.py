@@ -22,7 +22,7 @@ from optsearch.formatting import (
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
 from optsearch.optimize.winner import repeat_of, winner
-from optsearch.storage.record import quality_of, same_images, trial_metrics
+from optsearch.storage.record import is_copy, quality_of, same_images, trial_metrics
 
 
 def study_summary(study: optuna.Study, spec) -> dict:
@@ -48,7 +48,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "early_stopped": sum(bool(t.user_attrs.get("early_stopped")) for t in trials),
         "early_stop_saved_s": saved,
         "early_stop_by_reason": _early_stop_by_reason(trials),
-        "reused": sum(t.user_attrs.get("reused_from") is not None for t in trials),
+        "reused": sum(is_copy(t) for t in trials),
         "confidence": spec.quality.confidence,
         "rule": spec.quality.rule,
         "baselines": list(studies.baselines(study).values()),

@@ -71,7 +71,7 @@ from optsearch.measure.speedup import SpeedupInterval, first_batch_interval, spe
 from optsearch.optimize.evidence import RECENT_TRIALS, FirstBatches, PromptEffects
 from optsearch.optimize.objectives import is_feasible
 from optsearch.optimize.sequential import per_look_alpha
-from optsearch.storage.record import made_images, per_prompt_key, quality_of, speedup_of
+from optsearch.storage.record import is_copy, made_images, per_prompt_key, quality_of, speedup_of
 from optsearch.study_spec import StudySpec
 
 QUALITY, SPEEDUP, DOMINATED, INERT = "quality", "speedup", "dominated", "inert"
@@ -231,7 +231,7 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
     here = [t for t in trials if t.user_attrs.get("fingerprint") == fingerprint]
     rule = EarlyStop(spec.quality.metric, spec.search.min_batches,
                      stop_margin=spec.search.stop_margin)
-    measured = [t for t in here if "reused_from" not in t.user_attrs and t.user_attrs.get("batch_seconds")]
+    measured = [t for t in here if not is_copy(t) and t.user_attrs.get("batch_seconds")]
     rule.first_batches = FirstBatches.of(
         (t.user_attrs["batch_seconds"], (t.user_attrs.get("warmup_seconds") or 0) > 0)
         for t in measured[-RECENT_TRIALS:])
@@ -246,7 +246,7 @@ def rule_for(spec: StudySpec, trials: Sequence[FrozenTrial], fingerprint: str,
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     key = per_prompt_key(spec.quality.metric)
     rule.prompt_effects = PromptEffects.of(
-        [t.user_attrs[key] for t in complete if "reused_from" not in t.user_attrs
+        [t.user_attrs[key] for t in complete if not is_copy(t)
          and len(t.user_attrs.get(key) or ()) == spec.prompts.num_samples][-RECENT_TRIALS:])
     found = [t for t in complete if t.user_attrs.get("fingerprint") == fingerprint
              and is_feasible(t) and t.user_attrs.get("speedup_low") is not None]

@@ -15,6 +15,7 @@ from optsearch.storage.record import (
     computation_key,
     faster_than_baseline,
     feasible,
+    is_copy,
     missed,
     quality_of,
 )
@@ -139,7 +140,7 @@ def _measured_feasible(study: optuna.Study) -> list[FrozenTrial]:
     """Feasible COMPLETE trials faster than the baseline that measured their setting (not copies
     of an earlier trial)."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if is_feasible(t) and is_faster(t) and t.user_attrs.get("reused_from") is None]
+            if is_feasible(t) and is_faster(t) and not is_copy(t)]
 
 
 def best_per_combo(study: optuna.Study, spec: StudySpec,

@@ -20,7 +20,7 @@ from optsearch.optimize import study as studies
 from optsearch.optimize.objectives import setting_key
 from optsearch.optimize.samplers import trial_seed
 from optsearch.optimize.space import suggest_setting
-from optsearch.storage.record import write_constraints
+from optsearch.storage.record import is_copy, write_constraints
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def counts(study: optuna.Study, ahead_of: int | None = None) -> tuple[int, int]:
     """(measured, running) trials, copies not counted; with `ahead_of`, only running trials
     numbered below it."""
     trials = study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING))
-    finished = sum(t.state in studies.FINISHED and not studies.is_copy(t) for t in trials)
+    finished = sum(t.state in studies.FINISHED and not is_copy(t) for t in trials)
     running = sum(t.state == TrialState.RUNNING and (ahead_of is None or t.number < ahead_of)
                   for t in trials)
     return finished, running
@@ -109,15 +109,15 @@ def taken(study: optuna.Study, fingerprint: str, key: Callable[[dict, dict], str
             if t.user_attrs.get("fingerprint") == fingerprint and "setting" in t.user_attrs}
 
 
-def unmeasured_params(taken: set[str], draw: Callable[[optuna.Trial], dict], key: Callable[[dict, dict], str],
+def unmeasured_params(tried: set[str], draw: Callable[[optuna.Trial], dict], key: Callable[[dict, dict], str],
                       seed: int | None = None, draws: int = UNMEASURED_DRAWS) -> dict | None:
     """The parameters (as Optuna names them, for `enqueue_trial`) of a setting whose computation
-    is not in `taken`, drawn at random: `draw(trial)` samples a setting from the space as a worker
+    is not in `tried` (`taken`), drawn at random: `draw(trial)` samples a setting from the space as a worker
     does. None when `draws` draws found none: the space is tried through."""
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     for _ in range(draws):
         trial = probe.ask()
-        if key(draw(trial), {}) not in taken:
+        if key(draw(trial), {}) not in tried:
             return trial.params
         probe.tell(trial, state=TrialState.FAIL)
     return None

@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optsearch.errors import UsageError
 from optsearch.optimize.samplers import make_sampler
 from optsearch.storage.rdb import mask
+from optsearch.storage.record import is_copy
 from optsearch.study_spec import StudySpec, spec_from_dict
 
 SPEC_ATTR = "optsearch:spec"
@@ -112,12 +113,6 @@ def confirmations(study: optuna.Study) -> dict[str, dict]:
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
-
-
-def is_copy(trial: FrozenTrial) -> bool:
-    """A trial that copied an earlier trial's result (the sampler drew a setting measured
-    already): it measured nothing, and takes none of the study's n_trials."""
-    return trial.user_attrs.get("reused_from") is not None
 
 
 def measured_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -174,6 +174,12 @@ def computation_key(attrs: dict) -> str | None:
                        attrs["image_digests"]])
 
 
+def is_copy(trial: FrozenTrial) -> bool:
+    """A trial that copied an earlier trial's result (`reused_from`: the sampler drew a setting
+    measured already): it measured nothing, and takes none of the study's n_trials."""
+    return trial.user_attrs.get("reused_from") is not None
+
+
 def same_images(study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
     """Other complete trials that made the trial's bit-identical images (all it made, for one
     stopped early) from its combo on the same device and batch size: adjacent thresholds often
