@@ -339,10 +339,11 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert "6/8 trials measured" in result.stdout
     assert ": 6 trials to go; estimate: 6 trials x 4 prompts" in result.stdout  # not n_trials 8
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
-    # a worker joining later finds nothing to do on this device
+    # a worker joining later finds nothing to do on this device, and times no baseline for it
     again = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
     assert again.returncode == 0 and "worker done: 0 trials measured" in again.stdout, again.stderr
     assert "the space is exhausted" in again.stdout and len(load(url).trials) == len(study.trials)
+    assert len(studies.timings(load(url))) == len(studies.timings(study))
     exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "p.json"))
     assert exported.returncode == 0, exported.stderr  # the answer rests on every setting
     assert json.loads((tmp_path / "p.json").read_text())["search"] == {
