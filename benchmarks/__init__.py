@@ -33,6 +33,8 @@ BENCHMARKS = {
                          "measuring an unmeasured setting after each give back?", "Search efficiency"),
     "storage": Benchmark("storage", "How many trials a second can SQLite and PostgreSQL take?",
                          "Storage throughput"),
+    "study-growth": Benchmark("study_growth", "What does a worker spend on each trial outside the "
+                              "pipeline, as the study grows to hundreds of trials?", "Trial overhead"),
     "storage-load": Benchmark("storage_load", "How many workers does PostgreSQL serve, directly and "
                               "through the storage proxy, and what grows with the study?", "Scaling out"),
     "early-stop": Benchmark("early_stop", "How much time does early stop save on a real study?",

@@ -1,0 +1,81 @@
+"""What a worker spends on each trial outside the pipeline, as the study grows.
+
+One worker runs `--n-trials` trials of a near-free setting (builtin:tiny, 2 prompts, 8 steps:
+inference takes a fraction of a second) on a space that never runs out (ToMe's ratio is
+continuous). Each trial's cycle is the time from its start to the next trial's start; the part of
+it outside the trial's comparison (`wall_seconds`: warm-up, timed batches, scoring) is the
+bookkeeping: sampling, the storage's reads and writes, the winner and the dashboard's note, the
+image grid, the early-stop rule. Probes are off (`probe_every = 0`: they are baseline inference,
+not bookkeeping). Printed per block of trials, so that what grows with the study shows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from benchmarks.common import ROOT, drop_pg_database, machine, pg_database, scratch, table
+from optsearch import load_spec
+
+
+def spec_for(n_trials: int):
+    spec = load_spec(ROOT / "studies" / "tiny-demo.toml")
+    spec.name = "study-growth"
+    spec.model.steps = 8
+    spec.prompts.num_samples = spec.prompts.batch_size = 2
+    spec.search.n_trials = n_trials
+    spec.search.probe_every = 0
+    spec.search.early_stop = False
+    spec.search.warm_start = []
+    return spec
+
+
+def run(url: str, spec, folder) -> float:
+    from optsearch.optimize.create import create_study
+    from optsearch.optimize.worker import Worker, WorkerOptions
+    from optsearch.storage.rdb import open_storage
+
+    create_study(spec, open_storage(url, heartbeat_interval=None))
+    started = time.perf_counter()
+    Worker(url, spec.name, WorkerOptions(progress=False, artifact_dir=str(folder / "artifacts"))).run()
+    return time.perf_counter() - started
+
+
+def overheads(url: str, name: str) -> list[tuple[int, float, float]]:
+    """(trial number, cycle seconds, seconds outside the comparison) of each measured trial."""
+    import optuna
+
+    trials = sorted((t for t in optuna.load_study(study_name=name, storage=url).trials
+                     if t.datetime_start and "wall_seconds" in t.user_attrs), key=lambda t: t.number)
+    rows = []
+    for trial, following in zip(trials, trials[1:], strict=False):
+        cycle = (following.datetime_start - trial.datetime_start).total_seconds()
+        rows.append((trial.number, cycle, cycle - trial.user_attrs["wall_seconds"]))
+    return rows
+
+
+def main(n_trials: int = 300, block: int = 50, storage: str = "sqlite") -> None:
+    spec = spec_for(n_trials)
+    folder = scratch()
+    database = None
+    if storage == "postgresql":
+        database, url = pg_database()
+    else:
+        url = f"sqlite:///{folder / 'bench.db'}"
+    try:
+        total = run(url, spec, folder)
+        rows = overheads(url, spec.name)
+    finally:
+        if database:
+            drop_pg_database(database)
+    print(f"# bookkeeping per trial as the study grows: builtin:tiny, {storage} ({machine()})")
+    out = []
+    for start in range(0, n_trials, block):
+        chunk = [r for r in rows if start <= r[0] < start + block]
+        if chunk:
+            out.append([f"{start}-{start + block - 1}", len(chunk),
+                        statistics.median(r[1] for r in chunk), statistics.median(r[2] for r in chunk),
+                        max(r[2] for r in chunk)])
+    print(table(["trials", "n", "cycle s (median)", "outside comparison s (median)", "max"], out))
+    print(f"whole run: {total:.0f} s for {n_trials} trials")
+
