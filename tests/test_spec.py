@@ -87,6 +87,16 @@ CASES = [
     ("unknown prompt source", with_("prompts", source="laion"), "unknown prompt source 'laion'"),
     ("space for an accelerator not searched", {**MINIMAL, "space": {"tgate": {"gate_step": 5}}},
      "space.tgate: is not searched"),
+    ("a range bound not a number", {**MINIMAL, "space": {"tome": {"ratio": [float("nan"), 0.7]}}},
+     "space.tome.ratio: nan must be a finite number"),
+    ("a range step not a number", {**MINIMAL, "space": {"tome": {"ratio": [0.1, 0.7, float("nan")]}}},
+     "space.tome.ratio: step nan must be a positive number"),
+    ("an infinite number", with_("model", guidance_scale=float("inf")),
+     "model.guidance_scale: must be a finite number, got inf"),
+    ("a sampler seed numpy refuses", with_("search", seed=2**64),
+     "search.seed: 18446744073709551616 must be in"),
+    ("a negative sampler seed", with_("search", seed=-1), "search.seed: -1 must be in [0, 2**32 - 1]"),
+    ("a prompt seed past 32 bits", with_("prompts", seed=2**32), "prompts.seed: 4294967296 must be in"),
 ]
 
 
@@ -101,6 +111,16 @@ def test_all_problems_are_reported_at_once():
     data = with_("prompts", num_samples=0, batch_size=0)
     data["search"]["sampler"] = "cmaes"
     assert len(problems_of(data)) == 3
+
+
+def test_a_wrong_value_is_reported_once_not_again_as_its_default():
+    """A key of the wrong type keeps its default; the cross-field checks must not then judge
+    that default (quality.limit's 0.3 against a PSNR metric: a value the user never wrote)."""
+    assert problems_of(with_("quality", metric="psnr", limit="35")) == [
+        "spec.toml: quality.limit: must be a number, got '35'"]
+    assert problems_of(with_("model", steps=-3) | {"space": {"deepcache": {"cache_interval": [2, 6]}},
+                                                   "search": {"accelerators": ["deepcache"]}}) == [
+        "spec.toml: model.steps: must be >= 1"]
 
 
 def test_file_errors_are_one_line(tmp_path):

@@ -46,6 +46,8 @@ class Param:
             return None if isinstance(value, bool) else "must be true or false"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a{'n integer' if self.kind is int else ' number'}"
+        if not math.isfinite(value):
+            return "must be a finite number"
         if self.kind is int and not float(value).is_integer():
             return "must be an integer"
         if self.minimum is not None and value < self.minimum:

@@ -94,6 +94,9 @@ def validate(spec: StudySpec, problem) -> None:
         problem("prompts.num_samples", f"{prompts.num_samples} must be >= 1")
     if prompts.batch_size < 1:
         problem("prompts.batch_size", f"{prompts.batch_size} must be >= 1")
+    for key, seed in (("prompts.seed", prompts.seed), ("search.seed", search.seed)):
+        if seed is not None and not 0 <= seed < 2**32:  # what datasets and numpy seed with
+            problem(key, f"{seed} must be in [0, 2**32 - 1]")
     _check_source("prompts.source", prompts.source, problem)
     if quality.metric not in METRICS:
         problem("quality.metric", f"unknown metric {quality.metric!r} (allowed: {', '.join(METRICS)})")
@@ -189,7 +192,7 @@ def validate(spec: StudySpec, problem) -> None:
             counted = declared.counts_steps or declared.scales_with_steps
             given = name in spec.space.get(accelerator, {})  # defaults fit model.steps
             bounds = spec.param_range(accelerator, name)
-            if counted and given and any(value > model.steps for value in bounds[:2]):
+            if counted and given and model.steps >= 1 and any(value > model.steps for value in bounds[:2]):
                 problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past "
                         f"model.steps={model.steps} (allowed: 1..steps)")
     for combo in search.combos:  # cache-dit's steps masks exist for some step counts only

@@ -7,6 +7,7 @@ before raising `SpecError`, so a user fixes a spec in one pass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -108,9 +109,17 @@ def spec_from_dict(data: dict, source: str = "<spec>",
     """Build and validate a spec from a dict (a parsed TOML file, or one stored in a study)."""
     problems: list[str] = []
     spec = StudySpec(name=Path(source).stem if source != "<spec>" else "optsearch")
+    wrong: set[str] = set()  # keys already reported: they kept their defaults
 
     def problem(key: str, message: str) -> None:
+        wrong.add(key)
         problems.append(f"{source}: {key}: {message}")
+
+    def cross_check(key: str, message: str) -> None:
+        """A cross-field problem, unless its key was already reported (its default would be
+        judged, a value the user never wrote)."""
+        if key not in wrong:
+            problems.append(f"{source}: {key}: {message}")
 
     for key, value in data.items():
         if key == "name":
@@ -137,7 +146,7 @@ def spec_from_dict(data: dict, source: str = "<spec>",
         else:
             _load_section(getattr(spec, section), section, {key: value}, problem)
     spec.search.model_kind = _model_kind(spec.model)
-    validate(spec, problem)  # wrongly typed keys kept their defaults, so this is safe
+    validate(spec, cross_check)  # wrongly typed keys kept their defaults, so this is safe
     if problems:
         raise SpecError(problems)
     return spec
@@ -180,6 +189,9 @@ def _load_section(target, section: str, values: dict, problem) -> None:
         expected = _expected_type(type(target), key)
         if expected and not _type_ok(value, expected):
             problem(full, f"must be {_TYPE_NAMES[expected]}, got {value!r}")
+            continue
+        if expected is float and not math.isfinite(value):
+            problem(full, f"must be a finite number, got {value!r}")
             continue
         setattr(target, key, float(value) if expected is float else value)
 
@@ -233,7 +245,7 @@ def _check_range(param, value) -> str | None:
         return f"range [{values[0]}, {values[1]}] is inverted (low must be <= high)"
     if len(values) == 3:
         step = values[2]
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf:
             return f"step {step!r} must be a positive number"
         if param.kind is int and not float(step).is_integer():
             return f"step {step!r} must be an integer"
