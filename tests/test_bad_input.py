@@ -114,6 +114,8 @@ CASES = [
      "--set: fbcache does not apply to this model (unet pipeline"),
     ("blank study name", {"s.toml": TINY_SPEC}, ["study", "create", "s.toml", "--name", "   "], 2,
      "must be printable text, not blank"),
+    ("empty study name", {"s.toml": TINY_SPEC}, ["run", "s.toml", "--name", ""], 2,
+     "study name '' must be printable text, not blank"),  # not the spec's name in its place
     ("study name with a newline", {"s.toml": TINY_SPEC}, ["run", "s.toml", "--name", "a\nb"], 2,
      "must be printable text, not blank"),
     ("export into a missing folder", {}, ["study", "export", "tiny", "-o", "missing/p.json"], 2,

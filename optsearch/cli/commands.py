@@ -246,7 +246,7 @@ def cmd_run(args) -> int:
     spec = load_spec(args.spec)
     _check_heartbeat(args)
     storage = _open(args, create=True)
-    name = check_name(args.name or spec.name)
+    name = check_name(spec.name if args.name is None else args.name)
     differing = spec_differences(storage, name, spec)
     if differing:  # a changed spec never gets the stored study's answer
         raise UsageError(different_spec_text(name, differing))

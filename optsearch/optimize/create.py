@@ -75,7 +75,7 @@ def _stored_spec(storage, name: str) -> dict | None:
 def check_creatable(spec: StudySpec, name: str | None = None) -> str:
     """What a study of `spec` needs before anything is written (its name, returned; prompts read
     without a network; a CLIP model open_clip knows): a study no worker could run is never made."""
-    name = check_name(name or spec.name)
+    name = check_name(spec.name if name is None else name)
     check_local_prompts(spec)
     try:
         check_clip_model(spec.quality.clip_model)

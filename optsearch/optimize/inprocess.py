@@ -81,7 +81,7 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     if overrides:
         spec = spec_from_dict({"name": spec.name, **spec_attr(spec)}, overrides=overrides)
     opened = open_storage(storage)
-    study_name = check_name(name or spec.name)
+    study_name = check_name(spec.name if name is None else name)
     differing = spec_differences(opened, study_name, spec)
     _check_same_pipeline(opened, study_name, pipe)  # before the study grows: n_trials below
     if differing == ["search.n_trials"]:  # more trials: the study grows; fewer: it has them
