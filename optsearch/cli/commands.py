@@ -29,7 +29,7 @@ from optsearch.optimize.create import (
     spec_differences,
 )
 from optsearch.optimize.study import SPEC_ATTR, load_study
-from optsearch.storage.rdb import mask, open_storage
+from optsearch.storage.rdb import mask, open_storage, resolve_url
 from optsearch.study_spec import SpecError, load_spec, notes
 
 # The commands that generate images import diffusers, transformers and open_clip (about ten
@@ -153,6 +153,30 @@ def cmd_study_delete(args) -> int:
     return 0
 
 
+def cmd_study_copy(args) -> int:
+    from optsearch.storage.copy import check_copyable, copy_study
+
+    study, spec = load_study(_open(args), args.name)  # an optsearch study, or a clear error
+    name = check_name(args.name if args.to_name is None else args.to_name)
+    check_copyable(study)  # before a new SQLite file is made for the copy
+    destination = open_storage(args.to, heartbeat_interval=None, must_exist=False)
+    try:
+        copy = copy_study(study, destination, name)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise UsageError(f"study {name!r} already exists in {mask(args.to)}: copy it under "
+                         "another --name, or delete that one first") from None
+    print(f"copied study {args.name!r} to {mask(args.to)} as {name!r}: "
+          f"{len(studies.measured_trials(copy))} measured trials of n_trials "
+          f"{spec.search.n_trials}, {len(copy.trials)} in all; workers join it with "
+          f"--storage {mask(args.to)}"
+          + ("" if resolve_url(args.storage) == args.to else " (those on the old storage go on "
+             "writing there)"))
+    if "://" not in spec.artifacts.path:  # a local folder, not a bucket every machine reads
+        print(f"note: its image grids stay in {spec.artifacts.path}: workers and the dashboard "
+              "on other machines need that folder (or --artifact-dir)")
+    return 0
+
+
 def cmd_study_extend(args) -> int:
     old, measured = extend_study(storage := _open(args), args.name, args.n_trials)
     print(f"study {args.name!r}: n_trials {old} -> {args.n_trials} ({measured} measured); "
@@ -181,7 +205,6 @@ def cmd_dashboard(args) -> int:
 
 def cmd_storage_proxy(args) -> int:
     from optsearch.storage.proxy import is_grpc_url, serve
-    from optsearch.storage.rdb import mask, open_storage, resolve_url
 
     if is_grpc_url(resolve_url(args.storage)):
         raise UsageError("storage-proxy needs the database's URL (postgresql://... or sqlite:///...), "

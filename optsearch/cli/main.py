@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_options(worker)
     worker.set_defaults(handler="cmd_worker")
 
-    study = commands.add_parser("study", help="create, list, show, confirm, export or delete studies")
+    study = commands.add_parser("study", help="create, list, show, confirm, export, copy or delete studies")
     study_commands = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
     study_commands.add_parser = _with_verbose(study_commands.add_parser)
     create = study_commands.add_parser("create", help="create a study from a spec")
@@ -231,11 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the study's new n_trials (more than it has)")
     _add_storage(extend)
     extend.set_defaults(handler="cmd_study_extend")
+    copy = study_commands.add_parser(
+        "copy", help="copy a study to another storage (SQLite to PostgreSQL), trials and all")
+    copy.add_argument("name")
+    copy.add_argument("--to", required=True, metavar="URL", help="the storage to copy it into")
+    copy.add_argument("--name", dest="to_name", metavar="NEW",
+                      help="the copy's name (default: the same)")
+    copy.set_defaults(handler="cmd_study_copy")
     plot = study_commands.add_parser("plot", help="write PNG plots of a study")
     plot.add_argument("name")
     plot.add_argument("-o", "--output", required=True, metavar="DIR")
     plot.set_defaults(handler="cmd_study_plot")
-    for sub in (create, listing, show, export, confirm, delete, plot):
+    for sub in (create, listing, show, export, confirm, delete, copy, plot):
         _add_storage(sub)
 
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard with trial image grids")
