@@ -344,6 +344,8 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert again.returncode == 0 and "worker done: 0 trials measured" in again.stdout, again.stderr
     assert "the space is exhausted" in again.stdout and len(load(url).trials) == len(study.trials)
     assert len(studies.timings(load(url))) == len(studies.timings(study))
+    listed = optsearch_cmd("study", "list", "--storage", url).stdout  # done, though 6 < n_trials 8
+    assert "6 (space exhausted)" in next(line for line in listed.splitlines() if line.startswith("tiny"))
     exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "p.json"))
     assert exported.returncode == 0, exported.stderr  # the answer rests on every setting
     assert json.loads((tmp_path / "p.json").read_text())["search"] == {

@@ -66,7 +66,10 @@ def cmd_study_list(args) -> int:
         spec = summary.user_attrs.get(SPEC_ATTR, {})
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
-        rows.append([summary.study_name, len(studies.measured_trials(study)),
+        measured = len(studies.measured_trials(study))
+        if studies.exhausted(study):  # fewer than n_trials, and yet done (on its devices so far)
+            measured = f"{measured} (space exhausted)"
+        rows.append([summary.study_name, measured,
                      states[optuna.trial.TrialState.WAITING], spec.get("search", {}).get("n_trials"),
                      spec.get("model", {}).get("id"), winner_cell(summary.user_attrs.get("winner")),
                      f"{summary.datetime_start:%Y-%m-%d %H:%M:%S}" if summary.datetime_start else "-"])
