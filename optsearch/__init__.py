@@ -34,6 +34,9 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
     _require_pipeline(pipe)
     calibration = check = None
     exported = params if isinstance(params, Mapping) and "best" in params else None
+    if not isinstance(params, (Mapping, str, PathLike)):
+        raise TypeError(f"optsearch.apply: params is a {type(params).__name__}; pass the path of "
+                        "a search_params.json, the export dict, or a setting dict")
     if not isinstance(params, Mapping):
         exported = _read_export(Path(params))
     if exported is not None:
@@ -60,6 +63,9 @@ def _read_export(path: Path) -> dict:
     YAML and the Python exports deploy without optsearch, not through `apply`)."""
     try:
         exported = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such search_params.json (`optsearch study export NAME "
+                                "-o search_params.json` writes one)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         yaml = "cache-dit's YAML: cache_dit.enable_cache(pipe, **cache_dit.load_configs(path))"
         other = {".yaml": yaml, ".yml": yaml,

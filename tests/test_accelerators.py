@@ -255,6 +255,11 @@ def test_apply_names_a_file_that_is_not_an_export_and_takes_a_setting_file(tiny_
         assert why in str(raised.value) and "\n" not in str(raised.value)
     with pytest.raises(ValueError, match=r"the export has no best setting \(`best.setting`\)"):
         optsearch.apply(tiny_pipe, {"best": {}})
+    with pytest.raises(FileNotFoundError, match="missing.json: no such search_params.json"):
+        optsearch.apply(tiny_pipe, tmp_path / "missing.json")
+    for wrong in (None, 42, ["deepcache"]):  # not "expected str, bytes or os.PathLike object"
+        with pytest.raises(TypeError, match=f"params is a {type(wrong).__name__}; pass the path of"):
+            optsearch.apply(tiny_pipe, wrong)
     (tmp_path / "setting.json").write_text(json.dumps({"deepcache": SETTINGS["deepcache"]}))
     plain = generate_images(tiny_pipe, PROMPTS[:2])
     with optsearch.apply(tiny_pipe, tmp_path / "setting.json") as run:
