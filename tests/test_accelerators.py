@@ -290,3 +290,11 @@ def test_apply_and_search_name_what_was_handed_in_instead_of_a_pipeline(wrong, w
                        r"pipe.unet\)"):
         optsearch.apply(tiny_pipe.unet, {"deepcache": SETTINGS["deepcache"]})
     assert not (tmp_path / "s.db").exists()
+
+
+def test_search_names_a_spec_of_another_type(tiny_pipe, tmp_path):
+    """A spec that is neither a StudySpec, a dict nor a path: what search takes, not "expected
+    str, bytes or os.PathLike object, not int"; and nothing is written."""
+    with pytest.raises(TypeError, match="optsearch.search: spec is a int; pass a StudySpec, a spec dict"):
+        optsearch.search(tiny_pipe, 5, storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert not (tmp_path / "s.db").exists()

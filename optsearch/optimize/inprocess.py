@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from os import PathLike
 from pathlib import Path
 
 import optuna
@@ -41,6 +42,9 @@ def _as_spec(spec):
         return spec
     if isinstance(spec, Mapping):
         return spec_from_dict(dict(spec))
+    if not isinstance(spec, (str, PathLike)):
+        raise TypeError(f"optsearch.search: spec is a {type(spec).__name__}; pass a StudySpec, a "
+                        "spec dict or the path of a TOML spec")
     return load_spec(Path(spec))
 
 
