@@ -336,6 +336,18 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
     assert err.startswith("warning: 2 CPU workers share this machine's")  # said before they start
 
 
+def test_a_gpu_named_twice_in_devices_is_warned_of_like_shared_cpu_cores():
+    """`--devices 0,0` starts two workers on one GPU, timing each other's kernels: said, as two
+    CPU workers on one machine are (parse_devices needs the GPUs themselves; the fleet's warning
+    is what the parent prints before it starts them)."""
+    from optsearch.optimize.fleet import shared_device_warning
+
+    assert shared_device_warning(["cuda:0", "cuda:1"]) is None
+    assert shared_device_warning(["cuda:0", "cuda:1", "cuda:0"]).startswith(
+        "warning: cuda:0 named more than once: workers sharing a GPU time each other's kernels")
+    assert shared_device_warning(["cpu", "cpu"]).startswith("warning: 2 CPU workers share")
+
+
 def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_path):
     """CI once found a trial left RUNNING after one Ctrl-C: the signal came after Optuna created
     the trial and before the objective had it. A real SIGTERM sent at that point (the sampler's

@@ -55,19 +55,25 @@ def without_devices(argv: list[str]) -> list[str]:
     return kept
 
 
-def shared_cpu_warning(devices: list[str]) -> str | None:
-    """Several CPU workers on one machine time each other's load, not their settings."""
+def shared_device_warning(devices: list[str]) -> str | None:
+    """Several workers on one device (CPU cores, or one GPU named twice) time each other's load,
+    not their settings."""
     cpus = devices.count("cpu")
-    if cpus < 2:
+    if cpus >= 2:
+        return (f"warning: {cpus} CPU workers share this machine's {os.cpu_count()} cores: each "
+                "times the others' load too (baselines and speedups disturbed, impossible figures "
+                "re-timed); one CPU worker per machine measures honestly")
+    shared = sorted({d for d in devices if d != "cpu" and devices.count(d) > 1})
+    if not shared:
         return None
-    return (f"warning: {cpus} CPU workers share this machine's {os.cpu_count()} cores: each "
-            "times the others' load too (baselines and speedups disturbed, impossible figures "
-            "re-timed); one CPU worker per machine measures honestly")
+    return (f"warning: {', '.join(shared)} named more than once: workers sharing a GPU time each "
+            "other's kernels too (baselines and speedups disturbed); one worker per GPU measures "
+            "honestly")
 
 
 def run_workers(argv: list[str], devices: list[str]) -> int:
     """Start one worker per device with `argv`; wait for all; forward Ctrl-C/SIGTERM once."""
-    if warning := shared_cpu_warning(devices):
+    if warning := shared_device_warning(devices):
         print(warning, file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "optsearch.cli", *without_devices(argv)]
     children = [subprocess.Popen([*command, "--device", device], start_new_session=True)
