@@ -346,6 +346,10 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert len(studies.timings(load(url))) == len(studies.timings(study))
     listed = optsearch_cmd("study", "list", "--storage", url).stdout  # done, though 6 < n_trials 8
     assert "6 (space exhausted)" in next(line for line in listed.splitlines() if line.startswith("tiny"))
+    as_json = json.loads(optsearch_cmd("study", "list", "--storage", url, "--json").stdout)
+    assert [(s["study"], s["measured"], s["exhausted"], s["n_trials"]) for s in as_json] == [
+        ("tiny", 6, True, 8)]
+    assert as_json[0]["winner"] == study.user_attrs["winner"]  # the mark every worker updates
     exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "p.json"))
     assert exported.returncode == 0, exported.stderr  # the answer rests on every setting
     assert json.loads((tmp_path / "p.json").read_text())["search"] == {

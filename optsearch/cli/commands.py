@@ -61,18 +61,23 @@ def _print_notes(spec) -> None:
 
 
 def cmd_study_list(args) -> int:
-    storage, rows = _open(args), []
+    storage, listed = _open(args), []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         spec = summary.user_attrs.get(SPEC_ATTR, {})
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
-        measured = len(studies.measured_trials(study))
-        if studies.exhausted(study):  # fewer than n_trials, and yet done (on its devices so far)
-            measured = f"{measured} (space exhausted)"
-        rows.append([summary.study_name, measured,
-                     states[optuna.trial.TrialState.WAITING], spec.get("search", {}).get("n_trials"),
-                     spec.get("model", {}).get("id"), winner_cell(summary.user_attrs.get("winner")),
-                     f"{summary.datetime_start:%Y-%m-%d %H:%M:%S}" if summary.datetime_start else "-"])
+        listed.append({"study": summary.study_name, "measured": len(studies.measured_trials(study)),
+                       "exhausted": bool(studies.exhausted(study)),
+                       "queued": states[optuna.trial.TrialState.WAITING],
+                       "n_trials": spec.get("search", {}).get("n_trials"),
+                       "model": spec.get("model", {}).get("id"), "winner": summary.user_attrs.get("winner"),
+                       "started": summary.datetime_start.isoformat() if summary.datetime_start else None})
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    rows = [[s["study"], f"{s['measured']} (space exhausted)" if s["exhausted"] else s["measured"],
+             s["queued"], s["n_trials"], s["model"], winner_cell(s["winner"]),
+             s["started"][:19].replace("T", " ") if s["started"] else "-"] for s in listed]
     headers = ["study", "measured", "queued", "n_trials", "model", "winner", "started"]
     print(table(headers, rows) if rows else "no studies")
     return 0

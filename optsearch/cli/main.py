@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="first measure the best settings of study NAME (same storage)")
     create.set_defaults(handler="cmd_study_create")
     listing = study_commands.add_parser("list", help="list the studies in a storage")
+    listing.add_argument("--json", action="store_true", help="print one JSON list")
     listing.set_defaults(handler="cmd_study_list")
     show = study_commands.add_parser("show", help="baselines, trial counts, best per combo")
     show.add_argument("name")
