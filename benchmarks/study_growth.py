@@ -5,8 +5,10 @@ inference takes a fraction of a second) on a space that never runs out (ToMe's r
 continuous). Each trial's cycle is the time from its start to the next trial's start; the part of
 it outside the trial's comparison (`wall_seconds`: warm-up, timed batches, scoring) is the
 bookkeeping: sampling, the storage's reads and writes, the winner and the dashboard's note, the
-image grid, the early-stop rule. Probes are off (`probe_every = 0`: they are baseline inference,
-not bookkeeping). Printed per block of trials, so that what grows with the study shows.
+image grid, the early-stop rule. The peak memory of each trial's timed batches (on a CPU the
+process's resident set) shows whether a long-running worker grows. Probes are off
+(`probe_every = 0`: they are baseline inference, not bookkeeping). Printed per block of trials,
+so that what grows with the study shows.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ def run(url: str, spec, folder) -> float:
     return time.perf_counter() - started
 
 
-def overheads(url: str, name: str) -> list[tuple[int, float, float]]:
-    """(trial number, cycle seconds, seconds outside the comparison) of each measured trial."""
+def overheads(url: str, name: str) -> list[tuple[int, float, float, float | None]]:
+    """(trial number, cycle seconds, seconds outside the comparison, peak GiB of its timed
+    batches: on a CPU the process's resident set, so a worker that leaks shows it) of each
+    measured trial."""
     import optuna
 
     trials = sorted((t for t in optuna.load_study(study_name=name, storage=url).trials
@@ -50,7 +54,8 @@ def overheads(url: str, name: str) -> list[tuple[int, float, float]]:
     rows = []
     for trial, following in zip(trials, trials[1:], strict=False):
         cycle = (following.datetime_start - trial.datetime_start).total_seconds()
-        rows.append((trial.number, cycle, cycle - trial.user_attrs["wall_seconds"]))
+        rows.append((trial.number, cycle, cycle - trial.user_attrs["wall_seconds"],
+                     trial.user_attrs.get("peak_memory_gib")))
     return rows
 
 
@@ -73,9 +78,11 @@ def main(n_trials: int = 300, block: int = 50, storage: str = "sqlite") -> None:
     for start in range(0, n_trials, block):
         chunk = [r for r in rows if start <= r[0] < start + block]
         if chunk:
+            peaks = [r[3] for r in chunk if r[3] is not None]
             out.append([f"{start}-{start + block - 1}", len(chunk),
                         statistics.median(r[1] for r in chunk), statistics.median(r[2] for r in chunk),
-                        max(r[2] for r in chunk)])
-    print(table(["trials", "n", "cycle s (median)", "outside comparison s (median)", "max"], out))
+                        max(r[2] for r in chunk), f"{statistics.median(peaks):.3f}" if peaks else "-"])
+    print(table(["trials", "n", "cycle s (median)", "outside comparison s (median)", "max",
+                 "peak GiB (median)"], out))
     print(f"whole run: {total:.0f} s for {n_trials} trials")
 
