@@ -23,6 +23,7 @@ from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import load_prompts
 from optsearch.optimize import create, objectives
 from optsearch.optimize import study as studies
+from optsearch.storage.notes import read_note
 from tests.conftest import (
     OPTSEARCH,
     SLOW_SPEC,
@@ -337,6 +338,8 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert "the space is exhausted: all 6 distinct settings are tried on cpu" in result.stdout
     assert "fewer than n_trials 8" in result.stdout
     assert "6/8 trials measured" in result.stdout
+    # and the dashboard's study note says why the study stopped short of n_trials
+    assert "## Search\n\n- the space is exhausted: all 6 distinct settings" in read_note(study, None)
     assert ": 6 trials to go; estimate: 6 trials x 4 prompts" in result.stdout  # not n_trials 8
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
     # a worker joining later finds nothing to do on this device, and times no baseline for it

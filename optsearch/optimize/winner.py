@@ -28,8 +28,8 @@ from optsearch.formatting import format_interval, format_setting, format_speedup
 from optsearch.measure.speedup import repeat_range
 from optsearch.optimize import reference
 from optsearch.optimize.objectives import best_overall, is_faster, merit, objective_values
-from optsearch.optimize.study import confirmations
-from optsearch.storage.notes import write_trial_note
+from optsearch.optimize.study import confirmations, exhausted, exhausted_text
+from optsearch.storage.notes import read_note, write_trial_note
 from optsearch.storage.record import faster_than_baseline, quality_of, speedup_of, trial_metrics
 
 CONFIRMED_RULE = ("best confirmed lower speedup bound among the settings feasible on unseen prompts "
@@ -171,7 +171,11 @@ def mark_winner(study: optuna.Study, spec) -> Winner | None:
                 f"- chosen as the {found.rule}\n"
                 + (f"- {mark['fewer_steps']} (search figures)\n" if mark["fewer_steps"] else "")
                 + "- the dashboard's \"Best Trial\" is Optuna's best search value, not this rule\n")
+    done = [exhausted_text(record) for record in exhausted(study).values()]
+    if done:  # why a study stopped short of n_trials
+        note += "\n## Search\n\n" + "".join(f"- {line}\n" for line in done)
     if study.user_attrs.get("winner") != mark:
         study.set_user_attr("winner", mark)
+    if read_note(study, None) != note:
         write_trial_note(study, None, note)
     return found

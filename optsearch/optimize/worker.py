@@ -156,6 +156,7 @@ class Worker:
             auto = self.evaluator.auto_ranges(self.spec)
             if not sharing.queue_unmeasured(self.study, self.spec, self.fingerprint, auto, self._canonical,
                                             {"worker": self.worker_id, "device": self.device}):
+                mark_winner(self.study, self.spec)  # the dashboard's study note says why it ended
                 return False
         self.baselines.between_trials(self.trials_run)
         self.interrupts.hold()  # until the objective holds the trial Optuna creates

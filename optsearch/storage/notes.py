@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optuna_dashboard._note import note_ver_key, save_note_with_version
+from optuna_dashboard._note import get_note_from_system_attrs, note_ver_key, save_note_with_version
 
 from optsearch.formatting import compile_text, format_interval, format_setting, format_speedup
 from optsearch.storage.record import faster_than_baseline, feasible, missed, quality_of, same_images
@@ -122,3 +122,9 @@ def write_trial_note(study, trial_id: int, body: str) -> None:
     storage = study._storage
     version = storage.get_study_system_attrs(study._study_id).get(note_ver_key(trial_id), 0) + 1
     save_note_with_version(storage, study._study_id, trial_id, version, body)
+
+
+def read_note(study, trial_id: int | None) -> str:
+    """A trial's Markdown note (the study's own with None), "" when it has none."""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    return get_note_from_system_attrs(attrs, trial_id)["body"]
