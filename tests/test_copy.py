@@ -40,12 +40,17 @@ def test_a_study_copied_from_sqlite_to_postgresql_goes_on_there(tmp_path, pg_url
     copy = optuna.load_study(study_name="tiny", storage=pg_url)
     assert [t._trial_id for t in original.trials] != [t._trial_id for t in copy.trials]
     assert [record(t) for t in copy.trials] == [record(t) for t in original.trials]
-    assert copy.user_attrs == original.user_attrs  # spec, baselines, timings, winner
+    attrs = copy.user_attrs
+    provenance = attrs.pop("optsearch:copied_from")  # where its trials came from
+    assert [(p["storage"], p["study"], p["trials"]) for p in provenance] == [(source, "tiny", 4)]
+    assert attrs == original.user_attrs  # spec, baselines, timings, winner
     notes = notes_by_number(copy)  # each note on its own trial, not the one its old id names now
     assert notes == notes_by_number(original)
     assert all(notes[n].startswith(f"## Trial {n}:") for n in notes)
-    shown = [optsearch_cmd("study", "show", "tiny", "--storage", url).stdout for url in (source, pg_url)]
-    assert shown[0] == shown[1] and "4/4 trials measured" in shown[0]
+    shown = [optsearch_cmd("study", "show", "tiny", "--storage", url).stdout.splitlines()
+             for url in (source, pg_url)]
+    assert shown[1][1].startswith(f"copied from study 'tiny' in {source} with its 4 trials, ")
+    assert shown[0] == shown[1][:1] + shown[1][2:] and "4/4 trials measured" in shown[0][0]
 
     # more trials, measured on PostgreSQL, where the search goes on from the copied ones
     assert optsearch_cmd("study", "extend", "tiny", "--n-trials", "6", "--storage", pg_url).returncode == 0

@@ -169,7 +169,7 @@ def cmd_study_copy(args) -> int:
     check_copyable(study)  # before a new SQLite file is made for the copy
     destination = open_storage(args.to, heartbeat_interval=None, must_exist=False)
     try:
-        copy = copy_study(study, destination, name)
+        copy = copy_study(study, destination, name, mask(resolve_url(args.storage)))
     except optuna.exceptions.DuplicatedStudyError:
         raise UsageError(f"study {name!r} already exists in {mask(args.to)}: copy it under "
                          "another --name, or delete that one first") from None

@@ -22,6 +22,7 @@ from optsearch.formatting import (
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
 from optsearch.optimize.winner import repeat_of, winner
+from optsearch.storage.copy import COPIED_ATTR
 from optsearch.storage.record import is_copy, quality_of, same_images, trial_metrics
 
 
@@ -45,6 +46,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "finished": states.get("COMPLETE", 0) + states.get("PRUNED", 0),
         "measured": len(studies.measured_trials(study)),  # what n_trials counts: copies are free
         "exhausted": list(studies.exhausted(study).values()),
+        "copied_from": study.user_attrs.get(COPIED_ATTR, []),  # `study copy`, oldest first
         "early_stopped": sum(bool(t.user_attrs.get("early_stopped")) for t in trials),
         "early_stop_saved_s": saved,
         "early_stop_by_reason": _early_stop_by_reason(trials),
@@ -112,6 +114,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"study {summary['study']}: mode {summary['mode']}, feasible when "
              f"{summary['constraint']}, {summary['measured']}/{summary['n_trials']} trials measured"]
     lines += [studies.exhausted_text(record) for record in summary["exhausted"]]
+    lines += [f"copied from study {c['study']!r} in {c['storage']} with its {c['trials']} trials, "
+              f"{c['at']}" for c in summary["copied_from"]]
     states = ", ".join(f"{k.lower()} {v}" for k, v in summary["states"].items() if v) or "none yet"
     saved = summary["early_stop_saved_s"]
     lines.append(f"trials: {states}; early-stopped {summary['early_stopped']} (saved ~{saved:.1f} s); "

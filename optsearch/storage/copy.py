@@ -18,8 +18,10 @@ import optuna
 from optuna.trial import TrialState
 
 from optsearch.errors import UsageError
+from optsearch.storage.record import utc_now
 
 _TRIAL_NOTE_KEY = re.compile(r"^dashboard:(\d+):(note_ver|note_str:\d+)$")
+COPIED_ATTR = "optsearch:copied_from"  # [{storage, study, trials, at}]: where the trials came from
 
 
 def check_copyable(study: optuna.Study, trials: list | None = None) -> None:
@@ -34,11 +36,12 @@ def check_copyable(study: optuna.Study, trials: list | None = None) -> None:
                          "first (a stopped worker's trial is re-queued, and copied as queued)")
 
 
-def copy_study(study: optuna.Study, to_storage, name: str) -> optuna.Study:
+def copy_study(study: optuna.Study, to_storage, name: str, origin: str) -> optuna.Study:
     """Copy `study` into `to_storage` as study `name`: its trials with the same numbers, states,
     parameters, values and attrs, its user and system attrs, and each trial's dashboard note on the
-    trial's copy. Refused (`check_copyable`) while a trial runs; optuna's DuplicatedStudyError when
-    `name` exists there."""
+    trial's copy; the copy records where it came from (`origin`: the source storage's URL, masked).
+    Refused (`check_copyable`) while a trial runs; optuna's DuplicatedStudyError when `name` exists
+    there."""
     trials = study.get_trials(deepcopy=False)  # one read: the copy is of this moment
     check_copyable(study, trials)
     copy = optuna.create_study(study_name=name, storage=to_storage, directions=study.directions)
@@ -51,6 +54,8 @@ def copy_study(study: optuna.Study, to_storage, name: str) -> optuna.Study:
                 to_storage.set_study_system_attr(copy._study_id, key, value)
         for key, value in study.user_attrs.items():
             copy.set_user_attr(key, value)
+        copy.set_user_attr(COPIED_ATTR, [*study.user_attrs.get(COPIED_ATTR, []), {
+            "storage": origin, "study": study.study_name, "trials": len(trials), "at": utc_now()}])
     except BaseException:  # never leave half a study behind (Ctrl-C included)
         with contextlib.suppress(Exception):  # the error that stopped the copy is the one to tell
             optuna.delete_study(study_name=name, storage=to_storage)
