@@ -180,8 +180,9 @@ def cmd_study_copy(args) -> int:
           + ("" if resolve_url(args.storage) == args.to else " (those on the old storage go on "
              "writing there)"))
     if "://" not in spec.artifacts.path:  # a local folder, not a bucket every machine reads
-        print(f"note: its image grids stay in {spec.artifacts.path}: workers and the dashboard "
-              "on other machines need that folder (or --artifact-dir)")
+        print(f"note: its image grids stay where its workers wrote them ({spec.artifacts.path}, "
+              "unless a worker's --artifact-dir said otherwise): workers and the dashboard on "
+              "other machines need that folder (or --artifact-dir)")
     return 0
 
 
