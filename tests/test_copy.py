@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import optuna
 from optuna.trial import TrialState
-from optuna_dashboard._note import get_note_from_system_attrs
 
 from optsearch.optimize import study as studies
+from optsearch.storage.notes import read_note
 from tests.conftest import TINY_SPEC, optsearch_cmd, storage_snapshot, write_spec
 
 
 def notes_by_number(study: optuna.Study) -> dict[int, str]:
     """Each trial's optuna-dashboard note, by trial number."""
-    attrs = study._storage.get_study_system_attrs(study._study_id)
-    return {t.number: get_note_from_system_attrs(attrs, t._trial_id)["body"] for t in study.trials}
+    return {t.number: read_note(study, t._trial_id) for t in study.trials}
 
 
 def record(trial) -> tuple:
