@@ -26,13 +26,15 @@ def scratch() -> Path:
     return Path(tempfile.mkdtemp(prefix="optsearch-bench-"))
 
 
-def run_study(spec, folder: Path, n_trials: int | None = None, enqueue=(), progress=False):
-    """Create a study from `spec` on SQLite in `folder` and run one worker to completion."""
+def run_study(spec, folder: Path, n_trials: int | None = None, enqueue=(), progress=False,
+              url: str | None = None):
+    """Create a study from `spec` on `url` (default: SQLite in `folder`) and run one worker to
+    completion."""
     from optsearch.optimize.create import create_study
     from optsearch.optimize.worker import Worker, WorkerOptions
     from optsearch.storage.rdb import open_storage
 
-    url = f"sqlite:///{folder / 'bench.db'}"
+    url = url or f"sqlite:///{folder / 'bench.db'}"
     study = create_study(spec, open_storage(url, heartbeat_interval=None))
     for params in enqueue:
         study.enqueue_trial(params)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from benchmarks.common import ROOT, drop_pg_database, machine, pg_database, scratch, table
+from benchmarks.common import ROOT, drop_pg_database, machine, pg_database, run_study, scratch, table
 from optsearch import load_spec
 
 
@@ -30,17 +30,6 @@ def spec_for(n_trials: int):
     spec.search.early_stop = False
     spec.search.warm_start = []
     return spec
-
-
-def run(url: str, spec, folder) -> float:
-    from optsearch.optimize.create import create_study
-    from optsearch.optimize.worker import Worker, WorkerOptions
-    from optsearch.storage.rdb import open_storage
-
-    create_study(spec, open_storage(url, heartbeat_interval=None))
-    started = time.perf_counter()
-    Worker(url, spec.name, WorkerOptions(progress=False, artifact_dir=str(folder / "artifacts"))).run()
-    return time.perf_counter() - started
 
 
 def overheads(url: str, name: str) -> list[tuple[int, float, float, float | None]]:
@@ -62,13 +51,11 @@ def overheads(url: str, name: str) -> list[tuple[int, float, float, float | None
 def main(n_trials: int = 300, block: int = 50, storage: str = "sqlite") -> None:
     spec = spec_for(n_trials)
     folder = scratch()
-    database = None
-    if storage == "postgresql":
-        database, url = pg_database()
-    else:
-        url = f"sqlite:///{folder / 'bench.db'}"
+    database, url = pg_database() if storage == "postgresql" else (None, f"sqlite:///{folder / 'bench.db'}")
     try:
-        total = run(url, spec, folder)
+        started = time.perf_counter()
+        run_study(spec, folder, url=url)
+        total = time.perf_counter() - started
         rows = overheads(url, spec.name)
     finally:
         if database:

@@ -164,12 +164,13 @@ def cmd_study_delete(args) -> int:
 def cmd_study_copy(args) -> int:
     from optsearch.storage.copy import check_copyable, copy_study
 
+    source = resolve_url(args.storage)
     study, spec = load_study(_open(args), args.name)  # an optsearch study, or a clear error
     name = check_name(args.name if args.to_name is None else args.to_name)
     check_copyable(study)  # before a new SQLite file is made for the copy
     destination = open_storage(args.to, heartbeat_interval=None, must_exist=False)
     try:
-        copy = copy_study(study, destination, name, mask(resolve_url(args.storage)))
+        copy = copy_study(study, destination, name, mask(source))
     except optuna.exceptions.DuplicatedStudyError:
         raise UsageError(f"study {name!r} already exists in {mask(args.to)}: copy it under "
                          "another --name, or delete that one first") from None
@@ -177,7 +178,7 @@ def cmd_study_copy(args) -> int:
           f"{len(studies.measured_trials(copy))} measured trials of n_trials "
           f"{spec.search.n_trials}, {len(copy.trials)} in all; workers join it with "
           f"--storage {mask(args.to)}"
-          + ("" if resolve_url(args.storage) == args.to else " (those on the old storage go on "
+          + ("" if source == args.to else " (those on the old storage go on "
              "writing there)"))
     if "://" not in spec.artifacts.path:  # a local folder, not a bucket every machine reads
         print(f"note: its image grids stay where its workers wrote them ({spec.artifacts.path}, "

@@ -29,7 +29,7 @@ from optsearch.measure.speedup import repeat_range
 from optsearch.optimize import reference
 from optsearch.optimize.objectives import best_overall, is_faster, merit, objective_values
 from optsearch.optimize.study import confirmations, exhausted, exhausted_text
-from optsearch.storage.notes import read_note, write_trial_note
+from optsearch.storage.notes import write_trial_note
 from optsearch.storage.record import faster_than_baseline, quality_of, speedup_of, trial_metrics
 
 CONFIRMED_RULE = ("best confirmed lower speedup bound among the settings feasible on unseen prompts "
@@ -176,6 +176,5 @@ def mark_winner(study: optuna.Study, spec) -> Winner | None:
         note += "\n## Search\n\n" + "".join(f"- {line}\n" for line in done)
     if study.user_attrs.get("winner") != mark:
         study.set_user_attr("winner", mark)
-    if read_note(study, None) != note:
-        write_trial_note(study, None, note)
+    write_trial_note(study, None, note)  # written only when its text changed
     return found

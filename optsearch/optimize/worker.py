@@ -102,8 +102,8 @@ class Worker:
 
     def run(self) -> int:
         """Run trials until the study has n_trials finished ones, or this worker's own limit."""
-        if self.fingerprint in studies.exhausted(self.study):  # nothing to measure: no baseline
-            logger.info("%s", studies.exhausted_text(studies.exhausted(self.study)[self.fingerprint]))
+        if exhausted := studies.exhausted(self.study).get(self.fingerprint):  # no baseline to time
+            logger.info("%s", studies.exhausted_text(exhausted))
             return 0
         with self.interrupts:
             try:

@@ -117,10 +117,14 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
 
 
 def write_trial_note(study, trial_id: int, body: str) -> None:
-    """Set a trial's Markdown note (optuna-dashboard's notes live in the study's system attrs, so a
-    finished trial's note can still be updated, as `study confirm` does)."""
+    """Set a trial's Markdown note, the study's own with None (optuna-dashboard's notes live in the
+    study's system attrs, so a finished trial's note can still be updated, as `study confirm`
+    does); the same text is not written again (the workers re-mark the winner after every trial)."""
     storage = study._storage
-    version = storage.get_study_system_attrs(study._study_id).get(note_ver_key(trial_id), 0) + 1
+    attrs = storage.get_study_system_attrs(study._study_id)
+    if get_note_from_system_attrs(attrs, trial_id)["body"] == body:  # nothing new to say
+        return
+    version = attrs.get(note_ver_key(trial_id), 0) + 1
     save_note_with_version(storage, study._study_id, trial_id, version, body)
 
 
