@@ -114,8 +114,8 @@ def test_a_study_searches_the_masks_as_a_conditional_space_and_measures_a_twin_o
     assert ran.returncode == 0, ran.stderr
     slow, medium, unmasked, drawn = study.get_trials()  # the copy takes no trial of n_trials:
     assert "reused_from" not in drawn.user_attrs  # an unmeasured setting is measured in its place
-    assert dbcache.skipped(drawn.user_attrs["setting"]["dbcache"], 6) not in (
-        dbcache.skipped(t.user_attrs["setting"]["dbcache"], 6) for t in (slow, unmasked))
+    assert dbcache.computation(drawn.user_attrs["setting"]["dbcache"], 6) not in (
+        dbcache.computation(t.user_attrs["setting"]["dbcache"], 6) for t in (slow, unmasked))
     assert dbcache.steps_mask("slow", 6) == dbcache.steps_mask("medium", 6)
     assert isinstance(slow.distributions["dbcache.steps_computation_mask"],
                       optuna.distributions.CategoricalDistribution)

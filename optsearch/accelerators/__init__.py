@@ -33,6 +33,7 @@ from optsearch.accelerators.calibration import (
     calibration_steps,
     calibration_used,
     canonical_setting,
+    same_computation_why,
 )
 from optsearch.accelerators.hooks import (
     attention_of,
@@ -210,5 +211,5 @@ __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting
            "call_parameters", "canonical_setting", "combo_name", "combo_problem", "denoiser",
            "dtype_of", "enabled_already", "execution_device", "fit_to_steps", "max_speedup",
            "native_size", "normalize_setting", "not_a_pipeline", "offload_of", "params_of",
-           "pipeline_kind", "pipeline_problem", "quantization_of", "scheduler_class_name",
-           "scheduler_of", "step_problems"]
+           "pipeline_kind", "pipeline_problem", "quantization_of", "same_computation_why",
+           "scheduler_class_name", "scheduler_of", "step_problems"]

@@ -59,20 +59,33 @@ def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int])
 
 def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[str, dict]) -> dict:
     """The setting as the computation it makes: as given, except where a family tells from its
-    calibration alone which steps it skips (MagCache, from its ratios: `skipped`); there those
-    steps stand for its parameters, so two thresholds that skip the same steps are one
-    computation (the same images, bit for bit) and need one measurement."""
+    calibration alone what it computes (its module's `computation`: MagCache's skipped steps from
+    its ratios, ToMe's merged token counts from the measured levels); there that stands for its
+    parameters, so two settings of one computation (the same images, bit for bit) need one
+    measurement."""
     try:
         nested = normalize_setting(setting)
     except ValueError:  # a record another version wrote: compared as written
         return dict(setting)
     canonical: dict[str, dict] = {}
     for name, params in nested.items():
-        tell = getattr(REGISTRY[name], "skipped", None)
-        skips = tell(params, step_budget(nested, model_steps), calibration.get(name) or {}) \
+        tell = getattr(REGISTRY[name], "computation", None)
+        computed = tell(params, step_budget(nested, model_steps), calibration.get(name) or {}) \
             if tell is not None else None
-        canonical[name] = params if skips is None else {"skipped_steps": skips}
+        canonical[name] = params if computed is None else computed
     return canonical
+
+
+def same_computation_why(setting: Mapping, other: Mapping) -> str:
+    """Why two different settings are one computation, in their families' words ("same tokens
+    merged"): what a trial that copies another's result records."""
+    try:
+        mine, theirs = normalize_setting(setting), normalize_setting(other)
+    except ValueError:
+        mine, theirs = dict(setting), dict(other)
+    words = dict.fromkeys(getattr(REGISTRY.get(name), "SAME_COMPUTATION", "same computation")
+                          for name in mine if mine[name] != theirs.get(name))
+    return f"{', '.join(words) or 'same computation'}, same device: the same computation"
 
 
 RANGE_KEYS = ("auto", "by", "at_steps", "observed", "diffs", "steps")  # what only bounds a

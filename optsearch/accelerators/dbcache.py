@@ -34,6 +34,7 @@ from optsearch.accelerators.cache_dit_masks import quiet_cache_dit as _cache_dit
 from optsearch.accelerators.hooks import call_parameters, denoiser
 
 NAME = "dbcache"
+SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
 APPLIES_TO = ("transformer", "video")
 PARAMS = (  # the mask and its policy before what they make irrelevant (`inactive`)
     Param("Fn_compute_blocks", int, (1, 4), minimum=1,
@@ -283,7 +284,7 @@ def inactive(values: Mapping) -> set[str]:
     return unused
 
 
-def skipped(params: Mapping, steps: int, calibration: Mapping | None = None) -> dict:
+def computation(params: Mapping, steps: int, calibration: Mapping | None = None) -> dict:
     """What decides a setting's computation in a call of `steps` steps: its parameters less the
     `inactive` ones, and a mask as the steps it computes (two names can be one mask at a step
     count: at 4 steps all four are 1101). Settings written with every parameter (an enqueued

@@ -26,6 +26,7 @@ from optsearch.accelerators.base import Param, bounds_of
 from optsearch.accelerators.hooks import HookPatch, cache_patch
 
 NAME = "magcache"
+SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
 APPLIES_TO = ("transformer", "video")
 RANGE_AT_ANY_STEPS = True  # range_for interpolates the ratios: no calibration at fewer steps
 DEFAULTS = {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}  # diffusers' (the paper's)
@@ -182,15 +183,16 @@ def calibrate(pipe, run_once: Callable[[], object], searched: Mapping | None = N
             "by": {"threshold": ["max_skip_steps", by_skips]}}
 
 
-def skipped(params: Mapping, steps: int, calibration: Mapping) -> list[int] | None:
-    """The steps a setting of this family skips in a call of `steps` steps, told by the stored
-    ratios alone (None without them): two settings that skip the same steps compute the same."""
+def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | None:
+    """What a setting computes in a call of `steps` steps: the steps it skips, told by the stored
+    ratios alone (None without them). Two settings that skip the same steps compute the same."""
     ratios = calibration.get("mag_ratios")
     if not ratios:
         return None
     drawn = {**DEFAULTS, **params}
-    return skipped_steps(ratios, steps, float(drawn["threshold"]), int(drawn["max_skip_steps"]),
-                         float(drawn["retention_ratio"]))[0]
+    return {"skipped_steps": skipped_steps(ratios, steps, float(drawn["threshold"]),
+                                           int(drawn["max_skip_steps"]),
+                                           float(drawn["retention_ratio"]))[0]}
 
 
 def range_for(calibration: Mapping, values: Mapping, steps: int | None) -> list[float] | None:

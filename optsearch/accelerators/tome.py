@@ -4,15 +4,25 @@ tomesd draws its random merge pattern from one generator forked from the global 
 first attention runs. We hand it a generator seeded by us before every batch, so every batch sees
 the same pattern whatever the batch size (measured: per-prompt images identical at batch sizes
 2 and 3). `tomesd.remove_patch` restores exactly.
+
+tomesd merges `int(tokens * ratio)` tokens at each attention level it reaches, so neighbouring
+ratios often merge the same counts: one computation, the same images bit for bit. The token
+count of each level is measured once per device (`measure_tokens`) and a setting is then known
+by the counts it merges (`computation`), as MagCache's thresholds are by the steps they skip.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import execution_device
 
 NAME = "tome"
 APPLIES_TO = ("unet",)
+SAME_COMPUTATION = "same tokens merged"  # what a copied twin's record says
+DEFAULTS = {"ratio": 0.5, "max_downsample": 1, "use_rand": True}  # tomesd's
 PARAMS = (
     Param("ratio", float, (0.1, 0.7), minimum=0.0, maximum=1.0, exclusive_maximum=True,
           grid_step=0.1, help="share of tokens merged"),
@@ -48,8 +58,69 @@ class ToMePatch:
                 del module._tome_info
 
 
-def apply(pipe, ratio: float = 0.5, max_downsample: int = 1, use_rand: bool = True) -> ToMePatch:
+def apply(pipe, ratio: float = DEFAULTS["ratio"], max_downsample: int = DEFAULTS["max_downsample"],
+          use_rand: bool = DEFAULTS["use_rand"], **_measured) -> ToMePatch:
+    """`_measured`: the token counts `measure_tokens` found, which change nothing tomesd does."""
     return ToMePatch(pipe, float(ratio), int(max_downsample), bool(use_rand))
+
+
+def measure_tokens(pipe, run_once: Callable[[], object]) -> dict:
+    """The UNet's latent size and the token count at each attention level, as tomesd sees them
+    in one plain call `run_once()`: {"latent_size": [h, w], "tokens": {downsample: count}}, the
+    downsample computed as tomesd computes it. Measured eagerly (a compiled UNet is not
+    recompiled for the hooks) and only on the UNet's first call."""
+    import torch
+
+    unet, seen, size = pipe.unet, {}, []
+
+    def on_unet(_module, args, kwargs):
+        if not size:
+            sample = args[0] if args else kwargs["sample"]
+            size.extend(int(n) for n in sample.shape[2:4])
+
+    def on_block(_module, args, kwargs):
+        if len(size) == 2:
+            tokens = int((args[0] if args else kwargs["hidden_states"]).shape[1])
+            seen.setdefault(str(_downsample(size, tokens)), tokens)
+
+    blocks = [module for module in unet.modules()
+              if any(cls.__name__ == "BasicTransformerBlock" for cls in type(module).__mro__)]
+    handles = [unet.register_forward_pre_hook(on_unet, with_kwargs=True)]
+    handles += [block.register_forward_pre_hook(on_block, with_kwargs=True) for block in blocks]
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            run_once()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"latent_size": size, "tokens": dict(sorted(seen.items(), key=lambda item: int(item[0])))}
+
+
+def _downsample(size: list[int], tokens: int) -> int:
+    """tomesd's `compute_merge`: how far a level of `tokens` tokens is downsampled."""
+    return int(math.ceil(math.sqrt(size[0] * size[1] // tokens)))
+
+
+def computation(params: Mapping, _steps: int, calibration: Mapping) -> dict | None:
+    """What a setting computes, told by the measured token counts alone (None without them):
+    the tokens it merges at each level it reaches (tomesd's `int(tokens * ratio)`, capped at
+    the level's source tokens as its matching caps it; a level that merges none is left out), and
+    whether the pattern is random. Two ratios that merge the same counts compute the same."""
+    if not calibration.get("tokens"):
+        return None
+    drawn = {**DEFAULTS, **params}
+    height, width = calibration["latent_size"]
+    merged = {}
+    for level, tokens in calibration["tokens"].items():
+        downsample = int(level)
+        if downsample > int(drawn["max_downsample"]):
+            continue
+        rows, columns = math.ceil(height / downsample), math.ceil(width / downsample)
+        sources = tokens - (rows // 2) * (columns // 2)  # the rest are the 2x2 cells' targets
+        count = min(int(tokens * float(drawn["ratio"])), sources)
+        if count > 0:
+            merged[level] = count
+    return {"merged_tokens": merged, "use_rand": bool(drawn["use_rand"])} if merged else {"merged_tokens": {}}
 
 
 def warmup_steps(**_) -> int:

@@ -30,6 +30,7 @@ from optsearch.accelerators import (
     normalize_setting,
     pipeline_kind,
     pipeline_problem,
+    tome,
 )
 from optsearch.errors import ModelLoadError
 from optsearch.measure.comparison import VIDEO_FIGURES, Baseline, Comparison, image_digest
@@ -154,11 +155,19 @@ class Evaluator:
 
     def apply(self, setting: Mapping) -> AppliedSetting:
         """Apply `setting` to the pipeline, calibrating first what it needs and is not known."""
-        if "magcache" in normalize_setting(setting) and not self._known("magcache", "mag_ratios"):
-            self.calibration["magcache"] = {"mag_ratios": self._calibrate_magcache()}
-            if self.on_calibrated is not None:
-                self.on_calibrated("magcache", self.calibration["magcache"])
+        families = normalize_setting(setting)
+        if "magcache" in families and not self._known("magcache", "mag_ratios"):
+            self._calibrated("magcache", {"mag_ratios": self._calibrate_magcache()})
+        if "tome" in families and not self._known("tome", "tokens"):  # two steps of one image
+            self._calibrated("tome", tome.measure_tokens(
+                self.pipe, lambda: self._run_once(1, min(2, self.config.steps))))
         return AppliedSetting(self.pipe, setting, self.calibration)
+
+    def _calibrated(self, family: str, measured: dict) -> None:
+        """Keep what was measured of a family, and tell `on_calibrated` (the worker stores it)."""
+        self.calibration[family] = {**self.calibration.get(family, {}), **measured}
+        if self.on_calibrated is not None:
+            self.on_calibrated(family, self.calibration[family])
 
     def _known(self, family: str, key: str) -> bool:
         """Is `key` of the family's calibration known here, or stored since by another worker on
@@ -198,9 +207,7 @@ class Evaluator:
                     family, self.pipe, lambda steps: self._run_once(self.config.batch_size, steps),
                     spec.searched_values(family), spec.calibration_steps(family),
                     self.config.guidance_kwargs(count, self.pipe))
-                self.calibration[family] = {**self.calibration.get(family, {}), **measured}
-                if self.on_calibrated is not None:
-                    self.on_calibrated(family, self.calibration[family])
+                self._calibrated(family, measured)
             if param in self.calibration[family].get("auto", {}):
                 ranges[f"{family}.{param}"] = calibrated_range(family, self.calibration[family], param)
         return ranges

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from optsearch.accelerators import normalize_setting
+from optsearch.accelerators import normalize_setting, same_computation_why
 from optsearch.optimize import study as studies
 from optsearch.optimize.objectives import setting_key
 from optsearch.optimize.samplers import trial_seed
@@ -90,7 +90,7 @@ def copy_result(study: optuna.Study, trial: optuna.Trial, previous: FrozenTrial,
     trial.set_user_attr("reused_from", previous.number)
     why = "same setting, same device"
     if setting_key(setting) != setting_key(previous.user_attrs.get("setting", {})):
-        why = "same steps skipped, same device: the same computation"
+        why = same_computation_why(setting, previous.user_attrs.get("setting", {}))
         trial.set_user_attr("setting", setting)
     trial.set_user_attr("reused_why", why)
     write_constraints(study, trial, previous.user_attrs["constraints"])

@@ -11,7 +11,8 @@ Who wrote what:
   `batch_size` (and `oom_halvings`, `fail_reason` when memory ran out);
 - the worker, when it ends: `measured_attrs` below, then `constraints` (feasible when all <= 0);
 - a trial that copies an earlier one's result: all of its attrs, plus `reused_from` and
-  `reused_why`; its own `setting` where it differs (a MagCache setting that skips the same steps).
+  `reused_why`; its own `setting` where it differs (a MagCache setting that skips the same steps,
+  a ToMe ratio that merges the same tokens).
 """
 
 from __future__ import annotations

@@ -1,0 +1,82 @@
+"""ToMe's ratios are known by the tokens they merge: tomesd merges `int(tokens * ratio)` at each
+level, so neighbouring ratios are often one computation, measured once."""
+
+import numpy as np
+import optuna
+
+from optsearch.accelerators import AppliedSetting, canonical_setting, tome
+from tests.conftest import TINY_SPEC, generate_images, optsearch_cmd, write_spec
+
+PROMPTS = ["a red bus on a street", "a cat on a sofa"]
+
+
+def _key(calibration: dict, ratio: float, max_downsample: int = 1) -> dict:
+    return canonical_setting({"tome": {"ratio": ratio, "max_downsample": max_downsample}}, 8,
+                             {"tome": calibration})
+
+
+def _next_ratio(calibration: dict, ratio: float, same: bool, max_downsample: int = 1) -> float:
+    """The first ratio above `ratio` on a 0.001 grid whose key is (or is not) `ratio`'s."""
+    key = _key(calibration, ratio, max_downsample)
+    return next(r / 1000 for r in range(round(ratio * 1000) + 1, 1000)
+                if (_key(calibration, r / 1000, max_downsample) == key) == same)
+
+
+def test_ratios_that_merge_the_same_tokens_make_the_same_images(tiny_pipe):
+    """The measured token counts are the ones tomesd merges from: two ratios of one key make
+    bit-identical images, and the next ratio whose count differs by one token does not, at one
+    level and at two; levels the UNet does not have change nothing."""
+    calibration = tome.measure_tokens(tiny_pipe, lambda: generate_images(tiny_pipe, PROMPTS[:1], 2))
+    assert calibration["latent_size"] == [16, 16]
+    assert calibration["tokens"] == {"1": 256, "2": 64}  # two attention levels
+
+    def images(ratio: float, max_downsample: int = 1) -> np.ndarray:
+        setting = {"tome": {"ratio": ratio, "max_downsample": max_downsample, "use_rand": True}}
+        with AppliedSetting(tiny_pipe, setting) as applied:
+            return generate_images(applied, PROMPTS, steps=4, reseed=applied.reseed)
+
+    for levels in (1, 2):
+        twin = _next_ratio(calibration, 0.5, True, levels)
+        other = _next_ratio(calibration, 0.5, False, levels)
+        assert twin < other
+        first = images(0.5, levels)
+        assert np.array_equal(first, images(twin, levels)), (levels, twin)
+        assert not np.array_equal(first, images(other, levels)), (levels, other)
+    assert _key(calibration, 0.5, 2) == _key(calibration, 0.5, 8) != _key(calibration, 0.5, 1)
+    assert np.array_equal(images(0.5, 2), images(0.5, 8))
+    # without the counts (no measurement yet), a setting is compared as written
+    assert canonical_setting({"tome": {"ratio": 0.5}}, 8, {}) == {"tome": {"ratio": 0.5}}
+
+
+def test_a_ratio_that_merges_the_same_tokens_is_not_measured_again(tmp_path):
+    """A worker measures the token counts once and stores them for the device; a later ratio
+    that merges the same counts copies the earlier result (its timings, to the last digit) and
+    keeps its own setting; one that merges another count is measured, and so is the unmeasured
+    computation the worker queues in the copy's place."""
+    spec = write_spec(tmp_path / "tome.toml", TINY_SPEC.replace(
+        'accelerators = ["deepcache", "tome"]', 'accelerators = [["tome"]]\nwarm_start = []')
+        .replace("n_trials = 4", "n_trials = 3") + "[space.tome]\nmax_downsample = 2\n")
+    url = f"sqlite:///{tmp_path}/tome.db"
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name="tiny", storage=url)
+    study.enqueue_trial({"tome.ratio": 0.5})
+    worker = ("worker", "--study", "tiny", "--storage", url, "--quiet")
+    assert optsearch_cmd(*worker, "--n-trials", "1").returncode == 0
+    [key] = [k for k in study.user_attrs if k.startswith("optsearch:calibration:") and k.endswith(":tome")]
+    calibration = study.user_attrs[key]
+    assert calibration["tokens"] == {"1": 256, "2": 64}
+
+    twin, other = _next_ratio(calibration, 0.5, True, 2), _next_ratio(calibration, 0.5, False, 2)
+    study.enqueue_trial({"tome.ratio": twin})
+    study.enqueue_trial({"tome.ratio": other})
+    ran = optsearch_cmd(*worker)
+    assert ran.returncode == 0, ran.stderr
+    first, copy, measured, drawn = study.get_trials()  # the copy takes none of the 3 trials
+    assert copy.user_attrs["reused_from"] == 0 and copy.values == first.values
+    assert copy.user_attrs["setting"]["tome"]["ratio"] == twin
+    assert copy.user_attrs["batch_seconds"] == first.user_attrs["batch_seconds"]
+    assert "the result of trial 0 (same tokens merged, same device: the same computation)" in ran.stdout
+    assert "reused_from" not in measured.user_attrs and measured.params["tome.ratio"] == other
+    assert measured.user_attrs["calibration_used"]["tome"]["tokens"] == {"1": 256, "2": 64}
+    assert "reused_from" not in drawn.user_attrs and _key(calibration, drawn.params["tome.ratio"], 2) \
+        not in (_key(calibration, 0.5, 2), _key(calibration, other, 2))
