@@ -80,3 +80,21 @@ def test_a_ratio_that_merges_the_same_tokens_is_not_measured_again(tmp_path):
     assert measured.user_attrs["calibration_used"]["tome"]["tokens"] == {"1": 256, "2": 64}
     assert "reused_from" not in drawn.user_attrs and _key(calibration, drawn.params["tome.ratio"], 2) \
         not in (_key(calibration, 0.5, 2), _key(calibration, other, 2))
+
+
+def test_the_tokens_of_a_compiled_unet_are_measured_without_recompiling_it():
+    """The hooks that count tokens run with compiled code set aside (force_eager): the compiled
+    UNet's blocks are neither recompiled for them nor after them."""
+    import torch
+
+    from optsearch.measure.compiling import compile_denoiser
+    from optsearch.measure.models import load_pipeline
+
+    pipe = load_pipeline("builtin:tiny", device="cpu", dtype="float32")
+    compile_denoiser(pipe, "regional", backend="eager")
+    generate_images(pipe, PROMPTS[:1], 2)  # compiles
+    torch._dynamo.utils.counters.clear()
+    calibration = tome.measure_tokens(pipe, lambda: generate_images(pipe, PROMPTS[:1], 2))
+    generate_images(pipe, PROMPTS[:1], 2)
+    assert calibration["tokens"] == {"1": 256, "2": 64}
+    assert not torch._dynamo.utils.counters["frames"].get("total")  # no frame compiled again
