@@ -78,6 +78,9 @@ def test_a_ratio_that_merges_the_same_tokens_is_not_measured_again(tmp_path):
     assert "the result of trial 0 (same tokens merged, same device: the same computation)" in ran.stdout
     assert "reused_from" not in measured.user_attrs and measured.params["tome.ratio"] == other
     assert measured.user_attrs["calibration_used"]["tome"]["tokens"] == {"1": 256, "2": 64}
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url).stdout
+    assert "reused 1 (free copies" in shown and "tome tokens on " in shown
+    assert ": 256 at 1x, 64 at 2x downsampling (measured;" in shown
     assert "reused_from" not in drawn.user_attrs and _key(calibration, drawn.params["tome.ratio"], 2) \
         not in (_key(calibration, 0.5, 2), _key(calibration, other, 2))
 

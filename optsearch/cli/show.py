@@ -30,8 +30,9 @@ def study_summary(study: optuna.Study, spec) -> dict:
     trials = study.get_trials(deepcopy=False)
     by_number = {t.number: t for t in trials}
     states = Counter(t.state.name for t in trials)
-    calibrated_ranges = {fingerprint: _ranges(studies.calibration(study, fingerprint))
-                         for fingerprint in studies.baselines(study)}
+    calibrations = {fingerprint: studies.calibration(study, fingerprint)
+                    for fingerprint in studies.baselines(study)}
+    calibrated_ranges = {fingerprint: _ranges(stored) for fingerprint, stored in calibrations.items()}
     saved = sum(t.user_attrs.get("early_stop_saved_s", 0.0) for t in trials)
     summary = {
         "study": study.study_name,
@@ -65,6 +66,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
                                  for count, fewer in sorted(calibrated.at_steps.items())}
                           for name, calibrated in ranges.items()}
             for fingerprint, ranges in calibrated_ranges.items()},
+        "tome_tokens": {fingerprint: stored["tome"]["tokens"] for fingerprint, stored in calibrations.items()
+                        if (stored.get("tome") or {}).get("tokens")},  # {downsample: count}
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
                           for record in sorted(studies.confirmations(study).values(),
                                                key=lambda r: r["date"])],
@@ -119,7 +122,7 @@ def format_summary(summary: dict) -> str:
     states = ", ".join(f"{k.lower()} {v}" for k, v in summary["states"].items() if v) or "none yet"
     saved = summary["early_stop_saved_s"]
     lines.append(f"trials: {states}; early-stopped {summary['early_stopped']} (saved ~{saved:.1f} s); "
-                 f"reused {summary['reused']} (free copies of a measured setting)")
+                 f"reused {summary['reused']} (free copies of a measured setting or computation)")
     for reason, entry in summary["early_stop_by_reason"].items():
         lines.append(f"  early stop ({reason}): {entry['trials']} trials, {entry['batches_saved']} "
                      f"batches and ~{entry['seconds_saved']:.1f} s saved")
@@ -138,6 +141,11 @@ def format_summary(summary: dict) -> str:
             lines += auto_range_details(summary["auto_ranges_by"].get(fingerprint, {}).get(name),
                                         summary["auto_ranges_at_steps"].get(fingerprint, {}).get(name, {}),
                                         summary["model_steps"])
+    for fingerprint, tokens in summary.get("tome_tokens", {}).items():
+        levels = ", ".join(f"{count} at {level}x" for level, count in tokens.items())
+        lines.append(f"tome tokens on {fingerprint}: {levels} downsampling (measured; a ratio merges "
+                     f"int(tokens x ratio), so ratios under {1 / max(tokens.values()):.4f} apart may be "
+                     "one computation, measured once)")
     if summary["timings"]:
         lines += ["", "baseline timings (each worker times its own; speedups use its own):"]
         lines.append(_timings_table(summary["timings"]))
