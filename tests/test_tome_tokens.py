@@ -101,3 +101,62 @@ def test_the_tokens_of_a_compiled_unet_are_measured_without_recompiling_it():
     generate_images(pipe, PROMPTS[:1], 2)
     assert calibration["tokens"] == {"1": 256, "2": 64}
     assert not torch._dynamo.utils.counters["frames"].get("total")  # no frame compiled again
+
+
+XL_LIKE = '''
+import torch
+
+from optsearch.measure.builtin import _build_sd
+
+
+def build(device, dtype):
+    """SDXL's layout in miniature: no attention at the top level, attention at 2x."""
+    torch.manual_seed(0)
+    unet = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                attention_head_dim=8, norm_num_groups=32)
+    pipe = _build_sd(unet, (32, 64), 32)
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.eval()
+    return pipe.to(device, dtype)
+'''
+
+
+def test_a_unet_without_attention_at_the_top_is_told_and_its_idle_tome_counted_as_such(tmp_path):
+    """On a UNet whose first level has no attention (SDXL's layout), `max_downsample = 1` merges
+    nothing: every ratio there is one computation, the baseline's very images, reported as
+    computing everything (so a trial of it alone stops as inert); `check` and the worker say so,
+    and where to search instead."""
+    import torch
+
+    namespace: dict = {}
+    exec(XL_LIKE, namespace)
+    pipe = namespace["build"](torch.device("cpu"), torch.float32)
+    measured = tome.measure_tokens(pipe, lambda: generate_images(pipe, PROMPTS[:1], 2))
+    assert measured["tokens"] == {"2": 64}
+    assert _key(measured, 0.3) == _key(measured, 0.6) == {"tome": {"merged_tokens": {}}}
+    assert tome.idle_max_downsample(measured, [1, 2, 4]) == [1]
+    baseline = generate_images(pipe, PROMPTS, steps=4)
+    for max_downsample, fraction in ((1, 1.0), (2, None)):
+        setting = {"tome": {"ratio": 0.5, "max_downsample": max_downsample}}
+        with AppliedSetting(pipe, setting, {"tome": measured}) as applied:
+            images = generate_images(applied, PROMPTS, steps=4, reseed=applied.reseed)
+            assert applied.computed_fraction() == fraction
+        assert np.array_equal(images, baseline) == (max_downsample == 1)
+
+    (tmp_path / "xl_like.py").write_text(XL_LIKE)
+    spec = write_spec(tmp_path / "xl.toml", TINY_SPEC.replace('id = "builtin:tiny"', 'id = "xl_like:build"')
+                      .replace('accelerators = ["deepcache", "tome"]', 'accelerators = [["tome"]]')
+                      + "[space.tome]\nmax_downsample = [1, 4]\n")
+    checked = optsearch_cmd("check", str(spec), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "tome: attention at 2x (64 tokens) downsampling on this UNet" in checked.stdout
+    warning = ("warning: space.tome.max_downsample = 1 merges nothing here (the attention starts at "
+               "2x downsampling): those trials time the baseline; search from 2")
+    assert warning in checked.stdout
+    ran = optsearch_cmd("run", str(spec), "--storage", f"sqlite:///{tmp_path}/xl.db", "--n-trials", "1",
+                        "--quiet", cwd=tmp_path)  # a worker says it too, when it counts the tokens
+    assert ran.returncode == 0, ran.stderr
+    assert f": {warning}" in ran.stdout

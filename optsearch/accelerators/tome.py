@@ -35,11 +35,20 @@ PARAMS = (
 class ToMePatch:
     """tomesd applied to a pipeline; `reseed()` before each batch, `restore()` to remove."""
 
-    def __init__(self, pipe, ratio: float, max_downsample: int, use_rand: bool):
+    def __init__(self, pipe, ratio: float, max_downsample: int, use_rand: bool, measured: Mapping):
+        """`measured`: the UNet's token counts (`measure_tokens`), when known."""
         import tomesd
 
         self.pipe = pipe
+        self.computes = computation({"ratio": ratio, "max_downsample": max_downsample,
+                                     "use_rand": use_rand}, 0, measured)
         tomesd.apply_patch(pipe, ratio=ratio, max_downsample=max_downsample, use_rand=use_rand)
+
+    def computed_fraction(self) -> float | None:
+        """1.0 when the measured levels say it merges nothing (no attention level within
+        `max_downsample`: SDXL's first level has none): the baseline plus a patch. Otherwise
+        nothing: ToMe merges tokens rather than skipping blocks."""
+        return 1.0 if self.computes is not None and not self.computes["merged_tokens"] else None
 
     def reseed(self, seed: int) -> None:
         """Give tomesd a fresh generator so the merge pattern is the same for every batch."""
@@ -59,9 +68,9 @@ class ToMePatch:
 
 
 def apply(pipe, ratio: float = DEFAULTS["ratio"], max_downsample: int = DEFAULTS["max_downsample"],
-          use_rand: bool = DEFAULTS["use_rand"], **_measured) -> ToMePatch:
-    """`_measured`: the token counts `measure_tokens` found, which change nothing tomesd does."""
-    return ToMePatch(pipe, float(ratio), int(max_downsample), bool(use_rand))
+          use_rand: bool = DEFAULTS["use_rand"], **measured) -> ToMePatch:
+    """`measured`: the token counts `measure_tokens` found, which change nothing tomesd does."""
+    return ToMePatch(pipe, float(ratio), int(max_downsample), bool(use_rand), measured)
 
 
 def measure_tokens(pipe, run_once: Callable[[], object]) -> dict:
@@ -126,3 +135,21 @@ def computation(params: Mapping, _steps: int, calibration: Mapping) -> dict | No
 def warmup_steps(**_) -> int:
     """Merging runs at every step: one step goes through it."""
     return 1
+
+
+def idle_max_downsample(measured: Mapping, values: list[int]) -> list[int]:
+    """The `max_downsample` values that merge nothing on this UNet: below its first attention
+    level (SDXL's attention starts at 2x downsampling)."""
+    levels = [int(level) for level in measured.get("tokens") or {}]
+    return [value for value in values if levels and value < min(levels)]
+
+
+def idle_warning(measured: Mapping, values: list[int]) -> str | None:
+    """One line when some of the `max_downsample` values searched merge nothing here."""
+    idle = idle_max_downsample(measured, values)
+    if not idle:
+        return None
+    first = min(int(level) for level in measured["tokens"])
+    return (f"warning: space.tome.max_downsample = {', '.join(map(str, idle))} merges nothing here "
+            f"(the attention starts at {first}x downsampling): those trials time the baseline; "
+            f"search from {first}")

@@ -26,6 +26,7 @@ from optsearch.accelerators import (
     params_of,
     quantization_of,
     scheduler_of,
+    tome,
 )
 from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
@@ -124,6 +125,10 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
                                                      prompts[:len(batch.images)]))
     report.facts["auto_ranges"] = attempt("auto ranges", lambda: _auto_ranges(spec, pipe, prompts,
                                                                               config)) or {}
+    if any("tome" in combo for combo in spec.search.combos):
+        report.facts["tome_tokens"] = attempt("tome tokens", lambda: tome.measure_tokens(
+            pipe, lambda: list(generate(pipe, prompts[:1], replace(config, steps=min(2, config.steps)),
+                                        warmup=False))))
     report.facts["given_ranges"] = attempt("given threshold ranges", lambda: _auto_ranges(
         spec, pipe, prompts, config, _given_thresholds(spec))) or {}
     peak, free = _memory(device)
@@ -158,6 +163,17 @@ def _auto_ranges(spec, pipe, prompts, config, params=None) -> dict[str, list]:
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = calibrated_range(family, measured, param)  # per Fn too
     return ranges
+
+
+def _tome_text(spec, measured: dict | None) -> list[str]:
+    """Where this UNet has attention for ToMe to merge in, and the `max_downsample` values the
+    spec searches that reach none of it (each such trial times the baseline plus a patch)."""
+    if not measured or not measured.get("tokens"):
+        return []
+    levels = ", ".join(f"{level}x ({count} tokens)" for level, count in measured["tokens"].items())
+    lines = [f"tome: attention at {levels} downsampling on this UNet"]
+    warning = tome.idle_warning(measured, spec.searched_values("tome").get("max_downsample", []))
+    return lines + ([warning] if warning else [])
 
 
 def _published_outside(spec, ranges: dict[str, list]) -> list[str]:
@@ -248,6 +264,7 @@ def format_report(report: Report, spec) -> str:
         lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
                                                     for count, fewer in calibrated.at_steps.items()},
                                     spec.model.steps)
+    lines += _tome_text(spec, facts.get("tome_tokens"))
     lines += _masks_text(spec)
     lines += _published_outside(spec, facts["auto_ranges"])
     lines += _given_outside(spec, facts.get("given_ranges", {}))

@@ -48,7 +48,7 @@ from optsearch.measure.generation import (
     n_batches,
     prompt_seed,
 )
-from optsearch.measure.long_prompts import long_prompts_note
+from optsearch.measure.long_prompts import long_prompts_note, quiet_truncation
 from optsearch.measure.memory import PeakMemory
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.perceptual import Lpips
@@ -183,10 +183,12 @@ class Evaluator:
         noise the search gives them: what calibrations watch (the first batch computes as every
         trial's does)."""
         config, count = self.config, min(prompts, len(self.prompts))
-        self.pipe(self.prompts[:count], num_inference_steps=steps or config.steps, height=config.height,
-                  width=config.width, generator=[torch.Generator("cpu").manual_seed(
-                      prompt_seed(config.seed, i)) for i in range(count)],
-                  output_type="latent", **config.guidance_kwargs(count, self.pipe))
+        with quiet_truncation(self.pipe):  # a long prompt's cut is said once (evaluator_from_spec)
+            self.pipe(self.prompts[:count], num_inference_steps=steps or config.steps,
+                      height=config.height, width=config.width,
+                      generator=[torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
+                                 for i in range(count)],
+                      output_type="latent", **config.guidance_kwargs(count, self.pipe))
 
     def _calibrate_magcache(self) -> list[float]:
         """MagCache's magnitude ratios from one plain call on the first prompt at full steps."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import optuna
 from tqdm.auto import tqdm
 
-from optsearch.accelerators import canonical_setting, combo_name, execution_device, normalize_setting
+from optsearch.accelerators import canonical_setting, combo_name, execution_device, normalize_setting, tome
 from optsearch.formatting import format_setting
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
 from optsearch.measure.faults import fault_from_env
@@ -74,8 +74,7 @@ class Worker:
         device_id, _ = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         evaluator = evaluator.derive(  # with what this study measured on this device (MagCache)
             fault=fault_from_env(), calibration=studies.calibration(self.study, device_id),
-            on_calibrated=lambda name, data: studies.save_calibration(self.study, self.fingerprint,
-                                                                      name, data),
+            on_calibrated=self._calibrated,
             stored=lambda: studies.calibration(self.study, self.fingerprint))
         artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
         self.baselines = BaselineKeeper(self.study, self.spec, evaluator, artifacts, self.worker_id,
@@ -86,6 +85,14 @@ class Worker:
         self.interrupts = recovery.Interrupts()
         self.trials_run = 0  # trials this worker measured (copies of earlier results are free)
         self.repeated = False  # the last trial copied a measured setting: queue an unmeasured one
+
+    def _calibrated(self, family: str, data: dict) -> None:
+        """Store what a family measured here for every worker on this device; say when the
+        space searches ToMe where this UNet has no attention."""
+        studies.save_calibration(self.study, self.fingerprint, family, data)
+        values = self.spec.searched_values("tome").get("max_downsample", []) if family == "tome" else []
+        if warning := tome.idle_warning(data, values):
+            print(f"{self.worker_id}: {warning}", flush=True)
 
     @property
     def fingerprint(self) -> str:
