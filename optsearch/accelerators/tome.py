@@ -76,8 +76,8 @@ def apply(pipe, ratio: float = DEFAULTS["ratio"], max_downsample: int = DEFAULTS
 def measure_tokens(pipe, run_once: Callable[[], object]) -> dict:
     """The UNet's latent size and the token count at each attention level, as tomesd sees them
     in one plain call `run_once()`: {"latent_size": [h, w], "tokens": {downsample: count}}, the
-    downsample computed as tomesd computes it. Measured eagerly (a compiled UNet is not
-    recompiled for the hooks) and only on the UNet's first call."""
+    downsample computed as tomesd computes it (no tokens when blocks of one level see different
+    counts). Measured eagerly: a compiled UNet is not recompiled for the hooks."""
     import torch
 
     unet, seen, size = pipe.unet, {}, []
@@ -90,7 +90,7 @@ def measure_tokens(pipe, run_once: Callable[[], object]) -> dict:
     def on_block(_module, args, kwargs):
         if len(size) == 2:
             tokens = int((args[0] if args else kwargs["hidden_states"]).shape[1])
-            seen.setdefault(str(_downsample(size, tokens)), tokens)
+            seen.setdefault(str(_downsample(size, tokens)), set()).add(tokens)
 
     blocks = [module for module in unet.modules()
               if any(cls.__name__ == "BasicTransformerBlock" for cls in type(module).__mro__)]
@@ -102,7 +102,10 @@ def measure_tokens(pipe, run_once: Callable[[], object]) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    return {"latent_size": size, "tokens": dict(sorted(seen.items(), key=lambda item: int(item[0])))}
+    if any(len(counts) > 1 for counts in seen.values()):  # blocks of other shapes at one level:
+        return {"latent_size": size, "tokens": {}}  # no count to key by: compared as written
+    levels = sorted(seen, key=int)
+    return {"latent_size": size, "tokens": {level: seen[level].pop() for level in levels}}
 
 
 def _downsample(size: list[int], tokens: int) -> int:
