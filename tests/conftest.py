@@ -131,6 +131,22 @@ def optsearch_cmd(*args: str, cwd=None, timeout: float = 600, env=None):
                           timeout=timeout, env=env)
 
 
+def study_after_one_trial(spec: Path, name: str, params: dict, family: str):
+    """A study of `spec` whose first trial, `params` (enqueued), one worker ran: (the study, its
+    storage URL, the worker command, the key of the calibration it stored for `family`)."""
+    import optuna
+
+    url = f"sqlite:///{spec.parent}/{spec.stem}.db"
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    study = optuna.load_study(study_name=name, storage=url)
+    study.enqueue_trial(params)
+    worker = ("worker", "--study", name, "--storage", url, "--quiet")
+    assert optsearch_cmd(*worker, "--n-trials", "1").returncode == 0
+    [key] = [k for k in study.user_attrs
+             if k.startswith("optsearch:calibration:") and k.endswith(f":{family}")]
+    return study, url, worker, key
+
+
 def storage_snapshot(url: str) -> dict:
     """Everything a study storage holds that a failed command must not change."""
     import optuna

@@ -18,7 +18,7 @@ from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.study_spec import SpecError, spec_from_dict
 
-from .conftest import generate_images, optsearch_cmd, write_spec
+from .conftest import generate_images, optsearch_cmd, study_after_one_trial, write_spec
 from .test_families import DBCACHE_SPEC, FLUX_SPEC
 
 STEPS = 12
@@ -222,16 +222,8 @@ def _study_after_one_trial(tmp_path, n_trials: int) -> tuple[optuna.Study, str, 
     text = DBCACHE_SPEC.replace('accelerators = [["dbcache"]]', 'accelerators = [["magcache"]]') \
         .replace("n_trials = 2", f"n_trials = {n_trials}") \
         + "[space.magcache]\nthreshold = [0.0, 1.0]\nmax_skip_steps = 3\nretention_ratio = 0.2\n"
-    spec = write_spec(tmp_path / "mag.toml", text)
-    url = f"sqlite:///{tmp_path}/mag.db"
-    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    study = optuna.load_study(study_name="flux", storage=url)
-    study.enqueue_trial({"magcache.threshold": 0.05})
-    worker = ("worker", "--study", "flux", "--storage", url, "--quiet")
-    assert optsearch_cmd(*worker, "--n-trials", "1").returncode == 0
-    [key] = [k for k in study.user_attrs
-             if k.startswith("optsearch:calibration:") and k.endswith(":magcache")]
-    return study, url, worker, key
+    return study_after_one_trial(write_spec(tmp_path / "mag.toml", text), "flux",
+                                 {"magcache.threshold": 0.05}, "magcache")
 
 
 def test_a_magcache_setting_that_skips_the_same_steps_is_not_measured_again(tmp_path):

@@ -2,10 +2,9 @@
 level, so neighbouring ratios are often one computation, measured once."""
 
 import numpy as np
-import optuna
 
 from optsearch.accelerators import AppliedSetting, canonical_setting, tome
-from tests.conftest import TINY_SPEC, generate_images, optsearch_cmd, write_spec
+from tests.conftest import TINY_SPEC, generate_images, optsearch_cmd, study_after_one_trial, write_spec
 
 PROMPTS = ["a red bus on a street", "a cat on a sofa"]
 
@@ -56,13 +55,7 @@ def test_a_ratio_that_merges_the_same_tokens_is_not_measured_again(tmp_path):
     spec = write_spec(tmp_path / "tome.toml", TINY_SPEC.replace(
         'accelerators = ["deepcache", "tome"]', 'accelerators = [["tome"]]\nwarm_start = []')
         .replace("n_trials = 4", "n_trials = 3") + "[space.tome]\nmax_downsample = 2\n")
-    url = f"sqlite:///{tmp_path}/tome.db"
-    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    study = optuna.load_study(study_name="tiny", storage=url)
-    study.enqueue_trial({"tome.ratio": 0.5})
-    worker = ("worker", "--study", "tiny", "--storage", url, "--quiet")
-    assert optsearch_cmd(*worker, "--n-trials", "1").returncode == 0
-    [key] = [k for k in study.user_attrs if k.startswith("optsearch:calibration:") and k.endswith(":tome")]
+    study, url, worker, key = study_after_one_trial(spec, "tiny", {"tome.ratio": 0.5}, "tome")
     calibration = study.user_attrs[key]
     assert calibration["tokens"] == {"1": 256, "2": 64}
 
