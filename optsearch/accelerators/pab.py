@@ -7,14 +7,23 @@ On diffusion transformers it goes through the model's `enable_cache`. The SD UNe
 `Attention` modules, so the same hook applies there directly; the test suite checks that it
 changes the images. The current timestep comes from the pipeline when it tracks one (FLUX),
 otherwise from a forward pre-hook on the UNet that reads the timestep of each call.
+
+The window and the skip range only decide at which denoiser calls the attention is broadcast, so
+settings that broadcast at the same calls are one computation: the timestep of each call is
+measured once per device (`measure_timesteps`) and a setting is known by the calls it broadcasts
+at (`computation`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import HookPatch, denoiser
 
 NAME = "pab"
+SAME_COMPUTATION = "same attention broadcast"  # what a copied twin's record says
+DEFAULTS = {"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100, "timestep_skip_high": 800}
 APPLIES_TO = ("unet", "transformer", "video")
 PARAMS = (
     Param("spatial_attention_block_skip_range", int, (2, 6), minimum=2,
@@ -36,14 +45,30 @@ class _TimestepProbe:
     def _read(self, module, args, kwargs) -> None:
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if timestep is not None:
-            self.value = float(timestep.flatten()[0]) if hasattr(timestep, "flatten") else timestep
+            self.value = _as_float(timestep)
 
     def __call__(self) -> float:
         return self.value
 
 
-def apply(pipe, spatial_attention_block_skip_range: int = 2, timestep_skip_low: int = 100,
-          timestep_skip_high: int = 800) -> HookPatch:
+def _as_float(timestep) -> float:
+    return float(timestep.flatten()[0]) if hasattr(timestep, "flatten") else float(timestep)
+
+
+def _timestep_source(pipe, module) -> tuple[Callable[[], float], _TimestepProbe | None]:
+    """What PAB reads as the current timestep: the pipeline's own when it tracks one (FLUX: on
+    the 0-1000 scale, where its transformer gets it divided by 1000), else a probe's reading of
+    the denoiser's calls (to remove with the patch)."""
+    if hasattr(type(pipe), "current_timestep"):
+        return (lambda: pipe.current_timestep), None
+    probe = _TimestepProbe(module)
+    return probe, probe
+
+
+def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_attention_block_skip_range"],
+          timestep_skip_low: int = DEFAULTS["timestep_skip_low"],
+          timestep_skip_high: int = DEFAULTS["timestep_skip_high"], **_measured) -> HookPatch:
+    """`_measured`: the timesteps `measure_timesteps` found, which change nothing PAB does."""
     from diffusers import PyramidAttentionBroadcastConfig
     from diffusers.hooks import HookRegistry, apply_pyramid_attention_broadcast
     from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
@@ -52,13 +77,7 @@ def apply(pipe, spatial_attention_block_skip_range: int = 2, timestep_skip_low: 
         raise ValueError(f"pab.timestep_skip_low={timestep_skip_low} must be below "
                          f"pab.timestep_skip_high={timestep_skip_high}")
     module = denoiser(pipe)
-    probe = None
-    if hasattr(type(pipe), "current_timestep"):
-        def current_timestep():
-            return pipe.current_timestep
-    else:
-        probe = _TimestepProbe(module)
-        current_timestep = probe
+    current_timestep, probe = _timestep_source(pipe, module)
     config = PyramidAttentionBroadcastConfig(
         spatial_attention_block_skip_range=int(spatial_attention_block_skip_range),
         spatial_attention_timestep_skip_range=(int(timestep_skip_low), int(timestep_skip_high)),
@@ -86,6 +105,43 @@ def apply(pipe, spatial_attention_block_skip_range: int = 2, timestep_skip_low: 
         if probe is not None:
             probe.handle.remove()
         raise
+
+
+def measure_timesteps(pipe, steps: int, run_once: Callable[[], object]) -> dict:
+    """The timestep PAB reads at each denoiser call of one plain call `run_once()` of `steps`
+    steps: {"timesteps": [...], "step_count": steps}. Measured eagerly (a compiled denoiser is not
+    recompiled for the hook)."""
+    import torch
+
+    module = denoiser(pipe)
+    current, probe = _timestep_source(pipe, module)
+    seen: list[float] = []
+    handle = module.register_forward_pre_hook(lambda *_: seen.append(_as_float(current())),
+                                              with_kwargs=True)  # after the probe's own hook
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            run_once()
+    finally:
+        handle.remove()
+        if probe is not None:
+            probe.handle.remove()
+    return {"timesteps": seen, "step_count": steps}
+
+
+def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | None:
+    """What a setting computes in a call of `steps` steps, told by the measured timesteps (None
+    without them, or when they were measured at another step count): the denoiser calls whose
+    attention is broadcast rather than computed. diffusers computes at a call outside the window
+    (`low < timestep < high`), at the first call and at every `skip range`-th (the hooks' state
+    starts afresh with each pipeline call), and broadcasts at the others; settings that broadcast
+    at the same calls compute the same, whatever their window or skip range."""
+    if calibration.get("step_count") != steps or not calibration.get("timesteps"):
+        return None
+    drawn = {**DEFAULTS, **params}
+    low, high = float(drawn["timestep_skip_low"]), float(drawn["timestep_skip_high"])
+    every = int(drawn["spatial_attention_block_skip_range"])
+    return {"broadcast_calls": [call for call, timestep in enumerate(calibration["timesteps"])
+                                if low < timestep < high and call > 0 and call % every != 0]}
 
 
 def warmup_steps(spatial_attention_block_skip_range: int = 2, **_) -> int:
