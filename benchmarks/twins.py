@@ -8,7 +8,8 @@ are such twins of another, how far apart a group's speedups read (max / min: tim
 and whether the winner is the fastest reading of a group (its figure then the luckiest timing of a
 computation measured more than once), with the group's geometric-mean speedup beside it; and
 since the "same images" early stop, how many trials it stopped after their first batch and the
-seconds it saved.
+seconds it saved; and how many trials copied an earlier result before running, by why (MagCache's
+skipped steps, PAB's broadcast calls, DBCache's mask: the same computation told in advance).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def main(n_studies: int = 3, n_trials: int = 30) -> None:
         stopped = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
                    if t.user_attrs.get("early_stop_reason") == "same images"]
         saved = sum(t.user_attrs.get("early_stop_saved_s", 0.0) for t in stopped)
+        copies = defaultdict(int)  # copied before anything ran: the same computation, told apart
+        for trial in study.get_trials(deepcopy=False):
+            if trial.user_attrs.get("reused_from") is not None:
+                copies[trial.user_attrs.get("reused_why", "").split(",")[0]] += 1
         found = winner(study, spec)
         group = next((g for g in twins if found and found.trial in g), None)
         pooled = (math.exp(sum(math.log(t.user_attrs["speedup"]) for t in group) / len(group))
@@ -68,7 +73,8 @@ def main(n_studies: int = 3, n_trials: int = 30) -> None:
                      f"{max(spreads):.3f}" if spreads else "-",
                      f"{found.trial.user_attrs['speedup']:.2f}" if found else "-",
                      f"{len(group)} trials, {pooled:.2f}" if group else "no twin",
-                     f"{len(stopped)}, {saved:.1f} s"])
+                     f"{len(stopped)}, {saved:.1f} s",
+                     ", ".join(f"{count} {why}" for why, count in sorted(copies.items())) or "0"])
     print(table(["seed", "complete", "in twin groups", "groups", "widest spread (max/min)",
                  "winner speedup", "winner's group: size, geometric mean",
-                 "stopped as same images, saved"], rows))
+                 "stopped as same images, saved", "copied (why)"], rows))
