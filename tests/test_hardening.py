@@ -346,6 +346,8 @@ def test_a_gpu_named_twice_in_devices_is_warned_of_like_shared_cpu_cores():
     assert shared_device_warning(["cuda:0", "cuda:1", "cuda:0"]).startswith(
         "warning: cuda:0 named more than once: workers sharing a GPU time each other's kernels")
     assert shared_device_warning(["cpu", "cpu"]).startswith("warning: 2 CPU workers share")
+    both = shared_device_warning(["cpu", "cuda:1", "cpu", "cuda:1"]).splitlines()
+    assert len(both) == 2 and both[1].startswith("warning: cuda:1 named more than once")
 
 
 def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_path):

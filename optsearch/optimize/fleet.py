@@ -57,18 +57,19 @@ def without_devices(argv: list[str]) -> list[str]:
 
 def shared_device_warning(devices: list[str]) -> str | None:
     """Several workers on one device (CPU cores, or one GPU named twice) time each other's load,
-    not their settings."""
+    not their settings: one line for each kind of sharing."""
+    warnings = []
     cpus = devices.count("cpu")
     if cpus >= 2:
-        return (f"warning: {cpus} CPU workers share this machine's {os.cpu_count()} cores: each "
-                "times the others' load too (baselines and speedups disturbed, impossible figures "
-                "re-timed); one CPU worker per machine measures honestly")
+        warnings.append(f"warning: {cpus} CPU workers share this machine's {os.cpu_count()} cores: "
+                        "each times the others' load too (baselines and speedups disturbed, "
+                        "impossible figures re-timed); one CPU worker per machine measures honestly")
     shared = sorted({d for d in devices if d != "cpu" and devices.count(d) > 1})
-    if not shared:
-        return None
-    return (f"warning: {', '.join(shared)} named more than once: workers sharing a GPU time each "
-            "other's kernels too (baselines and speedups disturbed); one worker per GPU measures "
-            "honestly")
+    if shared:
+        warnings.append(f"warning: {', '.join(shared)} named more than once: workers sharing a GPU "
+                        "time each other's kernels too (baselines and speedups disturbed); one "
+                        "worker per GPU measures honestly")
+    return "\n".join(warnings) or None
 
 
 def run_workers(argv: list[str], devices: list[str]) -> int:
