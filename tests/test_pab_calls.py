@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from optsearch.accelerators import AppliedSetting, canonical_setting, pab
+from optsearch.accelerators import AppliedSetting, canonical_setting, pab, same_computation_why
 from optsearch.measure.models import load_pipeline
 from tests.conftest import generate_images
 
@@ -38,3 +38,5 @@ def test_settings_that_broadcast_at_the_same_calls_make_the_same_images(model):
         assert (keys[one] == keys[other]) == np.array_equal(images[one], images[other]), (one, other)
     assert 4 < len({str(key) for key in keys.values()}) < len(settings)  # twins, and distinct ones
     assert canonical_setting(setting(2, 800), STEPS - 2, {"pab": measured}) == setting(2, 800)
+    assert same_computation_why(setting(6, 952), setting(6, 976)) == \
+        "same attention broadcast, same device: the same computation"  # what a copy records
