@@ -9,16 +9,24 @@ frequencies.
 Wan and HunyuanVideo run the two halves as separate calls (or have no unconditional one), so the
 cache is told they are guidance-distilled: only the attention reuse acts there. Applied through the
 transformer's `enable_cache`; `disable_cache` and HookPatch restore it bit-exactly.
+
+As with PAB, the window and the skip range only decide at which denoiser calls the attention is
+reused: the timestep of each call is measured once per device (`pab.measure_timesteps`) and a
+setting is known by the calls it reuses at (`computation`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import HookPatch, cache_patch
 
 NAME = "fastercache"
+SAME_COMPUTATION = "same attention reused"  # what a copied twin's record says
+DEFAULTS = {"spatial_attention_block_skip_range": 2, "timestep_skip_high": 681,
+            "unconditional_batch_skip_range": 5}
 APPLIES_TO = ("transformer", "video")
 PARAMS = (
     Param("spatial_attention_block_skip_range", int, (2, 6), minimum=2,
@@ -37,8 +45,11 @@ def batches_guidance(pipe) -> bool:
     return type(pipe).__name__.startswith(BATCHED_GUIDANCE)
 
 
-def apply(pipe, spatial_attention_block_skip_range: int = 2, timestep_skip_high: int = 681,
-          unconditional_batch_skip_range: int = 5) -> HookPatch:
+def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_attention_block_skip_range"],
+          timestep_skip_high: int = DEFAULTS["timestep_skip_high"],
+          unconditional_batch_skip_range: int = DEFAULTS["unconditional_batch_skip_range"],
+          **_measured) -> HookPatch:
+    """`_measured`: the timesteps `pab.measure_timesteps` found, which change nothing it does."""
     from diffusers import FasterCacheConfig
 
     frames_first = type(pipe).__name__.startswith(FRAMES_FIRST)
@@ -54,6 +65,22 @@ def apply(pipe, spatial_attention_block_skip_range: int = 2, timestep_skip_high:
     # diffusers warns "purely experimental" at every enable: once per trial is noise, said in the docs
     logging.getLogger("diffusers.hooks.faster_cache").setLevel(logging.ERROR)
     return cache_patch(pipe, config, NAME)
+
+
+def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | None:
+    """What a setting computes in a call of `steps` steps, told by the measured timesteps (None
+    without them, or when they were measured at another step count): the denoiser calls at which
+    the spatial attention is reused. diffusers' `FasterCacheBlockHook` reuses inside the window
+    (`-1 < timestep < high`) except at every `skip range`-th call after the first; whether a
+    guidance batch allows it at that call follows the unconditional schedule, the same for every
+    setting of one `unconditional_batch_skip_range`."""
+    if calibration.get("step_count") != steps or not calibration.get("timesteps"):
+        return None
+    drawn = {**DEFAULTS, **params}
+    high, every = float(drawn["timestep_skip_high"]), int(drawn["spatial_attention_block_skip_range"])
+    return {"reused_calls": [call for call, timestep in enumerate(calibration["timesteps"])
+                             if -1 < timestep < high and not (call > 0 and call % every == 0)],
+            "unconditional_batch_skip_range": int(drawn["unconditional_batch_skip_range"])}
 
 
 def problem_with(pipe) -> str | None:

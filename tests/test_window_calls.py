@@ -1,0 +1,69 @@
+"""Pyramid Attention Broadcast and FasterCache settings are known by the denoiser calls whose
+attention they broadcast or reuse: a window and a skip range decide nothing else, so settings
+that do it at the same calls are one computation, measured once."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from optsearch.accelerators import AppliedSetting, canonical_setting, pab, same_computation_why
+from optsearch.measure.models import load_pipeline
+from tests.conftest import generate_images
+
+STEPS = 8
+
+
+def _video(call, prompts: list[str]) -> np.ndarray:
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    return call(prompts, num_inference_steps=STEPS, num_frames=9, guidance_scale=5.0, output_type="np",
+                generator=generators).frames
+
+
+@pytest.mark.parametrize("model, family", [("builtin:tiny-flux", "pab"), ("builtin:tiny", "pab"),
+                                           ("builtin:tiny-wan", "pab"), ("builtin:tiny-wan", "fastercache")])
+def test_settings_that_skip_at_the_same_calls_make_the_same_images(model, family):
+    """Over skip ranges and windows on a transformer (the pipeline's own timestep), a UNet (a
+    probe's reading) and a video transformer whose guidance runs as a second call per step: two
+    settings share a key exactly when their images are bit-identical (a window that takes in the
+    first call changes nothing there: the first call computes). Measured at another step count,
+    settings are compared as written."""
+    pipe = load_pipeline(model, device="cpu", dtype="float32")
+
+    def make(call, prompts):
+        return _video(call, prompts) if model == "builtin:tiny-wan" else \
+            generate_images(call, prompts, steps=STEPS)
+
+    measured = pab.measure_timesteps(pipe, STEPS, lambda: make(pipe, ["a cat"]))
+    calls = 2 * STEPS if model == "builtin:tiny-wan" else STEPS  # guidance: a second call a step
+    assert len(measured["timesteps"]) == calls and measured["step_count"] == STEPS
+    assert measured["timesteps"] == sorted(measured["timesteps"], reverse=True)
+
+    def setting(every: int, high: int) -> dict:
+        return {family: {"spatial_attention_block_skip_range": every, "timestep_skip_high": high}}
+
+    settings = [(every, high) for every in (2, 3, 5) for high in (500, 700, 800, 880, 1000)]
+    keys, images = {}, {}
+    for every, high in settings:
+        keys[every, high] = canonical_setting(setting(every, high), STEPS, {family: measured})
+        with AppliedSetting(pipe, setting(every, high)) as applied:
+            images[every, high] = make(applied, ["a red bus", "a cat"])
+    for one, other in itertools.combinations(settings, 2):
+        assert (keys[one] == keys[other]) == np.array_equal(images[one], images[other]), (one, other)
+    assert 4 < len({str(key) for key in keys.values()}) < len(settings)  # twins, and distinct ones
+    assert canonical_setting(setting(2, 800), STEPS - 2, {family: measured}) == setting(2, 800)
+
+
+def test_a_copy_says_why_in_its_familys_words():
+    def pab_setting(high: int) -> dict:
+        return {"pab": {"spatial_attention_block_skip_range": 6, "timestep_skip_high": high}}
+
+    assert same_computation_why(pab_setting(952), pab_setting(976)) == \
+        "same attention broadcast, same device: the same computation"
+    assert same_computation_why({"fastercache": {"timestep_skip_high": 700}},
+                                {"fastercache": {"timestep_skip_high": 710}}) \
+        .startswith("same attention reused")
+    assert same_computation_why({"tome": {"ratio": 0.5}, "deepcache": {"cache_interval": 3}},
+                                {"tome": {"ratio": 0.502}, "deepcache": {"cache_interval": 3}}) \
+        .startswith("same tokens merged,")
