@@ -67,7 +67,7 @@ def cmd_study_list(args) -> int:
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
         listed.append({"study": summary.study_name, "measured": len(studies.measured_trials(study)),
-                       "exhausted": bool(studies.exhausted(study)),
+                       "exhausted": bool(studies.exhausted(summary)),
                        "queued": states[optuna.trial.TrialState.WAITING],
                        "n_trials": spec.get("search", {}).get("n_trials"),
                        "model": spec.get("model", {}).get("id"), "winner": summary.user_attrs.get("winner"),

@@ -125,8 +125,9 @@ def save_exhausted(study: optuna.Study, fingerprint: str, record: dict) -> None:
     study.set_user_attr(EXHAUSTED_PREFIX + fingerprint, record)
 
 
-def exhausted(study: optuna.Study) -> dict[str, dict]:
-    """The fingerprints whose space is measured through, with their records."""
+def exhausted(study: optuna.Study | optuna.study.StudySummary) -> dict[str, dict]:
+    """The fingerprints whose space is measured through, with their records (a summary's
+    user attrs hold them too: `study list` reads no study again for them)."""
     return {key.removeprefix(EXHAUSTED_PREFIX): value for key, value in study.user_attrs.items()
             if key.startswith(EXHAUSTED_PREFIX)}
 
