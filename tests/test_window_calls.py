@@ -10,7 +10,7 @@ import torch
 
 from optsearch.accelerators import AppliedSetting, canonical_setting, pab, same_computation_why
 from optsearch.measure.models import load_pipeline
-from tests.conftest import generate_images
+from tests.conftest import generate_images, optsearch_cmd, write_spec
 
 STEPS = 8
 
@@ -67,3 +67,50 @@ def test_a_copy_says_why_in_its_familys_words():
     assert same_computation_why({"tome": {"ratio": 0.5}, "deepcache": {"cache_interval": 3}},
                                 {"tome": {"ratio": 0.502}, "deepcache": {"cache_interval": 3}}) \
         .startswith("same tokens merged,")
+
+
+PAB_SPEC = """
+name = "pab"
+[model]
+id = "builtin:tiny-flux"
+device = "cpu"
+dtype = "float32"
+steps = 8
+guidance_scale = 3.5
+[prompts]
+source = "builtin"
+num_samples = 4
+batch_size = 2
+[quality]
+clip_model = "builtin:tiny"
+clip_pretrained = "none"
+metric = "psnr"
+limit = 20.0
+[search]
+accelerators = [["pab"]]
+n_trials = 20
+warm_start = []
+[space.pab]
+spatial_attention_block_skip_range = [2, 3]
+timestep_skip_high = [800, 1000]
+"""
+
+
+def test_check_counts_the_computations_a_worker_then_measures_through(tmp_path):
+    """`check` counts the distinct computations of the space on this device (402 settings, far
+    fewer computations), says n_trials asks for more, and estimates that many trials; a worker
+    then measures exactly that many before it finds the space exhausted."""
+    spec = write_spec(tmp_path / "pab.toml", PAB_SPEC)
+    checked = optsearch_cmd("check", str(spec), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    [line] = [line for line in checked.stdout.splitlines() if line.startswith("space: ")]
+    count = int(line.split()[1])
+    assert 2 < count < 20
+    assert (f"note: search.n_trials = 20 is more than the {count} distinct computations here: the "
+            "study stops once each is measured (the space is exhausted)") in checked.stdout
+    assert f"estimate: {count} trials x 4 prompts" in checked.stdout
+    ran = optsearch_cmd("run", str(spec), "--storage", f"sqlite:///{tmp_path}/pab.db", "--quiet",
+                        cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert f"the space is exhausted: all {count} distinct settings are tried on cpu" in ran.stdout
+    assert f"{count}/20 trials measured" in ran.stdout

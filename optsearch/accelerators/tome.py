@@ -135,6 +135,18 @@ def computation(params: Mapping, _steps: int, calibration: Mapping) -> dict | No
     return {"merged_tokens": merged, "use_rand": bool(drawn["use_rand"])} if merged else {"merged_tokens": {}}
 
 
+def telling_values(param: str, low: float, high: float, calibration: Mapping) -> list[float] | None:
+    """Ratios in [low, high] that meet every combination of merge counts the measured levels
+    allow there (the ends, and the middle between each two points where a level's count
+    changes): what counting the space's computations needs of a continuous ratio."""
+    if param != "ratio" or not calibration.get("tokens"):
+        return None
+    changes = sorted({low, high} | {k / n for n in calibration["tokens"].values()
+                                    for k in range(math.ceil(low * n), math.floor(high * n) + 1)
+                                    if low < k / n < high})
+    return [low, high] + [(a + b) / 2 for a, b in zip(changes, changes[1:], strict=False)]
+
+
 def warmup_steps(**_) -> int:
     """Merging runs at every step: one step goes through it."""
     return 1

@@ -23,6 +23,7 @@ from optsearch.accelerators import (
     dbcache,
     execution_device,
     offload_of,
+    pab,
     params_of,
     quantization_of,
     scheduler_of,
@@ -41,6 +42,7 @@ from optsearch.measure.quality import ClipScorer
 from optsearch.optimize.baseline import ABOVE_LIMIT
 from optsearch.optimize.estimate import Estimate, estimate_text
 from optsearch.optimize.recovery import OUT_OF_MEMORY
+from optsearch.optimize.space import computations
 from optsearch.optimize.warm_start import published_settings, trial_params
 
 
@@ -129,10 +131,17 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         report.facts["tome_tokens"] = attempt("tome tokens", lambda: tome.measure_tokens(
             pipe, lambda: list(generate(pipe, prompts[:1], replace(config, steps=min(2, config.steps)),
                                         warmup=False))))
+    measured = {"tome": report.facts.get("tome_tokens") or {}}  # what tells settings apart here
+    if {"pab", "fastercache"} & set(spec.accelerators_used):  # one image, as a worker measures it
+        timesteps = attempt("timesteps", lambda: pab.measure_timesteps(
+            pipe, config.steps, lambda: list(generate(pipe, prompts[:1], config, warmup=False)))) or {}
+        measured.update(pab=timesteps, fastercache=timesteps)
+    report.facts["computations"] = computations(spec, measured)
     report.facts["given_ranges"] = attempt("given threshold ranges", lambda: _auto_ranges(
         spec, pipe, prompts, config, _given_thresholds(spec))) or {}
     peak, free = _memory(device)
-    estimate = Estimate(batch.seconds_per_image, spec.trials_possible(), len(prompts), workers,
+    trials = min(spec.trials_possible(), report.facts["computations"] or spec.trials_possible())
+    estimate = Estimate(batch.seconds_per_image, trials, len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0,
                         calibration_images=config.batch_size * spec.calibration_calls())
     report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),
@@ -174,6 +183,19 @@ def _tome_text(spec, measured: dict | None) -> list[str]:
     lines = [f"tome: attention at {levels} downsampling on this UNet"]
     warning = tome.idle_warning(measured, spec.searched_values("tome").get("max_downsample", []))
     return lines + ([warning] if warning else [])
+
+
+def _computations_text(spec, count: int | None) -> list[str]:
+    """How many distinct computations the space holds here, where its families can tell, and
+    whether n_trials asks for more than there are."""
+    if count is None:
+        return []
+    lines = [f"space: {count} distinct computations on this device (settings that compute the same "
+             "count once)"]
+    if spec.search.n_trials > count:
+        lines.append(f"note: search.n_trials = {spec.search.n_trials} is more than the {count} distinct "
+                     "computations here: the study stops once each is measured (the space is exhausted)")
+    return lines
 
 
 def _published_outside(spec, ranges: dict[str, list]) -> list[str]:
@@ -265,6 +287,7 @@ def format_report(report: Report, spec) -> str:
                                                     for count, fewer in calibrated.at_steps.items()},
                                     spec.model.steps)
     lines += _tome_text(spec, facts.get("tome_tokens"))
+    lines += _computations_text(spec, facts.get("computations"))
     lines += _masks_text(spec)
     lines += _published_outside(spec, facts["auto_ranges"])
     lines += _given_outside(spec, facts.get("given_ranges", {}))

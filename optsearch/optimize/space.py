@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import math
+from collections.abc import Mapping
 
 import optuna
 
@@ -75,3 +79,53 @@ def _fix_sampled(trial: optuna.Trial, name: str, released, chosen, bounds: tuple
     logger.info("trial %d: %s = %s (enqueued) lies outside the range calibrated on this device "
                 "[%s, %s]; sampled %s within it", trial.number, name, released, bounds[0],
                 bounds[1], chosen)
+
+
+MOST_SETTINGS_COUNTED = 200_000  # a family's settings enumerated at most to count computations
+
+
+def computations(spec: StudySpec, calibrations: Mapping[str, dict]) -> int | None:
+    """How many distinct computations the spec's space holds on a device whose calibrations are
+    `calibrations` (ToMe's token counts, PAB's timesteps): settings a family tells apart only by
+    what they compute count once (`computation`); a combo multiplies its families' counts. None
+    when some family cannot tell (a continuous parameter, an "auto" range, a space too large to
+    enumerate, or fewer steps beside another family: its computations change with the count)."""
+    total = 0
+    for combo in spec.search.combos:
+        if "steps" in combo and len(combo) > 1:
+            return None
+        product = 1
+        for family in combo:
+            count = _family_computations(spec, family, calibrations.get(family) or {})
+            if count is None:
+                return None
+            product *= count
+        total += product
+    return total
+
+
+def _family_computations(spec: StudySpec, family: str, calibration: Mapping) -> int | None:
+    axes = []
+    for param, declared in params_of(family).items():
+        if spec.space_value(family, param) == "auto":
+            return None
+        bounds = spec.param_range(family, param)
+        if len(bounds) == 1 or declared.choices or declared.kind is int or bounds[2]:
+            values = spec.grid_values(family, param) if len(bounds) == 1 or declared.choices \
+                or bounds[2] else list(range(int(bounds[0]), int(bounds[1]) + 1))
+        else:
+            told = getattr(REGISTRY[family], "telling_values", None)
+            values = told(param, bounds[0], bounds[1], calibration) if told else None
+            if values is None:
+                return None
+        axes.append([(param, value) for value in values])
+    if math.prod(len(axis) for axis in axes) > MOST_SETTINGS_COUNTED:
+        return None
+    tell = getattr(REGISTRY[family], "computation", None)
+    keys = set()
+    for drawn in itertools.product(*axes):
+        params = dict(drawn)
+        told = tell(params, spec.model.steps, calibration) if tell else None
+        keys.add(json.dumps(params if told is None else told, sort_keys=True))
+    return len(keys)
+
