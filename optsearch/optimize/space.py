@@ -105,15 +105,18 @@ def computations(spec: StudySpec, calibrations: Mapping[str, dict]) -> int | Non
 
 
 def _family_computations(spec: StudySpec, family: str, calibration: Mapping) -> int | None:
+    """The distinct computations of one family's searched values (its settings, each keyed by
+    what it computes where the family can tell)."""
     axes = []
     for param, declared in params_of(family).items():
         if spec.space_value(family, param) == "auto":
             return None
         bounds = spec.param_range(family, param)
-        if len(bounds) == 1 or declared.choices or declared.kind is int or bounds[2]:
-            values = spec.grid_values(family, param) if len(bounds) == 1 or declared.choices \
-                or bounds[2] else list(range(int(bounds[0]), int(bounds[1]) + 1))
-        else:
+        if len(bounds) == 1 or declared.choices or bounds[2]:  # fixed, named or stepped
+            values = spec.grid_values(family, param)
+        elif declared.kind is int:  # the sampler draws every integer of the range
+            values = list(range(int(bounds[0]), int(bounds[1]) + 1))
+        else:  # continuous: only a family that tells its computations apart can count them
             told = getattr(REGISTRY[family], "telling_values", None)
             values = told(param, bounds[0], bounds[1], calibration) if told else None
             if values is None:
