@@ -11,6 +11,7 @@ import torch
 from optsearch.accelerators import AppliedSetting, canonical_setting, pab, same_computation_why
 from optsearch.measure.models import load_pipeline
 from tests.conftest import generate_images, optsearch_cmd, write_spec
+from tests.test_families import FLUX_SPEC
 
 STEPS = 8
 
@@ -69,31 +70,10 @@ def test_a_copy_says_why_in_its_familys_words():
         .startswith("same tokens merged,")
 
 
-PAB_SPEC = """
-name = "pab"
-[model]
-id = "builtin:tiny-flux"
-device = "cpu"
-dtype = "float32"
-steps = 8
-guidance_scale = 3.5
-[prompts]
-source = "builtin"
-num_samples = 4
-batch_size = 2
-[quality]
-clip_model = "builtin:tiny"
-clip_pretrained = "none"
-metric = "psnr"
-limit = 20.0
-[search]
-accelerators = [["pab"]]
-n_trials = 20
-warm_start = []
-[space.pab]
-spatial_attention_block_skip_range = [2, 3]
-timestep_skip_high = [800, 1000]
-"""
+PAB_SPEC = FLUX_SPEC.replace("steps = 12", "steps = 8").replace("limit = 35.0", "limit = 20.0") \
+    .replace('[["steps"], ["magcache"], ["steps", "taylorseer"]]', '[["pab"]]') \
+    .replace("n_trials = 6\nn_startup_trials = 6\nseed = 1", "n_trials = 20\nwarm_start = []") \
+    + "[space.pab]\nspatial_attention_block_skip_range = [2, 3]\ntimestep_skip_high = [800, 1000]\n"
 
 
 def test_check_counts_the_computations_a_worker_then_measures_through(tmp_path):
