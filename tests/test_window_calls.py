@@ -94,3 +94,27 @@ def test_check_counts_the_computations_a_worker_then_measures_through(tmp_path):
     assert ran.returncode == 0, ran.stderr
     assert f"the space is exhausted: all {count} distinct settings are tried on cpu" in ran.stdout
     assert f"{count}/20 trials measured" in ran.stdout
+
+
+def test_pab_and_fastercache_share_one_measurement_of_the_timesteps(tiny_clip):
+    """A video study searches both: the second family adopts the first's timesteps (a plain call
+    of a whole video is not run twice), and the evaluator stores each under its own name."""
+    from optsearch.measure.evaluate import Evaluator
+    from optsearch.measure.generation import GenerationConfig
+
+    pipe = load_pipeline("builtin:tiny-wan", device="cpu", dtype="float32")
+    config = GenerationConfig(steps=STEPS, guidance_scale=5.0, batch_size=1, seed=3, num_frames=9)
+    stored = []
+    evaluator = Evaluator(pipe, tiny_clip, ["a red cube"], config,
+                          on_calibrated=lambda family, data: stored.append(family))
+    calls = []
+    counter = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        evaluator.apply({"pab": {"spatial_attention_block_skip_range": 3}}).restore()
+        measured_with = len(calls)
+        evaluator.apply({"fastercache": {"spatial_attention_block_skip_range": 3}}).restore()
+    finally:
+        counter.remove()
+    assert measured_with == 2 * STEPS and len(calls) == measured_with  # guidance: two calls a step
+    assert stored == ["pab", "fastercache"]
+    assert evaluator.calibration["fastercache"]["timesteps"] == evaluator.calibration["pab"]["timesteps"]

@@ -159,10 +159,11 @@ class Evaluator:
         families = normalize_setting(setting)
         if "magcache" in families and not self._known("magcache", "mag_ratios"):
             self._calibrated("magcache", {"mag_ratios": self._calibrate_magcache()})
-        for family in ("pab", "fastercache"):  # windows over the timestep of each call: one image
-            if family in families and not self._known(family, "timesteps"):
-                self._calibrated(family, pab.measure_timesteps(self.pipe, self.config.steps,
-                                                               self._run_once))
+        for family, other in (("pab", "fastercache"), ("fastercache", "pab")):  # their windows
+            if family in families and not self._known(family, "timesteps"):  # one image, once
+                self._calibrated(family, {key: self.calibration[other][key] for key in
+                                          ("timesteps", "step_count")} if self._known(other, "timesteps")
+                                 else pab.measure_timesteps(self.pipe, self.config.steps, self._run_once))
         if "tome" in families and not self._known("tome", "tokens"):  # two steps of one image
             self._calibrated("tome", tome.measure_tokens(
                 self.pipe, lambda: self._run_once(1, min(2, self.config.steps))))
