@@ -79,7 +79,8 @@ PAB_SPEC = FLUX_SPEC.replace("steps = 12", "steps = 8").replace("limit = 35.0", 
 def test_check_counts_the_computations_a_worker_then_measures_through(tmp_path):
     """`check` counts the distinct computations of the space on this device (402 settings, far
     fewer computations), says n_trials asks for more, and estimates that many trials; a worker
-    then measures exactly that many before it finds the space exhausted."""
+    then measures exactly that many before it finds the space exhausted, and one that resumes the
+    study, knowing the timesteps stored, counts what is left of them."""
     spec = write_spec(tmp_path / "pab.toml", PAB_SPEC)
     checked = optsearch_cmd("check", str(spec), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
@@ -89,9 +90,11 @@ def test_check_counts_the_computations_a_worker_then_measures_through(tmp_path):
     assert (f"note: search.n_trials = 20 is more than the {count} distinct computations here: the "
             "study stops once each is measured (the space is exhausted)") in checked.stdout
     assert f"estimate: {count} trials x 4 prompts" in checked.stdout
-    ran = optsearch_cmd("run", str(spec), "--storage", f"sqlite:///{tmp_path}/pab.db", "--quiet",
-                        cwd=tmp_path)
+    run = ("run", str(spec), "--storage", f"sqlite:///{tmp_path}/pab.db", "--quiet")
+    assert optsearch_cmd(*run, "--n-trials", "1", cwd=tmp_path).returncode == 0  # stores the timesteps
+    ran = optsearch_cmd(*run, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
+    assert f": {count - 1} trials to go; estimate: {count - 1} trials x" in ran.stdout  # resumed: told
     assert f"the space is exhausted: all {count} distinct settings are tried on cpu" in ran.stdout
     assert f"{count}/20 trials measured" in ran.stdout
 

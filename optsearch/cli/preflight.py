@@ -42,7 +42,7 @@ from optsearch.measure.quality import ClipScorer
 from optsearch.optimize.baseline import ABOVE_LIMIT
 from optsearch.optimize.estimate import Estimate, estimate_text
 from optsearch.optimize.recovery import OUT_OF_MEMORY
-from optsearch.optimize.space import computations
+from optsearch.optimize.space import computations, trials_possible
 from optsearch.optimize.warm_start import published_settings, trial_params
 
 
@@ -140,8 +140,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     report.facts["given_ranges"] = attempt("given threshold ranges", lambda: _auto_ranges(
         spec, pipe, prompts, config, _given_thresholds(spec))) or {}
     peak, free = _memory(device)
-    trials = min(spec.trials_possible(), report.facts["computations"] or spec.trials_possible())
-    estimate = Estimate(batch.seconds_per_image, trials, len(prompts), workers,
+    estimate = Estimate(batch.seconds_per_image, trials_possible(spec, measured), len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0,
                         calibration_images=config.batch_size * spec.calibration_calls())
     report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),

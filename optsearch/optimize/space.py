@@ -104,6 +104,12 @@ def computations(spec: StudySpec, calibrations: Mapping[str, dict]) -> int | Non
     return total
 
 
+def trials_possible(spec: StudySpec, calibrations: Mapping[str, dict]) -> int:
+    """The trials a search can measure on a device with these calibrations: n_trials, or the
+    space's settings or distinct computations where fewer (what an estimate counts)."""
+    return min(spec.trials_possible(), computations(spec, calibrations) or spec.search.n_trials)
+
+
 def _family_computations(spec: StudySpec, family: str, calibration: Mapping) -> int | None:
     """The distinct computations of one family's searched values (its settings, each keyed by
     what it computes where the family can tell)."""
