@@ -140,7 +140,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     report.facts["given_ranges"] = attempt("given threshold ranges", lambda: _auto_ranges(
         spec, pipe, prompts, config, _given_thresholds(spec))) or {}
     peak, free = _memory(device)
-    estimate = Estimate(batch.seconds_per_image, trials_possible(spec, measured), len(prompts), workers,
+    trials = trials_possible(spec, report.facts["computations"])  # counted once, above
+    estimate = Estimate(batch.seconds_per_image, trials, len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0,
                         calibration_images=config.batch_size * spec.calibration_calls())
     report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),

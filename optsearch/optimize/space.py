@@ -104,10 +104,11 @@ def computations(spec: StudySpec, calibrations: Mapping[str, dict]) -> int | Non
     return total
 
 
-def trials_possible(spec: StudySpec, calibrations: Mapping[str, dict]) -> int:
-    """The trials a search can measure on a device with these calibrations: n_trials, or the
-    space's settings or distinct computations where fewer (what an estimate counts)."""
-    return min(spec.trials_possible(), computations(spec, calibrations) or spec.search.n_trials)
+def trials_possible(spec: StudySpec, count: int | None) -> int:
+    """The trials a search can measure on a device whose space holds `count` distinct
+    computations (`computations`; None: not told): n_trials, or the space's settings or its
+    computations where fewer (what an estimate counts)."""
+    return min(spec.trials_possible(), count or spec.search.n_trials)
 
 
 def _family_computations(spec: StudySpec, family: str, calibration: Mapping) -> int | None:

@@ -31,7 +31,7 @@ from optsearch.optimize.early_stop import rule_for
 from optsearch.optimize.estimate import print_estimate
 from optsearch.optimize.plausible import ImplausibleSpeedup, measure_plausibly
 from optsearch.optimize.recovery import OUT_OF_MEMORY
-from optsearch.optimize.space import suggest_setting, trials_possible
+from optsearch.optimize.space import computations, suggest_setting, trials_possible
 from optsearch.optimize.tell import record_trial
 from optsearch.optimize.winner import mark_winner
 from optsearch.storage.artifacts import open_artifact_store
@@ -115,7 +115,7 @@ class Worker:
         with self.interrupts:
             try:
                 baseline = self.baselines.ensure(self.trials_run)
-                possible = trials_possible(self.spec, self.evaluator.calibration)
+                possible = trials_possible(self.spec, computations(self.spec, self.evaluator.calibration))
                 remaining = max(0, possible - sharing.counts(self.study)[0])
                 print_estimate(self.worker_id, baseline, remaining, self.evaluator, self.spec)
                 self._loop()
