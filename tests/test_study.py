@@ -120,8 +120,37 @@ def test_two_workers_exhaust_a_small_postgres_space_together(tmp_path, pg_url):
     settings = evaluated_settings(study)
     assert len(settings) == len(set(settings)) == 6, "every setting measured once"
     assert [r["settings"] for r in studies.exhausted(study).values()] == [6]
-    assert all("the space is exhausted: all 6 distinct settings" in out for out, _ in outputs)
+    assert all("the space is exhausted: all 6 distinct computations" in out for out, _ in outputs)
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
+
+
+def test_a_setting_waiting_in_the_queue_is_not_queued_again(tmp_path):
+    """After a copy the worker queues an unmeasured computation; one already waiting in the queue
+    (enqueued by a user, or by the last copy) is next in line anyway. Queuing it again made a
+    second copy; and with only queued ones left the space is not exhausted yet."""
+    from optsearch.optimize.sharing import queue_unmeasured
+    from optsearch.study_spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path / "two.toml", TINY_SPEC.replace(
+        'accelerators = ["deepcache", "tome"]', 'accelerators = [["deepcache"]]')
+        + "[space.deepcache]\ncache_interval = [2, 3]\ncache_branch_id = [0]\n"))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/q.db")
+    measured = {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
+        "setting": measured, "fingerprint": "fp"}))
+    study.enqueue_trial({"deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0})
+
+    def queue() -> bool:
+        return queue_unmeasured(study, spec, "fp", {}, lambda setting, used: setting,
+                                {"worker": "w", "device": "cpu"})
+
+    assert queue() and len(study.get_trials(states=(TrialState.WAITING,))) == 1
+    assert not studies.exhausted(study)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
+        "setting": {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}, "fingerprint": "fp"}))
+    for waiting in study.get_trials(states=(TrialState.WAITING,)):  # a worker took it
+        study._storage.set_trial_state_values(waiting._trial_id, TrialState.FAIL)
+    assert not queue() and [r["settings"] for r in studies.exhausted(study).values()] == [2]
 
 
 def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:
@@ -335,11 +364,11 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert sorted(evaluated_settings(study)) == sorted(set(evaluated_settings(study)))
     assert len(evaluated_settings(study)) == 6
     assert [r["settings"] for r in studies.exhausted(study).values()] == [6]
-    assert "the space is exhausted: all 6 distinct settings are tried on cpu" in result.stdout
+    assert "the space is exhausted: all 6 distinct computations are tried on cpu" in result.stdout
     assert "fewer than n_trials 8" in result.stdout
     assert "6/8 trials measured" in result.stdout
     # and the dashboard's study note says why the study stopped short of n_trials
-    assert "## Search\n\n- the space is exhausted: all 6 distinct settings" in read_note(study, None)
+    assert "## Search\n\n- the space is exhausted: all 6 distinct computations" in read_note(study, None)
     assert ": 6 trials to go; estimate: 6 trials x 4 prompts" in result.stdout  # not n_trials 8
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
     # a worker joining later finds nothing to do on this device, and times no baseline for it
@@ -359,7 +388,7 @@ def test_reused_setting_copies_the_result(tmp_path):
         "n_trials": 8, "space_size": 6, "measured": 6, "exhausted": True}
     extended = optsearch_cmd("study", "extend", "tiny", "--n-trials", "10", "--storage", url)
     assert extended.returncode == 0 and "n_trials 8 -> 10 (6 measured)" in extended.stdout
-    assert "note: the space is exhausted: all 6 distinct settings are tried on cpu" in extended.stdout
+    assert "note: the space is exhausted: all 6 distinct computations are tried on cpu" in extended.stdout
 
 
 def test_a_repeat_takes_no_trial_of_n_trials(tmp_path):

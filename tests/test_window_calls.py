@@ -95,7 +95,7 @@ def test_check_counts_the_computations_a_worker_then_measures_through(tmp_path):
     ran = optsearch_cmd(*run, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert f": {count - 1} trials to go; estimate: {count - 1} trials x" in ran.stdout  # resumed: told
-    assert f"the space is exhausted: all {count} distinct settings are tried on cpu" in ran.stdout
+    assert f"the space is exhausted: all {count} distinct computations are tried on cpu" in ran.stdout
     assert f"{count}/20 trials measured" in ran.stdout
 
 

@@ -109,6 +109,20 @@ def taken(study: optuna.Study, fingerprint: str, key: Callable[[dict, dict], str
             if t.user_attrs.get("fingerprint") == fingerprint and "setting" in t.user_attrs}
 
 
+def waiting(study: optuna.Study, draw: Callable[[optuna.Trial], dict],
+            key: Callable[[dict, dict], str]) -> set[str]:
+    """The computations of the trials waiting in the study's queue (`enqueue_trial`), each
+    keyed as `draw` makes its setting from the parameters it was queued with."""
+    probe = optuna.create_study()
+    keys = set()
+    for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        probe.enqueue_trial(queued.system_attrs.get("fixed_params", {}), skip_if_exists=False)
+        trial = probe.ask()
+        keys.add(key(draw(trial), {}))
+        probe.tell(trial, state=TrialState.FAIL)
+    return keys
+
+
 def unmeasured_params(tried: set[str], draw: Callable[[optuna.Trial], dict], key: Callable[[dict, dict], str],
                       seed: int | None = None, draws: int = UNMEASURED_DRAWS) -> dict | None:
     """The parameters (as Optuna names them, for `enqueue_trial`) of a setting whose computation
@@ -130,12 +144,17 @@ def queue_unmeasured(study: optuna.Study, spec: StudySpec, fingerprint: str, aut
     def key(setting: dict, used: dict) -> str:
         return setting_key(canonical(setting, used))
 
+    def draw(trial: optuna.Trial) -> dict:
+        return normalize_setting(suggest_setting(trial, spec, auto))
+
     tried = taken(study, fingerprint, key)
+    queued = waiting(study, draw, key)  # next in line anyway: another of them would be a copy
     seed = spec.search.seed and trial_seed(spec.search.seed, len(study.trials))
-    params = unmeasured_params(
-        tried, lambda trial: normalize_setting(suggest_setting(trial, spec, auto)), key, seed)
+    params = unmeasured_params(tried | queued, draw, key, seed)
     if params is not None:
         study.enqueue_trial(params, skip_if_exists=False)
+        return True
+    if queued - tried:  # the last unmeasured computations wait in the queue already
         return True
     record = {"settings": len(tried), "draws": UNMEASURED_DRAWS, "n_trials": spec.search.n_trials, **record}
     studies.save_exhausted(study, fingerprint, record)

@@ -134,7 +134,7 @@ def exhausted(study: optuna.Study | optuna.study.StudySummary) -> dict[str, dict
 
 def exhausted_text(record: dict) -> str:
     """What an exhausted space means for the study, in one line."""
-    return (f"the space is exhausted: all {record['settings']} distinct settings are tried on "
+    return (f"the space is exhausted: all {record['settings']} distinct computations are tried on "
             f"{record['device']}, fewer than n_trials {record['n_trials']}")
 
 
