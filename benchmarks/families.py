@@ -74,6 +74,8 @@ VIDEO = [  # tiny-wan: the caches made for video, against fewer steps
     ("dbcache F1B0 0.08 (published)", {"dbcache": {"residual_diff_threshold": 0.08,
                                                    "max_warmup_steps": 8}}),
     ("dbcache F1B0 0.12", {"dbcache": {"residual_diff_threshold": 0.12, "max_warmup_steps": 2}}),
+    ("seacache 0.25/1/2 (diffusers' default)", {"seacache": {}}),
+    ("seacache 1.0, 4 in a row", {"seacache": {"threshold": 1.0, "max_consecutive_cached": 4}}),
 ]
 UNET = [
     ("steps 12 (of 25)", {"steps": {"num_inference_steps": 12}}),

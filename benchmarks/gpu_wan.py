@@ -43,6 +43,7 @@ SETTINGS = [
                                                   "timestep_skip_high": 681}}),
     ("fbcache 0.12", {"fbcache": {"threshold": 0.12}}),
     ("magcache 0.06/3/0.2", {"magcache": {}}),
+    ("seacache 0.25/1/2 (diffusers' default)", {"seacache": {}}),
     ("dbcache F1B0 0.08 (cache-dit default)", {"dbcache": {"residual_diff_threshold": 0.08}}),
     # random weights: residual differences sit far above real-model thresholds; the calibrated
     # range's top (filled in by main) is what "skips nearly everything" costs

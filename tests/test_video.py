@@ -29,7 +29,8 @@ CONFIG = GenerationConfig(steps=8, guidance_scale=5.0, batch_size=2, seed=3, num
 VIDEO_CACHES = [{"pab": {"spatial_attention_block_skip_range": 3}},
                 {"fastercache": {"spatial_attention_block_skip_range": 3}},
                 {"fbcache": {"threshold": 0.2}},
-                {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}}]
+                {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}},
+                {"seacache": {"threshold": 0.5, "max_consecutive_cached": 3}}]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ Which families apply depends on the pipeline's denoiser (`KINDS`):
 - "video" (a transformer pipeline that returns frames: Wan, CogVideoX, HunyuanVideo): the same
   caches; `"any"` = steps, pab, fastercache, fbcache, magcache and dbcache (TaylorSeer's default
   attention names do not match Wan's blocks: measured inert there).
+- "video" also takes seacache where diffusers has its indicator (Wan text-to-video, Cosmos 3),
+  named in the spec (not in `"any"`: on other video pipelines it would run every step in full).
 `steps` applies everywhere and combines with every family; a cache (pab, fbcache, taylorseer,
 magcache, dbcache) combines with nothing but `steps` (diffusers allows one cache per model, and
 on a UNet PAB's attention hooks would fight T-GATE's and DeepCache's patches).

@@ -17,6 +17,7 @@ from optsearch.accelerators import (
     fbcache,
     magcache,
     pab,
+    seacache,
     steps,
     taylorseer,
     tgate,
@@ -26,11 +27,12 @@ from optsearch.accelerators.base import Param
 
 REGISTRY: dict[str, ModuleType] = {
     m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fastercache, fbcache, taylorseer, magcache,
-                        dbcache)
+                        dbcache, seacache)
 }
 ORDER = tuple(REGISTRY)
 KINDS = ("unet", "transformer", "video")
-EXCLUSIVE = ("pab", "fastercache", "fbcache", "taylorseer", "magcache", "dbcache")  # combine only with steps
+EXCLUSIVE = ("pab", "fastercache", "fbcache", "taylorseer", "magcache", "dbcache",
+             "seacache")  # combine only with steps
 COMBOS: tuple[tuple[str, ...], ...] = (  # the original workflow's four, "any" on a UNet
     ("deepcache",),
     ("deepcache", "tome"),

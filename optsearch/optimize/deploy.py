@@ -127,9 +127,10 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
                 "else:", "    from tgate.SD import tgate",
                 "pipe.tgate = MethodType(tgate, pipe)  # generate with pipe.tgate(..., **kwargs)",
                 f"call_kwargs['gate_step'] = {params['gate_step']!r}"]
-    if name in ("fbcache", "taylorseer", "pab", "magcache"):
+    if name in ("fbcache", "taylorseer", "pab", "magcache", "seacache"):
         config = {"fbcache": "FirstBlockCacheConfig", "taylorseer": "TaylorSeerCacheConfig",
-                  "pab": "PyramidAttentionBroadcastConfig", "magcache": "MagCacheConfig"}[name]
+                  "pab": "PyramidAttentionBroadcastConfig", "magcache": "MagCacheConfig",
+                  "seacache": "SeaCacheConfig"}[name]
         options = dict(params)
         if name == "pab":
             low, high = options.pop("timestep_skip_low"), options.pop("timestep_skip_high")

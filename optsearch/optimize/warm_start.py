@@ -44,6 +44,8 @@ PUBLISHED: dict[str, list[dict]] = {
                      "unconditional_batch_skip_range": 5}],
     "magcache": [{"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},  # paper default
                  {"threshold": 0.24, "max_skip_steps": 5, "retention_ratio": 0.1}],  # its FLUX 2.8x
+    "seacache": [{"threshold": 0.25, "residual_order": 1, "max_consecutive_cached": 2,
+                  "retention_steps": 1}],  # diffusers' SeaCacheConfig defaults
     # cache-dit's DBCache: its README's FLUX points (F8B0 its default, F1B0, F1B0 + TaylorSeer)
     "dbcache": [{"Fn_compute_blocks": 8, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08,
                  "max_warmup_steps": 8},
