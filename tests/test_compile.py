@@ -177,3 +177,51 @@ def test_a_pipeline_that_comes_compiled_is_measured_as_it_came(tmp_path, caplog)
     code = diffusers_python(exported)
     assert "compiled (regional) as the pipeline was built" in code
     assert "compile_repeated_blocks" not in code
+
+
+def _dynamo_trace(pipe, enable) -> tuple[dict, object]:
+    """Dynamo's graph and graph-break counts over two calls of `pipe` (compiled regionally,
+    eager backend) with a cache `enable(pipe)` turned on, and what `enable` returned."""
+    import torch
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    applied = enable(pipe)
+    for _ in range(2):
+        generator = torch.Generator().manual_seed(0)
+        pipe(["a red cube"], num_inference_steps=8, guidance_scale=3.5, generator=generator,
+             output_type="np", max_sequence_length=32)
+    counters = torch._dynamo.utils.counters
+    return {"graphs": counters["stats"]["unique_graphs"],
+            "breaks": sum(counters["graph_break"].values())}, applied
+
+
+@pytest.mark.parametrize("config", ["fbcache", "pab"])
+def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone_makes_them(config):
+    """On a compiled denoiser, optsearch's counting must not change what dynamo compiles (its
+    wrappers, traced inside the compiled blocks, once made 10 graphs and 6 breaks here where
+    FirstBlockCache alone makes 9 and 3, and slowed its trials). FirstBlockCache still reports
+    what ran (counted where diffusers decides, in eager code), the same share as uncompiled."""
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    pipe = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
+    setting = {"fbcache": {"threshold": 0.5}} if config == "fbcache" else \
+        {"pab": {"spatial_attention_block_skip_range": 2}}
+    with optsearch.apply(pipe, setting) as run:
+        run(["a red cube"], num_inference_steps=8, guidance_scale=3.5, max_sequence_length=32)
+        eager_fraction = run._patches[0].computed_fraction()
+    compile_denoiser(pipe, "regional", backend="eager")
+    config = FirstBlockCacheConfig(threshold=0.5) if config == "fbcache" else \
+        PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                        spatial_attention_timestep_skip_range=(100, 800),
+                                        current_timestep_callback=lambda: pipe.current_timestep)
+    alone, _ = _dynamo_trace(pipe, lambda p: p.transformer.enable_cache(config))
+    pipe.transformer.disable_cache()
+    ours, applied = _dynamo_trace(pipe, lambda p: optsearch.apply(p, setting))
+    fraction = applied._patches[0].computed_fraction()
+    applied.restore()
+    assert ours == alone and alone["graphs"] > 0
+    if "fbcache" in setting:
+        assert 0 < fraction == eager_fraction < 1
+    else:
+        assert eager_fraction < 1 and fraction is None  # counted only where counting is free

@@ -144,7 +144,7 @@ def test_families_per_kind_and_kind_from_the_model():
     assert applicable("unet") == ["steps", "deepcache", "tome", "tgate", "pab"]
     assert applicable("transformer") == ["steps", "pab", "fastercache", "fbcache", "taylorseer",
                                          "magcache", "dbcache"]
-    assert applicable("video") == applicable("transformer")
+    assert applicable("video") == [*applicable("transformer"), "seacache"]
     assert model_kind("builtin:tiny-flux") == "transformer"
     assert model_kind("black-forest-labs/FLUX.1-dev") == "transformer"
     assert model_kind("stable-diffusion-v1-5/stable-diffusion-v1-5") == "unet"

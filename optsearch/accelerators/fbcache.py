@@ -16,36 +16,50 @@ PARAMS = (
 
 
 class FirstBlockCachePatch:
-    """diffusers' FirstBlockCache, recording the relative residual change it compares with its
-    threshold at every step (what `calibrate` reads); HookPatch counts the blocks that ran."""
+    """diffusers' FirstBlockCache, recording at every step the relative residual change it
+    compares with its threshold (what `calibrate` reads) and its decision (what ran). The
+    recording runs in eager code, as diffusers' decision does: a compiled denoiser compiles what
+    it would without us."""
 
     def __init__(self, pipe, threshold: float):
+        import torch
         from diffusers import FirstBlockCacheConfig
-        from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+        from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
 
-        self.patch = cache_patch(pipe, FirstBlockCacheConfig(threshold=threshold), NAME)
+        self.patch = cache_patch(pipe, FirstBlockCacheConfig(threshold=threshold), NAME, count=False)
         self.changes: list[float] = []  # the relative residual changes compared with the threshold
+        self.decisions: list[bool] = []  # per head-block call: the other blocks ran
+        self.blocks = 0  # the hooked blocks: the head and the others
         for module in self.patch.module.modules():
             registry = module.__dict__.get("_diffusers_hook")
-            head = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
+            if registry is None:
+                continue
+            self.blocks += registry.get_hook(_FBC_BLOCK_HOOK) is not None
+            head = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
             if head is not None:
+                self.blocks += 1
                 decide = head._should_compute_remaining_blocks
-                head._should_compute_remaining_blocks = \
-                    lambda r, decide=decide, head=head: self._record(decide(r), head, r)
+                head._should_compute_remaining_blocks = torch.compiler.disable(
+                    lambda r, decide=decide, head=head: self._record(decide(r), head, r))
 
     def _record(self, computed: bool, head, residual) -> bool:
         previous = head.state_manager.get_state().head_block_residual
         if previous is not None:  # diffusers' own measure: mean |change| / mean |previous|
             self.changes.append(float((residual - previous).abs().mean() / previous.abs().mean()))
+        self.decisions.append(computed)
         return computed
 
     def prepare(self, call_kwargs: dict) -> None:
+        self.decisions = []
         self.patch.prepare(call_kwargs)
 
     def computed_fraction(self) -> float | None:
-        """The first block every step, the others on the steps that computed them (HookPatch
-        counts the hooked blocks' calls that ran)."""
-        return self.patch.computed_fraction()
+        """The share of the hooked blocks' calls that ran: the head block at every call, the
+        others at the calls it decided to compute them."""
+        if not self.decisions or not self.blocks:
+            return None
+        others = sum(self.decisions) * (self.blocks - 1)
+        return (len(self.decisions) + others) / (len(self.decisions) * self.blocks)
 
     def restore(self) -> None:
         self.patch.restore()

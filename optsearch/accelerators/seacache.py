@@ -43,15 +43,16 @@ def problem_with(pipe) -> str | None:
 
 class SeaCachePatch:
     """diffusers' SeaCache, recording the relative change of the indicator at each step after
-    the first (what `calibrate` reads) and whether the transformer's blocks ran at each call."""
+    the first (what `calibrate` reads) and whether the transformer's blocks ran at each call,
+    where diffusers decides: in the leader block's hook, which it runs eager (compiled or not)."""
 
     def __init__(self, pipe, **options):
         from diffusers import SeaCacheConfig
         from diffusers.hooks.sea_cache import _SEA_CACHE_LEADER_BLOCK_HOOK
 
-        self.patch = cache_patch(pipe, SeaCacheConfig(**options), NAME)
+        self.patch = cache_patch(pipe, SeaCacheConfig(**options), NAME, count=False)
         self.changes: dict[int, float] = {}  # by step: each guidance call sees the same latents
-        self.calls = self.computed = 0
+        self.calls = self.computed = 0  # the leader's decisions (eager: diffusers runs it so)
         for module in self.patch.module.modules():
             registry = module.__dict__.get("_diffusers_hook")
             leader = registry.get_hook(_SEA_CACHE_LEADER_BLOCK_HOOK) if registry is not None else None
@@ -60,18 +61,10 @@ class SeaCachePatch:
                 decide = shared.resolve_gate
                 shared.resolve_gate = lambda state, metadata, indicator, config, decide=decide: \
                     self._record(decide, state, metadata, indicator, config)
-                reference = leader.fn_ref  # the leader block runs the rest, or none of them
-                reference.pre_forward = self._counted("calls", reference.pre_forward)
-                reference.original_forward = self._counted("computed", reference.original_forward)
-
-    def _counted(self, counter: str, function):
-        def counted(*args, **kwargs):
-            setattr(self, counter, getattr(self, counter) + 1)
-            return function(*args, **kwargs)
-        return counted
 
     def _record(self, decide, state, metadata, indicator, config) -> bool:
-        """diffusers' own measure: the mean over latents of mean |change| / mean |previous|."""
+        """diffusers' own measure: the mean over latents of mean |change| / mean |previous|; and
+        the decision (the leader runs the blocks when it computes or has no residual yet)."""
         previous = state.previous_indicator
         if indicator and previous and len(indicator) == len(previous) and \
                 state.gate_key != (metadata.step_index, metadata.sigma):
@@ -79,7 +72,10 @@ class SeaCachePatch:
                                / (before.float().abs().mean() + 1e-16))
                          for now, before in zip(indicator, previous, strict=True)) / len(indicator)
             self.changes[metadata.step_index] = change
-        return decide(state, metadata, indicator, config)
+        computed = decide(state, metadata, indicator, config)
+        self.calls += 1
+        self.computed += computed or not state.history
+        return computed
 
     def prepare(self, call_kwargs: dict) -> None:
         self.calls = self.computed = 0

@@ -12,6 +12,7 @@ after it, inside timed batches, are counted and flagged, since their seconds are
 from __future__ import annotations
 
 from optsearch.accelerators import denoiser
+from optsearch.accelerators.hooks import compiled_how
 from optsearch.errors import ModelLoadError, first_line
 
 
@@ -57,16 +58,6 @@ def compiled_as(pipe) -> str | None:
     """'regional:default:inductor' ('regional:as-built' for one that came compiled), or None for
     an eager pipeline."""
     return getattr(pipe, "_optsearch_compile", None)
-
-
-def compiled_how(model) -> str:
-    """How a denoiser is compiled, as `[model] compile` says it: "full" (torch.compile of the
-    whole module), "regional" (some of its blocks, e.g. compile_repeated_blocks) or "none"."""
-    if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
-        return "full"
-    if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
-        return "regional"
-    return "none"
 
 
 def adopt_compiled(pipe) -> str | None:
