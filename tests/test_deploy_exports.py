@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -69,6 +70,9 @@ def export(tmp_path, url: str, name: str, form: str, filename: str) -> str:
         study, spec = load_study(open_storage(url, heartbeat_interval=None), name)
         text = diffusers_python(export_study(study, spec))
     assert "import optsearch" not in text and "from optsearch" not in text
+    # the header says what measured it (no baseline here: the installed releases), since an
+    # older release may lack a config
+    assert f"measured with torch {version('torch')}, diffusers {version('diffusers')}" in text.lower()
     return text
 
 
