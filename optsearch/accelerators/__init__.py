@@ -41,6 +41,7 @@ from optsearch.accelerators.hooks import (
     attention_of,
     call_parameters,
     denoiser,
+    denoisers,
     dtype_of,
     execution_device,
     native_size,
@@ -89,7 +90,7 @@ def enabled_already(pipe) -> str | None:
     named; None for a plain one (or one whose accelerator was disabled again). A baseline must be
     the plain pipeline, and a setting applied on top of another cache would stack two."""
     model = denoiser(pipe)
-    if getattr(model, "is_cache_enabled", False):
+    if any(getattr(expert, "is_cache_enabled", False) for expert in denoisers(pipe)):
         return "a diffusers cache (enable_cache)"
     if getattr(model, "_is_cached", False):
         return "cache-dit (enable_cache)"
@@ -116,7 +117,7 @@ class AppliedSetting:
         self.on_call = on_call
         self.setting = normalize_setting(setting)
         self.kind = pipeline_kind(pipe)
-        problem = combo_problem(list(self.setting), self.kind)
+        problem = combo_problem(list(self.setting), self.kind) or pipeline_problem(list(self.setting), pipe)
         enabled = enabled_already(pipe) if self.setting else None
         if enabled:
             problem = (f"the pipeline already has {enabled}: a setting applies to the plain "
@@ -210,7 +211,7 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange",
            "Param", "applicable", "apply_setting", "attention_of", "calibrate_family",
            "calibrated_range", "calibration_cost", "calibration_steps", "calibration_used",
-           "call_parameters", "canonical_setting", "combo_name", "combo_problem", "denoiser",
+           "call_parameters", "canonical_setting", "combo_name", "combo_problem", "denoiser", "denoisers",
            "dtype_of", "enabled_already", "execution_device", "fit_to_steps", "max_speedup",
            "native_size", "normalize_setting", "not_a_pipeline", "offload_of", "params_of",
            "pipeline_kind", "pipeline_problem", "quantization_of", "same_computation_why",

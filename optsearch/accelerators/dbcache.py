@@ -31,7 +31,7 @@ from optsearch.accelerators.cache_dit_masks import (  # noqa: F401 - the family'
     steps_mask,
 )
 from optsearch.accelerators.cache_dit_masks import quiet_cache_dit as _cache_dit
-from optsearch.accelerators.hooks import call_parameters, denoiser
+from optsearch.accelerators.hooks import call_parameters, denoiser, denoisers
 
 NAME = "dbcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -116,7 +116,7 @@ class EnabledDBCache:
         build = adapter_builder(pipe)
         if build is None:
             raise ValueError(problem_with(pipe))
-        self._modules = [pipe, *denoiser(pipe).modules()]
+        self._modules = [pipe, *(module for expert in denoisers(pipe) for module in expert.modules())]
         self._before = [set(vars(module)) for module in self._modules]
         self._order = [list(getattr(module, "_modules", {})) for module in self._modules]
         self._enabled = False

@@ -84,10 +84,15 @@ def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | Non
 
 
 def problem_with(pipe) -> str | None:
-    """FasterCache reads the pipeline's current timestep (diffusers' video pipelines track it)."""
+    """FasterCache reads the pipeline's current timestep (diffusers' video pipelines track it),
+    and its hooks reuse from their first call inside the window: Wan 2.2's second expert starts
+    there, with nothing cached yet (diffusers fails: measured on builtin:tiny-wan22)."""
     if not hasattr(type(pipe), "current_timestep"):
         return (f"fastercache needs a pipeline that tracks its current timestep "
                 f"({type(pipe).__name__} does not)")
+    if getattr(pipe, "transformer_2", None) is not None:
+        return ("fastercache fails on a second expert (transformer_2): diffusers' hooks reuse "
+                "from the expert's first call, before anything is cached")
     return None
 
 

@@ -28,25 +28,23 @@ class FirstBlockCachePatch:
 
         self.patch = cache_patch(pipe, FirstBlockCacheConfig(threshold=threshold), NAME, count=False)
         self.changes: list[float] = []  # the relative residual changes compared with the threshold
-        self.decisions: list[bool] = []  # per head-block call: the other blocks ran
-        self.blocks = 0  # the hooked blocks: the head and the others
-        for module in self.patch.module.modules():
-            registry = module.__dict__.get("_diffusers_hook")
-            if registry is None:
-                continue
-            self.blocks += registry.get_hook(_FBC_BLOCK_HOOK) is not None
-            head = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
-            if head is not None:
-                self.blocks += 1
-                decide = head._should_compute_remaining_blocks
-                head._should_compute_remaining_blocks = torch.compiler.disable(
-                    lambda r, decide=decide, head=head: self._record(decide(r), head, r))
+        self.decisions: list[tuple[bool, int]] = []  # per head call: the others ran, how many
+        for model in self.patch.modules:  # each expert (Wan 2.2's two) has its own head
+            registries = [m.__dict__["_diffusers_hook"] for m in model.modules()
+                          if "_diffusers_hook" in m.__dict__]
+            blocks = sum(r.get_hook(_FBC_BLOCK_HOOK) is not None for r in registries)
+            for head in (r.get_hook(_FBC_LEADER_BLOCK_HOOK) for r in registries):
+                if head is not None:
+                    decide = head._should_compute_remaining_blocks
+                    head._should_compute_remaining_blocks = torch.compiler.disable(
+                        lambda r, decide=decide, head=head, blocks=blocks:
+                        self._record(decide(r), head, r, blocks))
 
-    def _record(self, computed: bool, head, residual) -> bool:
+    def _record(self, computed: bool, head, residual, blocks: int) -> bool:
         previous = head.state_manager.get_state().head_block_residual
         if previous is not None:  # diffusers' own measure: mean |change| / mean |previous|
             self.changes.append(float((residual - previous).abs().mean() / previous.abs().mean()))
-        self.decisions.append(computed)
+        self.decisions.append((computed, blocks))
         return computed
 
     def prepare(self, call_kwargs: dict) -> None:
@@ -55,11 +53,11 @@ class FirstBlockCachePatch:
 
     def computed_fraction(self) -> float | None:
         """The share of the hooked blocks' calls that ran: the head block at every call, the
-        others at the calls it decided to compute them."""
-        if not self.decisions or not self.blocks:
+        others (`blocks` of them in its expert) at the calls it decided to compute them."""
+        if not self.decisions:
             return None
-        others = sum(self.decisions) * (self.blocks - 1)
-        return (len(self.decisions) + others) / (len(self.decisions) * self.blocks)
+        ran = sum(1 + computed * blocks for computed, blocks in self.decisions)
+        return ran / sum(1 + blocks for _, blocks in self.decisions)
 
     def restore(self) -> None:
         self.patch.restore()

@@ -174,30 +174,50 @@ def compiled_how(model) -> str:
     return "none"
 
 
+def denoisers(pipe) -> list[torch.nn.Module]:
+    """Every network the steps run: the denoiser and, on Wan 2.2's A14B pipelines, the second
+    expert (`transformer_2`, which runs the low-noise steps). A cache applies to each, as a
+    server enables it on each."""
+    second = getattr(pipe, "transformer_2", None)
+    return [denoiser(pipe)] if second is None else [denoiser(pipe), second]
+
+
 class HookPatch:
-    """A diffusers cache applied to `pipe`'s denoiser by `enable`, removed by `disable`. `count`:
-    wrap the hooks to count the calls that ran (None: where the denoiser is not compiled)."""
+    """A diffusers cache applied to each of `pipe`'s denoisers by `enable`, removed by `disable`.
+    `count`: wrap the hooks to count the calls that ran (None: where the denoiser is not
+    compiled)."""
 
     def __init__(self, pipe, enable: Callable[[torch.nn.Module], None],
                  disable: Callable[[torch.nn.Module], None], count: bool | None = None):
-        self.module = denoiser(pipe)
+        self.modules = denoisers(pipe)
+        self.module = self.modules[0]
         if count is None:
             count = compiled_how(self.module) == "none"
         self._disable = disable
-        self._before = {(id(m), name) for m in self.module.modules() for name in _LEFT_BY_HOOKS
+        self._before = {(id(m), name) for m in self.submodules() for name in _LEFT_BY_HOOKS
                         if name in m.__dict__}
-        self._had_config = "_cache_config" in self.module.__dict__
-        self._enabled = False
-        enable(self.module)
-        self._enabled = True
+        self._had_config = ["_cache_config" in module.__dict__ for module in self.modules]
+        self._enabled: list[torch.nn.Module] = []
+        try:
+            for module in self.modules:
+                enable(module)
+                self._enabled.append(module)
+        except BaseException:  # the second expert refused it: the first is left as it was
+            self.restore()
+            raise
         self.calls = self.computed = 0  # hooked modules' calls in the last call, and those run
-        for module in self.module.modules() if count else ():
+        for module in self.submodules() if count else ():
             registry = module.__dict__.get("_diffusers_hook")
             for hook in (registry.hooks.values() if registry is not None else ()):
                 if getattr(hook, "fn_ref", None) is not None and hasattr(hook.fn_ref, "original_forward"):
                     hook.fn_ref.pre_forward = self._count("calls", hook.fn_ref.pre_forward)
                     hook.fn_ref.original_forward = self._count("computed",
                                                                hook.fn_ref.original_forward)
+
+    def submodules(self):
+        """Every module of every denoiser, each expert's in turn."""
+        for module in self.modules:
+            yield from module.modules()
 
     def _count(self, counter: str, function):
         def counted(*args, **kwargs):
@@ -214,26 +234,27 @@ class HookPatch:
         from diffusers.hooks import HookRegistry
 
         self.calls = self.computed = 0
-        HookRegistry.check_if_exists_or_initialize(self.module).reset_stateful_hooks(recurse=True)
+        for module in self.modules:
+            HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks(recurse=True)
 
     def restore(self) -> None:
-        if self._enabled:
-            self._disable(self.module)
-            self._enabled = False
-        for module in self.module.modules():
+        while self._enabled:
+            self._disable(self._enabled.pop())
+        for module in self.submodules():
             for name in _LEFT_BY_HOOKS:
                 if name in module.__dict__ and (id(module), name) not in self._before:
                     del module.__dict__[name]
-        if not self._had_config:
-            self.module.__dict__.pop("_cache_config", None)
+        for module, had_config in zip(self.modules, self._had_config, strict=True):
+            if not had_config:
+                module.__dict__.pop("_cache_config", None)
 
 
 def cache_patch(pipe, config, family: str, count: bool | None = None) -> HookPatch:
-    """Enable a diffusers cache config through the model's own `enable_cache` (its CacheMixin)."""
-    module = denoiser(pipe)
-    if not hasattr(module, "enable_cache"):
+    """Enable a diffusers cache config through each denoiser's own `enable_cache` (CacheMixin)."""
+    lacking = [module for module in denoisers(pipe) if not hasattr(module, "enable_cache")]
+    if lacking:
         raise ValueError(f"{family} needs a denoiser with diffusers' enable_cache "
-                         f"({type(module).__name__} has none)")
+                         f"({type(lacking[0]).__name__} has none)")
     return HookPatch(pipe, lambda m: m.enable_cache(config), lambda m: m.disable_cache(), count)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from optsearch.accelerators.base import Param
-from optsearch.accelerators.hooks import HookPatch, denoiser
+from optsearch.accelerators.hooks import HookPatch, denoiser, denoisers
 
 NAME = "pab"
 SAME_COMPUTATION = "same attention broadcast"  # what a copied twin's record says
@@ -116,16 +116,38 @@ def measure_timesteps(pipe, steps: int, run_once: Callable[[], object]) -> dict:
     module = denoiser(pipe)
     current, probe = _timestep_source(pipe, module)
     seen: list[float] = []
-    handle = module.register_forward_pre_hook(lambda *_: seen.append(_as_float(current())),
-                                              with_kwargs=True)  # after the probe's own hook
+    experts: list[int] = []  # which denoiser each call ran (Wan 2.2 A14B: two, in turn)
+
+    def record(index: int) -> None:
+        seen.append(_as_float(current()))
+        experts.append(index)
+
+    handles = [model.register_forward_pre_hook(  # after the probe's own hook
+        lambda *_, index=index: record(index), with_kwargs=True)
+        for index, model in enumerate(denoisers(pipe))]
     try:
         with torch.compiler.set_stance("force_eager"):
             run_once()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if probe is not None:
             probe.handle.remove()
-    return {"timesteps": seen, "step_count": steps}
+    measured = {"timesteps": seen, "step_count": steps}
+    return {**measured, "experts": experts} if any(experts) else measured
+
+
+def expert_calls(calibration: Mapping) -> list[tuple[int, float]]:
+    """(the call's index among its own denoiser's calls, its timestep) for each measured call: a
+    cache's hooks count the calls of the denoiser they sit on, so on Wan 2.2's second expert the
+    count starts again at 0 (one expert: the call's own index)."""
+    experts = calibration.get("experts") or [0] * len(calibration["timesteps"])
+    seen: dict[int, int] = {}
+    calls = []
+    for expert, timestep in zip(experts, calibration["timesteps"], strict=True):
+        calls.append((seen.get(expert, 0), timestep))
+        seen[expert] = seen.get(expert, 0) + 1
+    return calls
 
 
 def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | None:
@@ -133,15 +155,16 @@ def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | Non
     without them, or when they were measured at another step count): the denoiser calls whose
     attention is broadcast rather than computed. diffusers computes at a call outside the window
     (`low < timestep < high`), at the first call and at every `skip range`-th (the hooks' state
-    starts afresh with each pipeline call), and broadcasts at the others; settings that broadcast
-    at the same calls compute the same, whatever their window or skip range."""
+    starts afresh with each pipeline call; each expert's hooks count their own calls), and
+    broadcasts at the others; settings that broadcast at the same calls compute the same,
+    whatever their window or skip range."""
     if calibration.get("step_count") != steps or not calibration.get("timesteps"):
         return None
     drawn = {**DEFAULTS, **params}
     low, high = float(drawn["timestep_skip_low"]), float(drawn["timestep_skip_high"])
     every = int(drawn["spatial_attention_block_skip_range"])
-    return {"broadcast_calls": [call for call, timestep in enumerate(calibration["timesteps"])
-                                if low < timestep < high and call > 0 and call % every != 0]}
+    return {"broadcast_calls": [call for call, (own, timestep) in enumerate(expert_calls(calibration))
+                                if low < timestep < high and own > 0 and own % every != 0]}
 
 
 def warmup_steps(spatial_attention_block_skip_range: int = 2, **_) -> int:

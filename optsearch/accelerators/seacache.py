@@ -11,7 +11,7 @@ follow the run's own latents, like FirstBlockCache's: twins show as the same ima
 from __future__ import annotations
 
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import cache_patch, denoiser
+from optsearch.accelerators.hooks import cache_patch, denoisers
 
 NAME = "seacache"
 APPLIES_TO = ("video",)
@@ -30,15 +30,16 @@ PARAMS = (
 def problem_with(pipe) -> str | None:
     """Why diffusers' SeaCache would only run this pipeline in full, or None: it has indicators
     for Wan text-to-video (as many channels in as out) and Cosmos 3."""
-    model = denoiser(pipe)
-    name = type(model).__name__
-    if name == "Cosmos3OmniTransformer":
-        return None
-    if name == "WanTransformer3DModel" and model.config.in_channels == model.config.out_channels:
-        return None
-    what = "image-to-video" if name == "WanTransformer3DModel" else name
-    return (f"seacache has diffusers' indicator for Wan text-to-video and Cosmos 3 only ({what} would "
-            "run every step in full)")
+    for model in denoisers(pipe):
+        name = type(model).__name__
+        if name == "Cosmos3OmniTransformer":
+            continue
+        if name == "WanTransformer3DModel" and model.config.in_channels == model.config.out_channels:
+            continue
+        what = "image-to-video" if name == "WanTransformer3DModel" else name
+        return (f"seacache has diffusers' indicator for Wan text-to-video and Cosmos 3 only ({what} "
+                "would run every step in full)")
+    return None
 
 
 class SeaCachePatch:
@@ -53,7 +54,7 @@ class SeaCachePatch:
         self.patch = cache_patch(pipe, SeaCacheConfig(**options), NAME, count=False)
         self.changes: dict[int, float] = {}  # by step: each guidance call sees the same latents
         self.calls = self.computed = 0  # the leader's decisions (eager: diffusers runs it so)
-        for module in self.patch.module.modules():
+        for module in self.patch.submodules():  # a leader per expert (Wan 2.2's two)
             registry = module.__dict__.get("_diffusers_hook")
             leader = registry.get_hook(_SEA_CACHE_LEADER_BLOCK_HOOK) if registry is not None else None
             if leader is not None:

@@ -114,12 +114,13 @@ def _build_builtin(name: str):
         return _build_tiny_xl()
     if name == "builtin:tiny-flux":
         return _build_tiny_flux()
-    if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-wan"):
+    if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-wan", "builtin:tiny-wan22"):
         from optsearch.measure import builtin_dits
 
         return {"builtin:tiny-sd3": builtin_dits.build_tiny_sd3,
                 "builtin:tiny-qwen-image": builtin_dits.build_tiny_qwen_image,
-                "builtin:tiny-wan": builtin_dits.build_tiny_wan}[name]()
+                "builtin:tiny-wan": builtin_dits.build_tiny_wan,
+                "builtin:tiny-wan22": builtin_dits.build_tiny_wan22}[name]()
     if name == "builtin:sd15-random":
         # SD 1.5's real UNet and VAE sizes (860M + 84M params), random weights: GPU timing only.
         unet = dict(

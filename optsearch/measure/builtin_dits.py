@@ -120,17 +120,30 @@ class WanShortPromptPipeline(WanPipeline):
                                 num_frames=num_frames or 9, **kwargs)
 
 
-def build_tiny_wan() -> WanPipeline:
-    """Wan 2.1's video transformer, tiny: 4 blocks of 4 heads of 16, a 2-layer UMT5, and Wan's
-    causal 3-D VAE (4x in time, 8x in space): 9 frames of 64 px, 3 latent frames of 4x4 tokens."""
-    tokenizer = t5_tokenizer()
-    text = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64,
-                                       num_layers=2, num_heads=4, d_kv=8))
-    transformer = WanTransformer3DModel(
+def _tiny_wan_transformer() -> WanTransformer3DModel:
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
         out_channels=16, text_dim=32, freq_dim=64, ffn_dim=128, num_layers=4,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def build_tiny_wan(experts: int = 1) -> WanPipeline:
+    """Wan 2.1's video transformer, tiny: 4 blocks of 4 heads of 16, a 2-layer UMT5, and Wan's
+    causal 3-D VAE (4x in time, 8x in space): 9 frames of 64 px, 3 latent frames of 4x4 tokens.
+    `experts` 2: Wan 2.2 A14B's layout, a second transformer for the low-noise steps (below
+    its boundary, 0.875 of the schedule as A14B's text-to-video sets it)."""
+    tokenizer = t5_tokenizer()
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64,
+                                       num_layers=2, num_heads=4, d_kv=8))
+    transformer = _tiny_wan_transformer()
+    second = {"transformer_2": _tiny_wan_transformer(), "boundary_ratio": 0.875} if experts == 2 else {}
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     return WanShortPromptPipeline(tokenizer=tokenizer, text_encoder=text, transformer=transformer,
-                                  vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+                                  vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                  **second)
+
+
+def build_tiny_wan22() -> WanPipeline:
+    """builtin:tiny-wan22: tiny Wan with Wan 2.2 A14B's two experts."""
+    return build_tiny_wan(experts=2)

@@ -12,7 +12,7 @@ after it, inside timed batches, are counted and flagged, since their seconds are
 from __future__ import annotations
 
 from optsearch.accelerators import denoiser
-from optsearch.accelerators.hooks import compiled_how
+from optsearch.accelerators.hooks import compiled_how, denoisers
 from optsearch.errors import ModelLoadError, first_line
 
 
@@ -39,15 +39,15 @@ def compile_denoiser(pipe, how: str, mode: str | None = None, backend: str = "in
     problem = compile_options_problem(backend, mode)
     if problem:
         raise ModelLoadError(problem)
-    model = denoiser(pipe)
     options = {"backend": backend, **({"mode": mode} if mode else {})}
-    if how == "regional":
-        if not getattr(model, "_repeated_blocks", None):
-            raise ModelLoadError(f"model.compile = \"regional\": {type(model).__name__} names no "
-                                 "repeated blocks (diffusers' _repeated_blocks); use \"full\"")
-        model.compile_repeated_blocks(fullgraph=False, **options)
-    else:
-        model.compile(**options)
+    for model in denoisers(pipe):  # Wan 2.2 A14B: both experts, as a server compiles them
+        if how == "regional":
+            if not getattr(model, "_repeated_blocks", None):
+                raise ModelLoadError(f"model.compile = \"regional\": {type(model).__name__} names no "
+                                     "repeated blocks (diffusers' _repeated_blocks); use \"full\"")
+            model.compile_repeated_blocks(fullgraph=False, **options)
+        else:
+            model.compile(**options)
     pipe._optsearch_compile = f"{how}:{mode or 'default'}:{backend}"
 
 

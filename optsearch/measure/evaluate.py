@@ -328,7 +328,7 @@ def check_families(pipe, spec) -> None:
                              "baseline must be the plain pipeline: disable it where the pipeline "
                              "is built")
     for combo in spec.search.combos:
-        problem = combo_problem(combo, kind) or pipeline_problem(combo, pipe)
+        problem = combo_problem(combo, kind)
         if problem is None and kind == "transformer" and set(combo) - {"steps", "dbcache"} \
                 and not hasattr(denoiser(pipe), "enable_cache"):
             problem = (f"{combo_name(combo)} needs diffusers' enable_cache, which "
@@ -336,6 +336,8 @@ def check_families(pipe, spec) -> None:
         if problem:
             raise ModelLoadError(f"model {spec.model.id!r}: {problem}; set model.kind if it was "
                                  "told wrongly from the id")
+        if problem := pipeline_problem(combo, pipe):  # the pipeline as loaded: its kind is right
+            raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
     if any("dbcache" in combo for combo in spec.search.combos) and \
             (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
         raise ModelLoadError(f"model {spec.model.id!r}: {problem}")

@@ -73,7 +73,9 @@ def _compile_code(exported: dict) -> list[str]:
         + options + ")"
     return ["", f"# measured with the denoiser compiled ({how}) before the setting was applied",
             "denoiser = pipe.unet if getattr(pipe, 'unet', None) is not None else pipe.transformer",
-            f"denoiser.{call}"]
+            f"denoiser.{call}",
+            "if getattr(pipe, 'transformer_2', None) is not None:  # Wan 2.2 A14B: both experts",
+            f"    pipe.transformer_2.{call}"]
 
 
 def cache_dit_yaml(exported: dict) -> str:
@@ -113,6 +115,13 @@ def _dbcache_options(params: dict, steps: int, exported: dict) -> dict:
         options.update(num_inference_steps=steps, steps_computation_mask=mask,
                        steps_computation_policy=policy)
     return options
+
+
+def _each_expert(config: str) -> list[str]:
+    """Enable a diffusers cache on the transformer and, on Wan 2.2 A14B, its second expert."""
+    return ["for expert in (pipe.transformer, getattr(pipe, 'transformer_2', None)):",
+            "    if expert is not None:  # Wan 2.2 A14B runs a second expert for low-noise steps",
+            f"        expert.enable_cache({config})"]
 
 
 def _family_code(name: str, params: dict, exported: dict) -> list[str]:
@@ -155,19 +164,20 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
         if name == "taylorseer":
             lines += ["if pipe._execution_device.type == 'cpu':  # bfloat16 factors are slow there",
                       "    options['taylor_factors_dtype'] = torch.float32"]
-        return lines + [f"pipe.transformer.enable_cache({config}(**options))"]
+        return lines + [*_each_expert(f"{config}(**options)")]
     if name == "fastercache":  # as accelerators/fastercache.py applies it
         return ["from diffusers import FasterCacheConfig", "",
                 "name = type(pipe).__name__",
                 f"batched = name.startswith({BATCHED_GUIDANCE!r})  # one call holds both CFG halves",
-                "pipe.transformer.enable_cache(FasterCacheConfig(",
+                "options = dict(",
                 f"    spatial_attention_block_skip_range={params['spatial_attention_block_skip_range']!r},",
                 f"    spatial_attention_timestep_skip_range=(-1, {params['timestep_skip_high']!r}),",
                 f"    unconditional_batch_skip_range={params['unconditional_batch_skip_range']!r},",
                 "    current_timestep_callback=lambda: pipe.current_timestep,",
                 "    attention_weight_callback=lambda _module: 0.5,",
                 f"    tensor_format='BFCHW' if name.startswith({FRAMES_FIRST!r}) else 'BCFHW',",
-                "    is_guidance_distilled=not batched))"]
+                "    is_guidance_distilled=not batched)",
+                *_each_expert("FasterCacheConfig(**options)")]
     if name == "dbcache":
         options = _dbcache_options(params, _steps(exported), exported)
         order = options.pop("taylorseer_order", 0)

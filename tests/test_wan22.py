@@ -1,0 +1,138 @@
+"""Wan 2.2 A14B's two experts (builtin:tiny-wan22: a second transformer runs the low-noise
+steps): both run, each cache acts on both as a server enables it on both, the exports do the
+same; MagCache, whose ratios belong to one network, and FasterCache, whose hooks fail on an
+expert that starts inside their window, are refused in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import optsearch
+from optsearch.measure.compiling import compile_denoiser, compiled_how
+from optsearch.measure.models import load_pipeline
+from optsearch.optimize.deploy import diffusers_python
+from tests.conftest import optsearch_cmd, write_spec
+from tests.test_deploy_exports import exported_function
+from tests.test_video import PROMPTS, WAN_SPEC
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    return load_pipeline("builtin:tiny-wan22", device="cpu", dtype="float32")
+
+
+def video(call, **kwargs) -> np.ndarray:
+    generators = [torch.Generator("cpu").manual_seed(i) for i in range(len(PROMPTS))]
+    kwargs.setdefault("num_inference_steps", STEPS)
+    return call(PROMPTS, generator=generators, output_type="np", **kwargs).frames
+
+
+class AttentionCalls:
+    """How often each expert's last block computed its self-attention's query: a cache that
+    skips the block, or broadcasts or reuses the attention, leaves it out."""
+
+    def __init__(self, pipe):
+        self.counts = [0, 0]
+        self.handles = [expert.blocks[-1].attn1.to_q.register_forward_pre_hook(
+            lambda *_, index=index: self.counts.__setitem__(index, self.counts[index] + 1))
+            for index, expert in enumerate((pipe.transformer, pipe.transformer_2))]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_both_experts_run_each_its_share_of_the_steps(wan22):
+    with AttentionCalls(wan22) as calls:
+        video(wan22)
+    assert all(calls.counts) and sum(calls.counts) == 2 * STEPS  # guidance: two calls a step
+
+
+CACHES = [{"fbcache": {"threshold": 0.3}},
+          {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_high": 1000}},
+          {"seacache": {"threshold": 2.0, "max_consecutive_cached": 3}},
+          {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1}}]
+
+
+@pytest.mark.parametrize("setting", CACHES, ids=[next(iter(s)) for s in CACHES])
+def test_each_cache_acts_on_both_experts_and_restores_both(wan22, setting):
+    """Each expert's attention runs fewer times than without the cache (before, the second
+    expert, which runs the low-noise steps, ran in full); after, the plain video bit for bit."""
+    with AttentionCalls(wan22) as plain_calls:
+        plain = video(wan22)
+    with optsearch.apply(wan22, setting) as run, AttentionCalls(wan22) as calls:
+        cached = video(run)
+    assert calls.counts[0] < plain_calls.counts[0] and calls.counts[1] < plain_calls.counts[1], \
+        (calls.counts, plain_calls.counts)
+    assert not np.array_equal(cached, plain)
+    assert not any(expert.is_cache_enabled for expert in (wan22.transformer, wan22.transformer_2))
+    assert np.array_equal(video(wan22), plain)
+
+
+def test_the_python_export_enables_the_cache_on_both_experts(wan22):
+    setting = {"fbcache": {"threshold": 0.3}}
+    with optsearch.apply(wan22, setting) as run:
+        ours = video(run)
+    exported = {"study": "tiny-wan22", "metric": "psnr", "spec": {"model": {"steps": STEPS}},
+                "best": {"trial": 0, "setting": setting, "metrics": {}, "confirmed": None}}
+    exported_function(diffusers_python(exported))(wan22)
+    try:
+        assert wan22.transformer.is_cache_enabled and wan22.transformer_2.is_cache_enabled
+        assert np.array_equal(video(wan22), ours)
+    finally:
+        wan22.transformer.disable_cache()
+        wan22.transformer_2.disable_cache()
+
+
+@pytest.mark.parametrize("family, why", [
+    ("magcache", "magcache measures one transformer's magnitude ratios; this pipeline runs two "
+                 "experts (transformer_2)"),
+    ("fastercache", "fastercache fails on a second expert (transformer_2)")])
+def test_a_cache_that_cannot_serve_two_experts_is_one_line_exit_2(tmp_path, wan22, family, why):
+    spec = write_spec(tmp_path / "wan22.toml", WAN_SPEC.replace('id = "builtin:tiny-wan"',
+                                                                'id = "builtin:tiny-wan22"')
+                      .replace('[["steps"], ["pab"], ["fastercache"]]', f'[["steps"], ["{family}"]]'))
+    result = optsearch_cmd("check", str(spec))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert why in result.stderr
+    with pytest.raises(ValueError, match="transformer_2"):
+        optsearch.apply(wan22, {family: {}})
+
+
+def test_a_study_of_two_experts_compiles_both():
+    pipe = load_pipeline("builtin:tiny-wan22", device="cpu", dtype="float32")
+    compile_denoiser(pipe, "regional", backend="eager")
+    assert compiled_how(pipe.transformer) == compiled_how(pipe.transformer_2) == "regional"
+
+
+def test_pab_is_keyed_by_the_calls_each_expert_broadcasts_at(wan22):
+    """Each expert's attention hooks count that expert's own calls: the second expert computes at
+    its first call, whatever its index in the whole run. The key's broadcast calls are exactly the
+    calls whose attention did not run."""
+    from optsearch.accelerators import canonical_setting, pab
+
+    measured = pab.measure_timesteps(wan22, STEPS, lambda: video(wan22))
+    assert sorted(set(measured["experts"])) == [0, 1] and measured["experts"][0] == 0
+    setting = {"pab": {"spatial_attention_block_skip_range": 4, "timestep_skip_high": 1000}}
+    key = canonical_setting(setting, STEPS, {"pab": measured})["pab"]["broadcast_calls"]
+    ran: list[bool] = []  # per denoiser call: did the last block's attention compute?
+    hooks = [expert.register_forward_pre_hook(lambda *_: ran.append(False))
+             for expert in (wan22.transformer, wan22.transformer_2)]
+    hooks += [expert.blocks[-1].attn1.to_q.register_forward_pre_hook(
+        lambda *_: ran.__setitem__(-1, True)) for expert in (wan22.transformer, wan22.transformer_2)]
+    try:
+        with optsearch.apply(wan22, setting) as run:
+            run(PROMPTS[:1], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    second = measured["experts"].index(1)
+    assert second % 4 != 0 and ran[second]  # its own first call: computed
+    assert [call for call, computed in enumerate(ran) if not computed] == key
