@@ -55,6 +55,8 @@ BENCHMARKS = {
                                  "Speedup spread and interval coverage"),
     "inert-steps": Benchmark("inert_steps", "Do steps + DBCache trials between the calibrated step "
                              "counts skip anything?", "Accelerator families"),
+    "two-experts": Benchmark("two_experts", "What does a cache gain on Wan 2.2's two experts when it "
+                             "acts on both, not the first only?", "Accelerator families"),
     "pab-space": Benchmark("pab_space", "How many computations does PAB's default space hold, and how "
                            "often do draws repeat one?", "Accelerator families"),
     "magcache-range": Benchmark("magcache_range", "How many MagCache trials skip nothing or repeat "
