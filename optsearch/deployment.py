@@ -27,8 +27,8 @@ from optsearch.accelerators import (
 from optsearch.measure.compiling import AS_BUILT, compiled_how
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "scheduler",
-                "guidance_scale", "num_frames", "compile", "device", "dtype", "offload", "attention",
-                "quantization")
+                "guidance_scale", "guidance_scale_2", "num_frames", "compile", "device", "dtype",
+                "offload", "attention", "quantization")
 
 OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU offload",
                 "group": ", group offload", "device map": ", split by a device map"}
@@ -68,6 +68,8 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
                "compile": compiled.split(":")[0] if compiled else model.compile,
                "device": device, "dtype": dtype, "offload": offload, "attention": attention,
                "quantization": quantization}
+    if model.guidance_scale_2 is not None:  # only then: other studies' contexts stay as they were
+        context["guidance_scale_2"] = model.guidance_scale_2
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
         context["compiled_by"] = "builder"
     return context
@@ -86,9 +88,11 @@ def context_text(context: Mapping) -> str:
     scheduler = f" ({context['scheduler']})" if context.get("scheduler") else ""
     quantized = (f", quantized ({context['quantization']})"
                  if context.get("quantization") not in (None, "none") else "")
+    second = (f" ({context['guidance_scale_2']} on the second expert)"
+              if context.get("guidance_scale_2") is not None else "")
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
-            f"steps{scheduler}, guidance {context['guidance_scale']}{compiled}{offload}{attention}"
-            f"{quantized}")
+            f"steps{scheduler}, guidance {context['guidance_scale']}{second}{compiled}{offload}"
+            f"{attention}{quantized}")
 
 
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
@@ -98,7 +102,7 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     per_prompt = kwargs.get("num_images_per_prompt") or kwargs.get("num_videos_per_prompt") or 1
     served = {"batch_size": prompts * per_prompt}
     defaults = call_parameters(pipe)
-    for key in ("height", "width", "num_inference_steps", "guidance_scale", "num_frames"):
+    for key in ("height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2", "num_frames"):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
     native = native_size(pipe)
     if native is not None:  # what the pipeline makes of a size left out

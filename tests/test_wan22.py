@@ -136,3 +136,31 @@ def test_pab_is_keyed_by_the_calls_each_expert_broadcasts_at(wan22):
     second = measured["experts"].index(1)
     assert second % 4 != 0 and ran[second]  # its own first call: computed
     assert [call for call, computed in enumerate(ran) if not computed] == key
+
+
+def test_the_second_experts_guidance_is_served_as_the_spec_says(tmp_path, wan22):
+    """`model.guidance_scale_2` (Wan 2.2 A14B's card serves 4.0 and 3.0) reaches every call, and
+    the deployment context says it; on one expert, or on an image model, it is one line, exit 2."""
+    from optsearch.measure.generation import GenerationConfig, generate
+
+    def frames(config: GenerationConfig) -> np.ndarray:
+        return np.concatenate([b.images for b in generate(wan22, PROMPTS[:1], config, warmup=False)])
+
+    config = GenerationConfig(steps=STEPS, guidance_scale=5.0, batch_size=1, num_frames=9)
+    assert not np.array_equal(frames(config), frames(GenerationConfig(
+        steps=STEPS, guidance_scale=5.0, batch_size=1, num_frames=9, guidance_scale_2=1.5)))
+    text = WAN_SPEC.replace('id = "builtin:tiny-wan"', 'id = "builtin:tiny-wan22"') \
+        .replace("guidance_scale = 5.0", "guidance_scale = 5.0\nguidance_scale_2 = 3.0") \
+        .replace('[["steps"], ["pab"], ["fastercache"]]', '[["steps"], ["pab"]]')
+    checked = optsearch_cmd("check", str(write_spec(tmp_path / "two.toml", text)))
+    assert checked.returncode == 0, checked.stderr
+    assert "16 steps (FlowMatchEulerDiscreteScheduler), guidance 5.0 (3.0 on the second expert)" \
+        in checked.stdout
+    one = optsearch_cmd("check", str(write_spec(tmp_path / "one.toml", text.replace(
+        'id = "builtin:tiny-wan22"', 'id = "builtin:tiny-wan"'))))
+    assert one.returncode == 2 and len(one.stderr.strip().splitlines()) == 1, one.stderr
+    assert "model.guidance_scale_2 applies to a second expert" in one.stderr
+    image = optsearch_cmd("check", str(write_spec(tmp_path / "image.toml", text.replace(
+        'id = "builtin:tiny-wan22"', 'id = "builtin:tiny"').replace("num_frames = 9\n", ""))))
+    assert image.returncode == 2 and "model.guidance_scale_2: applies to Wan 2.2's two-expert" \
+        in image.stderr

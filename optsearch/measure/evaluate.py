@@ -338,6 +338,9 @@ def check_families(pipe, spec) -> None:
                                  "told wrongly from the id")
         if problem := pipeline_problem(combo, pipe):  # the pipeline as loaded: its kind is right
             raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
+    if spec.model.guidance_scale_2 is not None and getattr(pipe, "transformer_2", None) is None:
+        raise ModelLoadError(f"model {spec.model.id!r}: model.guidance_scale_2 applies to a second "
+                             "expert (Wan 2.2 A14B's transformer_2); this pipeline runs one: leave it out")
     if any("dbcache" in combo for combo in spec.search.combos) and \
             (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
         raise ModelLoadError(f"model {spec.model.id!r}: {problem}")

@@ -33,6 +33,7 @@ class GenerationConfig:
     true_cfg_scale: float | None = None
     negative_prompt: str | None = None
     num_frames: int | None = None  # video pipelines
+    guidance_scale_2: float | None = None  # Wan 2.2 A14B: the low-noise expert's guidance
 
     @classmethod
     def from_spec(cls, spec, seed: int | None = None) -> GenerationConfig:
@@ -40,7 +41,8 @@ class GenerationConfig:
         model, prompts = spec.model, spec.prompts
         return cls(model.steps, model.height, model.width, model.guidance_scale,
                    prompts.batch_size, prompts.seed if seed is None else seed,
-                   model.true_cfg_scale, model.negative_prompt, model.num_frames)
+                   model.true_cfg_scale, model.negative_prompt, model.num_frames,
+                   model.guidance_scale_2)
 
     def guidance_kwargs(self, count: int, pipe) -> dict:
         """The call arguments that decide guidance (a calibration tells a cache that follows the
@@ -61,6 +63,8 @@ class GenerationConfig:
             extra["negative_prompt"] = [self.negative_prompt] * count
         if self.num_frames is not None:
             extra["num_frames"] = self.num_frames
+        if self.guidance_scale_2 is not None:
+            extra["guidance_scale_2"] = self.guidance_scale_2
         return extra
 
 

@@ -86,6 +86,11 @@ def validate(spec: StudySpec, problem) -> None:
         problem("model.fps", f"{model.fps} must be in [1, 120]")
     if not model.guidance_scale >= 0:
         problem("model.guidance_scale", "must be >= 0")
+    if model.guidance_scale_2 is not None and not model.guidance_scale_2 >= 0:
+        problem("model.guidance_scale_2", "must be >= 0")
+    elif model.guidance_scale_2 is not None and search.model_kind != "video" and not is_factory(model.id):
+        problem("model.guidance_scale_2", f"applies to Wan 2.2's two-expert video pipelines; "
+                f"{model.id!r} was told to be a {search.model_kind} pipeline")
     if model.compile not in COMPILES:
         problem("model.compile", f"unknown compile {model.compile!r} (allowed: {', '.join(COMPILES)})")
     if not model.id:

@@ -41,6 +41,7 @@ class ModelSpec:
     num_frames: int | None = None  # video pipelines: frames per video (None: the pipeline's default)
     fps: int = 16  # video pipelines: the frame rate of the animated artifacts
     guidance_scale: float = 7.5
+    guidance_scale_2: float | None = None  # Wan 2.2 A14B's guidance on its low-noise expert
     true_cfg_scale: float | None = None  # Qwen-Image's classifier-free guidance (needs a negative)
     negative_prompt: str | None = None  # sent with every prompt when set
     compile: str = "none"  # torch.compile the denoiser as served: "none", "regional" or "full"
