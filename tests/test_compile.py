@@ -187,41 +187,54 @@ def _dynamo_trace(pipe, enable) -> tuple[dict, object]:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     applied = enable(pipe)
-    for _ in range(2):
+    for _ in range(2):  # through the applied setting where there is one (its per-call prepare)
         generator = torch.Generator().manual_seed(0)
-        pipe(["a red cube"], num_inference_steps=8, guidance_scale=3.5, generator=generator,
-             output_type="np", max_sequence_length=32)
+        (applied or pipe)(["a red cube"], num_inference_steps=8, guidance_scale=3.5,
+                          generator=generator, output_type="np", max_sequence_length=32)
     counters = torch._dynamo.utils.counters
     return {"graphs": counters["stats"]["unique_graphs"],
             "breaks": sum(counters["graph_break"].values())}, applied
 
 
-@pytest.mark.parametrize("config", ["fbcache", "pab"])
-def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone_makes_them(config):
+@pytest.mark.parametrize("family", ["fbcache", "pab", "magcache"])
+def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone_makes_them(family):
     """On a compiled denoiser, optsearch's counting must not change what dynamo compiles (its
     wrappers, traced inside the compiled blocks, once made 10 graphs and 6 breaks here where
     FirstBlockCache alone makes 9 and 3, and slowed its trials). FirstBlockCache still reports
-    what ran (counted where diffusers decides, in eager code), the same share as uncompiled."""
-    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+    what ran (counted where diffusers decides, in eager code), and MagCache and PAB tell it from
+    what they measured (the replay of MagCache's decision on its ratios, PAB's broadcast calls
+    from the timesteps): the same share as uncompiled."""
+    import torch
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig
+
+    from optsearch.accelerators import AppliedSetting, magcache, pab
 
     pipe = load_pipeline("builtin:tiny-flux", device="cpu", dtype="float32")
-    setting = {"fbcache": {"threshold": 0.5}} if config == "fbcache" else \
-        {"pab": {"spatial_attention_block_skip_range": 2}}
-    with optsearch.apply(pipe, setting) as run:
-        run(["a red cube"], num_inference_steps=8, guidance_scale=3.5, max_sequence_length=32)
+
+    def call(run) -> None:
+        run(["a red cube"], num_inference_steps=8, guidance_scale=3.5, max_sequence_length=32,
+            generator=torch.Generator().manual_seed(0))
+
+    calibration = {"magcache": {"mag_ratios": magcache.measure_ratios(pipe, 8, lambda: call(pipe))},
+                   "pab": pab.measure_timesteps(pipe, 8, lambda: call(pipe))}
+    setting, config = {
+        "fbcache": ({"fbcache": {"threshold": 0.5}}, FirstBlockCacheConfig(threshold=0.5)),
+        "pab": ({"pab": {"spatial_attention_block_skip_range": 2}}, PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: pipe.current_timestep)),
+        "magcache": ({"magcache": {"threshold": 0.1}}, MagCacheConfig(
+            threshold=0.1, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=8,
+            **calibration.get("magcache", {}))),
+    }[family]
+    with AppliedSetting(pipe, setting, calibration) as run:
+        call(run)
         eager_fraction = run._patches[0].computed_fraction()
     compile_denoiser(pipe, "regional", backend="eager")
-    config = FirstBlockCacheConfig(threshold=0.5) if config == "fbcache" else \
-        PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
-                                        spatial_attention_timestep_skip_range=(100, 800),
-                                        current_timestep_callback=lambda: pipe.current_timestep)
     alone, _ = _dynamo_trace(pipe, lambda p: p.transformer.enable_cache(config))
     pipe.transformer.disable_cache()
-    ours, applied = _dynamo_trace(pipe, lambda p: optsearch.apply(p, setting))
+    ours, applied = _dynamo_trace(pipe, lambda p: AppliedSetting(p, setting, calibration))
     fraction = applied._patches[0].computed_fraction()
     applied.restore()
-    assert ours == alone and alone["graphs"] > 0
-    if "fbcache" in setting:
-        assert 0 < fraction == eager_fraction < 1
-    else:
-        assert eager_fraction < 1 and fraction is None  # counted only where counting is free
+    assert ours == alone  # MagCache's hooks are torch.compiler.disable'd whole: no graph at all
+    assert alone["graphs"] > 0 or family == "magcache"
+    assert 0 < eager_fraction < 1 and fraction == pytest.approx(eager_fraction)

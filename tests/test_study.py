@@ -153,6 +153,33 @@ def test_a_setting_waiting_in_the_queue_is_not_queued_again(tmp_path):
     assert not queue() and [r["settings"] for r in studies.exhausted(study).values()] == [2]
 
 
+def test_a_trial_waits_for_an_earlier_one_that_has_not_said_what_it_runs(tmp_path):
+    """Two workers that start one setting at once: the later trial must not measure it again
+    while the earlier has not yet written its setting (the race that once measured a setting
+    twice in a 2-worker study). It waits, then copies the earlier result."""
+    import threading
+
+    from optsearch.optimize.sharing import earlier_result
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/race.db")
+    setting = {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}}
+    first, second = study.ask(), study.ask()  # both RUNNING; the first has written nothing yet
+    second.set_user_attr("setting", setting)
+    second.set_user_attr("fingerprint", "fp")
+
+    def first_writes_then_finishes() -> None:
+        time.sleep(0.5)
+        for key, value in {"setting": setting, "fingerprint": "fp", "constraints": [-1.0]}.items():
+            first.set_user_attr(key, value)
+        study.tell(first, 1.0)
+
+    writer = threading.Thread(target=first_writes_then_finishes)
+    writer.start()
+    found = earlier_result(study, second, setting, "fp", poll_interval=0.1)
+    writer.join()
+    assert found is not None and found.number == first.number
+
+
 def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:
     """A study of few-second trials, and a worker process already running it."""
     spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC)

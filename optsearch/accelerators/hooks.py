@@ -193,6 +193,7 @@ class HookPatch:
         self.module = self.modules[0]
         if count is None:
             count = compiled_how(self.module) == "none"
+        self.counting = count
         self._disable = disable
         self._before = {(id(m), name) for m in self.submodules() for name in _LEFT_BY_HOOKS
                         if name in m.__dict__}

@@ -67,8 +67,15 @@ class MagCachePatch:
 
     def computed_fraction(self) -> float | None:
         """MagCache skips every block of a skipped step: the share of its hooked blocks' calls
-        that ran is the share of steps that computed (counted by HookPatch)."""
-        return self.patch.computed_fraction()
+        that ran is the share of steps that computed, counted by HookPatch on an eager denoiser
+        and, on a compiled one (where counting would change what is compiled), told by the
+        replay of diffusers' decision on the ratios (`skipped_steps`, exact: tested)."""
+        counted = self.patch.computed_fraction()
+        if counted is not None or self.patch.counting:
+            return counted
+        skipped, _ = skipped_steps(self.options["mag_ratios"], self.steps, self.options["threshold"],
+                                   self.options["max_skip_steps"], self.options["retention_ratio"])
+        return 1 - len(skipped) / self.steps
 
     def prepare(self, call_kwargs: dict) -> None:
         steps = call_kwargs.get("num_inference_steps", self.steps)

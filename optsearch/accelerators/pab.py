@@ -65,10 +65,36 @@ def _timestep_source(pipe, module) -> tuple[Callable[[], float], _TimestepProbe 
     return probe, probe
 
 
+class BroadcastPatch:
+    """PAB's hooks, with the share of the attention calls that ran: counted by HookPatch on an
+    eager denoiser; on a compiled one (where counting would change what is compiled) told by the
+    measured timesteps (`computation`: every hooked attention decides alike at a call), for a
+    call of the step count they were measured at."""
+
+    def __init__(self, patch: HookPatch, params: Mapping, measured: Mapping):
+        self.patch, self.params, self.measured = patch, dict(params), dict(measured)
+        self.steps: int | None = None
+
+    def prepare(self, call_kwargs: dict) -> None:
+        self.steps = call_kwargs.get("num_inference_steps")
+        self.patch.prepare(call_kwargs)
+
+    def computed_fraction(self) -> float | None:
+        counted = self.patch.computed_fraction()
+        if counted is not None or self.patch.counting:
+            return counted
+        told = computation(self.params, self.steps, self.measured)
+        return None if told is None else 1 - len(told["broadcast_calls"]) / len(self.measured["timesteps"])
+
+    def restore(self) -> None:
+        self.patch.restore()
+
+
 def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_attention_block_skip_range"],
           timestep_skip_low: int = DEFAULTS["timestep_skip_low"],
-          timestep_skip_high: int = DEFAULTS["timestep_skip_high"], **_measured) -> HookPatch:
-    """`_measured`: the timesteps `measure_timesteps` found, which change nothing PAB does."""
+          timestep_skip_high: int = DEFAULTS["timestep_skip_high"], **measured) -> BroadcastPatch:
+    """`measured`: the timesteps `measure_timesteps` found, which change nothing PAB does (they
+    tell what ran on a compiled denoiser)."""
     from diffusers import PyramidAttentionBroadcastConfig
     from diffusers.hooks import HookRegistry, apply_pyramid_attention_broadcast
     from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
@@ -99,8 +125,10 @@ def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_atte
             registry = HookRegistry.check_if_exists_or_initialize(target)
             registry.remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK, recurse=True)
 
+    params = dict(spatial_attention_block_skip_range=spatial_attention_block_skip_range,
+                  timestep_skip_low=timestep_skip_low, timestep_skip_high=timestep_skip_high)
     try:
-        return HookPatch(pipe, enable, disable)
+        return BroadcastPatch(HookPatch(pipe, enable, disable), params, measured)
     except BaseException:
         if probe is not None:
             probe.handle.remove()

@@ -59,7 +59,9 @@ def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fing
                    poll_interval: float,
                    canonical: Callable[[dict, dict], dict] = lambda setting, _used: setting
                    ) -> FrozenTrial | None:
-    """A finished trial of the same setting on this fingerprint (waiting for a running one);
+    """A finished trial of the same setting on this fingerprint (waiting for a running one, and
+    for an earlier running trial to write what it runs: otherwise two workers that start one
+    setting at once both measure it);
     `canonical(setting, calibration_used)`: the computation a setting makes with what a trial
     recorded it ran with ({}: this worker's), `accelerators.canonical_setting`, so that a
     different setting of the same computation counts as the same."""
@@ -68,6 +70,10 @@ def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fing
         running_twin = False
         for other in study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING)):
             attrs = other.user_attrs
+            if other.state == TrialState.RUNNING and other.number < trial.number \
+                    and "fingerprint" not in attrs:  # just started: what it runs is not written
+                running_twin = True  # yet, and it may be this (two workers popped one setting)
+                continue
             if other.number == trial.number or attrs.get("fingerprint") != fingerprint or setting_key(
                     canonical(attrs.get("setting", {}), attrs.get("calibration_used", {}))) != key:
                 continue
