@@ -15,20 +15,13 @@ from optsearch.measure.models import load_pipeline
 from optsearch.optimize.deploy import diffusers_python
 from tests.conftest import optsearch_cmd, write_spec
 from tests.test_deploy_exports import exported_function
+from tests.test_seacache import STEPS, video
 from tests.test_video import PROMPTS, WAN_SPEC
-
-STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def wan22():
     return load_pipeline("builtin:tiny-wan22", device="cpu", dtype="float32")
-
-
-def video(call, **kwargs) -> np.ndarray:
-    generators = [torch.Generator("cpu").manual_seed(i) for i in range(len(PROMPTS))]
-    kwargs.setdefault("num_inference_steps", STEPS)
-    return call(PROMPTS, generator=generators, output_type="np", **kwargs).frames
 
 
 class AttentionCalls:
