@@ -24,7 +24,8 @@ from optsearch.accelerators import (
     scheduler_class_name,
     scheduler_of,
 )
-from optsearch.measure.compiling import AS_BUILT, compiled_how
+from optsearch.accelerators.hooks import compiled_how
+from optsearch.measure.compiling import AS_BUILT
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "scheduler",
                 "guidance_scale", "guidance_scale_2", "num_frames", "compile", "device", "dtype",

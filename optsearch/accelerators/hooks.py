@@ -226,9 +226,13 @@ class HookPatch:
             return function(*args, **kwargs)
         return counted
 
-    def computed_fraction(self) -> float | None:
+    def computed_fraction(self, told: Callable[[], float | None] | None = None) -> float | None:
         """The share of the hooked modules' calls (the attention layers or blocks the cache may
-        skip) that really ran in the last call; None when nothing hooked was called."""
+        skip) that really ran in the last call; None when nothing hooked was called. Where the
+        hooks are not counted (a compiled denoiser), what the family tells from what it measured
+        (`told()`), if it can."""
+        if not self.counting:
+            return told() if told is not None else None
         return self.computed / self.calls if self.calls else None
 
     def prepare(self, call_kwargs: dict) -> None:

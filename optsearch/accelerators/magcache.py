@@ -70,9 +70,9 @@ class MagCachePatch:
         that ran is the share of steps that computed, counted by HookPatch on an eager denoiser
         and, on a compiled one (where counting would change what is compiled), told by the
         replay of diffusers' decision on the ratios (`skipped_steps`, exact: tested)."""
-        counted = self.patch.computed_fraction()
-        if counted is not None or self.patch.counting:
-            return counted
+        return self.patch.computed_fraction(told=self._replayed_fraction)
+
+    def _replayed_fraction(self) -> float:
         skipped, _ = skipped_steps(self.options["mag_ratios"], self.steps, self.options["threshold"],
                                    self.options["max_skip_steps"], self.options["retention_ratio"])
         return 1 - len(skipped) / self.steps

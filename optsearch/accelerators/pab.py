@@ -80,9 +80,9 @@ class BroadcastPatch:
         self.patch.prepare(call_kwargs)
 
     def computed_fraction(self) -> float | None:
-        counted = self.patch.computed_fraction()
-        if counted is not None or self.patch.counting:
-            return counted
+        return self.patch.computed_fraction(told=self._told_fraction)
+
+    def _told_fraction(self) -> float | None:
         told = computation(self.params, self.steps, self.measured)
         return None if told is None else 1 - len(told["broadcast_calls"]) / len(self.measured["timesteps"])
 
