@@ -62,6 +62,14 @@ def evaluated_settings(study: optuna.Study) -> list[str]:
             if t.user_attrs.get("reused_from") is None]
 
 
+def trials_told(study: optuna.Study) -> str:
+    """Each trial's story, for a failed assertion about who measured what."""
+    keys = ("worker", "reused_from", "setting", "fail_reason", "early_stop_reason")
+    return "\n".join(f"{t.number} {t.state.name} {t.datetime_start} {t.datetime_complete} "
+                     f"{ {k: t.user_attrs[k] for k in keys if k in t.user_attrs} } "
+                     f"fixed={t.system_attrs.get('fixed_params')}" for t in study.trials)
+
+
 def test_two_workers_share_a_postgres_study_each_against_its_own_baseline(tmp_path, pg_url):
     """Two worker processes on one PostgreSQL study: no setting evaluated twice, one baseline's
     images for the device, but each worker measures its trials against the baseline it timed."""
@@ -118,7 +126,7 @@ def test_two_workers_exhaust_a_small_postgres_space_together(tmp_path, pg_url):
     assert [w.returncode for w in workers] == [0, 0], outputs
     study = load(pg_url)
     settings = evaluated_settings(study)
-    assert len(settings) == len(set(settings)) == 6, "every setting measured once"
+    assert len(settings) == len(set(settings)) == 6, trials_told(study)  # each measured once
     assert [r["settings"] for r in studies.exhausted(study).values()] == [6]
     assert all("the space is exhausted: all 6 distinct computations" in out for out, _ in outputs)
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))

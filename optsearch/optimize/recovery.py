@@ -11,6 +11,7 @@ import datetime
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -153,6 +154,7 @@ class Interrupts:
         self.pending = False
         self.received = False  # kept: an interrupt raised inside a GC callback is lost ("ignored")
         self.previous: dict = {}
+        self.previous_unraisable = sys.unraisablehook
 
     def __enter__(self) -> Interrupts:
         self.received = False
@@ -160,11 +162,15 @@ class Interrupts:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's stays ignored
                     self.previous[sig] = signal.signal(sig, self._handle)
+            self.previous_unraisable = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self.previous_unraisable
         self.previous = {}
         if self.received and exc_type is None:  # one Python ignored: the run must not end as done
             raise KeyboardInterrupt
@@ -175,6 +181,14 @@ class Interrupts:
             self.pending = True
             return
         raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable) -> None:
+        """Our own interrupt, raised where Python could not raise it (a weakref or `__del__` run
+        by the garbage collector, e.g. SQLAlchemy's): it is kept in `received` and raised at the
+        next check, so the traceback Python would print about it is noise to the user."""
+        if self.received and unraisable.exc_type is KeyboardInterrupt:
+            return
+        self.previous_unraisable(unraisable)
 
     def hold(self) -> None:
         """From here until `release`, an interrupt waits. One received before and lost (raised
