@@ -188,6 +188,36 @@ def test_a_trial_waits_for_an_earlier_one_that_has_not_said_what_it_runs(tmp_pat
     assert found is not None and found.number == first.number
 
 
+def test_a_worker_yet_to_measure_tokens_knows_a_tome_setting_another_worker_measured(tmp_path):
+    """ToMe's computation is told by the token counts a worker measures at its first ToMe trial.
+    A worker that had not measured them keyed a setting by its parameters, the trial another
+    worker had finished by its merged tokens: the two never met, and under load a 2-worker study
+    measured one setting twice (the copy stopped as "same images"). Keyed in the device's
+    recorded calibration, the setting is found, and a space it fills is exhausted."""
+    from optsearch.accelerators import canonical_setting
+    from optsearch.optimize.sharing import earlier_result, queue_unmeasured
+    from optsearch.study_spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path / "one.toml", SMALL_SPACE.replace(
+        "cache_interval = [2, 4]", "cache_interval = [2, 2]").replace(
+        "cache_branch_id = [0, 1]", "cache_branch_id = [0, 0]")))
+    setting = {"deepcache": {"cache_interval": 2, "cache_branch_id": 0},
+               "tome": {"ratio": 0.5, "max_downsample": 1, "use_rand": True}}
+    tokens = {"tome": {"latent_size": [8, 8], "tokens": {"1": 64}}}  # as the other worker measured
+
+    def not_yet_measured(setting: dict, used: dict) -> dict:  # this worker's calibration: none
+        return canonical_setting(setting, spec.model.steps, used)
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/tokens.db")
+    study.add_trial(optuna.trial.create_trial(value=1.5, user_attrs={
+        "setting": setting, "fingerprint": "fp", "calibration_used": tokens, "constraints": [-1.0]}))
+    assert canonical_setting(setting, spec.model.steps, tokens) != setting  # keyed by tokens there
+    found = earlier_result(study, study.ask(), setting, "fp", 0.1, not_yet_measured)
+    assert found is not None and found.number == 0
+    assert not queue_unmeasured(study, spec, "fp", {}, not_yet_measured, {"worker": "w", "device": "cpu"})
+    assert not study.get_trials(states=(TrialState.WAITING,))  # nothing queued a second time
+
+
 def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:
     """A study of few-second trials, and a worker process already running it."""
     spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC)

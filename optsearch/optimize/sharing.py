@@ -64,18 +64,22 @@ def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fing
     setting at once both measure it);
     `canonical(setting, calibration_used)`: the computation a setting makes with what a trial
     recorded it ran with ({}: this worker's), `accelerators.canonical_setting`, so that a
-    different setting of the same computation counts as the same."""
-    key = setting_key(canonical(setting, {}))
+    different setting of the same computation counts as the same. Both sides are keyed with the
+    calibration the device's trials recorded (`recorded_calibration`)."""
     while True:
+        trials = study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING))
+        recorded = recorded_calibration(trials, fingerprint)
+        key = setting_key(canonical(setting, recorded))
         running_twin = False
-        for other in study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING)):
+        for other in trials:
             attrs = other.user_attrs
             if other.state == TrialState.RUNNING and other.number < trial.number \
                     and "fingerprint" not in attrs:  # just started: what it runs is not written
                 running_twin = True  # yet, and it may be this (two workers popped one setting)
                 continue
-            if other.number == trial.number or attrs.get("fingerprint") != fingerprint or setting_key(
-                    canonical(attrs.get("setting", {}), attrs.get("calibration_used", {}))) != key:
+            used = {**recorded, **attrs.get("calibration_used", {})}
+            if other.number == trial.number or attrs.get("fingerprint") != fingerprint \
+                    or setting_key(canonical(attrs.get("setting", {}), used)) != key:
                 continue
             if other.state in studies.FINISHED and "constraints" in other.user_attrs:
                 return other
@@ -85,6 +89,20 @@ def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fing
             return None
         time.sleep(poll_interval)
         optuna.storages.fail_stale_trials(study)
+
+
+def recorded_calibration(trials: list[FrozenTrial], fingerprint: str) -> dict:
+    """The calibration the trials on this fingerprint recorded they ran with, family by family.
+    A family's computation may be told by its calibration (ToMe's token counts): a worker that has
+    not measured it yet keys a setting by its parameters, a trial that ran keys it by what it
+    computed, and the two never meet, so one setting was measured twice. On one device the
+    calibration is one (the first stored is adopted), so what a trial recorded stands for all."""
+    recorded: dict[str, dict] = {}
+    for trial in trials:
+        if trial.user_attrs.get("fingerprint") == fingerprint:
+            for family, data in trial.user_attrs.get("calibration_used", {}).items():
+                recorded.setdefault(family, data)
+    return recorded
 
 
 def copy_result(study: optuna.Study, trial: optuna.Trial, previous: FrozenTrial, setting: dict):
@@ -147,8 +165,10 @@ def queue_unmeasured(study: optuna.Study, spec: StudySpec, fingerprint: str, aut
                      canonical: Callable[[dict, dict], dict], record: dict) -> bool:
     """Queue a setting not tried on this fingerprint for the next trial; False when none is
     left, recording that the space is exhausted there (with `record`: who found it)."""
+    recorded = recorded_calibration(study.get_trials(deepcopy=False), fingerprint)
+
     def key(setting: dict, used: dict) -> str:
-        return setting_key(canonical(setting, used))
+        return setting_key(canonical(setting, {**recorded, **used}))
 
     def draw(trial: optuna.Trial) -> dict:
         return normalize_setting(suggest_setting(trial, spec, auto))
