@@ -88,7 +88,7 @@ def test_a_pipeline_that_comes_accelerated_is_refused_not_stacked(tiny_pipe, bas
     import tomesd
 
     from optsearch.errors import ModelLoadError
-    from optsearch.measure.evaluate import check_families
+    from optsearch.measure.served import check_families
     from optsearch.study_spec import spec_from_dict
 
     tomesd.apply_patch(tiny_pipe, ratio=0.5)

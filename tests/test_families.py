@@ -200,8 +200,8 @@ def test_any_means_the_applicable_combos_of_the_models_kind():
 def test_a_wrongly_told_kind_fails_at_load_before_anything_is_measured(flux_pipe):
     """A ModelLoadError (one line, exit 2) as soon as the pipeline is loaded."""
     from optsearch.errors import exit_code_for
-    from optsearch.measure.evaluate import check_families
     from optsearch.measure.models import ModelLoadError
+    from optsearch.measure.served import check_families
 
     spec = spec_from_dict({"model": {"id": "builtin:tiny-flux", "kind": "unet"},
                            "search": {"accelerators": ["deepcache"]}})
@@ -216,8 +216,8 @@ def test_more_dbcache_blocks_than_the_transformer_holds_fail_at_load(flux_pipe, 
     searching Fn up to 8 (the shipped real-model specs' range) ended the worker with that
     AssertionError after the baseline was timed. Now one line, exit 2, at load."""
     from optsearch.errors import exit_code_for
-    from optsearch.measure.evaluate import check_families
     from optsearch.measure.models import ModelLoadError
+    from optsearch.measure.served import check_families
 
     spec = spec_from_dict({**_flux_dict([["dbcache"]]),
                            "space": {"dbcache": {"Fn_compute_blocks": [1, 8]}}})
@@ -542,8 +542,8 @@ def test_dbcache_runs_on_the_builtin_sd3_and_qwen_image_and_restores_exactly(mod
 
 def test_a_diffusers_cache_on_sd3_says_its_transformer_has_no_hooks():
     """SD3's transformer has no diffusers enable_cache: fbcache is refused at load, dbcache is not."""
-    from optsearch.measure.evaluate import check_families
     from optsearch.measure.models import ModelLoadError
+    from optsearch.measure.served import check_families
 
     pipe = load_pipeline("builtin:tiny-sd3", device="cpu", dtype="float32")
     check_families(pipe, spec_from_dict({"model": {"id": "builtin:tiny-sd3"},

@@ -84,6 +84,21 @@ def test_the_python_export_enables_the_cache_on_both_experts(wan22):
         wan22.transformer_2.disable_cache()
 
 
+def test_any_on_two_experts_says_which_combos_to_write_instead(tmp_path):
+    """"any" is the video kind's combos, fixed before loading; on Wan 2.2 A14B two of them are
+    refused. The one line names the list of those that apply, and that list checks clean."""
+    spec = write_spec(tmp_path / "wan22.toml", WAN_SPEC.replace('id = "builtin:tiny-wan"',
+                                                                'id = "builtin:tiny-wan22"')
+                      .replace('[["steps"], ["pab"], ["fastercache"]]', '"any"'))
+    result = optsearch_cmd("check", str(spec))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    instead = '[["steps"], ["pab"], ["fbcache"], ["dbcache"]]'
+    assert f'"any" includes fastercache: write search.accelerators = {instead}' in result.stderr
+    spec.write_text(spec.read_text().replace('accelerators = "any"', f"accelerators = {instead}"))
+    result = optsearch_cmd("check", str(spec))
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize("family, why", [
     ("magcache", "magcache measures one transformer's magnitude ratios; this pipeline runs two "
                  "experts (transformer_2)"),

@@ -33,12 +33,12 @@ from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
 from optsearch.formatting import auto_range_details, auto_range_text
 from optsearch.measure.compiling import compiled_as
-from optsearch.measure.evaluate import pipeline_from_spec
 from optsearch.measure.frames import clip_score
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.long_prompts import long_prompts_note
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
+from optsearch.measure.served import pipeline_from_spec
 from optsearch.optimize.baseline import ABOVE_LIMIT
 from optsearch.optimize.estimate import Estimate, estimate_text
 from optsearch.optimize.recovery import OUT_OF_MEMORY

@@ -20,27 +20,14 @@ from optsearch.accelerators import (
     calibrate_family,
     calibrated_range,
     calibration_used,
-    combo_name,
-    combo_problem,
-    dbcache,
-    denoiser,
-    enabled_already,
     execution_device,
     magcache,
     normalize_setting,
     pab,
-    pipeline_kind,
-    pipeline_problem,
     tome,
 )
-from optsearch.errors import ModelLoadError
 from optsearch.measure.comparison import VIDEO_FIGURES, Baseline, Comparison, image_digest
-from optsearch.measure.compiling import (
-    CompileCounter,
-    adopt_compiled,
-    compile_denoiser,
-    compiled_as,
-)
+from optsearch.measure.compiling import CompileCounter, compiled_as
 from optsearch.measure.frames import clip_score, frame_fidelity
 from optsearch.measure.generation import (
     Batch,
@@ -51,10 +38,10 @@ from optsearch.measure.generation import (
 )
 from optsearch.measure.long_prompts import long_prompts_note, quiet_truncation
 from optsearch.measure.memory import PeakMemory
-from optsearch.measure.models import load_pipeline
 from optsearch.measure.perceptual import Lpips
 from optsearch.measure.prompts import prompts_of
 from optsearch.measure.quality import ClipScorer, psnr, ssim_batch
+from optsearch.measure.served import check_families, compiled_for, pipeline_from_spec
 from optsearch.measure.speedup import PassNoise
 
 logger = logging.getLogger(__name__)
@@ -316,61 +303,6 @@ class Evaluator:
             if index < keep_images:
                 result.images.append(image)
         result.scoring_seconds += time.perf_counter() - start
-
-
-def check_families(pipe, spec) -> None:
-    """Every combo the spec searches must apply to the pipeline as loaded (its kind was told from
-    the model id before loading; a wrong guess ends here, before anything is measured)."""
-    kind = pipeline_kind(pipe)
-    enabled = enabled_already(pipe)
-    if enabled:
-        raise ModelLoadError(f"model {spec.model.id!r}: the pipeline comes with {enabled}; the "
-                             "baseline must be the plain pipeline: disable it where the pipeline "
-                             "is built")
-    for combo in spec.search.combos:
-        problem = combo_problem(combo, kind)
-        if problem is None and kind == "transformer" and set(combo) - {"steps", "dbcache"} \
-                and not hasattr(denoiser(pipe), "enable_cache"):
-            problem = (f"{combo_name(combo)} needs diffusers' enable_cache, which "
-                       f"{type(denoiser(pipe)).__name__} lacks (only steps applies)")
-        if problem:
-            raise ModelLoadError(f"model {spec.model.id!r}: {problem}; set model.kind if it was "
-                                 "told wrongly from the id")
-        if problem := pipeline_problem(combo, pipe):  # the pipeline as loaded: its kind is right
-            raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
-    if spec.model.guidance_scale_2 is not None and getattr(pipe, "transformer_2", None) is None:
-        raise ModelLoadError(f"model {spec.model.id!r}: model.guidance_scale_2 applies to a second "
-                             "expert (Wan 2.2 A14B's transformer_2); this pipeline runs one: leave it out")
-    if any("dbcache" in combo for combo in spec.search.combos) and \
-            (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
-        raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
-
-
-def pipeline_from_spec(spec, device: str | None = None):
-    """Load the spec's pipeline (on `device` when given), check its combos apply to it, and
-    compile it as the spec serves it."""
-    model = spec.model
-    pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
-                         kind=None if model.kind == "auto" else model.kind,
-                         factory_path=model.factory_path)
-    check_families(pipe, spec)
-    return compiled_for(spec, pipe)
-
-
-def compiled_for(spec, pipe):
-    """The pipeline compiled as `[model] compile` says, once. One whose denoiser came compiled is
-    measured as it came (said when the spec says otherwise): compiling it again would time
-    another pipeline than the one served."""
-    if compiled_as(pipe) is not None:
-        return pipe
-    came = adopt_compiled(pipe)
-    if came is not None and came != spec.model.compile:
-        logger.warning("the pipeline's denoiser came compiled (%s) where model.compile = %r: "
-                       "measured compiled, as it came (a full untimed call before each timing)",
-                       came, spec.model.compile)
-    elif came is None and spec.model.compile != "none":
-        compile_denoiser(pipe, spec.model.compile, spec.model.compile_mode, spec.model.compile_backend)
-    return pipe
 
 
 def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,

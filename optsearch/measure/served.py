@@ -1,0 +1,86 @@
+"""The spec's pipeline as it will be served: loaded, checked that every combo searched applies to
+it (before anything is measured), and compiled as `[model] compile` says."""
+
+from __future__ import annotations
+
+import logging
+
+from optsearch.accelerators import (
+    combo_name,
+    combo_problem,
+    dbcache,
+    denoiser,
+    enabled_already,
+    pipeline_kind,
+    pipeline_problem,
+)
+from optsearch.errors import ModelLoadError
+from optsearch.measure.compiling import adopt_compiled, compile_denoiser, compiled_as
+from optsearch.measure.models import load_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+def check_families(pipe, spec) -> None:
+    """Every combo the spec searches must apply to the pipeline as loaded (its kind was told from
+    the model id before loading; a wrong guess ends here, before anything is measured)."""
+    kind = pipeline_kind(pipe)
+    enabled = enabled_already(pipe)
+    if enabled:
+        raise ModelLoadError(f"model {spec.model.id!r}: the pipeline comes with {enabled}; the "
+                             "baseline must be the plain pipeline: disable it where the pipeline "
+                             "is built")
+    for combo in spec.search.combos:
+        problem = combo_problem(combo, kind)
+        if problem is None and kind == "transformer" and set(combo) - {"steps", "dbcache"} \
+                and not hasattr(denoiser(pipe), "enable_cache"):
+            problem = (f"{combo_name(combo)} needs diffusers' enable_cache, which "
+                       f"{type(denoiser(pipe)).__name__} lacks (only steps applies)")
+        if problem:
+            raise ModelLoadError(f"model {spec.model.id!r}: {problem}; set model.kind if it was "
+                                 "told wrongly from the id")
+        if problem := pipeline_problem(combo, pipe):  # the pipeline as loaded: its kind is right
+            raise ModelLoadError(f"model {spec.model.id!r}: {problem}{_instead_of_any(spec, combo, pipe)}")
+    if spec.model.guidance_scale_2 is not None and getattr(pipe, "transformer_2", None) is None:
+        raise ModelLoadError(f"model {spec.model.id!r}: model.guidance_scale_2 applies to a second "
+                             "expert (Wan 2.2 A14B's transformer_2); this pipeline runs one: leave it out")
+    if any("dbcache" in combo for combo in spec.search.combos) and \
+            (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
+        raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
+
+
+def _instead_of_any(spec, refused: tuple[str, ...], pipe) -> str:
+    """For `accelerators = "any"` (the kind's combos, fixed before loading): the list to write
+    instead, every combo of it that this pipeline takes (Wan 2.2 A14B refuses two of them)."""
+    if spec.search.accelerators != "any":
+        return ""
+    applies = [list(combo) for combo in spec.search.combos if pipeline_problem(combo, pipe) is None]
+    listed = ", ".join("[" + ", ".join(f'"{name}"' for name in combo) + "]" for combo in applies)
+    return f'; "any" includes {combo_name(refused)}: write search.accelerators = [{listed}]'
+
+
+def pipeline_from_spec(spec, device: str | None = None):
+    """Load the spec's pipeline (on `device` when given), check its combos apply to it, and
+    compile it as the spec serves it."""
+    model = spec.model
+    pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
+                         kind=None if model.kind == "auto" else model.kind,
+                         factory_path=model.factory_path)
+    check_families(pipe, spec)
+    return compiled_for(spec, pipe)
+
+
+def compiled_for(spec, pipe):
+    """The pipeline compiled as `[model] compile` says, once. One whose denoiser came compiled is
+    measured as it came (said when the spec says otherwise): compiling it again would time
+    another pipeline than the one served."""
+    if compiled_as(pipe) is not None:
+        return pipe
+    came = adopt_compiled(pipe)
+    if came is not None and came != spec.model.compile:
+        logger.warning("the pipeline's denoiser came compiled (%s) where model.compile = %r: "
+                       "measured compiled, as it came (a full untimed call before each timing)",
+                       came, spec.model.compile)
+    elif came is None and spec.model.compile != "none":
+        compile_denoiser(pipe, spec.model.compile, spec.model.compile_mode, spec.model.compile_backend)
+    return pipe
