@@ -218,6 +218,31 @@ def test_a_worker_yet_to_measure_tokens_knows_a_tome_setting_another_worker_meas
     assert not study.get_trials(states=(TrialState.WAITING,))  # nothing queued a second time
 
 
+def test_a_trial_waiting_on_an_orphan_goes_on_once_the_grace_period_fails_it(tmp_path):
+    """A worker killed between Optuna creating its trial and the trial's first heartbeat leaves
+    an orphan: RUNNING, nothing written, no beat, so the heartbeat never fails it. A later trial
+    waits for an earlier one that has not said what it runs; waiting on the orphan held the
+    worker forever. Now each wait also fails orphans past the grace period, as between trials."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", SMALL_SPACE.replace('sampler = "random"',
+                                                                  'sampler = "random"\nwarm_start = []'))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    orphan = load(url).ask()  # as if its worker died at once: RUNNING, no "worker", no beat
+    # a grace period longer than the worker's start (load, baseline): the orphan is still young
+    # when the worker's trial starts, so that trial waits on it
+    process = worker(url, "--artifact-dir", str(tmp_path / "artifacts"), "--n-trials", "1",
+                     "--grace-period", "30")
+    try:
+        _, err = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the worker waited on the orphan")
+    assert process.returncode == 0, err
+    failed, measured = load(url).get_trials()[orphan.number], load(url).get_trials()[1]
+    assert failed.state == TrialState.FAIL and measured.state == TrialState.COMPLETE
+    assert failed.datetime_complete > measured.datetime_start  # failed while the trial waited
+
+
 def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:
     """A study of few-second trials, and a worker process already running it."""
     spec = write_spec(tmp_path / "tiny.toml", SLOW_SPEC)

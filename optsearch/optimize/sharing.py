@@ -57,15 +57,17 @@ def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
 
 def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fingerprint: str,
                    poll_interval: float,
-                   canonical: Callable[[dict, dict], dict] = lambda setting, _used: setting
-                   ) -> FrozenTrial | None:
+                   canonical: Callable[[dict, dict], dict] = lambda setting, _used: setting,
+                   recover: Callable[[], None] | None = None) -> FrozenTrial | None:
     """A finished trial of the same setting on this fingerprint (waiting for a running one, and
     for an earlier running trial to write what it runs: otherwise two workers that start one
     setting at once both measure it);
     `canonical(setting, calibration_used)`: the computation a setting makes with what a trial
     recorded it ran with ({}: this worker's), `accelerators.canonical_setting`, so that a
     different setting of the same computation counts as the same. Both sides are keyed with the
-    calibration the device's trials recorded (`recorded_calibration`)."""
+    calibration the device's trials recorded (`recorded_calibration`). `recover()`, asked at each
+    wait, ends the trials waited on whose worker died (by default those the heartbeat judges
+    stale; the worker adds orphans, which never beat: one waited on forever held every worker)."""
     while True:
         trials = study.get_trials(deepcopy=False, states=(*studies.FINISHED, TrialState.RUNNING))
         recorded = recorded_calibration(trials, fingerprint)
@@ -88,7 +90,10 @@ def earlier_result(study: optuna.Study, trial: optuna.Trial, setting: dict, fing
         if not running_twin:
             return None
         time.sleep(poll_interval)
-        optuna.storages.fail_stale_trials(study)
+        if recover is not None:
+            recover()
+        else:
+            optuna.storages.fail_stale_trials(study)
 
 
 def recorded_calibration(trials: list[FrozenTrial], fingerprint: str) -> dict:

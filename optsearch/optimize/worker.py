@@ -149,8 +149,7 @@ class Worker:
 
     def _step(self, target: int, bar) -> bool:
         """Run one trial, or wait for others' last trials; False when the study is done."""
-        optuna.storages.fail_stale_trials(self.study)
-        recovery.fail_orphans(self.study, self.options.grace_period)
+        self._recover()
         finished, running = sharing.counts(self.study)
         bar.n = min(finished, target)
         bar.refresh()
@@ -199,7 +198,8 @@ class Worker:
                            "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():
             trial.set_user_attr(key, value)
         previous = sharing.earlier_result(  # or one of the same computation (MagCache's skips)
-            self.study, trial, setting, self.fingerprint, self.options.poll_interval, self._canonical)
+            self.study, trial, setting, self.fingerprint, self.options.poll_interval, self._canonical,
+            recover=self._recover)
         if previous is not None:  # free, and no trial of n_trials: an unmeasured one comes next
             self.repeated = True
             return sharing.copy_result(self.study, trial, previous, setting)
@@ -211,6 +211,11 @@ class Worker:
             self.trials_run += 1  # a trial that failed ran too: this worker's --n-trials counts it
         self.baselines.trial_measured()
         return record_trial(trial, result, self.spec, self.baselines)
+
+    def _recover(self) -> None:
+        """End the trials of dead workers: stale heartbeats, and orphans that never beat."""
+        optuna.storages.fail_stale_trials(self.study)
+        recovery.fail_orphans(self.study, self.options.grace_period)
 
     def _canonical(self, setting: dict, used: dict) -> dict:
         """The computation `setting` makes with what a trial ran with (`used`; {}: this worker's)."""
