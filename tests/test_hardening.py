@@ -461,6 +461,33 @@ except KeyboardInterrupt:
     assert "ValueError: someone else's bug" in result.stderr  # not ours: still reported
 
 
+def test_a_ctrl_c_python_ignored_outside_a_trial_is_signalled_again():
+    """Outside a worker's trials (loading a model, a command's own work) nothing kept a Ctrl-C
+    that landed in a garbage-collector callback: Python printed its traceback and the command
+    ran on. The CLI's hook signals it again: the run ends as interrupted, with no traceback."""
+    script = """
+import os, signal, sys, time
+from optsearch.cli.main import resignal_lost_interrupt
+
+class SignalsWhenCollected:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler raises here, where Python ignores exceptions
+
+sys.unraisablehook = resignal_lost_interrupt
+try:
+    SignalsWhenCollected()
+    time.sleep(2)
+    print("ran on")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == "interrupted", result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_an_interrupt_leaves_no_heartbeat_thread_for_shutdown_to_wait_on(tmp_path):
     """A Ctrl-C while Optuna starts a trial's heartbeat thread skips its stop: the worker stops
     it, or Python's shutdown would wait for it forever."""

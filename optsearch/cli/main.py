@@ -8,10 +8,12 @@ interrupted (SIGINT).
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import os
 import sys
+import threading
 import warnings
 
 from optsearch.errors import exit_code_for, problem_lines
@@ -272,6 +274,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"optsearch: warning: {mask_text(str(message).splitlines()[0])}", file=sys.stderr)
 
 
+def resignal_lost_interrupt(unraisable) -> None:
+    """Ctrl-C that lands in a garbage-collector callback (SQLAlchemy's weakrefs run often) raises
+    where Python cannot: it printed "Exception ignored ... KeyboardInterrupt" and ran on, so a
+    first Ctrl-C during loading was lost. It is signalled again, to land where it can be raised.
+    (A worker's own `Interrupts` keeps and raises it while trials run.) Others print as before."""
+    if unraisable.exc_type is KeyboardInterrupt:  # from a thread: in this hook it is lost again
+        again = threading.Timer(0.05, _thread.interrupt_main)
+        again.daemon = True
+        again.start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -293,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     # so that --help and usage errors answer at once.
     from optsearch.cli import commands
 
+    previous_hook, sys.unraisablehook = sys.unraisablehook, resignal_lost_interrupt
     try:
         return getattr(commands, args.handler)(args)
     except KeyboardInterrupt:
@@ -304,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in problem_lines(error):
             print(f"optsearch: error: {mask_text(line)}", file=sys.stderr)
         return exit_code_for(error)
+    finally:
+        sys.unraisablehook = previous_hook
 
 
 if __name__ == "__main__":
