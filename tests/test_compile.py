@@ -238,3 +238,21 @@ def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone
     assert ours == alone  # MagCache's hooks are torch.compiler.disable'd whole: no graph at all
     assert alone["graphs"] > 0 or family == "magcache"
     assert 0 < eager_fraction < 1 and fraction == pytest.approx(eager_fraction)
+
+
+def test_a_cache_that_recompiles_over_its_first_calls_is_timed_once_it_compiles_nothing(tmp_path):
+    """diffusers' SeaCache keeps its history in a Python list whose length dynamo guards: on
+    tiny-wan its first compiled call compiled 7 graphs and the second 1 more, inside the timed
+    batches, where a server, warmed, compiles none. A compiled pipeline now warms up until a call
+    compiles nothing (at most COMPILED_WARMUP_CALLS calls)."""
+    from optsearch.study_spec import load_spec
+    from tests.test_video import WAN_SPEC
+
+    spec = load_spec(write_spec(tmp_path / "wan.toml", WAN_SPEC.replace(
+        'id = "builtin:tiny-wan"', 'id = "builtin:tiny-wan"\ncompile = "regional"\n'
+        'compile_backend = "eager"')))
+    evaluator = evaluator_from_spec(spec)
+    result = evaluator.compare({"seacache": {"threshold": 1.0, "max_consecutive_cached": 4}},
+                               evaluator.baseline())
+    assert result.compiled and result.graphs_compiled > 0
+    assert result.compiled_while_timed == 0

@@ -11,6 +11,8 @@ after it, inside timed batches, are counted and flagged, since their seconds are
 
 from __future__ import annotations
 
+import sys
+
 from optsearch.accelerators import denoiser
 from optsearch.accelerators.hooks import compiled_how, denoisers
 from optsearch.errors import ModelLoadError, first_line
@@ -77,6 +79,11 @@ def _dynamo_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"].get("unique_graphs", 0)), int(sum(counters["graph_break"].values()))
+
+
+def graphs_compiled() -> int:
+    """Graphs torch compiled so far in this process (0 while nothing imported torch._dynamo)."""
+    return _dynamo_counts()[0] if "torch._dynamo" in sys.modules else 0
 
 
 class CompileCounter:
