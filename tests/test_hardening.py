@@ -427,19 +427,29 @@ def test_an_interrupt_python_ignored_in_a_gc_callback_still_ends_the_worker(tmp_
         assert trials[0].user_attrs.get("batches_evaluated") is None  # stopped inside the trial
 
 
-def test_an_interrupt_python_ignored_prints_no_traceback():
-    """CI saw Ctrl-C land in SQLAlchemy's weakref callback: the worker stopped as it should, but
-    Python printed "Exception ignored in ... Traceback ... KeyboardInterrupt" above our one line.
-    The interrupt is kept and raised at the next check; Python's report of it is not printed,
-    while any other exception Python ignores still is."""
-    script = """
-import os, signal, time
-from optsearch.optimize.recovery import Interrupts
+SIGNALS_WHEN_COLLECTED = """
+import os, signal, sys, time
 
 class SignalsWhenCollected:
     def __del__(self):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)  # the handler raises here, where Python ignores exceptions
+"""
+
+
+def run_interrupted_script(script: str) -> subprocess.CompletedProcess:
+    """A Python process whose `SignalsWhenCollected()` gets Ctrl-C where Python ignores it."""
+    return subprocess.run([sys.executable, "-c", SIGNALS_WHEN_COLLECTED + script],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_an_interrupt_python_ignored_prints_no_traceback():
+    """CI saw Ctrl-C land in SQLAlchemy's weakref callback: the worker stopped as it should, but
+    Python printed "Exception ignored in ... Traceback ... KeyboardInterrupt" above our one line.
+    The interrupt is kept and raised at the next check; Python's report of it is not printed,
+    while any other exception Python ignores still is."""
+    result = run_interrupted_script("""
+from optsearch.optimize.recovery import Interrupts
 
 class FailsWhenCollected:
     def __del__(self):
@@ -453,9 +463,7 @@ try:
     print("ran on")
 except KeyboardInterrupt:
     print("interrupted")
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
+""")
     assert result.stdout.strip() == "interrupted", result.stderr
     assert "KeyboardInterrupt" not in result.stderr, result.stderr
     assert "ValueError: someone else's bug" in result.stderr  # not ours: still reported
@@ -465,14 +473,8 @@ def test_a_ctrl_c_python_ignored_outside_a_trial_is_signalled_again():
     """Outside a worker's trials (loading a model, a command's own work) nothing kept a Ctrl-C
     that landed in a garbage-collector callback: Python printed its traceback and the command
     ran on. The CLI's hook signals it again: the run ends as interrupted, with no traceback."""
-    script = """
-import os, signal, sys, time
+    result = run_interrupted_script("""
 from optsearch.cli.main import resignal_lost_interrupt
-
-class SignalsWhenCollected:
-    def __del__(self):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)  # the handler raises here, where Python ignores exceptions
 
 sys.unraisablehook = resignal_lost_interrupt
 try:
@@ -481,9 +483,7 @@ try:
     print("ran on")
 except KeyboardInterrupt:
     print("interrupted")
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
+""")
     assert result.stdout.strip() == "interrupted", result.stderr
     assert "Traceback" not in result.stderr, result.stderr
 
