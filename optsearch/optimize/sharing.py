@@ -129,22 +129,22 @@ def copy_result(study: optuna.Study, trial: optuna.Trial, previous: FrozenTrial,
     return previous.values if len(previous.values) > 1 else previous.values[0]
 
 
-def taken(study: optuna.Study, fingerprint: str, key: Callable[[dict, dict], str]) -> set[str]:
+def taken(trials: list[FrozenTrial], fingerprint: str, key: Callable[[dict, dict], str]) -> set[str]:
     """The computations (`key(setting, calibration_used)`) that trials on this fingerprint
     measured, are measuring or failed at."""
     states = (*studies.FINISHED, TrialState.RUNNING, TrialState.FAIL)
     return {key(t.user_attrs["setting"], t.user_attrs.get("calibration_used", {}))
-            for t in study.get_trials(deepcopy=False, states=states)
-            if t.user_attrs.get("fingerprint") == fingerprint and "setting" in t.user_attrs}
+            for t in trials if t.state in states
+            and t.user_attrs.get("fingerprint") == fingerprint and "setting" in t.user_attrs}
 
 
-def waiting(study: optuna.Study, draw: Callable[[optuna.Trial], dict],
+def waiting(trials: list[FrozenTrial], draw: Callable[[optuna.Trial], dict],
             key: Callable[[dict, dict], str]) -> set[str]:
     """The computations of the trials waiting in the study's queue (`enqueue_trial`), each
     keyed as `draw` makes its setting from the parameters it was queued with."""
     probe = optuna.create_study()
     keys = set()
-    for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    for queued in (t for t in trials if t.state == TrialState.WAITING):
         probe.enqueue_trial(queued.system_attrs.get("fixed_params", {}), skip_if_exists=False)
         trial = probe.ask()
         keys.add(key(draw(trial), {}))
@@ -170,7 +170,8 @@ def queue_unmeasured(study: optuna.Study, spec: StudySpec, fingerprint: str, aut
                      canonical: Callable[[dict, dict], dict], record: dict) -> bool:
     """Queue a setting not tried on this fingerprint for the next trial; False when none is
     left, recording that the space is exhausted there (with `record`: who found it)."""
-    recorded = recorded_calibration(study.get_trials(deepcopy=False), fingerprint)
+    trials = study.get_trials(deepcopy=False)  # read once: what is taken, queued and recorded
+    recorded = recorded_calibration(trials, fingerprint)
 
     def key(setting: dict, used: dict) -> str:
         return setting_key(canonical(setting, {**recorded, **used}))
@@ -178,8 +179,8 @@ def queue_unmeasured(study: optuna.Study, spec: StudySpec, fingerprint: str, aut
     def draw(trial: optuna.Trial) -> dict:
         return normalize_setting(suggest_setting(trial, spec, auto))
 
-    tried = taken(study, fingerprint, key)
-    queued = waiting(study, draw, key)  # next in line anyway: another of them would be a copy
+    tried = taken(trials, fingerprint, key)
+    queued = waiting(trials, draw, key)  # next in line anyway: another of them would be a copy
     seed = spec.search.seed and trial_seed(spec.search.seed, len(study.trials))
     params = unmeasured_params(tried | queued, draw, key, seed)
     if params is not None:
