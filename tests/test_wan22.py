@@ -18,6 +18,8 @@ from tests.test_deploy_exports import exported_function
 from tests.test_seacache import STEPS, video
 from tests.test_video import PROMPTS, WAN_SPEC
 
+WAN22_SPEC = WAN_SPEC.replace('id = "builtin:tiny-wan"', 'id = "builtin:tiny-wan22"')
+
 
 @pytest.fixture(scope="module")
 def wan22():
@@ -87,9 +89,8 @@ def test_the_python_export_enables_the_cache_on_both_experts(wan22):
 def test_any_on_two_experts_says_which_combos_to_write_instead(tmp_path):
     """"any" is the video kind's combos, fixed before loading; on Wan 2.2 A14B two of them are
     refused. The one line names the list of those that apply, and that list checks clean."""
-    spec = write_spec(tmp_path / "wan22.toml", WAN_SPEC.replace('id = "builtin:tiny-wan"',
-                                                                'id = "builtin:tiny-wan22"')
-                      .replace('[["steps"], ["pab"], ["fastercache"]]', '"any"'))
+    spec = write_spec(tmp_path / "wan22.toml", WAN22_SPEC.replace(
+        '[["steps"], ["pab"], ["fastercache"]]', '"any"'))
     result = optsearch_cmd("check", str(spec))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     instead = '[["steps"], ["pab"], ["fbcache"], ["dbcache"]]'
@@ -104,9 +105,8 @@ def test_any_on_two_experts_says_which_combos_to_write_instead(tmp_path):
                  "experts (transformer_2)"),
     ("fastercache", "fastercache fails on a second expert (transformer_2)")])
 def test_a_cache_that_cannot_serve_two_experts_is_one_line_exit_2(tmp_path, wan22, family, why):
-    spec = write_spec(tmp_path / "wan22.toml", WAN_SPEC.replace('id = "builtin:tiny-wan"',
-                                                                'id = "builtin:tiny-wan22"')
-                      .replace('[["steps"], ["pab"], ["fastercache"]]', f'[["steps"], ["{family}"]]'))
+    spec = write_spec(tmp_path / "wan22.toml", WAN22_SPEC.replace(
+        '[["steps"], ["pab"], ["fastercache"]]', f'[["steps"], ["{family}"]]'))
     result = optsearch_cmd("check", str(spec))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert why in result.stderr
@@ -157,8 +157,7 @@ def test_the_second_experts_guidance_is_served_as_the_spec_says(tmp_path, wan22)
     config = GenerationConfig(steps=STEPS, guidance_scale=5.0, batch_size=1, num_frames=9)
     assert not np.array_equal(frames(config), frames(GenerationConfig(
         steps=STEPS, guidance_scale=5.0, batch_size=1, num_frames=9, guidance_scale_2=1.5)))
-    text = WAN_SPEC.replace('id = "builtin:tiny-wan"', 'id = "builtin:tiny-wan22"') \
-        .replace("guidance_scale = 5.0", "guidance_scale = 5.0\nguidance_scale_2 = 3.0") \
+    text = WAN22_SPEC.replace("guidance_scale = 5.0", "guidance_scale = 5.0\nguidance_scale_2 = 3.0") \
         .replace('[["steps"], ["pab"], ["fastercache"]]', '[["steps"], ["pab"]]')
     checked = optsearch_cmd("check", str(write_spec(tmp_path / "two.toml", text)))
     assert checked.returncode == 0, checked.stderr
