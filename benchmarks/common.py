@@ -97,7 +97,7 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3, repea
     from optsearch.accelerators import AppliedSetting, dbcache, magcache
     from optsearch.measure.compiling import CompileCounter
 
-    ratios = magcache.measure_ratios(pipe, steps, lambda: call(pipe))
+    ratios = magcache.measure(pipe, steps, lambda: call(pipe))["mag_ratios"]
     top = dbcache.calibrate(pipe, lambda: call(pipe))["auto"]["residual_diff_threshold"][1]
     rows = []
     for name, setting in settings:

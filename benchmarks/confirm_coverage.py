@@ -37,7 +37,7 @@ def main(pairs: int = 15, rounds: int = 3) -> None:
         return [b.seconds_per_image for b in generate(pipe, prompts, config, setting=setting,
                                                       warmup=False)]
 
-    ratios = magcache.measure_ratios(pipe, config.steps, lambda: passes())
+    ratios = magcache.measure(pipe, config.steps, lambda: passes())["mag_ratios"]
 
     def measure():
         abba, base_batches, fast_batches = [], [], []

@@ -95,8 +95,8 @@ def measure(pipe, config, prompts, settings, repeats: int) -> list[list]:
         return np.concatenate([b.images for b in batches]), sum(b.seconds for b in batches)
 
     reference, _ = run()
-    calibration = {"magcache": {"mag_ratios": magcache.measure_ratios(
-        pipe, config.steps, lambda: run())}} if any("magcache" in s for _, s in settings) else {}
+    calibration = {"magcache": magcache.measure(pipe, config.steps, lambda: run())} \
+        if any("magcache" in s for _, s in settings) else {}
     rows = []
     for name, setting in settings:
         ratios, images = [], None

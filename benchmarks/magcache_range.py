@@ -52,8 +52,8 @@ def main(trials: int = 24, steps: int = 20, fewest: int = 8, replays: int = 4000
         pipe = load_pipeline(model, device="cpu", dtype="float32")
         config = GenerationConfig(steps=steps, guidance_scale=5.0 if "wan" in model else 3.5,
                                   batch_size=2)
-        ratios = magcache.measure_ratios(pipe, steps, lambda pipe=pipe, config=config: list(
-            generate(pipe, calibrate_on, config, warmup=False)))
+        ratios = magcache.measure(pipe, steps, lambda pipe=pipe, config=config: list(
+            generate(pipe, calibrate_on, config, warmup=False)))["mag_ratios"]
 
         def run(draw, threshold: float, pipe=pipe, config=config, ratios=ratios):
             count, skips, retention, _ = draw

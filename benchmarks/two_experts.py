@@ -6,7 +6,10 @@ builtin:tiny-wan22 (tiny Wan with a second transformer below boundary 0.875), 16
 prompts in batches of 2, CPU. Each setting: `repeats` A B rounds against the baseline, both
 ways; speedup = baseline s/video / setting s/video (median), PSNR per frame against the
 baseline's videos (random weights: fidelity, not quality). "First only" is the same setting
-applied while the pipeline's `transformer_2` is hidden, so nothing is hooked on it.
+applied while the pipeline's `transformer_2` is hidden, so nothing is hooked on it. MagCache was
+refused on two experts before: it runs on both only, each expert with its own ratios over its own
+steps (one calibration call before the rounds), at the paper's default and at the middle of its
+calibrated threshold range.
 
     python -m benchmarks two-experts --repeats 3     # about 2 minutes on 2 cores
 """
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from benchmarks.common import machine, table
-from optsearch.accelerators import AppliedSetting
+from optsearch.accelerators import AppliedSetting, magcache
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import builtin_prompts
@@ -31,18 +34,21 @@ SETTINGS = [
     ("pab 2, (100, 800) (published)", {"pab": {"spatial_attention_block_skip_range": 2}}),
     ("seacache 1.0, 4 in a row", {"seacache": {"threshold": 1.0, "max_consecutive_cached": 4}}),
     ("dbcache F1B0 0.12", {"dbcache": {"residual_diff_threshold": 0.12, "max_warmup_steps": 2}}),
+    ("magcache 0.06/3/0.2 (published)", {"magcache": {"threshold": 0.06, "max_skip_steps": 3,
+                                                      "retention_ratio": 0.2}}),
+    ("magcache mid-range/3/0.2", {"magcache": {"max_skip_steps": 3, "retention_ratio": 0.2}}),
 ]
 
 
 @contextmanager
-def applied(pipe, setting: dict, both: bool):
+def applied(pipe, setting: dict, both: bool, calibration: dict):
     """The setting applied to both experts, or to the first only (transformer_2 hidden while
     the caches hook the pipeline, back before it runs)."""
     second = pipe.transformer_2
     if not both:
         pipe.transformer_2 = None
     try:
-        patch = AppliedSetting(pipe, setting)
+        patch = AppliedSetting(pipe, setting, calibration)
     finally:
         pipe.transformer_2 = second
     try:
@@ -62,14 +68,25 @@ def main(repeats: int = 3) -> None:
         return np.concatenate([b.images for b in batches]), sum(b.seconds for b in batches)
 
     reference, _ = run()
+    calibration = {"magcache": magcache.measure(pipe, config.steps, lambda: list(  # one call
+        generate(pipe, prompts[:2], config, warmup=False)))}
+    middle = magcache.range_for(calibration["magcache"], {"max_skip_steps": 3, "retention_ratio": 0.2},
+                                config.steps)
+    print(f"  magcache: threshold range {middle} at 3 skips, retention 0.2", flush=True)
     rows = []
     for name, setting in SETTINGS:
+        if name.startswith("magcache mid-range"):
+            setting = {"magcache": {**setting["magcache"], "threshold": round(sum(middle) / 2, 4)}}
+            name = name.replace("mid-range", f"{setting['magcache']['threshold']}")
         row = [name]
         for both in (False, True):
+            if not both and "magcache" in setting:
+                row += ["refused before", "-"]
+                continue
             ratios, videos = [], None
             for _ in range(repeats):
                 _, base_seconds = run()
-                with applied(pipe, setting, both) as patch:
+                with applied(pipe, setting, both, calibration) as patch:
                     videos, seconds = run(patch)
                 ratios.append(base_seconds / seconds)
             fidelity = float(np.mean([psnr(a, b) for a, b in zip(

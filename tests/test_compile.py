@@ -215,7 +215,7 @@ def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone
         run(["a red cube"], num_inference_steps=8, guidance_scale=3.5, max_sequence_length=32,
             generator=torch.Generator().manual_seed(0))
 
-    calibration = {"magcache": {"mag_ratios": magcache.measure_ratios(pipe, 8, lambda: call(pipe))},
+    calibration = {"magcache": magcache.measure(pipe, 8, lambda: call(pipe)),
                    "pab": pab.measure_timesteps(pipe, 8, lambda: call(pipe))}
     setting, config = {
         "fbcache": ({"fbcache": {"threshold": 0.5}}, FirstBlockCacheConfig(threshold=0.5)),

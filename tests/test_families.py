@@ -89,7 +89,7 @@ def test_every_family_changes_flux_and_restores_exactly(flux_pipe, family):
     order_before = [name for name, _ in denoiser(flux_pipe).named_modules()]
     calibration = {}
     if family == "magcache":
-        ratios = magcache.measure_ratios(flux_pipe, 12, lambda: _flux_images(flux_pipe))
+        ratios = magcache.measure(flux_pipe, 12, lambda: _flux_images(flux_pipe))["mag_ratios"]
         assert len(ratios) == 12 and ratios[0] == 1.0 and len(set(ratios)) > 2
         calibration = {"magcache": {"mag_ratios": ratios}}
     with AppliedSetting(flux_pipe, FLUX_SETTINGS[family], calibration) as applied:

@@ -31,8 +31,8 @@ def flux_pipe():
 
 @pytest.fixture(scope="module")
 def ratios(flux_pipe):
-    return magcache.measure_ratios(flux_pipe, STEPS, lambda: generate_images(
-        flux_pipe, ["a red bus in the rain", "a small cat on a sofa"], steps=STEPS))
+    return magcache.measure(flux_pipe, STEPS, lambda: generate_images(
+        flux_pipe, ["a red bus in the rain", "a small cat on a sofa"], steps=STEPS))["mag_ratios"]
 
 
 def _run(pipe, ratios, steps: int, **params) -> tuple[float, np.ndarray]:

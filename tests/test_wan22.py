@@ -1,15 +1,18 @@
 """Wan 2.2 A14B's two experts (builtin:tiny-wan22: a second transformer runs the low-noise
 steps): both run, each cache acts on both as a server enables it on both, the exports do the
-same; MagCache, whose ratios belong to one network, and FasterCache, whose hooks fail on an
-expert that starts inside their window, are refused in one line."""
+same; MagCache calibrates and runs each expert with its own ratios over its own steps;
+FasterCache, whose hooks fail on an expert that starts inside their window, is refused in one
+line."""
 
 from __future__ import annotations
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
 import optsearch
+from optsearch.accelerators import AppliedSetting, magcache, normalize_setting
 from optsearch.measure.compiling import compile_denoiser, compiled_how
 from optsearch.measure.models import load_pipeline
 from optsearch.optimize.deploy import diffusers_python
@@ -93,25 +96,76 @@ def test_any_on_two_experts_says_which_combos_to_write_instead(tmp_path):
         '[["steps"], ["pab"], ["fastercache"]]', '"any"'))
     result = optsearch_cmd("check", str(spec))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    instead = '[["steps"], ["pab"], ["fbcache"], ["dbcache"]]'
+    instead = '[["steps"], ["pab"], ["fbcache"], ["magcache"], ["dbcache"]]'
     assert f'"any" includes fastercache: write search.accelerators = {instead}' in result.stderr
     spec.write_text(spec.read_text().replace('accelerators = "any"', f"accelerators = {instead}"))
     result = optsearch_cmd("check", str(spec))
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("family, why", [
-    ("magcache", "magcache measures one transformer's magnitude ratios; this pipeline runs two "
-                 "experts (transformer_2)"),
-    ("fastercache", "fastercache fails on a second expert (transformer_2)")])
-def test_a_cache_that_cannot_serve_two_experts_is_one_line_exit_2(tmp_path, wan22, family, why):
+def test_fastercache_on_two_experts_is_one_line_exit_2(tmp_path, wan22):
     spec = write_spec(tmp_path / "wan22.toml", WAN22_SPEC.replace(
-        '[["steps"], ["pab"], ["fastercache"]]', f'[["steps"], ["{family}"]]'))
+        '[["steps"], ["pab"], ["fastercache"]]', '[["steps"], ["fastercache"]]'))
     result = optsearch_cmd("check", str(spec))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert why in result.stderr
+    assert "fastercache fails on a second expert (transformer_2)" in result.stderr
     with pytest.raises(ValueError, match="transformer_2"):
-        optsearch.apply(wan22, {family: {}})
+        optsearch.apply(wan22, {"fastercache": {}})
+
+
+@pytest.fixture(scope="module")
+def expert_ratios(wan22):
+    return magcache.measure(wan22, STEPS, lambda: video(wan22))
+
+
+@pytest.mark.parametrize("steps", [STEPS, 5])
+def test_magcache_skips_on_each_expert_what_its_own_ratios_tell(wan22, expert_ratios, steps):
+    """Each expert is calibrated over the steps it runs (3 and 5 of 8 at boundary 0.875), and a
+    call of any step count skips, on both, exactly the steps the replay of diffusers' decision on
+    each expert's ratios tells (counted in the call: what `computation` keys twins by)."""
+    first = expert_ratios["first_expert_steps"]
+    assert len(first) == STEPS and 0 < first[STEPS - 1] < STEPS
+    assert (len(expert_ratios["mag_ratios"]), len(expert_ratios["mag_ratios_2"])) == \
+        (first[STEPS - 1], STEPS - first[STEPS - 1])
+    low, high = magcache.range_for(expert_ratios, {"max_skip_steps": 2, "retention_ratio": 0.0}, steps)
+    params = {"threshold": (low + high) / 2, "max_skip_steps": 2, "retention_ratio": 0.0}
+    skipped = magcache.call_skips(expert_ratios, steps, params)
+    assert any(step < first[steps - 1] for step in skipped) and \
+        any(step >= first[steps - 1] for step in skipped), skipped  # both experts skip
+    plain = video(wan22, num_inference_steps=steps)
+    with AppliedSetting(wan22, {"magcache": params}, {"magcache": expert_ratios}) as run:
+        cached = video(run, num_inference_steps=steps)
+        assert run.computed_fraction() == pytest.approx(1 - len(skipped) / steps)
+    assert not np.array_equal(cached, plain)
+    assert not any(expert.is_cache_enabled for expert in (wan22.transformer, wan22.transformer_2))
+    assert np.array_equal(video(wan22, num_inference_steps=steps), plain)
+
+
+def test_magcache_ratios_of_one_network_are_refused_on_two_experts(wan22, expert_ratios):
+    with pytest.raises(ValueError, match="measured on 1 expert.*runs 2 .transformer_2"):
+        AppliedSetting(wan22, {"magcache": {}}, {"magcache": {"mag_ratios": [1.0] * STEPS}})
+    assert not any(expert.is_cache_enabled for expert in (wan22.transformer, wan22.transformer_2))
+
+
+def test_the_python_export_enables_magcache_on_each_expert_with_its_own_ratios(wan22, expert_ratios):
+    setting = {"magcache": {"threshold": 0.02, "max_skip_steps": 2, "retention_ratio": 0.0}}
+    with AppliedSetting(wan22, setting, {"magcache": expert_ratios}) as run:
+        ours = video(run)
+    exported = {"study": "tiny-wan22", "metric": "psnr", "spec": {"model": {"steps": STEPS}},
+                "calibration": {"magcache": expert_ratios},
+                "best": {"trial": 0, "setting": setting, "metrics": {}, "confirmed": None}}
+    code = diffusers_python(exported)
+    assert f"of {STEPS} steps the first expert runs {expert_ratios['first_expert_steps'][-1]}" in code
+    exported_function(code)(wan22)
+    try:
+        assert wan22.transformer._cache_config.mag_ratios.tolist() == \
+            pytest.approx(expert_ratios["mag_ratios"])
+        assert wan22.transformer_2._cache_config.mag_ratios.tolist() == \
+            pytest.approx(expert_ratios["mag_ratios_2"])
+        assert np.array_equal(video(wan22), ours)
+    finally:
+        wan22.transformer.disable_cache()
+        wan22.transformer_2.disable_cache()
 
 
 def test_a_study_of_two_experts_compiles_both():
@@ -171,3 +225,29 @@ def test_the_second_experts_guidance_is_served_as_the_spec_says(tmp_path, wan22)
         'id = "builtin:tiny-wan22"', 'id = "builtin:tiny"').replace("num_frames = 9\n", ""))))
     assert image.returncode == 2 and "model.guidance_scale_2: applies to Wan 2.2's two-expert" \
         in image.stderr
+
+
+def test_a_magcache_study_of_two_experts_records_and_exports_each_experts_ratios(tmp_path):
+    """The worker calibrates both experts once, each trial records the ratios it ran with and is
+    keyed by the steps both experts skip, and the export enables each expert with its own."""
+    spec = write_spec(tmp_path / "wan22.toml", WAN22_SPEC.replace(
+        '[["steps"], ["pab"], ["fastercache"]]', '[["magcache"]]').replace("limit = 30.0", "limit = 5.0")
+        + '[space.magcache]\nthreshold = "auto"\nmax_skip_steps = [1, 3]\n')
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    result = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="tiny-wan", storage=url)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert finished
+    for trial in finished:
+        used = trial.user_attrs["calibration_used"]["magcache"]
+        assert len(used["mag_ratios"]) + len(used["mag_ratios_2"]) == 16
+        params = normalize_setting(trial.user_attrs["setting"])["magcache"]
+        assert trial.user_attrs["compute_fraction"] == pytest.approx(  # both experts' skips, replayed
+            1 - len(magcache.call_skips(used, 16, params)) / 16)
+    exported = optsearch_cmd("study", "export", "tiny-wan", "--storage", url, "--format", "diffusers",
+                             "-o", "accelerate_pipe.py", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    code = (tmp_path / "accelerate_pipe.py").read_text()
+    assert "pipe.transformer.enable_cache(MagCacheConfig(" in code
+    assert "pipe.transformer_2.enable_cache(MagCacheConfig(" in code

@@ -255,12 +255,19 @@ class HookPatch:
 
 
 def cache_patch(pipe, config, family: str, count: bool | None = None) -> HookPatch:
-    """Enable a diffusers cache config through each denoiser's own `enable_cache` (CacheMixin)."""
-    lacking = [module for module in denoisers(pipe) if not hasattr(module, "enable_cache")]
+    """Enable a diffusers cache config through each denoiser's own `enable_cache` (CacheMixin):
+    the same on each, or from a list, one per denoiser in turn (MagCache's per expert)."""
+    modules = denoisers(pipe)
+    lacking = [module for module in modules if not hasattr(module, "enable_cache")]
     if lacking:
         raise ValueError(f"{family} needs a denoiser with diffusers' enable_cache "
                          f"({type(lacking[0]).__name__} has none)")
-    return HookPatch(pipe, lambda m: m.enable_cache(config), lambda m: m.disable_cache(), count)
+    configs = config if isinstance(config, list) else [config] * len(modules)
+    if len(configs) != len(modules):
+        raise ValueError(f"{family}: {len(configs)} configs for {len(modules)} denoisers")
+    by_module = {id(module): each for module, each in zip(modules, configs, strict=True)}
+    return HookPatch(pipe, lambda m: m.enable_cache(by_module[id(m)]), lambda m: m.disable_cache(),
+                     count)
 
 
 def cpu_safe_dtype(pipe) -> torch.dtype | None:

@@ -3,7 +3,7 @@ error predicted from the model's *magnitude ratios* (how the residual's norm cha
 step) stays under `threshold`, at most `max_skip_steps` steps in a row, never in the first
 `retention_ratio` of the steps.
 
-The ratios belong to a checkpoint (and scheduler): `measure_ratios` measures them with one plain
+The ratios belong to a checkpoint (and scheduler): `measure` measures them with one plain
 call, the way diffusers documents (`calibrate=True` prints them). The worker calibrates once per
 study and device fingerprint and stores them in the study, so every worker uses the same ones.
 
@@ -12,18 +12,24 @@ replays diffusers' decision. So an "auto" threshold range needs no call beyond t
 samples from the threshold that skips its first step to the one past which its `max_skip_steps`,
 `retention_ratio` and step count allow no more skips (`range_for`). Outside it a threshold skips
 nothing, or repeats the saturated computation of every threshold above it.
+
+Wan 2.2 A14B runs two experts in turn: `transformer` for the steps at or above its boundary
+timestep, `transformer_2` for the rest. Each has its own ratios, and a server enables MagCache on
+each with the steps that expert runs (`num_inference_steps`), so its retention and interpolation
+count that expert's steps. The calibration holds both experts' ratios and, for every step count up
+to the model's, how many steps the first expert runs (`first_expert_steps`, from the scheduler and
+the boundary): what a call of any step count skips is still told by the ratios alone.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import HookPatch, cache_patch
+from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers
 
 NAME = "magcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -40,29 +46,51 @@ PARAMS = (  # the threshold last: its "auto" range follows the other two as draw
 
 
 def problem_with(pipe) -> str | None:
-    """MagCache's ratios belong to one network; Wan 2.2 A14B runs two experts in turn, each with
-    its own (not measured here yet)."""
-    if getattr(pipe, "transformer_2", None) is not None:
-        return ("magcache measures one transformer's magnitude ratios; this pipeline runs two "
-                "experts (transformer_2): search the other caches on it")
+    """Two experts are split by the pipeline's boundary; without one the second never runs."""
+    if getattr(pipe, "transformer_2", None) is not None \
+            and getattr(getattr(pipe, "config", None), "boundary_ratio", None) is None:
+        return ("magcache calibrates each expert over the steps it runs; this pipeline has a "
+                "second expert (transformer_2) but no boundary_ratio to split the steps by")
     return None
 
 
+def expert_shares(calibration: Mapping, steps: int) -> list[tuple[list[float], int]]:
+    """(each expert's ratios, the steps it runs) in a call of `steps` steps: one transformer runs
+    them all; Wan 2.2 A14B's first expert the high-noise ones, its second the rest."""
+    ratios, second = list(calibration["mag_ratios"]), calibration.get("mag_ratios_2")
+    if not second:
+        return [(ratios, steps)]
+    table = calibration["first_expert_steps"]
+    if not 1 <= steps <= len(table):
+        raise ValueError(f"magcache: the experts' split was measured for 1 to {len(table)} steps, "
+                         f"not {steps}")
+    return [(ratios, table[steps - 1]), (list(second), steps - table[steps - 1])]
+
+
+def model_steps(calibration: Mapping) -> int:
+    """The step count the ratios were measured at (both experts' together)."""
+    return len(calibration["mag_ratios"]) + len(calibration.get("mag_ratios_2") or [])
+
+
 class MagCachePatch:
-    """MagCache whose config follows each call's step count (the ratios are interpolated)."""
+    """MagCache whose config follows each call's step count (the ratios are interpolated), on
+    each expert with its own ratios over its own steps."""
 
     def __init__(self, pipe, threshold: float, max_skip_steps: int, retention_ratio: float,
-                 mag_ratios: Sequence[float]):
-        self.pipe = pipe
+                 calibration: Mapping):
+        self.pipe, self.calibration = pipe, calibration
         self.options = dict(threshold=threshold, max_skip_steps=max_skip_steps,
-                            retention_ratio=retention_ratio, mag_ratios=list(mag_ratios))
-        self.steps = len(mag_ratios)
+                            retention_ratio=retention_ratio)
+        self.steps = model_steps(calibration)
         self.patch = self._enable(self.steps)
 
     def _enable(self, steps: int) -> HookPatch:
         from diffusers import MagCacheConfig
 
-        return cache_patch(self.pipe, MagCacheConfig(num_inference_steps=steps, **self.options),
+        # an expert that runs no step of this call keeps a 1-step config it never reaches
+        return cache_patch(self.pipe, [MagCacheConfig(num_inference_steps=max(1, count),
+                                                      mag_ratios=ratios, **self.options)
+                                       for ratios, count in expert_shares(self.calibration, steps)],
                            NAME)
 
     def computed_fraction(self) -> float | None:
@@ -73,9 +101,7 @@ class MagCachePatch:
         return self.patch.computed_fraction(told=self._replayed_fraction)
 
     def _replayed_fraction(self) -> float:
-        skipped, _ = skipped_steps(self.options["mag_ratios"], self.steps, self.options["threshold"],
-                                   self.options["max_skip_steps"], self.options["retention_ratio"])
-        return 1 - len(skipped) / self.steps
+        return 1 - len(call_skips(self.calibration, self.steps, self.options)) / self.steps
 
     def prepare(self, call_kwargs: dict) -> None:
         steps = call_kwargs.get("num_inference_steps", self.steps)
@@ -92,37 +118,100 @@ class MagCachePatch:
 def apply(pipe, threshold: float = DEFAULTS["threshold"],
           max_skip_steps: int = DEFAULTS["max_skip_steps"],
           retention_ratio: float = DEFAULTS["retention_ratio"],
-          mag_ratios: Sequence[float] | None = None, **_calibrated) -> MagCachePatch:
+          mag_ratios: Sequence[float] | None = None, mag_ratios_2: Sequence[float] | None = None,
+          first_expert_steps: Sequence[int] | None = None, **_calibrated) -> MagCachePatch:
     if not mag_ratios:
         raise ValueError("magcache needs the model's magnitude ratios: calibrate them first "
                          "(optsearch does this once per study and device)")
+    experts = len(denoisers(pipe))
+    if experts != (2 if mag_ratios_2 else 1):
+        raise ValueError(f"magcache: the ratios were measured on {2 if mag_ratios_2 else 1} "
+                         f"expert(s); this pipeline runs {experts} (transformer_2): calibrate on it")
+    calibration = {"mag_ratios": list(mag_ratios)}
+    if mag_ratios_2:
+        calibration.update(mag_ratios_2=list(mag_ratios_2), first_expert_steps=first_expert_steps)
     return MagCachePatch(pipe, float(threshold), int(max_skip_steps), float(retention_ratio),
-                         mag_ratios)
+                         calibration)
 
 
-def measure_ratios(pipe, steps: int, run_once: Callable[[], object]) -> list[float]:
-    """The magnitude ratios of `pipe` over `steps` steps, from one plain call `run_once()`."""
+def measure(pipe, steps: int, run_once: Callable[[], object]) -> dict:
+    """The magnitude ratios of `pipe` over `steps` steps, from one plain call `run_once()` (one:
+    on two experts, which printed list is whose is told by the order of one call's lists):
+    {"mag_ratios": [...]}, and on two experts each one's over the steps it runs
+    ("mag_ratios_2", and "first_expert_steps" for every step count up to `steps`)."""
     from diffusers import MagCacheConfig
 
-    patch = cache_patch(pipe, MagCacheConfig(num_inference_steps=steps, calibrate=True), NAME)
+    split = first_expert_steps(pipe, steps) if len(denoisers(pipe)) == 2 else None
+    counts = [steps] if split is None else [split[steps - 1], steps - split[steps - 1]]
+    if 0 in counts:
+        raise RuntimeError(f"magcache: at {steps} steps one of the two experts runs no step "
+                           "(the pipeline's boundary_ratio): its ratios cannot be measured")
+    patch = cache_patch(pipe, [MagCacheConfig(num_inference_steps=count, calibrate=True)
+                               for count in counts], NAME)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
             run_once()
     finally:
         patch.restore()
-    lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
+    lists = [[float(r) for r in line.strip("[] ").split(",")]  # float() reads a "nan" ratio too
+             for line in printed.getvalue().splitlines()
+             if line.startswith("[") and not line.startswith("[MagCache]")]
     if not lists:
         raise RuntimeError("MagCache calibration printed no ratios (the denoiser has no "
                            "transformer blocks diffusers recognises)")
-    return [float(r) for r in ast.literal_eval(lists[-1])]
+    # each expert prints once per cache context (guidance: "cond" and "uncond") at its last
+    # step, and the first expert's steps all come before the second's: the last of each half
+    per_expert = len(lists) // len(counts)
+    ratios = [lists[(index + 1) * per_expert - 1] for index in range(len(counts))]
+    if [len(r) for r in ratios] != counts:
+        raise RuntimeError(f"MagCache calibration printed ratios over {[len(r) for r in lists]} "
+                           f"steps where the experts run {counts}")
+    if split is None:
+        return {"mag_ratios": ratios[0]}
+    return {"mag_ratios": ratios[0], "mag_ratios_2": ratios[1], "first_expert_steps": split}
+
+
+def first_expert_steps(pipe, steps: int) -> list[int]:
+    """How many of a call's steps Wan 2.2 A14B's first expert runs, for 1 to `steps` steps: the
+    timesteps at or above its boundary (`boundary_ratio` of the scheduler's training steps), as
+    the pipeline decides, on a copy of its scheduler."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
+    split = []
+    for count in range(1, steps + 1):
+        scheduler.set_timesteps(count)
+        split.append(int((scheduler.timesteps >= boundary).sum()))
+    return split
 
 
 def skipped_steps(mag_ratios: Sequence[float], steps: int, threshold: float, max_skip_steps: int,
                   retention_ratio: float) -> tuple[list[int], list[float]]:
     """(the steps a call of `steps` steps skips, the accumulated error at each): diffusers'
-    MagCacheHeadHook decision replayed on the ratios, with no model call."""
+    MagCacheHeadHook decision replayed on one network's ratios, with no model call."""
     return _replay(_ratios_at(mag_ratios, steps), threshold, max_skip_steps, retention_ratio)
+
+
+def call_skips(calibration: Mapping, steps: int, params: Mapping) -> list[int]:
+    """The steps of a whole call a setting skips: each expert's decision on its own ratios over
+    its own steps, numbered as the call runs them."""
+    drawn, skipped, first = {**DEFAULTS, **params}, [], 0
+    for ratios, count in expert_shares(calibration, steps):
+        if count:
+            skipped += [first + step for step in skipped_steps(
+                ratios, count, float(drawn["threshold"]), int(drawn["max_skip_steps"]),
+                float(drawn["retention_ratio"]))[0]]
+        first += count
+    return skipped
+
+
+def call_bounds(calibration: Mapping, steps: int, max_skip_steps: int,
+                retention_ratio: float) -> list[float] | None:
+    """`threshold_bounds` of a whole call: from the least threshold that skips a step of either
+    expert to the least past which neither skips more."""
+    bounds = [b for ratios, count in expert_shares(calibration, steps) if count and
+              (b := threshold_bounds(ratios, count, max_skip_steps, retention_ratio)) is not None]
+    return [min(b[0] for b in bounds), max(b[1] for b in bounds)] if bounds else None
 
 
 def _replay(ratios, threshold: float, max_skip_steps: int, retention_ratio: float
@@ -184,40 +273,36 @@ def calibrate(pipe, run_once: Callable[[], object], searched: Mapping | None = N
     over the `retention_ratio` values searched to the greatest saturation; "auto" is their union.
     A trial samples in its own range (`range_for`), which these only summarise."""
     searched = searched or {}
-    ratios = measure_ratios(pipe, steps, run_once)
+    measured = measure(pipe, steps, run_once)
     retentions = searched.get("retention_ratio", [DEFAULTS["retention_ratio"]])
     by_skips = {}
     for skips in searched.get("max_skip_steps", [DEFAULTS["max_skip_steps"]]):
-        bounds = [b for b in (threshold_bounds(ratios, steps, int(skips), float(r)) for r in retentions)
+        bounds = [b for b in (call_bounds(measured, steps, int(skips), float(r)) for r in retentions)
                   if b is not None]
         if bounds:
             by_skips[str(int(skips))] = [min(b[0] for b in bounds), max(b[1] for b in bounds)]
     if not by_skips:  # the retention searched leaves no step to skip: every threshold is inert
-        return {"mag_ratios": ratios, "auto": {"threshold": [0.0, 0.0]}}
+        return {**measured, "auto": {"threshold": [0.0, 0.0]}}
     lows, highs = zip(*by_skips.values(), strict=True)
-    return {"mag_ratios": ratios, "auto": {"threshold": [min(lows), max(highs)]},
+    return {**measured, "auto": {"threshold": [min(lows), max(highs)]},
             "by": {"threshold": ["max_skip_steps", by_skips]}}
 
 
 def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | None:
     """What a setting computes in a call of `steps` steps: the steps it skips, told by the stored
     ratios alone (None without them). Two settings that skip the same steps compute the same."""
-    ratios = calibration.get("mag_ratios")
-    if not ratios:
+    if not calibration.get("mag_ratios"):
         return None
-    drawn = {**DEFAULTS, **params}
-    return {"skipped_steps": skipped_steps(ratios, steps, float(drawn["threshold"]),
-                                           int(drawn["max_skip_steps"]),
-                                           float(drawn["retention_ratio"]))[0]}
+    return {"skipped_steps": call_skips(calibration, steps, params)}
 
 
 def range_for(calibration: Mapping, values: Mapping, steps: int | None) -> list[float] | None:
     """The threshold range of one trial, whose `max_skip_steps` and `retention_ratio` are drawn
     (`values`) and which runs `steps` steps (None: the model's, those the ratios were measured
     at): exact, since the skips follow from the stored ratios alone."""
-    ratios, drawn = calibration["mag_ratios"], {**DEFAULTS, **values}
-    return threshold_bounds(ratios, steps or len(ratios), int(drawn["max_skip_steps"]),
-                            float(drawn["retention_ratio"]))
+    drawn = {**DEFAULTS, **values}
+    return call_bounds(calibration, steps or model_steps(calibration), int(drawn["max_skip_steps"]),
+                       float(drawn["retention_ratio"]))
 
 
 def warmup_steps(max_skip_steps: int = DEFAULTS["max_skip_steps"], **_) -> int:

@@ -145,7 +145,7 @@ class Evaluator:
         """Apply `setting` to the pipeline, calibrating first what it needs and is not known."""
         families = normalize_setting(setting)
         if "magcache" in families and not self._known("magcache", "mag_ratios"):
-            self._calibrated("magcache", {"mag_ratios": self._calibrate_magcache()})
+            self._calibrated("magcache", self._calibrate_magcache())
         for family, other in (("pab", "fastercache"), ("fastercache", "pab")):  # their windows
             if family in families and not self._known(family, "timesteps"):  # one image, once
                 self._calibrated(family, {key: self.calibration[other][key] for key in
@@ -183,11 +183,12 @@ class Evaluator:
                                  for i in range(count)],
                       output_type="latent", **config.guidance_kwargs(count, self.pipe))
 
-    def _calibrate_magcache(self) -> list[float]:
-        """MagCache's magnitude ratios from one plain call on the first prompt at full steps."""
-        ratios = magcache.measure_ratios(self.pipe, self.config.steps, self._run_once)
-        logger.info("MagCache calibrated over %d steps", len(ratios))
-        return ratios
+    def _calibrate_magcache(self) -> dict:
+        """MagCache's magnitude ratios (each expert's) from one plain call on the first prompt
+        at full steps."""
+        measured = magcache.measure(self.pipe, self.config.steps, self._run_once)
+        logger.info("MagCache calibrated over %d steps", self.config.steps)
+        return measured
 
     def auto_ranges(self, spec) -> dict[str, list]:
         """The calibrated ranges of the spec's "auto" parameters, {"family.param": [lo, hi]}:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 
-from optsearch.accelerators import dbcache, scheduler_class_name
+from optsearch.accelerators import dbcache, magcache, scheduler_class_name
 from optsearch.accelerators.fastercache import BATCHED_GUIDANCE, FRAMES_FIRST
 from optsearch.errors import UsageError
 from optsearch.formatting import format_interval, format_setting, format_speedup
@@ -124,6 +124,20 @@ def _each_expert(config: str) -> list[str]:
             f"        expert.enable_cache({config})"]
 
 
+def _magcache_per_expert(options: dict, calibration: dict, steps: int) -> list[str]:
+    """MagCache on Wan 2.2 A14B: each expert its own ratios, over the steps it runs (as measured:
+    its config's retention and interpolation count that expert's steps)."""
+    text = ", ".join(f"{key}={value!r}" for key, value in options.items())
+    (ratios, first), (ratios_2, second) = magcache.expert_shares(calibration, steps)
+    return ["from diffusers import MagCacheConfig", "", f"options = dict({text})",
+            f"# Wan 2.2 A14B: of {steps} steps the first expert runs {first} (at or above the "
+            "boundary timestep), the second the rest",
+            "pipe.transformer.enable_cache(MagCacheConfig(",
+            f"    **options, num_inference_steps={max(1, first)}, mag_ratios={ratios!r}))",
+            "pipe.transformer_2.enable_cache(MagCacheConfig(",
+            f"    **options, num_inference_steps={max(1, second)}, mag_ratios={ratios_2!r}))"]
+
+
 def _family_code(name: str, params: dict, exported: dict) -> list[str]:
     """The lines of `accelerate(pipe)` that apply one family with its library's own calls."""
     args = ", ".join(f"{key}={value!r}" for key, value in params.items())
@@ -154,8 +168,11 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
             low, high = options.pop("timestep_skip_low"), options.pop("timestep_skip_high")
             options["spatial_attention_timestep_skip_range"] = (low, high)
         if name == "magcache":
-            ratios = (exported.get("calibration") or {}).get("magcache", {}).get("mag_ratios")
-            options.update(num_inference_steps=_steps(exported), mag_ratios=ratios)
+            calibration = (exported.get("calibration") or {}).get("magcache", {})
+            if calibration.get("mag_ratios_2"):
+                return _magcache_per_expert(options, calibration, _steps(exported))
+            options.update(num_inference_steps=_steps(exported),
+                           mag_ratios=calibration.get("mag_ratios"))
         text = ", ".join(f"{key}={value!r}" for key, value in options.items())
         lines = ["import torch"] * (name == "taylorseer") + [f"from diffusers import {config}", "",
                                                              f"options = dict({text})"]
