@@ -166,6 +166,12 @@ def test_the_python_export_enables_magcache_on_each_expert_with_its_own_ratios(w
     finally:
         wan22.transformer.disable_cache()
         wan22.transformer_2.disable_cache()
+    with optsearch.apply(wan22, exported) as run:  # the export's dict, through optsearch
+        assert np.array_equal(video(run), ours)
+        video(run, num_inference_steps=STEPS + 2)  # served at more steps than measured: split anew
+        assert run.computed_fraction() == pytest.approx(1 - len(magcache.call_skips(
+            {**expert_ratios, "first_expert_steps": magcache.first_expert_steps(wan22, STEPS + 2)},
+            STEPS + 2, setting["magcache"])) / (STEPS + 2))
 
 
 def test_a_study_of_two_experts_compiles_both():

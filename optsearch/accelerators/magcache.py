@@ -87,6 +87,10 @@ class MagCachePatch:
     def _enable(self, steps: int) -> HookPatch:
         from diffusers import MagCacheConfig
 
+        split = self.calibration.get("first_expert_steps")
+        if split is not None and steps > len(split):  # served at more steps than measured
+            self.calibration = {**self.calibration,
+                                "first_expert_steps": first_expert_steps(self.pipe, steps)}
         # an expert that runs no step of this call keeps a 1-step config it never reaches
         return cache_patch(self.pipe, [MagCacheConfig(num_inference_steps=max(1, count),
                                                       mag_ratios=ratios, **self.options)
