@@ -122,18 +122,21 @@ class MagCachePatch:
 def apply(pipe, threshold: float = DEFAULTS["threshold"],
           max_skip_steps: int = DEFAULTS["max_skip_steps"],
           retention_ratio: float = DEFAULTS["retention_ratio"],
-          mag_ratios: Sequence[float] | None = None, mag_ratios_2: Sequence[float] | None = None,
-          first_expert_steps: Sequence[int] | None = None, **_calibrated) -> MagCachePatch:
+          mag_ratios: Sequence[float] | None = None, **calibrated) -> MagCachePatch:
+    """`calibrated`: the rest of what `measure` stored (on two experts, "mag_ratios_2" and
+    "first_expert_steps"), and the ranges, unused here."""
     if not mag_ratios:
         raise ValueError("magcache needs the model's magnitude ratios: calibrate them first "
                          "(optsearch does this once per study and device)")
+    second = calibrated.get("mag_ratios_2")
     experts = len(denoisers(pipe))
-    if experts != (2 if mag_ratios_2 else 1):
-        raise ValueError(f"magcache: the ratios were measured on {2 if mag_ratios_2 else 1} "
+    if experts != (2 if second else 1):
+        raise ValueError(f"magcache: the ratios were measured on {2 if second else 1} "
                          f"expert(s); this pipeline runs {experts} (transformer_2): calibrate on it")
     calibration = {"mag_ratios": list(mag_ratios)}
-    if mag_ratios_2:
-        calibration.update(mag_ratios_2=list(mag_ratios_2), first_expert_steps=first_expert_steps)
+    if second:
+        calibration.update(mag_ratios_2=list(second), first_expert_steps=calibrated.get(
+            "first_expert_steps") or first_expert_steps(pipe, len(mag_ratios) + len(second)))
     return MagCachePatch(pipe, float(threshold), int(max_skip_steps), float(retention_ratio),
                          calibration)
 

@@ -189,6 +189,7 @@ class BaselineKeeper:
         self.timing_record["timings"].append({
             "seconds_per_image": baseline.seconds_per_image,
             "batch_seconds": baseline.batch_seconds,
+            "warmup_seconds": baseline.warmup_seconds,  # untimed (compiled: the compile)
             "after_trials": trials_run,
             "at": utc_now(),
             "images_agree_psnr": baseline.agreement_psnr,  # its images against the stored ones

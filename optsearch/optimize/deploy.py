@@ -131,7 +131,8 @@ def _magcache_per_expert(options: dict, calibration: dict, steps: int) -> list[s
     (ratios, first), (ratios_2, second) = magcache.expert_shares(calibration, steps)
     return ["from diffusers import MagCacheConfig", "", f"options = dict({text})",
             f"# Wan 2.2 A14B: of {steps} steps the first expert runs {first} (at or above the "
-            "boundary timestep), the second the rest",
+            "boundary timestep), the second the rest;",
+            "# served at another step count, each expert's num_inference_steps is its share of it",
             "pipe.transformer.enable_cache(MagCacheConfig(",
             f"    **options, num_inference_steps={max(1, first)}, mag_ratios={ratios!r}))",
             "pipe.transformer_2.enable_cache(MagCacheConfig(",
