@@ -166,6 +166,9 @@ def test_the_python_export_enables_magcache_on_each_expert_with_its_own_ratios(w
     finally:
         wan22.transformer.disable_cache()
         wan22.transformer_2.disable_cache()
+    unsplit = {key: value for key, value in expert_ratios.items() if key != "first_expert_steps"}
+    with AppliedSetting(wan22, setting, {"magcache": unsplit}) as run:  # split from the pipeline
+        assert np.array_equal(video(run), ours)
     with optsearch.apply(wan22, exported) as run:  # the export's dict, through optsearch
         assert np.array_equal(video(run), ours)
         video(run, num_inference_steps=STEPS + 2)  # served at more steps than measured: split anew
