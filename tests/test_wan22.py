@@ -142,9 +142,14 @@ def test_magcache_skips_on_each_expert_what_its_own_ratios_tell(wan22, expert_ra
 
 
 def test_magcache_ratios_of_one_network_are_refused_on_two_experts(wan22, expert_ratios):
-    with pytest.raises(ValueError, match="measured on 1 expert.*runs 2 .transformer_2"):
+    with pytest.raises(ValueError, match=r"measured on one transformer; this pipeline runs two "
+                                         r"experts \(transformer_2\)"):
         AppliedSetting(wan22, {"magcache": {}}, {"magcache": {"mag_ratios": [1.0] * STEPS}})
     assert not any(expert.is_cache_enabled for expert in (wan22.transformer, wan22.transformer_2))
+    one = load_pipeline("builtin:tiny-wan", device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="measured on two experts; this pipeline runs one transformer"):
+        AppliedSetting(one, {"magcache": {}}, {"magcache": expert_ratios})
+    assert not one.transformer.is_cache_enabled
 
 
 def test_the_python_export_enables_magcache_on_each_expert_with_its_own_ratios(wan22, expert_ratios):

@@ -129,10 +129,11 @@ def apply(pipe, threshold: float = DEFAULTS["threshold"],
         raise ValueError("magcache needs the model's magnitude ratios: calibrate them first "
                          "(optsearch does this once per study and device)")
     second = calibrated.get("mag_ratios_2")
-    experts = len(denoisers(pipe))
-    if experts != (2 if second else 1):
-        raise ValueError(f"magcache: the ratios were measured on {2 if second else 1} "
-                         f"expert(s); this pipeline runs {experts} (transformer_2): calibrate on it")
+    if len(denoisers(pipe)) != (2 if second else 1):
+        measured, runs = ("two experts", "one transformer") if second else \
+            ("one transformer", "two experts (transformer_2)")
+        raise ValueError(f"magcache: the ratios were measured on {measured}; this pipeline runs "
+                         f"{runs}: calibrate on it")
     calibration = {"mag_ratios": list(mag_ratios)}
     if second:
         calibration.update(mag_ratios_2=list(second), first_expert_steps=calibrated.get(
