@@ -199,16 +199,21 @@ def _dynamo_trace(pipe, enable) -> tuple[dict, object]:
             "breaks": sum(counters["graph_break"].values())}, applied
 
 
-@pytest.mark.parametrize("family", ["fbcache", "pab", "magcache"])
+@pytest.mark.parametrize("family", ["fbcache", "pab", "magcache", "taylorseer"])
 def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone_makes_them(family):
     """On a compiled denoiser, optsearch's counting must not change what dynamo compiles (its
     wrappers, traced inside the compiled blocks, once made 10 graphs and 6 breaks here where
     FirstBlockCache alone makes 9 and 3, and slowed its trials). FirstBlockCache still reports
     what ran (counted where diffusers decides, in eager code), and MagCache and PAB tell it from
     what they measured (the replay of MagCache's decision on its ratios, PAB's broadcast calls
-    from the timesteps): the same share as uncompiled."""
+    from the timesteps, TaylorSeer's fixed schedule): the same share as uncompiled."""
     import torch
-    from diffusers import FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig
+    from diffusers import (
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
 
     from optsearch.accelerators import AppliedSetting, magcache, pab
 
@@ -228,6 +233,9 @@ def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone
         "magcache": ({"magcache": {"threshold": 0.1}}, MagCacheConfig(
             threshold=0.1, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=8,
             **calibration.get("magcache", {}))),
+        "taylorseer": ({"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}},
+                       TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                             taylor_factors_dtype=torch.float32)),
     }[family]
     with AppliedSetting(pipe, setting, calibration) as run:
         call(run)

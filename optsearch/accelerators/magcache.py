@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers
+from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers, first_expert_share
 
 NAME = "magcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -181,16 +181,8 @@ def measure(pipe, steps: int, run_once: Callable[[], object]) -> dict:
 
 
 def first_expert_steps(pipe, steps: int) -> list[int]:
-    """How many of a call's steps Wan 2.2 A14B's first expert runs, for 1 to `steps` steps: the
-    timesteps at or above its boundary (`boundary_ratio` of the scheduler's training steps), as
-    the pipeline decides, on a copy of its scheduler."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
-    split = []
-    for count in range(1, steps + 1):
-        scheduler.set_timesteps(count)
-        split.append(int((scheduler.timesteps >= boundary).sum()))
-    return split
+    """How many of a call's steps Wan 2.2 A14B's first expert runs, for 1 to `steps` steps."""
+    return [first_expert_share(pipe, count) for count in range(1, steps + 1)]
 
 
 def skipped_steps(mag_ratios: Sequence[float], steps: int, threshold: float, max_skip_steps: int,

@@ -4,8 +4,10 @@ the first `disable_cache_before_step` steps are always computed."""
 
 from __future__ import annotations
 
+import re
+
 from optsearch.accelerators.base import Param
-from optsearch.accelerators.hooks import cache_patch, cpu_safe_dtype
+from optsearch.accelerators.hooks import cache_patch, call_parameters, cpu_safe_dtype, denoisers
 
 NAME = "taylorseer"
 APPLIES_TO = ("transformer", "video")
@@ -17,16 +19,73 @@ PARAMS = (
 )
 
 
-def apply(pipe, cache_interval: int = 5, disable_cache_before_step: int = 3, max_order: int = 1):
-    from diffusers import TaylorSeerCacheConfig
+def problem_with(pipe) -> str | None:
+    """diffusers' TaylorSeer hooks the attention modules its identifiers name ("blocks.N.attn",
+    "transformer_blocks.N.attn", ...): Wan's (and CogVideoX's) are `attn1`/`attn2`, which none
+    matches, so every trial would run the plain pipeline (measured on builtin:tiny-wan: no hook,
+    the plain videos bit for bit)."""
+    try:
+        from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
+    except ImportError:  # another diffusers: its own enable_cache decides
+        return None
+    for model in denoisers(pipe):
+        if not any(re.fullmatch(pattern, name) for name, _ in model.named_modules()
+                   for pattern in _TRANSFORMER_BLOCK_IDENTIFIERS):
+            return (f"taylorseer hooks no module of {type(model).__name__}: diffusers' "
+                    "TaylorSeerCacheConfig names attention modules like "
+                    f"{_TRANSFORMER_BLOCK_IDENTIFIERS[0]!r}, and none of this model's matches "
+                    "(every step would run in full)")
+    return None
 
+
+class TaylorSeerPatch:
+    """diffusers' TaylorSeer. It computes each hooked module on a fixed schedule of its own
+    calls, so what ran is counted on an eager denoiser and, on a compiled one (where counting
+    would change what is compiled), told by replaying the schedule (`computed_steps`)."""
+
+    def __init__(self, pipe, options: dict):
+        from diffusers import TaylorSeerCacheConfig
+
+        self.pipe, self.options = pipe, options
+        self.patch = cache_patch(pipe, TaylorSeerCacheConfig(**options), NAME)
+        self.steps: int | None = None
+
+    def prepare(self, call_kwargs: dict) -> None:
+        default = call_parameters(self.pipe).get("num_inference_steps")
+        self.steps = call_kwargs.get("num_inference_steps", getattr(default, "default", None))
+        self.patch.prepare(call_kwargs)
+
+    def computed_fraction(self) -> float | None:
+        return self.patch.computed_fraction(told=self._replayed_fraction)
+
+    def _replayed_fraction(self) -> float | None:
+        """Every hooked module runs the schedule over the call's steps (one per step in each
+        guidance context); None where it cannot be told (two experts: not replayed)."""
+        if not isinstance(self.steps, int) or self.steps < 1 or len(self.patch.modules) > 1:
+            return None
+        return computed_steps(self.steps, self.options["cache_interval"],
+                              self.options["disable_cache_before_step"]) / self.steps
+
+    def restore(self) -> None:
+        self.patch.restore()
+
+
+def computed_steps(steps: int, cache_interval: int, disable_cache_before_step: int) -> int:
+    """How many of a block's `steps` calls compute, as diffusers' TaylorSeerCacheHook decides:
+    the first `disable_cache_before_step`, then one every `cache_interval` after the next."""
+    return sum(1 for step in range(steps) if step < disable_cache_before_step
+               or (step - disable_cache_before_step - 1) % cache_interval == 0)
+
+
+def apply(pipe, cache_interval: int = 5, disable_cache_before_step: int = 3,
+          max_order: int = 1) -> TaylorSeerPatch:
     options = dict(cache_interval=int(cache_interval),
                    disable_cache_before_step=int(disable_cache_before_step),
                    max_order=int(max_order))
     dtype = cpu_safe_dtype(pipe)
     if dtype is not None:
         options["taylor_factors_dtype"] = dtype
-    return cache_patch(pipe, TaylorSeerCacheConfig(**options), NAME)
+    return TaylorSeerPatch(pipe, options)
 
 
 def warmup_steps(cache_interval: int = 5, disable_cache_before_step: int = 3, **_) -> int:
