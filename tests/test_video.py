@@ -127,19 +127,6 @@ WAN_STEPS_SPEC = WAN_SPEC.replace('accelerators = [["steps"], ["pab"], ["fasterc
     + "[space.steps]\nnum_inference_steps = [4, 5]\n"
 
 
-def test_taylorseer_on_wan_which_it_never_hooks_is_one_line_exit_2(tmp_path, wan):
-    """diffusers' TaylorSeer names attention modules Wan's `attn1`/`attn2` do not match: it hooks
-    nothing and every trial would time the plain pipeline. Refused before a trial runs."""
-    spec = write_spec(tmp_path / "wan.toml", WAN_SPEC.replace(
-        '[["steps"], ["pab"], ["fastercache"]]', '[["steps"], ["taylorseer"]]'))
-    result = optsearch_cmd("check", str(spec))
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "taylorseer hooks no module of WanTransformer3DModel" in result.stderr
-    with pytest.raises(ValueError, match="taylorseer hooks no module"):
-        optsearch.apply(wan, {"taylorseer": {}})
-    assert not wan.transformer.is_cache_enabled
-
-
 def test_a_tiny_wan_study_records_frame_figures_and_animated_artifacts_and_exports(tmp_path):
     spec = write_spec(tmp_path / "wan.toml", WAN_STEPS_SPEC)
     url = f"sqlite:///{tmp_path / 's.db'}"

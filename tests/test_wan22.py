@@ -1,10 +1,12 @@
 """Wan 2.2 A14B's two experts (builtin:tiny-wan22: a second transformer runs the low-noise
 steps): both run, each cache acts on both as a server enables it on both, the exports do the
 same; MagCache calibrates and runs each expert with its own ratios over its own steps;
-FasterCache, whose hooks fail on an expert that starts inside their window, is refused in one
-line."""
+FasterCache, whose hooks fail on an expert that starts inside their window, and TaylorSeer,
+which hooks no module of Wan, are refused in one line."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import optuna
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import optsearch
-from optsearch.accelerators import AppliedSetting, magcache, normalize_setting
+from optsearch.accelerators import AppliedSetting, denoisers, magcache, normalize_setting
 from optsearch.measure.compiling import compile_denoiser, compiled_how
 from optsearch.measure.models import load_pipeline
 from optsearch.optimize.deploy import diffusers_python
@@ -103,14 +105,23 @@ def test_any_on_two_experts_says_which_combos_to_write_instead(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_fastercache_on_two_experts_is_one_line_exit_2(tmp_path, wan22):
-    spec = write_spec(tmp_path / "wan22.toml", WAN22_SPEC.replace(
-        '[["steps"], ["pab"], ["fastercache"]]', '[["steps"], ["fastercache"]]'))
+@pytest.mark.parametrize("model, family, why", [
+    # diffusers' identifiers name modules like "blocks.N.attn"; Wan's are attn1/attn2: no hook,
+    # and every trial would time the plain pipeline
+    ("builtin:tiny-wan", "taylorseer", "taylorseer hooks no module of WanTransformer3DModel"),
+    # the second expert's first call falls inside the window, before anything is cached
+    ("builtin:tiny-wan22", "fastercache", "fastercache fails on a second expert (transformer_2)")])
+def test_a_cache_that_cannot_act_on_this_wan_is_one_line_exit_2(tmp_path, model, family, why):
+    spec = write_spec(tmp_path / "wan.toml", WAN_SPEC.replace(
+        'id = "builtin:tiny-wan"', f'id = "{model}"').replace(
+        '[["steps"], ["pab"], ["fastercache"]]', f'[["steps"], ["{family}"]]'))
     result = optsearch_cmd("check", str(spec))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "fastercache fails on a second expert (transformer_2)" in result.stderr
-    with pytest.raises(ValueError, match="transformer_2"):
-        optsearch.apply(wan22, {"fastercache": {}})
+    assert why in result.stderr
+    pipe = load_pipeline(model, device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match=re.escape(why)):
+        optsearch.apply(pipe, {family: {}})
+    assert not any(expert.is_cache_enabled for expert in denoisers(pipe))
 
 
 @pytest.fixture(scope="module")
