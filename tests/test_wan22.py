@@ -253,8 +253,8 @@ def test_the_second_experts_guidance_is_served_as_the_spec_says(tmp_path, wan22)
 
 
 def test_a_magcache_study_of_two_experts_records_and_exports_each_experts_ratios(tmp_path):
-    """The worker calibrates both experts once, each trial records the ratios it ran with and is
-    keyed by the steps both experts skip, and the export enables each expert with its own."""
+    """The worker calibrates both experts once, each trial records the ratios it ran with and
+    computes what the per-expert replay tells, and the export enables each expert with its own."""
     spec = write_spec(tmp_path / "wan22.toml", WAN22_SPEC.replace(
         '[["steps"], ["pab"], ["fastercache"]]', '[["magcache"]]').replace("limit = 30.0", "limit = 5.0")
         + '[space.magcache]\nthreshold = "auto"\nmax_skip_steps = [1, 3]\n')
