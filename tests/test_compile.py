@@ -199,16 +199,18 @@ def _dynamo_trace(pipe, enable) -> tuple[dict, object]:
             "breaks": sum(counters["graph_break"].values())}, applied
 
 
-@pytest.mark.parametrize("family", ["fbcache", "pab", "magcache", "taylorseer"])
+@pytest.mark.parametrize("family", ["fbcache", "pab", "magcache", "taylorseer", "fastercache"])
 def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone_makes_them(family):
     """On a compiled denoiser, optsearch's counting must not change what dynamo compiles (its
     wrappers, traced inside the compiled blocks, once made 10 graphs and 6 breaks here where
     FirstBlockCache alone makes 9 and 3, and slowed its trials). FirstBlockCache still reports
-    what ran (counted where diffusers decides, in eager code), and MagCache and PAB tell it from
-    what they measured (the replay of MagCache's decision on its ratios, PAB's broadcast calls
-    from the timesteps, TaylorSeer's fixed schedule): the same share as uncompiled."""
+    what ran (counted where diffusers decides, in eager code), and the others tell it from what
+    they measured (the replay of MagCache's decision on its ratios, PAB's broadcast calls and
+    FasterCache's reused calls from the timesteps, TaylorSeer's fixed schedule): the same share
+    as uncompiled."""
     import torch
     from diffusers import (
+        FasterCacheConfig,
         FirstBlockCacheConfig,
         MagCacheConfig,
         PyramidAttentionBroadcastConfig,
@@ -225,6 +227,7 @@ def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone
 
     calibration = {"magcache": magcache.measure(pipe, 8, lambda: call(pipe)),
                    "pab": pab.measure_timesteps(pipe, 8, lambda: call(pipe))}
+    calibration["fastercache"] = calibration["pab"]
     setting, config = {
         "fbcache": ({"fbcache": {"threshold": 0.5}}, FirstBlockCacheConfig(threshold=0.5)),
         "pab": ({"pab": {"spatial_attention_block_skip_range": 2}}, PyramidAttentionBroadcastConfig(
@@ -236,6 +239,11 @@ def test_counting_what_a_cache_ran_leaves_the_compiled_graphs_as_the_cache_alone
         "taylorseer": ({"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}},
                        TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
                                              taylor_factors_dtype=torch.float32)),
+        "fastercache": ({"fastercache": {"spatial_attention_block_skip_range": 2,
+                                         "timestep_skip_high": 681}}, FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+            current_timestep_callback=lambda: pipe.current_timestep,
+            attention_weight_callback=lambda _module: 0.5, is_guidance_distilled=True)),
     }[family]
     with AppliedSetting(pipe, setting, calibration) as run:
         call(run)

@@ -45,11 +45,47 @@ def batches_guidance(pipe) -> bool:
     return type(pipe).__name__.startswith(BATCHED_GUIDANCE)
 
 
+class FasterCachePatch:
+    """FasterCache's hooks, with the share of the hooked calls that ran: counted by HookPatch on
+    an eager denoiser; on a compiled one told by the measured timesteps (`computation`), where
+    the denoiser's own hook computes at every call and each attention hook at the calls it does
+    not reuse. Not told where one call holds both guidance halves (its unconditional skip)."""
+
+    def __init__(self, patch: HookPatch, params: Mapping, measured: Mapping, batched: bool):
+        from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
+
+        self.patch, self.params, self.measured, self.batched = patch, dict(params), dict(measured), batched
+        registries = [m.__dict__["_diffusers_hook"] for m in patch.submodules()
+                      if "_diffusers_hook" in m.__dict__]
+        self.hooks = {name: sum(r.get_hook(name) is not None for r in registries)
+                      for name in (_FASTER_CACHE_DENOISER_HOOK, _FASTER_CACHE_BLOCK_HOOK)}
+        self.steps: int | None = None
+
+    def prepare(self, call_kwargs: dict) -> None:
+        self.steps = call_kwargs.get("num_inference_steps")
+        self.patch.prepare(call_kwargs)
+
+    def computed_fraction(self) -> float | None:
+        return self.patch.computed_fraction(told=self._told_fraction)
+
+    def _told_fraction(self) -> float | None:
+        told = None if self.batched else computation(self.params, self.steps, self.measured)
+        if told is None:
+            return None
+        calls = len(self.measured["timesteps"])
+        whole, blocks = self.hooks.values()
+        return (whole * calls + blocks * (calls - len(told["reused_calls"]))) / ((whole + blocks) * calls)
+
+    def restore(self) -> None:
+        self.patch.restore()
+
+
 def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_attention_block_skip_range"],
           timestep_skip_high: int = DEFAULTS["timestep_skip_high"],
           unconditional_batch_skip_range: int = DEFAULTS["unconditional_batch_skip_range"],
-          **_measured) -> HookPatch:
-    """`_measured`: the timesteps `pab.measure_timesteps` found, which change nothing it does."""
+          **measured) -> FasterCachePatch:
+    """`measured`: the timesteps `pab.measure_timesteps` found, which change nothing it does
+    (they tell what ran on a compiled denoiser)."""
     from diffusers import FasterCacheConfig
 
     frames_first = type(pipe).__name__.startswith(FRAMES_FIRST)
@@ -64,7 +100,10 @@ def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_atte
     )
     # diffusers warns "purely experimental" at every enable: once per trial is noise, said in the docs
     logging.getLogger("diffusers.hooks.faster_cache").setLevel(logging.ERROR)
-    return cache_patch(pipe, config, NAME)
+    params = dict(spatial_attention_block_skip_range=spatial_attention_block_skip_range,
+                  timestep_skip_high=timestep_skip_high,
+                  unconditional_batch_skip_range=unconditional_batch_skip_range)
+    return FasterCachePatch(cache_patch(pipe, config, NAME), params, measured, batches_guidance(pipe))
 
 
 def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | None:
