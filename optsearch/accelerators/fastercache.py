@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import HookPatch, cache_patch
+from optsearch.accelerators.pab import BroadcastPatch
 
 NAME = "fastercache"
 SAME_COMPUTATION = "same attention reused"  # what a copied twin's record says
@@ -45,7 +46,7 @@ def batches_guidance(pipe) -> bool:
     return type(pipe).__name__.startswith(BATCHED_GUIDANCE)
 
 
-class FasterCachePatch:
+class FasterCachePatch(BroadcastPatch):
     """FasterCache's hooks, with the share of the hooked calls that ran: counted by HookPatch on
     an eager denoiser; on a compiled one told by the measured timesteps (`computation`), where
     the denoiser's own hook computes at every call and each attention hook at the calls it does
@@ -54,19 +55,12 @@ class FasterCachePatch:
     def __init__(self, patch: HookPatch, params: Mapping, measured: Mapping, batched: bool):
         from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
 
-        self.patch, self.params, self.measured, self.batched = patch, dict(params), dict(measured), batched
+        super().__init__(patch, params, measured)
+        self.batched = batched
         registries = [m.__dict__["_diffusers_hook"] for m in patch.submodules()
                       if "_diffusers_hook" in m.__dict__]
         self.hooks = {name: sum(r.get_hook(name) is not None for r in registries)
                       for name in (_FASTER_CACHE_DENOISER_HOOK, _FASTER_CACHE_BLOCK_HOOK)}
-        self.steps: int | None = None
-
-    def prepare(self, call_kwargs: dict) -> None:
-        self.steps = call_kwargs.get("num_inference_steps")
-        self.patch.prepare(call_kwargs)
-
-    def computed_fraction(self) -> float | None:
-        return self.patch.computed_fraction(told=self._told_fraction)
 
     def _told_fraction(self) -> float | None:
         told = None if self.batched else computation(self.params, self.steps, self.measured)
@@ -75,9 +69,6 @@ class FasterCachePatch:
         calls = len(self.measured["timesteps"])
         whole, blocks = self.hooks.values()
         return (whole * calls + blocks * (calls - len(told["reused_calls"]))) / ((whole + blocks) * calls)
-
-    def restore(self) -> None:
-        self.patch.restore()
 
 
 def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_attention_block_skip_range"],
