@@ -182,18 +182,6 @@ def denoisers(pipe) -> list[torch.nn.Module]:
     return [denoiser(pipe)] if second is None else [denoiser(pipe), second]
 
 
-def first_expert_share(pipe, steps: int) -> int:
-    """How many of a `steps`-step call's steps the first denoiser runs: all of them, or on Wan 2.2
-    A14B those whose timestep is at or above the boundary (`boundary_ratio` of the scheduler's
-    training steps), as the pipeline decides, on a copy of its scheduler."""
-    if len(denoisers(pipe)) == 1:
-        return steps
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(steps)
-    boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
-    return int((scheduler.timesteps >= boundary).sum())
-
-
 class HookPatch:
     """A diffusers cache applied to each of `pipe`'s denoisers by `enable`, removed by `disable`.
     `count`: wrap the hooks to count the calls that ran (None: where the denoiser is not

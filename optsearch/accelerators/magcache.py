@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers, first_expert_share
+from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers
 
 NAME = "magcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -181,8 +181,16 @@ def measure(pipe, steps: int, run_once: Callable[[], object]) -> dict:
 
 
 def first_expert_steps(pipe, steps: int) -> list[int]:
-    """How many of a call's steps Wan 2.2 A14B's first expert runs, for 1 to `steps` steps."""
-    return [first_expert_share(pipe, count) for count in range(1, steps + 1)]
+    """How many of a call's steps Wan 2.2 A14B's first expert runs, for 1 to `steps` steps: the
+    timesteps at or above its boundary (`boundary_ratio` of the scheduler's training steps), as
+    the pipeline decides, on one copy of its scheduler."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
+    split = []
+    for count in range(1, steps + 1):
+        scheduler.set_timesteps(count)
+        split.append(int((scheduler.timesteps >= boundary).sum()))
+    return split
 
 
 def skipped_steps(mag_ratios: Sequence[float], steps: int, threshold: float, max_skip_steps: int,
@@ -209,9 +217,14 @@ def call_bounds(calibration: Mapping, steps: int, max_skip_steps: int,
                 retention_ratio: float) -> list[float] | None:
     """`threshold_bounds` of a whole call: from the least threshold that skips a step of either
     expert to the least past which neither skips more."""
-    bounds = [b for ratios, count in expert_shares(calibration, steps) if count and
-              (b := threshold_bounds(ratios, count, max_skip_steps, retention_ratio)) is not None]
-    return [min(b[0] for b in bounds), max(b[1] for b in bounds)] if bounds else None
+    return _union([threshold_bounds(ratios, count, max_skip_steps, retention_ratio)
+                   for ratios, count in expert_shares(calibration, steps) if count])
+
+
+def _union(bounds: Sequence[list[float] | None]) -> list[float] | None:
+    """The range spanning every given one (None: no step to skip there); None when none is."""
+    given = [b for b in bounds if b is not None]
+    return [min(b[0] for b in given), max(b[1] for b in given)] if given else None
 
 
 def _replay(ratios, threshold: float, max_skip_steps: int, retention_ratio: float
@@ -277,10 +290,9 @@ def calibrate(pipe, run_once: Callable[[], object], searched: Mapping | None = N
     retentions = searched.get("retention_ratio", [DEFAULTS["retention_ratio"]])
     by_skips = {}
     for skips in searched.get("max_skip_steps", [DEFAULTS["max_skip_steps"]]):
-        bounds = [b for b in (call_bounds(measured, steps, int(skips), float(r)) for r in retentions)
-                  if b is not None]
+        bounds = _union([call_bounds(measured, steps, int(skips), float(r)) for r in retentions])
         if bounds:
-            by_skips[str(int(skips))] = [min(b[0] for b in bounds), max(b[1] for b in bounds)]
+            by_skips[str(int(skips))] = bounds
     if not by_skips:  # the retention searched leaves no step to skip: every threshold is inert
         return {**measured, "auto": {"threshold": [0.0, 0.0]}}
     lows, highs = zip(*by_skips.values(), strict=True)

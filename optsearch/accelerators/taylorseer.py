@@ -46,13 +46,14 @@ class TaylorSeerPatch:
     def __init__(self, pipe, options: dict):
         from diffusers import TaylorSeerCacheConfig
 
-        self.pipe, self.options = pipe, options
+        self.options = options
         self.patch = cache_patch(pipe, TaylorSeerCacheConfig(**options), NAME)
+        default = call_parameters(pipe).get("num_inference_steps")  # a call that names none
+        self.default_steps = getattr(default, "default", None)
         self.steps: int | None = None
 
     def prepare(self, call_kwargs: dict) -> None:
-        default = call_parameters(self.pipe).get("num_inference_steps")
-        self.steps = call_kwargs.get("num_inference_steps", getattr(default, "default", None))
+        self.steps = call_kwargs.get("num_inference_steps", self.default_steps)
         self.patch.prepare(call_kwargs)
 
     def computed_fraction(self) -> float | None:
