@@ -57,6 +57,8 @@ BENCHMARKS = {
                              "counts skip anything?", "Accelerator families"),
     "two-experts": Benchmark("two_experts", "What does a cache gain on Wan 2.2's two experts when it "
                              "acts on both, not the first only?", "Accelerator families"),
+    "taylorseer-lite": Benchmark("taylorseer_lite", "What do TaylorSeer's full and lite modes cost in "
+                                 "speed, fidelity and the factors they hold?", "Accelerator families"),
     "pab-space": Benchmark("pab_space", "How many computations does PAB's default space hold, and how "
                            "often do draws repeat one?", "Accelerator families"),
     "magcache-range": Benchmark("magcache_range", "How many MagCache trials skip nothing or repeat "

@@ -30,7 +30,9 @@ VIDEO_CACHES = [{"pab": {"spatial_attention_block_skip_range": 3}},
                 {"fastercache": {"spatial_attention_block_skip_range": 3}},
                 {"fbcache": {"threshold": 0.2}},
                 {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}},
-                {"seacache": {"threshold": 0.5, "max_consecutive_cached": 3}}]
+                {"seacache": {"threshold": 0.5, "max_consecutive_cached": 3}},
+                {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2,
+                                "use_lite_mode": True}}]
 
 
 @pytest.fixture(scope="module")

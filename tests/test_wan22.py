@@ -1,8 +1,9 @@
 """Wan 2.2 A14B's two experts (builtin:tiny-wan22: a second transformer runs the low-noise
 steps): both run, each cache acts on both as a server enables it on both, the exports do the
 same; MagCache calibrates and runs each expert with its own ratios over its own steps;
-FasterCache, whose hooks fail on an expert that starts inside their window, and TaylorSeer,
-which hooks no module of Wan, are refused in one line."""
+TaylorSeer acts on Wan in its lite mode (its default identifiers hook no module of Wan, which is
+refused in one line), and FasterCache, whose hooks fail on an expert that starts inside their
+window, is refused in one line."""
 
 from __future__ import annotations
 
@@ -55,10 +56,13 @@ def test_both_experts_run_each_its_share_of_the_steps(wan22):
     assert all(calls.counts) and sum(calls.counts) == 2 * STEPS  # guidance: two calls a step
 
 
+# TaylorSeer-Lite: each expert's blocks skip on a schedule of its own steps (3 and 5 of 8 here)
+TAYLORSEER_LITE = {"cache_interval": 2, "disable_cache_before_step": 1, "use_lite_mode": True}
 CACHES = [{"fbcache": {"threshold": 0.3}},
           {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_high": 1000}},
           {"seacache": {"threshold": 2.0, "max_consecutive_cached": 3}},
-          {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1}}]
+          {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1}},
+          {"taylorseer": TAYLORSEER_LITE}]
 
 
 @pytest.mark.parametrize("setting", CACHES, ids=[next(iter(s)) for s in CACHES])
@@ -76,8 +80,9 @@ def test_each_cache_acts_on_both_experts_and_restores_both(wan22, setting):
     assert np.array_equal(video(wan22), plain)
 
 
-def test_the_python_export_enables_the_cache_on_both_experts(wan22):
-    setting = {"fbcache": {"threshold": 0.3}}
+@pytest.mark.parametrize("setting", [{"fbcache": {"threshold": 0.3}}, {"taylorseer": TAYLORSEER_LITE}],
+                         ids=["fbcache", "taylorseer-lite"])
+def test_the_python_export_enables_the_cache_on_both_experts(wan22, setting):
     with optsearch.apply(wan22, setting) as run:
         ours = video(run)
     exported = {"study": "tiny-wan22", "metric": "psnr", "spec": {"model": {"steps": STEPS}},
@@ -106,9 +111,6 @@ def test_any_on_two_experts_says_which_combos_to_write_instead(tmp_path):
 
 
 @pytest.mark.parametrize("model, family, why", [
-    # diffusers' identifiers name modules like "blocks.N.attn"; Wan's are attn1/attn2: no hook,
-    # and every trial would time the plain pipeline
-    ("builtin:tiny-wan", "taylorseer", "taylorseer hooks no module of WanTransformer3DModel"),
     # the second expert's first call falls inside the window, before anything is cached
     ("builtin:tiny-wan22", "fastercache", "fastercache fails on a second expert (transformer_2)")])
 def test_a_cache_that_cannot_act_on_this_wan_is_one_line_exit_2(tmp_path, model, family, why):
@@ -122,6 +124,56 @@ def test_a_cache_that_cannot_act_on_this_wan_is_one_line_exit_2(tmp_path, model,
     with pytest.raises(ValueError, match=re.escape(why)):
         optsearch.apply(pipe, {family: {}})
     assert not any(expert.is_cache_enabled for expert in denoisers(pipe))
+
+
+def test_a_taylorseer_study_on_wan_runs_in_lite_mode_and_exports_it(tmp_path):
+    """Without lite mode TaylorSeer hooks nothing of Wan (diffusers' identifiers name modules
+    like "blocks.N.attn"; Wan's are attn1/attn2), and the study is refused with the way out; with
+    it every trial skips blocks on TaylorSeer's schedule, and the export deploys it."""
+    from optsearch.accelerators import taylorseer
+
+    spec = write_spec(tmp_path / "wan.toml", WAN_SPEC.replace(
+        '[["steps"], ["pab"], ["fastercache"]]', '[["taylorseer"]]').replace("limit = 30.0", "limit = 5.0"))
+    refused = optsearch_cmd("check", str(spec))
+    assert refused.returncode == 2 and "use_lite_mode = true ([space.taylorseer] in a spec)" in refused.stderr
+    with pytest.raises(ValueError, match="taylorseer hooks no module of WanTransformer3DModel"):
+        optsearch.apply(load_pipeline("builtin:tiny-wan", device="cpu", dtype="float32"), {"taylorseer": {}})
+    # schedules that skip most steps (a third computed: about 1.7x), so the export has a winner
+    spec.write_text(spec.read_text() + "\n[space.taylorseer]\nuse_lite_mode = true\n"
+                    "cache_interval = [4, 6]\ndisable_cache_before_step = [1, 2]\n")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    result = optsearch_cmd("run", str(spec), "--storage", url, "--n-trials", "2", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    finished = [t for t in optuna.load_study(study_name="tiny-wan", storage=url).trials
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    assert finished
+    for trial in finished:
+        params = normalize_setting(trial.user_attrs["setting"])["taylorseer"]
+        assert params["use_lite_mode"] is True
+        assert trial.user_attrs["compute_fraction"] == pytest.approx(taylorseer.computed_steps(
+            16, params["cache_interval"], params["disable_cache_before_step"]) / 16)
+    exported = optsearch_cmd("study", "export", "tiny-wan", "--storage", url, "--format", "diffusers",
+                             "-o", "accelerate_pipe.py", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert "use_lite_mode=True" in (tmp_path / "accelerate_pipe.py").read_text()
+
+
+@pytest.mark.parametrize("steps", [STEPS, 5])
+def test_taylorseer_lite_tells_on_compiled_experts_the_share_it_counts_on_eager_ones(steps):
+    """Each expert's blocks compute on TaylorSeer's schedule of that expert's own steps: on a
+    compiled pair (where counting would change the graphs) the share is told by replaying the
+    schedule over the experts' split, and equals what the hooks count on an eager pair."""
+    pipe = load_pipeline("builtin:tiny-wan22", device="cpu", dtype="float32")
+    setting = {"taylorseer": TAYLORSEER_LITE}
+    with optsearch.apply(pipe, setting) as run:
+        video(run, num_inference_steps=steps)
+        counted = run.computed_fraction()
+    compile_denoiser(pipe, "regional", backend="eager")
+    with optsearch.apply(pipe, setting) as run:
+        video(run, num_inference_steps=steps)
+        told = run.computed_fraction()
+        assert not run._patches[0].patch.counting  # told from the schedule, not counted
+    assert 0 < counted < 1 and told == pytest.approx(counted)
 
 
 @pytest.fixture(scope="module")

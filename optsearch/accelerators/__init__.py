@@ -76,11 +76,13 @@ def pipeline_kind(pipe) -> str:
     return "video" if "num_frames" in call_parameters(pipe) else "transformer"
 
 
-def pipeline_problem(combo: Sequence[str], pipe) -> str | None:
-    """Why a family of `combo` cannot run on this loaded pipeline (beyond its kind), or None."""
+def pipeline_problem(combo: Sequence[str], pipe,
+                     values: Mapping[str, Mapping] | None = None) -> str | None:
+    """Why a family of `combo` cannot run on this loaded pipeline (beyond its kind), or None.
+    `values`: each family's parameter values (a setting's, or the lists a study searches)."""
     for name in combo:
         check = getattr(REGISTRY[name], "problem_with", None)
-        if check is not None and (problem := check(pipe)):
+        if check is not None and (problem := check(pipe, (values or {}).get(name))):
             return problem
     return None
 
@@ -117,7 +119,8 @@ class AppliedSetting:
         self.on_call = on_call
         self.setting = normalize_setting(setting)
         self.kind = pipeline_kind(pipe)
-        problem = combo_problem(list(self.setting), self.kind) or pipeline_problem(list(self.setting), pipe)
+        problem = (combo_problem(list(self.setting), self.kind)
+                   or pipeline_problem(list(self.setting), pipe, self.setting))
         enabled = enabled_already(pipe) if self.setting else None
         if enabled:
             problem = (f"the pipeline already has {enabled}: a setting applies to the plain "

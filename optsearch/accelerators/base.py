@@ -2,8 +2,9 @@
 
 Each accelerator module declares its `PARAMS` with this class, the pipeline kinds it
 `APPLIES_TO` ("unet", "transformer"), and offers an `apply(pipe, ...)` whose returned patch has
-`restore()` (and optionally `prepare(call_kwargs)`, run before every pipeline call). Accelerators
-know nothing of Optuna.
+`restore()` (and optionally `prepare(call_kwargs)`, run before every pipeline call). A family that
+cannot act on some pipelines of its kind says why in `problem_with(pipe, values)` (`values`: its
+parameters' values, a setting's or the study's searched lists). Accelerators know nothing of Optuna.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def adapter_builder(pipe):
     return None
 
 
-def problem_with(pipe) -> str | None:
+def problem_with(pipe, values: Mapping | None = None) -> str | None:
     """Why cache-dit cannot cache this pipeline, or None."""
     _cache_dit()
     if getattr(pipe, "transformer", None) is None or adapter_builder(pipe) is None:

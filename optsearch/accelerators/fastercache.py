@@ -113,7 +113,7 @@ def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | Non
             "unconditional_batch_skip_range": int(drawn["unconditional_batch_skip_range"])}
 
 
-def problem_with(pipe) -> str | None:
+def problem_with(pipe, values: Mapping | None = None) -> str | None:
     """FasterCache reads the pipeline's current timestep (diffusers' video pipelines track it),
     and its hooks reuse from their first call inside the window: Wan 2.2's second expert starts
     there, with nothing cached yet (diffusers fails: measured on builtin:tiny-wan22)."""

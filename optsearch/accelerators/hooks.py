@@ -270,6 +270,19 @@ def cache_patch(pipe, config, family: str, count: bool | None = None) -> HookPat
                      count)
 
 
+def first_expert_steps(pipe, steps: int) -> list[int]:
+    """How many of a call's steps Wan 2.2 A14B's first expert runs, for 1 to `steps` steps: the
+    timesteps at or above its boundary (`boundary_ratio` of the scheduler's training steps), as
+    the pipeline decides, on one copy of its scheduler."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
+    split = []
+    for count in range(1, steps + 1):
+        scheduler.set_timesteps(count)
+        split.append(int((scheduler.timesteps >= boundary).sum()))
+    return split
+
+
 def cpu_safe_dtype(pipe) -> torch.dtype | None:
     """float32 for cache factors on CPU (bfloat16 there is slow); diffusers' default elsewhere."""
     import torch

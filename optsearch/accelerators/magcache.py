@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers
+from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers, first_expert_steps
 
 NAME = "magcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -45,7 +45,7 @@ PARAMS = (  # the threshold last: its "auto" range follows the other two as draw
 )
 
 
-def problem_with(pipe) -> str | None:
+def problem_with(pipe, values: Mapping | None = None) -> str | None:
     """Two experts are split by the pipeline's boundary; without one the second never runs."""
     if getattr(pipe, "transformer_2", None) is not None \
             and getattr(getattr(pipe, "config", None), "boundary_ratio", None) is None:
@@ -178,19 +178,6 @@ def measure(pipe, steps: int, run_once: Callable[[], object]) -> dict:
     if split is None:
         return {"mag_ratios": ratios[0]}
     return {"mag_ratios": ratios[0], "mag_ratios_2": ratios[1], "first_expert_steps": split}
-
-
-def first_expert_steps(pipe, steps: int) -> list[int]:
-    """How many of a call's steps Wan 2.2 A14B's first expert runs, for 1 to `steps` steps: the
-    timesteps at or above its boundary (`boundary_ratio` of the scheduler's training steps), as
-    the pipeline decides, on one copy of its scheduler."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
-    split = []
-    for count in range(1, steps + 1):
-        scheduler.set_timesteps(count)
-        split.append(int((scheduler.timesteps >= boundary).sum()))
-    return split
 
 
 def skipped_steps(mag_ratios: Sequence[float], steps: int, threshold: float, max_skip_steps: int,

@@ -10,6 +10,8 @@ follow the run's own latents, like FirstBlockCache's: twins show as the same ima
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from optsearch.accelerators.base import Param, bounds_of
 from optsearch.accelerators.hooks import cache_patch, denoisers
 
@@ -27,7 +29,7 @@ PARAMS = (
 )
 
 
-def problem_with(pipe) -> str | None:
+def problem_with(pipe, values: Mapping | None = None) -> str | None:
     """Why diffusers' SeaCache would only run this pipeline in full, or None: it has indicators
     for Wan text-to-video (as many channels in as out) and Cosmos 3."""
     for model in denoisers(pipe):

@@ -1,13 +1,23 @@
 """TaylorSeer (in diffusers as `TaylorSeerCacheConfig`): compute the attention outputs fully every
 `cache_interval` steps and forecast them in between with a Taylor expansion of order `max_order`;
-the first `disable_cache_before_step` steps are always computed."""
+the first `disable_cache_before_step` steps are always computed. `use_lite_mode` (diffusers'
+TaylorSeer-Lite) forecasts only the transformer's output projection and skips whole blocks in
+between: it keeps one feature's factors, not every attention layer's, and it hooks models whose
+attention modules the default identifiers miss (Wan's `attn1`/`attn2`)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from optsearch.accelerators.base import Param
-from optsearch.accelerators.hooks import cache_patch, call_parameters, cpu_safe_dtype, denoisers
+from optsearch.accelerators.hooks import (
+    cache_patch,
+    call_parameters,
+    cpu_safe_dtype,
+    denoisers,
+    first_expert_steps,
+)
 
 NAME = "taylorseer"
 APPLIES_TO = ("transformer", "video")
@@ -16,26 +26,48 @@ PARAMS = (
     Param("disable_cache_before_step", int, (1, 8), minimum=0, counts_steps=True,
           help="steps always computed at the start (<= the setting's steps)"),
     Param("max_order", int, (1, 2), minimum=0, maximum=4, help="order of the Taylor forecast"),
+    Param("use_lite_mode", bool, (False,),
+          help="forecast the output projection only, skipping whole blocks (acts on Wan)"),
 )
 
 
-def problem_with(pipe) -> str | None:
+def problem_with(pipe, values: Mapping | None = None) -> str | None:
     """diffusers' TaylorSeer hooks the attention modules its identifiers name ("blocks.N.attn",
     "transformer_blocks.N.attn", ...): Wan's (and CogVideoX's) are `attn1`/`attn2`, which none
     matches, so every trial would run the plain pipeline (measured on builtin:tiny-wan: no hook,
-    the plain videos bit for bit)."""
+    the plain videos bit for bit). Lite mode hooks the blocks and `proj_out` instead. `values`:
+    the setting's or the study's (`use_lite_mode`: a value or the values searched)."""
     try:
-        from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
+        from diffusers.hooks.taylorseer_cache import (
+            _BLOCK_IDENTIFIERS,
+            _PROJ_OUT_IDENTIFIERS,
+            _TRANSFORMER_BLOCK_IDENTIFIERS,
+        )
     except ImportError:  # another diffusers: its own enable_cache decides
         return None
+    lite = (values or {}).get("use_lite_mode", False)
+    modes = {bool(mode) for mode in (lite if isinstance(lite, list) else [lite])}
     for model in denoisers(pipe):
-        if not any(re.fullmatch(pattern, name) for name, _ in model.named_modules()
-                   for pattern in _TRANSFORMER_BLOCK_IDENTIFIERS):
+        names = [name for name, _ in model.named_modules()]
+        if False in modes and not _matches(names, _TRANSFORMER_BLOCK_IDENTIFIERS):
             return (f"taylorseer hooks no module of {type(model).__name__}: diffusers' "
                     "TaylorSeerCacheConfig names attention modules like "
                     f"{_TRANSFORMER_BLOCK_IDENTIFIERS[0]!r}, and none of this model's matches "
-                    "(every step would run in full)")
+                    "(every step would run in full); use_lite_mode = true ([space.taylorseer] in a "
+                    "spec) forecasts its output projection instead")
+        if True in modes:
+            missing = [kind for kind, patterns in (("blocks", _BLOCK_IDENTIFIERS),
+                                                   ("output projection", _PROJ_OUT_IDENTIFIERS))
+                       if not _matches(names, patterns)]
+            if missing:
+                return (f"taylorseer's lite mode finds no {missing[0]} in {type(model).__name__} "
+                        f"(diffusers looks for {_BLOCK_IDENTIFIERS[0]!r} and "
+                        f"{_PROJ_OUT_IDENTIFIERS[0]!r})")
     return None
+
+
+def _matches(names: list[str], patterns) -> bool:
+    return any(re.fullmatch(pattern, name) for name in names for pattern in patterns)
 
 
 class TaylorSeerPatch:
@@ -46,6 +78,7 @@ class TaylorSeerPatch:
     def __init__(self, pipe, options: dict):
         from diffusers import TaylorSeerCacheConfig
 
+        self.pipe = pipe
         self.options = options
         self.patch = cache_patch(pipe, TaylorSeerCacheConfig(**options), NAME)
         default = call_parameters(pipe).get("num_inference_steps")  # a call that names none
@@ -60,12 +93,15 @@ class TaylorSeerPatch:
         return self.patch.computed_fraction(told=self._replayed_fraction)
 
     def _replayed_fraction(self) -> float | None:
-        """Every hooked module runs the schedule over the call's steps (one per step in each
-        guidance context); None where it cannot be told (two experts: not replayed)."""
-        if not isinstance(self.steps, int) or self.steps < 1 or len(self.patch.modules) > 1:
+        """Every hooked module runs the schedule over its denoiser's steps (one per step in each
+        guidance context; Wan 2.2's experts split the call's steps, the same blocks in each);
+        None where the call's steps are unknown."""
+        if not isinstance(self.steps, int) or self.steps < 1:
             return None
-        return computed_steps(self.steps, self.options["cache_interval"],
-                              self.options["disable_cache_before_step"]) / self.steps
+        first = self.steps if len(self.patch.modules) == 1 else first_expert_steps(self.pipe, self.steps)[-1]
+        interval, before = self.options["cache_interval"], self.options["disable_cache_before_step"]
+        return (computed_steps(first, interval, before)
+                + computed_steps(self.steps - first, interval, before)) / self.steps
 
     def restore(self) -> None:
         self.patch.restore()
@@ -79,10 +115,10 @@ def computed_steps(steps: int, cache_interval: int, disable_cache_before_step: i
 
 
 def apply(pipe, cache_interval: int = 5, disable_cache_before_step: int = 3,
-          max_order: int = 1) -> TaylorSeerPatch:
+          max_order: int = 1, use_lite_mode: bool = False) -> TaylorSeerPatch:
     options = dict(cache_interval=int(cache_interval),
                    disable_cache_before_step=int(disable_cache_before_step),
-                   max_order=int(max_order))
+                   max_order=int(max_order), use_lite_mode=bool(use_lite_mode))
     dtype = cpu_safe_dtype(pipe)
     if dtype is not None:
         options["taylor_factors_dtype"] = dtype

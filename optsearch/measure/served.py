@@ -39,7 +39,7 @@ def check_families(pipe, spec) -> None:
         if problem:
             raise ModelLoadError(f"model {spec.model.id!r}: {problem}; set model.kind if it was "
                                  "told wrongly from the id")
-        if problem := pipeline_problem(combo, pipe):  # the pipeline as loaded: its kind is right
+        if problem := pipeline_problem(combo, pipe, _searched(spec, combo)):  # as loaded: its kind is right
             raise ModelLoadError(f"model {spec.model.id!r}: {problem}{_instead_of_any(spec, combo, pipe)}")
     if spec.model.guidance_scale_2 is not None and getattr(pipe, "transformer_2", None) is None:
         raise ModelLoadError(f"model {spec.model.id!r}: model.guidance_scale_2 applies to a second "
@@ -54,9 +54,15 @@ def _instead_of_any(spec, refused: tuple[str, ...], pipe) -> str:
     instead, every combo of it that this pipeline takes (Wan 2.2 A14B refuses two of them)."""
     if spec.search.accelerators != "any":
         return ""
-    applies = [list(combo) for combo in spec.search.combos if pipeline_problem(combo, pipe) is None]
+    applies = [list(combo) for combo in spec.search.combos
+               if pipeline_problem(combo, pipe, _searched(spec, combo)) is None]
     listed = ", ".join("[" + ", ".join(f'"{name}"' for name in combo) + "]" for combo in applies)
     return f'; "any" includes {combo_name(refused)}: write search.accelerators = [{listed}]'
+
+
+def _searched(spec, combo) -> dict[str, dict]:
+    """The values each family of `combo` may take in this study (what `problem_with` checks)."""
+    return {name: spec.searched_values(name) for name in combo}
 
 
 def pipeline_from_spec(spec, device: str | None = None):

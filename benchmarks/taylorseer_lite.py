@@ -1,0 +1,84 @@
+"""TaylorSeer in full mode (diffusers' default: every attention module's output forecast) against
+its lite mode (`use_lite_mode`: whole blocks skipped, only the output projection forecast), at
+the same schedules, on builtin:tiny-flux (128 px, 20 steps) and builtin:tiny-wan (9 frames of
+64 px, 16 steps; full mode hooks nothing there, so only lite is timed), CPU.
+
+Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
+interleaved with the baseline; speedup = baseline s/image / setting s/image (median of the
+passes); PSNR against the baseline's images (random weights: fidelity, not quality). "factors"
+is what the cache holds after a call: the bytes of every hooked module's Taylor factors, summed
+over guidance contexts (read from diffusers' hook states): the memory TaylorSeer adds.
+
+    python -m benchmarks taylorseer-lite --repeats 3     # about 3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from benchmarks.common import machine, table
+from optsearch.accelerators import AppliedSetting, denoisers
+from optsearch.measure.generation import GenerationConfig, generate
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.prompts import builtin_prompts
+from optsearch.measure.quality import psnr
+
+SCHEDULES = [("5/3/1 (diffusers' defaults)", {"cache_interval": 5, "disable_cache_before_step": 3}),
+             ("3/2/1", {"cache_interval": 3, "disable_cache_before_step": 2}),
+             ("3/2/2", {"cache_interval": 3, "disable_cache_before_step": 2, "max_order": 2})]
+MODELS = [("builtin:tiny-flux", 20, 3.5, (False, True)), ("builtin:tiny-wan", 16, 5.0, (True,))]
+
+
+def factor_bytes(pipe) -> int:
+    """The bytes of the Taylor factors TaylorSeer's hooks hold now, in every context."""
+    total = 0
+    for model in denoisers(pipe):
+        for module in model.modules():
+            registry = module.__dict__.get("_diffusers_hook")
+            for hook in (registry.hooks.values() if registry is not None else ()):
+                states = getattr(getattr(hook, "state_manager", None), "_state_cache", {})
+                total += sum(factor.nbytes for state in states.values()
+                             for orders in getattr(state, "taylor_factors", {}).values()
+                             for factor in orders.values())
+    return total
+
+
+def main(repeats: int = 3) -> None:
+    started = time.perf_counter()
+    prompts = builtin_prompts()[:4]
+    for model, steps, guidance, modes in MODELS:
+        pipe = load_pipeline(model, device="cpu", dtype="float32")
+        config = GenerationConfig(steps=steps, guidance_scale=guidance, batch_size=2)
+
+        def run(setting=None, config=config, pipe=pipe):
+            batches = list(generate(pipe, prompts, config, setting=setting))
+            return np.concatenate([b.images for b in batches]), sum(b.seconds for b in batches)
+
+        reference, _ = run()
+        rows = []
+        print(f"{model}:", flush=True)
+        for label, schedule in SCHEDULES:
+            for lite in modes:
+                setting = {"taylorseer": {**schedule, "use_lite_mode": lite}}
+                ratios = []
+                for _ in range(repeats):  # A B A B: the machine's drift hits both sides alike
+                    _, base_seconds = run()
+                    with AppliedSetting(pipe, setting) as applied:
+                        images, seconds = run(applied)
+                        computed, held = applied.computed_fraction(), factor_bytes(pipe)
+                    ratios.append(base_seconds / seconds)
+                fidelity = float(np.mean([psnr(a, b) for a, b in zip(  # videos: per frame
+                    reference.reshape(-1, *reference.shape[-3:]),
+                    images.reshape(-1, *images.shape[-3:]), strict=True)]))
+                name = f"{'lite' if lite else 'full'} {label}"
+                rows.append([name, statistics.median(ratios), min(ratios), max(ratios), fidelity,
+                             f"{computed:.0%}", f"{held / 2**20:.2f}"])
+                print(f"  {name}: {statistics.median(ratios):.2f}x, {fidelity:.1f} dB, "
+                      f"{held / 2**20:.2f} MiB", flush=True)
+        print(f"\n# {model}, {steps} steps, 4 prompts, batch 2, {repeats} A/B rounds ({machine()})")
+        print(table(["setting", "speedup (median)", "min", "max", "PSNR vs baseline (dB)",
+                     "computed", "factors MiB"], rows), flush=True)
+    print(f"total {time.perf_counter() - started:.0f} s")
