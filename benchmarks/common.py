@@ -85,12 +85,13 @@ def at_steps(settings, steps: int) -> list:
 
 def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3, repeats: int = 1,
                         compiles: dict | None = None,
-                        deadline: float | None = None) -> list[tuple[str, float, str]]:
+                        deadline: float | None = None) -> list[tuple[str, float, str, float | None]]:
     """The GPU scripts' loop: each (name, setting) applied, warmed up for `warmup` steps, timed
     with `call(target)` (seconds; the least of `repeats` calls); MagCache's ratios and DBCache's
     calibrated range measured first (a DBCache setting given as {} runs at the calibrated range's
     top: "skips nearly everything").
-    Returns (name, seconds, computed share). `compiles`, when given, receives each setting's
+    Returns (name, seconds, computed share, peak GiB: the most CUDA memory allocated over the
+    setting's timed calls, None off CUDA). `compiles`, when given, receives each setting's
     torch.compile counts over its warm-up and timed calls (graphs compiled, graph breaks) and
     its warm-up's seconds. Past `deadline` (time.perf_counter()) no further setting starts, so a
     script inside a device call's time limit still prints its table of what it measured."""
@@ -111,13 +112,17 @@ def time_cache_settings(pipe, call, settings, steps: int, warmup: int = 3, repea
             warm = call(applied, warmup)
             if counter is not None:
                 counter.warmed_up()
+            cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             seconds = min(call(applied) for _ in range(repeats))
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             computed = applied.computed_fraction()
         counts = ""
         if counter is not None:
             compiles[name] = {**counter.counts(), "warmup_seconds": warm}
             counts = f" (warm-up {warm:.1f} s; {compiles[name]})"
-        rows.append((name, seconds, "-" if computed is None else f"{100 * computed:.0f}%"))
+        rows.append((name, seconds, "-" if computed is None else f"{100 * computed:.0f}%", peak))
         print(f"{name}: {seconds:.3f} s{counts}", flush=True)
     return rows
 

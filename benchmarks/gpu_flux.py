@@ -45,6 +45,8 @@ SETTINGS = [
     ("steps 14 (of 28)", {"steps": {"num_inference_steps": 14}}),
     ("fbcache 0.12", {"fbcache": {"threshold": 0.12}}),
     ("taylorseer 5/3/1", {"taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3}}),
+    ("taylorseer lite 5/3/1", {"taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3,
+                                              "use_lite_mode": True}}),
     ("pab 2, (100, 800)", {"pab": {"spatial_attention_block_skip_range": 2}}),
     ("magcache 0.06/3/0.2", {"magcache": {}}),
     ("dbcache F1B0 0.08 (cache-dit default)", {"dbcache": {"residual_diff_threshold": 0.08}}),
@@ -117,8 +119,9 @@ def main(compile: str = "none", smoke: bool = False, budget_s: float = 0.0) -> N
     timed = time_cache_settings(pipe, call, at_steps(SETTINGS, steps),
                                 steps, warmup=steps if compiles is not None else 4, repeats=2,
                                 compiles=compiles, deadline=deadline)
-    rows = [[name, seconds, timed[0][1] / seconds, computed] for name, seconds, computed in timed]
-    headers = ["setting", "s/image", "speedup", "computed"]
+    rows = [[name, seconds, timed[0][1] / seconds, computed, "-" if peak is None else peak]
+            for name, seconds, computed, peak in timed]
+    headers = ["setting", "s/image", "speedup", "computed", "peak GiB"]
     if compiles is not None:
         headers += ["warm-up s (compile)", "graphs compiled", "graph breaks"]
         for row in rows:

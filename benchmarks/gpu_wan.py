@@ -42,6 +42,8 @@ SETTINGS = [
     ("fastercache 2, below 681", {"fastercache": {"spatial_attention_block_skip_range": 2,
                                                   "timestep_skip_high": 681}}),
     ("fbcache 0.12", {"fbcache": {"threshold": 0.12}}),
+    ("taylorseer lite 5/3/1", {"taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3,
+                                              "use_lite_mode": True}}),
     ("magcache 0.06/3/0.2", {"magcache": {}}),
     ("seacache 0.25/1/2 (diffusers' default)", {"seacache": {}}),
     ("dbcache F1B0 0.08 (cache-dit default)", {"dbcache": {"residual_diff_threshold": 0.08}}),
@@ -92,11 +94,11 @@ def main(smoke: bool = False, budget_s: float = 0.0) -> None:
     timed = time_cache_settings(pipe, call, at_steps(SETTINGS, steps),
                                 steps, deadline=deadline)
     baseline = timed[0][1]
-    rows = [[name, seconds, seconds / frames, baseline / seconds, computed]
-            for name, seconds, computed in timed]
+    rows = [[name, seconds, seconds / frames, baseline / seconds, computed,
+             "-" if peak is None else peak] for name, seconds, computed, peak in timed]
     print(f"\n# {'SMOKE (CPU, tiny: not a measurement)' if smoke else 'GPU'}, Wan 2.1 1.3B "
           f"width, {DEPTH} of 30 blocks (~{30 / DEPTH:.0f}x the cost in full), {frames} frames of "
           f"{size['width']}x{size['height']}, {steps} steps, CFG 5.0, "
           f"{str(dtype).removeprefix('torch.')}, batch 1, transformer only ({machine()})")
-    print(table(["setting", "s/video", "s/frame", "speedup", "computed"], rows))
+    print(table(["setting", "s/video", "s/frame", "speedup", "computed", "peak GiB"], rows))
     print(f"total {time.perf_counter() - started:.0f} s")
