@@ -31,7 +31,7 @@ class Param:
     scales_with_steps: bool = False  # `default` holds fractions of model.steps
     calibrated: bool = False  # a threshold searched in its "auto" range (measured on the device
     # before the search) unless the spec gives a range
-    choices: tuple[str, ...] = ()  # the named values a str parameter takes (searched unordered)
+    choices: tuple = ()  # the values a str (or bool) parameter takes (searched unordered)
 
     def default_range(self, model_steps: int) -> tuple:
         """The range searched when a spec names none (fractions resolved against model.steps)."""
@@ -41,10 +41,10 @@ class Param:
 
     def check(self, value) -> str | None:
         """Return why `value` is not allowed, or None when it is."""
-        if self.choices:
-            return None if value in self.choices else f"must be one of {self.allowed()}"
         if self.kind is bool:
             return None if isinstance(value, bool) else "must be true or false"
+        if self.choices:
+            return None if value in self.choices else f"must be one of {self.allowed()}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a{'n integer' if self.kind is int else ' number'}"
         if not math.isfinite(value):
@@ -62,10 +62,10 @@ class Param:
 
     def allowed(self) -> str:
         """Describe the allowed values, for error messages."""
-        if self.choices:
-            return ", ".join(repr(choice) for choice in self.choices)
         if self.kind is bool:
             return "true or false"
+        if self.choices:
+            return ", ".join(repr(choice) for choice in self.choices)
         low = "-inf" if self.minimum is None else self.minimum
         high = "inf" if self.maximum is None else self.maximum
         closing = ")" if self.exclusive_maximum or self.maximum is None else "]"

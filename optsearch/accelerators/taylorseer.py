@@ -26,8 +26,9 @@ PARAMS = (
     Param("disable_cache_before_step", int, (1, 8), minimum=0, counts_steps=True,
           help="steps always computed at the start (<= the setting's steps)"),
     Param("max_order", int, (1, 2), minimum=0, maximum=4, help="order of the Taylor forecast"),
-    Param("use_lite_mode", bool, (False,),
-          help="forecast the output projection only, skipping whole blocks (acts on Wan)"),
+    Param("use_lite_mode", bool, (False,), choices=(False, True),
+          help="forecast the output projection only, skipping whole blocks (acts on Wan); "
+               "[false, true] searches both"),
 )
 
 

@@ -227,7 +227,8 @@ def _check_range(param, value) -> str | None:
                                               "fbcache.threshold)")
     values = value if isinstance(value, list) else [value]
     if param.choices:
-        unknown = [item for item in values if isinstance(item, bool) or item not in param.choices]
+        unknown = [item for item in values  # true is no named value, nor 1 a bool's
+                   if isinstance(item, bool) != (param.kind is bool) or item not in param.choices]
         if unknown or not values:
             return f"{unknown[0] if unknown else values!r} is not one of {param.allowed()}"
         if len(set(values)) < len(values):
