@@ -10,7 +10,7 @@ import pytest
 
 from optsearch.study_spec import SpecError, load_spec
 
-from .conftest import optsearch_cmd, write_spec
+from .conftest import ROOT, optsearch_cmd, write_spec
 from .test_families import FLUX_SPEC
 from .test_video import WAN_SPEC
 
@@ -60,3 +60,13 @@ def test_searching_full_mode_too_on_wan_is_one_line_exit_2(tmp_path):
     result = optsearch_cmd("check", str(write_spec(tmp_path / "s.toml", text)))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "taylorseer hooks no module of WanTransformer3DModel" in result.stderr
+
+
+def test_lite_mode_is_the_default_on_video_and_in_its_any(tmp_path):
+    """On video, full mode hooks nothing of Wan and would keep factors of every attention
+    layer's output over all the video's tokens: "any" includes TaylorSeer there, in lite mode."""
+    wan = load_spec(write_spec(tmp_path / "wan.toml", (ROOT / "studies" / "tiny-wan.toml").read_text()))
+    flux = load_spec(write_spec(tmp_path / "flux.toml", BOTH_MODES.split("[space.taylorseer]")[0]))
+    assert ("taylorseer",) in wan.search.combos
+    assert wan.param_range("taylorseer", "use_lite_mode") == (True,)
+    assert flux.param_range("taylorseer", "use_lite_mode") == (False,)

@@ -103,7 +103,7 @@ def test_any_on_two_experts_says_which_combos_to_write_instead(tmp_path):
         '[["steps"], ["pab"], ["fastercache"]]', '"any"'))
     result = optsearch_cmd("check", str(spec))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    instead = '[["steps"], ["pab"], ["fbcache"], ["magcache"], ["dbcache"]]'
+    instead = '[["steps"], ["pab"], ["fbcache"], ["taylorseer"], ["magcache"], ["dbcache"]]'
     assert f'"any" includes fastercache: write search.accelerators = {instead}' in result.stderr
     spec.write_text(spec.read_text().replace('accelerators = "any"', f"accelerators = {instead}"))
     result = optsearch_cmd("check", str(spec))
@@ -127,20 +127,22 @@ def test_a_cache_that_cannot_act_on_this_wan_is_one_line_exit_2(tmp_path, model,
 
 
 def test_a_taylorseer_study_on_wan_runs_in_lite_mode_and_exports_it(tmp_path):
-    """Without lite mode TaylorSeer hooks nothing of Wan (diffusers' identifiers name modules
-    like "blocks.N.attn"; Wan's are attn1/attn2), and the study is refused with the way out; with
-    it every trial skips blocks on TaylorSeer's schedule, and the export deploys it."""
+    """In full mode TaylorSeer hooks nothing of Wan (diffusers' identifiers name modules like
+    "blocks.N.attn"; Wan's are attn1/attn2): a study that asks for it is refused with the way out.
+    By default a video study runs lite mode: every trial skips blocks on TaylorSeer's schedule,
+    and the export deploys it."""
     from optsearch.accelerators import taylorseer
 
-    spec = write_spec(tmp_path / "wan.toml", WAN_SPEC.replace(
-        '[["steps"], ["pab"], ["fastercache"]]', '[["taylorseer"]]').replace("limit = 30.0", "limit = 5.0"))
+    text = WAN_SPEC.replace('[["steps"], ["pab"], ["fastercache"]]', '[["taylorseer"]]').replace(
+        "limit = 30.0", "limit = 5.0") + "\n[space.taylorseer]\n"
+    # schedules that skip most steps (a third computed: about 1.7x), so the export has a winner
+    spec = write_spec(tmp_path / "wan.toml", text + "use_lite_mode = false\n")
     refused = optsearch_cmd("check", str(spec))
     assert refused.returncode == 2 and "use_lite_mode = true ([space.taylorseer] in a spec)" in refused.stderr
     with pytest.raises(ValueError, match="taylorseer hooks no module of WanTransformer3DModel"):
         optsearch.apply(load_pipeline("builtin:tiny-wan", device="cpu", dtype="float32"), {"taylorseer": {}})
-    # schedules that skip most steps (a third computed: about 1.7x), so the export has a winner
-    spec.write_text(spec.read_text() + "\n[space.taylorseer]\nuse_lite_mode = true\n"
-                    "cache_interval = [4, 6]\ndisable_cache_before_step = [1, 2]\n")
+    # on a video pipeline lite mode is the default
+    spec.write_text(text + "cache_interval = [4, 6]\ndisable_cache_before_step = [1, 2]\n")
     url = f"sqlite:///{tmp_path / 's.db'}"
     result = optsearch_cmd("run", str(spec), "--storage", url, "--n-trials", "2", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

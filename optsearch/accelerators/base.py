@@ -32,9 +32,14 @@ class Param:
     calibrated: bool = False  # a threshold searched in its "auto" range (measured on the device
     # before the search) unless the spec gives a range
     choices: tuple = ()  # the values a str (or bool) parameter takes (searched unordered)
+    default_by_kind: tuple[tuple[str, tuple], ...] = ()  # (kind, default) where a pipeline kind
+    # ("unet", "transformer", "video") searches another default
 
-    def default_range(self, model_steps: int) -> tuple:
-        """The range searched when a spec names none (fractions resolved against model.steps)."""
+    def default_range(self, model_steps: int, kind: str | None = None) -> tuple:
+        """The range searched when a spec names none (fractions resolved against model.steps),
+        for a pipeline of `kind`."""
+        if kind in dict(self.default_by_kind):
+            return dict(self.default_by_kind)[kind]
         if not self.scales_with_steps:
             return self.default
         return tuple(max(1, round(fraction * model_steps)) for fraction in self.default)

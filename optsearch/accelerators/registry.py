@@ -43,7 +43,8 @@ ANY_COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "unet": COMBOS,
     "transformer": (("steps",), ("fbcache",), ("taylorseer",), ("pab",), ("magcache",),
                     ("dbcache",)),
-    "video": (("steps",), ("pab",), ("fastercache",), ("fbcache",), ("magcache",), ("dbcache",)),
+    "video": (("steps",), ("pab",), ("fastercache",), ("fbcache",), ("taylorseer",), ("magcache",),
+              ("dbcache",)),
 }
 
 

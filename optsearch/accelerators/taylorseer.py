@@ -26,9 +26,11 @@ PARAMS = (
     Param("disable_cache_before_step", int, (1, 8), minimum=0, counts_steps=True,
           help="steps always computed at the start (<= the setting's steps)"),
     Param("max_order", int, (1, 2), minimum=0, maximum=4, help="order of the Taylor forecast"),
-    Param("use_lite_mode", bool, (False,), choices=(False, True),
-          help="forecast the output projection only, skipping whole blocks (acts on Wan); "
-               "[false, true] searches both"),
+    # video: full mode hooks nothing of Wan, and keeps factors of every attention layer's
+    # output (video tokens: gigabytes); lite keeps the output projection's alone
+    Param("use_lite_mode", bool, (False,), choices=(False, True), default_by_kind=(("video", (True,)),),
+          help="forecast the output projection only, skipping whole blocks (the default on "
+               "video pipelines); [false, true] searches both"),
 )
 
 

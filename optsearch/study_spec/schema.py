@@ -156,7 +156,7 @@ class StudySpec:
         if value == "auto":
             value = (auto or {}).get(f"{accelerator}.{param}")
         if value is None:
-            value = params_of(accelerator)[param].default_range(self.model.steps)
+            value = params_of(accelerator)[param].default_range(self.model.steps, self.search.model_kind)
         if not isinstance(value, (list, tuple)):
             return (value,)
         if len(value) == 1 or params_of(accelerator)[param].choices:  # the choices searched
