@@ -13,8 +13,8 @@ Which families apply depends on the pipeline's denoiser (`KINDS`):
   cache-dit's dbcache (on pipelines cache-dit supports), one at a time; `"any"` = each alone
   but fastercache, and `steps` alone as the reference.
 - "video" (a transformer pipeline that returns frames: Wan, CogVideoX, HunyuanVideo): the same
-  caches; `"any"` = steps, pab, fastercache, fbcache, magcache and dbcache (TaylorSeer's default
-  attention names do not match Wan's blocks: measured inert there).
+  caches; `"any"` = steps, pab, fastercache, fbcache, taylorseer, magcache and dbcache (TaylorSeer
+  in its lite mode there: its default attention names do not match Wan's blocks).
 - "video" also takes seacache where diffusers has its indicator (Wan text-to-video, Cosmos 3),
   named in the spec (not in `"any"`: on other video pipelines it would run every step in full).
 `steps` applies everywhere and combines with every family; a cache (pab, fbcache, taylorseer,

@@ -13,16 +13,22 @@ transformer's `enable_cache`; `disable_cache` and HookPatch restore it bit-exact
 As with PAB, the window and the skip range only decide at which denoiser calls the attention is
 reused: the timestep of each call is measured once per device (`pab.measure_timesteps`) and a
 setting is known by the calls it reuses at (`computation`).
+
+On Wan 2.2 A14B's second expert, diffusers' hooks would reuse at the expert's first call (inside
+the window, with nothing cached: it fails). Its hooks read that call's timestep as outside every
+window (`second_expert_timestep`), so it computes and caches, as the first expert's first call
+does; the Python export writes the same callback.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 from optsearch.accelerators.base import Param
-from optsearch.accelerators.hooks import HookPatch, cache_patch
-from optsearch.accelerators.pab import BroadcastPatch
+from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers
+from optsearch.accelerators.pab import BroadcastPatch, expert_calls
 
 NAME = "fastercache"
 SAME_COMPUTATION = "same attention reused"  # what a copied twin's record says
@@ -80,15 +86,18 @@ def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_atte
     from diffusers import FasterCacheConfig
 
     frames_first = type(pipe).__name__.startswith(FRAMES_FIRST)
-    config = FasterCacheConfig(
+    options = dict(
         spatial_attention_block_skip_range=int(spatial_attention_block_skip_range),
         spatial_attention_timestep_skip_range=(-1, int(timestep_skip_high)),
         unconditional_batch_skip_range=int(unconditional_batch_skip_range),
-        current_timestep_callback=lambda: pipe.current_timestep,
         attention_weight_callback=lambda _module: 0.5,  # diffusers' documented default weight
         tensor_format="BFCHW" if frames_first else "BCFHW",
         is_guidance_distilled=not batches_guidance(pipe),
     )
+    config = [FasterCacheConfig(**options, current_timestep_callback=lambda: pipe.current_timestep)]
+    if len(denoisers(pipe)) == 2:  # Wan 2.2 A14B: the second expert computes its first call
+        config.append(FasterCacheConfig(**options,
+                                        current_timestep_callback=lambda: second_expert_timestep(pipe)))
     # diffusers warns "purely experimental" at every enable: once per trial is noise, said in the docs
     logging.getLogger("diffusers.hooks.faster_cache").setLevel(logging.ERROR)
     params = dict(spatial_attention_block_skip_range=spatial_attention_block_skip_range,
@@ -108,21 +117,42 @@ def computation(params: Mapping, steps: int, calibration: Mapping) -> dict | Non
         return None
     drawn = {**DEFAULTS, **params}
     high, every = float(drawn["timestep_skip_high"]), int(drawn["spatial_attention_block_skip_range"])
-    return {"reused_calls": [call for call, timestep in enumerate(calibration["timesteps"])
-                             if -1 < timestep < high and not (call > 0 and call % every == 0)],
-            "unconditional_batch_skip_range": int(drawn["unconditional_batch_skip_range"])}
+    experts = calibration.get("experts") or [0] * len(calibration["timesteps"])
+    first_of_second = next((timestep for expert, timestep in zip(experts, calibration["timesteps"],
+                                                                 strict=True) if expert == 1), None)
+    return {"reused_calls": [
+        call for call, ((own, timestep), expert) in enumerate(zip(expert_calls(calibration), experts,
+                                                                  strict=True))
+        if -1 < timestep < high and not (own > 0 and own % every == 0)
+        and not (expert == 1 and timestep == first_of_second)],  # read as outside the window
+        "unconditional_batch_skip_range": int(drawn["unconditional_batch_skip_range"])}
+
+
+def second_expert_timestep(pipe):
+    """The timestep Wan 2.2 A14B's second expert's hooks read: the pipeline's, except at the
+    expert's first step (the first timestep below the boundary), which reads as outside every
+    window, so its first calls compute and cache what the next ones reuse. Tensor operations
+    only: inside a compiled block a Python number would break the graph."""
+    import torch
+
+    timestep, timesteps = pipe.current_timestep, pipe.scheduler.timesteps
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    first = torch.where(timesteps < boundary, timesteps, -math.inf).max()  # they run high to low
+    return torch.where(timestep == first, math.inf, timestep)
 
 
 def problem_with(pipe, values: Mapping | None = None) -> str | None:
-    """FasterCache reads the pipeline's current timestep (diffusers' video pipelines track it),
-    and its hooks reuse from their first call inside the window: Wan 2.2's second expert starts
-    there, with nothing cached yet (diffusers fails: measured on builtin:tiny-wan22)."""
+    """FasterCache reads the pipeline's current timestep (diffusers' video pipelines track it).
+    Its hooks reuse from their first call inside the window: Wan 2.2's second expert starts
+    there, with nothing cached yet (diffusers fails: measured on builtin:tiny-wan22), unless its
+    first step reads as outside the window, which the boundary tells."""
     if not hasattr(type(pipe), "current_timestep"):
         return (f"fastercache needs a pipeline that tracks its current timestep "
                 f"({type(pipe).__name__} does not)")
-    if getattr(pipe, "transformer_2", None) is not None:
-        return ("fastercache fails on a second expert (transformer_2): diffusers' hooks reuse "
-                "from the expert's first call, before anything is cached")
+    if getattr(pipe, "transformer_2", None) is not None \
+            and getattr(getattr(pipe, "config", None), "boundary_ratio", None) is None:
+        return ("fastercache on a second expert (transformer_2) needs the pipeline's "
+                "boundary_ratio, which tells the expert's first step")
     return None
 
 

@@ -195,7 +195,22 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
                 "    attention_weight_callback=lambda _module: 0.5,",
                 f"    tensor_format='BFCHW' if name.startswith({FRAMES_FIRST!r}) else 'BCFHW',",
                 "    is_guidance_distilled=not batched)",
-                *_each_expert("FasterCacheConfig(**options)")]
+                "pipe.transformer.enable_cache(FasterCacheConfig(**options))",
+                "if getattr(pipe, 'transformer_2', None) is not None:  # Wan 2.2 A14B's low-noise expert",
+                "    import math",
+                "",
+                "    import torch",
+                "",
+                "    def second_expert_timestep():",
+                "        # its first step reads as outside the window, so it computes and caches",
+                "        # there (diffusers' hooks would reuse an empty cache); tensors: compile-safe",
+                "        timestep, timesteps = pipe.current_timestep, pipe.scheduler.timesteps",
+                "        boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps",
+                "        first = torch.where(timesteps < boundary, timesteps, -math.inf).max()",
+                "        return torch.where(timestep == first, math.inf, timestep)",
+                "",
+                "    options['current_timestep_callback'] = second_expert_timestep",
+                "    pipe.transformer_2.enable_cache(FasterCacheConfig(**options))"]
     if name == "dbcache":
         options = _dbcache_options(params, _steps(exported), exported)
         order = options.pop("taylorseer_order", 0)
