@@ -6,10 +6,11 @@ builtin:tiny-wan22 (tiny Wan with a second transformer below boundary 0.875), 16
 prompts in batches of 2, CPU. Each setting: `repeats` A B rounds against the baseline, both
 ways; speedup = baseline s/video / setting s/video (median), PSNR per frame against the
 baseline's videos (random weights: fidelity, not quality). "First only" is the same setting
-applied while the pipeline's `transformer_2` is hidden, so nothing is hooked on it. MagCache was
-refused on two experts before: it runs on both only, each expert with its own ratios over its own
-steps (one calibration call before the rounds), at the paper's default and at the middle of its
-calibrated threshold range.
+applied while the pipeline's `transformer_2` is hidden, so nothing is hooked on it. MagCache and
+FasterCache were refused on two experts before, and TaylorSeer on Wan at all: they run on both
+only. MagCache gives each expert its own ratios over its own steps (one calibration call before
+the rounds), at the paper's default and at the middle of its calibrated threshold range;
+FasterCache's second expert computes its first step; TaylorSeer runs in lite mode.
 
     python -m benchmarks two-experts --repeats 3     # about 2 minutes on 2 cores
 """
@@ -37,7 +38,13 @@ SETTINGS = [
     ("magcache 0.06/3/0.2 (published)", {"magcache": {"threshold": 0.06, "max_skip_steps": 3,
                                                       "retention_ratio": 0.2}}),
     ("magcache mid-range/3/0.2", {"magcache": {"max_skip_steps": 3, "retention_ratio": 0.2}}),
+    ("fastercache 2, below 681 (published)", {"fastercache": {"spatial_attention_block_skip_range": 2,
+                                                              "timestep_skip_high": 681}}),
+    ("fastercache 3, below 1000", {"fastercache": {"spatial_attention_block_skip_range": 3,
+                                                   "timestep_skip_high": 1000}}),
+    ("taylorseer lite 5/3/1 (diffusers' defaults)", {"taylorseer": {"use_lite_mode": True}}),
 ]
+REFUSED_BEFORE = ("magcache", "fastercache", "taylorseer")  # on two experts (or on Wan at all)
 
 
 @contextmanager
@@ -80,7 +87,7 @@ def main(repeats: int = 3) -> None:
             name = name.replace("mid-range", f"{setting['magcache']['threshold']}")
         row = [name]
         for both in (False, True):
-            if not both and "magcache" in setting:
+            if not both and set(setting) & set(REFUSED_BEFORE):
                 row += ["refused before", "-"]
                 continue
             ratios, videos = [], None
