@@ -143,8 +143,11 @@ def test_a_taylorseer_study_on_wan_runs_in_lite_mode(tmp_path):
     spec = write_spec(tmp_path / "wan.toml", text + "use_lite_mode = false\n")
     refused = optsearch_cmd("check", str(spec))
     assert refused.returncode == 2 and "use_lite_mode = true ([space.taylorseer] in a spec)" in refused.stderr
+    wan = load_pipeline("builtin:tiny-wan", device="cpu", dtype="float32")
     with pytest.raises(ValueError, match="taylorseer hooks no module of WanTransformer3DModel"):
-        optsearch.apply(load_pipeline("builtin:tiny-wan", device="cpu", dtype="float32"), {"taylorseer": {}})
+        optsearch.apply(wan, {"taylorseer": {"use_lite_mode": False}})
+    with optsearch.apply(wan, {"taylorseer": {}}):  # the library's default follows the kind, too
+        assert wan.transformer._cache_config.use_lite_mode is True
     spec.write_text(text)  # on a video pipeline lite mode is the default
     url = f"sqlite:///{tmp_path / 's.db'}"
     result = optsearch_cmd("run", str(spec), "--storage", url, "--n-trials", "2", "--quiet", cwd=tmp_path)

@@ -47,6 +47,7 @@ from optsearch.accelerators.hooks import (
     native_size,
     not_a_pipeline,
     offload_of,
+    pipeline_kind,
     quantization_of,
     scheduler_class_name,
     scheduler_of,
@@ -66,14 +67,6 @@ from optsearch.accelerators.registry import (
     params_of,
     step_problems,
 )
-
-
-def pipeline_kind(pipe) -> str:
-    """'unet', 'transformer' or 'video' (a transformer pipeline whose call takes `num_frames`):
-    which families the pipeline's denoiser can take, and whether it returns frames."""
-    if getattr(pipe, "unet", None) is not None:
-        return "unet"
-    return "video" if "num_frames" in call_parameters(pipe) else "transformer"
 
 
 def pipeline_problem(combo: Sequence[str], pipe,

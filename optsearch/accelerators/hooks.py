@@ -29,6 +29,14 @@ def call_parameters(pipe) -> Mapping[str, inspect.Parameter]:
     return inspect.signature(type(pipe).__call__).parameters
 
 
+def pipeline_kind(pipe) -> str:
+    """'unet', 'transformer' or 'video' (a transformer pipeline whose call takes `num_frames`):
+    which families the pipeline's denoiser can take, and whether it returns frames."""
+    if getattr(pipe, "unet", None) is not None:
+        return "unet"
+    return "video" if "num_frames" in call_parameters(pipe) else "transformer"
+
+
 def not_a_pipeline(pipe) -> str | None:
     """Why `pipe` is not a diffusers pipeline optsearch can accelerate, or None: what users hand
     in by mistake is named (a model id, the denoiser itself)."""

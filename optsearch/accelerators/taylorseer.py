@@ -17,6 +17,7 @@ from optsearch.accelerators.hooks import (
     cpu_safe_dtype,
     denoisers,
     first_expert_steps,
+    pipeline_kind,
 )
 
 NAME = "taylorseer"
@@ -48,7 +49,8 @@ def problem_with(pipe, values: Mapping | None = None) -> str | None:
         )
     except ImportError:  # another diffusers: its own enable_cache decides
         return None
-    lite = (values or {}).get("use_lite_mode", False)
+    lite = (values or {}).get("use_lite_mode")
+    lite = lite_by_default(pipe) if lite is None else lite
     modes = {bool(mode) for mode in (lite if isinstance(lite, list) else [lite])}
     for model in denoisers(pipe):
         names = [name for name, _ in model.named_modules()]
@@ -67,6 +69,12 @@ def problem_with(pipe, values: Mapping | None = None) -> str | None:
                         f"(diffusers looks for {_BLOCK_IDENTIFIERS[0]!r} and "
                         f"{_PROJ_OUT_IDENTIFIERS[0]!r})")
     return None
+
+
+def lite_by_default(pipe) -> bool:
+    """Lite mode where a setting names none: on video pipelines, as a spec's default (full mode
+    hooks nothing of Wan, and would keep every attention output's factors over a video's tokens)."""
+    return pipeline_kind(pipe) == "video"
 
 
 def _matches(names: list[str], patterns) -> bool:
@@ -118,10 +126,12 @@ def computed_steps(steps: int, cache_interval: int, disable_cache_before_step: i
 
 
 def apply(pipe, cache_interval: int = 5, disable_cache_before_step: int = 3,
-          max_order: int = 1, use_lite_mode: bool = False) -> TaylorSeerPatch:
+          max_order: int = 1, use_lite_mode: bool | None = None) -> TaylorSeerPatch:
+    """`use_lite_mode` None: lite on a video pipeline, full mode elsewhere (`lite_by_default`)."""
+    lite = lite_by_default(pipe) if use_lite_mode is None else bool(use_lite_mode)
     options = dict(cache_interval=int(cache_interval),
                    disable_cache_before_step=int(disable_cache_before_step),
-                   max_order=int(max_order), use_lite_mode=bool(use_lite_mode))
+                   max_order=int(max_order), use_lite_mode=lite)
     dtype = cpu_safe_dtype(pipe)
     if dtype is not None:
         options["taylor_factors_dtype"] = dtype
