@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from benchmarks.common import machine, table
-from optsearch.accelerators import AppliedSetting, denoisers
+from optsearch.accelerators import AppliedSetting, taylorseer
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import builtin_prompts
@@ -33,26 +33,12 @@ SCHEDULES = [("5/3/1 (diffusers' defaults)", {"cache_interval": 5, "disable_cach
 MODELS = [("builtin:tiny-flux", 20, 3.5, (False, True)), ("builtin:tiny-wan", 16, 5.0, (True,))]
 
 
-def factor_bytes(pipe) -> int:
-    """The bytes of the Taylor factors TaylorSeer's hooks hold now, in every context."""
-    total = 0
-    for model in denoisers(pipe):
-        for module in model.modules():
-            registry = module.__dict__.get("_diffusers_hook")
-            for hook in (registry.hooks.values() if registry is not None else ()):
-                states = getattr(getattr(hook, "state_manager", None), "_state_cache", {})
-                total += sum(factor.nbytes for state in states.values()
-                             for orders in getattr(state, "taylor_factors", {}).values()
-                             for factor in orders.values())
-    return total
-
-
 def factors_at_last_step(applied, pipe, prompts: list[str], config: GenerationConfig) -> int:
     """The factor bytes held after every step of one call, at their largest."""
     held = [0]
 
     def sample(_pipe, _step, _timestep, tensors):
-        held.append(factor_bytes(pipe))
+        held.append(taylorseer.held_factor_bytes(pipe))
         return tensors
 
     applied(prompts, num_inference_steps=config.steps, height=config.height, width=config.width,

@@ -70,3 +70,26 @@ def test_lite_mode_is_the_default_on_video_and_in_its_any(tmp_path):
     assert ("taylorseer",) in wan.search.combos
     assert wan.param_range("taylorseer", "use_lite_mode") == (True,)
     assert flux.param_range("taylorseer", "use_lite_mode") == (False,)
+
+
+def test_check_measures_what_each_modes_factors_add_to_memory(tmp_path):
+    """Full mode keeps (order + 1) factors of every attention output, lite mode of the output
+    projection's alone: on tiny-flux at batch 2 and 128 px, 6 modules x 96 tokens x 128 channels
+    x 4 bytes x 2 orders x 2 images = 1152 KiB, and 64 image tokens x 64 channels = 64 KiB (what
+    benchmarks/taylorseer_lite.py read at a call's last step)."""
+    result = optsearch_cmd("check", str(write_spec(tmp_path / "s.toml", BOTH_MODES)))
+    assert result.returncode == 0, result.stderr
+    assert ("taylorseer: its factors add full mode 1.12 MiB, lite mode 0.0625 MiB at batch size 2 "
+            "and max_order 1 (measured in one call)") in result.stdout
+
+
+def test_factors_beyond_the_free_memory_are_a_warning_that_names_the_way_out():
+    from optsearch.cli.preflight import _factors_text
+
+    facts = {"taylorseer_factors": {False: 3 * 2**30, True: 2**20}, "batch_size": 4,
+             "taylorseer_order": 2}
+    lines = _factors_text(facts, free=2.0)
+    assert lines[0].startswith("taylorseer: its factors add full mode 3 GiB, lite mode 1 MiB")
+    assert lines[1] == ("memory: taylorseer's factors need more than the 2.0 GiB free now: lower "
+                        "prompts.batch_size or max_order, or set use_lite_mode = true")
+    assert len(_factors_text(facts, free=8.0)) == 1

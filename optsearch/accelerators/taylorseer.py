@@ -8,7 +8,7 @@ attention modules the default identifiers miss (Wan's `attn1`/`attn2`)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.hooks import (
@@ -123,6 +123,39 @@ def computed_steps(steps: int, cache_interval: int, disable_cache_before_step: i
     the first `disable_cache_before_step`, then one every `cache_interval` after the next."""
     return sum(1 for step in range(steps) if step < disable_cache_before_step
                or (step - disable_cache_before_step - 1) % cache_interval == 0)
+
+
+def held_factor_bytes(pipe) -> int:
+    """The bytes of the Taylor factors TaylorSeer's hooks hold now, over every guidance context
+    (read from diffusers' hook states; the pipeline clears them when its call ends)."""
+    total = 0
+    for model in denoisers(pipe):
+        for module in model.modules():
+            registry = module.__dict__.get("_diffusers_hook")
+            for hook in (registry.hooks.values() if registry is not None else ()):
+                states = getattr(getattr(hook, "state_manager", None), "_state_cache", {})
+                total += sum(factor.nbytes for state in states.values()
+                             for orders in getattr(state, "taylor_factors", {}).values()
+                             for factor in orders.values())
+    return total
+
+
+def peak_factor_bytes(pipe, run: Callable[[int], object], max_order: int, use_lite_mode: bool) -> int:
+    """The most factor bytes TaylorSeer holds in a call at `max_order`: the memory it adds to
+    the plain pipeline's. Enabled to compute every step, it runs one plain call `run(steps)` of
+    enough steps to fill every order, read after each denoiser call."""
+    held = [0]
+    patch = apply(pipe, cache_interval=1, disable_cache_before_step=max_order + 1,
+                  max_order=max_order, use_lite_mode=use_lite_mode)
+    hooks = [model.register_forward_hook(lambda *_: held.append(held_factor_bytes(pipe)))
+             for model in denoisers(pipe)]
+    try:
+        run(max_order + 2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        patch.restore()
+    return max(held)
 
 
 def apply(pipe, cache_interval: int = 5, disable_cache_before_step: int = 3,

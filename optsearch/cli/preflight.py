@@ -27,6 +27,7 @@ from optsearch.accelerators import (
     params_of,
     quantization_of,
     scheduler_of,
+    taylorseer,
     tome,
 )
 from optsearch.deployment import context_text, measured_context, output_size
@@ -136,6 +137,13 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         timesteps = attempt("timesteps", lambda: pab.measure_timesteps(
             pipe, config.steps, lambda: list(generate(pipe, prompts[:1], config, warmup=False)))) or {}
         measured.update(pab=timesteps, fastercache=timesteps)
+    if "taylorseer" in spec.accelerators_used:  # the memory its factors add, at this batch
+        order = max(spec.searched_values("taylorseer")["max_order"])
+        report.facts["taylorseer_factors"] = attempt("taylorseer factors", lambda: {
+            lite: taylorseer.peak_factor_bytes(pipe, lambda steps: list(generate(
+                pipe, prompts[:config.batch_size], replace(config, steps=steps), warmup=False)),
+                order, lite) for lite in spec.param_range("taylorseer", "use_lite_mode")})
+        report.facts["taylorseer_order"] = order
     report.facts["computations"] = computations(spec, measured)
     report.facts["given_ranges"] = attempt("given threshold ranges", lambda: _auto_ranges(
         spec, pipe, prompts, config, _given_thresholds(spec))) or {}
@@ -172,6 +180,24 @@ def _auto_ranges(spec, pipe, prompts, config, params=None) -> dict[str, list]:
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = calibrated_range(family, measured, param)  # per Fn too
     return ranges
+
+
+def _factors_text(facts: dict, free: float | None) -> list[str]:
+    """What TaylorSeer's factors add to the plain pipeline's memory in each mode searched, at the
+    highest order searched: full mode keeps every attention output's (TaylorSeer #5: over 50 GB on
+    FLUX), lite mode the output projection's alone."""
+    held = facts.get("taylorseer_factors")
+    if not held:
+        return []
+    modes = ", ".join(f"{'lite' if lite else 'full'} mode " + (
+        f"{size / 2**30:.3g} GiB" if size >= 2**30 else f"{size / 2**20:.3g} MiB")
+        for lite, size in held.items())
+    lines = [f"taylorseer: its factors add {modes} at batch size {facts['batch_size']} and "
+             f"max_order {facts['taylorseer_order']} (measured in one call)"]
+    if free is not None and max(held.values()) / 2**30 > free:
+        lines.append(f"memory: taylorseer's factors need more than the {free:.1f} GiB free now: "
+                     "lower prompts.batch_size or max_order, or set use_lite_mode = true")
+    return lines
 
 
 def _tome_text(spec, measured: dict | None) -> list[str]:
@@ -286,6 +312,7 @@ def format_report(report: Report, spec) -> str:
         lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
                                                     for count, fewer in calibrated.at_steps.items()},
                                     spec.model.steps)
+    lines += _factors_text(facts, free)
     lines += _tome_text(spec, facts.get("tome_tokens"))
     lines += _computations_text(spec, facts.get("computations"))
     lines += _masks_text(spec)
