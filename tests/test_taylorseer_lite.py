@@ -93,3 +93,7 @@ def test_factors_beyond_the_free_memory_are_a_warning_that_names_the_way_out():
     assert lines[1] == ("memory: taylorseer's factors need more than the 2.0 GiB free now: lower "
                         "prompts.batch_size or max_order, or set use_lite_mode = true")
     assert len(_factors_text(facts, free=8.0)) == 1
+    out_of_memory = _factors_text({**facts, "taylorseer_factors": {False: None, True: 2**20}}, free=8.0)
+    assert out_of_memory[0].startswith("taylorseer: its factors add full mode ran out of memory, "
+                                       "lite mode 1 MiB")
+    assert out_of_memory[1].startswith("memory: taylorseer's factors need more than the 8.0 GiB")

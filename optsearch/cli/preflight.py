@@ -140,9 +140,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     if "taylorseer" in spec.accelerators_used:  # the memory its factors add, at this batch
         order = max(spec.searched_values("taylorseer")["max_order"])
         report.facts["taylorseer_factors"] = attempt("taylorseer factors", lambda: {
-            lite: taylorseer.peak_factor_bytes(pipe, lambda steps: list(generate(
-                pipe, prompts[:config.batch_size], replace(config, steps=steps), warmup=False)),
-                order, lite) for lite in spec.param_range("taylorseer", "use_lite_mode")})
+            lite: _factor_bytes(pipe, prompts[:config.batch_size], config, order, lite)
+            for lite in spec.param_range("taylorseer", "use_lite_mode")})
         report.facts["taylorseer_order"] = order
     report.facts["computations"] = computations(spec, measured)
     report.facts["given_ranges"] = attempt("given threshold ranges", lambda: _auto_ranges(
@@ -182,6 +181,19 @@ def _auto_ranges(spec, pipe, prompts, config, params=None) -> dict[str, list]:
     return ranges
 
 
+def _factor_bytes(pipe, prompts: list[str], config: GenerationConfig, order: int, lite: bool
+                  ) -> int | None:
+    """TaylorSeer's factor bytes in one call; None where that call ran out of memory (a fact
+    about the space, not a reason the study cannot run: its trials halve their batch)."""
+    try:
+        return taylorseer.peak_factor_bytes(pipe, lambda steps: list(generate(
+            pipe, prompts, replace(config, steps=steps), warmup=False)), order, lite)
+    except OUT_OF_MEMORY:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+
 def _factors_text(facts: dict, free: float | None) -> list[str]:
     """What TaylorSeer's factors add to the plain pipeline's memory in each mode searched, at the
     highest order searched: full mode keeps every attention output's (TaylorSeer #5: over 50 GB on
@@ -190,13 +202,16 @@ def _factors_text(facts: dict, free: float | None) -> list[str]:
     if not held:
         return []
     modes = ", ".join(f"{'lite' if lite else 'full'} mode " + (
+        "ran out of memory" if size is None else
         f"{size / 2**30:.3g} GiB" if size >= 2**30 else f"{size / 2**20:.3g} MiB")
         for lite, size in held.items())
     lines = [f"taylorseer: its factors add {modes} at batch size {facts['batch_size']} and "
              f"max_order {facts['taylorseer_order']} (measured in one call)"]
-    if free is not None and max(held.values()) / 2**30 > free:
-        lines.append(f"memory: taylorseer's factors need more than the {free:.1f} GiB free now: "
-                     "lower prompts.batch_size or max_order, or set use_lite_mode = true")
+    if None in held.values() or (free is not None
+                                 and max(size or 0 for size in held.values()) / 2**30 > free):
+        lines.append("memory: taylorseer's factors need more than the "
+                     + (f"{free:.1f} GiB free now" if free is not None else "memory free now")
+                     + ": lower prompts.batch_size or max_order, or set use_lite_mode = true")
     return lines
 
 
