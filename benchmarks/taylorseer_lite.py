@@ -6,9 +6,9 @@ the same schedules, on builtin:tiny-flux (128 px, 20 steps) and builtin:tiny-wan
 Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
 interleaved with the baseline; speedup = baseline s/image / setting s/image (median of the
 passes); PSNR against the baseline's images (random weights: fidelity, not quality). "factors"
-is what the cache holds at a call's last step (one more call, batch 2, untimed): the bytes of
-every hooked module's Taylor factors, summed over guidance contexts (read from diffusers' hook
-states, which the pipeline clears when the call ends): the memory TaylorSeer adds.
+is the most the cache holds in a call at the setting's order and mode (`taylorseer.
+peak_factor_bytes`, as `optsearch check` measures it: one more call, batch 2, untimed): the bytes
+of every hooked module's Taylor factors, summed over guidance contexts: the memory TaylorSeer adds.
 
     python -m benchmarks taylorseer-lite --repeats 3     # about 3 minutes on 2 cores
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -31,19 +32,6 @@ SCHEDULES = [("5/3/1 (diffusers' defaults)", {"cache_interval": 5, "disable_cach
              ("3/2/1", {"cache_interval": 3, "disable_cache_before_step": 2}),
              ("3/2/2", {"cache_interval": 3, "disable_cache_before_step": 2, "max_order": 2})]
 MODELS = [("builtin:tiny-flux", 20, 3.5, (False, True)), ("builtin:tiny-wan", 16, 5.0, (True,))]
-
-
-def factors_at_last_step(applied, pipe, prompts: list[str], config: GenerationConfig) -> int:
-    """The factor bytes held after every step of one call, at their largest."""
-    held = [0]
-
-    def sample(_pipe, _step, _timestep, tensors):
-        held.append(taylorseer.held_factor_bytes(pipe))
-        return tensors
-
-    applied(prompts, num_inference_steps=config.steps, height=config.height, width=config.width,
-            **config.guidance_kwargs(len(prompts), pipe), callback_on_step_end=sample)
-    return max(held)
 
 
 def main(repeats: int = 3) -> None:
@@ -70,8 +58,9 @@ def main(repeats: int = 3) -> None:
                         images, seconds = run(applied)
                         computed = applied.computed_fraction()
                     ratios.append(base_seconds / seconds)
-                with AppliedSetting(pipe, setting) as applied:
-                    held = factors_at_last_step(applied, pipe, prompts[:2], config)
+                held = taylorseer.peak_factor_bytes(pipe, lambda count, config=config, pipe=pipe: list(
+                    generate(pipe, prompts[:2], replace(config, steps=count), warmup=False)),
+                    schedule.get("max_order", 1), lite)
                 fidelity = float(np.mean([psnr(a, b) for a, b in zip(  # videos: per frame
                     reference.reshape(-1, *reference.shape[-3:]),
                     images.reshape(-1, *images.shape[-3:]), strict=True)]))

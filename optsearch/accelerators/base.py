@@ -38,8 +38,9 @@ class Param:
     def default_range(self, model_steps: int, kind: str | None = None) -> tuple:
         """The range searched when a spec names none (fractions resolved against model.steps),
         for a pipeline of `kind`."""
-        if kind in dict(self.default_by_kind):
-            return dict(self.default_by_kind)[kind]
+        by_kind = dict(self.default_by_kind).get(kind)
+        if by_kind is not None:
+            return by_kind
         if not self.scales_with_steps:
             return self.default
         return tuple(max(1, round(fraction * model_steps)) for fraction in self.default)
