@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from optsearch.accelerators import (
     attention_of,
+    call_argument,
     call_parameters,
     denoiser,
     dtype_of,
@@ -98,7 +99,7 @@ def context_text(context: Mapping) -> str:
 
 def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     """The context of one pipeline call, as far as its arguments tell."""
-    prompt = kwargs.get("prompt", args[0] if args else None)
+    prompt = call_argument(pipe, "prompt", args, kwargs)
     prompts = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
     per_prompt = kwargs.get("num_images_per_prompt") or kwargs.get("num_videos_per_prompt") or 1
     served = {"batch_size": prompts * per_prompt}

@@ -39,6 +39,7 @@ from optsearch.accelerators.calibration import (
 )
 from optsearch.accelerators.hooks import (
     attention_of,
+    call_argument,
     call_parameters,
     denoiser,
     denoisers,
@@ -207,7 +208,8 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange",
            "Param", "applicable", "apply_setting", "attention_of", "calibrate_family",
            "calibrated_range", "calibration_cost", "calibration_steps", "calibration_used",
-           "call_parameters", "canonical_setting", "combo_name", "combo_problem", "denoiser", "denoisers",
+           "call_argument", "call_parameters", "canonical_setting", "combo_name", "combo_problem",
+           "denoiser", "denoisers",
            "dtype_of", "enabled_already", "execution_device", "fit_to_steps", "max_speedup",
            "native_size", "normalize_setting", "not_a_pipeline", "offload_of", "params_of",
            "pipeline_kind", "pipeline_problem", "quantization_of", "same_computation_why",

@@ -31,7 +31,7 @@ from optsearch.accelerators.cache_dit_masks import (  # noqa: F401 - the family'
     steps_mask,
 )
 from optsearch.accelerators.cache_dit_masks import quiet_cache_dit as _cache_dit
-from optsearch.accelerators.hooks import call_parameters, denoiser, denoisers
+from optsearch.accelerators.hooks import call_parameters, denoiser, denoisers, runs_separate_cfg
 
 NAME = "dbcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -221,24 +221,6 @@ class DBCachePatch:
 
     def restore(self) -> None:
         self.patch.restore()
-
-
-def runs_separate_cfg(pipe, call_kwargs) -> bool:
-    """Does this call run guidance as separate transformer calls (on a pipeline that can)?
-    Qwen-Image's true CFG needs true_cfg_scale > 1 and a negative prompt; elsewhere guidance_scale
-    > 1 (the call's, else the pipeline's default)."""
-    params = call_parameters(pipe)
-
-    def given(name):
-        value = call_kwargs.get(name)
-        return value if value is not None or name not in params else params[name].default
-
-    if "true_cfg_scale" in params:
-        negative = any(call_kwargs.get(name) is not None
-                       for name in ("negative_prompt", "negative_prompt_embeds"))
-        return negative and float(given("true_cfg_scale") or 1.0) > 1.0
-    scale = given("guidance_scale")
-    return scale is None or float(scale) > 1.0
 
 
 def apply(pipe, Fn_compute_blocks: int = 1, Bn_compute_blocks: int = 0,  # noqa: N803 - cache-dit's

@@ -35,7 +35,7 @@ from optsearch.errors import exit_code_for, first_line
 from optsearch.formatting import auto_range_details, auto_range_text
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.frames import clip_score
-from optsearch.measure.generation import GenerationConfig, generate
+from optsearch.measure.generation import GenerationConfig, check_conditioning, generate
 from optsearch.measure.long_prompts import long_prompts_note
 from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
@@ -105,9 +105,12 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
 
         attempt("quality.lpips", check_alexnet_weights)
     if prompts is not None:
-        report.facts.update(prompts=len(prompts), sample=prompts[0])
+        image = getattr(prompts[0], "image", None)  # an image-conditioned pipeline's input
+        report.facts.update(prompts=len(prompts), sample=prompts[0],
+                            image_size=None if image is None else image.size)
         if pipe is not None:
             report.facts["long_prompts"] = long_prompts_note(pipe, prompts)
+            attempt("prompts", lambda: check_conditioning(pipe, prompts, spec.prompts.batch_size))
     if pipe is None or prompts is None or scorer is None or report.problems:
         return report
     config = GenerationConfig.from_spec(spec)
@@ -298,7 +301,8 @@ def format_report(report: Report, spec) -> str:
     facts = report.facts
     lines = [f"model {spec.model.id} on {facts['device']} ({facts['dtype']}); "
              f"{spec.search.model_kind} pipeline",
-             f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {_shortened(facts['sample'])!r}",
+             f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {_shortened(facts['sample'])!r}"
+             + (" with an image of {}x{} px".format(*facts["image_size"]) if facts.get("image_size") else ""),
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "
              f"{facts['batch_size']}, {spec.model.steps} steps",
              "deployment context (what the figures will hold for; serve at it): "

@@ -12,6 +12,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
@@ -114,13 +115,17 @@ def _build_builtin(name: str):
         return _build_tiny_xl()
     if name == "builtin:tiny-flux":
         return _build_tiny_flux()
-    if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-wan", "builtin:tiny-wan22"):
+    if name == "builtin:tiny-flux-kontext":
+        return _build_tiny_flux_kontext()
+    if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-wan", "builtin:tiny-wan22",
+                "builtin:tiny-wan-i2v"):
         from optsearch.measure import builtin_dits
 
         return {"builtin:tiny-sd3": builtin_dits.build_tiny_sd3,
                 "builtin:tiny-qwen-image": builtin_dits.build_tiny_qwen_image,
                 "builtin:tiny-wan": builtin_dits.build_tiny_wan,
-                "builtin:tiny-wan22": builtin_dits.build_tiny_wan22}[name]()
+                "builtin:tiny-wan22": builtin_dits.build_tiny_wan22,
+                "builtin:tiny-wan-i2v": builtin_dits.build_tiny_wan_i2v}[name]()
     if name == "builtin:sd15-random":
         # SD 1.5's real UNet and VAE sizes (860M + 84M params), random weights: GPU timing only.
         unet = dict(
@@ -172,20 +177,48 @@ def _build_tiny_xl():
     )
 
 
+def _short_t5_prompts(prompt, kwargs: dict, max_sequence_length: int) -> None:
+    """One token per character: T5's copy of the prompts is cut here rather than warned about on
+    every call."""
+    if kwargs.get("prompt_2") is None and prompt is not None:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        kwargs["prompt_2"] = [p[:max_sequence_length - 2] for p in prompts]
+
+
 def _short_prompt_flux():
     class ShortPromptFluxPipeline(FluxPipeline):
         """FLUX whose T5 prompts default to 32 tokens: the tiny T5 needs no more, and FLUX's 512
         text tokens would cost eight times the 64 image tokens at 128 px."""
 
         def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
-            if kwargs.get("prompt_2") is None and prompt is not None:
-                # one token per character: cut T5's copy here rather than warn on every call
-                prompts = [prompt] if isinstance(prompt, str) else prompt
-                kwargs["prompt_2"] = [p[:max_sequence_length - 2] for p in prompts]
+            _short_t5_prompts(prompt, kwargs, max_sequence_length)
             return super().__call__(prompt, *args, max_sequence_length=max_sequence_length,
                                     **kwargs)
 
     return ShortPromptFluxPipeline
+
+
+class FluxKontextShortPromptPipeline(FluxKontextPipeline):
+    """FLUX Kontext with 32-token T5 prompts, and the image to edit kept at its own size: the real
+    one resizes it to the nearest of its trained resolutions (about 1 MP), far too many tokens for
+    a tiny model. Named so that cache-dit knows it as FLUX."""
+
+    def __call__(self, image=None, prompt=None, *args, max_sequence_length: int = 32,
+                 _auto_resize: bool = False, **kwargs):
+        _short_t5_prompts(prompt, kwargs, max_sequence_length)
+        return super().__call__(image, prompt, *args, max_sequence_length=max_sequence_length,
+                                _auto_resize=_auto_resize, **kwargs)
+
+
+def _build_tiny_flux_kontext():
+    """builtin:tiny-flux-kontext: FLUX Kontext (image editing) on tiny FLUX's topology. The image
+    to edit is encoded, and its tokens join the generated image's in every block."""
+    flux = _build_tiny_flux()
+    pipe = FluxKontextShortPromptPipeline(**{name: component for name, component
+                                             in flux.components.items()
+                                             if name not in ("image_encoder", "feature_extractor")})
+    pipe.default_sample_size = 16
+    return pipe
 
 
 def _build_tiny_flux():

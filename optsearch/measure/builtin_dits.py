@@ -19,6 +19,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -120,9 +121,20 @@ class WanShortPromptPipeline(WanPipeline):
                                 num_frames=num_frames or 9, **kwargs)
 
 
-def _tiny_wan_transformer() -> WanTransformer3DModel:
+class WanImageToVideoShortPromptPipeline(WanImageToVideoPipeline):
+    """Wan image-to-video with tiny Wan's defaults (32-token prompts, 9 frames of 64 px)."""
+
+    def __call__(self, image, prompt=None, *args, max_sequence_length: int = 32,
+                 height: int | None = 64, width: int | None = 64, num_frames: int | None = 9,
+                 **kwargs):
+        return super().__call__(image, prompt, *args, max_sequence_length=max_sequence_length,
+                                height=height or 64, width=width or 64,
+                                num_frames=num_frames or 9, **kwargs)
+
+
+def _tiny_wan_transformer(in_channels: int = 16) -> WanTransformer3DModel:
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=in_channels,
         out_channels=16, text_dim=32, freq_dim=64, ffn_dim=128, num_layers=4,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
@@ -142,6 +154,16 @@ def build_tiny_wan(experts: int = 1) -> WanPipeline:
     return WanShortPromptPipeline(tokenizer=tokenizer, text_encoder=text, transformer=transformer,
                                   vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                   **second)
+
+
+def build_tiny_wan_i2v() -> WanImageToVideoPipeline:
+    """builtin:tiny-wan-i2v: tiny Wan, image-to-video as Wan 2.2's I2V (no image encoder): the
+    first frame's latents and a mask join the noise (36 input channels)."""
+    text_to_video = build_tiny_wan()
+    return WanImageToVideoShortPromptPipeline(
+        tokenizer=text_to_video.tokenizer, text_encoder=text_to_video.text_encoder,
+        vae=text_to_video.vae, scheduler=text_to_video.scheduler,
+        transformer=_tiny_wan_transformer(in_channels=36))
 
 
 def build_tiny_wan22() -> WanPipeline:

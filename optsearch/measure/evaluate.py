@@ -32,6 +32,8 @@ from optsearch.measure.frames import clip_score, frame_fidelity
 from optsearch.measure.generation import (
     Batch,
     GenerationConfig,
+    call_inputs,
+    check_conditioning,
     generate,
     n_batches,
     prompt_seed,
@@ -177,7 +179,7 @@ class Evaluator:
         trial's does)."""
         config, count = self.config, min(prompts, len(self.prompts))
         with quiet_truncation(self.pipe):  # a long prompt's cut is said once (evaluator_from_spec)
-            self.pipe(self.prompts[:count], num_inference_steps=steps or config.steps,
+            self.pipe(**call_inputs(self.prompts[:count]), num_inference_steps=steps or config.steps,
                       height=config.height, width=config.width,
                       generator=[torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
                                  for i in range(count)],
@@ -317,6 +319,7 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
     else:
         check_families(pipe, spec)
         compiled_for(spec, pipe)
+    check_conditioning(pipe, prompts, spec.prompts.batch_size)
     note = long_prompts_note(pipe, prompts)
     if note is not None:
         warnings.warn(note, stacklevel=2)

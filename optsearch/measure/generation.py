@@ -17,8 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from optsearch.accelerators import AppliedSetting, call_parameters, execution_device
+from optsearch.errors import PromptError
 from optsearch.measure.compiling import compiled_as, graphs_compiled
 from optsearch.measure.long_prompts import quiet_truncation
+from optsearch.measure.prompts import conditioning_images
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,46 @@ class GenerationConfig:
             extra["num_frames"] = self.num_frames
         if self.guidance_scale_2 is not None:
             extra["guidance_scale_2"] = self.guidance_scale_2
+        if self.height and self.width and "max_area" in call_parameters(pipe):
+            # FLUX Kontext sizes its output by max_area (default 1024 x 1024): the spec's size
+            extra["max_area"] = self.height * self.width
         return extra
+
+
+# pipelines that condition every prompt of a call on one image (Wan's image-to-video): their
+# prompts run one a call, each with its own image
+ONE_IMAGE_A_CALL = ("WanImageToVideo",)
+
+
+def call_inputs(prompts: list[str]) -> dict:
+    """A call's prompts, by name (FLUX Kontext's call takes its image first), and where they
+    carry them, their images (an editing or image-to-video pipeline's inputs): one image alone,
+    as every pipeline takes it, a list for several prompts."""
+    images = conditioning_images(prompts)
+    if images is None:
+        return {"prompt": list(prompts)}
+    return {"prompt": list(prompts), "image": images[0] if len(images) == 1 else images}
+
+
+def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
+    """Prompts and pipeline agree on images: an image-to-video pipeline needs one with every
+    prompt, and a text-to-image one would ignore them; one that takes one image a call runs one
+    prompt a call (a PromptError, one line, otherwise)."""
+    parameter = call_parameters(pipe).get("image")
+    name = type(pipe).__name__
+    single = any(cls.__name__.startswith(ONE_IMAGE_A_CALL) for cls in type(pipe).__mro__)
+    if single and batch_size > 1 and conditioning_images(prompts) is not None:
+        raise PromptError(f"{name} conditions every prompt of a call on one image: set "
+                          "prompts.batch_size = 1 (each prompt with its own image)")
+    if conditioning_images(prompts) is None:
+        if parameter is not None and parameter.default is parameter.empty:
+            raise PromptError(f"{name} takes an image with each prompt: set prompts.image_column "
+                              "(the column of a prompt file that holds image paths) or name a "
+                              "folder of images with a metadata.jsonl as prompts.source")
+    elif parameter is None:
+        raise PromptError(f"{name} takes no image: the prompts' images (prompts.image_column, or "
+                          "a folder as prompts.source) would be ignored; use text prompts, or an "
+                          "image-conditioned pipeline (FLUX Kontext, image-to-video)")
 
 
 MIN_WARMUP_STEPS = 3  # multistep schedulers (PNDM, DPM-Solver) use their own first-step paths
@@ -155,7 +196,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
             fault(index)
         with quiet_truncation(pipe):  # a long prompt's cut is said once (evaluator_from_spec)
             output = call(
-                [prompts[i] for i in indices],
+                **call_inputs([prompts[i] for i in indices]),
                 num_inference_steps=steps,
                 height=config.height,
                 width=config.width,

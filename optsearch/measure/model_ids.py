@@ -16,8 +16,10 @@ from optsearch.errors import ModelLoadError
 
 BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
                  "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer",
+                 "builtin:tiny-flux-kontext": "transformer",
                  "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer",
-                 "builtin:tiny-wan": "video", "builtin:tiny-wan22": "video"}
+                 "builtin:tiny-wan": "video", "builtin:tiny-wan22": "video",
+                 "builtin:tiny-wan-i2v": "video"}
 BUILTIN_MODELS = tuple(BUILTIN_KINDS)
 
 # Diffusion transformers by the name their hub ids carry, when no model_index.json is at hand;

@@ -225,6 +225,31 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
     raise UsageError(f"--format diffusers does not know family {name!r}")
 
 
+HOOK_FAMILIES = ("fbcache", "taylorseer", "pab", "magcache", "seacache", "fastercache")
+
+
+def _cache_context_code() -> list[str]:
+    """diffusers' hooks key their state by the cache context the loop names; where it names none
+    (FLUX Kontext, Fill, image-to-image in diffusers 0.42) each call is named "cond", as
+    optsearch measured it (`HookPatch._name_calls`)."""
+    return ["", "# diffusers' caches key their state by the cache context the pipeline's loop names;",
+            "# FLUX Kontext's, Fill's and image-to-image's loops name none: each call is \"cond\"",
+            "import inspect", "",
+            "calls = [vars(c)['__call__'] for c in type(pipe).__mro__ if '__call__' in vars(c)]",
+            "if not any('cache_context' in inspect.getsource(call) for call in calls):",
+            "    def enter(module, args):",
+            "        module._cache_context = module.cache_context('cond')",
+            "        module._cache_context.__enter__()",
+            "",
+            "    def leave(module, args, output):",
+            "        module.__dict__.pop('_cache_context').__exit__(None, None, None)",
+            "",
+            "    for expert in (pipe.transformer, getattr(pipe, 'transformer_2', None)):",
+            "        if expert is not None:",
+            "            expert.register_forward_pre_hook(enter)",
+            "            expert.register_forward_hook(leave)"]
+
+
 def diffusers_python(exported: dict) -> str:
     """A Python module with `accelerate(pipe) -> call kwargs`: the winner, without optsearch."""
     setting = exported["best"]["setting"]
@@ -234,6 +259,8 @@ def diffusers_python(exported: dict) -> str:
         code = _family_code(name, params, exported)
         if code:
             body += ["", f"# {name}", *code]
+    if any(name in HOOK_FAMILIES for name in setting):
+        body += _cache_context_code()
     body += ["return call_kwargs"]
     indented = "\n".join(f"    {line}" if line else "" for line in body)
     measured = _measured_with(exported)

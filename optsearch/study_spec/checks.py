@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, dbcache, params_of, step_problems
 from optsearch.measure.model_ids import is_factory
@@ -103,6 +104,11 @@ def validate(spec: StudySpec, problem) -> None:
         if seed is not None and not 0 <= seed < 2**32:  # what datasets and numpy seed with
             problem(key, f"{seed} must be in [0, 2**32 - 1]")
     _check_source("prompts.source", prompts.source, problem)
+    if prompts.image_column is not None and not prompts.image_column.strip():
+        problem("prompts.image_column", "must name a column")
+    elif prompts.image_column is not None and prompts.source in PROMPT_SOURCES:
+        problem("prompts.image_column", f"prompt set {prompts.source!r} holds no images: name a "
+                "prompt file whose column holds image paths, or a folder of images")
     if quality.metric not in METRICS:
         problem("quality.metric", f"unknown metric {quality.metric!r} (allowed: {', '.join(METRICS)})")
     elif quality.metric == "ssim" and not -1 <= quality.limit <= 1:
@@ -220,9 +226,11 @@ def validate(spec: StudySpec, problem) -> None:
 
 
 def _check_source(key: str, source: str, problem) -> None:
-    if source not in PROMPT_SOURCES and not source.lower().endswith(PROMPT_FILE_SUFFIXES):
+    if source not in PROMPT_SOURCES and not source.lower().endswith(PROMPT_FILE_SUFFIXES) \
+            and not source.endswith(("/", "\\")) and not os.path.isdir(os.path.expanduser(source)):
         problem(key, f"unknown prompt source {source!r} (allowed: "
-                f"{', '.join(PROMPT_SOURCES)}, or a {'/'.join(PROMPT_FILE_SUFFIXES)} file)")
+                f"{', '.join(PROMPT_SOURCES)}, a {'/'.join(PROMPT_FILE_SUFFIXES)} file, or a "
+                "folder of images with a metadata.jsonl)")
 
 
 def check_device(device: str) -> str | None:

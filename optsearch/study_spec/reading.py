@@ -64,8 +64,9 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
         raise SpecError([f"{path}: cannot read spec: {error}"]) from None
     _resolve_paths(data, path.parent)
     spec = spec_from_dict(data, source=str(path), overrides=overrides)
-    missing = [f"{path}: {key}: file {value} does not exist (relative paths are read from the "
-               "spec's folder)" for key, value in _prompt_files(spec) if not Path(value).is_file()]
+    missing = [f"{path}: {key}: {'file' if _is_prompt_file(value) else 'folder'} {value} does not "
+               "exist (relative paths are read from the spec's folder)"
+               for key, value in _prompt_files(spec) if not _exists(value)]
     if missing:
         raise SpecError(missing)
     return spec
@@ -75,9 +76,19 @@ def _is_prompt_file(source: str) -> bool:
     return source not in PROMPT_SOURCES and source.lower().endswith(PROMPT_FILE_SUFFIXES)
 
 
+def _is_prompt_path(source: str, folder: Path) -> bool:
+    """A prompt file, or a folder of images with their prompts (relative to `folder`)."""
+    return _is_prompt_file(source) or (source not in PROMPT_SOURCES and (
+        source.endswith(("/", "\\")) or (folder / Path(source).expanduser()).is_dir()))
+
+
 def _prompt_files(spec: StudySpec) -> list[tuple[str, str]]:
     files = [("prompts.source", spec.prompts.source), ("confirm.source", spec.confirm.source)]
-    return [(key, value) for key, value in files if value and _is_prompt_file(value)]
+    return [(key, value) for key, value in files if value and _is_prompt_path(value, Path("."))]
+
+
+def _exists(value: str) -> bool:
+    return Path(value).is_file() if _is_prompt_file(value) else Path(value).is_dir()
 
 
 def _resolve_paths(data: dict, folder: Path) -> None:
@@ -92,10 +103,11 @@ def _resolve_paths(data: dict, folder: Path) -> None:
         table = data.get(section)
         value = table.get(key) if isinstance(table, dict) else None
         if isinstance(value, str) and applies(value) and not Path(value).expanduser().is_absolute():
-            table[key] = str((folder / Path(value).expanduser()).resolve())
+            slash = "/" if value.endswith(("/", "\\")) else ""  # a folder that is not there yet
+            table[key] = str((folder / Path(value).expanduser()).resolve()) + slash
 
-    resolve("prompts", "source", _is_prompt_file)
-    resolve("confirm", "source", _is_prompt_file)
+    resolve("prompts", "source", lambda value: _is_prompt_path(value, folder))
+    resolve("confirm", "source", lambda value: _is_prompt_path(value, folder))
     resolve("artifacts", "path", lambda value: "://" not in value)
     resolve("model", "id", lambda value: value.startswith(("./", "../")))
     model = data.get("model")

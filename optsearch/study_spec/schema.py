@@ -59,6 +59,9 @@ class PromptSpec:
     seed: int = 42
     shuffle: bool = False
     column: str | None = None  # the text column of a file or dataset, when not guessed
+    # the column of a file or folder holding each prompt's image, for image-conditioned pipelines
+    # (editing, image-to-video); a folder's images are its "image" column by default
+    image_column: str | None = None
 
 
 @dataclass
