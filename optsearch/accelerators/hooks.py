@@ -265,7 +265,6 @@ class HookPatch:
                  disable: Callable[[torch.nn.Module], None], count: bool | None = None):
         self.pipe, self.modules = pipe, denoisers(pipe)
         self.module = self.modules[0]
-        self.names_calls = sets_cache_context(pipe)
         self._naming: list = []  # the hooks that name each call where the loop names none
         if count is None:
             count = compiled_how(self.module) == "none"
@@ -282,6 +281,8 @@ class HookPatch:
         except BaseException:  # the second expert refused it: the first is left as it was
             self.restore()
             raise
+        # PAB and FasterCache keep plain state; the others key it by the loop's cache context
+        self.names_calls = sets_cache_context(pipe) or not self._keyed_by_context()
         self._name_calls()
         self.calls = self.computed = 0  # hooked modules' calls in the last call, and those run
         for module in self.submodules() if count else ():
@@ -322,6 +323,14 @@ class HookPatch:
             raise ValueError(f"{type(self.pipe).__name__} names no cache context and runs "
                              "guidance as separate transformer calls: diffusers' caches would "
                              "mix them (use dbcache, cache-dit's, or no true CFG)")
+
+    def _keyed_by_context(self) -> bool:
+        from diffusers.hooks.hooks import StateManager
+
+        return any(isinstance(value, StateManager)
+                   for module in self.submodules()
+                   for hook in getattr(module.__dict__.get("_diffusers_hook"), "hooks", {}).values()
+                   for value in vars(hook).values())
 
     def _name_calls(self) -> None:
         """Where the loop names no call, each denoiser call runs in the cache context "cond", as

@@ -225,7 +225,8 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
     raise UsageError(f"--format diffusers does not know family {name!r}")
 
 
-HOOK_FAMILIES = ("fbcache", "taylorseer", "pab", "magcache", "seacache", "fastercache")
+# diffusers' caches whose state is keyed by the loop's cache context (PAB's and FasterCache's is not)
+CONTEXT_KEYED = ("fbcache", "taylorseer", "magcache", "seacache")
 
 
 def _cache_context_code() -> list[str]:
@@ -259,7 +260,7 @@ def diffusers_python(exported: dict) -> str:
         code = _family_code(name, params, exported)
         if code:
             body += ["", f"# {name}", *code]
-    if any(name in HOOK_FAMILIES for name in setting):
+    if any(name in CONTEXT_KEYED for name in setting):
         body += _cache_context_code()
     body += ["return call_kwargs"]
     indented = "\n".join(f"    {line}" if line else "" for line in body)
