@@ -59,6 +59,8 @@ BENCHMARKS = {
                              "acts on both, not the first only?", "Accelerator families"),
     "taylorseer-lite": Benchmark("taylorseer_lite", "What do TaylorSeer's full and lite modes cost in "
                                  "speed, fidelity and the factors they hold?", "Accelerator families"),
+    "image-conditioned": Benchmark("image_conditioned", "Do the caches gain as much on an editing "
+                                   "pipeline (FLUX Kontext) as on text-to-image?", "Accelerator families"),
     "pab-space": Benchmark("pab_space", "How many computations does PAB's default space hold, and how "
                            "often do draws repeat one?", "Accelerator families"),
     "magcache-range": Benchmark("magcache_range", "How many MagCache trials skip nothing or repeat "

@@ -214,3 +214,28 @@ def test_image_to_video_runs_one_prompt_a_call_and_mismatches_are_one_line(tmp_p
     with pytest.raises(PromptError, match="takes no image: the prompts' images"):
         check_conditioning(build_builtin("builtin:tiny-wan"), images)
     check_conditioning(build_builtin("builtin:tiny-wan-i2v"), images)  # one a call: fine
+
+
+def test_a_grid_shows_the_image_each_prompt_was_generated_from(tmp_path):
+    import io
+
+    import optuna
+    from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+
+    from optsearch.storage.artifacts import upload_grid
+
+    study = optuna.create_study()
+    store = FileSystemArtifactStore(str(tmp_path))
+    black, white = np.zeros((1, 32, 32, 3), np.uint8), np.full((1, 32, 32, 3), 255, np.uint8)
+    for name, prompts in (("edit.png", [ConditionedPrompt("a red one", Image.new("RGB", (8, 8), COLORS[0]))]),
+                          ("text.png", ["a red one"])):
+        upload_grid(store, study, name, "trial 0", prompts, 1, black, white)
+    grids = {meta.filename: Image.open(io.BytesIO((tmp_path / meta.artifact_id).read_bytes()))
+             for meta in get_all_artifact_meta(study)}
+    cell, gap, top = 192, 4, 22 + 16  # a row's first pixel below the title and the prompt line
+    assert grids["edit.png"].width == 3 * cell + 4 * gap  # input, baseline, trial
+    assert grids["text.png"].width == 2 * cell + 3 * gap  # text prompts: no input column
+    middle = top + cell // 2
+    assert grids["edit.png"].getpixel((gap + cell // 2, middle)) == COLORS[0]
+    assert grids["edit.png"].getpixel((2 * gap + cell + cell // 2, middle)) == (0, 0, 0)
+    assert grids["edit.png"].getpixel((3 * gap + 2 * cell + cell // 2, middle)) == (255, 255, 255)

@@ -61,28 +61,33 @@ def download_arrays(store, artifact_id: str) -> dict[str, np.ndarray]:
 
 
 def image_grid(rows: list[tuple[str, np.ndarray, np.ndarray | None]], title: str,
-               cell: int = 192) -> bytes:
-    """A PNG: one row per prompt with its baseline image and (if given) the trial's image.
+               cell: int = 192, inputs: list | None = None) -> bytes:
+    """A PNG: one row per prompt with its baseline image and (if given) the trial's image, after
+    the image it was generated from where the pipeline took one (`inputs`: an edit's source,
+    a video's first frame).
 
     Small images are scaled up (nearest neighbour) to `cell` pixels so they can be inspected.
     """
     font = ImageFont.load_default()
-    columns = 1 if rows and rows[0][2] is None else 2
+    with_trial = bool(rows) and rows[0][2] is not None
+    names = ["input"] * (inputs is not None) + ["baseline"] + ["trial"] * with_trial
+    columns = len(names)
     label, header, gap = 16, 22, 4
     width = columns * cell + (columns + 1) * gap
     height = header + len(rows) * (cell + label + gap) + gap
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((gap, 4), title, fill="black", font=font)
-    column_names = ["baseline", "trial"][:columns]
     for index, (prompt, baseline, trial) in enumerate(rows):
         top = header + index * (cell + label + gap)
         draw.text((gap, top + 2), _fit(prompt, width // 6), fill="black", font=font)
-        for column, image in enumerate([baseline, trial][:columns]):
+        shown = ([] if inputs is None else [inputs[index]]) + [baseline] + [trial] * with_trial
+        for column, image in enumerate(shown):
             left = gap + column * (cell + gap)
-            canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (left, top + label))
+            picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+            canvas.paste(picture.resize((cell, cell), Image.NEAREST), (left, top + label))
             if index == 0:
-                draw.text((left + 3, top + label + 3), column_names[column], fill="yellow", font=font)
+                draw.text((left + 3, top + label + 3), names[column], fill="yellow", font=font)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -105,7 +110,9 @@ def upload_grid(store, target, name: str, title: str, prompts: list[str], count:
         return None if images is None else (images[index][0] if video else images[index])
 
     rows = [(prompts[i], first(baseline_images, i), first(trial_images, i)) for i in range(shown)]
-    upload_bytes(store, target, name, image_grid(rows, title), "image/png")
+    inputs = [getattr(prompts[i], "image", None) for i in range(shown)]
+    upload_bytes(store, target, name, image_grid(
+        rows, title, inputs=inputs if all(image is not None for image in inputs) else None), "image/png")
     if video:
         stem = name.removesuffix(".png")
         for index in range(shown):

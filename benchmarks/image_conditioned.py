@@ -1,0 +1,80 @@
+"""Do the caches gain as much on an editing pipeline as on text-to-image? FLUX Kontext runs FLUX's
+transformer with the image to edit's tokens beside the generated image's, in every block: the
+same settings on builtin:tiny-flux and builtin:tiny-flux-kontext (its weights, 128 px out; the
+shipped studies/edits images resized to 128 px in: as many image tokens in as out), CPU.
+
+Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
+interleaved with the model's baseline; speedup = baseline s/image / setting s/image (median of
+the passes); PSNR against that model's baseline images (random weights: fidelity, not quality).
+FirstBlockCache's threshold is the middle of the range calibrated on each model (as "auto"
+draws from), so each acts as much as its own residuals allow.
+
+    python -m benchmarks image-conditioned --repeats 3     # about 2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import machine, table
+from optsearch.accelerators import AppliedSetting, fbcache
+from optsearch.measure.generation import GenerationConfig, call_inputs, generate
+from optsearch.measure.models import load_pipeline
+from optsearch.measure.prompts import ConditionedPrompt
+from optsearch.measure.quality import psnr
+
+EDITS = Path(__file__).resolve().parents[1] / "studies" / "edits"
+SETTINGS = [("taylorseer 5/3/1", {"taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3}}),
+            ("pab 2, below 800", {"pab": {"spatial_attention_block_skip_range": 2,
+                                          "timestep_skip_high": 800}}),
+            ("steps 14 of 20", {"steps": {"num_inference_steps": 14}})]
+
+
+def edits(count: int = 4) -> list[ConditionedPrompt]:
+    rows = [json.loads(line) for line in (EDITS / "metadata.jsonl").read_text().splitlines()]
+    return [ConditionedPrompt(row["prompt"], Image.open(EDITS / row["file_name"]).convert("RGB")
+                              .resize((128, 128))) for row in rows[:count]]
+
+
+def main(repeats: int = 3) -> None:
+    started = time.perf_counter()
+    conditioned = edits()
+    config = GenerationConfig(steps=20, height=128, width=128, guidance_scale=2.5, batch_size=2)
+    rows = []
+    for model, prompts in (("builtin:tiny-flux", [str(p) for p in conditioned]),
+                           ("builtin:tiny-flux-kontext", conditioned)):
+        pipe = load_pipeline(model, device="cpu", dtype="float32")
+
+        def run(setting=None, pipe=pipe, prompts=prompts):
+            batches = list(generate(pipe, prompts, config, setting=setting))
+            return np.concatenate([b.images for b in batches]), sum(b.seconds for b in batches)
+
+        reference, _ = run()
+        low, high = fbcache.calibrate(pipe, lambda pipe=pipe, prompts=prompts: pipe(
+            **call_inputs(prompts[:2]), num_inference_steps=config.steps, height=128, width=128,
+            guidance_scale=2.5, output_type="latent"))["auto"]["threshold"]
+        settings = [*SETTINGS, (f"fbcache {(low + high) / 2:.3f} (mid-range)",
+                                {"fbcache": {"threshold": (low + high) / 2}})]
+        for label, setting in settings:
+            ratios = []
+            for _ in range(repeats):  # A B A B: the machine's drift hits both sides alike
+                _, base_seconds = run()
+                with AppliedSetting(pipe, setting) as applied:
+                    images, seconds = run(applied)
+                    computed = applied.computed_fraction()
+                ratios.append(base_seconds / seconds)
+            fidelity = float(np.mean([psnr(a, b) for a, b in zip(reference, images, strict=True)]))
+            rows.append([model.removeprefix("builtin:"), label, statistics.median(ratios),
+                         min(ratios), max(ratios), fidelity,
+                         "-" if computed is None else f"{computed:.0%}"])
+            print(f"{model} {label}: {statistics.median(ratios):.2f}x, {fidelity:.1f} dB", flush=True)
+    print(f"\n# 20 steps, 128 px, 4 prompts, batch 2, {repeats} A/B rounds ({machine()})")
+    print(table(["model", "setting", "speedup (median)", "min", "max", "PSNR vs baseline (dB)",
+                 "computed"], rows))
+    print(f"total {time.perf_counter() - started:.0f} s")
