@@ -50,7 +50,7 @@ def test_batches_timing_and_warmup(tiny_pipe):
 
     class Counting:
         def __call__(self, *args, **kwargs):
-            calls.append((len(args[0]), kwargs["num_inference_steps"]))
+            calls.append((len(kwargs["prompt"]), kwargs["num_inference_steps"]))
             return original(tiny_pipe, *args, **kwargs)
 
     config = GenerationConfig(steps=4, batch_size=2)
