@@ -44,6 +44,22 @@ def run_study(spec, folder: Path, n_trials: int | None = None, enqueue=(), progr
     return worker
 
 
+def ab_rounds(pipe, run, setting: dict, repeats: int):
+    """`repeats` rounds of the plain call and the setting's, A B A B (the machine's drift hits
+    both sides alike): the speedups of the rounds, and the setting's last images and computed
+    share. `run(applied=None)` returns (images, seconds)."""
+    from optsearch.accelerators import AppliedSetting
+
+    ratios = []
+    for _ in range(repeats):
+        _, base_seconds = run()
+        with AppliedSetting(pipe, setting) as applied:
+            images, seconds = run(applied)
+            computed = applied.computed_fraction()
+        ratios.append(base_seconds / seconds)
+    return ratios, images, computed
+
+
 def table(headers, rows) -> str:
     from optsearch.formatting import table as render
 

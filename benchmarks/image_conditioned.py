@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import machine, table
-from optsearch.accelerators import AppliedSetting, fbcache
+from benchmarks.common import ab_rounds, machine, table
+from optsearch.accelerators import fbcache
 from optsearch.measure.generation import GenerationConfig, call_inputs, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import ConditionedPrompt
@@ -62,13 +62,7 @@ def main(repeats: int = 3) -> None:
         settings = [*SETTINGS, (f"fbcache {(low + high) / 2:.3f} (mid-range)",
                                 {"fbcache": {"threshold": (low + high) / 2}})]
         for label, setting in settings:
-            ratios = []
-            for _ in range(repeats):  # A B A B: the machine's drift hits both sides alike
-                _, base_seconds = run()
-                with AppliedSetting(pipe, setting) as applied:
-                    images, seconds = run(applied)
-                    computed = applied.computed_fraction()
-                ratios.append(base_seconds / seconds)
+            ratios, images, computed = ab_rounds(pipe, run, setting, repeats)
             fidelity = float(np.mean([psnr(a, b) for a, b in zip(reference, images, strict=True)]))
             rows.append([model.removeprefix("builtin:"), label, statistics.median(ratios),
                          min(ratios), max(ratios), fidelity,

@@ -21,8 +21,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from benchmarks.common import machine, table
-from optsearch.accelerators import AppliedSetting, taylorseer
+from benchmarks.common import ab_rounds, machine, table
+from optsearch.accelerators import taylorseer
 from optsearch.measure.generation import GenerationConfig, generate
 from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import builtin_prompts
@@ -51,13 +51,7 @@ def main(repeats: int = 3) -> None:
         for label, schedule in SCHEDULES:
             for lite in modes:
                 setting = {"taylorseer": {**schedule, "use_lite_mode": lite}}
-                ratios = []
-                for _ in range(repeats):  # A B A B: the machine's drift hits both sides alike
-                    _, base_seconds = run()
-                    with AppliedSetting(pipe, setting) as applied:
-                        images, seconds = run(applied)
-                        computed = applied.computed_fraction()
-                    ratios.append(base_seconds / seconds)
+                ratios, images, computed = ab_rounds(pipe, run, setting, repeats)
                 held = taylorseer.peak_factor_bytes(pipe, lambda count, config=config, pipe=pipe: list(
                     generate(pipe, prompts[:2], replace(config, steps=count), warmup=False)),
                     schedule.get("max_order", 1), lite)
