@@ -58,17 +58,21 @@ def runs_separate_cfg(pipe, call_kwargs) -> bool:
 def sets_cache_context(pipe) -> bool:
     """Does the pipeline's denoising loop name its denoiser calls (diffusers' `cache_context`,
     which keys the cache hooks' state)? FLUX Kontext, Fill and image-to-image do not (diffusers
-    0.42), and diffusers' hooks then fail at the first step. Assumed so when no source is found."""
+    0.42), and diffusers' hooks then fail at the first step. Assumed so when no source is found
+    (a class defined in a notebook is passed over: its parents' loop decides)."""
+    read = False
     for cls in type(pipe).__mro__:
         call = vars(cls).get("__call__")
         if call is None:
             continue
         try:
-            if "cache_context" in inspect.getsource(call):
-                return True
+            source = inspect.getsource(call)
         except (OSError, TypeError):
+            continue
+        read = True
+        if "cache_context" in source:
             return True
-    return False
+    return not read
 
 
 def enter_cond_context(module, args) -> None:
