@@ -95,11 +95,12 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
     prompt a call (a PromptError, one line, otherwise)."""
     parameter = call_parameters(pipe).get("image")
     name = type(pipe).__name__
+    images = conditioning_images(prompts)
     single = any(cls.__name__.startswith(ONE_IMAGE_A_CALL) for cls in type(pipe).__mro__)
-    if single and batch_size > 1 and conditioning_images(prompts) is not None:
+    if single and batch_size > 1 and images is not None:
         raise PromptError(f"{name} conditions every prompt of a call on one image: set "
                           "prompts.batch_size = 1 (each prompt with its own image)")
-    if conditioning_images(prompts) is None:
+    if images is None:
         if parameter is not None and parameter.default is parameter.empty:
             raise PromptError(f"{name} takes an image with each prompt: set prompts.image_column "
                               "(the column of a prompt file that holds image paths) or name a "

@@ -16,13 +16,9 @@ from __future__ import annotations
 import random
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from optsearch.errors import PromptError, first_line
 from optsearch.measure.hub import missing, offline_reason
-
-if TYPE_CHECKING:
-    from optsearch.study_spec import StudySpec
 
 # source -> (dataset id, split, column, take the first element of a list column)
 HUB_SOURCES = {
@@ -56,10 +52,12 @@ def conditioning_images(prompts: list[str]) -> list | None:
     return images if any(image is not None for image in images) else None
 
 
-def is_folder(source: str) -> bool:
-    """A source that names a folder of images with their prompts (datasets' imagefolder)."""
+def is_folder(source: str, base: Path | None = None) -> bool:
+    """A source that names a folder of images with their prompts (datasets' imagefolder): one
+    that ends with a slash (it may not be there yet), or an existing folder (relative to `base`,
+    default the working directory)."""
     return source not in HUB_SOURCES and source != "builtin" and (
-        source.endswith(("/", "\\")) or Path(source).expanduser().is_dir())
+        source.endswith(("/", "\\")) or ((base or Path()) / Path(source).expanduser()).is_dir())
 
 
 
@@ -208,12 +206,12 @@ def _read_image(image, source: str):
         raise PromptError(f"{source!r}: cannot read the image {where}: {first_line(error)}") from None
 
 
-def confirm_asked(spec: StudySpec) -> bool:
+def confirm_asked(spec) -> bool:
     """The spec has a `[confirm]` table that names its prompts (count or source)."""
     return spec.confirm.num_samples is not None or spec.confirm.source is not None
 
 
-def confirm_prompts(spec: StudySpec) -> list[str]:
+def confirm_prompts(spec) -> list[str]:
     """The prompts of confirmation: `[confirm] source` (default: the search's), skipping the
     search's own prompts when the source is the same."""
     prompts, confirm = spec.prompts, spec.confirm

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, dbcache, params_of, step_problems
 from optsearch.measure.model_ids import is_factory
+from optsearch.measure.prompts import is_folder
 from optsearch.study_spec.schema import (
     COMPILES,
     DTYPES,
@@ -227,7 +227,7 @@ def validate(spec: StudySpec, problem) -> None:
 
 def _check_source(key: str, source: str, problem) -> None:
     if source not in PROMPT_SOURCES and not source.lower().endswith(PROMPT_FILE_SUFFIXES) \
-            and not source.endswith(("/", "\\")) and not os.path.isdir(os.path.expanduser(source)):
+            and not is_folder(source):
         problem(key, f"unknown prompt source {source!r} (allowed: "
                 f"{', '.join(PROMPT_SOURCES)}, a {'/'.join(PROMPT_FILE_SUFFIXES)} file, or a "
                 "folder of images with a metadata.jsonl)")

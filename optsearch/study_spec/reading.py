@@ -17,6 +17,7 @@ from typing import Any
 from optsearch.accelerators import KINDS, ORDER, params_of
 from optsearch.errors import SpecError
 from optsearch.measure.model_ids import is_factory, model_kind
+from optsearch.measure.prompts import is_folder
 from optsearch.study_spec.checks import validate
 from optsearch.study_spec.schema import (
     PROMPT_FILE_SUFFIXES,
@@ -78,8 +79,7 @@ def _is_prompt_file(source: str) -> bool:
 
 def _is_prompt_path(source: str, folder: Path) -> bool:
     """A prompt file, or a folder of images with their prompts (relative to `folder`)."""
-    return _is_prompt_file(source) or (source not in PROMPT_SOURCES and (
-        source.endswith(("/", "\\")) or (folder / Path(source).expanduser()).is_dir()))
+    return _is_prompt_file(source) or is_folder(source, folder)
 
 
 def _prompt_files(spec: StudySpec) -> list[tuple[str, str]]:
