@@ -330,8 +330,10 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
             os.killpg(parent.pid, signal.SIGKILL)
     assert parent.returncode == 130, err
     timings = studies.timings(study)
-    assert len({record["worker"] for record in timings}) == 2  # two processes, two baselines
-    assert not study.get_trials(states=(TrialState.RUNNING,))  # every running trial re-queued
+    assert len({record["worker"] for record in timings}) == 2, err  # two processes, two baselines
+    running = [(trial.number, trial.datetime_start, trial.user_attrs)
+               for trial in study.get_trials(states=(TrialState.RUNNING,))]
+    assert not running, (running, err)  # every running trial re-queued
     assert "Traceback" not in err
     assert err.startswith("warning: 2 CPU workers share this machine's")  # said before they start
 

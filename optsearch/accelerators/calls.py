@@ -39,9 +39,12 @@ def call_argument(pipe, name: str, args: tuple, kwargs: Mapping):
 
 def runs_separate_cfg(pipe, call_kwargs) -> bool:
     """Does this call run guidance as separate transformer calls (on a pipeline that can)?
-    Qwen-Image's true CFG needs true_cfg_scale > 1 and a negative prompt; elsewhere guidance_scale
-    > 1 (the call's, else the pipeline's default)."""
+    Qwen-Image's true CFG needs true_cfg_scale > 1 and a negative prompt; a call that takes no
+    negative prompt has none (FLUX Fill: its guidance_scale is distilled into the transformer);
+    elsewhere guidance_scale > 1 (the call's, else the pipeline's default)."""
     params = call_parameters(pipe)
+    if "negative_prompt" not in params and "negative_prompt_embeds" not in params:
+        return False
 
     def given(name):
         value = call_kwargs.get(name)

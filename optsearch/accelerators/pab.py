@@ -36,16 +36,23 @@ PARAMS = (
 
 
 class _TimestepProbe:
-    """The timestep of the denoiser's latest call, read by a forward pre-hook."""
+    """The timestep of the denoiser's latest call, read by a forward pre-hook, on the 0-1000
+    scale: FLUX's image-to-image, Fill and inpainting loops pass it divided by 1000 (and track no
+    current timestep), which the scheduler's own timesteps tell at the first call."""
 
-    def __init__(self, module):
+    def __init__(self, module, scheduler=None):
         self.value = 1000
+        self.scale: float | None = None  # 1000 where the denoiser gets timestep / 1000
+        self.scheduler = scheduler
         self.handle = module.register_forward_pre_hook(self._read, with_kwargs=True)
 
     def _read(self, module, args, kwargs) -> None:
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if timestep is not None:
-            self.value = _as_float(timestep)
+            value = _as_float(timestep)
+            if self.scale is None:
+                self.scale = _scale_of(value, getattr(self.scheduler, "timesteps", None))
+            self.value = value * self.scale
 
     def __call__(self) -> float:
         return self.value
@@ -55,13 +62,23 @@ def _as_float(timestep) -> float:
     return float(timestep.flatten()[0]) if hasattr(timestep, "flatten") else float(timestep)
 
 
+def _scale_of(value: float, timesteps) -> float:
+    """1000 when `value` is one of the scheduler's timesteps divided by 1000 (to within bf16's
+    precision) and not one itself, else 1."""
+    if timesteps is None or len(timesteps) == 0 or value <= 0:
+        return 1.0
+    nearest = min(abs(float(t) - value) for t in timesteps)
+    scaled = min(abs(float(t) - 1000 * value) for t in timesteps)
+    return 1000.0 if scaled <= 0.01 * 1000 * value and nearest > 0.01 * max(value, 1.0) else 1.0
+
+
 def _timestep_source(pipe, module) -> tuple[Callable[[], float], _TimestepProbe | None]:
     """What PAB reads as the current timestep: the pipeline's own when it tracks one (FLUX: on
     the 0-1000 scale, where its transformer gets it divided by 1000), else a probe's reading of
     the denoiser's calls (to remove with the patch)."""
     if hasattr(type(pipe), "current_timestep"):
         return (lambda: pipe.current_timestep), None
-    probe = _TimestepProbe(module)
+    probe = _TimestepProbe(module, getattr(pipe, "scheduler", None))
     return probe, probe
 
 

@@ -9,6 +9,7 @@ the DeepCache helper itself (`pipe.deepcache`), so DeepCache must be applied fir
 from __future__ import annotations
 
 from optsearch.accelerators.base import Param
+from optsearch.accelerators.calls import call_parameters
 
 NAME = "tgate"
 APPLIES_TO = ("unet",)
@@ -19,6 +20,15 @@ PARAMS = (
 )
 
 _ADDED_TO_ATTENTION = ("forward", "cache")
+
+
+def problem_with(pipe, values=None) -> str | None:
+    """T-GATE's loaders run their own text-to-image loop in place of the pipeline's call: an
+    inpainting or image-to-image call would lose its image (and fail on its strength)."""
+    if "image" in call_parameters(pipe):
+        return (f"tgate runs its own text-to-image loop in place of {type(pipe).__name__}'s call, "
+                "which takes an image (inpainting or image-to-image): leave tgate out")
+    return None
 
 
 class TGatePatch:

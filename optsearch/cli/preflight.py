@@ -106,8 +106,10 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         attempt("quality.lpips", check_alexnet_weights)
     if prompts is not None:
         image = getattr(prompts[0], "image", None)  # an image-conditioned pipeline's input
+        mask = getattr(prompts[0], "mask", None)  # an inpainting one's region to fill
         report.facts.update(prompts=len(prompts), sample=prompts[0],
-                            image_size=None if image is None else image.size)
+                            image_size=None if image is None else image.size,
+                            mask_share=None if mask is None else _white_share(mask))
         if pipe is not None:
             report.facts["long_prompts"] = long_prompts_note(pipe, prompts)
             attempt("prompts", lambda: check_conditioning(pipe, prompts, spec.prompts.batch_size))
@@ -302,7 +304,9 @@ def format_report(report: Report, spec) -> str:
     lines = [f"model {spec.model.id} on {facts['device']} ({facts['dtype']}); "
              f"{spec.search.model_kind} pipeline",
              f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {_shortened(facts['sample'])!r}"
-             + (" with an image of {}x{} px".format(*facts["image_size"]) if facts.get("image_size") else ""),
+             + (" with an image of {}x{} px".format(*facts["image_size"]) if facts.get("image_size") else "")
+             + (f" and a mask of {facts['mask_share']:.0%} of it"
+                if facts.get("mask_share") is not None else ""),
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "
              f"{facts['batch_size']}, {spec.model.steps} steps",
              "deployment context (what the figures will hold for; serve at it): "
@@ -340,3 +344,9 @@ def format_report(report: Report, spec) -> str:
     lines.append(estimate_text(facts["estimate"]))
     lines.append("ready: a study of this spec can run")
     return "\n".join(lines)
+
+
+def _white_share(mask) -> float:
+    """The share of a mask's pixels to fill (white, over half grey)."""
+    histogram = mask.histogram()
+    return sum(histogram[128:]) / max(1, sum(histogram))

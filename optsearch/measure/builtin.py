@@ -12,10 +12,12 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxFillPipeline,
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -55,9 +57,10 @@ def _ddim():
     )
 
 
-def _build_sd(unet_kwargs: dict, vae_channels: tuple[int, ...], text_hidden: int):
+def _build_sd(unet_kwargs: dict, vae_channels: tuple[int, ...], text_hidden: int,
+              pipeline_class=StableDiffusionPipeline):
     tokenizer = byte_level_tokenizer()
-    return StableDiffusionPipeline(
+    return pipeline_class(
         unet=UNet2DConditionModel(**unet_kwargs),
         vae=_vae(vae_channels),
         text_encoder=text_encoder(text_hidden, len(tokenizer)),
@@ -81,11 +84,13 @@ def build_builtin(name: str):
 
 
 def _build_builtin(name: str):
-    if name == "builtin:tiny":
-        # 32 px images, 16x16 latents; attention at the top level so ToMe acts.
+    if name in ("builtin:tiny", "builtin:tiny-sd-inpaint"):
+        # 32 px images, 16x16 latents; attention at the top level so ToMe acts. Inpainting's UNet
+        # also reads the mask and the masked image's latents: 4 + 1 + 4 input channels.
+        inpaint = name == "builtin:tiny-sd-inpaint"
         unet = dict(
             sample_size=16,
-            in_channels=4,
+            in_channels=9 if inpaint else 4,
             out_channels=4,
             block_out_channels=(32, 64),
             layers_per_block=2,
@@ -95,7 +100,8 @@ def _build_builtin(name: str):
             attention_head_dim=8,
             norm_num_groups=32,
         )
-        return _build_sd(unet, (32, 64), 32)
+        return _build_sd(unet, (32, 64), 32,
+                         StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)
     if name == "builtin:cpu-bench":
         # SD1.5 topology with narrow channels (34M params); 256 px by default (32x32 latents).
         unet = dict(
@@ -117,6 +123,8 @@ def _build_builtin(name: str):
         return _build_tiny_flux()
     if name == "builtin:tiny-flux-kontext":
         return _build_tiny_flux_kontext()
+    if name == "builtin:tiny-flux-fill":
+        return _build_tiny_flux_fill()
     if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-wan", "builtin:tiny-wan22",
                 "builtin:tiny-wan-i2v"):
         from optsearch.measure import builtin_dits
@@ -217,6 +225,28 @@ def _build_tiny_flux_kontext():
     pipe = FluxKontextShortPromptPipeline(**{name: component for name, component
                                              in flux.components.items()
                                              if name not in ("image_encoder", "feature_extractor")})
+    pipe.default_sample_size = 16
+    return pipe
+
+
+class FluxFillShortPromptPipeline(FluxFillPipeline):
+    """FLUX Fill (inpainting) with 32-token T5 prompts. Named so that cache-dit knows it as FLUX."""
+
+    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
+        _short_t5_prompts(prompt, kwargs, max_sequence_length)
+        return super().__call__(prompt, *args, max_sequence_length=max_sequence_length, **kwargs)
+
+
+def _build_tiny_flux_fill():
+    """builtin:tiny-flux-fill: FLUX Fill on tiny FLUX's topology. Its transformer also reads the
+    masked image's latents (64 channels, packed) and the mask (8 x 8 pixels a latent, packed: 256)."""
+    flux = _build_tiny_flux()
+    config = {key: value for key, value in flux.transformer.config.items() if not key.startswith("_")}
+    config.update(in_channels=384, out_channels=64)
+    components = {name: component for name, component in flux.components.items()
+                  if name not in ("image_encoder", "feature_extractor")}
+    pipe = FluxFillShortPromptPipeline(**{**components,
+                                          "transformer": FluxTransformer2DModel(**config)})
     pipe.default_sample_size = 16
     return pipe
 

@@ -20,7 +20,7 @@ from optsearch.accelerators import AppliedSetting, call_parameters, execution_de
 from optsearch.errors import PromptError
 from optsearch.measure.compiling import compiled_as, graphs_compiled
 from optsearch.measure.long_prompts import quiet_truncation
-from optsearch.measure.prompts import conditioning_images
+from optsearch.measure.prompts import conditioning_images, conditioning_masks
 
 
 @dataclass(frozen=True)
@@ -81,21 +81,34 @@ ONE_IMAGE_A_CALL = ("WanImageToVideo",)
 
 def call_inputs(prompts: list[str]) -> dict:
     """A call's prompts, by name (FLUX Kontext's call takes its image first), and where they
-    carry them, their images (an editing or image-to-video pipeline's inputs): one image alone,
-    as every pipeline takes it, a list for several prompts."""
-    images = conditioning_images(prompts)
-    if images is None:
-        return {"prompt": list(prompts)}
-    return {"prompt": list(prompts), "image": images[0] if len(images) == 1 else images}
+    carry them, their images (an editing or image-to-video pipeline's inputs) and masks (an
+    inpainting one's): one alone, as every pipeline takes it, a list for several prompts."""
+    inputs = {"prompt": list(prompts)}
+    for name, values in (("image", conditioning_images(prompts)),
+                         ("mask_image", conditioning_masks(prompts))):
+        if values is not None:
+            inputs[name] = values[0] if len(values) == 1 else values
+    return inputs
 
 
 def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
     """Prompts and pipeline agree on images: an image-to-video pipeline needs one with every
-    prompt, and a text-to-image one would ignore them; one that takes one image a call runs one
-    prompt a call (a PromptError, one line, otherwise)."""
-    parameter = call_parameters(pipe).get("image")
+    prompt, an inpainting one an image and a mask, and a text-to-image one would ignore them; one
+    that takes one image a call runs one prompt a call (a PromptError, one line, otherwise)."""
+    parameters = call_parameters(pipe)
+    parameter = parameters.get("image")
     name = type(pipe).__name__
     images = conditioning_images(prompts)
+    masks = conditioning_masks(prompts)
+    if "mask_image" in parameters and masks is None:
+        raise PromptError(f"{name} fills a masked region of each prompt's image: set "
+                          "prompts.image_column and prompts.mask_column (columns of a prompt file "
+                          "that hold image and mask paths) or name a folder whose metadata.jsonl "
+                          "gives file_name and mask_file_name")
+    if masks is not None and "mask_image" not in parameters:
+        raise PromptError(f"{name} takes no mask: the prompts' masks would be ignored; use an "
+                          "inpainting pipeline (FLUX Fill, Stable Diffusion inpainting), or "
+                          "prompts without masks")
     single = any(cls.__name__.startswith(ONE_IMAGE_A_CALL) for cls in type(pipe).__mro__)
     if single and batch_size > 1 and images is not None:
         raise PromptError(f"{name} conditions every prompt of a call on one image: set "

@@ -8,7 +8,9 @@ source's order, or after a seeded shuffle.
 An image-conditioned pipeline (an editing one such as FLUX Kontext, image-to-video) takes an image
 with each prompt: `prompts.image_column` names the column that holds it (a path, relative to the
 file), and a folder (datasets' imagefolder: images with a metadata.jsonl) holds one per prompt.
-Such a prompt is a `ConditionedPrompt`: its text everywhere prompts go, its image in the call.
+An inpainting pipeline (FLUX Fill, Stable Diffusion inpainting) also takes a mask with each image:
+`prompts.mask_column`, or a folder's `mask_file_name`. Such a prompt is a `ConditionedPrompt`: its
+text everywhere prompts go, its image (and mask) in the call.
 """
 
 from __future__ import annotations
@@ -29,27 +31,36 @@ FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv
                  ".parquet": "parquet"}
 TEXT_COLUMNS = ("prompt", "Prompt", "caption", "text", "captions")
 FOLDER_IMAGE_COLUMN = "image"  # what datasets' imagefolder calls each row's image
+FOLDER_MASK_COLUMN = "mask"  # ... and each row's mask_file_name
 
 
 class ConditionedPrompt(str):
     """A prompt with the image the pipeline conditions on (the image to edit, a video's first
-    frame): its text wherever prompts go (CLIP, records, keys), its image in the pipeline call."""
+    frame) and, for inpainting, the mask of the region to fill: its text wherever prompts go
+    (CLIP, records, keys), its image and mask in the pipeline call."""
 
     image: object  # a PIL image, RGB
+    mask: object  # a PIL image, L (white: fill), or None
 
-    def __new__(cls, text: str, image=None) -> ConditionedPrompt:
+    def __new__(cls, text: str, image=None, mask=None) -> ConditionedPrompt:
         prompt = super().__new__(cls, text)
-        prompt.image = image
+        prompt.image, prompt.mask = image, mask
         return prompt
 
     def __reduce__(self):
-        return ConditionedPrompt, (str(self), self.image)
+        return ConditionedPrompt, (str(self), self.image, self.mask)
 
 
 def conditioning_images(prompts: list[str]) -> list | None:
     """The images of `prompts`, None when they carry none (text-only prompts)."""
     images = [getattr(prompt, "image", None) for prompt in prompts]
     return images if any(image is not None for image in images) else None
+
+
+def conditioning_masks(prompts: list[str]) -> list | None:
+    """The inpainting masks of `prompts`, None when they carry none."""
+    masks = [getattr(prompt, "mask", None) for prompt in prompts]
+    return masks if any(mask is not None for mask in masks) else None
 
 
 def is_folder(source: str, base: Path | None = None) -> bool:
@@ -69,11 +80,12 @@ def builtin_prompts() -> list[str]:
 
 
 def load_prompts(source: str, num_samples: int, seed: int = 42, shuffle: bool = False,
-                 column: str | None = None, image_column: str | None = None) -> list[str]:
+                 column: str | None = None, image_column: str | None = None,
+                 mask_column: str | None = None) -> list[str]:
     """Return `num_samples` prompts from `source`, deterministically; with `image_column` (or
-    from a folder) each a `ConditionedPrompt` holding its image. Only the images of the prompts
-    taken are read."""
-    rows = _all_prompts(source, column, image_column)
+    from a folder) each a `ConditionedPrompt` holding its image, and with `mask_column` (or a
+    folder's masks) its mask. Only the images of the prompts taken are read."""
+    rows = _all_prompts(source, column, image_column, mask_column)
     if num_samples > len(rows):
         raise PromptError(
             f"prompts.num_samples={num_samples} but source {source!r} has only {len(rows)} "
@@ -82,8 +94,9 @@ def load_prompts(source: str, num_samples: int, seed: int = 42, shuffle: bool = 
     if shuffle:
         rows = list(rows)
         random.Random(seed).shuffle(rows)
-    return [text if image is None else ConditionedPrompt(text, _read_image(image, source))
-            for text, image in rows[:num_samples]]
+    return [text if image is None else ConditionedPrompt(
+        text, _read_image(image, source), None if mask is None else _read_image(mask, source, "L"))
+        for text, image, mask in rows[:num_samples]]
 
 
 def is_local(source: str) -> bool:
@@ -95,23 +108,30 @@ def prompts_of(prompts, count: int | None = None, source: str | None = None) -> 
     """The prompts a spec's [prompts] table names (a `PromptSpec`): its first `count` (default its
     num_samples), from `source` instead of its own when given."""
     return load_prompts(source or prompts.source, count or prompts.num_samples, prompts.seed,
-                        prompts.shuffle, prompts.column, prompts.image_column)
+                        prompts.shuffle, prompts.column, prompts.image_column,
+                        prompts.mask_column)
 
 
-def _all_prompts(source: str, column: str | None,
-                 image_column: str | None = None) -> list[tuple[str, object]]:
-    """Every (prompt, image) row of `source`, the image unread (None without an image column)."""
+def _all_prompts(source: str, column: str | None, image_column: str | None = None,
+                 mask_column: str | None = None) -> list[tuple[str, object, object]]:
+    """Every (prompt, image, mask) row of `source`, images unread (None without their column)."""
     if source in HUB_SOURCES or source == "builtin":
-        if image_column is not None:
-            raise PromptError(f"prompts.image_column: prompt set {source!r} holds no images; "
+        if image_column is not None or mask_column is not None:
+            key = "image_column" if image_column is not None else "mask_column"
+            raise PromptError(f"prompts.{key}: prompt set {source!r} holds no images; "
                               "name a file whose column holds image paths, or a folder")
-        return [(text, None) for text in _text_prompts(source, column)]
+        return [(text, None, None) for text in _text_prompts(source, column)]
+    if mask_column is not None and image_column is None and not is_folder(source):
+        raise PromptError("prompts.mask_column needs prompts.image_column: the image each mask "
+                          "belongs to")
     path = Path(source).expanduser()
     if is_folder(source):
         if not path.is_dir():
             raise PromptError(f"prompt folder {source!r} does not exist")
         dataset = _load_dataset("imagefolder", data_dir=str(path), split="train")
-        return _rows(dataset, column, image_column or FOLDER_IMAGE_COLUMN, source, path)
+        if mask_column is None and FOLDER_MASK_COLUMN in dataset.column_names:
+            mask_column = FOLDER_MASK_COLUMN  # the metadata's mask_file_name
+        return _rows(dataset, column, image_column or FOLDER_IMAGE_COLUMN, source, path, mask_column)
     if not path.is_file():
         raise PromptError(f"prompt file {source!r} does not exist")
     builder = FILE_BUILDERS.get(path.suffix.lower())
@@ -120,7 +140,7 @@ def _all_prompts(source: str, column: str | None,
     if path.stat().st_size == 0:
         raise PromptError(f"prompt file {source!r} is empty")
     dataset = _load_dataset(builder, data_files=str(path), split="train")
-    rows = _rows(dataset, column, image_column, source, path.parent)
+    rows = _rows(dataset, column, image_column, source, path.parent, mask_column)
     if not rows:
         raise PromptError(f"prompt file {source!r} holds no prompts")
     return rows
@@ -140,8 +160,8 @@ def _text_prompts(source: str, column: str | None) -> list[str]:
             f"prompt set {source!r} ({dataset_id})", offline,
             'use prompts.source = "builtin" or a prompt file, or load it once where the hub '
             "is reachable and copy the cache")) from None
-    return [text for text, _ in _rows(dataset, column or default_column, None, source,
-                                      first_of_list=first_of_list)]
+    return [text for text, _, _ in _rows(dataset, column or default_column, None, source,
+                                         first_of_list=first_of_list)]
 
 
 def _load_dataset(*args, **kwargs):
@@ -155,38 +175,50 @@ def _load_dataset(*args, **kwargs):
 
 
 def _rows(dataset, column: str | None, image_column: str | None, source: str,
-          folder: Path | None = None, first_of_list: bool = True) -> list[tuple[str, object]]:
-    """The (prompt, image) rows with a prompt; an image as the dataset holds it (a path relative
-    to `folder`, or datasets' undecoded image), read only for the prompts taken."""
+          folder: Path | None = None, mask_column: str | None = None,
+          first_of_list: bool = True) -> list[tuple[str, object, object]]:
+    """The (prompt, image, mask) rows with a prompt; an image as the dataset holds it (a path
+    relative to `folder`, or datasets' undecoded image), read only for the prompts taken."""
     names = dataset.column_names
     if column is None:
         column = next((name for name in TEXT_COLUMNS if name in names), None)
-        if column is None and len([name for name in names if name != image_column]) == 1:
-            column = next(name for name in names if name != image_column)
+        others = [name for name in names if name not in (image_column, mask_column)]
+        if column is None and len(others) == 1:
+            column = others[0]
     if column not in names:
         raise PromptError(f"{source!r}: no prompt column (columns: {', '.join(names)}); "
                           "set prompts.column")
-    if image_column is not None and image_column not in names:
-        raise PromptError(f"{source!r}: no image column {image_column!r} (columns: "
-                          f"{', '.join(names)}); set prompts.image_column")
-    if image_column is not None and hasattr(dataset.features[image_column], "decode"):
-        import datasets
+    columns = {}
+    for key, name in (("image_column", image_column), ("mask_column", mask_column)):
+        if name is None:
+            columns[key] = [None] * len(dataset)
+            continue
+        if name not in names:
+            raise PromptError(f"{source!r}: no {key.split('_')[0]} column {name!r} (columns: "
+                              f"{', '.join(names)}); set prompts.{key}")
+        if hasattr(dataset.features[name], "decode"):
+            import datasets
 
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    images = dataset[image_column] if image_column is not None else [None] * len(dataset)
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+        columns[key] = [folder / Path(value).expanduser() if isinstance(value, str) and folder is not None
+                        else Path(value) if isinstance(value, str) else value
+                        for value in dataset[name]]
     rows = []
-    for value, image in zip(dataset[column], images, strict=True):
+    for value, image, mask in zip(dataset[column], columns["image_column"], columns["mask_column"],
+                                  strict=True):
         if isinstance(value, list) and first_of_list:
             value = value[0] if value else ""
         if isinstance(value, str) and value.strip():
-            if image_column is not None and isinstance(image, str):
-                image = folder / Path(image).expanduser() if folder is not None else Path(image)
-            rows.append((value.strip(), image))
+            if mask_column is not None and image is not None and mask is None:
+                raise PromptError(f"{source!r}: the prompt {value.strip()[:60]!r} has an image "
+                                  "but no mask: give every image its mask")
+            rows.append((value.strip(), image, mask))
     return rows
 
 
-def _read_image(image, source: str):
-    """The RGB image of one row: a path, or datasets' {"path", "bytes"}; one line when it fails."""
+def _read_image(image, source: str, mode: str = "RGB"):
+    """The image of one row (RGB; a mask: L): a path, or datasets' {"path", "bytes"}; one line
+    when it fails."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -201,7 +233,7 @@ def _read_image(image, source: str):
         raise PromptError(f"{source!r}: an image column value {image!r} is not a path to an image")
     try:
         with opened() as picture:
-            return picture.convert("RGB")
+            return picture.convert(mode)
     except (OSError, UnidentifiedImageError) as error:
         raise PromptError(f"{source!r}: cannot read the image {where}: {first_line(error)}") from None
 

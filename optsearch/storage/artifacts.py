@@ -110,7 +110,7 @@ def upload_grid(store, target, name: str, title: str, prompts: list[str], count:
         return None if images is None else (images[index][0] if video else images[index])
 
     rows = [(prompts[i], first(baseline_images, i), first(trial_images, i)) for i in range(shown)]
-    inputs = [getattr(prompts[i], "image", None) for i in range(shown)]
+    inputs = [_input_of(prompts[i]) for i in range(shown)]
     upload_bytes(store, target, name, image_grid(
         rows, title, inputs=inputs if all(image is not None for image in inputs) else None), "image/png")
     if video:
@@ -119,6 +119,18 @@ def upload_grid(store, target, name: str, title: str, prompts: list[str], count:
             frames = [baseline_images[index]] + ([] if trial_images is None else [trial_images[index]])
             upload_bytes(store, target, f"{stem}-{index:02d}.webp", animated_webp(frames, fps),
                          "image/webp")
+
+
+def _input_of(prompt):
+    """The image a prompt was generated from; an inpainting one's with the mask's region tinted
+    (None for a text prompt)."""
+    image, mask = getattr(prompt, "image", None), getattr(prompt, "mask", None)
+    if image is None or mask is None:
+        return image
+    from PIL import Image
+
+    tinted = Image.blend(image, Image.new("RGB", image.size, (255, 0, 64)), 0.5)
+    return Image.composite(tinted, image, mask.resize(image.size))
 
 
 def animated_webp(videos: list[np.ndarray], fps: int, cell: int = 192) -> bytes:

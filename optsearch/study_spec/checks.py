@@ -109,6 +109,14 @@ def validate(spec: StudySpec, problem) -> None:
     elif prompts.image_column is not None and prompts.source in PROMPT_SOURCES:
         problem("prompts.image_column", f"prompt set {prompts.source!r} holds no images: name a "
                 "prompt file whose column holds image paths, or a folder of images")
+    if prompts.mask_column is not None and not prompts.mask_column.strip():
+        problem("prompts.mask_column", "must name a column")
+    elif prompts.mask_column is not None and prompts.source in PROMPT_SOURCES:
+        problem("prompts.mask_column", f"prompt set {prompts.source!r} holds no masks: name a "
+                "prompt file whose columns hold image and mask paths, or a folder of images")
+    elif prompts.mask_column is not None and prompts.image_column is None \
+            and not is_folder(prompts.source):
+        problem("prompts.mask_column", "needs prompts.image_column: the image each mask belongs to")
     if quality.metric not in METRICS:
         problem("quality.metric", f"unknown metric {quality.metric!r} (allowed: {', '.join(METRICS)})")
     elif quality.metric == "ssim" and not -1 <= quality.limit <= 1:

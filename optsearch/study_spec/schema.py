@@ -62,6 +62,9 @@ class PromptSpec:
     # the column of a file or folder holding each prompt's image, for image-conditioned pipelines
     # (editing, image-to-video); a folder's images are its "image" column by default
     image_column: str | None = None
+    # inpainting (FLUX Fill, SD inpainting): the column of each image's mask (white: the region to
+    # fill); a folder's masks are its metadata's mask_file_name
+    mask_column: str | None = None
 
 
 @dataclass
