@@ -133,8 +133,8 @@ def test_the_python_export_applies_the_winner_with_the_libraries_own_calls(tmp_p
     np.testing.assert_array_equal(images(pipe, kind="flux", **accelerate(pipe)), expected)
 
 
-SD_SPEC = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
-                           'accelerators = [["steps", "deepcache"], ["deepcache", "tome"], ["tgate"]]') \
+SD_SPEC = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]', 'accelerators = '
+                           '[["steps", "deepcache"], ["deepcache", "tome"], ["tgate"], ["pab"]]') \
     + "[space.tgate]\ngate_step = [2, 6]\n"
 
 
@@ -143,7 +143,10 @@ SD_SPEC = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]',
     {"deepcache": {"cache_interval": 3, "cache_branch_id": 0},
      "tome": {"ratio": 0.5, "max_downsample": 1, "use_rand": False}},
     {"tgate": {"gate_step": 4}},
-], ids=["steps+deepcache", "deepcache+tome", "tgate"])
+    # the UNet has no enable_cache and SD's loop tracks no timestep: failed before with "no
+    # attribute 'transformer'"
+    {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100, "timestep_skip_high": 900}},
+], ids=["steps+deepcache", "deepcache+tome", "tgate", "pab"])
 def test_the_python_export_on_an_sd_unet(tmp_path, setting):
     url = study_with_winner(tmp_path, SD_SPEC, setting)
     accelerate = exported_function(export(tmp_path, url, "tiny", "diffusers", "accelerate_pipe.py"))
@@ -153,6 +156,7 @@ def test_the_python_export_on_an_sd_unet(tmp_path, setting):
     kwargs = accelerate(pipe)
     call = pipe.tgate if "tgate" in setting else pipe  # T-GATE generates through its own call
     np.testing.assert_array_equal(images(call, kind="sd", **kwargs), expected)
+    assert not np.array_equal(expected, images(build_builtin("builtin:tiny"), 8, kind="sd"))
 
 
 def test_a_cache_dit_export_of_another_family_is_one_line_exit_2(tmp_path):

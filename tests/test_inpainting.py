@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import optsearch
 from optsearch.accelerators import apply_setting
 from optsearch.errors import PromptError, SpecError
 from optsearch.measure.builtin import build_builtin
@@ -17,6 +18,7 @@ from optsearch.measure.generation import GenerationConfig, call_inputs, check_co
 from optsearch.measure.prompts import ConditionedPrompt, load_prompts
 from optsearch.study_spec import load_spec
 from tests.conftest import optsearch_cmd, write_spec
+from tests.test_deploy_exports import export, exported_function, study_with_winner
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 
@@ -150,6 +152,7 @@ def test_sd_inpainting_runs_deepcache_and_tome_and_refuses_tgate_in_one_line(tmp
 
 
 FILL_SPEC = """
+name = "fill"
 [model]
 id = "builtin:tiny-flux-fill"
 device = "cpu"
@@ -220,3 +223,35 @@ def test_a_grid_shows_the_region_each_prompt_filled(tmp_path):
     left, right = grid.getpixel((gap + cell // 4, middle)), grid.getpixel((gap + 3 * cell // 4, middle))
     assert right == COLORS[1]  # outside the mask: the image as given
     assert left[0] > 100 and left != COLORS[1]  # inside: tinted red, the region to fill
+
+
+def test_the_python_export_of_pab_on_flux_fill_serves_without_optsearch(tmp_path):
+    """FLUX Fill tracks no current timestep: the export read `pipe.current_timestep` and failed
+    at the first step; it now reads each transformer call's, as optsearch measured it."""
+    from diffusers import FluxFillPipeline
+
+    texts = write_fills(tmp_path / "fills", count=2)
+    setting = {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100,
+                       "timestep_skip_high": 900}}
+    url = study_with_winner(tmp_path, FILL_SPEC.replace('["fbcache"]', '["pab"]'), setting)
+    accelerate = exported_function(export(tmp_path, url, "fill", "diffusers", "accelerate_pipe.py"))
+    prompts = load_prompts(str(tmp_path / "fills"), 2)
+
+    def plain_fill() -> FluxFillPipeline:  # the class users load, not the builtin's
+        pipe = FluxFillPipeline(**build_builtin("builtin:tiny-flux-fill").components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def images(call, **kwargs) -> np.ndarray:
+        import torch
+
+        return call(prompt=texts, image=[p.image for p in prompts], mask_image=[p.mask for p in prompts],
+                    height=128, width=128, max_sequence_length=32, guidance_scale=30.0,
+                    generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)],
+                    output_type="np", **{"num_inference_steps": 8, **kwargs}).images
+
+    with optsearch.apply(plain_fill(), setting) as run:
+        expected = images(run)
+    pipe = plain_fill()
+    np.testing.assert_array_equal(images(pipe, **accelerate(pipe)), expected)
+    assert not np.array_equal(expected, images(plain_fill()))  # PAB did broadcast

@@ -178,7 +178,7 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
         lines = ["import torch"] * (name == "taylorseer") + [f"from diffusers import {config}", "",
                                                              f"options = dict({text})"]
         if name == "pab":
-            lines.append("options['current_timestep_callback'] = lambda: pipe.current_timestep")
+            return lines + _pab_code()
         if name == "taylorseer":
             lines += ["if pipe._execution_device.type == 'cpu':  # bfloat16 factors are slow there",
                       "    options['taylor_factors_dtype'] = torch.float32"]
@@ -223,6 +223,42 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
                 "", f"cache_dit.enable_cache(pipe, cache_config=DBCacheConfig({text}),",
                 f"                       calibrator_config={calibrator})"]
     raise UsageError(f"--format diffusers does not know family {name!r}")
+
+
+def _pab_code() -> list[str]:
+    """PAB as accelerators/pab.py applies it: on a transformer's `enable_cache`, else (an SD UNet)
+    diffusers' hook on its attention layers; the timestep from the pipeline where it tracks one,
+    else read from each denoiser call, on the 0-1000 scale (FLUX Fill's and image-to-image's
+    loops pass it divided by 1000)."""
+    return [
+        "from diffusers.hooks import apply_pyramid_attention_broadcast", "",
+        "denoiser = getattr(pipe, 'transformer', None) or pipe.unet",
+        "if hasattr(type(pipe), 'current_timestep'):",
+        "    options['current_timestep_callback'] = lambda: pipe.current_timestep",
+        "else:  # the loop tracks no timestep (SD, FLUX Fill, image-to-image): read each call's",
+        "    seen = {'timestep': 1000.0, 'scale': None}",
+        "",
+        "    def read_timestep(module, args, kwargs):",
+        "        timestep = kwargs.get('timestep', args[1] if len(args) > 1 else None)",
+        "        if timestep is None:",
+        "            return",
+        "        value = float(timestep.flatten()[0]) if hasattr(timestep, 'flatten') else float(timestep)",
+        "        if seen['scale'] is None:  # 1000 where the loop passes timestep / 1000",
+        "            timesteps = [float(t) for t in pipe.scheduler.timesteps]",
+        "            scaled = min(abs(t - 1000 * value) for t in timesteps) <= 10 * value",
+        "            own = min(abs(t - value) for t in timesteps) <= 0.01 * max(value, 1.0)",
+        "            seen['scale'] = 1000.0 if value > 0 and scaled and not own else 1.0",
+        "        seen['timestep'] = value * seen['scale']",
+        "",
+        "    denoiser.register_forward_pre_hook(read_timestep, with_kwargs=True)",
+        "    options['current_timestep_callback'] = lambda: seen['timestep']",
+        "for expert in (denoiser, getattr(pipe, 'transformer_2', None)):",
+        "    if expert is None:",
+        "        continue",
+        "    if hasattr(expert, 'enable_cache'):",
+        "        expert.enable_cache(PyramidAttentionBroadcastConfig(**options))",
+        "    else:  # an SD UNet: diffusers' hook on its self-attention layers directly",
+        "        apply_pyramid_attention_broadcast(expert, PyramidAttentionBroadcastConfig(**options))"]
 
 
 # diffusers' caches whose state is keyed by the loop's cache context (PAB's and FasterCache's is not)
