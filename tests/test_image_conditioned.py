@@ -14,10 +14,11 @@ from PIL import Image
 
 import optsearch
 from optsearch.accelerators import apply_setting
-from optsearch.errors import PromptError, SpecError
+from optsearch.errors import ModelLoadError, PromptError, SpecError
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.generation import GenerationConfig, check_conditioning, generate
 from optsearch.measure.prompts import ConditionedPrompt, load_prompts, prompts_of
+from optsearch.measure.served import check_families
 from optsearch.study_spec import load_spec
 from tests.conftest import optsearch_cmd, write_spec
 from tests.test_deploy_exports import export, exported_function, study_with_winner
@@ -119,6 +120,61 @@ def test_kontext_edits_the_images_it_is_given_and_every_cache_runs_on_it(tmp_pat
         assert not np.array_equal(cached, baseline)
         assert not kontext.transformer._forward_pre_hooks and not kontext.transformer._forward_hooks
         np.testing.assert_array_equal(images(prompts), baseline)  # restored exactly
+
+
+def test_qwen_image_edit_edits_each_prompts_image_in_a_batch_and_the_caches_run_on_it(tmp_path):
+    """Qwen-Image-Edit reads the image twice: its VAE's latents join the generated image's tokens,
+    and its text encoder's vision tower reads it beside the instruction. Its loop names both
+    guidance calls' cache contexts; PAB's one cache would serve both, and is refused."""
+    pipe = build_builtin("builtin:tiny-qwen-image-edit")
+    pipe.set_progress_bar_config(disable=True)
+    texts = write_edits(tmp_path / "edits", count=2)
+    prompts = load_prompts(str(tmp_path / "edits.jsonl"), 2, image_column="image")
+    swapped = [ConditionedPrompt(text, prompt.image)
+               for text, prompt in zip(texts, reversed(prompts), strict=True)]
+    check_conditioning(pipe, prompts, 2)
+    config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=1.0, batch_size=2,
+                              true_cfg_scale=4.0, negative_prompt=" ")
+
+    def images(prompts, setting=None):
+        return next(iter(generate(pipe, prompts, config, setting=setting, warmup=False))).images
+
+    baseline = images(prompts)
+    assert baseline.shape == (2, 128, 128, 3)
+    assert not np.array_equal(images(swapped), baseline)  # each prompt's own image reaches the call
+    for setting in ({"fbcache": {"threshold": 0.5}},
+                    {"dbcache": {"residual_diff_threshold": 0.8, "max_warmup_steps": 2}}):
+        applied = apply_setting(pipe, setting)
+        try:
+            cached = images(prompts, applied)
+            assert applied.computed_fraction() < 1, setting
+        finally:
+            applied.restore()
+        assert not np.array_equal(cached, baseline)
+        np.testing.assert_array_equal(images(prompts), baseline)
+    applied = apply_setting(pipe, {"pab": {"spatial_attention_block_skip_range": 2,
+                                           "timestep_skip_low": 100, "timestep_skip_high": 900}})
+    try:
+        with pytest.raises(ValueError, match="pab keeps one attention cache for both guidance calls"):
+            images(prompts, applied)  # diffusers failed here: "The size of tensor a (20) must match"
+    finally:
+        applied.restore()
+    # at load, before anything is measured: "any" without pab, written out
+    spec = load_spec(write_spec(tmp_path / "q.toml", """
+[model]
+id = "builtin:tiny-qwen-image-edit"
+true_cfg_scale = 4.0
+negative_prompt = " "
+[prompts]
+source = "edits.jsonl"
+image_column = "image"
+[search]
+accelerators = "any"
+"""))
+    with pytest.raises(ModelLoadError, match='pab keeps one attention cache .* "any" includes pab: write '
+                       r'search.accelerators = \[\["steps"\], \["fbcache"\], \["taylorseer"\], '
+                       r'\["magcache"\], \["dbcache"\]\]'):
+        check_families(pipe, spec)
 
 
 KONTEXT_SPEC = """

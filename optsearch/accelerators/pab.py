@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from optsearch.accelerators.base import Param
+from optsearch.accelerators.calls import call_parameters, runs_separate_cfg
 from optsearch.accelerators.hooks import HookPatch, denoiser, denoisers
 
 NAME = "pab"
@@ -93,6 +94,8 @@ class BroadcastPatch:
         self.steps: int | None = None
 
     def prepare(self, call_kwargs: dict) -> None:
+        if problem := guidance_problem(self.patch.pipe, call_kwargs):
+            raise ValueError(problem)
         self.steps = call_kwargs.get("num_inference_steps")
         self.patch.prepare(call_kwargs)
 
@@ -105,6 +108,21 @@ class BroadcastPatch:
 
     def restore(self) -> None:
         self.patch.restore()
+
+
+def guidance_problem(pipe, call_kwargs: dict) -> str | None:
+    """diffusers' PAB keeps one cache per attention layer for all the calls of a step. Where
+    guidance runs as separate transformer calls whose prompts differ in length (Qwen-Image's true
+    CFG: each prompt's embeddings are cut to its own tokens), the unconditional call is handed the
+    conditional one's cached output and fails ("The size of tensor a ... must match"), measured
+    on builtin:tiny-qwen-image. Where both calls have one length (Wan, FLUX pad their prompts),
+    it broadcasts across them, as diffusers does when served, and the metric measures that."""
+    if "prompt_embeds_mask" in call_parameters(pipe) and runs_separate_cfg(pipe, call_kwargs):
+        return (f"pab keeps one attention cache for both guidance calls of a step, and "
+                f"{type(pipe).__name__}'s true CFG gives them prompts of different lengths "
+                "(diffusers fails at the first broadcast): leave pab out, or set "
+                "model.true_cfg_scale = 1")
+    return None
 
 
 def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_attention_block_skip_range"],

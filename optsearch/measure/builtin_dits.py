@@ -9,12 +9,14 @@ caches skip, and how the search treats it, is real.
 from __future__ import annotations
 
 import string
+import sys
 
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -28,6 +30,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
     T5Config,
     T5EncoderModel,
     UMT5Config,
@@ -69,22 +74,31 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
     return pipe
 
 
-def _qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """Qwen's chat markers as special tokens over one token per printable character."""
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def _qwen_tokenizer(vision: bool = False) -> PreTrainedTokenizerFast:
+    """Qwen's chat markers as special tokens over one token per printable character; with
+    `vision`, also the markers Qwen2.5-VL's processor puts an image's tokens between."""
     characters = [c for c in string.printable if c not in "\t\r\x0b\x0c"] + ["\u2581"]
     vocab = [("<|endoftext|>", 0.0), ("<|im_start|>", 0.0), ("<|im_end|>", 0.0), ("<unk>", 0.0)]
-    tokenizer = Tokenizer(models.Unigram(vocab + [(c, -1.0) for c in characters], unk_id=3))
+    markers = list(QWEN_VISION_TOKENS) if vision else []
+    tokenizer = Tokenizer(models.Unigram(vocab + [(c, -1.0) for c in characters]
+                                         + [(marker, 0.0) for marker in markers], unk_id=3))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>",
                                    eos_token="<|im_end|>", unk_token="<unk>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>", *markers])
 
 
-def build_tiny_qwen_image() -> QwenImagePipeline:
-    """Qwen-Image's MMDiT, tiny: 4 blocks of 4 heads of 32, a 2-layer Qwen2.5-VL text encoder."""
-    tokenizer = _qwen_tokenizer()
+def _qwen_text_encoder(tokenizer, vision: bool = False) -> Qwen2_5_VLForConditionalGeneration:
+    """A 2-layer Qwen2.5-VL over `tokenizer`, with a 1-block vision tower (Qwen-Image-Edit's
+    text encoder also reads the image to edit)."""
     size = len(tokenizer)
-    config = Qwen2_5_VLConfig(
+    # text only: ids past the prompts' characters; with vision, the tokenizer's own markers
+    start, end, image, video = (tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS)) if vision
+                                else (size - 2, size - 1, size - 4, size - 5))
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": size,
                      "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default",
@@ -93,19 +107,66 @@ def build_tiny_qwen_image() -> QwenImagePipeline:
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
                        "out_hidden_size": 32},
         vocab_size=size, bos_token_id=0, eos_token_id=2, pad_token_id=0,
-        vision_start_token_id=size - 2, vision_end_token_id=size - 1,
-        vision_token_id=size - 3, image_token_id=size - 4, video_token_id=size - 5)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=4, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=32, guidance_embeds=False,
-        axes_dims_rope=(8, 12, 12))
-    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                 temperal_downsample=[False, True, True],
-                                 latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                             text_encoder=Qwen2_5_VLForConditionalGeneration(config),
-                             tokenizer=tokenizer, transformer=transformer)
+        vision_start_token_id=start, vision_end_token_id=end,
+        vision_token_id=image if vision else size - 3, image_token_id=image, video_token_id=video))
+
+
+def _qwen_image_components() -> dict:
+    return dict(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=4, attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=32, guidance_embeds=False,
+            axes_dims_rope=(8, 12, 12)),
+        vae=AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True],
+                                   latents_mean=[0.0] * 16, latents_std=[1.0] * 16))
+
+
+def build_tiny_qwen_image() -> QwenImagePipeline:
+    """Qwen-Image's MMDiT, tiny: 4 blocks of 4 heads of 32, a 2-layer Qwen2.5-VL text encoder."""
+    tokenizer = _qwen_tokenizer()
+    components = _qwen_image_components()  # built first: the seeded weights stay as they were
+    pipe = QwenImagePipeline(**components, text_encoder=_qwen_text_encoder(tokenizer),
+                             tokenizer=tokenizer)
     pipe.default_sample_size = 16  # x 8 = 128 px when height/width are not given
+    return pipe
+
+
+class QwenImageEditSmallInputPipeline(QwenImageEditPipeline):
+    """Qwen-Image-Edit with the image to edit encoded at 128 x 128 px of area: the real one
+    resizes it to about 1 MP (its module's `calculate_dimensions(1024 * 1024, ...)`, read at
+    every call), far too many tokens for a tiny model, so that function is given the small area
+    for the call. Named so that cache-dit knows it as Qwen-Image-Edit."""
+
+    input_area = 128 * 128
+
+    def __call__(self, image=None, prompt=None, *args, **kwargs):
+        module = sys.modules[QwenImageEditPipeline.__module__]
+        real = module.calculate_dimensions
+        module.calculate_dimensions = lambda _area, ratio: real(self.input_area, ratio)
+        try:
+            return super().__call__(image, prompt, *args, **kwargs)
+        finally:
+            module.calculate_dimensions = real
+
+
+def build_tiny_qwen_image_edit() -> QwenImageEditPipeline:
+    """Qwen-Image-Edit on tiny Qwen-Image's MMDiT: the image to edit is encoded by the VAE (its
+    tokens join the generated image's in every block) and read by the text encoder's vision
+    tower (4 tokens: the processor keeps it at 56 x 56 px)."""
+    tokenizer = _qwen_tokenizer(vision=True)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+    pipe = QwenImageEditSmallInputPipeline(**_qwen_image_components(), tokenizer=tokenizer,
+                                           text_encoder=_qwen_text_encoder(tokenizer, vision=True),
+                                           processor=processor)
+    # the system prompt's tokens, dropped from the embeddings as the real one drops its 64
+    template = pipe.prompt_template_encode
+    pipe.prompt_template_encode_start_idx = len(
+        tokenizer(template[:template.index("<|vision_start|>")]).input_ids)
+    pipe.default_sample_size = 16
     return pipe
 
 

@@ -11,6 +11,7 @@ from optsearch.accelerators import (
     dbcache,
     denoiser,
     enabled_already,
+    pab,
     pipeline_kind,
     pipeline_problem,
 )
@@ -39,7 +40,7 @@ def check_families(pipe, spec) -> None:
         if problem:
             raise ModelLoadError(f"model {spec.model.id!r}: {problem}; set model.kind if it was "
                                  "told wrongly from the id")
-        if problem := pipeline_problem(combo, pipe, _searched(spec, combo)):  # as loaded: its kind is right
+        if problem := _problem(combo, pipe, spec):  # as loaded: its kind is right
             raise ModelLoadError(f"model {spec.model.id!r}: {problem}{_instead_of_any(spec, combo, pipe)}")
     if spec.model.guidance_scale_2 is not None and getattr(pipe, "transformer_2", None) is None:
         raise ModelLoadError(f"model {spec.model.id!r}: model.guidance_scale_2 applies to a second "
@@ -54,10 +55,21 @@ def _instead_of_any(spec, refused: tuple[str, ...], pipe) -> str:
     instead, every combo of it that this pipeline takes (Wan 2.2 A14B refuses two of them)."""
     if spec.search.accelerators != "any":
         return ""
-    applies = [list(combo) for combo in spec.search.combos
-               if pipeline_problem(combo, pipe, _searched(spec, combo)) is None]
+    applies = [list(combo) for combo in spec.search.combos if _problem(combo, pipe, spec) is None]
     listed = ", ".join("[" + ", ".join(f'"{name}"' for name in combo) + "]" for combo in applies)
     return f'; "any" includes {combo_name(refused)}: write search.accelerators = [{listed}]'
+
+
+def _problem(combo, pipe, spec) -> str | None:
+    """Why a family of `combo` cannot run on this pipeline, as the spec calls it, or None."""
+    if problem := pipeline_problem(combo, pipe, _searched(spec, combo)):
+        return problem
+    if "pab" in combo:
+        from optsearch.measure.generation import GenerationConfig
+
+        config = GenerationConfig.from_spec(spec)
+        return pab.guidance_problem(pipe, config.guidance_kwargs(1, pipe))
+    return None
 
 
 def _searched(spec, combo) -> dict[str, dict]:
