@@ -1,7 +1,10 @@
-"""Do the caches gain as much on an editing pipeline as on text-to-image? FLUX Kontext runs FLUX's
-transformer with the image to edit's tokens beside the generated image's, in every block: the
-same settings on builtin:tiny-flux and builtin:tiny-flux-kontext (its weights, 128 px out; the
-shipped studies/edits images resized to 128 px in: as many image tokens in as out), CPU.
+"""Do the caches gain as much on an editing or inpainting pipeline as on text-to-image? FLUX
+Kontext runs FLUX's transformer with the image to edit's tokens beside the generated image's, in
+every block; FLUX Fill reads the masked image and the mask as extra input channels, and its loop
+passes the transformer timestep / 1000 with no current timestep of its own (PAB's window reads it
+from the calls). The same settings on builtin:tiny-flux, builtin:tiny-flux-kontext and
+builtin:tiny-flux-fill (their weights, 128 px out; the shipped studies/edits and studies/fills
+images resized to 128 px in), CPU.
 
 Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
 interleaved with the model's baseline; speedup = baseline s/image / setting s/image (median of
@@ -9,7 +12,7 @@ the passes); PSNR against that model's baseline images (random weights: fidelity
 FirstBlockCache's threshold is the middle of the range calibrated on each model (as "auto"
 draws from), so each acts as much as its own residuals allow.
 
-    python -m benchmarks image-conditioned --repeats 3     # about 2 minutes on 2 cores
+    python -m benchmarks image-conditioned --repeats 3     # about 3 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -29,26 +32,32 @@ from optsearch.measure.models import load_pipeline
 from optsearch.measure.prompts import ConditionedPrompt
 from optsearch.measure.quality import psnr
 
-EDITS = Path(__file__).resolve().parents[1] / "studies" / "edits"
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
 SETTINGS = [("taylorseer 5/3/1", {"taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3}}),
             ("pab 2, below 800", {"pab": {"spatial_attention_block_skip_range": 2,
                                           "timestep_skip_high": 800}}),
             ("steps 14 of 20", {"steps": {"num_inference_steps": 14}})]
 
 
-def edits(count: int = 4) -> list[ConditionedPrompt]:
-    rows = [json.loads(line) for line in (EDITS / "metadata.jsonl").read_text().splitlines()]
-    return [ConditionedPrompt(row["prompt"], Image.open(EDITS / row["file_name"]).convert("RGB")
-                              .resize((128, 128))) for row in rows[:count]]
+def examples(folder: str, count: int = 4) -> list[ConditionedPrompt]:
+    """The first `count` prompts of a shipped folder, their images (and masks) at 128 px."""
+    def read(name: str, mode: str):
+        return Image.open(STUDIES / folder / name).convert(mode).resize((128, 128))
+
+    rows = [json.loads(line) for line in (STUDIES / folder / "metadata.jsonl").read_text().splitlines()]
+    return [ConditionedPrompt(row["prompt"], read(row["file_name"], "RGB"),
+                              read(row["mask_file_name"], "L") if "mask_file_name" in row else None)
+            for row in rows[:count]]
 
 
 def main(repeats: int = 3) -> None:
     started = time.perf_counter()
-    conditioned = edits()
+    edits = examples("edits")
     config = GenerationConfig(steps=20, height=128, width=128, guidance_scale=2.5, batch_size=2)
     rows = []
-    for model, prompts in (("builtin:tiny-flux", [str(p) for p in conditioned]),
-                           ("builtin:tiny-flux-kontext", conditioned)):
+    for model, prompts in (("builtin:tiny-flux", [str(p) for p in edits]),
+                           ("builtin:tiny-flux-kontext", edits),
+                           ("builtin:tiny-flux-fill", examples("fills"))):
         pipe = load_pipeline(model, device="cpu", dtype="float32")
 
         def run(setting=None, pipe=pipe, prompts=prompts):
