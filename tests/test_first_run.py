@@ -496,6 +496,48 @@ def test_an_edited_factory_cannot_join_the_study_of_the_old_pipeline(tmp_path):
                          cwd=tmp_path).returncode == 0
 
 
+def test_prompts_edited_since_the_study_cannot_join_it(tmp_path):
+    """A prompt file edited after the study's baseline was stored (or another copy of it on a
+    worker's machine): its trials would be scored against the stored images of other prompts.
+    One line, exit 2, the storage untouched; the prompts it measured join again."""
+    from optsearch.measure.models import load_pipeline
+    from optsearch.measure.prompts import prompts_digest
+
+    from .conftest import storage_snapshot
+
+    prompts = tmp_path / "prompts.txt"
+    texts = [f"a photo of a cat number {i}" for i in range(4)]
+    prompts.write_text("\n".join(texts))
+    spec_path = write_spec(tmp_path / "s.toml", STEPS_SPEC.replace('source = "builtin"',
+                                                                   'source = "prompts.txt"'))
+    url = f"sqlite:///{tmp_path}/p.db"
+    pipe = load_pipeline("builtin:tiny", "cpu", "float32")
+    optsearch.search(pipe, load_spec(spec_path), storage=url, progress=False)
+    assert optsearch_cmd("study", "extend", "tiny", "--n-trials", "2", "--storage", url).returncode == 0
+    prompts.write_text("\n".join([texts[0], "a photo of a dog", *texts[2:]]))
+    before = storage_snapshot(url)
+    with pytest.raises(UsageError, match="this worker's prompts are not the ones study 'tiny' "
+                                         "measured: their texts or images differ"):
+        optsearch.search(pipe, load_spec(spec_path), storage=url, n_trials=2, progress=False)
+    result = optsearch_cmd("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("optsearch: error")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert storage_snapshot(url) == before
+    prompts.write_text("\n".join(texts))
+    optsearch.search(pipe, load_spec(spec_path), storage=url, n_trials=2, progress=False)
+    # an image's pixels count as much as its text: the same texts, one image changed
+    from PIL import Image
+
+    from optsearch.measure.prompts import ConditionedPrompt
+
+    def digest(image=None) -> str:
+        return prompts_digest(["edit" if image is None else ConditionedPrompt("edit", image)])
+
+    red, blue = Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))
+    assert digest(red) == digest(red.copy()) != digest(blue)
+    assert digest() != digest(red)
+
+
 def test_search_refuses_a_pipeline_changed_since_its_study(tmp_path):
     """In a notebook: a LoRA fused into the pipeline after a search (W += scale * B @ A, what
     diffusers' fuse_lora does), then the same call again. The finished study would have handed

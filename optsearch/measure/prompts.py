@@ -63,6 +63,21 @@ def conditioning_masks(prompts: list[str]) -> list | None:
     return masks if any(mask is not None for mask in masks) else None
 
 
+def prompts_digest(prompts: list[str]) -> str:
+    """A short hash of the prompts as the pipeline gets them: their texts and, where they carry
+    them, their images' and masks' pixels (an edited prompt file, or another copy of a folder on
+    another machine, changes it)."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for prompt in prompts:
+        digest.update(str(prompt).encode() + b"\0")
+        for picture in (getattr(prompt, "image", None), getattr(prompt, "mask", None)):
+            if picture is not None:
+                digest.update(f"{picture.mode}{picture.size}".encode() + picture.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def is_folder(source: str, base: Path | None = None) -> bool:
     """A source that names a folder of images with their prompts (datasets' imagefolder): one
     that ends with a slash (it may not be there yet), or an existing folder (relative to `base`,

@@ -25,6 +25,7 @@ from optsearch.errors import UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.metrics import PSNR_CAP
+from optsearch.measure.prompts import prompts_digest
 from optsearch.measure.speedup import PassNoise
 from optsearch.optimize import pass_noise
 from optsearch.optimize import study as studies
@@ -52,6 +53,20 @@ def check_same_pipeline(study: optuna.Study, signature: str, dtype: str) -> None
                          "scheduler?); search it as a new study (--name, or name= in optsearch.search)")
 
 
+def check_same_prompts(study: optuna.Study, digest: str) -> None:
+    """Refuse prompts other than those the study's baselines were made from (a prompt file edited
+    since, another copy of an image folder on this machine): this worker's trials would be scored
+    against the stored images of other prompts. Baselines stored before digests are not compared."""
+    for record in studies.baselines(study).values():
+        if record.get("inputs") in (None, digest):
+            continue
+        raise UsageError(f"this worker's prompts are not the ones study {study.study_name!r} "
+                         f"measured: their texts or images differ from those of the baseline "
+                         f"{record['worker']} stored on {record['device']} (a prompt file or folder "
+                         "edited since, or another copy of it here); give every worker the same "
+                         "prompts, or search them as a new study")
+
+
 class BaselineKeeper:
     """The baseline one worker measures trials against, and its record in the study."""
 
@@ -66,6 +81,8 @@ class BaselineKeeper:
         self.fingerprint, self.facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         self.signature = pipeline_signature(evaluator.pipe)
         check_same_pipeline(study, self.signature, self.facts["dtype"])
+        self.inputs = prompts_digest(evaluator.prompts)
+        check_same_prompts(study, self.inputs)
         self.timing_record = {"worker": worker_id, "host": host, "device": self.facts["device"],
                               "device_index": device_index,
                               "cuda_visible_devices": cuda_visible_devices, "timings": [],
@@ -169,6 +186,7 @@ class BaselineKeeper:
             "attention": attention_of(self.evaluator.pipe),
             "scheduler": scheduler_of(self.evaluator.pipe),  # the deployment context's
             "pipeline": self.signature,  # which weights: a changed pipeline cannot join
+            "inputs": self.inputs,  # which prompts (texts, images): changed ones cannot join
             **output_size(baseline.images),  # the size (and frames) it made: the context's
             "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
             "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,

@@ -20,8 +20,8 @@ from optsearch.accelerators import dtype_of, pipeline_kind
 from optsearch.errors import UsageError
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.fingerprint import pipeline_signature
-from optsearch.measure.prompts import confirm_prompts
-from optsearch.optimize.baseline import check_same_pipeline
+from optsearch.measure.prompts import confirm_prompts, prompts_digest, prompts_of
+from optsearch.optimize.baseline import check_same_pipeline, check_same_prompts
 from optsearch.optimize.confirm import Confirmation, ConfirmOptions
 from optsearch.optimize.create import (
     check_name,
@@ -48,13 +48,15 @@ def _as_spec(spec):
     return load_spec(Path(spec))
 
 
-def _check_same_pipeline(storage, study_name: str, pipe) -> None:
-    """A study of that name measured another pipeline (a LoRA fused since): refused, unchanged."""
+def _check_same_inputs(storage, study_name: str, pipe, spec) -> None:
+    """A study of that name measured another pipeline (a LoRA fused since) or other prompts (a
+    prompt file edited since): refused, unchanged."""
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return
     check_same_pipeline(study, pipeline_signature(pipe), dtype_of(pipe))
+    check_same_prompts(study, prompts_digest(prompts_of(spec.prompts)))
 
 
 def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
@@ -87,7 +89,7 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     opened = open_storage(storage)
     study_name = check_name(spec.name if name is None else name)
     differing = spec_differences(opened, study_name, spec)
-    _check_same_pipeline(opened, study_name, pipe)  # before the study grows: n_trials below
+    _check_same_inputs(opened, study_name, pipe, spec)  # before the study grows: n_trials below
     if differing == ["search.n_trials"]:  # more trials: the study grows; fewer: it has them
         stored = load_study(opened, study_name)[1].search.n_trials
         if spec.search.n_trials > stored:
