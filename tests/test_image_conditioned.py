@@ -41,6 +41,22 @@ def write_edits(folder, count: int = 5, size: int = 128, metadata: bool = False)
     return texts
 
 
+def assert_each_skips_and_restores(pipe, images, settings, baseline) -> None:
+    """Each setting skips something (its computed share below 1, where its family counts one),
+    changes the images, and once restored the pipeline makes the baseline's bit for bit.
+    `images(applied)` generates the test's prompts with a setting (None: plain)."""
+    for setting in settings:
+        applied = apply_setting(pipe, setting)
+        try:
+            changed = images(applied)
+            computed = applied.computed_fraction()
+        finally:
+            applied.restore()
+        assert computed is None or computed < 1, setting
+        assert not np.array_equal(changed, baseline), setting
+        np.testing.assert_array_equal(images(None), baseline)
+
+
 def color_of(prompt) -> tuple:
     return prompt.image.getpixel((0, 0))
 
@@ -109,17 +125,10 @@ def test_kontext_edits_the_images_it_is_given_and_every_cache_runs_on_it(tmp_pat
     np.testing.assert_array_equal(images(prompts), baseline)
     assert not np.array_equal(images(swapped), baseline)  # the images reach the call
     # diffusers' caches need a cache context Kontext's loop never sets: optsearch names each call
-    for setting in ({"fbcache": {"threshold": 0.5}},
-                    {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}}):
-        applied = apply_setting(kontext, setting)
-        try:
-            cached = images(prompts, applied)
-            assert applied.computed_fraction() < 1  # it skipped something
-        finally:
-            applied.restore()
-        assert not np.array_equal(cached, baseline)
-        assert not kontext.transformer._forward_pre_hooks and not kontext.transformer._forward_hooks
-        np.testing.assert_array_equal(images(prompts), baseline)  # restored exactly
+    assert_each_skips_and_restores(kontext, lambda applied: images(prompts, applied), (
+        {"fbcache": {"threshold": 0.5}},
+        {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}}), baseline)
+    assert not kontext.transformer._forward_pre_hooks and not kontext.transformer._forward_hooks
 
 
 def test_qwen_image_edit_edits_each_prompts_image_in_a_batch_and_the_caches_run_on_it(tmp_path):
@@ -142,16 +151,9 @@ def test_qwen_image_edit_edits_each_prompts_image_in_a_batch_and_the_caches_run_
     baseline = images(prompts)
     assert baseline.shape == (2, 128, 128, 3)
     assert not np.array_equal(images(swapped), baseline)  # each prompt's own image reaches the call
-    for setting in ({"fbcache": {"threshold": 0.5}},
-                    {"dbcache": {"residual_diff_threshold": 0.8, "max_warmup_steps": 2}}):
-        applied = apply_setting(pipe, setting)
-        try:
-            cached = images(prompts, applied)
-            assert applied.computed_fraction() < 1, setting
-        finally:
-            applied.restore()
-        assert not np.array_equal(cached, baseline)
-        np.testing.assert_array_equal(images(prompts), baseline)
+    assert_each_skips_and_restores(pipe, lambda applied: images(prompts, applied), (
+        {"fbcache": {"threshold": 0.5}},
+        {"dbcache": {"residual_diff_threshold": 0.8, "max_warmup_steps": 2}}), baseline)
     applied = apply_setting(pipe, {"pab": {"spatial_attention_block_skip_range": 2,
                                            "timestep_skip_low": 100, "timestep_skip_high": 900}})
     try:

@@ -19,6 +19,7 @@ from optsearch.measure.prompts import ConditionedPrompt, load_prompts
 from optsearch.study_spec import load_spec
 from tests.conftest import optsearch_cmd, write_spec
 from tests.test_deploy_exports import export, exported_function, study_with_winner
+from tests.test_image_conditioned import assert_each_skips_and_restores
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 
@@ -112,18 +113,11 @@ def test_flux_fill_fills_the_masked_region_and_the_caches_run_on_it(tmp_path, fi
     # FLUX Fill's loop names no cache context (optsearch names each call) and passes its
     # transformer timestep / 1000 with no current timestep of its own: PAB's window read it as
     # below 1 and never broadcast, until the probe put it on the 0-1000 scale
-    for setting in ({"fbcache": {"threshold": 0.5}},
-                    {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}},
-                    {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100,
-                             "timestep_skip_high": 900}}):
-        applied = apply_setting(fill, setting)
-        try:
-            cached = images(prompts, applied)
-            assert applied.computed_fraction() < 1, setting  # it skipped something
-        finally:
-            applied.restore()
-        assert not np.array_equal(cached, baseline)
-        np.testing.assert_array_equal(images(prompts), baseline)  # restored exactly
+    assert_each_skips_and_restores(fill, lambda applied: images(prompts, applied), (
+        {"fbcache": {"threshold": 0.5}},
+        {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}},
+        {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100,
+                 "timestep_skip_high": 900}}), baseline)
 
 
 def test_sd_inpainting_runs_deepcache_and_tome_and_refuses_tgate_in_one_line(tmp_path):
@@ -137,15 +131,9 @@ def test_sd_inpainting_runs_deepcache_and_tome_and_refuses_tgate_in_one_line(tmp
     def images(setting=None):
         return next(iter(generate(pipe, prompts, config, setting=setting, warmup=False))).images
 
-    baseline = images()
-    for setting in ({"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
-                    {"tome": {"ratio": 0.5, "max_downsample": 1}}):
-        applied = apply_setting(pipe, setting)
-        try:
-            assert not np.array_equal(images(applied), baseline), setting
-        finally:
-            applied.restore()
-        np.testing.assert_array_equal(images(), baseline)
+    assert_each_skips_and_restores(pipe, images, (
+        {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
+        {"tome": {"ratio": 0.5, "max_downsample": 1}}), images())
     with pytest.raises(ValueError, match="tgate runs its own text-to-image loop in place of "
                                          "StableDiffusionInpaintPipeline's call"):
         apply_setting(pipe, {"tgate": {"gate_step": 3}})
