@@ -379,6 +379,34 @@ def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_p
     assert signal.getsignal(signal.SIGTERM) is handler  # the worker's own handler is gone
 
 
+def test_an_interrupt_while_optuna_tells_the_trial_keeps_its_result(tmp_path):
+    """The --devices Ctrl-C test once left a trial RUNNING: a signal that lands in Optuna's tell,
+    after the objective returned, aborted the write, and Optuna's clean-up then read a state it
+    never set (UnboundLocalError), which hid the interrupt from the worker. A real SIGTERM sent
+    there (the storage's state write) now waits for the tell: the trial keeps its result, and the
+    worker ends as interrupted."""
+    from optsearch.optimize.worker import Worker, WorkerOptions
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "t.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 2\nwarm_start = []"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    worker = Worker(url, "tiny", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")))
+    storage = worker.study._storage
+    set_state = storage.set_trial_state_values
+
+    def interrupted_tell(trial_id, state, values=None):
+        if state == TrialState.COMPLETE:
+            os.kill(os.getpid(), signal.SIGTERM)  # as SIGINT (which pytest-xdist's workers ignore)
+        return set_state(trial_id, state, values)
+
+    storage.set_trial_state_values = interrupted_tell
+    with pytest.raises(KeyboardInterrupt):
+        worker.run()
+    trials = worker.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE], trials
+    assert trials[0].user_attrs["speedup"] > 0  # measured, told, kept
+
+
 @pytest.mark.parametrize("lands_in, n_trials, states", [
     ("before its first batch", 3, [TrialState.FAIL, TrialState.WAITING]),
     ("after its last batch", 3, [TrialState.COMPLETE]),

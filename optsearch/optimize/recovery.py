@@ -145,8 +145,9 @@ def stop_orphaned_heartbeats() -> None:
 
 class Interrupts:
     """SIGINT and SIGTERM end a worker like Ctrl-C (the running trial is failed and re-queued),
-    except while Optuna creates a trial and starts its heartbeat: an interrupt there would leave a
-    RUNNING trial that nobody fails, so it is held until the objective has the trial. A second
+    except while Optuna creates a trial and starts its heartbeat, or tells it: an interrupt there
+    would leave a RUNNING trial that nobody fails, so it is held until the objective has the
+    trial, or until the tell is done. A second
     signal while one is held is not held (a stuck database must not make Ctrl-C useless)."""
 
     def __init__(self) -> None:
@@ -196,6 +197,17 @@ class Interrupts:
         e.g. SQLAlchemy's) is raised now, between trials."""
         self.raise_lost()
         self.holding = True
+
+    def held_after(self, objective: Callable) -> Callable:
+        """`objective`, after which an interrupt waits until `release`: Optuna tells the trial
+        next, and an interrupt inside its tell would leave the trial RUNNING (Optuna's clean-up
+        then reads a state never set, and its UnboundLocalError hides the interrupt)."""
+        def held(trial):
+            try:
+                return objective(trial)
+            finally:
+                self.holding = True
+        return held
 
     def raise_lost(self) -> None:
         """Raise an interrupt that came, if any: one raised where Python ignored it is lost."""

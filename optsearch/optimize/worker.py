@@ -168,7 +168,7 @@ class Worker:
         self.baselines.between_trials(self.trials_run)
         self.interrupts.hold()  # until the objective holds the trial Optuna creates
         try:
-            self.study.optimize(self._objective, n_trials=1, gc_after_trial=False,
+            self.study.optimize(self.interrupts.held_after(self._objective), n_trials=1, gc_after_trial=False,
                                 catch=(sharing.SurplusTrial, ImplausibleSpeedup, *OUT_OF_MEMORY),
                                 show_progress_bar=False)
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
