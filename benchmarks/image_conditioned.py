@@ -66,7 +66,7 @@ def main(repeats: int = 3) -> None:
 
         reference, _ = run()
         low, high = fbcache.calibrate(pipe, lambda pipe=pipe, prompts=prompts: pipe(
-            **call_inputs(prompts[:2]), num_inference_steps=config.steps, height=128, width=128,
+            **call_inputs(prompts[:2], pipe), num_inference_steps=config.steps, height=128, width=128,
             output_type="latent", **config.guidance_kwargs(2, pipe)))["auto"]["threshold"]
         settings = [*SETTINGS, (f"fbcache {(low + high) / 2:.3f} (mid-range)",
                                 {"fbcache": {"threshold": (low + high) / 2}})]

@@ -131,6 +131,32 @@ def test_kontext_edits_the_images_it_is_given_and_every_cache_runs_on_it(tmp_pat
     assert not kontext.transformer._forward_pre_hooks and not kontext.transformer._forward_hooks
 
 
+def test_flux_control_takes_each_prompts_image_as_its_control_image(tmp_path):
+    """FLUX.1 Canny/Depth [dev] (FluxControlPipeline) take the image as `control_image`, not
+    `image`: it failed with "takes no image" before. Its loop, like Fill's, names no cache
+    context and passes the transformer timestep / 1000; the caches and PAB skip there."""
+    pipe = build_builtin("builtin:tiny-flux-control")
+    pipe.set_progress_bar_config(disable=True)
+    texts = write_edits(tmp_path / "edits", count=2)
+    prompts = load_prompts(str(tmp_path / "edits.jsonl"), 2, image_column="image")
+    swapped = [ConditionedPrompt(text, prompt.image)
+               for text, prompt in zip(texts, reversed(prompts), strict=True)]
+    check_conditioning(pipe, prompts, 2)
+    with pytest.raises(PromptError, match="takes an image with each prompt"):
+        check_conditioning(pipe, texts, 2)
+    config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=30.0, batch_size=2)
+
+    def images(prompts, setting=None):
+        return next(iter(generate(pipe, prompts, config, setting=setting, warmup=False))).images
+
+    baseline = images(prompts)
+    assert not np.array_equal(images(swapped), baseline)  # each prompt's control image reaches the call
+    assert_each_skips_and_restores(pipe, lambda applied: images(prompts, applied), (
+        {"fbcache": {"threshold": 0.5}},
+        {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100,
+                 "timestep_skip_high": 900}}), baseline)
+
+
 def test_qwen_image_edit_edits_each_prompts_image_in_a_batch_and_the_caches_run_on_it(tmp_path):
     """Qwen-Image-Edit reads the image twice: its VAE's latents join the generated image's tokens,
     and its text encoder's vision tower reads it beside the instruction. Its loop names both

@@ -60,9 +60,6 @@ def test_a_folder_and_a_file_give_each_prompt_its_image_and_its_own_mask(tmp_pat
         i = texts.index(prompt)
         assert prompt.image.getpixel((0, 0)) == COLORS[i] and prompt.mask.mode == "L"
         assert filled_share(prompt) == pytest.approx((i + 1) / 8, abs=0.01)
-    inputs = call_inputs(prompts[:2])
-    assert inputs["mask_image"] == [prompts[0].mask, prompts[1].mask]
-    assert call_inputs(prompts[:1])["mask_image"] is prompts[0].mask  # one alone, as pipelines take it
 
     texts = write_fills(tmp_path / "holes", metadata=False)
     source = str(tmp_path / "holes.jsonl")
@@ -107,6 +104,9 @@ def test_flux_fill_fills_the_masked_region_and_the_caches_run_on_it(tmp_path, fi
     def images(prompts, setting=None):
         return next(iter(generate(fill, prompts, config, setting=setting, warmup=False))).images
 
+    inputs = call_inputs(prompts, fill)
+    assert inputs["image"] == [p.image for p in prompts] and inputs["mask_image"] == [p.mask for p in prompts]
+    assert call_inputs(prompts[:1], fill)["mask_image"] is prompts[0].mask  # one alone, as pipelines take it
     baseline = images(prompts)
     assert baseline.shape == (2, 128, 128, 3)
     assert not np.array_equal(images(other_masks), baseline)  # the masks reach the call

@@ -12,6 +12,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlPipeline,
     FluxFillPipeline,
     FluxKontextPipeline,
     FluxPipeline,
@@ -125,6 +126,8 @@ def _build_builtin(name: str):
         return _build_tiny_flux_kontext()
     if name == "builtin:tiny-flux-fill":
         return _build_tiny_flux_fill()
+    if name == "builtin:tiny-flux-control":
+        return _build_tiny_flux_control()
     if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-qwen-image-edit",
                 "builtin:tiny-wan", "builtin:tiny-wan22", "builtin:tiny-wan-i2v"):
         from optsearch.measure import builtin_dits
@@ -238,16 +241,35 @@ class FluxFillShortPromptPipeline(FluxFillPipeline):
         return super().__call__(prompt, *args, max_sequence_length=max_sequence_length, **kwargs)
 
 
+class FluxControlShortPromptPipeline(FluxControlPipeline):
+    """FLUX Control (Canny, Depth) with 32-token T5 prompts. Named so that cache-dit knows it."""
+
+    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
+        _short_t5_prompts(prompt, kwargs, max_sequence_length)
+        return super().__call__(prompt, *args, max_sequence_length=max_sequence_length, **kwargs)
+
+
 def _build_tiny_flux_fill():
     """builtin:tiny-flux-fill: FLUX Fill on tiny FLUX's topology. Its transformer also reads the
     masked image's latents (64 channels, packed) and the mask (8 x 8 pixels a latent, packed: 256)."""
+    return _flux_with_inputs(FluxFillShortPromptPipeline, in_channels=384)
+
+
+def _build_tiny_flux_control():
+    """builtin:tiny-flux-control: FLUX Control (FLUX.1 Canny/Depth [dev]) on tiny FLUX's topology:
+    its transformer also reads the control image's latents (64 channels, packed)."""
+    return _flux_with_inputs(FluxControlShortPromptPipeline, in_channels=128)
+
+
+def _flux_with_inputs(pipeline_class, in_channels: int):
+    """Tiny FLUX whose transformer reads `in_channels` (its latents' 64 and an input's) and
+    predicts the latents' 64."""
     flux = _build_tiny_flux()
     config = {key: value for key, value in flux.transformer.config.items() if not key.startswith("_")}
-    config.update(in_channels=384, out_channels=64)
+    config.update(in_channels=in_channels, out_channels=64)
     components = {name: component for name, component in flux.components.items()
                   if name not in ("image_encoder", "feature_extractor")}
-    pipe = FluxFillShortPromptPipeline(**{**components,
-                                          "transformer": FluxTransformer2DModel(**config)})
+    pipe = pipeline_class(**{**components, "transformer": FluxTransformer2DModel(**config)})
     pipe.default_sample_size = 16
     return pipe
 

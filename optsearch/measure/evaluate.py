@@ -179,7 +179,8 @@ class Evaluator:
         trial's does)."""
         config, count = self.config, min(prompts, len(self.prompts))
         with quiet_truncation(self.pipe):  # a long prompt's cut is said once (evaluator_from_spec)
-            self.pipe(**call_inputs(self.prompts[:count]), num_inference_steps=steps or config.steps,
+            self.pipe(**call_inputs(self.prompts[:count], self.pipe),
+                      num_inference_steps=steps or config.steps,
                       height=config.height, width=config.width,
                       generator=[torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
                                  for i in range(count)],

@@ -79,12 +79,20 @@ class GenerationConfig:
 ONE_IMAGE_A_CALL = ("WanImageToVideo",)
 
 
-def call_inputs(prompts: list[str]) -> dict:
+def image_parameter(pipe) -> str | None:
+    """The call argument that takes a prompt's image: `image` (editing, image-to-video,
+    inpainting, SD's ControlNet), else `control_image` (FLUX Control: Canny, Depth); None for a
+    call that takes no image."""
+    parameters = call_parameters(pipe)
+    return next((name for name in ("image", "control_image") if name in parameters), None)
+
+
+def call_inputs(prompts: list[str], pipe) -> dict:
     """A call's prompts, by name (FLUX Kontext's call takes its image first), and where they
-    carry them, their images (an editing or image-to-video pipeline's inputs) and masks (an
-    inpainting one's): one alone, as every pipeline takes it, a list for several prompts."""
+    carry them, their images (an editing, image-to-video or control pipeline's inputs) and masks
+    (an inpainting one's): one alone, as every pipeline takes it, a list for several prompts."""
     inputs = {"prompt": list(prompts)}
-    for name, values in (("image", conditioning_images(prompts)),
+    for name, values in ((image_parameter(pipe) or "image", conditioning_images(prompts)),
                          ("mask_image", conditioning_masks(prompts))):
         if values is not None:
             inputs[name] = values[0] if len(values) == 1 else values
@@ -96,7 +104,8 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
     prompt, an inpainting one an image and a mask, and a text-to-image one would ignore them; one
     that takes one image a call runs one prompt a call (a PromptError, one line, otherwise)."""
     parameters = call_parameters(pipe)
-    parameter = parameters.get("image")
+    key = image_parameter(pipe)
+    parameter = parameters.get(key) if key else None
     name = type(pipe).__name__
     images = conditioning_images(prompts)
     masks = conditioning_masks(prompts)
@@ -114,7 +123,7 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
         raise PromptError(f"{name} conditions every prompt of a call on one image: set "
                           "prompts.batch_size = 1 (each prompt with its own image)")
     if images is None:
-        if parameter is not None and parameter.default is parameter.empty:
+        if parameter is not None and (parameter.default is parameter.empty or key == "control_image"):
             raise PromptError(f"{name} takes an image with each prompt: set prompts.image_column "
                               "(the column of a prompt file that holds image paths) or name a "
                               "folder of images with a metadata.jsonl as prompts.source")
@@ -210,7 +219,7 @@ def generate(pipe, prompts: list[str], config: GenerationConfig,
             fault(index)
         with quiet_truncation(pipe):  # a long prompt's cut is said once (evaluator_from_spec)
             output = call(
-                **call_inputs([prompts[i] for i in indices]),
+                **call_inputs([prompts[i] for i in indices], pipe),
                 num_inference_steps=steps,
                 height=config.height,
                 width=config.width,

@@ -17,6 +17,7 @@ from optsearch.errors import ModelLoadError
 BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:tiny-xl": "unet",
                  "builtin:sd15-random": "unet", "builtin:tiny-flux": "transformer",
                  "builtin:tiny-flux-kontext": "transformer", "builtin:tiny-flux-fill": "transformer",
+                 "builtin:tiny-flux-control": "transformer",
                  "builtin:tiny-sd-inpaint": "unet",
                  "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer",
                  "builtin:tiny-qwen-image-edit": "transformer",
