@@ -352,17 +352,22 @@ def test_a_gpu_named_twice_in_devices_is_warned_of_like_shared_cpu_cores():
     assert len(both) == 2 and both[1].startswith("warning: cuda:1 named more than once")
 
 
-def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_path):
-    """CI once found a trial left RUNNING after one Ctrl-C: the signal came after Optuna created
-    the trial and before the objective had it. A real SIGTERM sent at that point (the sampler's
-    before_trial hook, inside study.ask) is held until the objective runs, which fails the trial
-    and queues it again."""
+def two_trial_worker(tmp_path):
+    """A worker, in this process, of a new two-trial study of the tiny UNet."""
     from optsearch.optimize.worker import Worker, WorkerOptions
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = write_spec(tmp_path / "t.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 2\nwarm_start = []"))
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    worker = Worker(url, "tiny", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")))
+    return Worker(url, "tiny", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")))
+
+
+def test_an_interrupt_while_optuna_creates_the_trial_fails_and_requeues_it(tmp_path):
+    """CI once found a trial left RUNNING after one Ctrl-C: the signal came after Optuna created
+    the trial and before the objective had it. A real SIGTERM sent at that point (the sampler's
+    before_trial hook, inside study.ask) is held until the objective runs, which fails the trial
+    and queues it again."""
+    worker = two_trial_worker(tmp_path)
     sampler = worker.study.sampler
     before_trial = sampler.before_trial
 
@@ -385,12 +390,7 @@ def test_an_interrupt_while_optuna_tells_the_trial_keeps_its_result(tmp_path):
     never set (UnboundLocalError), which hid the interrupt from the worker. A real SIGTERM sent
     there (the storage's state write) now waits for the tell: the trial keeps its result, and the
     worker ends as interrupted."""
-    from optsearch.optimize.worker import Worker, WorkerOptions
-
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    spec = write_spec(tmp_path / "t.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 2\nwarm_start = []"))
-    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    worker = Worker(url, "tiny", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")))
+    worker = two_trial_worker(tmp_path)
     storage = worker.study._storage
     set_state = storage.set_trial_state_values
 

@@ -57,6 +57,16 @@ def assert_each_skips_and_restores(pipe, images, settings, baseline) -> None:
         np.testing.assert_array_equal(images(None), baseline)
 
 
+def two_edits(tmp_path) -> tuple[list[str], list[ConditionedPrompt], list[ConditionedPrompt]]:
+    """Two edit instructions, their prompts with their own images, and the same instructions
+    with each other's images (what tells that each image reaches the call)."""
+    texts = write_edits(tmp_path / "edits", count=2)
+    prompts = load_prompts(str(tmp_path / "edits.jsonl"), 2, image_column="image")
+    swapped = [ConditionedPrompt(text, prompt.image)
+               for text, prompt in zip(texts, reversed(prompts), strict=True)]
+    return texts, prompts, swapped
+
+
 def color_of(prompt) -> tuple:
     return prompt.image.getpixel((0, 0))
 
@@ -111,10 +121,7 @@ def kontext():
 
 
 def test_kontext_edits_the_images_it_is_given_and_every_cache_runs_on_it(tmp_path, kontext):
-    texts = write_edits(tmp_path / "edits", count=2)
-    prompts = load_prompts(str(tmp_path / "edits.jsonl"), 2, image_column="image")
-    swapped = [ConditionedPrompt(text, prompt.image)
-               for text, prompt in zip(texts, reversed(prompts), strict=True)]
+    texts, prompts, swapped = two_edits(tmp_path)
     config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=2.5, batch_size=2)
 
     def images(prompts, setting=None):
@@ -137,10 +144,7 @@ def test_flux_control_takes_each_prompts_image_as_its_control_image(tmp_path):
     context and passes the transformer timestep / 1000; the caches and PAB skip there."""
     pipe = build_builtin("builtin:tiny-flux-control")
     pipe.set_progress_bar_config(disable=True)
-    texts = write_edits(tmp_path / "edits", count=2)
-    prompts = load_prompts(str(tmp_path / "edits.jsonl"), 2, image_column="image")
-    swapped = [ConditionedPrompt(text, prompt.image)
-               for text, prompt in zip(texts, reversed(prompts), strict=True)]
+    texts, prompts, swapped = two_edits(tmp_path)
     check_conditioning(pipe, prompts, 2)
     with pytest.raises(PromptError, match="takes an image with each prompt"):
         check_conditioning(pipe, texts, 2)
@@ -163,10 +167,7 @@ def test_qwen_image_edit_edits_each_prompts_image_in_a_batch_and_the_caches_run_
     guidance calls' cache contexts; PAB's one cache would serve both, and is refused."""
     pipe = build_builtin("builtin:tiny-qwen-image-edit")
     pipe.set_progress_bar_config(disable=True)
-    texts = write_edits(tmp_path / "edits", count=2)
-    prompts = load_prompts(str(tmp_path / "edits.jsonl"), 2, image_column="image")
-    swapped = [ConditionedPrompt(text, prompt.image)
-               for text, prompt in zip(texts, reversed(prompts), strict=True)]
+    texts, prompts, swapped = two_edits(tmp_path)
     check_conditioning(pipe, prompts, 2)
     config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=1.0, batch_size=2,
                               true_cfg_scale=4.0, negative_prompt=" ")
