@@ -81,6 +81,16 @@ def pipeline_problem(combo: Sequence[str], pipe,
     return None
 
 
+def call_problem(combo: Sequence[str], pipe, call_kwargs: Mapping) -> str | None:
+    """Why a family of `combo` cannot run on this pipeline called with `call_kwargs` (what
+    decides its guidance), or None: told at load from the spec's call, and again at each call."""
+    for name in combo:
+        check = getattr(REGISTRY[name], "call_problem", None)
+        if check is not None and (problem := check(pipe, call_kwargs)):
+            return problem
+    return None
+
+
 def enabled_already(pipe) -> str | None:
     """An accelerator the pipeline came with (a diffusers cache, cache-dit, ToMe, DeepCache),
     named; None for a plain one (or one whose accelerator was disabled again). A baseline must be
@@ -208,8 +218,8 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange",
            "Param", "applicable", "apply_setting", "attention_of", "calibrate_family",
            "calibrated_range", "calibration_cost", "calibration_steps", "calibration_used",
-           "call_argument", "call_parameters", "canonical_setting", "combo_name", "combo_problem",
-           "denoiser", "denoisers",
+           "call_argument", "call_parameters", "call_problem", "canonical_setting", "combo_name",
+           "combo_problem", "denoiser", "denoisers",
            "dtype_of", "enabled_already", "execution_device", "fit_to_steps", "max_speedup",
            "native_size", "normalize_setting", "not_a_pipeline", "offload_of", "params_of",
            "pipeline_kind", "pipeline_problem", "quantization_of", "same_computation_why",

@@ -94,7 +94,7 @@ class BroadcastPatch:
         self.steps: int | None = None
 
     def prepare(self, call_kwargs: dict) -> None:
-        if problem := guidance_problem(self.patch.pipe, call_kwargs):
+        if problem := call_problem(self.patch.pipe, call_kwargs):
             raise ValueError(problem)
         self.steps = call_kwargs.get("num_inference_steps")
         self.patch.prepare(call_kwargs)
@@ -110,7 +110,7 @@ class BroadcastPatch:
         self.patch.restore()
 
 
-def guidance_problem(pipe, call_kwargs: dict) -> str | None:
+def call_problem(pipe, call_kwargs: Mapping) -> str | None:
     """diffusers' PAB keeps one cache per attention layer for all the calls of a step. Where
     guidance runs as separate transformer calls whose prompts differ in length (Qwen-Image's true
     CFG: each prompt's embeddings are cut to its own tokens), the unconditional call is handed the

@@ -197,15 +197,18 @@ def _short_t5_prompts(prompt, kwargs: dict, max_sequence_length: int) -> None:
         kwargs["prompt_2"] = [p[:max_sequence_length - 2] for p in prompts]
 
 
-def _short_prompt_flux():
-    class ShortPromptFluxPipeline(FluxPipeline):
-        """FLUX whose T5 prompts default to 32 tokens: the tiny T5 needs no more, and FLUX's 512
-        text tokens would cost eight times the 64 image tokens at 128 px."""
+class ShortT5Prompts:
+    """A FLUX pipeline whose T5 prompts default to 32 tokens: the tiny T5 needs no more, and
+    FLUX's 512 text tokens would cost eight times the 64 image tokens at 128 px."""
 
-        def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
-            _short_t5_prompts(prompt, kwargs, max_sequence_length)
-            return super().__call__(prompt, *args, max_sequence_length=max_sequence_length,
-                                    **kwargs)
+    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
+        _short_t5_prompts(prompt, kwargs, max_sequence_length)
+        return super().__call__(prompt, *args, max_sequence_length=max_sequence_length, **kwargs)
+
+
+def _short_prompt_flux():
+    class ShortPromptFluxPipeline(ShortT5Prompts, FluxPipeline):
+        """FLUX with 32-token T5 prompts."""
 
     return ShortPromptFluxPipeline
 
@@ -233,20 +236,12 @@ def _build_tiny_flux_kontext():
     return pipe
 
 
-class FluxFillShortPromptPipeline(FluxFillPipeline):
+class FluxFillShortPromptPipeline(ShortT5Prompts, FluxFillPipeline):
     """FLUX Fill (inpainting) with 32-token T5 prompts. Named so that cache-dit knows it as FLUX."""
 
-    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
-        _short_t5_prompts(prompt, kwargs, max_sequence_length)
-        return super().__call__(prompt, *args, max_sequence_length=max_sequence_length, **kwargs)
 
-
-class FluxControlShortPromptPipeline(FluxControlPipeline):
+class FluxControlShortPromptPipeline(ShortT5Prompts, FluxControlPipeline):
     """FLUX Control (Canny, Depth) with 32-token T5 prompts. Named so that cache-dit knows it."""
-
-    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
-        _short_t5_prompts(prompt, kwargs, max_sequence_length)
-        return super().__call__(prompt, *args, max_sequence_length=max_sequence_length, **kwargs)
 
 
 def _build_tiny_flux_fill():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,11 +79,10 @@ class GenerationConfig:
 ONE_IMAGE_A_CALL = ("WanImageToVideo",)
 
 
-def image_parameter(pipe) -> str | None:
-    """The call argument that takes a prompt's image: `image` (editing, image-to-video,
-    inpainting, SD's ControlNet), else `control_image` (FLUX Control: Canny, Depth); None for a
-    call that takes no image."""
-    parameters = call_parameters(pipe)
+def image_parameter(parameters: Mapping) -> str | None:
+    """The call argument (of a call's `parameters`) that takes a prompt's image: `image`
+    (editing, image-to-video, inpainting, SD's ControlNet), else `control_image` (FLUX Control:
+    Canny, Depth); None for a call that takes no image."""
     return next((name for name in ("image", "control_image") if name in parameters), None)
 
 
@@ -92,7 +91,7 @@ def call_inputs(prompts: list[str], pipe) -> dict:
     carry them, their images (an editing, image-to-video or control pipeline's inputs) and masks
     (an inpainting one's): one alone, as every pipeline takes it, a list for several prompts."""
     inputs = {"prompt": list(prompts)}
-    for name, values in ((image_parameter(pipe) or "image", conditioning_images(prompts)),
+    for name, values in ((image_parameter(call_parameters(pipe)) or "image", conditioning_images(prompts)),
                          ("mask_image", conditioning_masks(prompts))):
         if values is not None:
             inputs[name] = values[0] if len(values) == 1 else values
@@ -104,7 +103,7 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
     prompt, an inpainting one an image and a mask, and a text-to-image one would ignore them; one
     that takes one image a call runs one prompt a call (a PromptError, one line, otherwise)."""
     parameters = call_parameters(pipe)
-    key = image_parameter(pipe)
+    key = image_parameter(parameters)
     parameter = parameters.get(key) if key else None
     name = type(pipe).__name__
     images = conditioning_images(prompts)

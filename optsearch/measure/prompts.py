@@ -215,9 +215,7 @@ def _rows(dataset, column: str | None, image_column: str | None, source: str,
             import datasets
 
             dataset = dataset.cast_column(name, datasets.Image(decode=False))
-        columns[key] = [folder / Path(value).expanduser() if isinstance(value, str) and folder is not None
-                        else Path(value) if isinstance(value, str) else value
-                        for value in dataset[name]]
+        columns[key] = [_located(value, folder) for value in dataset[name]]
     rows = []
     for value, image, mask in zip(dataset[column], columns["image_column"], columns["mask_column"],
                                   strict=True):
@@ -229,6 +227,14 @@ def _rows(dataset, column: str | None, image_column: str | None, source: str,
                                   "but no mask: give every image its mask")
             rows.append((value.strip(), image, mask))
     return rows
+
+
+def _located(value, folder: Path | None):
+    """A column's image as a path (a string one relative to `folder`, a file's folder), or as
+    datasets holds it (a folder's {"path", "bytes"}); None stays None."""
+    if not isinstance(value, str):
+        return value
+    return folder / Path(value).expanduser() if folder is not None else Path(value)
 
 
 def _read_image(image, source: str, mode: str = "RGB"):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 
 from optsearch.accelerators import (
+    call_problem,
     combo_name,
     combo_problem,
     dbcache,
     denoiser,
     enabled_already,
-    pab,
     pipeline_kind,
     pipeline_problem,
 )
@@ -62,14 +62,10 @@ def _instead_of_any(spec, refused: tuple[str, ...], pipe) -> str:
 
 def _problem(combo, pipe, spec) -> str | None:
     """Why a family of `combo` cannot run on this pipeline, as the spec calls it, or None."""
-    if problem := pipeline_problem(combo, pipe, _searched(spec, combo)):
-        return problem
-    if "pab" in combo:
-        from optsearch.measure.generation import GenerationConfig
+    from optsearch.measure.generation import GenerationConfig
 
-        config = GenerationConfig.from_spec(spec)
-        return pab.guidance_problem(pipe, config.guidance_kwargs(1, pipe))
-    return None
+    return pipeline_problem(combo, pipe, _searched(spec, combo)) or call_problem(
+        combo, pipe, GenerationConfig.from_spec(spec).guidance_kwargs(1, pipe))
 
 
 def _searched(spec, combo) -> dict[str, dict]:

@@ -147,8 +147,8 @@ class Interrupts:
     """SIGINT and SIGTERM end a worker like Ctrl-C (the running trial is failed and re-queued),
     except while Optuna creates a trial and starts its heartbeat, or tells it: an interrupt there
     would leave a RUNNING trial that nobody fails, so it is held until the objective has the
-    trial, or until the tell is done. A second
-    signal while one is held is not held (a stuck database must not make Ctrl-C useless)."""
+    trial, or until the tell is done. A second signal while one is held is not held (a stuck
+    database must not make Ctrl-C useless)."""
 
     def __init__(self) -> None:
         self.holding = False
