@@ -5,6 +5,7 @@ them, and the Python export deploys them without optsearch."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -39,6 +40,18 @@ def write_edits(folder, count: int = 5, size: int = 128, metadata: bool = False)
     target = folder / "metadata.jsonl" if metadata else folder.parent / f"{folder.name}.jsonl"
     target.write_text("\n".join(json.dumps(row) for row in rows))
     return texts
+
+
+def quiet_builtin(name: str):
+    """A builtin pipeline without its per-step progress bars."""
+    pipe = build_builtin(name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def first_images(pipe, config: GenerationConfig, prompts, setting=None) -> np.ndarray:
+    """The images of `prompts`' first batch, with `setting` (None: plain), no warm-up."""
+    return next(iter(generate(pipe, prompts, config, setting=setting, warmup=False))).images
 
 
 def assert_each_skips_and_restores(pipe, images, settings, baseline) -> None:
@@ -115,17 +128,13 @@ accelerators = ["fbcache"]
 
 @pytest.fixture(scope="module")
 def kontext():
-    pipe = build_builtin("builtin:tiny-flux-kontext")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_builtin("builtin:tiny-flux-kontext")
 
 
 def test_kontext_edits_the_images_it_is_given_and_every_cache_runs_on_it(tmp_path, kontext):
     texts, prompts, swapped = two_edits(tmp_path)
     config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=2.5, batch_size=2)
-
-    def images(prompts, setting=None):
-        return next(iter(generate(kontext, prompts, config, setting=setting, warmup=False))).images
+    images = partial(first_images, kontext, config)
 
     baseline = images(prompts)
     assert baseline.shape == (2, 128, 128, 3)  # the spec's size (max_area), not Kontext's 1 MP
@@ -142,16 +151,13 @@ def test_flux_control_takes_each_prompts_image_as_its_control_image(tmp_path):
     """FLUX.1 Canny/Depth [dev] (FluxControlPipeline) take the image as `control_image`, not
     `image`: it failed with "takes no image" before. Its loop, like Fill's, names no cache
     context and passes the transformer timestep / 1000; the caches and PAB skip there."""
-    pipe = build_builtin("builtin:tiny-flux-control")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_builtin("builtin:tiny-flux-control")
     texts, prompts, swapped = two_edits(tmp_path)
     check_conditioning(pipe, prompts, 2)
     with pytest.raises(PromptError, match="takes an image with each prompt"):
         check_conditioning(pipe, texts, 2)
     config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=30.0, batch_size=2)
-
-    def images(prompts, setting=None):
-        return next(iter(generate(pipe, prompts, config, setting=setting, warmup=False))).images
+    images = partial(first_images, pipe, config)
 
     baseline = images(prompts)
     assert not np.array_equal(images(swapped), baseline)  # each prompt's control image reaches the call
@@ -165,15 +171,12 @@ def test_qwen_image_edit_edits_each_prompts_image_in_a_batch_and_the_caches_run_
     """Qwen-Image-Edit reads the image twice: its VAE's latents join the generated image's tokens,
     and its text encoder's vision tower reads it beside the instruction. Its loop names both
     guidance calls' cache contexts; PAB's one cache would serve both, and is refused."""
-    pipe = build_builtin("builtin:tiny-qwen-image-edit")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_builtin("builtin:tiny-qwen-image-edit")
     texts, prompts, swapped = two_edits(tmp_path)
     check_conditioning(pipe, prompts, 2)
     config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=1.0, batch_size=2,
                               true_cfg_scale=4.0, negative_prompt=" ")
-
-    def images(prompts, setting=None):
-        return next(iter(generate(pipe, prompts, config, setting=setting, warmup=False))).images
+    images = partial(first_images, pipe, config)
 
     baseline = images(prompts)
     assert baseline.shape == (2, 128, 128, 3)

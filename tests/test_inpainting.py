@@ -5,6 +5,7 @@ The accelerators that can run on them do, and the one that cannot (T-GATE) is re
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,12 +15,12 @@ import optsearch
 from optsearch.accelerators import apply_setting
 from optsearch.errors import PromptError, SpecError
 from optsearch.measure.builtin import build_builtin
-from optsearch.measure.generation import GenerationConfig, call_inputs, check_conditioning, generate
+from optsearch.measure.generation import GenerationConfig, call_inputs, check_conditioning
 from optsearch.measure.prompts import ConditionedPrompt, load_prompts
 from optsearch.study_spec import load_spec
 from tests.conftest import optsearch_cmd, write_spec
 from tests.test_deploy_exports import export, exported_function, study_with_winner
-from tests.test_image_conditioned import assert_each_skips_and_restores
+from tests.test_image_conditioned import assert_each_skips_and_restores, first_images, quiet_builtin
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 
@@ -89,9 +90,7 @@ def test_a_spec_names_masks_only_where_images_are(tmp_path):
 
 @pytest.fixture(scope="module")
 def fill():
-    pipe = build_builtin("builtin:tiny-flux-fill")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_builtin("builtin:tiny-flux-fill")
 
 
 def test_flux_fill_fills_the_masked_region_and_the_caches_run_on_it(tmp_path, fill):
@@ -100,9 +99,7 @@ def test_flux_fill_fills_the_masked_region_and_the_caches_run_on_it(tmp_path, fi
     other_masks = [ConditionedPrompt(text, prompt.image, mask_of(128, (0.5, 0, 1, 1)))
                    for text, prompt in zip(texts, prompts, strict=True)]
     config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=30.0, batch_size=2)
-
-    def images(prompts, setting=None):
-        return next(iter(generate(fill, prompts, config, setting=setting, warmup=False))).images
+    images = partial(first_images, fill, config)
 
     inputs = call_inputs(prompts, fill)
     assert inputs["image"] == [p.image for p in prompts] and inputs["mask_image"] == [p.mask for p in prompts]
@@ -121,15 +118,12 @@ def test_flux_fill_fills_the_masked_region_and_the_caches_run_on_it(tmp_path, fi
 
 
 def test_sd_inpainting_runs_deepcache_and_tome_and_refuses_tgate_in_one_line(tmp_path):
-    pipe = build_builtin("builtin:tiny-sd-inpaint")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_builtin("builtin:tiny-sd-inpaint")
     write_fills(tmp_path / "fills", count=2, size=32)
     prompts = load_prompts(str(tmp_path / "fills"), 2)
     check_conditioning(pipe, prompts, 2)
     config = GenerationConfig(steps=10, height=32, width=32, guidance_scale=7.5, batch_size=2)
-
-    def images(setting=None):
-        return next(iter(generate(pipe, prompts, config, setting=setting, warmup=False))).images
+    images = partial(first_images, pipe, config, prompts)
 
     assert_each_skips_and_restores(pipe, images, (
         {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
