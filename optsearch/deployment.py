@@ -28,7 +28,7 @@ from optsearch.accelerators import (
 from optsearch.accelerators.hooks import compiled_how
 from optsearch.measure.compiling import AS_BUILT
 
-CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "scheduler",
+CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "strength", "scheduler",
                 "guidance_scale", "guidance_scale_2", "num_frames", "compile", "device", "dtype",
                 "offload", "attention", "quantization")
 
@@ -72,13 +72,16 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
                "quantization": quantization}
     if model.guidance_scale_2 is not None:  # only then: other studies' contexts stay as they were
         context["guidance_scale_2"] = model.guidance_scale_2
+    if model.strength is not None:  # image-to-image: the share of the steps that denoise
+        context["strength"] = model.strength
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
         context["compiled_by"] = "builder"
     return context
 
 
 def context_text(context: Mapping) -> str:
-    """'batch 4, 512x512, 50 steps, guidance 7.5' ('native size' where the pipeline chose it)."""
+    """'batch 4, 512x512, 50 steps, guidance 7.5' ('native size' where the pipeline chose it;
+    '50 steps at strength 0.6' for image-to-image)."""
     size = (f"{context['height']}x{context['width']}" if context.get("height") and context.get("width")
             else "native size")
     frames = f", {context['num_frames']} frames" if context.get("num_frames") else ""
@@ -92,8 +95,9 @@ def context_text(context: Mapping) -> str:
                  if context.get("quantization") not in (None, "none") else "")
     second = (f" ({context['guidance_scale_2']} on the second expert)"
               if context.get("guidance_scale_2") is not None else "")
+    strength = f" at strength {context['strength']}" if context.get("strength") is not None else ""
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
-            f"steps{scheduler}, guidance {context['guidance_scale']}{second}{compiled}{offload}"
+            f"steps{strength}{scheduler}, guidance {context['guidance_scale']}{second}{compiled}{offload}"
             f"{attention}{quantized}")
 
 
@@ -104,7 +108,8 @@ def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
     per_prompt = kwargs.get("num_images_per_prompt") or kwargs.get("num_videos_per_prompt") or 1
     served = {"batch_size": prompts * per_prompt}
     defaults = call_parameters(pipe)
-    for key in ("height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2", "num_frames"):
+    for key in ("height", "width", "num_inference_steps", "strength", "guidance_scale",
+                "guidance_scale_2", "num_frames"):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
     native = native_size(pipe)
     if native is not None:  # what the pipeline makes of a size left out

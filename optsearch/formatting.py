@@ -27,7 +27,9 @@ def per_value_text(by) -> str:
 def auto_range_details(by, at_steps: dict, model_steps: int) -> list[str]:
     """The lines `check` and `study show` print under an "auto" range: its ranges per value of
     the parameter it moves with (`by`), and those at fewer steps than the model's (`at_steps`,
-    {count: (bounds, by)}; a trial in between samples in the blend)."""
+    {count: (bounds, by)}; a trial in between samples in the blend). The counts are the steps
+    that denoise (image-to-image: a share of each call's), the model's the largest."""
+    model_steps = max([int(count) for count in at_steps], default=model_steps)
     lines = [per_value_text(by)] if by else []  # a trial samples in the range of the value it drew
     for count, (fewer, fewer_by) in sorted(at_steps.items(), key=lambda item: int(item[0])):
         if int(count) != model_steps:

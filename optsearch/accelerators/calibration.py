@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators.base import CalibratedRange
+from optsearch.accelerators.calls import call_steps
 from optsearch.accelerators.registry import REGISTRY, normalize_setting, step_budget
 
 
@@ -17,19 +18,24 @@ def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searc
     `run_once(steps)` at each of `step_counts`, the model's first: stored as measured there,
     plus "at_steps" {count: its ranges} when trials also run fewer steps (CalibratedRange).
     `call_kwargs`: what `run_once` passes the pipeline beside its prompts and noise, for a cache
-    whose config follows the call (DBCache: whether guidance runs as separate calls)."""
+    whose config follows the call (DBCache: whether guidance runs as separate calls), and for the
+    steps an image-to-image call denoises at its strength: what the family is told it counts."""
     module = REGISTRY[family]
-    measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched, step_counts[0],
-                                call_kwargs)
+
+    def denoising(count: int) -> int:  # an image-to-image call denoises a share of its steps
+        return call_steps(pipe, {**(call_kwargs or {}), "num_inference_steps": count})
+
+    measured = module.calibrate(pipe, lambda: run_once(step_counts[0]), searched,
+                                denoising(step_counts[0]), call_kwargs)
     if not measured or len(step_counts) < 2:
         return measured
     at_steps = {}
     for count in step_counts:
-        at_count = measured if count == step_counts[0] else \
-            module.calibrate(pipe, lambda count=count: run_once(count), searched, count, call_kwargs)
-        if at_count:
-            at_steps[str(count)] = {key: at_count[key] for key in ("auto", "by", "diffs", "steps")
-                                    if key in at_count}
+        at_count = measured if count == step_counts[0] else module.calibrate(
+            pipe, lambda count=count: run_once(count), searched, denoising(count), call_kwargs)
+        if at_count:  # keyed by the steps that denoise, as a trial's range asks (sampling)
+            at_steps[str(denoising(count))] = {key: at_count[key] for key in
+                                               ("auto", "by", "diffs", "steps") if key in at_count}
     return {**measured, "at_steps": at_steps}
 
 
@@ -57,7 +63,8 @@ def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int])
     return runs * sum(count / step_counts[0] for count in step_counts)
 
 
-def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[str, dict]) -> dict:
+def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[str, dict],
+                      strength: float | None = None) -> dict:
     """The setting as the computation it makes: as given, except where a family tells from its
     calibration alone what it computes (its module's `computation`: MagCache's skipped steps from
     its ratios, ToMe's merged token counts from the measured levels); there that stands for its
@@ -70,7 +77,7 @@ def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[s
     canonical: dict[str, dict] = {}
     for name, params in nested.items():
         tell = getattr(REGISTRY[name], "computation", None)
-        computed = tell(params, step_budget(nested, model_steps), calibration.get(name) or {}) \
+        computed = tell(params, step_budget(nested, model_steps, strength), calibration.get(name) or {}) \
             if tell is not None else None
         canonical[name] = params if computed is None else computed
     return canonical

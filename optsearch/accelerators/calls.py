@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 
 def call_parameters(pipe) -> Mapping[str, inspect.Parameter]:
@@ -86,3 +87,31 @@ def enter_cond_context(module, args) -> None:
 
 def leave_cache_context(module, args, output) -> None:
     module.__dict__.pop("_optsearch_context").__exit__(None, None, None)
+
+
+def denoised_steps(steps: int, strength: float | None) -> int:
+    """The denoising steps an image-to-image call of `steps` steps runs at `strength`: diffusers
+    starts the schedule int(steps * strength) steps before its end (Stable Diffusion's rounding;
+    FLUX's image-to-image pipelines round the skipped share instead, one step more at most: the
+    loaded pipeline's own count is `call_steps`). What a spec counts its step ranges in."""
+    return steps if strength is None else min(int(steps * strength), steps)
+
+
+def call_steps(pipe, call_kwargs: Mapping, steps: int | None = None) -> int:
+    """The denoising steps a call runs: its `num_inference_steps` (else `steps`), or at a
+    `strength`, what the pipeline's own `get_timesteps` keeps of them (run on a stand-in
+    scheduler: the pipeline's scheduler is not touched), else Stable Diffusion's rounding."""
+    steps = int(call_kwargs.get("num_inference_steps") or steps or 0)
+    strength = call_kwargs.get("strength")
+    if strength is None or "strength" not in call_parameters(pipe):
+        return steps
+    get_timesteps = getattr(type(pipe), "get_timesteps", None)
+    order = int(getattr(getattr(pipe, "scheduler", None), "order", 1) or 1)
+    stand_in = SimpleNamespace(scheduler=SimpleNamespace(
+        timesteps=list(range(steps * order)), order=order, set_begin_index=lambda _index: None))
+    try:
+        _, count = get_timesteps(stand_in, num_inference_steps=steps, strength=strength,
+                                 device="cpu")
+        return int(count)
+    except Exception:  # noqa: BLE001 - none, or another signature (video-to-video): SD's rounding
+        return denoised_steps(steps, strength)

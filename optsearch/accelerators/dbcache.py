@@ -31,7 +31,13 @@ from optsearch.accelerators.cache_dit_masks import (  # noqa: F401 - the family'
     steps_mask,
 )
 from optsearch.accelerators.cache_dit_masks import quiet_cache_dit as _cache_dit
-from optsearch.accelerators.hooks import call_parameters, denoiser, denoisers, runs_separate_cfg
+from optsearch.accelerators.hooks import (
+    call_parameters,
+    call_steps,
+    denoiser,
+    denoisers,
+    runs_separate_cfg,
+)
 
 NAME = "dbcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -201,9 +207,9 @@ class DBCachePatch:
             options["enable_separate_cfg"] = separate_cfg
         return EnabledDBCache(self.pipe, DBCacheConfig(**options), self.calibrator)
 
-    def prepare(self, call_kwargs: dict) -> None:
-        steps = int(call_kwargs.get("num_inference_steps") or self.key[0]) if self.mask != "none" \
-            else None
+    def prepare(self, call_kwargs: dict) -> None:  # a mask counts the steps that denoise
+        self.strength = call_kwargs.get("strength")
+        steps = call_steps(self.pipe, call_kwargs, self.key[0]) if self.mask != "none" else None
         separate = self.patch.assumes_separate_cfg and runs_separate_cfg(self.pipe, call_kwargs)
         if (steps, separate) != self.key:
             self.patch.restore()
@@ -212,9 +218,13 @@ class DBCachePatch:
 
     def ran_with(self) -> dict:
         """What a deployment must set beyond the setting to run as measured: cache-dit told that
-        the calls ran no separate guidance, where it would assume they do."""
+        the calls ran no separate guidance, where it would assume they do; the steps a mask was
+        built for, where an image-to-image call denoises a share of its steps."""
         told = self.patch.assumes_separate_cfg and not self.key[1]
-        return {"enable_separate_cfg": False} if told else {}
+        ran = {"enable_separate_cfg": False} if told else {}
+        if self.key[0] is not None and getattr(self, "strength", None) is not None:
+            ran["denoising_steps"] = self.key[0]  # the mask's steps: an image-to-image call's share
+        return ran
 
     def computed_fraction(self) -> float | None:
         return self.patch.computed_fraction()

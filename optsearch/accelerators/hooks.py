@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # torch loads in seconds: spec checks and light commands do w
 from optsearch.accelerators.calls import (  # noqa: F401 - re-exported: hooks' users read them here
     call_argument,
     call_parameters,
+    call_steps,
+    denoised_steps,
     enter_cond_context,
     leave_cache_context,
     runs_separate_cfg,

@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import HookPatch, cache_patch, denoisers, first_expert_steps
+from optsearch.accelerators.hooks import HookPatch, cache_patch, call_steps, denoisers, first_expert_steps
 
 NAME = "magcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -108,12 +108,18 @@ class MagCachePatch:
         return 1 - len(call_skips(self.calibration, self.steps, self.options)) / self.steps
 
     def prepare(self, call_kwargs: dict) -> None:
-        steps = call_kwargs.get("num_inference_steps", self.steps)
+        self.strength = call_kwargs.get("strength")
+        steps = call_steps(self.pipe, call_kwargs, self.steps)  # at a strength: its share
         if steps != self.steps:
             self.patch.restore()
             self.patch = self._enable(steps)
             self.steps = steps
         self.patch.prepare(call_kwargs)
+
+    def ran_with(self) -> dict:
+        """The steps the config counted, where an image-to-image call denoised a share of its
+        steps (the pipeline's rounding: what a deployment sets as num_inference_steps)."""
+        return {"denoising_steps": self.steps} if getattr(self, "strength", None) is not None else {}
 
     def restore(self) -> None:
         self.patch.restore()

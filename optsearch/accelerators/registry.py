@@ -24,6 +24,7 @@ from optsearch.accelerators import (
     tome,
 )
 from optsearch.accelerators.base import Param
+from optsearch.accelerators.calls import denoised_steps
 
 REGISTRY: dict[str, ModuleType] = {
     m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fastercache, fbcache, taylorseer, magcache,
@@ -78,16 +79,17 @@ def combo_problem(combo: Sequence[str], kind: str | None = None) -> str | None:
     return None
 
 
-def max_speedup(setting: Mapping, model_steps: int) -> float | None:
+def max_speedup(setting: Mapping, model_steps: int, strength: float | None = None) -> float | None:
     """The most a setting can speed the pipeline up by the computation it skips (the product of
     each family's bound), or None when a family in it has no such bound (ToMe, the caches whose
-    skips depend on the images)."""
+    skips depend on the images). `strength`: an image-to-image call's (fewer steps then drop a
+    share of the steps that denoise)."""
     bound = 1.0
     for name, params in normalize_setting(setting).items():
         family_bound = getattr(REGISTRY[name], "max_speedup", None)
         if family_bound is None:
             return None
-        bound *= family_bound(model_steps, **params)
+        bound *= family_bound(model_steps, **params, strength=strength)
     return bound
 
 
@@ -126,9 +128,10 @@ def normalize_setting(setting: Mapping) -> dict[str, dict]:
     return result
 
 
-def step_budget(setting: Mapping[str, dict], model_steps: int) -> int:
-    """The steps the setting runs: its own `steps.num_inference_steps`, else model.steps."""
-    return setting.get("steps", {}).get("num_inference_steps", model_steps)
+def step_budget(setting: Mapping[str, dict], model_steps: int, strength: float | None = None) -> int:
+    """The denoising steps the setting runs: its own `steps.num_inference_steps`, else
+    model.steps, at an image-to-image `strength` their share (`denoised_steps`)."""
+    return denoised_steps(setting.get("steps", {}).get("num_inference_steps", model_steps), strength)
 
 
 def _step_counted(setting: Mapping[str, dict]):
@@ -139,14 +142,17 @@ def _step_counted(setting: Mapping[str, dict]):
                 yield name, param, values[param]
 
 
-def step_problems(setting: Mapping[str, dict], model_steps: int) -> list[str]:
-    """Step-counted parameters that do not fit in the setting's own step count."""
-    budget = step_budget(setting, model_steps)
+def step_problems(setting: Mapping[str, dict], model_steps: int,
+                  strength: float | None = None) -> list[str]:
+    """Step-counted parameters that do not fit in the setting's own (denoising) step count."""
+    budget = step_budget(setting, model_steps, strength)
     where = "steps.num_inference_steps" if "steps" in setting else "model.steps"
+    if strength is not None:
+        where += f" at strength {strength}"
     problems = []
-    if budget > model_steps:
-        problems.append(f"steps.num_inference_steps={budget} must be <= model.steps={model_steps} "
-                        "(fewer steps than the baseline)")
+    if step_budget(setting, model_steps) > model_steps:
+        problems.append(f"steps.num_inference_steps={step_budget(setting, model_steps)} must be "
+                        f"<= model.steps={model_steps} (fewer steps than the baseline)")
     problems += [f"{name}.{param}={value} must be <= {budget} ({where})"
                  for name, param, value in _step_counted(setting) if value > budget]
     for name, values in setting.items():  # a family that runs only at some step counts
@@ -157,10 +163,11 @@ def step_problems(setting: Mapping[str, dict], model_steps: int) -> list[str]:
     return problems
 
 
-def fit_to_steps(setting: dict[str, dict], model_steps: int) -> dict[str, dict]:
-    """Clip step-counted parameters to the setting's step count (a sampled gate_step of 15 with
-    10 steps means "gate at the last step")."""
-    budget = min(step_budget(setting, model_steps), model_steps)
+def fit_to_steps(setting: dict[str, dict], model_steps: int,
+                 strength: float | None = None) -> dict[str, dict]:
+    """Clip step-counted parameters to the setting's (denoising) step count (a sampled gate_step
+    of 15 with 10 steps means "gate at the last step")."""
+    budget = min(step_budget(setting, model_steps, strength), denoised_steps(model_steps, strength))
     fitted = {name: dict(values) for name, values in setting.items()}
     for name, param, value in _step_counted(setting):
         fitted[name][param] = min(value, budget)

@@ -20,6 +20,7 @@ from optsearch.accelerators import (
     attention_of,
     calibrate_family,
     calibrated_range,
+    call_steps,
     dbcache,
     execution_device,
     offload_of,
@@ -96,7 +97,10 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         report.facts.update(device=str(execution_device(pipe)), offload=offload_of(pipe),
                             attention=attention_of(pipe), scheduler=scheduler_of(pipe),
                             quantization=quantization_of(pipe),
-                            dtype=str(pipe.dtype).removeprefix("torch."))
+                            dtype=str(pipe.dtype).removeprefix("torch."),
+                            denoising={count: call_steps(pipe, {"num_inference_steps": count,
+                                                                "strength": spec.model.strength})
+                                       for count in _step_counts(spec)})
     scorer = attempt("quality.clip_model", lambda: ClipScorer(
         spec.quality.clip_model, spec.quality.clip_pretrained,
         execution_device(pipe) if pipe is not None else "cpu"))
@@ -135,7 +139,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
                                                                               config)) or {}
     if any("tome" in combo for combo in spec.search.combos):
         report.facts["tome_tokens"] = attempt("tome tokens", lambda: tome.measure_tokens(
-            pipe, lambda: list(generate(pipe, prompts[:1], replace(config, steps=min(2, config.steps)),
+            pipe, lambda: list(generate(pipe, prompts[:1], replace(config, steps=config.steps_denoising(2)),
                                         warmup=False))))
     measured = {"tome": report.facts.get("tome_tokens") or {}}  # what tells settings apart here
     if {"pab", "fastercache"} & set(spec.accelerators_used):  # one image, as a worker measures it
@@ -278,17 +282,35 @@ def _given_outside(spec, calibrated: dict[str, list]) -> list[str]:
     return lines
 
 
-def _masks_text(spec) -> list[str]:
+def _step_counts(spec) -> list[int]:
+    """The step counts the study's calls run: the model's, and the fewest a `steps` combo runs."""
+    counts = [spec.model.steps]
+    if "steps" in spec.accelerators_used:
+        counts.append(int(spec.param_range("steps", "num_inference_steps")[0]))
+    return list(dict.fromkeys(counts))
+
+
+def _denoising_text(spec, facts) -> str:
+    """' (9 of them denoise, at strength 0.55)' for image-to-image: what step counts count."""
+    if spec.model.strength is None:
+        return ""
+    return (f" ({facts['denoising'][spec.model.steps]} of them denoise, at strength "
+            f"{spec.model.strength})")
+
+
+def _masks_text(spec, denoising: dict[int, int]) -> list[str]:
     """What each cache-dit steps mask the spec searches computes, at the model's steps and the
-    fewest a `steps` + dbcache combo runs: the names alone do not say (cache-dit scales its
+    fewest a `steps` + dbcache combo runs (`denoising`: each count's steps that denoise, those an
+    image-to-image call runs at its strength): the names alone do not say (cache-dit scales its
     28-step tables, unevenly: "fast" computes 6 of 16 steps and 11 of 28)."""
     if "dbcache" not in spec.accelerators_used:
         return []
     masks = [mask for mask in spec.param_range("dbcache", "steps_computation_mask") if mask != "none"]
-    counts = [spec.model.steps]
+    counts = [denoising[spec.model.steps]]
     if masks and any({"steps", "dbcache"} <= set(combo) for combo in spec.search.combos):
-        counts.append(int(spec.param_range("steps", "num_inference_steps")[0]))
-    return [f"cache-dit steps masks at {count} steps, steps computed in full: "
+        counts.append(denoising[int(spec.param_range("steps", "num_inference_steps")[0])])
+    said = "denoising steps" if spec.model.strength is not None else "steps"
+    return [f"cache-dit steps masks at {count} {said}, steps computed in full: "
             + ", ".join(f"{mask} {sum(dbcache.steps_mask(mask, count))}" for mask in masks)
             + f" (of {count}; on the others \"static\" uses the cache, \"dynamic\" lets the "
               "threshold decide)" for count in dict.fromkeys(counts)
@@ -308,7 +330,7 @@ def format_report(report: Report, spec) -> str:
              + (f" and a mask of {facts['mask_share']:.0%} of it"
                 if facts.get("mask_share") is not None else ""),
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "
-             f"{facts['batch_size']}, {spec.model.steps} steps",
+             f"{facts['batch_size']}, {spec.model.steps} steps" + _denoising_text(spec, facts),
              "deployment context (what the figures will hold for; serve at it): "
              + context_text(measured_context(spec, facts["batch_size"], facts.get("compiled"),
                                           offload=facts.get("offload") or "none",
@@ -334,11 +356,11 @@ def format_report(report: Report, spec) -> str:
                      f"({auto_range_text(name)})")
         lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
                                                     for count, fewer in calibrated.at_steps.items()},
-                                    spec.model.steps)
+                                    facts["denoising"][spec.model.steps])
     lines += _factors_text(facts, free)
     lines += _tome_text(spec, facts.get("tome_tokens"))
     lines += _computations_text(spec, facts.get("computations"))
-    lines += _masks_text(spec)
+    lines += _masks_text(spec, facts["denoising"])
     lines += _published_outside(spec, facts["auto_ranges"])
     lines += _given_outside(spec, facts.get("given_ranges", {}))
     lines.append(estimate_text(facts["estimate"]))

@@ -14,10 +14,12 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxControlPipeline,
     FluxFillPipeline,
+    FluxImg2ImgPipeline,
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -85,9 +87,10 @@ def build_builtin(name: str):
 
 
 def _build_builtin(name: str):
-    if name in ("builtin:tiny", "builtin:tiny-sd-inpaint"):
+    if name in ("builtin:tiny", "builtin:tiny-sd-inpaint", "builtin:tiny-sd-img2img"):
         # 32 px images, 16x16 latents; attention at the top level so ToMe acts. Inpainting's UNet
         # also reads the mask and the masked image's latents: 4 + 1 + 4 input channels.
+        # Image-to-image runs tiny's UNet from the prompt's image, noised to its strength.
         inpaint = name == "builtin:tiny-sd-inpaint"
         unet = dict(
             sample_size=16,
@@ -101,8 +104,9 @@ def _build_builtin(name: str):
             attention_head_dim=8,
             norm_num_groups=32,
         )
-        return _build_sd(unet, (32, 64), 32,
-                         StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)
+        return _build_sd(unet, (32, 64), 32, StableDiffusionInpaintPipeline if inpaint else
+                         StableDiffusionImg2ImgPipeline if name.endswith("img2img")
+                         else StableDiffusionPipeline)
     if name == "builtin:cpu-bench":
         # SD1.5 topology with narrow channels (34M params); 256 px by default (32x32 latents).
         unet = dict(
@@ -128,6 +132,13 @@ def _build_builtin(name: str):
         return _build_tiny_flux_fill()
     if name == "builtin:tiny-flux-control":
         return _build_tiny_flux_control()
+    if name == "builtin:tiny-flux-img2img":
+        flux = _build_tiny_flux()  # tiny FLUX's own transformer, from the prompt's image
+        pipe = FluxImg2ImgShortPromptPipeline(**{name: component for name, component
+                                                 in flux.components.items()
+                                                 if name not in ("image_encoder", "feature_extractor")})
+        pipe.default_sample_size = 16
+        return pipe
     if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-qwen-image-edit",
                 "builtin:tiny-wan", "builtin:tiny-wan22", "builtin:tiny-wan-i2v"):
         from optsearch.measure import builtin_dits
@@ -242,6 +253,10 @@ class FluxFillShortPromptPipeline(ShortT5Prompts, FluxFillPipeline):
 
 class FluxControlShortPromptPipeline(ShortT5Prompts, FluxControlPipeline):
     """FLUX Control (Canny, Depth) with 32-token T5 prompts. Named so that cache-dit knows it."""
+
+
+class FluxImg2ImgShortPromptPipeline(ShortT5Prompts, FluxImg2ImgPipeline):
+    """FLUX image-to-image with 32-token T5 prompts. Named so that cache-dit knows it as FLUX."""
 
 
 def _build_tiny_flux_fill():

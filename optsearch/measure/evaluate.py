@@ -20,6 +20,7 @@ from optsearch.accelerators import (
     calibrate_family,
     calibrated_range,
     calibration_used,
+    call_steps,
     execution_device,
     magcache,
     normalize_setting,
@@ -152,10 +153,10 @@ class Evaluator:
             if family in families and not self._known(family, "timesteps"):  # one image, once
                 self._calibrated(family, {key: self.calibration[other][key] for key in
                                           ("timesteps", "step_count")} if self._known(other, "timesteps")
-                                 else pab.measure_timesteps(self.pipe, self.config.steps, self._run_once))
+                                 else pab.measure_timesteps(self.pipe, self.denoising_steps, self._run_once))
         if "tome" in families and not self._known("tome", "tokens"):  # two steps of one image
             self._calibrated("tome", tome.measure_tokens(
-                self.pipe, lambda: self._run_once(1, min(2, self.config.steps))))
+                self.pipe, lambda: self._run_once(1, self.config.steps_denoising(2))))
         return AppliedSetting(self.pipe, setting, self.calibration)
 
     def _calibrated(self, family: str, measured: dict) -> None:
@@ -189,9 +190,16 @@ class Evaluator:
     def _calibrate_magcache(self) -> dict:
         """MagCache's magnitude ratios (each expert's) from one plain call on the first prompt
         at full steps."""
-        measured = magcache.measure(self.pipe, self.config.steps, self._run_once)
-        logger.info("MagCache calibrated over %d steps", self.config.steps)
+        measured = magcache.measure(self.pipe, self.denoising_steps, self._run_once)
+        logger.info("MagCache calibrated over %d steps", self.denoising_steps)
         return measured
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps a full call runs the denoiser for: all, or at an image-to-image strength
+        those the pipeline keeps (its own rounding)."""
+        return call_steps(self.pipe, {"num_inference_steps": self.config.steps,
+                                      "strength": self.config.strength})
 
     def auto_ranges(self, spec) -> dict[str, list]:
         """The calibrated ranges of the spec's "auto" parameters, {"family.param": [lo, hi]}:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from optsearch.accelerators import AppliedSetting, call_parameters, execution_device
+from optsearch.accelerators import AppliedSetting, call_parameters, denoised_steps, execution_device
 from optsearch.errors import PromptError
 from optsearch.measure.compiling import compiled_as, graphs_compiled
 from optsearch.measure.long_prompts import quiet_truncation
@@ -37,6 +37,7 @@ class GenerationConfig:
     negative_prompt: str | None = None
     num_frames: int | None = None  # video pipelines
     guidance_scale_2: float | None = None  # Wan 2.2 A14B: the low-noise expert's guidance
+    strength: float | None = None  # image-to-image: the share of the steps that denoise
 
     @classmethod
     def from_spec(cls, spec, seed: int | None = None) -> GenerationConfig:
@@ -45,13 +46,21 @@ class GenerationConfig:
         return cls(model.steps, model.height, model.width, model.guidance_scale,
                    prompts.batch_size, prompts.seed if seed is None else seed,
                    model.true_cfg_scale, model.negative_prompt, model.num_frames,
-                   model.guidance_scale_2)
+                   model.guidance_scale_2, model.strength)
 
     def guidance_kwargs(self, count: int, pipe) -> dict:
         """The call arguments that decide guidance (a calibration tells a cache that follows the
         call, DBCache, whether guidance runs as separate calls), for `count` prompts."""
         return {"guidance_scale": guidance_for(pipe, self.guidance_scale),
                 **self.extra_kwargs(count, pipe)}
+
+    def steps_denoising(self, count: int) -> int:
+        """The fewest steps (at most `steps`) a call needs for `count` of them to denoise: a
+        short call (a warm-up, a calibration) at an image-to-image strength runs a share only."""
+        if self.strength is None:
+            return min(count, self.steps)
+        return min(self.steps, next(n for n in range(count, self.steps + 1)
+                                    if denoised_steps(n, self.strength) >= count))
 
     def extra_kwargs(self, count: int, pipe) -> dict:
         """The optional call arguments the spec sets (Qwen-Image's true CFG and its negative, a
@@ -68,6 +77,8 @@ class GenerationConfig:
             extra["num_frames"] = self.num_frames
         if self.guidance_scale_2 is not None:
             extra["guidance_scale_2"] = self.guidance_scale_2
+        if self.strength is not None:
+            extra["strength"] = self.strength
         if self.height and self.width and "max_area" in call_parameters(pipe):
             # FLUX Kontext sizes its output by max_area (default 1024 x 1024): the spec's size
             extra["max_area"] = self.height * self.width
@@ -122,7 +133,8 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
         raise PromptError(f"{name} conditions every prompt of a call on one image: set "
                           "prompts.batch_size = 1 (each prompt with its own image)")
     if images is None:
-        if parameter is not None and (parameter.default is parameter.empty or key == "control_image"):
+        if parameter is not None and (parameter.default is parameter.empty or key == "control_image"
+                                      or "strength" in parameters):  # image-to-image
             raise PromptError(f"{name} takes an image with each prompt: set prompts.image_column "
                               "(the column of a prompt file that holds image paths) or name a "
                               "folder of images with a metadata.jsonl as prompts.source")
@@ -179,7 +191,7 @@ def warmup_steps(config: GenerationConfig, setting: AppliedSetting | None) -> in
     """The short warm-up: the first batch's shape for just enough steps to pass through every code
     path (the scheduler's first multistep updates, each accelerator's cached and uncached steps)."""
     needed = max(MIN_WARMUP_STEPS, setting.warmup_steps if setting is not None else 0)
-    return min(config.steps, needed)
+    return config.steps_denoising(needed)
 
 
 # A compiled pipeline warms up until a call compiles nothing new (at most this many calls): a

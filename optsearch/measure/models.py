@@ -109,10 +109,12 @@ def build_from_factory(model_id: str, placement: Placement, factory_path: str | 
 
 def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
                   scheduler: str | None = None, kind: str | None = None,
-                  factory_path: str | None = None):
+                  factory_path: str | None = None, image_to_image: bool = False):
     """Load a diffusers pipeline once per process: builtin name, `module:function` factory,
     local folder or hub id. `kind` ("unet"/"transformer"/"video") when known better than from the id;
-    `factory_path` the folder a factory's module is imported from."""
+    `factory_path` the folder a factory's module is imported from. `image_to_image` (the spec
+    sets a strength): a folder or hub id whose pipeline is text-to-image (FLUX.1 [dev], SD 1.5)
+    loads as its image-to-image pipeline, on the same components."""
     kind = kind or model_kind(model_id)
     placement = resolve_placement(device, dtype, kind)
     if model_id.startswith("builtin:"):
@@ -121,6 +123,8 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
         pipe = build_from_factory(model_id, placement, factory_path)
     else:
         pipe = _load_pretrained(model_id, placement.dtype, kind)
+        if image_to_image:
+            pipe = as_image_to_image(pipe)
     if scheduler:
         set_scheduler(pipe, scheduler)
     offload = offload_of(pipe)
@@ -133,6 +137,22 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
         pipe = pipe.to(dtype=placement.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def as_image_to_image(pipe):
+    """The image-to-image pipeline of a text-to-image one, on its components (diffusers'
+    `AutoPipelineForImage2Image.from_pipe`); `pipe` itself where it takes a strength already or
+    has none (Kontext: the spec's strength is then refused in one line)."""
+    from diffusers import AutoPipelineForImage2Image
+
+    from optsearch.accelerators import call_parameters
+
+    if "strength" in call_parameters(pipe):
+        return pipe
+    try:
+        return AutoPipelineForImage2Image.from_pipe(pipe)
+    except ValueError:  # no image-to-image pipeline of this class
+        return pipe
 
 
 def dtype_option(dtype: torch.dtype) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from optsearch.accelerators import (
+    call_parameters,
     call_problem,
     combo_name,
     combo_problem,
@@ -45,9 +46,26 @@ def check_families(pipe, spec) -> None:
     if spec.model.guidance_scale_2 is not None and getattr(pipe, "transformer_2", None) is None:
         raise ModelLoadError(f"model {spec.model.id!r}: model.guidance_scale_2 applies to a second "
                              "expert (Wan 2.2 A14B's transformer_2); this pipeline runs one: leave it out")
+    if problem := _strength_problem(pipe, spec.model.strength):
+        raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
     if any("dbcache" in combo for combo in spec.search.combos) and \
             (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
         raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
+
+
+def _strength_problem(pipe, strength: float | None) -> str | None:
+    """An image-to-image call denoises int(steps * strength) of its steps: what the search counts
+    step-counted parameters, masks and MagCache's steps in must be the strength served."""
+    parameter = call_parameters(pipe).get("strength")
+    name = type(pipe).__name__
+    if strength is not None and parameter is None:
+        return (f"model.strength applies to image-to-image pipelines; {name} takes none (it "
+                "denoises every step): leave it out")
+    default = None if parameter is None else parameter.default
+    if strength is None and isinstance(default, float) and default < 1:
+        return (f"{name} denoises a share of its steps (strength {default} by default): set "
+                "model.strength to the strength you serve")
+    return None
 
 
 def _instead_of_any(spec, refused: tuple[str, ...], pipe) -> str:
@@ -79,7 +97,7 @@ def pipeline_from_spec(spec, device: str | None = None):
     model = spec.model
     pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
                          kind=None if model.kind == "auto" else model.kind,
-                         factory_path=model.factory_path)
+                         factory_path=model.factory_path, image_to_image=model.strength is not None)
     check_families(pipe, spec)
     return compiled_for(spec, pipe)
 

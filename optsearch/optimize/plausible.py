@@ -28,11 +28,12 @@ class ImplausibleSpeedup(Exception):
     """A trial measured faster than its computation allows, twice."""
 
 
-def implausible(result: Comparison, setting: Mapping, model_steps: int) -> str | None:
+def implausible(result: Comparison, setting: Mapping, model_steps: int,
+                strength: float | None = None) -> str | None:
     """Why `result`'s speedup is impossible for `setting`, or None when it is not. The bound is
     what the setting's families allow, or, where they report it, 1 / the share of the denoiser
     they actually ran (`compute_fraction`), whichever is tighter."""
-    bounds = [max_speedup(setting, model_steps)]
+    bounds = [max_speedup(setting, model_steps, strength)]
     if result.compute_fraction:
         bounds.append(1.0 / result.compute_fraction)
     known = [b for b in bounds if b is not None]
@@ -56,18 +57,19 @@ def with_compiling_of(result: Comparison, first: Comparison) -> Comparison:
 
 
 def measure_plausibly(measure: Callable[[], Comparison], retime_baseline: Callable[[], None],
-                      setting: Mapping, model_steps: int, trial) -> Comparison:
+                      setting: Mapping, model, trial) -> Comparison:
     """`measure()` the trial; an impossible figure re-times the baseline and measures again once.
-    Twice impossible: the trial records why and fails (ImplausibleSpeedup)."""
+    Twice impossible: the trial records why and fails (ImplausibleSpeedup). `model`: the spec's
+    [model] (its steps, and an image-to-image strength)."""
     result = measure()
-    reason = implausible(result, setting, model_steps)
+    reason = implausible(result, setting, model.steps, model.strength)
     if reason is None:
         return result
     logger.warning("trial %d: %s; re-timing the baseline and measuring again", trial.number, reason)
     trial.set_user_attr("retimed_because", reason)
     retime_baseline()
     result = with_compiling_of(measure(), result)
-    reason = implausible(result, setting, model_steps)
+    reason = implausible(result, setting, model.steps, model.strength)
     if reason is None:
         return result
     trial.set_user_attr("fail_reason", reason)

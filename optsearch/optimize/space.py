@@ -10,7 +10,14 @@ from collections.abc import Mapping
 
 import optuna
 
-from optsearch.accelerators import REGISTRY, CalibratedRange, combo_name, fit_to_steps, params_of
+from optsearch.accelerators import (
+    REGISTRY,
+    CalibratedRange,
+    combo_name,
+    denoised_steps,
+    fit_to_steps,
+    params_of,
+)
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -37,8 +44,8 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             name = f"{accelerator}.{param}"
             calibrated = (auto or {}).get(name)
             if len(bounds) > 1 and isinstance(calibrated, CalibratedRange):  # the range of the
-                bounds = (*calibrated.for_setting(  # drawn Fn, at the drawn step count
-                    values, setting.get("steps", {}).get("num_inference_steps")), None)
+                bounds = (*calibrated.for_setting(  # drawn Fn, at the drawn steps' denoising
+                    values, _denoising(setting, spec.model.strength)), None)
             released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:
                 values[param] = bounds[0]
@@ -51,7 +58,13 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             if released is not None:
                 _fix_sampled(trial, name, released, values[param], bounds)
         setting[accelerator] = values
-    return fit_to_steps(setting, spec.model.steps)
+    return fit_to_steps(setting, spec.model.steps, spec.model.strength)
+
+
+def _denoising(setting: dict, strength: float | None) -> int | None:
+    """The steps a setting's own step count (None: the model's) denoises at `strength`."""
+    steps = setting.get("steps", {}).get("num_inference_steps")
+    return None if steps is None else denoised_steps(steps, strength)
 
 
 def _release_outside(trial: optuna.Trial, name: str, bounds: tuple):
@@ -135,7 +148,7 @@ def _family_computations(spec: StudySpec, family: str, calibration: Mapping) -> 
     keys = set()
     for drawn in itertools.product(*axes):
         params = dict(drawn)
-        told = tell(params, spec.model.steps, calibration) if tell else None
+        told = tell(params, spec.model.denoising_steps, calibration) if tell else None
         keys.add(json.dumps(params if told is None else told, sort_keys=True))
     return len(keys)
 

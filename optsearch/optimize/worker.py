@@ -206,7 +206,7 @@ class Worker:
         try:
             result = measure_plausibly(lambda: self._measure(trial, setting),
                                        lambda: self.baselines.retime(self.trials_run), setting,
-                                       self.spec.model.steps, trial)
+                                       self.spec.model, trial)
         finally:
             self.trials_run += 1  # a trial that failed ran too: this worker's --n-trials counts it
         self.baselines.trial_measured()
@@ -219,7 +219,8 @@ class Worker:
 
     def _canonical(self, setting: dict, used: dict) -> dict:
         """The computation `setting` makes with what a trial ran with (`used`; {}: this worker's)."""
-        return canonical_setting(setting, self.spec.model.steps, {**self.evaluator.calibration, **used})
+        model, calibration = self.spec.model, {**self.evaluator.calibration, **used}
+        return canonical_setting(setting, model.steps, calibration, model.strength)
 
     def early_stop_rule(self, combo: str):
         """The early-stop rule for the next trial, from what the study has measured so far."""

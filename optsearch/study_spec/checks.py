@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import math
 
-from optsearch.accelerators import KINDS, ORDER, combo_name, combo_problem, dbcache, params_of, step_problems
+from optsearch.accelerators import (
+    KINDS,
+    ORDER,
+    combo_name,
+    combo_problem,
+    dbcache,
+    denoised_steps,
+    params_of,
+    step_problems,
+)
 from optsearch.measure.model_ids import is_factory
 from optsearch.measure.prompts import is_folder
 from optsearch.study_spec.schema import (
@@ -74,6 +83,11 @@ def validate(spec: StudySpec, problem) -> None:
                     f"unknown scheduler {model.scheduler!r} (allowed: {', '.join(KNOWN_SCHEDULERS)})")
     if model.steps < 1:
         problem("model.steps", "must be >= 1")
+    if model.strength is not None and not 0 < model.strength <= 1:
+        problem("model.strength", f"{model.strength} must be in (0, 1]")
+    elif model.strength is not None and model.steps >= 1 and model.denoising_steps < 1:
+        problem("model.strength", f"{model.strength} of model.steps={model.steps} denoises no "
+                f"step (int(steps * strength) = 0): raise either")
     for key in ("height", "width"):
         size = getattr(model, key)
         if size is not None and (size < 8 or size % 8):
@@ -209,11 +223,14 @@ def validate(spec: StudySpec, problem) -> None:
     for accelerator in used:
         for name, declared in params_of(accelerator).items():
             counted = declared.counts_steps or declared.scales_with_steps
-            given = name in spec.space.get(accelerator, {})  # defaults fit model.steps
+            given = name in spec.space.get(accelerator, {})  # defaults fit the steps
             bounds = spec.param_range(accelerator, name)
-            if counted and given and model.steps >= 1 and any(value > model.steps for value in bounds[:2]):
+            # fewer steps counts the call's steps; the others the steps that denoise
+            most = model.steps if accelerator == "steps" else model.denoising_steps
+            if counted and given and most >= 1 and any(value > most for value in bounds[:2]):
                 problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past "
-                        f"model.steps={model.steps} (allowed: 1..steps)")
+                        f"{_steps_said(model) if accelerator != 'steps' else f'model.steps={most}'}"
+                        " (allowed: 1..steps)")
     for combo in search.combos:  # cache-dit's steps masks exist for some step counts only
         if "dbcache" not in combo:
             continue
@@ -221,7 +238,8 @@ def validate(spec: StudySpec, problem) -> None:
         if "steps" in combo:
             searched = spec.param_range("steps", "num_inference_steps")
             counts |= set(range(int(searched[0]), int(searched[1 if len(searched) > 1 else 0]) + 1))
-        why = dbcache.mask_step_problem(spec.param_range("dbcache", "steps_computation_mask"), counts)
+        why = dbcache.mask_step_problem(spec.param_range("dbcache", "steps_computation_mask"),
+                                        {denoised_steps(count, model.strength) for count in counts})
         if why:
             problem("space.dbcache.steps_computation_mask", why)
             break
@@ -231,6 +249,14 @@ def validate(spec: StudySpec, problem) -> None:
                     "grid is fixed when the study is created: give it a range [low, high, step]")
     if spec.artifacts.grid_prompts < 0:
         problem("artifacts.grid_prompts", "must be >= 0")
+
+
+def _steps_said(model) -> str:
+    """'model.steps=50', or at a strength the steps that denoise ('30 denoising steps: ...')."""
+    if model.strength is None:
+        return f"model.steps={model.steps}"
+    return (f"{model.denoising_steps} denoising steps (model.steps={model.steps} at "
+            f"strength {model.strength})")
 
 
 def _check_source(key: str, source: str, problem) -> None:
@@ -260,7 +286,7 @@ def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
     if combo_name(setting) not in combos:
         return [f"the setting is {combo_name(setting)}, which this spec does not search "
                 f"(search.accelerators gives: {', '.join(combos)})"]
-    problems = step_problems(setting, spec.model.steps)
+    problems = step_problems(setting, spec.model.steps, spec.model.strength)
     if guidance_problem(setting, spec.model.guidance_scale):
         problems.append(guidance_problem(setting, spec.model.guidance_scale))
     return problems

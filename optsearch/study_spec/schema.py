@@ -8,7 +8,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from optsearch.accelerators import ANY_COMBOS, ORDER, calibration_cost, calibration_steps, params_of
+from optsearch.accelerators import (
+    ANY_COMBOS,
+    ORDER,
+    calibration_cost,
+    calibration_steps,
+    denoised_steps,
+    params_of,
+)
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim", "lpips")
@@ -36,6 +43,9 @@ class ModelSpec:
     device: str = "auto"
     scheduler: str | None = None  # None keeps the model's own scheduler
     steps: int = 50
+    # image-to-image: the share of the steps that denoise the prompt's image (diffusers' strength;
+    # None: the call's default, text-to-image or a pipeline without one)
+    strength: float | None = None
     height: int | None = None  # None: the model's native size
     width: int | None = None
     num_frames: int | None = None  # video pipelines: frames per video (None: the pipeline's default)
@@ -49,6 +59,12 @@ class ModelSpec:
     compile_backend: str = "inductor"  # "eager" traces only (graph breaks counted, no codegen)
     factory_path: str | None = None  # where a module:function factory is imported from: the
     # spec's folder unless given (then the working directory and PYTHONPATH)
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps that run the denoiser: `steps`, or at a `strength` its share of them (what
+        step-counted parameters count)."""
+        return denoised_steps(self.steps, self.strength)
 
 
 @dataclass
@@ -162,7 +178,8 @@ class StudySpec:
         if value == "auto":
             value = (auto or {}).get(f"{accelerator}.{param}")
         if value is None:
-            value = params_of(accelerator)[param].default_range(self.model.steps, self.search.model_kind)
+            counted = self.model.steps if accelerator == "steps" else self.model.denoising_steps
+            value = params_of(accelerator)[param].default_range(counted, self.search.model_kind)
         if not isinstance(value, (list, tuple)):
             return (value,)
         if len(value) == 1 or params_of(accelerator)[param].choices:  # the choices searched
