@@ -323,7 +323,8 @@ def _shortened(text: str, width: int = 100) -> str:
 
 def format_report(report: Report, spec) -> str:
     facts = report.facts
-    lines = [f"model {spec.model.id} on {facts['device']} ({facts['dtype']}); "
+    controlnet = f" with ControlNet {spec.model.controlnet}" if spec.model.controlnet else ""
+    lines = [f"model {spec.model.id}{controlnet} on {facts['device']} ({facts['dtype']}); "
              f"{spec.search.model_kind} pipeline",
              f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {_shortened(facts['sample'])!r}"
              + (" with an image of {}x{} px".format(*facts["image_size"]) if facts.get("image_size") else "")

@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
     FluxControlPipeline,
     FluxFillPipeline,
     FluxImg2ImgPipeline,
@@ -19,6 +22,7 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -132,6 +136,10 @@ def _build_builtin(name: str):
         return _build_tiny_flux_fill()
     if name == "builtin:tiny-flux-control":
         return _build_tiny_flux_control()
+    if name == "builtin:tiny-sd-controlnet":
+        return _tiny_sd_controlnet()
+    if name == "builtin:tiny-flux-controlnet":
+        return _tiny_flux_controlnet()
     if name == "builtin:tiny-flux-img2img":
         flux = _build_tiny_flux()  # tiny FLUX's own transformer, from the prompt's image
         pipe = FluxImg2ImgShortPromptPipeline(**{name: component for name, component
@@ -253,6 +261,47 @@ class FluxFillShortPromptPipeline(ShortT5Prompts, FluxFillPipeline):
 
 class FluxControlShortPromptPipeline(ShortT5Prompts, FluxControlPipeline):
     """FLUX Control (Canny, Depth) with 32-token T5 prompts. Named so that cache-dit knows it."""
+
+
+def _tiny_sd_controlnet():
+    """builtin:tiny-sd-controlnet: Stable Diffusion's ControlNet pipeline on the tiny UNet, with a
+    ControlNet built from it (diffusers' `from_unet`, as ControlNets are trained): each prompt's
+    image is its control image, and the ControlNet runs at every step beside the UNet."""
+    tiny = _build_builtin("builtin:tiny")
+    controlnet = ControlNetModel.from_unet(tiny.unet, conditioning_embedding_out_channels=(16, 32))
+    return StableDiffusionControlNetPipeline(**tiny.components, controlnet=_trained_away(controlnet))
+
+
+def _trained_away(controlnet):
+    """A ControlNet whose zero-initialized layers (the convs and projections that add its
+    residuals: an untrained ControlNet adds nothing) have weights, as a trained one's do."""
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if parameter.dim() > 1 and not parameter.any():
+                parameter.normal_(std=0.1)
+    return controlnet
+
+
+class FluxControlNetShortPromptPipeline(ShortT5Prompts, FluxControlNetPipeline):
+    """FLUX's ControlNet pipeline with 32-token T5 prompts. Named so that cache-dit knows it."""
+
+
+def _tiny_flux_controlnet():
+    """builtin:tiny-flux-controlnet: FLUX's ControlNet pipeline on tiny FLUX, with a ControlNet of
+    one double and one single block whose residuals join the transformer's blocks."""
+    flux = _build_tiny_flux()
+    config = flux.transformer.config
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=config.in_channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.joint_attention_dim,
+        pooled_projection_dim=config.pooled_projection_dim, axes_dims_rope=config.axes_dims_rope,
+        guidance_embeds=config.guidance_embeds)
+    pipe = FluxControlNetShortPromptPipeline(controlnet=_trained_away(controlnet), **{
+        name: component for name, component in flux.components.items()
+        if name not in ("image_encoder", "feature_extractor")})
+    pipe.default_sample_size = 16
+    return pipe
 
 
 class FluxImg2ImgShortPromptPipeline(ShortT5Prompts, FluxImg2ImgPipeline):

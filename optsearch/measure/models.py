@@ -109,12 +109,14 @@ def build_from_factory(model_id: str, placement: Placement, factory_path: str | 
 
 def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
                   scheduler: str | None = None, kind: str | None = None,
-                  factory_path: str | None = None, image_to_image: bool = False):
+                  factory_path: str | None = None, image_to_image: bool = False,
+                  controlnet: str | None = None):
     """Load a diffusers pipeline once per process: builtin name, `module:function` factory,
     local folder or hub id. `kind` ("unet"/"transformer"/"video") when known better than from the id;
     `factory_path` the folder a factory's module is imported from. `image_to_image` (the spec
     sets a strength): a folder or hub id whose pipeline is text-to-image (FLUX.1 [dev], SD 1.5)
-    loads as its image-to-image pipeline, on the same components."""
+    loads as its image-to-image pipeline, on the same components. `controlnet`: the hub id or
+    folder of a ControlNet the pipeline is served with (its ControlNet pipeline, `with_controlnet`)."""
     kind = kind or model_kind(model_id)
     placement = resolve_placement(device, dtype, kind)
     if model_id.startswith("builtin:"):
@@ -123,6 +125,8 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
         pipe = build_from_factory(model_id, placement, factory_path)
     else:
         pipe = _load_pretrained(model_id, placement.dtype, kind)
+        if controlnet:
+            pipe = with_controlnet(pipe, controlnet, placement.dtype)
         if image_to_image:
             pipe = as_image_to_image(pipe)
     if scheduler:
@@ -137,6 +141,42 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
         pipe = pipe.to(dtype=placement.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# the ControlNet model class of each denoiser diffusers has ControlNet pipelines for
+CONTROLNET_CLASSES = {"UNet2DConditionModel": "ControlNetModel",
+                      "FluxTransformer2DModel": "FluxControlNetModel",
+                      "SD3Transformer2DModel": "SD3ControlNetModel",
+                      "QwenImageTransformer2DModel": "QwenImageControlNetModel"}
+
+
+def with_controlnet(pipe, controlnet: str, dtype: torch.dtype):
+    """`pipe` as its ControlNet pipeline with the ControlNet at `controlnet` (hub id or folder),
+    on the same components: diffusers' `AutoPipelineForText2Image.from_pipe(pipe, controlnet=)`."""
+    from diffusers import AutoPipelineForText2Image
+
+    from optsearch.accelerators import denoiser
+
+    name = CONTROLNET_CLASSES.get(type(denoiser(pipe)).__name__)
+    if name is None:
+        raise ModelLoadError(f"model.controlnet: diffusers has no ControlNet for "
+                             f"{type(denoiser(pipe)).__name__} ({type(pipe).__name__})")
+    path = os.path.expanduser(controlnet)
+    if controlnet.startswith((".", "/", "~")) and not os.path.isdir(path):
+        raise ModelLoadError(f"model.controlnet folder {controlnet!r} does not exist")
+    offline = None if os.path.isdir(path) else offline_reason()
+    try:
+        model = getattr(diffusers, name).from_pretrained(path if os.path.isdir(path) else controlnet,
+                                                         **dtype_option(dtype))
+    except (OSError, ValueError) as error:
+        if offline:
+            raise ModelLoadError(missing(f"model.controlnet {controlnet!r}", offline,
+                                         f"download it where the hub is reachable (`hf download "
+                                         f"{controlnet}`) and copy the cache, or set "
+                                         "model.controlnet to a local folder")) from error
+        raise ModelLoadError(f"cannot load model.controlnet {controlnet!r} as a {name}: "
+                             f"{first_line(error)}") from error
+    return AutoPipelineForText2Image.from_pipe(pipe, controlnet=model)
 
 
 def as_image_to_image(pipe):

@@ -97,7 +97,8 @@ def pipeline_from_spec(spec, device: str | None = None):
     model = spec.model
     pipe = load_pipeline(model.id, device or model.device, model.dtype, model.scheduler,
                          kind=None if model.kind == "auto" else model.kind,
-                         factory_path=model.factory_path, image_to_image=model.strength is not None)
+                         factory_path=model.factory_path, image_to_image=model.strength is not None,
+                         controlnet=model.controlnet)
     check_families(pipe, spec)
     return compiled_for(spec, pipe)
 

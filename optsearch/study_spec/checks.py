@@ -106,6 +106,12 @@ def validate(spec: StudySpec, problem) -> None:
     elif model.guidance_scale_2 is not None and search.model_kind != "video" and not is_factory(model.id):
         problem("model.guidance_scale_2", f"applies to Wan 2.2's two-expert video pipelines; "
                 f"{model.id!r} was told to be a {search.model_kind} pipeline")
+    if model.controlnet is not None and (model.id.startswith("builtin:") or is_factory(model.id)):
+        problem("model.controlnet", f"applies to a hub id or folder; {model.id!r} builds its own "
+                "pipeline (with its ControlNet, if any)")
+    elif model.controlnet is not None and model.strength is not None:
+        problem("model.controlnet", "with model.strength is not covered: a ControlNet "
+                "image-to-image call takes an image and a control image, and each prompt has one")
     if model.compile not in COMPILES:
         problem("model.compile", f"unknown compile {model.compile!r} (allowed: {', '.join(COMPILES)})")
     if not model.id:

@@ -46,6 +46,9 @@ class ModelSpec:
     # image-to-image: the share of the steps that denoise the prompt's image (diffusers' strength;
     # None: the call's default, text-to-image or a pipeline without one)
     strength: float | None = None
+    # the hub id or folder of a ControlNet the pipeline is served with (each prompt's image is
+    # its control image); a builtin or a factory builds its own
+    controlnet: str | None = None
     height: int | None = None  # None: the model's native size
     width: int | None = None
     num_frames: int | None = None  # video pipelines: frames per video (None: the pipeline's default)

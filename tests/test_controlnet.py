@@ -1,0 +1,123 @@
+"""ControlNet pipelines (Stable Diffusion's, FLUX's): each prompt's image is the control image,
+the ControlNet runs beside the denoiser at every step, and the accelerators of the denoiser's kind
+run on it; a hub id or folder is served with `[model] controlnet`."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+from optsearch.accelerators import apply_setting, magcache
+from optsearch.errors import ModelLoadError, SpecError
+from optsearch.measure.builtin import build_builtin
+from optsearch.measure.generation import GenerationConfig, call_inputs, check_conditioning
+from optsearch.measure.prompts import ConditionedPrompt, load_prompts
+from optsearch.measure.served import pipeline_from_spec
+from optsearch.study_spec import load_spec
+from tests.conftest import optsearch_cmd, write_spec
+from tests.test_image_conditioned import (
+    assert_each_skips_and_restores,
+    first_images,
+    quiet_builtin,
+    write_edits,
+)
+
+PAB = {"pab": {"spatial_attention_block_skip_range": 2, "timestep_skip_low": 100,
+               "timestep_skip_high": 900}}
+
+
+def swapped(prompts) -> list[ConditionedPrompt]:
+    """The same texts, each with the other's control image."""
+    return [ConditionedPrompt(str(prompt), other.image)
+            for prompt, other in zip(prompts, reversed(prompts), strict=True)]
+
+
+def test_sd_controlnet_takes_each_prompts_control_image_and_its_families_run(tmp_path):
+    pipe = quiet_builtin("builtin:tiny-sd-controlnet")
+    write_edits(tmp_path / "edits", count=2, size=32, metadata=True)
+    prompts = load_prompts(str(tmp_path / "edits"), 2)
+    check_conditioning(pipe, prompts, 2)
+    assert call_inputs(prompts, pipe)["image"] == [p.image for p in prompts]
+    config = GenerationConfig(steps=10, height=32, width=32, guidance_scale=7.5, batch_size=2)
+    images = partial(first_images, pipe, config, prompts)
+    baseline = images()
+    assert not np.array_equal(first_images(pipe, config, swapped(prompts)), baseline)
+    assert_each_skips_and_restores(pipe, images, (
+        {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
+        {"tome": {"ratio": 0.5, "max_downsample": 1}}, PAB), baseline)
+    with pytest.raises(ValueError, match="tgate runs its own text-to-image loop"):
+        apply_setting(pipe, {"tgate": {"gate_step": 3}})
+
+
+def test_flux_controlnet_runs_every_cache_with_the_controlnets_residuals(tmp_path):
+    pipe = quiet_builtin("builtin:tiny-flux-controlnet")
+    write_edits(tmp_path / "edits", count=2, metadata=True)
+    prompts = load_prompts(str(tmp_path / "edits"), 2)
+    assert call_inputs(prompts, pipe)["control_image"] == [p.image for p in prompts]
+    config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=3.5, batch_size=2)
+    images = partial(first_images, pipe, config, prompts)
+    baseline = images()
+    assert not np.array_equal(first_images(pipe, config, swapped(prompts)), baseline)
+    ratios = magcache.measure(pipe, 8, images)
+    settings = ({"fbcache": {"threshold": 0.5}},
+                {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}}, PAB,
+                {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1}})
+    assert_each_skips_and_restores(pipe, lambda applied: images(applied), settings, baseline)
+    applied = apply_setting(pipe, {"magcache": {"threshold": 0.5}}, {"magcache": ratios})
+    try:
+        assert not np.array_equal(images(applied), baseline) and applied.computed_fraction() < 1
+    finally:
+        applied.restore()
+    np.testing.assert_array_equal(images(), baseline)
+
+
+CONTROLNET_SPEC = """
+[model]
+id = "{folder}"
+controlnet = "{controlnet}"
+kind = "unet"
+device = "cpu"
+steps = 6
+height = 32
+width = 32
+[prompts]
+source = "edits"
+num_samples = 2
+batch_size = 2
+[quality]
+clip_model = "builtin:tiny"
+clip_pretrained = "none"
+metric = "psnr"
+limit = 20.0
+[search]
+accelerators = ["deepcache"]
+"""
+
+
+def test_a_folder_is_served_with_the_controlnet_the_spec_names(tmp_path):
+    tiny = build_builtin("builtin:tiny")
+    StableDiffusionPipeline(**tiny.components).save_pretrained(tmp_path / "sd")
+    ControlNetModel.from_unet(tiny.unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(
+        tmp_path / "canny")
+    write_edits(tmp_path / "edits", count=2, size=32, metadata=True)
+    text = CONTROLNET_SPEC.format(folder=tmp_path / "sd", controlnet=tmp_path / "canny")
+    spec = write_spec(tmp_path / "cn.toml", text)
+    pipe = pipeline_from_spec(load_spec(spec))
+    assert type(pipe) is StableDiffusionControlNetPipeline and pipe.unet is not None
+    result = optsearch_cmd("check", str(spec), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"model {tmp_path / 'sd'} with ControlNet {tmp_path / 'canny'} on cpu" in result.stdout
+
+    missing = write_spec(tmp_path / "missing.toml", text.replace("canny", "nowhere"))
+    with pytest.raises(ModelLoadError, match=r"model.controlnet folder '.*nowhere' does not exist"):
+        pipeline_from_spec(load_spec(missing))
+    for change, says in (
+            ((f'"{tmp_path / "sd"}"', '"builtin:tiny-sd-controlnet"'),
+             "model.controlnet: applies to a hub id or folder; 'builtin:tiny-sd-controlnet' builds its own"),
+            (("steps = 6\n", "steps = 6\nstrength = 0.5\n"),
+             "model.controlnet: with model.strength is not covered")):
+        with pytest.raises(SpecError, match=says):
+            load_spec(write_spec(tmp_path / "bad.toml", text.replace(*change)))
