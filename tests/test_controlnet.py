@@ -19,6 +19,7 @@ from optsearch.measure.served import pipeline_from_spec
 from optsearch.study_spec import load_spec
 from tests.conftest import optsearch_cmd, write_spec
 from tests.test_image_conditioned import (
+    EDITS_FOLDER_SPEC,
     assert_each_skips_and_restores,
     first_images,
     quiet_builtin,
@@ -83,16 +84,7 @@ device = "cpu"
 steps = 6
 height = 32
 width = 32
-[prompts]
-source = "edits"
-num_samples = 2
-batch_size = 2
-[quality]
-clip_model = "builtin:tiny"
-clip_pretrained = "none"
-metric = "psnr"
-limit = 20.0
-[search]
+""" + EDITS_FOLDER_SPEC + """[search]
 accelerators = ["deepcache"]
 """
 

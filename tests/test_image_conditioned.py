@@ -42,6 +42,19 @@ def write_edits(folder, count: int = 5, size: int = 128, metadata: bool = False)
     return texts
 
 
+# a spec's prompts (two of an "edits" folder beside it, in one batch) and fidelity to its baseline
+EDITS_FOLDER_SPEC = """[prompts]
+source = "edits"
+num_samples = 2
+batch_size = 2
+[quality]
+clip_model = "builtin:tiny"
+clip_pretrained = "none"
+metric = "psnr"
+limit = 20.0
+"""
+
+
 def quiet_builtin(name: str):
     """A builtin pipeline without its per-step progress bars."""
     pipe = build_builtin(name)

@@ -26,7 +26,7 @@ from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
 from tests.conftest import optsearch_cmd, write_spec
 from tests.test_deploy_exports import export, exported_function, study_with_winner
-from tests.test_image_conditioned import first_images, quiet_builtin, write_edits
+from tests.test_image_conditioned import EDITS_FOLDER_SPEC, first_images, quiet_builtin, write_edits
 
 FLUX_I2I_SPEC = """
 name = "i2i"
@@ -38,16 +38,7 @@ strength = 0.55
 height = 128
 width = 128
 guidance_scale = 3.5
-[prompts]
-source = "edits"
-num_samples = 2
-batch_size = 2
-[quality]
-clip_model = "builtin:tiny"
-clip_pretrained = "none"
-metric = "psnr"
-limit = 20.0
-[search]
+""" + EDITS_FOLDER_SPEC + """[search]
 accelerators = [["magcache"], ["dbcache"]]
 """
 
@@ -212,16 +203,7 @@ steps = 10
 strength = 0.6
 height = 32
 width = 32
-[prompts]
-source = "edits"
-num_samples = 2
-batch_size = 2
-[quality]
-clip_model = "builtin:tiny"
-clip_pretrained = "none"
-metric = "psnr"
-limit = 20.0
-[search]
+""" + EDITS_FOLDER_SPEC + """[search]
 accelerators = ["deepcache"]
 n_trials = 2
 n_startup_trials = 2
