@@ -113,3 +113,21 @@ def test_a_folder_is_served_with_the_controlnet_the_spec_names(tmp_path):
              "model.controlnet: with model.strength is not covered")):
         with pytest.raises(SpecError, match=says):
             load_spec(write_spec(tmp_path / "bad.toml", text.replace(*change)))
+
+
+def test_a_flux_folder_is_served_with_a_flux_controlnet(tmp_path):
+    """The ControlNet's class follows the denoiser's (FLUX's transformer: FluxControlNetModel)."""
+    from diffusers import FluxControlNetPipeline, FluxPipeline
+
+    from optsearch.measure.models import load_pipeline
+
+    tiny = build_builtin("builtin:tiny-flux-controlnet")
+    FluxPipeline(**{name: component for name, component in tiny.components.items()
+                    if name != "controlnet"}).save_pretrained(tmp_path / "flux")
+    tiny.controlnet.save_pretrained(tmp_path / "depth")
+    pipe = load_pipeline(str(tmp_path / "flux"), "cpu", "float32", kind="transformer",
+                         controlnet=str(tmp_path / "depth"))
+    assert type(pipe) is FluxControlNetPipeline and type(pipe.controlnet).__name__ == "FluxControlNetModel"
+    with pytest.raises(ModelLoadError, match="cannot load model.controlnet .* as a FluxControlNetModel"):
+        load_pipeline(str(tmp_path / "flux"), "cpu", "float32", kind="transformer",
+                      controlnet=str(tmp_path / "flux"))  # a pipeline's folder, not a ControlNet's
