@@ -11,7 +11,7 @@ import pytest
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
 from optsearch.accelerators import apply_setting, magcache
-from optsearch.errors import ModelLoadError, SpecError
+from optsearch.errors import ModelLoadError, PromptError, SpecError
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.generation import GenerationConfig, call_inputs, check_conditioning
 from optsearch.measure.prompts import ConditionedPrompt, load_prompts
@@ -131,3 +131,15 @@ def test_a_flux_folder_is_served_with_a_flux_controlnet(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load model.controlnet .* as a FluxControlNetModel"):
         load_pipeline(str(tmp_path / "flux"), "cpu", "float32", kind="transformer",
                       controlnet=str(tmp_path / "flux"))  # a pipeline's folder, not a ControlNet's
+
+
+def test_a_pipeline_that_takes_an_image_and_a_control_image_is_one_line(tmp_path):
+    """FLUX Control image-to-image takes the image to start from and a control image: a prompt
+    carries one, and the call failed deep in the pipeline for the other."""
+    from diffusers import FluxControlImg2ImgPipeline
+
+    pipe = FluxControlImg2ImgPipeline(**build_builtin("builtin:tiny-flux-control").components)
+    write_edits(tmp_path / "edits", count=2, metadata=True)
+    with pytest.raises(PromptError, match="FluxControlImg2ImgPipeline takes an image and a control "
+                                          "image with each prompt .*: not covered"):
+        check_conditioning(pipe, load_prompts(str(tmp_path / "edits"), 2), 2)

@@ -128,6 +128,10 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
         raise PromptError(f"{name} takes no mask: the prompts' masks would be ignored; use an "
                           "inpainting pipeline (FLUX Fill, Stable Diffusion inpainting), or "
                           "prompts without masks")
+    if "image" in parameters and "control_image" in parameters:
+        raise PromptError(f"{name} takes an image and a control image with each prompt "
+                          "(ControlNet or Control image-to-image, inpainting): not covered, a "
+                          "prompt carries one image; use its text-to-image ControlNet pipeline")
     single = any(cls.__name__.startswith(ONE_IMAGE_A_CALL) for cls in type(pipe).__mro__)
     if single and batch_size > 1 and images is not None:
         raise PromptError(f"{name} conditions every prompt of a call on one image: set "
