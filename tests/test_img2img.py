@@ -12,7 +12,15 @@ import torch
 from diffusers import FluxImg2ImgPipeline
 
 import optsearch
-from optsearch.accelerators import apply_setting, call_steps, denoised_steps, denoiser, max_speedup
+from optsearch.accelerators import (
+    apply_setting,
+    call_steps,
+    canonical_setting,
+    denoised_steps,
+    denoiser,
+    magcache,
+    max_speedup,
+)
 from optsearch.errors import ModelLoadError, PromptError, SpecError
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.evaluate import evaluator_from_spec
@@ -110,6 +118,13 @@ def test_magcache_is_measured_and_served_over_the_steps_that_denoise(tmp_path, f
     finally:
         applied.restore()
     assert ran_with == {"magcache": {"denoising_steps": 9}}
+    # which steps a trial of fewer steps skips is replayed over those it denoises: 13 at 0.55
+    # denoise 8 on FLUX (7 by SD's rounding), what a copied twin must compute alike
+    fewer = {"steps": {"num_inference_steps": 13}, **setting}
+    computed = canonical_setting(fewer, 16, evaluator.calibration, evaluator.denoising_steps_of)
+    ratios = evaluator.calibration["magcache"]
+    assert computed["magcache"] == magcache.computation(setting["magcache"], 8, ratios)
+    assert computed["magcache"] != magcache.computation(setting["magcache"], 7, ratios)
 
     calibration = {"magcache": {**evaluator.calibration["magcache"], **ran_with["magcache"]}}
     url = study_with_winner(tmp_path, FLUX_I2I_SPEC, setting, calibration_used=calibration)

@@ -64,12 +64,13 @@ def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int])
 
 
 def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[str, dict],
-                      strength: float | None = None) -> dict:
+                      denoising: Callable[[int], int] | None = None) -> dict:
     """The setting as the computation it makes: as given, except where a family tells from its
     calibration alone what it computes (its module's `computation`: MagCache's skipped steps from
     its ratios, ToMe's merged token counts from the measured levels); there that stands for its
     parameters, so two settings of one computation (the same images, bit for bit) need one
-    measurement."""
+    measurement. `denoising`: the steps a call of so many steps denoises (image-to-image: the
+    loaded pipeline's share, `call_steps`), where not all."""
     try:
         nested = normalize_setting(setting)
     except ValueError:  # a record another version wrote: compared as written
@@ -77,7 +78,8 @@ def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[s
     canonical: dict[str, dict] = {}
     for name, params in nested.items():
         tell = getattr(REGISTRY[name], "computation", None)
-        computed = tell(params, step_budget(nested, model_steps, strength), calibration.get(name) or {}) \
+        steps = step_budget(nested, model_steps)
+        computed = tell(params, denoising(steps) if denoising else steps, calibration.get(name) or {}) \
             if tell is not None else None
         canonical[name] = params if computed is None else computed
     return canonical

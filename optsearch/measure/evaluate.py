@@ -198,8 +198,11 @@ class Evaluator:
     def denoising_steps(self) -> int:
         """The steps a full call runs the denoiser for: all, or at an image-to-image strength
         those the pipeline keeps (its own rounding)."""
-        return call_steps(self.pipe, {"num_inference_steps": self.config.steps,
-                                      "strength": self.config.strength})
+        return self.denoising_steps_of(self.config.steps)
+
+    def denoising_steps_of(self, steps: int) -> int:
+        """The steps a call of `steps` steps runs the denoiser for (`denoising_steps`)."""
+        return call_steps(self.pipe, {"num_inference_steps": steps, "strength": self.config.strength})
 
     def auto_ranges(self, spec) -> dict[str, list]:
         """The calibrated ranges of the spec's "auto" parameters, {"family.param": [lo, hi]}:

@@ -219,8 +219,8 @@ class Worker:
 
     def _canonical(self, setting: dict, used: dict) -> dict:
         """The computation `setting` makes with what a trial ran with (`used`; {}: this worker's)."""
-        model, calibration = self.spec.model, {**self.evaluator.calibration, **used}
-        return canonical_setting(setting, model.steps, calibration, model.strength)
+        return canonical_setting(setting, self.spec.model.steps, {**self.evaluator.calibration, **used},
+                                 self.evaluator.denoising_steps_of)
 
     def early_stop_rule(self, combo: str):
         """The early-stop rule for the next trial, from what the study has measured so far."""
