@@ -74,6 +74,8 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
         context["guidance_scale_2"] = model.guidance_scale_2
     if model.strength is not None:  # image-to-image: the share of the steps that denoise
         context["strength"] = model.strength
+    if model.call:  # [model.call]: what else every call passed
+        context["call"] = dict(model.call)
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
         context["compiled_by"] = "builder"
     return context
@@ -96,20 +98,22 @@ def context_text(context: Mapping) -> str:
     second = (f" ({context['guidance_scale_2']} on the second expert)"
               if context.get("guidance_scale_2") is not None else "")
     strength = f" at strength {context['strength']}" if context.get("strength") is not None else ""
+    called = "".join(f", {name}={value!r}" for name, value in (context.get("call") or {}).items())
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
-            f"steps{strength}{scheduler}, guidance {context['guidance_scale']}{second}{compiled}{offload}"
-            f"{attention}{quantized}")
+            f"steps{strength}{scheduler}, guidance {context['guidance_scale']}{second}{called}"
+            f"{compiled}{offload}{attention}{quantized}")
 
 
-def _served(pipe, args: tuple, kwargs: Mapping) -> dict:
-    """The context of one pipeline call, as far as its arguments tell."""
+def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) -> dict:
+    """The context of one pipeline call, as far as its arguments tell (and the `called`
+    arguments [model.call] measured with, as passed or by default)."""
     prompt = call_argument(pipe, "prompt", args, kwargs)
     prompts = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
     per_prompt = kwargs.get("num_images_per_prompt") or kwargs.get("num_videos_per_prompt") or 1
     served = {"batch_size": prompts * per_prompt}
     defaults = call_parameters(pipe)
     for key in ("height", "width", "num_inference_steps", "strength", "guidance_scale",
-                "guidance_scale_2", "num_frames"):
+                "guidance_scale_2", "num_frames", *called):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
     native = native_size(pipe)
     if native is not None:  # what the pipeline makes of a size left out
@@ -136,9 +140,11 @@ class ContextCheck:
         self.warned: set[str] = set()
 
     def __call__(self, pipe, args: tuple, kwargs: Mapping) -> None:
-        served = _served(pipe, args, kwargs)
-        for key in CONTEXT_KEYS:
-            then, now = self.measured.get(key), served.get(key)
+        called = self.measured.get("call") or {}  # [model.call]'s arguments, compared as the rest
+        served = _served(pipe, args, kwargs, tuple(called))
+        measured = {**self.measured, **called}
+        for key in (*CONTEXT_KEYS, *called):
+            then, now = measured.get(key), served.get(key)
             if then is None or now is None or key in self.warned or now == then:
                 continue
             self.warned.add(key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ class GenerationConfig:
     num_frames: int | None = None  # video pipelines
     guidance_scale_2: float | None = None  # Wan 2.2 A14B: the low-noise expert's guidance
     strength: float | None = None  # image-to-image: the share of the steps that denoise
+    call: Mapping = field(default_factory=dict)  # [model.call]: other arguments, as served
 
     @classmethod
     def from_spec(cls, spec, seed: int | None = None) -> GenerationConfig:
@@ -46,7 +47,7 @@ class GenerationConfig:
         return cls(model.steps, model.height, model.width, model.guidance_scale,
                    prompts.batch_size, prompts.seed if seed is None else seed,
                    model.true_cfg_scale, model.negative_prompt, model.num_frames,
-                   model.guidance_scale_2, model.strength)
+                   model.guidance_scale_2, model.strength, dict(model.call))
 
     def guidance_kwargs(self, count: int, pipe) -> dict:
         """The call arguments that decide guidance (a calibration tells a cache that follows the
@@ -79,6 +80,7 @@ class GenerationConfig:
             extra["guidance_scale_2"] = self.guidance_scale_2
         if self.strength is not None:
             extra["strength"] = self.strength
+        extra.update(self.call)
         if self.height and self.width and "max_area" in call_parameters(pipe):
             # FLUX Kontext sizes its output by max_area (default 1024 x 1024): the spec's size
             extra["max_area"] = self.height * self.width

@@ -48,6 +48,11 @@ def check_families(pipe, spec) -> None:
                              "expert (Wan 2.2 A14B's transformer_2); this pipeline runs one: leave it out")
     if problem := _strength_problem(pipe, spec.model.strength):
         raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
+    taken = call_parameters(pipe)
+    for name in spec.model.call:
+        if name not in taken:
+            raise ModelLoadError(f"model.call.{name}: {type(pipe).__name__}'s call takes no {name} "
+                                 f"(it takes: {', '.join(n for n in taken if n != 'self')})")
     if any("dbcache" in combo for combo in spec.search.combos) and \
             (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
         raise ModelLoadError(f"model {spec.model.id!r}: {problem}")

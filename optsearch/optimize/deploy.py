@@ -100,7 +100,9 @@ def cache_dit_yaml(exported: dict) -> str:
     lines = [f"# {_claim(exported)}",
              *[f"# {line}" for line in [_measured_with(exported)] if line],
              f"# call the pipeline with num_inference_steps={_steps(exported)}"
-             + (f", strength={_strength(exported)}" if _strength(exported) is not None else ""),
+             + (f", strength={_strength(exported)}" if _strength(exported) is not None else "")
+             + "".join(f", {name}={value!r}"
+                       for name, value in (exported["spec"]["model"].get("call") or {}).items()),
              *[f"# {line.removeprefix('# ')}" for line in _scheduler_code(exported)[1:2]],
              "# load: cache_dit.enable_cache(pipe, **cache_dit.load_configs(\"this.yaml\"))",
              *[f"# {line.removeprefix('# ')}" for line in _compile_code(exported)[1:]],
@@ -309,8 +311,10 @@ def diffusers_python(exported: dict) -> str:
     setting = exported["best"]["setting"]
     strength = _strength(exported)
     steps = "'num_inference_steps': NUM_INFERENCE_STEPS" + (", 'strength': STRENGTH" if strength else "")
-    body = [f"call_kwargs = {{{steps}}}", *_scheduler_code(exported),
-            *_compile_code(exported)]
+    called = exported["spec"]["model"].get("call") or {}
+    body = [f"call_kwargs = {{{steps}}}",
+            *[f"call_kwargs.update({called!r})  # [model.call], as measured" for _ in [called] if called],
+            *_scheduler_code(exported), *_compile_code(exported)]
     for name, params in setting.items():
         code = _family_code(name, params, exported)
         if code:

@@ -23,6 +23,7 @@ from optsearch.study_spec.schema import (
     PROMPT_FILE_SUFFIXES,
     PROMPT_SOURCES,
     SECTIONS,
+    SET_BY_OPTSEARCH,
     ModelSpec,
     StudySpec,
 )
@@ -198,6 +199,9 @@ def _load_section(target, section: str, values: dict, problem) -> None:
                 problem(full, 'must be a list of accelerator names (one combo), a list of such '
                         'lists (several combos), or "any"')
             continue
+        if key == "call":
+            _load_call(target, value, problem)
+            continue
         expected = _expected_type(type(target), key)
         if expected and not _type_ok(value, expected):
             problem(full, f"must be {_TYPE_NAMES[expected]}, got {value!r}")
@@ -206,6 +210,23 @@ def _load_section(target, section: str, values: dict, problem) -> None:
             problem(full, f"must be a finite number, got {value!r}")
             continue
         setattr(target, key, float(value) if expected is float else value)
+
+
+def _load_call(model, table, problem) -> None:
+    """[model.call]: keyword arguments every call takes, as served; not those optsearch sets."""
+    if not isinstance(table, dict):
+        problem("model.call", "must be a table [model.call] of the pipeline's keyword arguments")
+        return
+    scalar = (str, int, float, bool)
+    for name, value in table.items():
+        if name in SET_BY_OPTSEARCH:
+            problem(f"model.call.{name}", f"is set by optsearch{SET_BY_OPTSEARCH[name]}")
+        elif not (isinstance(value, scalar) or (isinstance(value, list)
+                                                 and all(isinstance(v, scalar) for v in value))):
+            problem(f"model.call.{name}", f"must be a string, number, true/false or a list of "
+                    f"them, got {value!r}")
+        else:
+            model.call[name] = value
 
 
 def _load_space(tables: dict, problem) -> dict[str, dict[str, Any]]:

@@ -35,6 +35,19 @@ KNOWN_SCHEDULERS = (
 
 
 
+# the call arguments optsearch sets itself, and where a spec says them instead
+SET_BY_OPTSEARCH = {
+    **dict.fromkeys(("prompt", "image", "mask_image", "control_image"), " (each prompt's)"),
+    **dict.fromkeys(("generator", "latents", "output_type", "return_dict",
+                     "num_images_per_prompt", "num_videos_per_prompt", "max_area"), ""),
+    **{name: f": use model.{key}" for name, key in (
+        ("num_inference_steps", "steps"), ("height", "height"), ("width", "width"),
+        ("guidance_scale", "guidance_scale"), ("guidance_scale_2", "guidance_scale_2"),
+        ("true_cfg_scale", "true_cfg_scale"), ("negative_prompt", "negative_prompt"),
+        ("strength", "strength"), ("num_frames", "num_frames"))},
+}
+
+
 @dataclass
 class ModelSpec:
     id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -62,6 +75,9 @@ class ModelSpec:
     compile_backend: str = "inductor"  # "eager" traces only (graph breaks counted, no codegen)
     factory_path: str | None = None  # where a module:function factory is imported from: the
     # spec's folder unless given (then the working directory and PYTHONPATH)
+    # [model.call]: other keyword arguments every call takes, as served (max_sequence_length,
+    # controlnet_conditioning_scale, guidance_rescale, ...): deployment context
+    call: dict[str, Any] = field(default_factory=dict)
 
     @property
     def denoising_steps(self) -> int:
