@@ -190,6 +190,7 @@ class DBCachePatch:
                  computation: str = "dynamic"):
         self.pipe, self.options, self.calibrator = pipe, options, calibrator
         self.mask, self.computation = mask, computation
+        self.strength = None  # the last call's, where image-to-image
         default = call_parameters(pipe).get("num_inference_steps")
         steps = default.default if default is not None and isinstance(default.default, int) else 28
         steps = steps if mask != "none" else None
@@ -222,7 +223,7 @@ class DBCachePatch:
         built for, where an image-to-image call denoises a share of its steps."""
         told = self.patch.assumes_separate_cfg and not self.key[1]
         ran = {"enable_separate_cfg": False} if told else {}
-        if self.key[0] is not None and getattr(self, "strength", None) is not None:
+        if self.key[0] is not None and self.strength is not None:
             ran["denoising_steps"] = self.key[0]  # the mask's steps: an image-to-image call's share
         return ran
 

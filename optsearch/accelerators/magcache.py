@@ -82,6 +82,7 @@ class MagCachePatch:
         self.options = dict(threshold=threshold, max_skip_steps=max_skip_steps,
                             retention_ratio=retention_ratio)
         self.steps = model_steps(calibration)
+        self.strength = None  # the last call's, where image-to-image
         self.patch = self._enable(self.steps)
 
     def _enable(self, steps: int) -> HookPatch:
@@ -119,7 +120,7 @@ class MagCachePatch:
     def ran_with(self) -> dict:
         """The steps the config counted, where an image-to-image call denoised a share of its
         steps (the pipeline's rounding: what a deployment sets as num_inference_steps)."""
-        return {"denoising_steps": self.steps} if getattr(self, "strength", None) is not None else {}
+        return {"denoising_steps": self.steps} if self.strength is not None else {}
 
     def restore(self) -> None:
         self.patch.restore()

@@ -141,12 +141,7 @@ def _build_builtin(name: str):
     if name == "builtin:tiny-flux-controlnet":
         return _tiny_flux_controlnet()
     if name == "builtin:tiny-flux-img2img":
-        flux = _build_tiny_flux()  # tiny FLUX's own transformer, from the prompt's image
-        pipe = FluxImg2ImgShortPromptPipeline(**{name: component for name, component
-                                                 in flux.components.items()
-                                                 if name not in ("image_encoder", "feature_extractor")})
-        pipe.default_sample_size = 16
-        return pipe
+        return _tiny_flux_img2img()
     if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-qwen-image-edit",
                 "builtin:tiny-wan", "builtin:tiny-wan22", "builtin:tiny-wan-i2v"):
         from optsearch.measure import builtin_dits
@@ -306,6 +301,17 @@ def _tiny_flux_controlnet():
 
 class FluxImg2ImgShortPromptPipeline(ShortT5Prompts, FluxImg2ImgPipeline):
     """FLUX image-to-image with 32-token T5 prompts. Named so that cache-dit knows it as FLUX."""
+
+
+def _tiny_flux_img2img():
+    """builtin:tiny-flux-img2img: tiny FLUX's own transformer, denoising from each prompt's image
+    noised to the spec's strength."""
+    flux = _build_tiny_flux()
+    pipe = FluxImg2ImgShortPromptPipeline(**{name: component for name, component
+                                             in flux.components.items()
+                                             if name not in ("image_encoder", "feature_extractor")})
+    pipe.default_sample_size = 16
+    return pipe
 
 
 def _build_tiny_flux_fill():

@@ -60,8 +60,8 @@ class GenerationConfig:
         short call (a warm-up, a calibration) at an image-to-image strength runs a share only."""
         if self.strength is None:
             return min(count, self.steps)
-        return min(self.steps, next(n for n in range(count, self.steps + 1)
-                                    if denoised_steps(n, self.strength) >= count))
+        return next((n for n in range(count, self.steps + 1)
+                     if denoised_steps(n, self.strength) >= count), self.steps)
 
     def extra_kwargs(self, count: int, pipe) -> dict:
         """The optional call arguments the spec sets (Qwen-Image's true CFG and its negative, a

@@ -312,9 +312,10 @@ def diffusers_python(exported: dict) -> str:
     strength = _strength(exported)
     steps = "'num_inference_steps': NUM_INFERENCE_STEPS" + (", 'strength': STRENGTH" if strength else "")
     called = exported["spec"]["model"].get("call") or {}
-    body = [f"call_kwargs = {{{steps}}}",
-            *[f"call_kwargs.update({called!r})  # [model.call], as measured" for _ in [called] if called],
-            *_scheduler_code(exported), *_compile_code(exported)]
+    body = [f"call_kwargs = {{{steps}}}"]
+    if called:
+        body.append(f"call_kwargs.update({called!r})  # [model.call], as measured")
+    body += [*_scheduler_code(exported), *_compile_code(exported)]
     for name, params in setting.items():
         code = _family_code(name, params, exported)
         if code:

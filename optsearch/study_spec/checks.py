@@ -234,9 +234,9 @@ def validate(spec: StudySpec, problem) -> None:
             # fewer steps counts the call's steps; the others the steps that denoise
             most = model.steps if accelerator == "steps" else model.denoising_steps
             if counted and given and most >= 1 and any(value > most for value in bounds[:2]):
-                problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past "
-                        f"{_steps_said(model) if accelerator != 'steps' else f'model.steps={most}'}"
-                        " (allowed: 1..steps)")
+                said = f"model.steps={most}" if accelerator == "steps" else _steps_said(model)
+                problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past {said} "
+                        "(allowed: 1..steps)")
     for combo in search.combos:  # cache-dit's steps masks exist for some step counts only
         if "dbcache" not in combo:
             continue
