@@ -273,3 +273,25 @@ def test_a_text_to_image_folder_loads_as_its_image_to_image_pipeline_at_a_streng
     plain = pipeline_from_spec(load_spec(write_spec(tmp_path / "plain.toml", text.replace(
         "strength = 0.55\n", "").replace('[["magcache"], ["dbcache"]]', '["magcache"]'))))
     assert type(plain) is FluxPipeline  # no strength: the pipeline as published
+
+
+def test_an_image_to_image_folder_loads_as_published_and_needs_its_strength(tmp_path):
+    """SDXL's refiner is published as an image-to-image pipeline (no first text encoder, strength
+    0.3 by default): it loads as itself, and a spec without a strength is one line."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    xl = build_builtin("builtin:tiny-xl").components
+    StableDiffusionXLImg2ImgPipeline(
+        vae=xl["vae"], text_encoder=None, text_encoder_2=xl["text_encoder_2"], tokenizer=None,
+        tokenizer_2=xl["tokenizer_2"], unet=xl["unet"], scheduler=xl["scheduler"],
+        requires_aesthetics_score=True).save_pretrained(tmp_path / "refiner")
+    write_edits(tmp_path / "edits", count=2, size=64, metadata=True)
+    text = SD_I2I_SPEC.replace('"builtin:tiny-sd-img2img"', f'"{tmp_path / "refiner"}"\nkind = "unet"') \
+        .replace("strength = 0.6", "strength = 0.3").replace("32", "64")
+    pipe = pipeline_from_spec(load_spec(write_spec(tmp_path / "refiner.toml", text)))
+    assert type(pipe) is StableDiffusionXLImg2ImgPipeline and pipe.text_encoder is None
+    assert call_steps(pipe, {"num_inference_steps": 10, "strength": 0.3}) == 3
+    with pytest.raises(ModelLoadError, match="StableDiffusionXLImg2ImgPipeline denoises a share of its "
+                                             r"steps \(strength 0.3 by default\)"):
+        pipeline_from_spec(load_spec(write_spec(tmp_path / "none.toml",
+                                                text.replace("strength = 0.3\n", ""))))

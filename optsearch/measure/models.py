@@ -143,6 +143,15 @@ def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
     return pipe
 
 
+def _published_class(source: str) -> str:
+    """The pipeline class a folder or hub id publishes (its model_index.json), "" where unknown
+    here (not downloaded yet: the loader then says why)."""
+    try:
+        return diffusers.DiffusionPipeline.load_config(source).get("_class_name", "")
+    except Exception:  # noqa: BLE001 - whatever it is, loading the pipeline says it better
+        return ""
+
+
 # the ControlNet model class of each denoiser diffusers has ControlNet pipelines for
 CONTROLNET_CLASSES = {"UNet2DConditionModel": "ControlNetModel",
                       "FluxTransformer2DModel": "FluxControlNetModel",
@@ -216,21 +225,22 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
     source = path if os.path.isdir(path) else model_id
     offline = None if os.path.isdir(path) else offline_reason()  # once, before any download
     # imported here: the auto classes import every pipeline (~5 s), which built-in models never need
-    from diffusers import AutoPipelineForText2Image
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
+    # text-to-video pipelines (Wan, CogVideoX, HunyuanVideo) have no text-to-image auto class; one
+    # published as image-to-image (SDXL's refiner: no first text encoder) loads as itself
+    loader = diffusers.DiffusionPipeline if kind == "video" else \
+        AutoPipelineForImage2Image if "Img2Img" in _published_class(source) else AutoPipelineForText2Image
     try:
         if torch_dtype == torch.float16:
             # Repos that publish half-precision files (SD 1.5, SDXL) as the "fp16" variant: half
             # the download. Repos without them raise "no such modeling files": load the default.
             try:
-                return AutoPipelineForText2Image.from_pretrained(
-                    source, **dtype_option(torch_dtype), variant="fp16", **extra)
+                return loader.from_pretrained(source, **dtype_option(torch_dtype), variant="fp16", **extra)
             except ValueError as error:
                 if "variant" not in str(error):
                     raise
                 logger.info("%s has no fp16 variant: loading its default files", model_id)
-        # text-to-video pipelines (Wan, CogVideoX, HunyuanVideo) have no text-to-image auto class
-        loader = diffusers.DiffusionPipeline if kind == "video" else AutoPipelineForText2Image
         return loader.from_pretrained(source, **dtype_option(torch_dtype), **extra)
     except (OSError, ValueError) as error:
         if offline:
