@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 import optsearch
+from optsearch.deployment import context_text, measured_context
 from optsearch.errors import ModelLoadError, SpecError
 from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.served import pipeline_from_spec
 from optsearch.optimize.deploy import diffusers_python
 from optsearch.study_spec import load_spec
-from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
+from tests.conftest import TINY_SPEC, write_spec
 from tests.test_deploy_exports import exported_function, study_with_winner
 from tests.test_image_conditioned import first_images, quiet_builtin
 from tests.test_img2img import exported_dict
@@ -65,6 +66,6 @@ def test_wrong_arguments_are_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="model.call.true_cfg: StableDiffusionPipeline's call "
                                              "takes no true_cfg \\(it takes: prompt, height,"):
         pipeline_from_spec(unknown)
-    result = optsearch_cmd("check", str(write_spec(tmp_path / "ok.toml", RESCALED)), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "guidance 7.5, guidance_rescale=0.7" in result.stdout
+    # what `check` prints of the deployment context, and the export records
+    spec = load_spec(write_spec(tmp_path / "ok.toml", RESCALED))
+    assert "guidance 7.5, guidance_rescale=0.7" in context_text(measured_context(spec, 2))
