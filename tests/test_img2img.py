@@ -286,8 +286,9 @@ def test_an_image_to_image_folder_loads_as_published_and_needs_its_strength(tmp_
         tokenizer_2=xl["tokenizer_2"], unet=xl["unet"], scheduler=xl["scheduler"],
         requires_aesthetics_score=True).save_pretrained(tmp_path / "refiner")
     write_edits(tmp_path / "edits", count=2, size=64, metadata=True)
-    text = SD_I2I_SPEC.replace('"builtin:tiny-sd-img2img"', f'"{tmp_path / "refiner"}"\nkind = "unet"') \
-        .replace("strength = 0.6", "strength = 0.3").replace("32", "64")
+    # the size first: the folder's own path may hold a "32" (pytest-32)
+    text = SD_I2I_SPEC.replace("32", "64").replace("strength = 0.6", "strength = 0.3") \
+        .replace('"builtin:tiny-sd-img2img"', f'"{tmp_path / "refiner"}"\nkind = "unet"')
     pipe = pipeline_from_spec(load_spec(write_spec(tmp_path / "refiner.toml", text)))
     assert type(pipe) is StableDiffusionXLImg2ImgPipeline and pipe.text_encoder is None
     assert call_steps(pipe, {"num_inference_steps": 10, "strength": 0.3}) == 3
