@@ -170,21 +170,10 @@ def with_controlnet(pipe, controlnet: str, dtype: torch.dtype):
     if name is None:
         raise ModelLoadError(f"model.controlnet: diffusers has no ControlNet for "
                              f"{type(denoiser(pipe)).__name__} ({type(pipe).__name__})")
-    path = os.path.expanduser(controlnet)
-    if controlnet.startswith((".", "/", "~")) and not os.path.isdir(path):
-        raise ModelLoadError(f"model.controlnet folder {controlnet!r} does not exist")
-    offline = None if os.path.isdir(path) else offline_reason()
-    try:
-        model = getattr(diffusers, name).from_pretrained(path if os.path.isdir(path) else controlnet,
-                                                         **dtype_option(dtype))
-    except (OSError, ValueError) as error:
-        if offline:
-            raise ModelLoadError(missing(f"model.controlnet {controlnet!r}", offline,
-                                         f"download it where the hub is reachable (`hf download "
-                                         f"{controlnet}`) and copy the cache, or set "
-                                         "model.controlnet to a local folder")) from error
-        raise ModelLoadError(f"cannot load model.controlnet {controlnet!r} as a {name}: "
-                             f"{first_line(error)}") from error
+    model = _from_hub_or_folder(
+        controlnet, "model.controlnet", "model.controlnet",
+        lambda source: getattr(diffusers, name).from_pretrained(source, **dtype_option(dtype)),
+        loaded_as=f" as a {name}")
     return AutoPipelineForText2Image.from_pipe(pipe, controlnet=model)
 
 
@@ -216,22 +205,17 @@ def dtype_option(dtype: torch.dtype) -> dict:
 
 
 def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None = "unet"):
-    looks_local = model_id.startswith((".", "/", "~"))  # hub ids look like "org/name"
-    path = os.path.expanduser(model_id)
-    if looks_local and not os.path.isdir(path):
-        raise ModelLoadError(f"model folder {model_id!r} does not exist")
     # SD pipelines carry a safety checker that would black out images and cost time; others have none.
     extra = {"safety_checker": None} if kind == "unet" else {}
-    source = path if os.path.isdir(path) else model_id
-    offline = None if os.path.isdir(path) else offline_reason()  # once, before any download
-    # imported here: the auto classes import every pipeline (~5 s), which built-in models never need
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
-    # text-to-video pipelines (Wan, CogVideoX, HunyuanVideo) have no text-to-image auto class; one
-    # published as image-to-image (SDXL's refiner: no first text encoder) loads as itself
-    loader = diffusers.DiffusionPipeline if kind == "video" else \
-        AutoPipelineForImage2Image if "Img2Img" in _published_class(source) else AutoPipelineForText2Image
-    try:
+    def load(source: str):
+        # imported here: the auto classes import every pipeline (~5 s), which built-in models never need
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+
+        # text-to-video pipelines (Wan, CogVideoX, HunyuanVideo) have no text-to-image auto class;
+        # one published as image-to-image (SDXL's refiner: no first text encoder) loads as itself
+        loader = diffusers.DiffusionPipeline if kind == "video" else \
+            AutoPipelineForImage2Image if "Img2Img" in _published_class(source) else AutoPipelineForText2Image
         if torch_dtype == torch.float16:
             # Repos that publish half-precision files (SD 1.5, SDXL) as the "fp16" variant: half
             # the download. Repos without them raise "no such modeling files": load the default.
@@ -242,12 +226,28 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
                     raise
                 logger.info("%s has no fp16 variant: loading its default files", model_id)
         return loader.from_pretrained(source, **dtype_option(torch_dtype), **extra)
+
+    return _from_hub_or_folder(model_id, "model", "model.id", load)
+
+
+def _from_hub_or_folder(model_id: str, what: str, key: str, load, loaded_as: str = ""):
+    """`load(source)` of a hub id or local folder (the spec's `key`), each failure one line: a
+    folder that does not exist, one the hub would give but cannot now (`missing`), or what
+    loading said."""
+    looks_local = model_id.startswith((".", "/", "~"))  # hub ids look like "org/name"
+    path = os.path.expanduser(model_id)
+    if looks_local and not os.path.isdir(path):
+        raise ModelLoadError(f"{what} folder {model_id!r} does not exist")
+    source = path if os.path.isdir(path) else model_id
+    offline = None if os.path.isdir(path) else offline_reason()  # once, before any download
+    try:
+        return load(source)
     except (OSError, ValueError) as error:
         if offline:
             raise ModelLoadError(missing(
-                f"model {model_id!r}", offline,
+                f"{what} {model_id!r}", offline,
                 f"download it where the hub is reachable (`hf download {model_id}`) and copy the "
-                "cache, or set model.id to a local folder")) from error
-        raise ModelLoadError(f"cannot load model {model_id!r}: {first_line(error)}") from error
+                f"cache, or set {key} to a local folder")) from error
+        raise ModelLoadError(f"cannot load {what} {model_id!r}{loaded_as}: {first_line(error)}") from error
 
 

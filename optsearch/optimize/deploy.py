@@ -58,6 +58,11 @@ def _strength(exported: dict) -> float | None:
     return exported["spec"]["model"].get("strength")
 
 
+def _call_arguments(exported: dict) -> dict:
+    """[model.call]: the other arguments every measured call passed."""
+    return exported["spec"]["model"].get("call") or {}
+
+
 def _scheduler_code(exported: dict) -> list[str]:
     """The scheduler the study set (`model.scheduler`): the figures hold with that solver."""
     name = scheduler_class_name(exported["spec"]["model"].get("scheduler"))
@@ -101,8 +106,7 @@ def cache_dit_yaml(exported: dict) -> str:
              *[f"# {line}" for line in [_measured_with(exported)] if line],
              f"# call the pipeline with num_inference_steps={_steps(exported)}"
              + (f", strength={_strength(exported)}" if _strength(exported) is not None else "")
-             + "".join(f", {name}={value!r}"
-                       for name, value in (exported["spec"]["model"].get("call") or {}).items()),
+             + "".join(f", {name}={value!r}" for name, value in _call_arguments(exported).items()),
              *[f"# {line.removeprefix('# ')}" for line in _scheduler_code(exported)[1:2]],
              "# load: cache_dit.enable_cache(pipe, **cache_dit.load_configs(\"this.yaml\"))",
              *[f"# {line.removeprefix('# ')}" for line in _compile_code(exported)[1:]],
@@ -311,7 +315,7 @@ def diffusers_python(exported: dict) -> str:
     setting = exported["best"]["setting"]
     strength = _strength(exported)
     steps = "'num_inference_steps': NUM_INFERENCE_STEPS" + (", 'strength': STRENGTH" if strength else "")
-    called = exported["spec"]["model"].get("call") or {}
+    called = _call_arguments(exported)
     body = [f"call_kwargs = {{{steps}}}"]
     if called:
         body.append(f"call_kwargs.update({called!r})  # [model.call], as measured")
