@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from optsearch.errors import StorageError, StorageUnreachable, first_line
 from optsearch.storage.rdb import DATABASE_ERRORS
+from optsearch.storage.requeue import RetryWithoutRecord
 
 logger = logging.getLogger(__name__)
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
@@ -42,7 +43,7 @@ def fail_and_requeue(study: optuna.Study, trial_id: int) -> bool:
     failed = storage.get_trial(trial_id)
     if failed.state != TrialState.FAIL:
         return False
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, failed)
+    RetryWithoutRecord(max_retry=None)(study, failed)
     return True
 
 
@@ -106,6 +107,7 @@ class DatabaseOutages:
         self.storage = storage
         self.limit = limit
         self.count = 0
+        self.left: list[int] = []  # trials a recovery could not give back while the database was away
 
     def recovered(self) -> None:
         self.count = 0
@@ -130,8 +132,16 @@ class DatabaseOutages:
             return
         try:
             fail_and_requeue(study, current._trial_id)  # this process no longer runs it
-        except DATABASE_ERRORS:
-            pass  # still down: the next step retries; the grace period is the backstop
+        except DATABASE_ERRORS:  # still down: given back at the next step
+            self.left.append(current._trial_id)
+
+    def give_back_left(self, study: optuna.Study) -> None:
+        """Fail and re-queue the trials `recover` could not give back. Until then they are RUNNING,
+        and the grace period is no backstop for a trial whose heartbeat never reached the database."""
+        while self.left:
+            if study._storage.get_trial(self.left[0]).state == TrialState.RUNNING:
+                fail_and_requeue(study, self.left[0])
+            self.left.pop(0)
 
 
 def stop_orphaned_heartbeats() -> None:

@@ -143,9 +143,9 @@ class Worker:
             bar.update(min(sharing.counts(self.study)[0], target) - bar.n)  # the last trial too
 
     def _own_limit_reached(self) -> bool:
-        options = self.options
-        return (options.n_trials is not None and self.trials_run >= options.n_trials) or \
-            (options.timeout is not None and time.monotonic() - options.started > options.timeout)
+        n_trials, timeout = self.options.n_trials, self.options.timeout
+        return (n_trials is not None and self.trials_run >= n_trials) or \
+            (timeout is not None and time.monotonic() - self.options.started > timeout)
 
     def _step(self, target: int, bar) -> bool:
         """Run one trial, or wait for others' last trials; False when the study is done."""
@@ -213,7 +213,8 @@ class Worker:
         return record_trial(trial, result, self.spec, self.baselines)
 
     def _recover(self) -> None:
-        """End the trials of dead workers: stale heartbeats, and orphans that never beat."""
+        """End the trials of dead workers (stale heartbeats, orphans that never beat), and ours left."""
+        self.outages.give_back_left(self.study)
         optuna.storages.fail_stale_trials(self.study)
         recovery.fail_orphans(self.study, self.options.grace_period)
 
@@ -233,10 +234,9 @@ class Worker:
         halvings = 0
         while True:
             try:
-                return self.evaluator.compare(setting, self.baselines.baseline,
-                                              stop_when=self.early_stop_rule(combo_name(setting)),
-                                              keep_images=self.spec.artifacts.grid_prompts,
-                                              pass_noise=self.baselines.pass_noise())
+                return self.evaluator.compare(
+                    setting, self.baselines.baseline, stop_when=self.early_stop_rule(combo_name(setting)),
+                    keep_images=self.spec.artifacts.grid_prompts, pass_noise=self.baselines.pass_noise())
             except OUT_OF_MEMORY as error:
                 recovery.release_memory()
                 batch_size = self.evaluator.config.batch_size

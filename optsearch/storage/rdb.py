@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from optsearch.errors import StorageError, StorageUnreachable
 from optsearch.storage.masking import encode_password, mask_url, remember, split_userinfo
 from optsearch.storage.proxy import is_grpc_url, open_grpc_storage
+from optsearch.storage.requeue import RetryWithoutRecord
 
 DEFAULT_URL = "sqlite:///optsearch.db"
 ENV_VAR = "OPTSEARCH_STORAGE"
@@ -161,8 +162,7 @@ def _heartbeat_settings(interval: int | None, grace_period: int | None) -> dict:
     warnings.filterwarnings("ignore", "RetryHeartbeatStaleTrialCallback is experimental",
                             optuna.exceptions.ExperimentalWarning)
     return dict(heartbeat_interval=interval, grace_period=grace_period or interval * 5,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY))
+                heartbeat_stale_trial_callback=RetryWithoutRecord(max_retry=MAX_RETRY))
 
 
 # What a database that is down, starting or out of reach answers (psycopg): a command

@@ -1,0 +1,88 @@
+"""A failed trial is queued again with its parameters only, never with what its run wrote: a
+retry that inherited its worker looked started, so one popped just before its worker lost the
+database was never judged an orphan and stayed RUNNING, and the other workers waited on it."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import optuna
+from optuna.trial import TrialState
+
+from optsearch.optimize import recovery
+from optsearch.storage.proxy import BEAT_ATTR
+from optsearch.storage.rdb import open_storage
+from optsearch.storage.record import write_constraints
+
+
+def run_that_wrote_a_record(study: optuna.Study) -> optuna.Trial:
+    """A trial as a worker leaves it when the database goes away while it tells the result."""
+    trial = study.ask()
+    trial.suggest_int("deepcache.cache_interval", 1, 5)
+    for key, value in {"worker": "host:1", "fingerprint": "cpu", "setting": {"deepcache": {}},
+                       "speedup": 1.5, "fail_reason": "half told"}.items():
+        trial.set_user_attr(key, value)
+    write_constraints(study, trial, {"quality": 0.2})
+    study._storage.set_trial_system_attr(trial._trial_id, BEAT_ATTR, 0.0)
+    return trial
+
+
+def only_retry(study: optuna.Study, of: optuna.Trial) -> optuna.trial.FrozenTrial:
+    [retry] = [t for t in study.get_trials() if t.system_attrs.get("retry_history", [])[-1:] == [of.number]]
+    return retry
+
+
+def test_a_retry_carries_its_parameters_and_nothing_its_failed_run_wrote(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"))
+    first = run_that_wrote_a_record(study)
+    assert recovery.fail_and_requeue(study, first._trial_id)
+    retry = only_retry(study, first)
+    assert retry.state == TrialState.WAITING and retry.params == first.params
+    assert retry.user_attrs == {}
+    assert set(retry.system_attrs) == {"failed_trial", "retry_history"}
+
+    popped = study.ask()  # the retry, RUNNING; its own constraint is the one kept
+    assert popped.number == retry.number
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's "already set" warning would fail here
+        write_constraints(study, popped, {"quality": -0.1})
+    assert study._storage.get_trial(popped._trial_id).system_attrs["constraints:quality"] == -0.1
+
+
+def test_a_popped_retry_whose_worker_lost_the_database_is_failed_as_an_orphan(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"))
+    first = run_that_wrote_a_record(study)
+    recovery.fail_and_requeue(study, first._trial_id)
+    popped = study.ask()  # popped by a worker that lost the database before its objective began
+    time.sleep(0.05)
+    recovery.fail_orphans(study, grace_period=0)
+    assert study._storage.get_trial(popped._trial_id).state == TrialState.FAIL
+    assert only_retry(study, popped).state == TrialState.WAITING  # and queued once more
+
+
+def test_a_stale_trial_is_requeued_by_the_heartbeat_without_its_record(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage)
+    dead = run_that_wrote_a_record(study)
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    retry = only_retry(study, dead)
+    assert retry.state == TrialState.WAITING and retry.user_attrs == {}
+    assert "constraints:quality" not in retry.system_attrs and BEAT_ATTR not in retry.system_attrs
+
+
+def test_a_trial_a_recovery_could_not_give_back_is_given_back_at_the_next_step(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=None)
+    study = optuna.create_study(storage=storage)
+    stuck = study.ask()
+    stuck.suggest_int("deepcache.cache_interval", 1, 5)
+    outages = recovery.DatabaseOutages(storage)
+    outages.left.append(stuck._trial_id)  # as `recover` leaves it when the database is still away
+    outages.give_back_left(study)
+    assert storage.get_trial(stuck._trial_id).state == TrialState.FAIL
+    assert only_retry(study, stuck).params == stuck.params and outages.left == []
+    outages.left.append(stuck._trial_id)  # already given back: not queued twice
+    outages.give_back_left(study)
+    assert len([t for t in study.get_trials() if t.state == TrialState.WAITING]) == 1
