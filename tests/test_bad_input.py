@@ -141,10 +141,27 @@ CASES = [
 ]
 
 
+# What only torch, diffusers or open_clip can tell; every other case is answered before they load
+# (a typo must not wait for a 12 GB pipeline to load), which the test proves by making them fail.
+NEEDS_TORCH = {"export with no feasible trial", "unknown CLIP model", "a compile mode torch does not know",
+               "a compiled study with a backend torch does not know is never made",
+               "check sees the confirmation beyond the source"}
+
+
+def without_torch(folder) -> dict:
+    """An environment where importing torch, diffusers or open_clip fails."""
+    for name in ("torch", "diffusers", "open_clip"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(
+            f"raise ImportError('{name} loaded before the input was checked')\n")
+    return {**os.environ, "PYTHONPATH": str(folder)}
+
+
 @pytest.mark.parametrize("files, args, code, expected", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_bad_input(populated, tmp_path, files, args, code, expected):
+def test_bad_input(populated, tmp_path, files, args, code, expected, request):
     shutil.copy(populated / "study.db", tmp_path / "study.db")
+    env = None if request.node.callspec.id in NEEDS_TORCH else without_torch(tmp_path / "no-torch")
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     url = "sqlite:///study.db"
@@ -156,7 +173,7 @@ def test_bad_input(populated, tmp_path, files, args, code, expected):
         before = storage_snapshot(f"sqlite:///{tmp_path / 'study.db'}")
         command, code, expected = (["study", "export", "strict", "--storage", url, "-o", "out.json"],
                                    3, "no feasible trial yet")
-    result = optsearch_cmd(*command, cwd=tmp_path)
+    result = optsearch_cmd(*command, cwd=tmp_path, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == code, output
     assert expected in result.stderr, result.stderr

@@ -23,8 +23,9 @@ from optsearch.accelerators import (
     magcache,
     pipeline_kind,
 )
-from optsearch.measure.generation import generate, prompt_seed
+from optsearch.measure.generation import generate
 from optsearch.measure.models import load_pipeline, model_kind
+from optsearch.measure.prompts import prompt_seed
 from optsearch.study_spec import SpecError, spec_from_dict
 
 from .conftest import TINY_SPEC, generate_images, optsearch_cmd, write_spec

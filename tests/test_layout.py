@@ -67,7 +67,7 @@ def test_the_light_commands_never_import_torch_or_diffusers():
     when a command needs a model. Once, a helper moved beside the model loader put them on the
     path of `study show` (0.7 s -> 5.6 s)."""
     code = ("import sys, optsearch, optsearch.cli.show, optsearch.deployment, "
-            "optsearch.optimize.deploy, optsearch.storage.rdb; "
+            "optsearch.optimize.deploy, optsearch.optimize.export, optsearch.storage.rdb; "
             "print(sorted({'torch', 'diffusers'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             timeout=120)

@@ -18,7 +18,8 @@ from optsearch.formatting import (
     format_speedup,
     table,
 )
-from optsearch.measure.prompts import confirm_prompts
+from optsearch.measure.model_ids import check_folders
+from optsearch.measure.prompts import confirm_prompts, prompts_of
 from optsearch.optimize import study as studies
 from optsearch.optimize.create import (
     check_creatable,
@@ -259,8 +260,10 @@ def cmd_worker(args) -> int:
         from optsearch.optimize.fleet import parse_devices
 
         devices = parse_devices(args.devices)
-    if _complete(_open(args), args.study):  # before importing or loading any model
+    storage = _open(args)
+    if _complete(storage, args.study):  # before importing or loading any model
         return 0
+    load_study(storage, args.study)  # an unknown study is said before too
     if devices:
         from optsearch.optimize.fleet import run_workers
 
@@ -288,15 +291,17 @@ def cmd_run(args) -> int:
             _confirm(args, name)
         print(format_summary(study_summary(*load_study(storage, name))))
         return 0
+    _print_notes(spec)
+    if args.confirm:  # what --confirm will need, before minutes of search
+        confirm_prompts(spec)
+    prompts = prompts_of(spec.prompts)  # and before torch and diffusers load: a typo answers at once
+    check_folders(spec.model)
     from optsearch.measure.evaluate import evaluator_from_spec
     from optsearch.optimize.worker import Worker
 
     options = _worker_options(args)
-    _print_notes(spec)
-    if args.confirm:  # what --confirm will need, before minutes of search
-        confirm_prompts(spec)
-    # Load the pipeline, CLIP and prompts before writing anything: bad input leaves no study behind.
-    evaluator = evaluator_from_spec(spec, args.device, progress=not args.quiet)
+    # Load the pipeline and CLIP before writing anything: bad input leaves no study behind.
+    evaluator = evaluator_from_spec(spec, args.device, progress=not args.quiet, prompts=prompts)
     study = create_study(spec, storage, args.name, load_if_exists=True)
     worker = Worker(args.storage, study.study_name, options, evaluator)
     worker.run()

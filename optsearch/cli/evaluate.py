@@ -10,6 +10,7 @@ from pathlib import Path
 from optsearch.accelerators import ORDER, combo_problem, normalize_setting
 from optsearch.errors import UsageError
 from optsearch.formatting import comparison_table, compile_text, format_setting
+from optsearch.measure.model_ids import check_folders
 from optsearch.study_spec import SpecError, check_setting, load_spec
 
 
@@ -40,9 +41,6 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from optsearch.measure.evaluate import evaluator_from_spec
-    from optsearch.optimize import pass_noise
-
     spec = load_spec(args.spec)
     try:
         given = normalize_setting(parse_sets(args.set))
@@ -60,6 +58,11 @@ def cmd_evaluate(args) -> int:
     if problems:
         raise SpecError([f"{args.spec}: {p}" for p in problems])
     images_folder = output_folder(args.save_images, "--save-images") if args.save_images else None
+    check_folders(spec.model)
+    # torch and diffusers load once the arguments are known good: a typo answers in a second
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize import pass_noise
+
     evaluator = evaluator_from_spec(spec, device=args.device, progress=not args.quiet)
     baseline = evaluator.baseline()
     keep = len(evaluator.prompts) if args.save_images else 0

@@ -37,12 +37,11 @@ from optsearch.measure.generation import (
     check_conditioning,
     generate,
     n_batches,
-    prompt_seed,
 )
 from optsearch.measure.long_prompts import long_prompts_note, quiet_truncation
 from optsearch.measure.memory import PeakMemory
 from optsearch.measure.perceptual import Lpips
-from optsearch.measure.prompts import prompts_of
+from optsearch.measure.prompts import prompt_seed, prompts_of
 from optsearch.measure.quality import ClipScorer, psnr, ssim_batch
 from optsearch.measure.served import check_families, compiled_for, pipeline_from_spec
 from optsearch.measure.speedup import PassNoise

@@ -20,7 +20,7 @@ from optsearch.accelerators import AppliedSetting, call_parameters, denoised_ste
 from optsearch.errors import PromptError
 from optsearch.measure.compiling import compiled_as, graphs_compiled
 from optsearch.measure.long_prompts import quiet_truncation
-from optsearch.measure.prompts import conditioning_images, conditioning_masks
+from optsearch.measure.prompts import conditioning_images, conditioning_masks, prompt_seed
 
 
 @dataclass(frozen=True)
@@ -151,11 +151,6 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
 
 
 MIN_WARMUP_STEPS = 3  # multistep schedulers (PNDM, DPM-Solver) use their own first-step paths
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    """The generator seed of prompt `index`: independent of batch size and position."""
-    return seed * 1_000_003 + index
 
 
 def n_batches(num_samples: int, batch_size: int) -> int:

@@ -45,6 +45,20 @@ def is_factory(model_id: str) -> bool:
     return not model_id.startswith("builtin:") and bool(FACTORY.match(model_id))
 
 
+def check_folder(model_id: str, what: str) -> None:
+    """A model id that names a folder (hub ids look like "org/name") must be one. Said before
+    torch and diffusers load, and again by the loader."""
+    if model_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
+        raise ModelLoadError(f"{what} folder {model_id!r} does not exist")
+
+
+def check_folders(model) -> None:
+    """The folders a spec's `[model]` names (`ModelSpec`): there, before anything loads."""
+    check_folder(model.id, "model")
+    if model.controlnet:
+        check_folder(model.controlnet, "model.controlnet")
+
+
 def model_kind(model_id: str) -> str | None:
     """'unet', 'transformer' or 'video' for a model id without loading it, None when it cannot be
     told (a factory): builtin names, a folder's or the hub cache's model_index.json, else the name."""

@@ -17,7 +17,7 @@ from optsearch.accelerators import execution_device, not_a_pipeline, offload_of,
 from optsearch.errors import ModelLoadError, first_line
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.hub import missing, offline_reason
-from optsearch.measure.model_ids import is_factory, model_kind
+from optsearch.measure.model_ids import check_folder, is_factory, model_kind
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +234,8 @@ def _from_hub_or_folder(model_id: str, what: str, key: str, load, loaded_as: str
     """`load(source)` of a hub id or local folder (the spec's `key`), each failure one line: a
     folder that does not exist, one the hub would give but cannot now (`missing`), or what
     loading said."""
-    looks_local = model_id.startswith((".", "/", "~"))  # hub ids look like "org/name"
+    check_folder(model_id, what)
     path = os.path.expanduser(model_id)
-    if looks_local and not os.path.isdir(path):
-        raise ModelLoadError(f"{what} folder {model_id!r} does not exist")
     source = path if os.path.isdir(path) else model_id
     offline = None if os.path.isdir(path) else offline_reason()  # once, before any download
     try:

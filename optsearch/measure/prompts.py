@@ -63,6 +63,11 @@ def conditioning_masks(prompts: list[str]) -> list | None:
     return masks if any(mask is not None for mask in masks) else None
 
 
+def prompt_seed(seed: int, index: int) -> int:
+    """The generator seed of prompt `index`: independent of batch size and position."""
+    return seed * 1_000_003 + index
+
+
 def prompts_digest(prompts: list[str]) -> str:
     """A short hash of the prompts as the pipeline gets them: their texts and, where they carry
     them, their images' and masks' pixels (an edited prompt file, or another copy of a folder on

@@ -9,7 +9,7 @@ import optuna
 
 from optsearch.deployment import measured_context
 from optsearch.errors import NothingToExport
-from optsearch.measure.generation import prompt_seed
+from optsearch.measure.prompts import prompt_seed
 from optsearch.optimize.objectives import (
     best_per_combo,
     constraint_text,
