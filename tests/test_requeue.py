@@ -40,7 +40,8 @@ def test_a_retry_carries_its_parameters_and_nothing_its_failed_run_wrote(tmp_pat
     retry = only_retry(study, first)
     assert retry.state == TrialState.WAITING and retry.params == first.params
     assert retry.user_attrs == {}
-    assert set(retry.system_attrs) == {"failed_trial", "retry_history"}
+    assert set(retry.system_attrs) == {"fixed_params", "failed_trial", "retry_history"}
+    assert retry.system_attrs["fixed_params"] == first.params  # as the queue's readers read it
 
     popped = study.ask()  # the retry, RUNNING; its own constraint is the one kept
     assert popped.number == retry.number

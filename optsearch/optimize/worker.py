@@ -143,9 +143,9 @@ class Worker:
             bar.update(min(sharing.counts(self.study)[0], target) - bar.n)  # the last trial too
 
     def _own_limit_reached(self) -> bool:
-        n_trials, timeout = self.options.n_trials, self.options.timeout
-        return (n_trials is not None and self.trials_run >= n_trials) or \
-            (timeout is not None and time.monotonic() - self.options.started > timeout)
+        options = self.options
+        return (options.n_trials is not None and self.trials_run >= options.n_trials) or \
+            (options.timeout is not None and time.monotonic() - options.started > options.timeout)
 
     def _step(self, target: int, bar) -> bool:
         """Run one trial, or wait for others' last trials; False when the study is done."""

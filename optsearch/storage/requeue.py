@@ -6,7 +6,9 @@ started, so a retry popped just before its worker lost the database was never ju
 and stayed RUNNING: the other workers waited on it for good), its fingerprint and setting, a
 measurement half written when the database went away, its constraints (Optuna then ignores the
 retry's own: "already set") and, through the storage proxy, its last heartbeat. A retry keeps its
-parameters and where it came from, nothing else.
+parameters and where it came from, nothing else. Its parameters are also its `fixed_params`, as
+for a trial `enqueue_trial` queued: what the workers read of the queue (`sharing.waiting`), and
+what a surplus trial is queued again with.
 """
 
 from __future__ import annotations
@@ -28,4 +30,5 @@ class RetryWithoutRecord(optuna.storages.RetryHeartbeatStaleTrialCallback):
         bare.user_attrs = {}
         bare.system_attrs = {key: copy.deepcopy(value) for key, value in trial.system_attrs.items()
                              if key in INHERITED_SYSTEM_ATTRS}
+        bare.system_attrs.setdefault("fixed_params", dict(trial.params))
         super().__call__(study, bare)
