@@ -32,6 +32,7 @@ from optsearch.optimize.export import export_study
 from optsearch.optimize.study import load_study
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
+from optsearch.study_spec.schema import ModelSpec
 from tests.conftest import optsearch_cmd, write_spec
 from tests.test_deploy_exports import export, exported_function, study_with_winner
 from tests.test_image_conditioned import EDITS_FOLDER_SPEC, first_images, quiet_builtin, write_edits
@@ -178,21 +179,42 @@ def test_cache_dit_masks_count_the_steps_that_denoise(tmp_path, flux_i2i):
     assert "num_inference_steps=16, strength=0.55" in text
 
 
+def test_a_spec_counts_the_steps_that_denoise_as_its_pipeline_does(flux_i2i):
+    """FLUX's image-to-image pipelines round the steps that denoise up and Stable Diffusion's
+    down; a spec counts them before any pipeline loads (its ranges, masks and the "auto" ranges
+    looked up per trial), by its model's kind. A FLUX spec counted SD's: one step short."""
+    sd = quiet_builtin("builtin:tiny-sd-img2img")
+    differ = 0
+    for model_id, pipe in (("builtin:tiny-flux-img2img", flux_i2i), ("builtin:tiny-sd-img2img", sd)):
+        for steps in (4, 10, 16, 28, 50):
+            for strength in (0.1, 0.3, 0.55, 0.6, 0.75, 0.9, 1.0):
+                model = ModelSpec(id=model_id, steps=steps, strength=strength)
+                ran = call_steps(pipe, {"num_inference_steps": steps, "strength": strength})
+                assert model.denoising_steps == ran, (model_id, steps, strength)
+                differ += ran != denoised_steps(steps, strength)
+    assert differ >= 10  # FLUX's count is not SD's at most of these (10 x 0.3 too: float rounding)
+    assert ModelSpec(id="builtin:tiny-flux", steps=16).denoising_steps == 16
+
+
 def test_a_spec_states_its_strength_and_the_pipeline_must_take_it(tmp_path):
     spec = FLUX_I2I_SPEC
-    for wrong, says in (('strength = 1.5', "model.strength: 1.5 must be in (0, 1]"),
-                        ('strength = 0.05', "0.05 of model.steps=16 denoises no step"),):
+    # (FLUX denoises one step of 16 at 0.05; Stable Diffusion none)
+    sd = spec.replace("tiny-flux-img2img", "tiny-sd-img2img")
+    for text, wrong, says in ((spec, 'strength = 1.5', "model.strength: 1.5 must be in (0, 1]"),
+                              (sd, 'strength = 0.05', "0.05 of model.steps=16 denoises no step")):
         with pytest.raises(SpecError, match=rf"{says.replace('(', '.').replace(')', '.')}"):
-            load_spec(write_spec(tmp_path / "bad.toml", spec.replace("strength = 0.55", wrong)))
-    # a step-counted parameter counts the steps that denoise: 8 of 16 at 0.55 (SD's rounding)
+            load_spec(write_spec(tmp_path / "bad.toml", text.replace("strength = 0.55", wrong)))
+    # a step-counted parameter counts the steps that denoise: 9 of 16 at 0.55 (FLUX's rounding)
     taylor = spec.replace("tiny-flux-img2img", "tiny-flux").replace(
         '[["magcache"], ["dbcache"]]',
         '["taylorseer"]\n[space.taylorseer]\ndisable_cache_before_step = [1, 12]')
-    with pytest.raises(SpecError, match=r"\[1, 12\] goes past 8 denoising steps \(model.steps=16 at "
+    with pytest.raises(SpecError, match=r"\[1, 12\] goes past 9 denoising steps \(model.steps=16 at "
                                         r"strength 0.55\)"):
         load_spec(write_spec(tmp_path / "bad.toml", taylor))
 
     write_edits(tmp_path / "edits", count=2, metadata=True)
+    load_spec(write_spec(tmp_path / "nine.toml", taylor.replace("[1, 12]", "[1, 9]")))  # all 9 run
+    load_spec(write_spec(tmp_path / "one.toml", spec.replace("strength = 0.55", "strength = 0.05")))
     # a strength the pipeline does not take; an image-to-image pipeline whose default strength
     # would be counted silently; text prompts to it: each one line
     kontext = spec.replace("tiny-flux-img2img", "tiny-flux-kontext")

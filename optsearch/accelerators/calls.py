@@ -89,12 +89,17 @@ def leave_cache_context(module, args, output) -> None:
     module.__dict__.pop("_optsearch_context").__exit__(None, None, None)
 
 
-def denoised_steps(steps: int, strength: float | None) -> int:
-    """The denoising steps an image-to-image call of `steps` steps runs at `strength`: diffusers
-    starts the schedule int(steps * strength) steps before its end (Stable Diffusion's rounding;
-    FLUX's image-to-image pipelines round the skipped share instead, one step more at most: the
-    loaded pipeline's own count is `call_steps`). What a spec counts its step ranges in."""
-    return steps if strength is None else min(int(steps * strength), steps)
+def denoised_steps(steps: int, strength: float | None, rounds_up: bool = False) -> int:
+    """The denoising steps an image-to-image call of `steps` steps runs at `strength`, as diffusers
+    counts them. Stable Diffusion's pipelines (UNets, and the video ones) start the schedule
+    int(steps * strength) steps before its end. FLUX's, SD3's and Qwen-Image's (`rounds_up`) skip
+    int(steps - steps * strength) steps and denoise the rest: one step more, at most. What a spec
+    counts its step ranges in; the loaded pipeline's own count is `call_steps`."""
+    if strength is None:
+        return steps
+    if rounds_up:
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+    return min(int(steps * strength), steps)
 
 
 def call_steps(pipe, call_kwargs: Mapping, steps: int | None = None) -> int:

@@ -128,10 +128,12 @@ def normalize_setting(setting: Mapping) -> dict[str, dict]:
     return result
 
 
-def step_budget(setting: Mapping[str, dict], model_steps: int, strength: float | None = None) -> int:
+def step_budget(setting: Mapping[str, dict], model_steps: int, strength: float | None = None,
+                rounds_up: bool = False) -> int:
     """The denoising steps the setting runs: its own `steps.num_inference_steps`, else
     model.steps, at an image-to-image `strength` their share (`denoised_steps`)."""
-    return denoised_steps(setting.get("steps", {}).get("num_inference_steps", model_steps), strength)
+    return denoised_steps(setting.get("steps", {}).get("num_inference_steps", model_steps), strength,
+                          rounds_up)
 
 
 def _step_counted(setting: Mapping[str, dict]):
@@ -143,9 +145,9 @@ def _step_counted(setting: Mapping[str, dict]):
 
 
 def step_problems(setting: Mapping[str, dict], model_steps: int,
-                  strength: float | None = None) -> list[str]:
+                  strength: float | None = None, rounds_up: bool = False) -> list[str]:
     """Step-counted parameters that do not fit in the setting's own (denoising) step count."""
-    budget = step_budget(setting, model_steps, strength)
+    budget = step_budget(setting, model_steps, strength, rounds_up)
     where = "steps.num_inference_steps" if "steps" in setting else "model.steps"
     if strength is not None:
         where += f" at strength {strength}"
@@ -164,10 +166,11 @@ def step_problems(setting: Mapping[str, dict], model_steps: int,
 
 
 def fit_to_steps(setting: dict[str, dict], model_steps: int,
-                 strength: float | None = None) -> dict[str, dict]:
+                 strength: float | None = None, rounds_up: bool = False) -> dict[str, dict]:
     """Clip step-counted parameters to the setting's (denoising) step count (a sampled gate_step
     of 15 with 10 steps means "gate at the last step")."""
-    budget = min(step_budget(setting, model_steps, strength), denoised_steps(model_steps, strength))
+    budget = min(step_budget(setting, model_steps, strength, rounds_up),
+                 denoised_steps(model_steps, strength, rounds_up))
     fitted = {name: dict(values) for name, values in setting.items()}
     for name, param, value in _step_counted(setting):
         fitted[name][param] = min(value, budget)

@@ -45,7 +45,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             calibrated = (auto or {}).get(name)
             if len(bounds) > 1 and isinstance(calibrated, CalibratedRange):  # the range of the
                 bounds = (*calibrated.for_setting(  # drawn Fn, at the drawn steps' denoising
-                    values, _denoising(setting, spec.model.strength)), None)
+                    values, _denoising(setting, spec.model)), None)
             released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:
                 values[param] = bounds[0]
@@ -58,13 +58,13 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             if released is not None:
                 _fix_sampled(trial, name, released, values[param], bounds)
         setting[accelerator] = values
-    return fit_to_steps(setting, spec.model.steps, spec.model.strength)
+    return fit_to_steps(setting, spec.model.steps, spec.model.strength, spec.model.rounds_up)
 
 
-def _denoising(setting: dict, strength: float | None) -> int | None:
-    """The steps a setting's own step count (None: the model's) denoises at `strength`."""
+def _denoising(setting: dict, model) -> int | None:
+    """The steps a setting's own step count (None: the model's) denoises at the model's strength."""
     steps = setting.get("steps", {}).get("num_inference_steps")
-    return None if steps is None else denoised_steps(steps, strength)
+    return None if steps is None else denoised_steps(steps, model.strength, model.rounds_up)
 
 
 def _release_outside(trial: optuna.Trial, name: str, bounds: tuple):

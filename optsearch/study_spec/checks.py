@@ -87,7 +87,7 @@ def validate(spec: StudySpec, problem) -> None:
         problem("model.strength", f"{model.strength} must be in (0, 1]")
     elif model.strength is not None and model.steps >= 1 and model.denoising_steps < 1:
         problem("model.strength", f"{model.strength} of model.steps={model.steps} denoises no "
-                f"step (int(steps * strength) = 0): raise either")
+                f"step: raise either")
     for key in ("height", "width"):
         size = getattr(model, key)
         if size is not None and (size < 8 or size % 8):
@@ -245,7 +245,8 @@ def validate(spec: StudySpec, problem) -> None:
             searched = spec.param_range("steps", "num_inference_steps")
             counts |= set(range(int(searched[0]), int(searched[1 if len(searched) > 1 else 0]) + 1))
         why = dbcache.mask_step_problem(spec.param_range("dbcache", "steps_computation_mask"),
-                                        {denoised_steps(count, model.strength) for count in counts})
+                                        {denoised_steps(count, model.strength, model.rounds_up)
+                                         for count in counts})
         if why:
             problem("space.dbcache.steps_computation_mask", why)
             break
@@ -292,7 +293,7 @@ def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
     if combo_name(setting) not in combos:
         return [f"the setting is {combo_name(setting)}, which this spec does not search "
                 f"(search.accelerators gives: {', '.join(combos)})"]
-    problems = step_problems(setting, spec.model.steps, spec.model.strength)
+    problems = step_problems(setting, spec.model.steps, spec.model.strength, spec.model.rounds_up)
     if guidance_problem(setting, spec.model.guidance_scale):
         problems.append(guidance_problem(setting, spec.model.guidance_scale))
     return problems

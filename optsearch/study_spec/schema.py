@@ -16,6 +16,7 @@ from optsearch.accelerators import (
     denoised_steps,
     params_of,
 )
+from optsearch.measure.model_ids import model_kind
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim", "lpips")
@@ -83,7 +84,15 @@ class ModelSpec:
     def denoising_steps(self) -> int:
         """The steps that run the denoiser: `steps`, or at a `strength` its share of them (what
         step-counted parameters count)."""
-        return denoised_steps(self.steps, self.strength)
+        return denoised_steps(self.steps, self.strength, self.rounds_up)
+
+    @property
+    def rounds_up(self) -> bool:
+        """At a strength, an image transformer's image-to-image pipeline (FLUX, SD3, Qwen-Image)
+        rounds the steps that denoise up, Stable Diffusion's down (`denoised_steps`); a factory's
+        counts as SD's here."""
+        return self.strength is not None and \
+            (model_kind(self.id) if self.kind == "auto" else self.kind) == "transformer"
 
 
 @dataclass
