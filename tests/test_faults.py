@@ -13,9 +13,13 @@ import urllib.request
 import optuna
 import psycopg
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
+from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.optimize import study as studies
+from optsearch.optimize.worker import Worker, WorkerOptions
+from optsearch.study_spec import load_spec
 from tests.conftest import (
     OPTSEARCH,
     PG_ADMIN_URL,
@@ -75,6 +79,31 @@ def test_worker_survives_dropped_database_connections(tmp_path, pg_url):
     trials = study.get_trials()
     assert len(studies.measured_trials(study)) == 5  # a repeat's free copy is no trial of n_trials
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_a_connection_dropped_while_a_trial_is_told_keeps_its_measurement(tmp_path, pg_url, tiny_pipe):
+    """The server drops the worker's connection in the middle of storing a measured trial's
+    figures (the moment a failed trial costs most: its whole measurement). The record is written
+    again on a fresh connection; the trial completes once, not failed and measured again."""
+    create(TINY_SPEC.replace("n_trials = 4", "n_trials = 1\nwarm_start = []"), tmp_path, pg_url)
+    spec = load_spec(tmp_path / "tiny.toml")
+    worker = Worker(pg_url, "tiny", WorkerOptions(progress=False, n_trials=1),
+                    evaluator=evaluator_from_spec(spec, pipe=tiny_pipe))
+    dropped = []
+
+    def drop_at_the_record(connection, cursor, statement, parameters, context, executemany):
+        if not dropped and "trial_user_attributes" in statement and "speedup" in str(parameters):
+            backend = connection.connection.dbapi_connection.info.backend_pid
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            dropped.append(statement)
+
+    sqlalchemy.event.listen(worker.storage.engine, "before_cursor_execute", drop_at_the_record)
+    assert worker.run() == 1
+    assert dropped, "the test never dropped the connection at the record"
+    [trial] = optuna.load_study(study_name="tiny", storage=pg_url).get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["speedup"] > 0
+    assert trial.system_attrs["constraints:quality"] == trial.user_attrs["constraints"]["quality"]
 
 
 @pytest.mark.parametrize("kind", ["cuda", "memory"])

@@ -144,6 +144,24 @@ class DatabaseOutages:
             self.left.pop(0)
 
 
+def retried(action: Callable[[], object], storage, attempts: int = 3):
+    """`action()` (writes to the study), again on a fresh connection after a database error. For
+    a measured trial's record: lost, it would cost the whole measurement (the trial would be
+    failed, re-queued and measured again). `action` must be safe to repeat."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as error:
+            if attempt == attempts - 1 or not caused_by_database(error):
+                raise
+            logger.warning("database error while storing a trial's record (%s); retrying",
+                           first_line(error))
+            if hasattr(storage, "reset_session"):  # the storage proxy's client has no session
+                storage.reset_session()
+            time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def stop_orphaned_heartbeats() -> None:
     """Stop Optuna heartbeat threads an interrupt left running. A Ctrl-C while Optuna starts one
     (Thread.start waits for the new thread) skips its `with` block's exit, and Python's shutdown

@@ -139,9 +139,12 @@ def trial_metrics(trial: FrozenTrial) -> dict:
 def write_constraints(study, trial, values: dict[str, float]) -> None:
     """Optuna's constraints (feasible when every value <= 0), in the three places they are read:
     Optuna's own keys (samplers), the `constraints` user attr (our readers), and the older list
-    form optuna-dashboard 0.21 reads."""
+    form optuna-dashboard 0.21 reads. Optuna keeps a constraint's first value; one written by an
+    attempt the database dropped is the same value, so it is not written twice."""
+    written = study._storage.get_trial_system_attrs(trial._trial_id)
     for name, value in values.items():
-        trial.set_constraint(name, value)
+        if f"constraints:{name}" not in written:
+            trial.set_constraint(name, value)
     trial.set_user_attr("constraints", values)
     study._storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS_KEY, list(values.values()))
 
