@@ -87,3 +87,30 @@ def test_a_trial_a_recovery_could_not_give_back_is_given_back_at_the_next_step(t
     outages.left.append(stuck._trial_id)  # already given back: not queued twice
     outages.give_back_left(study)
     assert len([t for t in study.get_trials() if t.state == TrialState.WAITING]) == 1
+
+
+def test_a_started_trial_that_never_beat_is_an_orphan_once_its_grace_period_is_over(tmp_path):
+    """Its worker died before its first heartbeat reached the database (the first beat failed,
+    or the worker was killed at once): Optuna's heartbeat never judges it, and it named its
+    worker, so before it stayed RUNNING and every other worker waited on it for good."""
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage)
+    silent, beating = study.ask(), study.ask()
+    for trial in (silent, beating):
+        trial.suggest_int("deepcache.cache_interval", 1, 5)
+        trial.set_user_attr("worker", "host:1")
+    storage.record_heartbeat(beating._trial_id)
+    recovery.fail_orphans(study, grace_period=2)  # within its grace period: left alone
+    assert storage.get_trial(silent._trial_id).state == TrialState.RUNNING
+    time.sleep(2.2)
+    recovery.fail_orphans(study, grace_period=2)
+    assert storage.get_trial(silent._trial_id).state == TrialState.FAIL
+    assert only_retry(study, silent).state == TrialState.WAITING
+    assert storage.get_trial(beating._trial_id).state == TrialState.RUNNING  # the heartbeat's to judge
+
+    unbeaten = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/h.db",
+                                                        heartbeat_interval=None))
+    started = unbeaten.ask()
+    started.set_user_attr("worker", "host:1")
+    recovery.fail_orphans(unbeaten, grace_period=0)  # no heartbeat to ask: a started trial is left
+    assert unbeaten._storage.get_trial(started._trial_id).state == TrialState.RUNNING

@@ -47,15 +47,26 @@ def fail_and_requeue(study: optuna.Study, trial_id: int) -> bool:
     return True
 
 
+def backend(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """The storage a study's cache wraps (Optuna wraps an RDB storage in its `_CachedStorage`)."""
+    return getattr(storage, "_backend", storage)
+
+
 def fail_orphans(study: optuna.Study, grace_period: float) -> None:
-    """Fail and re-queue RUNNING trials whose objective never started.
+    """Fail and re-queue RUNNING trials that never recorded a heartbeat within the grace period.
 
     Optuna's heartbeat only judges trials that recorded a beat; a trial created just before its
-    worker lost the database (or died) may have none, and would stay RUNNING forever.
+    worker lost the database (or died) may have none, and would stay RUNNING forever: the other
+    workers would wait on it for good. Without a heartbeat to ask (none configured), a trial
+    whose objective started (it names its worker) is left alone.
     """
     now = datetime.datetime.now()
+    storage = backend(study._storage)
+    beat = getattr(storage, "has_heartbeat", None) if storage.get_heartbeat_interval() else None
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "worker" in trial.user_attrs or trial.datetime_start is None:
+        if trial.datetime_start is None:
+            continue
+        if "worker" in trial.user_attrs and (beat is None or beat(trial._trial_id)):
             continue
         if (now - trial.datetime_start).total_seconds() > grace_period:
             if fail_and_requeue(study, trial._trial_id):
@@ -156,8 +167,9 @@ def retried(action: Callable[[], object], storage, attempts: int = 3):
                 raise
             logger.warning("database error while storing a trial's record (%s); retrying",
                            first_line(error))
-            if hasattr(storage, "reset_session"):  # the storage proxy's client has no session
-                storage.reset_session()
+            reset = getattr(backend(storage), "reset_session", None)  # ours (storage/rdb.py, proxy.py)
+            if reset is not None:
+                reset()
             time.sleep(0.5 * 2 ** attempt)
     raise AssertionError("unreachable")
 

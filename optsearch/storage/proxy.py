@@ -85,6 +85,10 @@ class HeartbeatGrpcStorage(GrpcStorageProxy, BaseHeartbeat):
     def get_heartbeat_interval(self) -> int | None:
         return self.heartbeat_interval
 
+    def has_heartbeat(self, trial_id: int) -> bool:
+        """Did the trial's worker record a beat, ever? (`recovery.fail_orphans`)"""
+        return BEAT_ATTR in self.get_trial_system_attrs(trial_id)
+
     def get_heartbeat_stale_trial_callback(self):
         return self.stale_trial_callback
 

@@ -19,6 +19,8 @@ from urllib.parse import quote
 import grpc
 import optuna
 import sqlalchemy
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from sqlalchemy.engine import make_url
 
 from optsearch.errors import StorageError, StorageUnreachable
@@ -65,6 +67,11 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
                 self.reset_session()
                 time.sleep(0.5 * (attempt + 1))
         return None
+
+    def has_heartbeat(self, trial_id: int) -> bool:
+        """Did the trial's worker record a beat, ever? (`recovery.fail_orphans`)"""
+        with _create_scoped_session(self.scoped_session) as session:
+            return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
 
     def reset_session(self) -> None:
         """Drop this thread's session: after a dropped connection it refuses all further use
