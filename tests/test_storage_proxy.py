@@ -97,7 +97,9 @@ def test_a_stale_trial_is_failed_and_requeued_through_the_proxy(proxied):
     assert requeued.system_attrs["failed_trial"] == dead.number
     assert BEAT_ATTR in trials[1].system_attrs
     assert BEAT_ATTR not in requeued.system_attrs  # else stale at once, once popped
-    assert storage.has_heartbeat(alive._trial_id) and not storage.has_heartbeat(requeued._trial_id)
+    popped = study.ask()  # the retry, RUNNING again: it never beat
+    assert popped.number == requeued.number
+    assert storage.running_with_heartbeat(study._study_id) == {alive._trial_id}
 
 
 def test_a_worker_runs_a_study_through_the_proxy_and_the_dashboard_reads_it(proxied, tmp_path, tiny_pipe):

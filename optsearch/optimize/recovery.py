@@ -62,11 +62,12 @@ def fail_orphans(study: optuna.Study, grace_period: float) -> None:
     """
     now = datetime.datetime.now()
     storage = backend(study._storage)
-    beat = getattr(storage, "has_heartbeat", None) if storage.get_heartbeat_interval() else None
+    ask = getattr(storage, "running_with_heartbeat", None) if storage.get_heartbeat_interval() else None
+    beating = ask(study._study_id) if ask is not None else None
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.datetime_start is None:
             continue
-        if "worker" in trial.user_attrs and (beat is None or beat(trial._trial_id)):
+        if "worker" in trial.user_attrs and (beating is None or trial._trial_id in beating):
             continue
         if (now - trial.datetime_start).total_seconds() > grace_period:
             if fail_and_requeue(study, trial._trial_id):

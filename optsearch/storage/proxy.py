@@ -85,9 +85,11 @@ class HeartbeatGrpcStorage(GrpcStorageProxy, BaseHeartbeat):
     def get_heartbeat_interval(self) -> int | None:
         return self.heartbeat_interval
 
-    def has_heartbeat(self, trial_id: int) -> bool:
-        """Did the trial's worker record a beat, ever? (`recovery.fail_orphans`)"""
-        return BEAT_ATTR in self.get_trial_system_attrs(trial_id)
+    def running_with_heartbeat(self, study_id: int) -> set[int]:
+        """The study's RUNNING trials whose worker recorded a beat, ever (`recovery.fail_orphans`)."""
+        return {trial._trial_id for trial in self.get_all_trials(study_id, deepcopy=False,
+                                                                 states=(TrialState.RUNNING,))
+                if BEAT_ATTR in trial.system_attrs}
 
     def get_heartbeat_stale_trial_callback(self):
         return self.stale_trial_callback

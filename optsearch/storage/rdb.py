@@ -68,10 +68,15 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
                 time.sleep(0.5 * (attempt + 1))
         return None
 
-    def has_heartbeat(self, trial_id: int) -> bool:
-        """Did the trial's worker record a beat, ever? (`recovery.fail_orphans`)"""
+    def running_with_heartbeat(self, study_id: int) -> set[int]:
+        """The study's RUNNING trials whose worker recorded a beat, ever (one query, asked by
+        every waiting worker: `recovery.fail_orphans`)."""
+        beat, trial = models.TrialHeartbeatModel, models.TrialModel
         with _create_scoped_session(self.scoped_session) as session:
-            return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
+            rows = (session.query(beat.trial_id).join(trial, trial.trial_id == beat.trial_id)
+                    .filter(trial.study_id == study_id,
+                            trial.state == optuna.trial.TrialState.RUNNING).all())
+        return {trial_id for (trial_id,) in rows}
 
     def reset_session(self) -> None:
         """Drop this thread's session: after a dropped connection it refuses all further use
