@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 
@@ -24,6 +25,7 @@ from optsearch.measure.prompts import load_prompts
 from optsearch.optimize import create, objectives
 from optsearch.optimize import study as studies
 from optsearch.storage.notes import read_note
+from optsearch.storage.rdb import open_storage
 from tests.conftest import (
     OPTSEARCH,
     SLOW_SPEC,
@@ -241,6 +243,41 @@ def test_a_trial_waiting_on_an_orphan_goes_on_once_the_grace_period_fails_it(tmp
     failed, measured = load(url).get_trials()[orphan.number], load(url).get_trials()[1]
     assert failed.state == TrialState.FAIL and measured.state == TrialState.COMPLETE
     assert failed.datetime_complete > measured.datetime_start  # failed while the trial waited
+
+
+def test_a_worker_waiting_on_another_workers_last_trial_says_which_and_goes_on_when_it_ends(tmp_path):
+    """The study's last trial belongs to another worker, alive (it beats): this one waits, and
+    says on which trial, whose, and for how long it has run (a silent one looked hung); then ends
+    once that trial does."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC.replace("n_trials = 4", "n_trials = 1"))
+    assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
+    storage = open_storage(url, heartbeat_interval=1, grace_period=3)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    held = study.ask()
+    held.set_user_attr("worker", "gpu-7:4242")
+    alive = threading.Event()
+
+    def beat():
+        while not alive.wait(0.5):
+            storage.record_heartbeat(held._trial_id)
+
+    storage.record_heartbeat(held._trial_id)  # it beats before the worker looks
+    threading.Thread(target=beat, daemon=True).start()
+    process = worker(url, "--artifact-dir", str(tmp_path / "artifacts"))
+    try:
+        lines = [process.stdout.readline()]  # the estimate first
+        while "waiting for" not in lines[-1] and lines[-1] and len(lines) < 5:
+            lines.append(process.stdout.readline())
+        assert "waiting for the study's last trials, which other workers run: trial 0 (gpu-7:4242, " \
+            "running " in lines[-1], lines
+        study.tell(held, state=TrialState.PRUNED)  # the other worker's trial ends
+        out, err = process.communicate(timeout=60)
+    finally:
+        alive.set()
+        process.kill()
+    assert process.returncode == 0, err
+    assert "waiting for" not in out  # said once: the next notice would come 5 minutes later
 
 
 def slow_study_with_worker(tmp_path, url: str) -> tuple[subprocess.Popen, optuna.Study]:

@@ -8,6 +8,7 @@ the same problem), until none is left: the space is exhausted and the study is d
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +42,36 @@ def counts(study: optuna.Study, ahead_of: int | None = None) -> tuple[int, int]:
     running = sum(t.state == TrialState.RUNNING and (ahead_of is None or t.number < ahead_of)
                   for t in trials)
     return finished, running
+
+
+WAIT_NOTICE_SECONDS = 300.0
+
+
+class WaitNotice:
+    """What a worker waiting for the study's last trials (held by other workers) says: which
+    trials, whose, and for how long they have run, when it starts waiting and every 5 minutes
+    after. A worker that waits in silence looks hung, and one whose trial is stuck goes unseen."""
+
+    def __init__(self, every: float = WAIT_NOTICE_SECONDS):
+        self.every = every
+        self.said: float | None = None
+
+    def say(self, study: optuna.Study, bar, worker_id: str) -> None:
+        if self.said is not None and time.monotonic() - self.said < self.every:
+            return
+        self.said = time.monotonic()
+        now = datetime.datetime.now()
+        held = [f"trial {t.number} ({t.user_attrs.get('worker', 'not started yet')}, running "
+                f"{_elapsed((now - t.datetime_start).total_seconds())})"
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.datetime_start is not None]
+        if held:
+            bar.write(f"{worker_id}: waiting for the study's last trials, which other workers run: "
+                      + "; ".join(held))
+
+
+def _elapsed(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:

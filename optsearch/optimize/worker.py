@@ -64,18 +64,15 @@ class Worker:
                  evaluator: Evaluator | None = None):
         """`evaluator`: one already loaded for this study's spec (`optsearch run` loads it first)."""
         self.options = options or WorkerOptions()
-        self.storage = open_storage(storage_url, self.options.heartbeat_interval,
-                                    self.options.grace_period)
+        self.storage = open_storage(storage_url, self.options.heartbeat_interval, self.options.grace_period)
         self.study, self.spec = studies.load_study(self.storage, study_name)
         # Load everything that can fail before writing anything to the study.
-        evaluator = evaluator or evaluator_from_spec(self.spec, self.options.device,
-                                                     self.options.progress)
+        evaluator = evaluator or evaluator_from_spec(self.spec, self.options.device, self.options.progress)
         self.host, self.worker_id = (host := socket.gethostname()), f"{host}:{os.getpid()}"
         device_id, _ = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         evaluator = evaluator.derive(  # with what this study measured on this device (MagCache)
             fault=fault_from_env(), calibration=studies.calibration(self.study, device_id),
-            on_calibrated=self._calibrated,
-            stored=lambda: studies.calibration(self.study, self.fingerprint))
+            on_calibrated=self._calibrated, stored=lambda: studies.calibration(self.study, self.fingerprint))
         artifacts = open_artifact_store(self.options.artifact_dir or self.spec.artifacts.path)
         self.baselines = BaselineKeeper(self.study, self.spec, evaluator, artifacts, self.worker_id,
                                         self.host, str(execution_device(evaluator.pipe)),
@@ -85,6 +82,7 @@ class Worker:
         self.interrupts = recovery.Interrupts()
         self.trials_run = 0  # trials this worker measured (copies of earlier results are free)
         self.repeated = False  # the last trial copied a measured setting: queue an unmeasured one
+        self.waits = sharing.WaitNotice()  # says which trials of other workers this one waits on
 
     def _calibrated(self, family: str, data: dict) -> None:
         """Store what a family measured here for every worker on this device; say when the
@@ -156,6 +154,7 @@ class Worker:
         if finished >= target or self.fingerprint in studies.exhausted(self.study):
             return False
         if finished + running >= target:  # the last trials belong to other workers
+            self.waits.say(self.study, bar, self.worker_id)
             self.interrupts.sleep(self.options.poll_interval)
             return True
         if self.repeated:  # the sampler repeats itself: an unmeasured setting next, if any is left
