@@ -160,11 +160,11 @@ def retried(action: Callable[[], object], storage, attempts: int = 3):
     """`action()` (writes to the study), again on a fresh connection after a database error. For
     a measured trial's record: lost, it would cost the whole measurement (the trial would be
     failed, re-queued and measured again). `action` must be safe to repeat."""
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             return action()
         except Exception as error:
-            if attempt == attempts - 1 or not caused_by_database(error):
+            if not caused_by_database(error):
                 raise
             logger.warning("database error while storing a trial's record (%s); retrying",
                            first_line(error))
@@ -172,7 +172,7 @@ def retried(action: Callable[[], object], storage, attempts: int = 3):
             if reset is not None:
                 reset()
             time.sleep(0.5 * 2 ** attempt)
-    raise AssertionError("unreachable")
+    return action()  # the last try: its error is the one raised
 
 
 def stop_orphaned_heartbeats() -> None:
