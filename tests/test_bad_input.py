@@ -183,6 +183,22 @@ def test_bad_input(populated, tmp_path, files, args, code, expected, request):
     assert not (tmp_path / "out.json").exists()
 
 
+def test_a_worker_on_a_machine_without_the_model_folder_says_so_before_loading(tmp_path):
+    """The study was made where its model's folder is; a worker where it is not answers at
+    once, before torch loads (on a real pipeline, before minutes of loading), and writes nothing."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "s.toml").write_text(replaced('id = "builtin:tiny"', 'id = "./model"'))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert optsearch_cmd("study", "create", "s.toml", "--storage", url, cwd=tmp_path).returncode == 0
+    (tmp_path / "model").rmdir()
+    before = storage_snapshot(url)
+    result = optsearch_cmd("worker", "--study", "tiny", "--storage", url,
+                           env=without_torch(tmp_path / "no-torch"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"optsearch: error: model folder '{tmp_path / 'model'}' does not exist\n"
+    assert storage_snapshot(url) == before
+
+
 def test_a_finished_study_grows_by_extend(populated, tmp_path):
     """`study extend` raises n_trials; the next worker measures only the new trials."""
     shutil.copy(populated / "study.db", tmp_path / "study.db")

@@ -263,7 +263,8 @@ def cmd_worker(args) -> int:
     storage = _open(args)
     if _complete(storage, args.study):  # before importing or loading any model
         return 0
-    load_study(storage, args.study)  # an unknown study is said before too
+    _, spec = load_study(storage, args.study)  # an unknown study is said before too,
+    check_folders(spec.model)  # and a model folder this machine lacks
     if devices:
         from optsearch.optimize.fleet import run_workers
 
