@@ -154,7 +154,8 @@ def without_torch(folder) -> dict:
         (folder / name).mkdir(parents=True)
         (folder / name / "__init__.py").write_text(
             f"raise ImportError('{name} loaded before the input was checked')\n")
-    return {**os.environ, "PYTHONPATH": str(folder)}
+    paths = (str(folder), os.environ.get("PYTHONPATH"))  # first: shadows the real ones
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
 
 
 @pytest.mark.parametrize("files, args, code, expected", [c[1:] for c in CASES],
