@@ -39,6 +39,17 @@ def auto_range_details(by, at_steps: dict, model_steps: int) -> list[str]:
     return lines
 
 
+def format_duration(seconds: float) -> str:
+    """'<1 s', '42 s', '38 min' or '2.5 h'."""
+    if seconds < 0.5:
+        return "<1 s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     """Left-aligned columns, separated by two spaces, with a rule under the header."""
     cells = [[_cell(value) for value in row] for row in rows]

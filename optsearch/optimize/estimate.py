@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from optsearch.formatting import format_duration
 from optsearch.measure.compiling import compiled_as
 
 # Trials run between the baseline's speed (1x: nothing gained) and about twice as fast (what
@@ -46,19 +47,9 @@ class Estimate:
         return fast, slow
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 0.5:
-        return "<1 s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def _about(seconds: float) -> str:
     """'~12 s', or '<1 s'."""
-    text = _duration(seconds)
+    text = format_duration(seconds)
     return text if text.startswith("<") else f"~{text}"
 
 
@@ -71,10 +62,10 @@ def estimate_text(estimate: Estimate) -> str:
             + (f" + {estimate.compile_seconds:.3g} s compiling" if estimate.compile_seconds else "")
             + (f", after {_about(estimate.calibration_seconds)} calibrating \"auto\" ranges"
                if estimate.calibration_images else "")
-            + f": {_duration(low)}-{_duration(high)} on 1 worker")
+            + f": {format_duration(low)}-{format_duration(high)} on 1 worker")
     if estimate.workers > 1:
         low, high = estimate.total(estimate.workers)
-        text += f", {_duration(low)}-{_duration(high)} on {estimate.workers}"
+        text += f", {format_duration(low)}-{format_duration(high)} on {estimate.workers}"
     return text + " (early stop and reuse make it shorter)"
 
 

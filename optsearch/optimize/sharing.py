@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optsearch.accelerators import normalize_setting, same_computation_why
+from optsearch.formatting import format_duration
 from optsearch.optimize import study as studies
 from optsearch.optimize.objectives import setting_key
 from optsearch.optimize.samplers import trial_seed
@@ -62,16 +63,12 @@ class WaitNotice:
         self.said = time.monotonic()
         now = datetime.datetime.now()
         held = [f"trial {t.number} ({t.user_attrs.get('worker', 'not started yet')}, running "
-                f"{_elapsed((now - t.datetime_start).total_seconds())})"
+                f"{format_duration((now - t.datetime_start).total_seconds())})"
                 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if t.datetime_start is not None]
         if held:
             bar.write(f"{worker_id}: waiting for the study's last trials, which other workers run: "
                       + "; ".join(held))
-
-
-def _elapsed(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
