@@ -14,9 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from optsearch.accelerators import KINDS, ORDER, params_of
+from optsearch.accelerators import ORDER, params_of
 from optsearch.errors import SpecError
-from optsearch.measure.model_ids import is_factory, model_kind
+from optsearch.measure.model_ids import is_factory
 from optsearch.measure.prompts import is_folder
 from optsearch.study_spec.checks import validate
 from optsearch.study_spec.schema import (
@@ -24,7 +24,6 @@ from optsearch.study_spec.schema import (
     PROMPT_SOURCES,
     SECTIONS,
     SET_BY_OPTSEARCH,
-    ModelSpec,
     StudySpec,
 )
 
@@ -158,18 +157,11 @@ def spec_from_dict(data: dict, source: str = "<spec>",
             problem(dotted, "unknown key")
         else:
             _load_section(getattr(spec, section), section, {key: value}, problem)
-    spec.search.model_kind = _model_kind(spec.model)
+    spec.search.model_kind = spec.model.pipeline_kind
     validate(spec, cross_check)  # wrongly typed keys kept their defaults, so this is safe
     if problems:
         raise SpecError(problems)
     return spec
-
-
-def _model_kind(model: ModelSpec) -> str:
-    """The model's kind: as the spec says, else told from its id (unknown: a UNet)."""
-    if model.kind in KINDS:
-        return model.kind
-    return model_kind(model.id) or "unet"
 
 
 def _keys(section) -> list[str]:

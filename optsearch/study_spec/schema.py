@@ -10,6 +10,7 @@ from typing import Any
 
 from optsearch.accelerators import (
     ANY_COMBOS,
+    KINDS,
     ORDER,
     calibration_cost,
     calibration_steps,
@@ -87,12 +88,19 @@ class ModelSpec:
         return denoised_steps(self.steps, self.strength, self.rounds_up)
 
     @property
+    def pipeline_kind(self) -> str:
+        """The model's kind: as the spec says, else told from its id (unknown, as a factory's: a
+        UNet). What `search.model_kind` is set to when the spec is loaded."""
+        if self.kind in KINDS:
+            return self.kind
+        return model_kind(self.id) or "unet"
+
+    @property
     def rounds_up(self) -> bool:
         """At a strength, an image transformer's image-to-image pipeline (FLUX, SD3, Qwen-Image)
         rounds the steps that denoise up, Stable Diffusion's down (`denoised_steps`); a factory's
         counts as SD's here."""
-        return self.strength is not None and \
-            (model_kind(self.id) if self.kind == "auto" else self.kind) == "transformer"
+        return self.strength is not None and self.pipeline_kind == "transformer"
 
 
 @dataclass
