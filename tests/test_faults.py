@@ -14,6 +14,7 @@ import optuna
 import psycopg
 import pytest
 import sqlalchemy
+from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
 
 from optsearch.measure.evaluate import evaluator_from_spec
@@ -81,29 +82,40 @@ def test_worker_survives_dropped_database_connections(tmp_path, pg_url):
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
-def test_a_connection_dropped_while_a_trial_is_told_keeps_its_measurement(tmp_path, pg_url, tiny_pipe):
+# the statements that store a measured trial: its figures, and its image grid's artifact record
+RECORD_WRITES = {"figures": ("trial_user_attributes", "speedup"),
+                 "grid": ("trial_system_attributes", "trial-0000_")}
+
+
+@pytest.mark.parametrize("write", sorted(RECORD_WRITES))
+def test_a_connection_dropped_while_a_trial_is_told_keeps_its_measurement(tmp_path, pg_url, tiny_pipe,
+                                                                          write):
     """The server drops the worker's connection in the middle of storing a measured trial's
-    figures (the moment a failed trial costs most: its whole measurement). The record is written
-    again on a fresh connection; the trial completes once, not failed and measured again."""
+    figures or its image grid (the moment a failed trial costs most: its whole measurement). The
+    write is made again on a fresh connection; the trial completes once, not failed and measured
+    again, and the dashboard shows one grid."""
     create(TINY_SPEC.replace("n_trials = 4", "n_trials = 1\nwarm_start = []"), tmp_path, pg_url)
     spec = load_spec(tmp_path / "tiny.toml")
     worker = Worker(pg_url, "tiny", WorkerOptions(progress=False, n_trials=1),
                     evaluator=evaluator_from_spec(spec, pipe=tiny_pipe))
+    table, marker = RECORD_WRITES[write]
     dropped = []
 
-    def drop_at_the_record(connection, cursor, statement, parameters, context, executemany):
-        if not dropped and "trial_user_attributes" in statement and "speedup" in str(parameters):
+    def drop_at_the_write(connection, cursor, statement, parameters, context, executemany):
+        if not dropped and table in statement and marker in str(parameters):
             backend = connection.connection.dbapi_connection.info.backend_pid
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
             dropped.append(statement)
 
-    sqlalchemy.event.listen(worker.storage.engine, "before_cursor_execute", drop_at_the_record)
+    sqlalchemy.event.listen(worker.storage.engine, "before_cursor_execute", drop_at_the_write)
     assert worker.run() == 1
-    assert dropped, "the test never dropped the connection at the record"
+    assert dropped, f"the test never dropped the connection at the {write}"
     [trial] = optuna.load_study(study_name="tiny", storage=pg_url).get_trials()
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["speedup"] > 0
     assert trial.system_attrs["constraints:quality"] == trial.user_attrs["constraints"]["quality"]
+    grids = [meta.filename for meta in get_all_artifact_meta(trial, storage=worker.storage)]
+    assert len(grids) == 1 and grids[0].startswith("trial-0000_"), grids
 
 
 @pytest.mark.parametrize("kind", ["cuda", "memory"])

@@ -26,13 +26,14 @@ def record_trial(trial: optuna.Trial, result: Comparison, spec: StudySpec, basel
     storage = trial.study._storage
     retried(lambda: _write_record(trial, attrs, constraints), storage)
     quality = result.interval(metric)
-    upload_grid(baselines.artifacts, trial,
-                f"trial-{trial.number:04d}_{result.combo}_speedup-{result.speedup:.2f}"
-                f"_{metric}-{quality.mean:.3f}.png",
-                f"trial {trial.number} {result.combo}: speedup {result.speedup_interval}, "
-                f"{metric} {format_interval(quality)}",
-                baselines.evaluator.prompts, spec.artifacts.grid_prompts,
-                baselines.baseline.images, result.images, fps=spec.model.fps)
+    retried(lambda: upload_grid(
+        baselines.artifacts, trial,
+        f"trial-{trial.number:04d}_{result.combo}_speedup-{result.speedup:.2f}"
+        f"_{metric}-{quality.mean:.3f}.png",
+        f"trial {trial.number} {result.combo}: speedup {result.speedup_interval}, "
+        f"{metric} {format_interval(quality)}",
+        baselines.evaluator.prompts, spec.artifacts.grid_prompts,
+        baselines.baseline.images, result.images, fps=spec.model.fps), storage)
     note = trial_note(trial.number, {**attrs, "combo": result.combo, "constraints": constraints}, spec)
     retried(lambda: write_trial_note(trial.study, trial._trial_id, note), storage)
     values = objectives.objective_values(spec, summary)

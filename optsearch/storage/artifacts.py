@@ -15,7 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts import (
+    FileSystemArtifactStore,
+    download_artifact,
+    get_all_artifact_meta,
+    upload_artifact,
+)
 from PIL import Image, ImageDraw, ImageFont
 
 from optsearch.errors import UsageError
@@ -44,6 +49,15 @@ def upload_bytes(store, target: optuna.Study | optuna.Trial, name: str, data: by
         Path(path).write_bytes(data)
         return upload_artifact(artifact_store=store, file_path=path, study_or_trial=target,
                                mimetype=mimetype)
+
+
+def upload_once(store, target: optuna.Study | optuna.Trial, name: str, data: bytes,
+                mimetype: str) -> None:
+    """`upload_bytes`, unless `target` already holds an artifact named `name`: safe to repeat
+    after a database error, whose write may have landed (no second grid in the dashboard)."""
+    if any(meta.filename == name for meta in get_all_artifact_meta(target)):
+        return
+    upload_bytes(store, target, name, data, mimetype)
 
 
 def upload_arrays(store, target, name: str, **arrays: np.ndarray) -> str:
@@ -100,7 +114,9 @@ def _fit(text: str, characters: int) -> str:
 def upload_grid(store, target, name: str, title: str, prompts: list[str], count: int,
                 baseline_images, trial_images=None, fps: int = 16) -> None:
     """An image grid of the first `count` prompts: baseline (and trial) images side by side.
-    Videos: the grid shows first frames, and each prompt gets `<name>-NN.webp`, animated."""
+    Videos: the grid shows first frames, and each prompt gets `<name>-NN.webp`, animated.
+    A file `target` already holds is not uploaded again, so a repeat after a database error
+    (`retried`) adds only what is missing."""
     if count == 0:
         return
     shown = min(count, len(baseline_images) if trial_images is None else len(trial_images))
@@ -111,14 +127,14 @@ def upload_grid(store, target, name: str, title: str, prompts: list[str], count:
 
     rows = [(prompts[i], first(baseline_images, i), first(trial_images, i)) for i in range(shown)]
     inputs = [_input_of(prompts[i]) for i in range(shown)]
-    upload_bytes(store, target, name, image_grid(
+    upload_once(store, target, name, image_grid(
         rows, title, inputs=inputs if all(image is not None for image in inputs) else None), "image/png")
     if video:
         stem = name.removesuffix(".png")
         for index in range(shown):
             frames = [baseline_images[index]] + ([] if trial_images is None else [trial_images[index]])
-            upload_bytes(store, target, f"{stem}-{index:02d}.webp", animated_webp(frames, fps),
-                         "image/webp")
+            upload_once(store, target, f"{stem}-{index:02d}.webp", animated_webp(frames, fps),
+                        "image/webp")
 
 
 def _input_of(prompt):
