@@ -282,3 +282,20 @@ def test_a_dashboard_port_in_use_is_one_line_before_the_server_starts(populated)
     assert result.stderr.strip() == (f"optsearch: error: cannot listen on 127.0.0.1:{port}: "
                                      "Address already in use (--host, --port)")
     assert "optuna-dashboard for" not in result.stdout
+
+
+def test_confirm_with_nothing_to_confirm_answers_before_torch_loads(tmp_path):
+    """An unknown study, or one with no feasible trial yet, needs no model to say so: one line,
+    before torch and the pipeline load (minutes on a real model), and the storage unchanged."""
+    (tmp_path / "s.toml").write_text(TINY_SPEC)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert optsearch_cmd("study", "create", "s.toml", "--storage", url, cwd=tmp_path).returncode == 0
+    before = storage_snapshot(url)
+    env = without_torch(tmp_path / "no-torch")
+    for name, code, expected in (("tiny", 3, "study 'tiny' has no feasible trial to confirm yet"),
+                                 ("tiyn", 2, "tiyn")):
+        for command in (["study", "confirm", name], ["study", "confirm", name, "--top", "2"]):
+            result = optsearch_cmd(*command, "--storage", url, env=env)
+            assert result.returncode == code, result.stderr
+            assert expected in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert storage_snapshot(url) == before

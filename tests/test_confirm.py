@@ -22,7 +22,7 @@ from optsearch.measure.metrics import Interval
 from optsearch.measure.prompts import confirm_prompts, load_prompts
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
-from optsearch.optimize.confirm import confirm_seed
+from optsearch.optimize.confirm_targets import confirm_seed
 from optsearch.optimize.create import create_study
 from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import open_storage

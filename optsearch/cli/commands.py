@@ -21,6 +21,7 @@ from optsearch.formatting import (
 from optsearch.measure.model_ids import check_folders
 from optsearch.measure.prompts import confirm_prompts, prompts_of
 from optsearch.optimize import study as studies
+from optsearch.optimize.confirm_targets import ConfirmOptions, ConfirmTargets
 from optsearch.optimize.create import (
     check_creatable,
     check_name,
@@ -132,11 +133,13 @@ def cmd_study_export(args) -> int:
 
 
 def cmd_study_confirm(args) -> int:
-    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
-
     options = ConfirmOptions(top=args.top, repeats=args.repeats, device=args.device,
                              progress=not args.quiet)
-    _print_confirmations(Confirmation(args.storage, args.name, options))
+    # the study, what to confirm and the unseen prompts: bad input answers before torch loads
+    targets = ConfirmTargets.load(args.storage, args.name, options)
+    from optsearch.optimize.confirm import Confirmation
+
+    _print_confirmations(Confirmation(args.storage, args.name, options, targets=targets))
     return 0
 
 
@@ -315,11 +318,12 @@ def cmd_run(args) -> int:
 def _confirm(args, name: str, evaluator=None) -> None:
     """`run --confirm K`: the K best on unseen prompts (those stored already are not measured
     again), with the run's pipeline when it loaded one."""
-    from optsearch.optimize.confirm import Confirmation, ConfirmOptions
-
     options = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
                              progress=not args.quiet)
-    _print_confirmations(Confirmation(args.storage, name, options, evaluator))
+    targets = ConfirmTargets.load(args.storage, name, options)  # before torch loads, as above
+    from optsearch.optimize.confirm import Confirmation
+
+    _print_confirmations(Confirmation(args.storage, name, options, evaluator, targets))
 
 
 def cmd_check(args) -> int:

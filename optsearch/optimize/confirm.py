@@ -13,70 +13,43 @@ is measured, so a killed `confirm` loses nothing stored and a second one adds to
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm
 
-from optsearch.errors import NothingToExport, UsageError
 from optsearch.measure.evaluate import Baseline, Evaluator, evaluator_from_spec
 from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.generation import GenerationConfig
-from optsearch.measure.prompts import confirm_prompts
 from optsearch.measure.speedup import rounds_interval
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
 from optsearch.optimize.baseline import check_same_pipeline
+from optsearch.optimize.confirm_targets import (
+    ConfirmOptions,
+    ConfirmTargets,
+    confirm_seed,
+    confirmation_key,
+)
 from optsearch.optimize.winner import mark_winner
 from optsearch.storage.notes import confirmed_line, trial_note, write_trial_note
-from optsearch.storage.rdb import open_storage
 from optsearch.storage.record import feasible, finite, trial_metrics, utc_now
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ConfirmOptions:
-    top: int = 3  # the K best feasible settings (each combo's best comes too)
-    repeats: int = 3  # A B B A timing rounds; the speedup interval is over them
-    device: str | None = None
-    progress: bool = True  # progress bars
-    lines: bool = True  # one line per setting confirmed (also under --quiet: a log's record)
-
-
-def confirm_seed(spec) -> int:
-    """The confirmation's latent-noise seed: `[confirm] seed`, else the search's + 1, so that
-    confirm prompt i does not start from search prompt i's noise."""
-    return spec.confirm.seed if spec.confirm.seed is not None else spec.prompts.seed + 1
-
-
-def confirmation_key(setting: dict, fingerprint: str, prompts: list[str], seed: int) -> str:
-    """Identifies one confirmation: the same setting, device and prompts are never measured twice."""
-    text = json.dumps([setting, fingerprint, prompts, seed], sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 class Confirmation:
     """Re-measures a study's best settings on unseen prompts, storing each result as it ends."""
 
     def __init__(self, storage_url: str | None, study_name: str, options: ConfirmOptions | None = None,
-                 evaluator: Evaluator | None = None):
+                 evaluator: Evaluator | None = None, targets: ConfirmTargets | None = None):
+        """`targets`: what `ConfirmTargets.load` read already (the CLI reads it before torch loads)."""
         self.options = options or ConfirmOptions()
-        if self.options.top < 1:
-            raise UsageError("--top must be >= 1")
-        if self.options.repeats < 2:
-            raise UsageError("--repeats must be >= 2: the speedup's interval is over the rounds")
-        self.storage = open_storage(storage_url, heartbeat_interval=None, must_exist=True)
-        self.study, self.spec = studies.load_study(self.storage, study_name)
-        self.candidates = objectives.ranked(self.study, self.spec, self.options.top)
-        if not self.candidates:
-            raise NothingToExport(f"study {study_name!r} has no feasible trial to confirm yet")
-        self.prompts = confirm_prompts(self.spec)
+        targets = targets or ConfirmTargets.load(storage_url, study_name, self.options)
+        self.storage, self.study, self.spec = targets.storage, targets.study, targets.spec
+        self.candidates, self.prompts = targets.candidates, targets.prompts
         seed = confirm_seed(self.spec)
         loaded = evaluator or evaluator_from_spec(self.spec, self.options.device,
                                                   self.options.progress, prompts=self.prompts)

@@ -22,7 +22,8 @@ from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.fingerprint import pipeline_signature
 from optsearch.measure.prompts import confirm_prompts, prompts_digest, prompts_of
 from optsearch.optimize.baseline import check_same_pipeline, check_same_prompts
-from optsearch.optimize.confirm import Confirmation, ConfirmOptions
+from optsearch.optimize.confirm import Confirmation
+from optsearch.optimize.confirm_targets import ConfirmOptions
 from optsearch.optimize.create import (
     check_name,
     create_study,
