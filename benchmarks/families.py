@@ -1,5 +1,6 @@
 """Speedup and fidelity of every accelerator family, on builtin:tiny-flux (FLUX's
-topology, 128 px, 20 steps), builtin:tiny-sd3 and builtin:tiny-qwen-image (cache-dit's DBCache
+topology, 128 px, 20 steps), builtin:tiny-flux2 (FLUX.2 [dev]'s pipeline, the same sizes; every
+family but fbcache, which FLUX.2 refuses), builtin:tiny-sd3 and builtin:tiny-qwen-image (cache-dit's DBCache
 against fewer steps, 128 px, 20 steps), builtin:tiny-wan (the video caches against fewer steps,
 9 frames of 64 px, 16 steps; PSNR per frame, averaged) and builtin:cpu-bench (SD 1.5's topology,
 256 px, 25 steps), CPU.
@@ -50,6 +51,9 @@ FLUX = [
     ("dbcache F1B0 0.5", {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 4}}),
     ("dbcache F1B0 0.5 + TaylorSeer 1", {"dbcache": {"residual_diff_threshold": 0.5,
                                                      "max_warmup_steps": 4, "taylorseer_order": 1}}),
+]
+FLUX2 = [setting for setting in FLUX if "fbcache" not in setting[1]] + [  # refused on FLUX.2
+    ("dbcache F1B0 0.9", {"dbcache": {"residual_diff_threshold": 0.9, "max_warmup_steps": 4}}),
 ]
 DIT = [  # tiny-sd3 and tiny-qwen-image: what cache-dit applies to both, against fewer steps
     ("steps 10 (of 20)", {"steps": {"num_inference_steps": 10}}),
@@ -118,14 +122,16 @@ def main(repeats: int = 3, only: str = "") -> None:
     started = time.perf_counter()
     prompts = builtin_prompts()[:4]
     headers = ["setting", "speedup (median)", "min", "max", "PSNR vs baseline (dB)"]
-    for model, steps, settings in (("builtin:tiny-flux", 20, FLUX), ("builtin:tiny-sd3", 20, DIT),
+    for model, steps, settings in (("builtin:tiny-flux", 20, FLUX), ("builtin:tiny-flux2", 20, FLUX2),
+                                   ("builtin:tiny-sd3", 20, DIT),
                                    ("builtin:tiny-qwen-image", 20, DIT),
                                    ("builtin:tiny-wan", 16, VIDEO),
                                    ("builtin:cpu-bench", 25, UNET)):
         if only and model != only:
             continue
         pipe = load_pipeline(model, device="cpu", dtype="float32")
-        guidance = {"builtin:cpu-bench": 7.5, "builtin:tiny-wan": 5.0}.get(model, 3.5)
+        guidance = {"builtin:cpu-bench": 7.5, "builtin:tiny-wan": 5.0,
+                    "builtin:tiny-flux2": 4.0}.get(model, 3.5)
         config = GenerationConfig(steps=steps, guidance_scale=guidance, batch_size=2)
         print(f"{model}:", flush=True)
         rows = measure(pipe, config, prompts, settings, repeats)

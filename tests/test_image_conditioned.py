@@ -306,7 +306,7 @@ def test_image_to_video_runs_one_prompt_a_call_and_mismatches_are_one_line(tmp_p
     spec = write_spec(tmp_path / "bad.toml", WAN_I2V_SPEC.replace("batch_size = 1", "batch_size = 2"))
     result = optsearch_cmd("check", str(spec), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert ("conditions every prompt of a call on one image: set prompts.batch_size = 1"
+    assert ("conditions every prompt of a call on the call's images: set prompts.batch_size = 1"
             in result.stderr)
     # image-to-video without images, and images a text-to-video pipeline would ignore
     images = load_prompts(str(tmp_path / "edits"), 2)

@@ -4,8 +4,10 @@ the last full step, reuse the cached output of all the other blocks."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import cache_patch
+from optsearch.accelerators.hooks import cache_patch, denoisers
 
 NAME = "fbcache"
 APPLIES_TO = ("transformer", "video")
@@ -13,6 +15,35 @@ PARAMS = (
     Param("threshold", float, (0.02, 0.5), minimum=0.0, grid_step=0.02, calibrated=True,
           help="relative change of the first block's residual under which the rest is reused"),
 )
+
+
+def problem_with(pipe, values: Mapping | None = None) -> str | None:
+    """diffusers' FirstBlockCache adds the last block's cached residual to the first block's
+    output, so both must return the image tokens alike. FLUX.2's first (double-stream) block
+    returns text and image tokens apart, its last (single-stream) one their joined sequence: the
+    first call fails ("unsupported operand type(s) for -: 'Tensor' and 'list'", diffusers 0.42.1,
+    builtin:tiny-flux2)."""
+    try:
+        import torch
+        from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:  # another diffusers: its own hooks decide
+        return None
+    for model in denoisers(pipe):
+        blocks = [block for name, child in model.named_children()
+                  if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList)
+                  for block in child]
+        try:
+            head, tail = (TransformerBlockRegistry.get(type(block)) for block in (blocks[0], blocks[-1]))
+        except (IndexError, ValueError):  # no blocks, or blocks diffusers' hooks do not know:
+            continue  # enable_cache says so
+        apart = [meta.return_encoder_hidden_states_index is not None for meta in (head, tail)]
+        if apart[0] != apart[1]:
+            return (f"fbcache cannot run on {type(model).__name__}: diffusers' FirstBlockCache "
+                    f"adds its last block's residual ({type(blocks[-1]).__name__}: text and "
+                    f"image tokens joined) to its first block's output ({type(blocks[0]).__name__}:"
+                    " apart); search dbcache instead (cache-dit's DBCache knows this model)")
+    return None
 
 
 class FirstBlockCachePatch:

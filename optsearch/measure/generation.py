@@ -87,9 +87,9 @@ class GenerationConfig:
         return extra
 
 
-# pipelines that condition every prompt of a call on one image (Wan's image-to-video): their
-# prompts run one a call, each with its own image
-ONE_IMAGE_A_CALL = ("WanImageToVideo",)
+# pipelines that condition every prompt of a call on one image (Wan's image-to-video) or on all
+# the call's images (FLUX.2's reference images): their prompts run one a call, each with its own
+ONE_IMAGE_A_CALL = ("WanImageToVideo", "Flux2")
 
 
 def image_parameter(parameters: Mapping) -> str | None:
@@ -136,7 +136,7 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
                           "prompt carries one image; use its text-to-image ControlNet pipeline")
     single = any(cls.__name__.startswith(ONE_IMAGE_A_CALL) for cls in type(pipe).__mro__)
     if single and batch_size > 1 and images is not None:
-        raise PromptError(f"{name} conditions every prompt of a call on one image: set "
+        raise PromptError(f"{name} conditions every prompt of a call on the call's images: set "
                           "prompts.batch_size = 1 (each prompt with its own image)")
     if images is None:
         if parameter is not None and (parameter.default is parameter.empty or key == "control_image"
