@@ -77,7 +77,7 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def _qwen_tokenizer(vision: bool = False) -> PreTrainedTokenizerFast:
+def qwen_tokenizer(vision: bool = False) -> PreTrainedTokenizerFast:
     """Qwen's chat markers as special tokens over one token per printable character; with
     `vision`, also the markers Qwen2.5-VL's processor puts an image's tokens between."""
     characters = [c for c in string.printable if c not in "\t\r\x0b\x0c"] + ["\u2581"]
@@ -125,7 +125,7 @@ def _qwen_image_components() -> dict:
 
 def build_tiny_qwen_image() -> QwenImagePipeline:
     """Qwen-Image's MMDiT, tiny: 4 blocks of 4 heads of 32, a 2-layer Qwen2.5-VL text encoder."""
-    tokenizer = _qwen_tokenizer()
+    tokenizer = qwen_tokenizer()
     components = _qwen_image_components()  # built first: the seeded weights stay as they were
     pipe = QwenImagePipeline(**components, text_encoder=_qwen_text_encoder(tokenizer),
                              tokenizer=tokenizer)
@@ -155,7 +155,7 @@ def build_tiny_qwen_image_edit() -> QwenImageEditPipeline:
     """Qwen-Image-Edit on tiny Qwen-Image's MMDiT: the image to edit is encoded by the VAE (its
     tokens join the generated image's in every block) and read by the text encoder's vision
     tower (4 tokens: the processor keeps it at 56 x 56 px)."""
-    tokenizer = _qwen_tokenizer(vision=True)
+    tokenizer = qwen_tokenizer(vision=True)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
         tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())

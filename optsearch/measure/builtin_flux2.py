@@ -19,7 +19,7 @@ from diffusers import (
 )
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
-from optsearch.measure.builtin_dits import _qwen_tokenizer
+from optsearch.measure.builtin_dits import qwen_tokenizer
 
 # the tiny tokenizer's chat template keeps the user's text: FLUX.2's system message (about 200
 # characters, one token each here) would fill the tiny prompts' 32 tokens before the prompt
@@ -50,7 +50,7 @@ def build_tiny_flux2() -> Flux2Pipeline:
         block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=16,
         norm_num_groups=16, patch_size=(2, 2))
-    tokenizer = _qwen_tokenizer()
+    tokenizer = qwen_tokenizer()
     tokenizer.chat_template = USER_TEXT_ONLY
     size = len(tokenizer)
     text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
