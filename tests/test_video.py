@@ -200,3 +200,50 @@ def test_check_scores_a_video_batch_with_clip_and_says_ready(tmp_path):
     report = check(load_spec(write_spec(tmp_path / "wan.toml", WAN_SPEC)))
     assert report.problems == []
     assert report.facts["seconds_per_image"] > 0 and report.facts["prompts"] == 2
+
+
+# video pipelines whose call takes no num_frames (a video to edit, Latte's video_length):
+# video before loading, by name; loaded, `pipeline_kind` calls them transformer pipelines
+VIDEO_WITHOUT_NUM_FRAMES = {"CogVideoXFunControlPipeline", "CogVideoXVideoToVideoPipeline",
+                            "LattePipeline", "WanAnimatePipeline", "WanVideoToVideoPipeline"}
+
+
+def test_every_transformer_pipeline_diffusers_ships_is_told_its_kind_from_its_model_index(tmp_path):
+    """Before loading, a model's kind comes from its model_index.json's class name; once loaded,
+    from its call (`num_frames`: video). The two agree for every transformer pipeline class of
+    the installed diffusers (a wrong guess costs the user a download and a load before "set
+    model.kind"): Cosmos, Kandinsky 5 video, EasyAnimate and others were taken for images."""
+    import inspect
+
+    import diffusers
+
+    disagree = []
+    for name in dir(diffusers):
+        if not name.endswith("Pipeline") or name == "DiffusionPipeline":
+            continue
+        try:
+            pipeline = getattr(diffusers, name)
+            init = inspect.signature(pipeline.__init__).parameters
+            call = inspect.signature(pipeline.__call__).parameters
+        except (ImportError, AttributeError, TypeError, ValueError):  # optional dependencies
+            continue
+        if "unet" in init or "transformer" not in init or name in VIDEO_WITHOUT_NUM_FRAMES:
+            continue
+        (tmp_path / "model_index.json").write_text(json.dumps(
+            {"_class_name": name, "transformer": ["diffusers", "x"]}))
+        loaded = "video" if "num_frames" in call else "transformer"
+        if model_kind(str(tmp_path)) != loaded:
+            disagree.append((name, loaded))
+    assert not disagree
+
+
+@pytest.mark.parametrize("model_id, kind", [
+    ("Tongyi-MAI/Z-Image-Turbo", "transformer"), ("zai-org/GLM-Image", "transformer"),
+    ("fal/AuraFlow-v0.3", "transformer"), ("black-forest-labs/FLUX.2-dev", "transformer"),
+    ("Lightricks/LTX-2", "video"), ("kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers", "video"),
+    ("kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers", "transformer"),
+    ("Efficient-Large-Model/SANA-Video_2B_480p_diffusers", "video"),
+    ("stabilityai/stable-diffusion-xl-base-1.0", "unet"),
+])
+def test_a_hub_id_not_in_the_cache_is_told_its_kind_by_its_name(model_id, kind):
+    assert model_kind(model_id) == kind

@@ -29,11 +29,20 @@ BUILTIN_MODELS = tuple(BUILTIN_KINDS)
 
 # Diffusion transformers by the name their hub ids carry, when no model_index.json is at hand;
 # the video ones first (their pipelines return frames).
-VIDEO_NAMES = ("wan2", "wan-", "hunyuanvideo", "hunyuan-video", "cogvideo", "ltx-video", "mochi",
-               "skyreels", "allegro", "latte")
+VIDEO_NAMES = ("wan2", "wan-", "hunyuanvideo", "hunyuan-video", "cogvideo", "ltx-video", "ltx-2",
+               "mochi", "skyreels", "allegro", "latte", "easyanimate", "sana-video", "-t2v", "-i2v",
+               "-ti2v")
 TRANSFORMER_NAMES = ("flux", "sd3", "stable-diffusion-3", "qwen-image", "wan", "hunyuan", "ltx",
-                     "cogview", "chroma", "sana", "pixart", "lumina", "hidream")
-VIDEO_PIPELINES = ("Wan", "CogVideoX", "HunyuanVideo", "LTX", "Mochi", "SkyReels", "Allegro", "Latte")
+                     "cogview", "chroma", "sana", "pixart", "lumina", "hidream", "z-image",
+                     "glm-image", "ovis-image", "longcat-image", "ernie-image", "auraflow", "bria",
+                     "kandinsky-5")
+# the pipeline classes (a model_index.json's _class_name) whose call takes `num_frames`, as
+# diffusers 0.42 ships them: what `pipeline_kind` calls video once loaded
+VIDEO_PIPELINES = ("Wan", "CogVideoX", "HunyuanVideo", "HunyuanSkyreels", "LTX", "Mochi", "SkyReels",
+                   "Allegro", "Latte", "AnyFlow", "ChronoEdit", "Cosmos2VideoToWorld", "Cosmos2_5",
+                   "Cosmos3Omni", "CosmosTextToWorld", "CosmosVideoToWorld", "EasyAnimate", "Helios",
+                   "Kandinsky5I2V", "Kandinsky5T2V", "Kandinsky6TI2V", "LucyEdit", "MotifVideo",
+                   "SanaWM")
 
 TINY_CLIP = "builtin:tiny"  # quality.clip_model: the random-weight CLIP the tests and demo use
 
