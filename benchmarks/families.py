@@ -1,9 +1,9 @@
 """Speedup and fidelity of every accelerator family, on builtin:tiny-flux (FLUX's
-topology, 128 px, 20 steps), builtin:tiny-flux2 (FLUX.2 [dev]'s pipeline, the same sizes; every
-family but fbcache, which FLUX.2 refuses), builtin:tiny-sd3 and builtin:tiny-qwen-image (cache-dit's DBCache
-against fewer steps, 128 px, 20 steps), builtin:tiny-wan (the video caches against fewer steps,
-9 frames of 64 px, 16 steps; PSNR per frame, averaged) and builtin:cpu-bench (SD 1.5's topology,
-256 px, 25 steps), CPU.
+topology, 128 px, 20 steps), builtin:tiny-flux2 and -klein (FLUX.2 [dev]'s and [klein]'s
+pipelines, the same sizes; every family but fbcache, which FLUX.2 refuses), builtin:tiny-sd3 and
+builtin:tiny-qwen-image (cache-dit's DBCache against fewer steps, 128 px, 20 steps),
+builtin:tiny-wan (the video caches against fewer steps, 9 frames of 64 px, 16 steps; PSNR per
+frame, averaged) and builtin:cpu-bench (SD 1.5's topology, 256 px, 25 steps), CPU.
 
 Each setting: the short warm-up, then `repeats` timed passes over 4 prompts (batch 2), A/B
 interleaved with the baseline; speedup = baseline s/image / setting s/image (median of the
@@ -123,6 +123,7 @@ def main(repeats: int = 3, only: str = "") -> None:
     prompts = builtin_prompts()[:4]
     headers = ["setting", "speedup (median)", "min", "max", "PSNR vs baseline (dB)"]
     for model, steps, settings in (("builtin:tiny-flux", 20, FLUX), ("builtin:tiny-flux2", 20, FLUX2),
+                                   ("builtin:tiny-flux2-klein", 20, FLUX2),
                                    ("builtin:tiny-sd3", 20, DIT),
                                    ("builtin:tiny-qwen-image", 20, DIT),
                                    ("builtin:tiny-wan", 16, VIDEO),
@@ -131,7 +132,7 @@ def main(repeats: int = 3, only: str = "") -> None:
             continue
         pipe = load_pipeline(model, device="cpu", dtype="float32")
         guidance = {"builtin:cpu-bench": 7.5, "builtin:tiny-wan": 5.0,
-                    "builtin:tiny-flux2": 4.0}.get(model, 3.5)
+                    "builtin:tiny-flux2": 4.0, "builtin:tiny-flux2-klein": 4.0}.get(model, 3.5)
         config = GenerationConfig(steps=steps, guidance_scale=guidance, batch_size=2)
         print(f"{model}:", flush=True)
         rows = measure(pipe, config, prompts, settings, repeats)

@@ -1,6 +1,7 @@
-"""FLUX.2 [dev]: the real Flux2Pipeline, tiny (builtin:tiny-flux2). Each cache that runs on its
-transformer is searched, measured, restored and exported; diffusers' FirstBlockCache, which
-fails on it, is refused in one line; reference images run one a call."""
+"""FLUX.2 [dev] and [klein]: the real Flux2Pipeline and Flux2KleinPipeline, tiny
+(builtin:tiny-flux2, builtin:tiny-flux2-klein). Each cache that runs on their transformer is
+searched, measured, restored and exported; diffusers' FirstBlockCache, which fails on it, is
+refused in one line; reference images run one a call."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from diffusers import FirstBlockCacheConfig, Flux2Pipeline
+from diffusers import FirstBlockCacheConfig, Flux2KleinPipeline, Flux2Pipeline
 from PIL import Image
 
 import optsearch
@@ -71,39 +72,54 @@ def flux2_images(call, steps: int = 8) -> np.ndarray:
     return (output.images * 255).round().clip(0, 255).astype(np.uint8)
 
 
+LOADED: dict = {}
+
+
+def loaded(model_id: str):
+    """Each builtin FLUX.2 pipeline once per module."""
+    if model_id not in LOADED:
+        LOADED[model_id] = load_pipeline(model_id, device="cpu", dtype="float32")
+        LOADED[model_id].set_progress_bar_config(disable=True)
+    return LOADED[model_id]
+
+
 @pytest.fixture(scope="module")
 def flux2_pipe():
-    pipe = load_pipeline("builtin:tiny-flux2", device="cpu", dtype="float32")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return loaded("builtin:tiny-flux2")
 
 
 def test_tiny_flux2_is_the_real_pipeline_and_a_transformer(flux2_pipe):
     assert isinstance(flux2_pipe, Flux2Pipeline) and model_kind("builtin:tiny-flux2") == "transformer"
     assert model_kind("black-forest-labs/FLUX.2-dev") == "transformer"  # by name, no download
     assert type(flux2_pipe.transformer).__name__ == "Flux2Transformer2DModel"
+    klein = loaded("builtin:tiny-flux2-klein")
+    assert isinstance(klein, Flux2KleinPipeline) and not klein.config.is_distilled
+    assert model_kind("builtin:tiny-flux2-klein") == "transformer"
 
 
+@pytest.mark.parametrize("model_id", ["builtin:tiny-flux2", "builtin:tiny-flux2-klein"])
 @pytest.mark.parametrize("family", sorted(SETTINGS))
-def test_each_cache_skips_work_on_flux2_and_restores_it_exactly(flux2_pipe, family):
-    """The pipeline names no cache context and passes the timestep / 1000 (as FLUX.1 Fill's):
-    each family still acts (computes less, other images), and leaving restores every bit."""
-    baseline = flux2_images(flux2_pipe)
-    with AppliedSetting(flux2_pipe, {family: SETTINGS[family]}) as applied:
+def test_each_cache_skips_work_on_flux2_and_restores_it_exactly(model_id, family):
+    """[dev]'s loop names no cache context and passes the timestep / 1000 (as FLUX.1 Fill's);
+    [klein]'s runs two calls a step (true CFG, "cond" and "uncond"): each family still acts
+    (computes less, other images), and leaving restores every bit."""
+    pipe = loaded(model_id)
+    baseline = flux2_images(pipe)
+    with AppliedSetting(pipe, {family: SETTINGS[family]}) as applied:
         cached = flux2_images(applied)
         assert 0.0 < applied.computed_fraction() < 1.0
     assert np.abs(cached.astype(int) - baseline).max() > 0
-    np.testing.assert_array_equal(flux2_images(flux2_pipe), baseline)
+    np.testing.assert_array_equal(flux2_images(pipe), baseline)
 
 
-def test_fbcache_is_refused_on_flux2_in_one_line_where_diffusers_would_fail(flux2_pipe):
+def test_fbcache_is_refused_on_flux2_in_one_line_where_diffusers_would_fail():
     """diffusers' FirstBlockCache adds the last block's residual to the first block's output:
     FLUX.2's first returns text and image tokens apart, its last joined, and the first call
     fails. The spec is refused before any trial, naming why; FLUX.1, whose blocks agree, is not."""
-    spec = spec_from_dict({"model": {"id": "builtin:tiny-flux2"},
-                           "search": {"accelerators": [["fbcache"]]}})
-    with pytest.raises(ModelLoadError, match="fbcache cannot run on Flux2Transformer2DModel"):
-        check_families(flux2_pipe, spec)
+    for model_id in ("builtin:tiny-flux2", "builtin:tiny-flux2-klein"):
+        spec = spec_from_dict({"model": {"id": model_id}, "search": {"accelerators": [["fbcache"]]}})
+        with pytest.raises(ModelLoadError, match="fbcache cannot run on Flux2Transformer2DModel"):
+            check_families(loaded(model_id), spec)
     pipe = build_builtin("builtin:tiny-flux2")  # diffusers' own hook, unguarded
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
     with pipe.transformer.cache_context("cond"), pytest.raises(TypeError, match="unsupported operand"):

@@ -152,10 +152,11 @@ def _build_builtin(name: str):
                 "builtin:tiny-wan": builtin_dits.build_tiny_wan,
                 "builtin:tiny-wan22": builtin_dits.build_tiny_wan22,
                 "builtin:tiny-wan-i2v": builtin_dits.build_tiny_wan_i2v}[name]()
-    if name == "builtin:tiny-flux2":
-        from optsearch.measure.builtin_flux2 import build_tiny_flux2
+    if name in ("builtin:tiny-flux2", "builtin:tiny-flux2-klein"):
+        from optsearch.measure import builtin_flux2
 
-        return build_tiny_flux2()
+        return (builtin_flux2.build_tiny_flux2() if name == "builtin:tiny-flux2"
+                else builtin_flux2.build_tiny_flux2_klein())
     if name == "builtin:sd15-random":
         # SD 1.5's real UNet and VAE sizes (860M + 84M params), random weights: GPU timing only.
         unet = dict(

@@ -20,6 +20,7 @@ BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:t
                  "builtin:tiny-flux-control": "transformer",
                  "builtin:tiny-sd-inpaint": "unet", "builtin:tiny-sd-img2img": "unet",
                  "builtin:tiny-flux-img2img": "transformer", "builtin:tiny-flux2": "transformer",
+                 "builtin:tiny-flux2-klein": "transformer",
                  "builtin:tiny-sd-controlnet": "unet", "builtin:tiny-flux-controlnet": "transformer",
                  "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer",
                  "builtin:tiny-qwen-image-edit": "transformer",
