@@ -181,3 +181,32 @@ def test_reference_images_run_one_prompt_a_call(flux2_pipe):
                                           "prompts.batch_size = 1"):
         check_conditioning(flux2_pipe, prompts, batch_size=2)
     check_conditioning(flux2_pipe, PROMPTS, batch_size=2)  # text prompts: batched
+
+
+def test_a_block_class_diffusers_does_not_know_is_refused_for_its_block_caches(tmp_path):
+    """diffusers' FirstBlockCache and MagCache read each block's outputs by its registered class:
+    a block class its registry lacks (a newer model's, or a subclass a user's patch puts in)
+    fails when the cache is enabled. Such a pipeline is refused at load, in one line naming the
+    class; the builtin transformers and video models, whose blocks it knows, are not."""
+    from diffusers import FluxPipeline, MagCacheConfig
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    class PatchedFluxBlock(FluxTransformerBlock):
+        """What a user's patch of FLUX's double blocks leaves: the same forward, another class."""
+
+    pipe = FluxPipeline(**build_builtin("builtin:tiny-flux").components)
+    for block in pipe.transformer.transformer_blocks:
+        block.__class__ = PatchedFluxBlock
+    for family in ("fbcache", "magcache"):
+        spec = spec_from_dict({"model": {"id": "builtin:tiny-flux"},
+                               "search": {"accelerators": [[family]]}})
+        with pytest.raises(ModelLoadError, match=f"{family} cannot run on FluxTransformer2DModel: "
+                                                 f".* knows no PatchedFluxBlock"):
+            check_families(pipe, spec)
+    with pytest.raises(ValueError, match="not registered"):  # what the user met before
+        pipe.transformer.enable_cache(MagCacheConfig(mag_ratios=[1.0] * 4, num_inference_steps=4))
+    for model_id in ("builtin:tiny-flux", "builtin:tiny-qwen-image", "builtin:tiny-wan",
+                     "builtin:tiny-wan22"):
+        plain = load_pipeline(model_id, device="cpu", dtype="float32")
+        check_families(plain, spec_from_dict({"model": {"id": model_id},
+                                              "search": {"accelerators": [["fbcache"], ["magcache"]]}}))

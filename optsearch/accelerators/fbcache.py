@@ -7,7 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import cache_patch, denoisers
+from optsearch.accelerators.hooks import (
+    cache_patch,
+    denoisers,
+    hooked_blocks,
+    unregistered_block_problem,
+)
 
 NAME = "fbcache"
 APPLIES_TO = ("transformer", "video")
@@ -18,25 +23,22 @@ PARAMS = (
 
 
 def problem_with(pipe, values: Mapping | None = None) -> str | None:
-    """diffusers' FirstBlockCache adds the last block's cached residual to the first block's
-    output, so both must return the image tokens alike. FLUX.2's first (double-stream) block
-    returns text and image tokens apart, its last (single-stream) one their joined sequence: the
-    first call fails ("unsupported operand type(s) for -: 'Tensor' and 'list'", diffusers 0.42.1,
-    builtin:tiny-flux2)."""
+    """diffusers' FirstBlockCache needs its blocks registered (`unregistered_block_problem`), and
+    adds the last block's cached residual to the first block's output, so both must return the
+    image tokens alike. FLUX.2's first (double-stream) block returns text and image tokens apart,
+    its last (single-stream) one their joined sequence: the first call fails ("unsupported
+    operand type(s) for -: 'Tensor' and 'list'", diffusers 0.42.1, builtin:tiny-flux2)."""
     try:
-        import torch
-        from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
         from diffusers.hooks._helpers import TransformerBlockRegistry
     except ImportError:  # another diffusers: its own hooks decide
         return None
+    if problem := unregistered_block_problem(NAME, pipe):
+        return problem
     for model in denoisers(pipe):
-        blocks = [block for name, child in model.named_children()
-                  if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList)
-                  for block in child]
-        try:
-            head, tail = (TransformerBlockRegistry.get(type(block)) for block in (blocks[0], blocks[-1]))
-        except (IndexError, ValueError):  # no blocks, or blocks diffusers' hooks do not know:
-            continue  # enable_cache says so
+        blocks = hooked_blocks(model)
+        if not blocks:  # enable_cache says so
+            continue
+        head, tail = (TransformerBlockRegistry.get(type(block)) for block in (blocks[0], blocks[-1]))
         apart = [meta.return_encoder_hidden_states_index is not None for meta in (head, tail)]
         if apart[0] != apart[1]:
             return (f"fbcache cannot run on {type(model).__name__}: diffusers' FirstBlockCache "

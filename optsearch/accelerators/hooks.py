@@ -195,6 +195,36 @@ def denoisers(pipe) -> list[torch.nn.Module]:
     return [denoiser(pipe)] if second is None else [denoiser(pipe), second]
 
 
+def hooked_blocks(model) -> list[torch.nn.Module]:
+    """The blocks diffusers' block caches (FirstBlockCache, MagCache) hook, in order: those of
+    every block list its identifiers name (`transformer_blocks`, `single_transformer_blocks`, ...)."""
+    import torch
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    return [block for name, child in model.named_children()
+            if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList)
+            for block in child]
+
+
+def unregistered_block_problem(family: str, pipe) -> str | None:
+    """diffusers' block caches read each hooked block's outputs by its class's registered
+    metadata: a class its registry lacks (a model newer than its registry, a subclass a user's
+    patch put in) fails as soon as the cache is enabled ("Model class ... not registered")."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:  # another diffusers: its own enable_cache decides
+        return None
+    for model in denoisers(pipe):
+        for block in hooked_blocks(model):
+            try:
+                TransformerBlockRegistry.get(type(block))
+            except ValueError:
+                return (f"{family} cannot run on {type(model).__name__}: diffusers' {family} reads "
+                        f"each block's outputs by its registered class, and knows no "
+                        f"{type(block).__name__}; search dbcache (cache-dit) or taylorseer instead")
+    return None
+
+
 class HookPatch:
     """A diffusers cache applied to each of `pipe`'s denoisers by `enable`, removed by `disable`.
     `count`: wrap the hooks to count the calls that ran (None: where the denoiser is not

@@ -29,7 +29,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from optsearch.accelerators.base import Param, bounds_of
-from optsearch.accelerators.hooks import HookPatch, cache_patch, call_steps, denoisers, first_expert_steps
+from optsearch.accelerators.hooks import (
+    HookPatch,
+    cache_patch,
+    call_steps,
+    denoisers,
+    first_expert_steps,
+    unregistered_block_problem,
+)
 
 NAME = "magcache"
 SAME_COMPUTATION = "same steps skipped"  # what a copied twin's record says
@@ -46,7 +53,10 @@ PARAMS = (  # the threshold last: its "auto" range follows the other two as draw
 
 
 def problem_with(pipe, values: Mapping | None = None) -> str | None:
-    """Two experts are split by the pipeline's boundary; without one the second never runs."""
+    """diffusers' MagCache needs its blocks registered (`unregistered_block_problem`). Two experts
+    are split by the pipeline's boundary; without one the second never runs."""
+    if problem := unregistered_block_problem(NAME, pipe):
+        return problem
     if getattr(pipe, "transformer_2", None) is not None \
             and getattr(getattr(pipe, "config", None), "boundary_ratio", None) is None:
         return ("magcache calibrates each expert over the steps it runs; this pipeline has a "
