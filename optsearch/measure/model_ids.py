@@ -37,8 +37,9 @@ TRANSFORMER_NAMES = ("flux", "sd3", "stable-diffusion-3", "qwen-image", "wan", "
                      "cogview", "chroma", "sana", "pixart", "lumina", "hidream", "z-image",
                      "glm-image", "ovis-image", "longcat-image", "ernie-image", "auraflow", "bria",
                      "kandinsky-5")
-# the pipeline classes (a model_index.json's _class_name) whose call takes `num_frames`, as
-# diffusers 0.42 ships them: what `pipeline_kind` calls video once loaded
+# the video pipeline classes (a model_index.json's _class_name), by prefix: every one of
+# diffusers 0.42 whose call takes `num_frames` (what `pipeline_kind` calls video once loaded;
+# tests/test_video.py holds the two to agree), and Latte's and Wan's video-to-video, which take none
 VIDEO_PIPELINES = ("Wan", "CogVideoX", "HunyuanVideo", "HunyuanSkyreels", "LTX", "Mochi", "SkyReels",
                    "Allegro", "Latte", "AnyFlow", "ChronoEdit", "Cosmos2VideoToWorld", "Cosmos2_5",
                    "Cosmos3Omni", "CosmosTextToWorld", "CosmosVideoToWorld", "EasyAnimate", "Helios",
