@@ -4,10 +4,13 @@ database was never judged an orphan and stayed RUNNING, and the other workers wa
 
 from __future__ import annotations
 
+import datetime
 import time
 import warnings
 
 import optuna
+import sqlalchemy
+import sqlalchemy.orm
 from optuna.trial import TrialState
 
 from optsearch.optimize import recovery
@@ -56,8 +59,7 @@ def test_a_popped_retry_whose_worker_lost_the_database_is_failed_as_an_orphan(tm
     first = run_that_wrote_a_record(study)
     recovery.fail_and_requeue(study, first._trial_id)
     popped = study.ask()  # popped by a worker that lost the database before its objective began
-    time.sleep(0.05)
-    recovery.fail_orphans(study, grace_period=0)
+    recovery.OrphanWatch(grace_period=0).fail_orphans(study)
     assert study._storage.get_trial(popped._trial_id).state == TrialState.FAIL
     assert only_retry(study, popped).state == TrialState.WAITING  # and queued once more
 
@@ -100,10 +102,11 @@ def test_a_started_trial_that_never_beat_is_an_orphan_once_its_grace_period_is_o
         trial.suggest_int("deepcache.cache_interval", 1, 5)
         trial.set_user_attr("worker", "host:1")
     storage.record_heartbeat(beating._trial_id)
-    recovery.fail_orphans(study, grace_period=2)  # within its grace period: left alone
+    watch = recovery.OrphanWatch(grace_period=2)
+    watch.fail_orphans(study)  # within its grace period: left alone
     assert storage.get_trial(silent._trial_id).state == TrialState.RUNNING
     time.sleep(2.2)
-    recovery.fail_orphans(study, grace_period=2)
+    watch.fail_orphans(study)
     assert storage.get_trial(silent._trial_id).state == TrialState.FAIL
     assert only_retry(study, silent).state == TrialState.WAITING
     assert storage.get_trial(beating._trial_id).state == TrialState.RUNNING  # the heartbeat's to judge
@@ -112,5 +115,28 @@ def test_a_started_trial_that_never_beat_is_an_orphan_once_its_grace_period_is_o
                                                         heartbeat_interval=None))
     started = unbeaten.ask()
     started.set_user_attr("worker", "host:1")
-    recovery.fail_orphans(unbeaten, grace_period=0)  # no heartbeat to ask: a started trial is left
+    recovery.OrphanWatch(grace_period=0).fail_orphans(unbeaten)  # no heartbeat to ask: left
     assert unbeaten._storage.get_trial(started._trial_id).state == TrialState.RUNNING
+
+
+def test_an_orphan_is_timed_by_the_judging_workers_clock_not_by_its_creators(tmp_path):
+    """A trial's datetime_start is the local time of the worker that made it: on a machine in
+    another time zone it is hours off. Made "ahead", an orphan stayed RUNNING hours past its grace
+    period; made "behind", a live trial whose first beat had not landed looked hours old and was
+    failed at once. Both are now timed from when this worker first saw them unbeaten."""
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage)
+    ahead, behind = study.ask(), study.ask()
+    with sqlalchemy.orm.Session(storage.engine) as session:  # as their makers' clocks wrote them
+        for trial, hours in ((ahead, 5), (behind, -5)):
+            session.execute(sqlalchemy.text("UPDATE trials SET datetime_start = :start "
+                                            "WHERE trial_id = :id"),
+                            {"start": datetime.datetime.now() + datetime.timedelta(hours=hours),
+                             "id": trial._trial_id})
+        session.commit()
+    watch = recovery.OrphanWatch(grace_period=1)
+    watch.fail_orphans(study)  # "behind" looks 5 hours old: still within its grace period here
+    assert [storage.get_trial(t._trial_id).state for t in (ahead, behind)] == [TrialState.RUNNING] * 2
+    time.sleep(1.1)
+    watch.fail_orphans(study)  # "ahead" starts 5 hours from now: an orphan all the same
+    assert [storage.get_trial(t._trial_id).state for t in (ahead, behind)] == [TrialState.FAIL] * 2

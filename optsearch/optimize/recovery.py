@@ -7,7 +7,6 @@ must give back after losing the database or on Ctrl-C, and heartbeat threads an 
 
 from __future__ import annotations
 
-import datetime
 import gc
 import logging
 import signal
@@ -52,26 +51,39 @@ def backend(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage
     return getattr(storage, "_backend", storage)
 
 
-def fail_orphans(study: optuna.Study, grace_period: float) -> None:
-    """Fail and re-queue RUNNING trials that never recorded a heartbeat within the grace period.
+class OrphanWatch:
+    """Fails and re-queues RUNNING trials that never recorded a heartbeat within the grace period.
 
     Optuna's heartbeat only judges trials that recorded a beat; a trial created just before its
     worker lost the database (or died) may have none, and would stay RUNNING forever: the other
     workers would wait on it for good. Without a heartbeat to ask (none configured), a trial
     whose objective started (it names its worker) is left alone.
+
+    A trial's age is timed by this process's clock from when it first saw the trial unbeaten,
+    not from its `datetime_start`: that is the creating worker's local time, hours off on a
+    machine in another time zone (a trial made an hour "ahead" stayed RUNNING an hour more; one
+    made behind looked old, and a live trial whose first beat had not landed was failed).
     """
-    now = datetime.datetime.now()
-    storage = backend(study._storage)
-    ask = getattr(storage, "running_with_heartbeat", None) if storage.get_heartbeat_interval() else None
-    beating = ask(study._study_id) if ask is not None else None
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.datetime_start is None:
-            continue
-        if "worker" in trial.user_attrs and (beating is None or trial._trial_id in beating):
-            continue
-        if (now - trial.datetime_start).total_seconds() > grace_period:
-            if fail_and_requeue(study, trial._trial_id):
+
+    def __init__(self, grace_period: float) -> None:
+        self.grace_period = grace_period
+        self.first_seen: dict[int, float] = {}  # trial id -> monotonic seconds
+
+    def fail_orphans(self, study: optuna.Study) -> None:
+        storage = backend(study._storage)
+        ask = getattr(storage, "running_with_heartbeat", None) if storage.get_heartbeat_interval() else None
+        beating = ask(study._study_id) if ask is not None else None
+        now = time.monotonic()
+        unbeaten = set()
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "worker" in trial.user_attrs and (beating is None or trial._trial_id in beating):
+                continue
+            unbeaten.add(trial._trial_id)
+            seen = self.first_seen.setdefault(trial._trial_id, now)
+            if now - seen >= self.grace_period and fail_and_requeue(study, trial._trial_id):
                 logger.warning("trial %d never started measuring: failed and re-queued", trial.number)
+        self.first_seen = {trial_id: seen for trial_id, seen in self.first_seen.items()
+                           if trial_id in unbeaten}
 
 
 def ended_by_others(study: optuna.Study, trial: optuna.Trial | None) -> bool:

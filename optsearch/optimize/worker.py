@@ -78,6 +78,7 @@ class Worker:
                                         self.host, str(execution_device(evaluator.pipe)),
                                         os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.outages = recovery.DatabaseOutages(self.storage)
+        self.orphans = recovery.OrphanWatch(self.options.grace_period)
         self.current: optuna.Trial | None = None  # the trial being measured, until it is told
         self.interrupts = recovery.Interrupts()
         self.trials_run = 0  # trials this worker measured (copies of earlier results are free)
@@ -215,7 +216,7 @@ class Worker:
         """End the trials of dead workers (stale heartbeats, orphans that never beat), and ours left."""
         self.outages.give_back_left(self.study)
         optuna.storages.fail_stale_trials(self.study)
-        recovery.fail_orphans(self.study, self.options.grace_period)
+        self.orphans.fail_orphans(self.study)
 
     def _canonical(self, setting: dict, used: dict) -> dict:
         """The computation `setting` makes with what a trial ran with (`used`; {}: this worker's)."""
