@@ -133,13 +133,7 @@ def cmd_study_export(args) -> int:
 
 
 def cmd_study_confirm(args) -> int:
-    options = ConfirmOptions(top=args.top, repeats=args.repeats, device=args.device,
-                             progress=not args.quiet)
-    # the study, what to confirm and the unseen prompts: bad input answers before torch loads
-    targets = ConfirmTargets.load(args.storage, args.name, options)
-    from optsearch.optimize.confirm import Confirmation
-
-    _print_confirmations(Confirmation(args.storage, args.name, options, targets=targets))
+    _confirm(args, args.name, args.top)
     return 0
 
 
@@ -292,7 +286,7 @@ def cmd_run(args) -> int:
         raise UsageError(different_spec_text(name, differing))
     if _complete(storage, name):  # before importing or loading any model
         if args.confirm:  # what a run stopped during its confirmation left to do
-            _confirm(args, name)
+            _confirm(args, name, args.confirm)
         print(format_summary(study_summary(*load_study(storage, name))))
         return 0
     _print_notes(spec)
@@ -310,17 +304,18 @@ def cmd_run(args) -> int:
     worker = Worker(args.storage, study.study_name, options, evaluator)
     worker.run()
     if args.confirm:
-        _confirm(args, study.study_name, evaluator)
+        _confirm(args, study.study_name, args.confirm, evaluator)
     print(format_summary(study_summary(worker.study, worker.spec)))
     return 0
 
 
-def _confirm(args, name: str, evaluator=None) -> None:
-    """`run --confirm K`: the K best on unseen prompts (those stored already are not measured
-    again), with the run's pipeline when it loaded one."""
-    options = ConfirmOptions(top=args.confirm, repeats=args.repeats, device=args.device,
+def _confirm(args, name: str, top: int, evaluator=None) -> None:
+    """`study confirm` and `run --confirm K`: the `top` best on unseen prompts (those stored
+    already are not measured again), with the run's pipeline when it loaded one."""
+    options = ConfirmOptions(top=top, repeats=args.repeats, device=args.device,
                              progress=not args.quiet)
-    targets = ConfirmTargets.load(args.storage, name, options)  # before torch loads, as above
+    # the study, what to confirm and the unseen prompts: bad input answers before torch loads
+    targets = ConfirmTargets.load(args.storage, name, options)
     from optsearch.optimize.confirm import Confirmation
 
     _print_confirmations(Confirmation(args.storage, name, options, evaluator, targets))
