@@ -230,10 +230,10 @@ def test_a_trial_waiting_on_an_orphan_goes_on_once_the_grace_period_fails_it(tmp
                                                                   'sampler = "random"\nwarm_start = []'))
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
     orphan = load(url).ask()  # as if its worker died at once: RUNNING, no "worker", no beat
-    # a grace period longer than the worker's start (load, baseline): the orphan is still young
-    # when the worker's trial starts, so that trial waits on it
+    # the worker times the orphan from when it first sees it, just before its own trial starts:
+    # that trial waits on it for the grace period, however long the worker took to load
     process = worker(url, "--artifact-dir", str(tmp_path / "artifacts"), "--n-trials", "1",
-                     "--grace-period", "30")
+                     "--grace-period", "6")
     try:
         _, err = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
