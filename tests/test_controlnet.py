@@ -143,3 +143,48 @@ def test_a_pipeline_that_takes_an_image_and_a_control_image_is_one_line(tmp_path
     with pytest.raises(PromptError, match="FluxControlImg2ImgPipeline takes an image and a control "
                                           "image with each prompt .*: not covered"):
         check_conditioning(pipe, load_prompts(str(tmp_path / "edits"), 2), 2)
+
+
+@pytest.mark.parametrize("model_id, how", [("builtin:tiny-sd-controlnet", "regional"),
+                                           ("builtin:tiny-flux-controlnet", "full")])
+def test_a_compiled_pipeline_serves_its_controlnet_compiled_and_so_does_its_export(tmp_path, model_id,
+                                                                                   how):
+    """The ControlNet runs beside the denoiser at every step: left eager under a compiled denoiser,
+    part of each step was timed slower than the server runs it. It is compiled as the denoiser is
+    ("regional": the blocks it copied from the denoiser), and the Python export does the same."""
+    import torch
+
+    from optsearch.deployment import compiled_how
+    from optsearch.measure.compiling import compile_denoiser
+    from optsearch.optimize.deploy import diffusers_python
+    from tests.test_deploy_exports import exported_function
+
+    def compiled_blocks(controlnet) -> set[str]:
+        return {type(m).__name__ for m in controlnet.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None}
+
+    pipe = quiet_builtin(model_id)
+    blocks = set(pipe.unet._repeated_blocks if model_id.endswith("sd-controlnet")
+                 else pipe.transformer._repeated_blocks)
+    assert compiled_how(pipe.controlnet) == "none"
+    compile_denoiser(pipe, how, backend="eager")
+    assert compiled_how(pipe.controlnet) == how
+    if how == "regional":  # the denoiser's block classes, and only those
+        copied = {type(m).__name__ for m in pipe.controlnet.modules()} & blocks
+        assert compiled_blocks(pipe.controlnet) == copied != set()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    write_edits(tmp_path / "edits", count=1, size=32, metadata=True)
+    first_images(pipe, GenerationConfig(steps=2, height=32, width=32, batch_size=1),
+                 load_prompts(str(tmp_path / "edits"), 1))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the call ran compiled
+
+    exported = {"study": "cn", "metric": "psnr", "spec": {"model": {
+        "steps": 2, "compile": how, "compile_backend": "eager"}}, "deployment": {"compile": how},
+        "best": {"trial": 0, "setting": {"steps": {"num_inference_steps": 2}}, "confirmed": None,
+                 "metrics": {"speedup": 1.5, "speedup_low": 1.4, "speedup_high": 1.6,
+                             "psnr": 30.0, "psnr_low": 29.0, "psnr_high": 31.0}}}
+    fresh = quiet_builtin(model_id)
+    exported_function(diffusers_python(exported))(fresh)
+    assert compiled_how(fresh.controlnet) == how
+    assert compiled_blocks(fresh.controlnet) == compiled_blocks(pipe.controlnet)

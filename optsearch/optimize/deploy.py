@@ -87,11 +87,17 @@ def _compile_code(exported: dict) -> list[str]:
         f", mode={model['compile_mode']!r}" if model.get("compile_mode") else "")
     call = ("compile_repeated_blocks(fullgraph=False, " if how == "regional" else "compile(") \
         + options + ")"
+    controlnet = ["    for block in pipe.controlnet.modules():  # the blocks it copied from the denoiser",
+                  "        if type(block).__name__ in denoiser._repeated_blocks:",
+                  f"            block.compile(fullgraph=False, {options})"] \
+        if how == "regional" else [f"    pipe.controlnet.compile({options})"]
     return ["", f"# measured with the denoiser compiled ({how}) before the setting was applied",
             "denoiser = pipe.unet if getattr(pipe, 'unet', None) is not None else pipe.transformer",
             f"denoiser.{call}",
             "if getattr(pipe, 'transformer_2', None) is not None:  # Wan 2.2 A14B: both experts",
-            f"    pipe.transformer_2.{call}"]
+            f"    pipe.transformer_2.{call}",
+            "if getattr(pipe, 'controlnet', None) is not None:  # a ControlNet, compiled as measured",
+            *controlnet]
 
 
 def cache_dit_yaml(exported: dict) -> str:
