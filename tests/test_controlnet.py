@@ -8,16 +8,21 @@ from functools import partial
 
 import numpy as np
 import pytest
+import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
 from optsearch.accelerators import apply_setting, magcache
+from optsearch.deployment import compiled_how
 from optsearch.errors import ModelLoadError, PromptError, SpecError
 from optsearch.measure.builtin import build_builtin
+from optsearch.measure.compiling import compile_denoiser
 from optsearch.measure.generation import GenerationConfig, call_inputs, check_conditioning
 from optsearch.measure.prompts import ConditionedPrompt, load_prompts
 from optsearch.measure.served import pipeline_from_spec
+from optsearch.optimize.deploy import diffusers_python
 from optsearch.study_spec import load_spec
 from tests.conftest import optsearch_cmd, write_spec
+from tests.test_deploy_exports import exported_function
 from tests.test_image_conditioned import (
     EDITS_FOLDER_SPEC,
     assert_each_skips_and_restores,
@@ -152,13 +157,6 @@ def test_a_compiled_pipeline_serves_its_controlnet_compiled_and_so_does_its_expo
     """The ControlNet runs beside the denoiser at every step: left eager under a compiled denoiser,
     part of each step was timed slower than the server runs it. It is compiled as the denoiser is
     ("regional": the blocks it copied from the denoiser), and the Python export does the same."""
-    import torch
-
-    from optsearch.deployment import compiled_how
-    from optsearch.measure.compiling import compile_denoiser
-    from optsearch.optimize.deploy import diffusers_python
-    from tests.test_deploy_exports import exported_function
-
     def compiled_blocks(controlnet) -> set[str]:
         return {type(m).__name__ for m in controlnet.modules()
                 if getattr(m, "_compiled_call_impl", None) is not None}
