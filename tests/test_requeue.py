@@ -5,6 +5,7 @@ database was never judged an orphan and stayed RUNNING, and the other workers wa
 from __future__ import annotations
 
 import datetime
+import re
 import time
 import warnings
 
@@ -13,7 +14,7 @@ import sqlalchemy
 import sqlalchemy.orm
 from optuna.trial import TrialState
 
-from optsearch.optimize import recovery
+from optsearch.optimize import recovery, sharing
 from optsearch.storage.proxy import BEAT_ATTR
 from optsearch.storage.rdb import open_storage
 from optsearch.storage.record import write_constraints
@@ -140,3 +141,37 @@ def test_an_orphan_is_timed_by_the_judging_workers_clock_not_by_its_creators(tmp
     time.sleep(1.1)
     watch.fail_orphans(study)  # "ahead" starts 5 hours from now: an orphan all the same
     assert [storage.get_trial(t._trial_id).state for t in (ahead, behind)] == [TrialState.FAIL] * 2
+
+
+class Lines:
+    """A progress bar's `write`, kept."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_how_long_a_trial_waited_on_has_run_is_read_in_utc_not_in_its_makers_zone(tmp_path):
+    """A worker waiting on the study's last trials says how long each has run. That read
+    datetime_start, the local time of the machine that made the trial: made 5 hours "ahead" it
+    said "running -18000 s", made "behind" "running 5 h". The worker that starts a trial now
+    writes when, in UTC, and the notice reads that."""
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=None)
+    study = optuna.create_study(storage=storage)
+    trials = [study.ask() for _ in range(2)]
+    for trial, hours in zip(trials, (5, -5), strict=True):
+        sharing.mark_started(trial, f"gpu-{hours}:1")
+        with sqlalchemy.orm.Session(storage.engine) as session:  # as its maker's clock wrote it
+            session.execute(sqlalchemy.text("UPDATE trials SET datetime_start = :start WHERE trial_id = :id"),
+                            {"start": datetime.datetime.now() + datetime.timedelta(hours=hours),
+                             "id": trial._trial_id})
+            session.commit()
+    bar = Lines()
+    sharing.WaitNotice().say(study, bar, "here:1")
+    [line] = bar.lines
+    assert re.search(r"trial 0 \(gpu-5:1, running (<1|\d) s\); trial 1 \(gpu--5:1, running (<1|\d) s\)",
+                     line), line
+    frozen = study.get_trials(deepcopy=False)
+    assert all(0 <= sharing.running_seconds(t) < 60 for t in frozen)

@@ -22,7 +22,7 @@ from optsearch.optimize import study as studies
 from optsearch.optimize.objectives import setting_key
 from optsearch.optimize.samplers import trial_seed
 from optsearch.optimize.space import suggest_setting
-from optsearch.storage.record import is_copy, write_constraints
+from optsearch.storage.record import is_copy, utc_now, write_constraints
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -61,14 +61,30 @@ class WaitNotice:
         if self.said is not None and time.monotonic() - self.said < self.every:
             return
         self.said = time.monotonic()
-        now = datetime.datetime.now()
         held = [f"trial {t.number} ({t.user_attrs.get('worker', 'not started yet')}, running "
-                f"{format_duration((now - t.datetime_start).total_seconds())})"
+                f"{format_duration(running_seconds(t))})"
                 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if t.datetime_start is not None]
         if held:
             bar.write(f"{worker_id}: waiting for the study's last trials, which other workers run: "
                       + "; ".join(held))
+
+
+def mark_started(trial: optuna.Trial, worker_id: str) -> None:
+    """Whose trial this is (a trial with no "worker" is an orphan if it never beats) and when it
+    started, in UTC: the wait notice of a worker in any time zone reads how long it has run."""
+    trial.set_user_attr("worker", worker_id)
+    trial.set_user_attr("started", utc_now())
+
+
+def running_seconds(trial: FrozenTrial) -> float:
+    """How long a running trial has run: from the UTC time its worker wrote when it started it.
+    Optuna's datetime_start is the creating machine's local time, hours off in another zone; it
+    stands in only for a trial whose worker has not written yet (or an older release's)."""
+    if "started" in trial.user_attrs:
+        started = datetime.datetime.fromisoformat(trial.user_attrs["started"])
+        return (datetime.datetime.now(datetime.UTC) - started).total_seconds()
+    return (datetime.datetime.now() - trial.datetime_start).total_seconds()
 
 
 def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:

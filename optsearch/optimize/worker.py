@@ -189,7 +189,7 @@ class Worker:
     def _objective(self, trial: optuna.Trial):
         self.current = trial
         self.interrupts.release()  # an interrupt from here on fails and re-queues this trial
-        trial.set_user_attr("worker", self.worker_id)  # first: marks the trial as started
+        sharing.mark_started(trial, self.worker_id)  # first: what it runs is written next
         if sharing.is_surplus(self.study, trial, self.spec.search.n_trials):
             raise sharing.SurplusTrial("the study's n_trials are taken by other workers")
         setting = normalize_setting(suggest_setting(trial, self.spec, self.evaluator.auto_ranges(self.spec)))
