@@ -38,7 +38,7 @@ from optsearch.measure.compiling import compiled_as
 from optsearch.measure.frames import clip_score
 from optsearch.measure.generation import GenerationConfig, check_conditioning, generate
 from optsearch.measure.long_prompts import long_prompts_note
-from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
+from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of, reference_images
 from optsearch.measure.quality import ClipScorer
 from optsearch.measure.served import pipeline_from_spec
 from optsearch.optimize.baseline import ABOVE_LIMIT
@@ -109,10 +109,10 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
 
         attempt("quality.lpips", check_alexnet_weights)
     if prompts is not None:
-        image = getattr(prompts[0], "image", None)  # an image-conditioned pipeline's input
+        images = reference_images(prompts[0])  # an image-conditioned pipeline's input(s)
         mask = getattr(prompts[0], "mask", None)  # an inpainting one's region to fill
         report.facts.update(prompts=len(prompts), sample=prompts[0],
-                            image_size=None if image is None else image.size,
+                            image_sizes=[image.size for image in images],
                             mask_share=None if mask is None else _white_share(mask))
         if pipe is not None:
             report.facts["long_prompts"] = long_prompts_note(pipe, prompts)
@@ -321,13 +321,23 @@ def _shortened(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def _images_text(sizes: list | None) -> str:
+    """' with an image of 64x64 px', or a multi-reference prompt's ' with 2 reference images of
+    64x64, 32x48 px'; '' for a text prompt."""
+    listed = ", ".join(f"{width}x{height}" for width, height in sizes or [])
+    if not listed:
+        return ""
+    return f" with an image of {listed} px" if len(sizes) == 1 else \
+        f" with {len(sizes)} reference images of {listed} px"
+
+
 def format_report(report: Report, spec) -> str:
     facts = report.facts
     controlnet = f" with ControlNet {spec.model.controlnet}" if spec.model.controlnet else ""
     lines = [f"model {spec.model.id}{controlnet} on {facts['device']} ({facts['dtype']}); "
              f"{spec.search.model_kind} pipeline",
              f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {_shortened(facts['sample'])!r}"
-             + (" with an image of {}x{} px".format(*facts["image_size"]) if facts.get("image_size") else "")
+             + _images_text(facts.get("image_sizes"))
              + (f" and a mask of {facts['mask_share']:.0%} of it"
                 if facts.get("mask_share") is not None else ""),
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "

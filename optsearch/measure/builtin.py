@@ -143,12 +143,14 @@ def _build_builtin(name: str):
     if name == "builtin:tiny-flux-img2img":
         return _tiny_flux_img2img()
     if name in ("builtin:tiny-sd3", "builtin:tiny-qwen-image", "builtin:tiny-qwen-image-edit",
-                "builtin:tiny-wan", "builtin:tiny-wan22", "builtin:tiny-wan-i2v"):
+                "builtin:tiny-qwen-image-edit-plus", "builtin:tiny-wan", "builtin:tiny-wan22",
+                "builtin:tiny-wan-i2v"):
         from optsearch.measure import builtin_dits
 
         return {"builtin:tiny-sd3": builtin_dits.build_tiny_sd3,
                 "builtin:tiny-qwen-image": builtin_dits.build_tiny_qwen_image,
                 "builtin:tiny-qwen-image-edit": builtin_dits.build_tiny_qwen_image_edit,
+                "builtin:tiny-qwen-image-edit-plus": builtin_dits.build_tiny_qwen_image_edit_plus,
                 "builtin:tiny-wan": builtin_dits.build_tiny_wan,
                 "builtin:tiny-wan22": builtin_dits.build_tiny_wan22,
                 "builtin:tiny-wan-i2v": builtin_dits.build_tiny_wan_i2v}[name]()

@@ -17,6 +17,7 @@ from diffusers import (
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -166,6 +167,40 @@ def build_tiny_qwen_image_edit() -> QwenImageEditPipeline:
     template = pipe.prompt_template_encode
     pipe.prompt_template_encode_start_idx = len(
         tokenizer(template[:template.index("<|vision_start|>")]).input_ids)
+    pipe.default_sample_size = 16
+    return pipe
+
+
+class QwenImageEditPlusSmallInputPipeline(QwenImageEditPlusPipeline):
+    """Qwen-Image-Edit-2509 (several reference images a prompt) with each reference encoded at a
+    tiny model's sizes: the real one sizes them for the VAE at about 1 MP and for the vision
+    tower at 384 x 384 px of area (its module's `calculate_dimensions`, read at every call).
+    Named so that cache-dit knows it as Qwen-Image-Edit."""
+
+    areas = {1024 * 1024: 64 * 64, 384 * 384: 56 * 56}  # the real call's areas -> the tiny ones
+
+    def __call__(self, image=None, prompt=None, *args, **kwargs):
+        module = sys.modules[QwenImageEditPlusPipeline.__module__]
+        real = module.calculate_dimensions
+        module.calculate_dimensions = lambda area, ratio: real(self.areas.get(area, area), ratio)
+        try:
+            return super().__call__(image, prompt, *args, **kwargs)
+        finally:
+            module.calculate_dimensions = real
+
+
+def build_tiny_qwen_image_edit_plus() -> QwenImageEditPlusPipeline:
+    """Qwen-Image-Edit-2509 on tiny Qwen-Image's MMDiT: each reference image is encoded by the VAE
+    (its tokens join the generated image's) and read by the text encoder's vision tower."""
+    tokenizer = qwen_tokenizer(vision=True)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+    pipe = QwenImageEditPlusSmallInputPipeline(**_qwen_image_components(), tokenizer=tokenizer,
+                                               text_encoder=_qwen_text_encoder(tokenizer, vision=True),
+                                               processor=processor)
+    template = pipe.prompt_template_encode  # its system prompt's tokens dropped, as the real 64
+    pipe.prompt_template_encode_start_idx = len(tokenizer(template[:template.index("{}")]).input_ids)
     pipe.default_sample_size = 16
     return pipe
 

@@ -20,7 +20,7 @@ from optsearch.accelerators import AppliedSetting, call_parameters, denoised_ste
 from optsearch.errors import PromptError
 from optsearch.measure.compiling import compiled_as, graphs_compiled
 from optsearch.measure.long_prompts import quiet_truncation
-from optsearch.measure.prompts import conditioning_images, conditioning_masks, prompt_seed
+from optsearch.measure.prompts import conditioning_images, conditioning_masks, prompt_seed, reference_images
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,11 @@ class GenerationConfig:
 
 
 # pipelines that condition every prompt of a call on one image (Wan's image-to-video) or on all
-# the call's images (FLUX.2's reference images): their prompts run one a call, each with its own
-ONE_IMAGE_A_CALL = ("WanImageToVideo", "Flux2")
+# the call's images (FLUX.2's and Qwen-Image-Edit-2509's reference images): their prompts run one
+# a call, each with its own
+ONE_IMAGE_A_CALL = ("WanImageToVideo", "Flux2", "QwenImageEditPlus")
+# pipelines whose one prompt may carry several reference images (a list in the image column)
+MULTI_REFERENCE = ("Flux2", "QwenImageEditPlus")
 
 
 def image_parameter(parameters: Mapping) -> str | None:
@@ -134,7 +137,12 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
         raise PromptError(f"{name} takes an image and a control image with each prompt "
                           "(ControlNet or Control image-to-image, inpainting): not covered, a "
                           "prompt carries one image; use its text-to-image ControlNet pipeline")
-    single = any(cls.__name__.startswith(ONE_IMAGE_A_CALL) for cls in type(pipe).__mro__)
+    several = next((prompt for prompt in prompts if len(reference_images(prompt)) > 1), None)
+    if several is not None and not _is(pipe, MULTI_REFERENCE):
+        raise PromptError(f"{name} takes one image with each prompt, and {str(several)[:60]!r} "
+                          f"carries {len(reference_images(several))}: give each prompt one image, or "
+                          "use a multi-reference pipeline (FLUX.2, Qwen-Image-Edit-2509)")
+    single = _is(pipe, ONE_IMAGE_A_CALL)
     if single and batch_size > 1 and images is not None:
         raise PromptError(f"{name} conditions every prompt of a call on the call's images: set "
                           "prompts.batch_size = 1 (each prompt with its own image)")
@@ -148,6 +156,11 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
         raise PromptError(f"{name} takes no image: the prompts' images (prompts.image_column, or "
                           "a folder as prompts.source) would be ignored; use text prompts, or an "
                           "image-conditioned pipeline (FLUX Kontext, image-to-video)")
+
+
+def _is(pipe, families: tuple[str, ...]) -> bool:
+    """Whether `pipe`'s class, or one it derives from, is one of `families` (class name prefixes)."""
+    return any(cls.__name__.startswith(families) for cls in type(pipe).__mro__)
 
 
 MIN_WARMUP_STEPS = 3  # multistep schedulers (PNDM, DPM-Solver) use their own first-step paths

@@ -9,8 +9,10 @@ An image-conditioned pipeline (an editing one such as FLUX Kontext, image-to-vid
 with each prompt: `prompts.image_column` names the column that holds it (a path, relative to the
 file), and a folder (datasets' imagefolder: images with a metadata.jsonl) holds one per prompt.
 An inpainting pipeline (FLUX Fill, Stable Diffusion inpainting) also takes a mask with each image:
-`prompts.mask_column`, or a folder's `mask_file_name`. Such a prompt is a `ConditionedPrompt`: its
-text everywhere prompts go, its image (and mask) in the call.
+`prompts.mask_column`, or a folder's `mask_file_name`. A multi-reference editing pipeline
+(FLUX.2, Qwen-Image-Edit-2509) takes several images with one prompt: the column holds a list of
+paths (a JSON Lines file). Such a prompt is a `ConditionedPrompt`: its text everywhere prompts go,
+its image(s) (and mask) in the call.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ConditionedPrompt(str):
     frame) and, for inpainting, the mask of the region to fill: its text wherever prompts go
     (CLIP, records, keys), its image and mask in the pipeline call."""
 
-    image: object  # a PIL image, RGB
+    image: object  # a PIL image, RGB; or a list of them: the reference images of one prompt
     mask: object  # a PIL image, L (white: fill), or None
 
     def __new__(cls, text: str, image=None, mask=None) -> ConditionedPrompt:
@@ -55,6 +57,13 @@ def conditioning_images(prompts: list[str]) -> list | None:
     """The images of `prompts`, None when they carry none (text-only prompts)."""
     images = [getattr(prompt, "image", None) for prompt in prompts]
     return images if any(image is not None for image in images) else None
+
+
+def reference_images(prompt: str) -> list:
+    """A prompt's images as a list: none, its one image, or its several reference images (a
+    multi-reference editing pipeline's: FLUX.2, Qwen-Image-Edit-2509)."""
+    image = getattr(prompt, "image", None)
+    return [] if image is None else list(image) if isinstance(image, list) else [image]
 
 
 def conditioning_masks(prompts: list[str]) -> list | None:
@@ -77,7 +86,7 @@ def prompts_digest(prompts: list[str]) -> str:
     digest = hashlib.sha1()
     for prompt in prompts:
         digest.update(str(prompt).encode() + b"\0")
-        for picture in (getattr(prompt, "image", None), getattr(prompt, "mask", None)):
+        for picture in (*reference_images(prompt), getattr(prompt, "mask", None)):
             if picture is not None:
                 digest.update(f"{picture.mode}{picture.size}".encode() + picture.tobytes())
     return digest.hexdigest()[:16]
@@ -115,7 +124,7 @@ def load_prompts(source: str, num_samples: int, seed: int = 42, shuffle: bool = 
         rows = list(rows)
         random.Random(seed).shuffle(rows)
     return [text if image is None else ConditionedPrompt(
-        text, _read_image(image, source), None if mask is None else _read_image(mask, source, "L"))
+        text, _read_images(image, source), None if mask is None else _read_image(mask, source, "L"))
         for text, image, mask in rows[:num_samples]]
 
 
@@ -237,9 +246,19 @@ def _rows(dataset, column: str | None, image_column: str | None, source: str,
 def _located(value, folder: Path | None):
     """A column's image as a path (a string one relative to `folder`, a file's folder), or as
     datasets holds it (a folder's {"path", "bytes"}); None stays None."""
+    if isinstance(value, list):  # several images: a prompt's references
+        return [_located(one, folder) for one in value] or None
     if not isinstance(value, str):
         return value
     return folder / Path(value).expanduser() if folder is not None else Path(value)
+
+
+def _read_images(image, source: str):
+    """A row's image, or where its column holds a list of them (a JSON Lines file's
+    `"images": ["a.png", "b.png"]`), every one: the prompt's reference images."""
+    if isinstance(image, list):
+        return [_read_image(one, source) for one in image]
+    return _read_image(image, source)
 
 
 def _read_image(image, source: str, mode: str = "RGB"):

@@ -141,10 +141,16 @@ def _input_of(prompt):
     """The image a prompt was generated from; an inpainting one's with the mask's region tinted
     (None for a text prompt)."""
     image, mask = getattr(prompt, "image", None), getattr(prompt, "mask", None)
+    if isinstance(image, list):  # a multi-reference prompt's images, side by side in one cell
+        height = image[0].height
+        scaled = [one.resize((max(1, one.width * height // one.height), height)) for one in image]
+        strip, left = Image.new("RGB", (sum(one.width for one in scaled), height)), 0
+        for one in scaled:
+            strip.paste(one, (left, 0))
+            left += one.width
+        return strip
     if image is None or mask is None:
         return image
-    from PIL import Image
-
     tinted = Image.blend(image, Image.new("RGB", image.size, (255, 0, 64)), 0.5)
     return Image.composite(tinted, image, mask.resize(image.size))
 
