@@ -154,6 +154,10 @@ def _build_builtin(name: str):
                 "builtin:tiny-wan": builtin_dits.build_tiny_wan,
                 "builtin:tiny-wan22": builtin_dits.build_tiny_wan22,
                 "builtin:tiny-wan-i2v": builtin_dits.build_tiny_wan_i2v}[name]()
+    if name == "builtin:tiny-z-image":
+        from optsearch.measure.builtin_z_image import build_tiny_z_image
+
+        return build_tiny_z_image()
     if name in ("builtin:tiny-flux2", "builtin:tiny-flux2-klein"):
         from optsearch.measure import builtin_flux2
 

@@ -25,6 +25,7 @@ BUILTIN_KINDS = {"builtin:tiny": "unet", "builtin:cpu-bench": "unet", "builtin:t
                  "builtin:tiny-sd3": "transformer", "builtin:tiny-qwen-image": "transformer",
                  "builtin:tiny-qwen-image-edit": "transformer",
                  "builtin:tiny-qwen-image-edit-plus": "transformer",
+                 "builtin:tiny-z-image": "transformer",
                  "builtin:tiny-wan": "video", "builtin:tiny-wan22": "video",
                  "builtin:tiny-wan-i2v": "video"}
 BUILTIN_MODELS = tuple(BUILTIN_KINDS)

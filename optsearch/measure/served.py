@@ -34,10 +34,6 @@ def check_families(pipe, spec) -> None:
                              "is built")
     for combo in spec.search.combos:
         problem = combo_problem(combo, kind)
-        if problem is None and kind == "transformer" and set(combo) - {"steps", "dbcache"} \
-                and not hasattr(denoiser(pipe), "enable_cache"):
-            problem = (f"{combo_name(combo)} needs diffusers' enable_cache, which "
-                       f"{type(denoiser(pipe)).__name__} lacks (only steps applies)")
         if problem:
             raise ModelLoadError(f"model {spec.model.id!r}: {problem}; set model.kind if it was "
                                  "told wrongly from the id")
@@ -87,8 +83,18 @@ def _problem(combo, pipe, spec) -> str | None:
     """Why a family of `combo` cannot run on this pipeline, as the spec calls it, or None."""
     from optsearch.measure.generation import GenerationConfig
 
-    return pipeline_problem(combo, pipe, _searched(spec, combo)) or call_problem(
-        combo, pipe, GenerationConfig.from_spec(spec).guidance_kwargs(1, pipe))
+    return _hooks_problem(combo, pipe) or pipeline_problem(combo, pipe, _searched(spec, combo)) \
+        or call_problem(combo, pipe, GenerationConfig.from_spec(spec).guidance_kwargs(1, pipe))
+
+
+def _hooks_problem(combo, pipe) -> str | None:
+    """diffusers' caches enable through a transformer's `enable_cache`: one without it (SD3's,
+    Z-Image's) takes fewer steps and cache-dit's DBCache only."""
+    if pipeline_kind(pipe) == "transformer" and set(combo) - {"steps", "dbcache"} \
+            and not hasattr(denoiser(pipe), "enable_cache"):
+        return (f"{combo_name(combo)} needs diffusers' enable_cache, which "
+                f"{type(denoiser(pipe)).__name__} lacks (steps and dbcache apply)")
+    return None
 
 
 def _searched(spec, combo) -> dict[str, dict]:
