@@ -2,6 +2,7 @@
 topology, 128 px, 20 steps), builtin:tiny-flux2 and -klein (FLUX.2 [dev]'s and [klein]'s
 pipelines, the same sizes; every family but fbcache, which FLUX.2 refuses), builtin:tiny-sd3 and
 builtin:tiny-qwen-image (cache-dit's DBCache against fewer steps, 128 px, 20 steps),
+builtin:tiny-z-image (the same at Z-Image-Turbo's 9 steps),
 builtin:tiny-wan (the video caches against fewer steps, 9 frames of 64 px, 16 steps; PSNR per
 frame, averaged) and builtin:cpu-bench (SD 1.5's topology, 256 px, 25 steps), CPU.
 
@@ -65,6 +66,16 @@ DIT = [  # tiny-sd3 and tiny-qwen-image: what cache-dit applies to both, against
                                                      "Bn_compute_blocks": 1, "max_warmup_steps": 4,
                                                      "taylorseer_order": 1}}),
 ]
+Z_IMAGE = [  # tiny-z-image at Z-Image-Turbo's 9 steps: what applies (no diffusers cache hooks)
+    ("steps 5 (of 9)", {"steps": {"num_inference_steps": 5}}),
+    ("steps 7", {"steps": {"num_inference_steps": 7}}),
+    ("dbcache F1B0 0.08, warm-up 2", {"dbcache": {"residual_diff_threshold": 0.08,
+                                                  "max_warmup_steps": 2}}),
+    ("dbcache F1B0 0.6, warm-up 2", {"dbcache": {"residual_diff_threshold": 0.6, "max_warmup_steps": 2}}),
+    ("dbcache F1B0 1.0, warm-up 2", {"dbcache": {"residual_diff_threshold": 1.0, "max_warmup_steps": 2}}),
+    ("dbcache F1B0 1.0 + TaylorSeer 1", {"dbcache": {"residual_diff_threshold": 1.0,
+                                                     "max_warmup_steps": 2, "taylorseer_order": 1}}),
+]
 VIDEO = [  # tiny-wan: the caches made for video, against fewer steps
     ("steps 8 (of 16)", {"steps": {"num_inference_steps": 8}}),
     ("steps 12", {"steps": {"num_inference_steps": 12}}),
@@ -126,13 +137,15 @@ def main(repeats: int = 3, only: str = "") -> None:
                                    ("builtin:tiny-flux2-klein", 20, FLUX2),
                                    ("builtin:tiny-sd3", 20, DIT),
                                    ("builtin:tiny-qwen-image", 20, DIT),
+                                   ("builtin:tiny-z-image", 9, Z_IMAGE),
                                    ("builtin:tiny-wan", 16, VIDEO),
                                    ("builtin:cpu-bench", 25, UNET)):
         if only and model != only:
             continue
         pipe = load_pipeline(model, device="cpu", dtype="float32")
         guidance = {"builtin:cpu-bench": 7.5, "builtin:tiny-wan": 5.0,
-                    "builtin:tiny-flux2": 4.0, "builtin:tiny-flux2-klein": 4.0}.get(model, 3.5)
+                    "builtin:tiny-flux2": 4.0, "builtin:tiny-flux2-klein": 4.0,
+                    "builtin:tiny-z-image": 0.0}.get(model, 3.5)
         config = GenerationConfig(steps=steps, guidance_scale=guidance, batch_size=2)
         print(f"{model}:", flush=True)
         rows = measure(pipe, config, prompts, settings, repeats)

@@ -17,11 +17,14 @@ from optsearch.measure.builtin_flux2 import USER_TEXT_ONLY
 
 
 class ZImageShortPromptPipeline(ZImagePipeline):
-    """Z-Image whose prompts default to 32 tokens (the real ones pad to 512). Named so that
+    """Z-Image whose prompts default to 32 tokens (the real ones pad to 512) and images to 128 px
+    (the real call's 1024 px default would be 4096 tokens for a tiny model). Named so that
     cache-dit knows it as Z-Image."""
 
-    def __call__(self, prompt=None, *args, max_sequence_length: int = 32, **kwargs):
-        return super().__call__(prompt, *args, max_sequence_length=max_sequence_length, **kwargs)
+    def __call__(self, prompt=None, height: int | None = None, width: int | None = None, *args,
+                 max_sequence_length: int = 32, **kwargs):
+        return super().__call__(prompt, height or 128, width or 128, *args,
+                                max_sequence_length=max_sequence_length, **kwargs)
 
 
 def build_tiny_z_image() -> ZImagePipeline:
