@@ -147,6 +147,31 @@ def study_after_one_trial(spec: Path, name: str, params: dict, family: str):
     return study, url, worker, key
 
 
+def one_trial_of_each(tmp_path: Path, spec, pipe, combos: tuple[str, ...]) -> list:
+    """A study of `spec` whose trials are one of each combo (enqueued, the rest sampled, "auto"
+    ranges calibrated first), run by a worker in this process on `pipe`: its trials, each
+    asserted complete and computing part of the work."""
+    import optuna
+
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from optsearch.optimize.create import create_study
+    from optsearch.optimize.worker import Worker, WorkerOptions
+    from optsearch.storage.rdb import open_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create_study(spec, open_storage(url, heartbeat_interval=None))
+    for combo in combos:
+        study.enqueue_trial({"combo": combo})
+    Worker(url, spec.name, WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")),
+           evaluator=evaluator_from_spec(spec, pipe=pipe)).run()
+    trials = optuna.load_study(study_name=spec.name, storage=url).trials
+    assert sorted(t.user_attrs["combo"] for t in trials) == sorted(combos)
+    for trial in trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+        assert 0.0 < trial.user_attrs["compute_fraction"] < 1.0, trial.user_attrs["setting"]
+    return trials
+
+
 def storage_snapshot(url: str) -> dict:
     """Everything a study storage holds that a failed command must not change."""
     import optuna

@@ -7,20 +7,15 @@ import json
 from functools import partial
 
 import numpy as np
-import optuna
 import pytest
 from PIL import Image
 
 from optsearch.errors import PromptError
-from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.generation import GenerationConfig, check_conditioning
 from optsearch.measure.prompts import ConditionedPrompt, load_prompts, prompts_digest
-from optsearch.optimize.create import create_study
-from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.artifacts import _input_of
-from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
-from tests.conftest import write_spec
+from tests.conftest import one_trial_of_each, write_spec
 from tests.test_image_conditioned import assert_each_skips_and_restores, first_images, quiet_builtin
 
 COLORS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 40)]
@@ -122,15 +117,5 @@ def test_a_multi_reference_study_calibrates_and_measures_each_family(tmp_path):
     references, one trial of each, each computing part of the work."""
     write_references(tmp_path / "refs")
     spec = load_spec(write_spec(tmp_path / "s.toml", SPEC))
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    pipe = quiet_builtin("builtin:tiny-qwen-image-edit-plus")
-    study = create_study(spec, open_storage(url, heartbeat_interval=None))
-    for combo in ("magcache", "fbcache"):
-        study.enqueue_trial({"combo": combo})
-    Worker(url, "refs", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")),
-           evaluator=evaluator_from_spec(spec, pipe=pipe)).run()
-    trials = optuna.load_study(study_name="refs", storage=url).trials
-    assert sorted(t.user_attrs["combo"] for t in trials) == ["fbcache", "magcache"]
-    for trial in trials:
-        assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
-        assert 0.0 < trial.user_attrs["compute_fraction"] < 1.0, trial.user_attrs["setting"]
+    one_trial_of_each(tmp_path, spec, quiet_builtin("builtin:tiny-qwen-image-edit-plus"),
+                      ("magcache", "fbcache"))

@@ -7,19 +7,14 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-import optuna
 import pytest
 
 from optsearch.errors import ModelLoadError
-from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.served import check_families
-from optsearch.optimize.create import create_study
-from optsearch.optimize.worker import Worker, WorkerOptions
-from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec, spec_from_dict
-from tests.conftest import write_spec
+from tests.conftest import one_trial_of_each, write_spec
 from tests.test_image_conditioned import assert_each_skips_and_restores, first_images, quiet_builtin
 
 
@@ -94,15 +89,5 @@ max_warmup_steps = [1, 3]
 
 def test_a_z_image_study_calibrates_dbcache_and_measures_both(tmp_path, z_image):
     spec = load_spec(write_spec(tmp_path / "z.toml", SPEC))
-    url = f"sqlite:///{tmp_path / 'z.db'}"
-    study = create_study(spec, open_storage(url, heartbeat_interval=None))
-    for combo in ("steps", "dbcache"):
-        study.enqueue_trial({"combo": combo})
-    Worker(url, "z", WorkerOptions(progress=False, artifact_dir=str(tmp_path / "art")),
-           evaluator=evaluator_from_spec(spec, pipe=z_image)).run()
-    trials = optuna.load_study(study_name="z", storage=url).trials
-    assert sorted(t.user_attrs["combo"] for t in trials) == ["dbcache", "steps"]
-    for trial in trials:
-        assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
-        assert 0.0 < trial.user_attrs["compute_fraction"] < 1.0, trial.user_attrs["setting"]
-    assert np.isfinite(trials[1].user_attrs["psnr"])
+    trials = one_trial_of_each(tmp_path, spec, z_image, ("steps", "dbcache"))
+    assert all(np.isfinite(trial.user_attrs["psnr"]) for trial in trials)

@@ -152,23 +152,32 @@ class QwenImageEditSmallInputPipeline(QwenImageEditPipeline):
             module.calculate_dimensions = real
 
 
-def build_tiny_qwen_image_edit() -> QwenImageEditPipeline:
-    """Qwen-Image-Edit on tiny Qwen-Image's MMDiT: the image to edit is encoded by the VAE (its
-    tokens join the generated image's in every block) and read by the text encoder's vision
-    tower (4 tokens: the processor keeps it at 56 x 56 px)."""
+def _qwen_edit_parts() -> dict:
+    """Tiny Qwen-Image's components with what its edit pipelines add: a text encoder with a
+    1-block vision tower, and a processor that keeps each image at 56 x 56 px (4 tokens)."""
     tokenizer = qwen_tokenizer(vision=True)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
         tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
-    pipe = QwenImageEditSmallInputPipeline(**_qwen_image_components(), tokenizer=tokenizer,
-                                           text_encoder=_qwen_text_encoder(tokenizer, vision=True),
-                                           processor=processor)
-    # the system prompt's tokens, dropped from the embeddings as the real one drops its 64
+    return dict(**_qwen_image_components(), tokenizer=tokenizer, processor=processor,
+                text_encoder=_qwen_text_encoder(tokenizer, vision=True))
+
+
+def _drop_system_prompt(pipe, user_text_starts: str):
+    """Drop the system prompt's tokens from the embeddings, as the real pipeline drops its 64:
+    those of the template before `user_text_starts`. 128 px by default."""
     template = pipe.prompt_template_encode
     pipe.prompt_template_encode_start_idx = len(
-        tokenizer(template[:template.index("<|vision_start|>")]).input_ids)
+        pipe.tokenizer(template[:template.index(user_text_starts)]).input_ids)
     pipe.default_sample_size = 16
     return pipe
+
+
+def build_tiny_qwen_image_edit() -> QwenImageEditPipeline:
+    """Qwen-Image-Edit on tiny Qwen-Image's MMDiT: the image to edit is encoded by the VAE (its
+    tokens join the generated image's in every block) and read by the text encoder's vision
+    tower."""
+    return _drop_system_prompt(QwenImageEditSmallInputPipeline(**_qwen_edit_parts()), "<|vision_start|>")
 
 
 class QwenImageEditPlusSmallInputPipeline(QwenImageEditPlusPipeline):
@@ -192,17 +201,7 @@ class QwenImageEditPlusSmallInputPipeline(QwenImageEditPlusPipeline):
 def build_tiny_qwen_image_edit_plus() -> QwenImageEditPlusPipeline:
     """Qwen-Image-Edit-2509 on tiny Qwen-Image's MMDiT: each reference image is encoded by the VAE
     (its tokens join the generated image's) and read by the text encoder's vision tower."""
-    tokenizer = qwen_tokenizer(vision=True)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
-        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
-    pipe = QwenImageEditPlusSmallInputPipeline(**_qwen_image_components(), tokenizer=tokenizer,
-                                               text_encoder=_qwen_text_encoder(tokenizer, vision=True),
-                                               processor=processor)
-    template = pipe.prompt_template_encode  # its system prompt's tokens dropped, as the real 64
-    pipe.prompt_template_encode_start_idx = len(tokenizer(template[:template.index("{}")]).input_ids)
-    pipe.default_sample_size = 16
-    return pipe
+    return _drop_system_prompt(QwenImageEditPlusSmallInputPipeline(**_qwen_edit_parts()), "{}")
 
 
 class WanShortPromptPipeline(WanPipeline):
