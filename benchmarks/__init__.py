@@ -69,6 +69,8 @@ BENCHMARKS = {
                             "as many full computations?", "Accelerator families"),
     "compile-families": Benchmark("compile_families", "Which families survive torch.compile, and "
                                   "their speedup compiled vs eager?", "Accelerator families"),
+    "controlnet-compile": Benchmark("controlnet_compile", "How much did an eager ControlNet beside a "
+                                    "compiled denoiser cost?", "Accelerator families"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "
                         "as a full one?", "Warm-up"),
     "landscape-batches": Benchmark("landscape_batches", "(records) The cpu-bench grid batch by batch, "
