@@ -49,6 +49,29 @@ def test_a_prompt_file_gives_each_prompt_its_reference_images(tmp_path):
     assert _input_of(prompts[0]).size == (64 + 96, 64)
 
 
+def test_a_parquet_file_with_embedded_image_lists_gives_each_prompt_its_references(tmp_path):
+    """A dataset whose column is a list of images (datasets' List(Image()), as a hub dataset or
+    a parquet file holds them embedded): read undecoded, then only the prompts taken. A list of
+    one is that prompt's one image."""
+    import io
+
+    import datasets
+
+    def png(color) -> dict:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), color).save(buffer, "PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features({"prompt": datasets.Value("string"),
+                                  "images": datasets.List(datasets.Image())})
+    datasets.Dataset.from_dict({"prompt": ["two references", "one image"],
+                                "images": [[png(COLORS[0]), png(COLORS[1])], [png(COLORS[2])]]},
+                               features=features).to_parquet(tmp_path / "refs.parquet")
+    two, one = load_prompts(str(tmp_path / "refs.parquet"), 2, image_column="images")
+    assert [image.getpixel((0, 0)) for image in two.image] == COLORS[:2]
+    assert isinstance(one.image, Image.Image) and one.image.getpixel((0, 0)) == COLORS[2]
+
+
 @pytest.mark.parametrize("model_id, call", [
     ("builtin:tiny-qwen-image-edit-plus", {"guidance_scale": 1.0, "true_cfg_scale": 4.0,
                                            "negative_prompt": " "}),

@@ -225,10 +225,13 @@ def _rows(dataset, column: str | None, image_column: str | None, source: str,
         if name not in names:
             raise PromptError(f"{source!r}: no {key.split('_')[0]} column {name!r} (columns: "
                               f"{', '.join(names)}); set prompts.{key}")
-        if hasattr(dataset.features[name], "decode"):
+        feature = dataset.features[name]  # an image, or a list of them (a prompt's references)
+        if hasattr(feature, "decode") or hasattr(getattr(feature, "feature", None), "decode"):
             import datasets
 
-            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+            undecoded = datasets.Image(decode=False)  # read only for the prompts taken
+            dataset = dataset.cast_column(name, undecoded if hasattr(feature, "decode")
+                                          else type(feature)(undecoded))
         columns[key] = [_located(value, folder) for value in dataset[name]]
     rows = []
     for value, image, mask in zip(dataset[column], columns["image_column"], columns["mask_column"],
@@ -257,7 +260,8 @@ def _read_images(image, source: str):
     """A row's image, or where its column holds a list of them (a JSON Lines file's
     `"images": ["a.png", "b.png"]`), every one: the prompt's reference images."""
     if isinstance(image, list):
-        return [_read_image(one, source) for one in image]
+        images = [_read_image(one, source) for one in image]
+        return images[0] if len(images) == 1 else images  # one is a prompt's one image
     return _read_image(image, source)
 
 
