@@ -47,6 +47,9 @@ limit = 20.0
 accelerators = [["taylorseer"], ["pab"], ["magcache"], ["dbcache"]]
 n_trials = 4
 warm_start = []
+seed = 0
+[space.taylorseer]
+disable_cache_before_step = [1, 3]
 [space.dbcache]
 residual_diff_threshold = "auto"
 Fn_compute_blocks = 1

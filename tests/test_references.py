@@ -132,6 +132,7 @@ accelerators = [["magcache"], ["fbcache"]]
 n_trials = 2
 warm_start = []
 early_stop = false
+seed = 0
 """
 
 

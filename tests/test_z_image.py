@@ -79,6 +79,9 @@ accelerators = [["steps"], ["dbcache"]]
 n_trials = 2
 warm_start = []
 early_stop = false
+seed = 0
+[space.steps]
+num_inference_steps = [4, 7]
 [space.dbcache]
 Fn_compute_blocks = [1, 2]
 Bn_compute_blocks = 0

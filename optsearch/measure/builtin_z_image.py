@@ -2,9 +2,10 @@
 the real diffusers pipeline with a tiny random-weight transformer, VAE and Qwen3 text encoder
 built in code (no model hub), for tests.
 
-Z-Image's transformer takes none of diffusers' cache hooks (no `enable_cache`) and its attention
-sits in `layers`, which PAB and TaylorSeer do not hook; cache-dit's DBCache knows it by its
-pipeline's class name. So fewer steps and DBCache are what a search of it can try.
+Z-Image's transformer takes none of diffusers' cache hooks (no `enable_cache`; it also gets the
+timestep as (1000 - t) / 1000, which PAB's window, read from the calls, would never match);
+cache-dit's DBCache knows it by its pipeline's class name. So fewer steps and DBCache are what a
+search of it can try.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def compile_denoiser(pipe, how: str, mode: str | None = None, backend: str = "in
 def compile_controlnet(controlnet, how: str, block_names: list[str], options: dict) -> None:
     """A ControlNet is served compiled as its denoiser is: it copies the denoiser's blocks, so
     "regional" compiles those (the denoiser's repeated block classes), "full" the whole network.
-    Left eager, half of a ControlNet step would be timed slower than the server runs it."""
+    Left eager, the ControlNet's share of every step was timed slower than the server runs it."""
     if how == "full":
         controlnet.compile(**options)
         return

@@ -138,11 +138,11 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
                           "(ControlNet or Control image-to-image, inpainting): not covered, a "
                           "prompt carries one image; use its text-to-image ControlNet pipeline")
     several = next((prompt for prompt in prompts if len(reference_images(prompt)) > 1), None)
-    if several is not None and not _is(pipe, MULTI_REFERENCE):
+    if several is not None and not _derives_from(pipe, MULTI_REFERENCE):
         raise PromptError(f"{name} takes one image with each prompt, and {str(several)[:60]!r} "
                           f"carries {len(reference_images(several))}: give each prompt one image, or "
                           "use a multi-reference pipeline (FLUX.2, Qwen-Image-Edit-2509)")
-    single = _is(pipe, ONE_IMAGE_A_CALL)
+    single = _derives_from(pipe, ONE_IMAGE_A_CALL)
     if single and batch_size > 1 and images is not None:
         raise PromptError(f"{name} conditions every prompt of a call on the call's images: set "
                           "prompts.batch_size = 1 (each prompt with its own image)")
@@ -158,7 +158,7 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
                           "image-conditioned pipeline (FLUX Kontext, image-to-video)")
 
 
-def _is(pipe, families: tuple[str, ...]) -> bool:
+def _derives_from(pipe, families: tuple[str, ...]) -> bool:
     """Whether `pipe`'s class, or one it derives from, is one of `families` (class name prefixes)."""
     return any(cls.__name__.startswith(families) for cls in type(pipe).__mro__)
 

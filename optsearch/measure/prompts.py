@@ -10,9 +10,9 @@ with each prompt: `prompts.image_column` names the column that holds it (a path,
 file), and a folder (datasets' imagefolder: images with a metadata.jsonl) holds one per prompt.
 An inpainting pipeline (FLUX Fill, Stable Diffusion inpainting) also takes a mask with each image:
 `prompts.mask_column`, or a folder's `mask_file_name`. A multi-reference editing pipeline
-(FLUX.2, Qwen-Image-Edit-2509) takes several images with one prompt: the column holds a list of
-paths (a JSON Lines file). Such a prompt is a `ConditionedPrompt`: its text everywhere prompts go,
-its image(s) (and mask) in the call.
+(FLUX.2, Qwen-Image-Edit-2509) takes several images with one prompt: the column holds a list (a
+JSON Lines file's paths, a dataset's images). Such a prompt is a `ConditionedPrompt`: its text
+everywhere prompts go, its image(s) (and mask) in the call.
 """
 
 from __future__ import annotations
