@@ -24,6 +24,7 @@ from optuna.artifacts import (
 from PIL import Image, ImageDraw, ImageFont
 
 from optsearch.errors import UsageError
+from optsearch.measure.prompts import reference_images
 
 
 def open_artifact_store(location: str):
@@ -140,15 +141,16 @@ def upload_grid(store, target, name: str, title: str, prompts: list[str], count:
 def _input_of(prompt):
     """The image a prompt was generated from; an inpainting one's with the mask's region tinted
     (None for a text prompt)."""
-    image, mask = getattr(prompt, "image", None), getattr(prompt, "mask", None)
-    if isinstance(image, list):  # a multi-reference prompt's images, side by side in one cell
-        height = image[0].height
-        scaled = [one.resize((max(1, one.width * height // one.height), height)) for one in image]
+    images, mask = reference_images(prompt), getattr(prompt, "mask", None)
+    if len(images) > 1:  # a multi-reference prompt's images, side by side in one cell
+        height = images[0].height
+        scaled = [one.resize((max(1, one.width * height // one.height), height)) for one in images]
         strip, left = Image.new("RGB", (sum(one.width for one in scaled), height)), 0
         for one in scaled:
             strip.paste(one, (left, 0))
             left += one.width
         return strip
+    image = images[0] if images else None
     if image is None or mask is None:
         return image
     tinted = Image.blend(image, Image.new("RGB", image.size, (255, 0, 64)), 0.5)
