@@ -52,7 +52,9 @@ def test_unreachable_target_speedup_stops_trials_for_speedup(tmp_path):
         assert trial.user_attrs["early_stop_reason"] == "speedup"
         # after 2 of 4 batches, or 3 when 2 a side leave the per-look interval wider than 100x
         assert 2 <= trial.user_attrs["batches_evaluated"] < trial.user_attrs["n_batches"] == 4
-        assert trial.user_attrs["speedup_high"] < 100
+        # the look decided on the pooled interval at its per-look level; the recorded Welch
+        # interval of 2 batches (df 1) is another, and reached 251x on a busy CI machine
+        assert trial.user_attrs["speedup"] < 100
     saved = sum(4 - t.user_attrs["batches_evaluated"] for t in done)
     shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
     assert f"early stop (speedup): 2 trials, {saved} batches" in shown.stdout
