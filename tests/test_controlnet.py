@@ -186,3 +186,122 @@ def test_a_compiled_pipeline_serves_its_controlnet_compiled_and_so_does_its_expo
     exported_function(diffusers_python(exported))(fresh)
     assert compiled_how(fresh.controlnet) == how
     assert compiled_blocks(fresh.controlnet) == compiled_blocks(pipe.controlnet)
+
+
+MULTI_SPEC = """
+[model]
+id = "{folder}"
+controlnet = ["{canny}", "{depth}"]
+kind = "unet"
+device = "cpu"
+steps = 6
+height = 32
+width = 32
+[prompts]
+source = "{refs}"
+image_column = "images"
+num_samples = 2
+batch_size = 1
+[quality]
+clip_model = "builtin:tiny"
+clip_pretrained = "none"
+metric = "psnr"
+limit = 20.0
+[search]
+accelerators = ["deepcache"]
+"""
+
+
+def saved_controlnets(tiny, folder) -> list[str]:
+    """Two ControlNets of `tiny`'s UNet, with weights of their own (as a canny and a depth one)."""
+    paths = []
+    for seed, name in enumerate(("canny", "depth")):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(tiny.unet, conditioning_embedding_out_channels=(16, 32))
+        with torch.no_grad():
+            for parameter in controlnet.parameters():
+                parameter.normal_(std=0.1) if parameter.dim() > 1 and not parameter.any() else None
+        controlnet.save_pretrained(folder / name)
+        paths.append(str(folder / name))
+    return paths
+
+
+def test_several_controlnets_each_take_their_own_control_image(tmp_path):
+    """A list in `[model] controlnet` serves diffusers' multi-ControlNet: each prompt carries one
+    control image for each (a list in the image column, in order), every net's image reaches the
+    call, the UNet's families run on it, and each net gets a conditioning scale."""
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    from tests.test_references import write_references
+
+    tiny = build_builtin("builtin:tiny")
+    StableDiffusionPipeline(**tiny.components).save_pretrained(tmp_path / "sd")
+    canny, depth = saved_controlnets(tiny, tmp_path)
+    text = MULTI_SPEC.format(folder=tmp_path / "sd", canny=canny, depth=depth,
+                             refs=write_references(tmp_path / "refs"))
+    spec = load_spec(write_spec(tmp_path / "multi.toml", text))
+    assert spec.model.call["controlnet_conditioning_scale"] == [1.0, 1.0]  # one each, exported so
+    pipe = pipeline_from_spec(spec)
+    assert type(pipe.controlnet) is MultiControlNetModel and len(pipe.controlnet.nets) == 2
+    prompts = load_prompts(spec.prompts.source, 1, image_column="images")
+    assert call_inputs(prompts, pipe)["image"] == prompts[0].image
+    config = GenerationConfig.from_spec(spec)
+    images = partial(first_images, pipe, config, prompts)
+    baseline = images()
+    first, second = prompts[0].image
+    for changed in ([first, first], [second, second]):  # either net's image changes the result
+        other = [ConditionedPrompt(str(prompts[0]), changed)]
+        assert not np.array_equal(first_images(pipe, config, other), baseline)
+    assert_each_skips_and_restores(pipe, images, (
+        {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}, PAB), baseline)
+    with pytest.raises(PromptError, match="runs 2 ControlNets, each on its own control image, and "
+                                          "'.*' carries 1: give each prompt 2 images"):
+        check_conditioning(pipe, [ConditionedPrompt("one", first)], 1)
+
+    checked = optsearch_cmd("check", str(tmp_path / "multi.toml"), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert f"with ControlNets {canny}, {depth} on cpu" in checked.stdout
+    assert "with 2 control images of 64x64, 96x64 px" in checked.stdout
+    for change, says in (
+            (("batch_size = 1", "batch_size = 2"), "prompts.batch_size: 2: several ControlNets"),
+            (("[prompts]", "[model.call]\ncontrolnet_conditioning_scale = [1.0, 0.5, 0.5]\n[prompts]"),
+             "gives 3 scales for 2 ControlNets"),
+            ((f'"{depth}"]', "2]"), "model.controlnet: must be a ControlNet's hub id or folder, or a "
+                                     "list of them")):
+        with pytest.raises(SpecError, match=says):
+            load_spec(write_spec(tmp_path / "bad.toml", text.replace(*change)))
+
+
+def test_several_flux_controlnets_run_with_a_scale_each_and_the_caches_on_them(tmp_path):
+    """FLUX's multi-ControlNet call fails on its default scale (a number, diffusers 0.42): each
+    net is given one. Its residuals sum into the transformer's blocks, where the caches run."""
+    from diffusers import FluxPipeline
+
+    from optsearch.measure.models import load_pipeline
+
+    tiny = build_builtin("builtin:tiny-flux-controlnet")
+    FluxPipeline(**{name: component for name, component in tiny.components.items()
+                    if name != "controlnet"}).save_pretrained(tmp_path / "flux")
+    tiny.controlnet.save_pretrained(tmp_path / "depth")
+    with torch.no_grad():
+        for parameter in tiny.controlnet.parameters():
+            parameter.mul_(-1)
+    tiny.controlnet.save_pretrained(tmp_path / "canny")
+    pipe = load_pipeline(str(tmp_path / "flux"), "cpu", "float32", kind="transformer",
+                         controlnet=[str(tmp_path / "depth"), str(tmp_path / "canny")])
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.controlnet).__name__ == "FluxMultiControlNetModel"
+    write_edits(tmp_path / "edits", count=2, metadata=True)
+    one, two = load_prompts(str(tmp_path / "edits"), 2)
+    prompts = [ConditionedPrompt("a watercolor", [one.image, two.image])]
+    check_conditioning(pipe, prompts, 1)
+    with pytest.raises(PromptError, match="runs 2 ControlNets, which take one prompt a call"):
+        check_conditioning(pipe, prompts * 2, 2)
+    config = GenerationConfig(steps=6, height=128, width=128, guidance_scale=3.5, batch_size=1)
+    images = partial(first_images, pipe, config, prompts)
+    baseline = images()
+    assert not np.array_equal(first_images(pipe, config, [ConditionedPrompt(
+        "a watercolor", [one.image, one.image])]), baseline)
+    assert_each_skips_and_restores(pipe, lambda applied: images(applied), (
+        {"fbcache": {"threshold": 0.5}},
+        {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1}}), baseline)

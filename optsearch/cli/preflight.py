@@ -321,23 +321,25 @@ def _shortened(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def _images_text(sizes: list | None) -> str:
+def _images_text(sizes: list | None, what: str = "reference") -> str:
     """' with an image of 64x64 px', or a multi-reference prompt's ' with 2 reference images of
-    64x64, 32x48 px'; '' for a text prompt."""
+    64x64, 32x48 px' (several ControlNets': 'control images'); '' for a text prompt."""
     listed = ", ".join(f"{width}x{height}" for width, height in sizes or [])
     if not listed:
         return ""
     return f" with an image of {listed} px" if len(sizes) == 1 else \
-        f" with {len(sizes)} reference images of {listed} px"
+        f" with {len(sizes)} {what} images of {listed} px"
 
 
 def format_report(report: Report, spec) -> str:
     facts = report.facts
-    controlnet = f" with ControlNet {spec.model.controlnet}" if spec.model.controlnet else ""
+    names = spec.model.controlnet
+    controlnet = (f" with ControlNets {', '.join(names)}" if isinstance(names, list) else
+                  f" with ControlNet {names}" if names else "")
     lines = [f"model {spec.model.id}{controlnet} on {facts['device']} ({facts['dtype']}); "
              f"{spec.search.model_kind} pipeline",
              f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {_shortened(facts['sample'])!r}"
-             + _images_text(facts.get("image_sizes"))
+             + _images_text(facts.get("image_sizes"), "control" if names else "reference")
              + (f" and a mask of {facts['mask_share']:.0%} of it"
                 if facts.get("mask_share") is not None else ""),
              f"baseline: {facts['seconds_per_image']:.3g} s/image at batch size "

@@ -81,6 +81,10 @@ class GenerationConfig:
         if self.strength is not None:
             extra["strength"] = self.strength
         extra.update(self.call)
+        nets = controlnets(pipe)
+        scale = extra.get("controlnet_conditioning_scale", 1.0)
+        if nets > 1 and not isinstance(scale, list):  # FLUX's multi-ControlNet fails on a number
+            extra["controlnet_conditioning_scale"] = [scale] * nets
         if self.height and self.width and "max_area" in call_parameters(pipe):
             # FLUX Kontext sizes its output by max_area (default 1024 x 1024): the spec's size
             extra["max_area"] = self.height * self.width
@@ -93,6 +97,12 @@ class GenerationConfig:
 ONE_IMAGE_A_CALL = ("WanImageToVideo", "Flux2", "QwenImageEditPlus")
 # pipelines whose one prompt may carry several reference images (a list in the image column)
 MULTI_REFERENCE = ("Flux2", "QwenImageEditPlus")
+
+
+def controlnets(pipe) -> int:
+    """How many ControlNets a call runs beside the denoiser: none, one, or a multi-ControlNet's."""
+    controlnet = getattr(pipe, "controlnet", None)
+    return 0 if controlnet is None else len(getattr(controlnet, "nets", None) or [controlnet])
 
 
 def image_parameter(parameters: Mapping) -> str | None:
@@ -137,11 +147,16 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
         raise PromptError(f"{name} takes an image and a control image with each prompt "
                           "(ControlNet or Control image-to-image, inpainting): not covered, a "
                           "prompt carries one image; use its text-to-image ControlNet pipeline")
+    nets = controlnets(pipe)
     several = next((prompt for prompt in prompts if len(reference_images(prompt)) > 1), None)
-    if several is not None and not _derives_from(pipe, MULTI_REFERENCE):
+    if nets > 1 and images is not None:
+        _check_control_images(name, nets, prompts, batch_size)
+    elif several is not None and not _derives_from(pipe, MULTI_REFERENCE):
+        instead = ("name one ControlNet for each (model.controlnet = [...])" if nets else
+                   "use a multi-reference pipeline (FLUX.2, Qwen-Image-Edit-2509)")
         raise PromptError(f"{name} takes one image with each prompt, and {str(several)[:60]!r} "
                           f"carries {len(reference_images(several))}: give each prompt one image, or "
-                          "use a multi-reference pipeline (FLUX.2, Qwen-Image-Edit-2509)")
+                          f"{instead}")
     single = _derives_from(pipe, ONE_IMAGE_A_CALL)
     if single and batch_size > 1 and images is not None:
         raise PromptError(f"{name} conditions every prompt of a call on the call's images: set "
@@ -156,6 +171,21 @@ def check_conditioning(pipe, prompts: list[str], batch_size: int = 1) -> None:
         raise PromptError(f"{name} takes no image: the prompts' images (prompts.image_column, or "
                           "a folder as prompts.source) would be ignored; use text prompts, or an "
                           "image-conditioned pipeline (FLUX Kontext, image-to-video)")
+
+
+def _check_control_images(name: str, nets: int, prompts: list[str], batch_size: int) -> None:
+    """Several ControlNets: each prompt carries one control image for each, in their order, and
+    runs alone (diffusers' pipelines nest a batch's control images differently: SD's per prompt,
+    FLUX's per ControlNet, and SDXL's preparation disagrees with its own check)."""
+    wrong = next((prompt for prompt in prompts if len(reference_images(prompt)) != nets), None)
+    if wrong is not None:
+        raise PromptError(f"{name} runs {nets} ControlNets, each on its own control image, and "
+                          f"{str(wrong)[:60]!r} carries {len(reference_images(wrong))}: give each "
+                          f"prompt {nets} images (a list in prompts.image_column, in the "
+                          "ControlNets' order)")
+    if batch_size > 1:
+        raise PromptError(f"{name} runs {nets} ControlNets, which take one prompt a call: set "
+                          "prompts.batch_size = 1")
 
 
 def _derives_from(pipe, families: tuple[str, ...]) -> bool:

@@ -68,8 +68,9 @@ def check_folder(model_id: str, what: str) -> None:
 def check_folders(model) -> None:
     """The folders a spec's `[model]` names (`ModelSpec`): there, before anything loads."""
     check_folder(model.id, "model")
-    if model.controlnet:
-        check_folder(model.controlnet, "model.controlnet")
+    controlnets = [model.controlnet] if isinstance(model.controlnet, str) else model.controlnet or []
+    for controlnet in controlnets:
+        check_folder(controlnet, "model.controlnet")
 
 
 def model_kind(model_id: str) -> str | None:

@@ -110,13 +110,14 @@ def build_from_factory(model_id: str, placement: Placement, factory_path: str | 
 def load_pipeline(model_id: str, device: str = "auto", dtype: str = "float16",
                   scheduler: str | None = None, kind: str | None = None,
                   factory_path: str | None = None, image_to_image: bool = False,
-                  controlnet: str | None = None):
+                  controlnet: str | list[str] | None = None):
     """Load a diffusers pipeline once per process: builtin name, `module:function` factory,
     local folder or hub id. `kind` ("unet"/"transformer"/"video") when known better than from the id;
     `factory_path` the folder a factory's module is imported from. `image_to_image` (the spec
     sets a strength): a folder or hub id whose pipeline is text-to-image (FLUX.1 [dev], SD 1.5)
     loads as its image-to-image pipeline, on the same components. `controlnet`: the hub id or
-    folder of a ControlNet the pipeline is served with (its ControlNet pipeline, `with_controlnet`)."""
+    folder of a ControlNet the pipeline is served with, or a list of them (its ControlNet
+    pipeline, `with_controlnet`)."""
     kind = kind or model_kind(model_id)
     placement = resolve_placement(device, dtype, kind)
     if model_id.startswith("builtin:"):
@@ -157,11 +158,17 @@ CONTROLNET_CLASSES = {"UNet2DConditionModel": "ControlNetModel",
                       "FluxTransformer2DModel": "FluxControlNetModel",
                       "SD3Transformer2DModel": "SD3ControlNetModel",
                       "QwenImageTransformer2DModel": "QwenImageControlNetModel"}
+# ... and the model that runs several of them, each on its own control image (multi-ControlNet)
+MULTI_CONTROLNET_CLASSES = {"ControlNetModel": "MultiControlNetModel",
+                            "FluxControlNetModel": "FluxMultiControlNetModel",
+                            "SD3ControlNetModel": "SD3MultiControlNetModel",
+                            "QwenImageControlNetModel": "QwenImageMultiControlNetModel"}
 
 
-def with_controlnet(pipe, controlnet: str, dtype: torch.dtype):
+def with_controlnet(pipe, controlnet: str | list[str], dtype: torch.dtype):
     """`pipe` as its ControlNet pipeline with the ControlNet at `controlnet` (hub id or folder),
-    on the same components: diffusers' `AutoPipelineForText2Image.from_pipe(pipe, controlnet=)`."""
+    on the same components: diffusers' `AutoPipelineForText2Image.from_pipe(pipe, controlnet=)`.
+    Several (a list) run as the family's multi-ControlNet model, in the list's order."""
     from diffusers import AutoPipelineForText2Image
 
     from optsearch.accelerators import denoiser
@@ -170,10 +177,14 @@ def with_controlnet(pipe, controlnet: str, dtype: torch.dtype):
     if name is None:
         raise ModelLoadError(f"model.controlnet: diffusers has no ControlNet for "
                              f"{type(denoiser(pipe)).__name__} ({type(pipe).__name__})")
-    model = _from_hub_or_folder(
-        controlnet, "model.controlnet", "model.controlnet",
-        lambda source: getattr(diffusers, name).from_pretrained(source, **dtype_option(dtype)),
-        loaded_as=f" as a {name}")
+
+    def load(source: str):
+        return getattr(diffusers, name).from_pretrained(source, **dtype_option(dtype))
+
+    sources = [controlnet] if isinstance(controlnet, str) else controlnet
+    models = [_from_hub_or_folder(source, "model.controlnet", "model.controlnet", load,
+                                  loaded_as=f" as a {name}") for source in sources]
+    model = models[0] if len(models) == 1 else getattr(diffusers, MULTI_CONTROLNET_CLASSES[name])(models)
     return AutoPipelineForText2Image.from_pipe(pipe, controlnet=model)
 
 

@@ -112,6 +112,15 @@ def validate(spec: StudySpec, problem) -> None:
     elif model.controlnet is not None and model.strength is not None:
         problem("model.controlnet", "with model.strength is not covered: a ControlNet "
                 "image-to-image call takes an image and a control image, and each prompt has one")
+    if isinstance(model.controlnet, list):
+        scales = model.call.get("controlnet_conditioning_scale")
+        if isinstance(scales, list) and len(scales) != len(model.controlnet):
+            problem("model.call.controlnet_conditioning_scale", f"gives {len(scales)} scales for "
+                    f"{len(model.controlnet)} ControlNets (model.controlnet): one each, in order")
+        if prompts.batch_size > 1:
+            problem("prompts.batch_size", f"{prompts.batch_size}: several ControlNets "
+                    "(model.controlnet) run one prompt a call, as diffusers' pipelines nest a "
+                    "batch's control images differently: set prompts.batch_size = 1")
     if model.compile not in COMPILES:
         problem("model.compile", f"unknown compile {model.compile!r} (allowed: {', '.join(COMPILES)})")
     if not model.id:

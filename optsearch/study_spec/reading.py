@@ -158,10 +158,21 @@ def spec_from_dict(data: dict, source: str = "<spec>",
         else:
             _load_section(getattr(spec, section), section, {key: value}, problem)
     spec.search.model_kind = spec.model.pipeline_kind
+    _one_scale_each(spec.model)
     validate(spec, cross_check)  # wrongly typed keys kept their defaults, so this is safe
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _one_scale_each(model) -> None:
+    """Several ControlNets take one conditioning scale each: a number (or none: 1.0) is given to
+    each, as SD's pipelines do themselves and FLUX's multi-ControlNet call fails to (diffusers
+    0.42). The export's call then runs as measured."""
+    if isinstance(model.controlnet, list):
+        scale = model.call.get("controlnet_conditioning_scale", 1.0)
+        if not isinstance(scale, list):
+            model.call["controlnet_conditioning_scale"] = [scale] * len(model.controlnet)
 
 
 def _keys(section) -> list[str]:
@@ -193,6 +204,14 @@ def _load_section(target, section: str, values: dict, problem) -> None:
             continue
         if key == "call":
             _load_call(target, value, problem)
+            continue
+        if key == "controlnet":
+            several = isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
+            if (isinstance(value, str) and value) or several:
+                setattr(target, key, value[0] if several and len(value) == 1 else value)
+            else:
+                problem(full, "must be a ControlNet's hub id or folder, or a list of them "
+                        f"(several ControlNets), got {value!r}")
             continue
         expected = _expected_type(type(target), key)
         if expected and not _type_ok(value, expected):

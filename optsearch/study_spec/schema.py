@@ -62,8 +62,9 @@ class ModelSpec:
     # None: the call's default, text-to-image or a pipeline without one)
     strength: float | None = None
     # the hub id or folder of a ControlNet the pipeline is served with (each prompt's image is
-    # its control image); a builtin or a factory builds its own
-    controlnet: str | None = None
+    # its control image), or a list of them (diffusers' multi-ControlNet: each prompt carries one
+    # control image for each, in order); a builtin or a factory builds its own
+    controlnet: str | list[str] | None = None
     height: int | None = None  # None: the model's native size
     width: int | None = None
     num_frames: int | None = None  # video pipelines: frames per video (None: the pipeline's default)
