@@ -509,6 +509,10 @@ def test_reused_setting_copies_the_result(tmp_path):
     assert [(s["study"], s["measured"], s["exhausted"], s["n_trials"]) for s in as_json] == [
         ("tiny", 6, True, 8)]
     assert as_json[0]["winner"] == study.user_attrs["winner"]  # the mark every worker updates
+    # when its first trial started, in UTC as its worker wrote it (not a machine's local time)
+    first = min(t.user_attrs["started"] for t in study.trials if "started" in t.user_attrs)
+    assert as_json[0]["started"] == first and first.endswith("+00:00")
+    assert f"{first[:19].replace('T', ' ')} UTC" in listed
     exported = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "p.json"))
     assert exported.returncode == 0, exported.stderr  # the answer rests on every setting
     assert json.loads((tmp_path / "p.json").read_text())["search"] == {

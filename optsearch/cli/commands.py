@@ -67,22 +67,36 @@ def cmd_study_list(args) -> int:
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         spec = summary.user_attrs.get(SPEC_ATTR, {})
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        states = Counter(t.state for t in study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
+        states = Counter(t.state for t in trials)
         listed.append({"study": summary.study_name, "measured": len(studies.measured_trials(study)),
                        "exhausted": bool(studies.exhausted(summary)),
                        "queued": states[optuna.trial.TrialState.WAITING],
                        "n_trials": spec.get("search", {}).get("n_trials"),
                        "model": spec.get("model", {}).get("id"), "winner": summary.user_attrs.get("winner"),
-                       "started": summary.datetime_start.isoformat() if summary.datetime_start else None})
+                       "started": _first_started(trials, summary.datetime_start)})
     if args.json:
         print(json.dumps(listed, indent=2))
         return 0
     rows = [[s["study"], f"{s['measured']} (space exhausted)" if s["exhausted"] else s["measured"],
              s["queued"], s["n_trials"], s["model"], winner_cell(s["winner"]),
-             s["started"][:19].replace("T", " ") if s["started"] else "-"] for s in listed]
+             _started_cell(s["started"])] for s in listed]
     headers = ["study", "measured", "queued", "n_trials", "model", "winner", "started"]
     print(table(headers, rows) if rows else "no studies")
     return 0
+
+
+def _first_started(trials, datetime_start) -> str | None:
+    """When a study's first trial started: in UTC, as its worker wrote it; for trials from before
+    workers wrote it, Optuna's datetime_start (the creating machine's local time, no zone)."""
+    started = [t.user_attrs["started"] for t in trials if "started" in t.user_attrs]
+    return min(started) if started else datetime_start.isoformat() if datetime_start else None
+
+
+def _started_cell(started: str | None) -> str:
+    if not started:
+        return "-"
+    return started[:19].replace("T", " ") + (" UTC" if started.endswith("+00:00") else "")
 
 
 def cmd_study_show(args) -> int:
