@@ -71,6 +71,8 @@ BENCHMARKS = {
                                   "their speedup compiled vs eager?", "Accelerator families"),
     "controlnet-compile": Benchmark("controlnet_compile", "How much did an eager ControlNet beside a "
                                     "compiled denoiser cost?", "Accelerator families"),
+    "lora": Benchmark("lora", "What does a LoRA kept as an adapter cost per step, and does a "
+                      "cache gain the same on it?", "Accelerator families"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "
                         "as a full one?", "Warm-up"),
     "landscape-batches": Benchmark("landscape_batches", "(records) The cpu-bench grid batch by batch, "

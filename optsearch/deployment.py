@@ -74,11 +74,19 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
         context["guidance_scale_2"] = model.guidance_scale_2
     if model.strength is not None:  # image-to-image: the share of the steps that denoise
         context["strength"] = model.strength
+    if model.lora:  # the LoRA served: its scale, and whether its work is fused away
+        context["lora"] = lora_text(model)
     if model.call:  # [model.call]: what else every call passed
         context["call"] = dict(model.call)
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
         context["compiled_by"] = "builder"
     return context
+
+
+def lora_text(model) -> str:
+    """'styles/ink.safetensors at 0.8, fused' for a spec's `[model]` LoRA."""
+    name = f"{model.lora} ({model.lora_weight_name})" if model.lora_weight_name else model.lora
+    return f"{name} at {model.lora_scale:g}, {'fused' if model.fuse_lora else 'an adapter'}"
 
 
 def context_text(context: Mapping) -> str:
@@ -101,7 +109,8 @@ def context_text(context: Mapping) -> str:
     called = "".join(f", {name}={value!r}" for name, value in (context.get("call") or {}).items())
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
             f"steps{strength}{scheduler}, guidance {context['guidance_scale']}{second}{called}"
-            f"{compiled}{offload}{attention}{quantized}")
+            f"{compiled}{offload}{attention}{quantized}"
+            + (f", LoRA {context['lora']}" if context.get("lora") else ""))
 
 
 def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) -> dict:

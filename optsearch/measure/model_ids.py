@@ -71,6 +71,8 @@ def check_folders(model) -> None:
     controlnets = [model.controlnet] if isinstance(model.controlnet, str) else model.controlnet or []
     for controlnet in controlnets:
         check_folder(controlnet, "model.controlnet")
+    if model.lora and not os.path.isfile(os.path.expanduser(model.lora)):  # a weight file, or:
+        check_folder(model.lora, "model.lora")
 
 
 def model_kind(model_id: str) -> str | None:

@@ -182,10 +182,42 @@ def with_controlnet(pipe, controlnet: str | list[str], dtype: torch.dtype):
         return getattr(diffusers, name).from_pretrained(source, **dtype_option(dtype))
 
     sources = [controlnet] if isinstance(controlnet, str) else controlnet
-    models = [_from_hub_or_folder(source, "model.controlnet", "model.controlnet", load,
+    models = [from_hub_or_folder(source, "model.controlnet", "model.controlnet", load,
                                   loaded_as=f" as a {name}") for source in sources]
     model = models[0] if len(models) == 1 else getattr(diffusers, MULTI_CONTROLNET_CLASSES[name])(models)
     return AutoPipelineForText2Image.from_pipe(pipe, controlnet=model)
+
+
+LORA_ADAPTER = "optsearch"  # the adapter name the spec's LoRA is loaded under
+
+
+def with_lora(pipe, source: str, weight_name: str | None = None, scale: float = 1.0,
+              fuse: bool = False):
+    """`pipe` with the LoRA at `source` (hub id, folder or .safetensors file), as served: kept as
+    an adapter at `scale` (diffusers' `load_lora_weights` and `set_adapters`: each adapted layer
+    adds its low-rank product at every call), or fused into the weights and the adapter unloaded
+    (`fuse_lora`: no work added). The two run at different speeds, so the study times the one
+    served."""
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ModelLoadError(f"model.lora: {type(pipe).__name__} has no LoRA loader in diffusers")
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):  # a weight file: its folder, and its name
+        source, weight_name = os.path.dirname(path) or ".", weight_name or os.path.basename(path)
+
+    def load(found: str):
+        pipe.load_lora_weights(found, weight_name=weight_name, adapter_name=LORA_ADAPTER)
+
+    try:
+        from_hub_or_folder(source, "model.lora", "model.lora", load, loaded_as=" as a LoRA")
+    except (KeyError, RuntimeError) as error:  # a state dict that is not this model's LoRA
+        raise ModelLoadError(f"cannot load model.lora {source!r} into {type(pipe).__name__}: "
+                             f"{first_line(error)}") from error
+    if fuse:
+        pipe.fuse_lora(lora_scale=scale, adapter_names=[LORA_ADAPTER])
+        pipe.unload_lora_weights()
+    else:
+        pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
+    return pipe
 
 
 def as_image_to_image(pipe):
@@ -238,10 +270,10 @@ def _load_pretrained(model_id: str, torch_dtype: torch.dtype, kind: str | None =
                 logger.info("%s has no fp16 variant: loading its default files", model_id)
         return loader.from_pretrained(source, **dtype_option(torch_dtype), **extra)
 
-    return _from_hub_or_folder(model_id, "model", "model.id", load)
+    return from_hub_or_folder(model_id, "model", "model.id", load)
 
 
-def _from_hub_or_folder(model_id: str, what: str, key: str, load, loaded_as: str = ""):
+def from_hub_or_folder(model_id: str, what: str, key: str, load, loaded_as: str = ""):
     """`load(source)` of a hub id or local folder (the spec's `key`), each failure one line: a
     folder that does not exist, one the hub would give but cannot now (`missing`), or what
     loading said."""

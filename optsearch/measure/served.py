@@ -18,7 +18,7 @@ from optsearch.accelerators import (
 )
 from optsearch.errors import ModelLoadError
 from optsearch.measure.compiling import adopt_compiled, compile_denoiser, compiled_as
-from optsearch.measure.models import load_pipeline
+from optsearch.measure.models import load_pipeline, with_lora
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ def pipeline_from_spec(spec, device: str | None = None):
                          kind=None if model.kind == "auto" else model.kind,
                          factory_path=model.factory_path, image_to_image=model.strength is not None,
                          controlnet=model.controlnet)
+    if model.lora:
+        with_lora(pipe, model.lora, model.lora_weight_name, model.lora_scale, model.fuse_lora)
     check_families(pipe, spec)
     return compiled_for(spec, pipe)
 

@@ -112,6 +112,13 @@ def validate(spec: StudySpec, problem) -> None:
     elif model.controlnet is not None and model.strength is not None:
         problem("model.controlnet", "with model.strength is not covered: a ControlNet "
                 "image-to-image call takes an image and a control image, and each prompt has one")
+    if model.lora is not None and is_factory(model.id):
+        problem("model.lora", f"applies to a hub id, folder or builtin; {model.id!r} builds its own "
+                "pipeline (load or fuse the LoRA there)")
+    for key, unset in (("lora_weight_name", model.lora_weight_name is None),
+                       ("lora_scale", model.lora_scale == 1.0), ("fuse_lora", not model.fuse_lora)):
+        if model.lora is None and not unset:
+            problem(f"model.{key}", "applies with model.lora (the LoRA it is for)")
     if isinstance(model.controlnet, list):
         scales = model.call.get("controlnet_conditioning_scale")
         if isinstance(scales, list) and len(scales) != len(model.controlnet):

@@ -110,6 +110,7 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     resolve("confirm", "source", lambda value: _is_prompt_path(value, folder))
     resolve("artifacts", "path", lambda value: "://" not in value)
     resolve("model", "id", lambda value: value.startswith(("./", "../")))
+    resolve("model", "lora", lambda value: value.startswith(("./", "../")))
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("id"), str) and is_factory(model["id"]):
         model.setdefault("factory_path", ".")

@@ -65,6 +65,13 @@ class ModelSpec:
     # its control image), or a list of them (diffusers' multi-ControlNet: each prompt carries one
     # control image for each, in order); a builtin or a factory builds its own
     controlnet: str | list[str] | None = None
+    # a LoRA the pipeline is served with: a hub id, folder or .safetensors file (lora_weight_name:
+    # its file in a repo or folder of several), at lora_scale; kept as an adapter beside each layer
+    # it adapts (a server that switches LoRAs) or fused into the weights (no work added per step)
+    lora: str | None = None
+    lora_weight_name: str | None = None
+    lora_scale: float = 1.0
+    fuse_lora: bool = False
     height: int | None = None  # None: the model's native size
     width: int | None = None
     num_frames: int | None = None  # video pipelines: frames per video (None: the pipeline's default)
