@@ -60,7 +60,7 @@ def _save_lora(model: str, layers: str, folder: Path) -> str:
 def _pipeline(model: str, lora: str | None, fuse: bool):
     pipe = build_builtin(model)
     pipe.set_progress_bar_config(disable=True)
-    return pipe if lora is None else with_lora(pipe, lora, scale=0.8, fuse=fuse)
+    return pipe if lora is None else with_lora(pipe, [(lora, 0.8)], fuse=fuse)
 
 
 def _seconds(pipe, prompts, config, setting: dict | None) -> float:

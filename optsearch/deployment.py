@@ -84,9 +84,12 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
 
 
 def lora_text(model) -> str:
-    """'styles/ink.safetensors at 0.8, fused' for a spec's `[model]` LoRA."""
-    name = f"{model.lora} ({model.lora_weight_name})" if model.lora_weight_name else model.lora
-    return f"{name} at {model.lora_scale:g}, {'fused' if model.fuse_lora else 'an adapter'}"
+    """'styles/ink.safetensors at 0.8, fused' for a spec's `[model]` LoRA ('a at 0.8 + b at 0.5,
+    adapters' for several)."""
+    weight = f" ({model.lora_weight_name})" if model.lora_weight_name else ""
+    named = " + ".join(f"{source}{weight} at {scale:g}" for source, scale in model.loras)
+    kept = "adapters" if len(model.loras) > 1 else "an adapter"
+    return f"{named}, {'fused' if model.fuse_lora else kept}"
 
 
 def context_text(context: Mapping) -> str:

@@ -28,12 +28,12 @@ from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
 from tests.test_image_conditioned import assert_each_skips_and_restores, first_images, quiet_builtin
 
 
-def saved_lora(model_id: str, folder: Path) -> Path:
+def saved_lora(model_id: str, folder: Path, seed: int = 0) -> Path:
     """A rank-4 LoRA of `model_id`'s denoiser on its attention projections, saved as diffusers
     saves one. Its B matrices are drawn: an untrained LoRA (B = 0) would change nothing."""
     pipe = build_builtin(model_id)
     model = denoiser(pipe)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -85,7 +85,12 @@ def test_a_lora_is_measured_as_an_adapter_or_fused_and_the_unet_families_run_on_
 
 def test_a_lora_that_cannot_be_served_is_one_line(tmp_path):
     for lines, says in (("lora_scale = 0.5", "model.lora_scale: applies with model.lora"),
-                        ("fuse_lora = true", "model.fuse_lora: applies with model.lora")):
+                        ("fuse_lora = true", "model.fuse_lora: applies with model.lora"),
+                        ('lora = ["a", "b"]\nlora_scale = [0.8]', "gives 1 scales for 2 LoRAs"),
+                        ('lora = ["a", "b"]\nlora_weight_name = "x.safetensors"',
+                         "model.lora_weight_name: applies to one LoRA"),
+                        ('lora = "a"\nlora_scale = "high"', "model.lora_scale: must be a number"),
+                        ("lora = []", "model.lora: must be a LoRA's hub id, folder or .safetensors")):
         with pytest.raises(SpecError, match=says):
             load_spec(lora_spec(tmp_path, "bad", lines))
     factory = TINY_SPEC.replace('id = "builtin:tiny"', 'id = "pipes:build"\nlora = "ink"')
@@ -101,17 +106,22 @@ def test_a_lora_that_cannot_be_served_is_one_line(tmp_path):
     assert ran.returncode == 2 and "model.lora folder" in ran.stderr and "Traceback" not in ran.stderr
 
 
-def test_a_flux_lora_adapter_runs_under_the_transformer_caches(tmp_path):
-    """diffusers' hooks and cache-dit wrap the transformer's blocks, whose projections now carry
-    the adapter: each cache skips work on them and leaves no trace."""
-    folder = saved_lora("builtin:tiny-flux", tmp_path / "style")
-    pipe = with_lora(load_pipeline("builtin:tiny-flux", "cpu", "float32"), str(folder), scale=0.7)
+def test_flux_lora_adapters_run_under_the_transformer_caches(tmp_path):
+    """Two LoRAs, each at its scale; diffusers' hooks and cache-dit wrap the transformer's blocks,
+    whose projections now carry both adapters: each cache skips work on them and leaves no
+    trace."""
+    style, detail = (str(saved_lora("builtin:tiny-flux", tmp_path / name, seed))
+                     for seed, name in enumerate(("style", "detail")))
+    pipe = with_lora(load_pipeline("builtin:tiny-flux", "cpu", "float32"), [(style, 0.7), (detail, 0.5)])
+    assert sorted(pipe.get_active_adapters()) == ["optsearch-0", "optsearch-1"]
     config = GenerationConfig(steps=8, height=128, width=128, guidance_scale=3.5, batch_size=2)
     prompts = load_prompts("builtin", 2)
     images = partial(first_images, pipe, config, prompts)
     baseline = images()
-    plain = load_pipeline("builtin:tiny-flux", "cpu", "float32")
-    assert not np.array_equal(first_images(plain, config, prompts), baseline)
+    for others in ([], [(style, 0.7)]):  # no LoRA, the first alone: each changes the images
+        other = load_pipeline("builtin:tiny-flux", "cpu", "float32")
+        other = with_lora(other, others) if others else other
+        assert not np.array_equal(first_images(other, config, prompts), baseline)
     assert_each_skips_and_restores(pipe, lambda applied: images(applied), (
         {"fbcache": {"threshold": 0.5}},
         {"taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2}},

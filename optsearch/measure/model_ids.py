@@ -71,8 +71,9 @@ def check_folders(model) -> None:
     controlnets = [model.controlnet] if isinstance(model.controlnet, str) else model.controlnet or []
     for controlnet in controlnets:
         check_folder(controlnet, "model.controlnet")
-    if model.lora and not os.path.isfile(os.path.expanduser(model.lora)):  # a weight file, or:
-        check_folder(model.lora, "model.lora")
+    for lora, _ in model.loras:
+        if not os.path.isfile(os.path.expanduser(lora)):  # a weight file, or a folder or hub id
+            check_folder(lora, "model.lora")
 
 
 def model_kind(model_id: str) -> str | None:

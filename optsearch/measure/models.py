@@ -191,33 +191,38 @@ def with_controlnet(pipe, controlnet: str | list[str], dtype: torch.dtype):
 LORA_ADAPTER = "optsearch"  # the adapter name the spec's LoRA is loaded under
 
 
-def with_lora(pipe, source: str, weight_name: str | None = None, scale: float = 1.0,
+def with_lora(pipe, loras: list[tuple[str, float]], weight_name: str | None = None,
               fuse: bool = False):
-    """`pipe` with the LoRA at `source` (hub id, folder or .safetensors file), as served: kept as
-    an adapter at `scale` (diffusers' `load_lora_weights` and `set_adapters`: each adapted layer
-    adds its low-rank product at every call), or fused into the weights and the adapter unloaded
-    (`fuse_lora`: no work added). The two run at different speeds, so the study times the one
-    served."""
+    """`pipe` with each LoRA of `loras` (hub id, folder or .safetensors file, and its scale), as
+    served: kept as adapters (diffusers' `load_lora_weights` and `set_adapters`: each adapted
+    layer adds its low-rank products at every call), or fused into the weights at their scales
+    and the adapters unloaded (`fuse_lora`: no work added). The two run at different speeds, so
+    the study times the one served. `weight_name`: the file of a single LoRA's repo or folder."""
     if not hasattr(pipe, "load_lora_weights"):
         raise ModelLoadError(f"model.lora: {type(pipe).__name__} has no LoRA loader in diffusers")
+    names = [LORA_ADAPTER if len(loras) == 1 else f"{LORA_ADAPTER}-{i}" for i in range(len(loras))]
+    for name, (source, _) in zip(names, loras, strict=True):
+        _load_lora(pipe, source, weight_name, name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    if fuse:  # at the scales just set
+        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        pipe.unload_lora_weights()
+    return pipe
+
+
+def _load_lora(pipe, source: str, weight_name: str | None, name: str) -> None:
     path = os.path.expanduser(source)
     if os.path.isfile(path):  # a weight file: its folder, and its name
-        source, weight_name = os.path.dirname(path) or ".", weight_name or os.path.basename(path)
+        source, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
 
     def load(found: str):
-        pipe.load_lora_weights(found, weight_name=weight_name, adapter_name=LORA_ADAPTER)
+        pipe.load_lora_weights(found, weight_name=weight_name, adapter_name=name)
 
     try:
         from_hub_or_folder(source, "model.lora", "model.lora", load, loaded_as=" as a LoRA")
     except (KeyError, RuntimeError) as error:  # a state dict that is not this model's LoRA
         raise ModelLoadError(f"cannot load model.lora {source!r} into {type(pipe).__name__}: "
                              f"{first_line(error)}") from error
-    if fuse:
-        pipe.fuse_lora(lora_scale=scale, adapter_names=[LORA_ADAPTER])
-        pipe.unload_lora_weights()
-    else:
-        pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
-    return pipe
 
 
 def as_image_to_image(pipe):

@@ -111,7 +111,7 @@ def pipeline_from_spec(spec, device: str | None = None):
                          factory_path=model.factory_path, image_to_image=model.strength is not None,
                          controlnet=model.controlnet)
     if model.lora:
-        with_lora(pipe, model.lora, model.lora_weight_name, model.lora_scale, model.fuse_lora)
+        with_lora(pipe, model.loras, model.lora_weight_name, model.fuse_lora)
     check_families(pipe, spec)
     return compiled_for(spec, pipe)
 

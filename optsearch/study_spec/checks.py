@@ -119,6 +119,13 @@ def validate(spec: StudySpec, problem) -> None:
                        ("lora_scale", model.lora_scale == 1.0), ("fuse_lora", not model.fuse_lora)):
         if model.lora is None and not unset:
             problem(f"model.{key}", "applies with model.lora (the LoRA it is for)")
+    if isinstance(model.lora, list) and model.lora_weight_name is not None:
+        problem("model.lora_weight_name", "applies to one LoRA; with several, name each one's "
+                ".safetensors file in model.lora")
+    count = 1 if isinstance(model.lora, str) else len(model.lora or [])
+    if count and isinstance(model.lora_scale, list) and len(model.lora_scale) != count:
+        problem("model.lora_scale", f"gives {len(model.lora_scale)} scales for {count} LoRAs "
+                "(model.lora): one each, in order")
     if isinstance(model.controlnet, list):
         scales = model.call.get("controlnet_conditioning_scale")
         if isinstance(scales, list) and len(scales) != len(model.controlnet):

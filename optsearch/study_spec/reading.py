@@ -206,13 +206,21 @@ def _load_section(target, section: str, values: dict, problem) -> None:
         if key == "call":
             _load_call(target, value, problem)
             continue
-        if key == "controlnet":
+        if key in ("controlnet", "lora"):
             several = isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
             if (isinstance(value, str) and value) or several:
                 setattr(target, key, value[0] if several and len(value) == 1 else value)
             else:
-                problem(full, "must be a ControlNet's hub id or folder, or a list of them "
-                        f"(several ControlNets), got {value!r}")
+                what = "a ControlNet's hub id or folder" if key == "controlnet" else \
+                    "a LoRA's hub id, folder or .safetensors file"
+                problem(full, f"must be {what}, or a list of them, got {value!r}")
+            continue
+        if key == "lora_scale":
+            values = value if isinstance(value, list) else [value]
+            if values and all(_type_ok(v, float) and math.isfinite(v) for v in values):
+                setattr(target, key, [float(v) for v in value] if isinstance(value, list) else float(value))
+            else:
+                problem(full, f"must be a number, or a list of them (one for each LoRA), got {value!r}")
             continue
         expected = _expected_type(type(target), key)
         if expected and not _type_ok(value, expected):

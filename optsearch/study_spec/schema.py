@@ -66,11 +66,12 @@ class ModelSpec:
     # control image for each, in order); a builtin or a factory builds its own
     controlnet: str | list[str] | None = None
     # a LoRA the pipeline is served with: a hub id, folder or .safetensors file (lora_weight_name:
-    # its file in a repo or folder of several), at lora_scale; kept as an adapter beside each layer
-    # it adapts (a server that switches LoRAs) or fused into the weights (no work added per step)
-    lora: str | None = None
+    # its file in a repo or folder of several), at lora_scale; or a list of them, each at its
+    # scale (a number: each at it). Kept as adapters beside each layer they adapt (a server that
+    # switches LoRAs) or fused into the weights (no work added per step)
+    lora: str | list[str] | None = None
     lora_weight_name: str | None = None
-    lora_scale: float = 1.0
+    lora_scale: float | list[float] = 1.0
     fuse_lora: bool = False
     height: int | None = None  # None: the model's native size
     width: int | None = None
@@ -109,6 +110,13 @@ class ModelSpec:
         rounds the steps that denoise up, Stable Diffusion's down (`denoised_steps`); a factory's
         counts as SD's here."""
         return self.strength is not None and self.pipeline_kind == "transformer"
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """Each LoRA served, with its scale (a number in lora_scale is each one's)."""
+        sources = [self.lora] if isinstance(self.lora, str) else list(self.lora or [])
+        scales = self.lora_scale if isinstance(self.lora_scale, list) else [self.lora_scale] * len(sources)
+        return list(zip(sources, scales, strict=False))
 
 
 @dataclass
