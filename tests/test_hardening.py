@@ -188,6 +188,12 @@ def test_relative_paths_are_read_from_the_specs_folder(tmp_path):
     refused = optsearch_cmd("study", "create", "nc/bad.toml", "--storage", url, cwd=tmp_path)
     assert refused.returncode == 2
     assert f"prompts.source: file {folder / 'missing.txt'} does not exist" in refused.stderr
+    # ControlNets and LoRAs beside the spec too: a worker started elsewhere finds the same ones
+    served = load_spec(write_spec(folder / "served.toml", text.replace(
+        'id = "builtin:tiny"', 'id = "./sd"\ncontrolnet = ["./canny", "../depth"]\n'
+        'lora = ["./ink.safetensors", "/loras/b"]').replace("batch_size = 2", "batch_size = 1")))
+    assert served.model.controlnet == [str(folder / "canny"), str(tmp_path / "depth")]
+    assert served.model.lora == [str(folder / "ink.safetensors"), "/loras/b"]
 
 
 def test_offline_clip_weights_fail_fast_in_one_line(tmp_path):

@@ -99,18 +99,25 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     if isinstance(data.get("artifacts", {}), dict):
         data.setdefault("artifacts", {}).setdefault("path", "artifacts")
 
-    def resolve(section: str, key: str, applies) -> None:
-        table = data.get(section)
-        value = table.get(key) if isinstance(table, dict) else None
+    def absolute(value, applies):
+        if isinstance(value, list):  # several ControlNets or LoRAs
+            return [absolute(item, applies) for item in value]
         if isinstance(value, str) and applies(value) and not Path(value).expanduser().is_absolute():
             slash = "/" if value.endswith(("/", "\\")) else ""  # a folder that is not there yet
-            table[key] = str((folder / Path(value).expanduser()).resolve()) + slash
+            return str((folder / Path(value).expanduser()).resolve()) + slash
+        return value
+
+    def resolve(section: str, key: str, applies) -> None:
+        table = data.get(section)
+        if isinstance(table, dict) and key in table:
+            table[key] = absolute(table[key], applies)
 
     resolve("prompts", "source", lambda value: _is_prompt_path(value, folder))
     resolve("confirm", "source", lambda value: _is_prompt_path(value, folder))
     resolve("artifacts", "path", lambda value: "://" not in value)
     resolve("model", "id", lambda value: value.startswith(("./", "../")))
-    resolve("model", "lora", lambda value: value.startswith(("./", "../")))
+    for key in ("lora", "controlnet"):  # local folders or files, beside the spec
+        resolve("model", key, lambda value: value.startswith(("./", "../")))
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("id"), str) and is_factory(model["id"]):
         model.setdefault("factory_path", ".")
