@@ -157,12 +157,21 @@ class ContextCheck:
         measured = {**self.measured, **called}
         for key in (*CONTEXT_KEYS, *called):
             then, now = measured.get(key), served.get(key)
-            if then is None or now is None or key in self.warned or now == then:
+            if then is None or now is None or key in self.warned or _same(now, then):
                 continue
             self.warned.add(key)
             warnings.warn(f"optsearch: this setting was measured at {key} = {then}; called with "
                           f"{now}, its speedup and quality may differ (search again at {key} = "
                           f"{now} to know)", UserWarning, stacklevel=3)
+
+
+def _same(now, then) -> bool:
+    """Equal, or a number and a list of that number (one conditioning scale for each of several
+    ControlNets, measured as a list: a pipeline gives a number to each)."""
+    if isinstance(now, list) != isinstance(then, list):
+        listed, number = (now, then) if isinstance(now, list) else (then, now)
+        return bool(listed) and all(value == number for value in listed)
+    return now == then
 
 
 def check_pipeline(pipe, baseline: Mapping) -> None:

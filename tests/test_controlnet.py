@@ -4,6 +4,7 @@ run on it; a hub id or folder is served with `[model] controlnet`."""
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
 from optsearch.accelerators import apply_setting, magcache
-from optsearch.deployment import compiled_how
+from optsearch.deployment import ContextCheck, compiled_how
 from optsearch.errors import ModelLoadError, PromptError, SpecError
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.compiling import compile_denoiser
@@ -257,6 +258,15 @@ def test_several_controlnets_each_take_their_own_control_image(tmp_path):
     with pytest.raises(PromptError, match="runs 2 ControlNets, each on its own control image, and "
                                           "'.*' carries 1: give each prompt 2 images"):
         check_conditioning(pipe, [ConditionedPrompt("one", first)], 1)
+    # served with one number for both, as measured with [0.6, 0.6]: no warning; 0.5 warns
+    served = ContextCheck({"call": {"controlnet_conditioning_scale": [0.6, 0.6]}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for scale in (0.6, [0.6, 0.6], 0.5):
+            served(pipe, (), {"prompt": "a", "controlnet_conditioning_scale": scale})
+    assert [str(w.message)[:99] for w in caught] == [
+        "optsearch: this setting was measured at controlnet_conditioning_scale = [0.6, 0.6]; called "
+        "with 0.5"]
 
     checked = optsearch_cmd("check", str(tmp_path / "multi.toml"), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr

@@ -71,6 +71,9 @@ def test_a_lora_is_measured_as_an_adapter_or_fused_and_the_unet_families_run_on_
     assert lora_parameters(fused) == 0  # fused into the weights: no adapter left to run
     assert np.abs(first_images(fused, config, prompts).astype(int) - baseline).max() <= 1
     assert len({pipeline_signature(p) for p in (plain, pipe, fused)}) == 3
+    mine = quiet_builtin("builtin:tiny")  # the same LoRA under the name a user gave it
+    mine.load_lora_weights(str(folder), adapter_name="mine")
+    assert pipeline_signature(mine) == pipeline_signature(pipe)  # so `apply` does not warn
 
     assert_each_skips_and_restores(pipe, images, (
         {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 
 import diffusers
 import torch
@@ -74,6 +75,16 @@ def _checksum(tensor: torch.Tensor) -> int | None:
     return sum(int(chunk.sum(dtype=torch.int64)) for chunk in bits.split(_CHUNK)) % (1 << 64)
 
 
+# a LoRA adapter's tensors carry the name it was loaded under ("to_q.lora_A.optsearch.weight")
+_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_embedding_[AB]|lora_magnitude_vector)\.[^.]+")
+
+
+def _unnamed(key: str) -> str:
+    """A tensor's name without what loading chose: torch.compile's wrapper, a LoRA's adapter
+    name (the same LoRA loaded as "mine" or "default_0" is the same pipeline)."""
+    return _ADAPTER_NAME.sub(r".\1", key.replace("_orig_mod.", ""))
+
+
 def pipeline_signature(pipe) -> str:
     """Which pipeline this is: every component's weights (an exact checksum of each tensor's
     bits) and the scheduler class. A fused LoRA, a fine-tune, another revision or scheduler makes
@@ -84,6 +95,6 @@ def pipeline_signature(pipe) -> str:
         if not isinstance(component, torch.nn.Module):
             continue
         tensors = [*component.named_parameters(), *component.named_buffers()]
-        parts += [(name, key.replace("_orig_mod.", ""), list(tensor.shape), str(tensor.dtype),
-                   _checksum(tensor)) for key, tensor in tensors]
+        parts += [(name, _unnamed(key), list(tensor.shape), str(tensor.dtype), _checksum(tensor))
+                  for key, tensor in tensors]
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
