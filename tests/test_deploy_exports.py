@@ -73,6 +73,7 @@ def export(tmp_path, url: str, name: str, form: str, filename: str) -> str:
     # the header says what measured it (no baseline here: the installed releases), since an
     # older release may lack a config
     assert f"measured with torch {version('torch')}, diffusers {version('diffusers')}" in text.lower()
+    assert "measured at batch " in text.lower()  # and what the figures hold for
     return text
 
 

@@ -23,6 +23,7 @@ from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.models import load_pipeline, with_lora
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.served import pipeline_from_spec
+from optsearch.optimize.deploy import diffusers_python
 from optsearch.study_spec import load_spec
 from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
 from tests.test_image_conditioned import assert_each_skips_and_restores, first_images, quiet_builtin
@@ -83,7 +84,13 @@ def test_a_lora_is_measured_as_an_adapter_or_fused_and_the_unet_families_run_on_
     checked = optsearch_cmd("check", str(tmp_path / "adapter.toml"), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert f"LoRA {folder} at 0.8, an adapter" in checked.stdout
-    assert measured_context(fused_spec, 2)["lora"] == f"{weight_file} at 0.8, fused"  # exported
+    exported = {"study": "fused", "metric": "psnr", "spec": {"model": {"steps": 8}},
+                "deployment": measured_context(fused_spec, 2), "best": {
+                    "trial": 0, "setting": {"steps": {"num_inference_steps": 6}}, "confirmed": None,
+                    "metrics": {"speedup": 1.3, "speedup_low": 1.2, "speedup_high": 1.4,
+                                "psnr": 30.0, "psnr_low": 29.0, "psnr_high": 31.0}}}
+    assert exported["deployment"]["lora"] == f"{weight_file} at 0.8, fused"  # in the export
+    assert f"LoRA {weight_file} at 0.8, fused: serve at it" in diffusers_python(exported)
 
 
 def test_a_lora_that_cannot_be_served_is_one_line(tmp_path):
