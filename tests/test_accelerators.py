@@ -10,6 +10,7 @@ import torch
 
 import optsearch
 from optsearch.accelerators import COMBOS, AppliedSetting, combo_name, normalize_setting
+from optsearch.errors import UsageError
 from tests.conftest import generate_images
 
 PROMPTS = ["a red bus on a street", "two dogs in a field", "a bowl of fruit"]
@@ -297,4 +298,10 @@ def test_search_names_a_spec_of_another_type(tiny_pipe, tmp_path):
     str, bytes or os.PathLike object, not int"; and nothing is written."""
     with pytest.raises(TypeError, match="optsearch.search: spec is a int; pass a StudySpec, a spec dict"):
         optsearch.search(tiny_pipe, 5, storage=f"sqlite:///{tmp_path / 's.db'}")
+    # a LoRA or ControlNet for optsearch to load: the pipeline passed is measured as it is, so
+    # the study would record a LoRA it never ran
+    for key in ("lora", "controlnet"):
+        with pytest.raises(UsageError, match=f"model.{key} is for a pipeline optsearch loads"):
+            optsearch.search(tiny_pipe, {"model": {"id": "./sd", key: "./x"}},
+                             storage=f"sqlite:///{tmp_path / 's.db'}")
     assert not (tmp_path / "s.db").exists()

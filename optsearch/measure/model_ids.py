@@ -98,7 +98,10 @@ def _model_index(model_id: str) -> dict | None:
     """The pipeline's model_index.json from its folder or the local hub cache (no download)."""
     path = os.path.join(os.path.expanduser(model_id), "model_index.json")
     if not os.path.isfile(path) and model_id.count("/") == 1:
-        cached = try_to_load_from_cache(model_id, "model_index.json")
+        try:
+            cached = try_to_load_from_cache(model_id, "model_index.json")
+        except ValueError:  # not a hub id ("./sd" from a spec dict: a folder that is not there)
+            cached = None
         path = cached if isinstance(cached, str) else path
     try:
         with open(path, encoding="utf-8") as file:

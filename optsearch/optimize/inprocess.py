@@ -75,6 +75,11 @@ def search(pipe, spec, storage: str | None = None, n_trials: int | None = None,
     optsearch.errors.NothingToExport when no setting meets the limit."""
 
     spec = _as_spec(spec)
+    for key, how in (("lora", "pipe.load_lora_weights"), ("controlnet", "its ControlNet pipeline")):
+        if getattr(spec.model, key):  # measured without it, recorded with it: a wrong claim
+            raise UsageError(f"model.{key} is for a pipeline optsearch loads; search measures the "
+                             f"pipeline passed as it is: build it with that ({how}) and leave "
+                             f"model.{key} out")
     if confirm < 0 or (confirm and repeats < 2):
         raise UsageError(f"confirm={confirm}, repeats={repeats}: confirm must be >= 0 and repeats "
                          ">= 2 (the speedup's interval is over the rounds)")
