@@ -454,6 +454,10 @@ def test_study_show_list_delete(tmp_path):
     data = json.loads(shown.stdout)
     assert data["finished"] == 2 and len(data["baselines"]) == 1
     assert data["baselines"][0]["seconds_per_image"] > 0
+    # the winner says what its figures hold for, as the export records it
+    assert data["winner_deployment"]["batch_size"] == 2 and data["winner_deployment"]["dtype"] == "float32"
+    assert "\n  measured at batch 2, 32x32, 8 steps (DDIMScheduler), guidance 7.5: serve at it" \
+        in format_summary(data)
     listed = optsearch_cmd("study", "list", "--storage", url).stdout.splitlines()
     assert listed[0].split()[:4] == ["study", "measured", "queued", "n_trials"]
     row = next(line.split() for line in listed if line.startswith("tiny"))

@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optsearch.accelerators import CalibratedRange, calibrated_range
+from optsearch.deployment import context_text
 from optsearch.formatting import (
     auto_range_details,
     auto_range_text,
@@ -21,6 +22,7 @@ from optsearch.formatting import (
 )
 from optsearch.optimize import objectives, reference
 from optsearch.optimize import study as studies
+from optsearch.optimize.export import deployment_of
 from optsearch.optimize.winner import repeat_of, winner
 from optsearch.storage.copy import COPIED_ATTR
 from optsearch.storage.record import is_copy, quality_of, same_images, trial_metrics
@@ -84,6 +86,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
     summary["winner_repeat"] = repeat_of(found) if found else None
     summary["winner_same_images"] = ([trial_metrics(t) for t in same_images(study, found.trial)]
                                      if found else [])
+    summary["winner_deployment"] = (deployment_of(spec, found.trial, studies.baselines(study).get(
+        found.trial.user_attrs.get("fingerprint"))) if found else None)
     finished = [t for t in trials if t.state in studies.FINISHED]
     summary["nothing_feasible_hint"] = (objectives.relax_hint(spec, finished)
                                         if finished and not summary["best_per_combo"] else None)
@@ -187,6 +191,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"* winner: trial {summary['best']['trial']}, "
                      f"{format_setting(summary['best']['setting'] or {})}: the "
                      f"{summary['winner_rule']}; study export writes it")
+        if summary.get("winner_deployment"):  # what its figures hold for
+            lines.append(f"  measured at {context_text(summary['winner_deployment'])}: serve at it")
         if repeat := summary["winner_repeat"]:
             span = f"{repeat['low']:.2f}x-{repeat['high']:.2f}x"
             where = (f"is not measured enough to tell where it would read ({percent} range {span}): "

@@ -6,6 +6,7 @@ import platform
 from importlib.metadata import version
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from optsearch.deployment import measured_context
 from optsearch.errors import NothingToExport
@@ -84,6 +85,18 @@ def _meets(spec) -> str:
     return f"both meets {constraint_text(spec)} and runs faster than the baseline"
 
 
+def deployment_of(spec, trial: FrozenTrial, baseline: dict | None) -> dict:
+    """The context `trial`'s figures hold for (batch, size, steps, device, compile, LoRA, ...),
+    from the spec, the trial's record and its device's baseline (`measured_context`)."""
+    measured_with = baseline or {}
+    return measured_context(
+        spec, trial.user_attrs.get("batch_size", spec.prompts.batch_size),
+        trial.user_attrs.get("compiled"), measured_with.get("device", trial.user_attrs.get("device")),
+        measured_with.get("dtype"), measured_with.get("offload", "none") if baseline else None,
+        measured_with.get("attention"), measured_with.get("scheduler"), measured_with,
+        measured_with.get("quantization", "none") if baseline else None)
+
+
 def export_study(study, spec, fingerprint: str | None = None) -> dict:
     """search_params.json: the winner (optimize/winner.py), the best per combo, baseline, spec,
     provenance — all of one device fingerprint (`fingerprint`, else the one the confirmations
@@ -124,12 +137,7 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
                         for t in same_images(study, best)],
         "fingerprint": best.user_attrs.get("fingerprint") if fingerprint is None else fingerprint,
         # what the server should run for these figures to hold; `optsearch.apply` warns otherwise
-        "deployment": measured_context(
-            spec, best.user_attrs.get("batch_size", spec.prompts.batch_size),
-            best.user_attrs.get("compiled"), measured_with.get("device", best.user_attrs.get("device")),
-            measured_with.get("dtype"), measured_with.get("offload", "none") if baseline else None,
-            measured_with.get("attention"), measured_with.get("scheduler"), measured_with,
-            measured_with.get("quantization", "none") if baseline else None),
+        "deployment": deployment_of(spec, best, baseline),
         "unconfirmed_better": unconfirmed_better(study, spec, found, fingerprint),
         "per_combo": {combo: _entry(trial, confirmed_by_trial.get(trial.number), metric)
                       for combo, trial in best_per_combo(study, spec, fingerprint).items()},
