@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from PIL import Image
 
 from optsearch.accelerators import apply_setting, magcache
 from optsearch.deployment import ContextCheck, compiled_how
 from optsearch.errors import ModelLoadError, PromptError, SpecError
-from optsearch.measure.builtin import build_builtin
+from optsearch.measure.builtin import _trained_away, build_builtin
 from optsearch.measure.compiling import compile_denoiser
 from optsearch.measure.generation import GenerationConfig, call_inputs, check_conditioning
 from optsearch.measure.prompts import ConditionedPrompt, load_prompts
@@ -315,3 +316,32 @@ def test_several_flux_controlnets_run_with_a_scale_each_and_the_caches_on_them(t
     assert_each_skips_and_restores(pipe, lambda applied: images(applied), (
         {"fbcache": {"threshold": 0.5}},
         {"dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1}}), baseline)
+
+
+def test_several_sd3_controlnets_run_and_several_qwen_image_ones_are_one_line():
+    """SD3's multi-ControlNet call fails on its default scale too (each net is given one);
+    Qwen-Image's multi model takes a single union ControlNet only: several are refused before
+    any is loaded."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    from optsearch.measure.models import with_controlnet
+
+    sd3 = build_builtin("builtin:tiny-sd3")
+    nets = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        nets.append(_trained_away(SD3ControlNetModel(
+            sample_size=16, patch_size=1, in_channels=16, out_channels=16, num_layers=1,
+            attention_head_dim=32, num_attention_heads=4, caption_projection_dim=128,
+            joint_attention_dim=64, pooled_projection_dim=64)))
+    parts = {name: part for name, part in sd3.components.items()
+             if name not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusion3ControlNetPipeline(controlnet=nets, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    red, blue = (Image.new("RGB", (128, 128), color) for color in ((200, 40, 40), (40, 40, 200)))
+    config = GenerationConfig(steps=4, height=128, width=128, guidance_scale=1.0, batch_size=1)
+    both = first_images(pipe, config, [ConditionedPrompt("a cube", [red, blue])])
+    assert not np.array_equal(first_images(pipe, config, [ConditionedPrompt("a cube", [red, red])]), both)
+    with pytest.raises(ModelLoadError, match="model.controlnet: diffusers runs one "
+                                             "QwenImageControlNetModel at a time"):
+        with_controlnet(build_builtin("builtin:tiny-qwen-image"), ["a/b", "c/d"], torch.float32)

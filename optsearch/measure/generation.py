@@ -83,7 +83,7 @@ class GenerationConfig:
         extra.update(self.call)
         nets = controlnets(pipe)
         scale = extra.get("controlnet_conditioning_scale", 1.0)
-        if nets > 1 and not isinstance(scale, list):  # FLUX's multi-ControlNet fails on a number
+        if nets > 1 and not isinstance(scale, list):  # FLUX's and SD3's fail on a number
             extra["controlnet_conditioning_scale"] = [scale] * nets
         if self.height and self.width and "max_area" in call_parameters(pipe):
             # FLUX Kontext sizes its output by max_area (default 1024 x 1024): the spec's size

@@ -158,11 +158,11 @@ CONTROLNET_CLASSES = {"UNet2DConditionModel": "ControlNetModel",
                       "FluxTransformer2DModel": "FluxControlNetModel",
                       "SD3Transformer2DModel": "SD3ControlNetModel",
                       "QwenImageTransformer2DModel": "QwenImageControlNetModel"}
-# ... and the model that runs several of them, each on its own control image (multi-ControlNet)
+# ... and the model that runs several of them, each on its own control image (multi-ControlNet;
+# Qwen-Image's takes a single union ControlNet only, diffusers 0.42)
 MULTI_CONTROLNET_CLASSES = {"ControlNetModel": "MultiControlNetModel",
                             "FluxControlNetModel": "FluxMultiControlNetModel",
-                            "SD3ControlNetModel": "SD3MultiControlNetModel",
-                            "QwenImageControlNetModel": "QwenImageMultiControlNetModel"}
+                            "SD3ControlNetModel": "SD3MultiControlNetModel"}
 
 
 def with_controlnet(pipe, controlnet: str | list[str], dtype: torch.dtype):
@@ -182,6 +182,9 @@ def with_controlnet(pipe, controlnet: str | list[str], dtype: torch.dtype):
         return getattr(diffusers, name).from_pretrained(source, **dtype_option(dtype))
 
     sources = [controlnet] if isinstance(controlnet, str) else controlnet
+    if len(sources) > 1 and name not in MULTI_CONTROLNET_CLASSES:
+        raise ModelLoadError(f"model.controlnet: diffusers runs one {name} at a time (its multi "
+                             "model takes a single union ControlNet); name one")
     models = [from_hub_or_folder(source, "model.controlnet", "model.controlnet", load,
                                   loaded_as=f" as a {name}") for source in sources]
     model = models[0] if len(models) == 1 else getattr(diffusers, MULTI_CONTROLNET_CLASSES[name])(models)

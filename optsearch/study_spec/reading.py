@@ -175,8 +175,8 @@ def spec_from_dict(data: dict, source: str = "<spec>",
 
 def _one_scale_each(model) -> None:
     """Several ControlNets take one conditioning scale each: a number (or none: 1.0) is given to
-    each, as SD's pipelines do themselves and FLUX's multi-ControlNet call fails to (diffusers
-    0.42). The export's call then runs as measured."""
+    each, as SD's pipelines do themselves and FLUX's and SD3's multi-ControlNet calls fail to
+    (diffusers 0.42). The export's call then runs as measured."""
     if isinstance(model.controlnet, list):
         scale = model.call.get("controlnet_conditioning_scale", 1.0)
         if not isinstance(scale, list):
