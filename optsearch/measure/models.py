@@ -203,6 +203,10 @@ def with_lora(pipe, loras: list[tuple[str, float]], weight_name: str | None = No
     the study times the one served. `weight_name`: the file of a single LoRA's repo or folder."""
     if not hasattr(pipe, "load_lora_weights"):
         raise ModelLoadError(f"model.lora: {type(pipe).__name__} has no LoRA loader in diffusers")
+    if getattr(pipe, "transformer_2", None) is not None:  # loaded into the first expert only
+        raise ModelLoadError("model.lora: Wan 2.2's two experts each take their own LoRA: load them "
+                             "in a factory (load_lora_weights(..., load_into_transformer_2=True) "
+                             "for the second)")
     names = [LORA_ADAPTER if len(loras) == 1 else f"{LORA_ADAPTER}-{i}" for i in range(len(loras))]
     for name, (source, _) in zip(names, loras, strict=True):
         _load_lora(pipe, source, weight_name, name)
