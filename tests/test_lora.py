@@ -70,7 +70,12 @@ def test_a_lora_is_measured_as_an_adapter_or_fused_and_the_unet_families_run_on_
                                                         "fuse_lora = true"))
     fused = pipeline_from_spec(fused_spec)
     assert lora_parameters(fused) == 0  # fused into the weights: no adapter left to run
-    assert np.abs(first_images(fused, config, prompts).astype(int) - baseline).max() <= 1
+    pipe.set_adapters(["optsearch"], [1.0])
+    full_scale = images()
+    pipe.set_adapters(["optsearch"], [0.8])
+    fused_images = first_images(fused, config, prompts).astype(int)
+    assert np.abs(fused_images - baseline).max() <= 1  # fused at 0.8, not at 1.0
+    assert np.abs(fused_images - full_scale).mean() > 4 * np.abs(fused_images - baseline).mean()
     assert len({pipeline_signature(p) for p in (plain, pipe, fused)}) == 3
     mine = quiet_builtin("builtin:tiny")  # the same LoRA under the name a user gave it
     mine.load_lora_weights(str(folder), adapter_name="mine")
