@@ -117,6 +117,10 @@ def test_a_lora_that_cannot_be_served_is_one_line(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ModelLoadError, match=r"cannot load model.lora '.*empty'"):
         pipeline_from_spec(load_spec(lora_spec(tmp_path, "empty", f'lora = "{tmp_path / "empty"}"')))
+    sd_lora = saved_lora("builtin:tiny", tmp_path / "sd-lora")  # diffusers loads none of it
+    with pytest.raises(ModelLoadError, match="model.lora '.*sd-lora' adapts no layer of "
+                                             ".*FluxPipeline: a LoRA for another model"):
+        with_lora(build_builtin("builtin:tiny-flux"), [(str(sd_lora), 1.0)])
     with pytest.raises(ModelLoadError, match="model.lora: Wan 2.2's two experts each take their own"):
         with_lora(build_builtin("builtin:tiny-wan22"), [(str(tmp_path / "empty"), 1.0)])
     ran = optsearch_cmd("check", str(tmp_path / "missing.toml"), cwd=tmp_path)

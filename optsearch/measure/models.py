@@ -230,6 +230,9 @@ def _load_lora(pipe, source: str, weight_name: str | None, name: str) -> None:
     except (KeyError, RuntimeError) as error:  # a state dict that is not this model's LoRA
         raise ModelLoadError(f"cannot load model.lora {source!r} into {type(pipe).__name__}: "
                              f"{first_line(error)}") from error
+    if not any(name in names for names in pipe.get_list_adapters().values()):
+        raise ModelLoadError(f"model.lora {source!r} adapts no layer of {type(pipe).__name__}: "
+                             "a LoRA for another model?")
 
 
 def as_image_to_image(pipe):
