@@ -89,6 +89,7 @@ def test_a_lora_is_measured_as_an_adapter_or_fused_and_the_unet_families_run_on_
     checked = optsearch_cmd("check", str(tmp_path / "adapter.toml"), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert f"LoRA {folder} at 0.8, an adapter" in checked.stdout
+    assert "note: model.lora is measured as an adapter" in checked.stdout
     exported = {"study": "fused", "metric": "psnr", "spec": {"model": {"steps": 8}},
                 "deployment": measured_context(fused_spec, 2), "best": {
                     "trial": 0, "setting": {"steps": {"num_inference_steps": 6}}, "confirmed": None,

@@ -58,6 +58,10 @@ def notes(spec: StudySpec) -> list[str]:
                      f"a pass: one slow batch can leave every speedup \"not measured enough to "
                      f"tell\"; {FEW_BATCHES} or more batches (more prompts or a smaller "
                      "prompts.batch_size) give usable intervals")
+    if spec.model.lora and not spec.model.fuse_lora:
+        lines.append("model.lora is measured as an adapter (its low-rank work at every step, as a "
+                     "server that switches LoRAs runs it); set model.fuse_lora = true if you serve "
+                     "it fused")
     size = spec.space_size()
     if size is not None and size < spec.search.n_trials:
         lines.append(f"the space holds at most {size} distinct settings, fewer than search.n_trials = "
