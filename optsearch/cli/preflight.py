@@ -333,9 +333,9 @@ def _images_text(sizes: list | None, what: str = "reference") -> str:
 
 def format_report(report: Report, spec) -> str:
     facts = report.facts
-    names = spec.model.controlnet
-    controlnet = (f" with ControlNets {', '.join(names)}" if isinstance(names, list) else
-                  f" with ControlNet {names}" if names else "")
+    names = spec.model.controlnets
+    controlnet = (f" with ControlNet{'s' if len(names) > 1 else ''} {', '.join(names)}" if names
+                  else "")
     lines = [f"model {spec.model.id}{controlnet} on {facts['device']} ({facts['dtype']}); "
              f"{spec.search.model_kind} pipeline",
              f"prompts: {facts['prompts']} from {spec.prompts.source}, e.g. {_shortened(facts['sample'])!r}"

@@ -32,8 +32,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
     trials = study.get_trials(deepcopy=False)
     by_number = {t.number: t for t in trials}
     states = Counter(t.state.name for t in trials)
-    calibrations = {fingerprint: studies.calibration(study, fingerprint)
-                    for fingerprint in studies.baselines(study)}
+    baselines = studies.baselines(study)  # one read of the study's attrs
+    calibrations = {fingerprint: studies.calibration(study, fingerprint) for fingerprint in baselines}
     calibrated_ranges = {fingerprint: _ranges(stored) for fingerprint, stored in calibrations.items()}
     saved = sum(t.user_attrs.get("early_stop_saved_s", 0.0) for t in trials)
     summary = {
@@ -56,7 +56,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "reused": sum(is_copy(t) for t in trials),
         "confidence": spec.quality.confidence,
         "rule": spec.quality.rule,
-        "baselines": list(studies.baselines(study).values()),
+        "baselines": list(baselines.values()),
         "timings": studies.timings(study),
         "auto_ranges": {fingerprint: {name: list(calibrated) for name, calibrated in ranges.items()}
                         for fingerprint, ranges in calibrated_ranges.items()},
@@ -86,7 +86,7 @@ def study_summary(study: optuna.Study, spec) -> dict:
     summary["winner_repeat"] = repeat_of(found) if found else None
     summary["winner_same_images"] = ([trial_metrics(t) for t in same_images(study, found.trial)]
                                      if found else [])
-    summary["winner_deployment"] = (deployment_of(spec, found.trial, studies.baselines(study).get(
+    summary["winner_deployment"] = (deployment_of(spec, found.trial, baselines.get(
         found.trial.user_attrs.get("fingerprint"))) if found else None)
     finished = [t for t in trials if t.state in studies.FINISHED]
     summary["nothing_feasible_hint"] = (objectives.relax_hint(spec, finished)

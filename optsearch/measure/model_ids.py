@@ -68,10 +68,9 @@ def check_folder(model_id: str, what: str) -> None:
 def check_folders(model) -> None:
     """The folders a spec's `[model]` names (`ModelSpec`): there, before anything loads."""
     check_folder(model.id, "model")
-    controlnets = [model.controlnet] if isinstance(model.controlnet, str) else model.controlnet or []
-    for controlnet in controlnets:
+    for controlnet in model.controlnets:
         check_folder(controlnet, "model.controlnet")
-    for lora, _ in model.loras:
+    for lora in model.lora_sources:
         if not os.path.isfile(os.path.expanduser(lora)):  # a weight file, or a folder or hub id
             check_folder(lora, "model.lora")
 

@@ -123,18 +123,18 @@ def validate(spec: StudySpec, problem) -> None:
                        ("lora_scale", model.lora_scale == 1.0), ("fuse_lora", not model.fuse_lora)):
         if model.lora is None and not unset:
             problem(f"model.{key}", "applies with model.lora (the LoRA it is for)")
-    if isinstance(model.lora, list) and model.lora_weight_name is not None:
+    if len(model.lora_sources) > 1 and model.lora_weight_name is not None:
         problem("model.lora_weight_name", "applies to one LoRA; with several, name each one's "
                 ".safetensors file in model.lora")
-    count = 1 if isinstance(model.lora, str) else len(model.lora or [])
+    count = len(model.lora_sources)
     if count and isinstance(model.lora_scale, list) and len(model.lora_scale) != count:
         problem("model.lora_scale", f"gives {len(model.lora_scale)} scales for {count} LoRAs "
                 "(model.lora): one each, in order")
-    if isinstance(model.controlnet, list):
+    if len(model.controlnets) > 1:
         scales = model.call.get("controlnet_conditioning_scale")
-        if isinstance(scales, list) and len(scales) != len(model.controlnet):
+        if isinstance(scales, list) and len(scales) != len(model.controlnets):
             problem("model.call.controlnet_conditioning_scale", f"gives {len(scales)} scales for "
-                    f"{len(model.controlnet)} ControlNets (model.controlnet): one each, in order")
+                    f"{len(model.controlnets)} ControlNets (model.controlnet): one each, in order")
         if prompts.batch_size > 1:
             problem("prompts.batch_size", f"{prompts.batch_size}: several ControlNets "
                     "(model.controlnet) run one prompt a call, as diffusers' pipelines nest a "

@@ -177,10 +177,10 @@ def _one_scale_each(model) -> None:
     """Several ControlNets take one conditioning scale each: a number (or none: 1.0) is given to
     each, as SD's pipelines do themselves and FLUX's and SD3's multi-ControlNet calls fail to
     (diffusers 0.42). The export's call then runs as measured."""
-    if isinstance(model.controlnet, list):
+    if len(model.controlnets) > 1:
         scale = model.call.get("controlnet_conditioning_scale", 1.0)
         if not isinstance(scale, list):
-            model.call["controlnet_conditioning_scale"] = [scale] * len(model.controlnet)
+            model.call["controlnet_conditioning_scale"] = [scale] * len(model.controlnets)
 
 
 def _keys(section) -> list[str]:

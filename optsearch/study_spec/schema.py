@@ -112,11 +112,25 @@ class ModelSpec:
         return self.strength is not None and self.pipeline_kind == "transformer"
 
     @property
+    def controlnets(self) -> list[str]:
+        """The ControlNets served, as a list (`controlnet` is one, a list, or none)."""
+        return _listed(self.controlnet)
+
+    @property
+    def lora_sources(self) -> list[str]:
+        """The LoRAs served, as a list (`lora` is one, a list, or none)."""
+        return _listed(self.lora)
+
+    @property
     def loras(self) -> list[tuple[str, float]]:
         """Each LoRA served, with its scale (a number in lora_scale is each one's)."""
-        sources = [self.lora] if isinstance(self.lora, str) else list(self.lora or [])
+        sources = self.lora_sources
         scales = self.lora_scale if isinstance(self.lora_scale, list) else [self.lora_scale] * len(sources)
         return list(zip(sources, scales, strict=False))
+
+
+def _listed(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 @dataclass
