@@ -51,6 +51,8 @@ class Param:
             return None if isinstance(value, bool) else "must be true or false"
         if self.choices:
             return None if value in self.choices else f"must be one of {self.allowed()}"
+        if self.kind is str:  # a name the family resolves (distill's LoRA); "" where none is given
+            return None if isinstance(value, str) else "must be a string"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a{'n integer' if self.kind is int else ' number'}"
         if not math.isfinite(value):
@@ -72,6 +74,8 @@ class Param:
             return "true or false"
         if self.choices:
             return ", ".join(repr(choice) for choice in self.choices)
+        if self.kind is str:
+            return "a string"
         low = "-inf" if self.minimum is None else self.minimum
         high = "inf" if self.maximum is None else self.maximum
         closing = ")" if self.exclusive_maximum or self.maximum is None else "]"

@@ -13,6 +13,7 @@ from types import ModuleType
 from optsearch.accelerators import (
     dbcache,
     deepcache,
+    distill,
     fastercache,
     fbcache,
     magcache,
@@ -27,8 +28,8 @@ from optsearch.accelerators.base import Param
 from optsearch.accelerators.calls import denoised_steps
 
 REGISTRY: dict[str, ModuleType] = {
-    m.NAME: m for m in (steps, deepcache, tome, tgate, pab, fastercache, fbcache, taylorseer, magcache,
-                        dbcache, seacache)
+    m.NAME: m for m in (distill, steps, deepcache, tome, tgate, pab, fastercache, fbcache, taylorseer,
+                        magcache, dbcache, seacache)
 }
 ORDER = tuple(REGISTRY)
 KINDS = ("unet", "transformer", "video")
@@ -71,8 +72,14 @@ def combo_problem(combo: Sequence[str], kind: str | None = None) -> str | None:
         if foreign:
             return (f"{foreign[0]} does not apply to this model ({kind} pipeline; families that "
                     f"do: {', '.join(applicable(kind))})")
+    if "distill" in combo and "steps" not in combo:
+        return (f"distill runs with steps: a step-distilled LoRA is made for a few steps (got "
+                f"{combo_name(combo)}; search {combo_name([*combo, 'steps'])} and give "
+                "space.steps.num_inference_steps)")
+    if "distill" in combo and "tgate" in combo:
+        return "distill turns guidance off, and tgate caches the guided half: they do not combine"
     exclusive = [name for name in combo if name in EXCLUSIVE]
-    others = [name for name in combo if name not in ("steps", *exclusive)]
+    others = [name for name in combo if name not in ("steps", "distill", *exclusive)]
     if exclusive and (others or len(exclusive) > 1):
         return (f"{exclusive[0]} combines only with steps (got {combo_name(combo)}): diffusers "
                 "runs one cache per model")

@@ -58,8 +58,12 @@ def _steps(exported: dict) -> int:
 def _denoising(exported: dict, family: str) -> int:
     """The steps a family's config counts: the call's, or where an image-to-image call denoised a
     share of them, those the trial ran (recorded by the pipeline's own rounding)."""
-    ran_with = (exported.get("calibration") or {}).get(family, {})
-    return int(ran_with.get("denoising_steps", _steps(exported)))
+    return int(_ran_with(exported, family).get("denoising_steps", _steps(exported)))
+
+
+def _ran_with(exported: dict, family: str) -> dict:
+    """What a family's measured calls ran with beyond its setting (recorded by the trial)."""
+    return (exported.get("calibration") or {}).get(family, {})
 
 
 def _strength(exported: dict) -> float | None:
@@ -124,6 +128,9 @@ def cache_dit_yaml(exported: dict) -> str:
              + (f", strength={_strength(exported)}" if _strength(exported) is not None else "")
              + "".join(f", {name}={value!r}" for name, value in _call_arguments(exported).items()),
              *[f"# {line.removeprefix('# ')}" for line in _scheduler_code(exported)[1:2]],
+             *([f"# {line.removeprefix('# ')}" for line in ["first the step-distilled LoRA, as measured:",
+                *_distill_code(setting["distill"], _ran_with(exported, "distill"))]]
+               if "distill" in setting else []),
              "# load: cache_dit.enable_cache(pipe, **cache_dit.load_configs(\"this.yaml\"))",
              *[f"# {line.removeprefix('# ')}" for line in _compile_code(exported)[1:]],
              "cache_config:"]
@@ -140,7 +147,7 @@ def _dbcache_options(params: dict, steps: int, exported: dict) -> dict:
     Where the measured calls ran no separate guidance on a pipeline cache-dit takes to (Qwen-Image
     without true CFG), `enable_separate_cfg: false`, as measured (the trial recorded it)."""
     options = {**DBCACHE_DEFAULTS, **params}  # what optsearch ran where the setting is silent
-    ran_with = (exported.get("calibration") or {}).get("dbcache", {})
+    ran_with = _ran_with(exported, "dbcache")
     if "enable_separate_cfg" in ran_with:
         options["enable_separate_cfg"] = ran_with["enable_separate_cfg"]
     mask = options.pop("steps_computation_mask", "none")
@@ -178,6 +185,8 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
     args = ", ".join(f"{key}={value!r}" for key, value in params.items())
     if name == "steps":
         return []
+    if name == "distill":
+        return _distill_code(params, _ran_with(exported, "distill"))
     if name == "deepcache":
         return ["from DeepCache import DeepCacheSDHelper", "",
                 "helper = DeepCacheSDHelper(pipe=pipe)",
@@ -257,6 +266,22 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
                 "", f"cache_dit.enable_cache(pipe, cache_config=DBCacheConfig({text}),",
                 f"                       calibrator_config={calibrator})"]
     raise UsageError(f"--format diffusers does not know family {name!r}")
+
+
+def _distill_code(params: dict, ran_with: dict) -> list[str]:
+    """The step-distilled LoRA as an adapter, as measured, and the guidance the calls ran with."""
+    source, weight = params["lora"], params.get("weight_name") or None
+    if source.endswith(".safetensors"):  # a file: its folder and its name
+        source, _, weight = source.rpartition("/")
+    named = f", weight_name={weight!r}" if weight else ""
+    lines = [f"pipe.load_lora_weights({source or '.'!r}{named}, adapter_name='distill')",
+             f"pipe.set_adapters(['distill'], adapter_weights=[{params['lora_scale']!r}])",
+             "# measured as an adapter; fused (pipe.fuse_lora(); pipe.unload_lora_weights()) it adds",
+             "# no work per step and runs a little faster than measured"]
+    if ran_with.get("call"):
+        lines.append(f"call_kwargs.update({ran_with['call']!r})  # guidance off, as measured "
+                     "(and no negative prompt)")
+    return lines
 
 
 def _pab_code() -> list[str]:

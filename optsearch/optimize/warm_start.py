@@ -58,9 +58,10 @@ PUBLISHED: dict[str, list[dict]] = {
 
 def _published_points(combo: tuple[str, ...], model_steps: int) -> list[dict[str, dict]]:
     """The published points of a combo's families; `steps` runs them at the model's full step
-    count (no paper publishes "fewer steps", so a combo of steps alone has none)."""
+    count (no paper publishes "fewer steps", so a combo of steps alone has none), and a combo
+    with a step-distilled LoRA has none (the caches' points were published at full steps)."""
     families = [name for name in combo if name != "steps"]
-    if not families:
+    if not families or "distill" in families:
         return []
     points = []
     for chosen in itertools.product(*(PUBLISHED[name] for name in families)):

@@ -62,6 +62,9 @@ def notes(spec: StudySpec) -> list[str]:
         lines.append("model.lora is measured as an adapter (its low-rank work at every step, as a "
                      "server that switches LoRAs runs it); set model.fuse_lora = true if you serve "
                      "it fused")
+    if "distill" in spec.accelerators_used:
+        lines.append("distill's LoRA is measured as an adapter (it cannot be unfused bit for bit): "
+                     "served fused, it runs a little faster than measured")
     size = spec.space_size()
     if size is not None and size < spec.search.n_trials:
         lines.append(f"the space holds at most {size} distinct settings, fewer than search.n_trials = "
@@ -253,6 +256,12 @@ def validate(spec: StudySpec, problem) -> None:
                     f"{', '.join(combo_name(c) for c in search.combos) or 'empty'})")
     if guidance_problem(used, model.guidance_scale):
         problem("search.accelerators", guidance_problem(used, model.guidance_scale))
+    if "distill" in used and not spec.space.get("distill", {}).get("lora"):
+        problem("space.distill.lora", "is required with distill: the step-distilled LoRA's hub id, "
+                "folder or .safetensors file (Lightning, Hyper-SD, Turbo)")
+    if "distill" in used and model.compile != "none":
+        problem("model.compile", "distill loads its LoRA into the denoiser for each trial, which "
+                "recompiles it: measure distill with compile = \"none\"")
     for accelerator in used:
         for name, declared in params_of(accelerator).items():
             counted = declared.counts_steps or declared.scales_with_steps

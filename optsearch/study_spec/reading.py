@@ -118,6 +118,9 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     resolve("model", "id", lambda value: value.startswith(("./", "../")))
     for key in ("lora", "controlnet"):  # local folders or files, beside the spec
         resolve("model", key, lambda value: value.startswith(("./", "../")))
+    distill = data.get("space", {}).get("distill") if isinstance(data.get("space"), dict) else None
+    if isinstance(distill, dict) and "lora" in distill:
+        distill["lora"] = absolute(distill["lora"], lambda value: value.startswith(("./", "../")))
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("id"), str) and is_factory(model["id"]):
         model.setdefault("factory_path", ".")
@@ -296,6 +299,8 @@ def _check_range(param, value) -> str | None:
         return None
     if param.kind is bool:
         return param.check(values[0]) if len(values) == 1 else "must be true or false"
+    if param.kind is str:  # one name, not searched (distill.lora)
+        return None if isinstance(value, str) and value else f"must be a string: {param.help}"
     if not 1 <= len(values) <= 3:
         return f"must be [low, high], [low, high, step] or one value ({param.allowed()})"
     for item in values[:2]:

@@ -1,0 +1,128 @@
+"""A step-distilled LoRA (Lightning, Hyper-SD, FLUX.1-Turbo, lightx2v): the denoiser taught to
+finish in a few steps, usually with classifier-free guidance off. It competes with the caches, so
+a study weighs it against them, and beside them (Qwen-Image-Lightning with DBCache).
+
+The family loads the LoRA as an adapter (diffusers' `load_lora_weights` and `set_adapters`) and,
+unless `cfg` is kept, turns guidance off in each call (`prepare`). Its step count is the `steps`
+family's: a combo runs it with `steps`. `restore()` unloads the adapter, which leaves the layers
+as they were (peft's wrappers give the original modules back): fusing would be faster, but fusing
+and unfusing in half precision does not give back the same weights, so the setting is measured
+as an adapter, the slower way to serve it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from optsearch.accelerators.base import Param
+from optsearch.accelerators.calls import call_parameters, runs_separate_cfg
+
+NAME = "distill"
+APPLIES_TO = ("unet", "transformer", "video")
+ADAPTER = "optsearch-distill"
+PARAMS = (
+    Param("lora", str, ("",), help="the step-distilled LoRA: a hub id, folder or .safetensors file"),
+    Param("weight_name", str, ("",), help="its file in a repo or folder that holds several"),
+    Param("lora_scale", float, (1.0,), minimum=0.0, help="the adapter's weight"),
+    Param("cfg", bool, (False,), choices=(False, True),
+          help="keep classifier-free guidance (false: off, as most distilled LoRAs are run)"),
+)
+SAME_COMPUTATION = "same LoRA"
+
+
+def load_adapter(pipe, source: str, weight_name: str | None, adapter: str) -> None:
+    """Load one LoRA as the adapter `adapter`: a .safetensors file (its folder and name), or a
+    hub id or folder (its `weight_name` file where it holds several). ValueError, one line, when
+    it adapts no layer of the pipeline (diffusers loads a LoRA for another model silently)."""
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        source, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
+    pipe.load_lora_weights(source, weight_name=weight_name or None, adapter_name=adapter)
+    if not any(adapter in names for names in pipe.get_list_adapters().values()):
+        raise ValueError(f"LoRA {source!r} adapts no layer of {type(pipe).__name__}: a LoRA for "
+                         "another model?")
+
+
+def guidance_off(pipe, call_kwargs: dict) -> dict:
+    """The call's guidance arguments that run classifier-free guidance, set to 1.0 (off): where
+    the call takes a true_cfg_scale (Qwen-Image, FLUX) that one, elsewhere guidance_scale (SD,
+    SD3, Wan, and Wan 2.2's guidance_scale_2). FLUX's guidance_scale is embedded in the
+    transformer, not a second pass: it stays. Returns what it changed (the export sets the same)."""
+    parameters = call_parameters(pipe)
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    embedded = getattr(getattr(denoiser, "config", None), "guidance_embeds", False) is True
+    keys = ("true_cfg_scale",) if "true_cfg_scale" in parameters else \
+        ("guidance_scale_2",) if embedded else ("guidance_scale", "guidance_scale_2")
+    changed = {}
+    for key in keys:
+        value = call_kwargs.get(key, parameters[key].default if key in parameters else None)
+        if value is not None and float(value) > 1.0:
+            changed[key] = 1.0
+    call_kwargs.update(changed)
+    if changed:
+        call_kwargs.pop("negative_prompt", None)  # unused without guidance (Qwen warns of it)
+    return changed
+
+
+class DistillPatch:
+    """The LoRA loaded as an adapter; guidance off in each call unless `cfg`."""
+
+    def __init__(self, pipe, lora: str, weight_name: str, lora_scale: float, cfg: bool):
+        self.pipe, self.cfg = pipe, cfg
+        self.told: dict = {}
+        self.fraction: float | None = None
+        load_adapter(pipe, lora, weight_name, ADAPTER)
+        pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
+
+    def prepare(self, call_kwargs: dict) -> None:
+        """Guidance off (unless kept): half the denoiser's work where it ran two passes."""
+        if self.cfg:
+            self.fraction = 1.0
+            return
+        guided = runs_separate_cfg(self.pipe, call_kwargs)
+        self.told = guidance_off(self.pipe, call_kwargs)
+        self.fraction = 0.5 if guided and not runs_separate_cfg(self.pipe, call_kwargs) else 1.0
+
+    def computed_fraction(self) -> float | None:
+        return self.fraction
+
+    def ran_with(self) -> dict:
+        """The guidance arguments the calls ran with, for the export."""
+        return {"call": dict(self.told)} if self.told else {}
+
+    def restore(self) -> None:
+        """Unload the adapter: peft's wrappers give the original layers back, bit for bit."""
+        if ADAPTER in {name for names in self.pipe.get_list_adapters().values() for name in names}:
+            self.pipe.unload_lora_weights()
+
+
+def apply(pipe, lora: str = "", weight_name: str = "", lora_scale: float = 1.0,
+          cfg: bool = False, **_recorded) -> DistillPatch:
+    """`_recorded`: what a trial ran with (the guidance it turned off), passed back by an export."""
+    if not lora:
+        raise ValueError("distill.lora is required: the step-distilled LoRA's hub id, folder or "
+                         ".safetensors file")
+    return DistillPatch(pipe, lora, weight_name, float(lora_scale), bool(cfg))
+
+
+def problem_with(pipe, values) -> str | None:
+    """A pipeline without diffusers' LoRA loader, Wan 2.2's two experts (each takes its own
+    LoRA), or one that holds adapters already (restoring would unload them too)."""
+    if not hasattr(pipe, "load_lora_weights"):
+        return f"distill: {type(pipe).__name__} has no LoRA loader in diffusers"
+    if getattr(pipe, "transformer_2", None) is not None:
+        return ("distill: Wan 2.2's two experts each take their own distilled LoRA (lightx2v's high- "
+                "and low-noise files): load them in a factory and search steps")
+    if any(pipe.get_list_adapters().values()):
+        return ("distill: the pipeline holds LoRA adapters already (model.lora); fuse them "
+                "(model.fuse_lora = true) so the distilled LoRA can be loaded and unloaded alone")
+    return None
+
+
+def max_speedup(model_steps: int, cfg: bool = False, **_) -> float:
+    """Guidance off halves the denoiser's work at most; the LoRA itself adds work."""
+    return 1.0 if cfg else 2.0
+
+
+def warmup_steps(**_) -> int:
+    return 0

@@ -1,0 +1,157 @@
+"""A step-distilled LoRA as a family (`distill`, with `steps`): loaded as an adapter for a
+trial, guidance off in its calls unless kept, weighed against and beside the caches, unloaded
+bit for bit, and exported as the libraries' own calls."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+
+import optsearch
+from optsearch.accelerators import apply_setting, denoiser, pipeline_problem
+from optsearch.errors import SpecError
+from optsearch.measure.builtin import build_builtin
+from optsearch.measure.generation import GenerationConfig
+from optsearch.measure.models import with_lora
+from optsearch.measure.prompts import load_prompts
+from optsearch.study_spec import load_spec
+from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
+from tests.test_deploy_exports import export, exported_function, images, study_with_winner
+from tests.test_image_conditioned import first_images, quiet_builtin
+from tests.test_lora import lora_parameters, saved_lora
+
+DISTILL_SPEC = TINY_SPEC.replace('accelerators = ["deepcache", "tome"]', 'accelerators = '
+                                 '[["steps"], ["distill", "steps"], ["distill", "steps", "deepcache"]]')
+
+
+def layer_types(pipe) -> list[str]:
+    return [type(module).__name__ for module in denoiser(pipe).modules()]
+
+
+@pytest.mark.parametrize("model_id, guidance, fraction", [
+    ("builtin:tiny", {"guidance_scale": 7.5}, 0.5),  # SD: CFG in one batched UNet call, off
+    ("builtin:tiny-qwen-image", {"true_cfg_scale": 4.0, "negative_prompt": " "}, 0.5),  # true CFG
+    ("builtin:tiny-flux", {"guidance_scale": 3.5}, 1.0),  # FLUX.1-dev: embedded guidance stays
+], ids=["sd", "qwen-image", "flux"])
+def test_a_distilled_lora_runs_without_guidance_and_unloads_bit_for_bit(tmp_path, model_id,
+                                                                        guidance, fraction):
+    lora = saved_lora(model_id, tmp_path / "lightning", seed=1)
+    pipe = quiet_builtin(model_id)
+    config = GenerationConfig(steps=8, batch_size=2, **{k: v for k, v in guidance.items()
+                                                        if k != "guidance_scale"},
+                              guidance_scale=guidance.get("guidance_scale", 1.0))
+    images_of = partial(first_images, pipe, config, load_prompts("builtin", 2))
+    baseline, layers = images_of(), layer_types(pipe)
+    few = {"steps": {"num_inference_steps": 4}}
+    for cfg, share, told in ((False, fraction, fraction < 1), (True, 1.0, False)):
+        applied = apply_setting(pipe, {"distill": {"lora": str(lora), "cfg": cfg}, **few})
+        try:
+            assert lora_parameters(pipe) > 0
+            distilled = images_of(applied)
+            assert applied.computed_fraction() == pytest.approx(0.5 * share)  # 4 of 8 steps
+            assert bool(applied.ran_with()) == told  # the guidance it turned off, for the export
+        finally:
+            applied.restore()
+        assert lora_parameters(pipe) == 0 and layer_types(pipe) == layers  # peft's wrappers gone
+        np.testing.assert_array_equal(images_of(), baseline)
+        steps_alone = apply_setting(pipe, few)
+        try:
+            assert not np.array_equal(distilled, images_of(steps_alone))  # the LoRA counts
+        finally:
+            steps_alone.restore()
+    if fraction < 1:
+        applied = apply_setting(pipe, {"distill": {"lora": str(lora)}, **few})
+        try:
+            kwargs = dict(guidance, num_inference_steps=8)
+            applied._patches[0].prepare(kwargs)
+            assert "negative_prompt" not in kwargs and 1.0 in kwargs.values()
+        finally:
+            applied.restore()
+
+
+def test_distill_beside_a_cache_and_a_served_lora(tmp_path):
+    lora = saved_lora("builtin:tiny", tmp_path / "lightning", seed=1)
+    pipe = quiet_builtin("builtin:tiny")
+    config = GenerationConfig(steps=8, batch_size=2)
+    images_of = partial(first_images, pipe, config, load_prompts("builtin", 2))
+    baseline = images_of()
+    setting = {"distill": {"lora": str(lora)}, "steps": {"num_inference_steps": 6},
+               "deepcache": {"cache_interval": 2, "cache_branch_id": 0}}
+    applied = apply_setting(pipe, setting)
+    try:
+        combined = images_of(applied)
+        assert applied.computed_fraction() < 0.5 * 6 / 8  # DeepCache skips on the distilled UNet
+    finally:
+        applied.restore()
+    np.testing.assert_array_equal(images_of(), baseline)
+    assert not np.array_equal(combined, baseline)
+
+    style = saved_lora("builtin:tiny", tmp_path / "style", seed=2)
+    served = with_lora(quiet_builtin("builtin:tiny"), [(str(style), 0.8)])
+    assert "fuse them (model.fuse_lora = true)" in pipeline_problem(["distill"], served)
+    fused = with_lora(quiet_builtin("builtin:tiny"), [(str(style), 0.8)], fuse=True)
+    assert pipeline_problem(["distill", "steps"], fused) is None
+    applied = apply_setting(fused, {"distill": {"lora": str(lora)}, "steps": {"num_inference_steps": 4}})
+    applied.restore()
+    assert lora_parameters(fused) == 0
+
+    other = saved_lora("builtin:tiny-flux", tmp_path / "flux-lora")  # a LoRA for another model
+    with pytest.raises(ValueError, match="adapts no layer of .*a LoRA for another model"):
+        apply_setting(pipe, {"distill": {"lora": str(other)}, "steps": {"num_inference_steps": 4}})
+    assert lora_parameters(pipe) == 0
+    np.testing.assert_array_equal(images_of(), baseline)
+
+
+@pytest.mark.parametrize("lines, key, says", [
+    ("", "space.distill.lora", "is required with distill"),
+    ('[space.distill]\nlora = ["a", "b"]\n', "space.distill.lora", "must be a string"),
+    ('[space.distill]\nlora = "a/b"\n', "search.accelerators", "distill runs with steps"),
+    ('[space.distill]\nlora = "a/b"\n', "search.accelerators", "tgate caches the guided half"),
+    ('[space.distill]\nlora = "a/b"\n', "model.compile", 'measure distill with compile = "none"'),
+], ids=["no-lora", "two-loras", "no-steps", "tgate", "compiled"])
+def test_a_distill_spec_error_is_one_line(tmp_path, lines, key, says):
+    text = DISTILL_SPEC + lines
+    if "without steps" in says or "distill runs with steps" in says:
+        text = text.replace('["distill", "steps"], ', '["distill"], ')
+    if "tgate" in says:
+        text = text.replace('["steps"], ', '["distill", "steps", "tgate"], ')
+    if "compile" in says:
+        text = text.replace("steps = 8\n", 'steps = 8\ncompile = "regional"\n')
+    with pytest.raises(SpecError) as error:
+        load_spec(write_spec(tmp_path / "s.toml", text))
+    assert f"{key}: " in str(error.value) and says in str(error.value)
+
+
+def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_path):
+    lora = saved_lora("builtin:tiny", tmp_path / "lightning", seed=1)
+    text = DISTILL_SPEC + '[space.steps]\nnum_inference_steps = [3, 6]\n' \
+        + '[space.distill]\nlora = "./lightning"\n'  # beside the spec
+    spec = write_spec(tmp_path / "distill.toml", text.replace("n_trials = 4", "n_trials = 5"))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = optsearch_cmd("run", str(spec), "--storage", url, cwd=tmp_path.parent)
+    assert result.returncode == 0, result.stderr
+    assert "distill's LoRA is measured as an adapter" in result.stdout + result.stderr
+    assert f"distill(lora={lora}" in result.stdout  # read from the spec's folder
+    import optuna
+
+    trials = optuna.load_study(study_name="tiny", storage=url).trials
+    distilled = [t for t in trials if "distill" in t.user_attrs.get("combo", "")]
+    assert distilled and all(t.user_attrs["setting"]["distill"]["lora"] == str(lora) for t in distilled)
+
+    # its winner, exported: the LoRA and the guidance off, with the libraries' own calls
+    setting = {"distill": {"lora": str(lora / "pytorch_lora_weights.safetensors"), "weight_name": "",
+                           "lora_scale": 0.9, "cfg": False},
+               "steps": {"num_inference_steps": 4},
+               "deepcache": {"cache_interval": 2, "cache_branch_id": 0}}
+    (tmp_path / "export").mkdir()
+    url = study_with_winner(tmp_path / "export", text, setting,
+                            calibration_used={"distill": {"call": {"guidance_scale": 1.0}}})
+    text = export(tmp_path / "export", url, "tiny", "diffusers", "accelerate_pipe.py")
+    assert "call_kwargs.update({'guidance_scale': 1.0})" in text and "adapter_name='distill'" in text
+    accelerate = exported_function(text)
+    with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
+        expected = images(run, 8, kind="sd", guidance_scale=7.5)
+    pipe = build_builtin("builtin:tiny")
+    np.testing.assert_array_equal(images(pipe, kind="sd", **accelerate(pipe)), expected)
