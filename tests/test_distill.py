@@ -4,6 +4,7 @@ bit for bit, and exported as the libraries' own calls."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import numpy as np
@@ -110,7 +111,9 @@ def test_distill_beside_a_cache_and_a_served_lora(tmp_path):
     ('[space.distill]\nlora = "a/b"\n', "search.accelerators", "distill runs with steps"),
     ('[space.distill]\nlora = "a/b"\n', "search.accelerators", "tgate caches the guided half"),
     ('[space.distill]\nlora = "a/b"\n', "model.compile", 'measure distill with compile = "none"'),
-], ids=["no-lora", "two-loras", "no-steps", "tgate", "compiled"])
+    ('[space.distill]\nlora = "a/b"\nscheduler_config = "lightning.json"\n',
+     "space.distill.scheduler_config", "No such file"),
+], ids=["no-lora", "two-loras", "no-steps", "tgate", "compiled", "no-scheduler-file"])
 def test_a_distill_spec_error_is_one_line(tmp_path, lines, key, says):
     text = DISTILL_SPEC + lines
     if "without steps" in says or "distill runs with steps" in says:
@@ -140,18 +143,31 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     distilled = [t for t in trials if "distill" in t.user_attrs.get("combo", "")]
     assert distilled and all(t.user_attrs["setting"]["distill"]["lora"] == str(lora) for t in distilled)
 
-    # its winner, exported: the LoRA and the guidance off, with the libraries' own calls
+    # its winner, exported: the LoRA, its recipe's scheduler (SDXL-Lightning's: Euler, trailing
+    # timesteps) and the guidance off, with the libraries' own calls
+    recipe = {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing"}
+    (tmp_path / "lightning.json").write_text(json.dumps(recipe))
+    spec = load_spec(write_spec(tmp_path / "recipe.toml", text + 'scheduler_config = "lightning.json"\n'))
+    inlined = spec.space["distill"]["scheduler_config"]  # the stored spec holds the object
+    assert json.loads(inlined) == recipe
     setting = {"distill": {"lora": str(lora / "pytorch_lora_weights.safetensors"), "weight_name": "",
-                           "lora_scale": 0.9, "cfg": False},
+                           "lora_scale": 0.9, "cfg": False, "scheduler_config": inlined},
                "steps": {"num_inference_steps": 4},
                "deepcache": {"cache_interval": 2, "cache_branch_id": 0}}
     (tmp_path / "export").mkdir()
-    url = study_with_winner(tmp_path / "export", text, setting,
-                            calibration_used={"distill": {"call": {"guidance_scale": 1.0}}})
+    url = study_with_winner(tmp_path / "export", text, setting, calibration_used={
+        "distill": {"call": {"guidance_scale": 1.0}, "scheduler": recipe}})
     text = export(tmp_path / "export", url, "tiny", "diffusers", "accelerate_pipe.py")
     assert "call_kwargs.update({'guidance_scale': 1.0})" in text and "adapter_name='distill'" in text
     accelerate = exported_function(text)
-    with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
+    pipe = build_builtin("builtin:tiny")
+    plain_scheduler = pipe.scheduler
+    with optsearch.apply(pipe, setting) as run:
         expected = images(run, 8, kind="sd", guidance_scale=7.5)
+        assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.scheduler is plain_scheduler  # the model's scheduler back
     pipe = build_builtin("builtin:tiny")
     np.testing.assert_array_equal(images(pipe, kind="sd", **accelerate(pipe)), expected)
+    setting["distill"]["scheduler_config"] = ""  # the recipe's scheduler counts
+    with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
+        assert not np.array_equal(images(run, 8, kind="sd", guidance_scale=7.5), expected)

@@ -2,8 +2,9 @@
 finish in a few steps, usually with classifier-free guidance off. It competes with the caches, so
 a study weighs it against them, and beside them (Qwen-Image-Lightning with DBCache).
 
-The family loads the LoRA as an adapter (diffusers' `load_lora_weights` and `set_adapters`) and,
-unless `cfg` is kept, turns guidance off in each call (`prepare`). Its step count is the `steps`
+The family loads the LoRA as an adapter (diffusers' `load_lora_weights` and `set_adapters`),
+swaps in the scheduler its recipe runs with where one is given (Lightning's shift, LCM's class),
+and, unless `cfg` is kept, turns guidance off in each call (`prepare`). Its step count is the `steps`
 family's: a combo runs it with `steps`. `restore()` unloads the adapter, which leaves the layers
 as they were (peft's wrappers give the original modules back): fusing would be faster, but fusing
 and unfusing in half precision does not give back the same weights, so the setting is measured
@@ -12,6 +13,7 @@ as an adapter, the slower way to serve it.
 
 from __future__ import annotations
 
+import json
 import os
 
 from optsearch.accelerators.base import Param
@@ -26,6 +28,8 @@ PARAMS = (
     Param("lora_scale", float, (1.0,), minimum=0.0, help="the adapter's weight"),
     Param("cfg", bool, (False,), choices=(False, True),
           help="keep classifier-free guidance (false: off, as most distilled LoRAs are run)"),
+    Param("scheduler_config", str, ("",), help="the scheduler settings its recipe runs with, over "
+          "the model's: a JSON object or file (\"_class_name\": another class, e.g. LCMScheduler)"),
 )
 SAME_COMPUTATION = "same LoRA"
 
@@ -64,15 +68,51 @@ def guidance_off(pipe, call_kwargs: dict) -> dict:
     return changed
 
 
-class DistillPatch:
-    """The LoRA loaded as an adapter; guidance off in each call unless `cfg`."""
+def scheduler_overrides(given: str) -> dict:
+    """The scheduler settings given as one JSON object, or the path of a JSON file of one (a
+    spec holds the object itself: a worker on another machine reads it from the study);
+    ValueError, one line, otherwise."""
+    try:
+        if given.lstrip().startswith("{"):
+            overrides = json.loads(given)
+        else:
+            with open(os.path.expanduser(given), encoding="utf-8") as file:
+                overrides = json.load(file)
+    except OSError as error:
+        raise ValueError(f"distill.scheduler_config {given!r}: {error.strerror or error}") from error
+    except ValueError as error:
+        raise ValueError(f"distill.scheduler_config {given!r}: not JSON ({error})") from error
+    if not isinstance(overrides, dict):
+        raise ValueError(f"distill.scheduler_config {given!r} must hold one JSON object")
+    return overrides
 
-    def __init__(self, pipe, lora: str, weight_name: str, lora_scale: float, cfg: bool):
-        self.pipe, self.cfg = pipe, cfg
+
+def scheduler_with(scheduler, overrides: dict):
+    """The scheduler of the recipe: the model's config with `overrides`, in the class they name."""
+    import diffusers
+
+    settings = dict(overrides)
+    name = settings.pop("_class_name", type(scheduler).__name__)
+    if not isinstance(getattr(diffusers, name, None), type):
+        raise ValueError(f"distill.scheduler_config: diffusers has no scheduler {name!r}")
+    return getattr(diffusers, name).from_config({**scheduler.config, **settings})
+
+
+class DistillPatch:
+    """The LoRA loaded as an adapter, the recipe's scheduler in place of the model's; guidance
+    off in each call unless `cfg`."""
+
+    def __init__(self, pipe, lora: str, weight_name: str, lora_scale: float, cfg: bool,
+                 scheduler_config: str):
+        self.pipe, self.cfg, self.scheduler = pipe, cfg, pipe.scheduler
         self.told: dict = {}
         self.fraction: float | None = None
+        self.overrides = scheduler_overrides(scheduler_config) if scheduler_config else {}
+        recipe = scheduler_with(pipe.scheduler, self.overrides) if self.overrides else None
         load_adapter(pipe, lora, weight_name, ADAPTER)
         pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
+        if recipe is not None:
+            pipe.scheduler = recipe
 
     def prepare(self, call_kwargs: dict) -> None:
         """Guidance off (unless kept): half the denoiser's work where it ran two passes."""
@@ -87,22 +127,25 @@ class DistillPatch:
         return self.fraction
 
     def ran_with(self) -> dict:
-        """The guidance arguments the calls ran with, for the export."""
-        return {"call": dict(self.told)} if self.told else {}
+        """The guidance arguments and scheduler settings the calls ran with, for the export."""
+        return {key: value for key, value in (("call", dict(self.told)), ("scheduler", self.overrides))
+                if value}
 
     def restore(self) -> None:
-        """Unload the adapter: peft's wrappers give the original layers back, bit for bit."""
+        """The model's scheduler back, and the adapter unloaded: peft's wrappers give the
+        original layers back, bit for bit."""
+        self.pipe.scheduler = self.scheduler
         if ADAPTER in {name for names in self.pipe.get_list_adapters().values() for name in names}:
             self.pipe.unload_lora_weights()
 
 
 def apply(pipe, lora: str = "", weight_name: str = "", lora_scale: float = 1.0,
-          cfg: bool = False, **_recorded) -> DistillPatch:
+          cfg: bool = False, scheduler_config: str = "", **_recorded) -> DistillPatch:
     """`_recorded`: what a trial ran with (the guidance it turned off), passed back by an export."""
     if not lora:
         raise ValueError("distill.lora is required: the step-distilled LoRA's hub id, folder or "
                          ".safetensors file")
-    return DistillPatch(pipe, lora, weight_name, float(lora_scale), bool(cfg))
+    return DistillPatch(pipe, lora, weight_name, float(lora_scale), bool(cfg), scheduler_config)
 
 
 def problem_with(pipe, values) -> str | None:

@@ -281,6 +281,13 @@ def _distill_code(params: dict, ran_with: dict) -> list[str]:
     if ran_with.get("call"):
         lines.append(f"call_kwargs.update({ran_with['call']!r})  # guidance off, as measured "
                      "(and no negative prompt)")
+    if ran_with.get("scheduler"):  # the scheduler settings of the LoRA's recipe
+        overrides = dict(ran_with["scheduler"])
+        name = overrides.pop("_class_name", None)
+        lines += [*([f"from diffusers import {name}"] if name else []),
+                  f"recipe = {overrides!r}",
+                  f"pipe.scheduler = {name or 'type(pipe.scheduler)'}.from_config("
+                  "{**pipe.scheduler.config, **recipe})"]
     return lines
 
 

@@ -11,6 +11,7 @@ from optsearch.accelerators import (
     combo_problem,
     dbcache,
     denoised_steps,
+    distill,
     params_of,
     step_problems,
 )
@@ -259,6 +260,11 @@ def validate(spec: StudySpec, problem) -> None:
     if "distill" in used and not spec.space.get("distill", {}).get("lora"):
         problem("space.distill.lora", "is required with distill: the step-distilled LoRA's hub id, "
                 "folder or .safetensors file (Lightning, Hyper-SD, Turbo)")
+    if "distill" in used and spec.space.get("distill", {}).get("scheduler_config"):
+        try:
+            distill.scheduler_overrides(spec.space["distill"]["scheduler_config"])
+        except ValueError as error:
+            problem("space.distill.scheduler_config", str(error).removeprefix("distill.scheduler_config "))
     if "distill" in used and model.compile != "none":
         problem("model.compile", "distill loads its LoRA into the denoiser for each trial, which "
                 "recompiles it: measure distill with compile = \"none\"")

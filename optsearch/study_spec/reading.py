@@ -7,6 +7,7 @@ before raising `SpecError`, so a user fixes a spec in one pass.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -14,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from optsearch.accelerators import ORDER, params_of
+from optsearch.accelerators import ORDER, distill, params_of
 from optsearch.errors import SpecError
 from optsearch.measure.model_ids import is_factory
 from optsearch.measure.prompts import is_folder
@@ -121,10 +122,22 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     distill = data.get("space", {}).get("distill") if isinstance(data.get("space"), dict) else None
     if isinstance(distill, dict) and "lora" in distill:
         distill["lora"] = absolute(distill["lora"], lambda value: value.startswith(("./", "../")))
+    if isinstance(distill, dict) and isinstance(distill.get("scheduler_config"), str):
+        distill["scheduler_config"] = _inlined(absolute(
+            distill["scheduler_config"], lambda value: not value.lstrip().startswith("{")))
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("id"), str) and is_factory(model["id"]):
         model.setdefault("factory_path", ".")
         resolve("model", "factory_path", lambda value: True)
+
+
+def _inlined(scheduler_config: str) -> str:
+    """A JSON file's object as its text, so the stored spec holds it (a worker on another
+    machine has no file); as given where it is no such file (the checks say why)."""
+    try:
+        return json.dumps(distill.scheduler_overrides(scheduler_config), sort_keys=True)
+    except ValueError:
+        return scheduler_config
 
 
 def spec_from_dict(data: dict, source: str = "<spec>",
