@@ -171,3 +171,22 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     setting["distill"]["scheduler_config"] = ""  # the recipe's scheduler counts
     with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
         assert not np.array_equal(images(run, 8, kind="sd", guidance_scale=7.5), expected)
+
+
+def test_an_auto_threshold_is_calibrated_on_the_distilled_model_its_trials_run(tmp_path):
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from tests.test_families import FLUX_SPEC
+
+    lora = saved_lora("builtin:tiny-flux", tmp_path / "lightning", seed=1)
+    searched = FLUX_SPEC.replace('[["steps"], ["magcache"], ["steps", "taylorseer"]]', "COMBOS") \
+        + "[space.steps]\nnum_inference_steps = [4, 8]\n" + f'[space.distill]\nlora = "{lora}"\n'
+    ranges, pipe = {}, build_builtin("builtin:tiny-flux")
+    for name, combos in (("plain", '[["distill", "steps"], ["steps", "fbcache"]]'),
+                         ("distilled", '[["distill", "steps", "fbcache"]]')):
+        spec = load_spec(write_spec(tmp_path / f"{name}.toml", searched.replace("COMBOS", combos)))
+        evaluator = evaluator_from_spec(spec, pipe=pipe, prompts=load_prompts("builtin", 4))
+        ranges[name] = list(evaluator.auto_ranges(spec)["fbcache.threshold"])
+        assert lora_parameters(pipe) == 0  # the LoRA unloaded after calibrating
+    assert spec.distilled_for("fbcache") == {"distill": {
+        "lora": str(lora), "weight_name": "", "lora_scale": 1.0, "cfg": False, "scheduler_config": ""}}
+    assert ranges["plain"] != ranges["distilled"]  # measured on the model the trials run

@@ -190,12 +190,19 @@ class AppliedSetting:
         if self._tome is not None:
             self._tome.reseed(seed)
 
-    def __call__(self, *args, **kwargs):
-        if self.on_call is not None:
-            self.on_call(self.pipe, args, kwargs)
+    def prepared(self, call_kwargs: Mapping) -> dict:
+        """The arguments a call given `call_kwargs` runs with under the setting (each family's
+        `prepare`: fewer steps, guidance off)."""
+        kwargs = dict(call_kwargs)
         for patch in self._patches:
             if hasattr(patch, "prepare"):
                 patch.prepare(kwargs)
+        return kwargs
+
+    def __call__(self, *args, **kwargs):
+        if self.on_call is not None:
+            self.on_call(self.pipe, args, kwargs)
+        kwargs = self.prepared(kwargs)
         if self._tgate is not None:
             return self._tgate(*args, **kwargs)
         return self.pipe(*args, **kwargs)

@@ -75,6 +75,8 @@ def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[s
         nested = normalize_setting(setting)
     except ValueError:  # a record another version wrote: compared as written
         return dict(setting)
+    if nested.get("distill", {}).get("scheduler_config"):  # other timesteps than calibrated
+        return nested
     canonical: dict[str, dict] = {}
     for name, params in nested.items():
         tell = getattr(REGISTRY[name], "computation", None)

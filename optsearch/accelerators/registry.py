@@ -72,10 +72,9 @@ def combo_problem(combo: Sequence[str], kind: str | None = None) -> str | None:
         if foreign:
             return (f"{foreign[0]} does not apply to this model ({kind} pipeline; families that "
                     f"do: {', '.join(applicable(kind))})")
-    if "distill" in combo and "steps" not in combo:
-        return (f"distill runs with steps: a step-distilled LoRA is made for a few steps (got "
-                f"{combo_name(combo)}; search {combo_name([*combo, 'steps'])} and give "
-                "space.steps.num_inference_steps)")
+    if "distill" in combo and "magcache" in combo:
+        return ("magcache's ratios are measured on the plain model at its full steps; they do not "
+                "hold for a step-distilled LoRA: search distill with another cache")
     if "distill" in combo and "tgate" in combo:
         return "distill turns guidance off, and tgate caches the guided half: they do not combine"
     exclusive = [name for name in combo if name in EXCLUSIVE]

@@ -11,6 +11,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -173,13 +174,14 @@ class Evaluator:
                 self.calibration[family] = {**self.calibration.get(family, {}), **stored}
         return key in self.calibration.get(family, {})
 
-    def _run_once(self, prompts: int = 1, steps: int | None = None) -> None:
+    def _run_once(self, prompts: int = 1, steps: int | None = None,
+                  through: AppliedSetting | None = None) -> None:
         """One plain call at full steps (or `steps`) on the first `prompts` prompts, with the
         noise the search gives them: what calibrations watch (the first batch computes as every
-        trial's does)."""
+        trial's does). `through`: a setting the call runs under (a step-distilled LoRA)."""
         config, count = self.config, min(prompts, len(self.prompts))
         with quiet_truncation(self.pipe):  # a long prompt's cut is said once (evaluator_from_spec)
-            self.pipe(**call_inputs(self.prompts[:count], self.pipe),
+            (through or self.pipe)(**call_inputs(self.prompts[:count], self.pipe),
                       num_inference_steps=steps or config.steps,
                       height=config.height, width=config.width,
                       generator=[torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
@@ -212,10 +214,14 @@ class Evaluator:
         for family, param in spec.auto_params():
             if not self._known(family, "auto"):
                 count = min(self.config.batch_size, len(self.prompts))
-                measured = calibrate_family(
-                    family, self.pipe, lambda steps: self._run_once(self.config.batch_size, steps),
-                    spec.searched_values(family), spec.calibration_steps(family),
-                    self.config.guidance_kwargs(count, self.pipe))
+                distilled = spec.distilled_for(family)  # its trials run on the distilled model
+                with AppliedSetting(self.pipe, distilled) if distilled else nullcontext() as under:
+                    call = self.config.guidance_kwargs(count, self.pipe)
+                    measured = calibrate_family(
+                        family, self.pipe,
+                        lambda steps, under=under: self._run_once(self.config.batch_size, steps, under),
+                        spec.searched_values(family), spec.calibration_steps(family),
+                        under.prepared(call) if under else call)
                 self._calibrated(family, measured)
             if param in self.calibration[family].get("auto", {}):
                 ranges[f"{family}.{param}"] = calibrated_range(family, self.calibration[family], param)

@@ -246,6 +246,10 @@ def validate(spec: StudySpec, problem) -> None:
     kind = search.model_kind
     for combo in search.combos:
         why = combo_problem(combo, kind)
+        if "distill" in combo and "steps" not in combo:  # a setting may apply it alone
+            why = (f"distill runs with steps: a step-distilled LoRA is made for a few steps (got "
+                   f"{combo_name(combo)}; search {combo_name([*combo, 'steps'])} and give "
+                   "space.steps.num_inference_steps)")
         if why:
             problem("search.accelerators", why)
             return

@@ -277,6 +277,16 @@ class StudySpec:
             fewest = int(self.param_range("steps", "num_inference_steps")[0])
         return calibration_steps(family, self.model.steps, fewest)
 
+    def distilled_for(self, family: str) -> dict | None:
+        """The step-distilled LoRA setting (`distill`'s fixed values) every combo that searches
+        `family` runs with: its "auto" range is then calibrated on the distilled model, as its
+        trials run. None where a combo runs the family without it (calibrated plain)."""
+        combos = [combo for combo in self.search.combos if family in combo]
+        if family == "distill" or not combos or not all("distill" in combo for combo in combos):
+            return None
+        fixed = {param: self.param_range("distill", param) for param in params_of("distill")}
+        return {"distill": {param: bounds[0] for param, bounds in fixed.items() if len(bounds) == 1}}
+
     def calibration_calls(self, families=None) -> float:
         """The plain calls (in calls at the model's steps) that calibrate the "auto" ranges of
         `families` (default: every family with one): what the estimate adds before the first
