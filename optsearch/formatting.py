@@ -73,10 +73,11 @@ def _cell(value) -> str:
 def format_setting(setting: dict, shown: dict | None = None) -> str:
     """'deepcache(cache_interval=3, cache_branch_id=0) + tome(ratio=0.5)'. `shown`: the
     parameters to name per family (a log line's: those the study searches); a family with none
-    named there is shown whole."""
+    named there is shown whole; a name left empty (distill's weight_name) is left out."""
     parts = []
     for name, params in setting.items():
-        keep = [k for k in (shown or {}).get(name, []) if k in params] or list(params)
+        keep = [k for k in (shown or {}).get(name, []) if k in params] \
+            or [k for k, value in params.items() if value != ""]
         values = ", ".join(f"{k}={_cell(params[k])}" for k in keep)
         parts.append(f"{name}({values})")
     return " + ".join(parts) or "baseline"

@@ -66,6 +66,11 @@ def notes(spec: StudySpec) -> list[str]:
     if "distill" in spec.accelerators_used:
         lines.append("distill's LoRA is measured as an adapter (it cannot be unfused bit for bit): "
                      "served fused, it runs a little faster than measured")
+    for family in dict.fromkeys(family for family, _ in spec.auto_params()):
+        mixed = [combo for combo in spec.search.combos if family in combo]
+        if any("distill" in combo for combo in mixed) and spec.distilled_for(family) is None:
+            lines.append(f"{family}'s \"auto\" range is calibrated on the plain model (a combo "
+                         "searches it without distill); its distill trials sample the same range")
     size = spec.space_size()
     if size is not None and size < spec.search.n_trials:
         lines.append(f"the space holds at most {size} distinct settings, fewer than search.n_trials = "
