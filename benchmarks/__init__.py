@@ -73,6 +73,8 @@ BENCHMARKS = {
                                     "compiled denoiser cost?", "Accelerator families"),
     "lora": Benchmark("lora", "What does a LoRA kept as an adapter cost per step, and does a "
                       "cache gain the same on it?", "Accelerator families"),
+    "distill": Benchmark("distill", "What does a step-distilled LoRA save beyond its fewer steps, "
+                         "and what does it cost per step?", "Accelerator families"),
     "warmup": Benchmark("warmup", "Does the short warm-up (or none, in a warm process) time as well "
                         "as a full one?", "Warm-up"),
     "landscape-batches": Benchmark("landscape_batches", "(records) The cpu-bench grid batch by batch, "
