@@ -113,7 +113,8 @@ def test_distill_beside_a_cache_and_a_served_lora(tmp_path):
     ('[space.distill]\nlora = "a/b"\n', "model.compile", 'measure distill with compile = "none"'),
     ('[space.distill]\nlora = "a/b"\nscheduler_config = "lightning.json"\n',
      "space.distill.scheduler_config", "No such file"),
-], ids=["no-lora", "two-loras", "no-steps", "tgate", "compiled", "no-scheduler-file"])
+    ('[space.distill]\nlora = "./lightning"\n', "space.distill.lora", "no such file or folder"),
+], ids=["no-lora", "two-loras", "no-steps", "tgate", "compiled", "no-scheduler-file", "no-lora-folder"])
 def test_a_distill_spec_error_is_one_line(tmp_path, lines, key, says):
     text = DISTILL_SPEC + lines
     if "without steps" in says or "distill runs with steps" in says:

@@ -142,8 +142,8 @@ def test_step_counted_parameters_are_clipped_to_the_settings_steps():
 
 
 def test_families_per_kind_and_kind_from_the_model():
-    assert applicable("unet") == ["steps", "deepcache", "tome", "tgate", "pab"]
-    assert applicable("transformer") == ["steps", "pab", "fastercache", "fbcache", "taylorseer",
+    assert applicable("unet") == ["distill", "steps", "deepcache", "tome", "tgate", "pab"]
+    assert applicable("transformer") == ["distill", "steps", "pab", "fastercache", "fbcache", "taylorseer",
                                          "magcache", "dbcache"]
     assert applicable("video") == [*applicable("transformer"), "seacache"]
     assert model_kind("builtin:tiny-flux") == "transformer"
@@ -165,12 +165,12 @@ def _flux_dict(accelerators, **model) -> dict:
 
 @pytest.mark.parametrize("data, message", [
     (_flux_dict(["deepcache"]), "deepcache does not apply to this model (transformer pipeline; "
-                                "families that do: steps, pab, fastercache, fbcache, taylorseer, "
+                                "families that do: distill, steps, pab, fastercache, fbcache, taylorseer, "
                                 "magcache, dbcache)"),
     ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["dbcache"]}},
-     "dbcache does not apply to this model (unet pipeline; families that do: steps, deepcache"),
+     "dbcache does not apply to this model (unet pipeline; families that do: distill, steps, deepcache"),
     ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["fbcache"]}},
-     "fbcache does not apply to this model (unet pipeline; families that do: steps, deepcache"),
+     "fbcache does not apply to this model (unet pipeline; families that do: distill, steps, deepcache"),
     (_flux_dict(["fbcache", "taylorseer"]), "fbcache combines only with steps"),
     ({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["deepcache", "pab"]}},
      "pab combines only with steps"),

@@ -18,6 +18,7 @@ import os
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.calls import call_parameters, runs_separate_cfg
+from optsearch.errors import first_line
 
 NAME = "distill"
 APPLIES_TO = ("unet", "transformer", "video")
@@ -41,7 +42,11 @@ def load_adapter(pipe, source: str, weight_name: str | None, adapter: str) -> No
     path = os.path.expanduser(source)
     if os.path.isfile(path):
         source, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
-    pipe.load_lora_weights(source, weight_name=weight_name or None, adapter_name=adapter)
+    try:
+        pipe.load_lora_weights(source, weight_name=weight_name or None, adapter_name=adapter)
+    except (OSError, KeyError, RuntimeError) as error:  # not there, or not this model's LoRA
+        raise ValueError(f"cannot load LoRA {source!r} into {type(pipe).__name__}: "
+                         f"{first_line(error)}") from error
     if not any(adapter in names for names in pipe.get_list_adapters().values()):
         raise ValueError(f"LoRA {source!r} adapts no layer of {type(pipe).__name__}: a LoRA for "
                          "another model?")
@@ -56,7 +61,7 @@ def guidance_off(pipe, call_kwargs: dict) -> dict:
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     embedded = getattr(getattr(denoiser, "config", None), "guidance_embeds", False) is True
     keys = ("true_cfg_scale",) if "true_cfg_scale" in parameters else \
-        ("guidance_scale_2",) if embedded else ("guidance_scale", "guidance_scale_2")
+        () if embedded else ("guidance_scale", "guidance_scale_2")
     changed = {}
     for key in keys:
         value = call_kwargs.get(key, parameters[key].default if key in parameters else None)

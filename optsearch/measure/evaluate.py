@@ -182,11 +182,11 @@ class Evaluator:
         config, count = self.config, min(prompts, len(self.prompts))
         with quiet_truncation(self.pipe):  # a long prompt's cut is said once (evaluator_from_spec)
             (through or self.pipe)(**call_inputs(self.prompts[:count], self.pipe),
-                      num_inference_steps=steps or config.steps,
-                      height=config.height, width=config.width,
-                      generator=[torch.Generator("cpu").manual_seed(prompt_seed(config.seed, i))
-                                 for i in range(count)],
-                      output_type="latent", **config.guidance_kwargs(count, self.pipe))
+                                   num_inference_steps=steps or config.steps,
+                                   height=config.height, width=config.width,
+                                   generator=[torch.Generator("cpu").manual_seed(
+                                       prompt_seed(config.seed, i)) for i in range(count)],
+                                   output_type="latent", **config.guidance_kwargs(count, self.pipe))
 
     def _calibrate_magcache(self) -> dict:
         """MagCache's magnitude ratios (each expert's) from one plain call on the first prompt
