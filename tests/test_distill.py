@@ -156,7 +156,7 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
                "steps": {"num_inference_steps": 4},
                "deepcache": {"cache_interval": 2, "cache_branch_id": 0}}
     (tmp_path / "export").mkdir()
-    url = study_with_winner(tmp_path / "export", text, setting, calibration_used={
+    url = study_with_winner(tmp_path / "export", text.replace("./", "../"), setting, calibration_used={
         "distill": {"call": {"guidance_scale": 1.0}, "scheduler": recipe}})
     text = export(tmp_path / "export", url, "tiny", "diffusers", "accelerate_pipe.py")
     assert "call_kwargs.update({'guidance_scale': 1.0})" in text and "adapter_name='distill'" in text
