@@ -189,5 +189,36 @@ def test_an_auto_threshold_is_calibrated_on_the_distilled_model_its_trials_run(t
         ranges[name] = list(evaluator.auto_ranges(spec)["fbcache.threshold"])
         assert lora_parameters(pipe) == 0  # the LoRA unloaded after calibrating
     assert spec.distilled_for("fbcache") == {"distill": {
-        "lora": str(lora), "weight_name": "", "lora_scale": 1.0, "cfg": False, "scheduler_config": ""}}
+        "lora": str(lora), "weight_name": "", "lora_2": "", "weight_name_2": "", "lora_scale": 1.0,
+        "cfg": False, "scheduler_config": ""}}
     assert ranges["plain"] != ranges["distilled"]  # measured on the model the trials run
+
+
+def test_wan22s_two_experts_each_take_their_own_distilled_lora(tmp_path):
+    high = saved_lora("builtin:tiny-wan22", tmp_path / "high", seed=1)
+    low = saved_lora("builtin:tiny-wan22", tmp_path / "low", seed=2)
+    pipe = quiet_builtin("builtin:tiny-wan22")
+    config = GenerationConfig(steps=8, batch_size=1, guidance_scale=5.0, guidance_scale_2=3.0)
+    images_of = partial(first_images, pipe, config, load_prompts("builtin", 1))
+    baseline = images_of()
+    few = {"steps": {"num_inference_steps": 4}}
+    assert "give lora_2" in pipeline_problem(["distill"], pipe, {"distill": {"lora": str(high)}})
+    settings = [{"distill": {"lora": str(high), "lora_2": str(low)}, **few},
+                {"distill": {"lora": str(high), "lora_2": str(high)}, **few}]  # the same LoRA in both
+    results = []
+    for setting in settings:
+        applied = apply_setting(pipe, setting)
+        try:
+            assert pipe.get_list_adapters() == {"transformer": ["optsearch-distill"],
+                                                "transformer_2": ["optsearch-distill"]}
+            results.append(images_of(applied))
+            assert applied.ran_with()["distill"]["call"] == {"guidance_scale": 1.0, "guidance_scale_2": 1.0}
+            assert applied.computed_fraction() == pytest.approx(0.5 * 0.5)
+        finally:
+            applied.restore()
+        assert lora_parameters(pipe) == 0 and sum("lora_" in name for name, _ in
+                                                  pipe.transformer_2.named_parameters()) == 0
+        np.testing.assert_array_equal(images_of(), baseline)
+    assert not np.array_equal(*results)  # the second expert ran its own LoRA
+    one = quiet_builtin("builtin:tiny")
+    assert "has one denoiser" in pipeline_problem(["distill"], one, {"distill": {"lora_2": ["x"]}})

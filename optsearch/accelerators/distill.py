@@ -26,6 +26,9 @@ ADAPTER = "optsearch-distill"
 PARAMS = (
     Param("lora", str, ("",), help="the step-distilled LoRA: a hub id, folder or .safetensors file"),
     Param("weight_name", str, ("",), help="its file in a repo or folder that holds several"),
+    Param("lora_2", str, ("",), help="Wan 2.2's second (low-noise) expert's LoRA, beside lora "
+          "(the high-noise one's): lightx2v ships the two as files of one repo"),
+    Param("weight_name_2", str, ("",), help="lora_2's file in a repo or folder of several"),
     Param("lora_scale", float, (1.0,), minimum=0.0, help="the adapter's weight"),
     Param("cfg", bool, (False,), choices=(False, True),
           help="keep classifier-free guidance (false: off, as most distilled LoRAs are run)"),
@@ -35,19 +38,24 @@ PARAMS = (
 SAME_COMPUTATION = "same LoRA"
 
 
-def load_adapter(pipe, source: str, weight_name: str | None, adapter: str) -> None:
-    """Load one LoRA as the adapter `adapter`: a .safetensors file (its folder and name), or a
-    hub id or folder (its `weight_name` file where it holds several). ValueError, one line, when
-    it adapts no layer of the pipeline (diffusers loads a LoRA for another model silently)."""
+def load_adapter(pipe, source: str, weight_name: str | None, adapter: str,
+                 second_expert: bool = False) -> None:
+    """Load one LoRA as the adapter `adapter` (into Wan 2.2's second expert with
+    `second_expert`): a .safetensors file (its folder and name), or a hub id or folder (its
+    `weight_name` file where it holds several). ValueError, one line, when it cannot be loaded or
+    adapts no layer of the pipeline (diffusers loads a LoRA for another model silently)."""
     path = os.path.expanduser(source)
     if os.path.isfile(path):
         source, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
+    into = {"load_into_transformer_2": True} if second_expert else {}
     try:
-        pipe.load_lora_weights(source, weight_name=weight_name or None, adapter_name=adapter)
+        pipe.load_lora_weights(source, weight_name=weight_name or None, adapter_name=adapter, **into)
     except (OSError, KeyError, RuntimeError) as error:  # not there, or not this model's LoRA
         raise ValueError(f"cannot load LoRA {source!r} into {type(pipe).__name__}: "
                          f"{first_line(error)}") from error
-    if not any(adapter in names for names in pipe.get_list_adapters().values()):
+    adapted = pipe.get_list_adapters()
+    if not any(adapter in names for component, names in adapted.items()
+               if component == "transformer_2" or not second_expert):
         raise ValueError(f"LoRA {source!r} adapts no layer of {type(pipe).__name__}: a LoRA for "
                          "another model?")
 
@@ -107,14 +115,16 @@ class DistillPatch:
     """The LoRA loaded as an adapter, the recipe's scheduler in place of the model's; guidance
     off in each call unless `cfg`."""
 
-    def __init__(self, pipe, lora: str, weight_name: str, lora_scale: float, cfg: bool,
-                 scheduler_config: str):
+    def __init__(self, pipe, lora: str, weight_name: str, lora_2: str, weight_name_2: str,
+                 lora_scale: float, cfg: bool, scheduler_config: str):
         self.pipe, self.cfg, self.scheduler = pipe, cfg, pipe.scheduler
         self.told: dict = {}
         self.fraction: float | None = None
         self.overrides = scheduler_overrides(scheduler_config) if scheduler_config else {}
         recipe = scheduler_with(pipe.scheduler, self.overrides) if self.overrides else None
         load_adapter(pipe, lora, weight_name, ADAPTER)
+        if lora_2:  # one adapter name, in each expert (diffusers keeps adapters per model)
+            load_adapter(pipe, lora_2, weight_name_2, ADAPTER, second_expert=True)
         pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
         if recipe is not None:
             pipe.scheduler = recipe
@@ -144,23 +154,31 @@ class DistillPatch:
             self.pipe.unload_lora_weights()
 
 
-def apply(pipe, lora: str = "", weight_name: str = "", lora_scale: float = 1.0,
-          cfg: bool = False, scheduler_config: str = "", **_recorded) -> DistillPatch:
+def apply(pipe, lora: str = "", weight_name: str = "", lora_2: str = "", weight_name_2: str = "",
+          lora_scale: float = 1.0, cfg: bool = False, scheduler_config: str = "",
+          **_recorded) -> DistillPatch:
     """`_recorded`: what a trial ran with (the guidance it turned off), passed back by an export."""
     if not lora:
         raise ValueError("distill.lora is required: the step-distilled LoRA's hub id, folder or "
                          ".safetensors file")
-    return DistillPatch(pipe, lora, weight_name, float(lora_scale), bool(cfg), scheduler_config)
+    return DistillPatch(pipe, lora, weight_name, lora_2, weight_name_2, float(lora_scale), bool(cfg),
+                        scheduler_config)
 
 
 def problem_with(pipe, values) -> str | None:
-    """A pipeline without diffusers' LoRA loader, Wan 2.2's two experts (each takes its own
-    LoRA), or one that holds adapters already (restoring would unload them too)."""
+    """A pipeline without diffusers' LoRA loader; Wan 2.2's two experts without a LoRA for the
+    second (each takes its own), or lora_2 on one denoiser; or one that holds adapters already
+    (restoring would unload them too). `values`: a setting's, or the study's lists of them."""
+    second = (values or {}).get("lora_2") or ""
+    second = second[0] if isinstance(second, list) else second
     if not hasattr(pipe, "load_lora_weights"):
         return f"distill: {type(pipe).__name__} has no LoRA loader in diffusers"
-    if getattr(pipe, "transformer_2", None) is not None:
-        return ("distill: Wan 2.2's two experts each take their own distilled LoRA (lightx2v's high- "
-                "and low-noise files): load them in a factory and search steps")
+    two_experts = getattr(pipe, "transformer_2", None) is not None
+    if two_experts and not second:
+        return ("distill on Wan 2.2's two experts: give lora_2, the low-noise expert's LoRA, beside "
+                "lora, the high-noise one's (lightx2v ships high_noise_model and low_noise_model)")
+    if second and not two_experts:
+        return f"distill.lora_2 is for Wan 2.2's second expert; {type(pipe).__name__} has one denoiser"
     if any(pipe.get_list_adapters().values()):
         return ("distill: the pipeline holds LoRA adapters already (model.lora); fuse them "
                 "(model.fuse_lora = true) so the distilled LoRA can be loaded and unloaded alone")

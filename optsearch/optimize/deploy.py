@@ -270,14 +270,18 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
 
 def _distill_code(params: dict, ran_with: dict) -> list[str]:
     """The step-distilled LoRA as an adapter, as measured, and the guidance the calls ran with."""
-    source, weight = params["lora"], params.get("weight_name") or None
-    if source.endswith(".safetensors"):  # a file: its folder and its name
-        source, _, weight = source.rpartition("/")
-    named = f", weight_name={weight!r}" if weight else ""
-    lines = [f"pipe.load_lora_weights({source or '.'!r}{named}, adapter_name='distill')",
-             f"pipe.set_adapters(['distill'], adapter_weights=[{params['lora_scale']!r}])",
-             "# measured as an adapter; fused (pipe.fuse_lora(); pipe.unload_lora_weights()) it adds",
-             "# no work per step and runs a little faster than measured"]
+    lines = []
+    for key, into in (("", ""), ("_2", ", load_into_transformer_2=True")):  # Wan 2.2: each expert
+        source, weight = params.get(f"lora{key}"), params.get(f"weight_name{key}") or None
+        if not source:
+            continue
+        if source.endswith(".safetensors"):  # a file: its folder and its name
+            source, _, weight = source.rpartition("/")
+        named = f", weight_name={weight!r}" if weight else ""
+        lines.append(f"pipe.load_lora_weights({source or '.'!r}{named}, adapter_name='distill'{into})")
+    lines += [f"pipe.set_adapters(['distill'], adapter_weights=[{params['lora_scale']!r}])",
+              "# measured as an adapter; fused (pipe.fuse_lora(); pipe.unload_lora_weights()) it adds",
+              "# no work per step and runs a little faster than measured"]
     if ran_with.get("call"):
         lines.append(f"call_kwargs.update({ran_with['call']!r})  # guidance off, as measured "
                      "(and no negative prompt)")

@@ -270,10 +270,11 @@ def validate(spec: StudySpec, problem) -> None:
     if "distill" in used and not spec.space.get("distill", {}).get("lora"):
         problem("space.distill.lora", "is required with distill: the step-distilled LoRA's hub id, "
                 "folder or .safetensors file (Lightning, Hyper-SD, Turbo)")
-    lora = spec.space.get("distill", {}).get("lora")
-    if "distill" in used and lora and os.path.isabs(os.path.expanduser(lora)) \
-            and not os.path.exists(os.path.expanduser(lora)):  # a path: not a hub id
-        problem("space.distill.lora", f"{lora!r}: no such file or folder")
+    for key in ("lora", "lora_2"):
+        lora = spec.space.get("distill", {}).get(key)
+        if "distill" in used and lora and os.path.isabs(os.path.expanduser(lora)) \
+                and not os.path.exists(os.path.expanduser(lora)):  # a path: not a hub id
+            problem(f"space.distill.{key}", f"{lora!r}: no such file or folder")
     if "distill" in used and spec.space.get("distill", {}).get("scheduler_config"):
         try:
             distill.scheduler_overrides(spec.space["distill"]["scheduler_config"])

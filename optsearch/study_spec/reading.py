@@ -120,8 +120,9 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     for key in ("lora", "controlnet"):  # local folders or files, beside the spec
         resolve("model", key, lambda value: value.startswith(("./", "../")))
     distill = data.get("space", {}).get("distill") if isinstance(data.get("space"), dict) else None
-    if isinstance(distill, dict) and "lora" in distill:
-        distill["lora"] = absolute(distill["lora"], lambda value: value.startswith(("./", "../")))
+    for key in ("lora", "lora_2"):
+        if isinstance(distill, dict) and key in distill:
+            distill[key] = absolute(distill[key], lambda value: value.startswith(("./", "../")))
     if isinstance(distill, dict) and isinstance(distill.get("scheduler_config"), str):
         distill["scheduler_config"] = _inlined(absolute(
             distill["scheduler_config"], lambda value: not value.lstrip().startswith("{")))
