@@ -12,11 +12,12 @@ import pytest
 
 import optsearch
 from optsearch.accelerators import apply_setting, denoiser, pipeline_problem
-from optsearch.errors import SpecError
+from optsearch.errors import ModelLoadError, SpecError
 from optsearch.measure.builtin import build_builtin
 from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.models import with_lora
 from optsearch.measure.prompts import load_prompts
+from optsearch.measure.served import pipeline_from_spec
 from optsearch.study_spec import load_spec
 from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
 from tests.test_deploy_exports import export, exported_function, images, study_with_winner
@@ -35,7 +36,8 @@ def layer_types(pipe) -> list[str]:
     ("builtin:tiny", {"guidance_scale": 7.5}, 0.5),  # SD: CFG in one batched UNet call, off
     ("builtin:tiny-qwen-image", {"true_cfg_scale": 4.0, "negative_prompt": " "}, 0.5),  # true CFG
     ("builtin:tiny-flux", {"guidance_scale": 3.5}, 1.0),  # FLUX.1-dev: embedded guidance stays
-], ids=["sd", "qwen-image", "flux"])
+    ("builtin:tiny-sd3", {"guidance_scale": 7.0}, 0.5),  # no enable_cache: distill applies still
+], ids=["sd", "qwen-image", "flux", "sd3"])
 def test_a_distilled_lora_runs_without_guidance_and_unloads_bit_for_bit(tmp_path, model_id,
                                                                         guidance, fraction):
     lora = saved_lora(model_id, tmp_path / "lightning", seed=1)
@@ -99,10 +101,14 @@ def test_distill_beside_a_cache_and_a_served_lora(tmp_path):
     assert lora_parameters(fused) == 0
 
     other = saved_lora("builtin:tiny-flux", tmp_path / "flux-lora")  # a LoRA for another model
-    with pytest.raises(ValueError, match="adapts no layer of .*a LoRA for another model"):
+    with pytest.raises(ModelLoadError, match="adapts no layer of .*a LoRA for another model"):
         apply_setting(pipe, {"distill": {"lora": str(other)}, "steps": {"num_inference_steps": 4}})
     assert lora_parameters(pipe) == 0
     np.testing.assert_array_equal(images_of(), baseline)
+    text = DISTILL_SPEC + f'[space.distill]\nlora = "{other}"\n'
+    spec = load_spec(write_spec(tmp_path / "other.toml", text))
+    with pytest.raises(ModelLoadError, match="adapts no layer"):  # before the baseline is timed
+        pipeline_from_spec(spec)
 
 
 @pytest.mark.parametrize("lines, key, says", [

@@ -46,7 +46,7 @@ def test_diffusers_caches_are_refused_in_one_line(z_image, family):
     assert len(str(refused.value).splitlines()) == 1
     if family != "taylorseer":  # which names its own reason first: no module it hooks
         assert f"{family} needs diffusers' enable_cache, which ZImageTransformer2DModel lacks " \
-               "(steps and dbcache apply)" in str(refused.value)
+               "(steps, distill and dbcache apply)" in str(refused.value)
 
 
 def test_any_names_what_applies(z_image):

@@ -18,7 +18,7 @@ import os
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.calls import call_parameters, runs_separate_cfg
-from optsearch.errors import first_line
+from optsearch.errors import ModelLoadError, first_line
 
 NAME = "distill"
 APPLIES_TO = ("unet", "transformer", "video")
@@ -42,7 +42,7 @@ def load_adapter(pipe, source: str, weight_name: str | None, adapter: str,
                  second_expert: bool = False) -> None:
     """Load one LoRA as the adapter `adapter` (into Wan 2.2's second expert with
     `second_expert`): a .safetensors file (its folder and name), or a hub id or folder (its
-    `weight_name` file where it holds several). ValueError, one line, when it cannot be loaded or
+    `weight_name` file where it holds several). ModelLoadError, one line, when it cannot be loaded or
     adapts no layer of the pipeline (diffusers loads a LoRA for another model silently)."""
     path = os.path.expanduser(source)
     if os.path.isfile(path):
@@ -50,14 +50,16 @@ def load_adapter(pipe, source: str, weight_name: str | None, adapter: str,
     into = {"load_into_transformer_2": True} if second_expert else {}
     try:
         pipe.load_lora_weights(source, weight_name=weight_name or None, adapter_name=adapter, **into)
-    except (OSError, KeyError, RuntimeError) as error:  # not there, or not this model's LoRA
-        raise ValueError(f"cannot load LoRA {source!r} into {type(pipe).__name__}: "
-                         f"{first_line(error)}") from error
+    except Exception as error:  # not there, unreachable (the hub's own errors), another format
+        hub = "" if os.path.exists(os.path.expanduser(source)) else \
+            " (a hub id: is the hub reachable from here, or the LoRA in its local cache?)"
+        raise ModelLoadError(f"cannot load LoRA {source!r} into {type(pipe).__name__}: "
+                             f"{type(error).__name__}: {first_line(error)}{hub}") from error
     adapted = pipe.get_list_adapters()
     if not any(adapter in names for component, names in adapted.items()
                if component == "transformer_2" or not second_expert):
-        raise ValueError(f"LoRA {source!r} adapts no layer of {type(pipe).__name__}: a LoRA for "
-                         "another model?")
+        raise ModelLoadError(f"LoRA {source!r} adapts no layer of {type(pipe).__name__}: a LoRA "
+                             "for another model?")
 
 
 def guidance_off(pipe, call_kwargs: dict) -> dict:

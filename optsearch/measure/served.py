@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from optsearch.accelerators import (
+    apply_setting,
     call_parameters,
     call_problem,
     combo_name,
@@ -52,6 +53,8 @@ def check_families(pipe, spec) -> None:
     if any("dbcache" in combo for combo in spec.search.combos) and \
             (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
         raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
+    if distilled := spec.distill_setting():  # loaded and unloaded once: one that cannot load
+        apply_setting(pipe, distilled).restore()  # ends here, before the baseline is timed
 
 
 def _strength_problem(pipe, strength: float | None) -> str | None:
@@ -89,11 +92,11 @@ def _problem(combo, pipe, spec) -> str | None:
 
 def _hooks_problem(combo, pipe) -> str | None:
     """diffusers' caches enable through a transformer's `enable_cache`: one without it (SD3's,
-    Z-Image's) takes fewer steps and cache-dit's DBCache only."""
-    if pipeline_kind(pipe) == "transformer" and set(combo) - {"steps", "dbcache"} \
+    Z-Image's) takes fewer steps, a distilled LoRA and cache-dit's DBCache only."""
+    if pipeline_kind(pipe) == "transformer" and set(combo) - {"steps", "dbcache", "distill"} \
             and not hasattr(denoiser(pipe), "enable_cache"):
         return (f"{combo_name(combo)} needs diffusers' enable_cache, which "
-                f"{type(denoiser(pipe)).__name__} lacks (steps and dbcache apply)")
+                f"{type(denoiser(pipe)).__name__} lacks (steps, distill and dbcache apply)")
     return None
 
 

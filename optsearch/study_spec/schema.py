@@ -284,6 +284,12 @@ class StudySpec:
         combos = [combo for combo in self.search.combos if family in combo]
         if family == "distill" or not combos or not all("distill" in combo for combo in combos):
             return None
+        return self.distill_setting()
+
+    def distill_setting(self) -> dict | None:
+        """The step-distilled LoRA the study searches (`distill`'s fixed values), or None."""
+        if "distill" not in self.accelerators_used:
+            return None
         fixed = {param: self.param_range("distill", param) for param in params_of("distill")}
         return {"distill": {param: bounds[0] for param, bounds in fixed.items() if len(bounds) == 1}}
 
