@@ -15,6 +15,7 @@ from os import PathLike
 from pathlib import Path
 
 from optsearch.accelerators import AppliedSetting, not_a_pipeline
+from optsearch.accelerators.distill import context_it_sets
 from optsearch.deployment import ContextCheck, check_pipeline
 from optsearch.study_spec import SpecError, StudySpec, load_spec
 from optsearch.version import __version__
@@ -47,7 +48,7 @@ def apply(pipe, params: Mapping | str | PathLike) -> AppliedSetting:
         params = best["setting"]
         calibration = exported.get("calibration")  # MagCache's ratios, measured by the study
         if exported.get("deployment"):  # warn when served at another batch, size or step count
-            check = ContextCheck(exported["deployment"])
+            check = ContextCheck(exported["deployment"], context_it_sets(params.get("distill")))
         check_pipeline(pipe, exported.get("baseline") or {})  # or on other weights
     return AppliedSetting(pipe, params, calibration, on_call=check)
 

@@ -147,9 +147,10 @@ def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) ->
 class ContextCheck:
     """Warns (once per differing item) when a call serves another context than was measured."""
 
-    def __init__(self, measured: Mapping):
+    def __init__(self, measured: Mapping, set_by_setting: tuple[str, ...] = ()):
+        """`set_by_setting`: the context the setting sets itself (distill's guidance off)."""
         self.measured = dict(measured)
-        self.warned: set[str] = set()
+        self.warned: set[str] = set(set_by_setting)
 
     def __call__(self, pipe, args: tuple, kwargs: Mapping) -> None:
         called = self.measured.get("call") or {}  # [model.call]'s arguments, compared as the rest

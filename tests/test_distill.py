@@ -5,6 +5,7 @@ bit for bit, and exported as the libraries' own calls."""
 from __future__ import annotations
 
 import json
+import warnings
 from functools import partial
 
 import numpy as np
@@ -18,6 +19,9 @@ from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.models import with_lora
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.served import pipeline_from_spec
+from optsearch.optimize.export import export_study
+from optsearch.optimize.study import load_study
+from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
 from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
 from tests.test_deploy_exports import export, exported_function, images, study_with_winner
@@ -175,6 +179,11 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     assert pipe.scheduler is plain_scheduler  # the model's scheduler back
     pipe = build_builtin("builtin:tiny")
     np.testing.assert_array_equal(images(pipe, kind="sd", **accelerate(pipe)), expected)
+    exported = export_study(*load_study(open_storage(url, heartbeat_interval=None), "tiny"))
+    with warnings.catch_warnings():  # guidance off is the setting's own, not another context
+        warnings.simplefilter("error", UserWarning)
+        with optsearch.apply(build_builtin("builtin:tiny"), exported) as run:
+            images(run, 8, kind="sd", guidance_scale=1.0)
     setting["distill"]["scheduler_config"] = ""  # the recipe's scheduler counts
     with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
         assert not np.array_equal(images(run, 8, kind="sd", guidance_scale=7.5), expected)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.calls import call_parameters, runs_separate_cfg
@@ -185,6 +186,15 @@ def problem_with(pipe, values) -> str | None:
         return ("distill: the pipeline holds LoRA adapters already (model.lora); fuse them "
                 "(model.fuse_lora = true) so the distilled LoRA can be loaded and unloaded alone")
     return None
+
+
+def context_it_sets(values: Mapping | None) -> tuple[str, ...]:
+    """The deployment context a distill setting sets itself (guidance off, the recipe's
+    scheduler): a call that serves it otherwise is not served at another context."""
+    if not values:
+        return ()
+    guidance = () if values.get("cfg") else ("guidance_scale", "guidance_scale_2", "true_cfg_scale")
+    return guidance + (("scheduler",) if values.get("scheduler_config") else ())
 
 
 def max_speedup(model_steps: int, cfg: bool = False, **_) -> float:
