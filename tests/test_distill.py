@@ -153,6 +153,10 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     distilled = [t for t in trials if "distill" in t.user_attrs.get("combo", "")]
     assert distilled and all(t.user_attrs["setting"]["distill"]["lora"] == str(lora) for t in distilled)
+    result = optsearch_cmd("evaluate", str(spec), "--set", "distill.cfg=true", "--json", "-q")
+    assert result.returncode == 0, result.stderr  # the spec's LoRA, with what --set changes
+    measured = json.loads(result.stdout)["setting"]["distill"]
+    assert measured["lora"] == str(lora) and measured["cfg"] is True
 
     # its winner, exported: the LoRA, its recipe's scheduler (SDXL-Lightning's: Euler, trailing
     # timesteps) and the guidance off, with the libraries' own calls

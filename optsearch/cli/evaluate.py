@@ -49,6 +49,8 @@ def cmd_evaluate(args) -> int:
             problem = combo_problem(list(given), spec.search.model_kind) or check_setting(given, spec)[0]
             raise SpecError([f"--set: {problem}"])
         setting = default_setting(combo, spec.model.steps)
+        if "distill" in setting:  # the spec's LoRA (no library default names one)
+            setting["distill"].update(spec.distill_setting()["distill"])
         for accelerator, values in given.items():
             setting.setdefault(accelerator, {}).update(values)
         setting = normalize_setting(setting)
