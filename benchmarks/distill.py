@@ -11,10 +11,11 @@ guided steps; a rank-16 LoRA on every attention projection (drawn, as tests/test
 - steps 8: plain, 8 steps, guided (the reference line);
 - distill, cfg kept: the LoRA as an adapter, 8 steps, guided (its adapter cost alone);
 - distill: the LoRA, 8 steps, guidance off (as served);
+- distill, fused: the same, fused into the weights for the setting (`fuse = true`);
 - distill + cache: the same with DeepCache (interval 2) on the UNet, TaylorSeer (interval 2 from
   step 2, a fixed schedule) on Qwen-Image.
 
-Each setting is timed in rounds that cycle all five (the machine's drift hits each alike);
+Each setting is timed in rounds that cycle all six (the machine's drift hits each alike);
 s/image is the median of `repeats` rounds, the speedup the baseline's median over it.
 
     python -m benchmarks distill --repeats 5     # about 2 minutes on 2 cores
@@ -54,6 +55,7 @@ def main(repeats: int = 5) -> None:
             settings = {"baseline (20 steps)": None, f"steps {STEPS}": few,
                         "distill, cfg kept": {"distill": {"lora": lora, "cfg": True}, **few},
                         "distill": {"distill": {"lora": lora}, **few},
+                        "distill, fused": {"distill": {"lora": lora, "fuse": True}, **few},
                         f"distill + {next(iter(cache))}": {"distill": {"lora": lora}, **few, **cache}}
             seconds = {name: [] for name in settings}
             for _ in range(repeats):

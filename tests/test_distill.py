@@ -10,6 +10,7 @@ from functools import partial
 
 import numpy as np
 import pytest
+import torch
 
 import optsearch
 from optsearch.accelerators import apply_setting, denoiser, pipeline_problem
@@ -172,9 +173,9 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     (tmp_path / "export").mkdir()
     url = study_with_winner(tmp_path / "export", text.replace("./", "../"), setting, calibration_used={
         "distill": {"call": {"guidance_scale": 1.0}, "scheduler": recipe}})
-    text = export(tmp_path / "export", url, "tiny", "diffusers", "accelerate_pipe.py")
-    assert "call_kwargs.update({'guidance_scale': 1.0})" in text and "adapter_name='distill'" in text
-    accelerate = exported_function(text)
+    code = export(tmp_path / "export", url, "tiny", "diffusers", "accelerate_pipe.py")
+    assert "call_kwargs.update({'guidance_scale': 1.0})" in code and "adapter_name='distill'" in code
+    accelerate = exported_function(code)
     pipe = build_builtin("builtin:tiny")
     plain_scheduler = pipe.scheduler
     with optsearch.apply(pipe, setting) as run:
@@ -188,6 +189,16 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
         warnings.simplefilter("error", UserWarning)
         with optsearch.apply(build_builtin("builtin:tiny"), exported) as run:
             images(run, 8, kind="sd", guidance_scale=1.0)
+    fused = {**setting, "distill": {**setting["distill"], "fuse": True}}  # as most servers run it
+    (tmp_path / "fused").mkdir()
+    url = study_with_winner(tmp_path / "fused", text.replace("./", "../"), fused, calibration_used={
+        "distill": {"call": {"guidance_scale": 1.0}, "scheduler": recipe}})
+    code = export(tmp_path / "fused", url, "tiny", "diffusers", "accelerate_pipe.py")
+    assert "pipe.fuse_lora(adapter_names=['distill'], lora_scale=1.0)" in code
+    with optsearch.apply(build_builtin("builtin:tiny"), fused) as run:
+        fused_images = images(run, 8, kind="sd", guidance_scale=7.5)
+    pipe = build_builtin("builtin:tiny")
+    np.testing.assert_array_equal(images(pipe, kind="sd", **exported_function(code)(pipe)), fused_images)
     setting["distill"]["scheduler_config"] = ""  # the recipe's scheduler counts
     with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
         assert not np.array_equal(images(run, 8, kind="sd", guidance_scale=7.5), expected)
@@ -209,7 +220,7 @@ def test_an_auto_threshold_is_calibrated_on_the_distilled_model_its_trials_run(t
         assert lora_parameters(pipe) == 0  # the LoRA unloaded after calibrating
     assert spec.distilled_for("fbcache") == {"distill": {
         "lora": str(lora), "weight_name": "", "lora_2": "", "weight_name_2": "", "lora_scale": 1.0,
-        "cfg": False, "scheduler_config": ""}}
+        "fuse": False, "cfg": False, "scheduler_config": ""}}
     assert ranges["plain"] != ranges["distilled"]  # measured on the model the trials run
 
 
@@ -241,3 +252,26 @@ def test_wan22s_two_experts_each_take_their_own_distilled_lora(tmp_path):
     assert not np.array_equal(*results)  # the second expert ran its own LoRA
     one = quiet_builtin("builtin:tiny")
     assert "has one denoiser" in pipeline_problem(["distill"], one, {"distill": {"lora_2": ["x"]}})
+
+
+def test_a_fused_distilled_lora_adds_no_layer_and_its_weights_come_back_bit_for_bit(tmp_path):
+    lora = saved_lora("builtin:tiny", tmp_path / "lightning", seed=1)
+    pipe = quiet_builtin("builtin:tiny")
+    config = GenerationConfig(steps=8, batch_size=2)
+    images_of = partial(first_images, pipe, config, load_prompts("builtin", 2))
+    baseline, layers = images_of(), layer_types(pipe)
+    weights = {name: tensor.clone() for name, tensor in denoiser(pipe).state_dict().items()}
+    setting = {"distill": {"lora": str(lora), "lora_scale": 0.8}, "steps": {"num_inference_steps": 4}}
+    results = {}
+    for fuse in (False, True):
+        applied = apply_setting(pipe, {**setting, "distill": {**setting["distill"], "fuse": fuse}})
+        try:
+            assert (lora_parameters(pipe) == 0) == fuse  # fused: no adapter runs at each step
+            results[fuse] = images_of(applied).astype(int)
+        finally:
+            applied.restore()
+        assert layer_types(pipe) == layers
+        assert all(torch.equal(weights[name], tensor) for name, tensor in denoiser(pipe).state_dict().items())
+        np.testing.assert_array_equal(images_of(), baseline)
+    assert np.abs(results[True] - results[False]).max() <= 1  # fused at 0.8, as the adapter ran
+    assert np.abs(results[True] - baseline).mean() > 4 * np.abs(results[True] - results[False]).mean()

@@ -6,9 +6,10 @@ The family loads the LoRA as an adapter (diffusers' `load_lora_weights` and `set
 swaps in the scheduler its recipe runs with where one is given (Lightning's shift, LCM's class),
 and, unless `cfg` is kept, turns guidance off in each call (`prepare`). Its step count is the `steps`
 family's: a combo runs it with `steps`. `restore()` unloads the adapter, which leaves the layers
-as they were (peft's wrappers give the original modules back): fusing would be faster, but fusing
-and unfusing in half precision does not give back the same weights, so the setting is measured
-as an adapter, the slower way to serve it.
+as they were (peft's wrappers give the original modules back). With `fuse`, the LoRA is fused
+into the weights, as most servers run it (no work added per step); unfusing in half precision
+does not give back the same weights, so the adapted layers' weights are kept on the CPU
+beforehand and copied back.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ PARAMS = (
           "(the high-noise one's): lightx2v ships the two as files of one repo"),
     Param("weight_name_2", str, ("",), help="lora_2's file in a repo or folder of several"),
     Param("lora_scale", float, (1.0,), minimum=0.0, help="the adapter's weight"),
+    Param("fuse", bool, (False,), choices=(False, True),
+          help="fused into the weights, as most servers run it (true), or kept as an adapter"),
     Param("cfg", bool, (False,), choices=(False, True),
           help="keep classifier-free guidance (false: off, as most distilled LoRAs are run)"),
     Param("scheduler_config", str, ("",), help="the scheduler settings its recipe runs with, over "
@@ -119,16 +122,25 @@ class DistillPatch:
     off in each call unless `cfg`."""
 
     def __init__(self, pipe, lora: str, weight_name: str, lora_2: str, weight_name_2: str,
-                 lora_scale: float, cfg: bool, scheduler_config: str):
+                 lora_scale: float, fuse: bool, cfg: bool, scheduler_config: str):
         self.pipe, self.cfg, self.scheduler = pipe, cfg, pipe.scheduler
         self.told: dict = {}
+        self.kept: list = []  # (layer, its weight and bias before fusing), to copy back
         self.fraction: float | None = None
         self.overrides = scheduler_overrides(scheduler_config) if scheduler_config else {}
         recipe = scheduler_with(pipe.scheduler, self.overrides) if self.overrides else None
-        load_adapter(pipe, lora, weight_name, ADAPTER)
-        if lora_2:  # one adapter name, in each expert (diffusers keeps adapters per model)
-            load_adapter(pipe, lora_2, weight_name_2, ADAPTER, second_expert=True)
-        pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
+        try:  # a second LoRA or the fusing that fails leaves the pipeline as it was
+            load_adapter(pipe, lora, weight_name, ADAPTER)
+            if lora_2:  # one adapter name, in each expert (diffusers keeps adapters per model)
+                load_adapter(pipe, lora_2, weight_name_2, ADAPTER, second_expert=True)
+            pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
+            if fuse:
+                self.kept = _adapted_weights(pipe)
+                pipe.fuse_lora(adapter_names=[ADAPTER], lora_scale=1.0)  # at the scale just set
+                pipe.unload_lora_weights()  # the fused weights stay in the original layers
+        except BaseException:
+            self.restore()
+            raise
         if recipe is not None:
             pipe.scheduler = recipe
 
@@ -155,17 +167,38 @@ class DistillPatch:
         self.pipe.scheduler = self.scheduler
         if ADAPTER in {name for names in self.pipe.get_list_adapters().values() for name in names}:
             self.pipe.unload_lora_weights()
+        for layer, weights in self.kept:  # the weights before fusing, bit for bit
+            for name, kept in weights.items():
+                getattr(layer, name).data.copy_(kept)
+        self.kept = []
 
+
+def _adapted_weights(pipe) -> list:
+    """(base layer, {"weight": ..., "bias": ...} on the CPU) of every layer the adapter wraps,
+    in every component (a LoRA may adapt a text encoder too)."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kept = []
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for module in component.modules():
+            if isinstance(module, BaseTunerLayer) and ADAPTER in module.active_adapters:
+                base = module.get_base_layer()
+                kept.append((base, {name: tensor.detach().to("cpu", copy=True) for name, tensor
+                                    in (("weight", base.weight), ("bias", base.bias)) if tensor is not None}))
+    return kept
 
 def apply(pipe, lora: str = "", weight_name: str = "", lora_2: str = "", weight_name_2: str = "",
-          lora_scale: float = 1.0, cfg: bool = False, scheduler_config: str = "",
+          lora_scale: float = 1.0, fuse: bool = False, cfg: bool = False, scheduler_config: str = "",
           **_recorded) -> DistillPatch:
     """`_recorded`: what a trial ran with (the guidance it turned off), passed back by an export."""
     if not lora:
         raise ValueError("distill.lora is required: the step-distilled LoRA's hub id, folder or "
                          ".safetensors file")
-    return DistillPatch(pipe, lora, weight_name, lora_2, weight_name_2, float(lora_scale), bool(cfg),
-                        scheduler_config)
+    return DistillPatch(pipe, lora, weight_name, lora_2, weight_name_2, float(lora_scale), bool(fuse),
+                        bool(cfg), scheduler_config)
 
 
 def problem_with(pipe, values) -> str | None:

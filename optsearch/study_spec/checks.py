@@ -64,9 +64,9 @@ def notes(spec: StudySpec) -> list[str]:
         lines.append("model.lora is measured as an adapter (its low-rank work at every step, as a "
                      "server that switches LoRAs runs it); set model.fuse_lora = true if you serve "
                      "it fused")
-    if "distill" in spec.accelerators_used:
-        lines.append("distill's LoRA is measured as an adapter (it cannot be unfused bit for bit): "
-                     "served fused, it runs a little faster than measured")
+    if "distill" in spec.accelerators_used and not spec.space.get("distill", {}).get("fuse"):
+        lines.append("distill's LoRA is measured as an adapter (its low-rank work at every step); "
+                     "set space.distill.fuse = true if you serve it fused")
     for family in dict.fromkeys(family for family, _ in spec.auto_params()):
         mixed = [combo for combo in spec.search.combos if family in combo]
         if any("distill" in combo for combo in mixed) and spec.distilled_for(family) is None:
