@@ -9,6 +9,7 @@ import warnings
 from functools import partial
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from optsearch.measure.models import with_lora
 from optsearch.measure.prompts import load_prompts
 from optsearch.measure.served import pipeline_from_spec
 from optsearch.optimize.export import export_study
+from optsearch.optimize.space import suggest_setting
 from optsearch.optimize.study import load_study
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
@@ -118,14 +120,16 @@ def test_distill_beside_a_cache_and_a_served_lora(tmp_path):
 
 @pytest.mark.parametrize("lines, key, says", [
     ("", "space.distill.lora", "is required with distill"),
-    ('[space.distill]\nlora = ["a", "b"]\n', "space.distill.lora", "must be a string"),
+    ('[space.distill]\nlora = ["a", "a"]\n', "space.distill.lora", "names one twice"),
+    ('[space.distill]\nlora = 3\n', "space.distill.lora", "must be a string, or a list of them"),
     ('[space.distill]\nlora = "a/b"\n', "search.accelerators", "distill runs with steps"),
     ('[space.distill]\nlora = "a/b"\n', "search.accelerators", "tgate caches the guided half"),
     ('[space.distill]\nlora = "a/b"\n', "model.compile", 'measure distill with compile = "none"'),
     ('[space.distill]\nlora = "a/b"\nscheduler_config = "lightning.json"\n',
      "space.distill.scheduler_config", "No such file"),
     ('[space.distill]\nlora = "./lightning"\n', "space.distill.lora", "no such file or folder"),
-], ids=["no-lora", "two-loras", "no-steps", "tgate", "compiled", "no-scheduler-file", "no-lora-folder"])
+], ids=["no-lora", "a-lora-twice", "a-number", "no-steps", "tgate", "compiled", "no-scheduler-file",
+        "no-lora-folder"])
 def test_a_distill_spec_error_is_one_line(tmp_path, lines, key, says):
     text = DISTILL_SPEC + lines
     if "without steps" in says or "distill runs with steps" in says:
@@ -275,3 +279,20 @@ def test_a_fused_distilled_lora_adds_no_layer_and_its_weights_come_back_bit_for_
         np.testing.assert_array_equal(images_of(), baseline)
     assert np.abs(results[True] - results[False]).max() <= 1  # fused at 0.8, as the adapter ran
     assert np.abs(results[True] - baseline).mean() > 4 * np.abs(results[True] - results[False]).mean()
+
+
+def test_a_study_searches_several_distilled_lora_files_and_loads_each_before_its_baseline(tmp_path):
+    four = saved_lora("builtin:tiny", tmp_path / "lightning-4", seed=1)
+    eight = saved_lora("builtin:tiny", tmp_path / "lightning-8", seed=2)
+    text = DISTILL_SPEC + '[space.distill]\nlora = ["./lightning-4", "./lightning-8"]\n'
+    spec = load_spec(write_spec(tmp_path / "two.toml", text))
+    assert spec.grid_values("distill", "lora") == [str(four), str(eight)]  # read beside the spec
+    drawn = [suggest_setting(optuna.trial.FixedTrial({"combo": "distill+steps", "distill.lora": lora,
+                                                       "steps.num_inference_steps": 4}), spec)
+             for lora in (str(four), str(eight))]
+    assert [setting["distill"]["lora"] for setting in drawn] == [str(four), str(eight)]
+    assert [s["distill"]["lora"] for s in spec.distill_settings()] == [str(four), str(eight)]
+    other = saved_lora("builtin:tiny-flux", tmp_path / "flux-lora")  # the second cannot load
+    spec = load_spec(write_spec(tmp_path / "bad.toml", text.replace("./lightning-8", str(other))))
+    with pytest.raises(ModelLoadError, match="flux-lora.* adapts no layer"):
+        pipeline_from_spec(spec)

@@ -35,6 +35,12 @@ class Param:
     default_by_kind: tuple[tuple[str, tuple], ...] = ()  # (kind, default) where a pipeline kind
     # ("unet", "transformer", "video") searches another default
 
+    @property
+    def named(self) -> bool:
+        """Its values are names, searched unordered: its `choices`, or the strings a spec lists
+        (distill's LoRA files)."""
+        return bool(self.choices) or self.kind is str
+
     def default_range(self, model_steps: int, kind: str | None = None) -> tuple:
         """The range searched when a spec names none (fractions resolved against model.steps),
         for a pipeline of `kind`."""

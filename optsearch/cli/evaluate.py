@@ -50,7 +50,7 @@ def cmd_evaluate(args) -> int:
             raise SpecError([f"--set: {problem}"])
         setting = default_setting(combo, spec.model.steps)
         if "distill" in setting:  # the spec's LoRA (no library default names one)
-            setting["distill"].update(spec.distill_setting()["distill"])
+            setting["distill"].update(spec.distill_settings()[0]["distill"])
         for accelerator, values in given.items():
             setting.setdefault(accelerator, {}).update(values)
         setting = normalize_setting(setting)

@@ -53,8 +53,8 @@ def check_families(pipe, spec) -> None:
     if any("dbcache" in combo for combo in spec.search.combos) and \
             (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
         raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
-    if distilled := spec.distill_setting():  # loaded and unloaded once: one that cannot load
-        apply_setting(pipe, distilled).restore()  # ends here, before the baseline is timed
+    for distilled in spec.distill_settings():  # each loaded and unloaded once: one that cannot
+        apply_setting(pipe, distilled).restore()  # load ends here, before the baseline is timed
 
 
 def _strength_problem(pipe, strength: float | None) -> str | None:

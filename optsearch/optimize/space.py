@@ -49,7 +49,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:
                 values[param] = bounds[0]
-            elif spec.search.sampler == "grid" or declared.choices:
+            elif spec.search.sampler == "grid" or declared.named:
                 values[param] = trial.suggest_categorical(name, spec.grid_values(accelerator, param))
             elif declared.kind is int:
                 values[param] = trial.suggest_int(name, bounds[0], bounds[1], step=bounds[2] or 1)
@@ -132,7 +132,7 @@ def _family_computations(spec: StudySpec, family: str, calibration: Mapping) -> 
         if spec.space_value(family, param) == "auto":
             return None
         bounds = spec.param_range(family, param)
-        if len(bounds) == 1 or declared.choices or bounds[2]:  # fixed, named or stepped
+        if len(bounds) == 1 or declared.named or bounds[2]:  # fixed, named or stepped
             values = spec.grid_values(family, param)
         elif declared.kind is int:  # the sampler draws every integer of the range
             values = list(range(int(bounds[0]), int(bounds[1]) + 1))

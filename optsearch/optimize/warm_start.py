@@ -96,7 +96,7 @@ def trial_params(spec: StudySpec, setting: dict[str, dict], clip: bool) -> dict 
             if len(bounds) == 1:
                 continue  # fixed in this study: nothing to enqueue
             kind = params_of(accelerator)[param].kind
-            if params_of(accelerator)[param].choices:  # a named value: one of those searched
+            if params_of(accelerator)[param].named:  # a named value: one of those searched
                 named = param in setting[accelerator]  # else the library's, moved into the space
                 value = setting[accelerator][param] if named else _library_default(accelerator, param)
                 placed = value if value in bounds else (bounds[0] if clip or not named else None)

@@ -271,10 +271,11 @@ def validate(spec: StudySpec, problem) -> None:
         problem("space.distill.lora", "is required with distill: the step-distilled LoRA's hub id, "
                 "folder or .safetensors file (Lightning, Hyper-SD, Turbo)")
     for key in ("lora", "lora_2"):
-        lora = spec.space.get("distill", {}).get(key)
-        if "distill" in used and lora and os.path.isabs(os.path.expanduser(lora)) \
-                and not os.path.exists(os.path.expanduser(lora)):  # a path: not a hub id
-            problem(f"space.distill.{key}", f"{lora!r}: no such file or folder")
+        given = spec.space.get("distill", {}).get(key) or []
+        for lora in given if isinstance(given, list) else [given]:
+            if "distill" in used and os.path.isabs(os.path.expanduser(lora)) \
+                    and not os.path.exists(os.path.expanduser(lora)):  # a path: not a hub id
+                problem(f"space.distill.{key}", f"{lora!r}: no such file or folder")
     if "distill" in used and spec.space.get("distill", {}).get("scheduler_config"):
         try:
             distill.scheduler_overrides(spec.space["distill"]["scheduler_config"])

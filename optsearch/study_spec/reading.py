@@ -120,7 +120,7 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     for key in ("lora", "controlnet"):  # local folders or files, beside the spec
         resolve("model", key, lambda value: value.startswith(("./", "../")))
     distill = data.get("space", {}).get("distill") if isinstance(data.get("space"), dict) else None
-    for key in ("lora", "lora_2"):
+    for key in ("lora", "lora_2"):  # a name, or a list of them to search
         if isinstance(distill, dict) and key in distill:
             distill[key] = absolute(distill[key], lambda value: value.startswith(("./", "../")))
     if isinstance(distill, dict) and isinstance(distill.get("scheduler_config"), str):
@@ -313,8 +313,11 @@ def _check_range(param, value) -> str | None:
         return None
     if param.kind is bool:
         return param.check(values[0]) if len(values) == 1 else "must be true or false"
-    if param.kind is str:  # one name, not searched (distill.lora)
-        return None if isinstance(value, str) and value else f"must be a string: {param.help}"
+    if param.kind is str:  # a name, or a list of them to search (distill's LoRA files)
+        names = value if isinstance(value, list) else [value]
+        if not names or not all(isinstance(name, str) and name for name in names):
+            return f"must be a string, or a list of them to search: {param.help}"
+        return f"{names!r} names one twice" if len(set(names)) < len(names) else None
     if not 1 <= len(values) <= 3:
         return f"must be [low, high], [low, high, step] or one value ({param.allowed()})"
     for item in values[:2]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -248,7 +249,7 @@ class StudySpec:
             value = params_of(accelerator)[param].default_range(counted, self.search.model_kind)
         if not isinstance(value, (list, tuple)):
             return (value,)
-        if len(value) == 1 or params_of(accelerator)[param].choices:  # the choices searched
+        if len(value) == 1 or params_of(accelerator)[param].named:  # the choices searched
             return tuple(value)
         return (value[0], value[1], value[2] if len(value) == 3 else None)
 
@@ -260,7 +261,7 @@ class StudySpec:
             if self.space_value(accelerator, param) == "auto":
                 continue
             bounds = self.param_range(accelerator, param)
-            if len(bounds) == 1 or declared.choices:
+            if len(bounds) == 1 or declared.named:
                 values[param] = list(bounds)
             elif declared.kind is int:
                 values[param] = list(range(int(bounds[0]), int(bounds[1]) + 1, int(bounds[2] or 1)))
@@ -278,20 +279,25 @@ class StudySpec:
         return calibration_steps(family, self.model.steps, fewest)
 
     def distilled_for(self, family: str) -> dict | None:
-        """The step-distilled LoRA setting (`distill`'s fixed values) every combo that searches
+        """The step-distilled LoRA setting (the first it searches) every combo that searches
         `family` runs with: its "auto" range is then calibrated on the distilled model, as its
         trials run. None where a combo runs the family without it (calibrated plain)."""
         combos = [combo for combo in self.search.combos if family in combo]
         if family == "distill" or not combos or not all("distill" in combo for combo in combos):
             return None
-        return self.distill_setting()
+        return next(iter(self.distill_settings()), None)
 
-    def distill_setting(self) -> dict | None:
-        """The step-distilled LoRA the study searches (`distill`'s fixed values), or None."""
+    def distill_settings(self) -> list[dict]:
+        """Each step-distilled LoRA the study searches (every file a list of `lora` or
+        `weight_name` names), with the first of what else it searches (none without distill)."""
         if "distill" not in self.accelerators_used:
-            return None
-        fixed = {param: self.param_range("distill", param) for param in params_of("distill")}
-        return {"distill": {param: bounds[0] for param, bounds in fixed.items() if len(bounds) == 1}}
+            return []
+        searched = {param: self.param_range("distill", param) for param in params_of("distill")}
+        files = [dict(zip(("lora", "weight_name", "lora_2", "weight_name_2"), chosen, strict=True))
+                 for chosen in itertools.product(*(searched[key] for key in
+                                                   ("lora", "weight_name", "lora_2", "weight_name_2")))]
+        first = {param: bounds[0] for param, bounds in searched.items()}
+        return [{"distill": {**first, **chosen}} for chosen in files]
 
     def calibration_calls(self, families=None) -> float:
         """The plain calls (in calls at the model's steps) that calibrate the "auto" ranges of
@@ -336,7 +342,7 @@ class StudySpec:
                     if not bounds or (declared.kind is float and bounds[2] is None
                                       and self.search.sampler != "grid"):
                         return None
-                    size *= len(self.grid_values(accelerator, param)) if declared.choices \
+                    size *= len(self.grid_values(accelerator, param)) if declared.named \
                         or self.search.sampler == "grid" \
                         else int(round((bounds[1] - bounds[0]) / (bounds[2] or 1) + 1e-9)) + 1
             total += size
@@ -350,7 +356,7 @@ class StudySpec:
     def grid_values(self, accelerator: str, param: str) -> list:
         """Every value the exhaustive grid tries for a parameter (step: given, else its default)."""
         bounds = self.param_range(accelerator, param)
-        if len(bounds) == 1 or params_of(accelerator)[param].choices:
+        if len(bounds) == 1 or params_of(accelerator)[param].named:
             return list(bounds)
         low, high, step = bounds
         step = step or params_of(accelerator)[param].grid_step
