@@ -281,9 +281,10 @@ def validate(spec: StudySpec, problem) -> None:
             distill.scheduler_overrides(spec.space["distill"]["scheduler_config"])
         except ValueError as error:
             problem("space.distill.scheduler_config", str(error).removeprefix("distill.scheduler_config "))
-    if "distill" in used and model.compile != "none":
-        problem("model.compile", "distill loads its LoRA into the denoiser for each trial, which "
-                "recompiles it: measure distill with compile = \"none\"")
+    if "distill" in used and model.compile != "none" and spec.param_range("distill", "fuse") != (True,):
+        problem("model.compile", "distill kept as an adapter wraps the denoiser's layers for each "
+                "trial, which recompiles it: set space.distill.fuse = true (fused, the layers stay "
+                "as compiled) or compile = \"none\"")
     for accelerator in used:
         for name, declared in params_of(accelerator).items():
             counted = declared.counts_steps or declared.scales_with_steps
