@@ -19,6 +19,9 @@ Each setting is timed in rounds that cycle all six (the machine's drift hits eac
 s/image is the median of `repeats` rounds, the speedup the baseline's median over it.
 
     python -m benchmarks distill --repeats 5     # about 2 minutes on 2 cores
+
+`--compile regional` times every setting on the denoiser compiled as a server does (inductor;
+each setting's first round compiles what it needs, and the median keeps it out).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from benchmarks.common import machine, table
 from benchmarks.lora import _save_lora, _seconds
 from optsearch.measure.builtin import build_builtin
+from optsearch.measure.compiling import compile_denoiser
 from optsearch.measure.generation import GenerationConfig
 from optsearch.measure.prompts import builtin_prompts
 
@@ -42,13 +46,14 @@ MODELS = (("builtin:tiny", 64, {"guidance_scale": 7.5}, "unet_lora_layers",
 STEPS = 8
 
 
-def main(repeats: int = 5) -> None:
+def main(repeats: int = 5, compile: str = "none") -> None:
     started = time.perf_counter()
     prompts = builtin_prompts()[:2]
     for model, size, guidance, layers, cache in MODELS:
         config = GenerationConfig(steps=20, height=size, width=size, batch_size=2, **guidance)
         pipe = build_builtin(model)
         pipe.set_progress_bar_config(disable=True)
+        compile_denoiser(pipe, compile)
         with tempfile.TemporaryDirectory() as folder:
             lora = _save_lora(model, layers, Path(folder))
             few = {"steps": {"num_inference_steps": STEPS}}
@@ -64,6 +69,7 @@ def main(repeats: int = 5) -> None:
         median = {name: statistics.median(values) for name, values in seconds.items()}
         baseline, reference = median["baseline (20 steps)"], median[f"steps {STEPS}"]
         rows = [[name, value, baseline / value, reference / value] for name, value in median.items()]
-        print(f"\n# {model}, {size} px, batch 2, rank-16 LoRA, {repeats} rounds ({machine()})")
+        print(f"\n# {model}, {size} px, batch 2, rank-16 LoRA, {repeats} rounds, compile {compile} "
+              f"({machine()})")
         print(table(["setting", "s/image (median)", "speedup", f"vs steps {STEPS}"], rows), flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
