@@ -21,7 +21,10 @@ s/image is the median of `repeats` rounds, the speedup the baseline's median ove
     python -m benchmarks distill --repeats 5     # about 2 minutes on 2 cores
 
 `--compile regional` times every setting on the denoiser compiled as a server does (inductor;
-each setting's first round compiles what it needs, and the median keeps it out).
+each setting's first round compiles what it needs, and the median keeps it out), every LoRA
+fused (`fuse = true`, as a compiled study requires): an adapter's recompile left tiny
+Qwen-Image's plain blocks on a slower graph for every later call (0.208 -> 0.243 s), which would
+bias every row after it.
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ def main(repeats: int = 5, compile: str = "none") -> None:
         compile_denoiser(pipe, compile)
         with tempfile.TemporaryDirectory() as folder:
             lora = _save_lora(model, layers, Path(folder))
-            few = {"steps": {"num_inference_steps": STEPS}}
+            few, fused = {"steps": {"num_inference_steps": STEPS}}, compile != "none"
             settings = {"baseline (20 steps)": None, f"steps {STEPS}": few,
-                        "distill, cfg kept": {"distill": {"lora": lora, "cfg": True}, **few},
-                        "distill": {"distill": {"lora": lora}, **few},
+                        "distill, cfg kept": {"distill": {"lora": lora, "cfg": True, "fuse": fused}, **few},
+                        "distill": {"distill": {"lora": lora, "fuse": fused}, **few},
                         "distill, fused": {"distill": {"lora": lora, "fuse": True}, **few},
-                        f"distill + {next(iter(cache))}": {"distill": {"lora": lora}, **few, **cache}}
+                        f"distill + {next(iter(cache))}": {"distill": {"lora": lora, "fuse": fused},
+                                                           **few, **cache}}
             seconds = {name: [] for name in settings}
             for _ in range(repeats):
                 for name, setting in settings.items():
