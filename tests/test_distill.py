@@ -292,6 +292,10 @@ def test_a_study_searches_several_distilled_lora_files_and_loads_each_before_its
              for lora in (str(four), str(eight))]
     assert [setting["distill"]["lora"] for setting in drawn] == [str(four), str(eight)]
     assert [s["distill"]["lora"] for s in spec.distill_settings()] == [str(four), str(eight)]
+    (tmp_path / "shift3.json").write_text('{"shift": 3.0}')  # recipes searched: files read in
+    recipes = text + 'scheduler_config = ["shift3.json", \'{"shift": 1.0}\']\n'
+    spec = load_spec(write_spec(tmp_path / "recipes.toml", recipes))
+    assert spec.space["distill"]["scheduler_config"] == ['{"shift": 3.0}', '{"shift": 1.0}']
     other = saved_lora("builtin:tiny-flux", tmp_path / "flux-lora")  # the second cannot load
     spec = load_spec(write_spec(tmp_path / "bad.toml", text.replace("./lightning-8", str(other))))
     with pytest.raises(ModelLoadError, match="flux-lora.* adapts no layer"):

@@ -276,9 +276,10 @@ def validate(spec: StudySpec, problem) -> None:
             if "distill" in used and os.path.isabs(os.path.expanduser(lora)) \
                     and not os.path.exists(os.path.expanduser(lora)):  # a path: not a hub id
                 problem(f"space.distill.{key}", f"{lora!r}: no such file or folder")
-    if "distill" in used and spec.space.get("distill", {}).get("scheduler_config"):
+    recipes = spec.space.get("distill", {}).get("scheduler_config") or []
+    for recipe in recipes if isinstance(recipes, list) else [recipes]:
         try:
-            distill.scheduler_overrides(spec.space["distill"]["scheduler_config"])
+            distill.scheduler_overrides(recipe) if "distill" in used else None
         except ValueError as error:
             problem("space.distill.scheduler_config", str(error).removeprefix("distill.scheduler_config "))
     if "distill" in used and model.compile != "none" and spec.param_range("distill", "fuse") != (True,):

@@ -123,18 +123,22 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     for key in ("lora", "lora_2"):  # a name, or a list of them to search
         if isinstance(distill, dict) and key in distill:
             distill[key] = absolute(distill[key], lambda value: value.startswith(("./", "../")))
-    if isinstance(distill, dict) and isinstance(distill.get("scheduler_config"), str):
-        distill["scheduler_config"] = _inlined(absolute(
-            distill["scheduler_config"], lambda value: not value.lstrip().startswith("{")))
+    given = distill.get("scheduler_config") if isinstance(distill, dict) else None
+    if isinstance(given, (str, list)):  # one, or a list of them to search
+        given = absolute(given, lambda value: not value.lstrip().startswith("{"))
+        distill["scheduler_config"] = [_inlined(item) for item in given] if isinstance(given, list) \
+            else _inlined(given)
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("id"), str) and is_factory(model["id"]):
         model.setdefault("factory_path", ".")
         resolve("model", "factory_path", lambda value: True)
 
 
-def _inlined(scheduler_config: str) -> str:
+def _inlined(scheduler_config):
     """A JSON file's object as its text, so the stored spec holds it (a worker on another
-    machine has no file); as given where it is no such file (the checks say why)."""
+    machine has no file); as given where it is no such file, or no string (the checks say why)."""
+    if not isinstance(scheduler_config, str):
+        return scheduler_config
     try:
         return json.dumps(distill.scheduler_overrides(scheduler_config), sort_keys=True)
     except ValueError:
