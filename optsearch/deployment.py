@@ -9,6 +9,7 @@ and `optsearch.apply` of an export warns, once each, when a call differs.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -25,12 +26,13 @@ from optsearch.accelerators import (
     scheduler_class_name,
     scheduler_of,
 )
+from optsearch.accelerators.distill import ADAPTER as DISTILL_ADAPTER
 from optsearch.accelerators.hooks import compiled_how
 from optsearch.measure.compiling import AS_BUILT
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "strength", "scheduler",
                 "guidance_scale", "guidance_scale_2", "num_frames", "compile", "device", "dtype",
-                "offload", "attention", "quantization")
+                "offload", "attention", "quantization", "lora_scales")
 
 OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU offload",
                 "group": ", group offload", "device map": ", split by a device map"}
@@ -76,6 +78,8 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
         context["strength"] = model.strength
     if model.lora:  # the LoRA served: its scale, and whether its work is fused away
         context["lora"] = lora_text(model)
+    if model.lora and not model.fuse_lora:  # kept as adapters: the weights set_adapters gives
+        context["lora_scales"] = sorted(scale for _, scale in model.loras)
     if model.call:  # [model.call]: what else every call passed
         context["call"] = dict(model.call)
     if compiled and compiled.endswith(AS_BUILT):  # compiled by whoever built the pipeline
@@ -141,7 +145,25 @@ def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) ->
     served["quantization"] = quantization_of(pipe) or "none"
     served["scheduler"] = scheduler_of(pipe)
     served["dtype"] = dtype_of(pipe)
+    served["lora_scales"] = adapter_scales(pipe)
     return served
+
+
+def adapter_scales(pipe) -> list[float] | None:
+    """The weight `set_adapters` gave each active LoRA adapter of the denoiser, read off the
+    first layer it adapts (peft's scaling over alpha / r), sorted; None where none runs (a plain
+    or fused pipeline: the weights' signature tells those). A distilled LoRA is the setting's."""
+    from peft.tuners.lora import LoraLayer  # torch is loaded: a pipeline is being called
+
+    scales: dict[str, float] = {}
+    for module in denoiser(pipe).modules():
+        if not isinstance(module, LoraLayer) or module.disable_adapters:
+            continue
+        for name in module.active_adapters:
+            if name in module.scaling and name not in scales and name != DISTILL_ADAPTER:
+                rank = math.sqrt(module.r[name]) if module.use_rslora.get(name) else module.r[name]
+                scales[name] = round(module.scaling[name] * rank / module.lora_alpha[name], 4)
+    return sorted(scales.values()) or None
 
 
 class ContextCheck:

@@ -5,6 +5,7 @@ context says which was measured."""
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+import optsearch
 from optsearch.accelerators import denoiser
 from optsearch.deployment import measured_context
 from optsearch.errors import ModelLoadError, SpecError
@@ -80,6 +82,19 @@ def test_a_lora_is_measured_as_an_adapter_or_fused_and_the_unet_families_run_on_
     mine = quiet_builtin("builtin:tiny")  # the same LoRA under the name a user gave it
     mine.load_lora_weights(str(folder), adapter_name="mine")
     assert pipeline_signature(mine) == pipeline_signature(pipe)  # so `apply` does not warn
+    measured = {"best": {"setting": {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}},
+                "deployment": measured_context(adapter, 2)}
+    assert measured["deployment"]["lora_scales"] == [0.8]
+    for scale, warns in ((0.8, False), (0.5, True)):  # the same weights, served at another scale
+        mine.set_adapters(["mine"], [scale])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with optsearch.apply(mine, measured) as run:
+                run(["a cat"] * 2, num_inference_steps=8, height=32, width=32, output_type="np")
+        said = [str(w.message) for w in caught if "lora_scales" in str(w.message)]
+        assert said == (["optsearch: this setting was measured at lora_scales = [0.8]; called with "
+                         "[0.5], its speedup and quality may differ (search again at lora_scales = "
+                         "[0.5] to know)"] if warns else [])
 
     assert_each_skips_and_restores(pipe, images, (
         {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
