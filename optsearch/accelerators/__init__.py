@@ -25,6 +25,7 @@ on a UNet PAB's attention hooks would fight T-GATE's and DeepCache's patches).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 
 from optsearch.accelerators import deepcache, tgate
 from optsearch.accelerators.base import CalibratedRange, Param
@@ -224,8 +225,20 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
     return AppliedSetting(pipe, setting, calibration)
 
 
+@contextmanager
+def calibrating_under(pipe, setting: Mapping | None, call_kwargs: Mapping):
+    """What a calibration runs under: `setting` applied for its duration (a step-distilled LoRA
+    its trials run with; None: the plain pipeline), and the call arguments its calls take
+    there (guidance off). Yields (the applied setting or None, those arguments)."""
+    if not setting:
+        yield None, dict(call_kwargs)
+        return
+    with AppliedSetting(pipe, setting) as under:
+        yield under, under.prepared(call_kwargs)
+
+
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange",
-           "Param", "applicable", "apply_setting", "attention_of", "calibrate_family",
+           "Param", "applicable", "apply_setting", "attention_of", "calibrate_family", "calibrating_under",
            "calibrated_range", "calibration_cost", "calibration_steps", "calibration_used",
            "call_argument", "call_parameters", "call_problem", "call_steps", "canonical_setting",
            "combo_name", "combo_problem", "denoised_steps", "denoiser", "denoisers",

@@ -12,16 +12,15 @@ from __future__ import annotations
 import os
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from optsearch.accelerators import (
-    apply_setting,
     attention_of,
     calibrate_family,
     calibrated_range,
+    calibrating_under,
     call_steps,
     dbcache,
     execution_device,
@@ -183,13 +182,12 @@ def _auto_ranges(spec, pipe, prompts, config, params=None) -> dict[str, list]:
     would calibrate them (plain calls on the search's first batch)."""
     ranges = {}
     for family, param in spec.auto_params() if params is None else params:
-        distilled = spec.distilled_for(family)  # its trials run on the distilled model
-        with apply_setting(pipe, distilled) if distilled else nullcontext() as under:
-            call = config.guidance_kwargs(min(config.batch_size, len(prompts)), pipe)
+        with calibrating_under(pipe, spec.distilled_for(family),  # as its trials run
+                               config.guidance_kwargs(min(config.batch_size, len(prompts)), pipe)
+                               ) as (under, call):
             measured = calibrate_family(family, pipe, lambda steps, under=under: list(generate(
                 pipe, prompts[:config.batch_size], replace(config, steps=steps), under, warmup=False)),
-                spec.searched_values(family), spec.calibration_steps(family),
-                under.prepared(call) if under else call)
+                spec.searched_values(family), spec.calibration_steps(family), call)
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = calibrated_range(family, measured, param)  # per Fn too
     return ranges

@@ -11,7 +11,6 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from optsearch.accelerators import (
     AppliedSetting,
     calibrate_family,
     calibrated_range,
+    calibrating_under,
     calibration_used,
     call_steps,
     execution_device,
@@ -214,14 +214,12 @@ class Evaluator:
         for family, param in spec.auto_params():
             if not self._known(family, "auto"):
                 count = min(self.config.batch_size, len(self.prompts))
-                distilled = spec.distilled_for(family)  # its trials run on the distilled model
-                with AppliedSetting(self.pipe, distilled) if distilled else nullcontext() as under:
-                    call = self.config.guidance_kwargs(count, self.pipe)
+                with calibrating_under(self.pipe, spec.distilled_for(family),  # as its trials run
+                                       self.config.guidance_kwargs(count, self.pipe)) as (under, call):
                     measured = calibrate_family(
                         family, self.pipe,
                         lambda steps, under=under: self._run_once(self.config.batch_size, steps, under),
-                        spec.searched_values(family), spec.calibration_steps(family),
-                        under.prepared(call) if under else call)
+                        spec.searched_values(family), spec.calibration_steps(family), call)
                 self._calibrated(family, measured)
             if param in self.calibration[family].get("auto", {}):
                 ranges[f"{family}.{param}"] = calibrated_range(family, self.calibration[family], param)

@@ -30,6 +30,7 @@ from optsearch.study_spec.schema import (
     SAMPLERS,
     STATISTICS,
     StudySpec,
+    listed,
 )
 
 
@@ -267,25 +268,8 @@ def validate(spec: StudySpec, problem) -> None:
                     f"{', '.join(combo_name(c) for c in search.combos) or 'empty'})")
     if guidance_problem(used, model.guidance_scale):
         problem("search.accelerators", guidance_problem(used, model.guidance_scale))
-    if "distill" in used and not spec.space.get("distill", {}).get("lora"):
-        problem("space.distill.lora", "is required with distill: the step-distilled LoRA's hub id, "
-                "folder or .safetensors file (Lightning, Hyper-SD, Turbo)")
-    for key in ("lora", "lora_2"):
-        given = spec.space.get("distill", {}).get(key) or []
-        for lora in given if isinstance(given, list) else [given]:
-            if "distill" in used and os.path.isabs(os.path.expanduser(lora)) \
-                    and not os.path.exists(os.path.expanduser(lora)):  # a path: not a hub id
-                problem(f"space.distill.{key}", f"{lora!r}: no such file or folder")
-    recipes = spec.space.get("distill", {}).get("scheduler_config") or []
-    for recipe in recipes if isinstance(recipes, list) else [recipes]:
-        try:
-            distill.scheduler_overrides(recipe) if "distill" in used else None
-        except ValueError as error:
-            problem("space.distill.scheduler_config", str(error).removeprefix("distill.scheduler_config "))
-    if "distill" in used and model.compile != "none" and spec.param_range("distill", "fuse") != (True,):
-        problem("model.compile", "distill kept as an adapter wraps the denoiser's layers for each "
-                "trial, which recompiles it: set space.distill.fuse = true (fused, the layers stay "
-                "as compiled) or compile = \"none\"")
+    if "distill" in used:
+        _check_distill(spec, problem)
     for accelerator in used:
         for name, declared in params_of(accelerator).items():
             counted = declared.counts_steps or declared.scales_with_steps
@@ -316,6 +300,29 @@ def validate(spec: StudySpec, problem) -> None:
                     "grid is fixed when the study is created: give it a range [low, high, step]")
     if spec.artifacts.grid_prompts < 0:
         problem("artifacts.grid_prompts", "must be >= 0")
+
+
+def _check_distill(spec: StudySpec, problem) -> None:
+    """The step-distilled LoRA's keys: a LoRA given, each local path there, each recipe
+    readable, and fused where the denoiser is compiled."""
+    given = spec.space.get("distill", {})
+    if not given.get("lora"):
+        problem("space.distill.lora", "is required with distill: the step-distilled LoRA's hub id, "
+                "folder or .safetensors file (Lightning, Hyper-SD, Turbo)")
+    for key in ("lora", "lora_2"):
+        for lora in listed(given.get(key)):
+            path = os.path.expanduser(lora)
+            if os.path.isabs(path) and not os.path.exists(path):  # a path: not a hub id
+                problem(f"space.distill.{key}", f"{lora!r}: no such file or folder")
+    for recipe in listed(given.get("scheduler_config")):
+        try:
+            distill.scheduler_overrides(recipe)
+        except ValueError as error:
+            problem("space.distill.scheduler_config", str(error).removeprefix("distill.scheduler_config "))
+    if spec.model.compile != "none" and spec.param_range("distill", "fuse") != (True,):
+        problem("model.compile", "distill kept as an adapter wraps the denoiser's layers for each "
+                "trial, which recompiles it: set space.distill.fuse = true (fused, the layers stay "
+                "as compiled) or compile = \"none\"")
 
 
 def _steps_said(model) -> str:

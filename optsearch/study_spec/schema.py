@@ -115,12 +115,12 @@ class ModelSpec:
     @property
     def controlnets(self) -> list[str]:
         """The ControlNets served, as a list (`controlnet` is one, a list, or none)."""
-        return _listed(self.controlnet)
+        return listed(self.controlnet)
 
     @property
     def lora_sources(self) -> list[str]:
         """The LoRAs served, as a list (`lora` is one, a list, or none)."""
-        return _listed(self.lora)
+        return listed(self.lora)
 
     @property
     def loras(self) -> list[tuple[str, float]]:
@@ -130,7 +130,8 @@ class ModelSpec:
         return list(zip(sources, scales, strict=False))
 
 
-def _listed(value: str | list[str] | None) -> list[str]:
+def listed(value: str | list[str] | None) -> list[str]:
+    """A key that takes one name or a list of them, as a list."""
     return [value] if isinstance(value, str) else list(value or [])
 
 
@@ -293,9 +294,9 @@ class StudySpec:
         if "distill" not in self.accelerators_used:
             return []
         searched = {param: self.param_range("distill", param) for param in params_of("distill")}
-        files = [dict(zip(("lora", "weight_name", "lora_2", "weight_name_2"), chosen, strict=True))
-                 for chosen in itertools.product(*(searched[key] for key in
-                                                   ("lora", "weight_name", "lora_2", "weight_name_2")))]
+        names = ("lora", "weight_name", "lora_2", "weight_name_2")
+        files = [dict(zip(names, chosen, strict=True))
+                 for chosen in itertools.product(*(searched[name] for name in names))]
         first = {param: bounds[0] for param, bounds in searched.items()}
         return [{"distill": {**first, **chosen}} for chosen in files]
 
