@@ -269,7 +269,8 @@ def _family_code(name: str, params: dict, exported: dict) -> list[str]:
 
 
 def _distill_code(params: dict, ran_with: dict) -> list[str]:
-    """The step-distilled LoRA as an adapter, as measured, and the guidance the calls ran with."""
+    """The step-distilled LoRA as measured (an adapter, or fused), its recipe's scheduler and the
+    guidance the calls ran with."""
     lines = []
     for key, into in (("", ""), ("_2", ", load_into_transformer_2=True")):  # Wan 2.2: each expert
         source, weight = params.get(f"lora{key}"), params.get(f"weight_name{key}") or None
