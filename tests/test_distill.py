@@ -146,7 +146,7 @@ def test_a_distill_spec_error_is_one_line(tmp_path, lines, key, says):
 def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_path):
     lora = saved_lora("builtin:tiny", tmp_path / "lightning", seed=1)
     text = DISTILL_SPEC + '[space.steps]\nnum_inference_steps = [3, 6]\n' \
-        + '[space.distill]\nlora = "./lightning"\n'  # beside the spec
+        + '[space.distill]\nlora = "./lightning"\nnum_inference_steps = [1, 2]\n'  # beside the spec
     spec = write_spec(tmp_path / "distill.toml", text.replace("n_trials = 4", "n_trials = 5"))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     result = optsearch_cmd("run", str(spec), "--storage", url, cwd=tmp_path.parent)
@@ -158,6 +158,7 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     distilled = [t for t in trials if "distill" in t.user_attrs.get("combo", "")]
     assert distilled and all(t.user_attrs["setting"]["distill"]["lora"] == str(lora) for t in distilled)
+    assert all(t.user_attrs["setting"]["steps"]["num_inference_steps"] in (1, 2) for t in distilled)
     result = optsearch_cmd("evaluate", str(spec), "--set", "distill.cfg=true", "--json", "-q")
     assert result.returncode == 0, result.stderr  # the spec's LoRA, with what --set changes
     measured = json.loads(result.stdout)["setting"]["distill"]
@@ -206,6 +207,42 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     setting["distill"]["scheduler_config"] = ""  # the recipe's scheduler counts
     with optsearch.apply(build_builtin("builtin:tiny"), setting) as run:
         assert not np.array_equal(images(run, 8, kind="sd", guidance_scale=7.5), expected)
+
+
+def test_the_lora_draws_its_own_steps_and_steps_alone_keeps_the_fewer_steps_range(tmp_path):
+    """Lightning at 4-8 steps and the fewer-steps line at 20-40 in one study: a combo with
+    distill draws `[space.distill] num_inference_steps` (its own Optuna parameter, so TPE never
+    mixes the two ranges), steps alone draws space.steps'; the space's size, the grid, the
+    calibration's fewest steps and the checks count each combo's own range."""
+    text = DISTILL_SPEC.replace("steps = 8", "steps = 16") + (
+        '[space.steps]\nnum_inference_steps = [8, 12]\n'
+        '[space.distill]\nlora = "a/b"\nnum_inference_steps = [2, 4]\n'
+        '[space.deepcache]\ncache_interval = [2, 3]\ncache_branch_id = 0\n')
+    spec = load_spec(write_spec(tmp_path / "own.toml", text))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = {}
+    for _ in range(40):
+        trial = study.ask()
+        setting = suggest_setting(trial, spec)
+        drawn.setdefault(tuple(setting), set()).add(setting["steps"]["num_inference_steps"])
+        named = "distill.num_inference_steps" if "distill" in setting else "steps.num_inference_steps"
+        assert set(trial.params) - {"combo", "deepcache.cache_interval"} == {named}
+        study.tell(trial, 1.0)
+    assert drawn == {("steps",): set(range(8, 13)), ("distill", "steps"): {2, 3, 4},
+                     ("distill", "steps", "deepcache"): {2, 3, 4}}
+    assert spec.space_size() == 5 + 3 + 3 * 2
+    assert spec.calibration_steps("deepcache")[-1] == 2 and spec.fewest_steps() == 2
+    one = load_spec(write_spec(tmp_path / "grid.toml", text.replace(
+        'accelerators = [["steps"], ["distill", "steps"], ["distill", "steps", "deepcache"]]',
+        'accelerators = ["distill", "steps"]\nsampler = "grid"').split("[space.deepcache]")[0]))
+    from optsearch.optimize.samplers import make_sampler
+
+    assert make_sampler(one)._search_space == {"distill.num_inference_steps": [2, 3, 4]}
+    with pytest.raises(SpecError, match=r"space.distill.num_inference_steps: \[2, 20\] goes past "
+                                        r"model.steps=16"):
+        load_spec(write_spec(tmp_path / "past.toml", text.replace("[2, 4]", "[2, 20]")))
+    with pytest.raises(SpecError, match="space.distill.num_inference_steps: 0 must be >= 1"):
+        load_spec(write_spec(tmp_path / "zero.toml", text.replace("[2, 4]", "[0, 4]")))
 
 
 def test_an_auto_threshold_is_calibrated_on_the_distilled_model_its_trials_run(tmp_path):

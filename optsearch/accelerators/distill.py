@@ -5,7 +5,8 @@ a study weighs it against them, and beside them (Qwen-Image-Lightning with DBCac
 The family loads the LoRA as an adapter (diffusers' `load_lora_weights` and `set_adapters`),
 swaps in the scheduler its recipe runs with where one is given (Lightning's shift, LCM's class),
 and, unless `cfg` is kept, turns guidance off in each call (`prepare`). Its step count is the `steps`
-family's: a combo runs it with `steps`. `restore()` unloads the adapter, which leaves the layers
+family's: a combo runs it with `steps`, drawn from the LoRA's own range where the spec gives one
+(`STEPS`). `restore()` unloads the adapter, which leaves the layers
 as they were (peft's wrappers give the original modules back). With `fuse`, the LoRA is fused
 into the weights, as most servers run it (no work added per step); unfusing in half precision
 does not give back the same weights, so the adapted layers' weights are kept on the CPU
@@ -39,6 +40,12 @@ PARAMS = (
     Param("scheduler_config", str, ("",), help="the scheduler settings its recipe runs with, over "
           "the model's: a JSON object or file (\"_class_name\": another class, e.g. LCMScheduler)"),
 )
+# The LoRA's own step counts (`[space.distill] num_inference_steps`): a spec key, not a
+# parameter of `apply`. Where given, a combo with distill draws its `steps` from it (Optuna's
+# parameter "distill.num_inference_steps"), so steps alone keeps space.steps' range: the
+# fewer-steps line at 20-50 steps beside Lightning at 4-8, in one study.
+STEPS = Param("num_inference_steps", int, (), minimum=1,
+              help="the steps a combo with distill draws (default: space.steps')")
 SAME_COMPUTATION = "same LoRA"
 
 

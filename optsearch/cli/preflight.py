@@ -286,11 +286,10 @@ def _given_outside(spec, calibrated: dict[str, list]) -> list[str]:
 
 
 def _step_counts(spec) -> list[int]:
-    """The step counts the study's calls run: the model's, and the fewest a `steps` combo runs."""
-    counts = [spec.model.steps]
-    if "steps" in spec.accelerators_used:
-        counts.append(int(spec.param_range("steps", "num_inference_steps")[0]))
-    return list(dict.fromkeys(counts))
+    """The step counts the study's calls run: the model's, and the fewest a `steps` combo runs
+    (with DBCache too: its steps masks are told there)."""
+    counts = (spec.model.steps, spec.fewest_steps(), spec.fewest_steps("dbcache"))
+    return list(dict.fromkeys(count for count in counts if count is not None))
 
 
 def _denoising_text(spec, facts) -> str:
@@ -310,8 +309,9 @@ def _masks_text(spec, denoising: dict[int, int]) -> list[str]:
         return []
     masks = [mask for mask in spec.param_range("dbcache", "steps_computation_mask") if mask != "none"]
     counts = [denoising[spec.model.steps]]
-    if masks and any({"steps", "dbcache"} <= set(combo) for combo in spec.search.combos):
-        counts.append(denoising[int(spec.param_range("steps", "num_inference_steps")[0])])
+    fewest = spec.fewest_steps("dbcache")
+    if masks and fewest is not None:
+        counts.append(denoising[fewest])
     said = "denoising steps" if spec.model.strength is not None else "steps"
     return [f"cache-dit steps masks at {count} {said}, steps computed in full: "
             + ", ".join(f"{mask} {sum(dbcache.steps_mask(mask, count))}" for mask in masks)

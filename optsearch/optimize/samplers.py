@@ -61,8 +61,8 @@ def make_sampler(spec) -> BaseSampler:
         if search.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         combo = search.combos[0]
-        grid = {f"{name}.{param}": spec.grid_values(name, param)
-                for name in combo for param in spec.searched_params(name)}
+        grid = {spec.param_name(name, param, combo): spec.grid_values(name, param, combo)
+                for name in combo for param in spec.searched_params(name, combo)}
         return optuna.samplers.GridSampler(grid, seed=seed)
 
     return build(None) if search.seed is None else TrialSeeded(build, search.seed)

@@ -40,8 +40,8 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
         for param, declared in params_of(accelerator).items():
             if param in inactive(values):  # does nothing given the values drawn: not drawn
                 continue
-            bounds = spec.param_range(accelerator, param, auto)
-            name = f"{accelerator}.{param}"
+            bounds = spec.param_range(accelerator, param, auto, combo)
+            name = spec.param_name(accelerator, param, combo)  # steps beside distill: the LoRA's
             calibrated = (auto or {}).get(name)
             if len(bounds) > 1 and isinstance(calibrated, CalibratedRange):  # the range of the
                 bounds = (*calibrated.for_setting(  # drawn Fn, at the drawn steps' denoising
@@ -50,7 +50,8 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             if len(bounds) == 1:
                 values[param] = bounds[0]
             elif spec.search.sampler == "grid" or declared.named:
-                values[param] = trial.suggest_categorical(name, spec.grid_values(accelerator, param))
+                values[param] = trial.suggest_categorical(name, spec.grid_values(accelerator, param,
+                                                                                 combo))
             elif declared.kind is int:
                 values[param] = trial.suggest_int(name, bounds[0], bounds[1], step=bounds[2] or 1)
             else:

@@ -49,7 +49,8 @@ def trial_line(study, trial_id: int, spec, winner: int | None = None) -> str | N
 def _searched_setting(setting: dict, spec) -> str:
     """A setting as a log line names it: the parameters the study searches (the rest are the
     spec's, and the record keeps them)."""
-    return format_setting(setting, {family: spec.searched_params(family) for family in setting})
+    combo = tuple(setting)
+    return format_setting(setting, {family: spec.searched_params(family, combo) for family in setting})
 
 
 def confirmed_line(record: dict, spec) -> str:

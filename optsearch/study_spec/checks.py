@@ -256,7 +256,7 @@ def validate(spec: StudySpec, problem) -> None:
         if "distill" in combo and "steps" not in combo:  # a setting may apply it alone
             why = (f"distill runs with steps: a step-distilled LoRA is made for a few steps (got "
                    f"{combo_name(combo)}; search {combo_name([*combo, 'steps'])} and give "
-                   "space.steps.num_inference_steps)")
+                   "space.distill.num_inference_steps)")
         if why:
             problem("search.accelerators", why)
             return
@@ -286,7 +286,7 @@ def validate(spec: StudySpec, problem) -> None:
             continue
         counts = {model.steps}
         if "steps" in combo:
-            searched = spec.param_range("steps", "num_inference_steps")
+            searched = spec.param_range("steps", "num_inference_steps", combo=combo)
             counts |= set(range(int(searched[0]), int(searched[1 if len(searched) > 1 else 0]) + 1))
         why = dbcache.mask_step_problem(spec.param_range("dbcache", "steps_computation_mask"),
                                         {denoised_steps(count, model.strength, model.rounds_up)
@@ -319,6 +319,10 @@ def _check_distill(spec: StudySpec, problem) -> None:
             distill.scheduler_overrides(recipe)
         except ValueError as error:
             problem("space.distill.scheduler_config", str(error).removeprefix("distill.scheduler_config "))
+    steps = spec.param_range("steps", "num_inference_steps", combo=("distill", "steps"))
+    if "num_inference_steps" in given and any(count > spec.model.steps for count in steps[:2]):
+        problem("space.distill.num_inference_steps", f"{list(steps[:2])} goes past "
+                f"model.steps={spec.model.steps} (allowed: 1..steps)")
     if spec.model.compile != "none" and spec.param_range("distill", "fuse") != (True,):
         problem("model.compile", "distill kept as an adapter wraps the denoiser's layers for each "
                 "trial, which recompiles it: set space.distill.fuse = true (fused, the layers stay "

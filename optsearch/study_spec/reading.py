@@ -288,6 +288,8 @@ def _load_space(tables: dict, problem) -> dict[str, dict[str, Any]]:
             problem(key, "must be a table")
             continue
         params = params_of(accelerator)
+        if accelerator == "distill":  # the LoRA's steps: a key of the spec, not of `apply`
+            params = {**params, distill.STEPS.name: distill.STEPS}
         for name, value in table.items():
             if name not in params:
                 problem(f"{key}.{name}", f"unknown parameter (allowed: {', '.join(params)})")

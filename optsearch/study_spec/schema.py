@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,12 +12,10 @@ from optsearch.accelerators import (
     ANY_COMBOS,
     KINDS,
     ORDER,
-    calibration_cost,
-    calibration_steps,
     denoised_steps,
-    params_of,
 )
 from optsearch.measure.model_ids import model_kind
+from optsearch.study_spec.space import SearchSpace
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METRICS = ("clip_loss", "psnr", "ssim", "lpips")
@@ -34,8 +31,6 @@ KNOWN_SCHEDULERS = (
     "DPMSolverMultistep", "DPMSolverSinglestep", "DEISMultistep", "UniPCMultistep", "HeunDiscrete",
     "KDPM2Discrete", "KDPM2AncestralDiscrete", "LCM", "TCD",
 )
-
-
 
 
 # the call arguments optsearch sets itself, and where a spec says them instead
@@ -218,7 +213,7 @@ class ConfirmSpec:
 
 
 @dataclass
-class StudySpec:
+class StudySpec(SearchSpace):
     name: str = "optsearch"
     model: ModelSpec = field(default_factory=ModelSpec)
     prompts: PromptSpec = field(default_factory=PromptSpec)
@@ -227,7 +222,7 @@ class StudySpec:
     search: SearchSpec = field(default_factory=SearchSpec)
     artifacts: ArtifactSpec = field(default_factory=ArtifactSpec)
     confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
-    # accelerator -> param -> [low, high] or [low, high, step] or a fixed value
+    # accelerator -> param -> [low, high] or [low, high, step] or a fixed value (SearchSpace reads it)
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -236,136 +231,6 @@ class StudySpec:
     @property
     def accelerators_used(self) -> list[str]:
         return [name for name in ORDER if any(name in combo for combo in self.search.combos)]
-
-    def param_range(self, accelerator: str, param: str, auto: dict | None = None) -> tuple:
-        """(low, high, step or None) for a searched parameter, or (value,) for a fixed one (for a
-        parameter with choices, the choices searched). An
-        "auto" range is the one calibrated on this device (`auto`, {"family.param": [lo, hi]}),
-        else the parameter's default."""
-        value = self.space_value(accelerator, param)
-        if value == "auto":
-            value = (auto or {}).get(f"{accelerator}.{param}")
-        if value is None:
-            counted = self.model.steps if accelerator == "steps" else self.model.denoising_steps
-            value = params_of(accelerator)[param].default_range(counted, self.search.model_kind)
-        if not isinstance(value, (list, tuple)):
-            return (value,)
-        if len(value) == 1 or params_of(accelerator)[param].named:  # the choices searched
-            return tuple(value)
-        return (value[0], value[1], value[2] if len(value) == 3 else None)
-
-    def searched_values(self, accelerator: str) -> dict[str, list]:
-        """The values this spec lets each integer parameter of `accelerator` take, and the
-        extremes of each float range: what a calibration must hold for every trial."""
-        values = {}
-        for param, declared in params_of(accelerator).items():
-            if self.space_value(accelerator, param) == "auto":
-                continue
-            bounds = self.param_range(accelerator, param)
-            if len(bounds) == 1 or declared.named:
-                values[param] = list(bounds)
-            elif declared.kind is int:
-                values[param] = list(range(int(bounds[0]), int(bounds[1]) + 1, int(bounds[2] or 1)))
-            else:
-                values[param] = [bounds[0], bounds[1]]
-        return values
-
-    def calibration_steps(self, family: str) -> list[int]:
-        """The step counts a family's "auto" range is calibrated at: the model's, and the fewest
-        steps searched when a combo runs the family with `steps` (its differences grow with the
-        step size: a range measured at 28 steps skips nothing at 10)."""
-        fewest = None
-        if any(family in combo and "steps" in combo for combo in self.search.combos):
-            fewest = int(self.param_range("steps", "num_inference_steps")[0])
-        return calibration_steps(family, self.model.steps, fewest)
-
-    def distilled_for(self, family: str) -> dict | None:
-        """The step-distilled LoRA setting (the first it searches) every combo that searches
-        `family` runs with: its "auto" range is then calibrated on the distilled model, as its
-        trials run. None where a combo runs the family without it (calibrated plain)."""
-        combos = [combo for combo in self.search.combos if family in combo]
-        if family == "distill" or not combos or not all("distill" in combo for combo in combos):
-            return None
-        return next(iter(self.distill_settings()), None)
-
-    def distill_settings(self) -> list[dict]:
-        """Each step-distilled LoRA the study searches (every file a list of `lora` or
-        `weight_name` names), with the first of what else it searches (none without distill)."""
-        if "distill" not in self.accelerators_used:
-            return []
-        searched = {param: self.param_range("distill", param) for param in params_of("distill")}
-        names = ("lora", "weight_name", "lora_2", "weight_name_2")
-        files = [dict(zip(names, chosen, strict=True))
-                 for chosen in itertools.product(*(searched[name] for name in names))]
-        first = {param: bounds[0] for param, bounds in searched.items()}
-        return [{"distill": {**first, **chosen}} for chosen in files]
-
-    def calibration_calls(self, families=None) -> float:
-        """The plain calls (in calls at the model's steps) that calibrate the "auto" ranges of
-        `families` (default: every family with one): what the estimate adds before the first
-        trial."""
-        families = {family for family, _ in self.auto_params()} if families is None else families
-        return sum(calibration_cost(family, self.searched_values(family),
-                                    self.calibration_steps(family)) for family in families)
-
-    def auto_params(self) -> list[tuple[str, str]]:
-        """(family, parameter) of every range the spec leaves to calibration ("auto")."""
-        return [(family, param) for family in self.accelerators_used for param in params_of(family)
-                if self.space_value(family, param) == "auto"]
-
-    def space_value(self, accelerator: str, param: str):
-        """What the spec gives a parameter: its `[space]` entry; where it gives none, "auto" for
-        a threshold (a range measured on the model and device: a fixed default range skipped
-        nothing on some models and everything on others), but with the grid sampler, whose grid
-        is fixed at creation; else None (the parameter's default range)."""
-        value = self.space.get(accelerator, {}).get(param)
-        if value is None and params_of(accelerator)[param].calibrated \
-                and self.search.sampler != "grid":
-            return "auto"
-        return value
-
-    def searched_params(self, accelerator: str) -> list[str]:
-        """The parameters of `accelerator` that this spec searches (ranges, not fixed values)."""
-        return [p for p in params_of(accelerator) if len(self.param_range(accelerator, p)) > 1]
-
-    def space_size(self) -> int | None:
-        """How many settings the sampler can draw, at most (parameters a drawn value makes
-        inactive, and twins, make fewer); None when a searched parameter is continuous or "auto"."""
-        total = 0
-        for combo in self.search.combos:
-            size = 1
-            for accelerator in combo:
-                for param, declared in params_of(accelerator).items():
-                    bounds = () if self.space_value(accelerator, param) == "auto" \
-                        else self.param_range(accelerator, param)
-                    if len(bounds) == 1:
-                        continue
-                    if not bounds or (declared.kind is float and bounds[2] is None
-                                      and self.search.sampler != "grid"):
-                        return None
-                    size *= len(self.grid_values(accelerator, param)) if declared.named \
-                        or self.search.sampler == "grid" \
-                        else int(round((bounds[1] - bounds[0]) / (bounds[2] or 1) + 1e-9)) + 1
-            total += size
-        return total
-
-    def trials_possible(self) -> int:
-        """The trials a search can measure: n_trials, or the space's size where that is smaller
-        (what an estimate counts)."""
-        return min(self.search.n_trials, self.space_size() or self.search.n_trials)
-
-    def grid_values(self, accelerator: str, param: str) -> list:
-        """Every value the exhaustive grid tries for a parameter (step: given, else its default)."""
-        bounds = self.param_range(accelerator, param)
-        if len(bounds) == 1 or params_of(accelerator)[param].named:
-            return list(bounds)
-        low, high, step = bounds
-        step = step or params_of(accelerator)[param].grid_step
-        count = int(round((high - low) / step + 1e-9)) + 1
-        values = [low + i * step for i in range(count)]
-        if params_of(accelerator)[param].kind is int:
-            return [int(v) for v in values]
-        return [round(v, 10) for v in values]
 
 
 SECTIONS = {
