@@ -161,8 +161,9 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     assert all(t.user_attrs["setting"]["steps"]["num_inference_steps"] in (1, 2) for t in distilled)
     result = optsearch_cmd("evaluate", str(spec), "--set", "distill.cfg=true", "--json", "-q")
     assert result.returncode == 0, result.stderr  # the spec's LoRA, with what --set changes
-    measured = json.loads(result.stdout)["setting"]["distill"]
-    assert measured["lora"] == str(lora) and measured["cfg"] is True
+    measured = json.loads(result.stdout)["setting"]
+    assert measured["distill"]["lora"] == str(lora) and measured["distill"]["cfg"] is True
+    assert measured["steps"]["num_inference_steps"] == 2  # the most the LoRA's own range draws
 
     # its winner, exported: the LoRA, its recipe's scheduler (SDXL-Lightning's: Euler, trailing
     # timesteps) and the guidance off, with the libraries' own calls

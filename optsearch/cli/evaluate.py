@@ -49,8 +49,10 @@ def cmd_evaluate(args) -> int:
             problem = combo_problem(list(given), spec.search.model_kind) or check_setting(given, spec)[0]
             raise SpecError([f"--set: {problem}"])
         setting = default_setting(combo, spec.model.steps)
-        if "distill" in setting:  # the spec's LoRA (no library default names one)
-            setting["distill"].update(spec.distill_settings()[0]["distill"])
+        if "distill" in setting:  # the spec's LoRA (no library default names one), at the
+            setting["distill"].update(spec.distill_settings()[0]["distill"])  # most steps it draws
+            drawn = spec.param_range("steps", "num_inference_steps", combo=combo)
+            setting["steps"] = {"num_inference_steps": int(max(drawn[:2]))}
         for accelerator, values in given.items():
             setting.setdefault(accelerator, {}).update(values)
         setting = normalize_setting(setting)
