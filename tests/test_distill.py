@@ -246,6 +246,74 @@ def test_the_lora_draws_its_own_steps_and_steps_alone_keeps_the_fewer_steps_rang
         load_spec(write_spec(tmp_path / "zero.toml", text.replace("[2, 4]", "[0, 4]")))
 
 
+RECIPES = """[space.distill]
+lora = "LORA"
+[[space.distill.recipes]]
+weight_name = "lightning-4steps.safetensors"
+num_inference_steps = 2
+[[space.distill.recipes]]
+name = "eight"
+lora = "LORA_2"
+num_inference_steps = 4
+scheduler_config = '{"timestep_spacing": "trailing"}'
+"""
+
+
+def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path):
+    """Qwen-Image-Lightning's 4-step file runs at 4 steps, its 8-step file at 8: recipes
+    (`[[space.distill.recipes]]`) are drawn whole by name ("distill.recipe"), so no trial runs
+    a file at the other's steps; worker start loads each recipe's LoRA, so one that cannot load
+    ends there; each recipe's keys are checked, one line each."""
+    four, eight = (saved_lora("builtin:tiny", tmp_path / name, seed=seed)
+                   for name, seed in (("four", 1), ("eight", 2)))
+    (four / "pytorch_lora_weights.safetensors").rename(four / "lightning-4steps.safetensors")
+    text = DISTILL_SPEC + "[space.steps]\nnum_inference_steps = [5, 8]\n" \
+        + RECIPES.replace("LORA_2", str(eight)).replace("LORA", str(four))
+    spec = load_spec(write_spec(tmp_path / "recipes.toml", text))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = set()
+    for _ in range(40):
+        trial = study.ask()
+        setting = suggest_setting(trial, spec)
+        study.tell(trial, 1.0)
+        if "distill" not in setting:
+            assert 5 <= setting["steps"]["num_inference_steps"] <= 8
+            continue
+        assert set(trial.params) - {"combo", "deepcache.cache_interval", "deepcache.cache_branch_id"} \
+            == {"distill.recipe"}  # the steps come with the recipe: not drawn apart
+        distilled = setting["distill"]
+        drawn.add((trial.params["distill.recipe"], distilled["lora"], distilled["weight_name"],
+                   setting["steps"]["num_inference_steps"], distilled["scheduler_config"]))
+    assert drawn == {("lightning-4steps", str(four), "lightning-4steps.safetensors", 2, ""),
+                     ("eight", str(eight), "", 4, '{"timestep_spacing": "trailing"}')}
+    assert [s["distill"]["lora"] for s in spec.distill_settings()] == [str(four), str(eight)]
+    assert spec.fewest_steps("deepcache") == 2 and spec.step_counts(("distill", "steps")) == {2, 4}
+    assert spec.space_size() == 4 + 2 + 2 * len(spec.grid_values("deepcache", "cache_interval")) \
+        * len(spec.grid_values("deepcache", "cache_branch_id"))
+    pipe = pipeline_from_spec(spec)  # both files load: the baseline may be timed
+    assert lora_parameters(pipe) == 0
+
+    other = saved_lora("builtin:tiny-flux", tmp_path / "flux-lora")  # the second recipe's fails
+    bad = load_spec(write_spec(tmp_path / "bad.toml", text.replace(str(eight), str(other))))
+    with pytest.raises(ModelLoadError, match="adapts no layer"):
+        pipeline_from_spec(bad)
+    for change, key, says in (
+            (("num_inference_steps = 4", "num_inference_steps = [2, 4]"),
+             "space.distill.recipes[2].num_inference_steps", "takes one value"),
+            (('name = "eight"', 'name = "lightning-4steps"'), "space.distill.recipes",
+             "each recipe needs its own name"),
+            (("num_inference_steps = 4", "num_inference_steps = 9"),
+             "space.distill.recipes[2].num_inference_steps", "[9] goes past model.steps=8"),
+            (('name = "eight"', 'shift = 3.0'), "space.distill.recipes[2].shift", "unknown key"),
+            (("scheduler_config = '{", "scheduler_config = '{{"), "space.distill.recipes[2]"
+             ".scheduler_config", "not JSON"),
+            (("n_trials = 4", 'n_trials = 4\nsampler = "grid"'), "space.distill.recipes",
+             "are drawn, not gridded")):
+        with pytest.raises(SpecError) as error:
+            load_spec(write_spec(tmp_path / "wrong.toml", text.replace(*change)))
+        assert f"{key}: " in str(error.value) and says in str(error.value)
+
+
 def test_an_auto_threshold_is_calibrated_on_the_distilled_model_its_trials_run(tmp_path):
     from optsearch.measure.evaluate import evaluator_from_spec
     from tests.test_families import FLUX_SPEC

@@ -49,6 +49,13 @@ STEPS = Param("num_inference_steps", int, (), minimum=1,
 SAME_COMPUTATION = "same LoRA"
 
 
+def recipe_name(recipe: Mapping) -> str:
+    """A recipe's name, as the trial parameter "distill.recipe" draws it: its `name`, else its
+    file (weight_name, else lora) without ".safetensors"."""
+    named = recipe.get("name") or recipe.get("weight_name") or recipe.get("lora") or ""
+    return str(named).removesuffix(".safetensors")
+
+
 def load_adapter(pipe, source: str, weight_name: str | None, adapter: str,
                  second_expert: bool = False) -> None:
     """Load one LoRA as the adapter `adapter` (into Wan 2.2's second expert with

@@ -51,7 +51,8 @@ def cmd_evaluate(args) -> int:
         setting = default_setting(combo, spec.model.steps)
         if "distill" in setting:  # the spec's LoRA (no library default names one), at the
             setting["distill"].update(spec.distill_settings()[0]["distill"])  # most steps it draws
-            drawn = spec.param_range("steps", "num_inference_steps", combo=combo)
+            drawn = spec.param_range("steps", "num_inference_steps", combo=combo,  # first recipe
+                                     recipe=spec.recipes(combo)[0])
             setting["steps"] = {"num_inference_steps": int(max(drawn[:2]))}
         for accelerator, values in given.items():
             setting.setdefault(accelerator, {}).update(values)

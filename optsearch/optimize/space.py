@@ -18,6 +18,7 @@ from optsearch.accelerators import (
     fit_to_steps,
     params_of,
 )
+from optsearch.accelerators.distill import recipe_name
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
     combos = {combo_name(c): c for c in spec.search.combos}
     combo = combos[trial.suggest_categorical("combo", list(combos))] if len(combos) > 1 \
         else next(iter(combos.values()))
+    recipe = _draw_recipe(trial, spec, combo)
     setting: dict[str, dict] = {}
     for accelerator in combo:
         values = {}
@@ -40,7 +42,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
         for param, declared in params_of(accelerator).items():
             if param in inactive(values):  # does nothing given the values drawn: not drawn
                 continue
-            bounds = spec.param_range(accelerator, param, auto, combo)
+            bounds = spec.param_range(accelerator, param, auto, combo, recipe)
             name = spec.param_name(accelerator, param, combo)  # steps beside distill: the LoRA's
             calibrated = (auto or {}).get(name)
             if len(bounds) > 1 and isinstance(calibrated, CalibratedRange):  # the range of the
@@ -60,6 +62,15 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
                 _fix_sampled(trial, name, released, values[param], bounds)
         setting[accelerator] = values
     return fit_to_steps(setting, spec.model.steps, spec.model.strength, spec.model.rounds_up)
+
+
+def _draw_recipe(trial: optuna.Trial, spec: StudySpec, combo: tuple) -> dict:
+    """The step-distilled LoRA's recipe a trial runs (its file, steps and scheduler together),
+    drawn whole by name ("distill.recipe"); {} where the combo draws none."""
+    recipes = {recipe_name(recipe): recipe for recipe in spec.recipes(combo)}
+    if len(recipes) == 1:
+        return next(iter(recipes.values()))
+    return recipes[trial.suggest_categorical("distill.recipe", list(recipes))]
 
 
 def _denoising(setting: dict, model) -> int | None:

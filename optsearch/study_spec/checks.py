@@ -65,7 +65,8 @@ def notes(spec: StudySpec) -> list[str]:
         lines.append("model.lora is measured as an adapter (its low-rank work at every step, as a "
                      "server that switches LoRAs runs it); set model.fuse_lora = true if you serve "
                      "it fused")
-    if "distill" in spec.accelerators_used and not spec.space.get("distill", {}).get("fuse"):
+    if "distill" in spec.accelerators_used and any(
+            False in spec.param_range("distill", "fuse", recipe=recipe) for recipe in spec.recipes()):
         lines.append("distill's LoRA is measured as an adapter (its low-rank work at every step); "
                      "set space.distill.fuse = true if you serve it fused")
     for family in dict.fromkeys(family for family, _ in spec.auto_params()):
@@ -284,10 +285,7 @@ def validate(spec: StudySpec, problem) -> None:
     for combo in search.combos:  # cache-dit's steps masks exist for some step counts only
         if "dbcache" not in combo:
             continue
-        counts = {model.steps}
-        if "steps" in combo:
-            searched = spec.param_range("steps", "num_inference_steps", combo=combo)
-            counts |= set(range(int(searched[0]), int(searched[1 if len(searched) > 1 else 0]) + 1))
+        counts = {model.steps, *(spec.step_counts(combo) if "steps" in combo else ())}
         why = dbcache.mask_step_problem(spec.param_range("dbcache", "steps_computation_mask"),
                                         {denoised_steps(count, model.strength, model.rounds_up)
                                          for count in counts})
@@ -306,24 +304,34 @@ def _check_distill(spec: StudySpec, problem) -> None:
     """The step-distilled LoRA's keys: a LoRA given, each local path there, each recipe
     readable, and fused where the denoiser is compiled."""
     given = spec.space.get("distill", {})
-    if not given.get("lora"):
+    recipes = given.get("recipes") or []
+    tables = [("space.distill", given)] + [(f"space.distill.recipes[{number}]", recipe)
+                                           for number, recipe in enumerate(recipes, 1)]
+    if not given.get("lora") and not (recipes and all(recipe.get("lora") for recipe in recipes)):
         problem("space.distill.lora", "is required with distill: the step-distilled LoRA's hub id, "
                 "folder or .safetensors file (Lightning, Hyper-SD, Turbo)")
-    for key in ("lora", "lora_2"):
-        for lora in listed(given.get(key)):
-            path = os.path.expanduser(lora)
-            if os.path.isabs(path) and not os.path.exists(path):  # a path: not a hub id
-                problem(f"space.distill.{key}", f"{lora!r}: no such file or folder")
-    for recipe in listed(given.get("scheduler_config")):
-        try:
-            distill.scheduler_overrides(recipe)
-        except ValueError as error:
-            problem("space.distill.scheduler_config", str(error).removeprefix("distill.scheduler_config "))
-    steps = spec.param_range("steps", "num_inference_steps", combo=("distill", "steps"))
-    if "num_inference_steps" in given and any(count > spec.model.steps for count in steps[:2]):
-        problem("space.distill.num_inference_steps", f"{list(steps[:2])} goes past "
-                f"model.steps={spec.model.steps} (allowed: 1..steps)")
-    if spec.model.compile != "none" and spec.param_range("distill", "fuse") != (True,):
+    for where, table in tables:
+        for key in ("lora", "lora_2"):
+            for lora in listed(table.get(key)):
+                path = os.path.expanduser(lora)
+                if os.path.isabs(path) and not os.path.exists(path):  # a path: not a hub id
+                    problem(f"{where}.{key}", f"{lora!r}: no such file or folder")
+        for recipe in listed(table.get("scheduler_config")):
+            try:
+                distill.scheduler_overrides(recipe)
+            except ValueError as error:
+                problem(f"{where}.scheduler_config",
+                        str(error).removeprefix("distill.scheduler_config "))
+        steps = spec.param_range("steps", "num_inference_steps", combo=("distill", "steps"),
+                                 recipe=table if table is not given else None)
+        if "num_inference_steps" in table and any(count > spec.model.steps for count in steps[:2]):
+            problem(f"{where}.num_inference_steps", f"{list(steps[:2])} goes past "
+                    f"model.steps={spec.model.steps} (allowed: 1..steps)")
+    if recipes and spec.search.sampler == "grid":
+        problem("space.distill.recipes", "are drawn, not gridded (a recipe's steps are its own): "
+                'use search.sampler = "tpe" or "random"')
+    fused = {spec.param_range("distill", "fuse", recipe=recipe) for recipe in spec.recipes()}
+    if spec.model.compile != "none" and fused != {(True,)}:
         problem("model.compile", "distill kept as an adapter wraps the denoiser's layers for each "
                 "trial, which recompiles it: set space.distill.fuse = true (fused, the layers stay "
                 "as compiled) or compile = \"none\"")

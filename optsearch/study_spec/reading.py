@@ -120,14 +120,18 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     for key in ("lora", "controlnet"):  # local folders or files, beside the spec
         resolve("model", key, lambda value: value.startswith(("./", "../")))
     distill = data.get("space", {}).get("distill") if isinstance(data.get("space"), dict) else None
-    for key in ("lora", "lora_2"):  # a name, or a list of them to search
-        if isinstance(distill, dict) and key in distill:
-            distill[key] = absolute(distill[key], lambda value: value.startswith(("./", "../")))
-    given = distill.get("scheduler_config") if isinstance(distill, dict) else None
-    if isinstance(given, (str, list)):  # one, or a list of them to search
-        given = absolute(given, lambda value: not value.lstrip().startswith("{"))
-        distill["scheduler_config"] = [_inlined(item) for item in given] if isinstance(given, list) \
-            else _inlined(given)
+    recipes = distill.get("recipes") if isinstance(distill, dict) else None
+    for table in [distill, *(recipes if isinstance(recipes, list) else [])]:
+        if not isinstance(table, dict):
+            continue
+        for key in ("lora", "lora_2"):  # a name, or a list of them to search
+            if key in table:
+                table[key] = absolute(table[key], lambda value: value.startswith(("./", "../")))
+        given = table.get("scheduler_config")
+        if isinstance(given, (str, list)):  # one, or a list of them to search
+            given = absolute(given, lambda value: not value.lstrip().startswith("{"))
+            table["scheduler_config"] = [_inlined(item) for item in given] \
+                if isinstance(given, list) else _inlined(given)
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("id"), str) and is_factory(model["id"]):
         model.setdefault("factory_path", ".")
@@ -291,6 +295,11 @@ def _load_space(tables: dict, problem) -> dict[str, dict[str, Any]]:
         if accelerator == "distill":  # the LoRA's steps: a key of the spec, not of `apply`
             params = {**params, distill.STEPS.name: distill.STEPS}
         for name, value in table.items():
+            if accelerator == "distill" and name == "recipes":
+                recipes = _load_recipes(value, params, problem)
+                if recipes:
+                    space.setdefault(accelerator, {})[name] = recipes
+                continue
             if name not in params:
                 problem(f"{key}.{name}", f"unknown parameter (allowed: {', '.join(params)})")
                 continue
@@ -300,6 +309,33 @@ def _load_space(tables: dict, problem) -> dict[str, dict[str, Any]]:
             else:
                 space.setdefault(accelerator, {})[name] = value
     return space
+
+
+def _load_recipes(recipes, params: dict, problem) -> list[dict]:
+    """`[[space.distill.recipes]]`: each a table of distill's keys (one value each) and the
+    steps it runs, drawn whole by name (`distill.recipe_name`)."""
+    key = "space.distill.recipes"
+    if not isinstance(recipes, list) or not recipes or not all(isinstance(r, dict) for r in recipes):
+        problem(key, "must be tables [[space.distill.recipes]], each a LoRA's recipe (weight_name, "
+                "num_inference_steps, scheduler_config, ...)")
+        return []
+    for number, recipe in enumerate(recipes, 1):
+        for name, value in recipe.items():
+            where = f"{key}[{number}].{name}"
+            if name == "name":
+                if not isinstance(value, str) or not value:
+                    problem(where, "must be a string")
+            elif name not in params:
+                problem(where, f"unknown key (allowed: name, {', '.join(params)})")
+            elif isinstance(value, list):
+                problem(where, "takes one value: a recipe is drawn whole (list recipes to search)")
+            elif message := _check_range(params[name], value):
+                problem(where, message)
+    names = [distill.recipe_name(recipe) for recipe in recipes]
+    if "" in names or len(set(names)) < len(names):
+        problem(key, f"each recipe needs its own name (got {names}): give each a `name`, "
+                "or a weight_name or lora of its own")
+    return recipes
 
 
 def _check_range(param, value) -> str | None:

@@ -19,12 +19,15 @@ class SearchSpace:
     accelerators_used: list[str]
 
     def param_range(self, accelerator: str, param: str, auto: dict | None = None,
-                    combo: tuple = ()) -> tuple:
+                    combo: tuple = (), recipe: dict | None = None) -> tuple:
         """(low, high, step or None) for a searched parameter, or (value,) for a fixed one (for a
-        parameter with choices, the choices searched), in `combo`. An
+        parameter with choices, the choices searched), in `combo` (and with a distill `recipe`
+        drawn: what it sets). An
         "auto" range is the one calibrated on this device (`auto`, {"family.param": [lo, hi]}),
         else the parameter's default."""
-        value = self.space_value(accelerator, param, combo)
+        value = _recipe_value(recipe or {}, accelerator, param)
+        if value is None:
+            value = self.space_value(accelerator, param, combo)
         if value == "auto":
             value = (auto or {}).get(f"{accelerator}.{param}")
         if value is None:
@@ -61,9 +64,23 @@ class SearchSpace:
     def fewest_steps(self, family: str | None = None) -> int | None:
         """The fewest steps a combo with `steps` (and with `family`, when given) draws; None
         where no such combo is searched."""
-        return min((int(self.param_range("steps", "num_inference_steps", combo=combo)[0])
-                    for combo in self.search.combos
+        return min((min(self.step_counts(combo)) for combo in self.search.combos
                     if "steps" in combo and (family is None or family in combo)), default=None)
+
+    def step_counts(self, combo: tuple) -> set[int]:
+        """Every step count `combo`'s `steps` may draw (each recipe's, and its range's)."""
+        counts = set()
+        for recipe in self.recipes(combo):
+            bounds = self.param_range("steps", "num_inference_steps", combo=combo, recipe=recipe)
+            counts |= set(range(int(bounds[0]), int(bounds[1 if len(bounds) > 1 else 0]) + 1,
+                                int(bounds[2] or 1) if len(bounds) > 2 else 1))
+        return counts
+
+    def recipes(self, combo: tuple = ("distill",)) -> list[dict]:
+        """The step-distilled LoRA's recipes `combo` draws whole, by name (`[[space.distill.
+        recipes]]`: a LoRA file with its steps and scheduler); [{}] where it draws none (one draw
+        of the table's keys)."""
+        return (self.space.get("distill", {}).get("recipes") if "distill" in combo else None) or [{}]
 
     def distilled_steps(self, combo: tuple):
         """The LoRA's own steps (`space.distill.num_inference_steps`) where `combo` runs distill
@@ -87,16 +104,20 @@ class SearchSpace:
         return next(iter(self.distill_settings()), None)
 
     def distill_settings(self) -> list[dict]:
-        """Each step-distilled LoRA the study searches (every file a list of `lora` or
-        `weight_name` names), with the first of what else it searches (none without distill)."""
+        """Each step-distilled LoRA the study searches (each recipe's, every file a list of
+        `lora` or `weight_name` names), with the first of what else it searches there (none
+        without distill)."""
         if "distill" not in self.accelerators_used:
             return []
-        searched = {param: self.param_range("distill", param) for param in params_of("distill")}
-        names = ("lora", "weight_name", "lora_2", "weight_name_2")
-        files = [dict(zip(names, chosen, strict=True))
-                 for chosen in itertools.product(*(searched[name] for name in names))]
-        first = {param: bounds[0] for param, bounds in searched.items()}
-        return [{"distill": {**first, **chosen}} for chosen in files]
+        settings = []
+        for recipe in self.recipes():
+            searched = {param: self.param_range("distill", param, recipe=recipe)
+                        for param in params_of("distill")}
+            names = ("lora", "weight_name", "lora_2", "weight_name_2")
+            first = {param: bounds[0] for param, bounds in searched.items()}
+            settings += [{"distill": {**first, **dict(zip(names, chosen, strict=True))}}
+                         for chosen in itertools.product(*(searched[name] for name in names))]
+        return settings
 
     def calibration_calls(self, families=None) -> float:
         """The plain calls (in calls at the model's steps) that calibrate the "auto" ranges of
@@ -135,20 +156,21 @@ class SearchSpace:
         inactive, and twins, make fewer); None when a searched parameter is continuous or "auto"."""
         total = 0
         for combo in self.search.combos:
-            size = 1
-            for accelerator in combo:
-                for param, declared in params_of(accelerator).items():
-                    bounds = () if self.space_value(accelerator, param) == "auto" \
-                        else self.param_range(accelerator, param, combo=combo)
-                    if len(bounds) == 1:
-                        continue
-                    if not bounds or (declared.kind is float and bounds[2] is None
-                                      and self.search.sampler != "grid"):
-                        return None
-                    size *= len(self.grid_values(accelerator, param, combo)) if declared.named \
-                        or self.search.sampler == "grid" \
-                        else int(round((bounds[1] - bounds[0]) / (bounds[2] or 1) + 1e-9)) + 1
-            total += size
+            for recipe in self.recipes(combo):
+                size = 1
+                for accelerator in combo:
+                    for param, declared in params_of(accelerator).items():
+                        bounds = () if self.space_value(accelerator, param) == "auto" \
+                            else self.param_range(accelerator, param, combo=combo, recipe=recipe)
+                        if len(bounds) == 1:
+                            continue
+                        if not bounds or (declared.kind is float and bounds[2] is None
+                                          and self.search.sampler != "grid"):
+                            return None
+                        size *= len(self.grid_values(accelerator, param, combo)) \
+                            if declared.named or self.search.sampler == "grid" \
+                            else int(round((bounds[1] - bounds[0]) / (bounds[2] or 1) + 1e-9)) + 1
+                total += size
         return total
 
     def trials_possible(self) -> int:
@@ -170,3 +192,9 @@ class SearchSpace:
             return [int(v) for v in values]
         return [round(v, 10) for v in values]
 
+
+def _recipe_value(recipe: dict, accelerator: str, param: str):
+    """What a distill recipe sets: its distill keys, and the steps `steps` runs with it."""
+    if accelerator == "distill" or (accelerator, param) == ("steps", "num_inference_steps"):
+        return recipe.get(param)
+    return None
