@@ -15,9 +15,11 @@ beforehand and copied back.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from optsearch.accelerators.base import Param
 from optsearch.accelerators.calls import call_parameters, runs_separate_cfg
@@ -67,7 +69,9 @@ def load_adapter(pipe, source: str, weight_name: str | None, adapter: str,
         source, weight_name = os.path.dirname(path) or ".", os.path.basename(path)
     into = {"load_into_transformer_2": True} if second_expert else {}
     try:
-        pipe.load_lora_weights(source, weight_name=weight_name or None, adapter_name=adapter, **into)
+        with _quiet_absent_components():
+            pipe.load_lora_weights(source, weight_name=weight_name or None, adapter_name=adapter,
+                                   **into)
     except Exception as error:  # not there, unreachable (the hub's own errors), another format
         hub = "" if os.path.exists(os.path.expanduser(source)) else \
             " (a hub id: is the hub reachable from here, or the LoRA in its local cache?)"
@@ -78,6 +82,30 @@ def load_adapter(pipe, source: str, weight_name: str | None, adapter: str,
                if component == "transformer_2" or not second_expert):
         raise ModelLoadError(f"LoRA {source!r} adapts no layer of {type(pipe).__name__}: a LoRA "
                              "for another model?")
+
+
+class _AbsentComponents(logging.Filter):
+    """Drops diffusers' "No LoRA keys associated to CLIPTextModel ... safe to ignore": a
+    distilled LoRA adapts the denoiser only, and every trial loads it again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated")
+
+
+@contextlib.contextmanager
+def _quiet_absent_components() -> Iterator[None]:
+    """diffusers' LoRA loaders without that one message, for the load only (its other warnings,
+    keys it could not place, still show)."""
+    quiet = _AbsentComponents()
+    loggers = [logging.getLogger(f"diffusers.loaders.{name}")
+               for name in ("lora_base", "lora_pipeline", "peft")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def guidance_off(pipe, call_kwargs: dict) -> dict:
