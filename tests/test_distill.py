@@ -289,6 +289,9 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
                      ("eight", str(eight), "", 4, '{"timestep_spacing": "trailing"}')}
     assert [s["distill"]["lora"] for s in spec.distill_settings()] == [str(four), str(eight)]
     assert spec.fewest_steps("deepcache") == 2 and spec.step_counts(("distill", "steps")) == {2, 4}
+    # a log line names what tells the recipes apart, not each recipe's whole scheduler JSON
+    assert spec.searched_params("distill", ("distill", "steps")) == ["lora", "weight_name",
+                                                                      "scheduler_config"]
     assert spec.space_size() == 4 + 2 + 2 * len(spec.grid_values("deepcache", "cache_interval")) \
         * len(spec.grid_values("deepcache", "cache_branch_id"))
     pipe = pipeline_from_spec(spec)  # both files load: the baseline may be timed

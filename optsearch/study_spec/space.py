@@ -147,9 +147,14 @@ class SearchSpace:
 
     def searched_params(self, accelerator: str, combo: tuple = ()) -> list[str]:
         """The parameters of `accelerator` that this spec searches in `combo` (ranges, not fixed
-        values)."""
-        return [p for p in params_of(accelerator)
-                if len(self.param_range(accelerator, p, combo=combo)) > 1]
+        values; or fixed, but another in each distill recipe)."""
+        searched = []
+        for param in params_of(accelerator):
+            ranges = {self.param_range(accelerator, param, combo=combo, recipe=recipe)
+                      for recipe in self.recipes(combo)}
+            if len(ranges) > 1 or len(next(iter(ranges))) > 1:
+                searched.append(param)
+        return searched
 
     def space_size(self) -> int | None:
         """How many settings the sampler can draw, at most (parameters a drawn value makes
