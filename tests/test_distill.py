@@ -285,6 +285,7 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
         distilled = setting["distill"]
         drawn.add((trial.params["distill.recipe"], distilled["lora"], distilled["weight_name"],
                    setting["steps"]["num_inference_steps"], distilled["scheduler_config"]))
+    drawn_names = {drawn_one[0] for drawn_one in drawn}
     assert drawn == {("lightning-4steps", str(four), "lightning-4steps.safetensors", 2, ""),
                      ("eight", str(eight), "", 4, '{"timestep_spacing": "trailing"}')}
     assert [s["distill"]["lora"] for s in spec.distill_settings()] == [str(four), str(eight)]
@@ -294,6 +295,23 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
                                                                       "scheduler_config"]
     assert spec.space_size() == 4 + 2 + 2 * len(spec.grid_values("deepcache", "cache_interval")) \
         * len(spec.grid_values("deepcache", "cache_branch_id"))
+    # which recipe wins is what a user asks: each has its own row (and confirmation target)
+    from optsearch.optimize.objectives import best_per_combo
+    from optsearch.storage.record import trial_metrics
+
+    recorded = optuna.create_study(direction="maximize")
+    for recipe, speedup in (("eight", 3.0), ("lightning-4steps", 5.0), ("eight", 4.0), (None, 2.0)):
+        params = {"distill.recipe": recipe} if recipe else {}
+        recorded.add_trial(optuna.trial.create_trial(
+            value=speedup, params=params, distributions={name: optuna.distributions.
+                                                         CategoricalDistribution(list(drawn_names))
+                                                         for name in params},
+            user_attrs={"combo": "distill+steps" if recipe else "steps", "speedup": speedup,
+                        "speedup_low": speedup - 0.5, "speedup_high": speedup + 0.5,
+                        "constraints": {"quality": -1.0}}))
+    best = {label: trial.number for label, trial in best_per_combo(recorded, spec).items()}
+    assert best == {"distill+steps [eight]": 2, "distill+steps [lightning-4steps]": 1, "steps": 3}
+    assert trial_metrics(recorded.trials[2])["combo"] == "distill+steps [eight]"
     pipe = pipeline_from_spec(spec)  # both files load: the baseline may be timed
     assert lora_parameters(pipe) == 0
 

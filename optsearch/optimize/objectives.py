@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optsearch.measure.metrics import Interval, direction, limit_sign, quality_margin
 from optsearch.storage.record import (
+    combo_label,
     computation_key,
     faster_than_baseline,
     feasible,
@@ -151,7 +152,7 @@ def best_per_combo(study: optuna.Study, spec: StudySpec,
     for trial in _measured_feasible(study):
         if fingerprint is not None and trial.user_attrs.get("fingerprint") != fingerprint:
             continue
-        combo = trial.user_attrs.get("combo", "?")
+        combo = combo_label(trial)  # each distill recipe its own row
         if _better(spec, trial, best.get(combo)):
             best[combo] = trial
     return best

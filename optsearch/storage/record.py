@@ -127,9 +127,18 @@ def speedup_of(attrs: dict) -> SpeedupInterval | None:
     return SpeedupInterval(attrs["speedup"], attrs.get("speedup_low"), attrs.get("speedup_high"))
 
 
+def combo_label(trial: FrozenTrial) -> str:
+    """The trial's combo as tables group it: "distill+steps", and where it drew a distill recipe
+    its name with it ("distill+steps [8-step]"): which recipe wins is the question asked."""
+    combo, recipe = trial.user_attrs.get("combo", "?"), trial.params.get("distill.recipe")
+    return f"{combo} [{recipe}]" if recipe is not None else combo
+
+
 def trial_metrics(trial: FrozenTrial) -> dict:
     """The figures recorded on a trial, for tables and exports."""
     metrics = {key: trial.user_attrs.get(key) for key in SHOWN_KEYS}
+    if metrics["combo"] is not None:
+        metrics["combo"] = combo_label(trial)
     metrics["trial"] = trial.number
     metrics["state"] = trial.state.name
     metrics["feasible"] = feasible(trial.user_attrs)
