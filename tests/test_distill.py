@@ -25,7 +25,7 @@ from optsearch.optimize.export import export_study
 from optsearch.optimize.space import suggest_setting
 from optsearch.optimize.study import load_study
 from optsearch.storage.rdb import open_storage
-from optsearch.study_spec import load_spec
+from optsearch.study_spec import load_spec, notes
 from tests.conftest import TINY_SPEC, optsearch_cmd, write_spec
 from tests.test_deploy_exports import export, exported_function, images, study_with_winner
 from tests.test_image_conditioned import first_images, quiet_builtin
@@ -233,6 +233,8 @@ def test_the_lora_draws_its_own_steps_and_steps_alone_keeps_the_fewer_steps_rang
     assert drawn == {("steps",): set(range(8, 13)), ("distill", "steps"): {2, 3, 4},
                      ("distill", "steps", "deepcache"): {2, 3, 4}}
     assert spec.space_size() == 5 + 3 + 3 * 2
+    assert "distill runs at its own steps: the LoRA at 2-4; steps alone (the fewer-steps line) " \
+        "at 8-12" in notes(spec)  # what check, run and study create print
     assert spec.calibration_steps("deepcache")[-1] == 2 and spec.fewest_steps() == 2
     one = load_spec(write_spec(tmp_path / "grid.toml", text.replace(
         'accelerators = [["steps"], ["distill", "steps"], ["distill", "steps", "deepcache"]]',
@@ -290,6 +292,8 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
                      ("eight", str(eight), "", 4, '{"timestep_spacing": "trailing"}')}
     assert [s["distill"]["lora"] for s in spec.distill_settings()] == [str(four), str(eight)]
     assert spec.fewest_steps("deepcache") == 2 and spec.step_counts(("distill", "steps")) == {2, 4}
+    assert "distill runs at its own steps: lightning-4steps at 2, eight at 4; steps alone (the " \
+        "fewer-steps line) at 5-8" in notes(spec)
     # a log line names what tells the recipes apart, not each recipe's whole scheduler JSON
     assert spec.searched_params("distill", ("distill", "steps")) == ["lora", "weight_name",
                                                                       "scheduler_config"]

@@ -74,12 +74,32 @@ def notes(spec: StudySpec) -> list[str]:
         if any("distill" in combo for combo in mixed) and spec.distilled_for(family) is None:
             lines.append(f"{family}'s \"auto\" range is calibrated on the plain model (a combo "
                          "searches it without distill); its distill trials sample the same range")
+    if own := _distill_steps_note(spec):
+        lines.append(own)
     size = spec.space_size()
     if size is not None and size < spec.search.n_trials:
         lines.append(f"the space holds at most {size} distinct settings, fewer than search.n_trials = "
                      f"{spec.search.n_trials}: the search ends when every one is tried (a repeat "
                      "copies its result for free)")
     return lines
+
+
+def _distill_steps_note(spec: StudySpec) -> str | None:
+    """'distill runs at its own steps: 4-step at 4, 8-step at 8; steps alone (the fewer-steps
+    line) at 16-40': where a spec gives the LoRA its own steps or recipes, what each draws."""
+    combo = next((combo for combo in spec.search.combos if "distill" in combo), None)
+    if combo is None or (spec.distilled_steps(combo) is None and spec.recipes() == [{}]):
+        return None
+
+    def span(bounds: tuple) -> str:
+        return f"{bounds[0]}-{bounds[1]}" if len(bounds) > 1 else f"{bounds[0]}"
+
+    drawn = [f"{distill.recipe_name(recipe) or 'the LoRA'} at "
+             f"{span(spec.param_range('steps', 'num_inference_steps', combo=combo, recipe=recipe))}"
+             for recipe in spec.recipes()]
+    plain = span(spec.param_range("steps", "num_inference_steps"))
+    alone = f"; steps alone (the fewer-steps line) at {plain}" if ("steps",) in spec.search.combos else ""
+    return f"distill runs at its own steps: {', '.join(drawn)}{alone}"
 
 
 def validate(spec: StudySpec, problem) -> None:
