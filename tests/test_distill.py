@@ -312,10 +312,17 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
                                                          for name in params},
             user_attrs={"combo": "distill+steps" if recipe else "steps", "speedup": speedup,
                         "speedup_low": speedup - 0.5, "speedup_high": speedup + 0.5,
+                        "psnr": 35.0, "psnr_low": 34.0, "psnr_high": 36.0,
+                        "setting": {"steps": {"num_inference_steps": 4}},
                         "constraints": {"quality": -1.0}}))
     best = {label: trial.number for label, trial in best_per_combo(recorded, spec).items()}
     assert best == {"distill+steps [eight]": 2, "distill+steps [lightning-4steps]": 1, "steps": 3}
     assert trial_metrics(recorded.trials[2])["combo"] == "distill+steps [eight]"
+    from optsearch.cli.plots import speedup_vs_quality
+
+    legend = speedup_vs_quality(recorded, spec).axes[0].get_legend_handles_labels()[1]
+    assert {"distill+steps [eight] (feasible)", "distill+steps [lightning-4steps] (feasible)",
+            "steps (feasible)"} <= set(legend)  # each recipe its own colour
     pipe = pipeline_from_spec(spec)  # both files load: the baseline may be timed
     assert lora_parameters(pipe) == 0
 

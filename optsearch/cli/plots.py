@@ -18,7 +18,7 @@ from optsearch.errors import NothingToExport  # noqa: E402
 from optsearch.measure.metrics import METRICS  # noqa: E402
 from optsearch.optimize import objectives, reference  # noqa: E402
 from optsearch.optimize import study as studies  # noqa: E402
-from optsearch.storage.record import is_copy, quality_of, speedup_of  # noqa: E402
+from optsearch.storage.record import combo_label, is_copy, quality_of, speedup_of  # noqa: E402
 
 logger = logging.getLogger(__name__)
 FEW_FOR_IMPORTANCES = 20  # below this, an importance ranking moves with the next few trials
@@ -70,12 +70,12 @@ def speedup_vs_quality(study: optuna.Study, spec) -> plt.Figure:
     trials = [t for t in study.get_trials(deepcopy=False, states=studies.FINISHED)
               if t.user_attrs.get("speedup") is not None and not is_copy(t)]
     figure, ax = plt.subplots(figsize=(8, 5))
-    combos = sorted({t.user_attrs["combo"] for t in trials})
+    combos = sorted({combo_label(t) for t in trials})  # each distill recipe its own colour
     colours = plt.get_cmap("tab10")
     for index, combo in enumerate(combos):
         for feasible, marker, label in ((True, "o", "feasible"), (False, "x", "infeasible")):
             chosen = [t for t in trials
-                      if t.user_attrs["combo"] == combo and objectives.is_feasible(t) == feasible]
+                      if combo_label(t) == combo and objectives.is_feasible(t) == feasible]
             if chosen:
                 ax.scatter([_quality(t, metric) for t in chosen], [_speedup(t) for t in chosen],
                            marker=marker, s=40,
