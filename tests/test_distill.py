@@ -393,6 +393,15 @@ def test_wan22s_two_experts_each_take_their_own_distilled_lora(tmp_path):
                                                   pipe.transformer_2.named_parameters()) == 0
         np.testing.assert_array_equal(images_of(), baseline)
     assert not np.array_equal(*results)  # the second expert ran its own LoRA
+    # pairs as recipes (lightx2v's releases): each recipe's lora_2 counts, none at the table
+    spec = load_spec(write_spec(tmp_path / "pairs.toml", DISTILL_SPEC.replace(
+        "builtin:tiny", "builtin:tiny-wan22").replace('"deepcache"', '"fbcache"')
+        + f'[space.distill]\nlora = "{high}"\n'
+        f'[[space.distill.recipes]]\nname = "V1.1"\nlora_2 = "{low}"\n'
+        f'[[space.distill.recipes]]\nname = "V2.0"\nlora_2 = "{high}"\n'))
+    assert spec.searched_values("distill")["lora_2"] == [str(low), str(high)]
+    assert pipeline_problem(["distill", "steps"], pipe, {"distill": spec.searched_values("distill")}) \
+        is None
     one = quiet_builtin("builtin:tiny")
     assert "has one denoiser" in pipeline_problem(["distill"], one, {"distill": {"lora_2": ["x"]}})
 

@@ -42,17 +42,20 @@ class SearchSpace:
     def searched_values(self, accelerator: str) -> dict[str, list]:
         """The values this spec lets each integer parameter of `accelerator` take, and the
         extremes of each float range: what a calibration must hold for every trial."""
-        values = {}
+        values: dict[str, list] = {}
         for param, declared in params_of(accelerator).items():
             if self.space_value(accelerator, param) == "auto":
                 continue
-            bounds = self.param_range(accelerator, param)
-            if len(bounds) == 1 or declared.named:
-                values[param] = list(bounds)
-            elif declared.kind is int:
-                values[param] = list(range(int(bounds[0]), int(bounds[1]) + 1, int(bounds[2] or 1)))
-            else:
-                values[param] = [bounds[0], bounds[1]]
+            for recipe in self.recipes((accelerator,)):  # distill: each recipe's too
+                bounds = self.param_range(accelerator, param, recipe=recipe)
+                if len(bounds) == 1 or declared.named:
+                    taken = list(bounds)
+                elif declared.kind is int:
+                    taken = list(range(int(bounds[0]), int(bounds[1]) + 1, int(bounds[2] or 1)))
+                else:
+                    taken = [bounds[0], bounds[1]]
+                values[param] = [*values.get(param, []),
+                                 *(value for value in taken if value not in values.get(param, []))]
         return values
 
     def calibration_steps(self, family: str) -> list[int]:
