@@ -325,6 +325,15 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
             "steps (feasible)"} <= set(legend)  # each recipe its own colour
     pipe = pipeline_from_spec(spec)  # both files load: the baseline may be timed
     assert lora_parameters(pipe) == 0
+    recipes_spec = tmp_path / "recipes.toml"
+    result = optsearch_cmd("evaluate", str(recipes_spec), "--set", "distill.recipe=eight", "--json", "-q")
+    assert result.returncode == 0, result.stderr  # that recipe, whole: its file, steps, scheduler
+    measured = json.loads(result.stdout)["setting"]
+    assert measured["distill"]["lora"] == str(eight) and measured["steps"]["num_inference_steps"] == 4
+    assert measured["distill"]["scheduler_config"] == '{"timestep_spacing": "trailing"}'
+    result = optsearch_cmd("evaluate", str(recipes_spec), "--set", "distill.recipe=nine")
+    assert result.returncode == 2 and "no such recipe (its recipes: lightning-4steps, eight)" in \
+        result.stderr and "Traceback" not in result.stderr
 
     other = saved_lora("builtin:tiny-flux", tmp_path / "flux-lora")  # the second recipe's fails
     bad = load_spec(write_spec(tmp_path / "bad.toml", text.replace(str(eight), str(other))))

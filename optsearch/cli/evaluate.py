@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from optsearch.accelerators import ORDER, combo_problem, normalize_setting
+from optsearch.accelerators.distill import recipe_name
 from optsearch.errors import UsageError
 from optsearch.formatting import comparison_table, compile_text, format_setting
 from optsearch.measure.model_ids import check_folders
@@ -43,16 +44,18 @@ def parse_sets(items: list[str]) -> dict:
 def cmd_evaluate(args) -> int:
     spec = load_spec(args.spec)
     try:
-        given = normalize_setting(parse_sets(args.set))
-        combo = next((c for c in spec.search.combos if set(given) <= set(c)), None)
+        sets = parse_sets(args.set)
+        recipe = _recipe(spec, sets.pop("distill.recipe", None))  # a recipe is drawn by name
+        given = normalize_setting(sets)
+        wanted = set(given) | ({"distill"} if "distill.recipe" in parse_sets(args.set) else set())
+        combo = next((c for c in spec.search.combos if wanted <= set(c)), None)
         if combo is None:  # say why about the families given, not a combo they were mixed into
             problem = combo_problem(list(given), spec.search.model_kind) or check_setting(given, spec)[0]
             raise SpecError([f"--set: {problem}"])
         setting = default_setting(combo, spec.model.steps)
         if "distill" in setting:  # the spec's LoRA (no library default names one), at the
-            setting["distill"].update(spec.distill_settings()[0]["distill"])  # most steps it draws
-            drawn = spec.param_range("steps", "num_inference_steps", combo=combo,  # first recipe
-                                     recipe=spec.recipes(combo)[0])
+            setting["distill"].update(spec.distill_settings([recipe])[0]["distill"])  # most steps
+            drawn = spec.param_range("steps", "num_inference_steps", combo=combo, recipe=recipe)
             setting["steps"] = {"num_inference_steps": int(max(drawn[:2]))}
         for accelerator, values in given.items():
             setting.setdefault(accelerator, {}).update(values)
@@ -89,6 +92,17 @@ def cmd_evaluate(args) -> int:
         if compiled := compile_text(summary):  # None when eager
             print(compiled)
     return 0
+
+
+def _recipe(spec, name: str | None) -> dict:
+    """The distill recipe `--set distill.recipe=NAME` names (without it, the spec's first)."""
+    recipes = {recipe_name(recipe): recipe for recipe in spec.recipes()}
+    if name is None:
+        return next(iter(recipes.values()))
+    if str(name) not in recipes:
+        raise UsageError(f"--set distill.recipe={name}: the spec has no such recipe (its recipes: "
+                         f"{', '.join(n for n in recipes if n) or 'none'})")
+    return recipes[str(name)]
 
 
 def default_setting(combo, model_steps: int | None = None) -> dict[str, dict]:

@@ -106,14 +106,14 @@ class SearchSpace:
             return None
         return next(iter(self.distill_settings()), None)
 
-    def distill_settings(self) -> list[dict]:
-        """Each step-distilled LoRA the study searches (each recipe's, every file a list of
-        `lora` or `weight_name` names), with the first of what else it searches there (none
-        without distill)."""
+    def distill_settings(self, recipes: list[dict] | None = None) -> list[dict]:
+        """Each step-distilled LoRA the study searches (each recipe's, or those of `recipes`;
+        every file a list of `lora` or `weight_name` names), with the first of what else it
+        searches there (none without distill)."""
         if "distill" not in self.accelerators_used:
             return []
         settings = []
-        for recipe in self.recipes():
+        for recipe in recipes or self.recipes():
             searched = {param: self.param_range("distill", param, recipe=recipe)
                         for param in params_of("distill")}
             names = ("lora", "weight_name", "lora_2", "weight_name_2")
