@@ -232,6 +232,7 @@ def _adapted_weights(pipe) -> list:
                                     in (("weight", base.weight), ("bias", base.bias)) if tensor is not None}))
     return kept
 
+
 def apply(pipe, lora: str = "", weight_name: str = "", lora_2: str = "", weight_name_2: str = "",
           lora_scale: float = 1.0, fuse: bool = False, cfg: bool = False, scheduler_config: str = "",
           **_recorded) -> DistillPatch:
