@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 from optsearch.accelerators import (
     KINDS,
@@ -12,12 +11,12 @@ from optsearch.accelerators import (
     combo_problem,
     dbcache,
     denoised_steps,
-    distill,
     params_of,
     step_problems,
 )
 from optsearch.measure.model_ids import is_factory
 from optsearch.measure.prompts import is_folder
+from optsearch.study_spec.distill_checks import check_distill, distill_notes
 from optsearch.study_spec.schema import (
     COMPILES,
     DTYPES,
@@ -30,7 +29,6 @@ from optsearch.study_spec.schema import (
     SAMPLERS,
     STATISTICS,
     StudySpec,
-    listed,
 )
 
 
@@ -65,41 +63,13 @@ def notes(spec: StudySpec) -> list[str]:
         lines.append("model.lora is measured as an adapter (its low-rank work at every step, as a "
                      "server that switches LoRAs runs it); set model.fuse_lora = true if you serve "
                      "it fused")
-    if "distill" in spec.accelerators_used and any(
-            False in spec.param_range("distill", "fuse", recipe=recipe) for recipe in spec.recipes()):
-        lines.append("distill's LoRA is measured as an adapter (its low-rank work at every step); "
-                     "set space.distill.fuse = true if you serve it fused")
-    for family in dict.fromkeys(family for family, _ in spec.auto_params()):
-        mixed = [combo for combo in spec.search.combos if family in combo]
-        if any("distill" in combo for combo in mixed) and spec.distilled_for(family) is None:
-            lines.append(f"{family}'s \"auto\" range is calibrated on the plain model (a combo "
-                         "searches it without distill); its distill trials sample the same range")
-    if own := _distill_steps_note(spec):
-        lines.append(own)
+    lines += distill_notes(spec)
     size = spec.space_size()
     if size is not None and size < spec.search.n_trials:
         lines.append(f"the space holds at most {size} distinct settings, fewer than search.n_trials = "
                      f"{spec.search.n_trials}: the search ends when every one is tried (a repeat "
                      "copies its result for free)")
     return lines
-
-
-def _distill_steps_note(spec: StudySpec) -> str | None:
-    """'distill runs at its own steps: 4-step at 4, 8-step at 8; steps alone (the fewer-steps
-    line) at 16-40': where a spec gives the LoRA its own steps or recipes, what each draws."""
-    combo = next((combo for combo in spec.search.combos if "distill" in combo), None)
-    if combo is None or (spec.distilled_steps(combo) is None and spec.recipes() == [{}]):
-        return None
-
-    def span(bounds: tuple) -> str:
-        return f"{bounds[0]}-{bounds[1]}" if len(bounds) > 1 else f"{bounds[0]}"
-
-    drawn = [f"{distill.recipe_name(recipe) or 'the LoRA'} at "
-             f"{span(spec.param_range('steps', 'num_inference_steps', combo=combo, recipe=recipe))}"
-             for recipe in spec.recipes()]
-    plain = span(spec.param_range("steps", "num_inference_steps"))
-    alone = f"; steps alone (the fewer-steps line) at {plain}" if ("steps",) in spec.search.combos else ""
-    return f"distill runs at its own steps: {', '.join(drawn)}{alone}"
 
 
 def validate(spec: StudySpec, problem) -> None:
@@ -290,7 +260,7 @@ def validate(spec: StudySpec, problem) -> None:
     if guidance_problem(used, model.guidance_scale):
         problem("search.accelerators", guidance_problem(used, model.guidance_scale))
     if "distill" in used:
-        _check_distill(spec, problem)
+        check_distill(spec, problem)
     for accelerator in used:
         for name, declared in params_of(accelerator).items():
             counted = declared.counts_steps or declared.scales_with_steps
@@ -318,43 +288,6 @@ def validate(spec: StudySpec, problem) -> None:
                     "grid is fixed when the study is created: give it a range [low, high, step]")
     if spec.artifacts.grid_prompts < 0:
         problem("artifacts.grid_prompts", "must be >= 0")
-
-
-def _check_distill(spec: StudySpec, problem) -> None:
-    """The step-distilled LoRA's keys: a LoRA given, each local path there, each recipe
-    readable, and fused where the denoiser is compiled."""
-    given = spec.space.get("distill", {})
-    recipes = given.get("recipes") or []
-    tables = [("space.distill", given)] + [(f"space.distill.recipes[{number}]", recipe)
-                                           for number, recipe in enumerate(recipes, 1)]
-    if not given.get("lora") and not (recipes and all(recipe.get("lora") for recipe in recipes)):
-        problem("space.distill.lora", "is required with distill: the step-distilled LoRA's hub id, "
-                "folder or .safetensors file (Lightning, Hyper-SD, Turbo)")
-    for where, table in tables:
-        for key in ("lora", "lora_2"):
-            for lora in listed(table.get(key)):
-                path = os.path.expanduser(lora)
-                if os.path.isabs(path) and not os.path.exists(path):  # a path: not a hub id
-                    problem(f"{where}.{key}", f"{lora!r}: no such file or folder")
-        for recipe in listed(table.get("scheduler_config")):
-            try:
-                distill.scheduler_overrides(recipe)
-            except ValueError as error:
-                problem(f"{where}.scheduler_config",
-                        str(error).removeprefix("distill.scheduler_config "))
-        steps = spec.param_range("steps", "num_inference_steps", combo=("distill", "steps"),
-                                 recipe=table if table is not given else None)
-        if "num_inference_steps" in table and any(count > spec.model.steps for count in steps[:2]):
-            problem(f"{where}.num_inference_steps", f"{list(steps[:2])} goes past "
-                    f"model.steps={spec.model.steps} (allowed: 1..steps)")
-    if recipes and spec.search.sampler == "grid":
-        problem("space.distill.recipes", "are drawn, not gridded (a recipe's steps are its own): "
-                'use search.sampler = "tpe" or "random"')
-    fused = {spec.param_range("distill", "fuse", recipe=recipe) for recipe in spec.recipes()}
-    if spec.model.compile != "none" and fused != {(True,)}:
-        problem("model.compile", "distill kept as an adapter wraps the denoiser's layers for each "
-                "trial, which recompiles it: set space.distill.fuse = true (fused, the layers stay "
-                "as compiled) or compile = \"none\"")
 
 
 def _steps_said(model) -> str:
