@@ -45,9 +45,9 @@ def cmd_evaluate(args) -> int:
     spec = load_spec(args.spec)
     try:
         sets = parse_sets(args.set)
-        recipe = _recipe(spec, sets.pop("distill.recipe", None))  # a recipe is drawn by name
-        given = normalize_setting(sets)
-        wanted = set(given) | ({"distill"} if "distill.recipe" in parse_sets(args.set) else set())
+        named = sets.pop("distill.recipe", None)  # a recipe is drawn by name, not a parameter
+        recipe, given = _recipe(spec, named), normalize_setting(sets)
+        wanted = set(given) | ({"distill"} if named is not None else set())
         combo = next((c for c in spec.search.combos if wanted <= set(c)), None)
         if combo is None:  # say why about the families given, not a combo they were mixed into
             problem = combo_problem(list(given), spec.search.model_kind) or check_setting(given, spec)[0]
