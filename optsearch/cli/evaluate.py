@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 from optsearch.accelerators import ORDER, combo_problem, normalize_setting
-from optsearch.accelerators.distill import recipe_name
 from optsearch.errors import UsageError
 from optsearch.formatting import comparison_table, compile_text, format_setting
 from optsearch.measure.model_ids import check_folders
@@ -96,7 +95,7 @@ def cmd_evaluate(args) -> int:
 
 def _recipe(spec, name: str | None) -> dict:
     """The distill recipe `--set distill.recipe=NAME` names (without it, the spec's first)."""
-    recipes = {recipe_name(recipe): recipe for recipe in spec.recipes()}
+    recipes = spec.named_recipes()
     if name is None:
         return next(iter(recipes.values()))
     if str(name) not in recipes:

@@ -18,7 +18,6 @@ from optsearch.accelerators import (
     fit_to_steps,
     params_of,
 )
-from optsearch.accelerators.distill import recipe_name
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
 def _draw_recipe(trial: optuna.Trial, spec: StudySpec, combo: tuple) -> dict:
     """The step-distilled LoRA's recipe a trial runs (its file, steps and scheduler together),
     drawn whole by name ("distill.recipe"); {} where the combo draws none."""
-    recipes = {recipe_name(recipe): recipe for recipe in spec.recipes(combo)}
+    recipes = spec.named_recipes(combo)
     if len(recipes) == 1:
         return next(iter(recipes.values()))
     return recipes[trial.suggest_categorical("distill.recipe", list(recipes))]

@@ -8,6 +8,7 @@ import itertools
 from typing import Any
 
 from optsearch.accelerators import calibration_cost, calibration_steps, params_of
+from optsearch.accelerators.distill import recipe_name
 
 
 class SearchSpace:
@@ -51,11 +52,11 @@ class SearchSpace:
                 if len(bounds) == 1 or declared.named:
                     taken = list(bounds)
                 elif declared.kind is int:
-                    taken = list(range(int(bounds[0]), int(bounds[1]) + 1, int(bounds[2] or 1)))
+                    taken = _integers(bounds)
                 else:
                     taken = [bounds[0], bounds[1]]
-                values[param] = [*values.get(param, []),
-                                 *(value for value in taken if value not in values.get(param, []))]
+                kept = values.setdefault(param, [])
+                kept += [value for value in taken if value not in kept]
         return values
 
     def calibration_steps(self, family: str) -> list[int]:
@@ -75,8 +76,7 @@ class SearchSpace:
         counts = set()
         for recipe in self.recipes(combo):
             bounds = self.param_range("steps", "num_inference_steps", combo=combo, recipe=recipe)
-            counts |= set(range(int(bounds[0]), int(bounds[1 if len(bounds) > 1 else 0]) + 1,
-                                int(bounds[2] or 1) if len(bounds) > 2 else 1))
+            counts |= set(_integers(bounds))
         return counts
 
     def recipes(self, combo: tuple = ("distill",)) -> list[dict]:
@@ -84,6 +84,10 @@ class SearchSpace:
         recipes]]`: a LoRA file with its steps and scheduler); [{}] where it draws none (one draw
         of the table's keys)."""
         return (self.space.get("distill", {}).get("recipes") if "distill" in combo else None) or [{}]
+
+    def named_recipes(self, combo: tuple = ("distill",)) -> dict[str, dict]:
+        """`recipes(combo)` by the names "distill.recipe" draws ({"": {}} where it draws none)."""
+        return {recipe_name(recipe): recipe for recipe in self.recipes(combo)}
 
     def distilled_steps(self, combo: tuple):
         """The LoRA's own steps (`space.distill.num_inference_steps`) where `combo` runs distill
@@ -199,6 +203,13 @@ class SearchSpace:
         if params_of(accelerator)[param].kind is int:
             return [int(v) for v in values]
         return [round(v, 10) for v in values]
+
+
+def _integers(bounds: tuple) -> list[int]:
+    """Every integer a fixed value (value,) or a range (low, high, step or None) takes."""
+    if len(bounds) == 1:
+        return [int(bounds[0])]
+    return list(range(int(bounds[0]), int(bounds[1]) + 1, int(bounds[2] or 1)))
 
 
 def _recipe_value(recipe: dict, accelerator: str, param: str):
