@@ -438,6 +438,42 @@ def test_a_fused_distilled_lora_adds_no_layer_and_its_weights_come_back_bit_for_
     assert np.abs(results[True] - baseline).mean() > 4 * np.abs(results[True] - results[False]).mean()
 
 
+def test_a_fused_loras_weights_are_copied_once_per_process_and_again_after_they_change(tmp_path):
+    """The CPU copy unfusing needs (for Qwen-Image about the whole transformer) is made at the
+    first fused trial and reused, unless the layer's weights changed since (a LoRA the user fused)."""
+    from optsearch.accelerators import distill
+
+    lora = saved_lora("builtin:tiny", tmp_path / "lightning", seed=1)
+    pipe = quiet_builtin("builtin:tiny")
+    setting = {"distill": {"lora": str(lora), "fuse": True}, "steps": {"num_inference_steps": 4}}
+    held_before = distill.kept_bytes()
+
+    def fused_trial() -> dict:
+        """Apply and restore; the kept copies of this pipeline's layers, by layer."""
+        applied = apply_setting(pipe, setting)
+        applied.restore()
+        layers = set(denoiser(pipe).modules())
+        return {layer: kept["weights"]["weight"] for layer, kept in distill._KEPT.items()
+                if layer in layers}
+
+    first = fused_trial()
+    adapted_bytes = sum(layer.weight.nbytes + (layer.bias.nbytes if layer.bias is not None else 0)
+                        for layer in first)
+    assert first and distill.kept_bytes() - held_before == adapted_bytes
+    second = fused_trial()
+    assert second.keys() == first.keys()
+    assert all(second[layer] is first[layer] for layer in first)  # no copy made again
+    assert distill.kept_bytes() - held_before == adapted_bytes
+    changed = next(iter(first))
+    with torch.no_grad():
+        changed.weight.add_(0.5)  # as fusing another LoRA would
+    edited = changed.weight.detach().clone()
+    third = fused_trial()
+    assert third[changed] is not first[changed]
+    assert torch.equal(changed.weight, edited)  # the weights as they were before this trial
+    assert all(third[layer] is first[layer] for layer in first if layer is not changed)
+
+
 def test_a_study_searches_several_distilled_lora_files_and_loads_each_before_its_baseline(tmp_path):
     four = saved_lora("builtin:tiny", tmp_path / "lightning-4", seed=1)
     eight = saved_lora("builtin:tiny", tmp_path / "lightning-8", seed=2)

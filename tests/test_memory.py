@@ -36,6 +36,29 @@ def test_the_peak_is_each_steps_own_and_the_loop_bodys_work_is_not_counted():
     assert before - quiet.gib > 0.25  # the 300 MiB made while the first batch was
 
 
+def test_a_cpu_peak_leaves_out_the_weights_kept_to_unfuse_a_lora():
+    """Fused distill keeps the adapted layers' weights on the CPU for the next trials; a server
+    does not hold them, so a CPU trial's peak does not count them."""
+    import torch
+
+    from optsearch.accelerators import distill
+
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, 8192, 9600, bias=False)  # 300 MiB
+    layer.weight.data.fill_(1.0)
+
+    def peak_of_a_batch() -> float:
+        peak = PeakMemory("cpu")
+        list(peak.measure(iter([1.0])))
+        return peak.gib
+
+    without = peak_of_a_batch()
+    distill.kept_weights(layer)
+    assert distill.kept_bytes() >= 300 * 2**20
+    assert peak_of_a_batch() == pytest.approx(without, abs=0.05)  # 0.29 GiB higher, counted
+    del layer  # the copy goes with its layer
+    assert distill.kept_bytes() < 300 * 2**20
+
+
 def test_max_memory_gib_is_a_constraint_and_a_spec_error_when_not_positive(tmp_path, tiny_pipe):
     with pytest.raises(SpecError, match="objective.max_memory_gib"):
         spec_from_dict({"model": {"id": "builtin:tiny"}, "objective": {"max_memory_gib": 0}})

@@ -10,7 +10,9 @@ family's: a combo runs it with `steps`, drawn from the LoRA's own range where th
 as they were (peft's wrappers give the original modules back). With `fuse`, the LoRA is fused
 into the weights, as most servers run it (no work added per step); unfusing in half precision
 does not give back the same weights, so the adapted layers' weights are kept on the CPU
-beforehand and copied back.
+beforehand and copied back. That copy is made once per layer and process (`_KEPT`), not per
+trial: for Qwen-Image it is about the whole transformer (some 40 GB each way). It is not what a
+server holds, so a CPU's peak-memory figure leaves it out (`kept_bytes`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 
 from optsearch.accelerators.base import Param
@@ -215,9 +218,47 @@ class DistillPatch:
         self.kept = []
 
 
+# Each adapted layer's weights before fusing, on the CPU, kept for the process's later trials: a
+# trial restores them exactly, so the copy stays right. Weak keys: it goes with its layer.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBE = 1024  # elements of the weight compared before a kept copy is used again
+
+
+def _probe(tensor) -> object:
+    """Some 1024 evenly spaced elements of `tensor`, on the CPU: a weight changed since its copy
+    was kept (another LoRA fused, new weights loaded) differs in them."""
+    flat = tensor.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // _PROBE)].to("cpu", copy=True)
+
+
+def kept_weights(layer) -> dict:
+    """{"weight": ..., "bias": ...} of `layer` on the CPU: the copy kept from an earlier trial
+    while the layer still holds those weights (shape, dtype, and a probe of its elements), else
+    a new one."""
+    import torch
+
+    current = {name: tensor for name, tensor in (("weight", layer.weight), ("bias", layer.bias))
+               if tensor is not None}
+    kept = _KEPT.get(layer)
+    if kept is None or kept["weights"].keys() != current.keys() \
+            or any(kept["weights"][name].shape != tensor.shape or kept["weights"][name].dtype != tensor.dtype
+                   for name, tensor in current.items()) \
+            or not torch.equal(kept["probe"], _probe(layer.weight)):
+        kept = {"weights": {name: tensor.detach().to("cpu", copy=True)
+                            for name, tensor in current.items()},
+                "probe": _probe(layer.weight)}
+        _KEPT[layer] = kept
+    return kept["weights"]
+
+
+def kept_bytes() -> int:
+    """Bytes of the weights kept on the CPU for unfusing: measurement's, not what a server holds."""
+    return sum(tensor.nbytes for kept in list(_KEPT.values()) for tensor in kept["weights"].values())
+
+
 def _adapted_weights(pipe) -> list:
-    """(base layer, {"weight": ..., "bias": ...} on the CPU) of every layer the adapter wraps,
-    in every component (a LoRA may adapt a text encoder too)."""
+    """(base layer, its kept weights) of every layer the adapter wraps, in every component (a LoRA
+    may adapt a text encoder too)."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -228,8 +269,7 @@ def _adapted_weights(pipe) -> list:
         for module in component.modules():
             if isinstance(module, BaseTunerLayer) and ADAPTER in module.active_adapters:
                 base = module.get_base_layer()
-                kept.append((base, {name: tensor.detach().to("cpu", copy=True) for name, tensor
-                                    in (("weight", base.weight), ("bias", base.bias)) if tensor is not None}))
+                kept.append((base, kept_weights(base)))
     return kept
 
 

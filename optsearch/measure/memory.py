@@ -4,7 +4,9 @@ A cache that keeps features (TaylorSeer's derivatives, DBCache's residuals) can 
 baseline does not; a setting that does not fit is found here, not on the user's server. On CUDA
 the figure is `torch.cuda.max_memory_allocated` (reset at the start); on a CPU the process's peak
 resident set (Linux's VmHWM, reset through /proc/self/clear_refs), so it counts the weights and
-everything else the process holds, as the server's would. None where neither can be read.
+everything else the process holds, as the server's would, but for the weights distill keeps on
+the CPU to unfuse a LoRA after its trial (a server does not hold them). None where neither can
+be read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+
+from optsearch.accelerators.distill import kept_bytes
 
 GIB = 2**30
 T = TypeVar("T")
@@ -66,5 +70,6 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             peak = _resident_peak_bytes()
+            peak = None if peak is None else peak - kept_bytes()
         if peak is not None:
             self.gib = max(self.gib or 0.0, peak / GIB)
