@@ -655,3 +655,23 @@ def test_the_estimate_counts_the_calibration_calls_before_the_first_trial():
     assert "calibrating" not in estimate_text(plain)
     brief = Estimate(0.5, n_trials=4, num_samples=4, calibration_images=0.5)  # one small call
     assert ', after <1 s calibrating "auto" ranges: ' in estimate_text(brief)
+    assert "/ a 1x-2x speedup: " in estimate_text(plain)
+
+
+def test_the_estimate_counts_each_combos_fewer_steps():
+    from optsearch.optimize.estimate import Estimate, expected_speedups
+    from optsearch.study_spec import spec_from_dict
+
+    def spec(accelerators, steps=(10, 25)):
+        space = {"steps": {"num_inference_steps": list(steps)}} if steps else {}
+        return spec_from_dict({"model": {"id": "builtin:tiny", "steps": 50},
+                               "search": {"accelerators": accelerators}, "space": space})
+
+    assert expected_speedups(spec(["deepcache"], steps=None)) == (1.0, 2.0)
+    assert expected_speedups(spec([["steps"]])) == pytest.approx((2.0, 5.0))  # 50/25, 50/10
+    assert expected_speedups(spec([["steps", "deepcache"]])) == pytest.approx((2.0, 10.0))
+    # as seconds: a combo at 5x and one at 1x take 0.6 of the baseline's on average, 1/0.6 = 1.67x
+    assert expected_speedups(spec([["steps"], ["deepcache"]], steps=(10, 10))) \
+        == pytest.approx((2 / 1.2, 2 / 0.7))
+    slow, fast = Estimate(1.0, 10, 4, speedups=(2.0, 5.0)).total(1)
+    assert (slow, fast) == pytest.approx((4 + 10 * 4 / 2.0 * 1.1, 4 + 10 * 4 / 5.0 * 1.1)[::-1])

@@ -43,7 +43,7 @@ from optsearch.measure.prompts import confirm_asked, confirm_prompts, prompts_of
 from optsearch.measure.quality import ClipScorer
 from optsearch.measure.served import pipeline_from_spec
 from optsearch.optimize.baseline import ABOVE_LIMIT
-from optsearch.optimize.estimate import Estimate, estimate_text
+from optsearch.optimize.estimate import Estimate, estimate_text, expected_speedups
 from optsearch.optimize.recovery import OUT_OF_MEMORY
 from optsearch.optimize.space import computations, trials_possible
 from optsearch.optimize.warm_start import published_settings, trial_params
@@ -160,7 +160,8 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     trials = trials_possible(spec, report.facts["computations"])  # counted once, above
     estimate = Estimate(batch.seconds_per_image, trials, len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0,
-                        calibration_images=config.batch_size * spec.calibration_calls())
+                        calibration_images=config.batch_size * spec.calibration_calls(),
+                        speedups=expected_speedups(spec))
     report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),
                         batch_size=config.batch_size, seconds_per_image=batch.seconds_per_image,
                         size=output_size(batch.images),

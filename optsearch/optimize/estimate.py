@@ -11,7 +11,25 @@ from optsearch.measure.compiling import compiled_as
 
 # Trials run between the baseline's speed (1x: nothing gained) and about twice as fast (what
 # DeepCache, TaylorSeer or half the steps give at the limits studies set): an honest range.
+# Fewer steps are counted apart (`expected_speedups`): a LoRA at 4 of 50 steps runs some 12x.
 EXPECTED_SPEEDUPS = (1.0, 2.0)
+
+
+def expected_speedups(spec) -> tuple[float, float]:
+    """The (slow, fast) speedup of an average trial of `spec`: each combo's families at 1x-2x
+    (`EXPECTED_SPEEDUPS`; steps alone at 1x), times model.steps over the most and the fewest
+    steps it draws where it runs `steps`. Combos count alike, as a trial's seconds (1/speedup)."""
+    slow, fast = [], []
+    for combo in spec.search.combos:
+        low, high = EXPECTED_SPEEDUPS if set(combo) - {"steps"} else (1.0, 1.0)
+        if "steps" in combo:
+            counts = spec.step_counts(combo)
+            low, high = (low * spec.model.steps / max(counts), high * spec.model.steps / min(counts))
+        slow.append(low)
+        fast.append(high)
+    if not slow:
+        return EXPECTED_SPEEDUPS
+    return len(slow) / sum(1 / x for x in slow), len(fast) / sum(1 / x for x in fast)
 
 
 @dataclass
@@ -24,6 +42,7 @@ class Estimate:
     workers: int = 1
     compile_seconds: float = 0.0  # a compiled pipeline's untimed warm-up, which every trial runs
     calibration_images: float = 0.0  # "auto" ranges' plain calls before the first trial, in images
+    speedups: tuple[float, float] = EXPECTED_SPEEDUPS  # an average trial's, slow and fast
 
     @property
     def calibration_seconds(self) -> float:
@@ -43,7 +62,7 @@ class Estimate:
         trials; trials are whole units, so the slowest worker takes the rounded-up share."""
         share = math.ceil(self.n_trials / workers)
         fast, slow = (self.baseline_seconds + self.calibration_seconds + share * self.per_trial(s)
-                      for s in reversed(EXPECTED_SPEEDUPS))
+                      for s in reversed(self.speedups))
         return fast, slow
 
 
@@ -57,8 +76,9 @@ def estimate_text(estimate: Estimate) -> str:
     """One line: the study's duration on 1 worker and on N, trials x prompts x s/image."""
     low, high = estimate.total(1)
     text = (f"estimate: {estimate.n_trials} trials x {estimate.num_samples} prompts x "
-            f"{estimate.seconds_per_image:.3g} s/image (the baseline's) / a {EXPECTED_SPEEDUPS[0]:g}x-"
-            f"{EXPECTED_SPEEDUPS[1]:g}x speedup"
+            f"{estimate.seconds_per_image:.3g} s/image (the baseline's) / a {estimate.speedups[0]:.3g}x-"
+            f"{estimate.speedups[1]:.3g}x speedup"
+            + (" (the combos' fewer steps counted)" if estimate.speedups != EXPECTED_SPEEDUPS else "")
             + (f" + {estimate.compile_seconds:.3g} s compiling" if estimate.compile_seconds else "")
             + (f", after {_about(estimate.calibration_seconds)} calibrating \"auto\" ranges"
                if estimate.calibration_images else "")
@@ -77,5 +97,6 @@ def print_estimate(worker_id: str, baseline, remaining: int, evaluator, spec) ->
         compiled = compiled_as(evaluator.pipe) is not None
         estimate = Estimate(baseline.seconds_per_image, remaining, len(evaluator.prompts),
                             compile_seconds=baseline.warmup_seconds if compiled else 0.0,
-                            calibration_images=evaluator.calibration_images(spec))
+                            calibration_images=evaluator.calibration_images(spec),
+                            speedups=expected_speedups(spec))
         print(f"{worker_id}: {remaining} trials to go; {estimate_text(estimate)}", flush=True)
