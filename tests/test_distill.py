@@ -450,6 +450,12 @@ def test_a_fused_loras_weights_are_copied_once_per_process_and_again_after_they_
     pipe = quiet_builtin("builtin:tiny")
     setting = {"distill": {"lora": str(lora), "fuse": True}, "steps": {"num_inference_steps": 4}}
     held_before = distill.kept_bytes()
+    distill.keep_between_applies(False)  # a server applying once: restoring frees the copy
+    applied = apply_setting(pipe, setting)
+    assert distill.kept_bytes() > held_before
+    applied.restore()
+    assert distill.kept_bytes() == held_before
+    distill.keep_between_applies()  # as a search's Evaluator sets it
 
     def fused_trial() -> dict:
         """Apply and restore; the kept copies of this pipeline's layers, by layer."""

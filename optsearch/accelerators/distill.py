@@ -10,9 +10,10 @@ family's: a combo runs it with `steps`, drawn from the LoRA's own range where th
 as they were (peft's wrappers give the original modules back). With `fuse`, the LoRA is fused
 into the weights, as most servers run it (no work added per step); unfusing in half precision
 does not give back the same weights, so the adapted layers' weights are kept on the CPU
-beforehand and copied back. That copy is made once per layer and process (`_KEPT`), not per
-trial: for Qwen-Image it is about the whole transformer (some 40 GB each way). It is not what a
-server holds, so a CPU's peak-memory figure leaves it out (`kept_bytes`).
+beforehand and copied back. In a search that copy is made once per layer and process (`_KEPT`,
+`keep_between_applies`), not per trial: for Qwen-Image it is about the whole transformer (some
+40 GB each way). It is not what a server holds, so a CPU's peak-memory figure leaves it out
+(`kept_bytes`); elsewhere (`optsearch.apply` in a server) `restore()` frees it.
 """
 
 from __future__ import annotations
@@ -215,6 +216,8 @@ class DistillPatch:
         for layer, weights in self.kept:  # the weights before fusing, bit for bit
             for name, kept in weights.items():
                 getattr(layer, name).data.copy_(kept)
+            if not _KEEP_BETWEEN_APPLIES[0]:
+                _KEPT.pop(layer, None)
         self.kept = []
 
 
@@ -222,6 +225,13 @@ class DistillPatch:
 # trial restores them exactly, so the copy stays right. Weak keys: it goes with its layer.
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROBE = 1024  # elements of the weight compared before a kept copy is used again
+_KEEP_BETWEEN_APPLIES = [False]
+
+
+def keep_between_applies(keep: bool = True) -> None:
+    """Keep the copies after `restore()` for the next fused trial (a search: `Evaluator` sets
+    it); otherwise restoring frees them, as a server that applies a setting once expects."""
+    _KEEP_BETWEEN_APPLIES[0] = keep
 
 
 def _probe(tensor) -> object:

@@ -22,6 +22,7 @@ from optsearch.accelerators import (
     calibrating_under,
     calibration_used,
     call_steps,
+    distill,
     execution_device,
     magcache,
     normalize_setting,
@@ -68,6 +69,7 @@ class Evaluator:
         `stored()`: what other workers on this device stored since, read before measuring anew.
         `fault(combo, batch index)`: called in each timed batch (the fault-injection tests).
         `lpips`: an LPIPS model when the spec measures it (perceptual.py)."""
+        distill.keep_between_applies()  # a fused LoRA's CPU copy, once per process, not per trial
         self.pipe = pipe
         self.scorer = scorer
         self.prompts = prompts
