@@ -135,7 +135,7 @@ def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) ->
     if native is not None:  # what the pipeline makes of a size left out
         served["height"] = served["height"] or native[0]
         served["width"] = served["width"] or native[1]
-    from optsearch.measure.fingerprint import device_name  # torch and diffusers: loaded by now
+    from optsearch.measure.devices import device_name  # torch: loaded by now
 
     model = denoiser(pipe)
     served["compile"] = compiled_how(model)

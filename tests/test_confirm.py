@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import optuna
@@ -16,14 +17,15 @@ from optuna.trial import create_trial
 from optuna_dashboard import get_note
 
 from optsearch.formatting import format_speedup
+from optsearch.measure.devices import device_name
 from optsearch.measure.evaluate import evaluator_from_spec
-from optsearch.measure.fingerprint import device_name
 from optsearch.measure.metrics import Interval
 from optsearch.measure.prompts import confirm_prompts, load_prompts
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
 from optsearch.optimize.confirm_targets import confirm_seed
 from optsearch.optimize.create import create_study
+from optsearch.optimize.study import CONFIRM_PREFIX
 from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
@@ -136,9 +138,30 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
         assert "Confirmed on 2 unseen prompts (2 A B B A timing rounds, own noise)" in note
     shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
     assert "confirmations on unseen prompts" in shown.stdout and "confirmed speedup" in shown.stdout
-    # a third run has nothing left to measure and says so quickly
-    third = optsearch_cmd("study", "confirm", "tiny", "--storage", url, "--top", "3", "--quiet")
-    assert third.returncode == 0 and stored_confirmations(url) == after
+    # a third run has nothing left to measure: it prints what is stored, and loads no pipeline
+    third = confirm_reporting_diffusers(url, tmp_path)
+    assert third.returncode == 0 and stored_confirmations(url) == after, third.stderr
+    assert "(stored: each was confirmed on this host's cpu:" in third.stdout
+    assert "diffusers loaded: False" in third.stdout
+    for record in after.values():
+        assert re.search(rf"^{record['trial']} .* {re.escape(format_speedup(record))} ", third.stdout, re.M)
+    # confirmations another host stored are not this device's: the pipeline loads to tell
+    study = optuna.load_study(study_name="tiny", storage=url)
+    for key, record in study.user_attrs.items():
+        if key.startswith(CONFIRM_PREFIX):
+            study.set_user_attr(key, {**record, "worker": "another-host:1"})
+    fourth = confirm_reporting_diffusers(url, tmp_path)
+    assert fourth.returncode == 0, fourth.stderr
+    assert "diffusers loaded: True" in fourth.stdout and "(stored:" not in fourth.stdout
+
+
+def confirm_reporting_diffusers(url: str, folder):
+    """`optsearch study confirm` in a process that says at its end whether diffusers was loaded."""
+    code = ("import sys; from optsearch.cli import main; code = main(['study', 'confirm', 'tiny', "
+            f"'--storage', {url!r}, '--top', '3', '--quiet']); "
+            "print('diffusers loaded:', 'diffusers' in sys.modules); sys.exit(code)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder,
+                          timeout=600)
 
 
 def psnr_on(spec, setting: dict, prompts: list[str], seed: int | None = None) -> Interval:

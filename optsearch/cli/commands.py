@@ -151,13 +151,14 @@ def cmd_study_confirm(args) -> int:
     return 0
 
 
-def _print_confirmations(confirmation) -> None:
-    records = confirmation.run()
-    metric = confirmation.spec.quality.metric
+def _print_confirmations(records: list[dict], spec, stored: bool = False) -> None:
+    metric = spec.quality.metric
     rows = [[r["trial"], r["combo"], format_speedup(r), format_interval(r[metric]),
              "yes" if r["feasible"] else "NO"] for r in records]
-    print(f"confirmed on {len(confirmation.prompts)} unseen prompts, "
-          f"{confirmation.options.repeats} A B B A timing rounds:")
+    rounds = "/".join(str(n) for n in sorted({r["repeats"] for r in records}))
+    print(f"confirmed on {records[0]['num_samples']} unseen prompts, {rounds} A B B A timing rounds"
+          + (f" (stored: each was confirmed on this host's {records[0]['device']} already)"
+             if stored else "") + ":")
     print(table(["trial", "combo", "speedup", metric, "feasible"], rows))
 
 
@@ -330,9 +331,19 @@ def _confirm(args, name: str, top: int, evaluator=None) -> None:
                              progress=not args.quiet)
     # the study, what to confirm and the unseen prompts: bad input answers before torch loads
     targets = ConfirmTargets.load(args.storage, name, options)
+    if evaluator is None:  # each confirmed here already: what is stored, with no pipeline loaded
+        from optsearch.measure.devices import named_device
+
+        device = named_device(args.device or targets.spec.model.device)
+        stored = targets.stored_here(device) if device else None
+        if stored is not None:
+            targets.finish(stored)
+            _print_confirmations(stored, targets.spec, stored=True)
+            return
     from optsearch.optimize.confirm import Confirmation
 
-    _print_confirmations(Confirmation(args.storage, name, options, evaluator, targets))
+    confirmation = Confirmation(args.storage, name, options, evaluator, targets)
+    _print_confirmations(confirmation.run(), confirmation.spec)
 
 
 def cmd_check(args) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import re
 
 import diffusers
@@ -24,12 +23,7 @@ from optsearch.accelerators import (
     scheduler_of,
 )
 from optsearch.measure.compiling import compiled_as
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()}"
+from optsearch.measure.devices import device_name
 
 
 def fingerprint(pipe, batch_size: int) -> tuple[str, dict]:

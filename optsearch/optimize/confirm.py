@@ -33,9 +33,8 @@ from optsearch.optimize.confirm_targets import (
     confirm_seed,
     confirmation_key,
 )
-from optsearch.optimize.winner import mark_winner
-from optsearch.storage.notes import confirmed_line, trial_note, write_trial_note
-from optsearch.storage.record import feasible, finite, trial_metrics, utc_now
+from optsearch.storage.notes import confirmed_line
+from optsearch.storage.record import feasible, finite, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +47,7 @@ class Confirmation:
         """`targets`: what `ConfirmTargets.load` read already (the CLI reads it before torch loads)."""
         self.options = options or ConfirmOptions()
         targets = targets or ConfirmTargets.load(storage_url, study_name, self.options)
+        self.targets = targets
         self.storage, self.study, self.spec = targets.storage, targets.study, targets.spec
         self.candidates, self.prompts = targets.candidates, targets.prompts
         seed = confirm_seed(self.spec)
@@ -79,10 +79,7 @@ class Confirmation:
                 tqdm.write(f"{self.worker_id}: {confirmed_line(record, self.spec)}")
         stored = studies.confirmations(self.study)
         records = [stored[self.key(trial)] for trial in self.candidates]
-        for trial, record in zip(self.candidates, records, strict=True):  # also those stored by a
-            write_trial_note(self.study, trial._trial_id,  # confirm killed before its note
-                             trial_note(trial.number, trial_metrics(trial), self.spec, record))
-        mark_winner(self.study, self.spec)  # confirmation may change the winner
+        self.targets.finish(records)
         return records
 
     def measure(self, trial: FrozenTrial) -> dict:

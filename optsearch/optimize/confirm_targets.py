@@ -1,11 +1,14 @@
 """What a confirmation re-measures and on which prompts, read from the study without loading a
 model: a study with nothing to confirm, an unknown name or too few unseen prompts answers in a
-second, before torch and the pipeline load (minutes on a real model)."""
+second, before torch and the pipeline load (minutes on a real model). So does a second
+`confirm` (or `run --confirm` of a finished study) whose every setting this host's device has
+confirmed already: it prints what is stored."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
@@ -14,7 +17,10 @@ from optsearch.errors import NothingToExport, UsageError
 from optsearch.measure.prompts import confirm_prompts
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
+from optsearch.optimize.winner import mark_winner
+from optsearch.storage.notes import trial_note, write_trial_note
 from optsearch.storage.rdb import open_storage
+from optsearch.storage.record import trial_metrics
 
 
 @dataclass
@@ -60,3 +66,29 @@ class ConfirmTargets:
         if not candidates:
             raise NothingToExport(f"study {study_name!r} has no feasible trial to confirm yet")
         return cls(storage, study, spec, candidates, confirm_prompts(spec))
+
+    def stored_here(self, device: str) -> list[dict] | None:
+        """Each candidate's confirmation (best first) where every one is stored already from this
+        host's `device` (its name as fingerprints give it) on these prompts and noise; else None
+        (the pipeline must load). The latest where there are several (torch upgraded since)."""
+        host, seed = socket.gethostname(), confirm_seed(self.spec)
+        stored = sorted(studies.confirmations(self.study).values(), key=lambda r: r.get("date", ""))
+        found = []
+        for trial in self.candidates:
+            matches = [record for record in stored
+                       if record.get("setting") == trial.user_attrs.get("setting")
+                       and record.get("prompts") == self.prompts and record.get("seed") == seed
+                       and record.get("device") == device
+                       and str(record.get("worker", "")).rpartition(":")[0] == host]
+            if not matches:
+                return None
+            found.append(matches[-1])
+        return found
+
+    def finish(self, records: list[dict]) -> None:
+        """Each candidate's note with its confirmation (also those a killed `confirm` stored
+        before writing its note), and the winner marked again: confirmation may change it."""
+        for trial, record in zip(self.candidates, records, strict=True):
+            write_trial_note(self.study, trial._trial_id,
+                             trial_note(trial.number, trial_metrics(trial), self.spec, record))
+        mark_winner(self.study, self.spec)
