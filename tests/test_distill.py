@@ -483,6 +483,32 @@ def test_a_fused_loras_weights_are_copied_once_per_process_and_again_after_they_
     assert all(third[layer] is first[layer] for layer in first if layer is not changed)
 
 
+def test_check_says_the_host_memory_a_fused_loras_copy_takes(tmp_path):
+    """A fused trial keeps the adapted layers' weights on the CPU (for Qwen-Image about the whole
+    transformer): `check` counts them, so a host that cannot hold them is told before a worker dies."""
+    from optsearch.cli.memory_facts import fused_copy_text
+    from optsearch.cli.preflight import check, format_report
+
+    saved_lora("builtin:tiny", tmp_path / "lightning", seed=1)
+    text = DISTILL_SPEC + '[space.distill]\nlora = "./lightning"\nfuse = [false, true]\n'
+    spec = load_spec(write_spec(tmp_path / "fused.toml", text))
+    report = check(spec)
+    assert report.problems == []
+    projections = ("to_q", "to_k", "to_v", "to_out.0")  # what saved_lora adapts
+    expected = sum(tensor.nbytes for name, module in denoiser(quiet_builtin("builtin:tiny")).named_modules()
+                   if name.endswith(projections)
+                   for tensor in (module.weight, module.bias) if tensor is not None)
+    assert report.facts["fused_copy_bytes"] == expected > 0
+    assert (f"distill fused: keeps {expected / 2**20:.3g} MiB of the layers its LoRA adapts in host "
+            "memory, to unfuse after each trial (one copy per worker)") in format_report(report, spec)
+    short = fused_copy_text({"fused_copy_bytes": 3 * 2**30, "host_available_gib": 2.0})
+    assert short[1] == ("memory: distill's fused copy needs more than the 2.0 GiB of host memory "
+                        "available now: add host memory, or search space.distill.fuse = false")
+    assert len(fused_copy_text({"fused_copy_bytes": 3 * 2**30, "host_available_gib": 8.0})) == 1
+    unfused = load_spec(write_spec(tmp_path / "adapter.toml", text.replace("[false, true]", "false")))
+    assert check(unfused).facts["fused_copy_bytes"] is None  # searched as an adapter: no copy
+
+
 def test_a_study_searches_several_distilled_lora_files_and_loads_each_before_its_baseline(tmp_path):
     four = saved_lora("builtin:tiny", tmp_path / "lightning-4", seed=1)
     eight = saved_lora("builtin:tiny", tmp_path / "lightning-8", seed=2)

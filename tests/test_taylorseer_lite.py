@@ -84,16 +84,16 @@ def test_check_measures_what_each_modes_factors_add_to_memory(tmp_path):
 
 
 def test_factors_beyond_the_free_memory_are_a_warning_that_names_the_way_out():
-    from optsearch.cli.preflight import _factors_text
+    from optsearch.cli.memory_facts import factors_text
 
     facts = {"taylorseer_factors": {False: 3 * 2**30, True: 2**20}, "batch_size": 4,
              "taylorseer_order": 2}
-    lines = _factors_text(facts, free=2.0)
+    lines = factors_text(facts, free=2.0)
     assert lines[0].startswith("taylorseer: its factors add full mode 3 GiB, lite mode 1 MiB")
     assert lines[1] == ("memory: taylorseer's factors need more than the 2.0 GiB free now: lower "
                         "prompts.batch_size or max_order, or set use_lite_mode = true")
-    assert len(_factors_text(facts, free=8.0)) == 1
-    out_of_memory = _factors_text({**facts, "taylorseer_factors": {False: None, True: 2**20}}, free=8.0)
+    assert len(factors_text(facts, free=8.0)) == 1
+    out_of_memory = factors_text({**facts, "taylorseer_factors": {False: None, True: 2**20}}, free=8.0)
     assert out_of_memory[0].startswith("taylorseer: its factors add full mode ran out of memory, "
                                        "lite mode 1 MiB")
     assert out_of_memory[1].startswith("memory: taylorseer's factors need more than the 8.0 GiB")

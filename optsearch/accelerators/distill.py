@@ -266,21 +266,27 @@ def kept_bytes() -> int:
     return sum(tensor.nbytes for kept in list(_KEPT.values()) for tensor in kept["weights"].values())
 
 
-def _adapted_weights(pipe) -> list:
-    """(base layer, its kept weights) of every layer the adapter wraps, in every component (a LoRA
-    may adapt a text encoder too)."""
+def adapted_bytes(pipe) -> int:
+    """Bytes of the layers the loaded adapter wraps (their weights and biases): what fusing it
+    keeps on the CPU to unfuse, read without copying."""
+    return sum(tensor.nbytes for layer in _adapted_layers(pipe)
+               for tensor in (layer.weight, layer.bias) if tensor is not None)
+
+
+def _adapted_layers(pipe) -> list:
+    """The base layer of every layer the adapter wraps, in every component (a LoRA may adapt a
+    text encoder too)."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    kept = []
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for module in component.modules():
-            if isinstance(module, BaseTunerLayer) and ADAPTER in module.active_adapters:
-                base = module.get_base_layer()
-                kept.append((base, kept_weights(base)))
-    return kept
+    return [module.get_base_layer() for component in pipe.components.values()
+            if isinstance(component, torch.nn.Module) for module in component.modules()
+            if isinstance(module, BaseTunerLayer) and ADAPTER in module.active_adapters]
+
+
+def _adapted_weights(pipe) -> list:
+    """(base layer, its kept weights) of every layer the adapter wraps."""
+    return [(layer, kept_weights(layer)) for layer in _adapted_layers(pipe)]
 
 
 def apply(pipe, lora: str = "", weight_name: str = "", lora_2: str = "", weight_name_2: str = "",

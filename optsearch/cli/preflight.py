@@ -9,8 +9,6 @@ timed (`estimate_text`).
 
 from __future__ import annotations
 
-import os
-import resource
 import time
 from dataclasses import dataclass, field, replace
 
@@ -29,8 +27,15 @@ from optsearch.accelerators import (
     params_of,
     quantization_of,
     scheduler_of,
-    taylorseer,
     tome,
+)
+from optsearch.cli.memory_facts import (
+    factor_bytes,
+    factors_text,
+    fused_copy_bytes,
+    fused_copy_text,
+    host_available_gib,
+    memory_now,
 )
 from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line
@@ -55,20 +60,6 @@ class Report:
 
     facts: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-
-
-def _memory(device: torch.device) -> tuple[float | None, float | None]:
-    """(peak GiB used by this process on `device`, GiB free there now)."""
-    gib = 1024 ** 3
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return torch.cuda.max_memory_allocated(device) / gib, free / gib
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib  # KiB on Linux
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / gib
-    except (ValueError, OSError):
-        available = None
-    return peak, available
 
 
 def check(spec, device: str | None = None, workers: int | None = None) -> Report:
@@ -150,13 +141,16 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     if "taylorseer" in spec.accelerators_used:  # the memory its factors add, at this batch
         order = max(spec.searched_values("taylorseer")["max_order"])
         report.facts["taylorseer_factors"] = attempt("taylorseer factors", lambda: {
-            lite: _factor_bytes(pipe, prompts[:config.batch_size], config, order, lite)
+            lite: factor_bytes(pipe, prompts[:config.batch_size], config, order, lite)
             for lite in spec.param_range("taylorseer", "use_lite_mode")})
         report.facts["taylorseer_order"] = order
     report.facts["computations"] = computations(spec, measured)
     report.facts["given_ranges"] = attempt("given threshold ranges", lambda: _auto_ranges(
         spec, pipe, prompts, config, _given_thresholds(spec))) or {}
-    peak, free = _memory(device)
+    if "distill" in spec.accelerators_used:  # the host memory a fused LoRA's copy takes
+        report.facts.update(fused_copy_bytes=attempt("distill", lambda: fused_copy_bytes(pipe, spec)),
+                            host_available_gib=host_available_gib())
+    peak, free = memory_now(device)
     trials = trials_possible(spec, report.facts["computations"])  # counted once, above
     estimate = Estimate(batch.seconds_per_image, trials, len(prompts), workers,
                         compile_seconds=warm.get("seconds", 0.0) if compiled else 0.0,
@@ -192,40 +186,6 @@ def _auto_ranges(spec, pipe, prompts, config, params=None) -> dict[str, list]:
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = calibrated_range(family, measured, param)  # per Fn too
     return ranges
-
-
-def _factor_bytes(pipe, prompts: list[str], config: GenerationConfig, order: int, lite: bool
-                  ) -> int | None:
-    """TaylorSeer's factor bytes in one call; None where that call ran out of memory (a fact
-    about the space, not a reason the study cannot run: its trials halve their batch)."""
-    try:
-        return taylorseer.peak_factor_bytes(pipe, lambda steps: list(generate(
-            pipe, prompts, replace(config, steps=steps), warmup=False)), order, lite)
-    except OUT_OF_MEMORY:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return None
-
-
-def _factors_text(facts: dict, free: float | None) -> list[str]:
-    """What TaylorSeer's factors add to the plain pipeline's memory in each mode searched, at the
-    highest order searched: full mode keeps every attention output's (TaylorSeer #5: over 50 GB on
-    FLUX), lite mode the output projection's alone."""
-    held = facts.get("taylorseer_factors")
-    if not held:
-        return []
-    modes = ", ".join(f"{'lite' if lite else 'full'} mode " + (
-        "ran out of memory" if size is None else
-        f"{size / 2**30:.3g} GiB" if size >= 2**30 else f"{size / 2**20:.3g} MiB")
-        for lite, size in held.items())
-    lines = [f"taylorseer: its factors add {modes} at batch size {facts['batch_size']} and "
-             f"max_order {facts['taylorseer_order']} (measured in one call)"]
-    if None in held.values() or (free is not None
-                                 and max(size or 0 for size in held.values()) / 2**30 > free):
-        lines.append("memory: taylorseer's factors need more than the "
-                     + (f"{free:.1f} GiB free now" if free is not None else "memory free now")
-                     + ": lower prompts.batch_size or max_order, or set use_lite_mode = true")
-    return lines
 
 
 def _tome_text(spec, measured: dict | None) -> list[str]:
@@ -374,7 +334,8 @@ def format_report(report: Report, spec) -> str:
         lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
                                                     for count, fewer in calibrated.at_steps.items()},
                                     facts["denoising"][spec.model.steps])
-    lines += _factors_text(facts, free)
+    lines += factors_text(facts, free)
+    lines += fused_copy_text(facts)
     lines += _tome_text(spec, facts.get("tome_tokens"))
     lines += _computations_text(spec, facts.get("computations"))
     lines += _masks_text(spec, facts["denoising"])
