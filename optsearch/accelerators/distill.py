@@ -216,7 +216,7 @@ class DistillPatch:
         for layer, weights in self.kept:  # the weights before fusing, bit for bit
             for name, kept in weights.items():
                 getattr(layer, name).data.copy_(kept)
-            if not _KEEP_BETWEEN_APPLIES[0]:
+            if not _keep_between_applies:
                 _KEPT.pop(layer, None)
         self.kept = []
 
@@ -225,13 +225,14 @@ class DistillPatch:
 # trial restores them exactly, so the copy stays right. Weak keys: it goes with its layer.
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROBE = 1024  # elements of the weight compared before a kept copy is used again
-_KEEP_BETWEEN_APPLIES = [False]
+_keep_between_applies = False
 
 
 def keep_between_applies(keep: bool = True) -> None:
     """Keep the copies after `restore()` for the next fused trial (a search: `Evaluator` sets
     it); otherwise restoring frees them, as a server that applies a setting once expects."""
-    _KEEP_BETWEEN_APPLIES[0] = keep
+    global _keep_between_applies
+    _keep_between_applies = keep
 
 
 def _probe(tensor) -> object:

@@ -23,15 +23,12 @@ def memory_now(device: torch.device) -> tuple[float | None, float | None]:
         free, _ = torch.cuda.mem_get_info(device)
         return torch.cuda.max_memory_allocated(device) / GIB, free / GIB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
-    except (ValueError, OSError):
-        available = None
-    return peak, available
+    return peak, host_available_gib()
 
 
 def host_available_gib() -> float | None:
-    """The host memory available now (Linux's MemAvailable: free and reclaimable), in GiB."""
+    """The host memory available now, in GiB: Linux's MemAvailable (free and reclaimable), else
+    the free pages."""
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -39,7 +36,10 @@ def host_available_gib() -> float | None:
                     return int(line.split()[1]) * 1024 / GIB
     except (OSError, ValueError):
         pass
-    return None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
+    except (ValueError, OSError):
+        return None
 
 
 def factor_bytes(pipe, prompts: list[str], config: GenerationConfig, order: int, lite: bool
