@@ -31,8 +31,8 @@ from optsearch.accelerators.hooks import compiled_how
 from optsearch.measure.compiling import AS_BUILT
 
 CONTEXT_KEYS = ("batch_size", "height", "width", "num_inference_steps", "strength", "scheduler",
-                "guidance_scale", "guidance_scale_2", "num_frames", "compile", "device", "dtype",
-                "offload", "attention", "quantization", "lora_scales")
+                "guidance_scale", "guidance_scale_2", "true_cfg_scale", "num_frames", "compile",
+                "device", "dtype", "offload", "attention", "quantization", "lora_scales")
 
 OFFLOAD_TEXT = {"model": ", model CPU offload", "sequential": ", sequential CPU offload",
                 "group": ", group offload", "device map": ", split by a device map"}
@@ -74,6 +74,8 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
                "quantization": quantization}
     if model.guidance_scale_2 is not None:  # only then: other studies' contexts stay as they were
         context["guidance_scale_2"] = model.guidance_scale_2
+    if model.true_cfg_scale is not None:  # Qwen-Image's true CFG: a second pass of the denoiser
+        context["true_cfg_scale"] = model.true_cfg_scale
     if model.strength is not None:  # image-to-image: the share of the steps that denoise
         context["strength"] = model.strength
     if model.lora:  # the LoRA served: its scale, and whether its work is fused away
@@ -112,6 +114,8 @@ def context_text(context: Mapping) -> str:
                  if context.get("quantization") not in (None, "none") else "")
     second = (f" ({context['guidance_scale_2']} on the second expert)"
               if context.get("guidance_scale_2") is not None else "")
+    second += (f", true CFG {context['true_cfg_scale']}"
+               if context.get("true_cfg_scale") is not None else "")
     strength = f" at strength {context['strength']}" if context.get("strength") is not None else ""
     called = "".join(f", {name}={value!r}" for name, value in (context.get("call") or {}).items())
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
@@ -129,7 +133,7 @@ def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) ->
     served = {"batch_size": prompts * per_prompt}
     defaults = call_parameters(pipe)
     for key in ("height", "width", "num_inference_steps", "strength", "guidance_scale",
-                "guidance_scale_2", "num_frames", *called):
+                "guidance_scale_2", "true_cfg_scale", "num_frames", *called):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
     native = native_size(pipe)
     if native is not None:  # what the pipeline makes of a size left out

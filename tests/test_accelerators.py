@@ -239,6 +239,41 @@ def test_apply_warns_when_served_at_another_size_than_the_native_one_measured(ti
         "optsearch: this setting was measured at height = 64; called with 32")
 
 
+def test_qwen_images_true_cfg_is_part_of_the_context_measured_and_served():
+    """Qwen-Image's true CFG runs the transformer twice a step: a setting measured at
+    true_cfg_scale 4.0 and served at 1.0 (one pass) does not hold its figures, so the export
+    records it, check prints it, and apply warns."""
+    import warnings
+
+    from optsearch.deployment import context_text, measured_context
+    from optsearch.measure.builtin import build_builtin
+    from optsearch.study_spec import spec_from_dict
+
+    spec = spec_from_dict({"model": {"id": "builtin:tiny-qwen-image", "steps": 4, "guidance_scale": 1.0,
+                                     "true_cfg_scale": 4.0, "negative_prompt": " "},
+                           "search": {"accelerators": [["steps"]]}})
+    measured = measured_context(spec, 1)
+    assert measured["true_cfg_scale"] == 4.0
+    assert "guidance 1.0, true CFG 4.0" in context_text(measured)
+    plain = spec_from_dict({"model": {"id": "builtin:tiny"}, "search": {"accelerators": ["deepcache"]}})
+    assert "true_cfg_scale" not in measured_context(plain, 1)  # other studies' contexts unchanged
+    pipe = build_builtin("builtin:tiny-qwen-image")
+    exported = {"best": {"setting": {"steps": {"num_inference_steps": 2}}}, "deployment": measured}
+
+    def said_when_called(exported, **call) -> list[str]:
+        with optsearch.apply(pipe, exported) as run, warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            run(PROMPTS[:1], num_inference_steps=4, guidance_scale=1.0, height=128, width=128,
+                output_type="np", **call)
+        return [str(w.message) for w in said if "optsearch" in str(w.message)]
+
+    assert said_when_called(exported, true_cfg_scale=4.0, negative_prompt=" ") == []
+    assert said_when_called(exported, true_cfg_scale=1.0) == [
+        "optsearch: this setting was measured at true_cfg_scale = 4.0; called with 1.0, its speedup "
+        "and quality may differ (search again at true_cfg_scale = 1.0 to know)"]
+    assert said_when_called(exported, negative_prompt=" ") == []  # the pipeline's default: 4.0
+
+
 def test_apply_names_a_file_that_is_not_an_export_and_takes_a_setting_file(tiny_pipe, tmp_path):
     """The other export formats deploy without optsearch: handed to `apply` by mistake, each is
     named with how it loads, not a JSON decoder's 'Expecting value: line 1 column 1'. A JSON file
