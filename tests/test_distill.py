@@ -326,6 +326,23 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
     legend = speedup_vs_quality(recorded, spec).axes[0].get_legend_handles_labels()[1]
     assert {"distill+steps [eight] (feasible)", "distill+steps [lightning-4steps] (feasible)",
             "steps (feasible)"} <= set(legend)  # each recipe its own colour
+    import contextlib
+    import io
+
+    from optsearch.cli.commands import _print_confirmations
+    from optsearch.cli.show import _confirmations_table
+    from optsearch.optimize.confirm_targets import ConfirmTargets
+
+    confirmed = {"trial": 2, "combo": "distill+steps", "speedup": 3.5, "speedup_low": 3.0,
+                 "speedup_high": 4.0, "psnr": {"mean": 35.0, "low": 34.0, "high": 36.0},
+                 "num_samples": 4, "repeats": 3, "feasible": True, "device": "cpu:x86_64",
+                 "fingerprint": "f", "setting": {}}
+    table = _confirmations_table([{**confirmed, "search": trial_metrics(recorded.trials[2])}], "psnr")
+    assert "distill+steps [eight]" in table  # the confirmations say which recipe too
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _print_confirmations([confirmed], ConfirmTargets(None, recorded, spec, [recorded.trials[2]], []))
+    assert "distill+steps [eight]" in printed.getvalue()
     pipe = pipeline_from_spec(spec)  # both files load: the baseline may be timed
     assert lora_parameters(pipe) == 0
     recipes_spec = tmp_path / "recipes.toml"

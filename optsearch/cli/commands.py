@@ -32,6 +32,7 @@ from optsearch.optimize.create import (
 )
 from optsearch.optimize.study import SPEC_ATTR, load_study
 from optsearch.storage.rdb import mask, open_storage, resolve_url
+from optsearch.storage.record import combo_label
 from optsearch.study_spec import SpecError, load_spec, notes
 
 # The commands that generate images import diffusers, transformers and open_clip (about ten
@@ -151,10 +152,11 @@ def cmd_study_confirm(args) -> int:
     return 0
 
 
-def _print_confirmations(records: list[dict], spec, stored: bool = False) -> None:
-    metric = spec.quality.metric
-    rows = [[r["trial"], r["combo"], format_speedup(r), format_interval(r[metric]),
-             "yes" if r["feasible"] else "NO"] for r in records]
+def _print_confirmations(records: list[dict], targets: ConfirmTargets, stored: bool = False) -> None:
+    metric = targets.spec.quality.metric
+    labels = {trial.number: combo_label(trial) for trial in targets.candidates}  # recipes apart
+    rows = [[r["trial"], labels.get(r["trial"], r["combo"]), format_speedup(r),
+             format_interval(r[metric]), "yes" if r["feasible"] else "NO"] for r in records]
     rounds = "/".join(str(n) for n in sorted({r["repeats"] for r in records}))
     print(f"confirmed on {records[0]['num_samples']} unseen prompts, {rounds} A B B A timing rounds"
           + (f" (stored: each was confirmed on this host's {records[0]['device']} already)"
@@ -338,12 +340,12 @@ def _confirm(args, name: str, top: int, evaluator=None) -> None:
         stored = targets.stored_here(device) if device else None
         if stored is not None:
             targets.finish(stored)
-            _print_confirmations(stored, targets.spec, stored=True)
+            _print_confirmations(stored, targets, stored=True)
             return
     from optsearch.optimize.confirm import Confirmation
 
     confirmation = Confirmation(args.storage, name, options, evaluator, targets)
-    _print_confirmations(confirmation.run(), confirmation.spec)
+    _print_confirmations(confirmation.run(), targets)
 
 
 def cmd_check(args) -> int:

@@ -294,7 +294,7 @@ def _timings_table(timings: list[dict]) -> str:
 
 
 def _confirmations_table(records: list[dict], metric: str) -> str:
-    rows = [[r["trial"], r["combo"], format_speedup(r["search"]), format_speedup(r),
+    rows = [[r["trial"], r["search"]["combo"] or r["combo"], format_speedup(r["search"]), format_speedup(r),
              _trial_interval(r["search"], metric), format_interval(r[metric]), r["num_samples"],
              r["repeats"], "yes" if r["feasible"] else "NO", f"{r['device']} {r['fingerprint']}",
              format_setting(r.get("setting") or {})]
