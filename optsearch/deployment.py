@@ -112,14 +112,14 @@ def context_text(context: Mapping) -> str:
     scheduler = f" ({context['scheduler']})" if context.get("scheduler") else ""
     quantized = (f", quantized ({context['quantization']})"
                  if context.get("quantization") not in (None, "none") else "")
-    second = (f" ({context['guidance_scale_2']} on the second expert)"
-              if context.get("guidance_scale_2") is not None else "")
-    second += (f", true CFG {context['true_cfg_scale']}"
-               if context.get("true_cfg_scale") is not None else "")
+    guidance = (f" ({context['guidance_scale_2']} on the second expert)"
+                if context.get("guidance_scale_2") is not None else "")
+    guidance += (f", true CFG {context['true_cfg_scale']}"
+                 if context.get("true_cfg_scale") is not None else "")
     strength = f" at strength {context['strength']}" if context.get("strength") is not None else ""
     called = "".join(f", {name}={value!r}" for name, value in (context.get("call") or {}).items())
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
-            f"steps{strength}{scheduler}, guidance {context['guidance_scale']}{second}{called}"
+            f"steps{strength}{scheduler}, guidance {context['guidance_scale']}{guidance}{called}"
             f"{compiled}{offload}{attention}{quantized}"
             + (f", LoRA {context['lora']}" if context.get("lora") else ""))
 
