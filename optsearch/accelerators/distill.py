@@ -181,7 +181,7 @@ class DistillPatch:
                 load_adapter(pipe, lora_2, weight_name_2, ADAPTER, second_expert=True)
             pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
             if fuse:
-                self.kept = _adapted_weights(pipe)
+                self.kept = [(layer, kept_weights(layer)) for layer in _adapted_layers(pipe)]
                 pipe.fuse_lora(adapter_names=[ADAPTER], lora_scale=1.0)  # at the scale just set
                 pipe.unload_lora_weights()  # the fused weights stay in the original layers
         except BaseException:
@@ -283,11 +283,6 @@ def _adapted_layers(pipe) -> list:
     return [module.get_base_layer() for component in pipe.components.values()
             if isinstance(component, torch.nn.Module) for module in component.modules()
             if isinstance(module, BaseTunerLayer) and ADAPTER in module.active_adapters]
-
-
-def _adapted_weights(pipe) -> list:
-    """(base layer, its kept weights) of every layer the adapter wraps."""
-    return [(layer, kept_weights(layer)) for layer in _adapted_layers(pipe)]
 
 
 def apply(pipe, lora: str = "", weight_name: str = "", lora_2: str = "", weight_name_2: str = "",

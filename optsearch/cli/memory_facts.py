@@ -83,7 +83,7 @@ def fused_copy_bytes(pipe, spec) -> int | None:
     """The most host memory a fused distilled LoRA's copy takes (the layers it adapts, kept on
     the CPU to unfuse after each trial), over the LoRAs the spec searches fused; None where it
     searches none fused. Each is loaded as an adapter to count them: nothing is copied."""
-    if not any(True in spec.param_range("distill", "fuse", recipe=recipe) for recipe in spec.recipes()):
+    if True not in spec.searched_values("distill")["fuse"]:  # each recipe's too
         return None
     largest = 0
     for setting in spec.distill_settings():

@@ -16,6 +16,7 @@ import torch
 from optsearch.accelerators import execution_device, not_a_pipeline, offload_of, scheduler_class_name
 from optsearch.errors import ModelLoadError, first_line
 from optsearch.measure.builtin import build_builtin
+from optsearch.measure.devices import resolve_device
 from optsearch.measure.hub import missing, offline_reason
 from optsearch.measure.model_ids import check_folder, is_factory, model_kind
 
@@ -40,16 +41,7 @@ def resolve_placement(device: str, dtype: str, kind: str | None = None) -> Place
     asked_for_auto = dtype == "auto"
     if asked_for_auto:
         dtype = AUTO_DTYPE[kind or "unet"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(f"device {device!r} requested but CUDA is not available here")
-        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
-            raise ModelLoadError(
-                f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)"
-            )
+    torch_device = resolve_device(device)
     torch_dtype = DTYPES[dtype]
     if torch_device.type == "cpu" and torch_dtype != torch.float32:
         if asked_for_auto:

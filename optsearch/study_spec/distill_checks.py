@@ -13,8 +13,7 @@ from optsearch.study_spec.schema import StudySpec, listed
 def distill_notes(spec: StudySpec) -> list[str]:
     """What a distill study does that its user may not expect (`notes`' lines)."""
     lines = []
-    if "distill" in spec.accelerators_used and any(
-            False in spec.param_range("distill", "fuse", recipe=recipe) for recipe in spec.recipes()):
+    if "distill" in spec.accelerators_used and False in spec.searched_values("distill")["fuse"]:
         lines.append("distill's LoRA is measured as an adapter (its low-rank work at every step); "
                      "set space.distill.fuse = true if you serve it fused")
     for family in dict.fromkeys(family for family, _ in spec.auto_params()):
@@ -75,8 +74,7 @@ def check_distill(spec: StudySpec, problem) -> None:
     if recipes and spec.search.sampler == "grid":
         problem("space.distill.recipes", "are drawn, not gridded (a recipe's steps are its own): "
                 'use search.sampler = "tpe" or "random"')
-    fused = {spec.param_range("distill", "fuse", recipe=recipe) for recipe in spec.recipes()}
-    if spec.model.compile != "none" and fused != {(True,)}:
+    if spec.model.compile != "none" and spec.searched_values("distill")["fuse"] != [True]:
         problem("model.compile", "distill kept as an adapter wraps the denoiser's layers for each "
                 "trial, which recompiles it: set space.distill.fuse = true (fused, the layers stay "
                 "as compiled) or compile = \"none\"")
