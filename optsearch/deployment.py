@@ -135,6 +135,10 @@ def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) ->
     for key in ("height", "width", "num_inference_steps", "strength", "guidance_scale",
                 "guidance_scale_2", "true_cfg_scale", "num_frames", *called):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
+    if "true_cfg_scale" in defaults and not any(
+            call_argument(pipe, name, args, kwargs) is not None
+            for name in ("negative_prompt", "negative_prompt_embeds")):
+        served["true_cfg_scale"] = 1.0  # the scale that runs: true CFG needs a negative prompt
     native = native_size(pipe)
     if native is not None:  # what the pipeline makes of a size left out
         served["height"] = served["height"] or native[0]

@@ -272,6 +272,10 @@ def test_qwen_images_true_cfg_is_part_of_the_context_measured_and_served():
         "optsearch: this setting was measured at true_cfg_scale = 4.0; called with 1.0, its speedup "
         "and quality may differ (search again at true_cfg_scale = 1.0 to know)"]
     assert said_when_called(exported, negative_prompt=" ") == []  # the pipeline's default: 4.0
+    # 4.0 without a negative prompt runs no true CFG (one pass): the scale that ran is 1.0
+    assert said_when_called(exported, true_cfg_scale=4.0) == [
+        "optsearch: this setting was measured at true_cfg_scale = 4.0; called with 1.0, its speedup "
+        "and quality may differ (search again at true_cfg_scale = 1.0 to know)"]
 
 
 def test_apply_names_a_file_that_is_not_an_export_and_takes_a_setting_file(tiny_pipe, tmp_path):

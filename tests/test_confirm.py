@@ -17,13 +17,13 @@ from optuna.trial import create_trial
 from optuna_dashboard import get_note
 
 from optsearch.formatting import format_speedup
-from optsearch.measure.devices import device_name
+from optsearch.measure.devices import conditions_here, device_name
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.measure.metrics import Interval
 from optsearch.measure.prompts import confirm_prompts, load_prompts
 from optsearch.optimize import objectives
 from optsearch.optimize import study as studies
-from optsearch.optimize.confirm_targets import confirm_seed
+from optsearch.optimize.confirm_targets import ConfirmOptions, ConfirmTargets, confirm_seed
 from optsearch.optimize.create import create_study
 from optsearch.optimize.study import CONFIRM_PREFIX
 from optsearch.optimize.worker import Worker, WorkerOptions
@@ -145,6 +145,21 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
     assert "diffusers loaded: False" in third.stdout
     for record in after.values():
         assert re.search(rf"^{record['trial']} .* {re.escape(format_speedup(record))} ", third.stdout, re.M)
+    # nor are those stored under another torch, diffusers or CPU thread count (a record stored
+    # without its facts is read with its fingerprint's baseline's)
+    targets = ConfirmTargets.load(url, "tiny", ConfirmOptions(top=3))
+    here = conditions_here("cpu")
+    found = targets.stored_here(here)
+    assert [r["setting"] for r in found] == [t.user_attrs["setting"] for t in targets.candidates]
+    assert all(after[r["key"]] == r for r in found)
+    for changed in ({"torch": "2.0.0"}, {"diffusers": "0.30.0"}, {"threads": here["threads"] + 1}):
+        assert targets.stored_here({**here, **changed}) is None, changed
+    study = optuna.load_study(study_name="tiny", storage=url)
+    for key, record in study.user_attrs.items():
+        if key.startswith(CONFIRM_PREFIX):
+            study.set_user_attr(key, {k: v for k, v in record.items() if k != "facts"})
+    assert targets.stored_here(here) is not None
+    assert targets.stored_here({**here, "torch": "2.0.0"}) is None
     # confirmations another host stored are not this device's: the pipeline loads to tell
     study = optuna.load_study(study_name="tiny", storage=url)
     for key, record in study.user_attrs.items():

@@ -93,6 +93,8 @@ CASES = [
      "space.tome.ratio: step nan must be a positive number"),
     ("an infinite number", with_("model", guidance_scale=float("inf")),
      "model.guidance_scale: must be a finite number, got inf"),
+    ("true CFG without a negative prompt", with_("model", true_cfg_scale=4.0),
+     "model.true_cfg_scale: 4.0 runs no guidance without a negative prompt"),
     ("a sampler seed numpy refuses", with_("search", seed=2**64),
      "search.seed: 18446744073709551616 must be in"),
     ("a negative sampler seed", with_("search", seed=-1), "search.seed: -1 must be in [0, 2**32 - 1]"),

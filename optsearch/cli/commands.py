@@ -334,10 +334,10 @@ def _confirm(args, name: str, top: int, evaluator=None) -> None:
     # the study, what to confirm and the unseen prompts: bad input answers before torch loads
     targets = ConfirmTargets.load(args.storage, name, options)
     if evaluator is None:  # each confirmed here already: what is stored, with no pipeline loaded
-        from optsearch.measure.devices import named_device
+        from optsearch.measure.devices import conditions_here
 
-        device = named_device(args.device or targets.spec.model.device)
-        stored = targets.stored_here(device) if device else None
+        here = conditions_here(args.device or targets.spec.model.device)
+        stored = targets.stored_here(here) if here else None
         if stored is not None:
             targets.finish(stored)
             _print_confirmations(stored, targets, stored=True)

@@ -5,6 +5,7 @@ confirmed a study already without loading its pipeline."""
 from __future__ import annotations
 
 import platform
+from importlib.metadata import version
 
 import torch
 
@@ -33,11 +34,18 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}"
 
 
-def named_device(device: str) -> str | None:
-    """The name of the device a spec's `device` loads on; None where it is not here (loading it
-    says why, in one line)."""
+
+
+def conditions_here(device: str) -> dict | None:
+    """The timing conditions a fingerprint holds that this host tells without loading a
+    pipeline: the device's name, torch's and diffusers' versions (diffusers' read from its
+    metadata, not imported) and a CPU's thread count; None where the device is not here."""
     try:
         torch_device = resolve_device(device)
     except (ModelLoadError, RuntimeError):
         return None
-    return device_name(torch_device) if torch_device.type in ("cuda", "cpu") else None
+    if torch_device.type not in ("cuda", "cpu"):
+        return None
+    return {"device": device_name(torch_device), "torch": torch.__version__,
+            "diffusers": version("diffusers"),
+            "threads": torch.get_num_threads() if torch_device.type == "cpu" else None}

@@ -123,6 +123,6 @@ class Confirmation:
                for metric in comparison.metrics() for statistic in ("worst", "p10")},
             "constraints": constraints, "feasible": feasible({"constraints": constraints}),
             "rule": self.spec.quality.rule, "image_digests": comparison.image_digests,
-            "fingerprint": self.fingerprint, "device": self.facts["device"],
+            "fingerprint": self.fingerprint, "device": self.facts["device"], "facts": self.facts,
             "worker": self.worker_id, "date": utc_now(),
         }

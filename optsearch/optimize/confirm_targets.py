@@ -2,7 +2,7 @@
 model: a study with nothing to confirm, an unknown name or too few unseen prompts answers in a
 second, before torch and the pipeline load (minutes on a real model). So does a second
 `confirm` (or `run --confirm` of a finished study) whose every setting this host's device has
-confirmed already: it prints what is stored."""
+confirmed already, with the same torch and diffusers: it prints what is stored."""
 
 from __future__ import annotations
 
@@ -67,19 +67,27 @@ class ConfirmTargets:
             raise NothingToExport(f"study {study_name!r} has no feasible trial to confirm yet")
         return cls(storage, study, spec, candidates, confirm_prompts(spec))
 
-    def stored_here(self, device: str) -> list[dict] | None:
+    def stored_here(self, here: dict) -> list[dict] | None:
         """Each candidate's confirmation (best first) where every one is stored already from this
-        host's `device` (its name as fingerprints give it) on these prompts and noise; else None
-        (the pipeline must load). The latest where there are several (torch upgraded since)."""
+        host, on these prompts and noise, under the conditions `here` (`conditions_here`: device,
+        torch and diffusers versions, CPU threads) at the spec's batch size; else None (the
+        pipeline must load). The latest where there are several."""
         host, seed = socket.gethostname(), confirm_seed(self.spec)
         stored = sorted(studies.confirmations(self.study).values(), key=lambda r: r.get("date", ""))
+        baselines = studies.baselines(self.study)  # the facts of a record stored without its own
+
+        def same_conditions(record: dict) -> bool:
+            facts = record.get("facts") or baselines.get(record.get("fingerprint"), {})
+            return facts.get("batch_size") == self.spec.prompts.batch_size \
+                and all(facts.get(name) == value for name, value in here.items())
+
         found = []
         for trial in self.candidates:
             matches = [record for record in stored
                        if record.get("setting") == trial.user_attrs.get("setting")
                        and record.get("prompts") == self.prompts and record.get("seed") == seed
-                       and record.get("device") == device
-                       and str(record.get("worker", "")).rpartition(":")[0] == host]
+                       and str(record.get("worker", "")).rpartition(":")[0] == host
+                       and same_conditions(record)]
             if not matches:
                 return None
             found.append(matches[-1])

@@ -112,6 +112,9 @@ def validate(spec: StudySpec, problem) -> None:
     elif model.guidance_scale_2 is not None and search.model_kind != "video" and not is_factory(model.id):
         problem("model.guidance_scale_2", f"applies to Wan 2.2's two-expert video pipelines; "
                 f"{model.id!r} was told to be a {search.model_kind} pipeline")
+    if model.true_cfg_scale is not None and model.true_cfg_scale > 1 and model.negative_prompt is None:
+        problem("model.true_cfg_scale", f"{model.true_cfg_scale} runs no guidance without a "
+                "negative prompt (true CFG needs one: set model.negative_prompt, e.g. \" \")")
     if model.controlnet is not None and (model.id.startswith("builtin:") or is_factory(model.id)):
         problem("model.controlnet", f"applies to a hub id or folder; {model.id!r} builds its own "
                 "pipeline (with its ControlNet, if any)")
