@@ -26,6 +26,7 @@ from optsearch.accelerators import (
     scheduler_class_name,
     scheduler_of,
 )
+from optsearch.accelerators.calls import true_cfg_ran
 from optsearch.accelerators.distill import ADAPTER as DISTILL_ADAPTER
 from optsearch.accelerators.hooks import compiled_how
 from optsearch.measure.compiling import AS_BUILT
@@ -50,7 +51,7 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
                      device: str | None = None, dtype: str | None = None,
                      offload: str | None = None, attention: str | None = None,
                      scheduler: str | None = None, size: Mapping | None = None,
-                     quantization: str | None = None) -> dict:
+                     quantization: str | None = None, true_cfg_scale: float | None = None) -> dict:
     """What the study's trials ran. `size`: the baseline's `output_size`, for what the spec left
     to the pipeline (its native size, a video pipeline's frame count); None where not known
     (a study stored before it was recorded).
@@ -61,7 +62,8 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
     `attention`: the denoiser's attention backend ("native": torch's SDPA, "flash", "sage");
     `scheduler`: the baseline's scheduler class (else the spec's `model.scheduler`, if set): what
     a skipped or dropped step is worth depends on the solver. `quantization`: the denoiser's
-    ("none" where plain; see `quantization_of`)."""
+    ("none" where plain; see `quantization_of`). `true_cfg_scale`: the scale the baseline's calls
+    ran (`true_cfg_ran`), where the spec sets none (Qwen-Image run at 1.0, one pass)."""
     model = spec.model
     height, width = (size or {}).get("image_size") or (None, None)
     context = {"batch_size": batch_size, "height": model.height or height,
@@ -74,8 +76,9 @@ def measured_context(spec, batch_size: int, compiled: str | None = None,
                "quantization": quantization}
     if model.guidance_scale_2 is not None:  # only then: other studies' contexts stay as they were
         context["guidance_scale_2"] = model.guidance_scale_2
-    if model.true_cfg_scale is not None:  # Qwen-Image's true CFG: a second pass of the denoiser
-        context["true_cfg_scale"] = model.true_cfg_scale
+    ran = model.true_cfg_scale if model.true_cfg_scale is not None else true_cfg_scale
+    if ran is not None:  # Qwen-Image's true CFG: a second pass of the denoiser (only where it has one)
+        context["true_cfg_scale"] = ran
     if model.strength is not None:  # image-to-image: the share of the steps that denoise
         context["strength"] = model.strength
     if model.lora:  # the LoRA served: its scale, and whether its work is fused away
@@ -135,10 +138,7 @@ def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) ->
     for key in ("height", "width", "num_inference_steps", "strength", "guidance_scale",
                 "guidance_scale_2", "true_cfg_scale", "num_frames", *called):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
-    if "true_cfg_scale" in defaults and not any(
-            call_argument(pipe, name, args, kwargs) is not None
-            for name in ("negative_prompt", "negative_prompt_embeds")):
-        served["true_cfg_scale"] = 1.0  # the scale that runs: true CFG needs a negative prompt
+    served["true_cfg_scale"] = true_cfg_ran(pipe, args, kwargs)
     native = native_size(pipe)
     if native is not None:  # what the pipeline makes of a size left out
         served["height"] = served["height"] or native[0]

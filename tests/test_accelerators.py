@@ -276,6 +276,24 @@ def test_qwen_images_true_cfg_is_part_of_the_context_measured_and_served():
     assert said_when_called(exported, true_cfg_scale=4.0) == [
         "optsearch: this setting was measured at true_cfg_scale = 4.0; called with 1.0, its speedup "
         "and quality may differ (search again at true_cfg_scale = 1.0 to know)"]
+    # a spec that sets neither runs 1.0 (optsearch passes it): the baseline records it, so a
+    # server that adds the card's negative prompt (two passes at the default 4.0) is told
+    from optsearch.measure.generation import GenerationConfig
+
+    bare = spec_from_dict({"model": {"id": "builtin:tiny-qwen-image", "steps": 4, "guidance_scale": 1.0},
+                           "search": {"accelerators": [["steps"]]}})
+    negative_only = spec_from_dict({"model": {"id": "builtin:tiny-qwen-image", "steps": 4,
+                                              "negative_prompt": " "},
+                                    "search": {"accelerators": [["steps"]]}})
+    assert [GenerationConfig.from_spec(s).true_cfg_ran(pipe) for s in (spec, bare, negative_only)] \
+        == [4.0, 1.0, 4.0]
+    assert GenerationConfig.from_spec(plain).true_cfg_ran(build_builtin("builtin:tiny")) is None
+    one_pass = {**exported, "deployment": measured_context(bare, 1, true_cfg_scale=1.0)}
+    assert "true CFG 1.0" in context_text(one_pass["deployment"])
+    assert said_when_called(one_pass) == []
+    assert said_when_called(one_pass, negative_prompt=" ") == [
+        "optsearch: this setting was measured at true_cfg_scale = 1.0; called with 4.0, its speedup "
+        "and quality may differ (search again at true_cfg_scale = 4.0 to know)"]
 
 
 def test_apply_names_a_file_that_is_not_an_export_and_takes_a_setting_file(tiny_pipe, tmp_path):

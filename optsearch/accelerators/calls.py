@@ -59,6 +59,20 @@ def runs_separate_cfg(pipe, call_kwargs) -> bool:
     return scale is None or float(scale) > 1.0
 
 
+def true_cfg_ran(pipe, args: tuple, kwargs: Mapping) -> float | None:
+    """The true CFG scale a call runs at, where the pipeline takes one (Qwen-Image, FLUX): the
+    given (else default) scale with a negative prompt, 1.0 without (true CFG needs one: one
+    pass); None where it takes none."""
+    defaults = call_parameters(pipe)
+    if "true_cfg_scale" not in defaults:
+        return None
+    if all(call_argument(pipe, name, args, kwargs) is None
+           for name in ("negative_prompt", "negative_prompt_embeds")):
+        return 1.0
+    given = kwargs.get("true_cfg_scale")
+    return float(given if given is not None else defaults["true_cfg_scale"].default)
+
+
 def sets_cache_context(pipe) -> bool:
     """Does the pipeline's denoising loop name its denoiser calls (diffusers' `cache_context`,
     which keys the cache hooks' state)? FLUX Kontext, Fill and image-to-image do not (diffusers

@@ -159,6 +159,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     report.facts.update(compiled=compiled, warmup_seconds=warm.get("seconds"),
                         batch_size=config.batch_size, seconds_per_image=batch.seconds_per_image,
                         size=output_size(batch.images),
+                        true_cfg_scale=config.true_cfg_ran(pipe),
                         check_seconds=time.perf_counter() - start, peak_gib=peak, free_gib=free,
                         estimate=estimate)
     return report
@@ -314,7 +315,8 @@ def format_report(report: Report, spec) -> str:
                                           attention=facts.get("attention"),
                                           scheduler=facts.get("scheduler"),
                                           size=facts.get("size"),
-                                          quantization=facts.get("quantization") or "none"))]
+                                          quantization=facts.get("quantization") or "none",
+                                          true_cfg_scale=facts.get("true_cfg_scale")))]
     if facts.get("long_prompts"):
         lines.insert(2, facts["long_prompts"])
     if facts.get("compiled"):

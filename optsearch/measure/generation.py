@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from optsearch.accelerators import AppliedSetting, call_parameters, denoised_steps, execution_device
+from optsearch.accelerators.calls import true_cfg_ran
 from optsearch.errors import PromptError
 from optsearch.measure.compiling import compiled_as, graphs_compiled
 from optsearch.measure.long_prompts import quiet_truncation
@@ -89,6 +90,11 @@ class GenerationConfig:
             # FLUX Kontext sizes its output by max_area (default 1024 x 1024): the spec's size
             extra["max_area"] = self.height * self.width
         return extra
+
+    def true_cfg_ran(self, pipe) -> float | None:
+        """The true CFG scale these calls run (1.0 without a negative prompt), where the
+        pipeline has one: the deployment context's."""
+        return true_cfg_ran(pipe, (), self.extra_kwargs(1, pipe))
 
 
 # pipelines that condition every prompt of a call on one image (Wan's image-to-video) or on all

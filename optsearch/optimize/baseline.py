@@ -188,6 +188,8 @@ class BaselineKeeper:
             "pipeline": self.signature,  # which weights: a changed pipeline cannot join
             "inputs": self.inputs,  # which prompts (texts, images): changed ones cannot join
             **output_size(baseline.images),  # the size (and frames) it made: the context's
+            # the true CFG its calls ran, where the pipeline has one (the context's, too)
+            "true_cfg_scale": self.evaluator.config.true_cfg_ran(self.evaluator.pipe),
             "worker": self.worker_id, "seconds_per_image": baseline.seconds_per_image,
             "clip_scores": baseline.clip_scores.tolist(), "clip_mean": baseline.clip_mean,
             "num_samples": len(self.evaluator.prompts), "prompts": self.evaluator.prompts,

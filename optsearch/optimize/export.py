@@ -94,7 +94,8 @@ def deployment_of(spec, trial: FrozenTrial, baseline: dict | None) -> dict:
         trial.user_attrs.get("compiled"), measured_with.get("device", trial.user_attrs.get("device")),
         measured_with.get("dtype"), measured_with.get("offload", "none") if baseline else None,
         measured_with.get("attention"), measured_with.get("scheduler"), measured_with,
-        measured_with.get("quantization", "none") if baseline else None)
+        measured_with.get("quantization", "none") if baseline else None,
+        measured_with.get("true_cfg_scale"))
 
 
 def export_study(study, spec, fingerprint: str | None = None) -> dict:
