@@ -117,8 +117,8 @@ def context_text(context: Mapping) -> str:
                  if context.get("quantization") not in (None, "none") else "")
     guidance = (f" ({context['guidance_scale_2']} on the second expert)"
                 if context.get("guidance_scale_2") is not None else "")
-    guidance += (f", true CFG {context['true_cfg_scale']}"
-                 if context.get("true_cfg_scale") is not None else "")
+    guidance += (f", true CFG {context['true_cfg_scale']}"  # 1.0: one pass, as most pipelines run
+                 if (context.get("true_cfg_scale") or 1.0) > 1.0 else "")
     strength = f" at strength {context['strength']}" if context.get("strength") is not None else ""
     called = "".join(f", {name}={value!r}" for name, value in (context.get("call") or {}).items())
     return (f"batch {context['batch_size']}, {size}{frames}, {context['num_inference_steps']} "
