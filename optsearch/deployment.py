@@ -136,9 +136,9 @@ def _served(pipe, args: tuple, kwargs: Mapping, called: tuple[str, ...] = ()) ->
     served = {"batch_size": prompts * per_prompt}
     defaults = call_parameters(pipe)
     for key in ("height", "width", "num_inference_steps", "strength", "guidance_scale",
-                "guidance_scale_2", "true_cfg_scale", "num_frames", *called):
+                "guidance_scale_2", "num_frames", *called):
         served[key] = kwargs[key] if key in kwargs else getattr(defaults.get(key), "default", None)
-    served["true_cfg_scale"] = true_cfg_ran(pipe, args, kwargs)
+    served["true_cfg_scale"] = true_cfg_ran(pipe, args, kwargs)  # 1.0 without a negative prompt
     native = native_size(pipe)
     if native is not None:  # what the pipeline makes of a size left out
         served["height"] = served["height"] or native[0]

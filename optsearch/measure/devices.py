@@ -1,6 +1,6 @@
 """The device a spec's `device` loads on, and its name as fingerprints and records give it, from
-torch alone: loading resolves it here, and a second `confirm` tells whether this device
-confirmed a study already without loading its pipeline."""
+torch alone: loading resolves it here, and a second `confirm` tells whether this device, under
+these library versions, confirmed a study already without loading its pipeline."""
 
 from __future__ import annotations
 
@@ -32,8 +32,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu:{platform.processor() or platform.machine()}"
-
-
 
 
 def conditions_here(device: str) -> dict | None:
