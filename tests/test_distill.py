@@ -368,12 +368,24 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
              "space.distill.recipes[2].num_inference_steps", "[9] goes past model.steps=8"),
             (('name = "eight"', 'shift = 3.0'), "space.distill.recipes[2].shift", "unknown key"),
             (("scheduler_config = '{", "scheduler_config = '{{"), "space.distill.recipes[2]"
-             ".scheduler_config", "not JSON"),
-            (("n_trials = 4", 'n_trials = 4\nsampler = "grid"'), "space.distill.recipes",
-             "are drawn, not gridded")):
+             ".scheduler_config", "not JSON")):
         with pytest.raises(SpecError) as error:
             load_spec(write_spec(tmp_path / "wrong.toml", text.replace(*change)))
         assert f"{key}: " in str(error.value) and says in str(error.value)
+    # on the grid, each recipe is a grid of its own: every setting of the space once, each file
+    # at its own steps, then the study stops
+    from optsearch.optimize.samplers import make_sampler
+
+    gridded = load_spec(write_spec(tmp_path / "grid.toml",
+                                   text.replace("n_trials = 4", 'n_trials = 100\nsampler = "grid"')))
+    study = optuna.create_study(sampler=make_sampler(gridded))
+    settings = []
+    study.optimize(lambda trial: settings.append(suggest_setting(trial, gridded)) or 1.0, n_trials=100)
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == len(settings) \
+        == gridded.space_size() == spec.space_size()  # (fit to 2 or 4 steps, some run alike)
+    assert {(s["distill"]["lora"], s["steps"]["num_inference_steps"]) for s in settings
+            if "distill" in s} == {(str(four), 2), (str(eight), 4)}
+    assert {s["steps"]["num_inference_steps"] for s in settings if "distill" not in s} == {5, 6, 7, 8}
 
 
 def test_an_auto_threshold_is_calibrated_on_the_distilled_model_its_trials_run(tmp_path):

@@ -80,7 +80,6 @@ CASES = [
     ("target-speedup without target", with_("objective", mode="target-speedup"),
      "objective.target_speedup: is required"),
     ("unknown mode", with_("objective", mode="fastest"), "unknown mode 'fastest'"),
-    ("grid with any", {"search": {"accelerators": "any", "sampler": "grid"}}, "grid needs one combo"),
     ("unknown sampler", with_("search", sampler="cmaes"), "unknown sampler 'cmaes'"),
     ("unknown metric", with_("quality", metric="fid"), "unknown metric 'fid'"),
     ("unknown dtype", with_("model", dtype="int8"), "unknown dtype 'int8'"),
@@ -168,6 +167,37 @@ def test_a_space_smaller_than_n_trials_is_noted_with_its_size():
     assert masks.space_size() == 2 * 3 * 2 and not [n for n in notes(masks) if "space" in n]
     assert spec_from_dict({"model": {"id": "builtin:tiny-flux"},  # an "auto" threshold
                            "search": {"accelerators": ["dbcache"]}}).space_size() is None
+
+
+def test_a_grid_over_several_combos_tries_each_combos_own_grid_once_then_stops():
+    """The original script grid-searched four combos. Optuna's GridSampler holds one grid; over
+    several combos (a conditional space) the grid is brute force: every combo's every point,
+    each once, then the study stops by itself."""
+    import json
+
+    import optuna
+
+    from optsearch.optimize.samplers import make_sampler
+    from optsearch.optimize.space import suggest_setting
+
+    spec = spec_from_dict({"model": {"id": "builtin:tiny", "steps": 8},
+                           "search": {"accelerators": [["deepcache"], ["tome"]], "sampler": "grid",
+                                      "n_trials": 50},
+                           "space": {"deepcache": {"cache_interval": [2, 3], "cache_branch_id": 0},
+                                     "tome": {"ratio": [0.3, 0.4, 0.1], "max_downsample": 1}}})
+    study = optuna.create_study(sampler=make_sampler(spec))
+    drawn = []
+    study.optimize(lambda trial: drawn.append(suggest_setting(trial, spec)) or 1.0, n_trials=50)
+    assert len(drawn) == 4 == spec.space_size()  # stopped once the grid is through
+    expected = ({"deepcache": {"cache_interval": 2, "cache_branch_id": 0}},
+                {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
+                {"tome": {"ratio": 0.3, "max_downsample": 1, "use_rand": True}},
+                {"tome": {"ratio": 0.4, "max_downsample": 1, "use_rand": True}})
+    assert sorted(json.dumps(setting, sort_keys=True) for setting in drawn) \
+        == sorted(json.dumps(setting, sort_keys=True) for setting in expected)
+    # "any" on the grid: the four combos of the original workflow, each its own grid
+    any_grid = spec_from_dict({"search": {"accelerators": "any", "sampler": "grid"}})
+    assert len(any_grid.search.combos) == 4 and any_grid.space_size() > 4
 
 
 def test_notes_say_what_a_valid_spec_will_do_unexpectedly():

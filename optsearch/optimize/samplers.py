@@ -9,6 +9,7 @@ study's seed and the trial number, which no two trials share.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import optuna
@@ -48,7 +49,8 @@ class TrialSeeded(BaseSampler):
 
 
 def make_sampler(spec) -> BaseSampler:
-    """The spec's sampler (TPE, GP, random or grid), seeded per trial when `search.seed` is set."""
+    """The spec's sampler (TPE, GP, random or grid: Optuna's grid for one combo, brute force
+    over several combos or recipes), seeded per trial when `search.seed` is set."""
     search = spec.search
 
     def build(seed: int | None) -> BaseSampler:
@@ -61,6 +63,13 @@ def make_sampler(spec) -> BaseSampler:
         if search.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         combo = search.combos[0]
+        if len(search.combos) > 1 or len(spec.recipes(combo)) > 1:
+            # each combo (or recipe) a grid of its own: a conditional space, which Optuna's
+            # GridSampler cannot hold; brute force walks every branch (the grid's values, as
+            # `suggest_setting` draws them under "grid")
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.1: not the user's concern
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.samplers.BruteForceSampler(seed=seed, avoid_premature_stop=True)
         grid = {spec.param_name(name, param, combo): spec.grid_values(name, param, combo)
                 for name in combo for param in spec.searched_params(name, combo)}
         return optuna.samplers.GridSampler(grid, seed=seed)

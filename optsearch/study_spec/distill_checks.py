@@ -71,9 +71,6 @@ def check_distill(spec: StudySpec, problem) -> None:
         if "num_inference_steps" in table and any(count > spec.model.steps for count in steps[:2]):
             problem(f"{where}.num_inference_steps", f"{list(steps[:2])} goes past "
                     f"model.steps={spec.model.steps} (allowed: 1..steps)")
-    if recipes and spec.search.sampler == "grid":
-        problem("space.distill.recipes", "are drawn, not gridded (a recipe's steps are its own): "
-                'use search.sampler = "tpe" or "random"')
     if spec.model.compile != "none" and spec.searched_values("distill")["fuse"] != [True]:
         problem("model.compile", "distill kept as an adapter wraps the denoiser's layers for each "
                 "trial, which recompiles it: set space.distill.fuse = true (fused, the layers stay "
