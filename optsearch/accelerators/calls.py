@@ -52,9 +52,7 @@ def runs_separate_cfg(pipe, call_kwargs) -> bool:
         return value if value is not None or name not in params else params[name].default
 
     if "true_cfg_scale" in params:
-        negative = any(call_kwargs.get(name) is not None
-                       for name in ("negative_prompt", "negative_prompt_embeds"))
-        return negative and float(given("true_cfg_scale") or 1.0) > 1.0
+        return true_cfg_ran(pipe, (), call_kwargs) > 1.0
     scale = given("guidance_scale")
     return scale is None or float(scale) > 1.0
 
@@ -70,7 +68,8 @@ def true_cfg_ran(pipe, args: tuple, kwargs: Mapping) -> float | None:
            for name in ("negative_prompt", "negative_prompt_embeds")):
         return 1.0
     given = kwargs.get("true_cfg_scale")
-    return float(given if given is not None else defaults["true_cfg_scale"].default)
+    scale = given if given is not None else defaults["true_cfg_scale"].default
+    return float(scale) if scale is not None else 1.0
 
 
 def sets_cache_context(pipe) -> bool:
