@@ -24,10 +24,11 @@ def per_value_text(by) -> str:
     return f"  per {param}: " + ", ".join(f"{value} [{lo}, {hi}]" for value, (lo, hi) in ranges.items())
 
 
-def auto_range_details(by, at_steps: dict, model_steps: int) -> list[str]:
+def auto_range_details(by, at_steps: dict, model_steps: int, under: dict | None = None) -> list[str]:
     """The lines `check` and `study show` print under an "auto" range: its ranges per value of
-    the parameter it moves with (`by`), and those at fewer steps than the model's (`at_steps`,
-    {count: (bounds, by)}; a trial in between samples in the blend). The counts are the steps
+    the parameter it moves with (`by`), those at fewer steps than the model's (`at_steps`,
+    {count: (bounds, by)}; a trial in between samples in the blend), and those measured on each
+    step-distilled LoRA its trials run (`under`, {LoRA: bounds}). The counts are the steps
     that denoise (image-to-image: a share of each call's), the model's the largest."""
     model_steps = max([int(count) for count in at_steps], default=model_steps)
     lines = [per_value_text(by)] if by else []  # a trial samples in the range of the value it drew
@@ -36,6 +37,8 @@ def auto_range_details(by, at_steps: dict, model_steps: int) -> list[str]:
             per_value = f"; {per_value_text(fewer_by).strip()}" if fewer_by else ""
             lines.append(f"  at {count} steps (above: at the model's {model_steps}; a step count in "
                          f"between samples in their blend): [{fewer[0]}, {fewer[1]}]{per_value}")
+    lines += [f"  on the distilled model of {lora} (its trials sample this): [{low}, {high}]"
+              for lora, (low, high) in (under or {}).items()]
     return lines
 
 

@@ -238,7 +238,9 @@ def test_the_lora_draws_its_own_steps_and_steps_alone_keeps_the_fewer_steps_rang
     assert spec.space_size() == 5 + 3 + 3 * 2
     assert "distill runs at its own steps: the LoRA at 2-4; steps alone (the fewer-steps line) " \
         "at 8-12" in notes(spec)  # what check, run and study create print
-    assert spec.calibration_steps("deepcache")[-1] == 2 and spec.fewest_steps() == 2
+    assert spec.fewest_steps() == 2  # a cache beside the LoRA calibrates on it at 2-4 steps:
+    assert [condition.step_counts for condition in spec.calibration_conditions("deepcache")] \
+        == [[4, 2]]
     one = load_spec(write_spec(tmp_path / "grid.toml", text.replace(
         'accelerators = [["steps"], ["distill", "steps"], ["distill", "steps", "deepcache"]]',
         'accelerators = ["distill", "steps"]\nsampler = "grid"').split("[space.deepcache]")[0]))
@@ -388,24 +390,65 @@ def test_a_recipe_is_drawn_whole_its_file_with_its_steps_and_scheduler(tmp_path)
     assert {s["steps"]["num_inference_steps"] for s in settings if "distill" not in s} == {5, 6, 7, 8}
 
 
-def test_an_auto_threshold_is_calibrated_on_the_distilled_model_its_trials_run(tmp_path):
+def test_an_auto_threshold_is_calibrated_on_each_model_its_trials_run(tmp_path):
+    """A cache searched alone and beside step-distilled LoRAs calibrates its "auto" range on the
+    plain model and on each LoRA's distilled model, at the steps each runs, and a trial samples
+    the range of the model it runs: a range measured on the plain model can skip nothing, or
+    everything, on Lightning at 4 steps (it did, here: below)."""
     from optsearch.measure.evaluate import evaluator_from_spec
     from tests.test_families import FLUX_SPEC
 
-    lora = saved_lora("builtin:tiny-flux", tmp_path / "lightning", seed=1)
+    one, two = (saved_lora("builtin:tiny-flux", tmp_path / name, seed=seed)
+                for name, seed in (("one", 1), ("two", 2)))
     searched = FLUX_SPEC.replace('[["steps"], ["magcache"], ["steps", "taylorseer"]]', "COMBOS") \
-        + "[space.steps]\nnum_inference_steps = [4, 8]\n" + f'[space.distill]\nlora = "{lora}"\n'
-    ranges, pipe = {}, build_builtin("builtin:tiny-flux")
-    for name, combos in (("plain", '[["distill", "steps"], ["steps", "fbcache"]]'),
-                         ("distilled", '[["distill", "steps", "fbcache"]]')):
-        spec = load_spec(write_spec(tmp_path / f"{name}.toml", searched.replace("COMBOS", combos)))
-        evaluator = evaluator_from_spec(spec, pipe=pipe, prompts=load_prompts("builtin", 4))
-        ranges[name] = list(evaluator.auto_ranges(spec)["fbcache.threshold"])
-        assert lora_parameters(pipe) == 0  # the LoRA unloaded after calibrating
-    assert spec.distilled_for("fbcache") == {"distill": {
-        "lora": str(lora), "weight_name": "", "lora_2": "", "weight_name_2": "", "lora_scale": 1.0,
-        "fuse": False, "cfg": False, "scheduler_config": ""}}
-    assert ranges["plain"] != ranges["distilled"]  # measured on the model the trials run
+        + "[space.steps]\nnum_inference_steps = [6, 10]\n" \
+        + f'[space.distill]\nlora = ["{one}", "{two}"]\nnum_inference_steps = [3, 4]\n'
+    pipe, prompts = build_builtin("builtin:tiny-flux"), load_prompts("builtin", 4)
+    ranges, calibrations = {}, {}
+    for name, combos in (("plain", '[["steps", "fbcache"]]'),
+                         ("one", '[["distill", "steps", "fbcache"]]'),
+                         ("mixed", '[["steps", "fbcache"], ["distill", "steps", "fbcache"]]')):
+        text = searched.replace("COMBOS", combos)
+        if name == "plain":  # no LoRA searched
+            text = text.split("[space.distill]")[0]
+        spec = load_spec(write_spec(tmp_path / f"{name}.toml", text if name != "one" else
+                                    text.replace(f'["{one}", "{two}"]', f'"{one}"')))
+        evaluator = evaluator_from_spec(spec, pipe=pipe, prompts=prompts)
+        ranges[name] = evaluator.auto_ranges(spec)["fbcache.threshold"]
+        calibrations[name] = evaluator.calibration["fbcache"]
+        assert lora_parameters(pipe) == 0  # each LoRA unloaded after calibrating
+    mixed = ranges["mixed"]
+    assert [(condition.lora, condition.step_counts) for condition in
+            spec.calibration_conditions("fbcache")] == [(None, [12, 6]), (str(one), [4, 3]),
+                                                         (str(two), [4, 3])]
+    assert "fbcache's \"auto\" range is calibrated on the plain model and each of 2 " \
+        "step-distilled LoRAs" in " ".join(notes(spec))
+    # the plain model's as the plain spec measures it; each LoRA's as a spec of that LoRA alone
+    assert list(mixed) == list(ranges["plain"]) and mixed.at_steps == ranges["plain"].at_steps
+    assert set(mixed.under) == {str(one), str(two)}
+    assert mixed.under[str(one)] == list(ranges["one"]) and mixed.under[str(one)] != mixed.under[str(two)]
+    for steps in (3, 4):
+        distilled = mixed.for_setting({}, steps, str(one))
+        assert distilled == ranges["one"].for_setting({}, steps) != mixed.for_setting({}, steps)
+    # each trial samples in its own model's range
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    outside_plain = 0
+    for _ in range(30):
+        trial = study.ask()
+        setting = suggest_setting(trial, spec, {"fbcache.threshold": mixed})
+        study.tell(trial, 1.0)
+        steps, lora = setting["steps"]["num_inference_steps"], setting.get("distill", {}).get("lora")
+        low, high = mixed.for_setting({}, steps, lora)
+        assert low <= setting["fbcache"]["threshold"] <= high
+        plain_low, plain_high = mixed.for_setting({}, steps)
+        outside_plain += lora is not None and not plain_low <= setting["fbcache"]["threshold"] <= plain_high
+    assert outside_plain > 0  # a distilled trial drew what the plain range would not hold
+    # a calibration stored before (the plain model's alone) measures only the LoRAs it lacks
+    evaluator = evaluator_from_spec(spec, pipe=pipe, prompts=prompts)
+    evaluator.calibration["fbcache"] = calibrations["plain"]
+    evaluator.auto_ranges(spec)
+    assert evaluator.calibration["fbcache"]["auto"] == calibrations["plain"]["auto"]
+    assert evaluator.calibration["fbcache"]["under"] == calibrations["mixed"]["under"]
 
 
 def test_wan22s_two_experts_each_take_their_own_distilled_lora(tmp_path):

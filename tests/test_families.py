@@ -452,7 +452,7 @@ def test_a_trial_with_fewer_steps_draws_its_threshold_in_a_range_measured_at_few
     data["model"]["id"] = model_id
     spec = spec_from_dict({**data, "search": {"accelerators": [["steps", "dbcache"]]},
                            "space": {"dbcache": space, "steps": {"num_inference_steps": [6, 12]}}})
-    assert spec.calibration_steps("dbcache") == [12, 6]
+    assert [condition.step_counts for condition in spec.calibration_conditions("dbcache")] == [[12, 6]]
     pipe = flux_pipe if model_id == "builtin:tiny-flux" else load_pipeline(model_id, "cpu", "float32")
     evaluator = evaluator_from_spec(spec, pipe=pipe)
     # what the worker's estimate adds first: 3 Fn x (a call of 12 steps + one of 6) x 2 images

@@ -113,7 +113,8 @@ def test_every_threshold_in_a_trials_range_skips_and_none_is_the_saturated_run(f
     spec = spec_from_dict({**data, "search": {"accelerators": [["steps", "magcache"]]},
                            "space": {"magcache": {"threshold": "auto"},
                                      "steps": {"num_inference_steps": [6, STEPS]}}})
-    assert spec.calibration_steps("magcache") == [STEPS]  # fewer steps follow from the ratios
+    assert [condition.step_counts for condition in spec.calibration_conditions("magcache")] \
+        == [[STEPS]]  # fewer steps follow from the ratios
     evaluator = evaluator_from_spec(spec, pipe=flux_pipe)
     assert evaluator.calibration_images(spec) == 2  # one plain call of the first batch
     calibrated = evaluator.auto_ranges(spec)["magcache.threshold"]

@@ -30,12 +30,14 @@ from contextlib import contextmanager
 from optsearch.accelerators import deepcache, tgate
 from optsearch.accelerators.base import CalibratedRange, Param
 from optsearch.accelerators.calibration import (
+    CalibrationCondition,
     calibrate_family,
     calibrated_range,
     calibration_cost,
     calibration_steps,
     calibration_used,
     canonical_setting,
+    missing_conditions,
     same_computation_why,
 )
 from optsearch.accelerators.hooks import (
@@ -225,8 +227,31 @@ def apply_setting(pipe, setting: Mapping, calibration: Mapping[str, dict] | None
     return AppliedSetting(pipe, setting, calibration)
 
 
+def calibrate_under_each(family: str, pipe, run_once: Callable[[int, AppliedSetting | None], object],
+                         searched: Mapping, conditions: Sequence[CalibrationCondition],
+                         call_kwargs: Mapping, known: Mapping | None = None) -> dict:
+    """A family's "auto" calibration on each model its trials run it on (`conditions`, the
+    spec's `calibration_conditions`) that `known` (what is stored) lacks: the first's at the
+    top, as `calibrate_family` returns it, and each step-distilled LoRA's under "under" {its
+    files: its calibration}, so that a Lightning trial samples the range its distilled model
+    gives. `run_once(steps, under)`: one call of `steps` steps through the applied LoRA (None:
+    the plain pipeline)."""
+    measured = dict(known or {})
+    for condition in missing_conditions(conditions, measured):
+        with _calibrating_under(pipe, condition.setting, call_kwargs) as (under, call):
+            one = calibrate_family(family, pipe, lambda steps, under=under: run_once(steps, under),
+                                   searched, condition.step_counts, call)
+        if not one:
+            continue
+        if "auto" not in measured:
+            measured.update(one)
+        if condition.lora is not None:
+            measured["under"] = {**measured.get("under", {}), condition.lora: one}
+    return measured
+
+
 @contextmanager
-def calibrating_under(pipe, setting: Mapping | None, call_kwargs: Mapping):
+def _calibrating_under(pipe, setting: Mapping | None, call_kwargs: Mapping):
     """What a calibration runs under: `setting` applied for its duration (a step-distilled LoRA
     its trials run with; None: the plain pipeline), and the call arguments its calls take
     there (guidance off). Yields (the applied setting or None, those arguments)."""
@@ -238,7 +263,8 @@ def calibrating_under(pipe, setting: Mapping | None, call_kwargs: Mapping):
 
 
 __all__ = ["ANY_COMBOS", "COMBOS", "KINDS", "ORDER", "REGISTRY", "AppliedSetting", "CalibratedRange",
-           "Param", "applicable", "apply_setting", "attention_of", "calibrate_family", "calibrating_under",
+           "CalibrationCondition", "Param", "applicable", "apply_setting", "attention_of",
+           "calibrate_family", "calibrate_under_each",
            "calibrated_range", "calibration_cost", "calibration_steps", "calibration_used",
            "call_argument", "call_parameters", "call_problem", "call_steps", "canonical_setting",
            "combo_name", "combo_problem", "denoised_steps", "denoiser", "denoisers",

@@ -96,15 +96,19 @@ class CalibratedRange(list):
     `at_steps` = {step count: CalibratedRange} measured at each count calibrated (the model's
     and the fewest searched), and a trial's range is interpolated at the count it drew.
     Where a family can compute each trial's range from what it calibrated (MagCache, from its
-    ratios), `rule(values, steps)` gives it exactly, and `by` only summarises."""
+    ratios), `rule(values, steps)` gives it exactly, and `by` only summarises. Where trials run
+    a step-distilled LoRA, `under` = {its files (`distill.lora_key`): the CalibratedRange
+    measured on that distilled model}, and its trials sample in that."""
 
     def __init__(self, bounds, by: tuple[str, Mapping] | None = None,
                  at_steps: Mapping[int, CalibratedRange] | None = None,
-                 rule: Callable[[Mapping, int | None], list | None] | None = None):
+                 rule: Callable[[Mapping, int | None], list | None] | None = None,
+                 under: Mapping[str, CalibratedRange] | None = None):
         super().__init__(bounds)
         self.by = by
         self.at_steps = dict(at_steps or {})
         self.rule = rule
+        self.under = dict(under or {})
 
     @classmethod
     def stored(cls, calibration: Mapping, param: str,
@@ -112,19 +116,25 @@ class CalibratedRange(list):
                ) -> CalibratedRange:
         """The range of `param` in a family's calibration as `calibrate` returns and the study
         stores it ({"auto": {param: [lo, hi]}, "by": {param: [other, {value: [lo, hi]}]},
-        "at_steps": {count: {"auto": ..., "by": ...}}}); `range_for(calibration, values, steps)`:
-        the family's exact rule, where it has one."""
+        "at_steps": {count: {"auto": ..., "by": ...}}, "under": {LoRA: a calibration as this}});
+        `range_for(calibration, values, steps)`: the family's exact rule, where it has one."""
         by = calibration.get("by", {}).get(param)
         at_steps = {int(count): cls.stored(measured, param)
                     for count, measured in calibration.get("at_steps", {}).items()
                     if param in measured.get("auto", {})}
+        under = {lora: cls.stored(measured, param, range_for)
+                 for lora, measured in calibration.get("under", {}).items()
+                 if param in measured.get("auto", {})}
         rule = (lambda values, steps: range_for(calibration, values, steps)) if range_for else None
-        return cls(calibration["auto"][param], tuple(by) if by else None, at_steps, rule)
+        return cls(calibration["auto"][param], tuple(by) if by else None, at_steps, rule, under)
 
-    def for_setting(self, values: Mapping, steps: int | None = None) -> list:
+    def for_setting(self, values: Mapping, steps: int | None = None, lora: str | None = None) -> list:
         """The range for a setting whose other parameters are drawn already; `steps`: the step
         count it runs (None: the model's), between two calibrated counts a linear blend of
-        their ranges."""
+        their ranges; `lora`: the step-distilled LoRA it runs (`distill.lora_key`), whose own
+        calibration is used where there is one."""
+        if lora in self.under:
+            return self.under[lora].for_setting(values, steps)
         if self.rule is not None:
             return self.rule(values, steps) or list(self)
         if steps is None or len(self.at_steps) < 2:

@@ -6,10 +6,22 @@ setting computes, where a family can tell it from its calibration alone (`canoni
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 from optsearch.accelerators.base import CalibratedRange
 from optsearch.accelerators.calls import call_steps
 from optsearch.accelerators.registry import REGISTRY, normalize_setting, step_budget
+
+
+class CalibrationCondition(NamedTuple):
+    """One model a family's "auto" range is calibrated on, as its trials run it: `lora`, the
+    step-distilled LoRA's files (`distill.lora_key`; None: the plain model), `setting`, the
+    distill setting applied for it (None: none), and `step_counts`, the counts it runs
+    (`calibrate_family`'s)."""
+
+    lora: str | None
+    setting: dict | None
+    step_counts: list[int]
 
 
 def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searched: Mapping,
@@ -39,6 +51,15 @@ def calibrate_family(family: str, pipe, run_once: Callable[[int], object], searc
     return {**measured, "at_steps": at_steps}
 
 
+def missing_conditions(conditions: Sequence[CalibrationCondition], calibration: Mapping
+                       ) -> list[CalibrationCondition]:
+    """The conditions a family's calibration as stored has not measured: the plain model where
+    it holds no "auto", a LoRA where "under" does not name it."""
+    return [condition for condition in conditions
+            if ("auto" not in calibration if condition.lora is None
+                else condition.lora not in calibration.get("under", {}))]
+
+
 def calibrated_range(family: str, calibration: Mapping, param: str) -> CalibratedRange:
     """The "auto" range of `family.param` in a calibration as stored, with the family's rule for
     each trial's own range where it has one (`range_for`: MagCache's, from its ratios)."""
@@ -56,11 +77,13 @@ def calibration_steps(family: str, model_steps: int, fewest_steps: int | None) -
     return [model_steps, fewest_steps]
 
 
-def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int]) -> float:
-    """What `calibrate_family` runs, in plain calls at the model's steps (a call of fewer steps
-    costs its share): a family's module may say how many runs it makes (`calibration_runs`)."""
+def calibration_cost(family: str, searched: Mapping, step_counts: Sequence[int],
+                     model_steps: int | None = None) -> float:
+    """What `calibrate_family` runs, in plain calls at the model's steps (`model_steps`, default
+    the first count; a call of fewer steps costs its share): a family's module may say how many
+    runs it makes (`calibration_runs`)."""
     runs = getattr(REGISTRY[family], "calibration_runs", lambda _searched: 1)(searched)
-    return runs * sum(count / step_counts[0] for count in step_counts)
+    return runs * sum(count / (model_steps or step_counts[0]) for count in step_counts)
 
 
 def canonical_setting(setting: Mapping, model_steps: int, calibration: Mapping[str, dict],
@@ -99,7 +122,7 @@ def same_computation_why(setting: Mapping, other: Mapping) -> str:
     return f"{', '.join(words) or 'same computation'}, same device: the same computation"
 
 
-RANGE_KEYS = ("auto", "by", "at_steps", "observed", "diffs", "steps")  # what only bounds a
+RANGE_KEYS = ("auto", "by", "at_steps", "observed", "diffs", "steps", "under")  # what only bounds a
 # family's search ranges
 
 

@@ -62,6 +62,20 @@ def recipe_name(recipe: Mapping) -> str:
     return str(named).removesuffix(".safetensors")
 
 
+LORA_FILES = ("lora", "weight_name", "lora_2", "weight_name_2")  # which LoRA a setting loads
+
+
+def lora_key(params: Mapping) -> str:
+    """The LoRA files a distill setting loads, as one name ("repo/file", "+" the second
+    expert's): what an "auto" range calibrated on that distilled model is kept under."""
+    def named(source: str, file: str) -> str:
+        return "/".join(str(part) for part in (source, file) if part)
+
+    first, second = (named(params.get(source) or "", params.get(file) or "")
+                     for source, file in (LORA_FILES[:2], LORA_FILES[2:]))
+    return first + (f" + {second}" if second else "")
+
+
 def load_adapter(pipe, source: str, weight_name: str | None, adapter: str,
                  second_expert: bool = False) -> None:
     """Load one LoRA as the adapter `adapter` (into Wan 2.2's second expert with

@@ -16,9 +16,8 @@ import torch
 
 from optsearch.accelerators import (
     attention_of,
-    calibrate_family,
+    calibrate_under_each,
     calibrated_range,
-    calibrating_under,
     call_steps,
     dbcache,
     execution_device,
@@ -175,15 +174,14 @@ def _given_thresholds(spec) -> list[tuple[str, str]]:
 
 def _auto_ranges(spec, pipe, prompts, config, params=None) -> dict[str, list]:
     """The "auto" ranges of `params` (default: the spec's "auto" ones) as a worker on this device
-    would calibrate them (plain calls on the search's first batch)."""
+    would calibrate them (plain calls on the search's first batch, on each model its trials run)."""
     ranges = {}
     for family, param in spec.auto_params() if params is None else params:
-        with calibrating_under(pipe, spec.distilled_for(family),  # as its trials run
-                               config.guidance_kwargs(min(config.batch_size, len(prompts)), pipe)
-                               ) as (under, call):
-            measured = calibrate_family(family, pipe, lambda steps, under=under: list(generate(
+        measured = calibrate_under_each(
+            family, pipe, lambda steps, under: list(generate(
                 pipe, prompts[:config.batch_size], replace(config, steps=steps), under, warmup=False)),
-                spec.searched_values(family), spec.calibration_steps(family), call)
+            spec.searched_values(family), spec.calibration_conditions(family),
+            config.guidance_kwargs(min(config.batch_size, len(prompts)), pipe))
         if param in measured.get("auto", {}):
             ranges[f"{family}.{param}"] = calibrated_range(family, measured, param)  # per Fn too
     return ranges
@@ -335,7 +333,8 @@ def format_report(report: Report, spec) -> str:
                      f"({auto_range_text(name)})")
         lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
                                                     for count, fewer in calibrated.at_steps.items()},
-                                    facts["denoising"][spec.model.steps])
+                                    facts["denoising"][spec.model.steps],
+                                    {lora: list(distilled) for lora, distilled in calibrated.under.items()})
     lines += factors_text(facts, free)
     lines += fused_copy_text(facts)
     lines += _tome_text(spec, facts.get("tome_tokens"))

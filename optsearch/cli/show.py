@@ -68,6 +68,10 @@ def study_summary(study: optuna.Study, spec) -> dict:
                                  for count, fewer in sorted(calibrated.at_steps.items())}
                           for name, calibrated in ranges.items()}
             for fingerprint, ranges in calibrated_ranges.items()},
+        "auto_ranges_under": {  # {LoRA: [lo, hi]} measured on each step-distilled LoRA
+            fingerprint: {name: {lora: list(distilled) for lora, distilled in calibrated.under.items()}
+                          for name, calibrated in ranges.items() if calibrated.under}
+            for fingerprint, ranges in calibrated_ranges.items()},
         "tome_tokens": {fingerprint: stored["tome"]["tokens"] for fingerprint, stored in calibrations.items()
                         if (stored.get("tome") or {}).get("tokens")},  # {downsample: count}
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
@@ -144,7 +148,8 @@ def format_summary(summary: dict) -> str:
             lines.append(f"auto range {name} on {fingerprint}: [{low}, {high}] ({auto_range_text(name)})")
             lines += auto_range_details(summary["auto_ranges_by"].get(fingerprint, {}).get(name),
                                         summary["auto_ranges_at_steps"].get(fingerprint, {}).get(name, {}),
-                                        summary["model_steps"])
+                                        summary["model_steps"],
+                                        summary["auto_ranges_under"].get(fingerprint, {}).get(name))
     for fingerprint, tokens in summary.get("tome_tokens", {}).items():
         levels = ", ".join(f"{count} at {level}x" for level, count in tokens.items())
         lines.append(f"tome tokens on {fingerprint}: {levels} downsampling (measured; a ratio merges "

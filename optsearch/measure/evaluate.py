@@ -17,14 +17,14 @@ import torch
 
 from optsearch.accelerators import (
     AppliedSetting,
-    calibrate_family,
+    calibrate_under_each,
     calibrated_range,
-    calibrating_under,
     calibration_used,
     call_steps,
     distill,
     execution_device,
     magcache,
+    missing_conditions,
     normalize_setting,
     pab,
     tome,
@@ -209,20 +209,19 @@ class Evaluator:
 
     def auto_ranges(self, spec) -> dict[str, list]:
         """The calibrated ranges of the spec's "auto" parameters, {"family.param": [lo, hi]}:
-        each family measured once on this device (plain calls on the search's first batch, at
-        each step count `spec.calibration_steps` names), then kept with the rest of the
+        each family measured once on this device, on each model its trials run it on (plain
+        calls on the search's first batch at each step count `spec.calibration_conditions`
+        names, the plain model's and each step-distilled LoRA's), then kept with the rest of the
         calibration (the worker stores it in the study per device fingerprint)."""
         ranges = {}
         for family, param in spec.auto_params():
-            if not self._known(family, "auto"):
+            if self._uncalibrated(spec, family):
                 count = min(self.config.batch_size, len(self.prompts))
-                with calibrating_under(self.pipe, spec.distilled_for(family),  # as its trials run
-                                       self.config.guidance_kwargs(count, self.pipe)) as (under, call):
-                    measured = calibrate_family(
-                        family, self.pipe,
-                        lambda steps, under=under: self._run_once(self.config.batch_size, steps, under),
-                        spec.searched_values(family), spec.calibration_steps(family), call)
-                self._calibrated(family, measured)
+                self._calibrated(family, calibrate_under_each(
+                    family, self.pipe,
+                    lambda steps, under: self._run_once(self.config.batch_size, steps, under),
+                    spec.searched_values(family), spec.calibration_conditions(family),
+                    self.config.guidance_kwargs(count, self.pipe), self.calibration.get(family)))
             if param in self.calibration[family].get("auto", {}):
                 ranges[f"{family}.{param}"] = calibrated_range(family, self.calibration[family], param)
         return ranges
@@ -230,8 +229,14 @@ class Evaluator:
     def calibration_images(self, spec) -> float:
         """Images' worth of plain calls the spec's "auto" ranges still need on this device (none
         once stored): what the estimate adds before the first trial."""
-        pending = {family for family, _ in spec.auto_params() if not self._known(family, "auto")}
+        pending = {family for family, _ in spec.auto_params() if self._uncalibrated(spec, family)}
         return self.config.batch_size * spec.calibration_calls(pending)
+
+    def _uncalibrated(self, spec, family: str) -> list:
+        """The models (plain, each LoRA) the family's "auto" range is still to be calibrated on
+        here: none once this worker, or another on the device (adopted), stored them."""
+        self._known(family, "auto")
+        return missing_conditions(spec.calibration_conditions(family), self.calibration.get(family, {}))
 
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:
         """Time a setting alone (no scoring): (seconds per image, per-batch seconds per image)."""

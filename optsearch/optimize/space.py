@@ -18,6 +18,7 @@ from optsearch.accelerators import (
     fit_to_steps,
     params_of,
 )
+from optsearch.accelerators.distill import lora_key
 from optsearch.study_spec import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ def suggest_setting(trial: optuna.Trial, spec: StudySpec, auto: dict | None = No
             name = spec.param_name(accelerator, param, combo)  # steps beside distill: the LoRA's
             calibrated = (auto or {}).get(name)
             if len(bounds) > 1 and isinstance(calibrated, CalibratedRange):  # the range of the
-                bounds = (*calibrated.for_setting(  # drawn Fn, at the drawn steps' denoising
-                    values, _denoising(setting, spec.model)), None)
+                bounds = (*calibrated.for_setting(  # drawn Fn, at the drawn steps' denoising,
+                    values, _denoising(setting, spec.model),  # on the distilled model drawn
+                    lora_key(setting["distill"]) if "distill" in setting else None), None)
             released = _release_outside(trial, name, bounds) if name in (auto or {}) else None
             if len(bounds) == 1:
                 values[param] = bounds[0]

@@ -17,10 +17,13 @@ def distill_notes(spec: StudySpec) -> list[str]:
         lines.append("distill's LoRA is measured as an adapter (its low-rank work at every step); "
                      "set space.distill.fuse = true if you serve it fused")
     for family in dict.fromkeys(family for family, _ in spec.auto_params()):
-        mixed = [combo for combo in spec.search.combos if family in combo]
-        if any("distill" in combo for combo in mixed) and spec.distilled_for(family) is None:
-            lines.append(f"{family}'s \"auto\" range is calibrated on the plain model (a combo "
-                         "searches it without distill); its distill trials sample the same range")
+        conditions = spec.calibration_conditions(family)
+        loras = sum(condition.lora is not None for condition in conditions)
+        if len(conditions) > 1:
+            plain = "the plain model and " if conditions[0].lora is None else ""
+            lines.append(f"{family}'s \"auto\" range is calibrated on {plain}each of {loras} "
+                         f"step-distilled LoRA{'s' if loras > 1 else ''}: each trial samples the "
+                         "range of the model it runs")
     if own := _distill_steps_note(spec):
         lines.append(own)
     return lines

@@ -7,8 +7,13 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from optsearch.accelerators import calibration_cost, calibration_steps, params_of
-from optsearch.accelerators.distill import recipe_name
+from optsearch.accelerators import (
+    CalibrationCondition,
+    calibration_cost,
+    calibration_steps,
+    params_of,
+)
+from optsearch.accelerators.distill import LORA_FILES, lora_key, recipe_name
 
 
 class SearchSpace:
@@ -59,11 +64,32 @@ class SearchSpace:
                 kept += [value for value in taken if value not in kept]
         return values
 
-    def calibration_steps(self, family: str) -> list[int]:
-        """The step counts a family's "auto" range is calibrated at: the model's, and the fewest
-        steps searched when a combo runs the family with `steps` (its differences grow with the
-        step size: a range measured at 28 steps skips nothing at 10)."""
-        return calibration_steps(family, self.model.steps, self.fewest_steps(family))
+    def calibration_conditions(self, family: str) -> list[CalibrationCondition]:
+        """Each model a family's "auto" range is calibrated on, as its trials run it: the plain
+        model where a combo runs the family without distill, and each step-distilled LoRA a combo
+        runs it with (a cache's differences on Lightning at 4 steps are not the plain model's),
+        each at its step counts (the most its trials run, and the fewest, where a combo with
+        `steps` draws fewer: the differences grow with the step size)."""
+        combos = [combo for combo in self.search.combos if family in combo]
+        plain = [combo for combo in combos if "distill" not in combo]
+        conditions = []
+        if plain or not combos:
+            fewest = min((min(self.step_counts(combo)) for combo in plain if "steps" in combo),
+                         default=None)
+            conditions.append(CalibrationCondition(None, None, calibration_steps(
+                family, self.model.steps, fewest)))
+        per_lora: dict[str, tuple[dict, set[int]]] = {}
+        for combo in (combo for combo in combos if "distill" in combo):
+            for recipe in self.recipes(combo):
+                counts = set(_integers(self.param_range(
+                    "steps", "num_inference_steps", combo=combo, recipe=recipe))) \
+                    if "steps" in combo else {self.model.steps}
+                for setting in self.distill_settings([recipe]):
+                    key = lora_key(setting["distill"])
+                    per_lora.setdefault(key, (setting, set()))[1].update(counts)
+        conditions += [CalibrationCondition(key, setting, calibration_steps(
+            family, max(counts), min(counts))) for key, (setting, counts) in per_lora.items()]
+        return conditions
 
     def fewest_steps(self, family: str | None = None) -> int | None:
         """The fewest steps a combo with `steps` (and with `family`, when given) draws; None
@@ -101,15 +127,6 @@ class SearchSpace:
             return "distill.num_inference_steps"
         return f"{accelerator}.{param}"
 
-    def distilled_for(self, family: str) -> dict | None:
-        """The step-distilled LoRA setting (the first it searches) every combo that searches
-        `family` runs with: its "auto" range is then calibrated on the distilled model, as its
-        trials run. None where a combo runs the family without it (calibrated plain)."""
-        combos = [combo for combo in self.search.combos if family in combo]
-        if family == "distill" or not combos or not all("distill" in combo for combo in combos):
-            return None
-        return next(iter(self.distill_settings()), None)
-
     def distill_settings(self, recipes: list[dict] | None = None) -> list[dict]:
         """Each step-distilled LoRA the study searches (each recipe's, or those of `recipes`;
         every file a list of `lora` or `weight_name` names), with the first of what else it
@@ -120,10 +137,9 @@ class SearchSpace:
         for recipe in recipes or self.recipes():
             searched = {param: self.param_range("distill", param, recipe=recipe)
                         for param in params_of("distill")}
-            names = ("lora", "weight_name", "lora_2", "weight_name_2")
             first = {param: bounds[0] for param, bounds in searched.items()}
-            settings += [{"distill": {**first, **dict(zip(names, chosen, strict=True))}}
-                         for chosen in itertools.product(*(searched[name] for name in names))]
+            settings += [{"distill": {**first, **dict(zip(LORA_FILES, chosen, strict=True))}}
+                         for chosen in itertools.product(*(searched[name] for name in LORA_FILES))]
         return settings
 
     def calibration_calls(self, families=None) -> float:
@@ -131,8 +147,9 @@ class SearchSpace:
         `families` (default: every family with one): what the estimate adds before the first
         trial."""
         families = {family for family, _ in self.auto_params()} if families is None else families
-        return sum(calibration_cost(family, self.searched_values(family),
-                                    self.calibration_steps(family)) for family in families)
+        return sum(calibration_cost(family, self.searched_values(family), condition.step_counts,
+                                    self.model.steps)
+                   for family in families for condition in self.calibration_conditions(family))
 
     def auto_params(self) -> list[tuple[str, str]]:
         """(family, parameter) of every range the spec leaves to calibration ("auto")."""
