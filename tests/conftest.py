@@ -124,11 +124,87 @@ def sigint_default() -> None:
 
 
 def optsearch_cmd(*args: str, cwd=None, timeout: float = 600, env=None):
-    """Run the optsearch console script as a user would."""
-    import subprocess
-
+    """Run the optsearch console script as a user would: in a process of its own, forked from
+    one that imported its libraries already (tests/forked_cli.py) where the test gives no
+    environment of its own; else a new interpreter."""
+    if env is None and _FORKED_CLI.available():
+        return _FORKED_CLI.run([OPTSEARCH, *args], cwd=cwd, timeout=timeout)
     return subprocess.run([OPTSEARCH, *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout, env=env)
+
+
+class _ForkedCli:
+    """This test process's client of tests/forked_cli.py, started at its first command."""
+
+    def __init__(self):
+        import threading
+
+        self.server: subprocess.Popen | None = None
+        self.lock = threading.Lock()  # one command at a time; another thread's: a new interpreter
+
+    def available(self) -> bool:
+        """Whether a command can go through the server now (a failed start falls back to new
+        interpreters for the rest of the session)."""
+        if os.environ.get("OPTSEARCH_TEST_NO_FORK") or self.lock.locked():
+            return False
+        if self.server is None:
+            import atexit
+
+            self.server = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "forked_cli.py"), OPTSEARCH],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            atexit.register(self.close)
+        return self.server.poll() is None
+
+    def close(self) -> None:
+        """End the server (EOF on its stdin) with this test process."""
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+        self.server.stdout.close()
+
+    def run(self, argv: list[str], cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=timeout)`."""
+        import json
+        import tempfile
+
+        with self.lock, tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            out.touch()
+            err.touch()
+            self.server.stdin.write(json.dumps({
+                "argv": argv, "cwd": str(cwd or os.getcwd()), "env": dict(os.environ),
+                "stdout": str(out), "stderr": str(err)}) + "\n")
+            self.server.stdin.flush()
+            pid = json.loads(self._line())["pid"]
+            ended = self._line(timeout)
+            if ended is None:  # as subprocess.run: the child killed, then TimeoutExpired
+                os.kill(pid, signal.SIGKILL)
+            status = json.loads(ended or self._line())["status"]
+            if ended is None:
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status),
+                                               out.read_text(), err.read_text())
+
+    def _line(self, timeout: float | None = None) -> str | None:
+        """The server's next answer line, read from its pipe byte by byte (a buffered reader
+        would hide a line from select); None if none came within `timeout` seconds."""
+        import select
+        import time
+
+        fd, line = self.server.stdout.fileno(), b""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not line.endswith(b"\n"):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            byte = os.read(fd, 1)
+            if not byte:
+                raise RuntimeError("tests/forked_cli.py ended (see its stderr above)")
+            line += byte
+        return line.decode()
+
+
+_FORKED_CLI = _ForkedCli()
 
 
 def study_after_one_trial(spec: Path, name: str, params: dict, family: str):
