@@ -215,12 +215,13 @@ class Evaluator:
         calibration (the worker stores it in the study per device fingerprint)."""
         ranges = {}
         for family, param in spec.auto_params():
-            if self._uncalibrated(spec, family):
+            conditions = spec.calibration_conditions(family)
+            if self._uncalibrated(family, conditions):
                 count = min(self.config.batch_size, len(self.prompts))
                 self._calibrated(family, calibrate_under_each(
                     family, self.pipe,
                     lambda steps, under: self._run_once(self.config.batch_size, steps, under),
-                    spec.searched_values(family), spec.calibration_conditions(family),
+                    spec.searched_values(family), conditions,
                     self.config.guidance_kwargs(count, self.pipe), self.calibration.get(family)))
             if param in self.calibration[family].get("auto", {}):
                 ranges[f"{family}.{param}"] = calibrated_range(family, self.calibration[family], param)
@@ -229,14 +230,16 @@ class Evaluator:
     def calibration_images(self, spec) -> float:
         """Images' worth of plain calls the spec's "auto" ranges still need on this device (none
         once stored): what the estimate adds before the first trial."""
-        pending = {family for family, _ in spec.auto_params() if self._uncalibrated(spec, family)}
+        pending = {family for family, _ in spec.auto_params()
+                   if self._uncalibrated(family, spec.calibration_conditions(family))}
         return self.config.batch_size * spec.calibration_calls(pending)
 
-    def _uncalibrated(self, spec, family: str) -> list:
-        """The models (plain, each LoRA) the family's "auto" range is still to be calibrated on
-        here: none once this worker, or another on the device (adopted), stored them."""
+    def _uncalibrated(self, family: str, conditions: list) -> list:
+        """Those of `conditions` (the models: plain, each LoRA) the family's "auto" range is still
+        to be calibrated on here: none once this worker, or another on the device (adopted),
+        stored them."""
         self._known(family, "auto")
-        return missing_conditions(spec.calibration_conditions(family), self.calibration.get(family, {}))
+        return missing_conditions(conditions, self.calibration.get(family, {}))
 
     def time_setting(self, setting: Mapping) -> tuple[float, list[float]]:
         """Time a setting alone (no scoring): (seconds per image, per-batch seconds per image)."""

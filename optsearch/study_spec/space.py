@@ -81,9 +81,7 @@ class SearchSpace:
         per_lora: dict[str, tuple[dict, set[int]]] = {}
         for combo in (combo for combo in combos if "distill" in combo):
             for recipe in self.recipes(combo):
-                counts = set(_integers(self.param_range(
-                    "steps", "num_inference_steps", combo=combo, recipe=recipe))) \
-                    if "steps" in combo else {self.model.steps}
+                counts = self._steps_drawn(combo, recipe) if "steps" in combo else {self.model.steps}
                 for setting in self.distill_settings([recipe]):
                     key = lora_key(setting["distill"])
                     per_lora.setdefault(key, (setting, set()))[1].update(counts)
@@ -99,11 +97,12 @@ class SearchSpace:
 
     def step_counts(self, combo: tuple) -> set[int]:
         """Every step count `combo`'s `steps` may draw (each recipe's, and its range's)."""
-        counts = set()
-        for recipe in self.recipes(combo):
-            bounds = self.param_range("steps", "num_inference_steps", combo=combo, recipe=recipe)
-            counts |= set(_integers(bounds))
-        return counts
+        return set().union(*(self._steps_drawn(combo, recipe) for recipe in self.recipes(combo)))
+
+    def _steps_drawn(self, combo: tuple, recipe: dict) -> set[int]:
+        """The step counts `combo`'s `steps` may draw with a distill `recipe` ({}: none)."""
+        return set(_integers(self.param_range("steps", "num_inference_steps", combo=combo,
+                                              recipe=recipe)))
 
     def recipes(self, combo: tuple = ("distill",)) -> list[dict]:
         """The step-distilled LoRA's recipes `combo` draws whole, by name (`[[space.distill.
