@@ -133,6 +133,67 @@ def optsearch_cmd(*args: str, cwd=None, timeout: float = 600, env=None):
                           timeout=timeout, env=env)
 
 
+def optsearch_process(*args: str, cwd=None, runtime_env: dict | None = None,
+                      new_session: bool = False):
+    """Start the optsearch console script beside the test, as `subprocess.Popen(...,
+    stdout=PIPE, stderr=PIPE, text=True)` would (for a worker the test signals, or several at
+    once): forked as `optsearch_cmd`'s commands are, else a new interpreter. `runtime_env`: the
+    variables added to the test's environment, read by the command as it runs (a fault to
+    inject), not at import. Its output is read once it ended (`communicate`), not line by line."""
+    env = {**os.environ, **(runtime_env or {})}
+    if _FORKED_CLI.available():
+        return _FORKED_CLI.start([OPTSEARCH, *args], cwd=cwd, env=env, new_session=new_session)
+    return subprocess.Popen([OPTSEARCH, *args], cwd=cwd, env=env, start_new_session=new_session,
+                            preexec_fn=sigint_default, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+class ForkedProcess:
+    """A command forked by tests/forked_cli.py, running beside the test: what the tests use of
+    `subprocess.Popen` (pid, returncode, poll, wait, communicate, send_signal, terminate, kill).
+    Its keeper writes the exit status to a file once it ended."""
+
+    def __init__(self, args: list[str], pid: int, folder):
+        self.args, self.pid, self.returncode = args, pid, None
+        self.folder = folder  # a TemporaryDirectory: stdout, stderr, status
+        self.paths = {name: Path(folder.name, name) for name in ("stdout", "stderr", "status")}
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.paths["status"].exists():
+            import json
+
+            status = json.loads(self.paths["status"].read_text())["status"]
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.paths["stdout"].read_text(), self.paths["stderr"].read_text()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # ended since: as Popen, nothing to signal
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class _ForkedCli:
     """This test process's client of tests/forked_cli.py, started at its first command."""
 
@@ -184,6 +245,24 @@ class _ForkedCli:
                 raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
             return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status),
                                                out.read_text(), err.read_text())
+
+    def start(self, argv: list[str], cwd, env: dict, new_session: bool) -> ForkedProcess:
+        """A command forked to run beside the test (the server answers once it runs)."""
+        import json
+        import tempfile
+
+        folder = tempfile.TemporaryDirectory()
+        with self.lock:
+            paths = {name: Path(folder.name, name) for name in ("stdout", "stderr")}
+            for path in paths.values():
+                path.touch()
+            self.server.stdin.write(json.dumps({
+                "argv": argv, "cwd": str(cwd or os.getcwd()), "env": env,
+                **{name: str(path) for name, path in paths.items()},
+                "status": str(Path(folder.name, "status")), "new_session": new_session}) + "\n")
+            self.server.stdin.flush()
+            pid = json.loads(self._line())["pid"]
+        return ForkedProcess(argv, pid, folder)
 
     def _line(self, timeout: float | None = None) -> str | None:
         """The server's next answer line, read from its pipe byte by byte (a buffered reader

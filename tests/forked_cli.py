@@ -12,6 +12,9 @@ torch, needs a new interpreter).
 
 Protocol, one JSON line each way: the test sends {"argv", "cwd", "env", "stdout", "stderr"}; the
 server answers {"pid"} once forked and {"pid", "status"} (os.waitpid's) once the child ended.
+A request with "status" (a file's path) is a process the test runs beside its own work (a
+worker it signals, two workers at once): the server answers {"pid"} and goes on; a keeper
+process waits for the child and writes its status, as JSON, to that file.
 """
 
 from __future__ import annotations
@@ -50,10 +53,37 @@ def _run_command(request: dict) -> None:
         os.dup2(opened, fd)
         os.close(opened)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new interpreter has it
+    if request.get("new_session"):
+        os.setsid()
     sys.argv = list(request["argv"])
     from optsearch.cli import main
 
     sys.exit(main())  # the interpreter ends here: threads joined, atexit run, streams flushed
+
+
+def _spawn(request: dict, answers) -> tuple[int, int]:
+    """Fork a keeper that forks the command and writes its exit status to request["status"] once
+    it ends: (the keeper's pid, for the server to reap; the command's, as soon as it runs)."""
+    readable, writable = os.pipe()
+    keeper = os.fork()
+    if keeper == 0:
+        answers.close()
+        os.close(readable)
+        pid = os.fork()
+        if pid == 0:
+            os.close(writable)
+            _run_command(request)
+        os.write(writable, f"{pid}\n".encode())
+        os.close(writable)
+        _, status = os.waitpid(pid, 0)
+        written = request["status"] + ".part"
+        with open(written, "w") as file:
+            json.dump({"status": status}, file)
+        os.replace(written, request["status"])  # whole, or not there
+        os._exit(0)
+    os.close(writable)
+    with os.fdopen(readable) as pipe:
+        return keeper, int(pipe.readline())
 
 
 def serve() -> None:
@@ -62,10 +92,17 @@ def serve() -> None:
     sys.path[0] = os.path.dirname(sys.argv[1])  # the console script's folder, as it has it
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # a child's prints go to its own files only
+    keepers: set[int] = set()
     for line in sys.stdin:
         request = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()
+        keepers -= {pid for pid in keepers if os.waitpid(pid, os.WNOHANG)[0]}
+        if request.get("status"):
+            keeper, pid = _spawn(request, answers)
+            keepers.add(keeper)
+            answers.write(json.dumps({"pid": pid}) + "\n")
+            continue
         pid = os.fork()
         if pid == 0:
             answers.close()

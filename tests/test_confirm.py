@@ -29,7 +29,7 @@ from optsearch.optimize.study import CONFIRM_PREFIX
 from optsearch.optimize.worker import Worker, WorkerOptions
 from optsearch.storage.rdb import open_storage
 from optsearch.study_spec import load_spec
-from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, write_spec
+from tests.conftest import SLOW_SPEC, TINY_SPEC, optsearch_cmd, optsearch_process, write_spec
 
 AGGRESSIVE = {"deepcache.cache_interval": 8, "deepcache.cache_branch_id": 0, "tome.ratio": 0.6,
               "tome.max_downsample": 2}
@@ -89,9 +89,8 @@ def test_confirm_survives_sigkill_and_resumes_without_repeating(tmp_path):
                       + "[space.deepcache]\ncache_interval = [4, 8]\ncache_branch_id = 0\n")
     ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
-    confirm = subprocess.Popen([OPTSEARCH, "study", "confirm", "tiny", "--storage", url, "--top", "3",
-                                "--repeats", "2", "--quiet"], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    confirm = optsearch_process("study", "confirm", "tiny", "--storage", url, "--top", "3",
+                                "--repeats", "2", "--quiet", cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not stored_confirmations(url):
         assert confirm.poll() is None, confirm.communicate()

@@ -4,7 +4,6 @@ SQLite file, pipelines that cannot load."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ from tests.conftest import (
     TINY_SPEC,
     free_port,
     optsearch_cmd,
+    optsearch_process,
     storage_snapshot,
     write_spec,
 )
@@ -36,10 +36,10 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def start_worker(url, *extra, env=None, study="tiny"):
-    return subprocess.Popen([OPTSEARCH, "worker", "--study", study, "--storage", url, "--quiet",
-                             "--heartbeat-interval", "1", "--grace-period", "4", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    """A worker process beside the test; `env`: faults to inject (read as it runs)."""
+    return optsearch_process("worker", "--study", study, "--storage", url, "--quiet",
+                             "--heartbeat-interval", "1", "--grace-period", "4", *extra,
+                             runtime_env=env)
 
 
 def create(spec_text, tmp_path, url, name="tiny.toml"):

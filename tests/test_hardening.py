@@ -20,7 +20,14 @@ from optsearch.storage.masking import encode_password, mask_text, mask_url
 from optsearch.storage.rdb import open_storage
 from optsearch.storage.record import is_copy
 from optsearch.study_spec import load_spec
-from tests.conftest import OPTSEARCH, SLOW_SPEC, TINY_SPEC, optsearch_cmd, sigint_default, write_spec
+from tests.conftest import (
+    SLOW_SPEC,
+    TINY_SPEC,
+    ForkedProcess,
+    optsearch_cmd,
+    optsearch_process,
+    write_spec,
+)
 
 SPECIAL = "Tr0ub@dor&3/x:y?z"
 
@@ -250,9 +257,8 @@ def test_seeded_workers_in_parallel_and_resumed_draw_no_setting_twice(tmp_path, 
     settings, none reused; and the seed still makes the study reproducible."""
     spec = write_spec(tmp_path / "t.toml", SEEDED)
     assert optsearch_cmd("study", "create", str(spec), "--storage", pg_url).returncode == 0
-    workers = [subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", pg_url, "--quiet",
-                                 "--n-trials", "2", "--artifact-dir", str(tmp_path / "art")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [optsearch_process("worker", "--study", "tiny", "--storage", pg_url, "--quiet",
+                                 "--n-trials", "2", "--artifact-dir", str(tmp_path / "art"))
                for _ in range(2)]
     assert [w.wait(timeout=400) for w in workers] == [0, 0]
     resumed = optsearch_cmd("run", str(spec), "--storage", pg_url, "--quiet", cwd=tmp_path)
@@ -271,13 +277,12 @@ def test_seeded_workers_in_parallel_and_resumed_draw_no_setting_twice(tmp_path, 
     assert trial.params == first.params
 
 
-def worker_in_a_trial(tmp_path, n_trials: int = 3) -> tuple[str, subprocess.Popen, list]:
+def worker_in_a_trial(tmp_path, n_trials: int = 3) -> tuple[str, ForkedProcess, list]:
     """A study of n_trials and one worker process, returned once its first trial runs."""
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", f"n_trials = {n_trials}"))
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    worker = subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", url, "--quiet"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = optsearch_process("worker", "--study", "tiny", "--storage", url, "--quiet", cwd=tmp_path)
     study = optuna.load_study(study_name="tiny", storage=url)
     deadline = time.monotonic() + 300
     while True:
@@ -318,10 +323,8 @@ def test_devices_runs_one_worker_per_device_and_one_ctrl_c_stops_all(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = write_spec(tmp_path / "t.toml", SLOW_SPEC.replace("n_trials = 4", "n_trials = 20"))
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
-    parent = subprocess.Popen([OPTSEARCH, "worker", "--study", "tiny", "--storage", url, "--quiet",
-                               "--devices", "cpu,cpu"], cwd=tmp_path, start_new_session=True,
-                              preexec_fn=sigint_default,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent = optsearch_process("worker", "--study", "tiny", "--storage", url, "--quiet",
+                               "--devices", "cpu,cpu", cwd=tmp_path, new_session=True)
     try:
         study = optuna.load_study(study_name="tiny", storage=url)
         deadline = time.monotonic() + 300

@@ -31,6 +31,7 @@ from tests.conftest import (
     SLOW_SPEC,
     TINY_SPEC,
     optsearch_cmd,
+    optsearch_process,
     sigint_default,
     storage_snapshot,
     write_spec,
@@ -51,11 +52,15 @@ def load(url: str, name: str = "tiny") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=url)
 
 
-def worker(url: str, *extra: str, study: str = "tiny") -> subprocess.Popen:
-    return subprocess.Popen([OPTSEARCH, "worker", "--study", study, "--storage", url, "--quiet",
-                             "--heartbeat-interval", "1", "--grace-period", "3", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_default)
+def worker(url: str, *extra: str, study: str = "tiny", line_by_line: bool = False):
+    """A worker process beside the test (forked: tests/forked_cli.py); `line_by_line`: a new
+    interpreter whose stdout the test reads as it prints."""
+    argv = ("worker", "--study", study, "--storage", url, "--quiet", "--heartbeat-interval", "1",
+            "--grace-period", "3", *extra)
+    if not line_by_line:
+        return optsearch_process(*argv)
+    return subprocess.Popen([OPTSEARCH, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=sigint_default)
 
 
 def evaluated_settings(study: optuna.Study) -> list[str]:
@@ -264,7 +269,7 @@ def test_a_worker_waiting_on_another_workers_last_trial_says_which_and_goes_on_w
 
     storage.record_heartbeat(held._trial_id)  # it beats before the worker looks
     threading.Thread(target=beat, daemon=True).start()
-    process = worker(url, "--artifact-dir", str(tmp_path / "artifacts"))
+    process = worker(url, "--artifact-dir", str(tmp_path / "artifacts"), line_by_line=True)
     try:
         lines = [process.stdout.readline()]  # the estimate first
         while "waiting for" not in lines[-1] and lines[-1] and len(lines) < 5:
