@@ -138,6 +138,16 @@ CASES = [
      "confirm: confirmation needs 100 unseen prompts"),
     ("PSNR limit on the wrong scale", {"s.toml": replaced("limit = 30.0", "limit = 0.3")},
      ["study", "create", "s.toml", "--name", "scale"], 2, "0.3 dB is below any meaningful PSNR"),
+    ("an artifact folder that is a file", {"s.toml": spec_with('[artifacts]\npath = "afile"\n'),
+                                           "afile": "x"},
+     ["study", "create", "s.toml", "--name", "art"], 2, "afile is a file: name a folder"),
+    ("run --artifact-dir into a file: no study made", {"s.toml": TINY_SPEC, "afile": "x"},
+     ["run", "s.toml", "--name", "art", "--artifact-dir", "afile"], 2,
+     "artifact folder afile: cannot be made (File exists)"),
+    ("a DeepCache branch past the UNet's blocks, said by check",
+     {"s.toml": spec_with("[space.deepcache]\ncache_branch_id = [0, 50]\n")}, ["check", "s.toml"], 2,
+     "deepcache.cache_branch_id=50 is too large for UNet2DConditionModel's 2 down blocks (allowed: "
+     "0..5)"),
 ]
 
 
@@ -145,7 +155,8 @@ CASES = [
 # (a typo must not wait for a 12 GB pipeline to load), which the test proves by making them fail.
 NEEDS_TORCH = {"export with no feasible trial", "unknown CLIP model", "a compile mode torch does not know",
                "a compiled study with a backend torch does not know is never made",
-               "check sees the confirmation beyond the source"}
+               "check sees the confirmation beyond the source",
+               "a DeepCache branch past the UNet's blocks, said by check"}
 
 
 def without_torch(folder) -> dict:

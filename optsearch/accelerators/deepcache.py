@@ -6,6 +6,8 @@ instance attribute; restore also deletes those, so the modules look exactly as b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from optsearch.accelerators.base import Param
 
 NAME = "deepcache"
@@ -18,6 +20,20 @@ PARAMS = (
 )
 
 
+def problem_with(pipe, values: Mapping | None = None) -> str | None:
+    """A skip branch past the UNet's down blocks (3 a block): DeepCache would fail at the
+    trial, where the spec can say so at load. `values`: a setting's, or the lists searched."""
+    branches = 3 * len(pipe.unet.down_blocks)
+    asked = (values or {}).get("cache_branch_id", [])
+    too_large = [branch for branch in (asked if isinstance(asked, list) else [asked])
+                 if branch >= branches]
+    if too_large:
+        return (f"deepcache.cache_branch_id={max(too_large)} is too large for "
+                f"{type(pipe.unet).__name__}'s {len(pipe.unet.down_blocks)} down blocks "
+                f"(allowed: 0..{branches - 1}): set space.deepcache.cache_branch_id within it")
+    return None
+
+
 class DeepCachePatch:
     """DeepCache enabled on a pipeline; `restore()` disables it. `computed_fraction()` says how
     much of the UNet's blocks the last call really ran: every block DeepCache may skip is weighed
@@ -27,12 +43,8 @@ class DeepCachePatch:
     def __init__(self, pipe, cache_interval: int, cache_branch_id: int):
         from DeepCache import DeepCacheSDHelper
 
-        branches = 3 * len(pipe.unet.down_blocks)
-        if cache_branch_id >= branches:
-            raise ValueError(
-                f"deepcache.cache_branch_id={cache_branch_id} is too large for this UNet "
-                f"(allowed: 0..{branches - 1})"
-            )
+        if problem := problem_with(pipe, {"cache_branch_id": cache_branch_id}):
+            raise ValueError(problem)
         self.unet = pipe.unet
         self.had_forward = {id(m) for m in self.unet.modules() if "forward" in m.__dict__}
         self.helper = DeepCacheSDHelper(pipe=pipe)

@@ -31,6 +31,7 @@ from optsearch.optimize.create import (
     spec_differences,
 )
 from optsearch.optimize.study import SPEC_ATTR, load_study
+from optsearch.storage.artifacts import make_artifact_folder
 from optsearch.storage.rdb import mask, open_storage, resolve_url
 from optsearch.storage.record import combo_label
 from optsearch.study_spec import SpecError, load_spec, notes
@@ -279,6 +280,7 @@ def cmd_worker(args) -> int:
         return 0
     _, spec = load_study(storage, args.study)  # an unknown study is said before too,
     check_folders(spec.model)  # and a model folder this machine lacks
+    make_artifact_folder(args.artifact_dir or spec.artifacts.path)
     if devices:
         from optsearch.optimize.fleet import run_workers
 
@@ -311,6 +313,7 @@ def cmd_run(args) -> int:
         confirm_prompts(spec)
     prompts = prompts_of(spec.prompts)  # and before torch and diffusers load: a typo answers at once
     check_folders(spec.model)
+    make_artifact_folder(args.artifact_dir or spec.artifacts.path)
     from optsearch.measure.evaluate import evaluator_from_spec
     from optsearch.optimize.worker import Worker
 

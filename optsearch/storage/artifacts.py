@@ -38,8 +38,20 @@ def open_artifact_store(location: str):
 
         bucket = location.removeprefix("s3://").split("/", 1)[0]
         return Boto3ArtifactStore(bucket)
-    Path(location).mkdir(parents=True, exist_ok=True)
+    make_artifact_folder(location)
     return FileSystemArtifactStore(location)
+
+
+def make_artifact_folder(location: str) -> None:
+    """The local artifact folder made (a bucket's prefix needs none), or one line saying why it
+    cannot be: the commands call it before a model loads or a study is written."""
+    if location.startswith("s3://"):
+        return
+    try:
+        Path(location).mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name, no permission: the user's to fix
+        raise UsageError(f"artifact folder {location}: cannot be made ({error.strerror}): set "
+                         "artifacts.path or --artifact-dir to a folder") from None
 
 
 def upload_bytes(store, target: optuna.Study | optuna.Trial, name: str, data: bytes,

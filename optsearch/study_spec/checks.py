@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from optsearch.accelerators import (
     KINDS,
@@ -289,6 +290,8 @@ def validate(spec: StudySpec, problem) -> None:
                     "grid is fixed when the study is created: give it a range [low, high, step]")
     if spec.artifacts.grid_prompts < 0:
         problem("artifacts.grid_prompts", "must be >= 0")
+    if "://" not in spec.artifacts.path and os.path.isfile(spec.artifacts.path):
+        problem("artifacts.path", f"{spec.artifacts.path} is a file: name a folder")
 
 
 def _steps_said(model) -> str:
