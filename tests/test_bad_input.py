@@ -148,6 +148,9 @@ CASES = [
      {"s.toml": spec_with("[space.deepcache]\ncache_branch_id = [0, 50]\n")}, ["check", "s.toml"], 2,
      "deepcache.cache_branch_id=50 is too large for UNet2DConditionModel's 2 down blocks (allowed: "
      "0..5)"),
+    ("evaluate --set a DeepCache branch past the UNet's blocks", {"s.toml": TINY_SPEC},
+     ["evaluate", "s.toml", "--set", "deepcache.cache_branch_id=50"], 2,
+     "--set: deepcache.cache_branch_id=50 is too large for UNet2DConditionModel's 2 down blocks"),
 ]
 
 
@@ -156,7 +159,8 @@ CASES = [
 NEEDS_TORCH = {"export with no feasible trial", "unknown CLIP model", "a compile mode torch does not know",
                "a compiled study with a backend torch does not know is never made",
                "check sees the confirmation beyond the source",
-               "a DeepCache branch past the UNet's blocks, said by check"}
+               "a DeepCache branch past the UNet's blocks, said by check",
+               "evaluate --set a DeepCache branch past the UNet's blocks"}
 
 
 def without_torch(folder) -> dict:

@@ -30,7 +30,7 @@ def problem_with(pipe, values: Mapping | None = None) -> str | None:
     if too_large:
         return (f"deepcache.cache_branch_id={max(too_large)} is too large for "
                 f"{type(pipe.unet).__name__}'s {len(pipe.unet.down_blocks)} down blocks "
-                f"(allowed: 0..{branches - 1}): set space.deepcache.cache_branch_id within it")
+                f"(allowed: 0..{branches - 1})")
     return None
 
 

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from optsearch.accelerators import ORDER, combo_problem, normalize_setting
+from optsearch.accelerators import ORDER, combo_problem, normalize_setting, pipeline_problem
 from optsearch.errors import UsageError
 from optsearch.formatting import comparison_table, compile_text, format_setting
 from optsearch.measure.model_ids import check_folders
@@ -71,6 +71,8 @@ def cmd_evaluate(args) -> int:
     from optsearch.optimize import pass_noise
 
     evaluator = evaluator_from_spec(spec, device=args.device, progress=not args.quiet)
+    if problem := pipeline_problem(list(setting), evaluator.pipe, setting):  # before the baseline
+        raise UsageError(f"--set: {problem}")
     baseline = evaluator.baseline()
     keep = len(evaluator.prompts) if args.save_images else 0
     comparison = evaluator.compare(setting, baseline, keep_images=keep,
