@@ -220,20 +220,31 @@ def test_more_dbcache_blocks_than_the_transformer_holds_fail_at_load(flux_pipe, 
     from optsearch.measure.models import ModelLoadError
     from optsearch.measure.served import check_families
 
+    hooks_before = _hook_state(denoiser(flux_pipe))
     spec = spec_from_dict({**_flux_dict([["dbcache"]]),
                            "space": {"dbcache": {"Fn_compute_blocks": [1, 8]}}})
     with pytest.raises(ModelLoadError) as raised:
         check_families(flux_pipe, spec)
-    assert "space.dbcache: Fn_compute_blocks = 8 exceeds the 6 blocks cache-dit caches in " \
+    assert "dbcache: Fn_compute_blocks = 8 exceeds the 6 blocks cache-dit caches in " \
            "FluxTransformer2DModel (at most 6)" in str(raised.value)
     assert exit_code_for(raised.value) == 2
     check_families(flux_pipe, spec_from_dict({**_flux_dict([["dbcache"]]), "space": {
         "dbcache": {"Fn_compute_blocks": [1, 6], "Bn_compute_blocks": [0, 6]}}}))  # fits
+    # counting the blocks built cache-dit's adapter, which patches the transformer: undone, so
+    # the baseline runs the plain forward (it once kept cache-dit's)
+    assert _hook_state(denoiser(flux_pipe)) == hooks_before
     text = DBCACHE_SPEC + '[space.dbcache]\nFn_compute_blocks = [1, 8]\n'
     url = f"sqlite:///{tmp_path}/db.db"
     ran = optsearch_cmd("run", str(write_spec(tmp_path / "db.toml", text)), "--storage", url, "--quiet")
     assert ran.returncode == 2 and "Fn_compute_blocks = 8 exceeds the 6 blocks" in ran.stderr, ran.stderr
     assert "Traceback" not in ran.stderr
+    # one setting, given by hand: said before the baseline is timed (cache-dit's assertion at the
+    # first call was exit 1)
+    ran = optsearch_cmd("evaluate", str(write_spec(tmp_path / "one.toml", DBCACHE_SPEC)),
+                        "--set", "dbcache.Bn_compute_blocks=7", "--quiet")
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.strip() == "optsearch: error: --set: dbcache: Bn_compute_blocks = 7 exceeds " \
+        "the 6 blocks cache-dit caches in FluxTransformer2DModel (at most 6)"
 
 
 @pytest.mark.parametrize("sets, message", [

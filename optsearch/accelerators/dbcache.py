@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from optsearch.accelerators.base import CalibratedRange, Param, bounds_of
+from optsearch.accelerators.cache_dit_adapter import LeftBehind, adapter_builder, cached_block_count
 from optsearch.accelerators.cache_dit_masks import (  # noqa: F401 - the family's API
     MASK_POLICIES,
     diffs_at,
@@ -35,7 +36,6 @@ from optsearch.accelerators.hooks import (
     call_parameters,
     call_steps,
     denoiser,
-    denoisers,
     runs_separate_cfg,
 )
 
@@ -65,46 +65,28 @@ PARAMS = (  # the mask and its policy before what they make irrelevant (`inactiv
 )
 
 
-def adapter_builder(pipe):
-    """How to get what `cache_dit.enable_cache` takes for `pipe` (building it patches the
-    transformer, so only on apply): the pipeline itself when cache-dit knows its class, else a
-    BlockAdapter from the class it derives from or from its transformer's class. None when
-    cache-dit knows neither."""
-    from cache_dit import BlockAdapterRegister
-
-    if BlockAdapterRegister.is_supported(pipe):
-        return lambda: BlockAdapterRegister.get_adapter(pipe)
-    transformer = denoiser(pipe)
-    for klass in type(pipe).__mro__[1:]:
-        for prefix, build in BlockAdapterRegister._adapters.items():  # class-name prefix -> builder
-            if klass.__name__.startswith(prefix):
-                return lambda build=build: build(pipe)
-    if BlockAdapterRegister.is_supported(transformer):
-        return lambda: BlockAdapterRegister.get_adapter(transformer)
-    return None
-
-
 def problem_with(pipe, values: Mapping | None = None) -> str | None:
-    """Why cache-dit cannot cache this pipeline, or None."""
+    """Why cache-dit cannot cache this pipeline with these first and last block counts, or None.
+    `values`: a setting's, or the study's searched lists."""
     _cache_dit()
     if getattr(pipe, "transformer", None) is None or adapter_builder(pipe) is None:
         return (f"dbcache needs a pipeline cache-dit supports ({type(pipe).__name__} with "
                 f"{type(denoiser(pipe)).__name__} is not one: FLUX, Qwen-Image, SD3, Wan and more)")
-    return None
+    return _blocks_problem(pipe, values or {})
 
 
-def space_problem(pipe, searched: Mapping) -> str | None:
-    """Why the Fn or Bn values a study searches cannot run on this pipeline, or None: cache-dit
-    refuses more first or last blocks than the block list it caches holds (its assertion, met
-    mid-search, would end the worker). `searched`: `StudySpec.searched_values("dbcache")`."""
-    _cache_dit()
-    adapter = adapter_builder(pipe)()
-    names, lists = adapter.blocks_name, adapter.blocks
-    blocks = min(len(b) for b in (lists if isinstance(names, list) else [lists]))
-    too_many = [f"{param} = {max(searched[param])}" for param in ("Fn_compute_blocks", "Bn_compute_blocks")
-                if searched.get(param) and max(searched[param]) > blocks]
+def _blocks_problem(pipe, values: Mapping) -> str | None:
+    """cache-dit refuses more first or last blocks than the block list it caches holds: its
+    assertion, met at a trial's first call, would end the worker."""
+    blocks = cached_block_count(pipe)
+    too_many = []
+    for param in ("Fn_compute_blocks", "Bn_compute_blocks"):
+        asked = values.get(param)
+        most = max(asked, default=0) if isinstance(asked, list) else (asked or 0)
+        if most > blocks:
+            too_many.append(f"{param} = {most}")
     if too_many:
-        return (f"space.dbcache: {' and '.join(too_many)} exceeds the {blocks} blocks cache-dit caches "
+        return (f"dbcache: {' and '.join(too_many)} exceeds the {blocks} blocks cache-dit caches "
                 f"in {type(denoiser(pipe)).__name__} (at most {blocks})")
     return None
 
@@ -122,9 +104,7 @@ class EnabledDBCache:
         build = adapter_builder(pipe)
         if build is None:
             raise ValueError(problem_with(pipe))
-        self._modules = [pipe, *(module for expert in denoisers(pipe) for module in expert.modules())]
-        self._before = [set(vars(module)) for module in self._modules]
-        self._order = [list(getattr(module, "_modules", {})) for module in self._modules]
+        self._left = LeftBehind(pipe)
         self._enabled = False
         self.adapter = build()
         names, lists = self.adapter.blocks_name, self.adapter.blocks
@@ -157,24 +137,11 @@ class EnabledDBCache:
         return computed / total if total else None
 
     def restore(self) -> None:
-        """cache-dit's own disable, then what it leaves behind removed: an instance `forward`
-        wrapping the class's, its patched flags, and its re-added block lists moved back into
-        their places (diffusers' FirstBlockCache takes the first block it meets as the head)."""
+        """cache-dit's own disable, then what it leaves behind removed (`LeftBehind`)."""
         if self._enabled:
             _cache_dit().disable_cache(self.pipe)
             self._enabled = False
-        for module, order in zip(self._modules, self._order, strict=True):
-            children = getattr(module, "_modules", None)
-            if children is not None and list(children) != order and set(order) <= set(children):
-                rest = [name for name in children if name not in order]
-                object.__setattr__(module, "_modules",
-                                   {name: children[name] for name in [*order, *rest]})
-        import torch
-
-        for module, before in zip(self._modules, self._before, strict=True):
-            for name in set(vars(module)) - before:
-                if not isinstance(getattr(module, name), torch.nn.Module | torch.Tensor):
-                    delattr(module, name)
+        self._left.remove()
 
 
 class DBCachePatch:

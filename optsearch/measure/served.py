@@ -11,7 +11,6 @@ from optsearch.accelerators import (
     call_problem,
     combo_name,
     combo_problem,
-    dbcache,
     denoiser,
     enabled_already,
     pipeline_kind,
@@ -50,9 +49,6 @@ def check_families(pipe, spec) -> None:
         if name not in taken:
             raise ModelLoadError(f"model.call.{name}: {type(pipe).__name__}'s call takes no {name} "
                                  f"(it takes: {', '.join(n for n in taken if n != 'self')})")
-    if any("dbcache" in combo for combo in spec.search.combos) and \
-            (problem := dbcache.space_problem(pipe, spec.searched_values("dbcache"))):
-        raise ModelLoadError(f"model {spec.model.id!r}: {problem}")
     for distilled in spec.distill_settings():  # each loaded and unloaded once: one that cannot
         apply_setting(pipe, distilled).restore()  # load ends here, before the baseline is timed
 
