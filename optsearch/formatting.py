@@ -28,8 +28,8 @@ def auto_range_details(by, at_steps: dict, model_steps: int, under: dict | None 
     """The lines `check` and `study show` print under an "auto" range: its ranges per value of
     the parameter it moves with (`by`), those at fewer steps than the model's (`at_steps`,
     {count: (bounds, by)}; a trial in between samples in the blend), and those measured on each
-    step-distilled LoRA its trials run (`under`, {LoRA: bounds}). The counts are the steps
-    that denoise (image-to-image: a share of each call's), the model's the largest."""
+    step-distilled LoRA its trials run (`under`, {LoRA: (bounds, by)}). The counts are the
+    steps that denoise (image-to-image: a share of each call's), the model's the largest."""
     model_steps = max([int(count) for count in at_steps], default=model_steps)
     lines = [per_value_text(by)] if by else []  # a trial samples in the range of the value it drew
     for count, (fewer, fewer_by) in sorted(at_steps.items(), key=lambda item: int(item[0])):
@@ -37,8 +37,10 @@ def auto_range_details(by, at_steps: dict, model_steps: int, under: dict | None 
             per_value = f"; {per_value_text(fewer_by).strip()}" if fewer_by else ""
             lines.append(f"  at {count} steps (above: at the model's {model_steps}; a step count in "
                          f"between samples in their blend): [{fewer[0]}, {fewer[1]}]{per_value}")
-    lines += [f"  on the distilled model of {lora} (its trials sample this): [{low}, {high}]"
-              for lora, (low, high) in (under or {}).items()]
+    for lora, ((low, high), lora_by) in (under or {}).items():
+        per_value = f"; {per_value_text(lora_by).strip()}" if lora_by else ""
+        lines.append(f"  on the distilled model of {lora} (its trials sample this): "
+                     f"[{low}, {high}]{per_value}")
     return lines
 
 

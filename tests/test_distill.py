@@ -630,3 +630,41 @@ def test_a_fused_distilled_lora_runs_on_the_compiled_denoiser(tmp_path):
     text += f'[space.distill]\nlora = "{lora}"\nfuse = true\n'
     spec = load_spec(write_spec(tmp_path / "s.toml", text))
     assert spec.model.compile == "regional"  # fused, a compiled study takes distill
+
+
+def test_a_distilled_models_dbcache_range_is_shown_per_fn_as_its_trials_sample_it(tmp_path):
+    """DBCache's "auto" threshold is calibrated per Fn, on the plain model and on a LoRA's
+    distilled model alike: `check` and `study show` print the LoRA's range per Fn too, as its
+    trials sample it (they printed one range per LoRA)."""
+    from tests.test_families import DBCACHE_SPEC
+
+    lora = saved_lora("builtin:tiny-flux", tmp_path / "lora", seed=1)
+    text = DBCACHE_SPEC.replace('accelerators = [["dbcache"]]',
+                                'accelerators = [["dbcache"], ["distill", "steps", "dbcache"]]') \
+        .replace("n_trials = 2", "n_trials = 1") \
+        + '[space.dbcache]\nFn_compute_blocks = [1, 2]\nmax_warmup_steps = 1\n' \
+        + f'[space.distill]\nlora = "{lora}"\nnum_inference_steps = 4\n'
+    spec = write_spec(tmp_path / "db.toml", text)
+    url = f"sqlite:///{tmp_path}/db.db"
+    ran = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", "--artifact-dir",
+                        str(tmp_path / "art"))
+    assert ran.returncode == 0, ran.stderr
+    study = optuna.load_study(study_name="flux", storage=url)
+    [calibration] = [v for k, v in study.user_attrs.items()
+                     if k.startswith("optsearch:calibration:") and k.endswith(":dbcache")]
+    by, per_fn = calibration["under"][str(lora)]["by"]["residual_diff_threshold"]
+    assert by == "Fn_compute_blocks" and sorted(per_fn) == ["1", "2"]
+    assert per_fn != calibration["by"]["residual_diff_threshold"][1]  # the distilled model's own
+    low, high = calibration["under"][str(lora)]["auto"]["residual_diff_threshold"]
+    said = f"  on the distilled model of {lora} (its trials sample this): [{low}, {high}]; per " \
+           f"Fn_compute_blocks: 1 [{per_fn['1'][0]}, {per_fn['1'][1]}], 2 [{per_fn['2'][0]}, " \
+           f"{per_fn['2'][1]}]"
+    shown = optsearch_cmd("study", "show", "flux", "--storage", url)
+    assert shown.returncode == 0 and said in shown.stdout, shown.stdout
+    as_json = json.loads(optsearch_cmd("study", "show", "flux", "--storage", url, "--json").stdout)
+    [under_by] = as_json["auto_ranges_under_by"].values()
+    assert under_by["dbcache.residual_diff_threshold"][str(lora)] == [by, per_fn]
+    checked = optsearch_cmd("check", str(spec))  # measured again here: the same model, per Fn
+    assert checked.returncode == 0, checked.stderr
+    [line] = [line for line in checked.stdout.splitlines() if "on the distilled model of" in line]
+    assert "; per Fn_compute_blocks: 1 [" in line and ", 2 [" in line

@@ -334,7 +334,8 @@ def format_report(report: Report, spec) -> str:
         lines += auto_range_details(calibrated.by, {count: (fewer, fewer.by)
                                                     for count, fewer in calibrated.at_steps.items()},
                                     facts["denoising"][spec.model.steps],
-                                    {lora: list(distilled) for lora, distilled in calibrated.under.items()})
+                                    {lora: (list(distilled), distilled.by)
+                                     for lora, distilled in calibrated.under.items()})
     lines += factors_text(facts, free)
     lines += fused_copy_text(facts)
     lines += _tome_text(spec, facts.get("tome_tokens"))

@@ -72,6 +72,11 @@ def study_summary(study: optuna.Study, spec) -> dict:
             fingerprint: {name: {lora: list(distilled) for lora, distilled in calibrated.under.items()}
                           for name, calibrated in ranges.items() if calibrated.under}
             for fingerprint, ranges in calibrated_ranges.items()},
+        "auto_ranges_under_by": {  # {LoRA: [param, {value: [lo, hi]}]}, as auto_ranges_by
+            fingerprint: {name: {lora: list(distilled.by) for lora, distilled in calibrated.under.items()
+                                 if distilled.by}
+                          for name, calibrated in ranges.items() if calibrated.under}
+            for fingerprint, ranges in calibrated_ranges.items()},
         "tome_tokens": {fingerprint: stored["tome"]["tokens"] for fingerprint, stored in calibrations.items()
                         if (stored.get("tome") or {}).get("tokens")},  # {downsample: count}
         "confirmations": [{**record, "search": trial_metrics(by_number[record["trial"]])}
@@ -149,7 +154,7 @@ def format_summary(summary: dict) -> str:
             lines += auto_range_details(summary["auto_ranges_by"].get(fingerprint, {}).get(name),
                                         summary["auto_ranges_at_steps"].get(fingerprint, {}).get(name, {}),
                                         summary["model_steps"],
-                                        summary["auto_ranges_under"].get(fingerprint, {}).get(name))
+                                        _under(summary, fingerprint, name))
     for fingerprint, tokens in summary.get("tome_tokens", {}).items():
         levels = ", ".join(f"{count} at {level}x" for level, count in tokens.items())
         lines.append(f"tome tokens on {fingerprint}: {levels} downsampling (measured; a ratio merges "
@@ -285,6 +290,13 @@ def _computed(fraction: float | None) -> str:
 
 def _trial_interval(metrics: dict, metric: str) -> str:
     return format_interval(quality_of(metrics, metric))
+
+
+def _under(summary: dict, fingerprint: str, name: str) -> dict:
+    """{LoRA: (bounds, by)} of an "auto" range measured on each step-distilled LoRA."""
+    bounds = summary["auto_ranges_under"].get(fingerprint, {}).get(name, {})
+    by = summary["auto_ranges_under_by"].get(fingerprint, {}).get(name, {})
+    return {lora: (low_high, by.get(lora)) for lora, low_high in bounds.items()}
 
 
 def _timings_table(timings: list[dict]) -> str:
