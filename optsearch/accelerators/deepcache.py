@@ -23,13 +23,16 @@ PARAMS = (
 def problem_with(pipe, values: Mapping | None = None) -> str | None:
     """A skip branch past the UNet's down blocks (3 a block): DeepCache would fail at the
     trial, where the spec can say so at load. `values`: a setting's, or the lists searched."""
-    branches = 3 * len(pipe.unet.down_blocks)
+    unet = getattr(pipe, "unet", None)
+    if unet is None:  # not a UNet pipeline: the family's kind says so first
+        return None
+    branches = 3 * len(unet.down_blocks)
     asked = (values or {}).get("cache_branch_id", [])
     too_large = [branch for branch in (asked if isinstance(asked, list) else [asked])
                  if branch >= branches]
     if too_large:
         return (f"deepcache.cache_branch_id={max(too_large)} is too large for "
-                f"{type(pipe.unet).__name__}'s {len(pipe.unet.down_blocks)} down blocks "
+                f"{type(unet).__name__}'s {len(unet.down_blocks)} down blocks "
                 f"(allowed: 0..{branches - 1})")
     return None
 
