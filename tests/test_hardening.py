@@ -108,6 +108,10 @@ def test_a_cloud_databases_postgres_url_works_and_a_missing_driver_is_named(tmp_
     assert other.stderr.strip() == (
         "optsearch: error: cannot open storage mysql://u:***@127.0.0.1/db: no driver for mysql "
         "here: optsearch installs SQLite's and psycopg (postgresql+psycopg://, or postgresql://)")
+    unknown = optsearch_cmd("study", "list", "--storage", "redis://:secret@127.0.0.1")  # no RDB
+    assert unknown.returncode == 2 and unknown.stderr.strip() == (
+        "optsearch: error: cannot open storage redis://:***@127.0.0.1: redis:// is not a database "
+        "SQLAlchemy knows: give sqlite:///FILE, postgresql://..., or a storage proxy's grpc://host:port")
 
 
 def test_another_apps_database_is_never_written(tmp_path, pg_url):

@@ -263,4 +263,7 @@ def open_storage(url: str | None = None, heartbeat_interval: int | None = HEARTB
         if isinstance(error, ImportError) or "Failed to import DB access module" in reason_text:
             reason_text = (f"no driver for {parsed.drivername} here: optsearch installs "
                            "SQLite's and psycopg (postgresql+psycopg://, or postgresql://)")
+        elif "Can't load plugin" in reason_text:  # SQLAlchemy knows no such database
+            reason_text = (f"{parsed.drivername}:// is not a database SQLAlchemy knows: give "
+                           "sqlite:///FILE, postgresql://..., or a storage proxy's grpc://host:port")
         raise StorageError(f"cannot open storage {mask(url)}: {reason_text}") from None
