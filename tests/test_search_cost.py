@@ -199,3 +199,33 @@ def test_a_trial_stops_after_its_first_batch_once_the_device_has_a_first_batch_r
         else:
             recorded[warmed] += 1
     assert sum(t.user_attrs["batches_evaluated"] == 1 for t in done) >= 1
+
+
+def test_a_resumed_study_estimates_from_what_its_trials_cost(tmp_path):
+    """A worker joining a study with trials finished estimates the rest from them (wall seconds
+    per trial, in passes of its baseline: warm-up, scoring and early stops in it), not from an
+    assumed 1x-2x speedup, and says from how many."""
+    import re
+
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", "--n-trials", "3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "trials to go; estimate: 4 trials x 4 prompts x" in first.stdout
+    assert "/ a 1x-2x speedup" in first.stdout  # nothing measured yet: assumed
+    finished = trials(url)
+    assert len(finished) == 3
+    passes = [(t.datetime_complete - t.datetime_start).total_seconds()
+              / (4 * t.user_attrs["baseline_seconds_per_image"]) for t in finished]
+    resumed = optsearch_cmd("run", str(spec), "--storage", url, "--quiet", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    said = re.search(r"1 trials to go; estimate: 1 trials x 4 prompts x [\d.]+ s/image \(the "
+                     r"baseline's\) x ([\d.]+)-([\d.]+) \(a trial's cost in baseline passes, 95%, "
+                     r"from the 3 trials finished so far", resumed.stdout)
+    assert said, resumed.stdout
+    low, high = float(said.group(1)), float(said.group(2))
+    mean = sum(passes) / 3
+    assert low * 0.95 <= mean <= high * 1.05  # two digits shown
+    assert low >= min(passes) * 0.95  # never cheaper than the cheapest trial was
+    line = resumed.stdout.split("estimate:")[1].split("\n")[0]
+    assert "speedup" not in line and "early stop and reuse make it shorter" not in line  # in it

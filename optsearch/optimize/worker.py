@@ -116,7 +116,7 @@ class Worker:
                 baseline = self.baselines.ensure(self.trials_run)
                 possible = trials_possible(self.spec, computations(self.spec, self.evaluator.calibration))
                 remaining = max(0, possible - sharing.counts(self.study)[0])
-                print_estimate(self.worker_id, baseline, remaining, self.evaluator, self.spec)
+                print_estimate(self.worker_id, baseline, remaining, self.evaluator, self.spec, self.study)
                 self._loop()
             except KeyboardInterrupt:
                 if self.current is not None:  # Optuna failed it: queue its parameters again
