@@ -148,6 +148,14 @@ CASES = [
      {"s.toml": spec_with("[space.deepcache]\ncache_branch_id = [0, 50]\n")}, ["check", "s.toml"], 2,
      "deepcache.cache_branch_id=50 is too large for UNet2DConditionModel's 2 down blocks (allowed: "
      "0..5)"),
+    ("a PAB window that some trials would draw empty",
+     {"s.toml": replaced('["deepcache", "tome"]', '[["pab"]]')
+      + "[space.pab]\ntimestep_skip_low = [100, 900]\ntimestep_skip_high = [500, 600]\n"},
+     ["study", "create", "s.toml", "--name", "pab"], 2, "space.pab: pab.timestep_skip_low (100..900) "
+     "must lie below pab.timestep_skip_high (500..600): every value of the first below every value"),
+    ("evaluate --set a PAB window upside down", {"s.toml": replaced('["deepcache", "tome"]', '[["pab"]]')},
+     ["evaluate", "s.toml", "--set", "pab.timestep_skip_low=900", "--set", "pab.timestep_skip_high=100"],
+     2, "pab.timestep_skip_low (900) must lie below pab.timestep_skip_high (100)"),
     ("evaluate --set a DeepCache branch past the UNet's blocks", {"s.toml": TINY_SPEC},
      ["evaluate", "s.toml", "--set", "deepcache.cache_branch_id=50"], 2,
      "--set: deepcache.cache_branch_id=50 is too large for UNet2DConditionModel's 2 down blocks"),

@@ -125,6 +125,21 @@ def call_problem(pipe, call_kwargs: Mapping) -> str | None:
     return None
 
 
+def window_problem(low, high) -> str | None:
+    """PAB broadcasts between two timesteps: every `timestep_skip_low` must lie below every
+    `timestep_skip_high` (each one value, or the [low, high] a study searches), or the window is
+    empty and diffusers' hook would run on nothing."""
+    lows, highs = ([value] if isinstance(value, int | float) else list(value) for value in (low, high))
+    if max(lows) < min(highs):
+        return None
+    return (f"pab.timestep_skip_low ({_said(lows)}) must lie below pab.timestep_skip_high "
+            f"({_said(highs)}): every value of the first below every value of the second")
+
+
+def _said(values: list) -> str:
+    return str(values[0]) if len(values) == 1 else f"{min(values)}..{max(values)}"
+
+
 def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_attention_block_skip_range"],
           timestep_skip_low: int = DEFAULTS["timestep_skip_low"],
           timestep_skip_high: int = DEFAULTS["timestep_skip_high"], **measured) -> BroadcastPatch:
@@ -134,9 +149,8 @@ def apply(pipe, spatial_attention_block_skip_range: int = DEFAULTS["spatial_atte
     from diffusers.hooks import HookRegistry, apply_pyramid_attention_broadcast
     from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 
-    if not timestep_skip_low < timestep_skip_high:
-        raise ValueError(f"pab.timestep_skip_low={timestep_skip_low} must be below "
-                         f"pab.timestep_skip_high={timestep_skip_high}")
+    if problem := window_problem(timestep_skip_low, timestep_skip_high):
+        raise ValueError(problem)
     module = denoiser(pipe)
     current_timestep, probe = _timestep_source(pipe, module)
     config = PyramidAttentionBroadcastConfig(

@@ -12,6 +12,7 @@ from optsearch.accelerators import (
     combo_problem,
     dbcache,
     denoised_steps,
+    pab,
     params_of,
     step_problems,
 )
@@ -274,6 +275,9 @@ def validate(spec: StudySpec, problem) -> None:
                 said = f"model.steps={most}" if accelerator == "steps" else _steps_said(model)
                 problem(f"space.{accelerator}.{name}", f"{list(bounds[:2])} goes past {said} "
                         "(allowed: 1..steps)")
+    if "pab" in used and (why := pab.window_problem(*(spec.param_range("pab", name)[:2] for name in
+                                                         ("timestep_skip_low", "timestep_skip_high")))):
+        problem("space.pab", why)
     for combo in search.combos:  # cache-dit's steps masks exist for some step counts only
         if "dbcache" not in combo:
             continue
@@ -330,6 +334,10 @@ def check_setting(setting: dict[str, dict], spec: StudySpec) -> list[str]:
         return [f"the setting is {combo_name(setting)}, which this spec does not search "
                 f"(search.accelerators gives: {', '.join(combos)})"]
     problems = step_problems(setting, spec.model.steps, spec.model.strength, spec.model.rounds_up)
+    if "pab" in setting:
+        window = {**pab.DEFAULTS, **setting["pab"]}
+        if why := pab.window_problem(window["timestep_skip_low"], window["timestep_skip_high"]):
+            problems.append(why)
     if guidance_problem(setting, spec.model.guidance_scale):
         problems.append(guidance_problem(setting, spec.model.guidance_scale))
     return problems
