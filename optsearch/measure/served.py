@@ -73,16 +73,19 @@ def _instead_of_any(spec, refused: tuple[str, ...], pipe) -> str:
     instead, every combo of it that this pipeline takes (Wan 2.2 A14B refuses two of them)."""
     if spec.search.accelerators != "any":
         return ""
-    applies = [list(combo) for combo in spec.search.combos if _problem(combo, pipe, spec) is None]
+    applies = [list(combo) for combo in spec.search.combos  # whatever values it will search
+               if _problem(combo, pipe, spec, searched=False) is None]
     listed = ", ".join("[" + ", ".join(f'"{name}"' for name in combo) + "]" for combo in applies)
     return f'; "any" includes {combo_name(refused)}: write search.accelerators = [{listed}]'
 
 
-def _problem(combo, pipe, spec) -> str | None:
-    """Why a family of `combo` cannot run on this pipeline, as the spec calls it, or None."""
+def _problem(combo, pipe, spec, searched: bool = True) -> str | None:
+    """Why a family of `combo` cannot run on this pipeline, as the spec calls it, or None;
+    `searched`: with the values the spec searches (else whatever values it would)."""
     from optsearch.measure.generation import GenerationConfig
 
-    return _hooks_problem(combo, pipe) or pipeline_problem(combo, pipe, _searched(spec, combo)) \
+    values = _searched(spec, combo) if searched else None
+    return _hooks_problem(combo, pipe) or pipeline_problem(combo, pipe, values) \
         or call_problem(combo, pipe, GenerationConfig.from_spec(spec).guidance_kwargs(1, pipe))
 
 
