@@ -446,6 +446,9 @@ def test_an_auto_threshold_is_calibrated_on_each_model_its_trials_run(tmp_path):
     # a calibration stored before (the plain model's alone) measures only the LoRAs it lacks
     evaluator = evaluator_from_spec(spec, pipe=pipe, prompts=prompts)
     evaluator.calibration["fbcache"] = calibrations["plain"]
+    loras = spec.calibration_conditions("fbcache")[1:]  # and the estimate counts those alone
+    assert evaluator.calibration_images(spec) == evaluator.config.batch_size * spec.calibration_calls(
+        {"fbcache": loras}) < evaluator.config.batch_size * spec.calibration_calls()
     evaluator.auto_ranges(spec)
     assert evaluator.calibration["fbcache"]["auto"] == calibrations["plain"]["auto"]
     assert evaluator.calibration["fbcache"]["under"] == calibrations["mixed"]["under"]

@@ -230,8 +230,8 @@ class Evaluator:
     def calibration_images(self, spec) -> float:
         """Images' worth of plain calls the spec's "auto" ranges still need on this device (none
         once stored): what the estimate adds before the first trial."""
-        pending = {family for family, _ in spec.auto_params()
-                   if self._uncalibrated(family, spec.calibration_conditions(family))}
+        pending = {family: self._uncalibrated(family, spec.calibration_conditions(family))
+                   for family, _ in spec.auto_params()}
         return self.config.batch_size * spec.calibration_calls(pending)
 
     def _uncalibrated(self, family: str, conditions: list) -> list:

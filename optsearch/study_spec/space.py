@@ -5,6 +5,7 @@ from `SearchSpace`, which reads its `space`, `model` and `search` tables."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 from optsearch.accelerators import (
@@ -141,14 +142,16 @@ class SearchSpace:
                          for chosen in itertools.product(*(searched[name] for name in LORA_FILES))]
         return settings
 
-    def calibration_calls(self, families=None) -> float:
-        """The plain calls (in calls at the model's steps) that calibrate the "auto" ranges of
-        `families` (default: every family with one): what the estimate adds before the first
-        trial."""
-        families = {family for family, _ in self.auto_params()} if families is None else families
+    def calibration_calls(self, pending: Mapping[str, list] | None = None) -> float:
+        """The plain calls (in calls at the model's steps) that calibrate the "auto" ranges on
+        the models `pending` names ({family: its calibration conditions still to measure};
+        default: every model of every family with one): what the estimate adds before the
+        first trial."""
+        if pending is None:
+            pending = {family: self.calibration_conditions(family) for family, _ in self.auto_params()}
         return sum(calibration_cost(family, self.searched_values(family), condition.step_counts,
                                     self.model.steps)
-                   for family in families for condition in self.calibration_conditions(family))
+                   for family, conditions in pending.items() for condition in conditions)
 
     def auto_params(self) -> list[tuple[str, str]]:
         """(family, parameter) of every range the spec leaves to calibration ("auto")."""
