@@ -155,6 +155,14 @@ class CalibratedRange(list):
         return list(ranges.get(str(values.get(param)), self))
 
 
+def as_list(value) -> list:
+    """A parameter as `problem_with` gets it, as a list: a setting's one value, or the values a
+    study searches (a list, or a range's bounds); [] where it is not given."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def bounds_of(low: float, high: float) -> list[float]:
     """[low, high] of a calibrated threshold, to 4 decimals: the low end rounded up (a threshold
     above it is above every measured value), the high end never under it."""

@@ -31,6 +31,14 @@ def adapter_builder(pipe):
     return None
 
 
+def block_counts(adapter) -> dict[str, int]:
+    """The blocks of each list a built adapter caches, by the list's name (one name, or one per
+    list: FLUX's double- and single-stream blocks)."""
+    names, lists = adapter.blocks_name, adapter.blocks
+    pairs = zip(names, lists, strict=True) if isinstance(names, list) else [(names, lists)]
+    return {name: len(blocks) for name, blocks in pairs}
+
+
 # denoiser -> the blocks of the smallest list cache-dit caches in it; weak: it goes with its model
 _BLOCK_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -43,9 +51,7 @@ def cached_block_count(pipe) -> int:
     if model not in _BLOCK_COUNTS:
         left = LeftBehind(pipe)
         try:
-            adapter = adapter_builder(pipe)()
-            names, lists = adapter.blocks_name, adapter.blocks
-            _BLOCK_COUNTS[model] = min(len(b) for b in (lists if isinstance(names, list) else [lists]))
+            _BLOCK_COUNTS[model] = min(block_counts(adapter_builder(pipe)()).values())
         finally:
             left.remove()
     return _BLOCK_COUNTS[model]

@@ -21,8 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from optsearch.accelerators.base import CalibratedRange, Param, bounds_of
-from optsearch.accelerators.cache_dit_adapter import LeftBehind, adapter_builder, cached_block_count
+from optsearch.accelerators.base import CalibratedRange, Param, as_list, bounds_of
+from optsearch.accelerators.cache_dit_adapter import (
+    LeftBehind,
+    adapter_builder,
+    block_counts,
+    cached_block_count,
+)
 from optsearch.accelerators.cache_dit_masks import (  # noqa: F401 - the family's API
     MASK_POLICIES,
     diffs_at,
@@ -81,8 +86,7 @@ def _blocks_problem(pipe, values: Mapping) -> str | None:
     blocks = cached_block_count(pipe)
     too_many = []
     for param in ("Fn_compute_blocks", "Bn_compute_blocks"):
-        asked = values.get(param)
-        most = max(asked, default=0) if isinstance(asked, list) else (asked or 0)
+        most = max(as_list(values.get(param)), default=0)
         if most > blocks:
             too_many.append(f"{param} = {most}")
     if too_many:
@@ -107,9 +111,7 @@ class EnabledDBCache:
         self._left = LeftBehind(pipe)
         self._enabled = False
         self.adapter = build()
-        names, lists = self.adapter.blocks_name, self.adapter.blocks
-        pairs = zip(names, lists, strict=True) if isinstance(names, list) else [(names, lists)]
-        self.block_counts = {name: len(blocks) for name, blocks in pairs}  # per cached block list
+        self.block_counts = block_counts(self.adapter)  # per cached block list
         register = cache_dit.BlockAdapterRegister  # cache-dit's own rule (check_context_kwargs)
         self.assumes_separate_cfg = bool(register.has_separate_cfg(self.adapter)
                                          or register.has_separate_cfg(pipe))

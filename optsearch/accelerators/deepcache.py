@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from optsearch.accelerators.base import Param
+from optsearch.accelerators.base import Param, as_list
 
 NAME = "deepcache"
 APPLIES_TO = ("unet",)
@@ -27,9 +27,7 @@ def problem_with(pipe, values: Mapping | None = None) -> str | None:
     if unet is None:  # not a UNet pipeline: the family's kind says so first
         return None
     branches = 3 * len(unet.down_blocks)
-    asked = (values or {}).get("cache_branch_id", [])
-    too_large = [branch for branch in (asked if isinstance(asked, list) else [asked])
-                 if branch >= branches]
+    too_large = [branch for branch in as_list((values or {}).get("cache_branch_id")) if branch >= branches]
     if too_large:
         return (f"deepcache.cache_branch_id={max(too_large)} is too large for "
                 f"{type(unet).__name__}'s {len(unet.down_blocks)} down blocks "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from optsearch.accelerators.base import Param
+from optsearch.accelerators.base import Param, as_list
 from optsearch.accelerators.calls import call_parameters, runs_separate_cfg
 from optsearch.accelerators.hooks import HookPatch, denoiser, denoisers
 
@@ -129,7 +129,7 @@ def window_problem(low, high) -> str | None:
     """PAB broadcasts between two timesteps: every `timestep_skip_low` must lie below every
     `timestep_skip_high` (each one value, or the [low, high] a study searches), or the window is
     empty and diffusers' hook would run on nothing."""
-    lows, highs = ([value] if isinstance(value, int | float) else list(value) for value in (low, high))
+    lows, highs = as_list(low), as_list(high)
     if max(lows) < min(highs):
         return None
     return (f"pab.timestep_skip_low ({_said(lows)}) must lie below pab.timestep_skip_high "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
-from optsearch.accelerators.base import Param
+from optsearch.accelerators.base import Param, as_list
 from optsearch.accelerators.hooks import (
     cache_patch,
     call_parameters,
@@ -51,7 +51,7 @@ def problem_with(pipe, values: Mapping | None = None) -> str | None:
         return None
     lite = (values or {}).get("use_lite_mode")
     lite = lite_by_default(pipe) if lite is None else lite
-    modes = {bool(mode) for mode in (lite if isinstance(lite, list) else [lite])}
+    modes = {bool(mode) for mode in as_list(lite)}
     for model in denoisers(pipe):
         names = [name for name, _ in model.named_modules()]
         if False in modes and not _matches(names, _TRANSFORMER_BLOCK_IDENTIFIERS):
