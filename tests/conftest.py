@@ -229,14 +229,8 @@ class _ForkedCli:
         import tempfile
 
         with self.lock, tempfile.TemporaryDirectory() as folder:
+            pid = self._fork(argv, cwd, dict(os.environ), folder)
             out, err = Path(folder, "stdout"), Path(folder, "stderr")
-            out.touch()
-            err.touch()
-            self.server.stdin.write(json.dumps({
-                "argv": argv, "cwd": str(cwd or os.getcwd()), "env": dict(os.environ),
-                "stdout": str(out), "stderr": str(err)}) + "\n")
-            self.server.stdin.flush()
-            pid = json.loads(self._line())["pid"]
             ended = self._line(timeout)
             if ended is None:  # as subprocess.run: the child killed, then TimeoutExpired
                 os.kill(pid, signal.SIGKILL)
@@ -248,21 +242,27 @@ class _ForkedCli:
 
     def start(self, argv: list[str], cwd, env: dict, new_session: bool) -> ForkedProcess:
         """A command forked to run beside the test (the server answers once it runs)."""
-        import json
         import tempfile
 
         folder = tempfile.TemporaryDirectory()
         with self.lock:
-            paths = {name: Path(folder.name, name) for name in ("stdout", "stderr")}
-            for path in paths.values():
-                path.touch()
-            self.server.stdin.write(json.dumps({
-                "argv": argv, "cwd": str(cwd or os.getcwd()), "env": env,
-                **{name: str(path) for name, path in paths.items()},
-                "status": str(Path(folder.name, "status")), "new_session": new_session}) + "\n")
-            self.server.stdin.flush()
-            pid = json.loads(self._line())["pid"]
+            pid = self._fork(argv, cwd, env, folder.name, new_session=new_session,
+                             status=str(Path(folder.name, "status")))
         return ForkedProcess(argv, pid, folder)
+
+    def _fork(self, argv: list[str], cwd, env: dict, folder: str, **extra) -> int:
+        """Ask the server to fork `argv`, its stdout and stderr to files in `folder` (`extra`:
+        the rest of the request); the child's pid. The caller holds the lock."""
+        import json
+
+        outputs = {name: Path(folder, name) for name in ("stdout", "stderr")}
+        for path in outputs.values():
+            path.touch()
+        self.server.stdin.write(json.dumps({
+            "argv": argv, "cwd": str(cwd or os.getcwd()), "env": env,
+            **{name: str(path) for name, path in outputs.items()}, **extra}) + "\n")
+        self.server.stdin.flush()
+        return json.loads(self._line())["pid"]
 
     def _line(self, timeout: float | None = None) -> str | None:
         """The server's next answer line, read from its pipe byte by byte (a buffered reader
