@@ -137,6 +137,23 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tmp_path, kind):
     assert len(studies.measured_trials(study)) == 3
 
 
+def test_a_fault_no_check_foresaw_stops_the_worker_and_the_failed_trial_says_why(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create(TINY_SPEC, tmp_path, url)
+    worker = start_worker(url, env={"OPTSEARCH_FAULT_ERROR": "1"})  # the first trial's second batch
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 1, err
+    assert "Traceback" not in err and "injected fault at timed batch 1" in err
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.number == 0 and failed.user_attrs["fail_reason"].startswith(
+        "RuntimeError: injected fault at timed batch 1 (OPTSEARCH_FAULT_ERROR) with deepcache(")
+    shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
+    assert shown.returncode == 0, shown.stderr
+    assert "  trial 0 failed: RuntimeError: injected fault at timed batch 1" in shown.stdout
+    as_json = json.loads(optsearch_cmd("study", "show", "tiny", "--storage", url, "--json").stdout)
+    assert [f["trial"] for f in as_json["failed"]] == [0]
+
+
 def test_halving_the_batch_keeps_results(tmp_path):
     setting = {"deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome.ratio": 0.5,
                "tome.max_downsample": 1}

@@ -53,6 +53,8 @@ def study_summary(study: optuna.Study, spec) -> dict:
         "early_stopped": sum(bool(t.user_attrs.get("early_stopped")) for t in trials),
         "early_stop_saved_s": saved,
         "early_stop_by_reason": _early_stop_by_reason(trials),
+        "failed": [{"trial": t.number, "reason": t.user_attrs["fail_reason"]} for t in trials
+                   if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason")],
         "reused": sum(is_copy(t) for t in trials),
         "confidence": spec.quality.confidence,
         "rule": spec.quality.rule,
@@ -136,6 +138,7 @@ def format_summary(summary: dict) -> str:
     saved = summary["early_stop_saved_s"]
     lines.append(f"trials: {states}; early-stopped {summary['early_stopped']} (saved ~{saved:.1f} s); "
                  f"reused {summary['reused']} (free copies of a measured setting or computation)")
+    lines += [f"  trial {failed['trial']} failed: {failed['reason']}" for failed in summary["failed"]]
     for reason, entry in summary["early_stop_by_reason"].items():
         lines.append(f"  early stop ({reason}): {entry['trials']} trials, {entry['batches_saved']} "
                      f"batches and ~{entry['seconds_saved']:.1f} s saved")

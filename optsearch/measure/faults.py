@@ -2,6 +2,7 @@
 
 OPTSEARCH_FAULT_OOM="K" makes the K-th timed batch of a setting (0-based, counted over the
 worker's life) raise torch.cuda.OutOfMemoryError once; "K:memory" raises MemoryError instead.
+OPTSEARCH_FAULT_ERROR="K" makes it raise a RuntimeError, as a fault no check foresaw would.
 OPTSEARCH_FAULT_SLOW_BASELINE="S" adds S seconds to each batch of the worker's first baseline
 timing, as a baseline timed while another process shared the device would read; "S:always" to
 every baseline timing.
@@ -19,11 +20,13 @@ import torch
 
 ENV_OOM = "OPTSEARCH_FAULT_OOM"
 ENV_SLOW_BASELINE = "OPTSEARCH_FAULT_SLOW_BASELINE"
+ENV_ERROR = "OPTSEARCH_FAULT_ERROR"
 
 
 def fault_from_env() -> Callable[[str, int], None] | None:
     """The faults the environment asks for, as one `fault(combo, batch index)` for the evaluator."""
-    faults = [f for f in (oom_fault_from_env(), slow_baseline_from_env()) if f is not None]
+    faults = [f for f in (oom_fault_from_env(), error_fault_from_env(), slow_baseline_from_env())
+              if f is not None]
     if not faults:
         return None
 
@@ -51,17 +54,27 @@ def slow_baseline_from_env() -> Callable[[str, int], None] | None:
     return fault
 
 
-def oom_fault_from_env() -> Callable[[int], None] | None:
-    value = os.environ.get(ENV_OOM)
-    if not value:
+def oom_fault_from_env() -> Callable[[str, int], None] | None:
+    at, _, kind = os.environ.get(ENV_OOM, "").partition(":")
+    message = f"injected out-of-memory at timed batch {at} ({ENV_OOM})"
+    return _raise_at(at, lambda: MemoryError(message) if kind == "memory"
+                     else torch.cuda.OutOfMemoryError(message))
+
+
+def error_fault_from_env() -> Callable[[str, int], None] | None:
+    at = os.environ.get(ENV_ERROR, "")
+    return _raise_at(at, lambda: RuntimeError(f"injected fault at timed batch {at} ({ENV_ERROR})"))
+
+
+def _raise_at(at: str, error: Callable[[], Exception]) -> Callable[[str, int], None] | None:
+    """A fault raising `error()` at the `at`-th timed batch of a setting (None when `at` is empty)."""
+    if not at:
         return None
-    at, _, kind = value.partition(":")
     target = int(at)
     counter = itertools.count()
 
     def fault(combo: str, batch_index: int) -> None:
         if combo != "baseline" and next(counter) == target:
-            message = f"injected out-of-memory at timed batch {target} ({ENV_OOM})"
-            raise MemoryError(message) if kind == "memory" else torch.cuda.OutOfMemoryError(message)
+            raise error()
 
     return fault

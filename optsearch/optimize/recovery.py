@@ -7,13 +7,14 @@ must give back after losing the database or on Ctrl-C, and heartbeat threads an 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import optuna
 import sqlalchemy
@@ -22,6 +23,7 @@ from optuna.storages._heartbeat import HeartbeatThread
 from optuna.trial import TrialState
 
 from optsearch.errors import StorageError, StorageUnreachable, first_line
+from optsearch.formatting import format_setting
 from optsearch.storage.rdb import DATABASE_ERRORS
 from optsearch.storage.requeue import RetryWithoutRecord
 
@@ -86,10 +88,10 @@ class OrphanWatch:
                            if trial_id in unbeaten}
 
 
-def ended_by_others(study: optuna.Study, trial: optuna.Trial | None) -> bool:
+def ended_by_others(study: optuna.Study, trial: optuna.Trial | None, error: Exception) -> bool:
     """Our trial was failed (and re-queued) by another worker that judged its heartbeat stale:
-    its result cannot be told any more."""
-    if trial is None:
+    its result cannot be told any more (`error` is Optuna's "Cannot tell a FAIL trial.")."""
+    if trial is None or not str(error).startswith(("Cannot tell a", "Trial#")):
         return False
     state = study._storage.get_trial(trial._trial_id).state
     if state == TrialState.RUNNING:
@@ -122,6 +124,23 @@ def caused_by_database(error: BaseException | None) -> bool:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
+
+
+@contextlib.contextmanager
+def failure_recorded(trial: optuna.Trial, setting: dict) -> Iterator[None]:
+    """A trial that raises where no check foresaw it records the one-line reason, for the
+    dashboard, `study show` and the trial lines, before Optuna fails it: unless it holds one
+    already (out of memory, an implausible figure) or the database itself failed."""
+    try:
+        yield
+    except Exception as error:
+        if not caused_by_database(error) and "fail_reason" not in trial.user_attrs:
+            try:
+                trial.set_user_attr("fail_reason", f"{type(error).__name__}: {first_line(error)} "
+                                                   f"with {format_setting(setting)}")
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                logger.debug("could not record why trial %d failed", trial.number, exc_info=True)
+        raise
 
 
 class DatabaseOutages:

@@ -172,9 +172,7 @@ class Worker:
                                 catch=(sharing.SurplusTrial, ImplausibleSpeedup, *OUT_OF_MEMORY),
                                 show_progress_bar=False)
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
-            # Optuna's "Cannot tell a FAIL trial.": another worker ended ours meanwhile
-            if not str(error).startswith(("Cannot tell a", "Trial#")) \
-                    or not recovery.ended_by_others(self.study, self.current):
+            if not recovery.ended_by_others(self.study, self.current, error):
                 raise
         finally:
             self.interrupts.release()
@@ -204,9 +202,10 @@ class Worker:
             self.repeated = True
             return sharing.copy_result(self.study, trial, previous, setting)
         try:
-            result = measure_plausibly(lambda: self._measure(trial, setting),
-                                       lambda: self.baselines.retime(self.trials_run), setting,
-                                       self.spec.model, trial)
+            with recovery.failure_recorded(trial, setting):  # then the worker stops (exit 1)
+                result = measure_plausibly(lambda: self._measure(trial, setting),
+                                           lambda: self.baselines.retime(self.trials_run), setting,
+                                           self.spec.model, trial)
         finally:
             self.trials_run += 1  # a trial that failed ran too: this worker's --n-trials counts it
         self.baselines.trial_measured()
