@@ -191,6 +191,7 @@ def test_a_distill_study_runs_from_the_command_line_and_its_winner_exports(tmp_p
     with optsearch.apply(pipe, setting) as run:
         expected = images(run, 8, kind="sd", guidance_scale=7.5)
         assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+        assert pipe.scheduler.config.timestep_spacing == "trailing"  # a default in the model's config
     assert pipe.scheduler is plain_scheduler  # the model's scheduler back
     pipe = build_builtin("builtin:tiny")
     np.testing.assert_array_equal(images(pipe, kind="sd", **accelerate(pipe)), expected)
@@ -671,3 +672,39 @@ def test_a_distilled_models_dbcache_range_is_shown_per_fn_as_its_trials_sample_i
     assert checked.returncode == 0, checked.stderr
     [line] = [line for line in checked.stdout.splitlines() if "on the distilled model of" in line]
     assert "; per Fn_compute_blocks: 1 [" in line and ", 2 [" in line
+
+
+def test_one_lora_file_with_two_schedulers_is_calibrated_as_two_models(tmp_path):
+    """Two recipes of one LoRA file that swap in different schedulers denoise along different
+    timesteps: a cache's "auto" range is calibrated on each, kept apart (`distill.lora_key`
+    names the scheduler), and each recipe's trials sample their own. The recipe's scheduler
+    takes a setting the model's config left at its default (diffusers' from_config drops such
+    keys from a config dict: the shift stayed 1.0, and both calibrations read the same)."""
+    from optsearch.measure.evaluate import evaluator_from_spec
+    from tests.test_families import FLUX_SPEC
+
+    lora = saved_lora("builtin:tiny-flux", tmp_path / "lightning", seed=1)
+    shifted = '{"shift": 6.0, "use_dynamic_shifting": false}'  # as the spec keeps it
+    text = FLUX_SPEC.replace('[["steps"], ["magcache"], ["steps", "taylorseer"]]',
+                             '[["distill", "steps", "fbcache"]]') \
+        + f'[space.distill]\nlora = "{lora}"\nnum_inference_steps = 4\n' \
+        + '[[space.distill.recipes]]\nname = "as-trained"\n' \
+        + f"[[space.distill.recipes]]\nname = \"shifted\"\nscheduler_config = '{shifted}'\n"
+    spec = load_spec(write_spec(tmp_path / "schedulers.toml", text))
+    keys = [condition.lora for condition in spec.calibration_conditions("fbcache")]
+    assert keys == [str(lora), f"{lora} with scheduler {shifted}"]
+    pipe = build_builtin("builtin:tiny-flux")
+    assert pipe.scheduler.config.shift == 1.0 and "shift" in pipe.scheduler.config._use_default_values
+    with optsearch.apply(pipe, spec.calibration_conditions("fbcache")[1].setting):
+        assert (pipe.scheduler.config.shift, pipe.scheduler.config.use_dynamic_shifting) == (6.0, False)
+    assert pipe.scheduler.config.shift == 1.0  # the model's back
+    evaluator = evaluator_from_spec(spec, pipe=pipe, prompts=load_prompts("builtin", 4))
+    ranges = evaluator.auto_ranges(spec)["fbcache.threshold"]
+    assert set(ranges.under) == set(keys) and ranges.under[keys[0]] != ranges.under[keys[1]]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        setting = suggest_setting(trial, spec, {"fbcache.threshold": ranges})
+        study.tell(trial, 1.0)
+        low, high = ranges.under[keys[trial.params["distill.recipe"] == "shifted"]]
+        assert low <= setting["fbcache"]["threshold"] <= high

@@ -67,13 +67,16 @@ LORA_FILES = ("lora", "weight_name", "lora_2", "weight_name_2")  # which LoRA a 
 
 def lora_key(params: Mapping) -> str:
     """The LoRA files a distill setting loads, as one name ("repo/file", "+" the second
-    expert's): what an "auto" range calibrated on that distilled model is kept under."""
+    expert's), and the scheduler its recipe swaps in, where one does ("... with scheduler
+    {...}"): what an "auto" range calibrated on that distilled model is kept under (one file
+    run with two schedulers denoises along two paths, whose differences differ)."""
     def named(source: str, file: str) -> str:
         return "/".join(str(part) for part in (source, file) if part)
 
     first, second = (named(params.get(source) or "", params.get(file) or "")
                      for source, file in (LORA_FILES[:2], LORA_FILES[2:]))
-    return first + (f" + {second}" if second else "")
+    scheduler = params.get("scheduler_config")
+    return first + (f" + {second}" if second else "") + (f" with scheduler {scheduler}" if scheduler else "")
 
 
 def load_adapter(pipe, source: str, weight_name: str | None, adapter: str,
@@ -167,14 +170,17 @@ def scheduler_overrides(given: str) -> dict:
 
 
 def scheduler_with(scheduler, overrides: dict):
-    """The scheduler of the recipe: the model's config with `overrides`, in the class they name."""
+    """The scheduler of the recipe: the model's config with `overrides`, in the class they name.
+    The overrides go as keywords: in the config dict itself, diffusers drops each key the model's
+    config took by default (`_use_default_values`), so a shift the model never wrote down stayed
+    the default."""
     import diffusers
 
     settings = dict(overrides)
     name = settings.pop("_class_name", type(scheduler).__name__)
     if not isinstance(getattr(diffusers, name, None), type):
         raise ValueError(f"distill.scheduler_config: diffusers has no scheduler {name!r}")
-    return getattr(diffusers, name).from_config({**scheduler.config, **settings})
+    return getattr(diffusers, name).from_config(scheduler.config, **settings)
 
 
 class DistillPatch:

@@ -185,7 +185,7 @@ def distill_code(params: dict, ran_with: dict) -> list[str]:
         lines += [*([f"from diffusers import {name}"] if name else []),
                   f"recipe = {overrides!r}",
                   f"pipe.scheduler = {name or 'type(pipe.scheduler)'}.from_config("
-                  "{**pipe.scheduler.config, **recipe})"]
+                  "pipe.scheduler.config, **recipe)  # as keywords: each one holds"]
     return lines
 
 

@@ -70,7 +70,8 @@ class SearchSpace:
         model where a combo runs the family without distill, and each step-distilled LoRA a combo
         runs it with (a cache's differences on Lightning at 4 steps are not the plain model's),
         each at its step counts (the most its trials run, and the fewest, where a combo with
-        `steps` draws fewer: the differences grow with the step size)."""
+        `steps` draws fewer: the differences grow with the step size), and with each scheduler
+        its recipes swap in."""
         combos = [combo for combo in self.search.combos if family in combo]
         plain = [combo for combo in combos if "distill" not in combo]
         conditions = []
@@ -84,8 +85,10 @@ class SearchSpace:
             for recipe in self.recipes(combo):
                 counts = self._steps_drawn(combo, recipe) if "steps" in combo else {self.model.steps}
                 for setting in self.distill_settings([recipe]):
-                    key = lora_key(setting["distill"])
-                    per_lora.setdefault(key, (setting, set()))[1].update(counts)
+                    for scheduler in self.param_range("distill", "scheduler_config", recipe=recipe):
+                        scheduled = {"distill": {**setting["distill"], "scheduler_config": scheduler}}
+                        key = lora_key(scheduled["distill"])
+                        per_lora.setdefault(key, (scheduled, set()))[1].update(counts)
         conditions += [CalibrationCondition(key, setting, calibration_steps(
             family, max(counts), min(counts))) for key, (setting, counts) in per_lora.items()]
         return conditions
