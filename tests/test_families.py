@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 
 import numpy as np
@@ -299,6 +300,10 @@ def test_a_flux_study_runs_end_to_end_against_the_fewer_steps_line(tmp_path):
     assert all(p["trial"] in {t.number for t in trials} for p in frontier)
     speedups = [p["speedup"] for p in frontier]
     assert speedups == sorted(speedups, reverse=True)  # fastest first, quality rising
+    for point in frontier:  # each figure with how sure it is, in the export and in show's table
+        assert point["psnr_low"] < point["psnr"] < point["psnr_high"]
+        row = next(line for line in result.stdout.splitlines() if re.match(rf"\d+ +{point['trial']} ", line))
+        assert f"{point['psnr']:.3f} [{point['psnr_low']:.3f}, {point['psnr_high']:.3f}]" in row
     verdict = exported["fewer_steps"]["best"]
     assert verdict["margin"] == pytest.approx(
         exported["best"]["metrics"]["speedup"] / verdict["reference_speedup"])

@@ -235,8 +235,8 @@ def format_summary(summary: dict) -> str:
     if summary["steps_frontier"]:
         lines += ["", "reference: fewer steps only (the line every setting must beat):"]
         lines.append(table(["steps", "trial", "speedup", metric],
-                           [[p["num_inference_steps"], p["trial"], format_speedup(p), p[metric]]
-                            for p in summary["steps_frontier"]]))
+                           [[p["num_inference_steps"], p["trial"], format_speedup(p),
+                             _trial_interval(p, metric)] for p in summary["steps_frontier"]]))
         if summary["fewer_steps"] is not None:
             lines.append(f"winner trial {summary['best']['trial']} "
                          + reference.verdict_text(summary["fewer_steps"]))

@@ -22,7 +22,8 @@ from optsearch.storage.record import quality_of, speedup_of
 
 def steps_frontier(study: optuna.Study, spec) -> list[dict]:
     """The steps-only trials no other steps-only trial beats on both speedup and quality, fastest
-    first: [{trial, num_inference_steps, speedup, speedup_low, speedup_high, <metric>}]."""
+    first: [{trial, num_inference_steps, speedup, speedup_low, speedup_high, <metric>,
+    <metric>_low, <metric>_high}]."""
     metric = spec.quality.metric
     points = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -33,7 +34,8 @@ def steps_frontier(study: optuna.Study, spec) -> list[dict]:
             continue
         points.append({"trial": trial.number,
                        "num_inference_steps": attrs["setting"]["steps"]["num_inference_steps"],
-                       **speedup.to_dict(), metric: quality.mean})
+                       **speedup.to_dict(), metric: quality.mean,
+                       **{f"{metric}_{bound}": attrs.get(f"{metric}_{bound}") for bound in ("low", "high")}})
     points.sort(key=lambda p: (-p["speedup"], p["trial"]))
     front: list[dict] = []
     for point in points:  # fastest first: keep a point only if it is better than all faster ones
