@@ -708,3 +708,23 @@ def test_one_lora_file_with_two_schedulers_is_calibrated_as_two_models(tmp_path)
         study.tell(trial, 1.0)
         low, high = ranges.under[keys[trial.params["distill.recipe"] == "shifted"]]
         assert low <= setting["fbcache"]["threshold"] <= high
+
+
+@pytest.mark.parametrize("recipe, says", [
+    ('{"timestep_spacin": "trailing"}', "DDIMScheduler takes no setting 'timestep_spacin' (its settings: "),
+    ('{"_class_name": "EulerScheduler"}', "diffusers has no scheduler 'EulerScheduler'"),
+], ids=["a-typo", "no-such-class"])
+def test_a_recipes_scheduler_setting_diffusers_would_ignore_is_refused_at_load(tmp_path, recipe, says):
+    """diffusers ignores a scheduler setting its class has not (a log line): a recipe with a typo
+    would measure the model's own scheduler under the recipe's name. `check` refuses it at load,
+    one line, exit 2; a copied scheduler_config.json's own keys ("_diffusers_version") pass."""
+    saved_lora("builtin:tiny", tmp_path / "lightning", seed=1)
+    text = DISTILL_SPEC + '[space.distill]\nlora = "./lightning"\nnum_inference_steps = 2\n' \
+        + f"scheduler_config = '{recipe}'\n"
+    result = optsearch_cmd("check", str(write_spec(tmp_path / "typo.toml", text)))
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    copied = json.dumps({"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.30.0",
+                         "timestep_spacing": "trailing"})
+    setting = {"distill": {"lora": "x", "scheduler_config": copied}}
+    assert pipeline_problem(("distill",), build_builtin("builtin:tiny"), setting) is None

@@ -25,7 +25,7 @@ import os
 import weakref
 from collections.abc import Iterator, Mapping
 
-from optsearch.accelerators.base import Param
+from optsearch.accelerators.base import Param, as_list
 from optsearch.accelerators.calls import call_parameters, runs_separate_cfg
 from optsearch.errors import ModelLoadError, first_line
 
@@ -176,11 +176,34 @@ def scheduler_with(scheduler, overrides: dict):
     the default."""
     import diffusers
 
+    if problem := scheduler_problem(scheduler, overrides):
+        raise ValueError(problem)
     settings = dict(overrides)
-    name = settings.pop("_class_name", type(scheduler).__name__)
-    if not isinstance(getattr(diffusers, name, None), type):
-        raise ValueError(f"distill.scheduler_config: diffusers has no scheduler {name!r}")
-    return getattr(diffusers, name).from_config(scheduler.config, **settings)
+    return getattr(diffusers, settings.pop("_class_name", type(scheduler).__name__)).from_config(
+        scheduler.config, **settings)
+
+
+def scheduler_problem(scheduler, overrides: dict) -> str | None:
+    """A recipe's scheduler settings that diffusers would not take: a class it lacks, or a
+    setting the class has not (a typo, "shfit", is ignored with a log line, and the study
+    would measure the model's own scheduler under the recipe's name). Keys that start with "_"
+    (a copied scheduler_config.json's `_diffusers_version`) are diffusers' own."""
+    import inspect
+
+    import diffusers
+
+    name = overrides.get("_class_name", type(scheduler).__name__)
+    scheduler_class = getattr(diffusers, str(name), None)
+    if not isinstance(scheduler_class, type) or not hasattr(scheduler_class, "from_config"):
+        return f"distill.scheduler_config: diffusers has no scheduler {name!r}"
+    parameters = inspect.signature(scheduler_class.__init__).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    unknown = sorted(key for key in overrides if not key.startswith("_") and key not in parameters)
+    if unknown:
+        return (f"distill.scheduler_config: {name} takes no setting {', '.join(map(repr, unknown))} "
+                f"(its settings: {', '.join(p for p in parameters if p != 'self')})")
+    return None
 
 
 class DistillPatch:
@@ -333,6 +356,12 @@ def problem_with(pipe, values) -> str | None:
     if any(pipe.get_list_adapters().values()):
         return ("distill: the pipeline holds LoRA adapters already (model.lora); fuse them "
                 "(model.fuse_lora = true) so the distilled LoRA can be loaded and unloaded alone")
+    for given in (given for given in as_list((values or {}).get("scheduler_config")) if given):
+        try:
+            if problem := scheduler_problem(pipe.scheduler, scheduler_overrides(given)):
+                return problem
+        except ValueError as error:  # not JSON, or no such file (`evaluate --set`)
+            return str(error)
     return None
 
 
