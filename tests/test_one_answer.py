@@ -299,3 +299,22 @@ def test_a_trial_making_a_complete_trials_images_is_stopped_after_its_first_batc
     by_one = single.compare(setting, single.baseline(), stop_when=rule)
     assert by_one.image_digests[:1] == first.image_digests[:1]
     assert by_one.early_stop_reason != SAME_IMAGES
+
+
+def test_show_names_the_last_failed_trials_reasons_and_json_all(tmp_path):
+    """Out of memory on every setting of a GPU: `study show` says the last five failures' reasons
+    and how many more there are, not a screen of them; --json keeps every one."""
+    spec_path = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    study = create_study(load_spec(spec_path), open_storage(f"sqlite:///{tmp_path / 's.db'}",
+                                                            heartbeat_interval=None))
+    for interval in range(2, 10):
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={
+            "fail_reason": f"out of memory at batch size 4 with deepcache(cache_interval={interval})"}))
+    study.add_trial(create_trial(state=TrialState.FAIL))  # re-queued after an interrupt: no reason
+    summary = study_summary(study, load_spec(spec_path))
+    numbers = [trial.number for trial in study.trials if trial.state == TrialState.FAIL][:-1]
+    assert [failed["trial"] for failed in summary["failed"]] == numbers and len(numbers) == 8
+    lines = [line for line in format_summary(summary).splitlines() if "failed" in line]
+    reason = "out of memory at batch size 4 with deepcache(cache_interval={})"
+    assert lines == [f"  trial {n} failed: {reason.format(i + 2)}" for i, n in enumerate(numbers)][3:] \
+        + ["  (and 3 earlier failed trials: --json lists all)"]

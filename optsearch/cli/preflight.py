@@ -77,7 +77,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
             text = first_line(error)
             if exit_code_for(error) != 2:
                 text = f"{type(error).__name__}: {text}"
-            report.problems.append(f"{what}: {text}")
+            report.problems.append(text if text.startswith(f"{what} ") else f"{what}: {text}")  # once
             return None
 
     prompts = attempt("prompts", lambda: prompts_of(spec.prompts))

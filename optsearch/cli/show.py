@@ -27,6 +27,8 @@ from optsearch.optimize.winner import repeat_of, winner
 from optsearch.storage.copy import COPIED_ATTR
 from optsearch.storage.record import is_copy, quality_of, same_images, trial_metrics
 
+SHOWN_FAILURES = 5  # failed trials whose reasons `study show` prints, the last ones
+
 
 def study_summary(study: optuna.Study, spec) -> dict:
     trials = study.get_trials(deepcopy=False)
@@ -138,7 +140,10 @@ def format_summary(summary: dict) -> str:
     saved = summary["early_stop_saved_s"]
     lines.append(f"trials: {states}; early-stopped {summary['early_stopped']} (saved ~{saved:.1f} s); "
                  f"reused {summary['reused']} (free copies of a measured setting or computation)")
-    lines += [f"  trial {failed['trial']} failed: {failed['reason']}" for failed in summary["failed"]]
+    failed = summary["failed"]  # the last few; --json has them all
+    lines += [f"  trial {f['trial']} failed: {f['reason']}" for f in failed[-SHOWN_FAILURES:]]
+    if len(failed) > SHOWN_FAILURES:
+        lines.append(f"  (and {len(failed) - SHOWN_FAILURES} earlier failed trials: --json lists all)")
     for reason, entry in summary["early_stop_by_reason"].items():
         lines.append(f"  early stop ({reason}): {entry['trials']} trials, {entry['batches_saved']} "
                      f"batches and ~{entry['seconds_saved']:.1f} s saved")
