@@ -4,6 +4,7 @@ SQLite file, pipelines that cannot load."""
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import threading
 import time
@@ -180,6 +181,30 @@ def test_halving_the_batch_keeps_results(tmp_path):
     assert halved[0].user_attrs["image_digests"] == runs[reference_url][0].user_attrs["image_digests"]
     faulty = optuna.load_study(study_name="tiny", storage=faulty_url)
     assert sorted(b["batch_size"] for b in studies.baselines(faulty).values()) == [1, 2]
+
+
+def test_a_baseline_too_large_for_the_device_says_so_or_halves(tmp_path):
+    """The plain pipeline out of memory at the spec's batch size: one line naming the size and
+    the fix (exit 2, no traceback, nothing of the study written but its creation); with
+    --halve-batch-on-oom the worker times its baseline at half the size and runs its trials."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create(TINY_SPEC.replace("n_trials = 4", "n_trials = 1"), tmp_path, url)
+    out_of_memory = {"OPTSEARCH_FAULT_OOM_BASELINE": "1"}
+    worker = start_worker(url, env=out_of_memory)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 2, err
+    assert err.strip().splitlines() == [
+        "optsearch: error: the plain pipeline ran out of memory at batch size 2 on "
+        f"cpu:{platform.machine()}: lower prompts.batch_size (or start workers with "
+        "--halve-batch-on-oom) (injected out-of-memory in the baseline (OPTSEARCH_FAULT_OOM_BASELINE))"]
+    assert studies.baselines(study) == {} and not study.get_trials(states=FINISHED)
+    worker = start_worker(url, "--halve-batch-on-oom", env=out_of_memory)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    assert "ran out of memory at batch size 2: going on at 1" in err
+    assert [b["batch_size"] for b in studies.baselines(study).values()] == [1]
+    (trial,) = study.get_trials(states=FINISHED)
+    assert trial.user_attrs["batch_size"] == 1
 
 
 def test_two_workers_and_the_dashboard_share_one_sqlite_file(tmp_path):

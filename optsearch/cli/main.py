@@ -51,7 +51,8 @@ def _add_worker_options(parser) -> None:
                         help=f"a trial silent for S seconds is failed and re-queued (default {GRACE_PERIOD})")
     parser.add_argument("--artifact-dir", metavar="DIR", help="override the spec's [artifacts] path")
     parser.add_argument("--halve-batch-on-oom", action="store_true",
-                        help="retry an out-of-memory trial at half the batch size (same images)")
+                        help="on out-of-memory, go on at half the batch size (same images): a trial"
+                        " is retried, a baseline that does not fit is timed smaller")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 

@@ -3,6 +3,8 @@
 OPTSEARCH_FAULT_OOM="K" makes the K-th timed batch of a setting (0-based, counted over the
 worker's life) raise torch.cuda.OutOfMemoryError once; "K:memory" raises MemoryError instead.
 OPTSEARCH_FAULT_ERROR="K" makes it raise a RuntimeError, as a fault no check foresaw would.
+OPTSEARCH_FAULT_OOM_BASELINE="N" makes the first N timed batches of the baseline raise
+torch.cuda.OutOfMemoryError, as a batch size too large for the device would.
 OPTSEARCH_FAULT_SLOW_BASELINE="S" adds S seconds to each batch of the worker's first baseline
 timing, as a baseline timed while another process shared the device would read; "S:always" to
 every baseline timing.
@@ -21,12 +23,13 @@ import torch
 ENV_OOM = "OPTSEARCH_FAULT_OOM"
 ENV_SLOW_BASELINE = "OPTSEARCH_FAULT_SLOW_BASELINE"
 ENV_ERROR = "OPTSEARCH_FAULT_ERROR"
+ENV_OOM_BASELINE = "OPTSEARCH_FAULT_OOM_BASELINE"
 
 
 def fault_from_env() -> Callable[[str, int], None] | None:
     """The faults the environment asks for, as one `fault(combo, batch index)` for the evaluator."""
-    faults = [f for f in (oom_fault_from_env(), error_fault_from_env(), slow_baseline_from_env())
-              if f is not None]
+    faults = [f for f in (oom_fault_from_env(), error_fault_from_env(), slow_baseline_from_env(),
+                          baseline_oom_from_env()) if f is not None]
     if not faults:
         return None
 
@@ -64,6 +67,20 @@ def oom_fault_from_env() -> Callable[[str, int], None] | None:
 def error_fault_from_env() -> Callable[[str, int], None] | None:
     at = os.environ.get(ENV_ERROR, "")
     return _raise_at(at, lambda: RuntimeError(f"injected fault at timed batch {at} ({ENV_ERROR})"))
+
+
+def baseline_oom_from_env() -> Callable[[str, int], None] | None:
+    value = os.environ.get(ENV_OOM_BASELINE)
+    if not value:
+        return None
+    left = [int(value)]
+
+    def fault(combo: str, batch_index: int) -> None:
+        if combo == "baseline" and left[0] > 0:
+            left[0] -= 1
+            raise torch.cuda.OutOfMemoryError(f"injected out-of-memory in the baseline ({ENV_OOM_BASELINE})")
+
+    return fault
 
 
 def _raise_at(at: str, error: Callable[[], Exception]) -> Callable[[str, int], None] | None:

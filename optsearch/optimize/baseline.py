@@ -21,7 +21,7 @@ import torch
 
 from optsearch.accelerators import attention_of, scheduler_of
 from optsearch.deployment import output_size
-from optsearch.errors import UsageError
+from optsearch.errors import UsageError, first_line
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.metrics import PSNR_CAP
@@ -29,6 +29,7 @@ from optsearch.measure.prompts import prompts_digest
 from optsearch.measure.speedup import PassNoise
 from optsearch.optimize import pass_noise
 from optsearch.optimize import study as studies
+from optsearch.optimize.recovery import OUT_OF_MEMORY, release_memory
 from optsearch.storage.artifacts import download_arrays, upload_arrays, upload_grid
 from optsearch.storage.record import utc_now
 from optsearch.study_spec import StudySpec
@@ -144,21 +145,46 @@ class BaselineKeeper:
         self.baseline = self.evaluator.baseline(scored=self.baseline)
         self._record_timing(self.baseline, trials_run)
 
+    def ensure_fitting(self, trials_run: int, halve: bool) -> Baseline:
+        """`ensure`, where the plain pipeline may not fit the device at the spec's batch size:
+        with `halve` (--halve-batch-on-oom) at half the size until it fits, else one line (exit
+        2) that says which size ran out and what to change, not the allocator's traceback."""
+        while True:
+            try:
+                return self.ensure(trials_run)
+            except OUT_OF_MEMORY as error:
+                release_memory()
+                size = self.evaluator.config.batch_size
+                if not halve or size == 1:
+                    raise UsageError(
+                        f"the plain pipeline ran out of memory at batch size {size} on "
+                        f"{self.facts['device']}: lower prompts.batch_size"
+                        + ("" if halve else " (or start workers with --halve-batch-on-oom)")
+                        + f" ({first_line(error)})") from None
+                logger.warning("the plain pipeline ran out of memory at batch size %d: going on at %d",
+                               size, size // 2)
+                self._start_over(self._halved())
+
     def halve_batch(self, trials_run: int) -> int:
-        """Go on at half the batch size (after running out of memory); returns the new size.
+        """Go on at half the batch size (after a trial ran out of memory); returns the new size.
         Per-prompt seeds keep the images; timings need a baseline at this batch size."""
+        self.for_evaluator(self._halved(), trials_run)
+        return self.evaluator.config.batch_size
+
+    def _halved(self) -> Evaluator:
         config = self.evaluator.config
-        smaller = dataclasses.replace(config, batch_size=config.batch_size // 2)
-        self.for_evaluator(self.evaluator.derive(config=smaller), trials_run)
-        return smaller.batch_size
+        return self.evaluator.derive(config=dataclasses.replace(config, batch_size=config.batch_size // 2))
 
     def for_evaluator(self, evaluator: Evaluator, trials_run: int) -> None:
         """Start over for another evaluator of the same pipeline (a smaller batch size after an
         out-of-memory): a new fingerprint, a new timing record, a new baseline."""
+        self._start_over(evaluator)
+        self.ensure(trials_run)
+
+    def _start_over(self, evaluator: Evaluator) -> None:
         self.evaluator = evaluator
         self.fingerprint, self.facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         self.timing_record = {**self.timing_record, "timings": [], "probes": []}
-        self.ensure(trials_run)
 
     def _stored(self) -> Baseline | None:
         """The stored images and scores of this fingerprint, if the artifact store has them."""

@@ -113,7 +113,7 @@ class Worker:
             return 0
         with self.interrupts:
             try:
-                baseline = self.baselines.ensure(self.trials_run)
+                baseline = self.baselines.ensure_fitting(self.trials_run, self.options.halve_batch_on_oom)
                 possible = trials_possible(self.spec, computations(self.spec, self.evaluator.calibration))
                 remaining = max(0, possible - sharing.counts(self.study)[0])
                 print_estimate(self.worker_id, baseline, remaining, self.evaluator, self.spec, self.study)
