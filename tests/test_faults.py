@@ -151,6 +151,8 @@ def test_a_fault_no_check_foresaw_stops_the_worker_and_the_failed_trial_says_why
     shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
     assert shown.returncode == 0, shown.stderr
     assert "  trial 0 failed: RuntimeError: injected fault at timed batch 1" in shown.stdout
+    counts = next(line for line in shown.stdout.splitlines() if line.startswith("trials: "))
+    assert counts.startswith("trials: failed 1, queued ") and "waiting" not in counts  # as study list
     as_json = json.loads(optsearch_cmd("study", "show", "tiny", "--storage", url, "--json").stdout)
     assert [f["trial"] for f in as_json["failed"]] == [0]
 

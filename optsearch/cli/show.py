@@ -27,6 +27,7 @@ from optsearch.optimize.winner import repeat_of, winner
 from optsearch.storage.copy import COPIED_ATTR
 from optsearch.storage.record import is_copy, quality_of, same_images, trial_metrics
 
+STATE_WORDS = {"WAITING": "queued", "FAIL": "failed"}  # Optuna's states as `study list` says them
 SHOWN_FAILURES = 5  # failed trials whose reasons `study show` prints, the last ones
 
 
@@ -136,7 +137,8 @@ def format_summary(summary: dict) -> str:
     lines += [studies.exhausted_text(record) for record in summary["exhausted"]]
     lines += [f"copied from study {c['study']!r} in {c['storage']} with its {c['trials']} trials, "
               f"{c['at']}" for c in summary["copied_from"]]
-    states = ", ".join(f"{k.lower()} {v}" for k, v in summary["states"].items() if v) or "none yet"
+    states = ", ".join(f"{STATE_WORDS.get(k, k.lower())} {v}" for k, v in summary["states"].items()
+                       if v) or "none yet"
     saved = summary["early_stop_saved_s"]
     lines.append(f"trials: {states}; early-stopped {summary['early_stopped']} (saved ~{saved:.1f} s); "
                  f"reused {summary['reused']} (free copies of a measured setting or computation)")
