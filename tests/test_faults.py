@@ -157,6 +157,25 @@ def test_a_fault_no_check_foresaw_stops_the_worker_and_the_failed_trial_says_why
     assert [f["trial"] for f in as_json["failed"]] == [0]
 
 
+def test_a_worker_whose_every_trial_runs_out_of_memory_stops_after_five(tmp_path):
+    """Failed trials do not count toward n_trials: a worker whose every setting runs out of memory
+    would fail trial after trial for good. After five in a row it stops, one line, exit 2."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create(TINY_SPEC.replace("n_trials = 4", "n_trials = 20"), tmp_path, url)
+    worker = start_worker(url, env={"OPTSEARCH_FAULT_OOM": "0:every"})
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 2, err
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 5 and not study.get_trials(states=FINISHED)
+    assert all("out of memory at batch size 2 with " in t.user_attrs["fail_reason"] for t in failed)
+    assert sum(": fail (out of memory at batch size 2" in line for line in out.splitlines()) == 5
+    (line,) = [line for line in err.splitlines() if line.startswith("optsearch: error:")]
+    assert line.startswith(f"optsearch: error: the last 5 trials of this worker failed (the last, trial "
+                           f"{failed[-1].number}: out of memory at batch size 2 with ")
+    assert line.endswith("it stops, as failed trials do not count toward search.n_trials: lower "
+                         "prompts.batch_size, or start workers with --halve-batch-on-oom")
+
+
 def test_halving_the_batch_keeps_results(tmp_path):
     setting = {"deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome.ratio": 0.5,
                "tome.max_downsample": 1}

@@ -1,7 +1,8 @@
 """Fault injection for tests of the worker (the only code here that exists for tests).
 
 OPTSEARCH_FAULT_OOM="K" makes the K-th timed batch of a setting (0-based, counted over the
-worker's life) raise torch.cuda.OutOfMemoryError once; "K:memory" raises MemoryError instead.
+worker's life) raise torch.cuda.OutOfMemoryError once; "K:memory" raises MemoryError instead;
+"K:every" raises it at every timed batch of a setting from the K-th on (no setting fits).
 OPTSEARCH_FAULT_ERROR="K" makes it raise a RuntimeError, as a fault no check foresaw would.
 OPTSEARCH_FAULT_OOM_BASELINE="N" makes the first N timed batches of the baseline raise
 torch.cuda.OutOfMemoryError, as a batch size too large for the device would.
@@ -61,7 +62,7 @@ def oom_fault_from_env() -> Callable[[str, int], None] | None:
     at, _, kind = os.environ.get(ENV_OOM, "").partition(":")
     message = f"injected out-of-memory at timed batch {at} ({ENV_OOM})"
     return _raise_at(at, lambda: MemoryError(message) if kind == "memory"
-                     else torch.cuda.OutOfMemoryError(message))
+                     else torch.cuda.OutOfMemoryError(message), every=kind == "every")
 
 
 def error_fault_from_env() -> Callable[[str, int], None] | None:
@@ -83,15 +84,17 @@ def baseline_oom_from_env() -> Callable[[str, int], None] | None:
     return fault
 
 
-def _raise_at(at: str, error: Callable[[], Exception]) -> Callable[[str, int], None] | None:
-    """A fault raising `error()` at the `at`-th timed batch of a setting (None when `at` is empty)."""
+def _raise_at(at: str, error: Callable[[], Exception], every: bool = False
+              ) -> Callable[[str, int], None] | None:
+    """A fault raising `error()` at the `at`-th timed batch of a setting (`every`: and at each
+    after it); None when `at` is empty."""
     if not at:
         return None
     target = int(at)
     counter = itertools.count()
 
     def fault(combo: str, batch_index: int) -> None:
-        if combo != "baseline" and next(counter) == target:
+        if combo != "baseline" and (next(counter) >= target if every else next(counter) == target):
             raise error()
 
     return fault

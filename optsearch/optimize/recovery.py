@@ -22,7 +22,7 @@ import torch
 from optuna.storages._heartbeat import HeartbeatThread
 from optuna.trial import TrialState
 
-from optsearch.errors import StorageError, StorageUnreachable, first_line
+from optsearch.errors import StorageError, StorageUnreachable, UsageError, first_line
 from optsearch.formatting import format_setting
 from optsearch.storage.rdb import DATABASE_ERRORS
 from optsearch.storage.requeue import RetryWithoutRecord
@@ -30,6 +30,7 @@ from optsearch.storage.requeue import RetryWithoutRecord
 logger = logging.getLogger(__name__)
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
 MAX_DATABASE_ERRORS = 20  # consecutive; a database down for longer ends the worker
+MAX_FAILED_IN_A_ROW = 5  # a worker's trials failed with a reason, consecutive: it stops
 
 
 def fail_and_requeue(study: optuna.Study, trial_id: int) -> bool:
@@ -127,20 +128,53 @@ def caused_by_database(error: BaseException | None) -> bool:
 
 
 @contextlib.contextmanager
-def failure_recorded(trial: optuna.Trial, setting: dict) -> Iterator[None]:
-    """A trial that raises where no check foresaw it records the one-line reason, for the
-    dashboard, `study show` and the trial lines, before Optuna fails it: unless it holds one
-    already (out of memory, an implausible figure) or the database itself failed."""
+def failure_recorded(trial: optuna.Trial) -> Iterator[None]:
+    """A trial that raises where no check foresaw it (or runs out of memory calibrating) records
+    the one-line reason, with its setting once drawn, for the dashboard, `study show`, the trial
+    lines and the failure streak, before Optuna fails it: unless it holds one already (out of
+    memory measuring, an implausible figure) or the database itself failed."""
     try:
         yield
     except Exception as error:
-        if not caused_by_database(error) and "fail_reason" not in trial.user_attrs:
+        if not caused_by_database(error):
             try:
-                trial.set_user_attr("fail_reason", f"{type(error).__name__}: {first_line(error)} "
-                                                   f"with {format_setting(setting)}")
+                attrs = trial.user_attrs
+                if "fail_reason" not in attrs:
+                    drawn = f" with {format_setting(attrs['setting'])}" if attrs.get("setting") else ""
+                    trial.set_user_attr("fail_reason", f"{type(error).__name__}: {first_line(error)}{drawn}")
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 logger.debug("could not record why trial %d failed", trial.number, exc_info=True)
         raise
+
+
+class FailureStreak:
+    """Stops a worker whose trials keep failing with a reason (out of memory at every setting, an
+    implausible figure each time): failed trials do not count toward n_trials, so such a worker
+    would fail trial after trial for good. Trials failed without a reason (ended by another
+    worker, interrupted: re-queued) neither count nor break the streak."""
+
+    def __init__(self, limit: int = MAX_FAILED_IN_A_ROW):
+        self.limit = limit
+        self.failed = 0
+
+    def count(self, study: optuna.Study, trial: optuna.Trial | None) -> None:
+        """Count the trial just told; UsageError (exit 2) once `limit` failed in a row."""
+        if trial is None:
+            return
+        told = study._storage.get_trial(trial._trial_id)
+        reason = told.user_attrs.get("fail_reason")
+        if told.state != TrialState.FAIL:
+            self.failed = 0
+        elif reason:
+            self.failed += 1
+        if self.failed < self.limit:
+            return
+        memory = "out of memory" in reason.lower() or reason.startswith(("OutOfMemoryError", "MemoryError"))
+        fix = ("lower prompts.batch_size, or start workers with --halve-batch-on-oom" if memory
+               else "see `study show` for each trial's reason")
+        raise UsageError(f"the last {self.limit} trials of this worker failed (the last, trial "
+                         f"{told.number}: {reason}); it stops, as failed trials do not count toward "
+                         f"search.n_trials: {fix}")
 
 
 class DatabaseOutages:

@@ -77,7 +77,9 @@ class Worker:
         self.baselines = BaselineKeeper(self.study, self.spec, evaluator, artifacts, self.worker_id,
                                         self.host, str(execution_device(evaluator.pipe)),
                                         os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.device = self.baselines.facts["device"]  # its name: a halved batch keeps it
         self.outages = recovery.DatabaseOutages(self.storage)
+        self.failures = recovery.FailureStreak()
         self.orphans = recovery.OrphanWatch(self.options.grace_period)
         self.current: optuna.Trial | None = None  # the trial being measured, until it is told
         self.interrupts = recovery.Interrupts()
@@ -96,10 +98,6 @@ class Worker:
     @property
     def fingerprint(self) -> str:
         return self.baselines.fingerprint
-
-    @property
-    def device(self) -> str:
-        return self.baselines.facts["device"]
 
     @property
     def evaluator(self) -> Evaluator:
@@ -182,6 +180,7 @@ class Worker:
             self.study, told._trial_id, self.spec, found.trial.number if found else None)
         if line:  # not for a slot other workers had taken (nothing measured)
             bar.write(f"{self.worker_id}: {line}")
+        self.failures.count(self.study, told)  # a worker whose every trial fails stops
         return True
 
     def _objective(self, trial: optuna.Trial):
@@ -190,26 +189,27 @@ class Worker:
         sharing.mark_started(trial, self.worker_id)  # first: what it runs is written next
         if sharing.is_surplus(self.study, trial, self.spec.search.n_trials):
             raise sharing.SurplusTrial("the study's n_trials are taken by other workers")
-        setting = normalize_setting(suggest_setting(trial, self.spec, self.evaluator.auto_ranges(self.spec)))
-        for key, value in {"setting": setting, "combo": combo_name(setting),
-                           "fingerprint": self.fingerprint, "device": self.device,
-                           "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():
-            trial.set_user_attr(key, value)
-        previous = sharing.earlier_result(  # or one of the same computation (MagCache's skips)
-            self.study, trial, setting, self.fingerprint, self.options.poll_interval, self._canonical,
-            recover=self._recover)
-        if previous is not None:  # free, and no trial of n_trials: an unmeasured one comes next
-            self.repeated = True
-            return sharing.copy_result(self.study, trial, previous, setting)
-        try:
-            with recovery.failure_recorded(trial, setting):  # then the worker stops (exit 1)
+        with recovery.failure_recorded(trial):  # where no check foresaw it (the worker then stops)
+            setting = normalize_setting(suggest_setting(trial, self.spec,
+                                                        self.evaluator.auto_ranges(self.spec)))
+            for key, value in {"setting": setting, "combo": combo_name(setting),
+                               "fingerprint": self.fingerprint, "device": self.device,
+                               "host": self.host, "batch_size": self.evaluator.config.batch_size}.items():
+                trial.set_user_attr(key, value)
+            previous = sharing.earlier_result(  # or one of the same computation (MagCache's skips)
+                self.study, trial, setting, self.fingerprint, self.options.poll_interval, self._canonical,
+                recover=self._recover)
+            if previous is not None:  # free, and no trial of n_trials: an unmeasured one comes next
+                self.repeated = True
+                return sharing.copy_result(self.study, trial, previous, setting)
+            try:
                 result = measure_plausibly(lambda: self._measure(trial, setting),
                                            lambda: self.baselines.retime(self.trials_run), setting,
                                            self.spec.model, trial)
-        finally:
-            self.trials_run += 1  # a trial that failed ran too: this worker's --n-trials counts it
-        self.baselines.trial_measured()
-        return record_trial(trial, result, self.spec, self.baselines)
+            finally:
+                self.trials_run += 1  # a trial that failed ran too: this worker's --n-trials counts it
+            self.baselines.trial_measured()
+            return record_trial(trial, result, self.spec, self.baselines)
 
     def _recover(self) -> None:
         """End the trials of dead workers (stale heartbeats, orphans that never beat), and ours left."""
