@@ -157,6 +157,21 @@ def test_a_fault_no_check_foresaw_stops_the_worker_and_the_failed_trial_says_why
     assert [f["trial"] for f in as_json["failed"]] == [0]
 
 
+def test_only_a_failure_records_a_reason():
+    """A trial stopped early (TrialPruned, raised through the same block) is not a failure."""
+    from optsearch.optimize.recovery import failure_recorded
+
+    study = optuna.create_study()
+    for raised in (optuna.TrialPruned("stopped early"), ValueError("broken\nsecond line")):
+        trial = study.ask()
+        trial.set_user_attr("setting", {"deepcache": {"cache_interval": 3}})
+        with pytest.raises(type(raised)), failure_recorded(trial):
+            raise raised
+    pruned, failed = study.trials
+    assert "fail_reason" not in pruned.user_attrs
+    assert failed.user_attrs["fail_reason"] == "ValueError: broken with deepcache(cache_interval=3)"
+
+
 def test_a_worker_whose_every_trial_runs_out_of_memory_stops_after_five(tmp_path):
     """Failed trials do not count toward n_trials: a worker whose every setting runs out of memory
     would fail trial after trial for good. After five in a row it stops, one line, exit 2."""

@@ -135,6 +135,8 @@ def failure_recorded(trial: optuna.Trial) -> Iterator[None]:
     memory measuring, an implausible figure) or the database itself failed."""
     try:
         yield
+    except optuna.TrialPruned:  # stopped early, or a copy of a trial that was: not a failure
+        raise
     except Exception as error:
         if not caused_by_database(error):
             try:
