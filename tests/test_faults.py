@@ -155,6 +155,8 @@ def test_a_fault_no_check_foresaw_stops_the_worker_and_the_failed_trial_says_why
     assert counts.startswith("trials: failed 1, queued ") and "waiting" not in counts  # as study list
     as_json = json.loads(optsearch_cmd("study", "show", "tiny", "--storage", url, "--json").stdout)
     assert [f["trial"] for f in as_json["failed"]] == [0]
+    (listed,) = json.loads(optsearch_cmd("study", "list", "--storage", url, "--json").stdout)
+    assert listed["failed"] == 1 and listed["measured"] == 0
 
 
 def test_only_a_failure_records_a_reason():

@@ -464,9 +464,9 @@ def test_study_show_list_delete(tmp_path):
     assert "\n  measured at batch 2, 32x32, 8 steps (DDIMScheduler), guidance 7.5: serve at it" \
         in format_summary(data)
     listed = optsearch_cmd("study", "list", "--storage", url).stdout.splitlines()
-    assert listed[0].split()[:4] == ["study", "measured", "queued", "n_trials"]
+    assert listed[0].split()[:5] == ["study", "measured", "queued", "failed", "n_trials"]
     row = next(line.split() for line in listed if line.startswith("tiny"))
-    assert row[1] == "2" and row[3] == "2"  # finished and n_trials; queued warm starts apart
+    assert row[1] == "2" and row[3] == "0" and row[4] == "2"  # finished, failed, n_trials
     best = data["best"]  # the published warm starts meet psnr 30 at 2x and more
     assert f"trial {best['trial']}: {format_speedup(best)} search" in listed[-1]  # with its interval
     assert optsearch_cmd("study", "delete", "tiny", "--storage", url).returncode == 0

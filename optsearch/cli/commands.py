@@ -74,6 +74,7 @@ def cmd_study_list(args) -> int:
         listed.append({"study": summary.study_name, "measured": len(studies.measured_trials(study)),
                        "exhausted": bool(studies.exhausted(summary)),
                        "queued": states[optuna.trial.TrialState.WAITING],
+                       "failed": states[optuna.trial.TrialState.FAIL],  # study show says why
                        "n_trials": spec.get("search", {}).get("n_trials"),
                        "model": spec.get("model", {}).get("id"), "winner": summary.user_attrs.get("winner"),
                        "started": _first_started(trials, summary.datetime_start)})
@@ -81,9 +82,9 @@ def cmd_study_list(args) -> int:
         print(json.dumps(listed, indent=2))
         return 0
     rows = [[s["study"], f"{s['measured']} (space exhausted)" if s["exhausted"] else s["measured"],
-             s["queued"], s["n_trials"], s["model"], winner_cell(s["winner"]),
+             s["queued"], s["failed"], s["n_trials"], s["model"], winner_cell(s["winner"]),
              _started_cell(s["started"])] for s in listed]
-    headers = ["study", "measured", "queued", "n_trials", "model", "winner", "started"]
+    headers = ["study", "measured", "queued", "failed", "n_trials", "model", "winner", "started"]
     print(table(headers, rows) if rows else "no studies")
     return 0
 
