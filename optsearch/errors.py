@@ -2,6 +2,7 @@
 
 `UserError` is the base of what the user fixes (a spec, an option, a path, a study name): the CLI
 prints it in one line and exits 2. `NothingToExport` means the study has no answer yet (exit 3).
+Running out of memory is the spec's batch not fitting the device: exit 2 too.
 `StorageUnreachable` is a storage that did not answer (exit 75, sysexits' EX_TEMPFAIL): the same
 command may work in a minute, so an orchestrator retries it where it gives up on exit 2.
 Anything else is a fault of ours or of a library (exit 1).
@@ -54,9 +55,15 @@ def exit_code_for(error: BaseException) -> int:
         return EXIT_NOTHING
     if isinstance(error, StorageUnreachable):
         return EXIT_TEMPFAIL
-    if isinstance(error, UserError):
+    if isinstance(error, UserError) or out_of_memory(error):
         return EXIT_USAGE
     return EXIT_RUNTIME
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """torch's (CUDA, MPS) or the host's out-of-memory: the spec's batch does not fit the device,
+    which the user changes (told by name: this module loads no torch)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
 
 
 def first_line(error: BaseException) -> str:
@@ -71,6 +78,9 @@ def problem_lines(error: BaseException) -> list[str]:
     if isinstance(error, SpecError):
         return list(error.problems)
     text = first_line(error) if str(error).strip() else ""
+    if out_of_memory(error):  # a command's own batch (evaluate, study confirm, a notebook's search)
+        return [f"out of memory ({text or type(error).__name__}): the spec's prompts.batch_size does "
+                "not fit this device; lower it"]
     if exit_code_for(error) == EXIT_RUNTIME:
         text = f"{type(error).__name__}: {text} (OPTSEARCH_DEBUG=1 shows the traceback)"
     return [text]

@@ -159,6 +159,21 @@ def test_a_fault_no_check_foresaw_stops_the_worker_and_the_failed_trial_says_why
     assert listed["failed"] == 1 and listed["measured"] == 0
 
 
+def test_a_command_out_of_memory_says_which_setting_to_change_exit_2(tmp_path):
+    """`evaluate` (as `study confirm` and a notebook's search) measures at the spec's batch size:
+    out of memory there is one line naming prompts.batch_size, exit 2, not a fault of ours (1)."""
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    process = optsearch_process("evaluate", str(spec), "--set", "deepcache.cache_interval=3", "-q",
+                                runtime_env={"OPTSEARCH_FAULT_OOM_BASELINE": "1"})
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2, err
+    assert err.strip().splitlines()[-1] == (
+        "optsearch: error: out of memory (injected out-of-memory in the baseline "
+        "(OPTSEARCH_FAULT_OOM_BASELINE)): the spec's prompts.batch_size does not fit this device; "
+        "lower it")
+    assert "Traceback" not in err
+
+
 def test_only_a_failure_records_a_reason():
     """A trial stopped early (TrialPruned, raised through the same block) is not a failure."""
     from optsearch.optimize.recovery import failure_recorded

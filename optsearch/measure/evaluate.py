@@ -31,6 +31,7 @@ from optsearch.accelerators import (
 )
 from optsearch.measure.comparison import VIDEO_FIGURES, Baseline, Comparison, image_digest
 from optsearch.measure.compiling import CompileCounter, compiled_as
+from optsearch.measure.faults import fault_from_env
 from optsearch.measure.frames import clip_score, frame_fidelity
 from optsearch.measure.generation import (
     Batch,
@@ -352,4 +353,4 @@ def evaluator_from_spec(spec, device: str | None = None, progress: bool = False,
                         execution_device(pipe))
     lpips = Lpips(execution_device(pipe)) if spec.quality.measures_lpips else None
     return Evaluator(pipe, scorer, prompts, GenerationConfig.from_spec(spec),
-                     spec.quality.confidence, progress, lpips=lpips)
+                     spec.quality.confidence, progress, fault=fault_from_env(), lpips=lpips)
