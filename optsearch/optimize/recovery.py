@@ -2,7 +2,8 @@
 
 Optuna's heartbeat fails the trials of dead workers and its stale-trial callback re-queues them.
 What it does not cover is here: trials that never recorded a beat (orphans), a trial this worker
-must give back after losing the database or on Ctrl-C, and heartbeat threads an interrupt left.
+must give back after losing the database or on Ctrl-C, heartbeat threads an interrupt left, why a
+trial failed, and a worker whose trials keep failing.
 """
 
 from __future__ import annotations
