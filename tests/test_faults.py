@@ -251,6 +251,11 @@ def test_a_baseline_too_large_for_the_device_says_so_or_halves(tmp_path):
         f"cpu:{platform.machine()}: lower prompts.batch_size (or start workers with "
         "--halve-batch-on-oom) (injected out-of-memory in the baseline (OPTSEARCH_FAULT_OOM_BASELINE))"]
     assert studies.baselines(study) == {} and not study.get_trials(states=FINISHED)
+    worker = start_worker(url, "--halve-batch-on-oom", env={"OPTSEARCH_FAULT_OOM_BASELINE": "2"})
+    _, err = worker.communicate(timeout=300)  # not even one image fits
+    assert worker.returncode == 2, err
+    assert "ran out of memory at batch size 1 on cpu" in err and ": it does not fit this device: " \
+        "offload it (a factory, as studies/offload_pipes.py) or take a smaller model.dtype" in err
     worker = start_worker(url, "--halve-batch-on-oom", env=out_of_memory)
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err

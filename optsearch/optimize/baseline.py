@@ -156,11 +156,12 @@ class BaselineKeeper:
                 release_memory()
                 size = self.evaluator.config.batch_size
                 if not halve or size == 1:
-                    raise UsageError(
-                        f"the plain pipeline ran out of memory at batch size {size} on "
-                        f"{self.facts['device']}: lower prompts.batch_size"
-                        + ("" if halve else " (or start workers with --halve-batch-on-oom)")
-                        + f" ({first_line(error)})") from None
+                    fix = ("it does not fit this device: offload it (a factory, as "
+                           "studies/offload_pipes.py) or take a smaller model.dtype" if size == 1
+                           else "lower prompts.batch_size"
+                           + ("" if halve else " (or start workers with --halve-batch-on-oom)"))
+                    raise UsageError(f"the plain pipeline ran out of memory at batch size {size} on "
+                                     f"{self.facts['device']}: {fix} ({first_line(error)})") from None
                 logger.warning("the plain pipeline ran out of memory at batch size %d: going on at %d",
                                size, size // 2)
                 self._start_over(self._halved())
