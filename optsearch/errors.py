@@ -66,6 +66,14 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
 
 
+def memory_text(error: BaseException) -> str:
+    """An out-of-memory's message as far as it tells the user something: CUDA's first three
+    sentences (what it tried to allocate, and what the GPU holds and has free), not its advice on
+    the allocator's settings and the documentation's address that follow."""
+    sentences = first_line(error).split(". ")
+    return ". ".join(sentences[:3]).rstrip(".") + ("." if len(sentences) > 1 else "")
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none)."""
     text = str(error).strip()
@@ -79,8 +87,8 @@ def problem_lines(error: BaseException) -> list[str]:
         return list(error.problems)
     text = first_line(error) if str(error).strip() else ""
     if out_of_memory(error):  # a command's own batch (evaluate, study confirm, a notebook's search)
-        return [f"out of memory ({text or type(error).__name__}): the spec's prompts.batch_size does "
-                "not fit this device; lower it"]
+        return [f"out of memory ({memory_text(error)}): the spec's prompts.batch_size does not fit "
+                "this device; lower it"]
     if exit_code_for(error) == EXIT_RUNTIME:
         text = f"{type(error).__name__}: {text} (OPTSEARCH_DEBUG=1 shows the traceback)"
     return [text]

@@ -174,6 +174,32 @@ def test_a_command_out_of_memory_says_which_setting_to_change_exit_2(tmp_path):
     assert "Traceback" not in err
 
 
+def test_an_out_of_memory_says_what_the_allocator_tried_and_had_not_its_advice():
+    """CUDA's out-of-memory message runs on for 400 characters (the allocator's settings, the
+    documentation's address): a trial's reason, `study show` and the error line keep its first
+    three sentences."""
+    import torch
+
+    from optsearch.errors import exit_code_for, problem_lines
+    from optsearch.optimize.recovery import out_of_memory_reason
+
+    cuda = torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.19 GiB "
+        "of which 7.06 MiB is free. Process 12345 has 79.17 GiB memory in use. Of the allocated "
+        "memory 78.50 GiB is allocated by PyTorch, and 130.30 MiB is reserved by PyTorch but "
+        "unallocated. If reserved but unallocated memory is large try setting "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See "
+        "documentation for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html)")
+    told = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of "
+            "79.19 GiB of which 7.06 MiB is free.")
+    assert out_of_memory_reason(4, {"fbcache": {"threshold": 0.1}}, cuda) == \
+        f"out of memory at batch size 4 with fbcache(threshold=0.100): {told}"
+    assert problem_lines(cuda) == [f"out of memory ({told}): the spec's prompts.batch_size does not "
+                                   "fit this device; lower it"] and exit_code_for(cuda) == 2
+    assert problem_lines(MemoryError()) == ["out of memory (MemoryError): the spec's "
+                                            "prompts.batch_size does not fit this device; lower it"]
+
+
 def test_only_a_failure_records_a_reason():
     """A trial stopped early (TrialPruned, raised through the same block) is not a failure."""
     from optsearch.optimize.recovery import failure_recorded

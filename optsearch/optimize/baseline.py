@@ -21,7 +21,7 @@ import torch
 
 from optsearch.accelerators import attention_of, scheduler_of
 from optsearch.deployment import output_size
-from optsearch.errors import UsageError, first_line
+from optsearch.errors import UsageError, memory_text
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.metrics import PSNR_CAP
@@ -161,7 +161,7 @@ class BaselineKeeper:
                            else "lower prompts.batch_size"
                            + ("" if halve else " (or start workers with --halve-batch-on-oom)"))
                     raise UsageError(f"the plain pipeline ran out of memory at batch size {size} on "
-                                     f"{self.facts['device']}: {fix} ({first_line(error)})") from None
+                                     f"{self.facts['device']}: {fix} ({memory_text(error)})") from None
                 logger.warning("the plain pipeline ran out of memory at batch size %d: going on at %d",
                                size, size // 2)
                 self._start_over(self._halved())

@@ -23,7 +23,14 @@ import torch
 from optuna.storages._heartbeat import HeartbeatThread
 from optuna.trial import TrialState
 
-from optsearch.errors import StorageError, StorageUnreachable, UsageError, first_line
+from optsearch.errors import (
+    StorageError,
+    StorageUnreachable,
+    UsageError,
+    first_line,
+    memory_text,
+    out_of_memory,
+)
 from optsearch.formatting import format_setting
 from optsearch.storage.rdb import DATABASE_ERRORS
 from optsearch.storage.requeue import RetryWithoutRecord
@@ -128,6 +135,12 @@ def caused_by_database(error: BaseException | None) -> bool:
     return False
 
 
+def out_of_memory_reason(batch_size: int, setting: dict, error: BaseException) -> str:
+    """Why a trial ran out of memory, as it records it: the batch, the setting, and what the
+    allocator tried and had (`memory_text`)."""
+    return f"out of memory at batch size {batch_size} with {format_setting(setting)}: {memory_text(error)}"
+
+
 @contextlib.contextmanager
 def failure_recorded(trial: optuna.Trial) -> Iterator[None]:
     """A trial that raises where no check foresaw it (or runs out of memory calibrating) records
@@ -144,7 +157,8 @@ def failure_recorded(trial: optuna.Trial) -> Iterator[None]:
                 attrs = trial.user_attrs
                 if "fail_reason" not in attrs:
                     drawn = f" with {format_setting(attrs['setting'])}" if attrs.get("setting") else ""
-                    trial.set_user_attr("fail_reason", f"{type(error).__name__}: {first_line(error)}{drawn}")
+                    said = memory_text(error) if out_of_memory(error) else first_line(error)
+                    trial.set_user_attr("fail_reason", f"{type(error).__name__}: {said}{drawn}")
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 logger.debug("could not record why trial %d failed", trial.number, exc_info=True)
         raise

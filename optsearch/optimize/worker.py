@@ -20,7 +20,6 @@ import optuna
 from tqdm.auto import tqdm
 
 from optsearch.accelerators import canonical_setting, combo_name, execution_device, normalize_setting, tome
-from optsearch.formatting import format_setting
 from optsearch.measure.evaluate import Comparison, Evaluator, evaluator_from_spec
 from optsearch.measure.faults import fault_from_env
 from optsearch.measure.fingerprint import fingerprint
@@ -239,7 +238,7 @@ class Worker:
             except OUT_OF_MEMORY as error:
                 recovery.release_memory()
                 batch_size = self.evaluator.config.batch_size
-                reason = f"out of memory at batch size {batch_size} with {format_setting(setting)}: {error}"
+                reason = recovery.out_of_memory_reason(batch_size, setting, error)
                 logger.warning("trial %d: %s", trial.number, reason)
                 if not self.options.halve_batch_on_oom or batch_size == 1:
                     trial.set_user_attr("fail_reason", reason)
