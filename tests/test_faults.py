@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from optsearch.measure.evaluate import evaluator_from_spec
 from optsearch.optimize import study as studies
 from optsearch.optimize.worker import Worker, WorkerOptions
+from optsearch.storage.notes import read_note
 from optsearch.study_spec import load_spec
 from tests.conftest import (
     OPTSEARCH,
@@ -148,6 +149,7 @@ def test_a_fault_no_check_foresaw_stops_the_worker_and_the_failed_trial_says_why
     (failed,) = study.get_trials(states=(TrialState.FAIL,))
     assert failed.number == 0 and failed.user_attrs["fail_reason"].startswith(
         "RuntimeError: injected fault at timed batch 1 (OPTSEARCH_FAULT_ERROR) with deepcache(")
+    assert read_note(study, failed._trial_id) == f"## Trial 0: failed\n\n{failed.user_attrs['fail_reason']}\n"
     shown = optsearch_cmd("study", "show", "tiny", "--storage", url)
     assert shown.returncode == 0, shown.stderr
     assert "  trial 0 failed: RuntimeError: injected fault at timed batch 1" in shown.stdout
@@ -226,6 +228,7 @@ def test_a_worker_whose_every_trial_runs_out_of_memory_stops_after_five(tmp_path
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 5 and not study.get_trials(states=FINISHED)
     assert all("out of memory at batch size 2 with " in t.user_attrs["fail_reason"] for t in failed)
+    assert all(t.user_attrs["fail_reason"] in read_note(study, t._trial_id) for t in failed)
     assert sum(": fail (out of memory at batch size 2" in line for line in out.splitlines()) == 5
     (line,) = [line for line in err.splitlines() if line.startswith("optsearch: error:")]
     assert line.startswith(f"optsearch: error: the last 5 trials of this worker failed (the last, trial "

@@ -32,6 +32,7 @@ from optsearch.errors import (
     out_of_memory,
 )
 from optsearch.formatting import format_setting
+from optsearch.storage.notes import failure_note, write_trial_note
 from optsearch.storage.rdb import DATABASE_ERRORS
 from optsearch.storage.requeue import RetryWithoutRecord
 
@@ -144,9 +145,10 @@ def out_of_memory_reason(batch_size: int, setting: dict, error: BaseException) -
 @contextlib.contextmanager
 def failure_recorded(trial: optuna.Trial) -> Iterator[None]:
     """A trial that raises where no check foresaw it (or runs out of memory calibrating) records
-    the one-line reason, with its setting once drawn, for the dashboard, `study show`, the trial
-    lines and the failure streak, before Optuna fails it: unless it holds one already (out of
-    memory measuring, an implausible figure) or the database itself failed."""
+    the one-line reason, with its setting once drawn, for `study show`, the trial lines and the
+    failure streak, before Optuna fails it, unless it holds one already (out of memory measuring,
+    an implausible figure); and every failed trial's note in the dashboard says it. Nothing is
+    written where the database itself failed."""
     try:
         yield
     except optuna.TrialPruned:  # stopped early, or a copy of a trial that was: not a failure
@@ -158,7 +160,9 @@ def failure_recorded(trial: optuna.Trial) -> Iterator[None]:
                 if "fail_reason" not in attrs:
                     drawn = f" with {format_setting(attrs['setting'])}" if attrs.get("setting") else ""
                     said = memory_text(error) if out_of_memory(error) else first_line(error)
-                    trial.set_user_attr("fail_reason", f"{type(error).__name__}: {said}{drawn}")
+                    attrs["fail_reason"] = f"{type(error).__name__}: {said}{drawn}"
+                    trial.set_user_attr("fail_reason", attrs["fail_reason"])
+                write_trial_note(trial.study, trial._trial_id, failure_note(trial.number, attrs))
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 logger.debug("could not record why trial %d failed", trial.number, exc_info=True)
         raise

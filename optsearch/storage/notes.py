@@ -117,6 +117,12 @@ def trial_note(number: int, figures: dict, spec, confirmed: dict | None = None) 
     return "\n".join(lines) + "\n"
 
 
+def failure_note(number: int, attrs: dict) -> str:
+    """The note optuna-dashboard shows on a failed trial: why, with what it ran (its reason
+    names the setting where one was drawn)."""
+    return f"## Trial {number}: failed\n\n{attrs['fail_reason']}\n"
+
+
 def write_trial_note(study, trial_id: int, body: str) -> None:
     """Set a trial's Markdown note, the study's own with None (optuna-dashboard's notes live in the
     study's system attrs, so a finished trial's note can still be updated, as `study confirm`
