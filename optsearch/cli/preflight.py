@@ -37,7 +37,7 @@ from optsearch.cli.memory_facts import (
     memory_now,
 )
 from optsearch.deployment import context_text, measured_context, output_size
-from optsearch.errors import exit_code_for, first_line
+from optsearch.errors import exit_code_for, first_line, memory_text, out_of_memory
 from optsearch.formatting import auto_range_details, auto_range_text
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.frames import clip_score
@@ -74,7 +74,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
             return load()
         except Exception as error:  # every loader failure becomes one line
             failures.append(error)
-            text = first_line(error)
+            text = memory_text(error) if out_of_memory(error) else first_line(error)
             if exit_code_for(error) != 2:
                 text = f"{type(error).__name__}: {text}"
             report.problems.append(text if text.startswith(f"{what} ") else f"{what}: {text}")  # once
