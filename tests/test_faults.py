@@ -159,6 +159,9 @@ def test_a_fault_no_check_foresaw_stops_the_worker_and_the_failed_trial_says_why
     assert [f["trial"] for f in as_json["failed"]] == [0]
     (listed,) = json.loads(optsearch_cmd("study", "list", "--storage", url, "--json").stdout)
     assert listed["failed"] == 1 and listed["measured"] == 0
+    refused = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "sp.json"))
+    assert refused.returncode == 3 and refused.stderr.strip() == (  # not "relax quality.limit"
+        "optsearch: error: study 'tiny' has no measured trial yet (1 failed: `study show` says why)")
 
 
 def test_a_command_out_of_memory_says_which_setting_to_change_exit_2(tmp_path):

@@ -393,7 +393,7 @@ def test_export_without_feasible_trial_exits_3(tmp_path):
     spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
     assert optsearch_cmd("study", "create", str(spec), "--storage", url).returncode == 0
     result = optsearch_cmd("study", "export", "tiny", "--storage", url, "-o", str(tmp_path / "x.json"))
-    assert result.returncode == 3 and "no feasible trial yet" in result.stderr
+    assert result.returncode == 3 and "'tiny' has no measured trial yet: start a worker" in result.stderr
     assert not (tmp_path / "x.json").exists()
 
 

@@ -6,7 +6,7 @@ import platform
 from importlib.metadata import version
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from optsearch.deployment import measured_context
 from optsearch.errors import NothingToExport
@@ -112,9 +112,13 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
                               f"of study {study.study_name!r} {_meets(spec)} there: "
                               f"{relax_hint(spec, records)}, then `study confirm` again")
     if found is None:
+        finished = study.get_trials(deepcopy=False, states=FINISHED)
+        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        if not finished:  # nothing to relax: nothing was measured
+            raise NothingToExport(f"study {study.study_name!r} has no measured trial yet" + (
+                f" ({failed} failed: `study show` says why)" if failed else ": start a worker"))
         raise NothingToExport(f"study {study.study_name!r} has no feasible trial yet (none "
-                              f"{_meets(spec)}): "
-                              f"{relax_hint(spec, study.get_trials(deepcopy=False, states=FINISHED))}")
+                              f"{_meets(spec)}): {relax_hint(spec, finished)}")
     best = found.trial
     baseline = baselines(study).get(best.user_attrs.get("fingerprint"))  # one read of the attrs
     measured_with = baseline or {}
