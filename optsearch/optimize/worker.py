@@ -188,7 +188,7 @@ class Worker:
         sharing.mark_started(trial, self.worker_id)  # first: what it runs is written next
         if sharing.is_surplus(self.study, trial, self.spec.search.n_trials):
             raise sharing.SurplusTrial("the study's n_trials are taken by other workers")
-        with recovery.failure_recorded(trial):  # where no check foresaw it (the worker then stops)
+        with recovery.failure_recorded(trial):  # a failure says why (and one unforeseen stops us)
             setting = normalize_setting(suggest_setting(trial, self.spec,
                                                         self.evaluator.auto_ranges(self.spec)))
             for key, value in {"setting": setting, "combo": combo_name(setting),
