@@ -205,6 +205,15 @@ def test_an_out_of_memory_says_what_the_allocator_tried_and_had_not_its_advice()
                                             "prompts.batch_size does not fit this device; lower it"]
 
 
+def test_check_says_a_batch_that_does_not_fit_and_the_fix(tmp_path):
+    spec = write_spec(tmp_path / "tiny.toml", TINY_SPEC)
+    process = optsearch_process("check", str(spec), runtime_env={"OPTSEARCH_FAULT_OOM_BASELINE": "1"})
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2, err
+    assert "baseline batch: injected out-of-memory in the baseline (OPTSEARCH_FAULT_OOM_BASELINE) " \
+        "(prompts.batch_size=2: lower it, or run workers with --halve-batch-on-oom)" in err, err
+
+
 def test_only_a_failure_records_a_reason():
     """A trial stopped early (TrialPruned, raised through the same block) is not a failure."""
     from optsearch.optimize.recovery import failure_recorded

@@ -40,6 +40,7 @@ from optsearch.deployment import context_text, measured_context, output_size
 from optsearch.errors import exit_code_for, first_line, memory_text, out_of_memory
 from optsearch.formatting import auto_range_details, auto_range_text
 from optsearch.measure.compiling import compiled_as
+from optsearch.measure.faults import fault_from_env
 from optsearch.measure.frames import clip_score
 from optsearch.measure.generation import GenerationConfig, check_conditioning, generate
 from optsearch.measure.long_prompts import long_prompts_note
@@ -115,10 +116,11 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    compiled, warm = compiled_as(pipe), {}
+    compiled, warm, fault = compiled_as(pipe), {}, fault_from_env()
     batch = attempt("baseline batch", lambda: next(iter(generate(  # compiled: every path first
         pipe, prompts[:config.batch_size], config, warmup=config.steps if compiled else True,
-        on_warmup=lambda seconds: warm.update(seconds=seconds)))))
+        on_warmup=lambda seconds: warm.update(seconds=seconds),
+        fault=fault and (lambda index: fault("baseline", index))))))
     if batch is None:
         if isinstance(failures[-1], OUT_OF_MEMORY):
             report.problems[-1] += (f" (prompts.batch_size={config.batch_size}: lower it, or run "

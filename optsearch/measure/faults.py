@@ -9,8 +9,8 @@ torch.cuda.OutOfMemoryError, as a batch size too large for the device would.
 OPTSEARCH_FAULT_SLOW_BASELINE="S" adds S seconds to each batch of the worker's first baseline
 timing, as a baseline timed while another process shared the device would read; "S:always" to
 every baseline timing.
-Every command's evaluator reads them (`evaluator_from_spec`); a worker reads them anew. Unset,
-nothing happens.
+Every command's evaluator reads them (`evaluator_from_spec`), and `check`'s one batch; a worker
+reads them anew. Unset, nothing happens.
 """
 
 from __future__ import annotations
