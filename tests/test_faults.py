@@ -306,6 +306,32 @@ def test_a_baseline_too_large_for_the_device_says_so_or_halves(tmp_path):
     assert trial.user_attrs["batch_size"] == 1
 
 
+def test_a_re_timing_out_of_memory_halves_with_the_option_and_else_ends_in_one_line(tmp_path):
+    """The baseline re-timed between trials (search.retime_baseline_every) runs out of memory
+    (what the trials left behind): --halve-batch-on-oom goes on at half the size, as for the first
+    baseline; without it the worker ends with the one out-of-memory line, exit 2."""
+    spec = TINY_SPEC.replace("n_trials = 4", "n_trials = 2\nretime_baseline_every = 1\nwarm_start = []")
+    after_first_timing = {"OPTSEARCH_FAULT_OOM_BASELINE": "1@2"}  # its two batches pass
+    for folder, extra, code in (("plain", [], 2), ("halving", ["--halve-batch-on-oom"], 0)):
+        (tmp_path / folder).mkdir()
+        url = f"sqlite:///{tmp_path / folder / 'study.db'}"
+        study = create(spec, tmp_path / folder, url)
+        worker = start_worker(url, *extra, env=after_first_timing)
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == code, err
+        finished = study.get_trials(states=FINISHED)
+        if code == 2:
+            assert err.strip().splitlines()[-1] == (
+                "optsearch: error: out of memory (injected out-of-memory in the baseline "
+                "(OPTSEARCH_FAULT_OOM_BASELINE)): the spec's prompts.batch_size does not fit this "
+                "device; lower it")
+            assert [t.user_attrs["batch_size"] for t in finished] == [2]  # the first trial's kept
+        else:
+            assert "the baseline ran out of memory between trials at batch size 2: going on at 1" in err
+            assert [t.user_attrs["batch_size"] for t in finished] == [2, 1]
+            assert sorted(b["batch_size"] for b in studies.baselines(study).values()) == [1, 2]
+
+
 def test_two_workers_and_the_dashboard_share_one_sqlite_file(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     spec = TINY_SPEC.replace("n_trials = 4", "n_trials = 20").replace("steps = 8", "steps = 3") \

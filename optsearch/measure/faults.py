@@ -5,7 +5,8 @@ worker's life) raise torch.cuda.OutOfMemoryError once; "K:memory" raises MemoryE
 "K:every" raises it at every timed batch of a setting from the K-th on (no setting fits).
 OPTSEARCH_FAULT_ERROR="K" makes it raise a RuntimeError, as a fault no check foresaw would.
 OPTSEARCH_FAULT_OOM_BASELINE="N" makes the first N timed batches of the baseline raise
-torch.cuda.OutOfMemoryError, as a batch size too large for the device would.
+torch.cuda.OutOfMemoryError, as a batch size too large for the device would; "N@S" the N after
+the first S (a re-timing between trials).
 OPTSEARCH_FAULT_SLOW_BASELINE="S" adds S seconds to each batch of the worker's first baseline
 timing, as a baseline timed while another process shared the device would read; "S:always" to
 every baseline timing.
@@ -75,10 +76,15 @@ def baseline_oom_from_env() -> Callable[[str, int], None] | None:
     value = os.environ.get(ENV_OOM_BASELINE)
     if not value:
         return None
-    left = [int(value)]
+    count, _, skip = value.partition("@")
+    left, skipped = [int(count)], [int(skip or 0)]
 
     def fault(combo: str, batch_index: int) -> None:
-        if combo == "baseline" and left[0] > 0:
+        if combo != "baseline":
+            return
+        if skipped[0] > 0:
+            skipped[0] -= 1
+        elif left[0] > 0:
             left[0] -= 1
             raise torch.cuda.OutOfMemoryError(f"injected out-of-memory in the baseline ({ENV_OOM_BASELINE})")
 

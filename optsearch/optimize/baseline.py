@@ -129,10 +129,22 @@ class BaselineKeeper:
         self.baseline = baseline
         return baseline
 
-    def between_trials(self, trials_run: int) -> None:
-        """Re-time the baseline, or probe it, when either is due."""
-        self.retime_if_due(trials_run)
-        self.probe_if_due(trials_run)
+    def between_trials(self, trials_run: int, halve: bool = False) -> None:
+        """Re-time the baseline, or probe it, when either is due. Out of memory there (what the
+        trials left behind) goes on at half the batch size as the first baseline does, with
+        `halve`; else it ends the worker (one line, exit 2)."""
+        try:
+            self.retime_if_due(trials_run)
+            self.probe_if_due(trials_run)
+        except OUT_OF_MEMORY:
+            release_memory()
+            size = self.evaluator.config.batch_size
+            if not halve or size == 1:
+                raise
+            logger.warning("the baseline ran out of memory between trials at batch size %d: going on "
+                           "at %d", size, size // 2)
+            self._start_over(self._halved())
+            self.ensure_fitting(trials_run, halve)
 
     def retime_if_due(self, trials_run: int) -> None:
         every = self.spec.search.retime_baseline_every

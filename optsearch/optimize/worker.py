@@ -162,7 +162,7 @@ class Worker:
                                             {"worker": self.worker_id, "device": self.device}):
                 mark_winner(self.study, self.spec)  # the dashboard's study note says why it ended
                 return False
-        self.baselines.between_trials(self.trials_run)
+        self.baselines.between_trials(self.trials_run, self.options.halve_batch_on_oom)
         self.interrupts.hold()  # until the objective holds the trial Optuna creates
         try:
             self.study.optimize(self.interrupts.held_after(self._objective), n_trials=1, gc_after_trial=False,
