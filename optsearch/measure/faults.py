@@ -1,4 +1,4 @@
-"""Fault injection for tests of the worker (the only code here that exists for tests).
+"""Fault injection for tests of the worker and the commands (the only code here that exists for tests).
 
 OPTSEARCH_FAULT_OOM="K" makes the K-th timed batch of a setting (0-based, counted over the
 worker's life) raise torch.cuda.OutOfMemoryError once; "K:memory" raises MemoryError instead;
