@@ -137,13 +137,8 @@ class BaselineKeeper:
             self.retime_if_due(trials_run)
             self.probe_if_due(trials_run)
         except OUT_OF_MEMORY:
-            release_memory()
-            size = self.evaluator.config.batch_size
-            if not halve or size == 1:
+            if not self._halved_after_oom(halve, "the baseline ran out of memory between trials"):
                 raise
-            logger.warning("the baseline ran out of memory between trials at batch size %d: going on "
-                           "at %d", size, size // 2)
-            self._start_over(self._halved())
             self.ensure_fitting(trials_run, halve)
 
     def retime_if_due(self, trials_run: int) -> None:
@@ -165,36 +160,41 @@ class BaselineKeeper:
             try:
                 return self.ensure(trials_run)
             except OUT_OF_MEMORY as error:
-                release_memory()
                 size = self.evaluator.config.batch_size
-                if not halve or size == 1:
+                if not self._halved_after_oom(halve, "the plain pipeline ran out of memory"):
                     fix = ("it does not fit this device: offload it (a factory, as "
                            "studies/offload_pipes.py) or take a smaller model.dtype" if size == 1
                            else "lower prompts.batch_size"
                            + ("" if halve else " (or start workers with --halve-batch-on-oom)"))
                     raise UsageError(f"the plain pipeline ran out of memory at batch size {size} on "
                                      f"{self.facts['device']}: {fix} ({memory_text(error)})") from None
-                logger.warning("the plain pipeline ran out of memory at batch size %d: going on at %d",
-                               size, size // 2)
-                self._start_over(self._halved())
+
+    def _halved_after_oom(self, halve: bool, what: str) -> bool:
+        """After the baseline ran out of memory: memory released and, with `halve`, the keeper
+        started over at half the batch size (its baseline still to time); False where it cannot
+        (not asked, or one image already)."""
+        release_memory()
+        size = self.evaluator.config.batch_size
+        if not halve or size == 1:
+            return False
+        logger.warning("%s at batch size %d: going on at %d", what, size, size // 2)
+        self._start_over(self._halved())
+        return True
 
     def halve_batch(self, trials_run: int) -> int:
         """Go on at half the batch size (after a trial ran out of memory); returns the new size.
         Per-prompt seeds keep the images; timings need a baseline at this batch size."""
-        self.for_evaluator(self._halved(), trials_run)
+        self._start_over(self._halved())
+        self.ensure(trials_run)
         return self.evaluator.config.batch_size
 
     def _halved(self) -> Evaluator:
         config = self.evaluator.config
         return self.evaluator.derive(config=dataclasses.replace(config, batch_size=config.batch_size // 2))
 
-    def for_evaluator(self, evaluator: Evaluator, trials_run: int) -> None:
-        """Start over for another evaluator of the same pipeline (a smaller batch size after an
-        out-of-memory): a new fingerprint, a new timing record, a new baseline."""
-        self._start_over(evaluator)
-        self.ensure(trials_run)
-
     def _start_over(self, evaluator: Evaluator) -> None:
+        """Go on with another evaluator of the same pipeline (a smaller batch size after an
+        out-of-memory): a new fingerprint and a new timing record; its baseline still to time."""
         self.evaluator = evaluator
         self.fingerprint, self.facts = fingerprint(evaluator.pipe, evaluator.config.batch_size)
         self.timing_record = {**self.timing_record, "timings": [], "probes": []}
