@@ -66,10 +66,13 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
 
 
-def memory_text(error: BaseException) -> str:
-    """An out-of-memory's message as far as it tells the user something: CUDA's first three
-    sentences (what it tried to allocate, and what the GPU holds and has free), not its advice on
-    the allocator's settings and the documentation's address that follow."""
+def error_text(error: BaseException) -> str:
+    """What an error says, in one line: its first line; an out-of-memory's as far as it tells the
+    user something: CUDA's first three sentences (what it tried to allocate, and what the GPU
+    holds and has free), not its advice on the allocator's settings and the documentation's
+    address that follow."""
+    if not out_of_memory(error):
+        return first_line(error)
     sentences = first_line(error).split(". ")
     return ". ".join(sentences[:3]).rstrip(".") + ("." if len(sentences) > 1 else "")
 
@@ -87,7 +90,7 @@ def problem_lines(error: BaseException) -> list[str]:
         return list(error.problems)
     text = first_line(error) if str(error).strip() else ""
     if out_of_memory(error):  # a command's own batch (evaluate, study confirm, a notebook's search)
-        return [f"out of memory ({memory_text(error)}): the spec's prompts.batch_size does not fit "
+        return [f"out of memory ({error_text(error)}): the spec's prompts.batch_size does not fit "
                 "this device; lower it"]
     if exit_code_for(error) == EXIT_RUNTIME:
         text = f"{type(error).__name__}: {text} (OPTSEARCH_DEBUG=1 shows the traceback)"

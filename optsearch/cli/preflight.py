@@ -37,7 +37,7 @@ from optsearch.cli.memory_facts import (
     memory_now,
 )
 from optsearch.deployment import context_text, measured_context, output_size
-from optsearch.errors import exit_code_for, first_line, memory_text, out_of_memory
+from optsearch.errors import error_text, exit_code_for, out_of_memory
 from optsearch.formatting import auto_range_details, auto_range_text
 from optsearch.measure.compiling import compiled_as
 from optsearch.measure.faults import fault_from_env
@@ -49,7 +49,6 @@ from optsearch.measure.quality import ClipScorer
 from optsearch.measure.served import pipeline_from_spec
 from optsearch.optimize.baseline import ABOVE_LIMIT
 from optsearch.optimize.estimate import Estimate, estimate_text, expected_speedups
-from optsearch.optimize.recovery import OUT_OF_MEMORY
 from optsearch.optimize.space import computations, trials_possible
 from optsearch.optimize.warm_start import published_settings, trial_params
 
@@ -75,7 +74,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
             return load()
         except Exception as error:  # every loader failure becomes one line
             failures.append(error)
-            text = memory_text(error) if out_of_memory(error) else first_line(error)
+            text = error_text(error)
             if exit_code_for(error) != 2:
                 text = f"{type(error).__name__}: {text}"
             report.problems.append(text if text.startswith(f"{what} ") else f"{what}: {text}")  # once
@@ -122,7 +121,7 @@ def check(spec, device: str | None = None, workers: int | None = None) -> Report
         on_warmup=lambda seconds: warm.update(seconds=seconds),
         fault=fault and (lambda index: fault("baseline", index))))))
     if batch is None:
-        if isinstance(failures[-1], OUT_OF_MEMORY):
+        if out_of_memory(failures[-1]):
             report.problems[-1] += (f" (prompts.batch_size={config.batch_size}: lower it, or run "
                                     "workers with --halve-batch-on-oom)")
         return report

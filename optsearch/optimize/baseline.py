@@ -21,7 +21,7 @@ import torch
 
 from optsearch.accelerators import attention_of, scheduler_of
 from optsearch.deployment import output_size
-from optsearch.errors import UsageError, memory_text
+from optsearch.errors import UsageError, error_text
 from optsearch.measure.evaluate import Baseline, Evaluator
 from optsearch.measure.fingerprint import fingerprint, pipeline_signature
 from optsearch.measure.metrics import PSNR_CAP
@@ -167,7 +167,7 @@ class BaselineKeeper:
                            else "lower prompts.batch_size"
                            + ("" if halve else " (or start workers with --halve-batch-on-oom)"))
                     raise UsageError(f"the plain pipeline ran out of memory at batch size {size} on "
-                                     f"{self.facts['device']}: {fix} ({memory_text(error)})") from None
+                                     f"{self.facts['device']}: {fix} ({error_text(error)})") from None
 
     def _halved_after_oom(self, halve: bool, what: str) -> bool:
         """After the baseline ran out of memory: memory released and, with `halve`, the keeper

@@ -112,8 +112,9 @@ def export_study(study, spec, fingerprint: str | None = None) -> dict:
                               f"of study {study.study_name!r} {_meets(spec)} there: "
                               f"{relax_hint(spec, records)}, then `study confirm` again")
     if found is None:
-        finished = study.get_trials(deepcopy=False, states=FINISHED)
-        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        trials = study.get_trials(deepcopy=False)  # one read: the finished, and how many failed
+        finished = [trial for trial in trials if trial.state in FINISHED]
+        failed = sum(trial.state == TrialState.FAIL for trial in trials)
         if not finished:  # nothing to relax: nothing was measured
             raise NothingToExport(f"study {study.study_name!r} has no measured trial yet" + (
                 f" ({failed} failed: `study show` says why)" if failed else ": start a worker"))

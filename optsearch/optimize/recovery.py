@@ -23,14 +23,7 @@ import torch
 from optuna.storages._heartbeat import HeartbeatThread
 from optuna.trial import TrialState
 
-from optsearch.errors import (
-    StorageError,
-    StorageUnreachable,
-    UsageError,
-    first_line,
-    memory_text,
-    out_of_memory,
-)
+from optsearch.errors import StorageError, StorageUnreachable, UsageError, error_text, first_line
 from optsearch.formatting import format_setting
 from optsearch.storage.notes import failure_note, write_trial_note
 from optsearch.storage.rdb import DATABASE_ERRORS
@@ -138,8 +131,8 @@ def caused_by_database(error: BaseException | None) -> bool:
 
 def out_of_memory_reason(batch_size: int, setting: dict, error: BaseException) -> str:
     """Why a trial ran out of memory, as it records it: the batch, the setting, and what the
-    allocator tried and had (`memory_text`)."""
-    return f"out of memory at batch size {batch_size} with {format_setting(setting)}: {memory_text(error)}"
+    allocator tried and had (`error_text`)."""
+    return f"out of memory at batch size {batch_size} with {format_setting(setting)}: {error_text(error)}"
 
 
 @contextlib.contextmanager
@@ -159,7 +152,7 @@ def failure_recorded(trial: optuna.Trial) -> Iterator[None]:
                 attrs = trial.user_attrs
                 if "fail_reason" not in attrs:
                     drawn = f" with {format_setting(attrs['setting'])}" if attrs.get("setting") else ""
-                    said = memory_text(error) if out_of_memory(error) else first_line(error)
+                    said = error_text(error)
                     attrs["fail_reason"] = f"{type(error).__name__}: {said}{drawn}"
                     trial.set_user_attr("fail_reason", attrs["fail_reason"])
                 write_trial_note(trial.study, trial._trial_id, failure_note(trial.number, attrs))
